@@ -1,0 +1,279 @@
+//! The `falaj-agent` command line: `init`, `import`, `serve` and `list`.
+//!
+//! Exit codes: 0 success, 1 failure, 64 usage error, 65 a refused bundle, 78 bad
+//! configuration (so that systemd does not restart-loop on it).
+
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::import::{self, ImportError, ImportOptions, ImportOutcome};
+use crate::server::{ServeConfig, Server};
+use crate::store::{Store, StoreError};
+
+/// Exit code for a usage error (`EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for a refused bundle (`EX_DATAERR`).
+pub const EXIT_REFUSED: u8 = 65;
+/// Exit code for a configuration error (`EX_CONFIG`).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// Falaj agent: serves signed models locally over the Open Inference Protocol.
+#[derive(Debug, Parser)]
+#[command(name = "falaj-agent", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The agent's commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Initialise an agent with a trust root (for air-gapped sites).
+    Init(InitArgs),
+    /// Verify and install a bundle file.
+    Import(ImportArgs),
+    /// Serve every installed model over HTTP (Open Inference Protocol v2).
+    Serve(ServeArgs),
+    /// List installed models and versions.
+    List(DataDir),
+}
+
+/// Where the agent keeps its state.
+#[derive(Debug, Clone, Args)]
+pub struct DataDir {
+    /// The agent's data directory.
+    #[arg(long, env = "FALAJ_AGENT_DATA_DIR", default_value = "/var/lib/falaj-agent")]
+    pub data_dir: PathBuf,
+}
+
+/// Arguments of `init`.
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// The region this site is in; bundles for other regions are refused.
+    #[arg(long)]
+    region: String,
+    /// The trust root (`root.json`) whose keys sign the bundles this agent accepts.
+    #[arg(long)]
+    trust: PathBuf,
+}
+
+/// Arguments of `import`.
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The bundle file (`.falaj`).
+    file: PathBuf,
+    #[command(flatten)]
+    data: DataDir,
+    /// Install a version older than one already installed (a deliberate rollback).
+    #[arg(long)]
+    allow_downgrade: bool,
+}
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    data: DataDir,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000")]
+    http: SocketAddr,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 64 << 20)]
+    max_body_bytes: usize,
+    /// Inferences run at once (default: the number of cores).
+    #[arg(long)]
+    workers: Option<usize>,
+    /// How often to look for newly imported bundles.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+}
+
+/// A command's failure, with the exit code it maps to.
+#[derive(Debug)]
+pub enum Failure {
+    /// Configuration or setup (exit 78).
+    Config(anyhow::Error),
+    /// A refused bundle (exit 65).
+    Refused(anyhow::Error),
+    /// Anything else (exit 1).
+    Other(anyhow::Error),
+}
+
+impl Failure {
+    /// The process exit code.
+    pub fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            Self::Config(_) => EXIT_CONFIG,
+            Self::Refused(_) => EXIT_REFUSED,
+            Self::Other(_) => 1,
+        })
+    }
+
+    /// The error.
+    pub fn error(&self) -> &anyhow::Error {
+        match self {
+            Self::Config(e) | Self::Refused(e) | Self::Other(e) => e,
+        }
+    }
+}
+
+fn store_failure(err: StoreError) -> Failure {
+    match err {
+        StoreError::NotInitialised(_)
+        | StoreError::AlreadyInitialised(_)
+        | StoreError::SchemaTooNew { .. }
+        | StoreError::Region(_)
+        | StoreError::Trust(_) => Failure::Config(err.into()),
+        other => Failure::Other(other.into()),
+    }
+}
+
+/// Runs a parsed command line; prints errors and returns the exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Init(args) => init(&args),
+        Command::Import(args) => import(&args),
+        Command::Serve(args) => serve(args),
+        Command::List(args) => list(&args.data_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("falaj-agent: error: {:#}", failure.error());
+            failure.exit_code()
+        }
+    }
+}
+
+fn init(args: &InitArgs) -> Result<(), Failure> {
+    let trust = std::fs::read(&args.trust)
+        .map_err(|e| Failure::Config(anyhow::anyhow!("reading trust root {}: {e}", args.trust.display())))?;
+    let store = Store::init(&args.data.data_dir, &args.region, &trust, SystemTime::now()).map_err(store_failure)?;
+    let root = store.trust_root().map_err(store_failure)?;
+    println!(
+        "initialised agent in {} for region {} (trust root version {}, {} signing key(s), threshold {})",
+        args.data.data_dir.display(),
+        store.region(),
+        root.version(),
+        root.signing_role().keyids.len(),
+        root.signing_role().threshold
+    );
+    Ok(())
+}
+
+fn import(args: &ImportArgs) -> Result<(), Failure> {
+    let mut store = Store::open(&args.data.data_dir).map_err(store_failure)?;
+    let options = ImportOptions { allow_downgrade: args.allow_downgrade, ..ImportOptions::new(SystemTime::now()) };
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
+                .expect("static template")
+                .progress_chars("=> "),
+        );
+        bar.set_message(format!("verifying {}", args.file.display()));
+        bar
+    });
+    let mut progress = |done: u64, total: u64| {
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+        }
+    };
+    let outcome = import::import_file(&mut store, &args.file, &options, &mut progress);
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    match outcome {
+        Ok(ImportOutcome::Installed { name, version, previous, size }) => {
+            let was = previous.map_or_else(|| "first version".to_owned(), |p| format!("was version {p}"));
+            println!("installed {name} version {version} ({size} bytes) from {}; active ({was})", args.file.display());
+            Ok(())
+        }
+        Ok(ImportOutcome::AlreadyInstalled { name, version }) => {
+            println!("{name} version {version} is already installed from this very bundle; nothing to do");
+            Ok(())
+        }
+        Err(err @ ImportError::Store(_)) | Err(err @ ImportError::Read { .. }) => Err(Failure::Other(err.into())),
+        Err(err) => Err(Failure::Refused(err.into())),
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let mut config = ServeConfig {
+        http: args.http,
+        max_body_bytes: args.max_body_bytes,
+        poll_interval: args.poll_interval,
+        ..ServeConfig::default()
+    };
+    if let Some(workers) = args.workers {
+        config.workers = workers;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let server = Server::bind(args.data.data_dir.clone(), config).await.map_err(|e| match e {
+            crate::server::ServeError::Store(e) => store_failure(e),
+            other => Failure::Config(other.into()),
+        })?;
+        println!("serving the Open Inference Protocol on http://{}", server.local_addr());
+        server.run(shutdown_signal()).await.map_err(|e| Failure::Other(e.into()))
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+fn list(data_dir: &Path) -> Result<(), Failure> {
+    let store = Store::open(data_dir).map_err(store_failure)?;
+    let installed = store.installed().map_err(store_failure)?;
+    if installed.is_empty() {
+        println!("no models installed in {}", data_dir.display());
+        return Ok(());
+    }
+    println!("{:<24} {:>8} {:<7} {:<8} {:>12} {:<22} {:<22}", "MODEL", "VERSION", "ACTIVE", "RUNTIME", "BYTES", "INSTALLED", "EXPIRES");
+    for i in installed {
+        let runtime = i.manifest.model().map_or("-".to_owned(), |m| m.runtime.to_string());
+        println!(
+            "{:<24} {:>8} {:<7} {:<8} {:>12} {:<22} {:<22}",
+            i.manifest.name,
+            i.manifest.version,
+            if i.active { "yes" } else { "" },
+            runtime,
+            i.size,
+            i.installed_at.to_string(),
+            i.manifest.expires.to_string()
+        );
+    }
+    Ok(())
+}

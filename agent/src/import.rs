@@ -1,0 +1,345 @@
+//! Importing a bundle file: verify everything, then install atomically.
+//!
+//! The file is streamed: the header and manifest are read and verified first (signatures,
+//! region, expiry, size), then the payload is copied to a staging file while every byte
+//! is hashed. Only when every check has passed, the model loads and its signature matches
+//! the manifest does the staged file move into place, in the same SQLite transaction
+//! that records it. A refused bundle leaves the installed state untouched.
+
+use std::fs::File;
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use falaj_common::bundle::{self, Header, Manifest, PayloadCheck, Policy, VerifyError};
+use falaj_common::keys::Sha256;
+use falaj_common::onnx::{OnnxError, OnnxModel};
+use thiserror::Error;
+
+use crate::store::{self, Store, StoreError};
+
+/// Size of the pieces the payload is copied in.
+const PIECE: usize = 1 << 20;
+
+/// How to import.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// Install a version older than one already installed (a deliberate rollback).
+    pub allow_downgrade: bool,
+    /// The time the bundle's and trust root's expiry are checked against.
+    pub now: SystemTime,
+    /// The largest bundle accepted.
+    pub max_bundle_bytes: u64,
+}
+
+impl ImportOptions {
+    /// Defaults at `now`: no downgrade, the format's default size limit.
+    pub fn new(now: SystemTime) -> Self {
+        Self { allow_downgrade: false, now, max_bundle_bytes: Policy::DEFAULT_MAX_BUNDLE_BYTES }
+    }
+}
+
+/// What an import did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImportOutcome {
+    /// The bundle was installed and activated.
+    Installed {
+        /// The model.
+        name: String,
+        /// The version installed.
+        version: u64,
+        /// The version that was active before, if any.
+        previous: Option<u64>,
+        /// Bytes installed.
+        size: u64,
+    },
+    /// This exact bundle was already installed; nothing changed.
+    AlreadyInstalled {
+        /// The model.
+        name: String,
+        /// Its version.
+        version: u64,
+    },
+}
+
+/// Why an import was refused or failed.
+#[derive(Debug, Error)]
+pub enum ImportError {
+    /// Reading the bundle file failed.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// The bundle failed verification.
+    #[error("{path}: refused: {source}")]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: VerifyError,
+    },
+    /// The pinned trust root has expired, so no new bundle can be accepted.
+    #[error("refused: {0} (install a newer trust root)")]
+    TrustExpired(falaj_common::trust::TrustError),
+    /// The bundle's version is not newer than one installed.
+    #[error(
+        "refused: {name} version {version} is not newer than installed version {latest} (use --allow-downgrade for a deliberate rollback)"
+    )]
+    NotNewer {
+        /// The model.
+        name: String,
+        /// The version offered.
+        version: u64,
+        /// The newest installed.
+        latest: u64,
+    },
+    /// A different bundle with the same name and version is installed.
+    #[error("refused: {name} version {version} is already installed with different content (manifest {installed}, offered {offered})")]
+    Conflict {
+        /// The model.
+        name: String,
+        /// The version.
+        version: u64,
+        /// The installed manifest's hash.
+        installed: Sha256,
+        /// The offered manifest's hash.
+        offered: Sha256,
+    },
+    /// The model does not load, or its I/O differs from what the manifest declares.
+    #[error("refused: {name} version {version}: {problem}")]
+    BadModel {
+        /// The model.
+        name: String,
+        /// The version.
+        version: u64,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The agent's store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl ImportError {
+    /// Whether the bundle itself was refused (as opposed to a local failure).
+    pub fn is_refusal(&self) -> bool {
+        !matches!(self, Self::Read { .. } | Self::Store(_))
+    }
+}
+
+/// Whether `manifest` may be installed next to `existing` versions of its name:
+/// `Ok(true)` to install, `Ok(false)` if this exact bundle is already there.
+fn check_version(
+    manifest: &Manifest,
+    manifest_sha: Sha256,
+    existing: &[(u64, Sha256)],
+    allow_downgrade: bool,
+) -> Result<bool, ImportError> {
+    if let Some((_, installed)) = existing.iter().find(|(v, _)| *v == manifest.version) {
+        if *installed == manifest_sha {
+            return Ok(false);
+        }
+        return Err(ImportError::Conflict {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            installed: *installed,
+            offered: manifest_sha,
+        });
+    }
+    let latest = existing.iter().map(|(v, _)| *v).max();
+    match latest {
+        Some(latest) if latest > manifest.version && !allow_downgrade => Err(ImportError::NotNewer {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            latest,
+        }),
+        _ => Ok(true),
+    }
+}
+
+/// Imports the bundle at `path` into `store`. `progress` is called with bytes done and
+/// the total as the payload is copied.
+pub fn import_file(
+    store: &mut Store,
+    path: &Path,
+    options: &ImportOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ImportOutcome, ImportError> {
+    let read_err = |source| ImportError::Read { path: path.to_owned(), source };
+    let refused = |source| ImportError::Refused { path: path.to_owned(), source };
+    let file = File::open(path).map_err(read_err)?;
+    let total = file.metadata().map_err(read_err)?.len();
+    if total > options.max_bundle_bytes {
+        return Err(refused(VerifyError::Oversized {
+            what: "bundle",
+            size: total,
+            limit: options.max_bundle_bytes,
+        }));
+    }
+    let mut reader = BufReader::with_capacity(PIECE, file);
+
+    // Header, manifest and signatures: small, bounded by the header's limits.
+    let truncated = |section: &'static str, expected: u64| {
+        refused(VerifyError::Truncated { section, expected, got: total.min(expected) })
+    };
+    let head = store::read_exact_vec(&mut reader, bundle::HEADER_LEN)
+        .map_err(|_| truncated("header", bundle::HEADER_LEN as u64))?;
+    let header = Header::parse(&head).map_err(refused)?;
+    let manifest_bytes = store::read_exact_vec(&mut reader, header.manifest_len as usize)
+        .map_err(|_| truncated("manifest", u64::from(header.manifest_len)))?;
+    let signatures = store::read_exact_vec(&mut reader, header.signatures_len as usize)
+        .map_err(|_| truncated("signatures", u64::from(header.signatures_len)))?;
+
+    let trust = store.trust_root()?;
+    trust.check_expiry(options.now).map_err(ImportError::TrustExpired)?;
+    let policy = Policy {
+        now: options.now,
+        region: store.region().to_owned(),
+        max_bundle_bytes: options.max_bundle_bytes,
+    };
+    let manifest = bundle::verify_manifest(&header, &manifest_bytes, &signatures, &trust, &policy)
+        .map_err(refused)?;
+    let manifest_sha = Sha256::of(&manifest_bytes);
+
+    // Fail fast on the version rule; it is checked again under the write lock.
+    let existing = store.versions(&manifest.name)?;
+    if !check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)? {
+        return Ok(ImportOutcome::AlreadyInstalled { name: manifest.name, version: manifest.version });
+    }
+
+    // Copy to staging, hashing every byte on the way.
+    let staging = store.staging_dir();
+    std::fs::create_dir_all(&staging)
+        .map_err(|source| StoreError::Io { op: "creating directory", path: staging.clone(), source })?;
+    let staging_err = |source| StoreError::Io { op: "writing staged bundle in", path: staging.clone(), source };
+    let mut staged = tempfile::Builder::new()
+        .prefix("import-")
+        .suffix(".falaj")
+        .tempfile_in(&staging)
+        .map_err(staging_err)?;
+    for section in [&head, &manifest_bytes, &signatures] {
+        staged.write_all(section).map_err(staging_err)?;
+    }
+    let model_spec = manifest.model().ok_or_else(|| ImportError::BadModel {
+        name: manifest.name.clone(),
+        version: manifest.version,
+        problem: "not a model bundle".into(),
+    })?;
+    let mut model_bytes = Vec::new();
+    let mut check = PayloadCheck::new(&manifest);
+    let mut buf = vec![0u8; PIECE];
+    let mut done = header.payload_offset();
+    progress(done, total);
+    loop {
+        let n = reader.read(&mut buf).map_err(read_err)?;
+        if n == 0 {
+            break;
+        }
+        collect_model_bytes(&manifest, &model_spec.file, &check, &buf[..n], &mut model_bytes);
+        check.update(&buf[..n]).map_err(refused)?;
+        staged.write_all(&buf[..n]).map_err(staging_err)?;
+        done += n as u64;
+        progress(done, total);
+    }
+    check.finish().map_err(refused)?;
+    staged.as_file().sync_all().map_err(staging_err)?;
+
+    // The model must load here, with the I/O the manifest declares.
+    let bad_model = |problem: String| ImportError::BadModel {
+        name: manifest.name.clone(),
+        version: manifest.version,
+        problem,
+    };
+    let model = OnnxModel::load(&model_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
+    if model.signature().inputs != model_spec.signature.inputs {
+        return Err(bad_model(format!(
+            "the model's inputs {:?} differ from the manifest's {:?}",
+            model.signature().inputs,
+            model_spec.signature.inputs
+        )));
+    }
+
+    let previous = store
+        .installed()?
+        .into_iter()
+        .find(|i| i.active && i.manifest.name == manifest.name)
+        .map(|i| i.manifest.version);
+    let installed = store.install(staged, &manifest, &manifest_bytes, options.now, |existing| {
+        check_version(&manifest, manifest_sha, existing, options.allow_downgrade)
+    })?;
+    if !installed {
+        // Another import installed this very bundle meanwhile.
+        return Ok(ImportOutcome::AlreadyInstalled { name: manifest.name, version: manifest.version });
+    }
+    Ok(ImportOutcome::Installed { name: manifest.name, version: manifest.version, previous, size: done })
+}
+
+/// Appends the part of `piece` that belongs to the model file to `out`. `check` tells
+/// where in the payload `piece` starts.
+fn collect_model_bytes(
+    manifest: &Manifest,
+    model_file: &str,
+    check: &PayloadCheck<'_>,
+    mut piece: &[u8],
+    out: &mut Vec<u8>,
+) {
+    let Some((mut index, mut offset)) = check.position() else { return };
+    while !piece.is_empty() && index < manifest.files.len() {
+        let entry = &manifest.files[index];
+        let take = usize::try_from(entry.size - offset).unwrap_or(usize::MAX).min(piece.len());
+        if entry.name == model_file {
+            out.extend_from_slice(&piece[..take]);
+        }
+        piece = &piece[take..];
+        index += 1;
+        offset = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use falaj_common::bundle::{Content, ModelFormat, ModelSpec, RuntimeHint};
+    use falaj_common::tensor::Signature;
+    use falaj_common::time::Timestamp;
+
+    fn manifest(version: u64) -> Manifest {
+        Manifest {
+            format: 1,
+            name: "m".into(),
+            version,
+            region: "r".into(),
+            created: Timestamp::from_unix(0),
+            expires: Timestamp::from_unix(1),
+            files: vec![],
+            content: Content::Model(ModelSpec {
+                file: "model.onnx".into(),
+                format: ModelFormat::Onnx,
+                runtime: RuntimeHint::Auto,
+                signature: Signature { inputs: vec![], outputs: vec![] },
+                reference: None,
+            }),
+        }
+    }
+
+    #[test]
+    fn version_rule() {
+        let (a, b) = (Sha256([1; 32]), Sha256([2; 32]));
+        let existing = [(1, a), (3, a)];
+        assert!(check_version(&manifest(4), b, &existing, false).unwrap());
+        assert!(!check_version(&manifest(3), a, &existing, false).unwrap());
+        assert!(matches!(
+            check_version(&manifest(3), b, &existing, true),
+            Err(ImportError::Conflict { version: 3, .. })
+        ));
+        assert!(matches!(
+            check_version(&manifest(2), b, &existing, false),
+            Err(ImportError::NotNewer { version: 2, latest: 3, .. })
+        ));
+        assert!(check_version(&manifest(2), b, &existing, true).unwrap());
+        assert!(check_version(&manifest(1), b, &[], false).unwrap());
+    }
+}

@@ -1,0 +1,16 @@
+//! The Falaj agent: the piece that runs on a customer's server.
+//!
+//! It keeps a store of verified bundles ([`store`]), imports bundle files
+//! ([`import`]) for air-gapped sites, loads every installed model into an engine
+//! ([`engine`], [`models`]) and serves them over the Open Inference Protocol v2 REST API
+//! ([`oip`], [`server`]), so that Triton and KServe clients work unchanged.
+//!
+//! The binary (`falaj-agent`) is a thin shell over [`cli`].
+
+pub mod cli;
+pub mod engine;
+pub mod import;
+pub mod models;
+pub mod oip;
+pub mod server;
+pub mod store;

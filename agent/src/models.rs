@@ -1,0 +1,160 @@
+//! The models being served: every installed version, loaded once and swapped in whole
+//! when the store changes, so requests never wait on a lock.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use falaj_common::bundle::Manifest;
+use falaj_common::keys::Sha256;
+
+use crate::engine::{self, Engine};
+use crate::store::{Store, StoreError};
+
+/// One loaded model version.
+#[derive(Debug)]
+pub struct LoadedVersion {
+    /// The bundle's manifest.
+    pub manifest: Manifest,
+    /// The manifest's hash, the bundle's identity.
+    pub manifest_sha256: Sha256,
+    /// The engine serving it.
+    pub engine: Arc<dyn Engine>,
+}
+
+/// A version's state.
+#[derive(Debug, Clone)]
+pub enum VersionState {
+    /// Loaded and serving.
+    Ready(Arc<LoadedVersion>),
+    /// Installed but could not be loaded; the reason.
+    Failed {
+        /// The manifest's hash, so an unchanged failure is not retried on every reload.
+        manifest_sha256: Sha256,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+/// All versions of one model.
+#[derive(Debug, Clone, Default)]
+pub struct ModelEntry {
+    /// The version requests without a version go to.
+    pub active: Option<u64>,
+    /// Every installed version.
+    pub versions: BTreeMap<u64, VersionState>,
+}
+
+/// Every model, as of one reload.
+#[derive(Debug, Default)]
+pub struct Catalog {
+    /// Models by name.
+    pub models: BTreeMap<String, ModelEntry>,
+    /// Whether the first load has completed.
+    pub loaded: bool,
+}
+
+impl Catalog {
+    /// Ready when loaded and every active version is serving (Triton's strict readiness).
+    pub fn ready(&self) -> bool {
+        self.loaded
+            && self.models.values().all(|m| {
+                m.active.is_some_and(|v| matches!(m.versions.get(&v), Some(VersionState::Ready(_))))
+            })
+    }
+}
+
+/// What a reload changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ReloadSummary {
+    /// Versions newly loaded.
+    pub loaded: Vec<(String, u64)>,
+    /// Versions that failed to load.
+    pub failed: Vec<(String, u64)>,
+    /// Versions no longer installed.
+    pub dropped: Vec<(String, u64)>,
+}
+
+/// The served models; cheap to read from any thread.
+#[derive(Debug, Default)]
+pub struct Registry {
+    catalog: ArcSwap<Catalog>,
+}
+
+impl Registry {
+    /// An empty registry (not ready until the first reload).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The current catalog.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.load_full()
+    }
+
+    /// Brings the catalog in line with the store: loads new versions (reusing those
+    /// already loaded), drops removed ones, and swaps the result in. Blocking.
+    pub fn reload(&self, store: &Store) -> Result<ReloadSummary, StoreError> {
+        let current = self.catalog();
+        let mut next = Catalog { models: BTreeMap::new(), loaded: true };
+        let mut summary = ReloadSummary::default();
+        for installed in store.installed()? {
+            let (name, version) = (installed.manifest.name.clone(), installed.manifest.version);
+            let previous = current.models.get(&name).and_then(|m| m.versions.get(&version));
+            let state = match previous {
+                Some(VersionState::Ready(v)) if v.manifest_sha256 == installed.manifest_sha256 => {
+                    VersionState::Ready(Arc::clone(v))
+                }
+                Some(failed @ VersionState::Failed { manifest_sha256, .. })
+                    if *manifest_sha256 == installed.manifest_sha256 =>
+                {
+                    failed.clone()
+                }
+                _ => {
+                    let started = Instant::now();
+                    let loaded = store.read_model(&installed).map_err(|e| e.to_string()).and_then(|bytes| {
+                        let spec = installed.manifest.model().ok_or("not a model bundle")?;
+                        engine::load(&name, version, spec, &bytes).map_err(|e| e.to_string())
+                    });
+                    match loaded {
+                        Ok(engine) => {
+                            tracing::info!(
+                                model = %name,
+                                version,
+                                engine = engine.name(),
+                                elapsed_ms = started.elapsed().as_millis() as u64,
+                                "model loaded"
+                            );
+                            summary.loaded.push((name.clone(), version));
+                            VersionState::Ready(Arc::new(LoadedVersion {
+                                manifest: installed.manifest.clone(),
+                                manifest_sha256: installed.manifest_sha256,
+                                engine,
+                            }))
+                        }
+                        Err(reason) => {
+                            tracing::error!(model = %name, version, error = %reason, "model failed to load");
+                            summary.failed.push((name.clone(), version));
+                            VersionState::Failed { manifest_sha256: installed.manifest_sha256, reason }
+                        }
+                    }
+                }
+            };
+            let entry = next.models.entry(name).or_default();
+            if installed.active {
+                entry.active = Some(version);
+            }
+            entry.versions.insert(version, state);
+        }
+        for (name, entry) in &current.models {
+            for version in entry.versions.keys() {
+                if !next.models.get(name).is_some_and(|m| m.versions.contains_key(version)) {
+                    summary.dropped.push((name.clone(), *version));
+                }
+            }
+        }
+        self.catalog.store(Arc::new(next));
+        Ok(summary)
+    }
+}

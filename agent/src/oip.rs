@@ -1,0 +1,612 @@
+//! The Open Inference Protocol v2 (KServe v2, Triton) REST messages, with the binary
+//! tensor data extension. Pure: bytes in, typed values out, and back.
+//!
+//! A request body is JSON, or, when the `Inference-Header-Content-Length: N` header is
+//! present, N bytes of JSON followed by the raw tensors of the inputs that declare
+//! `"parameters": {"binary_data_size": B}`, in input order, little endian. Outputs are sent
+//! raw in the same way when asked for (`"binary_data": true` on the output, or
+//! `"binary_data_output": true` on the request).
+
+use std::fmt;
+
+use falaj_common::for_each_tensor_data;
+use falaj_common::tensor::{DataType, Tensor, TensorData, element_count};
+use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use thiserror::Error;
+
+/// The header that splits a body into JSON and binary parts.
+pub const HEADER_CONTENT_LENGTH: &str = "inference-header-content-length";
+
+/// A request the client got wrong; the message says how.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{0}")]
+pub struct ProtocolError(pub String);
+
+fn bad(msg: impl Into<String>) -> ProtocolError {
+    ProtocolError(msg.into())
+}
+
+#[derive(Deserialize)]
+struct RawRequest<'a> {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    parameters: Option<Parameters>,
+    #[serde(borrow)]
+    inputs: Vec<RawInput<'a>>,
+    #[serde(default)]
+    outputs: Option<Vec<RawOutput>>,
+}
+
+#[derive(Deserialize)]
+struct RawInput<'a> {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Option<Parameters>,
+    #[serde(default, borrow)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct RawOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Option<Parameters>,
+}
+
+/// The parameters Falaj acts on; others are accepted and ignored, as the protocol allows.
+#[derive(Deserialize, Default)]
+struct Parameters {
+    binary_data_size: Option<u64>,
+    binary_data: Option<bool>,
+    binary_data_output: Option<bool>,
+    shared_memory_region: Option<de::IgnoredAny>,
+    classification: Option<de::IgnoredAny>,
+}
+
+/// One input of a decoded request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedTensor {
+    /// The input's name.
+    pub name: String,
+    /// Its value.
+    pub tensor: Tensor,
+}
+
+/// An output the client asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestedOutput {
+    /// The output's name.
+    pub name: String,
+    /// Whether to send it raw.
+    pub binary: bool,
+}
+
+/// A decoded inference request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InferRequest {
+    /// The client's request id, echoed back.
+    pub id: Option<String>,
+    /// The inputs, in the request's order.
+    pub inputs: Vec<NamedTensor>,
+    /// The outputs asked for; `None` means all of them.
+    pub outputs: Option<Vec<RequestedOutput>>,
+    /// Whether outputs not listed explicitly are sent raw.
+    pub binary_by_default: bool,
+}
+
+/// Decodes a request body. `json_len` is the value of `Inference-Header-Content-Length`.
+pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferRequest, ProtocolError> {
+    let (json, mut binary) = match json_len {
+        Some(n) if n > body.len() => {
+            return Err(bad(format!(
+                "Inference-Header-Content-Length is {n} but the body has only {} bytes",
+                body.len()
+            )));
+        }
+        Some(n) => body.split_at(n),
+        None => (body, &[][..]),
+    };
+    let raw: RawRequest<'_> =
+        serde_json::from_slice(json).map_err(|e| bad(format!("request JSON is malformed: {e}")))?;
+    let request_params = raw.parameters.unwrap_or_default();
+    let mut inputs = Vec::with_capacity(raw.inputs.len());
+    for input in raw.inputs {
+        let params = input.parameters.unwrap_or_default();
+        if params.shared_memory_region.is_some() {
+            return Err(bad(format!("input {:?}: the shared memory extension is not supported", input.name)));
+        }
+        let datatype = DataType::from_name(&input.datatype).ok_or_else(|| {
+            bad(format!("input {:?}: datatype {:?} is not supported", input.name, input.datatype))
+        })?;
+        let shape: Vec<u64> = input
+            .shape
+            .iter()
+            .map(|&d| u64::try_from(d))
+            .collect::<Result<_, _>>()
+            .map_err(|_| bad(format!("input {:?}: shape {:?} has a negative dimension", input.name, input.shape)))?;
+        let count = element_count(&shape)
+            .ok_or_else(|| bad(format!("input {:?}: shape {shape:?} is too large", input.name)))?;
+        let data = match (params.binary_data_size, input.data) {
+            (Some(_), Some(_)) => {
+                return Err(bad(format!("input {:?} has both JSON data and binary_data_size", input.name)));
+            }
+            (Some(size), None) => {
+                let size = usize::try_from(size).unwrap_or(usize::MAX);
+                if size > binary.len() {
+                    return Err(bad(format!(
+                        "input {:?}: binary_data_size {size} exceeds the {} binary bytes left",
+                        input.name,
+                        binary.len()
+                    )));
+                }
+                let (bytes, rest) = binary.split_at(size);
+                binary = rest;
+                decode_binary(datatype, bytes, count)
+                    .map_err(|e| bad(format!("input {:?}: {e}", input.name)))?
+            }
+            (None, Some(raw)) => decode_json(datatype, raw.get(), count)
+                .map_err(|e| bad(format!("input {:?}: {e}", input.name)))?,
+            (None, None) => return Err(bad(format!("input {:?} has no data", input.name))),
+        };
+        if data.len() != count {
+            return Err(bad(format!(
+                "input {:?}: {} elements given for shape {shape:?} ({count} elements)",
+                input.name,
+                data.len()
+            )));
+        }
+        inputs.push(NamedTensor { name: input.name, tensor: Tensor { shape, data } });
+    }
+    if !binary.is_empty() {
+        return Err(bad(format!("{} bytes of binary data are not claimed by any input", binary.len())));
+    }
+    let binary_by_default = request_params.binary_data_output.unwrap_or(false);
+    let outputs = raw
+        .outputs
+        .map(|outputs| {
+            outputs
+                .into_iter()
+                .map(|o| {
+                    let params = o.parameters.unwrap_or_default();
+                    if params.classification.is_some() {
+                        return Err(bad(format!("output {:?}: the classification extension is not supported", o.name)));
+                    }
+                    if params.shared_memory_region.is_some() {
+                        return Err(bad(format!("output {:?}: the shared memory extension is not supported", o.name)));
+                    }
+                    Ok(RequestedOutput { binary: params.binary_data.unwrap_or(binary_by_default), name: o.name })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    Ok(InferRequest { id: raw.id, inputs, outputs, binary_by_default })
+}
+
+/// A JSON value convertible to an element of one type.
+trait Element: Sized {
+    fn from_bool(_: bool) -> Option<Self> {
+        None
+    }
+    fn from_i64(v: i64) -> Option<Self>;
+    fn from_u64(v: u64) -> Option<Self>;
+    fn from_f64(_: f64) -> Option<Self> {
+        None
+    }
+    fn from_le(bytes: &[u8]) -> Option<Self>;
+}
+
+macro_rules! int_element {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            fn from_i64(v: i64) -> Option<Self> { <$t>::try_from(v).ok() }
+            fn from_u64(v: u64) -> Option<Self> { <$t>::try_from(v).ok() }
+            fn from_le(bytes: &[u8]) -> Option<Self> { Some(<$t>::from_le_bytes(bytes.try_into().ok()?)) }
+        }
+    )*};
+}
+int_element!(u8, u16, u32, u64, i8, i16, i32, i64);
+
+impl Element for bool {
+    fn from_bool(v: bool) -> Option<Self> {
+        Some(v)
+    }
+    fn from_i64(_: i64) -> Option<Self> {
+        None
+    }
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_le(bytes: &[u8]) -> Option<Self> {
+        match bytes {
+            [0] => Some(false),
+            [1] => Some(true),
+            _ => None,
+        }
+    }
+}
+
+macro_rules! float_element {
+    ($($t:ty),*) => {$(
+        impl Element for $t {
+            fn from_i64(v: i64) -> Option<Self> { Some(v as $t) }
+            fn from_u64(v: u64) -> Option<Self> { Some(v as $t) }
+            fn from_f64(v: f64) -> Option<Self> { Some(v as $t) }
+            fn from_le(bytes: &[u8]) -> Option<Self> { Some(<$t>::from_le_bytes(bytes.try_into().ok()?)) }
+        }
+    )*};
+}
+float_element!(f32, f64);
+
+/// Flattens nested JSON arrays of `T` into one vector, refusing values of the wrong kind.
+struct Flatten<'v, T> {
+    out: &'v mut Vec<T>,
+    datatype: DataType,
+    depth: usize,
+}
+
+const MAX_DEPTH: usize = 64;
+
+impl<'de, T: Element> DeserializeSeed<'de> for Flatten<'_, T> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Element> Visitor<'de> for Flatten<'_, T> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} values, in arrays nested any way", self.datatype)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        if self.depth >= MAX_DEPTH {
+            return Err(de::Error::custom("data is nested too deeply"));
+        }
+        if let Some(hint) = seq.size_hint() {
+            self.out.reserve(hint);
+        }
+        while seq
+            .next_element_seed(Flatten { out: &mut *self.out, datatype: self.datatype, depth: self.depth + 1 })?
+            .is_some()
+        {}
+        Ok(())
+    }
+
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<(), E> {
+        self.push(T::from_bool(v), &v)
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<(), E> {
+        self.push(T::from_i64(v), &v)
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<(), E> {
+        self.push(T::from_u64(v), &v)
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
+        self.push(T::from_f64(v), &v)
+    }
+}
+
+impl<T> Flatten<'_, T> {
+    fn push<E: de::Error>(self, value: Option<T>, raw: &dyn fmt::Display) -> Result<(), E> {
+        let value = value.ok_or_else(|| E::custom(format_args!("{raw} is not a valid {} value", self.datatype)))?;
+        self.out.push(value);
+        Ok(())
+    }
+}
+
+fn flatten<T: Element>(json: &str, datatype: DataType, count: usize) -> Result<Vec<T>, String> {
+    let mut out = Vec::with_capacity(count.min(1 << 24));
+    let mut de = serde_json::Deserializer::from_str(json);
+    Flatten { out: &mut out, datatype, depth: 0 }
+        .deserialize(&mut de)
+        .map_err(|e| format!("data: {e}"))?;
+    Ok(out)
+}
+
+fn decode_json(datatype: DataType, json: &str, count: usize) -> Result<TensorData, String> {
+    Ok(match datatype {
+        DataType::Bool => TensorData::Bool(flatten(json, datatype, count)?),
+        DataType::Uint8 => TensorData::Uint8(flatten(json, datatype, count)?),
+        DataType::Uint16 => TensorData::Uint16(flatten(json, datatype, count)?),
+        DataType::Uint32 => TensorData::Uint32(flatten(json, datatype, count)?),
+        DataType::Uint64 => TensorData::Uint64(flatten(json, datatype, count)?),
+        DataType::Int8 => TensorData::Int8(flatten(json, datatype, count)?),
+        DataType::Int16 => TensorData::Int16(flatten(json, datatype, count)?),
+        DataType::Int32 => TensorData::Int32(flatten(json, datatype, count)?),
+        DataType::Int64 => TensorData::Int64(flatten(json, datatype, count)?),
+        DataType::Fp32 => TensorData::Fp32(flatten(json, datatype, count)?),
+        DataType::Fp64 => TensorData::Fp64(flatten(json, datatype, count)?),
+    })
+}
+
+fn from_le_all<T: Element>(bytes: &[u8], size: usize, datatype: DataType) -> Result<Vec<T>, String> {
+    bytes
+        .chunks_exact(size)
+        .enumerate()
+        .map(|(i, b)| T::from_le(b).ok_or_else(|| format!("binary element {i} is not a valid {datatype} value")))
+        .collect()
+}
+
+fn decode_binary(datatype: DataType, bytes: &[u8], count: usize) -> Result<TensorData, String> {
+    let size = datatype.size();
+    if Some(bytes.len()) != count.checked_mul(size) {
+        return Err(format!(
+            "binary_data_size is {} bytes; {count} {datatype} elements need {}",
+            bytes.len(),
+            count.saturating_mul(size)
+        ));
+    }
+    Ok(match datatype {
+        DataType::Bool => TensorData::Bool(from_le_all(bytes, size, datatype)?),
+        DataType::Uint8 => TensorData::Uint8(bytes.to_vec()),
+        DataType::Uint16 => TensorData::Uint16(from_le_all(bytes, size, datatype)?),
+        DataType::Uint32 => TensorData::Uint32(from_le_all(bytes, size, datatype)?),
+        DataType::Uint64 => TensorData::Uint64(from_le_all(bytes, size, datatype)?),
+        DataType::Int8 => TensorData::Int8(bytes.iter().map(|&b| b as i8).collect()),
+        DataType::Int16 => TensorData::Int16(from_le_all(bytes, size, datatype)?),
+        DataType::Int32 => TensorData::Int32(from_le_all(bytes, size, datatype)?),
+        DataType::Int64 => TensorData::Int64(from_le_all(bytes, size, datatype)?),
+        DataType::Fp32 => TensorData::Fp32(from_le_all(bytes, size, datatype)?),
+        DataType::Fp64 => TensorData::Fp64(from_le_all(bytes, size, datatype)?),
+    })
+}
+
+/// Appends a tensor's elements, little endian, as the binary extension sends them.
+fn encode_binary(data: &TensorData, out: &mut Vec<u8>) {
+    match data {
+        TensorData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
+        TensorData::Uint8(v) => out.extend_from_slice(v),
+        TensorData::Int8(v) => out.extend(v.iter().map(|&b| b as u8)),
+        TensorData::Uint16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Uint32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Uint64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Int16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Int32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Int64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Fp32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Fp64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+    }
+}
+
+/// Serialises the elements as a flat JSON array.
+struct JsonData<'a>(&'a TensorData);
+
+impl Serialize for JsonData<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        for_each_tensor_data!(self.0, v => v.serialize(serializer))
+    }
+}
+
+#[derive(Serialize)]
+struct ResponseOutput<'a> {
+    name: &'a str,
+    datatype: &'static str,
+    shape: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<BinarySize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<JsonData<'a>>,
+}
+
+#[derive(Serialize)]
+struct BinarySize {
+    binary_data_size: usize,
+}
+
+#[derive(Serialize)]
+struct Response<'a> {
+    model_name: &'a str,
+    model_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a str>,
+    outputs: Vec<ResponseOutput<'a>>,
+}
+
+/// One output to send.
+#[derive(Debug)]
+pub struct OutputToSend<'a> {
+    /// Its name.
+    pub name: &'a str,
+    /// Its value.
+    pub tensor: &'a Tensor,
+    /// Whether to send it raw.
+    pub binary: bool,
+}
+
+/// An encoded response body.
+#[derive(Debug)]
+pub struct EncodedResponse {
+    /// The body.
+    pub body: Vec<u8>,
+    /// With binary outputs: the length of the JSON part, for `Inference-Header-Content-Length`.
+    pub json_len: Option<usize>,
+}
+
+/// Encodes an inference response.
+pub fn encode_response(
+    model_name: &str,
+    model_version: u64,
+    id: Option<&str>,
+    outputs: &[OutputToSend<'_>],
+) -> EncodedResponse {
+    let any_binary = outputs.iter().any(|o| o.binary);
+    let mut binary = Vec::new();
+    let outputs = outputs
+        .iter()
+        .map(|o| {
+            let (parameters, data) = if o.binary {
+                let before = binary.len();
+                encode_binary(&o.tensor.data, &mut binary);
+                (Some(BinarySize { binary_data_size: binary.len() - before }), None)
+            } else {
+                (None, Some(JsonData(&o.tensor.data)))
+            };
+            ResponseOutput {
+                name: o.name,
+                datatype: o.tensor.data.datatype().name(),
+                shape: &o.tensor.shape,
+                parameters,
+                data,
+            }
+        })
+        .collect();
+    let response = Response { model_name, model_version: model_version.to_string(), id, outputs };
+    let mut body = serde_json::to_vec(&response).expect("responses always serialise");
+    if any_binary {
+        let json_len = body.len();
+        body.extend_from_slice(&binary);
+        EncodedResponse { body, json_len: Some(json_len) }
+    } else {
+        EncodedResponse { body, json_len: None }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(req: &InferRequest) -> &Tensor {
+        &req.inputs[0].tensor
+    }
+
+    #[test]
+    fn json_data_may_be_flat_or_nested() {
+        let flat = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3.5,4]}]}"#;
+        let nested = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3.5,4]]}]}"#;
+        for body in [flat, nested] {
+            let req = decode_request(body.as_bytes(), None).unwrap();
+            assert_eq!(one(&req).data, TensorData::Fp32(vec![1.0, 2.0, 3.5, 4.0]));
+            assert_eq!(one(&req).shape, vec![2, 2]);
+        }
+    }
+
+    #[test]
+    fn every_datatype_decodes_from_json_and_binary() {
+        let cases: &[(&str, &str, TensorData)] = &[
+            ("BOOL", "[true,false]", TensorData::Bool(vec![true, false])),
+            ("INT32", "[-1,7]", TensorData::Int32(vec![-1, 7])),
+            ("INT64", "[-9007199254740993,2]", TensorData::Int64(vec![-9_007_199_254_740_993, 2])),
+            ("UINT8", "[255,0]", TensorData::Uint8(vec![255, 0])),
+            ("INT8", "[-128,127]", TensorData::Int8(vec![-128, 127])),
+            ("UINT64", "[18446744073709551615,0]", TensorData::Uint64(vec![u64::MAX, 0])),
+            ("FP64", "[0.1,-2]", TensorData::Fp64(vec![0.1, -2.0])),
+            ("FP32", "[0.5,1e-3]", TensorData::Fp32(vec![0.5, 1e-3])),
+            ("INT16", "[-300,300]", TensorData::Int16(vec![-300, 300])),
+            ("UINT16", "[65535,1]", TensorData::Uint16(vec![65535, 1])),
+            ("UINT32", "[4294967295,1]", TensorData::Uint32(vec![u32::MAX, 1])),
+        ];
+        for (dt, json, expected) in cases {
+            let body = format!(r#"{{"inputs":[{{"name":"x","shape":[2],"datatype":"{dt}","data":{json}}}]}}"#);
+            let req = decode_request(body.as_bytes(), None).unwrap();
+            assert_eq!(&one(&req).data, expected, "{dt} json");
+
+            let mut raw = Vec::new();
+            encode_binary(expected, &mut raw);
+            let header = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[2],"datatype":"{dt}","parameters":{{"binary_data_size":{}}}}}]}}"#,
+                raw.len()
+            );
+            let mut body = header.clone().into_bytes();
+            body.extend_from_slice(&raw);
+            let req = decode_request(&body, Some(header.len())).unwrap();
+            assert_eq!(&one(&req).data, expected, "{dt} binary");
+        }
+    }
+
+    #[test]
+    fn malformed_requests_name_their_problem() {
+        let check = |body: &str, needle: &str| {
+            let err = decode_request(body.as_bytes(), None).unwrap_err();
+            assert!(err.0.contains(needle), "{body}: {err}");
+        };
+        check("{", "malformed");
+        check(r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#, "2 elements given");
+        check(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"INT32","data":[1,2.5]}]}"#, "2.5 is not a valid INT32");
+        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#, "300 is not a valid INT8");
+        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":[1]}]}"#, "not a valid BOOL");
+        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#, "FP32 values");
+        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BF16","data":[1]}]}"#, "BF16");
+        check(r#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}]}"#, "negative");
+        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#, "no data");
+        check(
+            r#"{"inputs":[{"name":"x","shape":[4294967296,4294967296],"datatype":"FP32","data":[]}]}"#,
+            "too large",
+        );
+        let deep = format!(
+            r#"{{"inputs":[{{"name":"x","shape":[1],"datatype":"FP32","data":{}1{}}}]}}"#,
+            "[".repeat(100),
+            "]".repeat(100)
+        );
+        check(&deep, "nested too deeply");
+        check(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"y","parameters":{"classification":2}}]}"#,
+            "classification",
+        );
+    }
+
+    #[test]
+    fn binary_sizes_are_checked() {
+        let header = r#"{"inputs":[{"name":"x","shape":[2],"datatype":"FP32","parameters":{"binary_data_size":8}}]}"#;
+        let mut body = header.as_bytes().to_vec();
+        body.extend_from_slice(&[0; 4]);
+        let err = decode_request(&body, Some(header.len())).unwrap_err();
+        assert!(err.0.contains("exceeds"), "{err}");
+        body.extend_from_slice(&[0; 8]);
+        let err = decode_request(&body, Some(header.len())).unwrap_err();
+        assert!(err.0.contains("4 bytes of binary data are not claimed"), "{err}");
+        let err = decode_request(header.as_bytes(), Some(header.len() + 1)).unwrap_err();
+        assert!(err.0.contains("Inference-Header-Content-Length"), "{err}");
+        let bools = r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","parameters":{"binary_data_size":1}}]}"#;
+        let mut body = bools.as_bytes().to_vec();
+        body.push(7);
+        let err = decode_request(&body, Some(bools.len())).unwrap_err();
+        assert!(err.0.contains("not a valid BOOL"), "{err}");
+    }
+
+    #[test]
+    fn outputs_choose_binary_per_output_or_by_default() {
+        let body = r#"{"inputs":[],"parameters":{"binary_data_output":true},"outputs":[{"name":"a"},{"name":"b","parameters":{"binary_data":false}}]}"#;
+        let req = decode_request(body.as_bytes(), None).unwrap();
+        assert_eq!(
+            req.outputs.unwrap(),
+            vec![
+                RequestedOutput { name: "a".into(), binary: true },
+                RequestedOutput { name: "b".into(), binary: false }
+            ]
+        );
+    }
+
+    #[test]
+    fn responses_mix_json_and_binary_outputs() {
+        let probs = Tensor { shape: vec![1, 2], data: TensorData::Fp32(vec![0.25, 0.75]) };
+        let label = Tensor { shape: vec![1], data: TensorData::Int64(vec![1]) };
+        let json = encode_response(
+            "m",
+            3,
+            Some("req-1"),
+            &[OutputToSend { name: "p", tensor: &probs, binary: false }, OutputToSend { name: "l", tensor: &label, binary: false }],
+        );
+        assert_eq!(json.json_len, None);
+        assert_eq!(
+            String::from_utf8(json.body).unwrap(),
+            r#"{"model_name":"m","model_version":"3","id":"req-1","outputs":[{"name":"p","datatype":"FP32","shape":[1,2],"data":[0.25,0.75]},{"name":"l","datatype":"INT64","shape":[1],"data":[1]}]}"#
+        );
+        let mixed = encode_response(
+            "m",
+            3,
+            None,
+            &[OutputToSend { name: "p", tensor: &probs, binary: true }, OutputToSend { name: "l", tensor: &label, binary: false }],
+        );
+        let n = mixed.json_len.unwrap();
+        let header: serde_json::Value = serde_json::from_slice(&mixed.body[..n]).unwrap();
+        assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(&mixed.body[n..], &[0, 0, 0x80, 0x3e, 0, 0, 0x40, 0x3f]);
+    }
+}

@@ -1,0 +1,506 @@
+//! The agent's local HTTP server: the Open Inference Protocol v2 REST API over the
+//! registry, and the task that reloads models when the store changes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+
+use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
+use crate::oip::{self, OutputToSend};
+use crate::store::{Store, StoreError};
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Where to listen.
+    pub http: SocketAddr,
+    /// Largest request body accepted (413 above).
+    pub max_body_bytes: usize,
+    /// Longest time a client may take to send its request body (408 after).
+    pub body_timeout: Duration,
+    /// Inferences run at once; more wait their turn. Defaults to the number of cores.
+    pub workers: usize,
+    /// How often to look for bundles imported by another process.
+    pub poll_interval: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            http: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            max_body_bytes: 64 << 20,
+            body_timeout: Duration::from_secs(30),
+            workers: std::thread::available_parallelism().map_or(2, usize::from),
+            poll_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Binding or serving on the socket failed.
+    #[error("HTTP server on {addr}: {source}")]
+    Http {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A blocking task failed.
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+#[derive(Debug, Clone)]
+struct AppState {
+    registry: Arc<Registry>,
+    permits: Arc<Semaphore>,
+    config: Arc<ServeConfig>,
+}
+
+/// A server whose socket is bound and whose models are loaded, ready to run.
+#[derive(Debug)]
+pub struct Server {
+    listener: TcpListener,
+    addr: SocketAddr,
+    store: Arc<Mutex<Store>>,
+    state: AppState,
+}
+
+impl Server {
+    /// Opens the store in `data_dir`, loads every installed model and binds the socket.
+    pub async fn bind(data_dir: PathBuf, config: ServeConfig) -> Result<Self, ServeError> {
+        let registry = Arc::new(Registry::new());
+        let (store, summary) = {
+            let registry = Arc::clone(&registry);
+            tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+                let store = Store::open(&data_dir)?;
+                let summary = registry.reload(&store)?;
+                Ok((store, summary))
+            })
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))??
+        };
+        tracing::info!(loaded = summary.loaded.len(), failed = summary.failed.len(), "models loaded");
+        let listener = TcpListener::bind(config.http)
+            .await
+            .map_err(|source| ServeError::Http { addr: config.http, source })?;
+        let addr = listener.local_addr().map_err(|source| ServeError::Http { addr: config.http, source })?;
+        let state = AppState {
+            registry,
+            permits: Arc::new(Semaphore::new(config.workers.max(1))),
+            config: Arc::new(config),
+        };
+        Ok(Self { listener, addr, store: Arc::new(Mutex::new(store)), state })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The registry of served models.
+    pub fn registry(&self) -> Arc<Registry> {
+        Arc::clone(&self.state.registry)
+    }
+
+    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watcher = tokio::spawn(watch_store(
+            Arc::clone(&self.store),
+            Arc::clone(&self.state.registry),
+            self.state.config.poll_interval,
+            stop_rx,
+        ));
+        tracing::info!(addr = %self.addr, "serving the Open Inference Protocol");
+        let served = axum::serve(self.listener, router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|source| ServeError::Http { addr: self.addr, source });
+        let _ = stop_tx.send(true);
+        let _ = watcher.await;
+        tracing::info!("server stopped");
+        served
+    }
+}
+
+/// Reloads the registry when another process commits to the store (an import), or on
+/// SIGHUP, until `stop` turns true.
+async fn watch_store(
+    store: Arc<Mutex<Store>>,
+    registry: Arc<Registry>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut seen = None;
+    loop {
+        #[cfg(unix)]
+        let hup = async {
+            match hangup.as_mut() {
+                Some(s) => s.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hup = std::future::pending::<Option<()>>();
+        let forced = tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => false,
+            _ = hup => true,
+        };
+        let store = Arc::clone(&store);
+        let registry = Arc::clone(&registry);
+        let result = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
+            let store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let version = store.data_version()?;
+            if !forced && seen == Some(version) {
+                return Ok((version, None));
+            }
+            Ok((version, Some(registry.reload(&store)?)))
+        })
+        .await;
+        match result {
+            Ok(Ok((version, summary))) => {
+                if let Some(summary) = summary.filter(|s| seen.is_some() || forced || !s.loaded.is_empty()) {
+                    tracing::info!(
+                        loaded = ?summary.loaded,
+                        failed = ?summary.failed,
+                        dropped = ?summary.dropped,
+                        "models reloaded"
+                    );
+                }
+                seen = Some(version);
+            }
+            Ok(Err(err)) => tracing::error!(error = %err, "reloading models failed"),
+            Err(err) => tracing::error!(error = %err, "reload task failed"),
+        }
+    }
+}
+
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v2", get(server_metadata))
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .route("/v2/models/{name}", get(model_metadata))
+        .route("/v2/models/{name}/versions/{version}", get(version_metadata))
+        .route("/v2/models/{name}/ready", get(model_ready))
+        .route("/v2/models/{name}/versions/{version}/ready", get(version_ready))
+        .route("/v2/models/{name}/infer", post(model_infer))
+        .route("/v2/models/{name}/versions/{version}/infer", post(version_infer))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            ApiError::Internal("a handler panicked".into()).into_response()
+        }))
+        .with_state(state)
+}
+
+/// An error response, shaped as the protocol's `{"error": "..."}`.
+#[derive(Debug)]
+enum ApiError {
+    BadRequest(String),
+    NotFound(String),
+    MethodNotAllowed(String),
+    Timeout(String),
+    TooLarge(usize),
+    UnsupportedMediaType(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, message) = match self {
+            Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
+            Self::NotFound(m) => (StatusCode::NOT_FOUND, m),
+            Self::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
+            Self::Timeout(m) => (StatusCode::REQUEST_TIMEOUT, m),
+            Self::TooLarge(limit) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds the limit of {limit} bytes"))
+            }
+            Self::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
+            Self::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            Self::Internal(detail) => {
+                tracing::error!(error = %detail, "internal error");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())
+            }
+        };
+        let body = serde_json::json!({ "error": message });
+        (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    }
+}
+
+fn json(value: &serde_json::Value) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], value.to_string()).into_response()
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no such endpoint: {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+async fn server_metadata() -> Response {
+    json(&serde_json::json!({
+        "name": "falaj-agent",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+}
+
+async fn live() -> StatusCode {
+    StatusCode::OK
+}
+
+async fn ready(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
+    if state.registry.catalog().ready() {
+        Ok(StatusCode::OK)
+    } else {
+        Err(ApiError::Unavailable("not ready: some active model versions are not loaded".into()))
+    }
+}
+
+fn parse_version(text: &str, name: &str) -> Result<u64, ApiError> {
+    text.parse().map_err(|_| ApiError::NotFound(format!("model {name:?} has no version {text:?}")))
+}
+
+/// Finds a version: the given one, or the active one.
+fn lookup(catalog: &Catalog, name: &str, version: Option<u64>) -> Result<(u64, VersionState), ApiError> {
+    let entry = catalog.models.get(name).ok_or_else(|| ApiError::NotFound(format!("unknown model {name:?}")))?;
+    let version = match version.or(entry.active) {
+        Some(v) => v,
+        None => return Err(ApiError::NotFound(format!("model {name:?} has no active version"))),
+    };
+    let state = entry
+        .versions
+        .get(&version)
+        .ok_or_else(|| ApiError::NotFound(format!("model {name:?} has no version {version}")))?;
+    Ok((version, state.clone()))
+}
+
+fn loaded(name: &str, version: u64, state: VersionState) -> Result<Arc<LoadedVersion>, ApiError> {
+    match state {
+        VersionState::Ready(v) => Ok(v),
+        VersionState::Failed { reason, .. } => {
+            Err(ApiError::Unavailable(format!("model {name:?} version {version} is not loaded: {reason}")))
+        }
+    }
+}
+
+fn metadata(state: &AppState, name: &str, version: Option<u64>) -> Result<Response, ApiError> {
+    let catalog = state.registry.catalog();
+    let (v, found) = lookup(&catalog, name, version)?;
+    let model = loaded(name, v, found)?;
+    let entry = &catalog.models[name];
+    let versions: Vec<String> = match version {
+        Some(v) => vec![v.to_string()],
+        None => entry.versions.keys().map(u64::to_string).collect(),
+    };
+    let spec = model.manifest.model().ok_or_else(|| ApiError::Internal("not a model".into()))?;
+    let tensors = |specs: &[falaj_common::tensor::TensorSpec]| {
+        specs
+            .iter()
+            .map(|t| serde_json::json!({"name": t.name, "datatype": t.datatype.name(), "shape": t.protocol_shape()}))
+            .collect::<Vec<_>>()
+    };
+    Ok(json(&serde_json::json!({
+        "name": name,
+        "versions": versions,
+        "platform": "onnx",
+        "inputs": tensors(&spec.signature.inputs),
+        "outputs": tensors(&spec.signature.outputs),
+        "parameters": {
+            "active_version": entry.active.map(|v| v.to_string()),
+            "engine": model.engine.name(),
+            "runtime_hint": spec.runtime.to_string(),
+        },
+    })))
+}
+
+async fn model_metadata(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    metadata(&state, &name, None)
+}
+
+async fn version_metadata(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    metadata(&state, &name, Some(parse_version(&version, &name)?))
+}
+
+fn readiness(state: &AppState, name: &str, version: Option<u64>) -> Result<StatusCode, ApiError> {
+    let (v, found) = lookup(&state.registry.catalog(), name, version)?;
+    match found {
+        VersionState::Ready(_) => Ok(StatusCode::OK),
+        VersionState::Failed { reason, .. } => {
+            Err(ApiError::BadRequest(format!("model {name:?} version {v} is not ready: {reason}")))
+        }
+    }
+}
+
+async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+    readiness(&state, &name, None)
+}
+
+async fn version_ready(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    readiness(&state, &name, Some(parse_version(&version, &name)?))
+}
+
+async fn model_infer(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    infer(state, name, None, headers, body).await
+}
+
+async fn version_infer(
+    State(state): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let version = parse_version(&version, &name)?;
+    infer(state, name, Some(version), headers, body).await
+}
+
+/// Reads the body within the size limit and the time limit.
+async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let limit = state.config.max_body_bytes;
+    if let Some(encoding) = headers.get(header::CONTENT_ENCODING).filter(|e| e.as_bytes() != b"identity") {
+        return Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Encoding {} is not supported; send the body uncompressed",
+            String::from_utf8_lossy(encoding.as_bytes())
+        )));
+    }
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::TooLarge(limit));
+    }
+    let timeout = state.config.body_timeout;
+    match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
+        Err(_) => Err(ApiError::Timeout(format!("the request body did not arrive within {timeout:?}"))),
+        Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::TooLarge(limit)),
+        Ok(Err(err)) => Err(ApiError::BadRequest(format!("reading the request body failed: {err}"))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+    }
+}
+
+async fn infer(
+    state: AppState,
+    name: String,
+    version: Option<u64>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let started = Instant::now();
+    let catalog = state.registry.catalog();
+    let (version, found) = lookup(&catalog, &name, version)?;
+    let model = loaded(&name, version, found)?;
+    drop(catalog);
+
+    let body = read_body(&state, &headers, body).await?;
+    let json_len = match headers.get(oip::HEADER_CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(v.to_str().ok().and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| {
+            ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
+        })?),
+    };
+    let request = oip::decode_request(&body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
+    drop(body);
+
+    let signature = model.engine.signature();
+    let given: Vec<_> = request
+        .inputs
+        .iter()
+        .map(|i| falaj_common::tensor::GivenInput {
+            name: &i.name,
+            datatype: i.tensor.data.datatype(),
+            shape: &i.tensor.shape,
+        })
+        .collect();
+    let (order, _symbols) = signature.bind(&given).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let wanted: Vec<(usize, bool)> = match &request.outputs {
+        None => (0..signature.outputs.len()).map(|i| (i, request.binary_by_default)).collect(),
+        Some(outputs) => outputs
+            .iter()
+            .map(|o| {
+                signature
+                    .outputs
+                    .iter()
+                    .position(|s| s.name == o.name)
+                    .map(|i| (i, o.binary))
+                    .ok_or_else(|| ApiError::BadRequest(format!("unknown output {:?}", o.name)))
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let mut inputs: Vec<Option<falaj_common::tensor::Tensor>> = vec![None; order.len()];
+    for (input, index) in request.inputs.into_iter().zip(order) {
+        inputs[index] = Some(input.tensor);
+    }
+    let inputs: Vec<_> = inputs.into_iter().map(|t| t.expect("bind checked every input is given once")).collect();
+
+    let permit = Arc::clone(&state.permits).acquire_owned().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let engine = Arc::clone(&model.engine);
+    let outputs = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        engine.run(inputs)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))?
+    .map_err(|e| {
+        tracing::warn!(model = %name, version, error = %e, "inference failed");
+        ApiError::BadRequest(format!("inference failed: {e}"))
+    })?;
+
+    let to_send: Vec<OutputToSend<'_>> = wanted
+        .iter()
+        .map(|&(i, binary)| OutputToSend { name: &signature.outputs[i].name, tensor: &outputs[i], binary })
+        .collect();
+    let encoded = oip::encode_response(&name, version, request.id.as_deref(), &to_send);
+    tracing::debug!(model = %name, version, micros = started.elapsed().as_micros() as u64, "inference");
+    let mut response = Response::new(Body::from(encoded.body));
+    let response_headers = response.headers_mut();
+    match encoded.json_len {
+        Some(n) => {
+            response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            response_headers.insert(oip::HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    Ok(response)
+}

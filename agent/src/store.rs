@@ -1,0 +1,533 @@
+//! The agent's state on disk: one SQLite database and the installed bundle files.
+//!
+//! ```text
+//! DATA_DIR/            0700
+//!   agent.db           SQLite (WAL): settings, trust root, installed bundles, active versions, events
+//!   bundles/NAME/V.falaj   each installed bundle, byte for byte as verified
+//!   staging/           imports in progress (same file system, so install is a rename)
+//! ```
+//!
+//! Invariants: a row in `bundles` exists only for a file that was fully verified and
+//! fsynced before the row's transaction committed; `active` only names installed rows.
+//! Files without a row (an import that died between rename and commit) are swept on open.
+
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use falaj_common::bundle::{self, Header, Manifest, PayloadCheck, VerifyError};
+use falaj_common::keys::Sha256;
+use falaj_common::names;
+use falaj_common::time::Timestamp;
+use falaj_common::trust::{TrustError, TrustRoot};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use thiserror::Error;
+
+/// Database file name inside the data directory.
+pub const DB_FILE: &str = "agent.db";
+
+/// Schema migrations, applied in order; the schema version is `PRAGMA user_version`.
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE settings (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE trust_roots (
+        version      INTEGER PRIMARY KEY,
+        document     BLOB NOT NULL,
+        installed_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE bundles (
+        name            TEXT NOT NULL,
+        version         INTEGER NOT NULL,
+        kind            TEXT NOT NULL,
+        manifest        BLOB NOT NULL,
+        manifest_sha256 TEXT NOT NULL,
+        path            TEXT NOT NULL,
+        size            INTEGER NOT NULL,
+        installed_at    INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT;
+    CREATE TABLE active (
+        name         TEXT PRIMARY KEY,
+        version      INTEGER NOT NULL,
+        activated_at INTEGER NOT NULL,
+        FOREIGN KEY (name, version) REFERENCES bundles (name, version)
+    ) STRICT;
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY,
+        at      INTEGER NOT NULL,
+        kind    TEXT NOT NULL,
+        name    TEXT,
+        version INTEGER,
+        detail  TEXT NOT NULL
+    ) STRICT;",
+];
+
+/// Errors of the agent's store.
+#[derive(Debug, Error)]
+pub enum StoreError {
+    /// A file system operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// SQLite failed.
+    #[error("agent database {path}: {source}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The error.
+        source: rusqlite::Error,
+    },
+    /// No agent was initialised in this directory.
+    #[error("{0} is not an initialised agent data directory (run `falaj-agent init` first)")]
+    NotInitialised(PathBuf),
+    /// `init` on a directory that already holds an agent.
+    #[error("{0} already holds an initialised agent")]
+    AlreadyInitialised(PathBuf),
+    /// The database was written by a newer agent.
+    #[error("agent database {path} has schema version {found}; this agent supports up to {supported}")]
+    SchemaTooNew {
+        /// The database file.
+        path: PathBuf,
+        /// Its schema version.
+        found: u32,
+        /// The newest this build knows.
+        supported: u32,
+    },
+    /// The trust root is refused.
+    #[error("trust root: {0}")]
+    Trust(#[from] TrustError),
+    /// The region given to `init` is not a valid name, or differs from the trust root's.
+    #[error("{0}")]
+    Region(String),
+    /// An installed bundle file no longer matches what was verified at import.
+    #[error("installed bundle {name}@{version} ({path}) is damaged: {problem}")]
+    Damaged {
+        /// The model.
+        name: String,
+        /// The version.
+        version: u64,
+        /// Its file.
+        path: PathBuf,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One installed bundle.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    /// The verified manifest.
+    pub manifest: Manifest,
+    /// SHA-256 of the manifest bytes (the bundle's identity).
+    pub manifest_sha256: Sha256,
+    /// The bundle file.
+    pub path: PathBuf,
+    /// Its size.
+    pub size: u64,
+    /// When it was installed.
+    pub installed_at: Timestamp,
+    /// Whether it is the active version of its name.
+    pub active: bool,
+}
+
+/// The agent's store, opened on a data directory.
+#[derive(Debug)]
+pub struct Store {
+    dir: PathBuf,
+    db_path: PathBuf,
+    conn: Connection,
+    region: String,
+}
+
+fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> StoreError + 'p {
+    move |source| StoreError::Io { op, path: path.to_owned(), source }
+}
+
+/// Creates `dir` (and parents) with mode 0700 if it does not exist.
+fn create_private_dir(dir: &Path) -> Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    std::os::unix::fs::DirBuilderExt::mode(&mut builder, 0o700);
+    builder.create(dir).map_err(io_err("creating directory", dir))
+}
+
+/// Makes a rename or file creation inside `dir` durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing directory", dir))
+}
+
+impl Store {
+    /// Initialises an agent in `dir` for `region`, pinning the trust root in `trust_json`.
+    pub fn init(dir: &Path, region: &str, trust_json: &[u8], now: SystemTime) -> Result<Self> {
+        names::check_region(region).map_err(|e| StoreError::Region(e.to_string()))?;
+        let trust = TrustRoot::from_json(trust_json, now)?;
+        if trust.region() != region {
+            return Err(StoreError::Region(format!(
+                "the trust root is for region {:?}, not {region:?}",
+                trust.region()
+            )));
+        }
+        create_private_dir(dir)?;
+        let db_path = dir.join(DB_FILE);
+        if db_path.exists() {
+            return Err(StoreError::AlreadyInitialised(dir.to_owned()));
+        }
+        let mut conn = open_db(&db_path)?;
+        let db = |source| StoreError::Db { path: db_path.clone(), source };
+        let tx = conn.transaction().map_err(db)?;
+        let at = Timestamp::from_system(now).unix() as i64;
+        tx.execute("INSERT INTO settings (key, value) VALUES ('region', ?1)", [region]).map_err(db)?;
+        tx.execute(
+            "INSERT INTO trust_roots (version, document, installed_at) VALUES (?1, ?2, ?3)",
+            params![trust.version() as i64, trust.to_json(), at],
+        )
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO events (at, kind, detail) VALUES (?1, 'init', ?2)",
+            params![at, format!("region {region}, trust root version {}", trust.version())],
+        )
+        .map_err(db)?;
+        tx.commit().map_err(db)?;
+        Self::open(dir)
+    }
+
+    /// Opens the agent in `dir`, applying pending migrations and sweeping files that an
+    /// interrupted import left behind.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let db_path = dir.join(DB_FILE);
+        if !db_path.is_file() {
+            return Err(StoreError::NotInitialised(dir.to_owned()));
+        }
+        let conn = open_db(&db_path)?;
+        let region: Option<String> = conn
+            .query_row("SELECT value FROM settings WHERE key = 'region'", [], |r| r.get(0))
+            .optional()
+            .map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
+        let region = region.ok_or_else(|| StoreError::NotInitialised(dir.to_owned()))?;
+        let store = Self { dir: dir.to_owned(), db_path, conn, region };
+        store.sweep()?;
+        Ok(store)
+    }
+
+    fn db(&self) -> impl Fn(rusqlite::Error) -> StoreError + '_ {
+        |source| StoreError::Db { path: self.db_path.clone(), source }
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The agent's region.
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// Where imports stage their files.
+    pub fn staging_dir(&self) -> PathBuf {
+        self.dir.join("staging")
+    }
+
+    /// Where a bundle is installed (relative to the data directory).
+    pub fn bundle_path(name: &str, version: u64) -> PathBuf {
+        Path::new("bundles").join(name).join(format!("{version}.falaj"))
+    }
+
+    /// The pinned trust root (newest version). Its expiry is not checked here.
+    pub fn trust_root(&self) -> Result<TrustRoot> {
+        let doc: Vec<u8> = self
+            .conn
+            .query_row("SELECT document FROM trust_roots ORDER BY version DESC LIMIT 1", [], |r| r.get(0))
+            .map_err(self.db())?;
+        Ok(TrustRoot::from_json_unexpired(&doc)?)
+    }
+
+    /// A number that changes whenever another connection commits to the database, so a
+    /// server can notice imports made by another process.
+    pub fn data_version(&self) -> Result<u64> {
+        self.conn
+            .pragma_query_value(None, "data_version", |r| r.get::<_, i64>(0))
+            .map(|v| v as u64)
+            .map_err(self.db())
+    }
+
+    /// Every installed bundle, by name then version.
+    pub fn installed(&self) -> Result<Vec<Installed>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT b.name, b.version, b.manifest, b.manifest_sha256, b.path, b.size, b.installed_at,
+                        a.version IS NOT NULL
+                 FROM bundles b LEFT JOIN active a ON a.name = b.name AND a.version = b.version
+                 ORDER BY b.name, b.version",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, String>(4)?,
+                    r.get::<_, i64>(5)?,
+                    r.get::<_, i64>(6)?,
+                    r.get::<_, bool>(7)?,
+                ))
+            })
+            .map_err(self.db())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (name, version, manifest, sha, path, size, at, active) = row.map_err(self.db())?;
+            let damaged = |problem: String| StoreError::Damaged {
+                name: name.clone(),
+                version: version as u64,
+                path: self.dir.join(&path),
+                problem,
+            };
+            let manifest: Manifest = serde_json::from_slice(&manifest)
+                .map_err(|e| damaged(format!("stored manifest does not parse: {e}")))?;
+            let manifest_sha256 =
+                sha.parse().map_err(|e| damaged(format!("stored manifest hash: {e}")))?;
+            out.push(Installed {
+                manifest,
+                manifest_sha256,
+                path: self.dir.join(path),
+                size: size as u64,
+                installed_at: Timestamp::from_unix(at as u64),
+                active,
+            });
+        }
+        Ok(out)
+    }
+
+    /// The installed versions of `name`, with their manifest hashes.
+    pub fn versions(&self, name: &str) -> Result<Vec<(u64, Sha256)>> {
+        versions_of(&self.conn, &self.db_path, name)
+    }
+
+    /// Installs a verified, fsynced staged file as `manifest`'s bundle and makes it the
+    /// active version, in one transaction. `check` sees the installed versions of the name
+    /// inside the transaction (under the write lock, so two concurrent imports cannot both
+    /// pass it) and refuses with an error or skips with `Ok(false)`. Returns whether the
+    /// bundle was installed.
+    pub fn install<E: From<StoreError>>(
+        &mut self,
+        staged: tempfile::NamedTempFile,
+        manifest: &Manifest,
+        manifest_bytes: &[u8],
+        now: SystemTime,
+        check: impl FnOnce(&[(u64, Sha256)]) -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        let relative = Self::bundle_path(&manifest.name, manifest.version);
+        let target = self.dir.join(&relative);
+        let parent = target.parent().expect("bundle paths have a parent").to_owned();
+        create_private_dir(&parent)?;
+        let size = staged.as_file().metadata().map_err(io_err("reading size of", staged.path()))?.len();
+        let at = Timestamp::from_system(now).unix() as i64;
+        let db_path = self.db_path.clone();
+        let db = |source| StoreError::Db { path: db_path.clone(), source };
+
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let existing = versions_of(&tx, &self.db_path, &manifest.name)?;
+        if !check(&existing)? {
+            return Ok(false);
+        }
+        tx.execute(
+            "INSERT INTO bundles (name, version, kind, manifest, manifest_sha256, path, size, installed_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![
+                manifest.name,
+                manifest.version as i64,
+                manifest.content.kind().to_string(),
+                manifest_bytes,
+                Sha256::of(manifest_bytes).to_string(),
+                relative.to_string_lossy(),
+                size as i64,
+                at
+            ],
+        )
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO active (name, version, activated_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET version = excluded.version, activated_at = excluded.activated_at",
+            params![manifest.name, manifest.version as i64, at],
+        )
+        .map_err(db)?;
+        tx.execute(
+            "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'install', ?2, ?3, ?4)",
+            params![at, manifest.name, manifest.version as i64, format!("{size} bytes, activated")],
+        )
+        .map_err(db)?;
+        // The file goes in place before the commit: if the commit fails, the row does not
+        // exist and the next open sweeps the file; a row never points at a missing file.
+        staged.persist(&target).map_err(|e| StoreError::Io {
+            op: "installing bundle at",
+            path: target.clone(),
+            source: e.error,
+        })?;
+        sync_dir(&parent)?;
+        tx.commit().map_err(db)?;
+        Ok(true)
+    }
+
+    /// Reads an installed bundle and checks it still matches what was verified at import:
+    /// the manifest bytes hash to the recorded value and every payload file to its hash.
+    /// Returns the bytes of the model file.
+    pub fn read_model(&self, installed: &Installed) -> Result<Vec<u8>> {
+        let m = &installed.manifest;
+        let damaged = |problem: String| StoreError::Damaged {
+            name: m.name.clone(),
+            version: m.version,
+            path: installed.path.clone(),
+            problem,
+        };
+        let bytes = fs::read(&installed.path).map_err(io_err("reading bundle", &installed.path))?;
+        let header = Header::parse(&bytes).map_err(|e| damaged(e.to_string()))?;
+        let manifest_end = bundle::HEADER_LEN + header.manifest_len as usize;
+        let manifest_bytes = bytes
+            .get(bundle::HEADER_LEN..manifest_end)
+            .ok_or_else(|| damaged("truncated manifest".into()))?;
+        if Sha256::of(manifest_bytes) != installed.manifest_sha256 {
+            return Err(damaged("manifest differs from the one verified at import".into()));
+        }
+        let payload = bytes
+            .get(header.payload_offset() as usize..)
+            .ok_or_else(|| damaged("truncated before the payload".into()))?;
+        let mut check = PayloadCheck::new(m);
+        check.update(payload).and_then(|()| check.finish()).map_err(|e: VerifyError| damaged(e.to_string()))?;
+        let model = m.model().ok_or_else(|| damaged("not a model bundle".into()))?;
+        let mut at = header.payload_offset() as usize;
+        for file in &m.files {
+            let end = at + file.size as usize;
+            if file.name == model.file {
+                return Ok(bytes[at..end].to_vec());
+            }
+            at = end;
+        }
+        Err(damaged(format!("model file {:?} missing", model.file)))
+    }
+
+    /// Removes staged files and bundle files that no row refers to: leftovers of imports
+    /// interrupted by a crash.
+    fn sweep(&self) -> Result<()> {
+        let staging = self.staging_dir();
+        if staging.is_dir() {
+            for entry in fs::read_dir(&staging).map_err(io_err("listing", &staging))? {
+                let path = entry.map_err(io_err("listing", &staging))?.path();
+                // Another process may be importing right now; only old files are leftovers.
+                if is_older_than(&path, Duration::from_secs(24 * 3600)) {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        let known: std::collections::BTreeSet<PathBuf> = {
+            let mut stmt = self.conn.prepare("SELECT path FROM bundles").map_err(self.db())?;
+            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(self.db())?;
+            rows.map(|r| r.map(|p| self.dir.join(p))).collect::<Result<_, _>>().map_err(self.db())?
+        };
+        let bundles = self.dir.join("bundles");
+        if !bundles.is_dir() {
+            return Ok(());
+        }
+        for name in fs::read_dir(&bundles).map_err(io_err("listing", &bundles))? {
+            let name = name.map_err(io_err("listing", &bundles))?.path();
+            let Ok(files) = fs::read_dir(&name) else { continue };
+            for file in files.flatten() {
+                let path = file.path();
+                if !known.contains(&path) && is_older_than(&path, Duration::from_secs(60)) {
+                    tracing::warn!(path = %path.display(), "removing bundle file left by an interrupted import");
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records an event in the agent's log.
+    pub fn record_event(&self, now: SystemTime, kind: &str, detail: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
+                params![Timestamp::from_system(now).unix() as i64, kind, detail],
+            )
+            .map(drop)
+            .map_err(self.db())
+    }
+}
+
+fn versions_of(conn: &Connection, db_path: &Path, name: &str) -> Result<Vec<(u64, Sha256)>> {
+    let db = |source| StoreError::Db { path: db_path.to_owned(), source };
+    let mut stmt = conn
+        .prepare("SELECT version, manifest_sha256 FROM bundles WHERE name = ?1 ORDER BY version")
+        .map_err(db)?;
+    let rows = stmt
+        .query_map([name], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (version, sha) = row.map_err(db)?;
+        let sha = sha.parse().map_err(|e| StoreError::Damaged {
+            name: name.to_owned(),
+            version: version as u64,
+            path: db_path.to_owned(),
+            problem: format!("stored manifest hash: {e}"),
+        })?;
+        out.push((version as u64, sha));
+    }
+    Ok(out)
+}
+
+fn is_older_than(path: &Path, age: Duration) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|elapsed| elapsed > age)
+}
+
+fn open_db(path: &Path) -> Result<Connection> {
+    let db = |source| StoreError::Db { path: path.to_owned(), source };
+    let mut conn = Connection::open(path).map_err(db)?;
+    conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
+    conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
+    conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
+    migrate(&mut conn, path)?;
+    Ok(conn)
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let db = |source| StoreError::Db { path: path.to_owned(), source };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+    let current: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
+    let supported = MIGRATIONS.len() as u32;
+    if current > supported {
+        return Err(StoreError::SchemaTooNew { path: path.to_owned(), found: current, supported });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.execute_batch(sql).map_err(db)?;
+        tx.pragma_update(None, "user_version", i as u32 + 1).map_err(db)?;
+    }
+    tx.commit().map_err(db)
+}
+
+/// Reads exactly `len` bytes of `reader`; used to read a bundle's sections.
+pub(crate) fn read_exact_vec(reader: &mut impl Read, len: usize) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    reader.read_exact(&mut buf)?;
+    Ok(buf)
+}

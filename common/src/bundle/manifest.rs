@@ -1,0 +1,158 @@
+//! The manifest: what a bundle is and what it holds. Its JSON is a signed boundary.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Sha256;
+use crate::profile::DataProfile;
+use crate::tensor::Signature;
+use crate::time::Timestamp;
+
+/// The manifest schema this build writes and reads.
+pub const MANIFEST_FORMAT: u32 = 1;
+
+/// The manifest of a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// The manifest schema, [`MANIFEST_FORMAT`].
+    pub format: u32,
+    /// The model's (or feature view's) name.
+    pub name: String,
+    /// The version, from 1; versions of one name only ever increase.
+    pub version: u64,
+    /// The region the bundle may be installed in.
+    pub region: String,
+    /// When the bundle was built.
+    pub created: Timestamp,
+    /// After this the bundle is refused by import.
+    pub expires: Timestamp,
+    /// Every payload file, in the order they follow the manifest in the container.
+    pub files: Vec<FileEntry>,
+    /// What the bundle carries.
+    pub content: Content,
+}
+
+/// One payload file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEntry {
+    /// A relative path (see [`crate::names::check_payload_path`]).
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its SHA-256.
+    pub sha256: Sha256,
+}
+
+/// What a bundle carries, written as `{"model": {...}}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Content {
+    /// A model to serve.
+    Model(ModelSpec),
+}
+
+/// The kind of a bundle, for display and for routing it to its installer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    /// A model.
+    Model,
+}
+
+impl fmt::Display for BundleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Model => "model",
+        })
+    }
+}
+
+impl Content {
+    /// The bundle's kind.
+    pub fn kind(&self) -> BundleKind {
+        match self {
+            Self::Model(_) => BundleKind::Model,
+        }
+    }
+}
+
+/// A model and how to serve it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// The payload file holding the model.
+    pub file: String,
+    /// The model's format.
+    pub format: ModelFormat,
+    /// Which engine should serve it.
+    pub runtime: RuntimeHint,
+    /// Its inputs and outputs.
+    pub signature: Signature,
+    /// Histograms of reference data, for drift detection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<DataProfile>,
+}
+
+/// A model file format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelFormat {
+    /// ONNX protobuf.
+    Onnx,
+}
+
+/// Which engine should serve a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeHint {
+    /// On the CPU.
+    Cpu,
+    /// On a GPU.
+    Gpu,
+    /// A GPU when one can serve it, else the CPU.
+    #[default]
+    Auto,
+}
+
+impl fmt::Display for RuntimeHint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Cpu => "cpu",
+            Self::Gpu => "gpu",
+            Self::Auto => "auto",
+        })
+    }
+}
+
+impl std::str::FromStr for RuntimeHint {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "gpu" => Ok(Self::Gpu),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("runtime must be cpu, gpu or auto, not {other:?}")),
+        }
+    }
+}
+
+impl Manifest {
+    /// The model spec, for a model bundle.
+    pub fn model(&self) -> Option<&ModelSpec> {
+        match &self.content {
+            Content::Model(m) => Some(m),
+        }
+    }
+
+    /// The total size of the payload files, or `None` if it overflows.
+    pub fn payload_size(&self) -> Option<u64> {
+        self.files.iter().try_fold(0u64, |acc, f| acc.checked_add(f.size))
+    }
+
+    /// The manifest's canonical bytes: what is stored and signed.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a manifest always serialises")
+    }
+}

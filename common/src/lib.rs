@@ -1,0 +1,31 @@
+//! Falaj's core: everything the control plane and the agents must agree on, free of I/O.
+//!
+//! Nothing in this crate touches files, sockets, the clock, the environment or threads.
+//! Time comes in as an argument (`now: SystemTime`), randomness as a
+//! [`ring::rand::SecureRandom`] or a seed, and bytes as slices. That makes every rule
+//! here (bundle verification, trust-root checks, tensor signature matching, data profiles)
+//! a pure function that is tested without a runtime.
+//!
+//! - [`bundle`]: the `.falaj` bundle format v1: manifest, container, signing, verification.
+//! - [`trust`]: the TUF-style trust root that pins the keys a bundle must be signed with.
+//! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
+//! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
+//! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
+//!   with tract, shared so that control plane and agents agree on what a model is.
+//! - [`profile`]: reference data profiles (per-column histograms) for drift detection.
+//! - [`random`]: seeded random numbers for synthetic data and training.
+//! - [`sample`] and [`train`]: the synthetic dataset and the small MLP trainer that make
+//!   the project's own sample model, so that nothing is downloaded.
+
+pub mod bundle;
+pub mod keys;
+pub mod names;
+#[cfg(feature = "onnx")]
+pub mod onnx;
+pub mod profile;
+pub mod random;
+pub mod sample;
+pub mod tensor;
+pub mod time;
+pub mod train;
+pub mod trust;

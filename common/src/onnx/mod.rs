@@ -1,0 +1,11 @@
+//! ONNX models through tract: load and plan once, inspect the I/O signature, run on
+//! [`Tensor`](crate::tensor::Tensor)s, and write small models (the sample model, test
+//! models) as ONNX protobuf without any Python.
+//!
+//! Parsing and planning a model is pure computation over bytes; nothing here reads files.
+
+mod model;
+mod write;
+
+pub use model::{OnnxError, OnnxModel, RunError};
+pub use write::{Attr, GraphBuilder, mlp_classifier};

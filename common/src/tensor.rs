@@ -1,0 +1,516 @@
+//! Tensors as the rest of Falaj sees them: element types named as in the Open Inference
+//! Protocol, shapes with symbolic dimensions, a model's I/O signature, and the check
+//! that binds a request's concrete shapes to that signature.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use thiserror::Error;
+
+/// An element type, named as in the Open Inference Protocol (`FP32`, `INT64`, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum DataType {
+    /// One byte per element, 0 or 1.
+    Bool,
+    /// Unsigned 8-bit integer.
+    Uint8,
+    /// Unsigned 16-bit integer.
+    Uint16,
+    /// Unsigned 32-bit integer.
+    Uint32,
+    /// Unsigned 64-bit integer.
+    Uint64,
+    /// Signed 8-bit integer.
+    Int8,
+    /// Signed 16-bit integer.
+    Int16,
+    /// Signed 32-bit integer.
+    Int32,
+    /// Signed 64-bit integer.
+    Int64,
+    /// IEEE 754 single precision.
+    Fp32,
+    /// IEEE 754 double precision.
+    Fp64,
+}
+
+impl DataType {
+    /// Every supported type.
+    pub const ALL: [Self; 11] = [
+        Self::Bool,
+        Self::Uint8,
+        Self::Uint16,
+        Self::Uint32,
+        Self::Uint64,
+        Self::Int8,
+        Self::Int16,
+        Self::Int32,
+        Self::Int64,
+        Self::Fp32,
+        Self::Fp64,
+    ];
+
+    /// The protocol's name for this type.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Bool => "BOOL",
+            Self::Uint8 => "UINT8",
+            Self::Uint16 => "UINT16",
+            Self::Uint32 => "UINT32",
+            Self::Uint64 => "UINT64",
+            Self::Int8 => "INT8",
+            Self::Int16 => "INT16",
+            Self::Int32 => "INT32",
+            Self::Int64 => "INT64",
+            Self::Fp32 => "FP32",
+            Self::Fp64 => "FP64",
+        }
+    }
+
+    /// Parses a protocol type name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.name() == name)
+    }
+
+    /// Bytes per element in the protocol's binary encoding (little endian).
+    pub const fn size(self) -> usize {
+        match self {
+            Self::Bool | Self::Uint8 | Self::Int8 => 1,
+            Self::Uint16 | Self::Int16 => 2,
+            Self::Uint32 | Self::Int32 | Self::Fp32 => 4,
+            Self::Uint64 | Self::Int64 | Self::Fp64 => 8,
+        }
+    }
+}
+
+impl fmt::Display for DataType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One dimension of a declared shape.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Dim {
+    /// A fixed size.
+    Fixed(u64),
+    /// A named symbol (`N`, `batch`, `height`); every use of one name in a signature
+    /// takes the same value in a given request.
+    Symbol(String),
+    /// An unnamed dimension of any size, independent of every other.
+    Any,
+}
+
+impl fmt::Display for Dim {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Fixed(n) => write!(f, "{n}"),
+            Self::Symbol(s) => f.write_str(s),
+            Self::Any => f.write_str("?"),
+        }
+    }
+}
+
+/// In JSON a fixed dimension is a number, a symbol a string and an unnamed one `null`.
+impl Serialize for Dim {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Fixed(n) => serializer.serialize_u64(*n),
+            Self::Symbol(s) => serializer.serialize_str(s),
+            Self::Any => serializer.serialize_none(),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Dim {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr {
+            Fixed(u64),
+            Symbol(String),
+        }
+        Ok(match Option::<Repr>::deserialize(deserializer)? {
+            Some(Repr::Fixed(n)) => Self::Fixed(n),
+            Some(Repr::Symbol(s)) if s.is_empty() => {
+                return Err(serde::de::Error::custom("a symbolic dimension needs a name"));
+            }
+            Some(Repr::Symbol(s)) => Self::Symbol(s),
+            None => Self::Any,
+        })
+    }
+}
+
+/// A named tensor of a model's signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    /// The tensor's name in the model graph.
+    pub name: String,
+    /// Its element type.
+    pub datatype: DataType,
+    /// Its shape, possibly with symbolic dimensions.
+    pub shape: Vec<Dim>,
+}
+
+impl TensorSpec {
+    /// The shape with every non-fixed dimension as `-1`, as the protocol's metadata shows it.
+    pub fn protocol_shape(&self) -> Vec<i64> {
+        self.shape
+            .iter()
+            .map(|d| match d {
+                Dim::Fixed(n) => i64::try_from(*n).unwrap_or(i64::MAX),
+                Dim::Symbol(_) | Dim::Any => -1,
+            })
+            .collect()
+    }
+}
+
+/// A model's inputs and outputs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Signature {
+    /// Inputs, in the model's order.
+    pub inputs: Vec<TensorSpec>,
+    /// Outputs, in the model's order.
+    pub outputs: Vec<TensorSpec>,
+}
+
+/// A request's claim about one input: its name, type and concrete shape.
+#[derive(Debug, Clone, Copy)]
+pub struct GivenInput<'a> {
+    /// The input's name.
+    pub name: &'a str,
+    /// The element type the request declares.
+    pub datatype: DataType,
+    /// The concrete shape the request declares.
+    pub shape: &'a [u64],
+}
+
+/// Why a request's inputs do not fit a signature. Each is the client's mistake.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ShapeError {
+    /// The request names an input the model does not have.
+    #[error("unknown input {0:?}")]
+    UnknownInput(String),
+    /// The request gives an input twice.
+    #[error("input {0:?} is given more than once")]
+    DuplicateInput(String),
+    /// The request lacks an input.
+    #[error("missing input {0:?}")]
+    MissingInput(String),
+    /// The request's type for an input differs from the model's.
+    #[error("input {input:?} has datatype {got}, the model expects {expected}")]
+    Datatype {
+        /// The input.
+        input: String,
+        /// The model's type.
+        expected: DataType,
+        /// The request's type.
+        got: DataType,
+    },
+    /// The request's rank for an input differs from the model's.
+    #[error("input {input:?} has shape {got:?} of rank {}, the model expects rank {expected}", got.len())]
+    Rank {
+        /// The input.
+        input: String,
+        /// The model's rank.
+        expected: usize,
+        /// The request's shape.
+        got: Vec<u64>,
+    },
+    /// A fixed dimension differs.
+    #[error("input {input:?} has size {got} on axis {axis}, the model expects {expected}")]
+    Dim {
+        /// The input.
+        input: String,
+        /// The axis.
+        axis: usize,
+        /// The model's size.
+        expected: u64,
+        /// The request's size.
+        got: u64,
+    },
+    /// A symbol takes two different values in one request.
+    #[error(
+        "dimension {symbol:?} is {first} in one input and {second} in input {input:?} (axis {axis})"
+    )]
+    SymbolConflict {
+        /// The symbol.
+        symbol: String,
+        /// The value it took first.
+        first: u64,
+        /// The other value.
+        second: u64,
+        /// Where the other value was seen.
+        input: String,
+        /// Its axis.
+        axis: usize,
+    },
+}
+
+impl Signature {
+    /// Binds the request's inputs to this signature: every input given once, with the
+    /// declared type and rank, fixed dimensions equal and each symbol taking one value.
+    /// Returns each input's index in the signature, in the request's order, and the
+    /// symbols' values.
+    pub fn bind(
+        &self,
+        given: &[GivenInput<'_>],
+    ) -> Result<(Vec<usize>, BTreeMap<String, u64>), ShapeError> {
+        let mut order = Vec::with_capacity(given.len());
+        let mut seen = vec![false; self.inputs.len()];
+        let mut symbols = BTreeMap::new();
+        for input in given {
+            let index = self
+                .inputs
+                .iter()
+                .position(|s| s.name == input.name)
+                .ok_or_else(|| ShapeError::UnknownInput(input.name.to_owned()))?;
+            if std::mem::replace(&mut seen[index], true) {
+                return Err(ShapeError::DuplicateInput(input.name.to_owned()));
+            }
+            let spec = &self.inputs[index];
+            if spec.datatype != input.datatype {
+                return Err(ShapeError::Datatype {
+                    input: spec.name.clone(),
+                    expected: spec.datatype,
+                    got: input.datatype,
+                });
+            }
+            if spec.shape.len() != input.shape.len() {
+                return Err(ShapeError::Rank {
+                    input: spec.name.clone(),
+                    expected: spec.shape.len(),
+                    got: input.shape.to_vec(),
+                });
+            }
+            for (axis, (dim, &got)) in spec.shape.iter().zip(input.shape).enumerate() {
+                match dim {
+                    Dim::Fixed(expected) if *expected != got => {
+                        return Err(ShapeError::Dim {
+                            input: spec.name.clone(),
+                            axis,
+                            expected: *expected,
+                            got,
+                        });
+                    }
+                    Dim::Symbol(symbol) => {
+                        let first = *symbols.entry(symbol.clone()).or_insert(got);
+                        if first != got {
+                            return Err(ShapeError::SymbolConflict {
+                                symbol: symbol.clone(),
+                                first,
+                                second: got,
+                                input: spec.name.clone(),
+                                axis,
+                            });
+                        }
+                    }
+                    Dim::Fixed(_) | Dim::Any => {}
+                }
+            }
+            order.push(index);
+        }
+        if let Some(missing) = seen.iter().position(|s| !s) {
+            return Err(ShapeError::MissingInput(self.inputs[missing].name.clone()));
+        }
+        Ok((order, symbols))
+    }
+}
+
+/// A tensor's elements, flat, in row-major order.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(missing_docs)] // one variant per `DataType`, named alike
+pub enum TensorData {
+    Bool(Vec<bool>),
+    Uint8(Vec<u8>),
+    Uint16(Vec<u16>),
+    Uint32(Vec<u32>),
+    Uint64(Vec<u64>),
+    Int8(Vec<i8>),
+    Int16(Vec<i16>),
+    Int32(Vec<i32>),
+    Int64(Vec<i64>),
+    Fp32(Vec<f32>),
+    Fp64(Vec<f64>),
+}
+
+/// Applies `$body` to the vector inside any `TensorData`, bound as `$v`.
+#[macro_export]
+macro_rules! for_each_tensor_data {
+    ($data:expr, $v:ident => $body:expr) => {
+        match $data {
+            $crate::tensor::TensorData::Bool($v) => $body,
+            $crate::tensor::TensorData::Uint8($v) => $body,
+            $crate::tensor::TensorData::Uint16($v) => $body,
+            $crate::tensor::TensorData::Uint32($v) => $body,
+            $crate::tensor::TensorData::Uint64($v) => $body,
+            $crate::tensor::TensorData::Int8($v) => $body,
+            $crate::tensor::TensorData::Int16($v) => $body,
+            $crate::tensor::TensorData::Int32($v) => $body,
+            $crate::tensor::TensorData::Int64($v) => $body,
+            $crate::tensor::TensorData::Fp32($v) => $body,
+            $crate::tensor::TensorData::Fp64($v) => $body,
+        }
+    };
+}
+
+impl TensorData {
+    /// The element type.
+    pub const fn datatype(&self) -> DataType {
+        match self {
+            Self::Bool(_) => DataType::Bool,
+            Self::Uint8(_) => DataType::Uint8,
+            Self::Uint16(_) => DataType::Uint16,
+            Self::Uint32(_) => DataType::Uint32,
+            Self::Uint64(_) => DataType::Uint64,
+            Self::Int8(_) => DataType::Int8,
+            Self::Int16(_) => DataType::Int16,
+            Self::Int32(_) => DataType::Int32,
+            Self::Int64(_) => DataType::Int64,
+            Self::Fp32(_) => DataType::Fp32,
+            Self::Fp64(_) => DataType::Fp64,
+        }
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        for_each_tensor_data!(self, v => v.len())
+    }
+
+    /// Whether there are no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every element widened to `f64` (booleans as 0 and 1), for statistics.
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            Self::Bool(v) => v.iter().map(|&b| f64::from(u8::from(b))).collect(),
+            Self::Uint8(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::Uint16(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::Uint32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::Uint64(v) => v.iter().map(|&x| x as f64).collect(),
+            Self::Int8(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::Int16(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::Int32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::Int64(v) => v.iter().map(|&x| x as f64).collect(),
+            Self::Fp32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            Self::Fp64(v) => v.clone(),
+        }
+    }
+}
+
+/// A tensor value: a shape and its elements.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    /// The concrete shape.
+    pub shape: Vec<u64>,
+    /// The elements; their count is the product of `shape`.
+    pub data: TensorData,
+}
+
+/// The number of elements of `shape`, or `None` if it overflows `usize`.
+pub fn element_count(shape: &[u64]) -> Option<usize> {
+    shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, datatype: DataType, shape: Vec<Dim>) -> TensorSpec {
+        TensorSpec { name: name.into(), datatype, shape }
+    }
+
+    fn image_signature() -> Signature {
+        let n = || Dim::Symbol("N".into());
+        Signature {
+            inputs: vec![
+                spec(
+                    "image",
+                    DataType::Fp32,
+                    vec![n(), Dim::Fixed(3), Dim::Symbol("H".into()), Dim::Any],
+                ),
+                spec("mask", DataType::Bool, vec![n(), Dim::Symbol("H".into())]),
+            ],
+            outputs: vec![spec("logits", DataType::Fp32, vec![n(), Dim::Fixed(10)])],
+        }
+    }
+
+    fn check(given: &[(&str, DataType, &[u64])], expected: Result<(Vec<usize>, &[(&str, u64)]), ShapeError>) {
+        let given: Vec<_> =
+            given.iter().map(|&(name, datatype, shape)| GivenInput { name, datatype, shape }).collect();
+        let got = image_signature().bind(&given);
+        let expected = expected.map(|(order, syms)| {
+            (order, syms.iter().map(|&(s, v)| (s.to_owned(), v)).collect::<BTreeMap<_, _>>())
+        });
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn binds_symbols_and_checks_every_rule() {
+        use DataType::{Bool, Fp32, Fp64};
+        check(
+            &[("mask", Bool, &[2, 5]), ("image", Fp32, &[2, 3, 5, 7])],
+            Ok((vec![1, 0], &[("H", 5), ("N", 2)])),
+        );
+        check(
+            &[("image", Fp32, &[2, 3, 5, 7]), ("mask", Bool, &[3, 5])],
+            Err(ShapeError::SymbolConflict {
+                symbol: "N".into(),
+                first: 2,
+                second: 3,
+                input: "mask".into(),
+                axis: 0,
+            }),
+        );
+        check(
+            &[("image", Fp32, &[2, 4, 5, 7])],
+            Err(ShapeError::Dim { input: "image".into(), axis: 1, expected: 3, got: 4 }),
+        );
+        check(
+            &[("image", Fp64, &[2, 3, 5, 7])],
+            Err(ShapeError::Datatype { input: "image".into(), expected: Fp32, got: Fp64 }),
+        );
+        check(
+            &[("image", Fp32, &[2, 3, 5])],
+            Err(ShapeError::Rank { input: "image".into(), expected: 4, got: vec![2, 3, 5] }),
+        );
+        check(&[("image", Fp32, &[1, 3, 1, 1])], Err(ShapeError::MissingInput("mask".into())));
+        check(&[("pixels", Fp32, &[1])], Err(ShapeError::UnknownInput("pixels".into())));
+        check(
+            &[("mask", Bool, &[1, 1]), ("mask", Bool, &[1, 1])],
+            Err(ShapeError::DuplicateInput("mask".into())),
+        );
+    }
+
+    #[test]
+    fn dims_serialise_as_number_name_or_null() {
+        let shape = vec![Dim::Symbol("N".into()), Dim::Fixed(8), Dim::Any];
+        let json = serde_json::to_string(&shape).unwrap();
+        assert_eq!(json, r#"["N",8,null]"#);
+        assert_eq!(serde_json::from_str::<Vec<Dim>>(&json).unwrap(), shape);
+        assert!(serde_json::from_str::<Vec<Dim>>(r#"[""]"#).is_err());
+        assert!(serde_json::from_str::<Vec<Dim>>("[-1]").is_err());
+    }
+
+    #[test]
+    fn datatype_names_round_trip() {
+        for t in DataType::ALL {
+            assert_eq!(DataType::from_name(t.name()), Some(t));
+            assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{}\"", t.name()));
+        }
+        assert_eq!(DataType::from_name("FP16"), None);
+    }
+
+    #[test]
+    fn element_count_refuses_overflow() {
+        assert_eq!(element_count(&[2, 3, 4]), Some(24));
+        assert_eq!(element_count(&[]), Some(1));
+        assert_eq!(element_count(&[u64::MAX, 2]), None);
+    }
+}

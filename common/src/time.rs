@@ -1,0 +1,95 @@
+//! Timestamps as they appear in signed documents: whole seconds, written as RFC 3339 UTC.
+
+use std::fmt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A point in time with one-second resolution, serialised as `2026-11-26T13:00:00Z`.
+///
+/// Signed documents carry these rather than `SystemTime` so that their canonical bytes
+/// do not depend on the sub-second precision of the clock that made them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    /// The timestamp `secs` seconds after the Unix epoch.
+    pub const fn from_unix(secs: u64) -> Self {
+        Self(secs)
+    }
+
+    /// Truncates `time` to whole seconds; times before the epoch become the epoch.
+    pub fn from_system(time: SystemTime) -> Self {
+        Self(time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+    }
+
+    /// Seconds since the Unix epoch.
+    pub const fn unix(self) -> u64 {
+        self.0
+    }
+
+    /// The same instant as a `SystemTime`.
+    pub fn to_system(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(self.0)
+    }
+
+    /// This timestamp moved `by` later, saturating at the end of representable time.
+    pub fn saturating_add(self, by: Duration) -> Self {
+        Self(self.0.saturating_add(by.as_secs()))
+    }
+
+    /// Parses an RFC 3339 timestamp in UTC (`...Z`).
+    pub fn parse(text: &str) -> Result<Self, humantime::TimestampError> {
+        humantime::parse_rfc3339(text).map(Self::from_system)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // humantime refuses years past 9999; such a time is only ever an absurd expiry.
+        if self.0 >= 253_402_300_800 {
+            return write!(f, "9999-12-31T23:59:59Z");
+        }
+        write!(f, "{}", humantime::format_rfc3339_seconds(self.to_system()))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Self::parse(&text).map_err(|err| {
+            serde::de::Error::custom(format_args!("invalid RFC 3339 timestamp {text:?}: {err}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trips_through_rfc3339() {
+        let t = Timestamp::from_unix(1_795_000_000);
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, "\"2026-11-18T11:06:40Z\"");
+        assert_eq!(serde_json::from_str::<Timestamp>(&json).unwrap(), t);
+    }
+
+    #[test]
+    fn refuses_garbage_and_names_it() {
+        let err = serde_json::from_str::<Timestamp>("\"yesterday\"").unwrap_err();
+        assert!(err.to_string().contains("yesterday"), "{err}");
+    }
+
+    #[test]
+    fn truncates_sub_second_precision() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_500);
+        assert_eq!(Timestamp::from_system(t).unix(), 1);
+    }
+}

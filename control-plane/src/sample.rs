@@ -1,0 +1,95 @@
+//! The sample model: a pump-fault classifier trained on the synthetic sensor dataset of
+//! [`falaj_common::sample`], written as ONNX with its reference and hold-out data.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use falaj_common::onnx::mlp_classifier;
+use falaj_common::sample::{self, CLASSES, FEATURE_COUNT, FEATURES};
+use falaj_common::train::{self, TrainConfig, TrainReport};
+
+use crate::files;
+
+/// The model's input tensor name.
+pub const INPUT: &str = "sensors";
+
+/// What to make.
+#[derive(Debug, Clone)]
+pub struct SampleOptions {
+    /// Training rows (a further quarter is drawn for the hold-out set).
+    pub rows: usize,
+    /// Seed for data and training.
+    pub seed: u64,
+}
+
+impl Default for SampleOptions {
+    fn default() -> Self {
+        Self { rows: 20_000, seed: 7 }
+    }
+}
+
+/// What was made.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// The ONNX model.
+    pub model: PathBuf,
+    /// Reference data: the training features, CSV.
+    pub reference: PathBuf,
+    /// Hold-out rows with their labels, CSV.
+    pub holdout: PathBuf,
+    /// Accuracy on the hold-out rows.
+    pub holdout_accuracy: f64,
+    /// Share of the hold-out rows in the most common class (the accuracy to beat).
+    pub majority_share: f64,
+    /// How training went.
+    pub report: TrainReport,
+}
+
+fn csv(features: &[f32], labels: Option<&[u32]>) -> String {
+    let mut out = FEATURES.join(",");
+    if labels.is_some() {
+        out.push_str(",label");
+    }
+    out.push('\n');
+    for (i, row) in features.chunks_exact(FEATURE_COUNT).enumerate() {
+        let cells: Vec<String> = row.iter().map(|v| format!("{v}")).collect();
+        out.push_str(&cells.join(","));
+        if let Some(labels) = labels {
+            let _ = write!(out, ",{}", labels[i]);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Trains the sample model and writes `model.onnx`, `reference.csv` and `holdout.csv`
+/// into `dir`.
+pub fn write(dir: &Path, options: &SampleOptions) -> std::io::Result<Sample> {
+    let holdout_rows = options.rows / 4;
+    let mut data = sample::generate(options.rows + holdout_rows, options.seed, &[]);
+    let holdout = data.split_off(holdout_rows);
+    let config = TrainConfig { seed: options.seed, ..TrainConfig::default() };
+    let (mlp, report) = train::train_classifier(&data.features, FEATURE_COUNT, &data.labels, CLASSES.len(), &config);
+    let holdout_accuracy = mlp.accuracy(&holdout.features, &holdout.labels);
+    let majority = (0..CLASSES.len() as u32)
+        .map(|c| holdout.labels.iter().filter(|&&l| l == c).count())
+        .max()
+        .unwrap_or(0);
+
+    std::fs::create_dir_all(dir)?;
+    let model = dir.join("model.onnx");
+    files::write_atomic(&model, &mlp_classifier(&mlp, INPUT, "falaj sample"), 0o644)?;
+    let reference = dir.join("reference.csv");
+    let reference_rows = data.len().min(5_000);
+    files::write_atomic(&reference, csv(&data.features[..reference_rows * FEATURE_COUNT], None).as_bytes(), 0o644)?;
+    let holdout_path = dir.join("holdout.csv");
+    files::write_atomic(&holdout_path, csv(&holdout.features, Some(&holdout.labels)).as_bytes(), 0o644)?;
+    Ok(Sample {
+        model,
+        reference,
+        holdout: holdout_path,
+        holdout_accuracy,
+        majority_share: majority as f64 / holdout.len().max(1) as f64,
+        report,
+    })
+}
