@@ -154,9 +154,11 @@ pub fn run(cli: Cli) -> ExitCode {
 }
 
 fn init(args: &InitArgs) -> Result<(), Failure> {
-    let trust = std::fs::read(&args.trust)
-        .map_err(|e| Failure::Config(anyhow::anyhow!("reading trust root {}: {e}", args.trust.display())))?;
-    let store = Store::init(&args.data.data_dir, &args.region, &trust, SystemTime::now()).map_err(store_failure)?;
+    let trust = std::fs::read(&args.trust).map_err(|e| {
+        Failure::Config(anyhow::anyhow!("reading trust root {}: {e}", args.trust.display()))
+    })?;
+    let store = Store::init(&args.data.data_dir, &args.region, &trust, SystemTime::now())
+        .map_err(store_failure)?;
     let root = store.trust_root().map_err(store_failure)?;
     println!(
         "initialised agent in {} for region {} (trust root version {}, {} signing key(s), threshold {})",
@@ -171,13 +173,18 @@ fn init(args: &InitArgs) -> Result<(), Failure> {
 
 fn import(args: &ImportArgs) -> Result<(), Failure> {
     let mut store = Store::open(&args.data.data_dir).map_err(store_failure)?;
-    let options = ImportOptions { allow_downgrade: args.allow_downgrade, ..ImportOptions::new(SystemTime::now()) };
+    let options = ImportOptions {
+        allow_downgrade: args.allow_downgrade,
+        ..ImportOptions::new(SystemTime::now())
+    };
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})")
-                .expect("static template")
-                .progress_chars("=> "),
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:30}] {bytes}/{total_bytes} ({bytes_per_sec})",
+            )
+            .expect("static template")
+            .progress_chars("=> "),
         );
         bar.set_message(format!("verifying {}", args.file.display()));
         bar
@@ -194,15 +201,23 @@ fn import(args: &ImportArgs) -> Result<(), Failure> {
     }
     match outcome {
         Ok(ImportOutcome::Installed { name, version, previous, size }) => {
-            let was = previous.map_or_else(|| "first version".to_owned(), |p| format!("was version {p}"));
-            println!("installed {name} version {version} ({size} bytes) from {}; active ({was})", args.file.display());
+            let was =
+                previous.map_or_else(|| "first version".to_owned(), |p| format!("was version {p}"));
+            println!(
+                "installed {name} version {version} ({size} bytes) from {}; active ({was})",
+                args.file.display()
+            );
             Ok(())
         }
         Ok(ImportOutcome::AlreadyInstalled { name, version }) => {
-            println!("{name} version {version} is already installed from this very bundle; nothing to do");
+            println!(
+                "{name} version {version} is already installed from this very bundle; nothing to do"
+            );
             Ok(())
         }
-        Err(err @ ImportError::Store(_)) | Err(err @ ImportError::Read { .. }) => Err(Failure::Other(err.into())),
+        Err(err @ ImportError::Store(_)) | Err(err @ ImportError::Read { .. }) => {
+            Err(Failure::Other(err.into()))
+        }
         Err(err) => Err(Failure::Refused(err.into())),
     }
 }
@@ -222,10 +237,11 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))?;
     runtime.block_on(async move {
-        let server = Server::bind(args.data.data_dir.clone(), config).await.map_err(|e| match e {
-            crate::server::ServeError::Store(e) => store_failure(e),
-            other => Failure::Config(other.into()),
-        })?;
+        let server =
+            Server::bind(args.data.data_dir.clone(), config).await.map_err(|e| match e {
+                crate::server::ServeError::Store(e) => store_failure(e),
+                other => Failure::Config(other.into()),
+            })?;
         println!("serving the Open Inference Protocol on http://{}", server.local_addr());
         server.run(shutdown_signal()).await.map_err(|e| Failure::Other(e.into()))
     })
@@ -261,7 +277,10 @@ fn list(data_dir: &Path) -> Result<(), Failure> {
         println!("no models installed in {}", data_dir.display());
         return Ok(());
     }
-    println!("{:<24} {:>8} {:<7} {:<8} {:>12} {:<22} {:<22}", "MODEL", "VERSION", "ACTIVE", "RUNTIME", "BYTES", "INSTALLED", "EXPIRES");
+    println!(
+        "{:<24} {:>8} {:<7} {:<8} {:>12} {:<22} {:<22}",
+        "MODEL", "VERSION", "ACTIVE", "RUNTIME", "BYTES", "INSTALLED", "EXPIRES"
+    );
     for i in installed {
         let runtime = i.manifest.model().map_or("-".to_owned(), |m| m.runtime.to_string());
         println!(

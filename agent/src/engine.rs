@@ -44,9 +44,18 @@ impl Engine for TractEngine {
 
 /// Loads `model_bytes` with the engine `spec`'s runtime hint asks for, falling back to
 /// the CPU where this build has no GPU engine.
-pub fn load(name: &str, version: u64, spec: &ModelSpec, model_bytes: &[u8]) -> Result<Arc<dyn Engine>, OnnxError> {
+pub fn load(
+    name: &str,
+    version: u64,
+    spec: &ModelSpec,
+    model_bytes: &[u8],
+) -> Result<Arc<dyn Engine>, OnnxError> {
     if spec.runtime == RuntimeHint::Gpu {
-        tracing::warn!(model = name, version, "bundle asks for a GPU; this agent has no GPU engine, serving on CPU");
+        tracing::warn!(
+            model = name,
+            version,
+            "bundle asks for a GPU; this agent has no GPU engine, serving on CPU"
+        );
     }
     Ok(Arc::new(TractEngine(OnnxModel::load(model_bytes)?)))
 }

@@ -97,7 +97,9 @@ pub enum ImportError {
         latest: u64,
     },
     /// A different bundle with the same name and version is installed.
-    #[error("refused: {name} version {version} is already installed with different content (manifest {installed}, offered {offered})")]
+    #[error(
+        "refused: {name} version {version} is already installed with different content (manifest {installed}, offered {offered})"
+    )]
     Conflict {
         /// The model.
         name: String,
@@ -151,11 +153,13 @@ fn check_version(
     }
     let latest = existing.iter().map(|(v, _)| *v).max();
     match latest {
-        Some(latest) if latest > manifest.version && !allow_downgrade => Err(ImportError::NotNewer {
-            name: manifest.name.clone(),
-            version: manifest.version,
-            latest,
-        }),
+        Some(latest) if latest > manifest.version && !allow_downgrade => {
+            Err(ImportError::NotNewer {
+                name: manifest.name.clone(),
+                version: manifest.version,
+                latest,
+            })
+        }
         _ => Ok(true),
     }
 }
@@ -207,14 +211,21 @@ pub fn import_file(
     // Fail fast on the version rule; it is checked again under the write lock.
     let existing = store.versions(&manifest.name)?;
     if !check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)? {
-        return Ok(ImportOutcome::AlreadyInstalled { name: manifest.name, version: manifest.version });
+        return Ok(ImportOutcome::AlreadyInstalled {
+            name: manifest.name,
+            version: manifest.version,
+        });
     }
 
     // Copy to staging, hashing every byte on the way.
     let staging = store.staging_dir();
-    std::fs::create_dir_all(&staging)
-        .map_err(|source| StoreError::Io { op: "creating directory", path: staging.clone(), source })?;
-    let staging_err = |source| StoreError::Io { op: "writing staged bundle in", path: staging.clone(), source };
+    std::fs::create_dir_all(&staging).map_err(|source| StoreError::Io {
+        op: "creating directory",
+        path: staging.clone(),
+        source,
+    })?;
+    let staging_err =
+        |source| StoreError::Io { op: "writing staged bundle in", path: staging.clone(), source };
     let mut staged = tempfile::Builder::new()
         .prefix("import-")
         .suffix(".falaj")
@@ -272,9 +283,17 @@ pub fn import_file(
     })?;
     if !installed {
         // Another import installed this very bundle meanwhile.
-        return Ok(ImportOutcome::AlreadyInstalled { name: manifest.name, version: manifest.version });
+        return Ok(ImportOutcome::AlreadyInstalled {
+            name: manifest.name,
+            version: manifest.version,
+        });
     }
-    Ok(ImportOutcome::Installed { name: manifest.name, version: manifest.version, previous, size: done })
+    Ok(ImportOutcome::Installed {
+        name: manifest.name,
+        version: manifest.version,
+        previous,
+        size: done,
+    })
 }
 
 /// Appends the part of `piece` that belongs to the model file to `out`. `check` tells

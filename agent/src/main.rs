@@ -16,7 +16,11 @@ fn main() -> ExitCode {
         Ok(cli) => falaj_agent::cli::run(cli),
         Err(err) => {
             let _ = err.print();
-            if err.use_stderr() { ExitCode::from(falaj_agent::cli::EXIT_USAGE) } else { ExitCode::SUCCESS }
+            if err.use_stderr() {
+                ExitCode::from(falaj_agent::cli::EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     }
 }

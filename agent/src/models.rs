@@ -113,10 +113,11 @@ impl Registry {
                 }
                 _ => {
                     let started = Instant::now();
-                    let loaded = store.read_model(&installed).map_err(|e| e.to_string()).and_then(|bytes| {
-                        let spec = installed.manifest.model().ok_or("not a model bundle")?;
-                        engine::load(&name, version, spec, &bytes).map_err(|e| e.to_string())
-                    });
+                    let loaded =
+                        store.read_model(&installed).map_err(|e| e.to_string()).and_then(|bytes| {
+                            let spec = installed.manifest.model().ok_or("not a model bundle")?;
+                            engine::load(&name, version, spec, &bytes).map_err(|e| e.to_string())
+                        });
                     match loaded {
                         Ok(engine) => {
                             tracing::info!(
@@ -136,7 +137,10 @@ impl Registry {
                         Err(reason) => {
                             tracing::error!(model = %name, version, error = %reason, "model failed to load");
                             summary.failed.push((name.clone(), version));
-                            VersionState::Failed { manifest_sha256: installed.manifest_sha256, reason }
+                            VersionState::Failed {
+                                manifest_sha256: installed.manifest_sha256,
+                                reason,
+                            }
                         }
                     }
                 }

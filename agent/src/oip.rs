@@ -118,22 +118,31 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
     for input in raw.inputs {
         let params = input.parameters.unwrap_or_default();
         if params.shared_memory_region.is_some() {
-            return Err(bad(format!("input {:?}: the shared memory extension is not supported", input.name)));
+            return Err(bad(format!(
+                "input {:?}: the shared memory extension is not supported",
+                input.name
+            )));
         }
         let datatype = DataType::from_name(&input.datatype).ok_or_else(|| {
             bad(format!("input {:?}: datatype {:?} is not supported", input.name, input.datatype))
         })?;
-        let shape: Vec<u64> = input
-            .shape
-            .iter()
-            .map(|&d| u64::try_from(d))
-            .collect::<Result<_, _>>()
-            .map_err(|_| bad(format!("input {:?}: shape {:?} has a negative dimension", input.name, input.shape)))?;
+        let shape: Vec<u64> =
+            input.shape.iter().map(|&d| u64::try_from(d)).collect::<Result<_, _>>().map_err(
+                |_| {
+                    bad(format!(
+                        "input {:?}: shape {:?} has a negative dimension",
+                        input.name, input.shape
+                    ))
+                },
+            )?;
         let count = element_count(&shape)
             .ok_or_else(|| bad(format!("input {:?}: shape {shape:?} is too large", input.name)))?;
         let data = match (params.binary_data_size, input.data) {
             (Some(_), Some(_)) => {
-                return Err(bad(format!("input {:?} has both JSON data and binary_data_size", input.name)));
+                return Err(bad(format!(
+                    "input {:?} has both JSON data and binary_data_size",
+                    input.name
+                )));
             }
             (Some(size), None) => {
                 let size = usize::try_from(size).unwrap_or(usize::MAX);
@@ -163,7 +172,10 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
         inputs.push(NamedTensor { name: input.name, tensor: Tensor { shape, data } });
     }
     if !binary.is_empty() {
-        return Err(bad(format!("{} bytes of binary data are not claimed by any input", binary.len())));
+        return Err(bad(format!(
+            "{} bytes of binary data are not claimed by any input",
+            binary.len()
+        )));
     }
     let binary_by_default = request_params.binary_data_output.unwrap_or(false);
     let outputs = raw
@@ -174,12 +186,21 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
                 .map(|o| {
                     let params = o.parameters.unwrap_or_default();
                     if params.classification.is_some() {
-                        return Err(bad(format!("output {:?}: the classification extension is not supported", o.name)));
+                        return Err(bad(format!(
+                            "output {:?}: the classification extension is not supported",
+                            o.name
+                        )));
                     }
                     if params.shared_memory_region.is_some() {
-                        return Err(bad(format!("output {:?}: the shared memory extension is not supported", o.name)));
+                        return Err(bad(format!(
+                            "output {:?}: the shared memory extension is not supported",
+                            o.name
+                        )));
                     }
-                    Ok(RequestedOutput { binary: params.binary_data.unwrap_or(binary_by_default), name: o.name })
+                    Ok(RequestedOutput {
+                        binary: params.binary_data.unwrap_or(binary_by_default),
+                        name: o.name,
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
         })
@@ -273,7 +294,11 @@ impl<'de, T: Element> Visitor<'de> for Flatten<'_, T> {
             self.out.reserve(hint);
         }
         while seq
-            .next_element_seed(Flatten { out: &mut *self.out, datatype: self.datatype, depth: self.depth + 1 })?
+            .next_element_seed(Flatten {
+                out: &mut *self.out,
+                datatype: self.datatype,
+                depth: self.depth + 1,
+            })?
             .is_some()
         {}
         Ok(())
@@ -295,7 +320,9 @@ impl<'de, T: Element> Visitor<'de> for Flatten<'_, T> {
 
 impl<T> Flatten<'_, T> {
     fn push<E: de::Error>(self, value: Option<T>, raw: &dyn fmt::Display) -> Result<(), E> {
-        let value = value.ok_or_else(|| E::custom(format_args!("{raw} is not a valid {} value", self.datatype)))?;
+        let value = value.ok_or_else(|| {
+            E::custom(format_args!("{raw} is not a valid {} value", self.datatype))
+        })?;
         self.out.push(value);
         Ok(())
     }
@@ -326,11 +353,18 @@ fn decode_json(datatype: DataType, json: &str, count: usize) -> Result<TensorDat
     })
 }
 
-fn from_le_all<T: Element>(bytes: &[u8], size: usize, datatype: DataType) -> Result<Vec<T>, String> {
+fn from_le_all<T: Element>(
+    bytes: &[u8],
+    size: usize,
+    datatype: DataType,
+) -> Result<Vec<T>, String> {
     bytes
         .chunks_exact(size)
         .enumerate()
-        .map(|(i, b)| T::from_le(b).ok_or_else(|| format!("binary element {i} is not a valid {datatype} value")))
+        .map(|(i, b)| {
+            T::from_le(b)
+                .ok_or_else(|| format!("binary element {i} is not a valid {datatype} value"))
+        })
         .collect()
 }
 
@@ -478,8 +512,10 @@ mod tests {
 
     #[test]
     fn json_data_may_be_flat_or_nested() {
-        let flat = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3.5,4]}]}"#;
-        let nested = r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3.5,4]]}]}"#;
+        let flat =
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[1,2,3.5,4]}]}"#;
+        let nested =
+            r#"{"inputs":[{"name":"x","shape":[2,2],"datatype":"FP32","data":[[1,2],[3.5,4]]}]}"#;
         for body in [flat, nested] {
             let req = decode_request(body.as_bytes(), None).unwrap();
             assert_eq!(one(&req).data, TensorData::Fp32(vec![1.0, 2.0, 3.5, 4.0]));
@@ -503,7 +539,9 @@ mod tests {
             ("UINT32", "[4294967295,1]", TensorData::Uint32(vec![u32::MAX, 1])),
         ];
         for (dt, json, expected) in cases {
-            let body = format!(r#"{{"inputs":[{{"name":"x","shape":[2],"datatype":"{dt}","data":{json}}}]}}"#);
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":[2],"datatype":"{dt}","data":{json}}}]}}"#
+            );
             let req = decode_request(body.as_bytes(), None).unwrap();
             assert_eq!(&one(&req).data, expected, "{dt} json");
 
@@ -527,11 +565,26 @@ mod tests {
             assert!(err.0.contains(needle), "{body}: {err}");
         };
         check("{", "malformed");
-        check(r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#, "2 elements given");
-        check(r#"{"inputs":[{"name":"x","shape":[2],"datatype":"INT32","data":[1,2.5]}]}"#, "2.5 is not a valid INT32");
-        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#, "300 is not a valid INT8");
-        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":[1]}]}"#, "not a valid BOOL");
-        check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#, "FP32 values");
+        check(
+            r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,2]}]}"#,
+            "2 elements given",
+        );
+        check(
+            r#"{"inputs":[{"name":"x","shape":[2],"datatype":"INT32","data":[1,2.5]}]}"#,
+            "2.5 is not a valid INT32",
+        );
+        check(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT8","data":[300]}]}"#,
+            "300 is not a valid INT8",
+        );
+        check(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BOOL","data":[1]}]}"#,
+            "not a valid BOOL",
+        );
+        check(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
+            "FP32 values",
+        );
         check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BF16","data":[1]}]}"#, "BF16");
         check(r#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}]}"#, "negative");
         check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#, "no data");
@@ -591,7 +644,10 @@ mod tests {
             "m",
             3,
             Some("req-1"),
-            &[OutputToSend { name: "p", tensor: &probs, binary: false }, OutputToSend { name: "l", tensor: &label, binary: false }],
+            &[
+                OutputToSend { name: "p", tensor: &probs, binary: false },
+                OutputToSend { name: "l", tensor: &label, binary: false },
+            ],
         );
         assert_eq!(json.json_len, None);
         assert_eq!(
@@ -602,7 +658,10 @@ mod tests {
             "m",
             3,
             None,
-            &[OutputToSend { name: "p", tensor: &probs, binary: true }, OutputToSend { name: "l", tensor: &label, binary: false }],
+            &[
+                OutputToSend { name: "p", tensor: &probs, binary: true },
+                OutputToSend { name: "l", tensor: &label, binary: false },
+            ],
         );
         let n = mixed.json_len.unwrap();
         let header: serde_json::Value = serde_json::from_slice(&mixed.body[..n]).unwrap();

@@ -98,11 +98,17 @@ impl Server {
             .await
             .map_err(|e| ServeError::Task(e.to_string()))??
         };
-        tracing::info!(loaded = summary.loaded.len(), failed = summary.failed.len(), "models loaded");
+        tracing::info!(
+            loaded = summary.loaded.len(),
+            failed = summary.failed.len(),
+            "models loaded"
+        );
         let listener = TcpListener::bind(config.http)
             .await
             .map_err(|source| ServeError::Http { addr: config.http, source })?;
-        let addr = listener.local_addr().map_err(|source| ServeError::Http { addr: config.http, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ServeError::Http { addr: config.http, source })?;
         let state = AppState {
             registry,
             permits: Arc::new(Semaphore::new(config.workers.max(1))),
@@ -122,7 +128,10 @@ impl Server {
     }
 
     /// Serves until `shutdown` completes, then finishes the requests in flight.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let watcher = tokio::spawn(watch_store(
             Arc::clone(&self.store),
@@ -183,7 +192,9 @@ async fn watch_store(
         .await;
         match result {
             Ok(Ok((version, summary))) => {
-                if let Some(summary) = summary.filter(|s| seen.is_some() || forced || !s.loaded.is_empty()) {
+                if let Some(summary) =
+                    summary.filter(|s| seen.is_some() || forced || !s.loaded.is_empty())
+                {
                     tracing::info!(
                         loaded = ?summary.loaded,
                         failed = ?summary.failed,
@@ -238,9 +249,10 @@ impl IntoResponse for ApiError {
             Self::NotFound(m) => (StatusCode::NOT_FOUND, m),
             Self::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
             Self::Timeout(m) => (StatusCode::REQUEST_TIMEOUT, m),
-            Self::TooLarge(limit) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, format!("request body exceeds the limit of {limit} bytes"))
-            }
+            Self::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body exceeds the limit of {limit} bytes"),
+            ),
             Self::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
             Self::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             Self::Internal(detail) => {
@@ -290,8 +302,15 @@ fn parse_version(text: &str, name: &str) -> Result<u64, ApiError> {
 }
 
 /// Finds a version: the given one, or the active one.
-fn lookup(catalog: &Catalog, name: &str, version: Option<u64>) -> Result<(u64, VersionState), ApiError> {
-    let entry = catalog.models.get(name).ok_or_else(|| ApiError::NotFound(format!("unknown model {name:?}")))?;
+fn lookup(
+    catalog: &Catalog,
+    name: &str,
+    version: Option<u64>,
+) -> Result<(u64, VersionState), ApiError> {
+    let entry = catalog
+        .models
+        .get(name)
+        .ok_or_else(|| ApiError::NotFound(format!("unknown model {name:?}")))?;
     let version = match version.or(entry.active) {
         Some(v) => v,
         None => return Err(ApiError::NotFound(format!("model {name:?} has no active version"))),
@@ -306,9 +325,9 @@ fn lookup(catalog: &Catalog, name: &str, version: Option<u64>) -> Result<(u64, V
 fn loaded(name: &str, version: u64, state: VersionState) -> Result<Arc<LoadedVersion>, ApiError> {
     match state {
         VersionState::Ready(v) => Ok(v),
-        VersionState::Failed { reason, .. } => {
-            Err(ApiError::Unavailable(format!("model {name:?} version {version} is not loaded: {reason}")))
-        }
+        VersionState::Failed { reason, .. } => Err(ApiError::Unavailable(format!(
+            "model {name:?} version {version} is not loaded: {reason}"
+        ))),
     }
 }
 
@@ -342,7 +361,10 @@ fn metadata(state: &AppState, name: &str, version: Option<u64>) -> Result<Respon
     })))
 }
 
-async fn model_metadata(State(state): State<AppState>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn model_metadata(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
     metadata(&state, &name, None)
 }
 
@@ -363,7 +385,10 @@ fn readiness(state: &AppState, name: &str, version: Option<u64>) -> Result<Statu
     }
 }
 
-async fn model_ready(State(state): State<AppState>, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
+async fn model_ready(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
     readiness(&state, &name, None)
 }
 
@@ -394,9 +419,15 @@ async fn version_infer(
 }
 
 /// Reads the body within the size limit and the time limit.
-async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
     let limit = state.config.max_body_bytes;
-    if let Some(encoding) = headers.get(header::CONTENT_ENCODING).filter(|e| e.as_bytes() != b"identity") {
+    if let Some(encoding) =
+        headers.get(header::CONTENT_ENCODING).filter(|e| e.as_bytes() != b"identity")
+    {
         return Err(ApiError::UnsupportedMediaType(format!(
             "Content-Encoding {} is not supported; send the body uncompressed",
             String::from_utf8_lossy(encoding.as_bytes())
@@ -411,9 +442,15 @@ async fn read_body(state: &AppState, headers: &HeaderMap, body: Body) -> Result<
     }
     let timeout = state.config.body_timeout;
     match tokio::time::timeout(timeout, Limited::new(body, limit).collect()).await {
-        Err(_) => Err(ApiError::Timeout(format!("the request body did not arrive within {timeout:?}"))),
-        Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::TooLarge(limit)),
-        Ok(Err(err)) => Err(ApiError::BadRequest(format!("reading the request body failed: {err}"))),
+        Err(_) => {
+            Err(ApiError::Timeout(format!("the request body did not arrive within {timeout:?}")))
+        }
+        Ok(Err(err)) if err.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::TooLarge(limit))
+        }
+        Ok(Err(err)) => {
+            Err(ApiError::BadRequest(format!("reading the request body failed: {err}")))
+        }
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
     }
 }
@@ -434,9 +471,11 @@ async fn infer(
     let body = read_body(&state, &headers, body).await?;
     let json_len = match headers.get(oip::HEADER_CONTENT_LENGTH) {
         None => None,
-        Some(v) => Some(v.to_str().ok().and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| {
-            ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
-        })?),
+        Some(v) => {
+            Some(v.to_str().ok().and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| {
+                ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
+            })?)
+        }
     };
     let request = oip::decode_request(&body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
     drop(body);
@@ -451,7 +490,8 @@ async fn infer(
             shape: &i.tensor.shape,
         })
         .collect();
-    let (order, _symbols) = signature.bind(&given).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let (order, _symbols) =
+        signature.bind(&given).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     let wanted: Vec<(usize, bool)> = match &request.outputs {
         None => (0..signature.outputs.len()).map(|i| (i, request.binary_by_default)).collect(),
         Some(outputs) => outputs
@@ -470,9 +510,13 @@ async fn infer(
     for (input, index) in request.inputs.into_iter().zip(order) {
         inputs[index] = Some(input.tensor);
     }
-    let inputs: Vec<_> = inputs.into_iter().map(|t| t.expect("bind checked every input is given once")).collect();
+    let inputs: Vec<_> =
+        inputs.into_iter().map(|t| t.expect("bind checked every input is given once")).collect();
 
-    let permit = Arc::clone(&state.permits).acquire_owned().await.map_err(|e| ApiError::Internal(e.to_string()))?;
+    let permit = Arc::clone(&state.permits)
+        .acquire_owned()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
     let engine = Arc::clone(&model.engine);
     let outputs = tokio::task::spawn_blocking(move || {
         let _permit = permit;
@@ -487,7 +531,11 @@ async fn infer(
 
     let to_send: Vec<OutputToSend<'_>> = wanted
         .iter()
-        .map(|&(i, binary)| OutputToSend { name: &signature.outputs[i].name, tensor: &outputs[i], binary })
+        .map(|&(i, binary)| OutputToSend {
+            name: &signature.outputs[i].name,
+            tensor: &outputs[i],
+            binary,
+        })
         .collect();
     let encoded = oip::encode_response(&name, version, request.id.as_deref(), &to_send);
     tracing::debug!(model = %name, version, micros = started.elapsed().as_micros() as u64, "inference");
@@ -495,11 +543,13 @@ async fn infer(
     let response_headers = response.headers_mut();
     match encoded.json_len {
         Some(n) => {
-            response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            response_headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
             response_headers.insert(oip::HEADER_CONTENT_LENGTH, HeaderValue::from(n));
         }
         None => {
-            response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response_headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
     }
     Ok(response)

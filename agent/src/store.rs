@@ -94,7 +94,9 @@ pub enum StoreError {
     #[error("{0} already holds an initialised agent")]
     AlreadyInitialised(PathBuf),
     /// The database was written by a newer agent.
-    #[error("agent database {path} has schema version {found}; this agent supports up to {supported}")]
+    #[error(
+        "agent database {path} has schema version {found}; this agent supports up to {supported}"
+    )]
     SchemaTooNew {
         /// The database file.
         path: PathBuf,
@@ -189,7 +191,8 @@ impl Store {
         let db = |source| StoreError::Db { path: db_path.clone(), source };
         let tx = conn.transaction().map_err(db)?;
         let at = Timestamp::from_system(now).unix() as i64;
-        tx.execute("INSERT INTO settings (key, value) VALUES ('region', ?1)", [region]).map_err(db)?;
+        tx.execute("INSERT INTO settings (key, value) VALUES ('region', ?1)", [region])
+            .map_err(db)?;
         tx.execute(
             "INSERT INTO trust_roots (version, document, installed_at) VALUES (?1, ?2, ?3)",
             params![trust.version() as i64, trust.to_json(), at],
@@ -250,7 +253,9 @@ impl Store {
     pub fn trust_root(&self) -> Result<TrustRoot> {
         let doc: Vec<u8> = self
             .conn
-            .query_row("SELECT document FROM trust_roots ORDER BY version DESC LIMIT 1", [], |r| r.get(0))
+            .query_row("SELECT document FROM trust_roots ORDER BY version DESC LIMIT 1", [], |r| {
+                r.get(0)
+            })
             .map_err(self.db())?;
         Ok(TrustRoot::from_json_unexpired(&doc)?)
     }
@@ -336,7 +341,8 @@ impl Store {
         let target = self.dir.join(&relative);
         let parent = target.parent().expect("bundle paths have a parent").to_owned();
         create_private_dir(&parent)?;
-        let size = staged.as_file().metadata().map_err(io_err("reading size of", staged.path()))?.len();
+        let size =
+            staged.as_file().metadata().map_err(io_err("reading size of", staged.path()))?.len();
         let at = Timestamp::from_system(now).unix() as i64;
         let db_path = self.db_path.clone();
         let db = |source| StoreError::Db { path: db_path.clone(), source };
@@ -408,7 +414,10 @@ impl Store {
             .get(header.payload_offset() as usize..)
             .ok_or_else(|| damaged("truncated before the payload".into()))?;
         let mut check = PayloadCheck::new(m);
-        check.update(payload).and_then(|()| check.finish()).map_err(|e: VerifyError| damaged(e.to_string()))?;
+        check
+            .update(payload)
+            .and_then(|()| check.finish())
+            .map_err(|e: VerifyError| damaged(e.to_string()))?;
         let model = m.model().ok_or_else(|| damaged("not a model bundle".into()))?;
         let mut at = header.payload_offset() as usize;
         for file in &m.files {
@@ -437,7 +446,9 @@ impl Store {
         let known: std::collections::BTreeSet<PathBuf> = {
             let mut stmt = self.conn.prepare("SELECT path FROM bundles").map_err(self.db())?;
             let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(self.db())?;
-            rows.map(|r| r.map(|p| self.dir.join(p))).collect::<Result<_, _>>().map_err(self.db())?
+            rows.map(|r| r.map(|p| self.dir.join(p)))
+                .collect::<Result<_, _>>()
+                .map_err(self.db())?
         };
         let bundles = self.dir.join("bundles");
         if !bundles.is_dir() {

@@ -63,10 +63,8 @@ pub enum KeyError {
 
 fn decode_hex<const N: usize>(text: &str) -> Result<[u8; N], KeyError> {
     let mut out = [0u8; N];
-    hex::decode_to_slice(text, &mut out).map_err(|_| KeyError::Hex {
-        expected: N,
-        got: text.chars().take(80).collect(),
-    })?;
+    hex::decode_to_slice(text, &mut out)
+        .map_err(|_| KeyError::Hex { expected: N, got: text.chars().take(80).collect() })?;
     Ok(out)
 }
 

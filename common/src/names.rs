@@ -75,9 +75,8 @@ pub fn check_payload_path(path: &str) -> Result<(), NameError> {
         return Err(unsafe_path());
     }
     for part in path.split('/') {
-        let plain = part
-            .bytes()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+        let plain =
+            part.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
         if part.is_empty() || part == "." || part == ".." || !plain {
             return Err(unsafe_path());
         }

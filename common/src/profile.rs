@@ -234,7 +234,10 @@ mod tests {
     #[test]
     fn empty_column_is_one_empty_bin() {
         let col = ColumnProfile::of("x", 0, "x", &[f64::NAN], 10);
-        assert_eq!(col.histogram, Histogram::Categories { values: vec![], counts: vec![], other: 0 });
+        assert_eq!(
+            col.histogram,
+            Histogram::Categories { values: vec![], counts: vec![], other: 0 }
+        );
         assert_eq!(col.summary.missing, 1);
     }
 }

@@ -61,7 +61,10 @@ impl Dataset {
     /// Splits off the last `count` rows.
     pub fn split_off(&mut self, count: usize) -> Self {
         let at = self.len().saturating_sub(count);
-        Self { features: self.features.split_off(at * FEATURE_COUNT), labels: self.labels.split_off(at) }
+        Self {
+            features: self.features.split_off(at * FEATURE_COUNT),
+            labels: self.labels.split_off(at),
+        }
     }
 }
 

@@ -441,9 +441,14 @@ mod tests {
         }
     }
 
-    fn check(given: &[(&str, DataType, &[u64])], expected: Result<(Vec<usize>, &[(&str, u64)]), ShapeError>) {
-        let given: Vec<_> =
-            given.iter().map(|&(name, datatype, shape)| GivenInput { name, datatype, shape }).collect();
+    fn check(
+        given: &[(&str, DataType, &[u64])],
+        expected: Result<(Vec<usize>, &[(&str, u64)]), ShapeError>,
+    ) {
+        let given: Vec<_> = given
+            .iter()
+            .map(|&(name, datatype, shape)| GivenInput { name, datatype, shape })
+            .collect();
         let got = image_signature().bind(&given);
         let expected = expected.map(|(order, syms)| {
             (order, syms.iter().map(|&(s, v)| (s.to_owned(), v)).collect::<BTreeMap<_, _>>())

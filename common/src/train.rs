@@ -93,8 +93,10 @@ impl Mlp {
 }
 
 fn argmax(row: &[f32]) -> u32 {
-    row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best }).0
-        as u32
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |best, (i, &v)| if v > best.1 { (i, v) } else { best })
+        .0 as u32
 }
 
 /// Hyperparameters.
@@ -180,7 +182,12 @@ impl Moments {
 }
 
 /// Mean cross-entropy of `logits` against `labels`; with `grad`, also its gradient.
-fn cross_entropy(logits: &[f32], labels: &[u32], classes: usize, grad: Option<&mut Vec<f32>>) -> f64 {
+fn cross_entropy(
+    logits: &[f32],
+    labels: &[u32],
+    classes: usize,
+    grad: Option<&mut Vec<f32>>,
+) -> f64 {
     let rows = labels.len();
     let mut loss = 0.0f64;
     let mut g = grad;
@@ -230,24 +237,34 @@ pub fn train_classifier(
 ) -> (Mlp, TrainReport) {
     let mut rng = SeededRng::new(config.seed);
     let (mean, std) = column_stats(x, width);
-    let standard: Vec<f32> =
-        x.chunks_exact(width).flat_map(|r| r.iter().zip(&mean).zip(&std).map(|((v, m), s)| (v - m) / s)).collect();
+    let standard: Vec<f32> = x
+        .chunks_exact(width)
+        .flat_map(|r| r.iter().zip(&mean).zip(&std).map(|((v, m), s)| (v - m) / s))
+        .collect();
 
     let mut order: Vec<usize> = (0..labels.len()).collect();
     rng.shuffle(&mut order);
     let held = ((labels.len() as f64 * config.validation_fraction) as usize).min(labels.len() / 2);
     let (val_idx, train_idx) = order.split_at(held);
     let gather = |idx: &[usize]| -> (Vec<f32>, Vec<u32>) {
-        let xs = idx.iter().flat_map(|&i| standard[i * width..(i + 1) * width].iter().copied()).collect();
+        let xs = idx
+            .iter()
+            .flat_map(|&i| standard[i * width..(i + 1) * width].iter().copied())
+            .collect();
         (xs, idx.iter().map(|&i| labels[i]).collect())
     };
     let (val_x, val_y) = gather(val_idx);
     let mut train_idx = train_idx.to_vec();
 
-    let widths: Vec<usize> = std::iter::once(width).chain(config.hidden.iter().copied()).chain([classes]).collect();
-    let mut mlp = Mlp { layers: widths.windows(2).map(|w| Dense::init(w[0], w[1], &mut rng)).collect() };
-    let mut moments: Vec<(Moments, Moments)> =
-        mlp.layers.iter().map(|l| (Moments::new(l.weights.len()), Moments::new(l.bias.len()))).collect();
+    let widths: Vec<usize> =
+        std::iter::once(width).chain(config.hidden.iter().copied()).chain([classes]).collect();
+    let mut mlp =
+        Mlp { layers: widths.windows(2).map(|w| Dense::init(w[0], w[1], &mut rng)).collect() };
+    let mut moments: Vec<(Moments, Moments)> = mlp
+        .layers
+        .iter()
+        .map(|l| (Moments::new(l.weights.len()), Moments::new(l.bias.len())))
+        .collect();
 
     let mut best = (f64::INFINITY, mlp.clone(), 0usize);
     let mut epochs = Vec::new();
@@ -258,7 +275,8 @@ pub fn train_classifier(
         for batch in train_idx.chunks(config.batch_size.max(1)) {
             let (bx, by) = gather(batch);
             step += 1;
-            train_loss += train_step(&mut mlp, &mut moments, &bx, &by, classes, config, step) * batch.len() as f64;
+            train_loss += train_step(&mut mlp, &mut moments, &bx, &by, classes, config, step)
+                * batch.len() as f64;
         }
         train_loss /= train_idx.len().max(1) as f64;
         let validation_loss = cross_entropy(&mlp.logits(&val_x), &val_y, classes, None);
@@ -305,8 +323,9 @@ fn train_step(
         let mut grad_w = vec![0.0f32; layer.weights.len()];
         let mut grad_b = vec![0.0f32; layer.outputs];
         let mut grad_in = vec![0.0f32; input.len()];
-        for (d_row, (x_row, gi_row)) in
-            delta.chunks_exact(layer.outputs).zip(input.chunks_exact(layer.inputs).zip(grad_in.chunks_exact_mut(layer.inputs)))
+        for (d_row, (x_row, gi_row)) in delta
+            .chunks_exact(layer.outputs)
+            .zip(input.chunks_exact(layer.inputs).zip(grad_in.chunks_exact_mut(layer.inputs)))
         {
             for (o, &d) in d_row.iter().enumerate() {
                 grad_b[o] += d;
@@ -345,10 +364,12 @@ mod tests {
         let mut data = sample::generate(12_000, 11, &[]);
         let test = data.split_off(3_000);
         let config = TrainConfig { max_epochs: 25, ..TrainConfig::default() };
-        let (mlp, report) = train_classifier(&data.features, FEATURE_COUNT, &data.labels, 3, &config);
+        let (mlp, report) =
+            train_classifier(&data.features, FEATURE_COUNT, &data.labels, 3, &config);
         let accuracy = mlp.accuracy(&test.features, &test.labels);
         let linear_config = TrainConfig { hidden: vec![], ..config };
-        let (linear, _) = train_classifier(&data.features, FEATURE_COUNT, &data.labels, 3, &linear_config);
+        let (linear, _) =
+            train_classifier(&data.features, FEATURE_COUNT, &data.labels, 3, &linear_config);
         let linear_accuracy = linear.accuracy(&test.features, &test.labels);
         let majority = test.labels.iter().filter(|&&l| l == 0).count() as f64 / test.len() as f64;
         assert!(accuracy > 0.85, "accuracy {accuracy}");
@@ -372,7 +393,8 @@ mod tests {
         let mut mlp = Mlp { layers: vec![Dense::init(3, 2, &mut rng)] };
         let (mean, std) = (vec![1.0, -2.0, 5.0], vec![2.0, 0.5, 10.0]);
         let raw = [3.0f32, 1.0, -5.0];
-        let standard: Vec<f32> = raw.iter().zip(&mean).zip(&std).map(|((x, m), s)| (x - m) / s).collect();
+        let standard: Vec<f32> =
+            raw.iter().zip(&mean).zip(&std).map(|((x, m), s)| (x - m) / s).collect();
         let before = mlp.logits(&standard);
         mlp.fold_standardisation(&mean, &std);
         let after = mlp.logits(&raw);

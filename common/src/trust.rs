@@ -101,7 +101,9 @@ pub enum TrustError {
     #[error("trust root: {0}")]
     Region(#[from] NameError),
     /// Too few valid signatures of the root role.
-    #[error("trust root version {version}: {valid} valid root signature(s), threshold is {threshold}")]
+    #[error(
+        "trust root version {version}: {valid} valid root signature(s), threshold is {threshold}"
+    )]
     ThresholdNotMet {
         /// The root's version.
         version: u64,
@@ -119,7 +121,9 @@ pub enum TrustError {
         expires: Timestamp,
     },
     /// A successor root does not follow the current one.
-    #[error("trust root version {got} cannot follow version {current}: versions must increase by one")]
+    #[error(
+        "trust root version {got} cannot follow version {current}: versions must increase by one"
+    )]
     NotSuccessor {
         /// The version held.
         current: u64,
@@ -148,7 +152,9 @@ impl Role {
             return Err(TrustError::Invalid(format!("role {name} lists a key twice")));
         }
         if let Some(missing) = self.keyids.iter().find(|id| !keys.contains_key(id)) {
-            return Err(TrustError::Invalid(format!("role {name} names key {missing} which is not listed")));
+            return Err(TrustError::Invalid(format!(
+                "role {name} names key {missing} which is not listed"
+            )));
         }
         if self.threshold == 0 || self.threshold as usize > self.keyids.len() {
             return Err(TrustError::Invalid(format!(
@@ -202,7 +208,10 @@ impl TrustRoot {
             serde_json::from_slice(bytes).map_err(|e| TrustError::Malformed(e.to_string()))?;
         let signed = &document.signed;
         if signed.kind != "root" {
-            return Err(TrustError::Invalid(format!("type is {:?}, expected \"root\"", signed.kind)));
+            return Err(TrustError::Invalid(format!(
+                "type is {:?}, expected \"root\"",
+                signed.kind
+            )));
         }
         if signed.spec_version != SPEC_VERSION {
             return Err(TrustError::Invalid(format!(
@@ -216,7 +225,9 @@ impl TrustRoot {
                 return Err(TrustError::Invalid(format!("key {id} has keytype {:?}", key.keytype)));
             }
             if key.public.id() != *id {
-                return Err(TrustError::Invalid(format!("key {id} is listed under another key's id")));
+                return Err(TrustError::Invalid(format!(
+                    "key {id} is listed under another key's id"
+                )));
             }
         }
         signed.roles.root.check("root", &signed.keys)?;
@@ -323,7 +334,8 @@ impl RootSpec<'_> {
     /// Builds and signs the root with every root key; checks it as an agent would.
     pub fn sign(&self, extra_signers: &[SigningKey]) -> Result<TrustRoot, TrustError> {
         names::check_region(self.region)?;
-        let entry = |public: PublicKey| (public.id(), KeyEntry { keytype: "ed25519".into(), public });
+        let entry =
+            |public: PublicKey| (public.id(), KeyEntry { keytype: "ed25519".into(), public });
         let root_ids: Vec<_> = self.root_keys.iter().map(|k| k.public().id()).collect();
         let signing_ids: Vec<_> = self.signing_keys.iter().map(PublicKey::id).collect();
         let signed = RootMetadata {

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use falaj_common::bundle::{
-    self, BuildError, BundleBuilder, Content, Header, Manifest, ModelFormat, ModelSpec, Policy, RuntimeHint,
-    VerifyError,
+    self, BuildError, BundleBuilder, Content, Header, Manifest, ModelFormat, ModelSpec, Policy,
+    RuntimeHint, VerifyError,
 };
 use falaj_common::keys::SignatureEntry;
 use falaj_common::onnx::{OnnxError, OnnxModel};
@@ -87,16 +87,22 @@ pub struct BuildOptions {
 pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, BundleError> {
     let trust = keys::load_trust(&options.keys, now)?;
     let signers = keys::load_signing_keys(&options.keys, &trust)?;
-    let model_bytes = fs::read(&options.model)
-        .map_err(|source| BundleError::Io { op: "reading model", path: options.model.clone(), source })?;
+    let model_bytes = fs::read(&options.model).map_err(|source| BundleError::Io {
+        op: "reading model",
+        path: options.model.clone(),
+        source,
+    })?;
     let model = OnnxModel::load(&model_bytes)
         .map_err(|source| BundleError::Model { path: options.model.clone(), source })?;
     let reference = options
         .reference
         .as_ref()
         .map(|path| {
-            let file = fs::File::open(path)
-                .map_err(|source| BundleError::Io { op: "reading reference", path: path.clone(), source })?;
+            let file = fs::File::open(path).map_err(|source| BundleError::Io {
+                op: "reading reference",
+                path: path.clone(),
+                source,
+            })?;
             reference::profile_default(&model, std::io::BufReader::new(file))
                 .map_err(|source| BundleError::Reference { path: path.clone(), source })
         })
@@ -120,8 +126,11 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
     )
     .file(MODEL_FILE, model_bytes)
     .build(&signer_refs)?;
-    files::write_atomic(&options.out, &bytes, 0o644)
-        .map_err(|source| BundleError::Io { op: "writing bundle", path: options.out.clone(), source })?;
+    files::write_atomic(&options.out, &bytes, 0o644).map_err(|source| BundleError::Io {
+        op: "writing bundle",
+        path: options.out.clone(),
+        source,
+    })?;
     Ok(manifest)
 }
 
@@ -139,8 +148,16 @@ pub struct Inspection {
 }
 
 /// Reads a bundle's manifest and, given a trust root, verifies the whole bundle.
-pub fn inspect(path: &Path, trust: Option<&TrustRoot>, now: SystemTime) -> Result<Inspection, BundleError> {
-    let bytes = fs::read(path).map_err(|source| BundleError::Io { op: "reading", path: path.to_owned(), source })?;
+pub fn inspect(
+    path: &Path,
+    trust: Option<&TrustRoot>,
+    now: SystemTime,
+) -> Result<Inspection, BundleError> {
+    let bytes = fs::read(path).map_err(|source| BundleError::Io {
+        op: "reading",
+        path: path.to_owned(),
+        source,
+    })?;
     let unreadable = |e: String| BundleError::Io {
         op: "reading",
         path: path.to_owned(),
@@ -199,7 +216,12 @@ impl Inspection {
             match &model.reference {
                 Some(r) => line(
                     "reference",
-                    format!("{} rows; {} input and {} output column profiles", r.rows, r.inputs.len(), r.outputs.len()),
+                    format!(
+                        "{} rows; {} input and {} output column profiles",
+                        r.rows,
+                        r.inputs.len(),
+                        r.outputs.len()
+                    ),
                 ),
                 None => line("reference", "none".into()),
             }

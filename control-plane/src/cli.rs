@@ -249,7 +249,12 @@ fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {
         .collect();
     println!("signature: {}", io.join(", "));
     if let Some(reference) = &model.reference {
-        println!("reference profile: {} rows, {} input columns, {} output columns", reference.rows, reference.inputs.len(), reference.outputs.len());
+        println!(
+            "reference profile: {} rows, {} input columns, {} output columns",
+            reference.rows,
+            reference.inputs.len(),
+            reference.outputs.len()
+        );
     }
     Ok(())
 }
@@ -259,28 +264,37 @@ fn bundle_inspect(args: &InspectArgs, now: SystemTime) -> Result<(), Failure> {
         .trust
         .as_ref()
         .map(|path| {
-            let bytes = std::fs::read(path)
-                .map_err(|e| Failure::new(1, anyhow::anyhow!("reading trust root {}: {e}", path.display())))?;
-            TrustRoot::from_json(&bytes, now)
-                .map_err(|e| Failure::new(EXIT_CONFIG, anyhow::anyhow!("trust root {}: {e}", path.display())))
+            let bytes = std::fs::read(path).map_err(|e| {
+                Failure::new(1, anyhow::anyhow!("reading trust root {}: {e}", path.display()))
+            })?;
+            TrustRoot::from_json(&bytes, now).map_err(|e| {
+                Failure::new(EXIT_CONFIG, anyhow::anyhow!("trust root {}: {e}", path.display()))
+            })
         })
         .transpose()?;
     let inspection = bundle::inspect(&args.file, trust.as_ref(), now).map_err(bundle_failure)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&inspection.manifest).expect("manifests serialise"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&inspection.manifest).expect("manifests serialise")
+        );
     } else {
         print!("{}", inspection.report(&args.file));
     }
     match inspection.verified {
-        Some(Err(e)) => Err(Failure::new(EXIT_REFUSED, anyhow::anyhow!("{}: does not verify: {e}", args.file.display()))),
+        Some(Err(e)) => Err(Failure::new(
+            EXIT_REFUSED,
+            anyhow::anyhow!("{}: does not verify: {e}", args.file.display()),
+        )),
         _ => Ok(()),
     }
 }
 
 fn sample(args: &SampleArgs) -> Result<(), Failure> {
     let options = SampleOptions { rows: args.rows, seed: args.seed };
-    let made = sample::write(&args.out, &options)
-        .map_err(|e| Failure::new(1, anyhow::anyhow!("writing the sample into {}: {e}", args.out.display())))?;
+    let made = sample::write(&args.out, &options).map_err(|e| {
+        Failure::new(1, anyhow::anyhow!("writing the sample into {}: {e}", args.out.display()))
+    })?;
     println!(
         "trained the sample pump-fault classifier on {} rows: hold-out accuracy {:.1}% (majority class {:.1}%), {} epochs",
         args.rows,

@@ -110,10 +110,15 @@ pub fn init(dir: &Path, options: &InitOptions, now: SystemTime) -> Result<TrustR
         return Err(KeysError::Exists(dir.to_owned()));
     }
     if options.root_keys == 0 || options.signing_keys == 0 {
-        return Err(KeysError::Invalid("at least one root key and one signing key are needed".into()));
+        return Err(KeysError::Invalid(
+            "at least one root key and one signing key are needed".into(),
+        ));
     }
-    files::create_private_dir(dir)
-        .map_err(|source| KeysError::Io { op: "creating directory", path: dir.to_owned(), source })?;
+    files::create_private_dir(dir).map_err(|source| KeysError::Io {
+        op: "creating directory",
+        path: dir.to_owned(),
+        source,
+    })?;
     let rng = SystemRandom::new();
     let generate = |role: &str, count: usize| -> Result<Vec<SigningKey>, KeysError> {
         (0..count)
@@ -121,8 +126,11 @@ pub fn init(dir: &Path, options: &InitOptions, now: SystemTime) -> Result<TrustR
                 let (key, pkcs8) = SigningKey::generate(&rng)
                     .map_err(|source| KeysError::BadKey { path: dir.to_owned(), source })?;
                 let path = dir.join(format!("{role}-{}.key", key.public().id().short()));
-                files::write_atomic(&path, &pkcs8, 0o600)
-                    .map_err(|source| KeysError::Io { op: "writing key", path, source })?;
+                files::write_atomic(&path, &pkcs8, 0o600).map_err(|source| KeysError::Io {
+                    op: "writing key",
+                    path,
+                    source,
+                })?;
                 Ok(key)
             })
             .collect()
@@ -141,24 +149,37 @@ pub fn init(dir: &Path, options: &InitOptions, now: SystemTime) -> Result<TrustR
     }
     .sign(&[])
     .map_err(|source| KeysError::Trust { path: root_path.clone(), source })?;
-    files::write_atomic(&root_path, &trust.to_json(), 0o644)
-        .map_err(|source| KeysError::Io { op: "writing", path: root_path, source })?;
+    files::write_atomic(&root_path, &trust.to_json(), 0o644).map_err(|source| KeysError::Io {
+        op: "writing",
+        path: root_path,
+        source,
+    })?;
     Ok(trust)
 }
 
 /// Reads and verifies `dir/root.json` at `now`.
 pub fn load_trust(dir: &Path, now: SystemTime) -> Result<TrustRoot, KeysError> {
     let path = dir.join(ROOT_FILE);
-    let bytes = fs::read(&path).map_err(|source| KeysError::Io { op: "reading", path: path.clone(), source })?;
+    let bytes = fs::read(&path).map_err(|source| KeysError::Io {
+        op: "reading",
+        path: path.clone(),
+        source,
+    })?;
     TrustRoot::from_json(&bytes, now).map_err(|source| KeysError::Trust { path, source })
 }
 
 /// The signing keys in `dir` that the trust root lists; enough to meet its threshold.
 pub fn load_signing_keys(dir: &Path, trust: &TrustRoot) -> Result<Vec<SigningKey>, KeysError> {
-    let listing = fs::read_dir(dir).map_err(|source| KeysError::Io { op: "listing", path: dir.to_owned(), source })?;
+    let listing = fs::read_dir(dir).map_err(|source| KeysError::Io {
+        op: "listing",
+        path: dir.to_owned(),
+        source,
+    })?;
     let mut keys = Vec::new();
     for entry in listing {
-        let path = entry.map_err(|source| KeysError::Io { op: "listing", path: dir.to_owned(), source })?.path();
+        let path = entry
+            .map_err(|source| KeysError::Io { op: "listing", path: dir.to_owned(), source })?
+            .path();
         let is_signing = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -166,8 +187,13 @@ pub fn load_signing_keys(dir: &Path, trust: &TrustRoot) -> Result<Vec<SigningKey
         if !is_signing {
             continue;
         }
-        let pkcs8 = fs::read(&path).map_err(|source| KeysError::Io { op: "reading", path: path.clone(), source })?;
-        let key = SigningKey::from_pkcs8(&pkcs8).map_err(|source| KeysError::BadKey { path: path.clone(), source })?;
+        let pkcs8 = fs::read(&path).map_err(|source| KeysError::Io {
+            op: "reading",
+            path: path.clone(),
+            source,
+        })?;
+        let key = SigningKey::from_pkcs8(&pkcs8)
+            .map_err(|source| KeysError::BadKey { path: path.clone(), source })?;
         if trust.signing_role().keyids.contains(&key.public().id()) {
             keys.push(key);
         }
@@ -175,7 +201,11 @@ pub fn load_signing_keys(dir: &Path, trust: &TrustRoot) -> Result<Vec<SigningKey
     keys.sort_by_key(|k| k.public().id());
     let threshold = trust.signing_role().threshold;
     if keys.len() < threshold as usize {
-        return Err(KeysError::TooFewSigningKeys { dir: dir.to_owned(), found: keys.len(), threshold });
+        return Err(KeysError::TooFewSigningKeys {
+            dir: dir.to_owned(),
+            found: keys.len(),
+            threshold,
+        });
     }
     Ok(keys)
 }

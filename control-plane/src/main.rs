@@ -16,7 +16,11 @@ fn main() -> ExitCode {
         Ok(cli) => falaj_control::cli::run(cli),
         Err(err) => {
             let _ = err.print();
-            if err.use_stderr() { ExitCode::from(falaj_control::cli::EXIT_USAGE) } else { ExitCode::SUCCESS }
+            if err.use_stderr() {
+                ExitCode::from(falaj_control::cli::EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            }
         }
     }
 }

@@ -80,7 +80,11 @@ fn to_tensor(rows: usize, width: usize, values: &[f64], datatype: DataType) -> T
 }
 
 /// Profiles the CSV read from `reader` and the model's predictions on it.
-pub fn profile(model: &OnnxModel, reader: impl Read, bins: usize) -> Result<DataProfile, ReferenceError> {
+pub fn profile(
+    model: &OnnxModel,
+    reader: impl Read,
+    bins: usize,
+) -> Result<DataProfile, ReferenceError> {
     let inputs = layout(model)?;
     let total: usize = inputs.iter().map(|i| i.width).sum();
     let mut csv = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
@@ -94,7 +98,11 @@ pub fn profile(model: &OnnxModel, reader: impl Read, bins: usize) -> Result<Data
         return Err(ReferenceError::Csv(format!(
             "has {} columns; the model's inputs take {total} ({})",
             headers.len(),
-            inputs.iter().map(|i| format!("{} × {}", i.name, i.width)).collect::<Vec<_>>().join(", ")
+            inputs
+                .iter()
+                .map(|i| format!("{} × {}", i.name, i.width))
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
     // Column owner: (input index, whether it may hold missing values).
@@ -113,7 +121,9 @@ pub fn profile(model: &OnnxModel, reader: impl Read, bins: usize) -> Result<Data
     while csv.read_record(&mut record).map_err(|e| ReferenceError::Csv(e.to_string()))? {
         rows += 1;
         if rows > MAX_ROWS {
-            return Err(ReferenceError::Csv(format!("has more than {MAX_ROWS} rows; sample it first")));
+            return Err(ReferenceError::Csv(format!(
+                "has more than {MAX_ROWS} rows; sample it first"
+            )));
         }
         for (c, cell) in record.iter().enumerate() {
             let cell = cell.trim();
@@ -127,7 +137,10 @@ pub fn profile(model: &OnnxModel, reader: impl Read, bins: usize) -> Result<Data
                 f64::NAN
             } else {
                 cell.parse::<f64>().map_err(|_| {
-                    ReferenceError::Csv(format!("row {rows}, column {:?}: {cell:?} is not a number", headers[c]))
+                    ReferenceError::Csv(format!(
+                        "row {rows}, column {:?}: {cell:?} is not a number",
+                        headers[c]
+                    ))
                 })?
             };
             columns[c].push(value);
@@ -141,7 +154,13 @@ pub fn profile(model: &OnnxModel, reader: impl Read, bins: usize) -> Result<Data
     let mut c = 0;
     for input in &inputs {
         for index in 0..input.width {
-            input_profiles.push(ColumnProfile::of(&input.name, index as u32, &headers[c], &columns[c], bins));
+            input_profiles.push(ColumnProfile::of(
+                &input.name,
+                index as u32,
+                &headers[c],
+                &columns[c],
+                bins,
+            ));
             c += 1;
         }
     }
@@ -179,7 +198,8 @@ pub fn profile(model: &OnnxModel, reader: impl Read, bins: usize) -> Result<Data
     let mut output_profiles = Vec::new();
     for (spec, cols) in outputs.iter().zip(&output_columns) {
         for (index, values) in cols.iter().enumerate() {
-            let name = if cols.len() == 1 { spec.name.clone() } else { format!("{}[{index}]", spec.name) };
+            let name =
+                if cols.len() == 1 { spec.name.clone() } else { format!("{}[{index}]", spec.name) };
             output_profiles.push(ColumnProfile::of(&spec.name, index as u32, &name, values, bins));
         }
     }
@@ -187,6 +207,9 @@ pub fn profile(model: &OnnxModel, reader: impl Read, bins: usize) -> Result<Data
 }
 
 /// [`profile`] with the default number of bins.
-pub fn profile_default(model: &OnnxModel, reader: impl Read) -> Result<DataProfile, ReferenceError> {
+pub fn profile_default(
+    model: &OnnxModel,
+    reader: impl Read,
+) -> Result<DataProfile, ReferenceError> {
     profile(model, reader, DEFAULT_BINS)
 }

@@ -69,7 +69,13 @@ pub fn write(dir: &Path, options: &SampleOptions) -> std::io::Result<Sample> {
     let mut data = sample::generate(options.rows + holdout_rows, options.seed, &[]);
     let holdout = data.split_off(holdout_rows);
     let config = TrainConfig { seed: options.seed, ..TrainConfig::default() };
-    let (mlp, report) = train::train_classifier(&data.features, FEATURE_COUNT, &data.labels, CLASSES.len(), &config);
+    let (mlp, report) = train::train_classifier(
+        &data.features,
+        FEATURE_COUNT,
+        &data.labels,
+        CLASSES.len(),
+        &config,
+    );
     let holdout_accuracy = mlp.accuracy(&holdout.features, &holdout.labels);
     let majority = (0..CLASSES.len() as u32)
         .map(|c| holdout.labels.iter().filter(|&&l| l == c).count())
@@ -81,9 +87,17 @@ pub fn write(dir: &Path, options: &SampleOptions) -> std::io::Result<Sample> {
     files::write_atomic(&model, &mlp_classifier(&mlp, INPUT, "falaj sample"), 0o644)?;
     let reference = dir.join("reference.csv");
     let reference_rows = data.len().min(5_000);
-    files::write_atomic(&reference, csv(&data.features[..reference_rows * FEATURE_COUNT], None).as_bytes(), 0o644)?;
+    files::write_atomic(
+        &reference,
+        csv(&data.features[..reference_rows * FEATURE_COUNT], None).as_bytes(),
+        0o644,
+    )?;
     let holdout_path = dir.join("holdout.csv");
-    files::write_atomic(&holdout_path, csv(&holdout.features, Some(&holdout.labels)).as_bytes(), 0o644)?;
+    files::write_atomic(
+        &holdout_path,
+        csv(&holdout.features, Some(&holdout.labels)).as_bytes(),
+        0o644,
+    )?;
     Ok(Sample {
         model,
         reference,

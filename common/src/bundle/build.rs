@@ -105,7 +105,10 @@ impl BundleBuilder {
             return Err(BuildError::ZeroVersion);
         }
         if m.expires <= m.created {
-            return Err(BuildError::ExpiryBeforeCreation { created: m.created, expires: m.expires });
+            return Err(BuildError::ExpiryBeforeCreation {
+                created: m.created,
+                expires: m.expires,
+            });
         }
         let mut seen = BTreeSet::new();
         for file in &m.files {
@@ -146,10 +149,11 @@ pub(super) fn encode(
     payloads: &[Vec<u8>],
 ) -> Result<Vec<u8>, BuildError> {
     let len = |what, bytes: &[u8], limit: u32| {
-        u32::try_from(bytes.len())
-            .ok()
-            .filter(|&n| n <= limit)
-            .ok_or(BuildError::TooLarge { what, size: bytes.len(), limit })
+        u32::try_from(bytes.len()).ok().filter(|&n| n <= limit).ok_or(BuildError::TooLarge {
+            what,
+            size: bytes.len(),
+            limit,
+        })
     };
     let header = Header {
         manifest_len: len("manifest", manifest, MAX_MANIFEST_BYTES)?,

@@ -28,9 +28,7 @@ pub use container::{HEADER_LEN, Header, MAGIC, MAX_MANIFEST_BYTES, MAX_SIGNATURE
 pub use manifest::{
     BundleKind, Content, FileEntry, MANIFEST_FORMAT, Manifest, ModelFormat, ModelSpec, RuntimeHint,
 };
-pub use verify::{
-    PayloadCheck, Policy, VerifiedBundle, VerifyError, verify, verify_manifest,
-};
+pub use verify::{PayloadCheck, Policy, VerifiedBundle, VerifyError, verify, verify_manifest};
 
 #[cfg(test)]
 mod tests;

@@ -122,21 +122,31 @@ fn flipping_any_byte_of_any_section_is_refused_with_that_sections_error() {
     assert_eq!(flip(0), VerifyError::NotABundle);
     assert!(matches!(flip(8), VerifyError::UnsupportedVersion { what: "container", version: 0 }));
     // Manifest length off by one: the signatures no longer line up with the manifest.
-    assert!(matches!(flip(12), VerifyError::MalformedSignatures(_) | VerifyError::Truncated { .. }));
+    assert!(matches!(
+        flip(12),
+        VerifyError::MalformedSignatures(_) | VerifyError::Truncated { .. }
+    ));
     for at in [manifest, manifest + 40, sigs - 1] {
         let err = flip(at);
         assert!(matches!(err, VerifyError::BadSignature { .. }), "manifest byte {at}: {err}");
     }
     // A byte of the signature value itself (inside its hex) or of its JSON structure.
-    let sig_hex = sigs + String::from_utf8_lossy(&bytes[sigs..payload]).find("\"sig\":\"").unwrap() + 7;
-    assert!(matches!(flip(sig_hex + 3), VerifyError::BadSignature { .. } | VerifyError::MalformedSignatures(_)));
+    let sig_hex =
+        sigs + String::from_utf8_lossy(&bytes[sigs..payload]).find("\"sig\":\"").unwrap() + 7;
+    assert!(matches!(
+        flip(sig_hex + 3),
+        VerifyError::BadSignature { .. } | VerifyError::MalformedSignatures(_)
+    ));
     assert!(matches!(flip(sigs), VerifyError::MalformedSignatures(_)));
     for at in [payload, payload + 5, bytes.len() - 1] {
         let err = flip(at);
         assert!(matches!(err, VerifyError::PayloadHashMismatch { .. }), "payload byte {at}: {err}");
     }
     let err = flip(bytes.len() - 1);
-    assert!(matches!(&err, VerifyError::PayloadHashMismatch { file, .. } if file == "extra/labels.txt"), "{err}");
+    assert!(
+        matches!(&err, VerifyError::PayloadHashMismatch { file, .. } if file == "extra/labels.txt"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -144,7 +154,9 @@ fn truncation_anywhere_is_refused_as_truncated() {
     let f = Fixture::new(1, 1);
     let bytes = signed(&f);
     let (manifest, sigs, payload) = sections(&bytes);
-    for len in [0, 7, HEADER_LEN - 1, manifest + 10, sigs + 3, payload, payload + 4, bytes.len() - 1] {
+    for len in
+        [0, 7, HEADER_LEN - 1, manifest + 10, sigs + 3, payload, payload + 4, bytes.len() - 1]
+    {
         let err = f.check(&bytes[..len]).unwrap_err();
         let expected_section = match len {
             l if l < HEADER_LEN => "header",
@@ -167,10 +179,16 @@ fn a_key_outside_the_trust_root_is_unknown() {
     let f = Fixture::new(1, 1);
     let stranger = key();
     let bytes = builder().build(&[&stranger]).unwrap().1;
-    assert_eq!(f.check(&bytes).unwrap_err(), VerifyError::UnknownKey { keyid: stranger.public().id() });
+    assert_eq!(
+        f.check(&bytes).unwrap_err(),
+        VerifyError::UnknownKey { keyid: stranger.public().id() }
+    );
     // A root key is listed in the trust root, but only signing keys may sign bundles.
     let by_root = builder().build(&[&f.root]).unwrap().1;
-    assert_eq!(f.check(&by_root).unwrap_err(), VerifyError::UnknownKey { keyid: f.root.public().id() });
+    assert_eq!(
+        f.check(&by_root).unwrap_err(),
+        VerifyError::UnknownKey { keyid: f.root.public().id() }
+    );
 }
 
 #[test]
@@ -195,7 +213,10 @@ fn below_threshold_is_refused_and_at_threshold_accepted() {
     let one = builder().build(&[&f.signers[0]]).unwrap().1;
     assert_eq!(f.check(&one).unwrap_err(), VerifyError::ThresholdNotMet { valid: 1, threshold: 2 });
     let same_twice = builder().build(&[&f.signers[0], &f.signers[0]]).unwrap().1;
-    assert_eq!(f.check(&same_twice).unwrap_err(), VerifyError::ThresholdNotMet { valid: 1, threshold: 2 });
+    assert_eq!(
+        f.check(&same_twice).unwrap_err(),
+        VerifyError::ThresholdNotMet { valid: 1, threshold: 2 }
+    );
     let two = builder().build(&[&f.signers[0], &f.signers[2]]).unwrap().1;
     assert!(f.check(&two).is_ok());
 }
@@ -241,7 +262,8 @@ fn traversal_and_odd_file_names_are_refused_even_when_signed() {
     for name in ["../../etc/cron.d/x", "/etc/passwd", "a/../../b", "a\\..\\b", "", "ok/./x"] {
         let mut manifest = builder().manifest().clone();
         manifest.files[1].name = name.into();
-        let bytes = raw_bundle(&manifest, &[b"pretend onnx bytes".to_vec(), b"x".to_vec()], &f.signers[0]);
+        let bytes =
+            raw_bundle(&manifest, &[b"pretend onnx bytes".to_vec(), b"x".to_vec()], &f.signers[0]);
         assert_eq!(f.check(&bytes).unwrap_err(), VerifyError::UnsafePath(name.into()), "{name:?}");
     }
     let mut twice = builder().manifest().clone();

@@ -106,7 +106,9 @@ pub enum VerifyError {
         expected: String,
     },
     /// A payload file's bytes do not match its SHA-256.
-    #[error("payload file {file:?} does not match its SHA-256 (manifest {expected}, content {actual})")]
+    #[error(
+        "payload file {file:?} does not match its SHA-256 (manifest {expected}, content {actual})"
+    )]
     PayloadHashMismatch {
         /// The file.
         file: String,
@@ -175,7 +177,11 @@ fn name_error(err: NameError) -> VerifyError {
 }
 
 /// Checks an authentic manifest's own rules and the policy.
-fn check_manifest(manifest: &Manifest, header: &Header, policy: &Policy) -> Result<(), VerifyError> {
+fn check_manifest(
+    manifest: &Manifest,
+    header: &Header,
+    policy: &Policy,
+) -> Result<(), VerifyError> {
     if manifest.format != MANIFEST_FORMAT {
         return Err(VerifyError::UnsupportedVersion { what: "manifest", version: manifest.format });
     }
@@ -188,7 +194,10 @@ fn check_manifest(manifest: &Manifest, header: &Header, policy: &Policy) -> Resu
     for file in &manifest.files {
         names::check_payload_path(&file.name).map_err(name_error)?;
         if !seen.insert(file.name.as_str()) {
-            return Err(VerifyError::InvalidManifest(format!("file {:?} is listed twice", file.name)));
+            return Err(VerifyError::InvalidManifest(format!(
+                "file {:?} is listed twice",
+                file.name
+            )));
         }
     }
     match &manifest.content {
@@ -259,7 +268,10 @@ pub struct PayloadCheck<'m> {
 
 impl std::fmt::Debug for PayloadCheck<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PayloadCheck").field("file", &self.file).field("in_file", &self.in_file).finish()
+        f.debug_struct("PayloadCheck")
+            .field("file", &self.file)
+            .field("in_file", &self.in_file)
+            .finish()
     }
 }
 

@@ -6,8 +6,8 @@ use prost::Message;
 use thiserror::Error;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTensor, TDim,
-    TValue, TVec, Tensor as TractTensor, TypedRunnableModel, tract_ndarray, tvec,
+    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTensor, TDim, TValue,
+    TVec, Tensor as TractTensor, TypedRunnableModel, tract_ndarray, tvec,
 };
 use tract_onnx::tract_hir::internal::Factoid;
 
@@ -177,12 +177,12 @@ impl OnnxModel {
 
         // Output facts are read after optimisation: before it, tract may still type an
         // output as a symbolic dimension (`TDim`) that a later cast makes concrete.
-        let optimized = model
-            .into_typed()
-            .and_then(|m| m.into_optimized())
-            .map_err(|e| load_error(&e))?;
+        let optimized =
+            model.into_typed().and_then(|m| m.into_optimized()).map_err(|e| load_error(&e))?;
         let mut outputs = Vec::new();
-        for (i, outlet) in optimized.output_outlets().map_err(|e| load_error(&e))?.iter().enumerate() {
+        for (i, outlet) in
+            optimized.output_outlets().map_err(|e| load_error(&e))?.iter().enumerate()
+        {
             let name = optimized
                 .outlet_label(*outlet)
                 .map_or_else(|| optimized.node(outlet.node).name.clone(), str::to_owned);

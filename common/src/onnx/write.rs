@@ -141,7 +141,13 @@ impl GraphBuilder {
     }
 
     /// Adds a node.
-    pub fn node(&mut self, op: &str, inputs: &[&str], outputs: &[&str], attrs: Vec<Attr>) -> &mut Self {
+    pub fn node(
+        &mut self,
+        op: &str,
+        inputs: &[&str],
+        outputs: &[&str],
+        attrs: Vec<Attr>,
+    ) -> &mut Self {
         let index = self.graph.node.len();
         self.graph.node.push(NodeProto {
             name: format!("{op}_{index}"),
@@ -178,7 +184,8 @@ pub fn mlp_classifier(mlp: &Mlp, input: &str, producer: &str) -> Vec<u8> {
     g.input(input, DataType::Fp32, &[n(), Dim::Fixed(features as u64)]);
     let mut current = input.to_owned();
     for (i, layer) in mlp.layers.iter().enumerate() {
-        let (w, b, out) = (format!("dense{i}.weight"), format!("dense{i}.bias"), format!("dense{i}"));
+        let (w, b, out) =
+            (format!("dense{i}.weight"), format!("dense{i}.bias"), format!("dense{i}"));
         g.weights(&w, &[layer.outputs, layer.inputs], &layer.weights);
         g.weights(&b, &[layer.outputs], &layer.bias);
         g.node("Gemm", &[&current, &w, &b], &[&out], vec![Attr::Int("transB", 1)]);
@@ -212,13 +219,19 @@ mod tests {
         let model = OnnxModel::load(&mlp_classifier(&mlp, "input", "test")).unwrap();
         let sig = model.signature();
         assert_eq!(sig.inputs[0].shape, vec![Dim::Symbol("N".into()), Dim::Fixed(8)]);
-        assert_eq!(sig.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["probabilities", "label"]);
+        assert_eq!(
+            sig.outputs.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(),
+            ["probabilities", "label"]
+        );
         assert_eq!(sig.outputs[1].datatype, DataType::Int64);
 
         let rows = 37;
         let x = data.features[..rows * FEATURE_COUNT].to_vec();
         let out = model
-            .run(vec![Tensor { shape: vec![rows as u64, FEATURE_COUNT as u64], data: TensorData::Fp32(x.clone()) }])
+            .run(vec![Tensor {
+                shape: vec![rows as u64, FEATURE_COUNT as u64],
+                data: TensorData::Fp32(x.clone()),
+            }])
             .unwrap();
         let TensorData::Int64(labels) = &out[1].data else { panic!("{:?}", out[1]) };
         let expected: Vec<i64> = mlp.predict(&x).into_iter().map(i64::from).collect();
@@ -241,7 +254,9 @@ mod tests {
         assert_eq!(model.signature().inputs[0].shape, vec![Dim::Symbol("N".into()), Dim::Any]);
         for (n, w) in [(1u64, 1u64), (3, 5), (2, 7)] {
             let x: Vec<f64> = (0..n * w).map(|v| v as f64).collect();
-            let out = model.run(vec![Tensor { shape: vec![n, w], data: TensorData::Fp64(x.clone()) }]).unwrap();
+            let out = model
+                .run(vec![Tensor { shape: vec![n, w], data: TensorData::Fp64(x.clone()) }])
+                .unwrap();
             assert_eq!(out[0].shape, vec![n, w]);
             assert_eq!(out[0].data, TensorData::Fp64(x.iter().map(|v| v * 2.0).collect()));
         }
@@ -249,7 +264,10 @@ mod tests {
 
     #[test]
     fn refuses_bytes_that_are_not_onnx_and_unsupported_graphs() {
-        assert!(matches!(OnnxModel::load(b"definitely not protobuf \xff\xff"), Err(crate::onnx::OnnxError::Decode(_))));
+        assert!(matches!(
+            OnnxModel::load(b"definitely not protobuf \xff\xff"),
+            Err(crate::onnx::OnnxError::Decode(_))
+        ));
         let mut g = GraphBuilder::new("bad");
         g.input("x", DataType::Fp32, &[Dim::Fixed(2)]);
         g.node("NoSuchOperator", &["x"], &["y"], vec![]);
