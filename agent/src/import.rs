@@ -208,14 +208,10 @@ pub fn import_file(
         .map_err(refused)?;
     let manifest_sha = Sha256::of(&manifest_bytes);
 
-    // Fail fast on the version rule; it is checked again under the write lock.
+    // Fail fast on the version rule; it is checked again under the write lock. A bundle
+    // that is already installed is still verified to the last byte before saying so.
     let existing = store.versions(&manifest.name)?;
-    if !check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)? {
-        return Ok(ImportOutcome::AlreadyInstalled {
-            name: manifest.name,
-            version: manifest.version,
-        });
-    }
+    check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)?;
 
     // Copy to staging, hashing every byte on the way.
     let staging = store.staging_dir();
@@ -282,7 +278,6 @@ pub fn import_file(
         check_version(&manifest, manifest_sha, existing, options.allow_downgrade)
     })?;
     if !installed {
-        // Another import installed this very bundle meanwhile.
         return Ok(ImportOutcome::AlreadyInstalled {
             name: manifest.name,
             version: manifest.version,

@@ -1,0 +1,117 @@
+//! The control plane's CLI output is accepted by the agent's CLI, and the agent's CLI
+//! refuses what it must, with the exit codes operators script against.
+
+mod support;
+
+use support::{fails, ok, s, sample_bundle};
+
+#[test]
+fn control_plane_output_is_accepted_by_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path(), "eu-west-1", 1);
+    let keys = dir.path().join("keys");
+    let root = keys.join("root.json");
+
+    // Private keys are 0600 and the directory 0700.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&keys), 0o700);
+        let key_files: Vec<_> = std::fs::read_dir(&keys)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "key"))
+            .collect();
+        assert_eq!(key_files.len(), 2, "one root key and one signing key");
+        for key in key_files {
+            assert_eq!(mode(&key), 0o600, "{}", key.display());
+        }
+    }
+
+    let report = ok(&["control", "bundle", "inspect", s(&bundle), "--trust", s(&root)]);
+    assert!(report.contains("name        sensor-fault"), "{report}");
+    assert!(report.contains("input       sensors FP32 [N, 8]"), "{report}");
+    assert!(report.contains("output      label INT64 [N]"), "{report}");
+    assert!(report.contains("verified    yes"), "{report}");
+    assert!(report.contains("reference   4000 rows; 8 input and 4 output column profiles"), "{report}");
+    let unchecked = ok(&["control", "bundle", "inspect", s(&bundle)]);
+    assert!(unchecked.contains("not checked"), "{unchecked}");
+
+    let agent = dir.path().join("agent");
+    let init = ok(&["agent", "init", "--data-dir", s(&agent), "--region", "eu-west-1", "--trust", s(&root)]);
+    assert!(init.contains("region eu-west-1"), "{init}");
+    let imported = ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
+    assert!(imported.contains("installed sensor-fault version 1"), "{imported}");
+    let again = ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
+    assert!(again.contains("already installed"), "{again}");
+    let list = ok(&["agent", "list", "--data-dir", s(&agent)]);
+    assert!(list.lines().any(|l| l.starts_with("sensor-fault") && l.contains(" yes ")), "{list}");
+}
+
+#[test]
+fn refusals_have_their_own_exit_codes_and_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path(), "eu-west-1", 2);
+    let root = dir.path().join("keys/root.json");
+    let agent = dir.path().join("agent");
+    ok(&["agent", "init", "--data-dir", s(&agent), "--region", "eu-west-1", "--trust", s(&root)]);
+    ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
+
+    // A tampered copy: refused with EX_DATAERR, and inspect says why.
+    let mut bytes = std::fs::read(&bundle).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0xff;
+    let tampered = dir.path().join("tampered.falaj");
+    std::fs::write(&tampered, bytes).unwrap();
+    let err = fails(&["agent", "import", s(&tampered), "--data-dir", s(&agent)], 65);
+    assert!(err.contains("does not match its SHA-256"), "{err}");
+    let err = fails(&["control", "bundle", "inspect", s(&tampered), "--trust", s(&root)], 65);
+    assert!(err.contains("does not verify"), "{err}");
+
+    // An older version needs --allow-downgrade.
+    let older = sample_bundle(dir.path(), "eu-west-1", 1);
+    let err = fails(&["agent", "import", s(&older), "--data-dir", s(&agent)], 65);
+    assert!(err.contains("not newer than installed version 2"), "{err}");
+    let rolled = ok(&["agent", "import", s(&older), "--data-dir", s(&agent), "--allow-downgrade"]);
+    assert!(rolled.contains("was version 2"), "{rolled}");
+
+    // A bundle from another control plane (other keys, other region).
+    let other = tempfile::tempdir().unwrap();
+    let foreign = sample_bundle(other.path(), "us-east-1", 3);
+    let err = fails(&["agent", "import", s(&foreign), "--data-dir", s(&agent)], 65);
+    assert!(err.contains("not a signing key of the trust root"), "{err}");
+
+    // Configuration errors are EX_CONFIG: no agent here, a trust root for another region.
+    let err = fails(&["agent", "import", s(&bundle), "--data-dir", s(&dir.path().join("none"))], 78);
+    assert!(err.contains("not an initialised agent"), "{err}");
+    let err = fails(
+        &["agent", "init", "--data-dir", s(&dir.path().join("x")), "--region", "ap-south-1", "--trust", s(&root)],
+        78,
+    );
+    assert!(err.contains("trust root is for region"), "{err}");
+    // A usage error is EX_USAGE.
+    fails(&["agent", "import"], 64);
+    // Keys are never overwritten.
+    let err = fails(&["control", "keys", "init", "--dir", s(&dir.path().join("keys")), "--region", "eu-west-1"], 78);
+    assert!(err.contains("refusing to overwrite"), "{err}");
+}
+
+#[test]
+fn bundle_build_refuses_models_tract_cannot_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    ok(&["control", "keys", "init", "--dir", s(&keys), "--region", "eu-west-1"]);
+    let model = dir.path().join("broken.onnx");
+    std::fs::write(&model, b"not an onnx model at all").unwrap();
+    let out = dir.path().join("b.falaj");
+    let err = fails(
+        &[
+            "control", "bundle", "build", "--keys", s(&keys), "--model", s(&model), "--name", "broken", "--version",
+            "1", "--out", s(&out),
+        ],
+        78,
+    );
+    assert!(err.contains("broken.onnx") && err.contains("not an ONNX model"), "{err}");
+    assert!(!out.exists(), "nothing written for a refused model");
+}

@@ -1,0 +1,146 @@
+//! Running the real `falaj` binary: one-shot commands and long-running servers whose
+//! address is read from their first line of output.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// The binary under test.
+pub const FALAJ: &str = env!("CARGO_BIN_EXE_falaj");
+
+/// Runs `falaj ARGS...` to completion.
+pub fn falaj(args: &[&str]) -> Output {
+    Command::new(FALAJ).args(args).env("RUST_LOG", "warn").output().expect("falaj runs")
+}
+
+/// Runs `falaj ARGS...` and requires success; returns stdout.
+pub fn ok(args: &[&str]) -> String {
+    let out = falaj(args);
+    assert!(
+        out.status.success(),
+        "falaj {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs `falaj ARGS...`, requires the exit code `code`; returns stderr.
+pub fn fails(args: &[&str], code: i32) -> String {
+    let out = falaj(args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "falaj {args:?}: stderr: {stderr}");
+    stderr
+}
+
+/// A child process killed on drop, with its stdout lines arriving on a channel.
+pub struct Process {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl Process {
+    /// Starts `falaj ARGS...`.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(FALAJ)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("falaj starts");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { child, lines, seen: Vec::new() }
+    }
+
+    /// Waits (up to two minutes) for a line containing `needle`; returns it.
+    pub fn wait_for(&mut self, needle: &str) -> String {
+        loop {
+            match self.lines.recv_timeout(Duration::from_secs(120)) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => panic!("no line with {needle:?} ({e}); output so far:\n{}", self.seen.join("\n")),
+            }
+        }
+    }
+
+    /// Waits for the `http://ADDR` that the process prints when serving.
+    pub fn wait_for_addr(&mut self, needle: &str) -> SocketAddr {
+        let line = self.wait_for(needle);
+        let start = line.find("http://").expect("an http:// address") + "http://".len();
+        let addr = line[start..].split_whitespace().next().unwrap();
+        addr.trim_end_matches('/').parse().expect("an address")
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    pub fn terminate(mut self) -> Option<i32> {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        assert!(status.success());
+        let status = self.child.wait().expect("the process ends");
+        status.code()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Makes keys, the sample model and a signed bundle of it in `dir`; returns the bundle.
+pub fn sample_bundle(dir: &Path, region: &str, version: u64) -> std::path::PathBuf {
+    let keys = dir.join("keys");
+    if !keys.join("root.json").exists() {
+        ok(&["control", "keys", "init", "--dir", keys.to_str().unwrap(), "--region", region]);
+    }
+    let sample = dir.join("sample");
+    if !sample.join("model.onnx").exists() {
+        ok(&["control", "sample", "--out", sample.to_str().unwrap(), "--rows", "4000"]);
+    }
+    let out = dir.join(format!("sensor-fault-{version}.falaj"));
+    ok(&[
+        "control",
+        "bundle",
+        "build",
+        "--keys",
+        keys.to_str().unwrap(),
+        "--model",
+        sample.join("model.onnx").to_str().unwrap(),
+        "--name",
+        "sensor-fault",
+        "--version",
+        &version.to_string(),
+        "--reference",
+        sample.join("reference.csv").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    out
+}
+
+/// `dir` as a `&str`, for command lines.
+pub fn s(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
