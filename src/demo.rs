@@ -33,18 +33,15 @@ pub struct DemoArgs {
 
 pub fn run(args: &DemoArgs) -> Result<()> {
     let temp;
-    let dir: &Path = match &args.dir {
-        Some(dir) => {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-            dir
-        }
-        None => {
-            temp = tempfile::Builder::new()
-                .prefix("falaj-demo-")
-                .tempdir()
-                .context("creating a temporary directory")?;
-            temp.path()
-        }
+    let dir: &Path = if let Some(dir) = &args.dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        dir
+    } else {
+        temp = tempfile::Builder::new()
+            .prefix("falaj-demo-")
+            .tempdir()
+            .context("creating a temporary directory")?;
+        temp.path()
     };
     println!("Falaj demo in {}", dir.display());
     let now = SystemTime::now();
@@ -88,7 +85,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         out: bundle_path.clone(),
     };
     bundle::build(&options, now).context("building the bundle")?;
-    let size = std::fs::metadata(&bundle_path).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&bundle_path).map_or(0, |m| m.len());
     println!(
         "  3. bundle   signed {MODEL} v{version} with its reference profile ({size} bytes, {})",
         bundle_path.display()

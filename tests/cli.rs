@@ -34,12 +34,24 @@ fn control_plane_output_is_accepted_by_the_agent() {
     assert!(report.contains("input       sensors FP32 [N, 8]"), "{report}");
     assert!(report.contains("output      label INT64 [N]"), "{report}");
     assert!(report.contains("verified    yes"), "{report}");
-    assert!(report.contains("reference   4000 rows; 8 input and 4 output column profiles"), "{report}");
+    assert!(
+        report.contains("reference   4000 rows; 8 input and 4 output column profiles"),
+        "{report}"
+    );
     let unchecked = ok(&["control", "bundle", "inspect", s(&bundle)]);
     assert!(unchecked.contains("not checked"), "{unchecked}");
 
     let agent = dir.path().join("agent");
-    let init = ok(&["agent", "init", "--data-dir", s(&agent), "--region", "eu-west-1", "--trust", s(&root)]);
+    let init = ok(&[
+        "agent",
+        "init",
+        "--data-dir",
+        s(&agent),
+        "--region",
+        "eu-west-1",
+        "--trust",
+        s(&root),
+    ]);
     assert!(init.contains("region eu-west-1"), "{init}");
     let imported = ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
     assert!(imported.contains("installed sensor-fault version 1"), "{imported}");
@@ -83,17 +95,30 @@ fn refusals_have_their_own_exit_codes_and_messages() {
     assert!(err.contains("not a signing key of the trust root"), "{err}");
 
     // Configuration errors are EX_CONFIG: no agent here, a trust root for another region.
-    let err = fails(&["agent", "import", s(&bundle), "--data-dir", s(&dir.path().join("none"))], 78);
+    let err =
+        fails(&["agent", "import", s(&bundle), "--data-dir", s(&dir.path().join("none"))], 78);
     assert!(err.contains("not an initialised agent"), "{err}");
     let err = fails(
-        &["agent", "init", "--data-dir", s(&dir.path().join("x")), "--region", "ap-south-1", "--trust", s(&root)],
+        &[
+            "agent",
+            "init",
+            "--data-dir",
+            s(&dir.path().join("x")),
+            "--region",
+            "ap-south-1",
+            "--trust",
+            s(&root),
+        ],
         78,
     );
     assert!(err.contains("trust root is for region"), "{err}");
     // A usage error is EX_USAGE.
     fails(&["agent", "import"], 64);
     // Keys are never overwritten.
-    let err = fails(&["control", "keys", "init", "--dir", s(&dir.path().join("keys")), "--region", "eu-west-1"], 78);
+    let err = fails(
+        &["control", "keys", "init", "--dir", s(&dir.path().join("keys")), "--region", "eu-west-1"],
+        78,
+    );
     assert!(err.contains("refusing to overwrite"), "{err}");
 }
 
@@ -107,8 +132,19 @@ fn bundle_build_refuses_models_tract_cannot_load() {
     let out = dir.path().join("b.falaj");
     let err = fails(
         &[
-            "control", "bundle", "build", "--keys", s(&keys), "--model", s(&model), "--name", "broken", "--version",
-            "1", "--out", s(&out),
+            "control",
+            "bundle",
+            "build",
+            "--keys",
+            s(&keys),
+            "--model",
+            s(&model),
+            "--name",
+            "broken",
+            "--version",
+            "1",
+            "--out",
+            s(&out),
         ],
         78,
     );

@@ -44,18 +44,47 @@ fn skl2onnx_model_served_to_tritons_client_matches_onnx_runtime() {
     let bundle = dir.path().join("skl.falaj");
     ok(&["control", "keys", "init", "--dir", s(&keys), "--region", "eu-west-1"]);
     let built = ok(&[
-        "control", "bundle", "build", "--keys", s(&keys), "--model", s(&work.join("model.onnx")), "--name",
-        "skl-mlp", "--version", "1", "--out", s(&bundle),
+        "control",
+        "bundle",
+        "build",
+        "--keys",
+        s(&keys),
+        "--model",
+        s(&work.join("model.onnx")),
+        "--name",
+        "skl-mlp",
+        "--version",
+        "1",
+        "--out",
+        s(&bundle),
     ]);
     assert!(built.contains("in input FP32"), "{built}");
-    ok(&["agent", "init", "--data-dir", s(&agent), "--region", "eu-west-1", "--trust", s(&keys.join("root.json"))]);
+    ok(&[
+        "agent",
+        "init",
+        "--data-dir",
+        s(&agent),
+        "--region",
+        "eu-west-1",
+        "--trust",
+        s(&keys.join("root.json")),
+    ]);
     ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
-    let mut server = Process::start(&["agent", "serve", "--data-dir", s(&agent), "--http", "127.0.0.1:0"]);
+    let mut server =
+        Process::start(&["agent", "serve", "--data-dir", s(&agent), "--http", "127.0.0.1:0"]);
     let addr = server.wait_for_addr("serving the Open Inference Protocol");
 
-    let out = Command::new(&python).arg(&script).args(["check", &addr.to_string(), s(&work)]).output().unwrap();
+    let out = Command::new(&python)
+        .arg(&script)
+        .args(["check", &addr.to_string(), s(&work)])
+        .output()
+        .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "interop check failed:\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "interop check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     let checks = summary["checks"].as_array().unwrap();
     assert_eq!(checks.len(), 12, "2 outputs x 3 batch sizes x JSON and binary: {summary}");

@@ -22,7 +22,14 @@ async fn serves_imports_live_and_stops_cleanly() {
     ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
 
     let mut server = Process::start(&[
-        "agent", "serve", "--data-dir", s(&agent), "--http", "127.0.0.1:0", "--poll-interval", "100ms",
+        "agent",
+        "serve",
+        "--data-dir",
+        s(&agent),
+        "--http",
+        "127.0.0.1:0",
+        "--poll-interval",
+        "100ms",
     ]);
     let addr = server.wait_for_addr("serving the Open Inference Protocol");
     let client = reqwest::Client::new();
@@ -31,12 +38,22 @@ async fn serves_imports_live_and_stops_cleanly() {
     let rows = 16;
     let x = sample::generate(rows, 99, &[]).features;
     let body = json!({"inputs": [{"name": "sensors", "shape": [rows, FEATURE_COUNT], "datatype": "FP32", "data": x}]});
-    let response: Value =
-        client.post(url("/v2/models/sensor-fault/infer")).json(&body).send().await.unwrap().json().await.unwrap();
+    let response: Value = client
+        .post(url("/v2/models/sensor-fault/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     let model = std::fs::read(dir.path().join("sample/model.onnx")).unwrap();
     let direct = OnnxModel::load(&model)
         .unwrap()
-        .run(vec![Tensor { shape: vec![rows as u64, FEATURE_COUNT as u64], data: TensorData::Fp32(x) }])
+        .run(vec![Tensor {
+            shape: vec![rows as u64, FEATURE_COUNT as u64],
+            data: TensorData::Fp32(x),
+        }])
         .unwrap();
     let TensorData::Fp32(expected) = &direct[0].data else { panic!() };
     let got: Vec<f32> = response["outputs"][0]["data"]
@@ -53,14 +70,24 @@ async fn serves_imports_live_and_stops_cleanly() {
     let v2 = sample_bundle(dir.path(), "eu-west-1", 2);
     ok(&["agent", "import", s(&v2), "--data-dir", s(&agent)]);
     let deadline = Instant::now() + Duration::from_secs(60);
-    while client.get(url("/v2/models/sensor-fault/versions/2/ready")).send().await.unwrap().status() != 200 {
+    while client.get(url("/v2/models/sensor-fault/versions/2/ready")).send().await.unwrap().status()
+        != 200
+    {
         assert!(Instant::now() < deadline, "version 2 never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let response: Value =
-        client.post(url("/v2/models/sensor-fault/infer")).json(&body).send().await.unwrap().json().await.unwrap();
+    let response: Value = client
+        .post(url("/v2/models/sensor-fault/infer"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(response["model_version"], "2", "the new version is active");
-    let meta: Value = client.get(url("/v2/models/sensor-fault")).send().await.unwrap().json().await.unwrap();
+    let meta: Value =
+        client.get(url("/v2/models/sensor-fault")).send().await.unwrap().json().await.unwrap();
     assert_eq!(meta["versions"], json!(["1", "2"]));
 
     assert_eq!(server.terminate(), Some(0), "SIGTERM is a clean shutdown");
@@ -74,7 +101,12 @@ async fn the_demo_serves_and_answers() {
     demo.wait_for("Serving until Ctrl-C");
     assert!(demo.seen.iter().any(|l| l.contains("hold-out accuracy")), "{:?}", demo.seen);
     assert!(demo.seen.iter().any(|l| l.contains("predicted right")), "{:?}", demo.seen);
-    let meta: Value = reqwest::get(format!("http://{addr}/v2/models/sensor-fault")).await.unwrap().json().await.unwrap();
+    let meta: Value = reqwest::get(format!("http://{addr}/v2/models/sensor-fault"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(meta["inputs"][0]["shape"], json!([-1, 8]));
     assert_eq!(demo.terminate(), Some(0));
 }

@@ -215,7 +215,7 @@ fn import(args: &ImportArgs) -> Result<(), Failure> {
             );
             Ok(())
         }
-        Err(err @ ImportError::Store(_)) | Err(err @ ImportError::Read { .. }) => {
+        Err(err @ (ImportError::Store(_) | ImportError::Read { .. })) => {
             Err(Failure::Other(err.into()))
         }
         Err(err) => Err(Failure::Refused(err.into())),

@@ -164,6 +164,106 @@ fn check_version(
     }
 }
 
+/// The header and the two small sections that precede the payload.
+struct Head {
+    header: Header,
+    bytes: Vec<u8>,
+    manifest: Vec<u8>,
+    signatures: Vec<u8>,
+}
+
+/// Reads the header, manifest and signatures sections (bounded by the header's limits).
+fn read_head(reader: &mut impl Read, total: u64) -> Result<Head, VerifyError> {
+    let truncated = |section: &'static str, expected: u64| VerifyError::Truncated {
+        section,
+        expected,
+        got: total.min(expected),
+    };
+    let bytes = store::read_exact_vec(reader, bundle::HEADER_LEN)
+        .map_err(|_| truncated("header", bundle::HEADER_LEN as u64))?;
+    let header = Header::parse(&bytes)?;
+    let manifest = store::read_exact_vec(reader, header.manifest_len as usize)
+        .map_err(|_| truncated("manifest", u64::from(header.manifest_len)))?;
+    let signatures = store::read_exact_vec(reader, header.signatures_len as usize)
+        .map_err(|_| truncated("signatures", u64::from(header.signatures_len)))?;
+    Ok(Head { header, bytes, manifest, signatures })
+}
+
+/// A bundle copied to the staging directory and verified to its last byte.
+struct Staged {
+    file: tempfile::NamedTempFile,
+    model_bytes: Vec<u8>,
+    size: u64,
+}
+
+/// Copies the bundle into a staging file, hashing every payload byte on the way and
+/// keeping the model file's bytes; the staging file is fsynced before it is returned.
+fn stage(
+    store: &Store,
+    path: &Path,
+    reader: &mut impl Read,
+    head: &Head,
+    manifest: &Manifest,
+    total: u64,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Staged, ImportError> {
+    let staging = store.staging_dir();
+    let staging_err =
+        |source| StoreError::Io { op: "writing staged bundle in", path: staging.clone(), source };
+    std::fs::create_dir_all(&staging).map_err(staging_err)?;
+    let mut file = tempfile::Builder::new()
+        .prefix("import-")
+        .suffix(".falaj")
+        .tempfile_in(&staging)
+        .map_err(staging_err)?;
+    for section in [&head.bytes, &head.manifest, &head.signatures] {
+        file.write_all(section).map_err(staging_err)?;
+    }
+    let model_file = manifest.model().map(|m| m.file.as_str()).unwrap_or_default();
+    let mut model_bytes = Vec::new();
+    let mut check = PayloadCheck::new(manifest);
+    let mut buf = vec![0u8; PIECE];
+    let mut size = head.header.payload_offset();
+    progress(size, total);
+    loop {
+        let n = reader
+            .read(&mut buf)
+            .map_err(|source| ImportError::Read { path: path.to_owned(), source })?;
+        if n == 0 {
+            break;
+        }
+        collect_model_bytes(manifest, model_file, &check, &buf[..n], &mut model_bytes);
+        check
+            .update(&buf[..n])
+            .map_err(|source| ImportError::Refused { path: path.to_owned(), source })?;
+        file.write_all(&buf[..n]).map_err(staging_err)?;
+        size += n as u64;
+        progress(size, total);
+    }
+    check.finish().map_err(|source| ImportError::Refused { path: path.to_owned(), source })?;
+    file.as_file().sync_all().map_err(staging_err)?;
+    Ok(Staged { file, model_bytes, size })
+}
+
+/// The model must load here, with the inputs the manifest declares.
+fn check_model(manifest: &Manifest, model_bytes: &[u8]) -> Result<(), ImportError> {
+    let bad_model = |problem: String| ImportError::BadModel {
+        name: manifest.name.clone(),
+        version: manifest.version,
+        problem,
+    };
+    let spec = manifest.model().ok_or_else(|| bad_model("not a model bundle".into()))?;
+    let model = OnnxModel::load(model_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
+    if model.signature().inputs != spec.signature.inputs {
+        return Err(bad_model(format!(
+            "the model's inputs {:?} differ from the manifest's {:?}",
+            model.signature().inputs,
+            spec.signature.inputs
+        )));
+    }
+    Ok(())
+}
+
 /// Imports the bundle at `path` into `store`. `progress` is called with bytes done and
 /// the total as the payload is copied.
 pub fn import_file(
@@ -184,18 +284,7 @@ pub fn import_file(
         }));
     }
     let mut reader = BufReader::with_capacity(PIECE, file);
-
-    // Header, manifest and signatures: small, bounded by the header's limits.
-    let truncated = |section: &'static str, expected: u64| {
-        refused(VerifyError::Truncated { section, expected, got: total.min(expected) })
-    };
-    let head = store::read_exact_vec(&mut reader, bundle::HEADER_LEN)
-        .map_err(|_| truncated("header", bundle::HEADER_LEN as u64))?;
-    let header = Header::parse(&head).map_err(refused)?;
-    let manifest_bytes = store::read_exact_vec(&mut reader, header.manifest_len as usize)
-        .map_err(|_| truncated("manifest", u64::from(header.manifest_len)))?;
-    let signatures = store::read_exact_vec(&mut reader, header.signatures_len as usize)
-        .map_err(|_| truncated("signatures", u64::from(header.signatures_len)))?;
+    let head = read_head(&mut reader, total).map_err(refused)?;
 
     let trust = store.trust_root()?;
     trust.check_expiry(options.now).map_err(ImportError::TrustExpired)?;
@@ -204,91 +293,33 @@ pub fn import_file(
         region: store.region().to_owned(),
         max_bundle_bytes: options.max_bundle_bytes,
     };
-    let manifest = bundle::verify_manifest(&header, &manifest_bytes, &signatures, &trust, &policy)
-        .map_err(refused)?;
-    let manifest_sha = Sha256::of(&manifest_bytes);
+    let manifest =
+        bundle::verify_manifest(head.header, &head.manifest, &head.signatures, &trust, &policy)
+            .map_err(refused)?;
+    let manifest_sha = Sha256::of(&head.manifest);
 
     // Fail fast on the version rule; it is checked again under the write lock. A bundle
     // that is already installed is still verified to the last byte before saying so.
     let existing = store.versions(&manifest.name)?;
     check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)?;
 
-    // Copy to staging, hashing every byte on the way.
-    let staging = store.staging_dir();
-    std::fs::create_dir_all(&staging).map_err(|source| StoreError::Io {
-        op: "creating directory",
-        path: staging.clone(),
-        source,
-    })?;
-    let staging_err =
-        |source| StoreError::Io { op: "writing staged bundle in", path: staging.clone(), source };
-    let mut staged = tempfile::Builder::new()
-        .prefix("import-")
-        .suffix(".falaj")
-        .tempfile_in(&staging)
-        .map_err(staging_err)?;
-    for section in [&head, &manifest_bytes, &signatures] {
-        staged.write_all(section).map_err(staging_err)?;
-    }
-    let model_spec = manifest.model().ok_or_else(|| ImportError::BadModel {
-        name: manifest.name.clone(),
-        version: manifest.version,
-        problem: "not a model bundle".into(),
-    })?;
-    let mut model_bytes = Vec::new();
-    let mut check = PayloadCheck::new(&manifest);
-    let mut buf = vec![0u8; PIECE];
-    let mut done = header.payload_offset();
-    progress(done, total);
-    loop {
-        let n = reader.read(&mut buf).map_err(read_err)?;
-        if n == 0 {
-            break;
-        }
-        collect_model_bytes(&manifest, &model_spec.file, &check, &buf[..n], &mut model_bytes);
-        check.update(&buf[..n]).map_err(refused)?;
-        staged.write_all(&buf[..n]).map_err(staging_err)?;
-        done += n as u64;
-        progress(done, total);
-    }
-    check.finish().map_err(refused)?;
-    staged.as_file().sync_all().map_err(staging_err)?;
-
-    // The model must load here, with the I/O the manifest declares.
-    let bad_model = |problem: String| ImportError::BadModel {
-        name: manifest.name.clone(),
-        version: manifest.version,
-        problem,
-    };
-    let model = OnnxModel::load(&model_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
-    if model.signature().inputs != model_spec.signature.inputs {
-        return Err(bad_model(format!(
-            "the model's inputs {:?} differ from the manifest's {:?}",
-            model.signature().inputs,
-            model_spec.signature.inputs
-        )));
-    }
+    let staged = stage(store, path, &mut reader, &head, &manifest, total, progress)?;
+    check_model(&manifest, &staged.model_bytes)?;
 
     let previous = store
         .installed()?
         .into_iter()
         .find(|i| i.active && i.manifest.name == manifest.name)
         .map(|i| i.manifest.version);
-    let installed = store.install(staged, &manifest, &manifest_bytes, options.now, |existing| {
-        check_version(&manifest, manifest_sha, existing, options.allow_downgrade)
-    })?;
+    let installed =
+        store.install(staged.file, &manifest, &head.manifest, options.now, |existing| {
+            check_version(&manifest, manifest_sha, existing, options.allow_downgrade)
+        })?;
+    let (name, version) = (manifest.name, manifest.version);
     if !installed {
-        return Ok(ImportOutcome::AlreadyInstalled {
-            name: manifest.name,
-            version: manifest.version,
-        });
+        return Ok(ImportOutcome::AlreadyInstalled { name, version });
     }
-    Ok(ImportOutcome::Installed {
-        name: manifest.name,
-        version: manifest.version,
-        previous,
-        size: done,
-    })
+    Ok(ImportOutcome::Installed { name, version, previous, size: staged.size })
 }
 
 /// Appends the part of `piece` that belongs to the model file to `out`. `check` tells

@@ -3,7 +3,8 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use falaj_common::bundle::Manifest;
@@ -21,6 +22,35 @@ pub struct LoadedVersion {
     pub manifest_sha256: Sha256,
     /// The engine serving it.
     pub engine: Arc<dyn Engine>,
+    /// What its runs have cost so far.
+    pub cost: RunCost,
+}
+
+/// The observed cost of a model's runs per batch row (an exponentially weighted mean),
+/// so the server can run cheap requests where they arrive and hand costly ones to the
+/// blocking pool. Lock-free; concurrent updates may lose a sample, which is harmless.
+#[derive(Debug, Default)]
+pub struct RunCost {
+    nanos_per_row: AtomicU64,
+}
+
+impl RunCost {
+    /// The expected duration of a run over `rows` rows, once a run has been seen.
+    pub fn estimate(&self, rows: u64) -> Option<Duration> {
+        match self.nanos_per_row.load(Ordering::Relaxed) {
+            0 => None,
+            per_row => Some(Duration::from_nanos(per_row.saturating_mul(rows.max(1)))),
+        }
+    }
+
+    /// Records a run over `rows` rows that took `elapsed`.
+    pub fn record(&self, rows: u64, elapsed: Duration) {
+        let sample =
+            (elapsed.as_nanos() / u128::from(rows.max(1))).clamp(1, u128::from(u64::MAX)) as u64;
+        let old = self.nanos_per_row.load(Ordering::Relaxed);
+        let new = if old == 0 { sample } else { old - old / 8 + sample / 8 };
+        self.nanos_per_row.store(new.max(1), Ordering::Relaxed);
+    }
 }
 
 /// A version's state.
@@ -132,6 +162,7 @@ impl Registry {
                                 manifest: installed.manifest.clone(),
                                 manifest_sha256: installed.manifest_sha256,
                                 engine,
+                                cost: RunCost::default(),
                             }))
                         }
                         Err(reason) => {
@@ -160,5 +191,24 @@ impl Registry {
         }
         self.catalog.store(Arc::new(next));
         Ok(summary)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_cost_tracks_per_row_cost() {
+        let cost = RunCost::default();
+        assert_eq!(cost.estimate(10), None, "unknown until a run is seen");
+        cost.record(10, Duration::from_micros(100));
+        assert_eq!(cost.estimate(1), Some(Duration::from_micros(10)));
+        assert_eq!(cost.estimate(100), Some(Duration::from_millis(1)));
+        for _ in 0..100 {
+            cost.record(1, Duration::from_micros(2));
+        }
+        let settled = cost.estimate(1).unwrap();
+        assert!(settled < Duration::from_micros(3), "{settled:?}");
     }
 }

@@ -113,99 +113,97 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
     };
     let raw: RawRequest<'_> =
         serde_json::from_slice(json).map_err(|e| bad(format!("request JSON is malformed: {e}")))?;
-    let request_params = raw.parameters.unwrap_or_default();
-    let mut inputs = Vec::with_capacity(raw.inputs.len());
-    for input in raw.inputs {
-        let params = input.parameters.unwrap_or_default();
-        if params.shared_memory_region.is_some() {
-            return Err(bad(format!(
-                "input {:?}: the shared memory extension is not supported",
-                input.name
-            )));
-        }
-        let datatype = DataType::from_name(&input.datatype).ok_or_else(|| {
-            bad(format!("input {:?}: datatype {:?} is not supported", input.name, input.datatype))
-        })?;
-        let shape: Vec<u64> =
-            input.shape.iter().map(|&d| u64::try_from(d)).collect::<Result<_, _>>().map_err(
-                |_| {
-                    bad(format!(
-                        "input {:?}: shape {:?} has a negative dimension",
-                        input.name, input.shape
-                    ))
-                },
-            )?;
-        let count = element_count(&shape)
-            .ok_or_else(|| bad(format!("input {:?}: shape {shape:?} is too large", input.name)))?;
-        let data = match (params.binary_data_size, input.data) {
-            (Some(_), Some(_)) => {
-                return Err(bad(format!(
-                    "input {:?} has both JSON data and binary_data_size",
-                    input.name
-                )));
-            }
-            (Some(size), None) => {
-                let size = usize::try_from(size).unwrap_or(usize::MAX);
-                if size > binary.len() {
-                    return Err(bad(format!(
-                        "input {:?}: binary_data_size {size} exceeds the {} binary bytes left",
-                        input.name,
-                        binary.len()
-                    )));
-                }
-                let (bytes, rest) = binary.split_at(size);
-                binary = rest;
-                decode_binary(datatype, bytes, count)
-                    .map_err(|e| bad(format!("input {:?}: {e}", input.name)))?
-            }
-            (None, Some(raw)) => decode_json(datatype, raw.get(), count)
-                .map_err(|e| bad(format!("input {:?}: {e}", input.name)))?,
-            (None, None) => return Err(bad(format!("input {:?} has no data", input.name))),
-        };
-        if data.len() != count {
-            return Err(bad(format!(
-                "input {:?}: {} elements given for shape {shape:?} ({count} elements)",
-                input.name,
-                data.len()
-            )));
-        }
-        inputs.push(NamedTensor { name: input.name, tensor: Tensor { shape, data } });
-    }
+    let inputs = raw
+        .inputs
+        .into_iter()
+        .map(|input| decode_input(input, &mut binary))
+        .collect::<Result<Vec<_>, _>>()?;
     if !binary.is_empty() {
         return Err(bad(format!(
             "{} bytes of binary data are not claimed by any input",
             binary.len()
         )));
     }
-    let binary_by_default = request_params.binary_data_output.unwrap_or(false);
+    let binary_by_default = raw.parameters.and_then(|p| p.binary_data_output).unwrap_or(false);
     let outputs = raw
         .outputs
         .map(|outputs| {
             outputs
                 .into_iter()
-                .map(|o| {
-                    let params = o.parameters.unwrap_or_default();
-                    if params.classification.is_some() {
-                        return Err(bad(format!(
-                            "output {:?}: the classification extension is not supported",
-                            o.name
-                        )));
-                    }
-                    if params.shared_memory_region.is_some() {
-                        return Err(bad(format!(
-                            "output {:?}: the shared memory extension is not supported",
-                            o.name
-                        )));
-                    }
-                    Ok(RequestedOutput {
-                        binary: params.binary_data.unwrap_or(binary_by_default),
-                        name: o.name,
-                    })
-                })
+                .map(|o| requested_output(o, binary_by_default))
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
     Ok(InferRequest { id: raw.id, inputs, outputs, binary_by_default })
+}
+
+/// Decodes one input, taking its binary data (if any) from the front of `binary`.
+fn decode_input(input: RawInput<'_>, binary: &mut &[u8]) -> Result<NamedTensor, ProtocolError> {
+    let name = input.name;
+    let params = input.parameters.unwrap_or_default();
+    if params.shared_memory_region.is_some() {
+        return Err(bad(format!("input {name:?}: the shared memory extension is not supported")));
+    }
+    let datatype = DataType::from_name(&input.datatype).ok_or_else(|| {
+        bad(format!("input {name:?}: datatype {:?} is not supported", input.datatype))
+    })?;
+    let shape: Vec<u64> =
+        input.shape.iter().map(|&d| u64::try_from(d)).collect::<Result<_, _>>().map_err(|_| {
+            bad(format!("input {name:?}: shape {:?} has a negative dimension", input.shape))
+        })?;
+    let count = element_count(&shape)
+        .ok_or_else(|| bad(format!("input {name:?}: shape {shape:?} is too large")))?;
+    let data = match (params.binary_data_size, input.data) {
+        (Some(_), Some(_)) => {
+            return Err(bad(format!("input {name:?} has both JSON data and binary_data_size")));
+        }
+        (Some(size), None) => {
+            let size = usize::try_from(size).unwrap_or(usize::MAX);
+            if size > binary.len() {
+                return Err(bad(format!(
+                    "input {name:?}: binary_data_size {size} exceeds the {} binary bytes left",
+                    binary.len()
+                )));
+            }
+            let (bytes, rest) = binary.split_at(size);
+            *binary = rest;
+            decode_binary(datatype, bytes, count)
+                .map_err(|e| bad(format!("input {name:?}: {e}")))?
+        }
+        (None, Some(raw)) => decode_json(datatype, raw.get(), count)
+            .map_err(|e| bad(format!("input {name:?}: {e}")))?,
+        (None, None) => return Err(bad(format!("input {name:?} has no data"))),
+    };
+    if data.len() != count {
+        return Err(bad(format!(
+            "input {name:?}: {} elements given for shape {shape:?} ({count} elements)",
+            data.len()
+        )));
+    }
+    Ok(NamedTensor { name, tensor: Tensor { shape, data } })
+}
+
+fn requested_output(
+    output: RawOutput,
+    binary_by_default: bool,
+) -> Result<RequestedOutput, ProtocolError> {
+    let params = output.parameters.unwrap_or_default();
+    if params.classification.is_some() {
+        return Err(bad(format!(
+            "output {:?}: the classification extension is not supported",
+            output.name
+        )));
+    }
+    if params.shared_memory_region.is_some() {
+        return Err(bad(format!(
+            "output {:?}: the shared memory extension is not supported",
+            output.name
+        )));
+    }
+    Ok(RequestedOutput {
+        binary: params.binary_data.unwrap_or(binary_by_default),
+        name: output.name,
+    })
 }
 
 /// A JSON value convertible to an element of one type.

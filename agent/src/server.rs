@@ -13,6 +13,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use thiserror::Error;
 use tokio::net::TcpListener;
@@ -140,7 +141,13 @@ impl Server {
             stop_rx,
         ));
         tracing::info!(addr = %self.addr, "serving the Open Inference Protocol");
-        let served = axum::serve(self.listener, router(self.state))
+        // Responses are written whole; Nagle's algorithm would only delay them.
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(err) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %err, "could not set TCP_NODELAY");
+            }
+        });
+        let served = axum::serve(listener, router(self.state))
             .with_graceful_shutdown(shutdown)
             .await
             .map_err(|source| ServeError::Http { addr: self.addr, source });
@@ -311,9 +318,8 @@ fn lookup(
         .models
         .get(name)
         .ok_or_else(|| ApiError::NotFound(format!("unknown model {name:?}")))?;
-    let version = match version.or(entry.active) {
-        Some(v) => v,
-        None => return Err(ApiError::NotFound(format!("model {name:?} has no active version"))),
+    let Some(version) = version.or(entry.active) else {
+        return Err(ApiError::NotFound(format!("model {name:?} has no active version")));
     };
     let state = entry
         .versions
@@ -455,6 +461,41 @@ async fn read_body(
     }
 }
 
+/// Runs the model where it costs least: a run expected to take less than
+/// [`INLINE_BUDGET`] runs on the async worker that received the request (a hand-off to
+/// another thread would cost more than the run); longer or not yet measured runs go to the
+/// blocking pool, at most `workers` at once.
+async fn run_model(
+    state: &AppState,
+    model: &Arc<LoadedVersion>,
+    inputs: Vec<falaj_common::tensor::Tensor>,
+    rows: u64,
+) -> Result<Result<Vec<falaj_common::tensor::Tensor>, falaj_common::onnx::RunError>, ApiError> {
+    if model.cost.estimate(rows).is_some_and(|d| d < INLINE_BUDGET) {
+        let started = Instant::now();
+        let outputs = model.engine.run(inputs);
+        model.cost.record(rows, started.elapsed());
+        return Ok(outputs);
+    }
+    let permit = Arc::clone(&state.permits)
+        .acquire_owned()
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let model = Arc::clone(model);
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let started = Instant::now();
+        let outputs = model.engine.run(inputs);
+        model.cost.record(rows, started.elapsed());
+        outputs
+    })
+    .await
+    .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))
+}
+
+/// Longest expected run that is done on the async worker itself.
+const INLINE_BUDGET: Duration = Duration::from_micros(100);
+
 async fn infer(
     state: AppState,
     name: String,
@@ -513,18 +554,8 @@ async fn infer(
     let inputs: Vec<_> =
         inputs.into_iter().map(|t| t.expect("bind checked every input is given once")).collect();
 
-    let permit = Arc::clone(&state.permits)
-        .acquire_owned()
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let engine = Arc::clone(&model.engine);
-    let outputs = tokio::task::spawn_blocking(move || {
-        let _permit = permit;
-        engine.run(inputs)
-    })
-    .await
-    .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))?
-    .map_err(|e| {
+    let rows = inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
+    let outputs = run_model(&state, &model, inputs, rows).await?.map_err(|e| {
         tracing::warn!(model = %name, version, error = %e, "inference failed");
         ApiError::BadRequest(format!("inference failed: {e}"))
     })?;

@@ -103,7 +103,7 @@ async fn every_datatype_round_trips() {
     let client = reqwest::Client::new();
     let body = json!({"inputs": [
         {"name": "f64", "shape": [2, 2], "datatype": "FP64", "data": [[0.1, -2.5], [1e300, 3.0]]},
-        {"name": "i32", "shape": [2], "datatype": "INT32", "data": [-7, 2147483647 / 2]},
+        {"name": "i32", "shape": [2], "datatype": "INT32", "data": [-7, 1_073_741_823]},
         {"name": "i64", "shape": [2], "datatype": "INT64", "data": [3_000_000_000i64, -4]},
         {"name": "flag", "shape": [2], "datatype": "BOOL", "data": [true, false]},
     ]});
@@ -111,7 +111,7 @@ async fn every_datatype_round_trips() {
     assert_eq!(status, 200, "{response}");
     assert_eq!(output(&response, "f64_twice")["data"], json!([0.2, -5.0, 2e300, 6.0]));
     assert_eq!(output(&response, "f64_twice")["datatype"], "FP64");
-    assert_eq!(output(&response, "i32_twice")["data"], json!([-14, 2147483646]));
+    assert_eq!(output(&response, "i32_twice")["data"], json!([-14, 2_147_483_646]));
     assert_eq!(output(&response, "i32_twice")["datatype"], "INT32");
     assert_eq!(output(&response, "i64_negated")["data"], json!([-3_000_000_000i64, 4]));
     assert_eq!(output(&response, "not_flag")["data"], json!([false, true]));
@@ -292,6 +292,23 @@ async fn bad_requests_get_protocol_errors_with_the_right_status() {
         assert!(message.contains(needle), "{what}: {message:?} lacks {needle:?}");
     }
 
+    // The server is unharmed: a good request still works.
+    let ok = json!({"inputs": [input("sensors", json!([1, 8]), "FP32", x)]});
+    let (status, _) = post(&client, &infer, &ok).await;
+    assert_eq!(status, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_routes_oversized_and_unsupported_bodies_are_refused() {
+    let site = Site::new();
+    site.install("fault", 1, &classifier());
+    let config = ServeConfig { max_body_bytes: 4096, ..test_config() };
+    let server = serve(&site, config).await;
+    let client = reqwest::Client::new();
+    let infer = server.url("/v2/models/fault/infer");
+    let input = |name: &str, shape: Value, datatype: &str, data: Value| json!({"name": name, "shape": shape, "datatype": datatype, "data": data});
+    let x = json!(rows(1));
     let ok = json!({"inputs": [input("sensors", json!([1, 8]), "FP32", x.clone())]});
     for (url, needle) in [
         (server.url("/v2/models/nope/infer"), "unknown model"),
@@ -337,9 +354,6 @@ async fn bad_requests_get_protocol_errors_with_the_right_status() {
     let error: Value = response.json().await.unwrap();
     assert!(error["error"].as_str().unwrap().contains("not allowed"), "{error}");
 
-    // The server is unharmed: a good request still works.
-    let (status, _) = post(&client, &infer, &ok).await;
-    assert_eq!(status, 200);
     server.stop().await;
 }
 

@@ -12,9 +12,13 @@ use falaj_common::keys::SigningKey;
 use ring::rand::SystemRandom;
 use support::{REGION, Site, classifier, now};
 
+/// Installed rows (name, version, active) and every file under the data directory with
+/// its content.
+type Snapshot = (Vec<(String, u64, bool)>, BTreeMap<String, Vec<u8>>);
+
 /// Everything an import could change: the rows and every file under the data dir
 /// (with content), except the database files, whose bytes change on every open.
-fn snapshot(site: &Site) -> (Vec<(String, u64, bool)>, BTreeMap<String, Vec<u8>>) {
+fn snapshot(site: &Site) -> Snapshot {
     let rows = site
         .store()
         .installed()
@@ -23,19 +27,20 @@ fn snapshot(site: &Site) -> (Vec<(String, u64, bool)>, BTreeMap<String, Vec<u8>>
         .map(|i| (i.manifest.name, i.manifest.version, i.active))
         .collect();
     let mut files = BTreeMap::new();
-    fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
-            let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
-            if path.is_dir() {
-                walk(&path, root, out);
-            } else if !rel.starts_with("agent.db") {
-                out.insert(rel, std::fs::read(&path).unwrap());
-            }
-        }
-    }
     walk(&site.data_dir(), &site.data_dir(), &mut files);
     (rows, files)
+}
+
+fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let rel = path.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+        if path.is_dir() {
+            walk(&path, root, out);
+        } else if !rel.starts_with("agent.db") {
+            out.insert(rel, std::fs::read(&path).unwrap());
+        }
+    }
 }
 
 fn assert_refused_untouched(site: &Site, bytes: &[u8], options: &ImportOptions) -> ImportError {
@@ -133,20 +138,28 @@ fn keys_regions_and_expiry_are_enforced() {
     let model = classifier();
     let options = ImportOptions::new(now());
     let stranger = SigningKey::generate(&SystemRandom::new()).unwrap().0;
-    let unsigned = site.bundle_with("fault", 1, &model, REGION, &stranger, Duration::from_secs(60));
+    let unsigned =
+        support::signed_bundle("fault", 1, &model, REGION, &stranger, Duration::from_secs(60));
     assert!(matches!(
         verify_error(assert_refused_untouched(&site, &unsigned, &options)),
         VerifyError::UnknownKey { .. }
     ));
 
-    let elsewhere =
-        site.bundle_with("fault", 1, &model, "other-region", &site.signer, Duration::from_secs(60));
+    let elsewhere = support::signed_bundle(
+        "fault",
+        1,
+        &model,
+        "other-region",
+        &site.signer,
+        Duration::from_secs(60),
+    );
     assert_eq!(
         verify_error(assert_refused_untouched(&site, &elsewhere, &options)),
         VerifyError::WrongRegion { bundle: "other-region".into(), expected: REGION.into() }
     );
 
-    let short = site.bundle_with("fault", 1, &model, REGION, &site.signer, Duration::from_secs(60));
+    let short =
+        support::signed_bundle("fault", 1, &model, REGION, &site.signer, Duration::from_secs(60));
     let later = ImportOptions::new(now() + Duration::from_secs(120));
     assert!(matches!(
         verify_error(assert_refused_untouched(&site, &short, &later)),

@@ -172,6 +172,13 @@ impl SigningKey {
         Ok((key, pkcs8.as_ref().to_vec()))
     }
 
+    /// The key whose private seed is `seed`: for deterministic fixtures, never for keys
+    /// that protect anything.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        let pair = Ed25519KeyPair::from_seed_unchecked(seed).expect("any 32 bytes are a seed");
+        Self { pair }
+    }
+
     /// Reads a key from its PKCS#8 encoding.
     pub fn from_pkcs8(pkcs8: &[u8]) -> Result<Self, KeyError> {
         Ed25519KeyPair::from_pkcs8(pkcs8).map(|pair| Self { pair }).map_err(KeyError::Pkcs8)

@@ -59,6 +59,7 @@ impl Dataset {
     }
 
     /// Splits off the last `count` rows.
+    #[must_use]
     pub fn split_off(&mut self, count: usize) -> Self {
         let at = self.len().saturating_sub(count);
         Self {

@@ -441,10 +441,10 @@ mod tests {
         }
     }
 
-    fn check(
-        given: &[(&str, DataType, &[u64])],
-        expected: Result<(Vec<usize>, &[(&str, u64)]), ShapeError>,
-    ) {
+    /// Input order and symbol values, or the error.
+    type Expected<'a> = Result<(Vec<usize>, &'a [(&'a str, u64)]), ShapeError>;
+
+    fn check(given: &[(&str, DataType, &[u64])], expected: Expected<'_>) {
         let given: Vec<_> = given
             .iter()
             .map(|&(name, datatype, shape)| GivenInput { name, datatype, shape })

@@ -34,6 +34,7 @@ impl Timestamp {
     }
 
     /// This timestamp moved `by` later, saturating at the end of representable time.
+    #[must_use]
     pub fn saturating_add(self, by: Duration) -> Self {
         Self(self.0.saturating_add(by.as_secs()))
     }

@@ -60,7 +60,9 @@ impl Mlp {
         for (i, layer) in self.layers.iter().enumerate() {
             layer.forward(&acts, &mut next);
             if i + 1 < self.layers.len() {
-                next.iter_mut().for_each(|v| *v = v.max(0.0));
+                for v in &mut next {
+                    *v = v.max(0.0);
+                }
             }
             std::mem::swap(&mut acts, &mut next);
         }
@@ -309,7 +311,9 @@ fn train_step(
         let mut out = Vec::new();
         layer.forward(inputs.last().expect("at least the input"), &mut out);
         if i + 1 < mlp.layers.len() {
-            out.iter_mut().for_each(|v| *v = v.max(0.0));
+            for v in &mut out {
+                *v = v.max(0.0);
+            }
         }
         inputs.push(out);
     }

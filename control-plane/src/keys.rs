@@ -180,10 +180,9 @@ pub fn load_signing_keys(dir: &Path, trust: &TrustRoot) -> Result<Vec<SigningKey
         let path = entry
             .map_err(|source| KeysError::Io { op: "listing", path: dir.to_owned(), source })?
             .path();
-        let is_signing = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("signing-") && n.ends_with(".key"));
+        let is_signing =
+            path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("signing-"))
+                && path.extension().is_some_and(|e| e == "key");
         if !is_signing {
             continue;
         }

@@ -79,13 +79,15 @@ fn to_tensor(rows: usize, width: usize, values: &[f64], datatype: DataType) -> T
     Tensor { shape, data }
 }
 
-/// Profiles the CSV read from `reader` and the model's predictions on it.
-pub fn profile(
-    model: &OnnxModel,
-    reader: impl Read,
-    bins: usize,
-) -> Result<DataProfile, ReferenceError> {
-    let inputs = layout(model)?;
+/// The reference rows, column by column.
+struct Columns {
+    headers: Vec<String>,
+    values: Vec<Vec<f64>>,
+    rows: usize,
+}
+
+/// Reads the CSV, checking that it has one numeric column per input feature.
+fn read_columns(reader: impl Read, inputs: &[InputColumns]) -> Result<Columns, ReferenceError> {
     let total: usize = inputs.iter().map(|i| i.width).sum();
     let mut csv = csv::ReaderBuilder::new().has_headers(true).from_reader(reader);
     let headers: Vec<String> = csv
@@ -105,7 +107,7 @@ pub fn profile(
                 .join(", ")
         )));
     }
-    // Column owner: (input index, whether it may hold missing values).
+    // Each column's input, and whether that input may hold missing values (floats only).
     let owner: Vec<(usize, bool)> = inputs
         .iter()
         .enumerate()
@@ -114,8 +116,7 @@ pub fn profile(
             std::iter::repeat_n((i, float), input.width)
         })
         .collect();
-
-    let mut columns: Vec<Vec<f64>> = vec![Vec::new(); total];
+    let mut values: Vec<Vec<f64>> = vec![Vec::new(); total];
     let mut record = csv::StringRecord::new();
     let mut rows = 0usize;
     while csv.read_record(&mut record).map_err(|e| ReferenceError::Csv(e.to_string()))? {
@@ -143,67 +144,80 @@ pub fn profile(
                     ))
                 })?
             };
-            columns[c].push(value);
+            values[c].push(value);
         }
     }
     if rows == 0 {
         return Err(ReferenceError::Csv("has no rows".into()));
     }
+    Ok(Columns { headers, values, rows })
+}
 
-    let mut input_profiles = Vec::with_capacity(total);
-    let mut c = 0;
-    for input in &inputs {
-        for index in 0..input.width {
-            input_profiles.push(ColumnProfile::of(
-                &input.name,
-                index as u32,
-                &headers[c],
-                &columns[c],
-                bins,
-            ));
-            c += 1;
-        }
-    }
-
-    // Score the rows in batches and collect each output column.
+/// Runs the model over the rows in batches and profiles each output column.
+fn profile_outputs(
+    model: &OnnxModel,
+    inputs: &[InputColumns],
+    columns: &Columns,
+    bins: usize,
+) -> Result<Vec<ColumnProfile>, ReferenceError> {
     let outputs = &model.signature().outputs;
     let mut output_columns: Vec<Vec<Vec<f64>>> = vec![Vec::new(); outputs.len()];
-    for start in (0..rows).step_by(BATCH) {
-        let n = BATCH.min(rows - start);
-        let mut c = 0;
+    for start in (0..columns.rows).step_by(BATCH) {
+        let n = BATCH.min(columns.rows - start);
+        let mut first = 0;
         let batch: Vec<Tensor> = inputs
             .iter()
             .map(|input| {
-                let mut values = Vec::with_capacity(n * input.width);
-                for row in start..start + n {
-                    values.extend((c..c + input.width).map(|col| columns[col][row]));
-                }
-                c += input.width;
+                let mine = &columns.values[first..first + input.width];
+                first += input.width;
+                let values: Vec<f64> = (start..start + n)
+                    .flat_map(|row| mine.iter().map(move |col| col[row]))
+                    .collect();
                 to_tensor(n, input.width, &values, input.datatype)
             })
             .collect();
         let results = model.run(batch).map_err(|e| ReferenceError::Run(e.to_string()))?;
-        for (o, result) in results.iter().enumerate() {
+        for (result, cols) in results.iter().zip(&mut output_columns) {
             let width = if result.shape.is_empty() { 1 } else { result.data.len() / n.max(1) };
             if width == 0 || width > MAX_OUTPUT_COLUMNS || result.data.len() != width * n {
                 continue;
             }
-            let cols = &mut output_columns[o];
             cols.resize(width, Vec::new());
             for (i, v) in result.data.to_f64().into_iter().enumerate() {
                 cols[i % width].push(v);
             }
         }
     }
-    let mut output_profiles = Vec::new();
+    let mut profiles = Vec::new();
     for (spec, cols) in outputs.iter().zip(&output_columns) {
         for (index, values) in cols.iter().enumerate() {
             let name =
                 if cols.len() == 1 { spec.name.clone() } else { format!("{}[{index}]", spec.name) };
-            output_profiles.push(ColumnProfile::of(&spec.name, index as u32, &name, values, bins));
+            profiles.push(ColumnProfile::of(&spec.name, index as u32, &name, values, bins));
         }
     }
-    Ok(DataProfile { rows: rows as u64, inputs: input_profiles, outputs: output_profiles })
+    Ok(profiles)
+}
+
+/// Profiles the CSV read from `reader` and the model's predictions on it.
+pub fn profile(
+    model: &OnnxModel,
+    reader: impl Read,
+    bins: usize,
+) -> Result<DataProfile, ReferenceError> {
+    let inputs = layout(model)?;
+    let columns = read_columns(reader, &inputs)?;
+    let mut input_profiles = Vec::with_capacity(columns.values.len());
+    let mut c = 0;
+    for input in &inputs {
+        for index in 0..input.width {
+            let (name, values) = (&columns.headers[c], &columns.values[c]);
+            input_profiles.push(ColumnProfile::of(&input.name, index as u32, name, values, bins));
+            c += 1;
+        }
+    }
+    let outputs = profile_outputs(model, &inputs, &columns, bins)?;
+    Ok(DataProfile { rows: columns.rows as u64, inputs: input_profiles, outputs })
 }
 
 /// [`profile`] with the default number of bins.

@@ -79,7 +79,10 @@ impl Process {
                         return line;
                     }
                 }
-                Err(e) => panic!("no line with {needle:?} ({e}); output so far:\n{}", self.seen.join("\n")),
+                Err(e) => panic!(
+                    "no line with {needle:?} ({e}); output so far:\n{}",
+                    self.seen.join("\n")
+                ),
             }
         }
     }
@@ -95,7 +98,10 @@ impl Process {
     /// Sends SIGTERM and waits for the exit; returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         let pid = self.child.id().to_string();
-        let status = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status()
+            .expect("sh runs");
         assert!(status.success());
         let status = self.child.wait().expect("the process ends");
         status.code()

@@ -65,38 +65,7 @@ impl Site {
 
     /// A signed model bundle for this site.
     pub fn bundle(&self, name: &str, version: u64, model: &[u8]) -> Vec<u8> {
-        self.bundle_with(name, version, model, REGION, &self.signer, Duration::from_secs(3600))
-    }
-
-    pub fn bundle_with(
-        &self,
-        name: &str,
-        version: u64,
-        model: &[u8],
-        region: &str,
-        signer: &SigningKey,
-        lifetime: Duration,
-    ) -> Vec<u8> {
-        let signature = OnnxModel::load(model).unwrap().signature().clone();
-        let created = Timestamp::from_system(now());
-        BundleBuilder::new(
-            name,
-            version,
-            region,
-            created,
-            created.saturating_add(lifetime),
-            Content::Model(ModelSpec {
-                file: "model.onnx".into(),
-                format: ModelFormat::Onnx,
-                runtime: RuntimeHint::Auto,
-                signature,
-                reference: None,
-            }),
-        )
-        .file("model.onnx", model.to_vec())
-        .build(&[signer])
-        .unwrap()
-        .1
+        signed_bundle(name, version, model, REGION, &self.signer, Duration::from_secs(3600))
     }
 
     /// Writes `bytes` to a file in the site's temp dir and imports it.
@@ -117,6 +86,37 @@ impl Site {
             .unwrap();
         assert!(matches!(outcome, ImportOutcome::Installed { .. }), "{outcome:?}");
     }
+}
+
+/// A signed model bundle for any region, signed by any key.
+pub fn signed_bundle(
+    name: &str,
+    version: u64,
+    model: &[u8],
+    region: &str,
+    signer: &SigningKey,
+    lifetime: Duration,
+) -> Vec<u8> {
+    let signature = OnnxModel::load(model).unwrap().signature().clone();
+    let created = Timestamp::from_system(now());
+    BundleBuilder::new(
+        name,
+        version,
+        region,
+        created,
+        created.saturating_add(lifetime),
+        Content::Model(ModelSpec {
+            file: "model.onnx".into(),
+            format: ModelFormat::Onnx,
+            runtime: RuntimeHint::Auto,
+            signature,
+            reference: None,
+        }),
+    )
+    .file("model.onnx", model.to_vec())
+    .build(&[signer])
+    .unwrap()
+    .1
 }
 
 fn rand_suffix() -> u64 {

@@ -42,12 +42,12 @@ impl Fixture {
         Self { trust, root: root.remove(0), signers }
     }
 
-    fn policy(&self) -> Policy {
+    fn policy() -> Policy {
         Policy::new(REGION, now())
     }
 
     fn check(&self, bytes: &[u8]) -> Result<Manifest, VerifyError> {
-        verify(bytes, &self.trust, &self.policy()).map(|b| b.manifest)
+        verify(bytes, &self.trust, &Self::policy()).map(|b| b.manifest)
     }
 }
 
@@ -101,7 +101,7 @@ fn sections(bytes: &[u8]) -> (usize, usize, usize) {
 fn a_signed_bundle_verifies_and_exposes_its_files() {
     let f = Fixture::new(1, 1);
     let bytes = signed(&f);
-    let bundle = verify(&bytes, &f.trust, &f.policy()).unwrap();
+    let bundle = verify(&bytes, &f.trust, &Fixture::policy()).unwrap();
     assert_eq!(bundle.manifest.name, "sensor-fault");
     assert_eq!(bundle.manifest.version, 3);
     assert_eq!(bundle.model_bytes(), Some(&b"pretend onnx bytes"[..]));
@@ -225,7 +225,7 @@ fn below_threshold_is_refused_and_at_threshold_accepted() {
 fn expired_and_wrong_region_are_refused() {
     let f = Fixture::new(1, 1);
     let bytes = signed(&f);
-    let mut late = f.policy();
+    let mut late = Fixture::policy();
     late.now = Timestamp::from_unix(NOW + 3600).to_system();
     let err = verify(&bytes, &f.trust, &late).unwrap_err();
     assert!(matches!(err, VerifyError::Expired { .. }), "{err}");
@@ -240,7 +240,7 @@ fn expired_and_wrong_region_are_refused() {
 fn oversized_bundles_and_sections_are_refused() {
     let f = Fixture::new(1, 1);
     let bytes = signed(&f);
-    let mut small = f.policy();
+    let mut small = Fixture::policy();
     small.max_bundle_bytes = bytes.len() as u64 - 1;
     let err = verify(&bytes, &f.trust, &small).unwrap_err();
     assert!(matches!(err, VerifyError::Oversized { what: "bundle", .. }), "{err}");
@@ -302,11 +302,11 @@ fn streaming_check_agrees_with_whole_check_for_any_piece_size() {
     let (manifest_at, sigs_at, payload_at) = sections(&bytes);
     let header = Header::parse(&bytes).unwrap();
     let manifest = verify_manifest(
-        &header,
+        header,
         &bytes[manifest_at..sigs_at],
         &bytes[sigs_at..payload_at],
         &f.trust,
-        &f.policy(),
+        &Fixture::policy(),
     )
     .unwrap();
     for piece in [1, 3, 7, 64] {
@@ -353,6 +353,6 @@ fn builder_refuses_what_the_verifier_would() {
 fn empty_payload_files_are_fine() {
     let f = Fixture::new(1, 1);
     let bytes = builder().file("empty", vec![]).build(&[&f.signers[0]]).unwrap().1;
-    let bundle = verify(&bytes, &f.trust, &f.policy()).unwrap();
+    let bundle = verify(&bytes, &f.trust, &Fixture::policy()).unwrap();
     assert_eq!(bundle.file("empty"), Some(&[][..]));
 }

@@ -177,11 +177,7 @@ fn name_error(err: NameError) -> VerifyError {
 }
 
 /// Checks an authentic manifest's own rules and the policy.
-fn check_manifest(
-    manifest: &Manifest,
-    header: &Header,
-    policy: &Policy,
-) -> Result<(), VerifyError> {
+fn check_manifest(manifest: &Manifest, header: Header, policy: &Policy) -> Result<(), VerifyError> {
     if manifest.format != MANIFEST_FORMAT {
         return Err(VerifyError::UnsupportedVersion { what: "manifest", version: manifest.format });
     }
@@ -243,7 +239,7 @@ fn check_manifest(
 /// the first step of a streaming import. `manifest` and `signatures` are the sections as
 /// delimited by `header`.
 pub fn verify_manifest(
-    header: &Header,
+    header: Header,
     manifest: &[u8],
     signatures: &[u8],
     trust: &TrustRoot,
@@ -410,7 +406,7 @@ pub fn verify<'a>(
         u64::from(header.signatures_len),
         "signatures",
     )?;
-    let manifest = verify_manifest(&header, manifest_bytes, signatures, trust, policy)?;
+    let manifest = verify_manifest(header, manifest_bytes, signatures, trust, policy)?;
     let payload = &bytes[header.payload_offset() as usize..];
     let mut check = PayloadCheck::new(&manifest);
     check.update(payload)?;

@@ -177,8 +177,10 @@ impl OnnxModel {
 
         // Output facts are read after optimisation: before it, tract may still type an
         // output as a symbolic dimension (`TDim`) that a later cast makes concrete.
-        let optimized =
-            model.into_typed().and_then(|m| m.into_optimized()).map_err(|e| load_error(&e))?;
+        let optimized = model
+            .into_typed()
+            .and_then(tract_onnx::prelude::TypedModel::into_optimized)
+            .map_err(|e| load_error(&e))?;
         let mut outputs = Vec::new();
         for (i, outlet) in
             optimized.output_outlets().map_err(|e| load_error(&e))?.iter().enumerate()
@@ -187,7 +189,7 @@ impl OnnxModel {
                 .outlet_label(*outlet)
                 .map_or_else(|| optimized.node(outlet.node).name.clone(), str::to_owned);
             let fact = optimized.output_fact(i).map_err(|e| load_error(&e))?;
-            let shape = fact.shape.iter().map(|d| dim(&d)).collect();
+            let shape = fact.shape.iter().map(dim).collect();
             // tract may carry an integer output as a symbolic dimension (`TDim`); the
             // graph's declaration is what clients expect, and `run` casts to it.
             let dt = declared_output_type(&proto, &name).unwrap_or(fact.datum_type);
