@@ -3,7 +3,7 @@
 
 mod support;
 
-use support::{fails, ok, s, sample_bundle};
+use support::{fails, init_agent, ok, s, sample_bundle};
 
 #[test]
 fn control_plane_output_is_accepted_by_the_agent() {
@@ -42,16 +42,7 @@ fn control_plane_output_is_accepted_by_the_agent() {
     assert!(unchecked.contains("not checked"), "{unchecked}");
 
     let agent = dir.path().join("agent");
-    let init = ok(&[
-        "agent",
-        "init",
-        "--data-dir",
-        s(&agent),
-        "--region",
-        "eu-west-1",
-        "--trust",
-        s(&root),
-    ]);
+    let init = init_agent(&agent, "eu-west-1", &root);
     assert!(init.contains("region eu-west-1"), "{init}");
     let imported = ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
     assert!(imported.contains("installed sensor-fault version 1"), "{imported}");
@@ -67,7 +58,7 @@ fn refusals_have_their_own_exit_codes_and_messages() {
     let bundle = sample_bundle(dir.path(), "eu-west-1", 2);
     let root = dir.path().join("keys/root.json");
     let agent = dir.path().join("agent");
-    ok(&["agent", "init", "--data-dir", s(&agent), "--region", "eu-west-1", "--trust", s(&root)]);
+    init_agent(&agent, "eu-west-1", &root);
     ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
 
     // A tampered copy: refused with EX_DATAERR, and inspect says why.

@@ -11,7 +11,7 @@ mod support;
 use std::path::Path;
 use std::process::Command;
 
-use support::{Process, ok, s};
+use support::{Process, init_agent, ok, s};
 
 fn python() -> Option<String> {
     let python = std::env::var("FALAJ_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -59,16 +59,7 @@ fn skl2onnx_model_served_to_tritons_client_matches_onnx_runtime() {
         s(&bundle),
     ]);
     assert!(built.contains("in input FP32"), "{built}");
-    ok(&[
-        "agent",
-        "init",
-        "--data-dir",
-        s(&agent),
-        "--region",
-        "eu-west-1",
-        "--trust",
-        s(&keys.join("root.json")),
-    ]);
+    init_agent(&agent, "eu-west-1", &keys.join("root.json"));
     ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
     let mut server =
         Process::start(&["agent", "serve", "--data-dir", s(&agent), "--http", "127.0.0.1:0"]);

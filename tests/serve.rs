@@ -10,7 +10,11 @@ use falaj_common::onnx::OnnxModel;
 use falaj_common::sample::{self, FEATURE_COUNT};
 use falaj_common::tensor::{Tensor, TensorData};
 use serde_json::{Value, json};
-use support::{Process, ok, s, sample_bundle};
+use support::{Process, init_agent, ok, s, sample_bundle};
+
+async fn infer(client: &reqwest::Client, url: &str, body: &Value) -> Value {
+    client.post(url).json(body).send().await.unwrap().json().await.unwrap()
+}
 
 #[tokio::test]
 async fn serves_imports_live_and_stops_cleanly() {
@@ -18,7 +22,7 @@ async fn serves_imports_live_and_stops_cleanly() {
     let bundle = sample_bundle(dir.path(), "eu-west-1", 1);
     let root = dir.path().join("keys/root.json");
     let agent = dir.path().join("agent");
-    ok(&["agent", "init", "--data-dir", s(&agent), "--region", "eu-west-1", "--trust", s(&root)]);
+    init_agent(&agent, "eu-west-1", &root);
     ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
 
     let mut server = Process::start(&[
@@ -38,15 +42,7 @@ async fn serves_imports_live_and_stops_cleanly() {
     let rows = 16;
     let x = sample::generate(rows, 99, &[]).features;
     let body = json!({"inputs": [{"name": "sensors", "shape": [rows, FEATURE_COUNT], "datatype": "FP32", "data": x}]});
-    let response: Value = client
-        .post(url("/v2/models/sensor-fault/infer"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response = infer(&client, &url("/v2/models/sensor-fault/infer"), &body).await;
     let model = std::fs::read(dir.path().join("sample/model.onnx")).unwrap();
     let direct = OnnxModel::load(&model)
         .unwrap()
@@ -76,15 +72,7 @@ async fn serves_imports_live_and_stops_cleanly() {
         assert!(Instant::now() < deadline, "version 2 never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let response: Value = client
-        .post(url("/v2/models/sensor-fault/infer"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response = infer(&client, &url("/v2/models/sensor-fault/infer"), &body).await;
     assert_eq!(response["model_version"], "2", "the new version is active");
     let meta: Value =
         client.get(url("/v2/models/sensor-fault")).send().await.unwrap().json().await.unwrap();

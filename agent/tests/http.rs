@@ -229,58 +229,60 @@ async fn a_damaged_installed_bundle_is_not_served() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn bad_requests_get_protocol_errors_with_the_right_status() {
+/// A server for the sample classifier with a 4 KiB body limit (keep the site alive).
+async fn small_body_server() -> (Site, support::Running, reqwest::Client) {
     let site = Site::new();
     site.install("fault", 1, &classifier());
-    let config = ServeConfig { max_body_bytes: 4096, ..test_config() };
-    let server = serve(&site, config).await;
-    let client = reqwest::Client::new();
+    let server = serve(&site, ServeConfig { max_body_bytes: 4096, ..test_config() }).await;
+    (site, server, reqwest::Client::new())
+}
+
+fn input(name: &str, shape: &Value, datatype: &str, data: &Value) -> Value {
+    json!({"name": name, "shape": shape, "datatype": datatype, "data": data})
+}
+
+#[tokio::test]
+async fn bad_requests_get_protocol_errors_with_the_right_status() {
+    let (_site, server, client) = small_body_server().await;
     let infer = server.url("/v2/models/fault/infer");
-    let input = |name: &str, shape: Value, datatype: &str, data: Value| json!({"name": name, "shape": shape, "datatype": datatype, "data": data});
     let x = json!(rows(1));
     let cases: Vec<(&str, Value, u16, &str)> = vec![
         (
             "wrong datatype",
-            json!({"inputs": [input("sensors", json!([1, 8]), "FP64", x.clone())]}),
+            json!({"inputs": [input("sensors", &json!([1, 8]), "FP64", &x)]}),
             400,
             "datatype FP64",
         ),
         (
             "wrong width",
-            json!({"inputs": [input("sensors", json!([1, 7]), "FP32", json!([1, 2, 3, 4, 5, 6, 7]))]}),
+            json!({"inputs": [input("sensors", &json!([1, 7]), "FP32", &json!([1, 2, 3, 4, 5, 6, 7]))]}),
             400,
             "axis 1",
         ),
-        (
-            "wrong rank",
-            json!({"inputs": [input("sensors", json!([8]), "FP32", x.clone())]}),
-            400,
-            "rank",
-        ),
+        ("wrong rank", json!({"inputs": [input("sensors", &json!([8]), "FP32", &x)]}), 400, "rank"),
         (
             "count mismatch",
-            json!({"inputs": [input("sensors", json!([2, 8]), "FP32", x.clone())]}),
+            json!({"inputs": [input("sensors", &json!([2, 8]), "FP32", &x)]}),
             400,
             "8 elements given",
         ),
         (
             "unknown input",
-            json!({"inputs": [input("pixels", json!([1, 8]), "FP32", x.clone())]}),
+            json!({"inputs": [input("pixels", &json!([1, 8]), "FP32", &x)]}),
             400,
             "unknown input",
         ),
         ("missing input", json!({"inputs": []}), 400, "missing input"),
         (
             "unknown output",
-            json!({"inputs": [input("sensors", json!([1, 8]), "FP32", x.clone())], "outputs": [{"name": "nope"}]}),
+            json!({"inputs": [input("sensors", &json!([1, 8]), "FP32", &x)], "outputs": [{"name": "nope"}]}),
             400,
             "unknown output",
         ),
         ("not an object", json!([1, 2, 3]), 400, "malformed"),
         (
             "string data",
-            json!({"inputs": [input("sensors", json!([1, 1]), "FP32", json!(["x"]))]}),
+            json!({"inputs": [input("sensors", &json!([1, 1]), "FP32", &json!(["x"]))]}),
             400,
             "FP32 values",
         ),
@@ -293,7 +295,7 @@ async fn bad_requests_get_protocol_errors_with_the_right_status() {
     }
 
     // The server is unharmed: a good request still works.
-    let ok = json!({"inputs": [input("sensors", json!([1, 8]), "FP32", x)]});
+    let ok = json!({"inputs": [input("sensors", &json!([1, 8]), "FP32", &x)]});
     let (status, _) = post(&client, &infer, &ok).await;
     assert_eq!(status, 200);
     server.stop().await;
@@ -301,15 +303,10 @@ async fn bad_requests_get_protocol_errors_with_the_right_status() {
 
 #[tokio::test]
 async fn unknown_routes_oversized_and_unsupported_bodies_are_refused() {
-    let site = Site::new();
-    site.install("fault", 1, &classifier());
-    let config = ServeConfig { max_body_bytes: 4096, ..test_config() };
-    let server = serve(&site, config).await;
-    let client = reqwest::Client::new();
+    let (_site, server, client) = small_body_server().await;
     let infer = server.url("/v2/models/fault/infer");
-    let input = |name: &str, shape: Value, datatype: &str, data: Value| json!({"name": name, "shape": shape, "datatype": datatype, "data": data});
     let x = json!(rows(1));
-    let ok = json!({"inputs": [input("sensors", json!([1, 8]), "FP32", x.clone())]});
+    let ok = json!({"inputs": [input("sensors", &json!([1, 8]), "FP32", &x)]});
     for (url, needle) in [
         (server.url("/v2/models/nope/infer"), "unknown model"),
         (server.url("/v2/models/fault/versions/9/infer"), "no version 9"),
@@ -321,8 +318,7 @@ async fn unknown_routes_oversized_and_unsupported_bodies_are_refused() {
         assert!(response["error"].as_str().unwrap().contains(needle), "{url}: {response}");
     }
 
-    let big =
-        json!({"inputs": [input("sensors", json!([1000, 8]), "FP32", json!(vec![1.5f32; 8000]))]});
+    let big = json!({"inputs": [input("sensors", &json!([1000, 8]), "FP32", &json!(vec![1.5f32; 8000]))]});
     let (status, response) = post(&client, &infer, &big).await;
     assert_eq!(status, 413, "{response}");
     // The same without a Content-Length: a chunked body is cut off at the limit too.

@@ -146,6 +146,11 @@ pub fn sample_bundle(dir: &Path, region: &str, version: u64) -> std::path::PathB
     out
 }
 
+/// `falaj agent init` in `agent` for `region`, pinning `root`; returns its output.
+pub fn init_agent(agent: &Path, region: &str, root: &Path) -> String {
+    ok(&["agent", "init", "--data-dir", s(agent), "--region", region, "--trust", s(root)])
+}
+
 /// `dir` as a `&str`, for command lines.
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()
