@@ -24,6 +24,8 @@ pub enum Context {
     BundleManifest,
     /// The `signed` part of a trust root document.
     TrustRoot,
+    /// A desired-state document for one agent.
+    DesiredState,
 }
 
 impl Context {
@@ -31,6 +33,7 @@ impl Context {
         match self {
             Self::BundleManifest => b"falaj bundle manifest v1\0",
             Self::TrustRoot => b"falaj trust root v1\0",
+            Self::DesiredState => b"falaj desired state v1\0",
         }
     }
 
@@ -93,16 +96,29 @@ macro_rules! hex_newtype {
             }
         }
 
+        /// Hex in human-readable formats (JSON), raw bytes in binary ones (postcard).
         impl Serialize for $name {
             fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-                serializer.collect_str(self)
+                if serializer.is_human_readable() {
+                    serializer.collect_str(self)
+                } else {
+                    serializer.serialize_bytes(&self.0)
+                }
             }
         }
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
-                text.parse().map_err(serde::de::Error::custom)
+                if deserializer.is_human_readable() {
+                    let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+                    text.parse().map_err(serde::de::Error::custom)
+                } else {
+                    let bytes = serde_bytes::ByteBuf::deserialize(deserializer)?;
+                    let array = <[u8; $len]>::try_from(bytes.as_slice()).map_err(|_| {
+                        serde::de::Error::invalid_length(bytes.len(), &stringify!($len))
+                    })?;
+                    Ok(Self(array))
+                }
             }
         }
     };

@@ -8,6 +8,11 @@
 //!
 //! - [`bundle`]: the `.falaj` bundle format v1: manifest, container, signing, verification.
 //! - [`trust`]: the TUF-style trust root that pins the keys a bundle must be signed with.
+//! - [`desired`]: signed, versioned, expiring desired-state documents for each agent.
+//! - [`reconcile`]: the plan that turns an agent's held bundles into the desired state.
+//! - [`protocol`]: the messages between agents and the control plane, and their framing.
+//! - [`enrollment`]: one-time enrollment tokens that pin the control plane's CA.
+//! - [`chunking`]: content-defined chunks and recipes, for resumable delta transfers.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
@@ -18,12 +23,17 @@
 //!   the project's own sample model, so that nothing is downloaded.
 
 pub mod bundle;
+pub mod chunking;
+pub mod desired;
+pub mod enrollment;
 pub mod keys;
 pub mod names;
 #[cfg(feature = "onnx")]
 pub mod onnx;
 pub mod profile;
+pub mod protocol;
 pub mod random;
+pub mod reconcile;
 pub mod sample;
 pub mod tensor;
 pub mod time;

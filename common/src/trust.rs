@@ -183,6 +183,31 @@ impl Role {
     }
 }
 
+/// Why signatures by the signing role were refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SignatureError {
+    /// A signature names a key that is not a signing key of the trust root.
+    #[error("signed by key {keyid}, which is not a signing key of the trust root")]
+    UnknownKey {
+        /// The key.
+        keyid: KeyId,
+    },
+    /// A signing key's signature does not match the document.
+    #[error("signature by key {keyid} does not match")]
+    BadSignature {
+        /// The key.
+        keyid: KeyId,
+    },
+    /// Too few distinct signing keys signed.
+    #[error("{valid} valid signature(s), the trust root requires {threshold}")]
+    ThresholdNotMet {
+        /// Distinct valid signatures.
+        valid: usize,
+        /// Required.
+        threshold: u32,
+    },
+}
+
 /// A verified trust root: its signatures met the root threshold when it was read.
 #[derive(Debug, Clone)]
 pub struct TrustRoot {
@@ -293,6 +318,37 @@ impl TrustRoot {
     /// The root's region.
     pub fn region(&self) -> &str {
         &self.document.signed.region
+    }
+
+    /// Checks signatures of the signing role over `msg`: every signature must be by a
+    /// signing key of this root and valid, and distinct valid keys must meet the threshold.
+    pub fn check_signing(
+        &self,
+        context: Context,
+        msg: &[u8],
+        signatures: &[SignatureEntry],
+    ) -> Result<(), SignatureError> {
+        let role = self.signing_role();
+        let mut valid = BTreeSet::new();
+        for entry in signatures {
+            let key = role
+                .keyids
+                .contains(&entry.keyid)
+                .then(|| self.key(&entry.keyid))
+                .flatten()
+                .ok_or(SignatureError::UnknownKey { keyid: entry.keyid })?;
+            if !key.verify(context, msg, &entry.sig) {
+                return Err(SignatureError::BadSignature { keyid: entry.keyid });
+            }
+            valid.insert(entry.keyid);
+        }
+        if valid.len() < role.threshold as usize {
+            return Err(SignatureError::ThresholdNotMet {
+                valid: valid.len(),
+                threshold: role.threshold,
+            });
+        }
+        Ok(())
     }
 
     /// The role that signs bundles.

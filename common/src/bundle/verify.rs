@@ -15,7 +15,7 @@ use super::manifest::{Content, MANIFEST_FORMAT, Manifest};
 use crate::keys::{Context, KeyId, Sha256, SignatureEntry};
 use crate::names::{self, NameError};
 use crate::time::Timestamp;
-use crate::trust::TrustRoot;
+use crate::trust::{SignatureError, TrustRoot};
 
 /// Why a bundle was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -149,24 +149,13 @@ fn check_signatures(
 ) -> Result<(), VerifyError> {
     let entries: Vec<SignatureEntry> = serde_json::from_slice(signatures)
         .map_err(|e| VerifyError::MalformedSignatures(e.to_string()))?;
-    let role = trust.signing_role();
-    let mut valid = BTreeSet::new();
-    for entry in &entries {
-        let key = role
-            .keyids
-            .contains(&entry.keyid)
-            .then(|| trust.key(&entry.keyid))
-            .flatten()
-            .ok_or(VerifyError::UnknownKey { keyid: entry.keyid })?;
-        if !key.verify(Context::BundleManifest, manifest, &entry.sig) {
-            return Err(VerifyError::BadSignature { keyid: entry.keyid });
+    trust.check_signing(Context::BundleManifest, manifest, &entries).map_err(|e| match e {
+        SignatureError::UnknownKey { keyid } => VerifyError::UnknownKey { keyid },
+        SignatureError::BadSignature { keyid } => VerifyError::BadSignature { keyid },
+        SignatureError::ThresholdNotMet { valid, threshold } => {
+            VerifyError::ThresholdNotMet { valid, threshold }
         }
-        valid.insert(entry.keyid);
-    }
-    if valid.len() < role.threshold as usize {
-        return Err(VerifyError::ThresholdNotMet { valid: valid.len(), threshold: role.threshold });
-    }
-    Ok(())
+    })
 }
 
 fn name_error(err: NameError) -> VerifyError {

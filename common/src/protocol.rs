@@ -1,0 +1,222 @@
+//! The messages between agents and the control plane over QUIC, and their framing.
+//!
+//! Two ALPN protocols share the control plane's one UDP port:
+//! - [`ALPN_ENROLL`]: no client certificate; one bidirectional stream carrying one
+//!   [`EnrollRequest`] and one [`EnrollResponse`].
+//! - [`ALPN_AGENT`]: mutual TLS with the agent's certificate. The agent opens a session
+//!   stream ([`AgentMessage`] up, [`ControlMessage`] down) and, for transfers, further
+//!   streams that each carry one [`FetchRequest`] answered by a [`ChunkHeader`] and the raw
+//!   bytes of each chunk in turn.
+//!
+//! Every message is a frame: a 4-byte big-endian length, then the message in postcard.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::desired::SignedDesired;
+use crate::keys::Sha256;
+use crate::time::Timestamp;
+
+/// ALPN of enrollment connections.
+pub const ALPN_ENROLL: &[u8] = b"falaj-enroll/1";
+/// ALPN of enrolled agents' connections.
+pub const ALPN_AGENT: &[u8] = b"falaj-agent/1";
+/// The name in the control plane's certificate that agents verify (trust is anchored in
+/// the CA pinned at enrollment, not in DNS).
+pub const SERVER_NAME: &str = "control.falaj";
+/// Largest frame accepted.
+pub const MAX_FRAME: usize = 16 << 20;
+/// Most chunks one fetch request may ask for.
+pub const MAX_CHUNKS_PER_FETCH: usize = 4096;
+
+/// Enrollment: the token, and a CSR for a key pair that never leaves the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollRequest {
+    /// The token's text.
+    pub token: String,
+    /// A PKCS#10 certificate signing request (DER).
+    #[serde(with = "serde_bytes")]
+    pub csr_der: Vec<u8>,
+    /// The agent's host name, for the fleet view.
+    pub hostname: String,
+    /// The agent's version.
+    pub agent_version: String,
+}
+
+/// What an enrolled agent receives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Enrollment {
+    /// The agent's identity, as the control plane names it.
+    pub agent_id: String,
+    /// Its region.
+    pub region: String,
+    /// Its group.
+    pub group: String,
+    /// Its certificate (DER), signed by the CA.
+    #[serde(with = "serde_bytes")]
+    pub certificate_der: Vec<u8>,
+    /// When the certificate expires.
+    pub certificate_expires: Timestamp,
+    /// The CA certificate (DER).
+    #[serde(with = "serde_bytes")]
+    pub ca_der: Vec<u8>,
+    /// The trust root (`root.json`) whose keys sign bundles and desired state.
+    #[serde(with = "serde_bytes")]
+    pub trust_root: Vec<u8>,
+}
+
+/// The answer to an enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EnrollResponse {
+    /// Enrolled.
+    Enrolled(Enrollment),
+    /// Refused, with the reason.
+    Refused(String),
+}
+
+/// A bundle an agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldBundle {
+    /// The model.
+    pub name: String,
+    /// The version.
+    pub version: u64,
+    /// Its manifest's SHA-256.
+    pub manifest_sha256: Sha256,
+    /// Whether it is the served version of its name.
+    pub active: bool,
+    /// Whether the control plane manages it (installed from desired state, not imported).
+    pub managed: bool,
+}
+
+/// An agent's actual state, as it reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActualState {
+    /// The version of the last desired-state document applied, if any.
+    pub desired_version: Option<u64>,
+    /// What it holds.
+    pub bundles: Vec<HeldBundle>,
+    /// Reconciliation problems, newest last.
+    pub errors: Vec<String>,
+    /// The agent's software version.
+    pub agent_version: String,
+}
+
+/// Agent to control plane, on the session stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AgentMessage {
+    /// First message: who is here and what it holds.
+    Hello(ActualState),
+    /// After each reconciliation, and as a heartbeat.
+    Report(ActualState),
+    /// A request for a new certificate for a new key pair.
+    Renew {
+        /// The CSR (DER).
+        #[serde(with = "serde_bytes")]
+        csr_der: Vec<u8>,
+    },
+}
+
+/// Control plane to agent, on the session stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlMessage {
+    /// The current desired state.
+    Desired(SignedDesired),
+    /// A renewed certificate.
+    Renewed {
+        /// The certificate (DER).
+        #[serde(with = "serde_bytes")]
+        certificate_der: Vec<u8>,
+        /// When it expires.
+        expires: Timestamp,
+    },
+    /// A refused request, with the reason.
+    Refused(String),
+}
+
+/// A request for content-addressed blobs (chunks and recipes), on a stream of its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// The blobs, by SHA-256.
+    pub hashes: Vec<Sha256>,
+}
+
+/// Precedes each blob's bytes in a fetch response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkHeader {
+    /// The blob asked for.
+    pub sha256: Sha256,
+    /// Its size, or `None` if the control plane does not hold it (no bytes follow).
+    pub size: Option<u32>,
+}
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    /// The length prefix is over [`MAX_FRAME`].
+    #[error("frame of {0} bytes is larger than the {MAX_FRAME} allowed")]
+    TooLarge(usize),
+    /// The frame does not decode as the expected message.
+    #[error("frame does not decode: {0}")]
+    Malformed(String),
+}
+
+/// Encodes `message` as a frame (length prefix included).
+pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let body = postcard::to_stdvec(message).expect("protocol messages always encode");
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// The body length announced by a frame's 4-byte prefix.
+pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
+/// Decodes a frame's body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
+    postcard::from_bytes(body).map_err(|e| FrameError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let message = AgentMessage::Hello(ActualState {
+            desired_version: Some(3),
+            bundles: vec![HeldBundle {
+                name: "fault".into(),
+                version: 2,
+                manifest_sha256: Sha256([4; 32]),
+                active: true,
+                managed: true,
+            }],
+            errors: vec!["disk full".into()],
+            agent_version: "0.1.0".into(),
+        });
+        let frame = encode(&message);
+        let len = frame_len(frame[..4].try_into().unwrap()).unwrap();
+        assert_eq!(len, frame.len() - 4);
+        assert_eq!(decode::<AgentMessage>(&frame[4..]).unwrap(), message);
+        let header = ChunkHeader { sha256: Sha256([1; 32]), size: Some(5) };
+        assert_eq!(decode::<ChunkHeader>(&encode(&header)[4..]).unwrap(), header);
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_refused() {
+        assert_eq!(frame_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(u32::MAX as usize)));
+        assert!(matches!(
+            decode::<AgentMessage>(&[0xff, 0xff, 0xff]),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+}
