@@ -1,4 +1,5 @@
-//! The `falaj-agent` command line: `init`, `import`, `serve` and `list`.
+//! The `falaj-agent` command line: `init` (air-gapped) or `enroll` (with a control
+//! plane), `import`, `serve` and `list`.
 //!
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a refused bundle, 78 bad
 //! configuration (so that systemd does not restart-loop on it).
@@ -11,9 +12,12 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::daemon::Agent;
+use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::import::{self, ImportError, ImportOptions, ImportOutcome};
-use crate::server::{ServeConfig, Server};
+use crate::server::ServeConfig;
 use crate::store::{Store, StoreError};
+use crate::sync::SyncConfig;
 
 /// Exit code for a usage error (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -36,6 +40,8 @@ pub struct Cli {
 pub enum Command {
     /// Initialise an agent with a trust root (for air-gapped sites).
     Init(InitArgs),
+    /// Enroll with a control plane using a one-time token.
+    Enroll(EnrollArgs),
     /// Verify and install a bundle file.
     Import(ImportArgs),
     /// Serve every installed model over HTTP (Open Inference Protocol v2).
@@ -63,6 +69,25 @@ pub struct InitArgs {
     /// The trust root (`root.json`) whose keys sign the bundles this agent accepts.
     #[arg(long)]
     trust: PathBuf,
+}
+
+/// Arguments of `enroll`.
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The control plane's QUIC address (`host:port`).
+    #[arg(long)]
+    control_plane: String,
+    /// The enrollment token (`falaj-control token create`).
+    #[arg(long, env = "FALAJ_ENROLL_TOKEN", hide_env_values = true)]
+    token: String,
+    #[command(flatten)]
+    data: DataDir,
+    /// The region this agent must be in (refuses a token for another).
+    #[arg(long)]
+    region: Option<String>,
+    /// The name shown in the fleet view (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
 }
 
 /// Arguments of `import`.
@@ -94,6 +119,9 @@ pub struct ServeArgs {
     /// How often to look for newly imported bundles.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
+    /// How often an enrolled agent reports to its control plane.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -140,6 +168,7 @@ fn store_failure(err: StoreError) -> Failure {
 pub fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Init(args) => init(&args),
+        Command::Enroll(args) => enroll(&args),
         Command::Import(args) => import(&args),
         Command::Serve(args) => serve(args),
         Command::List(args) => list(&args.data_dir),
@@ -167,6 +196,36 @@ fn init(args: &InitArgs) -> Result<(), Failure> {
         root.version(),
         root.signing_role().keyids.len(),
         root.signing_role().threshold
+    );
+    Ok(())
+}
+
+fn enroll(args: &EnrollArgs) -> Result<(), Failure> {
+    let hostname = args.name.clone().unwrap_or_else(|| {
+        std::fs::read_to_string("/etc/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "unknown".into())
+    });
+    let options = EnrollOptions {
+        control_plane: args.control_plane.clone(),
+        token: args.token.clone(),
+        hostname,
+        region: args.region.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))?;
+    let identity = runtime
+        .block_on(enroll::enroll(&args.data.data_dir, &options, SystemTime::now()))
+        .map_err(|e| match e {
+            EnrollError::Connect { .. } | EnrollError::Identity(_) => Failure::Other(e.into()),
+            EnrollError::Refused(_) => Failure::Refused(e.into()),
+            _ => Failure::Config(e.into()),
+        })?;
+    println!(
+        "enrolled as {} in group {} with the control plane at {}",
+        identity.agent_id, identity.group, identity.control_plane
     );
     Ok(())
 }
@@ -236,14 +295,21 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))?;
+    let sync = SyncConfig { heartbeat: args.heartbeat, ..SyncConfig::default() };
     runtime.block_on(async move {
-        let server =
-            Server::bind(args.data.data_dir.clone(), config).await.map_err(|e| match e {
+        let agent =
+            Agent::start(args.data.data_dir.clone(), config, sync).await.map_err(|e| match e {
                 crate::server::ServeError::Store(e) => store_failure(e),
                 other => Failure::Config(other.into()),
             })?;
-        println!("serving the Open Inference Protocol on http://{}", server.local_addr());
-        server.run(shutdown_signal()).await.map_err(|e| Failure::Other(e.into()))
+        println!("serving the Open Inference Protocol on http://{}", agent.local_addr());
+        if let Some(identity) = agent.identity() {
+            println!(
+                "syncing with the control plane at {} as {}",
+                identity.control_plane, identity.agent_id
+            );
+        }
+        agent.run(shutdown_signal()).await.map_err(|e| Failure::Other(e.into()))
     })
 }
 

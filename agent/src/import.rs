@@ -16,7 +16,7 @@ use falaj_common::keys::Sha256;
 use falaj_common::onnx::{OnnxError, OnnxModel};
 use thiserror::Error;
 
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, InstallMode, Store, StoreError};
 
 /// Size of the pieces the payload is copied in.
 const PIECE: usize = 1 << 20;
@@ -30,12 +30,19 @@ pub struct ImportOptions {
     pub now: SystemTime,
     /// The largest bundle accepted.
     pub max_bundle_bytes: u64,
+    /// Whether the new version becomes active, and who manages it.
+    pub mode: InstallMode,
 }
 
 impl ImportOptions {
     /// Defaults at `now`: no downgrade, the format's default size limit.
     pub fn new(now: SystemTime) -> Self {
-        Self { allow_downgrade: false, now, max_bundle_bytes: Policy::DEFAULT_MAX_BUNDLE_BYTES }
+        Self {
+            allow_downgrade: false,
+            now,
+            max_bundle_bytes: Policy::DEFAULT_MAX_BUNDLE_BYTES,
+            mode: InstallMode { activate: true, managed: false },
+        }
     }
 }
 
@@ -311,10 +318,14 @@ pub fn import_file(
         .into_iter()
         .find(|i| i.active && i.manifest.name == manifest.name)
         .map(|i| i.manifest.version);
-    let installed =
-        store.install(staged.file, &manifest, &head.manifest, options.now, |existing| {
-            check_version(&manifest, manifest_sha, existing, options.allow_downgrade)
-        })?;
+    let installed = store.install(
+        staged.file,
+        &manifest,
+        &head.manifest,
+        options.mode,
+        options.now,
+        |existing| check_version(&manifest, manifest_sha, existing, options.allow_downgrade),
+    )?;
     let (name, version) = (manifest.name, manifest.version);
     if !installed {
         return Ok(ImportOutcome::AlreadyInstalled { name, version });

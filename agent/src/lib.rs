@@ -8,9 +8,14 @@
 //! The binary (`falaj-agent`) is a thin shell over [`cli`].
 
 pub mod cli;
+pub mod daemon;
 pub mod engine;
+pub mod enroll;
+pub mod identity;
 pub mod import;
 pub mod models;
 pub mod oip;
 pub mod server;
 pub mod store;
+pub mod sync;
+pub mod transfer;

@@ -17,7 +17,7 @@ use axum::serve::ListenerExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
 use crate::oip::{self, OutputToSend};
@@ -83,6 +83,7 @@ pub struct Server {
     addr: SocketAddr,
     store: Arc<Mutex<Store>>,
     state: AppState,
+    reload: Arc<Notify>,
 }
 
 impl Server {
@@ -115,12 +116,23 @@ impl Server {
             permits: Arc::new(Semaphore::new(config.workers.max(1))),
             config: Arc::new(config),
         };
-        Ok(Self { listener, addr, store: Arc::new(Mutex::new(store)), state })
+        Ok(Self {
+            listener,
+            addr,
+            store: Arc::new(Mutex::new(store)),
+            state,
+            reload: Arc::new(Notify::new()),
+        })
     }
 
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Notify this to reload the models at once (after an install in this process).
+    pub fn reloader(&self) -> Arc<Notify> {
+        Arc::clone(&self.reload)
     }
 
     /// The registry of served models.
@@ -138,6 +150,7 @@ impl Server {
             Arc::clone(&self.store),
             Arc::clone(&self.state.registry),
             self.state.config.poll_interval,
+            Arc::clone(&self.reload),
             stop_rx,
         ));
         tracing::info!(addr = %self.addr, "serving the Open Inference Protocol");
@@ -158,12 +171,13 @@ impl Server {
     }
 }
 
-/// Reloads the registry when another process commits to the store (an import), or on
-/// SIGHUP, until `stop` turns true.
+/// Reloads the registry when another process commits to the store (an import), when
+/// `reload` is notified, or on SIGHUP, until `stop` turns true.
 async fn watch_store(
     store: Arc<Mutex<Store>>,
     registry: Arc<Registry>,
     every: Duration,
+    reload: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut tick = tokio::time::interval(every);
@@ -185,6 +199,7 @@ async fn watch_store(
             _ = stop.changed() => return,
             _ = tick.tick() => false,
             _ = hup => true,
+            () = reload.notified() => true,
         };
         let store = Arc::clone(&store);
         let registry = Arc::clone(&registry);

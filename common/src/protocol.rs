@@ -220,3 +220,55 @@ mod tests {
         ));
     }
 }
+
+/// Reading and writing frames on async streams.
+#[cfg(feature = "tokio")]
+pub mod io {
+    use serde::Serialize;
+    use serde::de::DeserializeOwned;
+    use thiserror::Error;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    use super::{FrameError, decode, encode, frame_len};
+
+    /// Why a frame could not be read or written.
+    #[derive(Debug, Error)]
+    pub enum FrameIoError {
+        /// The stream failed.
+        #[error("stream: {0}")]
+        Io(#[from] std::io::Error),
+        /// The frame was refused.
+        #[error(transparent)]
+        Frame(#[from] FrameError),
+    }
+
+    /// Reads one frame; `None` at a clean end of stream (before any byte of a frame).
+    pub async fn read_frame<T: DeserializeOwned>(
+        stream: &mut (impl AsyncRead + Unpin),
+    ) -> Result<Option<T>, FrameIoError> {
+        let mut prefix = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            let n = stream.read(&mut prefix[got..]).await?;
+            if n == 0 {
+                if got == 0 {
+                    return Ok(None);
+                }
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+            got += n;
+        }
+        let mut body = vec![0u8; frame_len(prefix)?];
+        stream.read_exact(&mut body).await?;
+        Ok(Some(decode(&body)?))
+    }
+
+    /// Writes one frame.
+    pub async fn write_frame<T: Serialize>(
+        stream: &mut (impl AsyncWrite + Unpin),
+        message: &T,
+    ) -> Result<(), FrameIoError> {
+        stream.write_all(&encode(message)).await?;
+        Ok(())
+    }
+}

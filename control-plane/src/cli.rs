@@ -1,9 +1,12 @@
-//! The `falaj-control` command line (offline part): `keys init`, `bundle build`,
-//! `bundle inspect` and `sample`.
+//! The `falaj-control` command line. Offline: `keys init`, `bundle build`,
+//! `bundle inspect`, `sample`. The daemon: `serve`. Against a running control plane,
+//! through its admin API: `bundle push|list`, `token create`, `agents`, `agent revoke`,
+//! `deploy`, `undeploy`.
 //!
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a bundle that fails
 //! verification, 78 bad configuration or input.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -13,6 +16,8 @@ use falaj_common::bundle::RuntimeHint;
 use falaj_common::trust::TrustRoot;
 
 use crate::bundle::{self, BuildOptions, BundleError};
+use crate::client::{AdminClient, ClientError};
+use crate::daemon::{ControlPlane, ServeConfig, ServeError};
 use crate::keys::{self, InitOptions, KeysError};
 use crate::sample::{self, SampleOptions};
 
@@ -43,6 +48,141 @@ pub enum Command {
     Bundle(BundleCommand),
     /// Train the sample model and write it with its reference and hold-out data.
     Sample(SampleArgs),
+    /// Run the control plane daemon (QUIC for agents, HTTP admin API).
+    Serve(ServeArgs),
+    /// Enrollment tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// List agents: group, status, held and active versions, errors.
+    Agents(ApiArgs),
+    /// Act on one agent.
+    #[command(subcommand)]
+    Agent(AgentCommand),
+    /// Deploy NAME@VERSION to a group.
+    Deploy(DeployArgs),
+    /// Remove a model from a group.
+    Undeploy(UndeployArgs),
+}
+
+/// Where the running control plane's admin API is, and the token for it.
+#[derive(Debug, Clone, Args)]
+pub struct ApiArgs {
+    /// The admin API's URL.
+    #[arg(long, env = "FALAJ_CONTROL_PLANE", default_value = "http://127.0.0.1:7080")]
+    control_plane: String,
+    /// The admin token (default: read from DATA_DIR/admin.token).
+    #[arg(long, env = "FALAJ_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The control plane's data directory, to read the admin token from.
+    #[arg(long, env = "FALAJ_CONTROL_DATA_DIR", default_value = "/var/lib/falaj-control")]
+    data_dir: PathBuf,
+}
+
+impl ApiArgs {
+    fn client(&self) -> Result<AdminClient, Failure> {
+        let token = match &self.token {
+            Some(token) => token.clone(),
+            None => {
+                let path = self.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
+                std::fs::read_to_string(&path).map(|t| t.trim().to_owned()).map_err(|e| {
+                    Failure::new(
+                        EXIT_CONFIG,
+                        anyhow::anyhow!("no admin token: pass --token or FALAJ_TOKEN, or make {} readable ({e})", path.display()),
+                    )
+                })?
+            }
+        };
+        Ok(AdminClient::new(&self.control_plane, &token))
+    }
+}
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// The data directory (state, keys, blobs, admin token).
+    #[arg(long, env = "FALAJ_CONTROL_DATA_DIR", default_value = "/var/lib/falaj-control")]
+    data_dir: PathBuf,
+    /// UDP address for agents (QUIC).
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    quic: std::net::SocketAddr,
+    /// TCP address for the admin API.
+    #[arg(long, default_value = "127.0.0.1:7080")]
+    admin: std::net::SocketAddr,
+    /// The region; needed on the first start, when keys are created.
+    #[arg(long)]
+    region: Option<String>,
+    /// Extra DNS names or IP addresses for the TLS certificate.
+    #[arg(long = "server-name")]
+    server_names: Vec<String>,
+    /// Lifetime of desired-state documents.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    desired_ttl: Duration,
+    /// Lifetime of agent certificates.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    cert_ttl: Duration,
+    /// How often agents report; three missed reports mark an agent offline.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat: Duration,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Print a one-time enrollment token for a group.
+    Create(TokenCreateArgs),
+}
+
+/// Arguments of `token create`.
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    /// The group the agent will join.
+    #[arg(long)]
+    group: String,
+    /// How long the token may be used.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// `agent` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AgentCommand {
+    /// Revoke an agent: its connection is dropped and its certificate refused.
+    Revoke(RevokeArgs),
+}
+
+/// Arguments of `agent revoke`.
+#[derive(Debug, Args)]
+pub struct RevokeArgs {
+    /// The agent's id.
+    agent: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Arguments of `deploy`.
+#[derive(Debug, Args)]
+pub struct DeployArgs {
+    /// What to deploy, as NAME@VERSION.
+    target: String,
+    /// The group.
+    #[arg(long)]
+    group: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Arguments of `undeploy`.
+#[derive(Debug, Args)]
+pub struct UndeployArgs {
+    /// The model.
+    name: String,
+    /// The group.
+    #[arg(long)]
+    group: String,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// `keys` subcommands.
@@ -85,6 +225,19 @@ pub enum BundleCommand {
     Build(BuildArgs),
     /// Print a bundle's manifest and whether it verifies.
     Inspect(InspectArgs),
+    /// Register a bundle with the running control plane.
+    Push(PushArgs),
+    /// List the bundles registered with the running control plane.
+    List(ApiArgs),
+}
+
+/// Arguments of `bundle push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// The bundle file.
+    file: PathBuf,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// Arguments of `bundle build`.
@@ -180,6 +333,71 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Bundle(BundleCommand::Build(args)) => bundle_build(args, now),
         Command::Bundle(BundleCommand::Inspect(args)) => bundle_inspect(&args, now),
         Command::Sample(args) => sample(&args),
+        Command::Serve(args) => serve(args),
+        Command::Bundle(BundleCommand::Push(args)) => online(&args.api, |c| async move {
+            let pushed = c.push_bundle(&args.file).await?;
+            let b = &pushed["bundle"];
+            let verb = if pushed["created"].as_bool() == Some(true) {
+                "registered"
+            } else {
+                "already registered:"
+            };
+            println!(
+                "{verb} {}@{} ({} bytes, {} chunks, {} new)",
+                b["name"].as_str().unwrap_or("?"),
+                b["version"],
+                b["size"],
+                b["chunks"],
+                pushed["new_chunks"]
+            );
+            Ok(())
+        }),
+        Command::Bundle(BundleCommand::List(api)) => online(&api, |c| async move {
+            println!(
+                "{:<24} {:>8} {:>12} {:>7} {:<22}",
+                "NAME", "VERSION", "BYTES", "CHUNKS", "PUSHED"
+            );
+            for b in c.bundles().await? {
+                println!(
+                    "{:<24} {:>8} {:>12} {:>7} {:<22}",
+                    b["name"].as_str().unwrap_or("?"),
+                    b["version"],
+                    b["size"],
+                    b["chunks"],
+                    b["pushed_at"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }),
+        Command::Token(TokenCommand::Create(args)) => online(&args.api, |c| async move {
+            let token = c.create_token(&args.group, args.ttl.as_secs().max(1)).await?;
+            eprintln!(
+                "enrollment token for group {} in region {}, valid until {}:",
+                token["group"].as_str().unwrap_or("?"),
+                token["region"].as_str().unwrap_or("?"),
+                token["expires"].as_str().unwrap_or("?")
+            );
+            println!("{}", token["token"].as_str().unwrap_or_default());
+            Ok(())
+        }),
+        Command::Agents(api) => online(&api, |c| async move {
+            print_agents(&c.agents().await?);
+            Ok(())
+        }),
+        Command::Agent(AgentCommand::Revoke(args)) => online(&args.api, |c| async move {
+            c.revoke(&args.agent).await?;
+            println!(
+                "revoked {}; its connection is closed and its certificate refused",
+                args.agent
+            );
+            Ok(())
+        }),
+        Command::Deploy(args) => deploy(args),
+        Command::Undeploy(args) => online(&args.api, |c| async move {
+            c.undeploy(&args.group, &args.name).await?;
+            println!("undeployed {} from group {}", args.name, args.group);
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -287,6 +505,123 @@ fn bundle_inspect(args: &InspectArgs, now: SystemTime) -> Result<(), Failure> {
             anyhow::anyhow!("{}: does not verify: {e}", args.file.display()),
         )),
         _ => Ok(()),
+    }
+}
+
+/// Runs `f` against the admin API on a small runtime, mapping API errors to exit codes.
+fn online<F, Fut>(api: &ApiArgs, f: F) -> Result<(), Failure>
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: Future<Output = Result<(), ClientError>>,
+{
+    let client = api.client()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))?;
+    runtime.block_on(f(client)).map_err(|e| {
+        let code = match &e {
+            ClientError::Api { status: 400..=499, .. } => EXIT_CONFIG,
+            _ => 1,
+        };
+        Failure::new(code, e)
+    })
+}
+
+fn deploy(args: DeployArgs) -> Result<(), Failure> {
+    let (name, version) = args
+        .target
+        .split_once('@')
+        .and_then(|(n, v)| Some((n.to_owned(), v.parse::<u64>().ok()?)))
+        .ok_or_else(|| {
+            Failure::new(
+                EXIT_USAGE,
+                anyhow::anyhow!("expected NAME@VERSION, got {:?}", args.target),
+            )
+        })?;
+    online(&args.api, |c| async move {
+        c.deploy(&args.group, &name, version).await?;
+        println!("deployed {name}@{version} to group {}", args.group);
+        Ok(())
+    })
+}
+
+fn print_agents(agents: &[serde_json::Value]) {
+    println!(
+        "{:<20} {:<12} {:<10} {:<10} {:<22} {:<24} {:<24} {}",
+        "AGENT", "GROUP", "REGION", "STATUS", "LAST SEEN", "ACTIVE", "HELD", "ERRORS"
+    );
+    let list = |v: &serde_json::Value| {
+        let items: Vec<&str> =
+            v.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        if items.is_empty() { "-".to_owned() } else { items.join(",") }
+    };
+    for a in agents {
+        println!(
+            "{:<20} {:<12} {:<10} {:<10} {:<22} {:<24} {:<24} {}",
+            a["id"].as_str().unwrap_or("?"),
+            a["group"].as_str().unwrap_or("?"),
+            a["region"].as_str().unwrap_or("?"),
+            a["status"].as_str().unwrap_or("?"),
+            a["last_seen"].as_str().unwrap_or("never"),
+            list(&a["active"]),
+            list(&a["held"]),
+            list(&a["errors"]),
+        );
+    }
+}
+
+fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let mut config = ServeConfig::new(&args.data_dir);
+    config.quic = args.quic;
+    config.admin = args.admin;
+    config.region = args.region;
+    config.server_names.extend(args.server_names);
+    config.policy.desired_ttl = args.desired_ttl;
+    config.policy.cert_ttl = args.cert_ttl;
+    config.policy.heartbeat = args.heartbeat;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))?;
+    runtime.block_on(async move {
+        let control = ControlPlane::start(config).await.map_err(|e| match e {
+            ServeError::Io { .. } | ServeError::Db(_) => Failure::new(1, e),
+            other => Failure::new(EXIT_CONFIG, other),
+        })?;
+        println!(
+            "admin API on http://{} (token in {})",
+            control.admin_addr(),
+            args.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE).display()
+        );
+        println!(
+            "agents connect to {} (QUIC); CA sha256 {}",
+            control.quic_addr(),
+            control.ca_fingerprint()
+        );
+        control.run(shutdown_signal()).await.map_err(|e| Failure::new(1, e))
+    })
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
     }
 }
 

@@ -5,6 +5,7 @@
 //!   root.json          the signed trust root, given to agents
 //!   root-ID.key        root role private keys (PKCS#8), 0600
 //!   signing-ID.key     bundle-signing private keys (PKCS#8), 0600
+//!   ca.pem, ca.key     the TLS certificate authority for agents (see `ca`)
 //! ```
 //!
 //! Root keys sign the trust root only and belong offline once it is made; signing keys

@@ -4,9 +4,18 @@
 //!
 //! The binary (`falaj-control`) is a thin shell over [`cli`].
 
+pub mod admin;
+pub mod blobs;
 pub mod bundle;
+pub mod ca;
 pub mod cli;
+pub mod client;
+pub mod daemon;
+pub mod db;
 pub mod files;
 pub mod keys;
+pub mod push;
+pub mod quic;
 pub mod reference;
 pub mod sample;
+pub mod state;

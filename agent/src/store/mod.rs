@@ -24,6 +24,10 @@ use falaj_common::trust::{TrustError, TrustRoot};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
+mod managed;
+
+pub use managed::{ChunkSource, Identity};
+
 /// Database file name inside the data directory.
 pub const DB_FILE: &str = "agent.db";
 
@@ -63,6 +67,31 @@ const MIGRATIONS: &[&str] = &[
         name    TEXT,
         version INTEGER,
         detail  TEXT NOT NULL
+    ) STRICT;",
+    // 2: control-plane management: managed bundles, chunk index, identity, desired state.
+    "ALTER TABLE bundles ADD COLUMN managed INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE chunk_index (
+        sha256  TEXT NOT NULL,
+        name    TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        offset  INTEGER NOT NULL,
+        size    INTEGER NOT NULL,
+        PRIMARY KEY (name, version, offset),
+        FOREIGN KEY (name, version) REFERENCES bundles (name, version) ON DELETE CASCADE
+    ) STRICT;
+    CREATE INDEX chunk_index_sha256 ON chunk_index (sha256);
+    CREATE TABLE identity (
+        id            INTEGER PRIMARY KEY CHECK (id = 1),
+        agent_id      TEXT NOT NULL,
+        grp           TEXT NOT NULL,
+        control_plane TEXT NOT NULL,
+        enrolled_at   INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE desired (
+        id          INTEGER PRIMARY KEY CHECK (id = 1),
+        version     INTEGER NOT NULL,
+        document    BLOB NOT NULL,
+        accepted_at INTEGER NOT NULL
     ) STRICT;",
 ];
 
@@ -142,6 +171,17 @@ pub struct Installed {
     pub installed_at: Timestamp,
     /// Whether it is the active version of its name.
     pub active: bool,
+    /// Whether the control plane manages it (installed from desired state).
+    pub managed: bool,
+}
+
+/// How an install treats the new version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstallMode {
+    /// Make it the active version of its name.
+    pub activate: bool,
+    /// The control plane manages it (it may remove it); otherwise an operator imported it.
+    pub managed: bool,
 }
 
 /// The agent's store, opened on a data directory.
@@ -167,7 +207,7 @@ fn create_private_dir(dir: &Path) -> Result<()> {
 }
 
 /// Makes a rename or file creation inside `dir` durable.
-pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing directory", dir))
 }
 
@@ -275,7 +315,7 @@ impl Store {
             .conn
             .prepare(
                 "SELECT b.name, b.version, b.manifest, b.manifest_sha256, b.path, b.size, b.installed_at,
-                        a.version IS NOT NULL
+                        a.version IS NOT NULL, b.managed
                  FROM bundles b LEFT JOIN active a ON a.name = b.name AND a.version = b.version
                  ORDER BY b.name, b.version",
             )
@@ -291,12 +331,14 @@ impl Store {
                     r.get::<_, i64>(5)?,
                     r.get::<_, i64>(6)?,
                     r.get::<_, bool>(7)?,
+                    r.get::<_, bool>(8)?,
                 ))
             })
             .map_err(self.db())?;
         let mut out = Vec::new();
         for row in rows {
-            let (name, version, manifest, sha, path, size, at, active) = row.map_err(self.db())?;
+            let (name, version, manifest, sha, path, size, at, active, managed) =
+                row.map_err(self.db())?;
             let damaged = |problem: String| StoreError::Damaged {
                 name: name.clone(),
                 version: version as u64,
@@ -314,6 +356,7 @@ impl Store {
                 size: size as u64,
                 installed_at: Timestamp::from_unix(at as u64),
                 active,
+                managed,
             });
         }
         Ok(out)
@@ -324,8 +367,8 @@ impl Store {
         versions_of(&self.conn, &self.db_path, name)
     }
 
-    /// Installs a verified, fsynced staged file as `manifest`'s bundle and makes it the
-    /// active version, in one transaction. `check` sees the installed versions of the name
+    /// Installs a verified, fsynced staged file as `manifest`'s bundle and, if `mode`
+    /// says so, makes it the active version, in one transaction. `check` sees the installed versions of the name
     /// inside the transaction (under the write lock, so two concurrent imports cannot both
     /// pass it) and refuses with an error or skips with `Ok(false)`. Returns whether the
     /// bundle was installed.
@@ -334,6 +377,7 @@ impl Store {
         staged: tempfile::NamedTempFile,
         manifest: &Manifest,
         manifest_bytes: &[u8],
+        mode: InstallMode,
         now: SystemTime,
         check: impl FnOnce(&[(u64, Sha256)]) -> Result<bool, E>,
     ) -> Result<bool, E> {
@@ -353,8 +397,8 @@ impl Store {
             return Ok(false);
         }
         tx.execute(
-            "INSERT INTO bundles (name, version, kind, manifest, manifest_sha256, path, size, installed_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            "INSERT INTO bundles (name, version, kind, manifest, manifest_sha256, path, size, installed_at, managed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             params![
                 manifest.name,
                 manifest.version as i64,
@@ -363,19 +407,18 @@ impl Store {
                 Sha256::of(manifest_bytes).to_string(),
                 relative.to_string_lossy(),
                 size as i64,
-                at
+                at,
+                mode.managed
             ],
         )
         .map_err(db)?;
-        tx.execute(
-            "INSERT INTO active (name, version, activated_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET version = excluded.version, activated_at = excluded.activated_at",
-            params![manifest.name, manifest.version as i64, at],
-        )
-        .map_err(db)?;
+        if mode.activate {
+            managed::set_active(&tx, &manifest.name, manifest.version, at).map_err(db)?;
+        }
+        let detail = format!("{size} bytes{}", if mode.activate { ", activated" } else { "" });
         tx.execute(
             "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'install', ?2, ?3, ?4)",
-            params![at, manifest.name, manifest.version as i64, format!("{size} bytes, activated")],
+            params![at, manifest.name, manifest.version as i64, detail],
         )
         .map_err(db)?;
         // The file goes in place before the commit: if the commit fails, the row does not

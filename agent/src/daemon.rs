@@ -1,0 +1,67 @@
+//! `falaj-agent serve`: the local inference server and, for an enrolled agent, its session
+//! with the control plane, started and stopped together.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::server::{ServeConfig, ServeError, Server};
+use crate::store::Identity;
+use crate::sync::{SyncConfig, Syncer};
+
+/// A started agent: models loaded, socket bound, control plane session ready to run.
+#[derive(Debug)]
+pub struct Agent {
+    server: Server,
+    syncer: Option<Arc<Syncer>>,
+}
+
+impl Agent {
+    /// Loads the models of `data_dir`, binds the inference API, and prepares the control
+    /// plane session if the agent is enrolled.
+    pub async fn start(
+        data_dir: PathBuf,
+        serve: ServeConfig,
+        sync: SyncConfig,
+    ) -> Result<Self, ServeError> {
+        let server = Server::bind(data_dir.clone(), serve).await?;
+        let reload = server.reloader();
+        let syncer = tokio::task::spawn_blocking(move || Syncer::open(data_dir, reload, sync))
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))??;
+        Ok(Self { server, syncer: syncer.map(Arc::new) })
+    }
+
+    /// The inference API's address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// The enrolled identity, if any.
+    pub fn identity(&self) -> Option<&Identity> {
+        self.syncer.as_deref().map(Syncer::identity)
+    }
+
+    /// Serves (and syncs) until `shutdown` completes.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let sync = self.syncer.map(|s| tokio::spawn(s.run(stop_rx)));
+        let served = self
+            .server
+            .run(async move {
+                shutdown.await;
+                let _ = stop_tx.send(true);
+            })
+            .await;
+        if let Some(sync) = sync {
+            let _ = sync.await;
+        }
+        served
+    }
+}

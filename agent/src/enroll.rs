@@ -1,0 +1,154 @@
+//! Enrollment: a one-time token in, an agent with its own certificate, the control plane's
+//! CA and the bundle trust root out.
+//!
+//! The key pair is generated here and only a certificate signing request is sent. The
+//! control plane is authenticated on this first contact by the CA hash in the token, so
+//! nothing is trusted on first use.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use falaj_common::enrollment::{EnrollmentToken, TokenError};
+use falaj_common::protocol::io::{FrameIoError, read_frame, write_frame};
+use falaj_common::protocol::{EnrollRequest, EnrollResponse, SERVER_NAME};
+use thiserror::Error;
+
+use crate::identity::{IdentityError, IdentityFiles, KeyRequest, enroll_config};
+use crate::store::{Identity, Store, StoreError};
+
+/// What to enroll with.
+#[derive(Debug, Clone)]
+pub struct EnrollOptions {
+    /// The control plane's QUIC address (`host:port`).
+    pub control_plane: String,
+    /// The token's text.
+    pub token: String,
+    /// This machine's name, for the fleet view.
+    pub hostname: String,
+    /// If given, the region this agent must be in; a token for another is refused.
+    pub region: Option<String>,
+}
+
+/// Why enrollment failed.
+#[derive(Debug, Error)]
+pub enum EnrollError {
+    /// The token's text is not a token.
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The token is for another region than the one asked for.
+    #[error("the token is for region {token:?}, this agent is for {expected:?}")]
+    WrongRegion {
+        /// The token's region.
+        token: String,
+        /// The region asked for.
+        expected: String,
+    },
+    /// The data directory already holds an agent.
+    #[error("{0} already holds an agent; enroll into an empty data directory")]
+    AlreadyInitialised(String),
+    /// The control plane could not be reached or was not the one the token names.
+    #[error("cannot enroll with {address}: {reason}")]
+    Connect {
+        /// The address.
+        address: String,
+        /// Why.
+        reason: String,
+    },
+    /// The control plane refused the enrollment.
+    #[error("the control plane refused the enrollment: {0}")]
+    Refused(String),
+    /// Key or certificate handling failed.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The store could not be created.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+async fn resolve(address: &str) -> Result<SocketAddr, EnrollError> {
+    tokio::net::lookup_host(address).await.ok().and_then(|mut addrs| addrs.next()).ok_or_else(
+        || EnrollError::Connect {
+            address: address.into(),
+            reason: "the address does not resolve".into(),
+        },
+    )
+}
+
+/// A client endpoint on an ephemeral UDP port of the right address family.
+pub fn client_endpoint(remote: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+    let local: SocketAddr = if remote.is_ipv6() { "[::]:0".parse() } else { "0.0.0.0:0".parse() }
+        .expect("a literal address");
+    quinn::Endpoint::client(local)
+}
+
+/// Enrolls a new agent in `data_dir`.
+pub async fn enroll(
+    data_dir: &Path,
+    options: &EnrollOptions,
+    now: SystemTime,
+) -> Result<Identity, EnrollError> {
+    let token: EnrollmentToken = options.token.parse()?;
+    if let Some(expected) = options.region.as_ref().filter(|r| **r != token.region) {
+        return Err(EnrollError::WrongRegion { token: token.region, expected: expected.clone() });
+    }
+    if data_dir.join(crate::store::DB_FILE).exists() {
+        return Err(EnrollError::AlreadyInitialised(data_dir.display().to_string()));
+    }
+    let request = KeyRequest::generate()?;
+    let connect =
+        |reason: String| EnrollError::Connect { address: options.control_plane.clone(), reason };
+    let remote = resolve(&options.control_plane).await?;
+    let endpoint = client_endpoint(remote).map_err(|e| connect(e.to_string()))?;
+    let config = enroll_config(token.ca_sha256)?;
+    let response = async {
+        let conn = endpoint
+            .connect_with(config, remote, SERVER_NAME)
+            .map_err(|e| connect(e.to_string()))?
+            .await
+            .map_err(|e| connect(e.to_string()))?;
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect(e.to_string()))?;
+        let message = EnrollRequest {
+            token: options.token.trim().to_owned(),
+            csr_der: request.csr_der.clone(),
+            hostname: options.hostname.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let io = |e: FrameIoError| connect(e.to_string());
+        write_frame(&mut send, &message).await.map_err(io)?;
+        let _ = send.finish();
+        let response =
+            read_frame::<EnrollResponse>(&mut recv).await.map_err(io)?.ok_or_else(|| {
+                connect("the control plane closed the stream without answering".into())
+            })?;
+        conn.close(0u32.into(), b"enrolled");
+        Ok::<_, EnrollError>(response)
+    };
+    let response = tokio::time::timeout(Duration::from_secs(30), response)
+        .await
+        .map_err(|_| connect("timed out".into()))??;
+    endpoint.wait_idle().await;
+    let enrollment = match response {
+        EnrollResponse::Enrolled(e) => e,
+        EnrollResponse::Refused(reason) => return Err(EnrollError::Refused(reason)),
+    };
+    if enrollment.region != token.region {
+        return Err(EnrollError::Refused(format!(
+            "the control plane enrolled us in region {:?}, the token says {:?}",
+            enrollment.region, token.region
+        )));
+    }
+    let mut store = Store::init(data_dir, &enrollment.region, &enrollment.trust_root, now)?;
+    IdentityFiles::new(data_dir).store(
+        &request,
+        &enrollment.certificate_der,
+        &enrollment.ca_der,
+    )?;
+    let identity = Identity {
+        agent_id: enrollment.agent_id,
+        group: enrollment.group,
+        control_plane: options.control_plane.clone(),
+    };
+    store.set_identity(&identity, now)?;
+    Ok(identity)
+}

@@ -1,0 +1,432 @@
+//! The agent's side of the control plane connection: dial out, keep one long-lived QUIC
+//! session, verify each desired-state document, reconcile, report, renew the certificate,
+//! and on any failure keep serving what is installed and retry with exponential backoff
+//! and jitter.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use falaj_common::desired::{DesiredState, Expectation, SignedDesired};
+use falaj_common::protocol::io::{read_frame, write_frame};
+use falaj_common::protocol::{ActualState, AgentMessage, ControlMessage, SERVER_NAME};
+use falaj_common::random::SeededRng;
+use falaj_common::reconcile::{self, Action};
+use falaj_common::time::Timestamp;
+use thiserror::Error;
+use tokio::sync::{Notify, mpsc, watch};
+
+use crate::identity::{IdentityFiles, KeyRequest};
+use crate::store::{Identity, Store, StoreError};
+use crate::transfer::Fetcher;
+
+/// How the agent talks to its control plane.
+#[derive(Debug, Clone)]
+pub struct SyncConfig {
+    /// How often to report (a heartbeat).
+    pub heartbeat: Duration,
+    /// The longest wait between reconnection attempts.
+    pub max_backoff: Duration,
+    /// Chunk fetch streams run at once.
+    pub parallel_fetches: usize,
+}
+
+impl Default for SyncConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(10),
+            max_backoff: Duration::from_secs(60),
+            parallel_fetches: 8,
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, Error)]
+pub enum SyncError {
+    /// The connection could not be made or was lost.
+    #[error("{0}")]
+    Connection(String),
+    /// The control plane closed the connection on purpose.
+    #[error("the control plane closed the connection: {0}")]
+    Closed(String),
+    /// Local state failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// The long-lived state of the agent's side of the connection.
+#[derive(Debug)]
+pub struct Syncer {
+    data_dir: PathBuf,
+    store: Arc<Mutex<Store>>,
+    identity: Identity,
+    files: IdentityFiles,
+    reload: Arc<Notify>,
+    config: SyncConfig,
+    errors: Mutex<VecDeque<String>>,
+    applied: Mutex<Option<u64>>,
+}
+
+const MAX_ERRORS: usize = 8;
+
+impl Syncer {
+    /// A syncer for the enrolled agent in `data_dir`; `reload` is notified whenever the
+    /// installed bundles change. `None` if the agent is not enrolled.
+    pub fn open(
+        data_dir: PathBuf,
+        reload: Arc<Notify>,
+        config: SyncConfig,
+    ) -> Result<Option<Self>, StoreError> {
+        let store = Store::open(&data_dir)?;
+        let Some(identity) = store.identity()? else { return Ok(None) };
+        Ok(Some(Self {
+            files: IdentityFiles::new(&data_dir),
+            data_dir,
+            store: Arc::new(Mutex::new(store)),
+            identity,
+            reload,
+            config,
+            errors: Mutex::new(VecDeque::new()),
+            applied: Mutex::new(None),
+        }))
+    }
+
+    /// The enrolled identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    fn note_error(&self, message: String) {
+        tracing::warn!(error = %message, "reconciliation problem");
+        let mut errors = self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        errors.push_back(message);
+        while errors.len() > MAX_ERRORS {
+            errors.pop_front();
+        }
+    }
+
+    async fn with_store<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, StoreError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            f(&mut store.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        })
+        .await
+        .map_err(|e| StoreError::Region(format!("store task failed: {e}")))?
+    }
+
+    async fn actual_state(&self) -> ActualState {
+        let bundles = self.with_store(|s| s.held()).await.unwrap_or_default();
+        ActualState {
+            desired_version: *self
+                .applied
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            bundles,
+            errors: self
+                .errors
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .cloned()
+                .collect(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+        }
+    }
+
+    /// Runs until `shutdown` turns true: sessions, and backoff between them.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut rng = SeededRng::new(
+            Timestamp::from_system(SystemTime::now()).unix() ^ u64::from(std::process::id()),
+        );
+        let mut failures = 0u32;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let outcome = tokio::select! {
+                outcome = Arc::clone(&self).session(&mut failures) => outcome,
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            match outcome {
+                Ok(()) => return,
+                Err(err) => {
+                    tracing::warn!(control_plane = %self.identity.control_plane, error = %err, "control plane session ended")
+                }
+            }
+            failures = failures.saturating_add(1);
+            // Exponential backoff with full jitter: uniform in [0, min(max, 0.5 s * 2^n)].
+            let ceiling = Duration::from_millis(500)
+                .saturating_mul(1 << failures.min(16))
+                .min(self.config.max_backoff);
+            let wait = ceiling.mul_f64(rng.uniform());
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<quinn::Connection, SyncError> {
+        let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(e.to_string());
+        let address = &self.identity.control_plane;
+        let remote: SocketAddr = tokio::net::lookup_host(address)
+            .await
+            .map_err(|e| conn_err(&e))?
+            .next()
+            .ok_or_else(|| SyncError::Connection(format!("{address} does not resolve")))?;
+        let config = self.files.session_config().map_err(|e| conn_err(&e))?;
+        let endpoint = crate::enroll::client_endpoint(remote).map_err(|e| conn_err(&e))?;
+        let connecting =
+            endpoint.connect_with(config, remote, SERVER_NAME).map_err(|e| conn_err(&e))?;
+        tokio::time::timeout(Duration::from_secs(15), connecting)
+            .await
+            .map_err(|_| SyncError::Connection(format!("connecting to {address} timed out")))?
+            .map_err(|e| conn_err(&e))
+    }
+
+    async fn session(self: Arc<Self>, failures: &mut u32) -> Result<(), SyncError> {
+        let conn = self.connect().await?;
+        let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(e.to_string());
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&e))?;
+        write_frame(&mut send, &AgentMessage::Hello(self.actual_state().await))
+            .await
+            .map_err(|e| conn_err(&e))?;
+        // With TLS 1.3 a refused client certificate shows only now: wait for the first
+        // message (or the close) before calling the session up.
+        let first =
+            tokio::time::timeout(Duration::from_secs(15), read_frame::<ControlMessage>(&mut recv))
+                .await;
+        let first = match first {
+            Ok(Ok(Some(message))) => message,
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+                let reason =
+                    conn.close_reason().map_or_else(|| "no answer".to_owned(), |r| r.to_string());
+                return Err(SyncError::Closed(reason));
+            }
+        };
+        tracing::info!(control_plane = %self.identity.control_plane, agent = %self.identity.agent_id, "connected to the control plane");
+        *failures = 0;
+
+        let (docs_tx, docs_rx) = watch::channel::<Option<(DesiredState, Vec<u8>)>>(None);
+        let (report_tx, mut report_rx) = mpsc::channel::<()>(4);
+        let fetcher = Fetcher {
+            connection: conn.clone(),
+            store: Arc::clone(&self.store),
+            data_dir: self.data_dir.clone(),
+            parallel: self.config.parallel_fetches,
+        };
+        let reconciler =
+            tokio::spawn(Arc::clone(&self).reconcile_loop(fetcher, docs_rx, report_tx));
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat);
+        heartbeat.tick().await;
+        let mut pending_message = Some(first);
+        let outcome = loop {
+            let message = match pending_message.take() {
+                Some(m) => Some(m),
+                None => tokio::select! {
+                    frame = read_frame::<ControlMessage>(&mut recv) => match frame {
+                        Ok(Some(m)) => Some(m),
+                        Ok(None) => break Err(SyncError::Closed("session stream closed".into())),
+                        Err(e) => break Err(conn.close_reason().map_or_else(|| conn_err(&e), |r| SyncError::Closed(r.to_string()))),
+                    },
+                    Some(()) = report_rx.recv() => {
+                        if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
+                            break Err(conn_err(&e));
+                        }
+                        None
+                    }
+                    _ = heartbeat.tick() => {
+                        if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
+                            break Err(conn_err(&e));
+                        }
+                        if let Some(renew) = self.renewal_request() {
+                            if let Err(e) = write_frame(&mut send, &renew).await {
+                                break Err(conn_err(&e));
+                            }
+                        }
+                        None
+                    }
+                },
+            };
+            if let Some(message) = message {
+                self.on_message(message, &docs_tx).await;
+            }
+        };
+        reconciler.abort();
+        outcome
+    }
+
+    /// A renewal request once less than a third of the certificate's lifetime is left.
+    fn renewal_request(&self) -> Option<AgentMessage> {
+        let (not_before, not_after) = self.files.validity().ok()?;
+        let now = Timestamp::from_system(SystemTime::now());
+        let lifetime = not_after.unix().saturating_sub(not_before.unix());
+        if now.unix().saturating_add(lifetime / 3) < not_after.unix() {
+            return None;
+        }
+        let request = KeyRequest::generate().ok()?;
+        self.files.store_pending(&request).ok()?;
+        tracing::info!(expires = %not_after, "renewing the agent certificate");
+        Some(AgentMessage::Renew { csr_der: request.csr_der })
+    }
+
+    async fn on_message(
+        &self,
+        message: ControlMessage,
+        docs: &watch::Sender<Option<(DesiredState, Vec<u8>)>>,
+    ) {
+        match message {
+            ControlMessage::Desired(signed) => match self.verify(signed).await {
+                Ok(Some(accepted)) => {
+                    tracing::info!(
+                        version = accepted.0.version,
+                        bundles = accepted.0.bundles.len(),
+                        "desired state accepted"
+                    );
+                    let _ = docs.send(Some(accepted));
+                }
+                Ok(None) => {}
+                Err(reason) => self.note_error(format!("desired state refused: {reason}")),
+            },
+            ControlMessage::Renewed { certificate_der, expires } => {
+                match self.files.install_renewed(&certificate_der) {
+                    Ok(()) => {
+                        tracing::info!(%expires, "certificate renewed; used from the next connection")
+                    }
+                    Err(e) => {
+                        self.note_error(format!("installing the renewed certificate failed: {e}"))
+                    }
+                }
+            }
+            ControlMessage::Refused(reason) => {
+                self.note_error(format!("the control plane refused a request: {reason}"))
+            }
+        }
+    }
+
+    /// Verifies a document against the pinned trust root, this agent, its region and the
+    /// last version accepted; records it. `Ok(None)` for a re-send of the accepted version.
+    async fn verify(
+        &self,
+        signed: SignedDesired,
+    ) -> Result<Option<(DesiredState, Vec<u8>)>, String> {
+        let identity = self.identity.clone();
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let trust = store.trust_root().map_err(|e| e.to_string())?;
+            let accepted = store.accepted_desired().map_err(|e| e.to_string())?;
+            let expect = Expectation {
+                agent: &identity.agent_id,
+                region: store.region(),
+                accepted,
+                now: SystemTime::now(),
+            };
+            match signed.verify(&trust, &expect) {
+                Ok(doc) => {
+                    store
+                        .accept_desired(doc.version, &signed.document, SystemTime::now())
+                        .map_err(|e| e.to_string())?;
+                    Ok(Some((doc, signed.document)))
+                }
+                // The same document again (after a reconnect) is not an attack.
+                Err(falaj_common::desired::DesiredError::Stale { version, accepted })
+                    if version == accepted =>
+                {
+                    let doc = serde_json::from_slice::<DesiredState>(&signed.document)
+                        .map_err(|e| e.to_string())?;
+                    Ok(Some((doc, signed.document)))
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?
+    }
+
+    /// Applies each newly accepted document in turn (the latest wins), then asks for a report.
+    async fn reconcile_loop(
+        self: Arc<Self>,
+        fetcher: Fetcher,
+        mut docs: watch::Receiver<Option<(DesiredState, Vec<u8>)>>,
+        reports: mpsc::Sender<()>,
+    ) {
+        while docs.changed().await.is_ok() {
+            let Some((doc, _)) = docs.borrow_and_update().clone() else { continue };
+            if self.apply(&fetcher, &doc).await {
+                *self.applied.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                    Some(doc.version);
+            }
+            self.reload.notify_one();
+            let _ = reports.send(()).await;
+        }
+    }
+
+    /// Plans and runs the actions for `doc`; true when everything succeeded.
+    async fn apply(&self, fetcher: &Fetcher, doc: &DesiredState) -> bool {
+        let held = match self.with_store(|s| s.held()).await {
+            Ok(held) => held,
+            Err(e) => {
+                self.note_error(format!("reading the installed bundles: {e}"));
+                return false;
+            }
+        };
+        let plan = reconcile::plan(doc, &held);
+        let mut ok = plan.problems.is_empty();
+        for problem in plan.problems {
+            self.note_error(problem);
+        }
+        for action in plan.actions {
+            let now = SystemTime::now();
+            let result = match &action {
+                Action::Install(want) => match fetcher.install(want, now).await {
+                    Ok(stats) => {
+                        tracing::info!(model = %want.name, version = want.version, chunks = stats.chunks, fetched = stats.fetched, fetched_bytes = stats.fetched_bytes, reused = stats.reused, damaged = stats.damaged, "bundle installed");
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("installing {}@{}: {e}", want.name, want.version)),
+                },
+                Action::Activate { name, version } => {
+                    let (n, v) = (name.clone(), *version);
+                    match self.with_store(move |s| s.activate(&n, v, now)).await {
+                        Ok(true) => {
+                            tracing::info!(model = %name, version, "activated");
+                            self.reload.notify_one();
+                            Ok(())
+                        }
+                        Ok(false) => Err(format!("activating {name}@{version}: not installed")),
+                        Err(e) => Err(format!("activating {name}@{version}: {e}")),
+                    }
+                }
+                Action::Remove { name, version } => {
+                    let (n, v) = (name.clone(), *version);
+                    match self.with_store(move |s| s.remove(&n, v, now)).await {
+                        Ok(_) => {
+                            tracing::info!(model = %name, version, "removed");
+                            Ok(())
+                        }
+                        Err(e) => Err(format!("removing {name}@{version}: {e}")),
+                    }
+                }
+            };
+            if let Err(problem) = result {
+                ok = false;
+                self.note_error(problem);
+                // Installs may fail on a dropped connection; later actions depend on them.
+                if matches!(action, Action::Install(_)) {
+                    break;
+                }
+            }
+        }
+        if ok {
+            self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+        }
+        ok
+    }
+}

@@ -1,0 +1,394 @@
+//! Fetching a bundle in content-defined chunks: only chunks held nowhere on this agent are
+//! asked for, each is checked against its SHA-256 as it arrives (a bad one is discarded and
+//! fetched again), and each is kept as a file until the bundle is installed, so a transfer
+//! broken at any point resumes where it stopped, across restarts of either side.
+//!
+//! The assembled file then goes through the ordinary import path, which verifies
+//! signatures and every payload hash before anything is installed.
+
+use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use falaj_common::chunking::{ChunkRef, MAX_CHUNK, Recipe};
+use falaj_common::desired::DesiredBundle;
+use falaj_common::keys::Sha256;
+use falaj_common::protocol::io::{read_frame, write_frame};
+use falaj_common::protocol::{ChunkHeader, FetchRequest};
+use thiserror::Error;
+
+use crate::import::{self, ImportError, ImportOptions};
+use crate::store::{ChunkSource, InstallMode, Store, StoreError};
+
+/// Chunks per fetch stream.
+const BATCH: usize = 32;
+/// Rounds of fetching before giving up on chunks that keep failing.
+const ROUNDS: usize = 3;
+
+/// Why a bundle could not be fetched or installed.
+#[derive(Debug, Error)]
+pub enum TransferError {
+    /// The connection failed; the transfer resumes on the next one.
+    #[error("connection: {0}")]
+    Connection(String),
+    /// Chunks the control plane does not have or keeps sending damaged.
+    #[error("{count} chunk(s) of {name}@{version} could not be fetched intact (first {first})")]
+    Chunks {
+        /// Model.
+        name: String,
+        /// Version.
+        version: u64,
+        /// How many.
+        count: usize,
+        /// The first of them.
+        first: Sha256,
+    },
+    /// The recipe is damaged or lies.
+    #[error("{0}")]
+    Recipe(String),
+    /// The assembled file does not match the desired state.
+    #[error("assembled {name}@{version} does not match the desired state: {problem}")]
+    Assembly {
+        /// Model.
+        name: String,
+        /// Version.
+        version: u64,
+        /// What differs.
+        problem: String,
+    },
+    /// The bundle was refused by verification.
+    #[error(transparent)]
+    Import(#[from] ImportError),
+    /// Local storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A local file failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// Counts of one transfer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TransferStats {
+    /// Chunks in the bundle.
+    pub chunks: usize,
+    /// Chunks fetched over the network.
+    pub fetched: usize,
+    /// Bytes fetched over the network.
+    pub fetched_bytes: u64,
+    /// Chunks found locally (in installed bundles or left by an interrupted transfer).
+    pub reused: usize,
+    /// Chunks that arrived damaged and were fetched again.
+    pub damaged: usize,
+}
+
+/// Fetches and installs bundles from one control plane connection.
+#[derive(Debug, Clone)]
+pub struct Fetcher {
+    /// The session's connection.
+    pub connection: quinn::Connection,
+    /// The agent's store.
+    pub store: Arc<Mutex<Store>>,
+    /// The agent's data directory.
+    pub data_dir: PathBuf,
+    /// Fetch streams run at once.
+    pub parallel: usize,
+}
+
+fn io_err<'p>(
+    op: &'static str,
+    path: &'p Path,
+) -> impl FnOnce(std::io::Error) -> TransferError + 'p {
+    move |source| TransferError::Io { op, path: path.to_owned(), source }
+}
+
+impl Fetcher {
+    fn chunk_dir(&self) -> PathBuf {
+        self.data_dir.join("chunks")
+    }
+
+    fn chunk_path(&self, sha: &Sha256) -> PathBuf {
+        self.chunk_dir().join(sha.to_string())
+    }
+
+    async fn store<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
+    ) -> Result<R, TransferError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || {
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut store)
+        })
+        .await
+        .map_err(|e| TransferError::Connection(format!("store task: {e}")))?
+        .map_err(TransferError::Store)
+    }
+
+    /// Fetches, verifies and installs `want` (not activated). Returns what it moved.
+    pub async fn install(
+        &self,
+        want: &DesiredBundle,
+        now: SystemTime,
+    ) -> Result<TransferStats, TransferError> {
+        tokio::fs::create_dir_all(self.chunk_dir())
+            .await
+            .map_err(io_err("creating", &self.chunk_dir()))?;
+        let mut stats = TransferStats::default();
+        let recipe_bytes = match tokio::fs::read(self.chunk_path(&want.recipe_sha256)).await {
+            Ok(bytes) if Sha256::of(&bytes) == want.recipe_sha256 => bytes,
+            _ => {
+                self.fetch(&[ChunkRef { sha256: want.recipe_sha256, size: 0 }], &mut stats, want)
+                    .await?;
+                tokio::fs::read(self.chunk_path(&want.recipe_sha256))
+                    .await
+                    .map_err(io_err("reading", &self.chunk_path(&want.recipe_sha256)))?
+            }
+        };
+        let recipe = Recipe::decode(&recipe_bytes, want.recipe_sha256)
+            .map_err(|e| TransferError::Recipe(e.to_string()))?;
+        if recipe.file_sha256 != want.bundle_sha256 || recipe.size() != want.size {
+            return Err(TransferError::Recipe(format!(
+                "the recipe of {}@{} describes another file than the desired state",
+                want.name, want.version
+            )));
+        }
+        stats.chunks = recipe.chunks.len();
+
+        // What is held locally already: chunk files, or chunks inside installed bundles.
+        let mut missing = Vec::new();
+        let mut seen = HashSet::new();
+        for chunk in &recipe.chunks {
+            if !seen.insert(chunk.sha256) {
+                continue;
+            }
+            let file = self.chunk_path(&chunk.sha256);
+            let sha = chunk.sha256;
+            let installed = self.store(move |s| s.find_chunk(&sha)).await?;
+            if tokio::fs::try_exists(&file).await.unwrap_or(false) || installed.is_some() {
+                stats.reused += 1;
+            } else {
+                missing.push(*chunk);
+            }
+        }
+        self.fetch(&missing, &mut stats, want).await?;
+
+        // Assemble on the blocking pool, checking every chunk and the whole file again.
+        let (fetcher, recipe_for_assembly) = (self.clone(), recipe.clone());
+        let staged = tokio::task::spawn_blocking(move || fetcher.assemble(&recipe_for_assembly))
+            .await
+            .map_err(|e| TransferError::Connection(format!("assembly task: {e}")))??;
+        let (name, version) = (want.name.clone(), want.version);
+        let check = |ok: bool, problem: &str| {
+            if ok {
+                Ok(())
+            } else {
+                Err(TransferError::Assembly {
+                    name: name.clone(),
+                    version,
+                    problem: problem.into(),
+                })
+            }
+        };
+        check(staged.1 == want.bundle_sha256, "file hash")?;
+
+        let path = staged.0.path().to_owned();
+        let options = ImportOptions {
+            allow_downgrade: true,
+            mode: InstallMode { activate: false, managed: true },
+            ..ImportOptions::new(now)
+        };
+        let offsets: Vec<(Sha256, u64, u32)> = recipe
+            .chunks
+            .iter()
+            .scan(0u64, |at, c| {
+                let item = (c.sha256, *at, c.size);
+                *at += u64::from(c.size);
+                Some(item)
+            })
+            .collect();
+        let (name, version) = (want.name.clone(), want.version);
+        self.store(move |s| {
+            let outcome = import::import_file(s, &path, &options, &mut |_, _| {});
+            drop(staged);
+            match outcome {
+                Ok(_) => s.index_chunks(&name, version, &offsets).map(|()| Ok(())),
+                Err(ImportError::Store(e)) => Err(e),
+                Err(other) => Ok(Err(other)),
+            }
+        })
+        .await??;
+        for chunk in recipe.chunks.iter().map(|c| c.sha256).chain([want.recipe_sha256]) {
+            let _ = tokio::fs::remove_file(self.chunk_path(&chunk)).await;
+        }
+        Ok(stats)
+    }
+
+    /// Fetches `chunks` into chunk files, retrying damaged and failed ones.
+    async fn fetch(
+        &self,
+        chunks: &[ChunkRef],
+        stats: &mut TransferStats,
+        want: &DesiredBundle,
+    ) -> Result<(), TransferError> {
+        let mut pending: Vec<Sha256> = chunks.iter().map(|c| c.sha256).collect();
+        for _ in 0..ROUNDS {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            let mut tasks = tokio::task::JoinSet::new();
+            let mut batches =
+                pending.chunks(BATCH).map(<[Sha256]>::to_vec).collect::<Vec<_>>().into_iter();
+            let mut failed = Vec::new();
+            loop {
+                while tasks.len() < self.parallel.max(1) {
+                    let Some(batch) = batches.next() else { break };
+                    let this = self.clone();
+                    tasks.spawn(async move { this.fetch_batch(batch).await });
+                }
+                let Some(done) = tasks.join_next().await else { break };
+                let outcome =
+                    done.map_err(|e| TransferError::Connection(format!("fetch task: {e}")))?;
+                match outcome {
+                    Ok(batch) => {
+                        stats.fetched += batch.fetched;
+                        stats.fetched_bytes += batch.bytes;
+                        stats.damaged += batch.damaged.len();
+                        failed.extend(batch.damaged);
+                        failed.extend(batch.absent);
+                    }
+                    Err(err) => {
+                        tasks.abort_all();
+                        return Err(err);
+                    }
+                }
+            }
+            if !failed.is_empty() {
+                tracing::warn!(count = failed.len(), model = %want.name, version = want.version, "chunks arrived damaged or absent; fetching them again");
+            }
+            pending = failed;
+        }
+        match pending.first() {
+            None => Ok(()),
+            Some(first) => Err(TransferError::Chunks {
+                name: want.name.clone(),
+                version: want.version,
+                count: pending.len(),
+                first: *first,
+            }),
+        }
+    }
+
+    /// One fetch stream: asks for `hashes`, writes each intact chunk to its file.
+    async fn fetch_batch(&self, hashes: Vec<Sha256>) -> Result<BatchOutcome, TransferError> {
+        let conn_err = |e: &dyn std::fmt::Display| TransferError::Connection(e.to_string());
+        let (mut send, mut recv) = self.connection.open_bi().await.map_err(|e| conn_err(&e))?;
+        write_frame(&mut send, &FetchRequest { hashes: hashes.clone() })
+            .await
+            .map_err(|e| conn_err(&e))?;
+        send.finish().map_err(|e| conn_err(&e))?;
+        let mut outcome = BatchOutcome::default();
+        for expected in hashes {
+            let header = read_frame::<ChunkHeader>(&mut recv)
+                .await
+                .map_err(|e| conn_err(&e))?
+                .ok_or_else(|| TransferError::Connection("fetch stream ended early".into()))?;
+            if header.sha256 != expected {
+                return Err(TransferError::Connection(format!(
+                    "asked for chunk {expected}, got {}",
+                    header.sha256
+                )));
+            }
+            let Some(size) = header.size else {
+                outcome.absent.push(expected);
+                continue;
+            };
+            if size as usize > MAX_CHUNK.max(falaj_common::protocol::MAX_FRAME) {
+                return Err(TransferError::Connection(format!(
+                    "chunk {expected} announced as {size} bytes"
+                )));
+            }
+            let mut bytes = vec![0u8; size as usize];
+            recv.read_exact(&mut bytes).await.map_err(|e| conn_err(&e))?;
+            if Sha256::of(&bytes) != expected {
+                outcome.damaged.push(expected);
+                continue;
+            }
+            let path = self.chunk_path(&expected);
+            let temp = path.with_extension("part");
+            tokio::fs::write(&temp, &bytes).await.map_err(io_err("writing", &temp))?;
+            tokio::fs::rename(&temp, &path).await.map_err(io_err("writing", &path))?;
+            outcome.fetched += 1;
+            outcome.bytes += u64::from(size);
+        }
+        Ok(outcome)
+    }
+
+    /// Writes the chunks in recipe order into a staging file; returns it and its hash.
+    fn assemble(
+        &self,
+        recipe: &Recipe,
+    ) -> Result<(tempfile::NamedTempFile, Sha256), TransferError> {
+        let staging = self.data_dir.join("staging");
+        std::fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
+        let mut out = tempfile::Builder::new()
+            .prefix("fetch-")
+            .tempfile_in(&staging)
+            .map_err(io_err("writing in", &staging))?;
+        let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
+        let mut buf = Vec::with_capacity(MAX_CHUNK);
+        for chunk in &recipe.chunks {
+            buf.clear();
+            let file = self.chunk_path(&chunk.sha256);
+            let from_file =
+                std::fs::File::open(&file).and_then(|mut f| f.read_to_end(&mut buf)).is_ok();
+            if !from_file || Sha256::of(&buf) != chunk.sha256 {
+                buf.clear();
+                let source = {
+                    let store =
+                        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    store.find_chunk(&chunk.sha256)?
+                };
+                let Some(ChunkSource { path, offset, size }) = source else {
+                    return Err(TransferError::Recipe(format!(
+                        "chunk {} vanished before assembly",
+                        chunk.sha256
+                    )));
+                };
+                let mut f = std::fs::File::open(&path).map_err(io_err("reading", &path))?;
+                f.seek(SeekFrom::Start(offset)).map_err(io_err("reading", &path))?;
+                buf.resize(size as usize, 0);
+                f.read_exact(&mut buf).map_err(io_err("reading", &path))?;
+                if Sha256::of(&buf) != chunk.sha256 {
+                    return Err(TransferError::Recipe(format!(
+                        "chunk {} in {} is damaged",
+                        chunk.sha256,
+                        path.display()
+                    )));
+                }
+            }
+            whole.update(&buf);
+            out.write_all(&buf).map_err(io_err("writing", &staging))?;
+        }
+        out.as_file().sync_all().map_err(io_err("writing", &staging))?;
+        Ok((out, Sha256::from_digest(&whole.finish())))
+    }
+}
+
+/// What one fetch stream brought.
+#[derive(Debug, Default)]
+struct BatchOutcome {
+    fetched: usize,
+    bytes: u64,
+    damaged: Vec<Sha256>,
+    absent: Vec<Sha256>,
+}

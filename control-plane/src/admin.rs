@@ -1,0 +1,447 @@
+//! The admin API: JSON over HTTP under `/v1`, authenticated by a bearer token. The CLI
+//! uses it; the admin console will too. Errors are `{"error": {"code", "message"}}`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use falaj_common::enrollment::EnrollmentToken;
+use falaj_common::keys::Sha256;
+use falaj_common::names;
+use falaj_common::time::Timestamp;
+use http_body_util::BodyExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::io::AsyncWriteExt;
+
+use crate::db::{self, AgentRow, BundleRow, TokenRow};
+use crate::push;
+use crate::state::Shared;
+
+/// The API's state: shared daemon state, the admin token, where pushes are staged.
+#[derive(Debug, Clone)]
+pub struct Api {
+    /// Daemon state.
+    pub shared: Arc<Shared>,
+    /// The bearer token every request must carry.
+    pub token: Arc<String>,
+    /// Directory for pushed bundles before they are verified.
+    pub staging: Arc<std::path::PathBuf>,
+    /// Largest bundle accepted.
+    pub max_bundle_bytes: u64,
+}
+
+/// An API error.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into() }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
+    }
+
+    fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    fn internal(err: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %err, "admin API internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string())
+            .into_response()
+    }
+}
+
+impl From<db::DbError> for ApiError {
+    fn from(err: db::DbError) -> Self {
+        Self::internal(err)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_string(value).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// The API's routes.
+pub fn router(api: Api) -> Router {
+    let authed = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/bundles", post(push_bundle).get(list_bundles))
+        .route("/v1/tokens", post(create_token))
+        .route("/v1/agents", get(list_agents))
+        .route("/v1/agents/{id}/revoke", post(revoke_agent))
+        .route("/v1/deployments", get(list_deployments))
+        .route("/v1/groups/{group}/deployments/{name}", put(deploy).delete(undeploy))
+        .route_layer(middleware::from_fn_with_state(api.clone(), authenticate));
+    Router::new()
+        .route(
+            "/v1/health",
+            get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
+        )
+        .merge(authed)
+        .fallback(|| async { ApiError::not_found("no such endpoint") })
+        .with_state(api)
+}
+
+async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Comparing digests rather than the tokens keeps the comparison's timing meaningless.
+    let ok =
+        presented.is_some_and(|p| Sha256::of(p.as_bytes()) == Sha256::of(api.token.as_bytes()));
+    if !ok {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+async fn status(State(api): State<Api>) -> ApiResult<Response> {
+    let (agents, bundles) = api.shared.db.call(|c| Ok((db::agents(c)?, db::bundles(c)?))).await?;
+    let connected =
+        api.shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "region": api.shared.region,
+            "version": env!("CARGO_PKG_VERSION"),
+            "ca_sha256": api.shared.ca.fingerprint().to_string(),
+            "agents": agents.len(),
+            "connected": connected,
+            "bundles": bundles.len(),
+        }),
+    ))
+}
+
+/// A bundle as the API shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BundleView {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u64,
+    /// File size.
+    pub size: u64,
+    /// Chunks.
+    pub chunks: u64,
+    /// Manifest hash.
+    pub manifest_sha256: String,
+    /// When pushed.
+    pub pushed_at: String,
+}
+
+impl From<&BundleRow> for BundleView {
+    fn from(b: &BundleRow) -> Self {
+        Self {
+            name: b.name.clone(),
+            version: b.version,
+            size: b.size,
+            chunks: b.chunks,
+            manifest_sha256: b.manifest_sha256.to_string(),
+            pushed_at: b.pushed_at.to_string(),
+        }
+    }
+}
+
+async fn list_bundles(State(api): State<Api>) -> ApiResult<Response> {
+    let bundles = api.shared.db.call(|c| db::bundles(c)).await?;
+    Ok(json_response(StatusCode::OK, &bundles.iter().map(BundleView::from).collect::<Vec<_>>()))
+}
+
+async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> {
+    // Stream the body to a staging file; nothing of it is trusted until verified.
+    std::fs::create_dir_all(&*api.staging).map_err(ApiError::internal)?;
+    let staged = tempfile::Builder::new()
+        .prefix("push-")
+        .tempfile_in(&*api.staging)
+        .map_err(ApiError::internal)?;
+    let mut file = tokio::fs::File::from_std(staged.reopen().map_err(ApiError::internal)?);
+    let mut body = body;
+    let mut size = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
+        let Ok(bytes) = frame.into_data() else { continue };
+        size += bytes.len() as u64;
+        if size > api.max_bundle_bytes {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("bundle exceeds {} bytes", api.max_bundle_bytes),
+            ));
+        }
+        file.write_all(&bytes).await.map_err(ApiError::internal)?;
+    }
+    file.flush().await.map_err(ApiError::internal)?;
+    drop(file);
+    let shared = Arc::clone(&api.shared);
+    let path = staged.path().to_owned();
+    let pushed = tokio::task::spawn_blocking(move || {
+        push::push_file(
+            &path,
+            &shared.trust,
+            &shared.region,
+            shared.blobs.as_ref(),
+            SystemTime::now(),
+        )
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(|e| match e {
+        push::PushError::Refused(e) => {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", e.to_string())
+        }
+        other => ApiError::internal(other),
+    })?;
+    let row = pushed.row.clone();
+    let existing = {
+        let row = row.clone();
+        api.shared
+            .db
+            .call(move |c| {
+                let existing = db::bundle(c, &row.name, row.version)?;
+                if existing.is_none() {
+                    db::insert_bundle(c, &row)?;
+                }
+                Ok(existing)
+            })
+            .await?
+    };
+    let created = match existing {
+        Some(e) if e.manifest_sha256 != row.manifest_sha256 => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "{}@{} is already registered with different content",
+                    row.name, row.version
+                ),
+            ));
+        }
+        Some(_) => false,
+        None => true,
+    };
+    tracing::info!(name = %row.name, version = row.version, size = row.size, new_chunks = pushed.new_chunks, "bundle pushed");
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(json_response(
+        status,
+        &json!({"bundle": BundleView::from(&row), "new_chunks": pushed.new_chunks, "created": created}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+struct CreateToken {
+    group: String,
+    ttl_seconds: u64,
+}
+
+async fn create_token(
+    State(api): State<Api>,
+    body: axum::Json<CreateToken>,
+) -> ApiResult<Response> {
+    names::check_model_name(&body.group)
+        .map_err(|e| ApiError::bad_request(format!("group: {e}")))?;
+    if body.ttl_seconds == 0 || body.ttl_seconds > 30 * 24 * 3600 {
+        return Err(ApiError::bad_request("ttl_seconds must be between 1 and 2592000 (30 days)"));
+    }
+    use ring::rand::SecureRandom;
+    let rng = ring::rand::SystemRandom::new();
+    let (mut id, mut secret) = ([0u8; 16], [0u8; 32]);
+    rng.fill(&mut id)
+        .and_then(|()| rng.fill(&mut secret))
+        .map_err(|_| ApiError::internal("random source"))?;
+    let now = Timestamp::from_system(SystemTime::now());
+    let token = EnrollmentToken {
+        id,
+        secret,
+        region: api.shared.region.clone(),
+        group: body.group.clone(),
+        ca_sha256: api.shared.ca.fingerprint(),
+        expires: now.saturating_add(Duration::from_secs(body.ttl_seconds)),
+    };
+    let row = TokenRow {
+        id: token.id_hex(),
+        group: token.group.clone(),
+        region: token.region.clone(),
+        expires: token.expires,
+    };
+    let secret_sha = token.secret_sha256();
+    api.shared.db.call(move |c| db::insert_token(c, &row, secret_sha, now)).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"token": token.to_string(), "id": token.id_hex(), "group": token.group, "region": token.region, "expires": token.expires.to_string()}),
+    ))
+}
+
+/// An agent as the fleet view shows it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AgentView {
+    /// Id.
+    pub id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Group.
+    pub group: String,
+    /// Region.
+    pub region: String,
+    /// `connected`, `offline` or `revoked`.
+    pub status: String,
+    /// Last report.
+    pub last_seen: Option<String>,
+    /// Software version.
+    pub agent_version: String,
+    /// Version of the last desired-state document it applied.
+    pub applied_version: Option<u64>,
+    /// Held bundles as `name@version`.
+    pub held: Vec<String>,
+    /// Active bundles as `name@version`.
+    pub active: Vec<String>,
+    /// Reconciliation errors.
+    pub errors: Vec<String>,
+}
+
+fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duration) -> AgentView {
+    // Three missed reports make an agent offline; timestamps have whole seconds, so the
+    // window is rounded up to at least two of them.
+    let window = (heartbeat * 3).max(Duration::from_secs(2)) + Duration::from_millis(999);
+    let fresh = row.last_seen.is_some_and(|t| t.saturating_add(window) > now);
+    let status = if row.revoked_at.is_some() {
+        "revoked"
+    } else if connected && fresh {
+        "connected"
+    } else {
+        "offline"
+    };
+    let actual = row.actual.unwrap_or_default();
+    AgentView {
+        id: row.id,
+        hostname: row.hostname,
+        group: row.group,
+        region: row.region,
+        status: status.into(),
+        last_seen: row.last_seen.map(|t| t.to_string()),
+        agent_version: row.agent_version,
+        applied_version: actual.desired_version,
+        held: actual.bundles.iter().map(|b| format!("{}@{}", b.name, b.version)).collect(),
+        active: actual
+            .bundles
+            .iter()
+            .filter(|b| b.active)
+            .map(|b| format!("{}@{}", b.name, b.version))
+            .collect(),
+        errors: actual.errors,
+    }
+}
+
+async fn list_agents(State(api): State<Api>) -> ApiResult<Response> {
+    api.shared.flush_seen().await?;
+    let rows = api.shared.db.call(|c| db::agents(c)).await?;
+    let now = Timestamp::from_system(SystemTime::now());
+    let views: Vec<AgentView> = rows
+        .into_iter()
+        .map(|row| {
+            let connected = api.shared.connected(&row.id);
+            agent_view(row, connected, now, api.shared.policy.heartbeat)
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &views))
+}
+
+async fn revoke_agent(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Response> {
+    let now = Timestamp::from_system(SystemTime::now());
+    let agent = id.clone();
+    if !api.shared.db.call(move |c| db::revoke(c, &agent, now)).await? {
+        return Err(ApiError::not_found(format!("no agent {id:?}")));
+    }
+    api.shared.disconnect(&id, crate::quic::CLOSE_REFUSED, "agent revoked");
+    tracing::warn!(agent = %id, "agent revoked");
+    Ok(json_response(StatusCode::OK, &json!({"id": id, "revoked": true})))
+}
+
+#[derive(Debug, Deserialize)]
+struct Deploy {
+    version: u64,
+}
+
+async fn deploy(
+    State(api): State<Api>,
+    Path((group, name)): Path<(String, String)>,
+    body: axum::Json<Deploy>,
+) -> ApiResult<Response> {
+    names::check_model_name(&group).map_err(|e| ApiError::bad_request(format!("group: {e}")))?;
+    let now = SystemTime::now();
+    let (g, n, version) = (group.clone(), name.clone(), body.version);
+    let known = api
+        .shared
+        .db
+        .call(move |c| {
+            if db::bundle(c, &n, version)?.is_none() {
+                return Ok(false);
+            }
+            db::deploy(c, &g, &n, version, Timestamp::from_system(now))?;
+            Ok(true)
+        })
+        .await?;
+    if !known {
+        return Err(ApiError::not_found(format!("no bundle {name}@{version}; push it first")));
+    }
+    api.shared.push_desired(Some(&group), now).await?;
+    tracing::info!(%group, %name, version, "deployed");
+    Ok(json_response(StatusCode::OK, &json!({"group": group, "name": name, "version": version})))
+}
+
+async fn undeploy(
+    State(api): State<Api>,
+    Path((group, name)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let now = SystemTime::now();
+    let (g, n) = (group.clone(), name.clone());
+    if !api.shared.db.call(move |c| db::undeploy(c, &g, &n, Timestamp::from_system(now))).await? {
+        return Err(ApiError::not_found(format!("{name} is not deployed to group {group}")));
+    }
+    api.shared.push_desired(Some(&group), now).await?;
+    tracing::info!(%group, %name, "undeployed");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn list_deployments(State(api): State<Api>) -> ApiResult<Response> {
+    let rows = api.shared.db.call(|c| db::all_deployments(c)).await?;
+    let views: Vec<_> = rows
+        .into_iter()
+        .map(|(group, name, version)| json!({"group": group, "name": name, "version": version}))
+        .collect();
+    Ok(json_response(StatusCode::OK, &views))
+}

@@ -1,0 +1,271 @@
+//! `falaj-control serve`: the control plane daemon. One QUIC endpoint for agents, one HTTP
+//! listener for the admin API, and the periodic tasks (report batching, document refresh),
+//! all stopped together by the shutdown future.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::blobs::{BlobStore, FsBlobStore};
+use crate::ca::{Ca, CaError};
+use crate::db::{self, Db, DbError};
+use crate::keys::{self, KeysError};
+use crate::state::{Policy, Shared};
+use crate::{admin, files, quic};
+
+/// The admin token's file name in the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// The data directory (state, keys, blobs, admin token).
+    pub data_dir: PathBuf,
+    /// UDP address for agents (QUIC).
+    pub quic: SocketAddr,
+    /// TCP address for the admin API.
+    pub admin: SocketAddr,
+    /// The region, needed on first start to create keys.
+    pub region: Option<String>,
+    /// Extra names for the TLS certificate (besides the fixed one agents verify).
+    pub server_names: Vec<String>,
+    /// Timings.
+    pub policy: Policy,
+    /// Largest bundle accepted by push.
+    pub max_bundle_bytes: u64,
+}
+
+impl ServeConfig {
+    /// Defaults for `data_dir`: QUIC on 127.0.0.1:7443, the admin API on 127.0.0.1:7080.
+    pub fn new(data_dir: &Path) -> Self {
+        Self {
+            data_dir: data_dir.to_owned(),
+            quic: SocketAddr::from(([127, 0, 0, 1], 7443)),
+            admin: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            region: None,
+            server_names: vec!["localhost".into()],
+            policy: Policy {
+                desired_ttl: Duration::from_secs(3600),
+                cert_ttl: Duration::from_secs(30 * 24 * 3600),
+                heartbeat: Duration::from_secs(10),
+            },
+            max_bundle_bytes: falaj_common::bundle::Policy::DEFAULT_MAX_BUNDLE_BYTES,
+        }
+    }
+}
+
+/// Why the daemon could not start or stopped.
+#[derive(Debug, Error)]
+pub enum ServeError {
+    /// A file or socket failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what (a path or an address).
+        path: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Keys are missing or unusable.
+    #[error(transparent)]
+    Keys(#[from] KeysError),
+    /// The CA is unusable.
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    /// The database failed.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The configuration is wrong.
+    #[error("{0}")]
+    Config(String),
+}
+
+/// A started control plane: keys loaded, sockets bound.
+#[derive(Debug)]
+pub struct ControlPlane {
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    admin: TcpListener,
+    api: admin::Api,
+    quic_addr: SocketAddr,
+    admin_addr: SocketAddr,
+}
+
+fn io(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServeError {
+    move |source| ServeError::Io { op, path: path.to_string(), source }
+}
+
+/// The admin token in `data_dir`, created (random, 0600) if missing.
+fn admin_token(data_dir: &Path) -> Result<String, ServeError> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if let Ok(token) = std::fs::read_to_string(&path) {
+        return Ok(token.trim().to_owned());
+    }
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| ServeError::Config("random source failed".into()))?;
+    let token = hex::encode(bytes);
+    files::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
+        .map_err(io("writing", path.display()))?;
+    Ok(token)
+}
+
+impl ControlPlane {
+    /// Loads (or on first start creates) keys and state, and binds both sockets.
+    pub async fn start(config: ServeConfig) -> Result<Self, ServeError> {
+        let blobs = FsBlobStore::open(&config.data_dir.join("blobs"))
+            .map_err(io("opening the blob store in", config.data_dir.display()))?;
+        Self::start_with_blobs(config, Arc::new(blobs)).await
+    }
+
+    /// [`Self::start`] with a given blob store.
+    pub async fn start_with_blobs(
+        config: ServeConfig,
+        blobs: Arc<dyn BlobStore>,
+    ) -> Result<Self, ServeError> {
+        let now = SystemTime::now();
+        files::create_private_dir(&config.data_dir)
+            .map_err(io("creating", config.data_dir.display()))?;
+        let keys_dir = config.data_dir.join("keys");
+        if !keys_dir.join(keys::ROOT_FILE).exists() {
+            let region = config.region.clone().ok_or_else(|| {
+                ServeError::Config(format!(
+                    "{} holds no keys: pass --region on the first start (or run `falaj-control keys init --dir {}`)",
+                    config.data_dir.display(),
+                    keys_dir.display()
+                ))
+            })?;
+            keys::init(&keys_dir, &keys::InitOptions::new(&region), now)?;
+            tracing::info!(%region, dir = %keys_dir.display(), "created keys and trust root");
+        }
+        let trust = keys::load_trust(&keys_dir, now)?;
+        if let Some(region) = config.region.as_ref().filter(|r| *r != trust.region()) {
+            return Err(ServeError::Config(format!(
+                "--region {region} differs from the keys' region {}",
+                trust.region()
+            )));
+        }
+        let signers = keys::load_signing_keys(&keys_dir, &trust)?;
+        let ca = Ca::load_or_create(&keys_dir, trust.region(), now)?;
+        let db = Db::open(&config.data_dir.join(db::DB_FILE))?;
+        let region = trust.region().to_owned();
+        let stored = db.call_sync(|c| {
+            let stored = db::setting(c, "region")?;
+            if stored.is_none() {
+                db::set_setting(c, "region", &region)?;
+            }
+            Ok(stored)
+        })?;
+        if stored.as_ref().is_some_and(|s| *s != region) {
+            return Err(ServeError::Config(format!(
+                "the database belongs to region {}, the keys to {region}",
+                stored.unwrap_or_default()
+            )));
+        }
+        let token = admin_token(&config.data_dir)?;
+
+        let (chain, key) =
+            ca.server_identity(&config.server_names, Duration::from_secs(365 * 24 * 3600), now)?;
+        let server_config = quic::server_config(chain, key, ca.cert_der())?;
+        let endpoint = quinn::Endpoint::server(server_config, config.quic)
+            .map_err(io("binding QUIC on", config.quic))?;
+        let quic_addr = endpoint.local_addr().map_err(io("binding QUIC on", config.quic))?;
+        let admin = TcpListener::bind(config.admin)
+            .await
+            .map_err(io("binding the admin API on", config.admin))?;
+        let admin_addr =
+            admin.local_addr().map_err(io("binding the admin API on", config.admin))?;
+
+        let shared = Arc::new(Shared::new(db, blobs, ca, trust, signers, config.policy.clone()));
+        let api = admin::Api {
+            shared: Arc::clone(&shared),
+            token: Arc::new(token),
+            staging: Arc::new(config.data_dir.join("staging")),
+            max_bundle_bytes: config.max_bundle_bytes,
+        };
+        Ok(Self { shared, endpoint, admin, api, quic_addr, admin_addr })
+    }
+
+    /// Where agents connect (UDP).
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// Where the admin API listens.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The admin API's bearer token.
+    pub fn admin_token(&self) -> &str {
+        &self.api.token
+    }
+
+    /// The CA certificate's SHA-256, as tokens carry it.
+    pub fn ca_fingerprint(&self) -> falaj_common::keys::Sha256 {
+        self.shared.ca.fingerprint()
+    }
+
+    /// Runs until `shutdown` completes, then closes every connection and stops.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Self { shared, endpoint, admin, api, quic_addr, admin_addr } = self;
+        tracing::info!(%quic_addr, %admin_addr, region = %shared.region, "control plane serving");
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let accept = tokio::spawn(quic::accept_loop(Arc::clone(&shared), endpoint.clone()));
+        let periodic = tokio::spawn(periodic(Arc::clone(&shared), stop_rx.clone()));
+        let mut admin_stop = stop_rx.clone();
+        let admin_server = tokio::spawn(async move {
+            axum::serve(admin, admin::router(api))
+                .with_graceful_shutdown(async move {
+                    let _ = admin_stop.wait_for(|stop| *stop).await;
+                })
+                .await
+        });
+        shutdown.await;
+        tracing::info!("control plane shutting down");
+        let _ = stop_tx.send(true);
+        endpoint.close(quic::CLOSE_SHUTDOWN.into(), b"control plane shutting down");
+        let _ = accept.await;
+        let _ = periodic.await;
+        let served =
+            admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
+        served.map_err(io("serving the admin API on", admin_addr))?;
+        shared.flush_seen().await?;
+        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+        tracing::info!("control plane stopped");
+        Ok(())
+    }
+}
+
+/// Writes batched reports and refreshes documents nearing expiry, until told to stop.
+async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut flush = tokio::time::interval(shared.policy.heartbeat.max(Duration::from_millis(100)));
+    let mut refresh =
+        tokio::time::interval((shared.policy.desired_ttl / 8).max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = flush.tick() => {
+                if let Err(err) = shared.flush_seen().await {
+                    tracing::error!(error = %err, "writing agent reports failed");
+                }
+            }
+            _ = refresh.tick() => {
+                if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
+                    tracing::error!(error = %err, "refreshing desired state failed");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,636 @@
+//! The control plane's state in SQLite: tokens, agents and their certificates, bundles,
+//! deployments, the desired-state documents issued, and an event log.
+//!
+//! Every function here takes a connection and does one transaction; the daemon runs them
+//! on the blocking pool through [`Db::call`], so async tasks never wait on a disk sync.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use falaj_common::keys::Sha256;
+use falaj_common::protocol::ActualState;
+use falaj_common::time::Timestamp;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use thiserror::Error;
+
+/// Database file name inside the data directory.
+pub const DB_FILE: &str = "control.db";
+
+const MIGRATIONS: &[&str] = &[
+    // 1: initial schema.
+    "CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL) STRICT;
+    CREATE TABLE tokens (
+        id            TEXT PRIMARY KEY,
+        secret_sha256 TEXT NOT NULL,
+        grp           TEXT NOT NULL,
+        region        TEXT NOT NULL,
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER NOT NULL,
+        used_at       INTEGER,
+        used_by       TEXT
+    ) STRICT;
+    CREATE TABLE agents (
+        id            TEXT PRIMARY KEY,
+        hostname      TEXT NOT NULL,
+        grp           TEXT NOT NULL,
+        region        TEXT NOT NULL,
+        enrolled_at   INTEGER NOT NULL,
+        last_seen     INTEGER,
+        agent_version TEXT NOT NULL,
+        actual        TEXT,
+        revoked_at    INTEGER
+    ) STRICT;
+    CREATE TABLE certificates (
+        serial     TEXT PRIMARY KEY,
+        agent_id   TEXT NOT NULL REFERENCES agents (id),
+        issued_at  INTEGER NOT NULL,
+        expires_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE bundles (
+        name            TEXT NOT NULL,
+        version         INTEGER NOT NULL,
+        manifest_sha256 TEXT NOT NULL,
+        bundle_sha256   TEXT NOT NULL,
+        recipe_sha256   TEXT NOT NULL,
+        size            INTEGER NOT NULL,
+        chunks          INTEGER NOT NULL,
+        pushed_at       INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT;
+    CREATE TABLE deployments (
+        grp        TEXT NOT NULL,
+        name       TEXT NOT NULL,
+        version    INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (grp, name),
+        FOREIGN KEY (name, version) REFERENCES bundles (name, version)
+    ) STRICT;
+    CREATE TABLE desired (
+        agent_id       TEXT PRIMARY KEY REFERENCES agents (id),
+        version        INTEGER NOT NULL,
+        content_sha256 TEXT NOT NULL,
+        expires_at     INTEGER NOT NULL,
+        signed         BLOB NOT NULL
+    ) STRICT;
+    CREATE TABLE events (
+        id      INTEGER PRIMARY KEY,
+        at      INTEGER NOT NULL,
+        kind    TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        detail  TEXT NOT NULL
+    ) STRICT;",
+];
+
+/// Errors of the control plane's database.
+#[derive(Debug, Error)]
+pub enum DbError {
+    /// SQLite failed.
+    #[error("control-plane database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The error.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer control plane.
+    #[error(
+        "control-plane database {path} has schema version {found}; this build supports up to {supported}"
+    )]
+    SchemaTooNew {
+        /// The file.
+        path: PathBuf,
+        /// Its version.
+        found: u32,
+        /// The newest known here.
+        supported: u32,
+    },
+    /// The blocking task running the query failed.
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+/// The database, shared by the daemon's tasks.
+#[derive(Debug, Clone)]
+pub struct Db {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Db {
+    /// Opens (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, DbError> {
+        let err = |source| DbError::Sqlite { path: path.to_owned(), source };
+        let mut conn = Connection::open(path).map_err(err)?;
+        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
+        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
+        let current: u32 =
+            tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
+        let supported = MIGRATIONS.len() as u32;
+        if current > supported {
+            return Err(DbError::SchemaTooNew { path: path.to_owned(), found: current, supported });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", i as u32 + 1).map_err(err)?;
+        }
+        tx.commit().map_err(err)?;
+        Ok(Self { path: path.to_owned(), conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Runs `f` on the connection, on the blocking pool.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> Result<R, DbError> {
+        let (conn, path) = (Arc::clone(&self.conn), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            f(&mut conn).map_err(|source| DbError::Sqlite { path, source })
+        })
+        .await
+        .map_err(|e| DbError::Task(e.to_string()))?
+    }
+
+    /// Runs `f` on the connection on this thread (for start-up and CLI use).
+    pub fn call_sync<R>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
+    ) -> Result<R, DbError> {
+        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut conn).map_err(|source| DbError::Sqlite { path: self.path.clone(), source })
+    }
+}
+
+fn ts(t: Timestamp) -> i64 {
+    t.unix() as i64
+}
+
+fn from_ts(v: i64) -> Timestamp {
+    Timestamp::from_unix(v.max(0) as u64)
+}
+
+fn sha(text: &str) -> rusqlite::Result<Sha256> {
+    text.parse().map_err(|e: falaj_common::keys::KeyError| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// Records an event.
+pub fn event(
+    conn: &Connection,
+    at: Timestamp,
+    kind: &str,
+    subject: &str,
+    detail: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO events (at, kind, subject, detail) VALUES (?1, ?2, ?3, ?4)",
+        params![ts(at), kind, subject, detail],
+    )
+    .map(drop)
+}
+
+/// A setting's value.
+pub fn setting(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()
+}
+
+/// Sets a setting.
+pub fn set_setting(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO settings (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        params![key, value],
+    )
+    .map(drop)
+}
+
+// ---- tokens ----
+
+/// A token as stored (its secret only as a hash).
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    /// Public id.
+    pub id: String,
+    /// Group the agent joins.
+    pub group: String,
+    /// Region.
+    pub region: String,
+    /// Expiry.
+    pub expires: Timestamp,
+}
+
+/// Stores a new token.
+pub fn insert_token(
+    conn: &Connection,
+    token: &TokenRow,
+    secret_sha256: Sha256,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO tokens (id, secret_sha256, grp, region, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![token.id, secret_sha256.to_string(), token.group, token.region, ts(now), ts(token.expires)],
+    )
+    .map(drop)
+}
+
+/// Why a token was refused at enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TokenRefusal {
+    /// No such token (or the secret does not match: the two are not told apart).
+    #[error("unknown enrollment token")]
+    Unknown,
+    /// The token was already used.
+    #[error("enrollment token was already used")]
+    Used,
+    /// The token has expired.
+    #[error("enrollment token expired at {0}")]
+    Expired(Timestamp),
+    /// The token is for another region.
+    #[error("enrollment token is for region {token:?}, this control plane serves {mine:?}")]
+    WrongRegion {
+        /// The token's region.
+        token: String,
+        /// This control plane's region.
+        mine: String,
+    },
+}
+
+/// A new agent, as enrollment records it.
+#[derive(Debug, Clone)]
+pub struct NewAgent {
+    /// Its id.
+    pub id: String,
+    /// Its host name.
+    pub hostname: String,
+    /// Its software version.
+    pub agent_version: String,
+    /// The certificate issued.
+    pub serial: String,
+    /// When that certificate expires.
+    pub cert_expires: Timestamp,
+}
+
+/// Consumes token `id` (checking secret, use, expiry and region) and records the agent,
+/// in one transaction: a token enrolls exactly one agent.
+pub fn enroll(
+    conn: &mut Connection,
+    token_id: &str,
+    secret_sha256: Sha256,
+    region: &str,
+    agent: &NewAgent,
+    now: Timestamp,
+) -> rusqlite::Result<Result<String, TokenRefusal>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let row: Option<(String, String, String, i64, Option<i64>)> = tx
+        .query_row(
+            "SELECT secret_sha256, grp, region, expires_at, used_at FROM tokens WHERE id = ?1",
+            [token_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .optional()?;
+    let Some((secret, group, token_region, expires, used)) = row else {
+        return Ok(Err(TokenRefusal::Unknown));
+    };
+    // Both sides are digests of the secret, so this comparison's timing reveals nothing.
+    if secret != secret_sha256.to_string() {
+        return Ok(Err(TokenRefusal::Unknown));
+    }
+    if used.is_some() {
+        return Ok(Err(TokenRefusal::Used));
+    }
+    if ts(now) >= expires {
+        return Ok(Err(TokenRefusal::Expired(from_ts(expires))));
+    }
+    if token_region != region {
+        return Ok(Err(TokenRefusal::WrongRegion { token: token_region, mine: region.to_owned() }));
+    }
+    tx.execute(
+        "UPDATE tokens SET used_at = ?1, used_by = ?2 WHERE id = ?3",
+        params![ts(now), agent.id, token_id],
+    )?;
+    tx.execute(
+        "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![agent.id, agent.hostname, group, region, ts(now), agent.agent_version],
+    )?;
+    tx.execute(
+        "INSERT INTO certificates (serial, agent_id, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        params![agent.serial, agent.id, ts(now), ts(agent.cert_expires)],
+    )?;
+    event(
+        &tx,
+        now,
+        "enroll",
+        &agent.id,
+        &format!("group {group}, host {}, token {token_id}", agent.hostname),
+    )?;
+    tx.commit()?;
+    Ok(Ok(group))
+}
+
+// ---- agents ----
+
+/// An agent as the fleet view shows it.
+#[derive(Debug, Clone)]
+pub struct AgentRow {
+    /// Its id.
+    pub id: String,
+    /// Host name.
+    pub hostname: String,
+    /// Group.
+    pub group: String,
+    /// Region.
+    pub region: String,
+    /// Enrollment time.
+    pub enrolled_at: Timestamp,
+    /// Last message received.
+    pub last_seen: Option<Timestamp>,
+    /// Software version.
+    pub agent_version: String,
+    /// Last reported state.
+    pub actual: Option<ActualState>,
+    /// When it was revoked.
+    pub revoked_at: Option<Timestamp>,
+}
+
+fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
+    let actual: Option<String> = r.get(7)?;
+    Ok(AgentRow {
+        id: r.get(0)?,
+        hostname: r.get(1)?,
+        group: r.get(2)?,
+        region: r.get(3)?,
+        enrolled_at: from_ts(r.get(4)?),
+        last_seen: r.get::<_, Option<i64>>(5)?.map(from_ts),
+        agent_version: r.get(6)?,
+        actual: actual.and_then(|a| serde_json::from_str(&a).ok()),
+        revoked_at: r.get::<_, Option<i64>>(8)?.map(from_ts),
+    })
+}
+
+const AGENT_COLUMNS: &str =
+    "id, hostname, grp, region, enrolled_at, last_seen, agent_version, actual, revoked_at";
+
+/// One agent.
+pub fn agent(conn: &Connection, id: &str) -> rusqlite::Result<Option<AgentRow>> {
+    conn.query_row(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"), [id], agent_row)
+        .optional()
+}
+
+/// Every agent, by group then id.
+pub fn agents(conn: &Connection) -> rusqlite::Result<Vec<AgentRow>> {
+    let mut stmt = conn.prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY grp, id"))?;
+    stmt.query_map([], agent_row)?.collect()
+}
+
+/// The agents of a group (not revoked).
+pub fn group_agents(conn: &Connection, group: &str) -> rusqlite::Result<Vec<String>> {
+    let mut stmt =
+        conn.prepare("SELECT id FROM agents WHERE grp = ?1 AND revoked_at IS NULL ORDER BY id")?;
+    stmt.query_map([group], |r| r.get(0))?.collect()
+}
+
+/// Whether `serial` is a certificate issued to `agent_id`, which is not revoked.
+pub fn certificate_valid(
+    conn: &Connection,
+    agent_id: &str,
+    serial: &str,
+) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) FROM certificates c JOIN agents a ON a.id = c.agent_id
+         WHERE c.serial = ?1 AND c.agent_id = ?2 AND a.revoked_at IS NULL",
+        params![serial, agent_id],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
+/// Records a renewed certificate.
+pub fn add_certificate(
+    conn: &Connection,
+    agent_id: &str,
+    serial: &str,
+    expires: Timestamp,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO certificates (serial, agent_id, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        params![serial, agent_id, ts(now), ts(expires)],
+    )?;
+    event(conn, now, "renew", agent_id, &format!("certificate {serial}, expires {expires}"))
+}
+
+/// Revokes an agent; returns false if there is no such agent.
+pub fn revoke(conn: &Connection, agent_id: &str, now: Timestamp) -> rusqlite::Result<bool> {
+    let n = conn.execute(
+        "UPDATE agents SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2",
+        params![ts(now), agent_id],
+    )?;
+    if n > 0 {
+        event(conn, now, "revoke", agent_id, "agent revoked")?;
+    }
+    Ok(n > 0)
+}
+
+/// Records what agents reported and when they were last seen, in one transaction.
+pub fn record_seen(
+    conn: &mut Connection,
+    seen: &[(String, Timestamp, Option<ActualState>)],
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    for (id, at, actual) in seen {
+        match actual {
+            Some(actual) => tx.execute(
+                "UPDATE agents SET last_seen = ?1, actual = ?2, agent_version = ?3 WHERE id = ?4",
+                params![
+                    ts(*at),
+                    serde_json::to_string(actual).unwrap_or_default(),
+                    actual.agent_version,
+                    id
+                ],
+            )?,
+            None => {
+                tx.execute("UPDATE agents SET last_seen = ?1 WHERE id = ?2", params![ts(*at), id])?
+            }
+        };
+    }
+    tx.commit()
+}
+
+// ---- bundles and deployments ----
+
+/// A registered bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRow {
+    /// Model name.
+    pub name: String,
+    /// Version.
+    pub version: u64,
+    /// Manifest hash.
+    pub manifest_sha256: Sha256,
+    /// Whole-file hash.
+    pub bundle_sha256: Sha256,
+    /// Recipe hash (the recipe is a blob).
+    pub recipe_sha256: Sha256,
+    /// File size.
+    pub size: u64,
+    /// Number of chunks.
+    pub chunks: u64,
+    /// When it was pushed.
+    pub pushed_at: Timestamp,
+}
+
+fn bundle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
+    Ok(BundleRow {
+        name: r.get(0)?,
+        version: r.get::<_, i64>(1)? as u64,
+        manifest_sha256: sha(&r.get::<_, String>(2)?)?,
+        bundle_sha256: sha(&r.get::<_, String>(3)?)?,
+        recipe_sha256: sha(&r.get::<_, String>(4)?)?,
+        size: r.get::<_, i64>(5)? as u64,
+        chunks: r.get::<_, i64>(6)? as u64,
+        pushed_at: from_ts(r.get(7)?),
+    })
+}
+
+const BUNDLE_COLUMNS: &str = "b.name, b.version, b.manifest_sha256, b.bundle_sha256, b.recipe_sha256, b.size, b.chunks, b.pushed_at";
+
+/// A bundle by name and version.
+pub fn bundle(conn: &Connection, name: &str, version: u64) -> rusqlite::Result<Option<BundleRow>> {
+    conn.query_row(
+        &format!("SELECT {BUNDLE_COLUMNS} FROM bundles b WHERE b.name = ?1 AND b.version = ?2"),
+        params![name, version as i64],
+        bundle_row,
+    )
+    .optional()
+}
+
+/// Every bundle.
+pub fn bundles(conn: &Connection) -> rusqlite::Result<Vec<BundleRow>> {
+    let mut stmt = conn
+        .prepare(&format!("SELECT {BUNDLE_COLUMNS} FROM bundles b ORDER BY b.name, b.version"))?;
+    stmt.query_map([], bundle_row)?.collect()
+}
+
+/// Registers a bundle (its blobs already stored).
+pub fn insert_bundle(conn: &Connection, b: &BundleRow) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO bundles (name, version, manifest_sha256, bundle_sha256, recipe_sha256, size, chunks, pushed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            b.name,
+            b.version as i64,
+            b.manifest_sha256.to_string(),
+            b.bundle_sha256.to_string(),
+            b.recipe_sha256.to_string(),
+            b.size as i64,
+            b.chunks as i64,
+            ts(b.pushed_at)
+        ],
+    )?;
+    event(
+        conn,
+        b.pushed_at,
+        "push",
+        &format!("{}@{}", b.name, b.version),
+        &format!("{} bytes, {} chunks", b.size, b.chunks),
+    )
+}
+
+/// What a group should run: its deployed bundles.
+pub fn deployments(conn: &Connection, group: &str) -> rusqlite::Result<Vec<BundleRow>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT {BUNDLE_COLUMNS} FROM deployments d JOIN bundles b ON b.name = d.name AND b.version = d.version
+         WHERE d.grp = ?1 ORDER BY b.name"
+    ))?;
+    stmt.query_map([group], bundle_row)?.collect()
+}
+
+/// Every deployment: (group, name, version).
+pub fn all_deployments(conn: &Connection) -> rusqlite::Result<Vec<(String, String, u64)>> {
+    let mut stmt = conn.prepare("SELECT grp, name, version FROM deployments ORDER BY grp, name")?;
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?.collect()
+}
+
+/// Sets what `group` runs for `name`.
+pub fn deploy(
+    conn: &Connection,
+    group: &str,
+    name: &str,
+    version: u64,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO deployments (grp, name, version, updated_at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (grp, name) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
+        params![group, name, version as i64, ts(now)],
+    )?;
+    event(conn, now, "deploy", group, &format!("{name}@{version}"))
+}
+
+/// Removes `name` from `group`; returns false if it was not deployed there.
+pub fn undeploy(
+    conn: &Connection,
+    group: &str,
+    name: &str,
+    now: Timestamp,
+) -> rusqlite::Result<bool> {
+    let n =
+        conn.execute("DELETE FROM deployments WHERE grp = ?1 AND name = ?2", params![group, name])?;
+    if n > 0 {
+        event(conn, now, "undeploy", group, name)?;
+    }
+    Ok(n > 0)
+}
+
+// ---- desired state ----
+
+/// The last desired-state document issued to an agent.
+#[derive(Debug, Clone)]
+pub struct IssuedDesired {
+    /// Its version.
+    pub version: u64,
+    /// Hash of its content (the bundle list), to tell whether a new one is needed.
+    pub content_sha256: Sha256,
+    /// Its expiry.
+    pub expires: Timestamp,
+    /// The signed document, encoded.
+    pub signed: Vec<u8>,
+}
+
+/// The last document issued to `agent_id`.
+pub fn desired(conn: &Connection, agent_id: &str) -> rusqlite::Result<Option<IssuedDesired>> {
+    conn.query_row(
+        "SELECT version, content_sha256, expires_at, signed FROM desired WHERE agent_id = ?1",
+        [agent_id],
+        |r| {
+            Ok(IssuedDesired {
+                version: r.get::<_, i64>(0)? as u64,
+                content_sha256: sha(&r.get::<_, String>(1)?)?,
+                expires: from_ts(r.get(2)?),
+                signed: r.get(3)?,
+            })
+        },
+    )
+    .optional()
+}
+
+/// Stores a newly issued document; its version must be above the stored one.
+pub fn put_desired(
+    conn: &Connection,
+    agent_id: &str,
+    issued: &IssuedDesired,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO desired (agent_id, version, content_sha256, expires_at, signed) VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (agent_id) DO UPDATE SET version = excluded.version, content_sha256 = excluded.content_sha256,
+             expires_at = excluded.expires_at, signed = excluded.signed
+         WHERE excluded.version > desired.version",
+        params![agent_id, issued.version as i64, issued.content_sha256.to_string(), ts(issued.expires), issued.signed],
+    )
+    .map(drop)
+}

@@ -1,0 +1,334 @@
+//! The control plane's QUIC endpoint: enrollment, agent sessions and chunk transfers.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use falaj_common::enrollment::EnrollmentToken;
+use falaj_common::protocol::io::{read_frame, write_frame};
+use falaj_common::protocol::{
+    self, ALPN_AGENT, ALPN_ENROLL, AgentMessage, ChunkHeader, ControlMessage, EnrollRequest,
+    EnrollResponse, Enrollment, FetchRequest, MAX_CHUNKS_PER_FETCH,
+};
+use falaj_common::time::Timestamp;
+use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use tokio::sync::mpsc;
+
+use crate::ca::{self, CaError};
+use crate::db::{self, NewAgent};
+use crate::state::{Session, Shared};
+
+/// Connection close code: the peer is refused (revoked, unknown, bad request).
+pub const CLOSE_REFUSED: u32 = 1;
+/// Connection close code: a newer connection of the same agent replaced this one.
+pub const CLOSE_REPLACED: u32 = 2;
+/// Connection close code: the control plane is shutting down.
+pub const CLOSE_SHUTDOWN: u32 = 3;
+
+/// Transport settings for bulk transfer on fast links: large flow-control windows, many
+/// streams, keep-alives under the idle timeout.
+pub fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(1024u32.into())
+        .stream_receive_window((16u32 << 20).into())
+        .receive_window((64u32 << 20).into())
+        .send_window(64 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(
+            Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout"),
+        ));
+    t
+}
+
+/// The endpoint's TLS: the server certificate chain, client certificates verified against
+/// the CA but optional (enrollment connections have none; sessions require one).
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    ca: &CertificateDer<'static>,
+) -> Result<quinn::ServerConfig, CaError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).map_err(|e| tls_error("adding the CA to the client verifier", e))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| tls_error("building the client verifier", e))?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| tls_error("TLS versions", e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| tls_error("the server certificate", e))?;
+    tls.alpn_protocols = vec![ALPN_AGENT.to_vec(), ALPN_ENROLL.to_vec()];
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| tls_error("QUIC TLS", e))?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(Arc::new(transport()));
+    Ok(config)
+}
+
+fn tls_error(what: &'static str, err: impl std::fmt::Display) -> CaError {
+    CaError::Io { op: what, path: "TLS".into(), source: std::io::Error::other(err.to_string()) }
+}
+
+/// Accepts connections until the endpoint closes.
+pub async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            match incoming.await {
+                Ok(conn) => handle(shared, conn).await,
+                Err(err) => tracing::debug!(error = %err, "handshake failed"),
+            }
+        });
+    }
+}
+
+async fn handle(shared: Arc<Shared>, conn: quinn::Connection) {
+    let alpn = conn
+        .handshake_data()
+        .and_then(|h| h.downcast::<HandshakeData>().ok())
+        .and_then(|h| h.protocol);
+    match alpn.as_deref() {
+        Some(ALPN_ENROLL) => enroll_connection(&shared, conn).await,
+        Some(ALPN_AGENT) => agent_connection(shared, conn).await,
+        _ => conn.close(CLOSE_REFUSED.into(), b"unknown protocol"),
+    }
+}
+
+async fn enroll_connection(shared: &Shared, conn: quinn::Connection) {
+    let remote = conn.remote_address();
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+    else {
+        return;
+    };
+    let response = match read_frame::<EnrollRequest>(&mut recv).await {
+        Ok(Some(request)) => match enroll(shared, request).await {
+            Ok(enrollment) => {
+                tracing::info!(agent = %enrollment.agent_id, group = %enrollment.group, %remote, "agent enrolled");
+                EnrollResponse::Enrolled(enrollment)
+            }
+            Err(reason) => {
+                tracing::warn!(%remote, %reason, "enrollment refused");
+                EnrollResponse::Refused(reason)
+            }
+        },
+        Ok(None) => return,
+        Err(err) => EnrollResponse::Refused(format!("bad enrollment request: {err}")),
+    };
+    if write_frame(&mut send, &response).await.is_ok() {
+        let _ = send.finish();
+        // Let the agent read the answer and close.
+        let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    }
+}
+
+async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, String> {
+    let token: EnrollmentToken = request.token.parse().map_err(|e| format!("{e}"))?;
+    if token.ca_sha256 != shared.ca.fingerprint() {
+        return Err("the token was issued by another control plane".into());
+    }
+    let now = SystemTime::now();
+    let agent_id = format!("agent-{}", random_hex(6));
+    let issued = shared
+        .ca
+        .sign_agent(&request.csr_der, &agent_id, shared.policy.cert_ttl, now)
+        .map_err(|e| e.to_string())?;
+    let agent = NewAgent {
+        id: agent_id.clone(),
+        hostname: request.hostname.chars().take(253).collect(),
+        agent_version: request.agent_version.chars().take(64).collect(),
+        serial: issued.serial.clone(),
+        cert_expires: issued.expires,
+    };
+    let (token_id, secret, region) = (token.id_hex(), token.secret_sha256(), shared.region.clone());
+    let group = shared
+        .db
+        .call(move |conn| {
+            db::enroll(conn, &token_id, secret, &region, &agent, Timestamp::from_system(now))
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "recording an enrollment failed");
+            "internal error".to_owned()
+        })?
+        .map_err(|refusal| refusal.to_string())?;
+    Ok(Enrollment {
+        agent_id,
+        region: shared.region.clone(),
+        group,
+        certificate_der: issued.der,
+        certificate_expires: issued.expires,
+        ca_der: shared.ca.cert_der().to_vec(),
+        trust_root: shared.trust.to_json(),
+    })
+}
+
+fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new().fill(&mut buf).expect("the system random source works");
+    hex::encode(buf)
+}
+
+/// The agent id and certificate serial of a connection's client certificate.
+fn peer_agent(conn: &quinn::Connection) -> Option<(String, String)> {
+    let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    ca::agent_of(certs.first()?)
+}
+
+async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
+    let Some((agent, serial)) = peer_agent(&conn) else {
+        conn.close(CLOSE_REFUSED.into(), b"a client certificate is required");
+        return;
+    };
+    let valid = {
+        let (agent, serial) = (agent.clone(), serial.clone());
+        shared.db.call(move |c| db::certificate_valid(c, &agent, &serial)).await
+    };
+    if !matches!(valid, Ok(true)) {
+        tracing::warn!(%agent, %serial, remote = %conn.remote_address(), "refused a revoked or unknown agent certificate");
+        conn.close(CLOSE_REFUSED.into(), b"agent certificate is revoked or unknown");
+        return;
+    }
+    let Ok(Ok((mut send, mut recv))) =
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
+    else {
+        conn.close(CLOSE_REFUSED.into(), b"no session stream");
+        return;
+    };
+    let (tx, mut rx) = mpsc::channel::<ControlMessage>(16);
+    let serial_no = shared.session_serial();
+    let previous =
+        shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(
+            agent.clone(),
+            Session { serial: serial_no, connection: conn.clone(), tx, sent_version: None },
+        );
+    if let Some(previous) = previous {
+        previous.connection.close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
+    }
+    tracing::info!(%agent, remote = %conn.remote_address(), "agent connected");
+    let writer = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            if write_frame(&mut send, &message).await.is_err() {
+                break;
+            }
+        }
+    });
+    let fetches = tokio::spawn(serve_fetches(Arc::clone(&shared), conn.clone()));
+    let now = SystemTime::now();
+    shared.saw(&agent, now, None);
+    match shared.desired_for(&agent, now).await {
+        Ok(signed) => shared.send_if_newer(&agent, signed),
+        Err(err) => tracing::error!(%agent, error = %err, "issuing desired state failed"),
+    }
+    loop {
+        match read_frame::<AgentMessage>(&mut recv).await {
+            Ok(Some(AgentMessage::Hello(state) | AgentMessage::Report(state))) => {
+                shared.saw(&agent, SystemTime::now(), Some(state));
+            }
+            Ok(Some(AgentMessage::Renew { csr_der })) => renew(&shared, &agent, &csr_der).await,
+            Ok(None) => break,
+            Err(err) => {
+                tracing::debug!(%agent, error = %err, "session stream ended");
+                break;
+            }
+        }
+    }
+    fetches.abort();
+    writer.abort();
+    let mut sessions = shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if sessions.get(&agent).is_some_and(|s| s.serial == serial_no) {
+        sessions.remove(&agent);
+    }
+    tracing::info!(%agent, "agent disconnected");
+}
+
+async fn renew(shared: &Shared, agent: &str, csr_der: &[u8]) {
+    let now = SystemTime::now();
+    let message = match shared.ca.sign_agent(csr_der, agent, shared.policy.cert_ttl, now) {
+        Ok(issued) => {
+            let (id, serial, expires) = (agent.to_owned(), issued.serial.clone(), issued.expires);
+            let recorded = shared
+                .db
+                .call(move |c| {
+                    db::add_certificate(c, &id, &serial, expires, Timestamp::from_system(now))
+                })
+                .await;
+            match recorded {
+                Ok(()) => {
+                    tracing::info!(agent, expires = %issued.expires, "certificate renewed");
+                    ControlMessage::Renewed { certificate_der: issued.der, expires: issued.expires }
+                }
+                Err(err) => {
+                    tracing::error!(agent, error = %err, "recording a renewed certificate failed");
+                    ControlMessage::Refused("internal error".into())
+                }
+            }
+        }
+        Err(err) => ControlMessage::Refused(format!("renewal refused: {err}")),
+    };
+    let tx = shared
+        .sessions
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(agent)
+        .map(|s| s.tx.clone());
+    if let Some(tx) = tx {
+        let _ = tx.send(message).await;
+    }
+}
+
+/// Serves every further stream of a session as a fetch of blobs.
+async fn serve_fetches(shared: Arc<Shared>, conn: quinn::Connection) {
+    while let Ok((send, recv)) = conn.accept_bi().await {
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            if let Err(err) = serve_fetch(&shared, send, recv).await {
+                tracing::debug!(error = %err, "fetch stream ended early");
+            }
+        });
+    }
+}
+
+async fn serve_fetch(
+    shared: &Shared,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let Some(request) = read_frame::<FetchRequest>(&mut recv).await? else { return Ok(()) };
+    if request.hashes.len() > MAX_CHUNKS_PER_FETCH {
+        return Err(format!(
+            "{} chunks asked for, at most {MAX_CHUNKS_PER_FETCH}",
+            request.hashes.len()
+        )
+        .into());
+    }
+    // Read ahead on the blocking pool while earlier chunks are being sent.
+    let (tx, mut rx) = mpsc::channel(4);
+    let blobs = Arc::clone(&shared.blobs);
+    let reader = tokio::task::spawn_blocking(move || {
+        for sha256 in request.hashes {
+            let blob = blobs.get(&sha256).unwrap_or_else(|err| {
+                tracing::error!(%sha256, error = %err, "reading a blob failed");
+                None
+            });
+            if tx.blocking_send((sha256, blob)).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some((sha256, blob)) = rx.recv().await {
+        let header = ChunkHeader { sha256, size: blob.as_ref().map(|b| b.len() as u32) };
+        send.write_all(&protocol::encode(&header)).await?;
+        if let Some(bytes) = blob {
+            send.write_chunk(bytes).await?;
+        }
+    }
+    reader.await?;
+    send.finish()?;
+    Ok(())
+}

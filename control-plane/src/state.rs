@@ -1,0 +1,246 @@
+//! What the daemon's tasks share: the database, blobs, keys, the CA, live agent sessions,
+//! and the issuing of desired-state documents.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use falaj_common::desired::{DesiredBundle, DesiredState, SignedDesired};
+use falaj_common::keys::{Sha256, SigningKey};
+use falaj_common::protocol::{ActualState, ControlMessage};
+use falaj_common::time::Timestamp;
+use falaj_common::trust::TrustRoot;
+use tokio::sync::mpsc;
+
+use crate::blobs::BlobStore;
+use crate::ca::Ca;
+use crate::db::{self, Db, DbError, IssuedDesired};
+
+/// How the daemon behaves.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    /// Lifetime of a desired-state document; documents are reissued at half-life.
+    pub desired_ttl: Duration,
+    /// Lifetime of an agent certificate.
+    pub cert_ttl: Duration,
+    /// How often agents report; three missed reports mark an agent offline.
+    pub heartbeat: Duration,
+}
+
+/// A live agent connection.
+#[derive(Debug)]
+pub struct Session {
+    /// Distinguishes this connection from a later one of the same agent.
+    pub serial: u64,
+    /// The QUIC connection, to close it on revocation.
+    pub connection: quinn::Connection,
+    /// Messages to send on the session stream.
+    pub tx: mpsc::Sender<ControlMessage>,
+    /// The version of the last document sent.
+    pub sent_version: Option<u64>,
+}
+
+/// State shared by the daemon's tasks.
+#[derive(Debug)]
+pub struct Shared {
+    /// The database.
+    pub db: Db,
+    /// Chunks and recipes.
+    pub blobs: Arc<dyn BlobStore>,
+    /// The certificate authority.
+    pub ca: Ca,
+    /// The trust root given to agents.
+    pub trust: TrustRoot,
+    /// Keys that sign desired-state documents.
+    pub signers: Arc<Vec<SigningKey>>,
+    /// This control plane's region.
+    pub region: String,
+    /// Timings.
+    pub policy: Policy,
+    /// Live sessions by agent id.
+    pub sessions: Mutex<HashMap<String, Session>>,
+    /// Reports not yet written to the database: agent -> (time, state).
+    pub seen: Mutex<HashMap<String, (Timestamp, Option<ActualState>)>>,
+    next_session: AtomicU64,
+}
+
+/// Hash of a desired bundle list: a new document is issued when it changes.
+fn content_sha256(bundles: &[DesiredBundle]) -> Sha256 {
+    Sha256::of(&serde_json::to_vec(bundles).expect("bundle lists serialise"))
+}
+
+impl Shared {
+    /// Assembles the shared state.
+    pub fn new(
+        db: Db,
+        blobs: Arc<dyn BlobStore>,
+        ca: Ca,
+        trust: TrustRoot,
+        signers: Vec<SigningKey>,
+        policy: Policy,
+    ) -> Self {
+        Self {
+            db,
+            blobs,
+            ca,
+            region: trust.region().to_owned(),
+            trust,
+            signers: Arc::new(signers),
+            policy,
+            sessions: Mutex::new(HashMap::new()),
+            seen: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// A number for a new session.
+    pub fn session_serial(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// The current desired-state document for `agent_id`: the last one issued, or a new
+    /// one (version + 1) if the group's deployments changed or the last is past half-life.
+    pub async fn desired_for(
+        &self,
+        agent_id: &str,
+        now: SystemTime,
+    ) -> Result<SignedDesired, DbError> {
+        let (agent_id, region) = (agent_id.to_owned(), self.region.clone());
+        let signers = Arc::clone(&self.signers);
+        let ttl = self.policy.desired_ttl;
+        self.db
+            .call(move |conn| {
+                let tx = conn.transaction()?;
+                let group = db::agent(&tx, &agent_id)?.map(|a| a.group).unwrap_or_default();
+                let bundles: Vec<DesiredBundle> = db::deployments(&tx, &group)?
+                    .into_iter()
+                    .map(|b| DesiredBundle {
+                        name: b.name,
+                        version: b.version,
+                        manifest_sha256: b.manifest_sha256,
+                        bundle_sha256: b.bundle_sha256,
+                        size: b.size,
+                        recipe_sha256: b.recipe_sha256,
+                        activate: true,
+                    })
+                    .collect();
+                let content = content_sha256(&bundles);
+                let now = Timestamp::from_system(now);
+                let previous = db::desired(&tx, &agent_id)?;
+                if let Some(p) = &previous {
+                    let fresh = now.saturating_add(ttl / 2) < p.expires;
+                    if p.content_sha256 == content && fresh {
+                        if let Ok(signed) = postcard::from_bytes::<SignedDesired>(&p.signed) {
+                            return Ok(signed);
+                        }
+                    }
+                }
+                let document = DesiredState {
+                    agent: agent_id.clone(),
+                    region,
+                    version: previous.map_or(1, |p| p.version + 1),
+                    issued: now,
+                    expires: now.saturating_add(ttl),
+                    bundles,
+                };
+                let keys: Vec<&SigningKey> = signers.iter().collect();
+                let signed = document.sign(&keys);
+                let issued = IssuedDesired {
+                    version: document.version,
+                    content_sha256: content,
+                    expires: document.expires,
+                    signed: postcard::to_stdvec(&signed).expect("documents encode"),
+                };
+                db::put_desired(&tx, &agent_id, &issued)?;
+                tx.commit()?;
+                Ok(signed)
+            })
+            .await
+    }
+
+    /// Sends each connected agent of `group` (all agents if `None`) its current document,
+    /// if it is newer than the last one sent.
+    pub async fn push_desired(&self, group: Option<&str>, now: SystemTime) -> Result<(), DbError> {
+        let agents: Vec<String> = match group {
+            Some(group) => {
+                let group = group.to_owned();
+                self.db.call(move |conn| db::group_agents(conn, &group)).await?
+            }
+            None => self
+                .sessions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .keys()
+                .cloned()
+                .collect(),
+        };
+        for agent in agents {
+            let connected = self
+                .sessions
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains_key(&agent);
+            if connected {
+                let signed = self.desired_for(&agent, now).await?;
+                self.send_if_newer(&agent, signed);
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues `signed` on `agent`'s session if it is newer than what that session got.
+    pub fn send_if_newer(&self, agent: &str, signed: SignedDesired) {
+        let version =
+            serde_json::from_slice::<DesiredState>(&signed.document).map(|d| d.version).ok();
+        let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(session) = sessions.get_mut(agent) {
+            if version.is_some() && version > session.sent_version {
+                if session.tx.try_send(ControlMessage::Desired(signed)).is_ok() {
+                    session.sent_version = version;
+                } else {
+                    tracing::warn!(
+                        agent,
+                        "session queue full; the document follows at the next refresh"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Notes a report (written to the database in batches).
+    pub fn saw(&self, agent: &str, now: SystemTime, state: Option<ActualState>) {
+        let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = seen.entry(agent.to_owned()).or_insert((Timestamp::from_system(now), None));
+        entry.0 = Timestamp::from_system(now);
+        if state.is_some() {
+            entry.1 = state;
+        }
+    }
+
+    /// Writes pending reports to the database.
+    pub async fn flush_seen(&self) -> Result<(), DbError> {
+        let pending: Vec<_> = {
+            let mut seen = self.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            seen.drain().map(|(id, (at, state))| (id, at, state)).collect()
+        };
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.db.call(move |conn| db::record_seen(conn, &pending)).await
+    }
+
+    /// Whether `agent` has a live session.
+    pub fn connected(&self, agent: &str) -> bool {
+        self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains_key(agent)
+    }
+
+    /// Closes `agent`'s live session, if any.
+    pub fn disconnect(&self, agent: &str, code: u32, reason: &str) {
+        let session =
+            self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(agent);
+        if let Some(session) = session {
+            session.connection.close(code.into(), reason.as_bytes());
+        }
+    }
+}

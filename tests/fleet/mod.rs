@@ -1,0 +1,219 @@
+//! An in-process fleet on loopback: a control plane and agents, each with real QUIC,
+//! real TLS, real SQLite files and a real HTTP inference API on port 0.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use falaj_agent::daemon::Agent;
+use falaj_agent::enroll::{self, EnrollOptions};
+use falaj_agent::server::ServeConfig as AgentServe;
+use falaj_agent::store::Identity;
+use falaj_agent::sync::SyncConfig;
+use falaj_common::bundle::RuntimeHint;
+use falaj_control::blobs::BlobStore;
+use falaj_control::bundle::{self, BuildOptions};
+use falaj_control::client::AdminClient;
+use falaj_control::daemon::{ControlPlane, ServeConfig};
+use serde_json::Value;
+
+pub const REGION: &str = "eu-west-1";
+
+/// A running control plane.
+pub struct Control {
+    pub dir: PathBuf,
+    pub quic: SocketAddr,
+    pub client: AdminClient,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn config(dir: &Path, quic: SocketAddr) -> ServeConfig {
+    let mut config = ServeConfig::new(dir);
+    config.quic = quic;
+    config.admin = "127.0.0.1:0".parse().unwrap();
+    config.region = Some(REGION.into());
+    config.policy.heartbeat = Duration::from_millis(200);
+    config
+}
+
+impl Control {
+    pub async fn start(dir: &Path) -> Self {
+        Self::start_with(config(dir, "127.0.0.1:0".parse().unwrap()), None).await
+    }
+
+    pub async fn start_with(config: ServeConfig, blobs: Option<Arc<dyn BlobStore>>) -> Self {
+        let dir = config.data_dir.clone();
+        let cp = match blobs {
+            Some(blobs) => ControlPlane::start_with_blobs(config, blobs).await.unwrap(),
+            None => ControlPlane::start(config).await.unwrap(),
+        };
+        let client = AdminClient::new(&format!("http://{}", cp.admin_addr()), cp.admin_token());
+        let quic = cp.quic_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            cp.run(async { drop(rx.await) }).await.unwrap();
+        });
+        Self { dir, quic, client, stop: Some(tx), task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    /// Builds the sample model as `name@version` with this control plane's keys and
+    /// pushes it; returns the bundle file.
+    pub async fn push_sample(&self, work: &Path, name: &str, version: u64) -> PathBuf {
+        let model = sample_model(work);
+        let out = work.join(format!("{name}-{version}.falaj"));
+        let options = BuildOptions {
+            keys: self.dir.join("keys"),
+            model,
+            name: name.into(),
+            version,
+            reference: None,
+            runtime: RuntimeHint::Auto,
+            lifetime: bundle::DEFAULT_LIFETIME,
+            out: out.clone(),
+        };
+        bundle::build(&options, SystemTime::now()).unwrap();
+        self.client.push_bundle(&out).await.unwrap();
+        out
+    }
+
+    pub async fn token(&self, group: &str) -> String {
+        self.client.create_token(group, 600).await.unwrap()["token"].as_str().unwrap().to_owned()
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+    }
+}
+
+/// The sample model (trained once per work directory).
+pub fn sample_model(work: &Path) -> PathBuf {
+    let dir = work.join("sample");
+    if !dir.join("model.onnx").exists() {
+        falaj_control::sample::write(
+            &dir,
+            &falaj_control::sample::SampleOptions { rows: 2000, seed: 1 },
+        )
+        .unwrap();
+    }
+    dir.join("model.onnx")
+}
+
+/// A running agent.
+pub struct RunningAgent {
+    pub dir: PathBuf,
+    pub http: SocketAddr,
+    pub identity: Identity,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+pub fn sync_config() -> SyncConfig {
+    SyncConfig {
+        heartbeat: Duration::from_millis(200),
+        max_backoff: Duration::from_millis(500),
+        parallel_fetches: 4,
+    }
+}
+
+impl RunningAgent {
+    /// Enrolls an agent in `dir` with `token` and starts it.
+    pub async fn enroll(dir: &Path, control: SocketAddr, token: &str) -> Self {
+        let options = EnrollOptions {
+            control_plane: control.to_string(),
+            token: token.into(),
+            hostname: "test-host".into(),
+            region: None,
+        };
+        enroll::enroll(dir, &options, SystemTime::now()).await.unwrap();
+        Self::start(dir).await
+    }
+
+    /// Starts an agent already set up in `dir`.
+    pub async fn start(dir: &Path) -> Self {
+        let serve = AgentServe {
+            http: "127.0.0.1:0".parse().unwrap(),
+            poll_interval: Duration::from_millis(50),
+            ..AgentServe::default()
+        };
+        let agent = Agent::start(dir.to_owned(), serve, sync_config()).await.unwrap();
+        let identity = agent.identity().unwrap().clone();
+        let http = agent.local_addr();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            agent.run(async { drop(rx.await) }).await.unwrap();
+        });
+        Self { dir: dir.to_owned(), http, identity, stop: Some(tx), task: Some(task) }
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+        if let Some(task) = self.task.take() {
+            task.await.unwrap();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http)
+    }
+
+    /// The active version of `model` as the inference API reports it.
+    pub async fn active_version(&self, model: &str) -> Option<String> {
+        let response = reqwest::get(self.url(&format!("/v2/models/{model}"))).await.ok()?;
+        if !response.status().is_success() {
+            return None;
+        }
+        let meta: Value = response.json().await.ok()?;
+        meta["parameters"]["active_version"].as_str().map(str::to_owned)
+    }
+
+    /// An inference with one sample row; returns the version that answered.
+    pub async fn infer(&self, model: &str) -> Result<String, String> {
+        let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, 8], "datatype": "FP32",
+            "data": [65.0, 3.0, 6.0, 12.0, 1500.0, 50.0, 400.0, 70.0]}]});
+        let response = reqwest::Client::new()
+            .post(self.url(&format!("/v2/models/{model}/infer")))
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = response.status();
+        let body: Value = response.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(body.to_string());
+        }
+        Ok(body["model_version"].as_str().unwrap_or_default().to_owned())
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        let _ = self.stop.take().map(|s| s.send(()));
+    }
+}
+
+/// Polls `check` until it is true, or fails after `limit` with `what`.
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
