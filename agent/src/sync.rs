@@ -190,26 +190,40 @@ impl Syncer {
             .map_err(|e| conn_err(&e))
     }
 
-    async fn session(self: Arc<Self>, failures: &mut u32) -> Result<(), SyncError> {
+    /// Connects, says hello and waits for the control plane's first message: the session
+    /// is up only then, since with TLS 1.3 a refused client certificate shows no earlier.
+    async fn open_session(
+        &self,
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream, ControlMessage), SyncError> {
         let conn = self.connect().await?;
         let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(e.to_string());
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&e))?;
         write_frame(&mut send, &AgentMessage::Hello(self.actual_state().await))
             .await
             .map_err(|e| conn_err(&e))?;
-        // With TLS 1.3 a refused client certificate shows only now: wait for the first
-        // message (or the close) before calling the session up.
         let first =
             tokio::time::timeout(Duration::from_secs(15), read_frame::<ControlMessage>(&mut recv))
                 .await;
-        let first = match first {
-            Ok(Ok(Some(message))) => message,
-            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => {
+        match first {
+            Ok(Ok(Some(message))) => Ok((conn, send, recv, message)),
+            Ok(Ok(None) | Err(_)) | Err(_) => {
                 let reason =
                     conn.close_reason().map_or_else(|| "no answer".to_owned(), |r| r.to_string());
-                return Err(SyncError::Closed(reason));
+                Err(SyncError::Closed(reason))
             }
-        };
+        }
+    }
+
+    /// Checks that a session with the control plane can be opened (and closes it).
+    pub async fn probe(&self) -> Result<(), SyncError> {
+        let (conn, ..) = self.open_session().await?;
+        conn.close(0u32.into(), b"probe");
+        Ok(())
+    }
+
+    async fn session(self: Arc<Self>, failures: &mut u32) -> Result<(), SyncError> {
+        let (conn, mut send, mut recv, first) = self.open_session().await?;
+        let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(e.to_string());
         tracing::info!(control_plane = %self.identity.control_plane, agent = %self.identity.agent_id, "connected to the control plane");
         *failures = 0;
 

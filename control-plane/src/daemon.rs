@@ -236,6 +236,7 @@ impl ControlPlane {
         tracing::info!("control plane shutting down");
         let _ = stop_tx.send(true);
         endpoint.close(quic::CLOSE_SHUTDOWN.into(), b"control plane shutting down");
+        shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         let _ = accept.await;
         let _ = periodic.await;
         let served =

@@ -48,9 +48,23 @@ impl Control {
 
     pub async fn start_with(config: ServeConfig, blobs: Option<Arc<dyn BlobStore>>) -> Self {
         let dir = config.data_dir.clone();
-        let cp = match blobs {
-            Some(blobs) => ControlPlane::start_with_blobs(config, blobs).await.unwrap(),
-            None => ControlPlane::start(config).await.unwrap(),
+        // A control plane restarted on the same port in this process may find the port
+        // still held for a moment by the last one's endpoint task: retry until it is free.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let cp = loop {
+            let started = match &blobs {
+                Some(blobs) => ControlPlane::start_with_blobs(config.clone(), Arc::clone(blobs)).await,
+                None => ControlPlane::start(config.clone()).await,
+            };
+            match started {
+                Ok(cp) => break cp,
+                Err(falaj_control::daemon::ServeError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("starting the control plane: {e}"),
+            }
         };
         let client = AdminClient::new(&format!("http://{}", cp.admin_addr()), cp.admin_token());
         let quic = cp.quic_addr();
