@@ -213,6 +213,16 @@ impl RunningAgent {
     }
 }
 
+impl RunningAgent {
+    /// An inference on the layered test model; the version that answered.
+    pub async fn infer_layered(&self) -> Option<String> {
+        let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, 256], "datatype": "FP32", "data": vec![0.5f32; 256]}]});
+        let response = reqwest::Client::new().post(self.url("/v2/models/layered/infer")).json(&body).send().await.ok()?;
+        let body: Value = response.json().await.ok()?;
+        body["model_version"].as_str().map(str::to_owned)
+    }
+}
+
 impl Drop for RunningAgent {
     fn drop(&mut self) {
         let _ = self.stop.take().map(|s| s.send(()));
@@ -229,5 +239,51 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A model of about `mib` MiB: `[N, 256]` → Gemm (big) → Relu → Gemm (head, 10 outputs).
+/// `head_seed` changes only the head's weights, as a fine-tune of the last layer would.
+pub fn layered_model(path: &Path, mib: usize, head_seed: u64) -> PathBuf {
+    use falaj_common::onnx::{Attr, GraphBuilder};
+    use falaj_common::random::SeededRng;
+    use falaj_common::tensor::{DataType, Dim};
+    let hidden = mib * 1024 * 1024 / 4 / 256;
+    let mut body = SeededRng::new(1);
+    let mut head = SeededRng::new(head_seed);
+    let w1: Vec<f32> = (0..256 * hidden).map(|_| body.normal(0.0, 0.05) as f32).collect();
+    let w2: Vec<f32> = (0..hidden * 10).map(|_| head.normal(0.0, 0.05) as f32).collect();
+    let n = || Dim::Symbol("N".into());
+    let mut g = GraphBuilder::new("layered");
+    g.input("sensors", DataType::Fp32, &[n(), Dim::Fixed(256)])
+        .weights("w1", &[hidden, 256], &w1)
+        .weights("b1", &[hidden], &vec![0.0; hidden])
+        .node("Gemm", &["sensors", "w1", "b1"], &["h"], vec![Attr::Int("transB", 1)])
+        .node("Relu", &["h"], &["r"], vec![])
+        .weights("w2", &[10, hidden], &w2)
+        .weights("b2", &[10], &[0.0; 10])
+        .node("Gemm", &["r", "w2", "b2"], &["logits"], vec![Attr::Int("transB", 1)])
+        .output("logits", DataType::Fp32, &[n(), Dim::Fixed(10)]);
+    std::fs::write(path, g.encode("test")).unwrap();
+    path.to_owned()
+}
+
+impl Control {
+    /// Builds `model` as `name@version` with this control plane's keys and pushes it.
+    pub async fn push_model(&self, model: &Path, name: &str, version: u64) -> PathBuf {
+        let out = model.with_file_name(format!("{name}-{version}.falaj"));
+        let options = BuildOptions {
+            keys: self.dir.join("keys"),
+            model: model.to_owned(),
+            name: name.into(),
+            version,
+            reference: None,
+            runtime: RuntimeHint::Auto,
+            lifetime: bundle::DEFAULT_LIFETIME,
+            out: out.clone(),
+        };
+        bundle::build(&options, SystemTime::now()).unwrap();
+        self.client.push_bundle(&out).await.unwrap();
+        out
     }
 }
