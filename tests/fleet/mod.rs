@@ -245,11 +245,16 @@ where
 /// A model of about `mib` MiB: `[N, 256]` → Gemm (big) → Relu → Gemm (head, 10 outputs).
 /// `head_seed` changes only the head's weights, as a fine-tune of the last layer would.
 pub fn layered_model(path: &Path, mib: usize, head_seed: u64) -> PathBuf {
+    layered_model_with(path, mib, 1, head_seed)
+}
+
+/// [`layered_model`] with the body's weights seeded too.
+pub fn layered_model_with(path: &Path, mib: usize, body_seed: u64, head_seed: u64) -> PathBuf {
     use falaj_common::onnx::{Attr, GraphBuilder};
     use falaj_common::random::SeededRng;
     use falaj_common::tensor::{DataType, Dim};
     let hidden = mib * 1024 * 1024 / 4 / 256;
-    let mut body = SeededRng::new(1);
+    let mut body = SeededRng::new(body_seed);
     let mut head = SeededRng::new(head_seed);
     let w1: Vec<f32> = (0..256 * hidden).map(|_| body.normal(0.0, 0.05) as f32).collect();
     let w2: Vec<f32> = (0..hidden * 10).map(|_| head.normal(0.0, 0.05) as f32).collect();
