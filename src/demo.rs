@@ -1,32 +1,37 @@
-//! `falaj demo`: keys, the sample model, a signed bundle, an agent that imports and
-//! serves it, a few requests over HTTP, then serving until Ctrl-C.
+//! `falaj demo`: a control plane and two agents on this machine. Keys, the sample model,
+//! a signed bundle pushed to the control plane, two agents enrolled with one-time tokens,
+//! the model deployed to them over QUIC, requests to both, then serving until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use falaj_agent::import::{self, ImportOptions, ImportOutcome};
-use falaj_agent::server::{ServeConfig, Server};
-use falaj_agent::store::Store;
+use falaj_agent::daemon::Agent;
+use falaj_agent::enroll::{self, EnrollOptions};
+use falaj_agent::server::ServeConfig as AgentConfig;
+use falaj_agent::sync::SyncConfig;
 use falaj_common::bundle::RuntimeHint;
 use falaj_common::sample::{CLASSES, FEATURES};
 use falaj_control::bundle::{self, BuildOptions};
-use falaj_control::keys::{self, InitOptions};
+use falaj_control::client::AdminClient;
+use falaj_control::daemon::{ControlPlane, ServeConfig};
 use falaj_control::sample::{self, INPUT, SampleOptions};
 use serde_json::{Value, json};
+use tokio::sync::watch;
 
-/// The demo's model name and region.
 const MODEL: &str = "sensor-fault";
 const REGION: &str = "local-1";
+const GROUP: &str = "demo";
+const AGENTS: usize = 2;
 
 /// Arguments of `falaj demo`.
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Directory for the demo's keys, bundle and agent (default: a fresh temporary one).
+    /// Directory for the demo's state (default: a fresh temporary one).
     #[arg(long)]
     dir: Option<PathBuf>,
-    /// Address for the agent's inference API.
+    /// Address of the first agent's inference API (the second takes any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     http: SocketAddr,
 }
@@ -44,91 +49,188 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         temp.path()
     };
     println!("Falaj demo in {}", dir.display());
-    let now = SystemTime::now();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(demo(dir, args.http))
+}
 
-    let keys_dir = dir.join("keys");
-    let trust = match keys::load_trust(&keys_dir, now) {
-        Ok(trust) => trust,
-        Err(_) => keys::init(&keys_dir, &InitOptions::new(REGION), now).context("creating keys")?,
+async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        falaj_agent::cli::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
+
+    // 1. The control plane.
+    let mut config = ServeConfig::new(&dir.join("control"));
+    // Agents remember the address they enrolled with: a demo run again in the same
+    // directory puts the control plane back on the same port.
+    let quic_file = dir.join("control-plane.addr");
+    config.quic = match std::fs::read_to_string(&quic_file) {
+        Ok(addr) => addr.trim().parse().context("reading control-plane.addr")?,
+        Err(_) => "127.0.0.1:0".parse()?,
+    };
+    config.admin = "127.0.0.1:0".parse()?;
+    config.region = Some(REGION.into());
+    config.policy.heartbeat = Duration::from_secs(2);
+    let control = ControlPlane::start(config).await.context("starting the control plane")?;
+    let (quic, admin, token) =
+        (control.quic_addr(), control.admin_addr(), control.admin_token().to_owned());
+    std::fs::write(&quic_file, quic.to_string()).context("writing control-plane.addr")?;
+    let client = AdminClient::new(&format!("http://{admin}"), &token);
+    let control_task = tokio::spawn(control.run(stopped(stop_rx.clone())));
     println!(
-        "  1. keys     trust root v{} for region {} ({})",
-        trust.version(),
-        trust.region(),
-        keys_dir.join("root.json").display()
+        "  1. control plane  region {REGION}; agents connect to {quic} (QUIC, mutual TLS); admin API on http://{admin}"
     );
 
+    let (made, version) = publish_sample(dir, &client).await?;
+
+    let mut agents = Vec::new();
+    for i in 0..AGENTS {
+        let (id, addr, agent) = start_agent(dir, i, quic, &client, http).await?;
+        agents.push((id, addr, tokio::spawn(agent.run(stopped(stop_rx.clone())))));
+    }
+    let http_client = reqwest::Client::new();
+    for (id, addr, _) in &agents {
+        let ready = format!("http://{addr}/v2/models/{MODEL}/versions/{version}/ready");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !http_client.get(&ready).send().await.is_ok_and(|r| r.status().is_success()) {
+            anyhow::ensure!(Instant::now() < deadline, "{id} did not install the model in time");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    println!(
+        "  6. deployed       both agents fetched, verified and activated {MODEL} v{version} over QUIC"
+    );
+    println!();
+
+    show_traffic(
+        &http_client,
+        &agents.iter().map(|(id, a, _)| (id.as_str(), *a)).collect::<Vec<_>>(),
+        &made.holdout,
+    )
+    .await?;
+
+    let url = format!("http://{}/v2/models/{MODEL}/infer", agents[0].1);
+    println!();
+    println!("Try it:");
+    println!("  curl -s http://{}/v2/models/{MODEL}", agents[0].1);
+    let example =
+        read_holdout(&made.holdout, 1)?.first().map(|(f, _)| f.clone()).unwrap_or_default();
+    println!(
+        "  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{}'",
+        json!({"inputs": [{"name": INPUT, "shape": [1, FEATURES.len()], "datatype": "FP32", "data": example}]})
+    );
+    println!("  falaj control agents --control-plane http://{admin} --token {token}");
+    println!("Serving until Ctrl-C.");
+    for (_, _, task) in agents {
+        task.await??;
+    }
+    control_task.await??;
+    Ok(())
+}
+
+/// Trains the sample model, signs it into a bundle, pushes it and deploys it to the group.
+async fn publish_sample(dir: &Path, client: &AdminClient) -> Result<(sample::Sample, u64)> {
     let made = sample::write(&dir.join("sample"), &SampleOptions::default())
         .context("training the sample model")?;
     println!(
-        "  2. model    trained a pump-fault classifier: hold-out accuracy {:.1}% (majority class {:.1}%)",
+        "  2. model          a pump-fault classifier: hold-out accuracy {:.1}% (majority class {:.1}%)",
         made.holdout_accuracy * 100.0,
         made.majority_share * 100.0
     );
-
-    let agent_dir = dir.join("agent");
-    let mut store = match Store::open(&agent_dir) {
-        Ok(store) => store,
-        Err(_) => Store::init(&agent_dir, trust.region(), &trust.to_json(), now)
-            .context("initialising the agent")?,
-    };
-    let version = store.versions(MODEL)?.last().map_or(1, |(v, _)| v + 1);
+    let version = client.bundles().await?.iter().filter(|b| b["name"] == MODEL).count() as u64 + 1;
     let bundle_path = dir.join(format!("{MODEL}-{version}.falaj"));
-    let options = BuildOptions {
-        keys: keys_dir,
-        model: made.model.clone(),
-        name: MODEL.into(),
-        version,
-        reference: Some(made.reference.clone()),
-        runtime: RuntimeHint::Auto,
-        lifetime: bundle::DEFAULT_LIFETIME,
-        out: bundle_path.clone(),
-    };
-    bundle::build(&options, now).context("building the bundle")?;
-    let size = std::fs::metadata(&bundle_path).map_or(0, |m| m.len());
+    bundle::build(
+        &BuildOptions {
+            keys: dir.join("control/keys"),
+            model: made.model.clone(),
+            name: MODEL.into(),
+            version,
+            reference: Some(made.reference.clone()),
+            runtime: RuntimeHint::Auto,
+            lifetime: bundle::DEFAULT_LIFETIME,
+            out: bundle_path.clone(),
+        },
+        SystemTime::now(),
+    )
+    .context("building the bundle")?;
+    let pushed = client.push_bundle(&bundle_path).await?;
+    client.deploy(GROUP, MODEL, version).await?;
     println!(
-        "  3. bundle   signed {MODEL} v{version} with its reference profile ({size} bytes, {})",
-        bundle_path.display()
+        "  3. bundle         {MODEL} v{version} signed with its reference profile, pushed ({} bytes, {} chunk(s)) and deployed to group {GROUP}",
+        pushed["bundle"]["size"], pushed["bundle"]["chunks"]
     );
 
-    let outcome =
-        import::import_file(&mut store, &bundle_path, &ImportOptions::new(now), &mut |_, _| {})
-            .context("importing the bundle")?;
-    let ImportOutcome::Installed { .. } = outcome else {
-        anyhow::bail!("the bundle was unexpectedly installed already")
-    };
-    drop(store);
-    println!("  4. agent    verified and installed {MODEL} v{version} ({})", agent_dir.display());
-
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(serve_and_show(agent_dir, args.http, &made.holdout))
+    Ok((made, version))
 }
 
-async fn serve_and_show(agent_dir: PathBuf, http: SocketAddr, holdout: &Path) -> Result<()> {
-    let server = Server::bind(agent_dir, ServeConfig { http, ..ServeConfig::default() }).await?;
-    let addr = server.local_addr();
-    let serving = tokio::spawn(server.run(falaj_agent::cli::shutdown_signal()));
-    let base = format!("http://{addr}");
-    println!("  5. serving  Open Inference Protocol on {base}");
-    println!();
+/// Starts agent `i` of the demo, enrolling it first if it is new.
+async fn start_agent(
+    dir: &Path,
+    i: usize,
+    quic: SocketAddr,
+    client: &AdminClient,
+    http: SocketAddr,
+) -> Result<(String, SocketAddr, Agent)> {
+    let agent_dir = dir.join(format!("agent-{}", i + 1));
+    if !agent_dir.join(falaj_agent::store::DB_FILE).exists() {
+        let token =
+            client.create_token(GROUP, 600).await?["token"].as_str().unwrap_or_default().to_owned();
+        let options = EnrollOptions {
+            control_plane: quic.to_string(),
+            token,
+            hostname: format!("demo-agent-{}", i + 1),
+            region: Some(REGION.into()),
+        };
+        enroll::enroll(&agent_dir, &options, SystemTime::now())
+            .await
+            .context("enrolling an agent")?;
+    }
+    let serve = AgentConfig {
+        http: if i == 0 { http } else { "127.0.0.1:0".parse()? },
+        ..AgentConfig::default()
+    };
+    let sync = SyncConfig { heartbeat: Duration::from_secs(2), ..SyncConfig::default() };
+    let agent = Agent::start(agent_dir, serve, sync).await.context("starting an agent")?;
+    let id = agent.identity().map(|i| i.agent_id.clone()).unwrap_or_default();
+    let addr = agent.local_addr();
+    println!("  {}. agent {}        {id} enrolled; inference API on http://{addr}", i + 4, i + 1);
+    Ok((id, addr, agent))
+}
 
+async fn show_traffic(
+    client: &reqwest::Client,
+    agents: &[(&str, SocketAddr)],
+    holdout: &Path,
+) -> Result<()> {
     let rows = read_holdout(holdout, 6)?;
-    let client = reqwest::Client::new();
-    let url = format!("{base}/v2/models/{MODEL}/infer");
     println!(
-        "  {:>7} {:>7} {:>6}   {:<9} {:<24} {:<9} {:>9}",
-        "temp°C", "vib", "bar", "predicted", "p(normal/degraded/fault)", "actual", "latency"
+        "  {:<20} {:>7} {:>7} {:>6}   {:<9} {:<24} {:<9} {:>9}",
+        "agent",
+        "temp°C",
+        "vib",
+        "bar",
+        "predicted",
+        "p(normal/degraded/fault)",
+        "actual",
+        "latency"
     );
-    for (features, label) in &rows {
+    for (i, (features, label)) in rows.iter().enumerate() {
+        let (id, addr) = agents[i % agents.len()];
         let body = json!({"inputs": [{"name": INPUT, "shape": [1, FEATURES.len()], "datatype": "FP32", "data": features}]});
         let started = Instant::now();
+        let url = format!("http://{addr}/v2/models/{MODEL}/infer");
         let response: Value =
             client.post(&url).json(&body).send().await?.error_for_status()?.json().await?;
         let latency = started.elapsed();
         let probabilities = output(&response, "probabilities")?;
         let predicted = output(&response, "label")?.first().copied().unwrap_or(-1.0) as usize;
         println!(
-            "  {:>7.1} {:>7.2} {:>6.2}   {:<9} {:<24} {:<9} {:>6.2} ms",
+            "  {:<20} {:>7.1} {:>7.2} {:>6.2}   {:<9} {:<24} {:<9} {:>6.2} ms",
+            id,
             features[0],
             features[1],
             features[2],
@@ -138,33 +240,25 @@ async fn serve_and_show(agent_dir: PathBuf, http: SocketAddr, holdout: &Path) ->
             latency.as_secs_f64() * 1e3
         );
     }
-
     let batch = read_holdout(holdout, 256)?;
     let flat: Vec<f32> = batch.iter().flat_map(|(f, _)| f.iter().copied()).collect();
     let body = json!({"inputs": [{"name": INPUT, "shape": [batch.len(), FEATURES.len()], "datatype": "FP32", "data": flat}]});
-    let started = Instant::now();
-    let response: Value =
-        client.post(&url).json(&body).send().await?.error_for_status()?.json().await?;
-    let latency = started.elapsed();
-    let labels = output(&response, "label")?;
-    let right = labels.iter().zip(&batch).filter(|(p, (_, l))| **p as usize == *l).count();
     println!();
-    println!(
-        "  one request with {} rows: {:.2} ms, {right}/{} predicted right",
-        batch.len(),
-        latency.as_secs_f64() * 1e3,
-        batch.len()
-    );
-    println!();
-    println!("Try it:");
-    println!("  curl -s {base}/v2/models/{MODEL}");
-    let example = rows.first().map(|(f, _)| f.clone()).unwrap_or_default();
-    println!(
-        "  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{}'",
-        json!({"inputs": [{"name": INPUT, "shape": [1, FEATURES.len()], "datatype": "FP32", "data": example}]})
-    );
-    println!("Serving until Ctrl-C.");
-    serving.await??;
+    for (id, addr) in agents {
+        let started = Instant::now();
+        let url = format!("http://{addr}/v2/models/{MODEL}/infer");
+        let response: Value =
+            client.post(&url).json(&body).send().await?.error_for_status()?.json().await?;
+        let latency = started.elapsed();
+        let labels = output(&response, "label")?;
+        let right = labels.iter().zip(&batch).filter(|(p, (_, l))| **p as usize == *l).count();
+        println!(
+            "  {id}: one request with {} rows in {:.2} ms, {right}/{} predicted right",
+            batch.len(),
+            latency.as_secs_f64() * 1e3,
+            batch.len()
+        );
+    }
     Ok(())
 }
 

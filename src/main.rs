@@ -49,7 +49,7 @@ fn main() -> ExitCode {
         Command::Demo(args) => match demo::run(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                eprintln!("falaj demo: error: {err:#}");
+                eprintln!("falaj demo: error: {}", falaj_common::errors::describe(err.as_ref()));
                 ExitCode::FAILURE
             }
         },

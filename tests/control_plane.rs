@@ -69,7 +69,10 @@ async fn three_agents_enroll_deploy_and_converge_on_a_new_version() {
     control.stop().await;
 }
 
-fn enroll_options(control: std::net::SocketAddr, token: &str) -> falaj_agent::enroll::EnrollOptions {
+fn enroll_options(
+    control: std::net::SocketAddr,
+    token: &str,
+) -> falaj_agent::enroll::EnrollOptions {
     falaj_agent::enroll::EnrollOptions {
         control_plane: control.to_string(),
         token: token.into(),
@@ -78,7 +81,11 @@ fn enroll_options(control: std::net::SocketAddr, token: &str) -> falaj_agent::en
     }
 }
 
-async fn try_enroll(dir: &std::path::Path, control: std::net::SocketAddr, token: &str) -> Result<(), String> {
+async fn try_enroll(
+    dir: &std::path::Path,
+    control: std::net::SocketAddr,
+    token: &str,
+) -> Result<(), String> {
     falaj_agent::enroll::enroll(dir, &enroll_options(control, token), std::time::SystemTime::now())
         .await
         .map(drop)
@@ -100,10 +107,11 @@ async fn tokens_are_one_time_expiring_and_bound_to_their_region_and_ca() {
         region: Some("us-east-1".into()),
         ..enroll_options(control.quic, &control.token("edge").await)
     };
-    let err = falaj_agent::enroll::enroll(&work.path().join("c"), &other, std::time::SystemTime::now())
-        .await
-        .unwrap_err()
-        .to_string();
+    let err =
+        falaj_agent::enroll::enroll(&work.path().join("c"), &other, std::time::SystemTime::now())
+            .await
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("region \"eu-west-1\"") && err.contains("us-east-1"), "{err}");
 
     // An expired token, written as the control plane would have stored it.
@@ -125,15 +133,24 @@ async fn tokens_are_one_time_expiring_and_bound_to_their_region_and_ca() {
         expires: expired.expires,
     };
     let secret = expired.secret_sha256();
-    db.call_sync(|c| falaj_control::db::insert_token(c, &row, secret, falaj_common::time::Timestamp::from_unix(999_000)))
-        .unwrap();
-    let err = try_enroll(&work.path().join("d"), control.quic, &expired.to_string()).await.unwrap_err();
+    db.call_sync(|c| {
+        falaj_control::db::insert_token(
+            c,
+            &row,
+            secret,
+            falaj_common::time::Timestamp::from_unix(999_000),
+        )
+    })
+    .unwrap();
+    let err =
+        try_enroll(&work.path().join("d"), control.quic, &expired.to_string()).await.unwrap_err();
     assert!(err.contains("expired"), "{err}");
 
     // A token naming another CA: the agent refuses this control plane on first contact.
     let mut forged = expired.clone();
     forged.ca_sha256 = falaj_common::keys::Sha256([9; 32]);
-    let err = try_enroll(&work.path().join("e"), control.quic, &forged.to_string()).await.unwrap_err();
+    let err =
+        try_enroll(&work.path().join("e"), control.quic, &forged.to_string()).await.unwrap_err();
     assert!(err.contains("not the one the enrollment token names"), "{err}");
     for refused in ["b", "c", "d", "e"] {
         assert!(!work.path().join(refused).join("agent.db").exists(), "{refused}: nothing written");
@@ -142,7 +159,9 @@ async fn tokens_are_one_time_expiring_and_bound_to_their_region_and_ca() {
 }
 
 fn syncer(dir: &std::path::Path) -> falaj_agent::sync::Syncer {
-    falaj_agent::sync::Syncer::open(dir.to_owned(), std::sync::Arc::default(), fleet::sync_config()).unwrap().unwrap()
+    falaj_agent::sync::Syncer::open(dir.to_owned(), std::sync::Arc::default(), fleet::sync_config())
+        .unwrap()
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -151,10 +170,17 @@ async fn a_revoked_agent_is_dropped_and_refused_and_keeps_serving_what_it_has() 
     let control = Control::start(&work.path().join("control")).await;
     control.push_sample(work.path(), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let keep = RunningAgent::enroll(&work.path().join("keep"), control.quic, &control.token("edge").await).await;
-    let drop_me = RunningAgent::enroll(&work.path().join("drop"), control.quic, &control.token("edge").await).await;
+    let keep =
+        RunningAgent::enroll(&work.path().join("keep"), control.quic, &control.token("edge").await)
+            .await;
+    let drop_me =
+        RunningAgent::enroll(&work.path().join("drop"), control.quic, &control.token("edge").await)
+            .await;
     for agent in [&keep, &drop_me] {
-        eventually(Duration::from_secs(60), "version 1 is served", || async { agent.active_version(MODEL).await.as_deref() == Some("1") }).await;
+        eventually(Duration::from_secs(60), "version 1 is served", || async {
+            agent.active_version(MODEL).await.as_deref() == Some("1")
+        })
+        .await;
     }
     control.client.revoke(&drop_me.identity.agent_id).await.unwrap();
     let err = syncer(&drop_me.dir).probe().await.unwrap_err().to_string();
@@ -162,8 +188,15 @@ async fn a_revoked_agent_is_dropped_and_refused_and_keeps_serving_what_it_has() 
 
     control.push_sample(work.path(), MODEL, 2).await;
     control.client.deploy("edge", MODEL, 2).await.unwrap();
-    eventually(Duration::from_secs(60), "the other agent serves version 2", || async { keep.infer(MODEL).await.as_deref() == Ok("2") }).await;
-    assert_eq!(drop_me.infer(MODEL).await.unwrap(), "1", "the revoked agent got nothing new but still serves");
+    eventually(Duration::from_secs(60), "the other agent serves version 2", || async {
+        keep.infer(MODEL).await.as_deref() == Ok("2")
+    })
+    .await;
+    assert_eq!(
+        drop_me.infer(MODEL).await.unwrap(),
+        "1",
+        "the revoked agent got nothing new but still serves"
+    );
     let fleet = control.client.agents().await.unwrap();
     let revoked = fleet.iter().find(|a| a["id"] == drop_me.identity.agent_id.as_str()).unwrap();
     assert_eq!(revoked["status"], "revoked");
@@ -181,7 +214,8 @@ async fn an_agent_refuses_a_control_plane_of_another_ca() {
     syncer(&work.path().join("agent")).probe().await.unwrap();
     control.stop().await;
     // Another control plane (its own keys and CA) takes over the address.
-    let impostor = Control::start_with(fleet::config(&work.path().join("impostor"), addr), None).await;
+    let impostor =
+        Control::start_with(fleet::config(&work.path().join("impostor"), addr), None).await;
     let err = syncer(&work.path().join("agent")).probe().await.unwrap_err().to_string();
     assert!(err.to_lowercase().contains("certificate") || err.contains("issuer"), "{err}");
     impostor.stop().await;
@@ -195,14 +229,24 @@ async fn replayed_desired_state_is_refused() {
     let addr = control.quic;
     control.push_sample(work.path(), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(&work.path().join("agent"), addr, &control.token("edge").await).await;
-    eventually(Duration::from_secs(60), "version 1 is served", || async { agent.active_version(MODEL).await.as_deref() == Some("1") }).await;
+    let agent =
+        RunningAgent::enroll(&work.path().join("agent"), addr, &control.token("edge").await).await;
+    eventually(Duration::from_secs(60), "version 1 is served", || async {
+        agent.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
     // Upgrade, then a deliberate rollback: a newer document (version 3) naming the older bundle.
     control.push_sample(work.path(), MODEL, 2).await;
     control.client.deploy("edge", MODEL, 2).await.unwrap();
-    eventually(Duration::from_secs(60), "version 2 is served", || async { agent.infer(MODEL).await.as_deref() == Ok("2") }).await;
+    eventually(Duration::from_secs(60), "version 2 is served", || async {
+        agent.infer(MODEL).await.as_deref() == Ok("2")
+    })
+    .await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    eventually(Duration::from_secs(60), "the rollback to version 1 is served", || async { agent.infer(MODEL).await.as_deref() == Ok("1") }).await;
+    eventually(Duration::from_secs(60), "the rollback to version 1 is served", || async {
+        agent.infer(MODEL).await.as_deref() == Ok("1")
+    })
+    .await;
     control.stop().await;
 
     // The control plane's state goes back in time (a restored backup): it forgets the
@@ -214,7 +258,9 @@ async fn replayed_desired_state_is_refused() {
     control.client.deploy("edge", MODEL, 2).await.unwrap();
     eventually(Duration::from_secs(60), "the agent reports the refusal", || async {
         let fleet = control.client.agents().await.unwrap();
-        fleet[0]["errors"].as_array().is_some_and(|e| e.iter().any(|e| e.as_str().unwrap_or("").contains("not newer")))
+        fleet[0]["errors"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e.as_str().unwrap_or("").contains("not newer")))
     })
     .await;
     assert_eq!(agent.infer(MODEL).await.unwrap(), "1", "a replayed document changes nothing");
@@ -232,10 +278,17 @@ async fn expired_desired_state_is_refused() {
     let control = Control::start_with(config, None).await;
     control.push_sample(work.path(), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(&work.path().join("agent"), control.quic, &control.token("edge").await).await;
+    let agent = RunningAgent::enroll(
+        &work.path().join("agent"),
+        control.quic,
+        &control.token("edge").await,
+    )
+    .await;
     eventually(Duration::from_secs(60), "the agent reports the expired document", || async {
         let fleet = control.client.agents().await.unwrap();
-        fleet[0]["errors"].as_array().is_some_and(|e| e.iter().any(|e| e.as_str().unwrap_or("").contains("expired")))
+        fleet[0]["errors"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e.as_str().unwrap_or("").contains("expired")))
     })
     .await;
     assert_eq!(agent.active_version(MODEL).await, None, "nothing was installed from it");

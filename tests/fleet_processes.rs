@@ -2,6 +2,9 @@
 //! enrolled agent, deployments, the fleet view, an agent killed in the middle of an
 //! install, revocation, and clean shutdowns.
 
+// One story from start to end reads better than the same steps spread over helpers.
+#![allow(clippy::too_many_lines)]
+
 mod fleet;
 mod support;
 
@@ -15,7 +18,11 @@ fn admin_url(line: &str) -> String {
     line[start..].split_whitespace().next().unwrap().to_owned()
 }
 
-async fn infer_version(http: std::net::SocketAddr, model: &str, width: usize) -> Result<String, String> {
+async fn infer_version(
+    http: std::net::SocketAddr,
+    model: &str,
+    width: usize,
+) -> Result<String, String> {
     let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, width], "datatype": "FP32", "data": vec![0.5f32; width]}]});
     let response = reqwest::Client::new()
         .post(format!("http://{http}/v2/models/{model}/infer"))
@@ -25,7 +32,11 @@ async fn infer_version(http: std::net::SocketAddr, model: &str, width: usize) ->
         .map_err(|e| e.to_string())?;
     let status = response.status();
     let body: Value = response.json().await.map_err(|e| e.to_string())?;
-    if status.is_success() { Ok(body["model_version"].as_str().unwrap_or_default().into()) } else { Err(body.to_string()) }
+    if status.is_success() {
+        Ok(body["model_version"].as_str().unwrap_or_default().into())
+    } else {
+        Err(body.to_string())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -33,8 +44,18 @@ async fn cli_fleet_survives_an_agent_killed_mid_install() {
     let work = tempfile::tempdir().unwrap();
     let data = work.path().join("control");
     let mut control = Process::start(&[
-        "control", "serve", "--data-dir", s(&data), "--quic", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--region", "eu-west-1",
-        "--heartbeat", "1s",
+        "control",
+        "serve",
+        "--data-dir",
+        s(&data),
+        "--quic",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--region",
+        "eu-west-1",
+        "--heartbeat",
+        "1s",
     ]);
     let url = admin_url(&control.wait_for("admin API on"));
     let quic = control.wait_for("agents connect to").split_whitespace().nth(3).unwrap().to_owned();
@@ -48,22 +69,58 @@ async fn cli_fleet_survives_an_agent_killed_mid_install() {
     // Two versions of a 24 MiB model that differ all through (a long transfer).
     let keys = data.join("keys");
     for (version, seed) in [(1, 1), (2, 2)] {
-        let model = fleet::layered_model_with(&work.path().join(format!("m{version}.onnx")), 24, seed, seed);
+        let model = fleet::layered_model_with(
+            &work.path().join(format!("m{version}.onnx")),
+            24,
+            seed,
+            seed,
+        );
         let out = work.path().join(format!("layered-{version}.falaj"));
         ok(&[
-            "control", "bundle", "build", "--keys", s(&keys), "--model", s(&model), "--name", "layered", "--version",
-            &version.to_string(), "--out", s(&out),
+            "control",
+            "bundle",
+            "build",
+            "--keys",
+            s(&keys),
+            "--model",
+            s(&model),
+            "--name",
+            "layered",
+            "--version",
+            &version.to_string(),
+            "--out",
+            s(&out),
         ]);
         let pushed = run(api(&["control", "bundle", "push", s(&out)]));
         assert!(pushed.contains(&format!("registered layered@{version}")), "{pushed}");
     }
     run(api(&["control", "deploy", "layered@1", "--group", "edge"]));
-    let token = run(api(&["control", "token", "create", "--group", "edge", "--ttl", "10m"])).trim().to_owned();
+    let token = run(api(&["control", "token", "create", "--group", "edge", "--ttl", "10m"]))
+        .trim()
+        .to_owned();
 
     let agent_dir = work.path().join("agent");
-    let enrolled = ok(&["agent", "enroll", "--control-plane", &quic, "--token", &token, "--data-dir", s(&agent_dir)]);
+    let enrolled = ok(&[
+        "agent",
+        "enroll",
+        "--control-plane",
+        &quic,
+        "--token",
+        &token,
+        "--data-dir",
+        s(&agent_dir),
+    ]);
     assert!(enrolled.contains("in group edge"), "{enrolled}");
-    let serve_args = ["agent", "serve", "--data-dir", s(&agent_dir), "--http", "127.0.0.1:0", "--heartbeat", "500ms"];
+    let serve_args = [
+        "agent",
+        "serve",
+        "--data-dir",
+        s(&agent_dir),
+        "--http",
+        "127.0.0.1:0",
+        "--heartbeat",
+        "500ms",
+    ];
     let mut agent = Process::start(&serve_args);
     let http = agent.wait_for_addr("serving the Open Inference Protocol");
     fleet::eventually(Duration::from_secs(180), "version 1 is served", || async {
@@ -82,7 +139,10 @@ async fn cli_fleet_survives_an_agent_killed_mid_install() {
     let mut agent = Process::start(&serve_args);
     let http = agent.wait_for_addr("serving the Open Inference Protocol");
     let first = infer_version(http, "layered", 256).await;
-    assert!(matches!(first.as_deref(), Ok("1" | "2")), "after the crash it serves the old or the new version: {first:?}");
+    assert!(
+        matches!(first.as_deref(), Ok("1" | "2")),
+        "after the crash it serves the old or the new version: {first:?}"
+    );
     fleet::eventually(Duration::from_secs(180), "version 2 is served", || async {
         let answer = infer_version(http, "layered", 256).await;
         assert!(answer.is_ok(), "never a broken model: {answer:?}");
@@ -91,8 +151,14 @@ async fn cli_fleet_survives_an_agent_killed_mid_install() {
     .await;
 
     let fleet_view = run(api(&["control", "agents"]));
-    let line = fleet_view.lines().find(|l| l.starts_with("agent-")).unwrap_or_else(|| panic!("{fleet_view}"));
-    assert!(line.contains("edge") && line.contains("connected") && line.contains("layered@2"), "{fleet_view}");
+    let line = fleet_view
+        .lines()
+        .find(|l| l.starts_with("agent-"))
+        .unwrap_or_else(|| panic!("{fleet_view}"));
+    assert!(
+        line.contains("edge") && line.contains("connected") && line.contains("layered@2"),
+        "{fleet_view}"
+    );
     let agent_id = line.split_whitespace().next().unwrap().to_owned();
 
     run(api(&["control", "agent", "revoke", &agent_id]));

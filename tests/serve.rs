@@ -85,7 +85,7 @@ async fn serves_imports_live_and_stops_cleanly() {
 async fn the_demo_serves_and_answers() {
     let dir = tempfile::tempdir().unwrap();
     let mut demo = Process::start(&["demo", "--dir", s(dir.path())]);
-    let addr = demo.wait_for_addr("Open Inference Protocol on");
+    let addr = demo.wait_for_addr("inference API on");
     demo.wait_for("Serving until Ctrl-C");
     assert!(demo.seen.iter().any(|l| l.contains("hold-out accuracy")), "{:?}", demo.seen);
     assert!(demo.seen.iter().any(|l| l.contains("predicted right")), "{:?}", demo.seen);

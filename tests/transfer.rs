@@ -55,12 +55,12 @@ impl BlobStore for TestBlobs {
     }
 
     fn get(&self, sha256: &Sha256) -> io::Result<Option<Bytes>> {
-        if let Some(limit) = self.pause_after {
-            if self.served.lock().unwrap().len() >= limit {
-                let open = self.gate.1.wait_while(self.gate.0.lock().unwrap(), |open| !*open).unwrap();
-                drop(open);
-                return Ok(None);
-            }
+        if let Some(limit) = self.pause_after
+            && self.served.lock().unwrap().len() >= limit
+        {
+            let open = self.gate.1.wait_while(self.gate.0.lock().unwrap(), |open| !*open).unwrap();
+            drop(open);
+            return Ok(None);
         }
         let Some(bytes) = self.inner.get(sha256)? else { return Ok(None) };
         self.served.lock().unwrap().push((*sha256, bytes.len()));
@@ -89,18 +89,32 @@ async fn a_new_head_moves_a_small_part_of_the_bundle() {
     let control = Control::start_with(config, Some(blobs.clone() as Arc<dyn BlobStore>)).await;
     let v1 = control.push_model(&layered_model(&work.path().join("v1.onnx"), 8, 1), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(&work.path().join("agent"), control.quic, &control.token("edge").await).await;
-    eventually(Duration::from_secs(120), "version 1 is served", || async { agent.active_version(MODEL).await.as_deref() == Some("1") }).await;
+    let agent = RunningAgent::enroll(
+        &work.path().join("agent"),
+        control.quic,
+        &control.token("edge").await,
+    )
+    .await;
+    eventually(Duration::from_secs(120), "version 1 is served", || async {
+        agent.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
     let first: usize = blobs.served().iter().map(|(_, n)| n).sum();
     let v1_size = std::fs::metadata(&v1).unwrap().len() as usize;
     assert!(first >= v1_size, "the first version moves whole: {first} of {v1_size}");
 
     let v2 = control.push_model(&layered_model(&work.path().join("v2.onnx"), 8, 2), MODEL, 2).await;
     control.client.deploy("edge", MODEL, 2).await.unwrap();
-    eventually(Duration::from_secs(120), "version 2 is served", || async { agent.infer_layered().await == Some("2".into()) }).await;
+    eventually(Duration::from_secs(120), "version 2 is served", || async {
+        agent.infer_layered().await == Some("2".into())
+    })
+    .await;
     let moved: usize = blobs.served().iter().map(|(_, n)| n).sum::<usize>() - first;
     let v2_size = std::fs::metadata(&v2).unwrap().len() as usize;
-    println!("delta: moved {moved} of {v2_size} bytes ({:.1}%)", moved as f64 * 100.0 / v2_size as f64);
+    println!(
+        "delta: moved {moved} of {v2_size} bytes ({:.1}%)",
+        moved as f64 * 100.0 / v2_size as f64
+    );
     // What changed: the head (10 x hidden floats) and the manifest at the front. Content-
     // defined chunking bounds what moves to those bytes plus at most a chunk around each.
     let hidden = 8 * 1024 * 1024 / 4 / 256;
@@ -117,21 +131,39 @@ async fn a_transfer_cut_by_a_control_plane_restart_resumes_without_refetching() 
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("control");
     let gated = TestBlobs::new(&dir, Some(10));
-    let control = Control::start_with(fleet::config(&dir, "127.0.0.1:0".parse().unwrap()), Some(gated.clone() as Arc<dyn BlobStore>)).await;
+    let control = Control::start_with(
+        fleet::config(&dir, "127.0.0.1:0".parse().unwrap()),
+        Some(gated.clone() as Arc<dyn BlobStore>),
+    )
+    .await;
     let addr = control.quic;
     control.push_model(&layered_model(&work.path().join("v1.onnx"), 8, 1), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(&work.path().join("agent"), addr, &control.token("edge").await).await;
-    eventually(Duration::from_secs(60), "ten blobs are served", || async { gated.served().len() >= 10 }).await;
+    let agent =
+        RunningAgent::enroll(&work.path().join("agent"), addr, &control.token("edge").await).await;
+    eventually(Duration::from_secs(60), "ten blobs are served", || async {
+        gated.served().len() >= 10
+    })
+    .await;
     control.stop().await;
     gated.release();
     let stored = chunk_files(&agent.dir);
-    assert!(!stored.is_empty() && stored.len() <= 10, "{} chunks stored before the cut", stored.len());
+    assert!(
+        !stored.is_empty() && stored.len() <= 10,
+        "{} chunks stored before the cut",
+        stored.len()
+    );
 
     let fresh = TestBlobs::new(&dir, None);
-    let control = Control::start_with(fleet::config(&dir, addr), Some(fresh.clone() as Arc<dyn BlobStore>)).await;
-    eventually(Duration::from_secs(120), "version 1 is served after the restart", || async { agent.active_version(MODEL).await.as_deref() == Some("1") }).await;
-    let refetched: Vec<_> = fresh.served().into_iter().filter(|(sha, _)| stored.contains(sha)).collect();
+    let control =
+        Control::start_with(fleet::config(&dir, addr), Some(fresh.clone() as Arc<dyn BlobStore>))
+            .await;
+    eventually(Duration::from_secs(120), "version 1 is served after the restart", || async {
+        agent.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
+    let refetched: Vec<_> =
+        fresh.served().into_iter().filter(|(sha, _)| stored.contains(sha)).collect();
     assert!(refetched.is_empty(), "chunks stored before the cut were fetched again: {refetched:?}");
     agent.stop().await;
     control.stop().await;
@@ -142,14 +174,27 @@ async fn a_chunk_damaged_in_flight_is_discarded_and_fetched_again() {
     let work = tempfile::tempdir().unwrap();
     let dir = work.path().join("control");
     let blobs = TestBlobs::new(&dir, None);
-    let control = Control::start_with(fleet::config(&dir, "127.0.0.1:0".parse().unwrap()), Some(blobs.clone() as Arc<dyn BlobStore>)).await;
-    let bundle = control.push_model(&layered_model(&work.path().join("v1.onnx"), 4, 1), MODEL, 1).await;
+    let control = Control::start_with(
+        fleet::config(&dir, "127.0.0.1:0".parse().unwrap()),
+        Some(blobs.clone() as Arc<dyn BlobStore>),
+    )
+    .await;
+    let bundle =
+        control.push_model(&layered_model(&work.path().join("v1.onnx"), 4, 1), MODEL, 1).await;
     let recipe = falaj_common::chunking::Recipe::of(&std::fs::read(&bundle).unwrap());
     let victim = recipe.chunks[recipe.chunks.len() / 2].sha256;
     blobs.corrupt.lock().unwrap().insert(victim);
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(&work.path().join("agent"), control.quic, &control.token("edge").await).await;
-    eventually(Duration::from_secs(120), "version 1 is served", || async { agent.active_version(MODEL).await.as_deref() == Some("1") }).await;
+    let agent = RunningAgent::enroll(
+        &work.path().join("agent"),
+        control.quic,
+        &control.token("edge").await,
+    )
+    .await;
+    eventually(Duration::from_secs(120), "version 1 is served", || async {
+        agent.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
     let reads = blobs.served().iter().filter(|(sha, _)| *sha == victim).count();
     assert_eq!(reads, 2, "the damaged chunk was fetched exactly twice");
     agent.stop().await;

@@ -176,7 +176,10 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("falaj-agent: error: {:#}", failure.error());
+            eprintln!(
+                "falaj-agent: error: {}",
+                falaj_common::errors::describe(failure.error().as_ref())
+            );
             failure.exit_code()
         }
     }
@@ -203,8 +206,7 @@ fn init(args: &InitArgs) -> Result<(), Failure> {
 fn enroll(args: &EnrollArgs) -> Result<(), Failure> {
     let hostname = args.name.clone().unwrap_or_else(|| {
         std::fs::read_to_string("/etc/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "unknown".into())
+            .map_or_else(|_| "unknown".into(), |h| h.trim().to_owned())
     });
     let options = EnrollOptions {
         control_plane: args.control_plane.clone(),

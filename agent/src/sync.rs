@@ -156,7 +156,7 @@ impl Syncer {
             match outcome {
                 Ok(()) => return,
                 Err(err) => {
-                    tracing::warn!(control_plane = %self.identity.control_plane, error = %err, "control plane session ended")
+                    tracing::warn!(control_plane = %self.identity.control_plane, error = %err, "control plane session ended");
                 }
             }
             failures = failures.saturating_add(1);
@@ -194,7 +194,8 @@ impl Syncer {
     /// is up only then, since with TLS 1.3 a refused client certificate shows no earlier.
     async fn open_session(
         &self,
-    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream, ControlMessage), SyncError> {
+    ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream, ControlMessage), SyncError>
+    {
         let conn = self.connect().await?;
         let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(e.to_string());
         let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&e))?;
@@ -204,13 +205,12 @@ impl Syncer {
         let first =
             tokio::time::timeout(Duration::from_secs(15), read_frame::<ControlMessage>(&mut recv))
                 .await;
-        match first {
-            Ok(Ok(Some(message))) => Ok((conn, send, recv, message)),
-            Ok(Ok(None) | Err(_)) | Err(_) => {
-                let reason =
-                    conn.close_reason().map_or_else(|| "no answer".to_owned(), |r| r.to_string());
-                Err(SyncError::Closed(reason))
-            }
+        if let Ok(Ok(Some(message))) = first {
+            Ok((conn, send, recv, message))
+        } else {
+            let reason =
+                conn.close_reason().map_or_else(|| "no answer".to_owned(), |r| r.to_string());
+            Err(SyncError::Closed(reason))
         }
     }
 
@@ -241,9 +241,10 @@ impl Syncer {
         heartbeat.tick().await;
         let mut pending_message = Some(first);
         let outcome = loop {
-            let message = match pending_message.take() {
-                Some(m) => Some(m),
-                None => tokio::select! {
+            let message = if let Some(m) = pending_message.take() {
+                Some(m)
+            } else {
+                tokio::select! {
                     frame = read_frame::<ControlMessage>(&mut recv) => match frame {
                         Ok(Some(m)) => Some(m),
                         Ok(None) => break Err(SyncError::Closed("session stream closed".into())),
@@ -259,14 +260,13 @@ impl Syncer {
                         if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
                             break Err(conn_err(&e));
                         }
-                        if let Some(renew) = self.renewal_request() {
-                            if let Err(e) = write_frame(&mut send, &renew).await {
+                        if let Some(renew) = self.renewal_request()
+                            && let Err(e) = write_frame(&mut send, &renew).await {
                                 break Err(conn_err(&e));
                             }
-                        }
                         None
                     }
-                },
+                }
             };
             if let Some(message) = message {
                 self.on_message(message, &docs_tx).await;
@@ -311,15 +311,15 @@ impl Syncer {
             ControlMessage::Renewed { certificate_der, expires } => {
                 match self.files.install_renewed(&certificate_der) {
                     Ok(()) => {
-                        tracing::info!(%expires, "certificate renewed; used from the next connection")
+                        tracing::info!(%expires, "certificate renewed; used from the next connection");
                     }
                     Err(e) => {
-                        self.note_error(format!("installing the renewed certificate failed: {e}"))
+                        self.note_error(format!("installing the renewed certificate failed: {e}"));
                     }
                 }
             }
             ControlMessage::Refused(reason) => {
-                self.note_error(format!("the control plane refused a request: {reason}"))
+                self.note_error(format!("the control plane refused a request: {reason}"));
             }
         }
     }

@@ -26,6 +26,7 @@ pub mod bundle;
 pub mod chunking;
 pub mod desired;
 pub mod enrollment;
+pub mod errors;
 pub mod keys;
 pub mod names;
 #[cfg(feature = "onnx")]

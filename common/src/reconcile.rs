@@ -212,7 +212,7 @@ mod tests {
                     }
                 }
                 Action::Remove { name, version } => {
-                    state.retain(|h| !(h.name == name && h.version == version))
+                    state.retain(|h| !(h.name == name && h.version == version));
                 }
             }
         }

@@ -224,7 +224,7 @@ async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> 
         push::PushError::Refused(e) => {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", e.to_string())
         }
-        other => ApiError::internal(other),
+        push::PushError::Io { .. } => ApiError::internal(e),
     })?;
     let row = pushed.row.clone();
     let existing = {
@@ -277,12 +277,7 @@ async fn create_token(
     if body.ttl_seconds == 0 || body.ttl_seconds > 30 * 24 * 3600 {
         return Err(ApiError::bad_request("ttl_seconds must be between 1 and 2592000 (30 days)"));
     }
-    use ring::rand::SecureRandom;
-    let rng = ring::rand::SystemRandom::new();
-    let (mut id, mut secret) = ([0u8; 16], [0u8; 32]);
-    rng.fill(&mut id)
-        .and_then(|()| rng.fill(&mut secret))
-        .map_err(|_| ApiError::internal("random source"))?;
+    let (id, secret) = (crate::secrets::random::<16>(), crate::secrets::random::<32>());
     let now = Timestamp::from_system(SystemTime::now());
     let token = EnrollmentToken {
         id,

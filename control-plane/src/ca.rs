@@ -203,9 +203,7 @@ impl Ca {
 
 /// A random positive 16-byte serial number.
 fn random_serial() -> SerialNumber {
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 16];
-    ring::rand::SystemRandom::new().fill(&mut bytes).expect("the system random source works");
+    let mut bytes = crate::secrets::random::<16>();
     bytes[0] &= 0x7f; // positive, as RFC 5280 asks
     bytes[0] |= 0x01; // no leading zero byte to be stripped
     SerialNumber::from_slice(&bytes)

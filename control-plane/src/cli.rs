@@ -80,17 +80,19 @@ pub struct ApiArgs {
 
 impl ApiArgs {
     fn client(&self) -> Result<AdminClient, Failure> {
-        let token = match &self.token {
-            Some(token) => token.clone(),
-            None => {
-                let path = self.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
-                std::fs::read_to_string(&path).map(|t| t.trim().to_owned()).map_err(|e| {
-                    Failure::new(
-                        EXIT_CONFIG,
-                        anyhow::anyhow!("no admin token: pass --token or FALAJ_TOKEN, or make {} readable ({e})", path.display()),
-                    )
-                })?
-            }
+        let token = if let Some(token) = &self.token {
+            token.clone()
+        } else {
+            let path = self.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
+            std::fs::read_to_string(&path).map(|t| t.trim().to_owned()).map_err(|e| {
+                Failure::new(
+                    EXIT_CONFIG,
+                    anyhow::anyhow!(
+                        "no admin token: pass --token or FALAJ_TOKEN, or make {} readable ({e})",
+                        path.display()
+                    ),
+                )
+            })?
         };
         Ok(AdminClient::new(&self.control_plane, &token))
     }
@@ -402,7 +404,10 @@ pub fn run(cli: Cli) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            eprintln!("falaj-control: error: {:#}", failure.error);
+            eprintln!(
+                "falaj-control: error: {}",
+                falaj_common::errors::describe(failure.error.as_ref())
+            );
             ExitCode::from(failure.code)
         }
     }
@@ -548,8 +553,8 @@ fn deploy(args: DeployArgs) -> Result<(), Failure> {
 
 fn print_agents(agents: &[serde_json::Value]) {
     println!(
-        "{:<20} {:<12} {:<10} {:<10} {:<22} {:<24} {:<24} {}",
-        "AGENT", "GROUP", "REGION", "STATUS", "LAST SEEN", "ACTIVE", "HELD", "ERRORS"
+        "{:<20} {:<12} {:<10} {:<10} {:<22} {:<24} {:<24} ERRORS",
+        "AGENT", "GROUP", "REGION", "STATUS", "LAST SEEN", "ACTIVE", "HELD"
     );
     let list = |v: &serde_json::Value| {
         let items: Vec<&str> =

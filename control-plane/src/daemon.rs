@@ -107,12 +107,7 @@ fn admin_token(data_dir: &Path) -> Result<String, ServeError> {
     if let Ok(token) = std::fs::read_to_string(&path) {
         return Ok(token.trim().to_owned());
     }
-    use ring::rand::SecureRandom;
-    let mut bytes = [0u8; 32];
-    ring::rand::SystemRandom::new()
-        .fill(&mut bytes)
-        .map_err(|_| ServeError::Config("random source failed".into()))?;
-    let token = hex::encode(bytes);
+    let token = crate::secrets::random_hex::<32>();
     files::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
         .map_err(io("writing", path.display()))?;
     Ok(token)

@@ -18,4 +18,5 @@ pub mod push;
 pub mod quic;
 pub mod reference;
 pub mod sample;
+pub mod secrets;
 pub mod state;

@@ -132,7 +132,7 @@ async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, S
         return Err("the token was issued by another control plane".into());
     }
     let now = SystemTime::now();
-    let agent_id = format!("agent-{}", random_hex(6));
+    let agent_id = format!("agent-{}", crate::secrets::random_hex::<6>());
     let issued = shared
         .ca
         .sign_agent(&request.csr_der, &agent_id, shared.policy.cert_ttl, now)
@@ -165,13 +165,6 @@ async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, S
         ca_der: shared.ca.cert_der().to_vec(),
         trust_root: shared.trust.to_json(),
     })
-}
-
-fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut buf = vec![0u8; bytes];
-    ring::rand::SystemRandom::new().fill(&mut buf).expect("the system random source works");
-    hex::encode(buf)
 }
 
 /// The agent id and certificate serial of a connection's client certificate.

@@ -130,10 +130,11 @@ impl Shared {
                 let previous = db::desired(&tx, &agent_id)?;
                 if let Some(p) = &previous {
                     let fresh = now.saturating_add(ttl / 2) < p.expires;
-                    if p.content_sha256 == content && fresh {
-                        if let Ok(signed) = postcard::from_bytes::<SignedDesired>(&p.signed) {
-                            return Ok(signed);
-                        }
+                    if p.content_sha256 == content
+                        && fresh
+                        && let Ok(signed) = postcard::from_bytes::<SignedDesired>(&p.signed)
+                    {
+                        return Ok(signed);
                     }
                 }
                 let document = DesiredState {
@@ -194,16 +195,17 @@ impl Shared {
         let version =
             serde_json::from_slice::<DesiredState>(&signed.document).map(|d| d.version).ok();
         let mut sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(session) = sessions.get_mut(agent) {
-            if version.is_some() && version > session.sent_version {
-                if session.tx.try_send(ControlMessage::Desired(signed)).is_ok() {
-                    session.sent_version = version;
-                } else {
-                    tracing::warn!(
-                        agent,
-                        "session queue full; the document follows at the next refresh"
-                    );
-                }
+        if let Some(session) = sessions.get_mut(agent)
+            && version.is_some()
+            && version > session.sent_version
+        {
+            if session.tx.try_send(ControlMessage::Desired(signed)).is_ok() {
+                session.sent_version = version;
+            } else {
+                tracing::warn!(
+                    agent,
+                    "session queue full; the document follows at the next refresh"
+                );
             }
         }
     }

@@ -53,13 +53,16 @@ impl Control {
         let deadline = Instant::now() + Duration::from_secs(10);
         let cp = loop {
             let started = match &blobs {
-                Some(blobs) => ControlPlane::start_with_blobs(config.clone(), Arc::clone(blobs)).await,
+                Some(blobs) => {
+                    ControlPlane::start_with_blobs(config.clone(), Arc::clone(blobs)).await
+                }
                 None => ControlPlane::start(config.clone()).await,
             };
             match started {
                 Ok(cp) => break cp,
                 Err(falaj_control::daemon::ServeError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                    if source.kind() == std::io::ErrorKind::AddrInUse
+                        && Instant::now() < deadline =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
@@ -217,7 +220,12 @@ impl RunningAgent {
     /// An inference on the layered test model; the version that answered.
     pub async fn infer_layered(&self) -> Option<String> {
         let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, 256], "datatype": "FP32", "data": vec![0.5f32; 256]}]});
-        let response = reqwest::Client::new().post(self.url("/v2/models/layered/infer")).json(&body).send().await.ok()?;
+        let response = reqwest::Client::new()
+            .post(self.url("/v2/models/layered/infer"))
+            .json(&body)
+            .send()
+            .await
+            .ok()?;
         let body: Value = response.json().await.ok()?;
         body["model_version"].as_str().map(str::to_owned)
     }
