@@ -72,6 +72,17 @@ pub struct Syncer {
 
 const MAX_ERRORS: usize = 8;
 
+/// A session opened by [`Syncer::open_fetcher`].
+#[derive(Debug)]
+pub struct OpenSession {
+    /// Fetches over the session's connection.
+    pub fetcher: Fetcher,
+    /// The control plane's first message (its desired-state document).
+    pub first: ControlMessage,
+    _send: quinn::SendStream,
+    _recv: quinn::RecvStream,
+}
+
 impl Syncer {
     /// A syncer for the enrolled agent in `data_dir`; `reload` is notified whenever the
     /// installed bundles change. `None` if the agent is not enrolled.
@@ -212,6 +223,19 @@ impl Syncer {
                 conn.close_reason().map_or_else(|| "no answer".to_owned(), |r| r.to_string());
             Err(SyncError::Closed(reason))
         }
+    }
+
+    /// Opens a session and hands back a [`Fetcher`] on it, for tools that drive transfers
+    /// themselves (the fan-out benchmark). The session stays open while the value lives.
+    pub async fn open_fetcher(&self) -> Result<OpenSession, SyncError> {
+        let (connection, send, recv, first) = self.open_session().await?;
+        let fetcher = Fetcher {
+            connection,
+            store: Arc::clone(&self.store),
+            data_dir: self.data_dir.clone(),
+            parallel: self.config.parallel_fetches,
+        };
+        Ok(OpenSession { fetcher, first, _send: send, _recv: recv })
     }
 
     /// Checks that a session with the control plane can be opened (and closes it).

@@ -134,12 +134,9 @@ impl Fetcher {
         .map_err(TransferError::Store)
     }
 
-    /// Fetches, verifies and installs `want` (not activated). Returns what it moved.
-    pub async fn install(
-        &self,
-        want: &DesiredBundle,
-        now: SystemTime,
-    ) -> Result<TransferStats, TransferError> {
+    /// Fetches the recipe and every chunk of `want` not held locally into chunk files
+    /// (nothing is assembled or installed). Returns the recipe and what moved.
+    pub async fn download(&self, want: &DesiredBundle) -> Result<(Recipe, TransferStats), TransferError> {
         tokio::fs::create_dir_all(self.chunk_dir())
             .await
             .map_err(io_err("creating", &self.chunk_dir()))?;
@@ -181,6 +178,16 @@ impl Fetcher {
             }
         }
         self.fetch(&missing, &mut stats, want).await?;
+        Ok((recipe, stats))
+    }
+
+    /// Fetches, verifies and installs `want` (not activated). Returns what it moved.
+    pub async fn install(
+        &self,
+        want: &DesiredBundle,
+        now: SystemTime,
+    ) -> Result<TransferStats, TransferError> {
+        let (recipe, stats) = self.download(want).await?;
 
         // Assemble on the blocking pool, checking every chunk and the whole file again.
         let (fetcher, recipe_for_assembly) = (self.clone(), recipe.clone());
