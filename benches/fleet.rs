@@ -35,17 +35,26 @@ const GROUP: &str = "bench";
 const REGION: &str = "bench-1";
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).and_then(|v| v.parse().ok()).unwrap_or(default)
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let which = args.iter().skip(1).find(|a| !a.starts_with('-') && a.as_str() != "--bench").cloned();
+    let which =
+        args.iter().skip(1).find(|a| !a.starts_with('-') && a.as_str() != "--bench").cloned();
     match which.as_deref() {
-        Some("fanout") => runtime.block_on(fanout(arg(&args, "--agents", 20), arg(&args, "--mib", 200))),
+        Some("fanout") => {
+            runtime.block_on(fanout(arg(&args, "--agents", 20), arg(&args, "--mib", 200)))
+        }
         Some("delta") => runtime.block_on(delta(arg(&args, "--mib", 200))),
-        Some("footprint") => runtime.block_on(footprint(arg(&args, "--agents", 1000), arg(&args, "--seconds", 30))),
+        Some("footprint") => {
+            runtime.block_on(footprint(arg(&args, "--agents", 1000), arg(&args, "--seconds", 30)))
+        }
         _ => bail!("usage: cargo bench --bench fleet -- fanout|delta|footprint [options]"),
     }
 }
@@ -71,11 +80,21 @@ async fn start_control(dir: &Path) -> Result<Control> {
 
 /// A signed bundle whose payload is `mib` MiB of `payload` bytes (the transfer does not
 /// look inside; a fake model file keeps the benchmark about moving bytes).
-fn write_bundle(keys: &Path, out: &Path, name: &str, version: u64, payload: Vec<u8>) -> Result<u64> {
+fn write_bundle(
+    keys: &Path,
+    out: &Path,
+    name: &str,
+    version: u64,
+    payload: Vec<u8>,
+) -> Result<u64> {
     let trust = falaj_control::keys::load_trust(keys, SystemTime::now())?;
     let signers = falaj_control::keys::load_signing_keys(keys, &trust)?;
     let now = Timestamp::from_system(SystemTime::now());
-    let spec = TensorSpec { name: "x".into(), datatype: DataType::Fp32, shape: vec![Dim::Symbol("N".into())] };
+    let spec = TensorSpec {
+        name: "x".into(),
+        datatype: DataType::Fp32,
+        shape: vec![Dim::Symbol("N".into())],
+    };
     let content = Content::Model(ModelSpec {
         file: "model.onnx".into(),
         format: ModelFormat::Onnx,
@@ -84,9 +103,16 @@ fn write_bundle(keys: &Path, out: &Path, name: &str, version: u64, payload: Vec<
         reference: None,
     });
     let refs: Vec<_> = signers.iter().collect();
-    let (_, bytes) = BundleBuilder::new(name, version, REGION, now, now.saturating_add(Duration::from_secs(3600)), content)
-        .file("model.onnx", payload)
-        .build(&refs)?;
+    let (_, bytes) = BundleBuilder::new(
+        name,
+        version,
+        REGION,
+        now,
+        now.saturating_add(Duration::from_secs(3600)),
+        content,
+    )
+    .file("model.onnx", payload)
+    .build(&refs)?;
     std::fs::write(out, &bytes)?;
     Ok(bytes.len() as u64)
 }
@@ -102,11 +128,23 @@ fn noise(len: usize, seed: u64) -> Vec<u8> {
 }
 
 /// Enrolls an agent in `dir` and opens a session; returns it with the desired bundle.
-async fn enrolled_session(control: &Control, dir: &Path) -> Result<(falaj_agent::sync::OpenSession, Option<DesiredBundle>)> {
-    let token = control.client.create_token(GROUP, 600).await?["token"].as_str().unwrap_or_default().to_owned();
-    let options = EnrollOptions { control_plane: control.quic.to_string(), token, hostname: "bench".into(), region: None };
+async fn enrolled_session(
+    control: &Control,
+    dir: &Path,
+) -> Result<(falaj_agent::sync::OpenSession, Option<DesiredBundle>)> {
+    let token = control.client.create_token(GROUP, 600).await?["token"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    let options = EnrollOptions {
+        control_plane: control.quic.to_string(),
+        token,
+        hostname: "bench".into(),
+        region: None,
+    };
     enroll::enroll(dir, &options, SystemTime::now()).await?;
-    let syncer = Syncer::open(dir.to_owned(), Arc::default(), SyncConfig::default())?.context("enrolled")?;
+    let syncer =
+        Syncer::open(dir.to_owned(), Arc::default(), SyncConfig::default())?.context("enrolled")?;
     let session = syncer.open_fetcher().await?;
     let ControlMessage::Desired(signed) = &session.first else { bail!("no desired state") };
     let doc: DesiredState = serde_json::from_slice(&signed.document)?;
@@ -140,16 +178,28 @@ async fn fanout(agents: usize, mib: usize) -> Result<()> {
     }
     let quic_secs = started.elapsed().as_secs_f64();
     let nginx = nginx_fanout(&bundle, agents, dir.path());
-    println!("Fan-out of one {:.1} MiB bundle to {agents} agents on loopback", size as f64 / (1 << 20) as f64);
+    println!(
+        "Fan-out of one {:.1} MiB bundle to {agents} agents on loopback",
+        size as f64 / f64::from(1 << 20)
+    );
     println!();
     println!("| transport | clients | seconds | aggregate MB/s |");
     println!("|---|---:|---:|---:|");
-    println!("| Falaj QUIC + mutual TLS (chunks written to disk) | {agents} | {quic_secs:.2} | {:.0} |", moved as f64 / quic_secs / 1e6);
+    println!(
+        "| Falaj QUIC + mutual TLS (chunks written to disk) | {agents} | {quic_secs:.2} | {:.0} |",
+        moved as f64 / quic_secs / 1e6
+    );
     match nginx {
         Ok(secs) => {
-            println!("| nginx HTTPS (TLS 1.3, HTTP/1.1) + curl (written to disk) | {agents} | {secs:.2} | {:.0} |", (size * agents as u64) as f64 / secs / 1e6);
+            println!(
+                "| nginx HTTPS (TLS 1.3, HTTP/1.1) + curl (written to disk) | {agents} | {secs:.2} | {:.0} |",
+                (size * agents as u64) as f64 / secs / 1e6
+            );
             println!();
-            println!("ratio Falaj / nginx: {:.2}", ((moved as f64) / quic_secs) / ((size * agents as u64) as f64 / secs));
+            println!(
+                "ratio Falaj / nginx: {:.2}",
+                ((moved as f64) / quic_secs) / ((size * agents as u64) as f64 / secs)
+            );
         }
         Err(err) => println!("| nginx | skipped: {err:#} | | |"),
     }
@@ -174,13 +224,21 @@ fn nginx_fanout(file: &Path, clients: usize, work: &Path) -> Result<f64> {
         root = root.display()
     );
     std::fs::write(root.join("nginx.conf"), conf)?;
-    let status = Command::new("nginx").args(["-c", &root.join("nginx.conf").display().to_string()]).status().context("running nginx")?;
+    let status = Command::new("nginx")
+        .args(["-c", &root.join("nginx.conf").display().to_string()])
+        .status()
+        .context("running nginx")?;
     anyhow::ensure!(status.success(), "nginx did not start");
     let started = Instant::now();
     let children: Vec<_> = (0..clients)
         .map(|i| {
             Command::new("curl")
-                .args(["-sk", "--http1.1", "-o", &root.join(format!("got-{i}")).display().to_string()])
+                .args([
+                    "-sk",
+                    "--http1.1",
+                    "-o",
+                    &root.join(format!("got-{i}")).display().to_string(),
+                ])
                 .arg(format!("https://127.0.0.1:{port}/bundle.falaj"))
                 .stdout(Stdio::null())
                 .spawn()
@@ -191,7 +249,9 @@ fn nginx_fanout(file: &Path, clients: usize, work: &Path) -> Result<f64> {
         anyhow::ensure!(child.wait()?.success(), "curl failed");
     }
     let secs = started.elapsed().as_secs_f64();
-    let _ = Command::new("nginx").args(["-c", &root.join("nginx.conf").display().to_string(), "-s", "stop"]).status();
+    let _ = Command::new("nginx")
+        .args(["-c", &root.join("nginx.conf").display().to_string(), "-s", "stop"])
+        .status();
     Ok(secs)
 }
 
@@ -251,14 +311,19 @@ async fn delta(mib: usize) -> Result<()> {
     let doc: DesiredState = serde_json::from_slice(&signed.document)?;
     let want = doc.bundles.into_iter().find(|b| b.version == 2).context("v2 deployed")?;
     let second = session.fetcher.install(&want, SystemTime::now()).await?;
-    println!("Delta: a version that changes only the last layer ({} x 10 head) of a {mib} MiB model", hidden);
+    println!(
+        "Delta: a version that changes only the last layer ({hidden} x 10 head) of a {mib} MiB model"
+    );
     println!();
     println!("| version | bundle bytes | chunks | fetched chunks | fetched bytes | fraction |");
     println!("|---|---:|---:|---:|---:|---:|");
     for (v, (stats, size)) in [(1, (first, sizes[0])), (2, (second, sizes[1]))] {
         println!(
             "| {v} | {size} | {} | {} | {} | {:.2}% |",
-            stats.chunks, stats.fetched, stats.fetched_bytes, stats.fetched_bytes as f64 * 100.0 / size as f64
+            stats.chunks,
+            stats.fetched,
+            stats.fetched_bytes,
+            stats.fetched_bytes as f64 * 100.0 / size as f64
         );
     }
     Ok(())
@@ -279,7 +344,12 @@ fn proc_cpu_ticks(pid: u32) -> Result<u64> {
 
 /// A simulated agent: its own certificate and QUIC connection (on a shared UDP socket),
 /// a hello, then a report every `heartbeat`, as an idle agent sends.
-async fn simulated_agent(endpoint: quinn::Endpoint, control: SocketAddr, dir: PathBuf, heartbeat: Duration) -> Result<()> {
+async fn simulated_agent(
+    endpoint: quinn::Endpoint,
+    control: SocketAddr,
+    dir: PathBuf,
+    heartbeat: Duration,
+) -> Result<()> {
     let config = IdentityFiles::new(&dir).session_config()?;
     let conn = endpoint.connect_with(config, control, SERVER_NAME)?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;
@@ -298,16 +368,30 @@ async fn footprint(agents: usize, seconds: u64) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let data = dir.path().join("control");
     let mut child = Command::new(env!("CARGO_BIN_EXE_falaj"))
-        .args(["control", "serve", "--data-dir", &data.display().to_string(), "--quic", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "control",
+            "serve",
+            "--data-dir",
+            &data.display().to_string(),
+            "--quic",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ])
         .args(["--region", REGION, "--heartbeat", "10s"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()?;
     let pid = child.id();
-    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().context("stdout")?));
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().context("stdout")?));
     let admin_line = lines.next().context("admin line")??;
     let quic_line = lines.next().context("quic line")??;
-    let admin = admin_line.split_whitespace().find(|w| w.starts_with("http://")).context("admin url")?.to_owned();
+    let admin = admin_line
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .context("admin url")?
+        .to_owned();
     let quic: SocketAddr = quic_line.split_whitespace().nth(3).context("quic addr")?.parse()?;
     let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
     let client = AdminClient::new(&admin, &token);
@@ -322,8 +406,16 @@ async fn footprint(agents: usize, seconds: u64) -> Result<()> {
         dirs.push(agent_dir.clone());
         let client = client.clone();
         tasks.spawn(async move {
-            let token = client.create_token(GROUP, 600).await?["token"].as_str().unwrap_or_default().to_owned();
-            let options = EnrollOptions { control_plane: quic.to_string(), token, hostname: format!("sim-{i}"), region: None };
+            let token = client.create_token(GROUP, 600).await?["token"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let options = EnrollOptions {
+                control_plane: quic.to_string(),
+                token,
+                hostname: format!("sim-{i}"),
+                region: None,
+            };
             enroll::enroll(&agent_dir, &options, SystemTime::now()).await?;
             Ok::<_, anyhow::Error>(())
         });
@@ -362,8 +454,14 @@ async fn footprint(agents: usize, seconds: u64) -> Result<()> {
     println!("|---|---:|");
     println!("| RSS, no agents | {:.1} MiB |", empty_rss as f64 / 1024.0);
     println!("| RSS, {agents} agents connected | {:.1} MiB |", rss as f64 / 1024.0);
-    println!("| RSS per agent | {:.1} KiB |", (rss.saturating_sub(empty_rss)) as f64 / agents as f64);
-    println!("| CPU at idle heartbeat (over {seconds} s) | {:.2}% of one core |", (cpu1 - cpu0) as f64 / ticks_per_sec / wall * 100.0);
+    println!(
+        "| RSS per agent | {:.1} KiB |",
+        (rss.saturating_sub(empty_rss)) as f64 / agents as f64
+    );
+    println!(
+        "| CPU at idle heartbeat (over {seconds} s) | {:.2}% of one core |",
+        (cpu1 - cpu0) as f64 / ticks_per_sec / wall * 100.0
+    );
     println!("| enrollment of {agents} agents (16 at a time) | {enroll_secs:.1} s |");
     Ok(())
 }

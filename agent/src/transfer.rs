@@ -136,7 +136,10 @@ impl Fetcher {
 
     /// Fetches the recipe and every chunk of `want` not held locally into chunk files
     /// (nothing is assembled or installed). Returns the recipe and what moved.
-    pub async fn download(&self, want: &DesiredBundle) -> Result<(Recipe, TransferStats), TransferError> {
+    pub async fn download(
+        &self,
+        want: &DesiredBundle,
+    ) -> Result<(Recipe, TransferStats), TransferError> {
         tokio::fs::create_dir_all(self.chunk_dir())
             .await
             .map_err(io_err("creating", &self.chunk_dir()))?;
