@@ -170,12 +170,8 @@ async fn a_revoked_agent_is_dropped_and_refused_and_keeps_serving_what_it_has() 
     let control = Control::start(&work.path().join("control")).await;
     control.push_sample(work.path(), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let keep =
-        RunningAgent::enroll(&work.path().join("keep"), control.quic, &control.token("edge").await)
-            .await;
-    let drop_me =
-        RunningAgent::enroll(&work.path().join("drop"), control.quic, &control.token("edge").await)
-            .await;
+    let keep = control.agent(work.path(), "keep", "edge").await;
+    let drop_me = control.agent(work.path(), "drop", "edge").await;
     for agent in [&keep, &drop_me] {
         eventually(Duration::from_secs(60), "version 1 is served", || async {
             agent.active_version(MODEL).await.as_deref() == Some("1")
@@ -278,12 +274,7 @@ async fn expired_desired_state_is_refused() {
     let control = Control::start_with(config, None).await;
     control.push_sample(work.path(), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(
-        &work.path().join("agent"),
-        control.quic,
-        &control.token("edge").await,
-    )
-    .await;
+    let agent = control.agent(work.path(), "agent", "edge").await;
     eventually(Duration::from_secs(60), "the agent reports the expired document", || async {
         let fleet = control.client.agents().await.unwrap();
         fleet[0]["errors"]

@@ -89,12 +89,7 @@ async fn a_new_head_moves_a_small_part_of_the_bundle() {
     let control = Control::start_with(config, Some(blobs.clone() as Arc<dyn BlobStore>)).await;
     let v1 = control.push_model(&layered_model(&work.path().join("v1.onnx"), 8, 1), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(
-        &work.path().join("agent"),
-        control.quic,
-        &control.token("edge").await,
-    )
-    .await;
+    let agent = control.agent(work.path(), "agent", "edge").await;
     eventually(Duration::from_secs(120), "version 1 is served", || async {
         agent.active_version(MODEL).await.as_deref() == Some("1")
     })
@@ -185,12 +180,7 @@ async fn a_chunk_damaged_in_flight_is_discarded_and_fetched_again() {
     let victim = recipe.chunks[recipe.chunks.len() / 2].sha256;
     blobs.corrupt.lock().unwrap().insert(victim);
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let agent = RunningAgent::enroll(
-        &work.path().join("agent"),
-        control.quic,
-        &control.token("edge").await,
-    )
-    .await;
+    let agent = control.agent(work.path(), "agent", "edge").await;
     eventually(Duration::from_secs(120), "version 1 is served", || async {
         agent.active_version(MODEL).await.as_deref() == Some("1")
     })

@@ -208,20 +208,24 @@ impl Syncer {
     ) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream, ControlMessage), SyncError>
     {
         let conn = self.connect().await?;
-        let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(e.to_string());
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| conn_err(&e))?;
+        // A refused peer shows as a lost stream; the close reason says why.
+        let failed = |e: &dyn std::fmt::Display| {
+            conn.close_reason().map_or_else(
+                || SyncError::Connection(e.to_string()),
+                |r| SyncError::Closed(r.to_string()),
+            )
+        };
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(&e))?;
         write_frame(&mut send, &AgentMessage::Hello(self.actual_state().await))
             .await
-            .map_err(|e| conn_err(&e))?;
+            .map_err(|e| failed(&e))?;
         let first =
             tokio::time::timeout(Duration::from_secs(15), read_frame::<ControlMessage>(&mut recv))
                 .await;
-        if let Ok(Ok(Some(message))) = first {
-            Ok((conn, send, recv, message))
-        } else {
-            let reason =
-                conn.close_reason().map_or_else(|| "no answer".to_owned(), |r| r.to_string());
-            Err(SyncError::Closed(reason))
+        match first {
+            Ok(Ok(Some(message))) => Ok((conn, send, recv, message)),
+            Ok(Err(e)) => Err(failed(&e)),
+            Ok(Ok(None)) | Err(_) => Err(failed(&"no answer from the control plane")),
         }
     }
 

@@ -89,20 +89,14 @@ impl Control {
     /// pushes it; returns the bundle file.
     pub async fn push_sample(&self, work: &Path, name: &str, version: u64) -> PathBuf {
         let model = sample_model(work);
-        let out = work.join(format!("{name}-{version}.falaj"));
-        let options = BuildOptions {
-            keys: self.dir.join("keys"),
-            model,
-            name: name.into(),
-            version,
-            reference: None,
-            runtime: RuntimeHint::Auto,
-            lifetime: bundle::DEFAULT_LIFETIME,
-            out: out.clone(),
-        };
-        bundle::build(&options, SystemTime::now()).unwrap();
-        self.client.push_bundle(&out).await.unwrap();
-        out
+        let copy = work.join(format!("{name}-{version}.onnx"));
+        std::fs::copy(&model, &copy).unwrap();
+        self.push_model(&copy, name, version).await
+    }
+
+    /// Enrolls an agent in `work/NAME` into `group` and starts it.
+    pub async fn agent(&self, work: &Path, name: &str, group: &str) -> RunningAgent {
+        RunningAgent::enroll(&work.join(name), self.quic, &self.token(group).await).await
     }
 
     pub async fn token(&self, group: &str) -> String {
