@@ -286,3 +286,63 @@ async fn expired_desired_state_is_refused() {
     agent.stop().await;
     control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn certificates_renew_before_they_expire_and_the_new_one_connects() {
+    let work = tempfile::tempdir().unwrap();
+    let mut config = fleet::config(&work.path().join("control"), "127.0.0.1:0".parse().unwrap());
+    config.policy.cert_ttl = Duration::from_secs(9);
+    let control = Control::start_with(config, None).await;
+    let agent = control.agent(work.path(), "agent", "edge").await;
+    let files = falaj_agent::identity::IdentityFiles::new(&agent.dir);
+    let (_, first_expiry) = files.validity().unwrap();
+    eventually(Duration::from_secs(30), "the certificate is renewed", || async {
+        files.validity().is_ok_and(|(_, expiry)| expiry > first_expiry)
+    })
+    .await;
+    // Past the first certificate's expiry, a new connection works: it uses the new one.
+    eventually(Duration::from_secs(30), "the first certificate has expired", || async {
+        falaj_common::time::Timestamp::from_system(std::time::SystemTime::now()) > first_expiry
+    })
+    .await;
+    syncer(&agent.dir).probe().await.unwrap();
+    agent.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn undeploy_removes_the_model_and_a_silent_agent_shows_offline() {
+    let work = tempfile::tempdir().unwrap();
+    let control = Control::start(&work.path().join("control")).await;
+    control.push_sample(work.path(), MODEL, 1).await;
+    control.client.deploy("edge", MODEL, 1).await.unwrap();
+    let a = control.agent(work.path(), "a", "edge").await;
+    let b = control.agent(work.path(), "b", "edge").await;
+    for agent in [&a, &b] {
+        eventually(Duration::from_secs(60), "version 1 is served", || async {
+            agent.active_version(MODEL).await.as_deref() == Some("1")
+        })
+        .await;
+    }
+    control.client.undeploy("edge", MODEL).await.unwrap();
+    for agent in [&a, &b] {
+        eventually(Duration::from_secs(60), "the model is gone", || async {
+            reqwest::get(agent.url(&format!("/v2/models/{MODEL}"))).await.unwrap().status() == 404
+        })
+        .await;
+    }
+    let silent = b.identity.agent_id.clone();
+    b.stop().await;
+    eventually(Duration::from_secs(30), "the stopped agent shows offline", || async {
+        let fleet = control.client.agents().await.unwrap();
+        fleet.iter().any(|x| x["id"] == silent.as_str() && x["status"] == "offline")
+            && fleet.iter().any(|x| {
+                x["id"] == a.identity.agent_id.as_str()
+                    && x["status"] == "connected"
+                    && x["ready"] == true
+            })
+    })
+    .await;
+    a.stop().await;
+    control.stop().await;
+}

@@ -28,11 +28,11 @@ impl Agent {
         sync: SyncConfig,
     ) -> Result<Self, ServeError> {
         let server = Server::bind(data_dir.clone(), serve).await?;
-        let reload = server.reloader();
+        let (reload, registry) = (server.reloader(), server.registry());
         let syncer = tokio::task::spawn_blocking(move || Syncer::open(data_dir, reload, sync))
             .await
             .map_err(|e| ServeError::Task(e.to_string()))??;
-        Ok(Self { server, syncer: syncer.map(Arc::new) })
+        Ok(Self { server, syncer: syncer.map(|s| Arc::new(s.with_registry(registry))) })
     }
 
     /// The inference API's address.

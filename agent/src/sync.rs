@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::identity::{IdentityFiles, KeyRequest};
+use crate::models::Registry;
 use crate::store::{Identity, Store, StoreError};
 use crate::transfer::Fetcher;
 
@@ -68,6 +69,8 @@ pub struct Syncer {
     config: SyncConfig,
     errors: Mutex<VecDeque<String>>,
     applied: Mutex<Option<u64>>,
+    registry: Option<Arc<Registry>>,
+    renewing: Mutex<Option<std::time::Instant>>,
 }
 
 const MAX_ERRORS: usize = 8;
@@ -102,7 +105,16 @@ impl Syncer {
             config,
             errors: Mutex::new(VecDeque::new()),
             applied: Mutex::new(None),
+            registry: None,
+            renewing: Mutex::new(None),
         }))
+    }
+
+    /// Reports the health of the models `registry` serves.
+    #[must_use]
+    pub fn with_registry(mut self, registry: Arc<Registry>) -> Self {
+        self.registry = Some(registry);
+        self
     }
 
     /// The enrolled identity.
@@ -147,6 +159,7 @@ impl Syncer {
                 .cloned()
                 .collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            ready: self.registry.as_ref().is_some_and(|r| r.catalog().ready()),
         }
     }
 
@@ -305,6 +318,7 @@ impl Syncer {
     }
 
     /// A renewal request once less than a third of the certificate's lifetime is left.
+    /// At most one renewal is outstanding; an unanswered one is retried after a minute.
     fn renewal_request(&self) -> Option<AgentMessage> {
         let (not_before, not_after) = self.files.validity().ok()?;
         let now = Timestamp::from_system(SystemTime::now());
@@ -312,6 +326,12 @@ impl Syncer {
         if now.unix().saturating_add(lifetime / 3) < not_after.unix() {
             return None;
         }
+        let mut pending = self.renewing.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
+            return None;
+        }
+        *pending = Some(std::time::Instant::now());
+        drop(pending);
         let request = KeyRequest::generate().ok()?;
         self.files.store_pending(&request).ok()?;
         tracing::info!(expires = %not_after, "renewing the agent certificate");
@@ -337,6 +357,7 @@ impl Syncer {
                 Err(reason) => self.note_error(format!("desired state refused: {reason}")),
             },
             ControlMessage::Renewed { certificate_der, expires } => {
+                *self.renewing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
                 match self.files.install_renewed(&certificate_der) {
                     Ok(()) => {
                         tracing::info!(%expires, "certificate renewed; used from the next connection");
@@ -377,9 +398,13 @@ impl Syncer {
                         .map_err(|e| e.to_string())?;
                     Ok(Some((doc, signed.document)))
                 }
-                // The same document again (after a reconnect) is not an attack.
+                // The very document accepted last, sent again after a reconnect: applied
+                // again (reconciliation is idempotent). Any other document with that
+                // version is refused like every stale one.
                 Err(falaj_common::desired::DesiredError::Stale { version, accepted })
-                    if version == accepted =>
+                    if version == accepted
+                        && store.accepted_document().ok().flatten().as_deref()
+                            == Some(signed.document.as_slice()) =>
                 {
                     let doc = serde_json::from_slice::<DesiredState>(&signed.document)
                         .map_err(|e| e.to_string())?;

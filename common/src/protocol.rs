@@ -99,6 +99,8 @@ pub struct ActualState {
     pub bundles: Vec<HeldBundle>,
     /// Reconciliation problems, newest last.
     pub errors: Vec<String>,
+    /// Whether every active model is loaded and serving (the agent's health).
+    pub ready: bool,
     /// The agent's software version.
     pub agent_version: String,
 }
@@ -202,6 +204,7 @@ mod tests {
             }],
             errors: vec!["disk full".into()],
             agent_version: "0.1.0".into(),
+            ready: true,
         });
         let frame = encode(&message);
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();

@@ -326,6 +326,8 @@ pub struct AgentView {
     pub active: Vec<String>,
     /// Reconciliation errors.
     pub errors: Vec<String>,
+    /// Whether every active model is loaded and serving, as last reported.
+    pub ready: bool,
 }
 
 fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duration) -> AgentView {
@@ -358,6 +360,7 @@ fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duratio
             .map(|b| format!("{}@{}", b.name, b.version))
             .collect(),
         errors: actual.errors,
+        ready: actual.ready,
     }
 }
 

@@ -29,8 +29,14 @@ pub const CA_CERT_FILE: &str = "ca.pem";
 pub const CA_KEY_FILE: &str = "ca.key";
 /// Lifetime of the CA.
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// Certificates start this long before they are made, for clocks a little behind.
+/// Certificates start up to this long before they are made, for clocks a little behind.
 const BACKDATE: Duration = Duration::from_secs(300);
+
+/// How far back a certificate of `lifetime` starts: [`BACKDATE`], or a tenth of a short
+/// lifetime, so that agents (which renew at two thirds of the span) renew on time.
+fn backdate(lifetime: Duration) -> Duration {
+    BACKDATE.min(lifetime / 10)
+}
 
 /// Errors of the certificate authority.
 #[derive(Debug, Error)]
@@ -104,7 +110,7 @@ impl Ca {
                 KeyUsagePurpose::CrlSign,
                 KeyUsagePurpose::DigitalSignature,
             ];
-            params.not_before = offset(now - BACKDATE);
+            params.not_before = offset(now - backdate(CA_LIFETIME));
             params.not_after = offset(now + CA_LIFETIME);
             params.serial_number = Some(random_serial());
             let cert = params.self_signed(&key).map_err(cert_err("self-signing the CA"))?;
@@ -158,7 +164,7 @@ impl Ca {
             CertificateParams::new(names).map_err(cert_err("server certificate names"))?;
         params.distinguished_name.push(DnType::CommonName, SERVER_NAME);
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        params.not_before = offset(now - BACKDATE);
+        params.not_before = offset(now - backdate(lifetime));
         params.not_after = offset(now + lifetime);
         params.serial_number = Some(random_serial());
         let cert = params
@@ -188,7 +194,7 @@ impl Ca {
         )];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.not_before = offset(now - BACKDATE);
+        params.not_before = offset(now - backdate(lifetime));
         let expires = Timestamp::from_system(now).saturating_add(lifetime);
         params.not_after = offset(expires.to_system());
         let serial = random_serial();

@@ -553,8 +553,8 @@ fn deploy(args: DeployArgs) -> Result<(), Failure> {
 
 fn print_agents(agents: &[serde_json::Value]) {
     println!(
-        "{:<20} {:<12} {:<10} {:<10} {:<22} {:<24} {:<24} ERRORS",
-        "AGENT", "GROUP", "REGION", "STATUS", "LAST SEEN", "ACTIVE", "HELD"
+        "{:<20} {:<12} {:<10} {:<10} {:<6} {:<22} {:<24} {:<24} ERRORS",
+        "AGENT", "GROUP", "REGION", "STATUS", "READY", "LAST SEEN", "ACTIVE", "HELD"
     );
     let list = |v: &serde_json::Value| {
         let items: Vec<&str> =
@@ -563,11 +563,12 @@ fn print_agents(agents: &[serde_json::Value]) {
     };
     for a in agents {
         println!(
-            "{:<20} {:<12} {:<10} {:<10} {:<22} {:<24} {:<24} {}",
+            "{:<20} {:<12} {:<10} {:<10} {:<6} {:<22} {:<24} {:<24} {}",
             a["id"].as_str().unwrap_or("?"),
             a["group"].as_str().unwrap_or("?"),
             a["region"].as_str().unwrap_or("?"),
             a["status"].as_str().unwrap_or("?"),
+            if a["ready"].as_bool() == Some(true) { "yes" } else { "no" },
             a["last_seen"].as_str().unwrap_or("never"),
             list(&a["active"]),
             list(&a["held"]),

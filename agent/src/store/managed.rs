@@ -189,6 +189,14 @@ impl Store {
             .map_err(self.db())
     }
 
+    /// The exact bytes of the last document accepted.
+    pub fn accepted_document(&self) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .query_row("SELECT document FROM desired WHERE id = 1", [], |r| r.get(0))
+            .optional()
+            .map_err(self.db())
+    }
+
     /// Records an accepted document; versions only increase.
     pub fn accept_desired(&mut self, version: u64, document: &[u8], now: SystemTime) -> Result<()> {
         let at = Timestamp::from_system(now).unix() as i64;
