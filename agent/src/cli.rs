@@ -12,12 +12,12 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::config::{self, AgentConfig};
 use crate::daemon::Agent;
 use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::import::{self, ImportError, ImportOptions, ImportOutcome};
-use crate::server::ServeConfig;
 use crate::store::{Store, StoreError};
-use crate::sync::SyncConfig;
+use crate::systemd;
 
 /// Exit code for a usage error (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -48,14 +48,41 @@ pub enum Command {
     Serve(ServeArgs),
     /// List installed models and versions.
     List(DataDir),
+    /// Check a configuration file without starting anything.
+    CheckConfig(CheckConfigArgs),
 }
 
-/// Where the agent keeps its state.
+/// Where the agent keeps its state: `--data-dir`, else the configuration file's
+/// `data_dir`, else `/var/lib/falaj-agent`.
 #[derive(Debug, Clone, Args)]
 pub struct DataDir {
     /// The agent's data directory.
-    #[arg(long, env = "FALAJ_AGENT_DATA_DIR", default_value = "/var/lib/falaj-agent")]
-    pub data_dir: PathBuf,
+    #[arg(long, env = "FALAJ_AGENT_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The configuration file (default: /etc/falaj/agent.toml if it exists).
+    #[arg(long, env = "FALAJ_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+impl DataDir {
+    /// The configuration: the file given, else the default file if it exists, else the
+    /// built-in defaults.
+    pub fn config(&self) -> Result<AgentConfig, Failure> {
+        let path = match &self.config {
+            Some(path) => path.clone(),
+            None if Path::new(config::DEFAULT_PATH).exists() => PathBuf::from(config::DEFAULT_PATH),
+            None => return Ok(AgentConfig::default()),
+        };
+        AgentConfig::load(&path).map_err(|e| Failure::Config(e.into()))
+    }
+
+    /// The data directory.
+    pub fn resolve(&self) -> Result<PathBuf, Failure> {
+        match &self.data_dir {
+            Some(dir) => Ok(dir.clone()),
+            None => Ok(self.config()?.data_dir),
+        }
+    }
 }
 
 /// Arguments of `init`.
@@ -107,21 +134,29 @@ pub struct ImportArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     data: DataDir,
-    /// Address to listen on.
-    #[arg(long, default_value = "127.0.0.1:8000")]
-    http: SocketAddr,
-    /// Largest request body accepted, in bytes.
-    #[arg(long, default_value_t = 64 << 20)]
-    max_body_bytes: usize,
-    /// Inferences run at once (default: the number of cores).
+    /// Address to listen on [config: http.listen, default 127.0.0.1:8000].
+    #[arg(long)]
+    http: Option<SocketAddr>,
+    /// Largest request body accepted, in bytes [config: http.max_body_bytes].
+    #[arg(long)]
+    max_body_bytes: Option<u64>,
+    /// Inferences run at once [config: http.workers, default one per core].
     #[arg(long)]
     workers: Option<usize>,
-    /// How often to look for newly imported bundles.
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
-    poll_interval: Duration,
-    /// How often an enrolled agent reports to its control plane.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    heartbeat: Duration,
+    /// How often to look for newly imported bundles [config: models.poll_interval].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    poll_interval: Option<Duration>,
+    /// How often an enrolled agent reports [config: control_plane.heartbeat].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat: Option<Duration>,
+}
+
+/// Arguments of `check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file.
+    #[arg(long, env = "FALAJ_AGENT_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
 }
 
 /// A command's failure, with the exit code it maps to.
@@ -170,8 +205,9 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Init(args) => init(&args),
         Command::Enroll(args) => enroll(&args),
         Command::Import(args) => import(&args),
-        Command::Serve(args) => serve(args),
-        Command::List(args) => list(&args.data_dir),
+        Command::Serve(args) => serve(&args),
+        Command::List(args) => args.resolve().and_then(|dir| list(&dir)),
+        Command::CheckConfig(args) => check_config(&args.config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -189,12 +225,13 @@ fn init(args: &InitArgs) -> Result<(), Failure> {
     let trust = std::fs::read(&args.trust).map_err(|e| {
         Failure::Config(anyhow::anyhow!("reading trust root {}: {e}", args.trust.display()))
     })?;
-    let store = Store::init(&args.data.data_dir, &args.region, &trust, SystemTime::now())
-        .map_err(store_failure)?;
+    let data_dir = args.data.resolve()?;
+    let store =
+        Store::init(&data_dir, &args.region, &trust, SystemTime::now()).map_err(store_failure)?;
     let root = store.trust_root().map_err(store_failure)?;
     println!(
         "initialised agent in {} for region {} (trust root version {}, {} signing key(s), threshold {})",
-        args.data.data_dir.display(),
+        data_dir.display(),
         store.region(),
         root.version(),
         root.signing_role().keyids.len(),
@@ -219,7 +256,7 @@ fn enroll(args: &EnrollArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))?;
     let identity = runtime
-        .block_on(enroll::enroll(&args.data.data_dir, &options, SystemTime::now()))
+        .block_on(enroll::enroll(&args.data.resolve()?, &options, SystemTime::now()))
         .map_err(|e| match e {
             EnrollError::Connect { .. } | EnrollError::Identity(_) => Failure::Other(e.into()),
             EnrollError::Refused(_) => Failure::Refused(e.into()),
@@ -233,7 +270,7 @@ fn enroll(args: &EnrollArgs) -> Result<(), Failure> {
 }
 
 fn import(args: &ImportArgs) -> Result<(), Failure> {
-    let mut store = Store::open(&args.data.data_dir).map_err(store_failure)?;
+    let mut store = Store::open(&args.data.resolve()?).map_err(store_failure)?;
     let options = ImportOptions {
         allow_downgrade: args.allow_downgrade,
         ..ImportOptions::new(SystemTime::now())
@@ -283,26 +320,38 @@ fn import(args: &ImportArgs) -> Result<(), Failure> {
     }
 }
 
-fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let mut config = ServeConfig {
-        http: args.http,
-        max_body_bytes: args.max_body_bytes,
-        poll_interval: args.poll_interval,
-        ..ServeConfig::default()
-    };
-    if let Some(workers) = args.workers {
-        config.workers = workers;
+fn serve(args: &ServeArgs) -> Result<(), Failure> {
+    let mut file = args.data.config()?;
+    if let Some(dir) = &args.data.data_dir {
+        file.data_dir.clone_from(dir);
     }
+    if let Some(http) = args.http {
+        file.http.listen = http;
+    }
+    if let Some(bytes) = args.max_body_bytes {
+        file.http.max_body_bytes = bytes;
+    }
+    if let Some(workers) = args.workers {
+        file.http.workers = workers;
+    }
+    if let Some(every) = args.poll_interval {
+        file.models.poll_interval = every;
+    }
+    if let Some(every) = args.heartbeat {
+        file.control_plane.heartbeat = every;
+    }
+    file.check(Path::new("the command line")).map_err(|e| Failure::Config(e.into()))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::Other(anyhow::anyhow!("starting the async runtime: {e}")))?;
-    let sync = SyncConfig { heartbeat: args.heartbeat, ..SyncConfig::default() };
     runtime.block_on(async move {
         let agent =
-            Agent::start(args.data.data_dir.clone(), config, sync).await.map_err(|e| match e {
-                crate::server::ServeError::Store(e) => store_failure(e),
-                other => Failure::Config(other.into()),
+            Agent::start(file.data_dir.clone(), file.serve(), file.sync()).await.map_err(|e| {
+                match e {
+                    crate::server::ServeError::Store(e) => store_failure(e),
+                    other => Failure::Config(other.into()),
+                }
             })?;
         println!("serving the Open Inference Protocol on http://{}", agent.local_addr());
         if let Some(identity) = agent.identity() {
@@ -311,8 +360,32 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
                 identity.control_plane, identity.agent_id
             );
         }
-        agent.run(shutdown_signal()).await.map_err(|e| Failure::Other(e.into()))
+        systemd::ready();
+        let served = agent
+            .run(async {
+                shutdown_signal().await;
+                systemd::stopping();
+            })
+            .await;
+        served.map_err(|e| Failure::Other(e.into()))
     })
+}
+
+fn check_config(path: &Path) -> Result<(), Failure> {
+    let config = AgentConfig::load(path).map_err(|e| Failure::Config(e.into()))?;
+    println!("{}: OK", path.display());
+    println!("data_dir          {}", config.data_dir.display());
+    println!("http.listen       {}", config.http.listen);
+    println!(
+        "http.workers      {}",
+        if config.http.workers == 0 {
+            "one per core".to_owned()
+        } else {
+            config.http.workers.to_string()
+        }
+    );
+    println!("heartbeat         {}", humantime::format_duration(config.control_plane.heartbeat));
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.

@@ -8,6 +8,7 @@
 //! The binary (`falaj-agent`) is a thin shell over [`cli`].
 
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod enroll;
@@ -18,4 +19,5 @@ pub mod oip;
 pub mod server;
 pub mod store;
 pub mod sync;
+pub mod systemd;
 pub mod transfer;

@@ -94,3 +94,46 @@ mod tests {
         assert_eq!(Timestamp::from_system(t).unix(), 1);
     }
 }
+
+/// Durations written for people in configuration files (`500ms`, `10s`, `1h`, `30d`), for
+/// `#[serde(with = "falaj_common::time::human_duration")]`.
+pub mod human_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes `10s`, `1h 30m`...
+    pub fn serialize<S: Serializer>(value: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(*value))
+    }
+
+    /// Reads `10s`, `1h 30m`...
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format_args!(
+                "{text:?} is not a duration like 500ms, 10s or 1h: {e}"
+            ))
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::time::Duration;
+
+        #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+        struct Holder {
+            #[serde(with = "super")]
+            every: Duration,
+        }
+
+        #[test]
+        fn round_trips_and_names_bad_values() {
+            let h: Holder = serde_json::from_str(r#"{"every": "1m 30s"}"#).unwrap();
+            assert_eq!(h.every, Duration::from_secs(90));
+            assert_eq!(serde_json::to_string(&h).unwrap(), r#"{"every":"1m 30s"}"#);
+            let err = serde_json::from_str::<Holder>(r#"{"every": "soon"}"#).unwrap_err();
+            assert!(err.to_string().contains("\"soon\" is not a duration"), "{err}");
+        }
+    }
+}

@@ -7,7 +7,7 @@
 //! verification, 78 bad configuration or input.
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
@@ -17,9 +17,11 @@ use falaj_common::trust::TrustRoot;
 
 use crate::bundle::{self, BuildOptions, BundleError};
 use crate::client::{AdminClient, ClientError};
-use crate::daemon::{ControlPlane, ServeConfig, ServeError};
+use crate::config::{self, ControlConfig};
+use crate::daemon::{ControlPlane, ServeError};
 use crate::keys::{self, InitOptions, KeysError};
 use crate::sample::{self, SampleOptions};
+use crate::systemd;
 
 /// Exit code for a usage error (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -50,6 +52,8 @@ pub enum Command {
     Sample(SampleArgs),
     /// Run the control plane daemon (QUIC for agents, HTTP admin API).
     Serve(ServeArgs),
+    /// Check a configuration file without starting anything.
+    CheckConfig(CheckConfigArgs),
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -101,30 +105,41 @@ impl ApiArgs {
 /// Arguments of `serve`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
-    /// The data directory (state, keys, blobs, admin token).
-    #[arg(long, env = "FALAJ_CONTROL_DATA_DIR", default_value = "/var/lib/falaj-control")]
-    data_dir: PathBuf,
-    /// UDP address for agents (QUIC).
-    #[arg(long, default_value = "127.0.0.1:7443")]
-    quic: std::net::SocketAddr,
-    /// TCP address for the admin API.
-    #[arg(long, default_value = "127.0.0.1:7080")]
-    admin: std::net::SocketAddr,
-    /// The region; needed on the first start, when keys are created.
+    /// The configuration file (default: /etc/falaj/control.toml if it exists).
+    #[arg(long, env = "FALAJ_CONTROL_CONFIG")]
+    config: Option<PathBuf>,
+    /// The data directory (state, keys, blobs, admin token) [config: data_dir].
+    #[arg(long, env = "FALAJ_CONTROL_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// UDP address for agents (QUIC) [config: quic.listen].
+    #[arg(long)]
+    quic: Option<std::net::SocketAddr>,
+    /// TCP address for the admin API [config: admin.listen].
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+    /// The region; needed on the first start, when keys are created [config: region].
     #[arg(long)]
     region: Option<String>,
-    /// Extra DNS names or IP addresses for the TLS certificate.
+    /// Extra DNS names or IP addresses for the TLS certificate [config: quic.server_names].
     #[arg(long = "server-name")]
     server_names: Vec<String>,
-    /// Lifetime of desired-state documents.
-    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
-    desired_ttl: Duration,
-    /// Lifetime of agent certificates.
-    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
-    cert_ttl: Duration,
-    /// How often agents report; three missed reports mark an agent offline.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    heartbeat: Duration,
+    /// Lifetime of desired-state documents [config: policy.desired_ttl].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    desired_ttl: Option<Duration>,
+    /// Lifetime of agent certificates [config: policy.cert_ttl].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    cert_ttl: Option<Duration>,
+    /// How often agents report [config: policy.heartbeat].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat: Option<Duration>,
+}
+
+/// Arguments of `check-config`.
+#[derive(Debug, Args)]
+pub struct CheckConfigArgs {
+    /// The configuration file.
+    #[arg(long, env = "FALAJ_CONTROL_CONFIG", default_value = config::DEFAULT_PATH)]
+    config: PathBuf,
 }
 
 /// `token` subcommands.
@@ -336,6 +351,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Bundle(BundleCommand::Inspect(args)) => bundle_inspect(&args, now),
         Command::Sample(args) => sample(&args),
         Command::Serve(args) => serve(args),
+        Command::CheckConfig(args) => check_config(&args.config),
         Command::Bundle(BundleCommand::Push(args)) => online(&args.api, |c| async move {
             let pushed = c.push_bundle(&args.file).await?;
             let b = &pushed["bundle"];
@@ -578,35 +594,76 @@ fn print_agents(agents: &[serde_json::Value]) {
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let mut config = ServeConfig::new(&args.data_dir);
-    config.quic = args.quic;
-    config.admin = args.admin;
-    config.region = args.region;
-    config.server_names.extend(args.server_names);
-    config.policy.desired_ttl = args.desired_ttl;
-    config.policy.cert_ttl = args.cert_ttl;
-    config.policy.heartbeat = args.heartbeat;
+    let config_error = |e: config::ConfigError| Failure::new(EXIT_CONFIG, e);
+    let mut file = match &args.config {
+        Some(path) => ControlConfig::load(path).map_err(config_error)?,
+        None if Path::new(config::DEFAULT_PATH).exists() => {
+            ControlConfig::load(Path::new(config::DEFAULT_PATH)).map_err(config_error)?
+        }
+        None => ControlConfig::default(),
+    };
+    if let Some(dir) = args.data_dir {
+        file.data_dir = dir;
+    }
+    if let Some(quic) = args.quic {
+        file.quic.listen = quic;
+    }
+    if let Some(admin) = args.admin {
+        file.admin.listen = admin;
+    }
+    if args.region.is_some() {
+        file.region = args.region;
+    }
+    file.quic.server_names.extend(args.server_names);
+    if let Some(ttl) = args.desired_ttl {
+        file.policy.desired_ttl = ttl;
+    }
+    if let Some(ttl) = args.cert_ttl {
+        file.policy.cert_ttl = ttl;
+    }
+    if let Some(every) = args.heartbeat {
+        file.policy.heartbeat = every;
+    }
+    file.check(Path::new("the command line")).map_err(config_error)?;
+    let token_file = file.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))?;
     runtime.block_on(async move {
-        let control = ControlPlane::start(config).await.map_err(|e| match e {
+        let control = ControlPlane::start(file.serve()).await.map_err(|e| match e {
             ServeError::Io { .. } | ServeError::Db(_) => Failure::new(1, e),
             other => Failure::new(EXIT_CONFIG, other),
         })?;
         println!(
             "admin API on http://{} (token in {})",
             control.admin_addr(),
-            args.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE).display()
+            token_file.display()
         );
         println!(
             "agents connect to {} (QUIC); CA sha256 {}",
             control.quic_addr(),
             control.ca_fingerprint()
         );
-        control.run(shutdown_signal()).await.map_err(|e| Failure::new(1, e))
+        systemd::ready();
+        let served = control
+            .run(async {
+                shutdown_signal().await;
+                systemd::stopping();
+            })
+            .await;
+        served.map_err(|e| Failure::new(1, e))
     })
+}
+
+fn check_config(path: &Path) -> Result<(), Failure> {
+    let config = ControlConfig::load(path).map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+    println!("{}: OK", path.display());
+    println!("data_dir      {}", config.data_dir.display());
+    println!("region        {}", config.region.as_deref().unwrap_or("(from the keys)"));
+    println!("quic.listen   {}", config.quic.listen);
+    println!("admin.listen  {}", config.admin.listen);
+    Ok(())
 }
 
 /// Completes on Ctrl-C or SIGTERM.

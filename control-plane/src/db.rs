@@ -122,6 +122,16 @@ impl Db {
     pub fn open(path: &Path) -> Result<Self, DbError> {
         let err = |source| DbError::Sqlite { path: path.to_owned(), source };
         let mut conn = Connection::open(path).map_err(err)?;
+        // Tokens, agents and documents: owner only, whatever the umask (SQLite gives its
+        // -wal and -shm files the same mode).
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::Permissions::from_mode(0o600);
+            std::fs::set_permissions(path, mode).map_err(|e| {
+                err(rusqlite::Error::InvalidPath(format!("{}: {e}", path.display()).into()))
+            })?;
+        }
         conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;

@@ -556,6 +556,14 @@ fn is_older_than(path: &Path, age: Duration) -> bool {
 fn open_db(path: &Path) -> Result<Connection> {
     let db = |source| StoreError::Db { path: path.to_owned(), source };
     let mut conn = Connection::open(path).map_err(db)?;
+    // The database holds the trust root and the bundles' manifests: owner only, whatever
+    // the umask (SQLite gives its -wal and -shm files the same mode).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
+            .map_err(io_err("restricting permissions of", path))?;
+    }
     conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
     conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;

@@ -1,0 +1,301 @@
+//! The agent's configuration file, `/etc/falaj/agent.toml` when installed from a package.
+//!
+//! Every key is optional and documented in the shipped file (`packaging/agent/agent.toml`,
+//! which a test parses); unknown keys are refused; values are checked before anything
+//! starts, and each error names its key. Command-line flags override the file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use falaj_common::time::human_duration;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::server::ServeConfig;
+use crate::sync::SyncConfig;
+
+/// Where a package installs the configuration.
+pub const DEFAULT_PATH: &str = "/etc/falaj/agent.toml";
+/// Where a package keeps the agent's state.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/falaj-agent";
+
+/// Why a configuration was refused.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("configuration {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape (an unknown key, a wrong type).
+    #[error("configuration {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said, with the key and line.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("configuration {path}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// The key, dotted (`http.max_body_bytes`).
+        key: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The agent's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Where the agent keeps models, state and identity.
+    pub data_dir: PathBuf,
+    /// The local inference API.
+    pub http: HttpConfig,
+    /// Loading models.
+    pub models: ModelsConfig,
+    /// The connection to the control plane (for an enrolled agent).
+    pub control_plane: ControlPlaneConfig,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of the inference API.
+    pub listen: SocketAddr,
+    /// Largest request body, in bytes.
+    pub max_body_bytes: u64,
+    /// Longest a client may take to send a request body.
+    #[serde(with = "human_duration")]
+    pub body_timeout: Duration,
+    /// Inferences run at once on the blocking pool; 0 means one per CPU core.
+    pub workers: usize,
+}
+
+/// `[models]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelsConfig {
+    /// How often to look for bundles imported by `falaj-agent import`.
+    #[serde(with = "human_duration")]
+    pub poll_interval: Duration,
+}
+
+/// `[control_plane]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlPlaneConfig {
+    /// How often to report to the control plane.
+    #[serde(with = "human_duration")]
+    pub heartbeat: Duration,
+    /// Longest wait between reconnection attempts.
+    #[serde(with = "human_duration")]
+    pub max_backoff: Duration,
+    /// Chunk fetch streams run at once during a transfer.
+    pub parallel_fetches: usize,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            http: HttpConfig::default(),
+            models: ModelsConfig::default(),
+            control_plane: ControlPlaneConfig::default(),
+        }
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        let serve = ServeConfig::default();
+        Self {
+            listen: serve.http,
+            max_body_bytes: serve.max_body_bytes as u64,
+            body_timeout: serve.body_timeout,
+            workers: 0,
+        }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self { poll_interval: ServeConfig::default().poll_interval }
+    }
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        let sync = SyncConfig::default();
+        Self {
+            heartbeat: sync.heartbeat,
+            max_backoff: sync.max_backoff,
+            parallel_fetches: sync.parallel_fetches,
+        }
+    }
+}
+
+fn within<T: PartialOrd + Copy + std::fmt::Debug>(
+    path: &Path,
+    key: &'static str,
+    value: T,
+    low: T,
+    high: T,
+) -> Result<(), ConfigError> {
+    if value < low || value > high {
+        return Err(ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            message: format!("must be between {low:?} and {high:?}, got {value:?}"),
+        });
+    }
+    Ok(())
+}
+
+impl AgentConfig {
+    /// Reads and checks the file at `path`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks `text` (read from `path`).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().to_owned(),
+        })?;
+        config.check(path)?;
+        Ok(config)
+    }
+
+    /// Checks every value's range.
+    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        if !self.data_dir.is_absolute() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "data_dir",
+                message: format!("must be an absolute path, got {}", self.data_dir.display()),
+            });
+        }
+        within(path, "http.max_body_bytes", self.http.max_body_bytes, 1024, 4 << 30)?;
+        within(
+            path,
+            "http.body_timeout",
+            self.http.body_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within(path, "http.workers", self.http.workers, 0, 4096)?;
+        within(
+            path,
+            "models.poll_interval",
+            self.models.poll_interval,
+            Duration::from_millis(10),
+            Duration::from_secs(3600),
+        )?;
+        within(
+            path,
+            "control_plane.heartbeat",
+            self.control_plane.heartbeat,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within(
+            path,
+            "control_plane.max_backoff",
+            self.control_plane.max_backoff,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        )?;
+        within(path, "control_plane.parallel_fetches", self.control_plane.parallel_fetches, 1, 64)?;
+        Ok(())
+    }
+
+    /// The inference server's settings.
+    pub fn serve(&self) -> ServeConfig {
+        let mut serve = ServeConfig {
+            http: self.http.listen,
+            max_body_bytes: usize::try_from(self.http.max_body_bytes).unwrap_or(usize::MAX),
+            body_timeout: self.http.body_timeout,
+            poll_interval: self.models.poll_interval,
+            ..ServeConfig::default()
+        };
+        if self.http.workers > 0 {
+            serve.workers = self.http.workers;
+        }
+        serve
+    }
+
+    /// The control-plane session's settings.
+    pub fn sync(&self) -> SyncConfig {
+        SyncConfig {
+            heartbeat: self.control_plane.heartbeat,
+            max_backoff: self.control_plane.max_backoff,
+            parallel_fetches: self.control_plane.parallel_fetches,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shipped() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging/agent/agent.toml")
+    }
+
+    #[test]
+    fn the_shipped_file_parses_to_the_defaults() {
+        let config = AgentConfig::load(&shipped()).unwrap();
+        assert_eq!(config, AgentConfig::default());
+    }
+
+    #[test]
+    fn the_shipped_file_documents_every_key() {
+        let text = std::fs::read_to_string(shipped()).unwrap();
+        let defaults = toml::to_string(&AgentConfig::default()).unwrap();
+        for line in defaults.lines().filter(|l| l.contains(" = ")) {
+            let key = line.split(" = ").next().unwrap();
+            assert!(
+                text.contains(&format!("# {key} = ")) || text.contains(&format!("{key} = ")),
+                "{key} is not in the shipped file"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let path = Path::new("agent.toml");
+        let check = |text: &str, needle: &str| {
+            let err = AgentConfig::parse(text, path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        };
+        check("[http]\nlisten = \"nowhere\"\n", "listen");
+        check("[http]\nmax_body_bytes = 12\n", "http.max_body_bytes: must be between 1024");
+        check("[htp]\n", "unknown field `htp`");
+        check("[http]\nlisen = \"127.0.0.1:1\"\n", "unknown field `lisen`");
+        check("[control_plane]\nheartbeat = \"often\"\n", "\"often\" is not a duration");
+        check("data_dir = \"relative\"\n", "data_dir: must be an absolute path");
+        check("[control_plane]\nparallel_fetches = 0\n", "control_plane.parallel_fetches");
+    }
+
+    #[test]
+    fn values_reach_the_server_and_sync_settings() {
+        let text =
+            "[http]\nlisten = \"0.0.0.0:9000\"\nworkers = 3\n[control_plane]\nheartbeat = \"2s\"\n";
+        let config = AgentConfig::parse(text, Path::new("x")).unwrap();
+        assert_eq!(config.serve().http, "0.0.0.0:9000".parse().unwrap());
+        assert_eq!(config.serve().workers, 3);
+        assert_eq!(config.sync().heartbeat, Duration::from_secs(2));
+    }
+}
