@@ -98,3 +98,41 @@ async fn the_demo_serves_and_answers() {
     assert_eq!(meta["inputs"][0]["shape"], json!([-1, 8]));
     assert_eq!(demo.terminate(), Some(0));
 }
+
+/// The agent speaks systemd's notify protocol: READY=1 once serving, WATCHDOG=1 at half
+/// the watchdog interval, STOPPING=1 on SIGTERM — received here on a real notify socket.
+#[cfg(unix)]
+#[tokio::test]
+async fn systemd_hears_ready_watchdog_and_stopping() {
+    use std::os::unix::net::UnixDatagram;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path(), "eu-west-1", 1);
+    let agent = dir.path().join("agent");
+    init_agent(&agent, "eu-west-1", &dir.path().join("keys/root.json"));
+    ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut server = Process::start_with_env(
+        &["agent", "serve", "--data-dir", s(&agent), "--http", "127.0.0.1:0"],
+        &[("NOTIFY_SOCKET", s(&socket_path)), ("WATCHDOG_USEC", "200000")],
+    );
+    server.wait_for_addr("serving the Open Inference Protocol");
+    let mut heard = Vec::new();
+    let mut buf = [0u8; 256];
+    while !(heard.iter().any(|m: &String| m.contains("READY=1"))
+        && heard.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= 2)
+    {
+        let n = socket.recv(&mut buf).expect("a notification before the timeout");
+        heard.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+    }
+    let code = server.terminate();
+    assert_eq!(code, Some(0));
+    // Everything the process sent before it exited is queued on the socket already.
+    socket.set_nonblocking(true).unwrap();
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "no STOPPING=1 after SIGTERM; heard {heard:?}");
+}
