@@ -13,6 +13,8 @@
 //! - [`protocol`]: the messages between agents and the control plane, and their framing.
 //! - [`enrollment`]: one-time enrollment tokens that pin the control plane's CA.
 //! - [`chunking`]: content-defined chunks and recipes, for resumable delta transfers.
+//! - [`metrics`], [`sketch`], [`drift`]: metric windows (counts, a mergeable latency
+//!   sketch, histograms over the reference bins), and drift scores (PSI, KS, JS).
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
@@ -25,9 +27,11 @@
 pub mod bundle;
 pub mod chunking;
 pub mod desired;
+pub mod drift;
 pub mod enrollment;
 pub mod errors;
 pub mod keys;
+pub mod metrics;
 pub mod names;
 #[cfg(feature = "onnx")]
 pub mod onnx;
@@ -36,6 +40,7 @@ pub mod protocol;
 pub mod random;
 pub mod reconcile;
 pub mod sample;
+pub mod sketch;
 pub mod tensor;
 pub mod time;
 pub mod train;

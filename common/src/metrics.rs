@@ -1,0 +1,147 @@
+//! Metric windows: what an agent measured for one model version over a fixed span of time.
+//! Aggregates only (counts, a latency sketch, histograms over the reference profile's
+//! bins), never a raw input. A boundary type: agents store them in their outbox and send
+//! them to the control plane, which merges them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::drift::{self, DriftScores};
+use crate::profile::{ColumnProfile, DataProfile};
+use crate::sketch::LatencySketch;
+use crate::time::Timestamp;
+
+/// One model version's measurements over one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsWindow {
+    /// The model.
+    pub model: String,
+    /// Its version.
+    pub version: u64,
+    /// When the window opened.
+    pub start: Timestamp,
+    /// Its length in seconds.
+    pub seconds: u32,
+    /// Inference requests.
+    pub requests: u64,
+    /// Requests that failed (refused input, failed inference).
+    pub errors: u64,
+    /// Latency of successful requests.
+    pub latency: LatencySketch,
+    /// Batch rows whose features were binned.
+    pub rows: u64,
+    /// For each input column of the reference profile: counts per bin.
+    pub inputs: Vec<Vec<u64>>,
+    /// For each output column of the reference profile: counts per bin.
+    pub outputs: Vec<Vec<u64>>,
+    /// Windows dropped from a full outbox since the previous window that was kept.
+    pub dropped_windows: u64,
+    /// Requests counted in those dropped windows.
+    pub dropped_requests: u64,
+}
+
+/// Windows merged: totals, a merged sketch and summed histograms.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Rollup {
+    /// Windows merged.
+    pub windows: u64,
+    /// Requests.
+    pub requests: u64,
+    /// Errors.
+    pub errors: u64,
+    /// Merged latency sketch.
+    pub latency: LatencySketch,
+    /// Rows binned.
+    pub rows: u64,
+    /// Summed input histograms.
+    pub inputs: Vec<Vec<u64>>,
+    /// Summed output histograms.
+    pub outputs: Vec<Vec<u64>>,
+    /// Windows lost to full outboxes.
+    pub dropped_windows: u64,
+    /// Requests lost with them.
+    pub dropped_requests: u64,
+}
+
+fn add_histograms(into: &mut Vec<Vec<u64>>, from: &[Vec<u64>]) {
+    if into.is_empty() {
+        into.clone_from(&from.to_vec());
+        return;
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        if a.len() == b.len() {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+    }
+}
+
+impl Rollup {
+    /// Adds one window.
+    pub fn add(&mut self, w: &MetricsWindow) {
+        self.windows += 1;
+        self.requests += w.requests;
+        self.errors += w.errors;
+        self.latency.merge(&w.latency);
+        self.rows += w.rows;
+        add_histograms(&mut self.inputs, &w.inputs);
+        add_histograms(&mut self.outputs, &w.outputs);
+        self.dropped_windows += w.dropped_windows;
+        self.dropped_requests += w.dropped_requests;
+    }
+
+    /// Drift of each input and output column against `reference`: `(column name, scores)`,
+    /// inputs first. Columns without data are left out.
+    pub fn drift(&self, reference: &DataProfile) -> (Vec<(String, DriftScores)>, Vec<(String, DriftScores)>) {
+        let score = |columns: &[ColumnProfile], observed: &[Vec<u64>]| {
+            columns
+                .iter()
+                .zip(observed)
+                .filter_map(|(c, o)| Some((c.name.clone(), drift::scores(&c.histogram.all_counts(), o)?)))
+                .collect()
+        };
+        (score(&reference.inputs, &self.inputs), score(&reference.outputs, &self.outputs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(requests: u64, latency: f64, bins: Vec<u64>) -> MetricsWindow {
+        let mut sketch = LatencySketch::default();
+        for _ in 0..requests {
+            sketch.record(latency);
+        }
+        MetricsWindow {
+            model: "m".into(),
+            version: 1,
+            start: Timestamp::from_unix(0),
+            seconds: 10,
+            requests,
+            errors: 1,
+            latency: sketch,
+            rows: requests,
+            inputs: vec![bins],
+            outputs: vec![],
+            dropped_windows: 2,
+            dropped_requests: 7,
+        }
+    }
+
+    #[test]
+    fn rollups_add_counts_sketches_and_histograms() {
+        let mut r = Rollup::default();
+        r.add(&window(3, 100.0, vec![1, 2, 0]));
+        r.add(&window(5, 1000.0, vec![0, 4, 1]));
+        assert_eq!((r.windows, r.requests, r.errors, r.rows), (2, 8, 2, 8));
+        assert_eq!(r.inputs, vec![vec![1, 6, 1]]);
+        assert_eq!(r.latency.count(), 8);
+        assert_eq!((r.dropped_windows, r.dropped_requests), (4, 14));
+    }
+
+    #[test]
+    fn windows_round_trip_through_postcard() {
+        let w = window(3, 250.0, vec![4, 5, 6]);
+        let bytes = postcard::to_stdvec(&w).unwrap();
+        assert_eq!(postcard::from_bytes::<MetricsWindow>(&bytes).unwrap(), w);
+    }
+}
