@@ -14,6 +14,7 @@ pub mod engine;
 pub mod enroll;
 pub mod identity;
 pub mod import;
+pub mod metrics;
 pub mod models;
 pub mod oip;
 pub mod server;

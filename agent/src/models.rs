@@ -11,6 +11,7 @@ use falaj_common::bundle::Manifest;
 use falaj_common::keys::Sha256;
 
 use crate::engine::{self, Engine};
+use crate::metrics::ModelMetrics;
 use crate::store::{Store, StoreError};
 
 /// One loaded model version.
@@ -24,6 +25,8 @@ pub struct LoadedVersion {
     pub engine: Arc<dyn Engine>,
     /// What its runs have cost so far.
     pub cost: RunCost,
+    /// What it serves, for the outbox and Prometheus.
+    pub metrics: Arc<ModelMetrics>,
 }
 
 /// The observed cost of a model's runs per batch row (an exponentially weighted mean),
@@ -161,6 +164,13 @@ impl Registry {
                             VersionState::Ready(Arc::new(LoadedVersion {
                                 manifest: installed.manifest.clone(),
                                 manifest_sha256: installed.manifest_sha256,
+                                metrics: Arc::new(ModelMetrics::new(
+                                    &name,
+                                    version,
+                                    engine.signature(),
+                                    installed.manifest.model().and_then(|m| m.reference.as_ref()),
+                                    std::time::SystemTime::now(),
+                                )),
                                 engine,
                                 cost: RunCost::default(),
                             }))

@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::metrics::AgentStats;
 use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
 use crate::oip::{self, OutputToSend};
 use crate::store::{Store, StoreError};
@@ -36,6 +37,8 @@ pub struct ServeConfig {
     pub workers: usize,
     /// How often to look for bundles imported by another process.
     pub poll_interval: Duration,
+    /// Whether requests are measured (metric windows, Prometheus counters).
+    pub metrics: bool,
 }
 
 impl Default for ServeConfig {
@@ -46,6 +49,7 @@ impl Default for ServeConfig {
             body_timeout: Duration::from_secs(30),
             workers: std::thread::available_parallelism().map_or(2, usize::from),
             poll_interval: Duration::from_secs(1),
+            metrics: true,
         }
     }
 }
@@ -74,6 +78,7 @@ struct AppState {
     registry: Arc<Registry>,
     permits: Arc<Semaphore>,
     config: Arc<ServeConfig>,
+    stats: Arc<AgentStats>,
 }
 
 /// A server whose socket is bound and whose models are loaded, ready to run.
@@ -115,6 +120,7 @@ impl Server {
             registry,
             permits: Arc::new(Semaphore::new(config.workers.max(1))),
             config: Arc::new(config),
+            stats: Arc::new(AgentStats::default()),
         };
         Ok(Self {
             listener,
@@ -133,6 +139,11 @@ impl Server {
     /// Notify this to reload the models at once (after an install in this process).
     pub fn reloader(&self) -> Arc<Notify> {
         Arc::clone(&self.reload)
+    }
+
+    /// Agent-wide figures shown on `/metrics`.
+    pub fn stats(&self) -> Arc<AgentStats> {
+        Arc::clone(&self.state.stats)
     }
 
     /// The registry of served models.
@@ -243,6 +254,7 @@ fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/versions/{version}/ready", get(version_ready))
         .route("/v2/models/{name}/infer", post(model_infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(version_infer))
+        .route("/metrics", get(prometheus))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
@@ -297,6 +309,14 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed(format!("{method} is not allowed on {}", uri.path()))
+}
+
+async fn prometheus(State(state): State<AppState>) -> Response {
+    let text = crate::metrics::render(crate::metrics::Exporter {
+        registry: Arc::clone(&state.registry),
+        stats: Arc::clone(&state.stats),
+    });
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
 async fn server_metadata() -> Response {
@@ -518,13 +538,32 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let started = Instant::now();
     let catalog = state.registry.catalog();
     let (version, found) = lookup(&catalog, &name, version)?;
     let model = loaded(&name, version, found)?;
     drop(catalog);
+    let body = read_body(&state, &headers, body).await;
+    let started = Instant::now();
+    let answered = match body {
+        Ok(body) => infer_loaded(&state, &name, version, &model, &headers, &body, started).await,
+        Err(e) => Err(e),
+    };
+    if answered.is_err() && state.config.metrics {
+        model.metrics.record_refused();
+    }
+    answered
+}
 
-    let body = read_body(&state, &headers, body).await?;
+/// Serves one request to a loaded version; records its inputs, outputs and latency.
+async fn infer_loaded(
+    state: &AppState,
+    name: &str,
+    version: u64,
+    model: &Arc<LoadedVersion>,
+    headers: &HeaderMap,
+    body: &bytes::Bytes,
+    started: Instant,
+) -> Result<Response, ApiError> {
     let json_len = match headers.get(oip::HEADER_CONTENT_LENGTH) {
         None => None,
         Some(v) => {
@@ -533,8 +572,7 @@ async fn infer(
             })?)
         }
     };
-    let request = oip::decode_request(&body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
-    drop(body);
+    let request = oip::decode_request(body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
 
     let signature = model.engine.signature();
     let given: Vec<_> = request
@@ -570,7 +608,10 @@ async fn infer(
         inputs.into_iter().map(|t| t.expect("bind checked every input is given once")).collect();
 
     let rows = inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
-    let outputs = run_model(&state, &model, inputs, rows).await?.map_err(|e| {
+    if state.config.metrics {
+        model.metrics.record_inputs(&inputs);
+    }
+    let outputs = run_model(state, model, inputs, rows).await?.map_err(|e| {
         tracing::warn!(model = %name, version, error = %e, "inference failed");
         ApiError::BadRequest(format!("inference failed: {e}"))
     })?;
@@ -583,7 +624,10 @@ async fn infer(
             binary,
         })
         .collect();
-    let encoded = oip::encode_response(&name, version, request.id.as_deref(), &to_send);
+    let encoded = oip::encode_response(name, version, request.id.as_deref(), &to_send);
+    if state.config.metrics {
+        model.metrics.record(started.elapsed(), Some(&outputs));
+    }
     tracing::debug!(model = %name, version, micros = started.elapsed().as_micros() as u64, "inference");
     let mut response = Response::new(Body::from(encoded.body));
     let response_headers = response.headers_mut();

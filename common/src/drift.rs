@@ -55,8 +55,8 @@ pub fn scores(reference: &[u64], observed: &[u64]) -> Option<DriftScores> {
     let kl = |a: &[f64], m: &[f64]| -> f64 {
         a.iter().zip(m).filter(|(x, _)| **x > 0.0).map(|(&x, &y)| x * (x / y).log2()).sum()
     };
-    let m: Vec<f64> = p.iter().zip(&q).map(|(a, b)| (a + b) / 2.0).collect();
-    let js = ((kl(&p, &m) + kl(&q, &m)) / 2.0).max(0.0).sqrt();
+    let m: Vec<f64> = p.iter().zip(&q).map(|(&a, &b)| f64::midpoint(a, b)).collect();
+    let js = f64::midpoint(kl(&p, &m), kl(&q, &m)).max(0.0).sqrt();
     Some(DriftScores { psi, ks, js })
 }
 

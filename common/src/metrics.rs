@@ -62,6 +62,24 @@ pub struct Rollup {
     pub dropped_requests: u64,
 }
 
+/// One column's drift against the reference profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ColumnDrift {
+    /// The profiled column's name.
+    pub column: String,
+    /// Its scores.
+    pub scores: DriftScores,
+}
+
+/// Drift of a rollup's input and output columns.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Drift {
+    /// Input columns, in profile order.
+    pub inputs: Vec<ColumnDrift>,
+    /// Output columns (the prediction distribution), in profile order.
+    pub outputs: Vec<ColumnDrift>,
+}
+
 fn add_histograms(into: &mut Vec<Vec<u64>>, from: &[Vec<u64>]) {
     if into.is_empty() {
         into.clone_from(&from.to_vec());
@@ -88,17 +106,25 @@ impl Rollup {
         self.dropped_requests += w.dropped_requests;
     }
 
-    /// Drift of each input and output column against `reference`: `(column name, scores)`,
-    /// inputs first. Columns without data are left out.
-    pub fn drift(&self, reference: &DataProfile) -> (Vec<(String, DriftScores)>, Vec<(String, DriftScores)>) {
+    /// Drift of each input and output column against `reference`. Columns without data
+    /// are left out.
+    pub fn drift(&self, reference: &DataProfile) -> Drift {
         let score = |columns: &[ColumnProfile], observed: &[Vec<u64>]| {
             columns
                 .iter()
                 .zip(observed)
-                .filter_map(|(c, o)| Some((c.name.clone(), drift::scores(&c.histogram.all_counts(), o)?)))
+                .filter_map(|(c, o)| {
+                    Some(ColumnDrift {
+                        column: c.name.clone(),
+                        scores: drift::scores(&c.histogram.all_counts(), o)?,
+                    })
+                })
                 .collect()
         };
-        (score(&reference.inputs, &self.inputs), score(&reference.outputs, &self.outputs))
+        Drift {
+            inputs: score(&reference.inputs, &self.inputs),
+            outputs: score(&reference.outputs, &self.outputs),
+        }
     }
 }
 
@@ -136,6 +162,35 @@ mod tests {
         assert_eq!(r.inputs, vec![vec![1, 6, 1]]);
         assert_eq!(r.latency.count(), 8);
         assert_eq!((r.dropped_windows, r.dropped_requests), (4, 14));
+    }
+
+    #[test]
+    fn drift_is_scored_per_column_against_the_reference() {
+        let values: Vec<f64> = (0..1000).map(f64::from).collect();
+        let reference = DataProfile {
+            rows: 1000,
+            inputs: vec![
+                ColumnProfile::of("x", 0, "a", &values, 10),
+                ColumnProfile::of("x", 1, "b", &values, 10),
+            ],
+            outputs: vec![],
+        };
+        let bin = |c: &ColumnProfile, shift: f64| {
+            let mut counts = vec![0; c.histogram.bin_count()];
+            for v in &values {
+                counts[c.histogram.bin(v + shift).unwrap()] += 1;
+            }
+            counts
+        };
+        let mut w = window(1000, 100.0, vec![]);
+        w.inputs = vec![bin(&reference.inputs[0], 0.0), bin(&reference.inputs[1], 300.0)];
+        let mut r = Rollup::default();
+        r.add(&w);
+        let drift = r.drift(&reference);
+        let names: Vec<_> = drift.inputs.iter().map(|d| d.column.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        assert!(drift.inputs[0].scores.psi < 1e-9, "{drift:?}");
+        assert!(drift.inputs[1].scores.psi > 0.25 && drift.inputs[1].scores.ks > 0.29, "{drift:?}");
     }
 
     #[test]

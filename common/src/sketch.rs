@@ -113,7 +113,13 @@ impl LatencySketch {
     pub fn cumulative(&self, bounds: &[f64]) -> Vec<u64> {
         bounds
             .iter()
-            .map(|&le| self.buckets.iter().filter(|&&(b, _)| value(b as usize) <= le).map(|&(_, c)| c).sum())
+            .map(|&le| {
+                self.buckets
+                    .iter()
+                    .filter(|&&(b, _)| value(b as usize) <= le)
+                    .map(|&(_, c)| c)
+                    .sum()
+            })
             .collect()
     }
 }
@@ -143,10 +149,15 @@ mod tests {
     #[test]
     fn merging_equals_recording_everything_in_one() {
         let mut rng = SeededRng::new(6);
-        let (mut a, mut b, mut all) = (LatencySketch::default(), LatencySketch::default(), LatencySketch::default());
+        let (mut a, mut b, mut all) =
+            (LatencySketch::default(), LatencySketch::default(), LatencySketch::default());
         for i in 0..10_000 {
             let v = rng.range(1.0, 1e6);
-            if i % 3 == 0 { a.record(v) } else { b.record(v) }
+            if i % 3 == 0 {
+                a.record(v)
+            } else {
+                b.record(v)
+            }
             all.record(v);
         }
         a.merge(&b);

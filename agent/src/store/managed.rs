@@ -50,7 +50,7 @@ pub struct Identity {
 }
 
 impl Store {
-    fn write_tx<R>(
+    pub(super) fn write_tx<R>(
         &mut self,
         f: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<R>,
     ) -> Result<R> {

@@ -25,6 +25,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
 mod managed;
+mod outbox;
 
 pub use managed::{ChunkSource, Identity};
 
@@ -93,6 +94,22 @@ const MIGRATIONS: &[&str] = &[
         document    BLOB NOT NULL,
         accepted_at INTEGER NOT NULL
     ) STRICT;",
+    // 3: the metrics outbox.
+    "CREATE TABLE outbox (
+        seq              INTEGER PRIMARY KEY,
+        requests         INTEGER NOT NULL,
+        dropped_windows  INTEGER NOT NULL,
+        dropped_requests INTEGER NOT NULL,
+        window           BLOB NOT NULL,
+        created_at       INTEGER NOT NULL
+    ) STRICT;
+    CREATE TABLE outbox_state (
+        id               INTEGER PRIMARY KEY CHECK (id = 1),
+        next_seq         INTEGER NOT NULL,
+        dropped_windows  INTEGER NOT NULL,
+        dropped_requests INTEGER NOT NULL
+    ) STRICT;
+    INSERT INTO outbox_state (id, next_seq, dropped_windows, dropped_requests) VALUES (1, 1, 0, 0);",
 ];
 
 /// Errors of the agent's store.

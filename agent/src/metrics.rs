@@ -1,0 +1,402 @@
+//! Measuring what the agent serves, without locks or allocation on the request path.
+//!
+//! Each loaded model version has a [`ModelMetrics`]: atomic counters for requests and
+//! errors, a latency sketch (one atomic per bucket of [`falaj_common::sketch`]), and, where
+//! the bundle carries a reference profile, atomic counts per bin of each profiled input and
+//! output column. Every window (10 s by default) they are swapped to zero into a
+//! [`MetricsWindow`] for the outbox; closed windows also add up into cumulative totals
+//! for the Prometheus exposition ([`Exporter`]).
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use falaj_common::metrics::MetricsWindow;
+use falaj_common::profile::{ColumnProfile, DataProfile, Histogram};
+use falaj_common::sketch::{self, LatencySketch};
+use falaj_common::tensor::{Signature, Tensor, TensorData};
+use falaj_common::time::Timestamp;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+
+use crate::models::{Registry, VersionState};
+
+/// Bin counts of one profiled column.
+#[derive(Debug)]
+struct ColumnCounts {
+    /// The tensor's index in the signature's inputs (or outputs).
+    tensor: usize,
+    /// The column's index along the tensor's last axis.
+    column: usize,
+    histogram: Histogram,
+    counts: Box<[AtomicU64]>,
+}
+
+fn zeros(n: usize) -> Box<[AtomicU64]> {
+    (0..n).map(|_| AtomicU64::new(0)).collect()
+}
+
+fn take(counters: &[AtomicU64]) -> Vec<u64> {
+    counters.iter().map(|c| c.swap(0, Ordering::Relaxed)).collect()
+}
+
+impl ColumnCounts {
+    fn new(profile: &ColumnProfile, tensors: &[falaj_common::tensor::TensorSpec]) -> Option<Self> {
+        let tensor = tensors.iter().position(|t| t.name == profile.tensor)?;
+        let histogram = profile.histogram.clone();
+        Some(Self {
+            tensor,
+            column: profile.index as usize,
+            counts: zeros(histogram.bin_count()),
+            histogram,
+        })
+    }
+
+    /// Bins this column's value in each row of `tensor`.
+    fn record(&self, tensor: &Tensor) {
+        let rows = tensor.shape.first().copied().unwrap_or(1).max(1) as usize;
+        let width = tensor.data.len() / rows;
+        if width == 0 || self.column >= width {
+            return;
+        }
+        for row in 0..rows {
+            if let Some(bin) = self.histogram.bin(value_at(&tensor.data, row * width + self.column))
+            {
+                self.counts[bin].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// One element as `f64` (booleans as 0 and 1), without allocating.
+fn value_at(data: &TensorData, i: usize) -> f64 {
+    match data {
+        TensorData::Bool(v) => v.get(i).map_or(f64::NAN, |&b| f64::from(u8::from(b))),
+        TensorData::Uint8(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Uint16(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Uint32(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Uint64(v) => v.get(i).map_or(f64::NAN, |&x| x as f64),
+        TensorData::Int8(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Int16(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Int32(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Int64(v) => v.get(i).map_or(f64::NAN, |&x| x as f64),
+        TensorData::Fp32(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Fp64(v) => v.get(i).copied().unwrap_or(f64::NAN),
+    }
+}
+
+/// Totals of closed windows, for Prometheus.
+#[derive(Debug, Default)]
+struct Totals {
+    requests: u64,
+    errors: u64,
+    latency: LatencySketch,
+    latency_sum_micros: f64,
+}
+
+/// What one model version measures.
+#[derive(Debug)]
+pub struct ModelMetrics {
+    model: String,
+    version: u64,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    latency: Box<[AtomicU64]>,
+    latency_sum_micros: AtomicU64,
+    rows: AtomicU64,
+    inputs: Vec<ColumnCounts>,
+    outputs: Vec<ColumnCounts>,
+    window_start: AtomicU64,
+    totals: Mutex<Totals>,
+}
+
+impl ModelMetrics {
+    /// Counters for `model@version`, binning the columns of `reference` if given.
+    pub fn new(
+        model: &str,
+        version: u64,
+        signature: &Signature,
+        reference: Option<&DataProfile>,
+        now: SystemTime,
+    ) -> Self {
+        let columns = |profiles: &[ColumnProfile], tensors| {
+            profiles.iter().filter_map(|p| ColumnCounts::new(p, tensors)).collect()
+        };
+        Self {
+            model: model.to_owned(),
+            version,
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            latency: zeros(sketch::BUCKETS),
+            latency_sum_micros: AtomicU64::new(0),
+            rows: AtomicU64::new(0),
+            inputs: reference.map(|r| columns(&r.inputs, &signature.inputs)).unwrap_or_default(),
+            outputs: reference.map(|r| columns(&r.outputs, &signature.outputs)).unwrap_or_default(),
+            window_start: AtomicU64::new(Timestamp::from_system(now).unix()),
+            totals: Mutex::new(Totals::default()),
+        }
+    }
+
+    /// Bins the inputs of a request about to run (inputs in signature order).
+    pub fn record_inputs(&self, inputs: &[Tensor]) {
+        for column in &self.inputs {
+            if let Some(tensor) = inputs.get(column.tensor) {
+                column.record(tensor);
+            }
+        }
+        let rows = inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
+        self.rows.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// Records a finished request: its latency and outputs, or its failure.
+    pub fn record(&self, latency: Duration, outputs: Option<&[Tensor]>) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let Some(outputs) = outputs else {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let micros = latency.as_secs_f64() * 1e6;
+        self.latency[sketch::bucket(micros)].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(micros as u64, Ordering::Relaxed);
+        for column in &self.outputs {
+            if let Some(tensor) = outputs.get(column.tensor) {
+                column.record(tensor);
+            }
+        }
+    }
+
+    /// Records a request refused before it ran (bad input).
+    pub fn record_refused(&self) {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Closes the current window: its counts are taken (and added to the totals) and a new
+    /// window starts at `now`. `None` if nothing happened in it.
+    pub fn close(&self, now: SystemTime) -> Option<MetricsWindow> {
+        let now = Timestamp::from_system(now).unix();
+        let start = self.window_start.swap(now, Ordering::Relaxed);
+        let requests = self.requests.swap(0, Ordering::Relaxed);
+        let errors = self.errors.swap(0, Ordering::Relaxed);
+        let latency = LatencySketch::from_counts(&take(&self.latency));
+        let latency_sum = self.latency_sum_micros.swap(0, Ordering::Relaxed);
+        let rows = self.rows.swap(0, Ordering::Relaxed);
+        let inputs: Vec<Vec<u64>> = self.inputs.iter().map(|c| take(&c.counts)).collect();
+        let outputs: Vec<Vec<u64>> = self.outputs.iter().map(|c| take(&c.counts)).collect();
+        {
+            let mut totals = self.totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            totals.requests += requests;
+            totals.errors += errors;
+            totals.latency.merge(&latency);
+            totals.latency_sum_micros += latency_sum as f64;
+        }
+        if requests == 0 && rows == 0 {
+            return None;
+        }
+        Some(MetricsWindow {
+            model: self.model.clone(),
+            version: self.version,
+            start: Timestamp::from_unix(start),
+            seconds: u32::try_from(now.saturating_sub(start)).unwrap_or(u32::MAX).max(1),
+            requests,
+            errors,
+            latency,
+            rows,
+            inputs,
+            outputs,
+            dropped_windows: 0,
+            dropped_requests: 0,
+        })
+    }
+
+    /// Cumulative requests, errors, latency sketch and sum (closed windows and the open one).
+    fn cumulative(&self) -> (u64, u64, LatencySketch, f64) {
+        let totals = self.totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let open: Vec<u64> = self.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        let mut latency = totals.latency.clone();
+        latency.merge(&LatencySketch::from_counts(&open));
+        (
+            totals.requests + self.requests.load(Ordering::Relaxed),
+            totals.errors + self.errors.load(Ordering::Relaxed),
+            latency,
+            totals.latency_sum_micros + self.latency_sum_micros.load(Ordering::Relaxed) as f64,
+        )
+    }
+}
+
+/// Agent-wide figures the syncer and the outbox keep.
+#[derive(Debug, Default)]
+pub struct AgentStats {
+    /// Windows waiting in the outbox.
+    pub outbox_depth: AtomicU64,
+    /// Windows dropped from a full outbox, since start.
+    pub dropped_windows: AtomicU64,
+    /// Windows acknowledged by the control plane, since start.
+    pub delivered_windows: AtomicU64,
+    /// Bytes fetched from the control plane, since start.
+    pub transfer_bytes: AtomicU64,
+    /// Version of the last desired-state document applied (0: none).
+    pub applied_version: AtomicU64,
+    /// Reconciliation problems outstanding.
+    pub reconcile_errors: AtomicU64,
+    /// Whether a control-plane session is up.
+    pub connected: AtomicBool,
+}
+
+/// Latency bucket bounds for Prometheus, in seconds.
+const BOUNDS: [f64; 14] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
+
+/// The Prometheus collector: per model version and agent-wide figures, read at scrape time.
+#[derive(Debug)]
+pub struct Exporter {
+    /// The served models.
+    pub registry: Arc<Registry>,
+    /// Agent-wide figures.
+    pub stats: Arc<AgentStats>,
+}
+
+impl Collector for Exporter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let catalog = self.registry.catalog();
+        let versions: Vec<_> = catalog
+            .models
+            .values()
+            .flat_map(|m| m.versions.values())
+            .filter_map(|v| match v {
+                VersionState::Ready(v) => Some(v),
+                VersionState::Failed { .. } => None,
+            })
+            .collect();
+        let figures: Vec<_> = versions.iter().map(|v| (v, v.metrics.cumulative())).collect();
+        let labels = |v: &crate::models::LoadedVersion| {
+            [("model", v.manifest.name.clone()), ("version", v.manifest.version.to_string())]
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+                "falaj_inference_requests",
+                "Inference requests",
+                None,
+                MetricType::Counter,
+            )?;
+            for (v, (requests, ..)) in &figures {
+                family
+                    .encode_family(&labels(v))?
+                    .encode_counter::<NoLabelSet, _, u64>(requests, None)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "falaj_inference_errors",
+                "Inference requests that failed",
+                None,
+                MetricType::Counter,
+            )?;
+            for (v, (_, errors, ..)) in &figures {
+                family
+                    .encode_family(&labels(v))?
+                    .encode_counter::<NoLabelSet, _, u64>(errors, None)?;
+            }
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "falaj_inference_latency_seconds",
+                "Latency of successful inference requests, measured by the agent",
+                None,
+                MetricType::Histogram,
+            )?;
+            for (v, (_, _, sketch, sum)) in &figures {
+                let micros: Vec<f64> = BOUNDS.iter().map(|b| b * 1e6).collect();
+                let cumulative = sketch.cumulative(&micros);
+                let buckets: Vec<(f64, u64)> = BOUNDS.iter().copied().zip(cumulative).collect();
+                family.encode_family(&labels(v))?.encode_histogram::<NoLabelSet>(
+                    sum / 1e6,
+                    sketch.count(),
+                    &buckets,
+                    None,
+                )?;
+            }
+        }
+        let gauge = |encoder: &mut DescriptorEncoder,
+                     name: &str,
+                     help: &str,
+                     value: u64|
+         -> Result<(), std::fmt::Error> {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&(value as i64))
+        };
+        let counter = |encoder: &mut DescriptorEncoder,
+                       name: &str,
+                       help: &str,
+                       value: u64|
+         -> Result<(), std::fmt::Error> {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Counter)?
+                .encode_counter::<NoLabelSet, _, u64>(&value, None)
+        };
+        let s = &self.stats;
+        gauge(
+            &mut encoder,
+            "falaj_models_ready",
+            "1 when every active model version is loaded",
+            u64::from(catalog.ready()),
+        )?;
+        gauge(
+            &mut encoder,
+            "falaj_outbox_windows",
+            "Metric windows waiting to be delivered",
+            s.outbox_depth.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "falaj_outbox_dropped_windows",
+            "Metric windows dropped from a full outbox",
+            s.dropped_windows.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "falaj_outbox_delivered_windows",
+            "Metric windows acknowledged by the control plane",
+            s.delivered_windows.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "falaj_transfer_bytes",
+            "Bytes of bundle chunks fetched from the control plane",
+            s.transfer_bytes.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "falaj_desired_state_version",
+            "Version of the last desired-state document applied",
+            s.applied_version.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "falaj_reconcile_errors",
+            "Reconciliation problems outstanding",
+            s.reconcile_errors.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "falaj_control_plane_connected",
+            "1 while a session with the control plane is up",
+            u64::from(s.connected.load(Ordering::Relaxed)),
+        )?;
+        Ok(())
+    }
+}
+
+/// Renders the Prometheus text exposition of `exporter`.
+pub fn render(exporter: Exporter) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(exporter));
+    let mut out = String::new();
+    if prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).is_err() {
+        let _ = writeln!(out, "# encoding failed");
+    }
+    out
+}
