@@ -12,6 +12,7 @@ use falaj_common::time::human_duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::reporting::ReportConfig;
 use crate::server::ServeConfig;
 use crate::sync::SyncConfig;
 
@@ -63,6 +64,8 @@ pub struct AgentConfig {
     pub models: ModelsConfig,
     /// The connection to the control plane (for an enrolled agent).
     pub control_plane: ControlPlaneConfig,
+    /// Measuring requests and reporting them.
+    pub metrics: MetricsConfig,
 }
 
 /// `[http]`.
@@ -103,6 +106,26 @@ pub struct ControlPlaneConfig {
     pub parallel_fetches: usize,
 }
 
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Whether requests are measured and reported.
+    pub enabled: bool,
+    /// Length of a metric window.
+    #[serde(with = "human_duration")]
+    pub window: Duration,
+    /// Most windows kept while the control plane is unreachable.
+    pub outbox_cap: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        let report = ReportConfig::default();
+        Self { enabled: true, window: report.window, outbox_cap: report.outbox_cap }
+    }
+}
+
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
@@ -110,6 +133,7 @@ impl Default for AgentConfig {
             http: HttpConfig::default(),
             models: ModelsConfig::default(),
             control_plane: ControlPlaneConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -218,6 +242,14 @@ impl AgentConfig {
             Duration::from_secs(86_400),
         )?;
         within(path, "control_plane.parallel_fetches", self.control_plane.parallel_fetches, 1, 64)?;
+        within(
+            path,
+            "metrics.window",
+            self.metrics.window,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within(path, "metrics.outbox_cap", self.metrics.outbox_cap, 1, 100_000_000)?;
         Ok(())
     }
 
@@ -228,6 +260,7 @@ impl AgentConfig {
             max_body_bytes: usize::try_from(self.http.max_body_bytes).unwrap_or(usize::MAX),
             body_timeout: self.http.body_timeout,
             poll_interval: self.models.poll_interval,
+            metrics: self.metrics.enabled,
             ..ServeConfig::default()
         };
         if self.http.workers > 0 {
@@ -242,6 +275,10 @@ impl AgentConfig {
             heartbeat: self.control_plane.heartbeat,
             max_backoff: self.control_plane.max_backoff,
             parallel_fetches: self.control_plane.parallel_fetches,
+            report: self.metrics.enabled.then_some(ReportConfig {
+                window: self.metrics.window,
+                outbox_cap: self.metrics.outbox_cap,
+            }),
         }
     }
 }
@@ -287,6 +324,8 @@ mod tests {
         check("[control_plane]\nheartbeat = \"often\"\n", "\"often\" is not a duration");
         check("data_dir = \"relative\"\n", "data_dir: must be an absolute path");
         check("[control_plane]\nparallel_fetches = 0\n", "control_plane.parallel_fetches");
+        check("[metrics]\nwindow = \"1ms\"\n", "metrics.window: must be between");
+        check("[metrics]\noutbox_cap = 0\n", "metrics.outbox_cap");
     }
 
     #[test]
@@ -297,5 +336,12 @@ mod tests {
         assert_eq!(config.serve().http, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(config.serve().workers, 3);
         assert_eq!(config.sync().heartbeat, Duration::from_secs(2));
+        let off = AgentConfig::parse("[metrics]\nenabled = false\n", Path::new("x")).unwrap();
+        assert!(!off.serve().metrics && off.sync().report.is_none());
+        let short =
+            AgentConfig::parse("[metrics]\nwindow = \"2s\"\noutbox_cap = 9\n", Path::new("x"))
+                .unwrap();
+        let report = short.sync().report.unwrap();
+        assert_eq!((report.window, report.outbox_cap), (Duration::from_secs(2), 9));
     }
 }

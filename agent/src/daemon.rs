@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::reporting::Reporter;
 use crate::server::{ServeConfig, ServeError, Server};
 use crate::store::Identity;
 use crate::sync::{SyncConfig, Syncer};
@@ -28,11 +29,11 @@ impl Agent {
         sync: SyncConfig,
     ) -> Result<Self, ServeError> {
         let server = Server::bind(data_dir.clone(), serve).await?;
-        let (reload, registry) = (server.reloader(), server.registry());
+        let (reload, registry, stats) = (server.reloader(), server.registry(), server.stats());
         let syncer = tokio::task::spawn_blocking(move || Syncer::open(data_dir, reload, sync))
             .await
             .map_err(|e| ServeError::Task(e.to_string()))??;
-        Ok(Self { server, syncer: syncer.map(|s| Arc::new(s.with_registry(registry))) })
+        Ok(Self { server, syncer: syncer.map(|s| Arc::new(s.with_server(registry, stats))) })
     }
 
     /// The inference API's address.
@@ -43,6 +44,11 @@ impl Agent {
     /// The enrolled identity, if any.
     pub fn identity(&self) -> Option<&Identity> {
         self.syncer.as_deref().map(Syncer::identity)
+    }
+
+    /// What closes and delivers metric windows (for an enrolled agent measuring requests).
+    pub fn reporter(&self) -> Option<Arc<Reporter>> {
+        self.syncer.as_ref().and_then(|s| s.reporter().cloned())
     }
 
     /// Serves (and syncs) until `shutdown` completes.

@@ -17,6 +17,7 @@ pub mod import;
 pub mod metrics;
 pub mod models;
 pub mod oip;
+pub mod reporting;
 pub mod server;
 pub mod store;
 pub mod sync;

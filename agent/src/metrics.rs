@@ -231,6 +231,8 @@ impl ModelMetrics {
 pub struct AgentStats {
     /// Windows waiting in the outbox.
     pub outbox_depth: AtomicU64,
+    /// Requests counted in the windows waiting.
+    pub outbox_requests: AtomicU64,
     /// Windows dropped from a full outbox, since start.
     pub dropped_windows: AtomicU64,
     /// Windows acknowledged by the control plane, since start.
@@ -319,73 +321,76 @@ impl Collector for Exporter {
                 )?;
             }
         }
-        let gauge = |encoder: &mut DescriptorEncoder,
-                     name: &str,
-                     help: &str,
-                     value: u64|
-         -> Result<(), std::fmt::Error> {
-            encoder
-                .encode_descriptor(name, help, None, MetricType::Gauge)?
-                .encode_gauge(&(value as i64))
-        };
-        let counter = |encoder: &mut DescriptorEncoder,
-                       name: &str,
-                       help: &str,
-                       value: u64|
-         -> Result<(), std::fmt::Error> {
-            encoder
-                .encode_descriptor(name, help, None, MetricType::Counter)?
-                .encode_counter::<NoLabelSet, _, u64>(&value, None)
-        };
         let s = &self.stats;
-        gauge(
-            &mut encoder,
-            "falaj_models_ready",
-            "1 when every active model version is loaded",
-            u64::from(catalog.ready()),
-        )?;
-        gauge(
-            &mut encoder,
-            "falaj_outbox_windows",
-            "Metric windows waiting to be delivered",
-            s.outbox_depth.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "falaj_outbox_dropped_windows",
-            "Metric windows dropped from a full outbox",
-            s.dropped_windows.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "falaj_outbox_delivered_windows",
-            "Metric windows acknowledged by the control plane",
-            s.delivered_windows.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "falaj_transfer_bytes",
-            "Bytes of bundle chunks fetched from the control plane",
-            s.transfer_bytes.load(Ordering::Relaxed),
-        )?;
-        gauge(
-            &mut encoder,
-            "falaj_desired_state_version",
-            "Version of the last desired-state document applied",
-            s.applied_version.load(Ordering::Relaxed),
-        )?;
-        gauge(
-            &mut encoder,
-            "falaj_reconcile_errors",
-            "Reconciliation problems outstanding",
-            s.reconcile_errors.load(Ordering::Relaxed),
-        )?;
-        gauge(
-            &mut encoder,
-            "falaj_control_plane_connected",
-            "1 while a session with the control plane is up",
-            u64::from(s.connected.load(Ordering::Relaxed)),
-        )?;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        // (name, help, is a counter, value)
+        let figures = [
+            (
+                "falaj_models_ready",
+                "1 when every active model version is loaded",
+                false,
+                u64::from(catalog.ready()),
+            ),
+            (
+                "falaj_outbox_windows",
+                "Metric windows waiting to be delivered",
+                false,
+                load(&s.outbox_depth),
+            ),
+            (
+                "falaj_outbox_requests",
+                "Requests counted in the metric windows waiting",
+                false,
+                load(&s.outbox_requests),
+            ),
+            (
+                "falaj_outbox_dropped_windows",
+                "Metric windows dropped from a full outbox",
+                true,
+                load(&s.dropped_windows),
+            ),
+            (
+                "falaj_outbox_delivered_windows",
+                "Metric windows acknowledged by the control plane",
+                true,
+                load(&s.delivered_windows),
+            ),
+            (
+                "falaj_transfer_bytes",
+                "Bytes of bundle chunks fetched from the control plane",
+                true,
+                load(&s.transfer_bytes),
+            ),
+            (
+                "falaj_desired_state_version",
+                "Version of the last desired-state document applied",
+                false,
+                load(&s.applied_version),
+            ),
+            (
+                "falaj_reconcile_errors",
+                "Reconciliation problems outstanding",
+                false,
+                load(&s.reconcile_errors),
+            ),
+            (
+                "falaj_control_plane_connected",
+                "1 while a session with the control plane is up",
+                false,
+                u64::from(s.connected.load(Ordering::Relaxed)),
+            ),
+        ];
+        for (name, help, is_counter, value) in figures {
+            if is_counter {
+                encoder
+                    .encode_descriptor(name, help, None, MetricType::Counter)?
+                    .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+            } else {
+                encoder
+                    .encode_descriptor(name, help, None, MetricType::Gauge)?
+                    .encode_gauge(&(value as i64))?;
+            }
+        }
         Ok(())
     }
 }

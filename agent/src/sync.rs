@@ -6,8 +6,9 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use falaj_common::desired::{DesiredState, Expectation, SignedDesired};
 use falaj_common::protocol::io::{read_frame, write_frame};
@@ -19,7 +20,9 @@ use thiserror::Error;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::identity::{IdentityFiles, KeyRequest};
+use crate::metrics::AgentStats;
 use crate::models::Registry;
+use crate::reporting::{ReportConfig, Reporter};
 use crate::store::{Identity, Store, StoreError};
 use crate::transfer::Fetcher;
 
@@ -32,6 +35,8 @@ pub struct SyncConfig {
     pub max_backoff: Duration,
     /// Chunk fetch streams run at once.
     pub parallel_fetches: usize,
+    /// Metric windows and their outbox; `None` when measuring is off.
+    pub report: Option<ReportConfig>,
 }
 
 impl Default for SyncConfig {
@@ -40,6 +45,7 @@ impl Default for SyncConfig {
             heartbeat: Duration::from_secs(10),
             max_backoff: Duration::from_secs(60),
             parallel_fetches: 8,
+            report: Some(ReportConfig::default()),
         }
     }
 }
@@ -70,8 +76,13 @@ pub struct Syncer {
     errors: Mutex<VecDeque<String>>,
     applied: Mutex<Option<u64>>,
     registry: Option<Arc<Registry>>,
-    renewing: Mutex<Option<std::time::Instant>>,
+    stats: Arc<AgentStats>,
+    reporter: Option<Arc<Reporter>>,
+    renewing: Mutex<Option<Instant>>,
 }
+
+/// How long an unacknowledged batch of windows waits before it is sent again.
+const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 
 const MAX_ERRORS: usize = 8;
 
@@ -106,15 +117,32 @@ impl Syncer {
             errors: Mutex::new(VecDeque::new()),
             applied: Mutex::new(None),
             registry: None,
+            stats: Arc::default(),
+            reporter: None,
             renewing: Mutex::new(None),
         }))
     }
 
-    /// Reports the health of the models `registry` serves.
+    /// Reports the health of the models `registry` serves, keeps `stats` (shown on the
+    /// server's `/metrics`) and, unless measuring is off, delivers their metric windows.
     #[must_use]
-    pub fn with_registry(mut self, registry: Arc<Registry>) -> Self {
+    pub fn with_server(mut self, registry: Arc<Registry>, stats: Arc<AgentStats>) -> Self {
+        self.reporter = self.config.report.map(|config| {
+            Arc::new(Reporter::new(
+                Arc::clone(&self.store),
+                Arc::clone(&registry),
+                Arc::clone(&stats),
+                config,
+            ))
+        });
         self.registry = Some(registry);
+        self.stats = stats;
         self
+    }
+
+    /// What closes and delivers metric windows, when measuring is on.
+    pub fn reporter(&self) -> Option<&Arc<Reporter>> {
+        self.reporter.as_ref()
     }
 
     /// The enrolled identity.
@@ -129,6 +157,7 @@ impl Syncer {
         while errors.len() > MAX_ERRORS {
             errors.pop_front();
         }
+        self.stats.reconcile_errors.store(errors.len() as u64, Ordering::Relaxed);
     }
 
     async fn with_store<R: Send + 'static>(
@@ -163,8 +192,17 @@ impl Syncer {
         }
     }
 
-    /// Runs until `shutdown` turns true: sessions, and backoff between them.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true: sessions, and backoff between them, and the
+    /// closing of metric windows, whose last one is closed on the way out.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let windows = self.reporter.clone().map(|r| tokio::spawn(r.run(shutdown.clone())));
+        Arc::clone(&self).sessions(shutdown).await;
+        if let Some(windows) = windows {
+            let _ = windows.await;
+        }
+    }
+
+    async fn sessions(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut rng = SeededRng::new(
             Timestamp::from_system(SystemTime::now()).unix() ^ u64::from(std::process::id()),
         );
@@ -177,6 +215,7 @@ impl Syncer {
                 outcome = Arc::clone(&self).session(&mut failures) => outcome,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
+            self.stats.connected.store(false, Ordering::Relaxed);
             match outcome {
                 Ok(()) => return,
                 Err(err) => {
@@ -278,8 +317,14 @@ impl Syncer {
         };
         let reconciler =
             tokio::spawn(Arc::clone(&self).reconcile_loop(fetcher, docs_rx, report_tx));
+        self.stats.connected.store(true, Ordering::Relaxed);
         let mut heartbeat = tokio::time::interval(self.config.heartbeat);
         heartbeat.tick().await;
+        // The batch of windows sent and not yet acknowledged, and when it was sent.
+        let mut in_flight: Option<(Vec<u64>, Instant)> = None;
+        if let Some(reporter) = &self.reporter {
+            reporter.pending().notify_one();
+        }
         let mut pending_message = Some(first);
         let outcome = loop {
             let message = if let Some(m) = pending_message.take() {
@@ -287,10 +332,21 @@ impl Syncer {
             } else {
                 tokio::select! {
                     frame = read_frame::<ControlMessage>(&mut recv) => match frame {
+                        Ok(Some(ControlMessage::Ack { seqs })) => {
+                            self.acknowledged(&seqs, &mut in_flight).await;
+                            None
+                        }
                         Ok(Some(m)) => Some(m),
                         Ok(None) => break Err(SyncError::Closed("session stream closed".into())),
                         Err(e) => break Err(conn.close_reason().map_or_else(|| conn_err(&e), |r| SyncError::Closed(r.to_string()))),
                     },
+                    () = pending(self.reporter.as_deref()), if in_flight.is_none() => {
+                        match self.send_windows(&mut send).await {
+                            Ok(sent) => in_flight = sent.map(|seqs| (seqs, Instant::now())),
+                            Err(e) => break Err(e),
+                        }
+                        None
+                    }
                     Some(()) = report_rx.recv() => {
                         if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
                             break Err(conn_err(&e));
@@ -300,6 +356,13 @@ impl Syncer {
                     _ = heartbeat.tick() => {
                         if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
                             break Err(conn_err(&e));
+                        }
+                        if in_flight.as_ref().is_some_and(|(_, at)| at.elapsed() > ACK_TIMEOUT)
+                            && let Some(reporter) = &self.reporter
+                        {
+                            tracing::warn!("metric windows not acknowledged in time: sending them again");
+                            in_flight = None;
+                            reporter.pending().notify_one();
                         }
                         if let Some(renew) = self.renewal_request()
                             && let Err(e) = write_frame(&mut send, &renew).await {
@@ -317,6 +380,44 @@ impl Syncer {
         outcome
     }
 
+    /// Sends the oldest windows waiting, if any; returns their sequence numbers.
+    async fn send_windows(
+        &self,
+        send: &mut quinn::SendStream,
+    ) -> Result<Option<Vec<u64>>, SyncError> {
+        let Some(reporter) = self.reporter.clone() else { return Ok(None) };
+        let batch = tokio::task::spawn_blocking(move || reporter.batch())
+            .await
+            .map_err(|e| StoreError::Region(format!("outbox task failed: {e}")))??;
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let seqs: Vec<u64> = batch.iter().map(|w| w.seq).collect();
+        tracing::debug!(windows = seqs.len(), first = seqs[0], "sending metric windows");
+        write_frame(send, &AgentMessage::Windows(batch))
+            .await
+            .map_err(|e| SyncError::Connection(e.to_string()))?;
+        Ok(Some(seqs))
+    }
+
+    /// The control plane stored these windows: delete them and send the next batch.
+    async fn acknowledged(&self, seqs: &[u64], in_flight: &mut Option<(Vec<u64>, Instant)>) {
+        let Some(reporter) = self.reporter.clone() else { return };
+        if in_flight.as_ref().is_some_and(|(sent, _)| sent.as_slice() == seqs) {
+            *in_flight = None;
+        }
+        let acked = seqs.to_vec();
+        let deleted = tokio::task::spawn_blocking(move || reporter.acknowledged(&acked)).await;
+        match deleted {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "deleting acknowledged windows failed"),
+            Err(e) => tracing::error!(error = %e, "deleting acknowledged windows failed"),
+        }
+        if let Some(reporter) = &self.reporter {
+            reporter.pending().notify_one();
+        }
+    }
+
     /// A renewal request once less than a third of the certificate's lifetime is left.
     /// At most one renewal is outstanding; an unanswered one is retried after a minute.
     fn renewal_request(&self) -> Option<AgentMessage> {
@@ -330,7 +431,7 @@ impl Syncer {
         if pending.is_some_and(|at| at.elapsed() < Duration::from_secs(60)) {
             return None;
         }
-        *pending = Some(std::time::Instant::now());
+        *pending = Some(Instant::now());
         drop(pending);
         let request = KeyRequest::generate().ok()?;
         self.files.store_pending(&request).ok()?;
@@ -370,6 +471,7 @@ impl Syncer {
             ControlMessage::Refused(reason) => {
                 self.note_error(format!("the control plane refused a request: {reason}"));
             }
+            ControlMessage::Ack { .. } => {}
         }
     }
 
@@ -429,6 +531,7 @@ impl Syncer {
             if self.apply(&fetcher, &doc).await {
                 *self.applied.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some(doc.version);
+                self.stats.applied_version.store(doc.version, Ordering::Relaxed);
             }
             self.reload.notify_one();
             let _ = reports.send(()).await;
@@ -454,6 +557,7 @@ impl Syncer {
             let result = match &action {
                 Action::Install(want) => match fetcher.install(want, now).await {
                     Ok(stats) => {
+                        self.stats.transfer_bytes.fetch_add(stats.fetched_bytes, Ordering::Relaxed);
                         tracing::info!(model = %want.name, version = want.version, chunks = stats.chunks, fetched = stats.fetched, fetched_bytes = stats.fetched_bytes, reused = stats.reused, damaged = stats.damaged, "bundle installed");
                         Ok(())
                     }
@@ -493,7 +597,16 @@ impl Syncer {
         }
         if ok {
             self.errors.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+            self.stats.reconcile_errors.store(0, Ordering::Relaxed);
         }
         ok
+    }
+}
+
+/// Completes when `reporter` has windows to send; never without one.
+async fn pending(reporter: Option<&Reporter>) {
+    match reporter {
+        Some(r) => r.pending().notified().await,
+        None => std::future::pending().await,
     }
 }

@@ -15,6 +15,7 @@
 //! - [`chunking`]: content-defined chunks and recipes, for resumable delta transfers.
 //! - [`metrics`], [`sketch`], [`drift`]: metric windows (counts, a mergeable latency
 //!   sketch, histograms over the reference bins), and drift scores (PSI, KS, JS).
+//! - [`alerting`]: alert rules over rollups of metric windows, and when they fire.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
@@ -24,6 +25,7 @@
 //! - [`sample`] and [`train`]: the synthetic dataset and the small MLP trainer that make
 //!   the project's own sample model, so that nothing is downloaded.
 
+pub mod alerting;
 pub mod bundle;
 pub mod chunking;
 pub mod desired;

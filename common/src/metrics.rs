@@ -11,7 +11,7 @@ use crate::sketch::LatencySketch;
 use crate::time::Timestamp;
 
 /// One model version's measurements over one window.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsWindow {
     /// The model.
     pub model: String,
@@ -80,6 +80,49 @@ pub struct Drift {
     pub outputs: Vec<ColumnDrift>,
 }
 
+impl Drift {
+    /// The `n` input columns drifting most, by PSI.
+    pub fn top_inputs(&self, n: usize) -> Vec<&ColumnDrift> {
+        let mut columns: Vec<&ColumnDrift> = self.inputs.iter().collect();
+        columns.sort_by(|a, b| b.scores.psi.total_cmp(&a.scores.psi));
+        columns.truncate(n);
+        columns
+    }
+}
+
+/// One version's rollup as `falaj-control metrics` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionSummary {
+    /// The version.
+    pub version: u64,
+    /// Agents that reported it.
+    pub agents: u64,
+    /// Windows merged.
+    pub windows: u64,
+    /// Requests.
+    pub requests: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Seconds from the first window's start to the last one's end.
+    pub span_seconds: u64,
+    /// Requests per second over the span.
+    pub rate: f64,
+    /// Errors over requests (0 without requests).
+    pub error_rate: f64,
+    /// Latency quantiles of successful requests, in milliseconds.
+    pub p50_ms: Option<f64>,
+    /// 95th percentile.
+    pub p95_ms: Option<f64>,
+    /// 99th percentile.
+    pub p99_ms: Option<f64>,
+    /// Windows agents dropped from full outboxes.
+    pub dropped_windows: u64,
+    /// Requests counted in those.
+    pub dropped_requests: u64,
+    /// Drift against the bundle's reference profile; `None` without one.
+    pub drift: Option<Drift>,
+}
+
 fn add_histograms(into: &mut Vec<Vec<u64>>, from: &[Vec<u64>]) {
     if into.is_empty() {
         into.clone_from(&from.to_vec());
@@ -104,6 +147,37 @@ impl Rollup {
         add_histograms(&mut self.outputs, &w.outputs);
         self.dropped_windows += w.dropped_windows;
         self.dropped_requests += w.dropped_requests;
+    }
+
+    /// The summary of this rollup of `version`, reported by `agents` over `span_seconds`.
+    pub fn summary(
+        &self,
+        version: u64,
+        agents: u64,
+        span_seconds: u64,
+        reference: Option<&DataProfile>,
+    ) -> VersionSummary {
+        let ms = |q| self.latency.quantile(q).map(|micros| micros / 1000.0);
+        VersionSummary {
+            version,
+            agents,
+            windows: self.windows,
+            requests: self.requests,
+            errors: self.errors,
+            span_seconds,
+            rate: self.requests as f64 / span_seconds.max(1) as f64,
+            error_rate: if self.requests == 0 {
+                0.0
+            } else {
+                self.errors as f64 / self.requests as f64
+            },
+            p50_ms: ms(0.5),
+            p95_ms: ms(0.95),
+            p99_ms: ms(0.99),
+            dropped_windows: self.dropped_windows,
+            dropped_requests: self.dropped_requests,
+            drift: reference.map(|r| self.drift(r)),
+        }
     }
 
     /// Drift of each input and output column against `reference`. Columns without data
@@ -191,6 +265,11 @@ mod tests {
         assert_eq!(names, ["a", "b"]);
         assert!(drift.inputs[0].scores.psi < 1e-9, "{drift:?}");
         assert!(drift.inputs[1].scores.psi > 0.25 && drift.inputs[1].scores.ks > 0.29, "{drift:?}");
+        assert_eq!(drift.top_inputs(1)[0].column, "b");
+        let summary = r.summary(3, 2, 100, Some(&reference));
+        assert_eq!((summary.rate, summary.error_rate), (10.0, 0.001));
+        assert!((summary.p99_ms.unwrap() - 0.1).abs() < 0.002, "{summary:?}");
+        assert_eq!(summary.drift, Some(drift));
     }
 
     #[test]

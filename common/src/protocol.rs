@@ -16,6 +16,7 @@ use thiserror::Error;
 
 use crate::desired::SignedDesired;
 use crate::keys::Sha256;
+use crate::metrics::MetricsWindow;
 use crate::time::Timestamp;
 
 /// ALPN of enrollment connections.
@@ -29,6 +30,8 @@ pub const SERVER_NAME: &str = "control.falaj";
 pub const MAX_FRAME: usize = 16 << 20;
 /// Most chunks one fetch request may ask for.
 pub const MAX_CHUNKS_PER_FETCH: usize = 4096;
+/// Most metric windows in one [`AgentMessage::Windows`].
+pub const MAX_WINDOWS_PER_BATCH: usize = 256;
 
 /// Enrollment: the token, and a CSR for a key pair that never leaves the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +121,19 @@ pub enum AgentMessage {
         #[serde(with = "serde_bytes")]
         csr_der: Vec<u8>,
     },
+    /// Closed metric windows from the agent's outbox, oldest first; at most
+    /// [`MAX_WINDOWS_PER_BATCH`]. Answered by [`ControlMessage::Ack`] once stored.
+    Windows(Vec<SequencedWindow>),
+}
+
+/// A metric window with its per-agent sequence number: the control plane stores each
+/// (agent, sequence) once, however often it is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SequencedWindow {
+    /// The agent's sequence number for it, from 1, never reused.
+    pub seq: u64,
+    /// The window.
+    pub window: MetricsWindow,
 }
 
 /// Control plane to agent, on the session stream.
@@ -135,6 +151,11 @@ pub enum ControlMessage {
     },
     /// A refused request, with the reason.
     Refused(String),
+    /// These windows are committed (or were already): the agent may delete them.
+    Ack {
+        /// Their sequence numbers.
+        seqs: Vec<u64>,
+    },
 }
 
 /// A request for content-addressed blobs (chunks and recipes), on a stream of its own.

@@ -88,11 +88,12 @@ impl Store {
         })
     }
 
-    /// Windows waiting.
-    pub fn outbox_depth(&self) -> Result<u64> {
+    /// Windows waiting, and the requests they count.
+    pub fn outbox_depth(&self) -> Result<(u64, u64)> {
         self.conn
-            .query_row("SELECT COUNT(*) FROM outbox", [], |r| r.get::<_, i64>(0))
-            .map(|n| n as u64)
+            .query_row("SELECT COUNT(*), COALESCE(SUM(requests), 0) FROM outbox", [], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64))
+            })
             .map_err(self.db())
     }
 
@@ -160,7 +161,7 @@ mod tests {
         let peek = store.outbox_peek(10).unwrap();
         assert_eq!(peek.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3]);
         store.outbox_ack(&[1, 2]).unwrap();
-        assert_eq!(store.outbox_depth().unwrap(), 1);
+        assert_eq!(store.outbox_depth().unwrap(), (1, 3));
         let (seq, _) = store.outbox_push(window(4), 10, SystemTime::now()).unwrap();
         assert_eq!(seq, 4, "sequence numbers are never reused");
     }
@@ -173,7 +174,7 @@ mod tests {
             store.outbox_push(window(r), 3, SystemTime::now()).unwrap();
             pushed += r;
         }
-        assert_eq!(store.outbox_depth().unwrap(), 3);
+        assert_eq!(store.outbox_depth().unwrap(), (3, 8 + 9 + 10));
         // What is kept, plus what the kept windows carry as dropped, is everything.
         let kept: Vec<MetricsWindow> = store
             .outbox_peek(10)

@@ -1,0 +1,186 @@
+//! Metric windows from measurement to delivery. Every window (10 s by default) the counters
+//! of each served version are closed into a [`MetricsWindow`] and appended to the outbox
+//! in the agent's SQLite. The control-plane session sends what waits there, one batch in
+//! flight, and a batch leaves the outbox only when the control plane acknowledges it,
+//! after its own commit. Outages, restarts of either side and lost acknowledgements
+//! therefore cost nothing: the control plane stores each (agent, sequence) once.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use falaj_common::metrics::MetricsWindow;
+use falaj_common::protocol::{MAX_WINDOWS_PER_BATCH, SequencedWindow};
+use tokio::sync::{Notify, watch};
+
+use crate::metrics::{AgentStats, ModelMetrics};
+use crate::models::{Registry, VersionState};
+use crate::store::{Store, StoreError};
+
+/// How windows are made and kept.
+#[derive(Debug, Clone, Copy)]
+pub struct ReportConfig {
+    /// Length of a metric window.
+    pub window: Duration,
+    /// Most windows the outbox keeps; past it the oldest are dropped (and counted).
+    pub outbox_cap: usize,
+}
+
+impl Default for ReportConfig {
+    fn default() -> Self {
+        Self { window: Duration::from_secs(10), outbox_cap: 100_000 }
+    }
+}
+
+/// Closes windows into the outbox and hands them to the session.
+#[derive(Debug)]
+pub struct Reporter {
+    store: Arc<Mutex<Store>>,
+    registry: Arc<Registry>,
+    stats: Arc<AgentStats>,
+    config: ReportConfig,
+    /// The versions measured at the last close: one unloaded since still gets its last
+    /// window closed.
+    measured: Mutex<Vec<Arc<ModelMetrics>>>,
+    pending: Notify,
+}
+
+impl Reporter {
+    /// A reporter for the versions `registry` serves, keeping its outbox in `store`.
+    pub fn new(
+        store: Arc<Mutex<Store>>,
+        registry: Arc<Registry>,
+        stats: Arc<AgentStats>,
+        config: ReportConfig,
+    ) -> Self {
+        Self {
+            store,
+            registry,
+            stats,
+            config,
+            measured: Mutex::new(Vec::new()),
+            pending: Notify::new(),
+        }
+    }
+
+    /// Signalled when windows may be waiting to be sent.
+    pub fn pending(&self) -> &Notify {
+        &self.pending
+    }
+
+    fn lock_store(&self) -> std::sync::MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Closes the current window of every measured version and appends those that saw
+    /// traffic to the outbox; returns how many were appended. Blocking.
+    pub fn close_windows(&self, now: SystemTime) -> Result<usize, StoreError> {
+        let current: Vec<Arc<ModelMetrics>> = self
+            .registry
+            .catalog()
+            .models
+            .values()
+            .flat_map(|m| m.versions.values())
+            .filter_map(|v| match v {
+                VersionState::Ready(v) => Some(Arc::clone(&v.metrics)),
+                VersionState::Failed { .. } => None,
+            })
+            .collect();
+        let previous = std::mem::replace(
+            &mut *self.measured.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+            current.clone(),
+        );
+        let gone = previous.into_iter().filter(|p| !current.iter().any(|c| Arc::ptr_eq(p, c)));
+        let windows: Vec<MetricsWindow> =
+            current.iter().cloned().chain(gone).filter_map(|m| m.close(now)).collect();
+        if windows.is_empty() {
+            return Ok(0);
+        }
+        let count = windows.len();
+        let mut store = self.lock_store();
+        let mut evicted = 0;
+        for window in windows {
+            tracing::debug!(model = %window.model, version = window.version, requests = window.requests, "metric window closed");
+            evicted += store.outbox_push(window, self.config.outbox_cap, now)?.1;
+        }
+        self.update_depth(&store)?;
+        drop(store);
+        if evicted > 0 {
+            self.stats.dropped_windows.fetch_add(evicted, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                evicted,
+                cap = self.config.outbox_cap,
+                "metrics outbox full: dropped the oldest windows (counted and reported)"
+            );
+        }
+        self.pending.notify_one();
+        Ok(count)
+    }
+
+    fn update_depth(&self, store: &Store) -> Result<(), StoreError> {
+        let (windows, requests) = store.outbox_depth()?;
+        self.stats.outbox_depth.store(windows, std::sync::atomic::Ordering::Relaxed);
+        self.stats.outbox_requests.store(requests, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// The oldest windows waiting, at most one batch. A stored window that no longer
+    /// decodes is dropped from the outbox with an error logged. Blocking.
+    pub fn batch(&self) -> Result<Vec<SequencedWindow>, StoreError> {
+        let mut store = self.lock_store();
+        let mut batch = Vec::new();
+        let mut undecodable = Vec::new();
+        for (seq, bytes) in store.outbox_peek(MAX_WINDOWS_PER_BATCH)? {
+            match postcard::from_bytes::<MetricsWindow>(&bytes) {
+                Ok(window) => batch.push(SequencedWindow { seq, window }),
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "dropping an outbox window that does not decode");
+                    undecodable.push(seq);
+                }
+            }
+        }
+        if !undecodable.is_empty() {
+            store.outbox_ack(&undecodable)?;
+            self.stats
+                .dropped_windows
+                .fetch_add(undecodable.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            self.update_depth(&store)?;
+        }
+        Ok(batch)
+    }
+
+    /// Deletes windows the control plane has stored. Blocking.
+    pub fn acknowledged(&self, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut store = self.lock_store();
+        store.outbox_ack(seqs)?;
+        self.update_depth(&store)?;
+        self.stats
+            .delivered_windows
+            .fetch_add(seqs.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Closes a window every [`ReportConfig::window`] until `shutdown` turns true, then
+    /// closes the last one, so that a clean stop loses nothing.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut ticks = tokio::time::interval(self.config.window);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks.tick().await;
+        loop {
+            let stopping = tokio::select! {
+                _ = ticks.tick() => false,
+                _ = shutdown.wait_for(|s| *s) => true,
+            };
+            let this = Arc::clone(&self);
+            match tokio::task::spawn_blocking(move || this.close_windows(SystemTime::now())).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "writing metric windows to the outbox failed")
+                }
+                Err(e) => tracing::error!(error = %e, "closing metric windows failed"),
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}
