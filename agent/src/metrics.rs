@@ -7,19 +7,18 @@
 //! [`MetricsWindow`] for the outbox; closed windows also add up into cumulative totals
 //! for the Prometheus exposition ([`Exporter`]).
 
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use falaj_common::exposition::{self, VersionFigures};
 use falaj_common::metrics::MetricsWindow;
 use falaj_common::profile::{ColumnProfile, DataProfile, Histogram};
 use falaj_common::sketch::{self, LatencySketch};
 use falaj_common::tensor::{Signature, Tensor, TensorData};
 use falaj_common::time::Timestamp;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
-use prometheus_client::metrics::MetricType;
+use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::models::{Registry, VersionState};
 
@@ -211,18 +210,22 @@ impl ModelMetrics {
         })
     }
 
-    /// Cumulative requests, errors, latency sketch and sum (closed windows and the open one).
-    fn cumulative(&self) -> (u64, u64, LatencySketch, f64) {
+    /// Cumulative figures: closed windows and the open one.
+    fn cumulative(&self) -> VersionFigures {
         let totals = self.totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let open: Vec<u64> = self.latency.iter().map(|c| c.load(Ordering::Relaxed)).collect();
         let mut latency = totals.latency.clone();
         latency.merge(&LatencySketch::from_counts(&open));
-        (
-            totals.requests + self.requests.load(Ordering::Relaxed),
-            totals.errors + self.errors.load(Ordering::Relaxed),
+        VersionFigures {
+            model: self.model.clone(),
+            version: self.version,
+            requests: totals.requests + self.requests.load(Ordering::Relaxed),
+            errors: totals.errors + self.errors.load(Ordering::Relaxed),
             latency,
-            totals.latency_sum_micros + self.latency_sum_micros.load(Ordering::Relaxed) as f64,
-        )
+            latency_sum_seconds: (totals.latency_sum_micros
+                + self.latency_sum_micros.load(Ordering::Relaxed) as f64)
+                / 1e6,
+        }
     }
 }
 
@@ -247,10 +250,6 @@ pub struct AgentStats {
     pub connected: AtomicBool,
 }
 
-/// Latency bucket bounds for Prometheus, in seconds.
-const BOUNDS: [f64; 14] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0];
-
 /// The Prometheus collector: per model version and agent-wide figures, read at scrape time.
 #[derive(Debug)]
 pub struct Exporter {
@@ -263,145 +262,76 @@ pub struct Exporter {
 impl Collector for Exporter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let catalog = self.registry.catalog();
-        let versions: Vec<_> = catalog
+        let figures: Vec<VersionFigures> = catalog
             .models
             .values()
             .flat_map(|m| m.versions.values())
             .filter_map(|v| match v {
-                VersionState::Ready(v) => Some(v),
+                VersionState::Ready(v) => Some(v.metrics.cumulative()),
                 VersionState::Failed { .. } => None,
             })
             .collect();
-        let figures: Vec<_> = versions.iter().map(|v| (v, v.metrics.cumulative())).collect();
-        let labels = |v: &crate::models::LoadedVersion| {
-            [("model", v.manifest.name.clone()), ("version", v.manifest.version.to_string())]
-        };
-        {
-            let mut family = encoder.encode_descriptor(
-                "falaj_inference_requests",
-                "Inference requests",
-                None,
-                MetricType::Counter,
-            )?;
-            for (v, (requests, ..)) in &figures {
-                family
-                    .encode_family(&labels(v))?
-                    .encode_counter::<NoLabelSet, _, u64>(requests, None)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
-                "falaj_inference_errors",
-                "Inference requests that failed",
-                None,
-                MetricType::Counter,
-            )?;
-            for (v, (_, errors, ..)) in &figures {
-                family
-                    .encode_family(&labels(v))?
-                    .encode_counter::<NoLabelSet, _, u64>(errors, None)?;
-            }
-        }
-        {
-            let mut family = encoder.encode_descriptor(
-                "falaj_inference_latency_seconds",
-                "Latency of successful inference requests, measured by the agent",
-                None,
-                MetricType::Histogram,
-            )?;
-            for (v, (_, _, sketch, sum)) in &figures {
-                let micros: Vec<f64> = BOUNDS.iter().map(|b| b * 1e6).collect();
-                let cumulative = sketch.cumulative(&micros);
-                let buckets: Vec<(f64, u64)> = BOUNDS.iter().copied().zip(cumulative).collect();
-                family.encode_family(&labels(v))?.encode_histogram::<NoLabelSet>(
-                    sum / 1e6,
-                    sketch.count(),
-                    &buckets,
-                    None,
-                )?;
-            }
-        }
+        exposition::encode_versions(&mut encoder, "measured by the agent", &figures)?;
         let s = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        // (name, help, is a counter, value)
-        let figures = [
-            (
-                "falaj_models_ready",
-                "1 when every active model version is loaded",
-                false,
-                u64::from(catalog.ready()),
-            ),
-            (
-                "falaj_outbox_windows",
-                "Metric windows waiting to be delivered",
-                false,
-                load(&s.outbox_depth),
-            ),
-            (
-                "falaj_outbox_requests",
-                "Requests counted in the metric windows waiting",
-                false,
-                load(&s.outbox_requests),
-            ),
-            (
-                "falaj_outbox_dropped_windows",
-                "Metric windows dropped from a full outbox",
-                true,
-                load(&s.dropped_windows),
-            ),
-            (
-                "falaj_outbox_delivered_windows",
-                "Metric windows acknowledged by the control plane",
-                true,
-                load(&s.delivered_windows),
-            ),
-            (
-                "falaj_transfer_bytes",
-                "Bytes of bundle chunks fetched from the control plane",
-                true,
-                load(&s.transfer_bytes),
-            ),
-            (
-                "falaj_desired_state_version",
-                "Version of the last desired-state document applied",
-                false,
-                load(&s.applied_version),
-            ),
-            (
-                "falaj_reconcile_errors",
-                "Reconciliation problems outstanding",
-                false,
-                load(&s.reconcile_errors),
-            ),
-            (
-                "falaj_control_plane_connected",
-                "1 while a session with the control plane is up",
-                false,
-                u64::from(s.connected.load(Ordering::Relaxed)),
-            ),
-        ];
-        for (name, help, is_counter, value) in figures {
-            if is_counter {
-                encoder
-                    .encode_descriptor(name, help, None, MetricType::Counter)?
-                    .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
-            } else {
-                encoder
-                    .encode_descriptor(name, help, None, MetricType::Gauge)?
-                    .encode_gauge(&(value as i64))?;
-            }
-        }
-        Ok(())
+        exposition::encode_scalars(
+            &mut encoder,
+            &[
+                (
+                    "falaj_models_ready",
+                    "1 when every active model version is loaded",
+                    false,
+                    u64::from(catalog.ready()),
+                ),
+                (
+                    "falaj_outbox_windows",
+                    "Metric windows waiting to be delivered",
+                    false,
+                    load(&s.outbox_depth),
+                ),
+                (
+                    "falaj_outbox_requests",
+                    "Requests counted in the metric windows waiting",
+                    false,
+                    load(&s.outbox_requests),
+                ),
+                (
+                    "falaj_outbox_dropped_windows",
+                    "Metric windows dropped from a full outbox",
+                    true,
+                    load(&s.dropped_windows),
+                ),
+                (
+                    "falaj_outbox_delivered_windows",
+                    "Metric windows acknowledged by the control plane",
+                    true,
+                    load(&s.delivered_windows),
+                ),
+                (
+                    "falaj_transfer_bytes",
+                    "Bytes of bundle chunks fetched from the control plane",
+                    true,
+                    load(&s.transfer_bytes),
+                ),
+                (
+                    "falaj_desired_state_version",
+                    "Version of the last desired-state document applied",
+                    false,
+                    load(&s.applied_version),
+                ),
+                (
+                    "falaj_reconcile_errors",
+                    "Reconciliation problems outstanding",
+                    false,
+                    load(&s.reconcile_errors),
+                ),
+                (
+                    "falaj_control_plane_connected",
+                    "1 while a session with the control plane is up",
+                    false,
+                    u64::from(s.connected.load(Ordering::Relaxed)),
+                ),
+            ],
+        )
     }
-}
-
-/// Renders the Prometheus text exposition of `exporter`.
-pub fn render(exporter: Exporter) -> String {
-    let mut registry = prometheus_client::registry::Registry::default();
-    registry.register_collector(Box::new(exporter));
-    let mut out = String::new();
-    if prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).is_err() {
-        let _ = writeln!(out, "# encoding failed");
-    }
-    out
 }

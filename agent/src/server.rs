@@ -312,7 +312,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 }
 
 async fn prometheus(State(state): State<AppState>) -> Response {
-    let text = crate::metrics::render(crate::metrics::Exporter {
+    let text = falaj_common::exposition::render(crate::metrics::Exporter {
         registry: Arc::clone(&state.registry),
         stats: Arc::clone(&state.stats),
     });

@@ -16,6 +16,7 @@
 //! - [`metrics`], [`sketch`], [`drift`]: metric windows (counts, a mergeable latency
 //!   sketch, histograms over the reference bins), and drift scores (PSI, KS, JS).
 //! - [`alerting`]: alert rules over rollups of metric windows, and when they fire.
+//! - [`exposition`] (feature `prometheus`): the Prometheus text both shells serve.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
@@ -32,6 +33,8 @@ pub mod desired;
 pub mod drift;
 pub mod enrollment;
 pub mod errors;
+#[cfg(feature = "prometheus")]
+pub mod exposition;
 pub mod keys;
 pub mod metrics;
 pub mod names;

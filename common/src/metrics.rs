@@ -4,11 +4,31 @@
 //! them to the control plane, which merges them.
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 
 use crate::drift::{self, DriftScores};
 use crate::profile::{ColumnProfile, DataProfile};
 use crate::sketch::LatencySketch;
 use crate::time::Timestamp;
+
+/// Most histogram columns (inputs or outputs) a window may carry.
+pub const MAX_COLUMNS: usize = 4096;
+/// Most bins per histogram column.
+pub const MAX_BINS: usize = 4096;
+/// Longest window, in seconds.
+pub const MAX_WINDOW_SECONDS: u32 = 86_400;
+
+/// A window that cannot be right, refused where it enters the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("metric window of {model:?} version {version}: {problem}")]
+pub struct InvalidWindow {
+    /// The model it claims.
+    pub model: String,
+    /// The version it claims.
+    pub version: u64,
+    /// What is wrong.
+    pub problem: String,
+}
 
 /// One model version's measurements over one window.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +80,39 @@ pub struct Rollup {
     pub dropped_windows: u64,
     /// Requests lost with them.
     pub dropped_requests: u64,
+}
+
+impl MetricsWindow {
+    /// Checks what an agent sent: a valid model name, a sensible length, no more errors
+    /// than requests, latency buckets that exist, histograms within bounds.
+    pub fn check(&self) -> Result<(), InvalidWindow> {
+        let problem = if let Err(e) = crate::names::check_model_name(&self.model) {
+            Some(e.to_string())
+        } else if self.seconds == 0 || self.seconds > MAX_WINDOW_SECONDS {
+            Some(format!("length {} s is not within 1 to {MAX_WINDOW_SECONDS} s", self.seconds))
+        } else if self.errors > self.requests {
+            Some(format!("{} errors out of {} requests", self.errors, self.requests))
+        } else if self
+            .latency
+            .buckets
+            .iter()
+            .any(|&(b, _)| usize::from(b) >= crate::sketch::BUCKETS)
+        {
+            Some("a latency bucket out of range".to_owned())
+        } else if self.latency.count() > self.requests {
+            Some(format!("{} latencies for {} requests", self.latency.count(), self.requests))
+        } else if [&self.inputs, &self.outputs]
+            .iter()
+            .any(|h| h.len() > MAX_COLUMNS || h.iter().any(|c| c.len() > MAX_BINS))
+        {
+            Some(format!("histograms over {MAX_COLUMNS} columns or {MAX_BINS} bins"))
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |problem| {
+            Err(InvalidWindow { model: self.model.clone(), version: self.version, problem })
+        })
+    }
 }
 
 /// One column's drift against the reference profile.
@@ -270,6 +323,22 @@ mod tests {
         assert_eq!((summary.rate, summary.error_rate), (10.0, 0.001));
         assert!((summary.p99_ms.unwrap() - 0.1).abs() < 0.002, "{summary:?}");
         assert_eq!(summary.drift, Some(drift));
+    }
+
+    #[test]
+    fn implausible_windows_are_refused_with_the_reason() {
+        assert_eq!(window(3, 100.0, vec![1, 2]).check(), Ok(()));
+        let refused = |w: MetricsWindow, needle: &str| {
+            let e = w.check().unwrap_err().to_string();
+            assert!(e.contains(needle) && e.contains("version 1:"), "{e}");
+        };
+        refused(MetricsWindow { model: "Bad Name".into(), ..window(1, 1.0, vec![]) }, "Bad Name");
+        refused(MetricsWindow { seconds: 0, ..window(1, 1.0, vec![]) }, "length 0 s");
+        refused(MetricsWindow { errors: 9, ..window(3, 1.0, vec![]) }, "9 errors out of 3");
+        let mut w = window(1, 1.0, vec![]);
+        w.latency.buckets.push((u16::MAX, 1));
+        refused(w, "latency bucket");
+        refused(window(1, 1.0, vec![0; MAX_BINS + 1]), "histograms over");
     }
 
     #[test]

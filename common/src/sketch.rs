@@ -122,6 +122,11 @@ impl LatencySketch {
             })
             .collect()
     }
+
+    /// The sum of the values recorded, from the buckets (within [`ALPHA`]).
+    pub fn approximate_sum(&self) -> f64 {
+        self.buckets.iter().map(|&(b, c)| value(b as usize) * c as f64).sum()
+    }
 }
 
 #[cfg(test)]
@@ -184,5 +189,7 @@ mod tests {
             s.record(v);
         }
         assert_eq!(s.cumulative(&[50.0, 500.0, 5_000.0, 1e9]), vec![1, 2, 3, 4]);
+        let exact: f64 = [10.0, 100.0, 1000.0, 10_000.0].iter().sum();
+        assert!((s.approximate_sum() - exact).abs() <= exact * ALPHA, "{}", s.approximate_sum());
     }
 }

@@ -6,13 +6,14 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use falaj_common::enrollment::EnrollmentToken;
 use falaj_common::keys::Sha256;
+use falaj_common::metrics::VersionSummary;
 use falaj_common::names;
 use falaj_common::time::Timestamp;
 use http_body_util::BodyExt;
@@ -20,7 +21,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
+use crate::alerts::AlertEvent;
 use crate::db::{self, AgentRow, BundleRow, TokenRow};
+use crate::exporter::{Exporter, Stored};
+use crate::monitoring::{self, MetricsQuery};
 use crate::push;
 use crate::state::Shared;
 
@@ -99,12 +103,15 @@ pub fn router(api: Api) -> Router {
         .route("/v1/agents/{id}/revoke", post(revoke_agent))
         .route("/v1/deployments", get(list_deployments))
         .route("/v1/groups/{group}/deployments/{name}", put(deploy).delete(undeploy))
+        .route("/v1/metrics", get(metrics))
+        .route("/v1/alerts", get(alerts))
         .route_layer(middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
         .route(
             "/v1/health",
             get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
         )
+        .route("/metrics", get(prometheus))
         .merge(authed)
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .with_state(api)
@@ -229,13 +236,19 @@ async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> 
     let row = pushed.row.clone();
     let existing = {
         let row = row.clone();
+        let reference = pushed.manifest.model().and_then(|m| m.reference.clone());
         api.shared
             .db
             .call(move |c| {
-                let existing = db::bundle(c, &row.name, row.version)?;
+                let tx = c.transaction()?;
+                let existing = db::bundle(&tx, &row.name, row.version)?;
                 if existing.is_none() {
-                    db::insert_bundle(c, &row)?;
+                    db::insert_bundle(&tx, &row)?;
+                    if let Some(profile) = reference.as_ref() {
+                        monitoring::set_reference(&tx, &row.name, row.version, profile)?;
+                    }
                 }
+                tx.commit()?;
                 Ok(existing)
             })
             .await?
@@ -442,4 +455,115 @@ async fn list_deployments(State(api): State<Api>) -> ApiResult<Response> {
         .map(|(group, name, version)| json!({"group": group, "name": name, "version": version}))
         .collect();
     Ok(json_response(StatusCode::OK, &views))
+}
+
+#[derive(Debug, Deserialize)]
+struct MetricsParams {
+    model: String,
+    version: Option<u64>,
+    group: Option<String>,
+    agent: Option<String>,
+    /// A duration like `15m` or `1h`: windows starting within it.
+    since: Option<String>,
+}
+
+/// What `GET /v1/metrics` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MetricsView {
+    /// The model.
+    pub model: String,
+    /// Windows starting at or after this time were rolled up.
+    pub since: Timestamp,
+    /// One summary per version seen.
+    pub versions: Vec<VersionSummary>,
+}
+
+async fn metrics(
+    State(api): State<Api>,
+    Query(params): Query<MetricsParams>,
+) -> ApiResult<Response> {
+    names::check_model_name(&params.model)
+        .map_err(|e| ApiError::bad_request(format!("model: {e}")))?;
+    let since = humantime::parse_duration(params.since.as_deref().unwrap_or("1h"))
+        .map_err(|e| ApiError::bad_request(format!("since: {e}")))?;
+    let now = SystemTime::now();
+    let query = MetricsQuery {
+        since: Timestamp::from_system(now.checked_sub(since).unwrap_or(SystemTime::UNIX_EPOCH)),
+        model: params.model,
+        version: params.version,
+        group: params.group,
+        agent: params.agent,
+    };
+    let view_since = query.since;
+    let model = query.model.clone();
+    let versions = api.shared.db.call(move |c| monitoring::summaries(c, &query)).await?;
+    Ok(json_response(StatusCode::OK, &MetricsView { model, since: view_since, versions }))
+}
+
+#[derive(Debug, Deserialize)]
+struct AlertsParams {
+    limit: Option<u64>,
+}
+
+/// An alert firing now.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FiringView {
+    /// The rule.
+    pub rule: String,
+    /// What it is about.
+    pub subject: String,
+    /// Since when.
+    pub since: Timestamp,
+    /// The value that fired it.
+    pub value: f64,
+}
+
+/// What `GET /v1/alerts` answers.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct AlertsView {
+    /// Alerts firing now.
+    pub firing: Vec<FiringView>,
+    /// The latest events, newest first.
+    pub events: Vec<AlertEvent>,
+}
+
+async fn alerts(State(api): State<Api>, Query(params): Query<AlertsParams>) -> ApiResult<Response> {
+    let limit = params.limit.unwrap_or(50).clamp(1, 10_000);
+    let (firing, events) = api
+        .shared
+        .db
+        .call(move |c| Ok((crate::alerts::firing(c)?, crate::alerts::events(c, limit)?)))
+        .await?;
+    let firing = firing
+        .into_iter()
+        .map(|(rule, subject, since, value)| FiringView { rule, subject, since, value })
+        .collect();
+    Ok(json_response(StatusCode::OK, &AlertsView { firing, events }))
+}
+
+/// The Prometheus exposition. Unauthenticated, like most exporters: it carries counts,
+/// not secrets, and the admin listener stays on loopback.
+async fn prometheus(State(api): State<Api>) -> ApiResult<Response> {
+    api.shared.flush_seen().await?;
+    let stored = api
+        .shared
+        .db
+        .call(|c| {
+            let agents = db::agents(c)?;
+            Ok(Stored {
+                agents: agents.iter().filter(|a| a.revoked_at.is_none()).count() as u64,
+                agents_with_errors: agents
+                    .iter()
+                    .filter(|a| {
+                        a.revoked_at.is_none()
+                            && a.actual.as_ref().is_some_and(|s| !s.errors.is_empty())
+                    })
+                    .count() as u64,
+                alerts_firing: crate::alerts::firing(c)?.len() as u64,
+            })
+        })
+        .await?;
+    let text =
+        falaj_common::exposition::render(Exporter { shared: Arc::clone(&api.shared), stored });
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }

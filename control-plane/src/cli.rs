@@ -6,6 +6,7 @@
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a bundle that fails
 //! verification, 78 bad configuration or input.
 
+use std::fmt::Write as _;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -13,8 +14,11 @@ use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
 use falaj_common::bundle::RuntimeHint;
+use falaj_common::drift::DriftScores;
+use falaj_common::metrics::ColumnDrift;
 use falaj_common::trust::TrustRoot;
 
+use crate::admin::{AlertsView, MetricsView};
 use crate::bundle::{self, BuildOptions, BundleError};
 use crate::client::{AdminClient, ClientError};
 use crate::config::{self, ControlConfig};
@@ -66,6 +70,41 @@ pub enum Command {
     Deploy(DeployArgs),
     /// Remove a model from a group.
     Undeploy(UndeployArgs),
+    /// Show a model's traffic, errors, latency and drift, per version.
+    Metrics(MetricsArgs),
+    /// Show alerts firing and the latest alert events.
+    Alerts(AlertsArgs),
+}
+
+/// Arguments of `metrics`.
+#[derive(Debug, Args)]
+pub struct MetricsArgs {
+    /// The model.
+    model: String,
+    /// Only this version.
+    #[arg(long)]
+    version: Option<u64>,
+    /// Only agents of this group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Only this agent.
+    #[arg(long)]
+    agent: Option<String>,
+    /// How far back: windows starting within this duration.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    since: Duration,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Arguments of `alerts`.
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// How many of the latest events to show.
+    #[arg(long, default_value_t = 20)]
+    limit: u64,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// Where the running control plane's admin API is, and the token for it.
@@ -416,6 +455,23 @@ pub fn run(cli: Cli) -> ExitCode {
             println!("undeployed {} from group {}", args.name, args.group);
             Ok(())
         }),
+        Command::Metrics(args) => online(&args.api, |c| async move {
+            let view = c
+                .metrics(
+                    &args.model,
+                    args.version,
+                    args.group.as_deref(),
+                    args.agent.as_deref(),
+                    args.since,
+                )
+                .await?;
+            print!("{}", render_metrics(&view));
+            Ok(())
+        }),
+        Command::Alerts(args) => online(&args.api, |c| async move {
+            print!("{}", render_alerts(&c.alerts(args.limit).await?));
+            Ok(())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -704,4 +760,132 @@ fn sample(args: &SampleArgs) -> Result<(), Failure> {
     println!("reference: {}", made.reference.display());
     println!("hold-out:  {}", made.holdout.display());
     Ok(())
+}
+
+/// The table `falaj-control metrics` prints: one row per version (rate, error rate,
+/// latency quantiles, the largest drift scores), then each version's top drifting
+/// features and its prediction drift.
+pub fn render_metrics(view: &MetricsView) -> String {
+    let mut out = format!("{} since {}\n", view.model, view.since);
+    if view.versions.is_empty() {
+        out.push_str("no metric windows in that range\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<8} {:>6} {:>10} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+        "VERSION",
+        "AGENTS",
+        "REQUESTS",
+        "RATE/S",
+        "ERRORS",
+        "P50 ms",
+        "P95 ms",
+        "P99 ms",
+        "PSI max",
+        "KS max",
+        "JS max"
+    );
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+    for v in &view.versions {
+        let columns: Vec<_> =
+            v.drift.iter().flat_map(|d| d.inputs.iter().chain(&d.outputs)).collect();
+        let max = |pick: fn(&DriftScores) -> f64| {
+            columns
+                .iter()
+                .map(|c| pick(&c.scores))
+                .reduce(f64::max)
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.3}"))
+        };
+        let _ = writeln!(
+            out,
+            "{:<8} {:>6} {:>10} {:>9.1} {:>6.2}% {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+            v.version,
+            v.agents,
+            v.requests,
+            v.rate,
+            v.error_rate * 100.0,
+            ms(v.p50_ms),
+            ms(v.p95_ms),
+            ms(v.p99_ms),
+            max(|s| s.psi),
+            max(|s| s.ks),
+            max(|s| s.js),
+        );
+    }
+    for v in &view.versions {
+        let Some(drift) = &v.drift else {
+            let _ = writeln!(
+                out,
+                "version {}: no reference profile in the bundle, so no drift",
+                v.version
+            );
+            continue;
+        };
+        let scores = |c: &ColumnDrift| {
+            format!(
+                "{} (psi {:.3}, ks {:.3}, js {:.3})",
+                c.column, c.scores.psi, c.scores.ks, c.scores.js
+            )
+        };
+        let top: Vec<String> = drift.top_inputs(3).into_iter().map(scores).collect();
+        if !top.is_empty() {
+            let _ =
+                writeln!(out, "version {} top drifting features: {}", v.version, top.join(", "));
+        }
+        let predictions: Vec<String> = drift.outputs.iter().map(scores).collect();
+        if !predictions.is_empty() {
+            let _ =
+                writeln!(out, "version {} prediction drift: {}", v.version, predictions.join(", "));
+        }
+        if v.dropped_windows > 0 {
+            let _ = writeln!(
+                out,
+                "version {}: agents dropped {} windows ({} requests) from full outboxes",
+                v.version, v.dropped_windows, v.dropped_requests
+            );
+        }
+    }
+    out
+}
+
+/// What `falaj-control alerts` prints.
+pub fn render_alerts(view: &AlertsView) -> String {
+    let mut out = String::new();
+    if view.firing.is_empty() {
+        out.push_str("no alerts firing\n");
+    } else {
+        let _ = writeln!(out, "{:<20} {:<40} {:<22} {:>10}", "FIRING", "SUBJECT", "SINCE", "VALUE");
+        for f in &view.firing {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<40} {:<22} {:>10.4}",
+                f.rule,
+                f.subject,
+                f.since.to_string(),
+                f.value
+            );
+        }
+    }
+    if !view.events.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<22} {:<9} {:<20} {:<40} {:<14} {:>10} {:>10}",
+            "AT", "STATE", "RULE", "SUBJECT", "METRIC", "VALUE", "THRESHOLD"
+        );
+        for e in &view.events {
+            let _ = writeln!(
+                out,
+                "{:<22} {:<9} {:<20} {:<40} {:<14} {:>10.4} {:>10.4}",
+                e.at.to_string(),
+                e.state,
+                e.rule,
+                e.subject,
+                e.metric,
+                e.value,
+                e.threshold
+            );
+        }
+    }
+    out
 }

@@ -1,11 +1,14 @@
 //! A client of the admin API, for the CLI's commands that act on a running control plane.
 
 use std::path::Path;
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use thiserror::Error;
+
+use crate::admin::{AlertsView, MetricsView};
 
 /// Why a call failed.
 #[derive(Debug, Error)]
@@ -154,6 +157,34 @@ impl AdminClient {
         )
         .await
         .map(drop)
+    }
+
+    /// `GET /v1/metrics`: per-version rollups of `model` over the last `since`.
+    pub async fn metrics(
+        &self,
+        model: &str,
+        version: Option<u64>,
+        group: Option<&str>,
+        agent: Option<&str>,
+        since: Duration,
+    ) -> Result<MetricsView, ClientError> {
+        let mut params = vec![
+            ("model", model.to_owned()),
+            ("since", humantime::format_duration(since).to_string()),
+        ];
+        params.extend(version.map(|v| ("version", v.to_string())));
+        params.extend(group.map(|g| ("group", g.to_owned())));
+        params.extend(agent.map(|a| ("agent", a.to_owned())));
+        let url =
+            reqwest::Url::parse_with_params(&self.url("/v1/metrics"), &params).map_err(|e| {
+                ClientError::Api { status: 0, code: "url".into(), message: e.to_string() }
+            })?;
+        self.call(self.http.get(url)).await
+    }
+
+    /// `GET /v1/alerts`: alerts firing and the latest `limit` events.
+    pub async fn alerts(&self, limit: u64) -> Result<AlertsView, ClientError> {
+        self.call(self.http.get(self.url(&format!("/v1/alerts?limit={limit}")))).await
     }
 
     /// `GET /v1/deployments`.

@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use falaj_common::alerting::RetrainHook;
 use falaj_common::time::human_duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::alerts::AlertsConfig;
 use crate::daemon::ServeConfig;
 
 /// Where a package installs the configuration.
@@ -66,6 +68,25 @@ pub struct ControlConfig {
     pub policy: PolicyConfig,
     /// Bundles.
     pub bundles: BundlesConfig,
+    /// Metric windows from agents.
+    pub metrics: MetricsConfig,
+    /// Alert rules and where alerts go.
+    pub alerts: AlertsConfig,
+}
+
+/// `[metrics]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// How long metric windows are kept.
+    #[serde(with = "human_duration")]
+    pub retention: Duration,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { retention: defaults().metrics_retention }
+    }
 }
 
 /// `[quic]`.
@@ -118,6 +139,8 @@ impl Default for ControlConfig {
             admin: AdminConfig::default(),
             policy: PolicyConfig::default(),
             bundles: BundlesConfig::default(),
+            metrics: MetricsConfig::default(),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -222,6 +245,70 @@ impl ControlConfig {
             Duration::from_secs(3600),
         )?;
         within(path, "bundles.max_bytes", self.bundles.max_bytes, 1 << 20, 1 << 40)?;
+        within(
+            path,
+            "metrics.retention",
+            self.metrics.retention,
+            Duration::from_secs(3600),
+            Duration::from_secs(10 * 365 * 86_400),
+        )?;
+        self.check_alerts(path)
+    }
+
+    fn check_alerts(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid =
+            |key, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+        let alerts = &self.alerts;
+        within(
+            path,
+            "alerts.evaluate_every",
+            alerts.evaluate_every,
+            Duration::from_millis(100),
+            Duration::from_secs(86_400),
+        )?;
+        let url = |key, url: &str| match reqwest::Url::parse(url) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") => Ok(()),
+            _ => Err(invalid(key, format!("{url:?} is not an http:// or https:// URL"))),
+        };
+        for webhook in &alerts.webhooks {
+            url("alerts.webhooks", webhook)?;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for rule in &alerts.rules {
+            let problem = |message: String| {
+                invalid("alerts.rules", format!("rule {:?}: {message}", rule.name))
+            };
+            if rule.name.is_empty() || !names.insert(rule.name.as_str()) {
+                return Err(problem("rule names must be present and unique".into()));
+            }
+            falaj_common::names::check_model_name(&rule.model)
+                .map_err(|e| problem(e.to_string()))?;
+            if !rule.threshold.is_finite() || rule.threshold < 0.0 {
+                return Err(problem(format!(
+                    "threshold {} must be a number at least 0",
+                    rule.threshold
+                )));
+            }
+            if rule.window < Duration::from_secs(1)
+                || rule.window > Duration::from_secs(30 * 86_400)
+            {
+                return Err(problem("window must be between 1s and 30days".into()));
+            }
+            if rule.column.is_some() && !rule.metric.is_drift() {
+                return Err(problem("column applies to drift metrics (psi, ks, js) only".into()));
+            }
+            match &rule.retrain {
+                Some(RetrainHook::Webhook(u)) => url("alerts.rules", u)?,
+                Some(RetrainHook::Command(argv))
+                    if argv.first().is_none_or(|p| !Path::new(p).is_absolute()) =>
+                {
+                    return Err(problem(
+                        "retrain command must start with an absolute program path".into(),
+                    ));
+                }
+                _ => {}
+            }
+        }
         Ok(())
     }
 
@@ -236,6 +323,8 @@ impl ControlConfig {
         serve.policy.cert_ttl = self.policy.cert_ttl;
         serve.policy.heartbeat = self.policy.heartbeat;
         serve.max_bundle_bytes = self.bundles.max_bytes;
+        serve.metrics_retention = self.metrics.retention;
+        serve.alerts = self.alerts.clone();
         serve
     }
 }
@@ -270,5 +359,25 @@ mod tests {
         check("[policy]\ncert_ttl = \"1s\"\n", "policy.cert_ttl: must be between");
         check("[quic]\nlisten = 7443\n", "listen");
         check("[admn]\n", "unknown field `admn`");
+        check("[metrics]\nretention = \"1s\"\n", "metrics.retention: must be between");
+        check(
+            "[alerts]\nwebhooks = [\"ftp://x\"]\n",
+            "alerts.webhooks: \"ftp://x\" is not an http",
+        );
+        let rule = "[[alerts.rules]]\nname = \"d\"\nmodel = \"pump\"\nmetric = \"psi\"\nthreshold = 0.2\nwindow = \"5m\"\n";
+        check(&format!("{rule}{rule}"), "rule \"d\": rule names must be present and unique");
+        check(&rule.replace("psi", "psy"), "unknown variant `psy`");
+        check(&rule.replace("0.2", "-1.0"), "threshold -1 must be a number at least 0");
+        check(
+            &format!("{rule}retrain = {{ command = [\"retrain.sh\"] }}\n"),
+            "absolute program path",
+        );
+        check(
+            &rule.replace("psi", "error_rate").replace("window", "column = \"x\"\nwindow"),
+            "drift metrics",
+        );
+        let parsed = ControlConfig::parse(rule, Path::new("control.toml")).unwrap();
+        assert_eq!(parsed.alerts.rules[0].min_count, 100);
+        assert_eq!(parsed.serve().alerts.rules.len(), 1);
     }
 }

@@ -8,15 +8,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use falaj_common::time::Timestamp;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
+use crate::alerts::AlertsConfig;
 use crate::blobs::{BlobStore, FsBlobStore};
 use crate::ca::{Ca, CaError};
 use crate::db::{self, Db, DbError};
 use crate::keys::{self, KeysError};
 use crate::state::{Policy, Shared};
-use crate::{admin, files, quic};
+use crate::{admin, files, monitoring, quic};
 
 /// The admin token's file name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -38,6 +40,10 @@ pub struct ServeConfig {
     pub policy: Policy,
     /// Largest bundle accepted by push.
     pub max_bundle_bytes: u64,
+    /// How long metric windows are kept.
+    pub metrics_retention: Duration,
+    /// Alert rules and where alerts go.
+    pub alerts: AlertsConfig,
 }
 
 impl ServeConfig {
@@ -55,6 +61,8 @@ impl ServeConfig {
                 heartbeat: Duration::from_secs(10),
             },
             max_bundle_bytes: falaj_common::bundle::Policy::DEFAULT_MAX_BUNDLE_BYTES,
+            metrics_retention: Duration::from_secs(30 * 86_400),
+            alerts: AlertsConfig::default(),
         }
     }
 }
@@ -95,6 +103,8 @@ pub struct ControlPlane {
     api: admin::Api,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
+    retention: Duration,
+    alerts: AlertsConfig,
 }
 
 fn io(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -186,7 +196,16 @@ impl ControlPlane {
             staging: Arc::new(config.data_dir.join("staging")),
             max_bundle_bytes: config.max_bundle_bytes,
         };
-        Ok(Self { shared, endpoint, admin, api, quic_addr, admin_addr })
+        Ok(Self {
+            shared,
+            endpoint,
+            admin,
+            api,
+            quic_addr,
+            admin_addr,
+            retention: config.metrics_retention,
+            alerts: config.alerts,
+        })
     }
 
     /// Where agents connect (UDP).
@@ -214,11 +233,13 @@ impl ControlPlane {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Self { shared, endpoint, admin, api, quic_addr, admin_addr } = self;
+        let Self { shared, endpoint, admin, api, quic_addr, admin_addr, retention, alerts } = self;
         tracing::info!(%quic_addr, %admin_addr, region = %shared.region, "control plane serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(quic::accept_loop(Arc::clone(&shared), endpoint.clone()));
-        let periodic = tokio::spawn(periodic(Arc::clone(&shared), stop_rx.clone()));
+        let periodic = tokio::spawn(periodic(Arc::clone(&shared), retention, stop_rx.clone()));
+        let alerting =
+            tokio::spawn(crate::alerts::run(Arc::clone(&shared), alerts, stop_rx.clone()));
         let mut admin_stop = stop_rx.clone();
         let admin_server = tokio::spawn(async move {
             axum::serve(admin, admin::router(api))
@@ -234,6 +255,7 @@ impl ControlPlane {
         shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         let _ = accept.await;
         let _ = periodic.await;
+        let _ = alerting.await;
         let served =
             admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
         served.map_err(io("serving the admin API on", admin_addr))?;
@@ -244,8 +266,14 @@ impl ControlPlane {
     }
 }
 
-/// Writes batched reports and refreshes documents nearing expiry, until told to stop.
-async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
+/// Writes batched reports, refreshes documents nearing expiry and deletes metric windows
+/// past `retention`, until told to stop.
+async fn periodic(
+    shared: Arc<Shared>,
+    retention: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut prune = tokio::time::interval(Duration::from_secs(600));
     let mut flush = tokio::time::interval(shared.policy.heartbeat.max(Duration::from_millis(100)));
     let mut refresh =
         tokio::time::interval((shared.policy.desired_ttl / 8).max(Duration::from_millis(100)));
@@ -260,6 +288,14 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
             _ = refresh.tick() => {
                 if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
                     tracing::error!(error = %err, "refreshing desired state failed");
+                }
+            }
+            _ = prune.tick() => {
+                let before = Timestamp::from_system(SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH));
+                match shared.db.call(move |c| monitoring::prune(c, before)).await {
+                    Ok(0) => {}
+                    Ok(deleted) => tracing::info!(deleted, %before, "deleted metric windows past retention"),
+                    Err(err) => tracing::error!(error = %err, "deleting old metric windows failed"),
                 }
             }
         }

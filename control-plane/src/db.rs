@@ -80,6 +80,41 @@ const MIGRATIONS: &[&str] = &[
         subject TEXT NOT NULL,
         detail  TEXT NOT NULL
     ) STRICT;",
+    // 2: monitoring. Each agent's metric windows, stored once per (agent, sequence); the
+    // reference profile of each pushed bundle; alerts firing, and their history.
+    "ALTER TABLE bundles ADD COLUMN reference TEXT;
+    CREATE TABLE windows (
+        agent_id    TEXT NOT NULL REFERENCES agents (id),
+        seq         INTEGER NOT NULL,
+        model       TEXT NOT NULL,
+        version     INTEGER NOT NULL,
+        start       INTEGER NOT NULL,
+        seconds     INTEGER NOT NULL,
+        requests    INTEGER NOT NULL,
+        errors      INTEGER NOT NULL,
+        window      BLOB NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (agent_id, seq)
+    ) STRICT, WITHOUT ROWID;
+    CREATE INDEX windows_by_model ON windows (model, start);
+    CREATE INDEX windows_by_start ON windows (start);
+    CREATE TABLE alerts_firing (
+        rule    TEXT NOT NULL,
+        subject TEXT NOT NULL,
+        since   INTEGER NOT NULL,
+        value   REAL NOT NULL,
+        PRIMARY KEY (rule, subject)
+    ) STRICT;
+    CREATE TABLE alert_events (
+        id        INTEGER PRIMARY KEY,
+        at        INTEGER NOT NULL,
+        rule      TEXT NOT NULL,
+        subject   TEXT NOT NULL,
+        state     TEXT NOT NULL CHECK (state IN ('firing', 'resolved')),
+        metric    TEXT NOT NULL,
+        value     REAL NOT NULL,
+        threshold REAL NOT NULL
+    ) STRICT;",
 ];
 
 /// Errors of the control plane's database.
@@ -175,11 +210,11 @@ impl Db {
     }
 }
 
-fn ts(t: Timestamp) -> i64 {
+pub(crate) fn ts(t: Timestamp) -> i64 {
     t.unix() as i64
 }
 
-fn from_ts(v: i64) -> Timestamp {
+pub(crate) fn from_ts(v: i64) -> Timestamp {
     Timestamp::from_unix(v.max(0) as u64)
 }
 

@@ -1,10 +1,13 @@
-//! The Falaj control plane. This first part works offline: it creates the signing keys
-//! and trust root ([`keys`]), builds and inspects signed bundles ([`bundle`]) with their
-//! reference data profiles ([`reference`](mod@reference)), and makes the sample model ([`sample`]).
+//! The Falaj control plane: signing keys and trust root ([`keys`]), signed bundles with
+//! their reference data profiles ([`bundle`], [`reference`](mod@reference)), the sample
+//! model ([`sample`]), and the daemon ([`daemon`]): agent sessions over QUIC ([`quic`]),
+//! the admin API ([`admin`]), state in SQLite ([`db`]), metric windows and drift
+//! ([`monitoring`]), alerts ([`alerts`]) and the Prometheus endpoint ([`exporter`]).
 //!
 //! The binary (`falaj-control`) is a thin shell over [`cli`].
 
 pub mod admin;
+pub mod alerts;
 pub mod blobs;
 pub mod bundle;
 pub mod ca;
@@ -13,8 +16,10 @@ pub mod client;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod exporter;
 pub mod files;
 pub mod keys;
+pub mod monitoring;
 pub mod push;
 pub mod quic;
 pub mod reference;

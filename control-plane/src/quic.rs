@@ -1,13 +1,15 @@
 //! The control plane's QUIC endpoint: enrollment, agent sessions and chunk transfers.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use falaj_common::enrollment::EnrollmentToken;
 use falaj_common::protocol::io::{read_frame, write_frame};
 use falaj_common::protocol::{
     self, ALPN_AGENT, ALPN_ENROLL, AgentMessage, ChunkHeader, ControlMessage, EnrollRequest,
-    EnrollResponse, Enrollment, FetchRequest, MAX_CHUNKS_PER_FETCH,
+    EnrollResponse, Enrollment, FetchRequest, MAX_CHUNKS_PER_FETCH, MAX_WINDOWS_PER_BATCH,
+    SequencedWindow,
 };
 use falaj_common::time::Timestamp;
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
@@ -17,6 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::ca::{self, CaError};
 use crate::db::{self, NewAgent};
+use crate::monitoring;
 use crate::state::{Session, Shared};
 
 /// Connection close code: the peer is refused (revoked, unknown, bad request).
@@ -224,6 +227,11 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 shared.saw(&agent, SystemTime::now(), Some(state));
             }
             Ok(Some(AgentMessage::Renew { csr_der })) => renew(&shared, &agent, &csr_der).await,
+            Ok(Some(AgentMessage::Windows(batch))) => {
+                if !ingest(&shared, &agent, &conn, batch).await {
+                    break;
+                }
+            }
             Ok(None) => break,
             Err(err) => {
                 tracing::debug!(%agent, error = %err, "session stream ended");
@@ -238,6 +246,52 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         sessions.remove(&agent);
     }
     tracing::info!(%agent, "agent disconnected");
+}
+
+/// Stores a batch of metric windows, then acknowledges it; false if the session must end.
+async fn ingest(
+    shared: &Shared,
+    agent: &str,
+    conn: &quinn::Connection,
+    batch: Vec<SequencedWindow>,
+) -> bool {
+    if batch.len() > MAX_WINDOWS_PER_BATCH {
+        tracing::warn!(
+            agent,
+            windows = batch.len(),
+            "refused an oversized batch of metric windows"
+        );
+        conn.close(CLOSE_REFUSED.into(), b"too many metric windows in one batch");
+        return false;
+    }
+    let seqs: Vec<u64> = batch.iter().map(|w| w.seq).collect();
+    let (id, now) = (agent.to_owned(), Timestamp::from_system(SystemTime::now()));
+    let batch = Arc::new(batch);
+    let windows = Arc::clone(&batch);
+    let stored = shared.db.call(move |c| monitoring::insert_windows(c, &id, &windows, now)).await;
+    let ingested = match stored {
+        Ok(ingested) => ingested,
+        Err(err) => {
+            // Not acknowledged: the agent keeps the windows and sends them again.
+            tracing::error!(agent, error = %err, "storing metric windows failed");
+            return true;
+        }
+    };
+    shared.ingest.record(&batch, &ingested);
+    tracing::debug!(
+        agent,
+        stored = ingested.stored.len(),
+        duplicates = ingested.duplicates,
+        rejected = ingested.rejected,
+        "metric windows stored"
+    );
+    let fault = &shared.ingest.close_before_ack;
+    if fault.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok() {
+        conn.close(CLOSE_SHUTDOWN.into(), b"closed before acknowledging (fault injection)");
+        return false;
+    }
+    shared.send(agent, ControlMessage::Ack { seqs }).await;
+    true
 }
 
 async fn renew(shared: &Shared, agent: &str, csr_der: &[u8]) {
@@ -264,15 +318,7 @@ async fn renew(shared: &Shared, agent: &str, csr_der: &[u8]) {
         }
         Err(err) => ControlMessage::Refused(format!("renewal refused: {err}")),
     };
-    let tx = shared
-        .sessions
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .get(agent)
-        .map(|s| s.tx.clone());
-    if let Some(tx) = tx {
-        let _ = tx.send(message).await;
-    }
+    shared.send(agent, message).await;
 }
 
 /// Serves every further stream of a session as a fetch of blobs.
@@ -318,7 +364,9 @@ async fn serve_fetch(
         let header = ChunkHeader { sha256, size: blob.as_ref().map(|b| b.len() as u32) };
         send.write_all(&protocol::encode(&header)).await?;
         if let Some(bytes) = blob {
+            let len = bytes.len() as u64;
             send.write_chunk(bytes).await?;
+            shared.ingest.transfer_bytes.fetch_add(len, Ordering::Relaxed);
         }
     }
     reader.await?;

@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 use crate::blobs::BlobStore;
 use crate::ca::Ca;
 use crate::db::{self, Db, DbError, IssuedDesired};
+use crate::monitoring::IngestStats;
 
 /// How the daemon behaves.
 #[derive(Debug, Clone)]
@@ -62,6 +63,8 @@ pub struct Shared {
     pub sessions: Mutex<HashMap<String, Session>>,
     /// Reports not yet written to the database: agent -> (time, state).
     pub seen: Mutex<HashMap<String, (Timestamp, Option<ActualState>)>>,
+    /// Metric windows and transfers, for `/metrics`.
+    pub ingest: IngestStats,
     next_session: AtomicU64,
 }
 
@@ -90,7 +93,21 @@ impl Shared {
             policy,
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
+            ingest: IngestStats::default(),
             next_session: AtomicU64::new(1),
+        }
+    }
+
+    /// Queues `message` on `agent`'s session, if it has one.
+    pub async fn send(&self, agent: &str, message: ControlMessage) {
+        let tx = self
+            .sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(agent)
+            .map(|s| s.tx.clone());
+        if let Some(tx) = tx {
+            let _ = tx.send(message).await;
         }
     }
 

@@ -1,0 +1,331 @@
+//! Alerts: the rules of the configuration evaluated against the stored metric windows,
+//! each firing or resolution recorded as an event (`falaj-control alerts`), POSTed as
+//! JSON to the configured webhooks with retries, and, for a rule with a retraining hook,
+//! handed to that hook when it fires.
+//!
+//! What fires is decided by [`falaj_common::alerting`]; this module reads the windows,
+//! keeps the firing set in SQLite (so a restart neither repeats nor forgets an alert) and
+//! delivers the notifications.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use falaj_common::alerting::{AlertRule, RetrainHook, Transition, VersionWindow, transitions};
+use falaj_common::time::{Timestamp, human_duration};
+use rusqlite::{Connection, params};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncWriteExt;
+
+use crate::db::{DbError, from_ts, ts};
+use crate::monitoring::{self, MetricsQuery};
+use crate::state::Shared;
+
+/// `[alerts]` of the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AlertsConfig {
+    /// How often the rules are evaluated.
+    #[serde(with = "human_duration")]
+    pub evaluate_every: Duration,
+    /// URLs every firing and resolution is POSTed to.
+    pub webhooks: Vec<String>,
+    /// The rules.
+    pub rules: Vec<AlertRule>,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        Self { evaluate_every: Duration::from_secs(30), webhooks: Vec::new(), rules: Vec::new() }
+    }
+}
+
+/// How many times a notification is attempted.
+const ATTEMPTS: u32 = 6;
+/// How long one webhook call may take.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A recorded firing or resolution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AlertEvent {
+    /// Its number.
+    pub id: u64,
+    /// When.
+    pub at: Timestamp,
+    /// The rule.
+    pub rule: String,
+    /// What it is about: `model@version` or `model@version/column`.
+    pub subject: String,
+    /// `firing` or `resolved`.
+    pub state: String,
+    /// The metric measured.
+    pub metric: String,
+    /// The value observed.
+    pub value: f64,
+    /// The rule's threshold.
+    pub threshold: f64,
+}
+
+/// What a webhook receives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// The event.
+    #[serde(flatten)]
+    pub event: AlertEvent,
+    /// The model.
+    pub model: String,
+    /// The version.
+    pub version: u64,
+    /// The column, for drift rules.
+    pub column: Option<String>,
+    /// The group the rule watches, if one.
+    pub group: Option<String>,
+    /// The trailing window, in seconds.
+    pub window_seconds: u64,
+    /// The control plane's region.
+    pub region: String,
+}
+
+fn metric_name(rule: &AlertRule) -> String {
+    serde_json::to_value(rule.metric)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// Evaluates `rule` at `now` and records its transitions, in one transaction.
+fn evaluate_rule(
+    conn: &mut Connection,
+    rule: &AlertRule,
+    region: &str,
+    now: Timestamp,
+) -> rusqlite::Result<Vec<Notification>> {
+    let query = MetricsQuery {
+        model: rule.model.clone(),
+        version: None,
+        group: rule.group.clone(),
+        agent: None,
+        since: Timestamp::from_unix(now.unix().saturating_sub(rule.window.as_secs())),
+    };
+    let tx = conn.transaction()?;
+    let mut observations = Vec::new();
+    for (version, v) in monitoring::rollups(&tx, &query)? {
+        let reference = if rule.metric.is_drift() {
+            monitoring::reference(&tx, &rule.model, version)?
+        } else {
+            None
+        };
+        observations.extend(rule.observe(&VersionWindow {
+            version,
+            rollup: &v.rollup,
+            span_seconds: v.span_seconds(),
+            reference: reference.as_ref(),
+        }));
+    }
+    let firing: BTreeMap<String, f64> = {
+        let mut stmt =
+            tx.prepare_cached("SELECT subject, value FROM alerts_firing WHERE rule = ?1")?;
+        stmt.query_map([&rule.name], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?
+    };
+    let mut notifications = Vec::new();
+    for Transition { observation: o, firing } in transitions(&firing, &observations, rule.threshold)
+    {
+        if firing {
+            tx.execute(
+                "INSERT INTO alerts_firing (rule, subject, since, value) VALUES (?1, ?2, ?3, ?4)",
+                params![rule.name, o.subject, ts(now), o.value],
+            )?;
+        } else {
+            tx.execute(
+                "DELETE FROM alerts_firing WHERE rule = ?1 AND subject = ?2",
+                params![rule.name, o.subject],
+            )?;
+        }
+        let state = if firing { "firing" } else { "resolved" };
+        let metric = metric_name(rule);
+        tx.execute(
+            "INSERT INTO alert_events (at, rule, subject, state, metric, value, threshold)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![ts(now), rule.name, o.subject, state, metric, o.value, rule.threshold],
+        )?;
+        notifications.push(Notification {
+            event: AlertEvent {
+                id: tx.last_insert_rowid() as u64,
+                at: now,
+                rule: rule.name.clone(),
+                subject: o.subject,
+                state: state.into(),
+                metric,
+                value: o.value,
+                threshold: rule.threshold,
+            },
+            model: rule.model.clone(),
+            version: o.version,
+            column: o.column,
+            group: rule.group.clone(),
+            window_seconds: rule.window.as_secs(),
+            region: region.to_owned(),
+        });
+    }
+    tx.commit()?;
+    Ok(notifications)
+}
+
+/// Evaluates every rule once; returns what changed, with the rule that changed it.
+pub async fn evaluate(
+    shared: &Shared,
+    rules: &[AlertRule],
+    now: SystemTime,
+) -> Result<Vec<(AlertRule, Notification)>, DbError> {
+    let (rules, region) = (rules.to_vec(), shared.region.clone());
+    let now = Timestamp::from_system(now);
+    shared
+        .db
+        .call(move |conn| {
+            let mut out = Vec::new();
+            for rule in rules {
+                for n in evaluate_rule(conn, &rule, &region, now)? {
+                    out.push((rule.clone(), n));
+                }
+            }
+            Ok(out)
+        })
+        .await
+}
+
+/// The latest `limit` events, newest first.
+pub fn events(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<AlertEvent>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, at, rule, subject, state, metric, value, threshold FROM alert_events
+         ORDER BY id DESC LIMIT ?1",
+    )?;
+    stmt.query_map([limit as i64], |r| {
+        Ok(AlertEvent {
+            id: r.get::<_, i64>(0)? as u64,
+            at: from_ts(r.get(1)?),
+            rule: r.get(2)?,
+            subject: r.get(3)?,
+            state: r.get(4)?,
+            metric: r.get(5)?,
+            value: r.get(6)?,
+            threshold: r.get(7)?,
+        })
+    })?
+    .collect()
+}
+
+/// Alerts firing now: `(rule, subject, since, value)`.
+pub fn firing(conn: &Connection) -> rusqlite::Result<Vec<(String, String, Timestamp, f64)>> {
+    let mut stmt = conn
+        .prepare("SELECT rule, subject, since, value FROM alerts_firing ORDER BY rule, subject")?;
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, from_ts(r.get(2)?), r.get(3)?)))?.collect()
+}
+
+/// Evaluates the rules every `config.evaluate_every` and sends what changed, until `stop`.
+pub async fn run(
+    shared: Arc<Shared>,
+    config: AlertsConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if config.rules.is_empty() {
+        return;
+    }
+    // HTTPS webhooks verify against the system's roots, with ring as rustls' provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .timeout(WEBHOOK_TIMEOUT)
+        .build()
+        .inspect_err(|e| tracing::error!(error = %e, "alert webhooks are off: building the HTTP client failed"))
+        .ok();
+    let mut ticks = tokio::time::interval(config.evaluate_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = ticks.tick() => {}
+        }
+        let changed = match evaluate(&shared, &config.rules, SystemTime::now()).await {
+            Ok(changed) => changed,
+            Err(err) => {
+                tracing::error!(error = %err, "evaluating alert rules failed");
+                continue;
+            }
+        };
+        for (rule, notification) in changed {
+            let e = &notification.event;
+            tracing::warn!(rule = %e.rule, subject = %e.subject, state = %e.state, value = e.value, threshold = e.threshold, "alert");
+            let body = Arc::new(notification);
+            let retrain = rule.retrain.filter(|_| body.event.state == "firing");
+            if let Some(client) = &client {
+                let hook = match &retrain {
+                    Some(RetrainHook::Webhook(url)) => Some(url),
+                    _ => None,
+                };
+                for url in config.webhooks.iter().chain(hook) {
+                    tokio::spawn(deliver(client.clone(), url.clone(), Arc::clone(&body)));
+                }
+            }
+            if let Some(RetrainHook::Command(argv)) = retrain {
+                tokio::spawn(run_command(argv, body));
+            }
+        }
+    }
+}
+
+/// POSTs `body` to `url`, retrying with exponential backoff (1 s, 2 s, 4 s...) until a 2xx.
+async fn deliver(client: reqwest::Client, url: String, body: Arc<Notification>) {
+    for attempt in 1..=ATTEMPTS {
+        let outcome = client.post(&url).json(&*body).send().await;
+        match outcome {
+            Ok(response) if response.status().is_success() => {
+                tracing::info!(%url, rule = %body.event.rule, subject = %body.event.subject, attempt, "alert delivered");
+                return;
+            }
+            Ok(response) => {
+                tracing::warn!(%url, status = %response.status(), attempt, "alert webhook refused")
+            }
+            Err(err) => tracing::warn!(%url, error = %err, attempt, "alert webhook failed"),
+        }
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
+        }
+    }
+    tracing::error!(%url, rule = %body.event.rule, subject = %body.event.subject, "alert not delivered after {ATTEMPTS} attempts");
+}
+
+/// Runs a retraining command with the alert as JSON on its standard input and in
+/// `FALAJ_ALERT_*` variables.
+async fn run_command(argv: Vec<String>, body: Arc<Notification>) {
+    let Some((program, args)) = argv.split_first() else { return };
+    let json = serde_json::to_vec(&*body).unwrap_or_default();
+    let spawned = tokio::process::Command::new(program)
+        .args(args)
+        .env("FALAJ_ALERT_RULE", &body.event.rule)
+        .env("FALAJ_ALERT_MODEL", &body.model)
+        .env("FALAJ_ALERT_VERSION", body.version.to_string())
+        .env("FALAJ_ALERT_COLUMN", body.column.as_deref().unwrap_or(""))
+        .env("FALAJ_ALERT_VALUE", body.event.value.to_string())
+        .stdin(std::process::Stdio::piped())
+        .kill_on_drop(false)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(err) => {
+            tracing::error!(program, error = %err, "starting the retraining command failed");
+            return;
+        }
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&json).await;
+    }
+    match child.wait().await {
+        Ok(status) if status.success() => {
+            tracing::info!(program, rule = %body.event.rule, "retraining command ran")
+        }
+        Ok(status) => tracing::error!(program, %status, "retraining command failed"),
+        Err(err) => {
+            tracing::error!(program, error = %err, "waiting for the retraining command failed")
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Metric windows on the control plane: stored once per (agent, sequence) whatever the
+//! agent resends, queried as rollups per version by model, version, group, agent and time
+//! range, and summarised with drift against each bundle's reference profile.
+//!
+//! Like [`crate::db`], every function takes a connection and runs one statement or one
+//! transaction; the daemon calls them through [`crate::db::Db::call`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use falaj_common::exposition::VersionFigures;
+use falaj_common::metrics::{MetricsWindow, Rollup, VersionSummary};
+use falaj_common::profile::DataProfile;
+use falaj_common::protocol::SequencedWindow;
+use falaj_common::time::Timestamp;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+
+use crate::db::{from_ts, ts};
+
+/// Ingest figures since start, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    /// Windows stored.
+    pub stored: AtomicU64,
+    /// Windows received again and skipped.
+    pub duplicates: AtomicU64,
+    /// Windows refused as implausible.
+    pub rejected: AtomicU64,
+    /// Windows agents reported dropping from full outboxes.
+    pub dropped: AtomicU64,
+    /// Bytes of chunks and recipes sent to agents.
+    pub transfer_bytes: AtomicU64,
+    /// Fleet-wide figures per model version, from the windows stored.
+    versions: Mutex<BTreeMap<(String, u64), VersionFigures>>,
+    /// Fault injection for tests of the delivery guarantee: while above zero, each
+    /// committed batch closes the connection instead of being acknowledged.
+    pub close_before_ack: AtomicU32,
+}
+
+impl IngestStats {
+    /// Counts what a batch did.
+    pub fn record(&self, batch: &[SequencedWindow], ingested: &Ingested) {
+        self.stored.fetch_add(ingested.stored.len() as u64, Ordering::Relaxed);
+        self.duplicates.fetch_add(ingested.duplicates, Ordering::Relaxed);
+        self.rejected.fetch_add(ingested.rejected, Ordering::Relaxed);
+        let mut versions = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for w in ingested.stored.iter().filter_map(|&i| batch.get(i)).map(|s| &s.window) {
+            self.dropped.fetch_add(w.dropped_windows, Ordering::Relaxed);
+            let f =
+                versions.entry((w.model.clone(), w.version)).or_insert_with(|| VersionFigures {
+                    model: w.model.clone(),
+                    version: w.version,
+                    ..VersionFigures::default()
+                });
+            f.requests += w.requests;
+            f.errors += w.errors;
+            f.latency.merge(&w.latency);
+            f.latency_sum_seconds = f.latency.approximate_sum() / 1e6;
+        }
+    }
+
+    /// Fleet-wide figures per model version since start.
+    pub fn versions(&self) -> Vec<VersionFigures> {
+        self.versions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// What one batch did to the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ingested {
+    /// Indices (into the batch) of windows stored now.
+    pub stored: Vec<usize>,
+    /// Windows stored before (a resend after a lost acknowledgement).
+    pub duplicates: u64,
+    /// Windows refused as implausible (acknowledged all the same, so never resent).
+    pub rejected: u64,
+}
+
+/// Stores a batch from `agent` in one transaction; windows already stored are skipped.
+pub fn insert_windows(
+    conn: &mut Connection,
+    agent: &str,
+    batch: &[SequencedWindow],
+    now: Timestamp,
+) -> rusqlite::Result<Ingested> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut ingested = Ingested::default();
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT OR IGNORE INTO windows
+                 (agent_id, seq, model, version, start, seconds, requests, errors, window, received_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+        )?;
+        for (i, SequencedWindow { seq, window: w }) in batch.iter().enumerate() {
+            if let Err(e) = w.check() {
+                tracing::warn!(agent, seq, error = %e, "refused a metric window");
+                ingested.rejected += 1;
+                continue;
+            }
+            let bytes = postcard::to_stdvec(w)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let added = insert.execute(params![
+                agent,
+                *seq as i64,
+                w.model,
+                w.version as i64,
+                ts(w.start),
+                w.seconds,
+                w.requests as i64,
+                w.errors as i64,
+                bytes,
+                ts(now),
+            ])?;
+            if added == 1 {
+                ingested.stored.push(i);
+            } else {
+                ingested.duplicates += 1;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(ingested)
+}
+
+/// Which windows to roll up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsQuery {
+    /// The model.
+    pub model: String,
+    /// Only this version.
+    pub version: Option<u64>,
+    /// Only agents of this group.
+    pub group: Option<String>,
+    /// Only this agent.
+    pub agent: Option<String>,
+    /// Windows starting at or after this time.
+    pub since: Timestamp,
+}
+
+/// One version's windows, merged.
+#[derive(Debug, Clone, Default)]
+pub struct VersionRollup {
+    /// The merged windows.
+    pub rollup: Rollup,
+    /// The agents that reported.
+    pub agents: BTreeSet<String>,
+    /// First window's start.
+    pub first: u64,
+    /// Last window's end.
+    pub last: u64,
+}
+
+impl VersionRollup {
+    /// Seconds from the first window's start to the last one's end.
+    pub fn span_seconds(&self) -> u64 {
+        self.last.saturating_sub(self.first)
+    }
+}
+
+/// The rollup of each version matching `query`, by version.
+pub fn rollups(
+    conn: &Connection,
+    query: &MetricsQuery,
+) -> rusqlite::Result<BTreeMap<u64, VersionRollup>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT w.version, w.agent_id, w.window FROM windows w JOIN agents a ON a.id = w.agent_id
+         WHERE w.model = ?1 AND w.start >= ?2 AND (?3 IS NULL OR w.version = ?3)
+           AND (?4 IS NULL OR a.grp = ?4) AND (?5 IS NULL OR w.agent_id = ?5)",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            query.model,
+            ts(query.since),
+            query.version.map(|v| v as i64),
+            query.group,
+            query.agent
+        ],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)),
+    )?;
+    let mut out: BTreeMap<u64, VersionRollup> = BTreeMap::new();
+    for row in rows {
+        let (version, agent, bytes) = row?;
+        let window: MetricsWindow = postcard::from_bytes(&bytes).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, Box::new(e))
+        })?;
+        let entry = out.entry(version).or_default();
+        let (start, end) = (window.start.unix(), window.start.unix() + u64::from(window.seconds));
+        entry.first = if entry.rollup.windows == 0 { start } else { entry.first.min(start) };
+        entry.last = entry.last.max(end);
+        entry.rollup.add(&window);
+        entry.agents.insert(agent);
+    }
+    Ok(out)
+}
+
+/// The summary of each version matching `query`, with drift where the bundle has a
+/// reference profile.
+pub fn summaries(conn: &Connection, query: &MetricsQuery) -> rusqlite::Result<Vec<VersionSummary>> {
+    rollups(conn, query)?
+        .into_iter()
+        .map(|(version, v)| {
+            let reference = reference(conn, &query.model, version)?;
+            Ok(v.rollup.summary(
+                version,
+                v.agents.len() as u64,
+                v.span_seconds(),
+                reference.as_ref(),
+            ))
+        })
+        .collect()
+}
+
+/// Records the reference profile of a pushed bundle.
+pub fn set_reference(
+    conn: &Connection,
+    name: &str,
+    version: u64,
+    profile: &DataProfile,
+) -> rusqlite::Result<()> {
+    let json = serde_json::to_string(profile)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.execute(
+        "UPDATE bundles SET reference = ?3 WHERE name = ?1 AND version = ?2",
+        params![name, version as i64, json],
+    )?;
+    Ok(())
+}
+
+/// The reference profile of a bundle, if it has one.
+pub fn reference(
+    conn: &Connection,
+    name: &str,
+    version: u64,
+) -> rusqlite::Result<Option<DataProfile>> {
+    let json: Option<String> = conn
+        .query_row(
+            "SELECT reference FROM bundles WHERE name = ?1 AND version = ?2",
+            params![name, version as i64],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten();
+    json.map(|j| {
+        serde_json::from_str(&j).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        })
+    })
+    .transpose()
+}
+
+/// Deletes windows that started before `before`; returns how many.
+pub fn prune(conn: &Connection, before: Timestamp) -> rusqlite::Result<usize> {
+    conn.execute("DELETE FROM windows WHERE start < ?1", [ts(before)])
+}
+
+/// Windows stored, and the time of the last one received.
+pub fn stored(conn: &Connection) -> rusqlite::Result<(u64, Option<Timestamp>)> {
+    conn.query_row("SELECT COUNT(*), MAX(received_at) FROM windows", [], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(from_ts)))
+    })
+}
