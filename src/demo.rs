@@ -1,6 +1,8 @@
 //! `falaj demo`: a control plane and two agents on this machine. Keys, the sample model,
 //! a signed bundle pushed to the control plane, two agents enrolled with one-time tokens,
-//! the model deployed to them over QUIC, requests to both, then serving until Ctrl-C.
+//! the model deployed to them over QUIC, requests to both, the metrics they report, then
+//! a phase of shifted sensor readings that the control plane flags as drift, and serving
+//! until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,11 +11,16 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result};
 use falaj_agent::daemon::Agent;
 use falaj_agent::enroll::{self, EnrollOptions};
+use falaj_agent::reporting::ReportConfig;
 use falaj_agent::server::ServeConfig as AgentConfig;
 use falaj_agent::sync::SyncConfig;
+use falaj_common::alerting::{AlertMetric, AlertRule, DriftScope};
 use falaj_common::bundle::RuntimeHint;
-use falaj_common::sample::{CLASSES, FEATURES};
+use falaj_common::sample::{CLASSES, FEATURES, Shift, generate};
+use falaj_control::admin::{AlertsView, MetricsView};
+use falaj_control::alerts::AlertsConfig;
 use falaj_control::bundle::{self, BuildOptions};
+use falaj_control::cli::{render_alerts, render_metrics};
 use falaj_control::client::AdminClient;
 use falaj_control::daemon::{ControlPlane, ServeConfig};
 use falaj_control::sample::{self, INPUT, SampleOptions};
@@ -75,6 +82,22 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     config.admin = "127.0.0.1:0".parse()?;
     config.region = Some(REGION.into());
     config.policy.heartbeat = Duration::from_secs(2);
+    config.alerts = AlertsConfig {
+        evaluate_every: Duration::from_secs(1),
+        webhooks: Vec::new(),
+        rules: vec![AlertRule {
+            name: "input-drift".into(),
+            model: MODEL.into(),
+            metric: AlertMetric::Psi,
+            column: None,
+            scope: DriftScope::Inputs,
+            group: Some(GROUP.into()),
+            threshold: 0.25,
+            window: Duration::from_secs(600),
+            min_count: 500,
+            retrain: None,
+        }],
+    };
     let control = ControlPlane::start(config).await.context("starting the control plane")?;
     let (quic, admin, token) =
         (control.quic_addr(), control.admin_addr(), control.admin_token().to_owned());
@@ -106,12 +129,9 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     );
     println!();
 
-    show_traffic(
-        &http_client,
-        &agents.iter().map(|(id, a, _)| (id.as_str(), *a)).collect::<Vec<_>>(),
-        &made.holdout,
-    )
-    .await?;
+    let targets: Vec<_> = agents.iter().map(|(id, a, _)| (id.as_str(), *a)).collect();
+    let sent = show_traffic(&http_client, &targets, &made.holdout).await?;
+    show_monitoring(&client, &http_client, &targets, &made.holdout, version, sent).await?;
 
     let url = format!("http://{}/v2/models/{MODEL}/infer", agents[0].1);
     println!();
@@ -193,7 +213,11 @@ async fn start_agent(
         http: if i == 0 { http } else { "127.0.0.1:0".parse()? },
         ..AgentConfig::default()
     };
-    let sync = SyncConfig { heartbeat: Duration::from_secs(2), ..SyncConfig::default() };
+    let sync = SyncConfig {
+        heartbeat: Duration::from_secs(2),
+        report: Some(ReportConfig { window: Duration::from_secs(1), ..ReportConfig::default() }),
+        ..SyncConfig::default()
+    };
     let agent = Agent::start(agent_dir, serve, sync).await.context("starting an agent")?;
     let id = agent.identity().map(|i| i.agent_id.clone()).unwrap_or_default();
     let addr = agent.local_addr();
@@ -201,11 +225,12 @@ async fn start_agent(
     Ok((id, addr, agent))
 }
 
+/// A few predictions next to the truth, then a batch per agent; returns the requests sent.
 async fn show_traffic(
     client: &reqwest::Client,
     agents: &[(&str, SocketAddr)],
     holdout: &Path,
-) -> Result<()> {
+) -> Result<u64> {
     let rows = read_holdout(holdout, 6)?;
     println!(
         "  {:<20} {:>7} {:>7} {:>6}   {:<9} {:<24} {:<9} {:>9}",
@@ -259,7 +284,85 @@ async fn show_traffic(
             batch.len()
         );
     }
+    Ok((rows.len() + agents.len()) as u64)
+}
+
+/// Sends `rows` to the agents in requests of 20 rows, in turn; returns the requests sent.
+async fn send_rows(
+    client: &reqwest::Client,
+    agents: &[(&str, SocketAddr)],
+    rows: &[f32],
+) -> Result<u64> {
+    let mut sent = 0;
+    for (i, chunk) in rows.chunks(20 * FEATURES.len()).enumerate() {
+        let (_, addr) = agents[i % agents.len()];
+        let body = json!({"inputs": [{"name": INPUT, "shape": [chunk.len() / FEATURES.len(), FEATURES.len()], "datatype": "FP32", "data": chunk}]});
+        let url = format!("http://{addr}/v2/models/{MODEL}/infer");
+        client.post(&url).json(&body).send().await?.error_for_status()?;
+        sent += 1;
+    }
+    Ok(sent)
+}
+
+/// Waits until the control plane has counted `requests` requests to `version` and
+/// `done` holds for its alerts; returns the metrics of the last ten minutes.
+async fn counted(
+    client: &AdminClient,
+    version: u64,
+    requests: u64,
+    done: impl Fn(&AlertsView) -> bool,
+) -> Result<MetricsView> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let view =
+            client.metrics(MODEL, Some(version), None, None, Duration::from_secs(600)).await?;
+        let seen = view.versions.first().map_or(0, |v| v.requests);
+        if seen >= requests && done(&client.alerts(1).await?) {
+            return Ok(view);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the control plane counted {seen} of {requests} requests in a minute"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Steady traffic and the control plane's view of it; then shifted vibration readings,
+/// the drift they show and the alert they fire.
+async fn show_monitoring(
+    client: &AdminClient,
+    http: &reqwest::Client,
+    agents: &[(&str, SocketAddr)],
+    holdout: &Path,
+    version: u64,
+    mut sent: u64,
+) -> Result<()> {
+    let steady: Vec<f32> = read_holdout(holdout, 2000)?.into_iter().flat_map(|(f, _)| f).collect();
+    sent += send_rows(http, agents, &steady).await?;
+    let view = counted(client, version, sent, |_| true).await?;
+    println!();
+    println!(
+        "  7. metrics        agents report 1 s windows over QUIC; `falaj control metrics {MODEL}`:"
+    );
+    print_indented(&render_metrics(&view));
+
+    let vibration = FEATURES.iter().position(|f| *f == "vibration_mm_s").unwrap_or(1);
+    let shifted = generate(2000, 4242, &[Shift { feature: vibration, offset: 3.0 }]);
+    sent += send_rows(http, agents, &shifted.features).await?;
+    let view = counted(client, version, sent, |alerts| !alerts.firing.is_empty()).await?;
+    println!();
+    println!("  8. drift          vibration sensors now read 3 mm/s high; the same table:");
+    print_indented(&render_metrics(&view));
+    println!("     and `falaj control alerts`:");
+    print_indented(&render_alerts(&client.alerts(5).await?));
     Ok(())
+}
+
+fn print_indented(text: &str) {
+    for line in text.lines() {
+        println!("     {line}");
+    }
 }
 
 fn output(response: &Value, name: &str) -> Result<Vec<f64>> {

@@ -162,6 +162,13 @@ impl Reporter {
     /// Closes a window every [`ReportConfig::window`] until `shutdown` turns true, then
     /// closes the last one, so that a clean stop loses nothing.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        // What a previous run left in the outbox shows on /metrics from the start.
+        let this = Arc::clone(&self);
+        let depth =
+            tokio::task::spawn_blocking(move || this.update_depth(&this.lock_store())).await;
+        if let Ok(Err(e)) = depth {
+            tracing::error!(error = %e, "reading the metrics outbox failed");
+        }
         let mut ticks = tokio::time::interval(self.config.window);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         ticks.tick().await;

@@ -43,6 +43,19 @@ impl AlertMetric {
     }
 }
 
+/// Which columns a drift rule scores.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DriftScope {
+    /// Input features and predictions.
+    #[default]
+    All,
+    /// Input features only.
+    Inputs,
+    /// Predictions (the model's outputs) only.
+    Predictions,
+}
+
 /// An alert rule, as written in the control plane's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -56,6 +69,9 @@ pub struct AlertRule {
     /// For drift metrics: only this column (an input feature or an output); all if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub column: Option<String>,
+    /// For drift metrics: inputs, predictions or both.
+    #[serde(default)]
+    pub scope: DriftScope,
     /// Only agents of this group; all if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
@@ -131,10 +147,13 @@ impl AlertRule {
             AlertMetric::Psi | AlertMetric::Ks | AlertMetric::Js if r.rows >= self.min_count => {
                 let Some(reference) = w.reference else { return Vec::new() };
                 let drift = r.drift(reference);
-                drift
-                    .inputs
+                let inputs =
+                    if self.scope == DriftScope::Predictions { &[][..] } else { &drift.inputs };
+                let outputs =
+                    if self.scope == DriftScope::Inputs { &[][..] } else { &drift.outputs };
+                inputs
                     .iter()
-                    .chain(&drift.outputs)
+                    .chain(outputs)
                     .filter(|d| self.column.as_ref().is_none_or(|c| *c == d.column))
                     .map(|d| Observation {
                         subject: format!("{subject}/{}", d.column),
@@ -193,6 +212,7 @@ mod tests {
             model: "m".into(),
             metric,
             column: None,
+            scope: DriftScope::All,
             group: None,
             threshold: 0.2,
             window: Duration::from_secs(60),
@@ -257,6 +277,8 @@ mod tests {
         assert!(all[0].value < 1e-9 && all[1].value > 1.0, "{all:?}");
         let only_a = AlertRule { column: Some("a".into()), ..rule(AlertMetric::Ks) }.observe(&w);
         assert_eq!(only_a.len(), 1);
+        let predictions = AlertRule { scope: DriftScope::Predictions, ..rule(AlertMetric::Psi) };
+        assert!(predictions.observe(&w).is_empty(), "the reference has no outputs");
         let none = VersionWindow { reference: None, ..w };
         assert!(rule(AlertMetric::Js).observe(&none).is_empty(), "no reference, no drift");
     }

@@ -20,6 +20,7 @@ use tokio::io::AsyncWriteExt;
 use crate::db::{DbError, from_ts, ts};
 use crate::monitoring::{self, MetricsQuery};
 use crate::state::Shared;
+use crate::webhook::WebhookClient;
 
 /// `[alerts]` of the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -231,13 +232,7 @@ pub async fn run(
     if config.rules.is_empty() {
         return;
     }
-    // HTTPS webhooks verify against the system's roots, with ring as rustls' provider.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(WEBHOOK_TIMEOUT)
-        .build()
-        .inspect_err(|e| tracing::error!(error = %e, "alert webhooks are off: building the HTTP client failed"))
-        .ok();
+    let client = WebhookClient::new(WEBHOOK_TIMEOUT);
     let mut ticks = tokio::time::interval(config.evaluate_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -257,14 +252,12 @@ pub async fn run(
             tracing::warn!(rule = %e.rule, subject = %e.subject, state = %e.state, value = e.value, threshold = e.threshold, "alert");
             let body = Arc::new(notification);
             let retrain = rule.retrain.filter(|_| body.event.state == "firing");
-            if let Some(client) = &client {
-                let hook = match &retrain {
-                    Some(RetrainHook::Webhook(url)) => Some(url),
-                    _ => None,
-                };
-                for url in config.webhooks.iter().chain(hook) {
-                    tokio::spawn(deliver(client.clone(), url.clone(), Arc::clone(&body)));
-                }
+            let hook = match &retrain {
+                Some(RetrainHook::Webhook(url)) => Some(url),
+                _ => None,
+            };
+            for url in config.webhooks.iter().chain(hook) {
+                tokio::spawn(deliver(client.clone(), url.clone(), Arc::clone(&body)));
             }
             if let Some(RetrainHook::Command(argv)) = retrain {
                 tokio::spawn(run_command(argv, body));
@@ -274,17 +267,15 @@ pub async fn run(
 }
 
 /// POSTs `body` to `url`, retrying with exponential backoff (1 s, 2 s, 4 s...) until a 2xx.
-async fn deliver(client: reqwest::Client, url: String, body: Arc<Notification>) {
+async fn deliver(client: WebhookClient, url: String, body: Arc<Notification>) {
+    let json = serde_json::to_vec(&*body).unwrap_or_default();
     for attempt in 1..=ATTEMPTS {
-        let outcome = client.post(&url).json(&*body).send().await;
-        match outcome {
-            Ok(response) if response.status().is_success() => {
+        match client.post_json(&url, json.clone()).await {
+            Ok(status) if status.is_success() => {
                 tracing::info!(%url, rule = %body.event.rule, subject = %body.event.subject, attempt, "alert delivered");
                 return;
             }
-            Ok(response) => {
-                tracing::warn!(%url, status = %response.status(), attempt, "alert webhook refused")
-            }
+            Ok(status) => tracing::warn!(%url, %status, attempt, "alert webhook refused"),
             Err(err) => tracing::warn!(%url, error = %err, attempt, "alert webhook failed"),
         }
         if attempt < ATTEMPTS {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use falaj_common::alerting::RetrainHook;
+use falaj_common::alerting::{DriftScope, RetrainHook};
 use falaj_common::time::human_duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -294,8 +294,10 @@ impl ControlConfig {
             {
                 return Err(problem("window must be between 1s and 30days".into()));
             }
-            if rule.column.is_some() && !rule.metric.is_drift() {
-                return Err(problem("column applies to drift metrics (psi, ks, js) only".into()));
+            if (rule.column.is_some() || rule.scope != DriftScope::All) && !rule.metric.is_drift() {
+                return Err(problem(
+                    "column and scope apply to drift metrics (psi, ks, js) only".into(),
+                ));
             }
             match &rule.retrain {
                 Some(RetrainHook::Webhook(u)) => url("alerts.rules", u)?,

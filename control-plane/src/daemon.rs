@@ -218,6 +218,11 @@ impl ControlPlane {
         self.admin_addr
     }
 
+    /// The state the daemon's tasks share (for tests that look inside or inject faults).
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
     /// The admin API's bearer token.
     pub fn admin_token(&self) -> &str {
         &self.api.token

@@ -2,7 +2,7 @@
 //! their reference data profiles ([`bundle`], [`reference`](mod@reference)), the sample
 //! model ([`sample`]), and the daemon ([`daemon`]): agent sessions over QUIC ([`quic`]),
 //! the admin API ([`admin`]), state in SQLite ([`db`]), metric windows and drift
-//! ([`monitoring`]), alerts ([`alerts`]) and the Prometheus endpoint ([`exporter`]).
+//! ([`monitoring`]), alerts ([`alerts`], sent by [`webhook`]) and the Prometheus endpoint ([`exporter`]).
 //!
 //! The binary (`falaj-control`) is a thin shell over [`cli`].
 
@@ -27,3 +27,4 @@ pub mod sample;
 pub mod secrets;
 pub mod state;
 pub mod systemd;
+pub mod webhook;

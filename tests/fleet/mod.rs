@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use falaj_agent::daemon::Agent;
 use falaj_agent::enroll::{self, EnrollOptions};
+use falaj_agent::reporting::{ReportConfig, Reporter};
 use falaj_agent::server::ServeConfig as AgentServe;
 use falaj_agent::store::Identity;
 use falaj_agent::sync::SyncConfig;
@@ -19,6 +20,7 @@ use falaj_control::blobs::BlobStore;
 use falaj_control::bundle::{self, BuildOptions};
 use falaj_control::client::AdminClient;
 use falaj_control::daemon::{ControlPlane, ServeConfig};
+use falaj_control::state::Shared;
 use serde_json::Value;
 
 pub const REGION: &str = "eu-west-1";
@@ -28,6 +30,7 @@ pub struct Control {
     pub dir: PathBuf,
     pub quic: SocketAddr,
     pub client: AdminClient,
+    pub shared: Arc<Shared>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -71,11 +74,12 @@ impl Control {
         };
         let client = AdminClient::new(&format!("http://{}", cp.admin_addr()), cp.admin_token());
         let quic = cp.quic_addr();
+        let shared = cp.shared();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             cp.run(async { drop(rx.await) }).await.unwrap();
         });
-        Self { dir, quic, client, stop: Some(tx), task: Some(task) }
+        Self { dir, quic, client, shared, stop: Some(tx), task: Some(task) }
     }
 
     pub async fn stop(mut self) {
@@ -91,7 +95,8 @@ impl Control {
         let model = sample_model(work);
         let copy = work.join(format!("{name}-{version}.onnx"));
         std::fs::copy(&model, &copy).unwrap();
-        self.push_model(&copy, name, version).await
+        self.push_model_with(&copy, name, version, Some(model.with_file_name("reference.csv")))
+            .await
     }
 
     /// Enrolls an agent in `work/NAME` into `group` and starts it.
@@ -128,6 +133,8 @@ pub struct RunningAgent {
     pub dir: PathBuf,
     pub http: SocketAddr,
     pub identity: Identity,
+    /// Closes and delivers metric windows.
+    pub reporter: Arc<Reporter>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -137,6 +144,7 @@ pub fn sync_config() -> SyncConfig {
         heartbeat: Duration::from_millis(200),
         max_backoff: Duration::from_millis(500),
         parallel_fetches: 4,
+        report: Some(ReportConfig { window: Duration::from_millis(200), outbox_cap: 100_000 }),
     }
 }
 
@@ -155,19 +163,25 @@ impl RunningAgent {
 
     /// Starts an agent already set up in `dir`.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_with(dir, sync_config()).await
+    }
+
+    /// Starts an agent already set up in `dir`, with these session settings.
+    pub async fn start_with(dir: &Path, sync: SyncConfig) -> Self {
         let serve = AgentServe {
             http: "127.0.0.1:0".parse().unwrap(),
             poll_interval: Duration::from_millis(50),
             ..AgentServe::default()
         };
-        let agent = Agent::start(dir.to_owned(), serve, sync_config()).await.unwrap();
+        let agent = Agent::start(dir.to_owned(), serve, sync).await.unwrap();
         let identity = agent.identity().unwrap().clone();
+        let reporter = agent.reporter().expect("measuring is on");
         let http = agent.local_addr();
         let (tx, rx) = tokio::sync::oneshot::channel();
         let task = tokio::spawn(async move {
             agent.run(async { drop(rx.await) }).await.unwrap();
         });
-        Self { dir: dir.to_owned(), http, identity, stop: Some(tx), task: Some(task) }
+        Self { dir: dir.to_owned(), http, identity, reporter, stop: Some(tx), task: Some(task) }
     }
 
     pub async fn stop(mut self) {
@@ -278,13 +292,24 @@ pub fn layered_model_with(path: &Path, mib: usize, body_seed: u64, head_seed: u6
 impl Control {
     /// Builds `model` as `name@version` with this control plane's keys and pushes it.
     pub async fn push_model(&self, model: &Path, name: &str, version: u64) -> PathBuf {
+        self.push_model_with(model, name, version, None).await
+    }
+
+    /// [`Self::push_model`] with a reference CSV for the bundle's data profile.
+    pub async fn push_model_with(
+        &self,
+        model: &Path,
+        name: &str,
+        version: u64,
+        reference: Option<PathBuf>,
+    ) -> PathBuf {
         let out = model.with_file_name(format!("{name}-{version}.falaj"));
         let options = BuildOptions {
             keys: self.dir.join("keys"),
             model: model.to_owned(),
             name: name.into(),
             version,
-            reference: None,
+            reference,
             runtime: RuntimeHint::Auto,
             lifetime: bundle::DEFAULT_LIFETIME,
             out: out.clone(),
