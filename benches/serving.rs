@@ -1,7 +1,8 @@
 //! Serving benchmark: the sample model called in-process (tract, as the agent's engine)
 //! and served over HTTP by the agent (Open Inference Protocol, JSON and binary tensors),
 //! at 1 and 2 concurrent clients, beside ONNX Runtime (Python, one thread) on the same
-//! model and inputs.
+//! model and inputs. Then the cost of measuring: the same server with metrics on and off
+//! in alternating rounds, and the recording calls of the hot path on their own.
 //!
 //! `cargo bench --bench serving -- [--seconds N]`; prints a Markdown table for
 //! BENCHMARKS.md. The anchor needs Python with onnxruntime (`FALAJ_PYTHON` or `python3`).
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use falaj_agent::import::{self, ImportOptions};
+use falaj_agent::metrics::ModelMetrics;
 use falaj_agent::server::{ServeConfig, Server};
 use falaj_agent::store::Store;
 use falaj_common::bundle::RuntimeHint;
@@ -233,7 +235,7 @@ fn main() -> Result<()> {
             model: made.model.clone(),
             name: "sensor-fault".into(),
             version: 1,
-            reference: None,
+            reference: Some(made.reference.clone()),
             runtime: RuntimeHint::Cpu,
             lifetime: bundle::DEFAULT_LIFETIME,
             out: bundle_path.clone(),
@@ -264,7 +266,7 @@ fn main() -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let server = runtime.block_on(Server::bind(
-        agent,
+        agent.clone(),
         ServeConfig { http: "127.0.0.1:0".parse()?, ..ServeConfig::default() },
     ))?;
     let url = format!("http://{}/v2/models/sensor-fault/infer", server.local_addr());
@@ -280,6 +282,8 @@ fn main() -> Result<()> {
     let _ = stop_tx.send(());
     runtime.block_on(serving)??;
     results.extend(http_results);
+    let overhead = metrics_overhead(&runtime, &agent, &rows, seconds)?;
+    let recording = record_cost(&model, &made.reference)?;
     match onnx_runtime(&made.model, &inputs, seconds) {
         Ok(anchor) => results.extend(anchor),
         Err(err) => eprintln!("ONNX Runtime anchor skipped: {err:#}"),
@@ -297,5 +301,122 @@ fn main() -> Result<()> {
             r.mode, r.clients, r.requests, r.p50_us, r.p99_us, r.throughput
         );
     }
+    println!();
+    println!(
+        "Metrics on versus off, HTTP with binary tensors, {ROUNDS} alternating rounds of {seconds} s (medians of the rounds)"
+    );
+    println!();
+    println!("| clients | throughput on | throughput off | on / off | p99 µs on | p99 µs off |");
+    println!("|---:|---:|---:|---:|---:|---:|");
+    for o in &overhead {
+        println!(
+            "| {} | {:.0} | {:.0} | {:.3} | {:.1} | {:.1} |",
+            o.clients,
+            o.on.throughput,
+            o.off.throughput,
+            o.on.throughput / o.off.throughput,
+            o.on.p99_us,
+            o.off.p99_us
+        );
+    }
+    println!();
+    println!(
+        "Recording one request (inputs binned over 8 reference columns, outputs over 4, latency, counters):"
+    );
+    println!();
+    println!("| threads | ns per request, each thread | allocations |");
+    println!("|---:|---:|---:|");
+    for (threads, ns) in recording {
+        println!("| {threads} | {ns:.0} | 0 (agent/tests/hot_path.rs) |");
+    }
     Ok(())
+}
+
+/// Alternating rounds per metrics setting.
+const ROUNDS: usize = 3;
+
+struct Overhead {
+    clients: usize,
+    on: Stats,
+    off: Stats,
+}
+
+/// The median round by throughput.
+fn median(mut rounds: Vec<Stats>) -> Stats {
+    rounds.sort_by(|a, b| a.throughput.total_cmp(&b.throughput));
+    rounds.swap_remove(rounds.len() / 2)
+}
+
+/// Two servers on the same models, one measuring and one not, driven in turn.
+fn metrics_overhead(
+    runtime: &tokio::runtime::Runtime,
+    agent: &Path,
+    rows: &[Vec<f32>],
+    seconds: f64,
+) -> Result<Vec<Overhead>> {
+    let mut urls = Vec::new();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for metrics in [true, false] {
+        let config =
+            ServeConfig { http: "127.0.0.1:0".parse()?, metrics, ..ServeConfig::default() };
+        let server = runtime.block_on(Server::bind(agent.to_owned(), config))?;
+        urls.push(format!("http://{}/v2/models/sensor-fault/infer", server.local_addr()));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop_tx);
+        tasks.push(runtime.spawn(server.run(async { drop(stop_rx.await) })));
+    }
+    for url in &urls {
+        over_http(url, rows, 1, 0.5, true)?; // warm up
+    }
+    let mut out = Vec::new();
+    for clients in [1, 2] {
+        let (mut on, mut off) = (Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            on.push(over_http(&urls[0], rows, clients, seconds, true)?);
+            off.push(over_http(&urls[1], rows, clients, seconds, true)?);
+        }
+        out.push(Overhead { clients, on: median(on), off: median(off) });
+    }
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for task in tasks {
+        runtime.block_on(task)??;
+    }
+    Ok(out)
+}
+
+/// Nanoseconds per recorded request, on 1 and 2 threads sharing one version's counters.
+fn record_cost(model: &OnnxModel, reference_csv: &Path) -> Result<Vec<(usize, f64)>> {
+    let reference =
+        falaj_control::reference::profile_default(model, std::fs::File::open(reference_csv)?)?;
+    let metrics = Arc::new(ModelMetrics::new(
+        "sensor-fault",
+        1,
+        model.signature(),
+        Some(&reference),
+        SystemTime::now(),
+    ));
+    let data = sample::generate(1, 77, &[]).features;
+    let input = Tensor { shape: vec![1, FEATURE_COUNT as u64], data: TensorData::Fp32(data) };
+    let outputs = model.run(vec![input.clone()])?;
+    let calls = 2_000_000;
+    let mut out = Vec::new();
+    for threads in [1, 2] {
+        let started = Instant::now();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                let (metrics, input, outputs) = (&metrics, &input, &outputs);
+                scope.spawn(move || {
+                    for _ in 0..calls {
+                        metrics.record_inputs(std::slice::from_ref(input));
+                        metrics.record(Duration::from_micros(40), Some(outputs));
+                    }
+                });
+            }
+        });
+        out.push((threads, started.elapsed().as_secs_f64() * 1e9 / calls as f64));
+    }
+    Ok(out)
 }

@@ -162,8 +162,7 @@ async fn windows_survive_an_agent_killed_between_windows() {
     std::fs::write(
         &config,
         format!(
-            "data_dir = {:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[control_plane]\nheartbeat = \"300ms\"\nmax_backoff = \"1s\"\n[metrics]\nwindow = \"300ms\"\n",
-            agent_dir
+            "data_dir = {agent_dir:?}\n[http]\nlisten = \"127.0.0.1:0\"\n[control_plane]\nheartbeat = \"300ms\"\nmax_backoff = \"1s\"\n[metrics]\nwindow = \"300ms\"\n"
         ),
     )
     .unwrap();
@@ -348,10 +347,13 @@ async fn a_shifted_feature_and_only_it_fires_a_drift_alert_that_reaches_the_webh
     let calm = summary(&control).await.unwrap().drift.unwrap();
     assert_eq!(calm.inputs.len(), FEATURE_COUNT);
     assert!(calm.inputs.iter().all(|c| c.scores.psi < 0.1), "{calm:?}");
-    let changed =
-        falaj_control::alerts::evaluate(&control.shared, &[rule.clone()], SystemTime::now())
-            .await
-            .unwrap();
+    let changed = falaj_control::alerts::evaluate(
+        &control.shared,
+        std::slice::from_ref(&rule),
+        SystemTime::now(),
+    )
+    .await
+    .unwrap();
     assert!(changed.is_empty(), "{changed:?}");
 
     // Vibration reads 3 mm/s high from now on: it fires, and no other feature does.

@@ -181,7 +181,7 @@ impl Reporter {
             match tokio::task::spawn_blocking(move || this.close_windows(SystemTime::now())).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
-                    tracing::error!(error = %e, "writing metric windows to the outbox failed")
+                    tracing::error!(error = %e, "writing metric windows to the outbox failed");
                 }
                 Err(e) => tracing::error!(error = %e, "closing metric windows failed"),
             }

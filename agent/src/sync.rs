@@ -342,7 +342,7 @@ impl Syncer {
                     },
                     () = pending(self.reporter.as_deref()), if in_flight.is_none() => {
                         match self.send_windows(&mut send).await {
-                            Ok(sent) => in_flight = sent.map(|seqs| (seqs, Instant::now())),
+                            Ok(batch) => in_flight = batch.map(|seqs| (seqs, Instant::now())),
                             Err(e) => break Err(e),
                         }
                         None

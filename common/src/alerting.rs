@@ -249,7 +249,7 @@ mod tests {
         let errors = rule(AlertMetric::ErrorRate).observe(&w);
         assert_eq!(errors.len(), 1);
         assert_eq!((errors[0].subject.as_str(), errors[0].value), ("m@2", 0.25));
-        assert_eq!(rule(AlertMetric::RequestRate).observe(&w)[0].value, 2.0);
+        assert!((rule(AlertMetric::RequestRate).observe(&w)[0].value - 2.0).abs() < 1e-12);
         let p99 = rule(AlertMetric::P99LatencyMs).observe(&w)[0].value;
         assert!((p99 - 1.029).abs() < 0.03, "{p99}");
         let thin = rollup(5, 1, vec![]);

@@ -159,9 +159,9 @@ mod tests {
         for i in 0..10_000 {
             let v = rng.range(1.0, 1e6);
             if i % 3 == 0 {
-                a.record(v)
+                a.record(v);
             } else {
-                b.record(v)
+                b.record(v);
             }
             all.record(v);
         }

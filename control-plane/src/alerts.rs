@@ -288,10 +288,10 @@ async fn deliver(client: WebhookClient, url: String, body: Arc<Notification>) {
 /// Runs a retraining command with the alert as JSON on its standard input and in
 /// `FALAJ_ALERT_*` variables.
 async fn run_command(argv: Vec<String>, body: Arc<Notification>) {
-    let Some((program, args)) = argv.split_first() else { return };
+    let Some((program, arguments)) = argv.split_first() else { return };
     let json = serde_json::to_vec(&*body).unwrap_or_default();
     let spawned = tokio::process::Command::new(program)
-        .args(args)
+        .args(arguments)
         .env("FALAJ_ALERT_RULE", &body.event.rule)
         .env("FALAJ_ALERT_MODEL", &body.model)
         .env("FALAJ_ALERT_VERSION", body.version.to_string())
@@ -312,11 +312,11 @@ async fn run_command(argv: Vec<String>, body: Arc<Notification>) {
     }
     match child.wait().await {
         Ok(status) if status.success() => {
-            tracing::info!(program, rule = %body.event.rule, "retraining command ran")
+            tracing::info!(program, rule = %body.event.rule, "retraining command ran");
         }
         Ok(status) => tracing::error!(program, %status, "retraining command failed"),
         Err(err) => {
-            tracing::error!(program, error = %err, "waiting for the retraining command failed")
+            tracing::error!(program, error = %err, "waiting for the retraining command failed");
         }
     }
 }

@@ -1,0 +1,157 @@
+//! Control-plane ingest of metric windows: how many windows per second the store takes
+//! (one SQLite transaction per batch, synchronous = FULL, as the QUIC session stores
+//! them), for the batch sizes agents send (1 in steady state, up to 256 catching up after
+//! an outage), and how long the rollup behind `falaj-control metrics` takes over them.
+//!
+//! `cargo bench --bench monitoring -- [--windows N]`; prints a Markdown table for
+//! BENCHMARKS.md.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use falaj_common::keys::Sha256;
+use falaj_common::metrics::MetricsWindow;
+use falaj_common::protocol::SequencedWindow;
+use falaj_common::sample::{self, FEATURE_COUNT};
+use falaj_common::sketch::LatencySketch;
+use falaj_common::time::Timestamp;
+use falaj_control::db::{self, Db, NewAgent, TokenRow};
+use falaj_control::monitoring::{self, MetricsQuery};
+
+const AGENTS: usize = 100;
+
+/// A window as the sample model's agents send it: 8 input columns and 4 output columns of
+/// 10 bins, a latency sketch of a few dozen buckets.
+fn window(start: u64, seed: u64) -> MetricsWindow {
+    let data = sample::generate(50, seed, &[]);
+    let mut latency = LatencySketch::default();
+    for (i, v) in data.features.iter().enumerate().take(200) {
+        latency.record(40.0 + f64::from(*v).abs() * (i % 7) as f64);
+    }
+    let bins = |k: usize| (0..10).map(|b| ((b * 7 + k * 3 + seed as usize) % 13) as u64).collect();
+    MetricsWindow {
+        model: "sensor-fault".into(),
+        version: 1,
+        start: Timestamp::from_unix(start),
+        seconds: 10,
+        requests: 200,
+        errors: 1,
+        latency,
+        rows: 200,
+        inputs: (0..FEATURE_COUNT).map(bins).collect(),
+        outputs: (0..4).map(bins).collect(),
+        dropped_windows: 0,
+        dropped_requests: 0,
+    }
+}
+
+fn enroll_agents(db: &Db, now: Timestamp) -> Result<Vec<String>> {
+    let ids: Vec<String> = (0..AGENTS).map(|i| format!("agent-{i:04}")).collect();
+    let agents = ids.clone();
+    db.call_sync(move |c| {
+        for (i, id) in agents.iter().enumerate() {
+            let secret = Sha256::of(id.as_bytes());
+            let token = TokenRow {
+                id: format!("t{i}"),
+                group: "site".into(),
+                region: "bench-1".into(),
+                expires: now.saturating_add(Duration::from_secs(3600)),
+            };
+            db::insert_token(c, &token, secret, now)?;
+            let agent = NewAgent {
+                id: id.clone(),
+                hostname: id.clone(),
+                agent_version: "bench".into(),
+                serial: format!("s{i}"),
+                cert_expires: now.saturating_add(Duration::from_secs(86_400)),
+            };
+            db::enroll(c, &token.id, secret, "bench-1", &agent, now)?
+                .map_err(|e| rusqlite::Error::InvalidParameterName(e.to_string()))?;
+        }
+        Ok(())
+    })?;
+    Ok(ids)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let total = args
+        .iter()
+        .position(|a| a == "--windows")
+        .and_then(|i| args.get(i + 1))
+        .map_or(Ok(20_000), |s| s.parse::<usize>())
+        .context("--windows takes a number")?;
+    let now = Timestamp::from_system(SystemTime::now());
+    let templates: Vec<MetricsWindow> = (0..64).map(|i| window(now.unix() - 1800, i)).collect();
+    let bytes = postcard::to_stdvec(&templates[0])?.len();
+
+    println!(
+        "Metric windows of the sample model ({bytes} bytes each, postcard), {AGENTS} agents, {total} windows per line"
+    );
+    println!();
+    println!("| batch | windows/s | ms per batch (p50) | ms per batch (p99) |");
+    println!("|---:|---:|---:|---:|");
+    let mut last = None;
+    for batch in [1usize, 16, 256] {
+        let dir = tempfile::tempdir()?;
+        let db = Db::open(&dir.path().join(db::DB_FILE))?;
+        let agents = enroll_agents(&db, now)?;
+        let mut seq = vec![0u64; AGENTS];
+        let mut latencies = Vec::new();
+        let started = Instant::now();
+        let mut sent = 0;
+        let mut k = 0;
+        while sent < total {
+            let agent = k % AGENTS;
+            let windows: Vec<SequencedWindow> = (0..batch)
+                .map(|i| {
+                    seq[agent] += 1;
+                    SequencedWindow {
+                        seq: seq[agent],
+                        window: templates[(k + i) % templates.len()].clone(),
+                    }
+                })
+                .collect();
+            let id = agents[agent].clone();
+            let t0 = Instant::now();
+            let ingested =
+                db.call_sync(move |c| monitoring::insert_windows(c, &id, &windows, now))?;
+            latencies.push(t0.elapsed());
+            anyhow::ensure!(ingested.stored.len() == batch, "every window is new");
+            sent += batch;
+            k += 1;
+        }
+        let elapsed = started.elapsed();
+        latencies.sort_unstable();
+        let pick =
+            |q: f64| latencies[((latencies.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+        println!(
+            "| {batch} | {:.0} | {:.2} | {:.2} |",
+            sent as f64 / elapsed.as_secs_f64(),
+            pick(0.5),
+            pick(0.99)
+        );
+        last = Some((dir, db, sent));
+    }
+
+    let (_dir, db, stored) = last.context("ran")?;
+    let query = MetricsQuery {
+        model: "sensor-fault".into(),
+        version: None,
+        group: Some("site".into()),
+        agent: None,
+        since: Timestamp::from_unix(now.unix() - 3600),
+    };
+    let started = Instant::now();
+    let rollups = db.call_sync(move |c| monitoring::rollups(c, &query))?;
+    let elapsed = started.elapsed();
+    let merged = rollups.values().map(|v| v.rollup.windows).sum::<u64>();
+    anyhow::ensure!(merged as usize == stored, "the rollup merges every window");
+    println!();
+    println!(
+        "Rollup of {merged} windows (one model, group filter, the last hour): {:.0} ms, {:.0} windows/s",
+        elapsed.as_secs_f64() * 1e3,
+        merged as f64 / elapsed.as_secs_f64()
+    );
+    Ok(())
+}
