@@ -190,6 +190,13 @@ async fn windows_survive_an_agent_killed_between_windows() {
     })
     .await;
     assert_eq!(requests_counted(&control).await, 10_000);
+    // The operator's view, through the command line.
+    let api = ["--control-plane", control.client.base(), "--data-dir", s(&dir)];
+    let table = ok(&[&["control", "metrics", MODEL, "--since", "1h"][..], &api].concat());
+    let row = table.lines().find(|l| l.starts_with("1 ")).unwrap_or_else(|| panic!("{table}"));
+    assert_eq!(row.split_whitespace().take(3).collect::<Vec<_>>(), ["1", "1", "10000"], "{table}");
+    let alerts = ok(&[&["control", "alerts"][..], &api].concat());
+    assert!(alerts.contains("no alerts firing"), "{alerts}");
     assert_eq!(process.terminate(), Some(0));
     control.stop().await;
 }
