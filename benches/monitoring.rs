@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use falaj_common::keys::Sha256;
-use falaj_common::metrics::MetricsWindow;
+use falaj_common::metrics::{Counts, MetricsWindow};
 use falaj_common::protocol::SequencedWindow;
 use falaj_common::sample::{self, FEATURE_COUNT};
 use falaj_common::sketch::LatencySketch;
@@ -34,14 +34,16 @@ fn window(start: u64, seed: u64) -> MetricsWindow {
         version: 1,
         start: Timestamp::from_unix(start),
         seconds: 10,
-        requests: 200,
-        errors: 1,
-        latency,
-        rows: 200,
-        inputs: (0..FEATURE_COUNT).map(bins).collect(),
-        outputs: (0..4).map(bins).collect(),
-        dropped_windows: 0,
-        dropped_requests: 0,
+        counts: Counts {
+            requests: 200,
+            errors: 1,
+            latency,
+            rows: 200,
+            inputs: (0..FEATURE_COUNT).map(bins).collect(),
+            outputs: (0..4).map(bins).collect(),
+            dropped_windows: 0,
+            dropped_requests: 0,
+        },
     }
 }
 

@@ -289,13 +289,23 @@ fn main() -> Result<()> {
         Err(err) => eprintln!("ONNX Runtime anchor skipped: {err:#}"),
     }
 
+    print_tables(seconds, &results, &overhead, &recording);
+    Ok(())
+}
+
+fn print_tables(
+    seconds: f64,
+    results: &[Stats],
+    overhead: &[Overhead],
+    recording: &[(usize, f64)],
+) {
     println!(
         "Sample model (MLP 8-32-16-3, softmax + arg-max), one row per request, {seconds} s per line"
     );
     println!();
     println!("| mode | clients | requests | p50 µs | p99 µs | throughput req/s |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for r in &results {
+    for r in results {
         println!(
             "| {} | {} | {} | {:.1} | {:.1} | {:.0} |",
             r.mode, r.clients, r.requests, r.p50_us, r.p99_us, r.throughput
@@ -308,7 +318,7 @@ fn main() -> Result<()> {
     println!();
     println!("| clients | throughput on | throughput off | on / off | p99 µs on | p99 µs off |");
     println!("|---:|---:|---:|---:|---:|---:|");
-    for o in &overhead {
+    for o in overhead {
         println!(
             "| {} | {:.0} | {:.0} | {:.3} | {:.1} | {:.1} |",
             o.clients,
@@ -329,7 +339,6 @@ fn main() -> Result<()> {
     for (threads, ns) in recording {
         println!("| {threads} | {ns:.0} | 0 (agent/tests/hot_path.rs) |");
     }
-    Ok(())
 }
 
 /// Alternating rounds per metrics setting.
@@ -401,7 +410,7 @@ fn record_cost(model: &OnnxModel, reference_csv: &Path) -> Result<Vec<(usize, f6
     let data = sample::generate(1, 77, &[]).features;
     let input = Tensor { shape: vec![1, FEATURE_COUNT as u64], data: TensorData::Fp32(data) };
     let outputs = model.run(vec![input.clone()])?;
-    let calls = 2_000_000;
+    let calls: u32 = 2_000_000;
     let mut out = Vec::new();
     for threads in [1, 2] {
         let started = Instant::now();
@@ -416,7 +425,7 @@ fn record_cost(model: &OnnxModel, reference_csv: &Path) -> Result<Vec<(usize, f6
                 });
             }
         });
-        out.push((threads, started.elapsed().as_secs_f64() * 1e9 / calls as f64));
+        out.push((threads, started.elapsed().as_secs_f64() * 1e9 / f64::from(calls)));
     }
     Ok(out)
 }

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use falaj_common::exposition::{self, VersionFigures};
-use falaj_common::metrics::MetricsWindow;
+use falaj_common::metrics::{Counts, MetricsWindow};
 use falaj_common::profile::{ColumnProfile, DataProfile, Histogram};
 use falaj_common::sketch::{self, LatencySketch};
 use falaj_common::tensor::{Signature, Tensor, TensorData};
@@ -199,14 +199,16 @@ impl ModelMetrics {
             version: self.version,
             start: Timestamp::from_unix(start),
             seconds: u32::try_from(now.saturating_sub(start)).unwrap_or(u32::MAX).max(1),
-            requests,
-            errors,
-            latency,
-            rows,
-            inputs,
-            outputs,
-            dropped_windows: 0,
-            dropped_requests: 0,
+            counts: Counts {
+                requests,
+                errors,
+                latency,
+                rows,
+                inputs,
+                outputs,
+                dropped_windows: 0,
+                dropped_requests: 0,
+            },
         })
     }
 

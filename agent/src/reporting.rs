@@ -99,7 +99,7 @@ impl Reporter {
         let mut store = self.lock_store();
         let mut evicted = 0;
         for window in windows {
-            tracing::debug!(model = %window.model, version = window.version, requests = window.requests, "metric window closed");
+            tracing::debug!(model = %window.model, version = window.version, requests = window.counts.requests, "metric window closed");
             evicted += store.outbox_push(window, self.config.outbox_cap, now)?.1;
         }
         self.update_depth(&store)?;

@@ -48,7 +48,7 @@ fn recording_a_request_allocates_nothing() {
     let mut closed = None;
     let closing = allocation_counter::measure(|| closed = metrics.close(SystemTime::now()));
     assert!(closing.count_total > 0);
-    let window = closed.unwrap();
+    let window = closed.unwrap().counts;
     assert_eq!((window.requests, window.errors, window.rows), (2000, 1000, 4000));
     assert_eq!(window.latency.count(), 1000);
     assert_eq!(window.inputs.len(), 3);

@@ -131,7 +131,7 @@ pub struct Observation {
 impl AlertRule {
     /// The observations of one version, or none where the data is too thin.
     pub fn observe(&self, w: &VersionWindow<'_>) -> Vec<Observation> {
-        let r = w.rollup;
+        let r = &w.rollup.counts;
         let subject = format!("{}@{}", self.model, w.version);
         let whole = |value: f64| {
             vec![Observation { subject: subject.clone(), version: w.version, column: None, value }]
@@ -146,7 +146,7 @@ impl AlertRule {
             AlertMetric::RequestRate => whole(r.requests as f64 / w.span_seconds.max(1) as f64),
             AlertMetric::Psi | AlertMetric::Ks | AlertMetric::Js if r.rows >= self.min_count => {
                 let Some(reference) = w.reference else { return Vec::new() };
-                let drift = r.drift(reference);
+                let drift = w.rollup.drift(reference);
                 let inputs =
                     if self.scope == DriftScope::Predictions { &[][..] } else { &drift.inputs };
                 let outputs =
@@ -201,7 +201,7 @@ pub fn transitions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::MetricsWindow;
+    use crate::metrics::{Counts, MetricsWindow};
     use crate::profile::ColumnProfile;
     use crate::sketch::LatencySketch;
     use crate::time::Timestamp;
@@ -230,14 +230,14 @@ mod tests {
             version: 2,
             start: Timestamp::from_unix(0),
             seconds: 10,
-            requests,
-            errors,
-            latency,
-            rows: requests,
-            inputs,
-            outputs: vec![],
-            dropped_windows: 0,
-            dropped_requests: 0,
+            counts: Counts {
+                requests,
+                errors,
+                latency,
+                rows: requests,
+                inputs,
+                ..Counts::default()
+            },
         });
         r
     }

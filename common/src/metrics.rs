@@ -30,17 +30,9 @@ pub struct InvalidWindow {
     pub problem: String,
 }
 
-/// One model version's measurements over one window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MetricsWindow {
-    /// The model.
-    pub model: String,
-    /// Its version.
-    pub version: u64,
-    /// When the window opened.
-    pub start: Timestamp,
-    /// Its length in seconds.
-    pub seconds: u32,
+/// What was measured: a window's counts, or several windows' counts added up.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
     /// Inference requests.
     pub requests: u64,
     /// Requests that failed (refused input, failed inference).
@@ -53,33 +45,50 @@ pub struct MetricsWindow {
     pub inputs: Vec<Vec<u64>>,
     /// For each output column of the reference profile: counts per bin.
     pub outputs: Vec<Vec<u64>>,
-    /// Windows dropped from a full outbox since the previous window that was kept.
+    /// Windows dropped from a full outbox (and not counted above).
     pub dropped_windows: u64,
     /// Requests counted in those dropped windows.
     pub dropped_requests: u64,
 }
 
-/// Windows merged: totals, a merged sketch and summed histograms.
+impl Counts {
+    /// Adds `other`: totals, the merged sketch, histograms bin by bin (a histogram of
+    /// another shape than the first one seen is left out).
+    pub fn add(&mut self, other: &Self) {
+        self.requests += other.requests;
+        self.errors += other.errors;
+        self.latency.merge(&other.latency);
+        self.rows += other.rows;
+        add_histograms(&mut self.inputs, &other.inputs);
+        add_histograms(&mut self.outputs, &other.outputs);
+        self.dropped_windows += other.dropped_windows;
+        self.dropped_requests += other.dropped_requests;
+    }
+}
+
+/// One model version's measurements over one window.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsWindow {
+    /// The model.
+    pub model: String,
+    /// Its version.
+    pub version: u64,
+    /// When the window opened.
+    pub start: Timestamp,
+    /// Its length in seconds.
+    pub seconds: u32,
+    /// What was measured in it. Its drop counts are the windows the agent's outbox
+    /// dropped since the previous window it kept.
+    pub counts: Counts,
+}
+
+/// Windows merged.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Rollup {
     /// Windows merged.
     pub windows: u64,
-    /// Requests.
-    pub requests: u64,
-    /// Errors.
-    pub errors: u64,
-    /// Merged latency sketch.
-    pub latency: LatencySketch,
-    /// Rows binned.
-    pub rows: u64,
-    /// Summed input histograms.
-    pub inputs: Vec<Vec<u64>>,
-    /// Summed output histograms.
-    pub outputs: Vec<Vec<u64>>,
-    /// Windows lost to full outboxes.
-    pub dropped_windows: u64,
-    /// Requests lost with them.
-    pub dropped_requests: u64,
+    /// Their counts, added up.
+    pub counts: Counts,
 }
 
 impl MetricsWindow {
@@ -93,13 +102,14 @@ impl MetricsWindow {
         } else if self.seconds == 0 || self.seconds > MAX_WINDOW_SECONDS {
             Some(format!("length {} s is not within 1 to {MAX_WINDOW_SECONDS} s", self.seconds))
         } else if self
+            .counts
             .latency
             .buckets
             .iter()
             .any(|&(b, _)| usize::from(b) >= crate::sketch::BUCKETS)
         {
             Some("a latency bucket out of range".to_owned())
-        } else if [&self.inputs, &self.outputs]
+        } else if [&self.counts.inputs, &self.counts.outputs]
             .iter()
             .any(|h| h.len() > MAX_COLUMNS || h.iter().any(|c| c.len() > MAX_BINS))
         {
@@ -192,14 +202,7 @@ impl Rollup {
     /// Adds one window.
     pub fn add(&mut self, w: &MetricsWindow) {
         self.windows += 1;
-        self.requests += w.requests;
-        self.errors += w.errors;
-        self.latency.merge(&w.latency);
-        self.rows += w.rows;
-        add_histograms(&mut self.inputs, &w.inputs);
-        add_histograms(&mut self.outputs, &w.outputs);
-        self.dropped_windows += w.dropped_windows;
-        self.dropped_requests += w.dropped_requests;
+        self.counts.add(&w.counts);
     }
 
     /// The summary of this rollup of `version`, reported by `agents` over `span_seconds`.
@@ -210,26 +213,23 @@ impl Rollup {
         span_seconds: u64,
         reference: Option<&DataProfile>,
     ) -> VersionSummary {
-        let ms = |q| self.latency.quantile(q).map(|micros| micros / 1000.0);
+        let c = &self.counts;
+        let ms = |q| c.latency.quantile(q).map(|micros| micros / 1000.0);
         VersionSummary {
             version,
             agents,
             windows: self.windows,
-            requests: self.requests,
-            errors: self.errors,
-            rows: self.rows,
+            requests: c.requests,
+            errors: c.errors,
+            rows: c.rows,
             span_seconds,
-            rate: self.requests as f64 / span_seconds.max(1) as f64,
-            error_rate: if self.requests == 0 {
-                0.0
-            } else {
-                self.errors as f64 / self.requests as f64
-            },
+            rate: c.requests as f64 / span_seconds.max(1) as f64,
+            error_rate: if c.requests == 0 { 0.0 } else { c.errors as f64 / c.requests as f64 },
             p50_ms: ms(0.5),
             p95_ms: ms(0.95),
             p99_ms: ms(0.99),
-            dropped_windows: self.dropped_windows,
-            dropped_requests: self.dropped_requests,
+            dropped_windows: c.dropped_windows,
+            dropped_requests: c.dropped_requests,
             drift: reference.map(|r| self.drift(r)),
         }
     }
@@ -250,8 +250,8 @@ impl Rollup {
                 .collect()
         };
         Drift {
-            inputs: score(&reference.inputs, &self.inputs),
-            outputs: score(&reference.outputs, &self.outputs),
+            inputs: score(&reference.inputs, &self.counts.inputs),
+            outputs: score(&reference.outputs, &self.counts.outputs),
         }
     }
 }
@@ -270,14 +270,16 @@ mod tests {
             version: 1,
             start: Timestamp::from_unix(0),
             seconds: 10,
-            requests,
-            errors: 1,
-            latency: sketch,
-            rows: requests,
-            inputs: vec![bins],
-            outputs: vec![],
-            dropped_windows: 2,
-            dropped_requests: 7,
+            counts: Counts {
+                requests,
+                errors: 1,
+                latency: sketch,
+                rows: requests,
+                inputs: vec![bins],
+                outputs: vec![],
+                dropped_windows: 2,
+                dropped_requests: 7,
+            },
         }
     }
 
@@ -286,10 +288,11 @@ mod tests {
         let mut r = Rollup::default();
         r.add(&window(3, 100.0, vec![1, 2, 0]));
         r.add(&window(5, 1000.0, vec![0, 4, 1]));
-        assert_eq!((r.windows, r.requests, r.errors, r.rows), (2, 8, 2, 8));
-        assert_eq!(r.inputs, vec![vec![1, 6, 1]]);
-        assert_eq!(r.latency.count(), 8);
-        assert_eq!((r.dropped_windows, r.dropped_requests), (4, 14));
+        let c = &r.counts;
+        assert_eq!((r.windows, c.requests, c.errors, c.rows), (2, 8, 2, 8));
+        assert_eq!(c.inputs, vec![vec![1, 6, 1]]);
+        assert_eq!(c.latency.count(), 8);
+        assert_eq!((c.dropped_windows, c.dropped_requests), (4, 14));
     }
 
     #[test]
@@ -311,7 +314,7 @@ mod tests {
             counts
         };
         let mut w = window(1000, 100.0, vec![]);
-        w.inputs = vec![bin(&reference.inputs[0], 0.0), bin(&reference.inputs[1], 300.0)];
+        w.counts.inputs = vec![bin(&reference.inputs[0], 0.0), bin(&reference.inputs[1], 300.0)];
         let mut r = Rollup::default();
         r.add(&w);
         let drift = r.drift(&reference);
@@ -336,7 +339,7 @@ mod tests {
         refused(MetricsWindow { model: "Bad Name".into(), ..window(1, 1.0, vec![]) }, "Bad Name");
         refused(MetricsWindow { seconds: 0, ..window(1, 1.0, vec![]) }, "length 0 s");
         let mut w = window(1, 1.0, vec![]);
-        w.latency.buckets.push((u16::MAX, 1));
+        w.counts.latency.buckets.push((u16::MAX, 1));
         refused(w, "latency bucket");
         refused(window(1, 1.0, vec![0; MAX_BINS + 1]), "histograms over");
     }

@@ -47,16 +47,16 @@ impl IngestStats {
         self.rejected.fetch_add(ingested.rejected, Ordering::Relaxed);
         let mut versions = self.versions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for w in ingested.stored.iter().filter_map(|&i| batch.get(i)).map(|s| &s.window) {
-            self.dropped.fetch_add(w.dropped_windows, Ordering::Relaxed);
+            self.dropped.fetch_add(w.counts.dropped_windows, Ordering::Relaxed);
             let f =
                 versions.entry((w.model.clone(), w.version)).or_insert_with(|| VersionFigures {
                     model: w.model.clone(),
                     version: w.version,
                     ..VersionFigures::default()
                 });
-            f.requests += w.requests;
-            f.errors += w.errors;
-            f.latency.merge(&w.latency);
+            f.requests += w.counts.requests;
+            f.errors += w.counts.errors;
+            f.latency.merge(&w.counts.latency);
             f.latency_sum_seconds = f.latency.approximate_sum() / 1e6;
         }
     }
@@ -113,8 +113,8 @@ pub fn insert_windows(
                 w.version as i64,
                 ts(w.start),
                 w.seconds,
-                w.requests as i64,
-                w.errors as i64,
+                w.counts.requests as i64,
+                w.counts.errors as i64,
                 bytes,
                 ts(now),
             ])?;

@@ -47,13 +47,13 @@ impl Store {
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            window.dropped_windows = dropped_windows as u64;
-            window.dropped_requests = dropped_requests as u64;
+            window.counts.dropped_windows = dropped_windows as u64;
+            window.counts.dropped_requests = dropped_requests as u64;
             let bytes = postcard::to_stdvec(&window).expect("windows always encode");
             tx.execute(
                 "INSERT INTO outbox (seq, requests, dropped_windows, dropped_requests, window, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![seq, window.requests as i64, dropped_windows, dropped_requests, bytes, at],
+                params![seq, window.counts.requests as i64, dropped_windows, dropped_requests, bytes, at],
             )?;
             tx.execute(
                 "UPDATE outbox_state SET next_seq = next_seq + 1, dropped_windows = 0, dropped_requests = 0",
@@ -114,6 +114,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use falaj_common::metrics::Counts;
     use falaj_common::sketch::LatencySketch;
 
     fn window(requests: u64) -> MetricsWindow {
@@ -122,14 +123,16 @@ mod tests {
             version: 1,
             start: Timestamp::from_unix(0),
             seconds: 1,
-            requests,
-            errors: 0,
-            latency: LatencySketch::default(),
-            rows: 0,
-            inputs: vec![],
-            outputs: vec![],
-            dropped_windows: 0,
-            dropped_requests: 0,
+            counts: Counts {
+                requests,
+                errors: 0,
+                latency: LatencySketch::default(),
+                rows: 0,
+                inputs: vec![],
+                outputs: vec![],
+                dropped_windows: 0,
+                dropped_requests: 0,
+            },
         }
     }
 
@@ -182,11 +185,11 @@ mod tests {
             .into_iter()
             .map(|(_, b)| postcard::from_bytes(&b).unwrap())
             .collect();
-        let received: u64 = kept.iter().map(|w| w.requests).sum();
-        let carried: u64 = kept.iter().map(|w| w.dropped_requests).sum();
+        let received: u64 = kept.iter().map(|w| w.counts.requests).sum();
+        let carried: u64 = kept.iter().map(|w| w.counts.dropped_requests).sum();
         let (_, pending) = store.outbox_pending_drops().unwrap();
         assert_eq!(received + carried + pending, pushed);
-        let dropped_windows: u64 = kept.iter().map(|w| w.dropped_windows).sum();
+        let dropped_windows: u64 = kept.iter().map(|w| w.counts.dropped_windows).sum();
         assert_eq!(dropped_windows + store.outbox_pending_drops().unwrap().0, 7);
     }
 }
