@@ -1,0 +1,270 @@
+//! ONNX inference on GPUs through wgpu: WGSL compute kernels for the operators of MLPs
+//! and CNNs, planned once per input shape, with weights uploaded once and buffers reused
+//! between runs, and dynamic batching of requests that arrive together.
+//!
+//! A model that uses anything the kernels do not implement is refused at load with the
+//! node and the reason ([`GpuError::Unsupported`]); the agent then serves it with tract.
+//! Sites run NVIDIA, AMD and Intel GPUs, which is why this is wgpu (Vulkan) and not CUDA.
+
+mod batch;
+pub mod graph;
+mod kernels;
+mod plan;
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use prost::Message as _;
+use thiserror::Error;
+use tract_onnx::pb::ModelProto;
+use wgpu::util::DeviceExt as _;
+
+pub use batch::{BatchConfig, Batcher};
+pub use kernels::Tile;
+
+use crate::graph::{Graph, InputDim};
+use crate::kernels::Pipelines;
+use crate::plan::Plan;
+
+/// Why the GPU engine cannot load or run a model.
+#[derive(Debug, Error)]
+pub enum GpuError {
+    /// No usable GPU adapter (none at all, or only a software one when those are refused).
+    #[error("no GPU: {0}")]
+    NoAdapter(String),
+    /// The model uses something the kernels do not implement.
+    #[error("{node}: {problem} is not supported by the GPU engine")]
+    Unsupported {
+        /// The node (or tensor) concerned.
+        node: String,
+        /// What it uses.
+        problem: String,
+    },
+    /// An input decides shapes (a Reshape's target, Squeeze's axes) and must be a constant.
+    #[error("{node}: input {input:?} must be a constant for the GPU engine")]
+    NeedsConstant {
+        /// The node.
+        node: String,
+        /// The input.
+        input: String,
+    },
+    /// Shapes that the graph cannot combine.
+    #[error("{node}: {problem}")]
+    Shape {
+        /// The node.
+        node: String,
+        /// What does not fit.
+        problem: String,
+    },
+    /// Inputs of the wrong count or size.
+    #[error("{0}")]
+    Input(String),
+    /// The device failed.
+    #[error("GPU device error: {0}")]
+    Device(String),
+}
+
+/// How to choose an adapter.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GpuOptions {
+    /// Accept a software rasteriser (lavapipe) as the GPU. It is correct but slower than
+    /// tract on the same CPU, so production refuses it; tests on machines without a GPU
+    /// accept it.
+    pub allow_software: bool,
+}
+
+/// A GPU device: its queue, what it is, and the kernels compiled for it. Open it once per
+/// process and share it between models.
+#[derive(Debug)]
+pub struct Gpu {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    info: wgpu::AdapterInfo,
+    pipelines: Pipelines,
+}
+
+impl Gpu {
+    /// Opens the first high-performance Vulkan adapter, or says why there is none.
+    pub fn open(options: GpuOptions) -> Result<Arc<Self>, GpuError> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::VULKAN,
+            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
+        });
+        let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+            power_preference: wgpu::PowerPreference::HighPerformance,
+            ..Default::default()
+        }))
+        .map_err(|e| GpuError::NoAdapter(e.to_string()))?;
+        let info = adapter.get_info();
+        if info.device_type == wgpu::DeviceType::Cpu && !options.allow_software {
+            return Err(GpuError::NoAdapter(format!(
+                "{} is a software renderer, slower than the CPU engine",
+                info.name
+            )));
+        }
+        let supported = adapter.limits();
+        let limits = wgpu::Limits {
+            max_storage_buffer_binding_size: supported.max_storage_buffer_binding_size,
+            max_buffer_size: supported.max_buffer_size,
+            max_storage_buffers_per_shader_stage: supported
+                .max_storage_buffers_per_shader_stage
+                .min(8),
+            ..wgpu::Limits::default()
+        };
+        let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+            label: Some("falaj"),
+            required_limits: limits,
+            ..Default::default()
+        }))
+        .map_err(|e| GpuError::Device(e.to_string()))?;
+        tracing::info!(adapter = %info.name, backend = ?info.backend, kind = ?info.device_type, driver = %info.driver_info, "GPU opened");
+        Ok(Arc::new(Self { device, queue, info, pipelines: Pipelines::default() }))
+    }
+
+    /// The adapter's name (for example `NVIDIA H100 80GB HBM3`).
+    pub fn name(&self) -> &str {
+        &self.info.name
+    }
+
+    /// Whether the adapter is a software renderer.
+    pub fn is_software(&self) -> bool {
+        self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// Multiplies `a` (m × k) by `b` (k × n), both row-major, with the given tile; for
+    /// benchmarks of the kernel alone. Returns the product and the seconds each of `runs`
+    /// dispatches took on average (measured around `runs` dispatches in one submission).
+    pub fn matmul_benchmark(
+        &self,
+        a: &[f32],
+        b: &[f32],
+        (m, n, k): (usize, usize, usize),
+        tile: Tile,
+        runs: u32,
+    ) -> Result<(Vec<f32>, f64), GpuError> {
+        plan::matmul_benchmark(self, a, b, (m, n, k), tile, runs)
+    }
+}
+
+/// Plans kept per model; a new input shape past this many evicts the oldest.
+const MAX_PLANS: usize = 16;
+
+/// A model loaded on a GPU: its graph, its weights on the device, and its plans.
+#[derive(Debug)]
+pub struct GpuModel {
+    gpu: Arc<Gpu>,
+    graph: Graph,
+    constants: HashMap<String, (Arc<wgpu::Buffer>, Vec<usize>)>,
+    plans: Mutex<VecDeque<(Vec<Vec<usize>>, Arc<Mutex<Plan>>)>>,
+}
+
+/// A tensor going in or coming out: shape and float32 values.
+pub type Values = (Vec<usize>, Vec<f32>);
+
+impl GpuModel {
+    /// Reads an ONNX model, uploads its weights and plans it for batch size 1 (every free
+    /// dimension 1), so that an operator or shape the kernels cannot run is refused here
+    /// and not at the first request.
+    pub fn load(gpu: Arc<Gpu>, onnx: &[u8]) -> Result<Self, GpuError> {
+        let proto = ModelProto::decode(onnx).map_err(|e| GpuError::Unsupported {
+            node: "model".into(),
+            problem: format!("undecodable protobuf ({e})"),
+        })?;
+        let graph = Graph::from_onnx(&proto)?;
+        let used: std::collections::HashSet<&str> = graph
+            .nodes
+            .iter()
+            .flat_map(|n| n.inputs.iter().flatten())
+            .map(String::as_str)
+            .chain(graph.outputs.iter().map(String::as_str))
+            .collect();
+        let constants = graph
+            .constants
+            .iter()
+            .filter(|(name, _)| used.contains(name.as_str()))
+            .map(|(name, c)| {
+                let bytes: &[u8] =
+                    if c.values.is_empty() { &[0; 4] } else { bytemuck::cast_slice(&c.values) };
+                let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                    label: Some(name),
+                    contents: bytes,
+                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                });
+                (name.clone(), (Arc::new(buffer), c.dims.clone()))
+            })
+            .collect();
+        let model = Self { gpu, graph, constants, plans: Mutex::new(VecDeque::new()) };
+        let ones: Vec<Vec<usize>> = model
+            .graph
+            .inputs
+            .iter()
+            .map(|i| {
+                i.dims
+                    .iter()
+                    .map(|d| match d {
+                        InputDim::Fixed(n) => *n,
+                        InputDim::Free => 1,
+                    })
+                    .collect()
+            })
+            .collect();
+        model.plan(&ones)?;
+        Ok(model)
+    }
+
+    /// The device it runs on.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// The graph as planned (after folding and fusion).
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn plan(&self, shapes: &[Vec<usize>]) -> Result<Arc<Mutex<Plan>>, GpuError> {
+        let mut plans = self.plans.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, plan)) = plans.iter().find(|(s, _)| s.as_slice() == shapes) {
+            return Ok(plan.clone());
+        }
+        let plan =
+            Arc::new(Mutex::new(Plan::build(&self.gpu, &self.graph, &self.constants, shapes)?));
+        if plans.len() == MAX_PLANS {
+            plans.pop_front();
+        }
+        plans.push_back((shapes.to_vec(), plan.clone()));
+        Ok(plan)
+    }
+
+    /// Runs the model on `inputs`, one per graph input in order; returns every output.
+    pub fn run(&self, inputs: &[(&[usize], &[f32])]) -> Result<Vec<Values>, GpuError> {
+        if inputs.len() != self.graph.inputs.len() {
+            return Err(GpuError::Input(format!(
+                "the model takes {} inputs, {} given",
+                self.graph.inputs.len(),
+                inputs.len()
+            )));
+        }
+        for ((shape, data), input) in inputs.iter().zip(&self.graph.inputs) {
+            let fits = shape.len() == input.dims.len()
+                && shape
+                    .iter()
+                    .zip(&input.dims)
+                    .all(|(&s, d)| matches!(d, InputDim::Free) || *d == InputDim::Fixed(s));
+            if !fits || shape.iter().product::<usize>() != data.len() {
+                return Err(GpuError::Input(format!(
+                    "input {:?}: {} values of shape {shape:?} do not fit {:?}",
+                    input.name,
+                    data.len(),
+                    input.dims
+                )));
+            }
+        }
+        let shapes: Vec<Vec<usize>> = inputs.iter().map(|(s, _)| s.to_vec()).collect();
+        let plan = self.plan(&shapes)?;
+        let plan = plan.lock().unwrap_or_else(PoisonError::into_inner);
+        let data: Vec<&[f32]> = inputs.iter().map(|(_, d)| *d).collect();
+        let values = plan.run(&self.gpu, &data)?;
+        Ok(plan.output_shapes().map(<[usize]>::to_vec).zip(values).collect())
+    }
+}
