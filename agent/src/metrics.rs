@@ -286,6 +286,23 @@ impl Collector for Exporter {
                     u64::from(catalog.ready()),
                 ),
                 (
+                    "falaj_models_on_gpu",
+                    "Model versions served by the GPU engine",
+                    false,
+                    catalog
+                        .models
+                        .values()
+                        .flat_map(|m| m.versions.values())
+                        .filter(|v| matches!(v, VersionState::Ready(v) if v.engine.name() == "wgpu-gpu"))
+                        .count() as u64,
+                ),
+                (
+                    "falaj_gpu_fallbacks",
+                    "Model versions that wanted a GPU and are served by tract instead",
+                    true,
+                    self.registry.engines().fallbacks(),
+                ),
+                (
                     "falaj_outbox_windows",
                     "Metric windows waiting to be delivered",
                     false,

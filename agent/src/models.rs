@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use falaj_common::bundle::Manifest;
 use falaj_common::keys::Sha256;
 
-use crate::engine::{self, Engine};
+use crate::engine::{Engine, Engines};
 use crate::metrics::ModelMetrics;
 use crate::store::{Store, StoreError};
 
@@ -113,12 +113,24 @@ pub struct ReloadSummary {
 #[derive(Debug, Default)]
 pub struct Registry {
     catalog: ArcSwap<Catalog>,
+    engines: Engines,
 }
 
 impl Registry {
-    /// An empty registry (not ready until the first reload).
+    /// An empty registry (not ready until the first reload) that loads models on the
+    /// engines' default choice.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty registry loading models on the engines `engines` chooses.
+    pub fn with_engines(engines: Engines) -> Self {
+        Self { catalog: ArcSwap::default(), engines }
+    }
+
+    /// The engine choice, and the GPU if one was opened.
+    pub fn engines(&self) -> &Engines {
+        &self.engines
     }
 
     /// The current catalog.
@@ -149,7 +161,9 @@ impl Registry {
                     let loaded =
                         store.read_model(&installed).map_err(|e| e.to_string()).and_then(|bytes| {
                             let spec = installed.manifest.model().ok_or("not a model bundle")?;
-                            engine::load(&name, version, spec, &bytes).map_err(|e| e.to_string())
+                            self.engines
+                                .load(&name, version, spec, &bytes)
+                                .map_err(|e| e.to_string())
                         });
                     match loaded {
                         Ok(engine) => {

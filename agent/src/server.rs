@@ -19,6 +19,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::engine::{EngineConfig, Engines};
 use crate::metrics::AgentStats;
 use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
 use crate::oip::{self, OutputToSend};
@@ -39,6 +40,8 @@ pub struct ServeConfig {
     pub poll_interval: Duration,
     /// Whether requests are measured (metric windows, Prometheus counters).
     pub metrics: bool,
+    /// Which engine serves each model.
+    pub engine: EngineConfig,
 }
 
 impl Default for ServeConfig {
@@ -50,6 +53,7 @@ impl Default for ServeConfig {
             workers: std::thread::available_parallelism().map_or(2, usize::from),
             poll_interval: Duration::from_secs(1),
             metrics: true,
+            engine: EngineConfig::default(),
         }
     }
 }
@@ -94,7 +98,7 @@ pub struct Server {
 impl Server {
     /// Opens the store in `data_dir`, loads every installed model and binds the socket.
     pub async fn bind(data_dir: PathBuf, config: ServeConfig) -> Result<Self, ServeError> {
-        let registry = Arc::new(Registry::new());
+        let registry = Arc::new(Registry::with_engines(Engines::new(config.engine.clone())));
         let (store, summary) = {
             let registry = Arc::clone(&registry);
             tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
@@ -397,6 +401,18 @@ fn metadata(state: &AppState, name: &str, version: Option<u64>) -> Result<Respon
         "parameters": {
             "active_version": entry.active.map(|v| v.to_string()),
             "engine": model.engine.name(),
+            "engines": entry
+                .versions
+                .iter()
+                .filter(|(v, _)| version.is_none_or(|only| only == **v))
+                .map(|(v, state)| {
+                    let engine = match state {
+                        VersionState::Ready(loaded) => loaded.engine.name(),
+                        VersionState::Failed { .. } => "unavailable",
+                    };
+                    (v.to_string(), serde_json::Value::from(engine))
+                })
+                .collect::<serde_json::Map<_, _>>(),
             "runtime_hint": spec.runtime.to_string(),
         },
     })))
@@ -506,7 +522,8 @@ async fn run_model(
     inputs: Vec<falaj_common::tensor::Tensor>,
     rows: u64,
 ) -> Result<Result<Vec<falaj_common::tensor::Tensor>, falaj_common::onnx::RunError>, ApiError> {
-    if model.cost.estimate(rows).is_some_and(|d| d < INLINE_BUDGET) {
+    if model.engine.may_run_inline() && model.cost.estimate(rows).is_some_and(|d| d < INLINE_BUDGET)
+    {
         let started = Instant::now();
         let outputs = model.engine.run(inputs);
         model.cost.record(rows, started.elapsed());

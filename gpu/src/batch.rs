@@ -5,6 +5,7 @@
 //! (while under `max_rows`), stacks the compatible ones, pads the batch to a power of two
 //! (so a handful of plans serve every batch size), runs it and hands each request its rows.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -39,6 +40,14 @@ struct Job {
 pub struct Batcher {
     model: Arc<GpuModel>,
     queue: Mutex<Sender<Job>>,
+    stats: Arc<Stats>,
+}
+
+/// Dispatches run and rows served, for metrics.
+#[derive(Debug, Default)]
+struct Stats {
+    batches: AtomicU64,
+    rows: AtomicU64,
 }
 
 impl std::fmt::Debug for Job {
@@ -60,12 +69,13 @@ impl Batcher {
             return Ok(None);
         }
         let (sender, receiver) = mpsc::channel();
-        let worker = model.clone();
+        let (worker, stats) = (model.clone(), Arc::new(Stats::default()));
+        let counters = stats.clone();
         thread::Builder::new()
             .name("falaj-gpu-batch".into())
-            .spawn(move || work(&worker, &receiver, config))
+            .spawn(move || work(&worker, &receiver, config, &counters))
             .map_err(|e| GpuError::Device(format!("cannot start the batching thread: {e}")))?;
-        Ok(Some(Self { model, queue: Mutex::new(sender) }))
+        Ok(Some(Self { model, queue: Mutex::new(sender), stats }))
     }
 
     /// Runs `inputs` in the next batch and returns this request's outputs.
@@ -77,6 +87,11 @@ impl Batcher {
             return Err(GpuError::Device("the batching thread has stopped".into()));
         }
         answer.recv().map_err(|_| GpuError::Device("the batching thread has stopped".into()))?
+    }
+
+    /// Batches run so far and the request rows they carried (padding not counted).
+    pub fn stats(&self) -> (u64, u64) {
+        (self.stats.batches.load(Ordering::Relaxed), self.stats.rows.load(Ordering::Relaxed))
     }
 
     /// The model batched.
@@ -113,7 +128,7 @@ fn batchable(model: &GpuModel) -> Result<bool, GpuError> {
     Ok(true)
 }
 
-fn work(model: &GpuModel, queue: &Receiver<Job>, config: BatchConfig) {
+fn work(model: &GpuModel, queue: &Receiver<Job>, config: BatchConfig, stats: &Stats) {
     let mut held: Option<Job> = None;
     loop {
         let first = match held.take() {
@@ -124,6 +139,8 @@ fn work(model: &GpuModel, queue: &Receiver<Job>, config: BatchConfig) {
             },
         };
         if rows(&first.inputs) >= config.max_rows {
+            stats.batches.fetch_add(1, Ordering::Relaxed);
+            stats.rows.fetch_add(rows(&first.inputs) as u64, Ordering::Relaxed);
             let _ = first.reply.send(run_alone(model, &first.inputs));
             continue;
         }
@@ -150,6 +167,8 @@ fn work(model: &GpuModel, queue: &Receiver<Job>, config: BatchConfig) {
                 break;
             }
         }
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.rows.fetch_add(total as u64, Ordering::Relaxed);
         run_batch(model, batch, total, config.max_rows);
     }
 }

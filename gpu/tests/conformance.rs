@@ -10,12 +10,12 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use falaj_gpu::graph::{OPERATORS, TensorValues, decode};
 use falaj_gpu::{GpuError, GpuModel};
 use prost::Message as _;
-use support::{open_gpu, python};
+use support::open_gpu;
 use tract_onnx::pb::{ModelProto, TensorProto};
 
 /// Cases the GPU engine refuses, and why. tract serves these models.
@@ -197,4 +197,20 @@ fn onnx_node_tests_pass_or_are_refused_as_listed() {
     println!("{} ONNX node cases passed on {}: {}", passed.len(), gpu.name(), passed.join(" "));
     println!("{} refused as listed", refused.len());
     assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// The Python with the `onnx` package (FALAJ_PYTHON), as for the interop test.
+pub fn python() -> Option<PathBuf> {
+    match std::env::var_os("FALAJ_PYTHON") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if std::env::var_os("FALAJ_REQUIRE_INTEROP").is_some() => {
+            panic!("FALAJ_REQUIRE_INTEROP is set but FALAJ_PYTHON is not")
+        }
+        None => {
+            eprintln!(
+                "\n*** SKIPPED: FALAJ_PYTHON is not set (a Python with the onnx package). ***\n"
+            );
+            None
+        }
+    }
 }

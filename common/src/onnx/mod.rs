@@ -1,11 +1,13 @@
 //! ONNX models through tract: load and plan once, inspect the I/O signature, run on
 //! [`Tensor`](crate::tensor::Tensor)s, and write small models (the sample model, test
-//! models) as ONNX protobuf without any Python.
+//! models, and the random-weight [`zoo`] for engine tests and benchmarks) as ONNX protobuf
+//! without any Python.
 //!
 //! Parsing and planning a model is pure computation over bytes; nothing here reads files.
 
 mod model;
 mod write;
+pub mod zoo;
 
 pub use model::{OnnxError, OnnxModel, RunError};
 pub use write::{Attr, GraphBuilder, mlp_classifier};

@@ -1,6 +1,5 @@
-//! What the GPU tests share: the adapter (lavapipe where there is no GPU) and Python.
+//! What the GPU tests share: the adapter (lavapipe where there is no GPU).
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use falaj_gpu::{Gpu, GpuOptions};
@@ -16,22 +15,6 @@ pub fn open_gpu() -> Option<Arc<Gpu>> {
         Err(e) => {
             eprintln!(
                 "\n*** SKIPPED: {e}. Install mesa-vulkan-drivers to run the GPU engine's tests. ***\n"
-            );
-            None
-        }
-    }
-}
-
-/// The Python with the `onnx` package (FALAJ_PYTHON), as for the interop test.
-pub fn python() -> Option<PathBuf> {
-    match std::env::var_os("FALAJ_PYTHON") {
-        Some(p) => Some(PathBuf::from(p)),
-        None if std::env::var_os("FALAJ_REQUIRE_INTEROP").is_some() => {
-            panic!("FALAJ_REQUIRE_INTEROP is set but FALAJ_PYTHON is not")
-        }
-        None => {
-            eprintln!(
-                "\n*** SKIPPED: FALAJ_PYTHON is not set (a Python with the onnx package). ***\n"
             );
             None
         }
