@@ -162,8 +162,17 @@ fn onnx_node_tests_pass_or_are_refused_as_listed() {
     let Some(gpu) = open_gpu() else { return };
     let Some(python) = python() else { return };
     let cases = tempfile::tempdir().unwrap();
+    // Where it was built, else relative to the repository root (a binary carried to a
+    // GPU machine runs there).
+    let script = [
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_node/generate.py"),
+        PathBuf::from("gpu/tests/onnx_node/generate.py"),
+    ]
+    .into_iter()
+    .find(|p| p.exists())
+    .expect("gpu/tests/onnx_node/generate.py");
     let generated = std::process::Command::new(&python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/onnx_node/generate.py"))
+        .arg(script)
         .arg(cases.path())
         .args(OPERATORS)
         .output()

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds what gpu/benches/device.sh runs on the lent GPU machine: the benchmark and the
+# conformance and parity tests in release, stripped and compressed into .devbin (ignored
+# by git, carried by the device call), and the Vulkan loader into .gl.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+cargo bench -p falaj-gpu --bench gpu --no-run
+cargo test --release -p falaj-gpu --no-run
+mkdir -p .devbin
+newest() { ls -t target/release/deps/"$1"-* | grep -v '\.d$' | head -1; }
+for pair in gpu:gpu-bench conformance:conformance parity:parity; do
+    cp "$(newest "${pair%%:*}")" ".devbin/${pair##*:}"
+    strip ".devbin/${pair##*:}"
+    xz -6 -f ".devbin/${pair##*:}"
+done
+if ! ls .gl/libvulkan1_*.deb > /dev/null 2>&1; then
+    mkdir -p .gl /tmp/amd64/partial
+    o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
+    apt-get $o update
+    (cd .gl && apt-get $o download libvulkan1)
+fi
+ls -la .devbin .gl
