@@ -16,7 +16,8 @@ for b in .devbin/*.xz; do xz -d -k -f "$b"; chmod +x "${b%.xz}"; done
 echo "== wgpu benchmark"
 .devbin/gpu-bench 2>&1 | tee "$OUT/wgpu.md"
 echo "== ONNX node tests and parity on this GPU"
-.devbin/conformance --nocapture 2>&1 | tail -5 | cut -c1-400 | tee "$OUT/conformance.txt"
+.devbin/conformance --nocapture > "$OUT/conformance.txt" 2>&1
+grep -E "passed on|refused as listed|problems|WRONG|not listed|test result" "$OUT/conformance.txt" | cut -c1-300
 .devbin/parity 2>&1 | tail -3 | tee "$OUT/parity.txt"
 echo "== PyTorch"
 PYTHONUNBUFFERED=1 python3 gpu/benches/torch_anchor.py 2>&1 | tee "$OUT/torch.md"
