@@ -13,10 +13,10 @@ for pair in gpu:gpu-bench conformance:conformance parity:parity; do
     strip ".devbin/${pair##*:}"
     xz -6 -f ".devbin/${pair##*:}"
 done
-if ! ls .gl/libvulkan1_*.deb > /dev/null 2>&1; then
+if ! ls .gl/libglvnd0_*.deb > /dev/null 2>&1; then
     mkdir -p .gl /tmp/amd64/partial
     o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
     apt-get $o update
-    (cd .gl && apt-get $o download libvulkan1)
+    (cd .gl && apt-get $o download libvulkan1 libglvnd0 libegl1 libopengl0 libgl1 libglx0 libgles2)
 fi
 ls -la .devbin .gl
