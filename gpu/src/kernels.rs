@@ -72,7 +72,8 @@ pub enum GemmInput {
 }
 
 /// A GEMM tile: the workgroup computes `bm × bn` outputs stepping `bk` along K, each of its
-/// 256 invocations `tm × tn` of them.
+/// 256 invocations `tm × tn` of them. Which is fastest depends on the GPU: [`Tile::CANDIDATES`]
+/// are timed when a GPU opens and the fastest serves large products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Tile {
     /// Rows per workgroup.
@@ -85,13 +86,34 @@ pub struct Tile {
     pub tm: u32,
     /// Columns per invocation (a multiple of 4).
     pub tn: u32,
+    /// Neighbouring invocations load neighbouring rows of A's tile (stores to workgroup
+    /// memory without bank conflicts) rather than neighbouring columns (coalesced reads of
+    /// a row-major A).
+    pub rows_first: bool,
+    /// Load the next tile from memory into registers before computing on this one.
+    pub prefetch: bool,
 }
 
 impl Tile {
     /// For large products: 128 × 128 outputs a workgroup, 8 × 8 an invocation.
-    pub const LARGE: Self = Self { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8 };
+    pub const LARGE: Self = Self { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8, rows_first: false, prefetch: false };
     /// For small ones, where large tiles would leave the GPU idle: 64 × 64, 4 × 4.
-    pub const SMALL: Self = Self { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4 };
+    pub const SMALL: Self = Self { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, rows_first: false, prefetch: false };
+    /// The shapes timed for large products when a GPU opens.
+    pub const CANDIDATES: [Self; 10] = [
+        Self::LARGE,
+        Self { rows_first: true, ..Self::LARGE },
+        Self { rows_first: true, prefetch: true, ..Self::LARGE },
+        Self { bk: 16, rows_first: true, prefetch: true, ..Self::LARGE },
+        Self::WIDE,
+        Self { rows_first: true, ..Self::WIDE },
+        Self { rows_first: true, prefetch: true, ..Self::WIDE },
+        Self { bm: 128, bn: 64, tm: 8, tn: 4, rows_first: true, prefetch: true, ..Self::WIDE },
+        Self::SMALL,
+        Self { rows_first: true, prefetch: true, ..Self::SMALL },
+    ];
+    /// 64 × 128, 4 × 8 an invocation.
+    const WIDE: Self = Self { bm: 64, bn: 128, bk: 8, tm: 4, tn: 8, rows_first: false, prefetch: false };
 
     /// Whether the tile's shape is one the generator supports.
     pub fn is_valid(self) -> bool {
@@ -208,7 +230,7 @@ fn store(z: u32, m: u32, n: u32, v: f32) {
 ";
 
 fn gemm_source(tile: Tile, input: GemmInput) -> String {
-    let Tile { bm, bn, bk, tm, tn } = tile;
+    let Tile { bm, bn, bk, tm, tn, .. } = tile;
     let (rt, ct) = (bm / tm, bn / tn); // invocations along rows and columns
     let (gm, gn) = (tm / 4, tn / 4); // vec4 groups per invocation
     let mut s = String::new();
@@ -253,53 +275,81 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for i in 0..tm * gn {
         let _ = writeln!(s, "    var acc{i} = vec4<f32>(0.0);");
     }
-    let _ = write!(
-        s,
-        r"    for (var k0 = 0u; k0 < k_size; k0 += {bk}u) {{
-        for (var i = 0u; i < {a_per}u; i++) {{
-            let idx = lid + i * 256u;
-            let kk = idx % {bk}u;
-            let mm = idx / {bk}u;
-            var v = 0.0;
-            if (m0 + mm < m_size && k0 + kk < k_size) {{
-                v = load_a(z, m0 + mm, k0 + kk);
-            }}
-            tile_a[(kk * {bm}u + mm) / 4u][mm % 4u] = v;
-        }}
-        for (var i = 0u; i < {b_per}u; i++) {{
-            let idx = lid + i * 256u;
-            let nn = idx % {bn}u;
-            let kk = idx / {bn}u;
-            var v = 0.0;
-            if (n0 + nn < n_size && k0 + kk < k_size) {{
-                v = load_b(z, k0 + kk, n0 + nn);
-            }}
-            tile_b[(kk * {bn}u + nn) / 4u][nn % 4u] = v;
-        }}
-        workgroupBarrier();
-        for (var kk = 0u; kk < {bk}u; kk++) {{
-",
-        a_per = bm * bk / 256,
-        b_per = bn * bk / 256,
-    );
-    for g in 0..gm {
-        let _ = writeln!(s, "            let a{g} = tile_a[kk * {}u + {}u + tr];", bm / 4, g * rt);
+    // Global loads into registers (`pa`, `pb`) and their stores into workgroup memory, as
+    // text for the tile starting at K offset `k`.
+    let (a_per, b_per) = (bm * bk / 256, bn * bk / 256);
+    let load = |k: &str| {
+        let mut t = String::new();
+        for i in 0..a_per {
+            let (mm, kk) = if tile.rows_first {
+                (format!("(lid + {}u) % {bm}u", i * 256), format!("(lid + {}u) / {bm}u", i * 256))
+            } else {
+                (format!("(lid + {}u) / {bk}u", i * 256), format!("(lid + {}u) % {bk}u", i * 256))
+            };
+            let _ = writeln!(
+                t,
+                "        am{i} = {mm}; ak{i} = {kk}; pa{i} = 0.0;\n        if (m0 + am{i} < m_size && {k} + ak{i} < k_size) {{ pa{i} = load_a(z, m0 + am{i}, {k} + ak{i}); }}"
+            );
+        }
+        for i in 0..b_per {
+            let _ = writeln!(
+                t,
+                "        bn{i} = (lid + {o}u) % {bn}u; bk{i} = (lid + {o}u) / {bn}u; pb{i} = 0.0;\n        if (n0 + bn{i} < n_size && {k} + bk{i} < k_size) {{ pb{i} = load_b(z, {k} + bk{i}, n0 + bn{i}); }}",
+                o = i * 256
+            );
+        }
+        t
+    };
+    let mut store = String::new();
+    for i in 0..a_per {
+        let _ = writeln!(store, "        tile_a[(ak{i} * {bm}u + am{i}) / 4u][am{i} % 4u] = pa{i};");
     }
-    for g in 0..gn {
-        let _ = writeln!(s, "            let b{g} = tile_b[kk * {}u + {}u + tc];", bn / 4, g * ct);
+    for i in 0..b_per {
+        let _ = writeln!(store, "        tile_b[(bk{i} * {bn}u + bn{i}) / 4u][bn{i} % 4u] = pb{i};");
     }
-    for g in 0..gm {
-        for r in 0..4 {
-            for h in 0..gn {
-                let acc = (g * 4 + r) * gn + h;
-                let _ = writeln!(
-                    s,
-                    "            acc{acc} = fma(vec4<f32>(a{g}[{r}]), b{h}, acc{acc});"
-                );
+    for i in 0..a_per {
+        let _ = writeln!(s, "    var pa{i} = 0.0;\n    var am{i} = 0u;\n    var ak{i} = 0u;");
+    }
+    for i in 0..b_per {
+        let _ = writeln!(s, "    var pb{i} = 0.0;\n    var bn{i} = 0u;\n    var bk{i} = 0u;");
+    }
+    s.push_str(&load("0u"));
+    s.push_str(&store);
+    s.push_str("    workgroupBarrier();\n");
+    let _ = writeln!(s, "    for (var k0 = 0u; k0 < k_size; k0 += {bk}u) {{");
+    // With prefetch, the next tile's global loads are in flight during this tile's
+    // arithmetic; without, they follow it.
+    if tile.prefetch {
+        s.push_str(&load(&format!("k0 + {bk}u")));
+    }
+    // The step along K, unrolled: addresses fold to constants and loads can be hoisted.
+    for kk in 0..bk {
+        s.push_str("        {\n");
+        for g in 0..gm {
+            let _ = writeln!(s, "            let a{g} = tile_a[{}u + tr];", kk * bm / 4 + g * rt);
+        }
+        for g in 0..gn {
+            let _ = writeln!(s, "            let b{g} = tile_b[{}u + tc];", kk * bn / 4 + g * ct);
+        }
+        for g in 0..gm {
+            for r in 0..4 {
+                for h in 0..gn {
+                    let acc = (g * 4 + r) * gn + h;
+                    let _ = writeln!(
+                        s,
+                        "            acc{acc} = fma(vec4<f32>(a{g}[{r}]), b{h}, acc{acc});"
+                    );
+                }
             }
         }
+        s.push_str("        }\n");
     }
-    s.push_str("        }\n        workgroupBarrier();\n    }\n");
+    s.push_str("        workgroupBarrier();\n");
+    if !tile.prefetch {
+        s.push_str(&load(&format!("k0 + {bk}u")));
+    }
+    s.push_str(&store);
+    s.push_str("        workgroupBarrier();\n    }\n");
     for g in 0..gm {
         for r in 0..4 {
             let _ = writeln!(s, "    let row{g}_{r} = m0 + {}u + tr * 4u + {r}u;", g * rt * 4);
@@ -386,7 +436,7 @@ mod tests {
             for op in [Arith::Add, Arith::Sub, Arith::Mul, Arith::Div] {
                 kernels.push(Kernel::Arith(arith_key(op), key.clone()));
             }
-            for tile in [Tile::LARGE, Tile::SMALL] {
+            for tile in Tile::CANDIDATES {
                 for input in [GemmInput::Matrices, GemmInput::Convolution] {
                     kernels.push(Kernel::Gemm(tile, input, key.clone()));
                 }
@@ -407,8 +457,7 @@ mod tests {
 
     #[test]
     fn tiles_cover_256_invocations() {
-        assert!(Tile::LARGE.is_valid());
-        assert!(Tile::SMALL.is_valid());
-        assert!(!Tile { bm: 64, bn: 64, bk: 8, tm: 8, tn: 8 }.is_valid());
+        assert!(Tile::CANDIDATES.iter().all(|t| t.is_valid()));
+        assert!(!Tile { bm: 64, bn: 64, tm: 8, tn: 8, ..Tile::SMALL }.is_valid());
     }
 }

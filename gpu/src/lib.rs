@@ -12,7 +12,7 @@ mod kernels;
 mod plan;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use prost::Message as _;
 use thiserror::Error;
@@ -81,6 +81,7 @@ pub struct Gpu {
     queue: wgpu::Queue,
     info: wgpu::AdapterInfo,
     pipelines: Pipelines,
+    large_tile: OnceLock<Tile>,
 }
 
 impl Gpu {
@@ -118,7 +119,7 @@ impl Gpu {
         }))
         .map_err(|e| GpuError::Device(e.to_string()))?;
         tracing::info!(adapter = %info.name, backend = ?info.backend, kind = ?info.device_type, driver = %info.driver_info, "GPU opened");
-        Ok(Arc::new(Self { device, queue, info, pipelines: Pipelines::default() }))
+        Ok(Arc::new(Self { device, queue, info, pipelines: Pipelines::default(), large_tile: OnceLock::new() }))
     }
 
     /// The adapter's name (for example `NVIDIA H100 80GB HBM3`).
@@ -129,6 +130,27 @@ impl Gpu {
     /// Whether the adapter is a software renderer.
     pub fn is_software(&self) -> bool {
         self.info.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// The GEMM tile for large products on this GPU: each of [`Tile::CANDIDATES`] is timed
+    /// once, on first need, on a 2048³ product (tens of milliseconds on a GPU), and the
+    /// fastest kept. A software adapter keeps [`Tile::LARGE`] (timing would take seconds).
+    pub fn large_tile(&self) -> Tile {
+        *self.large_tile.get_or_init(|| {
+            if self.is_software() {
+                return Tile::LARGE;
+            }
+            let n = 2048;
+            let a: Vec<f32> = (0..n * n).map(|i| (i % 13) as f32 - 6.0).collect();
+            let timed = Tile::CANDIDATES.iter().filter_map(|&tile| {
+                let (_, seconds) = self.matmul_benchmark(&a, &a, (n, n, n), tile, 5).ok()?;
+                tracing::debug!(?tile, gflops = 2.0 * (n as f64).powi(3) / seconds / 1e9, "GEMM tile timed");
+                Some((seconds, tile))
+            });
+            let (seconds, tile) = timed.min_by(|a, b| a.0.total_cmp(&b.0)).unwrap_or((0.0, Tile::LARGE));
+            tracing::info!(?tile, tflops = 2.0 * (n as f64).powi(3) / seconds.max(1e-12) / 1e12, "GEMM tile chosen for this GPU");
+            tile
+        })
     }
 
     /// Multiplies `a` (m × k) by `b` (k × n), both row-major, with the given tile; for

@@ -479,7 +479,8 @@ impl Builder<'_> {
         let (m, n) = (p[gp::M] as usize, p[gp::N] as usize);
         let tiles = |t: Tile| m.div_ceil(t.bm as usize) * n.div_ceil(t.bn as usize) * batch;
         // Large tiles only when they still give the GPU plenty of workgroups.
-        let tile = if tiles(Tile::LARGE) >= 256 { Tile::LARGE } else { Tile::SMALL };
+        let large = self.gpu.large_tile();
+        let tile = if tiles(large) >= 256 { large } else { Tile::SMALL };
         let groups = [
             n.div_ceil(tile.bn as usize) as u32,
             m.div_ceil(tile.bm as usize) as u32,
