@@ -40,6 +40,9 @@ fn label(t: Tile) -> String {
 }
 
 fn gemm(gpu: &Gpu, sizes: &[usize]) {
+    // Let the GPU raise its clocks before anything is timed.
+    let warm = random(2048 * 2048, 9);
+    let _ = gpu.matmul_benchmark(&warm, &warm, (2048, 2048, 2048), Tile::LARGE, 50);
     println!("\nTile the engine chose for large products on this GPU: {}", label(gpu.large_tile()));
     println!(
         "\n| GEMM fp32 (n × n × n) | tile | ms | TFLOP/s | max rel. error (64 entries vs f64) |"

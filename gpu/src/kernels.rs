@@ -30,6 +30,8 @@ pub enum Kernel {
     Pool,
     /// Batch normalization.
     BatchNorm(ActKey),
+    /// A convolution computed directly (few output channels per group).
+    ConvDirect(ActKey),
     /// GEMM over strided matrices, or the implicit GEMM of a convolution.
     Gemm(Tile, GemmInput, ActKey),
 }
@@ -95,25 +97,27 @@ pub struct Tile {
 }
 
 impl Tile {
-    /// For large products: 128 × 128 outputs a workgroup, 8 × 8 an invocation.
-    pub const LARGE: Self = Self { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8, rows_first: false, prefetch: false };
+    /// For large products where no timing chose another: 64 × 128 outputs a workgroup,
+    /// 4 × 8 an invocation (the fastest of the candidates on an H100, BENCHMARKS.md).
+    pub const LARGE: Self =
+        Self { bm: 64, bn: 128, bk: 8, tm: 4, tn: 8, rows_first: false, prefetch: false };
+    /// 128 × 128 outputs a workgroup, 8 × 8 an invocation.
+    const SQUARE: Self =
+        Self { bm: 128, bn: 128, bk: 8, tm: 8, tn: 8, rows_first: false, prefetch: false };
     /// For small ones, where large tiles would leave the GPU idle: 64 × 64, 4 × 4.
-    pub const SMALL: Self = Self { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, rows_first: false, prefetch: false };
+    pub const SMALL: Self =
+        Self { bm: 64, bn: 64, bk: 16, tm: 4, tn: 4, rows_first: false, prefetch: false };
     /// The shapes timed for large products when a GPU opens.
-    pub const CANDIDATES: [Self; 10] = [
+    pub const CANDIDATES: [Self; 8] = [
         Self::LARGE,
         Self { rows_first: true, ..Self::LARGE },
         Self { rows_first: true, prefetch: true, ..Self::LARGE },
-        Self { bk: 16, rows_first: true, prefetch: true, ..Self::LARGE },
-        Self::WIDE,
-        Self { rows_first: true, ..Self::WIDE },
-        Self { rows_first: true, prefetch: true, ..Self::WIDE },
-        Self { bm: 128, bn: 64, tm: 8, tn: 4, rows_first: true, prefetch: true, ..Self::WIDE },
+        Self { bk: 16, ..Self::LARGE },
+        Self::SQUARE,
+        Self { rows_first: true, ..Self::SQUARE },
+        Self { bk: 16, rows_first: true, prefetch: true, ..Self::SQUARE },
         Self::SMALL,
-        Self { rows_first: true, prefetch: true, ..Self::SMALL },
     ];
-    /// 64 × 128, 4 × 8 an invocation.
-    const WIDE: Self = Self { bm: 64, bn: 128, bk: 8, tm: 4, tn: 8, rows_first: false, prefetch: false };
 
     /// Whether the tile's shape is one the generator supports.
     pub fn is_valid(self) -> bool {
@@ -141,6 +145,7 @@ fn source(kernel: &Kernel) -> String {
         Kernel::Copy => (include_str!("shaders/copy.wgsl").to_owned(), &ActKey::new(None)),
         Kernel::Pool => (include_str!("shaders/pool.wgsl").to_owned(), &ActKey::new(None)),
         Kernel::BatchNorm(act) => (include_str!("shaders/batchnorm.wgsl").to_owned(), act),
+        Kernel::ConvDirect(act) => (include_str!("shaders/conv_direct.wgsl").to_owned(), act),
         Kernel::Gemm(tile, input, act) => (gemm_source(*tile, *input), act),
     };
     format!("{}\n{body}", COMMON.replace("ACTIVATION", &act.0))
@@ -302,10 +307,12 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     };
     let mut store = String::new();
     for i in 0..a_per {
-        let _ = writeln!(store, "        tile_a[(ak{i} * {bm}u + am{i}) / 4u][am{i} % 4u] = pa{i};");
+        let _ =
+            writeln!(store, "        tile_a[(ak{i} * {bm}u + am{i}) / 4u][am{i} % 4u] = pa{i};");
     }
     for i in 0..b_per {
-        let _ = writeln!(store, "        tile_b[(bk{i} * {bn}u + bn{i}) / 4u][bn{i} % 4u] = pb{i};");
+        let _ =
+            writeln!(store, "        tile_b[(bk{i} * {bn}u + bn{i}) / 4u][bn{i} % 4u] = pb{i};");
     }
     for i in 0..a_per {
         let _ = writeln!(s, "    var pa{i} = 0.0;\n    var am{i} = 0u;\n    var ak{i} = 0u;");
@@ -433,6 +440,7 @@ mod tests {
             let key = ActKey::new(act);
             kernels.push(Kernel::Unary(key.clone()));
             kernels.push(Kernel::BatchNorm(key.clone()));
+            kernels.push(Kernel::ConvDirect(key.clone()));
             for op in [Arith::Add, Arith::Sub, Arith::Mul, Arith::Div] {
                 kernels.push(Kernel::Arith(arith_key(op), key.clone()));
             }

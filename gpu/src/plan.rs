@@ -667,54 +667,62 @@ impl Builder<'_> {
         let (oh, pt, _) = spatial(h, &window, 0).ok_or("kernel larger than its input")?;
         let (ow, pl, _) = spatial(wd, &window, 1).ok_or("kernel larger than its input")?;
         let (icg, ocg) = (c_in / groups, c_out / groups);
-        let mut p = vec![0u32; gp::LEN];
-        p[gp::M] = ocg as u32;
-        p[gp::N] = (images * oh * ow) as u32;
-        p[gp::K] = (icg * kh * kw) as u32;
-        p[gp::BATCH_DIMS..gp::BATCH_DIMS + 4].copy_from_slice(&[1, 1, 1, groups as u32]);
-        let geometry = [
-            c_in,
-            h,
-            wd,
-            oh,
-            ow,
-            kh,
-            kw,
-            window.strides[0],
-            window.strides[1],
-            pt,
-            pl,
-            window.dilations[0],
-            window.dilations[1],
-            c_out,
-            icg,
-            ocg,
-        ];
-        for (i, v) in geometry.iter().enumerate() {
-            p[gp::CONV + i] = *v as u32;
-        }
-        let c_buffer = match node.inputs.get(2).and_then(Option::as_deref) {
+        let bias = match node.inputs.get(2).and_then(Option::as_deref) {
             Some(name) => {
                 let b = self.values.get(name).ok_or("bias missing")?;
                 if elements(&b.shape) != c_out {
                     return Err(format!("bias {:?} for {c_out} channels", b.shape));
                 }
-                p[gp::HAS_BIAS] = 1;
-                self.buffers[b.buffer].clone()
+                Some(self.buffers[b.buffer].clone())
             }
-            None => self.empty.clone(),
+            None => None,
         };
+        let has_bias = u32::from(bias.is_some());
+        let bias = bias.unwrap_or_else(|| self.empty.clone());
         let mut shape = vec![images, c_out];
         if x.shape.len() == 3 {
-            shape.push(ow)
+            shape.push(ow);
         } else {
-            shape.extend([oh, ow])
+            shape.extend([oh, ow]);
         }
         let out = self.output(4 * elements(&shape) as u64);
+        let (s, d) = (&window.strides, &window.dilations);
+        let geometry =
+            [c_in, h, wd, oh, ow, kh, kw, s[0], s[1], pt, pl, d[0], d[1], c_out, icg, ocg]
+                .map(|v| v as u32);
+        if ocg < 16 {
+            // Too few output channels per group to fill a GEMM tile's rows: one invocation
+            // per output instead.
+            let total = elements(&shape);
+            let mut p = vec![total as u32];
+            p.extend(geometry);
+            p.push(has_bias);
+            let buffers = [
+                self.buffers[x.buffer].clone(),
+                self.buffers[w.buffer].clone(),
+                bias,
+                self.buffers[out].clone(),
+            ];
+            self.dispatch_buffers(
+                &Kernel::ConvDirect(act),
+                &p,
+                &buffers,
+                Self::linear_groups(total),
+            );
+            self.define(&node.output, out, shape);
+            return Ok(());
+        }
+        let mut p = vec![0u32; gp::LEN];
+        p[gp::M] = ocg as u32;
+        p[gp::N] = (images * oh * ow) as u32;
+        p[gp::K] = (icg * kh * kw) as u32;
+        p[gp::BATCH_DIMS..gp::BATCH_DIMS + 4].copy_from_slice(&[1, 1, 1, groups as u32]);
+        p[gp::CONV..gp::CONV + geometry.len()].copy_from_slice(&geometry);
+        p[gp::HAS_BIAS] = has_bias;
         let buffers = [
             self.buffers[w.buffer].clone(),
             self.buffers[x.buffer].clone(),
-            c_buffer,
+            bias,
             self.buffers[out].clone(),
         ];
         self.gemm_dispatch(GemmInput::Convolution, act, &p, buffers, groups);
