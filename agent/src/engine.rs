@@ -120,13 +120,12 @@ impl Engine for GpuEngine {
             .enumerate()
             .map(|(i, t)| Self::to_values(i, t))
             .collect::<Result<_, _>>()?;
-        let outputs = match &self.batcher {
-            Some(batcher) => batcher.run(values),
-            None => {
-                let refs: Vec<(&[usize], &[f32])> =
-                    values.iter().map(|(s, d)| (s.as_slice(), d.as_slice())).collect();
-                self.model.run(&refs)
-            }
+        let outputs = if let Some(batcher) = &self.batcher {
+            batcher.run(values)
+        } else {
+            let refs: Vec<(&[usize], &[f32])> =
+                values.iter().map(|(s, d)| (s.as_slice(), d.as_slice())).collect();
+            self.model.run(&refs)
         }
         .map_err(|e| RunError::Execution(e.to_string()))?;
         outputs

@@ -100,7 +100,7 @@ fn models(gpu: &std::sync::Arc<Gpu>, batches: &[usize], budget: Duration) {
             };
             let mut gpu_out = Vec::new();
             let wgpu_s = median_seconds(budget, || {
-                gpu_out = engine.run(&[(&shape, &x)]).unwrap()[0].1.clone()
+                gpu_out = engine.run(&[(&shape, &x)]).unwrap().swap_remove(0).1;
             });
             let mut cpu_out = Vec::new();
             let tract_s = median_seconds(budget, || {

@@ -52,7 +52,7 @@ struct Stats {
 
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Job").field("rows", &rows(&self.inputs)).finish()
+        f.debug_struct("Job").field("rows", &rows(&self.inputs)).finish_non_exhaustive()
     }
 }
 
@@ -188,11 +188,11 @@ fn compatible(a: &[Values], b: &[Values]) -> bool {
 }
 
 fn run_batch(model: &GpuModel, batch: Vec<Job>, total: usize, max_rows: usize) {
-    if let [job] = &batch[..] {
-        if total.is_power_of_two() {
-            let _ = job.reply.send(run_alone(model, &job.inputs));
-            return;
-        }
+    if let [job] = &batch[..]
+        && total.is_power_of_two()
+    {
+        let _ = job.reply.send(run_alone(model, &job.inputs));
+        return;
     }
     let padded = total.next_power_of_two().min(max_rows).max(total);
     let stacked: Vec<Values> = (0..batch[0].inputs.len())

@@ -616,7 +616,9 @@ impl Graph {
                 let per = weight.values.len() / channels;
                 let mut w = weight.values;
                 for (c, chunk) in w.chunks_mut(per).enumerate() {
-                    chunk.iter_mut().for_each(|v| *v *= scale[c]);
+                    for v in chunk {
+                        *v *= scale[c];
+                    }
                 }
                 let b = bias.map_or(vec![0.0; channels], |b| b.values);
                 if b.len() != channels {
@@ -687,7 +689,8 @@ impl Graph {
             match producer {
                 Some(p) if fusable => {
                     self.nodes[p].activation = Some(act);
-                    self.nodes[p].output = self.nodes[i].output.clone();
+                    let output = self.nodes[i].output.clone();
+                    self.nodes[p].output = output;
                     self.nodes.remove(i);
                 }
                 _ => i += 1,

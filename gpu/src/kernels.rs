@@ -121,11 +121,11 @@ impl Tile {
 
     /// Whether the tile's shape is one the generator supports.
     pub fn is_valid(self) -> bool {
-        self.tm % 4 == 0
-            && self.tn % 4 == 0
+        self.tm.is_multiple_of(4)
+            && self.tn.is_multiple_of(4)
             && (self.bm / self.tm) * (self.bn / self.tn) == 256
-            && (self.bm * self.bk) % 256 == 0
-            && (self.bn * self.bk) % 256 == 0
+            && (self.bm * self.bk).is_multiple_of(256)
+            && (self.bn * self.bk).is_multiple_of(256)
     }
 }
 
@@ -234,6 +234,74 @@ fn store(z: u32, m: u32, n: u32, v: f32) {
 }
 ";
 
+/// Text of the global loads (into registers `pa`, `pb`) of the tile at K offset `k`.
+fn tile_loads(tile: Tile, k: &str) -> String {
+    let Tile { bm, bn, bk, .. } = tile;
+    let mut t = String::new();
+    for i in 0..bm * bk / 256 {
+        let (mm, kk) = if tile.rows_first {
+            (format!("(lid + {}u) % {bm}u", i * 256), format!("(lid + {}u) / {bm}u", i * 256))
+        } else {
+            (format!("(lid + {}u) / {bk}u", i * 256), format!("(lid + {}u) % {bk}u", i * 256))
+        };
+        let _ = writeln!(
+            t,
+            "        am{i} = {mm}; ak{i} = {kk}; pa{i} = 0.0;\n        if (m0 + am{i} < m_size && {k} + ak{i} < k_size) {{ pa{i} = load_a(z, m0 + am{i}, {k} + ak{i}); }}"
+        );
+    }
+    for i in 0..bn * bk / 256 {
+        let _ = writeln!(
+            t,
+            "        bn{i} = (lid + {o}u) % {bn}u; bk{i} = (lid + {o}u) / {bn}u; pb{i} = 0.0;\n        if (n0 + bn{i} < n_size && {k} + bk{i} < k_size) {{ pb{i} = load_b(z, {k} + bk{i}, n0 + bn{i}); }}",
+            o = i * 256
+        );
+    }
+    t
+}
+
+/// Text of the stores of the loaded registers into workgroup memory.
+fn tile_stores(tile: Tile) -> String {
+    let Tile { bm, bn, bk, .. } = tile;
+    let mut t = String::new();
+    for i in 0..bm * bk / 256 {
+        let _ = writeln!(t, "        tile_a[(ak{i} * {bm}u + am{i}) / 4u][am{i} % 4u] = pa{i};");
+    }
+    for i in 0..bn * bk / 256 {
+        let _ = writeln!(t, "        tile_b[(bk{i} * {bn}u + bn{i}) / 4u][bn{i} % 4u] = pb{i};");
+    }
+    t
+}
+
+/// Text of one tile's arithmetic, the step along K unrolled: addresses fold to constants
+/// and the workgroup-memory loads can be hoisted.
+fn k_step(tile: Tile) -> String {
+    let Tile { bm, bn, bk, tm, tn, .. } = tile;
+    let (rt, ct, gm, gn) = (bm / tm, bn / tn, tm / 4, tn / 4);
+    let mut s = String::new();
+    for kk in 0..bk {
+        s.push_str("        {\n");
+        for g in 0..gm {
+            let _ = writeln!(s, "            let a{g} = tile_a[{}u + tr];", kk * bm / 4 + g * rt);
+        }
+        for g in 0..gn {
+            let _ = writeln!(s, "            let b{g} = tile_b[{}u + tc];", kk * bn / 4 + g * ct);
+        }
+        for g in 0..gm {
+            for r in 0..4 {
+                for h in 0..gn {
+                    let acc = (g * 4 + r) * gn + h;
+                    let _ = writeln!(
+                        s,
+                        "            acc{acc} = fma(vec4<f32>(a{g}[{r}]), b{h}, acc{acc});"
+                    );
+                }
+            }
+        }
+        s.push_str("        }\n");
+    }
+    s
+}
+
 fn gemm_source(tile: Tile, input: GemmInput) -> String {
     let Tile { bm, bn, bk, tm, tn, .. } = tile;
     let (rt, ct) = (bm / tm, bn / tn); // invocations along rows and columns
@@ -280,40 +348,9 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     for i in 0..tm * gn {
         let _ = writeln!(s, "    var acc{i} = vec4<f32>(0.0);");
     }
-    // Global loads into registers (`pa`, `pb`) and their stores into workgroup memory, as
-    // text for the tile starting at K offset `k`.
     let (a_per, b_per) = (bm * bk / 256, bn * bk / 256);
-    let load = |k: &str| {
-        let mut t = String::new();
-        for i in 0..a_per {
-            let (mm, kk) = if tile.rows_first {
-                (format!("(lid + {}u) % {bm}u", i * 256), format!("(lid + {}u) / {bm}u", i * 256))
-            } else {
-                (format!("(lid + {}u) / {bk}u", i * 256), format!("(lid + {}u) % {bk}u", i * 256))
-            };
-            let _ = writeln!(
-                t,
-                "        am{i} = {mm}; ak{i} = {kk}; pa{i} = 0.0;\n        if (m0 + am{i} < m_size && {k} + ak{i} < k_size) {{ pa{i} = load_a(z, m0 + am{i}, {k} + ak{i}); }}"
-            );
-        }
-        for i in 0..b_per {
-            let _ = writeln!(
-                t,
-                "        bn{i} = (lid + {o}u) % {bn}u; bk{i} = (lid + {o}u) / {bn}u; pb{i} = 0.0;\n        if (n0 + bn{i} < n_size && {k} + bk{i} < k_size) {{ pb{i} = load_b(z, {k} + bk{i}, n0 + bn{i}); }}",
-                o = i * 256
-            );
-        }
-        t
-    };
-    let mut store = String::new();
-    for i in 0..a_per {
-        let _ =
-            writeln!(store, "        tile_a[(ak{i} * {bm}u + am{i}) / 4u][am{i} % 4u] = pa{i};");
-    }
-    for i in 0..b_per {
-        let _ =
-            writeln!(store, "        tile_b[(bk{i} * {bn}u + bn{i}) / 4u][bn{i} % 4u] = pb{i};");
-    }
+    let load = |k: &str| tile_loads(tile, k);
+    let store = tile_stores(tile);
     for i in 0..a_per {
         let _ = writeln!(s, "    var pa{i} = 0.0;\n    var am{i} = 0u;\n    var ak{i} = 0u;");
     }
@@ -329,28 +366,7 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
     if tile.prefetch {
         s.push_str(&load(&format!("k0 + {bk}u")));
     }
-    // The step along K, unrolled: addresses fold to constants and loads can be hoisted.
-    for kk in 0..bk {
-        s.push_str("        {\n");
-        for g in 0..gm {
-            let _ = writeln!(s, "            let a{g} = tile_a[{}u + tr];", kk * bm / 4 + g * rt);
-        }
-        for g in 0..gn {
-            let _ = writeln!(s, "            let b{g} = tile_b[{}u + tc];", kk * bn / 4 + g * ct);
-        }
-        for g in 0..gm {
-            for r in 0..4 {
-                for h in 0..gn {
-                    let acc = (g * 4 + r) * gn + h;
-                    let _ = writeln!(
-                        s,
-                        "            acc{acc} = fma(vec4<f32>(a{g}[{r}]), b{h}, acc{acc});"
-                    );
-                }
-            }
-        }
-        s.push_str("        }\n");
-    }
+    s.push_str(&k_step(tile));
     s.push_str("        workgroupBarrier();\n");
     if !tile.prefetch {
         s.push_str(&load(&format!("k0 + {bk}u")));

@@ -6,6 +6,9 @@
 //! node and the reason ([`GpuError::Unsupported`]); the agent then serves it with tract.
 //! Sites run NVIDIA, AMD and Intel GPUs, which is why this is wgpu (Vulkan) and not CUDA.
 
+// Matrix code names its operands as the mathematics does: a, b, m, n, k.
+#![allow(clippy::many_single_char_names)]
+
 mod batch;
 pub mod graph;
 mod kernels;
@@ -197,8 +200,11 @@ pub struct GpuModel {
     gpu: Arc<Gpu>,
     graph: Graph,
     constants: HashMap<String, (Arc<wgpu::Buffer>, Vec<usize>)>,
-    plans: Mutex<VecDeque<(Vec<Vec<usize>>, Arc<Mutex<Plan>>)>>,
+    plans: Mutex<VecDeque<(InputShapes, Arc<Mutex<Plan>>)>>,
 }
+
+/// The shape of each graph input, the key of a plan.
+type InputShapes = Vec<Vec<usize>>;
 
 /// A tensor going in or coming out: shape and float32 values.
 pub type Values = (Vec<usize>, Vec<f32>);

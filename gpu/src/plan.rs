@@ -263,99 +263,12 @@ impl Builder<'_> {
                 );
                 self.define(&node.output, out, shape);
             }
-            Op::Softmax { axis: a, log, legacy } => {
-                let rank = x.shape.len();
-                let a = axis(*a, rank).ok_or("axis out of range")?;
-                let outer: usize = x.shape[..a].iter().product();
-                let (len, inner) = if *legacy {
-                    (x.shape[a..].iter().product(), 1)
-                } else {
-                    (x.shape[a], x.shape[a + 1..].iter().product())
-                };
-                let rows = outer * inner;
-                let out = self.output(4 * elements(&x.shape) as u64);
-                self.dispatch(
-                    &Kernel::Softmax(*log),
-                    &[rows as u32, len as u32, inner as u32],
-                    &[x.buffer, out],
-                    Self::linear_groups(rows),
-                );
-                self.define(&node.output, out, x.shape);
-            }
+            Op::Softmax { axis: a, log, legacy } => self.softmax(node, &x, *a, *log, *legacy)?,
             Op::ArgMax { axis: a, keepdims, last } => {
-                let a = axis(*a, x.shape.len()).ok_or("axis out of range")?;
-                let outer: usize = x.shape[..a].iter().product();
-                let inner: usize = x.shape[a + 1..].iter().product();
-                if x.shape[a] == 0 {
-                    return Err("ArgMax over an empty axis".into());
-                }
-                let mut shape = x.shape.clone();
-                if *keepdims {
-                    shape[a] = 1
-                } else {
-                    shape.remove(a);
-                }
-                let rows = outer * inner;
-                let out = self.output(4 * rows as u64);
-                self.dispatch(
-                    &Kernel::ArgMax,
-                    &[rows as u32, x.shape[a] as u32, inner as u32, u32::from(*last)],
-                    &[x.buffer, out],
-                    Self::linear_groups(rows),
-                );
-                self.define(&node.output, out, shape);
+                self.argmax(node, &x, *a, *keepdims, *last)?;
             }
-            Op::Transpose(perm) => {
-                let rank = x.shape.len();
-                let perm = perm.clone().unwrap_or_else(|| (0..rank).rev().collect());
-                let mut seen = vec![false; rank];
-                if perm.len() != rank
-                    || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
-                {
-                    return Err(format!("perm {perm:?} for rank {rank}"));
-                }
-                let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
-                let strides = contiguous_strides(&x.shape);
-                let src: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
-                let out = self.output(4 * elements(&shape) as u64);
-                self.copy(x.buffer, out, &shape, &src, &contiguous_strides(&shape), 0)?;
-                self.define(&node.output, out, shape);
-            }
-            Op::Concat(a) => {
-                let parts: Vec<Value> = (0..node.inputs.len())
-                    .map(|i| self.value(node, i).cloned())
-                    .collect::<Result<_, _>>()?;
-                let rank = x.shape.len();
-                let a = axis(*a, rank).ok_or("axis out of range")?;
-                let mut shape = x.shape.clone();
-                shape[a] = 0;
-                for part in &parts {
-                    let same = part.shape.len() == rank
-                        && (0..rank).all(|i| i == a || part.shape[i] == x.shape[i]);
-                    if !same {
-                        return Err(format!(
-                            "cannot concatenate {:?} with {:?}",
-                            x.shape, part.shape
-                        ));
-                    }
-                    shape[a] += part.shape[a];
-                }
-                let out = self.output(4 * elements(&shape) as u64);
-                let dst = contiguous_strides(&shape);
-                let mut offset = 0;
-                for part in &parts {
-                    self.copy(
-                        part.buffer,
-                        out,
-                        &part.shape,
-                        &contiguous_strides(&part.shape),
-                        &dst,
-                        offset * dst[a],
-                    )?;
-                    offset += part.shape[a];
-                }
-                self.define(&node.output, out, shape);
-            }
+            Op::Transpose(perm) => self.transpose(node, &x, perm.as_deref())?,
+            Op::Concat(a) => self.concat(node, &x, *a)?,
             Op::MatMul => self.matmul(node, &x, act)?,
             Op::Gemm { alpha, beta, trans_a, trans_b } => {
                 self.gemm(node, &x, (*alpha, *beta, *trans_a, *trans_b), act)?;
@@ -369,48 +282,150 @@ impl Builder<'_> {
                 };
                 self.pool(node, &x, window, code)?;
             }
-            Op::GlobalAveragePool => {
-                if x.shape.len() < 3 {
-                    return Err(format!("input of rank {}", x.shape.len()));
-                }
-                let spatial = x.shape.len() - 2;
-                let window = Window {
-                    kernel: if spatial == 1 { vec![x.shape[2]] } else { x.shape[2..].to_vec() },
-                    strides: vec![1; spatial.min(2)],
-                    dilations: vec![1; spatial.min(2)],
-                    padding: Padding::Valid,
-                    ceil_mode: false,
-                };
-                if spatial > 2 {
-                    return Err("more than two spatial axes".into());
-                }
-                self.pool(node, &x, &window, 1)?;
-            }
-            Op::BatchNorm { epsilon } => {
-                if x.shape.len() < 2 {
-                    return Err(format!("input of rank {}", x.shape.len()));
-                }
-                let c = x.shape[1];
-                let stats: Vec<Value> =
-                    (1..5).map(|i| self.value(node, i).cloned()).collect::<Result<_, _>>()?;
-                if stats.iter().any(|s| elements(&s.shape) != c) {
-                    return Err(format!("statistics of another length than {c} channels"));
-                }
-                let n = elements(&x.shape);
-                let inner: usize = x.shape[2..].iter().product();
-                let out = self.output(4 * n as u64);
-                let mut buffers = vec![x.buffer];
-                buffers.extend(stats.iter().map(|s| s.buffer));
-                buffers.push(out);
-                self.dispatch(
-                    &Kernel::BatchNorm(act),
-                    &[n as u32, c as u32, inner as u32, epsilon.to_bits()],
-                    &buffers,
-                    Self::linear_groups(n),
-                );
-                self.define(&node.output, out, x.shape);
-            }
+            Op::GlobalAveragePool => self.global_average_pool(node, &x)?,
+            Op::BatchNorm { epsilon } => self.batch_norm(node, &x, *epsilon, act)?,
         }
+        Ok(())
+    }
+
+    fn softmax(
+        &mut self,
+        node: &Node,
+        x: &Value,
+        a: i64,
+        log: bool,
+        legacy: bool,
+    ) -> Result<(), String> {
+        let rank = x.shape.len();
+        let a = axis(a, rank).ok_or("axis out of range")?;
+        let outer: usize = x.shape[..a].iter().product();
+        let (len, inner) = if legacy {
+            (x.shape[a..].iter().product(), 1)
+        } else {
+            (x.shape[a], x.shape[a + 1..].iter().product())
+        };
+        let rows = outer * inner;
+        let out = self.output(4 * elements(&x.shape) as u64);
+        let params = [rows as u32, len as u32, inner as u32];
+        self.dispatch(&Kernel::Softmax(log), &params, &[x.buffer, out], Self::linear_groups(rows));
+        self.define(&node.output, out, x.shape.clone());
+        Ok(())
+    }
+
+    fn argmax(
+        &mut self,
+        node: &Node,
+        x: &Value,
+        a: i64,
+        keepdims: bool,
+        last: bool,
+    ) -> Result<(), String> {
+        let a = axis(a, x.shape.len()).ok_or("axis out of range")?;
+        if x.shape[a] == 0 {
+            return Err("ArgMax over an empty axis".into());
+        }
+        let outer: usize = x.shape[..a].iter().product();
+        let inner: usize = x.shape[a + 1..].iter().product();
+        let mut shape = x.shape.clone();
+        if keepdims {
+            shape[a] = 1;
+        } else {
+            shape.remove(a);
+        }
+        let rows = outer * inner;
+        let out = self.output(4 * rows as u64);
+        let params = [rows as u32, x.shape[a] as u32, inner as u32, u32::from(last)];
+        self.dispatch(&Kernel::ArgMax, &params, &[x.buffer, out], Self::linear_groups(rows));
+        self.define(&node.output, out, shape);
+        Ok(())
+    }
+
+    fn transpose(&mut self, node: &Node, x: &Value, perm: Option<&[usize]>) -> Result<(), String> {
+        let rank = x.shape.len();
+        let perm = perm.map_or_else(|| (0..rank).rev().collect(), <[usize]>::to_vec);
+        let mut seen = vec![false; rank];
+        if perm.len() != rank
+            || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
+        {
+            return Err(format!("perm {perm:?} for rank {rank}"));
+        }
+        let shape: Vec<usize> = perm.iter().map(|&p| x.shape[p]).collect();
+        let strides = contiguous_strides(&x.shape);
+        let src: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+        let out = self.output(4 * elements(&shape) as u64);
+        self.copy(x.buffer, out, &shape, &src, &contiguous_strides(&shape), 0)?;
+        self.define(&node.output, out, shape);
+        Ok(())
+    }
+
+    fn concat(&mut self, node: &Node, x: &Value, a: i64) -> Result<(), String> {
+        let parts: Vec<Value> = (0..node.inputs.len())
+            .map(|i| self.value(node, i).cloned())
+            .collect::<Result<_, _>>()?;
+        let rank = x.shape.len();
+        let a = axis(a, rank).ok_or("axis out of range")?;
+        let mut shape = x.shape.clone();
+        shape[a] = 0;
+        for part in &parts {
+            let same = part.shape.len() == rank
+                && (0..rank).all(|i| i == a || part.shape[i] == x.shape[i]);
+            if !same {
+                return Err(format!("cannot concatenate {:?} with {:?}", x.shape, part.shape));
+            }
+            shape[a] += part.shape[a];
+        }
+        let out = self.output(4 * elements(&shape) as u64);
+        let dst = contiguous_strides(&shape);
+        let mut offset = 0;
+        for part in &parts {
+            let src = contiguous_strides(&part.shape);
+            self.copy(part.buffer, out, &part.shape, &src, &dst, offset * dst[a])?;
+            offset += part.shape[a];
+        }
+        self.define(&node.output, out, shape);
+        Ok(())
+    }
+
+    fn global_average_pool(&mut self, node: &Node, x: &Value) -> Result<(), String> {
+        let spatial = x.shape.len().saturating_sub(2);
+        if !(1..=2).contains(&spatial) {
+            return Err(format!("input of rank {} (one or two spatial axes)", x.shape.len()));
+        }
+        let window = Window {
+            kernel: x.shape[2..].to_vec(),
+            strides: vec![1; spatial],
+            dilations: vec![1; spatial],
+            padding: Padding::Valid,
+            ceil_mode: false,
+        };
+        self.pool(node, x, &window, 1)
+    }
+
+    fn batch_norm(
+        &mut self,
+        node: &Node,
+        x: &Value,
+        epsilon: f32,
+        act: ActKey,
+    ) -> Result<(), String> {
+        if x.shape.len() < 2 {
+            return Err(format!("input of rank {}", x.shape.len()));
+        }
+        let c = x.shape[1];
+        let stats: Vec<Value> =
+            (1..5).map(|i| self.value(node, i).cloned()).collect::<Result<_, _>>()?;
+        if stats.iter().any(|s| elements(&s.shape) != c) {
+            return Err(format!("statistics of another length than {c} channels"));
+        }
+        let n = elements(&x.shape);
+        let inner: usize = x.shape[2..].iter().product();
+        let out = self.output(4 * n as u64);
+        let mut buffers = vec![x.buffer];
+        buffers.extend(stats.iter().map(|s| s.buffer));
+        buffers.push(out);
+        let params = [n as u32, c as u32, inner as u32, epsilon.to_bits()];
+        self.dispatch(&Kernel::BatchNorm(act), &params, &buffers, Self::linear_groups(n));
+        self.define(&node.output, out, x.shape.clone());
         Ok(())
     }
 
@@ -460,9 +475,9 @@ impl Builder<'_> {
         self.dispatch(&Kernel::Pool, &params, &[x.buffer, out], Self::linear_groups(total));
         let mut shape = x.shape[..2].to_vec();
         if x.shape.len() == 3 {
-            shape.push(ow)
+            shape.push(ow);
         } else {
-            shape.extend([oh, ow])
+            shape.extend([oh, ow]);
         }
         self.define(&node.output, out, shape);
         Ok(())
@@ -473,7 +488,7 @@ impl Builder<'_> {
         input: GemmInput,
         act: ActKey,
         p: &[u32],
-        buffers: [Arc<wgpu::Buffer>; 4],
+        buffers: &[Arc<wgpu::Buffer>; 4],
         batch: usize,
     ) {
         let (m, n) = (p[gp::M] as usize, p[gp::N] as usize);
@@ -486,7 +501,7 @@ impl Builder<'_> {
             m.div_ceil(tile.bm as usize) as u32,
             batch as u32,
         ];
-        self.dispatch_buffers(&Kernel::Gemm(tile, input, act), p, &buffers, groups);
+        self.dispatch_buffers(&Kernel::Gemm(tile, input, act), p, buffers, groups);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -543,7 +558,7 @@ impl Builder<'_> {
             c_buffer,
             self.buffers[out].clone(),
         ];
-        self.gemm_dispatch(GemmInput::Matrices, act, &p, buffers, batch);
+        self.gemm_dispatch(GemmInput::Matrices, act, &p, &buffers, batch);
         self.define(&node.output, out, out_shape);
         Ok(())
     }
@@ -725,7 +740,7 @@ impl Builder<'_> {
             bias,
             self.buffers[out].clone(),
         ];
-        self.gemm_dispatch(GemmInput::Convolution, act, &p, buffers, groups);
+        self.gemm_dispatch(GemmInput::Convolution, act, &p, &buffers, groups);
         self.define(&node.output, out, shape);
         Ok(())
     }
@@ -787,7 +802,7 @@ fn view_shape(kind: &ViewKind, input: &[usize]) -> Result<Vec<usize>, String> {
             }
             if let Some(i) = infer {
                 let known: usize = out.iter().product();
-                if known == 0 || elements(input) % known != 0 {
+                if known == 0 || !elements(input).is_multiple_of(known) {
                     return Err(format!("cannot infer -1 in {shape:?} from {input:?}"));
                 }
                 out[i] = elements(input) / known;

@@ -118,7 +118,7 @@ fn models_without_a_batch_axis_are_not_batched_and_unknown_operators_are_refused
     assert!(Batcher::start(engine, BatchConfig::default()).unwrap().is_none());
 
     let mut g = falaj_common::onnx::GraphBuilder::new("erf");
-    g.input("x", falaj_common::tensor::DataType::Fp32, &[two.clone()]);
+    g.input("x", falaj_common::tensor::DataType::Fp32, std::slice::from_ref(&two));
     g.node("Erf", &["x"], &["y"], vec![]);
     g.output("y", falaj_common::tensor::DataType::Fp32, &[two]);
     let err = GpuModel::load(gpu, &g.encode("test")).unwrap_err();
