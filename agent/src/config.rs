@@ -373,6 +373,9 @@ mod tests {
         check("[control_plane]\nparallel_fetches = 0\n", "control_plane.parallel_fetches");
         check("[metrics]\nwindow = \"1ms\"\n", "metrics.window: must be between");
         check("[metrics]\noutbox_cap = 0\n", "metrics.outbox_cap");
+        check("[engine]\nruntime = \"tpu\"\n", "unknown variant `tpu`");
+        check("[engine]\nbatch_wait = \"2s\"\n", "engine.batch_wait: must be between");
+        check("[engine]\nmax_batch = 0\n", "engine.max_batch");
     }
 
     #[test]
@@ -390,5 +393,13 @@ mod tests {
                 .unwrap();
         let report = short.sync().report.unwrap();
         assert_eq!((report.window, report.outbox_cap), (Duration::from_secs(2), 9));
+        let gpu = AgentConfig::parse(
+            "[engine]\nruntime = \"gpu\"\nbatch_wait = \"2ms\"\nmax_batch = 64\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        let engine = gpu.serve().engine;
+        assert_eq!(engine.runtime, Runtime::Gpu);
+        assert_eq!((engine.batch_wait, engine.max_batch), (Duration::from_millis(2), 64));
     }
 }
