@@ -19,5 +19,7 @@ echo "== ONNX node tests and parity on this GPU"
 .devbin/conformance --nocapture > "$OUT/conformance.txt" 2>&1
 grep -E "passed on|refused as listed|problems|WRONG|not listed|test result" "$OUT/conformance.txt" | cut -c1-300
 .devbin/parity 2>&1 | tail -3 | tee "$OUT/parity.txt"
+echo "== the agent serving a bundle hinted gpu"
+bash gpu/benches/serve_check.sh 2>&1 | tee "$OUT/serve.txt"
 echo "== PyTorch"
 PYTHONUNBUFFERED=1 python3 gpu/benches/torch_anchor.py 2>&1 | tee "$OUT/torch.md"

@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 cargo bench -p falaj-gpu --bench gpu --no-run
 cargo test --release -p falaj-gpu --no-run
+cargo build --release -p falaj
 mkdir -p .devbin
 newest() { ls -t target/release/deps/"$1"-* | grep -v '\.d$' | head -1; }
+cp target/release/falaj .devbin/falaj && strip .devbin/falaj && xz -6 -f .devbin/falaj
 for pair in gpu:gpu-bench conformance:conformance parity:parity; do
     cp "$(newest "${pair%%:*}")" ".devbin/${pair##*:}"
     strip ".devbin/${pair##*:}"

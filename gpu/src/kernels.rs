@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use crate::graph::{Activation, Arith};
 
 const COMMON: &str = include_str!("shaders/common.wgsl");
+const ELEMENT_ENTRY: &str = include_str!("shaders/element.wgsl");
 
 /// A kernel and its specialisation: one compiled pipeline each.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -148,7 +149,8 @@ fn source(kernel: &Kernel) -> String {
         Kernel::ConvDirect(act) => (include_str!("shaders/conv_direct.wgsl").to_owned(), act),
         Kernel::Gemm(tile, input, act) => (gemm_source(*tile, *input), act),
     };
-    format!("{}\n{body}", COMMON.replace("ACTIVATION", &act.0))
+    let entry = if matches!(kernel, Kernel::Gemm(..)) { "" } else { ELEMENT_ENTRY };
+    format!("{}\n{body}\n{entry}", COMMON.replace("ACTIVATION", &act.0))
 }
 
 /// The GEMM parameter block (indices into `p`), shared with the plan builder.

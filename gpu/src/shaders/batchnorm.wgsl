@@ -8,13 +8,7 @@
 @group(0) @binding(5) var<storage, read> variance: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let i = linear(wid, nwg, lid);
-    if (i >= p[0]) {
-        return;
-    }
+fn element(i: u32) {
     let c = (i / p[2]) % p[1];
     let s = scale[c] / sqrt(variance[c] + pf(3u));
     out[i] = act((x[i] - mean[c]) * s + bias[c]);

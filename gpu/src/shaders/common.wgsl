@@ -1,6 +1,4 @@
-// Shared by every kernel: the parameter block, the fused activation and the index of an
-// invocation in a dispatch that may be folded into two dimensions (a dimension holds at
-// most 65535 workgroups).
+// Shared by every kernel: the parameter block and the fused activation.
 
 @group(0) @binding(0) var<storage, read> p: array<u32>;
 
@@ -12,6 +10,3 @@ fn act(x: f32) -> f32 {
     return ACTIVATION;
 }
 
-fn linear(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
-    return (wid.y * nwg.x + wid.x) * 256u + lid;
-}

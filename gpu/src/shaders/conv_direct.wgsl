@@ -7,13 +7,7 @@
 @group(0) @binding(3) var<storage, read> bias: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let i = linear(wid, nwg, lid);
-    if (i >= p[0]) {
-        return;
-    }
+fn element(i: u32) {
     let h = i32(p[2]);
     let wd = i32(p[3]);
     let ohw = p[4] * p[5];

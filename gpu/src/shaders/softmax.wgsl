@@ -5,13 +5,7 @@
 @group(0) @binding(1) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
 
-@compute @workgroup_size(256)
-fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-        @builtin(local_invocation_index) lid: u32) {
-    let row = linear(wid, nwg, lid);
-    if (row >= p[0]) {
-        return;
-    }
+fn element(row: u32) {
     let len = p[1];
     let inner = p[2];
     let base = (row / inner) * len * inner + row % inner;
