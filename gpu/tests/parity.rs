@@ -77,6 +77,37 @@ fn residual_cnn_agrees_with_tract() {
     assert_close(&got[0].1, &floats(&tract(&model, &shape, &x)[0]), "CNN probabilities");
 }
 
+/// Batch normalization after a Gemm with alpha, beta and a transposed B is folded into
+/// the Gemm's weights and bias; the answers stay tract's.
+#[test]
+fn batch_norm_folds_into_a_scaled_gemm() {
+    use falaj_common::onnx::{Attr, GraphBuilder};
+    use falaj_common::tensor::{DataType, Dim};
+    let Some(gpu) = open_gpu() else { return };
+    let (k, n) = (12, 5);
+    let mut g = GraphBuilder::new("gemm_bn");
+    g.input("x", DataType::Fp32, &[Dim::Symbol("N".into()), Dim::Fixed(k as u64)]);
+    g.weights("w", &[n, k], &random(n * k, 1));
+    g.weights("c", &[n], &random(n, 2));
+    let positive: Vec<f32> = random(n, 3).iter().map(|v| v.abs() + 0.5).collect();
+    g.weights("scale", &[n], &positive);
+    g.weights("bias", &[n], &random(n, 4));
+    g.weights("mean", &[n], &random(n, 5));
+    g.weights("var", &[n], &positive);
+    let attrs = vec![Attr::Int("transB", 1), Attr::Float("alpha", 0.5), Attr::Float("beta", 2.0)];
+    g.node("Gemm", &["x", "w", "c"], &["y"], attrs);
+    g.node("BatchNormalization", &["y", "scale", "bias", "mean", "var"], &["z"], vec![]);
+    g.node("Sigmoid", &["z"], &["out"], vec![]);
+    g.output("out", DataType::Fp32, &[Dim::Symbol("N".into()), Dim::Fixed(n as u64)]);
+    let model = g.encode("test");
+    let engine = GpuModel::load(gpu, &model).unwrap();
+    let ops: Vec<String> = engine.graph().nodes.iter().map(|n| format!("{:?}", n.op)).collect();
+    assert_eq!(ops.len(), 1, "one fused Gemm: {ops:?}");
+    let x = random(7 * k, 6);
+    let got = engine.run(&[(&[7, k], &x)]).unwrap();
+    assert_close(&got[0].1, &floats(&tract(&model, &[7, k], &x)[0]), "Gemm + BN + Sigmoid");
+}
+
 #[test]
 fn concurrent_requests_run_as_one_batch_with_their_own_answers() {
     let Some(gpu) = open_gpu() else { return };
