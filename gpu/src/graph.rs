@@ -496,7 +496,7 @@ impl Graph {
                     .iter()
                     .map(|i| (!i.is_empty()).then(|| i.clone()))
                     .collect(),
-                output: node.output[0].clone(),
+                output: node.output.iter().find(|o| !o.is_empty()).cloned().unwrap_or_default(),
                 activation: None,
             });
         }

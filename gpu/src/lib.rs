@@ -121,6 +121,11 @@ impl Gpu {
             ..Default::default()
         }))
         .map_err(|e| GpuError::Device(e.to_string()))?;
+        // wgpu's default for an error outside an error scope is to panic; every call that can
+        // fail runs inside `checked`, so anything left is logged.
+        device.on_uncaptured_error(Arc::new(|e: wgpu::Error| {
+            tracing::error!(error = %e, "GPU error outside a checked operation");
+        }));
         tracing::info!(adapter = %info.name, backend = ?info.backend, kind = ?info.device_type, driver = %info.driver_info, "GPU opened");
         Ok(Arc::new(Self {
             device,
@@ -129,6 +134,20 @@ impl Gpu {
             pipelines: Pipelines::default(),
             large_tile: OnceLock::new(),
         }))
+    }
+
+    /// Runs `f` with the device's validation and out-of-memory errors captured, so that a
+    /// model too large for the GPU's limits, say, is an error and not a panic.
+    fn checked<T>(&self, f: impl FnOnce() -> Result<T, GpuError>) -> Result<T, GpuError> {
+        let memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let result = f();
+        let invalid = pollster::block_on(validation.pop());
+        let exhausted = pollster::block_on(memory.pop());
+        match invalid.or(exhausted) {
+            Some(e) => Err(GpuError::Device(e.to_string())),
+            None => result,
+        }
     }
 
     /// The adapter's name (for example `NVIDIA H100 80GB HBM3`).
@@ -226,21 +245,24 @@ impl GpuModel {
             .map(String::as_str)
             .chain(graph.outputs.iter().map(String::as_str))
             .collect();
-        let constants = graph
-            .constants
-            .iter()
-            .filter(|(name, _)| used.contains(name.as_str()))
-            .map(|(name, c)| {
-                let bytes: &[u8] =
-                    if c.values.is_empty() { &[0; 4] } else { bytemuck::cast_slice(&c.values) };
-                let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                    label: Some(name),
-                    contents: bytes,
-                    usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-                });
-                (name.clone(), (Arc::new(buffer), c.dims.clone()))
-            })
-            .collect();
+        let upload = || {
+            graph
+                .constants
+                .iter()
+                .filter(|(name, _)| used.contains(name.as_str()))
+                .map(|(name, c)| {
+                    let bytes: &[u8] =
+                        if c.values.is_empty() { &[0; 4] } else { bytemuck::cast_slice(&c.values) };
+                    let buffer = gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                        label: Some(name),
+                        contents: bytes,
+                        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+                    });
+                    (name.clone(), (Arc::new(buffer), c.dims.clone()))
+                })
+                .collect()
+        };
+        let constants = gpu.checked(|| Ok(upload()))?;
         let model = Self { gpu, graph, constants, plans: Mutex::new(VecDeque::new()) };
         let ones: Vec<Vec<usize>> = model
             .graph
@@ -275,8 +297,9 @@ impl GpuModel {
         if let Some((_, plan)) = plans.iter().find(|(s, _)| s.as_slice() == shapes) {
             return Ok(plan.clone());
         }
-        let plan =
-            Arc::new(Mutex::new(Plan::build(&self.gpu, &self.graph, &self.constants, shapes)?));
+        let plan = Arc::new(Mutex::new(
+            self.gpu.checked(|| Plan::build(&self.gpu, &self.graph, &self.constants, shapes))?,
+        ));
         if plans.len() == MAX_PLANS {
             plans.pop_front();
         }
@@ -312,7 +335,7 @@ impl GpuModel {
         let plan = self.plan(&shapes)?;
         let plan = plan.lock().unwrap_or_else(PoisonError::into_inner);
         let data: Vec<&[f32]> = inputs.iter().map(|(_, d)| *d).collect();
-        let values = plan.run(&self.gpu, &data)?;
+        let values = self.gpu.checked(|| plan.run(&self.gpu, &data))?;
         Ok(plan.output_shapes().map(<[usize]>::to_vec).zip(values).collect())
     }
 }

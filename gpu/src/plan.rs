@@ -91,6 +91,9 @@ fn axis(axis: i64, rank: usize) -> Option<usize> {
 
 /// Output size and begin/end pads of one spatial axis.
 fn spatial(input: usize, window: &Window, i: usize) -> Option<(usize, usize, usize)> {
+    if input == 0 {
+        return None; // an empty axis: no window fits
+    }
     let spatial = window.kernel.len();
     let effective = (window.kernel[i] - 1) * window.dilations[i] + 1;
     let stride = window.strides[i];
@@ -663,14 +666,15 @@ impl Builder<'_> {
         if window.kernel.is_empty() {
             window.kernel = w.shape.get(2..).map(<[usize]>::to_vec).unwrap_or_default();
         }
-        if w.shape.len() != x.shape.len() || w.shape[2..] != window.kernel[..] {
+        if x.shape.len() < 3 || w.shape.len() != x.shape.len() || w.shape[2..] != window.kernel[..]
+        {
             return Err(format!(
                 "weights {:?} for input {:?} and kernel {:?}",
                 w.shape, x.shape, window.kernel
             ));
         }
-        let (images, h, wd, window) = spatial_view(&x.shape, &window)?;
-        let images = images / x.shape[1];
+        let (_, h, wd, window) = spatial_view(&x.shape, &window)?;
+        let images = x.shape[0];
         let (c_in, c_out) = (x.shape[1], w.shape[0]);
         if c_in % groups != 0 || c_out % groups != 0 || w.shape[1] * groups != c_in {
             return Err(format!(
@@ -1105,6 +1109,7 @@ mod tests {
         assert_eq!(spatial(32, &w(Padding::Valid, false), 0), Some((15, 0, 0)));
         assert_eq!(spatial(4, &w(Padding::Valid, true), 0), Some((2, 0, 0)));
         assert_eq!(spatial(2, &w(Padding::Valid, false), 0), None);
+        assert_eq!(spatial(0, &w(Padding::Same { upper: true }, false), 0), None, "empty axis");
     }
 
     #[test]
