@@ -24,6 +24,14 @@ fn erf_model() -> Vec<u8> {
     g.encode("test")
 }
 
+async fn infer(client: &reqwest::Client, url: String, body: &Value) -> Value {
+    client.post(url).json(body).send().await.unwrap().json().await.unwrap()
+}
+
+fn floats(output: &Value) -> Vec<f32> {
+    output["data"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect()
+}
+
 async fn engine_of(client: &reqwest::Client, server: &support::Running, model: &str) -> String {
     let meta: Value = client
         .get(server.url(&format!("/v2/models/{model}")))
@@ -68,21 +76,8 @@ async fn supported_models_run_on_the_gpu_and_the_rest_fall_back_to_tract() {
         (0..shape.iter().product::<u64>()).map(|_| rng.normal(0.0, 1.0) as f32).collect();
     let body =
         json!({"inputs": [{"name": "image", "shape": shape, "datatype": "FP32", "data": x}]});
-    let response: Value = client
-        .post(server.url("/v2/models/vision/infer"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let got: Vec<f32> = response["outputs"][0]["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap() as f32)
-        .collect();
+    let response = infer(&client, server.url("/v2/models/vision/infer"), &body).await;
+    let got = floats(&response["outputs"][0]);
     let direct = OnnxModel::load(&image_model())
         .unwrap()
         .run(vec![Tensor { shape: shape.to_vec(), data: TensorData::Fp32(x) }])
@@ -94,15 +89,7 @@ async fn supported_models_run_on_the_gpu_and_the_rest_fall_back_to_tract() {
 
     // The fallen-back model still answers, through tract.
     let body = json!({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [0.0, 0.5, -1.0, 2.0]}]});
-    let response: Value = client
-        .post(server.url("/v2/models/erf/infer"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let response = infer(&client, server.url("/v2/models/erf/infer"), &body).await;
     let erf_half = response["outputs"][0]["data"][1].as_f64().unwrap();
     assert!((erf_half - 0.520_499_877_8).abs() < 1e-5, "{response}");
 

@@ -194,20 +194,6 @@ impl Gpu {
             tile
         })
     }
-
-    /// Multiplies `a` (m × k) by `b` (k × n), both row-major, with the given tile; for
-    /// benchmarks of the kernel alone. Returns the product and the seconds each of `runs`
-    /// dispatches took on average (measured around `runs` dispatches in one submission).
-    pub fn matmul_benchmark(
-        &self,
-        a: &[f32],
-        b: &[f32],
-        (m, n, k): (usize, usize, usize),
-        tile: Tile,
-        runs: u32,
-    ) -> Result<(Vec<f32>, f64), GpuError> {
-        plan::matmul_benchmark(self, a, b, (m, n, k), tile, runs)
-    }
 }
 
 /// Plans kept per model; a new input shape past this many evicts the oldest.
