@@ -161,10 +161,11 @@ impl Gpu {
     }
 
     /// The GEMM tile for large products on this GPU: each of [`Tile::CANDIDATES`] is timed
-    /// when the first GEMM is planned (the first model load), three rounds on a 3072³ product (about half a second on an H100), and
-    /// the one with the best time kept (a GPU still raising its clocks only slows a
-    /// candidate down, so the best of the rounds is the fair figure). A software adapter
-    /// keeps [`Tile::LARGE`]: timing would take minutes.
+    /// when the first GEMM is planned (the first model load), three rounds on a 3072³
+    /// product (about half a second on an H100), and the one with the best time kept (a GPU
+    /// still raising its clocks only slows a candidate down, so the best of the rounds is
+    /// the fair figure). A software adapter keeps [`Tile::LARGE`]: timing would take
+    /// minutes.
     pub fn large_tile(&self) -> Tile {
         *self.large_tile.get_or_init(|| {
             if self.is_software() {
