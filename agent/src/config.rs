@@ -12,7 +12,7 @@ use falaj_common::time::human_duration;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::engine::{EngineConfig, Runtime};
+use crate::engine::EngineConfig;
 use crate::reporting::ReportConfig;
 use crate::server::ServeConfig;
 use crate::sync::SyncConfig;
@@ -68,36 +68,7 @@ pub struct AgentConfig {
     /// Measuring requests and reporting them.
     pub metrics: MetricsConfig,
     /// Which engine serves each model.
-    pub engine: EngineSection,
-}
-
-/// `[engine]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct EngineSection {
-    /// `cpu` (always tract), `gpu` (a GPU for every model it can run) or `auto` (the
-    /// bundle's runtime hint decides).
-    pub runtime: Runtime,
-    /// Accept a software Vulkan driver as a GPU (tests only: it is slower than tract).
-    pub allow_software_gpu: bool,
-    /// How long a GPU request waits for others to batch with; 0 batches only requests
-    /// that queued while the GPU was busy.
-    #[serde(with = "human_duration")]
-    pub batch_wait: Duration,
-    /// Most rows in one GPU batch.
-    pub max_batch: usize,
-}
-
-impl Default for EngineSection {
-    fn default() -> Self {
-        let engine = EngineConfig::default();
-        Self {
-            runtime: engine.runtime,
-            allow_software_gpu: engine.allow_software_gpu,
-            batch_wait: engine.batch_wait,
-            max_batch: engine.max_batch,
-        }
-    }
+    pub engine: EngineConfig,
 }
 
 /// `[http]`.
@@ -166,7 +137,7 @@ impl Default for AgentConfig {
             models: ModelsConfig::default(),
             control_plane: ControlPlaneConfig::default(),
             metrics: MetricsConfig::default(),
-            engine: EngineSection::default(),
+            engine: EngineConfig::default(),
         }
     }
 }
@@ -302,12 +273,7 @@ impl AgentConfig {
             body_timeout: self.http.body_timeout,
             poll_interval: self.models.poll_interval,
             metrics: self.metrics.enabled,
-            engine: EngineConfig {
-                runtime: self.engine.runtime,
-                allow_software_gpu: self.engine.allow_software_gpu,
-                batch_wait: self.engine.batch_wait,
-                max_batch: self.engine.max_batch,
-            },
+            engine: self.engine.clone(),
             ..ServeConfig::default()
         };
         if self.http.workers > 0 {
@@ -399,7 +365,7 @@ mod tests {
         )
         .unwrap();
         let engine = gpu.serve().engine;
-        assert_eq!(engine.runtime, Runtime::Gpu);
+        assert_eq!(engine.runtime, crate::engine::Runtime::Gpu);
         assert_eq!((engine.batch_wait, engine.max_batch), (Duration::from_millis(2), 64));
     }
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 use falaj_common::bundle::{ModelSpec, RuntimeHint};
 use falaj_common::onnx::{OnnxError, OnnxModel, RunError};
 use falaj_common::tensor::{DataType, Signature, Tensor, TensorData};
+use falaj_common::time::human_duration;
 use falaj_gpu::{BatchConfig, Batcher, Gpu, GpuModel, GpuOptions, Values};
 use serde::{Deserialize, Serialize};
 
@@ -153,14 +154,18 @@ pub enum Runtime {
     Auto,
 }
 
-/// How models are given to engines.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How models are given to engines: `[engine]` in the agent's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct EngineConfig {
-    /// Where models run.
+    /// `cpu` (always tract), `gpu` (a GPU for every model it can run) or `auto` (the
+    /// bundle's runtime hint decides).
     pub runtime: Runtime,
     /// Accept a software Vulkan driver (lavapipe) as a GPU: for tests, never faster.
     pub allow_software_gpu: bool,
-    /// How long a GPU request waits for others to batch with.
+    /// How long a GPU request waits for others to batch with; 0 batches only requests
+    /// that queued while the GPU was busy.
+    #[serde(with = "human_duration")]
     pub batch_wait: Duration,
     /// Most rows in one GPU batch.
     pub max_batch: usize,
