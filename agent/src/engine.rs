@@ -65,6 +65,9 @@ pub struct GpuEngine {
 }
 
 impl GpuEngine {
+    /// The engine's name in metadata and metrics.
+    pub const NAME: &'static str = "wgpu-gpu";
+
     fn to_values(index: usize, tensor: Tensor) -> Result<Values, RunError> {
         let shape: Vec<usize> = tensor.shape.iter().map(|&d| d as usize).collect();
         match tensor.data {
@@ -102,7 +105,7 @@ impl GpuEngine {
 
 impl Engine for GpuEngine {
     fn name(&self) -> &'static str {
-        "wgpu-gpu"
+        Self::NAME
     }
 
     fn signature(&self) -> &Signature {

@@ -20,6 +20,7 @@ use falaj_common::time::Timestamp;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
+use crate::engine::GpuEngine;
 use crate::models::{Registry, VersionState};
 
 /// Bin counts of one profiled column.
@@ -293,7 +294,7 @@ impl Collector for Exporter {
                         .models
                         .values()
                         .flat_map(|m| m.versions.values())
-                        .filter(|v| matches!(v, VersionState::Ready(v) if v.engine.name() == "wgpu-gpu"))
+                        .filter(|v| matches!(v, VersionState::Ready(v) if v.engine.name() == GpuEngine::NAME))
                         .count() as u64,
                 ),
                 (
