@@ -961,17 +961,8 @@ impl Plan {
             offset += bytes;
         }
         gpu.queue.submit([encoder.finish()]);
-        let all = read_back(gpu, &self.staging)?;
-        let mut start = 0;
-        Ok(self
-            .outputs
-            .iter()
-            .map(|(_, shape)| {
-                let n = elements(shape);
-                start += n;
-                all[start - n..start].to_vec()
-            })
-            .collect())
+        let lengths: Vec<usize> = self.outputs.iter().map(|(_, shape)| elements(shape)).collect();
+        read_back(gpu, &self.staging, &lengths)
     }
 
     /// Each output's shape.
@@ -1065,13 +1056,18 @@ impl Gpu {
             gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
         encoder.copy_buffer_to_buffer(&out, 0, &staging, 0, 4 * (m * n) as u64);
         gpu.queue.submit([encoder.finish()]);
-        let values = read_back(gpu, &staging)?;
+        let values = read_back(gpu, &staging, &[m * n])?.swap_remove(0);
         Ok((values, seconds))
     }
 }
 
-/// Maps `staging` after the work queued so far and copies its floats out.
-fn read_back(gpu: &Gpu, staging: &wgpu::Buffer) -> Result<Vec<f32>, GpuError> {
+/// Maps `staging` after the work queued so far and copies its floats out, split into
+/// consecutive pieces of `lengths`.
+fn read_back(
+    gpu: &Gpu,
+    staging: &wgpu::Buffer,
+    lengths: &[usize],
+) -> Result<Vec<Vec<f32>>, GpuError> {
     let device_error = |e: &dyn std::fmt::Display| GpuError::Device(e.to_string());
     let (sender, receiver) = std::sync::mpsc::channel();
     staging.map_async(wgpu::MapMode::Read, .., move |result| {
@@ -1081,7 +1077,15 @@ fn read_back(gpu: &Gpu, staging: &wgpu::Buffer) -> Result<Vec<f32>, GpuError> {
     receiver.recv().map_err(|e| device_error(&e))?.map_err(|e| device_error(&e))?;
     let values = {
         let view = staging.get_mapped_range(..).map_err(|e| device_error(&e))?;
-        bytemuck::cast_slice::<u8, f32>(&view).to_vec()
+        let mut rest: &[f32] = bytemuck::cast_slice(&view);
+        lengths
+            .iter()
+            .map(|&n| {
+                let (head, tail) = rest.split_at(n);
+                rest = tail;
+                head.to_vec()
+            })
+            .collect()
     };
     staging.unmap();
     Ok(values)
