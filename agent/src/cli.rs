@@ -18,6 +18,7 @@ use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::import::{self, ImportError, ImportOptions, ImportOutcome};
 use crate::store::{Store, StoreError};
 use crate::systemd;
+use falaj_common::config::Checked as _;
 
 /// Exit code for a usage error (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;

@@ -8,9 +8,11 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use falaj_common::config::{self, Checked, within};
 use falaj_common::time::human_duration;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
+
+pub use falaj_common::config::ConfigError;
 
 use crate::engine::EngineConfig;
 use crate::reporting::ReportConfig;
@@ -21,37 +23,6 @@ use crate::sync::SyncConfig;
 pub const DEFAULT_PATH: &str = "/etc/falaj/agent.toml";
 /// Where a package keeps the agent's state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/falaj-agent";
-
-/// Why a configuration was refused.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("configuration {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML of the expected shape (an unknown key, a wrong type).
-    #[error("configuration {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the parser said, with the key and line.
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("configuration {path}: {key}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The key, dotted (`http.max_body_bytes`).
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// The agent's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,23 +142,6 @@ impl Default for ControlPlaneConfig {
     }
 }
 
-fn within<T: PartialOrd + Copy + std::fmt::Debug>(
-    path: &Path,
-    key: &'static str,
-    value: T,
-    low: T,
-    high: T,
-) -> Result<(), ConfigError> {
-    if value < low || value > high {
-        return Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message: format!("must be between {low:?} and {high:?}, got {value:?}"),
-        });
-    }
-    Ok(())
-}
-
 impl AgentConfig {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -198,16 +152,43 @@ impl AgentConfig {
 
     /// Parses and checks `text` (read from `path`).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim().to_owned(),
-        })?;
-        config.check(path)?;
-        Ok(config)
+        config::parse(text, path)
     }
 
+    /// The inference server's settings.
+    pub fn serve(&self) -> ServeConfig {
+        let mut serve = ServeConfig {
+            http: self.http.listen,
+            max_body_bytes: usize::try_from(self.http.max_body_bytes).unwrap_or(usize::MAX),
+            body_timeout: self.http.body_timeout,
+            poll_interval: self.models.poll_interval,
+            metrics: self.metrics.enabled,
+            engine: self.engine.clone(),
+            ..ServeConfig::default()
+        };
+        if self.http.workers > 0 {
+            serve.workers = self.http.workers;
+        }
+        serve
+    }
+
+    /// The control-plane session's settings.
+    pub fn sync(&self) -> SyncConfig {
+        SyncConfig {
+            heartbeat: self.control_plane.heartbeat,
+            max_backoff: self.control_plane.max_backoff,
+            parallel_fetches: self.control_plane.parallel_fetches,
+            report: self.metrics.enabled.then_some(ReportConfig {
+                window: self.metrics.window,
+                outbox_cap: self.metrics.outbox_cap,
+            }),
+        }
+    }
+}
+
+impl Checked for AgentConfig {
     /// Checks every value's range.
-    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
         if !self.data_dir.is_absolute() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -263,36 +244,6 @@ impl AgentConfig {
         )?;
         within(path, "engine.max_batch", self.engine.max_batch, 1, 65_536)?;
         Ok(())
-    }
-
-    /// The inference server's settings.
-    pub fn serve(&self) -> ServeConfig {
-        let mut serve = ServeConfig {
-            http: self.http.listen,
-            max_body_bytes: usize::try_from(self.http.max_body_bytes).unwrap_or(usize::MAX),
-            body_timeout: self.http.body_timeout,
-            poll_interval: self.models.poll_interval,
-            metrics: self.metrics.enabled,
-            engine: self.engine.clone(),
-            ..ServeConfig::default()
-        };
-        if self.http.workers > 0 {
-            serve.workers = self.http.workers;
-        }
-        serve
-    }
-
-    /// The control-plane session's settings.
-    pub fn sync(&self) -> SyncConfig {
-        SyncConfig {
-            heartbeat: self.control_plane.heartbeat,
-            max_backoff: self.control_plane.max_backoff,
-            parallel_fetches: self.control_plane.parallel_fetches,
-            report: self.metrics.enabled.then_some(ReportConfig {
-                window: self.metrics.window,
-                outbox_cap: self.metrics.outbox_cap,
-            }),
-        }
     }
 }
 

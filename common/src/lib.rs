@@ -29,6 +29,7 @@
 pub mod alerting;
 pub mod bundle;
 pub mod chunking;
+pub mod config;
 pub mod desired;
 pub mod drift;
 pub mod enrollment;

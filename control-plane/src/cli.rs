@@ -26,6 +26,7 @@ use crate::daemon::{ControlPlane, ServeError};
 use crate::keys::{self, InitOptions, KeysError};
 use crate::sample::{self, SampleOptions};
 use crate::systemd;
+use falaj_common::config::Checked as _;
 
 /// Exit code for a usage error (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;

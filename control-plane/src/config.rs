@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use falaj_common::alerting::{DriftScope, RetrainHook};
+use falaj_common::config::{self, Checked, within};
 use falaj_common::time::human_duration;
 use serde::{Deserialize, Serialize};
-use thiserror::Error;
+
+pub use falaj_common::config::ConfigError;
 
 use crate::alerts::AlertsConfig;
 use crate::daemon::ServeConfig;
@@ -19,37 +21,6 @@ use crate::daemon::ServeConfig;
 pub const DEFAULT_PATH: &str = "/etc/falaj/control.toml";
 /// Where a package keeps the control plane's state.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/falaj-control";
-
-/// Why a configuration was refused.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("configuration {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// Not valid TOML of the expected shape (an unknown key, a wrong type).
-    #[error("configuration {path}: {message}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// What the parser said, with the key and line.
-        message: String,
-    },
-    /// A value is out of range.
-    #[error("configuration {path}: {key}: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// The key, dotted.
-        key: &'static str,
-        /// What is wrong.
-        message: String,
-    },
-}
 
 /// The control plane's configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -174,23 +145,6 @@ impl Default for BundlesConfig {
     }
 }
 
-fn within<T: PartialOrd + Copy + std::fmt::Debug>(
-    path: &Path,
-    key: &'static str,
-    value: T,
-    low: T,
-    high: T,
-) -> Result<(), ConfigError> {
-    if value < low || value > high {
-        return Err(ConfigError::Invalid {
-            path: path.to_owned(),
-            key,
-            message: format!("must be between {low:?} and {high:?}, got {value:?}"),
-        });
-    }
-    Ok(())
-}
-
 impl ControlConfig {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -201,58 +155,7 @@ impl ControlConfig {
 
     /// Parses and checks `text` (read from `path`).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
-        let config: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string().trim().to_owned(),
-        })?;
-        config.check(path)?;
-        Ok(config)
-    }
-
-    /// Checks every value.
-    pub fn check(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid =
-            |key, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
-        if !self.data_dir.is_absolute() {
-            return Err(invalid(
-                "data_dir",
-                format!("must be an absolute path, got {}", self.data_dir.display()),
-            ));
-        }
-        if let Some(region) = &self.region {
-            falaj_common::names::check_region(region)
-                .map_err(|e| invalid("region", e.to_string()))?;
-        }
-        within(
-            path,
-            "policy.desired_ttl",
-            self.policy.desired_ttl,
-            Duration::from_secs(60),
-            Duration::from_secs(30 * 86_400),
-        )?;
-        within(
-            path,
-            "policy.cert_ttl",
-            self.policy.cert_ttl,
-            Duration::from_secs(3600),
-            Duration::from_secs(3 * 365 * 86_400),
-        )?;
-        within(
-            path,
-            "policy.heartbeat",
-            self.policy.heartbeat,
-            Duration::from_secs(1),
-            Duration::from_secs(3600),
-        )?;
-        within(path, "bundles.max_bytes", self.bundles.max_bytes, 1 << 20, 1 << 40)?;
-        within(
-            path,
-            "metrics.retention",
-            self.metrics.retention,
-            Duration::from_secs(3600),
-            Duration::from_secs(10 * 365 * 86_400),
-        )?;
-        self.check_alerts(path)
+        config::parse(text, path)
     }
 
     fn check_alerts(&self, path: &Path) -> Result<(), ConfigError> {
@@ -328,6 +231,54 @@ impl ControlConfig {
         serve.metrics_retention = self.metrics.retention;
         serve.alerts = self.alerts.clone();
         serve
+    }
+}
+
+impl Checked for ControlConfig {
+    /// Checks every value.
+    fn check(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid =
+            |key, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+        if !self.data_dir.is_absolute() {
+            return Err(invalid(
+                "data_dir",
+                format!("must be an absolute path, got {}", self.data_dir.display()),
+            ));
+        }
+        if let Some(region) = &self.region {
+            falaj_common::names::check_region(region)
+                .map_err(|e| invalid("region", e.to_string()))?;
+        }
+        within(
+            path,
+            "policy.desired_ttl",
+            self.policy.desired_ttl,
+            Duration::from_secs(60),
+            Duration::from_secs(30 * 86_400),
+        )?;
+        within(
+            path,
+            "policy.cert_ttl",
+            self.policy.cert_ttl,
+            Duration::from_secs(3600),
+            Duration::from_secs(3 * 365 * 86_400),
+        )?;
+        within(
+            path,
+            "policy.heartbeat",
+            self.policy.heartbeat,
+            Duration::from_secs(1),
+            Duration::from_secs(3600),
+        )?;
+        within(path, "bundles.max_bytes", self.bundles.max_bytes, 1 << 20, 1 << 40)?;
+        within(
+            path,
+            "metrics.retention",
+            self.metrics.retention,
+            Duration::from_secs(3600),
+            Duration::from_secs(10 * 365 * 86_400),
+        )?;
+        self.check_alerts(path)
     }
 }
 
