@@ -1,5 +1,6 @@
-// The index of the first (or, with last = 1, the last) maximum along one axis of a tensor seen as [outer, len, inner],
-// written as a float (exact below 2^24) and cast to int64 by the engine.
+// The index of the first (or, with last = 1, the last) maximum along one axis of a tensor
+// seen as [outer, len, inner], written as a float (exact below 2^24) and cast to int64 by
+// the engine.
 // p: rows (outer * inner), len, inner, last
 
 @group(0) @binding(1) var<storage, read> x: array<f32>;
