@@ -31,36 +31,23 @@ async fn serve_once(
     );
     let addr = server.wait_for_addr("serving the Open Inference Protocol");
     let client = reqwest::Client::new();
-    let meta: Value = client
-        .get(format!("http://{addr}/v2/models/vision"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let url = |path: &str| format!("http://{addr}{path}");
+    let meta: Value =
+        client.get(url("/v2/models/vision")).send().await.unwrap().json().await.unwrap();
     let engine = meta["parameters"]["engines"]["1"].as_str().unwrap().to_owned();
     assert_eq!(meta["parameters"]["engine"], engine.as_str());
     assert_eq!(meta["parameters"]["runtime_hint"], "gpu");
     let body =
         json!({"inputs": [{"name": zoo::INPUT, "shape": SHAPE, "datatype": "FP32", "data": x}]});
-    let response: Value = client
-        .post(format!("http://{addr}/v2/models/vision/infer"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let request = client.post(url("/v2/models/vision/infer")).json(&body);
+    let response: Value = request.send().await.unwrap().json().await.unwrap();
     let probabilities = response["outputs"][0]["data"]
         .as_array()
         .unwrap_or_else(|| panic!("{response}"))
         .iter()
         .map(|v| v.as_f64().unwrap() as f32)
         .collect();
-    let metrics =
-        client.get(format!("http://{addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    let metrics = client.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert_eq!(server.terminate(), Some(0));
     Served { engine, probabilities, metrics }
 }
