@@ -39,8 +39,21 @@ struct Job {
 #[derive(Debug)]
 pub struct Batcher {
     model: Arc<GpuModel>,
-    queue: Mutex<Sender<Job>>,
+    queue: Mutex<Option<Sender<Job>>>,
+    worker: Option<thread::JoinHandle<()>>,
     stats: Arc<Stats>,
+}
+
+impl Drop for Batcher {
+    /// Closes the queue and waits for the worker, so that the model's GPU resources are
+    /// released before the batcher is gone (a process exiting while a thread still tears
+    /// down Vulkan objects can crash in the driver).
+    fn drop(&mut self) {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(worker) = self.worker.take() {
+            let _ = worker.join();
+        }
+    }
 }
 
 /// Dispatches run and rows served, for metrics.
@@ -71,19 +84,23 @@ impl Batcher {
         let (sender, receiver) = mpsc::channel();
         let (worker, stats) = (model.clone(), Arc::new(Stats::default()));
         let counters = stats.clone();
-        thread::Builder::new()
+        let worker = thread::Builder::new()
             .name("falaj-gpu-batch".into())
             .spawn(move || work(&worker, &receiver, config, &counters))
             .map_err(|e| GpuError::Device(format!("cannot start the batching thread: {e}")))?;
-        Ok(Some(Self { model, queue: Mutex::new(sender), stats }))
+        Ok(Some(Self { model, queue: Mutex::new(Some(sender)), worker: Some(worker), stats }))
     }
 
     /// Runs `inputs` in the next batch and returns this request's outputs.
     pub fn run(&self, inputs: Vec<Values>) -> Result<Vec<Values>, GpuError> {
         let (reply, answer) = mpsc::sync_channel(1);
-        let sent =
-            self.queue.lock().unwrap_or_else(PoisonError::into_inner).send(Job { inputs, reply });
-        if sent.is_err() {
+        let sent = self
+            .queue
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map(|q| q.send(Job { inputs, reply }));
+        if !matches!(sent, Some(Ok(()))) {
             return Err(GpuError::Device("the batching thread has stopped".into()));
         }
         answer.recv().map_err(|_| GpuError::Device("the batching thread has stopped".into()))?
