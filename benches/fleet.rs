@@ -101,6 +101,7 @@ fn write_bundle(
         runtime: RuntimeHint::Auto,
         signature: Signature { inputs: vec![spec.clone()], outputs: vec![spec] },
         reference: None,
+        features: None,
     });
     let refs: Vec<_> = signers.iter().collect();
     let (_, bytes) = BundleBuilder::new(

@@ -377,6 +377,7 @@ mod tests {
                 runtime: RuntimeHint::Auto,
                 signature: Signature { inputs: vec![], outputs: vec![] },
                 reference: None,
+                features: None,
             }),
         }
     }

@@ -232,6 +232,7 @@ fn a_signed_model_that_does_not_load_is_refused() {
             runtime: falaj_common::bundle::RuntimeHint::Auto,
             signature,
             reference: None,
+            features: None,
         }),
     )
     .file("model.onnx", b"\x08\x07this is not a model".to_vec())

@@ -17,6 +17,8 @@
 //!   sketch, histograms over the reference bins), and drift scores (PSI, KS, JS).
 //! - [`alerting`]: alert rules over rollups of metric windows, and when they fire.
 //! - [`exposition`] (feature `prometheus`): the Prometheus text both shells serve.
+//! - [`features`]: feature views, ingest rules, PII policy, snapshots and (feature
+//!   `snapshots`) their Parquet payload and online table.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
@@ -36,6 +38,7 @@ pub mod enrollment;
 pub mod errors;
 #[cfg(feature = "prometheus")]
 pub mod exposition;
+pub mod features;
 pub mod keys;
 pub mod metrics;
 pub mod names;

@@ -75,6 +75,7 @@ fn content() -> Content {
             inputs: vec![ColumnProfile::of("x", 0, "feature_a", &values, 4)],
             outputs: vec![ColumnProfile::of("y", 0, "y", &[0.0, 1.0, 1.0], 10)],
         }),
+        features: None,
     })
 }
 

@@ -114,6 +114,7 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
         runtime: options.runtime,
         signature: model.signature().clone(),
         reference,
+        features: None,
     });
     let signer_refs: Vec<_> = signers.iter().collect();
     let (manifest, bytes) = BundleBuilder::new(

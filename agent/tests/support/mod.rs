@@ -111,6 +111,7 @@ pub fn signed_bundle(
             runtime: RuntimeHint::Auto,
             signature,
             reference: None,
+            features: None,
         }),
     )
     .file("model.onnx", model.to_vec())

@@ -22,8 +22,8 @@ pub enum BuildError {
     /// Two payload files share a name.
     #[error("payload file {0:?} is added twice")]
     DuplicateFile(String),
-    /// The model file is not among the payload files.
-    #[error("model file {0:?} is not among the payload files")]
+    /// The model (or snapshot) file is not among the payload files.
+    #[error("content file {0:?} is not among the payload files")]
     MissingModelFile(String),
     /// The expiry is not after the creation time.
     #[error("expiry {expires} is not after creation {created}")]
@@ -117,11 +117,11 @@ impl BundleBuilder {
                 return Err(BuildError::DuplicateFile(file.name.clone()));
             }
         }
-        match &m.content {
-            Content::Model(model) if !seen.contains(&model.file) => {
-                Err(BuildError::MissingModelFile(model.file.clone()))
-            }
-            Content::Model(_) => Ok(()),
+        let file = m.content.file();
+        if seen.contains(&file.to_owned()) {
+            Ok(())
+        } else {
+            Err(BuildError::MissingModelFile(file.to_owned()))
         }
     }
 

@@ -4,6 +4,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::features::SnapshotSpec;
 use crate::keys::Sha256;
 use crate::profile::DataProfile;
 use crate::tensor::Signature;
@@ -52,6 +53,8 @@ pub struct FileEntry {
 pub enum Content {
     /// A model to serve.
     Model(ModelSpec),
+    /// A feature snapshot for online lookups.
+    Features(SnapshotSpec),
 }
 
 /// The kind of a bundle, for display and for routing it to its installer.
@@ -59,21 +62,33 @@ pub enum Content {
 pub enum BundleKind {
     /// A model.
     Model,
+    /// A feature snapshot.
+    Features,
 }
 
 impl fmt::Display for BundleKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Self::Model => "model",
+            Self::Features => "features",
         })
     }
 }
 
 impl Content {
+    /// The payload file the content names.
+    pub fn file(&self) -> &str {
+        match self {
+            Self::Model(m) => &m.file,
+            Self::Features(s) => &s.file,
+        }
+    }
+
     /// The bundle's kind.
     pub fn kind(&self) -> BundleKind {
         match self {
             Self::Model(_) => BundleKind::Model,
+            Self::Features(_) => BundleKind::Features,
         }
     }
 }
@@ -93,6 +108,22 @@ pub struct ModelSpec {
     /// Histograms of reference data, for drift detection.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reference: Option<DataProfile>,
+    /// The feature view its input is assembled from, when requests may name an entity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub features: Option<FeatureInput>,
+}
+
+/// Where a model's input comes from when a request names an entity: the features of one
+/// view, in the order of the input tensor's last axis.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeatureInput {
+    /// The view.
+    pub view: String,
+    /// The view's version the model was trained on.
+    pub version: u64,
+    /// The features, in input order.
+    pub names: Vec<String>,
 }
 
 /// A model file format.
@@ -143,6 +174,15 @@ impl Manifest {
     pub fn model(&self) -> Option<&ModelSpec> {
         match &self.content {
             Content::Model(m) => Some(m),
+            Content::Features(_) => None,
+        }
+    }
+
+    /// The snapshot spec, for a feature snapshot bundle.
+    pub fn snapshot(&self) -> Option<&SnapshotSpec> {
+        match &self.content {
+            Content::Features(s) => Some(s),
+            Content::Model(_) => None,
         }
     }
 

@@ -26,7 +26,8 @@ mod verify;
 pub use build::{BuildError, BundleBuilder};
 pub use container::{HEADER_LEN, Header, MAGIC, MAX_MANIFEST_BYTES, MAX_SIGNATURES_BYTES};
 pub use manifest::{
-    BundleKind, Content, FileEntry, MANIFEST_FORMAT, Manifest, ModelFormat, ModelSpec, RuntimeHint,
+    BundleKind, Content, FeatureInput, FileEntry, MANIFEST_FORMAT, Manifest, ModelFormat,
+    ModelSpec, RuntimeHint,
 };
 pub use verify::{PayloadCheck, Policy, VerifiedBundle, VerifyError, verify, verify_manifest};
 

@@ -63,6 +63,7 @@ fn model_content() -> Content {
         runtime: RuntimeHint::Auto,
         signature: Signature { inputs: vec![spec("x")], outputs: vec![spec("y")] },
         reference: None,
+        features: None,
     })
 }
 

@@ -12,6 +12,7 @@ use thiserror::Error;
 
 use super::container::{HEADER_LEN, Header};
 use super::manifest::{Content, MANIFEST_FORMAT, Manifest};
+use crate::features::view::is_column_name;
 use crate::keys::{Context, KeyId, Sha256, SignatureEntry};
 use crate::names::{self, NameError};
 use crate::time::Timestamp;
@@ -185,17 +186,36 @@ fn check_manifest(manifest: &Manifest, header: Header, policy: &Policy) -> Resul
             )));
         }
     }
+    let content_file = manifest.content.file();
+    if !seen.contains(content_file) {
+        return Err(VerifyError::InvalidManifest(format!(
+            "{} file {content_file:?} is not among the payload files",
+            manifest.content.kind()
+        )));
+    }
     match &manifest.content {
         Content::Model(model) => {
-            if !seen.contains(model.file.as_str()) {
-                return Err(VerifyError::InvalidManifest(format!(
-                    "model file {:?} is not among the payload files",
-                    model.file
-                )));
-            }
             if model.signature.inputs.is_empty() || model.signature.outputs.is_empty() {
                 return Err(VerifyError::InvalidManifest(
                     "a model needs at least one input and one output".into(),
+                ));
+            }
+            if let Some(input) = &model.features {
+                names::check_model_name(&input.view).map_err(name_error)?;
+                if input.names.is_empty() || !input.names.iter().all(|n| is_column_name(n)) {
+                    return Err(VerifyError::InvalidManifest(
+                        "a model's feature input needs feature names".into(),
+                    ));
+                }
+            }
+        }
+        Content::Features(snapshot) => {
+            names::check_model_name(&snapshot.view).map_err(name_error)?;
+            let columns = std::iter::once(&snapshot.entity.name)
+                .chain(snapshot.features.iter().map(|f| &f.name));
+            if snapshot.features.is_empty() || !columns.clone().all(|n| is_column_name(n)) {
+                return Err(VerifyError::InvalidManifest(
+                    "a snapshot needs features with column names".into(),
                 ));
             }
         }
