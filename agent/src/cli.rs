@@ -47,7 +47,7 @@ pub enum Command {
     Import(ImportArgs),
     /// Serve every installed model over HTTP (Open Inference Protocol v2).
     Serve(ServeArgs),
-    /// List installed models and versions.
+    /// List installed bundles (models and feature snapshots) and their versions.
     List(DataDir),
     /// Check a configuration file without starting anything.
     CheckConfig(CheckConfigArgs),
@@ -416,21 +416,25 @@ fn list(data_dir: &Path) -> Result<(), Failure> {
     let store = Store::open(data_dir).map_err(store_failure)?;
     let installed = store.installed().map_err(store_failure)?;
     if installed.is_empty() {
-        println!("no models installed in {}", data_dir.display());
+        println!("no bundles installed in {}", data_dir.display());
         return Ok(());
     }
     println!(
-        "{:<24} {:>8} {:<7} {:<8} {:>12} {:<22} {:<22}",
-        "MODEL", "VERSION", "ACTIVE", "RUNTIME", "BYTES", "INSTALLED", "EXPIRES"
+        "{:<24} {:>8} {:<7} {:<8} {:<8} {:>10} {:>12} {:<22} {:<22}",
+        "NAME", "VERSION", "ACTIVE", "KIND", "RUNTIME", "ENTITIES", "BYTES", "INSTALLED", "EXPIRES"
     );
     for i in installed {
         let runtime = i.manifest.model().map_or("-".to_owned(), |m| m.runtime.to_string());
+        // The count the manifest declares; import checked the payload holds exactly that.
+        let entities = i.manifest.snapshot().map_or("-".to_owned(), |s| s.entities.to_string());
         println!(
-            "{:<24} {:>8} {:<7} {:<8} {:>12} {:<22} {:<22}",
+            "{:<24} {:>8} {:<7} {:<8} {:<8} {:>10} {:>12} {:<22} {:<22}",
             i.manifest.name,
             i.manifest.version,
             if i.active { "yes" } else { "" },
+            i.manifest.content.kind().to_string(),
             runtime,
+            entities,
             i.size,
             i.installed_at.to_string(),
             i.manifest.expires.to_string()

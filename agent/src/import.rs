@@ -2,21 +2,26 @@
 //!
 //! The file is streamed: the header and manifest are read and verified first (signatures,
 //! region, expiry, size), then the payload is copied to a staging file while every byte
-//! is hashed. Only when every check has passed, the model loads and its signature matches
-//! the manifest does the staged file move into place, in the same SQLite transaction
-//! that records it. A refused bundle leaves the installed state untouched.
+//! is hashed. Only when every check has passed and the content loads (a model with tract,
+//! its signature matching the manifest; a feature snapshot as an online table matching its
+//! manifest) does the staged file move into place, in the same SQLite transaction that
+//! records it. A refused bundle leaves the installed state untouched.
 
 use std::fs::File;
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use falaj_common::bundle::{self, Header, Manifest, PayloadCheck, Policy, VerifyError};
+use falaj_common::bundle::{
+    self, BundleKind, Content, Header, Manifest, PayloadCheck, Policy, VerifyError,
+};
+use falaj_common::features::OnlineTable;
 use falaj_common::keys::Sha256;
 use falaj_common::onnx::{OnnxError, OnnxModel};
 use thiserror::Error;
 
-use crate::store::{self, InstallMode, Store, StoreError};
+use crate::features;
+use crate::store::{self, InstallMode, InstalledVersion, Store, StoreError};
 
 /// Size of the pieces the payload is copied in.
 const PIECE: usize = 1 << 20;
@@ -127,6 +132,30 @@ pub enum ImportError {
         /// What is wrong.
         problem: String,
     },
+    /// The feature snapshot's payload does not load as the table its manifest describes.
+    #[error("refused: feature snapshot {name} version {version}: {problem}")]
+    BadSnapshot {
+        /// The view.
+        name: String,
+        /// The snapshot's version.
+        version: u64,
+        /// What is wrong.
+        problem: String,
+    },
+    /// Installed versions of the name carry another kind of content.
+    #[error(
+        "refused: {name} version {version} is a {offered} bundle, but the installed versions of {name} are {installed} bundles (a name holds one kind)"
+    )]
+    KindChange {
+        /// The name.
+        name: String,
+        /// The version offered.
+        version: u64,
+        /// The kind offered.
+        offered: BundleKind,
+        /// The kind installed.
+        installed: BundleKind,
+    },
     /// The agent's store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -144,21 +173,30 @@ impl ImportError {
 fn check_version(
     manifest: &Manifest,
     manifest_sha: Sha256,
-    existing: &[(u64, Sha256)],
+    existing: &[InstalledVersion],
     allow_downgrade: bool,
 ) -> Result<bool, ImportError> {
-    if let Some((_, installed)) = existing.iter().find(|(v, _)| *v == manifest.version) {
-        if *installed == manifest_sha {
+    let offered = manifest.content.kind();
+    if let Some(other) = existing.iter().find(|v| v.kind != offered) {
+        return Err(ImportError::KindChange {
+            name: manifest.name.clone(),
+            version: manifest.version,
+            offered,
+            installed: other.kind,
+        });
+    }
+    if let Some(installed) = existing.iter().find(|v| v.version == manifest.version) {
+        if installed.manifest_sha256 == manifest_sha {
             return Ok(false);
         }
         return Err(ImportError::Conflict {
             name: manifest.name.clone(),
             version: manifest.version,
-            installed: *installed,
+            installed: installed.manifest_sha256,
             offered: manifest_sha,
         });
     }
-    let latest = existing.iter().map(|(v, _)| *v).max();
+    let latest = existing.iter().map(|v| v.version).max();
     match latest {
         Some(latest) if latest > manifest.version && !allow_downgrade => {
             Err(ImportError::NotNewer {
@@ -199,12 +237,13 @@ fn read_head(reader: &mut impl Read, total: u64) -> Result<Head, VerifyError> {
 /// A bundle copied to the staging directory and verified to its last byte.
 struct Staged {
     file: tempfile::NamedTempFile,
-    model_bytes: Vec<u8>,
+    content_bytes: Vec<u8>,
     size: u64,
 }
 
 /// Copies the bundle into a staging file, hashing every payload byte on the way and
-/// keeping the model file's bytes; the staging file is fsynced before it is returned.
+/// keeping the bytes of the file its content names (the model or the snapshot); the
+/// staging file is fsynced before it is returned.
 fn stage(
     store: &Store,
     path: &Path,
@@ -226,8 +265,8 @@ fn stage(
     for section in [&head.bytes, &head.manifest, &head.signatures] {
         file.write_all(section).map_err(staging_err)?;
     }
-    let model_file = manifest.model().map(|m| m.file.as_str()).unwrap_or_default();
-    let mut model_bytes = Vec::new();
+    let content_file = manifest.content.file();
+    let mut content_bytes = Vec::new();
     let mut check = PayloadCheck::new(manifest);
     let mut buf = vec![0u8; PIECE];
     let mut size = head.header.payload_offset();
@@ -239,7 +278,7 @@ fn stage(
         if n == 0 {
             break;
         }
-        collect_model_bytes(manifest, model_file, &check, &buf[..n], &mut model_bytes);
+        collect_content_bytes(manifest, content_file, &check, &buf[..n], &mut content_bytes);
         check
             .update(&buf[..n])
             .map_err(|source| ImportError::Refused { path: path.to_owned(), source })?;
@@ -249,26 +288,46 @@ fn stage(
     }
     check.finish().map_err(|source| ImportError::Refused { path: path.to_owned(), source })?;
     file.as_file().sync_all().map_err(staging_err)?;
-    Ok(Staged { file, model_bytes, size })
+    Ok(Staged { file, content_bytes, size })
 }
 
-/// The model must load here, with the inputs the manifest declares.
-fn check_model(manifest: &Manifest, model_bytes: &[u8]) -> Result<(), ImportError> {
-    let bad_model = |problem: String| ImportError::BadModel {
-        name: manifest.name.clone(),
-        version: manifest.version,
-        problem,
-    };
-    let spec = manifest.model().ok_or_else(|| bad_model("not a model bundle".into()))?;
-    let model = OnnxModel::load(model_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
-    if model.signature().inputs != spec.signature.inputs {
-        return Err(bad_model(format!(
-            "the model's inputs {:?} differ from the manifest's {:?}",
-            model.signature().inputs,
-            spec.signature.inputs
-        )));
+/// The content must load here: a model with the inputs the manifest declares (and, if its
+/// input comes from a feature view, of the shape that needs), or a snapshot as the table its
+/// manifest describes.
+fn check_content(manifest: &Manifest, content_bytes: Vec<u8>) -> Result<(), ImportError> {
+    let (name, version) = (&manifest.name, manifest.version);
+    match &manifest.content {
+        Content::Model(spec) => {
+            let bad_model =
+                |problem: String| ImportError::BadModel { name: name.clone(), version, problem };
+            let model =
+                OnnxModel::load(&content_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
+            if model.signature().inputs != spec.signature.inputs {
+                return Err(bad_model(format!(
+                    "the model's inputs {:?} differ from the manifest's {:?}",
+                    model.signature().inputs,
+                    spec.signature.inputs
+                )));
+            }
+            if let Some(input) = &spec.features {
+                features::check_feature_input(model.signature(), input).map_err(bad_model)?;
+            }
+            Ok(())
+        }
+        Content::Features(spec) => {
+            let bad =
+                |problem: String| ImportError::BadSnapshot { name: name.clone(), version, problem };
+            if spec.view != manifest.name {
+                return Err(bad(format!(
+                    "the bundle is named {:?} but carries view {:?}; a snapshot bundle is named after its view",
+                    manifest.name, spec.view
+                )));
+            }
+            OnlineTable::load(spec.clone(), content_bytes.into())
+                .map(drop)
+                .map_err(|e| bad(e.to_string()))
+        }
     }
-    Ok(())
 }
 
 /// Imports the bundle at `path` into `store`. `progress` is called with bytes done and
@@ -311,7 +370,8 @@ pub fn import_file(
     check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)?;
 
     let staged = stage(store, path, &mut reader, &head, &manifest, total, progress)?;
-    check_model(&manifest, &staged.model_bytes)?;
+    let Staged { file: staged_file, content_bytes, size: staged_size } = staged;
+    check_content(&manifest, content_bytes)?;
 
     let previous = store
         .installed()?
@@ -319,7 +379,7 @@ pub fn import_file(
         .find(|i| i.active && i.manifest.name == manifest.name)
         .map(|i| i.manifest.version);
     let installed = store.install(
-        staged.file,
+        staged_file,
         &manifest,
         &head.manifest,
         options.mode,
@@ -330,14 +390,14 @@ pub fn import_file(
     if !installed {
         return Ok(ImportOutcome::AlreadyInstalled { name, version });
     }
-    Ok(ImportOutcome::Installed { name, version, previous, size: staged.size })
+    Ok(ImportOutcome::Installed { name, version, previous, size: staged_size })
 }
 
-/// Appends the part of `piece` that belongs to the model file to `out`. `check` tells
+/// Appends the part of `piece` that belongs to the content file to `out`. `check` tells
 /// where in the payload `piece` starts.
-fn collect_model_bytes(
+fn collect_content_bytes(
     manifest: &Manifest,
-    model_file: &str,
+    content_file: &str,
     check: &PayloadCheck<'_>,
     mut piece: &[u8],
     out: &mut Vec<u8>,
@@ -346,7 +406,7 @@ fn collect_model_bytes(
     while !piece.is_empty() && index < manifest.files.len() {
         let entry = &manifest.files[index];
         let take = usize::try_from(entry.size - offset).unwrap_or(usize::MAX).min(piece.len());
-        if entry.name == model_file {
+        if entry.name == content_file {
             out.extend_from_slice(&piece[..take]);
         }
         piece = &piece[take..];
@@ -382,10 +442,14 @@ mod tests {
         }
     }
 
+    fn held(version: u64, manifest_sha256: Sha256) -> InstalledVersion {
+        InstalledVersion { version, manifest_sha256, kind: BundleKind::Model }
+    }
+
     #[test]
     fn version_rule() {
         let (a, b) = (Sha256([1; 32]), Sha256([2; 32]));
-        let existing = [(1, a), (3, a)];
+        let existing = [held(1, a), held(3, a)];
         assert!(check_version(&manifest(4), b, &existing, false).unwrap());
         assert!(!check_version(&manifest(3), a, &existing, false).unwrap());
         assert!(matches!(
@@ -398,5 +462,20 @@ mod tests {
         ));
         assert!(check_version(&manifest(2), b, &existing, true).unwrap());
         assert!(check_version(&manifest(1), b, &[], false).unwrap());
+    }
+
+    #[test]
+    fn a_name_keeps_its_kind() {
+        let a = Sha256([1; 32]);
+        let snapshot =
+            InstalledVersion { version: 1, manifest_sha256: a, kind: BundleKind::Features };
+        assert!(matches!(
+            check_version(&manifest(2), a, &[snapshot], true),
+            Err(ImportError::KindChange {
+                offered: BundleKind::Model,
+                installed: BundleKind::Features,
+                ..
+            })
+        ));
     }
 }

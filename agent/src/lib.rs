@@ -3,7 +3,8 @@
 //! It keeps a store of verified bundles ([`store`]), imports bundle files
 //! ([`import`]) for air-gapped sites, loads every installed model into an engine
 //! ([`engine`], [`models`]) and serves them over the Open Inference Protocol v2 REST API
-//! ([`oip`], [`server`]), so that Triton and KServe clients work unchanged.
+//! ([`oip`], [`server`]), so that Triton and KServe clients work unchanged. Feature
+//! snapshot bundles are served as online lookups and model inputs ([`features`]).
 //!
 //! The binary (`falaj-agent`) is a thin shell over [`cli`].
 
@@ -12,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod engine;
 pub mod enroll;
+pub mod features;
 pub mod identity;
 pub mod import;
 pub mod metrics;

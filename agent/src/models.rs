@@ -1,5 +1,6 @@
 //! The models being served: every installed version, loaded once and swapped in whole
-//! when the store changes, so requests never wait on a lock.
+//! when the store changes, so requests never wait on a lock; beside them, each feature
+//! view's active snapshot ([`crate::features`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -11,8 +12,9 @@ use falaj_common::bundle::Manifest;
 use falaj_common::keys::Sha256;
 
 use crate::engine::{Engine, Engines};
+use crate::features::{self, SnapshotState, ViewEntry};
 use crate::metrics::ModelMetrics;
-use crate::store::{Store, StoreError};
+use crate::store::{Installed, Store, StoreError};
 
 /// One loaded model version.
 #[derive(Debug)]
@@ -79,22 +81,27 @@ pub struct ModelEntry {
     pub versions: BTreeMap<u64, VersionState>,
 }
 
-/// Every model, as of one reload.
+/// Every model and feature view, as of one reload.
 #[derive(Debug, Default)]
 pub struct Catalog {
     /// Models by name.
     pub models: BTreeMap<String, ModelEntry>,
+    /// Feature views by name, each with its active snapshot (inactive snapshot versions
+    /// stay installed but are not loaded).
+    pub features: BTreeMap<String, ViewEntry>,
     /// Whether the first load has completed.
     pub loaded: bool,
 }
 
 impl Catalog {
-    /// Ready when loaded and every active version is serving (Triton's strict readiness).
+    /// Ready when loaded and every active version is serving (Triton's strict readiness),
+    /// active snapshots included.
     pub fn ready(&self) -> bool {
         self.loaded
             && self.models.values().all(|m| {
                 m.active.is_some_and(|v| matches!(m.versions.get(&v), Some(VersionState::Ready(_))))
             })
+            && self.features.values().all(|v| matches!(v.state, SnapshotState::Ready(_)))
     }
 }
 
@@ -142,10 +149,17 @@ impl Registry {
     /// already loaded), drops removed ones, and swaps the result in. Blocking.
     pub fn reload(&self, store: &Store) -> Result<ReloadSummary, StoreError> {
         let current = self.catalog();
-        let mut next = Catalog { models: BTreeMap::new(), loaded: true };
+        let mut next = Catalog { models: BTreeMap::new(), features: BTreeMap::new(), loaded: true };
         let mut summary = ReloadSummary::default();
         for installed in store.installed()? {
             let (name, version) = (installed.manifest.name.clone(), installed.manifest.version);
+            if installed.manifest.snapshot().is_some() {
+                if installed.active {
+                    let entry = load_snapshot(store, &installed, &current, &mut summary);
+                    next.features.insert(name, entry);
+                }
+                continue;
+            }
             let previous = current.models.get(&name).and_then(|m| m.versions.get(&version));
             let state = match previous {
                 Some(VersionState::Ready(v)) if v.manifest_sha256 == installed.manifest_sha256 => {
@@ -158,12 +172,19 @@ impl Registry {
                 }
                 _ => {
                     let started = Instant::now();
-                    let loaded =
-                        store.read_model(&installed).map_err(|e| e.to_string()).and_then(|bytes| {
+                    let loaded = store
+                        .read_content(&installed)
+                        .map_err(|e| e.to_string())
+                        .and_then(|bytes| {
                             let spec = installed.manifest.model().ok_or("not a model bundle")?;
-                            self.engines
+                            let engine = self
+                                .engines
                                 .load(&name, version, spec, &bytes)
-                                .map_err(|e| e.to_string())
+                                .map_err(|e| e.to_string())?;
+                            if let Some(input) = &spec.features {
+                                features::check_feature_input(engine.signature(), input)?;
+                            }
+                            Ok(engine)
                         });
                     match loaded {
                         Ok(engine) => {
@@ -213,9 +234,51 @@ impl Registry {
                 }
             }
         }
+        for (name, entry) in &current.features {
+            if next.features.get(name).is_none_or(|e| e.version != entry.version) {
+                summary.dropped.push((name.clone(), entry.version));
+            }
+        }
         self.catalog.store(Arc::new(next));
         Ok(summary)
     }
+}
+
+/// The entry of an active snapshot: the table already loaded when the bundle is the same
+/// (by manifest hash), else loaded now.
+fn load_snapshot(
+    store: &Store,
+    installed: &Installed,
+    current: &Catalog,
+    summary: &mut ReloadSummary,
+) -> ViewEntry {
+    let (name, version) = (&installed.manifest.name, installed.manifest.version);
+    let manifest_sha256 = installed.manifest_sha256;
+    if let Some(previous) = current.features.get(name) {
+        if previous.manifest_sha256 == manifest_sha256 {
+            return previous.clone();
+        }
+    }
+    let started = Instant::now();
+    let state = match features::load(store, installed) {
+        Ok(table) => {
+            tracing::info!(
+                view = %name,
+                version,
+                entities = table.len(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "feature snapshot loaded"
+            );
+            summary.loaded.push((name.clone(), version));
+            SnapshotState::Ready(Arc::new(table))
+        }
+        Err(reason) => {
+            tracing::error!(view = %name, version, error = %reason, "feature snapshot failed to load");
+            summary.failed.push((name.clone(), version));
+            SnapshotState::Failed(reason)
+        }
+    };
+    ViewEntry { version, manifest_sha256, state }
 }
 
 #[cfg(test)]

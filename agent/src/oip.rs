@@ -6,6 +6,10 @@
 //! `"parameters": {"binary_data_size": B}`, in input order, little endian. Outputs are sent
 //! raw in the same way when asked for (`"binary_data": true` on the output, or
 //! `"binary_data_output": true` on the request).
+//!
+//! Falaj's extension: a request to a model whose input comes from a feature view may name
+//! entities (`"parameters": {"entity_id": "pump-7"}` or `{"entity_ids": [...]}`, strings or
+//! integers) and give no inputs; the server assembles the input from the online store.
 
 use std::fmt;
 
@@ -34,7 +38,7 @@ struct RawRequest<'a> {
     id: Option<String>,
     #[serde(default)]
     parameters: Option<Parameters>,
-    #[serde(borrow)]
+    #[serde(default, borrow)]
     inputs: Vec<RawInput<'a>>,
     #[serde(default)]
     outputs: Option<Vec<RawOutput>>,
@@ -66,6 +70,33 @@ struct Parameters {
     binary_data_output: Option<bool>,
     shared_memory_region: Option<de::IgnoredAny>,
     classification: Option<de::IgnoredAny>,
+    entity_id: Option<EntityId>,
+    entity_ids: Option<Vec<EntityId>>,
+}
+
+/// An entity id as a request gives it: a string or an integer, kept as text.
+struct EntityId(String);
+
+impl<'de> Deserialize<'de> for EntityId {
+    fn deserialize<D: de::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct IdVisitor;
+        impl Visitor<'_> for IdVisitor {
+            type Value = EntityId;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an entity id (a string or an integer)")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EntityId, E> {
+                Ok(EntityId(v.to_owned()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<EntityId, E> {
+                Ok(EntityId(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<EntityId, E> {
+                Ok(EntityId(v.to_string()))
+            }
+        }
+        deserializer.deserialize_any(IdVisitor)
+    }
 }
 
 /// One input of a decoded request.
@@ -97,6 +128,9 @@ pub struct InferRequest {
     pub outputs: Option<Vec<RequestedOutput>>,
     /// Whether outputs not listed explicitly are sent raw.
     pub binary_by_default: bool,
+    /// The entities whose features make the input (`parameters.entity_id` or
+    /// `parameters.entity_ids`), as text; `None` when the request names none.
+    pub entity_ids: Option<Vec<String>>,
 }
 
 /// Decodes a request body. `json_len` is the value of `Inference-Header-Content-Length`.
@@ -124,7 +158,19 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
             binary.len()
         )));
     }
-    let binary_by_default = raw.parameters.and_then(|p| p.binary_data_output).unwrap_or(false);
+    let parameters = raw.parameters.unwrap_or_default();
+    let binary_by_default = parameters.binary_data_output.unwrap_or(false);
+    let entity_ids = match (parameters.entity_id, parameters.entity_ids) {
+        (Some(_), Some(_)) => {
+            return Err(bad("give parameters.entity_id or parameters.entity_ids, not both"));
+        }
+        (Some(id), None) => Some(vec![id.0]),
+        (None, Some(ids)) if ids.is_empty() => {
+            return Err(bad("parameters.entity_ids is empty"));
+        }
+        (None, Some(ids)) => Some(ids.into_iter().map(|id| id.0).collect()),
+        (None, None) => None,
+    };
     let outputs = raw
         .outputs
         .map(|outputs| {
@@ -134,7 +180,7 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    Ok(InferRequest { id: raw.id, inputs, outputs, binary_by_default })
+    Ok(InferRequest { id: raw.id, inputs, outputs, binary_by_default, entity_ids })
 }
 
 /// Decodes one input, taking its binary data (if any) from the front of `binary`.
@@ -554,6 +600,24 @@ mod tests {
             let req = decode_request(&body, Some(header.len())).unwrap();
             assert_eq!(&one(&req).data, expected, "{dt} binary");
         }
+    }
+
+    #[test]
+    fn entity_ids_are_strings_or_integers() {
+        let ids = |body: &str| decode_request(body.as_bytes(), None).map(|r| r.entity_ids);
+        assert_eq!(ids(r#"{"inputs":[]}"#).unwrap(), None);
+        assert_eq!(ids(r#"{"parameters":{"entity_id":"p-1"}}"#).unwrap(), Some(vec!["p-1".into()]));
+        assert_eq!(ids(r#"{"parameters":{"entity_id":-7}}"#).unwrap(), Some(vec!["-7".into()]));
+        assert_eq!(
+            ids(r#"{"inputs":[],"parameters":{"entity_ids":["a",2]}}"#).unwrap(),
+            Some(vec!["a".into(), "2".into()])
+        );
+        let err = ids(r#"{"parameters":{"entity_id":1.5}}"#).unwrap_err();
+        assert!(err.0.contains("an entity id (a string or an integer)"), "{err}");
+        let err = ids(r#"{"parameters":{"entity_ids":[]}}"#).unwrap_err();
+        assert!(err.0.contains("empty"), "{err}");
+        let err = ids(r#"{"parameters":{"entity_id":"a","entity_ids":["b"]}}"#).unwrap_err();
+        assert!(err.0.contains("not both"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The agent's local HTTP server: the Open Inference Protocol v2 REST API over the
-//! registry, and the task that reloads models when the store changes.
+//! registry, online feature lookups (`/v1/features`), and the task that reloads models and
+//! snapshots when the store changes.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::engine::{EngineConfig, Engines};
+use crate::features::{self, FeatureError};
 use crate::metrics::AgentStats;
 use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
 use crate::oip::{self, OutputToSend};
@@ -155,6 +157,12 @@ impl Server {
         Arc::clone(&self.state.registry)
     }
 
+    /// The routes over this server's registry, to call in process without the socket
+    /// (benchmarks); the store watcher runs only in [`Server::run`].
+    pub fn router(&self) -> Router {
+        router(self.state.clone())
+    }
+
     /// Serves until `shutdown` completes, then finishes the requests in flight.
     pub async fn run(
         self,
@@ -258,6 +266,8 @@ fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/versions/{version}/ready", get(version_ready))
         .route("/v2/models/{name}/infer", post(model_infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(version_infer))
+        .route("/v1/features", get(feature_views))
+        .route("/v1/features/{view}/{entity}", get(feature_lookup))
         .route("/metrics", get(prometheus))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -273,6 +283,8 @@ enum ApiError {
     BadRequest(String),
     NotFound(String),
     MethodNotAllowed(String),
+    Conflict(String),
+    Unprocessable(String),
     Timeout(String),
     TooLarge(usize),
     UnsupportedMediaType(String),
@@ -286,6 +298,8 @@ impl IntoResponse for ApiError {
             Self::BadRequest(m) => (StatusCode::BAD_REQUEST, m),
             Self::NotFound(m) => (StatusCode::NOT_FOUND, m),
             Self::MethodNotAllowed(m) => (StatusCode::METHOD_NOT_ALLOWED, m),
+            Self::Conflict(m) => (StatusCode::CONFLICT, m),
+            Self::Unprocessable(m) => (StatusCode::UNPROCESSABLE_ENTITY, m),
             Self::Timeout(m) => (StatusCode::REQUEST_TIMEOUT, m),
             Self::TooLarge(limit) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -300,6 +314,26 @@ impl IntoResponse for ApiError {
         };
         let body = serde_json::json!({ "error": message });
         (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+    }
+}
+
+impl From<FeatureError> for ApiError {
+    fn from(e: FeatureError) -> Self {
+        let message = e.to_string();
+        match e {
+            FeatureError::UnknownView { .. } | FeatureError::NotHeld { .. } => {
+                Self::NotFound(message)
+            }
+            FeatureError::BadKey { .. }
+            | FeatureError::NoFeatureInput { .. }
+            | FeatureError::InputsAndEntities => Self::BadRequest(message),
+            FeatureError::NoSnapshot { .. }
+            | FeatureError::Skew { .. }
+            | FeatureError::MissingFeature { .. }
+            | FeatureError::NotNumeric { .. } => Self::Conflict(message),
+            FeatureError::Null { .. } => Self::Unprocessable(message),
+            FeatureError::NotLoaded { .. } => Self::Unavailable(message),
+        }
     }
 }
 
@@ -341,6 +375,18 @@ async fn ready(State(state): State<AppState>) -> Result<StatusCode, ApiError> {
     } else {
         Err(ApiError::Unavailable("not ready: some active model versions are not loaded".into()))
     }
+}
+
+async fn feature_views(State(state): State<AppState>) -> Response {
+    json(&features::list(&state.registry.catalog()))
+}
+
+async fn feature_lookup(
+    State(state): State<AppState>,
+    Path((view, entity)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let body = features::lookup(&state.registry.catalog(), &view, &entity)?;
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 fn parse_version(text: &str, name: &str) -> Result<u64, ApiError> {
@@ -571,6 +617,30 @@ async fn infer(
     answered
 }
 
+/// The input of a request that names entities: the model's features of each, from the
+/// active snapshot of the model's view.
+fn entity_input(
+    state: &AppState,
+    name: &str,
+    model: &LoadedVersion,
+    request: &oip::InferRequest,
+    entities: &[String],
+) -> Result<oip::NamedTensor, ApiError> {
+    let input = model
+        .manifest
+        .model()
+        .and_then(|m| m.features.as_ref())
+        .ok_or_else(|| FeatureError::NoFeatureInput { model: name.to_owned() })?;
+    if !request.inputs.is_empty() {
+        return Err(FeatureError::InputsAndEntities.into());
+    }
+    let tensor = features::assemble(&state.registry.catalog(), name, input, entities)?;
+    let spec = model.engine.signature().inputs.first().ok_or_else(|| {
+        ApiError::Internal(format!("model {name:?} with a feature input has no input"))
+    })?;
+    Ok(oip::NamedTensor { name: spec.name.clone(), tensor })
+}
+
 /// Serves one request to a loaded version; records its inputs, outputs and latency.
 async fn infer_loaded(
     state: &AppState,
@@ -589,7 +659,11 @@ async fn infer_loaded(
             })?)
         }
     };
-    let request = oip::decode_request(body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
+    let mut request = oip::decode_request(body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
+    if let Some(entities) = request.entity_ids.take() {
+        let input = entity_input(state, name, model, &request, &entities)?;
+        request.inputs.push(input);
+    }
 
     let signature = model.engine.signature();
     let given: Vec<_> = request

@@ -16,7 +16,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use falaj_common::bundle::{self, Header, Manifest, PayloadCheck, VerifyError};
+use falaj_common::bundle::{self, BundleKind, Header, Manifest, PayloadCheck, VerifyError};
 use falaj_common::keys::Sha256;
 use falaj_common::names;
 use falaj_common::time::Timestamp;
@@ -190,6 +190,17 @@ pub struct Installed {
     pub active: bool,
     /// Whether the control plane manages it (installed from desired state).
     pub managed: bool,
+}
+
+/// One installed version of a name, as the version rules see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstalledVersion {
+    /// The version.
+    pub version: u64,
+    /// SHA-256 of its manifest bytes.
+    pub manifest_sha256: Sha256,
+    /// What it carries.
+    pub kind: BundleKind,
 }
 
 /// How an install treats the new version.
@@ -379,8 +390,8 @@ impl Store {
         Ok(out)
     }
 
-    /// The installed versions of `name`, with their manifest hashes.
-    pub fn versions(&self, name: &str) -> Result<Vec<(u64, Sha256)>> {
+    /// The installed versions of `name`, with their manifest hashes and kinds.
+    pub fn versions(&self, name: &str) -> Result<Vec<InstalledVersion>> {
         versions_of(&self.conn, &self.db_path, name)
     }
 
@@ -396,7 +407,7 @@ impl Store {
         manifest_bytes: &[u8],
         mode: InstallMode,
         now: SystemTime,
-        check: impl FnOnce(&[(u64, Sha256)]) -> Result<bool, E>,
+        check: impl FnOnce(&[InstalledVersion]) -> Result<bool, E>,
     ) -> Result<bool, E> {
         let relative = Self::bundle_path(&manifest.name, manifest.version);
         let target = self.dir.join(&relative);
@@ -452,8 +463,9 @@ impl Store {
 
     /// Reads an installed bundle and checks it still matches what was verified at import:
     /// the manifest bytes hash to the recorded value and every payload file to its hash.
-    /// Returns the bytes of the model file.
-    pub fn read_model(&self, installed: &Installed) -> Result<Vec<u8>> {
+    /// Returns the bytes of the file its content names (the model, or the snapshot), a
+    /// view into the bundle read once.
+    pub fn read_content(&self, installed: &Installed) -> Result<bytes::Bytes> {
         let m = &installed.manifest;
         let damaged = |problem: String| StoreError::Damaged {
             name: m.name.clone(),
@@ -461,7 +473,9 @@ impl Store {
             path: installed.path.clone(),
             problem,
         };
-        let bytes = fs::read(&installed.path).map_err(io_err("reading bundle", &installed.path))?;
+        let bytes = bytes::Bytes::from(
+            fs::read(&installed.path).map_err(io_err("reading bundle", &installed.path))?,
+        );
         let header = Header::parse(&bytes).map_err(|e| damaged(e.to_string()))?;
         let manifest_end = bundle::HEADER_LEN + header.manifest_len as usize;
         let manifest_bytes = bytes
@@ -478,16 +492,16 @@ impl Store {
             .update(payload)
             .and_then(|()| check.finish())
             .map_err(|e: VerifyError| damaged(e.to_string()))?;
-        let model = m.model().ok_or_else(|| damaged("not a model bundle".into()))?;
+        let wanted = m.content.file();
         let mut at = header.payload_offset() as usize;
         for file in &m.files {
             let end = at + file.size as usize;
-            if file.name == model.file {
-                return Ok(bytes[at..end].to_vec());
+            if file.name == wanted {
+                return Ok(bytes.slice(at..end));
             }
             at = end;
         }
-        Err(damaged(format!("model file {:?} missing", model.file)))
+        Err(damaged(format!("{} file {wanted:?} missing", m.content.kind())))
     }
 
     /// Removes staged files and bundle files that no row refers to: leftovers of imports
@@ -540,24 +554,35 @@ impl Store {
     }
 }
 
-fn versions_of(conn: &Connection, db_path: &Path, name: &str) -> Result<Vec<(u64, Sha256)>> {
+fn versions_of(conn: &Connection, db_path: &Path, name: &str) -> Result<Vec<InstalledVersion>> {
     let db = |source| StoreError::Db { path: db_path.to_owned(), source };
     let mut stmt = conn
-        .prepare("SELECT version, manifest_sha256 FROM bundles WHERE name = ?1 ORDER BY version")
+        .prepare(
+            "SELECT version, manifest_sha256, kind FROM bundles WHERE name = ?1 ORDER BY version",
+        )
         .map_err(db)?;
     let rows = stmt
-        .query_map([name], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .query_map([name], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, String>(2)?))
+        })
         .map_err(db)?;
     let mut out = Vec::new();
     for row in rows {
-        let (version, sha) = row.map_err(db)?;
-        let sha = sha.parse().map_err(|e| StoreError::Damaged {
+        let (version, sha, kind) = row.map_err(db)?;
+        let damaged = |problem: String| StoreError::Damaged {
             name: name.to_owned(),
             version: version as u64,
             path: db_path.to_owned(),
-            problem: format!("stored manifest hash: {e}"),
-        })?;
-        out.push((version as u64, sha));
+            problem,
+        };
+        let manifest_sha256 =
+            sha.parse().map_err(|e| damaged(format!("stored manifest hash: {e}")))?;
+        let kind = match kind.as_str() {
+            "model" => BundleKind::Model,
+            "features" => BundleKind::Features,
+            other => return Err(damaged(format!("stored bundle kind {other:?} is unknown"))),
+        };
+        out.push(InstalledVersion { version: version as u64, manifest_sha256, kind });
     }
     Ok(out)
 }
