@@ -295,6 +295,7 @@ async fn delta(mib: usize) -> Result<()> {
             runtime: RuntimeHint::Cpu,
             lifetime: Duration::from_secs(3600),
             out: out.clone(),
+            features: None,
         };
         falaj_control::bundle::build(&options, SystemTime::now())?;
         control.client.push_bundle(&out).await?;

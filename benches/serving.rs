@@ -239,6 +239,7 @@ fn main() -> Result<()> {
             runtime: RuntimeHint::Cpu,
             lifetime: bundle::DEFAULT_LIFETIME,
             out: bundle_path.clone(),
+            features: None,
         },
         now,
     )?;

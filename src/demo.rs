@@ -173,6 +173,7 @@ async fn publish_sample(dir: &Path, client: &AdminClient) -> Result<(sample::Sam
             runtime: RuntimeHint::Auto,
             lifetime: bundle::DEFAULT_LIFETIME,
             out: bundle_path.clone(),
+            features: None,
         },
         SystemTime::now(),
     )

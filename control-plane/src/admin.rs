@@ -39,6 +39,8 @@ pub struct Api {
     pub staging: Arc<std::path::PathBuf>,
     /// Largest bundle accepted.
     pub max_bundle_bytes: u64,
+    /// The feature store.
+    pub features: crate::features::FeatureStore,
 }
 
 /// An API error.
@@ -47,22 +49,29 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    details: Option<serde_json::Value>,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self { status, code, message: message.into() }
+    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self { status, code, message: message.into(), details: None }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    /// Adds structured details (a report) to the error body.
+    pub(crate) fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "bad_request", message)
     }
 
-    fn not_found(message: impl Into<String>) -> Self {
+    pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    fn internal(err: impl std::fmt::Display) -> Self {
+    pub(crate) fn internal(err: impl std::fmt::Display) -> Self {
         tracing::error!(error = %err, "admin API internal error");
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error")
     }
@@ -70,7 +79,10 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(details) = self.details {
+            body["error"]["details"] = details;
+        }
         (self.status, [(header::CONTENT_TYPE, "application/json")], body.to_string())
             .into_response()
     }
@@ -82,9 +94,9 @@ impl From<db::DbError> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
+pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Response {
     (
         status,
         [(header::CONTENT_TYPE, "application/json")],
@@ -105,6 +117,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/groups/{group}/deployments/{name}", put(deploy).delete(undeploy))
         .route("/v1/metrics", get(metrics))
         .route("/v1/alerts", get(alerts))
+        .merge(crate::features::api::routes())
         .route_layer(middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
         .route(
@@ -190,14 +203,30 @@ async fn list_bundles(State(api): State<Api>) -> ApiResult<Response> {
 }
 
 async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> {
-    // Stream the body to a staging file; nothing of it is trusted until verified.
+    // Nothing of the body is trusted until verified.
+    let staged = stage(&api, body, "push-", "bundle").await?;
+    let (row, new_chunks, created) = register(&api, staged.path()).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(json_response(
+        status,
+        &json!({"bundle": BundleView::from(&row), "new_chunks": new_chunks, "created": created}),
+    ))
+}
+
+/// Streams a request body to a file in the staging directory (removed when dropped),
+/// refusing bodies over the bundle size limit; `what` names it in errors.
+pub(crate) async fn stage(
+    api: &Api,
+    mut body: Body,
+    prefix: &str,
+    what: &str,
+) -> ApiResult<tempfile::NamedTempFile> {
     std::fs::create_dir_all(&*api.staging).map_err(ApiError::internal)?;
     let staged = tempfile::Builder::new()
-        .prefix("push-")
+        .prefix(prefix)
         .tempfile_in(&*api.staging)
         .map_err(ApiError::internal)?;
     let mut file = tokio::fs::File::from_std(staged.reopen().map_err(ApiError::internal)?);
-    let mut body = body;
     let mut size = 0u64;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
@@ -207,15 +236,23 @@ async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> 
             return Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too_large",
-                format!("bundle exceeds {} bytes", api.max_bundle_bytes),
+                format!("{what} exceeds {} bytes", api.max_bundle_bytes),
             ));
         }
         file.write_all(&bytes).await.map_err(ApiError::internal)?;
     }
     file.flush().await.map_err(ApiError::internal)?;
-    drop(file);
+    Ok(staged)
+}
+
+/// Verifies, chunks and records the bundle file at `path` (a push, or a snapshot the
+/// control plane built): the row, the chunks that were new, and whether it was new.
+pub(crate) async fn register(
+    api: &Api,
+    path: &std::path::Path,
+) -> ApiResult<(BundleRow, u64, bool)> {
     let shared = Arc::clone(&api.shared);
-    let path = staged.path().to_owned();
+    let path = path.to_owned();
     let pushed = tokio::task::spawn_blocking(move || {
         push::push_file(
             &path,
@@ -267,12 +304,8 @@ async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> 
         Some(_) => false,
         None => true,
     };
-    tracing::info!(name = %row.name, version = row.version, size = row.size, new_chunks = pushed.new_chunks, "bundle pushed");
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(json_response(
-        status,
-        &json!({"bundle": BundleView::from(&row), "new_chunks": pushed.new_chunks, "created": created}),
-    ))
+    tracing::info!(name = %row.name, version = row.version, size = row.size, new_chunks = pushed.new_chunks, "bundle registered");
+    Ok((row, pushed.new_chunks, created))
 }
 
 #[derive(Debug, Deserialize)]

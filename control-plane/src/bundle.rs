@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use falaj_common::bundle::{
-    self, BuildError, BundleBuilder, Content, Header, Manifest, ModelFormat, ModelSpec, Policy,
-    RuntimeHint, VerifyError,
+    self, BuildError, BundleBuilder, Content, FeatureInput, Header, Manifest, ModelFormat,
+    ModelSpec, Policy, RuntimeHint, VerifyError,
 };
 use falaj_common::keys::SignatureEntry;
 use falaj_common::onnx::{OnnxError, OnnxModel};
@@ -60,6 +60,14 @@ pub enum BundleError {
     /// The bundle could not be assembled.
     #[error(transparent)]
     Build(#[from] BuildError),
+    /// The model cannot take the named features as its input.
+    #[error("model {path}: {message}")]
+    FeatureInput {
+        /// The model file.
+        path: PathBuf,
+        /// Why.
+        message: String,
+    },
 }
 
 /// What to build.
@@ -81,6 +89,8 @@ pub struct BuildOptions {
     pub lifetime: Duration,
     /// Where to write the bundle.
     pub out: PathBuf,
+    /// The feature view the model's input is assembled from, for requests by entity.
+    pub features: Option<FeatureInput>,
 }
 
 /// Builds, signs and writes a model bundle. Returns its manifest.
@@ -107,6 +117,12 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
                 .map_err(|source| BundleError::Reference { path: path.clone(), source })
         })
         .transpose()?;
+    if let Some(input) = &options.features {
+        input.fits(model.signature()).map_err(|message| BundleError::FeatureInput {
+            path: options.model.clone(),
+            message,
+        })?;
+    }
     let created = Timestamp::from_system(now);
     let content = Content::Model(ModelSpec {
         file: MODEL_FILE.into(),
@@ -114,7 +130,7 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
         runtime: options.runtime,
         signature: model.signature().clone(),
         reference,
-        features: None,
+        features: options.features.clone(),
     });
     let signer_refs: Vec<_> = signers.iter().collect();
     let (manifest, bytes) = BundleBuilder::new(

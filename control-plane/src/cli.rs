@@ -13,7 +13,7 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use clap::{Args, Parser, Subcommand};
-use falaj_common::bundle::RuntimeHint;
+use falaj_common::bundle::{FeatureInput, RuntimeHint};
 use falaj_common::drift::DriftScores;
 use falaj_common::metrics::ColumnDrift;
 use falaj_common::trust::TrustRoot;
@@ -75,6 +75,9 @@ pub enum Command {
     Metrics(MetricsArgs),
     /// Show alerts firing and the latest alert events.
     Alerts(AlertsArgs),
+    /// The feature store: views, ingest, snapshots for agents, training exports.
+    #[command(subcommand)]
+    Features(crate::features::cli::FeaturesCommand),
 }
 
 /// Arguments of `metrics`.
@@ -123,7 +126,7 @@ pub struct ApiArgs {
 }
 
 impl ApiArgs {
-    fn client(&self) -> Result<AdminClient, Failure> {
+    pub(crate) fn client(&self) -> Result<AdminClient, Failure> {
         let token = if let Some(token) = &self.token {
             token.clone()
         } else {
@@ -324,6 +327,13 @@ pub struct BuildArgs {
     /// Where to write the bundle.
     #[arg(long)]
     out: PathBuf,
+    /// The feature view (VIEW@VERSION) the model's input is assembled from, so requests
+    /// may name an entity instead of giving inputs.
+    #[arg(long, requires = "features")]
+    feature_view: Option<String>,
+    /// The features of that view, in the order of the input's last axis (comma-separated).
+    #[arg(long, requires = "feature_view")]
+    features: Option<String>,
 }
 
 /// Arguments of `bundle inspect`.
@@ -361,7 +371,7 @@ pub struct Failure {
 }
 
 impl Failure {
-    fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+    pub(crate) fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
         Self { code, error: error.into() }
     }
 }
@@ -473,6 +483,7 @@ pub fn run(cli: Cli) -> ExitCode {
             print!("{}", render_alerts(&c.alerts(args.limit).await?));
             Ok(())
         }),
+        Command::Features(command) => crate::features::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -525,6 +536,7 @@ fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {
         runtime: args.runtime,
         lifetime: args.expires_in,
         out: args.out,
+        features: feature_input(args.feature_view.as_deref(), args.features.as_deref())?,
     };
     let manifest = bundle::build(&options, now).map_err(bundle_failure)?;
     let model = manifest.model().expect("built as a model bundle");
@@ -553,6 +565,21 @@ fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+fn feature_input(view: Option<&str>, names: Option<&str>) -> Result<Option<FeatureInput>, Failure> {
+    let (Some(view), Some(names)) = (view, names) else { return Ok(None) };
+    let (view, version) = view
+        .split_once('@')
+        .and_then(|(v, n)| Some((v.to_owned(), n.parse().ok()?)))
+        .ok_or_else(|| {
+            Failure::new(
+                EXIT_USAGE,
+                anyhow::anyhow!("--feature-view must be VIEW@VERSION, not {view:?}"),
+            )
+        })?;
+    let names = names.split(',').map(|n| n.trim().to_owned()).collect();
+    Ok(Some(FeatureInput { view, version, names }))
 }
 
 fn bundle_inspect(args: &InspectArgs, now: SystemTime) -> Result<(), Failure> {
@@ -587,7 +614,7 @@ fn bundle_inspect(args: &InspectArgs, now: SystemTime) -> Result<(), Failure> {
 }
 
 /// Runs `f` against the admin API on a small runtime, mapping API errors to exit codes.
-fn online<F, Fut>(api: &ApiArgs, f: F) -> Result<(), Failure>
+pub(crate) fn online<F, Fut>(api: &ApiArgs, f: F) -> Result<(), Failure>
 where
     F: FnOnce(AdminClient) -> Fut,
     Fut: Future<Output = Result<(), ClientError>>,

@@ -30,6 +30,8 @@ pub enum ClientError {
         code: String,
         /// Its message.
         message: String,
+        /// Structured details (an ingest's report of invalid rows).
+        details: Option<Value>,
     },
     /// A local file could not be read.
     #[error("reading {path}: {source}")]
@@ -65,12 +67,21 @@ impl AdminClient {
     ) -> Result<T, ClientError> {
         let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
         let response = request.bearer_auth(&self.token).send().await.map_err(unreachable)?;
+        self.decode(response).await
+    }
+
+    async fn decode<T: DeserializeOwned>(
+        &self,
+        response: reqwest::Response,
+    ) -> Result<T, ClientError> {
+        let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
         let status = response.status();
         if status == StatusCode::NO_CONTENT {
             return serde_json::from_value(Value::Null).map_err(|e| ClientError::Api {
                 status: status.as_u16(),
                 code: "decode".into(),
                 message: e.to_string(),
+                details: None,
             });
         }
         let body: Value = response.json().await.map_err(unreachable)?;
@@ -79,12 +90,14 @@ impl AdminClient {
                 status: status.as_u16(),
                 code: body["error"]["code"].as_str().unwrap_or("unknown").to_owned(),
                 message: body["error"]["message"].as_str().unwrap_or("no message").to_owned(),
+                details: body["error"].get("details").cloned(),
             });
         }
         serde_json::from_value(body).map_err(|e| ClientError::Api {
             status: status.as_u16(),
             code: "decode".into(),
             message: format!("unexpected response: {e}"),
+            details: None,
         })
     }
 
@@ -182,7 +195,12 @@ impl AdminClient {
         params.extend(agent.map(|a| ("agent", a.to_owned())));
         let url =
             reqwest::Url::parse_with_params(&self.url("/v1/metrics"), &params).map_err(|e| {
-                ClientError::Api { status: 0, code: "url".into(), message: e.to_string() }
+                ClientError::Api {
+                    status: 0,
+                    code: "url".into(),
+                    message: e.to_string(),
+                    details: None,
+                }
             })?;
         self.call(self.http.get(url)).await
     }
@@ -190,6 +208,99 @@ impl AdminClient {
     /// `GET /v1/alerts`: alerts firing and the latest `limit` events.
     pub async fn alerts(&self, limit: u64) -> Result<AlertsView, ClientError> {
         self.call(self.http.get(self.url(&format!("/v1/alerts?limit={limit}")))).await
+    }
+
+    /// `PUT /v1/features/views`: registers or updates a view from its TOML text.
+    pub async fn apply_view(&self, toml: String) -> Result<Value, ClientError> {
+        self.call(self.http.put(self.url("/v1/features/views")).body(toml)).await
+    }
+
+    /// `GET /v1/features/views`.
+    pub async fn views(&self) -> Result<Vec<Value>, ClientError> {
+        self.call(self.http.get(self.url("/v1/features/views"))).await
+    }
+
+    /// `GET /v1/features/views/{name}`: the view, its history, ingests and snapshots.
+    pub async fn view(&self, name: &str) -> Result<Value, ClientError> {
+        self.call(self.http.get(self.url(&format!("/v1/features/views/{name}")))).await
+    }
+
+    async fn upload(&self, path: &Path, url: &str) -> Result<reqwest::Response, ClientError> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .map_err(|source| ClientError::File { path: path.display().to_string(), source })?;
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let url =
+            reqwest::Url::parse_with_params(&self.url(url), [("file", name)]).map_err(|e| {
+                ClientError::Api {
+                    status: 0,
+                    code: "url".into(),
+                    message: e.to_string(),
+                    details: None,
+                }
+            })?;
+        self.http
+            .post(url)
+            .bearer_auth(&self.token)
+            .header("Content-Type", "application/octet-stream")
+            .body(reqwest::Body::from(file))
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })
+    }
+
+    /// `POST /v1/features/views/{name}/ingest`, streaming the file.
+    pub async fn ingest(&self, view: &str, path: &Path) -> Result<Value, ClientError> {
+        let response = self.upload(path, &format!("/v1/features/views/{view}/ingest")).await?;
+        self.decode(response).await
+    }
+
+    /// `POST /v1/features/views/{name}/snapshots`.
+    pub async fn snapshot(&self, view: &str, request: &Value) -> Result<Value, ClientError> {
+        self.call(
+            self.http.post(self.url(&format!("/v1/features/views/{view}/snapshots"))).json(request),
+        )
+        .await
+    }
+
+    /// `POST /v1/features/views/{name}/export`: uploads the labels, writes the joined rows
+    /// to `out` (atomically) and returns (rows, rows with features).
+    pub async fn export(
+        &self,
+        view: &str,
+        labels: &Path,
+        format: &str,
+        out: &Path,
+    ) -> Result<(u64, u64), ClientError> {
+        let mut response = self
+            .upload(labels, &format!("/v1/features/views/{view}/export?format={format}"))
+            .await?;
+        if !response.status().is_success() {
+            return Err(self.decode::<Value>(response).await.err().unwrap_or(ClientError::Api {
+                status: 0,
+                code: "decode".into(),
+                message: "an error without a body".into(),
+                details: None,
+            }));
+        }
+        let header = |name: &str| {
+            response.headers().get(name).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0)
+        };
+        let (rows, matched) = (header("x-falaj-rows"), header("x-falaj-matched"));
+        let file_err = |source| ClientError::File { path: out.display().to_string(), source };
+        let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let staged = tempfile::NamedTempFile::new_in(dir).map_err(file_err)?;
+        let mut file = tokio::fs::File::from_std(staged.reopen().map_err(file_err)?);
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?
+        {
+            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.map_err(file_err)?;
+        }
+        file.sync_all().await.map_err(file_err)?;
+        staged.persist(out).map_err(|e| file_err(e.error))?;
+        Ok((rows, matched))
     }
 
     /// `GET /v1/deployments`.

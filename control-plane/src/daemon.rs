@@ -16,6 +16,7 @@ use crate::alerts::AlertsConfig;
 use crate::blobs::{BlobStore, FsBlobStore};
 use crate::ca::{Ca, CaError};
 use crate::db::{self, Db, DbError};
+use crate::features::{self as feature_store, FeatureStore};
 use crate::keys::{self, KeysError};
 use crate::state::{Policy, Shared};
 use crate::{admin, files, monitoring, quic};
@@ -89,6 +90,9 @@ pub enum ServeError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The feature store could not be opened.
+    #[error(transparent)]
+    Features(#[from] feature_store::OpenError),
     /// The configuration is wrong.
     #[error("{0}")]
     Config(String),
@@ -176,6 +180,7 @@ impl ControlPlane {
             )));
         }
         let token = admin_token(&config.data_dir)?;
+        let features = FeatureStore::open(&config.data_dir, &keys_dir, &region)?;
 
         let (chain, key) =
             ca.server_identity(&config.server_names, Duration::from_secs(365 * 24 * 3600), now)?;
@@ -195,6 +200,7 @@ impl ControlPlane {
             token: Arc::new(token),
             staging: Arc::new(config.data_dir.join("staging")),
             max_bundle_bytes: config.max_bundle_bytes,
+            features,
         };
         Ok(Self {
             shared,

@@ -155,6 +155,12 @@ pub struct Db {
 impl Db {
     /// Opens (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, DbError> {
+        Self::open_with(path, MIGRATIONS)
+    }
+
+    /// Opens the database at `path` with its own schema history: `migrations[i]` takes
+    /// `PRAGMA user_version` from `i` to `i + 1`.
+    pub fn open_with(path: &Path, migrations: &[&str]) -> Result<Self, DbError> {
         let err = |source| DbError::Sqlite { path: path.to_owned(), source };
         let mut conn = Connection::open(path).map_err(err)?;
         // Tokens, agents and documents: owner only, whatever the umask (SQLite gives its
@@ -174,11 +180,11 @@ impl Db {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         let current: u32 =
             tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
-        let supported = MIGRATIONS.len() as u32;
+        let supported = migrations.len() as u32;
         if current > supported {
             return Err(DbError::SchemaTooNew { path: path.to_owned(), found: current, supported });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        for (i, sql) in migrations.iter().enumerate().skip(current as usize) {
             tx.execute_batch(sql).map_err(err)?;
             tx.pragma_update(None, "user_version", i as u32 + 1).map_err(err)?;
         }

@@ -17,6 +17,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod exporter;
+pub mod features;
 pub mod files;
 pub mod keys;
 pub mod monitoring;

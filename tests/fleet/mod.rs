@@ -313,6 +313,7 @@ impl Control {
             runtime: RuntimeHint::Auto,
             lifetime: bundle::DEFAULT_LIFETIME,
             out: out.clone(),
+            features: None,
         };
         bundle::build(&options, SystemTime::now()).unwrap();
         self.client.push_bundle(&out).await.unwrap();

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::features::SnapshotSpec;
 use crate::keys::Sha256;
 use crate::profile::DataProfile;
-use crate::tensor::Signature;
+use crate::tensor::{DataType, Dim, Signature};
 use crate::time::Timestamp;
 
 /// The manifest schema this build writes and reads.
@@ -124,6 +124,35 @@ pub struct FeatureInput {
     pub version: u64,
     /// The features, in input order.
     pub names: Vec<String>,
+}
+
+impl FeatureInput {
+    /// Checks that a model with `signature` can take this input: one float32 input of rank
+    /// 2 whose last axis holds the features (fixed to their number, or free).
+    pub fn fits(&self, signature: &Signature) -> Result<(), String> {
+        let [input] = signature.inputs.as_slice() else {
+            return Err(format!(
+                "a model fed from feature view {:?} must have exactly one input, not {}",
+                self.view,
+                signature.inputs.len()
+            ));
+        };
+        let width = self.names.len() as u64;
+        let fits = input.datatype == DataType::Fp32
+            && input.shape.len() == 2
+            && match input.shape[1] {
+                Dim::Fixed(n) => n == width,
+                Dim::Symbol(_) | Dim::Any => true,
+            };
+        if fits {
+            Ok(())
+        } else {
+            Err(format!(
+                "input {:?} ({} {:?}) cannot take {width} features of view {:?}: it must be FP32 of shape [batch, {width}]",
+                input.name, input.datatype, input.shape, self.view
+            ))
+        }
+    }
 }
 
 /// A model file format.

@@ -32,24 +32,10 @@ pub fn schema(spec: &SnapshotSpec) -> SchemaRef {
         KeyType::String => DataType::Utf8,
         KeyType::I64 => DataType::Int64,
     };
-    let mut fields = vec![
-        Field::new(&spec.entity.name, key, false),
-        Field::new(
-            EVENT_TIME,
-            DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-            false,
-        ),
-    ];
-    fields.extend(spec.features.iter().map(|f| {
-        let kind = match f.kind {
-            FeatureType::F32 => DataType::Float32,
-            FeatureType::F64 => DataType::Float64,
-            FeatureType::I64 => DataType::Int64,
-            FeatureType::Bool => DataType::Boolean,
-            FeatureType::String | FeatureType::Category { .. } => DataType::Utf8,
-        };
-        Field::new(&f.name, kind, f.nullable)
-    }));
+    let mut fields =
+        vec![Field::new(&spec.entity.name, key, false), Field::new(EVENT_TIME, time_type(), false)];
+    fields
+        .extend(spec.features.iter().map(|f| Field::new(&f.name, data_type(&f.kind), f.nullable)));
     Arc::new(Schema::new(fields))
 }
 
@@ -187,28 +173,8 @@ fn to_batch(
     schema: &SchemaRef,
     rows: &[(Key, i64, Vec<Value>)],
 ) -> Result<RecordBatch, SnapshotError> {
-    let key: ArrayRef = match spec.entity.kind {
-        KeyType::String => {
-            let mut b = StringBuilder::new();
-            for (k, _, _) in rows {
-                b.append_value(k.to_string());
-            }
-            Arc::new(b.finish())
-        }
-        KeyType::I64 => {
-            let mut b = Int64Builder::new();
-            for (k, _, _) in rows {
-                match k {
-                    Key::Int(v) => b.append_value(*v),
-                    Key::Str(_) => b.append_null(),
-                }
-            }
-            Arc::new(b.finish())
-        }
-    };
-    let times =
-        TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.1)).with_timezone("UTC");
-    let mut columns = vec![key, Arc::new(times) as ArrayRef];
+    let key = key_column(spec.entity.kind, rows.iter().map(|r| &r.0));
+    let mut columns = vec![key, time_column(rows.iter().map(|r| Some(r.1)))];
     for (i, feature) in spec.features.iter().enumerate() {
         let values = rows.iter().map(|r| &r.2[i]);
         columns.push(column(&feature.kind, values));
@@ -217,7 +183,48 @@ fn to_batch(
         .map_err(|e| SnapshotError::Shape { view: spec.view.clone(), message: e.to_string() })
 }
 
-fn column<'a>(kind: &FeatureType, values: impl Iterator<Item = &'a Value>) -> ArrayRef {
+/// An Arrow array of entity keys of type `kind`.
+pub fn key_column<'a>(kind: KeyType, keys: impl Iterator<Item = &'a Key>) -> ArrayRef {
+    match kind {
+        KeyType::String => {
+            let mut b = StringBuilder::new();
+            keys.for_each(|k| b.append_value(k.to_string()));
+            Arc::new(b.finish())
+        }
+        KeyType::I64 => {
+            let mut b = Int64Builder::new();
+            keys.for_each(|k| match k {
+                Key::Int(v) => b.append_value(*v),
+                Key::Str(_) => b.append_null(),
+            });
+            Arc::new(b.finish())
+        }
+    }
+}
+
+/// An Arrow array of UTC timestamps (µs since the epoch).
+pub fn time_column(times: impl Iterator<Item = Option<i64>>) -> ArrayRef {
+    Arc::new(TimestampMicrosecondArray::from_iter(times).with_timezone("UTC"))
+}
+
+/// The Arrow type of a feature type.
+pub fn data_type(kind: &FeatureType) -> DataType {
+    match kind {
+        FeatureType::F32 => DataType::Float32,
+        FeatureType::F64 => DataType::Float64,
+        FeatureType::I64 => DataType::Int64,
+        FeatureType::Bool => DataType::Boolean,
+        FeatureType::String | FeatureType::Category { .. } => DataType::Utf8,
+    }
+}
+
+/// The Arrow type of UTC timestamps in µs.
+pub fn time_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// An Arrow array of `kind` holding `values` (a value of another type becomes null).
+pub fn column<'a>(kind: &FeatureType, values: impl Iterator<Item = &'a Value>) -> ArrayRef {
     match kind {
         FeatureType::F32 => {
             let mut b = Float32Builder::new();

@@ -1,0 +1,382 @@
+//! The feature store's admin API routes, under `/v1/features/views`: apply a declaration,
+//! list and show views with their history, ingest a file, build a snapshot bundle, export
+//! training data. Every snapshot and ingest is also an event in `control.db`, so what
+//! left the control plane (which view, which entities, which personal data hashed or
+//! dropped) is on record.
+
+use std::time::{Duration, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use falaj_common::bundle::{BundleBuilder, Content};
+use falaj_common::features::value::parse_time;
+use falaj_common::features::view::PiiPolicy;
+use falaj_common::features::{FeatureView, SnapshotSpec};
+use falaj_common::time::Timestamp;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::export::{self, ExportError};
+use super::ingest::{self, IngestError};
+use super::snapshot::{self, BuildError, SnapshotOptions};
+use super::source::Format;
+use super::store;
+use crate::admin::{Api, ApiError, ApiResult, BundleView, json_response, register, stage};
+use crate::db;
+
+/// Default lifetime of a snapshot bundle.
+const SNAPSHOT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// The routes (mounted behind the admin token).
+pub fn routes() -> Router<Api> {
+    Router::new()
+        .route("/v1/features/views", put(apply).get(list))
+        .route("/v1/features/views/{name}", get(show))
+        .route("/v1/features/views/{name}/ingest", post(ingest_file))
+        .route("/v1/features/views/{name}/snapshots", post(build_snapshot))
+        .route("/v1/features/views/{name}/export", post(export_file))
+}
+
+fn refused(code: &'static str, message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+async fn event(
+    api: &Api,
+    kind: &'static str,
+    subject: String,
+    detail: serde_json::Value,
+) -> ApiResult<()> {
+    let now = Timestamp::from_system(SystemTime::now());
+    api.shared.db.call(move |c| db::event(c, now, kind, &subject, &detail.to_string())).await?;
+    Ok(())
+}
+
+async fn apply(State(api): State<Api>, body: String) -> ApiResult<Response> {
+    let view = FeatureView::from_toml(&body).map_err(|e| refused("invalid_view", e.to_string()))?;
+    let now = Timestamp::from_system(SystemTime::now());
+    let applied = api.features.db.call(move |c| store::apply(c, &view, now)).await?;
+    if applied.outcome != "unchanged" {
+        let s = &applied.stored;
+        event(
+            &api,
+            "features.apply",
+            format!("{}@{}.{}", s.view.name, s.version, s.revision),
+            json!({"outcome": applied.outcome, "changes": s.changes}),
+        )
+        .await?;
+    }
+    let status = if applied.outcome == "created" { StatusCode::CREATED } else { StatusCode::OK };
+    Ok(json_response(status, &applied))
+}
+
+async fn list(State(api): State<Api>) -> ApiResult<Response> {
+    let views = api
+        .features
+        .db
+        .call(|c| {
+            store::list(c)?
+                .into_iter()
+                .map(|s| {
+                    let (rows, entities) = store::counts(c, &s)?;
+                    Ok(json!({
+                        "name": s.view.name,
+                        "version": s.version,
+                        "revision": s.revision,
+                        "entity": s.view.entity,
+                        "features": s.view.features.len(),
+                        "rows": rows,
+                        "entities": entities,
+                        "applied_at": s.applied_at,
+                    }))
+                })
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    Ok(json_response(StatusCode::OK, &views))
+}
+
+async fn show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    let lookup = name.clone();
+    let found = api
+        .features
+        .db
+        .call(move |c| {
+            let history = store::history(c, &lookup)?;
+            let Some(current) = history.last() else { return Ok(None) };
+            let (rows, entities) = store::counts(c, current)?;
+            let mut stmt = c.prepare(
+                "SELECT id, version, at, source, format, rows FROM ingests
+                 WHERE view = ?1 AND rows > 0 ORDER BY id DESC LIMIT 10",
+            )?;
+            let ingests = stmt
+                .query_map([&lookup], |r| {
+                    Ok(json!({"id": r.get::<_, i64>(0)?, "version": r.get::<_, i64>(1)?,
+                        "at": db::from_ts(r.get(2)?), "source": r.get::<_, String>(3)?,
+                        "format": r.get::<_, String>(4)?, "rows": r.get::<_, i64>(5)?}))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let mut stmt = c.prepare(
+                "SELECT version, view_version, built_at, as_of, scope, entities FROM snapshots
+                 WHERE view = ?1 ORDER BY version DESC LIMIT 10",
+            )?;
+            let snapshots = stmt
+                .query_map([&lookup], |r| {
+                    Ok(json!({"version": r.get::<_, i64>(0)?, "view_version": r.get::<_, i64>(1)?,
+                        "built_at": db::from_ts(r.get(2)?), "as_of": db::from_ts(r.get(3)?),
+                        "scope": r.get::<_, String>(4)?, "entities": r.get::<_, i64>(5)?}))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(Some(json!({
+                "current": current,
+                "history": history,
+                "rows": rows,
+                "entities": entities,
+                "ingests": ingests,
+                "snapshots": snapshots,
+            })))
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no feature view {name:?}")))?;
+    Ok(json_response(StatusCode::OK, &found))
+}
+
+#[derive(Debug, Deserialize)]
+struct FileParams {
+    /// The file's name, for reports and the ingest record.
+    file: Option<String>,
+    /// The output format of an export.
+    format: Option<String>,
+}
+
+async fn ingest_file(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(params): Query<FileParams>,
+    body: Body,
+) -> ApiResult<Response> {
+    let staged = stage(&api, body, "ingest-", "file").await?;
+    let file = params.file.unwrap_or_else(|| "upload".to_owned());
+    let now = Timestamp::from_system(SystemTime::now());
+    let (view, source) = (name.clone(), file.clone());
+    let path = staged.path().to_owned();
+    let result =
+        api.features.db.call(move |c| Ok(ingest::ingest(c, &view, &path, &source, now))).await?;
+    drop(staged);
+    let ingested = result.map_err(|e| match e {
+        IngestError::UnknownView(_) => ApiError::not_found(e.to_string()),
+        IngestError::Rows { ref report, .. } => {
+            let details = json!(report);
+            refused("invalid_rows", e.to_string()).with_details(details)
+        }
+        IngestError::Header { .. } | IngestError::Source(_) => {
+            refused("invalid_file", e.to_string())
+        }
+        IngestError::Sqlite(_) => ApiError::internal(e),
+    })?;
+    event(
+        &api,
+        "features.ingest",
+        format!("{}@{}", ingested.view, ingested.version),
+        json!({"file": file, "rows": ingested.rows, "ingest": ingested.id}),
+    )
+    .await?;
+    Ok(json_response(StatusCode::OK, &ingested))
+}
+
+/// A snapshot request.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// Only these entities.
+    #[serde(default)]
+    pub entities: Option<Vec<String>>,
+    /// Only entities passing this filter.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Values as of this RFC 3339 time (default: now).
+    #[serde(default)]
+    pub as_of: Option<String>,
+    /// `hash` or `drop`, for personal data the view gives no policy for.
+    #[serde(default)]
+    pub pii: Option<PiiPolicy>,
+    /// Lifetime of the bundle in seconds (default 90 days).
+    #[serde(default)]
+    pub expires_in_seconds: Option<u64>,
+}
+
+async fn build_snapshot(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    axum::Json(request): axum::Json<SnapshotRequest>,
+) -> ApiResult<Response> {
+    let now = SystemTime::now();
+    let as_of = request
+        .as_of
+        .as_deref()
+        .map(|t| {
+            parse_time(t).ok_or_else(|| {
+                ApiError::bad_request(format!("as_of {t:?} is not an RFC 3339 time"))
+            })
+        })
+        .transpose()?;
+    // The bundle takes the view's name; its versions count this view's snapshots.
+    let lookup = name.clone();
+    let bundles = api
+        .shared
+        .db
+        .call(move |c| {
+            Ok(db::bundles(c)?
+                .into_iter()
+                .filter(|b| b.name == lookup)
+                .map(|b| b.version)
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    let lookup = name.clone();
+    let ours = api
+        .features
+        .db
+        .call(move |c| {
+            let mut stmt = c.prepare("SELECT version FROM snapshots WHERE view = ?1")?;
+            stmt.query_map([&lookup], |r| r.get::<_, i64>(0).map(|v| v as u64))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    if let Some(other) = bundles.iter().find(|v| !ours.contains(v)) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "bundle {name}@{other} is not a snapshot of view {name:?}: a snapshot's bundle takes the view's name"
+            ),
+        ));
+    }
+    let version = bundles.iter().max().map_or(1, |v| v + 1);
+    let options = SnapshotOptions {
+        entities: request.entities,
+        filter: request.filter,
+        as_of,
+        pii: request.pii,
+    };
+    let now_micros = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+    let (view, key) = (name.clone(), api.features.pii_key().to_vec());
+    let built = api
+        .features
+        .db
+        .call(move |c| Ok(snapshot::build(c, &view, &options, &key, now_micros, Vec::new())))
+        .await?;
+    let (spec, payload) = built.map_err(|e| match e {
+        BuildError::UnknownView(_) => ApiError::not_found(e.to_string()),
+        BuildError::Sqlite(_) | BuildError::Payload(_) => ApiError::internal(e),
+        BuildError::Pii(_) => refused("raw_pii", e.to_string()),
+        _ => refused("invalid_snapshot", e.to_string()),
+    })?;
+    let created = Timestamp::from_system(now);
+    let ttl = request.expires_in_seconds.map_or(SNAPSHOT_TTL, Duration::from_secs);
+    let signers: Vec<_> = api.shared.signers.iter().collect();
+    let (_, bytes) = BundleBuilder::new(
+        &name,
+        version,
+        &api.shared.region,
+        created,
+        created.saturating_add(ttl),
+        Content::Features(spec.clone()),
+    )
+    .file(&spec.file, payload)
+    .build(&signers)
+    .map_err(|e| refused("invalid_snapshot", e.to_string()))?;
+    std::fs::create_dir_all(&*api.staging).map_err(ApiError::internal)?;
+    let staged = tempfile::Builder::new()
+        .prefix("snapshot-")
+        .tempfile_in(&*api.staging)
+        .map_err(ApiError::internal)?;
+    std::fs::write(staged.path(), &bytes).map_err(ApiError::internal)?;
+    let (row, new_chunks, _) = register(&api, staged.path()).await?;
+    drop(staged);
+    let recorded = spec.clone();
+    api.features.db.call(move |c| snapshot::record(c, &recorded, version, created)).await?;
+    let carried = carried(&spec);
+    event(&api, "features.snapshot", format!("{name}@{version}"), carried.clone()).await?;
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"bundle": BundleView::from(&row), "new_chunks": new_chunks, "snapshot": carried}),
+    ))
+}
+
+/// What a snapshot carries, for the record: entities, scope, time, and which features
+/// were pseudonymised.
+fn carried(spec: &SnapshotSpec) -> serde_json::Value {
+    json!({
+        "view": spec.view,
+        "view_version": spec.view_version,
+        "entities": spec.entities,
+        "scope": spec.scope,
+        "as_of": spec.as_of,
+        "features": spec.features.iter().map(|f| &f.name).collect::<Vec<_>>(),
+        "pseudonymised": spec.features.iter().filter(|f| f.pseudonymised).map(|f| &f.name).collect::<Vec<_>>(),
+    })
+}
+
+async fn export_file(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(params): Query<FileParams>,
+    body: Body,
+) -> ApiResult<Response> {
+    let format = match params.format.as_deref() {
+        None | Some("parquet") => Format::Parquet,
+        Some("csv") => Format::Csv,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "format must be csv or parquet, not {other:?}"
+            )));
+        }
+    };
+    let labels = stage(&api, body, "labels-", "labels file").await?;
+    let out = tempfile::Builder::new()
+        .prefix("export-")
+        .tempfile_in(&*api.staging)
+        .map_err(ApiError::internal)?;
+    let file = params.file.unwrap_or_else(|| "labels".to_owned());
+    let (view, labels_path, out_path) =
+        (name.clone(), labels.path().to_owned(), out.path().to_owned());
+    let result = api
+        .features
+        .db
+        .call(move |c| Ok(export::export(c, &view, &labels_path, &file, &out_path, format)))
+        .await?;
+    let exported = result.map_err(|e| match e {
+        ExportError::UnknownView(_) => ApiError::not_found(e.to_string()),
+        ExportError::Rows { ref report, .. } => {
+            let details = json!(report);
+            refused("invalid_rows", e.to_string()).with_details(details)
+        }
+        ExportError::Header { .. } | ExportError::Source(_) => {
+            refused("invalid_file", e.to_string())
+        }
+        ExportError::Output { .. } | ExportError::Sqlite(_) => ApiError::internal(e),
+    })?;
+    // The open handle keeps the file readable after the temporary name is removed.
+    let reader = tokio::fs::File::open(out.path()).await.map_err(ApiError::internal)?;
+    drop(out);
+    let content_type = match format {
+        Format::Csv => "text/csv",
+        Format::Parquet => "application/vnd.apache.parquet",
+    };
+    Ok((
+        StatusCode::OK,
+        [
+            (header::CONTENT_TYPE, content_type.to_owned()),
+            (header::HeaderName::from_static("x-falaj-rows"), exported.rows.to_string()),
+            (header::HeaderName::from_static("x-falaj-matched"), exported.matched.to_string()),
+            (header::HeaderName::from_static("x-falaj-view-version"), exported.version.to_string()),
+        ],
+        Body::from_stream(tokio_util::io::ReaderStream::new(reader)),
+    )
+        .into_response())
+}

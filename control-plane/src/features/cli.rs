@@ -1,0 +1,323 @@
+//! `falaj-control features ...`: the feature store's commands, all through the admin API.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
+
+/// `features` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FeaturesCommand {
+    /// Register a feature view from its TOML file, or update it (a breaking change makes
+    /// a new version).
+    Apply(FileArgs),
+    /// List the feature views.
+    List(ApiArgs),
+    /// Show a view: its definition, history, ingests and snapshots.
+    Show(ViewArgs),
+    /// Ingest a CSV or Parquet file into a view: every row is checked, and one bad row
+    /// refuses the whole file.
+    Ingest(IngestArgs),
+    /// Build a signed snapshot bundle of a view's latest values, to deploy like a model.
+    Snapshot(SnapshotArgs),
+    /// Join labels (entity, time, label) to the features as they were at each label's
+    /// time, for training.
+    Export(ExportArgs),
+}
+
+/// A file and the API.
+#[derive(Debug, Args)]
+pub struct FileArgs {
+    /// The file.
+    file: PathBuf,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// A view and the API.
+#[derive(Debug, Args)]
+pub struct ViewArgs {
+    /// The view.
+    view: String,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Arguments of `features ingest`.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// The view.
+    view: String,
+    /// The CSV (with a header) or Parquet file.
+    file: PathBuf,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Arguments of `features snapshot`.
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// The view.
+    view: String,
+    /// Only the entities listed in this file (one id per line, or a CSV whose header names
+    /// the entity column).
+    #[arg(long)]
+    entities: Option<PathBuf>,
+    /// Only entities whose latest values pass this filter, e.g. `site == "plant-7" and
+    /// load > 0.5`.
+    #[arg(long)]
+    filter: Option<String>,
+    /// Values as they were at this time (RFC 3339; default now).
+    #[arg(long)]
+    as_of: Option<String>,
+    /// For personal data the view gives no policy for: hash or drop.
+    #[arg(long)]
+    pii: Option<String>,
+    /// How long agents may import the snapshot.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    expires_in: Duration,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Arguments of `features export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The view.
+    view: String,
+    /// The labels: CSV or Parquet with the entity column, the view's timestamp column and
+    /// label columns.
+    #[arg(long)]
+    labels: PathBuf,
+    /// The output, `.parquet` or `.csv`.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    api: ApiArgs,
+}
+
+/// Runs a `features` command.
+pub fn run(command: FeaturesCommand) -> Result<(), Failure> {
+    match command {
+        FeaturesCommand::Apply(args) => {
+            let text = std::fs::read_to_string(&args.file).map_err(|e| {
+                Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.file.display()))
+            })?;
+            online(&args.api, |c| async move {
+                let applied = c.apply_view(text).await?;
+                let stored = &applied["stored"];
+                println!(
+                    "{} {}: version {}, revision {}",
+                    applied["outcome"].as_str().unwrap_or("?"),
+                    stored["view"]["name"].as_str().unwrap_or("?"),
+                    stored["version"],
+                    stored["revision"]
+                );
+                for change in stored["changes"].as_array().into_iter().flatten() {
+                    println!("  {}", change.as_str().unwrap_or_default());
+                }
+                Ok(())
+            })
+        }
+        FeaturesCommand::List(api) => online(&api, |c| async move {
+            println!(
+                "{:<24} {:>7} {:>8} {:>8} {:>10} {:>10}  {:<20}",
+                "VIEW", "VERSION", "REVISION", "FEATURES", "ROWS", "ENTITIES", "APPLIED"
+            );
+            for v in c.views().await? {
+                println!(
+                    "{:<24} {:>7} {:>8} {:>8} {:>10} {:>10}  {:<20}",
+                    v["name"].as_str().unwrap_or("?"),
+                    v["version"],
+                    v["revision"],
+                    v["features"],
+                    v["rows"],
+                    v["entities"],
+                    v["applied_at"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }),
+        FeaturesCommand::Show(args) => online(&args.api, |c| async move {
+            print!("{}", render_view(&c.view(&args.view).await?));
+            Ok(())
+        }),
+        FeaturesCommand::Ingest(args) => online(&args.api, |c| async move {
+            match c.ingest(&args.view, &args.file).await {
+                Ok(done) => {
+                    println!(
+                        "ingested {} rows into {}@{} (ingest {})",
+                        done["rows"], args.view, done["version"], done["id"]
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    if let crate::client::ClientError::Api { details: Some(report), .. } = &e {
+                        eprint!("{}", render_report(report));
+                    }
+                    Err(e)
+                }
+            }
+        }),
+        FeaturesCommand::Snapshot(args) => {
+            let entities = args.entities.as_deref().map(read_entities).transpose()?;
+            if let Some(p) = args.pii.as_deref().filter(|p| !matches!(*p, "hash" | "drop")) {
+                return Err(Failure::new(
+                    EXIT_USAGE,
+                    anyhow::anyhow!("--pii must be hash or drop, not {p:?}"),
+                ));
+            }
+            let request = json!({
+                "entities": entities,
+                "filter": args.filter,
+                "as_of": args.as_of,
+                "pii": args.pii,
+                "expires_in_seconds": args.expires_in.as_secs(),
+            });
+            online(&args.api, |c| async move {
+                let built = c.snapshot(&args.view, &request).await?;
+                let (b, s) = (&built["bundle"], &built["snapshot"]);
+                println!(
+                    "built {}@{}: {} entities ({}), as of {}, {} bytes, {} new chunks",
+                    b["name"].as_str().unwrap_or("?"),
+                    b["version"],
+                    s["entities"],
+                    s["scope"].as_str().unwrap_or("?"),
+                    s["as_of"].as_str().unwrap_or("?"),
+                    b["size"],
+                    built["new_chunks"]
+                );
+                let hashed = s["pseudonymised"].as_array().map_or(0, Vec::len);
+                if hashed > 0 {
+                    println!("pseudonymised: {}", s["pseudonymised"]);
+                }
+                println!(
+                    "deploy it with: falaj-control deploy {}@{} --group GROUP",
+                    b["name"].as_str().unwrap_or("?"),
+                    b["version"]
+                );
+                Ok(())
+            })
+        }
+        FeaturesCommand::Export(args) => {
+            let format = match args.out.extension().and_then(|e| e.to_str()) {
+                Some("csv") => "csv",
+                Some("parquet") => "parquet",
+                _ => {
+                    return Err(Failure::new(
+                        EXIT_USAGE,
+                        anyhow::anyhow!(
+                            "--out must end in .parquet or .csv: {}",
+                            args.out.display()
+                        ),
+                    ));
+                }
+            };
+            online(&args.api, |c| async move {
+                let (rows, matched) = c.export(&args.view, &args.labels, format, &args.out).await?;
+                println!(
+                    "wrote {rows} rows to {} ({matched} with features at or before their time, {} without)",
+                    args.out.display(),
+                    rows - matched.min(rows)
+                );
+                Ok(())
+            })
+        }
+    }
+}
+
+/// Entity ids from a file: one per line, or a CSV whose first line names the column
+/// (the first column is taken).
+fn read_entities(path: &Path) -> Result<Vec<String>, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::new(1, anyhow::anyhow!("reading {}: {e}", path.display())))?;
+    let mut lines = text.lines().map(|l| l.split(',').next().unwrap_or_default().trim());
+    let first = lines.next().unwrap_or_default();
+    let mut ids: Vec<String> = lines.filter(|l| !l.is_empty()).map(str::to_owned).collect();
+    // A header is a column name; an id on the first line is kept.
+    if !falaj_common::features::view::is_column_name(first)
+        || first.chars().all(|c| c.is_ascii_digit())
+    {
+        ids.insert(0, first.to_owned());
+    }
+    Ok(ids)
+}
+
+fn render_report(report: &Value) -> String {
+    let mut out = format!(
+        "{} of {} rows are invalid ({} errors); the first:\n",
+        report["bad_rows"], report["rows"], report["errors"]
+    );
+    for e in report["first"].as_array().into_iter().flatten() {
+        out += &format!(
+            "  row {:>8}  {:<20} {:<24} {}\n",
+            e["row"],
+            e["column"].as_str().unwrap_or("?"),
+            e["value"].as_str().unwrap_or("?"),
+            e["rule"].as_str().unwrap_or("?")
+        );
+    }
+    out
+}
+
+fn render_view(shown: &Value) -> String {
+    let current = &shown["current"];
+    let view = &current["view"];
+    let mut out = format!(
+        "view {} version {} revision {} ({} rows, {} entities)\n{}\nentity: {} ({})  time: {}\n\n",
+        view["name"].as_str().unwrap_or("?"),
+        current["version"],
+        current["revision"],
+        shown["rows"],
+        shown["entities"],
+        view["description"].as_str().unwrap_or(""),
+        view["entity"]["name"].as_str().unwrap_or("?"),
+        view["entity"]["type"].as_str().unwrap_or("?"),
+        view["timestamp"].as_str().unwrap_or("?"),
+    );
+    out += &format!(
+        "{:<20} {:<9} {:<8} {:<5} {:<14} {}\n",
+        "FEATURE", "TYPE", "NULLABLE", "PII", "OWNER", "DESCRIPTION"
+    );
+    for f in view["features"].as_array().into_iter().flatten() {
+        let pii = match (f["pii"].as_bool(), f["pii_policy"].as_str()) {
+            (Some(true), Some(policy)) => policy.to_owned(),
+            (Some(true), None) => "yes".to_owned(),
+            _ => "-".to_owned(),
+        };
+        out += &format!(
+            "{:<20} {:<9} {:<8} {:<5} {:<14} {}\n",
+            f["name"].as_str().unwrap_or("?"),
+            f["type"].as_str().unwrap_or("?"),
+            if f["nullable"].as_bool() == Some(true) { "yes" } else { "no" },
+            pii,
+            f["owner"].as_str().unwrap_or(""),
+            f["description"].as_str().unwrap_or("")
+        );
+    }
+    out += "\nhistory:\n";
+    for h in shown["history"].as_array().into_iter().flatten() {
+        let changes: Vec<&str> =
+            h["changes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        out += &format!(
+            "  {}.{}  {}  {}\n",
+            h["version"],
+            h["revision"],
+            h["applied_at"].as_str().unwrap_or(""),
+            changes.join("; ")
+        );
+    }
+    for (title, key) in [("ingests", "ingests"), ("snapshots", "snapshots")] {
+        let items = shown[key].as_array().cloned().unwrap_or_default();
+        if !items.is_empty() {
+            out += &format!("\n{title} (latest first):\n");
+            for item in items {
+                out += &format!("  {item}\n");
+            }
+        }
+    }
+    out
+}

@@ -1,0 +1,416 @@
+//! Point-in-time correct training export: each label row (entity, time, labels) joined to
+//! the entity's latest feature values at or before the label's own time, never after, as
+//! Feast's historical retrieval does. A naive join on the latest values would hand a model
+//! facts from after the moment it is asked to predict.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::RecordBatch;
+use arrow_schema::{Field, Schema, SchemaRef};
+use falaj_common::features::table::{self, column, key_column, time_column};
+use falaj_common::features::value::{self, format_time};
+use falaj_common::features::{Cell, FeatureType, Key, Report, RowError, Value};
+use parquet::arrow::ArrowWriter;
+use rusqlite::{Connection, params};
+use serde::Serialize;
+use thiserror::Error;
+
+use super::snapshot::point_query;
+use super::source::{self, Format, ReadError, RowSink, SourceError};
+use super::store::{self, StoredView};
+
+/// Rows per Parquet batch written.
+const BATCH_ROWS: usize = 8192;
+
+/// Why an export was not made.
+#[derive(Debug, Error)]
+pub enum ExportError {
+    /// No view of that name.
+    #[error("no feature view {0:?}")]
+    UnknownView(String),
+    /// The labels file could not be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The labels file's columns are not (entity, time, labels…).
+    #[error("labels {file}: {message}")]
+    Header {
+        /// The file.
+        file: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Label rows with a bad entity id or time.
+    #[error("labels {file}: {} of {} rows are invalid (first: {})", report.bad_rows, report.rows, report.first.first().map(RowError::to_string).unwrap_or_default())]
+    Rows {
+        /// The file.
+        file: String,
+        /// The errors.
+        report: Report,
+    },
+    /// Writing the output failed.
+    #[error("writing {path}: {message}")]
+    Output {
+        /// The output file.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// The offline store failed.
+    #[error("offline store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Exported {
+    /// Label rows written.
+    pub rows: u64,
+    /// Of those, rows that found feature values at or before their time.
+    pub matched: u64,
+    /// The view version read.
+    pub version: u64,
+}
+
+/// The column in the output holding the time of the feature row joined.
+pub const FEATURE_TIME: &str = "feature_time";
+
+/// Joins the labels at `labels` (named `file` in errors) to view `view` point in time, and
+/// writes the result to `out` as `format`.
+pub fn export(
+    conn: &Connection,
+    view: &str,
+    labels: &Path,
+    file: &str,
+    out: &Path,
+    format: Format,
+) -> Result<Exported, ExportError> {
+    let stored =
+        store::current(conn, view)?.ok_or_else(|| ExportError::UnknownView(view.to_owned()))?;
+    let labels_format = Format::detect(labels)?;
+    // First pass: check every row and learn which label columns are numeric.
+    let mut scan =
+        Scan { stored: &stored, layout: None, numeric: Vec::new(), report: Report::default() };
+    match source::read(labels, labels_format, &mut scan) {
+        Err(ReadError::Source(e)) => return Err(e.into()),
+        Err(ReadError::Sink(message)) => {
+            return Err(ExportError::Header { file: file.to_owned(), message });
+        }
+        Ok(_) if scan.report.bad_rows > 0 => {
+            return Err(ExportError::Rows { file: file.to_owned(), report: scan.report });
+        }
+        Ok(_) => {}
+    }
+    let layout = scan.layout.expect("the header was read");
+    let label_kinds: Vec<FeatureType> = scan
+        .numeric
+        .iter()
+        .map(|&n| if n { FeatureType::F64 } else { FeatureType::String })
+        .collect();
+    let output = Output::create(out, format, &stored, &layout, &label_kinds)?;
+    let mut join = Join {
+        stored: &stored,
+        layout: &layout,
+        label_kinds: &label_kinds,
+        lookup: conn.prepare(&point_query(&stored))?,
+        output,
+        rows: 0,
+        matched: 0,
+    };
+    match source::read(labels, labels_format, &mut join) {
+        Err(ReadError::Source(e)) => return Err(e.into()),
+        Err(ReadError::Sink(e)) => return Err(e),
+        Ok(_) => {}
+    }
+    let (rows, matched) = (join.rows, join.matched);
+    join.output.finish(out)?;
+    Ok(Exported { rows, matched, version: stored.version })
+}
+
+/// Where the entity, the time and the labels are in the labels file.
+struct Layout {
+    key: usize,
+    time: usize,
+    labels: Vec<(usize, String)>,
+    time_name: String,
+}
+
+struct Scan<'a> {
+    stored: &'a StoredView,
+    layout: Option<Layout>,
+    numeric: Vec<bool>,
+    report: Report,
+}
+
+impl RowSink for Scan<'_> {
+    type Error = String;
+
+    fn header(&mut self, names: &[&str]) -> Result<(), String> {
+        let view = &self.stored.view;
+        let find = |name: &str| {
+            names
+                .iter()
+                .position(|n| *n == name)
+                .ok_or_else(|| format!("column {name:?} is missing"))
+        };
+        let key = find(&view.entity.name)?;
+        let time = find(&view.timestamp)?;
+        let mut labels = Vec::new();
+        for (i, name) in names.iter().enumerate().filter(|(i, _)| *i != key && *i != time) {
+            if view.feature(name).is_some() || *name == FEATURE_TIME {
+                return Err(format!("label column {name:?} has the name of a feature column"));
+            }
+            labels.push((i, (*name).to_owned()));
+        }
+        if labels.is_empty() {
+            return Err("there is no label column".to_owned());
+        }
+        self.numeric = vec![true; labels.len()];
+        self.layout = Some(Layout { key, time, labels, time_name: view.timestamp.clone() });
+        Ok(())
+    }
+
+    fn row(&mut self, number: u64, cells: &[Cell<'_>]) -> Result<(), String> {
+        let layout = self.layout.as_ref().expect("the header comes first");
+        self.report.rows = number;
+        let cell = |i: usize| cells.get(i).copied().unwrap_or(Cell::Null);
+        let mut errors = Vec::new();
+        let mut fail = |i: usize, name: &str, rule: value::Rule| {
+            errors.push(RowError {
+                row: number,
+                column: name.to_owned(),
+                value: cell(i).to_string(),
+                rule: rule.to_string(),
+            });
+        };
+        if let Err(rule) = value::accept_key(self.stored.view.entity.kind, cell(layout.key)) {
+            fail(layout.key, &self.stored.view.entity.name, rule);
+        }
+        if let Err(rule) = value::accept_time(cell(layout.time)) {
+            fail(layout.time, &layout.time_name, rule);
+        }
+        self.report.add(errors);
+        for ((i, _), numeric) in layout.labels.iter().zip(&mut self.numeric) {
+            *numeric &= label(cell(*i), &FeatureType::F64) != Value::Null || cell(*i) == Cell::Null;
+        }
+        Ok(())
+    }
+}
+
+/// A label cell as `kind` (`F64` or `String`); null when it is not one.
+fn label(cell: Cell<'_>, kind: &FeatureType) -> Value {
+    match (kind, cell) {
+        (_, Cell::Null) => Value::Null,
+        (FeatureType::F64, cell) => {
+            value::accept(&FeatureType::F64, true, cell).unwrap_or(Value::Null)
+        }
+        (_, Cell::Text(t)) => Value::Str(t.to_owned()),
+        (_, other) => Value::Str(other.to_string()),
+    }
+}
+
+struct Join<'a> {
+    stored: &'a StoredView,
+    layout: &'a Layout,
+    label_kinds: &'a [FeatureType],
+    lookup: rusqlite::Statement<'a>,
+    output: Output,
+    rows: u64,
+    matched: u64,
+}
+
+impl RowSink for Join<'_> {
+    type Error = ExportError;
+
+    fn header(&mut self, _: &[&str]) -> Result<(), ExportError> {
+        Ok(())
+    }
+
+    fn row(&mut self, _: u64, cells: &[Cell<'_>]) -> Result<(), ExportError> {
+        let cell = |i: usize| cells.get(i).copied().unwrap_or(Cell::Null);
+        // Both were checked by the first pass.
+        let (Ok(key), Ok(time)) = (
+            value::accept_key(self.stored.view.entity.kind, cell(self.layout.key)),
+            value::accept_time(cell(self.layout.time)),
+        ) else {
+            return Ok(());
+        };
+        let labels = self
+            .layout
+            .labels
+            .iter()
+            .zip(self.label_kinds)
+            .map(|((i, _), k)| label(cell(*i), k))
+            .collect();
+        let features = &self.stored.view.features;
+        let found = self
+            .lookup
+            .query_row(params![store::sql_key(&key), time], |row| {
+                let values = features
+                    .iter()
+                    .enumerate()
+                    .map(|(i, f)| store::read_value(row, i + 2, &f.kind))
+                    .collect::<rusqlite::Result<Vec<_>>>()?;
+                Ok((row.get::<_, i64>(1)?, values))
+            })
+            .map(Some)
+            .or_else(
+                |e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) },
+            )?;
+        self.rows += 1;
+        self.matched += u64::from(found.is_some());
+        let (feature_time, values) = match found {
+            Some((t, v)) => (Some(t), v),
+            None => (None, vec![Value::Null; features.len()]),
+        };
+        self.output.push(OutRow { key, time, labels, feature_time, values })
+    }
+}
+
+struct OutRow {
+    key: Key,
+    time: i64,
+    labels: Vec<Value>,
+    feature_time: Option<i64>,
+    values: Vec<Value>,
+}
+
+enum Output {
+    Csv(csv::Writer<BufWriter<File>>, PathBuf),
+    Parquet {
+        writer: ArrowWriter<File>,
+        schema: SchemaRef,
+        kinds: Vec<FeatureType>,
+        key: falaj_common::features::KeyType,
+        rows: Vec<OutRow>,
+        path: PathBuf,
+    },
+}
+
+impl Output {
+    fn create(
+        path: &Path,
+        format: Format,
+        stored: &StoredView,
+        layout: &Layout,
+        label_kinds: &[FeatureType],
+    ) -> Result<Self, ExportError> {
+        let failed = |e: &dyn std::fmt::Display| ExportError::Output {
+            path: path.to_owned(),
+            message: e.to_string(),
+        };
+        let file = File::create(path).map_err(|e| failed(&e))?;
+        let view = &stored.view;
+        let mut names = vec![view.entity.name.clone(), layout.time_name.clone()];
+        names.extend(layout.labels.iter().map(|(_, n)| n.clone()));
+        names.push(FEATURE_TIME.to_owned());
+        names.extend(view.features.iter().map(|f| f.name.clone()));
+        match format {
+            Format::Csv => {
+                let mut writer = csv::Writer::from_writer(BufWriter::new(file));
+                writer.write_record(&names).map_err(|e| failed(&e))?;
+                Ok(Self::Csv(writer, path.to_owned()))
+            }
+            Format::Parquet => {
+                let key = match view.entity.kind {
+                    falaj_common::features::KeyType::String => arrow_schema::DataType::Utf8,
+                    falaj_common::features::KeyType::I64 => arrow_schema::DataType::Int64,
+                };
+                let mut fields = vec![
+                    Field::new(&names[0], key, false),
+                    Field::new(&names[1], table::time_type(), false),
+                ];
+                let mut kinds = label_kinds.to_vec();
+                kinds.extend(view.features.iter().map(|f| f.kind.clone()));
+                for (name, kind) in layout.labels.iter().map(|(_, n)| n).zip(label_kinds) {
+                    fields.push(Field::new(name, table::data_type(kind), true));
+                }
+                fields.push(Field::new(FEATURE_TIME, table::time_type(), true));
+                for f in &view.features {
+                    fields.push(Field::new(&f.name, table::data_type(&f.kind), true));
+                }
+                let schema: SchemaRef = Arc::new(Schema::new(fields));
+                let writer =
+                    ArrowWriter::try_new(file, schema.clone(), None).map_err(|e| failed(&e))?;
+                Ok(Self::Parquet {
+                    writer,
+                    schema,
+                    kinds,
+                    key: view.entity.kind,
+                    rows: Vec::new(),
+                    path: path.to_owned(),
+                })
+            }
+        }
+    }
+
+    fn push(&mut self, row: OutRow) -> Result<(), ExportError> {
+        match self {
+            Self::Csv(writer, path) => {
+                let text = |v: &Value| match v {
+                    Value::Null => String::new(),
+                    other => other.canonical_text(),
+                };
+                let mut record = vec![row.key.to_string(), format_time(row.time)];
+                record.extend(row.labels.iter().map(text));
+                record.push(row.feature_time.map(format_time).unwrap_or_default());
+                record.extend(row.values.iter().map(text));
+                writer
+                    .write_record(&record)
+                    .map_err(|e| ExportError::Output { path: path.clone(), message: e.to_string() })
+            }
+            Self::Parquet { rows, .. } => {
+                rows.push(row);
+                if rows.len() == BATCH_ROWS {
+                    self.flush()?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<(), ExportError> {
+        let Self::Parquet { writer, schema, kinds, key, rows, path } = self else { return Ok(()) };
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let labels = rows[0].labels.len();
+        let mut columns = vec![
+            key_column(*key, rows.iter().map(|r| &r.key)),
+            time_column(rows.iter().map(|r| Some(r.time))),
+        ];
+        for (i, kind) in kinds[..labels].iter().enumerate() {
+            columns.push(column(kind, rows.iter().map(|r| &r.labels[i])));
+        }
+        columns.push(time_column(rows.iter().map(|r| r.feature_time)));
+        for (i, kind) in kinds[labels..].iter().enumerate() {
+            columns.push(column(kind, rows.iter().map(|r| &r.values[i])));
+        }
+        let failed = |e: &dyn std::fmt::Display| ExportError::Output {
+            path: path.clone(),
+            message: e.to_string(),
+        };
+        let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| failed(&e))?;
+        writer.write(&batch).map_err(|e| failed(&e))?;
+        rows.clear();
+        Ok(())
+    }
+
+    fn finish(mut self, out: &Path) -> Result<(), ExportError> {
+        self.flush()?;
+        let failed = |e: &dyn std::fmt::Display| ExportError::Output {
+            path: out.to_owned(),
+            message: e.to_string(),
+        };
+        let file = match self {
+            Self::Csv(writer, _) => {
+                writer.into_inner().map_err(|e| failed(&e))?.into_inner().map_err(|e| failed(&e))?
+            }
+            Self::Parquet { writer, .. } => writer.into_inner().map_err(|e| failed(&e))?,
+        };
+        file.sync_all().map_err(|e| failed(&e))?;
+        Ok(())
+    }
+}

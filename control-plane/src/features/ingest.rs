@@ -1,0 +1,166 @@
+//! Ingest: every row of a CSV or Parquet file checked against the view's current
+//! definition and written in one transaction, or, if any row breaks a rule, nothing written
+//! and a report of the first errors. The file streams; memory does not grow with it.
+
+use std::path::Path;
+
+use falaj_common::features::rows::RowError;
+use falaj_common::features::{Cell, HeaderError, Report, RowSchema};
+use falaj_common::time::Timestamp;
+use rusqlite::{Connection, TransactionBehavior, params, params_from_iter};
+use serde::Serialize;
+use thiserror::Error;
+
+use super::source::{self, Format, ReadError, RowSink, SourceError};
+use super::store::{self, StoredView};
+
+/// Why an ingest wrote nothing.
+#[derive(Debug, Error)]
+pub enum IngestError {
+    /// No view of that name.
+    #[error("no feature view {0:?}")]
+    UnknownView(String),
+    /// The file could not be read.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    /// The file's columns do not fit the view.
+    #[error("{file} does not fit view {view:?}: {error}")]
+    Header {
+        /// The file's name as given.
+        file: String,
+        /// The view.
+        view: String,
+        /// The mismatch.
+        error: HeaderError,
+    },
+    /// Rows broke rules: nothing was written.
+    #[error("{file}: {} of {} rows break the rules of view {view:?}; nothing was ingested (first: {})", report.bad_rows, report.rows, first(report))]
+    Rows {
+        /// The file's name as given.
+        file: String,
+        /// The view.
+        view: String,
+        /// The first errors and the counts.
+        report: Report,
+    },
+    /// The offline store failed.
+    #[error("offline store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+fn first(report: &Report) -> String {
+    report.first.first().map(RowError::to_string).unwrap_or_default()
+}
+
+/// What an ingest wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ingested {
+    /// The ingest's id (stored with each row).
+    pub id: i64,
+    /// The view.
+    pub view: String,
+    /// The view version the rows were written to.
+    pub version: u64,
+    /// Rows written (a row for an (entity, time) already stored replaces it).
+    pub rows: u64,
+}
+
+struct Writer<'c> {
+    schema: Option<RowSchema>,
+    stored: &'c StoredView,
+    insert: rusqlite::Statement<'c>,
+    id: i64,
+    report: Report,
+    values: Vec<rusqlite::types::Value>,
+}
+
+enum Refusal {
+    Header(HeaderError),
+    Sqlite(rusqlite::Error),
+}
+
+impl RowSink for Writer<'_> {
+    type Error = Refusal;
+
+    fn header(&mut self, names: &[&str]) -> Result<(), Refusal> {
+        self.schema = Some(RowSchema::new(&self.stored.view, names).map_err(Refusal::Header)?);
+        Ok(())
+    }
+
+    fn row(&mut self, number: u64, cells: &[Cell<'_>]) -> Result<(), Refusal> {
+        let schema = self.schema.as_ref().expect("the header comes first");
+        self.report.rows = number;
+        match schema.check(number, cells) {
+            Err(errors) => self.report.add(errors),
+            // After the first bad row nothing more is written: the transaction is rolled
+            // back, and the rest of the file is only checked, for the report.
+            Ok(row) if self.report.bad_rows == 0 => {
+                self.values.clear();
+                self.values.push(store::sql_key(&row.key));
+                self.values.push(row.time.into());
+                self.values.push(self.id.into());
+                self.values.extend(row.values.iter().map(store::sql_value));
+                self.insert
+                    .execute(params_from_iter(self.values.iter()))
+                    .map_err(Refusal::Sqlite)?;
+            }
+            Ok(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Ingests `path` (named `file` in reports) into the current version of view `view`.
+pub fn ingest(
+    conn: &mut Connection,
+    view: &str,
+    path: &Path,
+    file: &str,
+    now: Timestamp,
+) -> Result<Ingested, IngestError> {
+    let format = Format::detect(path)?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let stored =
+        store::current(&tx, view)?.ok_or_else(|| IngestError::UnknownView(view.to_owned()))?;
+    tx.execute(
+        "INSERT INTO ingests (view, version, at, source, format, rows) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+        params![view, stored.version as i64, crate::db::ts(now), file, format.name()],
+    )?;
+    let id = tx.last_insert_rowid();
+    let columns = store::feature_columns(&stored.view);
+    let marks = vec!["?"; stored.view.features.len() + 3].join(", ");
+    let sql = format!(
+        "INSERT OR REPLACE INTO {} (entity, event_time, ingest, {columns}) VALUES ({marks})",
+        stored.table()
+    );
+    let rows = {
+        let mut writer = Writer {
+            schema: None,
+            stored: &stored,
+            insert: tx.prepare(&sql)?,
+            id,
+            report: Report::default(),
+            values: Vec::new(),
+        };
+        let read = source::read(path, format, &mut writer);
+        let name = || file.to_owned();
+        match read {
+            Err(ReadError::Source(e)) => return Err(e.into()),
+            Err(ReadError::Sink(Refusal::Header(error))) => {
+                return Err(IngestError::Header { file: name(), view: view.to_owned(), error });
+            }
+            Err(ReadError::Sink(Refusal::Sqlite(e))) => return Err(e.into()),
+            Ok(_) if writer.report.bad_rows > 0 => {
+                return Err(IngestError::Rows {
+                    file: name(),
+                    view: view.to_owned(),
+                    report: writer.report,
+                });
+            }
+            Ok(rows) => rows,
+        }
+    };
+    tx.execute("UPDATE ingests SET rows = ?1 WHERE id = ?2", params![rows as i64, id])?;
+    tx.commit()?;
+    Ok(Ingested { id, view: view.to_owned(), version: stored.version, rows })
+}

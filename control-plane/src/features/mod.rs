@@ -1,0 +1,77 @@
+//! The feature store on the control plane: feature views and their history, the offline
+//! store in SQLite (`features.db`), validated ingest, snapshots for agents, point-in-time
+//! training exports, and the admin API routes that drive them.
+
+pub mod api;
+pub mod cli;
+pub mod export;
+pub mod ingest;
+pub mod snapshot;
+pub mod source;
+pub mod store;
+
+use std::path::Path;
+
+use ring::rand::{SecureRandom, SystemRandom};
+
+use crate::db::{Db, DbError};
+use crate::files;
+
+/// The offline store and the region's key for pseudonymising personal data.
+#[derive(Debug, Clone)]
+pub struct FeatureStore {
+    /// `features.db`.
+    pub db: Db,
+    pii_key: std::sync::Arc<Vec<u8>>,
+}
+
+/// Why the feature store could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The database.
+    #[error(transparent)]
+    Db(#[from] DbError),
+    /// The key file.
+    #[error("PII key {path}: {source}")]
+    Key {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+impl FeatureStore {
+    /// Opens `DATA/features.db` and the region's PII key `keys/pii-REGION.key` (32 random
+    /// bytes, made on first use, mode 0600; it never leaves the control plane).
+    pub fn open(data_dir: &Path, keys_dir: &Path, region: &str) -> Result<Self, OpenError> {
+        let db = Db::open_with(&data_dir.join(store::FEATURES_DB_FILE), store::MIGRATIONS)?;
+        let path = keys_dir.join(format!("pii-{region}.key"));
+        let key_err = |source| OpenError::Key { path: path.clone(), source };
+        let key = match std::fs::read_to_string(&path) {
+            Ok(text) => hex::decode(text.trim())
+                .map_err(|e| key_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let mut key = vec![0u8; 32];
+                SystemRandom::new()
+                    .fill(&mut key)
+                    .map_err(|_| key_err(std::io::Error::other("no system randomness")))?;
+                files::write_atomic(&path, hex::encode(&key).as_bytes(), 0o600).map_err(key_err)?;
+                key
+            }
+            Err(e) => return Err(key_err(e)),
+        };
+        if key.len() < 32 {
+            return Err(key_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the key must be at least 32 bytes (64 hex digits)",
+            )));
+        }
+        Ok(Self { db, pii_key: std::sync::Arc::new(key) })
+    }
+
+    /// The region's pseudonymisation key.
+    pub fn pii_key(&self) -> &[u8] {
+        &self.pii_key
+    }
+}

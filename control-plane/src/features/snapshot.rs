@@ -1,0 +1,215 @@
+//! Materialising a snapshot: the latest row at or before a time for each entity of a view
+//! (all of them, a list, or those a filter keeps), personal data treated by policy, written
+//! as the Parquet payload of a snapshot bundle.
+
+use std::io::Write;
+
+use falaj_common::features::value::{self, Key};
+use falaj_common::features::view::PiiPolicy;
+use falaj_common::features::{
+    Filter, FilterError, PiiError, Pseudonymiser, SnapshotError, SnapshotSpec, SnapshotWriter,
+    Treatment, Value, pii,
+};
+use falaj_common::time::Timestamp;
+use rusqlite::{Connection, params};
+use thiserror::Error;
+
+use super::store::{self, StoredView};
+
+/// Which entities and values a snapshot carries.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotOptions {
+    /// Only these entities (as text); `None`: every entity.
+    pub entities: Option<Vec<String>>,
+    /// Only entities whose latest row passes this filter.
+    pub filter: Option<String>,
+    /// Latest values at or before this time (µs since the epoch); `None`: now.
+    pub as_of: Option<i64>,
+    /// The policy for personal data the view gives none for.
+    pub pii: Option<PiiPolicy>,
+}
+
+/// Why a snapshot was not made.
+#[derive(Debug, Error)]
+pub enum BuildError {
+    /// No view of that name.
+    #[error("no feature view {0:?}")]
+    UnknownView(String),
+    /// Personal data without a policy.
+    #[error(transparent)]
+    Pii(#[from] PiiError),
+    /// A bad filter.
+    #[error(transparent)]
+    Filter(#[from] FilterError),
+    /// An entity id of the wrong type.
+    #[error("entity {id:?}: {rule}")]
+    Entity {
+        /// The id.
+        id: String,
+        /// The rule it breaks.
+        rule: value::Rule,
+    },
+    /// Nothing to carry.
+    #[error("the snapshot of view {0:?} would hold no entity")]
+    Empty(String),
+    /// Writing the payload failed.
+    #[error(transparent)]
+    Payload(#[from] SnapshotError),
+    /// The offline store failed.
+    #[error("offline store: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+}
+
+/// Writes the snapshot of `view` into `out`; hashes personal data with `pii_key`.
+/// Returns the manifest content (with the entity count) and the sink.
+pub fn build<W: Write + Send>(
+    conn: &Connection,
+    view: &str,
+    options: &SnapshotOptions,
+    pii_key: &[u8],
+    now: i64,
+    out: W,
+) -> Result<(SnapshotSpec, W), BuildError> {
+    let stored =
+        store::current(conn, view)?.ok_or_else(|| BuildError::UnknownView(view.to_owned()))?;
+    let treatments = pii::plan(&stored.view, options.pii)?;
+    let filter = options.filter.as_deref().map(|f| Filter::parse(&stored.view, f)).transpose()?;
+    let as_of = options.as_of.unwrap_or(now);
+    let mut scope = Vec::new();
+    if let Some(entities) = &options.entities {
+        scope.push(format!("{} listed entities", entities.len()));
+    }
+    if let Some(filter) = &options.filter {
+        scope.push(format!("filter {filter}"));
+    }
+    let scope = if scope.is_empty() { "all".to_owned() } else { scope.join(", ") };
+    let as_of_secs = Timestamp::from_unix(u64::try_from(as_of / 1_000_000).unwrap_or(0));
+    let spec = SnapshotSpec::new(&stored.view, stored.version, &treatments, as_of_secs, &scope);
+    let hashing = treatments.contains(&Treatment::Hash);
+    let pseudonymiser = hashing.then(|| Pseudonymiser::new(pii_key));
+    let mut writer = SnapshotWriter::new(&stored.view, spec, treatments, pseudonymiser, out)?;
+    let mut emit = |key: Key, time: i64, values: Vec<Value>| -> Result<(), BuildError> {
+        if filter.as_ref().is_none_or(|f| f.matches(&key, &values)) {
+            writer.push(key, time, values)?;
+        }
+        Ok(())
+    };
+    match &options.entities {
+        Some(ids) => listed(conn, &stored, ids, as_of, &mut emit)?,
+        None => scan(conn, &stored, as_of, &mut emit)?,
+    }
+    let (spec, out) = writer.finish()?;
+    if spec.entities == 0 {
+        return Err(BuildError::Empty(view.to_owned()));
+    }
+    Ok((spec, out))
+}
+
+type Emit<'a> = dyn FnMut(Key, i64, Vec<Value>) -> Result<(), BuildError> + 'a;
+
+fn row_values(stored: &StoredView, row: &rusqlite::Row<'_>) -> rusqlite::Result<Vec<Value>> {
+    stored
+        .view
+        .features
+        .iter()
+        .enumerate()
+        .map(|(i, f)| store::read_value(row, i + 2, &f.kind))
+        .collect()
+}
+
+/// Every entity: one pass over the table in key order, keeping each entity's last row
+/// at or before `as_of`.
+fn scan(
+    conn: &Connection,
+    stored: &StoredView,
+    as_of: i64,
+    emit: &mut Emit<'_>,
+) -> Result<(), BuildError> {
+    let sql = format!(
+        "SELECT entity, event_time, {} FROM {} WHERE event_time <= ?1 ORDER BY entity, event_time",
+        store::feature_columns(&stored.view),
+        stored.table()
+    );
+    let mut stmt = conn.prepare(&sql)?;
+    let mut rows = stmt.query([as_of])?;
+    let mut pending: Option<(Key, i64, Vec<Value>)> = None;
+    while let Some(row) = rows.next()? {
+        let key = store::read_key(row, 0)?;
+        if let Some(last) = pending.take_if(|(k, _, _)| *k != key) {
+            emit(last.0, last.1, last.2)?;
+        }
+        pending = Some((key, row.get(1)?, row_values(stored, row)?));
+    }
+    if let Some(last) = pending {
+        emit(last.0, last.1, last.2)?;
+    }
+    Ok(())
+}
+
+/// Listed entities: one point lookup each, in key order; ids not stored are skipped.
+fn listed(
+    conn: &Connection,
+    stored: &StoredView,
+    ids: &[String],
+    as_of: i64,
+    emit: &mut Emit<'_>,
+) -> Result<(), BuildError> {
+    let mut keys = ids
+        .iter()
+        .map(|id| {
+            value::parse_key(stored.view.entity.kind, id)
+                .map_err(|rule| BuildError::Entity { id: id.clone(), rule })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    keys.sort();
+    keys.dedup();
+    let mut stmt = conn.prepare(&point_query(stored))?;
+    for key in keys {
+        let found = stmt
+            .query_row(params![store::sql_key(&key), as_of], |row| {
+                Ok((row.get::<_, i64>(1)?, row_values(stored, row)?))
+            })
+            .map(Some)
+            .or_else(
+                |e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) },
+            )?;
+        if let Some((time, values)) = found {
+            emit(key, time, values)?;
+        }
+    }
+    Ok(())
+}
+
+/// The query for one entity's latest row at or before a time: `?1` the key, `?2` the time.
+pub fn point_query(stored: &StoredView) -> String {
+    format!(
+        "SELECT entity, event_time, {} FROM {} WHERE entity = ?1 AND event_time <= ?2
+         ORDER BY event_time DESC LIMIT 1",
+        store::feature_columns(&stored.view),
+        stored.table()
+    )
+}
+
+/// Records a snapshot bundle made from the offline store.
+pub fn record(
+    conn: &Connection,
+    spec: &SnapshotSpec,
+    version: u64,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO snapshots (view, version, view_version, built_at, as_of, scope, entities, features)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            spec.view,
+            version as i64,
+            spec.view_version as i64,
+            crate::db::ts(now),
+            crate::db::ts(spec.as_of),
+            spec.scope,
+            spec.entities as i64,
+            serde_json::to_string(&spec.features).expect("features serialise"),
+        ],
+    )
+    .map(drop)
+}
