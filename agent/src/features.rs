@@ -363,8 +363,8 @@ mod tests {
     use super::*;
     use falaj_common::tensor::TensorSpec;
 
-    fn signature(datatype: DataType, shape: Vec<Dim>) -> Signature {
-        let spec = |name: &str| TensorSpec { name: name.into(), datatype, shape: shape.clone() };
+    fn signature(datatype: DataType, shape: &[Dim]) -> Signature {
+        let spec = |name: &str| TensorSpec { name: name.into(), datatype, shape: shape.to_vec() };
         Signature { inputs: vec![spec("x")], outputs: vec![spec("y")] }
     }
 
@@ -374,15 +374,15 @@ mod tests {
             FeatureInput { view: "pumps".into(), version: 1, names: vec!["a".into(), "b".into()] };
         let n = || Dim::Symbol("N".into());
         let check = |s: Signature| check_feature_input(&s, &input);
-        assert_eq!(check(signature(DataType::Fp32, vec![n(), Dim::Fixed(2)])), Ok(()));
-        assert_eq!(check(signature(DataType::Fp32, vec![n(), Dim::Any])), Ok(()));
-        let err = check(signature(DataType::Fp32, vec![n(), Dim::Fixed(3)])).unwrap_err();
+        assert_eq!(check(signature(DataType::Fp32, &[n(), Dim::Fixed(2)])), Ok(()));
+        assert_eq!(check(signature(DataType::Fp32, &[n(), Dim::Any])), Ok(()));
+        let err = check(signature(DataType::Fp32, &[n(), Dim::Fixed(3)])).unwrap_err();
         assert!(err.contains("3 columns") && err.contains("2 features"), "{err}");
-        let err = check(signature(DataType::Int64, vec![n(), Dim::Fixed(2)])).unwrap_err();
+        let err = check(signature(DataType::Int64, &[n(), Dim::Fixed(2)])).unwrap_err();
         assert!(err.contains("INT64"), "{err}");
-        let err = check(signature(DataType::Fp32, vec![Dim::Fixed(2)])).unwrap_err();
+        let err = check(signature(DataType::Fp32, &[Dim::Fixed(2)])).unwrap_err();
         assert!(err.contains("rank 1"), "{err}");
-        let mut two = signature(DataType::Fp32, vec![n(), Dim::Fixed(2)]);
+        let mut two = signature(DataType::Fp32, &[n(), Dim::Fixed(2)]);
         two.inputs.push(two.inputs[0].clone());
         assert!(check(two).unwrap_err().contains("exactly one input"));
     }

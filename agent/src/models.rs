@@ -254,10 +254,10 @@ fn load_snapshot(
 ) -> ViewEntry {
     let (name, version) = (&installed.manifest.name, installed.manifest.version);
     let manifest_sha256 = installed.manifest_sha256;
-    if let Some(previous) = current.features.get(name) {
-        if previous.manifest_sha256 == manifest_sha256 {
-            return previous.clone();
-        }
+    if let Some(previous) =
+        current.features.get(name).filter(|p| p.manifest_sha256 == manifest_sha256)
+    {
+        return previous.clone();
     }
     let started = Instant::now();
     let state = match features::load(store, installed) {

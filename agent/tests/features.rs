@@ -525,8 +525,12 @@ async fn a_damaged_snapshot_is_reported_and_not_served() {
     server.stop().await;
 }
 
-/// Installed rows and every file under the data directory except the database.
-fn state(site: &Site) -> (Vec<(String, u64, bool)>, BTreeMap<String, Vec<u8>>) {
+/// Installed rows (name, version, active) and every file under the data directory except
+/// the database, with its content.
+type State = (Vec<(String, u64, bool)>, BTreeMap<String, Vec<u8>>);
+
+/// Everything an import could change.
+fn state(site: &Site) -> State {
     fn walk(dir: &Path, root: &Path, out: &mut BTreeMap<String, Vec<u8>>) {
         for entry in std::fs::read_dir(dir).unwrap() {
             let path = entry.unwrap().path();
