@@ -107,3 +107,76 @@ pub fn write(dir: &Path, options: &SampleOptions) -> std::io::Result<Sample> {
         report,
     })
 }
+
+/// The sample feature view: the sensor readings per pump, its site, and the technician on
+/// duty (personal data, hashed before it leaves the control plane).
+pub const PUMP_VIEW: &str = r#"
+name = "pump-sensors"
+description = "Hourly sensor readings per pump"
+timestamp = "event_time"
+entity = { name = "pump_id", type = "string" }
+
+[[features]]
+name = "site"
+type = "category"
+values = ["plant-a", "plant-b"]
+description = "Where the pump runs"
+owner = "operations"
+
+[[features]]
+name = "technician"
+type = "string"
+nullable = true
+pii = true
+pii_policy = "hash"
+description = "Technician on duty"
+owner = "operations"
+"#;
+
+/// The sample view's declaration: [`PUMP_VIEW`] with one f32 feature per sensor.
+pub fn pump_view() -> String {
+    let mut view = PUMP_VIEW.to_owned();
+    for name in FEATURES {
+        let _ = write!(
+            view,
+            "\n[[features]]\nname = \"{name}\"\ntype = \"f32\"\ndescription = \"Sensor reading ({name})\"\nowner = \"reliability\"\n"
+        );
+    }
+    view
+}
+
+/// The id of pump `i` of the sample data.
+pub fn pump_id(i: usize) -> String {
+    format!("pump-{i:06}")
+}
+
+/// Writes `readings` hourly rows for each of `pumps` pumps to a CSV file fitting
+/// [`pump_view`], starting at `start` (µs since the epoch), drawn from `seed`.
+pub fn write_pump_readings(
+    path: &Path,
+    pumps: usize,
+    readings: usize,
+    start: i64,
+    seed: u64,
+) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let data = sample::generate(pumps * readings, seed, &[]);
+    let file = std::fs::File::create(path)?;
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    writeln!(out, "pump_id,event_time,site,technician,{}", FEATURES.join(","))?;
+    let mut line = String::new();
+    for r in 0..readings {
+        let time = falaj_common::features::value::format_time(start + r as i64 * 3_600_000_000);
+        for p in 0..pumps {
+            line.clear();
+            let site = if p % 3 == 0 { "plant-b" } else { "plant-a" };
+            let technician = ["amal", "bilal", "chen", ""][(p + r) % 4];
+            let _ = write!(line, "{},{time},{site},{technician}", pump_id(p));
+            for v in data.row(r * pumps + p) {
+                let _ = write!(line, ",{v}");
+            }
+            writeln!(out, "{line}")?;
+        }
+    }
+    out.into_inner().map_err(std::io::IntoInnerError::into_error)?.sync_all()
+}
