@@ -484,7 +484,14 @@ struct Response<'a> {
     model_version: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameters: Option<ResponseParameters<'a>>,
     outputs: Vec<ResponseOutput<'a>>,
+}
+
+#[derive(Serialize)]
+struct ResponseParameters<'a> {
+    entity_ids: &'a [String],
 }
 
 /// One output to send.
@@ -507,11 +514,13 @@ pub struct EncodedResponse {
     pub json_len: Option<usize>,
 }
 
-/// Encodes an inference response.
+/// Encodes an inference response; `entity_ids`, when the request named entities, are
+/// echoed in its `parameters`.
 pub fn encode_response(
     model_name: &str,
     model_version: u64,
     id: Option<&str>,
+    entity_ids: Option<&[String]>,
     outputs: &[OutputToSend<'_>],
 ) -> EncodedResponse {
     let any_binary = outputs.iter().any(|o| o.binary);
@@ -535,7 +544,13 @@ pub fn encode_response(
             }
         })
         .collect();
-    let response = Response { model_name, model_version: model_version.to_string(), id, outputs };
+    let response = Response {
+        model_name,
+        model_version: model_version.to_string(),
+        id,
+        parameters: entity_ids.map(|entity_ids| ResponseParameters { entity_ids }),
+        outputs,
+    };
     let mut body = serde_json::to_vec(&response).expect("responses always serialise");
     if any_binary {
         let json_len = body.len();
@@ -706,6 +721,7 @@ mod tests {
             "m",
             3,
             Some("req-1"),
+            None,
             &[
                 OutputToSend { name: "p", tensor: &probs, binary: false },
                 OutputToSend { name: "l", tensor: &label, binary: false },
@@ -720,6 +736,7 @@ mod tests {
             "m",
             3,
             None,
+            Some(&["pump-7".to_owned()]),
             &[
                 OutputToSend { name: "p", tensor: &probs, binary: true },
                 OutputToSend { name: "l", tensor: &label, binary: false },
@@ -728,6 +745,7 @@ mod tests {
         let n = mixed.json_len.unwrap();
         let header: serde_json::Value = serde_json::from_slice(&mixed.body[..n]).unwrap();
         assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
+        assert_eq!(header["parameters"]["entity_ids"][0], "pump-7");
         assert_eq!(&mixed.body[n..], &[0, 0, 0x80, 0x3e, 0, 0, 0x40, 0x3f]);
     }
 }

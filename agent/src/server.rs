@@ -660,8 +660,9 @@ async fn infer_loaded(
         }
     };
     let mut request = oip::decode_request(body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
-    if let Some(entities) = request.entity_ids.take() {
-        let input = entity_input(state, name, model, &request, &entities)?;
+    let entities = request.entity_ids.take();
+    if let Some(entities) = &entities {
+        let input = entity_input(state, name, model, &request, entities)?;
         request.inputs.push(input);
     }
 
@@ -715,7 +716,8 @@ async fn infer_loaded(
             binary,
         })
         .collect();
-    let encoded = oip::encode_response(name, version, request.id.as_deref(), &to_send);
+    let encoded =
+        oip::encode_response(name, version, request.id.as_deref(), entities.as_deref(), &to_send);
     if state.config.metrics {
         model.metrics.record(started.elapsed(), Some(&outputs));
     }

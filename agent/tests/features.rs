@@ -404,6 +404,7 @@ async fn inference_by_entity_equals_inference_with_the_features_given() {
         post(&client, &server.url("/v2/models/pump-fault/versions/1/infer"), &batch).await;
     assert_eq!(status, 200, "{by_entities}");
     assert_eq!(by_entities["id"], "b");
+    assert_eq!(by_entities["parameters"]["entity_ids"], json!(["pump-001", "pump-003"]));
     assert_eq!(by_entities["outputs"][0]["shape"], json!([2, 3]));
     assert_eq!(by_entities["outputs"], given["outputs"]);
 
