@@ -15,7 +15,7 @@ use falaj_agent::reporting::ReportConfig;
 use falaj_agent::server::ServeConfig as AgentConfig;
 use falaj_agent::sync::SyncConfig;
 use falaj_common::alerting::{AlertMetric, AlertRule, DriftScope};
-use falaj_common::bundle::RuntimeHint;
+use falaj_common::bundle::{FeatureInput, RuntimeHint};
 use falaj_common::sample::{CLASSES, FEATURES, Shift, generate};
 use falaj_control::admin::{AlertsView, MetricsView};
 use falaj_control::alerts::AlertsConfig;
@@ -28,6 +28,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 const MODEL: &str = "sensor-fault";
+const VIEW: &str = "pump-sensors";
+const FEATURE_MODEL: &str = "sensor-fault-by-pump";
 const REGION: &str = "local-1";
 const GROUP: &str = "demo";
 const AGENTS: usize = 2;
@@ -132,6 +134,7 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     let targets: Vec<_> = agents.iter().map(|(id, a, _)| (id.as_str(), *a)).collect();
     let sent = show_traffic(&http_client, &targets, &made.holdout).await?;
     show_monitoring(&client, &http_client, &targets, &made.holdout, version, sent).await?;
+    show_features(dir, &client, &http_client, &targets, &made).await?;
 
     let url = format!("http://{}/v2/models/{MODEL}/infer", agents[0].1);
     println!();
@@ -357,6 +360,110 @@ async fn show_monitoring(
     print_indented(&render_metrics(&view));
     println!("     and `falaj control alerts`:");
     print_indented(&render_alerts(&client.alerts(5).await?));
+    Ok(())
+}
+
+/// The feature store: a view declared, generated readings ingested, a snapshot and the
+/// sample model (fed from the view) shipped to the group, predictions by pump id.
+async fn show_features(
+    dir: &Path,
+    client: &AdminClient,
+    http: &reqwest::Client,
+    agents: &[(&str, SocketAddr)],
+    made: &sample::Sample,
+) -> Result<()> {
+    const PUMPS: usize = 1000;
+    println!();
+    let applied = client.apply_view(sample::pump_view()).await?;
+    let view_version = applied["stored"]["version"].as_u64().unwrap_or(1);
+    let readings = dir.join("pump-readings.csv");
+    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_micros() as i64;
+    sample::write_pump_readings(&readings, PUMPS, 3, now - 3 * 3_600_000_000, 99)?;
+    let ingested = client.ingest(VIEW, &readings).await?;
+    println!(
+        "  9. features       view {VIEW} v{view_version} applied; {} hourly readings of {PUMPS} pumps ingested, every row checked",
+        ingested["rows"]
+    );
+    let built = client.snapshot(VIEW, &json!({})).await?;
+    let snapshot = built["bundle"]["version"].as_u64().unwrap_or(1);
+    let model_version =
+        client.bundles().await?.iter().filter(|b| b["name"] == FEATURE_MODEL).count() as u64 + 1;
+    let bundle_path = dir.join(format!("{FEATURE_MODEL}-{model_version}.falaj"));
+    bundle::build(
+        &BuildOptions {
+            keys: dir.join("control/keys"),
+            model: made.model.clone(),
+            name: FEATURE_MODEL.into(),
+            version: model_version,
+            reference: Some(made.reference.clone()),
+            runtime: RuntimeHint::Auto,
+            lifetime: bundle::DEFAULT_LIFETIME,
+            out: bundle_path.clone(),
+            features: Some(FeatureInput {
+                view: VIEW.into(),
+                version: view_version,
+                names: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
+            }),
+        },
+        SystemTime::now(),
+    )
+    .context("building the bundle")?;
+    client.push_bundle(&bundle_path).await?;
+    client.deploy(GROUP, VIEW, snapshot).await?;
+    client.deploy(GROUP, FEATURE_MODEL, model_version).await?;
+    println!(
+        "     snapshot       {VIEW} v{snapshot}: {} pumps, {} bytes, technician names hashed with the region's key; deployed with {FEATURE_MODEL} v{model_version}",
+        built["snapshot"]["entities"], built["bundle"]["size"]
+    );
+    let (_, addr) = agents[0];
+    let ready = format!("http://{addr}/v2/models/{FEATURE_MODEL}/versions/{model_version}/ready");
+    let lookup = format!("http://{addr}/v1/features/{VIEW}/{}", sample::pump_id(7));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let served = http.get(&lookup).send().await?.json::<Value>().await?;
+        let model_ready = http.get(&ready).send().await.is_ok_and(|r| r.status().is_success());
+        if model_ready && served["version"] == snapshot {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the agent did not install the snapshot in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!("     lookups        GET {lookup}");
+    let found: Value = http.get(&lookup).send().await?.json().await?;
+    println!(
+        "                    site {}, technician {}, temperature {:.1} °C, vibration {:.2} mm/s ({})",
+        found["features"]["site"],
+        found["features"]["technician"],
+        found["features"]["temperature_c"].as_f64().unwrap_or_default(),
+        found["features"]["vibration_mm_s"].as_f64().unwrap_or_default(),
+        found["event_time"].as_str().unwrap_or("?")
+    );
+    let url = format!("http://{addr}/v2/models/{FEATURE_MODEL}/infer");
+    for pump in [7, 8, 9] {
+        let id = sample::pump_id(pump);
+        let response: Value = http
+            .post(&url)
+            .json(&json!({"parameters": {"entity_id": id}}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        let probabilities = output(&response, "probabilities")?;
+        let predicted = output(&response, "label")?.first().copied().unwrap_or(-1.0) as usize;
+        println!(
+            "     by entity id   {id}: {:<9} ({})",
+            CLASSES.get(predicted).unwrap_or(&"?"),
+            probabilities.iter().map(|p| format!("{p:.2}")).collect::<Vec<_>>().join(" / ")
+        );
+    }
+    println!(
+        "     try it         curl -s -X POST {url} -H 'Content-Type: application/json' -d '{}'",
+        json!({"parameters": {"entity_id": sample::pump_id(7)}})
+    );
     Ok(())
 }
 

@@ -13,7 +13,7 @@ use falaj_common::bundle::FeatureInput;
 use falaj_common::features::value::format_time;
 use falaj_common::features::{AssembleError, OnlineTable, Rule, SnapshotSpec, Value};
 use falaj_common::keys::Sha256;
-use falaj_common::tensor::{DataType, Dim, Signature, Tensor, TensorData};
+use falaj_common::tensor::{Tensor, TensorData};
 use serde::Serialize;
 use serde::ser::SerializeMap;
 use thiserror::Error;
@@ -51,40 +51,6 @@ pub fn load(store: &Store, installed: &Installed) -> Result<OnlineTable, String>
         .clone();
     let payload = store.read_content(installed).map_err(|e| e.to_string())?;
     OnlineTable::load(spec, payload).map_err(|e| e.to_string())
-}
-
-/// Checks that a model whose input is built from `input` can take it: one FP32 input of
-/// rank 2 whose last dimension (when fixed) is the number of features.
-pub fn check_feature_input(signature: &Signature, input: &FeatureInput) -> Result<(), String> {
-    let [tensor] = signature.inputs.as_slice() else {
-        return Err(format!(
-            "its input comes from feature view {:?}, so it must have exactly one input, not {}",
-            input.view,
-            signature.inputs.len()
-        ));
-    };
-    let width = input.names.len() as u64;
-    if tensor.datatype != DataType::Fp32 {
-        return Err(format!(
-            "input {:?} is {}, but inputs from feature view {:?} are FP32",
-            tensor.name,
-            tensor.datatype.name(),
-            input.view
-        ));
-    }
-    match tensor.shape.as_slice() {
-        [_, Dim::Fixed(n)] if *n != width => Err(format!(
-            "input {:?} has {n} columns, but feature view {:?} gives {width} features",
-            tensor.name, input.view
-        )),
-        [_, _] => Ok(()),
-        other => Err(format!(
-            "input {:?} has rank {}, but an input from feature view {:?} is [rows, {width}]",
-            tensor.name,
-            other.len(),
-            input.view
-        )),
-    }
 }
 
 /// Why a lookup or an assembly was refused. Each variant is the client's doing or the
@@ -356,34 +322,4 @@ pub fn assemble(
         shape: vec![entities.len() as u64, positions.len() as u64],
         data: TensorData::Fp32(values),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use falaj_common::tensor::TensorSpec;
-
-    fn signature(datatype: DataType, shape: &[Dim]) -> Signature {
-        let spec = |name: &str| TensorSpec { name: name.into(), datatype, shape: shape.to_vec() };
-        Signature { inputs: vec![spec("x")], outputs: vec![spec("y")] }
-    }
-
-    #[test]
-    fn a_feature_input_needs_one_fp32_matrix_of_its_width() {
-        let input =
-            FeatureInput { view: "pumps".into(), version: 1, names: vec!["a".into(), "b".into()] };
-        let n = || Dim::Symbol("N".into());
-        let check = |s: Signature| check_feature_input(&s, &input);
-        assert_eq!(check(signature(DataType::Fp32, &[n(), Dim::Fixed(2)])), Ok(()));
-        assert_eq!(check(signature(DataType::Fp32, &[n(), Dim::Any])), Ok(()));
-        let err = check(signature(DataType::Fp32, &[n(), Dim::Fixed(3)])).unwrap_err();
-        assert!(err.contains("3 columns") && err.contains("2 features"), "{err}");
-        let err = check(signature(DataType::Int64, &[n(), Dim::Fixed(2)])).unwrap_err();
-        assert!(err.contains("INT64"), "{err}");
-        let err = check(signature(DataType::Fp32, &[Dim::Fixed(2)])).unwrap_err();
-        assert!(err.contains("rank 1"), "{err}");
-        let mut two = signature(DataType::Fp32, &[n(), Dim::Fixed(2)]);
-        two.inputs.push(two.inputs[0].clone());
-        assert!(check(two).unwrap_err().contains("exactly one input"));
-    }
 }

@@ -20,7 +20,6 @@ use falaj_common::keys::Sha256;
 use falaj_common::onnx::{OnnxError, OnnxModel};
 use thiserror::Error;
 
-use crate::features;
 use crate::store::{self, InstallMode, InstalledVersion, Store, StoreError};
 
 /// Size of the pieces the payload is copied in.
@@ -310,7 +309,7 @@ fn check_content(manifest: &Manifest, content_bytes: Vec<u8>) -> Result<(), Impo
                 )));
             }
             if let Some(input) = &spec.features {
-                features::check_feature_input(model.signature(), input).map_err(bad_model)?;
+                input.fits(model.signature()).map_err(bad_model)?;
             }
             Ok(())
         }

@@ -182,7 +182,7 @@ impl Registry {
                                 .load(&name, version, spec, &bytes)
                                 .map_err(|e| e.to_string())?;
                             if let Some(input) = &spec.features {
-                                features::check_feature_input(engine.signature(), input)?;
+                                input.fits(engine.signature())?;
                             }
                             Ok(engine)
                         });

@@ -402,24 +402,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Sample(args) => sample(&args),
         Command::Serve(args) => serve(args),
         Command::CheckConfig(args) => check_config(&args.config),
-        Command::Bundle(BundleCommand::Push(args)) => online(&args.api, |c| async move {
-            let pushed = c.push_bundle(&args.file).await?;
-            let b = &pushed["bundle"];
-            let verb = if pushed["created"].as_bool() == Some(true) {
-                "registered"
-            } else {
-                "already registered:"
-            };
-            println!(
-                "{verb} {}@{} ({} bytes, {} chunks, {} new)",
-                b["name"].as_str().unwrap_or("?"),
-                b["version"],
-                b["size"],
-                b["chunks"],
-                pushed["new_chunks"]
-            );
-            Ok(())
-        }),
+        Command::Bundle(BundleCommand::Push(args)) => bundle_push(&args),
         Command::Bundle(BundleCommand::List(api)) => online(&api, |c| async move {
             println!(
                 "{:<24} {:>8} {:>12} {:>7} {:<22}",
@@ -495,6 +478,27 @@ pub fn run(cli: Cli) -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+fn bundle_push(args: &PushArgs) -> Result<(), Failure> {
+    online(&args.api, |c| async move {
+        let pushed = c.push_bundle(&args.file).await?;
+        let b = &pushed["bundle"];
+        let verb = if pushed["created"].as_bool() == Some(true) {
+            "registered"
+        } else {
+            "already registered:"
+        };
+        println!(
+            "{verb} {}@{} ({} bytes, {} chunks, {} new)",
+            b["name"].as_str().unwrap_or("?"),
+            b["version"],
+            b["size"],
+            b["chunks"],
+            pushed["new_chunks"]
+        );
+        Ok(())
+    })
 }
 
 fn keys_init(args: &KeysInitArgs, now: SystemTime) -> Result<(), Failure> {

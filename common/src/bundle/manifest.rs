@@ -127,30 +127,37 @@ pub struct FeatureInput {
 }
 
 impl FeatureInput {
-    /// Checks that a model with `signature` can take this input: one float32 input of rank
-    /// 2 whose last axis holds the features (fixed to their number, or free).
+    /// Checks that a model with `signature` can take this input: one FP32 input of rank 2
+    /// whose last dimension (when fixed) is the number of features.
     pub fn fits(&self, signature: &Signature) -> Result<(), String> {
-        let [input] = signature.inputs.as_slice() else {
+        let [tensor] = signature.inputs.as_slice() else {
             return Err(format!(
-                "a model fed from feature view {:?} must have exactly one input, not {}",
+                "its input comes from feature view {:?}, so it must have exactly one input, not {}",
                 self.view,
                 signature.inputs.len()
             ));
         };
         let width = self.names.len() as u64;
-        let fits = input.datatype == DataType::Fp32
-            && input.shape.len() == 2
-            && match input.shape[1] {
-                Dim::Fixed(n) => n == width,
-                Dim::Symbol(_) | Dim::Any => true,
-            };
-        if fits {
-            Ok(())
-        } else {
-            Err(format!(
-                "input {:?} ({} {:?}) cannot take {width} features of view {:?}: it must be FP32 of shape [batch, {width}]",
-                input.name, input.datatype, input.shape, self.view
-            ))
+        if tensor.datatype != DataType::Fp32 {
+            return Err(format!(
+                "input {:?} is {}, but inputs from feature view {:?} are FP32",
+                tensor.name,
+                tensor.datatype.name(),
+                self.view
+            ));
+        }
+        match tensor.shape.as_slice() {
+            [_, Dim::Fixed(n)] if *n != width => Err(format!(
+                "input {:?} has {n} columns, but feature view {:?} gives {width} features",
+                tensor.name, self.view
+            )),
+            [_, _] => Ok(()),
+            other => Err(format!(
+                "input {:?} has rank {}, but an input from feature view {:?} is [rows, {width}]",
+                tensor.name,
+                other.len(),
+                self.view
+            )),
         }
     }
 }

@@ -357,3 +357,32 @@ fn empty_payload_files_are_fine() {
     let bundle = verify(&bytes, &f.trust, &Fixture::policy()).unwrap();
     assert_eq!(bundle.file("empty"), Some(&[][..]));
 }
+
+mod feature_input {
+    use crate::bundle::FeatureInput;
+    use crate::tensor::{DataType, Dim, Signature, TensorSpec};
+
+    fn signature(datatype: DataType, shape: &[Dim]) -> Signature {
+        let spec = |name: &str| TensorSpec { name: name.into(), datatype, shape: shape.to_vec() };
+        Signature { inputs: vec![spec("x")], outputs: vec![spec("y")] }
+    }
+
+    #[test]
+    fn a_feature_input_needs_one_fp32_matrix_of_its_width() {
+        let input =
+            FeatureInput { view: "pumps".into(), version: 1, names: vec!["a".into(), "b".into()] };
+        let n = || Dim::Symbol("N".into());
+        let check = |s: Signature| input.fits(&s);
+        assert_eq!(check(signature(DataType::Fp32, &[n(), Dim::Fixed(2)])), Ok(()));
+        assert_eq!(check(signature(DataType::Fp32, &[n(), Dim::Any])), Ok(()));
+        let err = check(signature(DataType::Fp32, &[n(), Dim::Fixed(3)])).unwrap_err();
+        assert!(err.contains("3 columns") && err.contains("2 features"), "{err}");
+        let err = check(signature(DataType::Int64, &[n(), Dim::Fixed(2)])).unwrap_err();
+        assert!(err.contains("INT64"), "{err}");
+        let err = check(signature(DataType::Fp32, &[Dim::Fixed(2)])).unwrap_err();
+        assert!(err.contains("rank 1"), "{err}");
+        let mut two = signature(DataType::Fp32, &[n(), Dim::Fixed(2)]);
+        two.inputs.push(two.inputs[0].clone());
+        assert!(check(two).unwrap_err().contains("exactly one input"));
+    }
+}

@@ -1,6 +1,8 @@
 //! Snapshot filters: which entities a site gets, as `site == "plant-7" and load > 0.5` or
 //! `region in ("north", "east")`, checked against the view before anything is read.
 
+use std::cmp::Ordering::{Equal, Greater, Less};
+
 use thiserror::Error;
 
 use super::value::{Key, Value};
@@ -111,7 +113,6 @@ impl Term {
             (Value::Bool(v), Literal::Bool(b)) => Some(v.cmp(b)),
             _ => None,
         };
-        use std::cmp::Ordering::{Equal, Greater, Less};
         let first = || ordering(&self.literals[0]);
         match self.op {
             Op::Eq => first() == Some(Equal),

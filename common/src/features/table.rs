@@ -204,7 +204,7 @@ pub fn key_column<'a>(kind: KeyType, keys: impl Iterator<Item = &'a Key>) -> Arr
 
 /// An Arrow array of UTC timestamps (µs since the epoch).
 pub fn time_column(times: impl Iterator<Item = Option<i64>>) -> ArrayRef {
-    Arc::new(TimestampMicrosecondArray::from_iter(times).with_timezone("UTC"))
+    Arc::new(times.collect::<TimestampMicrosecondArray>().with_timezone("UTC"))
 }
 
 /// The Arrow type of a feature type.

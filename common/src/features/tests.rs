@@ -219,7 +219,7 @@ fn compatible_changes_keep_the_version_and_breaking_ones_do_not() {
         let new = FeatureView::from_toml(&text).unwrap();
         match view::compare(&old, &new) {
             Change::Breaking(reasons) => {
-                assert!(reasons.iter().any(|r| r.contains(reason)), "{reasons:?}")
+                assert!(reasons.iter().any(|r| r.contains(reason)), "{reasons:?}");
             }
             other => panic!("{reason}: {other:?}"),
         }

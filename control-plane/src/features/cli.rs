@@ -1,5 +1,6 @@
 //! `falaj-control features ...`: the feature store's commands, all through the admin API.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -102,26 +103,7 @@ pub struct ExportArgs {
 /// Runs a `features` command.
 pub fn run(command: FeaturesCommand) -> Result<(), Failure> {
     match command {
-        FeaturesCommand::Apply(args) => {
-            let text = std::fs::read_to_string(&args.file).map_err(|e| {
-                Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.file.display()))
-            })?;
-            online(&args.api, |c| async move {
-                let applied = c.apply_view(text).await?;
-                let stored = &applied["stored"];
-                println!(
-                    "{} {}: version {}, revision {}",
-                    applied["outcome"].as_str().unwrap_or("?"),
-                    stored["view"]["name"].as_str().unwrap_or("?"),
-                    stored["version"],
-                    stored["revision"]
-                );
-                for change in stored["changes"].as_array().into_iter().flatten() {
-                    println!("  {}", change.as_str().unwrap_or_default());
-                }
-                Ok(())
-            })
-        }
+        FeaturesCommand::Apply(args) => apply(&args),
         FeaturesCommand::List(api) => online(&api, |c| async move {
             println!(
                 "{:<24} {:>7} {:>8} {:>8} {:>10} {:>10}  {:<20}",
@@ -162,71 +144,92 @@ pub fn run(command: FeaturesCommand) -> Result<(), Failure> {
                 }
             }
         }),
-        FeaturesCommand::Snapshot(args) => {
-            let entities = args.entities.as_deref().map(read_entities).transpose()?;
-            if let Some(p) = args.pii.as_deref().filter(|p| !matches!(*p, "hash" | "drop")) {
-                return Err(Failure::new(
-                    EXIT_USAGE,
-                    anyhow::anyhow!("--pii must be hash or drop, not {p:?}"),
-                ));
-            }
-            let request = json!({
-                "entities": entities,
-                "filter": args.filter,
-                "as_of": args.as_of,
-                "pii": args.pii,
-                "expires_in_seconds": args.expires_in.as_secs(),
-            });
-            online(&args.api, |c| async move {
-                let built = c.snapshot(&args.view, &request).await?;
-                let (b, s) = (&built["bundle"], &built["snapshot"]);
-                println!(
-                    "built {}@{}: {} entities ({}), as of {}, {} bytes, {} new chunks",
-                    b["name"].as_str().unwrap_or("?"),
-                    b["version"],
-                    s["entities"],
-                    s["scope"].as_str().unwrap_or("?"),
-                    s["as_of"].as_str().unwrap_or("?"),
-                    b["size"],
-                    built["new_chunks"]
-                );
-                let hashed = s["pseudonymised"].as_array().map_or(0, Vec::len);
-                if hashed > 0 {
-                    println!("pseudonymised: {}", s["pseudonymised"]);
-                }
-                println!(
-                    "deploy it with: falaj-control deploy {}@{} --group GROUP",
-                    b["name"].as_str().unwrap_or("?"),
-                    b["version"]
-                );
-                Ok(())
-            })
-        }
-        FeaturesCommand::Export(args) => {
-            let format = match args.out.extension().and_then(|e| e.to_str()) {
-                Some("csv") => "csv",
-                Some("parquet") => "parquet",
-                _ => {
-                    return Err(Failure::new(
-                        EXIT_USAGE,
-                        anyhow::anyhow!(
-                            "--out must end in .parquet or .csv: {}",
-                            args.out.display()
-                        ),
-                    ));
-                }
-            };
-            online(&args.api, |c| async move {
-                let (rows, matched) = c.export(&args.view, &args.labels, format, &args.out).await?;
-                println!(
-                    "wrote {rows} rows to {} ({matched} with features at or before their time, {} without)",
-                    args.out.display(),
-                    rows - matched.min(rows)
-                );
-                Ok(())
-            })
-        }
+        FeaturesCommand::Snapshot(args) => snapshot(args),
+        FeaturesCommand::Export(args) => export(args),
     }
+}
+
+fn apply(args: &FileArgs) -> Result<(), Failure> {
+    let text = std::fs::read_to_string(&args.file)
+        .map_err(|e| Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
+    online(&args.api, |c| async move {
+        let applied = c.apply_view(text).await?;
+        let stored = &applied["stored"];
+        println!(
+            "{} {}: version {}, revision {}",
+            applied["outcome"].as_str().unwrap_or("?"),
+            stored["view"]["name"].as_str().unwrap_or("?"),
+            stored["version"],
+            stored["revision"]
+        );
+        for change in stored["changes"].as_array().into_iter().flatten() {
+            println!("  {}", change.as_str().unwrap_or_default());
+        }
+        Ok(())
+    })
+}
+
+fn snapshot(args: SnapshotArgs) -> Result<(), Failure> {
+    let entities = args.entities.as_deref().map(read_entities).transpose()?;
+    if let Some(p) = args.pii.as_deref().filter(|p| !matches!(*p, "hash" | "drop")) {
+        return Err(Failure::new(
+            EXIT_USAGE,
+            anyhow::anyhow!("--pii must be hash or drop, not {p:?}"),
+        ));
+    }
+    let request = json!({
+        "entities": entities,
+        "filter": args.filter,
+        "as_of": args.as_of,
+        "pii": args.pii,
+        "expires_in_seconds": args.expires_in.as_secs(),
+    });
+    online(&args.api, |c| async move {
+        let built = c.snapshot(&args.view, &request).await?;
+        let (b, s) = (&built["bundle"], &built["snapshot"]);
+        println!(
+            "built {}@{}: {} entities ({}), as of {}, {} bytes, {} new chunks",
+            b["name"].as_str().unwrap_or("?"),
+            b["version"],
+            s["entities"],
+            s["scope"].as_str().unwrap_or("?"),
+            s["as_of"].as_str().unwrap_or("?"),
+            b["size"],
+            built["new_chunks"]
+        );
+        let hashed = s["pseudonymised"].as_array().map_or(0, Vec::len);
+        if hashed > 0 {
+            println!("pseudonymised: {}", s["pseudonymised"]);
+        }
+        println!(
+            "deploy it with: falaj-control deploy {}@{} --group GROUP",
+            b["name"].as_str().unwrap_or("?"),
+            b["version"]
+        );
+        Ok(())
+    })
+}
+
+fn export(args: ExportArgs) -> Result<(), Failure> {
+    let format = match args.out.extension().and_then(|e| e.to_str()) {
+        Some("csv") => "csv",
+        Some("parquet") => "parquet",
+        _ => {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                anyhow::anyhow!("--out must end in .parquet or .csv: {}", args.out.display()),
+            ));
+        }
+    };
+    online(&args.api, |c| async move {
+        let (rows, matched) = c.export(&args.view, &args.labels, format, &args.out).await?;
+        println!(
+            "wrote {rows} rows to {} ({matched} with features at or before their time, {} without)",
+            args.out.display(),
+            rows - matched.min(rows)
+        );
+        Ok(())
+    })
 }
 
 /// Entity ids from a file: one per line, or a CSV whose first line names the column
@@ -252,8 +255,9 @@ fn render_report(report: &Value) -> String {
         report["bad_rows"], report["rows"], report["errors"]
     );
     for e in report["first"].as_array().into_iter().flatten() {
-        out += &format!(
-            "  row {:>8}  {:<20} {:<24} {}\n",
+        let _ = writeln!(
+            out,
+            "  row {:>8}  {:<20} {:<24} {}",
             e["row"],
             e["column"].as_str().unwrap_or("?"),
             e["value"].as_str().unwrap_or("?"),
@@ -278,9 +282,10 @@ fn render_view(shown: &Value) -> String {
         view["entity"]["type"].as_str().unwrap_or("?"),
         view["timestamp"].as_str().unwrap_or("?"),
     );
-    out += &format!(
-        "{:<20} {:<9} {:<8} {:<5} {:<14} {}\n",
-        "FEATURE", "TYPE", "NULLABLE", "PII", "OWNER", "DESCRIPTION"
+    let _ = writeln!(
+        out,
+        "{:<20} {:<9} {:<8} {:<5} {:<14} DESCRIPTION",
+        "FEATURE", "TYPE", "NULLABLE", "PII", "OWNER"
     );
     for f in view["features"].as_array().into_iter().flatten() {
         let pii = match (f["pii"].as_bool(), f["pii_policy"].as_str()) {
@@ -288,8 +293,9 @@ fn render_view(shown: &Value) -> String {
             (Some(true), None) => "yes".to_owned(),
             _ => "-".to_owned(),
         };
-        out += &format!(
-            "{:<20} {:<9} {:<8} {:<5} {:<14} {}\n",
+        let _ = writeln!(
+            out,
+            "{:<20} {:<9} {:<8} {:<5} {:<14} {}",
             f["name"].as_str().unwrap_or("?"),
             f["type"].as_str().unwrap_or("?"),
             if f["nullable"].as_bool() == Some(true) { "yes" } else { "no" },
@@ -302,8 +308,9 @@ fn render_view(shown: &Value) -> String {
     for h in shown["history"].as_array().into_iter().flatten() {
         let changes: Vec<&str> =
             h["changes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
-        out += &format!(
-            "  {}.{}  {}  {}\n",
+        let _ = writeln!(
+            out,
+            "  {}.{}  {}  {}",
             h["version"],
             h["revision"],
             h["applied_at"].as_str().unwrap_or(""),
@@ -313,9 +320,9 @@ fn render_view(shown: &Value) -> String {
     for (title, key) in [("ingests", "ingests"), ("snapshots", "snapshots")] {
         let items = shown[key].as_array().cloned().unwrap_or_default();
         if !items.is_empty() {
-            out += &format!("\n{title} (latest first):\n");
+            let _ = writeln!(out, "\n{title} (latest first):");
             for item in items {
-                out += &format!("  {item}\n");
+                let _ = writeln!(out, "  {item}");
             }
         }
     }

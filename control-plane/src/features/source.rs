@@ -310,7 +310,7 @@ impl<'a> Column<'a> {
     }
 }
 
-fn int<'a, T>(a: &'a dyn Array) -> Column<'a>
+fn int<T>(a: &dyn Array) -> Column<'_>
 where
     T: arrow_array::types::ArrowPrimitiveType,
     T::Native: Into<i64>,

@@ -6,6 +6,8 @@
 //! features become new columns); a breaking change is a new version with a table of its
 //! own, so rows ingested under one definition are never read under another.
 
+use std::fmt::Write as _;
+
 use falaj_common::features::view::{self, Change, FeatureType, FeatureView, KeyType};
 use falaj_common::time::Timestamp;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
@@ -215,12 +217,10 @@ fn create_table(conn: &Connection, stored: &StoredView) -> rusqlite::Result<()> 
         KeyType::String => "TEXT",
         KeyType::I64 => "INTEGER",
     };
-    let columns: String = stored
-        .view
-        .features
-        .iter()
-        .map(|f| format!(", \"{}\" {}", f.name, sql_type(&f.kind)))
-        .collect();
+    let mut columns = String::new();
+    for f in &stored.view.features {
+        let _ = write!(columns, ", \"{}\" {}", f.name, sql_type(&f.kind));
+    }
     conn.execute_batch(&format!(
         "CREATE TABLE {} (
             entity     {key} NOT NULL,
@@ -246,13 +246,12 @@ pub fn read_value(
     use falaj_common::features::Value;
     use rusqlite::types::ValueRef;
     Ok(match (row.get_ref(index)?, kind) {
-        (ValueRef::Null, _) => Value::Null,
+        (ValueRef::Null | ValueRef::Blob(_), _) => Value::Null,
         (ValueRef::Real(v), FeatureType::F32) => Value::F32(v as f32),
         (ValueRef::Real(v), _) => Value::F64(v),
         (ValueRef::Integer(v), FeatureType::Bool) => Value::Bool(v != 0),
         (ValueRef::Integer(v), _) => Value::I64(v),
         (ValueRef::Text(t), _) => Value::Str(String::from_utf8_lossy(t).into_owned()),
-        (ValueRef::Blob(_), _) => Value::Null,
     })
 }
 
