@@ -50,7 +50,7 @@ pub fn load(store: &Store, installed: &Installed) -> Result<OnlineTable, String>
         .ok_or_else(|| "not a feature snapshot bundle".to_owned())?
         .clone();
     let payload = store.read_content(installed).map_err(|e| e.to_string())?;
-    OnlineTable::load(spec, payload).map_err(|e| e.to_string())
+    OnlineTable::load(spec, &payload).map_err(|e| e.to_string())
 }
 
 /// Why a lookup or an assembly was refused. Each variant is the client's doing or the

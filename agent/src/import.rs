@@ -322,7 +322,7 @@ fn check_content(manifest: &Manifest, content_bytes: Vec<u8>) -> Result<(), Impo
                     manifest.name, spec.view
                 )));
             }
-            OnlineTable::load(spec.clone(), content_bytes.into())
+            OnlineTable::load(spec.clone(), &content_bytes)
                 .map(drop)
                 .map_err(|e| bad(e.to_string()))
         }

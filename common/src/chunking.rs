@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::bundle::BundleKind;
 use crate::keys::Sha256;
 
 /// Smallest chunk, except a file's last.
@@ -16,6 +17,35 @@ pub const MIN_CHUNK: usize = 64 * 1024;
 pub const AVG_CHUNK: usize = 256 * 1024;
 /// Largest chunk.
 pub const MAX_CHUNK: usize = 1024 * 1024;
+
+/// FastCDC's smallest, typical and largest chunk for one kind of bundle. The recipe lists
+/// each chunk's size, so agents never need to know which parameters cut a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkParams {
+    /// Smallest chunk, except a file's last.
+    pub min: usize,
+    /// Typical chunk.
+    pub avg: usize,
+    /// Largest chunk.
+    pub max: usize,
+}
+
+impl ChunkParams {
+    /// Models: a new version changes whole tensors (a fine-tuned head), so large chunks
+    /// lose little and keep recipes short.
+    pub const MODELS: Self = Self { min: MIN_CHUNK, avg: AVG_CHUNK, max: MAX_CHUNK };
+    /// Feature snapshots: a new snapshot changes scattered rows, and every chunk holding a
+    /// changed row moves, so chunks are small (a million entities make about 6,000).
+    pub const SNAPSHOTS: Self = Self { min: 4 * 1024, avg: 16 * 1024, max: 64 * 1024 };
+
+    /// The parameters for a bundle of `kind`.
+    pub fn for_kind(kind: BundleKind) -> Self {
+        match kind {
+            BundleKind::Model => Self::MODELS,
+            BundleKind::Features => Self::SNAPSHOTS,
+        }
+    }
+}
 
 /// One chunk of a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -18,7 +18,7 @@
 //! - [`alerting`]: alert rules over rollups of metric windows, and when they fire.
 //! - [`exposition`] (feature `prometheus`): the Prometheus text both shells serve.
 //! - [`features`]: feature views, ingest rules, PII policy, snapshots and (feature
-//!   `snapshots`) their Parquet payload and online table.
+//!   `snapshots`) their row-major payload and online table.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models

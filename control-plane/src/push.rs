@@ -1,5 +1,6 @@
 //! Registering a bundle with the control plane: verify it as an agent would, cut it into
-//! content-defined chunks, store the chunks and the recipe as blobs.
+//! content-defined chunks (sized for its kind, `ChunkParams`), store the chunks and the
+//! recipe as blobs.
 //!
 //! The file is read twice, in bounded pieces, so a bundle of any size is handled in
 //! bounded memory: once to verify, once to chunk.
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 use falaj_common::bundle::{self, Header, Manifest, PayloadCheck, Policy, VerifyError};
-use falaj_common::chunking::{AVG_CHUNK, ChunkRef, MAX_CHUNK, MIN_CHUNK, Recipe};
+use falaj_common::chunking::{ChunkParams, ChunkRef, Recipe};
 use falaj_common::keys::Sha256;
 use falaj_common::time::Timestamp;
 use falaj_common::trust::TrustRoot;
@@ -100,8 +101,9 @@ pub fn push_file(
     let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
     let mut chunks = Vec::new();
     let mut new_chunks = 0;
+    let params = ChunkParams::for_kind(manifest.content.kind());
     for chunk in
-        fastcdc::v2020::StreamCDC::new(BufReader::new(file), MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)
+        fastcdc::v2020::StreamCDC::new(BufReader::new(file), params.min, params.avg, params.max)
     {
         let chunk = chunk.map_err(|e| PushError::Io {
             op: "chunking",

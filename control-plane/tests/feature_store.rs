@@ -97,7 +97,7 @@ impl Store {
                 Vec::new(),
             ))
         })?;
-        Ok(OnlineTable::load(spec, bytes.into()).unwrap())
+        Ok(OnlineTable::load(spec, &bytes).unwrap())
     }
 }
 

@@ -13,6 +13,8 @@ use crate::time::Timestamp;
 pub struct SnapshotSpec {
     /// The payload file holding the rows.
     pub file: String,
+    /// How the rows are encoded.
+    pub format: SnapshotFormat,
     /// The view.
     pub view: String,
     /// The view's version.
@@ -27,6 +29,14 @@ pub struct SnapshotSpec {
     pub entities: u64,
     /// How the entities were chosen, as the operator gave it (`all` when not narrowed).
     pub scope: String,
+}
+
+/// The encoding of a snapshot payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotFormat {
+    /// One postcard record per entity, in key order (`features::table`).
+    #[serde(rename = "postcard-rows-1")]
+    PostcardRows,
 }
 
 /// One feature as a snapshot carries it. (Flattening the type rules out refusing unknown
@@ -74,7 +84,8 @@ impl SnapshotSpec {
             })
             .collect();
         Self {
-            file: "features.parquet".to_owned(),
+            file: "features.rows".to_owned(),
+            format: SnapshotFormat::PostcardRows,
             view: view.name.clone(),
             view_version,
             entity: view.entity.clone(),

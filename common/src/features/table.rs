@@ -1,7 +1,15 @@
-//! Snapshot payloads: the latest value per entity of one view as uncompressed Parquet
-//! without dictionaries or statistics, rows sorted by entity key, so a snapshot of a slowly
-//! changing table differs from the last one only where values changed and the transfer's
-//! content-defined chunks move little; and the in-memory table an agent serves lookups from.
+//! Snapshot payloads and the table agents look entities up in.
+//!
+//! A payload is a header record (the view, the entity key's name, each feature's name and
+//! type, checked against the manifest) and then the latest row of each entity, in key
+//! order, each one postcard record (`key`, event time in µs, one tagged value per carried
+//! feature), one after another:
+//! row-major, so a changed entity changes the bytes of one place in the file and the
+//! transfer's content-defined chunks around every unchanged entity stay the same. (A
+//! column-major file such as Parquet scatters one entity over every column: with one
+//! entity in ten thousand changed, three quarters of a Parquet snapshot's chunks changed;
+//! BENCHMARKS.md.) The manifest (`SnapshotSpec`) says what the values are; the loader
+//! checks every row against it.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -10,12 +18,9 @@ use std::sync::Arc;
 use arrow_array::builder::{
     BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, StringBuilder,
 };
-use arrow_array::{Array, ArrayRef, RecordBatch, TimestampMicrosecondArray, cast::AsArray};
-use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use parquet::arrow::ArrowWriter;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use parquet::basic::Compression;
-use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use arrow_array::{Array, ArrayRef, TimestampMicrosecondArray, cast::AsArray};
+use arrow_schema::{DataType, TimeUnit};
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::pii::{Pseudonymiser, Treatment};
@@ -23,37 +28,87 @@ use super::snapshot::SnapshotSpec;
 use super::value::{self, Key, Rule, Value};
 use super::view::{FeatureType, FeatureView, KeyType};
 
-/// Rows per Parquet row group and per record batch.
-const BATCH_ROWS: usize = 65_536;
-
-/// The Arrow schema of the payload: key, `event_time` (µs, UTC), then the features.
-pub fn schema(spec: &SnapshotSpec) -> SchemaRef {
-    let key = match spec.entity.kind {
-        KeyType::String => DataType::Utf8,
-        KeyType::I64 => DataType::Int64,
-    };
-    let mut fields =
-        vec![Field::new(&spec.entity.name, key, false), Field::new(EVENT_TIME, time_type(), false)];
-    fields
-        .extend(spec.features.iter().map(|f| Field::new(&f.name, data_type(&f.kind), f.nullable)));
-    Arc::new(Schema::new(fields))
+/// The first record of a payload: what its rows hold, checked against the manifest.
+#[derive(Serialize, Deserialize, PartialEq)]
+struct Header<'a> {
+    view: &'a str,
+    entity: &'a str,
+    /// (name, type) per carried feature, in row order.
+    #[serde(borrow)]
+    features: Vec<(&'a str, String)>,
 }
 
-/// The payload column holding each entity's event time.
-pub const EVENT_TIME: &str = "event_time";
+impl<'a> Header<'a> {
+    fn of(spec: &'a SnapshotSpec) -> Self {
+        Self {
+            view: &spec.view,
+            entity: &spec.entity.name,
+            features: spec.features.iter().map(|f| (f.name.as_str(), f.kind.to_string())).collect(),
+        }
+    }
+}
+
+/// One row of a payload, as encoded (postcard; borrowed when decoded).
+#[derive(Serialize, Deserialize)]
+struct Record<'a> {
+    #[serde(borrow)]
+    key: RecordKey<'a>,
+    time: i64,
+    #[serde(borrow)]
+    values: Vec<Field<'a>>,
+}
+
+#[derive(Serialize, Deserialize)]
+enum RecordKey<'a> {
+    Int(i64),
+    Str(&'a str),
+}
+
+impl RecordKey<'_> {
+    fn to_key(&self) -> Key {
+        match self {
+            Self::Int(v) => Key::Int(*v),
+            Self::Str(s) => Key::Str((*s).to_owned()),
+        }
+    }
+}
+
+/// A value as encoded: tagged, since postcard is not self-describing.
+#[derive(Serialize, Deserialize)]
+enum Field<'a> {
+    Null,
+    Bool(bool),
+    I64(i64),
+    F32(f32),
+    F64(f64),
+    Str(&'a str),
+}
+
+impl<'a> From<&'a Value> for Field<'a> {
+    fn from(value: &'a Value) -> Self {
+        match value {
+            Value::Null => Self::Null,
+            Value::Bool(v) => Self::Bool(*v),
+            Value::I64(v) => Self::I64(*v),
+            Value::F32(v) => Self::F32(*v),
+            Value::F64(v) => Self::F64(*v),
+            Value::Str(v) => Self::Str(v),
+        }
+    }
+}
 
 /// Why a snapshot could not be written or read.
 #[derive(Debug, Error)]
 pub enum SnapshotError {
-    /// The Parquet encoder or decoder failed.
-    #[error("snapshot {view}: parquet: {source}")]
-    Parquet {
+    /// Writing the payload failed.
+    #[error("snapshot {view}: writing: {message}")]
+    Write {
         /// The view.
         view: String,
-        /// The error.
-        source: parquet::errors::ParquetError,
+        /// What failed.
+        message: String,
     },
-    /// Arrow refused a batch (a bug in the caller, or a payload of another shape).
+    /// A payload that does not fit its manifest.
     #[error("snapshot {view}: {message}")]
     Shape {
         /// The view.
@@ -71,20 +126,17 @@ pub enum SnapshotError {
     },
 }
 
-/// Streams rows (sorted by key, each key once) into the snapshot payload; memory holds one
-/// batch.
-pub struct SnapshotWriter<W: Write + Send> {
+/// Streams rows (sorted by key, each key once) into the snapshot payload.
+pub struct SnapshotWriter<W: Write> {
     spec: SnapshotSpec,
-    schema: SchemaRef,
     treatments: Vec<Treatment>,
     names: Vec<String>,
     pseudonymiser: Option<Pseudonymiser>,
-    writer: ArrowWriter<W>,
-    pending: Vec<(Key, i64, Vec<Value>)>,
+    out: W,
     last: Option<Key>,
 }
 
-impl<W: Write + Send> SnapshotWriter<W> {
+impl<W: Write> SnapshotWriter<W> {
     /// A writer of `spec`'s payload into `out`; rows come with every feature of `view`,
     /// treated as `treatments` says (hashed with `pseudonymiser`).
     pub fn new(
@@ -92,25 +144,18 @@ impl<W: Write + Send> SnapshotWriter<W> {
         spec: SnapshotSpec,
         treatments: Vec<Treatment>,
         pseudonymiser: Option<Pseudonymiser>,
-        out: W,
+        mut out: W,
     ) -> Result<Self, SnapshotError> {
-        let schema = schema(&spec);
-        let props = WriterProperties::builder()
-            .set_compression(Compression::UNCOMPRESSED)
-            .set_dictionary_enabled(false)
-            .set_statistics_enabled(EnabledStatistics::None)
-            .set_max_row_group_row_count(Some(BATCH_ROWS))
-            .build();
-        let writer = ArrowWriter::try_new(out, schema.clone(), Some(props))
-            .map_err(|source| SnapshotError::Parquet { view: spec.view.clone(), source })?;
+        postcard::to_io(&Header::of(&spec), &mut out).map_err(|e| SnapshotError::Write {
+            view: spec.view.clone(),
+            message: e.to_string(),
+        })?;
         Ok(Self {
             spec,
-            schema,
             treatments,
             names: view.features.iter().map(|f| f.name.clone()).collect(),
             pseudonymiser,
-            writer,
-            pending: Vec::with_capacity(BATCH_ROWS),
+            out,
             last: None,
         })
     }
@@ -123,7 +168,6 @@ impl<W: Write + Send> SnapshotWriter<W> {
                 key: key.to_string(),
             });
         }
-        self.last = Some(key.clone());
         let mut carried = Vec::with_capacity(self.spec.features.len());
         for ((value, treatment), feature) in
             values.into_iter().zip(&self.treatments).zip(&self.names)
@@ -137,50 +181,85 @@ impl<W: Write + Send> SnapshotWriter<W> {
                 }
             }
         }
-        self.pending.push((key, time, carried));
-        if self.pending.len() == BATCH_ROWS {
-            self.flush()?;
+        let record = Record {
+            key: match &key {
+                Key::Int(v) => RecordKey::Int(*v),
+                Key::Str(s) => RecordKey::Str(s),
+            },
+            time,
+            values: carried.iter().map(Field::from).collect(),
+        };
+        postcard::to_io(&record, &mut self.out).map_err(|e| SnapshotError::Write {
+            view: self.spec.view.clone(),
+            message: e.to_string(),
+        })?;
+        self.spec.entities += 1;
+        self.last = Some(key);
+        Ok(())
+    }
+
+    /// Returns the spec with its entity count, and the sink.
+    pub fn finish(self) -> (SnapshotSpec, W) {
+        (self.spec, self.out)
+    }
+}
+
+/// A column of a loaded snapshot while it is read.
+enum ColumnBuilder {
+    F32(Float32Builder),
+    F64(Float64Builder),
+    I64(Int64Builder),
+    Bool(BooleanBuilder),
+    Str(StringBuilder, Option<Vec<String>>),
+}
+
+impl ColumnBuilder {
+    fn new(kind: &FeatureType, rows: usize) -> Self {
+        match kind {
+            FeatureType::F32 => Self::F32(Float32Builder::with_capacity(rows)),
+            FeatureType::F64 => Self::F64(Float64Builder::with_capacity(rows)),
+            FeatureType::I64 => Self::I64(Int64Builder::with_capacity(rows)),
+            FeatureType::Bool => Self::Bool(BooleanBuilder::with_capacity(rows)),
+            FeatureType::String => Self::Str(StringBuilder::with_capacity(rows, rows * 8), None),
+            FeatureType::Category { values } => {
+                Self::Str(StringBuilder::with_capacity(rows, rows * 8), Some(values.clone()))
+            }
+        }
+    }
+
+    /// Appends one value, refusing another type or a category value not declared.
+    fn append(&mut self, field: &Field<'_>) -> Result<(), String> {
+        match (self, field) {
+            (Self::F32(b), Field::Null) => b.append_null(),
+            (Self::F64(b), Field::Null) => b.append_null(),
+            (Self::I64(b), Field::Null) => b.append_null(),
+            (Self::Bool(b), Field::Null) => b.append_null(),
+            (Self::Str(b, _), Field::Null) => b.append_null(),
+            (Self::F32(b), Field::F32(v)) => b.append_value(*v),
+            (Self::F64(b), Field::F64(v)) => b.append_value(*v),
+            (Self::I64(b), Field::I64(v)) => b.append_value(*v),
+            (Self::Bool(b), Field::Bool(v)) => b.append_value(*v),
+            (Self::Str(b, None), Field::Str(v)) => b.append_value(v),
+            (Self::Str(b, Some(values)), Field::Str(v)) => {
+                if !values.iter().any(|c| c == v) {
+                    return Err(format!("{v:?} is not a value of the category"));
+                }
+                b.append_value(v);
+            }
+            _ => return Err("a value of another type".to_owned()),
         }
         Ok(())
     }
 
-    fn flush(&mut self) -> Result<(), SnapshotError> {
-        if self.pending.is_empty() {
-            return Ok(());
+    fn finish(self) -> ArrayRef {
+        match self {
+            Self::F32(mut b) => Arc::new(b.finish()),
+            Self::F64(mut b) => Arc::new(b.finish()),
+            Self::I64(mut b) => Arc::new(b.finish()),
+            Self::Bool(mut b) => Arc::new(b.finish()),
+            Self::Str(mut b, _) => Arc::new(b.finish()),
         }
-        let rows = std::mem::take(&mut self.pending);
-        let batch = to_batch(&self.spec, &self.schema, &rows)?;
-        self.spec.entities += rows.len() as u64;
-        self.writer.write(&batch).map_err(|source| self.parquet(source))
     }
-
-    fn parquet(&self, source: parquet::errors::ParquetError) -> SnapshotError {
-        SnapshotError::Parquet { view: self.spec.view.clone(), source }
-    }
-
-    /// Writes the footer; returns the spec with its entity count, and the sink.
-    pub fn finish(mut self) -> Result<(SnapshotSpec, W), SnapshotError> {
-        self.flush()?;
-        let view = self.spec.view.clone();
-        let out =
-            self.writer.into_inner().map_err(|source| SnapshotError::Parquet { view, source })?;
-        Ok((self.spec, out))
-    }
-}
-
-fn to_batch(
-    spec: &SnapshotSpec,
-    schema: &SchemaRef,
-    rows: &[(Key, i64, Vec<Value>)],
-) -> Result<RecordBatch, SnapshotError> {
-    let key = key_column(spec.entity.kind, rows.iter().map(|r| &r.0));
-    let mut columns = vec![key, time_column(rows.iter().map(|r| Some(r.1)))];
-    for (i, feature) in spec.features.iter().enumerate() {
-        let values = rows.iter().map(|r| &r.2[i]);
-        columns.push(column(&feature.kind, values));
-    }
-    RecordBatch::try_new(schema.clone(), columns)
-        .map_err(|e| SnapshotError::Shape { view: spec.view.clone(), message: e.to_string() })
 }
 
 /// An Arrow array of entity keys of type `kind`.
@@ -301,69 +380,81 @@ pub struct Lookup {
 }
 
 impl OnlineTable {
-    /// Reads a snapshot payload, checking its columns against `spec`.
-    pub fn load(spec: SnapshotSpec, payload: bytes::Bytes) -> Result<Self, SnapshotError> {
+    /// Reads a snapshot payload, checking every row against `spec`: key order (so each
+    /// entity once), the number of values, each value's type and nullability.
+    pub fn load(spec: SnapshotSpec, payload: &[u8]) -> Result<Self, SnapshotError> {
         let view = spec.view.clone();
-        let parquet = |source| SnapshotError::Parquet { view: view.clone(), source };
-        let shape = |message: String| SnapshotError::Shape { view: view.clone(), message };
-        let reader = ParquetRecordBatchReaderBuilder::try_new(payload)
-            .map_err(parquet)?
-            .with_batch_size(BATCH_ROWS)
-            .build()
-            .map_err(parquet)?;
-        let schema = schema(&spec);
-        let mut batches = Vec::new();
-        for batch in reader {
-            let batch = batch.map_err(|e| shape(e.to_string()))?;
-            if batch.schema().fields() != schema.fields() {
-                return Err(shape(format!(
-                    "payload columns {:?} differ from the manifest's",
-                    batch.schema().fields().iter().map(|f| f.name()).collect::<Vec<_>>()
-                )));
+        let shape = |row: u64, message: String| SnapshotError::Shape {
+            view: view.clone(),
+            message: format!("row {row}: {message}"),
+        };
+        let rows = usize::try_from(spec.entities).unwrap_or(usize::MAX).min(payload.len());
+        let mut columns: Vec<ColumnBuilder> =
+            spec.features.iter().map(|f| ColumnBuilder::new(&f.kind, rows)).collect();
+        let mut times = Vec::with_capacity(rows);
+        let mut index = match spec.entity.kind {
+            KeyType::String => Index::Str(HashMap::with_capacity(rows)),
+            KeyType::I64 => Index::Int(HashMap::with_capacity(rows)),
+        };
+        let (header, mut rest): (Header<'_>, _) = postcard::take_from_bytes(payload)
+            .map_err(|e| shape(0, format!("the header does not decode: {e}")))?;
+        if header != Header::of(&spec) {
+            return Err(SnapshotError::Shape {
+                view: view.clone(),
+                message: format!(
+                    "the payload holds view {:?} keyed by {:?} with features {:?}, which differ from the manifest's",
+                    header.view, header.entity, header.features
+                ),
+            });
+        }
+        let mut last: Option<Key> = None;
+        let mut row = 0u64;
+        while !rest.is_empty() {
+            row += 1;
+            let (record, tail): (Record<'_>, _) =
+                postcard::take_from_bytes(rest).map_err(|e| shape(row, e.to_string()))?;
+            rest = tail;
+            let key = record.key.to_key();
+            if last.as_ref().is_some_and(|l| *l >= key) {
+                return Err(shape(row, format!("entity {key} is out of order or repeated")));
             }
-            batches.push(batch);
-        }
-        let concat = |i: usize| -> Result<ArrayRef, SnapshotError> {
-            let parts: Vec<&dyn Array> = batches.iter().map(|b| b.column(i).as_ref()).collect();
-            if parts.is_empty() {
-                return Ok(arrow_array::new_empty_array(schema.field(i).data_type()));
+            if record.values.len() != columns.len() {
+                return Err(shape(
+                    row,
+                    format!("{} values for {} features", record.values.len(), columns.len()),
+                ));
             }
-            arrow_select::concat::concat(&parts).map_err(|e| shape(e.to_string()))
-        };
-        let keys = concat(0)?;
-        let rows = keys.len();
-        if rows > u32::MAX as usize || rows as u64 != spec.entities {
-            return Err(shape(format!("{rows} rows, the manifest says {}", spec.entities)));
+            for ((field, column), feature) in
+                record.values.iter().zip(&mut columns).zip(&spec.features)
+            {
+                if matches!(field, Field::Null) && !feature.nullable {
+                    return Err(shape(
+                        row,
+                        format!("{}: null, and it is not nullable", feature.name),
+                    ));
+                }
+                column.append(field).map_err(|m| shape(row, format!("{}: {m}", feature.name)))?;
+            }
+            let at = u32::try_from(times.len()).map_err(|_| shape(row, "too many rows".into()))?;
+            match (&mut index, &key) {
+                (Index::Str(m), Key::Str(k)) => {
+                    m.insert(k.as_str().into(), at);
+                }
+                (Index::Int(m), Key::Int(k)) => {
+                    m.insert(*k, at);
+                }
+                _ => return Err(shape(row, format!("key {key} is not {}", spec.entity.kind))),
+            }
+            times.push(record.time);
+            last = Some(key);
         }
-        let index = match spec.entity.kind {
-            KeyType::String => Index::Str(
-                keys.as_string::<i32>()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| (Box::from(k.unwrap_or_default()), i as u32))
-                    .collect(),
-            ),
-            KeyType::I64 => Index::Int(
-                keys.as_primitive::<arrow_array::types::Int64Type>()
-                    .values()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, k)| (*k, i as u32))
-                    .collect(),
-            ),
-        };
-        let distinct = match &index {
-            Index::Str(m) => m.len(),
-            Index::Int(m) => m.len(),
-        };
-        if distinct != rows {
-            return Err(shape(format!("{} entities repeated", rows - distinct)));
+        if row != spec.entities {
+            return Err(SnapshotError::Shape {
+                view,
+                message: format!("{row} rows, the manifest says {}", spec.entities),
+            });
         }
-        let times = concat(1)?
-            .as_primitive::<arrow_array::types::TimestampMicrosecondType>()
-            .values()
-            .to_vec();
-        let columns = (0..spec.features.len()).map(|i| concat(i + 2)).collect::<Result<_, _>>()?;
+        let columns = columns.into_iter().map(ColumnBuilder::finish).collect();
         let defaults = spec
             .features
             .iter()

@@ -312,7 +312,7 @@ mod payload {
             ];
             writer.push(Key::Str((*key).into()), i as i64 * 1_000_000, values).unwrap();
         }
-        writer.finish().unwrap()
+        writer.finish()
     }
 
     #[test]
@@ -321,7 +321,7 @@ mod payload {
         let (spec, bytes) = snapshot(&[("a", 1.5, Some(3)), ("b", 2.5, None)], &plan);
         assert_eq!(spec.entities, 2);
         assert!(spec.features[4].pseudonymised);
-        let table = OnlineTable::load(spec, bytes.into()).unwrap();
+        let table = OnlineTable::load(spec, &bytes).unwrap();
         let a = table.get("a").unwrap().unwrap();
         assert_eq!(a.time, Some(0));
         assert_eq!(&a.values[..3], &[Value::F32(1.5), Value::I64(3), Value::Bool(true)]);
@@ -340,14 +340,14 @@ mod payload {
         assert!(spec.position("operator").is_none());
         let text = String::from_utf8_lossy(&bytes);
         assert!(!text.contains("operator 0"), "raw value in the payload");
-        assert_eq!(OnlineTable::load(spec, bytes.into()).unwrap().len(), 1);
+        assert_eq!(OnlineTable::load(spec, &bytes).unwrap().len(), 1);
     }
 
     #[test]
     fn assembling_inputs_uses_defaults_and_names_what_is_missing() {
         let plan = pii::plan(&view(), Some(PiiPolicy::Drop)).unwrap();
         let (spec, bytes) = snapshot(&[("a", 7.0, Some(2)), ("b", 8.0, None)], &plan);
-        let table = OnlineTable::load(spec, bytes.into()).unwrap();
+        let table = OnlineTable::load(spec, &bytes).unwrap();
         let mut out = Vec::new();
         table.assemble("a", &[1, 0, 2], &mut out).unwrap();
         assert_eq!(out, [2.0, 7.0, 1.0]);
@@ -389,14 +389,34 @@ mod payload {
             snapshot(&[("a", 1.0, None)], &pii::plan(&v, Some(PiiPolicy::Hash)).unwrap());
         let mut claimed = spec;
         claimed.entities = 1;
-        let err = OnlineTable::load(claimed, bytes.into()).unwrap_err().to_string();
-        assert!(err.contains("differ from the manifest"), "{err}");
-        let err = OnlineTable::load(
-            SnapshotSpec::new(&v, 1, &plan, Timestamp::from_unix(0), "all"),
-            b"not parquet".to_vec().into(),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.starts_with("snapshot pumps: parquet"), "{err}");
+        let err = OnlineTable::load(claimed.clone(), &bytes).unwrap_err().to_string();
+        assert!(err.contains("differ from the manifest's"), "{err}");
+        let err = OnlineTable::load(claimed.clone(), b"\x01\xff").unwrap_err().to_string();
+        assert!(err.starts_with("snapshot pumps: row 0: the header does not decode"), "{err}");
+        // The writer's rows, but the manifest claims two.
+        let (_, bytes) = w.finish();
+        let mut two = claimed.clone();
+        two.entities = 2;
+        let err = OnlineTable::load(two, &bytes).unwrap_err().to_string();
+        assert_eq!(err, "snapshot pumps: 1 rows, the manifest says 2");
+        // Rows out of order, a null where none may be, a category value not declared.
+        let header = SnapshotWriter::new(&v, claimed.clone(), plan.clone(), None, Vec::new())
+            .unwrap()
+            .finish()
+            .1
+            .len();
+        let twice = [&bytes[..], &bytes[header..]].concat();
+        let mut both = claimed.clone();
+        both.entities = 2;
+        let err = OnlineTable::load(both, &twice).unwrap_err().to_string();
+        assert_eq!(err, "snapshot pumps: row 2: entity b is out of order or repeated");
+        let mut strict = claimed.clone();
+        strict.features[1].nullable = false;
+        let err = OnlineTable::load(strict, &bytes).unwrap_err().to_string();
+        assert_eq!(err, "snapshot pumps: row 1: starts: null, and it is not nullable");
+        let mut narrow = claimed;
+        narrow.features[3].kind = FeatureType::Category { values: vec!["manual".into()] };
+        let err = OnlineTable::load(narrow, &bytes).unwrap_err().to_string();
+        assert!(err.contains("mode: \"auto\" is not a value of the category"), "{err}");
     }
 }

@@ -1,6 +1,6 @@
 //! Materialising a snapshot: the latest row at or before a time for each entity of a view
 //! (all of them, a list, or those a filter keeps), personal data treated by policy, written
-//! as the Parquet payload of a snapshot bundle.
+//! as the payload of a snapshot bundle.
 
 use std::io::Write;
 
@@ -62,7 +62,7 @@ pub enum BuildError {
 
 /// Writes the snapshot of `view` into `out`; hashes personal data with `pii_key`.
 /// Returns the manifest content (with the entity count) and the sink.
-pub fn build<W: Write + Send>(
+pub fn build<W: Write>(
     conn: &Connection,
     view: &str,
     options: &SnapshotOptions,
@@ -98,7 +98,7 @@ pub fn build<W: Write + Send>(
         Some(ids) => listed(conn, &stored, ids, as_of, &mut emit)?,
         None => scan(conn, &stored, as_of, &mut emit)?,
     }
-    let (spec, out) = writer.finish()?;
+    let (spec, out) = writer.finish();
     if spec.entities == 0 {
         return Err(BuildError::Empty(view.to_owned()));
     }
