@@ -30,6 +30,7 @@ use falaj_control::sample::{pump_id, pump_view, write_pump_readings};
 
 const START: i64 = 1_790_000_000_000_000;
 const HOUR: i64 = 3_600_000_000;
+const MIB: f64 = 1024.0 * 1024.0;
 
 fn open(dir: &Path, name: &str) -> Result<Db> {
     let db = Db::open_with(&dir.join(name), store::MIGRATIONS)?;
@@ -96,11 +97,12 @@ fn write_parquet(path: &Path, pumps: usize, readings: usize, seed: u64) -> Resul
             Arc::new(StringArray::from_iter_values(
                 rows.clone().map(|i| if pump(i) % 3 == 0 { "plant-b" } else { "plant-a" }),
             )),
-            Arc::new(StringArray::from_iter(
+            Arc::new(
                 rows.clone()
                     .map(|i| ["amal", "bilal", "chen", ""][(pump(i) + hour(i)) % 4])
-                    .map(|t| (!t.is_empty()).then_some(t)),
-            )),
+                    .map(|t| (!t.is_empty()).then_some(t))
+                    .collect::<StringArray>(),
+            ),
         ];
         for f in 0..FEATURES.len() {
             columns.push(Arc::new(Float32Array::from_iter_values(
@@ -164,7 +166,7 @@ fn main() -> Result<()> {
         ("CSV, a tenth of the rows", &small, "small.db"),
     ] {
         let db = open(dir, db)?;
-        let size = std::fs::metadata(file)?.len() as f64 / (1 << 20) as f64;
+        let size = std::fs::metadata(file)?.len() as f64 / MIB;
         let (n, seconds, peak) = ingest_file(&db, file)?;
         table.push(format!(
             "| ingest {what}: {n} rows ({size:.0} MiB, 12 columns) | {seconds:.2} s | {:.0} rows/s | peak RSS +{peak:.0} MiB |",
@@ -209,7 +211,7 @@ fn main() -> Result<()> {
     write_pump_readings(&one, rows, 1, START, 2)?;
     ingest_file(&db, &one)?;
     let (first, entities, seconds) = snapshot_of(&db, START + HOUR)?;
-    let mib = first.len() as f64 / (1 << 20) as f64;
+    let mib = first.len() as f64 / MIB;
     table.push(format!(
         "| snapshot build: {entities} entities, 12 features (technician hashed) | {seconds:.2} s | {:.0} entities/s | {mib:.1} MiB payload |",
         entities as f64 / seconds
@@ -230,8 +232,8 @@ fn main() -> Result<()> {
             100.0 / share as f64,
             new.iter().filter(|c| !old.contains(&c.0)).count(),
             new.len(),
-            moved as f64 / (1 << 20) as f64,
-            next.len() as f64 / (1 << 20) as f64,
+            moved as f64 / MIB,
+            next.len() as f64 / MIB,
             100.0 * moved as f64 / next.len() as f64
         ));
     }

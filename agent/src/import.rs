@@ -293,14 +293,14 @@ fn stage(
 /// The content must load here: a model with the inputs the manifest declares (and, if its
 /// input comes from a feature view, of the shape that needs), or a snapshot as the table its
 /// manifest describes.
-fn check_content(manifest: &Manifest, content_bytes: Vec<u8>) -> Result<(), ImportError> {
+fn check_content(manifest: &Manifest, content_bytes: &[u8]) -> Result<(), ImportError> {
     let (name, version) = (&manifest.name, manifest.version);
     match &manifest.content {
         Content::Model(spec) => {
             let bad_model =
                 |problem: String| ImportError::BadModel { name: name.clone(), version, problem };
             let model =
-                OnnxModel::load(&content_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
+                OnnxModel::load(content_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
             if model.signature().inputs != spec.signature.inputs {
                 return Err(bad_model(format!(
                     "the model's inputs {:?} differ from the manifest's {:?}",
@@ -322,9 +322,7 @@ fn check_content(manifest: &Manifest, content_bytes: Vec<u8>) -> Result<(), Impo
                     manifest.name, spec.view
                 )));
             }
-            OnlineTable::load(spec.clone(), &content_bytes)
-                .map(drop)
-                .map_err(|e| bad(e.to_string()))
+            OnlineTable::load(spec.clone(), content_bytes).map(drop).map_err(|e| bad(e.to_string()))
         }
     }
 }
@@ -370,7 +368,7 @@ pub fn import_file(
 
     let staged = stage(store, path, &mut reader, &head, &manifest, total, progress)?;
     let Staged { file: staged_file, content_bytes, size: staged_size } = staged;
-    check_content(&manifest, content_bytes)?;
+    check_content(&manifest, &content_bytes)?;
 
     let previous = store
         .installed()?
