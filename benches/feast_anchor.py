@@ -20,8 +20,10 @@ followed by the Feast and Python versions.
 """
 
 import argparse
+import contextlib
 import os
 import platform
+import resource
 import shutil
 import sys
 import tempfile
@@ -172,8 +174,10 @@ def main():
         # 1. Materialization: every entity's latest reading into SQLite.
         log(f"materializing {args.entities} entities")
         started = time.perf_counter()
-        store.materialize(START - HOUR, START + HOUR, feature_views=["pump_snapshot"])
+        with contextlib.redirect_stdout(sys.stderr):  # Feast prints its progress to stdout
+            store.materialize(START - HOUR, START + HOUR, feature_views=["pump_snapshot"])
         seconds = time.perf_counter() - started
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
         db = os.path.join(repo, "data", "online_store.db")
         size = sum(
             os.path.getsize(db + ext) for ext in ("", "-wal") if os.path.exists(db + ext)
@@ -181,7 +185,7 @@ def main():
         table.append(
             f"| materialize (file → SQLite): {args.entities} entities, 10 features "
             f"| {seconds:.2f} s | {args.entities / seconds:.0f} entities/s "
-            f"| online store {size / MIB:.1f} MiB on disk |"
+            f"| online store {size / MIB:.1f} MiB on disk; process peak RSS {peak:.0f} MiB |"
         )
         log(table[-1])
 

@@ -296,10 +296,12 @@ async fn build_snapshot(
         .tempfile_in(&*api.staging)
         .map_err(ApiError::internal)?;
     std::fs::write(staged.path(), &bytes).map_err(ApiError::internal)?;
-    let (row, new_chunks, _) = register(&api, staged.path()).await?;
-    drop(staged);
+    // Recorded first: a bundle of this name is registered only if it is known as a
+    // snapshot (a record whose bundle failed to register is replaced by the next one).
     let recorded = spec.clone();
     api.features.db.call(move |c| snapshot::record(c, &recorded, version, created)).await?;
+    let (row, new_chunks, _) = register(&api, staged.path()).await?;
+    drop(staged);
     let carried = carried(&spec);
     event(&api, "features.snapshot", format!("{name}@{version}"), carried.clone()).await?;
     Ok(json_response(

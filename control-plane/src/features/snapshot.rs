@@ -198,7 +198,7 @@ pub fn record(
     now: Timestamp,
 ) -> rusqlite::Result<()> {
     conn.execute(
-        "INSERT INTO snapshots (view, version, view_version, built_at, as_of, scope, entities, features)
+        "INSERT OR REPLACE INTO snapshots (view, version, view_version, built_at, as_of, scope, entities, features)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         params![
             spec.view,
