@@ -204,7 +204,20 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     let column = header.iter().position(|h| *h == FEATURES[0]).unwrap();
     assert_eq!(row[column].parse::<f32>().unwrap(), readings_of(7, 1)[0]);
 
-    // The record of what left: both snapshots.
+    // The record of what left: both snapshots, with what was pseudonymised.
     let shown = control.client.view(VIEW).await.unwrap();
     assert_eq!(shown["snapshots"].as_array().unwrap().len(), 2);
+    let out = cli(args(&["control", "features", "show", VIEW])).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.contains("view pump-sensors version 1 revision 1"), "{stdout}");
+    let snapshot_lines: Vec<&str> =
+        stdout.lines().filter(|l| l.trim_start().starts_with('v')).collect();
+    assert!(
+        snapshot_lines
+            .iter()
+            .any(|l| l.contains(&format!("{PUMPS} entities"))
+                && l.contains("pseudonymised: technician")),
+        "{stdout}"
+    );
 }

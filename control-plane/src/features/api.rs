@@ -121,14 +121,15 @@ async fn show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Res
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut stmt = c.prepare(
-                "SELECT version, view_version, built_at, as_of, scope, entities FROM snapshots
-                 WHERE view = ?1 ORDER BY version DESC LIMIT 10",
+                "SELECT version, view_version, built_at, as_of, scope, entities, features
+                 FROM snapshots WHERE view = ?1 ORDER BY version DESC LIMIT 10",
             )?;
             let snapshots = stmt
                 .query_map([&lookup], |r| {
                     Ok(json!({"version": r.get::<_, i64>(0)?, "view_version": r.get::<_, i64>(1)?,
                         "built_at": db::from_ts(r.get(2)?), "as_of": db::from_ts(r.get(3)?),
-                        "scope": r.get::<_, String>(4)?, "entities": r.get::<_, i64>(5)?}))
+                        "scope": r.get::<_, String>(4)?, "entities": r.get::<_, i64>(5)?,
+                        "pseudonymised": pseudonymised(&r.get::<_, String>(6)?)}))
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             Ok(Some(json!({
@@ -186,6 +187,16 @@ async fn ingest_file(
     )
     .await?;
     Ok(json_response(StatusCode::OK, &ingested))
+}
+
+/// The features a recorded snapshot carried as pseudonyms.
+fn pseudonymised(features: &str) -> Vec<String> {
+    serde_json::from_str::<Vec<falaj_common::features::SnapshotFeature>>(features)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f.pseudonymised)
+        .map(|f| f.name)
+        .collect()
 }
 
 /// A snapshot request.

@@ -317,13 +317,44 @@ fn render_view(shown: &Value) -> String {
             changes.join("; ")
         );
     }
-    for (title, key) in [("ingests", "ingests"), ("snapshots", "snapshots")] {
-        let items = shown[key].as_array().cloned().unwrap_or_default();
-        if !items.is_empty() {
-            let _ = writeln!(out, "\n{title} (latest first):");
-            for item in items {
-                let _ = writeln!(out, "  {item}");
-            }
+    let text = |v: &Value| v.as_str().unwrap_or("?").to_owned();
+    let ingests = shown["ingests"].as_array().cloned().unwrap_or_default();
+    if !ingests.is_empty() {
+        let _ = writeln!(out, "\ningests (latest first):");
+        for i in ingests {
+            let _ = writeln!(
+                out,
+                "  #{:<5} {}  {:>10} rows  into v{}  from {} ({})",
+                i["id"],
+                text(&i["at"]),
+                i["rows"],
+                i["version"],
+                text(&i["source"]),
+                text(&i["format"])
+            );
+        }
+    }
+    let snapshots = shown["snapshots"].as_array().cloned().unwrap_or_default();
+    if !snapshots.is_empty() {
+        let _ = writeln!(out, "\nsnapshots (latest first; what left the control plane):");
+        for s in snapshots {
+            let hashed: Vec<String> =
+                s["pseudonymised"].as_array().into_iter().flatten().map(text).collect();
+            let _ = writeln!(
+                out,
+                "  v{:<4} built {}  as of {}  {:>9} entities  view v{}  {}{}",
+                s["version"],
+                text(&s["built_at"]),
+                text(&s["as_of"]),
+                s["entities"],
+                s["view_version"],
+                text(&s["scope"]),
+                if hashed.is_empty() {
+                    String::new()
+                } else {
+                    format!("  pseudonymised: {}", hashed.join(", "))
+                }
+            );
         }
     }
     out
