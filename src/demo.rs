@@ -1,8 +1,9 @@
 //! `falaj demo`: a control plane and two agents on this machine. Keys, the sample model,
 //! a signed bundle pushed to the control plane, two agents enrolled with one-time tokens,
 //! the model deployed to them over QUIC, requests to both, the metrics they report, then
-//! a phase of shifted sensor readings that the control plane flags as drift, and serving
-//! until Ctrl-C.
+//! a phase of shifted sensor readings that the control plane flags as drift, a feature
+//! view with a snapshot shipped beside the model and predictions asked for by pump id, and
+//! serving until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
