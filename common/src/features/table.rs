@@ -18,8 +18,7 @@ use std::sync::Arc;
 use arrow_array::builder::{
     BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, StringBuilder,
 };
-use arrow_array::{Array, ArrayRef, TimestampMicrosecondArray, cast::AsArray};
-use arrow_schema::{DataType, TimeUnit};
+use arrow_array::{Array, ArrayRef, cast::AsArray};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -258,97 +257,6 @@ impl ColumnBuilder {
             Self::I64(mut b) => Arc::new(b.finish()),
             Self::Bool(mut b) => Arc::new(b.finish()),
             Self::Str(mut b, _) => Arc::new(b.finish()),
-        }
-    }
-}
-
-/// An Arrow array of entity keys of type `kind`.
-pub fn key_column<'a>(kind: KeyType, keys: impl Iterator<Item = &'a Key>) -> ArrayRef {
-    match kind {
-        KeyType::String => {
-            let mut b = StringBuilder::new();
-            keys.for_each(|k| b.append_value(k.to_string()));
-            Arc::new(b.finish())
-        }
-        KeyType::I64 => {
-            let mut b = Int64Builder::new();
-            keys.for_each(|k| match k {
-                Key::Int(v) => b.append_value(*v),
-                Key::Str(_) => b.append_null(),
-            });
-            Arc::new(b.finish())
-        }
-    }
-}
-
-/// An Arrow array of UTC timestamps (µs since the epoch).
-pub fn time_column(times: impl Iterator<Item = Option<i64>>) -> ArrayRef {
-    Arc::new(times.collect::<TimestampMicrosecondArray>().with_timezone("UTC"))
-}
-
-/// The Arrow type of a feature type.
-pub fn data_type(kind: &FeatureType) -> DataType {
-    match kind {
-        FeatureType::F32 => DataType::Float32,
-        FeatureType::F64 => DataType::Float64,
-        FeatureType::I64 => DataType::Int64,
-        FeatureType::Bool => DataType::Boolean,
-        FeatureType::String | FeatureType::Category { .. } => DataType::Utf8,
-    }
-}
-
-/// The Arrow type of UTC timestamps in µs.
-pub fn time_type() -> DataType {
-    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
-}
-
-/// An Arrow array of `kind` holding `values` (a value of another type becomes null).
-pub fn column<'a>(kind: &FeatureType, values: impl Iterator<Item = &'a Value>) -> ArrayRef {
-    match kind {
-        FeatureType::F32 => {
-            let mut b = Float32Builder::new();
-            values.for_each(|v| b.append_option(v.as_f32()));
-            Arc::new(b.finish())
-        }
-        FeatureType::F64 => {
-            let mut b = Float64Builder::new();
-            values.for_each(|v| {
-                b.append_option(match v {
-                    Value::F64(x) => Some(*x),
-                    _ => None,
-                });
-            });
-            Arc::new(b.finish())
-        }
-        FeatureType::I64 => {
-            let mut b = Int64Builder::new();
-            values.for_each(|v| {
-                b.append_option(match v {
-                    Value::I64(x) => Some(*x),
-                    _ => None,
-                });
-            });
-            Arc::new(b.finish())
-        }
-        FeatureType::Bool => {
-            let mut b = BooleanBuilder::new();
-            values.for_each(|v| {
-                b.append_option(match v {
-                    Value::Bool(x) => Some(*x),
-                    _ => None,
-                });
-            });
-            Arc::new(b.finish())
-        }
-        FeatureType::String | FeatureType::Category { .. } => {
-            let mut b = StringBuilder::new();
-            values.for_each(|v| {
-                b.append_option(match v {
-                    Value::Str(x) => Some(x.as_str()),
-                    _ => None,
-                });
-            });
-            Arc::new(b.finish())
         }
     }
 }

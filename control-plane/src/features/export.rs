@@ -8,11 +8,13 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::RecordBatch;
-use arrow_schema::{Field, Schema, SchemaRef};
-use falaj_common::features::table::{self, column, key_column, time_column};
+use arrow_array::builder::{
+    BooleanBuilder, Float32Builder, Float64Builder, Int64Builder, StringBuilder,
+};
+use arrow_array::{ArrayRef, RecordBatch, TimestampMicrosecondArray};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use falaj_common::features::value::{self, format_time};
-use falaj_common::features::{Cell, FeatureType, Key, Report, RowError, Value};
+use falaj_common::features::{Cell, FeatureType, Key, KeyType, Report, RowError, Value};
 use parquet::arrow::ArrowWriter;
 use rusqlite::{Connection, params};
 use serde::Serialize;
@@ -283,7 +285,7 @@ enum Output {
         writer: ArrowWriter<File>,
         schema: SchemaRef,
         kinds: Vec<FeatureType>,
-        key: falaj_common::features::KeyType,
+        key: KeyType,
         rows: Vec<OutRow>,
         path: PathBuf,
     },
@@ -315,21 +317,21 @@ impl Output {
             }
             Format::Parquet => {
                 let key = match view.entity.kind {
-                    falaj_common::features::KeyType::String => arrow_schema::DataType::Utf8,
-                    falaj_common::features::KeyType::I64 => arrow_schema::DataType::Int64,
+                    KeyType::String => DataType::Utf8,
+                    KeyType::I64 => DataType::Int64,
                 };
                 let mut fields = vec![
                     Field::new(&names[0], key, false),
-                    Field::new(&names[1], table::time_type(), false),
+                    Field::new(&names[1], time_type(), false),
                 ];
                 let mut kinds = label_kinds.to_vec();
                 kinds.extend(view.features.iter().map(|f| f.kind.clone()));
                 for (name, kind) in layout.labels.iter().map(|(_, n)| n).zip(label_kinds) {
-                    fields.push(Field::new(name, table::data_type(kind), true));
+                    fields.push(Field::new(name, data_type(kind), true));
                 }
-                fields.push(Field::new(FEATURE_TIME, table::time_type(), true));
+                fields.push(Field::new(FEATURE_TIME, time_type(), true));
                 for f in &view.features {
-                    fields.push(Field::new(&f.name, table::data_type(&f.kind), true));
+                    fields.push(Field::new(&f.name, data_type(&f.kind), true));
                 }
                 let schema: SchemaRef = Arc::new(Schema::new(fields));
                 let writer =
@@ -412,5 +414,96 @@ impl Output {
         };
         file.sync_all().map_err(|e| failed(&e))?;
         Ok(())
+    }
+}
+
+/// An Arrow array of entity keys of type `kind`.
+fn key_column<'a>(kind: KeyType, keys: impl Iterator<Item = &'a Key>) -> ArrayRef {
+    match kind {
+        KeyType::String => {
+            let mut b = StringBuilder::new();
+            keys.for_each(|k| b.append_value(k.to_string()));
+            Arc::new(b.finish())
+        }
+        KeyType::I64 => {
+            let mut b = Int64Builder::new();
+            keys.for_each(|k| match k {
+                Key::Int(v) => b.append_value(*v),
+                Key::Str(_) => b.append_null(),
+            });
+            Arc::new(b.finish())
+        }
+    }
+}
+
+/// An Arrow array of UTC timestamps (µs since the epoch).
+fn time_column(times: impl Iterator<Item = Option<i64>>) -> ArrayRef {
+    Arc::new(times.collect::<TimestampMicrosecondArray>().with_timezone("UTC"))
+}
+
+/// The Arrow type of a feature type.
+fn data_type(kind: &FeatureType) -> DataType {
+    match kind {
+        FeatureType::F32 => DataType::Float32,
+        FeatureType::F64 => DataType::Float64,
+        FeatureType::I64 => DataType::Int64,
+        FeatureType::Bool => DataType::Boolean,
+        FeatureType::String | FeatureType::Category { .. } => DataType::Utf8,
+    }
+}
+
+/// The Arrow type of UTC timestamps in µs.
+fn time_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()))
+}
+
+/// An Arrow array of `kind` holding `values` (a value of another type becomes null).
+fn column<'a>(kind: &FeatureType, values: impl Iterator<Item = &'a Value>) -> ArrayRef {
+    match kind {
+        FeatureType::F32 => {
+            let mut b = Float32Builder::new();
+            values.for_each(|v| b.append_option(v.as_f32()));
+            Arc::new(b.finish())
+        }
+        FeatureType::F64 => {
+            let mut b = Float64Builder::new();
+            values.for_each(|v| {
+                b.append_option(match v {
+                    Value::F64(x) => Some(*x),
+                    _ => None,
+                });
+            });
+            Arc::new(b.finish())
+        }
+        FeatureType::I64 => {
+            let mut b = Int64Builder::new();
+            values.for_each(|v| {
+                b.append_option(match v {
+                    Value::I64(x) => Some(*x),
+                    _ => None,
+                });
+            });
+            Arc::new(b.finish())
+        }
+        FeatureType::Bool => {
+            let mut b = BooleanBuilder::new();
+            values.for_each(|v| {
+                b.append_option(match v {
+                    Value::Bool(x) => Some(*x),
+                    _ => None,
+                });
+            });
+            Arc::new(b.finish())
+        }
+        FeatureType::String | FeatureType::Category { .. } => {
+            let mut b = StringBuilder::new();
+            values.for_each(|v| {
+                b.append_option(match v {
+                    Value::Str(x) => Some(x.as_str()),
+                    _ => None,
+                });
+            });
+            Arc::new(b.finish())
+        }
     }
 }
