@@ -57,17 +57,19 @@ struct Record<'a> {
     values: Vec<Field<'a>>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// An entity key as encoded; ordered as [`Key`] is, so rows can be checked for key order
+/// while borrowed from the payload.
+#[derive(Clone, Copy, PartialEq, PartialOrd, Serialize, Deserialize)]
 enum RecordKey<'a> {
     Int(i64),
     Str(&'a str),
 }
 
-impl RecordKey<'_> {
-    fn to_key(&self) -> Key {
+impl std::fmt::Display for RecordKey<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::Int(v) => Key::Int(*v),
-            Self::Str(s) => Key::Str((*s).to_owned()),
+            Self::Int(v) => write!(f, "{v}"),
+            Self::Str(s) => f.write_str(s),
         }
     }
 }
@@ -315,15 +317,15 @@ impl OnlineTable {
                 ),
             });
         }
-        let mut last: Option<Key> = None;
+        let mut last: Option<RecordKey<'_>> = None;
         let mut row = 0u64;
         while !rest.is_empty() {
             row += 1;
             let (record, tail): (Record<'_>, _) =
                 postcard::take_from_bytes(rest).map_err(|e| shape(row, e.to_string()))?;
             rest = tail;
-            let key = record.key.to_key();
-            if last.as_ref().is_some_and(|l| *l >= key) {
+            let key = record.key;
+            if last.is_some_and(|l| l >= key) {
                 return Err(shape(row, format!("entity {key} is out of order or repeated")));
             }
             if record.values.len() != columns.len() {
@@ -344,12 +346,12 @@ impl OnlineTable {
                 column.append(field).map_err(|m| shape(row, format!("{}: {m}", feature.name)))?;
             }
             let at = u32::try_from(times.len()).map_err(|_| shape(row, "too many rows".into()))?;
-            match (&mut index, &key) {
-                (Index::Str(m), Key::Str(k)) => {
-                    m.insert(k.as_str().into(), at);
+            match (&mut index, key) {
+                (Index::Str(m), RecordKey::Str(k)) => {
+                    m.insert(k.into(), at);
                 }
-                (Index::Int(m), Key::Int(k)) => {
-                    m.insert(*k, at);
+                (Index::Int(m), RecordKey::Int(k)) => {
+                    m.insert(k, at);
                 }
                 _ => return Err(shape(row, format!("key {key} is not {}", spec.entity.kind))),
             }
