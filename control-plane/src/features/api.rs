@@ -4,6 +4,8 @@
 //! left the control plane (which view, which entities, which personal data hashed or
 //! dropped) is on record.
 
+use std::io::Write as _;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use axum::Router;
@@ -43,6 +45,15 @@ pub fn routes() -> Router<Api> {
 
 fn refused(code: &'static str, message: impl Into<String>) -> ApiError {
     ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+}
+
+/// A file refused for its rows: the message, and the report (first errors, counts) as
+/// details.
+fn invalid_rows(
+    error: &impl std::fmt::Display,
+    report: &falaj_common::features::Report,
+) -> ApiError {
+    refused("invalid_rows", error.to_string()).with_details(json!(report))
 }
 
 async fn event(
@@ -170,10 +181,7 @@ async fn ingest_file(
     drop(staged);
     let ingested = result.map_err(|e| match e {
         IngestError::UnknownView(_) => ApiError::not_found(e.to_string()),
-        IngestError::Rows { ref report, .. } => {
-            let details = json!(report);
-            refused("invalid_rows", e.to_string()).with_details(details)
-        }
+        IngestError::Rows { ref report, .. } => invalid_rows(&e, report),
         IngestError::Header { .. } | IngestError::Source(_) => {
             refused("invalid_file", e.to_string())
         }
@@ -235,39 +243,7 @@ async fn build_snapshot(
             })
         })
         .transpose()?;
-    // The bundle takes the view's name; its versions count this view's snapshots.
-    let lookup = name.clone();
-    let bundles = api
-        .shared
-        .db
-        .call(move |c| {
-            Ok(db::bundles(c)?
-                .into_iter()
-                .filter(|b| b.name == lookup)
-                .map(|b| b.version)
-                .collect::<Vec<_>>())
-        })
-        .await?;
-    let lookup = name.clone();
-    let ours = api
-        .features
-        .db
-        .call(move |c| {
-            let mut stmt = c.prepare("SELECT version FROM snapshots WHERE view = ?1")?;
-            stmt.query_map([&lookup], |r| r.get::<_, i64>(0).map(|v| v as u64))?
-                .collect::<rusqlite::Result<Vec<_>>>()
-        })
-        .await?;
-    if let Some(other) = bundles.iter().find(|v| !ours.contains(v)) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!(
-                "bundle {name}@{other} is not a snapshot of view {name:?}: a snapshot's bundle takes the view's name"
-            ),
-        ));
-    }
-    let version = bundles.iter().max().map_or(1, |v| v + 1);
+    let version = next_version(&api, &name).await?;
     let options = SnapshotOptions {
         entities: request.entities,
         filter: request.filter,
@@ -289,24 +265,33 @@ async fn build_snapshot(
     })?;
     let created = Timestamp::from_system(now);
     let ttl = request.expires_in_seconds.map_or(SNAPSHOT_TTL, Duration::from_secs);
-    let signers: Vec<_> = api.shared.signers.iter().collect();
-    let (_, bytes) = BundleBuilder::new(
-        &name,
-        version,
-        &api.shared.region,
-        created,
-        created.saturating_add(ttl),
-        Content::Features(spec.clone()),
-    )
-    .file(&spec.file, payload)
-    .build(&signers)
-    .map_err(|e| refused("invalid_snapshot", e.to_string()))?;
-    std::fs::create_dir_all(&*api.staging).map_err(ApiError::internal)?;
-    let staged = tempfile::Builder::new()
-        .prefix("snapshot-")
-        .tempfile_in(&*api.staging)
-        .map_err(ApiError::internal)?;
-    std::fs::write(staged.path(), &bytes).map_err(ApiError::internal)?;
+    // Hashing, signing and writing a payload of tens of MiB: on the blocking pool.
+    let (shared, staging, content) =
+        (Arc::clone(&api.shared), Arc::clone(&api.staging), Content::Features(spec.clone()));
+    let (file, bundle_name) = (spec.file.clone(), name.clone());
+    let staged = tokio::task::spawn_blocking(move || {
+        let signers: Vec<_> = shared.signers.iter().collect();
+        let (_, bytes) = BundleBuilder::new(
+            &bundle_name,
+            version,
+            &shared.region,
+            created,
+            created.saturating_add(ttl),
+            content,
+        )
+        .file(&file, payload)
+        .build(&signers)
+        .map_err(|e| refused("invalid_snapshot", e.to_string()))?;
+        std::fs::create_dir_all(&*staging).map_err(ApiError::internal)?;
+        let mut staged = tempfile::Builder::new()
+            .prefix("snapshot-")
+            .tempfile_in(&*staging)
+            .map_err(ApiError::internal)?;
+        staged.write_all(&bytes).map_err(ApiError::internal)?;
+        Ok::<_, ApiError>(staged)
+    })
+    .await
+    .map_err(ApiError::internal)??;
     // Recorded first: a bundle of this name is registered only if it is known as a
     // snapshot (a record whose bundle failed to register is replaced by the next one).
     let recorded = spec.clone();
@@ -319,6 +304,44 @@ async fn build_snapshot(
         StatusCode::CREATED,
         &json!({"bundle": BundleView::from(&row), "new_chunks": new_chunks, "snapshot": carried}),
     ))
+}
+
+/// The next snapshot version of view `name`: the bundle takes the view's name and its
+/// versions count the view's snapshots, so a bundle of that name that is not one of them
+/// (a model) is a conflict.
+async fn next_version(api: &Api, name: &str) -> ApiResult<u64> {
+    let lookup = name.to_owned();
+    let bundles = api
+        .shared
+        .db
+        .call(move |c| {
+            Ok(db::bundles(c)?
+                .into_iter()
+                .filter(|b| b.name == lookup)
+                .map(|b| b.version)
+                .collect::<Vec<_>>())
+        })
+        .await?;
+    let lookup = name.to_owned();
+    let ours = api
+        .features
+        .db
+        .call(move |c| {
+            let mut stmt = c.prepare("SELECT version FROM snapshots WHERE view = ?1")?;
+            stmt.query_map([&lookup], |r| r.get::<_, i64>(0).map(|v| v as u64))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .await?;
+    if let Some(other) = bundles.iter().find(|v| !ours.contains(v)) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!(
+                "bundle {name}@{other} is not a snapshot of view {name:?}: a snapshot's bundle takes the view's name"
+            ),
+        ));
+    }
+    Ok(bundles.iter().max().map_or(1, |v| v + 1))
 }
 
 /// What a snapshot carries, for the record: entities, scope, time, and which features
@@ -365,10 +388,7 @@ async fn export_file(
         .await?;
     let exported = result.map_err(|e| match e {
         ExportError::UnknownView(_) => ApiError::not_found(e.to_string()),
-        ExportError::Rows { ref report, .. } => {
-            let details = json!(report);
-            refused("invalid_rows", e.to_string()).with_details(details)
-        }
+        ExportError::Rows { ref report, .. } => invalid_rows(&e, report),
         ExportError::Header { .. } | ExportError::Source(_) => {
             refused("invalid_file", e.to_string())
         }
