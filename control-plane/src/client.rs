@@ -193,16 +193,7 @@ impl AdminClient {
         params.extend(version.map(|v| ("version", v.to_string())));
         params.extend(group.map(|g| ("group", g.to_owned())));
         params.extend(agent.map(|a| ("agent", a.to_owned())));
-        let url =
-            reqwest::Url::parse_with_params(&self.url("/v1/metrics"), &params).map_err(|e| {
-                ClientError::Api {
-                    status: 0,
-                    code: "url".into(),
-                    message: e.to_string(),
-                    details: None,
-                }
-            })?;
-        self.call(self.http.get(url)).await
+        self.call(self.http.get(self.url_with("/v1/metrics", &params)?)).await
     }
 
     /// `GET /v1/alerts`: alerts firing and the latest `limit` events.
@@ -225,20 +216,29 @@ impl AdminClient {
         self.call(self.http.get(self.url(&format!("/v1/features/views/{name}")))).await
     }
 
-    async fn upload(&self, path: &Path, url: &str) -> Result<reqwest::Response, ClientError> {
+    /// `path` on the API with the query `params`, escaped.
+    fn url_with(&self, path: &str, params: &[(&str, String)]) -> Result<reqwest::Url, ClientError> {
+        reqwest::Url::parse_with_params(&self.url(path), params).map_err(|e| ClientError::Api {
+            status: 0,
+            code: "url".into(),
+            message: e.to_string(),
+            details: None,
+        })
+    }
+
+    /// POSTs the file at `path` to `api_path`, streaming it, its name in the query.
+    async fn upload(
+        &self,
+        path: &Path,
+        api_path: &str,
+        mut params: Vec<(&str, String)>,
+    ) -> Result<reqwest::Response, ClientError> {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|source| ClientError::File { path: path.display().to_string(), source })?;
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let url =
-            reqwest::Url::parse_with_params(&self.url(url), [("file", name)]).map_err(|e| {
-                ClientError::Api {
-                    status: 0,
-                    code: "url".into(),
-                    message: e.to_string(),
-                    details: None,
-                }
-            })?;
+        params.push(("file", name));
+        let url = self.url_with(api_path, &params)?;
         self.http
             .post(url)
             .bearer_auth(&self.token)
@@ -251,7 +251,8 @@ impl AdminClient {
 
     /// `POST /v1/features/views/{name}/ingest`, streaming the file.
     pub async fn ingest(&self, view: &str, path: &Path) -> Result<Value, ClientError> {
-        let response = self.upload(path, &format!("/v1/features/views/{view}/ingest")).await?;
+        let response =
+            self.upload(path, &format!("/v1/features/views/{view}/ingest"), Vec::new()).await?;
         self.decode(response).await
     }
 
@@ -273,7 +274,11 @@ impl AdminClient {
         out: &Path,
     ) -> Result<(u64, u64), ClientError> {
         let mut response = self
-            .upload(labels, &format!("/v1/features/views/{view}/export?format={format}"))
+            .upload(
+                labels,
+                &format!("/v1/features/views/{view}/export"),
+                vec![("format", format.to_owned())],
+            )
             .await?;
         if !response.status().is_success() {
             return Err(self.decode::<Value>(response).await.err().unwrap_or(ClientError::Api {

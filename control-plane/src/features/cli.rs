@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use super::source::Format;
 use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
 
 /// `features` subcommands.
@@ -211,16 +212,12 @@ fn snapshot(args: SnapshotArgs) -> Result<(), Failure> {
 }
 
 fn export(args: ExportArgs) -> Result<(), Failure> {
-    let format = match args.out.extension().and_then(|e| e.to_str()) {
-        Some("csv") => "csv",
-        Some("parquet") => "parquet",
-        _ => {
-            return Err(Failure::new(
-                EXIT_USAGE,
-                anyhow::anyhow!("--out must end in .parquet or .csv: {}", args.out.display()),
-            ));
-        }
-    };
+    let format = Format::of_output(&args.out).map(Format::name).ok_or_else(|| {
+        Failure::new(
+            EXIT_USAGE,
+            anyhow::anyhow!("--out must end in .parquet or .csv: {}", args.out.display()),
+        )
+    })?;
     online(&args.api, |c| async move {
         let (rows, matched) = c.export(&args.view, &args.labels, format, &args.out).await?;
         println!(
