@@ -121,6 +121,8 @@ pub struct ReloadSummary {
 pub struct Registry {
     catalog: ArcSwap<Catalog>,
     engines: Engines,
+    /// Counts catalogs swapped in, for whoever waits on a reload.
+    reloads: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -132,12 +134,21 @@ impl Registry {
 
     /// An empty registry loading models on the engines `engines` chooses.
     pub fn with_engines(engines: Engines) -> Self {
-        Self { catalog: ArcSwap::default(), engines }
+        Self {
+            catalog: ArcSwap::default(),
+            engines,
+            reloads: tokio::sync::watch::Sender::default(),
+        }
     }
 
     /// The engine choice, and the GPU if one was opened.
     pub fn engines(&self) -> &Engines {
         &self.engines
+    }
+
+    /// Changes each time a reload swaps in a catalog: wait on it rather than poll.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 
     /// The current catalog.
@@ -240,6 +251,7 @@ impl Registry {
             }
         }
         self.catalog.store(Arc::new(next));
+        self.reloads.send_modify(|n| *n += 1);
         Ok(summary)
     }
 }

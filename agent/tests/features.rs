@@ -7,7 +7,7 @@ mod support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use falaj_agent::import::{ImportError, ImportOptions, ImportOutcome};
 use falaj_common::bundle::{
@@ -352,16 +352,14 @@ async fn a_new_snapshot_version_replaces_lookups() {
     rows[0].1 = 90.5;
     rows.remove(1);
     install(&site, &pumps_bundle(&site, 2, 2, &rows));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let after = loop {
-        let (status, answer) = get(&client, &url).await;
-        assert_eq!(status, 200, "{answer}");
-        if answer["version"] == 2 {
-            break answer;
-        }
-        assert!(Instant::now() < deadline, "snapshot 2 never became active: {answer}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    server
+        .reloaded("snapshot 2 of pumps", |c| {
+            c.features.get("pumps").is_some_and(|v| v.version == 2)
+        })
+        .await;
+    let (status, after) = get(&client, &url).await;
+    assert_eq!(status, 200, "{after}");
+    assert_eq!(after["version"], 2);
     assert_eq!(after["features"]["temperature"], json!(90.5));
     let (_, views) = get(&client, &server.url("/v1/features")).await;
     assert_eq!(views["views"][0]["version"], 2);
@@ -449,13 +447,11 @@ async fn inference_by_entity_refusals_say_why() {
     let with_mode = ["temperature", "mode"];
     install(&site, &model_bundle(&site, "pump-mode", &model(2), "pumps", 2, &with_mode));
     site.install("plain", 1, &model(4));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while get(&client, &server.url("/v1/features")).await.1["views"].as_array().unwrap().len() < 2
-        || client.get(server.url("/v2/models/plain/ready")).send().await.unwrap().status() != 200
-    {
-        assert!(Instant::now() < deadline, "the imports were never loaded");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    server
+        .reloaded("both views and the plain model", |c| {
+            c.features.len() == 2 && c.models.contains_key("plain")
+        })
+        .await;
 
     // Integer entity ids, held and defaulted, are served.
     let (status, answer) = post(&client, &infer("sites-model"), &by(json!(1))).await;

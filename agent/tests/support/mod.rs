@@ -181,6 +181,8 @@ pub fn image_model() -> Vec<u8> {
 /// A running in-process server; stops when dropped.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The server's registry, to wait on its reloads.
+    pub registry: std::sync::Arc<falaj_agent::models::Registry>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -207,11 +209,25 @@ impl Drop for Running {
 pub async fn serve(site: &Site, config: ServeConfig) -> Running {
     let server = Server::bind(site.data_dir(), config).await.unwrap();
     let addr = server.local_addr();
+    let registry = server.registry();
     let (tx, rx) = tokio::sync::oneshot::channel();
     let task = tokio::spawn(async move {
         server.run(async { drop(rx.await) }).await.unwrap();
     });
-    Running { addr, stop: Some(tx), task: Some(task) }
+    Running { addr, registry, stop: Some(tx), task: Some(task) }
+}
+
+impl Running {
+    /// Waits until a reload leaves a catalog for which `done` holds (checked at once, then
+    /// after each reload); fails after 30 s naming `what`.
+    pub async fn reloaded(&self, what: &str, done: impl Fn(&falaj_agent::models::Catalog) -> bool) {
+        let mut reloads = self.registry.reloads();
+        let waited = tokio::time::timeout(
+            Duration::from_secs(30),
+            reloads.wait_for(|_| done(&self.registry.catalog())),
+        );
+        assert!(matches!(waited.await, Ok(Ok(_))), "no reload brought {what}");
+    }
 }
 
 pub fn test_config() -> ServeConfig {
