@@ -5,6 +5,7 @@
 //!
 //! Parsing and planning a model is pure computation over bytes; nothing here reads files.
 
+pub mod head;
 mod model;
 mod write;
 pub mod zoo;
