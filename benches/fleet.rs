@@ -102,6 +102,7 @@ fn write_bundle(
         signature: Signature { inputs: vec![spec.clone()], outputs: vec![spec] },
         reference: None,
         features: None,
+        lineage: None,
     });
     let refs: Vec<_> = signers.iter().collect();
     let (_, bytes) = BundleBuilder::new(

@@ -435,6 +435,7 @@ mod tests {
                 signature: Signature { inputs: vec![], outputs: vec![] },
                 reference: None,
                 features: None,
+                lineage: None,
             }),
         }
     }

@@ -226,6 +226,7 @@ fn model_bundle(
                 version: view_version,
                 names: names.iter().map(|&n| n.to_owned()).collect(),
             }),
+            lineage: None,
         }),
     )
     .file("model.onnx", model.to_vec())

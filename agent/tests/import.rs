@@ -233,6 +233,7 @@ fn a_signed_model_that_does_not_load_is_refused() {
             signature,
             reference: None,
             features: None,
+            lineage: None,
         }),
     )
     .file("model.onnx", b"\x08\x07this is not a model".to_vec())

@@ -19,6 +19,8 @@
 //! - [`exposition`] (feature `prometheus`): the Prometheus text both shells serve.
 //! - [`features`]: feature views, ingest rules, PII policy, snapshots and (feature
 //!   `snapshots`) their row-major payload and online table.
+//! - [`finetune`]: training a model's head on site data (one loop, CPU and GPU kernels
+//!   behind a trait), the gate that decides whether it replaces its parent, its lineage.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
@@ -39,6 +41,7 @@ pub mod errors;
 #[cfg(feature = "prometheus")]
 pub mod exposition;
 pub mod features;
+pub mod finetune;
 pub mod keys;
 pub mod metrics;
 pub mod names;

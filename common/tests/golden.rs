@@ -76,6 +76,7 @@ fn content() -> Content {
             outputs: vec![ColumnProfile::of("y", 0, "y", &[0.0, 1.0, 1.0], 10)],
         }),
         features: None,
+        lineage: None,
     })
 }
 

@@ -131,6 +131,7 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
         signature: model.signature().clone(),
         reference,
         features: options.features.clone(),
+        lineage: None,
     });
     let signer_refs: Vec<_> = signers.iter().collect();
     let (manifest, bytes) = BundleBuilder::new(

@@ -112,6 +112,7 @@ pub fn signed_bundle(
             signature,
             reference: None,
             features: None,
+            lineage: None,
         }),
     )
     .file("model.onnx", model.to_vec())

@@ -5,6 +5,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::features::SnapshotSpec;
+use crate::finetune::Lineage;
 use crate::keys::Sha256;
 use crate::profile::DataProfile;
 use crate::tensor::{DataType, Dim, Signature};
@@ -111,6 +112,10 @@ pub struct ModelSpec {
     /// The feature view its input is assembled from, when requests may name an entity.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub features: Option<FeatureInput>,
+    /// Set on a model an agent derived by fine-tuning another: where it came from. Such a
+    /// bundle is made on the agent and signed by no one; it never travels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<Lineage>,
 }
 
 /// Where a model's input comes from when a request names an entity: the features of one

@@ -64,6 +64,7 @@ fn model_content() -> Content {
         signature: Signature { inputs: vec![spec("x")], outputs: vec![spec("y")] },
         reference: None,
         features: None,
+        lineage: None,
     })
 }
 
