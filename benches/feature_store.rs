@@ -24,7 +24,7 @@ use falaj_control::db::Db;
 use falaj_control::features::export;
 use falaj_control::features::ingest;
 use falaj_control::features::snapshot::{self, SnapshotOptions};
-use falaj_control::features::source::Format;
+use falaj_tables::Format;
 use falaj_control::features::store;
 use falaj_control::sample::{pump_id, pump_view, write_pump_readings};
 

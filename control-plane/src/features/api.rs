@@ -25,7 +25,7 @@ use serde_json::json;
 use super::export::{self, ExportError};
 use super::ingest::{self, IngestError};
 use super::snapshot::{self, BuildError, SnapshotOptions};
-use super::source::Format;
+use falaj_tables::Format;
 use super::store;
 use crate::admin::{Api, ApiError, ApiResult, BundleView, json_response, register, stage};
 use crate::db;

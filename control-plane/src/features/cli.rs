@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use super::source::Format;
+use falaj_tables::Format;
 use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
 
 /// `features` subcommands.

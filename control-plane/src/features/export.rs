@@ -21,7 +21,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::snapshot::point_query;
-use super::source::{self, Format, ReadError, RowSink, SourceError};
+use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 use super::store::{self, StoredView};
 
 /// Rows per Parquet batch written.

@@ -11,7 +11,7 @@ use rusqlite::{Connection, TransactionBehavior, params, params_from_iter};
 use serde::Serialize;
 use thiserror::Error;
 
-use super::source::{self, Format, ReadError, RowSink, SourceError};
+use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 use super::store::{self, StoredView};
 
 /// Why an ingest wrote nothing.

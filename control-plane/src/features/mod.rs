@@ -7,7 +7,6 @@ pub mod cli;
 pub mod export;
 pub mod ingest;
 pub mod snapshot;
-pub mod source;
 pub mod store;
 
 use std::path::Path;

@@ -1,5 +1,6 @@
 //! Reading tabular files (CSV with a header, or Parquet) a row at a time, as typed cells,
-//! in bounded memory: one CSV record or one Parquet batch at a time.
+//! in bounded memory: one CSV record or one Parquet batch at a time. The control plane
+//! ingests feature data and label files through it; agents read fine-tuning data.
 
 use std::fs::File;
 use std::io::{self, Read};
