@@ -5,6 +5,9 @@
 //! A model that uses anything the kernels do not implement is refused at load with the
 //! node and the reason ([`GpuError::Unsupported`]); the agent then serves it with tract.
 //! Sites run NVIDIA, AMD and Intel GPUs, which is why this is wgpu (Vulkan) and not CUDA.
+//!
+//! It also fine-tunes a model's head on the GPU: [`GpuHeadKernel`] is the
+//! `falaj_common::finetune::HeadKernel` the trainer's loop drives there.
 
 // Matrix code names its operands as the mathematics does: a, b, m, n, k.
 #![allow(clippy::many_single_char_names)]
@@ -13,6 +16,7 @@ mod batch;
 pub mod graph;
 mod kernels;
 mod plan;
+mod train;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -24,6 +28,7 @@ use wgpu::util::DeviceExt as _;
 
 pub use batch::{BatchConfig, Batcher};
 pub use kernels::Tile;
+pub use train::GpuHeadKernel;
 
 use crate::graph::{Graph, InputDim};
 use crate::kernels::Pipelines;
@@ -65,6 +70,16 @@ pub enum GpuError {
     /// The device failed.
     #[error("GPU device error: {0}")]
     Device(String),
+    /// A buffer larger than the device can bind.
+    #[error("{what} take {bytes} bytes, more than this GPU binds in one buffer ({limit} bytes)")]
+    TooLarge {
+        /// What the buffer holds.
+        what: String,
+        /// Its size.
+        bytes: u64,
+        /// The device's limit (the smaller of its largest buffer and storage binding).
+        limit: u64,
+    },
 }
 
 /// How to choose an adapter.

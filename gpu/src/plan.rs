@@ -1063,7 +1063,7 @@ impl Gpu {
 
 /// Maps `staging` after the work queued so far and copies its floats out, split into
 /// consecutive pieces of `lengths`.
-fn read_back(
+pub(crate) fn read_back(
     gpu: &Gpu,
     staging: &wgpu::Buffer,
     lengths: &[usize],
