@@ -1,17 +1,24 @@
 //! A model's head: the final dense layer (the last Gemm, or a MatMul followed by an Add of
 //! a bias) whose result reaches every graph output through only output-shaping operators
 //! (Softmax, LogSoftmax, Sigmoid, ArgMax, Identity). Fine-tuning retrains it on site data
-//! with the rest of the model frozen; `replace` writes the same model with new head
-//! weights, every other byte of the graph kept.
+//! with the rest of the model frozen: `backbone` is the model cut at the head's input, which
+//! computes the features the head is trained on, and `replace` writes the same model with
+//! new head weights, every other byte of the graph kept.
 
 use std::collections::HashMap;
 
 use prost::Message;
 use thiserror::Error;
-use tract_onnx::pb::{ModelProto, NodeProto, TensorProto, attribute_proto, tensor_proto};
+use tract_onnx::pb::{
+    ModelProto, NodeProto, TensorProto, ValueInfoProto, attribute_proto, tensor_proto,
+};
+
+use crate::finetune::Objective;
 
 /// Operators allowed between the head and a graph output.
 const AFTER_HEAD: [&str; 5] = ["Softmax", "LogSoftmax", "Sigmoid", "ArgMax", "Identity"];
+/// Of those, the ones that make the head a classifier's logits.
+const CLASSIFIER: [&str; 3] = ["Softmax", "LogSoftmax", "ArgMax"];
 
 /// The head of a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +35,9 @@ pub struct Head {
     pub weights: Vec<f32>,
     /// The bias, `outputs` values (zeros if the model has none).
     pub bias: Vec<f32>,
+    /// What it is trained against: cross-entropy when its outputs go through a Softmax,
+    /// LogSoftmax or ArgMax (a classifier), else squared error (a regressor).
+    pub objective: Objective,
     weight_name: String,
     /// Stored as `[outputs, inputs]` (Gemm with transB = 1) rather than `[inputs, outputs]`.
     stored_transposed: bool,
@@ -62,6 +72,7 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
     let initializers: HashMap<&str, &TensorProto> =
         graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut found: Option<&NodeProto> = None;
+    let mut after: Vec<&str> = Vec::new();
     for output in &graph.output {
         let mut tensor = output.name.as_str();
         let head = loop {
@@ -73,7 +84,10 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
             };
             match node.op_type.as_str() {
                 "Gemm" | "Add" => break *node,
-                op if AFTER_HEAD.contains(&op) => tensor = &node.input[0],
+                op if AFTER_HEAD.contains(&op) => {
+                    after.push(op);
+                    tensor = &node.input[0];
+                }
                 op => {
                     return Err(HeadError::NoHead(format!(
                         "output {:?} comes from a {op} node",
@@ -93,6 +107,16 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
     let unsupported = |reason: &str| HeadError::Unsupported {
         node: node.name.clone().if_empty(&node.output[0]),
         reason: reason.to_owned(),
+    };
+    if after.contains(&"Sigmoid") {
+        // Independent probabilities (multi-label, binary with one logit) would need a
+        // binary cross-entropy, which the trainer does not have.
+        return Err(unsupported("its outputs go through a Sigmoid (binary or multi-label)"));
+    }
+    let objective = if after.iter().any(|op| CLASSIFIER.contains(op)) {
+        Objective::CrossEntropy
+    } else {
+        Objective::MeanSquaredError
     };
     let weight_of = |name: &str| {
         initializers.get(name).copied().ok_or_else(|| unsupported("its weights are not constant"))
@@ -148,6 +172,7 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
         outputs,
         weights,
         bias: bias_values,
+        objective,
         weight_name: weight.name.clone(),
         stored_transposed,
         bias_name: bias,
@@ -195,6 +220,19 @@ pub fn replace(
         });
     }
     Ok(model.encode_to_vec())
+}
+
+/// The model in `bytes` cut at the head's input: its one output is the features the head
+/// reads. `None` when the head reads a graph input directly (the features are the input).
+pub fn backbone(bytes: &[u8], head: &Head) -> Result<Option<Vec<u8>>, HeadError> {
+    let mut model = ModelProto::decode(bytes).map_err(|e| HeadError::Decode(e.to_string()))?;
+    let graph = model.graph.as_mut().ok_or_else(|| HeadError::Decode("no graph".into()))?;
+    if graph.input.iter().any(|i| i.name == head.input) {
+        return Ok(None);
+    }
+    // No declared type: tract infers the features' type and shape from the graph.
+    graph.output = vec![ValueInfoProto { name: head.input.clone(), ..ValueInfoProto::default() }];
+    Ok(Some(model.encode_to_vec()))
 }
 
 fn transpose(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
@@ -271,6 +309,26 @@ mod tests {
         let head = find(&bytes).unwrap();
         assert_eq!((head.input.as_str(), head.output.as_str()), ("relu0", "dense1"));
         assert_eq!((head.inputs, head.outputs), (16, 3));
+        assert_eq!(head.objective, Objective::CrossEntropy);
+        // The backbone's features through the head give the model's own output.
+        let x: Vec<f32> = (0..16).map(|i| i as f32 / 8.0 - 1.0).collect();
+        let features = run(&backbone(&bytes, &head).unwrap().unwrap(), x.clone(), 8);
+        assert_eq!(features.len(), 2 * 16);
+        let mut logits: Vec<f32> = features
+            .chunks_exact(16)
+            .flat_map(|f| {
+                head.weights.chunks_exact(16).zip(&head.bias).map(move |(w, b)| {
+                    b + w.iter().zip(f).map(|(w, f)| w * f).sum::<f32>()
+                })
+            })
+            .collect();
+        for row in logits.chunks_exact_mut(3) {
+            let sum: f32 = row.iter().map(|z| z.exp()).sum();
+            row.iter_mut().for_each(|z| *z = z.exp() / sum);
+        }
+        for (got, want) in logits.iter().zip(run(&bytes, x, 8)) {
+            assert!((got - want).abs() < 1e-5, "{logits:?} vs {want}");
+        }
         // Zero weights and a bias: every row's probabilities are softmax(bias).
         let bias = [1.0, 2.0, 3.0];
         let replaced = replace(&bytes, &head, &[0.0; 48], &bias).unwrap();
@@ -305,6 +363,8 @@ mod tests {
         let bytes = g.encode("test");
         let head = find(&bytes).unwrap();
         assert_eq!((head.input.as_str(), head.inputs, head.outputs), ("x", 2, 3));
+        assert_eq!(head.objective, Objective::CrossEntropy, "an ArgMax reads it");
+        assert_eq!(backbone(&bytes, &head).unwrap(), None, "the head reads the input");
         // As [outputs, inputs].
         assert_eq!(head.weights, [1.0, 4.0, 2.0, 5.0, 3.0, 6.0]);
         let replaced = replace(&bytes, &head, &[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[0.0; 3]).unwrap();
@@ -332,6 +392,31 @@ mod tests {
         g.output("y", DataType::Fp32, &[n(), Dim::Fixed(2)]);
         let err = find(&g.encode("test")).unwrap_err();
         assert!(err.to_string().contains("its weights are not constant"), "{err}");
+    }
+
+    #[test]
+    fn a_head_without_softmax_is_a_regressor_and_one_behind_a_sigmoid_is_refused() {
+        let n = || Dim::Symbol("N".into());
+        let graph = |after: Option<&str>| {
+            let mut g = GraphBuilder::new("regressor");
+            g.input("x", DataType::Fp32, &[n(), Dim::Fixed(2)]);
+            g.weights("w", &[1, 2], &[0.5, -0.5]);
+            g.weights("b", &[1], &[0.1]);
+            g.node("Relu", &["x"], &["h"], vec![]);
+            g.node("Gemm", &["h", "w", "b"], &["z"], vec![Attr::Int("transB", 1)]);
+            let out = after.map_or("z", |op| {
+                g.node(op, &["z"], &["y"], vec![]);
+                "y"
+            });
+            g.output(out, DataType::Fp32, &[n(), Dim::Fixed(1)]);
+            g.encode("test")
+        };
+        let head = find(&graph(None)).unwrap();
+        assert_eq!((head.objective, head.input.as_str()), (Objective::MeanSquaredError, "h"));
+        let cut = backbone(&graph(None), &head).unwrap().unwrap();
+        assert_eq!(run(&cut, vec![-1.0, 2.0], 2), [0.0, 2.0], "the Relu's output");
+        let err = find(&graph(Some("Sigmoid"))).unwrap_err();
+        assert!(err.to_string().contains("go through a Sigmoid"), "{err}");
     }
 
     #[test]
