@@ -140,6 +140,15 @@ impl BundleBuilder {
         let bytes = encode(&manifest_bytes, &signature_bytes, &self.payloads)?;
         Ok((self.manifest, bytes))
     }
+
+    /// Encodes the bundle with no signature: for a model an agent derives on site, which
+    /// it stores and trusts because it made it. Verification refuses such a bundle, so it
+    /// can never pass for one the control plane signed.
+    pub fn build_unsigned(self) -> Result<(Manifest, Vec<u8>), BuildError> {
+        self.check()?;
+        let bytes = encode(&self.manifest.to_bytes(), b"[]", &self.payloads)?;
+        Ok((self.manifest, bytes))
+    }
 }
 
 /// Lays out a container from its sections.

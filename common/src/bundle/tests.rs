@@ -224,6 +224,19 @@ fn below_threshold_is_refused_and_at_threshold_accepted() {
 }
 
 #[test]
+fn an_unsigned_bundle_is_well_formed_but_never_verifies() {
+    let f = Fixture::new(1, 1);
+    let (manifest, bytes) = builder().build_unsigned().unwrap();
+    let (_, signatures, payload) = sections(&bytes);
+    assert_eq!(&bytes[signatures..payload], b"[]", "an empty signature list");
+    assert_eq!(
+        f.check(&bytes).unwrap_err(),
+        VerifyError::ThresholdNotMet { valid: 0, threshold: 1 }
+    );
+    assert_eq!(manifest, builder().manifest().clone());
+}
+
+#[test]
 fn expired_and_wrong_region_are_refused() {
     let f = Fixture::new(1, 1);
     let bytes = signed(&f);

@@ -317,9 +317,10 @@ mod tests {
         let mut logits: Vec<f32> = features
             .chunks_exact(16)
             .flat_map(|f| {
-                head.weights.chunks_exact(16).zip(&head.bias).map(move |(w, b)| {
-                    b + w.iter().zip(f).map(|(w, f)| w * f).sum::<f32>()
-                })
+                head.weights
+                    .chunks_exact(16)
+                    .zip(&head.bias)
+                    .map(move |(w, b)| b + w.iter().zip(f).map(|(w, f)| w * f).sum::<f32>())
             })
             .collect();
         for row in logits.chunks_exact_mut(3) {
