@@ -24,9 +24,9 @@ use falaj_control::db::Db;
 use falaj_control::features::export;
 use falaj_control::features::ingest;
 use falaj_control::features::snapshot::{self, SnapshotOptions};
-use falaj_tables::Format;
 use falaj_control::features::store;
 use falaj_control::sample::{pump_id, pump_view, write_pump_readings};
+use falaj_tables::Format;
 
 const START: i64 = 1_790_000_000_000_000;
 const HOUR: i64 = 3_600_000_000;

@@ -20,8 +20,8 @@ use falaj_control::db::Db;
 use falaj_control::features::export::{self, ExportError};
 use falaj_control::features::ingest::{self, IngestError};
 use falaj_control::features::snapshot::{self, BuildError, SnapshotOptions};
-use falaj_tables::Format;
 use falaj_control::features::store;
+use falaj_tables::Format;
 use rusqlite::Connection;
 
 const VIEW: &str = r#"

@@ -25,10 +25,10 @@ use serde_json::json;
 use super::export::{self, ExportError};
 use super::ingest::{self, IngestError};
 use super::snapshot::{self, BuildError, SnapshotOptions};
-use falaj_tables::Format;
 use super::store;
 use crate::admin::{Api, ApiError, ApiResult, BundleView, json_response, register, stage};
 use crate::db;
+use falaj_tables::Format;
 
 /// Default lifetime of a snapshot bundle.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);

@@ -7,8 +7,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use falaj_tables::Format;
 use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
+use falaj_tables::Format;
 
 /// `features` subcommands.
 #[derive(Debug, Subcommand)]

@@ -21,8 +21,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use super::snapshot::point_query;
-use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 use super::store::{self, StoredView};
+use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 
 /// Rows per Parquet batch written.
 const BATCH_ROWS: usize = 8192;

@@ -11,8 +11,8 @@ use rusqlite::{Connection, TransactionBehavior, params, params_from_iter};
 use serde::Serialize;
 use thiserror::Error;
 
-use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 use super::store::{self, StoredView};
+use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 
 /// Why an ingest wrote nothing.
 #[derive(Debug, Error)]
