@@ -1,5 +1,5 @@
 //! The `falaj-agent` command line: `init` (air-gapped) or `enroll` (with a control
-//! plane), `import`, `serve` and `list`.
+//! plane), `import`, `serve`, `list` and `finetune`.
 //!
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a refused bundle, 78 bad
 //! configuration (so that systemd does not restart-loop on it).
@@ -49,6 +49,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// List installed bundles (models and feature snapshots) and their versions.
     List(DataDir),
+    /// Retrain a model's head on the site's labelled data into a derived model, which
+    /// replaces it only if it beats it on held-out rows.
+    Finetune(crate::finetune::cli::FinetuneArgs),
     /// Check a configuration file without starting anything.
     CheckConfig(CheckConfigArgs),
 }
@@ -189,7 +192,7 @@ impl Failure {
     }
 }
 
-fn store_failure(err: StoreError) -> Failure {
+pub(crate) fn store_failure(err: StoreError) -> Failure {
     match err {
         StoreError::NotInitialised(_)
         | StoreError::AlreadyInitialised(_)
@@ -208,6 +211,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Import(args) => import(&args),
         Command::Serve(args) => serve(&args),
         Command::List(args) => args.resolve().and_then(|dir| list(&dir)),
+        Command::Finetune(args) => crate::finetune::cli::run(&args),
         Command::CheckConfig(args) => check_config(&args.config),
     };
     match result {

@@ -281,6 +281,21 @@ pub fn assemble(
         model: model.to_owned(),
         view: view.to_owned(),
     })??;
+    let values = assemble_from(table, model, input, entities)?;
+    Ok(Tensor {
+        shape: vec![entities.len() as u64, input.names.len() as u64],
+        data: TensorData::Fp32(values),
+    })
+}
+
+/// The rows of [`assemble`] from `table`, a snapshot of `input.view`, row-major.
+pub fn assemble_from(
+    table: &OnlineTable,
+    model: &str,
+    input: &FeatureInput,
+    entities: &[String],
+) -> Result<Vec<f32>, FeatureError> {
+    let view = input.view.as_str();
     let spec = table.spec();
     if spec.view_version != input.version {
         return Err(FeatureError::Skew {
@@ -318,8 +333,5 @@ pub fn assemble(
             }
         })?;
     }
-    Ok(Tensor {
-        shape: vec![entities.len() as u64, positions.len() as u64],
-        data: TensorData::Fp32(values),
-    })
+    Ok(values)
 }

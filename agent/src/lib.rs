@@ -4,7 +4,9 @@
 //! ([`import`]) for air-gapped sites, loads every installed model into an engine
 //! ([`engine`], [`models`]) and serves them over the Open Inference Protocol v2 REST API
 //! ([`oip`], [`server`]), so that Triton and KServe clients work unchanged. Feature
-//! snapshot bundles are served as online lookups and model inputs ([`features`]).
+//! snapshot bundles are served as online lookups and model inputs ([`features`]). A
+//! model's head can be fine-tuned on the site's labelled data into a derived model
+//! ([`finetune`]).
 //!
 //! The binary (`falaj-agent`) is a thin shell over [`cli`].
 
@@ -14,6 +16,7 @@ pub mod daemon;
 pub mod engine;
 pub mod enroll;
 pub mod features;
+pub mod finetune;
 pub mod identity;
 pub mod import;
 pub mod metrics;

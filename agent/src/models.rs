@@ -89,11 +89,30 @@ pub struct Catalog {
     /// Feature views by name, each with its active snapshot (inactive snapshot versions
     /// stay installed but are not loaded).
     pub features: BTreeMap<String, ViewEntry>,
+    /// Derived models serving in place of their parents: parent name to the derived
+    /// model's name and version ([`crate::store::Overlay`]).
+    pub overlays: BTreeMap<String, (String, u64)>,
     /// Whether the first load has completed.
     pub loaded: bool,
 }
 
 impl Catalog {
+    /// The model and version that serve requests for `name` that name no version: a
+    /// derived model overlaying it while its parent version is the active one and it is
+    /// loaded, else `name`'s active version (`None`).
+    pub fn serving<'a>(&'a self, name: &'a str) -> (&'a str, Option<u64>) {
+        let overlay = self.overlays.get(name).filter(|(derived, version)| {
+            self.models.get(name).is_some_and(|m| m.active == Some(*version))
+                && self.models.get(derived).is_some_and(|d| {
+                    matches!(d.versions.get(version), Some(VersionState::Ready(_)))
+                })
+        });
+        match overlay {
+            Some((derived, version)) => (derived, Some(*version)),
+            None => (name, None),
+        }
+    }
+
     /// Ready when loaded and every active version is serving (Triton's strict readiness),
     /// active snapshots included.
     pub fn ready(&self) -> bool {
@@ -160,7 +179,9 @@ impl Registry {
     /// already loaded), drops removed ones, and swaps the result in. Blocking.
     pub fn reload(&self, store: &Store) -> Result<ReloadSummary, StoreError> {
         let current = self.catalog();
-        let mut next = Catalog { models: BTreeMap::new(), features: BTreeMap::new(), loaded: true };
+        let overlays =
+            store.overlays()?.into_iter().map(|o| (o.name, (o.derived, o.version))).collect();
+        let mut next = Catalog { overlays, loaded: true, ..Catalog::default() };
         let mut summary = ReloadSummary::default();
         for installed in store.installed()? {
             let (name, version) = (installed.manifest.name.clone(), installed.manifest.version);

@@ -602,6 +602,11 @@ async fn infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let catalog = state.registry.catalog();
+    // Without a version, a derived model overlaying this one serves, named as itself.
+    let (name, version) = match (version, catalog.serving(&name)) {
+        (None, (derived, Some(v))) => (derived.to_owned(), Some(v)),
+        _ => (name, version),
+    };
     let (version, found) = lookup(&catalog, &name, version)?;
     let model = loaded(&name, version, found)?;
     drop(catalog);

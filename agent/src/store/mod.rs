@@ -24,9 +24,11 @@ use falaj_common::trust::{TrustError, TrustRoot};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
+mod derived;
 mod managed;
 mod outbox;
 
+pub use derived::Overlay;
 pub use managed::{ChunkSource, Identity};
 
 /// Database file name inside the data directory.
@@ -110,6 +112,14 @@ const MIGRATIONS: &[&str] = &[
         dropped_requests INTEGER NOT NULL
     ) STRICT;
     INSERT INTO outbox_state (id, next_seq, dropped_windows, dropped_requests) VALUES (1, 1, 0, 0);",
+    // 4: derived models (fine-tuned on site) serving in place of their parents.
+    "CREATE TABLE overlays (
+        name         TEXT PRIMARY KEY,
+        derived      TEXT NOT NULL,
+        version      INTEGER NOT NULL,
+        activated_at INTEGER NOT NULL,
+        FOREIGN KEY (derived, version) REFERENCES bundles (name, version) ON DELETE CASCADE
+    ) STRICT;",
 ];
 
 /// Errors of the agent's store.
@@ -157,6 +167,9 @@ pub enum StoreError {
     /// The region given to `init` is not a valid name, or differs from the trust root's.
     #[error("{0}")]
     Region(String),
+    /// What the store's rules refuse (a second model of the same derived name, say).
+    #[error("{0}")]
+    Refused(String),
     /// An installed bundle file no longer matches what was verified at import.
     #[error("installed bundle {name}@{version} ({path}) is damaged: {problem}")]
     Damaged {
@@ -409,6 +422,22 @@ impl Store {
         now: SystemTime,
         check: impl FnOnce(&[InstalledVersion]) -> Result<bool, E>,
     ) -> Result<bool, E> {
+        self.install_with(staged, manifest, manifest_bytes, mode, now, check, |_, _| Ok(()))
+    }
+
+    /// [`Self::install`], with `also` run inside the same transaction after the bundle's
+    /// rows are written (given the transaction and the install time).
+    #[allow(clippy::too_many_arguments)]
+    fn install_with<E: From<StoreError>>(
+        &mut self,
+        staged: tempfile::NamedTempFile,
+        manifest: &Manifest,
+        manifest_bytes: &[u8],
+        mode: InstallMode,
+        now: SystemTime,
+        check: impl FnOnce(&[InstalledVersion]) -> Result<bool, E>,
+        also: impl FnOnce(&Connection, i64) -> rusqlite::Result<()>,
+    ) -> Result<bool, E> {
         let relative = Self::bundle_path(&manifest.name, manifest.version);
         let target = self.dir.join(&relative);
         let parent = target.parent().expect("bundle paths have a parent").to_owned();
@@ -443,6 +472,7 @@ impl Store {
         if mode.activate {
             managed::set_active(&tx, &manifest.name, manifest.version, at).map_err(db)?;
         }
+        also(&tx, at).map_err(db)?;
         let detail = format!("{size} bytes{}", if mode.activate { ", activated" } else { "" });
         tx.execute(
             "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'install', ?2, ?3, ?4)",

@@ -1,0 +1,113 @@
+//! Derived models: versions an agent made itself by fine-tuning a model's head on site
+//! data. Each is an ordinary, unmanaged bundle under its own name (`PARENT.ftN`, at the
+//! parent's version) whose manifest carries its lineage and no signature; the `overlays`
+//! table names the derived model that serves requests for its parent's name, while the
+//! parent's version is the one active (a new parent version ends the overlay).
+
+use std::time::SystemTime;
+
+use falaj_common::bundle::Manifest;
+use rusqlite::params;
+
+use super::{InstallMode, Result, Store, StoreError};
+
+/// A derived model serving in place of its parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    /// The parent's name: requests for it without a version go to `derived`.
+    pub name: String,
+    /// The derived model's name.
+    pub derived: String,
+    /// Its version: the parent version it was derived from.
+    pub version: u64,
+}
+
+impl Store {
+    /// The name for the next model derived from `parent`: `PARENT.ftN`, one above any
+    /// held, or `None` when that would outgrow a model name.
+    pub fn next_derived_name(&self, parent: &str) -> Result<Option<String>> {
+        let prefix = format!("{parent}.ft");
+        let mut stmt = self.conn.prepare("SELECT DISTINCT name FROM bundles").map_err(self.db())?;
+        let names = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(self.db())?;
+        let mut highest = 0u64;
+        for name in names {
+            let name = name.map_err(self.db())?;
+            if let Some(n) = name.strip_prefix(&prefix).and_then(|n| n.parse::<u64>().ok()) {
+                highest = highest.max(n);
+            }
+        }
+        let name = format!("{prefix}{}", highest + 1);
+        Ok(falaj_common::names::check_model_name(&name).is_ok().then_some(name))
+    }
+
+    /// Installs a derived model (a verified, fsynced staged bundle of its own name, never
+    /// installed before) as the active version of its name and, with `overlay`, as what
+    /// serves its parent's name; in one transaction, with an event.
+    pub fn install_derived(
+        &mut self,
+        staged: tempfile::NamedTempFile,
+        manifest: &Manifest,
+        manifest_bytes: &[u8],
+        overlay: bool,
+        now: SystemTime,
+    ) -> Result<()> {
+        let lineage = manifest.model().and_then(|m| m.lineage.as_ref());
+        let Some(lineage) = lineage else {
+            return Err(StoreError::Refused(format!(
+                "{}@{} has no lineage: only derived models install this way",
+                manifest.name, manifest.version
+            )));
+        };
+        let (parent, name, version) =
+            (lineage.parent.clone(), manifest.name.clone(), manifest.version);
+        let detail = format!("derived from {parent}@{version}; {}", lineage.gate.reason);
+        self.install_with(
+            staged,
+            manifest,
+            manifest_bytes,
+            InstallMode { activate: true, managed: false },
+            now,
+            |existing| {
+                if existing.is_empty() {
+                    Ok(true)
+                } else {
+                    Err(StoreError::Refused(format!("a model named {name:?} is already installed")))
+                }
+            },
+            |tx, at| {
+                if overlay {
+                    tx.execute(
+                        "INSERT INTO overlays (name, derived, version, activated_at) VALUES (?1, ?2, ?3, ?4)
+                         ON CONFLICT (name) DO UPDATE SET derived = excluded.derived,
+                             version = excluded.version, activated_at = excluded.activated_at",
+                        params![parent, manifest.name, version as i64, at],
+                    )?;
+                }
+                tx.execute(
+                    "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'finetune', ?2, ?3, ?4)",
+                    params![at, manifest.name, version as i64, detail],
+                )
+                .map(drop)
+            },
+        )
+        .map(drop)
+    }
+
+    /// Every overlay.
+    pub fn overlays(&self) -> Result<Vec<Overlay>> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT name, derived, version FROM overlays ORDER BY name")
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Overlay {
+                    name: r.get(0)?,
+                    derived: r.get(1)?,
+                    version: r.get::<_, i64>(2)? as u64,
+                })
+            })
+            .map_err(self.db())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.db())
+    }
+}

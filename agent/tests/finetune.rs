@@ -1,0 +1,237 @@
+//! Fine-tuning through `falaj-agent finetune` (the real binary) on a site's CSV: a site whose
+//! sensors read offset gets a derived model that beats its parent there and serves in its
+//! place, through the same API, on tract and on the GPU engine; at a site like the
+//! parent's, the gate keeps the parent; bad jobs are refused with the reason and change
+//! nothing.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use falaj_agent::engine::EngineConfig;
+use falaj_agent::server::ServeConfig;
+use falaj_common::bundle::{Policy, verify};
+use falaj_common::finetune::Objective;
+use falaj_common::onnx::mlp_classifier;
+use falaj_common::sample::{self, CLASSES, Dataset, FEATURE_COUNT, FEATURES, Shift};
+use falaj_common::train::{TrainConfig, train_classifier};
+use serde_json::{Value, json};
+use support::{Site, datatypes_model, now, serve, test_config};
+
+const SHIFT: [Shift; 2] = [Shift { feature: 1, offset: 2.5 }, Shift { feature: 0, offset: 9.0 }];
+
+/// The parent: an MLP (8 → 16 → 3) trained at a site without offsets.
+fn parent_model() -> Vec<u8> {
+    let data = sample::generate(6_000, 21, &[]);
+    let config = TrainConfig { hidden: vec![16], max_epochs: 20, ..TrainConfig::default() };
+    let (mlp, _) = train_classifier(&data.features, FEATURE_COUNT, &data.labels, 3, &config);
+    mlp_classifier(&mlp, "sensors", "test")
+}
+
+fn write_csv(path: &Path, data: &Dataset) {
+    let mut text = FEATURES.join(",") + ",label\n";
+    for i in 0..data.len() {
+        let row: Vec<String> = data.row(i).iter().map(f32::to_string).collect();
+        text += &format!("{},{}\n", row.join(","), data.labels[i]);
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+fn finetune(site: &Site, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_falaj-agent"))
+        .arg("finetune")
+        .args(args)
+        .arg("--data-dir")
+        .arg(site.data_dir())
+        .env_remove("FALAJ_AGENT_CONFIG")
+        .output()
+        .unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Accuracy of the served labels for `data`, and the model that answered.
+async fn served_accuracy(server: &support::Running, path: &str, data: &Dataset) -> (f64, String) {
+    let body = json!({"inputs": [{
+        "name": "sensors", "shape": [data.len(), FEATURE_COUNT], "datatype": "FP32",
+        "data": data.features,
+    }]});
+    let response: Value = reqwest::Client::new()
+        .post(server.url(path))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let outputs = response["outputs"].as_array().unwrap_or_else(|| panic!("{response}"));
+    let labels = outputs.iter().find(|o| o["name"] == "label").unwrap()["data"].as_array().unwrap();
+    let right = labels
+        .iter()
+        .zip(&data.labels)
+        .filter(|(l, want)| l.as_u64() == Some(u64::from(**want)))
+        .count();
+    (right as f64 / data.len() as f64, response["model_name"].as_str().unwrap().to_owned())
+}
+
+fn staging_is_empty(site: &Site) -> bool {
+    let staging: PathBuf = site.data_dir().join("staging");
+    std::fs::read_dir(staging).map_or(true, |mut d| d.next().is_none())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_shifted_site_gets_a_derived_model_that_beats_its_parent_and_serves_in_its_place() {
+    let site = Site::new();
+    site.install("pumps", 1, &parent_model());
+    let mut data = sample::generate(8_000, 22, &SHIFT);
+    let unseen = data.split_off(2_000);
+    let csv = site.dir.path().join("site.csv");
+    write_csv(&csv, &data);
+
+    let out =
+        finetune(&site, &["--model", "pumps", "--data", csv.to_str().unwrap(), "--label", "label"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("EPOCH") && text.contains("ACCURACY"), "the epoch table: {text}");
+    assert!(text.contains("activated: pumps.ft1 now serves requests for pumps"), "{text}");
+
+    // The derived bundle: unmanaged, unsigned, with its lineage.
+    let store = site.store();
+    let installed = store.installed().unwrap();
+    let parent = installed.iter().find(|i| i.manifest.name == "pumps").unwrap();
+    let derived = installed.iter().find(|i| i.manifest.name == "pumps.ft1").unwrap();
+    assert!(derived.active && !derived.managed);
+    assert_eq!(derived.manifest.version, 1, "at its parent's version");
+    let lineage = derived.manifest.model().unwrap().lineage.clone().unwrap();
+    assert_eq!((lineage.parent.as_str(), lineage.parent_version), ("pumps", 1));
+    assert_eq!(lineage.parent_manifest_sha256, parent.manifest_sha256);
+    assert_eq!(lineage.objective, Objective::CrossEntropy);
+    assert_eq!((lineage.train_rows, lineage.held_out_rows), (4_800, 1_200));
+    assert_eq!(lineage.engine, "cpu");
+    let (before, after) = (lineage.before.accuracy.unwrap(), lineage.after.accuracy.unwrap());
+    assert!(after > before + 0.05, "held out: {before:.3} -> {after:.3}");
+    assert!(lineage.gate.activate && lineage.epochs.len() as u32 >= lineage.best_epoch);
+    let bytes = std::fs::read(&derived.path).unwrap();
+    let refused = verify(&bytes, &site.trust, &Policy::new(support::REGION, now())).unwrap_err();
+    assert!(refused.to_string().contains("signature"), "{refused}");
+    assert!(staging_is_empty(&site));
+
+    // Served through the same API: the parent's name answers with the derived model, which
+    // beats the parent on rows neither saw; the parent still answers by version. The GPU
+    // engine (lavapipe here) loads the derived model too.
+    let config = ServeConfig {
+        engine: EngineConfig { allow_software_gpu: true, ..EngineConfig::default() },
+        ..test_config()
+    };
+    let server = serve(&site, config).await;
+    let (tuned, by) = served_accuracy(&server, "/v2/models/pumps/infer", &unseen).await;
+    assert_eq!(by, "pumps.ft1");
+    let (parent, by) = served_accuracy(&server, "/v2/models/pumps/versions/1/infer", &unseen).await;
+    assert_eq!(by, "pumps");
+    assert!(tuned > parent + 0.05, "unseen shifted rows: parent {parent:.3}, derived {tuned:.3}");
+    let meta: Value =
+        reqwest::get(server.url("/v2/models/pumps.ft1")).await.unwrap().json().await.unwrap();
+    let engine = meta["parameters"]["engines"]["1"].as_str().unwrap().to_owned();
+    if std::env::var_os("FALAJ_REQUIRE_GPU").is_some() {
+        assert_eq!(engine, "wgpu-gpu", "{meta}");
+    }
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_a_site_like_the_parents_the_gate_keeps_the_parent() {
+    let site = Site::new();
+    site.install("pumps", 1, &parent_model());
+    let mut data = sample::generate(6_000, 23, &[]);
+    let unseen = data.split_off(1_000);
+    let csv = site.dir.path().join("site.csv");
+    write_csv(&csv, &data);
+    // Given as a job file, as an air-gapped site would be.
+    let job = site.dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "model = \"pumps\"\nversion = 1\n[data]\nfile = {:?}\nlabel = \"label\"\n\
+             [hyperparameters]\nmax_epochs = 10\nseed = 5\n[gate]\nmin_improvement = 0.02\n",
+            csv.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let out = finetune(&site, &["--job", job.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("installed pumps.ft1 inactive"), "{text}");
+    assert!(text.contains("less than the 0.02 required; the parent stays"), "{text}");
+    let store = site.store();
+    assert!(store.overlays().unwrap().is_empty());
+    let derived =
+        store.installed().unwrap().into_iter().find(|i| i.manifest.name == "pumps.ft1").unwrap();
+    let lineage = derived.manifest.model().unwrap().lineage.clone().unwrap();
+    assert_eq!(lineage.hyperparameters.seed, 5);
+    assert!(!lineage.gate.activate);
+
+    let server = serve(&site, test_config()).await;
+    let (_, by) = served_accuracy(&server, "/v2/models/pumps/infer", &unseen).await;
+    assert_eq!(by, "pumps", "the parent keeps serving its name");
+    let (_, by) = served_accuracy(&server, "/v2/models/pumps.ft1/infer", &unseen).await;
+    assert_eq!(by, "pumps.ft1", "the derived model answers by its own name");
+    server.stop().await;
+}
+
+#[test]
+fn bad_jobs_are_refused_with_the_reason_and_change_nothing() {
+    let site = Site::new();
+    site.install("pumps", 1, &parent_model());
+    site.install("types", 1, &datatypes_model());
+    let data = sample::generate(200, 24, &[]);
+    let csv = site.dir.path().join("site.csv");
+    write_csv(&csv, &data);
+    let path = csv.to_str().unwrap();
+    let before = site.store().installed().unwrap().len();
+
+    let refused = |args: &[&str], why: &str| {
+        let out = finetune(&site, args);
+        assert_eq!(out.status.code(), Some(65), "{args:?}: {}{}", stdout(&out), stderr(&out));
+        assert!(stderr(&out).contains(why), "{args:?}: {}", stderr(&out));
+    };
+    refused(&["--model", "types", "--data", path, "--label", "label"], "no final dense layer");
+    refused(
+        &["--model", "pumps@7", "--data", path, "--label", "label"],
+        "version 7 is not installed",
+    );
+    refused(&["--model", "pumps", "--data", path, "--label", "class"], "no column \"class\"");
+    refused(
+        &["--model", "pumps", "--data", path, "--label", "label", "--features", "temperature_c"],
+        "1 feature columns, but the model takes 8 features per row",
+    );
+    // One bad cell, and a label that is no class.
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    text = text.replacen("\n", "\nx", 2).replacen("\nx", "\n", 1);
+    std::fs::write(&csv, &text).unwrap();
+    refused(&["--model", "pumps", "--data", path, "--label", "label"], "row 2, column");
+    let mut bad_label = sample::generate(20, 25, &[]);
+    bad_label.labels[3] = CLASSES.len() as u32;
+    write_csv(&csv, &bad_label);
+    refused(
+        &["--model", "pumps", "--data", path, "--label", "label"],
+        "row 4: label 3 is not a class index below 3",
+    );
+
+    let out = finetune(
+        &site,
+        &["--model", "pumps", "--data", path, "--label", "label", "--learning-rate", "0"],
+    );
+    assert_eq!(out.status.code(), Some(78), "{}", stderr(&out));
+    assert!(stderr(&out).contains("learning_rate must be above 0"), "{}", stderr(&out));
+
+    assert_eq!(site.store().installed().unwrap().len(), before);
+    assert!(staging_is_empty(&site));
+}
