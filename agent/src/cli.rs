@@ -427,7 +427,7 @@ fn list(data_dir: &Path) -> Result<(), Failure> {
         "{:<24} {:>8} {:<7} {:<8} {:<8} {:>10} {:>12} {:<22} {:<22}",
         "NAME", "VERSION", "ACTIVE", "KIND", "RUNTIME", "ENTITIES", "BYTES", "INSTALLED", "EXPIRES"
     );
-    for i in installed {
+    for i in &installed {
         let runtime = i.manifest.model().map_or("-".to_owned(), |m| m.runtime.to_string());
         // The count the manifest declares; import checked the payload holds exactly that.
         let entities = i.manifest.snapshot().map_or("-".to_owned(), |s| s.entities.to_string());
@@ -442,6 +442,23 @@ fn list(data_dir: &Path) -> Result<(), Failure> {
             i.size,
             i.installed_at.to_string(),
             i.manifest.expires.to_string()
+        );
+    }
+    let overlays = store.overlays().map_err(store_failure)?;
+    for i in &installed {
+        let Some(lineage) = i.manifest.model().and_then(|m| m.lineage.as_ref()) else { continue };
+        let serving = overlays.iter().any(|o| o.derived == i.manifest.name);
+        println!(
+            "{}@{}: derived on this site from {}@{} (unsigned); {}",
+            i.manifest.name,
+            i.manifest.version,
+            lineage.parent,
+            lineage.parent_version,
+            if serving {
+                format!("serves requests for {}", lineage.parent)
+            } else {
+                format!("inactive: {}", lineage.gate.reason)
+            }
         );
     }
     Ok(())

@@ -123,6 +123,18 @@ async fn a_shifted_site_gets_a_derived_model_that_beats_its_parent_and_serves_in
     let refused = verify(&bytes, &site.trust, &Policy::new(support::REGION, now())).unwrap_err();
     assert!(refused.to_string().contains("signature"), "{refused}");
     assert!(staging_is_empty(&site));
+    let list = Command::new(env!("CARGO_BIN_EXE_falaj-agent"))
+        .args(["list", "--data-dir"])
+        .arg(site.data_dir())
+        .output()
+        .unwrap();
+    assert!(
+        stdout(&list).contains(
+            "pumps.ft1@1: derived on this site from pumps@1 (unsigned); serves requests for pumps"
+        ),
+        "{}",
+        stdout(&list)
+    );
 
     // Served through the same API: the parent's name answers with the derived model, which
     // beats the parent on rows neither saw; the parent still answers by version. The GPU
