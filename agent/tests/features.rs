@@ -629,3 +629,58 @@ fn a_name_keeps_its_kind() {
     let err = refused_untouched(&site, &snapshot_bundle(&site, "fault", 2, spec, payload));
     assert!(err.to_string().contains("is a features bundle"), "{err}");
 }
+
+/// Fine-tuning data given as entity ids is joined to the snapshot exactly as inference by
+/// entity assembles inputs: the same rows as a file with the features written out.
+#[test]
+fn fine_tuning_data_by_entity_id_is_joined_to_the_snapshot() {
+    use falaj_agent::finetune::{self, DataSource, Job, Quiet};
+    let site = Site::new();
+    install(&site, &model_bundle(&site, "pump-fault", &model(4), "pumps", 2, &PUMP_INPUT));
+    install(&site, &pumps_bundle(&site, 1, 2, &pump_rows()));
+    let dir = site.dir.path();
+    let (mut by_entity, mut explicit) =
+        ("pump_id,label\n".to_owned(), PUMP_INPUT.join(",") + ",label\n");
+    for _ in 0..10 {
+        // pump-003's `starts` is null: its default, 0.
+        by_entity += "pump-001,0\npump-003,2\n";
+        explicit += "71.5,2.25,3,1,0\n80.25,1.5,0,0,2\n";
+    }
+    std::fs::write(dir.join("entity.csv"), &by_entity).unwrap();
+    std::fs::write(dir.join("explicit.csv"), &explicit).unwrap();
+    let job = |file: &str, entity: Option<&str>| Job {
+        model: "pump-fault".into(),
+        version: None,
+        data: DataSource {
+            file: dir.join(file),
+            label: "label".into(),
+            features: None,
+            entity: entity.map(str::to_owned),
+        },
+        hyperparameters: falaj_common::finetune::Hyperparameters {
+            max_epochs: 2,
+            ..Default::default()
+        },
+        gate: falaj_common::finetune::Gate::default(),
+        engine: finetune::TrainEngine::Cpu,
+    };
+    let mut store = site.store();
+    let gpu = falaj_gpu::GpuOptions::default();
+    let joined =
+        finetune::run(&mut store, &job("entity.csv", Some("pump_id")), gpu, now(), &mut Quiet)
+            .unwrap();
+    let written =
+        finetune::run(&mut store, &job("explicit.csv", None), gpu, now(), &mut Quiet).unwrap();
+    assert_eq!(joined.lineage.data_sha256, written.lineage.data_sha256);
+    assert_eq!((joined.name.as_str(), written.name.as_str()), ("pump-fault.ft1", "pump-fault.ft2"));
+
+    // pump-002's pressure is null without a default; pump-009 is not held.
+    for (row, why) in [("pump-002,1", "pump-002"), ("pump-009,1", "pump-009")] {
+        std::fs::write(dir.join("entity.csv"), format!("{by_entity}{row}\n")).unwrap();
+        let err =
+            finetune::run(&mut store, &job("entity.csv", Some("pump_id")), gpu, now(), &mut Quiet)
+                .unwrap_err();
+        assert!(err.to_string().contains(why), "{err}");
+    }
+    assert_eq!(store.installed().unwrap().len(), 4, "two models, a snapshot, no more");
+}

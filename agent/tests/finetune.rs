@@ -13,7 +13,7 @@ use falaj_agent::engine::EngineConfig;
 use falaj_agent::server::ServeConfig;
 use falaj_common::bundle::{Policy, verify};
 use falaj_common::finetune::Objective;
-use falaj_common::onnx::mlp_classifier;
+use falaj_common::onnx::{head, mlp_classifier};
 use falaj_common::sample::{self, CLASSES, Dataset, FEATURE_COUNT, FEATURES, Shift};
 use falaj_common::train::{TrainConfig, train_classifier};
 use serde_json::{Value, json};
@@ -246,4 +246,52 @@ fn bad_jobs_are_refused_with_the_reason_and_change_nothing() {
 
     assert_eq!(site.store().installed().unwrap().len(), before);
     assert!(staging_is_empty(&site));
+}
+
+/// The same job on the GPU engine (lavapipe here) gives the CPU's head to float32
+/// tolerance: the two derived models agree.
+#[test]
+fn the_gpu_trains_the_same_head_as_the_cpu() {
+    let site = Site::new();
+    site.install("pumps", 1, &parent_model());
+    let data = sample::generate(3_000, 26, &SHIFT);
+    let csv = site.dir.path().join("site.csv");
+    write_csv(&csv, &data);
+    let config = site.dir.path().join("agent.toml");
+    std::fs::write(&config, "[engine]\nallow_software_gpu = true\n").unwrap();
+    let job = ["--model", "pumps", "--data", csv.to_str().unwrap(), "--label", "label"];
+    let epochs = ["--epochs", "5", "--patience", "5", "--config", config.to_str().unwrap()];
+    let cpu = finetune(&site, &[&job[..], &epochs, &["--engine", "cpu"]].concat());
+    assert!(cpu.status.success(), "{}", stderr(&cpu));
+    let gpu = finetune(&site, &[&job[..], &epochs, &["--engine", "gpu"]].concat());
+    if !gpu.status.success() && std::env::var_os("FALAJ_REQUIRE_GPU").is_none() {
+        assert!(stderr(&gpu).contains("no GPU"), "{}", stderr(&gpu));
+        return;
+    }
+    assert!(gpu.status.success(), "{}", stderr(&gpu));
+
+    let store = site.store();
+    let derived = |name: &str| {
+        let installed = store.installed().unwrap().into_iter().find(|i| i.manifest.name == name);
+        let installed = installed.unwrap();
+        let lineage = installed.manifest.model().unwrap().lineage.clone().unwrap();
+        let head = head::find(&store.read_content(&installed).unwrap()).unwrap();
+        (lineage, head)
+    };
+    let (cpu, cpu_head) = derived("pumps.ft1");
+    let (gpu, gpu_head) = derived("pumps.ft2");
+    assert_eq!((cpu.engine.as_str(), gpu.engine.as_str()), ("cpu", "gpu"));
+    assert_eq!(cpu.data_sha256, gpu.data_sha256);
+    assert_eq!(cpu.best_epoch, gpu.best_epoch);
+    for (a, b) in cpu_head
+        .weights
+        .iter()
+        .chain(&cpu_head.bias)
+        .zip(gpu_head.weights.iter().chain(&gpu_head.bias))
+    {
+        assert!((a - b).abs() <= 1e-4 + 1e-3 * a.abs(), "cpu {a} vs gpu {b}");
+    }
+    for (c, g) in cpu.epochs.iter().zip(&gpu.epochs) {
+        assert!((c.train_loss - g.train_loss).abs() <= 1e-4 * c.train_loss, "{c:?} vs {g:?}");
+    }
 }

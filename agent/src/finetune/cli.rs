@@ -7,6 +7,7 @@ use std::time::SystemTime;
 
 use clap::Args;
 use falaj_common::finetune::{EpochStats, Gate, Hyperparameters, Metrics, Optimizer};
+use falaj_gpu::GpuOptions;
 
 use super::{DataSource, FinetuneError, Job, Progress, TrainEngine};
 use crate::cli::{DataDir, Failure};
@@ -186,7 +187,9 @@ fn describe(m: &Metrics) -> String {
 /// Runs `falaj-agent finetune`.
 pub fn run(args: &FinetuneArgs) -> Result<(), Failure> {
     let job = args.job().map_err(|e| Failure::Config(e.into()))?;
-    let data_dir = args.dir.resolve()?;
+    let config = args.dir.config()?;
+    let data_dir = args.dir.data_dir.clone().unwrap_or(config.data_dir);
+    let gpu = GpuOptions { allow_software: config.engine.allow_software_gpu };
     let mut store = Store::open(&data_dir).map_err(crate::cli::store_failure)?;
     let bar = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(u64::from(job.hyperparameters.max_epochs));
@@ -198,7 +201,7 @@ pub fn run(args: &FinetuneArgs) -> Result<(), Failure> {
         bar
     });
     let mut report = Report { bar, header_printed: false };
-    let finished = super::run(&mut store, &job, SystemTime::now(), &mut report);
+    let finished = super::run(&mut store, &job, gpu, SystemTime::now(), &mut report);
     if let Some(bar) = &report.bar {
         bar.finish_and_clear();
     }

@@ -24,6 +24,7 @@ use falaj_common::onnx::OnnxModel;
 use falaj_common::onnx::head::{self, Head, HeadError};
 use falaj_common::tensor::{Dim, Tensor, TensorData};
 use falaj_common::time::Timestamp;
+use falaj_gpu::{Gpu, GpuError, GpuHeadKernel, GpuOptions};
 use falaj_tables::{Format, ReadError, RowSink, SourceError};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -183,11 +184,13 @@ pub struct Finished {
     pub lineage: Lineage,
 }
 
-/// Runs `job` against the agent's store: trains, builds and installs the derived model,
-/// and activates it in place of its parent if the gate passes. Blocking.
+/// Runs `job` against the agent's store: trains (a GPU job on the GPU `gpu` opens),
+/// builds and installs the derived model, and activates it in place of its parent if the
+/// gate passes. Blocking.
 pub fn run(
     store: &mut Store,
     job: &Job,
+    gpu: GpuOptions,
     now: SystemTime,
     progress: &mut dyn Progress,
 ) -> Result<Finished, FinetuneError> {
@@ -222,7 +225,7 @@ pub fn run(
         .map_err(|problem| FinetuneError::Data { path: job.data.file.clone(), problem })?;
 
     progress.stage("training");
-    let (outcome, engine) = train(job, examples, &start, progress)?;
+    let (outcome, engine) = train(job, gpu, examples, &start, progress)?;
     let gate = job.gate.judge(&outcome.before, &outcome.after);
     let lineage = Lineage {
         parent: parent.manifest.name.clone(),
@@ -495,25 +498,30 @@ fn backbone_features(
 /// Trains on the job's engine.
 fn train(
     job: &Job,
+    gpu: GpuOptions,
     examples: Examples<'_>,
     start: &Linear,
     progress: &mut dyn Progress,
 ) -> Result<(Outcome, &'static str), FinetuneError> {
     let hp = &job.hyperparameters;
     let rows = examples.rows();
+    let objective = examples.objective;
     match job.engine {
         TrainEngine::Cpu => {
             let mut kernel = CpuKernel::new(examples, start, hp);
-            let name = kernel.name();
-            let outcome =
-                finetune::fit(&mut kernel, rows, examples.objective, hp, |e| progress.epoch(e))
-                    .unwrap_or_else(|never| match never {});
-            Ok((outcome, name))
+            let outcome = finetune::fit(&mut kernel, rows, objective, hp, |e| progress.epoch(e))
+                .unwrap_or_else(|never| match never {});
+            Ok((outcome, kernel.name()))
         }
-        TrainEngine::Gpu => Err(FinetuneError::Train {
-            engine: "gpu",
-            problem: "not available in this build".into(),
-        }),
+        TrainEngine::Gpu => {
+            let failed =
+                |e: GpuError| FinetuneError::Train { engine: "gpu", problem: e.to_string() };
+            let device = Gpu::open(gpu).map_err(failed)?;
+            let mut kernel = GpuHeadKernel::new(device, examples, start, hp).map_err(failed)?;
+            let outcome = finetune::fit(&mut kernel, rows, objective, hp, |e| progress.epoch(e))
+                .map_err(failed)?;
+            Ok((outcome, kernel.name()))
+        }
     }
 }
 
