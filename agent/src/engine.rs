@@ -200,6 +200,11 @@ impl Engines {
         Self { config, gpu: OnceLock::new(), fallbacks: AtomicU64::new(0) }
     }
 
+    /// How a GPU is opened for this agent (whether a software adapter may serve).
+    pub fn gpu_options(&self) -> GpuOptions {
+        GpuOptions { allow_software: self.config.allow_software_gpu }
+    }
+
     /// Models that wanted a GPU and run on tract, since start.
     pub fn fallbacks(&self) -> u64 {
         self.fallbacks.load(Ordering::Relaxed)

@@ -11,14 +11,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use falaj_common::desired::{DesiredState, Expectation, SignedDesired};
+use falaj_common::finetune::{JobReport, JobState};
 use falaj_common::protocol::io::{read_frame, write_frame};
 use falaj_common::protocol::{ActualState, AgentMessage, ControlMessage, SERVER_NAME};
 use falaj_common::random::SeededRng;
 use falaj_common::reconcile::{self, Action};
 use falaj_common::time::Timestamp;
+use falaj_gpu::GpuOptions;
 use thiserror::Error;
 use tokio::sync::{Notify, mpsc, watch};
 
+use crate::finetune;
 use crate::identity::{IdentityFiles, KeyRequest};
 use crate::metrics::AgentStats;
 use crate::models::Registry;
@@ -79,6 +82,10 @@ pub struct Syncer {
     stats: Arc<AgentStats>,
     reporter: Option<Arc<Reporter>>,
     renewing: Mutex<Option<Instant>>,
+    /// Wakes the job runner when a document brings jobs.
+    jobs_wake: Notify,
+    /// The ids of the jobs the applied document orders: what reports cover.
+    jobs: Mutex<Vec<String>>,
 }
 
 /// How long an unacknowledged batch of windows waits before it is sent again.
@@ -120,6 +127,8 @@ impl Syncer {
             stats: Arc::default(),
             reporter: None,
             renewing: Mutex::new(None),
+            jobs_wake: Notify::new(),
+            jobs: Mutex::new(Vec::new()),
         }))
     }
 
@@ -174,6 +183,8 @@ impl Syncer {
 
     async fn actual_state(&self) -> ActualState {
         let bundles = self.with_store(|s| s.held()).await.unwrap_or_default();
+        let ids = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        let jobs = self.with_store(move |s| s.job_reports(&ids)).await.unwrap_or_default();
         ActualState {
             desired_version: *self
                 .applied
@@ -189,6 +200,7 @@ impl Syncer {
                 .collect(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
             ready: self.registry.as_ref().is_some_and(|r| r.catalog().ready()),
+            jobs,
         }
     }
 
@@ -196,10 +208,67 @@ impl Syncer {
     /// closing of metric windows, whose last one is closed on the way out.
     pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
         let windows = self.reporter.clone().map(|r| tokio::spawn(r.run(shutdown.clone())));
+        let jobs = tokio::spawn(Arc::clone(&self).jobs_loop(shutdown.clone()));
         Arc::clone(&self).sessions(shutdown).await;
         if let Some(windows) = windows {
             let _ = windows.await;
         }
+        // A job still training is left to the process's end; the next start marks it
+        // interrupted.
+        jobs.abort();
+    }
+
+    /// Runs the fine-tune jobs documents order, one at a time, each on the blocking pool,
+    /// as they arrive; the models they derive are picked up by a reload.
+    async fn jobs_loop(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        match self.with_store(|s| s.fail_interrupted_jobs(SystemTime::now())).await {
+            Ok(ids) if !ids.is_empty() => {
+                tracing::warn!(?ids, "fine-tune jobs interrupted by the last stop are failed");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "reading interrupted fine-tune jobs"),
+        }
+        loop {
+            match self.with_store(|s| s.start_next_job(SystemTime::now())).await {
+                Ok(Some(job)) => {
+                    tracing::info!(job = %job.id, model = %job.job.model, "fine-tune job started");
+                    let id = job.id.clone();
+                    let (dir, gpu) = (self.data_dir.clone(), self.gpu_options());
+                    let ran =
+                        tokio::task::spawn_blocking(move || finetune::run_ordered(&dir, &job, gpu))
+                            .await;
+                    let report = ran.unwrap_or_else(|e| JobReport {
+                        id: id.clone(),
+                        state: JobState::Failed,
+                        detail: Some(format!("the job's task failed: {e}")),
+                        derived: None,
+                        lineage: None,
+                        weights: None,
+                    });
+                    let state = report.state;
+                    let stored = self
+                        .with_store(move |s| {
+                            s.set_job_state(&id, state, Some(&report), SystemTime::now())
+                        })
+                        .await;
+                    if let Err(e) = stored {
+                        tracing::warn!(error = %e, "recording a fine-tune job's end");
+                    }
+                    self.reload.notify_one();
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "reading the next fine-tune job"),
+            }
+            tokio::select! {
+                () = self.jobs_wake.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    fn gpu_options(&self) -> GpuOptions {
+        self.registry.as_ref().map(|r| r.engines().gpu_options()).unwrap_or_default()
     }
 
     async fn sessions(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
@@ -532,6 +601,14 @@ impl Syncer {
                 *self.applied.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                     Some(doc.version);
                 self.stats.applied_version.store(doc.version, Ordering::Relaxed);
+            }
+            *self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                doc.jobs.iter().map(|j| j.id.clone()).collect();
+            let jobs = doc.jobs.clone();
+            match self.with_store(move |s| s.enqueue_jobs(&jobs, SystemTime::now())).await {
+                Ok(0) => {}
+                Ok(_) => self.jobs_wake.notify_one(),
+                Err(e) => self.note_error(format!("recording fine-tune jobs: {e}")),
             }
             self.reload.notify_one();
             let _ = reports.send(()).await;

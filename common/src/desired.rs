@@ -13,13 +13,14 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use crate::finetune::DesiredJob;
 use crate::keys::{Context, Sha256, SignatureEntry, SigningKey};
 use crate::names;
 use crate::time::Timestamp;
 use crate::trust::{SignatureError, TrustRoot};
 
 /// What one agent should run.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DesiredState {
     /// The agent this document is for.
@@ -34,6 +35,9 @@ pub struct DesiredState {
     pub expires: Timestamp,
     /// The bundles to hold; at most one version per name is activated.
     pub bundles: Vec<DesiredBundle>,
+    /// Fine-tune jobs to run (each id once), with their data on the agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub jobs: Vec<DesiredJob>,
 }
 
 /// A bundle the agent should hold.
@@ -150,6 +154,14 @@ impl DesiredState {
                 return Err(invalid(format!("two versions of {} are marked active", b.name)));
             }
         }
+        let mut ids = BTreeSet::new();
+        for j in &self.jobs {
+            names::check_model_name(&j.id).map_err(|e| invalid(format!("job id: {e}")))?;
+            if !ids.insert(&j.id) {
+                return Err(invalid(format!("job {} is listed twice", j.id)));
+            }
+            j.job.check().map_err(|e| invalid(format!("job {}: {e}", j.id)))?;
+        }
         Ok(())
     }
 }
@@ -226,6 +238,7 @@ mod tests {
                 recipe_sha256: Sha256([3; 32]),
                 activate: true,
             }],
+            jobs: vec![],
         }
     }
 
@@ -307,5 +320,47 @@ mod tests {
             two.sign(&[&signer]).verify(&trust, &expect(None, NOW)),
             Err(DesiredError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn carries_fine_tune_jobs_and_refuses_bad_ones() {
+        use crate::finetune::{DataSource, DesiredJob, Gate, Hyperparameters, Job, TrainEngine};
+        let (trust, signer) = setup();
+        let job = DesiredJob {
+            id: "tune-1".into(),
+            job: Job {
+                model: "fault".into(),
+                version: Some(2),
+                data: DataSource {
+                    file: "/srv/labels.csv".into(),
+                    label: "label".into(),
+                    features: None,
+                    entity: None,
+                },
+                hyperparameters: Hyperparameters::default(),
+                gate: Gate::default(),
+                engine: TrainEngine::Cpu,
+            },
+            share_weights: false,
+        };
+        let mut with_job = doc(5);
+        with_job.jobs.push(job.clone());
+        let verified = with_job.sign(&[&signer]).verify(&trust, &expect(None, NOW)).unwrap();
+        assert_eq!(verified.jobs, [job.clone()]);
+
+        let refused = |change: &dyn Fn(&mut DesiredState)| {
+            let mut d = with_job.clone();
+            change(&mut d);
+            match d.sign(&[&signer]).verify(&trust, &expect(None, NOW)) {
+                Err(DesiredError::Invalid(why)) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(
+            refused(&|d| d.jobs.push(d.jobs[0].clone())).contains("job tune-1 is listed twice")
+        );
+        assert!(refused(&|d| d.jobs[0].id = "../x".into()).starts_with("job id:"));
+        let why = refused(&|d| d.jobs[0].job.hyperparameters.batch_size = 0);
+        assert_eq!(why, "job tune-1: batch_size must be at least 1");
     }
 }

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::desired::SignedDesired;
+use crate::finetune::JobReport;
 use crate::keys::Sha256;
 use crate::metrics::MetricsWindow;
 use crate::time::Timestamp;
@@ -94,7 +95,7 @@ pub struct HeldBundle {
 }
 
 /// An agent's actual state, as it reports it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ActualState {
     /// The version of the last desired-state document applied, if any.
     pub desired_version: Option<u64>,
@@ -106,10 +107,12 @@ pub struct ActualState {
     pub ready: bool,
     /// The agent's software version.
     pub agent_version: String,
+    /// The fine-tune jobs its current document orders, and where each stands.
+    pub jobs: Vec<JobReport>,
 }
 
 /// Agent to control plane, on the session stream.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum AgentMessage {
     /// First message: who is here and what it holds.
     Hello(ActualState),
@@ -212,6 +215,44 @@ pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, FrameError> {
 mod tests {
     use super::*;
 
+    /// A finished regression job: its metrics have no accuracy, which a skipped field
+    /// would make undecodable in postcard.
+    fn job_report() -> JobReport {
+        use crate::finetune::{
+            EpochStats, Gate, HeadWeights, Hyperparameters, JobState, Lineage, Metrics, Objective,
+        };
+        let (before, after) =
+            (Metrics { loss: 2.0, accuracy: None }, Metrics { loss: 1.0, accuracy: None });
+        JobReport {
+            id: "tune-1".into(),
+            state: JobState::Succeeded,
+            detail: Some("improved".into()),
+            derived: Some("fault.ft1".into()),
+            lineage: Some(Lineage {
+                parent: "fault".into(),
+                parent_version: 2,
+                parent_manifest_sha256: Sha256([4; 32]),
+                data_sha256: Sha256([5; 32]),
+                train_rows: 8,
+                held_out_rows: 2,
+                objective: Objective::MeanSquaredError,
+                hyperparameters: Hyperparameters::default(),
+                engine: "cpu".into(),
+                before,
+                after,
+                best_epoch: 1,
+                epochs: vec![EpochStats { epoch: 1, train_loss: 1.5, validation: after }],
+                gate: Gate::default().judge(&before, &after),
+            }),
+            weights: Some(HeadWeights {
+                inputs: 1,
+                outputs: 1,
+                weights: vec![0.5],
+                bias: vec![0.0],
+            }),
+        }
+    }
+
     #[test]
     fn frames_round_trip() {
         let message = AgentMessage::Hello(ActualState {
@@ -226,6 +267,7 @@ mod tests {
             errors: vec!["disk full".into()],
             agent_version: "0.1.0".into(),
             ready: true,
+            jobs: vec![job_report()],
         });
         let frame = encode(&message);
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();

@@ -133,6 +133,7 @@ mod tests {
             issued: Timestamp::from_unix(0),
             expires: Timestamp::from_unix(1),
             bundles,
+            jobs: vec![],
         }
     }
 

@@ -88,7 +88,7 @@ impl FinetuneArgs {
     /// The job the flags (or the job file) describe.
     fn job(&self) -> Result<Job, FinetuneError> {
         if let Some(path) = &self.job {
-            return Job::load(path);
+            return super::load_job(path);
         }
         let model = self.model.clone().unwrap_or_default();
         let (model, version) = match model.split_once('@') {

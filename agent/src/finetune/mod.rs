@@ -17,16 +17,16 @@ use std::time::SystemTime;
 use falaj_common::bundle::{BuildError, BundleBuilder, Content, Manifest};
 use falaj_common::features::{Cell, OnlineTable};
 use falaj_common::finetune::{
-    self, CpuKernel, EpochStats, Examples, Gate, HeadKernel, Hyperparameters, Lineage, Linear,
-    Outcome,
+    self, CpuKernel, DesiredJob, EpochStats, Examples, HeadKernel, HeadWeights, JobReport,
+    JobState, Lineage, Linear, Outcome,
 };
+pub use falaj_common::finetune::{DataSource, Job, TrainEngine};
 use falaj_common::onnx::OnnxModel;
 use falaj_common::onnx::head::{self, Head, HeadError};
 use falaj_common::tensor::{Dim, Tensor, TensorData};
 use falaj_common::time::Timestamp;
 use falaj_gpu::{Gpu, GpuError, GpuHeadKernel, GpuOptions};
 use falaj_tables::{Format, ReadError, RowSink, SourceError};
-use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::features;
@@ -36,68 +36,6 @@ pub mod cli;
 
 /// Rows per backbone run.
 const BACKBONE_ROWS: usize = 4096;
-
-/// Where the training rows come from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DataSource {
-    /// A CSV (with a header) or Parquet file on the agent.
-    pub file: PathBuf,
-    /// The column holding the label: a class index for classifiers, the target value for
-    /// regressors.
-    pub label: String,
-    /// The columns holding the model's input features, in input order. Default: the
-    /// model's feature-view inputs, else every other column in file order.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub features: Option<Vec<String>>,
-    /// A column of entity ids instead of features: each row's input is assembled from the
-    /// agent's snapshot of the model's feature view, as inference by entity does.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub entity: Option<String>,
-}
-
-/// Where the head trains.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainEngine {
-    /// The CPU.
-    #[default]
-    Cpu,
-    /// The GPU (through wgpu).
-    Gpu,
-}
-
-/// A fine-tune job: from the command line, from a job file (air-gapped sites), or from
-/// the control plane's desired state.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Job {
-    /// The model to fine-tune.
-    pub model: String,
-    /// Its version; default: the active one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<u64>,
-    /// The training data.
-    pub data: DataSource,
-    /// How to train.
-    #[serde(default)]
-    pub hyperparameters: Hyperparameters,
-    /// When the result replaces its parent.
-    #[serde(default)]
-    pub gate: Gate,
-    /// Where to train.
-    #[serde(default)]
-    pub engine: TrainEngine,
-}
-
-impl Job {
-    /// Reads a job file (TOML).
-    pub fn load(path: &Path) -> Result<Self, FinetuneError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| FinetuneError::Job(format!("reading {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| FinetuneError::Job(format!("{}: {e}", path.display())))
-    }
-}
 
 /// Why a fine-tune failed; nothing is installed when it does.
 #[derive(Debug, Error)]
@@ -156,6 +94,16 @@ pub enum FinetuneError {
     Store(#[from] StoreError),
 }
 
+/// Reads a job file (TOML): how air-gapped sites are given jobs.
+pub fn load_job(path: &Path) -> Result<Job, FinetuneError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| FinetuneError::Job(format!("reading {}: {e}", path.display())))?;
+    let job: Job = toml::from_str(&text)
+        .map_err(|e| FinetuneError::Job(format!("{}: {e}", path.display())))?;
+    job.check().map_err(|e| FinetuneError::Job(format!("{}: {e}", path.display())))?;
+    Ok(job)
+}
+
 /// What a job reports as it goes.
 pub trait Progress {
     /// A new stage begins ("reading data", "training").
@@ -182,6 +130,8 @@ pub struct Finished {
     pub version: u64,
     /// Where it came from, how it trained, what the gate decided.
     pub lineage: Lineage,
+    /// The trained head.
+    pub head: Linear,
 }
 
 /// Runs `job` against the agent's store: trains (a GPU job on the GPU `gpu` opens),
@@ -194,7 +144,7 @@ pub fn run(
     now: SystemTime,
     progress: &mut dyn Progress,
 ) -> Result<Finished, FinetuneError> {
-    job.hyperparameters.check().map_err(FinetuneError::Job)?;
+    job.check().map_err(FinetuneError::Job)?;
     let model_err = |problem: String| FinetuneError::Model { model: job.model.clone(), problem };
     let parent = parent(store, job)?;
     let spec = parent.manifest.model().ok_or_else(|| model_err("not a model bundle".into()))?;
@@ -270,7 +220,66 @@ pub fn run(
         reason = %lineage.gate.reason,
         "fine-tune finished"
     );
-    Ok(Finished { name, version: manifest.version, lineage })
+    Ok(Finished { name, version: manifest.version, lineage, head: outcome.head })
+}
+
+/// Runs a job the control plane ordered, on a store of its own (training can take
+/// minutes; the agent's other work goes on), and says how it ended. Blocking.
+pub fn run_ordered(data_dir: &Path, ordered: &DesiredJob, gpu: GpuOptions) -> JobReport {
+    let failed = |detail: String| JobReport {
+        id: ordered.id.clone(),
+        state: JobState::Failed,
+        detail: Some(detail),
+        derived: None,
+        lineage: None,
+        weights: None,
+    };
+    let mut store = match Store::open(data_dir) {
+        Ok(store) => store,
+        Err(e) => return failed(e.to_string()),
+    };
+    let mut progress = Logged { job: &ordered.id };
+    match run(&mut store, &ordered.job, gpu, SystemTime::now(), &mut progress) {
+        Ok(finished) => JobReport {
+            id: ordered.id.clone(),
+            state: JobState::Succeeded,
+            detail: Some(finished.lineage.gate.reason.clone()),
+            derived: Some(finished.name),
+            // The weights leave the site only when the job says they may.
+            weights: ordered.share_weights.then(|| HeadWeights {
+                inputs: finished.head.inputs as u32,
+                outputs: finished.head.outputs as u32,
+                weights: finished.head.weights,
+                bias: finished.head.bias,
+            }),
+            lineage: Some(finished.lineage),
+        },
+        Err(e) => {
+            tracing::warn!(job = %ordered.id, error = %e, "fine-tune job failed");
+            failed(e.to_string())
+        }
+    }
+}
+
+/// Progress of an ordered job, to the log.
+struct Logged<'a> {
+    job: &'a str,
+}
+
+impl Progress for Logged<'_> {
+    fn stage(&mut self, stage: &str) {
+        tracing::info!(job = self.job, stage, "fine-tune job");
+    }
+
+    fn epoch(&mut self, stats: &EpochStats) {
+        tracing::info!(
+            job = self.job,
+            epoch = stats.epoch,
+            train_loss = stats.train_loss,
+            held_out_loss = stats.validation.loss,
+            "fine-tune epoch"
+        );
+    }
 }
 
 /// The installed model the job names: its version, else the active one. Derived models

@@ -2,12 +2,15 @@
 //! data. Each is an ordinary, unmanaged bundle under its own name (`PARENT.ftN`, at the
 //! parent's version) whose manifest carries its lineage and no signature; the `overlays`
 //! table names the derived model that serves requests for its parent's name, while the
-//! parent's version is the one active (a new parent version ends the overlay).
+//! parent's version is the one active (a new parent version ends the overlay). The `jobs`
+//! table holds the fine-tune jobs a control plane ordered: each id runs once.
 
 use std::time::SystemTime;
 
 use falaj_common::bundle::Manifest;
-use rusqlite::params;
+use falaj_common::finetune::{DesiredJob, JobReport, JobState};
+use falaj_common::time::Timestamp;
+use rusqlite::{OptionalExtension, params};
 
 use super::{InstallMode, Result, Store, StoreError};
 
@@ -109,5 +112,121 @@ impl Store {
             })
             .map_err(self.db())?;
         rows.collect::<rusqlite::Result<_>>().map_err(self.db())
+    }
+
+    /// Records the jobs of a document not seen before as pending; returns how many.
+    pub fn enqueue_jobs(&self, jobs: &[DesiredJob], now: SystemTime) -> Result<usize> {
+        let at = Timestamp::from_system(now).unix() as i64;
+        let mut added = 0;
+        for job in jobs {
+            let spec = serde_json::to_string(job).expect("jobs serialise");
+            added += self
+                .conn
+                .execute(
+                    "INSERT INTO jobs (id, spec, state, updated_at) VALUES (?1, ?2, 'pending', ?3)
+                     ON CONFLICT (id) DO NOTHING",
+                    params![job.id, spec, at],
+                )
+                .map_err(self.db())?;
+        }
+        Ok(added)
+    }
+
+    /// The oldest pending job, marked running.
+    pub fn start_next_job(&self, now: SystemTime) -> Result<Option<DesiredJob>> {
+        let found: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT id, spec FROM jobs WHERE state = 'pending' ORDER BY rowid LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(self.db())?;
+        let Some((id, spec)) = found else { return Ok(None) };
+        let job: DesiredJob = serde_json::from_str(&spec).map_err(|e| StoreError::Damaged {
+            name: id.clone(),
+            version: 0,
+            path: self.db_path.clone(),
+            problem: format!("stored job does not parse: {e}"),
+        })?;
+        self.set_job_state(&id, JobState::Running, None, now)?;
+        Ok(Some(job))
+    }
+
+    /// Records where a job stands, with its report once it has finished.
+    pub fn set_job_state(
+        &self,
+        id: &str,
+        state: JobState,
+        report: Option<&JobReport>,
+        now: SystemTime,
+    ) -> Result<()> {
+        let report = report.map(|r| serde_json::to_string(r).expect("reports serialise"));
+        self.conn
+            .execute(
+                "UPDATE jobs SET state = ?2, report = ?3, updated_at = ?4 WHERE id = ?1",
+                params![id, state.name(), report, Timestamp::from_system(now).unix() as i64],
+            )
+            .map(drop)
+            .map_err(self.db())
+    }
+
+    /// Marks jobs left running by a stopped agent as failed; returns their ids.
+    pub fn fail_interrupted_jobs(&self, now: SystemTime) -> Result<Vec<String>> {
+        let mut stmt =
+            self.conn.prepare("SELECT id FROM jobs WHERE state = 'running'").map_err(self.db())?;
+        let ids: Vec<String> = stmt
+            .query_map([], |r| r.get(0))
+            .map_err(self.db())?
+            .collect::<rusqlite::Result<_>>()
+            .map_err(self.db())?;
+        for id in &ids {
+            let report = JobReport {
+                id: id.clone(),
+                state: JobState::Failed,
+                detail: Some("interrupted: the agent stopped while it ran".into()),
+                derived: None,
+                lineage: None,
+                weights: None,
+            };
+            self.set_job_state(id, JobState::Failed, Some(&report), now)?;
+        }
+        Ok(ids)
+    }
+
+    /// What the agent reports of each job among `ids` that it knows.
+    pub fn job_reports(&self, ids: &[String]) -> Result<Vec<JobReport>> {
+        let mut out = Vec::new();
+        for id in ids {
+            let row: Option<(String, Option<String>)> = self
+                .conn
+                .query_row("SELECT state, report FROM jobs WHERE id = ?1", [id], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+                .optional()
+                .map_err(self.db())?;
+            let Some((state, report)) = row else { continue };
+            let damaged = |problem: String| StoreError::Damaged {
+                name: id.clone(),
+                version: 0,
+                path: self.db_path.clone(),
+                problem,
+            };
+            out.push(match report {
+                Some(json) => serde_json::from_str(&json)
+                    .map_err(|e| damaged(format!("stored job report does not parse: {e}")))?,
+                None => JobReport {
+                    id: id.clone(),
+                    state: JobState::parse(&state)
+                        .ok_or_else(|| damaged(format!("stored job state {state:?} is unknown")))?,
+                    detail: None,
+                    derived: None,
+                    lineage: None,
+                    weights: None,
+                },
+            });
+        }
+        Ok(out)
     }
 }

@@ -112,13 +112,21 @@ const MIGRATIONS: &[&str] = &[
         dropped_requests INTEGER NOT NULL
     ) STRICT;
     INSERT INTO outbox_state (id, next_seq, dropped_windows, dropped_requests) VALUES (1, 1, 0, 0);",
-    // 4: derived models (fine-tuned on site) serving in place of their parents.
+    // 4: derived models (fine-tuned on site) serving in place of their parents, and the
+    // fine-tune jobs the control plane ordered.
     "CREATE TABLE overlays (
         name         TEXT PRIMARY KEY,
         derived      TEXT NOT NULL,
         version      INTEGER NOT NULL,
         activated_at INTEGER NOT NULL,
         FOREIGN KEY (derived, version) REFERENCES bundles (name, version) ON DELETE CASCADE
+    ) STRICT;
+    CREATE TABLE jobs (
+        id         TEXT PRIMARY KEY,
+        spec       TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        report     TEXT,
+        updated_at INTEGER NOT NULL
     ) STRICT;",
 ];
 

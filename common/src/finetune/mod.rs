@@ -13,8 +13,10 @@ use crate::keys::Sha256;
 use crate::random::SeededRng;
 
 mod cpu;
+mod job;
 
 pub use cpu::CpuKernel;
+pub use job::{DataSource, DesiredJob, HeadWeights, Job, JobReport, JobState, TrainEngine};
 
 /// What the head is trained to minimise, which also says what its targets are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,8 +215,8 @@ pub struct Sums {
 pub struct Metrics {
     /// Mean loss.
     pub loss: f64,
-    /// Share of rows classified right (classifiers only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Share of rows classified right (classifiers only; `null` for regressors, never
+    /// skipped: lineage also travels as postcard in agents' reports).
     pub accuracy: Option<f64>,
 }
 
