@@ -118,6 +118,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/metrics", get(metrics))
         .route("/v1/alerts", get(alerts))
         .merge(crate::features::api::routes())
+        .merge(crate::finetune::api::routes())
         .route_layer(middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
         .route(

@@ -78,6 +78,9 @@ pub enum Command {
     /// The feature store: views, ingest, snapshots for agents, training exports.
     #[command(subcommand)]
     Features(crate::features::cli::FeaturesCommand),
+    /// Fine-tune jobs for agents: order one from a job file, list them, show one.
+    #[command(subcommand)]
+    Finetune(crate::finetune::cli::FinetuneCommand),
 }
 
 /// Arguments of `metrics`.
@@ -467,6 +470,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Ok(())
         }),
         Command::Features(command) => crate::features::cli::run(command),
+        Command::Finetune(command) => crate::finetune::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -206,6 +206,21 @@ impl AdminClient {
         self.call(self.http.put(self.url("/v1/features/views")).body(toml)).await
     }
 
+    /// `POST /v1/finetune`: orders a fine-tune job (`{agent, id?, share_weights, job}`).
+    pub async fn order_finetune(&self, order: &Value) -> Result<Value, ClientError> {
+        self.call(self.http.post(self.url("/v1/finetune")).json(order)).await
+    }
+
+    /// `GET /v1/finetune`, newest first.
+    pub async fn finetune_jobs(&self) -> Result<Vec<Value>, ClientError> {
+        self.call(self.http.get(self.url("/v1/finetune"))).await
+    }
+
+    /// `GET /v1/finetune/{id}`: the order and the agent's report.
+    pub async fn finetune_job(&self, id: &str) -> Result<Value, ClientError> {
+        self.call(self.http.get(self.url(&format!("/v1/finetune/{id}")))).await
+    }
+
     /// `GET /v1/features/views`.
     pub async fn views(&self) -> Result<Vec<Value>, ClientError> {
         self.call(self.http.get(self.url("/v1/features/views"))).await

@@ -115,6 +115,17 @@ const MIGRATIONS: &[&str] = &[
         value     REAL NOT NULL,
         threshold REAL NOT NULL
     ) STRICT;",
+    // 3: fine-tune jobs ordered for agents, with the agents' reports.
+    "CREATE TABLE finetune_jobs (
+        id         TEXT PRIMARY KEY,
+        agent_id   TEXT NOT NULL REFERENCES agents (id),
+        spec       TEXT NOT NULL,
+        state      TEXT NOT NULL,
+        report     TEXT,
+        created_at INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL
+    ) STRICT;
+    CREATE INDEX finetune_jobs_by_agent ON finetune_jobs (agent_id, state);",
 ];
 
 /// Errors of the control plane's database.
@@ -494,6 +505,9 @@ pub fn record_seen(
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     for (id, at, actual) in seen {
+        if let Some(actual) = actual {
+            crate::finetune::record_reports(&tx, id, &actual.jobs, *at)?;
+        }
         match actual {
             Some(actual) => tx.execute(
                 "UPDATE agents SET last_seen = ?1, actual = ?2, agent_version = ?3 WHERE id = ?4",

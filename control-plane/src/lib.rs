@@ -3,6 +3,8 @@
 //! model ([`sample`]), and the daemon ([`daemon`]): agent sessions over QUIC ([`quic`]),
 //! the admin API ([`admin`]), state in SQLite ([`db`]), metric windows and drift
 //! ([`monitoring`]), alerts ([`alerts`], sent by [`webhook`]) and the Prometheus endpoint ([`exporter`]).
+//! Beside them, the feature store ([`features`]) and fine-tune jobs ordered for agents
+//! ([`finetune`]).
 //!
 //! The binary (`falaj-control`) is a thin shell over [`cli`].
 
@@ -19,6 +21,7 @@ pub mod db;
 pub mod exporter;
 pub mod features;
 pub mod files;
+pub mod finetune;
 pub mod keys;
 pub mod monitoring;
 pub mod push;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use falaj_common::desired::{DesiredBundle, DesiredState, SignedDesired};
+use falaj_common::finetune::DesiredJob;
 use falaj_common::keys::{Sha256, SigningKey};
 use falaj_common::protocol::{ActualState, ControlMessage};
 use falaj_common::time::Timestamp;
@@ -69,8 +70,9 @@ pub struct Shared {
 }
 
 /// Hash of a desired bundle list: a new document is issued when it changes.
-fn content_sha256(bundles: &[DesiredBundle]) -> Sha256 {
-    Sha256::of(&serde_json::to_vec(bundles).expect("bundle lists serialise"))
+fn content_sha256(bundles: &[DesiredBundle], jobs: &[DesiredJob]) -> Sha256 {
+    let content = (bundles, jobs);
+    Sha256::of(&serde_json::to_vec(&content).expect("bundle and job lists serialise"))
 }
 
 impl Shared {
@@ -142,7 +144,8 @@ impl Shared {
                         activate: true,
                     })
                     .collect();
-                let content = content_sha256(&bundles);
+                let jobs = crate::finetune::open_jobs(&tx, &agent_id)?;
+                let content = content_sha256(&bundles, &jobs);
                 let now = Timestamp::from_system(now);
                 let previous = db::desired(&tx, &agent_id)?;
                 if let Some(p) = &previous {
@@ -161,6 +164,7 @@ impl Shared {
                     issued: now,
                     expires: now.saturating_add(ttl),
                     bundles,
+                    jobs,
                 };
                 let keys: Vec<&SigningKey> = signers.iter().collect();
                 let signed = document.sign(&keys);

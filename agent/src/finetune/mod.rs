@@ -98,10 +98,7 @@ pub enum FinetuneError {
 pub fn load_job(path: &Path) -> Result<Job, FinetuneError> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| FinetuneError::Job(format!("reading {}: {e}", path.display())))?;
-    let job: Job = toml::from_str(&text)
-        .map_err(|e| FinetuneError::Job(format!("{}: {e}", path.display())))?;
-    job.check().map_err(|e| FinetuneError::Job(format!("{}: {e}", path.display())))?;
-    Ok(job)
+    Job::from_toml(&text).map_err(|e| FinetuneError::Job(format!("{}: {e}", path.display())))
 }
 
 /// What a job reports as it goes.

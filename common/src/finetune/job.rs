@@ -63,6 +63,13 @@ pub struct Job {
 }
 
 impl Job {
+    /// Reads a job file (TOML), checked.
+    pub fn from_toml(text: &str) -> Result<Self, String> {
+        let job: Self = toml::from_str(text).map_err(|e| e.to_string().trim().to_owned())?;
+        job.check()?;
+        Ok(job)
+    }
+
     /// Checks the names and the hyperparameters, naming the first problem.
     pub fn check(&self) -> Result<(), String> {
         names::check_model_name(&self.model).map_err(|e| e.to_string())?;

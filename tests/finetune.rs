@@ -1,0 +1,187 @@
+//! Fine-tune jobs ordered from the control plane: a job file ordered through the CLI
+//! travels in the agent's desired state; the agent trains on its own data (a site whose
+//! sensors read offset), installs the derived model that then serves the parent's name,
+//! and reports the figures back; the head's weights come back only when the order allows,
+//! and every order, end and weights received is an event.
+
+mod fleet;
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use falaj_common::onnx::head;
+use falaj_common::sample::{self, FEATURES, Shift};
+use fleet::{Control, RunningAgent, eventually};
+use serde_json::{Value, json};
+
+const GROUP: &str = "plant-a";
+const SHIFT: [Shift; 2] = [Shift { feature: 1, offset: 2.5 }, Shift { feature: 0, offset: 9.0 }];
+
+async fn cli(args: Vec<String>) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        support::falaj(&args)
+    })
+    .await
+    .unwrap()
+}
+
+fn write_site_data(path: &Path) {
+    let data = sample::generate(4_000, 31, &SHIFT);
+    let mut text = FEATURES.join(",") + ",label\n";
+    for i in 0..data.len() {
+        let row: Vec<String> = data.row(i).iter().map(f32::to_string).collect();
+        text += &format!("{},{}\n", row.join(","), data.labels[i]);
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+/// The model that answers an unversioned request for `model`.
+async fn served_by(agent: &RunningAgent, model: &str) -> Option<String> {
+    let body = json!({"inputs": [{"name": "sensors", "shape": [1, 8], "datatype": "FP32",
+        "data": [74.0, 5.5, 6.0, 12.0, 1500.0, 50.0, 400.0, 70.0]}]});
+    let response = reqwest::Client::new()
+        .post(agent.url(&format!("/v2/models/{model}/infer")))
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    let body: Value = response.json().await.ok()?;
+    body["model_name"].as_str().map(str::to_owned)
+}
+
+async fn finished(control: &Control, id: &str) -> Value {
+    eventually(Duration::from_secs(120), &format!("the agent reports {id} finished"), || async {
+        let job = control.client.finetune_job(id).await.unwrap();
+        matches!(job["state"].as_str(), Some("succeeded" | "failed"))
+    })
+    .await;
+    control.client.finetune_job(id).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let control = Control::start(&work.join("control")).await;
+    control.push_sample(work, "pumps", 1).await;
+    control.client.deploy(GROUP, "pumps", 1).await.unwrap();
+    let agent = control.agent(work, "site", GROUP).await;
+    eventually(Duration::from_secs(60), "pumps is served", || async {
+        agent.active_version("pumps").await.is_some()
+    })
+    .await;
+
+    // The site's labelled data stays on the agent's machine; the job names its path there.
+    let data = work.join("site.csv");
+    write_site_data(&data);
+    let job_file = work.join("job.toml");
+    std::fs::write(
+        &job_file,
+        format!(
+            "model = \"pumps\"\n[data]\nfile = {:?}\nlabel = \"label\"\n[hyperparameters]\nmax_epochs = 15\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let api = [
+        "--control-plane".to_owned(),
+        control.client.base().to_owned(),
+        "--data-dir".to_owned(),
+        control.dir.display().to_string(),
+    ];
+    let command = |args: &[&str]| {
+        args.iter().map(|a| (*a).to_owned()).chain(api.iter().cloned()).collect::<Vec<_>>()
+    };
+    let agent_id = agent.identity.agent_id.clone();
+    let out = cli(command(&[
+        "control",
+        "finetune",
+        "order",
+        "--agent",
+        &agent_id,
+        "--job",
+        job_file.to_str().unwrap(),
+        "--id",
+        "tune-1",
+    ]))
+    .await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains(&format!("ordered tune-1 for agent {agent_id}")), "{stdout}");
+
+    let job = finished(&control, "tune-1").await;
+    let report = &job["report"];
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(report["derived"], "pumps.ft1");
+    let lineage = &report["lineage"];
+    let (before, after) = (
+        lineage["before"]["accuracy"].as_f64().unwrap(),
+        lineage["after"]["accuracy"].as_f64().unwrap(),
+    );
+    assert!(after > before + 0.01, "held out on the site: {before:.3} -> {after:.3}");
+    assert_eq!(lineage["gate"]["activate"], true);
+    assert!(!lineage["epochs"].as_array().unwrap().is_empty(), "the loss curve");
+    assert!(report["weights"].is_null(), "the order kept the weights on the site");
+    eventually(Duration::from_secs(30), "the derived model serves pumps", || async {
+        served_by(&agent, "pumps").await.as_deref() == Some("pumps.ft1")
+    })
+    .await;
+    let out = cli(command(&["control", "finetune", "show", "tune-1"])).await;
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(shown.contains("EPOCH") && shown.contains("pumps.ft1"), "{shown}");
+    assert!(shown.contains("weights stay on the site"), "{shown}");
+
+    // A second order may take the weights: they are the derived model's head.
+    let order = json!({"agent": agent_id, "id": "tune-2", "share_weights": true,
+        "job": {"model": "pumps", "data": {"file": data, "label": "label"},
+                "hyperparameters": {"max_epochs": 3}}});
+    control.client.order_finetune(&order).await.unwrap();
+    let job = finished(&control, "tune-2").await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let weights = &job["report"]["weights"];
+    let store = falaj_agent::store::Store::open(&agent.dir).unwrap();
+    let derived = store.installed().unwrap().into_iter().find(|i| i.manifest.name == "pumps.ft2");
+    let trained = head::find(&store.read_content(&derived.unwrap()).unwrap()).unwrap();
+    let floats = |v: &Value| -> Vec<f32> {
+        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+    };
+    assert_eq!(floats(&weights["weights"]), trained.weights);
+    assert_eq!(floats(&weights["bias"]), trained.bias);
+
+    // Refusals: a job for no agent, a job that breaks the rules, an id taken.
+    let refused = |order: Value| {
+        let client = control.client.clone();
+        async move { client.order_finetune(&order).await.unwrap_err().to_string() }
+    };
+    let mut bad = order.clone();
+    bad["agent"] = json!("nobody");
+    assert!(refused(bad).await.contains("no agent \"nobody\""));
+    let mut bad = order.clone();
+    bad["id"] = json!("tune-3");
+    bad["job"]["hyperparameters"]["learning_rate"] = json!(-1.0);
+    assert!(refused(bad).await.contains("learning_rate must be above 0"));
+    assert!(refused(order.clone()).await.contains("job tune-2 exists"));
+
+    // What was asked of the site and what left it is on record.
+    let conn = rusqlite::Connection::open(control.dir.join("control.db")).unwrap();
+    let events: Vec<(String, String)> = conn
+        .prepare("SELECT kind, subject FROM events WHERE kind LIKE 'finetune.%' ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let expected = [
+        ("finetune.order", "tune-1"),
+        ("finetune.finished", "tune-1"),
+        ("finetune.order", "tune-2"),
+        ("finetune.finished", "tune-2"),
+        ("finetune.weights", "tune-2"),
+    ];
+    let events: Vec<(&str, &str)> = events.iter().map(|(k, s)| (k.as_str(), s.as_str())).collect();
+    assert_eq!(events, expected);
+    agent.stop().await;
+    control.stop().await;
+}
