@@ -4,6 +4,9 @@
 //! and reports the figures back; the head's weights come back only when the order allows,
 //! and every order, end and weights received is an event.
 
+// One story, told in order.
+#![allow(clippy::too_many_lines)]
+
 mod fleet;
 mod support;
 
@@ -11,7 +14,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use falaj_common::onnx::head;
-use falaj_common::sample::{self, FEATURES, Shift};
+use falaj_common::sample::{self, Shift};
 use fleet::{Control, RunningAgent, eventually};
 use serde_json::{Value, json};
 
@@ -29,12 +32,7 @@ async fn cli(args: Vec<String>) -> std::process::Output {
 
 fn write_site_data(path: &Path) {
     let data = sample::generate(4_000, 31, &SHIFT);
-    let mut text = FEATURES.join(",") + ",label\n";
-    for i in 0..data.len() {
-        let row: Vec<String> = data.row(i).iter().map(f32::to_string).collect();
-        text += &format!("{},{}\n", row.join(","), data.labels[i]);
-    }
-    std::fs::write(path, text).unwrap();
+    std::fs::write(path, sample::csv(&data.features, Some(&data.labels))).unwrap();
 }
 
 /// The model that answers an unversioned request for `model`.

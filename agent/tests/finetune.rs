@@ -14,7 +14,7 @@ use falaj_agent::server::ServeConfig;
 use falaj_common::bundle::{Policy, verify};
 use falaj_common::finetune::Objective;
 use falaj_common::onnx::{head, mlp_classifier};
-use falaj_common::sample::{self, CLASSES, Dataset, FEATURE_COUNT, FEATURES, Shift};
+use falaj_common::sample::{self, CLASSES, Dataset, FEATURE_COUNT, Shift};
 use falaj_common::train::{TrainConfig, train_classifier};
 use serde_json::{Value, json};
 use support::{Site, datatypes_model, now, serve, test_config};
@@ -30,12 +30,7 @@ fn parent_model() -> Vec<u8> {
 }
 
 fn write_csv(path: &Path, data: &Dataset) {
-    let mut text = FEATURES.join(",") + ",label\n";
-    for i in 0..data.len() {
-        let row: Vec<String> = data.row(i).iter().map(f32::to_string).collect();
-        text += &format!("{},{}\n", row.join(","), data.labels[i]);
-    }
-    std::fs::write(path, text).unwrap();
+    std::fs::write(path, sample::csv(&data.features, Some(&data.labels))).unwrap();
 }
 
 fn finetune(site: &Site, args: &[&str]) -> Output {
@@ -226,7 +221,7 @@ fn bad_jobs_are_refused_with_the_reason_and_change_nothing() {
     );
     // One bad cell, and a label that is no class.
     let mut text = std::fs::read_to_string(&csv).unwrap();
-    text = text.replacen("\n", "\nx", 2).replacen("\nx", "\n", 1);
+    text = text.replacen('\n', "\nx", 2).replacen("\nx", "\n", 1);
     std::fs::write(&csv, &text).unwrap();
     refused(&["--model", "pumps", "--data", path, "--label", "label"], "row 2, column");
     let mut bad_label = sample::generate(20, 25, &[]);

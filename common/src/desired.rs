@@ -346,7 +346,7 @@ mod tests {
         let mut with_job = doc(5);
         with_job.jobs.push(job.clone());
         let verified = with_job.sign(&[&signer]).verify(&trust, &expect(None, NOW)).unwrap();
-        assert_eq!(verified.jobs, [job.clone()]);
+        assert_eq!(verified.jobs, std::slice::from_ref(&job));
 
         let refused = |change: &dyn Fn(&mut DesiredState)| {
             let mut d = with_job.clone();

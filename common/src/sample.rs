@@ -6,6 +6,8 @@
 //! real to learn and cannot reach 100%. Two features (humidity, voltage) are distractors.
 //! A [`Shift`] moves a feature's distribution, for drift and fine-tuning scenarios.
 
+use std::fmt::Write as _;
+
 use crate::random::SeededRng;
 
 /// Feature names, in column order.
@@ -67,6 +69,25 @@ impl Dataset {
             labels: self.labels.split_off(at),
         }
     }
+}
+
+/// Rows of readings as CSV with a header of [`FEATURES`] (and `label`, when labels are
+/// given): what a site's data file looks like.
+pub fn csv(features: &[f32], labels: Option<&[u32]>) -> String {
+    let mut out = FEATURES.join(",");
+    if labels.is_some() {
+        out.push_str(",label");
+    }
+    out.push('\n');
+    for (i, row) in features.chunks_exact(FEATURE_COUNT).enumerate() {
+        let cells: Vec<String> = row.iter().map(|v| format!("{v}")).collect();
+        out.push_str(&cells.join(","));
+        if let Some(labels) = labels {
+            let _ = write!(out, ",{}", labels[i]);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Draws `rows` readings with labels, reproducibly from `seed`, with optional shifts.

@@ -45,23 +45,6 @@ pub struct Sample {
     pub report: TrainReport,
 }
 
-fn csv(features: &[f32], labels: Option<&[u32]>) -> String {
-    let mut out = FEATURES.join(",");
-    if labels.is_some() {
-        out.push_str(",label");
-    }
-    out.push('\n');
-    for (i, row) in features.chunks_exact(FEATURE_COUNT).enumerate() {
-        let cells: Vec<String> = row.iter().map(|v| format!("{v}")).collect();
-        out.push_str(&cells.join(","));
-        if let Some(labels) = labels {
-            let _ = write!(out, ",{}", labels[i]);
-        }
-        out.push('\n');
-    }
-    out
-}
-
 /// Trains the sample model and writes `model.onnx`, `reference.csv` and `holdout.csv`
 /// into `dir`.
 pub fn write(dir: &Path, options: &SampleOptions) -> std::io::Result<Sample> {
@@ -89,13 +72,13 @@ pub fn write(dir: &Path, options: &SampleOptions) -> std::io::Result<Sample> {
     let reference_rows = data.len().min(5_000);
     files::write_atomic(
         &reference,
-        csv(&data.features[..reference_rows * FEATURE_COUNT], None).as_bytes(),
+        sample::csv(&data.features[..reference_rows * FEATURE_COUNT], None).as_bytes(),
         0o644,
     )?;
     let holdout_path = dir.join("holdout.csv");
     files::write_atomic(
         &holdout_path,
-        csv(&holdout.features, Some(&holdout.labels)).as_bytes(),
+        sample::csv(&holdout.features, Some(&holdout.labels)).as_bytes(),
         0o644,
     )?;
     Ok(Sample {

@@ -243,7 +243,7 @@ pub fn run_ordered(data_dir: &Path, ordered: &DesiredJob, gpu: GpuOptions) -> Jo
             detail: Some(finished.lineage.gate.reason.clone()),
             derived: Some(finished.name),
             // The weights leave the site only when the job says they may.
-            weights: ordered.share_weights.then(|| HeadWeights {
+            weights: ordered.share_weights.then_some(HeadWeights {
                 inputs: finished.head.inputs as u32,
                 outputs: finished.head.outputs as u32,
                 weights: finished.head.weights,
@@ -549,11 +549,11 @@ fn derived_onnx(bytes: &[u8], head: &Head, outcome: &Outcome) -> Result<Vec<u8>,
 /// with its parent.
 fn derived_manifest(parent: &Manifest, name: &str, lineage: Lineage, now: SystemTime) -> Manifest {
     let mut manifest = parent.clone();
-    manifest.name = name.to_owned();
+    name.clone_into(&mut manifest.name);
     manifest.created = Timestamp::from_system(now);
     manifest.files.clear();
     if let Content::Model(spec) = &mut manifest.content {
-        spec.lineage = Some(lineage);
+        spec.lineage = Some(Box::new(lineage));
     }
     manifest
 }

@@ -115,7 +115,7 @@ pub struct ModelSpec {
     /// Set on a model an agent derived by fine-tuning another: where it came from. Such a
     /// bundle is made on the agent and signed by no one; it never travels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub lineage: Option<Lineage>,
+    pub lineage: Option<Box<Lineage>>,
 }
 
 /// Where a model's input comes from when a request names an entity: the features of one

@@ -304,15 +304,15 @@ pub fn fit<K: HeadKernel>(
     mut progress: impl FnMut(&EpochStats),
 ) -> Result<Outcome, K::Error> {
     let mut rng = SeededRng::new(hp.seed);
-    let (held, mut train) = split(rows, hp, &mut rng);
-    let before = Metrics::of(kernel.evaluate(&held)?, objective);
+    let (held_out, mut training) = split(rows, hp, &mut rng);
+    let before = Metrics::of(kernel.evaluate(&held_out)?, objective);
     let mut best = (before, kernel.head()?, 0);
     let mut epochs = Vec::new();
-    let steps_per_epoch = train.len().div_ceil(hp.batch_size as usize) as u32;
+    let steps_per_epoch = training.len().div_ceil(hp.batch_size as usize) as u32;
     for epoch in 1..=hp.max_epochs {
-        rng.shuffle(&mut train);
-        let train_loss = kernel.epoch(&train, (epoch - 1) * steps_per_epoch + 1)?;
-        let validation = Metrics::of(kernel.evaluate(&held)?, objective);
+        rng.shuffle(&mut training);
+        let train_loss = kernel.epoch(&training, (epoch - 1) * steps_per_epoch + 1)?;
+        let validation = Metrics::of(kernel.evaluate(&held_out)?, objective);
         let stats = EpochStats { epoch, train_loss, validation };
         progress(&stats);
         epochs.push(stats);
@@ -329,8 +329,8 @@ pub fn fit<K: HeadKernel>(
         after,
         epochs,
         best_epoch,
-        train_rows: train.len() as u64,
-        held_out_rows: held.len() as u64,
+        train_rows: training.len() as u64,
+        held_out_rows: held_out.len() as u64,
     })
 }
 

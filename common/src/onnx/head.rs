@@ -71,39 +71,7 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
         graph.node.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
     let initializers: HashMap<&str, &TensorProto> =
         graph.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
-    let mut found: Option<&NodeProto> = None;
-    let mut after: Vec<&str> = Vec::new();
-    for output in &graph.output {
-        let mut tensor = output.name.as_str();
-        let head = loop {
-            let Some(node) = producers.get(tensor) else {
-                return Err(HeadError::NoHead(format!(
-                    "output {:?} comes from no node",
-                    output.name
-                )));
-            };
-            match node.op_type.as_str() {
-                "Gemm" | "Add" => break *node,
-                op if AFTER_HEAD.contains(&op) => {
-                    after.push(op);
-                    tensor = &node.input[0];
-                }
-                op => {
-                    return Err(HeadError::NoHead(format!(
-                        "output {:?} comes from a {op} node",
-                        output.name
-                    )));
-                }
-            }
-        };
-        match found {
-            Some(other) if !std::ptr::eq(other, head) => {
-                return Err(HeadError::NoHead("the outputs come from different layers".into()));
-            }
-            _ => found = Some(head),
-        }
-    }
-    let node = found.ok_or_else(|| HeadError::NoHead("the model has no outputs".into()))?;
+    let (node, after) = head_node(graph, &producers)?;
     let unsupported = |reason: &str| HeadError::Unsupported {
         node: node.name.clone().if_empty(&node.output[0]),
         reason: reason.to_owned(),
@@ -177,6 +145,47 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
         stored_transposed,
         bias_name: bias,
     })
+}
+
+/// The one dense node every graph output comes from, and the operators between them.
+fn head_node<'g>(
+    graph: &'g tract_onnx::pb::GraphProto,
+    producers: &HashMap<&str, &'g NodeProto>,
+) -> Result<(&'g NodeProto, Vec<&'g str>), HeadError> {
+    let mut found: Option<&NodeProto> = None;
+    let mut after: Vec<&str> = Vec::new();
+    for output in &graph.output {
+        let mut tensor = output.name.as_str();
+        let head = loop {
+            let Some(node) = producers.get(tensor) else {
+                return Err(HeadError::NoHead(format!(
+                    "output {:?} comes from no node",
+                    output.name
+                )));
+            };
+            match node.op_type.as_str() {
+                "Gemm" | "Add" => break *node,
+                op if AFTER_HEAD.contains(&op) => {
+                    after.push(op);
+                    tensor = &node.input[0];
+                }
+                op => {
+                    return Err(HeadError::NoHead(format!(
+                        "output {:?} comes from a {op} node",
+                        output.name
+                    )));
+                }
+            }
+        };
+        match found {
+            Some(other) if !std::ptr::eq(other, head) => {
+                return Err(HeadError::NoHead("the outputs come from different layers".into()));
+            }
+            _ => found = Some(head),
+        }
+    }
+    let node = found.ok_or_else(|| HeadError::NoHead("the model has no outputs".into()))?;
+    Ok((node, after))
 }
 
 /// The model in `bytes` with `head`'s weights replaced by `weights` (`[outputs, inputs]`)
@@ -325,7 +334,9 @@ mod tests {
             .collect();
         for row in logits.chunks_exact_mut(3) {
             let sum: f32 = row.iter().map(|z| z.exp()).sum();
-            row.iter_mut().for_each(|z| *z = z.exp() / sum);
+            for z in row.iter_mut() {
+                *z = z.exp() / sum;
+            }
         }
         for (got, want) in logits.iter().zip(run(&bytes, x, 8)) {
             assert!((got - want).abs() < 1e-5, "{logits:?} vs {want}");
