@@ -24,15 +24,6 @@ const MODEL: &str = "pump-fault";
 const PUMPS: usize = 3000;
 const START: i64 = 1_790_000_000_000_000;
 
-async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        support::falaj(&args)
-    })
-    .await
-    .unwrap()
-}
-
 fn text(out: &std::process::Output) -> (String, String) {
     (
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -59,7 +50,9 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     // The view, through the CLI.
     let view_file = work.join("pump-sensors.toml");
     std::fs::write(&view_file, pump_view()).unwrap();
-    let out = cli(args(&["control", "features", "apply", view_file.to_str().unwrap()])).await;
+    let out =
+        support::falaj_async(args(&["control", "features", "apply", view_file.to_str().unwrap()]))
+            .await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.starts_with("created pump-sensors: version 1, revision 1"), "{stdout}");
@@ -67,7 +60,14 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     // Three hourly readings per pump, and a file with one bad row refused whole.
     let readings = work.join("readings.csv");
     write_pump_readings(&readings, PUMPS, 3, START, 11).unwrap();
-    let out = cli(args(&["control", "features", "ingest", VIEW, readings.to_str().unwrap()])).await;
+    let out = support::falaj_async(args(&[
+        "control",
+        "features",
+        "ingest",
+        VIEW,
+        readings.to_str().unwrap(),
+    ]))
+    .await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains(&format!("ingested {} rows", 3 * PUMPS)), "{stdout}");
@@ -75,7 +75,9 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     let mut body = std::fs::read_to_string(&readings).unwrap();
     body.push_str("pump-9,2026-01-01T00:00:00Z,plant-z,,1,1,1,1,1,1,1,1\n");
     std::fs::write(&bad, body).unwrap();
-    let out = cli(args(&["control", "features", "ingest", VIEW, bad.to_str().unwrap()])).await;
+    let out =
+        support::falaj_async(args(&["control", "features", "ingest", VIEW, bad.to_str().unwrap()]))
+            .await;
     let (_, stderr) = text(&out);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(stderr.contains(&format!("1 of {} rows are invalid", 3 * PUMPS + 1)), "{stderr}");
@@ -184,7 +186,7 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     let at = falaj_common::features::value::format_time(START + 5_400_000_000);
     std::fs::write(&labels, format!("pump_id,event_time,failed\n{},{at},1\n", pump_id(7))).unwrap();
     let out_file = work.join("train.csv");
-    let out = cli(args(&[
+    let out = support::falaj_async(args(&[
         "control",
         "features",
         "export",
@@ -207,7 +209,7 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     // The record of what left: both snapshots, with what was pseudonymised.
     let shown = control.client.view(VIEW).await.unwrap();
     assert_eq!(shown["snapshots"].as_array().unwrap().len(), 2);
-    let out = cli(args(&["control", "features", "show", VIEW])).await;
+    let out = support::falaj_async(args(&["control", "features", "show", VIEW])).await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
     assert!(stdout.contains("view pump-sensors version 1 revision 1"), "{stdout}");

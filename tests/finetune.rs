@@ -21,15 +21,6 @@ use serde_json::{Value, json};
 const GROUP: &str = "plant-a";
 const SHIFT: [Shift; 2] = [Shift { feature: 1, offset: 2.5 }, Shift { feature: 0, offset: 9.0 }];
 
-async fn cli(args: Vec<String>) -> std::process::Output {
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        support::falaj(&args)
-    })
-    .await
-    .unwrap()
-}
-
 fn write_site_data(path: &Path) {
     let data = sample::generate(4_000, 31, &SHIFT);
     std::fs::write(path, sample::csv(&data.features, Some(&data.labels))).unwrap();
@@ -93,7 +84,7 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
         args.iter().map(|a| (*a).to_owned()).chain(api.iter().cloned()).collect::<Vec<_>>()
     };
     let agent_id = agent.identity.agent_id.clone();
-    let out = cli(command(&[
+    let out = support::falaj_async(command(&[
         "control",
         "finetune",
         "order",
@@ -126,7 +117,7 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
         served_by(&agent, "pumps").await.as_deref() == Some("pumps.ft1")
     })
     .await;
-    let out = cli(command(&["control", "finetune", "show", "tune-1"])).await;
+    let out = support::falaj_async(command(&["control", "finetune", "show", "tune-1"])).await;
     let shown = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(shown.contains("EPOCH") && shown.contains("pumps.ft1"), "{shown}");
     assert!(shown.contains("weights stay on the site"), "{shown}");

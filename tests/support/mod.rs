@@ -18,6 +18,16 @@ pub fn falaj(args: &[&str]) -> Output {
     Command::new(FALAJ).args(args).env("RUST_LOG", "warn").output().expect("falaj runs")
 }
 
+/// Runs `falaj ARGS...` to completion on the blocking pool, for async tests.
+pub async fn falaj_async(args: Vec<String>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        falaj(&args)
+    })
+    .await
+    .expect("the command's task runs")
+}
+
 /// Runs `falaj ARGS...` and requires success; returns stdout.
 pub fn ok(args: &[&str]) -> String {
     let out = falaj(args);
