@@ -460,6 +460,12 @@ fn metadata(state: &AppState, name: &str, version: Option<u64>) -> Result<Respon
                 })
                 .collect::<serde_json::Map<_, _>>(),
             "runtime_hint": spec.runtime.to_string(),
+            // The derived model that answers requests naming no version, if one does.
+            "served_by": match catalog.serving(name) {
+                (derived, Some(_)) => Some(derived),
+                _ => None,
+            },
+            "derived_from": spec.lineage.as_ref().map(|l| format!("{}@{}", l.parent, l.parent_version)),
         },
     })))
 }

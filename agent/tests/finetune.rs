@@ -144,8 +144,12 @@ async fn a_shifted_site_gets_a_derived_model_that_beats_its_parent_and_serves_in
     let (parent, by) = served_accuracy(&server, "/v2/models/pumps/versions/1/infer", &unseen).await;
     assert_eq!(by, "pumps");
     assert!(tuned > parent + 0.05, "unseen shifted rows: parent {parent:.3}, derived {tuned:.3}");
+    let parent_meta: Value =
+        reqwest::get(server.url("/v2/models/pumps")).await.unwrap().json().await.unwrap();
+    assert_eq!(parent_meta["parameters"]["served_by"], "pumps.ft1", "{parent_meta}");
     let meta: Value =
         reqwest::get(server.url("/v2/models/pumps.ft1")).await.unwrap().json().await.unwrap();
+    assert_eq!(meta["parameters"]["derived_from"], "pumps@1", "{meta}");
     let engine = meta["parameters"]["engines"]["1"].as_str().unwrap().to_owned();
     if std::env::var_os("FALAJ_REQUIRE_GPU").is_some() {
         assert_eq!(engine, "wgpu-gpu", "{meta}");
@@ -188,6 +192,9 @@ async fn at_a_site_like_the_parents_the_gate_keeps_the_parent() {
     let server = serve(&site, test_config()).await;
     let (_, by) = served_accuracy(&server, "/v2/models/pumps/infer", &unseen).await;
     assert_eq!(by, "pumps", "the parent keeps serving its name");
+    let meta: Value =
+        reqwest::get(server.url("/v2/models/pumps")).await.unwrap().json().await.unwrap();
+    assert!(meta["parameters"]["served_by"].is_null(), "{meta}");
     let (_, by) = served_accuracy(&server, "/v2/models/pumps.ft1/infer", &unseen).await;
     assert_eq!(by, "pumps.ft1", "the derived model answers by its own name");
     server.stop().await;
