@@ -89,6 +89,7 @@ async fn the_demo_serves_and_answers() {
     demo.wait_for("Serving until Ctrl-C");
     assert!(demo.seen.iter().any(|l| l.contains("hold-out accuracy")), "{:?}", demo.seen);
     assert!(demo.seen.iter().any(|l| l.contains("predicted right")), "{:?}", demo.seen);
+    assert!(demo.seen.iter().any(|l| l.contains("held-out accuracy")), "{:?}", demo.seen);
     let meta: Value = reqwest::get(format!("http://{addr}/v2/models/sensor-fault"))
         .await
         .unwrap()
