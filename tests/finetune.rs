@@ -138,6 +138,15 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     };
     assert_eq!(floats(&weights["weights"]), trained.weights);
     assert_eq!(floats(&weights["bias"]), trained.bias);
+    // Kept with the job only, not again in the agent's last reported state (listing the
+    // agents writes the pending reports first).
+    control.client.agents().await.unwrap();
+    let conn = rusqlite::Connection::open(control.dir.join("control.db")).unwrap();
+    let actual: String = conn
+        .query_row("SELECT actual FROM agents WHERE id = ?1", [&agent_id], |r| r.get(0))
+        .unwrap();
+    assert!(actual.contains("\"jobs\":["), "{actual}");
+    assert!(!actual.contains("\"weights\":{"), "{actual}");
 
     // Refusals: a job for no agent, a job that breaks the rules, an id taken.
     let refused = |order: Value| {
@@ -154,7 +163,6 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     assert!(refused(order.clone()).await.contains("job tune-2 exists"));
 
     // What was asked of the site and what left it is on record.
-    let conn = rusqlite::Connection::open(control.dir.join("control.db")).unwrap();
     let events: Vec<(String, String)> = conn
         .prepare("SELECT kind, subject FROM events WHERE kind LIKE 'finetune.%' ORDER BY id")
         .unwrap()

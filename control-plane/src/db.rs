@@ -505,19 +505,25 @@ pub fn record_seen(
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     for (id, at, actual) in seen {
-        if let Some(actual) = actual {
-            crate::finetune::record_reports(&tx, id, &actual.jobs, *at)?;
-        }
         match actual {
-            Some(actual) => tx.execute(
-                "UPDATE agents SET last_seen = ?1, actual = ?2, agent_version = ?3 WHERE id = ?4",
-                params![
-                    ts(*at),
-                    serde_json::to_string(actual).unwrap_or_default(),
-                    actual.agent_version,
-                    id
-                ],
-            )?,
+            Some(actual) => {
+                crate::finetune::record_reports(&tx, id, &actual.jobs, *at)?;
+                // A job's weights are kept with the job (when its order allowed them), not
+                // again in the agent's last state.
+                let mut kept = actual.clone();
+                for job in &mut kept.jobs {
+                    job.weights = None;
+                }
+                tx.execute(
+                    "UPDATE agents SET last_seen = ?1, actual = ?2, agent_version = ?3 WHERE id = ?4",
+                    params![
+                        ts(*at),
+                        serde_json::to_string(&kept).unwrap_or_default(),
+                        actual.agent_version,
+                        id
+                    ],
+                )?
+            }
             None => {
                 tx.execute("UPDATE agents SET last_seen = ?1 WHERE id = ?2", params![ts(*at), id])?
             }
