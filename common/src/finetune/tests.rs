@@ -276,3 +276,33 @@ fn the_data_hash_covers_features_and_targets() {
     assert_ne!(a, data_hash(&ex(&[1.0, 2.5], &[0.0, 1.0])));
     assert_ne!(a, data_hash(&ex(&[1.0, 2.0], &[1.0, 1.0])));
 }
+
+#[test]
+fn job_files_parse_with_defaults_and_refuse_what_they_cannot_run() {
+    let job = Job::from_toml(
+        "model = \"pumps\"\nengine = \"gpu\"\n[data]\nfile = \"/srv/site.csv\"\nlabel = \"label\"\n\
+         [hyperparameters]\nmax_epochs = 5\n",
+    )
+    .unwrap();
+    assert_eq!((job.model.as_str(), job.version, job.engine), ("pumps", None, TrainEngine::Gpu));
+    assert_eq!(job.hyperparameters.max_epochs, 5);
+    assert_eq!(job.hyperparameters.batch_size, Hyperparameters::default().batch_size);
+    assert_eq!(job.gate, Gate::default());
+
+    let refused = |text: &str| Job::from_toml(text).unwrap_err();
+    let data = "[data]\nfile = \"a.csv\"\nlabel = \"y\"\n";
+    assert!(
+        refused(&format!("model = \"pumps\"\nepochs = 3\n{data}"))
+            .contains("unknown field `epochs`")
+    );
+    assert!(refused(&format!("model = \"Pumps!\"\n{data}")).contains("model name \"Pumps!\""));
+    assert!(refused("model = \"pumps\"\n").contains("missing field `data`"));
+    assert_eq!(
+        refused(&format!("model = \"pumps\"\n{data}[gate]\nmin_improvement = -1.0\n")),
+        "gate.min_improvement must be 0 or more, not -1"
+    );
+    assert_eq!(
+        refused(&format!("model = \"pumps\"\n{data}entity = \"id\"\nfeatures = [\"a\"]\n")),
+        "name either an entity column or feature columns, not both"
+    );
+}
