@@ -101,7 +101,10 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
         }
         let transposed = int_attr(node, "transB").unwrap_or(0) != 0;
         let bias = node.input.get(2).filter(|b| !b.is_empty());
-        (node.input[0].clone(), weight_of(&node.input[1])?, transposed, bias.cloned())
+        let [x, w, ..] = node.input.as_slice() else {
+            return Err(unsupported("it has fewer than two inputs"));
+        };
+        (x.clone(), weight_of(w)?, transposed, bias.cloned())
     } else {
         // Add(MatMul(x, W), b), in either order of the Add's inputs.
         let (matmul, bias) = node
@@ -115,12 +118,20 @@ pub fn find(bytes: &[u8]) -> Result<Head, HeadError> {
             .ok_or_else(|| {
                 HeadError::NoHead("the last Add does not add a bias to a MatMul".into())
             })?;
-        (matmul.input[0].clone(), weight_of(&matmul.input[1])?, false, Some(bias))
+        let [x, w, ..] = matmul.input.as_slice() else {
+            return Err(unsupported("its MatMul has fewer than two inputs"));
+        };
+        (x.clone(), weight_of(w)?, false, Some(bias))
     };
     let values = floats(weight).map_err(|r| unsupported(&r))?;
-    let [a, b] = weight.dims[..] else { return Err(unsupported("its weights are not a matrix")) };
+    let matrix = match weight.dims[..] {
+        [a, b] => usize::try_from(a).ok().zip(usize::try_from(b).ok()),
+        _ => None,
+    };
+    let Some((a, b)) = matrix.filter(|(a, b)| a.checked_mul(*b) == Some(values.len())) else {
+        return Err(unsupported("its weights are not a matrix of their declared shape"));
+    };
     let (outputs, inputs) = if stored_transposed { (a, b) } else { (b, a) };
-    let (outputs, inputs) = (outputs as usize, inputs as usize);
     let weights = if stored_transposed { values } else { transpose(&values, inputs, outputs) };
     let bias_values = match &bias {
         Some(name) => {
@@ -156,7 +167,12 @@ fn head_node<'g>(
     let mut after: Vec<&str> = Vec::new();
     for output in &graph.output {
         let mut tensor = output.name.as_str();
+        // A well-formed graph has no cycles; a damaged one must not loop forever.
+        let mut steps = 0..=graph.node.len();
         let head = loop {
+            if steps.next().is_none() {
+                return Err(HeadError::NoHead(format!("output {:?} is on a cycle", output.name)));
+            }
             let Some(node) = producers.get(tensor) else {
                 return Err(HeadError::NoHead(format!(
                     "output {:?} comes from no node",
@@ -167,7 +183,12 @@ fn head_node<'g>(
                 "Gemm" | "Add" => break *node,
                 op if AFTER_HEAD.contains(&op) => {
                     after.push(op);
-                    tensor = &node.input[0];
+                    tensor = node.input.first().ok_or_else(|| {
+                        HeadError::NoHead(format!(
+                            "a {op} node before {:?} has no input",
+                            output.name
+                        ))
+                    })?;
                 }
                 op => {
                     return Err(HeadError::NoHead(format!(
@@ -429,6 +450,29 @@ mod tests {
         assert_eq!(run(&cut, vec![-1.0, 2.0], 2), [0.0, 2.0], "the Relu's output");
         let err = find(&graph(Some("Sigmoid"))).unwrap_err();
         assert!(err.to_string().contains("go through a Sigmoid"), "{err}");
+    }
+
+    /// Damaged models (each byte flipped in turn, every truncation) are refused or read,
+    /// never a panic or a hang; the fuzz target `finetune_inputs` goes further.
+    #[test]
+    fn damaged_models_are_refused_without_panics() {
+        let bytes = zoo::mlp(&[4, 6, 3], 2);
+        let mut refused = 0;
+        let mut try_all = |damaged: &[u8]| match find(damaged) {
+            Ok(head) => {
+                let _ = backbone(damaged, &head);
+                let _ = replace(damaged, &head, &head.weights, &head.bias);
+            }
+            Err(_) => refused += 1,
+        };
+        for at in 0..bytes.len() {
+            let mut flipped = bytes.clone();
+            flipped[at] ^= 0x5a;
+            try_all(&flipped);
+            try_all(&bytes[..at]);
+        }
+        assert!(refused > bytes.len(), "most damage is noticed: {refused} refusals");
+        assert!(find(&bytes).is_ok());
     }
 
     #[test]
