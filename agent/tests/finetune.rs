@@ -297,3 +297,72 @@ fn the_gpu_trains_the_same_head_as_the_cpu() {
         assert!((c.train_loss - g.train_loss).abs() <= 1e-4 * c.train_loss, "{c:?} vs {g:?}");
     }
 }
+
+/// A regressor (its head feeds the output directly) trains against squared error: the
+/// site's targets follow another relation than the parent's, and the derived model
+/// learns it.
+#[test]
+fn a_regressor_is_fine_tuned_against_squared_error() {
+    use falaj_common::onnx::{Attr, GraphBuilder};
+    use falaj_common::random::SeededRng;
+    use falaj_common::tensor::{DataType, Dim};
+    let n = || Dim::Symbol("N".into());
+    let mut g = GraphBuilder::new("regressor");
+    g.input("x", DataType::Fp32, &[n(), Dim::Fixed(2)]);
+    // A backbone that passes |x| on: relu(x), relu(-x); a head that adds them up.
+    g.weights("w0", &[4, 2], &[1.0, 0.0, 0.0, 1.0, -1.0, 0.0, 0.0, -1.0]);
+    g.weights("b0", &[4], &[0.0; 4]);
+    g.weights("w1", &[1, 4], &[1.0, 1.0, 1.0, 1.0]);
+    g.weights("b1", &[1], &[0.0]);
+    g.node("Gemm", &["x", "w0", "b0"], &["h"], vec![Attr::Int("transB", 1)]);
+    g.node("Relu", &["h"], &["r"], vec![]);
+    g.node("Gemm", &["r", "w1", "b1"], &["y"], vec![Attr::Int("transB", 1)]);
+    g.output("y", DataType::Fp32, &[n(), Dim::Fixed(1)]);
+    let site = Site::new();
+    site.install("wear", 1, &g.encode("test"));
+
+    // At this site the target is 2|x0| - |x1| + 1.
+    let mut rng = SeededRng::new(8);
+    let mut csv = "a,b,target\n".to_owned();
+    for _ in 0..2_000 {
+        let (a, b) = (rng.normal(0.0, 1.0) as f32, rng.normal(0.0, 1.0) as f32);
+        let target = 2.0 * a.abs() - b.abs() + 1.0;
+        csv += &[a.to_string(), b.to_string(), target.to_string()].join(",");
+        csv.push('\n');
+    }
+    let data = site.dir.path().join("wear.csv");
+    std::fs::write(&data, csv).unwrap();
+    let out = finetune(
+        &site,
+        &[
+            "--model",
+            "wear",
+            "--data",
+            data.to_str().unwrap(),
+            "--label",
+            "target",
+            "--epochs",
+            "40",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).contains("ACCURACY"), "no accuracy column for a regressor");
+    let store = site.store();
+    let derived = store.installed().unwrap().into_iter().find(|i| i.manifest.name == "wear.ft1");
+    let derived = derived.unwrap();
+    let lineage = derived.manifest.model().unwrap().lineage.clone().unwrap();
+    assert_eq!(lineage.objective, Objective::MeanSquaredError);
+    assert_eq!(lineage.before.accuracy, None);
+    assert!(
+        lineage.after.loss < 0.01 * lineage.before.loss,
+        "{:?} -> {:?}",
+        lineage.before,
+        lineage.after
+    );
+    assert!(lineage.gate.activate, "{:?}", lineage.gate);
+    let trained = head::find(&store.read_content(&derived).unwrap()).unwrap();
+    for (got, want) in trained.weights.iter().zip([2.0, -1.0, 2.0, -1.0]) {
+        assert!((got - want).abs() < 0.05, "{:?}", trained.weights);
+    }
+    assert!((trained.bias[0] - 1.0).abs() < 0.05, "{:?}", trained.bias);
+}
