@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use falaj_common::finetune::{
-    CpuKernel, Examples, HeadKernel, Hyperparameters, Linear, Objective, Optimizer,
+    CpuKernel, Dense, Examples, HeadKernel, Hyperparameters, Objective, Optimizer,
 };
 use falaj_common::random::SeededRng;
 use falaj_gpu::{Gpu, GpuHeadKernel, GpuOptions};
@@ -59,7 +59,7 @@ fn parse() -> Result<Args, String> {
 
 /// Features uniform in ±1.7 (about unit variance), labels the arg-max of a random linear
 /// teacher, and a random start.
-fn data(rows: usize) -> (Vec<f32>, Vec<f32>, Linear) {
+fn data(rows: usize) -> (Vec<f32>, Vec<f32>, Dense) {
     let mut rng = SeededRng::new(1);
     let teacher: Vec<f32> = (0..INPUTS * OUTPUTS).map(|_| rng.range(-1.0, 1.0) as f32).collect();
     let features: Vec<f32> = (0..rows * INPUTS).map(|_| rng.range(-1.7, 1.7) as f32).collect();
@@ -72,7 +72,7 @@ fn data(rows: usize) -> (Vec<f32>, Vec<f32>, Linear) {
                 .0 as f32
         })
         .collect();
-    let start = Linear {
+    let start = Dense {
         inputs: INPUTS,
         outputs: OUTPUTS,
         weights: (0..INPUTS * OUTPUTS).map(|_| rng.range(-0.05, 0.05) as f32).collect(),

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use falaj_common::finetune::{
-    ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, Examples, HeadKernel, Hyperparameters, Linear, Objective,
+    ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, Dense, Examples, HeadKernel, Hyperparameters, Objective,
     Optimizer, Sums,
 };
 use wgpu::util::DeviceExt as _;
@@ -151,7 +151,7 @@ impl GpuHeadKernel {
     pub fn new(
         gpu: Arc<Gpu>,
         examples: Examples<'_>,
-        start: &Linear,
+        start: &Dense,
         hp: &Hyperparameters,
     ) -> Result<Self, GpuError> {
         hp.check().map_err(GpuError::Input)?;
@@ -317,7 +317,7 @@ impl Buffers {
     fn new(
         device: &wgpu::Device,
         examples: Examples<'_>,
-        start: &Linear,
+        start: &Dense,
         hp: &Hyperparameters,
         stride: u64,
     ) -> Self {
@@ -510,7 +510,7 @@ impl HeadKernel for GpuHeadKernel {
         Ok(sums)
     }
 
-    fn head(&mut self) -> Result<Linear, GpuError> {
+    fn head(&mut self) -> Result<Dense, GpuError> {
         let gpu = &*self.gpu;
         let count = self.inputs * self.outputs + self.outputs;
         gpu.checked(|| {
@@ -528,7 +528,7 @@ impl HeadKernel for GpuHeadKernel {
         })?;
         let mut weights = read_back(gpu, &self.buffers.params_staging, &[count])?.swap_remove(0);
         let bias = weights.split_off(self.inputs * self.outputs);
-        Ok(Linear { inputs: self.inputs, outputs: self.outputs, weights, bias })
+        Ok(Dense { inputs: self.inputs, outputs: self.outputs, weights, bias })
     }
 }
 

@@ -6,7 +6,7 @@
 mod support;
 
 use falaj_common::finetune::{
-    CpuKernel, Examples, HeadKernel, Hyperparameters, Linear, Objective, Optimizer, Outcome, Sums,
+    CpuKernel, Dense, Examples, HeadKernel, Hyperparameters, Objective, Optimizer, Outcome, Sums,
     fit,
 };
 use falaj_common::random::SeededRng;
@@ -21,7 +21,7 @@ fn task(
     outputs: usize,
     objective: Objective,
     seed: u64,
-) -> (Vec<f32>, Vec<f32>, Linear) {
+) -> (Vec<f32>, Vec<f32>, Dense) {
     let mut rng = SeededRng::new(seed);
     let mut normal = |std: f64| rng.normal(0.0, std) as f32;
     let teacher: Vec<f32> = (0..inputs * outputs).map(|_| normal(1.0)).collect();
@@ -40,7 +40,7 @@ fn task(
             Objective::MeanSquaredError => targets.extend(z.iter().map(|z| z + normal(0.1))),
         }
     }
-    let start = Linear {
+    let start = Dense {
         inputs,
         outputs,
         weights: (0..inputs * outputs).map(|_| normal(0.3)).collect(),
@@ -179,7 +179,7 @@ fn evaluation_over_many_chunks_matches_the_cpu() {
 #[test]
 fn evaluation_of_a_tiny_head_gives_the_hand_computed_sums() {
     let Some(gpu) = open_gpu() else { return };
-    let head = Linear {
+    let head = Dense {
         inputs: 2,
         outputs: 3,
         weights: vec![1.0, 0.0, 0.0, 1.0, 1.0, 1.0],
@@ -211,7 +211,7 @@ fn evaluation_of_a_tiny_head_gives_the_hand_computed_sums() {
 
     // Squared error: logits [1.5, 2] against [1, 1], and [0.5, -2] against [0, 0].
     let head =
-        Linear { inputs: 2, outputs: 2, weights: vec![1.0, 0.0, 0.0, 2.0], bias: vec![0.5, 0.0] };
+        Dense { inputs: 2, outputs: 2, weights: vec![1.0, 0.0, 0.0, 2.0], bias: vec![0.5, 0.0] };
     let features = [1.0, 1.0, 0.0, -1.0];
     let targets = [1.0, 1.0, 0.0, 0.0];
     let examples = Examples {
@@ -231,7 +231,7 @@ fn evaluation_of_a_tiny_head_gives_the_hand_computed_sums() {
 fn one_sgd_step_moves_the_weights_as_worked_out_by_hand() {
     let Some(gpu) = open_gpu() else { return };
     let head =
-        Linear { inputs: 2, outputs: 2, weights: vec![1.0, 0.0, 0.0, 2.0], bias: vec![0.5, 0.0] };
+        Dense { inputs: 2, outputs: 2, weights: vec![1.0, 0.0, 0.0, 2.0], bias: vec![0.5, 0.0] };
     let features = [1.0, 1.0, 0.0, -1.0];
     let targets = [1.0, 1.0, 0.0, 0.0];
     let examples = Examples {
@@ -264,7 +264,7 @@ fn one_sgd_step_moves_the_weights_as_worked_out_by_hand() {
 #[test]
 fn bad_input_is_an_error_not_a_panic() {
     let Some(gpu) = open_gpu() else { return };
-    let head = Linear { inputs: 2, outputs: 2, weights: vec![1.0; 4], bias: vec![0.0; 2] };
+    let head = Dense { inputs: 2, outputs: 2, weights: vec![1.0; 4], bias: vec![0.0; 2] };
     let features = [1.0, 1.0, 0.0, -1.0];
     let labels = [1.0, 0.0];
     let examples = Examples {
@@ -274,7 +274,7 @@ fn bad_input_is_an_error_not_a_panic() {
         objective: Objective::CrossEntropy,
     };
     let hp = Hyperparameters::default();
-    let short = Linear { weights: vec![1.0; 3], ..head.clone() };
+    let short = Dense { weights: vec![1.0; 3], ..head.clone() };
     let err = GpuHeadKernel::new(gpu.clone(), examples, &short, &hp).unwrap_err();
     assert!(matches!(err, GpuError::Input(_)), "{err}");
     let bad_labels = [1.0, 2.0];

@@ -17,8 +17,8 @@ use std::time::SystemTime;
 use falaj_common::bundle::{BuildError, BundleBuilder, Content, Manifest};
 use falaj_common::features::{Cell, OnlineTable};
 use falaj_common::finetune::{
-    self, CpuKernel, DesiredJob, EpochStats, Examples, HeadKernel, HeadWeights, JobReport,
-    JobState, Lineage, Linear, Outcome,
+    self, CpuKernel, Dense, DesiredJob, EpochStats, Examples, HeadKernel, HeadWeights, JobReport,
+    JobState, Lineage, Outcome,
 };
 pub use falaj_common::finetune::{DataSource, Job, TrainEngine};
 use falaj_common::onnx::OnnxModel;
@@ -128,7 +128,7 @@ pub struct Finished {
     /// Where it came from, how it trained, what the gate decided.
     pub lineage: Lineage,
     /// The trained head.
-    pub head: Linear,
+    pub head: Dense,
 }
 
 /// Runs `job` against the agent's store: trains (a GPU job on the GPU `gpu` opens),
@@ -161,7 +161,7 @@ pub fn run(
         targets: &targets,
         objective: head.objective,
     };
-    let start = Linear {
+    let start = Dense {
         inputs: head.inputs,
         outputs: head.outputs,
         weights: head.weights.clone(),
@@ -506,7 +506,7 @@ fn train(
     job: &Job,
     gpu: GpuOptions,
     examples: Examples<'_>,
-    start: &Linear,
+    start: &Dense,
     progress: &mut dyn Progress,
 ) -> Result<(Outcome, &'static str), FinetuneError> {
     let hp = &job.hyperparameters;

@@ -4,7 +4,7 @@
 use std::convert::Infallible;
 
 use super::{
-    ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, Examples, HeadKernel, Hyperparameters, Linear, Objective,
+    ADAM_BETA1, ADAM_BETA2, ADAM_EPSILON, Dense, Examples, HeadKernel, Hyperparameters, Objective,
     Optimizer, Sums,
 };
 
@@ -26,7 +26,7 @@ pub struct CpuKernel<'a> {
 
 impl<'a> CpuKernel<'a> {
     /// A kernel training `start` on `examples`, which must pass [`Examples::check`].
-    pub fn new(examples: Examples<'a>, start: &Linear, hp: &Hyperparameters) -> Self {
+    pub fn new(examples: Examples<'a>, start: &Dense, hp: &Hyperparameters) -> Self {
         let params: Vec<f32> = start.weights.iter().chain(&start.bias).copied().collect();
         let len = params.len();
         Self {
@@ -134,9 +134,9 @@ impl HeadKernel for CpuKernel<'_> {
         Ok(sums)
     }
 
-    fn head(&mut self) -> Result<Linear, Infallible> {
+    fn head(&mut self) -> Result<Dense, Infallible> {
         let (weights, bias) = self.params.split_at(self.inputs * self.outputs);
-        Ok(Linear {
+        Ok(Dense {
             inputs: self.inputs,
             outputs: self.outputs,
             weights: weights.to_vec(),

@@ -15,6 +15,9 @@ use crate::random::SeededRng;
 mod cpu;
 mod job;
 
+/// The head: a dense layer `y = W x + b`, `W` as `[outputs, inputs]`, as the trainer of
+/// the sample model has it.
+pub use crate::train::Dense;
 pub use cpu::CpuKernel;
 pub use job::{DataSource, DesiredJob, HeadWeights, Job, JobReport, JobState, TrainEngine};
 
@@ -121,19 +124,6 @@ impl Hyperparameters {
     }
 }
 
-/// A dense layer `y = W x + b`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Linear {
-    /// Features in.
-    pub inputs: usize,
-    /// Outputs.
-    pub outputs: usize,
-    /// `[outputs, inputs]`, row-major.
-    pub weights: Vec<f32>,
-    /// One per output.
-    pub bias: Vec<f32>,
-}
-
 /// Training rows: the backbone's features and the targets, row-major.
 #[derive(Debug, Clone, Copy)]
 pub struct Examples<'a> {
@@ -155,7 +145,7 @@ impl Examples<'_> {
 
     /// Checks the examples fit `head` and hold usable numbers, naming the first row that
     /// does not.
-    pub fn check(&self, head: &Linear) -> Result<(), String> {
+    pub fn check(&self, head: &Dense) -> Result<(), String> {
         if self.width != head.inputs {
             return Err(format!(
                 "the examples have {} features per row, the head takes {}",
@@ -261,14 +251,14 @@ pub trait HeadKernel {
     fn evaluate(&mut self, rows: &[u32]) -> Result<Sums, Self::Error>;
 
     /// The current weights.
-    fn head(&mut self) -> Result<Linear, Self::Error>;
+    fn head(&mut self) -> Result<Dense, Self::Error>;
 }
 
 /// What a fine-tune did.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outcome {
     /// The head kept: the best epoch's, or the start's if no epoch beat it.
-    pub head: Linear,
+    pub head: Dense,
     /// The starting head on the held-out rows: the parent's figures.
     pub before: Metrics,
     /// The kept head on the held-out rows.

@@ -4,24 +4,19 @@ use crate::sample::{self, FEATURE_COUNT, Shift};
 use crate::train::{TrainConfig, train_classifier};
 
 /// A linear classifier trained on the sample task at one site: the parent head.
-fn parent() -> Linear {
+fn parent() -> Dense {
     let data = sample::generate(8_000, 21, &[]);
     let config = TrainConfig { hidden: vec![], max_epochs: 30, ..TrainConfig::default() };
     let (mlp, _) = train_classifier(&data.features, FEATURE_COUNT, &data.labels, 3, &config);
     let dense = mlp.layers.into_iter().next().unwrap();
-    Linear {
-        inputs: dense.inputs,
-        outputs: dense.outputs,
-        weights: dense.weights,
-        bias: dense.bias,
-    }
+    Dense { inputs: dense.inputs, outputs: dense.outputs, weights: dense.weights, bias: dense.bias }
 }
 
 fn labels(data: &sample::Dataset) -> Vec<f32> {
     data.labels.iter().map(|&l| l as f32).collect()
 }
 
-fn tune(start: &Linear, features: &[f32], targets: &[f32], objective: Objective) -> Outcome {
+fn tune(start: &Dense, features: &[f32], targets: &[f32], objective: Objective) -> Outcome {
     let examples = Examples { features, width: start.inputs, targets, objective };
     examples.check(start).unwrap();
     let hp = Hyperparameters::default();
@@ -33,7 +28,7 @@ fn tune(start: &Linear, features: &[f32], targets: &[f32], objective: Objective)
     outcome
 }
 
-fn accuracy(head: &Linear, data: &sample::Dataset) -> f64 {
+fn accuracy(head: &Dense, data: &sample::Dataset) -> f64 {
     let mut z = vec![0.0; head.outputs];
     let right = (0..data.len())
         .filter(|&i| {
@@ -82,7 +77,7 @@ fn a_regression_head_recovers_the_sites_relation_under_squared_error() {
     let features: Vec<f32> = (0..3_000 * 3).map(|_| rng.normal(0.0, 1.0) as f32).collect();
     let targets: Vec<f32> =
         features.chunks_exact(3).flat_map(|x| [2.0 * x[0] - x[1] + 0.5, x[2]]).collect();
-    let start = Linear {
+    let start = Dense {
         inputs: 3,
         outputs: 2,
         weights: vec![1.0, 0.0, 0.0, 0.0, 0.0, 0.5],
@@ -197,7 +192,7 @@ fn a_head_no_epoch_improves_is_kept_as_it_was() {
 
 #[test]
 fn bad_examples_and_hyperparameters_are_refused_naming_the_problem() {
-    let head = Linear { inputs: 2, outputs: 3, weights: vec![0.0; 6], bias: vec![0.0; 3] };
+    let head = Dense { inputs: 2, outputs: 3, weights: vec![0.0; 6], bias: vec![0.0; 3] };
     let check = |features: &[f32], targets: &[f32], objective| {
         Examples { features, width: 2, targets, objective }.check(&head).unwrap_err()
     };
