@@ -35,35 +35,35 @@ pub struct FinetuneArgs {
     /// A job file (TOML) instead of the flags above: how air-gapped sites are given jobs.
     #[arg(long)]
     job: Option<PathBuf>,
-    /// Where to train.
+    /// Where to train (default cpu; gpu needs a Vulkan adapter).
     #[arg(long, value_enum, conflicts_with = "job")]
     engine: Option<EngineArg>,
-    /// SGD or Adam.
+    /// SGD or Adam (default adam).
     #[arg(long, value_enum, conflicts_with = "job")]
     optimizer: Option<OptimizerArg>,
-    /// The step size.
+    /// The step size (default 0.01).
     #[arg(long, conflicts_with = "job")]
     learning_rate: Option<f32>,
-    /// Rows per step.
+    /// Rows per step (default 64).
     #[arg(long, conflicts_with = "job")]
     batch_size: Option<u32>,
-    /// Most passes over the data.
+    /// Most passes over the data (default 30).
     #[arg(long, conflicts_with = "job")]
     epochs: Option<u32>,
-    /// Epochs without a better held-out loss before stopping.
+    /// Epochs without a better held-out loss before stopping (default 4).
     #[arg(long, conflicts_with = "job")]
     patience: Option<u32>,
-    /// L2 penalty on the weights.
+    /// L2 penalty on the weights (default 1e-4).
     #[arg(long, conflicts_with = "job")]
     l2: Option<f32>,
-    /// Share of rows held out for early stopping and the gate.
+    /// Share of rows held out for early stopping and the gate (default 0.2).
     #[arg(long, conflicts_with = "job")]
     validation_fraction: Option<f64>,
-    /// Seeds the split and the shuffles.
+    /// Seeds the split and the shuffles (default 42).
     #[arg(long, conflicts_with = "job")]
     seed: Option<u64>,
     /// The improvement the gate requires: accuracy points (0.01 = one point) for
-    /// classifiers, the share by which squared error falls for regressors.
+    /// classifiers, the share by which squared error falls for regressors (default 0.01).
     #[arg(long, conflicts_with = "job")]
     min_improvement: Option<f64>,
     #[command(flatten)]
@@ -233,4 +233,41 @@ pub fn run(args: &FinetuneArgs) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: FinetuneArgs,
+    }
+
+    /// The defaults `--help` names are the trainer's and the gate's.
+    #[test]
+    fn flags_left_out_take_the_documented_defaults() {
+        let parsed =
+            Wrapper::parse_from(["x", "--model", "pumps@3", "--data", "d.csv", "--label", "y"]);
+        let job = parsed.args.job().unwrap();
+        assert_eq!((job.model.as_str(), job.version), ("pumps", Some(3)));
+        let h = &job.hyperparameters;
+        assert_eq!(*h, Hyperparameters::default());
+        assert_eq!(
+            (h.optimizer, h.learning_rate, h.batch_size, h.max_epochs, h.patience, h.l2, h.seed),
+            (Optimizer::Adam, 0.01, 64, 30, 4, 1e-4, 42)
+        );
+        assert!((h.validation_fraction - 0.2).abs() < 1e-12);
+        assert!((job.gate.min_improvement - 0.01).abs() < 1e-12);
+        assert_eq!(job.engine, TrainEngine::Cpu);
+        let bad =
+            Wrapper::parse_from(["x", "--model", "pumps@v3", "--data", "d.csv", "--label", "y"]);
+        assert_eq!(
+            bad.args.job().unwrap_err().to_string(),
+            "fine-tune job: --model pumps@v3: \"v3\" is not a version number"
+        );
+    }
 }
