@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use falaj_common::desired::{DesiredState, Expectation, SignedDesired};
-use falaj_common::finetune::{JobReport, JobState};
+use falaj_common::finetune::JobReport;
 use falaj_common::protocol::io::{read_frame, write_frame};
 use falaj_common::protocol::{ActualState, AgentMessage, ControlMessage, SERVER_NAME};
 use falaj_common::random::SeededRng;
@@ -237,20 +237,11 @@ impl Syncer {
                     let ran =
                         tokio::task::spawn_blocking(move || finetune::run_ordered(&dir, &job, gpu))
                             .await;
-                    let report = ran.unwrap_or_else(|e| JobReport {
-                        id: id.clone(),
-                        state: JobState::Failed,
-                        detail: Some(format!("the job's task failed: {e}")),
-                        derived: None,
-                        lineage: None,
-                        weights: None,
+                    let report = ran.unwrap_or_else(|e| {
+                        JobReport::failed(&id, format!("the job's task failed: {e}"))
                     });
-                    let state = report.state;
-                    let stored = self
-                        .with_store(move |s| {
-                            s.set_job_state(&id, state, Some(&report), SystemTime::now())
-                        })
-                        .await;
+                    let stored =
+                        self.with_store(move |s| s.finish_job(&report, SystemTime::now())).await;
                     if let Err(e) = stored {
                         tracing::warn!(error = %e, "recording a fine-tune job's end");
                     }

@@ -223,14 +223,7 @@ pub fn run(
 /// Runs a job the control plane ordered, on a store of its own (training can take
 /// minutes; the agent's other work goes on), and says how it ended. Blocking.
 pub fn run_ordered(data_dir: &Path, ordered: &DesiredJob, gpu: GpuOptions) -> JobReport {
-    let failed = |detail: String| JobReport {
-        id: ordered.id.clone(),
-        state: JobState::Failed,
-        detail: Some(detail),
-        derived: None,
-        lineage: None,
-        weights: None,
-    };
+    let failed = |detail: String| JobReport::failed(&ordered.id, detail);
     let mut store = match Store::open(data_dir) {
         Ok(store) => store,
         Err(e) => return failed(e.to_string()),

@@ -150,23 +150,27 @@ impl Store {
             path: self.db_path.clone(),
             problem: format!("stored job does not parse: {e}"),
         })?;
-        self.set_job_state(&id, JobState::Running, None, now)?;
+        self.conn
+            .execute(
+                "UPDATE jobs SET state = 'running', updated_at = ?2 WHERE id = ?1",
+                params![id, Timestamp::from_system(now).unix() as i64],
+            )
+            .map_err(self.db())?;
         Ok(Some(job))
     }
 
-    /// Records where a job stands, with its report once it has finished.
-    pub fn set_job_state(
-        &self,
-        id: &str,
-        state: JobState,
-        report: Option<&JobReport>,
-        now: SystemTime,
-    ) -> Result<()> {
-        let report = report.map(|r| serde_json::to_string(r).expect("reports serialise"));
+    /// Records how a job ended: its report, and the state the report gives.
+    pub fn finish_job(&self, report: &JobReport, now: SystemTime) -> Result<()> {
+        let json = serde_json::to_string(report).expect("reports serialise");
         self.conn
             .execute(
                 "UPDATE jobs SET state = ?2, report = ?3, updated_at = ?4 WHERE id = ?1",
-                params![id, state.name(), report, Timestamp::from_system(now).unix() as i64],
+                params![
+                    report.id,
+                    report.state.name(),
+                    json,
+                    Timestamp::from_system(now).unix() as i64
+                ],
             )
             .map(drop)
             .map_err(self.db())
@@ -182,15 +186,8 @@ impl Store {
             .collect::<rusqlite::Result<_>>()
             .map_err(self.db())?;
         for id in &ids {
-            let report = JobReport {
-                id: id.clone(),
-                state: JobState::Failed,
-                detail: Some("interrupted: the agent stopped while it ran".into()),
-                derived: None,
-                lineage: None,
-                weights: None,
-            };
-            self.set_job_state(id, JobState::Failed, Some(&report), now)?;
+            let interrupted = "interrupted: the agent stopped while it ran".to_owned();
+            self.finish_job(&JobReport::failed(id, interrupted), now)?;
         }
         Ok(ids)
     }
@@ -216,15 +213,11 @@ impl Store {
             out.push(match report {
                 Some(json) => serde_json::from_str(&json)
                     .map_err(|e| damaged(format!("stored job report does not parse: {e}")))?,
-                None => JobReport {
-                    id: id.clone(),
-                    state: JobState::parse(&state)
+                None => JobReport::state(
+                    id,
+                    JobState::parse(&state)
                         .ok_or_else(|| damaged(format!("stored job state {state:?} is unknown")))?,
-                    detail: None,
-                    derived: None,
-                    lineage: None,
-                    weights: None,
-                },
+                ),
             });
         }
         Ok(out)

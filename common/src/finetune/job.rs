@@ -166,3 +166,15 @@ pub struct JobReport {
     /// The trained head, only if the job allows it to leave the site.
     pub weights: Option<HeadWeights>,
 }
+
+impl JobReport {
+    /// Where a job stands, before it has anything more to report.
+    pub fn state(id: &str, state: JobState) -> Self {
+        Self { id: id.to_owned(), state, detail: None, derived: None, lineage: None, weights: None }
+    }
+
+    /// A job that failed, and why.
+    pub fn failed(id: &str, detail: String) -> Self {
+        Self { detail: Some(detail), ..Self::state(id, JobState::Failed) }
+    }
+}
