@@ -510,15 +510,20 @@ pub fn record_seen(
                 crate::finetune::record_reports(&tx, id, &actual.jobs, *at)?;
                 // A job's weights are kept with the job (when its order allowed them), not
                 // again in the agent's last state.
-                let mut kept = actual.clone();
-                for job in &mut kept.jobs {
-                    job.weights = None;
-                }
+                let json = if actual.jobs.iter().any(|j| j.weights.is_some()) {
+                    let mut kept = actual.clone();
+                    for job in &mut kept.jobs {
+                        job.weights = None;
+                    }
+                    serde_json::to_string(&kept)
+                } else {
+                    serde_json::to_string(actual)
+                };
                 tx.execute(
                     "UPDATE agents SET last_seen = ?1, actual = ?2, agent_version = ?3 WHERE id = ?4",
                     params![
                         ts(*at),
-                        serde_json::to_string(&kept).unwrap_or_default(),
+                        json.unwrap_or_default(),
                         actual.agent_version,
                         id
                     ],

@@ -14,7 +14,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::db;
+use crate::db::{self, ts};
 
 /// The state of a job the agent has not reported yet.
 const ORDERED: &str = "ordered";
@@ -36,10 +36,6 @@ pub struct JobRow {
     pub created_at: Timestamp,
     /// When it last changed.
     pub updated_at: Timestamp,
-}
-
-fn ts(t: Timestamp) -> i64 {
-    t.unix() as i64
 }
 
 /// Records an order; false if its id is taken.
