@@ -143,7 +143,9 @@ pub fn run(
 ) -> Result<Finished, FinetuneError> {
     job.check().map_err(FinetuneError::Job)?;
     let model_err = |problem: String| FinetuneError::Model { model: job.model.clone(), problem };
-    let parent = parent(store, job)?;
+    // Read once: the parent and, for an entity column, the view's snapshot are among them.
+    let installed = store.installed()?;
+    let parent = parent(&installed, job)?;
     let spec = parent.manifest.model().ok_or_else(|| model_err("not a model bundle".into()))?;
     let bytes = store.read_content(&parent)?;
     let head = head::find(&bytes)
@@ -151,7 +153,7 @@ pub fn run(
 
     progress.stage("reading data");
     let width = input_width(&parent).map_err(model_err)?;
-    let (inputs, targets) = read_data(store, &parent, &job.data, width)?;
+    let (inputs, targets) = read_data(store, &installed, &parent, &job.data, width)?;
     progress.stage("computing backbone features");
     let features = backbone_features(&bytes, &head, inputs, width)
         .map_err(|problem| FinetuneError::Backbone { model: job.model.clone(), problem })?;
@@ -274,13 +276,12 @@ impl Progress for Logged<'_> {
 
 /// The installed model the job names: its version, else the active one. Derived models
 /// are not fine-tuned again: their parent is.
-fn parent(store: &Store, job: &Job) -> Result<Installed, FinetuneError> {
+fn parent<'a>(installed: &'a [Installed], job: &Job) -> Result<&'a Installed, FinetuneError> {
     let model_err = |problem: String| FinetuneError::Model { model: job.model.clone(), problem };
-    let versions: Vec<Installed> =
-        store.installed()?.into_iter().filter(|i| i.manifest.name == job.model).collect();
+    let mut versions = installed.iter().filter(|i| i.manifest.name == job.model);
     let found = match job.version {
-        Some(v) => versions.into_iter().find(|i| i.manifest.version == v),
-        None => versions.into_iter().find(|i| i.active),
+        Some(v) => versions.find(|i| i.manifest.version == v),
+        None => versions.find(|i| i.active),
     };
     let found = found.ok_or_else(|| {
         model_err(match job.version {
@@ -320,6 +321,7 @@ fn input_width(parent: &Installed) -> Result<usize, String> {
 /// columns, or assembled from the snapshot for an entity column.
 fn read_data(
     store: &Store,
+    installed: &[Installed],
     parent: &Installed,
     source: &DataSource,
     width: usize,
@@ -361,15 +363,14 @@ fn read_data(
             parent.manifest.name
         ))
     })?;
-    let table = snapshot(store, &input.view).map_err(data_err)?;
+    let table = snapshot(store, installed, &input.view).map_err(data_err)?;
     let inputs = features::assemble_from(&table, &parent.manifest.name, input, &sink.entities)
         .map_err(|e| data_err(e.to_string()))?;
     Ok((inputs, sink.targets))
 }
 
 /// The agent's active snapshot of `view`, loaded.
-fn snapshot(store: &Store, view: &str) -> Result<OnlineTable, String> {
-    let installed = store.installed().map_err(|e| e.to_string())?;
+fn snapshot(store: &Store, installed: &[Installed], view: &str) -> Result<OnlineTable, String> {
     let active = installed
         .iter()
         .find(|i| i.active && i.manifest.name == view && i.manifest.snapshot().is_some())
