@@ -147,13 +147,13 @@ pub fn run(
     let installed = store.installed()?;
     let parent = parent(&installed, job)?;
     let spec = parent.manifest.model().ok_or_else(|| model_err("not a model bundle".into()))?;
-    let bytes = store.read_content(&parent)?;
+    let bytes = store.read_content(parent)?;
     let head = head::find(&bytes)
         .map_err(|source| FinetuneError::Head { model: job.model.clone(), source })?;
 
     progress.stage("reading data");
-    let width = input_width(&parent).map_err(model_err)?;
-    let (inputs, targets) = read_data(store, &installed, &parent, &job.data, width)?;
+    let width = input_width(parent).map_err(model_err)?;
+    let (inputs, targets) = read_data(store, &installed, parent, &job.data, width)?;
     progress.stage("computing backbone features");
     let features = backbone_features(&bytes, &head, inputs, width)
         .map_err(|problem| FinetuneError::Backbone { model: job.model.clone(), problem })?;
