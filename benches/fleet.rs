@@ -103,6 +103,7 @@ fn write_bundle(
         reference: None,
         features: None,
         lineage: None,
+        shapes: Default::default(),
     });
     let refs: Vec<_> = signers.iter().collect();
     let (_, bytes) = BundleBuilder::new(

@@ -436,6 +436,7 @@ mod tests {
                 reference: None,
                 features: None,
                 lineage: None,
+                shapes: Default::default(),
             }),
         }
     }

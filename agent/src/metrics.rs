@@ -84,6 +84,8 @@ fn value_at(data: &TensorData, i: usize) -> f64 {
         TensorData::Int64(v) => v.get(i).map_or(f64::NAN, |&x| x as f64),
         TensorData::Fp32(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
         TensorData::Fp64(v) => v.get(i).copied().unwrap_or(f64::NAN),
+        TensorData::Fp16(v) => v.get(i).map_or(f64::NAN, |&x| f64::from(x)),
+        TensorData::Bytes(_) => f64::NAN,
     }
 }
 

@@ -13,7 +13,6 @@
 
 use std::fmt;
 
-use falaj_common::for_each_tensor_data;
 use falaj_common::tensor::{DataType, Tensor, TensorData, element_count};
 use serde::de::{self, DeserializeSeed, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
@@ -263,6 +262,9 @@ trait Element: Sized {
         None
     }
     fn from_le(bytes: &[u8]) -> Option<Self>;
+    fn from_str(_: &str) -> Option<Self> {
+        None
+    }
 }
 
 macro_rules! int_element {
@@ -306,6 +308,37 @@ macro_rules! float_element {
     )*};
 }
 float_element!(f32, f64);
+
+impl Element for half::f16 {
+    fn from_i64(v: i64) -> Option<Self> {
+        Some(Self::from_f64(v as f64))
+    }
+    fn from_u64(v: u64) -> Option<Self> {
+        Some(Self::from_f64(v as f64))
+    }
+    fn from_f64(v: f64) -> Option<Self> {
+        Some(Self::from_f64(v))
+    }
+    fn from_le(bytes: &[u8]) -> Option<Self> {
+        Some(Self::from_le_bytes(bytes.try_into().ok()?))
+    }
+}
+
+/// A `BYTES` element: a JSON string (as its UTF-8 bytes).
+impl Element for Vec<u8> {
+    fn from_i64(_: i64) -> Option<Self> {
+        None
+    }
+    fn from_u64(_: u64) -> Option<Self> {
+        None
+    }
+    fn from_le(bytes: &[u8]) -> Option<Self> {
+        Some(bytes.to_vec())
+    }
+    fn from_str(v: &str) -> Option<Self> {
+        Some(v.as_bytes().to_vec())
+    }
+}
 
 /// Flattens nested JSON arrays of `T` into one vector, refusing values of the wrong kind.
 struct Flatten<'v, T> {
@@ -360,6 +393,9 @@ impl<'de, T: Element> Visitor<'de> for Flatten<'_, T> {
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<(), E> {
         self.push(T::from_f64(v), &v)
     }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
+        self.push(T::from_str(v), &format_args!("{v:?}"))
+    }
 }
 
 impl<T> Flatten<'_, T> {
@@ -392,8 +428,10 @@ fn decode_json(datatype: DataType, json: &str, count: usize) -> Result<TensorDat
         DataType::Int16 => TensorData::Int16(flatten(json, datatype, count)?),
         DataType::Int32 => TensorData::Int32(flatten(json, datatype, count)?),
         DataType::Int64 => TensorData::Int64(flatten(json, datatype, count)?),
+        DataType::Fp16 => TensorData::Fp16(flatten(json, datatype, count)?),
         DataType::Fp32 => TensorData::Fp32(flatten(json, datatype, count)?),
         DataType::Fp64 => TensorData::Fp64(flatten(json, datatype, count)?),
+        DataType::Bytes => TensorData::Bytes(flatten(json, datatype, count)?),
     })
 }
 
@@ -412,8 +450,31 @@ fn from_le_all<T: Element>(
         .collect()
 }
 
+/// `BYTES` in the binary extension: each element a 4-byte little-endian length, then
+/// that many bytes.
+fn decode_strings(mut bytes: &[u8], count: usize) -> Result<TensorData, String> {
+    let mut out = Vec::with_capacity(count.min(bytes.len() / 4));
+    while !bytes.is_empty() {
+        let Some((len, rest)) = bytes.split_first_chunk::<4>() else {
+            return Err(format!("binary BYTES element {} has a truncated length", out.len()));
+        };
+        let len = u32::from_le_bytes(*len) as usize;
+        if len > rest.len() {
+            return Err(format!(
+                "binary BYTES element {} declares {len} bytes, {} are left",
+                out.len(),
+                rest.len()
+            ));
+        }
+        let (element, rest) = rest.split_at(len);
+        out.push(element.to_vec());
+        bytes = rest;
+    }
+    Ok(TensorData::Bytes(out))
+}
+
 fn decode_binary(datatype: DataType, bytes: &[u8], count: usize) -> Result<TensorData, String> {
-    let size = datatype.size();
+    let Some(size) = datatype.size() else { return decode_strings(bytes, count) };
     if Some(bytes.len()) != count.checked_mul(size) {
         return Err(format!(
             "binary_data_size is {} bytes; {count} {datatype} elements need {}",
@@ -431,8 +492,10 @@ fn decode_binary(datatype: DataType, bytes: &[u8], count: usize) -> Result<Tenso
         DataType::Int16 => TensorData::Int16(from_le_all(bytes, size, datatype)?),
         DataType::Int32 => TensorData::Int32(from_le_all(bytes, size, datatype)?),
         DataType::Int64 => TensorData::Int64(from_le_all(bytes, size, datatype)?),
+        DataType::Fp16 => TensorData::Fp16(from_le_all(bytes, size, datatype)?),
         DataType::Fp32 => TensorData::Fp32(from_le_all(bytes, size, datatype)?),
         DataType::Fp64 => TensorData::Fp64(from_le_all(bytes, size, datatype)?),
+        DataType::Bytes => unreachable!("BYTES has no fixed size"),
     })
 }
 
@@ -448,8 +511,13 @@ fn encode_binary(data: &TensorData, out: &mut Vec<u8>) {
         TensorData::Int16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         TensorData::Int32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         TensorData::Int64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Fp16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         TensorData::Fp32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
         TensorData::Fp64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
+        TensorData::Bytes(v) => v.iter().for_each(|b| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(b);
+        }),
     }
 }
 
@@ -458,7 +526,25 @@ struct JsonData<'a>(&'a TensorData);
 
 impl Serialize for JsonData<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        for_each_tensor_data!(self.0, v => v.serialize(serializer))
+        match self.0 {
+            TensorData::Fp16(v) => serializer.collect_seq(v.iter().map(|x| x.to_f32())),
+            // JSON has no byte strings: each element as text (invalid UTF-8 replaced);
+            // the binary extension carries bytes exactly.
+            TensorData::Bytes(v) => {
+                serializer.collect_seq(v.iter().map(|b| String::from_utf8_lossy(b)))
+            }
+            TensorData::Bool(v) => v.serialize(serializer),
+            TensorData::Uint8(v) => v.serialize(serializer),
+            TensorData::Uint16(v) => v.serialize(serializer),
+            TensorData::Uint32(v) => v.serialize(serializer),
+            TensorData::Uint64(v) => v.serialize(serializer),
+            TensorData::Int8(v) => v.serialize(serializer),
+            TensorData::Int16(v) => v.serialize(serializer),
+            TensorData::Int32(v) => v.serialize(serializer),
+            TensorData::Int64(v) => v.serialize(serializer),
+            TensorData::Fp32(v) => v.serialize(serializer),
+            TensorData::Fp64(v) => v.serialize(serializer),
+        }
     }
 }
 
@@ -596,6 +682,12 @@ mod tests {
             ("INT16", "[-300,300]", TensorData::Int16(vec![-300, 300])),
             ("UINT16", "[65535,1]", TensorData::Uint16(vec![65535, 1])),
             ("UINT32", "[4294967295,1]", TensorData::Uint32(vec![u32::MAX, 1])),
+            (
+                "FP16",
+                "[0.5,-2]",
+                TensorData::Fp16(vec![half::f16::from_f32(0.5), half::f16::from_f32(-2.0)]),
+            ),
+            ("BYTES", r#"["plan-b",""]"#, TensorData::Bytes(vec![b"plan-b".to_vec(), Vec::new()])),
         ];
         for (dt, json, expected) in cases {
             let body = format!(
@@ -660,8 +752,17 @@ mod tests {
         );
         check(
             r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":["a"]}]}"#,
-            "FP32 values",
+            "\"a\" is not a valid FP32 value",
         );
+        check(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":[7]}]}"#,
+            "7 is not a valid BYTES value",
+        );
+        let truncated = br#"{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":6}}]}"#;
+        let mut body = truncated.to_vec();
+        body.extend_from_slice(&[9, 0, 0, 0, b'a', b'b']);
+        let err = decode_request(&body, Some(truncated.len())).unwrap_err();
+        assert!(err.0.contains("declares 9 bytes, 2 are left"), "{err}");
         check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BF16","data":[1]}]}"#, "BF16");
         check(r#"{"inputs":[{"name":"x","shape":[-1],"datatype":"FP32","data":[1]}]}"#, "negative");
         check(r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32"}]}"#, "no data");
@@ -747,5 +848,40 @@ mod tests {
         assert_eq!(header["outputs"][0]["parameters"]["binary_data_size"], 8);
         assert_eq!(header["parameters"]["entity_ids"][0], "pump-7");
         assert_eq!(&mixed.body[n..], &[0, 0, 0x80, 0x3e, 0, 0, 0x40, 0x3f]);
+    }
+
+    #[test]
+    fn strings_and_half_floats_in_responses() {
+        let labels =
+            Tensor { shape: vec![2], data: TensorData::Bytes(vec![b"pro".to_vec(), vec![0xff]]) };
+        let half =
+            Tensor { shape: vec![1], data: TensorData::Fp16(vec![half::f16::from_f32(0.25)]) };
+        let json = encode_response(
+            "m",
+            1,
+            None,
+            None,
+            &[
+                OutputToSend { name: "l", tensor: &labels, binary: false },
+                OutputToSend { name: "h", tensor: &half, binary: false },
+            ],
+        );
+        let body: serde_json::Value = serde_json::from_slice(&json.body).unwrap();
+        assert_eq!(body["outputs"][0]["datatype"], "BYTES");
+        assert_eq!(body["outputs"][0]["data"], serde_json::json!(["pro", "\u{fffd}"]));
+        assert_eq!(body["outputs"][1]["data"], serde_json::json!([0.25]));
+        let binary = encode_response(
+            "m",
+            1,
+            None,
+            None,
+            &[OutputToSend { name: "l", tensor: &labels, binary: true }],
+        );
+        let n = binary.json_len.unwrap();
+        assert_eq!(&binary.body[n..], &[3, 0, 0, 0, b'p', b'r', b'o', 1, 0, 0, 0, 0xff]);
+        let header = br#"{"inputs":[{"name":"l","shape":[2],"datatype":"BYTES","parameters":{"binary_data_size":12}}]}"#;
+        let mut round = header.to_vec();
+        round.extend_from_slice(&binary.body[n..]);
+        assert_eq!(one(&decode_request(&round, Some(header.len())).unwrap()).data, labels.data);
     }
 }

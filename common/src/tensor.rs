@@ -30,15 +30,19 @@ pub enum DataType {
     Int32,
     /// Signed 64-bit integer.
     Int64,
+    /// IEEE 754 half precision.
+    Fp16,
     /// IEEE 754 single precision.
     Fp32,
     /// IEEE 754 double precision.
     Fp64,
+    /// Byte strings (ONNX string tensors; UTF-8 when a model reads them).
+    Bytes,
 }
 
 impl DataType {
     /// Every supported type.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::Bool,
         Self::Uint8,
         Self::Uint16,
@@ -48,8 +52,10 @@ impl DataType {
         Self::Int16,
         Self::Int32,
         Self::Int64,
+        Self::Fp16,
         Self::Fp32,
         Self::Fp64,
+        Self::Bytes,
     ];
 
     /// The protocol's name for this type.
@@ -64,8 +70,10 @@ impl DataType {
             Self::Int16 => "INT16",
             Self::Int32 => "INT32",
             Self::Int64 => "INT64",
+            Self::Fp16 => "FP16",
             Self::Fp32 => "FP32",
             Self::Fp64 => "FP64",
+            Self::Bytes => "BYTES",
         }
     }
 
@@ -74,14 +82,21 @@ impl DataType {
         Self::ALL.into_iter().find(|t| t.name() == name)
     }
 
-    /// Bytes per element in the protocol's binary encoding (little endian).
-    pub const fn size(self) -> usize {
-        match self {
+    /// Bytes per element in the protocol's binary encoding (little endian); `None` for
+    /// `BYTES`, whose elements each carry their own length.
+    pub const fn size(self) -> Option<usize> {
+        Some(match self {
             Self::Bool | Self::Uint8 | Self::Int8 => 1,
-            Self::Uint16 | Self::Int16 => 2,
+            Self::Uint16 | Self::Int16 | Self::Fp16 => 2,
             Self::Uint32 | Self::Int32 | Self::Fp32 => 4,
             Self::Uint64 | Self::Int64 | Self::Fp64 => 8,
-        }
+            Self::Bytes => return None,
+        })
+    }
+
+    /// Whether elements are numbers (everything but `BYTES`).
+    pub const fn is_numeric(self) -> bool {
+        !matches!(self, Self::Bytes)
     }
 }
 
@@ -321,6 +336,117 @@ impl Signature {
     }
 }
 
+/// The sizes one axis of an input may take when a model is planned per input shape: one
+/// size, or a range (`min..max`, `min..` unbounded).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Extent {
+    /// Exactly this size.
+    Exactly(u64),
+    /// Any size from `min` to `max` (inclusive; no upper bound when `None`).
+    Range {
+        /// The least size, which the plan made at load uses.
+        min: u64,
+        /// The greatest size, if any.
+        max: Option<u64>,
+    },
+}
+
+impl Extent {
+    /// The size the first plan is made for.
+    pub const fn first(self) -> u64 {
+        match self {
+            Self::Exactly(n) | Self::Range { min: n, .. } => n,
+        }
+    }
+
+    /// Whether `size` is allowed.
+    pub fn allows(self, size: u64) -> bool {
+        match self {
+            Self::Exactly(n) => size == n,
+            Self::Range { min, max } => size >= min && max.is_none_or(|m| size <= m),
+        }
+    }
+}
+
+impl fmt::Display for Extent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exactly(n) => write!(f, "{n}"),
+            Self::Range { min, max: None } => write!(f, "{min}.."),
+            Self::Range { min, max: Some(max) } => write!(f, "{min}..{max}"),
+        }
+    }
+}
+
+/// The shape an input is planned for, as `bundle build --input-shape NAME=1..64,3,48,192`
+/// gives it: a fixed size pins the axis (requests of another size are refused), a range
+/// lets it vary (a plan per shape, cached), and the first plan is made for every axis's
+/// least size.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct InputShape(pub Vec<Extent>);
+
+impl InputShape {
+    /// The shape of the plan made at load.
+    pub fn first(&self) -> Vec<u64> {
+        self.0.iter().map(|e| e.first()).collect()
+    }
+}
+
+impl fmt::Display for InputShape {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for InputShape {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let number = |t: &str| {
+            t.trim()
+                .parse::<u64>()
+                .map_err(|_| format!("{t:?} is not a size (a number, min..max or min..)"))
+        };
+        let extents = s
+            .split(',')
+            .map(|part| match part.split_once("..") {
+                None => number(part).map(Extent::Exactly),
+                Some((min, "")) => Ok(Extent::Range { min: number(min)?, max: None }),
+                Some((min, max)) => {
+                    let (min, max) = (number(min)?, number(max)?);
+                    if min > max {
+                        return Err(format!("range {part:?} is empty"));
+                    }
+                    Ok(Extent::Range { min, max: Some(max) })
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if s.trim().is_empty() {
+            return Err("an empty shape".into());
+        }
+        Ok(Self(extents))
+    }
+}
+
+impl Serialize for InputShape {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for InputShape {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(deserializer)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// A tensor's elements, flat, in row-major order.
 #[derive(Debug, Clone, PartialEq)]
 #[allow(missing_docs)] // one variant per `DataType`, named alike
@@ -334,14 +460,17 @@ pub enum TensorData {
     Int16(Vec<i16>),
     Int32(Vec<i32>),
     Int64(Vec<i64>),
+    Fp16(Vec<half::f16>),
     Fp32(Vec<f32>),
     Fp64(Vec<f64>),
+    Bytes(Vec<Vec<u8>>),
 }
 
-/// Applies `$body` to the vector inside any `TensorData`, bound as `$v`.
+/// Applies `$body` to the vector of numbers inside a `TensorData`, bound as `$v`, and
+/// `$bytes_body` to the byte strings of `BYTES`, bound as `$b`.
 #[macro_export]
 macro_rules! for_each_tensor_data {
-    ($data:expr, $v:ident => $body:expr) => {
+    ($data:expr, $v:ident => $body:expr, bytes $b:ident => $bytes_body:expr) => {
         match $data {
             $crate::tensor::TensorData::Bool($v) => $body,
             $crate::tensor::TensorData::Uint8($v) => $body,
@@ -352,8 +481,10 @@ macro_rules! for_each_tensor_data {
             $crate::tensor::TensorData::Int16($v) => $body,
             $crate::tensor::TensorData::Int32($v) => $body,
             $crate::tensor::TensorData::Int64($v) => $body,
+            $crate::tensor::TensorData::Fp16($v) => $body,
             $crate::tensor::TensorData::Fp32($v) => $body,
             $crate::tensor::TensorData::Fp64($v) => $body,
+            $crate::tensor::TensorData::Bytes($b) => $bytes_body,
         }
     };
 }
@@ -371,14 +502,16 @@ impl TensorData {
             Self::Int16(_) => DataType::Int16,
             Self::Int32(_) => DataType::Int32,
             Self::Int64(_) => DataType::Int64,
+            Self::Fp16(_) => DataType::Fp16,
             Self::Fp32(_) => DataType::Fp32,
             Self::Fp64(_) => DataType::Fp64,
+            Self::Bytes(_) => DataType::Bytes,
         }
     }
 
     /// The number of elements.
     pub fn len(&self) -> usize {
-        for_each_tensor_data!(self, v => v.len())
+        for_each_tensor_data!(self, v => v.len(), bytes b => b.len())
     }
 
     /// Whether there are no elements.
@@ -386,7 +519,8 @@ impl TensorData {
         self.len() == 0
     }
 
-    /// Every element widened to `f64` (booleans as 0 and 1), for statistics.
+    /// Every element widened to `f64` (booleans as 0 and 1, byte strings as NaN), for
+    /// statistics.
     pub fn to_f64(&self) -> Vec<f64> {
         match self {
             Self::Bool(v) => v.iter().map(|&b| f64::from(u8::from(b))).collect(),
@@ -398,8 +532,10 @@ impl TensorData {
             Self::Int16(v) => v.iter().map(|&x| f64::from(x)).collect(),
             Self::Int32(v) => v.iter().map(|&x| f64::from(x)).collect(),
             Self::Int64(v) => v.iter().map(|&x| x as f64).collect(),
+            Self::Fp16(v) => v.iter().map(|&x| f64::from(x)).collect(),
             Self::Fp32(v) => v.iter().map(|&x| f64::from(x)).collect(),
             Self::Fp64(v) => v.clone(),
+            Self::Bytes(v) => vec![f64::NAN; v.len()],
         }
     }
 }
@@ -509,7 +645,30 @@ mod tests {
             assert_eq!(DataType::from_name(t.name()), Some(t));
             assert_eq!(serde_json::to_string(&t).unwrap(), format!("\"{}\"", t.name()));
         }
-        assert_eq!(DataType::from_name("FP16"), None);
+        assert_eq!(DataType::from_name("BF16"), None);
+        assert_eq!(DataType::Bytes.size(), None);
+        assert_eq!(DataType::Fp16.size(), Some(2));
+    }
+
+    #[test]
+    fn input_shapes_parse_and_print() {
+        let shape: InputShape = "1..64,3, 48,32..".parse().unwrap();
+        assert_eq!(
+            shape.0,
+            vec![
+                Extent::Range { min: 1, max: Some(64) },
+                Extent::Exactly(3),
+                Extent::Exactly(48),
+                Extent::Range { min: 32, max: None },
+            ]
+        );
+        assert_eq!(shape.to_string(), "1..64,3,48,32..");
+        assert_eq!(shape.first(), vec![1, 3, 48, 32]);
+        assert!(shape.0[0].allows(64) && !shape.0[0].allows(65) && shape.0[3].allows(4096));
+        assert_eq!(serde_json::to_string(&shape).unwrap(), r#""1..64,3,48,32..""#);
+        for bad in ["", "3,x", "5..2", "1,,2", "-1"] {
+            assert!(bad.parse::<InputShape>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]

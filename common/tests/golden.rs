@@ -77,6 +77,7 @@ fn content() -> Content {
         }),
         features: None,
         lineage: None,
+        shapes: Default::default(),
     })
 }
 

@@ -132,6 +132,7 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
         reference,
         features: options.features.clone(),
         lineage: None,
+        shapes: Default::default(),
     });
     let signer_refs: Vec<_> = signers.iter().collect();
     let (manifest, bytes) = BundleBuilder::new(

@@ -45,6 +45,12 @@ fn layout(model: &OnnxModel) -> Result<Vec<InputColumns>, ReferenceError> {
         .inputs
         .iter()
         .map(|input| {
+            if !input.datatype.is_numeric() {
+                return Err(ReferenceError::Layout(format!(
+                    "input {:?} is {}; reference profiles cover numeric inputs only",
+                    input.name, input.datatype
+                )));
+            }
             let width = match input.shape.as_slice() {
                 [Dim::Symbol(_) | Dim::Any] => 1,
                 [Dim::Symbol(_) | Dim::Any, Dim::Fixed(f)] => *f as usize,
@@ -74,6 +80,10 @@ fn to_tensor(rows: usize, width: usize, values: &[f64], datatype: DataType) -> T
         DataType::Int16 => TensorData::Int16(values.iter().map(|&v| v as i16).collect()),
         DataType::Int32 => TensorData::Int32(values.iter().map(|&v| v as i32).collect()),
         DataType::Int64 => TensorData::Int64(values.iter().map(|&v| v as i64).collect()),
+        DataType::Fp16 => {
+            TensorData::Fp16(values.iter().map(|&v| half::f16::from_f64(v)).collect())
+        }
+        DataType::Bytes => unreachable!("layout refuses BYTES inputs"),
     };
     let shape = if width == 1 { vec![rows as u64] } else { vec![rows as u64, width as u64] };
     Tensor { shape, data }
@@ -112,7 +122,7 @@ fn read_columns(reader: impl Read, inputs: &[InputColumns]) -> Result<Columns, R
         .iter()
         .enumerate()
         .flat_map(|(i, input)| {
-            let float = matches!(input.datatype, DataType::Fp32 | DataType::Fp64);
+            let float = matches!(input.datatype, DataType::Fp16 | DataType::Fp32 | DataType::Fp64);
             std::iter::repeat_n((i, float), input.width)
         })
         .collect();

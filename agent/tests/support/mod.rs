@@ -113,6 +113,7 @@ pub fn signed_bundle(
             reference: None,
             features: None,
             lineage: None,
+            shapes: Default::default(),
         }),
     )
     .file("model.onnx", model.to_vec())

@@ -1,5 +1,6 @@
 //! The manifest: what a bundle is and what it holds. Its JSON is a signed boundary.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -8,7 +9,7 @@ use crate::features::SnapshotSpec;
 use crate::finetune::Lineage;
 use crate::keys::Sha256;
 use crate::profile::DataProfile;
-use crate::tensor::{DataType, Dim, Signature};
+use crate::tensor::{DataType, Dim, InputShape, Signature};
 use crate::time::Timestamp;
 
 /// The manifest schema this build writes and reads.
@@ -116,6 +117,10 @@ pub struct ModelSpec {
     /// bundle is made on the agent and signed by no one; it never travels.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lineage: Option<Box<Lineage>>,
+    /// Input shapes to plan the model for (`bundle build --input-shape`), for models whose
+    /// shapes the engine cannot settle symbolically; by input name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub shapes: BTreeMap<String, InputShape>,
 }
 
 /// Where a model's input comes from when a request names an entity: the features of one

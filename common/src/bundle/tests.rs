@@ -65,6 +65,7 @@ fn model_content() -> Content {
         reference: None,
         features: None,
         lineage: None,
+        shapes: Default::default(),
     })
 }
 

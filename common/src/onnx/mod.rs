@@ -5,10 +5,12 @@
 //!
 //! Parsing and planning a model is pure computation over bytes; nothing here reads files.
 
+mod convert;
 pub mod head;
 mod model;
 mod write;
 pub mod zoo;
 
-pub use model::{OnnxError, OnnxModel, RunError};
+pub use convert::tensor_from_proto;
+pub use model::{LoadOptions, OnnxError, OnnxModel, Planning, RunError};
 pub use write::{Attr, GraphBuilder, mlp_classifier};

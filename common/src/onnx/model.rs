@@ -1,18 +1,29 @@
-//! Loading an ONNX model into a tract plan, its signature, and running it.
+//! Loading an ONNX model into tract plans, its signature, and running it.
+//!
+//! A model is planned once for every input size when tract can settle its shapes
+//! symbolically. When it cannot (shape arithmetic on symbols that only works out for
+//! some sizes, branches whose shapes differ), the shapes given at load
+//! ([`LoadOptions::shapes`], from `bundle build --input-shape`) are tried with their
+//! fixed sizes pinned and their ranges symbolic, and failing that the model is planned
+//! per concrete input shape: the first plan at load, then one per new request shape, in
+//! a bounded least-recently-used cache.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
 
 use prost::Message;
 use thiserror::Error;
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::{
-    DatumType, Framework, InferenceFact, InferenceModelExt, IntoRunnable, IntoTensor, TDim, TValue,
-    TVec, Tensor as TractTensor, TypedRunnableModel, tract_ndarray, tvec,
+    Framework, InferenceFact, InferenceModel, InferenceModelExt, IntoRunnable, TDim, TValue, TVec,
+    TypedModel, TypedRunnableModel, tvec,
 };
 use tract_onnx::tract_hir::internal::Factoid;
 
-use crate::for_each_tensor_data;
-use crate::tensor::{DataType, Dim, Signature, Tensor, TensorData, TensorSpec};
+use super::convert::{datatype, datum_type, declared_output_type, from_tract, to_tract};
+use crate::tensor::{Dim, Extent, InputShape, Signature, Tensor, TensorSpec};
 
 /// Why a model could not be loaded.
 #[derive(Debug, Error)]
@@ -54,64 +65,111 @@ pub enum RunError {
         /// Inputs given.
         got: usize,
     },
+    /// An input element the model cannot take (a byte string that is not UTF-8).
+    #[error("input {index}: element {element} {problem}")]
+    Element {
+        /// The input's index in the signature.
+        index: usize,
+        /// The element's index.
+        element: usize,
+        /// What is wrong with it.
+        problem: &'static str,
+    },
+    /// An input's size on an axis is outside the range the model was planned for.
+    #[error("input {input:?} has size {got} on axis {axis}; the model is planned for {allowed}")]
+    Shape {
+        /// The input's name.
+        input: String,
+        /// The axis.
+        axis: usize,
+        /// The size given.
+        got: u64,
+        /// What the model allows there (`1..64`, say).
+        allowed: String,
+    },
+    /// tract could not plan the model for these input shapes.
+    #[error("the model cannot be planned for input shapes {shapes:?}: {reason}")]
+    Plan {
+        /// The request's input shapes.
+        shapes: Vec<Vec<u64>>,
+        /// tract's reason.
+        reason: String,
+    },
     /// tract failed while running (for example, sizes that the graph cannot combine).
     #[error("{0}")]
     Execution(String),
 }
 
-/// A model loaded, optimised and planned once; run it any number of times, from any
-/// number of threads.
+/// How to load a model.
 #[derive(Debug, Clone)]
-pub struct OnnxModel {
-    plan: Arc<TypedRunnableModel>,
-    signature: Signature,
+pub struct LoadOptions {
+    /// Shapes to plan inputs for, by input name (`bundle build --input-shape`).
+    pub shapes: BTreeMap<String, InputShape>,
+    /// Most plans kept for a model planned per input shape.
+    pub plan_cache: NonZeroUsize,
 }
 
-fn datum_type(dt: DataType) -> DatumType {
-    match dt {
-        DataType::Bool => DatumType::Bool,
-        DataType::Uint8 => DatumType::U8,
-        DataType::Uint16 => DatumType::U16,
-        DataType::Uint32 => DatumType::U32,
-        DataType::Uint64 => DatumType::U64,
-        DataType::Int8 => DatumType::I8,
-        DataType::Int16 => DatumType::I16,
-        DataType::Int32 => DatumType::I32,
-        DataType::Int64 => DatumType::I64,
-        DataType::Fp32 => DatumType::F32,
-        DataType::Fp64 => DatumType::F64,
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { shapes: BTreeMap::new(), plan_cache: NonZeroUsize::new(8).expect("8 is not zero") }
     }
 }
 
-/// The element type the ONNX graph declares for output `name`, if it declares one.
-fn declared_output_type(proto: &ModelProto, name: &str) -> Option<DatumType> {
-    use tract_onnx::pb::type_proto::Value;
-    let output = proto.graph.as_ref()?.output.iter().find(|o| o.name == name)?;
-    let Some(Value::TensorType(t)) = output.r#type.as_ref()?.value.as_ref() else { return None };
-    let dt = tract_onnx::pb::tensor_proto::DataType::try_from(t.elem_type).ok()?;
-    DatumType::try_from(dt).ok()
+/// How a loaded model is planned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Planning {
+    /// One plan for every input size.
+    Symbolic,
+    /// A plan per concrete input shape.
+    PerShape,
 }
 
-fn datatype(dt: DatumType, tensor: &str) -> Result<DataType, OnnxError> {
-    Ok(match dt {
-        DatumType::Bool => DataType::Bool,
-        DatumType::U8 => DataType::Uint8,
-        DatumType::U16 => DataType::Uint16,
-        DatumType::U32 => DataType::Uint32,
-        DatumType::U64 => DataType::Uint64,
-        DatumType::I8 => DataType::Int8,
-        DatumType::I16 => DataType::Int16,
-        DatumType::I32 => DataType::Int32,
-        DatumType::I64 => DataType::Int64,
-        DatumType::F32 => DataType::Fp32,
-        DatumType::F64 => DataType::Fp64,
-        other => {
-            return Err(OnnxError::Unsupported {
-                tensor: tensor.to_owned(),
-                problem: format!("element type {other:?} is not supported"),
-            });
-        }
-    })
+impl fmt::Display for Planning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Symbolic => "one plan for all sizes",
+            Self::PerShape => "a plan per input shape",
+        })
+    }
+}
+
+/// A model loaded, optimised and planned; run it any number of times, from any number
+/// of threads.
+#[derive(Clone)]
+pub struct OnnxModel {
+    plans: Plans,
+    signature: Signature,
+    /// Per input, in signature order: the sizes it was planned for, if given.
+    shapes: Vec<Option<InputShape>>,
+}
+
+#[derive(Clone)]
+enum Plans {
+    One(Arc<TypedRunnableModel>),
+    PerShape(Arc<ShapePlans>),
+}
+
+impl fmt::Debug for OnnxModel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OnnxModel")
+            .field("signature", &self.signature)
+            .field("planning", &self.planning())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Plans made per concrete input shape, the least recently used dropped first.
+struct ShapePlans {
+    /// The model as declared; each plan sets its inputs' concrete shapes.
+    base: InferenceModel,
+    cache: Mutex<lru::LruCache<Vec<Vec<usize>>, Arc<TypedRunnableModel>>>,
+}
+
+/// Prefix of the symbols given to input dimensions the model leaves unnamed.
+const UNNAMED_PREFIX: &str = "falaj_unnamed_";
+
+pub(super) fn load_error(err: &impl fmt::Display) -> OnnxError {
+    OnnxError::Load(format!("{err:#}"))
 }
 
 fn dim(d: &TDim) -> Dim {
@@ -125,83 +183,175 @@ fn dim(d: &TDim) -> Dim {
     }
 }
 
-/// Prefix of the symbols given to input dimensions the model leaves unnamed.
-const UNNAMED_PREFIX: &str = "falaj_unnamed_";
+/// An input as the graph declares it: a fixed size, a named symbol or nothing per axis.
+struct Declared {
+    name: String,
+    dt: tract_onnx::prelude::DatumType,
+    dims: Vec<Option<TDim>>,
+}
 
-fn load_error(err: &impl std::fmt::Display) -> OnnxError {
-    OnnxError::Load(format!("{err:#}"))
+/// How one attempt sets the input facts.
+#[derive(Clone, Copy)]
+enum Facts<'a> {
+    /// Unnamed axes get symbols of their own, or (`shared_batch`) the first axes of all
+    /// inputs share one.
+    Symbolic { shared_batch: bool },
+    /// The given shapes' fixed sizes, symbols for their ranges.
+    Pinned(&'a BTreeMap<String, InputShape>),
+    /// Every axis concrete.
+    Concrete(&'a [Vec<usize>]),
+}
+
+impl Declared {
+    fn facts(&self, model: &InferenceModel, i: usize, how: Facts<'_>) -> Vec<TDim> {
+        let free = |axis: usize, shared: bool| {
+            let name = if shared && axis == 0 {
+                format!("{UNNAMED_PREFIX}batch")
+            } else {
+                format!("{UNNAMED_PREFIX}{i}_{axis}")
+            };
+            TDim::Sym(model.symbols.sym(&name))
+        };
+        self.dims
+            .iter()
+            .enumerate()
+            .map(|(axis, d)| match how {
+                Facts::Concrete(shapes) => TDim::Val(shapes[i][axis] as i64),
+                Facts::Pinned(shapes) => match shapes.get(&self.name).map(|s| s.0[axis]) {
+                    Some(Extent::Exactly(n)) => TDim::Val(n as i64),
+                    _ => d.clone().unwrap_or_else(|| free(axis, false)),
+                },
+                Facts::Symbolic { shared_batch } => {
+                    d.clone().unwrap_or_else(|| free(axis, shared_batch))
+                }
+            })
+            .collect()
+    }
+}
+
+fn with_facts(
+    base: &InferenceModel,
+    declared: &[Declared],
+    how: Facts<'_>,
+) -> Result<InferenceModel, OnnxError> {
+    let mut model = base.clone();
+    for (i, input) in declared.iter().enumerate() {
+        let dims = input.facts(&model, i, how);
+        model
+            .set_input_fact(i, InferenceFact::dt_shape(input.dt, dims))
+            .map_err(|e| load_error(&e))?;
+    }
+    Ok(model)
+}
+
+fn optimise(model: InferenceModel) -> Result<TypedModel, OnnxError> {
+    model.into_typed().and_then(TypedModel::into_optimized).map_err(|e| load_error(&e))
 }
 
 impl OnnxModel {
-    /// Loads a model from ONNX protobuf bytes: decodes, types, optimises and plans it.
-    /// Dimensions the model leaves unnamed get a symbol of their own, so one plan serves
-    /// every size.
+    /// Loads a model from ONNX protobuf bytes with default options: decodes, types,
+    /// optimises and plans it. Dimensions the model leaves unnamed get a symbol of their
+    /// own, so one plan serves every size.
     pub fn load(bytes: &[u8]) -> Result<Self, OnnxError> {
+        Self::load_with(bytes, &LoadOptions::default())
+    }
+
+    /// Loads a model, planned for `options.shapes` when its shapes cannot be settled
+    /// symbolically.
+    pub fn load_with(bytes: &[u8], options: &LoadOptions) -> Result<Self, OnnxError> {
         let proto = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
         if proto.graph.is_none() {
             return Err(OnnxError::Decode("the model has no graph".into()));
         }
-        let onnx = tract_onnx::onnx();
-        let mut model = onnx.model_for_proto_model(&proto).map_err(|e| load_error(&e))?;
+        let mut onnx = tract_onnx::onnx();
+        falaj_operators::register(&mut onnx.op_register);
+        let base = onnx.model_for_proto_model(&proto).map_err(|e| load_error(&e))?;
+        let declared = declared_inputs(&base)?;
+        // Given shapes are planned without the graph's intermediate shape annotations,
+        // whose symbols (exporters' `batch`, `height`) would not bind to the sizes given.
+        let mut concrete_base = || {
+            onnx.ignore_value_info = true;
+            onnx.model_for_proto_model(&proto).map_err(|e| load_error(&e))
+        };
+        let shapes = check_shapes(&declared, &options.shapes)?;
 
-        let input_count = model.input_outlets().map_err(|e| load_error(&e))?.len();
-        let mut inputs = Vec::with_capacity(input_count);
-        for i in 0..input_count {
-            let outlet = model.input_outlets().map_err(|e| load_error(&e))?[i];
-            let name = model.node(outlet.node).name.clone();
-            let fact = model.input_fact(i).map_err(|e| load_error(&e))?.clone();
-            let dt = fact.datum_type.concretize().ok_or_else(|| OnnxError::Unsupported {
-                tensor: name.clone(),
-                problem: "the model does not declare its element type".into(),
-            })?;
-            if fact.shape.is_open() {
-                return Err(OnnxError::Unsupported {
-                    tensor: name,
-                    problem: "the model does not declare its rank".into(),
-                });
-            }
-            let mut dims = Vec::new();
-            let mut spec = Vec::new();
-            for (axis, d) in fact.shape.dims().enumerate() {
-                let tdim = d.concretize().unwrap_or_else(|| {
-                    TDim::Sym(model.symbols.sym(&format!("{UNNAMED_PREFIX}{i}_{axis}")))
-                });
-                spec.push(dim(&tdim));
-                dims.push(tdim);
-            }
-            model
-                .set_input_fact(i, InferenceFact::dt_shape(dt, dims))
-                .map_err(|e| load_error(&e))?;
-            inputs.push(TensorSpec { datatype: datatype(dt, &name)?, name, shape: spec });
+        let mut attempts = vec![Facts::Symbolic { shared_batch: false }];
+        if declared.iter().filter(|d| d.dims.first().is_some_and(Option::is_none)).count() > 1 {
+            attempts.push(Facts::Symbolic { shared_batch: true });
         }
-
-        // Output facts are read after optimisation: before it, tract may still type an
-        // output as a symbolic dimension (`TDim`) that a later cast makes concrete.
-        let optimized = model
-            .into_typed()
-            .and_then(tract_onnx::prelude::TypedModel::into_optimized)
-            .map_err(|e| load_error(&e))?;
-        let mut outputs = Vec::new();
-        for (i, outlet) in
-            optimized.output_outlets().map_err(|e| load_error(&e))?.iter().enumerate()
-        {
-            let name = optimized
-                .outlet_label(*outlet)
-                .map_or_else(|| optimized.node(outlet.node).name.clone(), str::to_owned);
-            let fact = optimized.output_fact(i).map_err(|e| load_error(&e))?;
-            let shape = fact.shape.iter().map(dim).collect();
-            // tract may carry an integer output as a symbolic dimension (`TDim`); the
-            // graph's declaration is what clients expect, and `run` casts to it.
-            let dt = declared_output_type(&proto, &name).unwrap_or(fact.datum_type);
-            outputs.push(TensorSpec { datatype: datatype(dt, &name)?, name, shape });
+        if !options.shapes.is_empty() {
+            attempts.push(Facts::Pinned(&options.shapes));
         }
+        let mut first_error = None;
+        let mut plain = None;
+        for how in attempts {
+            let model = match how {
+                Facts::Symbolic { .. } => &base,
+                _ => plain.get_or_insert(concrete_base()?),
+            };
+            match with_facts(model, &declared, how).and_then(optimise) {
+                Ok(optimized) => {
+                    let outputs = typed_outputs(&proto, &optimized)?;
+                    let plan = optimized.into_runnable().map_err(|e| load_error(&e))?;
+                    let signature =
+                        Signature { inputs: input_specs(&declared, &options.shapes)?, outputs };
+                    return Ok(Self { plans: Plans::One(plan), signature, shapes });
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        let first_error = first_error.expect("at least one attempt was made");
+        if options.shapes.is_empty() {
+            return Err(hint(first_error, &base, &declared));
+        }
+        // Per shape: the first plan, for every axis's least size, made now.
+        let first: Vec<Vec<usize>> = declared
+            .iter()
+            .map(|d| match options.shapes.get(&d.name) {
+                Some(s) => s.first().into_iter().map(|n| n as usize).collect(),
+                None => d
+                    .dims
+                    .iter()
+                    .map(|x| x.as_ref().and_then(|x| x.to_i64().ok()).unwrap_or(1) as usize)
+                    .collect(),
+            })
+            .collect();
+        let base = match plain {
+            Some(plain) => plain,
+            None => concrete_base()?,
+        };
+        let optimized = with_facts(&base, &declared, Facts::Concrete(&first)).and_then(optimise)?;
+        let typed = typed_outputs(&proto, &optimized)?;
+        let outputs = declared_outputs(&proto, typed);
         let plan = optimized.into_runnable().map_err(|e| load_error(&e))?;
-        Ok(Self { plan, signature: Signature { inputs, outputs } })
+        let mut cache = lru::LruCache::new(options.plan_cache);
+        cache.put(first, plan);
+        let plans = Plans::PerShape(Arc::new(ShapePlans { base, cache: Mutex::new(cache) }));
+        let signature = Signature { inputs: input_specs(&declared, &options.shapes)?, outputs };
+        Ok(Self { plans, signature, shapes })
     }
 
     /// The model's inputs and outputs.
     pub fn signature(&self) -> &Signature {
         &self.signature
+    }
+
+    /// How the model is planned.
+    pub fn planning(&self) -> Planning {
+        match self.plans {
+            Plans::One(_) => Planning::Symbolic,
+            Plans::PerShape(_) => Planning::PerShape,
+        }
+    }
+
+    /// Plans held (1 for a model planned once).
+    pub fn plans(&self) -> usize {
+        match &self.plans {
+            Plans::One(_) => 1,
+            Plans::PerShape(p) => p.cache.lock().map_or(0, |c| c.len()),
+        }
     }
 
     /// Runs the model on `inputs`, given in signature order; returns every output in
@@ -214,11 +364,24 @@ impl OnnxModel {
                 got: inputs.len(),
             });
         }
+        for ((input, spec), shape) in inputs.iter().zip(&self.signature.inputs).zip(&self.shapes) {
+            let Some(shape) = shape else { continue };
+            for (axis, (&got, extent)) in input.shape.iter().zip(&shape.0).enumerate() {
+                if !extent.allows(got) {
+                    let allowed = extent.to_string();
+                    return Err(RunError::Shape { input: spec.name.clone(), axis, got, allowed });
+                }
+            }
+        }
+        let plan = match &self.plans {
+            Plans::One(plan) => Arc::clone(plan),
+            Plans::PerShape(plans) => plans.plan(&inputs)?,
+        };
         let mut values: TVec<TValue> = tvec![];
         for (index, input) in inputs.into_iter().enumerate() {
             values.push(to_tract(index, input)?.into());
         }
-        let outputs = self.plan.run(values).map_err(|e| RunError::Execution(format!("{e:#}")))?;
+        let outputs = plan.run(values).map_err(|e| RunError::Execution(format!("{e:#}")))?;
         outputs
             .iter()
             .zip(&self.signature.outputs)
@@ -232,37 +395,194 @@ impl OnnxModel {
     }
 }
 
-fn to_tract(index: usize, tensor: Tensor) -> Result<TractTensor, RunError> {
-    let elements = tensor.data.len();
-    let size_error = || RunError::InputSize { index, elements, shape: tensor.shape.clone() };
-    let shape: Vec<usize> = tensor
-        .shape
-        .iter()
-        .map(|&d| usize::try_from(d).map_err(|_| size_error()))
-        .collect::<Result<_, _>>()?;
-    let shape = tract_ndarray::IxDyn(&shape);
-    for_each_tensor_data!(tensor.data, v => {
-        tract_ndarray::ArrayD::from_shape_vec(shape, v).map(IntoTensor::into_tensor)
-    })
-    .map_err(|_| RunError::InputSize { index, elements, shape: tensor.shape })
+impl ShapePlans {
+    /// The plan for these inputs' shapes, made now if it is not held.
+    fn plan(&self, inputs: &[Tensor]) -> Result<Arc<TypedRunnableModel>, RunError> {
+        let key: Vec<Vec<usize>> =
+            inputs.iter().map(|t| t.shape.iter().map(|&d| d as usize).collect()).collect();
+        if let Some(plan) = self.cache.lock().map_err(|_| poisoned())?.get(&key) {
+            return Ok(Arc::clone(plan));
+        }
+        // Planned outside the lock: other shapes keep being served meanwhile.
+        let plan_error = |e: &dyn fmt::Display| RunError::Plan {
+            shapes: inputs.iter().map(|t| t.shape.clone()).collect(),
+            reason: format!("{e:#}"),
+        };
+        let mut model = self.base.clone();
+        for (i, shape) in key.iter().enumerate() {
+            let dt = model.input_fact(i).map_err(|e| plan_error(&e))?.datum_type.concretize();
+            let dims: Vec<TDim> = shape.iter().map(|&d| TDim::Val(d as i64)).collect();
+            let fact = match dt {
+                Some(dt) => InferenceFact::dt_shape(dt, dims),
+                None => return Err(plan_error(&"an input without an element type")),
+            };
+            model.set_input_fact(i, fact).map_err(|e| plan_error(&e))?;
+        }
+        let plan = model
+            .into_typed()
+            .and_then(TypedModel::into_optimized)
+            .and_then(TypedModel::into_runnable)
+            .map_err(|e| plan_error(&e))?;
+        self.cache.lock().map_err(|_| poisoned())?.put(key, Arc::clone(&plan));
+        Ok(plan)
+    }
 }
 
-fn from_tract(value: &TractTensor) -> Result<Tensor, RunError> {
-    let view = value.try_as_plain_ram().map_err(|e| RunError::Execution(format!("{e:#}")))?;
-    let slice_error = |e: tract_onnx::prelude::TractError| RunError::Execution(format!("{e:#}"));
-    let data = match value.datum_type() {
-        DatumType::Bool => TensorData::Bool(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::U8 => TensorData::Uint8(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::U16 => TensorData::Uint16(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::U32 => TensorData::Uint32(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::U64 => TensorData::Uint64(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::I8 => TensorData::Int8(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::I16 => TensorData::Int16(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::I32 => TensorData::Int32(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::I64 => TensorData::Int64(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::F32 => TensorData::Fp32(view.as_slice().map_err(slice_error)?.to_vec()),
-        DatumType::F64 => TensorData::Fp64(view.as_slice().map_err(slice_error)?.to_vec()),
-        other => return Err(RunError::Execution(format!("the model produced a {other:?} tensor"))),
+fn poisoned() -> RunError {
+    RunError::Execution("the plan cache's lock was poisoned by a panic".into())
+}
+
+fn declared_inputs(model: &InferenceModel) -> Result<Vec<Declared>, OnnxError> {
+    let outlets = model.input_outlets().map_err(|e| load_error(&e))?.to_vec();
+    let mut out = Vec::with_capacity(outlets.len());
+    for (i, outlet) in outlets.into_iter().enumerate() {
+        let name = model.node(outlet.node).name.clone();
+        let fact = model.input_fact(i).map_err(|e| load_error(&e))?;
+        let dt = fact.datum_type.concretize().ok_or_else(|| OnnxError::Unsupported {
+            tensor: name.clone(),
+            problem: "the model does not declare its element type".into(),
+        })?;
+        if fact.shape.is_open() {
+            return Err(OnnxError::Unsupported {
+                tensor: name,
+                problem: "the model does not declare its rank".into(),
+            });
+        }
+        let dims = fact.shape.dims().map(|d| d.concretize()).collect();
+        out.push(Declared { name, dt, dims });
+    }
+    Ok(out)
+}
+
+/// The given shapes per input in declared order, each checked against the declaration.
+fn check_shapes(
+    declared: &[Declared],
+    shapes: &BTreeMap<String, InputShape>,
+) -> Result<Vec<Option<InputShape>>, OnnxError> {
+    if let Some(unknown) = shapes.keys().find(|k| !declared.iter().any(|d| &d.name == *k)) {
+        return Err(OnnxError::Unsupported {
+            tensor: unknown.clone(),
+            problem: "the model has no such input".into(),
+        });
+    }
+    declared
+        .iter()
+        .map(|d| {
+            let Some(shape) = shapes.get(&d.name) else { return Ok(None) };
+            let bad = |problem: String| OnnxError::Unsupported { tensor: d.name.clone(), problem };
+            if shape.0.len() != d.dims.len() {
+                return Err(bad(format!(
+                    "shape {shape} has rank {}, the model declares {}",
+                    shape.0.len(),
+                    d.dims.len()
+                )));
+            }
+            for (axis, (extent, declared)) in shape.0.iter().zip(&d.dims).enumerate() {
+                if let Some(TDim::Val(n)) = declared {
+                    if !extent.allows(*n as u64) || *extent != Extent::Exactly(*n as u64) {
+                        return Err(bad(format!(
+                            "shape {shape} gives {extent} on axis {axis}, the model declares {n}"
+                        )));
+                    }
+                }
+            }
+            Ok(Some(shape.clone()))
+        })
+        .collect()
+}
+
+fn input_specs(
+    declared: &[Declared],
+    shapes: &BTreeMap<String, InputShape>,
+) -> Result<Vec<TensorSpec>, OnnxError> {
+    declared
+        .iter()
+        .map(|d| {
+            let pinned = shapes.get(&d.name);
+            let shape = d
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(axis, x)| match (pinned.map(|s| s.0[axis]), x) {
+                    (Some(Extent::Exactly(n)), _) => Dim::Fixed(n),
+                    (_, Some(x)) => dim(x),
+                    (_, None) => Dim::Any,
+                })
+                .collect();
+            Ok(TensorSpec { datatype: datatype(d.dt, &d.name)?, name: d.name.clone(), shape })
+        })
+        .collect()
+}
+
+/// Outputs as the optimised model types them. Their facts are read after optimisation:
+/// before it, tract may still type an output as a symbolic dimension (`TDim`) that a
+/// later cast makes concrete.
+fn typed_outputs(proto: &ModelProto, optimized: &TypedModel) -> Result<Vec<TensorSpec>, OnnxError> {
+    let mut outputs = Vec::new();
+    for (i, outlet) in optimized.output_outlets().map_err(|e| load_error(&e))?.iter().enumerate() {
+        let name = optimized
+            .outlet_label(*outlet)
+            .map_or_else(|| optimized.node(outlet.node).name.clone(), str::to_owned);
+        let fact = optimized.output_fact(i).map_err(|e| load_error(&e))?;
+        let shape = fact.shape.iter().map(dim).collect();
+        // tract may carry an integer output as a symbolic dimension (`TDim`); the graph's
+        // declaration is what clients expect, and `run` casts to it.
+        let dt = declared_output_type(proto, &name).unwrap_or(fact.datum_type);
+        outputs.push(TensorSpec { datatype: datatype(dt, &name)?, name, shape });
+    }
+    Ok(outputs)
+}
+
+/// For a model planned per shape, outputs' shapes as the graph declares them (a plan's
+/// concrete sizes hold for its shape only).
+fn declared_outputs(proto: &ModelProto, typed: Vec<TensorSpec>) -> Vec<TensorSpec> {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+    use tract_onnx::pb::type_proto::Value;
+    let declared = |name: &str| -> Option<Vec<Dim>> {
+        let output = proto.graph.as_ref()?.output.iter().find(|o| o.name == name)?;
+        let Some(Value::TensorType(t)) = output.r#type.as_ref()?.value.as_ref() else {
+            return None;
+        };
+        let dims = t.shape.as_ref()?.dim.iter().map(|d| match &d.value {
+            Some(D::DimValue(v)) if *v >= 0 => Dim::Fixed(*v as u64),
+            Some(D::DimParam(p))
+                if !p.is_empty() && p.chars().all(|c| c.is_alphanumeric() || c == '_') =>
+            {
+                Dim::Symbol(p.clone())
+            }
+            _ => Dim::Any,
+        });
+        Some(dims.collect())
     };
-    Ok(Tensor { shape: value.shape().iter().map(|&d| d as u64).collect(), data })
+    typed
+        .into_iter()
+        .map(|mut spec| {
+            spec.shape = declared(&spec.name)
+                .filter(|d| d.len() == spec.shape.len())
+                .unwrap_or_else(|| vec![Dim::Any; spec.shape.len()]);
+            spec
+        })
+        .collect()
+}
+
+/// The load error, with the way out when the model loads once its shapes are concrete.
+fn hint(error: OnnxError, base: &InferenceModel, declared: &[Declared]) -> OnnxError {
+    let guess: Vec<Vec<usize>> = declared
+        .iter()
+        .map(|d| {
+            d.dims
+                .iter()
+                .map(|x| x.as_ref().and_then(|x| x.to_i64().ok()).unwrap_or(1) as usize)
+                .collect()
+        })
+        .collect();
+    let concrete = with_facts(base, declared, Facts::Concrete(&guess)).and_then(optimise);
+    match (error, concrete) {
+        (OnnxError::Load(reason), Ok(_)) => OnnxError::Load(format!(
+            "{reason} (the shapes cannot be settled symbolically, but the model loads for concrete \
+             shapes: give the shapes to plan for with --input-shape NAME=d0,d1,... for each input, \
+             ranges as min..max)"
+        )),
+        (error, _) => error,
+    }
 }

@@ -63,8 +63,10 @@ fn elem_type(dt: DataType) -> i32 {
         DataType::Int16 => T::Int16,
         DataType::Int32 => T::Int32,
         DataType::Int64 => T::Int64,
+        DataType::Fp16 => T::Float16,
         DataType::Fp32 => T::Float,
         DataType::Fp64 => T::Double,
+        DataType::Bytes => T::String,
     }) as i32
 }
 

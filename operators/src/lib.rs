@@ -1,0 +1,67 @@
+//! The operators Falaj's CPU engine adds to tract: the ONNX-ML set (`ai.onnx.ml`), which
+//! scikit-learn, XGBoost and LightGBM models exported by skl2onnx and onnxmltools are made
+//! of, implemented natively and registered into tract-onnx's operator registry
+//! ([`register`]), so that graphs mixing them with standard operators still load, type
+//! and run as one tract plan.
+//!
+//! Tree ensembles are compiled at load into flat arrays walked several trees (or rows) at
+//! a time ([`tree::forest`]). Every operator computes what ONNX Runtime computes,
+//! including its choices where the ONNX specification is silent (binary classifiers'
+//! score layouts, labels), so that models give the same answers on both.
+
+pub mod attrs;
+pub mod control;
+pub mod encode;
+pub mod expand;
+pub mod linear;
+pub mod post;
+pub mod prep;
+pub mod tree;
+
+use tract_onnx::model::OnnxOpRegister;
+
+/// The operators this crate provides (ONNX type names; domain `ai.onnx.ml`, and `If`
+/// from the default domain, which tract has but analyses both branches of).
+pub const OPERATORS: &[&str] = &[
+    "ArrayFeatureExtractor",
+    "Binarizer",
+    "CategoryMapper",
+    "FeatureVectorizer",
+    "If",
+    "Imputer",
+    "LabelEncoder",
+    "LinearClassifier",
+    "LinearRegressor",
+    "Normalizer",
+    "OneHotEncoder",
+    "SVMClassifier",
+    "SVMRegressor",
+    "Scaler",
+    "TreeEnsemble",
+    "TreeEnsembleClassifier",
+    "TreeEnsembleRegressor",
+    "ZipMap",
+];
+
+/// Registers every operator of [`OPERATORS`] into `registry`, replacing tract's own
+/// where it has one.
+pub fn register(registry: &mut OnnxOpRegister) {
+    registry.insert("ArrayFeatureExtractor", prep::array_feature_extractor);
+    registry.insert("Binarizer", prep::binarizer);
+    registry.insert("CategoryMapper", encode::category_mapper);
+    registry.insert("FeatureVectorizer", prep::feature_vectorizer);
+    registry.insert("If", control::parse);
+    registry.insert("Imputer", prep::imputer);
+    registry.insert("LabelEncoder", encode::label_encoder);
+    registry.insert("LinearClassifier", linear::linear_classifier);
+    registry.insert("LinearRegressor", linear::linear_regressor);
+    registry.insert("Normalizer", prep::normalizer);
+    registry.insert("OneHotEncoder", encode::one_hot_encoder);
+    registry.insert("SVMClassifier", linear::svm_classifier);
+    registry.insert("SVMRegressor", linear::svm_regressor);
+    registry.insert("Scaler", prep::scaler);
+    registry.insert("TreeEnsemble", tree::ensemble);
+    registry.insert("TreeEnsembleClassifier", tree::classifier);
+    registry.insert("TreeEnsembleRegressor", tree::regressor);
+    registry.insert("ZipMap", encode::zip_map);
+}

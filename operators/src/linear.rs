@@ -1,0 +1,637 @@
+//! Linear models and support-vector machines: LinearClassifier, LinearRegressor,
+//! SVMClassifier and SVMRegressor, with ONNX Runtime's label and score layouts.
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::attrs::Labels;
+use crate::expand::{Built, Kernel, Out, Shape, as_f32_rows, expand, row_fact, rows_of};
+use crate::post::{Post, Second, binary_pair};
+
+fn post(node: &NodeProto) -> TractResult<Post> {
+    let name = node.get_attr_opt::<&str>("post_transform")?.unwrap_or("NONE");
+    Post::parse(name).map_or_else(|| node.bail(&format!("unknown post_transform {name:?}")), Ok)
+}
+
+/// `x · wᵀ + b` for `rows` rows of `k` columns against `n` weight rows.
+fn affine(x: &[f32], rows: usize, k: usize, w: &[f32], n: usize, b: Option<&[f32]>) -> Vec<f32> {
+    let mut out = vec![0.0; rows * n];
+    for (row, o) in x.chunks(k).zip(out.chunks_mut(n)) {
+        for (j, (o, w)) in o.iter_mut().zip(w.chunks(k)).enumerate() {
+            let dot: f32 = row.iter().zip(w).map(|(a, b)| a * b).sum();
+            *o = dot + b.map_or(0.0, |b| b[j]);
+        }
+    }
+    out
+}
+
+fn check_features(columns: usize, features: usize) -> TractResult<()> {
+    if columns != features {
+        bail!("the input has {columns} features, the model takes {features}");
+    }
+    Ok(())
+}
+
+/// LinearClassifier.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearClassifier {
+    coefficients: Vec<f32>,
+    intercepts: Vec<f32>,
+    targets: usize,
+    labels: Labels,
+    post: Post,
+}
+
+impl LinearClassifier {
+    /// Scores are `[1 - s, s]` for one score and two labels.
+    fn second_class(&self) -> bool {
+        self.targets == 1 && self.labels.len() == 2
+    }
+
+    fn width(&self) -> usize {
+        if self.second_class() { 2 } else { self.targets }
+    }
+}
+
+impl Kernel for LinearClassifier {
+    fn name(&self) -> &'static str {
+        "LinearClassifier"
+    }
+
+    fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
+        let (x, rows, columns) = as_f32_rows(&inputs[0])?;
+        let features = self.coefficients.len() / self.targets;
+        check_features(columns, features)?;
+        let b = (self.intercepts.len() == self.targets).then_some(self.intercepts.as_slice());
+        let mut scores = affine(&x, rows, features, &self.coefficients, self.targets, b);
+        let picks: Vec<Result<usize, i64>> = scores
+            .chunks(self.targets)
+            .map(|row| {
+                if self.targets == 1 {
+                    let positive = row[0] > 0.0;
+                    if self.labels.len() == 2 {
+                        Ok(usize::from(positive))
+                    } else {
+                        Err(i64::from(positive))
+                    }
+                } else {
+                    Ok(first_max(row))
+                }
+            })
+            .collect();
+        if self.second_class() {
+            scores = scores
+                .iter()
+                .flat_map(|&s| binary_pair(s, self.post, Second::Complement))
+                .collect();
+        } else if self.targets == 1 {
+            if self.post == Post::Probit {
+                scores.iter_mut().for_each(|s| *s = crate::post::probit(*s));
+            }
+        } else {
+            scores.chunks_mut(self.targets).for_each(|row| self.post.apply(row));
+        }
+        Ok(tvec![
+            self.labels.tensor(picks.into_iter())?,
+            Tensor::from_shape(&[rows, self.width()], &scores)?
+        ])
+    }
+
+    fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec![
+            self.labels.datum_type().fact(tvec![rows_of(inputs[0])]),
+            row_fact(f32::datum_type(), inputs[0], self.width()),
+        ])
+    }
+}
+
+/// The first index of the greatest value.
+fn first_max(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (j, &v) in row.iter().enumerate().skip(1) {
+        if v > row[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// LinearClassifier.
+pub fn linear_classifier(_: &ParsingContext, node: &NodeProto) -> Built {
+    let labels = Labels::read(node, "classlabels_ints", "classlabels_strings")?;
+    let coefficients = node.get_attr_vec::<f32>("coefficients")?;
+    let intercepts = node.get_attr_opt_vec::<f32>("intercepts")?.unwrap_or_default();
+    let targets = if intercepts.is_empty() {
+        if labels.len() == 2 && coefficients.len() % 2 == 1 { 1 } else { labels.len().max(1) }
+    } else {
+        intercepts.len()
+    };
+    node.expect_attr(
+        "coefficients",
+        !coefficients.is_empty() && coefficients.len() % targets == 0,
+        || format!("a multiple of {targets} values, got {}", coefficients.len()),
+    )?;
+    if targets > 1 {
+        node.expect_attr("classlabels", labels.len() == targets, || {
+            format!("{targets} labels, one per score")
+        })?;
+    }
+    let kernel = LinearClassifier { coefficients, intercepts, targets, post: post(node)?, labels };
+    let outputs = vec![
+        Out::new(kernel.labels.datum_type(), Shape::RowsOnly),
+        Out::new(f32::datum_type(), Shape::Rows(kernel.width())),
+    ];
+    expand(kernel, outputs)
+}
+
+/// LinearRegressor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LinearRegressor {
+    coefficients: Vec<f32>,
+    intercepts: Vec<f32>,
+    targets: usize,
+    post: Post,
+}
+
+impl Kernel for LinearRegressor {
+    fn name(&self) -> &'static str {
+        "LinearRegressor"
+    }
+
+    fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
+        let (x, rows, columns) = as_f32_rows(&inputs[0])?;
+        let features = self.coefficients.len() / self.targets;
+        check_features(columns, features)?;
+        let b = (self.intercepts.len() == self.targets).then_some(self.intercepts.as_slice());
+        let mut y = affine(&x, rows, features, &self.coefficients, self.targets, b);
+        if self.targets > 1 {
+            y.chunks_mut(self.targets).for_each(|row| self.post.apply(row));
+        } else if self.post == Post::Probit {
+            y.iter_mut().for_each(|v| *v = crate::post::probit(*v));
+        }
+        Ok(tvec![Tensor::from_shape(&[rows, self.targets], &y)?])
+    }
+
+    fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec![row_fact(f32::datum_type(), inputs[0], self.targets)])
+    }
+}
+
+/// LinearRegressor.
+pub fn linear_regressor(_: &ParsingContext, node: &NodeProto) -> Built {
+    let targets: usize = node.get_attr_opt("targets")?.unwrap_or(1);
+    node.expect_attr("targets", targets > 0, "at least one target")?;
+    let coefficients = node.get_attr_vec::<f32>("coefficients")?;
+    node.expect_attr(
+        "coefficients",
+        !coefficients.is_empty() && coefficients.len() % targets == 0,
+        || format!("a multiple of {targets} values, got {}", coefficients.len()),
+    )?;
+    let intercepts = node.get_attr_opt_vec::<f32>("intercepts")?.unwrap_or_default();
+    let kernel = LinearRegressor { coefficients, intercepts, targets, post: post(node)? };
+    expand(kernel, vec![Out::new(f32::datum_type(), Shape::Rows(targets))])
+}
+
+/// An SVM kernel function.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum SvmKernel {
+    Linear,
+    Poly { gamma: f32, coef0: f32, degree: f32 },
+    Rbf { gamma: f32 },
+    Sigmoid { gamma: f32, coef0: f32 },
+}
+
+impl SvmKernel {
+    fn read(node: &NodeProto) -> TractResult<Self> {
+        let params = node.get_attr_opt_vec::<f32>("kernel_params")?.unwrap_or_default();
+        let p = |i: usize| params.get(i).copied().unwrap_or(0.0);
+        let (gamma, coef0, degree) = (p(0), p(1), p(2));
+        Ok(match node.get_attr_opt::<&str>("kernel_type")?.unwrap_or("LINEAR") {
+            "LINEAR" => Self::Linear,
+            "POLY" => Self::Poly { gamma, coef0, degree },
+            "RBF" => Self::Rbf { gamma },
+            "SIGMOID" => Self::Sigmoid { gamma, coef0 },
+            other => return node.bail(&format!("unknown kernel_type {other:?}")),
+        })
+    }
+
+    /// `k(x, v)` for every row of `x` against every row of `vectors`, plus `c` for the
+    /// linear kernel.
+    fn dot(self, x: &[f32], rows: usize, k: usize, vectors: &[f32], n: usize, c: f32) -> Vec<f32> {
+        match self {
+            Self::Rbf { gamma } => {
+                let mut out = Vec::with_capacity(rows * n);
+                for row in x.chunks(k) {
+                    for v in vectors.chunks(k) {
+                        let d: f32 = row.iter().zip(v).map(|(a, b)| (a - b) * (a - b)).sum();
+                        out.push((-gamma * d).exp());
+                    }
+                }
+                out
+            }
+            Self::Linear => {
+                affine(x, rows, k, vectors, n, None).into_iter().map(|v| v + c).collect()
+            }
+            Self::Poly { gamma, coef0, degree } => affine(x, rows, k, vectors, n, None)
+                .into_iter()
+                .map(|v| {
+                    let base = gamma * v + coef0;
+                    match degree {
+                        2.0 => base * base,
+                        3.0 => base * base * base,
+                        d => base.powf(d),
+                    }
+                })
+                .collect(),
+            Self::Sigmoid { gamma, coef0 } => affine(x, rows, k, vectors, n, None)
+                .into_iter()
+                .map(|v| (gamma * v + coef0).tanh())
+                .collect(),
+        }
+    }
+}
+
+/// SVMClassifier: one-vs-one support vector classification (or a linear model when it
+/// has no support vectors), with Platt-scaled probabilities when `prob_a`/`prob_b` are
+/// given.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SvmClassifier {
+    kernel: SvmKernel,
+    labels: Labels,
+    vectors_per_class: Vec<usize>,
+    support_vectors: Vec<f32>,
+    coefficients: Vec<f32>,
+    rho: Vec<f32>,
+    prob_a: Vec<f32>,
+    prob_b: Vec<f32>,
+    features: usize,
+    post: Post,
+    all_positive: bool,
+}
+
+impl SvmClassifier {
+    fn classes(&self) -> usize {
+        self.labels.len()
+    }
+
+    fn svc(&self) -> bool {
+        !self.vectors_per_class.is_empty() && self.vectors_per_class.iter().sum::<usize>() > 0
+    }
+
+    fn width(&self) -> usize {
+        let c = self.classes();
+        match (self.svc(), self.prob_a.is_empty()) {
+            (true, true) if c > 2 => c * (c - 1) / 2,
+            (true, true) => 2,
+            _ => c,
+        }
+    }
+
+    /// One row's pairwise decision values and votes.
+    fn pairwise(&self, kernels: &[f32], starts: &[usize]) -> (Vec<f32>, Vec<usize>) {
+        let c = self.classes();
+        let vectors: usize = self.vectors_per_class.iter().sum();
+        let mut scores = Vec::with_capacity(c * (c - 1) / 2);
+        let mut votes = vec![0; c];
+        let mut k = 0;
+        for i in 0..c {
+            for j in i + 1..c {
+                let (si, ni) = (starts[i], self.vectors_per_class[i]);
+                let (sj, nj) = (starts[j], self.vectors_per_class[j]);
+                let mut sum = 0.0f64;
+                let row_j = &self.coefficients[vectors * (j - 1)..];
+                for m in si..si + ni {
+                    sum += f64::from(row_j[m]) * f64::from(kernels[m]);
+                }
+                let row_i = &self.coefficients[vectors * i..];
+                for m in sj..sj + nj {
+                    sum += f64::from(row_i[m]) * f64::from(kernels[m]);
+                }
+                sum += f64::from(self.rho[k]);
+                k += 1;
+                let s = sum as f32;
+                scores.push(s);
+                votes[if s > 0.0 { i } else { j }] += 1;
+            }
+        }
+        (scores, votes)
+    }
+
+    /// Pairwise probabilities (Platt) coupled into class probabilities.
+    fn probabilities(&self, pairwise: &[f32]) -> Vec<f32> {
+        let c = self.classes();
+        let mut r = vec![0.0; c * c];
+        let mut k = 0;
+        for i in 0..c {
+            for j in i + 1..c {
+                let p = (1.0
+                    - crate::post::logistic(pairwise[k] * self.prob_a[k] + self.prob_b[k]))
+                .clamp(1e-7, 1.0 - 1e-7);
+                r[i * c + j] = p;
+                r[j * c + i] = 1.0 - p;
+                k += 1;
+            }
+        }
+        couple(c, &r)
+    }
+
+    fn label(
+        &self,
+        scores: &[f32],
+        votes: Option<&[usize]>,
+        have_proba: bool,
+    ) -> Result<usize, i64> {
+        let (maxclass, max_weight) = match votes {
+            Some(v) => (first_max_usize(v), 0.0),
+            None => {
+                let m = first_max(scores);
+                (m, scores[m])
+            }
+        };
+        if self.classes() != 2 {
+            return Ok(maxclass);
+        }
+        // ONNX Runtime's choice for two classes.
+        if !have_proba
+            && ((self.all_positive && max_weight >= 0.5)
+                || (!self.all_positive && max_weight > 0.0))
+        {
+            Ok(1)
+        } else {
+            Ok(maxclass)
+        }
+    }
+}
+
+fn first_max_usize(v: &[usize]) -> usize {
+    let mut best = 0;
+    for (j, &x) in v.iter().enumerate().skip(1) {
+        if x > v[best] {
+            best = j;
+        }
+    }
+    best
+}
+
+/// Class probabilities from pairwise ones (Wu, Lin and Weng's second method, as libsvm
+/// and ONNX Runtime compute it).
+fn couple(k: usize, r: &[f32]) -> Vec<f32> {
+    let mut q = vec![0.0f32; k * k];
+    let mut qp = vec![0.0f32; k];
+    let mut p = vec![1.0 / k as f32; k];
+    let eps = 0.005 / k as f32;
+    for i in 0..k {
+        for j in 0..i {
+            q[i * k + i] += r[j * k + i] * r[j * k + i];
+            q[i * k + j] = q[j * k + i];
+        }
+        for j in i + 1..k {
+            q[i * k + i] += r[j * k + i] * r[j * k + i];
+            q[i * k + j] = -r[j * k + i] * r[i * k + j];
+        }
+    }
+    for _ in 0..100 {
+        let mut pqp = 0.0;
+        for i in 0..k {
+            qp[i] = (0..k).map(|j| q[i * k + j] * p[j]).sum();
+            pqp += p[i] * qp[i];
+        }
+        let max_error = qp.iter().map(|v| (v - pqp).abs()).fold(0.0, f32::max);
+        if max_error < eps {
+            break;
+        }
+        for i in 0..k {
+            let diff = (-qp[i] + pqp) / q[i * k + i];
+            p[i] += diff;
+            pqp = (pqp + diff * (diff * q[i * k + i] + 2.0 * qp[i])) / (1.0 + diff) / (1.0 + diff);
+            for j in 0..k {
+                qp[j] = (qp[j] + diff * q[i * k + j]) / (1.0 + diff);
+                p[j] /= 1.0 + diff;
+            }
+        }
+    }
+    p
+}
+
+impl Kernel for SvmClassifier {
+    fn name(&self) -> &'static str {
+        "SVMClassifier"
+    }
+
+    fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
+        let (x, rows, columns) = as_f32_rows(&inputs[0])?;
+        check_features(columns, self.features)?;
+        let c = self.classes();
+        let have_proba = !self.prob_a.is_empty();
+        let width = self.width();
+        let mut z = Vec::with_capacity(rows * width);
+        let mut picks = Vec::with_capacity(rows);
+        if !self.svc() {
+            let rho = self.rho.first().copied().unwrap_or(0.0);
+            let scores = self.kernel.dot(&x, rows, columns, &self.coefficients, c, rho);
+            for row in scores.chunks(c) {
+                picks.push(self.label(row, None, have_proba));
+                let mut row = row.to_vec();
+                self.post.apply(&mut row);
+                z.extend(row);
+            }
+        } else {
+            let vectors: usize = self.vectors_per_class.iter().sum();
+            let starts: Vec<usize> = self
+                .vectors_per_class
+                .iter()
+                .scan(0, |acc, &n| {
+                    let start = *acc;
+                    *acc += n;
+                    Some(start)
+                })
+                .collect();
+            let kernels = self.kernel.dot(&x, rows, columns, &self.support_vectors, vectors, 0.0);
+            for k in kernels.chunks(vectors) {
+                let (pairwise, votes) = self.pairwise(k, &starts);
+                if have_proba {
+                    let mut p = self.probabilities(&pairwise);
+                    picks.push(self.label(&p, Some(&votes), true));
+                    self.post.apply(&mut p);
+                    z.extend(p);
+                } else {
+                    picks.push(self.label(&pairwise, Some(&votes), false));
+                    if c <= 2 {
+                        let second = if self.post == Post::None {
+                            Second::Negate
+                        } else {
+                            Second::Complement
+                        };
+                        z.extend(binary_pair(pairwise[0], self.post, second));
+                    } else {
+                        let mut row = pairwise;
+                        self.post.apply(&mut row);
+                        z.extend(row);
+                    }
+                }
+            }
+        }
+        Ok(tvec![self.labels.tensor(picks.into_iter())?, Tensor::from_shape(&[rows, width], &z)?])
+    }
+
+    fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec![
+            self.labels.datum_type().fact(tvec![rows_of(inputs[0])]),
+            row_fact(f32::datum_type(), inputs[0], self.width()),
+        ])
+    }
+}
+
+/// SVMClassifier.
+pub fn svm_classifier(_: &ParsingContext, node: &NodeProto) -> Built {
+    let labels = Labels::read(node, "classlabels_ints", "classlabels_strings")?;
+    node.expect(labels.len() >= 2, "at least two class labels")?;
+    let vectors_per_class =
+        node.get_attr_opt_vec::<usize>("vectors_per_class")?.unwrap_or_default();
+    let support_vectors = node.get_attr_opt_vec::<f32>("support_vectors")?.unwrap_or_default();
+    let coefficients = node.get_attr_vec::<f32>("coefficients")?;
+    let rho = node.get_attr_vec::<f32>("rho")?;
+    let prob_a = node.get_attr_opt_vec::<f32>("prob_a")?.unwrap_or_default();
+    let prob_b = node.get_attr_opt_vec::<f32>("prob_b")?.unwrap_or_default();
+    node.expect(prob_a.len() == prob_b.len(), "prob_a and prob_b of the same length")?;
+    let c = labels.len();
+    let vectors: usize = vectors_per_class.iter().sum();
+    let pairs = c * (c - 1) / 2;
+    let features = if vectors > 0 {
+        node.expect_attr("vectors_per_class", vectors_per_class.len() == c, "one count per class")?;
+        node.expect_attr("support_vectors", support_vectors.len() % vectors == 0, "whole vectors")?;
+        node.expect_attr("coefficients", coefficients.len() == (c - 1) * vectors, || {
+            format!(
+                "{} values ((classes - 1) x vectors), got {}",
+                (c - 1) * vectors,
+                coefficients.len()
+            )
+        })?;
+        node.expect_attr("rho", rho.len() >= pairs, || {
+            format!("{pairs} values, one per pair of classes")
+        })?;
+        if !prob_a.is_empty() {
+            node.expect_attr("prob_a", prob_a.len() >= pairs, || format!("{pairs} values"))?;
+        }
+        support_vectors.len() / vectors
+    } else {
+        node.expect_attr("coefficients", coefficients.len() % c == 0, "a multiple of the classes")?;
+        node.expect_attr("rho", !rho.is_empty(), "a value")?;
+        coefficients.len() / c
+    };
+    let all_positive = coefficients.iter().all(|&v| v >= 0.0);
+    let kernel = if vectors > 0 { SvmKernel::read(node)? } else { SvmKernel::Linear };
+    let op = SvmClassifier {
+        kernel,
+        labels,
+        vectors_per_class,
+        support_vectors,
+        coefficients,
+        rho,
+        prob_a,
+        prob_b,
+        features,
+        post: post(node)?,
+        all_positive,
+    };
+    let outputs = vec![
+        Out::new(op.labels.datum_type(), Shape::RowsOnly),
+        Out::new(f32::datum_type(), Shape::Rows(op.width())),
+    ];
+    expand(op, outputs)
+}
+
+/// SVMRegressor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SvmRegressor {
+    kernel: SvmKernel,
+    support_vectors: Vec<f32>,
+    vectors: usize,
+    coefficients: Vec<f32>,
+    rho: f32,
+    one_class: bool,
+    features: usize,
+}
+
+impl Kernel for SvmRegressor {
+    fn name(&self) -> &'static str {
+        "SVMRegressor"
+    }
+
+    fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
+        let (x, rows, columns) = as_f32_rows(&inputs[0])?;
+        check_features(columns, self.features)?;
+        let mut y = if self.vectors > 0 {
+            let k = self.kernel.dot(&x, rows, columns, &self.support_vectors, self.vectors, 0.0);
+            affine(&k, rows, self.vectors, &self.coefficients, 1, Some(&[self.rho]))
+        } else {
+            self.kernel.dot(&x, rows, columns, &self.coefficients, 1, self.rho)
+        };
+        if self.one_class {
+            y.iter_mut().for_each(|v| *v = if *v > 0.0 { 1.0 } else { -1.0 });
+        }
+        Ok(tvec![Tensor::from_shape(&[rows, 1], &y)?])
+    }
+
+    fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        Ok(tvec![row_fact(f32::datum_type(), inputs[0], 1)])
+    }
+}
+
+/// SVMRegressor.
+pub fn svm_regressor(_: &ParsingContext, node: &NodeProto) -> Built {
+    let vectors: usize = node.get_attr_opt("n_supports")?.unwrap_or(0);
+    let support_vectors = node.get_attr_opt_vec::<f32>("support_vectors")?.unwrap_or_default();
+    let coefficients = node.get_attr_vec::<f32>("coefficients")?;
+    let rho = node.get_attr_vec::<f32>("rho")?;
+    node.expect_attr("rho", !rho.is_empty(), "a value")?;
+    let features = if vectors > 0 {
+        node.expect_attr("support_vectors", support_vectors.len() % vectors == 0, "whole vectors")?;
+        node.expect_attr("coefficients", coefficients.len() == vectors, "one per support vector")?;
+        support_vectors.len() / vectors
+    } else {
+        coefficients.len()
+    };
+    let kernel = if vectors > 0 { SvmKernel::read(node)? } else { SvmKernel::Linear };
+    let op = SvmRegressor {
+        kernel,
+        support_vectors,
+        vectors,
+        coefficients,
+        rho: rho[0],
+        one_class: node.get_attr_opt::<i64>("one_class")?.unwrap_or(0) != 0,
+        features,
+    };
+    expand(op, vec![Out::new(f32::datum_type(), Shape::Rows(1))])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coupling_two_classes_gives_the_pairwise_probability() {
+        let r = [0.0, 0.8, 0.2, 0.0];
+        let p = couple(2, &r);
+        assert!((p[0] - 0.8).abs() < 1e-3 && (p[1] - 0.2).abs() < 1e-3, "{p:?}");
+        let r3 = [0.0, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.0];
+        let p = couple(3, &r3);
+        assert!(p.iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-4), "{p:?}");
+    }
+
+    #[test]
+    fn kernels() {
+        let x = [1.0, 2.0];
+        let v = [1.0, 0.0, 0.0, 1.0];
+        assert_eq!(SvmKernel::Linear.dot(&x, 1, 2, &v, 2, 0.5), vec![1.5, 2.5]);
+        let rbf = SvmKernel::Rbf { gamma: 0.5 }.dot(&x, 1, 2, &v, 2, 0.0);
+        assert!(
+            (rbf[0] - (-0.5f32 * 4.0).exp()).abs() < 1e-7
+                && (rbf[1] - (-0.5f32 * 2.0).exp()).abs() < 1e-7
+        );
+        let poly =
+            SvmKernel::Poly { gamma: 1.0, coef0: 1.0, degree: 2.0 }.dot(&x, 1, 2, &v, 2, 0.0);
+        assert_eq!(poly, vec![4.0, 9.0]);
+    }
+}

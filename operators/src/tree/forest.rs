@@ -1,0 +1,778 @@
+//! A tree ensemble compiled for evaluation: every tree's nodes in one flat array, in
+//! depth-first order from its root (the true branch first), 16 bytes a node, leaves that
+//! loop on themselves, and the leaves' weights in side tables.
+//!
+//! Evaluation walks several cursors through their trees in lockstep: eight trees of one
+//! row when a batch has a single row, one tree for eight rows otherwise. A cursor's next
+//! node depends only on its own last one, so the walks' memory loads overlap instead of
+//! waiting on each other, and a leaf, whose children are itself under every comparison,
+//! needs no test to stop on: a group simply takes as many steps as its deepest tree.
+//! Trees are taken in blocks whose nodes fit in the L2 cache, and each row adds up its
+//! trees in their order, so sums are those of a plain tree-by-tree walk.
+
+use std::fmt;
+
+/// How a branch compares the feature with its threshold; NaN features compare false
+/// (true for `Neq`) unless the node sends missing values to its true branch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cmp {
+    /// `x <= t`
+    Leq,
+    /// `x < t`
+    Lt,
+    /// `x >= t`
+    Gte,
+    /// `x > t`
+    Gt,
+    /// `x == t`
+    Eq,
+    /// `x != t`
+    Neq,
+    /// `x` is one of a set of values (TreeEnsemble, ai.onnx.ml opset 5).
+    Member,
+}
+
+/// One node of a tree as the model declares it, children by index into [`Spec::nodes`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum SpecNode {
+    /// A comparison.
+    Branch {
+        /// Input column compared.
+        feature: usize,
+        /// The comparison.
+        cmp: Cmp,
+        /// The threshold (unused by `Member`).
+        value: f32,
+        /// The set, for `Member`.
+        members: Vec<f32>,
+        /// Whether a missing (NaN) feature takes the true branch.
+        missing_true: bool,
+        /// Child when the comparison holds.
+        on_true: usize,
+        /// Child otherwise.
+        on_false: usize,
+    },
+    /// A leaf: what it adds to each target.
+    Leaf(Vec<(usize, f32)>),
+}
+
+/// How the trees' contributions to one target combine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Aggregate {
+    /// The sum.
+    Sum,
+    /// The mean over all trees.
+    Average,
+    /// The least.
+    Min,
+    /// The greatest.
+    Max,
+}
+
+/// An ensemble as declared: nodes, the root of each tree, the number of targets.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Spec {
+    /// Every node of every tree.
+    pub nodes: Vec<SpecNode>,
+    /// Index of each tree's root in `nodes`, in the order the trees are summed.
+    pub roots: Vec<usize>,
+    /// Targets (classes or regression outputs).
+    pub n_targets: usize,
+    /// How trees combine.
+    pub aggregate: Aggregate,
+}
+
+/// Why an ensemble was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ForestError {
+    /// A child index outside the node list.
+    #[error("tree {tree}: node {node} points to node {child}, which does not exist")]
+    MissingChild {
+        /// The tree.
+        tree: usize,
+        /// The node, as declared.
+        node: usize,
+        /// The child index.
+        child: usize,
+    },
+    /// A node reached twice: a cycle, or nodes shared between branches.
+    #[error("tree {tree}: node {node} is reached twice (a cycle or a shared subtree)")]
+    Cycle {
+        /// The tree.
+        tree: usize,
+        /// The node.
+        node: usize,
+    },
+    /// A leaf weight for a target past `n_targets`.
+    #[error("tree {tree}: a leaf adds to target {target}, but there are {n_targets}")]
+    Target {
+        /// The tree.
+        tree: usize,
+        /// The target id.
+        target: usize,
+        /// Targets declared.
+        n_targets: usize,
+    },
+    /// No trees, or no targets.
+    #[error("the ensemble has no {0}")]
+    Empty(&'static str),
+    /// More nodes than the flat layout indexes.
+    #[error("{0} nodes is more than this engine takes")]
+    TooLarge(usize),
+}
+
+/// A node of the flat layout. Leaves have a NaN threshold and both children pointing at
+/// themselves, so stepping a leaf leaves the cursor where it is.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[repr(C)]
+struct Node {
+    value: f32,
+    /// The feature's column, with [`MISSING_TRUE`] set when NaN takes the true branch.
+    feature: u32,
+    on_true: u32,
+    on_false: u32,
+}
+
+const MISSING_TRUE: u32 = 1 << 31;
+const NO_LEAF: u32 = u32::MAX;
+/// Cursors walked in lockstep.
+const LANES: usize = 8;
+/// Bytes of nodes per block of trees: most of a typical 512 KiB L2 cache.
+const BLOCK_BYTES: usize = 384 * 1024;
+
+/// The compiled ensemble.
+#[derive(Clone, PartialEq)]
+pub struct Forest {
+    nodes: Vec<Node>,
+    roots: Vec<u32>,
+    depths: Vec<u32>,
+    /// Comparison shared by every branch, or `None` when they differ (or use `Member`).
+    uniform: Option<Cmp>,
+    /// Per node: its comparison (mixed forests only).
+    cmps: Vec<Cmp>,
+    /// Per node: its member set as a range of `members` (mixed forests only).
+    member_ranges: Vec<(u32, u32)>,
+    members: Vec<f32>,
+    any_missing_true: bool,
+    /// Per node: index into `leaf_start` of its leaf, or [`NO_LEAF`].
+    leaf_of: Vec<u32>,
+    /// Leaf `l` adds `leaf_weight[leaf_start[l]..leaf_start[l + 1]]` to the targets beside.
+    leaf_start: Vec<u32>,
+    leaf_target: Vec<u32>,
+    leaf_weight: Vec<f32>,
+    /// Per node, when every leaf adds exactly one weight to target 0: that weight.
+    single: Option<Vec<f32>>,
+    /// Whether every leaf names every target (so no target ever lacks a score).
+    dense: bool,
+    n_targets: usize,
+    n_features: usize,
+    aggregate: Aggregate,
+}
+
+impl fmt::Debug for Forest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forest")
+            .field("trees", &self.roots.len())
+            .field("nodes", &self.nodes.len())
+            .field("targets", &self.n_targets)
+            .field("features", &self.n_features)
+            .field("uniform", &self.uniform)
+            .field("aggregate", &self.aggregate)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Scores of one batch: `rows × targets` values and whether each was ever given one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Scores {
+    /// Row-major values.
+    pub values: Vec<f32>,
+    /// Row-major: whether a tree (or a base value) scored this target for this row.
+    pub has: Vec<bool>,
+    /// Targets per row.
+    pub targets: usize,
+}
+
+impl Forest {
+    /// Compiles `spec`, checking every index.
+    pub fn compile(spec: &Spec) -> Result<Self, ForestError> {
+        if spec.roots.is_empty() {
+            return Err(ForestError::Empty("trees"));
+        }
+        if spec.n_targets == 0 {
+            return Err(ForestError::Empty("targets"));
+        }
+        if spec.nodes.len() >= (MISSING_TRUE as usize) {
+            return Err(ForestError::TooLarge(spec.nodes.len()));
+        }
+        let mut out = Builder::default();
+        let mut seen = vec![false; spec.nodes.len()];
+        for (tree, &root) in spec.roots.iter().enumerate() {
+            out.tree(spec, tree, root, &mut seen)?;
+        }
+        let uniform = out.uniform();
+        let n_features = out.max_feature.map_or(0, |f| f + 1);
+        let single = (spec.n_targets == 1
+            && out.leaf_start.windows(2).all(|w| w[1] - w[0] == 1)
+            && out.leaf_target.iter().all(|&t| t == 0))
+        .then(|| {
+            out.leaf_of
+                .iter()
+                .map(|&l| {
+                    if l == NO_LEAF {
+                        0.0
+                    } else {
+                        out.leaf_weight[out.leaf_start[l as usize] as usize]
+                    }
+                })
+                .collect()
+        });
+        let dense = out.leaf_start.windows(2).all(|w| {
+            let mut targets: Vec<u32> = out.leaf_target[w[0] as usize..w[1] as usize].to_vec();
+            targets.sort_unstable();
+            targets.dedup();
+            targets.len() == spec.n_targets
+        });
+        Ok(Self {
+            nodes: out.nodes,
+            roots: out.roots,
+            depths: out.depths,
+            uniform,
+            cmps: if uniform.is_some() { Vec::new() } else { out.cmps },
+            member_ranges: if uniform.is_some() { Vec::new() } else { out.member_ranges },
+            members: out.members,
+            any_missing_true: out.any_missing_true,
+            leaf_of: out.leaf_of,
+            leaf_start: out.leaf_start,
+            leaf_target: out.leaf_target,
+            leaf_weight: out.leaf_weight,
+            single,
+            dense,
+            n_targets: spec.n_targets,
+            n_features,
+            aggregate: spec.aggregate,
+        })
+    }
+
+    /// Trees in the ensemble.
+    pub fn trees(&self) -> usize {
+        self.roots.len()
+    }
+
+    /// Targets each row is scored on.
+    pub fn targets(&self) -> usize {
+        self.n_targets
+    }
+
+    /// Columns a row must have: one past the highest feature a branch reads.
+    pub fn features(&self) -> usize {
+        self.n_features
+    }
+
+    /// How trees combine.
+    pub fn aggregate(&self) -> Aggregate {
+        self.aggregate
+    }
+
+    /// Scores `rows` rows of `columns` features each (row-major `x`), aggregated over
+    /// trees but before any base value or transform. `columns` must be at least
+    /// [`Forest::features`].
+    pub fn eval(&self, x: &[f32], rows: usize, columns: usize) -> Scores {
+        assert!(columns >= self.n_features && x.len() == rows * columns);
+        let mut scores = Scores {
+            values: vec![self.initial(); rows * self.n_targets],
+            has: vec![false; rows * self.n_targets],
+            targets: self.n_targets,
+        };
+        match (self.uniform, self.any_missing_true) {
+            (Some(Cmp::Leq), false) => self.run::<Leq, false>(x, rows, columns, &mut scores),
+            (Some(Cmp::Leq), true) => self.run::<Leq, true>(x, rows, columns, &mut scores),
+            (Some(Cmp::Lt), false) => self.run::<Lt, false>(x, rows, columns, &mut scores),
+            (Some(Cmp::Lt), true) => self.run::<Lt, true>(x, rows, columns, &mut scores),
+            (Some(Cmp::Gte), m) => self.run_dyn(x, rows, columns, &mut scores, Cmp::Gte, m),
+            (Some(Cmp::Gt), m) => self.run_dyn(x, rows, columns, &mut scores, Cmp::Gt, m),
+            (Some(Cmp::Eq), m) => self.run_dyn(x, rows, columns, &mut scores, Cmp::Eq, m),
+            (Some(Cmp::Neq), m) => self.run_dyn(x, rows, columns, &mut scores, Cmp::Neq, m),
+            (Some(Cmp::Member) | None, _) => self.run::<Mixed, true>(x, rows, columns, &mut scores),
+        }
+        scores
+    }
+
+    fn initial(&self) -> f32 {
+        match self.aggregate {
+            Aggregate::Sum | Aggregate::Average => 0.0,
+            Aggregate::Min => f32::INFINITY,
+            Aggregate::Max => f32::NEG_INFINITY,
+        }
+    }
+
+    /// Uniform comparisons that are rare in practice run through the mixed kernel's
+    /// per-node dispatch rather than a specialisation each.
+    fn run_dyn(
+        &self,
+        x: &[f32],
+        rows: usize,
+        columns: usize,
+        scores: &mut Scores,
+        _: Cmp,
+        _: bool,
+    ) {
+        self.run::<Mixed, true>(x, rows, columns, scores);
+    }
+
+    fn run<C: Compare, const MISSING: bool>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        columns: usize,
+        scores: &mut Scores,
+    ) {
+        if rows == 1 {
+            self.one_row::<C, MISSING>(x, scores);
+            return;
+        }
+        for block in self.blocks() {
+            for first in (0..rows).step_by(LANES) {
+                let lanes = LANES.min(rows - first);
+                for tree in block.clone() {
+                    let mut cur = [self.roots[tree]; LANES];
+                    for _ in 0..self.depths[tree] {
+                        for (lane, c) in cur.iter_mut().enumerate().take(lanes) {
+                            let row = &x[(first + lane) * columns..(first + lane + 1) * columns];
+                            *c = self.step::<C, MISSING>(*c, row);
+                        }
+                    }
+                    for (lane, &leaf) in cur.iter().enumerate().take(lanes) {
+                        self.add(leaf, first + lane, scores);
+                    }
+                }
+            }
+        }
+    }
+
+    fn one_row<C: Compare, const MISSING: bool>(&self, row: &[f32], scores: &mut Scores) {
+        let trees = self.roots.len();
+        for first in (0..trees).step_by(LANES) {
+            let lanes = LANES.min(trees - first);
+            let mut cur = [0u32; LANES];
+            cur[..lanes].copy_from_slice(&self.roots[first..first + lanes]);
+            let depth = self.depths[first..first + lanes].iter().copied().max().unwrap_or(0);
+            for _ in 0..depth {
+                for c in cur.iter_mut().take(lanes) {
+                    *c = self.step::<C, MISSING>(*c, row);
+                }
+            }
+            for &leaf in cur.iter().take(lanes) {
+                self.add(leaf, 0, scores);
+            }
+        }
+    }
+
+    /// Consecutive trees whose nodes fit in [`BLOCK_BYTES`] (at least one tree each).
+    fn blocks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+        let per_node = size_of::<Node>();
+        let mut start = 0;
+        std::iter::from_fn(move || {
+            if start == self.roots.len() {
+                return None;
+            }
+            let mut end = start + 1;
+            let base = self.roots[start] as usize;
+            while end < self.roots.len()
+                && (self.roots[end] as usize - base) * per_node < BLOCK_BYTES
+            {
+                end += 1;
+            }
+            let block = start..end;
+            start = end;
+            Some(block)
+        })
+    }
+
+    #[inline(always)]
+    fn step<C: Compare, const MISSING: bool>(&self, at: u32, row: &[f32]) -> u32 {
+        let node = self.nodes[at as usize];
+        let v = row[(node.feature & !MISSING_TRUE) as usize];
+        let holds = C::holds(self, at, v, node.value)
+            || (MISSING && v.is_nan() && node.feature & MISSING_TRUE != 0);
+        if holds { node.on_true } else { node.on_false }
+    }
+
+    #[inline(always)]
+    fn add(&self, at: u32, row: usize, scores: &mut Scores) {
+        let base = row * self.n_targets;
+        if let (Some(single), Aggregate::Sum | Aggregate::Average) = (&self.single, self.aggregate)
+        {
+            scores.values[base] += single[at as usize];
+            scores.has[base] = true;
+            return;
+        }
+        let leaf = self.leaf_of[at as usize] as usize;
+        let (start, end) = (self.leaf_start[leaf] as usize, self.leaf_start[leaf + 1] as usize);
+        for (&target, &w) in self.leaf_target[start..end].iter().zip(&self.leaf_weight[start..end])
+        {
+            let i = base + target as usize;
+            let s = &mut scores.values[i];
+            *s = match self.aggregate {
+                Aggregate::Sum | Aggregate::Average => *s + w,
+                Aggregate::Min => s.min(w),
+                Aggregate::Max => s.max(w),
+            };
+            scores.has[i] = true;
+        }
+    }
+
+    /// Whether every leaf scores every target (no target of any row can lack a score).
+    pub fn dense(&self) -> bool {
+        self.dense
+    }
+}
+
+trait Compare {
+    fn holds(forest: &Forest, at: u32, v: f32, t: f32) -> bool;
+}
+
+struct Leq;
+impl Compare for Leq {
+    #[inline(always)]
+    fn holds(_: &Forest, _: u32, v: f32, t: f32) -> bool {
+        v <= t
+    }
+}
+
+struct Lt;
+impl Compare for Lt {
+    #[inline(always)]
+    fn holds(_: &Forest, _: u32, v: f32, t: f32) -> bool {
+        v < t
+    }
+}
+
+struct Mixed;
+impl Compare for Mixed {
+    #[inline(always)]
+    fn holds(forest: &Forest, at: u32, v: f32, t: f32) -> bool {
+        let cmp = forest.cmps.get(at as usize).copied().or(forest.uniform).unwrap_or(Cmp::Leq);
+        match cmp {
+            Cmp::Leq => v <= t,
+            Cmp::Lt => v < t,
+            Cmp::Gte => v >= t,
+            Cmp::Gt => v > t,
+            Cmp::Eq => v == t,
+            // A leaf's NaN threshold makes `!=` hold; its true child is itself too.
+            Cmp::Neq => v != t,
+            Cmp::Member => {
+                let (a, b) = forest.member_ranges[at as usize];
+                forest.members[a as usize..b as usize].contains(&v)
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Builder {
+    nodes: Vec<Node>,
+    cmps: Vec<Cmp>,
+    member_ranges: Vec<(u32, u32)>,
+    members: Vec<f32>,
+    roots: Vec<u32>,
+    depths: Vec<u32>,
+    leaf_of: Vec<u32>,
+    leaf_start: Vec<u32>,
+    leaf_target: Vec<u32>,
+    leaf_weight: Vec<f32>,
+    max_feature: Option<usize>,
+    any_missing_true: bool,
+}
+
+impl Builder {
+    /// Lays out one tree depth-first from `root`, true branches first.
+    fn tree(
+        &mut self,
+        spec: &Spec,
+        tree: usize,
+        root: usize,
+        seen: &mut [bool],
+    ) -> Result<(), ForestError> {
+        if self.leaf_start.is_empty() {
+            self.leaf_start.push(0);
+        }
+        let check = |node: usize, child: usize| {
+            if child < spec.nodes.len() {
+                Ok(child)
+            } else {
+                Err(ForestError::MissingChild { tree, node, child })
+            }
+        };
+        check(root, root)?;
+        // (declared node, compiled index of the parent and whether it is its true child)
+        let mut stack = vec![(root, None::<(usize, bool)>, 0u32)];
+        let first = self.nodes.len();
+        let mut depth = 0;
+        while let Some((declared, parent, level)) = stack.pop() {
+            if std::mem::replace(&mut seen[declared], true) {
+                return Err(ForestError::Cycle { tree, node: declared });
+            }
+            let at = self.nodes.len() as u32;
+            if let Some((p, is_true)) = parent {
+                if is_true {
+                    self.nodes[p].on_true = at;
+                } else {
+                    self.nodes[p].on_false = at;
+                }
+            }
+            depth = depth.max(level);
+            match &spec.nodes[declared] {
+                SpecNode::Branch {
+                    feature,
+                    cmp,
+                    value,
+                    members,
+                    missing_true,
+                    on_true,
+                    on_false,
+                } => {
+                    let (t, f) = (check(declared, *on_true)?, check(declared, *on_false)?);
+                    self.max_feature = Some(self.max_feature.map_or(*feature, |m| m.max(*feature)));
+                    self.any_missing_true |= *missing_true;
+                    let feature = u32::try_from(*feature)
+                        .ok()
+                        .filter(|f| f & MISSING_TRUE == 0)
+                        .ok_or(ForestError::TooLarge(*feature))?;
+                    let start = self.members.len() as u32;
+                    self.members.extend(members);
+                    self.member_ranges.push((start, self.members.len() as u32));
+                    self.nodes.push(Node {
+                        value: *value,
+                        feature: feature | if *missing_true { MISSING_TRUE } else { 0 },
+                        on_true: at,
+                        on_false: at,
+                    });
+                    self.cmps.push(*cmp);
+                    self.leaf_of.push(NO_LEAF);
+                    // Popped last, laid out first: the true branch follows its parent.
+                    stack.push((f, Some((at as usize, false)), level + 1));
+                    stack.push((t, Some((at as usize, true)), level + 1));
+                }
+                SpecNode::Leaf(weights) => {
+                    for &(target, w) in weights {
+                        if target >= spec.n_targets {
+                            return Err(ForestError::Target {
+                                tree,
+                                target,
+                                n_targets: spec.n_targets,
+                            });
+                        }
+                        self.leaf_target.push(target as u32);
+                        self.leaf_weight.push(w);
+                    }
+                    self.leaf_of.push(self.leaf_start.len() as u32 - 1);
+                    self.leaf_start.push(self.leaf_weight.len() as u32);
+                    self.nodes.push(Node {
+                        value: f32::NAN,
+                        feature: 0,
+                        on_true: at,
+                        on_false: at,
+                    });
+                    self.cmps.push(Cmp::Leq);
+                    self.member_ranges.push((0, 0));
+                }
+            }
+        }
+        self.roots.push(first as u32);
+        self.depths.push(depth);
+        Ok(())
+    }
+
+    fn uniform(&self) -> Option<Cmp> {
+        let mut branches = self.cmps.iter().zip(&self.leaf_of).filter(|(_, l)| **l == NO_LEAF);
+        let first = *branches.next().map_or(&Cmp::Leq, |(c, _)| c);
+        (first != Cmp::Member && branches.all(|(c, _)| *c == first)).then_some(first)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn branch(feature: usize, cmp: Cmp, value: f32, on_true: usize, on_false: usize) -> SpecNode {
+        SpecNode::Branch {
+            feature,
+            cmp,
+            value,
+            members: vec![],
+            missing_true: false,
+            on_true,
+            on_false,
+        }
+    }
+
+    fn leaf(w: f32) -> SpecNode {
+        SpecNode::Leaf(vec![(0, w)])
+    }
+
+    /// Two stumps on feature 0 and a deeper tree on feature 1.
+    fn spec() -> Spec {
+        Spec {
+            nodes: vec![
+                branch(0, Cmp::Leq, 0.5, 1, 2),
+                leaf(1.0),
+                leaf(2.0),
+                branch(1, Cmp::Leq, 0.0, 4, 5),
+                leaf(10.0),
+                branch(0, Cmp::Leq, 2.0, 6, 7),
+                leaf(20.0),
+                leaf(30.0),
+            ],
+            roots: vec![0, 3],
+            n_targets: 1,
+            aggregate: Aggregate::Sum,
+        }
+    }
+
+    fn naive(spec: &Spec, row: &[f32]) -> f32 {
+        spec.roots
+            .iter()
+            .map(|&r| {
+                let mut at = r;
+                loop {
+                    match &spec.nodes[at] {
+                        SpecNode::Leaf(w) => break w[0].1,
+                        SpecNode::Branch {
+                            feature,
+                            value,
+                            on_true,
+                            on_false,
+                            missing_true,
+                            ..
+                        } => {
+                            let v = row[*feature];
+                            at = if v <= *value || (*missing_true && v.is_nan()) {
+                                *on_true
+                            } else {
+                                *on_false
+                            };
+                        }
+                    }
+                }
+            })
+            .sum()
+    }
+
+    #[test]
+    fn every_batch_size_scores_like_a_plain_walk() {
+        let spec = spec();
+        let forest = Forest::compile(&spec).unwrap();
+        assert_eq!((forest.trees(), forest.features(), forest.targets()), (2, 2, 1));
+        let rows: Vec<[f32; 2]> =
+            (0..37).map(|i| [(i % 7) as f32 * 0.5, (i % 3) as f32 - 1.0]).collect();
+        for n in [1, 2, 8, 9, 37] {
+            let x: Vec<f32> = rows[..n].iter().flatten().copied().collect();
+            let scores = forest.eval(&x, n, 2);
+            for (i, row) in rows[..n].iter().enumerate() {
+                assert_eq!(scores.values[i], naive(&spec, row), "row {i} of {n}");
+                assert!(scores.has[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn missing_values_follow_their_flag() {
+        let mut spec = spec();
+        let x = [f32::NAN, 1.0];
+        let plain = Forest::compile(&spec).unwrap().eval(&x, 1, 2).values[0];
+        assert_eq!(plain, 2.0 + 30.0, "NaN <= t is false");
+        if let SpecNode::Branch { missing_true, .. } = &mut spec.nodes[0] {
+            *missing_true = true;
+        }
+        let tracked = Forest::compile(&spec).unwrap().eval(&x, 1, 2).values[0];
+        assert_eq!(tracked, 1.0 + 30.0);
+    }
+
+    #[test]
+    fn every_comparison_and_set_membership() {
+        for (cmp, members, v, expected) in [
+            (Cmp::Lt, vec![], 0.5, 2.0),
+            (Cmp::Lt, vec![], 0.4, 1.0),
+            (Cmp::Gte, vec![], 0.5, 1.0),
+            (Cmp::Gt, vec![], 0.5, 2.0),
+            (Cmp::Eq, vec![], 0.5, 1.0),
+            (Cmp::Neq, vec![], 0.5, 2.0),
+            (Cmp::Member, vec![3.0, 0.5], 0.5, 1.0),
+            (Cmp::Member, vec![3.0], 0.5, 2.0),
+        ] {
+            let spec = Spec {
+                nodes: vec![
+                    SpecNode::Branch {
+                        feature: 0,
+                        cmp,
+                        value: 0.5,
+                        members,
+                        missing_true: false,
+                        on_true: 1,
+                        on_false: 2,
+                    },
+                    leaf(1.0),
+                    leaf(2.0),
+                ],
+                roots: vec![0],
+                n_targets: 1,
+                aggregate: Aggregate::Sum,
+            };
+            let forest = Forest::compile(&spec).unwrap();
+            assert_eq!(forest.eval(&[v], 1, 1).values[0], expected, "{cmp:?} {v}");
+            assert_eq!(forest.eval(&[v, v, v], 3, 1).values, vec![expected; 3], "{cmp:?} batch");
+        }
+    }
+
+    #[test]
+    fn min_max_average_and_sparse_targets() {
+        let nodes = vec![
+            branch(0, Cmp::Leq, 0.0, 1, 2),
+            SpecNode::Leaf(vec![(0, 1.0), (1, 5.0)]),
+            SpecNode::Leaf(vec![(1, 2.0)]),
+            SpecNode::Leaf(vec![(0, 3.0), (1, -1.0)]),
+        ];
+        let spec =
+            |aggregate| Spec { nodes: nodes.clone(), roots: vec![0, 3], n_targets: 2, aggregate };
+        let x = [1.0]; // first tree: leaf 2 (target 1 only)
+        let sum = Forest::compile(&spec(Aggregate::Sum)).unwrap();
+        assert!(!sum.dense());
+        let s = sum.eval(&x, 1, 1);
+        assert_eq!(s.values, vec![3.0, 1.0]);
+        assert_eq!(s.has, vec![true, true]);
+        assert_eq!(
+            Forest::compile(&spec(Aggregate::Min)).unwrap().eval(&x, 1, 1).values,
+            vec![3.0, -1.0]
+        );
+        assert_eq!(
+            Forest::compile(&spec(Aggregate::Max)).unwrap().eval(&x, 1, 1).values,
+            vec![3.0, 2.0]
+        );
+        let only_first = Spec { roots: vec![0], ..spec(Aggregate::Sum) };
+        let s = Forest::compile(&only_first).unwrap().eval(&[1.0, -1.0], 2, 1);
+        assert_eq!(s.has, vec![false, true, true, true]);
+    }
+
+    #[test]
+    fn bad_structures_are_refused() {
+        let mut cyclic = spec();
+        cyclic.nodes[0] = branch(0, Cmp::Leq, 0.5, 1, 0);
+        assert_eq!(Forest::compile(&cyclic), Err(ForestError::Cycle { tree: 0, node: 0 }));
+        let mut dangling = spec();
+        dangling.nodes[3] = branch(1, Cmp::Leq, 0.0, 4, 99);
+        assert_eq!(
+            Forest::compile(&dangling),
+            Err(ForestError::MissingChild { tree: 1, node: 3, child: 99 })
+        );
+        let mut target = spec();
+        target.nodes[1] = SpecNode::Leaf(vec![(3, 1.0)]);
+        assert!(matches!(Forest::compile(&target), Err(ForestError::Target { target: 3, .. })));
+        let shared = Spec { roots: vec![0, 0], ..spec() };
+        assert!(matches!(Forest::compile(&shared), Err(ForestError::Cycle { tree: 1, .. })));
+        assert_eq!(
+            Forest::compile(&Spec { roots: vec![], ..spec() }),
+            Err(ForestError::Empty("trees"))
+        );
+    }
+}
