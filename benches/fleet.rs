@@ -298,6 +298,7 @@ async fn delta(mib: usize) -> Result<()> {
             lifetime: Duration::from_secs(3600),
             out: out.clone(),
             features: None,
+            shapes: Default::default(),
         };
         falaj_control::bundle::build(&options, SystemTime::now())?;
         control.client.push_bundle(&out).await?;

@@ -1,5 +1,5 @@
 //! The `falaj-agent` command line: `init` (air-gapped) or `enroll` (with a control
-//! plane), `import`, `serve`, `list` and `finetune`.
+//! plane), `import`, `serve`, `list`, `finetune` and `bench`.
 //!
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a refused bundle, 78 bad
 //! configuration (so that systemd does not restart-loop on it).
@@ -52,6 +52,8 @@ pub enum Command {
     /// Retrain a model's head on the site's labelled data into a derived model, which
     /// replaces it only if it beats it on held-out rows.
     Finetune(crate::finetune::cli::FinetuneArgs),
+    /// Measure a model's in-process latency and throughput at chosen batch sizes.
+    Bench(crate::bench::BenchArgs),
     /// Check a configuration file without starting anything.
     CheckConfig(CheckConfigArgs),
 }
@@ -166,6 +168,8 @@ pub struct CheckConfigArgs {
 /// A command's failure, with the exit code it maps to.
 #[derive(Debug)]
 pub enum Failure {
+    /// A command line that does not say something meaningful (exit 64).
+    Usage(anyhow::Error),
     /// Configuration or setup (exit 78).
     Config(anyhow::Error),
     /// A refused bundle (exit 65).
@@ -178,6 +182,7 @@ impl Failure {
     /// The process exit code.
     pub fn exit_code(&self) -> ExitCode {
         ExitCode::from(match self {
+            Self::Usage(_) => EXIT_USAGE,
             Self::Config(_) => EXIT_CONFIG,
             Self::Refused(_) => EXIT_REFUSED,
             Self::Other(_) => 1,
@@ -187,7 +192,7 @@ impl Failure {
     /// The error.
     pub fn error(&self) -> &anyhow::Error {
         match self {
-            Self::Config(e) | Self::Refused(e) | Self::Other(e) => e,
+            Self::Usage(e) | Self::Config(e) | Self::Refused(e) | Self::Other(e) => e,
         }
     }
 }
@@ -212,6 +217,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::List(args) => args.resolve().and_then(|dir| list(&dir)),
         Command::Finetune(args) => crate::finetune::cli::run(&args),
+        Command::Bench(args) => crate::bench::run(&args),
         Command::CheckConfig(args) => check_config(&args.config),
     };
     match result {

@@ -243,6 +243,7 @@ impl Checked for AgentConfig {
             Duration::from_secs(1),
         )?;
         within(path, "engine.max_batch", self.engine.max_batch, 1, 65_536)?;
+        within(path, "engine.plan_cache", self.engine.plan_cache, 1, 1024)?;
         Ok(())
     }
 }
@@ -293,6 +294,7 @@ mod tests {
         check("[engine]\nruntime = \"tpu\"\n", "unknown variant `tpu`");
         check("[engine]\nbatch_wait = \"2s\"\n", "engine.batch_wait: must be between");
         check("[engine]\nmax_batch = 0\n", "engine.max_batch");
+        check("[engine]\nplan_cache = 0\n", "engine.plan_cache");
     }
 
     #[test]

@@ -8,12 +8,13 @@
 //! for want of a GPU.
 
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use falaj_common::bundle::{ModelSpec, RuntimeHint};
-use falaj_common::onnx::{OnnxError, OnnxModel, RunError};
+use falaj_common::onnx::{LoadOptions, OnnxError, OnnxModel, RunError};
 use falaj_common::tensor::{DataType, Signature, Tensor, TensorData};
 use falaj_common::time::human_duration;
 use falaj_gpu::{BatchConfig, Batcher, Gpu, GpuModel, GpuOptions, Values};
@@ -145,7 +146,7 @@ impl Engine for GpuEngine {
 }
 
 /// Where models run: `[engine] runtime` in the agent's config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Runtime {
     /// Always tract on the CPU.
@@ -172,6 +173,9 @@ pub struct EngineConfig {
     pub batch_wait: Duration,
     /// Most rows in one GPU batch.
     pub max_batch: usize,
+    /// Most plans kept per model planned per input shape (models whose shapes tract
+    /// cannot settle symbolically); the least recently used is dropped.
+    pub plan_cache: usize,
 }
 
 impl Default for EngineConfig {
@@ -182,6 +186,7 @@ impl Default for EngineConfig {
             allow_software_gpu: false,
             batch_wait: batch.wait,
             max_batch: batch.max_rows,
+            plan_cache: 8,
         }
     }
 }
@@ -244,7 +249,11 @@ impl Engines {
         spec: &ModelSpec,
         model_bytes: &[u8],
     ) -> Result<Arc<dyn Engine>, OnnxError> {
-        let cpu = OnnxModel::load(model_bytes)?;
+        let options = LoadOptions {
+            shapes: spec.shapes.clone(),
+            plan_cache: NonZeroUsize::new(self.config.plan_cache).unwrap_or(NonZeroUsize::MIN),
+        };
+        let cpu = OnnxModel::load_with(model_bytes, &options)?;
         if !self.wants_gpu(spec.runtime) {
             return Ok(Arc::new(TractEngine(cpu)));
         }

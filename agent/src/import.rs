@@ -17,7 +17,7 @@ use falaj_common::bundle::{
 };
 use falaj_common::features::OnlineTable;
 use falaj_common::keys::Sha256;
-use falaj_common::onnx::{OnnxError, OnnxModel};
+use falaj_common::onnx::{LoadOptions, OnnxError, OnnxModel};
 use thiserror::Error;
 
 use crate::store::{self, InstallMode, InstalledVersion, Store, StoreError};
@@ -299,8 +299,9 @@ fn check_content(manifest: &Manifest, content_bytes: &[u8]) -> Result<(), Import
         Content::Model(spec) => {
             let bad_model =
                 |problem: String| ImportError::BadModel { name: name.clone(), version, problem };
-            let model =
-                OnnxModel::load(content_bytes).map_err(|e: OnnxError| bad_model(e.to_string()))?;
+            let load = LoadOptions { shapes: spec.shapes.clone(), ..LoadOptions::default() };
+            let model = OnnxModel::load_with(content_bytes, &load)
+                .map_err(|e: OnnxError| bad_model(e.to_string()))?;
             if model.signature().inputs != spec.signature.inputs {
                 return Err(bad_model(format!(
                     "the model's inputs {:?} differ from the manifest's {:?}",

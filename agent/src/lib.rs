@@ -10,6 +10,7 @@
 //!
 //! The binary (`falaj-agent`) is a thin shell over [`cli`].
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;

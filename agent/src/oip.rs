@@ -7,6 +7,9 @@
 //! raw in the same way when asked for (`"binary_data": true` on the output, or
 //! `"binary_data_output": true` on the request).
 //!
+//! JSON has no NaN: `null` in the data of a floating-point input is a missing value (NaN),
+//! as scikit-learn pipelines expect missing values; other types refuse it.
+//!
 //! Falaj's extension: a request to a model whose input comes from a feature view may name
 //! entities (`"parameters": {"entity_id": "pump-7"}` or `{"entity_ids": [...]}`, strings or
 //! integers) and give no inputs; the server assembles the input from the online store.
@@ -265,6 +268,10 @@ trait Element: Sized {
     fn from_str(_: &str) -> Option<Self> {
         None
     }
+    /// JSON `null`: a missing value, which only floating-point types hold (as NaN).
+    fn missing() -> Option<Self> {
+        None
+    }
 }
 
 macro_rules! int_element {
@@ -303,6 +310,7 @@ macro_rules! float_element {
             fn from_i64(v: i64) -> Option<Self> { Some(v as $t) }
             fn from_u64(v: u64) -> Option<Self> { Some(v as $t) }
             fn from_f64(v: f64) -> Option<Self> { Some(v as $t) }
+            fn missing() -> Option<Self> { Some(<$t>::NAN) }
             fn from_le(bytes: &[u8]) -> Option<Self> { Some(<$t>::from_le_bytes(bytes.try_into().ok()?)) }
         }
     )*};
@@ -321,6 +329,9 @@ impl Element for half::f16 {
     }
     fn from_le(bytes: &[u8]) -> Option<Self> {
         Some(Self::from_le_bytes(bytes.try_into().ok()?))
+    }
+    fn missing() -> Option<Self> {
+        Some(Self::NAN)
     }
 }
 
@@ -395,6 +406,9 @@ impl<'de, T: Element> Visitor<'de> for Flatten<'_, T> {
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<(), E> {
         self.push(T::from_str(v), &format_args!("{v:?}"))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.push(T::missing(), &"null")
     }
 }
 
@@ -669,6 +683,14 @@ mod tests {
     }
 
     #[test]
+    fn null_is_a_missing_float() {
+        let body = r#"{"inputs":[{"name":"x","shape":[3],"datatype":"FP32","data":[1,null,2]}]}"#;
+        let req = decode_request(body.as_bytes(), None).unwrap();
+        let TensorData::Fp32(v) = &one(&req).data else { panic!("FP32") };
+        assert!(v[0] == 1.0 && v[1].is_nan() && v[2] == 2.0, "{v:?}");
+    }
+
+    #[test]
     fn every_datatype_decodes_from_json_and_binary() {
         let cases: &[(&str, &str, TensorData)] = &[
             ("BOOL", "[true,false]", TensorData::Bool(vec![true, false])),
@@ -757,6 +779,10 @@ mod tests {
         check(
             r#"{"inputs":[{"name":"x","shape":[1],"datatype":"BYTES","data":[7]}]}"#,
             "7 is not a valid BYTES value",
+        );
+        check(
+            r#"{"inputs":[{"name":"x","shape":[1],"datatype":"INT64","data":[null]}]}"#,
+            "null is not a valid INT64 value",
         );
         let truncated = br#"{"inputs":[{"name":"s","shape":[1],"datatype":"BYTES","parameters":{"binary_data_size":6}}]}"#;
         let mut body = truncated.to_vec();

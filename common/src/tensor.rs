@@ -489,6 +489,21 @@ macro_rules! for_each_tensor_data {
     };
 }
 
+macro_rules! from_vec {
+    ($($t:ty => $variant:ident),*) => {$(
+        impl From<Vec<$t>> for TensorData {
+            fn from(v: Vec<$t>) -> Self {
+                Self::$variant(v)
+            }
+        }
+    )*};
+}
+from_vec!(
+    bool => Bool, u8 => Uint8, u16 => Uint16, u32 => Uint32, u64 => Uint64, i8 => Int8,
+    i16 => Int16, i32 => Int32, i64 => Int64, half::f16 => Fp16, f32 => Fp32, f64 => Fp64,
+    Vec<u8> => Bytes
+);
+
 impl TensorData {
     /// The element type.
     pub const fn datatype(&self) -> DataType {

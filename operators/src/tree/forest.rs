@@ -12,6 +12,8 @@
 
 use std::fmt;
 
+use super::quickscorer::{QuickScorer, Test};
+
 /// How a branch compares the feature with its threshold; NaN features compare false
 /// (true for `Neq`) unless the node sends missing values to its true branch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -146,6 +148,8 @@ pub struct Forest {
     nodes: Vec<Node>,
     roots: Vec<u32>,
     depths: Vec<u32>,
+    /// How rows reach their leaves.
+    walk: Walk,
     /// Comparison shared by every branch, or `None` when they differ (or use `Member`).
     uniform: Option<Cmp>,
     /// Per node: its comparison (mixed forests only).
@@ -182,6 +186,18 @@ impl fmt::Debug for Forest {
     }
 }
 
+/// How a forest's rows reach their leaves, chosen at compile time from its shape.
+#[derive(Clone, Debug, PartialEq)]
+enum Walk {
+    /// Trees of even depth: groups of cursors stepped together to the deepest leaf,
+    /// with no test for the end.
+    Lockstep,
+    /// Uneven trees of at most 64 leaves: QuickScorer, no walks at all.
+    Quick(QuickScorer),
+    /// Other uneven trees: each lane walks to its own leaf and takes the next walk.
+    Refill,
+}
+
 /// Scores of one batch: `rows × targets` values and whether each was ever given one.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scores {
@@ -205,11 +221,7 @@ impl Forest {
         if spec.nodes.len() >= (MISSING_TRUE as usize) {
             return Err(ForestError::TooLarge(spec.nodes.len()));
         }
-        let mut out = Builder::default();
-        let mut seen = vec![false; spec.nodes.len()];
-        for (tree, &root) in spec.roots.iter().enumerate() {
-            out.tree(spec, tree, root, &mut seen)?;
-        }
+        let out = Builder::build(spec)?;
         let uniform = out.uniform();
         let n_features = out.max_feature.map_or(0, |f| f + 1);
         let single = (spec.n_targets == 1
@@ -233,10 +245,31 @@ impl Forest {
             targets.dedup();
             targets.len() == spec.n_targets
         });
+        // Lockstep pays a group's deepest path for every cursor; when that is well over the
+        // trees' mean leaf depth, refilling lanes wastes less.
+        let group_steps: u32 = out
+            .depths
+            .chunks(LANES)
+            .map(|g| g.iter().max().copied().unwrap_or(0) * g.len() as u32)
+            .sum();
+        let mean_paths: f64 = out.mean_leaf_depths.iter().sum();
+        let even = f64::from(group_steps) <= 1.25 * mean_paths;
+        let quick = match uniform {
+            Some(cmp @ (Cmp::Leq | Cmp::Lt)) if !even => {
+                quick_scorer(&out, n_features, cmp == Cmp::Lt)
+            }
+            _ => None,
+        };
+        let walk = match quick {
+            Some(quick) => Walk::Quick(quick),
+            None if even => Walk::Lockstep,
+            None => Walk::Refill,
+        };
         Ok(Self {
             nodes: out.nodes,
             roots: out.roots,
             depths: out.depths,
+            walk,
             uniform,
             cmps: if uniform.is_some() { Vec::new() } else { out.cmps },
             member_ranges: if uniform.is_some() { Vec::new() } else { out.member_ranges },
@@ -327,6 +360,21 @@ impl Forest {
         columns: usize,
         scores: &mut Scores,
     ) {
+        if let Walk::Quick(quick) = &self.walk {
+            let mut bits = vec![0u64; self.roots.len()];
+            let mut leaves = vec![0u32; self.roots.len()];
+            for r in 0..rows {
+                quick.leaves(&x[r * columns..(r + 1) * columns], &mut bits, &mut leaves);
+                for &leaf in &leaves {
+                    self.add(leaf, r, scores);
+                }
+            }
+            return;
+        }
+        if self.walk == Walk::Refill {
+            self.run_refill::<C, MISSING>(x, rows, columns, scores);
+            return;
+        }
         if rows == 1 {
             self.one_row::<C, MISSING>(x, scores);
             return;
@@ -368,6 +416,83 @@ impl Forest {
         }
     }
 
+    /// Trees of uneven depth: each cursor walks to its own leaf and its lane takes the
+    /// next walk at once, so no lane idles behind a deeper tree.
+    fn run_refill<C: Compare, const MISSING: bool>(
+        &self,
+        x: &[f32],
+        rows: usize,
+        columns: usize,
+        scores: &mut Scores,
+    ) {
+        if rows == 1 {
+            let mut leaves = vec![0u32; self.roots.len()];
+            self.refill::<C, MISSING>(
+                self.roots.len(),
+                |t| (self.roots[t], x),
+                |t, leaf| leaves[t] = leaf,
+            );
+            for leaf in leaves {
+                self.add(leaf, 0, scores);
+            }
+            return;
+        }
+        for block in self.blocks() {
+            for tree in block {
+                let root = self.roots[tree];
+                self.refill::<C, MISSING>(
+                    rows,
+                    |r| (root, &x[r * columns..(r + 1) * columns]),
+                    |r, leaf| self.add(leaf, r, scores),
+                );
+            }
+        }
+    }
+
+    /// Walks `items` walks (`start` gives each its root and row), [`LANES`] at a time, each
+    /// to its leaf (a node that is its own child), handing each leaf to `done`.
+    #[inline(always)]
+    fn refill<'x, C: Compare, const MISSING: bool>(
+        &self,
+        items: usize,
+        start: impl Fn(usize) -> (u32, &'x [f32]),
+        mut done: impl FnMut(usize, u32),
+    ) {
+        const IDLE: usize = usize::MAX;
+        let mut item = [IDLE; LANES];
+        let mut cur = [0u32; LANES];
+        let mut row: [&[f32]; LANES] = [&[]; LANES];
+        let mut next = 0;
+        for lane in 0..LANES.min(items) {
+            item[lane] = next;
+            (cur[lane], row[lane]) = start(next);
+            next += 1;
+        }
+        let mut live = LANES.min(items);
+        while live > 0 {
+            for lane in 0..LANES {
+                if item[lane] == IDLE {
+                    continue;
+                }
+                let at = cur[lane];
+                let node = self.nodes[at as usize];
+                if node.on_true == at {
+                    done(item[lane], at);
+                    if next < items {
+                        item[lane] = next;
+                        (cur[lane], row[lane]) = start(next);
+                        next += 1;
+                    } else {
+                        item[lane] = IDLE;
+                        live -= 1;
+                    }
+                    continue;
+                }
+                cur[lane] = self.branch::<C, MISSING>(at, node, row[lane]);
+            }
+        }
+    }
+
     /// Consecutive trees whose nodes fit in [`BLOCK_BYTES`] (at least one tree each).
     fn blocks(&self) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         let per_node = size_of::<Node>();
@@ -391,7 +516,11 @@ impl Forest {
 
     #[inline(always)]
     fn step<C: Compare, const MISSING: bool>(&self, at: u32, row: &[f32]) -> u32 {
-        let node = self.nodes[at as usize];
+        self.branch::<C, MISSING>(at, self.nodes[at as usize], row)
+    }
+
+    #[inline(always)]
+    fn branch<C: Compare, const MISSING: bool>(&self, at: u32, node: Node, row: &[f32]) -> u32 {
         let v = row[(node.feature & !MISSING_TRUE) as usize];
         let holds = C::holds(self, at, v, node.value)
             || (MISSING && v.is_nan() && node.feature & MISSING_TRUE != 0);
@@ -469,6 +598,46 @@ impl Compare for Mixed {
     }
 }
 
+/// QuickScorer's tables, when every tree has at most 64 leaves.
+fn quick_scorer(out: &Builder, features: usize, strict: bool) -> Option<QuickScorer> {
+    let mut tests = Vec::new();
+    let mut leaves_per_tree = Vec::with_capacity(out.roots.len());
+    for (tree, &root) in out.roots.iter().enumerate() {
+        let end = out.roots.get(tree + 1).map_or(out.nodes.len(), |&r| r as usize);
+        let range = root as usize..end;
+        // Leaves before each node of the tree: in this depth-first, true-first layout a
+        // node's true subtree is the span from the node to its false child.
+        let mut before = Vec::with_capacity(range.len() + 1);
+        let mut leaves = Vec::new();
+        for i in range.clone() {
+            before.push(leaves.len() as u32);
+            if out.leaf_of[i] != NO_LEAF {
+                leaves.push(i as u32);
+            }
+        }
+        before.push(leaves.len() as u32);
+        if leaves.len() > QuickScorer::MAX_LEAVES {
+            return None;
+        }
+        for i in range.clone() {
+            if out.leaf_of[i] != NO_LEAF {
+                continue;
+            }
+            let node = out.nodes[i];
+            let local = |n: usize| before[n - range.start];
+            tests.push(Test {
+                tree: tree as u32,
+                feature: node.feature & !MISSING_TRUE,
+                threshold: node.value,
+                missing_true: node.feature & MISSING_TRUE != 0,
+                true_leaves: local(i + 1)..local(node.on_false as usize),
+            });
+        }
+        leaves_per_tree.push(leaves);
+    }
+    Some(QuickScorer::new(&tests, &leaves_per_tree, features, strict))
+}
+
 #[derive(Default)]
 struct Builder {
     nodes: Vec<Node>,
@@ -483,9 +652,21 @@ struct Builder {
     leaf_weight: Vec<f32>,
     max_feature: Option<usize>,
     any_missing_true: bool,
+    /// Per tree: the mean depth of its leaves.
+    mean_leaf_depths: Vec<f64>,
 }
 
 impl Builder {
+    /// Lays out every tree of `spec`.
+    fn build(spec: &Spec) -> Result<Self, ForestError> {
+        let mut out = Self::default();
+        let mut seen = vec![false; spec.nodes.len()];
+        for (tree, &root) in spec.roots.iter().enumerate() {
+            out.tree(spec, tree, root, &mut seen)?;
+        }
+        Ok(out)
+    }
+
     /// Lays out one tree depth-first from `root`, true branches first.
     fn tree(
         &mut self,
@@ -509,6 +690,7 @@ impl Builder {
         let mut stack = vec![(root, None::<(usize, bool)>, 0u32)];
         let first = self.nodes.len();
         let mut depth = 0;
+        let (mut leaves, mut leaf_depths) = (0u32, 0u64);
         while let Some((declared, parent, level)) = stack.pop() {
             if std::mem::replace(&mut seen[declared], true) {
                 return Err(ForestError::Cycle { tree, node: declared });
@@ -555,6 +737,8 @@ impl Builder {
                     stack.push((t, Some((at as usize, true)), level + 1));
                 }
                 SpecNode::Leaf(weights) => {
+                    leaves += 1;
+                    leaf_depths += u64::from(level);
                     for &(target, w) in weights {
                         if target >= spec.n_targets {
                             return Err(ForestError::Target {
@@ -581,6 +765,7 @@ impl Builder {
         }
         self.roots.push(first as u32);
         self.depths.push(depth);
+        self.mean_leaf_depths.push(leaf_depths as f64 / f64::from(leaves.max(1)));
         Ok(())
     }
 
@@ -659,21 +844,134 @@ mod tests {
             .sum()
     }
 
+    /// The forest compiled once per way of walking it.
+    fn every_walk(spec: &Spec) -> Vec<Forest> {
+        let forest = Forest::compile(spec).unwrap();
+        let mut all = vec![forest.clone()];
+        for walk in [Walk::Lockstep, Walk::Refill] {
+            all.push(Forest { walk, ..forest.clone() });
+        }
+        if let Some(cmp @ (Cmp::Leq | Cmp::Lt)) = forest.uniform {
+            let out = Builder::build(spec).unwrap();
+            if let Some(quick) = quick_scorer(&out, forest.n_features, cmp == Cmp::Lt) {
+                all.push(Forest { walk: Walk::Quick(quick), ..forest });
+            }
+        }
+        all
+    }
+
     #[test]
-    fn every_batch_size_scores_like_a_plain_walk() {
+    fn every_batch_size_scores_like_a_plain_walk_in_every_walk() {
         let spec = spec();
         let forest = Forest::compile(&spec).unwrap();
         assert_eq!((forest.trees(), forest.features(), forest.targets()), (2, 2, 1));
+        assert!(
+            matches!(forest.walk, Walk::Quick(_)),
+            "a stump beside a deeper tree: uneven depths"
+        );
         let rows: Vec<[f32; 2]> =
             (0..37).map(|i| [(i % 7) as f32 * 0.5, (i % 3) as f32 - 1.0]).collect();
-        for n in [1, 2, 8, 9, 37] {
-            let x: Vec<f32> = rows[..n].iter().flatten().copied().collect();
-            let scores = forest.eval(&x, n, 2);
-            for (i, row) in rows[..n].iter().enumerate() {
-                assert_eq!(scores.values[i], naive(&spec, row), "row {i} of {n}");
-                assert!(scores.has[i]);
+        for forest in every_walk(&spec) {
+            for n in [1, 2, 8, 9, 37] {
+                let x: Vec<f32> = rows[..n].iter().flatten().copied().collect();
+                let scores = forest.eval(&x, n, 2);
+                for (i, row) in rows[..n].iter().enumerate() {
+                    assert_eq!(
+                        scores.values[i],
+                        naive(&spec, row),
+                        "row {i} of {n}, {:?}",
+                        forest.walk
+                    );
+                    assert!(scores.has[i]);
+                }
             }
         }
+        // Two trees of one shape: even depths.
+        let mut nodes = spec.nodes.clone();
+        nodes.extend(spec.nodes[3..].iter().map(|n| match n {
+            SpecNode::Branch { on_true, on_false, .. } => {
+                let mut n = n.clone();
+                if let SpecNode::Branch { on_true: t, on_false: f, .. } = &mut n {
+                    (*t, *f) = (on_true + 5, on_false + 5);
+                }
+                n
+            }
+            leaf => leaf.clone(),
+        }));
+        let even = Spec { nodes, roots: vec![3, 8], ..spec.clone() };
+        assert_eq!(Forest::compile(&even).unwrap().walk, Walk::Lockstep);
+    }
+
+    /// Random trees of random shapes, with missing values and both flags: every walk
+    /// agrees with the plain one.
+    #[test]
+    fn random_forests_agree_with_a_plain_walk() {
+        let mut rng = Lcg(7);
+        for round in 0..40 {
+            let mut nodes = Vec::new();
+            let mut roots = Vec::new();
+            for _ in 0..1 + rng.below(12) {
+                // Depths to 7: some trees past QuickScorer's 64 leaves, most within.
+                let depth = 1 + rng.below(if round % 2 == 0 { 6 } else { 7 });
+                roots.push(random_tree(&mut nodes, &mut rng, 0, depth));
+            }
+            let spec = Spec { nodes, roots, n_targets: 1, aggregate: Aggregate::Sum };
+            let rows: Vec<[f32; 4]> = (0..19)
+                .map(|_| {
+                    std::array::from_fn(|_| {
+                        if rng.below(9) == 0 { f32::NAN } else { rng.below(20) as f32 / 4.0 }
+                    })
+                })
+                .collect();
+            let x: Vec<f32> = rows.iter().flatten().copied().collect();
+            for forest in every_walk(&spec) {
+                for n in [1, rows.len()] {
+                    let scores = forest.eval(&x[..n * 4], n, 4);
+                    for (i, row) in rows[..n].iter().enumerate() {
+                        assert_eq!(
+                            scores.values[i],
+                            naive(&spec, row),
+                            "round {round}, row {i}, {:?}",
+                            forest.walk
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    struct Lcg(u64);
+
+    impl Lcg {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 33) as usize) % n
+        }
+    }
+
+    /// A tree of at most `depth` levels below `level`; returns its root's index.
+    fn random_tree(nodes: &mut Vec<SpecNode>, rng: &mut Lcg, level: usize, depth: usize) -> usize {
+        let at = nodes.len();
+        if level == depth || (level > 0 && rng.below(4) == 0) {
+            nodes.push(leaf(rng.below(100) as f32));
+            return at;
+        }
+        nodes.push(leaf(0.0));
+        let on_true = random_tree(nodes, rng, level + 1, depth);
+        let on_false = random_tree(nodes, rng, level + 1, depth);
+        nodes[at] = SpecNode::Branch {
+            feature: rng.below(4),
+            cmp: Cmp::Leq,
+            value: rng.below(20) as f32 / 4.0,
+            members: vec![],
+            missing_true: rng.below(2) == 0,
+            on_true,
+            on_false,
+        };
+        at
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod forest;
 pub mod head;
+pub mod quickscorer;
 
 use std::collections::HashMap;
 use std::sync::Arc;
