@@ -12,5 +12,5 @@ mod write;
 pub mod zoo;
 
 pub use convert::tensor_from_proto;
-pub use model::{LoadOptions, OnnxError, OnnxModel, Planning, RunError};
+pub use model::{LoadOptions, OnnxError, OnnxModel, Planning, RunError, supported_operators};
 pub use write::{Attr, GraphBuilder, mlp_classifier};

@@ -34,6 +34,14 @@ pub enum OnnxError {
     /// tract could not load, type or plan the graph (an unsupported operator, say).
     #[error("tract cannot load the model: {0}")]
     Load(String),
+    /// A node uses an operator the CPU engine does not have.
+    #[error("node {node:?} uses operator {operator}, which the CPU engine does not support")]
+    Operator {
+        /// The node's name (or its first output's, when it has none).
+        node: String,
+        /// `domain:op_type` (the default domain as `ai.onnx`).
+        operator: String,
+    },
     /// An input or output has a type or shape Falaj cannot serve.
     #[error("{tensor:?}: {problem}")]
     Unsupported {
@@ -187,7 +195,39 @@ fn dim(d: &TDim) -> Dim {
 struct Declared {
     name: String,
     dt: tract_onnx::prelude::DatumType,
-    dims: Vec<Option<TDim>>,
+    dims: Vec<Option<Declare>>,
+}
+
+/// One declared axis. Symbols are kept by name: each parse of the graph has symbols of
+/// its own, and one model's must not leak into another's.
+#[derive(Clone)]
+enum Declare {
+    Size(i64),
+    Named(String),
+}
+
+impl Declare {
+    fn of(d: &TDim) -> Option<Self> {
+        match d {
+            TDim::Val(v) => Some(Self::Size(*v)),
+            TDim::Sym(s) => Some(Self::Named(s.to_string())),
+            _ => None,
+        }
+    }
+
+    fn in_model(&self, model: &InferenceModel) -> TDim {
+        match self {
+            Self::Size(v) => TDim::Val(*v),
+            Self::Named(name) => TDim::Sym(model.symbols.sym(name)),
+        }
+    }
+
+    fn size(&self) -> Option<i64> {
+        match self {
+            Self::Size(v) => Some(*v),
+            Self::Named(_) => None,
+        }
+    }
 }
 
 /// How one attempt sets the input facts.
@@ -219,10 +259,10 @@ impl Declared {
                 Facts::Concrete(shapes) => TDim::Val(shapes[i][axis] as i64),
                 Facts::Pinned(shapes) => match shapes.get(&self.name).map(|s| s.0[axis]) {
                     Some(Extent::Exactly(n)) => TDim::Val(n as i64),
-                    _ => d.clone().unwrap_or_else(|| free(axis, false)),
+                    _ => d.as_ref().map_or_else(|| free(axis, false), |d| d.in_model(model)),
                 },
                 Facts::Symbolic { shared_batch } => {
-                    d.clone().unwrap_or_else(|| free(axis, shared_batch))
+                    d.as_ref().map_or_else(|| free(axis, shared_batch), |d| d.in_model(model))
                 }
             })
             .collect()
@@ -259,12 +299,22 @@ impl OnnxModel {
     /// Loads a model, planned for `options.shapes` when its shapes cannot be settled
     /// symbolically.
     pub fn load_with(bytes: &[u8], options: &LoadOptions) -> Result<Self, OnnxError> {
+        // A model is outside input: a panic inside tract on a strange graph is a refusal,
+        // not a crash.
+        catch(|| Self::load_unguarded(bytes, options))
+            .unwrap_or_else(|panic| Err(OnnxError::Load(panic)))
+    }
+
+    fn load_unguarded(bytes: &[u8], options: &LoadOptions) -> Result<Self, OnnxError> {
         let proto = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
         if proto.graph.is_none() {
             return Err(OnnxError::Decode("the model has no graph".into()));
         }
         let mut onnx = tract_onnx::onnx();
         falaj_operators::register(&mut onnx.op_register);
+        if let Some(graph) = &proto.graph {
+            check_operators(graph, &onnx.op_register)?;
+        }
         let base = onnx.model_for_proto_model(&proto).map_err(|e| load_error(&e))?;
         let declared = declared_inputs(&base)?;
         // Given shapes are planned without the graph's intermediate shape annotations,
@@ -314,7 +364,7 @@ impl OnnxModel {
                 None => d
                     .dims
                     .iter()
-                    .map(|x| x.as_ref().and_then(|x| x.to_i64().ok()).unwrap_or(1) as usize)
+                    .map(|x| x.as_ref().and_then(Declare::size).unwrap_or(1) as usize)
                     .collect(),
             })
             .collect();
@@ -358,6 +408,10 @@ impl OnnxModel {
     /// signature order. Shapes must already fit the signature (see
     /// [`Signature::bind`]); symbolic sizes are resolved from them for this run.
     pub fn run(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        catch(|| self.run_unguarded(inputs)).unwrap_or_else(|panic| Err(RunError::Execution(panic)))
+    }
+
+    fn run_unguarded(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
         if inputs.len() != self.signature.inputs.len() {
             return Err(RunError::InputCount {
                 expected: self.signature.inputs.len(),
@@ -428,6 +482,72 @@ impl ShapePlans {
     }
 }
 
+/// The domains whose operators the engine may have: ONNX's own and ONNX-ML.
+const DOMAINS: [&str; 3] = ["", "ai.onnx", "ai.onnx.ml"];
+
+/// Refuses the first node (in subgraphs too) whose operator has no implementation.
+fn check_operators(
+    graph: &tract_onnx::pb::GraphProto,
+    ops: &tract_onnx::model::OnnxOpRegister,
+) -> Result<(), OnnxError> {
+    for node in &graph.node {
+        if !DOMAINS.contains(&node.domain.as_str()) || !ops.0.contains_key(&node.op_type) {
+            let domain = if node.domain.is_empty() { "ai.onnx" } else { node.domain.as_str() };
+            let name = if node.name.is_empty() {
+                node.output.first().cloned().unwrap_or_default()
+            } else {
+                node.name.clone()
+            };
+            return Err(OnnxError::Operator {
+                node: name,
+                operator: format!("{domain}:{}", node.op_type),
+            });
+        }
+        for attr in &node.attribute {
+            if let Some(g) = &attr.g {
+                check_operators(g, ops)?;
+            }
+            for g in &attr.graphs {
+                check_operators(g, ops)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Every operator the CPU engine implements, as `domain:op_type`, sorted.
+pub fn supported_operators() -> Vec<String> {
+    let mut onnx = tract_onnx::onnx();
+    falaj_operators::register(&mut onnx.op_register);
+    let ml: std::collections::BTreeSet<&str> = falaj_operators::OPERATORS.iter().copied().collect();
+    let mut out: Vec<String> = onnx
+        .op_register
+        .0
+        .keys()
+        .map(|op| {
+            if ml.contains(op.as_str()) && op != "If" {
+                format!("ai.onnx.ml:{op}")
+            } else {
+                format!("ai.onnx:{op}")
+            }
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Runs `f`, turning a panic into its message.
+fn catch<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        format!("tract panicked: {message}")
+    })
+}
+
 fn poisoned() -> RunError {
     RunError::Execution("the plan cache's lock was poisoned by a panic".into())
 }
@@ -448,7 +568,8 @@ fn declared_inputs(model: &InferenceModel) -> Result<Vec<Declared>, OnnxError> {
                 problem: "the model does not declare its rank".into(),
             });
         }
-        let dims = fact.shape.dims().map(|d| d.concretize()).collect();
+        let dims =
+            fact.shape.dims().map(|d| d.concretize().and_then(|d| Declare::of(&d))).collect();
         out.push(Declared { name, dt, dims });
     }
     Ok(out)
@@ -478,7 +599,7 @@ fn check_shapes(
                 )));
             }
             for (axis, (extent, declared)) in shape.0.iter().zip(&d.dims).enumerate() {
-                if let Some(TDim::Val(n)) = declared {
+                if let Some(Declare::Size(n)) = declared {
                     if !extent.allows(*n as u64) || *extent != Extent::Exactly(*n as u64) {
                         return Err(bad(format!(
                             "shape {shape} gives {extent} on axis {axis}, the model declares {n}"
@@ -505,7 +626,11 @@ fn input_specs(
                 .enumerate()
                 .map(|(axis, x)| match (pinned.map(|s| s.0[axis]), x) {
                     (Some(Extent::Exactly(n)), _) => Dim::Fixed(n),
-                    (_, Some(x)) => dim(x),
+                    (_, Some(Declare::Size(n))) => u64::try_from(*n).map_or(Dim::Any, Dim::Fixed),
+                    (_, Some(Declare::Named(s))) if !s.starts_with(UNNAMED_PREFIX) => {
+                        Dim::Symbol(s.clone())
+                    }
+                    (_, Some(Declare::Named(_))) => Dim::Any,
                     (_, None) => Dim::Any,
                 })
                 .collect();
@@ -572,7 +697,7 @@ fn hint(error: OnnxError, base: &InferenceModel, declared: &[Declared]) -> OnnxE
         .map(|d| {
             d.dims
                 .iter()
-                .map(|x| x.as_ref().and_then(|x| x.to_i64().ok()).unwrap_or(1) as usize)
+                .map(|x| x.as_ref().and_then(Declare::size).unwrap_or(1) as usize)
                 .collect()
         })
         .collect();
