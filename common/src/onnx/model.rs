@@ -711,3 +711,102 @@ fn hint(error: OnnxError, base: &InferenceModel, declared: &[Declared]) -> OnnxE
         (error, _) => error,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::{Attr, GraphBuilder};
+    use crate::tensor::{DataType, TensorData};
+
+    /// `y = concat([a, b], axis 1)` over `a: [A, 2]`, `b: [B, 2]`: the rows of A and B
+    /// must agree, which tract cannot know of two symbols, so no symbolic plan exists.
+    fn concat_model() -> Vec<u8> {
+        let mut g = GraphBuilder::new("concat");
+        g.input("a", DataType::Fp32, &[Dim::Symbol("A".into()), Dim::Fixed(2)]);
+        g.input("b", DataType::Fp32, &[Dim::Symbol("B".into()), Dim::Fixed(2)]);
+        g.node("Concat", &["a", "b"], &["y"], vec![Attr::Int("axis", 1)]);
+        g.output("y", DataType::Fp32, &[Dim::Symbol("A".into()), Dim::Fixed(4)]);
+        g.encode("test")
+    }
+
+    fn rows(n: u64, v: f32) -> Tensor {
+        Tensor { shape: vec![n, 2], data: TensorData::Fp32(vec![v; n as usize * 2]) }
+    }
+
+    fn options(shapes: &[(&str, &str)], cache: usize) -> LoadOptions {
+        LoadOptions {
+            shapes: shapes.iter().map(|(n, s)| ((*n).to_owned(), s.parse().unwrap())).collect(),
+            plan_cache: NonZeroUsize::new(cache).unwrap(),
+        }
+    }
+
+    #[test]
+    fn shapes_tract_cannot_settle_are_refused_with_the_way_out() {
+        let err = OnnxModel::load(&concat_model()).unwrap_err();
+        assert!(err.to_string().contains("--input-shape"), "{err}");
+    }
+
+    #[test]
+    fn a_model_planned_per_shape_keeps_a_bounded_cache() {
+        let opts = options(&[("a", "1..,2"), ("b", "1..,2")], 2);
+        let model = OnnxModel::load_with(&concat_model(), &opts).unwrap();
+        assert_eq!(model.planning(), Planning::PerShape);
+        assert_eq!(model.plans(), 1, "the first plan is made at load");
+        for n in [3, 5, 3, 7] {
+            let out = model.run(vec![rows(n, 1.0), rows(n, 2.0)]).unwrap();
+            assert_eq!(out[0].shape, vec![n, 4]);
+            assert_eq!(out[0].data, TensorData::Fp32([1.0, 1.0, 2.0, 2.0].repeat(n as usize)));
+            assert!(model.plans() <= 2, "the cache never holds more than its size");
+        }
+        assert_eq!(model.plans(), 2);
+        // Shapes the graph cannot combine are the caller's mistake, named.
+        let err = model.run(vec![rows(2, 1.0), rows(3, 1.0)]).unwrap_err();
+        assert!(matches!(err, RunError::Plan { .. }), "{err}");
+    }
+
+    #[test]
+    fn pinned_sizes_and_ranges_bound_requests() {
+        let opts = options(&[("a", "1..4,2"), ("b", "1..4,2")], 4);
+        let model = OnnxModel::load_with(&concat_model(), &opts).unwrap();
+        let err = model.run(vec![rows(5, 1.0), rows(5, 1.0)]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"input "a" has size 5 on axis 0; the model is planned for 1..4"#
+        );
+        // A pinned size is part of the signature: requests of another size fail binding.
+        let pinned = options(&[("a", "3,2"), ("b", "3,2")], 4);
+        let model = OnnxModel::load_with(&concat_model(), &pinned).unwrap();
+        assert_eq!(model.signature().inputs[0].shape, vec![Dim::Fixed(3), Dim::Fixed(2)]);
+        assert_eq!(model.run(vec![rows(3, 1.0), rows(3, 2.0)]).unwrap()[0].shape, vec![3, 4]);
+        let bad = options(&[("a", "1..,3"), ("b", "1..,2")], 4);
+        let err = OnnxModel::load_with(&concat_model(), &bad).unwrap_err();
+        assert!(err.to_string().contains("gives 3 on axis 1, the model declares 2"), "{err}");
+        let unknown = options(&[("c", "1")], 4);
+        assert!(
+            OnnxModel::load_with(&concat_model(), &unknown)
+                .unwrap_err()
+                .to_string()
+                .contains("no such input")
+        );
+    }
+
+    #[test]
+    fn operators_outside_the_set_name_their_node() {
+        let mut g = GraphBuilder::new("bad");
+        g.input("x", DataType::Fp32, &[Dim::Fixed(2)]);
+        g.node("Relu", &["x"], &["r"], vec![]);
+        g.node("NoSuchOperator", &["r"], &["y"], vec![]);
+        g.output("y", DataType::Fp32, &[Dim::Fixed(2)]);
+        let err = OnnxModel::load(&g.encode("test")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"node "NoSuchOperator_1" uses operator ai.onnx:NoSuchOperator, which the CPU engine does not support"#
+        );
+        let ops = supported_operators();
+        for op in
+            ["ai.onnx:Conv", "ai.onnx:If", "ai.onnx.ml:TreeEnsembleClassifier", "ai.onnx.ml:ZipMap"]
+        {
+            assert!(ops.iter().any(|o| o == op), "{op} in {ops:?}");
+        }
+    }
+}
