@@ -244,6 +244,7 @@ impl Checked for AgentConfig {
         )?;
         within(path, "engine.max_batch", self.engine.max_batch, 1, 65_536)?;
         within(path, "engine.plan_cache", self.engine.plan_cache, 1, 1024)?;
+        within(path, "engine.threads", self.engine.threads, 1, 256)?;
         Ok(())
     }
 }
@@ -295,6 +296,7 @@ mod tests {
         check("[engine]\nbatch_wait = \"2s\"\n", "engine.batch_wait: must be between");
         check("[engine]\nmax_batch = 0\n", "engine.max_batch");
         check("[engine]\nplan_cache = 0\n", "engine.plan_cache");
+        check("[engine]\nthreads = 0\n", "engine.threads");
     }
 
     #[test]

@@ -173,9 +173,13 @@ pub struct EngineConfig {
     pub batch_wait: Duration,
     /// Most rows in one GPU batch.
     pub max_batch: usize,
-    /// Most plans kept per model planned per input shape (models whose shapes tract
-    /// cannot settle symbolically); the least recently used is dropped.
+    /// Most plans kept per model planned per input shape (convolutional models, and
+    /// models whose shapes tract cannot settle symbolically); the least recently used is
+    /// dropped.
     pub plan_cache: usize,
+    /// Threads one inference of a convolutional model may use for the rows of its batch
+    /// (1: the thread that serves the request).
+    pub threads: usize,
 }
 
 impl Default for EngineConfig {
@@ -187,6 +191,7 @@ impl Default for EngineConfig {
             batch_wait: batch.wait,
             max_batch: batch.max_rows,
             plan_cache: 8,
+            threads: 1,
         }
     }
 }
@@ -252,6 +257,7 @@ impl Engines {
         let options = LoadOptions {
             shapes: spec.shapes.clone(),
             plan_cache: NonZeroUsize::new(self.config.plan_cache).unwrap_or(NonZeroUsize::MIN),
+            threads: NonZeroUsize::new(self.config.threads).unwrap_or(NonZeroUsize::MIN),
         };
         let cpu = OnnxModel::load_with(model_bytes, &options)?;
         if !self.wants_gpu(spec.runtime) {

@@ -564,6 +564,65 @@ pub struct Tensor {
     pub data: TensorData,
 }
 
+impl Tensor {
+    /// The rows (first-axis slices) of a tensor of rank 1 or more, each with a first
+    /// axis of 1.
+    pub fn split_rows(&self) -> Vec<Tensor> {
+        let rows = self.shape.first().copied().unwrap_or(0) as usize;
+        let width = self.data.len().checked_div(rows).unwrap_or(0);
+        let mut shape = self.shape.clone();
+        if let Some(first) = shape.first_mut() {
+            *first = 1;
+        }
+        (0..rows)
+            .map(|r| {
+                let range = r * width..(r + 1) * width;
+                let data = crate::for_each_tensor_data!(&self.data, v => TensorData::from(v[range].to_vec()),
+                    bytes b => TensorData::Bytes(b[range].to_vec()));
+                Tensor { shape: shape.clone(), data }
+            })
+            .collect()
+    }
+
+    /// Tensors of one type and shape stacked along their first axis; `None` when they
+    /// differ (or there are none).
+    pub fn stack_rows(parts: Vec<Tensor>) -> Option<Tensor> {
+        let first = parts.first()?;
+        let (datatype, tail) = (first.data.datatype(), first.shape.get(1..)?.to_vec());
+        let mut rows = 0;
+        for p in &parts {
+            if p.data.datatype() != datatype || p.shape.get(1..)? != tail.as_slice() {
+                return None;
+            }
+            rows += p.shape[0];
+        }
+        let mut shape = vec![rows];
+        shape.extend(tail);
+        let mut parts = parts.into_iter();
+        let mut data = parts.next()?.data;
+        for p in parts {
+            match (&mut data, p.data) {
+                (TensorData::Bytes(a), TensorData::Bytes(b)) => a.extend(b),
+                (a, b) => append(a, b),
+            }
+        }
+        Some(Tensor { shape, data })
+    }
+}
+
+/// Appends `b` to `a`, both of the same numeric type.
+fn append(a: &mut TensorData, b: TensorData) {
+    macro_rules! pairs {
+        ($($v:ident),*) => {
+            match (a, b) {
+                $((TensorData::$v(a), TensorData::$v(b)) => a.extend(b),)*
+                _ => {}
+            }
+        };
+    }
+    pairs!(Bool, Uint8, Uint16, Uint32, Uint64, Int8, Int16, Int32, Int64, Fp16, Fp32, Fp64, Bytes);
+}
+
 /// The number of elements of `shape`, or `None` if it overflows `usize`.
 pub fn element_count(shape: &[u64]) -> Option<usize> {
     shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(usize::try_from(d).ok()?))
@@ -684,6 +743,24 @@ mod tests {
         for bad in ["", "3,x", "5..2", "1,,2", "-1"] {
             assert!(bad.parse::<InputShape>().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn rows_split_and_stack_back() {
+        let t = Tensor { shape: vec![3, 2], data: TensorData::Int64(vec![1, 2, 3, 4, 5, 6]) };
+        let rows = t.split_rows();
+        assert_eq!(rows.len(), 3);
+        assert_eq!(rows[1], Tensor { shape: vec![1, 2], data: TensorData::Int64(vec![3, 4]) });
+        assert_eq!(Tensor::stack_rows(rows), Some(t));
+        let s =
+            Tensor { shape: vec![2], data: TensorData::Bytes(vec![b"a".to_vec(), b"bc".to_vec()]) };
+        assert_eq!(Tensor::stack_rows(s.split_rows()), Some(s));
+        let mixed = vec![
+            Tensor { shape: vec![1, 2], data: TensorData::Fp32(vec![0.0; 2]) },
+            Tensor { shape: vec![1, 3], data: TensorData::Fp32(vec![0.0; 3]) },
+        ];
+        assert_eq!(Tensor::stack_rows(mixed), None);
+        assert_eq!(Tensor::stack_rows(vec![]), None);
     }
 
     #[test]

@@ -60,6 +60,8 @@ pub enum Shape {
     Append(usize),
     /// Not known before the types are (the typed operator works it out).
     Free,
+    /// What the kernel's facts give for the first input's shape (as float32).
+    FromKernel,
 }
 
 /// An output: its element type and shape.
@@ -128,6 +130,14 @@ impl<K: Kernel> Expansion for Expand<K> {
                 }
                 Shape::Like => s.equals(&proxy.shape, &inputs[0].shape)?,
                 Shape::Free => {}
+                Shape::FromKernel => {
+                    let kernel = self.kernel.clone();
+                    s.given(&inputs[0].shape, move |s, shape| {
+                        let fact = f32::fact(shape.iter().cloned().collect::<TVec<_>>());
+                        let out = kernel.facts(&[&fact])?;
+                        s.equals(&proxy.shape, out[0].shape.to_tvec())
+                    })?;
+                }
                 Shape::Append(k) => {
                     let k = k.to_dim();
                     s.given(&inputs[0].shape, move |s, shape| {

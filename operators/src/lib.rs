@@ -14,6 +14,7 @@ pub mod control;
 pub mod encode;
 pub mod expand;
 pub mod linear;
+pub mod nn;
 pub mod post;
 pub mod prep;
 pub mod tree;
@@ -46,6 +47,15 @@ pub const OPERATORS: &[&str] = &[
 /// Registers every operator of [`OPERATORS`] into `registry`, replacing tract's own
 /// where it has one.
 pub fn register(registry: &mut OnnxOpRegister) {
+    // tract's own builders stay behind ours, for the cases ours leave to them.
+    if let Some(&conv) = registry.0.get("Conv") {
+        let _ = nn::TRACT_CONV.set(conv);
+        registry.insert("Conv", nn::conv);
+    }
+    if let Some(&softmax) = registry.0.get("Softmax") {
+        let _ = nn::TRACT_SOFTMAX.set(softmax);
+        registry.insert("Softmax", nn::softmax);
+    }
     registry.insert("ArrayFeatureExtractor", prep::array_feature_extractor);
     registry.insert("Binarizer", prep::binarizer);
     registry.insert("CategoryMapper", encode::category_mapper);

@@ -115,11 +115,17 @@ pub struct LoadOptions {
     pub shapes: BTreeMap<String, InputShape>,
     /// Most plans kept for a model planned per input shape.
     pub plan_cache: NonZeroUsize,
+    /// Threads one inference of a convolutional model may use for the rows of its batch.
+    pub threads: NonZeroUsize,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { shapes: BTreeMap::new(), plan_cache: NonZeroUsize::new(8).expect("8 is not zero") }
+        Self {
+            shapes: BTreeMap::new(),
+            plan_cache: NonZeroUsize::new(8).expect("8 is not zero"),
+            threads: NonZeroUsize::MIN,
+        }
     }
 }
 
@@ -149,6 +155,11 @@ pub struct OnnxModel {
     signature: Signature,
     /// Per input, in signature order: the sizes it was planned for, if given.
     shapes: Vec<Option<InputShape>>,
+    /// Rows of a batch run one by one (on up to `threads` threads): a convolutional
+    /// model whose every input and output has a free first axis. tract's kernels for
+    /// one image beat its batched ones, whose per-channel broadcasts take a slow path.
+    rows_apart: bool,
+    threads: usize,
 }
 
 #[derive(Clone)]
@@ -334,6 +345,7 @@ impl OnnxModel {
         }
         let mut first_error = None;
         let mut plain = None;
+        let convolutional = proto.graph.as_ref().is_some_and(has_convolutions);
         for how in attempts {
             let model = match how {
                 Facts::Symbolic { .. } => &base,
@@ -342,10 +354,26 @@ impl OnnxModel {
             match with_facts(model, &declared, how).and_then(optimise) {
                 Ok(optimized) => {
                     let outputs = typed_outputs(&proto, &optimized)?;
-                    let plan = optimized.into_runnable().map_err(|e| load_error(&e))?;
                     let signature =
                         Signature { inputs: input_specs(&declared, &options.shapes)?, outputs };
-                    return Ok(Self { plans: Plans::One(plan), signature, shapes });
+                    if !convolutional {
+                        let plan = optimized.into_runnable().map_err(|e| load_error(&e))?;
+                        return Ok(Self::new(Plans::One(plan), signature, shapes, false, options));
+                    }
+                    // tract picks its fast convolutions (depthwise, direct, lazy im2col)
+                    // only for concrete shapes: plan per shape, the symbolic plan having
+                    // shown the model loads; the first plan now when its shape is known.
+                    let base = match plain {
+                        Some(plain) => plain,
+                        None => concrete_base()?,
+                    };
+                    let plans = ShapePlans::new(base, options.plan_cache);
+                    if let Some(first) = first_shapes(&declared, &options.shapes, false) {
+                        let plan = plans.make(&declared_facts(&declared, &first))?;
+                        plans.insert(first, plan);
+                    }
+                    let plans = Plans::PerShape(Arc::new(plans));
+                    return Ok(Self::new(plans, signature, shapes, true, options));
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -357,30 +385,35 @@ impl OnnxModel {
             return Err(hint(first_error, &base, &declared));
         }
         // Per shape: the first plan, for every axis's least size, made now.
-        let first: Vec<Vec<usize>> = declared
-            .iter()
-            .map(|d| match options.shapes.get(&d.name) {
-                Some(s) => s.first().into_iter().map(|n| n as usize).collect(),
-                None => d
-                    .dims
-                    .iter()
-                    .map(|x| x.as_ref().and_then(Declare::size).unwrap_or(1) as usize)
-                    .collect(),
-            })
-            .collect();
+        let first = first_shapes(&declared, &options.shapes, true).expect("every axis has a size");
         let base = match plain {
             Some(plain) => plain,
             None => concrete_base()?,
         };
         let optimized = with_facts(&base, &declared, Facts::Concrete(&first)).and_then(optimise)?;
-        let typed = typed_outputs(&proto, &optimized)?;
-        let outputs = declared_outputs(&proto, typed);
+        let outputs = declared_outputs(&proto, typed_outputs(&proto, &optimized)?);
         let plan = optimized.into_runnable().map_err(|e| load_error(&e))?;
-        let mut cache = lru::LruCache::new(options.plan_cache);
-        cache.put(first, plan);
-        let plans = Plans::PerShape(Arc::new(ShapePlans { base, cache: Mutex::new(cache) }));
+        let plans = ShapePlans::new(base, options.plan_cache);
+        plans.insert(first, plan);
         let signature = Signature { inputs: input_specs(&declared, &options.shapes)?, outputs };
-        Ok(Self { plans, signature, shapes })
+        Ok(Self::new(Plans::PerShape(Arc::new(plans)), signature, shapes, convolutional, options))
+    }
+
+    fn new(
+        plans: Plans,
+        signature: Signature,
+        shapes: Vec<Option<InputShape>>,
+        convolutional: bool,
+        options: &LoadOptions,
+    ) -> Self {
+        let free_first = |specs: &[TensorSpec]| {
+            specs.iter().all(|t| matches!(t.shape.first(), Some(Dim::Symbol(_) | Dim::Any)))
+        };
+        let rows_apart = convolutional
+            && !signature.inputs.is_empty()
+            && free_first(&signature.inputs)
+            && free_first(&signature.outputs);
+        Self { plans, signature, shapes, rows_apart, threads: options.threads.get() }
     }
 
     /// The model's inputs and outputs.
@@ -427,6 +460,68 @@ impl OnnxModel {
                 }
             }
         }
+        let rows = inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
+        if self.rows_apart && rows > 1 && inputs.iter().all(|t| t.shape.first() == Some(&rows)) {
+            return self.run_rows(inputs);
+        }
+        self.run_once(inputs)
+    }
+
+    /// A batch row by row, on up to `threads` threads, the outputs stacked back.
+    fn run_rows(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+        let mut split: Vec<std::vec::IntoIter<Tensor>> =
+            inputs.iter().map(|t| t.split_rows().into_iter()).collect();
+        let rows: Vec<Vec<Tensor>> = (0..inputs[0].shape[0])
+            .map(|_| {
+                split.iter_mut().map(|s| s.next().expect("every input has the rows")).collect()
+            })
+            .collect();
+        let chunk = rows.len().div_ceil(self.threads.max(1));
+        let results: Vec<Result<Vec<Vec<Tensor>>, RunError>> = if chunk >= rows.len() {
+            vec![rows.into_iter().map(|row| self.run_once(row)).collect()]
+        } else {
+            std::thread::scope(|scope| {
+                let mut rows = rows.into_iter();
+                let handles: Vec<_> = (0..rows.len().div_ceil(chunk))
+                    .map(|_| {
+                        let mine: Vec<Vec<Tensor>> = rows.by_ref().take(chunk).collect();
+                        scope
+                            .spawn(move || mine.into_iter().map(|row| self.run_once(row)).collect())
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(RunError::Execution("a row's run panicked".into()))
+                        })
+                    })
+                    .collect()
+            })
+        };
+        let mut per_output: Vec<Vec<Tensor>> = vec![Vec::new(); self.signature.outputs.len()];
+        for part in results {
+            for outputs in part? {
+                for (o, t) in per_output.iter_mut().zip(outputs) {
+                    o.push(t);
+                }
+            }
+        }
+        per_output
+            .into_iter()
+            .zip(&self.signature.outputs)
+            .map(|(parts, spec)| {
+                Tensor::stack_rows(parts).ok_or_else(|| {
+                    RunError::Execution(format!(
+                        "output {:?} has no common shape across the rows",
+                        spec.name
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    fn run_once(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
         let plan = match &self.plans {
             Plans::One(plan) => Arc::clone(plan),
             Plans::PerShape(plans) => plans.plan(&inputs)?,
@@ -450,6 +545,44 @@ impl OnnxModel {
 }
 
 impl ShapePlans {
+    fn new(base: InferenceModel, capacity: NonZeroUsize) -> Self {
+        Self { base, cache: Mutex::new(lru::LruCache::new(capacity)) }
+    }
+
+    fn insert(&self, shapes: Vec<Vec<usize>>, plan: Arc<TypedRunnableModel>) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.put(shapes, plan);
+        }
+    }
+
+    /// A plan for inputs of these element types and concrete shapes.
+    fn make(
+        &self,
+        inputs: &[(Option<tract_onnx::prelude::DatumType>, &[usize])],
+    ) -> Result<Arc<TypedRunnableModel>, OnnxError> {
+        let mut model = self.base.clone();
+        for (i, (dt, shape)) in inputs.iter().enumerate() {
+            let dims: Vec<TDim> = shape.iter().map(|&d| TDim::Val(d as i64)).collect();
+            let dt = match dt {
+                Some(dt) => *dt,
+                None => model
+                    .input_fact(i)
+                    .map_err(|e| load_error(&e))?
+                    .datum_type
+                    .concretize()
+                    .ok_or_else(|| OnnxError::Load(format!("input {i} has no element type")))?,
+            };
+            model
+                .set_input_fact(i, InferenceFact::dt_shape(dt, dims))
+                .map_err(|e| load_error(&e))?;
+        }
+        model
+            .into_typed()
+            .and_then(TypedModel::into_optimized)
+            .and_then(TypedModel::into_runnable)
+            .map_err(|e| load_error(&e))
+    }
+
     /// The plan for these inputs' shapes, made now if it is not held.
     fn plan(&self, inputs: &[Tensor]) -> Result<Arc<TypedRunnableModel>, RunError> {
         let key: Vec<Vec<usize>> =
@@ -458,28 +591,59 @@ impl ShapePlans {
             return Ok(Arc::clone(plan));
         }
         // Planned outside the lock: other shapes keep being served meanwhile.
-        let plan_error = |e: &dyn fmt::Display| RunError::Plan {
+        let wanted: Vec<(Option<tract_onnx::prelude::DatumType>, &[usize])> =
+            key.iter().map(|s| (None, s.as_slice())).collect();
+        let plan = self.make(&wanted).map_err(|e| RunError::Plan {
             shapes: inputs.iter().map(|t| t.shape.clone()).collect(),
-            reason: format!("{e:#}"),
-        };
-        let mut model = self.base.clone();
-        for (i, shape) in key.iter().enumerate() {
-            let dt = model.input_fact(i).map_err(|e| plan_error(&e))?.datum_type.concretize();
-            let dims: Vec<TDim> = shape.iter().map(|&d| TDim::Val(d as i64)).collect();
-            let fact = match dt {
-                Some(dt) => InferenceFact::dt_shape(dt, dims),
-                None => return Err(plan_error(&"an input without an element type")),
-            };
-            model.set_input_fact(i, fact).map_err(|e| plan_error(&e))?;
-        }
-        let plan = model
-            .into_typed()
-            .and_then(TypedModel::into_optimized)
-            .and_then(TypedModel::into_runnable)
-            .map_err(|e| plan_error(&e))?;
-        self.cache.lock().map_err(|_| poisoned())?.put(key, Arc::clone(&plan));
+            reason: match e {
+                OnnxError::Load(reason) => reason,
+                other => other.to_string(),
+            },
+        })?;
+        self.insert(key, Arc::clone(&plan));
         Ok(plan)
     }
+}
+
+/// Whether a graph (or a subgraph) convolves.
+fn has_convolutions(graph: &tract_onnx::pb::GraphProto) -> bool {
+    graph.node.iter().any(|n| {
+        matches!(n.op_type.as_str(), "Conv" | "ConvTranspose" | "ConvInteger" | "QLinearConv")
+            || n.attribute.iter().any(|a| a.g.as_ref().is_some_and(has_convolutions))
+    })
+}
+
+/// The shape of each input for the plan made at load: the given shapes' least sizes, the
+/// declared sizes, and 1 for a free first axis (a batch) or, with `fill`, any free axis;
+/// `None` when an axis has no size.
+fn first_shapes(
+    declared: &[Declared],
+    shapes: &BTreeMap<String, InputShape>,
+    fill: bool,
+) -> Option<Vec<Vec<usize>>> {
+    declared
+        .iter()
+        .map(|d| match shapes.get(&d.name) {
+            Some(s) => Some(s.first().into_iter().map(|n| n as usize).collect()),
+            None => d
+                .dims
+                .iter()
+                .enumerate()
+                .map(|(axis, x)| match x.as_ref().and_then(Declare::size) {
+                    Some(n) => Some(n as usize),
+                    None if fill || axis == 0 => Some(1),
+                    None => None,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn declared_facts<'a>(
+    declared: &[Declared],
+    shapes: &'a [Vec<usize>],
+) -> Vec<(Option<tract_onnx::prelude::DatumType>, &'a [usize])> {
+    declared.iter().zip(shapes).map(|(d, s)| (Some(d.dt), s.as_slice())).collect()
 }
 
 /// The domains whose operators the engine may have: ONNX's own and ONNX-ML.
