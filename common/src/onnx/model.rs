@@ -901,6 +901,7 @@ mod tests {
         LoadOptions {
             shapes: shapes.iter().map(|(n, s)| ((*n).to_owned(), s.parse().unwrap())).collect(),
             plan_cache: NonZeroUsize::new(cache).unwrap(),
+            threads: NonZeroUsize::MIN,
         }
     }
 
