@@ -975,3 +975,38 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod convolutional {
+    use super::*;
+    use crate::onnx::zoo;
+    use crate::tensor::TensorData;
+
+    fn images(n: u64) -> Tensor {
+        let len = n as usize * 3 * 32 * 32;
+        Tensor {
+            shape: vec![n, 3, 32, 32],
+            data: TensorData::Fp32((0..len).map(|i| ((i * 7919 % 255) as f32) / 255.0).collect()),
+        }
+    }
+
+    /// A batch runs row by row, on one thread or several: the same answers as each row
+    /// alone, whose plan (batch 1) is made at load.
+    #[test]
+    fn batches_of_a_convolutional_model_run_row_by_row() {
+        let bytes = zoo::cnn(5, 3);
+        let one = OnnxModel::load(&bytes).unwrap();
+        assert_eq!(one.planning(), Planning::PerShape);
+        assert_eq!(one.plans(), 1);
+        let two = LoadOptions { threads: NonZeroUsize::new(2).unwrap(), ..LoadOptions::default() };
+        let threaded = OnnxModel::load_with(&bytes, &two).unwrap();
+        let batch = images(5);
+        let whole = one.run(vec![batch.clone()]).unwrap();
+        assert_eq!(whole, threaded.run(vec![batch.clone()]).unwrap());
+        let rows: Vec<Tensor> =
+            batch.split_rows().into_iter().map(|r| one.run(vec![r]).unwrap().remove(0)).collect();
+        assert_eq!(whole[0], Tensor::stack_rows(rows).unwrap());
+        assert_eq!(whole[0].shape, vec![5, 5]);
+        assert_eq!(one.plans(), 1, "rows reuse the batch-1 plan");
+    }
+}
