@@ -103,7 +103,7 @@ fn write_bundle(
         reference: None,
         features: None,
         lineage: None,
-        shapes: Default::default(),
+        shapes: std::collections::BTreeMap::new(),
     });
     let refs: Vec<_> = signers.iter().collect();
     let (_, bytes) = BundleBuilder::new(
@@ -298,7 +298,7 @@ async fn delta(mib: usize) -> Result<()> {
             lifetime: Duration::from_secs(3600),
             out: out.clone(),
             features: None,
-            shapes: Default::default(),
+            shapes: std::collections::BTreeMap::new(),
         };
         falaj_control::bundle::build(&options, SystemTime::now())?;
         control.client.push_bundle(&out).await?;

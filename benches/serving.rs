@@ -240,7 +240,7 @@ fn main() -> Result<()> {
             lifetime: bundle::DEFAULT_LIFETIME,
             out: bundle_path.clone(),
             features: None,
-            shapes: Default::default(),
+            shapes: std::collections::BTreeMap::new(),
         },
         now,
     )?;

@@ -179,7 +179,7 @@ async fn publish_sample(dir: &Path, client: &AdminClient) -> Result<(sample::Sam
             lifetime: bundle::DEFAULT_LIFETIME,
             out: bundle_path.clone(),
             features: None,
-            shapes: Default::default(),
+            shapes: std::collections::BTreeMap::new(),
         },
         SystemTime::now(),
     )
@@ -407,7 +407,7 @@ async fn show_features(
                 version: view_version,
                 names: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
             }),
-            shapes: Default::default(),
+            shapes: std::collections::BTreeMap::new(),
         },
         SystemTime::now(),
     )

@@ -108,7 +108,7 @@ fn binary(data: &TensorData) -> Vec<u8> {
 }
 
 fn from_binary(datatype: DataType, mut bytes: &[u8]) -> TensorData {
-    let chunks = |n: usize| bytes.chunks_exact(n).map(|c| c.to_vec()).collect::<Vec<_>>();
+    let chunks = |n: usize| bytes.chunks_exact(n).map(<[u8]>::to_vec).collect::<Vec<_>>();
     match datatype {
         DataType::Bool => TensorData::Bool(bytes.iter().map(|&b| b != 0).collect()),
         DataType::Int64 => TensorData::Int64(
@@ -137,8 +137,8 @@ fn from_binary(datatype: DataType, mut bytes: &[u8]) -> TensorData {
 }
 
 /// JSON data for an input (NaN as `null`, which the agent reads as a missing value).
-fn json_data(data: &TensorData) -> Option<Value> {
-    Some(match data {
+fn json_data(data: &TensorData) -> Value {
+    match data {
         TensorData::Bytes(v) => {
             json!(v.iter().map(|b| String::from_utf8(b.clone()).unwrap()).collect::<Vec<_>>())
         }
@@ -152,11 +152,11 @@ fn json_data(data: &TensorData) -> Option<Value> {
                 .map(|x| if x.is_nan() { Value::Null } else { json!(x) })
                 .collect::<Vec<_>>()
         ),
-    })
+    }
 }
 
-/// Asks the agent for every output: with binary tensors both ways, and (when JSON can
-/// carry the inputs) in JSON; returns each answer's outputs by name.
+/// Asks the agent for every output: with binary tensors both ways, then in JSON; returns
+/// each answer's outputs by name.
 async fn ask(
     client: &reqwest::Client,
     url: &str,
@@ -188,8 +188,7 @@ async fn ask(
     let json_len: usize = response
         .headers()
         .get("inference-header-content-length")
-        .map(|v| v.to_str().unwrap().parse().unwrap())
-        .unwrap_or(usize::MAX);
+        .map_or(usize::MAX, |v| v.to_str().unwrap().parse().unwrap());
     let bytes = response.bytes().await.unwrap();
     assert!(status.is_success(), "{url}: {status}: {}", String::from_utf8_lossy(&bytes));
     let (head, mut rest) = bytes.split_at(json_len.min(bytes.len()));
@@ -205,8 +204,8 @@ async fn ask(
     }
     answers.push(outputs);
     // JSON.
-    let data: Option<Vec<Value>> = inputs.iter().map(|(_, t)| json_data(&t.data)).collect();
-    if let Some(data) = data {
+    {
+        let data = inputs.iter().map(|(_, t)| json_data(&t.data));
         let body = json!({"inputs": inputs.iter().zip(data).map(|((name, t), data)| json!({
             "name": name, "datatype": t.data.datatype().name(), "shape": t.shape, "data": data
         })).collect::<Vec<_>>()});
@@ -309,9 +308,9 @@ async fn every_corpus_model_bundles_serves_and_matches_onnx_runtime() {
         refused.iter().filter(|(n, _)| !REFUSED.iter().any(|(r, _)| r == n)).collect();
     assert!(unexpected.is_empty(), "refused at bundle build: {unexpected:#?}");
 
-    let mut server =
+    let mut agent_process =
         Process::start(&["agent", "serve", "--data-dir", s(&agent), "--http", "127.0.0.1:0"]);
-    let addr = server.wait_for_addr("serving the Open Inference Protocol");
+    let addr = agent_process.wait_for_addr("serving the Open Inference Protocol");
     let client = reqwest::Client::new();
     let mut failures = Vec::new();
     for name in &served {
@@ -340,5 +339,5 @@ async fn every_corpus_model_bundles_serves_and_matches_onnx_runtime() {
         failures.join("\n")
     );
     eprintln!("{} corpus models served and equal to ONNX Runtime", served.len());
-    server.terminate();
+    agent_process.terminate();
 }

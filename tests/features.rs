@@ -109,7 +109,7 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
                 version: 1,
                 names: FEATURES.iter().map(|f| (*f).to_owned()).collect(),
             }),
-            shapes: Default::default(),
+            shapes: std::collections::BTreeMap::new(),
         },
         SystemTime::now(),
     )

@@ -437,7 +437,7 @@ mod tests {
                 reference: None,
                 features: None,
                 lineage: None,
-                shapes: Default::default(),
+                shapes: std::collections::BTreeMap::new(),
             }),
         }
     }

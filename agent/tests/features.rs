@@ -227,7 +227,7 @@ fn model_bundle(
                 names: names.iter().map(|&n| n.to_owned()).collect(),
             }),
             lineage: None,
-            shapes: Default::default(),
+            shapes: BTreeMap::new(),
         }),
     )
     .file("model.onnx", model.to_vec())

@@ -234,7 +234,7 @@ fn a_signed_model_that_does_not_load_is_refused() {
             reference: None,
             features: None,
             lineage: None,
-            shapes: Default::default(),
+            shapes: BTreeMap::new(),
         }),
     )
     .file("model.onnx", b"\x08\x07this is not a model".to_vec())

@@ -77,7 +77,7 @@ fn content() -> Content {
         }),
         features: None,
         lineage: None,
-        shapes: Default::default(),
+        shapes: std::collections::BTreeMap::new(),
     })
 }
 

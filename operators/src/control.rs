@@ -124,37 +124,34 @@ impl InferenceOp for If {
             let mut changed = false;
             let known =
                 inputs[0].value.concretize().map(|v| v.cast_to_scalar::<bool>()).transpose()?;
-            match known {
-                Some(cond) => {
-                    // Only the branch taken: the other may not type for these shapes.
-                    let (body, mapping) = if cond {
-                        (&mut self.then_body, &self.then_inputs)
-                    } else {
-                        (&mut self.else_body, &self.else_inputs)
-                    };
-                    changed |= Self::unify_inputs(body, mapping, &mut inputs)?;
-                    changed |= Self::unify_outputs(body, &mut outputs)?;
-                    changed |= body.analyse(false)?;
+            if let Some(cond) = known {
+                // Only the branch taken: the other may not type for these shapes.
+                let (body, mapping) = if cond {
+                    (&mut self.then_body, &self.then_inputs)
+                } else {
+                    (&mut self.else_body, &self.else_inputs)
+                };
+                changed |= Self::unify_inputs(body, mapping, &mut inputs)?;
+                changed |= Self::unify_outputs(body, &mut outputs)?;
+                changed |= body.analyse(false)?;
+            } else {
+                for (body, mapping, failed) in [
+                    (&mut self.then_body, &self.then_inputs, &mut self.then_failed),
+                    (&mut self.else_body, &self.else_inputs, &mut self.else_failed),
+                ] {
+                    if failed.is_some() {
+                        continue;
+                    }
+                    let step = Self::unify_inputs(body, mapping, &mut inputs)
+                        .and_then(|a| Ok(a | Self::unify_outputs(body, &mut outputs)?))
+                        .and_then(|a| Ok(a | body.analyse(false)?));
+                    match step {
+                        Ok(c) => changed |= c,
+                        Err(e) => *failed = Some(format!("{e:#}")),
+                    }
                 }
-                None => {
-                    for (body, mapping, failed) in [
-                        (&mut self.then_body, &self.then_inputs, &mut self.then_failed),
-                        (&mut self.else_body, &self.else_inputs, &mut self.else_failed),
-                    ] {
-                        if failed.is_some() {
-                            continue;
-                        }
-                        let step = Self::unify_inputs(body, mapping, &mut inputs)
-                            .and_then(|a| Ok(a | Self::unify_outputs(body, &mut outputs)?))
-                            .and_then(|a| Ok(a | body.analyse(false)?));
-                        match step {
-                            Ok(c) => changed |= c,
-                            Err(e) => *failed = Some(format!("{e:#}")),
-                        }
-                    }
-                    if let (Some(t), Some(e)) = (&self.then_failed, &self.else_failed) {
-                        bail!("neither branch can be analysed: then: {t}; else: {e}");
-                    }
+                if let (Some(t), Some(e)) = (&self.then_failed, &self.else_failed) {
+                    bail!("neither branch can be analysed: then: {t}; else: {e}");
                 }
             }
             if !changed {
@@ -199,7 +196,11 @@ impl InferenceOp for If {
                     let facts = (0..typed.outputs.len())
                         .map(|i| typed.output_fact(i).cloned())
                         .collect::<TractResult<_>>()?;
-                    Branch::Plan { plan: typed.into_runnable()?, mapping: mapping.to_vec(), facts }
+                    Branch::Plan(Box::new(Planned {
+                        plan: typed.into_runnable()?,
+                        mapping: mapping.to_vec(),
+                        facts,
+                    }))
                 }
                 Err(e) => Branch::Unavailable(format!("{e:#}")),
             })
@@ -263,8 +264,15 @@ fn inline(
 /// One branch of a run-time If: its plan, or why there is none.
 #[derive(Debug, Clone)]
 enum Branch {
-    Plan { plan: Arc<TypedRunnableModel>, mapping: Vec<usize>, facts: TVec<TypedFact> },
+    Plan(Box<Planned>),
     Unavailable(String),
+}
+
+#[derive(Debug, Clone)]
+struct Planned {
+    plan: Arc<TypedRunnableModel>,
+    mapping: Vec<usize>,
+    facts: TVec<TypedFact>,
 }
 
 /// An If whose condition is known only at run time, each branch planned once.
@@ -296,7 +304,8 @@ impl EvalOp for Branches {
     fn eval(&self, _: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let cond = inputs[0].cast_to_scalar::<bool>()?;
         match if cond { &self.then_branch } else { &self.else_branch } {
-            Branch::Plan { plan, mapping, .. } => {
+            Branch::Plan(p) => {
+                let (plan, mapping) = (&p.plan, &p.mapping);
                 plan.run(mapping.iter().map(|&i| inputs[i].clone()).collect())
             }
             Branch::Unavailable(reason) => {
@@ -312,7 +321,7 @@ impl EvalOp for Branches {
 impl TypedOp for Branches {
     fn output_facts(&self, _: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         let facts = |b: &Branch| match b {
-            Branch::Plan { facts, .. } => Some(facts.clone()),
+            Branch::Plan(p) => Some(p.facts.clone()),
             Branch::Unavailable(_) => None,
         };
         match (facts(&self.then_branch), facts(&self.else_branch)) {

@@ -92,10 +92,6 @@ impl Kernel for Lookup {
     }
 }
 
-fn strings(v: Vec<String>) -> Tensor {
-    tensor1(&v)
-}
-
 /// LabelEncoder: opset 1 (`classes_strings`, string to index and back), opsets 2-3
 /// (`keys_*` and `values_*` lists) and opset 4 (`keys_tensor`, `values_tensor`).
 pub fn label_encoder(ctx: &ParsingContext, node: &NodeProto) -> Built {
@@ -118,7 +114,7 @@ pub fn label_encoder(ctx: &ParsingContext, node: &NodeProto) -> Built {
             return Ok(Some(t));
         }
         if let Some(v) = node.get_attr_opt_vec::<String>(&format!("{suffix}_strings"))? {
-            return Ok(Some(strings(v)));
+            return Ok(Some(tensor1(&v)));
         }
         if let Some(v) = node.get_attr_opt_vec::<i64>(&format!("{suffix}_int64s"))? {
             return Ok(Some(tensor1(&v)));
@@ -130,14 +126,14 @@ pub fn label_encoder(ctx: &ParsingContext, node: &NodeProto) -> Built {
         let n = classes.len() as i64;
         let to_index = Lookup::new(
             "LabelEncoder",
-            &strings(classes.clone()),
+            &tensor1(&classes),
             &tensor1(&(0..n).collect::<Vec<_>>()),
             &default_of(i64::datum_type())?,
         )?;
         let to_string = Lookup::new(
             "LabelEncoder",
             &tensor1(&(0..n).collect::<Vec<_>>()),
-            &strings(classes),
+            &tensor1(&classes),
             &default_of(String::datum_type())?,
         )?;
         return Ok((
@@ -164,8 +160,8 @@ pub fn category_mapper(_: &ParsingContext, node: &NodeProto) -> Built {
     let default_str =
         tensor0(node.get_attr_opt::<String>("default_string")?.unwrap_or_else(|| "_Unused".into()));
     let from_string =
-        Lookup::new("CategoryMapper", &strings(strs.clone()), &tensor1(&ints), &default_int)?;
-    let from_other = Lookup::new("CategoryMapper", &tensor1(&ints), &strings(strs), &default_str)?;
+        Lookup::new("CategoryMapper", &tensor1(&strs), &tensor1(&ints), &default_int)?;
+    let from_other = Lookup::new("CategoryMapper", &tensor1(&ints), &tensor1(&strs), &default_str)?;
     Ok((expandable::expand(ByInputType { from_string, from_other }), vec![]))
 }
 
@@ -264,7 +260,7 @@ pub fn one_hot_encoder(_: &ParsingContext, node: &NodeProto) -> Built {
         node.get_attr_opt_vec::<String>("cats_strings")?,
     ) {
         (Some(i), None) => tensor1(&i),
-        (None, Some(s)) => strings(s),
+        (None, Some(s)) => tensor1(&s),
         _ => return node.bail("exactly one of cats_int64s and cats_strings must be set"),
     };
     node.expect(cats.len() > 0, "at least one category")?;
@@ -318,7 +314,7 @@ mod tests {
     fn lookups_with_defaults_and_nan_keys() {
         let l = Lookup::new(
             "LabelEncoder",
-            &strings(vec!["a".into(), "b".into()]),
+            &tensor1(&["a".to_string(), "b".into()]),
             &tensor1(&[3i64, 4]),
             &tensor0(-1i64),
         )
@@ -328,12 +324,12 @@ mod tests {
         let f = Lookup::new(
             "LabelEncoder",
             &tensor1(&[f32::NAN, 1.0]),
-            &strings(vec!["nan".into(), "one".into()]),
+            &tensor1(&["nan".to_string(), "one".into()]),
             &tensor0("?".to_string()),
         )
         .unwrap();
         let out = run(&f, tensor1(&[1.0f32, f32::NAN, 2.0])).unwrap();
-        assert_eq!(out, strings(vec!["one".into(), "nan".into(), "?".into()]));
+        assert_eq!(out, tensor1(&["one".to_string(), "nan".into(), "?".into()]));
         assert!(
             Lookup::new("LabelEncoder", &tensor1(&[1i64]), &tensor1(&[1i64, 2]), &tensor0(0i64))
                 .is_err()

@@ -9,6 +9,10 @@
 //! including its choices where the ONNX specification is silent (binary classifiers'
 //! score layouts, labels), so that models give the same answers on both.
 
+// tract's `internal` preludes are made to be imported whole: an operator uses dozens of
+// their names (facts, tensors, solver rules, macros).
+#![allow(clippy::wildcard_imports)]
+
 pub mod attrs;
 pub mod control;
 pub mod encode;

@@ -46,8 +46,16 @@ impl Post {
     pub fn apply(self, row: &mut [f32]) {
         match self {
             Self::None => {}
-            Self::Logistic => row.iter_mut().for_each(|v| *v = logistic(*v)),
-            Self::Probit => row.iter_mut().for_each(|v| *v = probit(*v)),
+            Self::Logistic => {
+                for v in row {
+                    *v = logistic(*v);
+                }
+            }
+            Self::Probit => {
+                for v in row {
+                    *v = probit(*v);
+                }
+            }
             Self::Softmax => softmax(row),
             Self::SoftmaxZero => softmax_zero(row),
         }
@@ -108,7 +116,9 @@ pub fn softmax(row: &mut [f32]) {
         *v = (*v - max).exp();
         sum += *v;
     }
-    row.iter_mut().for_each(|v| *v /= sum);
+    for v in row {
+        *v /= sum;
+    }
 }
 
 /// Softmax over the scores that are not (nearly) zero; zeros stay zero.
@@ -124,10 +134,13 @@ pub fn softmax_zero(row: &mut [f32]) {
             *v *= exp_neg_max;
         }
     }
-    row.iter_mut().for_each(|v| *v /= sum);
+    for v in row {
+        *v /= sum;
+    }
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // the same arithmetic gives the same floats
 mod tests {
     use super::*;
 

@@ -169,6 +169,8 @@ impl Kernel for Imputer {
                 let (mut x, _) = floats(input)?;
                 let per = imputed.len() == stride;
                 for (i, v) in x.iter_mut().enumerate() {
+                    // The value that marks a missing entry is matched exactly.
+                    #[allow(clippy::float_cmp)]
                     if (v.is_nan() && replaced.is_nan()) || *v == *replaced {
                         *v = if per { imputed[i % stride] } else { imputed[0] };
                     }
@@ -399,6 +401,7 @@ pub fn feature_vectorizer(_: &ParsingContext, node: &NodeProto) -> Built {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // the same arithmetic gives the same floats
 mod tests {
     use super::*;
 

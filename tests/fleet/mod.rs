@@ -314,7 +314,7 @@ impl Control {
             lifetime: bundle::DEFAULT_LIFETIME,
             out: out.clone(),
             features: None,
-            shapes: Default::default(),
+            shapes: std::collections::BTreeMap::new(),
         };
         bundle::build(&options, SystemTime::now()).unwrap();
         self.client.push_bundle(&out).await.unwrap();

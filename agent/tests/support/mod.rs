@@ -113,7 +113,7 @@ pub fn signed_bundle(
             reference: None,
             features: None,
             lineage: None,
-            shapes: Default::default(),
+            shapes: std::collections::BTreeMap::new(),
         }),
     )
     .file("model.onnx", model.to_vec())

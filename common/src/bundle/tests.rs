@@ -65,7 +65,7 @@ fn model_content() -> Content {
         reference: None,
         features: None,
         lineage: None,
-        shapes: Default::default(),
+        shapes: std::collections::BTreeMap::new(),
     })
 }
 

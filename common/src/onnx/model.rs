@@ -357,8 +357,14 @@ impl OnnxModel {
                     let signature =
                         Signature { inputs: input_specs(&declared, &options.shapes)?, outputs };
                     if !convolutional {
-                        let plan = optimized.into_runnable().map_err(|e| load_error(&e))?;
-                        return Ok(Self::new(Plans::One(plan), signature, shapes, false, options));
+                        let runnable = optimized.into_runnable().map_err(|e| load_error(&e))?;
+                        return Ok(Self::new(
+                            Plans::One(runnable),
+                            signature,
+                            shapes,
+                            false,
+                            options,
+                        ));
                     }
                     // tract picks its fast convolutions (depthwise, direct, lazy im2col)
                     // only for concrete shapes: plan per shape, the symbolic plan having
@@ -367,13 +373,13 @@ impl OnnxModel {
                         Some(plain) => plain,
                         None => concrete_base()?,
                     };
-                    let plans = ShapePlans::new(base, options.plan_cache);
+                    let per_shape = ShapePlans::new(base, options.plan_cache);
                     if let Some(first) = first_shapes(&declared, &options.shapes, false) {
-                        let plan = plans.make(&declared_facts(&declared, &first))?;
-                        plans.insert(first, plan);
+                        let runnable = per_shape.make(&declared_facts(&declared, &first))?;
+                        per_shape.insert(first, runnable);
                     }
-                    let plans = Plans::PerShape(Arc::new(plans));
-                    return Ok(Self::new(plans, signature, shapes, true, options));
+                    let per_shape = Plans::PerShape(Arc::new(per_shape));
+                    return Ok(Self::new(per_shape, signature, shapes, true, options));
                 }
                 Err(e) => {
                     first_error.get_or_insert(e);
@@ -392,11 +398,12 @@ impl OnnxModel {
         };
         let optimized = with_facts(&base, &declared, Facts::Concrete(&first)).and_then(optimise)?;
         let outputs = declared_outputs(&proto, typed_outputs(&proto, &optimized)?);
-        let plan = optimized.into_runnable().map_err(|e| load_error(&e))?;
-        let plans = ShapePlans::new(base, options.plan_cache);
-        plans.insert(first, plan);
+        let runnable = optimized.into_runnable().map_err(|e| load_error(&e))?;
+        let per_shape = ShapePlans::new(base, options.plan_cache);
+        per_shape.insert(first, runnable);
         let signature = Signature { inputs: input_specs(&declared, &options.shapes)?, outputs };
-        Ok(Self::new(Plans::PerShape(Arc::new(plans)), signature, shapes, convolutional, options))
+        let per_shape = Plans::PerShape(Arc::new(per_shape));
+        Ok(Self::new(per_shape, signature, shapes, convolutional, options))
     }
 
     fn new(
@@ -462,13 +469,13 @@ impl OnnxModel {
         }
         let rows = inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
         if self.rows_apart && rows > 1 && inputs.iter().all(|t| t.shape.first() == Some(&rows)) {
-            return self.run_rows(inputs);
+            return self.run_rows(&inputs);
         }
         self.run_once(inputs)
     }
 
     /// A batch row by row, on up to `threads` threads, the outputs stacked back.
-    fn run_rows(&self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, RunError> {
+    fn run_rows(&self, inputs: &[Tensor]) -> Result<Vec<Tensor>, RunError> {
         let mut split: Vec<std::vec::IntoIter<Tensor>> =
             inputs.iter().map(|t| t.split_rows().into_iter()).collect();
         let rows: Vec<Vec<Tensor>> = (0..inputs[0].shape[0])
@@ -763,12 +770,12 @@ fn check_shapes(
                 )));
             }
             for (axis, (extent, declared)) in shape.0.iter().zip(&d.dims).enumerate() {
-                if let Some(Declare::Size(n)) = declared {
-                    if !extent.allows(*n as u64) || *extent != Extent::Exactly(*n as u64) {
-                        return Err(bad(format!(
-                            "shape {shape} gives {extent} on axis {axis}, the model declares {n}"
-                        )));
-                    }
+                if let Some(Declare::Size(n)) = declared
+                    && *extent != Extent::Exactly(*n as u64)
+                {
+                    return Err(bad(format!(
+                        "shape {shape} gives {extent} on axis {axis}, the model declares {n}"
+                    )));
                 }
             }
             Ok(Some(shape.clone()))
@@ -794,8 +801,7 @@ fn input_specs(
                     (_, Some(Declare::Named(s))) if !s.starts_with(UNNAMED_PREFIX) => {
                         Dim::Symbol(s.clone())
                     }
-                    (_, Some(Declare::Named(_))) => Dim::Any,
-                    (_, None) => Dim::Any,
+                    (_, Some(Declare::Named(_)) | None) => Dim::Any,
                 })
                 .collect();
             Ok(TensorSpec { datatype: datatype(d.dt, &d.name)?, name: d.name.clone(), shape })
@@ -953,6 +959,39 @@ mod tests {
                 .to_string()
                 .contains("no such input")
         );
+    }
+
+    /// Half floats and byte strings cross the engine's edge both ways.
+    #[test]
+    fn half_floats_and_strings_in_and_out() {
+        let mut g = GraphBuilder::new("edge");
+        g.input("h", DataType::Fp16, &[Dim::Any]);
+        g.input("s", DataType::Bytes, &[Dim::Any]);
+        g.node("Add", &["h", "h"], &["twice"], vec![]);
+        g.node("Identity", &["s"], &["same"], vec![]);
+        g.output("twice", DataType::Fp16, &[Dim::Any]);
+        g.output("same", DataType::Bytes, &[Dim::Any]);
+        let model = OnnxModel::load(&g.encode("test")).unwrap();
+        let types: Vec<DataType> = model.signature().outputs.iter().map(|o| o.datatype).collect();
+        assert_eq!(types, [DataType::Fp16, DataType::Bytes]);
+        let half =
+            |v: &[f32]| TensorData::Fp16(v.iter().map(|&x| half::f16::from_f32(x)).collect());
+        let strings = TensorData::Bytes(vec![b"pro".to_vec(), "plán".as_bytes().to_vec()]);
+        let out = model
+            .run(vec![
+                Tensor { shape: vec![2], data: half(&[0.5, -1.5]) },
+                Tensor { shape: vec![2], data: strings.clone() },
+            ])
+            .unwrap();
+        assert_eq!(out[0].data, half(&[1.0, -3.0]));
+        assert_eq!(out[1].data, strings);
+        let err = model
+            .run(vec![
+                Tensor { shape: vec![1], data: half(&[0.0]) },
+                Tensor { shape: vec![1], data: TensorData::Bytes(vec![vec![0xff, 0xfe]]) },
+            ])
+            .unwrap_err();
+        assert_eq!(err.to_string(), "input 1: element 0 is not UTF-8");
     }
 
     #[test]

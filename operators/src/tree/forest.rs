@@ -148,8 +148,10 @@ pub struct Forest {
     nodes: Vec<Node>,
     roots: Vec<u32>,
     depths: Vec<u32>,
-    /// How rows reach their leaves.
+    /// How rows reach their leaves: `walk` when `quick` does not serve the batch.
     walk: Walk,
+    /// QuickScorer's tables, for uneven trees of at most 64 leaves.
+    quick: Option<QuickScorer>,
     /// Comparison shared by every branch, or `None` when they differ (or use `Member`).
     uniform: Option<Cmp>,
     /// Per node: its comparison (mixed forests only).
@@ -186,15 +188,13 @@ impl fmt::Debug for Forest {
     }
 }
 
-/// How a forest's rows reach their leaves, chosen at compile time from its shape.
-#[derive(Clone, Debug, PartialEq)]
+/// How a forest's rows walk to their leaves, chosen at compile time from its shape.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Walk {
     /// Trees of even depth: groups of cursors stepped together to the deepest leaf,
     /// with no test for the end.
     Lockstep,
-    /// Uneven trees of at most 64 leaves: QuickScorer, no walks at all.
-    Quick(QuickScorer),
-    /// Other uneven trees: each lane walks to its own leaf and takes the next walk.
+    /// Uneven trees: each lane walks to its own leaf and takes the next walk.
     Refill,
 }
 
@@ -260,16 +260,13 @@ impl Forest {
             }
             _ => None,
         };
-        let walk = match quick {
-            Some(quick) => Walk::Quick(quick),
-            None if even => Walk::Lockstep,
-            None => Walk::Refill,
-        };
+        let walk = if even { Walk::Lockstep } else { Walk::Refill };
         Ok(Self {
             nodes: out.nodes,
             roots: out.roots,
             depths: out.depths,
             walk,
+            quick,
             uniform,
             cmps: if uniform.is_some() { Vec::new() } else { out.cmps },
             member_ranges: if uniform.is_some() { Vec::new() } else { out.member_ranges },
@@ -360,7 +357,7 @@ impl Forest {
         columns: usize,
         scores: &mut Scores,
     ) {
-        if let Walk::Quick(quick) = &self.walk {
+        if let Some(quick) = &self.quick {
             let mut bits = vec![0u64; self.roots.len()];
             let mut leaves = vec![0u32; self.roots.len()];
             for r in 0..rows {
@@ -514,12 +511,12 @@ impl Forest {
         })
     }
 
-    #[inline(always)]
+    #[inline]
     fn step<C: Compare, const MISSING: bool>(&self, at: u32, row: &[f32]) -> u32 {
         self.branch::<C, MISSING>(at, self.nodes[at as usize], row)
     }
 
-    #[inline(always)]
+    #[inline]
     fn branch<C: Compare, const MISSING: bool>(&self, at: u32, node: Node, row: &[f32]) -> u32 {
         let v = row[(node.feature & !MISSING_TRUE) as usize];
         let holds = C::holds(self, at, v, node.value)
@@ -527,7 +524,7 @@ impl Forest {
         if holds { node.on_true } else { node.on_false }
     }
 
-    #[inline(always)]
+    #[inline]
     fn add(&self, at: u32, row: usize, scores: &mut Scores) {
         let base = row * self.n_targets;
         if let (Some(single), Aggregate::Sum | Aggregate::Average) = (&self.single, self.aggregate)
@@ -563,7 +560,7 @@ trait Compare {
 
 struct Leq;
 impl Compare for Leq {
-    #[inline(always)]
+    #[inline]
     fn holds(_: &Forest, _: u32, v: f32, t: f32) -> bool {
         v <= t
     }
@@ -571,7 +568,7 @@ impl Compare for Leq {
 
 struct Lt;
 impl Compare for Lt {
-    #[inline(always)]
+    #[inline]
     fn holds(_: &Forest, _: u32, v: f32, t: f32) -> bool {
         v < t
     }
@@ -579,7 +576,9 @@ impl Compare for Lt {
 
 struct Mixed;
 impl Compare for Mixed {
-    #[inline(always)]
+    // BRANCH_EQ and BRANCH_NEQ are exact comparisons by definition.
+    #[allow(clippy::float_cmp)]
+    #[inline]
     fn holds(forest: &Forest, at: u32, v: f32, t: f32) -> bool {
         let cmp = forest.cmps.get(at as usize).copied().or(forest.uniform).unwrap_or(Cmp::Leq);
         match cmp {
@@ -777,6 +776,7 @@ impl Builder {
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // the same arithmetic gives the same floats
 mod tests {
     use super::*;
 
@@ -849,12 +849,12 @@ mod tests {
         let forest = Forest::compile(spec).unwrap();
         let mut all = vec![forest.clone()];
         for walk in [Walk::Lockstep, Walk::Refill] {
-            all.push(Forest { walk, ..forest.clone() });
+            all.push(Forest { walk, quick: None, ..forest.clone() });
         }
         if let Some(cmp @ (Cmp::Leq | Cmp::Lt)) = forest.uniform {
             let out = Builder::build(spec).unwrap();
             if let Some(quick) = quick_scorer(&out, forest.n_features, cmp == Cmp::Lt) {
-                all.push(Forest { walk: Walk::Quick(quick), ..forest });
+                all.push(Forest { quick: Some(quick), ..forest });
             }
         }
         all
@@ -865,10 +865,8 @@ mod tests {
         let spec = spec();
         let forest = Forest::compile(&spec).unwrap();
         assert_eq!((forest.trees(), forest.features(), forest.targets()), (2, 2, 1));
-        assert!(
-            matches!(forest.walk, Walk::Quick(_)),
-            "a stump beside a deeper tree: uneven depths"
-        );
+        assert_eq!(forest.walk, Walk::Refill, "a stump beside a deeper tree: uneven depths");
+        assert!(forest.quick.is_some(), "and few leaves: QuickScorer");
         let rows: Vec<[f32; 2]> =
             (0..37).map(|i| [(i % 7) as f32 * 0.5, (i % 3) as f32 - 1.0]).collect();
         for forest in every_walk(&spec) {
@@ -896,7 +894,7 @@ mod tests {
                 }
                 n
             }
-            leaf => leaf.clone(),
+            SpecNode::Leaf(_) => n.clone(),
         }));
         let even = Spec { nodes, roots: vec![3, 8], ..spec.clone() };
         assert_eq!(Forest::compile(&even).unwrap().walk, Walk::Lockstep);
@@ -910,7 +908,7 @@ mod tests {
         for round in 0..40 {
             let mut nodes = Vec::new();
             let mut roots = Vec::new();
-            for _ in 0..1 + rng.below(12) {
+            for _ in 0..=rng.below(12) {
                 // Depths to 7: some trees past QuickScorer's 64 leaves, most within.
                 let depth = 1 + rng.below(if round % 2 == 0 { 6 } else { 7 });
                 roots.push(random_tree(&mut nodes, &mut rng, 0, depth));
