@@ -284,7 +284,7 @@ async fn bad_requests_get_protocol_errors_with_the_right_status() {
             "string data",
             json!({"inputs": [input("sensors", &json!([1, 1]), "FP32", &json!(["x"]))]}),
             400,
-            "FP32 values",
+            "\"x\" is not a valid FP32 value",
         ),
     ];
     for (what, body, status, needle) in cases {
