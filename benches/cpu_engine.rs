@@ -394,6 +394,8 @@ async fn http(
 ) -> Result<Vec<Row>> {
     let config = ServeConfig {
         http: "127.0.0.1:0".parse()?,
+        // An image batch of 64 in JSON is over 100 MB.
+        max_body_bytes: 512 << 20,
         engine: EngineConfig { runtime: Runtime::Cpu, ..EngineConfig::default() },
         ..ServeConfig::default()
     };
