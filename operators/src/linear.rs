@@ -14,7 +14,9 @@ fn post(node: &NodeProto) -> TractResult<Post> {
     Post::parse(name).map_or_else(|| node.bail(&format!("unknown post_transform {name:?}")), Ok)
 }
 
-/// `x · wᵀ + b` for `rows` rows of `k` columns against `n` weight rows.
+/// `x · wᵀ + b` for `rows` rows of `width` columns against `targets` weight rows: a
+/// few rows or targets by [`dot_rows`], more through ndarray's matrix product (`matrixmultiply`'s
+/// packed sgemm, its AVX2/AVX-512 kernels chosen at run time).
 fn affine(
     x: &[f32],
     rows: usize,
@@ -24,17 +26,46 @@ fn affine(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut out = vec![0.0; rows * targets];
-    for (row, out_row) in x.chunks(width).zip(out.chunks_mut(targets)) {
-        for (j, (o, w)) in out_row.iter_mut().zip(weights.chunks(width)).enumerate() {
-            *o = dot(row, w) + bias.map_or(0.0, |b| b[j]);
+    let whole = x.len() >= rows * width && weights.len() >= targets * width;
+    if rows >= GEMM_ROWS && targets >= GEMM_TARGETS && width > 0 && whole {
+        let x = tract_ndarray::ArrayView2::from_shape((rows, width), &x[..rows * width]);
+        let w =
+            tract_ndarray::ArrayView2::from_shape((targets, width), &weights[..targets * width]);
+        let c = tract_ndarray::ArrayViewMut2::from_shape((rows, targets), &mut out);
+        if let (Ok(x), Ok(w), Ok(mut c)) = (x, w, c) {
+            tract_ndarray::linalg::general_mat_mul(1.0, &x, &w.t(), 0.0, &mut c);
+        }
+    } else {
+        dot_rows(x, width, weights, targets, &mut out);
+    }
+    if let Some(bias) = bias {
+        for out_row in out.chunks_mut(targets.max(1)) {
+            for (o, b) in out_row.iter_mut().zip(bias) {
+                *o += b;
+            }
         }
     }
     out
 }
 
-/// A dot product in eight running sums (so that it vectorises), compiled for AVX2 and
-/// AVX-512 as well and chosen at run time.
+/// From how many rows and targets [`affine`] packs its operands for a matrix product
+/// (below, packing costs more than it saves).
+const GEMM_ROWS: usize = 16;
+const GEMM_TARGETS: usize = 2;
+
+/// Every row of `x` (`width` wide) against every weight row, into `out`, row by row.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn dot_rows(x: &[f32], width: usize, weights: &[f32], targets: usize, out: &mut [f32]) {
+    for (row, out_row) in x.chunks(width.max(1)).zip(out.chunks_mut(targets.max(1))) {
+        for (o, w) in out_row.iter_mut().zip(weights.chunks(width.max(1))) {
+            *o = dot(row, w);
+        }
+    }
+}
+
+/// A dot product in eight running sums, so that it vectorises; inlined into the
+/// functions compiled for each target (AVX2, AVX-512).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -47,8 +78,24 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// The squared distance of two vectors, as [`dot`] computes.
+/// `exp(-gamma · |x - v|²)` for every row of `x` (`width` wide) against every row of
+/// `vectors`, appended to `out`: the distances first, then their exponentials, both
+/// in vector registers.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn rbf_rows(x: &[f32], width: usize, vectors: &[f32], gamma: f32, out: &mut Vec<f32>) {
+    let start = out.len();
+    for row in x.chunks(width.max(1)) {
+        for v in vectors.chunks(width.max(1)) {
+            out.push(-gamma * squared_distance(row, v));
+        }
+    }
+    for v in &mut out[start..] {
+        *v = exp(*v);
+    }
+}
+
+/// The squared distance of two vectors, in eight running sums as [`dot`].
+#[inline(always)]
 fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -60,6 +107,38 @@ fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// `e^x` without branches, so that a loop of it vectorises (libm's `expf` does not):
+/// `x = n·ln 2 + r`, Cephes' degree-6 polynomial for `e^r` on |r| ≤ ln 2 / 2, and `2^n`
+/// put in the exponent bits. Within 2 ulp of `expf` over the normal range; 0 below it,
+/// `+∞` above; NaN stays NaN.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let clamped = x.clamp(-87.0, 88.0);
+    let n = (clamped * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = clamped - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 1.666_666_5e-1;
+    p = p * r + 5.000_000_1e-1;
+    let e_r = p * r * r + r + 1.0;
+    // n is in [-126, 127]: a normal power of two.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = e_r * scale;
+    if x < -87.0 {
+        0.0
+    } else if x > 88.0 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
 }
 
 fn check_features(columns: usize, features: usize) -> TractResult<()> {
@@ -275,11 +354,7 @@ impl SvmKernel {
         match self {
             Self::Rbf { gamma } => {
                 let mut out = Vec::with_capacity(rows * count);
-                for row in x.chunks(width) {
-                    for v in vectors.chunks(width) {
-                        out.push((-gamma * squared_distance(row, v)).exp());
-                    }
-                }
+                rbf_rows(x, width, vectors, gamma, &mut out);
                 out
             }
             Self::Linear => linear().map(|v| v + constant).collect(),
@@ -661,6 +736,20 @@ mod tests {
         let r3 = [0.0, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.0];
         let p = couple(3, &r3);
         assert!(p.iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-4), "{p:?}");
+    }
+
+    #[test]
+    fn exp_agrees_with_libm_across_its_range() {
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (got, want) = (exp(x), x.exp());
+            assert!(((got - want) / want).abs() < 3e-7, "exp({x}) = {got}, libm {want}");
+            x += 0.013;
+        }
+        assert_eq!(exp(-100.0), 0.0);
+        assert_eq!(exp(100.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(0.0), 1.0);
     }
 
     #[test]
