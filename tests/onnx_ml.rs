@@ -4,6 +4,8 @@
 //!
 //! The cases come from the `onnx` Python package (`gpu/tests/onnx_node/generate.py`);
 //! without it the test says so loudly and passes, unless `FALAJ_REQUIRE_INTEROP=1`.
+//!
+//! Also: the README's list of supported operators is the engine's.
 
 use std::path::Path;
 use std::process::Command;
@@ -97,4 +99,42 @@ fn onnx_node_tests_of_the_added_operators_pass() {
         failures.join("\n")
     );
     eprintln!("{} ONNX node test cases passed", cases.len());
+}
+
+/// The operator lines of the README (`ai.onnx.ml: A, B` and `ai.onnx: C, D`), as
+/// `domain:op` like `supported_operators()`.
+fn readme_operators(readme: &str) -> Vec<String> {
+    let mut out: Vec<String> = readme
+        .lines()
+        .filter_map(|line| {
+            let (domain, ops) = line.strip_prefix("- `")?.split_once("`: ")?;
+            domain.starts_with("ai.onnx").then(|| {
+                ops.trim_end_matches('.')
+                    .split(", ")
+                    .map(|op| format!("{domain}:{}", op.trim()))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .flatten()
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn the_readme_lists_every_supported_operator_and_no_other() {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let supported = falaj_common::onnx::supported_operators();
+    let listed = readme_operators(&readme);
+    let lines: Vec<String> = ["ai.onnx.ml", "ai.onnx"]
+        .iter()
+        .map(|domain| {
+            let ops: Vec<&str> =
+                supported.iter().filter_map(|o| o.strip_prefix(&format!("{domain}:"))).collect();
+            format!("- `{domain}`: {}.", ops.join(", "))
+        })
+        .collect();
+    assert_eq!(listed, supported, "the README's list should read:\n{}", lines.join("\n"));
+    assert!(listed.contains(&"ai.onnx.ml:TreeEnsembleRegressor".to_owned()), "{listed:?}");
 }
