@@ -379,12 +379,17 @@ impl Forest {
         for block in self.blocks() {
             for first in (0..rows).step_by(LANES) {
                 let lanes = LANES.min(rows - first);
+                // Every lane walks (a short group repeats its last row), so that the step
+                // loop has a fixed count and unrolls; rows by their offsets in `x`.
+                let starts: [usize; LANES] =
+                    std::array::from_fn(|lane| (first + lane.min(lanes - 1)) * columns);
                 for tree in block.clone() {
                     let mut cur = [self.roots[tree]; LANES];
                     for _ in 0..self.depths[tree] {
-                        for (lane, c) in cur.iter_mut().enumerate().take(lanes) {
-                            let row = &x[(first + lane) * columns..(first + lane + 1) * columns];
-                            *c = self.step::<C, MISSING>(*c, row);
+                        for (c, &start) in cur.iter_mut().zip(&starts) {
+                            let node = self.nodes[*c as usize];
+                            let v = x[start + (node.feature & !MISSING_TRUE) as usize];
+                            *c = self.decide::<C, MISSING>(*c, node, v);
                         }
                     }
                     for (lane, &leaf) in cur.iter().enumerate().take(lanes) {
@@ -518,7 +523,12 @@ impl Forest {
 
     #[inline]
     fn branch<C: Compare, const MISSING: bool>(&self, at: u32, node: Node, row: &[f32]) -> u32 {
-        let v = row[(node.feature & !MISSING_TRUE) as usize];
+        self.decide::<C, MISSING>(at, node, row[(node.feature & !MISSING_TRUE) as usize])
+    }
+
+    /// The child of `node` (at `at`) that the feature's value `v` takes.
+    #[inline]
+    fn decide<C: Compare, const MISSING: bool>(&self, at: u32, node: Node, v: f32) -> u32 {
         let holds = C::holds(self, at, v, node.value)
             || (MISSING && v.is_nan() && node.feature & MISSING_TRUE != 0);
         if holds { node.on_true } else { node.on_false }
@@ -533,6 +543,13 @@ impl Forest {
             scores.has[base] = true;
             return;
         }
+        self.add_weights(at, base, scores);
+    }
+
+    /// [`Self::add`] for leaves of several weights or another aggregate: kept out of
+    /// line, so that the walks inline the one-weight sum.
+    #[inline(never)]
+    fn add_weights(&self, at: u32, base: usize, scores: &mut Scores) {
         let leaf = self.leaf_of[at as usize] as usize;
         let (start, end) = (self.leaf_start[leaf] as usize, self.leaf_start[leaf + 1] as usize);
         for (&target, &w) in self.leaf_target[start..end].iter().zip(&self.leaf_weight[start..end])
