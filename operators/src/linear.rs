@@ -3,6 +3,8 @@
 
 use tract_onnx::model::ParsingContext;
 use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::tract_ndarray::linalg::general_mat_mul;
+use tract_onnx::tract_hir::internal::tract_ndarray::{ArrayView2, ArrayViewMut2};
 use tract_onnx::tract_hir::internal::*;
 
 use crate::attrs::Labels;
@@ -14,9 +16,9 @@ fn post(node: &NodeProto) -> TractResult<Post> {
     Post::parse(name).map_or_else(|| node.bail(&format!("unknown post_transform {name:?}")), Ok)
 }
 
-/// `x · wᵀ + b` for `rows` rows of `width` columns against `targets` weight rows: a
-/// few rows or targets by [`dot_rows`], more through ndarray's matrix product (`matrixmultiply`'s
-/// packed sgemm, its AVX2/AVX-512 kernels chosen at run time).
+/// `x · wᵀ + b` for `rows` rows of `width` columns against `targets` weight rows: many
+/// rows and targets through ndarray's matrix product (`matrixmultiply`'s packed sgemm,
+/// its AVX2/AVX-512 kernels chosen at run time), a few by [`dot_rows`].
 fn affine(
     x: &[f32],
     rows: usize,
@@ -26,17 +28,16 @@ fn affine(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let mut out = vec![0.0; rows * targets];
-    let whole = x.len() >= rows * width && weights.len() >= targets * width;
-    if rows >= GEMM_ROWS && targets >= GEMM_TARGETS && width > 0 && whole {
-        let x = tract_ndarray::ArrayView2::from_shape((rows, width), &x[..rows * width]);
-        let w =
-            tract_ndarray::ArrayView2::from_shape((targets, width), &weights[..targets * width]);
-        let c = tract_ndarray::ArrayViewMut2::from_shape((rows, targets), &mut out);
-        if let (Ok(x), Ok(w), Ok(mut c)) = (x, w, c) {
-            tract_ndarray::linalg::general_mat_mul(1.0, &x, &w.t(), 0.0, &mut c);
-        }
-    } else {
-        dot_rows(x, width, weights, targets, &mut out);
+    let operands = (rows >= GEMM_ROWS && targets >= GEMM_TARGETS)
+        .then(|| {
+            let x = ArrayView2::from_shape((rows, width), x.get(..rows * width)?).ok()?;
+            let w = ArrayView2::from_shape((targets, width), weights.get(..targets * width)?);
+            Some((x, w.ok()?))
+        })
+        .flatten();
+    match (operands, ArrayViewMut2::from_shape((rows, targets), &mut out)) {
+        (Some((x, w)), Ok(mut c)) => general_mat_mul(1.0, &x, &w.t(), 0.0, &mut c),
+        _ => dot_rows(x, width, weights, targets, &mut out),
     }
     if let Some(bias) = bias {
         for out_row in out.chunks_mut(targets.max(1)) {
@@ -63,52 +64,43 @@ fn dot_rows(x: &[f32], width: usize, weights: &[f32], targets: usize, out: &mut 
     }
 }
 
-/// A dot product in eight running sums, so that it vectorises; inlined into the
+/// `Σ term(aᵢ, bᵢ)` in eight running sums, so that it vectorises; inlined into the
 /// functions compiled for each target (AVX2, AVX-512).
 #[allow(clippy::inline_always)] // inlined into each target's compilation of its caller
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn sum8(a: &[f32], b: &[f32], term: impl Fn(f32, f32) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(&x, &y)| term(x, y)).sum();
     for (x, y) in ca.zip(cb) {
         for j in 0..8 {
-            acc[j] += x[j] * y[j];
+            acc[j] += term(x[j], y[j]);
         }
     }
     acc.iter().sum::<f32>() + tail
+}
+
+/// The dot product of two vectors, by [`sum8`].
+#[allow(clippy::inline_always)] // inlined into each target's compilation of its caller
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    sum8(a, b, |x, y| x * y)
 }
 
 /// `exp(-gamma · |x - v|²)` for every row of `x` (`width` wide) against every row of
-/// `vectors`, appended to `out`: the distances first, then their exponentials, both
-/// in vector registers.
+/// `vectors`: the distances first, then their exponentials, both in vector registers.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn rbf_rows(x: &[f32], width: usize, vectors: &[f32], gamma: f32, out: &mut Vec<f32>) {
-    let start = out.len();
+fn rbf_rows(x: &[f32], width: usize, vectors: &[f32], gamma: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(x.len() / width.max(1) * (vectors.len() / width.max(1)));
     for row in x.chunks(width.max(1)) {
         for v in vectors.chunks(width.max(1)) {
-            out.push(-gamma * squared_distance(row, v));
+            out.push(-gamma * sum8(row, v, |a, b| (a - b) * (a - b)));
         }
     }
-    for v in &mut out[start..] {
+    for v in &mut out {
         *v = exp(*v);
     }
-}
-
-/// The squared distance of two vectors, in eight running sums as [`dot`].
-#[allow(clippy::inline_always)] // inlined into each target's compilation of its caller
-#[inline(always)]
-fn squared_distance(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| (x - y) * (x - y)).sum();
-    for (x, y) in ca.zip(cb) {
-        for j in 0..8 {
-            let d = x[j] - y[j];
-            acc[j] += d * d;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
+    out
 }
 
 /// `e^x` so that a loop of it vectorises (libm's `expf` does not): `x = k·ln 2 + r`,
@@ -352,11 +344,7 @@ impl SvmKernel {
     ) -> Vec<f32> {
         let linear = || affine(x, rows, width, vectors, count, None).into_iter();
         match self {
-            Self::Rbf { gamma } => {
-                let mut out = Vec::with_capacity(rows * count);
-                rbf_rows(x, width, vectors, gamma, &mut out);
-                out
-            }
+            Self::Rbf { gamma } => rbf_rows(x, width, vectors, gamma),
             Self::Linear => linear().map(|v| v + constant).collect(),
             Self::Poly { gamma, coef0, degree } => linear()
                 .map(|v| {
@@ -736,6 +724,32 @@ mod tests {
         let r3 = [0.0, 0.5, 0.5, 0.5, 0.0, 0.5, 0.5, 0.5, 0.0];
         let p = couple(3, &r3);
         assert!(p.iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-4), "{p:?}");
+    }
+
+    /// The matrix product (many rows and targets) and the dot loop (a few) agree with a
+    /// plain sum, bias included.
+    #[test]
+    fn affine_by_either_path_is_the_plain_sum() {
+        let (width, targets) = (13, 3);
+        let value = |i: usize| ((i * 7919) % 23) as f32 / 7.0 - 1.5;
+        let weights: Vec<f32> = (0..width * targets).map(|i| value(i + 5)).collect();
+        let bias = [0.25, -1.0, 2.0];
+        for rows in [1, GEMM_ROWS - 1, GEMM_ROWS, 40] {
+            let x: Vec<f32> = (0..rows * width).map(value).collect();
+            let got = affine(&x, rows, width, &weights, targets, Some(&bias));
+            for r in 0..rows {
+                for j in 0..targets {
+                    let row = &x[r * width..(r + 1) * width];
+                    let w = &weights[j * width..(j + 1) * width];
+                    let want: f32 = row.iter().zip(w).map(|(a, b)| a * b).sum::<f32>() + bias[j];
+                    let g = got[r * targets + j];
+                    assert!(
+                        (g - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                        "{rows} rows: {g} {want}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
