@@ -16,6 +16,7 @@ use thiserror::Error;
 use crate::finetune::DesiredJob;
 use crate::keys::{Context, Sha256, SignatureEntry, SigningKey};
 use crate::names;
+use crate::rollout::RolloutSpec;
 use crate::time::Timestamp;
 use crate::trust::{SignatureError, TrustRoot};
 
@@ -38,6 +39,10 @@ pub struct DesiredState {
     /// Fine-tune jobs to run (each id once), with their data on the agent.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub jobs: Vec<DesiredJob>,
+    /// Rollouts under way: at most one per model, whose baseline is listed active and
+    /// whose candidate is listed inactive.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutSpec>,
 }
 
 /// A bundle the agent should hold.
@@ -162,6 +167,24 @@ impl DesiredState {
             }
             j.job.check().map_err(|e| invalid(format!("job {}: {e}", j.id)))?;
         }
+        let mut models = BTreeSet::new();
+        for r in &self.rollouts {
+            r.check().map_err(|e| invalid(e.to_string()))?;
+            if !models.insert(&r.model) {
+                return Err(invalid(format!("two rollouts of {}", r.model)));
+            }
+            let listed = |version: u64, active: bool| {
+                self.bundles
+                    .iter()
+                    .any(|b| b.name == r.model && b.version == version && b.activate == active)
+            };
+            if !listed(r.baseline, true) || !listed(r.candidate, false) {
+                return Err(invalid(format!(
+                    "rollout {} needs {}@{} listed active and {}@{} listed inactive",
+                    r.id, r.model, r.baseline, r.model, r.candidate
+                )));
+            }
+        }
         Ok(())
     }
 }
@@ -239,6 +262,7 @@ mod tests {
                 activate: true,
             }],
             jobs: vec![],
+            rollouts: vec![],
         }
     }
 
@@ -320,6 +344,43 @@ mod tests {
             two.sign(&[&signer]).verify(&trust, &expect(None, NOW)),
             Err(DesiredError::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn carries_rollouts_whose_versions_it_lists() {
+        use crate::rollout::{Share, Step, Strategy};
+        let (trust, signer) = setup();
+        let mut with_rollout = doc(5);
+        let mut candidate = with_rollout.bundles[0].clone();
+        candidate.version = 3;
+        candidate.activate = false;
+        with_rollout.bundles.push(candidate);
+        with_rollout.rollouts.push(RolloutSpec {
+            id: "ro-1".into(),
+            model: "fault".into(),
+            baseline: 2,
+            candidate: 3,
+            strategy: Strategy::Canary,
+            steps: vec![Step { at: Timestamp::from_unix(NOW), share: Share::ALL }],
+            mirror: Share::NONE,
+            guards: vec!["error_rate<0.1".parse().unwrap()],
+            min_requests: 200,
+        });
+        let verified = with_rollout.sign(&[&signer]).verify(&trust, &expect(None, NOW)).unwrap();
+        assert_eq!(verified.rollouts, with_rollout.rollouts);
+
+        let refused = |change: &dyn Fn(&mut DesiredState)| {
+            let mut d = with_rollout.clone();
+            change(&mut d);
+            match d.sign(&[&signer]).verify(&trust, &expect(None, NOW)) {
+                Err(DesiredError::Invalid(why)) => why,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(refused(&|d| d.bundles.truncate(1)).contains("fault@3 listed inactive"));
+        assert!(refused(&|d| d.rollouts[0].baseline = 3).contains("is the baseline"));
+        let twice = refused(&|d| d.rollouts.push(d.rollouts[0].clone()));
+        assert_eq!(twice, "two rollouts of fault");
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - [`metrics`], [`sketch`], [`drift`]: metric windows (counts, a mergeable latency
 //!   sketch, histograms over the reference bins), and drift scores (PSI, KS, JS).
 //! - [`alerting`]: alert rules over rollups of metric windows, and when they fire.
+//! - [`rollout`]: canary, A/B and shadow rollouts: sticky assignment, steps, guards.
 //! - [`exposition`] (feature `prometheus`): the Prometheus text both shells serve.
 //! - [`features`]: feature views, ingest rules, PII policy, snapshots and (feature
 //!   `snapshots`) their row-major payload and online table.
@@ -51,6 +52,7 @@ pub mod profile;
 pub mod protocol;
 pub mod random;
 pub mod reconcile;
+pub mod rollout;
 pub mod sample;
 pub mod sketch;
 pub mod tensor;

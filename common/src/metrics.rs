@@ -30,8 +30,46 @@ pub struct InvalidWindow {
     pub problem: String,
 }
 
+/// Ground truth received for a version's predictions (`POST .../feedback`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Feedback {
+    /// Rows whose label arrived and was joined to the prediction.
+    pub labelled: u64,
+    /// Of those, rows predicted right (classifiers).
+    pub correct: u64,
+    /// Sum of absolute errors (regressors).
+    pub abs_error: f64,
+}
+
+impl Feedback {
+    fn add(&mut self, other: &Self) {
+        self.labelled += other.labelled;
+        self.correct += other.correct;
+        self.abs_error += other.abs_error;
+    }
+}
+
+/// A candidate's runs on mirrored requests (shadow traffic), compared with the baseline.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shadow {
+    /// Rows compared.
+    pub compared: u64,
+    /// Of those, rows where the candidate agreed with the baseline.
+    pub agreed: u64,
+    /// Mirrored requests dropped because the candidate's queue was full.
+    pub dropped: u64,
+}
+
+impl Shadow {
+    fn add(&mut self, other: &Self) {
+        self.compared += other.compared;
+        self.agreed += other.agreed;
+        self.dropped += other.dropped;
+    }
+}
+
 /// What was measured: a window's counts, or several windows' counts added up.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Counts {
     /// Inference requests.
     pub requests: u64,
@@ -49,6 +87,10 @@ pub struct Counts {
     pub dropped_windows: u64,
     /// Requests counted in those dropped windows.
     pub dropped_requests: u64,
+    /// Ground truth joined to this version's predictions.
+    pub feedback: Feedback,
+    /// This version's runs on mirrored requests.
+    pub shadow: Shadow,
 }
 
 impl Counts {
@@ -63,11 +105,13 @@ impl Counts {
         add_histograms(&mut self.outputs, &other.outputs);
         self.dropped_windows += other.dropped_windows;
         self.dropped_requests += other.dropped_requests;
+        self.feedback.add(&other.feedback);
+        self.shadow.add(&other.shadow);
     }
 }
 
 /// One model version's measurements over one window.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricsWindow {
     /// The model.
     pub model: String,
@@ -279,6 +323,8 @@ mod tests {
                 outputs: vec![],
                 dropped_windows: 2,
                 dropped_requests: 7,
+                feedback: Feedback { labelled: 4, correct: 3, abs_error: 0.5 },
+                shadow: Shadow { compared: 6, agreed: 5, dropped: 1 },
             },
         }
     }
@@ -293,6 +339,8 @@ mod tests {
         assert_eq!(c.inputs, vec![vec![1, 6, 1]]);
         assert_eq!(c.latency.count(), 8);
         assert_eq!((c.dropped_windows, c.dropped_requests), (4, 14));
+        assert_eq!(c.feedback, Feedback { labelled: 8, correct: 6, abs_error: 1.0 });
+        assert_eq!(c.shadow, Shadow { compared: 12, agreed: 10, dropped: 2 });
     }
 
     #[test]

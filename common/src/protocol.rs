@@ -18,6 +18,7 @@ use crate::desired::SignedDesired;
 use crate::finetune::JobReport;
 use crate::keys::Sha256;
 use crate::metrics::MetricsWindow;
+use crate::rollout::RolloutReport;
 use crate::time::Timestamp;
 
 /// ALPN of enrollment connections.
@@ -109,6 +110,8 @@ pub struct ActualState {
     pub agent_version: String,
     /// The fine-tune jobs its current document orders, and where each stands.
     pub jobs: Vec<JobReport>,
+    /// The rollouts of its current document: the step in force, and any it rolled back.
+    pub rollouts: Vec<RolloutReport>,
 }
 
 /// Agent to control plane, on the session stream.
@@ -131,7 +134,7 @@ pub enum AgentMessage {
 
 /// A metric window with its per-agent sequence number: the control plane stores each
 /// (agent, sequence) once, however often it is sent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SequencedWindow {
     /// The agent's sequence number for it, from 1, never reused.
     pub seq: u64,
@@ -268,6 +271,13 @@ mod tests {
             agent_version: "0.1.0".into(),
             ready: true,
             jobs: vec![job_report()],
+            rollouts: vec![RolloutReport {
+                id: "ro-1".into(),
+                step: Some(2),
+                rolled_back: true,
+                reason: Some("error_rate<0.02 failed".into()),
+                at: Some(Timestamp::from_unix(1_800_000_000)),
+            }],
         });
         let frame = encode(&message);
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();

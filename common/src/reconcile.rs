@@ -134,6 +134,7 @@ mod tests {
             expires: Timestamp::from_unix(1),
             bundles,
             jobs: vec![],
+            rollouts: vec![],
         }
     }
 
