@@ -17,6 +17,7 @@
 //!   sketch, histograms over the reference bins), and drift scores (PSI, KS, JS).
 //! - [`alerting`]: alert rules over rollups of metric windows, and when they fire.
 //! - [`rollout`]: canary, A/B and shadow rollouts: sticky assignment, steps, guards.
+//! - [`outcomes`]: answers compared between versions (agreement) and with ground truth.
 //! - [`exposition`] (feature `prometheus`): the Prometheus text both shells serve.
 //! - [`features`]: feature views, ingest rules, PII policy, snapshots and (feature
 //!   `snapshots`) their row-major payload and online table.
@@ -48,6 +49,7 @@ pub mod metrics;
 pub mod names;
 #[cfg(feature = "onnx")]
 pub mod onnx;
+pub mod outcomes;
 pub mod profile;
 pub mod protocol;
 pub mod random;

@@ -42,7 +42,8 @@ pub struct Feedback {
 }
 
 impl Feedback {
-    fn add(&mut self, other: &Self) {
+    /// Adds `other`.
+    pub fn add(&mut self, other: &Self) {
         self.labelled += other.labelled;
         self.correct += other.correct;
         self.abs_error += other.abs_error;
@@ -61,7 +62,8 @@ pub struct Shadow {
 }
 
 impl Shadow {
-    fn add(&mut self, other: &Self) {
+    /// Adds `other`.
+    pub fn add(&mut self, other: &Self) {
         self.compared += other.compared;
         self.agreed += other.agreed;
         self.dropped += other.dropped;
