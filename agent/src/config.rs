@@ -40,6 +40,42 @@ pub struct AgentConfig {
     pub metrics: MetricsConfig,
     /// Which engine serves each model.
     pub engine: EngineConfig,
+    /// Rollouts the control plane runs on this agent.
+    pub rollouts: RolloutsConfig,
+    /// Ground truth joined to earlier answers.
+    pub feedback: FeedbackConfig,
+}
+
+/// `[rollouts]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RolloutsConfig {
+    /// Mirrored requests waiting for the candidate; past it they are dropped (counted).
+    pub shadow_queue: usize,
+}
+
+impl Default for RolloutsConfig {
+    fn default() -> Self {
+        Self { shadow_queue: ServeConfig::default().shadow_queue }
+    }
+}
+
+/// `[feedback]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FeedbackConfig {
+    /// How long the answer to an identified request is kept for its ground truth.
+    #[serde(with = "human_duration")]
+    pub horizon: Duration,
+    /// Most answers kept; the oldest go first.
+    pub capacity: usize,
+}
+
+impl Default for FeedbackConfig {
+    fn default() -> Self {
+        let serve = ServeConfig::default();
+        Self { horizon: serve.feedback_horizon, capacity: serve.feedback_capacity }
+    }
 }
 
 /// `[http]`.
@@ -109,6 +145,8 @@ impl Default for AgentConfig {
             control_plane: ControlPlaneConfig::default(),
             metrics: MetricsConfig::default(),
             engine: EngineConfig::default(),
+            rollouts: RolloutsConfig::default(),
+            feedback: FeedbackConfig::default(),
         }
     }
 }
@@ -164,6 +202,9 @@ impl AgentConfig {
             poll_interval: self.models.poll_interval,
             metrics: self.metrics.enabled,
             engine: self.engine.clone(),
+            shadow_queue: self.rollouts.shadow_queue,
+            feedback_horizon: self.feedback.horizon,
+            feedback_capacity: self.feedback.capacity,
             ..ServeConfig::default()
         };
         if self.http.workers > 0 {
@@ -235,6 +276,15 @@ impl Checked for AgentConfig {
             Duration::from_secs(3600),
         )?;
         within(path, "metrics.outbox_cap", self.metrics.outbox_cap, 1, 100_000_000)?;
+        within(path, "rollouts.shadow_queue", self.rollouts.shadow_queue, 1, 1_000_000)?;
+        within(
+            path,
+            "feedback.horizon",
+            self.feedback.horizon,
+            Duration::from_secs(1),
+            Duration::from_secs(30 * 86_400),
+        )?;
+        within(path, "feedback.capacity", self.feedback.capacity, 1, 100_000_000)?;
         within(
             path,
             "engine.batch_wait",
@@ -292,6 +342,8 @@ mod tests {
         check("[control_plane]\nparallel_fetches = 0\n", "control_plane.parallel_fetches");
         check("[metrics]\nwindow = \"1ms\"\n", "metrics.window: must be between");
         check("[metrics]\noutbox_cap = 0\n", "metrics.outbox_cap");
+        check("[rollouts]\nshadow_queue = 0\n", "rollouts.shadow_queue");
+        check("[feedback]\nhorizon = \"0s\"\n", "feedback.horizon");
         check("[engine]\nruntime = \"tpu\"\n", "unknown variant `tpu`");
         check("[engine]\nbatch_wait = \"2s\"\n", "engine.batch_wait: must be between");
         check("[engine]\nmax_batch = 0\n", "engine.max_batch");

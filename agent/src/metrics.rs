@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use falaj_common::exposition::{self, VersionFigures};
-use falaj_common::metrics::{Counts, MetricsWindow};
+use falaj_common::metrics::{Counts, Feedback, MetricsWindow, Shadow};
 use falaj_common::profile::{ColumnProfile, DataProfile, Histogram};
 use falaj_common::sketch::{self, LatencySketch};
 use falaj_common::tensor::{Signature, Tensor, TensorData};
@@ -21,7 +21,8 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use crate::engine::GpuEngine;
-use crate::models::{Registry, VersionState};
+use crate::models::{Catalog, Registry, VersionState};
+use crate::rollout::LiveRollout;
 
 /// Bin counts of one profiled column.
 #[derive(Debug)]
@@ -96,6 +97,8 @@ struct Totals {
     errors: u64,
     latency: LatencySketch,
     latency_sum_micros: f64,
+    shadow: Shadow,
+    feedback: Feedback,
 }
 
 /// What one model version measures.
@@ -112,6 +115,12 @@ pub struct ModelMetrics {
     outputs: Vec<ColumnCounts>,
     window_start: AtomicU64,
     totals: Mutex<Totals>,
+    /// This version's runs on mirrored requests, compared with the baseline.
+    shadow_compared: AtomicU64,
+    shadow_agreed: AtomicU64,
+    shadow_dropped: AtomicU64,
+    /// Ground truth joined to its predictions (not on the request path: a lock is fine).
+    feedback: Mutex<Feedback>,
 }
 
 impl ModelMetrics {
@@ -138,7 +147,40 @@ impl ModelMetrics {
             outputs: reference.map(|r| columns(&r.outputs, &signature.outputs)).unwrap_or_default(),
             window_start: AtomicU64::new(Timestamp::from_system(now).unix()),
             totals: Mutex::new(Totals::default()),
+            shadow_compared: AtomicU64::new(0),
+            shadow_agreed: AtomicU64::new(0),
+            shadow_dropped: AtomicU64::new(0),
+            feedback: Mutex::new(Feedback::default()),
         }
+    }
+
+    /// Records a mirrored request's comparison: rows compared and rows agreed.
+    pub fn record_shadow(&self, compared: u64, agreed: u64) {
+        self.shadow_compared.fetch_add(compared, Ordering::Relaxed);
+        self.shadow_agreed.fetch_add(agreed, Ordering::Relaxed);
+    }
+
+    /// Records a mirrored request dropped because the shadow queue was full.
+    pub fn record_shadow_dropped(&self) {
+        self.shadow_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Records ground truth joined to this version's predictions.
+    pub fn record_feedback(&self, joined: &Feedback) {
+        self.feedback.lock().unwrap_or_else(std::sync::PoisonError::into_inner).add(joined);
+    }
+
+    /// Shadow comparisons and feedback since start: closed windows and the open one.
+    pub fn outcomes(&self) -> (Shadow, Feedback) {
+        let totals = self.totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut shadow, mut feedback) = (totals.shadow, totals.feedback);
+        shadow.add(&Shadow {
+            compared: self.shadow_compared.load(Ordering::Relaxed),
+            agreed: self.shadow_agreed.load(Ordering::Relaxed),
+            dropped: self.shadow_dropped.load(Ordering::Relaxed),
+        });
+        feedback.add(&self.feedback.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        (shadow, feedback)
     }
 
     /// Bins the inputs of a request about to run (inputs in signature order).
@@ -187,14 +229,24 @@ impl ModelMetrics {
         let rows = self.rows.swap(0, Ordering::Relaxed);
         let inputs: Vec<Vec<u64>> = self.inputs.iter().map(|c| take(&c.counts)).collect();
         let outputs: Vec<Vec<u64>> = self.outputs.iter().map(|c| take(&c.counts)).collect();
+        let shadow = Shadow {
+            compared: self.shadow_compared.swap(0, Ordering::Relaxed),
+            agreed: self.shadow_agreed.swap(0, Ordering::Relaxed),
+            dropped: self.shadow_dropped.swap(0, Ordering::Relaxed),
+        };
+        let feedback = std::mem::take(
+            &mut *self.feedback.lock().unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         {
             let mut totals = self.totals.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             totals.requests += requests;
             totals.errors += errors;
             totals.latency.merge(&latency);
             totals.latency_sum_micros += latency_sum as f64;
+            totals.shadow.add(&shadow);
+            totals.feedback.add(&feedback);
         }
-        if requests == 0 && rows == 0 {
+        if requests == 0 && rows == 0 && shadow == Shadow::default() && feedback.labelled == 0 {
             return None;
         }
         Some(MetricsWindow {
@@ -211,6 +263,8 @@ impl ModelMetrics {
                 outputs,
                 dropped_windows: 0,
                 dropped_requests: 0,
+                feedback,
+                shadow,
             },
         })
     }
@@ -253,6 +307,10 @@ pub struct AgentStats {
     pub reconcile_errors: AtomicU64,
     /// Whether a control-plane session is up.
     pub connected: AtomicBool,
+    /// Feedback requests joined to a kept answer, since start.
+    pub feedback_joined: AtomicU64,
+    /// Feedback for ids with no kept answer (unknown, expired, another model's).
+    pub feedback_unknown: AtomicU64,
 }
 
 /// The Prometheus collector: per model version and agent-wide figures, read at scrape time.
@@ -277,6 +335,7 @@ impl Collector for Exporter {
             })
             .collect();
         exposition::encode_versions(&mut encoder, "measured by the agent", &figures)?;
+        encode_outcomes(&mut encoder, &catalog)?;
         let s = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         exposition::encode_scalars(
@@ -348,6 +407,18 @@ impl Collector for Exporter {
                     load(&s.reconcile_errors),
                 ),
                 (
+                    "falaj_feedback_joined",
+                    "Feedback requests joined to the answer they judge",
+                    true,
+                    load(&s.feedback_joined),
+                ),
+                (
+                    "falaj_feedback_unknown_ids",
+                    "Feedback for request ids with no answer kept (unknown, expired, another model's)",
+                    true,
+                    load(&s.feedback_unknown),
+                ),
+                (
                     "falaj_control_plane_connected",
                     "1 while a session with the control plane is up",
                     false,
@@ -356,4 +427,86 @@ impl Collector for Exporter {
             ],
         )
     }
+}
+
+/// Writes each version's shadow comparisons and feedback, and each rollout's share,
+/// state and guards as last judged.
+fn encode_outcomes(encoder: &mut DescriptorEncoder, catalog: &Catalog) -> std::fmt::Result {
+    let mut outcomes = Vec::new();
+    for (name, entry) in &catalog.models {
+        for (version, state) in &entry.versions {
+            if let VersionState::Ready(v) = state {
+                let labels = vec![("model", name.clone()), ("version", version.to_string())];
+                outcomes.push((labels, v.metrics.outcomes()));
+            }
+        }
+    }
+    let per_version = |pick: fn(&(Shadow, Feedback)) -> f64| -> Vec<exposition::Labelled> {
+        outcomes.iter().map(|(labels, o)| (labels.clone(), pick(o))).collect()
+    };
+    for (name, help, pick) in [
+        (
+            "falaj_shadow_compared_rows",
+            "Rows of mirrored requests compared with the baseline's answers",
+            (|o| o.0.compared as f64) as fn(&(Shadow, Feedback)) -> f64,
+        ),
+        ("falaj_shadow_agreed_rows", "Of those, rows on which the two agreed", |o| {
+            o.0.agreed as f64
+        }),
+        ("falaj_shadow_dropped", "Mirrored requests dropped: the shadow queue was full", |o| {
+            o.0.dropped as f64
+        }),
+        (
+            "falaj_feedback_labelled_rows",
+            "Rows whose ground truth was joined to their answer",
+            |o| o.1.labelled as f64,
+        ),
+        ("falaj_feedback_correct_rows", "Of those, rows answered right (classifiers)", |o| {
+            o.1.correct as f64
+        }),
+        (
+            "falaj_feedback_abs_error",
+            "Sum of absolute errors against ground truth (regressors)",
+            |o| o.1.abs_error,
+        ),
+    ] {
+        exposition::encode_labelled(encoder, name, help, true, &per_version(pick))?;
+    }
+    let now = Timestamp::from_system(SystemTime::now());
+    let rollout = |live: &LiveRollout| {
+        vec![("rollout", live.spec.id.clone()), ("model", live.spec.model.clone())]
+    };
+    let (mut share, mut rolled_back, mut guard_value, mut guard_failing) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for live in catalog.rollouts.values() {
+        let served = if live.rolled_back() { 0.0 } else { live.spec.share_at(now).percent() };
+        share.push((rollout(live), served));
+        rolled_back.push((rollout(live), f64::from(u8::from(live.rolled_back()))));
+        for result in live.results() {
+            let mut labels = rollout(live);
+            labels.push(("guard", result.guard.to_string()));
+            if let Some(value) = result.value {
+                guard_value.push((labels.clone(), value));
+            }
+            let failing = result.verdict == falaj_common::rollout::Verdict::Fails;
+            guard_failing.push((labels, f64::from(u8::from(failing))));
+        }
+    }
+    for (name, help, rows) in [
+        (
+            "falaj_rollout_share_percent",
+            "Percent of a rollout's requests the candidate serves now",
+            share,
+        ),
+        ("falaj_rollout_rolled_back", "1 once this agent rolled the rollout back", rolled_back),
+        ("falaj_rollout_guard_value", "A guard's value at the last judgement", guard_value),
+        (
+            "falaj_rollout_guard_failing",
+            "1 when a guard failed at the last judgement",
+            guard_failing,
+        ),
+    ] {
+        exposition::encode_labelled(encoder, name, help, false, &rows)?;
+    }
+    Ok(())
 }

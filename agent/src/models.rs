@@ -14,6 +14,7 @@ use falaj_common::keys::Sha256;
 use crate::engine::{Engine, Engines};
 use crate::features::{self, SnapshotState, ViewEntry};
 use crate::metrics::ModelMetrics;
+use crate::rollout::LiveRollout;
 use crate::store::{Installed, Store, StoreError};
 
 /// One loaded model version.
@@ -92,6 +93,8 @@ pub struct Catalog {
     /// Derived models serving in place of their parents: parent name to the derived
     /// model's name and version ([`crate::store::Overlay`]).
     pub overlays: BTreeMap<String, (String, u64)>,
+    /// Rollouts under way, by model name.
+    pub rollouts: BTreeMap<String, Arc<LiveRollout>>,
     /// Whether the first load has completed.
     pub loaded: bool,
 }
@@ -181,7 +184,19 @@ impl Registry {
         let current = self.catalog();
         let overlays =
             store.overlays()?.into_iter().map(|o| (o.name, (o.derived, o.version))).collect();
-        let mut next = Catalog { overlays, loaded: true, ..Catalog::default() };
+        let rollouts = store
+            .rollouts()?
+            .into_iter()
+            .map(|stored| {
+                let live = current
+                    .rollouts
+                    .get(&stored.spec.model)
+                    .filter(|live| live.spec == stored.spec)
+                    .map_or_else(|| Arc::new(LiveRollout::from_stored(stored.clone())), Arc::clone);
+                (stored.spec.model, live)
+            })
+            .collect();
+        let mut next = Catalog { overlays, rollouts, loaded: true, ..Catalog::default() };
         let mut summary = ReloadSummary::default();
         for installed in store.installed()? {
             let (name, version) = (installed.manifest.name.clone(), installed.manifest.version);

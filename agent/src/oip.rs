@@ -74,6 +74,7 @@ struct Parameters {
     classification: Option<de::IgnoredAny>,
     entity_id: Option<EntityId>,
     entity_ids: Option<Vec<EntityId>>,
+    routing_key: Option<EntityId>,
 }
 
 /// An entity id as a request gives it: a string or an integer, kept as text.
@@ -85,7 +86,7 @@ impl<'de> Deserialize<'de> for EntityId {
         impl Visitor<'_> for IdVisitor {
             type Value = EntityId;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an entity id (a string or an integer)")
+                f.write_str("an entity id or routing key (a string or an integer)")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<EntityId, E> {
                 Ok(EntityId(v.to_owned()))
@@ -133,6 +134,9 @@ pub struct InferRequest {
     /// The entities whose features make the input (`parameters.entity_id` or
     /// `parameters.entity_ids`), as text; `None` when the request names none.
     pub entity_ids: Option<Vec<String>>,
+    /// What keeps a client on one variant of a rollout: `parameters.routing_key`, else
+    /// the (first) entity id.
+    pub routing_key: Option<String>,
 }
 
 /// Decodes a request body. `json_len` is the value of `Inference-Header-Content-Length`.
@@ -182,7 +186,11 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    Ok(InferRequest { id: raw.id, inputs, outputs, binary_by_default, entity_ids })
+    let routing_key = parameters
+        .routing_key
+        .map(|k| k.0)
+        .or_else(|| entity_ids.as_ref().and_then(|ids| ids.first().cloned()));
+    Ok(InferRequest { id: raw.id, inputs, outputs, binary_by_default, entity_ids, routing_key })
 }
 
 /// Decodes one input, taking its binary data (if any) from the front of `binary`.
@@ -737,13 +745,21 @@ mod tests {
         let ids = |body: &str| decode_request(body.as_bytes(), None).map(|r| r.entity_ids);
         assert_eq!(ids(r#"{"inputs":[]}"#).unwrap(), None);
         assert_eq!(ids(r#"{"parameters":{"entity_id":"p-1"}}"#).unwrap(), Some(vec!["p-1".into()]));
+        let key = |body: &str| decode_request(body.as_bytes(), None).unwrap().routing_key;
+        assert_eq!(key(r#"{"parameters":{"entity_ids":["a",2]}}"#).as_deref(), Some("a"));
+        assert_eq!(
+            key(r#"{"parameters":{"entity_id":3,"routing_key":"u-9"}}"#).as_deref(),
+            Some("u-9")
+        );
+        assert_eq!(key(r#"{"parameters":{"routing_key":17}}"#).as_deref(), Some("17"));
+        assert_eq!(key(r#"{"inputs":[]}"#), None);
         assert_eq!(ids(r#"{"parameters":{"entity_id":-7}}"#).unwrap(), Some(vec!["-7".into()]));
         assert_eq!(
             ids(r#"{"inputs":[],"parameters":{"entity_ids":["a",2]}}"#).unwrap(),
             Some(vec!["a".into(), "2".into()])
         );
         let err = ids(r#"{"parameters":{"entity_id":1.5}}"#).unwrap_err();
-        assert!(err.0.contains("an entity id (a string or an integer)"), "{err}");
+        assert!(err.0.contains("(a string or an integer)"), "{err}");
         let err = ids(r#"{"parameters":{"entity_ids":[]}}"#).unwrap_err();
         assert!(err.0.contains("empty"), "{err}");
         let err = ids(r#"{"parameters":{"entity_id":"a","entity_ids":["b"]}}"#).unwrap_err();

@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime};
 
 use falaj_common::metrics::MetricsWindow;
 use falaj_common::protocol::{MAX_WINDOWS_PER_BATCH, SequencedWindow};
+use falaj_common::time::Timestamp;
 use tokio::sync::{Notify, watch};
 
 use crate::metrics::{AgentStats, ModelMetrics};
-use crate::models::{Registry, VersionState};
+use crate::models::{Catalog, Registry, VersionState};
 use crate::store::{Store, StoreError};
 
 /// How windows are made and kept.
@@ -42,6 +43,7 @@ pub struct Reporter {
     /// window closed.
     measured: Mutex<Vec<Arc<ModelMetrics>>>,
     pending: Notify,
+    rolled_back: Notify,
 }
 
 impl Reporter {
@@ -59,6 +61,7 @@ impl Reporter {
             config,
             measured: Mutex::new(Vec::new()),
             pending: Notify::new(),
+            rolled_back: Notify::new(),
         }
     }
 
@@ -67,16 +70,22 @@ impl Reporter {
         &self.pending
     }
 
+    /// Signalled when a guard failed and a rollout was rolled back here: the control plane
+    /// should hear of it at once.
+    pub fn rolled_back(&self) -> &Notify {
+        &self.rolled_back
+    }
+
     fn lock_store(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Closes the current window of every measured version and appends those that saw
-    /// traffic to the outbox; returns how many were appended. Blocking.
+    /// traffic to the outbox, then judges each rollout's guards on them; returns how many
+    /// windows were appended. Blocking.
     pub fn close_windows(&self, now: SystemTime) -> Result<usize, StoreError> {
-        let current: Vec<Arc<ModelMetrics>> = self
-            .registry
-            .catalog()
+        let catalog = self.registry.catalog();
+        let current: Vec<Arc<ModelMetrics>> = catalog
             .models
             .values()
             .flat_map(|m| m.versions.values())
@@ -92,6 +101,7 @@ impl Reporter {
         let gone = previous.into_iter().filter(|p| !current.iter().any(|c| Arc::ptr_eq(p, c)));
         let windows: Vec<MetricsWindow> =
             current.iter().cloned().chain(gone).filter_map(|m| m.close(now)).collect();
+        self.judge(&catalog, &windows, now)?;
         if windows.is_empty() {
             return Ok(0);
         }
@@ -114,6 +124,43 @@ impl Reporter {
         }
         self.pending.notify_one();
         Ok(count)
+    }
+
+    /// Adds `windows` to the rollouts of their models and judges their guards; stores the
+    /// figures and any rollback, and signals a rollback. Judged at every window, with or
+    /// without traffic, so that an offline agent still rolls back on its own.
+    fn judge(
+        &self,
+        catalog: &Catalog,
+        windows: &[MetricsWindow],
+        now: SystemTime,
+    ) -> Result<(), StoreError> {
+        let at = Timestamp::from_system(now);
+        for live in catalog.rollouts.values() {
+            let reference =
+                |version| match catalog.models.get(&live.spec.model)?.versions.get(&version)? {
+                    VersionState::Ready(v) => v.manifest.model()?.reference.clone(),
+                    VersionState::Failed { .. } => None,
+                };
+            let observed = live.observe(windows, reference, at);
+            if let Some(reason) = &observed.rolled_back {
+                tracing::warn!(rollout = %live.spec.id, model = %live.spec.model, candidate = live.spec.candidate, %reason, "guard failed: rolled back to the baseline");
+            }
+            if observed.changed || observed.rolled_back.is_some() {
+                let (baseline, candidate, rolled_back) = live.stored();
+                let rolled_back = rolled_back.as_ref().map(|(at, reason)| (*at, reason.as_str()));
+                self.lock_store().update_rollout(
+                    &live.spec.id,
+                    &baseline,
+                    &candidate,
+                    rolled_back,
+                )?;
+            }
+            if observed.rolled_back.is_some() {
+                self.rolled_back.notify_one();
+            }
+        }
+        Ok(())
     }
 
     fn update_depth(&self, store: &Store) -> Result<(), StoreError> {

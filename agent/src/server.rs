@@ -6,7 +6,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use falaj_common::time::Timestamp;
 
 use axum::Router;
 use axum::body::Body;
@@ -22,9 +24,11 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::engine::{EngineConfig, Engines};
 use crate::features::{self, FeatureError};
+use crate::feedback::{self, Predictions};
 use crate::metrics::AgentStats;
 use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
 use crate::oip::{self, OutputToSend};
+use crate::rollout::{RandomKeys, Shadow, ShadowJob};
 use crate::store::{Store, StoreError};
 
 /// How the server runs.
@@ -44,6 +48,12 @@ pub struct ServeConfig {
     pub metrics: bool,
     /// Which engine serves each model.
     pub engine: EngineConfig,
+    /// Mirrored requests waiting for the candidate; past it they are dropped (counted).
+    pub shadow_queue: usize,
+    /// How long what an identified request was answered is kept for its feedback.
+    pub feedback_horizon: Duration,
+    /// Most answers kept for feedback; the oldest go first.
+    pub feedback_capacity: usize,
 }
 
 impl Default for ServeConfig {
@@ -56,6 +66,9 @@ impl Default for ServeConfig {
             poll_interval: Duration::from_secs(1),
             metrics: true,
             engine: EngineConfig::default(),
+            shadow_queue: 256,
+            feedback_horizon: Duration::from_secs(24 * 3600),
+            feedback_capacity: 100_000,
         }
     }
 }
@@ -85,6 +98,9 @@ struct AppState {
     permits: Arc<Semaphore>,
     config: Arc<ServeConfig>,
     stats: Arc<AgentStats>,
+    shadow: Shadow,
+    predictions: Arc<Predictions>,
+    keys: Arc<RandomKeys>,
 }
 
 /// A server whose socket is bound and whose models are loaded, ready to run.
@@ -122,9 +138,16 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|source| ServeError::Http { addr: config.http, source })?;
+        let permits = Arc::new(Semaphore::new(config.workers.max(1)));
         let state = AppState {
             registry,
-            permits: Arc::new(Semaphore::new(config.workers.max(1))),
+            shadow: Shadow::start(config.shadow_queue, Arc::clone(&permits)),
+            predictions: Arc::new(Predictions::new(
+                config.feedback_horizon,
+                config.feedback_capacity,
+            )),
+            keys: Arc::new(RandomKeys::new()),
+            permits,
             config: Arc::new(config),
             stats: Arc::new(AgentStats::default()),
         };
@@ -266,6 +289,7 @@ fn router(state: AppState) -> Router {
         .route("/v2/models/{name}/versions/{version}/ready", get(version_ready))
         .route("/v2/models/{name}/infer", post(model_infer))
         .route("/v2/models/{name}/versions/{version}/infer", post(version_infer))
+        .route("/v2/models/{name}/feedback", post(feedback))
         .route("/v1/features", get(feature_views))
         .route("/v1/features/{view}/{entity}", get(feature_lookup))
         .route("/metrics", get(prometheus))
@@ -597,8 +621,84 @@ async fn run_model(
     .map_err(|e| ApiError::Internal(format!("inference task failed: {e}")))
 }
 
+/// The inputs of a mirrored request in the candidate's order; `None`, counted as a failed
+/// request of the candidate, when its signature does not take them.
+fn mirrored_inputs(
+    signature: &falaj_common::tensor::Signature,
+    inputs: &[falaj_common::tensor::Tensor],
+    candidate: Arc<LoadedVersion>,
+) -> Option<(Arc<LoadedVersion>, Vec<falaj_common::tensor::Tensor>)> {
+    let given: Vec<_> = signature
+        .inputs
+        .iter()
+        .zip(inputs)
+        .map(|(spec, t)| falaj_common::tensor::GivenInput {
+            name: &spec.name,
+            datatype: t.data.datatype(),
+            shape: &t.shape,
+        })
+        .collect();
+    match candidate.engine.signature().bind(&given) {
+        Ok((order, _)) => {
+            let mut ordered = vec![None; inputs.len()];
+            for (tensor, index) in inputs.iter().zip(order) {
+                ordered[index] = Some(tensor.clone());
+            }
+            let ordered = ordered.into_iter().collect::<Option<Vec<_>>>()?;
+            Some((candidate, ordered))
+        }
+        Err(e) => {
+            tracing::debug!(model = %candidate.manifest.name, version = candidate.manifest.version, error = %e, "a mirrored request does not fit the candidate");
+            candidate.metrics.record_refused();
+            None
+        }
+    }
+}
+
 /// Longest expected run that is done on the async worker itself.
 const INLINE_BUDGET: Duration = Duration::from_micros(100);
+
+/// `POST /v2/models/{name}/feedback`: ground truth for earlier requests of `name`, by
+/// their ids, joined to the version and answer that served each.
+async fn feedback(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !state.registry.catalog().models.contains_key(&name) {
+        return Err(ApiError::NotFound(format!("unknown model {name:?}")));
+    }
+    let body = read_body(&state, &headers, body).await?;
+    let items = match serde_json::from_slice::<feedback::Body>(&body) {
+        Ok(feedback::Body::One(item)) => vec![item],
+        Ok(feedback::Body::Many(items)) => items,
+        Err(e) => {
+            return Err(ApiError::BadRequest(format!(
+                "feedback must be {{\"id\": REQUEST_ID, \"label\": LABEL}} or a list of them (a label is a number, a string, a boolean, or a list of them, one per row): {e}"
+            )));
+        }
+    };
+    let joined = state
+        .predictions
+        .join(&name, &items, Instant::now())
+        .map_err(|e| ApiError::Unprocessable(e.to_string()))?;
+    let catalog = state.registry.catalog();
+    for (model, version, feedback) in &joined.versions {
+        if let Some(VersionState::Ready(v)) =
+            catalog.models.get(model).and_then(|m| m.versions.get(version))
+        {
+            v.metrics.record_feedback(feedback);
+        }
+    }
+    state.stats.feedback_joined.fetch_add(joined.joined, std::sync::atomic::Ordering::Relaxed);
+    state.stats.feedback_unknown.fetch_add(joined.unknown, std::sync::atomic::Ordering::Relaxed);
+    Ok(json(&serde_json::json!({ "joined": joined.joined, "unknown": joined.unknown })))
+}
+
+/// The header that keys a client to one variant of a rollout when the request's
+/// parameters name no `routing_key` or entity.
+pub const ROUTING_KEY_HEADER: &str = "x-falaj-routing-key";
 
 async fn infer(
     state: AppState,
@@ -608,24 +708,96 @@ async fn infer(
     body: Body,
 ) -> Result<Response, ApiError> {
     let catalog = state.registry.catalog();
-    // Without a version, a derived model overlaying this one serves, named as itself.
-    let (name, version) = match (version, catalog.serving(&name)) {
-        (None, (derived, Some(v))) => (derived.to_owned(), Some(v)),
-        _ => (name, version),
-    };
-    let (version, found) = lookup(&catalog, &name, version)?;
-    let model = loaded(&name, version, found)?;
-    drop(catalog);
+    if !catalog.models.contains_key(&name) {
+        return Err(ApiError::NotFound(format!("unknown model {name:?}")));
+    }
     let body = read_body(&state, &headers, body).await;
     let started = Instant::now();
-    let answered = match body {
-        Ok(body) => infer_loaded(&state, &name, version, &model, &headers, &body, started).await,
+    let request = body.and_then(|body| decode(&headers, &body));
+    let target = target(&state, &catalog, name, version, request.as_ref().ok(), &headers);
+    let (version, found) = lookup(&catalog, &target.name, target.version)?;
+    let model = loaded(&target.name, version, found)?;
+    drop(catalog);
+    let answered = match request {
+        Ok(request) => {
+            infer_loaded(&state, &target.name, version, &model, request, target.mirror, started)
+                .await
+        }
         Err(e) => Err(e),
     };
     if answered.is_err() && state.config.metrics {
         model.metrics.record_refused();
     }
     answered
+}
+
+fn decode(headers: &HeaderMap, body: &[u8]) -> Result<oip::InferRequest, ApiError> {
+    let json_len = match headers.get(oip::HEADER_CONTENT_LENGTH) {
+        None => None,
+        Some(v) => {
+            Some(v.to_str().ok().and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| {
+                ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
+            })?)
+        }
+    };
+    oip::decode_request(body, json_len).map_err(|e| ApiError::BadRequest(e.0))
+}
+
+/// The model version that serves a request, and the candidate that also runs it when it
+/// is mirrored.
+struct Target {
+    name: String,
+    version: Option<u64>,
+    mirror: Option<Arc<LoadedVersion>>,
+}
+
+/// Which version serves a request: the one it names; else, during a rollout, the variant
+/// its routing key falls to (the baseline while the candidate is not loaded); else a
+/// derived model overlaying the name, or the active version.
+fn target(
+    state: &AppState,
+    catalog: &Catalog,
+    name: String,
+    version: Option<u64>,
+    request: Option<&oip::InferRequest>,
+    headers: &HeaderMap,
+) -> Target {
+    if version.is_some() {
+        return Target { name, version, mirror: None };
+    }
+    if let Some(live) = catalog.rollouts.get(&name) {
+        let random;
+        let key = match request
+            .and_then(|r| r.routing_key.as_deref())
+            .or_else(|| headers.get(ROUTING_KEY_HEADER).and_then(|v| v.to_str().ok()))
+        {
+            Some(key) => key.as_bytes(),
+            None => {
+                random = state.keys.next();
+                &random[..]
+            }
+        };
+        let assignment = live.route(key, Timestamp::from_system(SystemTime::now()));
+        let candidate =
+            catalog.models.get(&name).and_then(|m| match m.versions.get(&live.spec.candidate) {
+                Some(VersionState::Ready(v)) => Some(Arc::clone(v)),
+                _ => None,
+            });
+        return match candidate {
+            Some(_) if assignment.candidate => {
+                Target { name, version: Some(live.spec.candidate), mirror: None }
+            }
+            candidate => Target {
+                name,
+                version: Some(live.spec.baseline),
+                mirror: candidate.filter(|_| assignment.mirrored),
+            },
+        };
+    }
+    match catalog.serving(&name) {
+        (derived, Some(v)) => Target { name: derived.to_owned(), version: Some(v), mirror: None },
+        _ => Target { name, version: None, mirror: None },
+    }
 }
 
 /// The input of a request that names entities: the model's features of each, from the
@@ -652,25 +824,17 @@ fn entity_input(
     Ok(oip::NamedTensor { name: spec.name.clone(), tensor })
 }
 
-/// Serves one request to a loaded version; records its inputs, outputs and latency.
+/// Serves one request to a loaded version; records its inputs, outputs and latency, what
+/// it answered (for feedback), and hands a mirrored request to the shadow queue.
 async fn infer_loaded(
     state: &AppState,
     name: &str,
     version: u64,
     model: &Arc<LoadedVersion>,
-    headers: &HeaderMap,
-    body: &bytes::Bytes,
+    mut request: oip::InferRequest,
+    mirror: Option<Arc<LoadedVersion>>,
     started: Instant,
 ) -> Result<Response, ApiError> {
-    let json_len = match headers.get(oip::HEADER_CONTENT_LENGTH) {
-        None => None,
-        Some(v) => {
-            Some(v.to_str().ok().and_then(|v| v.parse::<usize>().ok()).ok_or_else(|| {
-                ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
-            })?)
-        }
-    };
-    let mut request = oip::decode_request(body, json_len).map_err(|e| ApiError::BadRequest(e.0))?;
     let entities = request.entity_ids.take();
     if let Some(entities) = &entities {
         let input = entity_input(state, name, model, &request, entities)?;
@@ -709,6 +873,7 @@ async fn infer_loaded(
     }
     let inputs: Vec<_> =
         inputs.into_iter().map(|t| t.expect("bind checked every input is given once")).collect();
+    let mirrored = mirror.and_then(|candidate| mirrored_inputs(signature, &inputs, candidate));
 
     let rows = inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
     if state.config.metrics {
@@ -731,6 +896,16 @@ async fn infer_loaded(
         oip::encode_response(name, version, request.id.as_deref(), entities.as_deref(), &to_send);
     if state.config.metrics {
         model.metrics.record(started.elapsed(), Some(&outputs));
+        if let Some(id) = &request.id
+            && let Some(answers) = falaj_common::outcomes::answers(&outputs)
+        {
+            state.predictions.record(id, name, version, answers, Instant::now());
+        }
+    }
+    if let Some((candidate, inputs)) = mirrored {
+        let baseline =
+            signature.outputs.iter().map(|s| s.name.clone()).zip(outputs.iter().cloned()).collect();
+        state.shadow.submit(ShadowJob { candidate, inputs, baseline });
     }
     tracing::debug!(model = %name, version, micros = started.elapsed().as_micros() as u64, "inference");
     let mut response = Response::new(Body::from(encoded.body));

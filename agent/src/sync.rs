@@ -201,6 +201,10 @@ impl Syncer {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             ready: self.registry.as_ref().is_some_and(|r| r.catalog().ready()),
             jobs,
+            rollouts: self.registry.as_ref().map_or_else(Vec::new, |r| {
+                let now = Timestamp::from_system(SystemTime::now());
+                r.catalog().rollouts.values().map(|live| live.report(now)).collect()
+            }),
         }
     }
 
@@ -407,6 +411,12 @@ impl Syncer {
                         }
                         None
                     }
+                    () = rolled_back(self.reporter.as_deref()) => {
+                        if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
+                            break Err(conn_err(&e));
+                        }
+                        None
+                    }
                     Some(()) = report_rx.recv() => {
                         if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
                             break Err(conn_err(&e));
@@ -593,6 +603,12 @@ impl Syncer {
                     Some(doc.version);
                 self.stats.applied_version.store(doc.version, Ordering::Relaxed);
             }
+            // Rollouts take effect whether or not every install succeeded: a candidate not
+            // loaded leaves its requests with the baseline.
+            let rollouts = doc.rollouts.clone();
+            if let Err(e) = self.with_store(move |s| s.set_rollouts(&rollouts)).await {
+                self.note_error(format!("recording rollouts: {e}"));
+            }
             *self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
                 doc.jobs.iter().map(|j| j.id.clone()).collect();
             let jobs = doc.jobs.clone();
@@ -668,6 +684,14 @@ impl Syncer {
             self.stats.reconcile_errors.store(0, Ordering::Relaxed);
         }
         ok
+    }
+}
+
+/// Completes when `reporter` rolled a rollout back; never without one.
+async fn rolled_back(reporter: Option<&Reporter>) {
+    match reporter {
+        Some(r) => r.rolled_back().notified().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -99,6 +99,30 @@ pub fn encode_scalars(encoder: &mut DescriptorEncoder<'_>, scalars: &[Scalar]) -
     Ok(())
 }
 
+/// A labelled figure: its labels and its value.
+pub type Labelled = (Vec<(&'static str, String)>, f64);
+
+/// Writes one family of labelled counters (`counter`) or gauges.
+pub fn encode_labelled(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    counter: bool,
+    rows: &[Labelled],
+) -> std::fmt::Result {
+    let kind = if counter { MetricType::Counter } else { MetricType::Gauge };
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in rows {
+        let mut metric = family.encode_family(labels)?;
+        if counter {
+            metric.encode_counter::<NoLabelSet, _, u64>(value, None)?;
+        } else {
+            metric.encode_gauge(value)?;
+        }
+    }
+    Ok(())
+}
+
 /// Renders `collector` in the Prometheus text format.
 pub fn render(collector: impl Collector) -> String {
     let mut registry = prometheus_client::registry::Registry::default();

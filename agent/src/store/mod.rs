@@ -27,9 +27,11 @@ use thiserror::Error;
 mod derived;
 mod managed;
 mod outbox;
+mod rollouts;
 
 pub use derived::Overlay;
 pub use managed::{ChunkSource, Identity};
+pub use rollouts::StoredRollout;
 
 /// Database file name inside the data directory.
 pub const DB_FILE: &str = "agent.db";
@@ -127,6 +129,16 @@ const MIGRATIONS: &[&str] = &[
         state      TEXT NOT NULL,
         report     TEXT,
         updated_at INTEGER NOT NULL
+    ) STRICT;",
+    // 5: the rollouts of the accepted document, each with what its variants served so far
+    // and, once a guard failed here, when and why the agent rolled it back.
+    "CREATE TABLE rollouts (
+        id             TEXT PRIMARY KEY,
+        spec           TEXT NOT NULL,
+        baseline       BLOB NOT NULL,
+        candidate      BLOB NOT NULL,
+        rolled_back_at INTEGER,
+        reason         TEXT
     ) STRICT;",
 ];
 
@@ -672,4 +684,29 @@ pub(crate) fn read_exact_vec(reader: &mut impl Read, len: usize) -> io::Result<V
     let mut buf = vec![0u8; len];
     reader.read_exact(&mut buf)?;
     Ok(buf)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A fresh store in a temporary directory.
+    pub(crate) fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let key = falaj_common::keys::SigningKey::from_seed(&[1; 32]);
+        let trust = falaj_common::trust::RootSpec {
+            version: 1,
+            region: "r",
+            expires: Timestamp::from_unix(4_000_000_000),
+            root_keys: &[key],
+            root_threshold: 1,
+            signing_keys: &[falaj_common::keys::SigningKey::from_seed(&[2; 32]).public()],
+            signing_threshold: 1,
+        }
+        .sign(&[])
+        .unwrap();
+        let store =
+            Store::init(&dir.path().join("a"), "r", &trust.to_json(), SystemTime::now()).unwrap();
+        (dir, store)
+    }
 }

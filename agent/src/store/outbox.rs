@@ -114,6 +114,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::store;
     use falaj_common::metrics::Counts;
     use falaj_common::sketch::LatencySketch;
 
@@ -132,27 +133,9 @@ mod tests {
                 outputs: vec![],
                 dropped_windows: 0,
                 dropped_requests: 0,
+                ..Counts::default()
             },
         }
-    }
-
-    fn store() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let key = falaj_common::keys::SigningKey::from_seed(&[1; 32]);
-        let trust = falaj_common::trust::RootSpec {
-            version: 1,
-            region: "r",
-            expires: Timestamp::from_unix(4_000_000_000),
-            root_keys: &[key],
-            root_threshold: 1,
-            signing_keys: &[falaj_common::keys::SigningKey::from_seed(&[2; 32]).public()],
-            signing_threshold: 1,
-        }
-        .sign(&[])
-        .unwrap();
-        let store =
-            Store::init(&dir.path().join("a"), "r", &trust.to_json(), SystemTime::now()).unwrap();
-        (dir, store)
     }
 
     #[test]
