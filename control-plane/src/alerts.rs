@@ -20,7 +20,7 @@ use tokio::io::AsyncWriteExt;
 use crate::db::{DbError, from_ts, ts};
 use crate::monitoring::{self, MetricsQuery};
 use crate::state::Shared;
-use crate::webhook::WebhookClient;
+use crate::webhook::{WebhookClient, deliver};
 
 /// `[alerts]` of the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -41,8 +41,6 @@ impl Default for AlertsConfig {
     }
 }
 
-/// How many times a notification is attempted.
-const ATTEMPTS: u32 = 6;
 /// How long one webhook call may take.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -256,33 +254,17 @@ pub async fn run(
                 Some(RetrainHook::Webhook(url)) => Some(url),
                 _ => None,
             };
+            let json = serde_json::to_vec(&*body).unwrap_or_default();
+            let what =
+                format!("alert {} {} {}", body.event.rule, body.event.subject, body.event.state);
             for url in config.webhooks.iter().chain(hook) {
-                tokio::spawn(deliver(client.clone(), url.clone(), Arc::clone(&body)));
+                tokio::spawn(deliver(client.clone(), url.clone(), json.clone(), what.clone()));
             }
             if let Some(RetrainHook::Command(argv)) = retrain {
                 tokio::spawn(run_command(argv, body));
             }
         }
     }
-}
-
-/// POSTs `body` to `url`, retrying with exponential backoff (1 s, 2 s, 4 s...) until a 2xx.
-async fn deliver(client: WebhookClient, url: String, body: Arc<Notification>) {
-    let json = serde_json::to_vec(&*body).unwrap_or_default();
-    for attempt in 1..=ATTEMPTS {
-        match client.post_json(&url, json.clone()).await {
-            Ok(status) if status.is_success() => {
-                tracing::info!(%url, rule = %body.event.rule, subject = %body.event.subject, attempt, "alert delivered");
-                return;
-            }
-            Ok(status) => tracing::warn!(%url, %status, attempt, "alert webhook refused"),
-            Err(err) => tracing::warn!(%url, error = %err, attempt, "alert webhook failed"),
-        }
-        if attempt < ATTEMPTS {
-            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
-        }
-    }
-    tracing::error!(%url, rule = %body.event.rule, subject = %body.event.subject, "alert not delivered after {ATTEMPTS} attempts");
 }
 
 /// Runs a retraining command with the alert as JSON on its standard input and in
