@@ -119,6 +119,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/alerts", get(alerts))
         .merge(crate::features::api::routes())
         .merge(crate::finetune::api::routes())
+        .merge(crate::rollouts::api::routes())
         .route_layer(middleware::from_fn_with_state(api.clone(), authenticate));
     Router::new()
         .route(
@@ -449,20 +450,25 @@ async fn deploy(
     names::check_model_name(&group).map_err(|e| ApiError::bad_request(format!("group: {e}")))?;
     let now = SystemTime::now();
     let (g, n, version) = (group.clone(), name.clone(), body.version);
-    let known = api
+    let deployed = api
         .shared
         .db
         .call(move |c| {
-            if db::bundle(c, &n, version)?.is_none() {
-                return Ok(false);
+            let tx = c.transaction()?;
+            if db::bundle(&tx, &n, version)?.is_none() {
+                return Ok(Err(ApiError::not_found(format!(
+                    "no bundle {n}@{version}; push it first"
+                ))));
             }
-            db::deploy(c, &g, &n, version, Timestamp::from_system(now))?;
-            Ok(true)
+            if let Some(r) = crate::rollouts::under_way(&tx, &g, &n)? {
+                return Ok(Err(rollout_under_way(&r)));
+            }
+            db::deploy(&tx, &g, &n, version, Timestamp::from_system(now))?;
+            tx.commit()?;
+            Ok(Ok(()))
         })
         .await?;
-    if !known {
-        return Err(ApiError::not_found(format!("no bundle {name}@{version}; push it first")));
-    }
+    deployed?;
     api.shared.push_desired(Some(&group), now).await?;
     tracing::info!(%group, %name, version, "deployed");
     Ok(json_response(StatusCode::OK, &json!({"group": group, "name": name, "version": version})))
@@ -474,12 +480,40 @@ async fn undeploy(
 ) -> ApiResult<Response> {
     let now = SystemTime::now();
     let (g, n) = (group.clone(), name.clone());
-    if !api.shared.db.call(move |c| db::undeploy(c, &g, &n, Timestamp::from_system(now))).await? {
-        return Err(ApiError::not_found(format!("{name} is not deployed to group {group}")));
-    }
+    let undeployed = api
+        .shared
+        .db
+        .call(move |c| {
+            let tx = c.transaction()?;
+            if let Some(r) = crate::rollouts::under_way(&tx, &g, &n)? {
+                return Ok(Err(rollout_under_way(&r)));
+            }
+            if !db::undeploy(&tx, &g, &n, Timestamp::from_system(now))? {
+                return Ok(Err(ApiError::not_found(format!("{n} is not deployed to group {g}"))));
+            }
+            tx.commit()?;
+            Ok(Ok(()))
+        })
+        .await?;
+    undeployed?;
     api.shared.push_desired(Some(&group), now).await?;
     tracing::info!(%group, %name, "undeployed");
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// The refusal of a deployment change while a rollout of the model is under way.
+fn rollout_under_way(r: &crate::rollouts::Rollout) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "rollout_under_way",
+        format!(
+            "rollout {} of {} in group {} is {}: promote or abort it first",
+            r.id,
+            r.model,
+            r.group,
+            r.state.name()
+        ),
+    )
 }
 
 async fn list_deployments(State(api): State<Api>) -> ApiResult<Response> {
@@ -594,6 +628,7 @@ async fn prometheus(State(api): State<Api>) -> ApiResult<Response> {
                     })
                     .count() as u64,
                 alerts_firing: crate::alerts::firing(c)?.len() as u64,
+                rollouts: crate::rollouts::latest_each(c)?,
             })
         })
         .await?;

@@ -1,7 +1,8 @@
 //! The `falaj-control` command line. Offline: `keys init`, `bundle build`,
 //! `bundle inspect`, `sample`. The daemon: `serve`. Against a running control plane,
 //! through its admin API: `bundle push|list`, `token create`, `agents`, `agent revoke`,
-//! `deploy`, `undeploy`.
+//! `deploy`, `undeploy`, `metrics`, `alerts`, `features ...`, `finetune ...`,
+//! `rollout ...`.
 //!
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a bundle that fails
 //! verification, 78 bad configuration or input.
@@ -83,6 +84,10 @@ pub enum Command {
     /// Fine-tune jobs for agents: order one from a job file, list them, show one.
     #[command(subcommand)]
     Finetune(crate::finetune::cli::FinetuneCommand),
+    /// Rollouts of a new version: canary, A/B or shadow, with guards; status, promote,
+    /// abort, pause, resume, list.
+    #[command(subcommand)]
+    Rollout(crate::rollouts::cli::RolloutCommand),
 }
 
 /// Arguments of `metrics`.
@@ -384,6 +389,16 @@ impl Failure {
     pub(crate) fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
         Self { code, error: error.into() }
     }
+
+    /// The exit code.
+    pub fn code(&self) -> u8 {
+        self.code
+    }
+
+    /// The error, on one line.
+    pub fn message(&self) -> String {
+        falaj_common::errors::describe(self.error.as_ref())
+    }
 }
 
 fn keys_failure(err: KeysError) -> Failure {
@@ -469,7 +484,15 @@ pub fn run(cli: Cli) -> ExitCode {
                     args.since,
                 )
                 .await?;
-            print!("{}", render_metrics(&view));
+            // Mark the versions of the latest rollout whose two versions are both shown.
+            let rollouts = c.rollouts(args.group.as_deref(), Some(&args.model)).await?;
+            let shown = |v: u64| view.versions.iter().any(|s| s.version == v);
+            let variants: BTreeMap<u64, &str> = rollouts
+                .iter()
+                .find(|r| shown(r.baseline) && shown(r.candidate))
+                .map(|r| [(r.baseline, "baseline"), (r.candidate, "candidate")].into())
+                .unwrap_or_default();
+            print!("{}", render_metrics_marked(&view, &variants));
             Ok(())
         }),
         Command::Alerts(args) => online(&args.api, |c| async move {
@@ -478,6 +501,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }),
         Command::Features(command) => crate::features::cli::run(command),
         Command::Finetune(command) => crate::finetune::cli::run(command),
+        Command::Rollout(command) => crate::rollouts::cli::run(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -829,6 +853,12 @@ fn sample(args: &SampleArgs) -> Result<(), Failure> {
 /// latency quantiles, the largest drift scores), then each version's top drifting
 /// features and its prediction drift.
 pub fn render_metrics(view: &MetricsView) -> String {
+    render_metrics_marked(view, &BTreeMap::new())
+}
+
+/// [`render_metrics`] with a VARIANT column naming each version's part in a rollout
+/// (`baseline`, `candidate`), when `variants` names any.
+pub fn render_metrics_marked(view: &MetricsView, variants: &BTreeMap<u64, &str>) -> String {
     let mut out = format!("{} since {}\n", view.model, view.since);
     if view.versions.is_empty() {
         out.push_str("no metric windows in that range\n");
@@ -836,7 +866,7 @@ pub fn render_metrics(view: &MetricsView) -> String {
     }
     let _ = writeln!(
         out,
-        "{:<8} {:>6} {:>10} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+        "{:<8} {:>6} {:>10} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}{}",
         "VERSION",
         "AGENTS",
         "REQUESTS",
@@ -847,7 +877,8 @@ pub fn render_metrics(view: &MetricsView) -> String {
         "P99 ms",
         "PSI max",
         "KS max",
-        "JS max"
+        "JS max",
+        if variants.is_empty() { "" } else { " VARIANT" }
     );
     let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
     for v in &view.versions {
@@ -860,9 +891,14 @@ pub fn render_metrics(view: &MetricsView) -> String {
                 .reduce(f64::max)
                 .map_or_else(|| "-".to_owned(), |m| format!("{m:.3}"))
         };
+        let variant = if variants.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", variants.get(&v.version).copied().unwrap_or("-"))
+        };
         let _ = writeln!(
             out,
-            "{:<8} {:>6} {:>10} {:>9.1} {:>6.2}% {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}",
+            "{:<8} {:>6} {:>10} {:>9.1} {:>6.2}% {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}{variant}",
             v.version,
             v.agents,
             v.requests,

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::admin::{AlertsView, MetricsView};
+use crate::rollouts::{Action, Rollout, RolloutView, StartRequest};
 
 /// Why a call failed.
 #[derive(Debug, Error)]
@@ -321,6 +322,39 @@ impl AdminClient {
         file.sync_all().await.map_err(file_err)?;
         staged.persist(out).map_err(|e| file_err(e.error))?;
         Ok((rows, matched))
+    }
+
+    /// `POST /v1/rollouts`: starts a rollout; its status.
+    pub async fn start_rollout(&self, request: &StartRequest) -> Result<RolloutView, ClientError> {
+        self.call(self.http.post(self.url("/v1/rollouts")).json(request)).await
+    }
+
+    /// `GET /v1/rollouts`, newest first, of one group and one model when given.
+    pub async fn rollouts(
+        &self,
+        group: Option<&str>,
+        model: Option<&str>,
+    ) -> Result<Vec<Rollout>, ClientError> {
+        let mut params = Vec::new();
+        params.extend(group.map(|g| ("group", g.to_owned())));
+        params.extend(model.map(|m| ("model", m.to_owned())));
+        self.call(self.http.get(self.url_with("/v1/rollouts", &params)?)).await
+    }
+
+    /// `GET /v1/groups/{group}/rollouts/{model}`: the status of the latest rollout.
+    pub async fn rollout(&self, group: &str, model: &str) -> Result<RolloutView, ClientError> {
+        self.call(self.http.get(self.url(&format!("/v1/groups/{group}/rollouts/{model}")))).await
+    }
+
+    /// `POST /v1/groups/{group}/rollouts/{model}/{action}`; the status after it.
+    pub async fn rollout_action(
+        &self,
+        group: &str,
+        model: &str,
+        action: Action,
+    ) -> Result<RolloutView, ClientError> {
+        let path = format!("/v1/groups/{group}/rollouts/{model}/{}", action.name());
+        self.call(self.http.post(self.url(&path))).await
     }
 
     /// `GET /v1/deployments`.

@@ -16,6 +16,7 @@ pub use falaj_common::config::ConfigError;
 
 use crate::alerts::AlertsConfig;
 use crate::daemon::ServeConfig;
+use crate::rollouts::RolloutsConfig;
 
 /// Where a package installs the configuration.
 pub const DEFAULT_PATH: &str = "/etc/falaj/control.toml";
@@ -43,6 +44,8 @@ pub struct ControlConfig {
     pub metrics: MetricsConfig,
     /// Alert rules and where alerts go.
     pub alerts: AlertsConfig,
+    /// How rollouts are judged.
+    pub rollouts: RolloutsConfig,
 }
 
 /// `[metrics]`.
@@ -112,6 +115,7 @@ impl Default for ControlConfig {
             bundles: BundlesConfig::default(),
             metrics: MetricsConfig::default(),
             alerts: AlertsConfig::default(),
+            rollouts: RolloutsConfig::default(),
         }
     }
 }
@@ -230,6 +234,7 @@ impl ControlConfig {
         serve.max_bundle_bytes = self.bundles.max_bytes;
         serve.metrics_retention = self.metrics.retention;
         serve.alerts = self.alerts.clone();
+        serve.rollouts = self.rollouts.clone();
         serve
     }
 }
@@ -277,6 +282,13 @@ impl Checked for ControlConfig {
             self.metrics.retention,
             Duration::from_secs(3600),
             Duration::from_secs(10 * 365 * 86_400),
+        )?;
+        within(
+            path,
+            "rollouts.evaluate_every",
+            self.rollouts.evaluate_every,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
         )?;
         self.check_alerts(path)
     }
@@ -329,6 +341,14 @@ mod tests {
             &rule.replace("psi", "error_rate").replace("window", "column = \"x\"\nwindow"),
             "drift metrics",
         );
+        check(
+            "[rollouts]\nevaluate_every = \"10ms\"\n",
+            "rollouts.evaluate_every: must be between",
+        );
+        check("[rollouts]\nevery = \"5s\"\n", "unknown field `every`");
+        let rollouts =
+            ControlConfig::parse("[rollouts]\nevaluate_every = \"2s\"\n", Path::new("x")).unwrap();
+        assert_eq!(rollouts.serve().rollouts.evaluate_every, Duration::from_secs(2));
         let parsed = ControlConfig::parse(rule, Path::new("control.toml")).unwrap();
         assert_eq!(parsed.alerts.rules[0].min_count, 100);
         assert_eq!(parsed.serve().alerts.rules.len(), 1);

@@ -1,6 +1,6 @@
 //! `falaj-control serve`: the control plane daemon. One QUIC endpoint for agents, one HTTP
-//! listener for the admin API, and the periodic tasks (report batching, document refresh),
-//! all stopped together by the shutdown future.
+//! listener for the admin API, and the periodic tasks (report batching, document refresh,
+//! alert rules, rollout judgement), all stopped together by the shutdown future.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -18,6 +18,7 @@ use crate::ca::{Ca, CaError};
 use crate::db::{self, Db, DbError};
 use crate::features::{self as feature_store, FeatureStore};
 use crate::keys::{self, KeysError};
+use crate::rollouts::RolloutsConfig;
 use crate::state::{Policy, Shared};
 use crate::{admin, files, monitoring, quic};
 
@@ -43,8 +44,10 @@ pub struct ServeConfig {
     pub max_bundle_bytes: u64,
     /// How long metric windows are kept.
     pub metrics_retention: Duration,
-    /// Alert rules and where alerts go.
+    /// Alert rules and where alerts go (rollbacks go to the same webhooks).
     pub alerts: AlertsConfig,
+    /// How rollouts are judged.
+    pub rollouts: RolloutsConfig,
 }
 
 impl ServeConfig {
@@ -64,6 +67,7 @@ impl ServeConfig {
             max_bundle_bytes: falaj_common::bundle::Policy::DEFAULT_MAX_BUNDLE_BYTES,
             metrics_retention: Duration::from_secs(30 * 86_400),
             alerts: AlertsConfig::default(),
+            rollouts: RolloutsConfig::default(),
         }
     }
 }
@@ -109,6 +113,7 @@ pub struct ControlPlane {
     admin_addr: SocketAddr,
     retention: Duration,
     alerts: AlertsConfig,
+    rollouts: RolloutsConfig,
 }
 
 fn io(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -211,6 +216,7 @@ impl ControlPlane {
             admin_addr,
             retention: config.metrics_retention,
             alerts: config.alerts,
+            rollouts: config.rollouts,
         })
     }
 
@@ -244,11 +250,27 @@ impl ControlPlane {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServeError> {
-        let Self { shared, endpoint, admin, api, quic_addr, admin_addr, retention, alerts } = self;
+        let Self {
+            shared,
+            endpoint,
+            admin,
+            api,
+            quic_addr,
+            admin_addr,
+            retention,
+            alerts,
+            rollouts,
+        } = self;
         tracing::info!(%quic_addr, %admin_addr, region = %shared.region, "control plane serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(quic::accept_loop(Arc::clone(&shared), endpoint.clone()));
         let periodic = tokio::spawn(periodic(Arc::clone(&shared), retention, stop_rx.clone()));
+        let judging = tokio::spawn(crate::rollouts::run(
+            Arc::clone(&shared),
+            rollouts,
+            alerts.webhooks.clone(),
+            stop_rx.clone(),
+        ));
         let alerting =
             tokio::spawn(crate::alerts::run(Arc::clone(&shared), alerts, stop_rx.clone()));
         let mut admin_stop = stop_rx.clone();
@@ -267,6 +289,7 @@ impl ControlPlane {
         let _ = accept.await;
         let _ = periodic.await;
         let _ = alerting.await;
+        let _ = judging.await;
         let served =
             admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
         served.map_err(io("serving the admin API on", admin_addr))?;

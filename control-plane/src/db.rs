@@ -1,5 +1,7 @@
 //! The control plane's state in SQLite: tokens, agents and their certificates, bundles,
-//! deployments, the desired-state documents issued, and an event log.
+//! deployments, the desired-state documents issued, and an event log (metric windows,
+//! alerts, fine-tune jobs and rollouts have their tables here too, and their functions in
+//! their own modules).
 //!
 //! Every function here takes a connection and does one transaction; the daemon runs them
 //! on the blocking pool through [`Db::call`], so async tasks never wait on a disk sync.
@@ -126,6 +128,33 @@ const MIGRATIONS: &[&str] = &[
         updated_at INTEGER NOT NULL
     ) STRICT;
     CREATE INDEX finetune_jobs_by_agent ON finetune_jobs (agent_id, state);",
+    // 4: rollouts (canary, A/B, shadow) of a model in a group: the plan, the steps as
+    // issued to agents, the guards, and where each stands. At most one is under way per
+    // (group, model), which the partial unique index enforces.
+    "CREATE TABLE rollouts (
+        id           TEXT PRIMARY KEY,
+        grp          TEXT NOT NULL,
+        model        TEXT NOT NULL,
+        baseline     INTEGER NOT NULL,
+        candidate    INTEGER NOT NULL,
+        strategy     TEXT NOT NULL CHECK (strategy IN ('canary', 'ab', 'shadow')),
+        plan         TEXT NOT NULL,
+        steps        TEXT NOT NULL,
+        mirror       REAL NOT NULL,
+        guards       TEXT NOT NULL,
+        min_requests INTEGER NOT NULL,
+        state        TEXT NOT NULL
+            CHECK (state IN ('running', 'paused', 'promoted', 'rolled_back', 'aborted')),
+        reason       TEXT,
+        created_at   INTEGER NOT NULL,
+        updated_at   INTEGER NOT NULL,
+        ended_at     INTEGER,
+        FOREIGN KEY (model, baseline) REFERENCES bundles (name, version),
+        FOREIGN KEY (model, candidate) REFERENCES bundles (name, version)
+    ) STRICT;
+    CREATE INDEX rollouts_by_group ON rollouts (grp, model, state);
+    CREATE UNIQUE INDEX rollouts_under_way ON rollouts (grp, model)
+        WHERE state IN ('running', 'paused');",
 ];
 
 /// Errors of the control plane's database.
@@ -630,6 +659,17 @@ pub fn deployments(conn: &Connection, group: &str) -> rusqlite::Result<Vec<Bundl
 pub fn all_deployments(conn: &Connection) -> rusqlite::Result<Vec<(String, String, u64)>> {
     let mut stmt = conn.prepare("SELECT grp, name, version FROM deployments ORDER BY grp, name")?;
     stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?.collect()
+}
+
+/// The version `group` runs of `name`, if it is deployed there.
+pub fn deployment(conn: &Connection, group: &str, name: &str) -> rusqlite::Result<Option<u64>> {
+    conn.query_row(
+        "SELECT version FROM deployments WHERE grp = ?1 AND name = ?2",
+        params![group, name],
+        |r| r.get::<_, i64>(0),
+    )
+    .optional()
+    .map(|v| v.map(|v| v as u64))
 }
 
 /// Sets what `group` runs for `name`.

@@ -1,19 +1,26 @@
 //! The control plane's Prometheus endpoint, `/metrics` on the admin listener: fleet-wide
 //! request figures per model version (from the metric windows stored since start), agents
-//! connected, enrolled and with reconciliation errors, windows ingested, bytes sent, and
-//! alerts firing.
+//! connected, enrolled and with reconciliation errors, windows ingested, bytes sent,
+//! alerts firing, and the latest rollout of each model in each group: its state, the
+//! candidate's share, and (from the last judgement) each variant's requests, shadow
+//! agreement and drops, and each guard's value and whether it fails.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use falaj_common::exposition;
+use falaj_common::rollout::Verdict;
+use falaj_common::time::Timestamp;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::DescriptorEncoder;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 
+use crate::rollouts::{Judgement, Rollout, RolloutState};
 use crate::state::Shared;
 
 /// Figures read from the database at scrape time.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Stored {
     /// Agents enrolled and not revoked.
     pub agents: u64,
@@ -21,6 +28,8 @@ pub struct Stored {
     pub agents_with_errors: u64,
     /// Alerts firing.
     pub alerts_firing: u64,
+    /// The latest rollout of each (group, model).
+    pub rollouts: Vec<Rollout>,
 }
 
 /// The collector: live figures from `shared`, stored ones from `stored`.
@@ -82,6 +91,120 @@ impl Collector for Exporter {
                 ),
                 ("falaj_alerts_firing", "Alerts firing", false, self.stored.alerts_firing),
             ],
-        )
+        )?;
+        let judged: Vec<Judgement> = {
+            let judged =
+                self.shared.judged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.stored
+                .rollouts
+                .iter()
+                .filter_map(|r| judged.get(&(r.group.clone(), r.model.clone())))
+                .filter(|j| self.stored.rollouts.iter().any(|r| r.id == j.rollout.id))
+                .cloned()
+                .collect()
+        };
+        encode_rollouts(&mut encoder, &self.stored.rollouts, &judged)
     }
+}
+
+fn labels(r: &Rollout) -> [(&'static str, String); 3] {
+    [("rollout", r.id.clone()), ("group", r.group.clone()), ("model", r.model.clone())]
+}
+
+fn with(r: &Rollout, key: &'static str, value: String) -> [(&'static str, String); 4] {
+    let [a, b, c] = labels(r);
+    [a, b, c, (key, value)]
+}
+
+/// Writes the rollout families: state and share from `rollouts`, figures from `judged`.
+fn encode_rollouts(
+    encoder: &mut DescriptorEncoder<'_>,
+    rollouts: &[Rollout],
+    judged: &[Judgement],
+) -> Result<(), std::fmt::Error> {
+    let now = Timestamp::from_system(SystemTime::now());
+    let mut family = encoder.encode_descriptor(
+        "falaj_rollout_state",
+        "The latest rollout of each model in each group: 1 for its state",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in rollouts {
+        for state in RolloutState::ALL {
+            let value = i64::from(r.state == state);
+            family.encode_family(&with(r, "state", state.name().into()))?.encode_gauge(&value)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "falaj_rollout_share_percent",
+        "The candidate's share of requests now, percent",
+        None,
+        MetricType::Gauge,
+    )?;
+    for r in rollouts {
+        family.encode_family(&labels(r))?.encode_gauge(&r.share_at(now).percent())?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "falaj_rollout_requests",
+        "Requests served by each variant since the rollout began, at the last judgement",
+        None,
+        MetricType::Counter,
+    )?;
+    for j in judged {
+        for (variant, figures) in [("baseline", &j.baseline), ("candidate", &j.candidate)] {
+            family
+                .encode_family(&with(&j.rollout, "variant", variant.into()))?
+                .encode_counter::<NoLabelSet, _, u64>(&figures.requests, None)?;
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "falaj_rollout_shadow_agreement",
+        "Rows on which the candidate agreed with the baseline over rows compared",
+        None,
+        MetricType::Gauge,
+    )?;
+    for j in judged.iter().filter(|j| j.candidate.compared > 0) {
+        let agreement = j.candidate.agreed as f64 / j.candidate.compared as f64;
+        family.encode_family(&labels(&j.rollout))?.encode_gauge(&agreement)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "falaj_rollout_shadow_dropped",
+        "Mirrored requests agents dropped because the candidate's queue was full",
+        None,
+        MetricType::Counter,
+    )?;
+    for j in judged {
+        family
+            .encode_family(&labels(&j.rollout))?
+            .encode_counter::<NoLabelSet, _, u64>(&j.candidate.shadow_dropped, None)?;
+    }
+    let mut family = encoder.encode_descriptor(
+        "falaj_rollout_guard_value",
+        "Each guard's value for the candidate at the last judgement",
+        None,
+        MetricType::Gauge,
+    )?;
+    for j in judged {
+        for g in &j.guards {
+            if let Some(value) = g.value {
+                family
+                    .encode_family(&with(&j.rollout, "guard", g.guard.to_string()))?
+                    .encode_gauge(&value)?;
+            }
+        }
+    }
+    let mut family = encoder.encode_descriptor(
+        "falaj_rollout_guard_failing",
+        "1 when the guard failed at the last judgement",
+        None,
+        MetricType::Gauge,
+    )?;
+    for j in judged {
+        for g in &j.guards {
+            family
+                .encode_family(&with(&j.rollout, "guard", g.guard.to_string()))?
+                .encode_gauge(&i64::from(g.verdict == Verdict::Fails))?;
+        }
+    }
+    Ok(())
 }

@@ -3,8 +3,8 @@
 //! model ([`sample`]), and the daemon ([`daemon`]): agent sessions over QUIC ([`quic`]),
 //! the admin API ([`admin`]), state in SQLite ([`db`]), metric windows and drift
 //! ([`monitoring`]), alerts ([`alerts`], sent by [`webhook`]) and the Prometheus endpoint ([`exporter`]).
-//! Beside them, the feature store ([`features`]) and fine-tune jobs ordered for agents
-//! ([`finetune`]).
+//! Beside them, the feature store ([`features`]), fine-tune jobs ordered for agents
+//! ([`finetune`]) and rollouts of new versions, judged here and on agents ([`rollouts`]).
 //!
 //! The binary (`falaj-control`) is a thin shell over [`cli`].
 
@@ -27,6 +27,7 @@ pub mod monitoring;
 pub mod push;
 pub mod quic;
 pub mod reference;
+pub mod rollouts;
 pub mod sample;
 pub mod secrets;
 pub mod state;

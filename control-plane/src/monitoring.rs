@@ -169,10 +169,21 @@ pub fn rollups(
     conn: &Connection,
     query: &MetricsQuery,
 ) -> rusqlite::Result<BTreeMap<u64, VersionRollup>> {
+    rollups_between(conn, query, None)
+}
+
+/// [`rollups`] of the windows that also started at or before `until`, when given (a
+/// finished rollout's figures stop at its end).
+pub fn rollups_between(
+    conn: &Connection,
+    query: &MetricsQuery,
+    until: Option<Timestamp>,
+) -> rusqlite::Result<BTreeMap<u64, VersionRollup>> {
     let mut stmt = conn.prepare_cached(
         "SELECT w.version, w.agent_id, w.window FROM windows w JOIN agents a ON a.id = w.agent_id
          WHERE w.model = ?1 AND w.start >= ?2 AND (?3 IS NULL OR w.version = ?3)
-           AND (?4 IS NULL OR a.grp = ?4) AND (?5 IS NULL OR w.agent_id = ?5)",
+           AND (?4 IS NULL OR a.grp = ?4) AND (?5 IS NULL OR w.agent_id = ?5)
+           AND (?6 IS NULL OR w.start <= ?6)",
     )?;
     let rows = stmt.query_map(
         params![
@@ -180,7 +191,8 @@ pub fn rollups(
             ts(query.since),
             query.version.map(|v| v as i64),
             query.group,
-            query.agent
+            query.agent,
+            until.map(ts)
         ],
         |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)),
     )?;

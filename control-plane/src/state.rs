@@ -10,6 +10,7 @@ use falaj_common::desired::{DesiredBundle, DesiredState, SignedDesired};
 use falaj_common::finetune::DesiredJob;
 use falaj_common::keys::{Sha256, SigningKey};
 use falaj_common::protocol::{ActualState, ControlMessage};
+use falaj_common::rollout::RolloutSpec;
 use falaj_common::time::Timestamp;
 use falaj_common::trust::TrustRoot;
 use tokio::sync::mpsc;
@@ -66,13 +67,24 @@ pub struct Shared {
     pub seen: Mutex<HashMap<String, (Timestamp, Option<ActualState>)>>,
     /// Metric windows and transfers, for `/metrics`.
     pub ingest: IngestStats,
+    /// The last judgement of each rollout's (group, model), for `/metrics`.
+    pub judged: crate::rollouts::judge::Judged,
     next_session: AtomicU64,
 }
 
-/// Hash of a desired bundle list: a new document is issued when it changes.
-fn content_sha256(bundles: &[DesiredBundle], jobs: &[DesiredJob]) -> Sha256 {
-    let content = (bundles, jobs);
-    Sha256::of(&serde_json::to_vec(&content).expect("bundle and job lists serialise"))
+/// Hash of a document's content (bundles, jobs, rollouts): a new document is issued when
+/// it changes. A document without rollouts hashes as before rollouts existed.
+fn content_sha256(
+    bundles: &[DesiredBundle],
+    jobs: &[DesiredJob],
+    rollouts: &[RolloutSpec],
+) -> Sha256 {
+    let json = if rollouts.is_empty() {
+        serde_json::to_vec(&(bundles, jobs))
+    } else {
+        serde_json::to_vec(&(bundles, jobs, rollouts))
+    };
+    Sha256::of(&json.expect("bundle, job and rollout lists serialise"))
 }
 
 impl Shared {
@@ -96,6 +108,7 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             ingest: IngestStats::default(),
+            judged: Mutex::default(),
             next_session: AtomicU64::new(1),
         }
     }
@@ -119,7 +132,9 @@ impl Shared {
     }
 
     /// The current desired-state document for `agent_id`: the last one issued, or a new
-    /// one (version + 1) if the group's deployments changed or the last is past half-life.
+    /// one (version + 1) if the group's deployments, the agent's jobs or the group's
+    /// rollouts under way changed, or the last is past half-life. A rollout under way
+    /// lists its baseline active and its candidate inactive, and travels as its spec.
     pub async fn desired_for(
         &self,
         agent_id: &str,
@@ -132,7 +147,7 @@ impl Shared {
             .call(move |conn| {
                 let tx = conn.transaction()?;
                 let group = db::agent(&tx, &agent_id)?.map(|a| a.group).unwrap_or_default();
-                let bundles: Vec<DesiredBundle> = db::deployments(&tx, &group)?
+                let mut bundles: Vec<DesiredBundle> = db::deployments(&tx, &group)?
                     .into_iter()
                     .map(|b| DesiredBundle {
                         name: b.name,
@@ -145,7 +160,29 @@ impl Shared {
                     })
                     .collect();
                 let jobs = crate::finetune::open_jobs(&tx, &agent_id)?;
-                let content = content_sha256(&bundles, &jobs);
+                let mut rollouts = Vec::new();
+                for r in crate::rollouts::all_under_way(&tx, Some(&group))? {
+                    // Deployments of a model are frozen while its rollout is under way, so
+                    // the group runs the baseline; anything else is skipped, not sent.
+                    let runs_baseline =
+                        bundles.iter().any(|b| b.name == r.model && b.version == r.baseline);
+                    let candidate = db::bundle(&tx, &r.model, r.candidate)?;
+                    let Some(c) = candidate.filter(|_| runs_baseline) else {
+                        tracing::warn!(rollout = %r.id, group = %r.group, "rollout's versions do not match the deployment; not sent");
+                        continue;
+                    };
+                    bundles.push(DesiredBundle {
+                        name: c.name,
+                        version: c.version,
+                        manifest_sha256: c.manifest_sha256,
+                        bundle_sha256: c.bundle_sha256,
+                        size: c.size,
+                        recipe_sha256: c.recipe_sha256,
+                        activate: false,
+                    });
+                    rollouts.push(r.spec());
+                }
+                let content = content_sha256(&bundles, &jobs, &rollouts);
                 let now = Timestamp::from_system(now);
                 let previous = db::desired(&tx, &agent_id)?;
                 if let Some(p) = &previous {
@@ -165,6 +202,7 @@ impl Shared {
                     expires: now.saturating_add(ttl),
                     bundles,
                     jobs,
+                    rollouts,
                 };
                 let keys: Vec<&SigningKey> = signers.iter().collect();
                 let signed = document.sign(&keys);

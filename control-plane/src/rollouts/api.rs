@@ -1,0 +1,143 @@
+//! The rollout routes: `POST /v1/rollouts` (start), `GET /v1/rollouts` (list, newest
+//! first), `GET /v1/groups/{group}/rollouts/{model}` (status of the latest) and
+//! `POST /v1/groups/{group}/rollouts/{model}/{promote|abort|pause|resume}`. Every change
+//! sends the group's connected agents their new documents at once.
+
+use std::time::SystemTime;
+
+use axum::Router;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use falaj_common::time::Timestamp;
+use rusqlite::TransactionBehavior;
+use serde::Deserialize;
+
+use super::{ActError, Action, OPERATOR, Rollout, RolloutView, StartError, StartRequest};
+use crate::admin::{Api, ApiError, ApiResult, json_response};
+
+/// The routes (mounted behind the admin token).
+pub fn routes() -> Router<Api> {
+    Router::new()
+        .route("/v1/rollouts", get(list).post(start))
+        .route("/v1/groups/{group}/rollouts/{model}", get(status))
+        .route("/v1/groups/{group}/rollouts/{model}/{action}", post(act))
+}
+
+fn start_error(e: &StartError) -> ApiError {
+    let (status, code) = match e {
+        StartError::Share(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_share"),
+        StartError::Guard(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_guard"),
+        StartError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_rollout"),
+        StartError::NoBundle { .. } => (StatusCode::NOT_FOUND, "not_found"),
+        StartError::NoDeployment { .. } => (StatusCode::CONFLICT, "no_deployment"),
+        StartError::CandidateIsBaseline { .. } => (StatusCode::CONFLICT, "candidate_is_baseline"),
+        StartError::Exists { .. } => (StatusCode::CONFLICT, "rollout_exists"),
+    };
+    ApiError::new(status, code, e.to_string())
+}
+
+/// The status of `rollout` now, with each agent's session.
+async fn view(api: &Api, rollout: Rollout) -> ApiResult<RolloutView> {
+    api.shared.flush_seen().await?;
+    let now = Timestamp::from_system(SystemTime::now());
+    let mut view = api.shared.db.call(move |c| super::view::build(c, rollout, now)).await?;
+    for agent in &mut view.agents {
+        agent.connected = api.shared.connected(&agent.id);
+    }
+    Ok(view)
+}
+
+async fn start(State(api): State<Api>, body: String) -> ApiResult<Response> {
+    let request: StartRequest = serde_json::from_str(&body).map_err(|e| {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_rollout", e.to_string())
+    })?;
+    let planned = request.plan().map_err(|e| start_error(&e))?;
+    let now = SystemTime::now();
+    let at = Timestamp::from_system(now);
+    let started = api
+        .shared
+        .db
+        .call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let started = super::start(&tx, &planned, at)?;
+            if started.is_ok() {
+                tx.commit()?;
+            }
+            Ok(started)
+        })
+        .await?
+        .map_err(|e| start_error(&e))?;
+    tracing::info!(
+        rollout = %started.id, group = %started.group, model = %started.model,
+        baseline = started.baseline, candidate = started.candidate,
+        strategy = started.strategy.name(), "rollout started"
+    );
+    api.shared.push_desired(Some(&started.group), now).await?;
+    Ok(json_response(StatusCode::CREATED, &view(&api, started).await?))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListParams {
+    group: Option<String>,
+    model: Option<String>,
+}
+
+async fn list(State(api): State<Api>, Query(params): Query<ListParams>) -> ApiResult<Response> {
+    let rollouts = api
+        .shared
+        .db
+        .call(move |c| super::list(c, params.group.as_deref(), params.model.as_deref()))
+        .await?;
+    Ok(json_response(StatusCode::OK, &rollouts))
+}
+
+async fn status(
+    State(api): State<Api>,
+    Path((group, model)): Path<(String, String)>,
+) -> ApiResult<Response> {
+    let (g, m) = (group.clone(), model.clone());
+    let Some(rollout) = api.shared.db.call(move |c| super::latest(c, &g, &m)).await? else {
+        return Err(ApiError::not_found(format!("no rollout of {model} in group {group}")));
+    };
+    Ok(json_response(StatusCode::OK, &view(&api, rollout).await?))
+}
+
+async fn act(
+    State(api): State<Api>,
+    Path((group, model, action)): Path<(String, String, String)>,
+) -> ApiResult<Response> {
+    let Some(action) = Action::from_name(&action) else {
+        return Err(ApiError::not_found(format!(
+            "no rollout action {action:?}: promote, abort, pause or resume"
+        )));
+    };
+    let now = SystemTime::now();
+    let at = Timestamp::from_system(now);
+    let (g, m) = (group.clone(), model.clone());
+    let done = api
+        .shared
+        .db
+        .call(move |c| {
+            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let done = super::act(&tx, &g, &m, action, OPERATOR, at)?;
+            if done.is_ok() {
+                tx.commit()?;
+            }
+            Ok(done)
+        })
+        .await?
+        .map_err(|e| match e {
+            ActError::NoRollout { .. } => ApiError::not_found(e.to_string()),
+            ActError::NotAllowed { .. } => {
+                ApiError::new(StatusCode::CONFLICT, "not_allowed", e.to_string())
+            }
+        })?;
+    tracing::info!(
+        rollout = %done.id, %group, %model, action = action.name(), state = done.state.name(),
+        "rollout changed by an operator"
+    );
+    api.shared.push_desired(Some(&group), now).await?;
+    Ok(json_response(StatusCode::OK, &view(&api, done).await?))
+}

@@ -1,0 +1,258 @@
+//! The control plane's judgement of rollouts under way, every `[rollouts] evaluate_every`:
+//! an agent that reports the rollout rolled back rolls it back for the whole group; else
+//! the guards are judged over the group's windows since the rollout began (one rollup per
+//! variant) and a failing one rolls it back; else a canary whose last step has begun is
+//! promoted once every guard holds. Rollbacks are POSTed to the alert webhooks.
+//!
+//! The decision itself is [`falaj_common::rollout::judge`]'s, the same one agents make
+//! over their own windows.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use falaj_common::rollout::{Figures, GuardResult, Strategy, Verdict, failure, judge};
+use falaj_common::time::Timestamp;
+use rusqlite::{Connection, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+use super::{CONTROL_PLANE, Rollout, RolloutState, RolloutsConfig};
+use crate::db::{self, DbError};
+use crate::monitoring::{self, MetricsQuery};
+use crate::state::Shared;
+use crate::webhook::WebhookClient;
+
+/// How long one webhook call may take.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A rollout judged: each variant's figures since it began and each guard's verdict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Judgement {
+    /// The rollout, after any change the judgement made.
+    pub rollout: Rollout,
+    /// The baseline's figures.
+    pub baseline: Figures,
+    /// The candidate's figures.
+    pub candidate: Figures,
+    /// Each guard judged.
+    pub guards: Vec<GuardResult>,
+    /// When.
+    pub at: Timestamp,
+}
+
+/// A rollout the judgement ended: rolled back or promoted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    /// The rollout after the change (its state and reason).
+    pub rollout: Rollout,
+    /// Who decided: `agent ID` or `control plane`.
+    pub by: String,
+}
+
+/// What a webhook receives when a rollout is rolled back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Notification {
+    /// `rollout.rolled_back`.
+    pub kind: String,
+    /// The rollout's id.
+    pub rollout: String,
+    /// The group.
+    pub group: String,
+    /// The model.
+    pub model: String,
+    /// The version serving again.
+    pub baseline: u64,
+    /// The version rolled back.
+    pub candidate: u64,
+    /// The strategy.
+    pub strategy: Strategy,
+    /// Why.
+    pub reason: String,
+    /// Who decided.
+    pub by: String,
+    /// When.
+    pub at: Timestamp,
+    /// The control plane's region.
+    pub region: String,
+}
+
+impl Notification {
+    /// The notification of a rollback.
+    pub fn of(change: &Change, region: &str) -> Self {
+        let r = &change.rollout;
+        Self {
+            kind: "rollout.rolled_back".into(),
+            rollout: r.id.clone(),
+            group: r.group.clone(),
+            model: r.model.clone(),
+            baseline: r.baseline,
+            candidate: r.candidate,
+            strategy: r.strategy,
+            reason: r.reason.clone().unwrap_or_default(),
+            by: change.by.clone(),
+            at: r.updated_at,
+            region: region.to_owned(),
+        }
+    }
+}
+
+/// The baseline's and the candidate's figures over the group's windows that started
+/// within the rollout (since it began; before it ended, when it has), PSI against each
+/// version's reference profile.
+pub fn measure(conn: &Connection, rollout: &Rollout) -> rusqlite::Result<(Figures, Figures)> {
+    let query = MetricsQuery {
+        model: rollout.model.clone(),
+        version: None,
+        group: Some(rollout.group.clone()),
+        agent: None,
+        since: rollout.created_at,
+    };
+    let rollups = monitoring::rollups_between(conn, &query, rollout.ended_at)?;
+    let figures = |version: u64| -> rusqlite::Result<Figures> {
+        let Some(v) = rollups.get(&version) else { return Ok(Figures::default()) };
+        let reference = monitoring::reference(conn, &rollout.model, version)?;
+        Ok(Figures::of(&v.rollup.counts, reference.as_ref()))
+    };
+    Ok((figures(rollout.baseline)?, figures(rollout.candidate)?))
+}
+
+/// The first agent of the group (by id) that reports `rollout` rolled back, and its reason.
+fn agent_rollback(
+    conn: &Connection,
+    rollout: &Rollout,
+) -> rusqlite::Result<Option<(String, String)>> {
+    Ok(db::agents(conn)?
+        .into_iter()
+        .filter(|a| a.group == rollout.group && a.revoked_at.is_none())
+        .find_map(|a| {
+            let report =
+                a.actual?.rollouts.into_iter().find(|r| r.id == rollout.id && r.rolled_back)?;
+            let reason = report.reason.unwrap_or_else(|| "no reason given".into());
+            Some((a.id, reason))
+        }))
+}
+
+/// Judges one rollout under way at `now` and applies the decision, in one transaction.
+fn judge_one(
+    conn: &mut Connection,
+    id: &str,
+    now: Timestamp,
+) -> rusqlite::Result<Option<(Judgement, Option<Change>)>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // Read again inside the transaction: a person may have acted since the list was read.
+    let Some(rollout) = super::get(&tx, id)?.filter(|r| r.state.under_way()) else {
+        return Ok(None);
+    };
+    let (baseline, candidate) = measure(&tx, &rollout)?;
+    let guards = judge(&rollout.guards, rollout.min_requests, &baseline, &candidate);
+    let change = if let Some((agent, reason)) = agent_rollback(&tx, &rollout)? {
+        let by = format!("agent {agent}");
+        let reason = format!("{by}: {reason}");
+        Some(Change { rollout: super::roll_back(&tx, &rollout, &reason, &by, now)?, by })
+    } else if let Some(failed) = failure(&guards) {
+        let reason = format!("{CONTROL_PLANE}: {failed}");
+        let rolled_back = super::roll_back(&tx, &rollout, &reason, CONTROL_PLANE, now)?;
+        Some(Change { rollout: rolled_back, by: CONTROL_PLANE.into() })
+    } else if rollout.state == RolloutState::Running
+        && rollout.strategy == Strategy::Canary
+        && rollout.spec().at_last_step(now)
+        && guards.iter().all(|g| g.verdict == Verdict::Holds)
+    {
+        let promoted = super::promote(&tx, &rollout, CONTROL_PLANE, now)?;
+        Some(Change { rollout: promoted, by: CONTROL_PLANE.into() })
+    } else {
+        None
+    };
+    tx.commit()?;
+    let rollout = change.as_ref().map_or(rollout, |c| c.rollout.clone());
+    Ok(Some((Judgement { rollout, baseline, candidate, guards, at: now }, change)))
+}
+
+/// Judges every rollout under way at `now`, each in its own transaction; returns the
+/// judgements and the rollouts it ended.
+pub fn evaluate_all(
+    conn: &mut Connection,
+    now: Timestamp,
+) -> rusqlite::Result<(Vec<Judgement>, Vec<Change>)> {
+    let ids: Vec<String> = super::all_under_way(conn, None)?.into_iter().map(|r| r.id).collect();
+    let (mut judgements, mut changes) = (Vec::new(), Vec::new());
+    for id in ids {
+        if let Some((judgement, change)) = judge_one(conn, &id, now)? {
+            judgements.push(judgement);
+            changes.extend(change);
+        }
+    }
+    Ok((judgements, changes))
+}
+
+/// The last judgement of each (group, model), for `/metrics`.
+pub type Judged = std::sync::Mutex<BTreeMap<(String, String), Judgement>>;
+
+/// Writes pending agent reports, judges every rollout under way at `now`, keeps the
+/// judgements for `/metrics`, and sends the groups of rollouts it ended new documents.
+pub async fn evaluate(shared: &Shared, now: SystemTime) -> Result<Vec<Change>, DbError> {
+    shared.flush_seen().await?;
+    let at = Timestamp::from_system(now);
+    let (judgements, changes) = shared.db.call(move |c| evaluate_all(c, at)).await?;
+    {
+        let mut judged = shared.judged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for j in judgements {
+            judged.insert((j.rollout.group.clone(), j.rollout.model.clone()), j);
+        }
+    }
+    for change in &changes {
+        let r = &change.rollout;
+        if r.state == RolloutState::RolledBack {
+            tracing::warn!(
+                rollout = %r.id, group = %r.group, model = %r.model, candidate = r.candidate,
+                reason = r.reason.as_deref().unwrap_or(""), "rollout rolled back"
+            );
+        } else {
+            tracing::info!(
+                rollout = %r.id, group = %r.group, model = %r.model, candidate = r.candidate,
+                state = r.state.name(), by = %change.by, "rollout ended"
+            );
+        }
+        shared.push_desired(Some(&r.group), now).await?;
+    }
+    Ok(changes)
+}
+
+/// Judges rollouts every `config.evaluate_every` and POSTs each rollback to `webhooks`,
+/// until `stop`.
+pub async fn run(
+    shared: Arc<Shared>,
+    config: RolloutsConfig,
+    webhooks: Vec<String>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let client = WebhookClient::new(WEBHOOK_TIMEOUT);
+    let mut ticks = tokio::time::interval(config.evaluate_every);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            _ = ticks.tick() => {}
+        }
+        let changes = match evaluate(&shared, SystemTime::now()).await {
+            Ok(changes) => changes,
+            Err(err) => {
+                tracing::error!(error = %err, "judging rollouts failed");
+                continue;
+            }
+        };
+        for change in changes.iter().filter(|c| c.rollout.state == RolloutState::RolledBack) {
+            let notification = Notification::of(change, &shared.region);
+            let json = serde_json::to_vec(&notification).unwrap_or_default();
+            for url in &webhooks {
+                let what = format!("rollout {} rolled back", change.rollout.id);
+                tokio::spawn(crate::webhook::deliver(
+                    client.clone(),
+                    url.clone(),
+                    json.clone(),
+                    what,
+                ));
+            }
+        }
+    }
+}
