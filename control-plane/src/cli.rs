@@ -988,3 +988,28 @@ pub fn render_alerts(view: &AlertsView) -> String {
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use falaj_common::metrics::Rollup;
+    use falaj_common::time::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn metrics_mark_the_variants_of_a_rollout_and_only_then() {
+        let summary = |v| Rollup::default().summary(v, 1, 60, None);
+        let view = MetricsView {
+            model: "pumps".into(),
+            since: Timestamp::from_unix(1_800_000_000),
+            versions: vec![summary(1), summary(2), summary(3)],
+        };
+        assert!(!render_metrics(&view).contains("VARIANT"));
+        let marked = render_metrics_marked(&view, &[(1, "baseline"), (2, "candidate")].into());
+        let lines: Vec<&str> = marked.lines().collect();
+        assert!(lines[1].ends_with(" VARIANT"), "{marked}");
+        assert!(lines[2].starts_with("1 ") && lines[2].ends_with(" baseline"), "{marked}");
+        assert!(lines[3].starts_with("2 ") && lines[3].ends_with(" candidate"), "{marked}");
+        assert!(lines[4].starts_with("3 ") && lines[4].ends_with(" -"), "{marked}");
+    }
+}

@@ -288,7 +288,7 @@ pub fn render_status(view: &RolloutView) -> String {
         let _ = writeln!(out, "  reason: {reason}");
     }
     let step = view.step.map_or_else(|| "-".to_owned(), |i| (i + 1).to_string());
-    let _ = write!(out, "  step {step}/{}, candidate share {}", r.steps.len(), view.share);
+    let _ = write!(out, "  step {step}/{}, candidate share {}", r.plan.shares.len(), view.share);
     if r.mirror != Share::NONE {
         let _ = write!(out, ", mirroring {} to the candidate", r.mirror);
     }
@@ -375,7 +375,10 @@ fn render_agents(out: &mut String, view: &RolloutView) {
         let (step, state) = match &a.report {
             None => ("-".to_owned(), "not reported".to_owned()),
             Some(rep) => (
-                rep.step.map_or_else(|| "-".to_owned(), |i| format!("{}/{}", i + 1, r.steps.len())),
+                rep.step.map_or_else(
+                    || "-".to_owned(),
+                    |i| format!("{}/{}", i + 1, r.plan.shares.len()),
+                ),
                 if rep.rolled_back {
                     format!("rolled back: {}", rep.reason.as_deref().unwrap_or("no reason given"))
                 } else {
