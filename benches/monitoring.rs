@@ -43,6 +43,7 @@ fn window(start: u64, seed: u64) -> MetricsWindow {
             outputs: (0..4).map(bins).collect(),
             dropped_windows: 0,
             dropped_requests: 0,
+            ..Counts::default()
         },
     }
 }

@@ -3,7 +3,9 @@
 //! the model deployed to them over QUIC, requests to both, the metrics they report, then
 //! a phase of shifted sensor readings that the control plane flags as drift, a feature
 //! view with a snapshot shipped beside the model and predictions asked for by pump id, a
-//! fine-tune job ordered for the site whose sensors read high, and serving until Ctrl-C.
+//! fine-tune job ordered for the site whose sensors read high, a canary of a worse version
+//! that the agents roll back by themselves on the ground truth fed back to them, a
+//! canary of a good version promoted step by step, and serving until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,6 +19,7 @@ use falaj_agent::server::ServeConfig as AgentConfig;
 use falaj_agent::sync::SyncConfig;
 use falaj_common::alerting::{AlertMetric, AlertRule, DriftScope};
 use falaj_common::bundle::{FeatureInput, RuntimeHint};
+use falaj_common::rollout::Strategy;
 use falaj_common::sample::{CLASSES, FEATURES, Shift, generate};
 use falaj_control::admin::{AlertsView, MetricsView};
 use falaj_control::alerts::AlertsConfig;
@@ -24,6 +27,9 @@ use falaj_control::bundle::{self, BuildOptions};
 use falaj_control::cli::{render_alerts, render_metrics};
 use falaj_control::client::AdminClient;
 use falaj_control::daemon::{ControlPlane, ServeConfig};
+use falaj_control::rollouts::StartRequest;
+use falaj_control::rollouts::cli::render_status;
+use falaj_control::rollouts::view::RolloutView;
 use falaj_control::sample::{self, INPUT, SampleOptions};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -85,6 +91,7 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     config.admin = "127.0.0.1:0".parse()?;
     config.region = Some(REGION.into());
     config.policy.heartbeat = Duration::from_secs(2);
+    config.rollouts.evaluate_every = Duration::from_secs(1);
     config.alerts = AlertsConfig {
         evaluate_every: Duration::from_secs(1),
         webhooks: Vec::new(),
@@ -137,6 +144,7 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     show_monitoring(&client, &http_client, &targets, &made.holdout, version, sent).await?;
     show_features(dir, &client, &http_client, &targets, &made).await?;
     show_finetune(dir, &client, &http_client, targets[AGENTS - 1], version).await?;
+    show_rollouts(dir, &client, &http_client, &targets, &made.holdout).await?;
 
     let url = format!("http://{}/v2/models/{MODEL}/infer", agents[0].1);
     println!();
@@ -535,6 +543,153 @@ async fn show_finetune(
             lineage["gate"]["reason"].as_str().unwrap_or("?")
         );
     }
+    Ok(())
+}
+
+/// Builds and pushes `model` as the next version of the sample model; returns the version.
+async fn push_version(dir: &Path, client: &AdminClient, model: &Path) -> Result<u64> {
+    let version = client.bundles().await?.iter().filter(|b| b["name"] == MODEL).count() as u64 + 1;
+    let out = dir.join(format!("{MODEL}-{version}.falaj"));
+    bundle::build(
+        &BuildOptions {
+            keys: dir.join("control/keys"),
+            model: model.to_owned(),
+            name: MODEL.into(),
+            version,
+            reference: None,
+            runtime: RuntimeHint::Auto,
+            lifetime: bundle::DEFAULT_LIFETIME,
+            out: out.clone(),
+            features: None,
+            shapes: std::collections::BTreeMap::new(),
+        },
+        SystemTime::now(),
+    )
+    .context("building the bundle")?;
+    client.push_bundle(&out).await?;
+    Ok(version)
+}
+
+/// A classifier trained on labels shifted by one class: confidently wrong.
+fn mislabelled_model(dir: &Path) -> Result<PathBuf> {
+    let data = generate(4000, 21, &[]);
+    let wrong: Vec<u32> = data.labels.iter().map(|l| (l + 1) % CLASSES.len() as u32).collect();
+    let config = falaj_common::train::TrainConfig { seed: 21, ..Default::default() };
+    let (mlp, _) = falaj_common::train::train_classifier(
+        &data.features,
+        FEATURES.len(),
+        &wrong,
+        CLASSES.len(),
+        &config,
+    );
+    let path = dir.join("mislabelled.onnx");
+    std::fs::write(&path, falaj_common::onnx::mlp_classifier(&mlp, INPUT, "falaj demo"))
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Starts a canary of `candidate` judged on feedback accuracy and errors, sends labelled
+/// traffic (each request with an id and a routing key, its ground truth posted back)
+/// to every agent until the rollout ends; returns its last status.
+async fn canary(
+    client: &AdminClient,
+    http: &reqwest::Client,
+    agents: &[(&str, SocketAddr)],
+    rows: &[(Vec<f32>, usize)],
+    candidate: u64,
+    step_interval: Duration,
+) -> Result<RolloutView> {
+    let request = StartRequest {
+        group: GROUP.into(),
+        model: MODEL.into(),
+        candidate,
+        strategy: Strategy::Canary,
+        steps: Some(vec![10.0, 50.0, 100.0]),
+        step_interval_seconds: Some(step_interval.as_secs()),
+        split: None,
+        mirror: None,
+        guards: vec!["accuracy>=baseline-0.05".into(), "error_rate<0.01".into()],
+        min_requests: Some(100),
+    };
+    let started = client.start_rollout(&request).await?;
+    println!(
+        "     started        {} with steps 10% -> 50% -> 100% every {}s, guards accuracy>=baseline-0.05 and error_rate<0.01 over 100 labelled rows",
+        started.rollout.id,
+        step_interval.as_secs()
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for (n, chunk) in rows.chunks(5).cycle().enumerate() {
+        let (_, addr) = agents[n % agents.len()];
+        let id = format!("{}-{n}", started.rollout.id);
+        let flat: Vec<f32> = chunk.iter().flat_map(|(f, _)| f.iter().copied()).collect();
+        let body = json!({"id": id, "parameters": {"routing_key": format!("customer-{n}")},
+            "inputs": [{"name": INPUT, "shape": [chunk.len(), FEATURES.len()], "datatype": "FP32", "data": flat}]});
+        http.post(format!("http://{addr}/v2/models/{MODEL}/infer"))
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?;
+        let labels: Vec<usize> = chunk.iter().map(|(_, l)| *l).collect();
+        http.post(format!("http://{addr}/v2/models/{MODEL}/feedback"))
+            .json(&json!({"id": id, "label": labels}))
+            .send()
+            .await?
+            .error_for_status()?;
+        if n % 25 == 0 {
+            let view = client.rollout(GROUP, MODEL).await?;
+            if !view.rollout.state.under_way() {
+                return Ok(view);
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "rollout {} did not end in time",
+                view.rollout.id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    unreachable!("the rows cycle")
+}
+
+/// Two canaries: a version trained on wrong labels, which the agents roll back on their
+/// own when the ground truth fed back shows it, and a good one, promoted step by step.
+async fn show_rollouts(
+    dir: &Path,
+    client: &AdminClient,
+    http: &reqwest::Client,
+    agents: &[(&str, SocketAddr)],
+    holdout: &Path,
+) -> Result<()> {
+    let rows = read_holdout(holdout, 1000)?;
+    println!();
+    let bad = push_version(dir, client, &mislabelled_model(dir)?).await?;
+    println!(
+        " 11. canary         {MODEL} v{bad}, trained on labels shifted by one class, pushed and canaried"
+    );
+    let view = canary(client, http, agents, &rows, bad, Duration::from_secs(30)).await?;
+    println!(
+        "     rolled back    {}",
+        view.rollout.reason.as_deref().unwrap_or("(no reason recorded)")
+    );
+    print_indented(&render_status(&view));
+
+    let good = sample::write(
+        &dir.join("sample-retrained"),
+        &SampleOptions { seed: 11, ..SampleOptions::default() },
+    )
+    .context("training the retrained model")?;
+    let good = push_version(dir, client, &good.model).await?;
+    println!();
+    println!(" 12. canary         {MODEL} v{good}, retrained on fresh data, pushed and canaried");
+    let view = canary(client, http, agents, &rows, good, Duration::from_secs(3)).await?;
+    anyhow::ensure!(
+        view.rollout.state.name() == "promoted",
+        "the good canary ended {}: {}",
+        view.rollout.state.name(),
+        view.rollout.reason.as_deref().unwrap_or("")
+    );
+    println!("     promoted       every guard held at every step; group {GROUP} now runs v{good}");
+    print_indented(&render_status(&view));
     Ok(())
 }
 

@@ -335,7 +335,7 @@ impl Collector for Exporter {
             })
             .collect();
         exposition::encode_versions(&mut encoder, "measured by the agent", &figures)?;
-        encode_outcomes(&mut encoder, &catalog)?;
+        encode_outcomes(&mut encoder, &catalog, &self.stats)?;
         let s = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         exposition::encode_scalars(
@@ -407,18 +407,6 @@ impl Collector for Exporter {
                     load(&s.reconcile_errors),
                 ),
                 (
-                    "falaj_feedback_joined",
-                    "Feedback requests joined to the answer they judge",
-                    true,
-                    load(&s.feedback_joined),
-                ),
-                (
-                    "falaj_feedback_unknown_ids",
-                    "Feedback for request ids with no answer kept (unknown, expired, another model's)",
-                    true,
-                    load(&s.feedback_unknown),
-                ),
-                (
                     "falaj_control_plane_connected",
                     "1 while a session with the control plane is up",
                     false,
@@ -429,9 +417,30 @@ impl Collector for Exporter {
     }
 }
 
-/// Writes each version's shadow comparisons and feedback, and each rollout's share,
-/// state and guards as last judged.
-fn encode_outcomes(encoder: &mut DescriptorEncoder, catalog: &Catalog) -> std::fmt::Result {
+/// Writes each version's shadow comparisons and feedback, the feedback joined and not,
+/// and each rollout's share, state and guards as last judged.
+fn encode_outcomes(
+    encoder: &mut DescriptorEncoder,
+    catalog: &Catalog,
+    stats: &AgentStats,
+) -> std::fmt::Result {
+    exposition::encode_scalars(
+        encoder,
+        &[
+            (
+                "falaj_feedback_joined",
+                "Feedback requests joined to the answer they judge",
+                true,
+                stats.feedback_joined.load(Ordering::Relaxed),
+            ),
+            (
+                "falaj_feedback_unknown_ids",
+                "Feedback for request ids with no answer kept (unknown, expired, another model's)",
+                true,
+                stats.feedback_unknown.load(Ordering::Relaxed),
+            ),
+        ],
+    )?;
     let mut outcomes = Vec::new();
     for (name, entry) in &catalog.models {
         for (version, state) in &entry.versions {

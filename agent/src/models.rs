@@ -184,18 +184,7 @@ impl Registry {
         let current = self.catalog();
         let overlays =
             store.overlays()?.into_iter().map(|o| (o.name, (o.derived, o.version))).collect();
-        let rollouts = store
-            .rollouts()?
-            .into_iter()
-            .map(|stored| {
-                let live = current
-                    .rollouts
-                    .get(&stored.spec.model)
-                    .filter(|live| live.spec == stored.spec)
-                    .map_or_else(|| Arc::new(LiveRollout::from_stored(stored.clone())), Arc::clone);
-                (stored.spec.model, live)
-            })
-            .collect();
+        let rollouts = live_rollouts(store, &current)?;
         let mut next = Catalog { overlays, rollouts, loaded: true, ..Catalog::default() };
         let mut summary = ReloadSummary::default();
         for installed in store.installed()? {
@@ -290,6 +279,25 @@ impl Registry {
         self.reloads.send_modify(|n| *n += 1);
         Ok(summary)
     }
+}
+
+/// The store's rollouts by model: those unchanged since `current` keep their live state,
+/// the others start from what the store holds.
+fn live_rollouts(
+    store: &Store,
+    current: &Catalog,
+) -> Result<BTreeMap<String, Arc<LiveRollout>>, StoreError> {
+    Ok(store
+        .rollouts()?
+        .into_iter()
+        .map(|stored| {
+            let live = match current.rollouts.get(&stored.spec.model) {
+                Some(live) if live.spec == stored.spec => Arc::clone(live),
+                _ => Arc::new(LiveRollout::from_stored(stored.clone())),
+            };
+            (stored.spec.model, live)
+        })
+        .collect())
 }
 
 /// The entry of an active snapshot: the table already loaded when the bundle is the same

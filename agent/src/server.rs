@@ -767,15 +767,14 @@ fn target(
     }
     if let Some(live) = catalog.rollouts.get(&name) {
         let random;
-        let key = match request
+        let key = if let Some(key) = request
             .and_then(|r| r.routing_key.as_deref())
             .or_else(|| headers.get(ROUTING_KEY_HEADER).and_then(|v| v.to_str().ok()))
         {
-            Some(key) => key.as_bytes(),
-            None => {
-                random = state.keys.next();
-                &random[..]
-            }
+            key.as_bytes()
+        } else {
+            random = state.keys.next();
+            &random[..]
         };
         let assignment = live.route(key, Timestamp::from_system(SystemTime::now()));
         let candidate =

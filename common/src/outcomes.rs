@@ -151,11 +151,11 @@ pub fn score(answers: &[Answer], labels: &[Label]) -> Result<Feedback, Unscorabl
         feedback.labelled += 1;
         match (answer, label) {
             (Answer::Label(a), Label::Number(x)) => {
-                feedback.correct += u64::from(*a == number_text(*x))
+                feedback.correct += u64::from(*a == number_text(*x));
             }
             (Answer::Label(a), Label::Text(t)) => feedback.correct += u64::from(a == t),
             (Answer::Label(a), Label::Bool(b)) => {
-                feedback.correct += u64::from(*a == b.to_string())
+                feedback.correct += u64::from(*a == b.to_string());
             }
             (Answer::Value(v), Label::Number(x)) => feedback.abs_error += (v - x).abs(),
             (Answer::Value(_), other) => {

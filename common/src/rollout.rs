@@ -427,7 +427,7 @@ impl fmt::Display for Guard {
         write!(f, "{}{}", self.metric.name(), self.comparison.symbol())?;
         match self.bound {
             Bound::Fixed(x) => write!(f, "{x}"),
-            Bound::BaselinePlus(x) if x == 0.0 => write!(f, "baseline"),
+            Bound::BaselinePlus(0.0) => write!(f, "baseline"),
             Bound::BaselinePlus(x) if x < 0.0 => write!(f, "baseline{x}"),
             Bound::BaselinePlus(x) => write!(f, "baseline+{x}"),
             Bound::BaselineTimes(x) => write!(f, "baseline*{x}"),
@@ -766,7 +766,7 @@ mod tests {
         let problem = |change: &dyn Fn(&mut RolloutSpec)| {
             let mut s = spec(&[(0, 5.0), (10, 100.0)]);
             change(&mut s);
-            s.check().map(|()| String::new()).unwrap_or_else(|e| e.to_string())
+            s.check().map_or_else(|e| e.to_string(), |()| String::new())
         };
         assert_eq!(problem(&|_| {}), "");
         assert!(problem(&|s| s.candidate = 1).contains("is the baseline"));
