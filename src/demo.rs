@@ -590,11 +590,11 @@ fn mislabelled_model(dir: &Path) -> Result<PathBuf> {
 
 /// Starts a canary of `candidate` judged on feedback accuracy and errors, sends labelled
 /// traffic (each request with an id and a routing key, its ground truth posted back)
-/// to every agent until the rollout ends; returns its last status.
+/// to one agent until the rollout ends; returns its last status.
 async fn canary(
     client: &AdminClient,
     http: &reqwest::Client,
-    agents: &[(&str, SocketAddr)],
+    addr: SocketAddr,
     rows: &[(Vec<f32>, usize)],
     candidate: u64,
     step_interval: Duration,
@@ -619,7 +619,6 @@ async fn canary(
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     for (n, chunk) in rows.chunks(5).cycle().enumerate() {
-        let (_, addr) = agents[n % agents.len()];
         let id = format!("{}-{n}", started.rollout.id);
         let flat: Vec<f32> = chunk.iter().flat_map(|(f, _)| f.iter().copied()).collect();
         let body = json!({"id": id, "parameters": {"routing_key": format!("customer-{n}")},
@@ -666,7 +665,12 @@ async fn show_rollouts(
     println!(
         " 11. canary         {MODEL} v{bad}, trained on labels shifted by one class, pushed and canaried"
     );
-    let view = canary(client, http, agents, &rows, bad, Duration::from_secs(30)).await?;
+    let (agent, addr) = agents[0];
+    println!(
+        "     traffic        5-row requests to {agent}, each with an id and a customer routing key; \
+         the ground truth of each answer is POSTed back to /v2/models/{MODEL}/feedback"
+    );
+    let view = canary(client, http, addr, &rows, bad, Duration::from_secs(30)).await?;
     println!(
         "     rolled back    {}",
         view.rollout.reason.as_deref().unwrap_or("(no reason recorded)")
@@ -681,7 +685,7 @@ async fn show_rollouts(
     let good = push_version(dir, client, &good.model).await?;
     println!();
     println!(" 12. canary         {MODEL} v{good}, retrained on fresh data, pushed and canaried");
-    let view = canary(client, http, agents, &rows, good, Duration::from_secs(3)).await?;
+    let view = canary(client, http, addr, &rows, good, Duration::from_secs(3)).await?;
     anyhow::ensure!(
         view.rollout.state.name() == "promoted",
         "the good canary ended {}: {}",

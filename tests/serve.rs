@@ -90,6 +90,19 @@ async fn the_demo_serves_and_answers() {
     assert!(demo.seen.iter().any(|l| l.contains("hold-out accuracy")), "{:?}", demo.seen);
     assert!(demo.seen.iter().any(|l| l.contains("predicted right")), "{:?}", demo.seen);
     assert!(demo.seen.iter().any(|l| l.contains("held-out accuracy")), "{:?}", demo.seen);
+    // The mislabelled canary is rolled back by an agent's own guard; the retrained one is
+    // promoted.
+    assert!(
+        demo.seen.iter().any(|l| l.contains("rolled back    agent agent-")
+            && l.contains("accuracy>=baseline-0.05 failed")),
+        "{:?}",
+        demo.seen
+    );
+    assert!(
+        demo.seen.iter().any(|l| l.contains("promoted       every guard held")),
+        "{:?}",
+        demo.seen
+    );
     let meta: Value = reqwest::get(format!("http://{addr}/v2/models/sensor-fault"))
         .await
         .unwrap()

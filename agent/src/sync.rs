@@ -394,7 +394,10 @@ impl Syncer {
             let message = if let Some(m) = pending_message.take() {
                 Some(m)
             } else {
+                // In this order: a rollback is reported before the windows that show it,
+                // so the control plane hears the agent's verdict first.
                 tokio::select! {
+                    biased;
                     frame = read_frame::<ControlMessage>(&mut recv) => match frame {
                         Ok(Some(ControlMessage::Ack { seqs })) => {
                             self.acknowledged(&seqs, &mut in_flight).await;
@@ -404,16 +407,16 @@ impl Syncer {
                         Ok(None) => break Err(SyncError::Closed("session stream closed".into())),
                         Err(e) => break Err(conn.close_reason().map_or_else(|| conn_err(&e), |r| SyncError::Closed(r.to_string()))),
                     },
+                    () = rolled_back(self.reporter.as_deref()) => {
+                        if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
+                            break Err(conn_err(&e));
+                        }
+                        None
+                    }
                     () = pending(self.reporter.as_deref()), if in_flight.is_none() => {
                         match self.send_windows(&mut send).await {
                             Ok(batch) => in_flight = batch.map(|seqs| (seqs, Instant::now())),
                             Err(e) => break Err(e),
-                        }
-                        None
-                    }
-                    () = rolled_back(self.reporter.as_deref()) => {
-                        if let Err(e) = write_frame(&mut send, &AgentMessage::Report(self.actual_state().await)).await {
-                            break Err(conn_err(&e));
                         }
                         None
                     }

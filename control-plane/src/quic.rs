@@ -224,7 +224,12 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     loop {
         match read_frame::<AgentMessage>(&mut recv).await {
             Ok(Some(AgentMessage::Hello(state) | AgentMessage::Report(state))) => {
+                let rolled_back = state.rollouts.iter().any(|r| r.rolled_back);
                 shared.saw(&agent, SystemTime::now(), Some(state));
+                // The group follows an agent's rollback at once, not at the next tick.
+                if rolled_back {
+                    shared.rollback_reported.notify_one();
+                }
             }
             Ok(Some(AgentMessage::Renew { csr_der })) => renew(&shared, &agent, &csr_der).await,
             Ok(Some(AgentMessage::Windows(batch))) => {

@@ -69,6 +69,8 @@ pub struct Shared {
     pub ingest: IngestStats,
     /// The last judgement of each rollout's (group, model), for `/metrics`.
     pub judged: crate::rollouts::judge::Judged,
+    /// Wakes the rollout judge at once: an agent reported a rollback.
+    pub rollback_reported: tokio::sync::Notify,
     next_session: AtomicU64,
 }
 
@@ -109,6 +111,7 @@ impl Shared {
             seen: Mutex::new(HashMap::new()),
             ingest: IngestStats::default(),
             judged: Mutex::default(),
+            rollback_reported: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(1),
         }
     }

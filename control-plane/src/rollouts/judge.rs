@@ -233,6 +233,7 @@ pub async fn run(
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
             _ = ticks.tick() => {}
+            () = shared.rollback_reported.notified() => {}
         }
         let changes = match evaluate(&shared, SystemTime::now()).await {
             Ok(changes) => changes,
