@@ -126,6 +126,27 @@ fn summary(mut latencies: Vec<Duration>) -> Latency {
     Latency { requests: latencies.len(), p50_us: pick(0.5), p99_us: pick(0.99) }
 }
 
+/// `clients` concurrent clients for `seconds`, each on a thread of its own (apart from
+/// the server's runtime); every latency.
+fn load(url: &str, bodies: &[String], seconds: f64, clients: usize) -> Result<Vec<Duration>> {
+    let threads: Vec<_> = (0..clients)
+        .map(|c| {
+            let mut bodies = bodies.to_vec();
+            bodies.rotate_left(c);
+            let url = url.to_owned();
+            std::thread::spawn(move || -> Result<Vec<Duration>> {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                runtime.block_on(client(&url, &bodies, seconds))
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for thread in threads {
+        latencies.extend(thread.join().map_err(|_| anyhow::anyhow!("a client panicked"))??);
+    }
+    Ok(latencies)
+}
+
 /// The candidate's mirrored runs, read from the agent's Prometheus text.
 async fn shadow_figures(base: &str) -> Result<(f64, f64)> {
     let text = reqwest::get(format!("{base}/metrics")).await?.text().await?;
@@ -209,17 +230,18 @@ fn main() -> Result<()> {
         tasks.push(runtime.spawn(server.run(async { drop(stop_rx.await) })));
     }
     let urls: Vec<String> = bases.iter().map(|b| format!("{b}/v2/models/{MODEL}/infer")).collect();
-    let (mut plain, mut shadowed) = (Vec::new(), Vec::new());
-    runtime.block_on(async {
-        for url in &urls {
-            client(url, &bodies, 0.5).await?; // warm up
-        }
+    let mut rows = Vec::new();
+    for url in &urls {
+        load(url, &bodies, 0.5, 1)?; // warm up
+    }
+    for clients in [1, 2] {
+        let (mut plain, mut shadowed) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            plain.extend(client(&urls[0], &bodies, seconds).await?);
-            shadowed.extend(client(&urls[1], &bodies, seconds).await?);
+            plain.extend(load(&urls[0], &bodies, seconds, clients)?);
+            shadowed.extend(load(&urls[1], &bodies, seconds, clients)?);
         }
-        anyhow::Ok(())
-    })?;
+        rows.push((clients, summary(plain), summary(shadowed)));
+    }
     let (compared, dropped) = runtime.block_on(shadow_figures(&bases[1]))?;
     for stop in stops {
         let _ = stop.send(());
@@ -227,31 +249,36 @@ fn main() -> Result<()> {
     for task in tasks {
         runtime.block_on(task)??;
     }
-    let (plain, shadowed) = (summary(plain), summary(shadowed));
     let routing = routing_ns(100_000);
 
     println!(
-        "Rollouts: {ROUNDS} alternating rounds of {seconds} s per server, one client, single-row JSON requests of the sample model."
+        "Rollouts: {ROUNDS} alternating rounds of {seconds} s per server and client count, single-row JSON requests of the sample model."
     );
     println!();
-    println!("| | ns / request | share of an HTTP request (p50) |");
+    println!("| | ns / request | share of an HTTP request (p50, 1 client) |");
     println!("|---|---:|---:|");
     println!(
         "| routing (canary at 30 %, key hashed with the rollout id) | {routing:.0} | {:.3} % |",
-        routing / (plain.p50_us * 1e3) * 100.0
+        routing / (rows[0].1.p50_us * 1e3) * 100.0
     );
     println!();
-    println!("| server | requests | p50 µs | p99 µs |");
-    println!("|---|---:|---:|---:|");
-    for (name, l) in [("no rollout", &plain), ("shadow, 100 % mirrored", &shadowed)] {
-        println!("| {name} | {} | {:.0} | {:.0} |", l.requests, l.p50_us, l.p99_us);
+    println!("| clients | server | requests | p50 µs | p99 µs | p99 against no rollout |");
+    println!("|---:|---|---:|---:|---:|---:|");
+    for (clients, plain, shadowed) in &rows {
+        for (name, l) in [("no rollout", plain), ("shadow, 100 % mirrored", shadowed)] {
+            println!(
+                "| {clients} | {name} | {} | {:.0} | {:.0} | {:+.1} % |",
+                l.requests,
+                l.p50_us,
+                l.p99_us,
+                (l.p99_us / plain.p99_us - 1.0) * 100.0
+            );
+        }
     }
     println!();
+    let mirrored: usize = rows.iter().map(|(_, _, s)| s.requests).sum();
     println!(
-        "Shadow adds {:+.1} % to p50 and {:+.1} % to p99; the candidate compared {compared:.0} rows and dropped {dropped:.0} mirrored requests (of {}).",
-        (shadowed.p50_us / plain.p50_us - 1.0) * 100.0,
-        (shadowed.p99_us / plain.p99_us - 1.0) * 100.0,
-        shadowed.requests
+        "The candidate compared {compared:.0} rows (warm-up included) and dropped {dropped:.0} of the {mirrored} mirrored requests timed."
     );
     Ok(())
 }

@@ -22,6 +22,7 @@ use falaj_common::time::Timestamp;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::models::LoadedVersion;
+use crate::server::INLINE_BUDGET;
 use crate::store::StoredRollout;
 
 /// A rollout being served: its spec, and what its variants served and were judged on.
@@ -191,13 +192,22 @@ pub struct Shadow {
 }
 
 impl Shadow {
-    /// A queue of `capacity` jobs, run one at a time by a task on the current runtime,
-    /// each run holding one of `permits` (the server's inference slots). The task ends
-    /// when every handle is dropped.
+    /// A queue of `capacity` jobs, run one at a time by a task on the current runtime:
+    /// where it waits, as the server runs requests, when a run is expected to be short,
+    /// else on the blocking pool holding one of `permits` (the server's inference slots).
+    /// The task ends when every handle is dropped.
     pub fn start(capacity: usize, permits: Arc<Semaphore>) -> Self {
         let (tx, mut rx) = mpsc::channel::<ShadowJob>(capacity.max(1));
         tokio::spawn(async move {
             while let Some(job) = rx.recv().await {
+                let candidate = &job.candidate;
+                let rows = job.inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
+                if candidate.engine.may_run_inline()
+                    && candidate.cost.estimate(rows).is_some_and(|d| d < INLINE_BUDGET)
+                {
+                    run(job);
+                    continue;
+                }
                 let Ok(permit) = Arc::clone(&permits).acquire_owned().await else { return };
                 let ran = tokio::task::spawn_blocking(move || {
                     let _permit = permit;
@@ -227,9 +237,11 @@ impl Shadow {
 fn run(job: ShadowJob) {
     let ShadowJob { candidate, inputs, baseline } = job;
     candidate.metrics.record_inputs(&inputs);
+    let rows = inputs.first().and_then(|t| t.shape.first().copied()).unwrap_or(1);
     let started = Instant::now();
     match candidate.engine.run(inputs) {
         Ok(outputs) => {
+            candidate.cost.record(rows, started.elapsed());
             candidate.metrics.record(started.elapsed(), Some(&outputs));
             let names = &candidate.engine.signature().outputs;
             let theirs: Vec<(&str, &Tensor)> =

@@ -656,7 +656,7 @@ fn mirrored_inputs(
 }
 
 /// Longest expected run that is done on the async worker itself.
-const INLINE_BUDGET: Duration = Duration::from_micros(100);
+pub(crate) const INLINE_BUDGET: Duration = Duration::from_micros(100);
 
 /// `POST /v2/models/{name}/feedback`: ground truth for earlier requests of `name`, by
 /// their ids, joined to the version and answer that served each.
