@@ -26,6 +26,8 @@ pub enum Context {
     TrustRoot,
     /// A desired-state document for one agent.
     DesiredState,
+    /// A checkpoint of an audit log's hash chain.
+    AuditCheckpoint,
 }
 
 impl Context {
@@ -34,6 +36,7 @@ impl Context {
             Self::BundleManifest => b"falaj bundle manifest v1\0",
             Self::TrustRoot => b"falaj trust root v1\0",
             Self::DesiredState => b"falaj desired state v1\0",
+            Self::AuditCheckpoint => b"falaj audit checkpoint v1\0",
         }
     }
 

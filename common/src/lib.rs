@@ -23,6 +23,7 @@
 //!   `snapshots`) their row-major payload and online table.
 //! - [`finetune`]: training a model's head on site data (one loop, CPU and GPU kernels
 //!   behind a trait), the gate that decides whether it replaces its parent, its lineage.
+//! - [`audit`]: the audit log's hash chain, signed checkpoints and offline verification.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
@@ -33,6 +34,7 @@
 //!   the project's own sample model, so that nothing is downloaded.
 
 pub mod alerting;
+pub mod audit;
 pub mod bundle;
 pub mod chunking;
 pub mod config;
