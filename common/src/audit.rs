@@ -429,7 +429,7 @@ mod tests {
 
         // The chain rewritten from entry 5 on and re-signed with another key.
         let forger = key();
-        let mut forged = lines[..5].to_vec();
+        let mut rewritten = lines[..5].to_vec();
         let mut chain = Chain::at(4, hash(&lines[3]));
         let (_, line) = chain.append(
             Timestamp::from_unix(1),
@@ -440,10 +440,10 @@ mod tests {
             Outcome::Success,
             serde_json::Value::Null,
         );
-        forged.push(line);
-        forged.push(Checkpoint::sign(5, chain.head, Timestamp::from_unix(2), &forger).line());
+        rewritten.push(line);
+        rewritten.push(Checkpoint::sign(5, chain.head, Timestamp::from_unix(2), &forger).line());
         assert!(matches!(
-            check(&forged, &keys),
+            check(&rewritten, &keys),
             Err(VerifyError::Checkpoint {
                 line: 7,
                 seq: 5,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use falaj_common::audit::Outcome;
 use falaj_common::keys::Sha256;
 use falaj_common::protocol::ActualState;
 use falaj_common::time::Timestamp;
@@ -155,6 +156,24 @@ const MIGRATIONS: &[&str] = &[
     CREATE INDEX rollouts_by_group ON rollouts (grp, model, state);
     CREATE UNIQUE INDEX rollouts_under_way ON rollouts (grp, model)
         WHERE state IN ('running', 'paused');",
+    // 5: the audit log: a hash chain of entries (each line exactly as hashed) and the
+    // signed checkpoints of its head.
+    "CREATE TABLE audit (
+        seq     INTEGER PRIMARY KEY,
+        at      INTEGER NOT NULL,
+        actor   TEXT NOT NULL,
+        action  TEXT NOT NULL,
+        target  TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        line    TEXT NOT NULL,
+        hash    TEXT NOT NULL
+    ) STRICT;
+    CREATE INDEX audit_by_at ON audit (at);
+    CREATE TABLE audit_checkpoints (
+        seq  INTEGER PRIMARY KEY,
+        at   INTEGER NOT NULL,
+        line TEXT NOT NULL
+    ) STRICT;",
 ];
 
 /// Errors of the control plane's database.
@@ -238,9 +257,12 @@ impl Db {
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, DbError> {
         let (conn, path) = (Arc::clone(&self.conn), self.path.clone());
+        // The request's actor goes along, for the events the transaction records.
+        let actor = crate::audit::task_actor();
         tokio::task::spawn_blocking(move || {
             let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            f(&mut conn).map_err(|source| DbError::Sqlite { path, source })
+            crate::audit::on_thread(actor, || f(&mut conn))
+                .map_err(|source| DbError::Sqlite { path, source })
         })
         .await
         .map_err(|e| DbError::Task(e.to_string()))?
@@ -264,7 +286,7 @@ pub(crate) fn from_ts(v: i64) -> Timestamp {
     Timestamp::from_unix(v.max(0) as u64)
 }
 
-fn sha(text: &str) -> rusqlite::Result<Sha256> {
+pub(crate) fn sha(text: &str) -> rusqlite::Result<Sha256> {
     text.parse().map_err(|e: falaj_common::keys::KeyError| {
         rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
     })
@@ -281,8 +303,9 @@ pub fn event(
     conn.execute(
         "INSERT INTO events (at, kind, subject, detail) VALUES (?1, ?2, ?3, ?4)",
         params![ts(at), kind, subject, detail],
-    )
-    .map(drop)
+    )?;
+    let details = serde_json::from_str(detail).unwrap_or_else(|_| serde_json::json!(detail));
+    crate::audit::record(conn, at, kind, subject, Outcome::Success, details).map(drop)
 }
 
 /// A setting's value.

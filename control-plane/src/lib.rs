@@ -4,12 +4,14 @@
 //! the admin API ([`admin`]), state in SQLite ([`db`]), metric windows and drift
 //! ([`monitoring`]), alerts ([`alerts`], sent by [`webhook`]) and the Prometheus endpoint ([`exporter`]).
 //! Beside them, the feature store ([`features`]), fine-tune jobs ordered for agents
-//! ([`finetune`]) and rollouts of new versions, judged here and on agents ([`rollouts`]).
+//! ([`finetune`]), rollouts of new versions, judged here and on agents ([`rollouts`]), and
+//! the audit log of every change ([`audit`]).
 //!
 //! The binary (`falaj-control`) is a thin shell over [`cli`].
 
 pub mod admin;
 pub mod alerts;
+pub mod audit;
 pub mod blobs;
 pub mod bundle;
 pub mod ca;
