@@ -84,6 +84,9 @@ pub enum Command {
     /// Fine-tune jobs for agents: order one from a job file, list them, show one.
     #[command(subcommand)]
     Finetune(crate::finetune::cli::FinetuneCommand),
+    /// The audit log: list entries, export it, verify an export offline.
+    #[command(subcommand)]
+    Audit(crate::audit::cli::AuditCommand),
     /// Rollouts of a new version: canary, A/B or shadow, with guards; status, promote,
     /// abort, pause, resume, list.
     #[command(subcommand)]
@@ -501,6 +504,7 @@ pub fn run(cli: Cli) -> ExitCode {
         }),
         Command::Features(command) => crate::features::cli::run(command),
         Command::Finetune(command) => crate::finetune::cli::run(command),
+        Command::Audit(command) => crate::audit::cli::run(command),
         Command::Rollout(command) => crate::rollouts::cli::run(command),
     };
     match result {

@@ -202,6 +202,40 @@ impl AdminClient {
         self.call(self.http.get(self.url(&format!("/v1/alerts?limit={limit}")))).await
     }
 
+    /// `GET /v1/audit`: audit entries, oldest first.
+    pub async fn audit(
+        &self,
+        query: &crate::audit::AuditQuery,
+    ) -> Result<Vec<falaj_common::audit::Entry>, ClientError> {
+        let mut params = vec![("limit", query.limit.unwrap_or(100).to_string())];
+        if let Some(since) = query.since {
+            params.push(("since", since.to_string()));
+        }
+        if let Some(actor) = &query.actor {
+            params.push(("actor", actor.clone()));
+        }
+        if let Some(action) = &query.action {
+            params.push(("action", action.clone()));
+        }
+        self.call(self.http.get(self.url_with("/v1/audit", &params)?)).await
+    }
+
+    /// `GET /v1/audit/export`: the audit log's lines (entries and signed checkpoints).
+    pub async fn audit_export(&self) -> Result<String, ClientError> {
+        let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
+        let request = self.http.get(self.url("/v1/audit/export")).bearer_auth(&self.token);
+        let response = request.send().await.map_err(unreachable)?;
+        if !response.status().is_success() {
+            return Err(self.decode::<Value>(response).await.err().unwrap_or(ClientError::Api {
+                status: 0,
+                code: "decode".into(),
+                message: "an error without a body".into(),
+                details: None,
+            }));
+        }
+        response.text().await.map_err(unreachable)
+    }
+
     /// `PUT /v1/features/views`: registers or updates a view from its TOML text.
     pub async fn apply_view(&self, toml: String) -> Result<Value, ClientError> {
         self.call(self.http.put(self.url("/v1/features/views")).body(toml)).await

@@ -46,6 +46,8 @@ pub struct ControlConfig {
     pub alerts: AlertsConfig,
     /// How rollouts are judged.
     pub rollouts: RolloutsConfig,
+    /// When the audit log's checkpoints are signed.
+    pub audit: crate::audit::AuditConfig,
 }
 
 /// `[metrics]`.
@@ -116,6 +118,7 @@ impl Default for ControlConfig {
             metrics: MetricsConfig::default(),
             alerts: AlertsConfig::default(),
             rollouts: RolloutsConfig::default(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }
@@ -235,6 +238,7 @@ impl ControlConfig {
         serve.metrics_retention = self.metrics.retention;
         serve.alerts = self.alerts.clone();
         serve.rollouts = self.rollouts.clone();
+        serve.audit = self.audit.clone();
         serve
     }
 }
@@ -290,6 +294,14 @@ impl Checked for ControlConfig {
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )?;
+        within(
+            path,
+            "audit.checkpoint_every",
+            self.audit.checkpoint_every,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        )?;
+        within(path, "audit.checkpoint_entries", self.audit.checkpoint_entries, 1, 100_000_000)?;
         self.check_alerts(path)
     }
 }
@@ -346,6 +358,7 @@ mod tests {
             "rollouts.evaluate_every: must be between",
         );
         check("[rollouts]\nevery = \"5s\"\n", "unknown field `every`");
+        check("[audit]\ncheckpoint_entries = 0\n", "audit.checkpoint_entries");
         let rollouts =
             ControlConfig::parse("[rollouts]\nevaluate_every = \"2s\"\n", Path::new("x")).unwrap();
         assert_eq!(rollouts.serve().rollouts.evaluate_every, Duration::from_secs(2));

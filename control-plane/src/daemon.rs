@@ -48,6 +48,8 @@ pub struct ServeConfig {
     pub alerts: AlertsConfig,
     /// How rollouts are judged.
     pub rollouts: RolloutsConfig,
+    /// When the audit log's checkpoints are signed.
+    pub audit: crate::audit::AuditConfig,
 }
 
 impl ServeConfig {
@@ -68,6 +70,7 @@ impl ServeConfig {
             metrics_retention: Duration::from_secs(30 * 86_400),
             alerts: AlertsConfig::default(),
             rollouts: RolloutsConfig::default(),
+            audit: crate::audit::AuditConfig::default(),
         }
     }
 }
@@ -114,6 +117,7 @@ pub struct ControlPlane {
     retention: Duration,
     alerts: AlertsConfig,
     rollouts: RolloutsConfig,
+    audit: crate::audit::AuditConfig,
 }
 
 fn io(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -199,7 +203,9 @@ impl ControlPlane {
         let admin_addr =
             admin.local_addr().map_err(io("binding the admin API on", config.admin))?;
 
-        let shared = Arc::new(Shared::new(db, blobs, ca, trust, signers, config.policy.clone()));
+        let audit_key = crate::audit::key::load_or_create(&keys_dir)?;
+        let shared =
+            Arc::new(Shared::new(db, blobs, ca, trust, signers, audit_key, config.policy.clone()));
         let api = admin::Api {
             shared: Arc::clone(&shared),
             token: Arc::new(token),
@@ -217,6 +223,7 @@ impl ControlPlane {
             retention: config.metrics_retention,
             alerts: config.alerts,
             rollouts: config.rollouts,
+            audit: config.audit,
         })
     }
 
@@ -260,6 +267,7 @@ impl ControlPlane {
             retention,
             alerts,
             rollouts,
+            audit,
         } = self;
         tracing::info!(%quic_addr, %admin_addr, region = %shared.region, "control plane serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -273,6 +281,8 @@ impl ControlPlane {
         ));
         let alerting =
             tokio::spawn(crate::alerts::run(Arc::clone(&shared), alerts, stop_rx.clone()));
+        let checkpoints =
+            tokio::spawn(crate::audit::run(Arc::clone(&shared), audit, stop_rx.clone()));
         let mut admin_stop = stop_rx.clone();
         let admin_server = tokio::spawn(async move {
             axum::serve(admin, admin::router(api))
@@ -290,6 +300,7 @@ impl ControlPlane {
         let _ = periodic.await;
         let _ = alerting.await;
         let _ = judging.await;
+        let _ = checkpoints.await;
         let served =
             admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
         served.map_err(io("serving the admin API on", admin_addr))?;

@@ -69,6 +69,8 @@ pub struct Shared {
     pub ingest: IngestStats,
     /// The last judgement of each rollout's (group, model), for `/metrics`.
     pub judged: crate::rollouts::judge::Judged,
+    /// The key that signs the audit log's checkpoints.
+    pub audit_key: Arc<SigningKey>,
     /// Wakes the rollout judge at once: an agent reported a rollback.
     pub rollback_reported: tokio::sync::Notify,
     next_session: AtomicU64,
@@ -97,6 +99,7 @@ impl Shared {
         ca: Ca,
         trust: TrustRoot,
         signers: Vec<SigningKey>,
+        audit_key: SigningKey,
         policy: Policy,
     ) -> Self {
         Self {
@@ -106,6 +109,7 @@ impl Shared {
             region: trust.region().to_owned(),
             trust,
             signers: Arc::new(signers),
+            audit_key: Arc::new(audit_key),
             policy,
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),

@@ -7,15 +7,46 @@
 //! that runs the transaction, and [`record`] (called by [`crate::db::event`]) reads it.
 //! Work that no request caused (agents' sessions, periodic judgements) is `system` unless
 //! it says otherwise.
+//!
+//! The audit key ([`key`]) signs a checkpoint of the head every `[audit] checkpoint_every`
+//! or `checkpoint_entries` entries ([`run`]), and at every export, which is the chain's
+//! lines with the checkpoints among them: what `falaj-control audit verify` checks
+//! offline with the public key.
+
+pub mod api;
+pub mod cli;
+pub mod key;
 
 use std::cell::RefCell;
 use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
-use falaj_common::audit::{Chain, GENESIS, Outcome};
-use falaj_common::time::Timestamp;
+use falaj_common::audit::{Chain, Checkpoint, Entry, GENESIS, Outcome};
+use falaj_common::keys::SigningKey;
+use falaj_common::time::{Timestamp, human_duration};
 use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
 
 use crate::db::{sha, ts};
+use crate::state::Shared;
+
+/// `[audit]` of the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// The longest time between checkpoints while entries are appended.
+    #[serde(with = "human_duration")]
+    pub checkpoint_every: Duration,
+    /// Entries after which a checkpoint is signed sooner.
+    pub checkpoint_entries: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self { checkpoint_every: Duration::from_secs(300), checkpoint_entries: 1000 }
+    }
+}
 
 /// Who caused an action, and from where.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,5 +151,172 @@ pub fn outcome_name(outcome: Outcome) -> &'static str {
         Outcome::Success => "success",
         Outcome::Failure => "failure",
         Outcome::Refused => "refused",
+    }
+}
+
+/// The last checkpoint signed, if any.
+pub fn last_checkpoint(conn: &Connection) -> rusqlite::Result<Option<Checkpoint>> {
+    let line: Option<String> = conn
+        .query_row("SELECT line FROM audit_checkpoints ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
+        .optional()?;
+    line.map(|l| parse_checkpoint(&l)).transpose()
+}
+
+fn parse_checkpoint(line: &str) -> rusqlite::Result<Checkpoint> {
+    #[derive(Deserialize)]
+    struct Line {
+        checkpoint: Checkpoint,
+    }
+    serde_json::from_str::<Line>(line).map(|l| l.checkpoint).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// Signs a checkpoint of the head with `key` if the head moved since the last one;
+/// returns it.
+pub fn checkpoint(
+    conn: &Connection,
+    key: &SigningKey,
+    at: Timestamp,
+) -> rusqlite::Result<Option<Checkpoint>> {
+    let chain = head(conn)?;
+    let last = last_checkpoint(conn)?.map_or(0, |c| c.seq);
+    if chain.seq == 0 || chain.seq == last {
+        return Ok(None);
+    }
+    let signed = Checkpoint::sign(chain.seq, chain.head, at, key);
+    conn.execute(
+        "INSERT INTO audit_checkpoints (seq, at, line) VALUES (?1, ?2, ?3)",
+        params![signed.seq as i64, ts(at), signed.line()],
+    )?;
+    Ok(Some(signed))
+}
+
+/// The export, itself recorded (`audit.export`): a fresh checkpoint of the head is
+/// signed, then every entry's line with each checkpoint after the entry it covers,
+/// preceded by the checkpoint of the last entry pruned (the anchor) when the chain no
+/// longer starts at 1.
+pub fn export(
+    conn: &mut Connection,
+    key: &SigningKey,
+    at: Timestamp,
+) -> rusqlite::Result<Vec<String>> {
+    let tx = conn.transaction()?;
+    record(&tx, at, "audit.export", "audit", Outcome::Success, serde_json::Value::Null)?;
+    checkpoint(&tx, key, at)?;
+    let mut checkpoints: Vec<(u64, String)> = {
+        let mut stmt = tx.prepare("SELECT seq, line FROM audit_checkpoints ORDER BY seq")?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+        rows.collect::<rusqlite::Result<_>>()?
+    };
+    checkpoints.reverse();
+    let mut lines = Vec::new();
+    let first: Option<i64> = tx.query_row("SELECT MIN(seq) FROM audit", [], |r| r.get(0))?;
+    let first = first.map_or(1, |s| s as u64);
+    while checkpoints.last().is_some_and(|(seq, _)| *seq < first) {
+        let (seq, line) = checkpoints.pop().expect("checked");
+        if seq + 1 == first {
+            lines.push(line);
+        }
+    }
+    {
+        let mut stmt = tx.prepare("SELECT seq, line FROM audit ORDER BY seq")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let seq = row.get::<_, i64>(0)? as u64;
+            lines.push(row.get(1)?);
+            while checkpoints.last().is_some_and(|(s, _)| *s == seq) {
+                lines.push(checkpoints.pop().expect("checked").1);
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(lines)
+}
+
+/// Which entries `audit list` shows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditQuery {
+    /// Entries at or after this time.
+    pub since: Option<Timestamp>,
+    /// Only this actor (`user:alice`).
+    pub actor: Option<String>,
+    /// Only actions starting with this (`rollout` matches `rollout.start`).
+    pub action: Option<String>,
+    /// The latest this many (default 100).
+    pub limit: Option<u64>,
+}
+
+/// The entries `query` selects, oldest first.
+pub fn list(conn: &Connection, query: &AuditQuery) -> rusqlite::Result<Vec<Entry>> {
+    let mut stmt = conn.prepare(
+        "SELECT line FROM (
+             SELECT seq, line FROM audit
+             WHERE at >= ?1 AND (?2 IS NULL OR actor = ?2) AND (?3 IS NULL OR action LIKE ?3 || '%')
+             ORDER BY seq DESC LIMIT ?4
+         ) ORDER BY seq",
+    )?;
+    let rows = stmt.query_map(
+        params![
+            query.since.map_or(0, ts),
+            query.actor,
+            query.action,
+            query.limit.unwrap_or(100).min(100_000) as i64
+        ],
+        |r| r.get::<_, String>(0),
+    )?;
+    rows.map(|line| {
+        line.and_then(|l| {
+            serde_json::from_str(&l).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })
+        })
+    })
+    .collect()
+}
+
+/// Signs checkpoints until `stop` turns true: when `config.checkpoint_entries` entries
+/// have been appended since the last one, or `config.checkpoint_every` has passed and
+/// any has; and once more on the way out.
+pub async fn run(
+    shared: Arc<Shared>,
+    config: AuditConfig,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1).min(config.checkpoint_every));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_signed = tokio::time::Instant::now();
+    loop {
+        let stopping = tokio::select! {
+            _ = stop.wait_for(|s| *s) => true,
+            _ = ticks.tick() => false,
+        };
+        let due = stopping || last_signed.elapsed() >= config.checkpoint_every;
+        let (key, entries) = (Arc::clone(&shared.audit_key), config.checkpoint_entries);
+        let signed = shared
+            .db
+            .call(move |conn| {
+                let pending = head(conn)?.seq - last_checkpoint(conn)?.map_or(0, |c| c.seq);
+                if pending == 0 || (!due && pending < entries) {
+                    return Ok(None);
+                }
+                checkpoint(conn, &key, Timestamp::from_system(SystemTime::now()))
+            })
+            .await;
+        match signed {
+            Ok(Some(cp)) => {
+                last_signed = tokio::time::Instant::now();
+                tracing::debug!(seq = cp.seq, "audit checkpoint signed");
+            }
+            Ok(None) => {}
+            Err(err) => tracing::error!(error = %err, "signing an audit checkpoint failed"),
+        }
+        if stopping {
+            return;
+        }
     }
 }

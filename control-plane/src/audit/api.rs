@@ -1,0 +1,37 @@
+//! The audit routes, under `/v1/audit`: the latest entries (filtered), the export
+//! (JSON lines, ending with a checkpoint signed for it) and the audit key's public half.
+
+use std::time::SystemTime;
+
+use axum::extract::{Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use falaj_common::time::Timestamp;
+
+use super::AuditQuery;
+use crate::admin::{Api, ApiResult, json_response};
+
+/// `GET /v1/audit?since=&actor=&action=&limit=`: entries, oldest first.
+pub async fn list(State(api): State<Api>, Query(query): Query<AuditQuery>) -> ApiResult<Response> {
+    let entries = api.shared.db.call(move |c| super::list(c, &query)).await?;
+    Ok(json_response(StatusCode::OK, &entries))
+}
+
+/// `GET /v1/audit/export`: the whole chain as JSON lines, verifiable offline.
+pub async fn export(State(api): State<Api>) -> ApiResult<Response> {
+    let key = std::sync::Arc::clone(&api.shared.audit_key);
+    let at = Timestamp::from_system(SystemTime::now());
+    let lines = api.shared.db.call(move |c| super::export(c, &key, at)).await?;
+    let mut body = lines.join("\n");
+    body.push('\n');
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())
+}
+
+/// `GET /v1/audit/key`: the public key checkpoints are signed with (hex).
+pub async fn key(State(api): State<Api>) -> Response {
+    let key = api.shared.audit_key.public();
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"key": key.to_string(), "id": key.id().to_string()}),
+    )
+}
