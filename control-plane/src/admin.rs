@@ -11,6 +11,7 @@ use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use falaj_common::audit::Outcome;
 use falaj_common::enrollment::EnrollmentToken;
 use falaj_common::keys::Sha256;
 use falaj_common::metrics::VersionSummary;
@@ -268,13 +269,23 @@ pub(crate) async fn register(
         )
     })
     .await
-    .map_err(ApiError::internal)?
-    .map_err(|e| match e {
-        push::PushError::Refused(e) => {
-            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", e.to_string())
+    .map_err(ApiError::internal)?;
+    let pushed = match pushed {
+        Ok(pushed) => pushed,
+        Err(push::PushError::Refused(e)) => {
+            // A refused bundle is a security event: who tried to push what, and why not.
+            let (at, reason) = (Timestamp::from_system(SystemTime::now()), e.to_string());
+            let details = json!({ "reason": reason });
+            api.shared
+                .db
+                .call(move |c| {
+                    crate::audit::record(c, at, "push", "bundle", Outcome::Refused, details)
+                })
+                .await?;
+            return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "refused", e.to_string()));
         }
-        push::PushError::Io { .. } => ApiError::internal(e),
-    })?;
+        Err(e @ push::PushError::Io { .. }) => return Err(ApiError::internal(e)),
+    };
     let row = pushed.row.clone();
     let existing = {
         let row = row.clone();

@@ -348,8 +348,10 @@ pub fn insert_token(
     conn.execute(
         "INSERT INTO tokens (id, secret_sha256, grp, region, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         params![token.id, secret_sha256.to_string(), token.group, token.region, ts(now), ts(token.expires)],
-    )
-    .map(drop)
+    )?;
+    let detail =
+        serde_json::json!({"group": token.group, "region": token.region, "expires": token.expires});
+    event(conn, now, "token.create", &token.id, &detail.to_string())
 }
 
 /// Why a token was refused at enrollment.

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
+use falaj_common::audit::Outcome;
 use falaj_common::enrollment::EnrollmentToken;
 use falaj_common::protocol::io::{read_frame, write_frame};
 use falaj_common::protocol::{
@@ -17,6 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use tokio::sync::mpsc;
 
+use crate::audit::{self, Actor};
 use crate::ca::{self, CaError};
 use crate::db::{self, NewAgent};
 use crate::monitoring;
@@ -94,9 +96,20 @@ async fn handle(shared: Arc<Shared>, conn: quinn::Connection) {
         .handshake_data()
         .and_then(|h| h.downcast::<HandshakeData>().ok())
         .and_then(|h| h.protocol);
+    let source = Some(conn.remote_address().to_string());
     match alpn.as_deref() {
-        Some(ALPN_ENROLL) => enroll_connection(&shared, conn).await,
-        Some(ALPN_AGENT) => agent_connection(shared, conn).await,
+        Some(ALPN_ENROLL) => {
+            let actor = Actor::new("enrollment", source);
+            audit::acting(actor, enroll_connection(&shared, conn)).await;
+        }
+        Some(ALPN_AGENT) => {
+            // What an agent's session changes (renewals, job reports) is the agent's doing.
+            let actor = peer_agent(&conn).map_or_else(
+                || Actor::new("agent:unknown", source.clone()),
+                |(agent, _)| Actor::new(format!("agent:{agent}"), source.clone()),
+            );
+            audit::acting(actor, agent_connection(shared, conn)).await;
+        }
         _ => conn.close(CLOSE_REFUSED.into(), b"unknown protocol"),
     }
 }
@@ -116,6 +129,17 @@ async fn enroll_connection(shared: &Shared, conn: quinn::Connection) {
             }
             Err(reason) => {
                 tracing::warn!(%remote, %reason, "enrollment refused");
+                let (at, detail) = (Timestamp::from_system(SystemTime::now()), reason.clone());
+                let recorded = shared
+                    .db
+                    .call(move |c| {
+                        let details = serde_json::json!({ "reason": detail });
+                        audit::record(c, at, "enroll", "enrollment", Outcome::Refused, details)
+                    })
+                    .await;
+                if let Err(e) = recorded {
+                    tracing::error!(error = %e, "recording a refused enrollment failed");
+                }
                 EnrollResponse::Refused(reason)
             }
         },

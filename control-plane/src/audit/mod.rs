@@ -320,3 +320,95 @@ pub async fn run(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use falaj_common::keys::SigningKey;
+
+    use super::*;
+    use crate::db::{self, Db, TokenRow};
+
+    fn token(id: &str) -> TokenRow {
+        TokenRow {
+            id: id.into(),
+            group: "edge".into(),
+            region: "eu-west-1".into(),
+            expires: Timestamp::from_unix(2_000_000_000),
+        }
+    }
+
+    fn count(db: &Db, sql: &str) -> i64 {
+        db.call_sync(|c| c.query_row(sql, [], |r| r.get(0))).unwrap()
+    }
+
+    #[test]
+    fn a_change_and_its_entry_commit_together_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("control.db")).unwrap();
+        let at = Timestamp::from_unix(1_800_000_000);
+        // The process dies inside the transaction, after the change and its entry were
+        // written but before the commit: neither is there afterwards.
+        let crashed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            db.call_sync(|c| {
+                let tx = c.transaction()?;
+                db::insert_token(&tx, &token("t-1"), falaj_common::keys::Sha256([1; 32]), at)?;
+                panic!("killed between the change and the commit");
+                #[allow(unreachable_code)]
+                tx.commit()
+            })
+        }));
+        assert!(crashed.is_err());
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM tokens"), 0);
+        assert_eq!(count(&db, "SELECT COUNT(*) FROM audit"), 0);
+        // Committed, both are there, the entry by the actor of the thread.
+        on_thread(Some(Actor::new("user:alice", Some("10.0.0.7".into()))), || {
+            db.call_sync(|c| {
+                let tx = c.transaction()?;
+                db::insert_token(&tx, &token("t-2"), falaj_common::keys::Sha256([2; 32]), at)?;
+                tx.commit()
+            })
+        })
+        .unwrap();
+        let entries = db.call_sync(|c| list(c, &AuditQuery::default())).unwrap();
+        assert_eq!(entries.len(), 1);
+        let e = &entries[0];
+        assert_eq!(
+            (e.seq, e.actor.as_str(), e.source.as_deref()),
+            (1, "user:alice", Some("10.0.0.7"))
+        );
+        assert_eq!(
+            (e.action.as_str(), e.target.as_str(), e.prev),
+            ("token.create", "t-2", GENESIS)
+        );
+    }
+
+    #[test]
+    fn exports_verify_and_checkpoints_are_signed_only_when_the_head_moved() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("control.db")).unwrap();
+        let key = SigningKey::from_seed(&[3; 32]);
+        let at = Timestamp::from_unix(1_800_000_000);
+        for i in 0..5 {
+            db.call_sync(|c| db::event(c, at, "deploy", "edge", &format!("fault@{i}"))).unwrap();
+        }
+        let first = db.call_sync(|c| checkpoint(c, &key, at)).unwrap().unwrap();
+        assert_eq!(first.seq, 5);
+        assert_eq!(db.call_sync(|c| checkpoint(c, &key, at)).unwrap(), None, "nothing new");
+        db.call_sync(|c| db::event(c, at, "undeploy", "edge", "fault")).unwrap();
+        let lines = db.call_sync(|c| export(c, &key, at)).unwrap();
+        // Five entries, their checkpoint, the undeploy, the export itself, its checkpoint.
+        assert_eq!(lines.len(), 9, "{lines:#?}");
+        let verified =
+            falaj_common::audit::verify(lines.iter().map(String::as_str), &[key.public()]).unwrap();
+        assert_eq!((verified.entries, verified.checkpoints, verified.last), (7, 2, Some(7)));
+        let actions: Vec<String> = db
+            .call_sync(|c| {
+                list(c, &AuditQuery { action: Some("audit".into()), ..AuditQuery::default() })
+            })
+            .unwrap()
+            .into_iter()
+            .map(|e| e.action)
+            .collect();
+        assert_eq!(actions, ["audit.export"]);
+    }
+}

@@ -394,6 +394,13 @@ async fn export_file(
         }
         ExportError::Output { .. } | ExportError::Sqlite(_) => ApiError::internal(e),
     })?;
+    event(
+        &api,
+        "features.export",
+        format!("{name}@{}", exported.version),
+        json!({"rows": exported.rows, "matched": exported.matched}),
+    )
+    .await?;
     // The open handle keeps the file readable after the temporary name is removed.
     let reader = tokio::fs::File::open(out.path()).await.map_err(ApiError::internal)?;
     drop(out);

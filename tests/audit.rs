@@ -1,0 +1,168 @@
+//! The audit log as processes: a control plane changed through its command line, the
+//! log listed and exported, the export verified offline against the audit key, and every
+//! kind of tampering with the file refused, naming the entry or checkpoint.
+
+mod support;
+
+use std::path::Path;
+
+use falaj_common::audit::Checkpoint;
+use falaj_common::keys::SigningKey;
+use falaj_common::time::Timestamp;
+use serde_json::Value;
+use support::{Process, fails, ok, s};
+
+fn admin_url(line: &str) -> String {
+    let start = line.find("http://").unwrap();
+    line[start..].split_whitespace().next().unwrap().to_owned()
+}
+
+/// `audit verify FILE --key KEY`: Ok(stdout) or Err(stderr) with exit code 65.
+fn verify(file: &Path, key: &Path) -> Result<String, String> {
+    let out = support::falaj(&["control", "audit", "verify", s(file), "--key", s(key)]);
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        assert_eq!(out.status.code(), Some(65), "{}", String::from_utf8_lossy(&out.stderr));
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn every_change_is_audited_and_every_tampering_is_found() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let data = work.join("control");
+    let mut control = Process::start(&[
+        "control",
+        "serve",
+        "--data-dir",
+        s(&data),
+        "--quic",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--region",
+        "eu-west-1",
+    ]);
+    let url = admin_url(&control.wait_for("admin API on"));
+    let api = |args: &[&str]| -> String {
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--control-plane", &url, "--data-dir", s(&data)]);
+        ok(&full)
+    };
+
+    // Changes: a bundle pushed and deployed, an enrollment token; and a refused bundle.
+    let bundle = support::sample_bundle(work, "eu-west-1", 1);
+    // The bundle is signed by other keys than this control plane's: refused, and audited.
+    let refused = support::falaj(&[
+        "control",
+        "bundle",
+        "push",
+        s(&bundle),
+        "--control-plane",
+        &url,
+        "--data-dir",
+        s(&data),
+    ]);
+    assert!(!refused.status.success());
+    let keys = data.join("keys");
+    let own = work.join("own.falaj");
+    ok(&[
+        "control",
+        "bundle",
+        "build",
+        "--keys",
+        s(&keys),
+        "--model",
+        s(&work.join("sample/model.onnx")),
+        "--name",
+        "sensor-fault",
+        "--version",
+        "1",
+        "--out",
+        s(&own),
+    ]);
+    api(&["control", "bundle", "push", s(&own)]);
+    api(&["control", "deploy", "sensor-fault@1", "--group", "edge"]);
+    api(&["control", "token", "create", "--group", "edge", "--ttl", "10m"]);
+
+    let listed: Vec<Value> =
+        serde_json::from_str(&api(&["control", "audit", "list", "--json"])).unwrap();
+    let actions: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|e| (e["action"].as_str().unwrap(), e["outcome"].as_str().unwrap()))
+        .collect();
+    for wanted in [
+        ("push", "refused"),
+        ("push", "success"),
+        ("deploy", "success"),
+        ("token.create", "success"),
+    ] {
+        assert!(actions.contains(&wanted), "{wanted:?} not in {actions:?}");
+    }
+    let table = api(&["control", "audit", "list", "--action", "deploy"]);
+    assert!(table.contains("sensor-fault@1") || table.contains("edge"), "{table}");
+    assert_eq!(table.lines().count(), 2, "the header and the one deploy: {table}");
+
+    // The export verifies offline against the published key.
+    let export = work.join("audit.jsonl");
+    api(&["control", "audit", "export", "--out", s(&export)]);
+    let key = keys.join("audit.pub");
+    let verified = verify(&export, &key).unwrap();
+    assert!(verified.contains("entries") && verified.contains("verify"), "{verified}");
+    let lines: Vec<String> =
+        std::fs::read_to_string(&export).unwrap().lines().map(str::to_owned).collect();
+    let entry_lines: Vec<usize> =
+        (0..lines.len()).filter(|&i| !lines[i].starts_with("{\"checkpoint\"")).collect();
+    assert!(entry_lines.len() >= 5, "{lines:?}");
+    let write = |name: &str, lines: &[String]| {
+        let path = work.join(name);
+        std::fs::write(&path, lines.join("\n") + "\n").unwrap();
+        path
+    };
+
+    // An entry's outcome rewritten: named by its line.
+    let mut changed = lines.clone();
+    let target = entry_lines[1];
+    changed[target] = changed[target].replacen("\"success\"", "\"refused\"", 1);
+    let err = verify(&write("changed.jsonl", &changed), &key).unwrap_err();
+    assert!(err.contains(&format!("line {}: entry 2 was changed", target + 1)), "{err}");
+
+    // A line removed, and two lines swapped.
+    let mut removed = lines.clone();
+    removed.remove(entry_lines[2]);
+    let err = verify(&write("removed.jsonl", &removed), &key).unwrap_err();
+    assert!(err.contains("entry 4 follows entry 2"), "{err}");
+    let mut swapped = lines.clone();
+    swapped.swap(entry_lines[1], entry_lines[2]);
+    let err = verify(&write("swapped.jsonl", &swapped), &key).unwrap_err();
+    assert!(err.contains("entry 3 follows entry 1"), "{err}");
+
+    // The last checkpoint re-signed with another key, and the export checked with a key
+    // that is not this control plane's.
+    let forger = SigningKey::from_seed(&[9; 32]);
+    let last: Value = serde_json::from_str(lines.last().unwrap()).unwrap();
+    let (seq, head) = (
+        last["checkpoint"]["seq"].as_u64().unwrap(),
+        last["checkpoint"]["head"].as_str().unwrap().parse().unwrap(),
+    );
+    let mut resigned = lines.clone();
+    *resigned.last_mut().unwrap() =
+        Checkpoint::sign(seq, head, Timestamp::from_unix(1), &forger).line();
+    let err = verify(&write("resigned.jsonl", &resigned), &key).unwrap_err();
+    assert!(err.contains(&format!("the checkpoint of entry {seq} does not verify")), "{err}");
+    let other_key = work.join("other.pub");
+    std::fs::write(&other_key, format!("{}\n", forger.public())).unwrap();
+    let err = verify(&export, &other_key).unwrap_err();
+    assert!(err.contains("not the audit key given"), "{err}");
+
+    // Truncated: the entries after the last checkpoint kept are not signed.
+    let err = verify(&write("truncated.jsonl", &lines[..lines.len() - 1]), &key).unwrap_err();
+    assert!(err.contains("not covered by a signed checkpoint"), "{err}");
+    let missing =
+        fails(&["control", "audit", "verify", s(&work.join("none.jsonl")), "--key", s(&key)], 1);
+    assert!(missing.contains("none.jsonl"), "{missing}");
+
+    assert_eq!(control.terminate(), Some(0));
+}
