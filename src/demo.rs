@@ -5,7 +5,8 @@
 //! view with a snapshot shipped beside the model and predictions asked for by pump id, a
 //! fine-tune job ordered for the site whose sensors read high, a canary of a worse version
 //! that the agents roll back by themselves on the ground truth fed back to them, a
-//! canary of a good version promoted step by step, and serving until Ctrl-C.
+//! canary of a good version promoted step by step, the audit log of all of it exported and
+//! verified against the audit key, and serving until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -145,6 +146,7 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     show_features(dir, &client, &http_client, &targets, &made).await?;
     show_finetune(dir, &client, &http_client, targets[AGENTS - 1], version).await?;
     show_rollouts(dir, &client, &http_client, &targets, &made.holdout).await?;
+    show_audit(dir, &client).await?;
 
     let url = format!("http://{}/v2/models/{MODEL}/infer", agents[0].1);
     println!();
@@ -694,6 +696,37 @@ async fn show_rollouts(
     );
     println!("     promoted       every guard held at every step; group {GROUP} now runs v{good}");
     print_indented(&render_status(&view));
+    Ok(())
+}
+
+/// Exports the control plane's audit log and verifies it as an auditor would, offline,
+/// against the audit key's public half.
+async fn show_audit(dir: &Path, client: &AdminClient) -> Result<()> {
+    let text = client.audit_export().await?;
+    let file = dir.join("audit.jsonl");
+    std::fs::write(&file, &text).with_context(|| format!("writing {}", file.display()))?;
+    let key_file = dir.join("control/keys").join(falaj_control::audit::key::PUBLIC_FILE);
+    let key = falaj_control::audit::key::read_public(&key_file)?;
+    let verified = falaj_common::audit::verify(text.lines(), &[key])
+        .with_context(|| format!("the demo's own audit log {} does not verify", file.display()))?;
+    let mut actions: Vec<&str> =
+        text.lines().filter_map(|l| l.split("\"action\":\"").nth(1)?.split('"').next()).collect();
+    actions.sort_unstable();
+    actions.dedup();
+    println!();
+    println!(
+        " 13. audit          {} entries (every change above: {}) and {} signed checkpoints exported to {}; verified against {}",
+        verified.entries,
+        actions.join(", "),
+        verified.checkpoints,
+        file.display(),
+        key_file.display()
+    );
+    println!(
+        "     verify it      falaj control audit verify {} --key {}",
+        file.display(),
+        key_file.display()
+    );
     Ok(())
 }
 
