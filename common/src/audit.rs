@@ -306,6 +306,49 @@ pub fn verify<'a>(
     }
 }
 
+impl fmt::Display for Verified {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let seq = |s: Option<u64>| s.map_or_else(|| "-".to_owned(), |s| s.to_string());
+        write!(
+            f,
+            "{} entries ({} to {}) and {} checkpoints verify",
+            self.entries,
+            seq(self.first),
+            seq(self.last),
+            self.checkpoints
+        )
+    }
+}
+
+/// An export's lines: each entry's line (in sequence order) followed by the checkpoints
+/// of that entry, preceded by the checkpoint of the entry before the first (the anchor,
+/// when earlier entries were pruned). `checkpoints` are (sequence number, line).
+pub fn assemble(
+    entries: impl IntoIterator<Item = (u64, String)>,
+    mut checkpoints: Vec<(u64, String)>,
+) -> Vec<String> {
+    checkpoints.sort_by_key(|(seq, _)| std::cmp::Reverse(*seq));
+    let mut lines = Vec::new();
+    for (seq, line) in entries {
+        if lines.is_empty() {
+            while checkpoints.last().is_some_and(|(s, _)| *s < seq) {
+                let (s, anchor) = checkpoints.pop().expect("checked");
+                if s + 1 == seq {
+                    lines.push(anchor);
+                }
+            }
+        }
+        lines.push(line);
+        while checkpoints.last().is_some_and(|(s, _)| *s <= seq) {
+            let (s, checkpoint) = checkpoints.pop().expect("checked");
+            if s == seq {
+                lines.push(checkpoint);
+            }
+        }
+    }
+    lines
+}
+
 /// Appends entries to a chain: numbers them and links each to the one before.
 #[derive(Debug, Clone)]
 pub struct Chain {
@@ -477,6 +520,26 @@ mod tests {
             Some("line 1")
         );
         assert_eq!(check(&[], &keys), Err(VerifyError::Empty));
+    }
+
+    #[test]
+    fn assembled_exports_put_checkpoints_after_their_entries_and_the_anchor_first() {
+        let signer = key();
+        let lines = export(10, &signer);
+        let (mut entries, mut checkpoints) = (Vec::new(), Vec::new());
+        let mut seq = 0;
+        for line in &lines {
+            if line.starts_with("{\"checkpoint\"") {
+                checkpoints.push((seq, line.clone()));
+            } else {
+                seq += 1;
+                entries.push((seq, line.clone()));
+            }
+        }
+        checkpoints.reverse();
+        assert_eq!(assemble(entries.clone(), checkpoints.clone()), lines);
+        // Entries 1-4 pruned: their checkpoint anchors the rest.
+        assert_eq!(assemble(entries[4..].to_vec(), checkpoints), lines[4..]);
     }
 
     #[test]

@@ -113,15 +113,7 @@ fn verify(args: &VerifyArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
     match audit::verify(text.lines(), &[key]) {
         Ok(v) => {
-            println!(
-                "{}: {} entries ({} to {}) and {} checkpoints verify against audit key {}",
-                args.file.display(),
-                v.entries,
-                v.first.map_or_else(|| "-".into(), |s| s.to_string()),
-                v.last.map_or_else(|| "-".into(), |s| s.to_string()),
-                v.checkpoints,
-                key.id().short()
-            );
+            println!("{}: {v} against audit key {}", args.file.display(), key.id().short());
             Ok(())
         }
         Err(e) => Err(Failure::new(

@@ -204,32 +204,14 @@ pub fn export(
     let tx = conn.transaction()?;
     record(&tx, at, "audit.export", "audit", Outcome::Success, serde_json::Value::Null)?;
     checkpoint(&tx, key, at)?;
-    let mut checkpoints: Vec<(u64, String)> = {
-        let mut stmt = tx.prepare("SELECT seq, line FROM audit_checkpoints ORDER BY seq")?;
+    let lines = {
+        let mut stmt = tx.prepare("SELECT seq, line FROM audit_checkpoints")?;
         let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
-        rows.collect::<rusqlite::Result<_>>()?
-    };
-    checkpoints.reverse();
-    let mut lines = Vec::new();
-    let first: Option<i64> = tx.query_row("SELECT MIN(seq) FROM audit", [], |r| r.get(0))?;
-    let first = first.map_or(1, |s| s as u64);
-    while checkpoints.last().is_some_and(|(seq, _)| *seq < first) {
-        let (seq, line) = checkpoints.pop().expect("checked");
-        if seq + 1 == first {
-            lines.push(line);
-        }
-    }
-    {
+        let checkpoints = rows.collect::<rusqlite::Result<Vec<_>>>()?;
         let mut stmt = tx.prepare("SELECT seq, line FROM audit ORDER BY seq")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let seq = row.get::<_, i64>(0)? as u64;
-            lines.push(row.get(1)?);
-            while checkpoints.last().is_some_and(|(s, _)| *s == seq) {
-                lines.push(checkpoints.pop().expect("checked").1);
-            }
-        }
-    }
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
+        falaj_common::audit::assemble(rows.collect::<rusqlite::Result<Vec<_>>>()?, checkpoints)
+    };
     tx.commit()?;
     Ok(lines)
 }
