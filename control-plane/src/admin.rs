@@ -1,4 +1,6 @@
-//! The admin API: JSON over HTTP under `/v1`, authenticated by a bearer token. The CLI
+//! The admin API: JSON over HTTP under `/v1`. Every route declares the permission it
+//! needs ([`routes`]); a bearer token (a user's session, an API token, or the bootstrap
+//! admin token) says who calls, and its role whether it may ([`crate::auth`]). The CLI
 //! uses it; the admin console will too. Errors are `{"error": {"code", "message"}}`.
 
 use std::sync::Arc;
@@ -6,14 +8,11 @@ use std::time::{Duration, SystemTime};
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
-use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use falaj_common::audit::Outcome;
 use falaj_common::enrollment::EnrollmentToken;
-use falaj_common::keys::Sha256;
 use falaj_common::metrics::VersionSummary;
 use falaj_common::names;
 use falaj_common::time::Timestamp;
@@ -23,6 +22,7 @@ use serde_json::json;
 use tokio::io::AsyncWriteExt;
 
 use crate::alerts::AlertEvent;
+use crate::auth::{Access, Permission as P, Routes};
 use crate::db::{self, AgentRow, BundleRow, TokenRow};
 use crate::exporter::{Exporter, Stored};
 use crate::monitoring::{self, MetricsQuery};
@@ -34,8 +34,10 @@ use crate::state::Shared;
 pub struct Api {
     /// Daemon state.
     pub shared: Arc<Shared>,
-    /// The bearer token every request must carry.
+    /// The bootstrap admin token (`DATA_DIR/admin.token`): break-glass access as an admin.
     pub token: Arc<String>,
+    /// How sessions live and when logins lock out.
+    pub auth: crate::auth::AuthConfig,
     /// Directory for pushed bundles before they are verified.
     pub staging: Arc<std::path::PathBuf>,
     /// Largest bundle accepted.
@@ -106,54 +108,45 @@ pub(crate) fn json_response(status: StatusCode, value: &impl Serialize) -> Respo
         .into_response()
 }
 
-/// The API's routes.
-pub fn router(api: Api) -> Router {
-    let authed = Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/bundles", post(push_bundle).get(list_bundles))
-        .route("/v1/tokens", post(create_token))
-        .route("/v1/agents", get(list_agents))
-        .route("/v1/agents/{id}/revoke", post(revoke_agent))
-        .route("/v1/deployments", get(list_deployments))
-        .route("/v1/groups/{group}/deployments/{name}", put(deploy).delete(undeploy))
-        .route("/v1/metrics", get(metrics))
-        .route("/v1/alerts", get(alerts))
-        .route("/v1/audit", get(crate::audit::api::list))
-        .route("/v1/audit/export", get(crate::audit::api::export))
-        .route("/v1/audit/key", get(crate::audit::api::key))
+/// Every route of the API and the access it requires, declared together: health, the
+/// Prometheus exposition and login are public, every other route names the permission it
+/// needs ([`crate::auth::rules`] says which roles hold it).
+///
+/// A module adds its routes as a `routes() -> Routes` function merged here, each with
+/// its permission (`.get("/v1/audit", Permission::ReadAudit, handler)`).
+pub fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/health", Access::Public, health)
+        .get("/metrics", Access::Public, prometheus)
+        .get("/v1/status", P::ReadFleet, status)
+        .post("/v1/bundles", P::ManageBundles, push_bundle)
+        .get("/v1/bundles", P::ReadFleet, list_bundles)
+        .post("/v1/tokens", P::CreateEnrollmentTokens, create_token)
+        .get("/v1/agents", P::ReadFleet, list_agents)
+        .post("/v1/agents/{id}/revoke", P::RevokeAgents, revoke_agent)
+        .get("/v1/deployments", P::ReadFleet, list_deployments)
+        .put("/v1/groups/{group}/deployments/{name}", P::Deploy, deploy)
+        .delete("/v1/groups/{group}/deployments/{name}", P::Deploy, undeploy)
+        .get("/v1/metrics", P::ReadFleet, metrics)
+        .get("/v1/alerts", P::ReadFleet, alerts)
+        .get("/v1/audit", P::ReadAudit, crate::audit::api::list)
+        .get("/v1/audit/export", P::ReadAudit, crate::audit::api::export)
+        .get("/v1/audit/key", P::ReadAudit, crate::audit::api::key)
+        .merge(crate::auth::api::routes())
         .merge(crate::features::api::routes())
         .merge(crate::finetune::api::routes())
         .merge(crate::rollouts::api::routes())
-        .route_layer(middleware::from_fn_with_state(api.clone(), authenticate));
-    Router::new()
-        .route(
-            "/v1/health",
-            get(|| async { json_response(StatusCode::OK, &json!({"status": "ok"})) }),
-        )
-        .route("/metrics", get(prometheus))
-        .merge(authed)
-        .fallback(|| async { ApiError::not_found("no such endpoint") })
-        .with_state(api)
 }
 
-async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    // Comparing digests rather than the tokens keeps the comparison's timing meaningless.
-    let ok =
-        presented.is_some_and(|p| Sha256::of(p.as_bytes()) == Sha256::of(api.token.as_bytes()));
-    if !ok {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid bearer token is required",
-        )
-        .into_response();
-    }
-    next.run(request).await
+/// The API's router: [`routes`] behind the authentication and authorisation gate
+/// ([`crate::auth::gate`]). Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
+/// so audit entries and login lockouts know the caller's address.
+pub fn router(api: Api) -> Router {
+    routes().finish(api)
+}
+
+async fn health() -> Response {
+    json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
 async fn status(State(api): State<Api>) -> ApiResult<Response> {

@@ -2,7 +2,8 @@
 //! `bundle inspect`, `sample`. The daemon: `serve`. Against a running control plane,
 //! through its admin API: `bundle push|list`, `token create`, `agents`, `agent revoke`,
 //! `deploy`, `undeploy`, `metrics`, `alerts`, `features ...`, `finetune ...`,
-//! `rollout ...`.
+//! `rollout ...`, `audit ...`, and people and credentials: `user ...`, `login`, `logout`,
+//! `whoami`, `apitoken ...`.
 //!
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a bundle that fails
 //! verification, 78 bad configuration or input.
@@ -91,6 +92,20 @@ pub enum Command {
     /// abort, pause, resume, list.
     #[command(subcommand)]
     Rollout(crate::rollouts::cli::RolloutCommand),
+    /// Users and their roles (admins): add, list, set-role, disable, enable, remove,
+    /// reset-password.
+    #[command(subcommand)]
+    User(crate::auth::cli::UserCommand),
+    /// Log in as a user; the session is stored in ~/.config/falaj/session for the
+    /// commands that follow.
+    Login(crate::auth::cli::LoginArgs),
+    /// End the stored session.
+    Logout,
+    /// Show who the credentials in use are, their role and permissions.
+    Whoami(ApiArgs),
+    /// API tokens for automation: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Apitoken(crate::auth::cli::ApiTokenCommand),
 }
 
 /// Arguments of `metrics`.
@@ -124,13 +139,16 @@ pub struct AlertsArgs {
     api: ApiArgs,
 }
 
-/// Where the running control plane's admin API is, and the token for it.
+/// Where the running control plane's admin API is, and the credentials for it: the
+/// token given, else the session `falaj-control login` stored for that URL, else the
+/// admin token in DATA_DIR/admin.token.
 #[derive(Debug, Clone, Args)]
 pub struct ApiArgs {
     /// The admin API's URL.
     #[arg(long, env = "FALAJ_CONTROL_PLANE", default_value = "http://127.0.0.1:7080")]
     control_plane: String,
-    /// The admin token (default: read from DATA_DIR/admin.token).
+    /// A bearer token: an API token, a session, or the admin token (default: the stored
+    /// session for this URL, else DATA_DIR/admin.token).
     #[arg(long, env = "FALAJ_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// The control plane's data directory, to read the admin token from.
@@ -142,13 +160,15 @@ impl ApiArgs {
     pub(crate) fn client(&self) -> Result<AdminClient, Failure> {
         let token = if let Some(token) = &self.token {
             token.clone()
+        } else if let Some(token) = crate::auth::cli::session_token_for(&self.control_plane)? {
+            token
         } else {
             let path = self.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
             std::fs::read_to_string(&path).map(|t| t.trim().to_owned()).map_err(|e| {
                 Failure::new(
                     EXIT_CONFIG,
                     anyhow::anyhow!(
-                        "no admin token: pass --token or FALAJ_TOKEN, or make {} readable ({e})",
+                        "no credentials: pass --token or FALAJ_TOKEN, log in (falaj-control login), or make {} readable ({e})",
                         path.display()
                     ),
                 )
@@ -506,6 +526,11 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Finetune(command) => crate::finetune::cli::run(command),
         Command::Audit(command) => crate::audit::cli::run(command),
         Command::Rollout(command) => crate::rollouts::cli::run(command),
+        Command::User(command) => crate::auth::cli::run_user(command),
+        Command::Login(args) => crate::auth::cli::run_login(&args),
+        Command::Logout => crate::auth::cli::run_logout(),
+        Command::Whoami(api) => crate::auth::cli::run_whoami(&api),
+        Command::Apitoken(command) => crate::auth::cli::run_api_token(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

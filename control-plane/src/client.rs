@@ -9,6 +9,9 @@ use serde_json::{Value, json};
 use thiserror::Error;
 
 use crate::admin::{AlertsView, MetricsView};
+use crate::auth::WhoAmI;
+use crate::auth::api::{ApiTokenView, LoginView, UserView};
+use crate::auth::rules::Role;
 use crate::rollouts::{Action, Rollout, RolloutView, StartRequest};
 
 /// Why a call failed.
@@ -394,5 +397,92 @@ impl AdminClient {
     /// `GET /v1/deployments`.
     pub async fn deployments(&self) -> Result<Vec<Value>, ClientError> {
         self.call(self.http.get(self.url("/v1/deployments"))).await
+    }
+
+    // ---- people and credentials (crate::auth) ----
+
+    /// `POST /v1/login`: a session for `user` (needs no token of its own).
+    pub async fn login(&self, user: &str, password: &str) -> Result<LoginView, ClientError> {
+        self.call(
+            self.http
+                .post(self.url("/v1/login"))
+                .json(&json!({"user": user, "password": password})),
+        )
+        .await
+    }
+
+    /// `POST /v1/logout`: ends the session this client's token is.
+    pub async fn logout(&self) -> Result<Value, ClientError> {
+        self.call(self.http.post(self.url("/v1/logout"))).await
+    }
+
+    /// `GET /v1/whoami`.
+    pub async fn whoami(&self) -> Result<WhoAmI, ClientError> {
+        self.call(self.http.get(self.url("/v1/whoami"))).await
+    }
+
+    /// `GET /v1/users`.
+    pub async fn users(&self) -> Result<Vec<UserView>, ClientError> {
+        self.call(self.http.get(self.url("/v1/users"))).await
+    }
+
+    /// `POST /v1/users`: adds a user; without `password`, the answer carries a generated
+    /// one (shown once).
+    pub async fn add_user(
+        &self,
+        name: &str,
+        role: Role,
+        password: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let body = json!({"name": name, "role": role.name(), "password": password});
+        self.call(self.http.post(self.url("/v1/users")).json(&body)).await
+    }
+
+    /// `PUT /v1/users/{name}/role`.
+    pub async fn set_role(&self, name: &str, role: Role) -> Result<Value, ClientError> {
+        let url = self.url(&format!("/v1/users/{name}/role"));
+        self.call(self.http.put(url).json(&json!({"role": role.name()}))).await
+    }
+
+    /// `POST /v1/users/{name}/disable` (or `enable`).
+    pub async fn set_disabled(&self, name: &str, disabled: bool) -> Result<Value, ClientError> {
+        let verb = if disabled { "disable" } else { "enable" };
+        self.call(self.http.post(self.url(&format!("/v1/users/{name}/{verb}")))).await
+    }
+
+    /// `DELETE /v1/users/{name}`.
+    pub async fn remove_user(&self, name: &str) -> Result<Value, ClientError> {
+        self.call(self.http.delete(self.url(&format!("/v1/users/{name}")))).await
+    }
+
+    /// `POST /v1/users/{name}/password`: sets `password`, or a generated one returned.
+    pub async fn reset_password(
+        &self,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<Value, ClientError> {
+        let url = self.url(&format!("/v1/users/{name}/password"));
+        self.call(self.http.post(url).json(&json!({"password": password}))).await
+    }
+
+    /// `GET /v1/apitokens`.
+    pub async fn api_tokens(&self) -> Result<Vec<ApiTokenView>, ClientError> {
+        self.call(self.http.get(self.url("/v1/apitokens"))).await
+    }
+
+    /// `POST /v1/apitokens`: the answer carries the token (shown once).
+    pub async fn create_api_token(
+        &self,
+        name: &str,
+        role: Role,
+        ttl: Duration,
+    ) -> Result<Value, ClientError> {
+        let body = json!({"name": name, "role": role.name(), "ttl_seconds": ttl.as_secs()});
+        self.call(self.http.post(self.url("/v1/apitokens")).json(&body)).await
+    }
+
+    /// `DELETE /v1/apitokens/{name}`.
+    pub async fn revoke_api_token(&self, name: &str) -> Result<Value, ClientError> {
+        self.call(self.http.delete(self.url(&format!("/v1/apitokens/{name}")))).await
     }
 }

@@ -81,6 +81,19 @@ pub struct QuicConfig {
 pub struct AdminConfig {
     /// TCP address of the admin API.
     pub listen: SocketAddr,
+    /// A session unused this long ends (`falaj-control login` again).
+    #[serde(with = "human_duration")]
+    pub session_idle: Duration,
+    /// A session ends this long after login, however much it is used.
+    #[serde(with = "human_duration")]
+    pub session_max: Duration,
+    /// Failed logins of one user within `lockout` that lock the user out for `lockout`.
+    pub login_failures: u32,
+    /// Failed logins from one address within `lockout` that lock the address out.
+    pub login_failures_per_address: u32,
+    /// The window failed logins are counted in, and how long a lockout lasts.
+    #[serde(with = "human_duration")]
+    pub lockout: Duration,
 }
 
 /// `[policy]`.
@@ -135,7 +148,15 @@ impl Default for QuicConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { listen: defaults().admin }
+        let auth = defaults().auth;
+        Self {
+            listen: defaults().admin,
+            session_idle: auth.sessions.idle,
+            session_max: auth.sessions.max,
+            login_failures: auth.logins.failures,
+            login_failures_per_address: auth.logins.address_failures,
+            lockout: auth.logins.lockout,
+        }
     }
 }
 
@@ -163,6 +184,39 @@ impl ControlConfig {
     /// Parses and checks `text` (read from `path`).
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         config::parse(text, path)
+    }
+
+    fn check_admin(&self, path: &Path) -> Result<(), ConfigError> {
+        let admin = &self.admin;
+        within(
+            path,
+            "admin.session_idle",
+            admin.session_idle,
+            Duration::from_secs(60),
+            Duration::from_secs(30 * 86_400),
+        )?;
+        within(
+            path,
+            "admin.session_max",
+            admin.session_max,
+            admin.session_idle.max(Duration::from_secs(60)),
+            Duration::from_secs(90 * 86_400),
+        )?;
+        within(path, "admin.login_failures", admin.login_failures, 1, 1000)?;
+        within(
+            path,
+            "admin.login_failures_per_address",
+            admin.login_failures_per_address,
+            1,
+            100_000,
+        )?;
+        within(
+            path,
+            "admin.lockout",
+            admin.lockout,
+            Duration::from_secs(1),
+            Duration::from_secs(86_400),
+        )
     }
 
     fn check_alerts(&self, path: &Path) -> Result<(), ConfigError> {
@@ -229,6 +283,12 @@ impl ControlConfig {
         let mut serve = ServeConfig::new(&self.data_dir);
         serve.quic = self.quic.listen;
         serve.admin = self.admin.listen;
+        serve.auth.sessions.idle = self.admin.session_idle;
+        serve.auth.sessions.max = self.admin.session_max;
+        serve.auth.logins.failures = self.admin.login_failures;
+        serve.auth.logins.address_failures = self.admin.login_failures_per_address;
+        serve.auth.logins.window = self.admin.lockout;
+        serve.auth.logins.lockout = self.admin.lockout;
         serve.region.clone_from(&self.region);
         serve.server_names.extend(self.quic.server_names.iter().cloned());
         serve.policy.desired_ttl = self.policy.desired_ttl;
@@ -279,6 +339,7 @@ impl Checked for ControlConfig {
             Duration::from_secs(1),
             Duration::from_secs(3600),
         )?;
+        self.check_admin(path)?;
         within(path, "bundles.max_bytes", self.bundles.max_bytes, 1 << 20, 1 << 40)?;
         within(
             path,
@@ -359,6 +420,23 @@ mod tests {
         );
         check("[rollouts]\nevery = \"5s\"\n", "unknown field `every`");
         check("[audit]\ncheckpoint_entries = 0\n", "audit.checkpoint_entries");
+        check("[admin]\nsession_idle = \"1s\"\n", "admin.session_idle: must be between");
+        check(
+            "[admin]\nsession_idle = \"2h\"\nsession_max = \"1h\"\n",
+            "admin.session_max: must be between",
+        );
+        check("[admin]\nlogin_failures = 0\n", "admin.login_failures: must be between");
+        let admin = ControlConfig::parse(
+            "[admin]\nsession_idle = \"30m\"\nlogin_failures = 3\nlockout = \"1h\"\n",
+            Path::new("x"),
+        )
+        .unwrap()
+        .serve()
+        .auth;
+        assert_eq!(admin.sessions.idle, Duration::from_secs(1800));
+        assert_eq!(admin.logins.failures, 3);
+        assert_eq!(admin.logins.window, Duration::from_secs(3600));
+        assert_eq!(admin.logins.lockout, Duration::from_secs(3600));
         let rollouts =
             ControlConfig::parse("[rollouts]\nevaluate_every = \"2s\"\n", Path::new("x")).unwrap();
         assert_eq!(rollouts.serve().rollouts.evaluate_every, Duration::from_secs(2));

@@ -50,6 +50,8 @@ pub struct ServeConfig {
     pub rollouts: RolloutsConfig,
     /// When the audit log's checkpoints are signed.
     pub audit: crate::audit::AuditConfig,
+    /// How users' sessions live and when logins lock out.
+    pub auth: crate::auth::AuthConfig,
 }
 
 impl ServeConfig {
@@ -71,6 +73,7 @@ impl ServeConfig {
             alerts: AlertsConfig::default(),
             rollouts: RolloutsConfig::default(),
             audit: crate::audit::AuditConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
         }
     }
 }
@@ -209,6 +212,7 @@ impl ControlPlane {
         let api = admin::Api {
             shared: Arc::clone(&shared),
             token: Arc::new(token),
+            auth: config.auth,
             staging: Arc::new(config.data_dir.join("staging")),
             max_bundle_bytes: config.max_bundle_bytes,
             features,
@@ -245,6 +249,12 @@ impl ControlPlane {
     /// The admin API's bearer token.
     pub fn admin_token(&self) -> &str {
         &self.api.token
+    }
+
+    /// The admin API's state (for tests that build routers of their own).
+    #[cfg(test)]
+    pub(crate) fn api(&self) -> admin::Api {
+        self.api.clone()
     }
 
     /// The CA certificate's SHA-256, as tokens carry it.
@@ -285,7 +295,9 @@ impl ControlPlane {
             tokio::spawn(crate::audit::run(Arc::clone(&shared), audit, stop_rx.clone()));
         let mut admin_stop = stop_rx.clone();
         let admin_server = tokio::spawn(async move {
-            axum::serve(admin, admin::router(api))
+            // The peer's address goes to the gate: audit entries and login lockouts.
+            let service = admin::router(api).into_make_service_with_connect_info::<SocketAddr>();
+            axum::serve(admin, service)
                 .with_graceful_shutdown(async move {
                     let _ = admin_stop.wait_for(|stop| *stop).await;
                 })

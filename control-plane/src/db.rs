@@ -174,6 +174,45 @@ const MIGRATIONS: &[&str] = &[
         at   INTEGER NOT NULL,
         line TEXT NOT NULL
     ) STRICT;",
+    // 6: people (crate::auth): users with their role and Argon2id hash (a PHC string),
+    // their sessions and the API tokens for automation (both only as SHA-256 of the
+    // secret), and failed logins, counted for lockouts.
+    "CREATE TABLE users (
+        name        TEXT PRIMARY KEY,
+        role        TEXT NOT NULL CHECK (role IN ('admin', 'operator', 'viewer', 'auditor')),
+        password    TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        updated_at  INTEGER NOT NULL,
+        disabled_at INTEGER
+    ) STRICT;
+    CREATE TABLE sessions (
+        id           TEXT PRIMARY KEY,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        user         TEXT NOT NULL REFERENCES users (name) ON DELETE CASCADE,
+        source       TEXT,
+        created_at   INTEGER NOT NULL,
+        last_used    INTEGER NOT NULL,
+        revoked_at   INTEGER
+    ) STRICT;
+    CREATE INDEX sessions_by_user ON sessions (user);
+    CREATE TABLE api_tokens (
+        name         TEXT PRIMARY KEY,
+        token_sha256 TEXT NOT NULL UNIQUE,
+        role         TEXT NOT NULL CHECK (role IN ('admin', 'operator', 'viewer', 'auditor')),
+        created_by   TEXT NOT NULL,
+        created_at   INTEGER NOT NULL,
+        expires_at   INTEGER NOT NULL,
+        last_used    INTEGER,
+        revoked_at   INTEGER
+    ) STRICT;
+    CREATE TABLE login_failures (
+        id      INTEGER PRIMARY KEY,
+        at      INTEGER NOT NULL,
+        user    TEXT NOT NULL,
+        address TEXT
+    ) STRICT;
+    CREATE INDEX login_failures_by_user ON login_failures (user, at);
+    CREATE INDEX login_failures_by_address ON login_failures (address, at);",
 ];
 
 /// Errors of the control plane's database.

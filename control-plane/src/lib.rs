@@ -5,13 +5,15 @@
 //! ([`monitoring`]), alerts ([`alerts`], sent by [`webhook`]) and the Prometheus endpoint ([`exporter`]).
 //! Beside them, the feature store ([`features`]), fine-tune jobs ordered for agents
 //! ([`finetune`]), rollouts of new versions, judged here and on agents ([`rollouts`]), and
-//! the audit log of every change ([`audit`]).
+//! the audit log of every change ([`audit`]), and users, roles, sessions and API tokens
+//! with the permission each admin route requires ([`auth`]).
 //!
 //! The binary (`falaj-control`) is a thin shell over [`cli`].
 
 pub mod admin;
 pub mod alerts;
 pub mod audit;
+pub mod auth;
 pub mod blobs;
 pub mod bundle;
 pub mod ca;

@@ -8,12 +8,10 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use falaj_common::bundle::{BundleBuilder, Content};
 use falaj_common::features::value::parse_time;
 use falaj_common::features::view::PiiPolicy;
@@ -27,20 +25,22 @@ use super::ingest::{self, IngestError};
 use super::snapshot::{self, BuildError, SnapshotOptions};
 use super::store;
 use crate::admin::{Api, ApiError, ApiResult, BundleView, json_response, register, stage};
+use crate::auth::{Permission as P, Routes};
 use crate::db;
 use falaj_tables::Format;
 
 /// Default lifetime of a snapshot bundle.
 const SNAPSHOT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
-/// The routes (mounted behind the admin token).
-pub fn routes() -> Router<Api> {
-    Router::new()
-        .route("/v1/features/views", put(apply).get(list))
-        .route("/v1/features/views/{name}", get(show))
-        .route("/v1/features/views/{name}/ingest", post(ingest_file))
-        .route("/v1/features/views/{name}/snapshots", post(build_snapshot))
-        .route("/v1/features/views/{name}/export", post(export_file))
+/// The routes, each with the permission it needs.
+pub fn routes() -> Routes {
+    Routes::new()
+        .put("/v1/features/views", P::ManageFeatureViews, apply)
+        .get("/v1/features/views", P::ReadFleet, list)
+        .get("/v1/features/views/{name}", P::ReadFleet, show)
+        .post("/v1/features/views/{name}/ingest", P::IngestFeatures, ingest_file)
+        .post("/v1/features/views/{name}/snapshots", P::BuildSnapshots, build_snapshot)
+        .post("/v1/features/views/{name}/export", P::ExportTrainingData, export_file)
 }
 
 fn refused(code: &'static str, message: impl Into<String>) -> ApiError {

@@ -3,22 +3,24 @@
 
 use std::time::SystemTime;
 
-use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::get;
 use falaj_common::finetune::{DesiredJob, Job};
 use falaj_common::names;
 use falaj_common::time::Timestamp;
 use serde::Deserialize;
 
 use crate::admin::{Api, ApiError, ApiResult, json_response};
+use crate::auth::{Permission as P, Routes};
 use crate::db;
 
-/// The routes (mounted behind the admin token).
-pub fn routes() -> Router<Api> {
-    Router::new().route("/v1/finetune", get(list).post(order)).route("/v1/finetune/{id}", get(show))
+/// The routes, each with the permission it needs.
+pub fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/finetune", P::ReadFleet, list)
+        .post("/v1/finetune", P::OrderFinetune, order)
+        .get("/v1/finetune/{id}", P::ReadFleet, show)
 }
 
 /// The body of an order.

@@ -5,24 +5,24 @@
 
 use std::time::SystemTime;
 
-use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
 use falaj_common::time::Timestamp;
 use rusqlite::TransactionBehavior;
 use serde::Deserialize;
 
 use super::{ActError, Action, OPERATOR, Rollout, RolloutView, StartError, StartRequest};
 use crate::admin::{Api, ApiError, ApiResult, json_response};
+use crate::auth::{Permission as P, Routes};
 
-/// The routes (mounted behind the admin token).
-pub fn routes() -> Router<Api> {
-    Router::new()
-        .route("/v1/rollouts", get(list).post(start))
-        .route("/v1/groups/{group}/rollouts/{model}", get(status))
-        .route("/v1/groups/{group}/rollouts/{model}/{action}", post(act))
+/// The routes, each with the permission it needs.
+pub fn routes() -> Routes {
+    Routes::new()
+        .get("/v1/rollouts", P::ReadFleet, list)
+        .post("/v1/rollouts", P::ManageRollouts, start)
+        .get("/v1/groups/{group}/rollouts/{model}", P::ReadFleet, status)
+        .post("/v1/groups/{group}/rollouts/{model}/{action}", P::ManageRollouts, act)
 }
 
 fn start_error(e: &StartError) -> ApiError {

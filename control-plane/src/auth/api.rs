@@ -1,0 +1,481 @@
+//! The routes of people and credentials: `POST /v1/login` (public) and `/v1/logout`,
+//! `GET /v1/whoami`, users under `/v1/users` (admins), API tokens under `/v1/apitokens`.
+//! Passwords are hashed and checked on the blocking pool; each change is one transaction
+//! with its audit entry ([`super::store`]).
+
+use std::time::{Duration, SystemTime};
+
+use axum::Extension;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use falaj_common::time::Timestamp;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::gate::{self, Source};
+use super::rules::{self, Access, Permission as P, Role, TOKEN_TTL};
+use super::store::{self, Lock, Refusal};
+use super::{Principal, Routes, Via, WhoAmI, password};
+use crate::admin::{Api, ApiError, ApiResult, json_response};
+use crate::audit::{self, Actor};
+
+/// The routes.
+pub fn routes() -> Routes {
+    Routes::new()
+        .post("/v1/login", Access::Public, login)
+        .post("/v1/logout", P::OwnSession, logout)
+        .get("/v1/whoami", P::OwnSession, whoami)
+        .get("/v1/users", P::ManageUsers, list_users)
+        .post("/v1/users", P::ManageUsers, add_user)
+        .delete("/v1/users/{name}", P::ManageUsers, remove_user)
+        .put("/v1/users/{name}/role", P::ManageUsers, set_role)
+        .post("/v1/users/{name}/disable", P::ManageUsers, disable_user)
+        .post("/v1/users/{name}/enable", P::ManageUsers, enable_user)
+        .post("/v1/users/{name}/password", P::ManageUsers, reset_password)
+        .get("/v1/apitokens", P::ManageApiTokens, list_tokens)
+        .post("/v1/apitokens", P::ManageApiTokens, create_token)
+        .delete("/v1/apitokens/{name}", P::ManageApiTokens, revoke_token)
+}
+
+fn now() -> Timestamp {
+    Timestamp::from_system(SystemTime::now())
+}
+
+fn parse<T: DeserializeOwned>(body: &str) -> ApiResult<T> {
+    serde_json::from_str(body).map_err(|e| ApiError::bad_request(format!("request body: {e}")))
+}
+
+fn parse_role(text: &str) -> ApiResult<Role> {
+    text.parse().map_err(|e: rules::UnknownRole| ApiError::bad_request(e.to_string()))
+}
+
+fn refusal(r: &Refusal) -> ApiError {
+    let status = match r {
+        Refusal::NoUser(_) | Refusal::NoToken(_) => StatusCode::NOT_FOUND,
+        Refusal::UserExists(_) | Refusal::TokenExists(_) => StatusCode::CONFLICT,
+        Refusal::NotYours { .. } => StatusCode::FORBIDDEN,
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::CONFLICT => "conflict",
+        _ => "forbidden",
+    };
+    ApiError::new(status, code, r.to_string())
+}
+
+/// Hashes `password` on the blocking pool.
+async fn hash(password: String) -> ApiResult<String> {
+    tokio::task::spawn_blocking(move || password::hash(&password))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)
+}
+
+// ---- sessions ----
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    user: String,
+    password: String,
+}
+
+/// What `POST /v1/login` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoginView {
+    /// The session's bearer token (shown once).
+    pub token: String,
+    /// The user.
+    pub user: String,
+    /// Its role.
+    pub role: String,
+    /// The session ends after this many seconds unused.
+    pub idle_seconds: u64,
+    /// And at this time at the latest.
+    pub expires_at: Timestamp,
+}
+
+fn locked(lock: Lock) -> ApiError {
+    let whom = if lock.scope == "address" { "from this address" } else { "for this user" };
+    ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "locked",
+        format!("too many failed logins {whom}; try again after {}", lock.until),
+    )
+}
+
+async fn login(
+    State(api): State<Api>,
+    Extension(source): Extension<Source>,
+    body: String,
+) -> ApiResult<Response> {
+    let request: LoginRequest = parse(&body)?;
+    // The user as claimed is the actor of the attempt, whether or not it exists.
+    let user: String = request.user.chars().take(64).collect();
+    let actor = Actor::new(format!("user:{user}"), source.name());
+    audit::acting(actor, login_as(api, user, request.password, source.name())).await
+}
+
+async fn login_as(
+    api: Api,
+    user: String,
+    password: String,
+    address: Option<String>,
+) -> ApiResult<Response> {
+    let policy = api.auth.logins;
+    let at = now();
+    let attempt = {
+        let (u, a) = (user.clone(), address.clone());
+        api.shared.db.call(move |c| store::attempt(c, &u, a.as_deref(), &policy, at)).await?
+    };
+    let failed = |reason: String, counts: bool| {
+        let (api, u, a) = (api.clone(), user.clone(), address.clone());
+        async move {
+            api.shared
+                .db
+                .call(move |c| {
+                    store::login_failed(c, &u, a.as_deref(), &reason, counts, &policy, at)
+                })
+                .await
+        }
+    };
+    if let Some(lock) = attempt.lock {
+        failed(format!("locked ({}) until {}", lock.scope, lock.until), false).await?;
+        return Err(locked(lock));
+    }
+    let stored = attempt.user.as_ref().map(|s| s.password.clone());
+    let matches = tokio::task::spawn_blocking(move || {
+        password::verify(&password, stored.as_deref().unwrap_or_else(|| password::decoy()))
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    let wrong =
+        || ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "wrong user name or password");
+    let found = match attempt.user {
+        Some(found) if matches => found,
+        other => {
+            let reason = if other.is_none() { "unknown user" } else { "wrong password" };
+            if let Some(lock) = failed(reason.into(), true).await? {
+                return Err(locked(lock));
+            }
+            return Err(wrong());
+        }
+    };
+    if found.disabled {
+        failed("user disabled".into(), false).await?;
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "disabled",
+            format!("user {user} is disabled"),
+        ));
+    }
+    let (u, a) = (user.clone(), address.clone());
+    let opened = api
+        .shared
+        .db
+        .call(move |c| store::login_succeeded(c, &u, a.as_deref(), &policy, at))
+        .await?
+        .map_err(locked)?;
+    tracing::info!(%user, session = %opened.id, "logged in");
+    let sessions = api.auth.sessions;
+    Ok(json_response(
+        StatusCode::OK,
+        &LoginView {
+            token: opened.token,
+            user,
+            role: found.role.name().into(),
+            idle_seconds: sessions.idle.as_secs(),
+            expires_at: at.saturating_add(sessions.max),
+        },
+    ))
+}
+
+async fn logout(
+    State(api): State<Api>,
+    Extension(principal): Extension<Principal>,
+) -> ApiResult<Response> {
+    let Via::Session { id, .. } = principal.via else {
+        return Err(ApiError::bad_request(format!(
+            "logout ends a session, and {} is not one (revoke API tokens with `falaj-control apitoken revoke`)",
+            principal.actor
+        )));
+    };
+    let at = now();
+    let session = id.clone();
+    api.shared.db.call(move |c| store::end_session(c, &session, at)).await?;
+    Ok(json_response(StatusCode::OK, &json!({"ended": id})))
+}
+
+async fn whoami(Extension(principal): Extension<Principal>) -> Response {
+    json_response(
+        StatusCode::OK,
+        &WhoAmI {
+            actor: principal.actor,
+            role: principal.role.name().into(),
+            permissions: principal.role.permissions().map(|p| p.name().to_owned()).collect(),
+        },
+    )
+}
+
+// ---- users ----
+
+/// A user as `GET /v1/users` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserView {
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// When added.
+    pub created_at: Timestamp,
+    /// When disabled.
+    pub disabled_at: Option<Timestamp>,
+    /// Sessions not ended.
+    pub sessions: u64,
+}
+
+async fn list_users(State(api): State<Api>) -> ApiResult<Response> {
+    let users = api.shared.db.call(|c| store::users(c)).await?;
+    let views: Vec<UserView> = users
+        .into_iter()
+        .map(|u| UserView {
+            name: u.name,
+            role: u.role.name().into(),
+            created_at: u.created_at,
+            disabled_at: u.disabled_at,
+            sessions: u.sessions,
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &views))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddUser {
+    name: String,
+    role: String,
+    /// None: one is generated and returned once.
+    #[serde(default)]
+    password: Option<String>,
+}
+
+/// A new password to set: the given one (checked), or a generated one to return.
+fn new_password(given: Option<String>) -> ApiResult<(String, Option<String>)> {
+    if let Some(p) = given {
+        rules::check_password(&p).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        Ok((p, None))
+    } else {
+        let p = password::generate();
+        Ok((p.clone(), Some(p)))
+    }
+}
+
+async fn add_user(State(api): State<Api>, body: String) -> ApiResult<Response> {
+    let request: AddUser = parse(&body)?;
+    rules::check_name("user name", &request.name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let role = parse_role(&request.role)?;
+    let (password, generated) = new_password(request.password)?;
+    let phc = hash(password).await?;
+    let (name, at) = (request.name.clone(), now());
+    api.shared
+        .db
+        .call(move |c| store::add_user(c, &name, role, &phc, at))
+        .await?
+        .map_err(|r| refusal(&r))?;
+    tracing::info!(user = %request.name, %role, "user added");
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"name": request.name, "role": role.name(), "password": generated}),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetRole {
+    role: String,
+}
+
+async fn set_role(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: String,
+) -> ApiResult<Response> {
+    let role = parse_role(&parse::<SetRole>(&body)?.role)?;
+    let (n, at) = (name.clone(), now());
+    let before = api
+        .shared
+        .db
+        .call(move |c| store::set_role(c, &n, role, at))
+        .await?
+        .map_err(|r| refusal(&r))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"name": name, "role": role.name(), "previous": before.name()}),
+    ))
+}
+
+async fn set_disabled(api: &Api, name: String, disabled: bool) -> ApiResult<Response> {
+    let (n, at) = (name.clone(), now());
+    api.shared
+        .db
+        .call(move |c| store::set_disabled(c, &n, disabled, at))
+        .await?
+        .map_err(|r| refusal(&r))?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "disabled": disabled})))
+}
+
+async fn disable_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    set_disabled(&api, name, true).await
+}
+
+async fn enable_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    set_disabled(&api, name, false).await
+}
+
+async fn remove_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    let (n, at) = (name.clone(), now());
+    api.shared.db.call(move |c| store::remove_user(c, &n, at)).await?.map_err(|r| refusal(&r))?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "removed": true})))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResetPassword {
+    #[serde(default)]
+    password: Option<String>,
+}
+
+async fn reset_password(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: String,
+) -> ApiResult<Response> {
+    let request: ResetPassword =
+        if body.trim().is_empty() { ResetPassword::default() } else { parse(&body)? };
+    let (password, generated) = new_password(request.password)?;
+    let phc = hash(password).await?;
+    let (n, at) = (name.clone(), now());
+    api.shared
+        .db
+        .call(move |c| store::set_password(c, &n, &phc, at))
+        .await?
+        .map_err(|r| refusal(&r))?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "password": generated})))
+}
+
+// ---- API tokens ----
+
+/// An API token as `GET /v1/apitokens` lists it (never its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenView {
+    /// Its name.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// Who created it.
+    pub created_by: String,
+    /// When.
+    pub created_at: Timestamp,
+    /// When it expires.
+    pub expires_at: Timestamp,
+    /// When last used (to the minute).
+    pub last_used: Option<Timestamp>,
+    /// When revoked.
+    pub revoked_at: Option<Timestamp>,
+}
+
+async fn list_tokens(State(api): State<Api>) -> ApiResult<Response> {
+    let rows = api.shared.db.call(|c| store::api_tokens(c)).await?;
+    let views: Vec<ApiTokenView> = rows
+        .into_iter()
+        .map(|t| ApiTokenView {
+            name: t.name,
+            role: t.role.name().into(),
+            created_by: t.created_by,
+            created_at: t.created_at,
+            expires_at: t.expires_at,
+            last_used: t.last_used,
+            revoked_at: t.revoked_at,
+        })
+        .collect();
+    Ok(json_response(StatusCode::OK, &views))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateToken {
+    name: String,
+    role: String,
+    ttl_seconds: u64,
+}
+
+/// A refusal by the rules of API tokens (not by the route's permission): 403, audited.
+async fn forbidden(api: &Api, principal: &Principal, path: &str, message: String) -> ApiError {
+    let actor = audit::current();
+    gate::refuse(api, actor, P::ManageApiTokens, path, 403, &message).await;
+    tracing::info!(actor = %principal.actor, %message, "API token change refused");
+    ApiError::new(StatusCode::FORBIDDEN, "forbidden", message)
+}
+
+async fn create_token(
+    State(api): State<Api>,
+    Extension(principal): Extension<Principal>,
+    body: String,
+) -> ApiResult<Response> {
+    let request: CreateToken = parse(&body)?;
+    rules::check_name("token name", &request.name)
+        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let role = parse_role(&request.role)?;
+    let ttl = Duration::from_secs(request.ttl_seconds);
+    if ttl < TOKEN_TTL.0 || ttl > TOKEN_TTL.1 {
+        return Err(ApiError::bad_request(format!(
+            "ttl_seconds must be between {} and {} (366 days)",
+            TOKEN_TTL.0.as_secs(),
+            TOKEN_TTL.1.as_secs()
+        )));
+    }
+    if matches!(principal.via, Via::ApiToken { .. }) {
+        let message =
+            format!("{} is an API token; API tokens cannot create API tokens", principal.actor);
+        return Err(forbidden(&api, &principal, "/v1/apitokens", message).await);
+    }
+    if !principal.role.covers(role) {
+        let message = format!(
+            "{} has role {}, which cannot create an API token of role {role}: a token is never more powerful than its creator",
+            principal.actor, principal.role
+        );
+        return Err(forbidden(&api, &principal, "/v1/apitokens", message).await);
+    }
+    let (secret, sha) = store::new_secret(store::TOKEN_PREFIX);
+    let (name, creator, at) = (request.name.clone(), principal.actor.clone(), now());
+    let expires = api
+        .shared
+        .db
+        .call(move |c| store::create_api_token(c, &name, role, &creator, sha, ttl, at))
+        .await?
+        .map_err(|r| refusal(&r))?;
+    tracing::info!(token = %request.name, %role, by = %principal.actor, "API token created");
+    Ok(json_response(
+        StatusCode::CREATED,
+        &json!({"name": request.name, "role": role.name(), "token": secret, "expires_at": expires}),
+    ))
+}
+
+async fn revoke_token(
+    State(api): State<Api>,
+    Extension(principal): Extension<Principal>,
+    Path(name): Path<String>,
+) -> ApiResult<Response> {
+    let (n, by, at) = (name.clone(), principal.clone(), now());
+    match api.shared.db.call(move |c| store::revoke_api_token(c, &n, &by, at)).await? {
+        Ok(()) => Ok(json_response(StatusCode::OK, &json!({"name": name, "revoked": true}))),
+        Err(r @ Refusal::NotYours { .. }) => {
+            Err(forbidden(&api, &principal, &format!("/v1/apitokens/{name}"), r.to_string()).await)
+        }
+        Err(r) => Err(refusal(&r)),
+    }
+}
