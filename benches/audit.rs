@@ -74,9 +74,18 @@ fn export(entries: usize, key: &SigningKey) -> String {
     let mut chain = Chain::at(0, GENESIS);
     let mut text = String::with_capacity(entries * 320);
     for i in 1..=entries {
-        let details = serde_json::json!({"group": "edge", "model": "sensor-fault", "version": i % 7});
+        let details =
+            serde_json::json!({"group": "edge", "model": "sensor-fault", "version": i % 7});
         let at = Timestamp::from_unix(1_800_000_000 + i as u64);
-        let (_, line) = chain.append(at, "user:alice", Some("10.1.2.3:50211"), "deploy", "edge", Outcome::Success, details);
+        let (_, line) = chain.append(
+            at,
+            "user:alice",
+            Some("10.1.2.3:50211"),
+            "deploy",
+            "edge",
+            Outcome::Success,
+            details,
+        );
         text.push_str(&line);
         text.push('\n');
         if i % 1000 == 0 || i == entries {
@@ -107,7 +116,11 @@ fn main() -> Result<()> {
         let verified = falaj_common::audit::verify(text.lines(), &[key.public()])
             .map_err(|e| anyhow::anyhow!("the export does not verify: {e}"))?;
         best = best.min(started.elapsed());
-        anyhow::ensure!(verified.entries == entries as u64, "verified {} entries", verified.entries);
+        anyhow::ensure!(
+            verified.entries == entries as u64,
+            "verified {} entries",
+            verified.entries
+        );
     }
 
     println!("| | figure |");

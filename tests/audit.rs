@@ -169,3 +169,26 @@ fn every_change_is_audited_and_every_tampering_is_found() {
 
     assert_eq!(control.terminate(), Some(0));
 }
+
+#[test]
+fn an_agents_own_log_exports_and_verifies_offline() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let bundle = support::sample_bundle(work, "eu-west-1", 1);
+    let agent = work.join("agent");
+    support::init_agent(&agent, "eu-west-1", &work.join("keys/root.json"));
+    ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
+    let export = work.join("agent-audit.jsonl");
+    let wrote = ok(&["agent", "audit", "export", "--out", s(&export), "--data-dir", s(&agent)]);
+    assert!(wrote.contains("audit.pub"), "{wrote}");
+    let key = agent.join("audit.pub");
+    let out = ok(&["agent", "audit", "verify", s(&export), "--key", s(&key)]);
+    assert!(out.contains("2 entries (1 to 2)"), "init and install: {out}");
+    let text = std::fs::read_to_string(&export).unwrap();
+    assert!(text.contains("\"action\":\"install\"") && text.contains("sensor-fault@1"), "{text}");
+    // The install's size rewritten: the checkpoint no longer matches the last entry.
+    let tampered = work.join("tampered.jsonl");
+    std::fs::write(&tampered, text.replacen(" bytes", "0 bytes", 1)).unwrap();
+    let err = fails(&["agent", "audit", "verify", s(&tampered), "--key", s(&key)], 65);
+    assert!(err.contains("the checkpoint of entry 2 does not verify"), "{err}");
+}

@@ -56,6 +56,40 @@ pub enum Command {
     Bench(crate::bench::BenchArgs),
     /// Check a configuration file without starting anything.
     CheckConfig(CheckConfigArgs),
+    /// The agent's audit log of local security events: export it, verify an export.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+/// `audit` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Write the audit log, with a checkpoint signed by the agent's audit key, to a file;
+    /// the key's public half is `audit.pub` in the data directory.
+    Export(AuditExportArgs),
+    /// Verify an export offline against an audit key's public half: exits 65 naming the
+    /// first entry or checkpoint that does not hold.
+    Verify(AuditVerifyArgs),
+}
+
+/// Arguments of `audit export`.
+#[derive(Debug, Args)]
+pub struct AuditExportArgs {
+    /// The file to write (JSON lines).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    data: DataDir,
+}
+
+/// Arguments of `audit verify`.
+#[derive(Debug, Args)]
+pub struct AuditVerifyArgs {
+    /// The export.
+    file: PathBuf,
+    /// The public key file (`audit.pub`).
+    #[arg(long)]
+    key: PathBuf,
 }
 
 /// Where the agent keeps its state: `--data-dir`, else the configuration file's
@@ -219,6 +253,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Finetune(args) => crate::finetune::cli::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
         Command::CheckConfig(args) => check_config(&args.config),
+        Command::Audit(AuditCommand::Export(args)) => {
+            args.data.resolve().and_then(|dir| audit_export(&dir, &args.out))
+        }
+        Command::Audit(AuditCommand::Verify(args)) => audit_verify(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -420,6 +458,44 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down");
+}
+
+fn audit_export(data_dir: &Path, out: &Path) -> Result<(), Failure> {
+    let mut store = Store::open(data_dir).map_err(store_failure)?;
+    let key = store.audit_key().map_err(store_failure)?;
+    let now = falaj_common::time::Timestamp::from_system(SystemTime::now());
+    let lines = store.audit_export(&key, now).map_err(store_failure)?;
+    let text = lines.join("\n") + "\n";
+    crate::store::write_file_atomic(out, text.as_bytes(), 0o600)
+        .map_err(|e| Failure::Other(anyhow::anyhow!("writing {}: {e}", out.display())))?;
+    println!(
+        "wrote {} lines to {}; verify with `falaj-agent audit verify {} --key {}`",
+        lines.len(),
+        out.display(),
+        out.display(),
+        data_dir.join(crate::store::audit::PUBLIC_FILE).display()
+    );
+    Ok(())
+}
+
+fn audit_verify(args: &AuditVerifyArgs) -> Result<(), Failure> {
+    let read = |path: &Path| {
+        std::fs::read_to_string(path)
+            .map_err(|e| Failure::Other(anyhow::anyhow!("reading {}: {e}", path.display())))
+    };
+    let key: falaj_common::keys::PublicKey = read(&args.key)?.trim().parse().map_err(|e| {
+        Failure::Config(anyhow::anyhow!("{} is not a public key: {e}", args.key.display()))
+    })?;
+    let text = read(&args.file)?;
+    match falaj_common::audit::verify(text.lines(), &[key]) {
+        Ok(v) => {
+            println!("{}: {v} against audit key {}", args.file.display(), key.id().short());
+            Ok(())
+        }
+        Err(e) => {
+            Err(Failure::Refused(anyhow::anyhow!("{} does not verify: {e}", args.file.display())))
+        }
+    }
 }
 
 fn list(data_dir: &Path) -> Result<(), Failure> {

@@ -10,7 +10,6 @@
 //! ```
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,18 +79,11 @@ impl KeyRequest {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    let io = |source| IdentityError::Io { op: "writing", path: path.to_owned(), source };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let mut file = tempfile::Builder::new().prefix(".id-").tempfile_in(dir).map_err(io)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.as_file().set_permissions(fs::Permissions::from_mode(0o600)).map_err(io)?;
-    }
-    file.write_all(bytes).map_err(io)?;
-    file.as_file().sync_all().map_err(io)?;
-    file.persist(path).map_err(|e| io(e.error))?;
-    crate::store::sync_dir(dir).map_err(|e| IdentityError::Invalid(e.to_string()))
+    crate::store::write_file_atomic(path, bytes, 0o600).map_err(|source| IdentityError::Io {
+        op: "writing",
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn pem(tag: &str, der: &[u8]) -> String {

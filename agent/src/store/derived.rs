@@ -86,11 +86,7 @@ impl Store {
                         params![parent, manifest.name, version as i64, at],
                     )?;
                 }
-                tx.execute(
-                    "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'finetune', ?2, ?3, ?4)",
-                    params![at, manifest.name, version as i64, detail],
-                )
-                .map(drop)
+                super::audit::event(tx, at, "finetune", Some((&manifest.name, version)), &detail)
             },
         )
         .map(drop)

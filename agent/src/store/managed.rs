@@ -75,10 +75,7 @@ impl Store {
                 return Ok(false);
             }
             set_active(tx, name, version, at)?;
-            tx.execute(
-                "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'activate', ?2, ?3, '')",
-                params![at, name, version as i64],
-            )?;
+            super::audit::event(tx, at, "activate", Some((name, version)), "")?;
             Ok(true)
         })
     }
@@ -96,12 +93,15 @@ impl Store {
                 )
                 .optional()?;
             if path.is_some() {
-                tx.execute("DELETE FROM active WHERE name = ?1 AND version = ?2", params![name, version as i64])?;
-                tx.execute("DELETE FROM bundles WHERE name = ?1 AND version = ?2", params![name, version as i64])?;
                 tx.execute(
-                    "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'remove', ?2, ?3, '')",
-                    params![at, name, version as i64],
+                    "DELETE FROM active WHERE name = ?1 AND version = ?2",
+                    params![name, version as i64],
                 )?;
+                tx.execute(
+                    "DELETE FROM bundles WHERE name = ?1 AND version = ?2",
+                    params![name, version as i64],
+                )?;
+                super::audit::event(tx, at, "remove", Some((name, version)), "")?;
             }
             Ok(path)
         })?;
@@ -172,10 +172,8 @@ impl Store {
                      control_plane = excluded.control_plane, enrolled_at = excluded.enrolled_at",
                 params![identity.agent_id, identity.group, identity.control_plane, at],
             )?;
-            tx.execute(
-                "INSERT INTO events (at, kind, detail) VALUES (?1, 'enroll', ?2)",
-                params![at, format!("agent {} in group {}", identity.agent_id, identity.group)],
-            )?;
+            let detail = format!("agent {} in group {}", identity.agent_id, identity.group);
+            super::audit::event(tx, at, "enroll", None, &detail)?;
             Ok(())
         })
     }

@@ -24,6 +24,7 @@ use falaj_common::trust::{TrustError, TrustRoot};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
+pub mod audit;
 mod derived;
 mod managed;
 mod outbox;
@@ -139,6 +140,19 @@ const MIGRATIONS: &[&str] = &[
         candidate      BLOB NOT NULL,
         rolled_back_at INTEGER,
         reason         TEXT
+    ) STRICT;",
+    // 6: the agent's audit log: a hash chain of its security events (each line exactly
+    // as hashed) and the checkpoints its audit key signed.
+    "CREATE TABLE audit (
+        seq    INTEGER PRIMARY KEY,
+        at     INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        line   TEXT NOT NULL,
+        hash   TEXT NOT NULL
+    ) STRICT;
+    CREATE TABLE audit_checkpoints (
+        seq  INTEGER PRIMARY KEY,
+        line TEXT NOT NULL
     ) STRICT;",
 ];
 
@@ -272,6 +286,25 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing directory", dir))
 }
 
+/// Writes `bytes` to `path` atomically and durably, with `mode`: a temporary file in the
+/// same directory, fsynced, renamed into place, the directory fsynced.
+pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
+    use std::io::Write as _;
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut file = tempfile::Builder::new().prefix(".write-").tempfile_in(dir)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        file.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    file.write_all(bytes)?;
+    file.as_file().sync_all()?;
+    file.persist(path).map_err(|e| e.error)?;
+    File::open(dir).and_then(|d| d.sync_all())
+}
+
 impl Store {
     /// Initialises an agent in `dir` for `region`, pinning the trust root in `trust_json`.
     pub fn init(dir: &Path, region: &str, trust_json: &[u8], now: SystemTime) -> Result<Self> {
@@ -299,11 +332,8 @@ impl Store {
             params![trust.version() as i64, trust.to_json(), at],
         )
         .map_err(db)?;
-        tx.execute(
-            "INSERT INTO events (at, kind, detail) VALUES (?1, 'init', ?2)",
-            params![at, format!("region {region}, trust root version {}", trust.version())],
-        )
-        .map_err(db)?;
+        let detail = format!("region {region}, trust root version {}", trust.version());
+        audit::event(&tx, at, "init", None, &detail).map_err(db)?;
         tx.commit().map_err(db)?;
         Self::open(dir)
     }
@@ -494,11 +524,8 @@ impl Store {
         }
         also(&tx, at).map_err(db)?;
         let detail = format!("{size} bytes{}", if mode.activate { ", activated" } else { "" });
-        tx.execute(
-            "INSERT INTO events (at, kind, name, version, detail) VALUES (?1, 'install', ?2, ?3, ?4)",
-            params![at, manifest.name, manifest.version as i64, detail],
-        )
-        .map_err(db)?;
+        audit::event(&tx, at, "install", Some((&manifest.name, manifest.version)), &detail)
+            .map_err(db)?;
         // The file goes in place before the commit: if the commit fails, the row does not
         // exist and the next open sweeps the file; a row never points at a missing file.
         staged.persist(&target).map_err(|e| StoreError::Io {
@@ -594,13 +621,10 @@ impl Store {
 
     /// Records an event in the agent's log.
     pub fn record_event(&self, now: SystemTime, kind: &str, detail: &str) -> Result<()> {
-        self.conn
-            .execute(
-                "INSERT INTO events (at, kind, detail) VALUES (?1, ?2, ?3)",
-                params![Timestamp::from_system(now).unix() as i64, kind, detail],
-            )
-            .map(drop)
-            .map_err(self.db())
+        let tx = self.conn.unchecked_transaction().map_err(self.db())?;
+        let at = Timestamp::from_system(now).unix() as i64;
+        audit::event(&tx, at, kind, None, detail).map_err(self.db())?;
+        tx.commit().map_err(self.db())
     }
 }
 

@@ -115,9 +115,12 @@ impl Store {
                     params![id, at.unix() as i64, reason],
                 )?;
                 if first == 1 {
-                    tx.execute(
-                        "INSERT INTO events (at, kind, detail) VALUES (?1, 'rollout.rollback', ?2)",
-                        params![at.unix() as i64, format!("{id}: {reason}")],
+                    super::audit::event(
+                        tx,
+                        at.unix() as i64,
+                        "rollout.rollback",
+                        None,
+                        &format!("{id}: {reason}"),
                     )?;
                 }
             }
