@@ -5,9 +5,11 @@
 // One story from start to end reads better than the same steps spread over helpers.
 #![allow(clippy::too_many_lines)]
 
+mod fleet;
 mod support;
 
 use std::path::Path;
+use std::time::Duration;
 
 use falaj_common::audit::Checkpoint;
 use falaj_common::keys::SigningKey;
@@ -191,4 +193,134 @@ fn an_agents_own_log_exports_and_verifies_offline() {
     std::fs::write(&tampered, text.replacen(" bytes", "0 bytes", 1)).unwrap();
     let err = fails(&["agent", "audit", "verify", s(&tampered), "--key", s(&key)], 65);
     assert!(err.contains("the checkpoint of entry 2 does not verify"), "{err}");
+}
+
+/// The agent's own chain (its export without checkpoints).
+fn agent_entries(agent: &Path, work: &Path) -> Vec<String> {
+    let export = work.join("agent-now.jsonl");
+    ok(&["agent", "audit", "export", "--out", s(&export), "--data-dir", s(agent)]);
+    std::fs::read_to_string(&export)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("{\"checkpoint\""))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agents_chain_reaches_the_control_plane_intact_across_an_outage() {
+    let work = tempfile::tempdir().unwrap();
+    let work = work.path();
+    let data = work.join("control");
+    let serve = |quic: &str| {
+        let mut control = Process::start(&[
+            "control",
+            "serve",
+            "--data-dir",
+            s(&data),
+            "--quic",
+            quic,
+            "--admin",
+            "127.0.0.1:0",
+            "--region",
+            "eu-west-1",
+            "--heartbeat",
+            "1s",
+        ]);
+        let url = admin_url(&control.wait_for("admin API on"));
+        let quic =
+            control.wait_for("agents connect to").split_whitespace().nth(3).unwrap().to_owned();
+        (control, url, quic)
+    };
+    let (control, url, quic) = serve("127.0.0.1:0");
+    let keys = data.join("keys");
+    support::sample_bundle(work, "eu-west-1", 1); // the sample model, trained once
+    let build = |version: &str| {
+        let out = work.join(format!("own-{version}.falaj"));
+        ok(&[
+            "control",
+            "bundle",
+            "build",
+            "--keys",
+            s(&keys),
+            "--model",
+            s(&work.join("sample/model.onnx")),
+            "--name",
+            "sensor-fault",
+            "--version",
+            version,
+            "--out",
+            s(&out),
+        ]);
+        out
+    };
+    let api = |url: &str, args: &[&str]| -> String {
+        let mut full: Vec<&str> = args.to_vec();
+        full.extend(["--control-plane", url, "--data-dir", s(&data)]);
+        ok(&full)
+    };
+    api(&url, &["control", "bundle", "push", s(&build("1"))]);
+    api(&url, &["control", "deploy", "sensor-fault@1", "--group", "edge"]);
+    let token = api(&url, &["control", "token", "create", "--group", "edge", "--ttl", "10m"]);
+    let agent = work.join("agent");
+    let enrolled = ok(&[
+        "agent",
+        "enroll",
+        "--control-plane",
+        &quic,
+        "--token",
+        token.trim(),
+        "--data-dir",
+        s(&agent),
+    ]);
+    let agent_id =
+        enrolled.split_whitespace().find(|w| w.starts_with("agent-")).unwrap().to_owned();
+    let mut serving = Process::start(&[
+        "agent",
+        "serve",
+        "--data-dir",
+        s(&agent),
+        "--http",
+        "127.0.0.1:0",
+        "--heartbeat",
+        "300ms",
+    ]);
+    serving.wait_for_addr("serving the Open Inference Protocol");
+    let admin_token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let stored = |url: String| {
+        let token = admin_token.trim().to_owned();
+        let id = agent_id.clone();
+        async move {
+            let response = reqwest::Client::new()
+                .get(format!("{url}/v1/agents/{id}/audit"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            assert!(response.status().is_success(), "{:?}", response.status());
+            response.text().await.unwrap().lines().map(str::to_owned).collect::<Vec<_>>()
+        }
+    };
+    fleet::eventually(Duration::from_secs(60), "the agent's chain arrives", || async {
+        stored(url.clone()).await.len() >= 3
+    })
+    .await;
+
+    // The control plane goes away; the site installs a version by hand meanwhile.
+    assert_eq!(control.terminate(), Some(0));
+    ok(&["agent", "import", s(&build("2")), "--data-dir", s(&agent)]);
+    let offline = agent_entries(&agent, work);
+    assert!(offline.iter().any(|l| l.contains("sensor-fault@2")), "{offline:?}");
+
+    // Back: the chain arrives whole, link by link, equal to the agent's own.
+    let (control, url, _) = serve(&quic);
+    fleet::eventually(Duration::from_secs(60), "the offline entries arrive", || async {
+        let held = stored(url.clone()).await;
+        held.len() >= offline.len() && held == agent_entries(&agent, work)[..held.len()]
+    })
+    .await;
+    let held = stored(url.clone()).await;
+    assert_eq!(held[..offline.len()], offline[..]);
+    drop(serving);
+    assert_eq!(control.terminate(), Some(0));
 }

@@ -389,6 +389,9 @@ impl Syncer {
         if let Some(reporter) = &self.reporter {
             reporter.pending().notify_one();
         }
+        // Likewise for the audit chain (sent at each heartbeat while none is in flight):
+        // the last entry sent and when.
+        let mut audit_in_flight: Option<(u64, Instant)> = None;
         let mut pending_message = Some(first);
         let outcome = loop {
             let message = if let Some(m) = pending_message.take() {
@@ -401,6 +404,16 @@ impl Syncer {
                     frame = read_frame::<ControlMessage>(&mut recv) => match frame {
                         Ok(Some(ControlMessage::Ack { seqs })) => {
                             self.acknowledged(&seqs, &mut in_flight).await;
+                            None
+                        }
+                        Ok(Some(ControlMessage::AuditAck { seq })) => {
+                            if let Err(e) = self.with_store(move |s| s.audit_shipped(seq)).await {
+                                tracing::error!(error = %e, "recording the audit entries shipped failed");
+                            }
+                            audit_in_flight = match self.send_audit(&mut send).await {
+                                Ok(batch) => batch,
+                                Err(e) => break Err(e),
+                            };
                             None
                         }
                         Ok(Some(m)) => Some(m),
@@ -437,6 +450,12 @@ impl Syncer {
                             in_flight = None;
                             reporter.pending().notify_one();
                         }
+                        if audit_in_flight.is_none_or(|(_, at)| at.elapsed() > ACK_TIMEOUT) {
+                            audit_in_flight = match self.send_audit(&mut send).await {
+                                Ok(batch) => batch,
+                                Err(e) => break Err(e),
+                            };
+                        }
                         if let Some(renew) = self.renewal_request()
                             && let Err(e) = write_frame(&mut send, &renew).await {
                                 break Err(conn_err(&e));
@@ -471,6 +490,23 @@ impl Syncer {
             .await
             .map_err(|e| SyncError::Connection(e.to_string()))?;
         Ok(Some(seqs))
+    }
+
+    /// Sends the audit entries the control plane has not acknowledged, at most one batch;
+    /// returns the last one sent and when.
+    async fn send_audit(
+        &self,
+        send: &mut quinn::SendStream,
+    ) -> Result<Option<(u64, Instant)>, SyncError> {
+        let batch = self
+            .with_store(|s| s.audit_unshipped(falaj_common::protocol::MAX_AUDIT_PER_BATCH))
+            .await?;
+        let Some(&(last, _)) = batch.last() else { return Ok(None) };
+        let lines = batch.into_iter().map(|(_, line)| line).collect();
+        write_frame(send, &AgentMessage::Audit(lines))
+            .await
+            .map_err(|e| SyncError::Connection(e.to_string()))?;
+        Ok(Some((last, Instant::now())))
     }
 
     /// The control plane stored these windows: delete them and send the next batch.
@@ -544,7 +580,7 @@ impl Syncer {
             ControlMessage::Refused(reason) => {
                 self.note_error(format!("the control plane refused a request: {reason}"));
             }
-            ControlMessage::Ack { .. } => {}
+            ControlMessage::Ack { .. } | ControlMessage::AuditAck { .. } => {}
         }
     }
 

@@ -34,6 +34,8 @@ pub const MAX_FRAME: usize = 16 << 20;
 pub const MAX_CHUNKS_PER_FETCH: usize = 4096;
 /// Most metric windows in one [`AgentMessage::Windows`].
 pub const MAX_WINDOWS_PER_BATCH: usize = 256;
+/// Most audit lines in one [`AgentMessage::Audit`].
+pub const MAX_AUDIT_PER_BATCH: usize = 256;
 
 /// Enrollment: the token, and a CSR for a key pair that never leaves the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -130,6 +132,9 @@ pub enum AgentMessage {
     /// Closed metric windows from the agent's outbox, oldest first; at most
     /// [`MAX_WINDOWS_PER_BATCH`]. Answered by [`ControlMessage::Ack`] once stored.
     Windows(Vec<SequencedWindow>),
+    /// Lines of the agent's audit chain not yet acknowledged, in order; at most
+    /// [`MAX_AUDIT_PER_BATCH`]. Answered by [`ControlMessage::AuditAck`] once stored.
+    Audit(Vec<String>),
 }
 
 /// A metric window with its per-agent sequence number: the control plane stores each
@@ -161,6 +166,11 @@ pub enum ControlMessage {
     Ack {
         /// Their sequence numbers.
         seqs: Vec<u64>,
+    },
+    /// The agent's audit chain is stored up to this entry.
+    AuditAck {
+        /// The last entry stored.
+        seq: u64,
     },
 }
 

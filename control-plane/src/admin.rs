@@ -132,6 +132,7 @@ pub fn routes() -> Routes {
         .get("/v1/audit", P::ReadAudit, crate::audit::api::list)
         .get("/v1/audit/export", P::ReadAudit, crate::audit::api::export)
         .get("/v1/audit/key", P::ReadAudit, crate::audit::api::key)
+        .get("/v1/agents/{id}/audit", P::ReadAudit, crate::audit::api::agent)
         .merge(crate::auth::api::routes())
         .merge(crate::features::api::routes())
         .merge(crate::finetune::api::routes())

@@ -213,6 +213,15 @@ const MIGRATIONS: &[&str] = &[
     ) STRICT;
     CREATE INDEX login_failures_by_user ON login_failures (user, at);
     CREATE INDEX login_failures_by_address ON login_failures (address, at);",
+    // 7: each agent's own audit chain, as it ships it, checked on arrival.
+    "CREATE TABLE agent_audit (
+        agent_id    TEXT NOT NULL REFERENCES agents (id),
+        seq         INTEGER NOT NULL,
+        line        TEXT NOT NULL,
+        hash        TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (agent_id, seq)
+    ) STRICT, WITHOUT ROWID;",
 ];
 
 /// Errors of the control plane's database.

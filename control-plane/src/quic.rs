@@ -9,8 +9,8 @@ use falaj_common::enrollment::EnrollmentToken;
 use falaj_common::protocol::io::{read_frame, write_frame};
 use falaj_common::protocol::{
     self, ALPN_AGENT, ALPN_ENROLL, AgentMessage, ChunkHeader, ControlMessage, EnrollRequest,
-    EnrollResponse, Enrollment, FetchRequest, MAX_CHUNKS_PER_FETCH, MAX_WINDOWS_PER_BATCH,
-    SequencedWindow,
+    EnrollResponse, Enrollment, FetchRequest, MAX_AUDIT_PER_BATCH, MAX_CHUNKS_PER_FETCH,
+    MAX_WINDOWS_PER_BATCH, SequencedWindow,
 };
 use falaj_common::time::Timestamp;
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
@@ -261,6 +261,10 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     break;
                 }
             }
+            Ok(Some(AgentMessage::Audit(lines))) => {
+                let reply = store_audit(&shared, &agent, lines).await;
+                shared.send(&agent, reply).await;
+            }
             Ok(None) => break,
             Err(err) => {
                 tracing::debug!(%agent, error = %err, "session stream ended");
@@ -321,6 +325,26 @@ async fn ingest(
     }
     shared.send(agent, ControlMessage::Ack { seqs }).await;
     true
+}
+
+/// Stores a batch of the agent's audit chain; the acknowledgement, or the refusal of a
+/// batch that breaks the chain (recorded in the control plane's own log).
+async fn store_audit(shared: &Shared, agent: &str, lines: Vec<String>) -> ControlMessage {
+    if lines.len() > MAX_AUDIT_PER_BATCH {
+        return ControlMessage::Refused(format!("{} audit lines in one batch", lines.len()));
+    }
+    let (id, now) = (agent.to_owned(), Timestamp::from_system(SystemTime::now()));
+    match shared.db.call(move |c| audit::agents::store(c, &id, &lines, now)).await {
+        Ok(Ok(seq)) => ControlMessage::AuditAck { seq },
+        Ok(Err(reason)) => {
+            tracing::warn!(%agent, %reason, "refused an agent's audit entries");
+            ControlMessage::Refused(format!("audit entries refused: {reason}"))
+        }
+        Err(err) => {
+            tracing::error!(%agent, error = %err, "storing an agent's audit entries failed");
+            ControlMessage::Refused("internal error".into())
+        }
+    }
 }
 
 async fn renew(shared: &Shared, agent: &str, csr_der: &[u8]) {

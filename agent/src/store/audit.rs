@@ -71,7 +71,42 @@ fn head(conn: &Connection) -> rusqlite::Result<Chain> {
     })
 }
 
+/// The `settings` key of the last entry the control plane acknowledged.
+const SHIPPED: &str = "audit_shipped";
+
 impl Store {
+    /// Entries after the last one the control plane acknowledged, oldest first, at most
+    /// `limit`: (sequence number, line).
+    pub fn audit_unshipped(&self, limit: usize) -> Result<Vec<(u64, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT seq, line FROM audit
+                 WHERE seq > COALESCE((SELECT CAST(value AS INTEGER) FROM settings WHERE key = ?1), 0)
+                 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(self.db())?;
+        let rows = stmt
+            .query_map(params![SHIPPED, limit as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as u64, r.get(1)?))
+            })
+            .map_err(self.db())?;
+        rows.collect::<rusqlite::Result<_>>().map_err(self.db())
+    }
+
+    /// The control plane stored the chain up to `seq`.
+    pub fn audit_shipped(&mut self, seq: u64) -> Result<()> {
+        self.write_tx(|tx| {
+            tx.execute(
+                "INSERT INTO settings (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value
+                 WHERE CAST(settings.value AS INTEGER) < CAST(excluded.value AS INTEGER)",
+                params![SHIPPED, seq.to_string()],
+            )
+            .map(drop)
+        })
+    }
+
     /// The agent's audit key, made (with its public file) on first use.
     pub fn audit_key(&self) -> Result<SigningKey> {
         let path = self.dir.join(KEY_FILE);
@@ -153,5 +188,13 @@ mod tests {
         assert!(lines[1].contains("\"action\":\"enroll\""), "{}", lines[1]);
         let public = std::fs::read_to_string(store.dir().join(PUBLIC_FILE)).unwrap();
         assert_eq!(public.trim(), key.public().to_string());
+        // Shipping: what the control plane has not acknowledged, in order.
+        assert_eq!(
+            store.audit_unshipped(2).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        store.audit_shipped(2).unwrap();
+        store.audit_shipped(1).unwrap();
+        assert_eq!(store.audit_unshipped(10).unwrap().iter().map(|e| e.0).collect::<Vec<_>>(), [3]);
     }
 }

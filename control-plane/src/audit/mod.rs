@@ -13,6 +13,7 @@
 //! lines with the checkpoints among them: what `falaj-control audit verify` checks
 //! offline with the public key.
 
+pub mod agents;
 pub mod api;
 pub mod cli;
 pub mod key;
