@@ -318,7 +318,13 @@ pub fn lock(
     now: Timestamp,
 ) -> rusqlite::Result<Option<Lock>> {
     let since = Timestamp::from_unix(now.unix().saturating_sub(policy.horizon().as_secs()));
-    let by_user = failures_of(conn, "user", user, since)?;
+    // A user's failures count from its last successful login on; an address's all do.
+    let last_login: Option<i64> =
+        conn.query_row("SELECT MAX(created_at) FROM sessions WHERE user = ?1", [user], |r| {
+            r.get(0)
+        })?;
+    let user_since = last_login.map_or(since, |t| since.max(from_ts(t)));
+    let by_user = failures_of(conn, "user", user, user_since)?;
     if let Some(until) =
         rules::locked_until(&by_user, policy.failures, policy.window, policy.lockout, now)
     {
@@ -415,7 +421,8 @@ pub struct NewSession {
 }
 
 /// Opens a session for `user` after a correct password, unless a lock started
-/// meanwhile; forgets the user's failed logins.
+/// meanwhile. The user's earlier failures no longer count towards its lockout (they
+/// still count for the address).
 pub fn login_succeeded(
     conn: &mut Connection,
     user: &str,
@@ -433,7 +440,6 @@ pub fn login_succeeded(
         "INSERT INTO sessions (id, token_sha256, user, source, created_at, last_used) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
         params![id, sha.to_string(), user, address, ts(now)],
     )?;
-    tx.execute("DELETE FROM login_failures WHERE user = ?1", [user])?;
     record(&tx, now, "auth.login", &user_target(user), Outcome::Success, json!({"session": id}))?;
     tx.commit()?;
     Ok(Ok(NewSession { token, id }))
