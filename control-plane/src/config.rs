@@ -363,6 +363,15 @@ impl Checked for ControlConfig {
             Duration::from_secs(86_400),
         )?;
         within(path, "audit.checkpoint_entries", self.audit.checkpoint_entries, 1, 100_000_000)?;
+        if !self.audit.retention.is_zero() {
+            within(
+                path,
+                "audit.retention",
+                self.audit.retention,
+                Duration::from_secs(86_400),
+                Duration::from_secs(100 * 365 * 86_400),
+            )?;
+        }
         self.check_alerts(path)
     }
 }

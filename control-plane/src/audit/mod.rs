@@ -41,11 +41,19 @@ pub struct AuditConfig {
     pub checkpoint_every: Duration,
     /// Entries after which a checkpoint is signed sooner.
     pub checkpoint_entries: u64,
+    /// How long entries are kept; `0s` keeps them forever. Pruning keeps a signed
+    /// checkpoint of the last entry deleted as the chain's new anchor.
+    #[serde(with = "human_duration")]
+    pub retention: Duration,
 }
 
 impl Default for AuditConfig {
     fn default() -> Self {
-        Self { checkpoint_every: Duration::from_secs(300), checkpoint_entries: 1000 }
+        Self {
+            checkpoint_every: Duration::from_secs(300),
+            checkpoint_entries: 1000,
+            retention: Duration::ZERO,
+        }
     }
 }
 
@@ -217,6 +225,44 @@ pub fn export(
     Ok(lines)
 }
 
+/// Deletes the entries recorded before `before`, keeping what remains verifiable: the
+/// last entry deleted gets a signed checkpoint (unless it has one), kept as the anchor an
+/// export starts with. Recorded as `audit.prune`; returns how many entries went.
+pub fn prune(
+    conn: &mut Connection,
+    key: &SigningKey,
+    before: Timestamp,
+    now: Timestamp,
+) -> rusqlite::Result<u64> {
+    let tx = conn.transaction()?;
+    let last: Option<(i64, String)> = tx
+        .query_row(
+            "SELECT seq, hash FROM audit WHERE at < ?1 ORDER BY seq DESC LIMIT 1",
+            [ts(before)],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let Some((last, hash)) = last else { return Ok(0) };
+    let anchored: bool = tx.query_row(
+        "SELECT EXISTS (SELECT 1 FROM audit_checkpoints WHERE seq = ?1)",
+        [last],
+        |r| r.get(0),
+    )?;
+    if !anchored {
+        let anchor = Checkpoint::sign(last as u64, sha(&hash)?, now, key);
+        tx.execute(
+            "INSERT INTO audit_checkpoints (seq, at, line) VALUES (?1, ?2, ?3)",
+            params![last, ts(now), anchor.line()],
+        )?;
+    }
+    let deleted = tx.execute("DELETE FROM audit WHERE seq <= ?1", [last])? as u64;
+    tx.execute("DELETE FROM audit_checkpoints WHERE seq < ?1", [last])?;
+    let details = serde_json::json!({ "before": before, "entries": deleted, "anchor": last });
+    record(&tx, now, "audit.prune", "audit", Outcome::Success, details)?;
+    tx.commit()?;
+    Ok(deleted)
+}
+
 /// Which entries `audit list` shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuditQuery {
@@ -262,9 +308,12 @@ pub fn list(conn: &Connection, query: &AuditQuery) -> rusqlite::Result<Vec<Entry
     .collect()
 }
 
+/// How often entries past retention are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
 /// Signs checkpoints until `stop` turns true: when `config.checkpoint_entries` entries
 /// have been appended since the last one, or `config.checkpoint_every` has passed and
-/// any has; and once more on the way out.
+/// any has; and once more on the way out. Prunes entries past `config.retention` hourly.
 pub async fn run(
     shared: Arc<Shared>,
     config: AuditConfig,
@@ -273,6 +322,10 @@ pub async fn run(
     let mut ticks = tokio::time::interval(Duration::from_secs(1).min(config.checkpoint_every));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_signed = tokio::time::Instant::now();
+    // The first pass prunes at once.
+    let mut last_pruned = tokio::time::Instant::now()
+        .checked_sub(PRUNE_EVERY)
+        .unwrap_or_else(tokio::time::Instant::now);
     loop {
         let stopping = tokio::select! {
             _ = stop.wait_for(|s| *s) => true,
@@ -280,6 +333,22 @@ pub async fn run(
         };
         let due = stopping || last_signed.elapsed() >= config.checkpoint_every;
         let (key, entries) = (Arc::clone(&shared.audit_key), config.checkpoint_entries);
+        if !config.retention.is_zero() && (stopping || last_pruned.elapsed() >= PRUNE_EVERY) {
+            last_pruned = tokio::time::Instant::now();
+            let key = Arc::clone(&key);
+            let now = SystemTime::now();
+            let before = Timestamp::from_system(
+                now.checked_sub(config.retention).unwrap_or(SystemTime::UNIX_EPOCH),
+            );
+            match shared.db.call(move |c| prune(c, &key, before, Timestamp::from_system(now))).await
+            {
+                Ok(0) => {}
+                Ok(deleted) => {
+                    tracing::info!(deleted, %before, "pruned audit entries past retention");
+                }
+                Err(err) => tracing::error!(error = %err, "pruning the audit log failed"),
+            }
+        }
         let signed = shared
             .db
             .call(move |conn| {
@@ -393,5 +462,16 @@ mod tests {
             .map(|e| e.action)
             .collect();
         assert_eq!(actions, ["audit.export"]);
+
+        // Entries before a time pruned: the rest still verifies, from its anchor.
+        let later = Timestamp::from_unix(1_800_000_500);
+        db.call_sync(|c| db::event(c, later, "deploy", "edge", "fault@9")).unwrap();
+        assert_eq!(db.call_sync(|c| prune(c, &key, later, later)).unwrap(), 7);
+        let lines = db.call_sync(|c| export(c, &key, later)).unwrap();
+        assert!(lines[0].starts_with("{\"checkpoint\""), "the anchor first: {lines:#?}");
+        let verified =
+            falaj_common::audit::verify(lines.iter().map(String::as_str), &[key.public()]).unwrap();
+        // The deploy, the prune, the export.
+        assert_eq!((verified.first, verified.last), (Some(8), Some(10)));
     }
 }
