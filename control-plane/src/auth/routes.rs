@@ -1,6 +1,6 @@
 //! Routes with their access declared where they are added. [`Routes`] is the only way
 //! the admin API's routes are built: each method of each path names its
-//! [`Access`](super::Access) (a permission, or public), the pair goes into a table, and
+//! [`Access`] (a permission, or public), the pair goes into a table, and
 //! [`Routes::finish`] puts the [gate](super::gate) in front of every route. The gate
 //! looks each request's matched route up in that table and refuses (500, logged as the
 //! bug it is) a route that has no entry, so a route slipped in beside the table is closed,
