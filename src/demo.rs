@@ -493,7 +493,11 @@ async fn show_finetune(
 ) -> Result<()> {
     println!();
     let site = generate(4000, 77, &[Shift { feature: 1, offset: 3.0 }]);
-    let data = dir.join(format!("agent-{AGENTS}")).join("site-labels.csv");
+    // Ordered jobs read only from the agent's site data directory.
+    let site_data = dir.join(format!("agent-{AGENTS}")).join(falaj_agent::sync::SITE_DATA);
+    std::fs::create_dir_all(&site_data)
+        .with_context(|| format!("creating {}", site_data.display()))?;
+    let data = site_data.join("site-labels.csv");
     std::fs::write(&data, falaj_common::sample::csv(&site.features, Some(&site.labels)))
         .with_context(|| format!("writing {}", data.display()))?;
     let order = json!({"agent": agent, "job": {"model": MODEL, "version": version,

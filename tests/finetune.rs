@@ -62,8 +62,11 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     })
     .await;
 
-    // The site's labelled data stays on the agent's machine; the job names its path there.
-    let data = work.join("site.csv");
+    // The site's labelled data stays on the agent's machine, in its site data directory;
+    // the job names its path there.
+    let site_data = agent.dir.join(falaj_agent::sync::SITE_DATA);
+    std::fs::create_dir_all(&site_data).unwrap();
+    let data = site_data.join("site.csv");
     write_site_data(&data);
     let job_file = work.join("job.toml");
     std::fs::write(
@@ -179,6 +182,34 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     ];
     let events: Vec<(&str, &str)> = events.iter().map(|(k, s)| (k.as_str(), s.as_str())).collect();
     assert_eq!(events, expected);
+
+    // Hostile orders: a file outside the site data directory (directly, by `..` or through
+    // a symbolic link) is refused without a hint of whether it exists, and a file inside
+    // it whose content does not fit never has that content echoed in the report.
+    std::fs::write(site_data.join("secret.csv"), "TOP-SECRET-LINE,x\n1,2\n").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", site_data.join("passwd.csv")).unwrap();
+    let hostile = [
+        ("tune-4", "/etc/passwd".to_owned()),
+        ("tune-5", format!("{}/../../../../etc/passwd", site_data.display())),
+        ("tune-6", "passwd.csv".to_owned()),
+        ("tune-7", "secret.csv".to_owned()),
+    ];
+    for (id, file) in &hostile {
+        let order = json!({"agent": agent_id, "id": id,
+            "job": {"model": "pumps", "data": {"file": file, "label": "label"}}});
+        control.client.order_finetune(&order).await.unwrap();
+    }
+    for (id, file) in &hostile {
+        let job = finished(&control, id).await;
+        assert_eq!(job["state"], "failed", "{job}");
+        let detail = job["report"]["detail"].as_str().unwrap_or_default();
+        assert!(!detail.contains("root:") && !detail.contains("TOP-SECRET"), "{id}: {detail}");
+        if *id == "tune-7" {
+            assert!(detail.contains("no column \"label\""), "{detail}");
+        } else {
+            assert!(detail.contains("must be inside the site data directory"), "{file}: {detail}");
+        }
+    }
     agent.stop().await;
     control.stop().await;
 }

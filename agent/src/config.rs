@@ -44,6 +44,17 @@ pub struct AgentConfig {
     pub rollouts: RolloutsConfig,
     /// Ground truth joined to earlier answers.
     pub feedback: FeedbackConfig,
+    /// Fine-tune jobs ordered by the control plane.
+    pub finetune: FinetuneConfig,
+}
+
+/// `[finetune]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinetuneConfig {
+    /// The only directory an ordered job may read its data from (default:
+    /// `DATA_DIR/site-data`).
+    pub site_data: Option<PathBuf>,
 }
 
 /// `[rollouts]`.
@@ -147,6 +158,7 @@ impl Default for AgentConfig {
             engine: EngineConfig::default(),
             rollouts: RolloutsConfig::default(),
             feedback: FeedbackConfig::default(),
+            finetune: FinetuneConfig::default(),
         }
     }
 }
@@ -223,6 +235,7 @@ impl AgentConfig {
                 window: self.metrics.window,
                 outbox_cap: self.metrics.outbox_cap,
             }),
+            site_data: self.finetune.site_data.clone(),
         }
     }
 }

@@ -40,6 +40,9 @@ pub struct SyncConfig {
     pub parallel_fetches: usize,
     /// Metric windows and their outbox; `None` when measuring is off.
     pub report: Option<ReportConfig>,
+    /// The only directory ordered fine-tune jobs may read data from; `None`:
+    /// `DATA_DIR/site-data`.
+    pub site_data: Option<PathBuf>,
 }
 
 impl Default for SyncConfig {
@@ -49,6 +52,7 @@ impl Default for SyncConfig {
             max_backoff: Duration::from_secs(60),
             parallel_fetches: 8,
             report: Some(ReportConfig::default()),
+            site_data: None,
         }
     }
 }
@@ -87,6 +91,9 @@ pub struct Syncer {
     /// The ids of the jobs the applied document orders: what reports cover.
     jobs: Mutex<Vec<String>>,
 }
+
+/// The site data directory inside the data directory, when none is configured.
+pub const SITE_DATA: &str = "site-data";
 
 /// How long an unacknowledged batch of windows waits before it is sent again.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -238,9 +245,11 @@ impl Syncer {
                     tracing::info!(job = %job.id, model = %job.job.model, "fine-tune job started");
                     let id = job.id.clone();
                     let (dir, gpu) = (self.data_dir.clone(), self.gpu_options());
-                    let ran =
-                        tokio::task::spawn_blocking(move || finetune::run_ordered(&dir, &job, gpu))
-                            .await;
+                    let site = self.site_data();
+                    let ran = tokio::task::spawn_blocking(move || {
+                        finetune::run_ordered(&dir, &site, &job, gpu)
+                    })
+                    .await;
                     let report = ran.unwrap_or_else(|e| {
                         JobReport::failed(&id, format!("the job's task failed: {e}"))
                     });
@@ -260,6 +269,11 @@ impl Syncer {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    /// Where ordered fine-tune jobs may read their data.
+    pub fn site_data(&self) -> PathBuf {
+        self.config.site_data.clone().unwrap_or_else(|| self.data_dir.join(SITE_DATA))
     }
 
     fn gpu_options(&self) -> GpuOptions {

@@ -145,6 +145,7 @@ pub fn sync_config() -> SyncConfig {
         max_backoff: Duration::from_millis(500),
         parallel_fetches: 4,
         report: Some(ReportConfig { window: Duration::from_millis(200), outbox_cap: 100_000 }),
+        site_data: None,
     }
 }
 

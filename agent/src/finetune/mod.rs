@@ -67,8 +67,11 @@ pub enum FinetuneError {
     Data {
         /// The file.
         path: PathBuf,
-        /// What is wrong, with the row and column where it helps.
+        /// What is wrong, with the row, column and value where it helps.
         problem: String,
+        /// The same without anything read from the file (its header, its values): what a
+        /// report to the control plane may carry.
+        public: String,
     },
     /// The backbone could not compute the features.
     #[error("model {model}: computing the backbone's features: {problem}")]
@@ -92,6 +95,58 @@ pub enum FinetuneError {
     /// The store failed or refused.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl FinetuneError {
+    /// A data problem whose message holds nothing read from the file.
+    fn data(path: &Path, problem: impl Into<String>) -> Self {
+        let problem = problem.into();
+        Self::Data { path: path.to_owned(), public: problem.clone(), problem }
+    }
+
+    /// What may leave the site in a job's report: never a value, a header or a message
+    /// of the file's parser, so an order cannot read files through its report.
+    pub fn reportable(&self) -> String {
+        match self {
+            Self::Data { path, public, .. } => {
+                format!("training data {}: {public}", path.display())
+            }
+            Self::Source(SourceError::Io { path, source }) => {
+                format!("reading {}: {}", path.display(), source.kind())
+            }
+            Self::Source(SourceError::Csv { path, .. }) => {
+                format!("{}: not CSV of the expected shape", path.display())
+            }
+            Self::Source(SourceError::Parquet { path, .. }) => {
+                format!("{}: not readable Parquet", path.display())
+            }
+            other => other.to_string(),
+        }
+    }
+}
+
+/// The data file of an ordered job, inside `site` (the site data directory): a relative
+/// path is taken from there, and a path that leads out of it, by `..` or a symbolic link,
+/// is refused with the same message whether or not it exists.
+pub fn confine(file: &Path, site: &Path) -> Result<PathBuf, String> {
+    let refused = || {
+        format!(
+            "the data file must be inside the site data directory {} ([finetune] site_data)",
+            site.display()
+        )
+    };
+    let joined = if file.is_absolute() { file.to_owned() } else { site.join(file) };
+    if joined.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(refused());
+    }
+    let site_real = site.canonicalize().map_err(|_| refused())?;
+    if !joined.starts_with(site) && !joined.starts_with(&site_real) {
+        return Err(refused());
+    }
+    let real = joined.canonicalize().map_err(|e| {
+        format!("data file {} in the site data directory: {}", file.display(), e.kind())
+    })?;
+    if real.starts_with(&site_real) { Ok(real) } else { Err(refused()) }
 }
 
 /// Reads a job file (TOML): how air-gapped sites are given jobs.
@@ -169,9 +224,11 @@ pub fn run(
         weights: head.weights.clone(),
         bias: head.bias.clone(),
     };
-    examples
-        .check(&start)
-        .map_err(|problem| FinetuneError::Data { path: job.data.file.clone(), problem })?;
+    examples.check(&start).map_err(|problem| FinetuneError::Data {
+        path: job.data.file.clone(),
+        problem,
+        public: "the labels do not fit the model's outputs".into(),
+    })?;
 
     progress.stage("training");
     let (outcome, engine) = train(job, gpu, examples, &start, progress)?;
@@ -224,14 +281,27 @@ pub fn run(
 
 /// Runs a job the control plane ordered, on a store of its own (training can take
 /// minutes; the agent's other work goes on), and says how it ended. Blocking.
-pub fn run_ordered(data_dir: &Path, ordered: &DesiredJob, gpu: GpuOptions) -> JobReport {
+pub fn run_ordered(
+    data_dir: &Path,
+    site_data: &Path,
+    ordered: &DesiredJob,
+    gpu: GpuOptions,
+) -> JobReport {
     let failed = |detail: String| JobReport::failed(&ordered.id, detail);
     let mut store = match Store::open(data_dir) {
         Ok(store) => store,
         Err(e) => return failed(e.to_string()),
     };
+    let mut job = ordered.job.clone();
+    job.data.file = match confine(&job.data.file, site_data) {
+        Ok(file) => file,
+        Err(refused) => {
+            tracing::warn!(job = %ordered.id, file = %ordered.job.data.file.display(), "a fine-tune job's data file is outside the site data directory");
+            return failed(refused);
+        }
+    };
     let mut progress = Logged { job: &ordered.id };
-    match run(&mut store, &ordered.job, gpu, SystemTime::now(), &mut progress) {
+    match run(&mut store, &job, gpu, SystemTime::now(), &mut progress) {
         Ok(finished) => JobReport {
             id: ordered.id.clone(),
             state: JobState::Succeeded,
@@ -248,7 +318,7 @@ pub fn run_ordered(data_dir: &Path, ordered: &DesiredJob, gpu: GpuOptions) -> Jo
         },
         Err(e) => {
             tracing::warn!(job = %ordered.id, error = %e, "fine-tune job failed");
-            failed(e.to_string())
+            failed(e.reportable())
         }
     }
 }
@@ -327,7 +397,7 @@ fn read_data(
     width: usize,
 ) -> Result<(Vec<f32>, Vec<f32>), FinetuneError> {
     let path = &source.file;
-    let data_err = |problem: String| FinetuneError::Data { path: path.clone(), problem };
+    let data_err = |problem: String| FinetuneError::data(path, problem);
     let feature_input = parent.manifest.model().and_then(|m| m.features.as_ref());
     let mut sink = Collect {
         label: source.label.clone(),
@@ -348,7 +418,13 @@ fn read_data(
     match falaj_tables::read(path, format, &mut sink) {
         Ok(_) => {}
         Err(ReadError::Source(e)) => return Err(e.into()),
-        Err(ReadError::Sink(problem)) => return Err(data_err(problem)),
+        Err(ReadError::Sink(problem)) => {
+            return Err(FinetuneError::Data {
+                path: path.clone(),
+                problem: problem.full,
+                public: problem.public,
+            });
+        }
     }
     if sink.targets.is_empty() {
         return Err(data_err("it holds no rows".into()));
@@ -396,15 +472,29 @@ struct Collect {
     entities: Vec<String>,
 }
 
-impl RowSink for Collect {
-    type Error = String;
+/// A problem with the data file's rows: in full for the site, and without what was read
+/// from the file for a report.
+#[derive(Debug)]
+struct DataProblem {
+    full: String,
+    public: String,
+}
 
-    fn header(&mut self, names: &[&str]) -> Result<(), String> {
+impl From<String> for DataProblem {
+    fn from(full: String) -> Self {
+        Self { public: full.clone(), full }
+    }
+}
+
+impl RowSink for Collect {
+    type Error = DataProblem;
+
+    fn header(&mut self, names: &[&str]) -> Result<(), DataProblem> {
         let find = |name: &str| {
-            names
-                .iter()
-                .position(|n| *n == name)
-                .ok_or_else(|| format!("no column {name:?} (the columns are {})", names.join(", ")))
+            names.iter().position(|n| *n == name).ok_or_else(|| DataProblem {
+                full: format!("no column {name:?} (the columns are {})", names.join(", ")),
+                public: format!("no column {name:?}"),
+            })
         };
         self.label_at = find(&self.label)?;
         self.entity_at = self.entity.as_deref().map(find).transpose()?;
@@ -417,14 +507,15 @@ impl RowSink for Collect {
                 "{} feature columns, but the model takes {} features per row",
                 self.feature_at.len(),
                 self.width
-            ));
+            )
+            .into());
         }
         self.names = names.iter().map(|&n| n.to_owned()).collect();
         Ok(())
     }
 
-    fn row(&mut self, number: u64, cells: &[Cell<'_>]) -> Result<(), String> {
-        let number_at = |at: usize| -> Result<f32, String> {
+    fn row(&mut self, number: u64, cells: &[Cell<'_>]) -> Result<(), DataProblem> {
+        let number_at = |at: usize| -> Result<f32, DataProblem> {
             let value = match cells.get(at) {
                 Some(Cell::Float(v)) => Some(*v as f32),
                 Some(Cell::Int(v)) => Some(*v as f32),
@@ -434,7 +525,13 @@ impl RowSink for Collect {
             value.filter(|v| v.is_finite()).ok_or_else(|| {
                 let cell =
                     cells.get(at).map_or_else(|| "(missing)".to_owned(), ToString::to_string);
-                format!("row {number}, column {:?}: {cell} is not a finite number", self.names[at])
+                DataProblem {
+                    full: format!(
+                        "row {number}, column {:?}: {cell} is not a finite number",
+                        self.names[at]
+                    ),
+                    public: format!("row {number}, column {}: not a finite number", at + 1),
+                }
             })
         };
         self.targets.push(number_at(self.label_at)?);
@@ -443,11 +540,14 @@ impl RowSink for Collect {
                 Some(Cell::Text(t)) => (*t).to_owned(),
                 Some(Cell::Int(i)) => i.to_string(),
                 other => {
-                    return Err(format!(
-                        "row {number}, column {:?}: {} is not an entity id",
-                        self.names[at],
-                        other.map_or_else(|| "(missing)".to_owned(), ToString::to_string)
-                    ));
+                    return Err(DataProblem {
+                        full: format!(
+                            "row {number}, column {:?}: {} is not an entity id",
+                            self.names[at],
+                            other.map_or_else(|| "(missing)".to_owned(), ToString::to_string)
+                        ),
+                        public: format!("row {number}, column {}: not an entity id", at + 1),
+                    });
                 }
             }),
             None => {
