@@ -25,6 +25,7 @@
 //!   behind a trait), the gate that decides whether it replaces its parent, its lineage.
 //! - [`audit`]: the audit log's hash chain, signed checkpoints and offline verification.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
+//! - [`text`]: outside text made safe to print on a terminal.
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
 //! - [`onnx`] (feature `onnx`): loading, inspecting, running and writing ONNX models
 //!   with tract, shared so that control plane and agents agree on what a model is.
@@ -60,6 +61,7 @@ pub mod rollout;
 pub mod sample;
 pub mod sketch;
 pub mod tensor;
+pub mod text;
 pub mod time;
 pub mod train;
 pub mod trust;

@@ -20,6 +20,7 @@ use falaj_common::bundle::{FeatureInput, RuntimeHint};
 use falaj_common::drift::DriftScores;
 use falaj_common::metrics::ColumnDrift;
 use falaj_common::tensor::InputShape;
+use falaj_common::text::printable;
 use falaj_common::trust::TrustRoot;
 
 use crate::admin::{AlertsView, MetricsView};
@@ -740,29 +741,42 @@ fn deploy(args: DeployArgs) -> Result<(), Failure> {
 }
 
 fn print_agents(agents: &[serde_json::Value]) {
-    println!(
+    print!("{}", render_agents(agents));
+}
+
+/// The fleet table of `agents`. What agents report is printed escaped
+/// ([`printable`]): a hostile agent cannot drive the terminal of whoever reads it.
+pub fn render_agents(agents: &[serde_json::Value]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
         "{:<20} {:<12} {:<10} {:<10} {:<6} {:<22} {:<24} {:<24} ERRORS",
         "AGENT", "GROUP", "REGION", "STATUS", "READY", "LAST SEEN", "ACTIVE", "HELD"
     );
     let list = |v: &serde_json::Value| {
         let items: Vec<&str> =
             v.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
-        if items.is_empty() { "-".to_owned() } else { items.join(",") }
+        if items.is_empty() { "-".to_owned() } else { printable(&items.join(",")).into_owned() }
+    };
+    let text = |v: &serde_json::Value, missing: &'static str| {
+        printable(v.as_str().unwrap_or(missing)).into_owned()
     };
     for a in agents {
-        println!(
+        let _ = writeln!(
+            out,
             "{:<20} {:<12} {:<10} {:<10} {:<6} {:<22} {:<24} {:<24} {}",
-            a["id"].as_str().unwrap_or("?"),
-            a["group"].as_str().unwrap_or("?"),
-            a["region"].as_str().unwrap_or("?"),
-            a["status"].as_str().unwrap_or("?"),
+            text(&a["id"], "?"),
+            text(&a["group"], "?"),
+            text(&a["region"], "?"),
+            text(&a["status"], "?"),
             if a["ready"].as_bool() == Some(true) { "yes" } else { "no" },
-            a["last_seen"].as_str().unwrap_or("never"),
+            text(&a["last_seen"], "never"),
             list(&a["active"]),
             list(&a["held"]),
             list(&a["errors"]),
         );
     }
+    out
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
@@ -1024,6 +1038,18 @@ mod tests {
     use falaj_common::time::Timestamp;
 
     use super::*;
+
+    #[test]
+    fn what_agents_report_cannot_drive_the_terminal() {
+        let agents = serde_json::json!([{
+            "id": "agent-1", "group": "edge", "region": "eu-west-1", "status": "connected",
+            "ready": true, "last_seen": "2026-12-04T10:00:00Z", "active": ["fault@1"],
+            "held": ["fault@1"], "errors": ["disk full\u{1b}[2J\u{1b}]0;pwned\u{7}"],
+        }]);
+        let table = render_agents(agents.as_array().unwrap());
+        assert!(!table.contains('\u{1b}') && !table.contains('\u{7}'), "{table:?}");
+        assert!(table.contains("disk full\\u{1b}[2J"), "{table}");
+    }
 
     #[test]
     fn metrics_mark_the_variants_of_a_rollout_and_only_then() {

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Subcommand};
 use falaj_common::audit::{self, Entry};
 use falaj_common::keys::PublicKey;
+use falaj_common::text::printable;
 use falaj_common::time::Timestamp;
 
 use super::AuditQuery;
@@ -137,11 +138,11 @@ pub fn render(entries: &[Entry]) -> String {
             "{:>6} {:<20} {:<24} {:<16} {:<22} {:<8} {}",
             e.seq,
             e.at.to_string(),
-            e.actor,
-            e.source.as_deref().unwrap_or("-"),
-            e.action,
+            printable(&e.actor),
+            printable(e.source.as_deref().unwrap_or("-")),
+            printable(&e.action),
             super::outcome_name(e.outcome),
-            e.target
+            printable(&e.target)
         );
     }
     out

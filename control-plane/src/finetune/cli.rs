@@ -130,7 +130,8 @@ pub fn render_job(job: &Value) -> String {
     );
     let report = &job["report"];
     if let Some(detail) = report["detail"].as_str() {
-        let _ = writeln!(out, "  {detail}");
+        // The agent's words, escaped: they reach an operator's terminal.
+        let _ = writeln!(out, "  {}", falaj_common::text::printable(detail));
     }
     let lineage = &report["lineage"];
     if lineage.is_object() {

@@ -285,7 +285,8 @@ pub fn render_status(view: &RolloutView) -> String {
         r.state.name()
     );
     if let Some(reason) = &r.reason {
-        let _ = writeln!(out, "  reason: {reason}");
+        // Agents' words, escaped: they reach an operator's terminal.
+        let _ = writeln!(out, "  reason: {}", falaj_common::text::printable(reason));
     }
     let step = view.step.map_or_else(|| "-".to_owned(), |i| (i + 1).to_string());
     let _ = write!(out, "  step {step}/{}, candidate share {}", r.plan.shares.len(), view.share);
@@ -380,7 +381,12 @@ fn render_agents(out: &mut String, view: &RolloutView) {
                     |i| format!("{}/{}", i + 1, r.plan.shares.len()),
                 ),
                 if rep.rolled_back {
-                    format!("rolled back: {}", rep.reason.as_deref().unwrap_or("no reason given"))
+                    format!(
+                        "rolled back: {}",
+                        falaj_common::text::printable(
+                            rep.reason.as_deref().unwrap_or("no reason given")
+                        )
+                    )
                 } else {
                     "following".to_owned()
                 },
