@@ -144,6 +144,16 @@ impl IdentityFiles {
             source,
         })?;
         let key = KeyPair::from_pem(&pem).map_err(|e| invalid("the pending key")(&e))?;
+        // A late answer to an earlier request certifies another key: installed with this
+        // one, the agent could not connect again. The working identity stays, and so does
+        // the pending key, for the answer that matches it.
+        let (_, cert) = x509_parser::parse_x509_certificate(cert_der)
+            .map_err(|e| invalid("the renewed certificate")(&e))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(IdentityError::Invalid(
+                "the renewed certificate is for another key than the one pending (a late answer to an earlier request); the current identity is kept".into(),
+            ));
+        }
         self.store_identity(&key, cert_der)?;
         let _ = fs::remove_file(path);
         Ok(())
@@ -288,5 +298,39 @@ impl ServerCertVerifier for PinnedCa {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.provider.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn certificate_for(request: &KeyRequest) -> Vec<u8> {
+        CertificateParams::new(vec!["agent".to_owned()])
+            .and_then(|p| p.self_signed(&request.key))
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_late_renewal_for_another_key_never_replaces_the_working_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = IdentityFiles::new(dir.path());
+        let enrolled = KeyRequest::generate().unwrap();
+        files.store(&enrolled, &certificate_for(&enrolled), &certificate_for(&enrolled)).unwrap();
+        let working = fs::read(dir.path().join("identity/identity.pem")).unwrap();
+        // Two renewals: the first one's answer arrives after the second was requested.
+        let first = KeyRequest::generate().unwrap();
+        let second = KeyRequest::generate().unwrap();
+        files.store_pending(&first).unwrap();
+        files.store_pending(&second).unwrap();
+        let err = files.install_renewed(&certificate_for(&first)).unwrap_err();
+        assert!(err.to_string().contains("for another key"), "{err}");
+        assert_eq!(fs::read(dir.path().join("identity/identity.pem")).unwrap(), working);
+        // The answer to the second request is installed.
+        files.install_renewed(&certificate_for(&second)).unwrap();
+        let renewed = fs::read_to_string(dir.path().join("identity/identity.pem")).unwrap();
+        assert!(renewed.contains(&second.key.serialize_pem()), "the pending key is in use");
     }
 }
