@@ -28,8 +28,11 @@ pub const ALPN_AGENT: &[u8] = b"falaj-agent/1";
 /// The name in the control plane's certificate that agents verify (trust is anchored in
 /// the CA pinned at enrollment, not in DNS).
 pub const SERVER_NAME: &str = "control.falaj";
-/// Largest frame accepted.
+/// Largest frame accepted on agents' sessions and fetch streams.
 pub const MAX_FRAME: usize = 16 << 20;
+/// Largest enrollment request or response: a token, a CSR, a certificate chain and the
+/// trust root fit in a few KiB.
+pub const MAX_ENROLL_FRAME: usize = 64 << 10;
 /// Most chunks one fetch request may ask for.
 pub const MAX_CHUNKS_PER_FETCH: usize = 4096;
 /// Most metric windows in one [`AgentMessage::Windows`].
@@ -193,9 +196,14 @@ pub struct ChunkHeader {
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum FrameError {
-    /// The length prefix is over [`MAX_FRAME`].
-    #[error("frame of {0} bytes is larger than the {MAX_FRAME} allowed")]
-    TooLarge(usize),
+    /// The length prefix is over the reader's limit.
+    #[error("frame of {len} bytes is larger than the {max} allowed")]
+    TooLarge {
+        /// The length announced.
+        len: usize,
+        /// The largest the reader accepts.
+        max: usize,
+    },
     /// The frame does not decode as the expected message.
     #[error("frame does not decode: {0}")]
     Malformed(String),
@@ -210,11 +218,16 @@ pub fn encode<T: Serialize>(message: &T) -> Vec<u8> {
     frame
 }
 
-/// The body length announced by a frame's 4-byte prefix.
+/// The body length announced by a frame's 4-byte prefix, refused over [`MAX_FRAME`].
 pub fn frame_len(prefix: [u8; 4]) -> Result<usize, FrameError> {
+    frame_len_within(prefix, MAX_FRAME)
+}
+
+/// The body length announced by a frame's 4-byte prefix, refused over `max`.
+pub fn frame_len_within(prefix: [u8; 4], max: usize) -> Result<usize, FrameError> {
     let len = u32::from_be_bytes(prefix) as usize;
-    if len > MAX_FRAME {
-        return Err(FrameError::TooLarge(len));
+    if len > max {
+        return Err(FrameError::TooLarge { len, max });
     }
     Ok(len)
 }
@@ -299,7 +312,17 @@ mod tests {
 
     #[test]
     fn oversized_and_garbage_frames_are_refused() {
-        assert_eq!(frame_len(u32::MAX.to_be_bytes()), Err(FrameError::TooLarge(u32::MAX as usize)));
+        let len = u32::MAX as usize;
+        assert_eq!(
+            frame_len(u32::MAX.to_be_bytes()),
+            Err(FrameError::TooLarge { len, max: MAX_FRAME })
+        );
+        let prefix = (MAX_ENROLL_FRAME as u32 + 1).to_be_bytes();
+        assert_eq!(
+            frame_len_within(prefix, MAX_ENROLL_FRAME),
+            Err(FrameError::TooLarge { len: MAX_ENROLL_FRAME + 1, max: MAX_ENROLL_FRAME })
+        );
+        assert_eq!(frame_len(prefix), Ok(MAX_ENROLL_FRAME + 1));
         assert!(matches!(
             decode::<AgentMessage>(&[0xff, 0xff, 0xff]),
             Err(FrameError::Malformed(_))
@@ -308,14 +331,23 @@ mod tests {
 }
 
 /// Reading and writing frames on async streams.
+///
+/// A frame's body is read in chunks of at most [`io::READ_CHUNK`] bytes into a buffer that
+/// grows as bytes arrive: a peer that announces a large frame and sends part of it holds
+/// about what it sent (at most twice that, plus one chunk), not what it announced.
 #[cfg(feature = "tokio")]
 pub mod io {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
     use serde::Serialize;
     use serde::de::DeserializeOwned;
     use thiserror::Error;
     use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-    use super::{FrameError, decode, encode, frame_len};
+    use super::{FrameError, MAX_FRAME, decode, encode, frame_len_within};
+
+    /// The most bytes a frame's buffer grows by per read.
+    pub const READ_CHUNK: usize = 64 << 10;
 
     /// Why a frame could not be read or written.
     #[derive(Debug, Error)]
@@ -328,9 +360,22 @@ pub mod io {
         Frame(#[from] FrameError),
     }
 
-    /// Reads one frame; `None` at a clean end of stream (before any byte of a frame).
+    /// Reads one frame of at most [`MAX_FRAME`] bytes; `None` at a clean end of stream
+    /// (before any byte of a frame).
     pub async fn read_frame<T: DeserializeOwned>(
         stream: &mut (impl AsyncRead + Unpin),
+    ) -> Result<Option<T>, FrameIoError> {
+        read_frame_within(stream, MAX_FRAME, &AtomicU64::new(0)).await
+    }
+
+    /// Reads one frame of at most `max` bytes (refused as soon as its prefix announces
+    /// more); `None` at a clean end of stream. While it reads, `held` counts the bytes its
+    /// buffer holds (capacity, not length); they are subtracted again when it returns or
+    /// is dropped, so a caller that shares one counter among readers sees their total.
+    pub async fn read_frame_within<T: DeserializeOwned>(
+        stream: &mut (impl AsyncRead + Unpin),
+        max: usize,
+        held: &AtomicU64,
     ) -> Result<Option<T>, FrameIoError> {
         let mut prefix = [0u8; 4];
         let mut got = 0;
@@ -344,9 +389,44 @@ pub mod io {
             }
             got += n;
         }
-        let mut body = vec![0u8; frame_len(prefix)?];
-        stream.read_exact(&mut body).await?;
-        Ok(Some(decode(&body)?))
+        let len = frame_len_within(prefix, max)?;
+        let mut body = Held { bytes: Vec::with_capacity(len.min(READ_CHUNK)), counted: 0, held };
+        body.count();
+        while body.bytes.len() < len {
+            let start = body.bytes.len();
+            let want = (len - start).min(READ_CHUNK);
+            body.bytes.resize(start + want, 0);
+            body.count();
+            let n = stream.read(&mut body.bytes[start..]).await?;
+            body.bytes.truncate(start + n);
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+        }
+        Ok(Some(decode(&body.bytes)?))
+    }
+
+    /// A frame's buffer, whose capacity is counted in `held` until it is dropped.
+    struct Held<'a> {
+        bytes: Vec<u8>,
+        counted: u64,
+        held: &'a AtomicU64,
+    }
+
+    impl Held<'_> {
+        fn count(&mut self) {
+            let capacity = self.bytes.capacity() as u64;
+            if capacity > self.counted {
+                self.held.fetch_add(capacity - self.counted, Ordering::Relaxed);
+                self.counted = capacity;
+            }
+        }
+    }
+
+    impl Drop for Held<'_> {
+        fn drop(&mut self) {
+            self.held.fetch_sub(self.counted, Ordering::Relaxed);
+        }
     }
 
     /// Writes one frame.
@@ -356,5 +436,100 @@ pub mod io {
     ) -> Result<(), FrameIoError> {
         stream.write_all(&encode(message)).await?;
         Ok(())
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::pin::Pin;
+        use std::sync::Arc;
+        use std::task::{Context, Poll};
+
+        use tokio::io::ReadBuf;
+
+        use super::*;
+        use crate::protocol::{EnrollRequest, MAX_ENROLL_FRAME};
+
+        /// Hands out `data` in pieces of `piece` bytes, then ends; on every read checks
+        /// that the reader holds at most twice what it was given plus one chunk.
+        struct Trickle {
+            data: Vec<u8>,
+            at: usize,
+            piece: usize,
+            held: Arc<AtomicU64>,
+            peak: u64,
+        }
+
+        impl AsyncRead for Trickle {
+            fn poll_read(
+                mut self: Pin<&mut Self>,
+                _: &mut Context<'_>,
+                buf: &mut ReadBuf<'_>,
+            ) -> Poll<std::io::Result<()>> {
+                let held = self.held.load(Ordering::Relaxed);
+                assert!(
+                    held <= 2 * self.at as u64 + READ_CHUNK as u64,
+                    "{held} bytes held after {} received",
+                    self.at
+                );
+                self.peak = self.peak.max(held);
+                let n = self.piece.min(self.data.len() - self.at).min(buf.remaining());
+                let at = self.at;
+                buf.put_slice(&self.data[at..at + n]);
+                self.at += n;
+                Poll::Ready(Ok(()))
+            }
+        }
+
+        fn trickle(data: Vec<u8>, piece: usize) -> Trickle {
+            Trickle { data, at: 0, piece, held: Arc::new(AtomicU64::new(0)), peak: 0 }
+        }
+
+        #[tokio::test]
+        async fn a_partly_sent_frame_holds_what_arrived_not_what_was_announced() {
+            // 15 MiB announced, 6 MiB sent, then the stream ends.
+            let mut data = (15u32 << 20).to_be_bytes().to_vec();
+            data.resize(4 + (6 << 20), 7);
+            let mut stream = trickle(data, 100_000);
+            let held = Arc::clone(&stream.held);
+            let read = read_frame_within::<Vec<u8>>(&mut stream, MAX_FRAME, &held).await;
+            assert!(
+                matches!(read, Err(FrameIoError::Io(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof)
+            );
+            assert!(stream.peak >= 6 << 20 && stream.peak <= (12 << 20) + READ_CHUNK as u64);
+            assert_eq!(held.load(Ordering::Relaxed), 0, "released when the read ends");
+        }
+
+        #[tokio::test]
+        async fn an_oversized_announcement_is_refused_before_any_body_is_read() {
+            let mut data = (15u32 << 20).to_be_bytes().to_vec();
+            data.resize(4 + 1000, 7);
+            let mut stream = trickle(data, 4);
+            let held = Arc::clone(&stream.held);
+            let read = read_frame_within::<EnrollRequest>(&mut stream, MAX_ENROLL_FRAME, &held);
+            match read.await {
+                Err(FrameIoError::Frame(FrameError::TooLarge { len, max })) => {
+                    assert_eq!((len, max), (15 << 20, MAX_ENROLL_FRAME));
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+            assert_eq!(stream.at, 4, "nothing past the prefix was read");
+            assert_eq!(stream.peak, 0);
+        }
+
+        #[tokio::test]
+        async fn frames_within_the_limit_round_trip_in_small_pieces() {
+            let request = EnrollRequest {
+                token: "t".into(),
+                csr_der: vec![9; 3000],
+                hostname: "h".into(),
+                agent_version: "0".into(),
+            };
+            let mut stream = trickle(encode(&request), 7);
+            let held = Arc::clone(&stream.held);
+            let read = read_frame_within::<EnrollRequest>(&mut stream, MAX_ENROLL_FRAME, &held);
+            assert_eq!(read.await.unwrap(), Some(request));
+            assert_eq!(held.load(Ordering::Relaxed), 0);
+            assert!(read_frame::<EnrollRequest>(&mut stream).await.unwrap().is_none());
+        }
     }
 }
