@@ -5,7 +5,7 @@
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -53,13 +53,14 @@ impl BlobStore for FsBlobStore {
             return Ok(());
         }
         let parent = path.parent().expect("blob paths have a parent");
-        fs::create_dir_all(parent)?;
-        // Durable before it is named: a bundle row must never point at a lost blob.
-        let mut file = tempfile::Builder::new().prefix(".blob-").tempfile_in(parent)?;
-        file.write_all(bytes)?;
-        file.as_file().sync_all()?;
-        file.persist(&path).map_err(|e| e.error)?;
-        Ok(())
+        if !parent.is_dir() {
+            fs::create_dir_all(parent)?;
+            // The new directory's name is durable only once its own directory is synced.
+            fs::File::open(&self.dir)?.sync_all()?;
+        }
+        // Durable before it is named, and its name durable (the directory synced after
+        // the rename): a bundle row must never point at a lost blob.
+        crate::files::write_atomic(&path, bytes, 0o644)
     }
 
     fn get(&self, sha256: &Sha256) -> io::Result<Option<Bytes>> {
