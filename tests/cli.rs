@@ -142,3 +142,28 @@ fn bundle_build_refuses_models_tract_cannot_load() {
     assert!(err.contains("broken.onnx") && err.contains("not an ONNX model"), "{err}");
     assert!(!out.exists(), "nothing written for a refused model");
 }
+
+#[test]
+fn an_air_gapped_site_removes_versions_it_no_longer_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = sample_bundle(dir.path(), "eu-west-1", 1);
+    let second = sample_bundle(dir.path(), "eu-west-1", 2);
+    let agent = dir.path().join("agent");
+    init_agent(&agent, "eu-west-1", &dir.path().join("keys/root.json"));
+    ok(&["agent", "import", s(&first), "--data-dir", s(&agent)]);
+    ok(&["agent", "import", s(&second), "--data-dir", s(&agent)]);
+    let err = fails(&["agent", "remove", "sensor-fault@2", "--data-dir", s(&agent)], 78);
+    assert!(err.contains("sensor-fault@2 is the active version"), "{err}");
+    let removed = ok(&["agent", "remove", "sensor-fault@1", "--data-dir", s(&agent)]);
+    assert!(removed.contains("removed sensor-fault@1"), "{removed}");
+    let list = ok(&["agent", "list", "--data-dir", s(&agent)]);
+    let versions: Vec<&str> = list.lines().filter(|l| l.starts_with("sensor-fault")).collect();
+    assert_eq!(versions.len(), 1, "{list}");
+    assert!(versions[0].contains(" 2 "), "{list}");
+    let files = std::fs::read_dir(agent.join("bundles/sensor-fault")).unwrap().count();
+    assert_eq!(files, 1, "the removed version's file is gone");
+    let err = fails(&["agent", "remove", "sensor-fault@1", "--data-dir", s(&agent)], 78);
+    assert!(err.contains("sensor-fault@1 is not installed"), "{err}");
+    let err = fails(&["agent", "remove", "sensor-fault", "--data-dir", s(&agent)], 64);
+    assert!(err.contains("expected NAME@VERSION"), "{err}");
+}

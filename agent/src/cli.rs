@@ -49,6 +49,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// List installed bundles (models and feature snapshots) and their versions.
     List(DataDir),
+    /// Remove an installed version (not the active one, nor one the control plane
+    /// manages) to reclaim its space.
+    Remove(RemoveArgs),
     /// Retrain a model's head on the site's labelled data into a derived model, which
     /// replaces it only if it beats it on held-out rows.
     Finetune(crate::finetune::cli::FinetuneArgs),
@@ -59,6 +62,15 @@ pub enum Command {
     /// The agent's audit log of local security events: export it, verify an export.
     #[command(subcommand)]
     Audit(AuditCommand),
+}
+
+/// Arguments of `remove`.
+#[derive(Debug, Args)]
+pub struct RemoveArgs {
+    /// The version to remove, as NAME@VERSION.
+    target: String,
+    #[command(flatten)]
+    data: DataDir,
 }
 
 /// `audit` subcommands.
@@ -250,6 +262,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Import(args) => import(&args),
         Command::Serve(args) => serve(&args),
         Command::List(args) => args.resolve().and_then(|dir| list(&dir)),
+        Command::Remove(args) => remove(&args),
         Command::Finetune(args) => crate::finetune::cli::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
         Command::CheckConfig(args) => check_config(&args.config),
@@ -458,6 +471,24 @@ pub async fn shutdown_signal() {
         () = term => {},
     }
     tracing::info!("shutting down");
+}
+
+fn remove(args: &RemoveArgs) -> Result<(), Failure> {
+    let (name, version) = args
+        .target
+        .split_once('@')
+        .and_then(|(n, v)| Some((n, v.parse::<u64>().ok()?)))
+        .ok_or_else(|| {
+            Failure::Usage(anyhow::anyhow!("expected NAME@VERSION, got {:?}", args.target))
+        })?;
+    let dir = args.data.resolve()?;
+    let mut store = Store::open(&dir).map_err(store_failure)?;
+    store.remove_imported(name, version, SystemTime::now()).map_err(|e| match e {
+        StoreError::Refused(_) => Failure::Config(e.into()),
+        other => store_failure(other),
+    })?;
+    println!("removed {name}@{version}; a running agent stops serving it at its next reload");
+    Ok(())
 }
 
 fn audit_export(data_dir: &Path, out: &Path) -> Result<(), Failure> {

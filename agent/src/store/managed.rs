@@ -80,6 +80,27 @@ impl Store {
         })
     }
 
+    /// Removes a version an operator installed by hand (`falaj-agent remove`), so that
+    /// air-gapped sites can reclaim space: refused for the active version, which serves,
+    /// and for versions the control plane manages, which it would install again.
+    pub fn remove_imported(&mut self, name: &str, version: u64, now: SystemTime) -> Result<()> {
+        let held = self.held()?;
+        let Some(bundle) = held.iter().find(|h| h.name == name && h.version == version) else {
+            return Err(StoreError::Refused(format!("{name}@{version} is not installed")));
+        };
+        if bundle.active {
+            return Err(StoreError::Refused(format!(
+                "{name}@{version} is the active version of {name}: import or activate another version first"
+            )));
+        }
+        if bundle.managed {
+            return Err(StoreError::Refused(format!(
+                "{name}@{version} is managed by the control plane: undeploy it there"
+            )));
+        }
+        self.remove(name, version, now).map(drop)
+    }
+
     /// Removes `version` of `name` (and its activation); the file is deleted after the
     /// transaction commits. False if it was not installed.
     pub fn remove(&mut self, name: &str, version: u64, now: SystemTime) -> Result<bool> {
