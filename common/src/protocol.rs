@@ -390,7 +390,7 @@ pub mod io {
             got += n;
         }
         let len = frame_len_within(prefix, max)?;
-        let mut body = Held { bytes: Vec::with_capacity(len.min(READ_CHUNK)), counted: 0, held };
+        let mut body = FrameBuffer { bytes: Vec::with_capacity(len.min(READ_CHUNK)), counted: 0, held };
         body.count();
         while body.bytes.len() < len {
             let start = body.bytes.len();
@@ -407,13 +407,13 @@ pub mod io {
     }
 
     /// A frame's buffer, whose capacity is counted in `held` until it is dropped.
-    struct Held<'a> {
+    struct FrameBuffer<'a> {
         bytes: Vec<u8>,
         counted: u64,
         held: &'a AtomicU64,
     }
 
-    impl Held<'_> {
+    impl FrameBuffer<'_> {
         fn count(&mut self) {
             let capacity = self.bytes.capacity() as u64;
             if capacity > self.counted {
@@ -423,7 +423,7 @@ pub mod io {
         }
     }
 
-    impl Drop for Held<'_> {
+    impl Drop for FrameBuffer<'_> {
         fn drop(&mut self) {
             self.held.fetch_sub(self.counted, Ordering::Relaxed);
         }
