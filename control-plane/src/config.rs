@@ -73,6 +73,14 @@ pub struct QuicConfig {
     pub listen: SocketAddr,
     /// Extra DNS names or IP addresses for the TLS certificate.
     pub server_names: Vec<String>,
+    /// Most enrollment connections (no certificate yet) open at once.
+    pub max_enrollments: usize,
+    /// Most enrollment connections open at once from one IP address.
+    pub max_enrollments_per_address: usize,
+    /// How long an enrollment connection has to send its request (and again to take the
+    /// answer) before it is closed.
+    #[serde(with = "human_duration")]
+    pub enrollment_deadline: Duration,
 }
 
 /// `[admin]`.
@@ -142,7 +150,14 @@ fn defaults() -> ServeConfig {
 
 impl Default for QuicConfig {
     fn default() -> Self {
-        Self { listen: defaults().quic, server_names: Vec::new() }
+        let enrollment = defaults().policy.enrollment;
+        Self {
+            listen: defaults().quic,
+            server_names: Vec::new(),
+            max_enrollments: enrollment.max_total,
+            max_enrollments_per_address: enrollment.max_per_address,
+            enrollment_deadline: enrollment.deadline,
+        }
     }
 }
 
@@ -294,6 +309,11 @@ impl ControlConfig {
         serve.policy.desired_ttl = self.policy.desired_ttl;
         serve.policy.cert_ttl = self.policy.cert_ttl;
         serve.policy.heartbeat = self.policy.heartbeat;
+        serve.policy.enrollment = crate::state::EnrollmentLimits {
+            max_total: self.quic.max_enrollments,
+            max_per_address: self.quic.max_enrollments_per_address,
+            deadline: self.quic.enrollment_deadline,
+        };
         serve.max_bundle_bytes = self.bundles.max_bytes;
         serve.metrics_retention = self.metrics.retention;
         serve.alerts = self.alerts.clone();
@@ -338,6 +358,21 @@ impl Checked for ControlConfig {
             self.policy.heartbeat,
             Duration::from_secs(1),
             Duration::from_secs(3600),
+        )?;
+        within(path, "quic.max_enrollments", self.quic.max_enrollments, 1, 100_000)?;
+        within(
+            path,
+            "quic.max_enrollments_per_address",
+            self.quic.max_enrollments_per_address,
+            1,
+            self.quic.max_enrollments,
+        )?;
+        within(
+            path,
+            "quic.enrollment_deadline",
+            self.quic.enrollment_deadline,
+            Duration::from_secs(1),
+            Duration::from_secs(120),
         )?;
         self.check_admin(path)?;
         within(path, "bundles.max_bytes", self.bundles.max_bytes, 1 << 20, 1 << 40)?;
@@ -405,6 +440,13 @@ mod tests {
         check("region = \"Bad Region\"\n", "region: region");
         check("[policy]\ncert_ttl = \"1s\"\n", "policy.cert_ttl: must be between");
         check("[quic]\nlisten = 7443\n", "listen");
+        check("[quic]\nmax_enrollments = 0\n", "quic.max_enrollments: must be between");
+        check(
+            "[quic]\nmax_enrollments = 8\nmax_enrollments_per_address = 9\n",
+            "quic.max_enrollments_per_address: must be between 1 and 8",
+        );
+        check("[quic]\nenrollment_deadline = \"0s\"\n", "quic.enrollment_deadline: must be");
+        check("[quic]\nenrollment_deadline = \"1h\"\n", "quic.enrollment_deadline: must be");
         check("[admn]\n", "unknown field `admn`");
         check("[metrics]\nretention = \"1s\"\n", "metrics.retention: must be between");
         check(

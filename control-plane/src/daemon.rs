@@ -63,11 +63,7 @@ impl ServeConfig {
             admin: SocketAddr::from(([127, 0, 0, 1], 7080)),
             region: None,
             server_names: vec!["localhost".into()],
-            policy: Policy {
-                desired_ttl: Duration::from_secs(3600),
-                cert_ttl: Duration::from_secs(30 * 24 * 3600),
-                heartbeat: Duration::from_secs(10),
-            },
+            policy: Policy::default(),
             max_bundle_bytes: falaj_common::bundle::Policy::DEFAULT_MAX_BUNDLE_BYTES,
             metrics_retention: Duration::from_secs(30 * 86_400),
             alerts: AlertsConfig::default(),

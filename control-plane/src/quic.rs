@@ -6,11 +6,11 @@ use std::time::{Duration, SystemTime};
 
 use falaj_common::audit::Outcome;
 use falaj_common::enrollment::EnrollmentToken;
-use falaj_common::protocol::io::{read_frame, write_frame};
+use falaj_common::protocol::io::{read_frame, read_frame_within, write_frame};
 use falaj_common::protocol::{
     self, ALPN_AGENT, ALPN_ENROLL, AgentMessage, ChunkHeader, ControlMessage, EnrollRequest,
     EnrollResponse, Enrollment, FetchRequest, MAX_AUDIT_PER_BATCH, MAX_CHUNKS_PER_FETCH,
-    MAX_WINDOWS_PER_BATCH, SequencedWindow,
+    MAX_ENROLL_FRAME, MAX_WINDOWS_PER_BATCH, SequencedWindow,
 };
 use falaj_common::time::Timestamp;
 use quinn::crypto::rustls::{HandshakeData, QuicServerConfig};
@@ -30,16 +30,30 @@ pub const CLOSE_REFUSED: u32 = 1;
 pub const CLOSE_REPLACED: u32 = 2;
 /// Connection close code: the control plane is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 3;
+/// Connection close code: too many enrollment connections, in all or from this address.
+pub const CLOSE_BUSY: u32 = 4;
+/// Connection close code: the enrollment request or its answer took too long.
+pub const CLOSE_TIMEOUT: u32 = 5;
 
-/// Transport settings for bulk transfer on fast links: large flow-control windows, many
-/// streams, keep-alives under the idle timeout.
+/// What the control plane lets any peer send before it knows who it is: the credit every
+/// connection gets in its handshake, which cannot be taken back. Agents' sessions get
+/// [`AGENT_RECEIVE_WINDOW`] once their certificate is checked.
+const INITIAL_RECEIVE_WINDOW: u32 = 1 << 20;
+/// Connection-level receive window of an agent whose certificate was checked.
+const AGENT_RECEIVE_WINDOW: u32 = 16 << 20;
+
+/// Transport settings: large send windows for bulk transfer to agents; small receive
+/// windows (agents send little: reports, windows, fetch requests), so that a connection
+/// that has not yet shown a certificate holds at most [`INITIAL_RECEIVE_WINDOW`] in
+/// quinn's buffers. The server sends no keep-alives: agents send theirs (every 5 s), and
+/// a silent connection ends at the idle timeout.
 pub fn transport() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(1024u32.into())
-        .stream_receive_window((16u32 << 20).into())
-        .receive_window((64u32 << 20).into())
+        .stream_receive_window(INITIAL_RECEIVE_WINDOW.into())
+        .receive_window(INITIAL_RECEIVE_WINDOW.into())
         .send_window(64 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .keep_alive_interval(None)
         .max_idle_timeout(Some(
             Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout"),
         ));
@@ -99,8 +113,19 @@ async fn handle(shared: Arc<Shared>, conn: quinn::Connection) {
     let source = Some(conn.remote_address().to_string());
     match alpn.as_deref() {
         Some(ALPN_ENROLL) => {
+            let remote = conn.remote_address();
+            let Some(slot) = shared.enrollments.enter(remote.ip()) else {
+                tracing::warn!(%remote, "refused an enrollment connection: too many open");
+                conn.close(CLOSE_BUSY.into(), b"too many enrollment connections");
+                return;
+            };
+            // One stream, no more credit than one request needs.
+            conn.set_max_concurrent_bi_streams(1u32.into());
+            conn.set_max_concurrent_uni_streams(0u32.into());
+            conn.set_receive_window((2 * MAX_ENROLL_FRAME as u32).into());
             let actor = Actor::new("enrollment", source);
             audit::acting(actor, enroll_connection(&shared, conn)).await;
+            drop(slot);
         }
         Some(ALPN_AGENT) => {
             // What an agent's session changes (renewals, job reports) is the agent's doing.
@@ -114,14 +139,33 @@ async fn handle(shared: Arc<Shared>, conn: quinn::Connection) {
     }
 }
 
+/// One enrollment: the request must arrive within the deadline, and the answer be taken
+/// within it again; the connection is closed either way.
 async fn enroll_connection(shared: &Shared, conn: quinn::Connection) {
     let remote = conn.remote_address();
-    let Ok(Ok((mut send, mut recv))) =
-        tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
-    else {
-        return;
+    let deadline = shared.enrollments.limits().deadline;
+    let gate = &shared.enrollments;
+    let received = tokio::time::timeout(deadline, async {
+        let (send, mut recv) = conn.accept_bi().await?;
+        let request =
+            read_frame_within::<EnrollRequest>(&mut recv, MAX_ENROLL_FRAME, &gate.buffered).await;
+        Ok::<_, quinn::ConnectionError>((send, request))
+    })
+    .await;
+    let (mut send, request) = match received {
+        Ok(Ok(received)) => received,
+        Ok(Err(err)) => {
+            tracing::debug!(%remote, error = %err, "enrollment connection ended");
+            return;
+        }
+        Err(_) => {
+            gate.timed_out.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%remote, "closed an enrollment connection: no request in time");
+            conn.close(CLOSE_TIMEOUT.into(), b"no enrollment request in time");
+            return;
+        }
     };
-    let response = match read_frame::<EnrollRequest>(&mut recv).await {
+    let response = match request {
         Ok(Some(request)) => match enroll(shared, request).await {
             Ok(enrollment) => {
                 tracing::info!(agent = %enrollment.agent_id, group = %enrollment.group, %remote, "agent enrolled");
@@ -143,14 +187,24 @@ async fn enroll_connection(shared: &Shared, conn: quinn::Connection) {
                 EnrollResponse::Refused(reason)
             }
         },
-        Ok(None) => return,
+        Ok(None) => {
+            conn.close(CLOSE_REFUSED.into(), b"no enrollment request");
+            return;
+        }
         Err(err) => EnrollResponse::Refused(format!("bad enrollment request: {err}")),
     };
-    if write_frame(&mut send, &response).await.is_ok() {
-        let _ = send.finish();
-        // Let the agent read the answer and close.
-        let _ = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await;
+    // Let the agent read the answer and close; then close in any case.
+    let answered = tokio::time::timeout(deadline, async {
+        if write_frame(&mut send, &response).await.is_ok() {
+            let _ = send.finish();
+            conn.closed().await;
+        }
+    })
+    .await;
+    if answered.is_err() {
+        gate.timed_out.fetch_add(1, Ordering::Relaxed);
     }
+    conn.close(CLOSE_REFUSED.into(), b"enrollment answered");
 }
 
 async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, String> {
@@ -214,6 +268,7 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         conn.close(CLOSE_REFUSED.into(), b"agent certificate is revoked or unknown");
         return;
     }
+    conn.set_receive_window(AGENT_RECEIVE_WINDOW.into());
     let Ok(Ok((mut send, mut recv))) =
         tokio::time::timeout(Duration::from_secs(10), conn.accept_bi()).await
     else {
@@ -229,6 +284,19 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         );
     if let Some(previous) = previous {
         previous.connection.close(CLOSE_REPLACED.into(), b"replaced by a newer connection");
+    }
+    // Checked again now that the session is registered: a revocation that committed after
+    // the first check (while the session stream was awaited) is seen here, and one that
+    // commits after this check finds the session registered and closes it.
+    let still_valid = {
+        let (agent, serial) = (agent.clone(), serial.clone());
+        shared.db.call(move |c| db::certificate_valid(c, &agent, &serial)).await
+    };
+    if !matches!(still_valid, Ok(true)) {
+        tracing::warn!(%agent, %serial, "agent revoked while connecting; session closed");
+        unregister(&shared, &agent, serial_no);
+        conn.close(CLOSE_REFUSED.into(), b"agent certificate is revoked or unknown");
+        return;
     }
     tracing::info!(%agent, remote = %conn.remote_address(), "agent connected");
     let writer = tokio::spawn(async move {
@@ -255,7 +323,9 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                     shared.rollback_reported.notify_one();
                 }
             }
-            Ok(Some(AgentMessage::Renew { csr_der })) => renew(&shared, &agent, &csr_der).await,
+            Ok(Some(AgentMessage::Renew { csr_der })) => {
+                renew(&shared, &agent, &serial, &csr_der).await;
+            }
             Ok(Some(AgentMessage::Windows(batch))) => {
                 if !ingest(&shared, &agent, &conn, batch).await {
                     break;
@@ -274,11 +344,16 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     }
     fetches.abort();
     writer.abort();
-    let mut sessions = shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    if sessions.get(&agent).is_some_and(|s| s.serial == serial_no) {
-        sessions.remove(&agent);
-    }
+    unregister(&shared, &agent, serial_no);
     tracing::info!(%agent, "agent disconnected");
+}
+
+/// Removes `agent`'s session if it is still the one numbered `serial_no`.
+fn unregister(shared: &Shared, agent: &str, serial_no: u64) {
+    let mut sessions = shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if sessions.get(agent).is_some_and(|s| s.serial == serial_no) {
+        sessions.remove(agent);
+    }
 }
 
 /// Stores a batch of metric windows, then acknowledges it; false if the session must end.
@@ -347,19 +422,33 @@ async fn store_audit(shared: &Shared, agent: &str, lines: Vec<String>) -> Contro
     }
 }
 
-async fn renew(shared: &Shared, agent: &str, csr_der: &[u8]) {
+/// Signs a new certificate for the session's agent, recorded only if the certificate the
+/// session was opened with (`current`) is still valid: a revoked agent gets none, even if
+/// its session has not been closed yet.
+async fn renew(shared: &Shared, agent: &str, current: &str, csr_der: &[u8]) {
     let now = SystemTime::now();
     let message = match shared.ca.sign_agent(csr_der, agent, shared.policy.cert_ttl, now) {
         Ok(issued) => {
             let (id, serial, expires) = (agent.to_owned(), issued.serial.clone(), issued.expires);
+            let current = current.to_owned();
             let recorded = shared
                 .db
                 .call(move |c| {
-                    db::add_certificate(c, &id, &serial, expires, Timestamp::from_system(now))
+                    let tx = c.transaction()?;
+                    if !db::certificate_valid(&tx, &id, &current)? {
+                        return Ok(false);
+                    }
+                    db::add_certificate(&tx, &id, &serial, expires, Timestamp::from_system(now))?;
+                    tx.commit()?;
+                    Ok(true)
                 })
                 .await;
             match recorded {
-                Ok(()) => {
+                Ok(false) => {
+                    tracing::warn!(agent, "refused to renew a revoked agent's certificate");
+                    ControlMessage::Refused("renewal refused: the agent is revoked".into())
+                }
+                Ok(true) => {
                     tracing::info!(agent, expires = %issued.expires, "certificate renewed");
                     ControlMessage::Renewed { certificate_der: issued.der, expires: issued.expires }
                 }

@@ -2,6 +2,7 @@
 //! and the issuing of desired-state documents.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -29,6 +30,106 @@ pub struct Policy {
     pub cert_ttl: Duration,
     /// How often agents report; three missed reports mark an agent offline.
     pub heartbeat: Duration,
+    /// Bounds on unauthenticated (enrollment) connections.
+    pub enrollment: EnrollmentLimits,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            desired_ttl: Duration::from_secs(3600),
+            cert_ttl: Duration::from_secs(30 * 24 * 3600),
+            heartbeat: Duration::from_secs(10),
+            enrollment: EnrollmentLimits::default(),
+        }
+    }
+}
+
+/// Bounds on enrollment connections, which present no certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnrollmentLimits {
+    /// Most enrollment connections open at once; more are closed at once.
+    pub max_total: usize,
+    /// Most enrollment connections open at once from one IP address.
+    pub max_per_address: usize,
+    /// How long a connection has to send its request, and then to take the answer.
+    pub deadline: Duration,
+}
+
+impl Default for EnrollmentLimits {
+    fn default() -> Self {
+        Self { max_total: 64, max_per_address: 4, deadline: Duration::from_secs(10) }
+    }
+}
+
+/// Counts open enrollment connections, in total and per address, and the bytes their
+/// request frames hold.
+#[derive(Debug, Default)]
+pub struct EnrollmentGate {
+    limits: EnrollmentLimits,
+    open: Mutex<(usize, HashMap<IpAddr, usize>)>,
+    /// Bytes held in enrollment request frames being read (for tests and `/metrics`).
+    pub buffered: AtomicU64,
+    /// Enrollment connections closed because a limit was reached.
+    pub refused: AtomicU64,
+    /// Enrollment connections closed at their deadline.
+    pub timed_out: AtomicU64,
+}
+
+/// An open enrollment connection's place at the gate, given back when dropped.
+#[derive(Debug)]
+pub struct EnrollmentSlot<'a> {
+    gate: &'a EnrollmentGate,
+    address: IpAddr,
+}
+
+impl EnrollmentGate {
+    /// A gate with these limits.
+    pub fn new(limits: EnrollmentLimits) -> Self {
+        Self { limits, ..Self::default() }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> EnrollmentLimits {
+        self.limits
+    }
+
+    /// A place for a connection from `address`, or `None` if a limit is reached.
+    pub fn enter(&self, address: IpAddr) -> Option<EnrollmentSlot<'_>> {
+        let address = address.to_canonical();
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (total, by_address) = &mut *open;
+        let here = by_address.entry(address).or_insert(0);
+        if *total >= self.limits.max_total || *here >= self.limits.max_per_address {
+            if *here == 0 {
+                by_address.remove(&address);
+            }
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *here += 1;
+        *total += 1;
+        Some(EnrollmentSlot { gate: self, address })
+    }
+
+    /// Enrollment connections open now.
+    pub fn open(&self) -> usize {
+        self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0
+    }
+}
+
+impl Drop for EnrollmentSlot<'_> {
+    fn drop(&mut self) {
+        let mut open = self.gate.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (total, by_address) = &mut *open;
+        *total -= 1;
+        if let Some(here) = by_address.get_mut(&self.address) {
+            *here -= 1;
+            if *here == 0 {
+                by_address.remove(&self.address);
+            }
+        }
+    }
 }
 
 /// A live agent connection.
@@ -73,6 +174,8 @@ pub struct Shared {
     pub audit_key: Arc<SigningKey>,
     /// Wakes the rollout judge at once: an agent reported a rollback.
     pub rollback_reported: tokio::sync::Notify,
+    /// Open enrollment connections and what they hold.
+    pub enrollments: EnrollmentGate,
     next_session: AtomicU64,
 }
 
@@ -110,6 +213,7 @@ impl Shared {
             trust,
             signers: Arc::new(signers),
             audit_key: Arc::new(audit_key),
+            enrollments: EnrollmentGate::new(policy.enrollment),
             policy,
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -310,5 +414,30 @@ impl Shared {
         if let Some(session) = session {
             session.connection.close(code.into(), reason.as_bytes());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_enrollment_gate_caps_each_address_and_the_total() {
+        let limits =
+            EnrollmentLimits { max_total: 3, max_per_address: 2, deadline: Duration::from_secs(1) };
+        let gate = EnrollmentGate::new(limits);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap(), "10.0.0.3".parse().unwrap());
+        let a1 = gate.enter(a).unwrap();
+        let _a2 = gate.enter(a).unwrap();
+        assert!(gate.enter(a).is_none(), "a third from one address");
+        // The same address written as IPv4-mapped IPv6 counts as the same address.
+        assert!(gate.enter("::ffff:10.0.0.1".parse().unwrap()).is_none());
+        let _b1 = gate.enter(b).unwrap();
+        assert!(gate.enter(c).is_none(), "a fourth in all");
+        drop(a1);
+        assert_eq!(gate.open(), 2);
+        let _c1 = gate.enter(c).unwrap();
+        assert_eq!(gate.refused.load(Ordering::Relaxed), 3);
     }
 }
