@@ -100,6 +100,11 @@ pub struct HttpConfig {
     /// Longest a client may take to send a request body.
     #[serde(with = "human_duration")]
     pub body_timeout: Duration,
+    /// Longest a client may take to send a request head; the connection is closed after it.
+    #[serde(with = "human_duration")]
+    pub header_timeout: Duration,
+    /// Connections open at once; past it, new ones wait in the kernel's accept queue.
+    pub max_connections: usize,
     /// Inferences run at once on the blocking pool; 0 means one per CPU core.
     pub workers: usize,
 }
@@ -170,6 +175,8 @@ impl Default for HttpConfig {
             listen: serve.http,
             max_body_bytes: serve.max_body_bytes as u64,
             body_timeout: serve.body_timeout,
+            header_timeout: serve.header_timeout,
+            max_connections: serve.max_connections,
             workers: 0,
         }
     }
@@ -211,6 +218,8 @@ impl AgentConfig {
             http: self.http.listen,
             max_body_bytes: usize::try_from(self.http.max_body_bytes).unwrap_or(usize::MAX),
             body_timeout: self.http.body_timeout,
+            header_timeout: self.http.header_timeout,
+            max_connections: self.http.max_connections,
             poll_interval: self.models.poll_interval,
             metrics: self.metrics.enabled,
             engine: self.engine.clone(),
@@ -258,6 +267,14 @@ impl Checked for AgentConfig {
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )?;
+        within(
+            path,
+            "http.header_timeout",
+            self.http.header_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within(path, "http.max_connections", self.http.max_connections, 1, 1_000_000)?;
         within(path, "http.workers", self.http.workers, 0, 4096)?;
         within(
             path,
@@ -348,6 +365,9 @@ mod tests {
         };
         check("[http]\nlisten = \"nowhere\"\n", "listen");
         check("[http]\nmax_body_bytes = 12\n", "http.max_body_bytes: must be between 1024");
+        check("[http]\nheader_timeout = \"10ms\"\n", "http.header_timeout: must be between");
+        check("[http]\nheader_timeout = \"2h\"\n", "http.header_timeout: must be between");
+        check("[http]\nmax_connections = 0\n", "http.max_connections: must be between 1");
         check("[htp]\n", "unknown field `htp`");
         check("[http]\nlisen = \"127.0.0.1:1\"\n", "unknown field `lisen`");
         check("[control_plane]\nheartbeat = \"often\"\n", "\"often\" is not a duration");
@@ -371,6 +391,13 @@ mod tests {
         let config = AgentConfig::parse(text, Path::new("x")).unwrap();
         assert_eq!(config.serve().http, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(config.serve().workers, 3);
+        let limits = AgentConfig::parse(
+            "[http]\nheader_timeout = \"2s\"\nmax_connections = 7\n",
+            Path::new("x"),
+        )
+        .unwrap()
+        .serve();
+        assert_eq!((limits.header_timeout, limits.max_connections), (Duration::from_secs(2), 7));
         assert_eq!(config.sync().heartbeat, Duration::from_secs(2));
         let off = AgentConfig::parse("[metrics]\nenabled = false\n", Path::new("x")).unwrap();
         assert!(!off.serve().metrics && off.sync().report.is_none());

@@ -10,6 +10,7 @@
 //!
 //! The binary (`falaj-agent`) is a thin shell over [`cli`].
 
+pub mod admission;
 pub mod bench;
 pub mod cli;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod enroll;
 pub mod features;
 pub mod feedback;
 pub mod finetune;
+pub mod http_serve;
 pub mod identity;
 pub mod import;
 pub mod metrics;

@@ -16,15 +16,16 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::ListenerExt;
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
+use crate::admission::{RequestSlots, Slot, SlotGauge};
 use crate::engine::{EngineConfig, Engines};
 use crate::features::{self, FeatureError};
 use crate::feedback::{self, Predictions};
+use crate::http_serve::{self, HttpLimits};
 use crate::metrics::AgentStats;
 use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
 use crate::oip::{self, OutputToSend};
@@ -38,9 +39,19 @@ pub struct ServeConfig {
     pub http: SocketAddr,
     /// Largest request body accepted (413 above).
     pub max_body_bytes: usize,
-    /// Longest time a client may take to send its request body (408 after).
+    /// Longest time a client may take to send its request body (408 after), and longest a
+    /// request waits for a request slot before its body is read (503 after).
     pub body_timeout: Duration,
+    /// Longest time a client may take to send a request head; its connection is closed
+    /// after it.
+    pub header_timeout: Duration,
+    /// Connections open at once; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// How long requests in flight at shutdown may take to finish.
+    pub shutdown_grace: Duration,
     /// Inferences run at once; more wait their turn. Defaults to the number of cores.
+    /// Requests with a body are admitted [`SLOTS_PER_WORKER`] per worker before their body
+    /// is read, so buffered bodies are bounded by workers, not by clients.
     pub workers: usize,
     /// How often to look for bundles imported by another process.
     pub poll_interval: Duration,
@@ -62,6 +73,9 @@ impl Default for ServeConfig {
             http: SocketAddr::from(([127, 0, 0, 1], 8000)),
             max_body_bytes: 64 << 20,
             body_timeout: Duration::from_secs(30),
+            header_timeout: HttpLimits::default().header_timeout,
+            max_connections: HttpLimits::default().max_connections,
+            shutdown_grace: HttpLimits::default().grace,
             workers: std::thread::available_parallelism().map_or(2, usize::from),
             poll_interval: Duration::from_secs(1),
             metrics: true,
@@ -92,10 +106,14 @@ pub enum ServeError {
     Task(String),
 }
 
+/// Request slots per worker: one request decoding while another runs.
+pub const SLOTS_PER_WORKER: usize = 2;
+
 #[derive(Debug, Clone)]
 struct AppState {
     registry: Arc<Registry>,
     permits: Arc<Semaphore>,
+    slots: Arc<RequestSlots>,
     config: Arc<ServeConfig>,
     stats: Arc<AgentStats>,
     shadow: Shadow,
@@ -139,6 +157,7 @@ impl Server {
             .local_addr()
             .map_err(|source| ServeError::Http { addr: config.http, source })?;
         let permits = Arc::new(Semaphore::new(config.workers.max(1)));
+        let slots = Arc::new(RequestSlots::new(config.workers.max(1) * SLOTS_PER_WORKER));
         let state = AppState {
             registry,
             shadow: Shadow::start(config.shadow_queue, Arc::clone(&permits)),
@@ -148,6 +167,7 @@ impl Server {
             )),
             keys: Arc::new(RandomKeys::new()),
             permits,
+            slots,
             config: Arc::new(config),
             stats: Arc::new(AgentStats::default()),
         };
@@ -175,6 +195,11 @@ impl Server {
         Arc::clone(&self.state.stats)
     }
 
+    /// How many requests hold a request slot, wait for one, and the most that held one.
+    pub fn request_slots(&self) -> watch::Receiver<SlotGauge> {
+        self.state.slots.gauge()
+    }
+
     /// The registry of served models.
     pub fn registry(&self) -> Arc<Registry> {
         Arc::clone(&self.state.registry)
@@ -186,7 +211,8 @@ impl Server {
         router(self.state.clone())
     }
 
-    /// Serves until `shutdown` completes, then finishes the requests in flight.
+    /// Serves until `shutdown` completes, then drops idle and half-sent connections and
+    /// finishes the requests in flight (for at most the configured grace).
     pub async fn run(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
@@ -200,20 +226,17 @@ impl Server {
             stop_rx,
         ));
         tracing::info!(addr = %self.addr, "serving the Open Inference Protocol");
-        // Responses are written whole; Nagle's algorithm would only delay them.
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(err) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %err, "could not set TCP_NODELAY");
-            }
-        });
-        let served = axum::serve(listener, router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| ServeError::Http { addr: self.addr, source });
+        let config = &self.state.config;
+        let limits = HttpLimits {
+            header_timeout: config.header_timeout,
+            max_connections: config.max_connections,
+            grace: config.shutdown_grace,
+        };
+        http_serve::serve(self.listener, router(self.state), limits, shutdown).await;
         let _ = stop_tx.send(true);
         let _ = watcher.await;
         tracing::info!("server stopped");
-        served
+        Ok(())
     }
 }
 
@@ -551,6 +574,18 @@ async fn version_infer(
     infer(state, name, Some(version), headers, body).await
 }
 
+/// Takes a request slot before the body is read: 503 when none is freed within the body
+/// timeout.
+async fn admit(state: &AppState) -> Result<Slot, ApiError> {
+    state.slots.take(state.config.body_timeout).await.map_err(|busy| {
+        tracing::debug!(slots = busy.slots, "no request slot freed in time");
+        ApiError::Unavailable(format!(
+            "the agent is busy: all {} request slots stayed taken for {:?}; retry later",
+            busy.slots, busy.waited
+        ))
+    })
+}
+
 /// Reads the body within the size limit and the time limit.
 async fn read_body(
     state: &AppState,
@@ -669,6 +704,7 @@ async fn feedback(
     if !state.registry.catalog().models.contains_key(&name) {
         return Err(ApiError::NotFound(format!("unknown model {name:?}")));
     }
+    let _slot = admit(&state).await?;
     let body = read_body(&state, &headers, body).await?;
     let items = match serde_json::from_slice::<feedback::Body>(&body) {
         Ok(feedback::Body::One(item)) => vec![item],
@@ -711,6 +747,11 @@ async fn infer(
     if !catalog.models.contains_key(&name) {
         return Err(ApiError::NotFound(format!("unknown model {name:?}")));
     }
+    drop(catalog);
+    // Held until the answer is built: what is buffered, decoded and run at once is bounded
+    // by the slots.
+    let _slot = admit(&state).await?;
+    let catalog = state.registry.catalog();
     let body = read_body(&state, &headers, body).await;
     let started = Instant::now();
     let request = body.and_then(|body| decode(&headers, &body));
