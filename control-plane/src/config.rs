@@ -102,6 +102,11 @@ pub struct AdminConfig {
     /// The window failed logins are counted in, and how long a lockout lasts.
     #[serde(with = "human_duration")]
     pub lockout: Duration,
+    /// Longest a client may take to send a request head; the connection is closed after it.
+    #[serde(with = "human_duration")]
+    pub header_timeout: Duration,
+    /// Connections open at once; past it, new ones wait in the kernel's accept queue.
+    pub max_connections: usize,
 }
 
 /// `[policy]`.
@@ -171,6 +176,8 @@ impl Default for AdminConfig {
             login_failures: auth.logins.failures,
             login_failures_per_address: auth.logins.address_failures,
             lockout: auth.logins.lockout,
+            header_timeout: defaults().admin_http.header_timeout,
+            max_connections: defaults().admin_http.max_connections,
         }
     }
 }
@@ -225,6 +232,14 @@ impl ControlConfig {
             1,
             100_000,
         )?;
+        within(
+            path,
+            "admin.header_timeout",
+            admin.header_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within(path, "admin.max_connections", admin.max_connections, 1, 100_000)?;
         within(
             path,
             "admin.lockout",
@@ -304,6 +319,8 @@ impl ControlConfig {
         serve.auth.logins.address_failures = self.admin.login_failures_per_address;
         serve.auth.logins.window = self.admin.lockout;
         serve.auth.logins.lockout = self.admin.lockout;
+        serve.admin_http.header_timeout = self.admin.header_timeout;
+        serve.admin_http.max_connections = self.admin.max_connections;
         serve.region.clone_from(&self.region);
         serve.server_names.extend(self.quic.server_names.iter().cloned());
         serve.policy.desired_ttl = self.policy.desired_ttl;
@@ -477,6 +494,8 @@ mod tests {
             "admin.session_max: must be between",
         );
         check("[admin]\nlogin_failures = 0\n", "admin.login_failures: must be between");
+        check("[admin]\nheader_timeout = \"1ms\"\n", "admin.header_timeout: must be between");
+        check("[admin]\nmax_connections = 0\n", "admin.max_connections: must be between 1");
         let admin = ControlConfig::parse(
             "[admin]\nsession_idle = \"30m\"\nlogin_failures = 3\nlockout = \"1h\"\n",
             Path::new("x"),

@@ -17,6 +17,7 @@ use crate::blobs::{BlobStore, FsBlobStore};
 use crate::ca::{Ca, CaError};
 use crate::db::{self, Db, DbError};
 use crate::features::{self as feature_store, FeatureStore};
+use crate::http_serve::{self, HttpLimits};
 use crate::keys::{self, KeysError};
 use crate::rollouts::RolloutsConfig;
 use crate::state::{Policy, Shared};
@@ -34,6 +35,8 @@ pub struct ServeConfig {
     pub quic: SocketAddr,
     /// TCP address for the admin API.
     pub admin: SocketAddr,
+    /// The admin API's header deadline, connection cap and shutdown grace.
+    pub admin_http: HttpLimits,
     /// The region, needed on first start to create keys.
     pub region: Option<String>,
     /// Extra names for the TLS certificate (besides the fixed one agents verify).
@@ -61,6 +64,7 @@ impl ServeConfig {
             data_dir: data_dir.to_owned(),
             quic: SocketAddr::from(([127, 0, 0, 1], 7443)),
             admin: SocketAddr::from(([127, 0, 0, 1], 7080)),
+            admin_http: HttpLimits { max_connections: 256, ..HttpLimits::default() },
             region: None,
             server_names: vec!["localhost".into()],
             policy: Policy::default(),
@@ -113,6 +117,7 @@ pub struct ControlPlane {
     api: admin::Api,
     quic_addr: SocketAddr,
     admin_addr: SocketAddr,
+    admin_http: HttpLimits,
     retention: Duration,
     alerts: AlertsConfig,
     rollouts: RolloutsConfig,
@@ -220,6 +225,7 @@ impl ControlPlane {
             api,
             quic_addr,
             admin_addr,
+            admin_http: config.admin_http,
             retention: config.metrics_retention,
             alerts: config.alerts,
             rollouts: config.rollouts,
@@ -270,6 +276,7 @@ impl ControlPlane {
             api,
             quic_addr,
             admin_addr,
+            admin_http,
             retention,
             alerts,
             rollouts,
@@ -291,13 +298,12 @@ impl ControlPlane {
             tokio::spawn(crate::audit::run(Arc::clone(&shared), audit, stop_rx.clone()));
         let mut admin_stop = stop_rx.clone();
         let admin_server = tokio::spawn(async move {
-            // The peer's address goes to the gate: audit entries and login lockouts.
-            let service = admin::router(api).into_make_service_with_connect_info::<SocketAddr>();
-            axum::serve(admin, service)
-                .with_graceful_shutdown(async move {
-                    let _ = admin_stop.wait_for(|stop| *stop).await;
-                })
-                .await
+            // Requests carry the peer's address (`ConnectInfo`) for the gate: audit entries
+            // and login lockouts.
+            let stop = async move {
+                let _ = admin_stop.wait_for(|stop| *stop).await;
+            };
+            http_serve::serve(admin, admin::router(api), admin_http, stop).await;
         });
         shutdown.await;
         tracing::info!("control plane shutting down");
@@ -309,9 +315,7 @@ impl ControlPlane {
         let _ = alerting.await;
         let _ = judging.await;
         let _ = checkpoints.await;
-        let served =
-            admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
-        served.map_err(io("serving the admin API on", admin_addr))?;
+        admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
         shared.flush_seen().await?;
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         tracing::info!("control plane stopped");
