@@ -74,10 +74,10 @@ async fn hostile_enrollment_connections_are_bounded_closed_and_capped() {
             Some(ALPN_ENROLL)
         );
         let (mut send, recv) = conn.open_bi().await.unwrap();
-        let (announced, sent) =
+        let (announced, payload) =
             if i % 2 == 0 { (15usize << 20, 1usize << 20) } else { (MAX_ENROLL_FRAME, 30_000) };
         let mut bytes = (announced as u32).to_be_bytes().to_vec();
-        bytes.resize(4 + sent, 0x5a);
+        bytes.resize(4 + payload, 0x5a);
         // Flow control may hold part of it back: the write runs on its own.
         writers.push(tokio::spawn(async move {
             let _ = send.write_all(&bytes).await;

@@ -20,7 +20,6 @@ pub mod enroll;
 pub mod features;
 pub mod feedback;
 pub mod finetune;
-pub mod http_serve;
 pub mod identity;
 pub mod import;
 pub mod metrics;

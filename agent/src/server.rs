@@ -25,12 +25,12 @@ use crate::admission::{RequestSlots, Slot, SlotGauge};
 use crate::engine::{EngineConfig, Engines};
 use crate::features::{self, FeatureError};
 use crate::feedback::{self, Predictions};
-use crate::http_serve::{self, HttpLimits};
 use crate::metrics::AgentStats;
 use crate::models::{Catalog, LoadedVersion, Registry, VersionState};
 use crate::oip::{self, OutputToSend};
 use crate::rollout::{RandomKeys, Shadow, ShadowJob};
 use crate::store::{Store, StoreError};
+use falaj_shell::http::{self as http_serve, HttpLimits};
 
 /// How the server runs.
 #[derive(Debug, Clone)]

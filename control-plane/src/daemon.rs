@@ -17,11 +17,11 @@ use crate::blobs::{BlobStore, FsBlobStore};
 use crate::ca::{Ca, CaError};
 use crate::db::{self, Db, DbError};
 use crate::features::{self as feature_store, FeatureStore};
-use crate::http_serve::{self, HttpLimits};
 use crate::keys::{self, KeysError};
 use crate::rollouts::RolloutsConfig;
 use crate::state::{Policy, Shared};
 use crate::{admin, files, monitoring, quic};
+use falaj_shell::http::{self as http_serve, HttpLimits};
 
 /// The admin token's file name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";

@@ -26,7 +26,6 @@ pub mod exporter;
 pub mod features;
 pub mod files;
 pub mod finetune;
-pub mod http_serve;
 pub mod keys;
 pub mod monitoring;
 pub mod push;

@@ -74,14 +74,6 @@ async fn status_line(stream: &mut TcpStream) -> String {
 
 const HALF_HEADER: &[u8] = b"GET /v1/fleet HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer ";
 
-#[test]
-fn both_shells_serve_http_with_the_same_file() {
-    assert!(
-        include_str!("../src/http_serve.rs") == include_str!("../../agent/src/http_serve.rs"),
-        "control-plane/src/http_serve.rs and agent/src/http_serve.rs differ: keep them identical"
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_sent_header_is_cut_at_the_deadline() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,9 +3,7 @@
 //! has no request in flight and gives requests in flight a bounded grace.
 //!
 //! `axum::serve` exposes none of these (it runs hyper without a timer), hence this loop on
-//! hyper directly. The same file is in both shells, `agent/src/http_serve.rs` and
-//! `control-plane/src/http_serve.rs` (the core does no I/O and neither shell depends on the
-//! other); a control-plane test checks that the two copies are identical.
+//! hyper directly; both daemons serve their HTTP APIs with it.
 
 use std::future::Future;
 use std::sync::Arc;

@@ -1,0 +1,7 @@
+//! What the agent's and the control plane's shells share and that does I/O, so the core
+//! (`falaj-common`) stays free of it and neither daemon depends on the other.
+//!
+//! - [`http`]: serving an axum router to slow or hostile clients: a deadline on each
+//!   request head, a cap on open connections, a bounded graceful stop.
+
+pub mod http;
