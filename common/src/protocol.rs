@@ -390,7 +390,8 @@ pub mod io {
             got += n;
         }
         let len = frame_len_within(prefix, max)?;
-        let mut body = FrameBuffer { bytes: Vec::with_capacity(len.min(READ_CHUNK)), counted: 0, held };
+        let mut body =
+            FrameBuffer { bytes: Vec::with_capacity(len.min(READ_CHUNK)), counted: 0, held };
         body.count();
         while body.bytes.len() < len {
             let start = body.bytes.len();
