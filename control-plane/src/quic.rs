@@ -44,7 +44,7 @@ const AGENT_RECEIVE_WINDOW: u32 = 16 << 20;
 
 /// Transport settings: large send windows for bulk transfer to agents; small receive
 /// windows (agents send little: reports, windows, fetch requests), so that a connection
-/// that has not yet shown a certificate holds at most [`INITIAL_RECEIVE_WINDOW`] in
+/// that has not yet shown a certificate holds at most 1 MiB (`INITIAL_RECEIVE_WINDOW`) in
 /// quinn's buffers. The server sends no keep-alives: agents send theirs (every 5 s), and
 /// a silent connection ends at the idle timeout.
 pub fn transport() -> quinn::TransportConfig {
