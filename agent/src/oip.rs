@@ -209,6 +209,13 @@ fn decode_input(input: RawInput<'_>, binary: &mut &[u8]) -> Result<NamedTensor, 
         })?;
     let count = element_count(&shape)
         .ok_or_else(|| bad(format!("input {name:?}: shape {shape:?} is too large")))?;
+    // As Triton: no empty batches. A shape with a zero (`[0, 3, 1e9, 1e9]`) would reach the
+    // engine with no rows and sizes no real input could have; it is refused here.
+    if count == 0 {
+        return Err(bad(format!(
+            "input {name:?}: shape {shape:?} holds no elements; a request carries at least one row"
+        )));
+    }
     let data = match (params.binary_data_size, input.data) {
         (Some(_), Some(_)) => {
             return Err(bad(format!("input {name:?} has both JSON data and binary_data_size")));
@@ -738,6 +745,19 @@ mod tests {
             let req = decode_request(&body, Some(header.len())).unwrap();
             assert_eq!(&one(&req).data, expected, "{dt} binary");
         }
+    }
+
+    #[test]
+    fn empty_inputs_are_refused_whatever_their_other_sizes() {
+        for shape in ["[0, 8]", "[0, 3, 1000000000, 1000000000]", "[2, 0]"] {
+            let body = format!(
+                r#"{{"inputs":[{{"name":"x","shape":{shape},"datatype":"FP32","data":[]}}]}}"#
+            );
+            let err = decode_request(body.as_bytes(), None).unwrap_err();
+            assert!(err.0.contains("holds no elements"), "{shape}: {}", err.0);
+        }
+        let huge = r#"{"inputs":[{"name":"x","shape":[0, 99999999999, 99999999999, 99999999999],"datatype":"FP32","data":[]}]}"#;
+        assert!(decode_request(huge.as_bytes(), None).is_err());
     }
 
     #[test]
