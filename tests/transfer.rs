@@ -1,5 +1,5 @@
 //! Chunked transfers: delta between versions, resumption across a control plane restart,
-//! and corrupted chunks refetched.
+//! corrupted chunks refetched, and fetches limited to what the agent's document names.
 
 mod fleet;
 
@@ -9,6 +9,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use falaj_agent::sync::Syncer;
+use falaj_common::desired::DesiredBundle;
 use falaj_common::keys::Sha256;
 use falaj_control::blobs::{BlobStore, FsBlobStore};
 use fleet::{Control, RunningAgent, eventually, layered_model};
@@ -157,8 +159,14 @@ async fn a_transfer_cut_by_a_control_plane_restart_resumes_without_refetching() 
         agent.active_version(MODEL).await.as_deref() == Some("1")
     })
     .await;
-    let refetched: Vec<_> =
-        fresh.served().into_iter().filter(|(sha, _)| stored.contains(sha)).collect();
+    // The control plane reads the recipe itself, to know which chunks the agent may
+    // fetch; what it sends again is what counts.
+    let recipe = desired_bundle(&control, MODEL, 1).await.recipe_sha256;
+    let refetched: Vec<_> = fresh
+        .served()
+        .into_iter()
+        .filter(|(sha, _)| stored.contains(sha) && *sha != recipe)
+        .collect();
     assert!(refetched.is_empty(), "chunks stored before the cut were fetched again: {refetched:?}");
     agent.stop().await;
     control.stop().await;
@@ -188,5 +196,53 @@ async fn a_chunk_damaged_in_flight_is_discarded_and_fetched_again() {
     let reads = blobs.served().iter().filter(|(sha, _)| *sha == victim).count();
     assert_eq!(reads, 2, "the damaged chunk was fetched exactly twice");
     agent.stop().await;
+    control.stop().await;
+}
+
+/// The desired-state entry of `name@version` as the control plane registered it.
+async fn desired_bundle(control: &Control, name: &str, version: u64) -> DesiredBundle {
+    let name = name.to_owned();
+    let row = control
+        .shared
+        .db
+        .call(move |c| falaj_control::db::bundle(c, &name, version))
+        .await
+        .unwrap()
+        .unwrap();
+    DesiredBundle {
+        name: row.name,
+        version: row.version,
+        manifest_sha256: row.manifest_sha256,
+        bundle_sha256: row.bundle_sha256,
+        size: row.size,
+        recipe_sha256: row.recipe_sha256,
+        activate: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_fetches_only_what_its_desired_state_names() {
+    let work = tempfile::tempdir().unwrap();
+    let control = Control::start(&work.path().join("control")).await;
+    control.push_model(&layered_model(&work.path().join("a.onnx"), 2, 1), MODEL, 1).await;
+    control.push_model(&layered_model(&work.path().join("b.onnx"), 2, 2), "other", 1).await;
+    control.client.deploy("edge", MODEL, 1).await.unwrap();
+    let agent = control.agent(work.path(), "agent", "edge").await;
+    eventually(Duration::from_secs(120), "version 1 is served", || async {
+        agent.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
+    let dir = agent.dir.clone();
+    agent.stop().await;
+
+    // The agent's own session, driven by hand: a bundle of another group (never deployed
+    // here) is not served, a bundle its document names is.
+    let syncer = Syncer::open(dir, Arc::default(), fleet::sync_config()).unwrap().unwrap();
+    let session = syncer.open_fetcher().await.unwrap();
+    let other = desired_bundle(&control, "other", 1).await;
+    let refused = session.fetcher.download(&other).await.unwrap_err().to_string();
+    assert!(refused.contains("could not be fetched"), "{refused}");
+    let own = desired_bundle(&control, MODEL, 1).await;
+    session.fetcher.download(&own).await.unwrap();
     control.stop().await;
 }

@@ -1,11 +1,14 @@
 //! The control plane's QUIC endpoint: enrollment, agent sessions and chunk transfers.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use falaj_common::audit::Outcome;
+use falaj_common::chunking::Recipe;
 use falaj_common::enrollment::EnrollmentToken;
+use falaj_common::keys::Sha256;
 use falaj_common::protocol::io::{read_frame, read_frame_within, write_frame};
 use falaj_common::protocol::{
     self, ALPN_AGENT, ALPN_ENROLL, AgentMessage, ChunkHeader, ControlMessage, EnrollRequest,
@@ -306,7 +309,7 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
             }
         }
     });
-    let fetches = tokio::spawn(serve_fetches(Arc::clone(&shared), conn.clone()));
+    let fetches = tokio::spawn(serve_fetches(Arc::clone(&shared), conn.clone(), agent.clone()));
     let now = SystemTime::now();
     shared.saw(&agent, now, None);
     match shared.desired_for(&agent, now).await {
@@ -464,19 +467,65 @@ async fn renew(shared: &Shared, agent: &str, current: &str, csr_der: &[u8]) {
 }
 
 /// Serves every further stream of a session as a fetch of blobs.
-async fn serve_fetches(shared: Arc<Shared>, conn: quinn::Connection) {
+/// The blobs a connection's agent may fetch, as of a document version.
+type Fetchable = tokio::sync::Mutex<Option<(u64, Arc<HashSet<Sha256>>)>>;
+
+async fn serve_fetches(shared: Arc<Shared>, conn: quinn::Connection, agent: String) {
+    // What this agent may fetch, as of the document version it was computed for.
+    let allowed: Arc<Fetchable> = Arc::default();
     while let Ok((send, recv)) = conn.accept_bi().await {
-        let shared = Arc::clone(&shared);
+        let (shared, agent, allowed) = (Arc::clone(&shared), agent.clone(), Arc::clone(&allowed));
         tokio::spawn(async move {
-            if let Err(err) = serve_fetch(&shared, send, recv).await {
+            if let Err(err) = serve_fetch(&shared, &agent, &allowed, send, recv).await {
                 tracing::debug!(error = %err, "fetch stream ended early");
             }
         });
     }
 }
 
+/// The blobs `agent` may fetch: the recipes of the bundles its current desired-state
+/// document lists, and their chunks. Recomputed when the document's version changes.
+async fn fetchable(
+    shared: &Shared,
+    agent: &str,
+    cache: &Fetchable,
+) -> Result<Arc<HashSet<Sha256>>, String> {
+    let id = agent.to_owned();
+    let issued = shared.db.call(move |c| db::desired(c, &id)).await.map_err(|e| e.to_string())?;
+    let Some(issued) = issued else { return Ok(Arc::default()) };
+    let mut cache = cache.lock().await;
+    if let Some((version, set)) = cache.as_ref().filter(|(v, _)| *v == issued.version) {
+        tracing::trace!(version, "fetch allowance cached");
+        return Ok(Arc::clone(set));
+    }
+    let signed: falaj_common::desired::SignedDesired =
+        postcard::from_bytes(&issued.signed).map_err(|e| e.to_string())?;
+    let document: falaj_common::desired::DesiredState =
+        serde_json::from_slice(&signed.document).map_err(|e| e.to_string())?;
+    let blobs = Arc::clone(&shared.blobs);
+    let set = tokio::task::spawn_blocking(move || {
+        let mut set = HashSet::new();
+        for bundle in &document.bundles {
+            set.insert(bundle.recipe_sha256);
+            if let Ok(Some(bytes)) = blobs.get(&bundle.recipe_sha256)
+                && let Ok(recipe) = Recipe::decode(&bytes, bundle.recipe_sha256)
+            {
+                set.extend(recipe.chunks.iter().map(|c| c.sha256));
+            }
+        }
+        set
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let set = Arc::new(set);
+    *cache = Some((issued.version, Arc::clone(&set)));
+    Ok(set)
+}
+
 async fn serve_fetch(
     shared: &Shared,
+    agent: &str,
+    allowed: &Fetchable,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -488,15 +537,26 @@ async fn serve_fetch(
         )
         .into());
     }
+    // Only what the agent's document names: any other blob is answered as not held, so a
+    // fetch is no oracle for other groups' bundles either.
+    let allowed = fetchable(shared, agent, allowed).await?;
+    let refused = request.hashes.iter().filter(|h| !allowed.contains(h)).count();
+    if refused > 0 {
+        tracing::warn!(%agent, refused, "refused fetches of blobs outside the agent's desired state");
+    }
     // Read ahead on the blocking pool while earlier chunks are being sent.
     let (tx, mut rx) = mpsc::channel(4);
     let blobs = Arc::clone(&shared.blobs);
     let reader = tokio::task::spawn_blocking(move || {
         for sha256 in request.hashes {
-            let blob = blobs.get(&sha256).unwrap_or_else(|err| {
-                tracing::error!(%sha256, error = %err, "reading a blob failed");
+            let blob = if allowed.contains(&sha256) {
+                blobs.get(&sha256).unwrap_or_else(|err| {
+                    tracing::error!(%sha256, error = %err, "reading a blob failed");
+                    None
+                })
+            } else {
                 None
-            });
+            };
             if tx.blocking_send((sha256, blob)).is_err() {
                 break;
             }
