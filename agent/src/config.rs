@@ -103,6 +103,9 @@ pub struct HttpConfig {
     /// Longest a client may take to send a request head; the connection is closed after it.
     #[serde(with = "human_duration")]
     pub header_timeout: Duration,
+    /// Longest a request waits for a request slot before its body is read (503 after).
+    #[serde(with = "human_duration")]
+    pub queue_timeout: Duration,
     /// Connections open at once; past it, new ones wait in the kernel's accept queue.
     pub max_connections: usize,
     /// Inferences run at once on the blocking pool; 0 means one per CPU core.
@@ -176,6 +179,7 @@ impl Default for HttpConfig {
             max_body_bytes: serve.max_body_bytes as u64,
             body_timeout: serve.body_timeout,
             header_timeout: serve.header_timeout,
+            queue_timeout: serve.queue_timeout,
             max_connections: serve.max_connections,
             workers: 0,
         }
@@ -219,6 +223,7 @@ impl AgentConfig {
             max_body_bytes: usize::try_from(self.http.max_body_bytes).unwrap_or(usize::MAX),
             body_timeout: self.http.body_timeout,
             header_timeout: self.http.header_timeout,
+            queue_timeout: self.http.queue_timeout,
             max_connections: self.http.max_connections,
             poll_interval: self.models.poll_interval,
             metrics: self.metrics.enabled,
@@ -272,6 +277,13 @@ impl Checked for AgentConfig {
             "http.header_timeout",
             self.http.header_timeout,
             Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within(
+            path,
+            "http.queue_timeout",
+            self.http.queue_timeout,
+            Duration::from_millis(10),
             Duration::from_secs(3600),
         )?;
         within(path, "http.max_connections", self.http.max_connections, 1, 1_000_000)?;
@@ -367,6 +379,7 @@ mod tests {
         check("[http]\nmax_body_bytes = 12\n", "http.max_body_bytes: must be between 1024");
         check("[http]\nheader_timeout = \"10ms\"\n", "http.header_timeout: must be between");
         check("[http]\nheader_timeout = \"2h\"\n", "http.header_timeout: must be between");
+        check("[http]\nqueue_timeout = \"1ms\"\n", "http.queue_timeout: must be between");
         check("[http]\nmax_connections = 0\n", "http.max_connections: must be between 1");
         check("[htp]\n", "unknown field `htp`");
         check("[http]\nlisen = \"127.0.0.1:1\"\n", "unknown field `lisen`");

@@ -45,6 +45,8 @@ pub struct ServeConfig {
     /// Longest time a client may take to send a request head; its connection is closed
     /// after it.
     pub header_timeout: Duration,
+    /// Longest a request waits for a request slot before its body is read (503 after).
+    pub queue_timeout: Duration,
     /// Connections open at once; more wait in the kernel's accept queue.
     pub max_connections: usize,
     /// How long requests in flight at shutdown may take to finish.
@@ -74,6 +76,7 @@ impl Default for ServeConfig {
             max_body_bytes: 64 << 20,
             body_timeout: Duration::from_secs(30),
             header_timeout: HttpLimits::default().header_timeout,
+            queue_timeout: Duration::from_secs(5),
             max_connections: HttpLimits::default().max_connections,
             shutdown_grace: HttpLimits::default().grace,
             workers: std::thread::available_parallelism().map_or(2, usize::from),
@@ -574,10 +577,10 @@ async fn version_infer(
     infer(state, name, Some(version), headers, body).await
 }
 
-/// Takes a request slot before the body is read: 503 when none is freed within the body
+/// Takes a request slot before the body is read: 503 when none is freed within the queue
 /// timeout.
 async fn admit(state: &AppState) -> Result<Slot, ApiError> {
-    state.slots.take(state.config.body_timeout).await.map_err(|busy| {
+    state.slots.take(state.config.queue_timeout).await.map_err(|busy| {
         tracing::debug!(slots = busy.slots, "no request slot freed in time");
         ApiError::Unavailable(format!(
             "the agent is busy: all {} request slots stayed taken for {:?}; retry later",

@@ -210,10 +210,13 @@ async fn bodies_read_and_decoded_at_once_are_bounded_by_the_slots() {
 async fn a_request_that_finds_no_slot_in_time_gets_503() {
     let site = Site::new();
     site.install("fault", 1, &classifier());
-    let body_timeout = Duration::from_secs(2);
-    let mut server = start(&site, ServeConfig { workers: 1, body_timeout, ..test_config() }).await;
+    // Holders keep their slots until the body deadline (3 s); waiters give up after the
+    // queue timeout (1 s): the two outcomes are two seconds apart whatever the load.
+    let (body_timeout, queue_timeout) = (Duration::from_secs(3), Duration::from_secs(1));
+    let config = ServeConfig { workers: 1, body_timeout, queue_timeout, ..test_config() };
+    let mut server = start(&site, config).await;
     // Two slots taken by clients that stall mid-body, two more such clients queued behind
-    // them: they hold the slots until well after the last request's wait is over.
+    // them.
     let mut stalled = Vec::new();
     for queued in [1, 2, 3, 4] {
         let mut stream = TcpStream::connect(server.addr).await.unwrap();
@@ -234,9 +237,16 @@ async fn a_request_that_finds_no_slot_in_time_gets_503() {
     assert_eq!(response.status(), 503);
     let message = response.json::<serde_json::Value>().await.unwrap()["error"].to_string();
     assert!(message.contains("busy") && message.contains("2 request slots"), "{message}");
-    // The stalled ones are cut by the body deadline (408) in turn.
-    for mut stream in stalled {
-        assert_eq!(status_line(&mut stream).await, "HTTP/1.1 408 Request Timeout");
+    // The queued ones were turned away the same way; the holders are cut by the body
+    // deadline (408).
+    let expected = [
+        "408 Request Timeout",
+        "408 Request Timeout",
+        "503 Service Unavailable",
+        "503 Service Unavailable",
+    ];
+    for (mut stream, status) in stalled.into_iter().zip(expected) {
+        assert_eq!(status_line(&mut stream).await, format!("HTTP/1.1 {status}"));
     }
     server.stop.send(()).unwrap();
     server.task.await.unwrap();
