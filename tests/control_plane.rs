@@ -311,6 +311,59 @@ async fn certificates_renew_before_they_expire_and_the_new_one_connects() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_agent_whose_session_is_still_open_gets_no_new_certificate() {
+    let work = tempfile::tempdir().unwrap();
+    let mut config = fleet::config(&work.path().join("control"), "127.0.0.1:0".parse().unwrap());
+    config.policy.cert_ttl = Duration::from_secs(6);
+    let control = Control::start_with(config, None).await;
+    let agent = control.agent(work.path(), "agent", "edge").await;
+    let id = agent.identity.agent_id.clone();
+    eventually(Duration::from_secs(30), "the agent's session is up", || async {
+        control.shared.connected(&id)
+    })
+    .await;
+    // Revoked in the database while its session stays open: the window a revocation
+    // racing a renewal would leave.
+    let revoked = id.clone();
+    let now = falaj_common::time::Timestamp::from_system(std::time::SystemTime::now());
+    control.shared.db.call(move |c| falaj_control::db::revoke(c, &revoked, now)).await.unwrap();
+    let files = falaj_agent::identity::IdentityFiles::new(&agent.dir);
+    let (_, first_expiry) = files.validity().unwrap();
+    eventually(Duration::from_secs(30), "the renewal is refused", || {
+        let id = id.clone();
+        let shared = control.shared.clone();
+        async move {
+            let actual: Option<String> = shared
+                .db
+                .call(move |c| {
+                    c.query_row("SELECT actual FROM agents WHERE id = ?1", [id], |r| r.get(0))
+                })
+                .await
+                .unwrap();
+            actual.is_some_and(|a| a.contains("renewal refused: the agent is revoked"))
+        }
+    })
+    .await;
+    let certificates: i64 = {
+        let id = agent.identity.agent_id.clone();
+        control
+            .shared
+            .db
+            .call(move |c| {
+                c.query_row("SELECT COUNT(*) FROM certificates WHERE agent_id = ?1", [id], |r| {
+                    r.get(0)
+                })
+            })
+            .await
+            .unwrap()
+    };
+    assert_eq!(certificates, 1, "no certificate was issued after the revocation");
+    assert_eq!(files.validity().unwrap().1, first_expiry, "the agent holds no new one");
+    agent.stop().await;
+    control.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn undeploy_removes_the_model_and_a_silent_agent_shows_offline() {
     let work = tempfile::tempdir().unwrap();
     let control = Control::start(&work.path().join("control")).await;

@@ -466,9 +466,10 @@ async fn renew(shared: &Shared, agent: &str, current: &str, csr_der: &[u8]) {
     shared.send(agent, message).await;
 }
 
-/// Serves every further stream of a session as a fetch of blobs.
 /// The blobs a connection's agent may fetch, as of a document version.
 type Fetchable = tokio::sync::Mutex<Option<(u64, Arc<HashSet<Sha256>>)>>;
+
+/// Serves every further stream of a session as a fetch of blobs.
 
 async fn serve_fetches(shared: Arc<Shared>, conn: quinn::Connection, agent: String) {
     // What this agent may fetch, as of the document version it was computed for.

@@ -52,8 +52,9 @@ impl Control {
     pub async fn start_with(config: ServeConfig, blobs: Option<Arc<dyn BlobStore>>) -> Self {
         let dir = config.data_dir.clone();
         // A control plane restarted on the same port in this process may find the port
-        // still held for a moment by the last one's endpoint task: retry until it is free.
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // still held for a while by the last one's endpoint (connections draining, tasks
+        // of other tests loading the machine): retry until it is free.
+        let deadline = Instant::now() + Duration::from_secs(30);
         let cp = loop {
             let started = match &blobs {
                 Some(blobs) => {
