@@ -470,7 +470,6 @@ async fn renew(shared: &Shared, agent: &str, current: &str, csr_der: &[u8]) {
 type Fetchable = tokio::sync::Mutex<Option<(u64, Arc<HashSet<Sha256>>)>>;
 
 /// Serves every further stream of a session as a fetch of blobs.
-
 async fn serve_fetches(shared: Arc<Shared>, conn: quinn::Connection, agent: String) {
     // What this agent may fetch, as of the document version it was computed for.
     let allowed: Arc<Fetchable> = Arc::default();
