@@ -83,7 +83,13 @@ pub struct Ingested {
     pub rejected: u64,
 }
 
-/// Stores a batch from `agent` in one transaction; windows already stored are skipped.
+/// How far past the control plane's clock a window may end. Agents' clocks drift; a
+/// window dated further ahead would never be pruned and would count in every query.
+pub const MAX_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Stores a batch from `agent` in one transaction; windows already stored are skipped,
+/// and windows that fail their check or end more than [`MAX_CLOCK_SKEW`] ahead of `now`
+/// are refused (counted, and acknowledged all the same).
 pub fn insert_windows(
     conn: &mut Connection,
     agent: &str,
@@ -101,6 +107,12 @@ pub fn insert_windows(
         for (i, SequencedWindow { seq, window: w }) in batch.iter().enumerate() {
             if let Err(e) = w.check() {
                 tracing::warn!(agent, seq, error = %e, "refused a metric window");
+                ingested.rejected += 1;
+                continue;
+            }
+            let ends = w.start.unix().saturating_add(u64::from(w.seconds));
+            if ends > now.unix().saturating_add(MAX_CLOCK_SKEW.as_secs()) {
+                tracing::warn!(agent, seq, model = %w.model, start = %w.start, "refused a metric window dated in the future (the agent's clock is ahead)");
                 ingested.rejected += 1;
                 continue;
             }
@@ -277,4 +289,44 @@ pub fn stored(conn: &Connection) -> rusqlite::Result<(u64, Option<Timestamp>)> {
     conn.query_row("SELECT COUNT(*), MAX(received_at) FROM windows", [], |r| {
         Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(from_ts)))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use falaj_common::metrics::{Counts, MetricsWindow};
+
+    use super::*;
+    use crate::db::Db;
+
+    #[test]
+    fn windows_from_an_agent_clock_ahead_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(&dir.path().join("control.db")).unwrap();
+        db.call_sync(|c| {
+            c.execute(
+                "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version)
+                 VALUES ('agent-1', 'h', 'edge', 'eu-west-1', 0, '0')",
+                [],
+            )
+        })
+        .unwrap();
+        let now = Timestamp::from_unix(1_800_000_000);
+        let window = |seq: u64, start: u64| SequencedWindow {
+            seq,
+            window: MetricsWindow {
+                model: "fault".into(),
+                version: 1,
+                start: Timestamp::from_unix(start),
+                seconds: 10,
+                counts: Counts { requests: 3, ..Counts::default() },
+            },
+        };
+        let batch = [
+            window(1, now.unix() - 3600),
+            window(2, now.unix() + 200),
+            window(3, now.unix() + 86_400),
+        ];
+        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &batch, now)).unwrap();
+        assert_eq!((ingested.stored, ingested.rejected), (vec![0, 1], 1));
+    }
 }
