@@ -131,8 +131,18 @@ fn io(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Er
 /// The admin token in `data_dir`, created (random, 0600) if missing.
 fn admin_token(data_dir: &Path) -> Result<String, ServeError> {
     let path = data_dir.join(ADMIN_TOKEN_FILE);
-    if let Ok(token) = std::fs::read_to_string(&path) {
-        return Ok(token.trim().to_owned());
+    match std::fs::read_to_string(&path) {
+        Ok(token) if !token.trim().is_empty() => return Ok(token.trim().to_owned()),
+        Ok(_) => {
+            return Err(ServeError::Config(format!(
+                "{} is empty: remove it to have a new admin token made",
+                path.display()
+            )));
+        }
+        // Only a missing token is made anew: one that cannot be read (permissions, a
+        // directory in its place) is an error, not a reason to replace the operator's.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("reading", path.display())(e)),
     }
     let token = crate::secrets::random_hex::<32>();
     files::write_atomic(&path, format!("{token}\n").as_bytes(), 0o600)
@@ -356,5 +366,27 @@ async fn periodic(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_admin_token_that_cannot_be_read_is_an_error_and_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let made = admin_token(dir.path()).unwrap();
+        assert_eq!(admin_token(dir.path()).unwrap(), made, "read back, not replaced");
+        let path = dir.path().join(ADMIN_TOKEN_FILE);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        let err = admin_token(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("admin.token"), "{err}");
+        assert!(path.is_dir(), "nothing was written in its place");
+        std::fs::remove_dir(&path).unwrap();
+        std::fs::write(&path, "\n").unwrap();
+        let err = admin_token(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is empty"), "{err}");
     }
 }
