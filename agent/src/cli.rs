@@ -497,7 +497,7 @@ fn audit_export(data_dir: &Path, out: &Path) -> Result<(), Failure> {
     let now = falaj_common::time::Timestamp::from_system(SystemTime::now());
     let lines = store.audit_export(&key, now).map_err(store_failure)?;
     let text = lines.join("\n") + "\n";
-    crate::store::write_file_atomic(out, text.as_bytes(), 0o600)
+    falaj_shell::fs::write_atomic(out, text.as_bytes(), 0o600)
         .map_err(|e| Failure::Other(anyhow::anyhow!("writing {}: {e}", out.display())))?;
     println!(
         "wrote {} lines to {}; verify with `falaj-agent audit verify {} --key {}`",

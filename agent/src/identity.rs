@@ -79,7 +79,7 @@ impl KeyRequest {
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), IdentityError> {
-    crate::store::write_file_atomic(path, bytes, 0o600).map_err(|source| IdentityError::Io {
+    falaj_shell::fs::write_atomic(path, bytes, 0o600).map_err(|source| IdentityError::Io {
         op: "writing",
         path: path.to_owned(),
         source,

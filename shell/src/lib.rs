@@ -1,7 +1,9 @@
 //! What the agent's and the control plane's shells share and that does I/O, so the core
 //! (`falaj-common`) stays free of it and neither daemon depends on the other.
 //!
+//! - [`fs`]: durable file writes (temporary file, fsync, rename, fsync of the directory).
 //! - [`http`]: serving an axum router to slow or hostile clients: a deadline on each
 //!   request head, a cap on open connections, a bounded graceful stop.
 
+pub mod fs;
 pub mod http;

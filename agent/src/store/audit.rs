@@ -120,7 +120,7 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let (key, pkcs8) = SigningKey::generate(&ring::rand::SystemRandom::new())
                     .map_err(|e| StoreError::Refused(format!("making the audit key: {e}")))?;
-                super::write_file_atomic(&path, &pkcs8, 0o600).map_err(io("writing"))?;
+                falaj_shell::fs::write_atomic(&path, &pkcs8, 0o600).map_err(io("writing"))?;
                 key
             }
             Err(e) => return Err(io("reading")(e)),
@@ -128,7 +128,7 @@ impl Store {
         let public = self.dir.join(PUBLIC_FILE);
         let text = format!("{}\n", key.public());
         if std::fs::read_to_string(&public).ok().as_deref() != Some(text.as_str()) {
-            super::write_file_atomic(&public, text.as_bytes(), 0o644)
+            falaj_shell::fs::write_atomic(&public, text.as_bytes(), 0o644)
                 .map_err(|source| StoreError::Io { op: "writing", path: public.clone(), source })?;
         }
         Ok(key)

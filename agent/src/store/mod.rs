@@ -286,25 +286,6 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("syncing directory", dir))
 }
 
-/// Writes `bytes` to `path` atomically and durably, with `mode`: a temporary file in the
-/// same directory, fsynced, renamed into place, the directory fsynced.
-pub fn write_file_atomic(path: &Path, bytes: &[u8], mode: u32) -> io::Result<()> {
-    use std::io::Write as _;
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut file = tempfile::Builder::new().prefix(".write-").tempfile_in(dir)?;
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.as_file().set_permissions(fs::Permissions::from_mode(mode))?;
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    file.write_all(bytes)?;
-    file.as_file().sync_all()?;
-    file.persist(path).map_err(|e| e.error)?;
-    File::open(dir).and_then(|d| d.sync_all())
-}
-
 impl Store {
     /// Initialises an agent in `dir` for `region`, pinning the trust root in `trust_json`.
     pub fn init(dir: &Path, region: &str, trust_json: &[u8], now: SystemTime) -> Result<Self> {
