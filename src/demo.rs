@@ -650,7 +650,6 @@ async fn canary(
                 "rollout {} did not end in time",
                 view.rollout.id
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
     unreachable!("the rows cycle")

@@ -139,7 +139,7 @@ impl Reporter {
         for live in catalog.rollouts.values() {
             let reference =
                 |version| match catalog.models.get(&live.spec.model)?.versions.get(&version)? {
-                    VersionState::Ready(v) => v.manifest.model()?.reference.clone(),
+                    VersionState::Ready(v) => v.manifest.model()?.reference.as_ref(),
                     VersionState::Failed { .. } => None,
                 };
             let observed = live.observe(windows, reference, at);

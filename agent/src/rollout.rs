@@ -86,10 +86,10 @@ impl LiveRollout {
 
     /// Adds the closed `windows` of its two versions and judges the guards on everything
     /// served since the rollout began here; the first failure rolls it back.
-    pub fn observe(
+    pub fn observe<'a>(
         &self,
         windows: &[MetricsWindow],
-        reference: impl Fn(u64) -> Option<DataProfile>,
+        reference: impl Fn(u64) -> Option<&'a DataProfile>,
         now: Timestamp,
     ) -> Observed {
         let mut judged = self.judged();
@@ -102,8 +102,8 @@ impl LiveRollout {
             }
             changed = true;
         }
-        let baseline = Figures::of(&judged.baseline, reference(self.spec.baseline).as_ref());
-        let candidate = Figures::of(&judged.candidate, reference(self.spec.candidate).as_ref());
+        let baseline = Figures::of(&judged.baseline, reference(self.spec.baseline));
+        let candidate = Figures::of(&judged.candidate, reference(self.spec.candidate));
         judged.results =
             rollout::judge(&self.spec.guards, self.spec.min_requests, &baseline, &candidate);
         let mut observed = Observed { changed, rolled_back: None };

@@ -823,3 +823,18 @@ pub fn put_desired(
     )
     .map(drop)
 }
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Records agent `id` as enrolled (in group `edge`), for tests of what agents send.
+    pub(crate) fn add_agent(conn: &Connection, id: &str) -> rusqlite::Result<()> {
+        conn.execute(
+            "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version)
+             VALUES (?1, 'host', 'edge', 'eu-west-1', 0, '0')",
+            [id],
+        )
+        .map(drop)
+    }
+}

@@ -302,14 +302,7 @@ mod tests {
     fn windows_from_an_agent_clock_ahead_are_refused() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("control.db")).unwrap();
-        db.call_sync(|c| {
-            c.execute(
-                "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version)
-                 VALUES ('agent-1', 'h', 'edge', 'eu-west-1', 0, '0')",
-                [],
-            )
-        })
-        .unwrap();
+        db.call_sync(|c| crate::db::tests::add_agent(c, "agent-1")).unwrap();
         let now = Timestamp::from_unix(1_800_000_000);
         let window = |seq: u64, start: u64| SequencedWindow {
             seq,

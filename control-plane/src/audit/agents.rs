@@ -133,14 +133,7 @@ mod tests {
     fn chains_arrive_in_order_once_and_breaks_are_refused_and_recorded() {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("control.db")).unwrap();
-        db.call_sync(|c| {
-            c.execute(
-                "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version)
-                 VALUES ('agent-1', 'h', 'edge', 'eu-west-1', 0, '0')",
-                [],
-            )
-        })
-        .unwrap();
+        db.call_sync(|c| crate::db::tests::add_agent(c, "agent-1")).unwrap();
         let now = Timestamp::from_unix(1_800_000_100);
         let lines = chain(6);
         let put = |batch: &[String]| db.call_sync(|c| store(c, "agent-1", batch, now)).unwrap();
