@@ -15,12 +15,7 @@ use falaj_common::audit::Checkpoint;
 use falaj_common::keys::SigningKey;
 use falaj_common::time::Timestamp;
 use serde_json::Value;
-use support::{Process, fails, ok, s};
-
-fn admin_url(line: &str) -> String {
-    let start = line.find("http://").unwrap();
-    line[start..].split_whitespace().next().unwrap().to_owned()
-}
+use support::{ControlProcess, Process, fails, ok, s};
 
 /// `audit verify FILE --key KEY`: Ok(stdout) or Err(stderr) with exit code 65.
 fn verify(file: &Path, key: &Path) -> Result<String, String> {
@@ -38,24 +33,9 @@ fn every_change_is_audited_and_every_tampering_is_found() {
     let work = tempfile::tempdir().unwrap();
     let work = work.path();
     let data = work.join("control");
-    let mut control = Process::start(&[
-        "control",
-        "serve",
-        "--data-dir",
-        s(&data),
-        "--quic",
-        "127.0.0.1:0",
-        "--admin",
-        "127.0.0.1:0",
-        "--region",
-        "eu-west-1",
-    ]);
-    let url = admin_url(&control.wait_for("admin API on"));
-    let api = |args: &[&str]| -> String {
-        let mut full: Vec<&str> = args.to_vec();
-        full.extend(["--control-plane", &url, "--data-dir", s(&data)]);
-        ok(&full)
-    };
+    let control = ControlProcess::start(&data, "127.0.0.1:0", &[]);
+    let url = control.url.clone();
+    let api = |args: &[&str]| control.ok(args);
 
     // Changes: a bundle pushed and deployed, an enrollment token; and a refused bundle.
     let bundle = support::sample_bundle(work, "eu-west-1", 1);
@@ -213,23 +193,8 @@ async fn an_agents_chain_reaches_the_control_plane_intact_across_an_outage() {
     let work = work.path();
     let data = work.join("control");
     let serve = |quic: &str| {
-        let mut control = Process::start(&[
-            "control",
-            "serve",
-            "--data-dir",
-            s(&data),
-            "--quic",
-            quic,
-            "--admin",
-            "127.0.0.1:0",
-            "--region",
-            "eu-west-1",
-            "--heartbeat",
-            "1s",
-        ]);
-        let url = admin_url(&control.wait_for("admin API on"));
-        let quic =
-            control.wait_for("agents connect to").split_whitespace().nth(3).unwrap().to_owned();
+        let control = ControlProcess::start(&data, quic, &["--heartbeat", "1s"]);
+        let (url, quic) = (control.url.clone(), control.quic.clone());
         (control, url, quic)
     };
     let (control, url, quic) = serve("127.0.0.1:0");
@@ -254,14 +219,10 @@ async fn an_agents_chain_reaches_the_control_plane_intact_across_an_outage() {
         ]);
         out
     };
-    let api = |url: &str, args: &[&str]| -> String {
-        let mut full: Vec<&str> = args.to_vec();
-        full.extend(["--control-plane", url, "--data-dir", s(&data)]);
-        ok(&full)
-    };
-    api(&url, &["control", "bundle", "push", s(&build("1"))]);
-    api(&url, &["control", "deploy", "sensor-fault@1", "--group", "edge"]);
-    let token = api(&url, &["control", "token", "create", "--group", "edge", "--ttl", "10m"]);
+    let api = |control: &ControlProcess, args: &[&str]| control.ok(args);
+    api(&control, &["control", "bundle", "push", s(&build("1"))]);
+    api(&control, &["control", "deploy", "sensor-fault@1", "--group", "edge"]);
+    let token = api(&control, &["control", "token", "create", "--group", "edge", "--ttl", "10m"]);
     let agent = work.join("agent");
     let enrolled = ok(&[
         "agent",

@@ -25,60 +25,27 @@ use std::time::Duration;
 use falaj_common::sample::{self, FEATURE_COUNT};
 use falaj_control::sample::{INPUT, SampleOptions};
 use serde_json::{Value, json};
-use support::{Process, fails, ok, s};
+use support::{ControlProcess, Process, ok, s};
 
 const MODEL: &str = "fault";
 const GROUP: &str = "edge";
 
-/// A control plane process and how to reach it.
-struct Control {
-    process: Process,
-    data: PathBuf,
-    url: String,
-    quic: String,
+/// A control plane process judging rollouts every 300 ms.
+struct Control(ControlProcess);
+
+impl std::ops::Deref for Control {
+    type Target = ControlProcess;
+
+    fn deref(&self) -> &ControlProcess {
+        &self.0
+    }
 }
 
 impl Control {
     fn start(data: &Path, quic: &str) -> Self {
         let config = data.with_extension("toml");
         std::fs::write(&config, "[rollouts]\nevaluate_every = \"300ms\"\n").unwrap();
-        let mut process = Process::start(&[
-            "control",
-            "serve",
-            "--config",
-            s(&config),
-            "--data-dir",
-            s(data),
-            "--quic",
-            quic,
-            "--admin",
-            "127.0.0.1:0",
-            "--region",
-            "eu-west-1",
-            "--heartbeat",
-            "1s",
-        ]);
-        let line = process.wait_for("admin API on");
-        let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().into();
-        let quic =
-            process.wait_for("agents connect to").split_whitespace().nth(3).unwrap().to_owned();
-        Self { process, data: data.to_owned(), url, quic }
-    }
-
-    /// `falaj control ARGS... --control-plane URL --data-dir DATA`, as arguments.
-    fn args(&self, args: &[&str]) -> Vec<String> {
-        let mut full: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
-        full.extend(["--control-plane".into(), self.url.clone()]);
-        full.extend(["--data-dir".into(), s(&self.data).into()]);
-        full
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        ok(&self.args(args).iter().map(String::as_str).collect::<Vec<_>>())
-    }
-
-    fn fails(&self, args: &[&str], code: i32) -> String {
-        fails(&self.args(args).iter().map(String::as_str).collect::<Vec<_>>(), code)
+        Self(ControlProcess::start(data, quic, &["--config", s(&config), "--heartbeat", "1s"]))
     }
 
     fn status(&self) -> Value {
@@ -488,7 +455,7 @@ async fn a_failing_canary_rolls_back_on_the_agent_offline_and_a_healthy_one_is_p
     })
     .await;
     let quic = control.quic.clone();
-    assert_eq!(control.process.terminate(), Some(0));
+    assert_eq!(control.0.terminate(), Some(0));
 
     // The control plane is down; the candidate fails; the agent rolls back by itself.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -557,7 +524,7 @@ async fn a_failing_canary_rolls_back_on_the_agent_offline_and_a_healthy_one_is_p
         prometheus(http, "falaj_rollout_share_percent", "model=\"fault\"").await == Some(30.0)
     })
     .await;
-    assert_eq!(control.process.terminate(), Some(0));
+    assert_eq!(control.0.terminate(), Some(0));
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let mut shares = vec![30.0];
     let mut on_candidate = 0;

@@ -171,3 +171,64 @@ pub fn init_agent(agent: &Path, region: &str, root: &Path) -> String {
 pub fn s(path: &Path) -> &str {
     path.to_str().unwrap()
 }
+
+/// `falaj control serve` as a process, and how to reach it.
+pub struct ControlProcess {
+    /// The process.
+    pub process: Process,
+    /// Its data directory.
+    pub data: std::path::PathBuf,
+    /// Its admin API's URL.
+    pub url: String,
+    /// Where agents connect (QUIC).
+    pub quic: String,
+}
+
+impl ControlProcess {
+    /// Starts a control plane of region `eu-west-1` in `data`, agents on `quic`, with
+    /// `extra` arguments; returns once both addresses are printed.
+    pub fn start(data: &Path, quic: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "control",
+            "serve",
+            "--data-dir",
+            s(data),
+            "--quic",
+            quic,
+            "--admin",
+            "127.0.0.1:0",
+            "--region",
+            "eu-west-1",
+        ];
+        args.extend_from_slice(extra);
+        let mut process = Process::start(&args);
+        let line = process.wait_for("admin API on");
+        let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().into();
+        let quic =
+            process.wait_for("agents connect to").split_whitespace().nth(3).unwrap().to_owned();
+        Self { process, data: data.to_owned(), url, quic }
+    }
+
+    /// `ARGS... --control-plane URL --data-dir DATA`, as arguments.
+    pub fn args(&self, args: &[&str]) -> Vec<String> {
+        let mut full: Vec<String> = args.iter().map(|a| (*a).to_owned()).collect();
+        full.extend(["--control-plane".into(), self.url.clone()]);
+        full.extend(["--data-dir".into(), s(&self.data).into()]);
+        full
+    }
+
+    /// Runs `falaj ARGS...` against it and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        ok(&self.args(args).iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// Runs `falaj ARGS...` against it, requires the exit code `code`; returns stderr.
+    pub fn fails(&self, args: &[&str], code: i32) -> String {
+        fails(&self.args(args).iter().map(String::as_str).collect::<Vec<_>>(), code)
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns the exit code.
+    pub fn terminate(self) -> Option<i32> {
+        self.process.terminate()
+    }
+}
