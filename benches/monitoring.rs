@@ -87,6 +87,7 @@ fn main() -> Result<()> {
     let now = Timestamp::from_system(SystemTime::now());
     let templates: Vec<MetricsWindow> = (0..64).map(|i| window(now.unix() - 1800, i)).collect();
     let bytes = postcard::to_stdvec(&templates[0])?.len();
+    let held = monitoring::Held::from([("sensor-fault".to_owned(), 1)]);
 
     println!(
         "Metric windows of the sample model ({bytes} bytes each, postcard), {AGENTS} agents, {total} windows per line"
@@ -116,9 +117,10 @@ fn main() -> Result<()> {
                 })
                 .collect();
             let id = agents[agent].clone();
+            let held = held.clone();
             let t0 = Instant::now();
             let ingested =
-                db.call_sync(move |c| monitoring::insert_windows(c, &id, &windows, now))?;
+                db.call_sync(move |c| monitoring::insert_windows(c, &id, &held, &windows, now))?;
             latencies.push(t0.elapsed());
             anyhow::ensure!(ingested.stored.len() == batch, "every window is new");
             sent += batch;

@@ -222,6 +222,9 @@ const MIGRATIONS: &[&str] = &[
         received_at INTEGER NOT NULL,
         PRIMARY KEY (agent_id, seq)
     ) STRICT, WITHOUT ROWID;",
+    // 8: windows by agent and version, for the per-agent cap on what is stored
+    // (`monitoring::MAX_WINDOWS_PER_HOUR`).
+    "CREATE INDEX windows_by_agent ON windows (agent_id, model, version, start);",
 ];
 
 /// Errors of the control plane's database.

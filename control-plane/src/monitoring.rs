@@ -87,12 +87,24 @@ pub struct Ingested {
 /// window dated further ahead would never be pruned and would count in every query.
 pub const MAX_CLOCK_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Stores a batch from `agent` in one transaction; windows already stored are skipped,
-/// and windows that fail their check or end more than [`MAX_CLOCK_SKEW`] ahead of `now`
-/// are refused (counted, and acknowledged all the same).
+/// Most windows stored for one agent, model and version whose starts fall in one hour (an
+/// agent closing a window every second sends this many): what an agent reports cannot
+/// grow the store faster than that, whatever it sends.
+pub const MAX_WINDOWS_PER_HOUR: u64 = 3600;
+
+/// The model versions an agent reported holding during its session, as (name, version):
+/// windows for any other are refused, so an agent cannot report traffic, and fake drift,
+/// for a model it does not serve.
+pub type Held = BTreeSet<(String, u64)>;
+
+/// Stores a batch from `agent`, which reported holding `held`, in one transaction.
+/// Windows already stored are skipped; windows that fail their check, concern a version
+/// not in `held`, end more than [`MAX_CLOCK_SKEW`] ahead of `now`, or exceed
+/// [`MAX_WINDOWS_PER_HOUR`] are refused (counted, and acknowledged all the same).
 pub fn insert_windows(
     conn: &mut Connection,
     agent: &str,
+    held: &Held,
     batch: &[SequencedWindow],
     now: Timestamp,
 ) -> rusqlite::Result<Ingested> {
@@ -100,25 +112,46 @@ pub fn insert_windows(
     let mut ingested = Ingested::default();
     {
         let mut insert = tx.prepare_cached(
-            "INSERT OR IGNORE INTO windows
+            "INSERT INTO windows
                  (agent_id, seq, model, version, start, seconds, requests, errors, window, received_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
         )?;
+        let mut stored_seq =
+            tx.prepare_cached("SELECT 1 FROM windows WHERE agent_id = ?1 AND seq = ?2")?;
+        let mut in_hour = tx.prepare_cached(
+            "SELECT COUNT(*) FROM windows
+             WHERE agent_id = ?1 AND model = ?2 AND version = ?3 AND start >= ?4 AND start < ?5",
+        )?;
         for (i, SequencedWindow { seq, window: w }) in batch.iter().enumerate() {
-            if let Err(e) = w.check() {
-                tracing::warn!(agent, seq, error = %e, "refused a metric window");
-                ingested.rejected += 1;
+            if stored_seq.exists(params![agent, *seq as i64])? {
+                ingested.duplicates += 1;
                 continue;
             }
-            let ends = w.start.unix().saturating_add(u64::from(w.seconds));
-            if ends > now.unix().saturating_add(MAX_CLOCK_SKEW.as_secs()) {
-                tracing::warn!(agent, seq, model = %w.model, start = %w.start, "refused a metric window dated in the future (the agent's clock is ahead)");
+            let mut refusal = refusal(w, held, now);
+            if refusal.is_none() {
+                let hour = w.start.unix() - w.start.unix() % 3600;
+                let count: i64 = in_hour.query_row(
+                    params![
+                        agent,
+                        w.model,
+                        w.version as i64,
+                        ts(Timestamp::from_unix(hour)),
+                        ts(Timestamp::from_unix(hour + 3600))
+                    ],
+                    |r| r.get(0),
+                )?;
+                if u64::try_from(count).unwrap_or(0) >= MAX_WINDOWS_PER_HOUR {
+                    refusal = Some(format!("over {MAX_WINDOWS_PER_HOUR} windows in one hour"));
+                }
+            }
+            if let Some(reason) = refusal {
+                tracing::warn!(agent, seq, model = %w.model, version = w.version, start = %w.start, reason, "refused a metric window");
                 ingested.rejected += 1;
                 continue;
             }
             let bytes = postcard::to_stdvec(w)
                 .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            let added = insert.execute(params![
+            insert.execute(params![
                 agent,
                 *seq as i64,
                 w.model,
@@ -130,15 +163,26 @@ pub fn insert_windows(
                 bytes,
                 ts(now),
             ])?;
-            if added == 1 {
-                ingested.stored.push(i);
-            } else {
-                ingested.duplicates += 1;
-            }
+            ingested.stored.push(i);
         }
     }
     tx.commit()?;
     Ok(ingested)
+}
+
+/// Why a window an agent sent is refused, if it is, before the store is asked.
+fn refusal(w: &MetricsWindow, held: &Held, now: Timestamp) -> Option<String> {
+    if let Err(e) = w.check() {
+        return Some(e.to_string());
+    }
+    if !held.contains(&(w.model.clone(), w.version)) {
+        return Some("the agent does not hold this version".to_owned());
+    }
+    let ends = w.start.unix().saturating_add(u64::from(w.seconds));
+    if ends > now.unix().saturating_add(MAX_CLOCK_SKEW.as_secs()) {
+        return Some(format!("dated {} s ahead of the control plane's clock", ends - now.unix()));
+    }
+    None
 }
 
 /// Which windows to roll up.
@@ -298,28 +342,86 @@ mod tests {
     use super::*;
     use crate::db::Db;
 
-    #[test]
-    fn windows_from_an_agent_clock_ahead_are_refused() {
+    fn window(seq: u64, model: &str, version: u64, start: u64) -> SequencedWindow {
+        SequencedWindow {
+            seq,
+            window: MetricsWindow {
+                model: model.into(),
+                version,
+                start: Timestamp::from_unix(start),
+                seconds: 1,
+                counts: Counts { requests: 3, ..Counts::default() },
+            },
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, Db) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(&dir.path().join("control.db")).unwrap();
         db.call_sync(|c| crate::db::tests::add_agent(c, "agent-1")).unwrap();
+        (dir, db)
+    }
+
+    fn held(versions: &[(&str, u64)]) -> Held {
+        versions.iter().map(|&(m, v)| (m.to_owned(), v)).collect()
+    }
+
+    #[test]
+    fn windows_from_an_agent_clock_ahead_are_refused() {
+        let (_dir, db) = store();
         let now = Timestamp::from_unix(1_800_000_000);
-        let window = |seq: u64, start: u64| SequencedWindow {
-            seq,
-            window: MetricsWindow {
-                model: "fault".into(),
-                version: 1,
-                start: Timestamp::from_unix(start),
-                seconds: 10,
-                counts: Counts { requests: 3, ..Counts::default() },
-            },
-        };
         let batch = [
-            window(1, now.unix() - 3600),
-            window(2, now.unix() + 200),
-            window(3, now.unix() + 86_400),
+            window(1, "fault", 1, now.unix() - 3600),
+            window(2, "fault", 1, now.unix() + 200),
+            window(3, "fault", 1, now.unix() + 86_400),
         ];
-        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &batch, now)).unwrap();
+        let held = held(&[("fault", 1)]);
+        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &held, &batch, now)).unwrap();
         assert_eq!((ingested.stored, ingested.rejected), (vec![0, 1], 1));
+    }
+
+    #[test]
+    fn windows_for_versions_the_agent_does_not_hold_are_refused() {
+        let (_dir, db) = store();
+        let now = Timestamp::from_unix(1_800_000_000);
+        let batch = [
+            window(1, "fault", 1, now.unix() - 60),
+            window(2, "fault", 2, now.unix() - 60),
+            window(3, "churn", 1, now.unix() - 60),
+        ];
+        let held = held(&[("fault", 1)]);
+        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &held, &batch, now)).unwrap();
+        assert_eq!((ingested.stored, ingested.rejected), (vec![0], 2));
+        let stored = db
+            .call_sync(|c| {
+                c.query_row("SELECT COUNT(*), MAX(version) FROM windows", [], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+                })
+            })
+            .unwrap();
+        assert_eq!(stored, (1, 1));
+    }
+
+    #[test]
+    fn an_agent_stores_at_most_an_hour_of_windows_per_hour_and_resends_are_duplicates() {
+        let (_dir, db) = store();
+        let hour = 1_800_000_000 - 1_800_000_000 % 3600;
+        let now = Timestamp::from_unix(hour + 7200);
+        let held = held(&[("fault", 1), ("churn", 1)]);
+        // One window a second fills the hour; the next one in it is refused, while the
+        // next hour, and another model in the same hour, are not limited by it.
+        let limit = MAX_WINDOWS_PER_HOUR;
+        let full: Vec<SequencedWindow> =
+            (0..limit).map(|i| window(i + 1, "fault", 1, hour + i % 3600)).collect();
+        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &held, &full, now)).unwrap();
+        assert_eq!((ingested.stored.len() as u64, ingested.rejected), (limit, 0));
+        let more = [
+            window(limit + 1, "fault", 1, hour + 10),
+            window(limit + 2, "fault", 1, hour + 3600),
+            window(limit + 3, "churn", 1, hour + 10),
+            window(1, "fault", 1, hour),
+        ];
+        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &held, &more, now)).unwrap();
+        assert_eq!((ingested.stored, ingested.rejected, ingested.duplicates), (vec![1, 2], 1, 1));
     }
 }

@@ -38,6 +38,10 @@ pub const CLOSE_BUSY: u32 = 4;
 /// Connection close code: the enrollment request or its answer took too long.
 pub const CLOSE_TIMEOUT: u32 = 5;
 
+/// Most model versions remembered as held in one session; an agent reporting more starts
+/// the set again from its latest report.
+const MAX_HELD: usize = 4096;
+
 /// What the control plane lets any peer send before it knows who it is: the credit every
 /// connection gets in its handshake, which cannot be taken back. Agents' sessions get
 /// [`AGENT_RECEIVE_WINDOW`] once their certificate is checked.
@@ -316,9 +320,16 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
         Ok(signed) => shared.send_if_newer(&agent, signed),
         Err(err) => tracing::error!(%agent, error = %err, "issuing desired state failed"),
     }
+    // Every version the agent reported holding in this session: its windows may concern
+    // any of them (a window closed before a removal is delivered after it).
+    let mut held = monitoring::Held::new();
     loop {
         match read_frame::<AgentMessage>(&mut recv).await {
             Ok(Some(AgentMessage::Hello(state) | AgentMessage::Report(state))) => {
+                if held.len() + state.bundles.len() > MAX_HELD {
+                    held.clear();
+                }
+                held.extend(state.bundles.iter().map(|b| (b.name.clone(), b.version)));
                 let rolled_back = state.rollouts.iter().any(|r| r.rolled_back);
                 shared.saw(&agent, SystemTime::now(), Some(state));
                 // The group follows an agent's rollback at once, not at the next tick.
@@ -330,7 +341,7 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
                 renew(&shared, &agent, &serial, &csr_der).await;
             }
             Ok(Some(AgentMessage::Windows(batch))) => {
-                if !ingest(&shared, &agent, &conn, batch).await {
+                if !ingest(&shared, &agent, &held, &conn, batch).await {
                     break;
                 }
             }
@@ -363,6 +374,7 @@ fn unregister(shared: &Shared, agent: &str, serial_no: u64) {
 async fn ingest(
     shared: &Shared,
     agent: &str,
+    held: &monitoring::Held,
     conn: &quinn::Connection,
     batch: Vec<SequencedWindow>,
 ) -> bool {
@@ -379,7 +391,9 @@ async fn ingest(
     let (id, now) = (agent.to_owned(), Timestamp::from_system(SystemTime::now()));
     let batch = Arc::new(batch);
     let windows = Arc::clone(&batch);
-    let stored = shared.db.call(move |c| monitoring::insert_windows(c, &id, &windows, now)).await;
+    let held = held.clone();
+    let stored =
+        shared.db.call(move |c| monitoring::insert_windows(c, &id, &held, &windows, now)).await;
     let ingested = match stored {
         Ok(ingested) => ingested,
         Err(err) => {

@@ -94,8 +94,9 @@ fn window(
 fn store(conn: &mut Connection, agent: &str, seq: u64, w: MetricsWindow) {
     // Received as it closed: the control plane's clock agrees with the agent's.
     let now = w.start;
+    let held = monitoring::Held::from([(w.model.clone(), w.version)]);
     let ingested =
-        monitoring::insert_windows(conn, agent, &[SequencedWindow { seq, window: w }], now)
+        monitoring::insert_windows(conn, agent, &held, &[SequencedWindow { seq, window: w }], now)
             .unwrap();
     assert_eq!(ingested.stored, [0]);
 }
