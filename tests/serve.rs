@@ -78,6 +78,26 @@ async fn serves_imports_live_and_stops_cleanly() {
         client.get(url("/v2/models/sensor-fault")).send().await.unwrap().json().await.unwrap();
     assert_eq!(meta["versions"], json!(["1", "2"]));
 
+    // Two more: the oldest inactive version goes (`[models] keep_inactive`, 2 by default),
+    // its file with it.
+    for version in [3, 4] {
+        let bundle = sample_bundle(dir.path(), "eu-west-1", version);
+        ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
+    }
+    loop {
+        let meta: Value =
+            client.get(url("/v2/models/sensor-fault")).send().await.unwrap().json().await.unwrap();
+        if meta["versions"] == json!(["2", "3", "4"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "version 1 was never removed: {meta}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = client.get(url("/v2/models/sensor-fault/versions/1/ready")).send().await.unwrap();
+    assert_eq!(status.status(), 404);
+    let files = std::fs::read_dir(agent.join("bundles/sensor-fault")).unwrap().count();
+    assert_eq!(files, 3, "the removed version's file is gone");
+
     assert_eq!(server.terminate(), Some(0), "SIGTERM is a clean shutdown");
 }
 

@@ -119,6 +119,9 @@ pub struct ModelsConfig {
     /// How often to look for bundles imported by `falaj-agent import`.
     #[serde(with = "human_duration")]
     pub poll_interval: Duration,
+    /// Inactive versions kept of each model imported by hand, besides its active one;
+    /// older ones are removed (versions the control plane manages follow its deployments).
+    pub keep_inactive: usize,
 }
 
 /// `[control_plane]`.
@@ -188,7 +191,8 @@ impl Default for HttpConfig {
 
 impl Default for ModelsConfig {
     fn default() -> Self {
-        Self { poll_interval: ServeConfig::default().poll_interval }
+        let serve = ServeConfig::default();
+        Self { poll_interval: serve.poll_interval, keep_inactive: serve.keep_inactive }
     }
 }
 
@@ -226,6 +230,7 @@ impl AgentConfig {
             queue_timeout: self.http.queue_timeout,
             max_connections: self.http.max_connections,
             poll_interval: self.models.poll_interval,
+            keep_inactive: self.models.keep_inactive,
             metrics: self.metrics.enabled,
             engine: self.engine.clone(),
             shadow_queue: self.rollouts.shadow_queue,
@@ -288,6 +293,7 @@ impl Checked for AgentConfig {
         )?;
         within(path, "http.max_connections", self.http.max_connections, 1, 1_000_000)?;
         within(path, "http.workers", self.http.workers, 0, 4096)?;
+        within(path, "models.keep_inactive", self.models.keep_inactive, 0, 1000)?;
         within(
             path,
             "models.poll_interval",

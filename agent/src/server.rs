@@ -57,6 +57,8 @@ pub struct ServeConfig {
     pub workers: usize,
     /// How often to look for bundles imported by another process.
     pub poll_interval: Duration,
+    /// Inactive versions kept of each model imported by hand (`[models] keep_inactive`).
+    pub keep_inactive: usize,
     /// Whether requests are measured (metric windows, Prometheus counters).
     pub metrics: bool,
     /// Which engine serves each model.
@@ -81,6 +83,7 @@ impl Default for ServeConfig {
             shutdown_grace: HttpLimits::default().grace,
             workers: std::thread::available_parallelism().map_or(2, usize::from),
             poll_interval: Duration::from_secs(1),
+            keep_inactive: 2,
             metrics: true,
             engine: EngineConfig::default(),
             shadow_queue: 256,
@@ -224,7 +227,10 @@ impl Server {
         let watcher = tokio::spawn(watch_store(
             Arc::clone(&self.store),
             Arc::clone(&self.state.registry),
-            self.state.config.poll_interval,
+            Watch {
+                every: self.state.config.poll_interval,
+                keep_inactive: self.state.config.keep_inactive,
+            },
             Arc::clone(&self.reload),
             stop_rx,
         ));
@@ -243,16 +249,26 @@ impl Server {
     }
 }
 
+/// How the store is watched.
+#[derive(Debug, Clone, Copy)]
+struct Watch {
+    /// How often to look.
+    every: Duration,
+    /// Inactive imported versions kept per model.
+    keep_inactive: usize,
+}
+
 /// Reloads the registry when another process commits to the store (an import), when
-/// `reload` is notified, or on SIGHUP, until `stop` turns true.
+/// `reload` is notified, or on SIGHUP, until `stop` turns true; before each reload,
+/// imported versions beyond the retention are removed.
 async fn watch_store(
     store: Arc<Mutex<Store>>,
     registry: Arc<Registry>,
-    every: Duration,
+    watch: Watch,
     reload: Arc<Notify>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(watch.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     #[cfg(unix)]
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
@@ -276,10 +292,19 @@ async fn watch_store(
         let store = Arc::clone(&store);
         let registry = Arc::clone(&registry);
         let result = tokio::task::spawn_blocking(move || -> Result<_, StoreError> {
-            let store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut store = store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             let version = store.data_version()?;
             if !forced && seen == Some(version) {
                 return Ok((version, None));
+            }
+            // Its own writes leave the store's data version as it is.
+            let removed = store.prune_imported(watch.keep_inactive, SystemTime::now())?;
+            if !removed.is_empty() {
+                tracing::info!(
+                    ?removed,
+                    keep = watch.keep_inactive,
+                    "removed inactive imported versions"
+                );
             }
             Ok((version, Some(registry.reload(&store)?)))
         })

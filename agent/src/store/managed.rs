@@ -101,6 +101,31 @@ impl Store {
         self.remove(name, version, now).map(drop)
     }
 
+    /// Removes the versions an operator imported by hand that no longer serve, keeping the
+    /// newest `keep` of each model besides its active one (`[models] keep_inactive`).
+    /// Versions the control plane manages follow its deployments and are left alone, as
+    /// are versions a derived model stands in for. Returns what was removed.
+    pub fn prune_imported(&mut self, keep: usize, now: SystemTime) -> Result<Vec<(String, u64)>> {
+        let overlaid: std::collections::BTreeSet<(String, u64)> =
+            self.overlays()?.into_iter().map(|o| (o.name, o.version)).collect();
+        let mut inactive: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        for h in self.held()? {
+            if !h.active && !h.managed && !overlaid.contains(&(h.name.clone(), h.version)) {
+                inactive.entry(h.name).or_default().push(h.version);
+            }
+        }
+        let mut removed = Vec::new();
+        for (name, mut versions) in inactive {
+            versions.sort_unstable_by(|a, b| b.cmp(a));
+            for &version in versions.iter().skip(keep) {
+                if self.remove(&name, version, now)? {
+                    removed.push((name.clone(), version));
+                }
+            }
+        }
+        Ok(removed)
+    }
+
     /// Removes `version` of `name` (and its activation); the file is deleted after the
     /// transaction commits. False if it was not installed.
     pub fn remove(&mut self, name: &str, version: u64, now: SystemTime) -> Result<bool> {
