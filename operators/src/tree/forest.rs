@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use super::quickscorer::{QuickScorer, Test};
+use super::quickscorer::{BLOCK, QuickScorer, Scratch, Test};
 
 /// How a branch compares the feature with its threshold; NaN features compare false
 /// (true for `Neq`) unless the node sends missing values to its true branch.
@@ -139,6 +139,9 @@ const MISSING_TRUE: u32 = 1 << 31;
 const NO_LEAF: u32 = u32::MAX;
 /// Cursors walked in lockstep.
 const LANES: usize = 8;
+/// Rows from which QuickScorer takes a block rather than rows one by one (a short block
+/// repeats its last row).
+const QUICK_BLOCK_ROWS: usize = 2;
 /// Bytes of nodes per block of trees: most of a typical 512 KiB L2 cache.
 const BLOCK_BYTES: usize = 384 * 1024;
 
@@ -166,8 +169,12 @@ pub struct Forest {
     leaf_start: Vec<u32>,
     leaf_target: Vec<u32>,
     leaf_weight: Vec<f32>,
-    /// Per node, when every leaf adds exactly one weight to target 0: that weight.
+    /// Per node, when every leaf adds exactly one weight and all to the same target: that
+    /// weight (the target is `single_target`).
     single: Option<Vec<f32>>,
+    single_target: usize,
+    /// Per QuickScorer leaf position, its one weight (when `single` and a sum or mean).
+    quick_values: Vec<f32>,
     /// Whether every leaf names every target (so no target ever lacks a score).
     dense: bool,
     n_targets: usize,
@@ -224,9 +231,9 @@ impl Forest {
         let out = Builder::build(spec)?;
         let uniform = out.uniform();
         let n_features = out.max_feature.map_or(0, |f| f + 1);
-        let single = (spec.n_targets == 1
-            && out.leaf_start.windows(2).all(|w| w[1] - w[0] == 1)
-            && out.leaf_target.iter().all(|&t| t == 0))
+        let single_target = out.leaf_target.first().map_or(0, |&t| t as usize);
+        let single = (out.leaf_start.windows(2).all(|w| w[1] - w[0] == 1)
+            && out.leaf_target.iter().all(|&t| t as usize == single_target))
         .then(|| {
             out.leaf_of
                 .iter()
@@ -261,12 +268,12 @@ impl Forest {
             _ => None,
         };
         let walk = if even { Walk::Lockstep } else { Walk::Refill };
-        Ok(Self {
+        let forest = Self {
             nodes: out.nodes,
             roots: out.roots,
             depths: out.depths,
             walk,
-            quick,
+            quick: None,
             uniform,
             cmps: if uniform.is_some() { Vec::new() } else { out.cmps },
             member_ranges: if uniform.is_some() { Vec::new() } else { out.member_ranges },
@@ -277,11 +284,25 @@ impl Forest {
             leaf_target: out.leaf_target,
             leaf_weight: out.leaf_weight,
             single,
+            single_target,
+            quick_values: Vec::new(),
             dense,
             n_targets: spec.n_targets,
             n_features,
             aggregate: spec.aggregate,
-        })
+        };
+        Ok(forest.with_quick(quick))
+    }
+
+    /// This forest scored by `quick` (or not by QuickScorer, for `None`).
+    fn with_quick(self, quick: Option<QuickScorer>) -> Self {
+        let quick_values = match (&quick, &self.single, self.aggregate) {
+            (Some(q), Some(single), Aggregate::Sum | Aggregate::Average) => {
+                (0..q.leaf_count() as u32).map(|p| single[q.leaf_node(p) as usize]).collect()
+            }
+            _ => Vec::new(),
+        };
+        Self { quick, quick_values, ..self }
     }
 
     /// Trees in the ensemble.
@@ -358,14 +379,7 @@ impl Forest {
         scores: &mut Scores,
     ) {
         if let Some(quick) = &self.quick {
-            let mut bits = vec![0u64; self.roots.len()];
-            let mut leaves = vec![0u32; self.roots.len()];
-            for r in 0..rows {
-                quick.leaves(&x[r * columns..(r + 1) * columns], &mut bits, &mut leaves);
-                for &leaf in &leaves {
-                    self.add(leaf, r, scores);
-                }
-            }
+            self.run_quick(quick, x, rows, columns, scores);
             return;
         }
         if self.walk == Walk::Refill {
@@ -395,6 +409,60 @@ impl Forest {
                     for (lane, &leaf) in cur.iter().enumerate().take(lanes) {
                         self.add(leaf, first + lane, scores);
                     }
+                }
+            }
+        }
+    }
+
+    /// QuickScorer: [`BLOCK`] rows at a time, then the rows left one by one.
+    fn run_quick(
+        &self,
+        quick: &QuickScorer,
+        x: &[f32],
+        rows: usize,
+        columns: usize,
+        scores: &mut Scores,
+    ) {
+        let mut first = 0;
+        let mut scratch = Scratch::default();
+        let mut out = Vec::new();
+        while rows - first >= QUICK_BLOCK_ROWS {
+            let lanes = BLOCK.min(rows - first);
+            // A short block repeats its last row.
+            let block: [&[f32]; BLOCK] = std::array::from_fn(|lane| {
+                let r = first + lane.min(lanes - 1);
+                &x[r * columns..(r + 1) * columns]
+            });
+            quick.block(&block, &mut scratch, &mut out);
+            if self.quick_values.is_empty() {
+                for lane in 0..lanes {
+                    for leaves in &out {
+                        self.add(quick.leaf_node(leaves[lane]), first + lane, scores);
+                    }
+                }
+            } else {
+                // Each row's trees summed in their order, as a plain walk sums them.
+                let mut sums = [0.0f32; BLOCK];
+                for leaves in &out {
+                    for (s, &p) in sums.iter_mut().zip(leaves) {
+                        *s += self.quick_values[p as usize];
+                    }
+                }
+                for (lane, &s) in sums.iter().enumerate().take(lanes) {
+                    let i = (first + lane) * self.n_targets + self.single_target;
+                    scores.values[i] += s;
+                    scores.has[i] = true;
+                }
+            }
+            first += lanes;
+        }
+        if first < rows {
+            let mut bits = vec![0u64; self.roots.len()];
+            let mut leaves = vec![0u32; self.roots.len()];
+            for r in first..rows {
+                quick.leaves(&x[r * columns..(r + 1) * columns], &mut bits, &mut leaves);
+                for &leaf in &leaves {
+                    self.add(leaf, r, scores);
                 }
             }
         }
@@ -539,8 +607,9 @@ impl Forest {
         let base = row * self.n_targets;
         if let (Some(single), Aggregate::Sum | Aggregate::Average) = (&self.single, self.aggregate)
         {
-            scores.values[base] += single[at as usize];
-            scores.has[base] = true;
+            let i = base + self.single_target;
+            scores.values[i] += single[at as usize];
+            scores.has[i] = true;
             return;
         }
         self.add_weights(at, base, scores);
@@ -651,7 +720,7 @@ fn quick_scorer(out: &Builder, features: usize, strict: bool) -> Option<QuickSco
         }
         leaves_per_tree.push(leaves);
     }
-    Some(QuickScorer::new(&tests, &leaves_per_tree, features, strict))
+    QuickScorer::new(&tests, &leaves_per_tree, features, strict)
 }
 
 #[derive(Default)]
@@ -866,12 +935,12 @@ mod tests {
         let forest = Forest::compile(spec).unwrap();
         let mut all = vec![forest.clone()];
         for walk in [Walk::Lockstep, Walk::Refill] {
-            all.push(Forest { walk, quick: None, ..forest.clone() });
+            all.push(Forest { walk, ..forest.clone() }.with_quick(None));
         }
         if let Some(cmp @ (Cmp::Leq | Cmp::Lt)) = forest.uniform {
             let out = Builder::build(spec).unwrap();
             if let Some(quick) = quick_scorer(&out, forest.n_features, cmp == Cmp::Lt) {
-                all.push(Forest { quick: Some(quick), ..forest });
+                all.push(forest.with_quick(Some(quick)));
             }
         }
         all
