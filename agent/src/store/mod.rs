@@ -332,7 +332,7 @@ impl Store {
             .optional()
             .map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
         let region = region.ok_or_else(|| StoreError::NotInitialised(dir.to_owned()))?;
-        let store = Self { dir: dir.to_owned(), db_path, conn, region };
+        let mut store = Self { dir: dir.to_owned(), db_path, conn, region };
         store.sweep()?;
         Ok(store)
     }
@@ -563,8 +563,10 @@ impl Store {
     }
 
     /// Removes staged files and bundle files that no row refers to: leftovers of imports
-    /// interrupted by a crash.
-    fn sweep(&self) -> Result<()> {
+    /// interrupted by a crash. Bundle files are listed and removed under the store's write
+    /// lock, which an install holds from putting its file in place to committing its row:
+    /// a file found without a row then is a leftover, however long its import took.
+    fn sweep(&mut self) -> Result<()> {
         let staging = self.staging_dir();
         if staging.is_dir() {
             for entry in fs::read_dir(&staging).map_err(io_err("listing", &staging))? {
@@ -575,29 +577,25 @@ impl Store {
                 }
             }
         }
-        let known: std::collections::BTreeSet<PathBuf> = {
-            let mut stmt = self.conn.prepare("SELECT path FROM bundles").map_err(self.db())?;
-            let rows = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(self.db())?;
-            rows.map(|r| r.map(|p| self.dir.join(p)))
-                .collect::<Result<_, _>>()
-                .map_err(self.db())?
-        };
-        let bundles = self.dir.join("bundles");
-        if !bundles.is_dir() {
-            return Ok(());
-        }
-        for name in fs::read_dir(&bundles).map_err(io_err("listing", &bundles))? {
-            let name = name.map_err(io_err("listing", &bundles))?.path();
-            let Ok(files) = fs::read_dir(&name) else { continue };
-            for file in files.flatten() {
-                let path = file.path();
-                if !known.contains(&path) && is_older_than(&path, Duration::from_secs(60)) {
-                    tracing::warn!(path = %path.display(), "removing bundle file left by an interrupted import");
-                    let _ = fs::remove_file(&path);
+        let dir = self.dir.clone();
+        self.write_tx(|tx| {
+            let known: std::collections::BTreeSet<PathBuf> = {
+                let mut stmt = tx.prepare("SELECT path FROM bundles")?;
+                let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+                rows.map(|r| r.map(|p| dir.join(p))).collect::<Result<_, _>>()?
+            };
+            let Ok(names) = fs::read_dir(dir.join("bundles")) else { return Ok(()) };
+            for name in names.flatten() {
+                let Ok(files) = fs::read_dir(name.path()) else { continue };
+                for path in files.flatten().map(|f| f.path()) {
+                    if !known.contains(&path) {
+                        tracing::warn!(path = %path.display(), "removing bundle file left by an interrupted import");
+                        let _ = fs::remove_file(&path);
+                    }
                 }
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Records an event in the agent's log.
@@ -713,5 +711,41 @@ pub(crate) mod tests {
         let store =
             Store::init(&dir.path().join("a"), "r", &trust.to_json(), SystemTime::now()).unwrap();
         (dir, store)
+    }
+
+    #[test]
+    fn the_sweep_waits_for_an_install_in_progress_however_old_its_file() {
+        let (_dir, mut store) = store();
+        // Another process installs: its file, staged long ago, is in place; its row is
+        // written but not committed yet.
+        let mut other = open_db(&store.db_path).unwrap();
+        let tx = other.transaction_with_behavior(TransactionBehavior::Immediate).unwrap();
+        let relative = Store::bundle_path("slow", 1);
+        tx.execute(
+            "INSERT INTO bundles (name, version, kind, manifest, manifest_sha256, path, size, installed_at, managed)
+             VALUES ('slow', 1, 'model', x'00', '', ?1, 1, 0, 0)",
+            [relative.to_string_lossy()],
+        )
+        .unwrap();
+        let file = store.dir().join(&relative);
+        fs::create_dir_all(file.parent().unwrap()).unwrap();
+        let staged = fs::File::create(&file).unwrap();
+        staged.set_modified(SystemTime::now() - Duration::from_secs(3600)).unwrap();
+        let leftover = store.dir().join(Store::bundle_path("slow", 9));
+        fs::File::create(&leftover).unwrap();
+
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let sweeper = std::thread::spawn(move || {
+            let swept = store.sweep();
+            done_tx.send(()).unwrap();
+            swept
+        });
+        // The sweep cannot finish while the install holds the write lock.
+        let finished_early = done.recv_timeout(Duration::from_millis(300)).is_ok();
+        tx.commit().unwrap();
+        sweeper.join().unwrap().unwrap();
+        assert!(!finished_early, "the sweep ran during an install");
+        assert!(file.exists(), "the installed bundle's file was kept");
+        assert!(!leftover.exists(), "a file no row names was swept");
     }
 }
