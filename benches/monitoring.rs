@@ -68,7 +68,12 @@ fn enroll_agents(db: &Db, now: Timestamp) -> Result<Vec<String>> {
                 serial: format!("s{i}"),
                 cert_expires: now.saturating_add(Duration::from_secs(86_400)),
             };
-            db::enroll(c, &token.id, secret, "bench-1", &agent, now)?
+            let token_use = db::TokenUse {
+                token_id: token.id.clone(),
+                secret_sha256: secret,
+                csr_sha256: Sha256::of(id.as_bytes()),
+            };
+            db::enroll(c, &token_use, "bench-1", &agent, now)?
                 .map_err(|e| rusqlite::Error::InvalidParameterName(e.to_string()))?;
         }
         Ok(())

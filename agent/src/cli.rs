@@ -256,6 +256,8 @@ pub(crate) fn store_failure(err: StoreError) -> Failure {
 
 /// Runs a parsed command line; prints errors and returns the exit code.
 pub fn run(cli: Cli) -> ExitCode {
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let result = match cli.command {
         Command::Init(args) => init(&args),
         Command::Enroll(args) => enroll(&args),

@@ -14,7 +14,7 @@ use falaj_common::protocol::io::{FrameIoError, read_frame, write_frame};
 use falaj_common::protocol::{EnrollRequest, EnrollResponse, SERVER_NAME};
 use thiserror::Error;
 
-use crate::identity::{IdentityError, IdentityFiles, KeyRequest, enroll_config};
+use crate::identity::{IdentityError, IdentityFiles, enroll_config};
 use crate::store::{Identity, Store, StoreError};
 
 /// What to enroll with.
@@ -92,10 +92,14 @@ pub async fn enroll(
     if let Some(expected) = options.region.as_ref().filter(|r| **r != token.region) {
         return Err(EnrollError::WrongRegion { token: token.region, expected: expected.clone() });
     }
-    if data_dir.join(crate::store::DB_FILE).exists() {
+    // An enrollment interrupted after the control plane answered resumes with the key it
+    // asked for; a directory holding any other agent is refused.
+    let files = IdentityFiles::new(data_dir);
+    let store_exists = data_dir.join(crate::store::DB_FILE).exists();
+    if store_exists && !files.enrollment_pending() {
         return Err(EnrollError::AlreadyInitialised(data_dir.display().to_string()));
     }
-    let request = KeyRequest::generate()?;
+    let request = files.enrollment_request()?;
     let connect =
         |reason: String| EnrollError::Connect { address: options.control_plane.clone(), reason };
     let remote = resolve(&options.control_plane).await?;
@@ -138,17 +142,26 @@ pub async fn enroll(
             enrollment.region, token.region
         )));
     }
-    let mut store = Store::init(data_dir, &enrollment.region, &enrollment.trust_root, now)?;
-    IdentityFiles::new(data_dir).store(
-        &request,
-        &enrollment.certificate_der,
-        &enrollment.ca_der,
-    )?;
+    crate::crash_point("enroll-answered");
+    files.store(&request, &enrollment.certificate_der, &enrollment.ca_der)?;
+    crate::crash_point("enroll-identity-written");
+    let mut store = match Store::init(data_dir, &enrollment.region, &enrollment.trust_root, now) {
+        Err(StoreError::AlreadyInitialised(_)) => {
+            let store = Store::open(data_dir)?;
+            if store.region() != enrollment.region {
+                return Err(EnrollError::AlreadyInitialised(data_dir.display().to_string()));
+            }
+            store
+        }
+        made => made?,
+    };
+    crate::crash_point("enroll-store-made");
     let identity = Identity {
         agent_id: enrollment.agent_id,
         group: enrollment.group,
         control_plane: options.control_plane.clone(),
     };
     store.set_identity(&identity, now)?;
+    files.enrollment_done()?;
     Ok(identity)
 }

@@ -48,6 +48,10 @@ fn invalid(what: &str) -> impl FnOnce(&dyn std::fmt::Display) -> IdentityError +
     move |e| IdentityError::Invalid(format!("{what}: {e}"))
 }
 
+/// The key and CSR of an enrollment in progress.
+const ENROLLING: &str = "enroll.pending";
+const CSR_TAG: &str = "CERTIFICATE REQUEST";
+
 /// The identity files of one data directory.
 #[derive(Debug, Clone)]
 pub struct IdentityFiles {
@@ -105,13 +109,7 @@ impl IdentityFiles {
         self.path("identity.pem").is_file()
     }
 
-    /// Stores the enrolled identity: key and certificate, and the CA.
-    pub fn store(
-        &self,
-        request: &KeyRequest,
-        cert_der: &[u8],
-        ca_der: &[u8],
-    ) -> Result<(), IdentityError> {
+    fn create_dir(&self) -> Result<(), IdentityError> {
         let mut builder = fs::DirBuilder::new();
         builder.recursive(true);
         #[cfg(unix)]
@@ -120,9 +118,65 @@ impl IdentityFiles {
             op: "creating",
             path: self.dir.clone(),
             source,
-        })?;
+        })
+    }
+
+    /// Stores the enrolled identity: key and certificate, and the CA.
+    pub fn store(
+        &self,
+        request: &KeyRequest,
+        cert_der: &[u8],
+        ca_der: &[u8],
+    ) -> Result<(), IdentityError> {
+        self.create_dir()?;
         write_private(&self.path("ca.pem"), pem("CERTIFICATE", ca_der).as_bytes())?;
         self.store_identity(&request.key, cert_der)
+    }
+
+    /// Whether an enrollment was begun here and not finished.
+    pub fn enrollment_pending(&self) -> bool {
+        self.path(ENROLLING).is_file()
+    }
+
+    /// The key and CSR of this directory's enrollment: the pending one, when an earlier
+    /// enrollment was interrupted (the control plane answers a used token again for the
+    /// CSR that used it, so the agent can finish), else a new pair, kept before it is sent.
+    pub fn enrollment_request(&self) -> Result<KeyRequest, IdentityError> {
+        let path = self.path(ENROLLING);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let request = KeyRequest::generate()?;
+                self.create_dir()?;
+                let both =
+                    format!("{}{}", request.key.serialize_pem(), pem(CSR_TAG, &request.csr_der));
+                write_private(&path, both.as_bytes())?;
+                return Ok(request);
+            }
+            Err(source) => return Err(IdentityError::Io { op: "reading", path, source }),
+        };
+        let blocks = pem::parse_many(&text).map_err(|e| invalid("the pending enrollment")(&e))?;
+        let block = |tag: &str| {
+            blocks.iter().find(|b| b.tag() == tag).ok_or_else(|| {
+                IdentityError::Invalid(format!(
+                    "the pending enrollment {} has no {tag}",
+                    path.display()
+                ))
+            })
+        };
+        let key = KeyPair::from_pem(&pem::encode(block("PRIVATE KEY")?))
+            .map_err(|e| invalid("the pending enrollment's key")(&e))?;
+        Ok(KeyRequest { key, csr_der: block(CSR_TAG)?.contents().to_vec() })
+    }
+
+    /// Forgets the enrollment begun here, once its identity is stored.
+    pub fn enrollment_done(&self) -> Result<(), IdentityError> {
+        let path = self.path(ENROLLING);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(IdentityError::Io { op: "removing", path, source }),
+        }
     }
 
     fn store_identity(&self, key: &KeyPair, cert_der: &[u8]) -> Result<(), IdentityError> {

@@ -32,3 +32,14 @@ pub mod store;
 pub mod sync;
 pub mod systemd;
 pub mod transfer;
+
+/// A point where the crash tests kill the process: built with the `failpoints` feature
+/// (the tests' builds only), `FAILPOINTS=NAME=return` aborts the process there, as a
+/// power cut or SIGKILL would stop it. Nothing at all otherwise.
+#[inline]
+pub(crate) fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    fail::eval(name, |_| std::process::abort());
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}

@@ -225,6 +225,9 @@ const MIGRATIONS: &[&str] = &[
     // 8: windows by agent and version, for the per-agent cap on what is stored
     // (`monitoring::MAX_WINDOWS_PER_HOUR`).
     "CREATE INDEX windows_by_agent ON windows (agent_id, model, version, start);",
+    // 9: the CSR each token enrolled, so that an agent interrupted after the answer can
+    // ask again with the same request and finish (`enroll`).
+    "ALTER TABLE tokens ADD COLUMN used_csr_sha256 TEXT;",
 ];
 
 /// Errors of the control plane's database.
@@ -442,32 +445,58 @@ pub struct NewAgent {
     pub cert_expires: Timestamp,
 }
 
-/// Consumes token `id` (checking secret, use, expiry and region) and records the agent,
-/// in one transaction: a token enrolls exactly one agent.
+/// An enrollment request as the token store sees it.
+#[derive(Debug, Clone)]
+pub struct TokenUse {
+    /// The token's id.
+    pub token_id: String,
+    /// The digest of the secret presented.
+    pub secret_sha256: Sha256,
+    /// The digest of the CSR presented.
+    pub csr_sha256: Sha256,
+}
+
+/// The agent that `token` already enrolled with this very CSR, if it did and is not
+/// revoked: an enrollment interrupted after its answer, asking again.
+pub fn enrolled_by(conn: &Connection, token: &TokenUse) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT t.used_by FROM tokens t JOIN agents a ON a.id = t.used_by
+         WHERE t.id = ?1 AND t.secret_sha256 = ?2 AND t.used_csr_sha256 = ?3 AND a.revoked_at IS NULL",
+        params![token.token_id, token.secret_sha256.to_string(), token.csr_sha256.to_string()],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Consumes `token` (checking secret, use, expiry and region) and records the agent, in
+/// one transaction: a token enrolls exactly one agent. The agent it enrolled with the
+/// same CSR (see [`enrolled_by`]) gets the new certificate instead, while the token has
+/// not expired.
 pub fn enroll(
     conn: &mut Connection,
-    token_id: &str,
-    secret_sha256: Sha256,
+    token: &TokenUse,
     region: &str,
     agent: &NewAgent,
     now: Timestamp,
 ) -> rusqlite::Result<Result<String, TokenRefusal>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let row: Option<(String, String, String, i64, Option<i64>)> = tx
+    let row: Option<(String, String, String, i64, Option<String>, Option<String>)> = tx
         .query_row(
-            "SELECT secret_sha256, grp, region, expires_at, used_at FROM tokens WHERE id = ?1",
-            [token_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+            "SELECT secret_sha256, grp, region, expires_at, used_by, used_csr_sha256 FROM tokens WHERE id = ?1",
+            [&token.token_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
         )
         .optional()?;
-    let Some((secret, group, token_region, expires, used)) = row else {
+    let Some((secret, group, token_region, expires, used_by, used_csr)) = row else {
         return Ok(Err(TokenRefusal::Unknown));
     };
     // Both sides are digests of the secret, so this comparison's timing reveals nothing.
-    if secret != secret_sha256.to_string() {
+    if secret != token.secret_sha256.to_string() {
         return Ok(Err(TokenRefusal::Unknown));
     }
-    if used.is_some() {
+    let again = used_by.as_deref() == Some(agent.id.as_str())
+        && used_csr == Some(token.csr_sha256.to_string());
+    if used_by.is_some() && !again {
         return Ok(Err(TokenRefusal::Used));
     }
     if ts(now) >= expires {
@@ -476,25 +505,32 @@ pub fn enroll(
     if token_region != region {
         return Ok(Err(TokenRefusal::WrongRegion { token: token_region, mine: region.to_owned() }));
     }
-    tx.execute(
-        "UPDATE tokens SET used_at = ?1, used_by = ?2 WHERE id = ?3",
-        params![ts(now), agent.id, token_id],
-    )?;
-    tx.execute(
-        "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![agent.id, agent.hostname, group, region, ts(now), agent.agent_version],
-    )?;
+    if !again {
+        tx.execute(
+            "UPDATE tokens SET used_at = ?1, used_by = ?2, used_csr_sha256 = ?3 WHERE id = ?4",
+            params![ts(now), agent.id, token.csr_sha256.to_string(), token.token_id],
+        )?;
+        tx.execute(
+            "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![agent.id, agent.hostname, group, region, ts(now), agent.agent_version],
+        )?;
+    }
     tx.execute(
         "INSERT INTO certificates (serial, agent_id, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
         params![agent.serial, agent.id, ts(now), ts(agent.cert_expires)],
     )?;
-    event(
-        &tx,
-        now,
-        "enroll",
-        &agent.id,
-        &format!("group {group}, host {}, token {token_id}", agent.hostname),
-    )?;
+    let (kind, detail) = if again {
+        (
+            "enroll-again",
+            format!(
+                "host {}, token {} (an interrupted enrollment)",
+                agent.hostname, token.token_id
+            ),
+        )
+    } else {
+        ("enroll", format!("group {group}, host {}, token {}", agent.hostname, token.token_id))
+    };
+    event(&tx, now, kind, &agent.id, &detail)?;
     tx.commit()?;
     Ok(Ok(group))
 }

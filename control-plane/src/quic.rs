@@ -220,7 +220,19 @@ async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, S
         return Err("the token was issued by another control plane".into());
     }
     let now = SystemTime::now();
-    let agent_id = format!("agent-{}", crate::secrets::random_hex::<6>());
+    let token_use = db::TokenUse {
+        token_id: token.id_hex(),
+        secret_sha256: token.secret_sha256(),
+        csr_sha256: Sha256::of(&request.csr_der),
+    };
+    let internal = |e: db::DbError| {
+        tracing::error!(error = %e, "recording an enrollment failed");
+        "internal error".to_owned()
+    };
+    // The same token and CSR again: an agent interrupted after the answer, asking again.
+    let asked = token_use.clone();
+    let again = shared.db.call(move |c| db::enrolled_by(c, &asked)).await.map_err(internal)?;
+    let agent_id = again.unwrap_or_else(|| format!("agent-{}", crate::secrets::random_hex::<6>()));
     let issued = shared
         .ca
         .sign_agent(&request.csr_der, &agent_id, shared.policy.cert_ttl, now)
@@ -232,17 +244,14 @@ async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, S
         serial: issued.serial.clone(),
         cert_expires: issued.expires,
     };
-    let (token_id, secret, region) = (token.id_hex(), token.secret_sha256(), shared.region.clone());
+    let region = shared.region.clone();
     let group = shared
         .db
         .call(move |conn| {
-            db::enroll(conn, &token_id, secret, &region, &agent, Timestamp::from_system(now))
+            db::enroll(conn, &token_use, &region, &agent, Timestamp::from_system(now))
         })
         .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "recording an enrollment failed");
-            "internal error".to_owned()
-        })?
+        .map_err(internal)?
         .map_err(|refusal| refusal.to_string())?;
     Ok(Enrollment {
         agent_id,

@@ -64,7 +64,8 @@ fn seed(conn: &mut Connection, agents: &[&str], now: Timestamp) -> rusqlite::Res
             serial: format!("serial-{agent}"),
             cert_expires: expires,
         };
-        db::enroll(conn, &token, secret, REGION, &new, now)?.expect("the token enrolls");
+        let token = db::TokenUse { token_id: token, secret_sha256: secret, csr_sha256: secret };
+        db::enroll(conn, &token, REGION, &new, now)?.expect("the token enrolls");
     }
     db::deploy(conn, GROUP, MODEL, 1, now)
 }

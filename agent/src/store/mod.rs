@@ -299,12 +299,18 @@ impl Store {
         }
         create_private_dir(dir)?;
         let db_path = dir.join(DB_FILE);
-        if db_path.exists() {
-            return Err(StoreError::AlreadyInitialised(dir.to_owned()));
-        }
+        // A database without a region is what an init interrupted before its commit
+        // leaves: it is made again, not refused.
         let mut conn = open_db(&db_path)?;
         let db = |source| StoreError::Db { path: db_path.clone(), source };
-        let tx = conn.transaction().map_err(db)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
+        let made: Option<String> = tx
+            .query_row("SELECT value FROM settings WHERE key = 'region'", [], |r| r.get(0))
+            .optional()
+            .map_err(db)?;
+        if made.is_some() {
+            return Err(StoreError::AlreadyInitialised(dir.to_owned()));
+        }
         let at = Timestamp::from_system(now).unix() as i64;
         tx.execute("INSERT INTO settings (key, value) VALUES ('region', ?1)", [region])
             .map_err(db)?;
