@@ -18,6 +18,7 @@ pub mod control;
 pub mod encode;
 pub mod expand;
 pub mod linear;
+pub mod neighbors;
 pub mod nn;
 pub mod post;
 pub mod prep;
@@ -59,6 +60,10 @@ pub fn register(registry: &mut OnnxOpRegister) {
     if let Some(&softmax) = registry.0.get("Softmax") {
         let _ = nn::TRACT_SOFTMAX.set(softmax);
         registry.insert("Softmax", nn::softmax);
+    }
+    if let Some(&scan) = registry.0.get("Scan") {
+        let _ = neighbors::TRACT_SCAN.set(scan);
+        registry.insert("Scan", neighbors::scan);
     }
     registry.insert("ArrayFeatureExtractor", prep::array_feature_extractor);
     registry.insert("Binarizer", prep::binarizer);
