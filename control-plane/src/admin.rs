@@ -1,7 +1,7 @@
 //! The admin API: JSON over HTTP under `/v1`. Every route declares the permission it
 //! needs ([`routes`]); a bearer token (a user's session, an API token, or the bootstrap
 //! admin token) says who calls, and its role whether it may ([`crate::auth`]). The CLI
-//! uses it; the admin console will too. Errors are `{"error": {"code", "message"}}`.
+//! uses it; the admin console ([`crate::console`], under `/`) calls the same services. Errors are `{"error": {"code", "message"}}`.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -44,6 +44,8 @@ pub struct Api {
     pub max_bundle_bytes: u64,
     /// The feature store.
     pub features: crate::features::FeatureStore,
+    /// What the admin console shows of the daemon.
+    pub console: Arc<crate::console::Site>,
 }
 
 /// An API error.
@@ -72,6 +74,16 @@ impl ApiError {
 
     pub(crate) fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// The status it answers with.
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// What it tells the caller (a 5xx says only "internal error").
+    pub(crate) fn message(&self) -> &str {
+        &self.message
     }
 
     pub(crate) fn internal(err: impl std::fmt::Display) -> Self {
@@ -143,7 +155,7 @@ pub fn routes() -> Routes {
 /// ([`crate::auth::gate`]). Serve it with `into_make_service_with_connect_info::<SocketAddr>()`
 /// so audit entries and login lockouts know the caller's address.
 pub fn router(api: Api) -> Router {
-    routes().finish(api)
+    routes().finish(api.clone()).merge(crate::console::router(api))
 }
 
 async fn health() -> Response {
@@ -324,13 +336,38 @@ struct CreateToken {
     ttl_seconds: u64,
 }
 
+/// A new enrollment token, shown once.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct NewEnrollmentToken {
+    /// The token as `falaj-agent enroll --token` takes it.
+    pub(crate) token: String,
+    /// Its public id.
+    pub(crate) id: String,
+    /// The group agents enrolled with it join.
+    pub(crate) group: String,
+    /// The region.
+    pub(crate) region: String,
+    /// When it expires.
+    pub(crate) expires: String,
+}
+
 async fn create_token(
     State(api): State<Api>,
     body: axum::Json<CreateToken>,
 ) -> ApiResult<Response> {
-    names::check_model_name(&body.group)
-        .map_err(|e| ApiError::bad_request(format!("group: {e}")))?;
-    if body.ttl_seconds == 0 || body.ttl_seconds > 30 * 24 * 3600 {
+    let created = enrollment_token(&api, &body.group, body.ttl_seconds).await?;
+    Ok(json_response(StatusCode::CREATED, &created))
+}
+
+/// Creates a one-time enrollment token for `group`, valid `ttl_seconds` (the API's and
+/// the console's service).
+pub(crate) async fn enrollment_token(
+    api: &Api,
+    group: &str,
+    ttl_seconds: u64,
+) -> ApiResult<NewEnrollmentToken> {
+    names::check_model_name(group).map_err(|e| ApiError::bad_request(format!("group: {e}")))?;
+    if ttl_seconds == 0 || ttl_seconds > 30 * 24 * 3600 {
         return Err(ApiError::bad_request("ttl_seconds must be between 1 and 2592000 (30 days)"));
     }
     let (id, secret) = (crate::secrets::random::<16>(), crate::secrets::random::<32>());
@@ -339,9 +376,9 @@ async fn create_token(
         id,
         secret,
         region: api.shared.region.clone(),
-        group: body.group.clone(),
+        group: group.to_owned(),
         ca_sha256: api.shared.ca.fingerprint(),
-        expires: now.saturating_add(Duration::from_secs(body.ttl_seconds)),
+        expires: now.saturating_add(Duration::from_secs(ttl_seconds)),
     };
     let row = TokenRow {
         id: token.id_hex(),
@@ -351,10 +388,13 @@ async fn create_token(
     };
     let secret_sha = token.secret_sha256();
     api.shared.db.call(move |c| db::insert_token(c, &row, secret_sha, now)).await?;
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({"token": token.to_string(), "id": token.id_hex(), "group": token.group, "region": token.region, "expires": token.expires.to_string()}),
-    ))
+    Ok(NewEnrollmentToken {
+        token: token.to_string(),
+        id: token.id_hex(),
+        group: token.group,
+        region: token.region,
+        expires: token.expires.to_string(),
+    })
 }
 
 /// An agent as the fleet view shows it.
@@ -421,17 +461,21 @@ fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duratio
 }
 
 async fn list_agents(State(api): State<Api>) -> ApiResult<Response> {
+    Ok(json_response(StatusCode::OK, &agent_views(&api).await?))
+}
+
+/// Every agent as the fleet view shows it (the API's and the console's service).
+pub(crate) async fn agent_views(api: &Api) -> ApiResult<Vec<AgentView>> {
     api.shared.flush_seen().await?;
     let rows = api.shared.db.call(|c| db::agents(c)).await?;
     let now = Timestamp::from_system(SystemTime::now());
-    let views: Vec<AgentView> = rows
+    Ok(rows
         .into_iter()
         .map(|row| {
             let connected = api.shared.connected(&row.id);
             agent_view(row, connected, now, api.shared.policy.heartbeat)
         })
-        .collect();
-    Ok(json_response(StatusCode::OK, &views))
+        .collect())
 }
 
 async fn revoke_agent(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Response> {

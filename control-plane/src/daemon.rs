@@ -227,6 +227,10 @@ impl ControlPlane {
             staging: Arc::new(config.data_dir.join("staging")),
             max_bundle_bytes: config.max_bundle_bytes,
             features,
+            console: Arc::new(crate::console::Site {
+                quic: quic_addr,
+                alert_rules: config.alerts.rules.clone(),
+            }),
         };
         Ok(Self {
             shared,

@@ -20,6 +20,7 @@ pub mod ca;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod db;
 pub mod exporter;

@@ -115,15 +115,19 @@ async fn login(
     // The user as claimed is the actor of the attempt, whether or not it exists.
     let user: String = request.user.chars().take(64).collect();
     let actor = Actor::new(format!("user:{user}"), source.name());
-    audit::acting(actor, login_as(api, user, request.password, source.name())).await
+    let view = audit::acting(actor, login_as(api, user, request.password, source.name())).await?;
+    Ok(json_response(StatusCode::OK, &view))
 }
 
-async fn login_as(
+/// Checks `user`'s `password` from `address` and opens a session: lockouts, the
+/// password on the blocking pool, every failure audited (the API's and the console's
+/// service; call it acting as the user claimed).
+pub(crate) async fn login_as(
     api: Api,
     user: String,
     password: String,
     address: Option<String>,
-) -> ApiResult<Response> {
+) -> ApiResult<LoginView> {
     let policy = api.auth.logins;
     let at = now();
     let attempt = {
@@ -181,16 +185,13 @@ async fn login_as(
         .map_err(locked)?;
     tracing::info!(%user, session = %opened.id, "logged in");
     let sessions = api.auth.sessions;
-    Ok(json_response(
-        StatusCode::OK,
-        &LoginView {
-            token: opened.token,
-            user,
-            role: found.role.name().into(),
-            idle_seconds: sessions.idle.as_secs(),
-            expires_at: at.saturating_add(sessions.max),
-        },
-    ))
+    Ok(LoginView {
+        token: opened.token,
+        user,
+        role: found.role.name().into(),
+        idle_seconds: sessions.idle.as_secs(),
+        expires_at: at.saturating_add(sessions.max),
+    })
 }
 
 async fn logout(

@@ -86,6 +86,12 @@ async fn apply(State(api): State<Api>, body: String) -> ApiResult<Response> {
 }
 
 async fn list(State(api): State<Api>) -> ApiResult<Response> {
+    Ok(json_response(StatusCode::OK, &views(&api).await?))
+}
+
+/// Every view with its counts, as `GET /v1/features/views` answers (the API's and the
+/// console's service).
+pub(crate) async fn views(api: &Api) -> ApiResult<Vec<serde_json::Value>> {
     let views = api
         .features
         .db
@@ -108,10 +114,16 @@ async fn list(State(api): State<Api>) -> ApiResult<Response> {
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .await?;
-    Ok(json_response(StatusCode::OK, &views))
+    Ok(views)
 }
 
 async fn show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
+    Ok(json_response(StatusCode::OK, &view_detail(&api, name).await?))
+}
+
+/// One view with its history, ingests and snapshots, as `GET /v1/features/views/{name}`
+/// answers (the API's and the console's service).
+pub(crate) async fn view_detail(api: &Api, name: String) -> ApiResult<serde_json::Value> {
     let lookup = name.clone();
     let found = api
         .features
@@ -154,7 +166,7 @@ async fn show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Res
         })
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no feature view {name:?}")))?;
-    Ok(json_response(StatusCode::OK, &found))
+    Ok(found)
 }
 
 #[derive(Debug, Deserialize)]

@@ -39,7 +39,7 @@ fn start_error(e: &StartError) -> ApiError {
 }
 
 /// The status of `rollout` now, with each agent's session.
-async fn view(api: &Api, rollout: Rollout) -> ApiResult<RolloutView> {
+pub(crate) async fn view(api: &Api, rollout: Rollout) -> ApiResult<RolloutView> {
     api.shared.flush_seen().await?;
     let now = Timestamp::from_system(SystemTime::now());
     let mut view = api.shared.db.call(move |c| super::view::build(c, rollout, now)).await?;
@@ -53,6 +53,12 @@ async fn start(State(api): State<Api>, body: String) -> ApiResult<Response> {
     let request: StartRequest = serde_json::from_str(&body).map_err(|e| {
         ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_rollout", e.to_string())
     })?;
+    Ok(json_response(StatusCode::CREATED, &start_rollout(&api, &request).await?))
+}
+
+/// Starts the rollout `request` asks for and sends the group its documents (the API's
+/// and the console's service); its status.
+pub(crate) async fn start_rollout(api: &Api, request: &StartRequest) -> ApiResult<RolloutView> {
     let planned = request.plan().map_err(|e| start_error(&e))?;
     let now = SystemTime::now();
     let at = Timestamp::from_system(now);
@@ -75,7 +81,7 @@ async fn start(State(api): State<Api>, body: String) -> ApiResult<Response> {
         strategy = started.strategy.name(), "rollout started"
     );
     api.shared.push_desired(Some(&started.group), now).await?;
-    Ok(json_response(StatusCode::CREATED, &view(&api, started).await?))
+    view(api, started).await
 }
 
 #[derive(Debug, Deserialize)]
@@ -113,6 +119,17 @@ async fn act(
             "no rollout action {action:?}: promote, abort, pause or resume"
         )));
     };
+    Ok(json_response(StatusCode::OK, &act_on(&api, group, model, action).await?))
+}
+
+/// Applies `action` to the rollout of `model` under way in `group` and sends the group
+/// its documents (the API's and the console's service); the status after.
+pub(crate) async fn act_on(
+    api: &Api,
+    group: String,
+    model: String,
+    action: Action,
+) -> ApiResult<RolloutView> {
     let now = SystemTime::now();
     let at = Timestamp::from_system(now);
     let (g, m) = (group.clone(), model.clone());
@@ -139,5 +156,5 @@ async fn act(
         "rollout changed by an operator"
     );
     api.shared.push_desired(Some(&group), now).await?;
-    Ok(json_response(StatusCode::OK, &view(&api, done).await?))
+    view(api, done).await
 }
