@@ -223,4 +223,31 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
                 && l.contains("pseudonymised: technician")),
         "{stdout}"
     );
+
+    // Two snapshots asked at once, of every pump and of two: each gets its own version,
+    // and the record of each says what its bundle carries.
+    let (all, two) = (json!({}), json!({"entities": [pump_id(1), pump_id(2)]}));
+    let (every, some) =
+        tokio::join!(control.client.snapshot(VIEW, &all), control.client.snapshot(VIEW, &two));
+    let (every, some) = (every.unwrap(), some.unwrap());
+    let mut versions = [&every, &some].map(|b| b["bundle"]["version"].as_u64().unwrap()).to_vec();
+    versions.sort_unstable();
+    assert_eq!(versions, [3, 4], "{every} {some}");
+    assert_eq!(
+        (every["snapshot"]["entities"].as_u64(), some["snapshot"]["entities"].as_u64()),
+        (Some(PUMPS as u64), Some(2))
+    );
+    let shown = control.client.view(VIEW).await.unwrap();
+    for built in [&every, &some] {
+        let version = &built["bundle"]["version"];
+        let record = shown["snapshots"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["version"] == *version)
+            .unwrap_or_else(|| panic!("no record of snapshot {version}: {shown}"));
+        for field in ["entities", "scope", "pseudonymised"] {
+            assert_eq!(record[field], built["snapshot"][field], "{field}: {shown}");
+        }
+    }
 }

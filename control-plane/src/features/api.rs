@@ -255,6 +255,9 @@ async fn build_snapshot(
             })
         })
         .transpose()?;
+    // Two snapshots built at once would take the same version, and the second's record
+    // could describe the first one's bundle.
+    let _building = api.features.building().await;
     let version = next_version(&api, &name).await?;
     let options = SnapshotOptions {
         entities: request.entities,

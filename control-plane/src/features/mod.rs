@@ -22,6 +22,9 @@ pub struct FeatureStore {
     /// `features.db`.
     pub db: Db,
     pii_key: std::sync::Arc<Vec<u8>>,
+    /// Held while a snapshot is built and registered: its version is the next free one,
+    /// and its record (what was pseudonymised) must describe the bundle of that version.
+    building: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why the feature store could not be opened.
@@ -66,11 +69,16 @@ impl FeatureStore {
                 "the key must be at least 32 bytes (64 hex digits)",
             )));
         }
-        Ok(Self { db, pii_key: std::sync::Arc::new(key) })
+        Ok(Self { db, pii_key: std::sync::Arc::new(key), building: std::sync::Arc::default() })
     }
 
     /// The region's pseudonymisation key.
     pub fn pii_key(&self) -> &[u8] {
         &self.pii_key
+    }
+
+    /// Waits for the right to build a snapshot; one is built at a time.
+    pub async fn building(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.building.lock().await
     }
 }
