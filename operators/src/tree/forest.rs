@@ -153,7 +153,10 @@ pub struct Forest {
     depths: Vec<u32>,
     /// How rows reach their leaves: `walk` when `quick` does not serve the batch.
     walk: Walk,
-    /// QuickScorer's tables, for uneven trees of at most 64 leaves.
+    /// Whether the trees' depths are even enough for [`Walk::Lockstep`].
+    even: bool,
+    /// QuickScorer's tables, for trees of at most 64 leaves that all test `x <= t` (or
+    /// all `x < t`): batches go through them, and single rows too unless trees are even.
     quick: Option<QuickScorer>,
     /// Comparison shared by every branch, or `None` when they differ (or use `Member`).
     uniform: Option<Cmp>,
@@ -173,8 +176,10 @@ pub struct Forest {
     /// weight (the target is `single_target`).
     single: Option<Vec<f32>>,
     single_target: usize,
-    /// Per QuickScorer leaf position, its one weight (when `single` and a sum or mean).
+    /// Per QuickScorer leaf position, its one weight and that weight's target (when every
+    /// leaf has one weight and trees are summed or averaged); else empty.
     quick_values: Vec<f32>,
+    quick_targets: Vec<u32>,
     /// Whether every leaf names every target (so no target ever lacks a score).
     dense: bool,
     n_targets: usize,
@@ -262,9 +267,7 @@ impl Forest {
         let mean_paths: f64 = out.mean_leaf_depths.iter().sum();
         let even = f64::from(group_steps) <= 1.25 * mean_paths;
         let quick = match uniform {
-            Some(cmp @ (Cmp::Leq | Cmp::Lt)) if !even => {
-                quick_scorer(&out, n_features, cmp == Cmp::Lt)
-            }
+            Some(cmp @ (Cmp::Leq | Cmp::Lt)) => quick_scorer(&out, n_features, cmp == Cmp::Lt),
             _ => None,
         };
         let walk = if even { Walk::Lockstep } else { Walk::Refill };
@@ -273,6 +276,7 @@ impl Forest {
             roots: out.roots,
             depths: out.depths,
             walk,
+            even,
             quick: None,
             uniform,
             cmps: if uniform.is_some() { Vec::new() } else { out.cmps },
@@ -286,6 +290,7 @@ impl Forest {
             single,
             single_target,
             quick_values: Vec::new(),
+            quick_targets: Vec::new(),
             dense,
             n_targets: spec.n_targets,
             n_features,
@@ -296,13 +301,18 @@ impl Forest {
 
     /// This forest scored by `quick` (or not by QuickScorer, for `None`).
     fn with_quick(self, quick: Option<QuickScorer>) -> Self {
-        let quick_values = match (&quick, &self.single, self.aggregate) {
-            (Some(q), Some(single), Aggregate::Sum | Aggregate::Average) => {
-                (0..q.leaf_count() as u32).map(|p| single[q.leaf_node(p) as usize]).collect()
-            }
-            _ => Vec::new(),
+        let one_weight = self.leaf_start.windows(2).all(|w| w[1] - w[0] == 1);
+        let (quick_values, quick_targets) = match (&quick, self.aggregate) {
+            (Some(q), Aggregate::Sum | Aggregate::Average) if one_weight => (0..q.leaf_count()
+                as u32)
+                .map(|p| {
+                    let at = self.leaf_start[self.leaf_of[q.leaf_node(p) as usize] as usize];
+                    (self.leaf_weight[at as usize], self.leaf_target[at as usize])
+                })
+                .unzip(),
+            _ => (Vec::new(), Vec::new()),
         };
-        Self { quick, quick_values, ..self }
+        Self { quick, quick_values, quick_targets, ..self }
     }
 
     /// Trees in the ensemble.
@@ -378,7 +388,9 @@ impl Forest {
         columns: usize,
         scores: &mut Scores,
     ) {
-        if let Some(quick) = &self.quick {
+        if let Some(quick) = &self.quick
+            && (rows > 1 || !self.even)
+        {
             self.run_quick(quick, x, rows, columns, scores);
             return;
         }
@@ -426,6 +438,7 @@ impl Forest {
         let mut first = 0;
         let mut scratch = Scratch::default();
         let mut out = Vec::new();
+        let (mut sums, mut touched) = (Vec::new(), Vec::new());
         while rows - first >= QUICK_BLOCK_ROWS {
             let lanes = BLOCK.min(rows - first);
             // A short block repeats its last row.
@@ -440,7 +453,7 @@ impl Forest {
                         self.add(quick.leaf_node(leaves[lane]), first + lane, scores);
                     }
                 }
-            } else {
+            } else if self.single.is_some() {
                 // Each row's trees summed in their order, as a plain walk sums them.
                 let mut sums = [0.0f32; BLOCK];
                 for leaves in &out {
@@ -452,6 +465,31 @@ impl Forest {
                     let i = (first + lane) * self.n_targets + self.single_target;
                     scores.values[i] += s;
                     scores.has[i] = true;
+                }
+            } else {
+                let n = self.n_targets;
+                sums.clear();
+                sums.resize(BLOCK * n, 0.0);
+                touched.clear();
+                touched.resize(BLOCK * n, false);
+                for leaves in &out {
+                    for (lane, &p) in leaves.iter().enumerate() {
+                        let i = lane * n + self.quick_targets[p as usize] as usize;
+                        sums[i] += self.quick_values[p as usize];
+                        touched[i] = true;
+                    }
+                }
+                let rows_out = first * n..(first + lanes) * n;
+                for (((v, h), &s), &t) in scores.values[rows_out.clone()]
+                    .iter_mut()
+                    .zip(&mut scores.has[rows_out])
+                    .zip(&sums)
+                    .zip(&touched)
+                {
+                    if t {
+                        *v += s;
+                        *h = true;
+                    }
                 }
             }
             first += lanes;
@@ -930,17 +968,17 @@ mod tests {
             .sum()
     }
 
-    /// The forest compiled once per way of walking it.
+    /// The forest compiled once per way of walking it: as compiled, each walk without
+    /// QuickScorer, and with QuickScorer single rows taken by it and by the walk.
     fn every_walk(spec: &Spec) -> Vec<Forest> {
         let forest = Forest::compile(spec).unwrap();
         let mut all = vec![forest.clone()];
         for walk in [Walk::Lockstep, Walk::Refill] {
             all.push(Forest { walk, ..forest.clone() }.with_quick(None));
         }
-        if let Some(cmp @ (Cmp::Leq | Cmp::Lt)) = forest.uniform {
-            let out = Builder::build(spec).unwrap();
-            if let Some(quick) = quick_scorer(&out, forest.n_features, cmp == Cmp::Lt) {
-                all.push(forest.with_quick(Some(quick)));
+        if forest.quick.is_some() {
+            for even in [false, true] {
+                all.push(Forest { even, ..forest.clone() });
             }
         }
         all
@@ -986,21 +1024,105 @@ mod tests {
         assert_eq!(Forest::compile(&even).unwrap().walk, Walk::Lockstep);
     }
 
-    /// Random trees of random shapes, with missing values and both flags: every walk
-    /// agrees with the plain one.
+    /// Scores as [`Forest::eval`] gives them, by walking each tree from its root.
+    #[allow(clippy::float_cmp)] // BRANCH_EQ and BRANCH_NEQ are exact by definition
+    fn naive_scores(spec: &Spec, rows: &[[f32; 4]]) -> Scores {
+        let n = spec.n_targets;
+        let initial = match spec.aggregate {
+            Aggregate::Sum | Aggregate::Average => 0.0,
+            Aggregate::Min => f32::INFINITY,
+            Aggregate::Max => f32::NEG_INFINITY,
+        };
+        let mut scores = Scores {
+            values: vec![initial; rows.len() * n],
+            has: vec![false; rows.len() * n],
+            targets: n,
+        };
+        for (r, row) in rows.iter().enumerate() {
+            for &root in &spec.roots {
+                let mut at = root;
+                let weights = loop {
+                    match &spec.nodes[at] {
+                        SpecNode::Leaf(w) => break w,
+                        SpecNode::Branch {
+                            feature,
+                            cmp,
+                            value,
+                            members,
+                            missing_true,
+                            on_true,
+                            on_false,
+                        } => {
+                            let (v, t) = (row[*feature], *value);
+                            let holds = match cmp {
+                                Cmp::Leq => v <= t,
+                                Cmp::Lt => v < t,
+                                Cmp::Gte => v >= t,
+                                Cmp::Gt => v > t,
+                                Cmp::Eq => v == t,
+                                Cmp::Neq => v != t,
+                                Cmp::Member => members.contains(&v),
+                            } || (*missing_true && v.is_nan());
+                            at = if holds { *on_true } else { *on_false };
+                        }
+                    }
+                };
+                for &(target, w) in weights {
+                    let s = &mut scores.values[r * n + target];
+                    *s = match spec.aggregate {
+                        Aggregate::Sum | Aggregate::Average => *s + w,
+                        Aggregate::Min => s.min(w),
+                        Aggregate::Max => s.max(w),
+                    };
+                    scores.has[r * n + target] = true;
+                }
+            }
+        }
+        scores
+    }
+
+    /// Random trees of random shapes, comparisons, targets and aggregates, with missing
+    /// values and both flags: every walk agrees with the plain one at every batch size
+    /// from 1 to 40 (every remainder of QuickScorer's blocks and the walks' lanes), with
+    /// weights whose sums depend on their order. Some rounds have enough trees for
+    /// QuickScorer to split them into several chunks, of 32- and of 64-bit leaf words.
     #[test]
     fn random_forests_agree_with_a_plain_walk() {
         let mut rng = Lcg(7);
-        for round in 0..40 {
+        for round in 0..60 {
+            let cmp = [Cmp::Leq, Cmp::Lt, Cmp::Leq, Cmp::Gte, Cmp::Lt][round % 5];
+            let (n_targets, weights): (usize, Leaves) = match round % 4 {
+                0 => (1, |rng, _| vec![(0, weight(rng))]),
+                // One class per tree in turn, as XGBoost's and LightGBM's classifiers.
+                1 => (3, |rng, tree| vec![(tree % 3, weight(rng))]),
+                // Two classes, weights on the second only.
+                2 => (2, |rng, _| vec![(1, weight(rng))]),
+                _ => (2, |rng, _| {
+                    let first = (0, weight(rng));
+                    if rng.below(3) == 0 { vec![first] } else { vec![first, (1, weight(rng))] }
+                }),
+            };
+            let aggregate = match round % 7 {
+                3 => Aggregate::Average,
+                5 => Aggregate::Min,
+                6 => Aggregate::Max,
+                _ => Aggregate::Sum,
+            };
+            let (trees, max_depth) = match round % 10 {
+                4 => (140, 7), // wide words (up to 128 leaves... capped at 64 by QuickScorer)
+                9 => (300, 5), // narrow words, two chunks
+                _ => (1 + rng.below(12), if round % 2 == 0 { 6 } else { 7 }),
+            };
             let mut nodes = Vec::new();
             let mut roots = Vec::new();
-            for _ in 0..=rng.below(12) {
+            for tree in 0..trees {
                 // Depths to 7: some trees past QuickScorer's 64 leaves, most within.
-                let depth = 1 + rng.below(if round % 2 == 0 { 6 } else { 7 });
-                roots.push(random_tree(&mut nodes, &mut rng, 0, depth));
+                let depth = 1 + rng.below(max_depth);
+                let leaf = |rng: &mut Lcg| SpecNode::Leaf(weights(rng, tree));
+                roots.push(random_tree(&mut nodes, &mut rng, cmp, &leaf, 0, depth));
             }
-            let spec = Spec { nodes, roots, n_targets: 1, aggregate: Aggregate::Sum };
-            let rows: Vec<[f32; 4]> = (0..19)
+            let spec = Spec { nodes, roots, n_targets, aggregate };
+            let rows: Vec<[f32; 4]> = (0..40)
                 .map(|_| {
                     std::array::from_fn(|_| {
                         if rng.below(9) == 0 { f32::NAN } else { rng.below(20) as f32 / 4.0 }
@@ -1008,20 +1130,30 @@ mod tests {
                 })
                 .collect();
             let x: Vec<f32> = rows.iter().flatten().copied().collect();
+            let expected = naive_scores(&spec, &rows);
             for forest in every_walk(&spec) {
-                for n in [1, rows.len()] {
+                for n in 1..=rows.len() {
                     let scores = forest.eval(&x[..n * 4], n, 4);
-                    for (i, row) in rows[..n].iter().enumerate() {
-                        assert_eq!(
-                            scores.values[i],
-                            naive(&spec, row),
-                            "round {round}, row {i}, {:?}",
-                            forest.walk
-                        );
-                    }
+                    let k = n * n_targets;
+                    let what = format!(
+                        "round {round}, {n} rows, {:?}, quick {}, even {}",
+                        forest.walk,
+                        forest.quick.is_some(),
+                        forest.even
+                    );
+                    assert_eq!(scores.values, expected.values[..k], "{what}");
+                    assert_eq!(scores.has, expected.has[..k], "{what}");
                 }
             }
         }
+    }
+
+    /// A leaf's weights, from the tree's index.
+    type Leaves = fn(&mut Lcg, usize) -> Vec<(usize, f32)>;
+
+    /// A weight whose sums with others are rounded (so their order shows).
+    fn weight(rng: &mut Lcg) -> f32 {
+        rng.below(1000) as f32 / 7.0 - 50.0
     }
 
     struct Lcg(u64);
@@ -1036,19 +1168,27 @@ mod tests {
         }
     }
 
-    /// A tree of at most `depth` levels below `level`; returns its root's index.
-    fn random_tree(nodes: &mut Vec<SpecNode>, rng: &mut Lcg, level: usize, depth: usize) -> usize {
+    /// A tree of at most `depth` levels below `level`, its branches comparing by `cmp`
+    /// and its leaves made by `leaf`; returns its root's index.
+    fn random_tree(
+        nodes: &mut Vec<SpecNode>,
+        rng: &mut Lcg,
+        cmp: Cmp,
+        leaf: &dyn Fn(&mut Lcg) -> SpecNode,
+        level: usize,
+        depth: usize,
+    ) -> usize {
         let at = nodes.len();
         if level == depth || (level > 0 && rng.below(4) == 0) {
-            nodes.push(leaf(rng.below(100) as f32));
+            nodes.push(leaf(rng));
             return at;
         }
-        nodes.push(leaf(0.0));
-        let on_true = random_tree(nodes, rng, level + 1, depth);
-        let on_false = random_tree(nodes, rng, level + 1, depth);
+        nodes.push(SpecNode::Leaf(vec![]));
+        let on_true = random_tree(nodes, rng, cmp, leaf, level + 1, depth);
+        let on_false = random_tree(nodes, rng, cmp, leaf, level + 1, depth);
         nodes[at] = SpecNode::Branch {
             feature: rng.below(4),
-            cmp: Cmp::Leq,
+            cmp,
             value: rng.below(20) as f32 / 4.0,
             members: vec![],
             missing_true: rng.below(2) == 0,

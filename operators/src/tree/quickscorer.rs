@@ -20,17 +20,23 @@
 /// Rows scored together by [`QuickScorer::block`].
 pub const BLOCK: usize = 16;
 
+/// Bytes of leaf words a block scan keeps hot: half of a 32 KiB L1 data cache.
+const HOT_BYTES: usize = 16 * 1024;
+
 /// Branch tests by feature, sorted by threshold, with the leaves each clears when false.
 #[derive(Clone, Debug, PartialEq)]
 pub struct QuickScorer {
-    /// Per feature: its tests are `thresholds[starts[f]..starts[f + 1]]`.
+    /// Columns read: tests are grouped by chunk of trees, then by feature.
+    features: usize,
+    /// Per group `g` (chunk `g / features`, feature `g % features`): its tests are
+    /// `thresholds[starts[g]..starts[g + 1]]`.
     starts: Vec<u32>,
     thresholds: Vec<f32>,
     trees: Vec<u32>,
     masks: Vec<u64>,
     /// `masks` in 32 bits, when every tree has at most 32 leaves; else empty.
     narrow: Vec<u32>,
-    /// Per feature: the tests a missing value makes false (`missing[missing_starts[f]..]`).
+    /// Per group: the tests a missing value makes false (`missing[missing_starts[g]..]`).
     missing_starts: Vec<u32>,
     missing: Vec<(u32, u64)>,
     /// Per tree: where its leaves start in `leaves`, in true-first order.
@@ -61,6 +67,7 @@ pub struct Test {
 pub struct Scratch {
     narrow: Vec<[u32; BLOCK]>,
     wide: Vec<[u64; BLOCK]>,
+    columns: Vec<[f32; BLOCK]>,
 }
 
 impl QuickScorer {
@@ -82,22 +89,30 @@ impl QuickScorer {
         {
             return None;
         }
+        let narrow = leaves_per_tree.iter().all(|l| l.len() <= 32);
+        // Trees in chunks whose leaf words for a block stay in the L1 cache while the
+        // tests stream past; within a chunk, tests by feature, then threshold.
+        let word = if narrow { 4 } else { 8 };
+        let chunk = (HOT_BYTES / (BLOCK * word)).max(1);
+        let chunks = leaves_per_tree.len().div_ceil(chunk).max(1);
+        let group = |t: &Test| (t.tree as usize / chunk) * features + t.feature as usize;
         let mut sorted: Vec<&Test> = tests.iter().collect();
-        sorted.sort_by(|a, b| a.feature.cmp(&b.feature).then(a.threshold.total_cmp(&b.threshold)));
+        sorted.sort_by(|a, b| group(a).cmp(&group(b)).then(a.threshold.total_cmp(&b.threshold)));
         let mask = |t: &Test| {
             let width = t.true_leaves.end - t.true_leaves.start;
             let bits =
                 if width >= 64 { u64::MAX } else { ((1u64 << width) - 1) << t.true_leaves.start };
             !bits
         };
-        let mut starts = vec![0u32; features + 1];
-        let mut missing_starts = vec![0u32; features + 1];
+        let groups = chunks * features;
+        let mut starts = vec![0u32; groups + 1];
+        let mut missing_starts = vec![0u32; groups + 1];
         let (mut thresholds, mut trees, mut masks, mut missing) = (vec![], vec![], vec![], vec![]);
         let mut at = 0;
-        for f in 0..features {
-            starts[f] = thresholds.len() as u32;
-            missing_starts[f] = missing.len() as u32;
-            while at < sorted.len() && sorted[at].feature as usize == f {
+        for g in 0..groups {
+            starts[g] = thresholds.len() as u32;
+            missing_starts[g] = missing.len() as u32;
+            while at < sorted.len() && group(sorted[at]) == g {
                 let t = sorted[at];
                 thresholds.push(t.threshold);
                 trees.push(t.tree);
@@ -108,8 +123,8 @@ impl QuickScorer {
                 at += 1;
             }
         }
-        starts[features] = thresholds.len() as u32;
-        missing_starts[features] = missing.len() as u32;
+        starts[groups] = thresholds.len() as u32;
+        missing_starts[groups] = missing.len() as u32;
         let mut tree_leaves = Vec::with_capacity(leaves_per_tree.len() + 1);
         let mut leaves = Vec::new();
         for l in leaves_per_tree {
@@ -117,12 +132,9 @@ impl QuickScorer {
             leaves.extend(l);
         }
         tree_leaves.push(leaves.len() as u32);
-        let narrow = if leaves_per_tree.iter().all(|l| l.len() <= 32) {
-            masks.iter().map(|&m| m as u32).collect()
-        } else {
-            Vec::new()
-        };
+        let narrow = if narrow { masks.iter().map(|&m| m as u32).collect() } else { Vec::new() };
         Some(Self {
+            features,
             starts,
             thresholds,
             trees,
@@ -160,10 +172,10 @@ impl QuickScorer {
     /// `bits` is scratch of one word per tree.
     pub fn leaves(&self, row: &[f32], bits: &mut [u64], out: &mut [u32]) {
         bits.fill(u64::MAX);
-        for (f, w) in self.starts.windows(2).enumerate() {
-            let x = row[f];
+        for (g, w) in self.starts.windows(2).enumerate() {
+            let x = row[g % self.features];
             if x.is_nan() {
-                let (a, b) = (self.missing_starts[f] as usize, self.missing_starts[f + 1] as usize);
+                let (a, b) = (self.missing_starts[g] as usize, self.missing_starts[g + 1] as usize);
                 for &(tree, mask) in &self.missing[a..b] {
                     bits[tree as usize] &= mask;
                 }
@@ -200,15 +212,22 @@ impl QuickScorer {
     ) {
         out.resize(self.trees(), [0; BLOCK]);
         match (self.narrow.is_empty(), self.strict) {
-            (false, false) => block_narrow_leq(self, rows, &mut scratch.narrow, out),
-            (false, true) => block_narrow_lt(self, rows, &mut scratch.narrow, out),
-            (true, false) => block_wide_leq(self, rows, &mut scratch.wide, out),
-            (true, true) => block_wide_lt(self, rows, &mut scratch.wide, out),
+            (false, false) => {
+                block_narrow_leq(self, rows, &mut scratch.narrow, &mut scratch.columns, out);
+            }
+            (false, true) => {
+                block_narrow_lt(self, rows, &mut scratch.narrow, &mut scratch.columns, out);
+            }
+            (true, false) => {
+                block_wide_leq(self, rows, &mut scratch.wide, &mut scratch.columns, out);
+            }
+            (true, true) => block_wide_lt(self, rows, &mut scratch.wide, &mut scratch.columns, out),
         }
     }
 }
 
-/// A tree's leaf word: `u32` when every tree has at most 32 leaves, else `u64`.
+/// A tree's leaf word: `u32` when every tree has at most 32 leaves, else `u64`. Its
+/// methods are inlined into each target's compilation of the block kernels.
 trait Word: Copy + std::ops::BitAndAssign + 'static {
     const ONES: Self;
     fn from_mask(mask: u64) -> Self;
@@ -217,12 +236,12 @@ trait Word: Copy + std::ops::BitAndAssign + 'static {
 
 impl Word for u32 {
     const ONES: Self = u32::MAX;
-    #[inline(always)]
+    #[inline]
     fn from_mask(mask: u64) -> Self {
         // A narrow tree's mask has every bit past its 32nd set: truncating drops only those.
         mask as u32
     }
-    #[inline(always)]
+    #[inline]
     fn zeros(self) -> u32 {
         self.trailing_zeros()
     }
@@ -230,11 +249,11 @@ impl Word for u32 {
 
 impl Word for u64 {
     const ONES: Self = u64::MAX;
-    #[inline(always)]
+    #[inline]
     fn from_mask(mask: u64) -> Self {
         mask
     }
-    #[inline(always)]
+    #[inline]
     fn zeros(self) -> u32 {
         self.trailing_zeros()
     }
@@ -250,9 +269,10 @@ macro_rules! block_kernel {
             qs: &QuickScorer,
             rows: &[&[f32]; BLOCK],
             bits: &mut Vec<[$word; BLOCK]>,
+            columns: &mut Vec<[f32; BLOCK]>,
             out: &mut [[u32; BLOCK]],
         ) {
-            scan::<$word, $strict>(qs, &qs.$masks, rows, bits, out);
+            scan::<$word, $strict>(qs, &qs.$masks, rows, bits, columns, out);
         }
     };
 }
@@ -270,20 +290,27 @@ fn scan<W: Word, const STRICT: bool>(
     masks: &[W],
     rows: &[&[f32]; BLOCK],
     bits: &mut Vec<[W; BLOCK]>,
+    columns: &mut Vec<[f32; BLOCK]>,
     out: &mut [[u32; BLOCK]],
 ) {
     bits.clear();
     bits.resize(qs.trees(), [W::ONES; BLOCK]);
-    for (f, w) in qs.starts.windows(2).enumerate() {
-        let (a, b) = (w[0] as usize, w[1] as usize);
-        // A missing value stands in as -inf: under either test, no threshold is below it.
-        let mut xs = [0.0f32; BLOCK];
-        let mut any_missing = false;
-        for (x, row) in xs.iter_mut().zip(rows) {
-            let v = row[f];
+    // The block's columns, a missing value standing in as -inf: under either test, no
+    // threshold is below it, and the missing list applies its tests apart.
+    let features = qs.features;
+    columns.resize(features, [0.0; BLOCK]);
+    let mut any_missing = false;
+    for (lane, row) in rows.iter().enumerate() {
+        for (column, &v) in columns.iter_mut().zip(&row[..features]) {
             any_missing |= v.is_nan();
-            *x = if v.is_nan() { f32::NEG_INFINITY } else { v };
+            column[lane] = if v.is_nan() { f32::NEG_INFINITY } else { v };
         }
+    }
+    for (g, w) in qs.starts.windows(2).enumerate() {
+        let (a, b) = (w[0] as usize, w[1] as usize);
+        let f = g % features;
+        // A copy on the stack: the compiler then knows no store to `bits` changes it.
+        let xs: [f32; BLOCK] = columns[f];
         let top = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let thresholds = &qs.thresholds[a..b];
         let end = if STRICT {
@@ -300,8 +327,8 @@ fn scan<W: Word, const STRICT: bool>(
                 *word &= if fails { mask } else { W::ONES };
             }
         }
-        if any_missing {
-            let (a, b) = (qs.missing_starts[f] as usize, qs.missing_starts[f + 1] as usize);
+        if any_missing && xs.contains(&f32::NEG_INFINITY) {
+            let (a, b) = (qs.missing_starts[g] as usize, qs.missing_starts[g + 1] as usize);
             for (lane, row) in rows.iter().enumerate() {
                 if row[f].is_nan() {
                     for &(tree, mask) in &qs.missing[a..b] {
