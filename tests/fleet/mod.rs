@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part
 
 pub mod faults;
+pub mod soak;
 
 use std::future::Future;
 use std::net::SocketAddr;
