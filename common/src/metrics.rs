@@ -44,8 +44,8 @@ pub struct Feedback {
 impl Feedback {
     /// Adds `other`.
     pub fn add(&mut self, other: &Self) {
-        self.labelled += other.labelled;
-        self.correct += other.correct;
+        self.labelled = self.labelled.saturating_add(other.labelled);
+        self.correct = self.correct.saturating_add(other.correct);
         self.abs_error += other.abs_error;
     }
 }
@@ -64,9 +64,9 @@ pub struct Shadow {
 impl Shadow {
     /// Adds `other`.
     pub fn add(&mut self, other: &Self) {
-        self.compared += other.compared;
-        self.agreed += other.agreed;
-        self.dropped += other.dropped;
+        self.compared = self.compared.saturating_add(other.compared);
+        self.agreed = self.agreed.saturating_add(other.agreed);
+        self.dropped = self.dropped.saturating_add(other.dropped);
     }
 }
 
@@ -97,16 +97,17 @@ pub struct Counts {
 
 impl Counts {
     /// Adds `other`: totals, the merged sketch, histograms bin by bin (a histogram of
-    /// another shape than the first one seen is left out).
+    /// another shape than the first one seen is left out). Sums saturate: counts come
+    /// from agents, and two of `u64::MAX` must not wrap (or panic in a debug build).
     pub fn add(&mut self, other: &Self) {
-        self.requests += other.requests;
-        self.errors += other.errors;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.errors = self.errors.saturating_add(other.errors);
         self.latency.merge(&other.latency);
-        self.rows += other.rows;
+        self.rows = self.rows.saturating_add(other.rows);
         add_histograms(&mut self.inputs, &other.inputs);
         add_histograms(&mut self.outputs, &other.outputs);
-        self.dropped_windows += other.dropped_windows;
-        self.dropped_requests += other.dropped_requests;
+        self.dropped_windows = self.dropped_windows.saturating_add(other.dropped_windows);
+        self.dropped_requests = self.dropped_requests.saturating_add(other.dropped_requests);
         self.feedback.add(&other.feedback);
         self.shadow.add(&other.shadow);
     }
@@ -239,7 +240,7 @@ fn add_histograms(into: &mut Vec<Vec<u64>>, from: &[Vec<u64>]) {
     }
     for (a, b) in into.iter_mut().zip(from) {
         if a.len() == b.len() {
-            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+            a.iter_mut().zip(b).for_each(|(x, y)| *x = x.saturating_add(*y));
         }
     }
 }

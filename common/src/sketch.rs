@@ -60,7 +60,7 @@ impl LatencySketch {
         let mut out = vec![0u64; BUCKETS];
         for &(b, c) in &self.buckets {
             if let Some(slot) = out.get_mut(b as usize) {
-                *slot += c;
+                *slot = slot.saturating_add(c);
             }
         }
         out
@@ -80,7 +80,7 @@ impl LatencySketch {
         let mut counts = self.counts();
         for &(b, c) in &other.buckets {
             if let Some(slot) = counts.get_mut(b as usize) {
-                *slot += c;
+                *slot = slot.saturating_add(c);
             }
         }
         *self = Self::from_counts(&counts);
@@ -88,7 +88,7 @@ impl LatencySketch {
 
     /// Values recorded.
     pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|&(_, c)| c).sum()
+        self.buckets.iter().fold(0, |sum, &(_, c)| sum.saturating_add(c))
     }
 
     /// The `q`-quantile in microseconds (`q` in `[0, 1]`), or `None` when empty.
@@ -100,7 +100,7 @@ impl LatencySketch {
         let rank = (q.clamp(0.0, 1.0) * (total - 1) as f64).floor() as u64;
         let mut seen = 0;
         for &(b, c) in &self.buckets {
-            seen += c;
+            seen = c.saturating_add(seen);
             if seen > rank {
                 return Some(value(b as usize));
             }
@@ -117,8 +117,7 @@ impl LatencySketch {
                 self.buckets
                     .iter()
                     .filter(|&&(b, _)| value(b as usize) <= le)
-                    .map(|&(_, c)| c)
-                    .sum()
+                    .fold(0, |sum: u64, &(_, c)| sum.saturating_add(c))
             })
             .collect()
     }

@@ -161,11 +161,11 @@ impl Lexer<'_> {
     }
 
     fn word(&mut self, word: &str) -> bool {
-        let boundary = self.rest[word.len().min(self.rest.len())..]
-            .chars()
-            .next()
-            .is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'));
-        let found = self.rest.starts_with(word) && boundary;
+        // The text after `word`, when it starts there: slicing at `word.len()` instead
+        // panicked inside a multi-byte character (`pump_id삔`, found by fuzzing).
+        let found = self.rest.strip_prefix(word).is_some_and(|after| {
+            after.chars().next().is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_'))
+        });
         if found {
             self.advance(word.len());
         }
