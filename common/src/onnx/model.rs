@@ -317,14 +317,16 @@ impl OnnxModel {
     }
 
     fn load_unguarded(bytes: &[u8], options: &LoadOptions) -> Result<Self, OnnxError> {
-        let proto = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
+        let mut proto = ModelProto::decode(bytes).map_err(|e| OnnxError::Decode(e.to_string()))?;
         if proto.graph.is_none() {
             return Err(OnnxError::Decode("the model has no graph".into()));
         }
         let mut onnx = tract_onnx::onnx();
         falaj_operators::register(&mut onnx.op_register);
-        if let Some(graph) = &proto.graph {
+        if let Some(graph) = &mut proto.graph {
             check_operators(graph, &onnx.op_register)?;
+            // What follows a convolution (batch norms, scales, activations) goes into it.
+            falaj_operators::nn::fold::fold_convolutions(graph);
         }
         let base = onnx.model_for_proto_model(&proto).map_err(|e| load_error(&e))?;
         let declared = declared_inputs(&base)?;

@@ -1,0 +1,166 @@
+//! Standard operators where tract's kernels are slow for the vision models of the
+//! corpus, taken over for exactly those cases and left to tract otherwise:
+//!
+//! - convolutions that are depthwise ([`depthwise`]) or pointwise, 1×1 ([`pointwise`]),
+//!   float32, NCHW, with constant weights, each with its bias and the activation that
+//!   follows it fused into its output loop ([`activation`]);
+//! - `Softmax` (opset 13) along an axis that is not the last ([`softmax`]).
+//!
+//! Before tract parses a graph, [`fold`] rewrites it: the BatchNormalization, Mul and
+//! Add by constants that follow a convolution go into its weights and bias, and the
+//! activation after a convolution this module runs goes into the `Conv` node as an
+//! attribute, so that none of them costs a pass over the tensor at run time.
+
+// The kernels' helpers are inlined into each target's compilation of the multiversioned
+// function that calls them (AVX-512, AVX2); a call would lose the target's features.
+#![allow(clippy::inline_always)]
+
+use std::sync::OnceLock;
+
+use tract_onnx::model::ParsingContext;
+use tract_onnx::pb::NodeProto;
+use tract_onnx::tract_hir::internal::*;
+
+use crate::expand::{Built, Out, Shape, expand};
+
+pub mod activation;
+pub mod depthwise;
+pub mod fold;
+pub mod pointwise;
+pub mod softmax;
+
+use activation::Activation;
+use depthwise::{DepthwiseConv, Geometry};
+use pointwise::PointwiseConv;
+
+/// One 512-bit vector of floats (two 256-bit ones): the unit the kernels of this
+/// module are written in, so that the compiler keeps their sums in vector registers.
+pub(crate) type V = [f32; 16];
+
+/// `w · x + a`, lane by lane (one fused multiply-add instruction where the CPU has it).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(crate) fn fma(a: V, w: f32, x: &V) -> V {
+    let mut o = a;
+    for j in 0..16 {
+        o[j] = w.mul_add(x[j], a[j]);
+    }
+    o
+}
+
+/// A registered ONNX operator builder.
+pub type Builder =
+    fn(&ParsingContext, &NodeProto) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)>;
+
+/// tract's own builders, for the cases these operators leave to it.
+pub(crate) static TRACT_CONV: OnceLock<Builder> = OnceLock::new();
+pub(crate) static TRACT_SOFTMAX: OnceLock<Builder> = OnceLock::new();
+
+fn delegate(builder: &OnceLock<Builder>, ctx: &ParsingContext, node: &NodeProto) -> Built {
+    match builder.get() {
+        Some(build) => build(ctx, node),
+        None => node.bail("tract has no builder for this operator"),
+    }
+}
+
+/// The float32 value of a graph initializer or `Constant` node output (this graph's or
+/// an enclosing one's).
+fn initializer(ctx: &ParsingContext, name: &str) -> Option<Tensor> {
+    let graphs = || ctx.model.graph.iter().chain(ctx.parent_graphs.iter().copied());
+    let proto =
+        graphs().flat_map(|g| g.initializer.iter()).find(|t| t.name == name).or_else(|| {
+            graphs()
+                .flat_map(|g| g.node.iter())
+                .find(|n| n.op_type == "Constant" && n.output.first().is_some_and(|o| o == name))
+                .and_then(|n| n.attribute.iter().find(|a| a.name == "value"))
+                .and_then(|a| a.t.as_ref())
+        })?;
+    let t = tract_onnx::tensor::load_tensor(&*ctx.framework.provider, proto, None).ok()?;
+    (t.datum_type() == f32::datum_type()).then_some(t)
+}
+
+/// Which of this module's convolutions runs a `Conv` node with weights of `dims`, if any.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Taken {
+    Depthwise(Geometry),
+    /// 1×1, stride 1, no padding, one group: `[outputs, inputs]`.
+    Pointwise(usize, usize),
+}
+
+impl Taken {
+    pub(crate) fn of(node: &NodeProto, dims: &[usize]) -> Option<Self> {
+        if let Some(g) = Geometry::of(node, dims) {
+            return Some(Self::Depthwise(g));
+        }
+        let &[outputs, inputs, 1, 1] = dims else { return None };
+        let group: usize = node.get_attr_opt("group").ok().flatten().unwrap_or(1);
+        let ones = |name: &str| {
+            node.get_attr_opt_vec::<usize>(name)
+                .ok()
+                .is_some_and(|v| v.is_none_or(|v| v.iter().all(|&s| s == 1)))
+        };
+        let unpadded = node
+            .get_attr_opt_vec::<usize>("pads")
+            .ok()
+            .is_some_and(|v| v.is_none_or(|v| v.iter().all(|&p| p == 0)));
+        // With a 1×1 kernel at stride 1, every auto_pad mode pads nothing.
+        let auto_pad_known = matches!(
+            node.get_attr_opt::<&str>("auto_pad").ok().flatten().unwrap_or("NOTSET"),
+            "NOTSET" | "VALID" | "SAME_UPPER" | "SAME_LOWER"
+        );
+        (group == 1 && ones("strides") && unpadded && auto_pad_known)
+            .then_some(Self::Pointwise(outputs, inputs))
+    }
+}
+
+/// Conv: depthwise and pointwise here, anything else tract's.
+pub fn conv(ctx: &ParsingContext, node: &NodeProto) -> Built {
+    let activation = match Activation::of_node(node) {
+        Ok(a) => a,
+        Err(e) => return node.bail(&e),
+    };
+    // The weights and bias stay wired as inputs; the operator holds its own copy.
+    let out = || vec![Out::new(f32::datum_type(), Shape::FromKernel)];
+    match ours(ctx, node, activation) {
+        Some(Ours::Depthwise(op)) => expand(op, out()),
+        Some(Ours::Pointwise(op)) => expand(op, out()),
+        None if activation == Activation::Identity => delegate(&TRACT_CONV, ctx, node),
+        None => node.bail("a fused activation on a convolution this engine does not run itself"),
+    }
+}
+
+enum Ours {
+    Depthwise(DepthwiseConv),
+    Pointwise(PointwiseConv),
+}
+
+fn ours(ctx: &ParsingContext, node: &NodeProto, activation: Activation) -> Option<Ours> {
+    let weights = initializer(ctx, node.input.get(1)?)?;
+    let taken = Taken::of(node, weights.shape())?;
+    let bias = match node.input.get(2).filter(|b| !b.is_empty()) {
+        Some(name) => {
+            initializer(ctx, name)?.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec()
+        }
+        None => Vec::new(),
+    };
+    let weights = weights.try_as_plain_ram().ok()?.as_slice::<f32>().ok()?.to_vec();
+    Some(match taken {
+        Taken::Depthwise(g) => Ours::Depthwise(DepthwiseConv::new(weights, bias, g, activation)),
+        Taken::Pointwise(o, i) => {
+            Ours::Pointwise(PointwiseConv::new(&weights, (o, i), &bias, activation))
+        }
+    })
+}
+
+/// Softmax: opset 13's along-an-axis semantics for axes before the last; tract's
+/// otherwise (the last axis, and the flattening semantics of older opsets).
+pub fn softmax(ctx: &ParsingContext, node: &NodeProto) -> Built {
+    let axis: i64 = node.get_attr_opt("axis").ok().flatten().unwrap_or(-1);
+    if ctx.onnx_operator_set_version >= 13 && axis != -1 {
+        return expand(
+            softmax::AxisSoftmax { axis },
+            vec![Out::new(f32::datum_type(), Shape::Like)],
+        );
+    }
+    delegate(&TRACT_SOFTMAX, ctx, node)
+}

@@ -1,0 +1,226 @@
+//! Pointwise (1×1, stride 1, unpadded, one group) convolution over NCHW images: per
+//! image a matrix product `W[co, ci] · X[ci, pixels]`, with the bias and the fused
+//! activation applied to each tile of outputs while it is still in registers.
+//!
+//! tract runs these as matrix products too, but packs its operands per call and leaves
+//! any activation but ReLU to separate passes over the tensor. Here the weights are
+//! packed once at load, `ROWS` output channels side by side, and each tile of
+//! `ROWS × PIXELS` outputs is a run of multiply-adds over the input channels, written
+//! so that the compiler keeps the tile in vector registers.
+
+use tract_onnx::tract_hir::internal::*;
+
+use super::activation::Activation;
+use super::{V, fma};
+use crate::expand::Kernel;
+
+/// Output channels per tile.
+const ROWS: usize = 6;
+/// Pixels per tile: two 512-bit vectors (four 256-bit ones).
+const PIXELS: usize = 32;
+
+/// A 1×1 convolution with its bias and activation.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PointwiseConv {
+    inputs: usize,
+    outputs: usize,
+    /// Per block of `ROWS` output channels, per input channel, the block's weights.
+    packed: Vec<[f32; ROWS]>,
+    /// Per block, the bias of its channels (zero past the last).
+    bias: Vec<[f32; ROWS]>,
+    activation: Activation,
+    /// The weights as given, `[outputs, inputs]`, for images of a few pixels.
+    rows: Vec<f32>,
+}
+
+impl PointwiseConv {
+    /// From `weights` `[outputs, inputs]` (row-major) and an optional bias.
+    pub fn new(
+        weights: &[f32],
+        (outputs, inputs): (usize, usize),
+        bias: &[f32],
+        activation: Activation,
+    ) -> Self {
+        let blocks = outputs.div_ceil(ROWS);
+        let mut packed = vec![[0.0f32; ROWS]; blocks * inputs];
+        let mut packed_bias = vec![[0.0f32; ROWS]; blocks];
+        for co in 0..outputs {
+            let (block, r) = (co / ROWS, co % ROWS);
+            for ci in 0..inputs {
+                packed[block * inputs + ci][r] = weights[co * inputs + ci];
+            }
+            packed_bias[block][r] = bias.get(co).copied().unwrap_or(0.0);
+        }
+        Self { inputs, outputs, packed, bias: packed_bias, activation, rows: weights.to_vec() }
+    }
+}
+
+/// Below this many pixels, tiles would be mostly padding: each output is a dot product.
+const FEW: usize = 8;
+
+#[allow(clippy::needless_range_loop)]
+/// Each output a dot product of a weight row and a pixel's channels, in sixteen
+/// running sums.
+#[inline(always)]
+fn few_pixels(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
+    let ci = op.inputs;
+    let mut column = vec![0.0f32; ci.next_multiple_of(16)];
+    for p in 0..pixels {
+        for (k, c) in column.iter_mut().take(ci).enumerate() {
+            *c = x[k * pixels + p];
+        }
+        for (co, row) in op.rows.chunks_exact(ci).enumerate() {
+            let mut acc = [0.0f32; 16];
+            let (whole, rest) = row.split_at(ci - ci % 16);
+            for (w, c) in whole.chunks_exact(16).zip(column.chunks_exact(16)) {
+                for j in 0..16 {
+                    acc[j] = w[j].mul_add(c[j], acc[j]);
+                }
+            }
+            let tail: f32 = rest.iter().zip(&column[whole.len()..]).map(|(w, c)| w * c).sum();
+            let mut y = [op.bias[co / ROWS][co % ROWS] + acc.iter().sum::<f32>() + tail];
+            op.activation.apply(&mut y);
+            out[co * pixels + p] = y[0];
+        }
+    }
+}
+
+/// Vectors per tile row.
+const VECS: usize = PIXELS / 16;
+
+/// One image: `x` `[inputs, pixels]` into `out` `[outputs, pixels]`. Compiled for
+/// AVX-512 and AVX2 as well, chosen at run time.
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
+    let ci = op.inputs;
+    if pixels < FEW {
+        return few_pixels(op, x, pixels, out);
+    }
+    // The input tile, its channels contiguous; zero past the last pixel.
+    let mut tile = vec![[[0.0f32; 16]; VECS]; ci];
+    for p0 in (0..pixels).step_by(PIXELS) {
+        let width = PIXELS.min(pixels - p0);
+        for (k, row) in tile.iter_mut().enumerate() {
+            let row = row.as_flattened_mut();
+            row[..width].copy_from_slice(&x[k * pixels + p0..][..width]);
+            row[width..].fill(0.0);
+        }
+        for (block, (weights, bias)) in op.packed.chunks_exact(ci).zip(&op.bias).enumerate() {
+            let mut acc = tile_product(weights, &tile, bias);
+            let rows = ROWS.min(op.outputs - block * ROWS);
+            for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                let a = a.as_flattened_mut();
+                op.activation.apply(a);
+                let co = block * ROWS + r;
+                out[co * pixels + p0..][..width].copy_from_slice(&a[..width]);
+            }
+        }
+    }
+}
+
+/// One tile: `bias + weights · tile`, over whole vectors so that the compiler keeps the
+/// tile in registers (written as loops over floats, it did not).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+fn tile_product(
+    weights: &[[f32; ROWS]],
+    tile: &[[V; VECS]],
+    bias: &[f32; ROWS],
+) -> [[V; VECS]; ROWS] {
+    let mut a = [[[0.0f32; 16]; VECS]; ROWS];
+    for r in 0..ROWS {
+        a[r] = [[bias[r]; 16]; VECS];
+    }
+    for (w, xs) in weights.iter().zip(tile) {
+        for r in 0..ROWS {
+            for v in 0..VECS {
+                a[r][v] = fma(a[r][v], w[r], &xs[v]);
+            }
+        }
+    }
+    a
+}
+
+impl Kernel for PointwiseConv {
+    fn name(&self) -> &'static str {
+        "PointwiseConv"
+    }
+
+    fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
+        let input = inputs[0].cast_to::<f32>()?;
+        let &[batch, channels, height, width] = input.shape() else {
+            bail!("expected an NCHW input, got {:?}", input.shape())
+        };
+        if channels != self.inputs {
+            bail!("the input has {channels} channels, the kernel {}", self.inputs);
+        }
+        let pixels = height * width;
+        let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
+        let mut out = vec![0.0f32; batch * self.outputs * pixels];
+        if pixels > 0 {
+            for (o, i) in out.chunks_mut(self.outputs * pixels).zip(x.chunks(channels * pixels)) {
+                image(self, i, pixels, o);
+            }
+        }
+        let shape = vec![batch, self.outputs, height, width];
+        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor()])
+    }
+
+    fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let s = &inputs[0].shape;
+        if s.len() != 4 {
+            bail!("expected an NCHW input, got {s:?}");
+        }
+        Ok(tvec![f32::fact(tvec![s[0].clone(), self.outputs.to_dim(), s[2].clone(), s[3].clone()])])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointwise_convolution_matches_its_definition() {
+        // Channel and pixel counts around the tile sizes, an activation or none.
+        for (ci, co, h, w, activation) in [
+            (3, 5, 4, 9, Activation::Identity),
+            (16, 13, 7, 7, Activation::Relu),
+            (8, 6, 1, 32, Activation::Clip { lo: -1.0, hi: 1.0 }),
+            (
+                5,
+                1,
+                3,
+                30,
+                Activation::Gated { alpha: 1.0, beta: 3.0, lo: 0.0, hi: 6.0, scale: 1.0 / 6.0 },
+            ),
+        ] {
+            let weights: Vec<f32> =
+                (0..co * ci).map(|i| ((i * 13 % 7) as f32) * 0.25 - 0.75).collect();
+            let bias: Vec<f32> = (0..co).map(|i| i as f32 * 0.5 - 1.0).collect();
+            let x: Vec<f32> = (0..2 * ci * h * w).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
+            let op = PointwiseConv::new(&weights, (co, ci), &bias, activation);
+            let input = Tensor::from_shape(&[2, ci, h, w], &x).unwrap().into_tvalue();
+            let got = op.eval(&[input]).unwrap().remove(0);
+            assert_eq!(got.shape(), &[2, co, h, w]);
+            let got = got.try_as_plain_ram().unwrap().as_slice::<f32>().unwrap().to_vec();
+            let p = h * w;
+            for n in 0..2 {
+                for o in 0..co {
+                    let mut row: Vec<f32> = (0..p)
+                        .map(|j| {
+                            bias[o]
+                                + (0..ci)
+                                    .map(|k| weights[o * ci + k] * x[n * ci * p + k * p + j])
+                                    .sum::<f32>()
+                        })
+                        .collect();
+                    activation.apply(&mut row);
+                    let g = &got[n * co * p + o * p..][..p];
+                    for (a, b) in g.iter().zip(&row) {
+                        assert!((a - b).abs() < 1e-4, "{ci} {co} {h} {w}: {g:?} against {row:?}");
+                    }
+                }
+            }
+        }
+    }
+}
