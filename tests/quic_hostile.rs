@@ -14,7 +14,7 @@ use falaj_agent::enroll::{self, EnrollOptions};
 use falaj_common::enrollment::EnrollmentToken;
 use falaj_common::protocol::{ALPN_ENROLL, MAX_ENROLL_FRAME, SERVER_NAME};
 use falaj_control::quic::{CLOSE_BUSY, CLOSE_TIMEOUT};
-use falaj_control::state::EnrollmentLimits;
+use falaj_control::state::{EnrollmentLimits, HandshakeLimits};
 use fleet::{Control, eventually};
 
 const HOSTILE: usize = 20;
@@ -87,7 +87,7 @@ async fn hostile_enrollment_connections_are_bounded_closed_and_capped() {
     }
     // Their deadline (5 s) is far longer than opening them takes.
     eventually(Duration::from_secs(5), "every hostile connection is counted", || async {
-        gate.open() == HOSTILE
+        gate.places.open() == HOSTILE
     })
     .await;
     // What the server holds for their frames: at most one enrollment frame each, never
@@ -104,7 +104,7 @@ async fn hostile_enrollment_connections_are_bounded_closed_and_capped() {
             .unwrap();
         let err = tokio::time::timeout(Duration::from_secs(10), extra.closed()).await.unwrap();
         assert_eq!(application_code(&err), Some(CLOSE_BUSY), "{err}");
-        assert!(gate.refused.load(Ordering::Relaxed) >= 1);
+        assert!(gate.places.refused.load(Ordering::Relaxed) >= 1);
     }
 
     // Every hostile connection is closed by the server at its deadline, though the client
@@ -124,7 +124,7 @@ async fn hostile_enrollment_connections_are_bounded_closed_and_capped() {
         drop(writer.await.unwrap());
     }
     eventually(Duration::from_secs(10), "the gate is empty again", || async {
-        gate.open() == 0 && gate.buffered.load(Ordering::Relaxed) == 0
+        gate.places.open() == 0 && gate.buffered.load(Ordering::Relaxed) == 0
     })
     .await;
     assert!(gate.timed_out.load(Ordering::Relaxed) >= (HOSTILE / 2) as u64);
@@ -139,5 +139,51 @@ async fn hostile_enrollment_connections_are_bounded_closed_and_capped() {
     let identity =
         enroll::enroll(&work.path().join("agent"), &options, SystemTime::now()).await.unwrap();
     assert_eq!(identity.group, "default");
+    control.stop().await;
+}
+
+/// The first datagram of a QUIC handshake (the client's Initial, with its TLS
+/// ClientHello) for `server`, made by quinn-proto: a client that says it and no more.
+fn initial_datagram(server: std::net::SocketAddr, config: quinn::ClientConfig) -> Vec<u8> {
+    let mut endpoint = quinn_proto::Endpoint::new(
+        Arc::new(quinn_proto::EndpointConfig::default()),
+        None,
+        true,
+        None,
+    );
+    let now = std::time::Instant::now();
+    let (_, mut conn) = endpoint.connect(now, config, server, SERVER_NAME).unwrap();
+    let mut buf = Vec::new();
+    let transmit = conn.poll_transmit(now, 1, &mut buf).expect("an Initial to send");
+    buf.truncate(transmit.size);
+    buf
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_handshakes_from_one_address_holds_only_its_share() {
+    let work = tempfile::tempdir().unwrap();
+    let mut config = fleet::config(&work.path().join("control"), "127.0.0.1:0".parse().unwrap());
+    config.policy.handshakes = HandshakeLimits { max_total: 64, max_per_address: 4 };
+    let control = Control::start_with(config, None).await;
+    let handshakes = &control.shared.handshakes;
+    let token = control.token("default").await;
+    let client_config = hostile_config(&token);
+
+    // Forty clients from one address (each its own port) begin a handshake and go quiet.
+    let mut sockets = Vec::new();
+    for _ in 0..40 {
+        let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        socket
+            .send_to(&initial_datagram(control.quic, client_config.clone()), control.quic)
+            .await
+            .unwrap();
+        sockets.push(socket);
+    }
+    eventually(Duration::from_secs(30), "every Initial is answered or refused", || async {
+        handshakes.refused.load(Ordering::Relaxed) >= 36
+    })
+    .await;
+    assert_eq!(handshakes.open(), 4, "the address's share of handshakes in progress");
+    assert_eq!(handshakes.refused.load(Ordering::Relaxed), 36);
     control.stop().await;
 }

@@ -99,12 +99,30 @@ fn tls_error(what: &'static str, err: impl std::fmt::Display) -> CaError {
     CaError::Io { op: what, path: "TLS".into(), source: std::io::Error::other(err.to_string()) }
 }
 
-/// Accepts connections until the endpoint closes.
+/// Accepts connections until the endpoint closes. Handshakes in progress are capped in
+/// total and per address; past half the cap, a client first proves its address.
 pub async fn accept_loop(shared: Arc<Shared>, endpoint: quinn::Endpoint) {
     while let Some(incoming) = endpoint.accept().await {
         let shared = Arc::clone(&shared);
         tokio::spawn(async move {
-            match incoming.await {
+            let remote = incoming.remote_address();
+            if !incoming.remote_address_validated()
+                && shared.handshakes.open() >= shared.retry_from
+                && incoming.may_retry()
+            {
+                if let Err(err) = incoming.retry() {
+                    tracing::debug!(%remote, error = %err, "retry failed");
+                }
+                return;
+            }
+            let Some(slot) = shared.handshakes.enter(remote.ip()) else {
+                tracing::warn!(%remote, "refused a connection: too many handshakes in progress");
+                incoming.refuse();
+                return;
+            };
+            let connected = incoming.await;
+            drop(slot);
+            match connected {
                 Ok(conn) => handle(shared, conn).await,
                 Err(err) => tracing::debug!(error = %err, "handshake failed"),
             }

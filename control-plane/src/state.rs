@@ -32,6 +32,25 @@ pub struct Policy {
     pub heartbeat: Duration,
     /// Bounds on unauthenticated (enrollment) connections.
     pub enrollment: EnrollmentLimits,
+    /// Bounds on QUIC handshakes in progress.
+    pub handshakes: HandshakeLimits,
+}
+
+/// Bounds on QUIC handshakes in progress, which hold state before anyone is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HandshakeLimits {
+    /// Most handshakes in progress at once; more are refused. From half of it on, a
+    /// client must first prove its address (a stateless retry), so that forged source
+    /// addresses take no places.
+    pub max_total: usize,
+    /// Most handshakes in progress at once from one IP address.
+    pub max_per_address: usize,
+}
+
+impl Default for HandshakeLimits {
+    fn default() -> Self {
+        Self { max_total: 512, max_per_address: 32 }
+    }
 }
 
 impl Default for Policy {
@@ -41,6 +60,7 @@ impl Default for Policy {
             cert_ttl: Duration::from_secs(30 * 24 * 3600),
             heartbeat: Duration::from_secs(10),
             enrollment: EnrollmentLimits::default(),
+            handshakes: HandshakeLimits::default(),
         }
     }
 }
@@ -62,45 +82,37 @@ impl Default for EnrollmentLimits {
     }
 }
 
-/// Counts open enrollment connections, in total and per address, and the bytes their
-/// request frames hold.
+/// Places held at once, per IP address and in total; a place is given back when its
+/// [`AddressSlot`] is dropped. IPv4-mapped IPv6 addresses count as their IPv4 address.
 #[derive(Debug, Default)]
-pub struct EnrollmentGate {
-    limits: EnrollmentLimits,
+pub struct AddressGate {
+    max_total: usize,
+    max_per_address: usize,
     open: Mutex<(usize, HashMap<IpAddr, usize>)>,
-    /// Bytes held in enrollment request frames being read (for tests and `/metrics`).
-    pub buffered: AtomicU64,
-    /// Enrollment connections closed because a limit was reached.
+    /// Places refused because a limit was reached.
     pub refused: AtomicU64,
-    /// Enrollment connections closed at their deadline.
-    pub timed_out: AtomicU64,
 }
 
-/// An open enrollment connection's place at the gate, given back when dropped.
+/// A place at an [`AddressGate`], given back when dropped.
 #[derive(Debug)]
-pub struct EnrollmentSlot<'a> {
-    gate: &'a EnrollmentGate,
+pub struct AddressSlot<'a> {
+    gate: &'a AddressGate,
     address: IpAddr,
 }
 
-impl EnrollmentGate {
-    /// A gate with these limits.
-    pub fn new(limits: EnrollmentLimits) -> Self {
-        Self { limits, ..Self::default() }
+impl AddressGate {
+    /// A gate of `max_total` places, `max_per_address` of them for one address.
+    pub fn new(max_total: usize, max_per_address: usize) -> Self {
+        Self { max_total, max_per_address, ..Self::default() }
     }
 
-    /// The limits.
-    pub fn limits(&self) -> EnrollmentLimits {
-        self.limits
-    }
-
-    /// A place for a connection from `address`, or `None` if a limit is reached.
-    pub fn enter(&self, address: IpAddr) -> Option<EnrollmentSlot<'_>> {
+    /// A place for `address`, or `None` if a limit is reached.
+    pub fn enter(&self, address: IpAddr) -> Option<AddressSlot<'_>> {
         let address = address.to_canonical();
         let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (total, by_address) = &mut *open;
         let here = by_address.entry(address).or_insert(0);
-        if *total >= self.limits.max_total || *here >= self.limits.max_per_address {
+        if *total >= self.max_total || *here >= self.max_per_address {
             if *here == 0 {
                 by_address.remove(&address);
             }
@@ -109,16 +121,16 @@ impl EnrollmentGate {
         }
         *here += 1;
         *total += 1;
-        Some(EnrollmentSlot { gate: self, address })
+        Some(AddressSlot { gate: self, address })
     }
 
-    /// Enrollment connections open now.
+    /// Places held now.
     pub fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0
     }
 }
 
-impl Drop for EnrollmentSlot<'_> {
+impl Drop for AddressSlot<'_> {
     fn drop(&mut self) {
         let mut open = self.gate.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (total, by_address) = &mut *open;
@@ -129,6 +141,40 @@ impl Drop for EnrollmentSlot<'_> {
                 by_address.remove(&self.address);
             }
         }
+    }
+}
+
+/// Enrollment connections, which present no certificate: open ones counted in total and
+/// per address, and the bytes their request frames hold.
+#[derive(Debug, Default)]
+pub struct EnrollmentGate {
+    limits: EnrollmentLimits,
+    /// The connections open.
+    pub places: AddressGate,
+    /// Bytes held in enrollment request frames being read (for tests and `/metrics`).
+    pub buffered: AtomicU64,
+    /// Enrollment connections closed at their deadline.
+    pub timed_out: AtomicU64,
+}
+
+impl EnrollmentGate {
+    /// A gate with these limits.
+    pub fn new(limits: EnrollmentLimits) -> Self {
+        Self {
+            limits,
+            places: AddressGate::new(limits.max_total, limits.max_per_address),
+            ..Self::default()
+        }
+    }
+
+    /// The limits.
+    pub fn limits(&self) -> EnrollmentLimits {
+        self.limits
+    }
+
+    /// A place for a connection from `address`, or `None` if a limit is reached.
+    pub fn enter(&self, address: IpAddr) -> Option<AddressSlot<'_>> {
+        self.places.enter(address)
     }
 }
 
@@ -176,6 +222,10 @@ pub struct Shared {
     pub rollback_reported: tokio::sync::Notify,
     /// Open enrollment connections and what they hold.
     pub enrollments: EnrollmentGate,
+    /// QUIC handshakes in progress.
+    pub handshakes: AddressGate,
+    /// The bound on handshakes in progress from which clients must prove their address.
+    pub retry_from: usize,
     next_session: AtomicU64,
 }
 
@@ -214,6 +264,11 @@ impl Shared {
             signers: Arc::new(signers),
             audit_key: Arc::new(audit_key),
             enrollments: EnrollmentGate::new(policy.enrollment),
+            handshakes: AddressGate::new(
+                policy.handshakes.max_total,
+                policy.handshakes.max_per_address,
+            ),
+            retry_from: policy.handshakes.max_total / 2,
             policy,
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
@@ -436,8 +491,8 @@ mod tests {
         let _b1 = gate.enter(b).unwrap();
         assert!(gate.enter(c).is_none(), "a fourth in all");
         drop(a1);
-        assert_eq!(gate.open(), 2);
+        assert_eq!(gate.places.open(), 2);
         let _c1 = gate.enter(c).unwrap();
-        assert_eq!(gate.refused.load(Ordering::Relaxed), 3);
+        assert_eq!(gate.places.refused.load(Ordering::Relaxed), 3);
     }
 }
