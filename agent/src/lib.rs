@@ -8,7 +8,8 @@
 //! model's head can be fine-tuned on the site's labelled data into a derived model
 //! ([`finetune`]).
 //!
-//! The binary (`falaj-agent`) is a thin shell over [`cli`].
+//! The binary (`falaj-agent`) is a thin shell over [`cli`]. With the `fuzzing` feature
+//! (test support), [`fuzzing`] holds the fuzz targets of the agent's decoders.
 
 pub mod admission;
 pub mod bench;
@@ -20,6 +21,8 @@ pub mod enroll;
 pub mod features;
 pub mod feedback;
 pub mod finetune;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub mod import;
 pub mod metrics;
