@@ -1,5 +1,6 @@
 //! The agent killed at its crash points, then run again: what it had done is finished
-//! or made again, never left half-way (issue 17). The points abort the process, as a
+//! or made again, never left half-way (issue 17): enrollment, and import and install (the
+//! install path is the same for versions the control plane sends). The points abort the process, as a
 //! power cut or SIGKILL stops it, where falaj-agent's `failpoints` feature (enabled for
 //! the tests by the root package's dev-dependencies) puts them: `FAILPOINTS=NAME=return`.
 
@@ -10,7 +11,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{ControlProcess, FALAJ, Process, ok, s};
+use support::{ControlProcess, FALAJ, Process, init_agent, ok, s, sample_bundle};
 
 /// Runs `falaj ARGS...` with the crash point `point` armed; requires that it aborted.
 fn crash_at(point: &str, args: &[&str]) {
@@ -83,4 +84,33 @@ async fn an_enrollment_killed_at_any_step_finishes_with_its_token() {
         );
         assert!(err.contains("already used"), "{point}: {err}");
     }
+}
+
+#[test]
+fn an_import_killed_at_any_step_leaves_the_last_version_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = sample_bundle(dir.path(), "eu-west-1", 1);
+    let second = sample_bundle(dir.path(), "eu-west-1", 2);
+    let agent = dir.path().join("agent");
+    init_agent(&agent, "eu-west-1", &dir.path().join("keys/root.json"));
+    ok(&["agent", "import", s(&first), "--data-dir", s(&agent)]);
+    let versions = || {
+        let list = ok(&["agent", "list", "--data-dir", s(&agent)]);
+        list.lines()
+            .filter(|l| l.starts_with("sensor-fault"))
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+    };
+    for point in ["import-staged", "install-file-in-place"] {
+        crash_at(point, &["agent", "import", s(&second), "--data-dir", s(&agent)]);
+        // Version 1 alone, active; the second's file, in place without its row, is swept.
+        let listed = versions();
+        assert_eq!(listed.len(), 1, "{point}: {listed:?}");
+        assert!(listed[0].contains(" 1 "), "{point}: {listed:?}");
+        let files = std::fs::read_dir(agent.join("bundles/sensor-fault")).unwrap().count();
+        assert_eq!(files, 1, "{point}: only version 1's file is left");
+    }
+    ok(&["agent", "import", s(&second), "--data-dir", s(&agent)]);
+    let listed = versions();
+    assert!(listed.iter().any(|l| l.contains(" 2 ")), "{listed:?}");
 }

@@ -368,6 +368,7 @@ pub fn import_file(
     check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)?;
 
     let staged = stage(store, path, &mut reader, &head, &manifest, total, progress)?;
+    crate::crash_point("import-staged");
     let Staged { file: staged_file, content_bytes, size: staged_size } = staged;
     check_content(&manifest, &content_bytes)?;
 

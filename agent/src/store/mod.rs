@@ -521,6 +521,7 @@ impl Store {
             source: e.error,
         })?;
         sync_dir(&parent)?;
+        crate::crash_point("install-file-in-place");
         tx.commit().map_err(db)?;
         Ok(true)
     }
