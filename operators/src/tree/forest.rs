@@ -142,6 +142,9 @@ const LANES: usize = 8;
 /// Rows from which QuickScorer takes a block rather than rows one by one (a short block
 /// repeats its last row).
 const QUICK_BLOCK_ROWS: usize = 2;
+/// Bytes of rows a lockstep walk takes through each tree before the next tree (from 8 to
+/// 256 rows): the tree's upper nodes stay in L1 while they go through it.
+const CHUNK_BYTES: usize = 16 * 1024;
 /// Bytes of nodes per block of trees: most of a typical 512 KiB L2 cache.
 const BLOCK_BYTES: usize = 384 * 1024;
 
@@ -402,24 +405,34 @@ impl Forest {
             self.one_row::<C, MISSING>(x, scores);
             return;
         }
+        let chunk_rows = (CHUNK_BYTES / (columns.max(1) * size_of::<f32>())).clamp(LANES, 256);
         for block in self.blocks() {
-            for first in (0..rows).step_by(LANES) {
-                let lanes = LANES.min(rows - first);
+            for chunk in (0..rows).step_by(chunk_rows) {
+                let end = rows.min(chunk + chunk_rows);
                 // Every lane walks (a short group repeats its last row), so that the step
                 // loop has a fixed count and unrolls; rows by their offsets in `x`.
-                let starts: [usize; LANES] =
-                    std::array::from_fn(|lane| (first + lane.min(lanes - 1)) * columns);
+                let groups: Vec<(usize, usize, [usize; LANES])> = (chunk..end)
+                    .step_by(LANES)
+                    .map(|first| {
+                        let lanes = LANES.min(end - first);
+                        let starts =
+                            std::array::from_fn(|lane| (first + lane.min(lanes - 1)) * columns);
+                        (first, lanes, starts)
+                    })
+                    .collect();
                 for tree in block.clone() {
-                    let mut cur = [self.roots[tree]; LANES];
-                    for _ in 0..self.depths[tree] {
-                        for (c, &start) in cur.iter_mut().zip(&starts) {
-                            let node = self.nodes[*c as usize];
-                            let v = x[start + (node.feature & !MISSING_TRUE) as usize];
-                            *c = self.decide::<C, MISSING>(*c, node, v);
+                    for &(first, lanes, starts) in &groups {
+                        let mut cur = [self.roots[tree]; LANES];
+                        for _ in 0..self.depths[tree] {
+                            for (c, &start) in cur.iter_mut().zip(&starts) {
+                                let node = self.nodes[*c as usize];
+                                let v = x[start + (node.feature & !MISSING_TRUE) as usize];
+                                *c = self.decide::<C, MISSING>(*c, node, v);
+                            }
                         }
-                    }
-                    for (lane, &leaf) in cur.iter().enumerate().take(lanes) {
-                        self.add(leaf, first + lane, scores);
+                        for (lane, &leaf) in cur.iter().enumerate().take(lanes) {
+                            self.add(leaf, first + lane, scores);
+                        }
                     }
                 }
             }
