@@ -16,7 +16,11 @@ use arrow_array::{Array, ArrayRef, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
 use falaj_common::features::Cell;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::ChunkReader;
 use thiserror::Error;
+
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 
 /// Rows per Parquet batch read.
 const BATCH_ROWS: usize = 8192;
@@ -133,7 +137,30 @@ pub fn read<S: RowSink>(
     }
 }
 
+/// Feeds every row of a file held in memory to `sink` (errors name `label` as the file);
+/// returns the number of rows.
+pub fn read_bytes<S: RowSink>(
+    bytes: &[u8],
+    label: &Path,
+    format: Format,
+    sink: &mut S,
+) -> Result<u64, ReadError<S::Error>> {
+    match format {
+        Format::Csv => csv_rows(bytes, label, sink),
+        Format::Parquet => parquet_rows(bytes::Bytes::copy_from_slice(bytes), label, sink),
+    }
+}
+
 fn read_csv<S: RowSink>(path: &Path, sink: &mut S) -> Result<u64, ReadError<S::Error>> {
+    let file = File::open(path).map_err(|e| ReadError::Source(SourceError::io(path, e)))?;
+    csv_rows(io::BufReader::with_capacity(1 << 20, file), path, sink)
+}
+
+fn csv_rows<S: RowSink>(
+    input: impl Read,
+    path: &Path,
+    sink: &mut S,
+) -> Result<u64, ReadError<S::Error>> {
     let csv_error = |e: csv::Error| {
         ReadError::Source(if e.is_io_error() {
             match e.into_kind() {
@@ -144,10 +171,7 @@ fn read_csv<S: RowSink>(path: &Path, sink: &mut S) -> Result<u64, ReadError<S::E
             SourceError::Csv { path: path.to_owned(), message: e.to_string() }
         })
     };
-    let file = File::open(path).map_err(|e| ReadError::Source(SourceError::io(path, e)))?;
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(true)
-        .from_reader(io::BufReader::with_capacity(1 << 20, file));
+    let mut reader = csv::ReaderBuilder::new().has_headers(true).from_reader(input);
     let header = reader.headers().map_err(csv_error)?.clone();
     let names: Vec<&str> = header.iter().map(str::trim).collect();
     sink.header(&names).map_err(ReadError::Sink)?;
@@ -165,10 +189,18 @@ fn read_csv<S: RowSink>(path: &Path, sink: &mut S) -> Result<u64, ReadError<S::E
 }
 
 fn read_parquet<S: RowSink>(path: &Path, sink: &mut S) -> Result<u64, ReadError<S::Error>> {
+    let file = File::open(path).map_err(|e| ReadError::Source(SourceError::io(path, e)))?;
+    parquet_rows(file, path, sink)
+}
+
+fn parquet_rows<S: RowSink>(
+    file: impl ChunkReader + 'static,
+    path: &Path,
+    sink: &mut S,
+) -> Result<u64, ReadError<S::Error>> {
     let parquet = |e: &dyn std::fmt::Display| {
         ReadError::Source(SourceError::Parquet { path: path.to_owned(), message: e.to_string() })
     };
-    let file = File::open(path).map_err(|e| ReadError::Source(SourceError::io(path, e)))?;
     let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| parquet(&e))?;
     let schema = builder.schema().clone();
     let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
