@@ -6,7 +6,8 @@
 //! fine-tune job ordered for the site whose sensors read high, a canary of a worse version
 //! that the agents roll back by themselves on the ground truth fed back to them, a
 //! canary of a good version promoted step by step, the audit log of all of it exported and
-//! verified against the audit key, and serving until Ctrl-C.
+//! verified against the audit key, an admin for the console (its URL and a one-time
+//! password printed), and serving until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,8 @@ const FEATURE_MODEL: &str = "sensor-fault-by-pump";
 const REGION: &str = "local-1";
 const GROUP: &str = "demo";
 const AGENTS: usize = 2;
+/// The demo's admin in the console.
+const CONSOLE_ADMIN: &str = "demo-admin";
 
 /// Arguments of `falaj demo`.
 #[derive(Debug, clap::Args)]
@@ -147,6 +150,11 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     show_finetune(dir, &client, &http_client, targets[AGENTS - 1], version).await?;
     show_rollouts(dir, &client, &http_client, &targets, &made.holdout).await?;
     show_audit(dir, &client).await?;
+    let password = console_admin(&client).await?;
+    println!();
+    println!(
+        " 14. console        http://{admin}/  (user {CONSOLE_ADMIN}, one-time password {password}); every page above has data"
+    );
 
     let url = format!("http://{}/v2/models/{MODEL}/infer", agents[0].1);
     println!();
@@ -159,6 +167,7 @@ async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
         json!({"inputs": [{"name": INPUT, "shape": [1, FEATURES.len()], "datatype": "FP32", "data": example}]})
     );
     println!("  falaj control agents --control-plane http://{admin} --token {token}");
+    println!("  open http://{admin}/ and log in as {CONSOLE_ADMIN} with {password}");
     println!("Serving until Ctrl-C.");
     for (_, _, task) in agents {
         task.await??;
@@ -731,6 +740,20 @@ async fn show_audit(dir: &Path, client: &AdminClient) -> Result<()> {
         key_file.display()
     );
     Ok(())
+}
+
+/// An admin for the console with a generated password, shown once: a new one when the
+/// demo runs again in the same directory (the user is kept, its password reset).
+async fn console_admin(client: &AdminClient) -> Result<String> {
+    let role = falaj_control::auth::Role::Admin;
+    let answer = match client.add_user(CONSOLE_ADMIN, role, None).await {
+        Ok(answer) => answer,
+        Err(_) => client.reset_password(CONSOLE_ADMIN, None).await?,
+    };
+    answer["password"]
+        .as_str()
+        .map(str::to_owned)
+        .context("the control plane gave the console's admin no password")
 }
 
 fn print_indented(text: &str) {

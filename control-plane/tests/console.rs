@@ -2,7 +2,8 @@
 //! (chromedriver on loopback) against a real control plane on 127.0.0.1:0 with its
 //! SQLite file, users of every role, an agent recorded as enrolled, a deployed model with
 //! a reference profile and an hour of metric windows (one feature shifted). An operator
-//! starts and aborts a rollout and creates an enrollment token; a viewer finds no button
+//! starts and aborts a rollout and creates an enrollment token, with which a real agent
+//! enrolls over QUIC and shows up connected in the fleet; a viewer finds no button
 //! and is refused when posting anyway; an auditor reads every one of those actions in
 //! the audit log; an admin opens every page (a screenshot of each goes to
 //! `target/console-screenshots/`). One test needs no browser: the HTTP-level promises
@@ -28,6 +29,8 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{Value, json};
 
 const GROUP: &str = "plant-a";
+/// The group of the agent enrolled with the token the console shows.
+const NEW_GROUP: &str = "plant-b";
 const MODEL: &str = "pumps";
 const AGENT: &str = "agent-7f3a";
 const REGION: &str = "eu-west-1";
@@ -267,6 +270,39 @@ async fn browser() -> Option<Browser> {
     Some(Browser { client, _driver: child })
 }
 
+/// A real agent, enrolled over QUIC with `token` and syncing, stopped when dropped.
+struct RunningAgent {
+    id: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn enroll_agent(quic: &str, token: &str) -> RunningAgent {
+    use falaj_agent::enroll::{EnrollOptions, enroll};
+    let dir = tempfile::tempdir().unwrap();
+    let options = EnrollOptions {
+        control_plane: quic.to_owned(),
+        token: token.to_owned(),
+        hostname: "pump-station-9".into(),
+        region: Some(REGION.into()),
+    };
+    let identity =
+        enroll(dir.path(), &options, SystemTime::now()).await.expect("the token enrolls");
+    let serve = falaj_agent::server::ServeConfig {
+        http: "127.0.0.1:0".parse().unwrap(),
+        ..falaj_agent::server::ServeConfig::default()
+    };
+    let sync = falaj_agent::sync::SyncConfig {
+        heartbeat: Duration::from_secs(1),
+        ..falaj_agent::sync::SyncConfig::default()
+    };
+    let agent =
+        falaj_agent::daemon::Agent::start(dir.path().to_owned(), serve, sync).await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(agent.run(async { drop(stopped.await) }));
+    RunningAgent { id: identity.agent_id, _stop: stop, _dir: dir }
+}
+
 fn screenshots() -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/console-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
@@ -300,6 +336,24 @@ impl Browser {
                 );
             }
             tokio::task::yield_now().await;
+        }
+    }
+
+    /// Opens `url` again and again (the agent's state arrives with its reports) until an
+    /// element matching `css` holds `needle`, within the deadline.
+    async fn reload_until(&self, url: &str, css: &str, needle: &str) {
+        let started = Instant::now();
+        loop {
+            self.goto(url).await;
+            if let Ok(elements) = self.client.find_all(Locator::Css(css)).await {
+                for e in elements {
+                    if e.text().await.is_ok_and(|t| t.contains(needle)) {
+                        return;
+                    }
+                }
+            }
+            let page = self.client.source().await.unwrap_or_default();
+            assert!(started.elapsed() < DEADLINE, "no {css:?} with {needle:?} on {url}:\n{page}");
         }
     }
 
@@ -364,8 +418,9 @@ fn actions(entries: &[Value]) -> Vec<String> {
 
 /// An operator sees the fleet, starts a canary from the form and aborts it with the
 /// button, creates an enrollment token and sees it once with its `falaj-agent enroll`
-/// line; an auditor then finds each of those actions in the audit log, under the
-/// operator's name, and the chain verifies.
+/// line, with which a real agent enrolls and appears connected in the fleet; an auditor
+/// then finds each of those actions in the audit log, under the operator's name (and
+/// the enrollment), and the chain verifies.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_action() {
     let Some(b) = browser().await else { return };
@@ -393,14 +448,24 @@ async fn an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_acti
     assert_eq!(b.count("form[action$='/abort']").await, 0, "no abort button once aborted");
 
     b.goto(&format!("{}/tokens", plane.url)).await;
-    b.fill("#t-group", GROUP).await;
+    b.fill("#t-group", NEW_GROUP).await;
     b.click("form.stack button[type=submit]").await;
     let line = b.wait_text("#enroll-line", "falaj-agent enroll --control-plane 127.0.0.1:").await;
     b.screenshot("enrollment-token").await;
     let token = line.split_whitespace().skip_while(|w| *w != "--token").nth(1).unwrap().to_owned();
     let parsed: falaj_common::enrollment::EnrollmentToken =
         token.parse().expect("the shown token parses");
-    assert_eq!((parsed.group.as_str(), parsed.region.as_str()), (GROUP, REGION));
+    assert_eq!((parsed.group.as_str(), parsed.region.as_str()), (NEW_GROUP, REGION));
+    let quic = line.split_whitespace().skip_while(|w| *w != "--control-plane").nth(1).unwrap();
+    let agent = enroll_agent(quic, &token).await;
+    b.reload_until(
+        &format!("{}/fleet?group={NEW_GROUP}", plane.url),
+        "table tbody tr",
+        "connected",
+    )
+    .await;
+    b.wait_text("table td", &agent.id).await;
+    b.screenshot("fleet-enrolled").await;
     b.logout().await;
 
     let by_operator = actions(&plane.audit_of("user:otto").await);
@@ -412,6 +477,8 @@ async fn an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_acti
     for action in ["rollout.start", "rollout.abort", "token.create", "auth.logout"] {
         b.wait_text("table td", action).await;
     }
+    b.goto(&format!("{}/audit?action=enroll", plane.url)).await;
+    b.wait_text("table td", &agent.id).await;
     b.wait_text("main p", "verifies").await;
     assert_eq!(b.count("nav a[href='/users']").await, 0, "an auditor manages no users");
     b.screenshot("audit").await;

@@ -73,28 +73,31 @@ fn range(values: impl Iterator<Item = f64>, from_zero: bool) -> (f64, f64) {
     (lo, hi + (hi - lo) * 0.08)
 }
 
-/// Lines over time, with a horizontal `threshold` (a guard's or a rule's) when given.
-pub fn lines(label: &str, series: &[Series], threshold: Option<f64>) -> Result<String, ChartError> {
-    let xs = series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let (x0, x1) = range(xs, false);
-    let span = x1 - x0;
-    draw_lines(label, series, threshold, &|x| time_label(x, span))
+/// Lines over the time span `from..to` (unix seconds), with a horizontal `threshold` (a
+/// guard's or a rule's) when given. Each point is also marked, so a lone one shows.
+pub fn lines(
+    label: &str,
+    series: &[Series],
+    threshold: Option<f64>,
+    (from, to): (f64, f64),
+) -> Result<String, ChartError> {
+    let to = to.max(from + 1.0);
+    draw_lines(label, series, threshold, (from, to), &|x| time_label(x, to - from))
 }
 
 /// Lines over a count (epochs): the x axis is numbered.
 pub fn curve(label: &str, series: &[Series]) -> Result<String, ChartError> {
-    draw_lines(label, series, None, &|x| format!("{x:.0}"))
+    let (x0, x1) = range(series.iter().flat_map(|s| s.points.iter().map(|p| p.0)), false);
+    draw_lines(label, series, None, (x0, x1.max(x0 + 1.0)), &|x| format!("{x:.0}"))
 }
 
 fn draw_lines(
     label: &str,
     series: &[Series],
     threshold: Option<f64>,
+    (x0, x1): (f64, f64),
     x_label: &dyn Fn(f64) -> String,
 ) -> Result<String, ChartError> {
-    let xs = || series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let (x0, mut x1) = range(xs(), false);
-    x1 = x1.max(x0 + 1.0);
     let ys = series.iter().flat_map(|s| s.points.iter().map(|p| p.1)).chain(threshold);
     let (y0, y1) = range(ys, true);
     let mut svg = String::new();
@@ -120,7 +123,9 @@ fn draw_lines(
         for (i, s) in series.iter().enumerate() {
             let colour = COLOURS[i % COLOURS.len()];
             chart
-                .draw_series(LineSeries::new(s.points.iter().copied(), colour.stroke_width(2)))
+                .draw_series(
+                    LineSeries::new(s.points.iter().copied(), colour.stroke_width(2)).point_size(2),
+                )
                 .map_err(fail)?
                 .label(s.name.clone())
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], colour));
@@ -285,6 +290,7 @@ mod tests {
             "Requests & errors",
             &series(&[(0.0, 1.0), (60.0, 3.0), (120.0, 2.0)]),
             Some(2.5),
+            (0.0, 120.0),
         )
         .unwrap();
         assert!(
@@ -301,8 +307,12 @@ mod tests {
 
     #[test]
     fn empty_and_flat_series_still_draw() {
-        assert!(lines("nothing", &[], None).unwrap().contains("<svg"));
-        assert!(lines("flat", &series(&[(5.0, 0.0), (5.0, 0.0)]), None).unwrap().contains("<svg"));
+        assert!(lines("nothing", &[], None, (0.0, 0.0)).unwrap().contains("<svg"));
+        assert!(
+            lines("flat", &series(&[(5.0, 0.0), (5.0, 0.0)]), None, (5.0, 5.0))
+                .unwrap()
+                .contains("<svg")
+        );
         assert!(ranked_bars("none", &[]).unwrap().contains("<svg"));
         assert!(paired_histogram("none", ("a", "b"), &[], &[]).unwrap().contains("<svg"));
     }

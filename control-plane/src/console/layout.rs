@@ -150,7 +150,8 @@ pub fn badge(state: &str) -> Markup {
         "connected" | "running" | "promoted" | "succeeded" | "success" | "resolved" | "holds"
         | "verified" => "ok",
         "offline" | "paused" | "pending" | "ordered" | "refused" => "warn",
-        "revoked" | "rolled_back" | "aborted" | "failed" | "failure" | "firing" | "fails" => "bad",
+        "revoked" | "rolled_back" | "aborted" | "failed" | "failure" | "firing" | "fails"
+        | "expired" => "bad",
         _ => "plain",
     };
     html! { span class={ "badge " (class) } { (state) } }

@@ -29,7 +29,7 @@ use crate::monitoring::{self, MetricsQuery};
 /// Buckets in each chart.
 const BUCKETS: usize = 48;
 /// The spans offered.
-const SPANS: [&str; 5] = ["1h", "6h", "24h", "7d", "30d"];
+const SPANS: [&str; 6] = ["15m", "1h", "6h", "24h", "7d", "30d"];
 
 /// The page's query string.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -40,7 +40,7 @@ pub struct MetricsFilter {
     pub version: Option<String>,
     /// Only agents of this group.
     pub group: Option<String>,
-    /// The span: `1h` (default), `6h`, `24h`, `7d`, `30d`.
+    /// The span: `15m`, `1h` (default), `6h`, `24h`, `7d`, `30d`.
     pub since: Option<String>,
     /// The feature whose histograms are compared (default: the one drifting most).
     pub feature: Option<String>,
@@ -269,9 +269,9 @@ pub fn render(ctx: &Ctx, filter: &MetricsFilter, data: &MetricsData) -> Markup {
         } @else {
             (summary_table(&data.summaries))
             div.charts {
-                (chart("Requests per second", charts::lines("Requests per second", &rate, None)))
-                (chart("Error rate", charts::lines("Error rate", &errors, None)))
-                (chart("Latency percentiles of the latest version (ms)", charts::lines("Latency percentiles", &latency, None)))
+                (chart("Requests per second", charts::lines("Requests per second", &rate, None, data.buckets.span())))
+                (chart("Error rate", charts::lines("Error rate", &errors, None, data.buckets.span())))
+                (chart("Latency percentiles of the latest version (ms)", charts::lines("Latency percentiles", &latency, None, data.buckets.span())))
             }
             (drift_section(filter, data))
         }

@@ -1,18 +1,23 @@
 //! `/models`: every registered bundle by model (as `GET /v1/bundles` lists them), the
-//! groups each version is deployed to, and its reference profile's summary (what drift
-//! is measured against).
+//! groups each version is deployed to, its reference profile's summary (what drift is
+//! measured against), and what its signed manifest says (built, expires, runtime hint,
+//! the keys that signed it), read back from the stored chunks.
 
 use std::collections::BTreeMap;
 
 use axum::Extension;
 use axum::extract::State;
+use falaj_common::bundle::{Content, HEADER_LEN, Header, Manifest};
+use falaj_common::chunking::Recipe;
+use falaj_common::keys::Sha256;
 use falaj_common::profile::DataProfile;
+use falaj_common::time::Timestamp;
 use maud::{Markup, html};
 
 use crate::admin::Api;
 use crate::auth::Permission as P;
 use crate::console::gate::Ctx;
-use crate::console::layout::{PageResult, empty, page, size, time};
+use crate::console::layout::{PageResult, badge, empty, page, size, time};
 use crate::db::{self, BundleRow};
 use crate::monitoring;
 
@@ -25,11 +30,59 @@ pub struct ModelVersion {
     pub groups: Vec<String>,
     /// Its reference profile.
     pub reference: Option<DataProfile>,
+    /// What its manifest says, when its first chunks can be read back.
+    pub manifest: Option<ManifestFacts>,
+}
+
+/// What a bundle's signed manifest says, for the page.
+#[derive(Debug, Clone)]
+pub struct ManifestFacts {
+    /// When it was built.
+    pub created: Timestamp,
+    /// When agents stop accepting it.
+    pub expires: Timestamp,
+    /// `model, runtime cpu` or `feature snapshot`.
+    pub kind: String,
+    /// The ids of the keys that signed it (their first 12 digits).
+    pub signed_by: Vec<String>,
+}
+
+/// Reads the header, manifest and signatures of the bundle `recipe` describes back from
+/// the blob store (the bundle was verified when pushed: this only reads what it says).
+fn manifest_facts(blobs: &dyn crate::blobs::BlobStore, recipe: Sha256) -> Option<ManifestFacts> {
+    let recipe = Recipe::decode(&blobs.get(&recipe).ok()??, recipe).ok()?;
+    let mut bytes = Vec::new();
+    let mut needed = HEADER_LEN;
+    for chunk in &recipe.chunks {
+        if bytes.len() >= needed {
+            break;
+        }
+        bytes.extend_from_slice(&blobs.get(&chunk.sha256).ok()??);
+        if let Ok(h) = Header::parse(&bytes) {
+            needed = HEADER_LEN + h.manifest_len as usize + h.signatures_len as usize;
+        }
+    }
+    let header = Header::parse(&bytes).ok()?;
+    let manifest_end = HEADER_LEN + header.manifest_len as usize;
+    let manifest: Manifest = serde_json::from_slice(bytes.get(HEADER_LEN..manifest_end)?).ok()?;
+    let signatures: Vec<serde_json::Value> =
+        serde_json::from_slice(bytes.get(manifest_end..needed)?).ok()?;
+    let kind = match &manifest.content {
+        Content::Model(m) => format!("model, runtime {:?}", m.runtime).to_lowercase(),
+        Content::Features(_) => "feature snapshot".into(),
+    };
+    let key = |s: &serde_json::Value| s["keyid"].as_str().map(|k| k.chars().take(12).collect());
+    Some(ManifestFacts {
+        created: manifest.created,
+        expires: manifest.expires,
+        kind,
+        signed_by: signatures.iter().filter_map(key).collect(),
+    })
 }
 
 /// `GET /models`.
 pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>) -> PageResult {
-    let versions = api
+    let mut versions = api
         .shared
         .db
         .call(|c| {
@@ -43,15 +96,25 @@ pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>)
                         .map(|(g, _, _)| g.clone())
                         .collect();
                     let reference = monitoring::reference(c, &bundle.name, bundle.version)?;
-                    Ok(ModelVersion { bundle, groups, reference })
+                    Ok(ModelVersion { bundle, groups, reference, manifest: None })
                 })
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
         .await?;
-    Ok(render(&ctx, &versions))
+    let shared = std::sync::Arc::clone(&api.shared);
+    versions = tokio::task::spawn_blocking(move || {
+        for v in &mut versions {
+            v.manifest = manifest_facts(shared.blobs.as_ref(), v.bundle.recipe_sha256);
+        }
+        versions
+    })
+    .await
+    .map_err(crate::admin::ApiError::internal)?;
+    let now = Timestamp::from_system(std::time::SystemTime::now());
+    Ok(render(&ctx, &versions, now))
 }
 
-fn render(ctx: &Ctx, versions: &[ModelVersion]) -> Markup {
+fn render(ctx: &Ctx, versions: &[ModelVersion], now: Timestamp) -> Markup {
     let mut by_model: BTreeMap<&str, Vec<&ModelVersion>> = BTreeMap::new();
     for v in versions {
         by_model.entry(v.bundle.name.as_str()).or_default().push(v);
@@ -72,14 +135,23 @@ fn render(ctx: &Ctx, versions: &[ModelVersion]) -> Markup {
             p { a href={ "/monitoring?model=" (model) } { "Metrics" } " · " a href={ "/rollouts?model=" (model) } { "Rollouts" } }
             div.table { table {
                 thead { tr {
-                    th { "Version" } th.num { "Size" } th.num { "Chunks" } th { "Signed manifest (SHA-256)" }
-                    th { "Pushed" } th { "Deployed to" } th { "Reference profile" }
+                    th { "Version" } th.num { "Size" } th { "Kind" } th { "Built" } th { "Expires" }
+                    th { "Signed by (key ids)" } th { "Manifest SHA-256" } th { "Pushed" }
+                    th { "Deployed to" } th { "Reference profile" }
                 } }
                 tbody { @for v in versions.iter().rev() { tr {
                     td { (v.bundle.version) }
                     td.num { (size(v.bundle.size)) }
-                    td.num { (v.bundle.chunks) }
-                    td { code title="verified against the trust root's signing keys when pushed" { (v.bundle.manifest_sha256) } }
+                    @match &v.manifest {
+                        Some(m) => {
+                            td { (m.kind) }
+                            td { (time(m.created)) }
+                            td { (time(m.expires)) @if m.expires <= now { " " (badge("expired")) } }
+                            td { code { (m.signed_by.join(", ")) } }
+                        }
+                        None => { td colspan="4" { span.muted { "manifest not readable from the store" } } }
+                    }
+                    td { code title=(v.bundle.manifest_sha256) { (v.bundle.manifest_sha256.to_string().get(..16).unwrap_or_default()) "…" } }
                     td { (time(v.bundle.pushed_at)) }
                     td { @if v.groups.is_empty() { span.muted { "no group" } } @else { (v.groups.join(", ")) } }
                     td { @match &v.reference {

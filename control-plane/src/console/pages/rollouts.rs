@@ -459,11 +459,11 @@ fn render_show(
             (empty("No metric windows from this group since the rollout began.", &html! { "Charts fill in as agents report (every window, about a minute)." }))
         } @else {
             div.charts {
-                (chart("Requests per second by variant", charts::lines("Requests per second by variant", &rate, None)))
-                (chart("Error rate by variant", charts::lines("Error rate by variant", &errors, None)))
-                (chart("p99 latency (ms) by variant", charts::lines("p99 latency by variant", &p99, None)))
+                (chart("Requests per second by variant", charts::lines("Requests per second by variant", &rate, None, buckets.span())))
+                (chart("Error rate by variant", charts::lines("Error rate by variant", &errors, None, buckets.span())))
+                (chart("p99 latency (ms) by variant", charts::lines("p99 latency by variant", &p99, None, buckets.span())))
                 @for (guard, lines) in guards {
-                    (chart(&format!("Guard {guard}: candidate against its bound"), charts::lines(&format!("Guard {guard}"), lines, None)))
+                    (chart(&format!("Guard {guard}: candidate against its bound"), charts::lines(&format!("Guard {guard}"), lines, None, buckets.span())))
                 }
             }
         }

@@ -61,6 +61,13 @@ pub fn buckets(
 }
 
 impl Buckets {
+    /// The time the buckets cover (unix seconds), for the charts' axes.
+    pub fn span(&self) -> (f64, f64) {
+        let from = self.starts.first().copied().unwrap_or_default();
+        let to = self.starts.last().map_or(from, |s| s + self.step);
+        (from as f64, to as f64)
+    }
+
     /// Each version's buckets merged: what [`monitoring::rollups`] gives for the span.
     pub fn merged(&self) -> BTreeMap<u64, VersionRollup> {
         self.versions
