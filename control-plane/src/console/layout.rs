@@ -148,8 +148,8 @@ pub fn empty(what: &str, next: &Markup) -> Markup {
 pub fn badge(state: &str) -> Markup {
     let class = match state {
         "connected" | "running" | "promoted" | "succeeded" | "success" | "resolved" | "holds"
-        | "verified" => "ok",
-        "offline" | "paused" | "pending" | "ordered" | "refused" => "warn",
+        | "verified" | "activated" | "active" => "ok",
+        "offline" | "paused" | "pending" | "ordered" | "refused" | "kept parent" | "disabled" => "warn",
         "revoked" | "rolled_back" | "aborted" | "failed" | "failure" | "firing" | "fails"
         | "expired" => "bad",
         _ => "plain",

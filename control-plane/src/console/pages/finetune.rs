@@ -84,12 +84,14 @@ fn lineage(l: &Lineage) -> Markup {
             dt { "Held-out after" } dd { "loss " (num(Some(l.after.loss), 5)) ", accuracy " (num(l.after.accuracy, 4)) " (epoch " (l.best_epoch) " kept)" }
             dt { "Gate" } dd { (badge(if l.gate.activate { "activated" } else { "kept parent" })) " " (l.gate.reason) }
         }
-        figure {
-            @match charts::curve("Loss per epoch", &curve) {
-                Ok(svg) => (layout::svg(svg)),
-                Err(e) => p.muted { (e) },
+        div.charts {
+            figure {
+                @match charts::curve("Loss per epoch", &curve) {
+                    Ok(svg) => (layout::svg(svg)),
+                    Err(e) => p.muted { (e) },
+                }
+                figcaption { "Loss per epoch (x: epoch)" }
             }
-            figcaption { "Loss per epoch (x: epoch)" }
         }
     }
 }
