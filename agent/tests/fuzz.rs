@@ -101,7 +101,7 @@ fn generated_requests_decode_to_themselves() {
 
 #[test]
 fn oip_request() {
-    campaign("oip_request", 4000, &requests(), fuzzing::oip_request).run(fuzzing::oip_request);
+    campaign("oip_request", 20000, &requests(), fuzzing::oip_request).run(fuzzing::oip_request);
 }
 
 #[test]
@@ -113,7 +113,7 @@ fn oip_feedback() {
     .iter()
     .map(|t| t.as_bytes().to_vec())
     .collect();
-    campaign("oip_feedback", 2000, &generated, fuzzing::oip_feedback).run(fuzzing::oip_feedback);
+    campaign("oip_feedback", 10000, &generated, fuzzing::oip_feedback).run(fuzzing::oip_feedback);
 }
 
 /// The shipped configuration, and the same with every documented default written out.
@@ -132,5 +132,5 @@ fn configs() -> Vec<Vec<u8>> {
 
 #[test]
 fn agent_config() {
-    campaign("agent_config", 2000, &configs(), fuzzing::agent_config).run(fuzzing::agent_config);
+    campaign("agent_config", 5000, &configs(), fuzzing::agent_config).run(fuzzing::agent_config);
 }

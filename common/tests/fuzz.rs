@@ -54,7 +54,7 @@ fn golden(name: &str) -> Vec<u8> {
 fn bundle_verify() {
     let bundle = golden("bundle-v1.falaj");
     assert!(targets::bundle_verify(&bundle), "the golden bundle verifies");
-    campaign("bundle_verify", 3000, &[bundle], targets::bundle_verify)
+    campaign("bundle_verify", 20000, &[bundle], targets::bundle_verify)
         .seed(golden("manifest-v1.json"))
         .run(targets::bundle_verify);
 }
@@ -62,18 +62,18 @@ fn bundle_verify() {
 #[test]
 fn trust_root() {
     let generated = [golden("root-v1.json"), targets::trust().to_json()];
-    campaign("trust_root", 3000, &generated, targets::trust_root).run(targets::trust_root);
+    campaign("trust_root", 10000, &generated, targets::trust_root).run(targets::trust_root);
 }
 
 #[test]
 fn feature_view() {
-    campaign("feature_view", 3000, &seeds::feature_texts(), targets::feature_view)
+    campaign("feature_view", 20000, &seeds::feature_texts(), targets::feature_view)
         .run(targets::feature_view);
 }
 
 #[test]
 fn protocol_frames() {
-    campaign("protocol_frames", 4000, &seeds::protocol_frames(), targets::protocol_frames)
+    campaign("protocol_frames", 20000, &seeds::protocol_frames(), targets::protocol_frames)
         .run(targets::protocol_frames);
 }
 
@@ -107,36 +107,36 @@ fn desired_state() {
 
 #[test]
 fn metrics_window() {
-    campaign("metrics_window", 4000, &seeds::metrics_windows(), targets::metrics_window)
+    campaign("metrics_window", 20000, &seeds::metrics_windows(), targets::metrics_window)
         .run(targets::metrics_window);
 }
 
 #[test]
 fn audit_chain() {
-    campaign("audit_chain", 1500, &seeds::audit_exports(), targets::audit_chain)
+    campaign("audit_chain", 2000, &seeds::audit_exports(), targets::audit_chain)
         .run(targets::audit_chain);
 }
 
 #[test]
 fn recipe() {
-    campaign("recipe", 3000, &seeds::recipes(), targets::recipe).run(targets::recipe);
+    campaign("recipe", 20000, &seeds::recipes(), targets::recipe).run(targets::recipe);
 }
 
 #[test]
 fn enrollment_token() {
-    campaign("enrollment_token", 3000, &seeds::enrollment_tokens(), targets::enrollment_token)
+    campaign("enrollment_token", 20000, &seeds::enrollment_tokens(), targets::enrollment_token)
         .run(targets::enrollment_token);
 }
 
 #[test]
 fn rollout_terms() {
-    campaign("rollout_terms", 3000, &seeds::rollout_terms(), targets::rollout_terms)
+    campaign("rollout_terms", 20000, &seeds::rollout_terms(), targets::rollout_terms)
         .run(targets::rollout_terms);
 }
 
 #[test]
 fn snapshot_payload() {
-    campaign("snapshot_payload", 4000, &seeds::snapshot_payloads(), targets::snapshot_payload)
+    campaign("snapshot_payload", 20000, &seeds::snapshot_payloads(), targets::snapshot_payload)
         .run(targets::snapshot_payload);
 }
 
@@ -144,7 +144,7 @@ fn snapshot_payload() {
 fn finetune_inputs() {
     let mut generated = seeds::job_files();
     generated.extend(seeds::onnx_models());
-    campaign("finetune_inputs", 1000, &generated, targets::finetune_inputs)
+    campaign("finetune_inputs", 10000, &generated, targets::finetune_inputs)
         .run(targets::finetune_inputs);
 }
 

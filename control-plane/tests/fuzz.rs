@@ -55,7 +55,7 @@ fn control_config_files() {
     for (i, seed) in generated.iter().enumerate() {
         assert!(control_config(seed), "generated seed {i} was refused");
     }
-    Campaign::new("control_config", 2000)
+    Campaign::new("control_config", 5000)
         .corpus(&dir)
         .seeds(generated)
         .memory(peak, 32 << 20)

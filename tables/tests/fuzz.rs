@@ -65,7 +65,7 @@ fn feature_rows_in_csv_and_parquet() {
     for (i, seed) in generated.iter().enumerate() {
         assert!(feature_rows(seed), "generated seed {i} was refused");
     }
-    Campaign::new("feature_rows", 3000)
+    Campaign::new("feature_rows", 10000)
         .corpus(&dir)
         .seeds(generated)
         .memory(peak, 32 << 20)

@@ -302,6 +302,7 @@ impl Campaign {
         let mut parents = self.seeds.clone();
         let mut accepted = 0;
         let total = self.seeds.len() as u64 + self.iterations;
+        let started = std::time::Instant::now();
         for iteration in 0..total {
             let given = usize::try_from(iteration).ok().and_then(|i| self.seeds.get(i));
             let input = if let Some(given) = given {
@@ -334,6 +335,12 @@ impl Campaign {
                 }
             }
         }
+        eprintln!(
+            "fuzz target {}: {total} inputs ({} seeds), {accepted} accepted, in {:.2?}",
+            self.name,
+            self.seeds.len(),
+            started.elapsed()
+        );
         accepted
     }
 }
