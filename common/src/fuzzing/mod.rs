@@ -415,7 +415,7 @@ mod tests {
             seen.push(input.to_vec());
             input.starts_with(b"s")
         });
-        assert!(seen.len() >= 1);
+        assert!(!seen.is_empty());
         assert_eq!(seen[0], b"seed");
         assert!(accepted >= 1 && accepted <= seen.len() as u64);
     }
