@@ -60,6 +60,14 @@ fn bundle_verify() {
 }
 
 #[test]
+fn bundle_resigned() {
+    let bundle = golden("bundle-v1.falaj");
+    campaign("bundle_resigned", 3000, &[bundle], targets::bundle_resigned)
+        .corpus(&root().join("fuzz/seeds/bundle_verify"))
+        .run(targets::bundle_resigned);
+}
+
+#[test]
 fn trust_root() {
     let generated = [golden("root-v1.json"), targets::trust().to_json()];
     campaign("trust_root", 10000, &generated, targets::trust_root).run(targets::trust_root);

@@ -97,6 +97,29 @@ pub fn bundle_verify(data: &[u8]) -> bool {
     bundle::verify(data, trust(), &Policy::new(REGION, now())).is_ok()
 }
 
+/// Any bytes as a bundle whose manifest is signed again before it is verified: a mutant
+/// of a signed bundle otherwise stops at its signature, and the manifest's rules, the
+/// payload's files and hashes behind it are never reached. Inputs that are no container
+/// are verified as they are.
+pub fn bundle_resigned(data: &[u8]) -> bool {
+    use crate::bundle::{HEADER_LEN, Header};
+    use crate::keys::{Context, SignatureEntry};
+    let Ok(header) = Header::parse(data) else { return bundle_verify(data) };
+    let manifest_end = HEADER_LEN + header.manifest_len as usize;
+    let payload_start = manifest_end + header.signatures_len as usize;
+    let (Some(manifest), Some(payload)) =
+        (data.get(HEADER_LEN..manifest_end), data.get(payload_start..))
+    else {
+        return bundle_verify(data);
+    };
+    let signatures = vec![SignatureEntry::sign(&signing_key(), Context::BundleManifest, manifest)];
+    let signatures = serde_json::to_vec(&signatures).expect("signatures serialise");
+    let header =
+        Header { manifest_len: header.manifest_len, signatures_len: signatures.len() as u32 };
+    let bundle = [&header.encode()[..], manifest, &signatures, payload].concat();
+    bundle_verify(&bundle)
+}
+
 /// Any bytes as `root.json`; one accepted re-encodes to a root that is accepted alike.
 pub fn trust_root(data: &[u8]) -> bool {
     round_trip(data, |b| TrustRoot::from_json(b, now()), TrustRoot::to_json).is_some()
