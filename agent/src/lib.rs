@@ -9,7 +9,7 @@
 //! ([`finetune`]).
 //!
 //! The binary (`falaj-agent`) is a thin shell over [`cli`]. With the `fuzzing` feature
-//! (test support), [`fuzzing`] holds the fuzz targets of the agent's decoders.
+//! (test support), `fuzzing` holds the fuzz targets of the agent's decoders.
 
 pub mod admission;
 pub mod bench;

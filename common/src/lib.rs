@@ -25,7 +25,7 @@
 //!   behind a trait), the gate that decides whether it replaces its parent, its lineage.
 //! - [`audit`]: the audit log's hash chain, signed checkpoints and offline verification.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
-//! - [`fuzzing`] (feature `fuzzing`, test support): a seeded mutator, the stable fuzz
+//! - `fuzzing` (feature `fuzzing`, test support): a seeded mutator, the stable fuzz
 //!   runner and the fuzz targets' bodies, shared with the cargo-fuzz binaries.
 //! - [`text`]: outside text made safe to print on a terminal.
 //! - [`tensor`]: data types, symbolic shapes, model I/O signatures and tensor values.
