@@ -42,6 +42,8 @@ pub struct Api {
     pub staging: Arc<std::path::PathBuf>,
     /// Largest bundle accepted.
     pub max_bundle_bytes: u64,
+    /// Longest an upload may pause between two pieces of its body.
+    pub body_timeout: std::time::Duration,
     /// The feature store.
     pub features: crate::features::FeatureStore,
     /// What the admin console shows of the daemon.
@@ -240,7 +242,16 @@ pub(crate) async fn stage(
         .map_err(ApiError::internal)?;
     let mut file = tokio::fs::File::from_std(staged.reopen().map_err(ApiError::internal)?);
     let mut size = 0u64;
-    while let Some(frame) = body.frame().await {
+    loop {
+        // A client that stops sending holds its connection and staged file no longer.
+        let Ok(frame) = tokio::time::timeout(api.body_timeout, body.frame()).await else {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                format!("{what}: nothing received for {:?}", api.body_timeout),
+            ));
+        };
+        let Some(frame) = frame else { break };
         let frame = frame.map_err(|e| ApiError::bad_request(format!("reading the body: {e}")))?;
         let Ok(bytes) = frame.into_data() else { continue };
         size += bytes.len() as u64;

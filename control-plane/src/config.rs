@@ -105,6 +105,10 @@ pub struct AdminConfig {
     /// Longest a client may take to send a request head; the connection is closed after it.
     #[serde(with = "human_duration")]
     pub header_timeout: Duration,
+    /// Longest a client may pause while sending a request body (an upload); the request
+    /// is answered 408 after it.
+    #[serde(with = "human_duration")]
+    pub body_timeout: Duration,
     /// Connections open at once; past it, new ones wait in the kernel's accept queue.
     pub max_connections: usize,
 }
@@ -177,6 +181,7 @@ impl Default for AdminConfig {
             login_failures_per_address: auth.logins.address_failures,
             lockout: auth.logins.lockout,
             header_timeout: defaults().admin_http.header_timeout,
+            body_timeout: defaults().admin_body_timeout,
             max_connections: defaults().admin_http.max_connections,
         }
     }
@@ -236,6 +241,13 @@ impl ControlConfig {
             path,
             "admin.header_timeout",
             admin.header_timeout,
+            Duration::from_millis(100),
+            Duration::from_secs(3600),
+        )?;
+        within(
+            path,
+            "admin.body_timeout",
+            admin.body_timeout,
             Duration::from_millis(100),
             Duration::from_secs(3600),
         )?;
@@ -320,6 +332,7 @@ impl ControlConfig {
         serve.auth.logins.window = self.admin.lockout;
         serve.auth.logins.lockout = self.admin.lockout;
         serve.admin_http.header_timeout = self.admin.header_timeout;
+        serve.admin_body_timeout = self.admin.body_timeout;
         serve.admin_http.max_connections = self.admin.max_connections;
         serve.region.clone_from(&self.region);
         serve.server_names.extend(self.quic.server_names.iter().cloned());

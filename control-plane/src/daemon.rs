@@ -37,6 +37,8 @@ pub struct ServeConfig {
     pub admin: SocketAddr,
     /// The admin API's header deadline, connection cap and shutdown grace.
     pub admin_http: HttpLimits,
+    /// Longest an upload to the admin API may pause (408 after it).
+    pub admin_body_timeout: Duration,
     /// The region, needed on first start to create keys.
     pub region: Option<String>,
     /// Extra names for the TLS certificate (besides the fixed one agents verify).
@@ -65,6 +67,7 @@ impl ServeConfig {
             quic: SocketAddr::from(([127, 0, 0, 1], 7443)),
             admin: SocketAddr::from(([127, 0, 0, 1], 7080)),
             admin_http: HttpLimits { max_connections: 256, ..HttpLimits::default() },
+            admin_body_timeout: Duration::from_secs(60),
             region: None,
             server_names: vec!["localhost".into()],
             policy: Policy::default(),
@@ -226,6 +229,7 @@ impl ControlPlane {
             auth: config.auth,
             staging: Arc::new(config.data_dir.join("staging")),
             max_bundle_bytes: config.max_bundle_bytes,
+            body_timeout: config.admin_body_timeout,
             features,
             console: Arc::new(crate::console::Site {
                 quic: quic_addr,

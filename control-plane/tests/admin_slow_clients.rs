@@ -1,6 +1,7 @@
 //! Slow clients against the real admin API on 127.0.0.1:0, over raw TCP: a half-sent
 //! header is cut at `[admin] header_timeout`, fifty of them do not hold up the daemon's
-//! stop, and connections past `[admin] max_connections` wait until one closes.
+//! stop, connections past `[admin] max_connections` wait until one closes, and an upload
+//! that stops sending is answered 408 at `[admin] body_timeout`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -132,6 +133,27 @@ async fn connections_past_the_cap_wait_until_one_closes() {
     drop(first);
     let served = tokio::time::timeout(PROMPTLY, status_line(&mut third)).await;
     assert_eq!(served.expect("not served after a slot freed"), answered);
+    daemon.stop.send(()).unwrap();
+    daemon.task.await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_that_stops_is_answered_408_at_the_body_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = daemon(dir.path(), |c| c.admin_body_timeout = Duration::from_millis(500)).await;
+    let token = std::fs::read_to_string(dir.path().join("admin.token")).unwrap();
+    let mut slow = TcpStream::connect(daemon.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/bundles HTTP/1.1\r\nHost: cp\r\nAuthorization: Bearer {}\r\nContent-Length: 1000000\r\n\r\n",
+        token.trim()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&[0u8; 1000]).await.unwrap();
+    let answered = tokio::time::timeout(PROMPTLY, status_line(&mut slow)).await;
+    let answered = answered.expect("a stalled upload was still waited for");
+    assert!(answered.starts_with("HTTP/1.1 408"), "{answered}");
+    let staged = std::fs::read_dir(dir.path().join("staging")).map_or(0, Iterator::count);
+    assert_eq!(staged, 0, "the part staged is removed");
     daemon.stop.send(()).unwrap();
     daemon.task.await.unwrap();
 }
