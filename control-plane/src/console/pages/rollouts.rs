@@ -11,7 +11,7 @@ use axum::Extension;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Redirect, Response};
-use falaj_common::rollout::{Figures, Strategy, judge};
+use falaj_common::rollout::{Figures, Metric, Strategy, judge};
 use falaj_common::time::Timestamp;
 use maud::{Markup, html};
 use serde::Deserialize;
@@ -293,36 +293,38 @@ pub(crate) async fn show(
             Ok((buckets, references))
         })
         .await?;
-    let guards =
-        guard_series(&view.rollout, &buckets, (references.0.as_ref(), references.1.as_ref()));
-    Ok(render_show(&ctx, &view, &buckets, &guards))
+    let base = bucket_figures(&buckets, view.rollout.baseline, references.0.as_ref());
+    let cand = bucket_figures(&buckets, view.rollout.candidate, references.1.as_ref());
+    let figures = (base.as_slice(), cand.as_slice());
+    let quality = Quality {
+        guards: guard_series(&view.rollout, &buckets, figures),
+        agreement: variant_series(&view.rollout, &buckets, figures, Metric::Agreement),
+        accuracy: variant_series(&view.rollout, &buckets, figures, Metric::Accuracy),
+    };
+    Ok(render_show(&ctx, &view, &buckets, &quality))
+}
+
+/// Each version's figures per bucket, as the judge computes them (PSI against `reference`).
+fn bucket_figures(
+    buckets: &Buckets,
+    version: u64,
+    reference: Option<&falaj_common::profile::DataProfile>,
+) -> Vec<Figures> {
+    buckets.versions.get(&version).map_or_else(
+        || vec![Figures::default(); buckets.starts.len()],
+        |slots| {
+            let of = |s: &monitoring::VersionRollup| Figures::of(&s.rollup.counts, reference);
+            slots.iter().map(|s| s.as_ref().map_or_else(Figures::default, of)).collect()
+        },
+    )
 }
 
 /// Each guard over time: the candidate's value and the bound it was held to, per bucket.
 fn guard_series(
     r: &Rollout,
     buckets: &Buckets,
-    references: (
-        Option<&falaj_common::profile::DataProfile>,
-        Option<&falaj_common::profile::DataProfile>,
-    ),
+    (base, cand): (&[Figures], &[Figures]),
 ) -> Vec<(String, Vec<Series>)> {
-    let figures = |version: u64, reference| -> Vec<Figures> {
-        buckets.versions.get(&version).map_or_else(
-            || vec![Figures::default(); buckets.starts.len()],
-            |slots| {
-                slots
-                    .iter()
-                    .map(|s| {
-                        s.as_ref().map_or_else(Figures::default, |s| {
-                            Figures::of(&s.rollup.counts, reference)
-                        })
-                    })
-                    .collect()
-            },
-        )
-    };
-    let (base, cand) = (figures(r.baseline, references.0), figures(r.candidate, references.1));
     r.guards
         .iter()
         .map(|guard| {
@@ -331,7 +333,7 @@ fn guard_series(
                 points: vec![],
             };
             let mut bound = Series { name: "bound".into(), points: vec![] };
-            for ((start, b), c) in buckets.starts.iter().zip(&base).zip(&cand) {
+            for ((start, b), c) in buckets.starts.iter().zip(base).zip(cand) {
                 let x = (*start + buckets.step / 2) as f64;
                 if let Some(result) = judge(std::slice::from_ref(guard), 0, b, c).first() {
                     value.points.extend(result.value.map(|v| (x, v)));
@@ -341,6 +343,41 @@ fn guard_series(
             (guard.to_string(), vec![value, bound])
         })
         .collect()
+}
+
+/// `metric` of both variants per bucket (buckets without observations left out); empty
+/// when neither variant has any.
+fn variant_series(
+    r: &Rollout,
+    buckets: &Buckets,
+    (base, cand): (&[Figures], &[Figures]),
+    metric: Metric,
+) -> Vec<Series> {
+    let line = |name: String, figures: &[Figures]| Series {
+        name,
+        points: buckets
+            .starts
+            .iter()
+            .zip(figures)
+            .filter_map(|(start, f)| {
+                let (value, observed) = f.value(metric);
+                value.filter(|_| observed > 0).map(|v| ((*start + buckets.step / 2) as f64, v))
+            })
+            .collect(),
+    };
+    let lines = [
+        line(format!("baseline v{}", r.baseline), base),
+        line(format!("candidate v{}", r.candidate), cand),
+    ];
+    if lines.iter().all(|l| l.points.is_empty()) { Vec::new() } else { lines.to_vec() }
+}
+
+/// The charts of a rollout beyond traffic: each guard, and both variants' agreement and
+/// accuracy when there are mirrored requests or labels.
+struct Quality {
+    guards: Vec<(String, Vec<Series>)>,
+    agreement: Vec<Series>,
+    accuracy: Vec<Series>,
 }
 
 fn chart(label: &str, svg: Result<String, charts::ChartError>) -> Markup {
@@ -386,34 +423,81 @@ fn actions(ctx: &Ctx, view: &RolloutView) -> Markup {
     }
 }
 
-fn render_show(
-    ctx: &Ctx,
-    view: &RolloutView,
-    buckets: &Buckets,
-    guards: &[(String, Vec<Series>)],
-) -> Markup {
+/// How the page names a version: as the rollout's baseline or candidate.
+fn variant_name(r: &Rollout, v: u64) -> String {
+    if v == r.candidate {
+        format!("candidate v{v}")
+    } else if v == r.baseline {
+        format!("baseline v{v}")
+    } else {
+        format!("v{v}")
+    }
+}
+
+/// The charts: both variants' traffic, agreement and accuracy, and each guard, over the
+/// rollout's time.
+fn over_time(view: &RolloutView, buckets: &Buckets, quality: &Quality) -> Markup {
     let r = &view.rollout;
-    let name = |v: u64| {
-        if v == r.candidate {
-            format!("candidate v{v}")
-        } else if v == r.baseline {
-            format!("baseline v{v}")
-        } else {
-            format!("v{v}")
+    // Only the rollout's two versions (other versions of the model may serve elsewhere).
+    let both = Buckets {
+        versions: buckets
+            .versions
+            .iter()
+            .filter(|(v, _)| **v == r.baseline || **v == r.candidate)
+            .map(|(v, slots)| (*v, slots.clone()))
+            .collect(),
+        ..buckets.clone()
+    };
+    let name = |v: u64| variant_name(r, v);
+    let rate = both.lines(name, |s| Some(s.rate), true);
+    let errors = both.lines(name, |s| (s.requests > 0).then_some(s.error_rate), false);
+    let p99 = both.lines(name, |s| s.p99_ms, false);
+    let span = buckets.span();
+    html! {
+        @if both.versions.is_empty() {
+            (empty("No metric windows from this group since the rollout began.", &html! { "Charts fill in as agents report (every window, about a minute)." }))
+        } @else {
+            div.charts {
+                (chart("Requests per second by variant", charts::lines("Requests per second by variant", &rate, None, span)))
+                (chart("Error rate by variant", charts::lines("Error rate by variant", &errors, None, span)))
+                (chart("p99 latency (ms) by variant", charts::lines("p99 latency by variant", &p99, None, span)))
+                @if !quality.agreement.is_empty() {
+                    (chart("Agreement with the baseline by variant", charts::lines("Agreement by variant", &quality.agreement, None, span)))
+                }
+                @if !quality.accuracy.is_empty() {
+                    (chart("Accuracy on ground truth by variant", charts::lines("Accuracy by variant", &quality.accuracy, None, span)))
+                }
+                @for (guard, lines) in &quality.guards {
+                    (chart(&format!("Guard {guard}: candidate against its bound"), charts::lines(&format!("Guard {guard}"), lines, None, span)))
+                }
+            }
         }
-    };
-    let keep = |s: &Vec<Series>| -> Vec<Series> {
-        s.iter()
-            .filter(|x| {
-                x.name.contains(&format!("v{}", r.baseline))
-                    || x.name.contains(&format!("v{}", r.candidate))
-            })
-            .cloned()
-            .collect()
-    };
-    let rate = keep(&buckets.lines(name, |s| Some(s.rate), true));
-    let errors = keep(&buckets.lines(name, |s| (s.requests > 0).then_some(s.error_rate), false));
-    let p99 = keep(&buckets.lines(name, |s| s.p99_ms, false));
+    }
+}
+
+fn agents_table(view: &RolloutView) -> Markup {
+    html! {
+        @if view.agents.is_empty() { p.muted { "No agent in this group." } }
+        @else {
+            div.table { table {
+                thead { tr { th { "Agent" } th { "Session" } th { "Document" } th { "Its account" } } }
+                tbody { @for a in &view.agents { tr {
+                    td { a href={ "/fleet/" (a.id) } { code { (a.id) } } }
+                    td { (badge(if a.connected { "connected" } else { "offline" })) }
+                    td { (a.applied_version.map_or_else(|| "–".into(), |v| v.to_string())) }
+                    td { @match &a.report {
+                        Some(rep) if rep.rolled_back => { (badge("rolled_back")) " " (rep.reason.as_deref().unwrap_or("")) }
+                        Some(rep) => { "step " (rep.step.map_or_else(|| "–".into(), |s| (s + 1).to_string())) }
+                        None => span.muted { "not reported" },
+                    } }
+                } } }
+            } }
+        }
+    }
+}
+
+fn render_show(ctx: &Ctx, view: &RolloutView, buckets: &Buckets, quality: &Quality) -> Markup {
+    let r = &view.rollout;
     let variants = [&view.variants.baseline, &view.variants.candidate];
     let body = html! {
         dl.facts {
@@ -431,7 +515,7 @@ fn render_show(
         div.table { table {
             thead { tr { th { "Variant" } th.num { "Requests" } th.num { "Errors" } th.num { "Agreement" } th.num { "Accuracy" } th.num { "MAE" } } }
             tbody { @for v in variants { tr {
-                td { (name(v.version)) }
+                td { (variant_name(r, v.version)) }
                 td.num { (v.figures.requests) }
                 td.num { (v.figures.errors) }
                 td.num { (num(v.agreement, 3)) }
@@ -455,35 +539,9 @@ fn render_show(
             } }
         }
         h2 { "Over time" }
-        @if buckets.versions.is_empty() {
-            (empty("No metric windows from this group since the rollout began.", &html! { "Charts fill in as agents report (every window, about a minute)." }))
-        } @else {
-            div.charts {
-                (chart("Requests per second by variant", charts::lines("Requests per second by variant", &rate, None, buckets.span())))
-                (chart("Error rate by variant", charts::lines("Error rate by variant", &errors, None, buckets.span())))
-                (chart("p99 latency (ms) by variant", charts::lines("p99 latency by variant", &p99, None, buckets.span())))
-                @for (guard, lines) in guards {
-                    (chart(&format!("Guard {guard}: candidate against its bound"), charts::lines(&format!("Guard {guard}"), lines, None, buckets.span())))
-                }
-            }
-        }
+        (over_time(view, buckets, quality))
         h2 { "Agents of the group" }
-        @if view.agents.is_empty() { p.muted { "No agent in this group." } }
-        @else {
-            div.table { table {
-                thead { tr { th { "Agent" } th { "Session" } th { "Document" } th { "Its account" } } }
-                tbody { @for a in &view.agents { tr {
-                    td { a href={ "/fleet/" (a.id) } { code { (a.id) } } }
-                    td { (badge(if a.connected { "connected" } else { "offline" })) }
-                    td { (a.applied_version.map_or_else(|| "–".into(), |v| v.to_string())) }
-                    td { @match &a.report {
-                        Some(rep) if rep.rolled_back => { (badge("rolled_back")) " " (rep.reason.as_deref().unwrap_or("")) }
-                        Some(rep) => { "step " (rep.step.map_or_else(|| "–".into(), |s| (s + 1).to_string())) }
-                        None => span.muted { "not reported" },
-                    } }
-                } } }
-            } }
-        }
+        (agents_table(view))
     };
     page(
         ctx,
