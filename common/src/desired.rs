@@ -95,13 +95,18 @@ pub enum DesiredError {
         /// The last accepted version.
         accepted: u64,
     },
-    /// The document has expired.
-    #[error("desired state version {version} expired at {expires}")]
+    /// The document has expired. Documents live an hour from their issue, so one that is
+    /// always expired on arrival says more about this agent's clock than the document.
+    #[error(
+        "desired state version {version} expired at {expires}; this agent's clock reads {now} (if every document arrives expired, check the clock)"
+    )]
     Expired {
         /// The document's version.
         version: u64,
         /// Its expiry.
         expires: Timestamp,
+        /// The agent's time.
+        now: Timestamp,
     },
     /// The document is for another agent.
     #[error("desired state is for agent {document:?}, this is {me:?}")]
@@ -214,7 +219,11 @@ impl SignedDesired {
             return Err(DesiredError::Stale { version: doc.version, accepted });
         }
         if Timestamp::from_system(expect.now) >= doc.expires {
-            return Err(DesiredError::Expired { version: doc.version, expires: doc.expires });
+            return Err(DesiredError::Expired {
+                version: doc.version,
+                expires: doc.expires,
+                now: Timestamp::from_system(expect.now),
+            });
         }
         Ok(doc)
     }
@@ -289,10 +298,11 @@ mod tests {
             document.verify(&trust, &expect(Some(9), NOW)).unwrap_err(),
             DesiredError::Stale { version: 5, accepted: 9 }
         );
-        assert!(matches!(
-            document.verify(&trust, &expect(Some(4), NOW + 600)),
-            Err(DesiredError::Expired { version: 5, .. })
-        ));
+        let expired = document.verify(&trust, &expect(Some(4), NOW + 600)).unwrap_err();
+        assert!(matches!(expired, DesiredError::Expired { version: 5, .. }), "{expired}");
+        // The agent's own time is in the message: a clock far ahead shows there.
+        let now = Timestamp::from_system(expect(None, NOW + 600).now);
+        assert!(expired.to_string().contains(&format!("clock reads {now}")), "{expired}");
     }
 
     #[test]
