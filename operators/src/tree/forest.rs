@@ -2,13 +2,17 @@
 //! depth-first order from its root (the true branch first), 16 bytes a node, leaves that
 //! loop on themselves, and the leaves' weights in side tables.
 //!
-//! Evaluation walks several cursors through their trees in lockstep: eight trees of one
-//! row when a batch has a single row, one tree for eight rows otherwise. A cursor's next
+//! Forests whose trees have at most 64 leaves and all test `x <= t` (or all `x < t`), as
+//! boosted ensembles do, score batches by QuickScorer's row-blocked form
+//! ([`super::quickscorer`]), with no walk at all. Other forests, and single rows of even
+//! ones, walk several cursors through their trees in lockstep: eight trees of one row
+//! when a batch has a single row, one tree for sixteen rows otherwise. A cursor's next
 //! node depends only on its own last one, so the walks' memory loads overlap instead of
 //! waiting on each other, and a leaf, whose children are itself under every comparison,
 //! needs no test to stop on: a group simply takes as many steps as its deepest tree.
-//! Trees are taken in blocks whose nodes fit in the L2 cache, and each row adds up its
-//! trees in their order, so sums are those of a plain tree-by-tree walk.
+//! Trees are taken in blocks whose nodes fit in the L2 cache, a chunk of rows goes
+//! through each tree before the next (its upper nodes stay in L1), and each row adds up
+//! its trees in their order, so sums are those of a plain tree-by-tree walk.
 
 use std::fmt;
 
