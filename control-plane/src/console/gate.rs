@@ -3,7 +3,7 @@
 //! for programs, not browsers), refuses a role without the permission (403, audited as
 //! the API's gate does), checks the CSRF token of every POST before the handler sees
 //! it, and runs the handler as the caller. A page with no declared access answers 500,
-//! never open. [`headers`] puts the security headers on every answer.
+//! never open. `headers` puts the security headers on every answer.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

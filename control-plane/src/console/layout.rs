@@ -149,7 +149,9 @@ pub fn badge(state: &str) -> Markup {
     let class = match state {
         "connected" | "running" | "promoted" | "succeeded" | "success" | "resolved" | "holds"
         | "verified" | "activated" | "active" => "ok",
-        "offline" | "paused" | "pending" | "ordered" | "refused" | "kept parent" | "disabled" => "warn",
+        "offline" | "paused" | "pending" | "ordered" | "refused" | "kept parent" | "disabled" => {
+            "warn"
+        }
         "revoked" | "rolled_back" | "aborted" | "failed" | "failure" | "firing" | "fails"
         | "expired" => "bad",
         _ => "plain",

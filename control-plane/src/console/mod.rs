@@ -11,7 +11,7 @@
 //!   handler as the caller, so each change is audited under the person's name;
 //! - [`session`]: login, logout and the cookies;
 //! - [`layout`]: the page shell, the navigation a role may use, times and empty states;
-//! - [`pages`]: one module per area (fleet, models, rollouts, metrics, ...), each calling
+//! - [`mod@pages`]: one module per area (fleet, models, rollouts, metrics, ...), each calling
 //!   the same services the JSON handlers call, never HTTP.
 //!
 //! What a role may not do is not shown, and is refused by the gate anyway with the

@@ -1,6 +1,6 @@
 //! The overview (`/`), the fleet (`/fleet?group=&status=`) and one agent
 //! (`/fleet/{id}`): the agents as `GET /v1/agents` shows them (the same
-//! [`crate::admin::agent_views`]), with their recent metrics and, for those who may read
+//! `admin::agent_views`), with their recent metrics and, for those who may read
 //! it, their audit trail.
 
 use std::collections::BTreeSet;
@@ -27,7 +27,7 @@ const STATUSES: [&str; 3] = ["connected", "offline", "revoked"];
 /// What the overview counts.
 #[derive(Debug, Clone, Default)]
 pub struct Overview {
-    /// Agents by status, in [`STATUSES`] order.
+    /// Agents by status, in the order connected, offline, revoked.
     pub agents: [usize; 3],
     /// Agents reporting errors.
     pub with_errors: usize,
