@@ -43,7 +43,7 @@ pub struct Api {
     /// Largest bundle accepted.
     pub max_bundle_bytes: u64,
     /// Longest an upload may pause between two pieces of its body.
-    pub body_timeout: std::time::Duration,
+    pub body_timeout: Duration,
     /// The feature store.
     pub features: crate::features::FeatureStore,
     /// What the admin console shows of the daemon.

@@ -468,6 +468,10 @@ pub fn enrolled_by(conn: &Connection, token: &TokenUse) -> rusqlite::Result<Opti
     .optional()
 }
 
+/// A token as enrollment reads it: (secret, group, region, expiry), and who used it with
+/// which CSR.
+type TokenUseRow = ((String, String, String, i64), (Option<String>, Option<String>));
+
 /// Consumes `token` (checking secret, use, expiry and region) and records the agent, in
 /// one transaction: a token enrolls exactly one agent. The agent it enrolled with the
 /// same CSR (see [`enrolled_by`]) gets the new certificate instead, while the token has
@@ -480,14 +484,14 @@ pub fn enroll(
     now: Timestamp,
 ) -> rusqlite::Result<Result<String, TokenRefusal>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let row: Option<(String, String, String, i64, Option<String>, Option<String>)> = tx
+    let row: Option<TokenUseRow> = tx
         .query_row(
             "SELECT secret_sha256, grp, region, expires_at, used_by, used_csr_sha256 FROM tokens WHERE id = ?1",
             [&token.token_id],
-            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)),
+            |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?), (r.get(4)?, r.get(5)?))),
         )
         .optional()?;
-    let Some((secret, group, token_region, expires, used_by, used_csr)) = row else {
+    let Some(((secret, group, token_region, expires), (used_by, used_csr))) = row else {
         return Ok(Err(TokenRefusal::Unknown));
     };
     // Both sides are digests of the secret, so this comparison's timing reveals nothing.

@@ -405,7 +405,7 @@ mod tests {
     #[test]
     fn an_agent_stores_at_most_an_hour_of_windows_per_hour_and_resends_are_duplicates() {
         let (_dir, db) = store();
-        let hour = 1_800_000_000 - 1_800_000_000 % 3600;
+        let hour = 1_800_000_000; // on the hour
         let now = Timestamp::from_unix(hour + 7200);
         let held = held(&[("fault", 1), ("churn", 1)]);
         // One window a second fills the hour; the next one in it is refused, while the

@@ -108,7 +108,7 @@ impl Store {
     pub fn prune_imported(&mut self, keep: usize, now: SystemTime) -> Result<Vec<(String, u64)>> {
         let overlaid: std::collections::BTreeSet<(String, u64)> =
             self.overlays()?.into_iter().map(|o| (o.name, o.version)).collect();
-        let mut inactive: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+        let mut inactive = std::collections::BTreeMap::<String, Vec<u64>>::new();
         for h in self.held()? {
             if !h.active && !h.managed && !overlaid.contains(&(h.name.clone(), h.version)) {
                 inactive.entry(h.name).or_default().push(h.version);
