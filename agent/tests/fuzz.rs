@@ -47,7 +47,7 @@ fn campaign(
 
 /// A request of random inputs (every type), outputs and entities.
 fn request(rng: &mut SeededRng) -> InferRequest {
-    let inputs = (0..1 + rng.below(3))
+    let inputs = (0..=rng.below(3))
         .map(|i| {
             let shape = vec![1 + rng.below(3) as u64, 1 + rng.below(4) as u64];
             let n = (shape[0] * shape[1]) as usize;

@@ -37,7 +37,7 @@ fn control_config_files() {
         .map(|line| match line.strip_prefix("# ") {
             Some(kv) if kv.starts_with("[[") => kv,
             Some(kv) => match kv.split_once(" = ") {
-                Some((k, v)) if !k.contains(' ') && !(v == "[]" && example(k)) => kv,
+                Some((k, v)) if !k.contains(' ') && (v != "[]" || !example(k)) => kv,
                 _ => line,
             },
             None => line,
