@@ -736,10 +736,10 @@ pub(crate) mod tests {
         .unwrap();
         let file = store.dir().join(&relative);
         fs::create_dir_all(file.parent().unwrap()).unwrap();
-        let staged = fs::File::create(&file).unwrap();
+        let staged = File::create(&file).unwrap();
         staged.set_modified(SystemTime::now() - Duration::from_secs(3600)).unwrap();
         let leftover = store.dir().join(Store::bundle_path("slow", 9));
-        fs::File::create(&leftover).unwrap();
+        File::create(&leftover).unwrap();
 
         let (done_tx, done) = std::sync::mpsc::channel();
         let sweeper = std::thread::spawn(move || {
