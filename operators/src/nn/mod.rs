@@ -4,7 +4,7 @@
 //! - convolutions that are depthwise ([`depthwise`]) or pointwise, 1×1 ([`pointwise`]),
 //!   float32, NCHW, with constant weights, each with its bias and the activation that
 //!   follows it fused into its output loop ([`activation`]);
-//! - `Softmax` (opset 13) along an axis that is not the last ([`softmax`]).
+//! - `Softmax` (opset 13) along an axis that is not the last ([`mod@softmax`]).
 //!
 //! Before tract parses a graph, [`fold`] rewrites it: the BatchNormalization, Mul and
 //! Add by constants that follow a convolution go into its weights and bias, and the
