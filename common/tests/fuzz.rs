@@ -21,28 +21,16 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// A campaign over the committed corpus of `name` and the `generated` seeds, each of
-/// which must be accepted by `body`; under `FALAJ_BLESS=1` the generated seeds are
-/// written to the corpus first.
+/// A campaign over the committed corpus of `name` and the `generated` seeds
+/// (`Campaign::committed`), its memory measured.
 fn campaign(
     name: &str,
     iterations: u64,
     generated: &[Vec<u8>],
     body: fn(&[u8]) -> bool,
 ) -> Campaign {
-    let dir = root().join("fuzz/seeds").join(name);
-    if std::env::var_os("FALAJ_BLESS").is_some() {
-        std::fs::create_dir_all(&dir).unwrap();
-        for (i, seed) in generated.iter().enumerate() {
-            std::fs::write(dir.join(format!("gen-{i}")), seed).unwrap();
-        }
-    }
-    for (i, seed) in generated.iter().enumerate() {
-        assert!(body(seed), "{name}: generated seed {i} was refused");
-    }
     Campaign::new(name, iterations)
-        .corpus(&dir)
-        .seeds(generated.iter().cloned())
+        .committed(&root().join("fuzz/seeds").join(name), generated, body)
         .memory(peak, 32 << 20)
 }
 
