@@ -84,6 +84,7 @@ async fn serves_imports_live_and_stops_cleanly() {
         let bundle = sample_bundle(dir.path(), "eu-west-1", version);
         ok(&["agent", "import", s(&bundle), "--data-dir", s(&agent)]);
     }
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let meta: Value =
             client.get(url("/v2/models/sensor-fault")).send().await.unwrap().json().await.unwrap();
