@@ -106,31 +106,29 @@ impl LossyProxy {
             cut: Arc::clone(&cut),
         });
         let task = tokio::spawn(async move {
-            // One upstream socket per client address, each with a task for the replies.
-            let mut clients: HashMap<SocketAddr, (Arc<UdpSocket>, tokio::task::JoinHandle<()>)> =
-                HashMap::new();
+            // One upstream socket per client address, each with a task for the replies
+            // (in a set that aborts them when this task is aborted).
+            let mut clients: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
+            let mut replies = tokio::task::JoinSet::new();
             let mut buf = vec![0u8; 65_536];
             loop {
                 let Ok((n, from)) = front.recv_from(&mut buf).await else { break };
-                let (upstream_socket, _) = clients.entry(from).or_insert_with(|| {
+                let upstream_socket = clients.entry(from).or_insert_with(|| {
                     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
                     socket.set_nonblocking(true).unwrap();
                     socket.connect(upstream).unwrap();
                     let socket = Arc::new(UdpSocket::from_std(socket).unwrap());
                     let (back, front, path) =
                         (Arc::clone(&socket), Arc::clone(&front), Arc::clone(&path));
-                    let replies = tokio::spawn(async move {
+                    replies.spawn(async move {
                         let mut buf = vec![0u8; 65_536];
                         while let Ok(n) = back.recv(&mut buf).await {
                             path.send(&front, Some(from), &buf[..n]);
                         }
                     });
-                    (socket, replies)
+                    socket
                 });
                 path.send(upstream_socket, None, &buf[..n]);
-            }
-            for (_, (_, replies)) in clients {
-                replies.abort();
             }
         });
         Self { addr, counts, cut, task }
