@@ -39,6 +39,21 @@ fn fail(e: impl std::fmt::Display) -> ChartError {
 }
 
 /// `svg` with its accessible role and label.
+/// Draws the legend of every labelled series at `position`, in the console's style.
+fn legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<(), ChartError> {
+    chart
+        .configure_series_labels()
+        .position(position)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(200, 205, 212))
+        .label_font(("sans-serif", FONT))
+        .draw()
+        .map_err(fail)
+}
+
 fn labelled(svg: &str, label: &str) -> String {
     let label = html! { (label) }.into_string();
     svg.replacen("<svg ", &format!("<svg role=\"img\" aria-label=\"{label}\" "), 1)
@@ -138,14 +153,7 @@ fn draw_lines(
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], THRESHOLD));
         }
         if !series.is_empty() {
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(RGBColor(200, 205, 212))
-                .label_font(("sans-serif", FONT))
-                .draw()
-                .map_err(fail)?;
+            legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
         }
         root.present().map_err(fail)?;
     }
@@ -247,14 +255,7 @@ pub fn paired_histogram(
                     Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled())
                 });
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(200, 205, 212))
-            .label_font(("sans-serif", FONT))
-            .draw()
-            .map_err(fail)?;
+        legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         root.present().map_err(fail)?;
     }
     Ok(labelled(&svg, label))
