@@ -159,6 +159,8 @@ async fn cli_fleet_survives_an_agent_killed_mid_install() {
         line.contains("edge") && line.contains("connected") && line.contains("layered@2"),
         "{fleet_view}"
     );
+    // The engines it serves on, as it reported them: the CPU at least.
+    assert!(line.contains(" tract-cpu"), "{fleet_view}");
     let agent_id = line.split_whitespace().next().unwrap().to_owned();
 
     run(api(&["control", "agent", "revoke", &agent_id]));

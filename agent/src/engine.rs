@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use falaj_common::bundle::{ModelSpec, RuntimeHint};
 use falaj_common::onnx::{LoadOptions, OnnxError, OnnxModel, RunError};
+use falaj_common::protocol::EngineReport;
 use falaj_common::tensor::{DataType, Signature, Tensor, TensorData};
 use falaj_common::time::human_duration;
 use falaj_gpu::{BatchConfig, Batcher, Gpu, GpuModel, GpuOptions, Values};
@@ -43,9 +44,14 @@ pub trait Engine: Send + Sync + fmt::Debug {
 #[derive(Debug)]
 pub struct TractEngine(OnnxModel);
 
+impl TractEngine {
+    /// The engine's name.
+    pub const NAME: &'static str = "tract-cpu";
+}
+
 impl Engine for TractEngine {
     fn name(&self) -> &'static str {
-        "tract-cpu"
+        Self::NAME
     }
 
     fn signature(&self) -> &Signature {
@@ -236,6 +242,27 @@ impl Engines {
             .as_ref()
     }
 
+    /// The engines this agent can serve on, as it reports them to the control plane: the
+    /// CPU always, and the GPU where the configuration lets models use one and it opens
+    /// (opening it, once, if no model has yet). Blocking.
+    pub fn available(&self) -> Vec<EngineReport> {
+        let cores = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
+        let mut engines = vec![EngineReport {
+            name: TractEngine::NAME.into(),
+            device: format!("{} CPU, {cores} cores", std::env::consts::ARCH),
+        }];
+        if self.config.runtime != Runtime::Cpu
+            && let Some(gpu) = self.gpu()
+        {
+            let kind = if gpu.is_software() { " (software)" } else { "" };
+            engines.push(EngineReport {
+                name: GpuEngine::NAME.into(),
+                device: format!("{}{kind}", gpu.name()),
+            });
+        }
+        engines
+    }
+
     fn wants_gpu(&self, hint: RuntimeHint) -> bool {
         match self.config.runtime {
             Runtime::Cpu => false,
@@ -300,6 +327,11 @@ mod tests {
     fn config_and_hint_choose_the_engine() {
         let engines = |runtime| Engines::new(EngineConfig { runtime, ..EngineConfig::default() });
         assert!(!engines(Runtime::Cpu).wants_gpu(RuntimeHint::Gpu));
+        // Configured for the CPU, it reports only tract, without opening any GPU.
+        let cpu = engines(Runtime::Cpu);
+        let names: Vec<String> = cpu.available().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, [TractEngine::NAME]);
+        assert!(cpu.gpu.get().is_none(), "the GPU was opened");
         assert!(engines(Runtime::Gpu).wants_gpu(RuntimeHint::Cpu));
         assert!(!engines(Runtime::Auto).wants_gpu(RuntimeHint::Cpu));
         assert!(engines(Runtime::Auto).wants_gpu(RuntimeHint::Auto));

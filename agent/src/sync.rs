@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use crate::finetune;
 use crate::identity::{IdentityFiles, KeyRequest};
 use crate::metrics::AgentStats;
-use crate::models::Registry;
+use crate::models::{Registry, VersionState};
 use crate::reporting::{ReportConfig, Reporter};
 use crate::store::{Identity, Store, StoreError};
 use crate::transfer::Fetcher;
@@ -189,7 +189,22 @@ impl Syncer {
     }
 
     async fn actual_state(&self) -> ActualState {
-        let bundles = self.with_store(|s| s.held()).await.unwrap_or_default();
+        let mut bundles = self.with_store(|s| s.held()).await.unwrap_or_default();
+        let mut engines = Vec::new();
+        if let Some(registry) = &self.registry {
+            let catalog = registry.catalog();
+            for held in &mut bundles {
+                if let Some(VersionState::Ready(loaded)) =
+                    catalog.models.get(&held.name).and_then(|m| m.versions.get(&held.version))
+                {
+                    held.engine = Some(loaded.engine.name().into());
+                }
+            }
+            let registry = Arc::clone(registry);
+            engines = tokio::task::spawn_blocking(move || registry.engines().available())
+                .await
+                .unwrap_or_default();
+        }
         let ids = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let jobs = self.with_store(move |s| s.job_reports(&ids)).await.unwrap_or_default();
         ActualState {
@@ -212,6 +227,7 @@ impl Syncer {
                 let now = Timestamp::from_system(SystemTime::now());
                 r.catalog().rollouts.values().map(|live| live.report(now)).collect()
             }),
+            engines,
         }
     }
 

@@ -66,6 +66,11 @@ async fn supported_models_run_on_the_gpu_and_the_rest_fall_back_to_tract() {
         eprintln!("\n*** SKIPPED: no Vulkan adapter here (install mesa-vulkan-drivers). ***\n");
         return;
     }
+    // What the agent reports to the control plane: both engines, the GPU by its adapter.
+    let engines = server.registry.engines().available();
+    let names: Vec<&str> = engines.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["tract-cpu", "wgpu-gpu"], "{engines:?}");
+    assert!(!engines[1].device.is_empty(), "{engines:?}");
     assert_eq!(engine_of(&client, &server, "types").await, "tract-cpu", "integer tensors");
     assert_eq!(engine_of(&client, &server, "erf").await, "tract-cpu", "no Erf kernel");
 

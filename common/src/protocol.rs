@@ -98,6 +98,18 @@ pub struct HeldBundle {
     pub active: bool,
     /// Whether the control plane manages it (installed from desired state, not imported).
     pub managed: bool,
+    /// The engine serving it (`tract-cpu`, `wgpu-gpu`), when it is loaded.
+    #[serde(default)]
+    pub engine: Option<String>,
+}
+
+/// An inference engine an agent can serve models on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineReport {
+    /// The engine's name, as in model metadata (`tract-cpu`, `wgpu-gpu`).
+    pub name: String,
+    /// What it runs on: the GPU adapter's name, or the CPU's architecture and threads.
+    pub device: String,
 }
 
 /// An agent's actual state, as it reports it.
@@ -117,6 +129,9 @@ pub struct ActualState {
     pub jobs: Vec<JobReport>,
     /// The rollouts of its current document: the step in force, and any it rolled back.
     pub rollouts: Vec<RolloutReport>,
+    /// The engines it can serve on (the CPU always; a GPU where one opened).
+    #[serde(default)]
+    pub engines: Vec<EngineReport>,
 }
 
 /// Agent to control plane, on the session stream.
@@ -289,6 +304,7 @@ mod tests {
                 manifest_sha256: Sha256([4; 32]),
                 active: true,
                 managed: true,
+                engine: Some("wgpu-gpu".into()),
             }],
             errors: vec!["disk full".into()],
             agent_version: "0.1.0".into(),
@@ -301,6 +317,7 @@ mod tests {
                 reason: Some("error_rate<0.02 failed".into()),
                 at: Some(Timestamp::from_unix(1_800_000_000)),
             }],
+            engines: vec![EngineReport { name: "wgpu-gpu".into(), device: "NVIDIA H200".into() }],
         });
         let frame = encode(&message);
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();

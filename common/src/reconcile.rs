@@ -122,6 +122,7 @@ mod tests {
             manifest_sha256: Sha256([version as u8; 32]),
             active,
             managed,
+            engine: None,
         }
     }
 
@@ -207,6 +208,7 @@ mod tests {
                     manifest_sha256: b.manifest_sha256,
                     active: false,
                     managed: true,
+                    engine: None,
                 }),
                 Action::Activate { name, version } => {
                     for h in state.iter_mut().filter(|h| h.name == name) {

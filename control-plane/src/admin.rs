@@ -3,6 +3,7 @@
 //! admin token) says who calls, and its role whether it may ([`crate::auth`]). The CLI
 //! uses it; the admin console ([`crate::console`], under `/`) calls the same services. Errors are `{"error": {"code", "message"}}`.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,6 +16,7 @@ use falaj_common::audit::Outcome;
 use falaj_common::enrollment::EnrollmentToken;
 use falaj_common::metrics::VersionSummary;
 use falaj_common::names;
+use falaj_common::protocol::EngineReport;
 use falaj_common::time::Timestamp;
 use http_body_util::BodyExt;
 use serde::{Deserialize, Serialize};
@@ -435,6 +437,12 @@ pub struct AgentView {
     pub errors: Vec<String>,
     /// Whether every active model is loaded and serving, as last reported.
     pub ready: bool,
+    /// The engines it can serve on, as last reported.
+    #[serde(default)]
+    pub engines: Vec<EngineReport>,
+    /// The engine serving each loaded active version, by `name@version`.
+    #[serde(default)]
+    pub serving: BTreeMap<String, String>,
 }
 
 fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duration) -> AgentView {
@@ -466,8 +474,15 @@ fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duratio
             .filter(|b| b.active)
             .map(|b| format!("{}@{}", b.name, b.version))
             .collect(),
+        serving: actual
+            .bundles
+            .iter()
+            .filter(|b| b.active)
+            .filter_map(|b| Some((format!("{}@{}", b.name, b.version), b.engine.clone()?)))
+            .collect(),
         errors: actual.errors,
         ready: actual.ready,
+        engines: actual.engines,
     }
 }
 

@@ -750,8 +750,8 @@ pub fn render_agents(agents: &[serde_json::Value]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<20} {:<12} {:<10} {:<10} {:<6} {:<22} {:<24} {:<24} ERRORS",
-        "AGENT", "GROUP", "REGION", "STATUS", "READY", "LAST SEEN", "ACTIVE", "HELD"
+        "{:<20} {:<12} {:<10} {:<10} {:<6} {:<18} {:<22} {:<24} {:<24} ERRORS",
+        "AGENT", "GROUP", "REGION", "STATUS", "READY", "ENGINES", "LAST SEEN", "ACTIVE", "HELD"
     );
     let list = |v: &serde_json::Value| {
         let items: Vec<&str> =
@@ -762,14 +762,17 @@ pub fn render_agents(agents: &[serde_json::Value]) -> String {
         printable(v.as_str().unwrap_or(missing)).into_owned()
     };
     for a in agents {
+        let engines: serde_json::Value =
+            a["engines"].as_array().into_iter().flatten().map(|e| e["name"].clone()).collect();
         let _ = writeln!(
             out,
-            "{:<20} {:<12} {:<10} {:<10} {:<6} {:<22} {:<24} {:<24} {}",
+            "{:<20} {:<12} {:<10} {:<10} {:<6} {:<18} {:<22} {:<24} {:<24} {}",
             text(&a["id"], "?"),
             text(&a["group"], "?"),
             text(&a["region"], "?"),
             text(&a["status"], "?"),
             if a["ready"].as_bool() == Some(true) { "yes" } else { "no" },
+            list(&engines),
             text(&a["last_seen"], "never"),
             list(&a["active"]),
             list(&a["held"]),
@@ -1045,9 +1048,11 @@ mod tests {
             "id": "agent-1", "group": "edge", "region": "eu-west-1", "status": "connected",
             "ready": true, "last_seen": "2026-12-04T10:00:00Z", "active": ["fault@1"],
             "held": ["fault@1"], "errors": ["disk full\u{1b}[2J\u{1b}]0;pwned\u{7}"],
+            "engines": [{"name": "tract-cpu\u{1b}[2J", "device": "x86_64 CPU, 2 cores"}],
         }]);
         let table = render_agents(agents.as_array().unwrap());
         assert!(!table.contains('\u{1b}') && !table.contains('\u{7}'), "{table:?}");
+        assert!(table.contains("tract-cpu\\u{1b}[2J"), "{table}");
         assert!(table.contains("disk full\\u{1b}[2J"), "{table}");
     }
 

@@ -267,6 +267,7 @@ impl Store {
                 manifest_sha256: i.manifest_sha256,
                 active: i.active,
                 managed: i.managed,
+                engine: None,
             })
             .collect())
     }

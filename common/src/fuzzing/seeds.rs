@@ -13,8 +13,8 @@ use crate::finetune::{DesiredJob, Job, JobReport, JobState};
 use crate::keys::Sha256;
 use crate::metrics::{Counts, Feedback, MetricsWindow, Shadow};
 use crate::protocol::{
-    self, ActualState, AgentMessage, ChunkHeader, ControlMessage, EnrollRequest, EnrollResponse,
-    Enrollment, FetchRequest, HeldBundle, SequencedWindow,
+    self, ActualState, AgentMessage, ChunkHeader, ControlMessage, EngineReport, EnrollRequest,
+    EnrollResponse, Enrollment, FetchRequest, HeldBundle, SequencedWindow,
 };
 use crate::random::SeededRng;
 use crate::rollout::{RolloutReport, RolloutSpec, Share, Step, Strategy};
@@ -153,6 +153,7 @@ fn actual(rng: &mut SeededRng) -> ActualState {
             manifest_sha256: hash(rng),
             active: true,
             managed: rng.below(2) == 0,
+            engine: Some("tract-cpu".into()),
         }],
         errors: vec![text(rng)],
         ready: rng.below(2) == 0,
@@ -168,6 +169,7 @@ fn actual(rng: &mut SeededRng) -> ActualState {
             reason: None,
             at: Some(Timestamp::from_unix(NOW)),
         }],
+        engines: vec![EngineReport { name: "tract-cpu".into(), device: text(rng) }],
     }
 }
 
