@@ -13,7 +13,7 @@ use anyhow::{Context, Result};
 use falaj_common::keys::Sha256;
 use falaj_common::metrics::{Counts, MetricsWindow};
 use falaj_common::profile::{ColumnProfile, DataProfile};
-use falaj_common::protocol::SequencedWindow;
+use falaj_common::protocol::{EngineReport, SequencedWindow};
 use falaj_common::sketch::LatencySketch;
 use falaj_common::time::Timestamp;
 use falaj_control::admin::AgentView;
@@ -56,6 +56,11 @@ fn agents(n: usize, now: Timestamp) -> Vec<AgentView> {
             active: vec![format!("{MODEL}@4"), "pump-sensors@2".into()],
             errors: if i % 50 == 0 { vec!["fetch: connection reset".into()] } else { vec![] },
             ready: i % 13 != 0,
+            engines: vec![EngineReport {
+                name: "tract-cpu".into(),
+                device: "x86_64 CPU, 16 cores".into(),
+            }],
+            serving: [(format!("{MODEL}@4"), "tract-cpu".to_owned())].into(),
         })
         .collect()
 }
