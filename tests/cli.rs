@@ -167,3 +167,58 @@ fn an_air_gapped_site_removes_versions_it_no_longer_needs() {
     let err = fails(&["agent", "remove", "sensor-fault", "--data-dir", s(&agent)], 64);
     assert!(err.contains("expected NAME@VERSION"), "{err}");
 }
+
+/// Trust-root rotation on an air-gapped site: bundles signed by a new signing key are
+/// refused until the agent takes the new root from a file; then they install, and a
+/// bundle signed by the retired key no longer does. A root that skips a version, or an
+/// older one, is refused and changes nothing.
+#[test]
+fn an_air_gapped_agent_follows_key_rotations_from_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let old_key_bundle = sample_bundle(dir.path(), "eu-west-1", 1);
+    let agent = dir.path().join("agent");
+    init_agent(&agent, "eu-west-1", &keys.join("root.json"));
+
+    let rotated = ok(&["control", "keys", "rotate-root", "--keys", s(&keys)]);
+    assert!(rotated.contains("trust root version 2 written"), "{rotated}");
+    assert!(rotated.contains("retired"), "the old root key: {rotated}");
+    let rotated = ok(&["control", "keys", "rotate-signing", "--keys", s(&keys)]);
+    assert!(rotated.contains("trust root version 3 written"), "{rotated}");
+    let status = ok(&["control", "keys", "status", "--keys", s(&keys)]);
+    let kinds: Vec<&str> =
+        status.lines().skip(1).filter_map(|l| l.split_whitespace().nth(2)).take(3).collect();
+    assert_eq!(kinds, ["previous", "previous", "current"], "{status}");
+
+    // Bundle version 2 is signed by the new signing key only.
+    std::fs::rename(&old_key_bundle, dir.path().join("old-key.falaj")).unwrap();
+    let new_key_bundle = sample_bundle(dir.path(), "eu-west-1", 2);
+    let err = fails(&["agent", "import", s(&new_key_bundle), "--data-dir", s(&agent)], 65);
+    assert!(err.contains("not a signing key of the trust root"), "{err}");
+
+    let root = |v: u64| keys.join(format!("root.{v}.json"));
+    let err = fails(&["agent", "trust", "update", s(&root(3)), "--data-dir", s(&agent)], 78);
+    assert!(err.contains("version 3 cannot follow version 1"), "{err}");
+    let shown = ok(&["agent", "trust", "show", "--data-dir", s(&agent)]);
+    assert!(shown.starts_with("trust root version 1 "), "nothing taken: {shown}");
+
+    let taken = ok(&[
+        "agent",
+        "trust",
+        "update",
+        s(&root(3)),
+        s(&root(2)),
+        s(&root(1)),
+        "--data-dir",
+        s(&agent),
+    ]);
+    assert!(taken.contains("took trust root version(s) 2, 3; now at version 3"), "{taken}");
+    let again = ok(&["agent", "trust", "update", s(&root(2)), "--data-dir", s(&agent)]);
+    assert!(again.contains("version 3 already held"), "{again}");
+
+    let imported = ok(&["agent", "import", s(&new_key_bundle), "--data-dir", s(&agent)]);
+    assert!(imported.contains("sensor-fault"), "{imported}");
+    let old = dir.path().join("old-key.falaj");
+    let err = fails(&["agent", "import", s(&old), "--data-dir", s(&agent)], 65);
+    assert!(err.contains("not a signing key of the trust root"), "retired key: {err}");
+}

@@ -62,6 +62,30 @@ pub enum Command {
     /// The agent's audit log of local security events: export it, verify an export.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// The trust root this agent verifies bundles against.
+    #[command(subcommand)]
+    Trust(TrustCommand),
+}
+
+/// `trust` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TrustCommand {
+    /// Take newer versions of the trust root from files (air-gapped sites; connected
+    /// agents take them from the control plane): `root.N.json` files as `falaj-control
+    /// keys rotate-root` writes them, in any order, each verified against the one before.
+    Update(TrustUpdateArgs),
+    /// Show the versions of the trust root this agent holds.
+    Show(DataDir),
+}
+
+/// Arguments of `trust update`.
+#[derive(Debug, Args)]
+pub struct TrustUpdateArgs {
+    /// The trust root files.
+    #[arg(required = true)]
+    files: Vec<PathBuf>,
+    #[command(flatten)]
+    data: DataDir,
 }
 
 /// Arguments of `remove`.
@@ -265,6 +289,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Serve(args) => serve(&args),
         Command::List(args) => args.resolve().and_then(|dir| list(&dir)),
         Command::Remove(args) => remove(&args),
+        Command::Trust(TrustCommand::Update(args)) => trust_update(&args),
+        Command::Trust(TrustCommand::Show(args)) => args.resolve().and_then(|dir| trust_show(&dir)),
         Command::Finetune(args) => crate::finetune::cli::run(&args),
         Command::Bench(args) => crate::bench::run(&args),
         Command::CheckConfig(args) => check_config(&args.config),
@@ -490,6 +516,64 @@ fn remove(args: &RemoveArgs) -> Result<(), Failure> {
         other => store_failure(other),
     })?;
     println!("removed {name}@{version}; a running agent stops serving it at its next reload");
+    Ok(())
+}
+
+fn trust_update(args: &TrustUpdateArgs) -> Result<(), Failure> {
+    let offered = args
+        .files
+        .iter()
+        .map(|path| {
+            std::fs::read(path).map_err(|e| {
+                Failure::Config(anyhow::anyhow!("reading trust root {}: {e}", path.display()))
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let dir = args.data.resolve()?;
+    let mut store = Store::open(&dir).map_err(store_failure)?;
+    let taken = store.update_trust(&offered, SystemTime::now()).map_err(|e| match e {
+        StoreError::Trust(_) => Failure::Config(e.into()),
+        other => store_failure(other),
+    })?;
+    let root = store.trust_root().map_err(store_failure)?;
+    match taken.as_slice() {
+        [] => println!("trust root version {} already held; nothing to take", root.version()),
+        _ => println!(
+            "took trust root version(s) {}; now at version {} (expires {})",
+            taken.iter().map(u64::to_string).collect::<Vec<_>>().join(", "),
+            root.version(),
+            root.expires()
+        ),
+    }
+    Ok(())
+}
+
+fn trust_show(data_dir: &Path) -> Result<(), Failure> {
+    let store = Store::open(data_dir).map_err(store_failure)?;
+    let root = store.trust_root().map_err(store_failure)?;
+    let roles = &root.metadata().roles;
+    println!(
+        "trust root version {} for region {}, expires {}\nroot keys: {} of {}\nsigning keys: {} of {}",
+        root.version(),
+        root.region(),
+        root.expires(),
+        roles.root.threshold,
+        roles
+            .root
+            .keyids
+            .iter()
+            .map(falaj_common::keys::KeyId::short)
+            .collect::<Vec<_>>()
+            .join(","),
+        roles.signing.threshold,
+        roles
+            .signing
+            .keyids
+            .iter()
+            .map(falaj_common::keys::KeyId::short)
+            .collect::<Vec<_>>()
+            .join(",")
+    );
     Ok(())
 }
 

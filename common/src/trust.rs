@@ -130,6 +130,21 @@ pub enum TrustError {
         /// The version offered.
         got: u64,
     },
+    /// A successor root is not signed by a threshold of its predecessor's root keys.
+    #[error(
+        "trust root version {version} is signed by {valid} of version {previous}'s root keys, \
+         {threshold} are needed"
+    )]
+    NotSignedByPrevious {
+        /// The successor's version.
+        version: u64,
+        /// The version it would follow.
+        previous: u64,
+        /// Distinct valid signatures by the previous root's keys.
+        valid: usize,
+        /// Signatures the previous root requires.
+        threshold: u32,
+    },
     /// A successor root is for another region.
     #[error("trust root is for region {got:?}, this one is for {expected:?}")]
     WrongRegion {
@@ -288,10 +303,38 @@ impl TrustRoot {
         Ok(())
     }
 
-    /// Verifies `bytes` as the successor of this root (TUF root rotation): version + 1,
-    /// same region, signed at threshold by this root's root role *and* by its own.
+    /// Verifies `bytes` as the successor of this root (TUF root rotation) and that it has
+    /// not expired at `now`.
     pub fn update(&self, bytes: &[u8], now: SystemTime) -> Result<Self, TrustError> {
-        let next = Self::from_json(bytes, now)?;
+        let next = self.successor(bytes)?;
+        next.check_expiry(now)?;
+        Ok(next)
+    }
+
+    /// Verifies `chain` as this root's successors, in order (TUF root rotation): each is
+    /// the next version of the one before, for the same region, signed at threshold by the
+    /// previous root's root keys *and* by its own. Roots in the middle may have expired (an
+    /// agent offline through several rotations catches up); the last may not at `now`.
+    /// Returns every successor, oldest first, to be kept in that order.
+    pub fn follow<B: AsRef<[u8]>>(
+        &self,
+        chain: &[B],
+        now: SystemTime,
+    ) -> Result<Vec<TrustRoot>, TrustError> {
+        let mut roots: Vec<TrustRoot> = Vec::with_capacity(chain.len());
+        for bytes in chain {
+            let next = roots.last().unwrap_or(self).successor(bytes.as_ref())?;
+            roots.push(next);
+        }
+        if let Some(last) = roots.last() {
+            last.check_expiry(now)?;
+        }
+        Ok(roots)
+    }
+
+    /// `bytes` as this root's next version, its expiry unchecked.
+    fn successor(&self, bytes: &[u8]) -> Result<Self, TrustError> {
+        let next = Self::from_json_unexpired(bytes)?;
         if next.version() != self.version() + 1 {
             return Err(TrustError::NotSuccessor { current: self.version(), got: next.version() });
         }
@@ -301,8 +344,28 @@ impl TrustRoot {
                 got: next.region().to_owned(),
             });
         }
-        next.check_signed_by(&self.document.signed.roles.root, &self.document.signed.keys)?;
+        let previous = &self.document.signed;
+        let msg = canonical_bytes(&next.document.signed);
+        let valid = previous.roles.root.valid_signers(
+            &previous.keys,
+            Context::TrustRoot,
+            &msg,
+            &next.document.signatures,
+        );
+        if valid.len() < previous.roles.root.threshold as usize {
+            return Err(TrustError::NotSignedByPrevious {
+                version: next.version(),
+                previous: self.version(),
+                valid: valid.len(),
+                threshold: previous.roles.root.threshold,
+            });
+        }
         Ok(next)
+    }
+
+    /// When this root expires.
+    pub fn expires(&self) -> Timestamp {
+        self.document.signed.expires
     }
 
     /// The metadata.
@@ -510,7 +573,7 @@ mod tests {
         next_spec.version = 2;
         let only_new = next_spec.sign(&[]).unwrap();
         let err = current.update(&only_new.to_json(), now()).unwrap_err();
-        assert!(matches!(err, TrustError::ThresholdNotMet { valid: 0, .. }), "{err}");
+        assert!(matches!(err, TrustError::NotSignedByPrevious { valid: 0, .. }), "{err}");
 
         let cross_signed = next_spec.sign(&old_keys).unwrap();
         let next = current.update(&cross_signed.to_json(), now()).unwrap();

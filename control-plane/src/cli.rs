@@ -18,17 +18,19 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use falaj_common::bundle::{FeatureInput, RuntimeHint};
 use falaj_common::drift::DriftScores;
+use falaj_common::keys::KeyId;
 use falaj_common::metrics::ColumnDrift;
 use falaj_common::tensor::InputShape;
 use falaj_common::text::printable;
-use falaj_common::trust::TrustRoot;
+use falaj_common::time::Timestamp;
+use falaj_common::trust::{Role, TrustRoot};
 
 use crate::admin::{AlertsView, MetricsView};
 use crate::bundle::{self, BuildOptions, BundleError};
 use crate::client::{AdminClient, ClientError};
 use crate::config::{self, ControlConfig};
 use crate::daemon::{ControlPlane, ServeError};
-use crate::keys::{self, InitOptions, KeysError};
+use crate::keys::{self, InitOptions, KeysError, RotateOptions};
 use crate::sample::{self, SampleOptions};
 use crate::systemd;
 use falaj_common::config::Checked as _;
@@ -284,6 +286,58 @@ pub struct UndeployArgs {
 pub enum KeysCommand {
     /// Create root and signing keys and the signed trust root `DIR/root.json`.
     Init(KeysInitArgs),
+    /// Write the trust root's next version with new root keys (or, with `--keep-keys`,
+    /// the same ones and a new expiry), signed by the current root keys and the new ones.
+    RotateRoot(RotateRootArgs),
+    /// Write the trust root's next version with new bundle-signing keys; bundles signed by
+    /// the old ones stop verifying on agents that take it.
+    RotateSigning(RotateSigningArgs),
+    /// Show every version of the trust root, its keys and thresholds, which private keys
+    /// this directory holds, and what expires soon.
+    Status(KeysDirArgs),
+}
+
+/// The keys directory of a `keys` command.
+#[derive(Debug, Args)]
+pub struct KeysDirArgs {
+    /// The keys directory made by `keys init`.
+    #[arg(long, alias = "dir")]
+    keys: PathBuf,
+}
+
+/// Arguments of `keys rotate-root`.
+#[derive(Debug, Args)]
+pub struct RotateRootArgs {
+    #[command(flatten)]
+    dir: KeysDirArgs,
+    /// New root keys to make [default: as many as the current root has].
+    #[arg(long, conflicts_with = "keep_keys")]
+    root_keys: Option<usize>,
+    /// Root signatures the new root needs [default: unchanged, at most the key count].
+    #[arg(long)]
+    root_threshold: Option<u32>,
+    /// Keep the current root keys: only the expiry (and threshold) change.
+    #[arg(long)]
+    keep_keys: bool,
+    /// Lifetime of the new root, from now (e.g. 2y, 180d).
+    #[arg(long, default_value = "2y", value_parser = humantime::parse_duration)]
+    expires_in: Duration,
+}
+
+/// Arguments of `keys rotate-signing`.
+#[derive(Debug, Args)]
+pub struct RotateSigningArgs {
+    #[command(flatten)]
+    dir: KeysDirArgs,
+    /// New signing keys to make [default: as many as the current root lists].
+    #[arg(long)]
+    signing_keys: Option<usize>,
+    /// Signatures each bundle needs [default: unchanged, at most the key count].
+    #[arg(long)]
+    signing_threshold: Option<u32>,
+    /// Lifetime of the new root, from now (e.g. 2y, 180d).
+    #[arg(long, default_value = "2y", value_parser = humantime::parse_duration)]
+    expires_in: Duration,
 }
 
 /// Arguments of `keys init`.
@@ -445,7 +499,7 @@ fn bundle_failure(err: BundleError) -> Failure {
 pub fn run(cli: Cli) -> ExitCode {
     let now = SystemTime::now();
     let result = match cli.command {
-        Command::Keys(KeysCommand::Init(args)) => keys_init(&args, now),
+        Command::Keys(command) => keys(command, now),
         Command::Bundle(BundleCommand::Build(args)) => bundle_build(args, now),
         Command::Bundle(BundleCommand::Inspect(args)) => bundle_inspect(&args, now),
         Command::Sample(args) => sample(&args),
@@ -593,6 +647,123 @@ fn keys_init(args: &KeysInitArgs, now: SystemTime) -> Result<(), Failure> {
     );
     println!("keep the root-*.key files offline; agents need only root.json");
     Ok(())
+}
+
+fn keys(command: KeysCommand, now: SystemTime) -> Result<(), Failure> {
+    match command {
+        KeysCommand::Init(args) => keys_init(&args, now),
+        KeysCommand::RotateRoot(args) => keys_rotate_root(&args, now),
+        KeysCommand::RotateSigning(args) => keys_rotate_signing(&args, now),
+        KeysCommand::Status(args) => keys_status(&args.keys, now),
+    }
+}
+
+fn keys_rotate_root(args: &RotateRootArgs, now: SystemTime) -> Result<(), Failure> {
+    let dir = &args.dir.keys;
+    let current = keys::load_trust_unexpired(dir).map_err(keys_failure)?;
+    let count = current.metadata().roles.root.keyids.len();
+    let options = RotateOptions {
+        root_keys: (!args.keep_keys).then_some(args.root_keys.unwrap_or(count)),
+        root_threshold: args.root_threshold,
+        lifetime: Some(args.expires_in),
+        ..RotateOptions::default()
+    };
+    report_rotation(dir, &keys::rotate(dir, &options, now).map_err(keys_failure)?);
+    Ok(())
+}
+
+fn keys_rotate_signing(args: &RotateSigningArgs, now: SystemTime) -> Result<(), Failure> {
+    let dir = &args.dir.keys;
+    let current = keys::load_trust_unexpired(dir).map_err(keys_failure)?;
+    let options = RotateOptions {
+        signing_keys: Some(args.signing_keys.unwrap_or(current.signing_role().keyids.len())),
+        signing_threshold: args.signing_threshold,
+        lifetime: Some(args.expires_in),
+        ..RotateOptions::default()
+    };
+    report_rotation(dir, &keys::rotate(dir, &options, now).map_err(keys_failure)?);
+    Ok(())
+}
+
+fn report_rotation(dir: &Path, rotation: &keys::Rotation) {
+    let trust = &rotation.trust;
+    println!(
+        "trust root version {} written to {} and {} (expires {})",
+        trust.version(),
+        keys::version_file(dir, trust.version()).display(),
+        dir.join(keys::ROOT_FILE).display(),
+        trust.expires()
+    );
+    for path in &rotation.retired {
+        println!(
+            "retired {} (no longer in the trust root; destroy it once agents follow)",
+            path.display()
+        );
+    }
+    println!(
+        "restart the control plane to use it: connected agents take the new version as they \
+         reconnect; air-gapped agents: falaj-agent trust update {}",
+        keys::version_file(dir, trust.version()).display()
+    );
+}
+
+fn keys_status(dir: &Path, now: SystemTime) -> Result<(), Failure> {
+    let versions = keys::versions(dir).map_err(keys_failure)?;
+    let held = keys::private_key_ids(dir).map_err(keys_failure)?;
+    print!("{}", render_keys_status(&versions, &held, Timestamp::from_system(now)));
+    Ok(())
+}
+
+/// The table of `keys status`: every version of the trust root, then warnings for what
+/// expires within 90 days.
+pub fn render_keys_status(versions: &[TrustRoot], held: &[KeyId], now: Timestamp) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:<22} {:<10} {:<34} SIGNING KEYS",
+        "VERSION", "EXPIRES", "STATE", "ROOT KEYS"
+    );
+    let role = |role: &Role| {
+        let ids: Vec<String> = role
+            .keyids
+            .iter()
+            .map(|id| format!("{}{}", id.short(), if held.contains(id) { "*" } else { "" }))
+            .collect();
+        format!("{} of {}", role.threshold, ids.join(","))
+    };
+    for (i, root) in versions.iter().enumerate() {
+        let state = if i + 1 < versions.len() {
+            "previous"
+        } else if root.expires() <= now {
+            "EXPIRED"
+        } else {
+            "current"
+        };
+        let roles = &root.metadata().roles;
+        let _ = writeln!(
+            out,
+            "{:<8} {:<22} {:<10} {:<34} {}",
+            root.version(),
+            root.expires().to_string(),
+            state,
+            role(&roles.root),
+            role(&roles.signing)
+        );
+    }
+    let _ = writeln!(out, "(* = private key in this directory)");
+    if let Some(current) = versions.last() {
+        let left = current.expires().unix().saturating_sub(now.unix());
+        if let Some(days) = [7u64, 30, 90].into_iter().find(|d| left < d * 86_400) {
+            let _ = writeln!(
+                out,
+                "WARNING: trust root version {} expires within {days} days ({}): rotate it with \
+                 `falaj-control keys rotate-root`",
+                current.version(),
+                current.expires()
+            );
+        }
+    }
+    out
 }
 
 fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {

@@ -29,6 +29,7 @@ mod derived;
 mod managed;
 mod outbox;
 mod rollouts;
+mod trust;
 
 pub use derived::Overlay;
 pub use managed::{ChunkSource, Identity};
