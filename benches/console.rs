@@ -61,6 +61,7 @@ fn agents(n: usize, now: Timestamp) -> Vec<AgentView> {
                 device: "x86_64 CPU, 16 cores".into(),
             }],
             serving: [(format!("{MODEL}@4"), "tract-cpu".to_owned())].into(),
+            trust_version: 1,
         })
         .collect()
 }

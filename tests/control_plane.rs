@@ -399,3 +399,74 @@ async fn undeploy_removes_the_model_and_a_silent_agent_shows_offline() {
     a.stop().await;
     control.stop().await;
 }
+
+/// The trust root an agent holds, from its store.
+fn trust_version(agent: &std::path::Path) -> u64 {
+    falaj_agent::store::Store::open(agent).unwrap().trust_root().unwrap().version()
+}
+
+/// Rotates `control`'s keys as `falaj-control keys rotate-*` does, and restarts it on the
+/// same address with them.
+async fn rotate_and_restart(
+    control: Control,
+    options: &falaj_control::keys::RotateOptions,
+) -> Control {
+    let (dir, quic) = (control.dir.clone(), control.quic);
+    control.stop().await;
+    falaj_control::keys::rotate(&dir.join("keys"), options, std::time::SystemTime::now()).unwrap();
+    Control::start_with(fleet::config(&dir, quic), None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline() {
+    use falaj_control::keys::RotateOptions;
+    let work = tempfile::tempdir().unwrap();
+    let control = Control::start(&work.path().join("control")).await;
+    control.push_sample(work.path(), MODEL, 1).await;
+    control.client.deploy("edge", MODEL, 1).await.unwrap();
+    let online = control.agent(work.path(), "online", "edge").await;
+    let offline = control.agent(work.path(), "offline", "edge").await;
+    for agent in [&online, &offline] {
+        eventually(Duration::from_secs(60), "version 1 is served", || async {
+            agent.active_version(MODEL).await.as_deref() == Some("1")
+        })
+        .await;
+    }
+    let offline_dir = offline.dir.clone();
+    offline.stop().await;
+
+    // New root keys, then new signing keys: version 2 is signed by a key that the trust
+    // root the agents enrolled under does not list.
+    let new_root = RotateOptions { root_keys: Some(2), ..RotateOptions::default() };
+    let control = rotate_and_restart(control, &new_root).await;
+    let new_signer = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
+    let control = rotate_and_restart(control, &new_signer).await;
+    control.push_sample(work.path(), MODEL, 2).await;
+    control.client.deploy("edge", MODEL, 2).await.unwrap();
+    eventually(Duration::from_secs(60), "the online agent serves version 2", || async {
+        online.active_version(MODEL).await.as_deref() == Some("2")
+    })
+    .await;
+    assert_eq!(trust_version(&online.dir), 3);
+
+    // A third rotation; the agent that was away through all three catches up at once.
+    let control = rotate_and_restart(control, &new_signer).await;
+    control.push_sample(work.path(), MODEL, 3).await;
+    control.client.deploy("edge", MODEL, 3).await.unwrap();
+    let offline = RunningAgent::start(&offline_dir).await;
+    for agent in [&online, &offline] {
+        eventually(Duration::from_secs(60), "version 3 is served", || async {
+            agent.active_version(MODEL).await.as_deref() == Some("3")
+        })
+        .await;
+        assert_eq!(trust_version(&agent.dir), 4);
+    }
+    eventually(Duration::from_secs(30), "the fleet view shows trust root 4", || async {
+        let fleet = control.client.agents().await.unwrap();
+        fleet.iter().all(|a| a["trust_version"] == 4)
+    })
+    .await;
+    online.stop().await;
+    offline.stop().await;
+    control.stop().await;
+}

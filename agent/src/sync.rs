@@ -190,6 +190,8 @@ impl Syncer {
 
     async fn actual_state(&self) -> ActualState {
         let mut bundles = self.with_store(|s| s.held()).await.unwrap_or_default();
+        let trust_version =
+            self.with_store(|s| s.trust_root()).await.map_or(0, |root| root.version());
         let mut engines = Vec::new();
         if let Some(registry) = &self.registry {
             let catalog = registry.catalog();
@@ -228,6 +230,7 @@ impl Syncer {
                 r.catalog().rollouts.values().map(|live| live.report(now)).collect()
             }),
             engines,
+            trust_version,
         }
     }
 
@@ -609,6 +612,13 @@ impl Syncer {
             }
             ControlMessage::Refused(reason) => {
                 self.note_error(format!("the control plane refused a request: {reason}"));
+            }
+            ControlMessage::TrustRoots(roots) => {
+                match self.with_store(move |s| s.update_trust(&roots, SystemTime::now())).await {
+                    Ok(taken) if taken.is_empty() => {}
+                    Ok(taken) => tracing::info!(versions = ?taken, "took new trust root versions"),
+                    Err(e) => self.note_error(format!("new trust root refused: {e}")),
+                }
             }
             ControlMessage::Ack { .. } | ControlMessage::AuditAck { .. } => {}
         }

@@ -132,6 +132,9 @@ pub struct ActualState {
     /// The engines it can serve on (the CPU always; a GPU where one opened).
     #[serde(default)]
     pub engines: Vec<EngineReport>,
+    /// The version of the trust root it verifies against.
+    #[serde(default)]
+    pub trust_version: u64,
 }
 
 /// Agent to control plane, on the session stream.
@@ -190,6 +193,10 @@ pub enum ControlMessage {
         /// The last entry stored.
         seq: u64,
     },
+    /// Every version of the region's trust root after the first, oldest first (sent when
+    /// a session starts, before any document signed under them): the agent takes those
+    /// that follow the one it holds ([`crate::trust::TrustRoot::follow`]).
+    TrustRoots(Vec<String>),
 }
 
 /// A request for content-addressed blobs (chunks and recipes), on a stream of its own.
@@ -318,6 +325,7 @@ mod tests {
                 at: Some(Timestamp::from_unix(1_800_000_000)),
             }],
             engines: vec![EngineReport { name: "wgpu-gpu".into(), device: "NVIDIA H200".into() }],
+            trust_version: 3,
         });
         let frame = encode(&message);
         let len = frame_len(frame[..4].try_into().unwrap()).unwrap();

@@ -443,6 +443,9 @@ pub struct AgentView {
     /// The engine serving each loaded active version, by `name@version`.
     #[serde(default)]
     pub serving: BTreeMap<String, String>,
+    /// The trust-root version it verifies against (0 before its first report).
+    #[serde(default)]
+    pub trust_version: u64,
 }
 
 fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duration) -> AgentView {
@@ -483,6 +486,7 @@ fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duratio
         errors: actual.errors,
         ready: actual.ready,
         engines: actual.engines,
+        trust_version: actual.trust_version,
     }
 }
 

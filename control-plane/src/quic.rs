@@ -343,6 +343,10 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let fetches = tokio::spawn(serve_fetches(Arc::clone(&shared), conn.clone(), agent.clone()));
     let now = SystemTime::now();
     shared.saw(&agent, now, None);
+    // Newer trust roots first: the documents that follow may be signed under them.
+    if !shared.trust_chain.is_empty() {
+        shared.send(&agent, ControlMessage::TrustRoots(shared.trust_chain.clone())).await;
+    }
     match shared.desired_for(&agent, now).await {
         Ok(signed) => shared.send_if_newer(&agent, signed),
         Err(err) => tracing::error!(%agent, error = %err, "issuing desired state failed"),

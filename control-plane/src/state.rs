@@ -202,6 +202,9 @@ pub struct Shared {
     pub ca: Ca,
     /// The trust root given to agents.
     pub trust: TrustRoot,
+    /// Every version of the trust root after the first, oldest first: sent to each agent
+    /// as its session starts, so that agents enrolled under an older version follow.
+    pub trust_chain: Vec<String>,
     /// Keys that sign desired-state documents.
     pub signers: Arc<Vec<SigningKey>>,
     /// This control plane's region.
@@ -245,6 +248,13 @@ fn content_sha256(
 }
 
 impl Shared {
+    /// Gives agents `chain`, the trust root's versions after the first, oldest first.
+    #[must_use]
+    pub fn with_trust_chain(mut self, chain: Vec<String>) -> Self {
+        self.trust_chain = chain;
+        self
+    }
+
     /// Assembles the shared state.
     pub fn new(
         db: Db,
@@ -261,6 +271,7 @@ impl Shared {
             ca,
             region: trust.region().to_owned(),
             trust,
+            trust_chain: Vec::new(),
             signers: Arc::new(signers),
             audit_key: Arc::new(audit_key),
             enrollments: EnrollmentGate::new(policy.enrollment),

@@ -170,6 +170,7 @@ fn actual(rng: &mut SeededRng) -> ActualState {
             at: Some(Timestamp::from_unix(NOW)),
         }],
         engines: vec![EngineReport { name: "tract-cpu".into(), device: text(rng) }],
+        trust_version: number(rng),
     }
 }
 
@@ -195,6 +196,7 @@ pub fn control_messages(rng: &mut SeededRng) -> Vec<ControlMessage> {
         ControlMessage::Refused(text(rng)),
         ControlMessage::Ack { seqs: vec![number(rng), 2, 3] },
         ControlMessage::AuditAck { seq: number(rng) },
+        ControlMessage::TrustRoots(vec![String::from_utf8_lossy(&trust().to_json()).into_owned()]),
     ]
 }
 
