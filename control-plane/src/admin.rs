@@ -529,9 +529,24 @@ async fn deploy(
     Path((group, name)): Path<(String, String)>,
     body: axum::Json<Deploy>,
 ) -> ApiResult<Response> {
-    names::check_model_name(&group).map_err(|e| ApiError::bad_request(format!("group: {e}")))?;
+    deploy_version(&api, &group, &name, body.version).await?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"group": group, "name": name, "version": body.version}),
+    ))
+}
+
+/// Makes `name@version` the version group `group` runs and pushes the new desired state
+/// (refused while a rollout of it is under way); the API's and the console's service.
+pub(crate) async fn deploy_version(
+    api: &Api,
+    group: &str,
+    name: &str,
+    version: u64,
+) -> ApiResult<()> {
+    names::check_model_name(group).map_err(|e| ApiError::bad_request(format!("group: {e}")))?;
     let now = SystemTime::now();
-    let (g, n, version) = (group.clone(), name.clone(), body.version);
+    let (g, n) = (group.to_owned(), name.to_owned());
     let deployed = api
         .shared
         .db
@@ -551,9 +566,9 @@ async fn deploy(
         })
         .await?;
     deployed?;
-    api.shared.push_desired(Some(&group), now).await?;
+    api.shared.push_desired(Some(group), now).await?;
     tracing::info!(%group, %name, version, "deployed");
-    Ok(json_response(StatusCode::OK, &json!({"group": group, "name": name, "version": version})))
+    Ok(())
 }
 
 async fn undeploy(

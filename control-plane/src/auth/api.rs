@@ -276,22 +276,34 @@ fn new_password(given: Option<String>) -> ApiResult<(String, Option<String>)> {
 
 async fn add_user(State(api): State<Api>, body: String) -> ApiResult<Response> {
     let request: AddUser = parse(&body)?;
-    rules::check_name("user name", &request.name)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let role = parse_role(&request.role)?;
-    let (password, generated) = new_password(request.password)?;
-    let phc = hash(password).await?;
-    let (name, at) = (request.name.clone(), now());
-    api.shared
-        .db
-        .call(move |c| store::add_user(c, &name, role, &phc, at))
-        .await?
-        .map_err(|r| refusal(&r))?;
-    tracing::info!(user = %request.name, %role, "user added");
+    let (role, generated) =
+        add_user_as(&api, &request.name, &request.role, request.password).await?;
     Ok(json_response(
         StatusCode::CREATED,
         &json!({"name": request.name, "role": role.name(), "password": generated}),
     ))
+}
+
+/// Adds user `name` with role `role` and `password` (None: one is generated and
+/// returned once), audited as the current actor (the API's and the console's service).
+pub(crate) async fn add_user_as(
+    api: &Api,
+    name: &str,
+    role: &str,
+    password: Option<String>,
+) -> ApiResult<(Role, Option<String>)> {
+    rules::check_name("user name", name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let role = parse_role(role)?;
+    let (password, generated) = new_password(password)?;
+    let phc = hash(password).await?;
+    let (n, at) = (name.to_owned(), now());
+    api.shared
+        .db
+        .call(move |c| store::add_user(c, &n, role, &phc, at))
+        .await?
+        .map_err(|r| refusal(&r))?;
+    tracing::info!(user = %name, %role, "user added");
+    Ok((role, generated))
 }
 
 #[derive(Debug, Deserialize)]
@@ -319,27 +331,35 @@ async fn set_role(
     ))
 }
 
-async fn set_disabled(api: &Api, name: String, disabled: bool) -> ApiResult<Response> {
-    let (n, at) = (name.clone(), now());
+/// Disables (or enables again) user `name`, audited as the current actor (the API's and
+/// the console's service).
+pub(crate) async fn set_disabled(api: &Api, name: &str, disabled: bool) -> ApiResult<()> {
+    let (n, at) = (name.to_owned(), now());
     api.shared
         .db
         .call(move |c| store::set_disabled(c, &n, disabled, at))
         .await?
-        .map_err(|r| refusal(&r))?;
-    Ok(json_response(StatusCode::OK, &json!({"name": name, "disabled": disabled})))
+        .map_err(|r| refusal(&r))
 }
 
 async fn disable_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
-    set_disabled(&api, name, true).await
+    set_disabled(&api, &name, true).await?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "disabled": true})))
 }
 
 async fn enable_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
-    set_disabled(&api, name, false).await
+    set_disabled(&api, &name, false).await?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "disabled": false})))
+}
+
+/// Removes user `name`, audited as the current actor (the API's and the console's service).
+pub(crate) async fn remove(api: &Api, name: &str) -> ApiResult<()> {
+    let (n, at) = (name.to_owned(), now());
+    api.shared.db.call(move |c| store::remove_user(c, &n, at)).await?.map_err(|r| refusal(&r))
 }
 
 async fn remove_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
-    let (n, at) = (name.clone(), now());
-    api.shared.db.call(move |c| store::remove_user(c, &n, at)).await?.map_err(|r| refusal(&r))?;
+    remove(&api, &name).await?;
     Ok(json_response(StatusCode::OK, &json!({"name": name, "removed": true})))
 }
 
@@ -428,10 +448,38 @@ async fn create_token(
     body: String,
 ) -> ApiResult<Response> {
     let request: CreateToken = parse(&body)?;
-    rules::check_name("token name", &request.name)
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let role = parse_role(&request.role)?;
-    let ttl = Duration::from_secs(request.ttl_seconds);
+    let created =
+        create_token_as(&api, &principal, &request.name, &request.role, request.ttl_seconds)
+            .await?;
+    Ok(json_response(StatusCode::CREATED, &created))
+}
+
+/// A new API token, its secret shown once.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct NewApiToken {
+    /// Its name.
+    pub(crate) name: String,
+    /// Its role.
+    pub(crate) role: String,
+    /// The bearer secret.
+    pub(crate) token: String,
+    /// When it expires.
+    pub(crate) expires_at: Timestamp,
+}
+
+/// Creates API token `name` of `role` for `ttl_seconds` on behalf of `principal`, by the
+/// rules of API tokens (no token creates one; never more powerful than its creator),
+/// audited as the current actor (the API's and the console's service).
+pub(crate) async fn create_token_as(
+    api: &Api,
+    principal: &Principal,
+    name: &str,
+    role: &str,
+    ttl_seconds: u64,
+) -> ApiResult<NewApiToken> {
+    rules::check_name("token name", name).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let role = parse_role(role)?;
+    let ttl = Duration::from_secs(ttl_seconds);
     if ttl < TOKEN_TTL.0 || ttl > TOKEN_TTL.1 {
         return Err(ApiError::bad_request(format!(
             "ttl_seconds must be between {} and {} (366 days)",
@@ -442,28 +490,30 @@ async fn create_token(
     if matches!(principal.via, Via::ApiToken { .. }) {
         let message =
             format!("{} is an API token; API tokens cannot create API tokens", principal.actor);
-        return Err(forbidden(&api, &principal, "/v1/apitokens", message).await);
+        return Err(forbidden(api, principal, "/v1/apitokens", message).await);
     }
     if !principal.role.covers(role) {
         let message = format!(
             "{} has role {}, which cannot create an API token of role {role}: a token is never more powerful than its creator",
             principal.actor, principal.role
         );
-        return Err(forbidden(&api, &principal, "/v1/apitokens", message).await);
+        return Err(forbidden(api, principal, "/v1/apitokens", message).await);
     }
     let (secret, sha) = store::new_secret(store::TOKEN_PREFIX);
-    let (name, creator, at) = (request.name.clone(), principal.actor.clone(), now());
+    let (n, creator, at) = (name.to_owned(), principal.actor.clone(), now());
     let expires = api
         .shared
         .db
-        .call(move |c| store::create_api_token(c, &name, role, &creator, sha, ttl, at))
+        .call(move |c| store::create_api_token(c, &n, role, &creator, sha, ttl, at))
         .await?
         .map_err(|r| refusal(&r))?;
-    tracing::info!(token = %request.name, %role, by = %principal.actor, "API token created");
-    Ok(json_response(
-        StatusCode::CREATED,
-        &json!({"name": request.name, "role": role.name(), "token": secret, "expires_at": expires}),
-    ))
+    tracing::info!(token = %name, %role, by = %principal.actor, "API token created");
+    Ok(NewApiToken {
+        name: name.to_owned(),
+        role: role.name().into(),
+        token: secret,
+        expires_at: expires,
+    })
 }
 
 async fn revoke_token(
@@ -471,11 +521,18 @@ async fn revoke_token(
     Extension(principal): Extension<Principal>,
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
-    let (n, by, at) = (name.clone(), principal.clone(), now());
+    revoke_token_as(&api, &principal, &name).await?;
+    Ok(json_response(StatusCode::OK, &json!({"name": name, "revoked": true})))
+}
+
+/// Revokes API token `name` on behalf of `principal` (a token revokes only itself),
+/// audited as the current actor (the API's and the console's service).
+pub(crate) async fn revoke_token_as(api: &Api, principal: &Principal, name: &str) -> ApiResult<()> {
+    let (n, by, at) = (name.to_owned(), principal.clone(), now());
     match api.shared.db.call(move |c| store::revoke_api_token(c, &n, &by, at)).await? {
-        Ok(()) => Ok(json_response(StatusCode::OK, &json!({"name": name, "revoked": true}))),
+        Ok(()) => Ok(()),
         Err(r @ Refusal::NotYours { .. }) => {
-            Err(forbidden(&api, &principal, &format!("/v1/apitokens/{name}"), r.to_string()).await)
+            Err(forbidden(api, principal, &format!("/v1/apitokens/{name}"), r.to_string()).await)
         }
         Err(r) => Err(refusal(&r)),
     }
