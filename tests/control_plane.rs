@@ -470,3 +470,45 @@ async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline()
     offline.stop().await;
     control.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_server_certificate_renews_itself_and_expiries_are_exported() {
+    use std::sync::atomic::Ordering;
+    let work = tempfile::tempdir().unwrap();
+    let mut config = fleet::config(&work.path().join("control"), "127.0.0.1:0".parse().unwrap());
+    config.server_cert_lifetime = Duration::from_secs(2);
+    let control = Control::start_with(config, None).await;
+    let first = control.shared.server_cert_expires.load(Ordering::Relaxed);
+    // Renewed twice: the certificate made at start has expired by then.
+    eventually(Duration::from_secs(30), "the certificate is renewed twice", || async {
+        control.shared.server_cert_expires.load(Ordering::Relaxed) >= first + 2
+    })
+    .await;
+    control.push_sample(work.path(), MODEL, 1).await;
+    control.client.deploy("edge", MODEL, 1).await.unwrap();
+    let agent = control.agent(work.path(), "agent", "edge").await;
+    eventually(Duration::from_secs(60), "the agent enrolled and serves", || async {
+        agent.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
+
+    let metrics = reqwest::get(format!("{}/metrics", control.client.base()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    let year = 365 * 86_400;
+    let root = value("falaj_trust_root_expiry_seconds");
+    assert!(root > year && root <= 2 * year, "the default two-year root: {root}");
+    assert!(value("falaj_ca_certificate_expiry_seconds") > 9 * year);
+    assert!(value("falaj_server_certificate_expiry_seconds") <= 2);
+    agent.stop().await;
+    control.stop().await;
+}

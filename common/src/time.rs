@@ -45,6 +45,17 @@ impl Timestamp {
     }
 }
 
+/// Days before an expiry at which operators are warned, widest first.
+pub const EXPIRY_WARNINGS_DAYS: [u64; 3] = [90, 30, 7];
+
+/// The narrowest warning band of [`EXPIRY_WARNINGS_DAYS`] that `expires` falls in at
+/// `now` (7 within a week, 30 within a month...), or `None` while it is further off.
+/// Something already expired is in the narrowest band.
+pub fn expiry_warning(now: Timestamp, expires: Timestamp) -> Option<u64> {
+    let left = expires.unix().saturating_sub(now.unix());
+    EXPIRY_WARNINGS_DAYS.into_iter().rev().find(|days| left < days * 86_400)
+}
+
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // humantime refuses years past 9999; such a time is only ever an absurd expiry.
@@ -86,6 +97,18 @@ mod tests {
     fn refuses_garbage_and_names_it() {
         let err = serde_json::from_str::<Timestamp>("\"yesterday\"").unwrap_err();
         assert!(err.to_string().contains("yesterday"), "{err}");
+    }
+
+    #[test]
+    fn expiry_warnings_narrow_as_the_day_nears() {
+        let now = Timestamp::from_unix(1_800_000_000);
+        let in_days = |d: u64| Timestamp::from_unix(now.unix() + d * 86_400);
+        assert_eq!(expiry_warning(now, in_days(91)), None);
+        assert_eq!(expiry_warning(now, in_days(89)), Some(90));
+        assert_eq!(expiry_warning(now, in_days(30)), Some(90));
+        assert_eq!(expiry_warning(now, in_days(29)), Some(30));
+        assert_eq!(expiry_warning(now, in_days(6)), Some(7));
+        assert_eq!(expiry_warning(now, Timestamp::from_unix(1)), Some(7), "already expired");
     }
 
     #[test]

@@ -85,6 +85,7 @@ pub struct Issued {
 pub struct Ca {
     cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
+    expires: Timestamp,
 }
 
 impl std::fmt::Debug for Ca {
@@ -130,13 +131,29 @@ impl Ca {
         let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_err("reading the CA key"))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(cert_err("reading the CA certificate"))?;
-        let cert_der = rustls::pki_types::pem::PemObject::from_pem_slice(cert_pem.as_bytes())
+        let cert_der: CertificateDer<'static> = rustls::pki_types::pem::PemObject::from_pem_slice(
+            cert_pem.as_bytes(),
+        )
+        .map_err(|e| CaError::Io {
+            op: "parsing",
+            path: cert_path,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        let expires = x509_parser::parse_x509_certificate(&cert_der)
+            .map(|(_, cert)| {
+                Timestamp::from_unix(cert.validity().not_after.timestamp().max(0) as u64)
+            })
             .map_err(|e| CaError::Io {
                 op: "parsing",
-                path: cert_path,
+                path: dir.join(CA_CERT_FILE),
                 source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
             })?;
-        Ok(Self { cert_der, issuer })
+        Ok(Self { cert_der, issuer, expires })
+    }
+
+    /// When the CA certificate expires.
+    pub fn expires(&self) -> Timestamp {
+        self.expires
     }
 
     /// The CA certificate (DER).

@@ -303,6 +303,9 @@ pub struct KeysDirArgs {
     /// The keys directory made by `keys init`.
     #[arg(long, alias = "dir")]
     keys: PathBuf,
+    /// Where the root keys are, when kept offline (`keys init --offline-root DIR`).
+    #[arg(long)]
+    root_keys_dir: Option<PathBuf>,
 }
 
 /// Arguments of `keys rotate-root`.
@@ -364,6 +367,10 @@ pub struct KeysInitArgs {
     /// Lifetime of the trust root (e.g. 2y, 180d).
     #[arg(long, default_value = "2y", value_parser = humantime::parse_duration)]
     expires_in: Duration,
+    /// Write the root keys to this directory instead (removable media the operator
+    /// carries), so that the control plane's host never holds them.
+    #[arg(long)]
+    offline_root: Option<PathBuf>,
 }
 
 /// `bundle` subcommands.
@@ -628,12 +635,14 @@ fn keys_init(args: &KeysInitArgs, now: SystemTime) -> Result<(), Failure> {
         signing_keys: args.signing_keys,
         signing_threshold: args.signing_threshold,
         lifetime: args.expires_in,
+        root_dir: args.offline_root.clone(),
     };
     let trust = keys::init(&args.dir, &options, now).map_err(keys_failure)?;
     println!(
-        "created {} root key(s) (threshold {}) and {} signing key(s) (threshold {}) in {}",
+        "created {} root key(s) (threshold {}) in {} and {} signing key(s) (threshold {}) in {}",
         args.root_keys,
         args.root_threshold,
+        args.offline_root.as_deref().unwrap_or(&args.dir).display(),
         args.signing_keys,
         args.signing_threshold,
         args.dir.display()
@@ -645,7 +654,9 @@ fn keys_init(args: &KeysInitArgs, now: SystemTime) -> Result<(), Failure> {
         trust.region(),
         trust.metadata().expires
     );
-    println!("keep the root-*.key files offline; agents need only root.json");
+    if args.offline_root.is_none() {
+        println!("keep the root-*.key files offline; agents need only root.json");
+    }
     Ok(())
 }
 
@@ -654,7 +665,7 @@ fn keys(command: KeysCommand, now: SystemTime) -> Result<(), Failure> {
         KeysCommand::Init(args) => keys_init(&args, now),
         KeysCommand::RotateRoot(args) => keys_rotate_root(&args, now),
         KeysCommand::RotateSigning(args) => keys_rotate_signing(&args, now),
-        KeysCommand::Status(args) => keys_status(&args.keys, now),
+        KeysCommand::Status(args) => keys_status(&args, now),
     }
 }
 
@@ -663,6 +674,7 @@ fn keys_rotate_root(args: &RotateRootArgs, now: SystemTime) -> Result<(), Failur
     let current = keys::load_trust_unexpired(dir).map_err(keys_failure)?;
     let count = current.metadata().roles.root.keyids.len();
     let options = RotateOptions {
+        root_dir: args.dir.root_keys_dir.clone(),
         root_keys: (!args.keep_keys).then_some(args.root_keys.unwrap_or(count)),
         root_threshold: args.root_threshold,
         lifetime: Some(args.expires_in),
@@ -676,6 +688,7 @@ fn keys_rotate_signing(args: &RotateSigningArgs, now: SystemTime) -> Result<(), 
     let dir = &args.dir.keys;
     let current = keys::load_trust_unexpired(dir).map_err(keys_failure)?;
     let options = RotateOptions {
+        root_dir: args.dir.root_keys_dir.clone(),
         signing_keys: Some(args.signing_keys.unwrap_or(current.signing_role().keyids.len())),
         signing_threshold: args.signing_threshold,
         lifetime: Some(args.expires_in),
@@ -707,9 +720,12 @@ fn report_rotation(dir: &Path, rotation: &keys::Rotation) {
     );
 }
 
-fn keys_status(dir: &Path, now: SystemTime) -> Result<(), Failure> {
-    let versions = keys::versions(dir).map_err(keys_failure)?;
-    let held = keys::private_key_ids(dir).map_err(keys_failure)?;
+fn keys_status(args: &KeysDirArgs, now: SystemTime) -> Result<(), Failure> {
+    let versions = keys::versions(&args.keys).map_err(keys_failure)?;
+    let mut held = keys::private_key_ids(&args.keys).map_err(keys_failure)?;
+    if let Some(root_dir) = &args.root_keys_dir {
+        held.extend(keys::private_key_ids(root_dir).map_err(keys_failure)?);
+    }
     print!("{}", render_keys_status(&versions, &held, Timestamp::from_system(now)));
     Ok(())
 }
@@ -751,17 +767,16 @@ pub fn render_keys_status(versions: &[TrustRoot], held: &[KeyId], now: Timestamp
         );
     }
     let _ = writeln!(out, "(* = private key in this directory)");
-    if let Some(current) = versions.last() {
-        let left = current.expires().unix().saturating_sub(now.unix());
-        if let Some(days) = [7u64, 30, 90].into_iter().find(|d| left < d * 86_400) {
-            let _ = writeln!(
-                out,
-                "WARNING: trust root version {} expires within {days} days ({}): rotate it with \
+    if let Some(current) = versions.last()
+        && let Some(days) = falaj_common::time::expiry_warning(now, current.expires())
+    {
+        let _ = writeln!(
+            out,
+            "WARNING: trust root version {} expires within {days} days ({}): rotate it with \
                  `falaj-control keys rotate-root`",
-                current.version(),
-                current.expires()
-            );
-        }
+            current.version(),
+            current.expires()
+        );
     }
     out
 }

@@ -81,6 +81,9 @@ pub struct QuicConfig {
     /// answer) before it is closed.
     #[serde(with = "human_duration")]
     pub enrollment_deadline: Duration,
+    /// Lifetime of the TLS certificate agents see; renewed in place with half of it left.
+    #[serde(with = "human_duration")]
+    pub certificate_lifetime: Duration,
 }
 
 /// `[admin]`.
@@ -166,6 +169,7 @@ impl Default for QuicConfig {
             max_enrollments: enrollment.max_total,
             max_enrollments_per_address: enrollment.max_per_address,
             enrollment_deadline: enrollment.deadline,
+            certificate_lifetime: defaults().server_cert_lifetime,
         }
     }
 }
@@ -336,6 +340,7 @@ impl ControlConfig {
         serve.admin_http.max_connections = self.admin.max_connections;
         serve.region.clone_from(&self.region);
         serve.server_names.extend(self.quic.server_names.iter().cloned());
+        serve.server_cert_lifetime = self.quic.certificate_lifetime;
         serve.policy.desired_ttl = self.policy.desired_ttl;
         serve.policy.cert_ttl = self.policy.cert_ttl;
         serve.policy.heartbeat = self.policy.heartbeat;
@@ -403,6 +408,13 @@ impl Checked for ControlConfig {
             self.quic.enrollment_deadline,
             Duration::from_secs(1),
             Duration::from_secs(120),
+        )?;
+        within(
+            path,
+            "quic.certificate_lifetime",
+            self.quic.certificate_lifetime,
+            Duration::from_secs(3600),
+            Duration::from_secs(5 * 365 * 86_400),
         )?;
         self.check_admin(path)?;
         within(path, "bundles.max_bytes", self.bundles.max_bytes, 1 << 20, 1 << 40)?;

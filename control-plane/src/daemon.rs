@@ -2,13 +2,16 @@
 //! listener for the admin API, and the periodic tasks (report batching, document refresh,
 //! alert rules, rollout judgement), all stopped together by the shutdown future.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use falaj_common::time::Timestamp;
+use falaj_common::trust::TrustRoot;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
@@ -43,6 +46,8 @@ pub struct ServeConfig {
     pub region: Option<String>,
     /// Extra names for the TLS certificate (besides the fixed one agents verify).
     pub server_names: Vec<String>,
+    /// Lifetime of the QUIC server certificate; it is renewed with half of it left.
+    pub server_cert_lifetime: Duration,
     /// Timings.
     pub policy: Policy,
     /// Largest bundle accepted by push.
@@ -70,6 +75,7 @@ impl ServeConfig {
             admin_body_timeout: Duration::from_secs(60),
             region: None,
             server_names: vec!["localhost".into()],
+            server_cert_lifetime: Duration::from_secs(365 * 86_400),
             policy: Policy::default(),
             max_bundle_bytes: falaj_common::bundle::Policy::DEFAULT_MAX_BUNDLE_BYTES,
             metrics_retention: Duration::from_secs(30 * 86_400),
@@ -125,10 +131,52 @@ pub struct ControlPlane {
     alerts: AlertsConfig,
     rollouts: RolloutsConfig,
     audit: crate::audit::AuditConfig,
+    server_names: Vec<String>,
+    server_cert_lifetime: Duration,
 }
 
 fn io(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServeError {
     move |source| ServeError::Io { op, path: path.to_string(), source }
+}
+
+/// The region's keys in `keys_dir`, made on the first start (`config.region` is needed
+/// then); returns the trust root after checking it against `config`, and warns while
+/// root keys are on this host.
+fn open_keys(
+    config: &ServeConfig,
+    keys_dir: &Path,
+    now: SystemTime,
+) -> Result<TrustRoot, ServeError> {
+    if !keys_dir.join(keys::ROOT_FILE).exists() {
+        let region = config.region.clone().ok_or_else(|| {
+            ServeError::Config(format!(
+                "{} holds no keys: pass --region on the first start (or run `falaj-control keys init --dir {}`)",
+                config.data_dir.display(),
+                keys_dir.display()
+            ))
+        })?;
+        keys::init(keys_dir, &keys::InitOptions::new(&region), now)?;
+        tracing::info!(%region, dir = %keys_dir.display(), "created keys and trust root");
+    }
+    let trust = keys::load_trust(keys_dir, now)?;
+    if let Some(region) = config.region.as_ref().filter(|r| *r != trust.region()) {
+        return Err(ServeError::Config(format!(
+            "--region {region} differs from the keys' region {}",
+            trust.region()
+        )));
+    }
+    if keys::private_key_ids(keys_dir)?
+        .iter()
+        .any(|id| trust.metadata().roles.root.keyids.contains(id))
+    {
+        tracing::warn!(
+            dir = %keys_dir.display(),
+            "root keys are on the control plane's host: anyone who takes it can replace the \
+             trust root; move them offline (`keys init --offline-root`, `keys rotate-root \
+             --root-keys-dir`)"
+        );
+    }
+    Ok(trust)
 }
 
 /// The admin token in `data_dir`, created (random, 0600) if missing.
@@ -170,24 +218,7 @@ impl ControlPlane {
         files::create_private_dir(&config.data_dir)
             .map_err(io("creating", config.data_dir.display()))?;
         let keys_dir = config.data_dir.join("keys");
-        if !keys_dir.join(keys::ROOT_FILE).exists() {
-            let region = config.region.clone().ok_or_else(|| {
-                ServeError::Config(format!(
-                    "{} holds no keys: pass --region on the first start (or run `falaj-control keys init --dir {}`)",
-                    config.data_dir.display(),
-                    keys_dir.display()
-                ))
-            })?;
-            keys::init(&keys_dir, &keys::InitOptions::new(&region), now)?;
-            tracing::info!(%region, dir = %keys_dir.display(), "created keys and trust root");
-        }
-        let trust = keys::load_trust(&keys_dir, now)?;
-        if let Some(region) = config.region.as_ref().filter(|r| *r != trust.region()) {
-            return Err(ServeError::Config(format!(
-                "--region {region} differs from the keys' region {}",
-                trust.region()
-            )));
-        }
+        let trust = open_keys(&config, &keys_dir, now)?;
         let signers = keys::load_signing_keys(&keys_dir, &trust)?;
         let ca = Ca::load_or_create(&keys_dir, trust.region(), now)?;
         let db = Db::open(&config.data_dir.join(db::DB_FILE))?;
@@ -209,8 +240,10 @@ impl ControlPlane {
         let features = FeatureStore::open(&config.data_dir, &keys_dir, &region)?;
 
         let (chain, key) =
-            ca.server_identity(&config.server_names, Duration::from_secs(365 * 24 * 3600), now)?;
+            ca.server_identity(&config.server_names, config.server_cert_lifetime, now)?;
         let server_config = quic::server_config(chain, key, ca.cert_der())?;
+        let server_cert_expires =
+            Timestamp::from_system(now).saturating_add(config.server_cert_lifetime);
         let endpoint = quinn::Endpoint::server(server_config, config.quic)
             .map_err(io("binding QUIC on", config.quic))?;
         let quic_addr = endpoint.local_addr().map_err(io("binding QUIC on", config.quic))?;
@@ -229,6 +262,7 @@ impl ControlPlane {
             Shared::new(db, blobs, ca, trust, signers, audit_key, config.policy.clone())
                 .with_trust_chain(chain),
         );
+        shared.server_cert_expires.store(server_cert_expires.unix(), Ordering::Relaxed);
         let api = admin::Api {
             shared: Arc::clone(&shared),
             token: Arc::new(token),
@@ -254,6 +288,8 @@ impl ControlPlane {
             alerts: config.alerts,
             rollouts: config.rollouts,
             audit: config.audit,
+            server_names: config.server_names,
+            server_cert_lifetime: config.server_cert_lifetime,
         })
     }
 
@@ -305,6 +341,8 @@ impl ControlPlane {
             alerts,
             rollouts,
             audit,
+            server_names,
+            server_cert_lifetime,
         } = self;
         tracing::info!(%quic_addr, %admin_addr, region = %shared.region, "control plane serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -320,6 +358,13 @@ impl ControlPlane {
             tokio::spawn(crate::alerts::run(Arc::clone(&shared), alerts, stop_rx.clone()));
         let checkpoints =
             tokio::spawn(crate::audit::run(Arc::clone(&shared), audit, stop_rx.clone()));
+        let certificates = tokio::spawn(certificates(
+            Arc::clone(&shared),
+            endpoint.clone(),
+            server_names,
+            server_cert_lifetime,
+            stop_rx.clone(),
+        ));
         let mut admin_stop = stop_rx.clone();
         let admin_server = tokio::spawn(async move {
             // Requests carry the peer's address (`ConnectInfo`) for the gate: audit entries
@@ -339,11 +384,67 @@ impl ControlPlane {
         let _ = alerting.await;
         let _ = judging.await;
         let _ = checkpoints.await;
+        let _ = certificates.await;
         admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
         shared.flush_seen().await?;
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         tracing::info!("control plane stopped");
         Ok(())
+    }
+}
+
+/// Renews the QUIC server certificate in place when half its lifetime has passed, and
+/// warns in the log as the trust root, the CA and the server certificate come within 90,
+/// 30 and 7 days of expiry (once per band), until told to stop.
+async fn certificates(
+    shared: Arc<Shared>,
+    endpoint: quinn::Endpoint,
+    names: Vec<String>,
+    lifetime: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(
+        (lifetime / 10).clamp(Duration::from_millis(100), Duration::from_secs(3600)),
+    );
+    let mut warned: HashMap<&'static str, u64> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let now = SystemTime::now();
+        let at = Timestamp::from_system(now);
+        let server = Timestamp::from_unix(shared.server_cert_expires.load(Ordering::Relaxed));
+        if server.unix().saturating_sub(at.unix()) < lifetime.as_secs() / 2 {
+            let renewed = shared
+                .ca
+                .server_identity(&names, lifetime, now)
+                .and_then(|(chain, key)| quic::server_config(chain, key, shared.ca.cert_der()));
+            match renewed {
+                Ok(config) => {
+                    endpoint.set_server_config(Some(config));
+                    let expires = at.saturating_add(lifetime);
+                    shared.server_cert_expires.store(expires.unix(), Ordering::Relaxed);
+                    tracing::info!(%expires, "renewed the control plane's TLS certificate");
+                }
+                Err(err) => tracing::error!(error = %err, "renewing the TLS certificate failed"),
+            }
+        }
+        let server = Timestamp::from_unix(shared.server_cert_expires.load(Ordering::Relaxed));
+        for (what, expires) in [
+            ("trust root", shared.trust.expires()),
+            ("CA certificate", shared.ca.expires()),
+            ("TLS server certificate", server),
+        ] {
+            let band = falaj_common::time::expiry_warning(at, expires);
+            if let Some(days) = band.filter(|d| warned.get(what) != Some(d)) {
+                tracing::warn!(what, %expires, days, "{what} expires within {days} days");
+            }
+            match band {
+                Some(days) => warned.insert(what, days),
+                None => warned.remove(what),
+            };
+        }
     }
 }
 

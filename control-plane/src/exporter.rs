@@ -46,6 +46,8 @@ impl Collector for Exporter {
         let i = &self.shared.ingest;
         exposition::encode_versions(&mut encoder, "reported by agents", &i.versions())?;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let now = Timestamp::from_system(SystemTime::now());
+        let left = |expires: Timestamp| expires.unix().saturating_sub(now.unix());
         let connected =
             self.shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
         exposition::encode_scalars(
@@ -90,6 +92,24 @@ impl Collector for Exporter {
                     load(&i.transfer_bytes),
                 ),
                 ("falaj_alerts_firing", "Alerts firing", false, self.stored.alerts_firing),
+                (
+                    "falaj_trust_root_expiry_seconds",
+                    "Seconds until the trust root expires (0 once it has)",
+                    false,
+                    left(self.shared.trust.expires()),
+                ),
+                (
+                    "falaj_ca_certificate_expiry_seconds",
+                    "Seconds until the agents' certificate authority expires",
+                    false,
+                    left(self.shared.ca.expires()),
+                ),
+                (
+                    "falaj_server_certificate_expiry_seconds",
+                    "Seconds until the QUIC server certificate expires (it renews itself)",
+                    false,
+                    left(Timestamp::from_unix(load(&self.shared.server_cert_expires))),
+                ),
             ],
         )?;
         let judged: Vec<Judgement> = {

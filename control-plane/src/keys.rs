@@ -107,6 +107,9 @@ pub struct InitOptions {
     pub signing_threshold: u32,
     /// Lifetime of the trust root.
     pub lifetime: Duration,
+    /// Where the root keys go, if not beside the others: a directory the operator
+    /// carries offline, so the daemon's host never holds them (`--offline-root`).
+    pub root_dir: Option<PathBuf>,
 }
 
 impl InitOptions {
@@ -119,6 +122,7 @@ impl InitOptions {
             signing_keys: 1,
             signing_threshold: 1,
             lifetime: falaj_common::trust::DEFAULT_ROOT_LIFETIME,
+            root_dir: None,
         }
     }
 }
@@ -139,8 +143,16 @@ pub fn init(dir: &Path, options: &InitOptions, now: SystemTime) -> Result<TrustR
         path: dir.to_owned(),
         source,
     })?;
+    let root_dir = options.root_dir.as_deref().unwrap_or(dir);
+    if root_dir != dir {
+        files::create_private_dir(root_dir).map_err(|source| KeysError::Io {
+            op: "creating directory",
+            path: root_dir.to_owned(),
+            source,
+        })?;
+    }
     let rng = SystemRandom::new();
-    let root_keys = generate(dir, "root", options.root_keys, &rng)?;
+    let root_keys = generate(root_dir, "root", options.root_keys, &rng)?;
     let signing_keys = generate(dir, "signing", options.signing_keys, &rng)?;
     let publics: Vec<_> = signing_keys.iter().map(SigningKey::public).collect();
     let trust = RootSpec {
@@ -190,6 +202,8 @@ pub struct RotateOptions {
     pub signing_threshold: Option<u32>,
     /// Lifetime of the new root, from now.
     pub lifetime: Option<Duration>,
+    /// Where the root keys are (and new ones go), if not in the keys directory.
+    pub root_dir: Option<PathBuf>,
 }
 
 /// What a rotation did.
@@ -215,24 +229,25 @@ pub fn rotate(dir: &Path, options: &RotateOptions, now: SystemTime) -> Result<Ro
             KeysError::Io { op: "writing", path: current_file.clone(), source }
         })?;
     }
-    let old_root = load_keys(dir, "root", &current.metadata().roles.root.keyids)?;
+    let root_dir = options.root_dir.as_deref().unwrap_or(dir);
+    let old_root = load_keys(root_dir, "root", &current.metadata().roles.root.keyids)?;
     let root_threshold = current.metadata().roles.root.threshold;
     if old_root.len() < root_threshold as usize {
         return Err(KeysError::TooFewRootKeys {
-            dir: dir.to_owned(),
+            dir: root_dir.to_owned(),
             found: old_root.len(),
             threshold: root_threshold,
         });
     }
     let rng = SystemRandom::new();
     let new_root = match options.root_keys {
-        Some(count) => Some(generate(dir, "root", count, &rng)?),
+        Some(count) => Some(generate(root_dir, "root", count, &rng)?),
         None if old_root.len() == current.metadata().roles.root.keyids.len() => None,
         None => {
             return Err(KeysError::Invalid(format!(
                 "{} holds {} of the trust root's {} root keys: all are needed to keep them \
                  (or make new ones with --root-keys)",
-                dir.display(),
+                root_dir.display(),
                 old_root.len(),
                 current.metadata().roles.root.keyids.len()
             )));
@@ -274,7 +289,10 @@ pub fn rotate(dir: &Path, options: &RotateOptions, now: SystemTime) -> Result<Ro
         .follow(&[trust.to_json()], now)
         .map_err(|source| KeysError::Trust { path: next_path, source })?;
     publish(dir, &trust)?;
-    let retired = retire(dir, &trust)?;
+    let mut retired = retire(dir, &trust)?;
+    if root_dir != dir {
+        retired.extend(retire(root_dir, &trust)?);
+    }
     Ok(Rotation { trust, retired })
 }
 
@@ -470,7 +488,12 @@ mod tests {
         assert_eq!(v2.retired.len(), 1, "the old root key");
         let signing = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
         let v3 = rotate(&dir, &signing, now()).unwrap().trust;
-        assert_eq!(v3.metadata().roles.root, v2.trust.metadata().roles.root, "root keys kept");
+        let root_ids = |t: &TrustRoot| {
+            let mut ids = t.metadata().roles.root.keyids.clone();
+            ids.sort();
+            ids
+        };
+        assert_eq!(root_ids(&v3), root_ids(&v2.trust), "root keys kept");
 
         // An agent that trusts version 1 follows the chain the directory keeps.
         let chain = chain_after(&dir, 1).unwrap();
@@ -509,6 +532,33 @@ mod tests {
         assert_eq!(fs::read(dir.join(ROOT_FILE)).unwrap(), before);
         assert!(!version_file(&dir, 2).exists());
         assert_eq!(files(&dir, "signing-"), 1, "no key was made");
+    }
+
+    #[test]
+    fn offline_root_keys_never_touch_the_keys_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (dir, offline) = (tmp.path().join("keys"), tmp.path().join("usb"));
+        let options =
+            InitOptions { root_dir: Some(offline.clone()), ..InitOptions::new("eu-west-1") };
+        init(&dir, &options, now()).unwrap();
+        assert_eq!(files(&dir, "root-"), 0);
+        assert_eq!(files(&offline, "root-"), 1);
+
+        // Without the offline keys a rotation is refused; with them it works, and the new
+        // root keys go where the old ones were.
+        let signing = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
+        let err = rotate(&dir, &signing, now()).unwrap_err();
+        assert!(matches!(err, KeysError::TooFewRootKeys { found: 0, .. }), "{err}");
+        let root = RotateOptions {
+            root_keys: Some(1),
+            root_dir: Some(offline.clone()),
+            ..RotateOptions::default()
+        };
+        let v2 = rotate(&dir, &root, now()).unwrap();
+        assert_eq!(v2.trust.version(), 2);
+        assert_eq!(files(&dir, "root-"), 0);
+        assert_eq!(files(&offline, "root-"), 1, "the new key; the old one is retired");
+        assert_eq!(files(&offline.join("retired"), "root-"), 1);
     }
 
     #[test]

@@ -205,6 +205,9 @@ pub struct Shared {
     /// Every version of the trust root after the first, oldest first: sent to each agent
     /// as its session starts, so that agents enrolled under an older version follow.
     pub trust_chain: Vec<String>,
+    /// When the QUIC server certificate in use expires (Unix seconds); it is renewed
+    /// in place before then.
+    pub server_cert_expires: AtomicU64,
     /// Keys that sign desired-state documents.
     pub signers: Arc<Vec<SigningKey>>,
     /// This control plane's region.
@@ -272,6 +275,7 @@ impl Shared {
             region: trust.region().to_owned(),
             trust,
             trust_chain: Vec::new(),
+            server_cert_expires: AtomicU64::new(0),
             signers: Arc::new(signers),
             audit_key: Arc::new(audit_key),
             enrollments: EnrollmentGate::new(policy.enrollment),
