@@ -4,7 +4,13 @@
 //! flight, and a batch leaves the outbox only when the control plane acknowledges it,
 //! after its own commit. Outages, restarts of either side and lost acknowledgements
 //! therefore cost nothing: the control plane stores each (agent, sequence) once.
+//!
+//! A window that cannot be written (the disk full, or read-only) is kept in memory and
+//! written before newer ones at the next close, so a disk that fills and frees again
+//! loses no count; at most [`MAX_UNWRITTEN`] are kept, and what is dropped past that is
+//! carried, counted, by the next window written.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -16,6 +22,9 @@ use tokio::sync::{Notify, watch};
 use crate::metrics::{AgentStats, ModelMetrics};
 use crate::models::{Catalog, Registry, VersionState};
 use crate::store::{Store, StoreError};
+
+/// Most closed windows kept in memory while the outbox cannot be written.
+pub const MAX_UNWRITTEN: usize = 1024;
 
 /// How windows are made and kept.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +51,8 @@ pub struct Reporter {
     /// The versions measured at the last close: one unloaded since still gets its last
     /// window closed.
     measured: Mutex<Vec<Arc<ModelMetrics>>>,
+    /// Closed windows the outbox could not take yet, oldest first.
+    unwritten: Mutex<VecDeque<MetricsWindow>>,
     pending: Notify,
     rolled_back: Notify,
 }
@@ -60,6 +71,7 @@ impl Reporter {
             stats,
             config,
             measured: Mutex::new(Vec::new()),
+            unwritten: Mutex::new(VecDeque::new()),
             pending: Notify::new(),
             rolled_back: Notify::new(),
         }
@@ -102,18 +114,32 @@ impl Reporter {
         let windows: Vec<MetricsWindow> =
             current.iter().cloned().chain(gone).filter_map(|m| m.close(now)).collect();
         self.judge(&catalog, &windows, now)?;
-        if windows.is_empty() {
+        let mut unwritten =
+            self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        unwritten.extend(windows);
+        if unwritten.is_empty() {
             return Ok(0);
         }
-        let count = windows.len();
+        let count = unwritten.len();
         let mut store = self.lock_store();
         let mut evicted = 0;
-        for window in windows {
+        while let Some(window) = unwritten.front() {
             tracing::debug!(model = %window.model, version = window.version, requests = window.counts.requests, "metric window closed");
-            evicted += store.outbox_push(window, self.config.outbox_cap, now)?.1;
+            match store.outbox_push(window.clone(), self.config.outbox_cap, now) {
+                Ok((_, dropped)) => {
+                    evicted += dropped;
+                    unwritten.pop_front();
+                }
+                Err(e) => {
+                    keep_at_most(&mut unwritten, MAX_UNWRITTEN, &self.stats);
+                    return Err(e);
+                }
+            }
         }
+        drop(unwritten);
         self.update_depth(&store)?;
         drop(store);
+        crate::crash_point("outbox-written");
         if evicted > 0 {
             self.stats.dropped_windows.fetch_add(evicted, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
@@ -124,6 +150,11 @@ impl Reporter {
         }
         self.pending.notify_one();
         Ok(count)
+    }
+
+    /// Windows closed and not yet written to the outbox.
+    pub fn unwritten(&self) -> usize {
+        self.unwritten.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
 
     /// Adds `windows` to the rollouts of their models and judges their guards; stores the
@@ -236,5 +267,23 @@ impl Reporter {
                 return;
             }
         }
+    }
+}
+
+/// Drops the oldest of `windows` past `limit`; the next one kept carries what they counted
+/// (as the outbox's own eviction does), so the control plane still hears of them.
+fn keep_at_most(windows: &mut VecDeque<MetricsWindow>, limit: usize, stats: &AgentStats) {
+    let limit = limit.max(1);
+    while windows.len() > limit {
+        let Some(old) = windows.pop_front() else { break };
+        let next = windows.front_mut().expect("more than the limit are kept");
+        let counts = &mut next.counts;
+        counts.dropped_windows =
+            counts.dropped_windows.saturating_add(1).saturating_add(old.counts.dropped_windows);
+        counts.dropped_requests = counts
+            .dropped_requests
+            .saturating_add(old.counts.requests)
+            .saturating_add(old.counts.dropped_requests);
+        stats.dropped_windows.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }

@@ -489,10 +489,12 @@ impl Syncer {
                                 Err(e) => break Err(e),
                             };
                         }
-                        if let Some(renew) = self.renewal_request()
-                            && let Err(e) = write_frame(&mut send, &renew).await {
+                        if let Some(renew) = self.renewal_request() {
+                            if let Err(e) = write_frame(&mut send, &renew).await {
                                 break Err(conn_err(&e));
                             }
+                            crate::crash_point("renew-requested");
+                        }
                         None
                     }
                 }
@@ -522,6 +524,7 @@ impl Syncer {
         write_frame(send, &AgentMessage::Windows(batch))
             .await
             .map_err(|e| SyncError::Connection(e.to_string()))?;
+        crate::crash_point("outbox-sent");
         Ok(Some(seqs))
     }
 
@@ -549,9 +552,10 @@ impl Syncer {
             *in_flight = None;
         }
         let acked = seqs.to_vec();
+        crate::crash_point("outbox-acknowledged");
         let deleted = tokio::task::spawn_blocking(move || reporter.acknowledged(&acked)).await;
         match deleted {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => crate::crash_point("outbox-removed"),
             Ok(Err(e)) => tracing::error!(error = %e, "deleting acknowledged windows failed"),
             Err(e) => tracing::error!(error = %e, "deleting acknowledged windows failed"),
         }
@@ -577,6 +581,7 @@ impl Syncer {
         drop(pending);
         let request = KeyRequest::generate().ok()?;
         self.files.store_pending(&request).ok()?;
+        crate::crash_point("renew-key-written");
         tracing::info!(expires = %not_after, "renewing the agent certificate");
         Some(AgentMessage::Renew { csr_der: request.csr_der })
     }
@@ -601,8 +606,10 @@ impl Syncer {
             },
             ControlMessage::Renewed { certificate_der, expires } => {
                 *self.renewing.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+                crate::crash_point("renew-answered");
                 match self.files.install_renewed(&certificate_der) {
                     Ok(()) => {
+                        crate::crash_point("renew-installed");
                         tracing::info!(%expires, "certificate renewed; used from the next connection");
                     }
                     Err(e) => {
@@ -720,6 +727,7 @@ impl Syncer {
             let result = match &action {
                 Action::Install(want) => match fetcher.install(want, now).await {
                     Ok(stats) => {
+                        crate::crash_point("sync-installed");
                         self.stats.transfer_bytes.fetch_add(stats.fetched_bytes, Ordering::Relaxed);
                         tracing::info!(model = %want.name, version = want.version, chunks = stats.chunks, fetched = stats.fetched, fetched_bytes = stats.fetched_bytes, reused = stats.reused, damaged = stats.damaged, "bundle installed");
                         Ok(())
@@ -730,6 +738,7 @@ impl Syncer {
                     let (n, v) = (name.clone(), *version);
                     match self.with_store(move |s| s.activate(&n, v, now)).await {
                         Ok(true) => {
+                            crate::crash_point("sync-activated");
                             tracing::info!(model = %name, version, "activated");
                             self.reload.notify_one();
                             Ok(())

@@ -191,6 +191,7 @@ impl Fetcher {
         now: SystemTime,
     ) -> Result<TransferStats, TransferError> {
         let (recipe, stats) = self.download(want).await?;
+        crate::crash_point("sync-downloaded");
 
         // Assemble on the blocking pool, checking every chunk and the whole file again.
         let (fetcher, recipe_for_assembly) = (self.clone(), recipe.clone());

@@ -38,3 +38,20 @@ pub mod secrets;
 pub mod state;
 pub mod systemd;
 pub mod webhook;
+
+/// A point where the crash tests kill the process: built with the `failpoints` feature
+/// (the tests' builds only), `FAILPOINTS=NAME=return` aborts the process there, as a
+/// power cut or SIGKILL would stop it. Nothing at all otherwise. The variable is read at
+/// the first point reached, so no command needs to set the points up.
+#[inline]
+pub(crate) fn crash_point(name: &str) {
+    #[cfg(feature = "failpoints")]
+    {
+        static SETUP: std::sync::Once = std::sync::Once::new();
+        // The scenario lives as long as the process: its guard is never dropped.
+        SETUP.call_once(|| std::mem::forget(fail::FailScenario::setup()));
+        fail::eval(name, |_| std::process::abort());
+    }
+    #[cfg(not(feature = "failpoints"))]
+    let _ = name;
+}

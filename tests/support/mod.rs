@@ -111,6 +111,33 @@ impl Process {
         addr.trim_end_matches('/').parse().expect("an address")
     }
 
+    /// Waits (up to `limit`) for the process to end on its own; returns how it ended.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the process is ours") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process did not end within {limit:?}; output so far:\n{}",
+                self.seen.join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit; returns how it ended.
+    pub fn terminate_status(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -TERM {pid}")])
+            .status()
+            .expect("sh runs");
+        assert!(status.success());
+        self.child.wait().expect("the process ends")
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         let pid = self.child.id().to_string();
@@ -188,6 +215,11 @@ impl ControlProcess {
     /// Starts a control plane of region `eu-west-1` in `data`, agents on `quic`, with
     /// `extra` arguments; returns once both addresses are printed.
     pub fn start(data: &Path, quic: &str, extra: &[&str]) -> Self {
+        Self::start_with_env(data, quic, extra, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables.
+    pub fn start_with_env(data: &Path, quic: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let mut args = vec![
             "control",
             "serve",
@@ -201,7 +233,7 @@ impl ControlProcess {
             "eu-west-1",
         ];
         args.extend_from_slice(extra);
-        let mut process = Process::start(&args);
+        let mut process = Process::start_with_env(&args, env);
         let line = process.wait_for("admin API on");
         let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().into();
         let quic =

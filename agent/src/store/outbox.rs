@@ -47,13 +47,22 @@ impl Store {
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )?;
-            window.counts.dropped_windows = dropped_windows as u64;
-            window.counts.dropped_requests = dropped_requests as u64;
+            // Added to what the window already carries (windows the reporter dropped
+            // while the outbox could not be written).
+            window.counts.dropped_windows = window.counts.dropped_windows.saturating_add(dropped_windows as u64);
+            window.counts.dropped_requests = window.counts.dropped_requests.saturating_add(dropped_requests as u64);
             let bytes = postcard::to_stdvec(&window).expect("windows always encode");
             tx.execute(
                 "INSERT INTO outbox (seq, requests, dropped_windows, dropped_requests, window, created_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                params![seq, window.counts.requests as i64, dropped_windows, dropped_requests, bytes, at],
+                params![
+                    seq,
+                    window.counts.requests as i64,
+                    window.counts.dropped_windows as i64,
+                    window.counts.dropped_requests as i64,
+                    bytes,
+                    at
+                ],
             )?;
             tx.execute(
                 "UPDATE outbox_state SET next_seq = next_seq + 1, dropped_windows = 0, dropped_requests = 0",

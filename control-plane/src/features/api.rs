@@ -183,7 +183,7 @@ async fn ingest_file(
     Query(params): Query<FileParams>,
     body: Body,
 ) -> ApiResult<Response> {
-    let staged = stage(&api, body, "ingest-", "file").await?;
+    let staged = stage(&api, body, super::STAGED_INGEST, "file").await?;
     let file = params.file.unwrap_or_else(|| "upload".to_owned());
     let now = Timestamp::from_system(SystemTime::now());
     let (view, source) = (name.clone(), file.clone());

@@ -119,6 +119,7 @@ pub fn ingest(
     now: Timestamp,
 ) -> Result<Ingested, IngestError> {
     let format = Format::detect(path)?;
+    crate::crash_point("ingest-staged");
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let stored =
         store::current(&tx, view)?.ok_or_else(|| IngestError::UnknownView(view.to_owned()))?;
@@ -161,6 +162,8 @@ pub fn ingest(
         }
     };
     tx.execute("UPDATE ingests SET rows = ?1 WHERE id = ?2", params![rows as i64, id])?;
+    crate::crash_point("ingest-rows-written");
     tx.commit()?;
+    crate::crash_point("ingest-committed");
     Ok(Ingested { id, view: view.to_owned(), version: stored.version, rows })
 }

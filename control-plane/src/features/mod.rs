@@ -43,9 +43,34 @@ pub enum OpenError {
     },
 }
 
+/// The admin API's staging directory (under the data directory), where uploads wait.
+const STAGING: &str = "staging";
+/// The prefix of an uploaded ingest file in [`STAGING`].
+pub(crate) const STAGED_INGEST: &str = "ingest-";
+
+/// Removes uploaded ingest files a stopped process left in `staging`: an ingest killed
+/// before its answer wrote nothing or committed everything, and its client sends the file
+/// again. Only at open, before the admin API serves, so no live upload is taken.
+fn sweep_staged_ingests(staging: &Path) {
+    let Ok(entries) = std::fs::read_dir(staging) else { return };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(STAGED_INGEST) {
+            match std::fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    tracing::info!(file = %entry.path().display(), "removed an ingest upload left by the last stop");
+                }
+                Err(e) => {
+                    tracing::warn!(file = %entry.path().display(), error = %e, "removing an ingest upload left by the last stop");
+                }
+            }
+        }
+    }
+}
+
 impl FeatureStore {
     /// Opens `DATA/features.db` and the region's PII key `keys/pii-REGION.key` (32 random
-    /// bytes, made on first use, mode 0600; it never leaves the control plane).
+    /// bytes, made on first use, mode 0600; it never leaves the control plane), and
+    /// removes ingest uploads the last run left staged.
     pub fn open(data_dir: &Path, keys_dir: &Path, region: &str) -> Result<Self, OpenError> {
         let db = Db::open_with(&data_dir.join(store::FEATURES_DB_FILE), store::MIGRATIONS)?;
         let path = keys_dir.join(format!("pii-{region}.key"));
@@ -63,6 +88,7 @@ impl FeatureStore {
             }
             Err(e) => return Err(key_err(e)),
         };
+        sweep_staged_ingests(&data_dir.join(STAGING));
         if key.len() < 32 {
             return Err(key_err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
