@@ -136,6 +136,7 @@ fn seed(conn: &mut rusqlite::Connection, now: Timestamp) -> rusqlite::Result<()>
     let used = db::TokenUse { token_id: token, secret_sha256: secret, csr_sha256: secret };
     db::enroll(conn, &used, REGION, &agent, now)?.expect("the token enrolls the agent");
     db::deploy(conn, GROUP, MODEL, 1, now)?;
+    finetuned(conn, now)?;
     let held = monitoring::Held::from([(MODEL.to_owned(), 1)]);
     for i in 0..60u64 {
         let start = Timestamp::from_unix(now.unix() - 3600 + i * 60);
@@ -143,6 +144,63 @@ fn seed(conn: &mut rusqlite::Connection, now: Timestamp) -> rusqlite::Result<()>
         monitoring::insert_windows(conn, AGENT, &held, &batch, start)?;
     }
     Ok(())
+}
+
+/// The derived model the agent reports from its fine-tune job.
+const DERIVED: &str = "pumps.site-tuned";
+
+/// A fine-tune job ordered on the agent and its report: the lineage of a derived model.
+fn finetuned(conn: &mut rusqlite::Connection, now: Timestamp) -> rusqlite::Result<()> {
+    use falaj_common::finetune::{
+        DataSource, DesiredJob, EpochStats, Gate, Hyperparameters, Job, JobReport, JobState,
+        Lineage, Metrics, Objective, TrainEngine,
+    };
+    let job = DesiredJob {
+        id: "ft-1".into(),
+        job: Job {
+            model: MODEL.into(),
+            version: Some(1),
+            data: DataSource {
+                file: "/var/lib/site/pumps.csv".into(),
+                label: "fault".into(),
+                features: None,
+                entity: None,
+            },
+            hyperparameters: Hyperparameters::default(),
+            gate: Gate::default(),
+            engine: TrainEngine::Cpu,
+        },
+        share_weights: false,
+    };
+    falaj_control::finetune::order(conn, AGENT, &job, now)?;
+    let (before, after) =
+        (Metrics { loss: 0.61, accuracy: Some(0.81) }, Metrics { loss: 0.42, accuracy: Some(0.9) });
+    let report = JobReport {
+        id: job.id.clone(),
+        state: JobState::Succeeded,
+        detail: None,
+        derived: Some(DERIVED.into()),
+        lineage: Some(Lineage {
+            parent: MODEL.into(),
+            parent_version: 1,
+            parent_manifest_sha256: Sha256::of(b"manifest 1"),
+            data_sha256: Sha256::of(b"the site's rows"),
+            train_rows: 800,
+            held_out_rows: 200,
+            objective: Objective::CrossEntropy,
+            hyperparameters: Hyperparameters::default(),
+            engine: "cpu".into(),
+            before,
+            after,
+            best_epoch: 3,
+            epochs: (1..=4)
+                .map(|e| EpochStats { epoch: e, train_loss: 1.0 / f64::from(e), validation: after })
+                .collect(),
+            gate: Gate::default().judge(&before, &after),
+        }),
+        weights: None,
+    };
+    falaj_control::finetune::record_reports(conn, AGENT, &[report], now)
 }
 
 async fn plane() -> Plane {
@@ -379,10 +437,20 @@ impl Browser {
         e.click().await.unwrap();
     }
 
+    async fn select(&self, css: &str, value: &str) {
+        let field =
+            self.client.wait().at_most(DEADLINE).for_element(Locator::Css(css)).await.unwrap();
+        field.select_by_value(value).await.unwrap_or_else(|e| panic!("{css} = {value}: {e}"));
+    }
+
     async fn login(&self, plane: &Plane, user: &str) {
+        self.login_with(plane, user, PASSWORD).await;
+    }
+
+    async fn login_with(&self, plane: &Plane, user: &str, password: &str) {
         self.goto(&format!("{}/login", plane.url)).await;
         self.fill("#user", user).await;
-        self.fill("#password", PASSWORD).await;
+        self.fill("#password", password).await;
         self.click("main.login button[type=submit]").await;
         self.wait_text("form.logout .who", &format!("user:{user}")).await;
     }
@@ -447,6 +515,16 @@ async fn an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_acti
     assert_eq!(plane.rollout_state().await, "aborted");
     assert_eq!(b.count("form[action$='/abort']").await, 0, "no abort button once aborted");
 
+    b.goto(&format!("{}/rollouts", plane.url)).await;
+    b.wait_text("#deployments td.version", "1").await;
+    b.fill("#d-group", GROUP).await;
+    b.fill("#d-model", MODEL).await;
+    b.fill("#d-version", "2").await;
+    b.click("#deploy button[type=submit]").await;
+    b.wait_text("#deployments td.version", "2").await;
+    let (_, deployed) = plane.api(reqwest::Method::GET, "/v1/deployments", Value::Null).await;
+    assert!(deployed.to_string().contains("\"version\":2"), "{deployed}");
+
     b.goto(&format!("{}/tokens", plane.url)).await;
     b.fill("#t-group", NEW_GROUP).await;
     b.click("form.stack button[type=submit]").await;
@@ -465,11 +543,15 @@ async fn an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_acti
     )
     .await;
     b.wait_text("table td", &agent.id).await;
+    b.reload_until(&format!("{}/fleet?group={NEW_GROUP}", plane.url), "table tbody tr", "cpu")
+        .await;
     b.screenshot("fleet-enrolled").await;
     b.logout().await;
 
     let by_operator = actions(&plane.audit_of("user:otto").await);
-    for action in ["auth.login", "rollout.start", "rollout.abort", "token.create", "auth.logout"] {
+    for action in
+        ["auth.login", "rollout.start", "rollout.abort", "deploy", "token.create", "auth.logout"]
+    {
         assert!(by_operator.iter().any(|a| a == action), "{action} missing from {by_operator:?}");
     }
     b.login(&plane, "aude").await;
@@ -500,7 +582,8 @@ async fn a_viewer_finds_no_controls_and_is_refused_when_posting_anyway() {
     b.goto(&format!("{}/rollouts", plane.url)).await;
     b.wait_text("h2", "Rollouts").await;
     assert_eq!(b.count("form#start").await, 0, "no start form for a viewer");
-    for hidden in ["/audit", "/users", "/tokens"] {
+    assert_eq!(b.count("form#deploy").await, 0, "no deploy form for a viewer");
+    for hidden in ["/audit", "/users", "/tokens", "/apitokens"] {
         assert_eq!(
             b.count(&format!("nav a[href='{hidden}']")).await,
             0,
@@ -529,6 +612,139 @@ async fn a_viewer_finds_no_controls_and_is_refused_when_posting_anyway() {
     );
     b.goto(&format!("{}/audit", plane.url)).await;
     b.wait_text("p.notice", "lacks permission read_audit").await;
+
+    // The forms a viewer is not shown, posted anyway with this session's own CSRF token.
+    let with = |r: reqwest::RequestBuilder| r.header("cookie", format!("falaj_session={cookie}"));
+    let page = with(plane.http.get(format!("{}/fleet", plane.url))).send().await.unwrap();
+    let token = csrf_in(&page.text().await.unwrap());
+    let forged: [Forged; 6] = [
+        ("/users", vec![("name", "mallory"), ("role", "admin")], "manage_users"),
+        ("/users/ada/disable", vec![], "manage_users"),
+        ("/users/ada/remove", vec![], "manage_users"),
+        (
+            "/apitokens",
+            vec![("name", "mine"), ("role", "viewer"), ("ttl_seconds", "86400")],
+            "manage_api_tokens",
+        ),
+        ("/apitokens/ci/revoke", vec![], "manage_api_tokens"),
+        ("/deployments", vec![("group", GROUP), ("model", MODEL), ("version", "2")], "deploy"),
+    ];
+    for (path, fields, permission) in forged {
+        let mut pairs = vec![("csrf", token.as_str())];
+        pairs.extend(fields);
+        let refused = form(with(plane.http.post(format!("{}{path}", plane.url))), &pairs)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), 403, "{path}");
+        let text = refused.text().await.unwrap();
+        assert!(text.contains(&format!("lacks permission {permission}")), "{path}: {text}");
+    }
+    let (_, users) = plane.api(reqwest::Method::GET, "/v1/users", Value::Null).await;
+    let users = users.to_string();
+    assert!(!users.contains("mallory") && !users.contains("\"disabled_at\":\""), "{users}");
+    let (_, tokens) = plane.api(reqwest::Method::GET, "/v1/apitokens", Value::Null).await;
+    assert_eq!(tokens, json!([]), "no token was created");
+    let (_, deployed) = plane.api(reqwest::Method::GET, "/v1/deployments", Value::Null).await;
+    assert!(!deployed.to_string().contains("\"version\":2"), "{deployed}");
+    let entries = plane.audit_of("user:vera").await;
+    for permission in ["manage_users", "manage_api_tokens", "deploy"] {
+        assert!(
+            entries.iter().any(|e| e["action"] == permission && e["outcome"] == "refused"),
+            "the refused {permission} is audited: {entries:?}"
+        );
+    }
+}
+
+/// A form posted where it is refused: path, fields, the permission named.
+type Forged = (&'static str, Vec<(&'static str, &'static str)>, &'static str);
+
+/// An admin adds a user from the console and sees its one-time password once; the user
+/// logs in with it; the admin disables it (its login is then refused), enables it again
+/// and removes it; creates an API token, shown once, that opens the JSON API until the
+/// admin revokes it from the console; each of those actions is in the audit log under
+/// the admin's name, and an operator manages API tokens but not users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_manages_users_and_api_tokens_and_each_action_is_audited() {
+    let Some(b) = browser().await else { return };
+    let plane = plane().await;
+    let users = format!("{}/users", plane.url);
+    b.login(&plane, "ada").await;
+    b.goto(&users).await;
+    b.fill("#u-name", "nina").await;
+    b.select("#u-role", "operator").await;
+    b.click("#add-user button[type=submit]").await;
+    let password = b.wait_text("#one-time-password", "").await.trim().to_owned();
+    assert!(password.len() >= 12, "a generated password: {password:?}");
+    b.wait_text("#users td", "nina").await;
+    b.screenshot("user-added").await;
+    b.goto(&users).await;
+    b.wait_text("#users td", "nina").await;
+    assert_eq!(b.count("#one-time-password").await, 0, "the password is shown once");
+    b.logout().await;
+    b.login_with(&plane, "nina", &password).await;
+    b.wait_text("form.logout .who", "operator").await;
+    b.logout().await;
+
+    b.login(&plane, "ada").await;
+    b.goto(&users).await;
+    assert_eq!(b.count("form[action='/users/ada/remove']").await, 0, "no removing oneself");
+    b.click("form[action='/users/nina/disable'] button").await;
+    b.wait_text("p.notice", "User nina disabled.").await;
+    let (status, _, text) = login(&no_redirects(), &plane.url, "nina", &password, false).await;
+    assert_eq!(status, 401, "a disabled user cannot log in");
+    assert!(text.contains("disabled"), "{text}");
+    b.click("form[action='/users/nina/enable'] button").await;
+    b.wait_text("p.notice", "User nina enabled again.").await;
+    let (status, _, _) = login(&no_redirects(), &plane.url, "nina", &password, false).await;
+    assert_eq!(status, 303, "enabled again, the user logs in");
+    b.click("form[action='/users/nina/remove'] button").await;
+    b.wait_text("p.notice", "User nina removed.").await;
+    let (_, listed) = plane.api(reqwest::Method::GET, "/v1/users", Value::Null).await;
+    assert!(!listed.to_string().contains("nina"), "{listed}");
+
+    b.goto(&format!("{}/apitokens", plane.url)).await;
+    b.wait_text(".empty", "No API token").await;
+    b.fill("#k-name", "ci").await;
+    b.select("#k-role", "operator").await;
+    b.click("#create-token button[type=submit]").await;
+    let secret = b.wait_text("#api-token", "").await.trim().to_owned();
+    b.wait_text("#tokens td", "user:ada").await;
+    b.screenshot("api-token-created").await;
+    let whoami = || plane.http.get(format!("{}/v1/whoami", plane.url)).bearer_auth(&secret).send();
+    let me = whoami().await.unwrap();
+    assert_eq!(me.status(), 200);
+    let me: Value = me.json().await.unwrap();
+    assert_eq!((me["actor"].as_str(), me["role"].as_str()), (Some("token:ci"), Some("operator")));
+    b.click("form[action='/apitokens/ci/revoke'] button").await;
+    b.wait_text("p.notice", "API token ci revoked.").await;
+    b.wait_text("#tokens td", "revoked").await;
+    assert_eq!(whoami().await.unwrap().status(), 401, "the revoked token opens nothing");
+
+    let by_admin = actions(&plane.audit_of("user:ada").await);
+    let done = [
+        "user.add",
+        "user.disable",
+        "user.enable",
+        "user.remove",
+        "apitoken.create",
+        "apitoken.revoke",
+    ];
+    for action in done {
+        assert!(by_admin.iter().any(|a| a == action), "{action} missing from {by_admin:?}");
+    }
+    b.goto(&format!("{}/audit?actor=user:ada", plane.url)).await;
+    for action in done {
+        b.wait_text("table td", action).await;
+    }
+    b.logout().await;
+
+    b.login(&plane, "otto").await;
+    b.goto(&format!("{}/apitokens", plane.url)).await;
+    b.wait_text("h2", "Create an API token").await;
+    let roles = b.wait_text("#k-role", "operator").await;
+    assert!(!roles.contains("admin") && !roles.contains("auditor"), "at most its own: {roles}");
+    assert_eq!(b.count("nav a[href='/users']").await, 0, "an operator manages no users");
 }
 
 /// An admin opens every page; each has its data (the drift chart ranks the shifted
@@ -543,15 +759,16 @@ async fn an_admin_opens_every_page_with_its_data() {
         ("overview", "/".to_owned(), ".cards", "agents connected"),
         ("fleet", "/fleet".to_owned(), "table", AGENT),
         ("agent", format!("/fleet/{AGENT}"), "dl.facts", "pump-station-3"),
-        ("models", "/models".to_owned(), "table", "Deployed to"),
+        ("models", "/models".to_owned(), "main table", DERIVED),
         ("deployments", "/rollouts".to_owned(), "table", "v1 → v2"),
         ("rollout", format!("/rollouts/{GROUP}/{MODEL}"), "h2", "Guards"),
         ("metrics", format!("/monitoring?model={MODEL}"), "table", "vibration"),
         ("alerts", "/alerts".to_owned(), "h2", "Firing now"),
         ("features", "/features".to_owned(), ".empty", "features apply"),
-        ("finetune", "/finetune".to_owned(), ".empty", "finetune order"),
+        ("finetune", "/finetune".to_owned(), "table", DERIVED),
         ("audit-admin", "/audit".to_owned(), "table", "rollout.start"),
         ("users", "/users".to_owned(), "table", "vera"),
+        ("api-tokens", "/apitokens".to_owned(), "form", "Create API token"),
         ("enroll", "/tokens".to_owned(), "form", "Create enrollment token"),
     ];
     for (name, path, css, needle) in pages {
@@ -573,6 +790,28 @@ async fn an_admin_opens_every_page_with_its_data() {
         b.client.current_url().await.unwrap().as_str().contains("since=24h"),
         "the span is in the URL"
     );
+
+    // A tablet's width: the page itself never scrolls sideways (wide tables scroll in
+    // their own box), and the keyboard reaches the skip link first.
+    b.client.set_window_size(768, 1024).await.unwrap();
+    for path in ["/fleet", "/rollouts", "/models", "/users", "/apitokens"] {
+        b.goto(&format!("{}{path}", plane.url)).await;
+        b.wait_text("main h1", "").await;
+        let fits = b
+            .client
+            .execute(
+                "return document.documentElement.scrollWidth <= document.documentElement.clientWidth",
+                vec![],
+            )
+            .await
+            .unwrap();
+        assert_eq!(fits, json!(true), "{path} scrolls sideways at 768 px");
+    }
+    b.screenshot("api-tokens-tablet").await;
+    let body = b.client.find(Locator::Css("body")).await.unwrap();
+    body.send_keys("\u{e004}").await.unwrap();
+    let first = b.client.active_element().await.unwrap();
+    assert_eq!(first.text().await.unwrap(), "Skip to content", "Tab reaches the skip link first");
 }
 
 // ---- without a browser ----

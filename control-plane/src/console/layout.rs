@@ -13,7 +13,7 @@ use crate::admin::ApiError;
 use crate::auth::Permission as P;
 
 /// The navigation: path, label, the permission its page needs.
-const NAV: [(&str, &str, P); 11] = [
+const NAV: [(&str, &str, P); 12] = [
     ("/", "Overview", P::ReadFleet),
     ("/fleet", "Fleet", P::ReadFleet),
     ("/models", "Models", P::ReadFleet),
@@ -25,6 +25,7 @@ const NAV: [(&str, &str, P); 11] = [
     ("/audit", "Audit", P::ReadAudit),
     ("/tokens", "Enroll", P::CreateEnrollmentTokens),
     ("/users", "Users", P::ManageUsers),
+    ("/apitokens", "API tokens", P::ManageApiTokens),
 ];
 
 fn head(title: &str) -> Markup {
@@ -51,7 +52,9 @@ pub fn bare(title: &str, body: &Markup) -> Markup {
 }
 
 /// A console page: `section` is the navigation entry it belongs to; `refresh` (seconds)
-/// asks the script to reload the page's `main` in place while it is open.
+/// asks the script to reload the page's `main` in place while it is open. Every page of
+/// state refreshes; the pages that show a secret once (users, API tokens, enrollment)
+/// do not, as a refresh would fetch them again without it.
 pub fn page(ctx: &Ctx, title: &str, section: &str, refresh: Option<u32>, body: &Markup) -> Markup {
     html! {
         (DOCTYPE)

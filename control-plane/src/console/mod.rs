@@ -125,7 +125,7 @@ impl Pages {
 /// Every page of the console with the permission it needs: the permission of the API
 /// route whose data it shows or whose action it takes.
 pub fn pages() -> Pages {
-    use pages::{audit, features, finetune, fleet, metrics, models, rollouts, users};
+    use pages::{apitokens, audit, features, finetune, fleet, metrics, models, rollouts, users};
     Pages::new()
         .get("/assets/console.css", Access::Public, assets::css)
         .get("/assets/console.js", Access::Public, assets::js)
@@ -137,6 +137,7 @@ pub fn pages() -> Pages {
         .get("/fleet/{id}", P::ReadFleet, fleet::agent)
         .get("/models", P::ReadFleet, models::list)
         .get("/rollouts", P::ReadFleet, rollouts::list)
+        .post("/deployments", P::Deploy, rollouts::deploy)
         .post("/rollouts", P::ManageRollouts, rollouts::start)
         .get("/rollouts/{group}/{model}", P::ReadFleet, rollouts::show)
         .post("/rollouts/{group}/{model}/{action}", P::ManageRollouts, rollouts::act)
@@ -149,6 +150,11 @@ pub fn pages() -> Pages {
         .get("/audit", P::ReadAudit, audit::log)
         .get("/audit/export", P::ReadAudit, audit::export)
         .get("/users", P::ManageUsers, users::list)
+        .post("/users", P::ManageUsers, users::add)
+        .post("/users/{name}/{action}", P::ManageUsers, users::act)
+        .get("/apitokens", P::ManageApiTokens, apitokens::list)
+        .post("/apitokens", P::ManageApiTokens, apitokens::create)
+        .post("/apitokens/{name}/revoke", P::ManageApiTokens, apitokens::revoke)
         .get("/tokens", P::CreateEnrollmentTokens, users::tokens_page)
         .post("/tokens", P::CreateEnrollmentTokens, users::create_token)
 }

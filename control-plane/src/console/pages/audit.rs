@@ -129,7 +129,7 @@ fn render(
             } }
         }
     };
-    page(ctx, "Audit log", "/audit", None, &body)
+    page(ctx, "Audit log", "/audit", Some(30), &body)
 }
 
 /// `GET /audit/export`: the API's export, offered as a file.

@@ -50,7 +50,7 @@ fn render_list(ctx: &Ctx, views: &[Value]) -> Markup {
             } }
         }
     };
-    page(ctx, "Feature store", "/features", None, &body)
+    page(ctx, "Feature store", "/features", Some(30), &body)
 }
 
 /// `GET /features/{name}`.
@@ -134,5 +134,5 @@ fn render_show(ctx: &Ctx, name: &str, d: &Value) -> Markup {
             } }
         }
     };
-    page(ctx, &format!("Feature view {name}"), "/features", None, &body)
+    page(ctx, &format!("Feature view {name}"), "/features", Some(30), &body)
 }

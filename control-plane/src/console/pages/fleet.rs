@@ -174,7 +174,7 @@ pub fn render_list(ctx: &Ctx, agents: &[AgentView], filter: &FleetFilter) -> Mar
                 table {
                     thead { tr {
                         th { "Agent" } th { "Host" } th { "Group" } th { "Region" } th { "Status" }
-                        th { "Active" } th { "Held" } th { "Agent version" } th { "Last contact" } th { "Errors" }
+                        th { "Active" } th { "Held" } th { "Engines" } th { "Agent version" } th { "Last contact" } th { "Errors" }
                     } }
                     tbody {
                         @for a in &shown {
@@ -186,6 +186,7 @@ pub fn render_list(ctx: &Ctx, agents: &[AgentView], filter: &FleetFilter) -> Mar
                                 td { (badge(&a.status)) @if !a.ready && a.status == "connected" { " " span.muted { "loading" } } }
                                 td { (a.active.join(", ")) }
                                 td { (a.held.join(", ")) }
+                                td { (engines(a)) }
                                 td { (a.agent_version) }
                                 td { (time_text(a.last_seen.as_deref())) }
                                 td { @if a.errors.is_empty() { span.muted { "none" } } @else { (a.errors.len()) } }
@@ -197,6 +198,23 @@ pub fn render_list(ctx: &Ctx, agents: &[AgentView], filter: &FleetFilter) -> Mar
         }
     };
     page(ctx, "Fleet", "/fleet", Some(15), &body)
+}
+
+/// The engines an agent reported (`cpu`, `gpu`: the kind before the engine's name),
+/// each with its device on hover; a dash before its first report.
+fn engines(a: &AgentView) -> Markup {
+    html! {
+        @if a.engines.is_empty() { span.muted { "–" } }
+        @for (i, e) in a.engines.iter().enumerate() {
+            @if i > 0 { ", " }
+            span title=(e.device) { (engine_kind(&e.name)) }
+        }
+    }
+}
+
+/// `cpu` for `tract-cpu`, `gpu` for `wgpu-gpu`: the part after the last `-`, or the name.
+fn engine_kind(name: &str) -> &str {
+    name.rsplit_once('-').map_or(name, |(_, kind)| kind)
 }
 
 /// `GET /fleet/{id}`.
@@ -265,6 +283,19 @@ fn render_agent(
             dt { "Last contact" } dd { (time_text(a.last_seen.as_deref())) }
             dt { "Active" } dd { (a.active.join(", ")) }
             dt { "Held" } dd { (a.held.join(", ")) }
+            dt { "Engines" } dd { (engines(a)) }
+        }
+        @if !a.engines.is_empty() {
+            h2 { "Engines" }
+            div.table { table {
+                thead { tr { th { "Engine" } th { "Device" } th { "Serving" } } }
+                tbody { @for e in &a.engines { tr {
+                    td { code { (e.name) } }
+                    td { (e.device) }
+                    td { @let on: Vec<&str> = a.serving.iter().filter(|(_, n)| **n == e.name).map(|(b, _)| b.as_str()).collect();
+                        @if on.is_empty() { span.muted { "nothing" } } @else { (on.join(", ")) } }
+                } } }
+            } }
         }
         h2 { "Errors" }
         @if a.errors.is_empty() { p.muted { "None reported." } }
@@ -302,4 +333,16 @@ fn render_agent(
         }
     };
     page(ctx, &format!("Agent {}", a.id), "/fleet", Some(15), &body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::engine_kind;
+
+    #[test]
+    fn engines_show_their_kind() {
+        assert_eq!(engine_kind("tract-cpu"), "cpu");
+        assert_eq!(engine_kind("wgpu-gpu"), "gpu");
+        assert_eq!(engine_kind("onnx"), "onnx", "a name without a kind is shown whole");
+    }
 }

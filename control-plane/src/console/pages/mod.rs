@@ -3,6 +3,7 @@
 //! `rollouts::view::build`, ...) and renders with a pure `render_*` function of the data,
 //! which the benchmark and the unit tests call without a server.
 
+pub mod apitokens;
 pub mod audit;
 pub mod features;
 pub mod finetune;

@@ -1,7 +1,9 @@
 //! `/models`: every registered bundle by model (as `GET /v1/bundles` lists them), the
 //! groups each version is deployed to, its reference profile's summary (what drift is
 //! measured against), and what its signed manifest says (built, expires, runtime hint,
-//! the keys that signed it), read back from the stored chunks.
+//! the keys that signed it), read back from the stored chunks; and the lineage of the
+//! models agents derived by fine-tuning (as their job reports give it: parent@version →
+//! derived model, the training data's hash, held-out figures before and after, the gate).
 
 use std::collections::BTreeMap;
 
@@ -17,8 +19,9 @@ use maud::{Markup, html};
 use crate::admin::Api;
 use crate::auth::Permission as P;
 use crate::console::gate::Ctx;
-use crate::console::layout::{PageResult, badge, empty, page, size, time};
+use crate::console::layout::{PageResult, badge, empty, num, page, size, time};
 use crate::db::{self, BundleRow};
+use crate::finetune::JobRow;
 use crate::monitoring;
 
 /// One version as the page shows it.
@@ -82,12 +85,13 @@ fn manifest_facts(blobs: &dyn crate::blobs::BlobStore, recipe: Sha256) -> Option
 
 /// `GET /models`.
 pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>) -> PageResult {
-    let mut versions = api
+    let (mut versions, jobs) = api
         .shared
         .db
         .call(|c| {
             let deployments = db::all_deployments(c)?;
-            db::bundles(c)?
+            let jobs = crate::finetune::list(c)?;
+            let versions = db::bundles(c)?
                 .into_iter()
                 .map(|bundle| {
                     let groups = deployments
@@ -98,7 +102,8 @@ pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>)
                     let reference = monitoring::reference(c, &bundle.name, bundle.version)?;
                     Ok(ModelVersion { bundle, groups, reference, manifest: None })
                 })
-                .collect::<rusqlite::Result<Vec<_>>>()
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok((versions, jobs))
         })
         .await?;
     let shared = std::sync::Arc::clone(&api.shared);
@@ -111,10 +116,56 @@ pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>)
     .await
     .map_err(crate::admin::ApiError::internal)?;
     let now = Timestamp::from_system(std::time::SystemTime::now());
-    Ok(render(&ctx, &versions, now))
+    Ok(render(&ctx, &versions, &derived(&jobs), now))
 }
 
-fn render(ctx: &Ctx, versions: &[ModelVersion], now: Timestamp) -> Markup {
+/// The jobs whose report carries a lineage, newest first.
+fn derived(jobs: &[JobRow]) -> Vec<&JobRow> {
+    let mut found: Vec<&JobRow> =
+        jobs.iter().filter(|j| j.report.as_ref().is_some_and(|r| r.lineage.is_some())).collect();
+    found.sort_by_key(|j| std::cmp::Reverse(j.updated_at));
+    found
+}
+
+/// The lineage table: one row per derived model an agent reported.
+fn render_lineage(ctx: &Ctx, derived: &[&JobRow]) -> Markup {
+    html! {
+        h2 #lineage { "Derived models (fine-tune lineage)" }
+        @if derived.is_empty() {
+            (empty("No agent has reported a derived model.", &html! {
+                @if ctx.may(P::OrderFinetune) {
+                    "Order a fine-tune job with " code { "falaj-control finetune order --agent ID JOB.toml" }
+                    "; the agent trains on its own data and reports the lineage here."
+                } @else { "An operator orders fine-tune jobs; the agents report what they derive." }
+            }))
+        } @else {
+            div.table { table {
+                thead { tr {
+                    th { "Parent" } th { "Derived model" } th { "Agent" } th { "Training data (SHA-256)" }
+                    th.num { "Rows trained / held out" } th { "Held-out before → after" } th { "Gate" } th { "Job" } th { "Reported" }
+                } }
+                tbody { @for j in derived {
+                    @if let Some((r, l)) = j.report.as_ref().and_then(|r| Some((r, r.lineage.as_ref()?))) { tr {
+                        td { (l.parent) "@" (l.parent_version) }
+                        td { @match &r.derived { Some(d) => code { (d) }, None => span.muted { "not installed" } } }
+                        td { a href={ "/fleet/" (j.agent) } { code { (j.agent) } } }
+                        td { code title=(l.data_sha256) { (l.data_sha256.to_string().get(..16).unwrap_or_default()) "…" } }
+                        td.num { (l.train_rows) " / " (l.held_out_rows) }
+                        td { @match (l.before.accuracy, l.after.accuracy) {
+                            (Some(b), Some(a)) => { "accuracy " (num(Some(b), 4)) " → " (num(Some(a), 4)) },
+                            _ => { "loss " (num(Some(l.before.loss), 5)) " → " (num(Some(l.after.loss), 5)) },
+                        } }
+                        td title=(l.gate.reason) { (badge(if l.gate.activate { "activated" } else { "kept parent" })) }
+                        td { a href={ "/finetune/" (j.id) } { (j.id) } }
+                        td { (time(j.updated_at)) }
+                    } }
+                } }
+            } }
+        }
+    }
+}
+
+fn render(ctx: &Ctx, versions: &[ModelVersion], derived: &[&JobRow], now: Timestamp) -> Markup {
     let mut by_model: BTreeMap<&str, Vec<&ModelVersion>> = BTreeMap::new();
     for v in versions {
         by_model.entry(v.bundle.name.as_str()).or_default().push(v);
@@ -161,7 +212,8 @@ fn render(ctx: &Ctx, versions: &[ModelVersion], now: Timestamp) -> Markup {
                 } } }
             } }
         }
+        (render_lineage(ctx, derived))
         p.hint { "Every bundle here passed verification when pushed: its manifest signed by the trust root's signing keys, every file matching its hash, its region and expiry checked." }
     };
-    page(ctx, "Models", "/models", None, &body)
+    page(ctx, "Models", "/models", Some(30), &body)
 }

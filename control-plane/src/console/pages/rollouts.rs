@@ -2,8 +2,10 @@
 //! the rollouts, newest first, and for operators the form that starts one),
 //! `/rollouts/{group}/{model}` (the latest rollout's step, share, per-variant figures and
 //! guards, charts of both variants and of each guard against its bound over time, and
-//! the buttons an operator may press), and the two forms, which call the same services
-//! as `POST /v1/rollouts` and `POST /v1/groups/{group}/rollouts/{model}/{action}`.
+//! the buttons an operator may press), and the three forms, which call the same services
+//! as `PUT /v1/groups/{group}/deployments/{name}` (deploy a version to a group, as
+//! `falaj-control deploy` does), `POST /v1/rollouts` and
+//! `POST /v1/groups/{group}/rollouts/{model}/{action}`.
 
 use std::time::SystemTime;
 
@@ -18,7 +20,7 @@ use serde::Deserialize;
 
 use super::given;
 use super::series::{self, Buckets};
-use crate::admin::{Api, ApiError};
+use crate::admin::{Api, ApiError, deploy_version};
 use crate::auth::Permission as P;
 use crate::console::charts::{self, Series};
 use crate::console::gate::Ctx;
@@ -85,15 +87,17 @@ fn render_list(
         h2 { "Active version per group" }
         @if deployments.is_empty() {
             (empty("Nothing is deployed.", &html! {
-                "Deploy a pushed bundle to a group with " code { "falaj-control deploy --group G NAME@VERSION" } "."
+                @if ctx.may(P::Deploy) { "Deploy a pushed bundle to a group with the form below or " }
+                @else { "An operator deploys a pushed bundle to a group with " }
+                code { "falaj-control deploy --group G NAME@VERSION" } "."
             }))
         } @else {
-            div.table { table {
+            div.table { table #deployments {
                 thead { tr { th { "Group" } th { "Model" } th { "Version" } th { "Rollout" } } }
                 tbody { @for (group, model, version) in deployments { tr {
                     td { a href={ "/fleet?group=" (group) } { (group) } }
                     td { (model) }
-                    td { (version) }
+                    td.version { (version) }
                     td { a href={ "/rollouts/" (group) "/" (model) } { "latest rollout" } }
                 } } }
             } }
@@ -118,9 +122,71 @@ fn render_list(
                 } } }
             } }
         }
+        @if ctx.may(P::Deploy) { (deploy_form(ctx)) }
         @if ctx.may(P::ManageRollouts) { (start_form(ctx)) }
     };
     page(ctx, "Deployments and rollouts", "/rollouts", Some(15), &body)
+}
+
+fn deploy_form(ctx: &Ctx) -> Markup {
+    html! {
+        h2 { "Deploy a version" }
+        form.stack #deploy method="post" action="/deployments" {
+            (csrf(ctx))
+            label for="d-group" { "Group" }
+            input #d-group name="group" required pattern="[a-z0-9][a-z0-9._-]*"
+                title="lower-case letters, digits, '.', '_' and '-'";
+            label for="d-model" { "Model" }
+            input #d-model name="model" required;
+            label for="d-version" { "Version (pushed already)" }
+            input #d-version name="version" type="number" min="1" required;
+            button type="submit" { "Deploy" }
+        }
+        p.hint { "Every agent of the group switches to this version at once; to try a version on a share of the traffic first, start a rollout below." }
+    }
+}
+
+/// The deploy form as posted.
+#[derive(Debug, Deserialize)]
+pub(crate) struct DeployForm {
+    group: String,
+    model: String,
+    version: String,
+}
+
+/// `POST /deployments`: the version deployed, then the list of that group and model.
+pub(crate) async fn deploy(
+    State(api): State<Api>,
+    Extension(ctx): Extension<Ctx>,
+    axum::Form(form): axum::Form<DeployForm>,
+) -> Result<Response, PageError> {
+    let (group, model) = (form.group.trim(), form.model.trim());
+    let outcome = match number::<u64>("version", &form.version) {
+        Err(message) => Err((StatusCode::UNPROCESSABLE_ENTITY, message)),
+        Ok(None) => {
+            Err((StatusCode::UNPROCESSABLE_ENTITY, "version: enter the version to deploy".into()))
+        }
+        Ok(Some(version)) => match deploy_version(&api, group, model, version).await {
+            Ok(()) => Ok(()),
+            Err(e) if e.status().is_client_error() => Err((e.status(), e.message().to_owned())),
+            Err(e) => return Err(e.into()),
+        },
+    };
+    match outcome {
+        Ok(()) => {
+            let to = format!("/rollouts?group={}&model={}", urlencoding(group), urlencoding(model));
+            Ok(Redirect::to(&to).into_response())
+        }
+        Err((status, message)) => {
+            let page = list_with(&api, &ctx, &RolloutFilter::default(), Some(&message)).await?;
+            Ok((status, page).into_response())
+        }
+    }
+}
+
+/// `text` as one query-string value.
+fn urlencoding(text: &str) -> String {
+    serde_urlencoded::to_string([("", text)]).unwrap_or_default().trim_start_matches('=').to_owned()
 }
 
 fn start_form(ctx: &Ctx) -> Markup {

@@ -1,52 +1,161 @@
 //! People and credentials: `/users` (admins: users with their roles and live sessions,
-//! API tokens with their creators and expiry, as `GET /v1/users` and
-//! `GET /v1/apitokens` list them) and `/tokens` (operators: a one-time enrollment token
+//! as `GET /v1/users` lists them; add one, shown its one-time password once; disable,
+//! enable again or remove one) and `/tokens` (operators: a one-time enrollment token
 //! for a group, shown once with the `falaj-agent enroll` line to run on the agent's
-//! host, from the same service as `POST /v1/tokens`).
+//! host, from the same service as `POST /v1/tokens`). Each change calls the service the
+//! JSON route calls (`auth::api::add_user_as`, `set_disabled`, `remove`), so it is
+//! audited the same way, under the person's name. API tokens are on their own page
+//! ([`super::apitokens`]): operators manage theirs too.
 
 use axum::Extension;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use crate::admin::{Api, NewEnrollmentToken, enrollment_token};
-use crate::auth::store;
+use crate::admin::{Api, ApiError, NewEnrollmentToken, enrollment_token};
+use crate::auth::store::{self, UserRow};
+use crate::auth::{Permission as P, Role, api as service};
 use crate::console::gate::Ctx;
-use crate::console::layout::{
-    self, PageError, PageResult, badge, csrf, empty, page, time, time_or_dash,
-};
+use crate::console::layout::{self, PageError, PageResult, badge, csrf, page, time};
+
+/// What a change on the users page leaves to show above it.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// A refusal or a confirmation.
+    notice: Option<String>,
+    /// A user just added and its one-time password.
+    created: Option<(String, Role, String)>,
+}
 
 /// `GET /users`.
 pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>) -> PageResult {
-    let (users, tokens) =
-        api.shared.db.call(|c| Ok((store::users(c)?, store::api_tokens(c)?))).await?;
-    let body = html! {
-        h2 { "Users" }
-        div.table { table {
-            thead { tr { th { "User" } th { "Role" } th { "Added" } th { "Status" } th { "Live sessions" } } }
-            tbody { @for u in &users { tr {
+    users_page(&api, &ctx, &Outcome::default()).await
+}
+
+async fn users_page(api: &Api, ctx: &Ctx, outcome: &Outcome) -> PageResult {
+    let users = api.shared.db.call(|c| store::users(c)).await?;
+    Ok(page(ctx, "Users", "/users", None, &render_users(ctx, &users, outcome)))
+}
+
+/// The users page: the one-time password of a user just added, the users with the
+/// buttons an admin may press (never on its own user), and the form that adds one.
+fn render_users(ctx: &Ctx, users: &[UserRow], outcome: &Outcome) -> Markup {
+    let me = ctx.principal.actor.strip_prefix("user:");
+    html! {
+        @if let Some(n) = &outcome.notice { (layout::notice(n)) }
+        @if let Some((name, role, password)) = &outcome.created {
+            div.secret role="status" {
+                p { strong { "User " (name) " (" (role.name()) ") added." }
+                    " Its generated password is shown this once: hand it over privately. A lost one is replaced with "
+                    code { "falaj-control user reset-password" } "." }
+                pre #one-time-password { code { (password) } }
+                button.plain type="button" data-copy="one-time-password" hidden { "Copy" }
+            }
+        }
+        div.table { table #users {
+            thead { tr { th { "User" } th { "Role" } th { "Added" } th { "Status" } th.num { "Live sessions" }
+                @if ctx.may(P::ManageUsers) { th { "Actions" } } } }
+            tbody { @for u in users { tr {
                 td { (u.name) } td { (u.role.name()) } td { (time(u.created_at)) }
                 td { @match u.disabled_at { Some(at) => { (badge("disabled")) " " (time(at)) }, None => (badge("active")) } }
                 td.num { (u.sessions) }
+                @if ctx.may(P::ManageUsers) { td.actions {
+                    @if me == Some(u.name.as_str()) { span.muted { "you" } } @else {
+                        @let action = if u.disabled_at.is_some() { "enable" } else { "disable" };
+                        form.inline method="post" action={ "/users/" (u.name) "/" (action) } {
+                            (csrf(ctx))
+                            button.plain type="submit" aria-label={ (action) " " (u.name) } {
+                                @if u.disabled_at.is_some() { "Enable" } @else { "Disable" }
+                            }
+                        }
+                        " "
+                        form.inline method="post" action={ "/users/" (u.name) "/remove" } {
+                            (csrf(ctx))
+                            button.danger type="submit" aria-label={ "remove " (u.name) } { "Remove" }
+                        }
+                    }
+                } }
             } } }
         } }
-        p.hint { "Add, change and disable users with " code { "falaj-control user add|set-role|disable" } "." }
-        h2 { "API tokens" }
-        @if tokens.is_empty() {
-            (empty("No API token.", &html! { "Automation gets one with " code { "falaj-control apitoken create --name ci --role operator --ttl 30d" } "." }))
-        } @else {
-            div.table { table {
-                thead { tr { th { "Token" } th { "Role" } th { "Created by" } th { "Created" } th { "Expires" } th { "Last used" } th { "Revoked" } } }
-                tbody { @for t in &tokens { tr {
-                    td { (t.name) } td { (t.role.name()) } td { (t.created_by) } td { (time(t.created_at)) }
-                    td { (time(t.expires_at)) } td { (time_or_dash(t.last_used)) } td { (time_or_dash(t.revoked_at)) }
-                } } }
-            } }
+        @if ctx.may(P::ManageUsers) {
+            h2 { "Add a user" }
+            form.stack #add-user method="post" action="/users" {
+                (csrf(ctx))
+                label for="u-name" { "User name" }
+                input #u-name name="name" required maxlength="64" pattern="[a-z0-9][a-z0-9._-]*"
+                    title="lower-case letters, digits, '.', '_' and '-'" autocomplete="off";
+                label for="u-role" { "Role" }
+                select #u-role name="role" { @for r in Role::ALL { option value=(r.name()) selected[r == Role::Viewer] { (r.name()) } } }
+                button type="submit" { "Add user" }
+            }
+            p.hint { "A one-time password is generated and shown once. Disabling a user ends its sessions; removing one keeps its audit entries." }
+        }
+        @if ctx.may(P::ManageApiTokens) {
+            p { a href="/apitokens" { "API tokens" } " for programs are on their own page." }
+        }
+    }
+}
+
+/// The add-user form as posted.
+#[derive(Debug, Deserialize)]
+pub(crate) struct UserForm {
+    name: String,
+    role: String,
+}
+
+/// The page again with `e` above it when it is the caller's mistake, or the error page.
+async fn refused(api: &Api, ctx: &Ctx, e: ApiError) -> Result<Response, PageError> {
+    if !e.status().is_client_error() {
+        return Err(e.into());
+    }
+    let outcome = Outcome { notice: Some(e.message().to_owned()), created: None };
+    Ok((e.status(), users_page(api, ctx, &outcome).await?).into_response())
+}
+
+/// `POST /users`: the user added, its one-time password shown once.
+pub(crate) async fn add(
+    State(api): State<Api>,
+    Extension(ctx): Extension<Ctx>,
+    axum::Form(form): axum::Form<UserForm>,
+) -> Result<Response, PageError> {
+    let name = form.name.trim();
+    match service::add_user_as(&api, name, form.role.trim(), None).await {
+        Ok((role, Some(password))) => {
+            let outcome =
+                Outcome { notice: None, created: Some((name.to_owned(), role, password)) };
+            Ok((StatusCode::CREATED, users_page(&api, &ctx, &outcome).await?).into_response())
+        }
+        Ok((_, None)) => Err(ApiError::internal("no password was generated").into()),
+        Err(e) => refused(&api, &ctx, e).await,
+    }
+}
+
+/// `POST /users/{name}/{action}`: `disable`, `enable` or `remove`.
+pub(crate) async fn act(
+    State(api): State<Api>,
+    Extension(ctx): Extension<Ctx>,
+    Path((name, action)): Path<(String, String)>,
+) -> Result<Response, PageError> {
+    let done = match action.as_str() {
+        "disable" => service::set_disabled(&api, &name, true).await.map(|()| "disabled"),
+        "enable" => service::set_disabled(&api, &name, false).await.map(|()| "enabled again"),
+        "remove" => service::remove(&api, &name).await.map(|()| "removed"),
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no user action {other:?}: disable, enable or remove"
+            ))
+            .into());
         }
     };
-    Ok(page(&ctx, "Users and API tokens", "/users", None, &body))
+    match done {
+        Ok(what) => {
+            let outcome = Outcome { notice: Some(format!("User {name} {what}.")), created: None };
+            Ok(users_page(&api, &ctx, &outcome).await?.into_response())
+        }
+        Err(e) => refused(&api, &ctx, e).await,
+    }
 }
 
 /// The lifetimes offered for an enrollment token.
