@@ -213,6 +213,9 @@ pub struct ServeArgs {
     /// Address to listen on [config: http.listen, default 127.0.0.1:8000].
     #[arg(long)]
     http: Option<SocketAddr>,
+    /// Address of the gRPC endpoint [config: grpc.listen, default off].
+    #[arg(long)]
+    grpc: Option<SocketAddr>,
     /// Largest request body accepted, in bytes [config: http.max_body_bytes].
     #[arg(long)]
     max_body_bytes: Option<u64>,
@@ -418,6 +421,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
     if let Some(http) = args.http {
         file.http.listen = http;
     }
+    if let Some(grpc) = args.grpc {
+        file.grpc.listen = Some(grpc);
+    }
     if let Some(bytes) = args.max_body_bytes {
         file.http.max_body_bytes = bytes;
     }
@@ -444,6 +450,9 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                 }
             })?;
         println!("serving the Open Inference Protocol on http://{}", agent.local_addr());
+        if let Some(grpc) = agent.grpc_addr() {
+            println!("serving the Open Inference Protocol over gRPC on http://{grpc}");
+        }
         if let Some(identity) = agent.identity() {
             println!(
                 "syncing with the control plane at {} as {}",

@@ -32,6 +32,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// The local inference API.
     pub http: HttpConfig,
+    /// The inference API's gRPC binding.
+    pub grpc: GrpcConfig,
     /// Loading models.
     pub models: ModelsConfig,
     /// The connection to the control plane (for an enrolled agent).
@@ -112,6 +114,17 @@ pub struct HttpConfig {
     pub workers: usize,
 }
 
+/// `[grpc]`: the Open Inference Protocol's gRPC binding. Off unless `listen` is set; it
+/// shares `[http]`'s limits (`max_body_bytes` per message, `workers` and `queue_timeout`
+/// through the same request slots).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// Address of the gRPC endpoint, for example `127.0.0.1:8001` (Triton's port); unset,
+    /// the default, serves REST only.
+    pub listen: Option<SocketAddr>,
+}
+
 /// `[models]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -163,6 +176,7 @@ impl Default for AgentConfig {
         Self {
             data_dir: PathBuf::from(DEFAULT_DATA_DIR),
             http: HttpConfig::default(),
+            grpc: GrpcConfig::default(),
             models: ModelsConfig::default(),
             control_plane: ControlPlaneConfig::default(),
             metrics: MetricsConfig::default(),
@@ -236,6 +250,7 @@ impl AgentConfig {
             shadow_queue: self.rollouts.shadow_queue,
             feedback_horizon: self.feedback.horizon,
             feedback_capacity: self.feedback.capacity,
+            grpc: self.grpc.listen,
             ..ServeConfig::default()
         };
         if self.http.workers > 0 {

@@ -41,6 +41,11 @@ impl Agent {
         self.server.local_addr()
     }
 
+    /// The gRPC endpoint's address, when `[grpc] listen` is set.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.server.grpc_addr()
+    }
+
     /// The enrolled identity, if any.
     pub fn identity(&self) -> Option<&Identity> {
         self.syncer.as_deref().map(Syncer::identity)

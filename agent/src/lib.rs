@@ -23,6 +23,7 @@ pub mod feedback;
 pub mod finetune;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod grpc;
 pub mod identity;
 pub mod import;
 pub mod metrics;

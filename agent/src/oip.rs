@@ -13,6 +13,10 @@
 //! Falaj's extension: a request to a model whose input comes from a feature view may name
 //! entities (`"parameters": {"entity_id": "pump-7"}` or `{"entity_ids": [...]}`, strings or
 //! integers) and give no inputs; the server assembles the input from the online store.
+//!
+//! The checks both transports make (shapes, raw tensor bytes, entity parameters) are
+//! `pub(crate)` here so that the gRPC binding ([`crate::grpc`]) refuses the same requests
+//! with the same messages.
 
 use std::fmt;
 
@@ -166,17 +170,11 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
     }
     let parameters = raw.parameters.unwrap_or_default();
     let binary_by_default = parameters.binary_data_output.unwrap_or(false);
-    let entity_ids = match (parameters.entity_id, parameters.entity_ids) {
-        (Some(_), Some(_)) => {
-            return Err(bad("give parameters.entity_id or parameters.entity_ids, not both"));
-        }
-        (Some(id), None) => Some(vec![id.0]),
-        (None, Some(ids)) if ids.is_empty() => {
-            return Err(bad("parameters.entity_ids is empty"));
-        }
-        (None, Some(ids)) => Some(ids.into_iter().map(|id| id.0).collect()),
-        (None, None) => None,
-    };
+    let (entity_ids, routing_key) = entities(
+        parameters.entity_id.map(|id| id.0),
+        parameters.entity_ids.map(|ids| ids.into_iter().map(|id| id.0).collect()),
+        parameters.routing_key.map(|k| k.0),
+    )?;
     let outputs = raw
         .outputs
         .map(|outputs| {
@@ -186,26 +184,44 @@ pub fn decode_request(body: &[u8], json_len: Option<usize>) -> Result<InferReque
                 .collect::<Result<Vec<_>, _>>()
         })
         .transpose()?;
-    let routing_key = parameters
-        .routing_key
-        .map(|k| k.0)
-        .or_else(|| entity_ids.as_ref().and_then(|ids| ids.first().cloned()));
     Ok(InferRequest { id: raw.id, inputs, outputs, binary_by_default, entity_ids, routing_key })
 }
 
-/// Decodes one input, taking its binary data (if any) from the front of `binary`.
-fn decode_input(input: RawInput<'_>, binary: &mut &[u8]) -> Result<NamedTensor, ProtocolError> {
-    let name = input.name;
-    let params = input.parameters.unwrap_or_default();
-    if params.shared_memory_region.is_some() {
-        return Err(bad(format!("input {name:?}: the shared memory extension is not supported")));
-    }
-    let datatype = DataType::from_name(&input.datatype).ok_or_else(|| {
-        bad(format!("input {name:?}: datatype {:?} is not supported", input.datatype))
-    })?;
+/// The entities a request names (`entity_id` or `entity_ids`, not both, not an empty list)
+/// and its routing key (`routing_key`, else the first entity).
+pub(crate) fn entities(
+    entity_id: Option<String>,
+    entity_ids: Option<Vec<String>>,
+    routing_key: Option<String>,
+) -> Result<(Option<Vec<String>>, Option<String>), ProtocolError> {
+    let entity_ids = match (entity_id, entity_ids) {
+        (Some(_), Some(_)) => {
+            return Err(bad("give parameters.entity_id or parameters.entity_ids, not both"));
+        }
+        (Some(id), None) => Some(vec![id]),
+        (None, Some(ids)) if ids.is_empty() => {
+            return Err(bad("parameters.entity_ids is empty"));
+        }
+        (None, Some(ids)) => Some(ids),
+        (None, None) => None,
+    };
+    let routing_key =
+        routing_key.or_else(|| entity_ids.as_ref().and_then(|ids| ids.first().cloned()));
+    Ok((entity_ids, routing_key))
+}
+
+/// An input's datatype, shape and element count, checked: a known datatype, no negative
+/// dimension, at least one element.
+pub(crate) fn input_layout(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+) -> Result<(DataType, Vec<u64>, usize), ProtocolError> {
+    let datatype = DataType::from_name(datatype)
+        .ok_or_else(|| bad(format!("input {name:?}: datatype {datatype:?} is not supported")))?;
     let shape: Vec<u64> =
-        input.shape.iter().map(|&d| u64::try_from(d)).collect::<Result<_, _>>().map_err(|_| {
-            bad(format!("input {name:?}: shape {:?} has a negative dimension", input.shape))
+        shape.iter().map(|&d| u64::try_from(d)).collect::<Result<_, _>>().map_err(|_| {
+            bad(format!("input {name:?}: shape {shape:?} has a negative dimension"))
         })?;
     let count = element_count(&shape)
         .ok_or_else(|| bad(format!("input {name:?}: shape {shape:?} is too large")))?;
@@ -216,6 +232,17 @@ fn decode_input(input: RawInput<'_>, binary: &mut &[u8]) -> Result<NamedTensor, 
             "input {name:?}: shape {shape:?} holds no elements; a request carries at least one row"
         )));
     }
+    Ok((datatype, shape, count))
+}
+
+/// Decodes one input, taking its binary data (if any) from the front of `binary`.
+fn decode_input(input: RawInput<'_>, binary: &mut &[u8]) -> Result<NamedTensor, ProtocolError> {
+    let name = input.name;
+    let params = input.parameters.unwrap_or_default();
+    if params.shared_memory_region.is_some() {
+        return Err(bad(format!("input {name:?}: the shared memory extension is not supported")));
+    }
+    let (datatype, shape, count) = input_layout(&name, &input.datatype, &input.shape)?;
     let data = match (params.binary_data_size, input.data) {
         (Some(_), Some(_)) => {
             return Err(bad(format!("input {name:?} has both JSON data and binary_data_size")));
@@ -504,7 +531,13 @@ fn decode_strings(mut bytes: &[u8], count: usize) -> Result<TensorData, String> 
     Ok(TensorData::Bytes(out))
 }
 
-fn decode_binary(datatype: DataType, bytes: &[u8], count: usize) -> Result<TensorData, String> {
+/// Decodes `count` elements of `datatype` from their raw bytes (little endian; `BYTES` as
+/// length-prefixed strings), as the binary extension and gRPC's raw contents carry them.
+pub(crate) fn decode_binary(
+    datatype: DataType,
+    bytes: &[u8],
+    count: usize,
+) -> Result<TensorData, String> {
     let Some(size) = datatype.size() else { return decode_strings(bytes, count) };
     if Some(bytes.len()) != count.checked_mul(size) {
         return Err(format!(

@@ -1,6 +1,10 @@
 //! The agent's local HTTP server: the Open Inference Protocol v2 REST API over the
 //! registry, online feature lookups (`/v1/features`), and the task that reloads models and
 //! snapshots when the store changes.
+//!
+//! The request handling that does not depend on the transport (admission, version selection
+//! and rollout routing, entity inputs, running, metrics, drift and feedback recording) is
+//! here too, as `pub(crate)` functions the gRPC endpoint ([`crate::grpc`]) calls as well.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -69,6 +73,9 @@ pub struct ServeConfig {
     pub feedback_horizon: Duration,
     /// Most answers kept for feedback; the oldest go first.
     pub feedback_capacity: usize,
+    /// Where the gRPC endpoint listens (`[grpc] listen`); `None`, the default, serves
+    /// REST only. Its messages are limited to `max_body_bytes`.
+    pub grpc: Option<SocketAddr>,
 }
 
 impl Default for ServeConfig {
@@ -89,6 +96,7 @@ impl Default for ServeConfig {
             shadow_queue: 256,
             feedback_horizon: Duration::from_secs(24 * 3600),
             feedback_capacity: 100_000,
+            grpc: None,
         }
     }
 }
@@ -107,6 +115,14 @@ pub enum ServeError {
         /// The error.
         source: std::io::Error,
     },
+    /// Binding or serving the gRPC endpoint failed.
+    #[error("gRPC server on {addr}: {message}")]
+    Grpc {
+        /// The address.
+        addr: SocketAddr,
+        /// What failed.
+        message: String,
+    },
     /// A blocking task failed.
     #[error("internal task failed: {0}")]
     Task(String),
@@ -115,12 +131,13 @@ pub enum ServeError {
 /// Request slots per worker: one request decoding while another runs.
 pub const SLOTS_PER_WORKER: usize = 2;
 
+/// What every request handler shares, whichever transport it came by.
 #[derive(Debug, Clone)]
-struct AppState {
-    registry: Arc<Registry>,
+pub(crate) struct AppState {
+    pub(crate) registry: Arc<Registry>,
     permits: Arc<Semaphore>,
     slots: Arc<RequestSlots>,
-    config: Arc<ServeConfig>,
+    pub(crate) config: Arc<ServeConfig>,
     stats: Arc<AgentStats>,
     shadow: Shadow,
     predictions: Arc<Predictions>,
@@ -132,6 +149,7 @@ struct AppState {
 pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
+    grpc: Option<(TcpListener, SocketAddr)>,
     store: Arc<Mutex<Store>>,
     state: AppState,
     reload: Arc<Notify>,
@@ -162,6 +180,18 @@ impl Server {
         let addr = listener
             .local_addr()
             .map_err(|source| ServeError::Http { addr: config.http, source })?;
+        let grpc = match config.grpc {
+            None => None,
+            Some(want) => {
+                let listener = TcpListener::bind(want)
+                    .await
+                    .map_err(|e| ServeError::Grpc { addr: want, message: e.to_string() })?;
+                let addr = listener
+                    .local_addr()
+                    .map_err(|e| ServeError::Grpc { addr: want, message: e.to_string() })?;
+                Some((listener, addr))
+            }
+        };
         let permits = Arc::new(Semaphore::new(config.workers.max(1)));
         let slots = Arc::new(RequestSlots::new(config.workers.max(1) * SLOTS_PER_WORKER));
         let state = AppState {
@@ -180,6 +210,7 @@ impl Server {
         Ok(Self {
             listener,
             addr,
+            grpc,
             store: Arc::new(Mutex::new(store)),
             state,
             reload: Arc::new(Notify::new()),
@@ -189,6 +220,11 @@ impl Server {
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The address the gRPC endpoint listens on, when `[grpc] listen` is set.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc.as_ref().map(|(_, addr)| *addr)
     }
 
     /// Notify this to reload the models at once (after an install in this process).
@@ -235,15 +271,34 @@ impl Server {
             stop_rx,
         ));
         tracing::info!(addr = %self.addr, "serving the Open Inference Protocol");
-        let config = &self.state.config;
+        let config = Arc::clone(&self.state.config);
         let limits = HttpLimits {
             header_timeout: config.header_timeout,
             max_connections: config.max_connections,
             grace: config.shutdown_grace,
         };
-        http_serve::serve(self.listener, router(self.state), limits, shutdown).await;
+        // One shutdown for both endpoints.
+        let (down_tx, down_rx) = watch::channel(false);
+        let grpc = self.grpc.map(|(listener, addr)| {
+            tracing::info!(%addr, "serving the Open Inference Protocol over gRPC");
+            tokio::spawn(crate::grpc::serve(listener, self.state.clone(), down_rx.clone()))
+        });
+        let mut down = down_rx;
+        let http = http_serve::serve(self.listener, router(self.state), limits, async move {
+            let _ = down.wait_for(|d| *d).await;
+        });
+        tokio::spawn(async move {
+            shutdown.await;
+            let _ = down_tx.send(true);
+        });
+        http.await;
+        let grpc_result = match grpc {
+            Some(task) => task.await.map_err(|e| ServeError::Task(e.to_string()))?,
+            None => Ok(()),
+        };
         let _ = stop_tx.send(true);
         let _ = watcher.await;
+        grpc_result?;
         tracing::info!("server stopped");
         Ok(())
     }
@@ -352,9 +407,10 @@ fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// An error response, shaped as the protocol's `{"error": "..."}`.
+/// An error response, shaped as the protocol's `{"error": "..."}` over REST; the gRPC
+/// endpoint maps each to a status code with the same message.
 #[derive(Debug)]
-enum ApiError {
+pub(crate) enum ApiError {
     BadRequest(String),
     NotFound(String),
     MethodNotAllowed(String),
@@ -364,6 +420,8 @@ enum ApiError {
     TooLarge(usize),
     UnsupportedMediaType(String),
     Unavailable(String),
+    /// Every request slot stayed taken (503 over REST, RESOURCE_EXHAUSTED over gRPC).
+    Busy(String),
     Internal(String),
 }
 
@@ -381,7 +439,7 @@ impl IntoResponse for ApiError {
                 format!("request body exceeds the limit of {limit} bytes"),
             ),
             Self::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
-            Self::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            Self::Unavailable(m) | Self::Busy(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
             Self::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())
@@ -432,9 +490,12 @@ async fn prometheus(State(state): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }
 
+/// The server's name in its metadata, over REST and gRPC.
+pub(crate) const SERVER_NAME: &str = "falaj-agent";
+
 async fn server_metadata() -> Response {
     json(&serde_json::json!({
-        "name": "falaj-agent",
+        "name": SERVER_NAME,
         "version": env!("CARGO_PKG_VERSION"),
         "extensions": ["binary_tensor_data"],
     }))
@@ -464,12 +525,13 @@ async fn feature_lookup(
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-fn parse_version(text: &str, name: &str) -> Result<u64, ApiError> {
+/// A version as a request names it (in a path or a message).
+pub(crate) fn parse_version(text: &str, name: &str) -> Result<u64, ApiError> {
     text.parse().map_err(|_| ApiError::NotFound(format!("model {name:?} has no version {text:?}")))
 }
 
 /// Finds a version: the given one, or the active one.
-fn lookup(
+pub(crate) fn lookup(
     catalog: &Catalog,
     name: &str,
     version: Option<u64>,
@@ -497,16 +559,34 @@ fn loaded(name: &str, version: u64, state: VersionState) -> Result<Arc<LoadedVer
     }
 }
 
+/// What a model's metadata describes: the loaded version asked for (or the active one)
+/// and the versions listed (the one asked for, or all).
+pub(crate) fn described(
+    catalog: &Catalog,
+    name: &str,
+    version: Option<u64>,
+) -> Result<(Arc<LoadedVersion>, Vec<String>), ApiError> {
+    let (v, found) = lookup(catalog, name, version)?;
+    let model = loaded(name, v, found)?;
+    let versions = match version {
+        Some(v) => vec![v.to_string()],
+        None => catalog.models[name].versions.keys().map(u64::to_string).collect(),
+    };
+    Ok((model, versions))
+}
+
+/// The model part of a loaded version's manifest.
+pub(crate) fn model_spec(
+    model: &LoadedVersion,
+) -> Result<&falaj_common::bundle::ModelSpec, ApiError> {
+    model.manifest.model().ok_or_else(|| ApiError::Internal("not a model".into()))
+}
+
 fn metadata(state: &AppState, name: &str, version: Option<u64>) -> Result<Response, ApiError> {
     let catalog = state.registry.catalog();
-    let (v, found) = lookup(&catalog, name, version)?;
-    let model = loaded(name, v, found)?;
+    let (model, versions) = described(&catalog, name, version)?;
     let entry = &catalog.models[name];
-    let versions: Vec<String> = match version {
-        Some(v) => vec![v.to_string()],
-        None => entry.versions.keys().map(u64::to_string).collect(),
-    };
-    let spec = model.manifest.model().ok_or_else(|| ApiError::Internal("not a model".into()))?;
+    let spec = model_spec(&model)?;
     let tensors = |specs: &[falaj_common::tensor::TensorSpec]| {
         specs
             .iter()
@@ -559,14 +639,23 @@ async fn version_metadata(
     metadata(&state, &name, Some(parse_version(&version, &name)?))
 }
 
-fn readiness(state: &AppState, name: &str, version: Option<u64>) -> Result<StatusCode, ApiError> {
+/// Whether a version (the given one, or the active one) is ready: `Err` with why not.
+pub(crate) fn model_readiness(
+    state: &AppState,
+    name: &str,
+    version: Option<u64>,
+) -> Result<Result<(), String>, ApiError> {
     let (v, found) = lookup(&state.registry.catalog(), name, version)?;
-    match found {
-        VersionState::Ready(_) => Ok(StatusCode::OK),
+    Ok(match found {
+        VersionState::Ready(_) => Ok(()),
         VersionState::Failed { reason, .. } => {
-            Err(ApiError::BadRequest(format!("model {name:?} version {v} is not ready: {reason}")))
+            Err(format!("model {name:?} version {v} is not ready: {reason}"))
         }
-    }
+    })
+}
+
+fn readiness(state: &AppState, name: &str, version: Option<u64>) -> Result<StatusCode, ApiError> {
+    model_readiness(state, name, version)?.map(|()| StatusCode::OK).map_err(ApiError::BadRequest)
 }
 
 async fn model_ready(
@@ -607,7 +696,7 @@ async fn version_infer(
 async fn admit(state: &AppState) -> Result<Slot, ApiError> {
     state.slots.take(state.config.queue_timeout).await.map_err(|busy| {
         tracing::debug!(slots = busy.slots, "no request slot freed in time");
-        ApiError::Unavailable(format!(
+        ApiError::Busy(format!(
             "the agent is busy: all {} request slots stayed taken for {:?}; retry later",
             busy.slots, busy.waited
         ))
@@ -771,26 +860,88 @@ async fn infer(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let catalog = state.registry.catalog();
-    if !catalog.models.contains_key(&name) {
-        return Err(ApiError::NotFound(format!("unknown model {name:?}")));
-    }
-    drop(catalog);
     // Held until the answer is built: what is buffered, decoded and run at once is bounded
     // by the slots.
-    let _slot = admit(&state).await?;
-    let catalog = state.registry.catalog();
+    let _slot = admit_inference(&state, &name).await?;
     let body = read_body(&state, &headers, body).await;
     let started = Instant::now();
     let request = body.and_then(|body| decode(&headers, &body));
-    let target = target(&state, &catalog, name, version, request.as_ref().ok(), &headers);
+    let header_key = headers.get(ROUTING_KEY_HEADER).and_then(|v| v.to_str().ok());
+    let encoded = serve_inference(&state, name, version, request, header_key, started, |a| {
+        oip::encode_response(a.name, a.version, a.id, a.entity_ids, &a.outputs)
+    })
+    .await?;
+    let mut response = Response::new(Body::from(encoded.body));
+    let response_headers = response.headers_mut();
+    match encoded.json_len {
+        Some(n) => {
+            response_headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            response_headers.insert(oip::HEADER_CONTENT_LENGTH, HeaderValue::from(n));
+        }
+        None => {
+            response_headers
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        }
+    }
+    Ok(response)
+}
+
+/// Admits an inference request to `name`: NOT_FOUND for a model the agent does not hold,
+/// else a request slot (waited for at most the queue timeout). The slot is held until the
+/// answer is built.
+pub(crate) async fn admit_inference(state: &AppState, name: &str) -> Result<Slot, ApiError> {
+    if !state.registry.catalog().models.contains_key(name) {
+        return Err(ApiError::NotFound(format!("unknown model {name:?}")));
+    }
+    admit(state).await
+}
+
+/// What an inference answered, for the transport to encode.
+pub(crate) struct Answer<'a> {
+    /// The model (a derived model's name when one serves the request).
+    pub(crate) name: &'a str,
+    /// The version that served it.
+    pub(crate) version: u64,
+    /// The client's request id.
+    pub(crate) id: Option<&'a str>,
+    /// The entities the request named, echoed.
+    pub(crate) entity_ids: Option<&'a [String]>,
+    /// The outputs asked for, in order.
+    pub(crate) outputs: Vec<OutputToSend<'a>>,
+}
+
+/// Serves a decoded (or refused) inference request to `name`, whatever its transport:
+/// chooses the version (the one named; else the rollout variant of its routing key, or of
+/// `header_key`; else the active one), runs it, and has `encode` build the answer; records
+/// a refusal against the version that would have served it.
+pub(crate) async fn serve_inference<R>(
+    state: &AppState,
+    name: String,
+    version: Option<u64>,
+    request: Result<oip::InferRequest, ApiError>,
+    header_key: Option<&str>,
+    started: Instant,
+    encode: impl FnOnce(Answer<'_>) -> R,
+) -> Result<R, ApiError> {
+    let catalog = state.registry.catalog();
+    let target = target(state, &catalog, name, version, request.as_ref().ok(), header_key);
     let (version, found) = lookup(&catalog, &target.name, target.version)?;
     let model = loaded(&target.name, version, found)?;
     drop(catalog);
     let answered = match request {
         Ok(request) => {
-            infer_loaded(&state, &target.name, version, &model, request, target.mirror, started)
-                .await
+            infer_loaded(
+                state,
+                &target.name,
+                version,
+                &model,
+                request,
+                target.mirror,
+                started,
+                encode,
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -829,17 +980,14 @@ fn target(
     name: String,
     version: Option<u64>,
     request: Option<&oip::InferRequest>,
-    headers: &HeaderMap,
+    header_key: Option<&str>,
 ) -> Target {
     if version.is_some() {
         return Target { name, version, mirror: None };
     }
     if let Some(live) = catalog.rollouts.get(&name) {
         let random;
-        let key = if let Some(key) = request
-            .and_then(|r| r.routing_key.as_deref())
-            .or_else(|| headers.get(ROUTING_KEY_HEADER).and_then(|v| v.to_str().ok()))
-        {
+        let key = if let Some(key) = request.and_then(|r| r.routing_key.as_deref()).or(header_key) {
             key.as_bytes()
         } else {
             random = state.keys.next();
@@ -894,7 +1042,8 @@ fn entity_input(
 
 /// Serves one request to a loaded version; records its inputs, outputs and latency, what
 /// it answered (for feedback), and hands a mirrored request to the shadow queue.
-async fn infer_loaded(
+#[allow(clippy::too_many_arguments)] // each is one part of the request; a struct would only rename them
+async fn infer_loaded<R>(
     state: &AppState,
     name: &str,
     version: u64,
@@ -902,7 +1051,8 @@ async fn infer_loaded(
     mut request: oip::InferRequest,
     mirror: Option<Arc<LoadedVersion>>,
     started: Instant,
-) -> Result<Response, ApiError> {
+    encode: impl FnOnce(Answer<'_>) -> R,
+) -> Result<R, ApiError> {
     let entities = request.entity_ids.take();
     if let Some(entities) = &entities {
         let input = entity_input(state, name, model, &request, entities)?;
@@ -960,8 +1110,13 @@ async fn infer_loaded(
             binary,
         })
         .collect();
-    let encoded =
-        oip::encode_response(name, version, request.id.as_deref(), entities.as_deref(), &to_send);
+    let encoded = encode(Answer {
+        name,
+        version,
+        id: request.id.as_deref(),
+        entity_ids: entities.as_deref(),
+        outputs: to_send,
+    });
     if state.config.metrics {
         model.metrics.record(started.elapsed(), Some(&outputs));
         if let Some(id) = &request.id
@@ -976,18 +1131,5 @@ async fn infer_loaded(
         state.shadow.submit(ShadowJob { candidate, inputs, baseline });
     }
     tracing::debug!(model = %name, version, micros = started.elapsed().as_micros() as u64, "inference");
-    let mut response = Response::new(Body::from(encoded.body));
-    let response_headers = response.headers_mut();
-    match encoded.json_len {
-        Some(n) => {
-            response_headers
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-            response_headers.insert(oip::HEADER_CONTENT_LENGTH, HeaderValue::from(n));
-        }
-        None => {
-            response_headers
-                .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-        }
-    }
-    Ok(response)
+    Ok(encoded)
 }

@@ -1,0 +1,164 @@
+//! The Open Inference Protocol's gRPC binding (`inference.GRPCInferenceService` of KServe v2,
+//! with Triton's ModelStreamInfer and the repository extension's RepositoryIndex), and
+//! `grpc.health.v1`, served from the agent beside REST when `[grpc] listen` is set.
+//!
+//! A thin shell: requests are translated to the same [`oip::InferRequest`](crate::oip) the
+//! REST side decodes and served by the same functions of [`crate::server`] (admission
+//! through the same request slots, version selection, rollout routing, entity inputs,
+//! metrics and drift), then translated back. Errors carry REST's messages with the status
+//! codes Triton uses: INVALID_ARGUMENT for malformed requests, NOT_FOUND for unknown models
+//! and versions, UNAVAILABLE for a version that is not loaded, RESOURCE_EXHAUSTED when every
+//! request slot stays taken or a message exceeds `[http] max_body_bytes`.
+
+mod convert;
+mod service;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::Status;
+use tonic::codegen::http;
+use tonic_health::ServingStatus;
+
+use crate::server::{ApiError, AppState, ServeError};
+
+/// The messages and services generated from `agent/proto/grpc_predict_v2.proto` at build
+/// time; the client is for tests and benchmarks.
+#[allow(
+    missing_docs,
+    unused_qualifications,
+    clippy::pedantic,
+    clippy::default_trait_access,
+    reason = "generated code"
+)]
+pub mod proto {
+    tonic::include_proto!("inference");
+}
+
+/// The service name health checks and reflection know the endpoint by.
+pub const SERVICE_NAME: &str = "inference.GRPCInferenceService";
+
+/// The status code and message of a refused request: REST's message, Triton's code.
+pub(crate) fn status(error: ApiError) -> Status {
+    match error {
+        ApiError::BadRequest(m)
+        | ApiError::Unprocessable(m)
+        | ApiError::UnsupportedMediaType(m) => Status::invalid_argument(m),
+        ApiError::NotFound(m) => Status::not_found(m),
+        ApiError::MethodNotAllowed(m) => Status::unimplemented(m),
+        ApiError::Conflict(m) => Status::failed_precondition(m),
+        ApiError::Timeout(m) => Status::deadline_exceeded(m),
+        ApiError::TooLarge(limit) => {
+            Status::resource_exhausted(format!("request exceeds the limit of {limit} bytes"))
+        }
+        ApiError::Unavailable(m) => Status::unavailable(m),
+        ApiError::Busy(m) => Status::resource_exhausted(m),
+        ApiError::Internal(detail) => {
+            tracing::error!(error = %detail, "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+/// Serves the endpoint on `listener` until `down` turns true; streams still open
+/// `shutdown_grace` later are dropped.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    mut down: watch::Receiver<bool>,
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr().map_err(|e| ServeError::Grpc {
+        addr: std::net::SocketAddr::from(([0, 0, 0, 0], 0)),
+        message: e.to_string(),
+    })?;
+    let limit = state.config.max_body_bytes;
+    let grace = state.config.shutdown_grace;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let health_task = tokio::spawn(report_health(reporter, state.clone(), down.clone()));
+    let inference =
+        proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service::Inference {
+            state,
+        })
+        .max_decoding_message_size(limit);
+    let mut stop = down.clone();
+    let served = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(move |response| over_limit(response, limit)))
+        .add_service(health)
+        .add_service(inference)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            wait_down(&mut stop),
+        );
+    let result = tokio::select! {
+        served = served => served.map_err(|e| ServeError::Grpc { addr, message: e.to_string() }),
+        () = async { wait_down(&mut down).await; tokio::time::sleep(grace).await } => {
+            tracing::warn!(%addr, ?grace, "gRPC calls still open after the shutdown grace were dropped");
+            Ok(())
+        }
+    };
+    health_task.abort();
+    result
+}
+
+/// tonic refuses a message over the decoding limit with OUT_OF_RANGE in the trailers; gRPC's
+/// own servers (Triton's among them) say RESOURCE_EXHAUSTED, and REST says 413 with the
+/// message given here.
+fn over_limit(
+    response: http::Response<tonic::body::Body>,
+    limit: usize,
+) -> http::Response<tonic::body::Body> {
+    use http_body_util::BodyExt as _;
+    let rewrite = move |headers: &mut http::HeaderMap| {
+        let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
+            && headers.get("grpc-message").is_some_and(|m| {
+                m.to_str().is_ok_and(|m| m.replace("%20", " ").contains("message length too large"))
+            });
+        if too_large {
+            headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+            let message = format!("request exceeds the limit of {limit} bytes");
+            if let Ok(value) = http::HeaderValue::from_str(&message.replace(' ', "%20")) {
+                headers.insert("grpc-message", value);
+            }
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    rewrite(&mut parts.headers);
+    let body = body.map_frame(move |frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            rewrite(&mut trailers);
+            http_body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    });
+    http::Response::from_parts(parts, tonic::body::Body::new(body))
+}
+
+async fn wait_down(down: &mut watch::Receiver<bool>) {
+    let _ = down.wait_for(|d| *d).await;
+}
+
+/// Keeps `grpc.health.v1` in step with readiness: SERVING (for the server, "", and for the
+/// inference service) while every active version is loaded, NOT_SERVING otherwise and
+/// after shutdown begins.
+async fn report_health(
+    reporter: tonic_health::server::HealthReporter,
+    state: AppState,
+    mut down: watch::Receiver<bool>,
+) {
+    let mut reloads = state.registry.reloads();
+    loop {
+        let serving = if *down.borrow() {
+            ServingStatus::NotServing
+        } else if state.registry.catalog().ready() {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        for name in ["", SERVICE_NAME] {
+            reporter.set_service_status(name, serving).await;
+        }
+        tokio::select! {
+            changed = reloads.changed() => if changed.is_err() { return },
+            changed = down.changed() => if changed.is_err() { return },
+        }
+    }
+}
