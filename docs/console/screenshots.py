@@ -22,10 +22,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PAGES = [
     ("overview", "/"),
     ("fleet", "/fleet"),
+    ("deployments", "/rollouts"),
     ("rollout", "/rollouts/demo/sensor-fault"),
     ("monitoring", "/monitoring?model=sensor-fault&since=15m"),
     ("models", "/models"),
     ("audit", "/audit"),
+    ("users", "/users"),
 ]
 
 
