@@ -5,6 +5,11 @@
   check URL DIR  asks a running Falaj agent at URL for predictions with Triton's own Python
                  HTTP client (JSON and binary tensors), runs the same model and inputs in
                  ONNX Runtime, and fails unless they agree within 1e-4; prints a JSON summary
+  check-grpc ADDR HTTP_URL DIR
+                 the same with Triton's own gRPC client (tritonclient.grpc) at ADDR: raw
+                 tensors through its API, typed contents through its generated stub, and a
+                 stream; then each error case, whose status code must be Triton's and whose
+                 message must be the one the REST endpoint at HTTP_URL gives; prints a summary
 
 Run by tests/interop.rs; the packages come from tests/interop/requirements.txt.
 """
@@ -66,10 +71,112 @@ def check(url: str, work: Path) -> None:
     print(json.dumps(summary))
 
 
+def check_grpc(addr: str, http_url: str, work: Path) -> None:
+    import queue
+
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.grpc import service_pb2
+    from tritonclient.utils import InferenceServerException
+
+    x = np.load(work / "inputs.npy")
+    session = ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    expected = dict(zip(names, session.run(None, {"input": x})))
+
+    client = grpcclient.InferenceServerClient(addr)
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready("skl-mlp") and client.is_model_ready("skl-mlp", "1")
+    meta = client.get_model_metadata("skl-mlp", as_json=True)
+    server = client.get_server_metadata(as_json=True)
+    index = client.get_model_repository_index(as_json=True)
+    summary = {
+        "metadata_inputs": meta["inputs"],
+        "server": server["name"],
+        "index": index["models"],
+        "checks": [],
+        "errors": [],
+    }
+
+    def compare(name, got, rows, how):
+        want = expected[name][:rows]
+        assert got.shape == want.shape, (how, name, got.shape, want.shape)
+        diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+        assert diff <= 1e-4, f"{how}: {name} differs from ONNX Runtime by {diff}"
+        summary["checks"].append({"output": name, "rows": rows, "how": how, "max_abs_diff": diff})
+
+    for rows in (1, 7, 64):
+        inp = grpcclient.InferInput("input", [rows, 6], "FP32")
+        inp.set_data_from_numpy(x[:rows])
+        outputs = [grpcclient.InferRequestedOutput(n) for n in names]
+        result = client.infer("skl-mlp", [inp], outputs=outputs, request_id=f"raw-{rows}")
+        assert result.get_response().id == f"raw-{rows}"
+        for name in names:
+            compare(name, result.as_numpy(name), rows, "raw")
+
+        # Typed contents: the client's API always sends raw tensors, so through its stub.
+        request = service_pb2.ModelInferRequest(model_name="skl-mlp")
+        tensor = request.inputs.add(name="input", datatype="FP32", shape=[rows, 6])
+        tensor.contents.fp32_contents.extend(x[:rows].ravel().tolist())
+        response = client._client_stub.ModelInfer(request)
+        assert not response.raw_output_contents, "a typed request is answered typed"
+        for out in response.outputs:
+            field = {"FP32": "fp32_contents", "INT64": "int64_contents"}[out.datatype]
+            got = np.array(getattr(out.contents, field)).reshape(list(out.shape))
+            compare(out.name, got, rows, "typed")
+
+    # A stream: three requests pipelined on one call, answered in order.
+    answers = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    for rows in (1, 7, 64):
+        inp = grpcclient.InferInput("input", [rows, 6], "FP32")
+        inp.set_data_from_numpy(x[:rows])
+        client.async_stream_infer("skl-mlp", [inp], request_id=f"s-{rows}")
+    for rows in (1, 7, 64):
+        result, error = answers.get(timeout=60)
+        assert error is None, error
+        assert result.get_response().id == f"s-{rows}"
+        for name in names:
+            compare(name, result.as_numpy(name), rows, "stream")
+    client.stop_stream()
+
+    # Errors: Triton's status codes, REST's messages.
+    rest = httpclient.InferenceServerClient(http_url)
+
+    def refused(call):
+        try:
+            call()
+        except InferenceServerException as e:
+            return e
+        raise AssertionError("the request was not refused")
+
+    def both(code, model, data, datatype="FP32", version=""):
+        inp = grpcclient.InferInput("input", list(data.shape), datatype)
+        inp.set_data_from_numpy(data)
+        g = refused(lambda: client.infer(model, [inp], model_version=version))
+        rinp = httpclient.InferInput("input", list(data.shape), datatype)
+        rinp.set_data_from_numpy(data, binary_data=False)
+        r = refused(lambda: rest.infer(model, [rinp], model_version=version))
+        assert g.status() == f"StatusCode.{code}", (code, g.status(), g.message())
+        assert g.message() == r.message(), (g.message(), r.message())
+        summary["errors"].append({"code": code, "message": g.message()})
+
+    both("NOT_FOUND", "no-such-model", x[:1])
+    both("NOT_FOUND", "skl-mlp", x[:1], version="9")
+    both("INVALID_ARGUMENT", "skl-mlp", x[:1, :5])
+    both("INVALID_ARGUMENT", "skl-mlp", x[:1].astype(np.float64), datatype="FP64")
+    e = refused(lambda: client.get_model_metadata("no-such-model"))
+    assert e.status() == "StatusCode.NOT_FOUND", e.status()
+    print(json.dumps(summary))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "export":
         export(Path(sys.argv[2]))
     elif sys.argv[1] == "check":
         check(sys.argv[2], Path(sys.argv[3]))
+    elif sys.argv[1] == "check-grpc":
+        check_grpc(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
     else:
         sys.exit(f"unknown command {sys.argv[1]}")
