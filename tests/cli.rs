@@ -222,3 +222,86 @@ fn an_air_gapped_agent_follows_key_rotations_from_files() {
     let err = fails(&["agent", "import", s(&old), "--data-dir", s(&agent)], 65);
     assert!(err.contains("not a signing key of the trust root"), "retired key: {err}");
 }
+
+/// A CA and a certificate for `127.0.0.1` signed by it, as PEM: (CA, certificate, key).
+fn tls_pair(name: &str) -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("{name} CA"));
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// `curl` over HTTPS trusting `ca`: the HTTP status, or 0 when TLS fails.
+fn curl_status(url: &str, ca: &std::path::Path, token: &str) -> u32 {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--cacert", s(ca)])
+        .args(["-H", &format!("Authorization: Bearer {token}"), url])
+        .output()
+        .expect("curl runs");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+/// The admin API over HTTPS beside the loopback HTTP listener, as curl sees it; a renewed
+/// certificate is taken on SIGHUP; files that do not load stop the start, named.
+#[test]
+fn the_admin_api_serves_https_and_reloads_its_certificate_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    std::fs::create_dir(&tls).unwrap();
+    let (first_ca, cert, key) = tls_pair("first");
+    for (name, pem) in [("ca1.pem", &first_ca), ("admin.pem", &cert), ("admin.key", &key)] {
+        std::fs::write(tls.join(name), pem).unwrap();
+    }
+    let data = dir.path().join("data");
+    let config = dir.path().join("control.toml");
+    let write_config = |key_file: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "data_dir = \"{}\"\nregion = \"eu-west-1\"\n[quic]\nlisten = \"127.0.0.1:0\"\n\
+                 [admin]\nlisten = \"127.0.0.1:0\"\ntls_listen = \"127.0.0.1:0\"\n\
+                 tls_certificate = \"{}\"\ntls_key = \"{}\"\n",
+                s(&data),
+                s(&tls.join("admin.pem")),
+                s(&tls.join(key_file))
+            ),
+        )
+        .unwrap();
+    };
+    write_config("missing.key");
+    let err = fails(&["control", "serve", "--config", s(&config)], 78);
+    assert!(err.contains("TLS key") && err.contains("missing.key"), "{err}");
+
+    write_config("admin.key");
+    let mut control = support::Process::start(&["control", "serve", "--config", s(&config)]);
+    let line = control.wait_for("over HTTPS on");
+    let url = line[line.find("https://").unwrap()..].trim().to_owned();
+    let token = std::fs::read_to_string(data.join("admin.token")).unwrap();
+    let agents = format!("{url}/v1/agents");
+    assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), token.trim()), 200);
+    assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), "wrong"), 401);
+    let plain = agents.replace("https://", "http://");
+    assert_ne!(curl_status(&plain, &tls.join("ca1.pem"), token.trim()), 200, "no plain HTTP");
+
+    // A certificate from another CA, taken on SIGHUP (`systemctl reload`).
+    let (second_ca, cert, key) = tls_pair("second");
+    std::fs::write(tls.join("ca2.pem"), &second_ca).unwrap();
+    std::fs::write(tls.join("admin.pem"), cert).unwrap();
+    std::fs::write(tls.join("admin.key"), key).unwrap();
+    let pid = control.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while curl_status(&agents, &tls.join("ca2.pem"), token.trim()) != 200 {
+        assert!(std::time::Instant::now() < deadline, "the new certificate was not taken");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), token.trim()), 0, "the old CA fails");
+    assert_eq!(control.terminate(), Some(0));
+}

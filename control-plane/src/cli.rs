@@ -1015,6 +1015,9 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             control.admin_addr(),
             token_file.display()
         );
+        if let Some(addr) = control.admin_tls_addr() {
+            println!("admin API and console over HTTPS on https://{addr}");
+        }
         println!(
             "agents connect to {} (QUIC); CA sha256 {}",
             control.quic_addr(),

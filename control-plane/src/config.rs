@@ -114,6 +114,14 @@ pub struct AdminConfig {
     pub body_timeout: Duration,
     /// Connections open at once; past it, new ones wait in the kernel's accept queue.
     pub max_connections: usize,
+    /// TCP address of the admin API and console over HTTPS, beside `listen` (which stays
+    /// plain HTTP for the host's own CLI; keep it on loopback). With `tls_certificate` and
+    /// `tls_key`.
+    pub tls_listen: Option<SocketAddr>,
+    /// The HTTPS certificate chain (PEM, leaf first); read again on SIGHUP.
+    pub tls_certificate: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `[policy]`.
@@ -187,6 +195,9 @@ impl Default for AdminConfig {
             header_timeout: defaults().admin_http.header_timeout,
             body_timeout: defaults().admin_body_timeout,
             max_connections: defaults().admin_http.max_connections,
+            tls_listen: None,
+            tls_certificate: None,
+            tls_key: None,
         }
     }
 }
@@ -256,6 +267,15 @@ impl ControlConfig {
             Duration::from_secs(3600),
         )?;
         within(path, "admin.max_connections", admin.max_connections, 1, 100_000)?;
+        let tls =
+            [admin.tls_listen.is_some(), admin.tls_certificate.is_some(), admin.tls_key.is_some()];
+        if tls.contains(&true) && tls.contains(&false) {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "admin.tls_listen",
+                message: "tls_listen, tls_certificate and tls_key go together".into(),
+            });
+        }
         within(
             path,
             "admin.lockout",
@@ -338,6 +358,16 @@ impl ControlConfig {
         serve.admin_http.header_timeout = self.admin.header_timeout;
         serve.admin_body_timeout = self.admin.body_timeout;
         serve.admin_http.max_connections = self.admin.max_connections;
+        if let (Some(listen), Some(certificate), Some(key)) =
+            (self.admin.tls_listen, &self.admin.tls_certificate, &self.admin.tls_key)
+        {
+            let files = falaj_shell::tls::TlsFiles {
+                certificate: certificate.clone(),
+                key: key.clone(),
+                client_ca: None,
+            };
+            serve.admin_tls = Some((listen, files));
+        }
         serve.region.clone_from(&self.region);
         serve.server_names.extend(self.quic.server_names.iter().cloned());
         serve.server_cert_lifetime = self.quic.certificate_lifetime;

@@ -25,6 +25,7 @@ use crate::rollouts::RolloutsConfig;
 use crate::state::{Policy, Shared};
 use crate::{admin, files, monitoring, quic};
 use falaj_shell::http::{self as http_serve, HttpLimits};
+use falaj_shell::tls::{ReloadableTls, TlsFiles};
 
 /// The admin token's file name in the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -42,6 +43,8 @@ pub struct ServeConfig {
     pub admin_http: HttpLimits,
     /// Longest an upload to the admin API may pause (408 after it).
     pub admin_body_timeout: Duration,
+    /// Also serve the admin API (and console) over HTTPS on this address with these files.
+    pub admin_tls: Option<(SocketAddr, TlsFiles)>,
     /// The region, needed on first start to create keys.
     pub region: Option<String>,
     /// Extra names for the TLS certificate (besides the fixed one agents verify).
@@ -73,6 +76,7 @@ impl ServeConfig {
             admin: SocketAddr::from(([127, 0, 0, 1], 7080)),
             admin_http: HttpLimits { max_connections: 256, ..HttpLimits::default() },
             admin_body_timeout: Duration::from_secs(60),
+            admin_tls: None,
             region: None,
             server_names: vec!["localhost".into()],
             server_cert_lifetime: Duration::from_secs(365 * 86_400),
@@ -133,6 +137,7 @@ pub struct ControlPlane {
     audit: crate::audit::AuditConfig,
     server_names: Vec<String>,
     server_cert_lifetime: Duration,
+    admin_tls: Option<(TcpListener, Arc<ReloadableTls>)>,
 }
 
 fn io(op: &'static str, path: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ServeError {
@@ -247,6 +252,17 @@ impl ControlPlane {
         let endpoint = quinn::Endpoint::server(server_config, config.quic)
             .map_err(io("binding QUIC on", config.quic))?;
         let quic_addr = endpoint.local_addr().map_err(io("binding QUIC on", config.quic))?;
+        let admin_tls = match &config.admin_tls {
+            Some((listen, files)) => {
+                let tls = ReloadableTls::load(files.clone())
+                    .map_err(|e| ServeError::Config(e.to_string()))?;
+                let listener = TcpListener::bind(listen)
+                    .await
+                    .map_err(io("binding the admin API (HTTPS) on", listen))?;
+                Some((listener, Arc::new(tls)))
+            }
+            None => None,
+        };
         let admin = TcpListener::bind(config.admin)
             .await
             .map_err(io("binding the admin API on", config.admin))?;
@@ -290,7 +306,13 @@ impl ControlPlane {
             audit: config.audit,
             server_names: config.server_names,
             server_cert_lifetime: config.server_cert_lifetime,
+            admin_tls,
         })
+    }
+
+    /// Where the admin API serves HTTPS, if it does.
+    pub fn admin_tls_addr(&self) -> Option<SocketAddr> {
+        self.admin_tls.as_ref().and_then(|(listener, _)| listener.local_addr().ok())
     }
 
     /// Where agents connect (UDP).
@@ -343,6 +365,7 @@ impl ControlPlane {
             audit,
             server_names,
             server_cert_lifetime,
+            admin_tls,
         } = self;
         tracing::info!(%quic_addr, %admin_addr, region = %shared.region, "control plane serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -366,13 +389,28 @@ impl ControlPlane {
             stop_rx.clone(),
         ));
         let mut admin_stop = stop_rx.clone();
+        let admin_stop_tls = stop_rx.clone();
+        let reloads =
+            tokio::spawn(reload_on_hangup(admin_tls.as_ref().map(|(_, tls)| Arc::clone(tls))));
         let admin_server = tokio::spawn(async move {
             // Requests carry the peer's address (`ConnectInfo`) for the gate: audit entries
             // and login lockouts.
             let stop = async move {
                 let _ = admin_stop.wait_for(|stop| *stop).await;
             };
-            http_serve::serve(admin, admin::router(api), admin_http, stop).await;
+            let router = admin::router(api);
+            let plain = http_serve::serve(admin, router.clone(), admin_http, stop);
+            match admin_tls {
+                Some((listener, tls)) => {
+                    let mut tls_stop = admin_stop_tls;
+                    let stop = async move {
+                        let _ = tls_stop.wait_for(|stop| *stop).await;
+                    };
+                    let secure = http_serve::serve_tls(listener, router, admin_http, tls, stop);
+                    tokio::join!(plain, secure);
+                }
+                None => plain.await,
+            }
         });
         shutdown.await;
         tracing::info!("control plane shutting down");
@@ -385,12 +423,40 @@ impl ControlPlane {
         let _ = judging.await;
         let _ = checkpoints.await;
         let _ = certificates.await;
+        reloads.abort();
         admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
         shared.flush_seen().await?;
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         tracing::info!("control plane stopped");
         Ok(())
     }
+}
+
+/// Reads the admin API's TLS files again on each SIGHUP (`systemctl reload`: a renewed
+/// certificate), keeping the ones in force when the new ones do not load. Without TLS a
+/// SIGHUP is logged, not fatal.
+async fn reload_on_hangup(tls: Option<Arc<ReloadableTls>>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+        while hangups.recv().await.is_some() {
+            let Some(tls) = &tls else {
+                tracing::info!("SIGHUP: no TLS certificate to reload");
+                continue;
+            };
+            let certificate = tls.files().certificate.display();
+            match tls.reload() {
+                Ok(()) => tracing::info!(%certificate, "reloaded the admin API's TLS certificate"),
+                Err(err) => tracing::error!(
+                    error = %err,
+                    "TLS reload failed; the certificate in use stays"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }
 
 /// Renews the QUIC server certificate in place when half its lifetime has passed, and

@@ -3,7 +3,8 @@
 //! has no request in flight and gives requests in flight a bounded grace.
 //!
 //! `axum::serve` exposes none of these (it runs hyper without a timer), hence this loop on
-//! hyper directly; both daemons serve their HTTP APIs with it.
+//! hyper directly; both daemons serve their HTTP APIs with it, in plain HTTP or over TLS
+//! ([`serve_tls`]; the handshake counts against the head's deadline).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,9 +16,26 @@ use axum::extract::ConnectInfo;
 use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tower_service::Service;
+
+use crate::tls::ReloadableTls;
+
+/// How a request reached the server, in every request's extensions: a console marks its
+/// cookies `Secure` when it is [`Scheme::Https`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    /// Plain HTTP.
+    Http,
+    /// HTTP over TLS.
+    Https,
+}
+
+/// A connection's byte stream, plain or TLS.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// The limits of one HTTP listener.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +83,29 @@ pub async fn serve(
     limits: HttpLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    serve_with(listener, router, limits, None, shutdown).await;
+}
+
+/// [`serve`] over TLS with `tls`'s configuration at the time each connection is
+/// accepted (so [`ReloadableTls::reload`] applies to new connections). A client must
+/// finish its handshake within the head's deadline.
+pub async fn serve_tls(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    tls: Arc<ReloadableTls>,
+    shutdown: impl Future<Output = ()>,
+) {
+    serve_with(listener, router, limits, Some(tls), shutdown).await;
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    limits: HttpLimits,
+    tls: Option<Arc<ReloadableTls>>,
+    shutdown: impl Future<Output = ()>,
+) {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
     let max = limits.max_connections.clamp(1, Semaphore::MAX_PERMITS.min(u32::MAX as usize));
@@ -99,19 +140,41 @@ pub async fn serve(
             tracing::debug!(error = %err, "could not set TCP_NODELAY");
         }
         let begun = Arc::new(AtomicBool::new(false));
+        let scheme = if tls.is_some() { Scheme::Https } else { Scheme::Http };
         let service = {
             let begun = Arc::clone(&begun);
             let router = router.clone();
             hyper::service::service_fn(move |mut request: Request<Incoming>| {
                 begun.store(true, Ordering::Relaxed);
                 request.extensions_mut().insert(ConnectInfo(peer));
+                request.extensions_mut().insert(scheme);
                 router.clone().call(request)
             })
         };
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let acceptor = tls.as_ref().map(|tls| tls.acceptor());
+        let builder = builder.clone();
         let mut phase = phase_rx.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let io: Box<dyn Io> = match acceptor {
+                None => Box::new(stream),
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_timeout, acceptor.accept(stream));
+                    tokio::select! {
+                        done = handshake => match done {
+                            Ok(Ok(stream)) => Box::new(stream),
+                            Ok(Err(err)) => {
+                                tracing::debug!(%peer, error = %err, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => return,
+                        },
+                        () = reached(&mut phase, Phase::Draining) => return,
+                    }
+                }
+            };
+            let connection = builder.serve_connection(TokioIo::new(io), service);
             tokio::pin!(connection);
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,

@@ -3,7 +3,10 @@
 //!
 //! - [`fs`]: durable file writes (temporary file, fsync, rename, fsync of the directory).
 //! - [`http`]: serving an axum router to slow or hostile clients: a deadline on each
-//!   request head, a cap on open connections, a bounded graceful stop.
+//!   request head, a cap on open connections, a bounded graceful stop; plain or TLS.
+//! - [`tls`]: a listener's certificate, key and optional client CA from PEM files,
+//!   reloadable while it serves.
 
 pub mod fs;
 pub mod http;
+pub mod tls;

@@ -138,6 +138,11 @@ impl Process {
         self.child.wait().expect("the process ends")
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the exit code.
     pub fn terminate(mut self) -> Option<i32> {
         let pid = self.child.id().to_string();
