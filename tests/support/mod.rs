@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod disk;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -64,24 +66,39 @@ impl Process {
 
     /// Starts `falaj ARGS...` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(args, env, false)
+    }
+
+    /// [`Self::start_with_env`], with the lines of stderr (its log) arriving among those
+    /// of stdout, for [`Self::wait_for`].
+    pub fn start_logging(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(args, env, true)
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], log: bool) -> Self {
         let mut child = Command::new(FALAJ)
             .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(if log { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
             .expect("falaj starts");
-        let stdout = child.stdout.take().unwrap();
         let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
+        let forward = |out: Box<dyn std::io::Read + Send>, tx: mpsc::Sender<String>| {
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    if tx.send(line).is_err() {
+                        break;
+                    }
                 }
-            }
-        });
+            });
+        };
+        forward(Box::new(child.stdout.take().unwrap()), tx.clone());
+        if let Some(stderr) = child.stderr.take() {
+            forward(Box::new(stderr), tx);
+        }
         Self { child, lines, seen: Vec::new() }
     }
 

@@ -197,6 +197,18 @@ async fn ingest_file(
         IngestError::Header { .. } | IngestError::Source(_) => {
             refused("invalid_file", e.to_string())
         }
+        // The operator must act, so the answer says what is full (nothing was written).
+        IngestError::Sqlite(_) if e.is_storage_full() => {
+            tracing::error!(error = %e, file = store::FEATURES_DB_FILE, "feature ingest refused: the disk is full");
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                format!(
+                    "the offline store {} is full ({e}): nothing was ingested; free space on the control plane's data disk and send the file again",
+                    store::FEATURES_DB_FILE
+                ),
+            )
+        }
         IngestError::Sqlite(_) => ApiError::internal(e),
     })?;
     event(

@@ -48,6 +48,14 @@ pub enum IngestError {
     Sqlite(#[from] rusqlite::Error),
 }
 
+impl IngestError {
+    /// Whether the offline store's disk is full (nothing was written; the same file
+    /// ingests once space returns).
+    pub fn is_storage_full(&self) -> bool {
+        matches!(self, Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull)
+    }
+}
+
 fn first(report: &Report) -> String {
     report.first.first().map(RowError::to_string).unwrap_or_default()
 }
