@@ -76,7 +76,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
-        falaj_agent::cli::shutdown_signal().await;
+        falaj_shell::daemon::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {

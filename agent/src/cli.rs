@@ -17,8 +17,8 @@ use crate::daemon::Agent;
 use crate::enroll::{self, EnrollError, EnrollOptions};
 use crate::import::{self, ImportError, ImportOptions, ImportOutcome};
 use crate::store::{Store, StoreError};
-use crate::systemd;
 use falaj_common::config::Checked as _;
+use falaj_shell::daemon::{self as systemd, shutdown_signal};
 
 /// Exit code for a usage error (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -485,29 +485,6 @@ fn check_config(path: &Path) -> Result<(), Failure> {
     );
     println!("heartbeat         {}", humantime::format_duration(config.control_plane.heartbeat));
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
-    tracing::info!("shutting down");
 }
 
 fn remove(args: &RemoveArgs) -> Result<(), Failure> {

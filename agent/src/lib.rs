@@ -34,7 +34,6 @@ pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod sync;
-pub mod systemd;
 pub mod transfer;
 
 /// A point where the crash tests kill the process: built with the `failpoints` feature

@@ -32,8 +32,8 @@ use crate::config::{self, ControlConfig};
 use crate::daemon::{ControlPlane, ServeError};
 use crate::keys::{self, InitOptions, KeysError, RotateOptions};
 use crate::sample::{self, SampleOptions};
-use crate::systemd;
 use falaj_common::config::Checked as _;
+use falaj_shell::daemon::{self as systemd, shutdown_signal};
 
 /// Exit code for a usage error (`EX_USAGE`).
 pub const EXIT_USAGE: u8 = 64;
@@ -1042,28 +1042,6 @@ fn check_config(path: &Path) -> Result<(), Failure> {
     println!("quic.listen   {}", config.quic.listen);
     println!("admin.listen  {}", config.admin.listen);
     Ok(())
-}
-
-/// Completes on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
-    }
 }
 
 fn sample(args: &SampleArgs) -> Result<(), Failure> {

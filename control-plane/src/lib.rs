@@ -36,7 +36,6 @@ pub mod rollouts;
 pub mod sample;
 pub mod secrets;
 pub mod state;
-pub mod systemd;
 pub mod webhook;
 
 /// A point where the crash tests kill the process: built with the `failpoints` feature

@@ -1,12 +1,14 @@
 //! What the agent's and the control plane's shells share and that does I/O, so the core
 //! (`falaj-common`) stays free of it and neither daemon depends on the other.
 //!
+//! - [`daemon`]: systemd's notify protocol and the signals that stop a daemon.
 //! - [`fs`]: durable file writes (temporary file, fsync, rename, fsync of the directory).
 //! - [`http`]: serving an axum router to slow or hostile clients: a deadline on each
 //!   request head, a cap on open connections, a bounded graceful stop; plain or TLS.
 //! - [`tls`]: a listener's certificate, key and optional client CA from PEM files,
 //!   reloadable while it serves.
 
+pub mod daemon;
 pub mod fs;
 pub mod http;
 pub mod tls;

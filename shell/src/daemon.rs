@@ -1,6 +1,7 @@
-//! Telling systemd how the service is doing (`Type=notify`): ready once keys are loaded and
-//! both sockets are bound, a watchdog ping while the runtime is responsive, and stopping on
-//! shutdown. Without `NOTIFY_SOCKET` (not under systemd) every call does nothing.
+//! What a daemon tells its supervisor and hears from it: systemd's notify protocol
+//! (`Type=notify`: ready once the daemon serves, a watchdog ping while its runtime is
+//! responsive, stopping on shutdown; every call does nothing without `NOTIFY_SOCKET`),
+//! and the signals that stop it.
 
 use sd_notify::NotifyState;
 
@@ -25,4 +26,26 @@ pub fn ready() {
 /// Reports that the service is stopping.
 pub fn stopping() {
     let _ = sd_notify::notify(&[NotifyState::Stopping]);
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
 }
