@@ -305,3 +305,48 @@ fn the_admin_api_serves_https_and_reloads_its_certificate_on_sighup() {
     assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), token.trim()), 0, "the old CA fails");
     assert_eq!(control.terminate(), Some(0));
 }
+
+/// A relative `--data-dir` means the same directory to every command, `serve` included.
+#[test]
+fn a_relative_data_dir_is_the_same_for_every_command() {
+    use std::io::BufRead as _;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path(), "eu-west-1", 1);
+    let run = |args: &[&str]| {
+        std::process::Command::new(support::FALAJ)
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("falaj runs")
+    };
+    let init = run(&[
+        "agent",
+        "init",
+        "--data-dir",
+        "site/agent",
+        "--region",
+        "eu-west-1",
+        "--trust",
+        "keys/root.json",
+    ]);
+    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    let import = run(&["agent", "import", s(&bundle), "--data-dir", "site/agent"]);
+    assert!(import.status.success(), "{}", String::from_utf8_lossy(&import.stderr));
+
+    let mut serve = std::process::Command::new(support::FALAJ)
+        .args(["agent", "serve", "--data-dir", "site/agent", "--http", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(serve.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let _ = serve.kill();
+    let ended = serve.wait_with_output().unwrap();
+    assert!(
+        first.starts_with("serving the Open Inference Protocol on http://"),
+        "{first}{}",
+        String::from_utf8_lossy(&ended.stderr)
+    );
+}

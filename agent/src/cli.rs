@@ -132,8 +132,9 @@ pub struct AuditVerifyArgs {
 /// `data_dir`, else `/var/lib/falaj-agent`.
 #[derive(Debug, Clone, Args)]
 pub struct DataDir {
-    /// The agent's data directory.
-    #[arg(long, env = "FALAJ_AGENT_DATA_DIR")]
+    /// The agent's data directory (a relative path is taken from the current directory,
+    /// the same for every command).
+    #[arg(long, env = "FALAJ_AGENT_DATA_DIR", value_parser = absolute_path)]
     pub data_dir: Option<PathBuf>,
     /// The configuration file (default: /etc/falaj/agent.toml if it exists).
     #[arg(long, env = "FALAJ_AGENT_CONFIG")]
@@ -159,6 +160,11 @@ impl DataDir {
             None => Ok(self.config()?.data_dir),
         }
     }
+}
+
+/// `path` made absolute against the current directory.
+fn absolute_path(path: &str) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{path}: {e}"))
 }
 
 /// Arguments of `init`.

@@ -1,5 +1,5 @@
-//! The `falaj-control` command line. Offline: `keys init`, `bundle build`,
-//! `bundle inspect`, `sample`. The daemon: `serve`. Against a running control plane,
+//! The `falaj-control` command line. Offline: `keys init|rotate-root|rotate-signing|status`,
+//! `bundle build`, `bundle inspect`, `sample`. The daemon: `serve`. Against a running control plane,
 //! through its admin API: `bundle push|list`, `token create`, `agents`, `agent revoke`,
 //! `deploy`, `undeploy`, `metrics`, `alerts`, `features ...`, `finetune ...`,
 //! `rollout ...`, `audit ...`, and people and credentials: `user ...`, `login`, `logout`,
@@ -42,7 +42,8 @@ pub const EXIT_REFUSED: u8 = 65;
 /// Exit code for bad configuration or input (`EX_CONFIG`).
 pub const EXIT_CONFIG: u8 = 78;
 
-/// Falaj control plane: keys, bundles, and (later) the fleet.
+/// Falaj control plane: keys and trust roots, bundles, the fleet, rollouts, monitoring,
+/// the feature store, fine-tuning, people and the audit log.
 #[derive(Debug, Parser)]
 #[command(name = "falaj-control", version, about, long_about = None)]
 pub struct Cli {
