@@ -316,6 +316,7 @@ impl Syncer {
             match outcome {
                 Ok(()) => return,
                 Err(err) => {
+                    let err = with_clock(&err.to_string(), SystemTime::now());
                     tracing::warn!(control_plane = %self.identity.control_plane, error = %err, "control plane session ended");
                 }
             }
@@ -772,6 +773,20 @@ impl Syncer {
             self.stats.reconcile_errors.store(0, Ordering::Relaxed);
         }
         ok
+    }
+}
+
+/// `error`, with this agent's own time added when it says a certificate is not valid yet
+/// or has expired: the control plane's certificate looks so mostly to an agent whose clock
+/// is days off, and the operator reading the log should see which clock that is.
+fn with_clock(error: &str, now: SystemTime) -> String {
+    if error.contains("not valid yet") || error.contains("certificate expired") {
+        format!(
+            "{error} (this agent's clock reads {}: if it is wrong, set it right)",
+            Timestamp::from_system(now)
+        )
+    } else {
+        error.to_owned()
     }
 }
 
