@@ -318,17 +318,18 @@ async fn set_role(
     body: String,
 ) -> ApiResult<Response> {
     let role = parse_role(&parse::<SetRole>(&body)?.role)?;
-    let (n, at) = (name.clone(), now());
-    let before = api
-        .shared
-        .db
-        .call(move |c| store::set_role(c, &n, role, at))
-        .await?
-        .map_err(|r| refusal(&r))?;
+    let before = set_role_as(&api, &name, role).await?;
     Ok(json_response(
         StatusCode::OK,
         &json!({"name": name, "role": role.name(), "previous": before.name()}),
     ))
+}
+
+/// Gives user `name` role `role` and answers its previous one, audited as the current
+/// actor (the API's and the console's service).
+pub(crate) async fn set_role_as(api: &Api, name: &str, role: Role) -> ApiResult<Role> {
+    let (n, at) = (name.to_owned(), now());
+    api.shared.db.call(move |c| store::set_role(c, &n, role, at)).await?.map_err(|r| refusal(&r))
 }
 
 /// Disables (or enables again) user `name`, audited as the current actor (the API's and
