@@ -617,9 +617,10 @@ async fn a_viewer_finds_no_controls_and_is_refused_when_posting_anyway() {
     let with = |r: reqwest::RequestBuilder| r.header("cookie", format!("falaj_session={cookie}"));
     let page = with(plane.http.get(format!("{}/fleet", plane.url))).send().await.unwrap();
     let token = csrf_in(&page.text().await.unwrap());
-    let forged: [Forged; 6] = [
+    let forged: [Forged; 7] = [
         ("/users", vec![("name", "mallory"), ("role", "admin")], "manage_users"),
         ("/users/ada/disable", vec![], "manage_users"),
+        ("/users/vera/role", vec![("role", "admin")], "manage_users"),
         ("/users/ada/remove", vec![], "manage_users"),
         (
             "/apitokens",
@@ -643,6 +644,7 @@ async fn a_viewer_finds_no_controls_and_is_refused_when_posting_anyway() {
     let (_, users) = plane.api(reqwest::Method::GET, "/v1/users", Value::Null).await;
     let users = users.to_string();
     assert!(!users.contains("mallory") && !users.contains("\"disabled_at\":\""), "{users}");
+    assert!(users.contains("\"name\":\"vera\",\"role\":\"viewer\""), "{users}");
     let (_, tokens) = plane.api(reqwest::Method::GET, "/v1/apitokens", Value::Null).await;
     assert_eq!(tokens, json!([]), "no token was created");
     let (_, deployed) = plane.api(reqwest::Method::GET, "/v1/deployments", Value::Null).await;
@@ -660,8 +662,8 @@ async fn a_viewer_finds_no_controls_and_is_refused_when_posting_anyway() {
 type Forged = (&'static str, Vec<(&'static str, &'static str)>, &'static str);
 
 /// An admin adds a user from the console and sees its one-time password once; the user
-/// logs in with it; the admin disables it (its login is then refused), enables it again
-/// and removes it; creates an API token, shown once, that opens the JSON API until the
+/// logs in with it; the admin disables it (its login is then refused), enables it again,
+/// changes its role and removes it; creates an API token, shown once, that opens the JSON API until the
 /// admin revokes it from the console; each of those actions is in the audit log under
 /// the admin's name, and an operator manages API tokens but not users.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,6 +700,12 @@ async fn an_admin_manages_users_and_api_tokens_and_each_action_is_audited() {
     b.wait_text("p.notice", "User nina enabled again.").await;
     let (status, _, _) = login(&no_redirects(), &plane.url, "nina", &password, false).await;
     assert_eq!(status, 303, "enabled again, the user logs in");
+    b.select("#role-nina", "viewer").await;
+    b.click("form[action='/users/nina/role'] button").await;
+    b.wait_text("p.notice", "User nina is now viewer (was operator).").await;
+    let (_, listed) = plane.api(reqwest::Method::GET, "/v1/users", Value::Null).await;
+    let nina = listed.as_array().unwrap().iter().find(|u| u["name"] == "nina").cloned();
+    assert_eq!(nina.unwrap()["role"], "viewer", "{listed}");
     b.click("form[action='/users/nina/remove'] button").await;
     b.wait_text("p.notice", "User nina removed.").await;
     let (_, listed) = plane.api(reqwest::Method::GET, "/v1/users", Value::Null).await;
@@ -724,6 +732,7 @@ async fn an_admin_manages_users_and_api_tokens_and_each_action_is_audited() {
     let by_admin = actions(&plane.audit_of("user:ada").await);
     let done = [
         "user.add",
+        "user.set_role",
         "user.disable",
         "user.enable",
         "user.remove",

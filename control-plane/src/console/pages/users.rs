@@ -1,9 +1,10 @@
 //! People and credentials: `/users` (admins: users with their roles and live sessions,
-//! as `GET /v1/users` lists them; add one, shown its one-time password once; disable,
-//! enable again or remove one) and `/tokens` (operators: a one-time enrollment token
+//! as `GET /v1/users` lists them; add one, shown its one-time password once; change a
+//! role; disable, enable again or remove one) and `/tokens` (operators: a one-time enrollment token
 //! for a group, shown once with the `falaj-agent enroll` line to run on the agent's
 //! host, from the same service as `POST /v1/tokens`). Each change calls the service the
-//! JSON route calls (`auth::api::add_user_as`, `set_disabled`, `remove`), so it is
+//! JSON route calls (`auth::api::add_user_as`, `set_role_as`, `set_disabled`,
+//! `remove`), so it is
 //! audited the same way, under the person's name. API tokens are on their own page
 //! ([`super::apitokens`]): operators manage theirs too.
 
@@ -63,6 +64,15 @@ fn render_users(ctx: &Ctx, users: &[UserRow], outcome: &Outcome) -> Markup {
                 td.num { (u.sessions) }
                 @if ctx.may(P::ManageUsers) { td.actions {
                     @if me == Some(u.name.as_str()) { span.muted { "you" } } @else {
+                        form.inline method="post" action={ "/users/" (u.name) "/role" } {
+                            (csrf(ctx))
+                            label.sr for={ "role-" (u.name) } { "Role of " (u.name) }
+                            select id={ "role-" (u.name) } name="role" {
+                                @for r in Role::ALL { option value=(r.name()) selected[r == u.role] { (r.name()) } }
+                            }
+                            button.plain type="submit" aria-label={ "set the role of " (u.name) } { "Set role" }
+                        }
+                        " "
                         @let action = if u.disabled_at.is_some() { "enable" } else { "disable" };
                         form.inline method="post" action={ "/users/" (u.name) "/" (action) } {
                             (csrf(ctx))
@@ -132,19 +142,36 @@ pub(crate) async fn add(
     }
 }
 
-/// `POST /users/{name}/{action}`: `disable`, `enable` or `remove`.
+/// The fields of a user's buttons: the role chosen (for `role`).
+#[derive(Debug, Deserialize)]
+pub(crate) struct ActForm {
+    #[serde(default)]
+    role: String,
+}
+
+/// `POST /users/{name}/{action}`: `role` (the form's role), `disable`, `enable` or `remove`.
 pub(crate) async fn act(
     State(api): State<Api>,
     Extension(ctx): Extension<Ctx>,
     Path((name, action)): Path<(String, String)>,
+    axum::Form(form): axum::Form<ActForm>,
 ) -> Result<Response, PageError> {
+    let role = form.role.trim().to_owned();
     let done = match action.as_str() {
-        "disable" => service::set_disabled(&api, &name, true).await.map(|()| "disabled"),
-        "enable" => service::set_disabled(&api, &name, false).await.map(|()| "enabled again"),
-        "remove" => service::remove(&api, &name).await.map(|()| "removed"),
+        "role" => match role.parse::<Role>() {
+            Ok(r) => service::set_role_as(&api, &name, r)
+                .await
+                .map(|before| format!("is now {r} (was {before})")),
+            Err(e) => Err(ApiError::bad_request(e.to_string())),
+        },
+        "disable" => service::set_disabled(&api, &name, true).await.map(|()| "disabled".into()),
+        "enable" => {
+            service::set_disabled(&api, &name, false).await.map(|()| "enabled again".into())
+        }
+        "remove" => service::remove(&api, &name).await.map(|()| "removed".into()),
         other => {
             return Err(ApiError::not_found(format!(
-                "no user action {other:?}: disable, enable or remove"
+                "no user action {other:?}: role, disable, enable or remove"
             ))
             .into());
         }
