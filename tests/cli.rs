@@ -304,6 +304,12 @@ fn the_admin_api_serves_https_and_reloads_its_certificate_on_sighup() {
     }
     assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), token.trim()), 0, "the old CA fails");
     assert_eq!(control.terminate(), Some(0));
+
+    // The first start made the region's keys and the agents' CA, ten years long.
+    let status = ok(&["control", "keys", "status", "--keys", s(&data.join("keys"))]);
+    assert!(status.lines().nth(1).is_some_and(|l| l.contains(" current ")), "{status}");
+    let ca = status.lines().find(|l| l.starts_with("agents' CA certificate expires 20"));
+    assert!(ca.is_some() && !status.contains("WARNING"), "{status}");
 }
 
 /// A relative `--data-dir` means the same directory to every command, `serve` included.

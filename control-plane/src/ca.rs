@@ -16,6 +16,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{
     CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
 };
@@ -139,16 +140,19 @@ impl Ca {
             path: cert_path,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
         })?;
-        let expires = x509_parser::parse_x509_certificate(&cert_der)
-            .map(|(_, cert)| {
-                Timestamp::from_unix(cert.validity().not_after.timestamp().max(0) as u64)
-            })
-            .map_err(|e| CaError::Io {
-                op: "parsing",
-                path: dir.join(CA_CERT_FILE),
-                source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
-            })?;
+        let expires = not_after(&cert_der, &dir.join(CA_CERT_FILE))?;
         Ok(Self { cert_der, issuer, expires })
+    }
+
+    /// When the CA certificate in `dir` expires, read without its key (`keys status`).
+    pub fn expiry_in(dir: &Path) -> Result<Timestamp, CaError> {
+        let path = dir.join(CA_CERT_FILE);
+        let der = CertificateDer::from_pem_file(&path).map_err(|e| CaError::Io {
+            op: "reading",
+            path: path.clone(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })?;
+        not_after(&der, &path)
     }
 
     /// When the CA certificate expires.
@@ -222,6 +226,17 @@ impl Ca {
             .map_err(cert_err("signing the agent certificate"))?;
         Ok(Issued { der: cert.der().to_vec(), serial: serial_hex, expires })
     }
+}
+
+/// The end of `der`'s validity (the certificate read from `path`).
+fn not_after(der: &[u8], path: &Path) -> Result<Timestamp, CaError> {
+    x509_parser::parse_x509_certificate(der)
+        .map(|(_, cert)| Timestamp::from_unix(cert.validity().not_after.timestamp().max(0) as u64))
+        .map_err(|e| CaError::Io {
+            op: "parsing",
+            path: path.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
+        })
 }
 
 /// A random positive 16-byte serial number.

@@ -727,7 +727,17 @@ fn keys_status(args: &KeysDirArgs, now: SystemTime) -> Result<(), Failure> {
     if let Some(root_dir) = &args.root_keys_dir {
         held.extend(keys::private_key_ids(root_dir).map_err(keys_failure)?);
     }
-    print!("{}", render_keys_status(&versions, &held, Timestamp::from_system(now)));
+    let now = Timestamp::from_system(now);
+    print!("{}", render_keys_status(&versions, &held, now));
+    // The CA is made on the daemon's first start; a directory from `keys init` alone has none.
+    if args.keys.join(crate::ca::CA_CERT_FILE).exists() {
+        let expires =
+            crate::ca::Ca::expiry_in(&args.keys).map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+        println!("agents' CA certificate expires {expires}");
+        if let Some(days) = falaj_common::time::expiry_warning(now, expires) {
+            println!("WARNING: the agents' CA certificate expires within {days} days");
+        }
+    }
     Ok(())
 }
 
