@@ -1,5 +1,9 @@
 //! Golden files pin the on-disk and on-wire formats: a manifest's canonical JSON, a signed
-//! trust root and a signed bundle, made from fixed keys and times. If one of these tests
+//! trust root and a signed bundle, made from fixed keys and times; and every protocol
+//! message either side sends, desired-state documents, metric windows and feature snapshot
+//! payloads, as the fuzz seeds make them (fixed seeds, keys and times). The committed
+//! wire files must still decode, to the same bytes: what an agent of the release that
+//! wrote them sends, this build reads. If one of these tests
 //! fails, a format changed: bump its version and keep reading the old one, or, for a
 //! deliberate change before any release, regenerate with `FALAJ_BLESS=1 cargo test -p
 //! falaj-common --test golden`.
@@ -9,9 +13,14 @@ use std::path::PathBuf;
 use falaj_common::bundle::{
     self, BundleBuilder, Content, Manifest, ModelFormat, ModelSpec, Policy, RuntimeHint,
 };
+use falaj_common::desired::DesiredState;
+use falaj_common::fuzzing::seeds;
 use falaj_common::keys::SigningKey;
+use falaj_common::metrics::MetricsWindow;
 use falaj_common::profile::ColumnProfile;
 use falaj_common::profile::DataProfile;
+use falaj_common::protocol::{self, AgentMessage, ControlMessage};
+use falaj_common::random::SeededRng;
 use falaj_common::tensor::{DataType, Dim, Signature, TensorSpec};
 use falaj_common::time::Timestamp;
 use falaj_common::trust::{RootSpec, TrustRoot};
@@ -116,4 +125,74 @@ fn committed_v1_files_still_verify() {
     assert_eq!(verified.manifest.version, 7);
     assert_eq!(verified.file("assets/labels.txt"), Some(&b"a\nb\n"[..]));
     assert_eq!(verified.manifest.content, content());
+}
+
+/// `items` as one file: each with its 4-byte big-endian length first.
+fn framed(items: &[Vec<u8>]) -> Vec<u8> {
+    items.iter().flat_map(|i| (i.len() as u32).to_be_bytes().into_iter().chain(i.clone())).collect()
+}
+
+/// The items of a [`framed`] file.
+fn unframed(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut items = Vec::new();
+    while let Some((len, rest)) = bytes.split_first_chunk::<4>() {
+        let (item, rest) = rest.split_at(u32::from_be_bytes(*len) as usize);
+        items.push(item.to_vec());
+        bytes = rest;
+    }
+    items
+}
+
+fn agent_messages() -> Vec<Vec<u8>> {
+    let mut rng = SeededRng::new(7);
+    seeds::agent_messages(&mut rng).iter().map(|m| protocol::encode(m)[4..].to_vec()).collect()
+}
+
+fn control_messages() -> Vec<Vec<u8>> {
+    let mut rng = SeededRng::new(7);
+    seeds::control_messages(&mut rng).iter().map(|m| protocol::encode(m)[4..].to_vec()).collect()
+}
+
+#[test]
+fn wire_formats_are_pinned() {
+    check("agent-messages-v1.bin", &framed(&agent_messages()));
+    check("control-messages-v1.bin", &framed(&control_messages()));
+    check("enrollment-and-fetch-v1.bin", &framed(&seeds::other_messages(&mut SeededRng::new(7))));
+    check("desired-v1.bin", &framed(&seeds::desired_documents()));
+    check("metrics-windows-v1.bin", &framed(&seeds::metrics_windows()));
+    check("snapshot-payloads-v1.bin", &framed(&seeds::snapshot_payloads()));
+}
+
+/// Decodes every committed item as `T` and requires that it encodes back to the same bytes.
+fn round_trips<T>(name: &str, decode: impl Fn(&[u8]) -> T, encode: impl Fn(&T) -> Vec<u8>) {
+    let items = unframed(&std::fs::read(golden(name)).unwrap());
+    assert!(!items.is_empty(), "{name} holds nothing");
+    for (i, item) in items.iter().enumerate() {
+        assert!(encode(&decode(item)) == *item, "{name}: item {i} does not round-trip");
+    }
+}
+
+#[test]
+fn committed_wire_files_still_decode_to_the_same_bytes() {
+    let body = |frame: Vec<u8>| frame[4..].to_vec();
+    round_trips(
+        "agent-messages-v1.bin",
+        |b| protocol::decode::<AgentMessage>(b).unwrap(),
+        |m| body(protocol::encode(m)),
+    );
+    round_trips(
+        "control-messages-v1.bin",
+        |b| protocol::decode::<ControlMessage>(b).unwrap(),
+        |m| body(protocol::encode(m)),
+    );
+    round_trips(
+        "desired-v1.bin",
+        |b| serde_json::from_slice::<DesiredState>(b).unwrap(),
+        |d| serde_json::to_vec(d).unwrap(),
+    );
+    round_trips(
+        "metrics-windows-v1.bin",
+        |b| postcard::from_bytes::<MetricsWindow>(b).unwrap(),
+        |w| postcard::to_stdvec(w).unwrap(),
+    );
 }
