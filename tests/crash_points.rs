@@ -155,7 +155,7 @@ fn serve(dir: &Path, config: Option<&Path>, env: &[(&str, &str)]) -> Process {
 }
 
 /// [`serve`] with `point` armed: waits for the abort there.
-async fn serve_until(dir: &Path, config: Option<&Path>, point: &str) {
+fn serve_until(dir: &Path, config: Option<&Path>, point: &str) {
     let armed = format!("{point}=return");
     let mut agent = serve(dir, config, &[("FAILPOINTS", &armed)]);
     aborted(tokio::task::block_in_place(|| agent.wait_exit(TO_THE_POINT)), point);
@@ -227,7 +227,7 @@ async fn a_version_sent_and_killed_at_any_step_installs_and_activates_when_run_a
         let version = i as u64 + 2;
         control.push_sample(work, MODEL, version).await;
         control.client.deploy("edge", MODEL, version).await.unwrap();
-        serve_until(&dir, None, point).await;
+        serve_until(&dir, None, point);
         // The last version stays active (the new one only once switched to), its file
         // with it; no file is left without its row.
         let expect = if point == "sync-activated" { version } else { version - 1 };
@@ -343,7 +343,7 @@ async fn windows_killed_at_any_step_of_delivery_are_counted_once() {
         let stopped = tokio::task::block_in_place(|| agent.terminate_status());
         if stopped.signal() != Some(6) {
             assert!(stopped.success(), "{point}: {stopped}");
-            serve_until(&dir, Some(&config), point).await;
+            serve_until(&dir, Some(&config), point);
         }
 
         // Run again: whatever the step, the control plane counts each request once.

@@ -490,12 +490,10 @@ impl Syncer {
                                 Err(e) => break Err(e),
                             };
                         }
-                        if let Some(renew) = self.renewal_request() {
-                            if let Err(e) = write_frame(&mut send, &renew).await {
+                        if let Some(renew) = self.renewal_request()
+                            && let Err(e) = send_renewal(&mut send, &renew).await {
                                 break Err(conn_err(&e));
                             }
-                            crate::crash_point("renew-requested");
-                        }
                         None
                     }
                 }
@@ -774,6 +772,16 @@ impl Syncer {
         }
         ok
     }
+}
+
+/// Sends a renewal request.
+async fn send_renewal(
+    send: &mut quinn::SendStream,
+    renew: &AgentMessage,
+) -> Result<(), falaj_common::protocol::io::FrameIoError> {
+    write_frame(send, renew).await?;
+    crate::crash_point("renew-requested");
+    Ok(())
 }
 
 /// `error`, with this agent's own time added when it says a certificate is not valid yet
