@@ -390,6 +390,16 @@ mod tests {
     }
 
     #[test]
+    fn grpc_is_off_unless_listen_is_set() {
+        let path = Path::new("agent.toml");
+        assert_eq!(AgentConfig::default().serve().grpc, None);
+        let on = AgentConfig::parse("[grpc]\nlisten = \"127.0.0.1:8001\"\n", path).unwrap();
+        assert_eq!(on.serve().grpc, Some("127.0.0.1:8001".parse().unwrap()));
+        let err = AgentConfig::parse("[grpc]\nport = 8001\n", path).unwrap_err().to_string();
+        assert!(err.contains("port"), "{err}");
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let path = Path::new("agent.toml");
         let check = |text: &str, needle: &str| {

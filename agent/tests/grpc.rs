@@ -497,6 +497,36 @@ async fn grpc_waits_in_the_same_request_slots_as_rest() {
 }
 
 #[tokio::test]
+async fn a_deadline_ends_a_call_waiting_for_a_slot() {
+    let site = Site::new();
+    site.install("fault", 1, &classifier());
+    // The queue would wait a minute; the client's deadline is what ends the wait.
+    let config =
+        ServeConfig { workers: 1, queue_timeout: Duration::from_secs(60), ..test_config() };
+    let mut server = Both::start(&site, config).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut socket = std::net::TcpStream::connect(server.http).unwrap();
+        write!(
+            socket,
+            "POST /v2/models/fault/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{{"
+        )
+        .unwrap();
+        held.push(socket);
+    }
+    server.slots.wait_for(|g| g.admitted == 2).await.unwrap();
+    let mut client = server.client().await;
+    let mut request = tonic::Request::new(sensors_raw("fault", &rows(1), 1));
+    request.set_timeout(Duration::from_millis(200));
+    let err = client.model_infer(request).await.unwrap_err();
+    // tonic ends a call past its `grpc-timeout` as CANCELLED ("Timeout expired").
+    assert_eq!(err.code(), Code::Cancelled, "{err:?}");
+    server.slots.wait_for(|g| g.waiting == 0).await.unwrap();
+    drop(held);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn a_stream_answers_in_order_and_survives_a_bad_request() {
     let site = Site::new();
     let model_bytes = classifier();
