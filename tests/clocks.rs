@@ -5,7 +5,9 @@
 //! Days ahead: every desired-state document arrives expired and is refused with the
 //! agent's own time in the error it reports; its metric windows are dated past the
 //! control plane's skew bound and refused (counted, and logged with the skew); its
-//! certificate looks two thirds spent, so it renews early and goes on connecting. Days
+//! certificate looks two thirds spent, so it renews early and goes on connecting; a
+//! rollout never reaches it (its document is refused like the others), so it serves the
+//! baseline and counts in neither variant of the rollout's guards. Days
 //! behind: the control plane's certificate is not yet valid to it, so it cannot connect,
 //! and its log says so with its own time; it serves what it holds meanwhile.
 
@@ -16,6 +18,8 @@ use std::path::Path;
 use std::time::Duration;
 
 use falaj_agent::identity::IdentityFiles;
+use falaj_common::rollout::Strategy;
+use falaj_control::rollouts::StartRequest;
 use fleet::{Control, eventually};
 use support::{Process, ok, s};
 
@@ -67,6 +71,12 @@ async fn infer(http: std::net::SocketAddr) -> Option<u64> {
         .ok()?;
     let body: serde_json::Value = response.json().await.ok()?;
     body["model_version"].as_str()?.parse().ok()
+}
+
+/// The version named by a refusal of an expired document (`desired state version N ...`).
+fn document_version(error: &str) -> Option<u64> {
+    let rest = &error[error.find("desired state version ")? + "desired state version ".len()..];
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// The control plane's count of refused metric windows (its Prometheus endpoint).
@@ -129,6 +139,44 @@ async fn an_agent_days_ahead_refuses_documents_naming_its_clock_and_its_windows_
         files.validity().is_ok_and(|(_, expiry)| expiry > first_expiry)
     })
     .await;
+
+    // A rollout: the document that carries it is refused too (a later version than the
+    // first refused), so the agent goes on serving the baseline, reports no step, and
+    // nothing it serves counts in the rollout's guards.
+    let first_refused = document_version(&refused).expect("the refusal names the version");
+    control.push_sample(work, MODEL, 2).await;
+    let start = StartRequest {
+        group: "edge".into(),
+        model: MODEL.into(),
+        candidate: 2,
+        strategy: Strategy::Ab,
+        steps: None,
+        step_interval_seconds: None,
+        split: Some(50.0),
+        mirror: None,
+        guards: vec!["error_rate<0.02".into()],
+        min_requests: Some(1),
+    };
+    control.client.start_rollout(&start).await.unwrap();
+    eventually(Duration::from_secs(60), "the rollout's document is refused", || async {
+        let agents = control.client.agents().await.unwrap();
+        agents.iter().filter(|a| a["id"].as_str() == Some(id.as_str())).any(|a| {
+            a["errors"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).any(|e| {
+                e.contains("this agent's clock reads")
+                    && document_version(e).is_some_and(|v| v > first_refused)
+            })
+        })
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(infer(http).await, Some(1), "only the baseline answers");
+    }
+    let view = control.client.rollout("edge", MODEL).await.unwrap();
+    let me = view.agents.iter().find(|a| a.id == id).expect("the agent is in the group");
+    assert!(me.report.is_none(), "it took no step: {:?}", me.report);
+    let counted =
+        view.variants.baseline.figures.requests + view.variants.candidate.figures.requests;
+    assert_eq!(counted, 0, "its windows count in neither variant");
     assert_eq!(tokio::task::block_in_place(|| agent.terminate()), Some(0));
     control.stop().await;
 }
