@@ -104,10 +104,19 @@ fn an_ingest_that_fills_the_disk_fails_naming_the_store_and_runs_once_space_retu
     let control = ControlProcess::start(&data, "127.0.0.1:0", &[]);
     control.ok(&["control", "features", "apply", s(&view)]);
 
-    // Room for the upload to be staged, not for its rows.
+    // No room for the upload itself: refused while staging, naming the directory.
     let size = std::fs::metadata(&readings).unwrap().len();
-    disk.fill(size + 128 * 1024);
     let ingest = ["control", "features", "ingest", "pump-sensors", s(&readings)];
+    disk.fill(size / 2);
+    let err = control.fails(&ingest, 1);
+    assert!(err.contains("staging directory") && err.contains("is full"), "{err}");
+    assert_eq!(stored(), (0, 0, "ok".into()), "nothing written, nothing damaged");
+    let staged = std::fs::read_dir(data.join("staging")).map_or(0, Iterator::count);
+    assert_eq!(staged, 0, "the partial upload is removed");
+    disk.free();
+
+    // Room for the upload to be staged, not for its rows.
+    disk.fill(size + 128 * 1024);
     let err = control.fails(&ingest, 1);
     assert!(err.contains("features.db is full") && err.contains("nothing was ingested"), "{err}");
     assert_eq!(stored(), (0, 0, "ok".into()), "nothing written, nothing damaged");

@@ -243,6 +243,24 @@ pub(crate) async fn stage(
         .tempfile_in(&*api.staging)
         .map_err(ApiError::internal)?;
     let mut file = tokio::fs::File::from_std(staged.reopen().map_err(ApiError::internal)?);
+    // A full disk is the operator's to fix, so the answer says which (nothing was kept:
+    // the staged file goes when dropped).
+    let write_error = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            tracing::error!(error = %e, dir = %api.staging.display(), "upload refused: the disk is full");
+            ApiError::new(
+                StatusCode::INSUFFICIENT_STORAGE,
+                "storage_full",
+                format!(
+                    "{what}: the control plane's staging directory {} is full ({e}): nothing was \
+                     stored; free space on its data disk and send it again",
+                    api.staging.display()
+                ),
+            )
+        } else {
+            ApiError::internal(e)
+        }
+    };
     let mut size = 0u64;
     loop {
         // A client that stops sending holds its connection and staged file no longer.
@@ -264,9 +282,10 @@ pub(crate) async fn stage(
                 format!("{what} exceeds {} bytes", api.max_bundle_bytes),
             ));
         }
-        file.write_all(&bytes).await.map_err(ApiError::internal)?;
+        file.write_all(&bytes).await.map_err(write_error)?;
     }
-    file.flush().await.map_err(ApiError::internal)?;
+    file.flush().await.map_err(write_error)?;
+    file.sync_all().await.map_err(write_error)?;
     Ok(staged)
 }
 
