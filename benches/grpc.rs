@@ -1,3 +1,286 @@
-//! gRPC against REST-binary serving on one agent (work in progress).
+//! gRPC against REST with binary tensors, on one agent in one run: the sample model (8
+//! features, a small MLP) and a larger one (a CNN over 3×32×32 images, 12 KiB a row), at
+//! batch 1 and 64, one client at a time with a kept-alive connection. REST binary is the
+//! anchor; each gRPC row gives its p50 as a ratio of REST's (target: at most 1.0). The two
+//! transports run in alternating rounds and each figure is the median round, so drift on a
+//! shared machine lands on both.
+//!
+//! `cargo bench --bench grpc -- [--seconds N] [--rounds R]`; prints a Markdown table for
+//! BENCHMARKS.md.
 
-fn main() {}
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use falaj_agent::grpc::proto::ModelInferRequest;
+use falaj_agent::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
+use falaj_agent::grpc::proto::model_infer_request::InferInputTensor;
+use falaj_agent::import::{self, ImportOptions};
+use falaj_agent::server::{ServeConfig, Server};
+use falaj_agent::store::Store;
+use falaj_common::bundle::RuntimeHint;
+use falaj_common::onnx::{Attr, GraphBuilder};
+use falaj_common::random::SeededRng;
+use falaj_common::tensor::{DataType, Dim};
+use falaj_control::bundle::{self, BuildOptions};
+use falaj_control::keys::{self, InitOptions};
+use falaj_control::sample::SampleOptions;
+
+/// A model under test: its name, input and the shape of one row.
+struct Subject {
+    name: &'static str,
+    input: &'static str,
+    row: Vec<i64>,
+}
+
+impl Subject {
+    fn row_len(&self) -> usize {
+        self.row.iter().product::<i64>() as usize
+    }
+}
+
+/// A CNN over [N, 3, 32, 32] images: conv 3→16, ReLU, conv 16→16, ReLU, pool, dense → 10.
+fn image_model() -> Vec<u8> {
+    let mut rng = SeededRng::new(5);
+    let mut weights = |n: usize| (0..n).map(|_| rng.normal(0.0, 0.2) as f32).collect::<Vec<_>>();
+    let n = || Dim::Symbol("N".into());
+    let mut g = GraphBuilder::new("bench_cnn");
+    g.input("image", DataType::Fp32, &[n(), Dim::Fixed(3), Dim::Fixed(32), Dim::Fixed(32)])
+        .weights("c1.w", &[16, 3, 3, 3], &weights(432))
+        .weights("c1.b", &[16], &weights(16))
+        .node(
+            "Conv",
+            &["image", "c1.w", "c1.b"],
+            &["c1"],
+            vec![Attr::Ints("pads", vec![1, 1, 1, 1])],
+        )
+        .node("Relu", &["c1"], &["r1"], vec![])
+        .weights("c2.w", &[16, 16, 3, 3], &weights(2304))
+        .weights("c2.b", &[16], &weights(16))
+        .node("Conv", &["r1", "c2.w", "c2.b"], &["c2"], vec![Attr::Ints("pads", vec![1, 1, 1, 1])])
+        .node("Relu", &["c2"], &["r2"], vec![])
+        .node("GlobalAveragePool", &["r2"], &["pool"], vec![])
+        .node("Flatten", &["pool"], &["flat"], vec![Attr::Int("axis", 1)])
+        .weights("fc.w", &[10, 16], &weights(160))
+        .weights("fc.b", &[10], &weights(10))
+        .node("Gemm", &["flat", "fc.w", "fc.b"], &["logits"], vec![Attr::Int("transB", 1)])
+        .output("logits", DataType::Fp32, &[n(), Dim::Fixed(10)]);
+    g.encode("bench")
+}
+
+fn install(
+    agent: &Path,
+    keys: &Path,
+    model: &Path,
+    name: &str,
+    reference: Option<&Path>,
+) -> Result<()> {
+    let now = SystemTime::now();
+    let out = model.with_extension("falaj");
+    bundle::build(
+        &BuildOptions {
+            keys: keys.to_owned(),
+            model: model.to_owned(),
+            name: name.into(),
+            version: 1,
+            reference: reference.map(Path::to_owned),
+            runtime: RuntimeHint::Cpu,
+            lifetime: bundle::DEFAULT_LIFETIME,
+            out: out.clone(),
+            features: None,
+            shapes: std::collections::BTreeMap::new(),
+        },
+        now,
+    )?;
+    let mut store = Store::open(agent)?;
+    import::import_file(&mut store, &out, &ImportOptions::new(now), &mut |_, _| {})?;
+    Ok(())
+}
+
+/// Latencies of one client sending `batch`-row requests for `seconds`.
+struct Run {
+    latencies: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Run {
+    fn p(&self, q: f64) -> f64 {
+        let mut l = self.latencies.clone();
+        l.sort_unstable();
+        l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
+    }
+    fn throughput(&self) -> f64 {
+        self.latencies.len() as f64 / self.wall.as_secs_f64()
+    }
+}
+
+fn inputs(subject: &Subject, batch: usize) -> Vec<u8> {
+    let mut rng = SeededRng::new(batch as u64);
+    (0..subject.row_len() * batch)
+        .flat_map(|_| (rng.normal(0.0, 1.0) as f32).to_le_bytes())
+        .collect()
+}
+
+async fn rest(http: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -> Result<Run> {
+    let raw = inputs(subject, batch);
+    let mut shape = vec![batch as i64];
+    shape.extend(&subject.row);
+    let header = serde_json::json!({
+        "inputs": [{"name": subject.input, "shape": shape, "datatype": "FP32",
+                    "parameters": {"binary_data_size": raw.len()}}],
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(&raw);
+    let body = bytes::Bytes::from(body);
+    let url = format!("http://{http}/v2/models/{}/infer", subject.name);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
+    let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
+    let mut latencies = Vec::new();
+    while Instant::now() < stop {
+        let t0 = Instant::now();
+        let response = client
+            .post(&url)
+            .header("Inference-Header-Content-Length", header.len())
+            .body(body.clone())
+            .send()
+            .await?
+            .error_for_status()?;
+        std::hint::black_box(response.bytes().await?);
+        latencies.push(t0.elapsed());
+    }
+    Ok(Run { latencies, wall: started.elapsed() })
+}
+
+async fn grpc(addr: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -> Result<Run> {
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{addr}"))?.connect().await?;
+    let mut client = GrpcInferenceServiceClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
+    let mut shape = vec![batch as i64];
+    shape.extend(&subject.row);
+    let request = ModelInferRequest {
+        model_name: subject.name.into(),
+        inputs: vec![InferInputTensor {
+            name: subject.input.into(),
+            datatype: "FP32".into(),
+            shape,
+            parameters: HashMap::new(),
+            contents: None,
+        }],
+        raw_input_contents: vec![inputs(subject, batch)],
+        ..Default::default()
+    };
+    let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
+    let mut latencies = Vec::new();
+    while Instant::now() < stop {
+        let t0 = Instant::now();
+        let response = client.model_infer(request.clone()).await?;
+        std::hint::black_box(response.into_inner());
+        latencies.push(t0.elapsed());
+    }
+    Ok(Run { latencies, wall: started.elapsed() })
+}
+
+/// The round whose p50 is the median of the rounds.
+fn median(mut runs: Vec<Run>) -> Run {
+    runs.sort_by(|a, b| a.p(0.5).total_cmp(&b.p(0.5)));
+    runs.swap_remove(runs.len() / 2)
+}
+
+fn arg(args: &[String], name: &str, default: f64) -> Result<f64> {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .map_or(Ok(default), |s| s.parse::<f64>())
+        .with_context(|| format!("{name} takes a number"))
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let seconds = arg(&args, "--seconds", 2.0)?;
+    let rounds = arg(&args, "--rounds", 3.0)? as usize;
+    let dir = tempfile::tempdir()?;
+    let now = SystemTime::now();
+    let made = falaj_control::sample::write(&dir.path().join("sample"), &SampleOptions::default())?;
+    let keys_dir = dir.path().join("keys");
+    keys::init(&keys_dir, &InitOptions::new("bench-1"), now)?;
+    let agent = dir.path().join("agent");
+    Store::init(&agent, "bench-1", &std::fs::read(keys_dir.join("root.json"))?, now)?;
+    install(&agent, &keys_dir, &made.model, "sensor-fault", Some(&made.reference))?;
+    let cnn = dir.path().join("cnn.onnx");
+    std::fs::write(&cnn, image_model())?;
+    install(&agent, &keys_dir, &cnn, "cnn", None)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let server = runtime.block_on(Server::bind(
+        agent,
+        ServeConfig {
+            http: "127.0.0.1:0".parse()?,
+            grpc: Some("127.0.0.1:0".parse()?),
+            ..ServeConfig::default()
+        },
+    ))?;
+    let (http, grpc_addr) = (server.local_addr(), server.grpc_addr().context("gRPC bound")?);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = runtime.spawn(server.run(async { drop(stop_rx.await) }));
+
+    // The client runs on its own thread and runtime, as a separate process would.
+    let subjects = [
+        Subject { name: "sensor-fault", input: falaj_control::sample::INPUT, row: vec![8] },
+        Subject { name: "cnn", input: "image", row: vec![3, 32, 32] },
+    ];
+    let table = std::thread::spawn(move || -> Result<Vec<String>> {
+        let client = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        client.block_on(async move {
+            let mut lines = Vec::new();
+            for subject in &subjects {
+                for batch in [1usize, 64] {
+                    rest(http, subject, batch, 0.3).await?; // warm up
+                    grpc(grpc_addr, subject, batch, 0.3).await?;
+                    let (mut r, mut g) = (Vec::new(), Vec::new());
+                    for _ in 0..rounds.max(1) {
+                        r.push(rest(http, subject, batch, seconds).await?);
+                        g.push(grpc(grpc_addr, subject, batch, seconds).await?);
+                    }
+                    let (r, g) = (median(r), median(g));
+                    for (mode, run) in [("REST, binary tensors", &r), ("gRPC, raw contents", &g)] {
+                        lines.push(format!(
+                            "| {} | {batch} | {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                            subject.name,
+                            run.latencies.len(),
+                            run.p(0.5),
+                            run.p(0.99),
+                            run.throughput(),
+                            run.throughput() * batch as f64,
+                            run.p(0.5) / r.p(0.5),
+                        ));
+                    }
+                }
+            }
+            Ok(lines)
+        })
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let _ = stop_tx.send(());
+    runtime.block_on(serving)??;
+
+    println!(
+        "gRPC vs REST (binary tensors), one client, kept-alive connection; median of {rounds} \
+         alternating rounds of {seconds} s each"
+    );
+    println!();
+    println!(
+        "| model | batch | transport | requests | p50 µs | p99 µs | req/s | rows/s | p50 / REST |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for line in table {
+        println!("{line}");
+    }
+    Ok(())
+}
