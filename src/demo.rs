@@ -7,7 +7,7 @@
 //! that the agents roll back by themselves on the ground truth fed back to them, a
 //! canary of a good version promoted step by step, the audit log of all of it exported and
 //! verified against the audit key, an admin for the console (its URL and a one-time
-//! password printed), and serving until Ctrl-C.
+//! password printed) and an API token for its tokens page, and serving until Ctrl-C.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -742,14 +742,22 @@ async fn show_audit(dir: &Path, client: &AdminClient) -> Result<()> {
     Ok(())
 }
 
+/// The API token the demo makes for its console's API-tokens page.
+const DEMO_API_TOKEN: &str = "demo-ci";
+
 /// An admin for the console with a generated password, shown once: a new one when the
 /// demo runs again in the same directory (the user is kept, its password reset).
 async fn console_admin(client: &AdminClient) -> Result<String> {
-    let role = falaj_control::auth::Role::Admin;
-    let answer = match client.add_user(CONSOLE_ADMIN, role, None).await {
+    use falaj_control::auth::Role;
+    let answer = match client.add_user(CONSOLE_ADMIN, Role::Admin, None).await {
         Ok(answer) => answer,
         Err(_) => client.reset_password(CONSOLE_ADMIN, None).await?,
     };
+    // The API-tokens page shows one: a read-only token for automation, as CI would hold.
+    if !client.api_tokens().await?.iter().any(|t| t.name == DEMO_API_TOKEN) {
+        let month = Duration::from_secs(30 * 86_400);
+        client.create_api_token(DEMO_API_TOKEN, Role::Viewer, month).await?;
+    }
     answer["password"]
         .as_str()
         .map(str::to_owned)

@@ -289,6 +289,21 @@ fn the_admin_api_serves_https_and_reloads_its_certificate_on_sighup() {
     assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), "wrong"), 401);
     let plain = agents.replace("https://", "http://");
     assert_ne!(curl_status(&plain, &tls.join("ca1.pem"), token.trim()), 200, "no plain HTTP");
+    // The console's cookies are Secure over HTTPS, and only there.
+    let login_cookie = |url: &str| {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-D", "-", "-o", "/dev/null", "--cacert", s(&tls.join("ca1.pem")), url])
+            .output()
+            .expect("curl runs");
+        let head = String::from_utf8_lossy(&out.stdout).to_lowercase();
+        head.lines().find(|l| l.starts_with("set-cookie:")).map(str::to_owned)
+    };
+    let secure = login_cookie(&format!("{url}/login")).expect("a login cookie over HTTPS");
+    assert!(secure.trim_end().ends_with("; secure"), "{secure}");
+    let admin_line = control.seen.iter().find(|l| l.contains("admin API on http://")).unwrap();
+    let http = admin_line[admin_line.find("http://").unwrap()..].split_whitespace().next().unwrap();
+    let plain_cookie = login_cookie(&format!("{http}/login")).expect("a login cookie over HTTP");
+    assert!(!plain_cookie.contains("secure"), "{plain_cookie}");
 
     // A certificate from another CA, taken on SIGHUP (`systemctl reload`).
     let (second_ca, cert, key) = tls_pair("second");

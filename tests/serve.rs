@@ -131,6 +131,20 @@ async fn the_demo_serves_and_answers() {
         .await
         .unwrap();
     assert_eq!(meta["inputs"][0]["shape"], json!([-1, 8]));
+    // The console's pages have data, the API tokens' included.
+    let try_line = demo.seen.iter().find(|l| l.contains("falaj control agents")).unwrap().clone();
+    let words: Vec<&str> = try_line.split_whitespace().collect();
+    let after = |flag: &str| words[words.iter().position(|w| *w == flag).unwrap() + 1];
+    let tokens: Value = reqwest::Client::new()
+        .get(format!("{}/v1/apitokens", after("--control-plane")))
+        .bearer_auth(after("--token"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(tokens.as_array().unwrap().iter().any(|t| t["name"] == "demo-ci"), "{tokens}");
     assert_eq!(demo.terminate(), Some(0));
 }
 

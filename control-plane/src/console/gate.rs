@@ -17,6 +17,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Redirect, Response};
 use falaj_common::keys::Sha256;
 use falaj_common::time::Timestamp;
+use falaj_shell::http::Scheme;
 
 use super::layout;
 use super::session::{self, SESSION_COOKIE};
@@ -60,8 +61,9 @@ pub fn csrf_token(session_secret: &str) -> String {
     Sha256::of(format!("falaj-console-csrf\0{session_secret}").as_bytes()).to_string()
 }
 
-/// Whether the request came over TLS (through a proxy that says so): the cookie is
-/// then marked `Secure`.
+/// Whether the request came over TLS, served by the control plane itself
+/// ([`falaj_shell::http::Scheme`], which [`check`] turns into this header) or through a
+/// proxy that says so: the cookie is then marked `Secure`.
 pub(crate) fn is_secure(headers: &HeaderMap) -> bool {
     let proto = headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok());
     let forwarded = headers.get(header::FORWARDED).and_then(|v| v.to_str().ok());
@@ -109,6 +111,11 @@ pub(crate) fn form_field(body: &[u8], name: &str) -> Option<String> {
 pub(crate) async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     let source = Source(request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()));
     request.extensions_mut().insert(source);
+    // Served over the control plane's own TLS: said the way a proxy says it, so one check
+    // (`is_secure`) serves both.
+    if request.extensions().get::<Scheme>() == Some(&Scheme::Https) {
+        request.headers_mut().insert("x-forwarded-proto", HeaderValue::from_static("https"));
+    }
     let Some(path) = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned())
     else {
         return next.run(request).await;

@@ -1,7 +1,8 @@
 // The Falaj console's only script: progressive enhancement, every page works without it.
 // - times: the reader's local time in each <time>'s title (the page shows UTC);
 // - live pages (<main data-refresh="N">): the page's main part fetched again every N
-//   seconds while the tab is visible and no field of it has focus;
+//   seconds while the tab is visible, no field of it has focus and nothing has been typed
+//   or chosen in its forms (a refresh would wipe it);
 // - copy buttons (<button data-copy="ID">): the text of element ID to the clipboard.
 "use strict";
 (function () {
@@ -29,8 +30,11 @@
   }
 
   function refresh(main, seconds) {
+    var edited = false;
+    main.addEventListener("input", function () { edited = true; });
+    main.addEventListener("change", function () { edited = true; });
     setInterval(function () {
-      if (document.hidden || main.contains(document.activeElement) && document.activeElement !== main) {
+      if (document.hidden || edited || main.contains(document.activeElement) && document.activeElement !== main) {
         return;
       }
       fetch(window.location.href, { credentials: "same-origin", redirect: "error" })
