@@ -21,7 +21,7 @@ use falaj_agent::identity::IdentityFiles;
 use falaj_common::rollout::Strategy;
 use falaj_control::rollouts::StartRequest;
 use fleet::{Control, eventually};
-use support::{Process, ok, s};
+use support::{Process, infer, ok, s};
 
 const MODEL: &str = "sensor-fault";
 const FAKETIME: &str = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1";
@@ -57,20 +57,6 @@ async fn enrolled(control: &Control, dir: &Path, bundle: &Path) -> String {
     let id = String::from_utf8_lossy(&out.stdout).split_whitespace().nth(2).unwrap().to_owned();
     ok(&["agent", "import", s(bundle), "--data-dir", s(dir)]);
     id
-}
-
-/// One inference on the sample model; the version that answered.
-async fn infer(http: std::net::SocketAddr) -> Option<u64> {
-    let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, 8], "datatype": "FP32",
-        "data": [65.0, 3.0, 6.0, 12.0, 1500.0, 50.0, 400.0, 70.0]}]});
-    let response = reqwest::Client::new()
-        .post(format!("http://{http}/v2/models/{MODEL}/infer"))
-        .json(&body)
-        .send()
-        .await
-        .ok()?;
-    let body: serde_json::Value = response.json().await.ok()?;
-    body["model_version"].as_str()?.parse().ok()
 }
 
 /// The version named by a refusal of an expired document (`desired state version N ...`).
@@ -124,7 +110,7 @@ async fn an_agent_days_ahead_refuses_documents_naming_its_clock_and_its_windows_
     // It serves what it holds; its windows, dated 25 days ahead, are refused and counted.
     let before = refused_windows(&control).await;
     for _ in 0..5 {
-        assert_eq!(infer(http).await, Some(1));
+        assert_eq!(infer(http, MODEL).await, Some(1));
     }
     eventually(Duration::from_secs(60), "its windows are refused", || async {
         refused_windows(&control).await > before
@@ -169,7 +155,7 @@ async fn an_agent_days_ahead_refuses_documents_naming_its_clock_and_its_windows_
     })
     .await;
     for _ in 0..20 {
-        assert_eq!(infer(http).await, Some(1), "only the baseline answers");
+        assert_eq!(infer(http, MODEL).await, Some(1), "only the baseline answers");
     }
     let view = control.client.rollout("edge", MODEL).await.unwrap();
     let me = view.agents.iter().find(|a| a.id == id).expect("the agent is in the group");
@@ -195,7 +181,7 @@ async fn an_agent_days_behind_cannot_connect_says_why_with_its_clock_and_serves_
     let ended = tokio::task::block_in_place(|| agent.wait_for("control plane session ended"));
     assert!(ended.contains("this agent's clock reads"), "{ended}");
     assert!(!control.shared.connected(&id), "no session");
-    assert_eq!(infer(http).await, Some(1), "it serves what it holds");
+    assert_eq!(infer(http, MODEL).await, Some(1), "it serves what it holds");
     assert_eq!(tokio::task::block_in_place(|| agent.terminate()), Some(0));
     control.stop().await;
 }

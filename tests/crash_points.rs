@@ -19,7 +19,7 @@ use std::time::Duration;
 use falaj_agent::identity::IdentityFiles;
 use falaj_agent::store::Store;
 use fleet::{Control, eventually};
-use support::{ControlProcess, FALAJ, Process, init_agent, ok, s, sample_bundle};
+use support::{ControlProcess, FALAJ, Process, active, infer, init_agent, ok, s, sample_bundle};
 
 /// How long an armed process may take to reach its point.
 const TO_THE_POINT: Duration = Duration::from_secs(90);
@@ -159,30 +159,6 @@ fn serve_until(dir: &Path, config: Option<&Path>, point: &str) {
     let armed = format!("{point}=return");
     let mut agent = serve(dir, config, &[("FAILPOINTS", &armed)]);
     aborted(tokio::task::block_in_place(|| agent.wait_exit(TO_THE_POINT)), point);
-}
-
-/// The version of `model` the agent at `http` serves, if any.
-async fn active(http: std::net::SocketAddr, model: &str) -> Option<u64> {
-    let meta: serde_json::Value =
-        reqwest::get(format!("http://{http}/v2/models/{model}")).await.ok()?.json().await.ok()?;
-    meta["parameters"]["active_version"].as_str()?.parse().ok()
-}
-
-/// One inference on the sample model; the version that answered.
-async fn infer(http: std::net::SocketAddr, model: &str) -> Option<u64> {
-    let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, 8], "datatype": "FP32",
-        "data": [65.0, 3.0, 6.0, 12.0, 1500.0, 50.0, 400.0, 70.0]}]});
-    let response = reqwest::Client::new()
-        .post(format!("http://{http}/v2/models/{model}/infer"))
-        .json(&body)
-        .send()
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    let body: serde_json::Value = response.json().await.ok()?;
-    body["model_version"].as_str()?.parse().ok()
 }
 
 /// The active version in the agent's store, read as `falaj agent list` reads it.

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use fleet::{Control, eventually};
 use support::disk::SmallDisk;
-use support::{ControlProcess, FALAJ, Process, init_agent, ok, s, sample_bundle};
+use support::{ControlProcess, FALAJ, Process, active, infer, init_agent, ok, s, sample_bundle};
 
 #[test]
 fn an_import_that_fills_the_disk_fails_cleanly_and_runs_once_space_returns() {
@@ -260,28 +260,4 @@ fn a_read_only_data_directory_is_refused_naming_the_file_and_works_once_writable
     let control = ControlProcess::start(&control_disk.dir, "127.0.0.1:0", &[]);
     // Stopped (a SIGTERM before its handler is set ends it at once: fine here).
     control.terminate();
-}
-
-/// The version of `model` the agent at `http` serves, if any.
-async fn active(http: std::net::SocketAddr, model: &str) -> Option<u64> {
-    let meta: serde_json::Value =
-        reqwest::get(format!("http://{http}/v2/models/{model}")).await.ok()?.json().await.ok()?;
-    meta["parameters"]["active_version"].as_str()?.parse().ok()
-}
-
-/// One inference on the sample model; the version that answered.
-async fn infer(http: std::net::SocketAddr, model: &str) -> Option<u64> {
-    let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, 8], "datatype": "FP32",
-        "data": [65.0, 3.0, 6.0, 12.0, 1500.0, 50.0, 400.0, 70.0]}]});
-    let response = reqwest::Client::new()
-        .post(format!("http://{http}/v2/models/{model}/infer"))
-        .json(&body)
-        .send()
-        .await
-        .ok()?;
-    if !response.status().is_success() {
-        return None;
-    }
-    let body: serde_json::Value = response.json().await.ok()?;
-    body["model_version"].as_str()?.parse().ok()
 }

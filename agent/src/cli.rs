@@ -544,27 +544,17 @@ fn trust_show(data_dir: &Path) -> Result<(), Failure> {
     let store = Store::open(data_dir).map_err(store_failure)?;
     let root = store.trust_root().map_err(store_failure)?;
     let roles = &root.metadata().roles;
+    let role = |r: &falaj_common::trust::Role| {
+        let ids: Vec<String> = r.keyids.iter().map(falaj_common::keys::KeyId::short).collect();
+        format!("{} of {}", r.threshold, ids.join(","))
+    };
     println!(
-        "trust root version {} for region {}, expires {}\nroot keys: {} of {}\nsigning keys: {} of {}",
+        "trust root version {} for region {}, expires {}\nroot keys: {}\nsigning keys: {}",
         root.version(),
         root.region(),
         root.expires(),
-        roles.root.threshold,
-        roles
-            .root
-            .keyids
-            .iter()
-            .map(falaj_common::keys::KeyId::short)
-            .collect::<Vec<_>>()
-            .join(","),
-        roles.signing.threshold,
-        roles
-            .signing
-            .keyids
-            .iter()
-            .map(falaj_common::keys::KeyId::short)
-            .collect::<Vec<_>>()
-            .join(",")
+        role(&roles.root),
+        role(&roles.signing)
     );
     Ok(())
 }

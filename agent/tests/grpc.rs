@@ -466,14 +466,9 @@ async fn a_message_over_the_body_limit_is_resource_exhausted() {
     server.stop().await;
 }
 
-#[tokio::test]
-async fn grpc_waits_in_the_same_request_slots_as_rest() {
-    let site = Site::new();
-    site.install("fault", 1, &classifier());
-    let config =
-        ServeConfig { workers: 1, queue_timeout: Duration::from_millis(100), ..test_config() };
-    let mut server = Both::start(&site, config).await;
-    // Two REST requests (the slots of one worker) announce bodies they never send.
+/// Takes both request slots of a one-worker server with two REST requests that announce
+/// bodies they never send; the slots are free again when the sockets are dropped.
+async fn hold_slots(server: &mut Both) -> Vec<std::net::TcpStream> {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut socket = std::net::TcpStream::connect(server.http).unwrap();
@@ -485,6 +480,17 @@ async fn grpc_waits_in_the_same_request_slots_as_rest() {
         held.push(socket);
     }
     server.slots.wait_for(|g| g.admitted == 2).await.unwrap();
+    held
+}
+
+#[tokio::test]
+async fn grpc_waits_in_the_same_request_slots_as_rest() {
+    let site = Site::new();
+    site.install("fault", 1, &classifier());
+    let config =
+        ServeConfig { workers: 1, queue_timeout: Duration::from_millis(100), ..test_config() };
+    let mut server = Both::start(&site, config).await;
+    let held = hold_slots(&mut server).await;
     let mut client = server.client().await;
     let err = client.model_infer(sensors_raw("fault", &rows(1), 1)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -504,22 +510,13 @@ async fn a_deadline_ends_a_call_waiting_for_a_slot() {
     let config =
         ServeConfig { workers: 1, queue_timeout: Duration::from_secs(60), ..test_config() };
     let mut server = Both::start(&site, config).await;
-    let mut held = Vec::new();
-    for _ in 0..2 {
-        let mut socket = std::net::TcpStream::connect(server.http).unwrap();
-        write!(
-            socket,
-            "POST /v2/models/fault/infer HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{{"
-        )
-        .unwrap();
-        held.push(socket);
-    }
-    server.slots.wait_for(|g| g.admitted == 2).await.unwrap();
+    let held = hold_slots(&mut server).await;
     let mut client = server.client().await;
     let mut request = tonic::Request::new(sensors_raw("fault", &rows(1), 1));
     request.set_timeout(Duration::from_millis(200));
     let err = client.model_infer(request).await.unwrap_err();
-    // tonic ends a call past its `grpc-timeout` as CANCELLED ("Timeout expired").
+    // tonic's client ends a call past its deadline itself, as CANCELLED ("Timeout
+    // expired"); the server gave up the wait for a slot too (below).
     assert_eq!(err.code(), Code::Cancelled, "{err:?}");
     server.slots.wait_for(|g| g.waiting == 0).await.unwrap();
     drop(held);

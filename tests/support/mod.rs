@@ -286,3 +286,28 @@ impl ControlProcess {
         self.process.terminate()
     }
 }
+
+/// The version of `model` the agent at `http` serves, if any.
+pub async fn active(http: SocketAddr, model: &str) -> Option<u64> {
+    let meta: serde_json::Value =
+        reqwest::get(format!("http://{http}/v2/models/{model}")).await.ok()?.json().await.ok()?;
+    meta["parameters"]["active_version"].as_str()?.parse().ok()
+}
+
+/// One inference of one row on the sample model served as `model` at `http`; the version
+/// that answered, `None` on any failure.
+pub async fn infer(http: SocketAddr, model: &str) -> Option<u64> {
+    let body = serde_json::json!({"inputs": [{"name": "sensors", "shape": [1, 8], "datatype": "FP32",
+        "data": [65.0, 3.0, 6.0, 12.0, 1500.0, 50.0, 400.0, 70.0]}]});
+    let response = reqwest::Client::new()
+        .post(format!("http://{http}/v2/models/{model}/infer"))
+        .json(&body)
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let body: serde_json::Value = response.json().await.ok()?;
+    body["model_version"].as_str()?.parse().ok()
+}
