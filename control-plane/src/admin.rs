@@ -262,6 +262,7 @@ pub(crate) async fn stage(
         }
     };
     let mut size = 0u64;
+    let mut failed = None;
     loop {
         // A client that stops sending holds its connection and staged file no longer.
         let Ok(frame) = tokio::time::timeout(api.body_timeout, body.frame()).await else {
@@ -282,7 +283,18 @@ pub(crate) async fn stage(
                 format!("{what} exceeds {} bytes", api.max_bundle_bytes),
             ));
         }
-        file.write_all(&bytes).await.map_err(write_error)?;
+        if failed.is_none()
+            && let Err(e) = file.write_all(&bytes).await
+        {
+            // The rest of the body is read and dropped, so that the client, still
+            // sending, gets the answer rather than a broken pipe; what was staged goes
+            // at once to give the space back.
+            failed = Some(write_error(e));
+            let _ = file.set_len(0).await;
+        }
+    }
+    if let Some(failed) = failed {
+        return Err(failed);
     }
     file.flush().await.map_err(write_error)?;
     file.sync_all().await.map_err(write_error)?;
