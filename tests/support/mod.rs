@@ -78,8 +78,8 @@ impl Process {
     fn spawn(args: &[&str], env: &[(&str, &str)], log: bool) -> Self {
         let mut child = Command::new(FALAJ)
             .args(args)
-            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(if log { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
@@ -128,19 +128,23 @@ impl Process {
         addr.trim_end_matches('/').parse().expect("an address")
     }
 
-    /// Waits (up to `limit`) for the process to end on its own; returns how it ended.
+    /// Waits (up to `limit`) for the process to end on its own; returns how it ended. The
+    /// end is seen as its output pipes closing (the forwarding threads then drop their
+    /// senders), after which reaping it does not block.
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let deadline = std::time::Instant::now() + limit;
         loop {
-            if let Some(status) = self.child.try_wait().expect("the process is ours") {
-                return status;
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return self.child.wait().expect("the process is ours");
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => panic!(
+                    "the process did not end within {limit:?}; output so far:\n{}",
+                    self.seen.join("\n")
+                ),
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the process did not end within {limit:?}; output so far:\n{}",
-                self.seen.join("\n")
-            );
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
