@@ -190,8 +190,7 @@ impl Syncer {
 
     async fn actual_state(&self) -> ActualState {
         let mut bundles = self.with_store(|s| s.held()).await.unwrap_or_default();
-        let trust_version =
-            self.with_store(|s| s.trust_root()).await.map_or(0, |root| root.version());
+        let trust_version = self.with_store(|s| s.trust_version()).await.unwrap_or(0);
         let mut engines = Vec::new();
         if let Some(registry) = &self.registry {
             let catalog = registry.catalog();

@@ -34,7 +34,7 @@ impl Store {
         for root in roots {
             if root.version() > pinned.version() {
                 newer.push(root.to_json());
-            } else if self.trust_version(root.version())?.as_deref() != Some(&root.to_json()) {
+            } else if self.trust_document(root.version())?.as_deref() != Some(&root.to_json()) {
                 return Err(TrustError::NotSuccessor {
                     current: pinned.version(),
                     got: root.version(),
@@ -63,8 +63,17 @@ impl Store {
         Ok(taken.iter().map(TrustRoot::version).collect())
     }
 
+    /// The version of the pinned trust root, read without parsing or verifying it (what
+    /// the agent reports with every heartbeat).
+    pub fn trust_version(&self) -> Result<u64> {
+        self.conn
+            .query_row("SELECT MAX(version) FROM trust_roots", [], |r| r.get::<_, Option<i64>>(0))
+            .map(|v| v.unwrap_or(0) as u64)
+            .map_err(self.db())
+    }
+
     /// The document of trust-root version `version`, if held.
-    fn trust_version(&self, version: u64) -> Result<Option<Vec<u8>>> {
+    fn trust_document(&self, version: u64) -> Result<Option<Vec<u8>>> {
         self.conn
             .query_row(
                 "SELECT document FROM trust_roots WHERE version = ?1",
