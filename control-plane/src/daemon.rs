@@ -270,10 +270,7 @@ impl ControlPlane {
             admin.local_addr().map_err(io("binding the admin API on", config.admin))?;
 
         let audit_key = crate::audit::key::load_or_create(&keys_dir)?;
-        let chain = keys::chain_after(&keys_dir, 1)?
-            .into_iter()
-            .map(|root| String::from_utf8_lossy(&root).into_owned())
-            .collect();
+        let chain = keys::chain_after(&keys_dir, 1)?;
         let shared = Arc::new(
             Shared::new(db, blobs, ca, trust, signers, audit_key, config.policy.clone())
                 .with_trust_chain(chain),

@@ -374,9 +374,13 @@ pub fn versions(dir: &Path) -> Result<Vec<TrustRoot>, KeysError> {
 }
 
 /// The chain an agent holding version `held` needs to reach the newest root: every
-/// later version, in order, as bytes.
-pub fn chain_after(dir: &Path, held: u64) -> Result<Vec<Vec<u8>>, KeysError> {
-    Ok(versions(dir)?.into_iter().filter(|r| r.version() > held).map(|r| r.to_json()).collect())
+/// later version, in order, as JSON.
+pub fn chain_after(dir: &Path, held: u64) -> Result<Vec<String>, KeysError> {
+    Ok(versions(dir)?
+        .into_iter()
+        .filter(|r| r.version() > held)
+        .map(|r| String::from_utf8_lossy(&r.to_json()).into_owned())
+        .collect())
 }
 
 /// Reads and verifies `dir/root.json` at `now`.
