@@ -155,6 +155,11 @@ const MIGRATIONS: &[&str] = &[
         seq  INTEGER PRIMARY KEY,
         line TEXT NOT NULL
     ) STRICT;",
+    // 7: encryption at rest: each bundle file's data key, wrapped by the device key that
+    // `key_id` names (NULL for a plaintext file an older agent wrote, sealed on open).
+    // Rotation re-wraps these rows in one transaction; the files are not rewritten.
+    "ALTER TABLE bundles ADD COLUMN data_key BLOB;
+    ALTER TABLE bundles ADD COLUMN key_id TEXT;",
 ];
 
 /// Errors of the agent's store.
