@@ -23,6 +23,8 @@
 //!   `snapshots`) their row-major payload and online table.
 //! - [`finetune`]: training a model's head on site data (one loop, CPU and GPU kernels
 //!   behind a trait), the gate that decides whether it replaces its parent, its lineage.
+//! - [`at_rest`]: envelope encryption of files at rest (AES-256-GCM, a data key per file
+//!   wrapped by a device key, sealed in authenticated segments).
 //! - [`audit`]: the audit log's hash chain, signed checkpoints and offline verification.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - `fuzzing` (feature `fuzzing`, test support): a seeded mutator, the stable fuzz
@@ -37,6 +39,7 @@
 //!   the project's own sample model, so that nothing is downloaded.
 
 pub mod alerting;
+pub mod at_rest;
 pub mod audit;
 pub mod bundle;
 pub mod chunking;
