@@ -135,6 +135,14 @@ fn aead_key(bytes: &[u8; KEY_LEN]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("32 bytes is an AES-256 key"))
 }
 
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
 fn random_key(rng: &dyn SecureRandom) -> Result<[u8; KEY_LEN], KeyError> {
     let mut bytes = [0u8; KEY_LEN];
     rng.fill(&mut bytes).map_err(|_| KeyError::Random)?;
@@ -162,7 +170,7 @@ impl DeviceKey {
 
     fn from_array(bytes: [u8; KEY_LEN]) -> Self {
         let digest = ring::digest::digest(&ring::digest::SHA256, &[ID_CONTEXT, &bytes].concat());
-        let id = digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect();
+        let id = hex(&digest.as_ref()[..8]);
         Self { key: aead_key(&bytes), bytes, id: KeyId(id) }
     }
 
@@ -188,7 +196,7 @@ impl DeviceKey {
 
     /// The key as 64 hex digits and a newline, for a key file or a credential.
     pub fn to_hex(&self) -> String {
-        let mut out: String = self.bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut out = hex(&self.bytes);
         out.push('\n');
         out
     }
