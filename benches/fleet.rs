@@ -88,7 +88,10 @@ fn write_bundle(
     payload: Vec<u8>,
 ) -> Result<u64> {
     let trust = falaj_control::keys::load_trust(keys, SystemTime::now())?;
-    let signers = falaj_control::keys::load_signing_keys(keys, &trust)?;
+    let signers = falaj_control::keys::load_signing_keys(
+        &falaj_control::vault::Vault::open(keys, None)?,
+        &trust,
+    )?;
     let now = Timestamp::from_system(SystemTime::now());
     let spec = TensorSpec {
         name: "x".into(),

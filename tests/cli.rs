@@ -372,3 +372,144 @@ fn a_relative_data_dir_is_the_same_for_every_command() {
         String::from_utf8_lossy(&ended.stderr)
     );
 }
+
+/// Runs `falaj ARGS...` with `input` on standard input and extra environment variables.
+fn falaj_with(args: &[&str], input: &str, env: &[(&str, &str)]) -> std::process::Output {
+    use std::io::Write as _;
+    let mut child = std::process::Command::new(support::FALAJ)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("falaj starts");
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    child.wait_with_output().expect("falaj runs")
+}
+
+/// Every file under `dir`, recursively, with its bytes.
+fn files_under(dir: &std::path::Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            found.extend(files_under(&path));
+        } else {
+            found.push((path.clone(), std::fs::read(&path).unwrap()));
+        }
+    }
+    found
+}
+
+/// `keys seal` leaves no private key in the clear anywhere under the data directory; the
+/// daemon, `bundle build` and rotations then need the secret, from standard input, a
+/// file or systemd's credential, and a wrong one is refused before anything starts.
+#[test]
+fn sealed_keys_never_lie_in_plaintext_and_open_only_with_the_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let keys = data.join("keys");
+    let serve = ["control", "serve", "--data-dir", s(&data), "--quic", "127.0.0.1:0"];
+    let serve: Vec<&str> = serve.into_iter().chain(["--admin", "127.0.0.1:0"]).collect();
+
+    // The first start makes the region's keys: signing, root, CA, audit, PII.
+    let mut first: Vec<&str> = serve.clone();
+    first.extend(["--region", "eu-west-1"]);
+    let mut control = support::Process::start(&first);
+    control.wait_for("admin API on");
+    assert_eq!(control.terminate(), Some(0));
+    let plain: Vec<(std::path::PathBuf, Vec<u8>)> = files_under(&keys)
+        .into_iter()
+        .filter(|(p, _)| p.extension().is_some_and(|e| e == "key"))
+        .collect();
+    let names: Vec<String> =
+        plain.iter().map(|(p, _)| p.file_name().unwrap().to_string_lossy().into()).collect();
+    for prefix in ["signing-", "root-", "audit-", "ca.key", "pii-eu-west-1"] {
+        assert!(names.iter().any(|n| n.starts_with(prefix)), "{prefix} in {names:?}");
+    }
+
+    let passphrase = "a long and unguessable passphrase\n";
+    let sealed = falaj_with(&["control", "keys", "seal", "--keys", s(&keys)], passphrase, &[]);
+    let stdout = String::from_utf8_lossy(&sealed.stdout);
+    assert!(sealed.status.success(), "{stdout}{}", String::from_utf8_lossy(&sealed.stderr));
+    assert!(stdout.contains(&format!("{} key files sealed", plain.len())), "{stdout}");
+
+    // No 32-byte stretch of any private key is left in any file of the data directory.
+    for (key_path, key) in &plain {
+        for (path, bytes) in files_under(&data) {
+            let leaked = key.windows(32).step_by(8).any(|w| bytes.windows(32).any(|b| b == w));
+            assert!(!leaked, "{} holds part of {}", path.display(), key_path.display());
+        }
+    }
+    let status = ok(&["control", "keys", "status", "--keys", s(&keys)]);
+    assert!(status.contains("private keys are sealed"), "{status}");
+
+    // Without the secret, or with a wrong one, nothing starts.
+    let err = fails(&serve, 78);
+    assert!(err.contains("are sealed") && err.contains("--unseal-from"), "{err}");
+    let mut from_stdin = serve.clone();
+    from_stdin.extend(["--unseal-from", "stdin"]);
+    let wrong = falaj_with(&from_stdin, "not the passphrase at all\n", &[]);
+    assert_eq!(wrong.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(err.contains("does not open") && err.contains("seal.json"), "{err}");
+
+    // Bundles are signed with the sealed keys, given the secret.
+    let sample = dir.path().join("sample");
+    ok(&["control", "sample", "--out", s(&sample), "--rows", "500"]);
+    let (bundle, model) = (dir.path().join("m.falaj"), sample.join("model.onnx"));
+    let build = [
+        "control",
+        "bundle",
+        "build",
+        "--keys",
+        s(&keys),
+        "--model",
+        s(&model),
+        "--name",
+        "m",
+        "--version",
+        "1",
+        "--out",
+        s(&bundle),
+    ];
+    let err = fails(&build, 78);
+    assert!(err.contains("are sealed"), "{err}");
+    let mut unsealing: Vec<&str> = build.to_vec();
+    unsealing.extend(["--unseal-from", "stdin"]);
+    let signed = falaj_with(&unsealing, passphrase, &[]);
+    assert!(signed.status.success(), "{}", String::from_utf8_lossy(&signed.stderr));
+    let root = keys.join("root.json");
+    let report = ok(&["control", "bundle", "inspect", s(&bundle), "--trust", s(&root)]);
+    assert!(report.contains("verified    yes"), "{report}");
+
+    // A new secret opens the same files; the old one no longer does.
+    let secret_file = dir.path().join("new-secret");
+    std::fs::write(&secret_file, "the passphrase after the change").unwrap();
+    let rekey = format!("file:{}", s(&secret_file));
+    let changed = falaj_with(
+        &["control", "keys", "seal", "--keys", s(&keys), "--rekey", &rekey],
+        passphrase,
+        &[],
+    );
+    assert!(changed.status.success(), "{}", String::from_utf8_lossy(&changed.stderr));
+    let old = falaj_with(&unsealing, passphrase, &[]);
+    assert_eq!(old.status.code(), Some(78), "{}", String::from_utf8_lossy(&old.stderr));
+
+    // Under systemd the secret is the unit's `falaj-keys` credential.
+    let credentials = dir.path().join("credentials");
+    std::fs::create_dir(&credentials).unwrap();
+    std::fs::copy(&secret_file, credentials.join("falaj-keys")).unwrap();
+    let mut control =
+        support::Process::start_with_env(&serve, &[("CREDENTIALS_DIRECTORY", s(&credentials))]);
+    control.wait_for("admin API on");
+    assert_eq!(control.terminate(), Some(0));
+    // Keys the daemon made meanwhile are sealed too: still no key file in the clear.
+    for (path, bytes) in files_under(&keys) {
+        if path.extension().is_some_and(|e| e == "key") {
+            assert!(bytes.starts_with(b"{\"sealed\""), "{} is sealed", path.display());
+        }
+    }
+}

@@ -413,7 +413,8 @@ async fn rotate_and_restart(
 ) -> Control {
     let (dir, quic) = (control.dir.clone(), control.quic);
     control.stop().await;
-    falaj_control::keys::rotate(&dir.join("keys"), options, std::time::SystemTime::now()).unwrap();
+    falaj_control::keys::rotate(&dir.join("keys"), options, None, std::time::SystemTime::now())
+        .unwrap();
     Control::start_with(fleet::config(&dir, quic), None).await
 }
 

@@ -20,6 +20,7 @@ use thiserror::Error;
 use crate::files;
 use crate::keys::{self, KeysError};
 use crate::reference::{self, ReferenceError};
+use crate::vault::{UnsealFrom, Vault};
 
 /// The name of the model file inside a model bundle.
 pub const MODEL_FILE: &str = "model.onnx";
@@ -96,10 +97,21 @@ pub struct BuildOptions {
     pub shapes: BTreeMap<String, InputShape>,
 }
 
-/// Builds, signs and writes a model bundle. Returns its manifest.
+/// Builds, signs and writes a model bundle. Returns its manifest. Sealed keys are opened
+/// with systemd's `falaj-keys` credential; see [`build_unsealing`].
 pub fn build(options: &BuildOptions, now: SystemTime) -> Result<Manifest, BundleError> {
+    build_unsealing(options, None, now)
+}
+
+/// [`build`], opening sealed signing keys with the secret from `unseal`.
+pub fn build_unsealing(
+    options: &BuildOptions,
+    unseal: Option<&UnsealFrom>,
+    now: SystemTime,
+) -> Result<Manifest, BundleError> {
     let trust = keys::load_trust(&options.keys, now)?;
-    let signers = keys::load_signing_keys(&options.keys, &trust)?;
+    let vault = Vault::open_from(&options.keys, unseal).map_err(KeysError::from)?;
+    let signers = keys::load_signing_keys(&vault, &trust)?;
     let model_bytes = fs::read(&options.model).map_err(|source| BundleError::Io {
         op: "reading model",
         path: options.model.clone(),

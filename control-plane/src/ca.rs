@@ -2,7 +2,7 @@
 //! certificate and every agent's client certificate.
 //!
 //! Kept in the keys directory beside the signing keys: `ca.pem` (the certificate, given to
-//! agents at enrollment) and `ca.key` (PKCS#8 PEM, 0600). Agents never send their private
+//! agents at enrollment) and `ca.key` (PKCS#8 PEM, 0600, sealed when the directory is). Agents never send their private
 //! key: they send a certificate signing request, and the CA signs the public key in it
 //! under a name the control plane chooses.
 
@@ -23,6 +23,7 @@ use rustls::pki_types::{
 use thiserror::Error;
 
 use crate::files;
+use crate::vault::{Vault, VaultError};
 
 /// The CA certificate's file name in a keys directory.
 pub const CA_CERT_FILE: &str = "ca.pem";
@@ -52,6 +53,9 @@ pub enum CaError {
         /// The error.
         source: std::io::Error,
     },
+    /// The key file is sealed and could not be opened.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
     /// rcgen refused (a bad CSR, a damaged key file).
     #[error("{what}: {source}")]
     Certificate {
@@ -96,9 +100,10 @@ impl std::fmt::Debug for Ca {
 }
 
 impl Ca {
-    /// Loads the CA from `dir`, or creates it there (for `region`) if it does not exist.
-    pub fn load_or_create(dir: &Path, region: &str, now: SystemTime) -> Result<Self, CaError> {
-        let (cert_path, key_path) = (dir.join(CA_CERT_FILE), dir.join(CA_KEY_FILE));
+    /// Loads the CA from the vault's directory, or creates it there (for `region`) if it
+    /// does not exist.
+    pub fn load_or_create(vault: &Vault, region: &str, now: SystemTime) -> Result<Self, CaError> {
+        let cert_path = vault.dir().join(CA_CERT_FILE);
         if !cert_path.exists() {
             let key = KeyPair::generate().map_err(cert_err("generating the CA key"))?;
             let mut params = CertificateParams::default();
@@ -116,8 +121,7 @@ impl Ca {
             params.not_after = offset(now + CA_LIFETIME);
             params.serial_number = Some(random_serial());
             let cert = params.self_signed(&key).map_err(cert_err("self-signing the CA"))?;
-            files::write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)
-                .map_err(|source| CaError::Io { op: "writing", path: key_path.clone(), source })?;
+            vault.write(CA_KEY_FILE, key.serialize_pem().as_bytes())?;
             files::write_atomic(&cert_path, cert.pem().as_bytes(), 0o644)
                 .map_err(|source| CaError::Io { op: "writing", path: cert_path.clone(), source })?;
         }
@@ -129,7 +133,13 @@ impl Ca {
             })
         };
         let cert_pem = read(&cert_path)?;
-        let key = KeyPair::from_pem(&read(&key_path)?).map_err(cert_err("reading the CA key"))?;
+        let key_pem = vault.read(CA_KEY_FILE)?;
+        let key_pem = std::str::from_utf8(&key_pem).map_err(|_| CaError::Io {
+            op: "reading",
+            path: vault.dir().join(CA_KEY_FILE),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "not PEM text"),
+        })?;
+        let key = KeyPair::from_pem(key_pem).map_err(cert_err("reading the CA key"))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(cert_err("reading the CA certificate"))?;
         let cert_der: CertificateDer<'static> = rustls::pki_types::pem::PemObject::from_pem_slice(
@@ -140,7 +150,7 @@ impl Ca {
             path: cert_path,
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()),
         })?;
-        let expires = not_after(&cert_der, &dir.join(CA_CERT_FILE))?;
+        let expires = not_after(&cert_der, &vault.dir().join(CA_CERT_FILE))?;
         Ok(Self { cert_der, issuer, expires })
     }
 

@@ -18,7 +18,6 @@ use std::time::{Duration, SystemTime};
 use clap::{Args, Parser, Subcommand};
 use falaj_common::bundle::{FeatureInput, RuntimeHint};
 use falaj_common::drift::DriftScores;
-use falaj_common::keys::KeyId;
 use falaj_common::metrics::ColumnDrift;
 use falaj_common::tensor::InputShape;
 use falaj_common::text::printable;
@@ -29,9 +28,10 @@ use crate::admin::{AlertsView, MetricsView};
 use crate::bundle::{self, BuildOptions, BundleError};
 use crate::client::{AdminClient, ClientError};
 use crate::config::{self, ControlConfig};
-use crate::daemon::{ControlPlane, ServeError};
+use crate::daemon::{ControlPlane, ServeConfig, ServeError};
 use crate::keys::{self, InitOptions, KeysError, RotateOptions};
 use crate::sample::{self, SampleOptions};
+use crate::vault::{self, Secret, UnsealFrom, VaultError};
 use falaj_common::config::Checked as _;
 use falaj_shell::daemon::{self as systemd, shutdown_signal};
 
@@ -212,6 +212,12 @@ pub struct ServeArgs {
     /// How often agents report [config: policy.heartbeat].
     #[arg(long, value_parser = humantime::parse_duration)]
     heartbeat: Option<Duration>,
+    /// Where the secret that opens sealed keys comes from: stdin (its first line, e.g.
+    /// from `systemd-ask-password`), credential (systemd's `falaj-keys`, from
+    /// `LoadCredentialEncrypted=`) or file:PATH [default: the credential when the unit
+    /// provides it].
+    #[arg(long)]
+    unseal_from: Option<UnsealFrom>,
 }
 
 /// Arguments of `check-config`.
@@ -296,6 +302,26 @@ pub enum KeysCommand {
     /// Show every version of the trust root, its keys and thresholds, which private keys
     /// this directory holds, and what expires soon.
     Status(KeysDirArgs),
+    /// Seal every private key of the directory under a secret (a passphrase or a systemd
+    /// credential): from then on no key is in plaintext on disk, and `serve`, `bundle
+    /// build` and rotations need the secret (`--unseal-from`).
+    Seal(KeysSealArgs),
+}
+
+/// Arguments of `keys seal`.
+#[derive(Debug, Args)]
+pub struct KeysSealArgs {
+    /// The keys directory (the daemon's is DATA_DIR/keys); stop the daemon first.
+    #[arg(long, alias = "dir")]
+    keys: PathBuf,
+    /// Where the secret comes from: stdin (its first line), credential (systemd's
+    /// `falaj-keys`) or file:PATH. With --rekey, the current secret.
+    #[arg(long, default_value = "stdin")]
+    unseal_from: UnsealFrom,
+    /// Change the secret of a sealed directory: the master key is wrapped anew under the
+    /// secret from here (stdin: the line after the current secret's).
+    #[arg(long, value_name = "SOURCE")]
+    rekey: Option<UnsealFrom>,
 }
 
 /// The keys directory of a `keys` command.
@@ -307,6 +333,10 @@ pub struct KeysDirArgs {
     /// Where the root keys are, when kept offline (`keys init --offline-root DIR`).
     #[arg(long)]
     root_keys_dir: Option<PathBuf>,
+    /// Where the secret of sealed keys comes from: stdin, credential or file:PATH
+    /// [default: systemd's `falaj-keys` credential when there is one].
+    #[arg(long)]
+    unseal_from: Option<UnsealFrom>,
 }
 
 /// Arguments of `keys rotate-root`.
@@ -435,6 +465,10 @@ pub struct BuildArgs {
     /// cannot settle symbolically; the model is checked to load with it.
     #[arg(long = "input-shape", value_name = "NAME=SHAPE")]
     input_shapes: Vec<String>,
+    /// Where the secret of sealed keys comes from: stdin, credential or file:PATH
+    /// [default: systemd's `falaj-keys` credential when there is one].
+    #[arg(long)]
+    unseal_from: Option<UnsealFrom>,
 }
 
 /// Arguments of `bundle inspect`.
@@ -667,6 +701,43 @@ fn keys(command: KeysCommand, now: SystemTime) -> Result<(), Failure> {
         KeysCommand::RotateRoot(args) => keys_rotate_root(&args, now),
         KeysCommand::RotateSigning(args) => keys_rotate_signing(&args, now),
         KeysCommand::Status(args) => keys_status(&args, now),
+        KeysCommand::Seal(args) => keys_seal(&args),
+    }
+}
+
+fn keys_seal(args: &KeysSealArgs) -> Result<(), Failure> {
+    let vault_failure = |e: VaultError| keys_failure(KeysError::Vault(e));
+    keys::load_trust_unexpired(&args.keys).map_err(keys_failure)?;
+    let secret = Secret::read(&args.unseal_from).map_err(vault_failure)?;
+    if let Some(new) = &args.rekey {
+        let new = Secret::read(new).map_err(vault_failure)?;
+        vault::rekey(&args.keys, &secret, &new).map_err(vault_failure)?;
+        println!("{}: the master key is wrapped under the new secret", args.keys.display());
+        return Ok(());
+    }
+    let report = vault::seal(&args.keys, &secret).map_err(vault_failure)?;
+    for path in &report.sealed {
+        println!("sealed {}", path.display());
+    }
+    println!(
+        "{}: {} key files sealed ({} were already); start the daemon with --unseal-from, or \
+         give its unit the falaj-keys credential (INSTALL.md)",
+        args.keys.display(),
+        report.sealed.len(),
+        report.already
+    );
+    Ok(())
+}
+
+/// The secret `from` names, read only when `dir` is sealed.
+fn secret_for(dir: &Path, from: Option<&UnsealFrom>) -> Result<Option<Secret>, Failure> {
+    let failure = |e: VaultError| keys_failure(KeysError::Vault(e));
+    if !dir.join(vault::SEAL_FILE).exists() {
+        return Ok(None);
+    }
+    match from {
+        Some(from) => Secret::read(from).map(Some).map_err(failure),
+        None => Secret::from_credential_if_any().map_err(failure),
     }
 }
 
@@ -681,8 +752,20 @@ fn keys_rotate_root(args: &RotateRootArgs, now: SystemTime) -> Result<(), Failur
         lifetime: Some(args.expires_in),
         ..RotateOptions::default()
     };
-    report_rotation(dir, &keys::rotate(dir, &options, now).map_err(keys_failure)?);
+    let secret = rotation_secret(&args.dir)?;
+    report_rotation(dir, &keys::rotate(dir, &options, secret.as_ref(), now).map_err(keys_failure)?);
     Ok(())
+}
+
+/// The secret of a rotation's sealed directories (the keys directory or the root keys').
+fn rotation_secret(args: &KeysDirArgs) -> Result<Option<Secret>, Failure> {
+    match secret_for(&args.keys, args.unseal_from.as_ref())? {
+        Some(secret) => Ok(Some(secret)),
+        None => match &args.root_keys_dir {
+            Some(root) => secret_for(root, args.unseal_from.as_ref()),
+            None => Ok(None),
+        },
+    }
 }
 
 fn keys_rotate_signing(args: &RotateSigningArgs, now: SystemTime) -> Result<(), Failure> {
@@ -695,7 +778,8 @@ fn keys_rotate_signing(args: &RotateSigningArgs, now: SystemTime) -> Result<(), 
         lifetime: Some(args.expires_in),
         ..RotateOptions::default()
     };
-    report_rotation(dir, &keys::rotate(dir, &options, now).map_err(keys_failure)?);
+    let secret = rotation_secret(&args.dir)?;
+    report_rotation(dir, &keys::rotate(dir, &options, secret.as_ref(), now).map_err(keys_failure)?);
     Ok(())
 }
 
@@ -729,6 +813,11 @@ fn keys_status(args: &KeysDirArgs, now: SystemTime) -> Result<(), Failure> {
     }
     let now = Timestamp::from_system(now);
     print!("{}", render_keys_status(&versions, &held, now));
+    if args.keys.join(vault::SEAL_FILE).exists() {
+        println!("private keys are sealed ({})", args.keys.join(vault::SEAL_FILE).display());
+    } else {
+        println!("private keys are in plaintext files (mode 0600); seal them with `keys seal`");
+    }
     // The CA is made on the daemon's first start; a directory from `keys init` alone has none.
     if args.keys.join(crate::ca::CA_CERT_FILE).exists() {
         let expires =
@@ -743,7 +832,7 @@ fn keys_status(args: &KeysDirArgs, now: SystemTime) -> Result<(), Failure> {
 
 /// The table of `keys status`: every version of the trust root, then warnings for what
 /// expires within 90 days.
-pub fn render_keys_status(versions: &[TrustRoot], held: &[KeyId], now: Timestamp) -> String {
+pub fn render_keys_status(versions: &[TrustRoot], held: &[String], now: Timestamp) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -754,7 +843,9 @@ pub fn render_keys_status(versions: &[TrustRoot], held: &[KeyId], now: Timestamp
         let ids: Vec<String> = role
             .keyids
             .iter()
-            .map(|id| format!("{}{}", id.short(), if held.contains(id) { "*" } else { "" }))
+            .map(|id| {
+                format!("{}{}", id.short(), if held.contains(&id.short()) { "*" } else { "" })
+            })
             .collect();
         format!("{} of {}", role.threshold, ids.join(","))
     };
@@ -805,7 +896,8 @@ fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failure> {
         features: feature_input(args.feature_view.as_deref(), args.features.as_deref())?,
         shapes: input_shapes(&args.input_shapes)?,
     };
-    let manifest = bundle::build(&options, now).map_err(bundle_failure)?;
+    let manifest = bundle::build_unsealing(&options, args.unseal_from.as_ref(), now)
+        .map_err(bundle_failure)?;
     let model = manifest.model().expect("built as a model bundle");
     println!(
         "built {} version {} for region {} -> {} (expires {})",
@@ -1010,6 +1102,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     if let Some(every) = args.heartbeat {
         file.policy.heartbeat = every;
     }
+    let unseal = args.unseal_from;
     file.check(Path::new("the command line")).map_err(config_error)?;
     let token_file = file.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -1017,10 +1110,12 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         .build()
         .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))?;
     runtime.block_on(async move {
-        let control = ControlPlane::start(file.serve()).await.map_err(|e| match e {
-            ServeError::Io { .. } | ServeError::Db(_) => Failure::new(1, e),
-            other => Failure::new(EXIT_CONFIG, other),
-        })?;
+        let control = ControlPlane::start(ServeConfig { unseal, ..file.serve() }).await.map_err(
+            |e| match e {
+                ServeError::Io { .. } | ServeError::Db(_) => Failure::new(1, e),
+                other => Failure::new(EXIT_CONFIG, other),
+            },
+        )?;
         println!(
             "admin API on http://{} (token in {})",
             control.admin_addr(),

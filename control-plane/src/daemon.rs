@@ -23,6 +23,7 @@ use crate::features::{self as feature_store, FeatureStore};
 use crate::keys::{self, KeysError};
 use crate::rollouts::RolloutsConfig;
 use crate::state::{Policy, Shared};
+use crate::vault::Vault;
 use crate::{admin, files, monitoring, quic};
 use falaj_shell::http::{self as http_serve, HttpLimits};
 use falaj_shell::tls::{ReloadableTls, TlsFiles};
@@ -65,6 +66,9 @@ pub struct ServeConfig {
     pub audit: crate::audit::AuditConfig,
     /// How users' sessions live and when logins lock out.
     pub auth: crate::auth::AuthConfig,
+    /// Where the secret that opens sealed keys comes from (`--unseal-from`); without it,
+    /// sealed keys are opened with systemd's `falaj-keys` credential when there is one.
+    pub unseal: Option<crate::vault::UnsealFrom>,
 }
 
 impl ServeConfig {
@@ -87,6 +91,7 @@ impl ServeConfig {
             rollouts: RolloutsConfig::default(),
             audit: crate::audit::AuditConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            unseal: None,
         }
     }
 }
@@ -113,6 +118,9 @@ pub enum ServeError {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] DbError),
+    /// Sealed keys could not be opened.
+    #[error(transparent)]
+    Vault(#[from] crate::vault::VaultError),
     /// The feature store could not be opened.
     #[error(transparent)]
     Features(#[from] feature_store::OpenError),
@@ -172,7 +180,7 @@ fn open_keys(
     }
     if keys::private_key_ids(keys_dir)?
         .iter()
-        .any(|id| trust.metadata().roles.root.keyids.contains(id))
+        .any(|short| trust.metadata().roles.root.keyids.iter().any(|id| id.short() == *short))
     {
         tracing::warn!(
             dir = %keys_dir.display(),
@@ -224,8 +232,12 @@ impl ControlPlane {
             .map_err(io("creating", config.data_dir.display()))?;
         let keys_dir = config.data_dir.join("keys");
         let trust = open_keys(&config, &keys_dir, now)?;
-        let signers = keys::load_signing_keys(&keys_dir, &trust)?;
-        let ca = Ca::load_or_create(&keys_dir, trust.region(), now)?;
+        let vault = Vault::open_from(&keys_dir, config.unseal.as_ref())?;
+        if vault.is_sealed() {
+            tracing::info!(dir = %keys_dir.display(), "opened the sealed keys");
+        }
+        let signers = keys::load_signing_keys(&vault, &trust)?;
+        let ca = Ca::load_or_create(&vault, trust.region(), now)?;
         let db = Db::open(&config.data_dir.join(db::DB_FILE))?;
         let region = trust.region().to_owned();
         let stored = db.call_sync(|c| {
@@ -242,7 +254,7 @@ impl ControlPlane {
             )));
         }
         let token = admin_token(&config.data_dir)?;
-        let features = FeatureStore::open(&config.data_dir, &keys_dir, &region)?;
+        let features = FeatureStore::open(&config.data_dir, &vault, &region)?;
 
         let (chain, key) =
             ca.server_identity(&config.server_names, config.server_cert_lifetime, now)?;
@@ -269,7 +281,7 @@ impl ControlPlane {
         let admin_addr =
             admin.local_addr().map_err(io("binding the admin API on", config.admin))?;
 
-        let audit_key = crate::audit::key::load_or_create(&keys_dir)?;
+        let audit_key = crate::audit::key::load_or_create(&vault)?;
         let chain = keys::chain_after(&keys_dir, 1)?;
         let shared = Arc::new(
             Shared::new(db, blobs, ca, trust, signers, audit_key, config.policy.clone())

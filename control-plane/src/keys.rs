@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! KEYS_DIR/            0700
+//!   seal.json          present once `keys seal` has run: the wrapped master key (see `vault`)
 //!   root.json          the signed trust root (its newest version), given to agents
 //!   root.N.json        every version of the trust root, kept for agents to catch up
 //!   root-ID.key        root role private keys (PKCS#8), 0600
@@ -9,6 +10,9 @@
 //!   retired/           keys a rotation removed from the trust root, 0700
 //!   ca.pem, ca.key     the TLS certificate authority for agents (see `ca`)
 //! ```
+//!
+//! Private key files are read and written through a [`Vault`]: sealed under the
+//! directory's master key when it is sealed, else plain.
 //!
 //! Root keys sign the trust root only and belong offline once it is made; signing keys
 //! sign bundles. `ID` is the first 12 hex digits of the key id.
@@ -28,6 +32,7 @@ use ring::rand::SystemRandom;
 use thiserror::Error;
 
 use crate::files;
+use crate::vault::{Secret, Vault, VaultError};
 
 /// The trust root's file name in a keys directory.
 pub const ROOT_FILE: &str = "root.json";
@@ -90,6 +95,9 @@ pub enum KeysError {
     /// Bad parameters for `keys init`.
     #[error("{0}")]
     Invalid(String),
+    /// A sealed key file could not be opened, or the directory is sealed.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
 }
 
 /// What `keys init` should make.
@@ -152,8 +160,8 @@ pub fn init(dir: &Path, options: &InitOptions, now: SystemTime) -> Result<TrustR
         })?;
     }
     let rng = SystemRandom::new();
-    let root_keys = generate(root_dir, "root", options.root_keys, &rng)?;
-    let signing_keys = generate(dir, "signing", options.signing_keys, &rng)?;
+    let root_keys = generate(&Vault::open(root_dir, None)?, "root", options.root_keys, &rng)?;
+    let signing_keys = generate(&Vault::open(dir, None)?, "signing", options.signing_keys, &rng)?;
     let publics: Vec<_> = signing_keys.iter().map(SigningKey::public).collect();
     let trust = RootSpec {
         version: 1,
@@ -219,8 +227,15 @@ pub struct Rotation {
 /// `rotate-signing`): new keys where `options` asks for them, signed by every current root
 /// key found in `dir` (at least the current threshold) and by its own root keys. Keys the
 /// new root no longer lists move to `dir/retired/`. The current root may have expired.
-pub fn rotate(dir: &Path, options: &RotateOptions, now: SystemTime) -> Result<Rotation, KeysError> {
+/// `secret` opens the directories that are sealed (new keys are sealed there too).
+pub fn rotate(
+    dir: &Path,
+    options: &RotateOptions,
+    secret: Option<&Secret>,
+    now: SystemTime,
+) -> Result<Rotation, KeysError> {
     let current = load_trust_unexpired(dir)?;
+    let keys_vault = Vault::open(dir, secret)?;
     // Agents catch up through every version: keep the current one's file (directories
     // made before versions were kept hold only root.json).
     let current_file = version_file(dir, current.version());
@@ -230,7 +245,8 @@ pub fn rotate(dir: &Path, options: &RotateOptions, now: SystemTime) -> Result<Ro
         })?;
     }
     let root_dir = options.root_dir.as_deref().unwrap_or(dir);
-    let old_root = load_keys(root_dir, "root", &current.metadata().roles.root.keyids)?;
+    let root_vault = Vault::open(root_dir, secret)?;
+    let old_root = load_keys(&root_vault, "root", &current.metadata().roles.root.keyids)?;
     let root_threshold = current.metadata().roles.root.threshold;
     if old_root.len() < root_threshold as usize {
         return Err(KeysError::TooFewRootKeys {
@@ -241,7 +257,7 @@ pub fn rotate(dir: &Path, options: &RotateOptions, now: SystemTime) -> Result<Ro
     }
     let rng = SystemRandom::new();
     let new_root = match options.root_keys {
-        Some(count) => Some(generate(root_dir, "root", count, &rng)?),
+        Some(count) => Some(generate(&root_vault, "root", count, &rng)?),
         None if old_root.len() == current.metadata().roles.root.keyids.len() => None,
         None => {
             return Err(KeysError::Invalid(format!(
@@ -255,7 +271,7 @@ pub fn rotate(dir: &Path, options: &RotateOptions, now: SystemTime) -> Result<Ro
     };
     let signing: Vec<PublicKey> = match options.signing_keys {
         Some(count) => {
-            generate(dir, "signing", count, &rng)?.iter().map(SigningKey::public).collect()
+            generate(&keys_vault, "signing", count, &rng)?.iter().map(SigningKey::public).collect()
         }
         None => {
             current.signing_role().keyids.iter().filter_map(|id| current.key(id).copied()).collect()
@@ -300,8 +316,9 @@ pub fn rotate(dir: &Path, options: &RotateOptions, now: SystemTime) -> Result<Ro
 fn retire(dir: &Path, trust: &TrustRoot) -> Result<Vec<PathBuf>, KeysError> {
     let retired_dir = dir.join("retired");
     let mut moved = Vec::new();
-    for (path, key) in key_files(dir)? {
-        if trust.key(&key.public().id()).is_some() {
+    let listed: Vec<String> = trust.metadata().keys.keys().map(KeyId::short).collect();
+    for (path, short) in key_file_names(dir)? {
+        if listed.contains(&short) {
             continue;
         }
         files::create_private_dir(&retired_dir).map_err(|source| KeysError::Io {
@@ -326,7 +343,7 @@ fn retire(dir: &Path, trust: &TrustRoot) -> Result<Vec<PathBuf>, KeysError> {
 }
 
 fn generate(
-    dir: &Path,
+    vault: &Vault,
     role: &str,
     count: usize,
     rng: &SystemRandom,
@@ -337,21 +354,17 @@ fn generate(
     (0..count)
         .map(|_| {
             let (key, pkcs8) = SigningKey::generate(rng)
-                .map_err(|source| KeysError::BadKey { path: dir.to_owned(), source })?;
-            let path = dir.join(format!("{role}-{}.key", key.public().id().short()));
-            files::write_atomic(&path, &pkcs8, 0o600).map_err(|source| KeysError::Io {
-                op: "writing key",
-                path,
-                source,
-            })?;
+                .map_err(|source| KeysError::BadKey { path: vault.dir().to_owned(), source })?;
+            vault.write(&format!("{role}-{}.key", key.public().id().short()), &pkcs8)?;
             Ok(key)
         })
         .collect()
 }
 
-/// The ids of the private keys `dir` holds (root and signing, retired ones aside).
-pub fn private_key_ids(dir: &Path) -> Result<Vec<KeyId>, KeysError> {
-    Ok(key_files(dir)?.into_iter().map(|(_, key)| key.public().id()).collect())
+/// The short ids ([`KeyId::short`]) of the private keys `dir` holds (root and signing,
+/// retired ones aside), read from the file names: sealed or not, no key is opened.
+pub fn private_key_ids(dir: &Path) -> Result<Vec<String>, KeysError> {
+    Ok(key_file_names(dir)?.into_iter().map(|(_, short)| short).collect())
 }
 
 /// Every version of the trust root kept in `dir`, oldest first.
@@ -403,8 +416,9 @@ pub fn load_trust_unexpired(dir: &Path) -> Result<TrustRoot, KeysError> {
     TrustRoot::from_json_unexpired(&bytes).map_err(|source| KeysError::Trust { path, source })
 }
 
-/// Every `root-*.key` and `signing-*.key` file directly in `dir`, with its key.
-fn key_files(dir: &Path) -> Result<Vec<(PathBuf, SigningKey)>, KeysError> {
+/// Every `root-*.key` and `signing-*.key` file directly in `dir`, with the short key id
+/// its name holds.
+fn key_file_names(dir: &Path) -> Result<Vec<(PathBuf, String)>, KeysError> {
     let listing = fs::read_dir(dir).map_err(|source| KeysError::Io {
         op: "listing",
         path: dir.to_owned(),
@@ -416,16 +430,22 @@ fn key_files(dir: &Path) -> Result<Vec<(PathBuf, SigningKey)>, KeysError> {
             .map_err(|source| KeysError::Io { op: "listing", path: dir.to_owned(), source })?
             .path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let is_key = (name.starts_with("root-") || name.starts_with("signing-"))
-            && path.extension().is_some_and(|e| e == "key");
-        if !is_key {
-            continue;
+        let short = name
+            .strip_suffix(".key")
+            .and_then(|n| n.strip_prefix("root-").or_else(|| n.strip_prefix("signing-")));
+        if let Some(short) = short {
+            keys.push((path.clone(), short.to_owned()));
         }
-        let pkcs8 = fs::read(&path).map_err(|source| KeysError::Io {
-            op: "reading",
-            path: path.clone(),
-            source,
-        })?;
+    }
+    Ok(keys)
+}
+
+/// Every `root-*.key` and `signing-*.key` file directly in the vault's directory, with
+/// its key.
+fn key_files(vault: &Vault) -> Result<Vec<(PathBuf, SigningKey)>, KeysError> {
+    let mut keys = Vec::new();
+    for (path, _) in key_file_names(vault.dir())? {
+        let pkcs8 = vault.read_path(&path)?;
         let key = SigningKey::from_pkcs8(&pkcs8)
             .map_err(|source| KeysError::BadKey { path: path.clone(), source })?;
         keys.push((path, key));
@@ -433,10 +453,10 @@ fn key_files(dir: &Path) -> Result<Vec<(PathBuf, SigningKey)>, KeysError> {
     Ok(keys)
 }
 
-/// The `role` keys in `dir` whose ids are in `ids`, by id.
-fn load_keys(dir: &Path, role: &str, ids: &[KeyId]) -> Result<Vec<SigningKey>, KeysError> {
+/// The `role` keys in the vault's directory whose ids are in `ids`, by id.
+fn load_keys(vault: &Vault, role: &str, ids: &[KeyId]) -> Result<Vec<SigningKey>, KeysError> {
     let prefix = format!("{role}-");
-    let mut keys: Vec<SigningKey> = key_files(dir)?
+    let mut keys: Vec<SigningKey> = key_files(vault)?
         .into_iter()
         .filter(|(path, key)| {
             path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix))
@@ -449,13 +469,14 @@ fn load_keys(dir: &Path, role: &str, ids: &[KeyId]) -> Result<Vec<SigningKey>, K
     Ok(keys)
 }
 
-/// The signing keys in `dir` that the trust root lists; enough to meet its threshold.
-pub fn load_signing_keys(dir: &Path, trust: &TrustRoot) -> Result<Vec<SigningKey>, KeysError> {
-    let keys = load_keys(dir, "signing", &trust.signing_role().keyids)?;
+/// The signing keys in the vault's directory that the trust root lists; enough to meet
+/// its threshold.
+pub fn load_signing_keys(vault: &Vault, trust: &TrustRoot) -> Result<Vec<SigningKey>, KeysError> {
+    let keys = load_keys(vault, "signing", &trust.signing_role().keyids)?;
     let threshold = trust.signing_role().threshold;
     if keys.len() < threshold as usize {
         return Err(KeysError::TooFewSigningKeys {
-            dir: dir.to_owned(),
+            dir: vault.dir().to_owned(),
             found: keys.len(),
             threshold,
         });
@@ -483,15 +504,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("keys");
         let v1 = init(&dir, &InitOptions::new("eu-west-1"), now()).unwrap();
-        let old_signing = load_signing_keys(&dir, &v1).unwrap().remove(0).public().id();
+        let old_signing = load_signing_keys(&Vault::open(&dir, None).unwrap(), &v1)
+            .unwrap()
+            .remove(0)
+            .public()
+            .id();
 
         let root = RotateOptions { root_keys: Some(2), ..RotateOptions::default() };
-        let v2 = rotate(&dir, &root, now()).unwrap();
+        let v2 = rotate(&dir, &root, None, now()).unwrap();
         assert_eq!(v2.trust.version(), 2);
         assert_eq!(v2.trust.metadata().roles.root.keyids.len(), 2);
         assert_eq!(v2.retired.len(), 1, "the old root key");
         let signing = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
-        let v3 = rotate(&dir, &signing, now()).unwrap().trust;
+        let v3 = rotate(&dir, &signing, None, now()).unwrap().trust;
         let root_ids = |t: &TrustRoot| {
             let mut ids = t.metadata().roles.root.keyids.clone();
             ids.sort();
@@ -508,7 +533,7 @@ mod tests {
         assert_eq!(versions(&dir).unwrap().len(), 3);
 
         // The daemon now signs with the new key only; the old one is retired.
-        let keys = load_signing_keys(&dir, &v3).unwrap();
+        let keys = load_signing_keys(&Vault::open(&dir, None).unwrap(), &v3).unwrap();
         assert_eq!(keys.len(), 1);
         assert_ne!(keys[0].public().id(), old_signing);
         assert_eq!(files(&dir, "root-"), 2);
@@ -530,7 +555,7 @@ mod tests {
         }
         let before = fs::read(dir.join(ROOT_FILE)).unwrap();
         let options = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
-        let err = rotate(&dir, &options, now()).unwrap_err();
+        let err = rotate(&dir, &options, None, now()).unwrap_err();
         assert!(matches!(err, KeysError::TooFewRootKeys { found: 0, threshold: 1, .. }), "{err}");
         assert!(err.to_string().contains("needed to sign its successor"), "{err}");
         assert_eq!(fs::read(dir.join(ROOT_FILE)).unwrap(), before);
@@ -551,14 +576,14 @@ mod tests {
         // Without the offline keys a rotation is refused; with them it works, and the new
         // root keys go where the old ones were.
         let signing = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
-        let err = rotate(&dir, &signing, now()).unwrap_err();
+        let err = rotate(&dir, &signing, None, now()).unwrap_err();
         assert!(matches!(err, KeysError::TooFewRootKeys { found: 0, .. }), "{err}");
         let root = RotateOptions {
             root_keys: Some(1),
             root_dir: Some(offline.clone()),
             ..RotateOptions::default()
         };
-        let v2 = rotate(&dir, &root, now()).unwrap();
+        let v2 = rotate(&dir, &root, None, now()).unwrap();
         assert_eq!(v2.trust.version(), 2);
         assert_eq!(files(&dir, "root-"), 0);
         assert_eq!(files(&offline, "root-"), 1, "the new key; the old one is retired");
@@ -575,7 +600,7 @@ mod tests {
         let later = now() + Duration::from_secs(3600);
         assert!(matches!(load_trust(&dir, later), Err(KeysError::Trust { .. })));
         let renewed = RotateOptions::default();
-        let v2 = rotate(&dir, &renewed, later).unwrap();
+        let v2 = rotate(&dir, &renewed, None, later).unwrap();
         assert!(v2.retired.is_empty(), "same keys, new expiry");
         assert_eq!(load_trust(&dir, later).unwrap().version(), 2);
     }

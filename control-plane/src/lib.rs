@@ -36,6 +36,7 @@ pub mod rollouts;
 pub mod sample;
 pub mod secrets;
 pub mod state;
+pub mod vault;
 pub mod webhook;
 
 /// A point where the crash tests kill the process: built with the `failpoints` feature

@@ -9,6 +9,7 @@ use falaj_common::tensor::{Tensor, TensorData};
 use falaj_control::keys::{self, InitOptions, KeysError};
 use falaj_control::reference::{self, ReferenceError};
 use falaj_control::sample::{self, SampleOptions};
+use falaj_control::vault::Vault;
 
 #[test]
 fn sample_model_is_accurate_on_held_out_data() {
@@ -101,7 +102,10 @@ fn keys_init_makes_a_verifiable_root_and_never_overwrites() {
     assert_eq!(trust.signing_role().threshold, 2);
     let loaded = keys::load_trust(dir.path(), now).unwrap();
     assert_eq!(loaded.metadata(), trust.metadata());
-    assert_eq!(keys::load_signing_keys(dir.path(), &loaded).unwrap().len(), 3);
+    assert_eq!(
+        keys::load_signing_keys(&Vault::open(dir.path(), None).unwrap(), &loaded).unwrap().len(),
+        3
+    );
 
     // Remove two signing keys: below the threshold, building is refused up front.
     let mut signing: Vec<_> = std::fs::read_dir(dir.path())
@@ -112,7 +116,8 @@ fn keys_init_makes_a_verifiable_root_and_never_overwrites() {
     signing.sort();
     std::fs::remove_file(&signing[0]).unwrap();
     std::fs::remove_file(&signing[1]).unwrap();
-    let err = keys::load_signing_keys(dir.path(), &loaded).unwrap_err();
+    let err =
+        keys::load_signing_keys(&Vault::open(dir.path(), None).unwrap(), &loaded).unwrap_err();
     assert!(matches!(err, KeysError::TooFewSigningKeys { found: 1, threshold: 2, .. }), "{err}");
 
     assert!(matches!(keys::init(dir.path(), &options, now), Err(KeysError::Exists(_))));

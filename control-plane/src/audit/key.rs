@@ -1,6 +1,6 @@
 //! The audit key: an Ed25519 key of its own (never a bundle or document signer) that
 //! signs the chain's checkpoints, made on the first start beside the other keys
-//! (`keys/audit-ID.key`, 0600), its public half published as `keys/audit.pub` (hex), the
+//! (`keys/audit-ID.key`, 0600, sealed when the directory is), its public half published as `keys/audit.pub` (hex), the
 //! file an auditor verifies an export with.
 
 use std::fs;
@@ -11,6 +11,7 @@ use ring::rand::SystemRandom;
 
 use crate::files;
 use crate::keys::KeysError;
+use crate::vault::Vault;
 
 /// The public half's file name in the keys directory.
 pub const PUBLIC_FILE: &str = "audit.pub";
@@ -20,13 +21,14 @@ fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> KeysError
     move |source| KeysError::Io { op, path, source }
 }
 
-/// The audit key in `dir`, made (with its public file) if there is none.
-pub fn load_or_create(dir: &Path) -> Result<SigningKey, KeysError> {
+/// The audit key in the vault's directory, made (with its public file) if there is none.
+pub fn load_or_create(vault: &Vault) -> Result<SigningKey, KeysError> {
+    let dir = vault.dir();
     for entry in fs::read_dir(dir).map_err(io("listing", dir))? {
         let path = entry.map_err(io("listing", dir))?.path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
         if name.starts_with("audit-") && path.extension().is_some_and(|e| e == "key") {
-            let pkcs8 = fs::read(&path).map_err(io("reading", &path))?;
+            let pkcs8 = vault.read_path(&path)?;
             let key = SigningKey::from_pkcs8(&pkcs8)
                 .map_err(|source| KeysError::BadKey { path: path.clone(), source })?;
             write_public(dir, &key.public())?;
@@ -35,8 +37,7 @@ pub fn load_or_create(dir: &Path) -> Result<SigningKey, KeysError> {
     }
     let (key, pkcs8) = SigningKey::generate(&SystemRandom::new())
         .map_err(|source| KeysError::BadKey { path: dir.to_owned(), source })?;
-    let path = dir.join(format!("audit-{}.key", key.public().id().short()));
-    files::write_atomic(&path, &pkcs8, 0o600).map_err(io("writing key", &path))?;
+    vault.write(&format!("audit-{}.key", key.public().id().short()), &pkcs8)?;
     write_public(dir, &key.public())?;
     tracing::info!(key = %key.public().id(), "created the audit key");
     Ok(key)

@@ -14,7 +14,7 @@ use std::path::Path;
 use ring::rand::{SecureRandom, SystemRandom};
 
 use crate::db::{Db, DbError};
-use crate::files;
+use crate::vault::{Vault, VaultError};
 
 /// The offline store and the region's key for pseudonymising personal data.
 #[derive(Debug, Clone)]
@@ -41,6 +41,9 @@ pub enum OpenError {
         /// The error.
         source: std::io::Error,
     },
+    /// The key file is sealed and could not be opened.
+    #[error(transparent)]
+    Vault(#[from] VaultError),
 }
 
 /// The admin API's staging directory (under the data directory), where uploads wait.
@@ -69,24 +72,25 @@ fn sweep_staged_ingests(staging: &Path) {
 
 impl FeatureStore {
     /// Opens `DATA/features.db` and the region's PII key `keys/pii-REGION.key` (32 random
-    /// bytes, made on first use, mode 0600; it never leaves the control plane), and
-    /// removes ingest uploads the last run left staged.
-    pub fn open(data_dir: &Path, keys_dir: &Path, region: &str) -> Result<Self, OpenError> {
+    /// bytes, made on first use, mode 0600, sealed when the keys directory is; it never
+    /// leaves the control plane), and removes ingest uploads the last run left staged.
+    pub fn open(data_dir: &Path, keys: &Vault, region: &str) -> Result<Self, OpenError> {
         let db = Db::open_with(&data_dir.join(store::FEATURES_DB_FILE), store::MIGRATIONS)?;
-        let path = keys_dir.join(format!("pii-{region}.key"));
+        let name = format!("pii-{region}.key");
+        let path = keys.dir().join(&name);
         let key_err = |source| OpenError::Key { path: path.clone(), source };
-        let key = match std::fs::read_to_string(&path) {
-            Ok(text) => hex::decode(text.trim())
+        let key = match keys.read(&name) {
+            Ok(text) => hex::decode(text.trim_ascii())
                 .map_err(|e| key_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(VaultError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 let mut key = vec![0u8; 32];
                 SystemRandom::new()
                     .fill(&mut key)
                     .map_err(|_| key_err(std::io::Error::other("no system randomness")))?;
-                files::write_atomic(&path, hex::encode(&key).as_bytes(), 0o600).map_err(key_err)?;
+                keys.write(&name, hex::encode(&key).as_bytes())?;
                 key
             }
-            Err(e) => return Err(key_err(e)),
+            Err(e) => return Err(e.into()),
         };
         sweep_staged_ingests(&data_dir.join(STAGING));
         if key.len() < 32 {
