@@ -160,6 +160,16 @@ const MIGRATIONS: &[&str] = &[
     // Rotation re-wraps these rows in one transaction; the files are not rewritten.
     "ALTER TABLE bundles ADD COLUMN data_key BLOB;
     ALTER TABLE bundles ADD COLUMN key_id TEXT;",
+    // 8: API keys of the inference APIs (`crate::apikeys`): only each secret's SHA-256;
+    // `models` is a JSON list of model names, NULL for every model.
+    "CREATE TABLE api_keys (
+        name          TEXT PRIMARY KEY,
+        secret_sha256 BLOB NOT NULL UNIQUE,
+        models        TEXT,
+        created_at    INTEGER NOT NULL,
+        expires_at    INTEGER,
+        revoked_at    INTEGER
+    ) STRICT;",
 ];
 
 /// Errors of the agent's store.
