@@ -1,5 +1,5 @@
 //! The `falaj-agent` command line: `init` (air-gapped) or `enroll` (with a control
-//! plane), `import`, `serve`, `list`, `finetune` and `bench`.
+//! plane), `import`, `serve`, `apikey`, `list`, `finetune` and `bench`.
 //!
 //! Exit codes: 0 success, 1 failure, 64 usage error, 65 a refused bundle, 78 bad
 //! configuration (so that systemd does not restart-loop on it).
@@ -47,6 +47,10 @@ pub enum Command {
     Import(ImportArgs),
     /// Serve every installed model over HTTP (Open Inference Protocol v2).
     Serve(ServeArgs),
+    /// API keys of the inference APIs (with `[http] auth = "api_key"`): create, list,
+    /// revoke.
+    #[command(subcommand)]
+    Apikey(crate::apikeys::cli::ApiKeyCommand),
     /// List installed bundles (models and feature snapshots) and their versions.
     List(DataDir),
     /// Remove an installed version (not the active one, nor one the control plane
@@ -296,6 +300,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Enroll(args) => enroll(&args),
         Command::Import(args) => import(&args),
         Command::Serve(args) => serve(&args),
+        Command::Apikey(command) => crate::apikeys::cli::run(&command),
         Command::List(args) => args.resolve().and_then(|dir| list(&dir)),
         Command::Remove(args) => remove(&args),
         Command::Trust(TrustCommand::Update(args)) => trust_update(&args),
@@ -455,9 +460,10 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                     other => Failure::Config(other.into()),
                 }
             })?;
-        println!("serving the Open Inference Protocol on http://{}", agent.local_addr());
+        let scheme = if file.http.tls_certificate.is_some() { "https" } else { "http" };
+        println!("serving the Open Inference Protocol on {scheme}://{}", agent.local_addr());
         if let Some(grpc) = agent.grpc_addr() {
-            println!("serving the Open Inference Protocol over gRPC on http://{grpc}");
+            println!("serving the Open Inference Protocol over gRPC on {scheme}://{grpc}");
         }
         if let Some(identity) = agent.identity() {
             println!(

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use falaj_common::config::{self, Checked, within};
 use falaj_common::time::human_duration;
+use falaj_shell::tls::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 pub use falaj_common::config::ConfigError;
 
+use crate::apikeys::AuthMode;
 use crate::engine::EngineConfig;
 use crate::reporting::ReportConfig;
 use crate::server::ServeConfig;
@@ -112,6 +114,16 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Inferences run at once on the blocking pool; 0 means one per CPU core.
     pub workers: usize,
+    /// The inference API's TLS certificate chain (PEM); with `tls_key`, REST and gRPC are
+    /// served over TLS only, and SIGHUP reads both files again.
+    pub tls_certificate: Option<PathBuf>,
+    /// The private key of `tls_certificate` (PEM).
+    pub tls_key: Option<PathBuf>,
+    /// With TLS, the CA (PEM) whose certificates clients must present (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+    /// How clients authenticate: `none`, `api_key` or `mtls`. Unset means none, allowed
+    /// on loopback addresses only.
+    pub auth: Option<AuthMode>,
 }
 
 /// `[grpc]`: the Open Inference Protocol's gRPC binding. Off unless `listen` is set; it
@@ -199,6 +211,10 @@ impl Default for HttpConfig {
             queue_timeout: serve.queue_timeout,
             max_connections: serve.max_connections,
             workers: 0,
+            tls_certificate: None,
+            tls_key: None,
+            client_ca: None,
+            auth: None,
         }
     }
 }
@@ -251,6 +267,15 @@ impl AgentConfig {
             feedback_horizon: self.feedback.horizon,
             feedback_capacity: self.feedback.capacity,
             grpc: self.grpc.listen,
+            tls: match (&self.http.tls_certificate, &self.http.tls_key) {
+                (Some(certificate), Some(key)) => Some(TlsFiles {
+                    certificate: certificate.clone(),
+                    key: key.clone(),
+                    client_ca: self.http.client_ca.clone(),
+                }),
+                _ => None,
+            },
+            auth: self.http.auth,
             ..ServeConfig::default()
         };
         if self.http.workers > 0 {
@@ -308,6 +333,7 @@ impl Checked for AgentConfig {
         )?;
         within(path, "http.max_connections", self.http.max_connections, 1, 1_000_000)?;
         within(path, "http.workers", self.http.workers, 0, 4096)?;
+        self.check_auth(path)?;
         within(path, "models.keep_inactive", self.models.keep_inactive, 0, 1000)?;
         within(
             path,
@@ -362,6 +388,34 @@ impl Checked for AgentConfig {
     }
 }
 
+impl AgentConfig {
+    /// TLS files go together, and nothing is served unauthenticated off loopback unless
+    /// `auth = "none"` says so.
+    fn check_auth(&self, path: &Path) -> Result<(), ConfigError> {
+        let http = &self.http;
+        if http.tls_certificate.is_some() != http.tls_key.is_some() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                key: "http.tls_certificate",
+                message: "tls_certificate and tls_key go together".into(),
+            });
+        }
+        let listen: Vec<SocketAddr> =
+            std::iter::once(http.listen).chain(self.grpc.listen).collect();
+        crate::apikeys::check_settings(
+            &listen,
+            http.auth,
+            http.tls_certificate.is_some(),
+            http.client_ca.is_some(),
+        )
+        .map_err(|message| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: "http.auth",
+            message,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -400,6 +454,28 @@ mod tests {
     }
 
     #[test]
+    fn tls_and_auth_reach_the_server_and_hold_together() {
+        let path = Path::new("agent.toml");
+        let text = "[http]\nlisten = \"0.0.0.0:8000\"\ntls_certificate = \"/c.pem\"\n\
+                    tls_key = \"/k.pem\"\nclient_ca = \"/ca.pem\"\nauth = \"mtls\"\n";
+        let serve = AgentConfig::parse(text, path).unwrap().serve();
+        let tls = serve.tls.unwrap();
+        assert_eq!(tls.client_ca, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(serve.auth, Some(AuthMode::Mtls));
+        let check = |text: &str, needle: &str| {
+            let err = AgentConfig::parse(text, path).unwrap_err().to_string();
+            assert!(err.contains(needle), "{text:?}: {err}");
+        };
+        check("[http]\nlisten = \"0.0.0.0:8000\"\n", "http.auth: 0.0.0.0:8000 is not a loopback");
+        check("[grpc]\nlisten = \"10.0.0.1:8001\"\n", "http.auth: 10.0.0.1:8001 is not a loopback");
+        check("[http]\ntls_key = \"/k.pem\"\n", "tls_certificate and tls_key go together");
+        check("[http]\nclient_ca = \"/ca.pem\"\nauth = \"mtls\"\n", "client_ca needs");
+        check("[http]\nauth = \"password\"\n", "unknown variant `password`");
+        let open = "[http]\nlisten = \"0.0.0.0:8000\"\nauth = \"none\"\n";
+        assert_eq!(AgentConfig::parse(open, path).unwrap().serve().auth, Some(AuthMode::None));
+    }
+
+    #[test]
     fn errors_name_the_key() {
         let path = Path::new("agent.toml");
         let check = |text: &str, needle: &str| {
@@ -430,8 +506,7 @@ mod tests {
 
     #[test]
     fn values_reach_the_server_and_sync_settings() {
-        let text =
-            "[http]\nlisten = \"0.0.0.0:9000\"\nworkers = 3\n[control_plane]\nheartbeat = \"2s\"\n";
+        let text = "[http]\nlisten = \"0.0.0.0:9000\"\nworkers = 3\nauth = \"none\"\n[control_plane]\nheartbeat = \"2s\"\n";
         let config = AgentConfig::parse(text, Path::new("x")).unwrap();
         assert_eq!(config.serve().http, "0.0.0.0:9000".parse().unwrap());
         assert_eq!(config.serve().workers, 3);

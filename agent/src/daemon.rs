@@ -63,6 +63,7 @@ impl Agent {
     ) -> Result<(), ServeError> {
         let (stop_tx, stop_rx) = watch::channel(false);
         let sync = self.syncer.map(|s| tokio::spawn(s.run(stop_rx)));
+        let reloads = self.server.tls().map(|tls| tokio::spawn(reload_tls_on_hangup(tls)));
         let served = self
             .server
             .run(async move {
@@ -73,6 +74,34 @@ impl Agent {
         if let Some(sync) = sync {
             let _ = sync.await;
         }
+        if let Some(reloads) = reloads {
+            reloads.abort();
+        }
         served
     }
+}
+
+/// Reads the inference API's TLS files again on each SIGHUP (`systemctl reload`: a renewed
+/// certificate), for REST and gRPC connections made from then on; files that do not load
+/// are logged and the certificate in use stays. (The same SIGHUP also reloads the models.)
+async fn reload_tls_on_hangup(tls: Arc<falaj_shell::tls::ReloadableTls>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
+        while hangups.recv().await.is_some() {
+            let certificate = tls.files().certificate.display();
+            match tls.reload() {
+                Ok(()) => {
+                    tracing::info!(%certificate, "reloaded the inference API's TLS certificate");
+                }
+                Err(err) => tracing::error!(
+                    error = %err,
+                    "TLS reload failed; the inference API's certificate in use stays"
+                ),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tls;
 }

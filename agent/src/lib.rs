@@ -12,6 +12,7 @@
 //! (test support), `fuzzing` holds the fuzz targets of the agent's decoders.
 
 pub mod admission;
+pub mod apikeys;
 pub mod bench;
 pub mod cli;
 pub mod config;

@@ -5,6 +5,10 @@
 //! The request handling that does not depend on the transport (admission, version selection
 //! and rollout routing, entity inputs, running, metrics, drift and feedback recording) is
 //! here too, as `pub(crate)` functions the gRPC endpoint ([`crate::grpc`]) calls as well.
+//!
+//! With `[http] tls_certificate` both endpoints serve TLS only (the same reloadable
+//! certificate); every request but health checks passes the [`Gate`] of `[http] auth`
+//! (API keys, or mutual TLS checked in the handshake).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +30,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::admission::{RequestSlots, Slot, SlotGauge};
+use crate::apikeys::{Access, ApiKeyError, AuthMode, Denied, Gate};
 use crate::engine::{EngineConfig, Engines};
 use crate::features::{self, FeatureError};
 use crate::feedback::{self, Predictions};
@@ -35,6 +40,7 @@ use crate::oip::{self, OutputToSend};
 use crate::rollout::{RandomKeys, Shadow, ShadowJob};
 use crate::store::{Store, StoreError};
 use falaj_shell::http::{self as http_serve, HttpLimits};
+use falaj_shell::tls::{ReloadableTls, TlsError, TlsFiles};
 
 /// How the server runs.
 #[derive(Debug, Clone)]
@@ -76,6 +82,12 @@ pub struct ServeConfig {
     /// Where the gRPC endpoint listens (`[grpc] listen`); `None`, the default, serves
     /// REST only. Its messages are limited to `max_body_bytes`.
     pub grpc: Option<SocketAddr>,
+    /// TLS for both endpoints (`[http] tls_certificate`, `tls_key`, `client_ca`); `None`
+    /// serves plain HTTP and h2c.
+    pub tls: Option<TlsFiles>,
+    /// How clients authenticate (`[http] auth`); `None` is no authentication, refused on
+    /// an address that is not loopback.
+    pub auth: Option<AuthMode>,
 }
 
 impl Default for ServeConfig {
@@ -97,6 +109,8 @@ impl Default for ServeConfig {
             feedback_horizon: Duration::from_secs(24 * 3600),
             feedback_capacity: 100_000,
             grpc: None,
+            tls: None,
+            auth: None,
         }
     }
 }
@@ -126,6 +140,16 @@ pub enum ServeError {
     /// A blocking task failed.
     #[error("internal task failed: {0}")]
     Task(String),
+    /// The TLS files do not load.
+    #[error("inference API: {0}")]
+    Tls(#[from] TlsError),
+    /// The authentication settings do not hold together (or leave a non-loopback address
+    /// unauthenticated without `auth = "none"`).
+    #[error("inference API authentication: {0}")]
+    Auth(String),
+    /// The API keys could not be read.
+    #[error(transparent)]
+    ApiKeys(#[from] ApiKeyError),
 }
 
 /// Request slots per worker: one request decoding while another runs.
@@ -142,6 +166,8 @@ pub(crate) struct AppState {
     shadow: Shadow,
     predictions: Arc<Predictions>,
     keys: Arc<RandomKeys>,
+    /// What each request is checked against (`[http] auth`).
+    pub(crate) gate: Arc<Gate>,
 }
 
 /// A server whose socket is bound and whose models are loaded, ready to run.
@@ -150,6 +176,7 @@ pub struct Server {
     listener: TcpListener,
     addr: SocketAddr,
     grpc: Option<(TcpListener, SocketAddr)>,
+    tls: Option<Arc<ReloadableTls>>,
     store: Arc<Mutex<Store>>,
     state: AppState,
     reload: Arc<Notify>,
@@ -158,6 +185,29 @@ pub struct Server {
 impl Server {
     /// Opens the store in `data_dir`, loads every installed model and binds the socket.
     pub async fn bind(data_dir: PathBuf, config: ServeConfig) -> Result<Self, ServeError> {
+        let listen: Vec<SocketAddr> = std::iter::once(config.http).chain(config.grpc).collect();
+        let client_ca = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        crate::apikeys::check_settings(&listen, config.auth, config.tls.is_some(), client_ca)
+            .map_err(ServeError::Auth)?;
+        let tls = config.tls.clone().map(ReloadableTls::load).transpose()?.map(Arc::new);
+        let gate = match config.auth {
+            Some(mode @ AuthMode::ApiKey) => {
+                let dir = data_dir.clone();
+                tokio::task::spawn_blocking(move || Gate::new(mode, &dir))
+                    .await
+                    .map_err(|e| ServeError::Task(e.to_string()))??
+            }
+            Some(mode) => Gate::new(mode, &data_dir)?,
+            None => Gate::open(),
+        };
+        if config.auth == Some(AuthMode::None)
+            && let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback())
+        {
+            tracing::warn!(
+                %addr,
+                "serving the inference API WITHOUT AUTHENTICATION (auth = \"none\") on an address that is not loopback"
+            );
+        }
         let registry = Arc::new(Registry::with_engines(Engines::new(config.engine.clone())));
         let (store, summary) = {
             let registry = Arc::clone(&registry);
@@ -202,6 +252,7 @@ impl Server {
                 config.feedback_capacity,
             )),
             keys: Arc::new(RandomKeys::new()),
+            gate: Arc::new(gate),
             permits,
             slots,
             config: Arc::new(config),
@@ -211,6 +262,7 @@ impl Server {
             listener,
             addr,
             grpc,
+            tls,
             store: Arc::new(Mutex::new(store)),
             state,
             reload: Arc::new(Notify::new()),
@@ -225,6 +277,12 @@ impl Server {
     /// The address the gRPC endpoint listens on, when `[grpc] listen` is set.
     pub fn grpc_addr(&self) -> Option<SocketAddr> {
         self.grpc.as_ref().map(|(_, addr)| *addr)
+    }
+
+    /// The endpoints' TLS configuration, when they serve TLS: [`ReloadableTls::reload`]
+    /// takes new certificate files for the connections made from then on.
+    pub fn tls(&self) -> Option<Arc<ReloadableTls>> {
+        self.tls.clone()
     }
 
     /// Notify this to reload the models at once (after an install in this process).
@@ -270,7 +328,7 @@ impl Server {
             Arc::clone(&self.reload),
             stop_rx,
         ));
-        tracing::info!(addr = %self.addr, "serving the Open Inference Protocol");
+        tracing::info!(addr = %self.addr, tls = self.tls.is_some(), auth = ?self.state.gate.mode(), "serving the Open Inference Protocol");
         let config = Arc::clone(&self.state.config);
         let limits = HttpLimits {
             header_timeout: config.header_timeout,
@@ -281,17 +339,28 @@ impl Server {
         let (down_tx, down_rx) = watch::channel(false);
         let grpc = self.grpc.map(|(listener, addr)| {
             tracing::info!(%addr, "serving the Open Inference Protocol over gRPC");
-            tokio::spawn(crate::grpc::serve(listener, self.state.clone(), down_rx.clone()))
+            tokio::spawn(crate::grpc::serve(
+                listener,
+                self.state.clone(),
+                self.tls.clone(),
+                down_rx.clone(),
+            ))
         });
         let mut down = down_rx;
-        let http = http_serve::serve(self.listener, router(self.state), limits, async move {
+        let stopped = async move {
             let _ = down.wait_for(|d| *d).await;
-        });
+        };
         tokio::spawn(async move {
             shutdown.await;
             let _ = down_tx.send(true);
         });
-        http.await;
+        match self.tls {
+            Some(tls) => {
+                http_serve::serve_tls(self.listener, router(self.state), limits, tls, stopped)
+                    .await;
+            }
+            None => http_serve::serve(self.listener, router(self.state), limits, stopped).await,
+        }
         let grpc_result = match grpc {
             Some(task) => task.await.map_err(|e| ServeError::Task(e.to_string()))?,
             None => Ok(()),
@@ -384,11 +453,10 @@ async fn watch_store(
     }
 }
 
+/// The routes: health checks open to all, everything else behind the gate.
 fn router(state: AppState) -> Router {
-    Router::new()
+    let guarded = Router::new()
         .route("/v2", get(server_metadata))
-        .route("/v2/health/live", get(live))
-        .route("/v2/health/ready", get(ready))
         .route("/v2/models/{name}", get(model_metadata))
         .route("/v2/models/{name}/versions/{version}", get(version_metadata))
         .route("/v2/models/{name}/ready", get(model_ready))
@@ -399,12 +467,38 @@ fn router(state: AppState) -> Router {
         .route("/v1/features", get(feature_views))
         .route("/v1/features/{view}/{entity}", get(feature_lookup))
         .route("/metrics", get(prometheus))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authorize));
+    Router::new()
+        .route("/v2/health/live", get(live))
+        .route("/v2/health/ready", get(ready))
+        .merge(guarded)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             ApiError::Internal("a handler panicked".into()).into_response()
         }))
         .with_state(state)
+}
+
+/// Lets a request through the gate: a model's routes need a key for that model, feature
+/// lookups one for every model, the rest (server metadata, `/metrics`) any valid key.
+async fn authorize(
+    State(state): State<AppState>,
+    params: axum::extract::RawPathParams,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let model = params.iter().find(|(key, _)| *key == "name").map(|(_, value)| value);
+    let access = match model {
+        Some(model) => Access::Model(model),
+        None if request.uri().path().starts_with("/v1/features") => Access::EveryModel,
+        None => Access::AnyKey,
+    };
+    let authorization = request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
+    match state.gate.check(authorization, access) {
+        Ok(()) => next.run(request).await,
+        Err(denied) => ApiError::from(denied).into_response(),
+    }
 }
 
 /// An error response, shaped as the protocol's `{"error": "..."}` over REST; the gRPC
@@ -422,7 +516,20 @@ pub(crate) enum ApiError {
     Unavailable(String),
     /// Every request slot stayed taken (503 over REST, RESOURCE_EXHAUSTED over gRPC).
     Busy(String),
+    /// No valid credentials (401 over REST, UNAUTHENTICATED over gRPC).
+    Unauthenticated(String),
+    /// Valid credentials that do not cover the request (403, PERMISSION_DENIED).
+    Forbidden(String),
     Internal(String),
+}
+
+impl From<Denied> for ApiError {
+    fn from(denied: Denied) -> Self {
+        match denied {
+            Denied::Unauthenticated(m) => Self::Unauthenticated(m),
+            Denied::Forbidden(m) => Self::Forbidden(m),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -440,6 +547,15 @@ impl IntoResponse for ApiError {
             ),
             Self::UnsupportedMediaType(m) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, m),
             Self::Unavailable(m) | Self::Busy(m) => (StatusCode::SERVICE_UNAVAILABLE, m),
+            Self::Unauthenticated(m) => {
+                let body = serde_json::json!({ "error": m }).to_string();
+                let headers = [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::WWW_AUTHENTICATE, "Bearer"),
+                ];
+                return (StatusCode::UNAUTHORIZED, headers, body).into_response();
+            }
+            Self::Forbidden(m) => (StatusCode::FORBIDDEN, m),
             Self::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())

@@ -9,10 +9,18 @@
 //! codes Triton uses: INVALID_ARGUMENT for malformed requests, NOT_FOUND for unknown models
 //! and versions, UNAVAILABLE for a version that is not loaded, RESOURCE_EXHAUSTED when every
 //! request slot stays taken or a message exceeds `[http] max_body_bytes`.
+//!
+//! With `[http] tls_certificate` the endpoint serves TLS only (ALPN `h2`), from the same
+//! reloadable certificate and client CA as REST; API keys come in the `authorization`
+//! metadata (`Bearer KEY`) and are refused UNAUTHENTICATED or PERMISSION_DENIED with
+//! REST's messages. ServerLive, ServerReady and `grpc.health.v1` stay open.
 
 mod convert;
 mod service;
 
+use std::sync::Arc;
+
+use falaj_shell::tls::ReloadableTls;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::Status;
@@ -52,6 +60,8 @@ pub(crate) fn status(error: ApiError) -> Status {
         }
         ApiError::Unavailable(m) => Status::unavailable(m),
         ApiError::Busy(m) => Status::resource_exhausted(m),
+        ApiError::Unauthenticated(m) => Status::unauthenticated(m),
+        ApiError::Forbidden(m) => Status::permission_denied(m),
         ApiError::Internal(detail) => {
             tracing::error!(error = %detail, "internal error");
             Status::internal("internal error")
@@ -59,11 +69,12 @@ pub(crate) fn status(error: ApiError) -> Status {
     }
 }
 
-/// Serves the endpoint on `listener` until `down` turns true; streams still open
-/// `shutdown_grace` later are dropped.
+/// Serves the endpoint on `listener` (over TLS when `tls` is given) until `down` turns
+/// true; streams still open `shutdown_grace` later are dropped.
 pub(crate) async fn serve(
     listener: TcpListener,
     state: AppState,
+    tls: Option<Arc<ReloadableTls>>,
     mut down: watch::Receiver<bool>,
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr().map_err(|e| ServeError::Grpc {
@@ -72,6 +83,7 @@ pub(crate) async fn serve(
     })?;
     let limit = state.config.max_body_bytes;
     let grace = state.config.shutdown_grace;
+    let handshake_limit = state.config.header_timeout;
     let (reporter, health) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(report_health(reporter, state.clone(), down.clone()));
     let inference =
@@ -83,15 +95,25 @@ pub(crate) async fn serve(
     // Without TCP_NODELAY a response written in two segments waited for the client's
     // delayed ACK (about 40 ms a call at batch 64, benches/grpc.rs); the adaptive window
     // (BDP probing) lets a large message arrive without a round trip per 64 KiB.
-    let served = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .http2_adaptive_window(Some(true))
         .layer(tower::util::MapResponseLayer::new(move |response| over_limit(response, limit)))
         .add_service(health)
-        .add_service(inference)
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            wait_down(&mut stop),
-        );
+        .add_service(inference);
+    let tls_down = down.clone();
+    let served = async {
+        match tls {
+            None => {
+                let incoming =
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+                router.serve_with_incoming_shutdown(incoming, wait_down(&mut stop)).await
+            }
+            Some(tls) => {
+                let incoming = tls_incoming(listener, tls, handshake_limit, tls_down);
+                router.serve_with_incoming_shutdown(incoming, wait_down(&mut stop)).await
+            }
+        }
+    };
     let result = tokio::select! {
         served = served => served.map_err(|e| ServeError::Grpc { addr, message: e.to_string() }),
         () = async { wait_down(&mut down).await; tokio::time::sleep(grace).await } => {
@@ -134,6 +156,62 @@ fn over_limit(
         Err(frame) => frame,
     });
     http::Response::from_parts(parts, tonic::body::Body::new(body))
+}
+
+/// The connections of `listener` after their TLS handshake, with the configuration in
+/// force when each was accepted (so a reload applies to new connections) and ALPN `h2`,
+/// which gRPC clients require. Handshakes run apart from the accept loop, each within
+/// `limit`; one that fails or takes longer is dropped.
+fn tls_incoming(
+    listener: TcpListener,
+    tls: Arc<ReloadableTls>,
+    limit: std::time::Duration,
+    mut down: watch::Receiver<bool>,
+) -> tokio_stream::wrappers::ReceiverStream<
+    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
+> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let mut h2: Option<(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>)> = None;
+        loop {
+            let (stream, peer) = tokio::select! {
+                () = wait_down(&mut down) => return,
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        tracing::debug!(error = %err, "accepting a gRPC connection failed");
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let current = Arc::clone(tls.acceptor().config());
+            let config = match &h2 {
+                Some((base, derived)) if Arc::ptr_eq(base, &current) => Arc::clone(derived),
+                _ => {
+                    let mut config = (*current).clone();
+                    config.alpn_protocols = vec![b"h2".to_vec()];
+                    let derived = Arc::new(config);
+                    h2 = Some((current, Arc::clone(&derived)));
+                    derived
+                }
+            };
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(limit, acceptor.accept(stream)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::debug!(%peer, error = %err, "gRPC TLS handshake failed");
+                    }
+                    Err(_) => tracing::debug!(%peer, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
 async fn wait_down(down: &mut watch::Receiver<bool>) {

@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::proto::grpc_inference_service_server::GrpcInferenceService;
@@ -17,6 +18,7 @@ use super::proto::{
     ServerMetadataResponse, ServerReadyRequest, ServerReadyResponse,
 };
 use super::{convert, status};
+use crate::apikeys::Access;
 use crate::models::VersionState;
 use crate::server::{self, ApiError, AppState, ROUTING_KEY_HEADER};
 
@@ -32,6 +34,12 @@ const EXTENSIONS: [&str; 2] = ["model_repository", "streaming"];
 /// A version as a message names it: empty means the server's choice.
 fn version_of(text: &str, name: &str) -> Result<Option<u64>, ApiError> {
     if text.is_empty() { Ok(None) } else { server::parse_version(text, name).map(Some) }
+}
+
+/// Lets a call through the gate with the key of its `authorization` metadata.
+fn authorize<T>(state: &AppState, request: &Request<T>, access: Access<'_>) -> Result<(), Status> {
+    let authorization = request.metadata().get("authorization").map(MetadataValue::as_bytes);
+    state.gate.check(authorization, access).map_err(|denied| status(ApiError::from(denied)))
 }
 
 /// The routing key of a call's metadata (`x-falaj-routing-key`), as REST's header.
@@ -57,6 +65,17 @@ async fn infer(
     .await
 }
 
+/// [`infer`] for one message of a stream, whose model the stream's key must cover.
+async fn authorized_infer(
+    state: &AppState,
+    request: ModelInferRequest,
+    header_key: Option<&str>,
+    authorization: Option<&[u8]>,
+) -> Result<ModelInferResponse, ApiError> {
+    state.gate.check(authorization, Access::Model(&request.model_name))?;
+    infer(state, request, header_key).await
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -79,6 +98,7 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelReadyRequest>,
     ) -> Result<Response<ModelReadyResponse>, Status> {
+        authorize(&self.state, &request, Access::Model(&request.get_ref().name))?;
         let ModelReadyRequest { name, version } = request.into_inner();
         let ready = version_of(&version, &name)
             .and_then(|version| server::model_readiness(&self.state, &name, version))
@@ -88,8 +108,9 @@ impl GrpcInferenceService for Inference {
 
     async fn server_metadata(
         &self,
-        _: Request<ServerMetadataRequest>,
+        request: Request<ServerMetadataRequest>,
     ) -> Result<Response<ServerMetadataResponse>, Status> {
+        authorize(&self.state, &request, Access::AnyKey)?;
         Ok(Response::new(ServerMetadataResponse {
             name: server::SERVER_NAME.to_owned(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -101,6 +122,7 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelMetadataRequest>,
     ) -> Result<Response<ModelMetadataResponse>, Status> {
+        authorize(&self.state, &request, Access::Model(&request.get_ref().name))?;
         let ModelMetadataRequest { name, version } = request.into_inner();
         let catalog = self.state.registry.catalog();
         let (model, versions) = version_of(&version, &name)
@@ -120,6 +142,7 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
+        authorize(&self.state, &request, Access::Model(&request.get_ref().model_name))?;
         let key = header_key(&request);
         infer(&self.state, request.into_inner(), key.as_deref())
             .await
@@ -135,6 +158,9 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<Streaming<ModelInferRequest>>,
     ) -> Result<Response<ResponseStream>, Status> {
+        // A valid key opens the stream; each message is checked against its scope.
+        authorize(&self.state, &request, Access::AnyKey)?;
+        let authorization = request.metadata().get("authorization").map(|v| v.as_bytes().to_vec());
         let key = header_key(&request);
         let mut incoming = request.into_inner();
         let state = self.state.clone();
@@ -144,16 +170,25 @@ impl GrpcInferenceService for Inference {
                 let reply = match incoming.message().await {
                     Ok(None) => return,
                     Err(e) => Err(e),
-                    Ok(Some(message)) => Ok(match infer(&state, message, key.as_deref()).await {
-                        Ok(response) => ModelStreamInferResponse {
-                            error_message: String::new(),
-                            infer_response: Some(response),
+                    Ok(Some(message)) => Ok(
+                        match authorized_infer(
+                            &state,
+                            message,
+                            key.as_deref(),
+                            authorization.as_deref(),
+                        )
+                        .await
+                        {
+                            Ok(response) => ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(response),
+                            },
+                            Err(e) => ModelStreamInferResponse {
+                                error_message: status(e).message().to_owned(),
+                                infer_response: None,
+                            },
                         },
-                        Err(e) => ModelStreamInferResponse {
-                            error_message: status(e).message().to_owned(),
-                            infer_response: None,
-                        },
-                    }),
+                    ),
                 };
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
@@ -168,6 +203,7 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<RepositoryIndexRequest>,
     ) -> Result<Response<RepositoryIndexResponse>, Status> {
+        authorize(&self.state, &request, Access::EveryModel)?;
         let only_ready = request.into_inner().ready;
         let catalog = self.state.registry.catalog();
         let mut models = Vec::new();
