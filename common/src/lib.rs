@@ -25,6 +25,8 @@
 //!   behind a trait), the gate that decides whether it replaces its parent, its lineage.
 //! - [`at_rest`]: envelope encryption of files at rest (AES-256-GCM, a data key per file
 //!   wrapped by a device key, sealed in authenticated segments).
+//! - [`session`]: the agent's side of its control-plane session as a state machine
+//!   without I/O (connection, backoff, renewal, window delivery, documents, jobs).
 //! - [`audit`]: the audit log's hash chain, signed checkpoints and offline verification.
 //! - [`keys`]: Ed25519 keys and domain-separated signatures (ring).
 //! - `fuzzing` (feature `fuzzing`, test support): a seeded mutator, the stable fuzz
@@ -66,6 +68,7 @@ pub mod random;
 pub mod reconcile;
 pub mod rollout;
 pub mod sample;
+pub mod session;
 pub mod sketch;
 pub mod tensor;
 pub mod text;
