@@ -10,6 +10,12 @@
                  tensors through its API, typed contents through its generated stub, and a
                  stream; then each error case, whose status code must be Triton's and whose
                  message must be the one the REST endpoint at HTTP_URL gives; prints a summary
+  check-tls HTTPS_ADDR GRPC_ADDR DIR CA KEY OTHER_KEY
+                 both of Triton's clients over TLS trusting CA (tritonclient.http with ssl
+                 options, tritonclient.grpc with ssl=True and root certificates), with the
+                 API key KEY in their headers: outputs equal to ONNX Runtime's; without a key
+                 401 / UNAUTHENTICATED, with OTHER_KEY (scoped to another model) 403 /
+                 PERMISSION_DENIED, with REST's messages; liveness open; prints a summary
 
 Run by tests/interop.rs; the packages come from tests/interop/requirements.txt.
 """
@@ -171,6 +177,72 @@ def check_grpc(addr: str, http_url: str, work: Path) -> None:
     print(json.dumps(summary))
 
 
+def check_tls(https_addr: str, grpc_addr: str, work: Path, ca: str, key: str, other: str) -> None:
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    x = np.load(work / "inputs.npy")
+    session = ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    expected = dict(zip(names, session.run(None, {"input": x})))
+    rest = httpclient.InferenceServerClient(https_addr, ssl=True, ssl_options={"ca_certs": ca})
+    grpc = grpcclient.InferenceServerClient(grpc_addr, ssl=True, root_certificates=ca)
+    # Liveness needs no key; readiness of a model does.
+    assert rest.is_server_live() and grpc.is_server_live()
+    summary = {"checks": [], "errors": []}
+    headers = {"Authorization": f"Bearer {key}"}
+    # gRPC metadata keys are lowercase.
+    metadata = {"authorization": f"Bearer {key}"}
+
+    def compare(name, got, rows, how):
+        want = expected[name][:rows]
+        assert got.shape == want.shape, (how, name, got.shape, want.shape)
+        diff = float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64))))
+        assert diff <= 1e-4, f"{how}: {name} differs from ONNX Runtime by {diff}"
+        summary["checks"].append({"output": name, "rows": rows, "how": how, "max_abs_diff": diff})
+
+    assert rest.is_model_ready("skl-mlp", headers=headers)
+    assert grpc.is_model_ready("skl-mlp", headers=metadata)
+    for rows in (1, 7):
+        inp = httpclient.InferInput("input", [rows, 6], "FP32")
+        inp.set_data_from_numpy(x[:rows], binary_data=True)
+        result = rest.infer("skl-mlp", [inp], headers=headers)
+        for name in names:
+            compare(name, result.as_numpy(name), rows, "https")
+        ginp = grpcclient.InferInput("input", [rows, 6], "FP32")
+        ginp.set_data_from_numpy(x[:rows])
+        result = grpc.infer("skl-mlp", [ginp], headers=metadata)
+        for name in names:
+            compare(name, result.as_numpy(name), rows, "grpc+tls")
+
+    def refused(call):
+        try:
+            call()
+        except InferenceServerException as e:
+            return e
+        raise AssertionError("the request was not refused")
+
+    def both(status, code, extra):
+        inp = httpclient.InferInput("input", [1, 6], "FP32")
+        inp.set_data_from_numpy(x[:1], binary_data=False)
+        r = refused(lambda: rest.infer("skl-mlp", [inp], headers=extra))
+        ginp = grpcclient.InferInput("input", [1, 6], "FP32")
+        ginp.set_data_from_numpy(x[:1])
+        lower = {k.lower(): v for k, v in extra.items()} if extra else None
+        g = refused(lambda: grpc.infer("skl-mlp", [ginp], headers=lower))
+        assert r.status() == status, (status, r.status(), r.message())
+        assert g.status() == f"StatusCode.{code}", (code, g.status(), g.message())
+        assert g.message() == r.message(), (g.message(), r.message())
+        summary["errors"].append({"status": status, "code": code, "message": g.message()})
+
+    both("401", "UNAUTHENTICATED", None)
+    both("401", "UNAUTHENTICATED", {"Authorization": "Bearer falaj_not-a-key"})
+    both("403", "PERMISSION_DENIED", {"Authorization": f"Bearer {other}"})
+    print(json.dumps(summary))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "export":
         export(Path(sys.argv[2]))
@@ -178,5 +250,7 @@ if __name__ == "__main__":
         check(sys.argv[2], Path(sys.argv[3]))
     elif sys.argv[1] == "check-grpc":
         check_grpc(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
+    elif sys.argv[1] == "check-tls":
+        check_tls(sys.argv[2], sys.argv[3], Path(sys.argv[4]), *sys.argv[5:8])
     else:
         sys.exit(f"unknown command {sys.argv[1]}")
