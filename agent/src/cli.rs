@@ -69,6 +69,9 @@ pub enum Command {
     /// The trust root this agent verifies bundles against.
     #[command(subcommand)]
     Trust(TrustCommand),
+    /// The device key that seals installed bundles at rest: status, rotation.
+    #[command(subcommand)]
+    Keys(crate::keys_cli::KeysCommand),
 }
 
 /// `trust` subcommands.
@@ -286,7 +289,9 @@ pub(crate) fn store_failure(err: StoreError) -> Failure {
         | StoreError::AlreadyInitialised(_)
         | StoreError::SchemaTooNew { .. }
         | StoreError::Region(_)
-        | StoreError::Trust(_) => Failure::Config(err.into()),
+        | StoreError::Trust(_)
+        | StoreError::DeviceKey(_)
+        | StoreError::KeyFileMode { .. } => Failure::Config(err.into()),
         other => Failure::Other(other.into()),
     }
 }
@@ -312,6 +317,7 @@ pub fn run(cli: Cli) -> ExitCode {
             args.data.resolve().and_then(|dir| audit_export(&dir, &args.out))
         }
         Command::Audit(AuditCommand::Verify(args)) => audit_verify(&args),
+        Command::Keys(command) => crate::keys_cli::run(&command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -2,7 +2,8 @@
 //!
 //! The file is streamed: the header and manifest are read and verified first (signatures,
 //! region, expiry, size), then the payload is copied to a staging file while every byte
-//! is hashed. Only when every check has passed and the content loads (a model with tract,
+//! is hashed and sealed (encrypted at rest, under a fresh data key: the store's
+//! [`crate::store::at_rest`]). Only when every check has passed and the content loads (a model with tract,
 //! its signature matching the manifest; a feature snapshot as an online table matching its
 //! manifest) does the staged file move into place, in the same SQLite transaction that
 //! records it. A refused bundle leaves the installed state untouched.
@@ -233,16 +234,16 @@ fn read_head(reader: &mut impl Read, total: u64) -> Result<Head, VerifyError> {
     Ok(Head { header, bytes, manifest, signatures })
 }
 
-/// A bundle copied to the staging directory and verified to its last byte.
+/// A bundle copied (sealed) to the staging directory and verified to its last byte.
 struct Staged {
-    file: tempfile::NamedTempFile,
+    file: store::Sealed,
     content_bytes: Vec<u8>,
     size: u64,
 }
 
 /// Copies the bundle into a staging file, hashing every payload byte on the way and
-/// keeping the bytes of the file its content names (the model or the snapshot); the
-/// staging file is fsynced before it is returned.
+/// keeping the bytes of the file its content names (the model or the snapshot) in memory;
+/// the staging file is sealed as it is written and fsynced before it is returned.
 fn stage(
     store: &Store,
     path: &Path,
@@ -255,12 +256,7 @@ fn stage(
     let staging = store.staging_dir();
     let staging_err =
         |source| StoreError::Io { op: "writing staged bundle in", path: staging.clone(), source };
-    std::fs::create_dir_all(&staging).map_err(staging_err)?;
-    let mut file = tempfile::Builder::new()
-        .prefix("import-")
-        .suffix(".falaj")
-        .tempfile_in(&staging)
-        .map_err(staging_err)?;
+    let mut file = store.stage(manifest, &head.manifest, "import-")?;
     for section in [&head.bytes, &head.manifest, &head.signatures] {
         file.write_all(section).map_err(staging_err)?;
     }
@@ -286,7 +282,7 @@ fn stage(
         progress(size, total);
     }
     check.finish().map_err(|source| ImportError::Refused { path: path.to_owned(), source })?;
-    file.as_file().sync_all().map_err(staging_err)?;
+    let file = file.finish().map_err(staging_err)?;
     Ok(Staged { file, content_bytes, size })
 }
 

@@ -27,6 +27,7 @@ pub mod fuzzing;
 pub mod grpc;
 pub mod identity;
 pub mod import;
+pub mod keys_cli;
 pub mod metrics;
 pub mod models;
 pub mod oip;

@@ -263,6 +263,7 @@ impl Registry {
             }
             entry.versions.insert(version, state);
         }
+        keep_previous_serving(&mut next, &current);
         for (name, entry) in &current.models {
             for version in entry.versions.keys() {
                 if !next.models.get(name).is_some_and(|m| m.versions.contains_key(version)) {
@@ -278,6 +279,32 @@ impl Registry {
         self.catalog.store(Arc::new(next));
         self.reloads.send_modify(|n| *n += 1);
         Ok(summary)
+    }
+}
+
+/// Where a model's active version failed to load (a file tampered with on disk is refused
+/// by its GCM tags, a damaged one by its hashes), the version that served it before keeps
+/// serving requests that name no version, else the newest loaded version below it; the
+/// failed version stays reported as such.
+fn keep_previous_serving(next: &mut Catalog, current: &Catalog) {
+    for (name, entry) in &mut next.models {
+        let Some(active) = entry.active else { continue };
+        if !matches!(entry.versions.get(&active), Some(VersionState::Failed { .. })) {
+            continue;
+        }
+        let ready = |v: &u64| matches!(entry.versions.get(v), Some(VersionState::Ready(_)));
+        let before = current.models.get(name).and_then(|m| m.active).filter(|v| ready(v));
+        let fallback =
+            before.or_else(|| entry.versions.range(..active).rev().map(|(v, _)| *v).find(ready));
+        if let Some(serving) = fallback {
+            tracing::warn!(
+                model = %name,
+                failed = active,
+                serving,
+                "the active version failed to load; the previous version keeps serving"
+            );
+            entry.active = Some(serving);
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! signatures and every payload hash before anything is installed.
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -20,7 +20,7 @@ use falaj_common::protocol::{ChunkHeader, FetchRequest};
 use thiserror::Error;
 
 use crate::import::{self, ImportError, ImportOptions};
-use crate::store::{ChunkSource, InstallMode, Store, StoreError};
+use crate::store::{InstallMode, Store, StoreError};
 
 /// Chunks per fetch stream.
 const BATCH: usize = 32;
@@ -364,26 +364,23 @@ impl Fetcher {
                 std::fs::File::open(&file).and_then(|mut f| f.read_to_end(&mut buf)).is_ok();
             if !from_file || Sha256::of(&buf) != chunk.sha256 {
                 buf.clear();
-                let source = {
+                // A chunk of an installed bundle, opened from its sealed segments.
+                let found = {
                     let store =
                         self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    store.find_chunk(&chunk.sha256)?
+                    store.read_chunk(&chunk.sha256)?
                 };
-                let Some(ChunkSource { path, offset, size }) = source else {
+                let Some(bytes) = found else {
                     return Err(TransferError::Recipe(format!(
                         "chunk {} vanished before assembly",
                         chunk.sha256
                     )));
                 };
-                let mut f = std::fs::File::open(&path).map_err(io_err("reading", &path))?;
-                f.seek(SeekFrom::Start(offset)).map_err(io_err("reading", &path))?;
-                buf.resize(size as usize, 0);
-                f.read_exact(&mut buf).map_err(io_err("reading", &path))?;
+                buf = bytes;
                 if Sha256::of(&buf) != chunk.sha256 {
                     return Err(TransferError::Recipe(format!(
-                        "chunk {} in {} is damaged",
-                        chunk.sha256,
-                        path.display()
+                        "chunk {} in an installed bundle is damaged",
+                        chunk.sha256
                     )));
                 }
             }

@@ -285,18 +285,18 @@ fn header(segment: usize) -> [u8; HEADER_LEN] {
 /// Seals a file piece by piece: whole segments come out as soon as the next byte shows
 /// they are not the last.
 #[derive(Debug)]
-pub struct Sealer<'k> {
-    key: &'k DataKey,
+pub struct Sealer {
+    key: DataKey,
     aad: Vec<u8>,
     segment: usize,
     index: u64,
     pending: Vec<u8>,
 }
 
-impl<'k> Sealer<'k> {
+impl Sealer {
     /// Starts sealing the file named by `identity` with [`SEGMENT`]-byte segments; the
     /// header is appended to `out`.
-    pub fn new(key: &'k DataKey, identity: &[u8], out: &mut Vec<u8>) -> Self {
+    pub fn new(key: DataKey, identity: &[u8], out: &mut Vec<u8>) -> Self {
         Self::with_segment(key, identity, SEGMENT, out)
     }
 
@@ -305,12 +305,7 @@ impl<'k> Sealer<'k> {
     ///
     /// # Panics
     /// If `segment` is outside 16 bytes to 16 MiB: a bug of the caller.
-    pub fn with_segment(
-        key: &'k DataKey,
-        identity: &[u8],
-        segment: usize,
-        out: &mut Vec<u8>,
-    ) -> Self {
+    pub fn with_segment(key: DataKey, identity: &[u8], segment: usize, out: &mut Vec<u8>) -> Self {
         assert!(SEGMENT_RANGE.contains(&segment), "segment size {segment} out of range");
         let header = header(segment);
         out.extend_from_slice(&header);
@@ -347,20 +342,22 @@ impl<'k> Sealer<'k> {
         }
     }
 
-    /// Seals the last segment (empty only for an empty file).
-    pub fn finish(mut self, out: &mut Vec<u8>) {
+    /// Seals the last segment (empty only for an empty file); gives the key back, to be
+    /// wrapped.
+    pub fn finish(mut self, out: &mut Vec<u8>) -> DataKey {
         self.seal(true, out);
+        self.key
     }
 }
 
 /// Seals all of `plaintext` at once.
-pub fn seal(key: &DataKey, identity: &[u8], plaintext: &[u8]) -> Vec<u8> {
+pub fn seal(key: DataKey, identity: &[u8], plaintext: &[u8]) -> (Vec<u8>, DataKey) {
     let segments = plaintext.len() / SEGMENT + 1;
     let mut out = Vec::with_capacity(HEADER_LEN + plaintext.len() + segments * TAG_LEN);
     let mut sealer = Sealer::new(key, identity, &mut out);
     sealer.push(plaintext, &mut out);
-    sealer.finish(&mut out);
-    out
+    let key = sealer.finish(&mut out);
+    (out, key)
 }
 
 /// Opens a sealed file whose header and length are known: all of it at once, or any run
@@ -507,12 +504,12 @@ mod tests {
     fn sealed_with(segment: usize, plaintext: &[u8]) -> (DataKey, Vec<u8>) {
         let key = DataKey::generate(&SystemRandom::new()).unwrap();
         let mut out = Vec::new();
-        let mut sealer = Sealer::with_segment(&key, ID, segment, &mut out);
+        let mut sealer = Sealer::with_segment(key, ID, segment, &mut out);
         // Odd pieces, so that segment boundaries fall inside pushes.
         for piece in plaintext.chunks(7) {
             sealer.push(piece, &mut out);
         }
-        sealer.finish(&mut out);
+        let key = sealer.finish(&mut out);
         (key, out)
     }
 
@@ -535,7 +532,8 @@ mod tests {
         }
         let plaintext = data(3 * SEGMENT + 5);
         let key = DataKey::generate(&SystemRandom::new()).unwrap();
-        assert_eq!(open(&key, ID, seal(&key, ID, &plaintext)).unwrap(), plaintext);
+        let (sealed, key) = seal(key, ID, &plaintext);
+        assert_eq!(open(&key, ID, sealed).unwrap(), plaintext);
     }
 
     #[test]
@@ -612,7 +610,7 @@ mod tests {
         let (a_key, b_key) = (DataKey::generate(&rng).unwrap(), DataKey::generate(&rng).unwrap());
         let (a_wrapped, b_wrapped) =
             (device.wrap(&a_key, a_id, &rng).unwrap(), device.wrap(&b_key, b_id, &rng).unwrap());
-        let b_file = seal(&b_key, b_id, b"b's weights");
+        let (b_file, _) = seal(b_key, b_id, b"b's weights");
         // b's file where a's belongs: a's key does not open it.
         let a_key = device.unwrap(&a_wrapped, a_id).unwrap();
         assert!(open(&a_key, a_id, b_file.clone()).is_err());
@@ -632,7 +630,7 @@ mod tests {
         let new = DeviceKey::generate(&rng).unwrap();
         assert_ne!(old.id(), new.id());
         let key = DataKey::generate(&rng).unwrap();
-        let file = seal(&key, ID, b"weights");
+        let (file, key) = seal(key, ID, b"weights");
         let wrapped = old.wrap(&key, ID, &rng).unwrap();
         assert_eq!(wrapped.len(), WRAPPED_LEN);
         assert_eq!(

@@ -30,7 +30,7 @@ use falaj_tables::{Format, ReadError, RowSink, SourceError};
 use thiserror::Error;
 
 use crate::features;
-use crate::store::{Installed, Store, StoreError};
+use crate::store::{Installed, Sealed, Store, StoreError};
 
 pub mod cli;
 
@@ -266,8 +266,9 @@ pub fn run(
     )
     .file(spec.file.as_str(), onnx)
     .build_unsigned()?;
-    let staged = stage(store, &bundle)?;
-    store.install_derived(staged, &manifest, &manifest.to_bytes(), lineage.gate.activate, now)?;
+    let manifest_bytes = manifest.to_bytes();
+    let staged = stage(store, &manifest, &manifest_bytes, &bundle)?;
+    store.install_derived(staged, &manifest, &manifest_bytes, lineage.gate.activate, now)?;
     tracing::info!(
         model = %job.model,
         derived = %name,
@@ -652,14 +653,17 @@ fn derived_manifest(parent: &Manifest, name: &str, lineage: Lineage, now: System
     manifest
 }
 
-/// Writes a bundle to a fsynced staging file.
-fn stage(store: &Store, bundle: &[u8]) -> Result<tempfile::NamedTempFile, StoreError> {
+/// Writes a bundle to a sealed, fsynced staging file.
+fn stage(
+    store: &Store,
+    manifest: &Manifest,
+    manifest_bytes: &[u8],
+    bundle: &[u8],
+) -> Result<Sealed, StoreError> {
     let staging = store.staging_dir();
     let io =
         |source| StoreError::Io { op: "staging derived bundle in", path: staging.clone(), source };
-    std::fs::create_dir_all(&staging).map_err(io)?;
-    let mut file = tempfile::Builder::new().suffix(".falaj").tempfile_in(&staging).map_err(io)?;
+    let mut file = store.stage(manifest, manifest_bytes, "derived-")?;
     file.write_all(bundle).map_err(io)?;
-    file.as_file().sync_all().map_err(io)?;
-    Ok(file)
+    file.finish().map_err(io)
 }

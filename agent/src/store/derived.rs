@@ -43,12 +43,12 @@ impl Store {
         Ok(falaj_common::names::check_model_name(&name).is_ok().then_some(name))
     }
 
-    /// Installs a derived model (a verified, fsynced staged bundle of its own name, never
+    /// Installs a derived model (a verified, sealed, fsynced staged bundle of its own name, never
     /// installed before) as the active version of its name and, with `overlay`, as what
     /// serves its parent's name; in one transaction, with an event.
     pub fn install_derived(
         &mut self,
-        staged: tempfile::NamedTempFile,
+        staged: super::Sealed,
         manifest: &Manifest,
         manifest_bytes: &[u8],
         overlay: bool,

@@ -3,13 +3,17 @@
 //! ```text
 //! DATA_DIR/            0700
 //!   agent.db           SQLite (WAL): settings, trust root, installed bundles, active versions, events
-//!   bundles/NAME/V.falaj   each installed bundle, byte for byte as verified
-//!   staging/           imports in progress (same file system, so install is a rename)
+//!   device.key         the device key (0600), unless a systemd credential provides it
+//!   bundles/NAME/V.sealed  each installed bundle as verified, sealed at rest (see [`at_rest`])
+//!   staging/           imports in progress, sealed as written (same file system, so
+//!                      install is a rename)
 //! ```
 //!
 //! Invariants: a row in `bundles` exists only for a file that was fully verified and
 //! fsynced before the row's transaction committed; `active` only names installed rows.
 //! Files without a row (an import that died between rename and commit) are swept on open.
+//! Every bundle file is sealed under its own data key, which its row holds wrapped by the
+//! device key; plaintext files an older agent wrote are sealed on open.
 
 use std::fs::{self, File};
 use std::io::{self, Read};
@@ -24,6 +28,7 @@ use falaj_common::trust::{TrustError, TrustRoot};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
+pub mod at_rest;
 pub mod audit;
 mod derived;
 mod managed;
@@ -31,6 +36,7 @@ mod outbox;
 mod rollouts;
 mod trust;
 
+pub use at_rest::{KeySource, KeyStatus, Sealed, Staging};
 pub use derived::Overlay;
 pub use managed::{ChunkSource, Identity};
 pub use rollouts::StoredRollout;
@@ -217,6 +223,19 @@ pub enum StoreError {
     /// The region given to `init` is not a valid name, or differs from the trust root's.
     #[error("{0}")]
     Region(String),
+    /// The device key is missing, malformed, or not the one the bundles are sealed under.
+    #[error("device key: {0}")]
+    DeviceKey(String),
+    /// The device key file can be read by others than its owner.
+    #[error(
+        "device key file {path} has mode {mode:04o}; it must be readable by its owner only (chmod 600)"
+    )]
+    KeyFileMode {
+        /// The key file.
+        path: PathBuf,
+        /// Its mode.
+        mode: u32,
+    },
     /// What the store's rules refuse (a second model of the same derived name, say).
     #[error("{0}")]
     Refused(String),
@@ -282,6 +301,8 @@ pub struct Store {
     db_path: PathBuf,
     conn: Connection,
     region: String,
+    device: falaj_common::at_rest::DeviceKey,
+    key_source: KeySource,
 }
 
 fn io_err<'p>(op: &'static str, path: &'p Path) -> impl FnOnce(io::Error) -> StoreError + 'p {
@@ -314,6 +335,7 @@ impl Store {
             )));
         }
         create_private_dir(dir)?;
+        at_rest::load_device_key(dir, true)?;
         let db_path = dir.join(DB_FILE);
         // A database without a region is what an init interrupted before its commit
         // leaves: it is made again, not refused.
@@ -354,8 +376,13 @@ impl Store {
             .optional()
             .map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
         let region = region.ok_or_else(|| StoreError::NotInitialised(dir.to_owned()))?;
-        let mut store = Self { dir: dir.to_owned(), db_path, conn, region };
+        let sealed = Self::any_sealed(&conn)
+            .map_err(|source| StoreError::Db { path: db_path.clone(), source })?;
+        let (device, key_source) = at_rest::load_device_key(dir, !sealed)?;
+        let mut store = Self { dir: dir.to_owned(), db_path, conn, region, device, key_source };
         store.sweep()?;
+        store.check_device_key()?;
+        store.seal_plaintext(SystemTime::now())?;
         Ok(store)
     }
 
@@ -380,7 +407,7 @@ impl Store {
 
     /// Where a bundle is installed (relative to the data directory).
     pub fn bundle_path(name: &str, version: u64) -> PathBuf {
-        Path::new("bundles").join(name).join(format!("{version}.falaj"))
+        Path::new("bundles").join(name).join(format!("{version}.sealed"))
     }
 
     /// The pinned trust root (newest version). Its expiry is not checked here.
@@ -461,14 +488,14 @@ impl Store {
         versions_of(&self.conn, &self.db_path, name)
     }
 
-    /// Installs a verified, fsynced staged file as `manifest`'s bundle and, if `mode`
+    /// Installs a verified, sealed, fsynced staged file as `manifest`'s bundle and, if `mode`
     /// says so, makes it the active version, in one transaction. `check` sees the installed versions of the name
     /// inside the transaction (under the write lock, so two concurrent imports cannot both
     /// pass it) and refuses with an error or skips with `Ok(false)`. Returns whether the
     /// bundle was installed.
     pub fn install<E: From<StoreError>>(
         &mut self,
-        staged: tempfile::NamedTempFile,
+        staged: Sealed,
         manifest: &Manifest,
         manifest_bytes: &[u8],
         mode: InstallMode,
@@ -483,7 +510,7 @@ impl Store {
     #[allow(clippy::too_many_arguments)]
     fn install_with<E: From<StoreError>>(
         &mut self,
-        staged: tempfile::NamedTempFile,
+        staged: Sealed,
         manifest: &Manifest,
         manifest_bytes: &[u8],
         mode: InstallMode,
@@ -495,8 +522,21 @@ impl Store {
         let target = self.dir.join(&relative);
         let parent = target.parent().expect("bundle paths have a parent").to_owned();
         create_private_dir(&parent)?;
-        let size =
-            staged.as_file().metadata().map_err(io_err("reading size of", staged.path()))?.len();
+        let size = staged.size;
+        let identity = at_rest::identity(
+            &manifest.name,
+            manifest.version,
+            &Sha256::of(manifest_bytes).to_string(),
+        );
+        if staged.identity != identity {
+            return Err(StoreError::Refused(format!(
+                "the staged file was sealed for another bundle than {}@{}",
+                manifest.name, manifest.version
+            ))
+            .into());
+        }
+        let wrapped = self.wrap(&staged)?;
+        let key_id = self.device.id().to_string();
         let at = Timestamp::from_system(now).unix() as i64;
         let db_path = self.db_path.clone();
         let db = |source| StoreError::Db { path: db_path.clone(), source };
@@ -507,8 +547,8 @@ impl Store {
             return Ok(false);
         }
         tx.execute(
-            "INSERT INTO bundles (name, version, kind, manifest, manifest_sha256, path, size, installed_at, managed)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO bundles (name, version, kind, manifest, manifest_sha256, path, size, installed_at, managed, data_key, key_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             params![
                 manifest.name,
                 manifest.version as i64,
@@ -518,7 +558,9 @@ impl Store {
                 relative.to_string_lossy(),
                 size as i64,
                 at,
-                mode.managed
+                mode.managed,
+                wrapped,
+                key_id
             ],
         )
         .map_err(db)?;
@@ -531,7 +573,7 @@ impl Store {
             .map_err(db)?;
         // The file goes in place before the commit: if the commit fails, the row does not
         // exist and the next open sweeps the file; a row never points at a missing file.
-        staged.persist(&target).map_err(|e| StoreError::Io {
+        staged.file.persist(&target).map_err(|e| StoreError::Io {
             op: "installing bundle at",
             path: target.clone(),
             source: e.error,
@@ -542,7 +584,8 @@ impl Store {
         Ok(true)
     }
 
-    /// Reads an installed bundle and checks it still matches what was verified at import:
+    /// Reads an installed bundle, opens it (a segment that fails authentication makes it
+    /// [`StoreError::Damaged`]) and checks it still matches what was verified at import:
     /// the manifest bytes hash to the recorded value and every payload file to its hash.
     /// Returns the bytes of the file its content names (the model, or the snapshot), a
     /// view into the bundle read once.
@@ -554,9 +597,12 @@ impl Store {
             path: installed.path.clone(),
             problem,
         };
-        let bytes = bytes::Bytes::from(
-            fs::read(&installed.path).map_err(io_err("reading bundle", &installed.path))?,
-        );
+        let bytes = bytes::Bytes::from(self.read_bundle_file(
+            &m.name,
+            m.version,
+            &installed.path,
+            damaged,
+        )?);
         let header = Header::parse(&bytes).map_err(|e| damaged(e.to_string()))?;
         let manifest_end = bundle::HEADER_LEN + header.manifest_len as usize;
         let manifest_bytes = bytes
