@@ -223,6 +223,8 @@ pub struct NewKey {
 pub struct ApiKeys {
     path: PathBuf,
     conn: Connection,
+    /// For the audit log: each key made or revoked is an event there.
+    store: Store,
 }
 
 fn check_name(name: &str) -> Result<(), ApiKeyError> {
@@ -245,12 +247,12 @@ fn check_name(name: &str) -> Result<(), ApiKeyError> {
 impl ApiKeys {
     /// Opens the keys of the agent in `data_dir` (applying the store's migrations).
     pub fn open(data_dir: &Path) -> Result<Self, ApiKeyError> {
-        drop(Store::open(data_dir)?);
+        let store = Store::open(data_dir)?;
         let path = data_dir.join(DB_FILE);
         let db = |source| ApiKeyError::Db { path: path.clone(), source };
         let conn = Connection::open(&path).map_err(db)?;
         conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
-        Ok(Self { path, conn })
+        Ok(Self { path, conn, store })
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> ApiKeyError + '_ {
@@ -310,6 +312,8 @@ impl ApiKeys {
         )
         .map_err(self.db())?;
         tx.commit().map_err(self.db())?;
+        let detail = format!("API key {name} for {scope}");
+        self.store.record_event(now, "apikey-create", &detail)?;
         let info = KeyInfo { name: name.to_owned(), scope, created, expires, revoked: None };
         Ok(NewKey { info, secret })
     }
@@ -324,6 +328,9 @@ impl ApiKeys {
                 params![name, at],
             )
             .map_err(self.db())?;
+        if changed == 1 {
+            self.store.record_event(now, "apikey-revoke", &format!("API key {name}"))?;
+        }
         let key = self.list()?.into_iter().find(|k| k.name == name);
         match key {
             Some(key) if changed == 1 || key.revoked.is_some() => Ok(key),
