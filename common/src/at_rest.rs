@@ -48,6 +48,7 @@ pub const TAG_LEN: usize = 16;
 pub const WRAPPED_LEN: usize = NONCE_LEN + KEY_LEN + TAG_LEN;
 
 const WRAP_CONTEXT: &[u8] = b"falaj at-rest data key v1\0";
+const BLOB_CONTEXT: &[u8] = b"falaj at-rest blob v1\0";
 const ID_CONTEXT: &[u8] = b"falaj at-rest device key id v1\0";
 /// Segment sizes a header may name: small ones exist for tests, large ones would make a
 /// reader hold too much at once.
@@ -67,6 +68,14 @@ pub enum KeyError {
         "the wrapped data key does not open under device key {key_id}: another device key wrapped it, it belongs to another file, or it was altered"
     )]
     Unwrap {
+        /// The device key tried.
+        key_id: KeyId,
+    },
+    /// A sealed blob does not open under this device key for this identity.
+    #[error(
+        "the sealed data does not open under device key {key_id}: another device key sealed it, it belongs to something else, or it was altered"
+    )]
+    Blob {
         /// The device key tried.
         key_id: KeyId,
     },
@@ -245,6 +254,57 @@ impl DeviceKey {
             .map_err(|_| KeyError::Unwrap { key_id: self.id.clone() })?;
         let bytes: [u8; KEY_LEN] = (&*opened).try_into().expect("32 bytes under the tag");
         Ok(DataKey { key: aead_key(&bytes), bytes })
+    }
+}
+
+impl DeviceKey {
+    /// Seals a small piece of data directly under the device key (AES-256-GCM, random
+    /// nonce, `identity` as associated data): `nonce ‖ ciphertext ‖ tag`. For short-lived
+    /// files such as the chunks of a transfer in progress, which a rotation may orphan
+    /// (they are then fetched again).
+    pub fn seal_blob(
+        &self,
+        identity: &[u8],
+        plaintext: &[u8],
+        rng: &dyn SecureRandom,
+    ) -> Result<Vec<u8>, KeyError> {
+        let mut nonce = [0u8; NONCE_LEN];
+        rng.fill(&mut nonce).map_err(|_| KeyError::Random)?;
+        let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
+        out.extend_from_slice(&nonce);
+        out.extend_from_slice(plaintext);
+        let aad = [BLOB_CONTEXT, identity].concat();
+        let tag = self
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut out[NONCE_LEN..],
+            )
+            .expect("a blob is far below AES-GCM's limit");
+        out.extend_from_slice(tag.as_ref());
+        Ok(out)
+    }
+
+    /// Opens what [`Self::seal_blob`] sealed for `identity`.
+    pub fn open_blob(&self, identity: &[u8], mut sealed: Vec<u8>) -> Result<Vec<u8>, KeyError> {
+        if sealed.len() < NONCE_LEN + TAG_LEN {
+            return Err(KeyError::Blob { key_id: self.id.clone() });
+        }
+        let nonce: [u8; NONCE_LEN] = sealed[..NONCE_LEN].try_into().expect("length checked");
+        let aad = [BLOB_CONTEXT, identity].concat();
+        let len = self
+            .key
+            .open_within(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(&aad),
+                &mut sealed,
+                NONCE_LEN..,
+            )
+            .map_err(|_| KeyError::Blob { key_id: self.id.clone() })?
+            .len();
+        sealed.truncate(len);
+        Ok(sealed)
     }
 }
 
@@ -641,6 +701,26 @@ mod tests {
         let key = new.unwrap(&rewrapped, ID).unwrap();
         assert_eq!(open(&key, ID, file).unwrap(), b"weights");
         assert_eq!(old.unwrap(&wrapped[1..], ID).unwrap_err(), KeyError::WrappedLength(59));
+    }
+
+    #[test]
+    fn blobs_round_trip_and_refuse_tampering_other_identities_and_keys() {
+        let rng = SystemRandom::new();
+        let key = DeviceKey::generate(&rng).unwrap();
+        let sealed = key.seal_blob(b"chunk a", b"some weights", &rng).unwrap();
+        assert_eq!(key.open_blob(b"chunk a", sealed.clone()).unwrap(), b"some weights");
+        let refused = KeyError::Blob { key_id: key.id().clone() };
+        assert_eq!(key.open_blob(b"chunk b", sealed.clone()).unwrap_err(), refused);
+        for at in [0, NONCE_LEN, sealed.len() - 1] {
+            let mut bad = sealed.clone();
+            bad[at] ^= 1;
+            assert_eq!(key.open_blob(b"chunk a", bad).unwrap_err(), refused);
+        }
+        assert_eq!(key.open_blob(b"chunk a", sealed[..20].to_vec()).unwrap_err(), refused);
+        let other = DeviceKey::generate(&rng).unwrap();
+        assert!(other.open_blob(b"chunk a", sealed).is_err());
+        let empty = key.seal_blob(b"e", b"", &rng).unwrap();
+        assert_eq!(key.open_blob(b"e", empty).unwrap(), b"");
     }
 
     #[test]
