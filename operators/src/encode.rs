@@ -40,11 +40,80 @@ impl Key {
     }
 }
 
+/// Up to this many string keys are found by comparing them in turn, which beats hashing
+/// every element of a batch; past it, by a hash map.
+const SHORT: usize = 16;
+
+/// Keys to positions. Strings are found by `&str`, so an input's elements are never
+/// copied to be looked up; numbers through [`Key`].
+#[derive(Clone, Debug, PartialEq)]
+struct Index {
+    /// Every key, numbers and strings.
+    keys: HashMap<Key, usize>,
+    /// The string keys, when there are at most [`SHORT`] of them.
+    short: Vec<(String, usize)>,
+}
+
+impl Index {
+    fn new(keys: HashMap<Key, usize>) -> Self {
+        let strings = keys.keys().filter(|k| matches!(k, Key::Str(_))).count();
+        let short = if strings <= SHORT {
+            keys.iter()
+                .filter_map(|(k, &i)| match k {
+                    Key::Str(s) => Some((s.clone(), i)),
+                    _ => None,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Self { keys, short }
+    }
+
+    /// The position of the string key `s`.
+    fn string(&self, s: &str) -> Option<usize> {
+        if self.short.is_empty() && !self.keys.is_empty() {
+            // Past SHORT strings (or none at all: then nothing matches either way).
+            return self.keys.get(&Key::Str(s.to_owned())).copied();
+        }
+        self.short.iter().find(|(k, _)| k == s).map(|&(_, i)| i)
+    }
+
+    /// Calls `found` with each element's index and position (`None`: not a key). Strings
+    /// are matched as strings, floats as floats (or as integers with `floats_as_ints`,
+    /// as ONNX Runtime's one-hot encoder casts them), other numbers as integers.
+    fn each(
+        &self,
+        t: &Tensor,
+        floats_as_ints: bool,
+        mut found: impl FnMut(usize, Option<usize>) -> TractResult<()>,
+    ) -> TractResult<()> {
+        let dt = t.datum_type();
+        if dt == String::datum_type() {
+            for (i, s) in t.try_as_plain_ram()?.as_slice::<String>()?.iter().enumerate() {
+                found(i, self.string(s))?;
+            }
+        } else if dt.is_float() {
+            let cast = t.cast_to::<f64>()?;
+            for (i, &v) in cast.try_as_plain_ram()?.as_slice::<f64>()?.iter().enumerate() {
+                let key = if floats_as_ints { Key::Int(v as i64) } else { Key::float(v) };
+                found(i, self.keys.get(&key).copied())?;
+            }
+        } else {
+            let cast = t.cast_to::<i64>()?;
+            for (i, &v) in cast.try_as_plain_ram()?.as_slice::<i64>()?.iter().enumerate() {
+                found(i, self.keys.get(&Key::Int(v)).copied())?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Maps each input element to a value through a table, with a default for the rest.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Lookup {
     name: &'static str,
-    index: HashMap<Key, usize>,
+    index: Index,
     /// The values, then the default: a 1-D tensor of `index.len() + 1` elements.
     values: Arc<Tensor>,
 }
@@ -66,7 +135,7 @@ impl Lookup {
         let values = values.clone().into_shape(&[values.len()])?;
         let default = default.cast_to_dt(values.datum_type())?.into_owned().into_shape(&[1])?;
         let both = Tensor::stack_tensors(0, &[values, default])?;
-        Ok(Self { name, index, values: both.into_arc_tensor() })
+        Ok(Self { name, index: Index::new(index), values: both.into_arc_tensor() })
     }
 
     fn dt(&self) -> DatumType {
@@ -80,10 +149,12 @@ impl Kernel for Lookup {
     }
 
     fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
-        let keys = Key::all(&inputs[0])?;
         let default = self.values.len() - 1;
-        let picks: Vec<usize> =
-            keys.iter().map(|k| self.index.get(k).copied().unwrap_or(default)).collect();
+        let mut picks = Vec::with_capacity(inputs[0].len());
+        self.index.each(&inputs[0], false, |_, at| {
+            picks.push(at.unwrap_or(default));
+            Ok(())
+        })?;
         Ok(tvec![gather(&self.values, &picks)?.into_shape(inputs[0].shape())?])
     }
 
@@ -210,7 +281,7 @@ impl Expansion for ByInputType {
 /// OneHotEncoder: a new last axis with a 1 at each element's category.
 #[derive(Clone, Debug, PartialEq)]
 pub struct OneHotEncoder {
-    index: HashMap<Key, usize>,
+    index: Index,
     categories: usize,
     zeros: bool,
 }
@@ -222,28 +293,23 @@ impl Kernel for OneHotEncoder {
 
     fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
         let input = &inputs[0];
-        // Numbers are looked up as integers, as ONNX Runtime casts them.
-        let keys = if input.datum_type() == String::datum_type() || !input.datum_type().is_float() {
-            Key::all(input)?
-        } else {
-            let cast = input.cast_to::<f64>()?;
-            cast.try_as_plain_ram()?
-                .as_slice::<f64>()?
-                .iter()
-                .map(|&v| Key::Int(v as i64))
-                .collect()
-        };
-        let mut out = vec![0.0f32; keys.len() * self.categories];
-        for (i, k) in keys.iter().enumerate() {
-            match self.index.get(k) {
-                Some(&c) => out[i * self.categories + c] = 1.0,
-                None if self.zeros => {}
-                None => bail!("OneHotEncoder: unknown category {k:?} (and zeros = 0)"),
-            }
-        }
         let mut shape: TVec<usize> = input.shape().into();
         shape.push(self.categories);
-        Ok(tvec![Tensor::from_shape(&shape, &out)?])
+        let mut out = Tensor::zero::<f32>(&shape)?;
+        let mut view = out.try_as_plain_ram_mut()?;
+        let values = view.as_slice_mut::<f32>()?;
+        // Numbers are looked up as integers, as ONNX Runtime casts them.
+        self.index.each(input, true, |i, at| {
+            match at {
+                Some(c) => values[i * self.categories + c] = 1.0,
+                None if self.zeros => {}
+                None => {
+                    bail!("OneHotEncoder: unknown category {} (and zeros = 0)", element(input, i))
+                }
+            }
+            Ok(())
+        })?;
+        Ok(tvec![out])
     }
 
     fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
@@ -271,9 +337,19 @@ pub fn one_hot_encoder(_: &ParsingContext, node: &NodeProto) -> Built {
     let zeros = node.get_attr_opt::<i64>("zeros")?.unwrap_or(1) != 0;
     let categories = cats.len();
     expand(
-        OneHotEncoder { index, categories, zeros },
+        OneHotEncoder { index: Index::new(index), categories, zeros },
         vec![Out::new(f32::datum_type(), Shape::Append(categories))],
     )
+}
+
+/// Element `i` of `t`, for an error message.
+fn element(t: &Tensor, i: usize) -> String {
+    t.cast_to::<String>()
+        .ok()
+        .and_then(|s| {
+            Some(format!("{:?}", s.try_as_plain_ram().ok()?.as_slice::<String>().ok()?.get(i)?))
+        })
+        .unwrap_or_else(|| format!("at element {i}"))
 }
 
 /// ZipMap, served as the tensor it zips: the `[rows, classes]` probabilities, in the
@@ -337,21 +413,47 @@ mod tests {
     }
 
     #[test]
+    fn long_string_tables_are_hashed_and_give_the_same_answers() {
+        // Past SHORT keys the index hashes; a duplicate key keeps its first value.
+        let mut keys: Vec<String> = (0..SHORT + 4).map(|i| format!("k{i}")).collect();
+        keys.push("k3".into());
+        let values: Vec<i64> = (0..keys.len() as i64).map(|i| i * 10).collect();
+        let l = Lookup::new("LabelEncoder", &tensor1(&keys), &tensor1(&values), &tensor0(-1i64))
+            .unwrap();
+        assert!(l.index.short.is_empty());
+        let input = tensor1(&["k19".to_string(), "k3".into(), String::new(), "k".into()]);
+        assert_eq!(run(&l, input).unwrap(), tensor1(&[190i64, 30, -1, -1]));
+        let short = Lookup::new(
+            "LabelEncoder",
+            &tensor1(&keys[..3]),
+            &tensor1(&values[..3]),
+            &tensor0(-1i64),
+        )
+        .unwrap();
+        assert_eq!(short.index.short.len(), 3);
+        let input = tensor2(&[["k2".to_string(), "k0".into()], ["K0".into(), "k2 ".into()]]);
+        assert_eq!(run(&short, input).unwrap(), tensor2(&[[20i64, 0], [-1, -1]]));
+    }
+
+    #[test]
     fn one_hot_of_strings_and_numbers() {
         let index: HashMap<Key, usize> =
             [(Key::Str("x".into()), 0), (Key::Str("y".into()), 1)].into();
-        let enc = OneHotEncoder { index, categories: 2, zeros: true };
+        let enc = OneHotEncoder { index: Index::new(index), categories: 2, zeros: true };
         let out = run(&enc, tensor2(&[["y".to_string()], ["q".into()]])).unwrap();
         assert_eq!(out, tensor3(&[[[0.0f32, 1.0]], [[0.0, 0.0]]]));
         let strict = OneHotEncoder { zeros: false, ..enc };
-        assert!(
-            run(&strict, tensor1(&["q".to_string()]))
-                .unwrap_err()
-                .to_string()
-                .contains("unknown category")
-        );
+        let err = run(&strict, tensor1(&["x".to_string(), "q".into()])).unwrap_err().to_string();
+        assert!(err.contains("unknown category \"q\""), "{err}");
+        let many: Vec<String> = (0..40).map(|i| format!("c{i}")).collect();
+        let index = many.iter().enumerate().map(|(i, c)| (Key::Str(c.clone()), i)).collect();
+        let wide = OneHotEncoder { index: Index::new(index), categories: 40, zeros: true };
+        let out = run(&wide, tensor1(&["c39".to_string(), "c40".into()])).unwrap();
+        let mut want = vec![0.0f32; 80];
+        want[39] = 1.0;
+        assert_eq!(out, Tensor::from_shape(&[2, 40], &want).unwrap());
         let ints = OneHotEncoder {
-            index: [(Key::Int(2), 0), (Key::Int(5), 1)].into(),
+            index: Index::new([(Key::Int(2), 0), (Key::Int(5), 1)].into()),
             categories: 2,
             zeros: true,
         };
