@@ -289,9 +289,13 @@ async fn expired_desired_state_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn certificates_renew_before_they_expire_and_the_new_one_connects() {
+    // The schedule (when to ask, retries, a clock far ahead) is tested on the session
+    // machine in simulated time (common/src/session/tests.rs); this is the one renewal end
+    // to end: asked over the session, issued, installed, and connecting once the first
+    // certificate has expired. A 6-second certificate is asked for after about 4.
     let work = tempfile::tempdir().unwrap();
     let mut config = fleet::config(&work.path().join("control"), "127.0.0.1:0".parse().unwrap());
-    config.policy.cert_ttl = Duration::from_secs(9);
+    config.policy.cert_ttl = Duration::from_secs(6);
     let control = Control::start_with(config, None).await;
     let agent = control.agent(work.path(), "agent", "edge").await;
     let files = falaj_agent::identity::IdentityFiles::new(&agent.dir);
