@@ -26,10 +26,8 @@ impl Syncer {
         doc: DesiredState,
         send: impl Fn(Event) + Send + Sync + 'static,
     ) {
-        let problem = |p: String| {
-            tracing::warn!(error = %p, "reconciliation problem");
-            send(Event::Problem(p));
-        };
+        // Logged by the driver when the machine notes it.
+        let problem = |p: String| send(Event::Problem(p));
         let ok = self.steps(&fetcher, &doc, &problem).await;
         let mut problems = Vec::new();
         // Rollouts take effect whether or not every install succeeded: a candidate not
