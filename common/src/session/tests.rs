@@ -588,3 +588,32 @@ fn heartbeats_report_and_resend_audit_lines_and_a_rollback_is_reported_at_once()
     assert_eq!(errors.first().map(String::as_str), Some("problem 2"));
     assert_eq!(errors.len(), MAX_ERRORS);
 }
+
+#[test]
+fn a_document_arriving_while_another_is_recorded_is_judged_after_it() {
+    let signer = Signer::new();
+    let now = Now { elapsed: Duration::ZERO, wall: Timestamp::from_unix(START).to_system() };
+    let mut session = Session::new(config(), restored(None));
+    while session.poll().is_some() {}
+    session.handle(Event::Connected, now);
+    while session.poll().is_some() {}
+    session.handle(signer.event(&Signer::doc(2, 1)), now);
+    assert!(matches!(session.poll(), Some(Action::Record { doc, .. }) if doc.version == 2));
+    // Before the store answers, 3 arrives, then 2 again: both wait for the recording.
+    session.handle(signer.event(&Signer::doc(3, 1)), now);
+    session.handle(signer.event(&Signer::doc(2, 1)), now);
+    assert_eq!(session.poll(), None);
+    session.handle(Event::Recorded, now);
+    assert!(matches!(session.poll(), Some(Action::Apply(doc)) if doc.version == 2));
+    assert!(matches!(session.poll(), Some(Action::Record { doc, .. }) if doc.version == 3));
+    // The held 2 waits for 3's recording too.
+    assert_eq!(session.poll(), None);
+    session.handle(Event::RecordFailed("disk full".into()), now);
+    assert!(matches!(session.poll(), Some(Action::Problem(p)) if p.contains("disk full")));
+    assert_eq!(session.accepted(), Some(2), "3 was not recorded: 2 stays accepted");
+    // Then 2, the accepted bytes again, is applied again after the apply under way.
+    assert_eq!(session.poll(), None);
+    session.handle(Event::Applied { ok: true, new_jobs: 0, problems: vec![] }, now);
+    assert_eq!(session.poll(), Some(Action::SendReport));
+    assert!(matches!(session.poll(), Some(Action::Apply(doc)) if doc.version == 2));
+}
