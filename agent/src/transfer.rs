@@ -1,13 +1,15 @@
 //! Fetching a bundle in content-defined chunks: only chunks held nowhere on this agent are
 //! asked for, each is checked against its SHA-256 as it arrives (a bad one is discarded and
 //! fetched again), and each is kept as a file until the bundle is installed, so a transfer
-//! broken at any point resumes where it stopped, across restarts of either side.
+//! broken at any point resumes where it stopped, across restarts of either side. Chunk
+//! files are sealed under the device key ([`ChunkSealer`]); the file assembled from them
+//! for the import is plaintext only until the import (which seals as it stages) ends.
 //!
 //! The assembled file then goes through the ordinary import path, which verifies
 //! signatures and every payload hash before anything is installed.
 
 use std::collections::HashSet;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -20,7 +22,7 @@ use falaj_common::protocol::{ChunkHeader, FetchRequest};
 use thiserror::Error;
 
 use crate::import::{self, ImportError, ImportOptions};
-use crate::store::{InstallMode, Store, StoreError};
+use crate::store::{ChunkSealer, InstallMode, Store, StoreError};
 
 /// Chunks per fetch stream.
 const BATCH: usize = 32;
@@ -144,14 +146,19 @@ impl Fetcher {
             .await
             .map_err(io_err("creating", &self.chunk_dir()))?;
         let mut stats = TransferStats::default();
-        let recipe_bytes = match tokio::fs::read(self.chunk_path(&want.recipe_sha256)).await {
-            Ok(bytes) if Sha256::of(&bytes) == want.recipe_sha256 => bytes,
-            _ => {
-                self.fetch(&[ChunkRef { sha256: want.recipe_sha256, size: 0 }], &mut stats, want)
-                    .await?;
-                tokio::fs::read(self.chunk_path(&want.recipe_sha256))
-                    .await
-                    .map_err(io_err("reading", &self.chunk_path(&want.recipe_sha256)))?
+        let sealer = self.store(|s| Ok(s.chunk_sealer())).await?;
+        let recipe_path = self.chunk_path(&want.recipe_sha256);
+        let held = tokio::fs::read(&recipe_path).await.ok();
+        let recipe_bytes = match held.and_then(|b| sealer.open(&want.recipe_sha256, b)) {
+            Some(bytes) => bytes,
+            None => {
+                let recipe = [ChunkRef { sha256: want.recipe_sha256, size: 0 }];
+                self.fetch(&recipe, &mut stats, want, &sealer).await?;
+                let sealed =
+                    tokio::fs::read(&recipe_path).await.map_err(io_err("reading", &recipe_path))?;
+                sealer.open(&want.recipe_sha256, sealed).ok_or_else(|| {
+                    TransferError::Recipe(format!("{} does not open", recipe_path.display()))
+                })?
             }
         };
         let recipe = Recipe::decode(&recipe_bytes, want.recipe_sha256)
@@ -180,7 +187,7 @@ impl Fetcher {
                 missing.push(*chunk);
             }
         }
-        self.fetch(&missing, &mut stats, want).await?;
+        self.fetch(&missing, &mut stats, want, &sealer).await?;
         Ok((recipe, stats))
     }
 
@@ -250,6 +257,7 @@ impl Fetcher {
         chunks: &[ChunkRef],
         stats: &mut TransferStats,
         want: &DesiredBundle,
+        sealer: &ChunkSealer,
     ) -> Result<(), TransferError> {
         let mut pending: Vec<Sha256> = chunks.iter().map(|c| c.sha256).collect();
         for _ in 0..ROUNDS {
@@ -263,8 +271,8 @@ impl Fetcher {
             loop {
                 while tasks.len() < self.parallel.max(1) {
                     let Some(batch) = batches.next() else { break };
-                    let this = self.clone();
-                    tasks.spawn(async move { this.fetch_batch(batch).await });
+                    let (this, sealer) = (self.clone(), sealer.clone());
+                    tasks.spawn(async move { this.fetch_batch(batch, &sealer).await });
                 }
                 let Some(done) = tasks.join_next().await else { break };
                 let outcome =
@@ -299,8 +307,12 @@ impl Fetcher {
         }
     }
 
-    /// One fetch stream: asks for `hashes`, writes each intact chunk to its file.
-    async fn fetch_batch(&self, hashes: Vec<Sha256>) -> Result<BatchOutcome, TransferError> {
+    /// One fetch stream: asks for `hashes`, writes each intact chunk to its file, sealed.
+    async fn fetch_batch(
+        &self,
+        hashes: Vec<Sha256>,
+        sealer: &ChunkSealer,
+    ) -> Result<BatchOutcome, TransferError> {
         let conn_err = |e: &dyn std::fmt::Display| TransferError::Connection(e.to_string());
         let (mut send, mut recv) = self.connection.open_bi().await.map_err(|e| conn_err(&e))?;
         write_frame(&mut send, &FetchRequest { hashes: hashes.clone() })
@@ -336,7 +348,10 @@ impl Fetcher {
             }
             let path = self.chunk_path(&expected);
             let temp = path.with_extension("part");
-            tokio::fs::write(&temp, &bytes).await.map_err(io_err("writing", &temp))?;
+            let sealed = sealer
+                .seal(&expected, &bytes)
+                .map_err(|e| TransferError::Store(StoreError::DeviceKey(e.to_string())))?;
+            tokio::fs::write(&temp, &sealed).await.map_err(io_err("writing", &temp))?;
             tokio::fs::rename(&temp, &path).await.map_err(io_err("writing", &path))?;
             outcome.fetched += 1;
             outcome.bytes += u64::from(size);
@@ -356,34 +371,40 @@ impl Fetcher {
             .tempfile_in(&staging)
             .map_err(io_err("writing in", &staging))?;
         let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
-        let mut buf = Vec::with_capacity(MAX_CHUNK);
+        let sealer = {
+            let store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            store.chunk_sealer()
+        };
         for chunk in &recipe.chunks {
-            buf.clear();
             let file = self.chunk_path(&chunk.sha256);
-            let from_file =
-                std::fs::File::open(&file).and_then(|mut f| f.read_to_end(&mut buf)).is_ok();
-            if !from_file || Sha256::of(&buf) != chunk.sha256 {
-                buf.clear();
-                // A chunk of an installed bundle, opened from its sealed segments.
-                let found = {
-                    let store =
-                        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                    store.read_chunk(&chunk.sha256)?
-                };
-                let Some(bytes) = found else {
-                    return Err(TransferError::Recipe(format!(
-                        "chunk {} vanished before assembly",
-                        chunk.sha256
-                    )));
-                };
-                buf = bytes;
-                if Sha256::of(&buf) != chunk.sha256 {
-                    return Err(TransferError::Recipe(format!(
-                        "chunk {} in an installed bundle is damaged",
-                        chunk.sha256
-                    )));
+            let from_file = std::fs::read(&file).ok().and_then(|b| sealer.open(&chunk.sha256, b));
+            let buf = match from_file {
+                Some(bytes) => bytes,
+                None => {
+                    // A chunk of an installed bundle, opened from its sealed segments.
+                    let found = {
+                        let store =
+                            self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        store.read_chunk(&chunk.sha256)?
+                    };
+                    let Some(bytes) = found else {
+                        // A chunk file that does not open (sealed under a device key since
+                        // rotated, or damaged) goes, so that the next attempt fetches it.
+                        let _ = std::fs::remove_file(&file);
+                        return Err(TransferError::Recipe(format!(
+                            "chunk {} vanished before assembly",
+                            chunk.sha256
+                        )));
+                    };
+                    if Sha256::of(&bytes) != chunk.sha256 {
+                        return Err(TransferError::Recipe(format!(
+                            "chunk {} in an installed bundle is damaged",
+                            chunk.sha256
+                        )));
+                    }
+                    bytes
                 }
-            }
+            };
             whole.update(&buf);
             out.write_all(&buf).map_err(io_err("writing", &staging))?;
         }

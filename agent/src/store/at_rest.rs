@@ -13,9 +13,10 @@
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use falaj_common::at_rest::{self, DataKey, DeviceKey, KeyId, Opener, Sealer};
+use falaj_common::at_rest::{self, DataKey, DeviceKey, KeyError, KeyId, Opener, Sealer};
 use falaj_common::bundle::Manifest;
 use falaj_common::keys::Sha256;
 use falaj_common::time::Timestamp;
@@ -144,6 +145,29 @@ pub(super) fn load_device_key(dir: &Path, create: bool) -> Result<(DeviceKey, Ke
     Ok((read_key_file(&path)?, KeySource::File(path)))
 }
 
+/// Seals the chunks of a transfer in progress (the files in `DATA_DIR/chunks/`, kept until
+/// their bundle installs so that a broken transfer resumes) under the device key. A chunk
+/// file that no longer opens (the key was rotated since) counts as absent.
+#[derive(Debug, Clone)]
+pub struct ChunkSealer(Arc<DeviceKey>);
+
+fn chunk_identity(sha256: &Sha256) -> Vec<u8> {
+    format!("falaj transfer chunk {sha256}").into_bytes()
+}
+
+impl ChunkSealer {
+    /// The sealed form of chunk `sha256`'s bytes.
+    pub fn seal(&self, sha256: &Sha256, bytes: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.0.seal_blob(&chunk_identity(sha256), bytes, &SystemRandom::new())
+    }
+
+    /// The chunk's bytes, if `sealed` opens and they hash to `sha256`.
+    pub fn open(&self, sha256: &Sha256, sealed: Vec<u8>) -> Option<Vec<u8>> {
+        let bytes = self.0.open_blob(&chunk_identity(sha256), sealed).ok()?;
+        (Sha256::of(&bytes) == *sha256).then_some(bytes)
+    }
+}
+
 /// A bundle being staged: sealed under a fresh data key as it is written, so that no
 /// plaintext of it reaches the disk.
 #[derive(Debug)]
@@ -231,6 +255,11 @@ impl Store {
             .map_err(|e| key_error(&self.key_source, e))
     }
 
+    /// What seals the chunk files of transfers in progress.
+    pub fn chunk_sealer(&self) -> ChunkSealer {
+        ChunkSealer(Arc::clone(&self.device))
+    }
+
     /// The device key's id.
     pub fn device_key_id(&self) -> &KeyId {
         self.device.id()
@@ -241,7 +270,7 @@ impl Store {
     fn data_key(&self, wrapped: &[u8], key_id: &str, identity: &[u8]) -> Result<DataKey> {
         let reloaded;
         let device = if key_id == self.device.id().as_str() {
-            &self.device
+            &*self.device
         } else {
             reloaded = load_device_key(&self.dir, false)?.0;
             &reloaded
@@ -420,7 +449,7 @@ impl Store {
                 let path = self.dir.join(KEY_FILE);
                 fs::rename(&next, &path).map_err(io_err("installing device key", &path))?;
                 sync_dir(&self.dir)?;
-                self.device = new;
+                self.device = Arc::new(new);
             } else {
                 fs::remove_file(&next).map_err(io_err("removing", &next))?;
             }
@@ -562,7 +591,7 @@ impl Store {
             sync_dir(&self.dir)?;
         }
         let id = new.id().clone();
-        self.device = new;
+        self.device = Arc::new(new);
         Ok((id, rows.len()))
     }
 }

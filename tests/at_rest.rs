@@ -1,0 +1,82 @@
+//! Encryption at rest after a sync: an agent takes two versions of a model from a real
+//! control plane over QUIC (the second as a delta, its unchanged chunks read back out of
+//! the first version's sealed file), and afterwards no 64-byte window of either model's
+//! bytes is in any file under the agent's data directory (SQLite and its WAL included).
+
+mod fleet;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use fleet::{Control, eventually, layered_model};
+
+const WINDOW: usize = 64;
+
+fn files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() { out.extend(files(&path)) } else { out.push(path) }
+    }
+    out
+}
+
+/// Whether a window carries information: runs of zeros and other patterns of a few byte
+/// values (a zero bias, padding) are in any SQLite page and prove nothing.
+fn informative(window: &[u8]) -> bool {
+    let mut seen = [false; 256];
+    window.iter().filter(|&&b| !std::mem::replace(&mut seen[usize::from(b)], true)).count() >= 16
+}
+
+/// The files under `dir` holding some informative 64-byte window of one of `secrets`
+/// (the windows sorted once and binary-searched: hashing millions of them is slow in a
+/// debug build).
+fn holding_a_window(dir: &Path, secrets: &[Vec<u8>]) -> Vec<PathBuf> {
+    let mut windows: Vec<&[u8]> =
+        secrets.iter().flat_map(|s| s.windows(WINDOW)).filter(|w| informative(w)).collect();
+    windows.sort_unstable();
+    files(dir)
+        .into_iter()
+        .filter(|path| {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            bytes.windows(WINDOW).any(|w| windows.binary_search(&w).is_ok())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_window_of_the_weights_is_on_the_agents_disk_after_a_sync() {
+    let work = tempfile::tempdir().unwrap();
+    let control = Control::start(&work.path().join("control")).await;
+    let v1 = layered_model(&work.path().join("v1.onnx"), 1, 1);
+    control.push_model(&v1, "layered", 1).await;
+    control.client.deploy("edge", "layered", 1).await.unwrap();
+    let agent = control.agent(work.path(), "agent", "edge").await;
+    eventually(Duration::from_secs(120), "version 1 is served", || async {
+        agent.infer_layered().await == Some("1".into())
+    })
+    .await;
+    let v2 = layered_model(&work.path().join("v2.onnx"), 1, 2);
+    control.push_model(&v2, "layered", 2).await;
+    control.client.deploy("edge", "layered", 2).await.unwrap();
+    eventually(Duration::from_secs(120), "version 2 is served", || async {
+        agent.infer_layered().await == Some("2".into())
+    })
+    .await;
+    let models = [std::fs::read(&v1).unwrap(), std::fs::read(&v2).unwrap()];
+    let windows = models.iter().flat_map(|m| m.windows(WINDOW)).filter(|w| informative(w));
+    assert!(windows.count() > 1_000_000, "the models' weights are searched for");
+    // The search finds the weights where they lie in plaintext: the models' own files.
+    let everywhere = holding_a_window(work.path(), &models);
+    assert!(everywhere.len() >= 2, "the search finds the models' own files: {everywhere:?}");
+    let found = holding_a_window(&agent.dir, &models);
+    assert!(found.is_empty(), "plaintext weights on the agent's disk in {found:?}");
+    let searched: Vec<String> = files(&agent.dir)
+        .iter()
+        .filter_map(|p| Some(p.file_name()?.to_str()?.to_owned()))
+        .collect();
+    assert!(searched.iter().any(|f| f == "agent.db"), "{searched:?}");
+    assert!(searched.iter().any(|f| f.ends_with(".sealed")), "{searched:?}");
+    agent.stop().await;
+    control.stop().await;
+}
