@@ -149,18 +149,18 @@ impl Fetcher {
         let sealer = self.store(|s| Ok(s.chunk_sealer())).await?;
         let recipe_path = self.chunk_path(&want.recipe_sha256);
         let held = tokio::fs::read(&recipe_path).await.ok();
-        let recipe_bytes = match held.and_then(|b| sealer.open(&want.recipe_sha256, b)) {
-            Some(bytes) => bytes,
-            None => {
+        let recipe_bytes =
+            if let Some(bytes) = held.and_then(|b| sealer.open(&want.recipe_sha256, b)) {
+                bytes
+            } else {
                 let recipe = [ChunkRef { sha256: want.recipe_sha256, size: 0 }];
                 self.fetch(&recipe, &mut stats, want, &sealer).await?;
-                let sealed =
+                let stored =
                     tokio::fs::read(&recipe_path).await.map_err(io_err("reading", &recipe_path))?;
-                sealer.open(&want.recipe_sha256, sealed).ok_or_else(|| {
+                sealer.open(&want.recipe_sha256, stored).ok_or_else(|| {
                     TransferError::Recipe(format!("{} does not open", recipe_path.display()))
                 })?
-            }
-        };
+            };
         let recipe = Recipe::decode(&recipe_bytes, want.recipe_sha256)
             .map_err(|e| TransferError::Recipe(e.to_string()))?;
         if recipe.file_sha256 != want.bundle_sha256 || recipe.size() != want.size {
@@ -348,10 +348,10 @@ impl Fetcher {
             }
             let path = self.chunk_path(&expected);
             let temp = path.with_extension("part");
-            let sealed = sealer
+            let chunk_file = sealer
                 .seal(&expected, &bytes)
                 .map_err(|e| TransferError::Store(StoreError::DeviceKey(e.to_string())))?;
-            tokio::fs::write(&temp, &sealed).await.map_err(io_err("writing", &temp))?;
+            tokio::fs::write(&temp, &chunk_file).await.map_err(io_err("writing", &temp))?;
             tokio::fs::rename(&temp, &path).await.map_err(io_err("writing", &path))?;
             outcome.fetched += 1;
             outcome.bytes += u64::from(size);
@@ -378,32 +378,31 @@ impl Fetcher {
         for chunk in &recipe.chunks {
             let file = self.chunk_path(&chunk.sha256);
             let from_file = std::fs::read(&file).ok().and_then(|b| sealer.open(&chunk.sha256, b));
-            let buf = match from_file {
-                Some(bytes) => bytes,
-                None => {
-                    // A chunk of an installed bundle, opened from its sealed segments.
-                    let found = {
-                        let store =
-                            self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                        store.read_chunk(&chunk.sha256)?
-                    };
-                    let Some(bytes) = found else {
-                        // A chunk file that does not open (sealed under a device key since
-                        // rotated, or damaged) goes, so that the next attempt fetches it.
-                        let _ = std::fs::remove_file(&file);
-                        return Err(TransferError::Recipe(format!(
-                            "chunk {} vanished before assembly",
-                            chunk.sha256
-                        )));
-                    };
-                    if Sha256::of(&bytes) != chunk.sha256 {
-                        return Err(TransferError::Recipe(format!(
-                            "chunk {} in an installed bundle is damaged",
-                            chunk.sha256
-                        )));
-                    }
-                    bytes
+            let buf = if let Some(bytes) = from_file {
+                bytes
+            } else {
+                // A chunk of an installed bundle, opened from its sealed segments.
+                let found = {
+                    let store =
+                        self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                    store.read_chunk(&chunk.sha256)?
+                };
+                let Some(bytes) = found else {
+                    // A chunk file that does not open (sealed under a device key since
+                    // rotated, or damaged) goes, so that the next attempt fetches it.
+                    let _ = std::fs::remove_file(&file);
+                    return Err(TransferError::Recipe(format!(
+                        "chunk {} vanished before assembly",
+                        chunk.sha256
+                    )));
+                };
+                if Sha256::of(&bytes) != chunk.sha256 {
+                    return Err(TransferError::Recipe(format!(
+                        "chunk {} in an installed bundle is damaged",
+                        chunk.sha256
+                    )));
                 }
+                bytes
             };
             whole.update(&buf);
             out.write_all(&buf).map_err(io_err("writing", &staging))?;

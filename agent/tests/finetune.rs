@@ -114,7 +114,7 @@ async fn a_shifted_site_gets_a_derived_model_that_beats_its_parent_and_serves_in
     let (before, after) = (lineage.before.accuracy.unwrap(), lineage.after.accuracy.unwrap());
     assert!(after > before + 0.05, "held out: {before:.3} -> {after:.3}");
     assert!(lineage.gate.activate && lineage.epochs.len() as u32 >= lineage.best_epoch);
-    let bytes = std::fs::read(&derived.path).unwrap();
+    let bytes = store.open_bundle(derived).unwrap();
     let refused = verify(&bytes, &site.trust, &Policy::new(support::REGION, now())).unwrap_err();
     assert!(refused.to_string().contains("signature"), "{refused}");
     assert!(staging_is_empty(&site));

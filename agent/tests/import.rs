@@ -75,7 +75,14 @@ fn installs_activates_and_is_idempotent() {
     let installed = site.store().installed().unwrap();
     assert_eq!(installed.len(), 1);
     assert!(installed[0].active);
-    assert_eq!(std::fs::read(&installed[0].path).unwrap(), bundle, "installed byte for byte");
+    // Installed sealed at rest; it opens to the bundle byte for byte.
+    let sealed = std::fs::read(&installed[0].path).unwrap();
+    assert!(sealed.starts_with(falaj_common::at_rest::MAGIC), "installed sealed");
+    let store = site.store();
+    let key = falaj_common::at_rest::HEADER_LEN;
+    assert_eq!(sealed.len(), key + bundle.len() + falaj_common::at_rest::TAG_LEN);
+    assert_eq!(&store.read_content(&installed[0]).unwrap()[..], &classifier()[..]);
+    drop(store);
 
     let again = site.import_bytes(&bundle, &ImportOptions::new(now())).unwrap();
     assert_eq!(again, ImportOutcome::AlreadyInstalled { name: "fault".into(), version: 1 });

@@ -168,6 +168,10 @@ impl ChunkSealer {
     }
 }
 
+/// A bundle row's wrapped data key and key id (none for a plaintext file), and its
+/// manifest hash.
+type KeyRow = (Option<(Vec<u8>, String)>, String);
+
 /// A bundle being staged: sealed under a fresh data key as it is written, so that no
 /// plaintext of it reaches the disk.
 #[derive(Debug)]
@@ -288,7 +292,7 @@ impl Store {
     }
 
     /// A bundle row's wrapped key, key id and manifest hash; no key for a plaintext file.
-    fn key_row(&self, name: &str, version: u64) -> Result<(Option<(Vec<u8>, String)>, String)> {
+    fn key_row(&self, name: &str, version: u64) -> Result<KeyRow> {
         let row: (Option<Vec<u8>>, Option<String>, String) = self
             .conn
             .query_row(

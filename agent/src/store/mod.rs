@@ -604,12 +604,24 @@ impl Store {
             &installed.path,
             damaged,
         )?);
-        Self::content_of(installed, bytes)
+        Self::content_of(installed, &bytes)
+    }
+
+    /// An installed bundle as it was verified (the sealed file opened), without the checks
+    /// of [`Self::read_content`].
+    pub fn open_bundle(&self, installed: &Installed) -> Result<Vec<u8>> {
+        let m = &installed.manifest;
+        self.read_bundle_file(&m.name, m.version, &installed.path, |problem| StoreError::Damaged {
+            name: m.name.clone(),
+            version: m.version,
+            path: installed.path.clone(),
+            problem,
+        })
     }
 
     /// The checks of [`Self::read_content`] on a bundle's plaintext already in memory (the
     /// at-rest benchmark times them on a plaintext file, as its anchor).
-    pub fn content_of(installed: &Installed, bytes: bytes::Bytes) -> Result<bytes::Bytes> {
+    pub fn content_of(installed: &Installed, bytes: &bytes::Bytes) -> Result<bytes::Bytes> {
         let m = &installed.manifest;
         let damaged = |problem: String| StoreError::Damaged {
             name: m.name.clone(),
@@ -617,7 +629,7 @@ impl Store {
             path: installed.path.clone(),
             problem,
         };
-        let header = Header::parse(&bytes).map_err(|e| damaged(e.to_string()))?;
+        let header = Header::parse(bytes).map_err(|e| damaged(e.to_string()))?;
         let manifest_end = bundle::HEADER_LEN + header.manifest_len as usize;
         let manifest_bytes = bytes
             .get(bundle::HEADER_LEN..manifest_end)
