@@ -311,3 +311,35 @@ fn a_sealed_staging_file_installs_only_as_its_own_bundle() {
         .unwrap_err();
     assert!(err.to_string().contains("sealed for another bundle"), "{err}");
 }
+
+#[test]
+fn an_interrupted_rotation_is_finished_or_dropped_at_the_next_open() {
+    let site = Site::new();
+    site.install("fault", 1, &model(1));
+    let (key, next) = (site.data_dir().join("device.key"), site.data_dir().join("device.key.next"));
+    let old = std::fs::read(&key).unwrap();
+    let out = agent(&["keys", "rotate-device-key"], &site);
+    assert!(out.status.success(), "{}", text(&out));
+    let new = std::fs::read(&key).unwrap();
+
+    // Cut after the commit, before the rename: the old key file and the new one beside it.
+    std::fs::write(&key, &old).unwrap();
+    std::fs::copy(&key, site.data_dir().join("scratch")).unwrap();
+    std::fs::rename(site.data_dir().join("scratch"), &next).unwrap();
+    std::fs::write(&next, &new).unwrap();
+    let store = site.store();
+    assert_eq!(std::fs::read(&key).unwrap(), new, "the rotation was finished");
+    assert!(!next.exists());
+    let installed = store.installed().unwrap().remove(0);
+    store.read_content(&installed).unwrap();
+    drop(store);
+
+    // Cut before the commit: a next key no row names is dropped.
+    std::fs::copy(&key, site.data_dir().join("scratch")).unwrap();
+    std::fs::rename(site.data_dir().join("scratch"), &next).unwrap();
+    std::fs::write(&next, &old).unwrap();
+    let store = site.store();
+    assert_eq!(std::fs::read(&key).unwrap(), new, "the key in use stays");
+    assert!(!next.exists());
+    store.read_content(&installed).unwrap();
+}
