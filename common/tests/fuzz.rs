@@ -119,6 +119,12 @@ fn recipe() {
 }
 
 #[test]
+fn sealed_file() {
+    let generated: Vec<Vec<u8>> = vec![vec![], vec![7; 16], (0..=255).collect()];
+    campaign("sealed_file", 5000, &generated, targets::sealed_file).run(targets::sealed_file);
+}
+
+#[test]
 fn enrollment_token() {
     campaign("enrollment_token", 20000, &seeds::enrollment_tokens(), targets::enrollment_token)
         .run(targets::enrollment_token);

@@ -397,3 +397,35 @@ pub fn onnx_model(data: &[u8]) -> bool {
     }
     true
 }
+
+/// Any bytes as a sealed file (`at_rest`): never a panic and always refused (no one sealed
+/// them under this key); and as plaintext, sealed in 16-byte segments, which opens again
+/// whole and over the range its first bytes name, and is refused with the bit its first
+/// byte names flipped.
+pub fn sealed_file(data: &[u8]) -> bool {
+    use crate::at_rest::{self, DataKey, Opener, Sealer};
+    const ID: &[u8] = b"fuzz";
+    let key = DataKey::generate(&ring::rand::SystemRandom::new()).expect("the system RNG works");
+    let mut sealed = Vec::new();
+    let mut stream = Sealer::with_segment(key, ID, 16, &mut sealed);
+    stream.push(data, &mut sealed);
+    let key = stream.finish(&mut sealed);
+    assert!(at_rest::open(&key, ID, data.to_vec()).is_err(), "bytes no one sealed opened");
+    let opener = Opener::new(&key, ID, &sealed, sealed.len() as u64).expect("a sealed header");
+    assert_eq!(opener.plaintext_len(), data.len() as u64);
+    assert_eq!(opener.open_all(sealed.clone()).expect("opens"), data);
+    let len = data.len() as u64;
+    let (a, b) = match data {
+        [x, y, ..] => (u64::from(*x) % (len + 1), u64::from(*y) % (len + 1)),
+        _ => (0, len),
+    };
+    let range = a.min(b)..a.max(b);
+    let (_, at) = opener.segments_for(range.clone()).expect("a range inside the file");
+    let part = sealed[at.start as usize..at.end as usize].to_vec();
+    let range_bytes = opener.open_range(range.clone(), part).expect("the range opens");
+    assert_eq!(range_bytes, &data[range.start as usize..range.end as usize]);
+    let at = usize::from(data.first().copied().unwrap_or(0)) * 7 % sealed.len();
+    sealed[at] ^= 1 << (at % 8);
+    assert!(at_rest::open(&key, ID, sealed).is_err(), "a flipped bit at {at} was not caught");
+    true
+}
