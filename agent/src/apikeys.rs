@@ -392,7 +392,9 @@ impl ApiKeys {
     }
 
     fn data_version(&self) -> Result<i64, ApiKeyError> {
-        self.conn.pragma_query_value(None, "data_version", |r| r.get(0)).map_err(self.db())
+        // Prepared once: this runs at every guarded request.
+        let mut stmt = self.conn.prepare_cached("PRAGMA data_version").map_err(self.db())?;
+        stmt.query_row([], |r| r.get(0)).map_err(self.db())
     }
 }
 
