@@ -13,7 +13,7 @@
 //! `falaj-agent apikey revoke` run by another process takes effect at the next request,
 //! without a restart.
 //!
-//! Which requests need what ([`Access`]): health and liveness are open to everyone (load
+//! Which requests need what (`Access`): health and liveness are open to everyone (load
 //! balancers and orchestrators probe them without credentials); a model's endpoints need a
 //! key for that model; server metadata and `/metrics` need any valid key; feature lookups
 //! and the repository index, which span every model, need a key for every model.

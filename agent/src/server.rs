@@ -7,7 +7,7 @@
 //! here too, as `pub(crate)` functions the gRPC endpoint ([`crate::grpc`]) calls as well.
 //!
 //! With `[http] tls_certificate` both endpoints serve TLS only (the same reloadable
-//! certificate); every request but health checks passes the [`Gate`] of `[http] auth`
+//! certificate); every request but health checks passes the gate (`apikeys`) of `[http] auth`
 //! (API keys, or mutual TLS checked in the handshake).
 
 use std::future::Future;
