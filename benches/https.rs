@@ -3,8 +3,8 @@
 //! time with a kept-alive connection, over REST with binary tensors and over gRPC, each
 //! plain (the anchor), over TLS, and over TLS with an API key checked on every request.
 //! The modes run in alternating rounds (each round starting with the next mode) and each
-//! figure is the median round (by p50), so drift on a shared machine lands on all of them; the last columns are p50 and p99 as a
-//! ratio of the plain transport's.
+//! figure is the median round (by p50), so drift on a shared machine lands on all of
+//! them; the last columns are p50 and p99 as a ratio of the plain transport's.
 //!
 //! `cargo bench --bench https -- [--seconds N] [--rounds R]`; prints a Markdown table for
 //! BENCHMARKS.md.
