@@ -50,6 +50,16 @@ pub enum AuthMode {
     Mtls,
 }
 
+impl std::fmt::Display for AuthMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::ApiKey => "api_key",
+            Self::Mtls => "mtls",
+        })
+    }
+}
+
 /// Which models a key may call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scope {

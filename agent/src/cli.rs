@@ -494,6 +494,11 @@ fn check_config(path: &Path) -> Result<(), Failure> {
     println!("data_dir          {}", config.data_dir.display());
     println!("http.listen       {}", config.http.listen);
     println!(
+        "http.tls          {}",
+        config.http.tls_certificate.as_ref().map_or("off".into(), |c| c.display().to_string())
+    );
+    println!("http.auth         {}", config.http.auth.unwrap_or(crate::apikeys::AuthMode::None));
+    println!(
         "http.workers      {}",
         if config.http.workers == 0 {
             "one per core".to_owned()

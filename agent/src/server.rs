@@ -200,6 +200,15 @@ impl Server {
             Some(mode) => Gate::new(mode, &data_dir)?,
             None => Gate::open(),
         };
+        if config.auth == Some(AuthMode::ApiKey)
+            && config.tls.is_none()
+            && let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback())
+        {
+            tracing::warn!(
+                %addr,
+                "API keys are required but travel in clear text: set [http] tls_certificate and tls_key"
+            );
+        }
         if config.auth == Some(AuthMode::None)
             && let Some(addr) = listen.iter().find(|a| !a.ip().is_loopback())
         {
