@@ -126,23 +126,32 @@ fn skl2onnx_model_served_to_tritons_client_matches_onnx_runtime() {
     assert_eq!(server.terminate(), Some(0));
 }
 
-/// Writes a CA and a server certificate for 127.0.0.1 and localhost it signed, as
-/// `ca.pem`, `server.pem` and `server.key` in `dir`.
-fn server_certificate(dir: &Path) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+/// Writes a CA and a certificate it signed to `dir`: `{prefix}ca.pem`, `{name}.pem` and
+/// `{name}.key`, for a server on 127.0.0.1 and localhost or (`client`) a TLS client.
+fn certificate(dir: &Path, prefix: &str, name: &str, client: bool) {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(rcgen::DnType::CommonName, "interop CA");
+    ca.distinguished_name.push(rcgen::DnType::CommonName, format!("interop {prefix}CA"));
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
     let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]);
-    let cert = leaf.unwrap().signed_by(&key, &issuer).unwrap();
+    let mut leaf = if client {
+        CertificateParams::new(Vec::<String>::new()).unwrap()
+    } else {
+        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap()
+    };
+    if client {
+        leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    }
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
-    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    std::fs::write(dir.join(format!("{prefix}ca.pem")), ca_cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
 }
 
 /// The address after `https://` in `line`.
@@ -152,14 +161,16 @@ fn https_addr(line: &str) -> String {
 }
 
 /// Triton's HTTP and gRPC clients over TLS, with API keys in their headers: the same
-/// outputs as ONNX Runtime, and the refusals with their status codes.
+/// outputs as ONNX Runtime, and the refusals with their status codes; then with client
+/// certificates too (mutual TLS), and refused without one.
 #[test]
 fn tritons_clients_over_tls_with_api_keys() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (work, agent) = agent_with_the_model(&python, dir.path());
     let tls = dir.path().join("tls");
-    server_certificate(&tls);
+    certificate(&tls, "", "server", false);
+    certificate(&tls, "client-", "client", true);
     let key = ok(&[
         "agent",
         "apikey",
@@ -183,17 +194,17 @@ fn tritons_clients_over_tls_with_api_keys() {
         s(&agent),
     ]);
     let config = dir.path().join("agent.toml");
-    std::fs::write(
-        &config,
-        format!(
+    let write_config = |client_ca: &str| {
+        let text = format!(
             "data_dir = \"{}\"\n[http]\nlisten = \"127.0.0.1:0\"\ntls_certificate = \"{}\"\n\
-             tls_key = \"{}\"\nauth = \"api_key\"\n[grpc]\nlisten = \"127.0.0.1:0\"\n",
+             tls_key = \"{}\"\nauth = \"api_key\"\n{client_ca}\n[grpc]\nlisten = \"127.0.0.1:0\"\n",
             s(&agent),
             s(&tls.join("server.pem")),
             s(&tls.join("server.key"))
-        ),
-    )
-    .unwrap();
+        );
+        std::fs::write(&config, text).unwrap();
+    };
+    write_config("");
     let mut server = Process::start(&["agent", "serve", "--config", s(&config)]);
     let https = https_addr(&server.wait_for("serving the Open Inference Protocol on"));
     let grpc = https_addr(&server.wait_for("serving the Open Inference Protocol over gRPC"));
@@ -223,5 +234,27 @@ fn tritons_clients_over_tls_with_api_keys() {
     let errors = summary["errors"].as_array().unwrap();
     assert_eq!(errors.len(), 3, "{summary}");
     assert!(errors[2]["message"].as_str().unwrap().contains("may not call model"), "{summary}");
+    assert_eq!(server.terminate(), Some(0));
+
+    // Mutual TLS as well: a certificate from the client CA and a key, both required.
+    write_config(&format!("client_ca = \"{}\"", s(&tls.join("client-ca.pem"))));
+    let mut server = Process::start(&["agent", "serve", "--config", s(&config)]);
+    let https = https_addr(&server.wait_for("serving the Open Inference Protocol on"));
+    let grpc = https_addr(&server.wait_for("serving the Open Inference Protocol over gRPC"));
+    let out = Command::new(&python)
+        .arg(script())
+        .args(["check-mtls", &https, &grpc, s(&work), s(&tls.join("ca.pem"))])
+        .args([s(&tls.join("client.pem")), s(&tls.join("client.key")), key.trim()])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "mutual TLS interop check failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(summary["checks"].as_array().unwrap().len(), 4, "{summary}");
+    assert_eq!(summary["refused"].as_array().unwrap().len(), 2, "{summary}");
     assert_eq!(server.terminate(), Some(0));
 }

@@ -16,6 +16,10 @@
                  API key KEY in their headers: outputs equal to ONNX Runtime's; without a key
                  401 / UNAUTHENTICATED, with OTHER_KEY (scoped to another model) 403 /
                  PERMISSION_DENIED, with REST's messages; liveness open; prints a summary
+  check-mtls HTTPS_ADDR GRPC_ADDR DIR CA CERT KEY API_KEY
+                 against an agent that also wants a client certificate: both clients with
+                 CERT/KEY (and API_KEY) get ONNX Runtime's outputs; without a certificate
+                 neither gets an answer; prints a summary
 
 Run by tests/interop.rs; the packages come from tests/interop/requirements.txt.
 """
@@ -243,6 +247,49 @@ def check_tls(https_addr: str, grpc_addr: str, work: Path, ca: str, key: str, ot
     print(json.dumps(summary))
 
 
+def check_mtls(https_addr, grpc_addr, work: Path, ca, cert, key_file, api_key) -> None:
+    import onnxruntime as ort
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    x = np.load(work / "inputs.npy")[:3]
+    session = ort.InferenceSession(str(work / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    expected = dict(zip(names, session.run(None, {"input": x})))
+    summary = {"checks": [], "refused": []}
+    options = {"ca_certs": ca, "certfile": cert, "keyfile": key_file}
+    rest = httpclient.InferenceServerClient(https_addr, ssl=True, ssl_options=options)
+    grpc = grpcclient.InferenceServerClient(
+        grpc_addr, ssl=True, root_certificates=ca, private_key=key_file, certificate_chain=cert
+    )
+    inp = httpclient.InferInput("input", [3, 6], "FP32")
+    inp.set_data_from_numpy(x, binary_data=True)
+    got_rest = rest.infer("skl-mlp", [inp], headers={"Authorization": f"Bearer {api_key}"})
+    ginp = grpcclient.InferInput("input", [3, 6], "FP32")
+    ginp.set_data_from_numpy(x)
+    got_grpc = grpc.infer("skl-mlp", [ginp], headers={"authorization": f"Bearer {api_key}"})
+    for how, result in (("https+cert", got_rest), ("grpc+cert", got_grpc)):
+        for name in names:
+            diff = float(np.max(np.abs(result.as_numpy(name).astype(np.float64) - expected[name])))
+            assert diff <= 1e-4, f"{how}: {name} differs from ONNX Runtime by {diff}"
+            summary["checks"].append({"output": name, "how": how, "max_abs_diff": diff})
+
+    # Without a client certificate the handshake fails: no answer, whatever the key.
+    bare_rest = httpclient.InferenceServerClient(https_addr, ssl=True, ssl_options={"ca_certs": ca})
+    bare_grpc = grpcclient.InferenceServerClient(grpc_addr, ssl=True, root_certificates=ca)
+    for how, call in (
+        ("https", lambda: bare_rest.is_server_live()),
+        ("grpc", lambda: bare_grpc.is_server_live()),
+    ):
+        try:
+            call()
+        except Exception as e:  # the TLS failure surfaces as each client's own error
+            summary["refused"].append({"how": how, "error": type(e).__name__})
+            continue
+        raise AssertionError(f"{how} without a client certificate was answered")
+    print(json.dumps(summary))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "export":
         export(Path(sys.argv[2]))
@@ -252,5 +299,7 @@ if __name__ == "__main__":
         check_grpc(sys.argv[2], sys.argv[3], Path(sys.argv[4]))
     elif sys.argv[1] == "check-tls":
         check_tls(sys.argv[2], sys.argv[3], Path(sys.argv[4]), *sys.argv[5:8])
+    elif sys.argv[1] == "check-mtls":
+        check_mtls(sys.argv[2], sys.argv[3], Path(sys.argv[4]), *sys.argv[5:9])
     else:
         sys.exit(f"unknown command {sys.argv[1]}")
