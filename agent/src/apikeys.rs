@@ -151,10 +151,11 @@ impl Keyring {
                 "an API key is required: send it as `Authorization: Bearer KEY`".into(),
             ));
         };
+        // The scheme's name is case-insensitive (RFC 9110).
         let secret = value
-            .strip_prefix(b"Bearer ")
-            .or_else(|| value.strip_prefix(b"bearer "))
-            .map(<[u8]>::trim_ascii)
+            .split_at_checked(7)
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case(b"bearer "))
+            .map(|(_, secret)| secret.trim_ascii())
             .ok_or_else(|| {
                 Denied::Unauthenticated(
                     "the Authorization header must be `Bearer KEY` with an API key".into(),
@@ -639,7 +640,10 @@ pub mod cli {
 mod tests {
     use super::*;
 
-    fn ring_of(keys: &[(&str, &str, Scope, Option<u64>, Option<u64>)]) -> Keyring {
+    /// A key as the tests write it: name, secret, scope, expiry, revocation (Unix seconds).
+    type Row<'a> = (&'a str, &'a str, Scope, Option<u64>, Option<u64>);
+
+    fn ring_of(keys: &[Row<'_>]) -> Keyring {
         Keyring {
             keys: keys
                 .iter()
@@ -683,6 +687,7 @@ mod tests {
         assert_eq!(check(Some("Bearer s-all"), Access::Model("x"), now), Ok(()));
         assert_eq!(check(Some("Bearer s-all"), Access::EveryModel, now), Ok(()));
         assert_eq!(check(Some("bearer  s-ab "), Access::Model("b"), now), Ok(()));
+        assert_eq!(check(Some("BEARER s-ab"), Access::Model("b"), now), Ok(()));
         assert_eq!(check(Some("Bearer s-ab"), Access::AnyKey, now), Ok(()));
         unauthenticated(check(None, Access::AnyKey, now), "Authorization: Bearer");
         unauthenticated(check(Some("Basic s-all"), Access::AnyKey, now), "must be `Bearer");

@@ -179,7 +179,9 @@ fn tls_incoming(
                 accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(err) => {
-                        tracing::debug!(error = %err, "accepting a gRPC connection failed");
+                        // Out of file descriptors or the like: wait rather than spin.
+                        tracing::warn!(error = %err, "accepting a gRPC connection failed");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                         continue;
                     }
                 },
