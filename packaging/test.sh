@@ -85,6 +85,12 @@ runuser -u falaj-agent -- falaj-agent init --region pkg-test-1 --trust "$work/ke
 runuser -u falaj-agent -- falaj-agent import "$work/sensor-fault-1.falaj"
 runuser -u falaj-agent -- falaj-agent list | grep '^sensor-fault' > /dev/null || fail "bundle not listed"
 expect_mode /var/lib/falaj-agent/agent.db 600 falaj-agent:falaj-agent
+# Encryption at rest: the device key made at init, owner only; the bundle is sealed; the
+# unit shows the credential line (commented, so this host without one still starts).
+expect_mode /var/lib/falaj-agent/device.key 600 falaj-agent:falaj-agent
+runuser -u falaj-agent -- falaj-agent keys status | grep 'sealed under it: 1' > /dev/null \
+    || fail "keys status does not show the sealed bundle"
+grep -q '^#LoadCredentialEncrypted=falaj-device-key:' "$unit" || fail "the unit lacks the credential line"
 
 step "upgrade keeps a modified configuration and the state"
 sed -i 's/^# listen = "127.0.0.1:8000"/listen = "127.0.0.1:8123"/' /etc/falaj/agent.toml
