@@ -129,7 +129,7 @@ fn snapshot_of(db: &Db, as_of: i64) -> Result<(Vec<u8>, u64, f64)> {
             c,
             "pump-sensors",
             &SnapshotOptions::default(),
-            &[9; 32],
+            &falaj_common::features::Keyring::new(1, &[9; 32]),
             as_of,
             Vec::new(),
         ))

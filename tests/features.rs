@@ -144,6 +144,10 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     }
     let technician = found["features"]["technician"].as_str().unwrap();
     assert!(technician.starts_with("p:"), "raw personal data on the agent: {technician}");
+    // A pump the update below leaves alone, to follow its pseudonym across a key rotation.
+    let quiet = pump_id(PUMPS - 1);
+    let before_rotation = lookup(quiet.clone()).await.unwrap()["features"]["technician"].clone();
+    assert!(found["features"].get("technician__pii_v1").is_none(), "no rotation yet: {found}");
 
     // A prediction by entity id equals one given the same values.
     let infer = |body: Value| {
@@ -224,6 +228,19 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
         "{stdout}"
     );
 
+    // Meanwhile the PII key is rotated, with a week's overlap.
+    let out =
+        support::falaj_async(args(&["control", "features", "rotate-pii-key", "--overlap", "7d"]))
+            .await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stdout.starts_with("PII key version 2 is current"), "{stdout}");
+    assert!(stdout.contains("version 1's pseudonyms beside it until"), "{stdout}");
+    let out = support::falaj_async(args(&["control", "features", "pii-keys"])).await;
+    let (stdout, _) = text(&out);
+    let key_states: Vec<&str> =
+        stdout.lines().skip(1).map(|l| l.split_whitespace().nth(2).unwrap_or("")).collect();
+    assert_eq!(key_states, ["current", "in"], "{stdout}");
     // Two snapshots asked at once, of every pump and of two: each gets its own version,
     // and the record of each says what its bundle carries.
     let (all, two) = (json!({}), json!({"entities": [pump_id(1), pump_id(2)]}));
@@ -250,4 +267,22 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
             assert_eq!(record[field], built["snapshot"][field], "{field}: {shown}");
         }
     }
+
+    // Both were made after the rotation: each pseudonym under the new key, and under the
+    // old one beside it, so data pseudonymised before still joins.
+    assert_eq!(
+        every["snapshot"]["pseudonymised"],
+        json!(["technician", "technician__pii_v1"]),
+        "{every}"
+    );
+    assert_eq!(every["snapshot"]["pii_keys"], json!([1, 2]), "{every}");
+    let version = every["bundle"]["version"].as_u64().unwrap();
+    control.client.deploy(GROUP, VIEW, version).await.unwrap();
+    eventually(Duration::from_secs(60), "the snapshot after the rotation is served", || async {
+        lookup(quiet.clone()).await.is_some_and(|f| f["version"] == version)
+    })
+    .await;
+    let rotated = lookup(quiet).await.unwrap();
+    assert_ne!(rotated["features"]["technician"], before_rotation, "{rotated}");
+    assert_eq!(rotated["features"]["technician__pii_v1"], before_rotation, "{rotated}");
 }

@@ -1,5 +1,6 @@
 //! A client of the admin API, for the CLI's commands that act on a running control plane.
 
+use crate::features::pii_keys::{KeyVersion, Rotated};
 use std::path::Path;
 use std::time::Duration;
 
@@ -257,6 +258,18 @@ impl AdminClient {
     /// `GET /v1/finetune/{id}`: the order and the agent's report.
     pub async fn finetune_job(&self, id: &str) -> Result<Value, ClientError> {
         self.call(self.http.get(self.url(&format!("/v1/finetune/{id}")))).await
+    }
+
+    /// `GET /v1/features/pii-keys`: every version of the region's PII key, newest first.
+    pub async fn pii_keys(&self) -> Result<Vec<KeyVersion>, ClientError> {
+        self.call(self.http.get(self.url("/v1/features/pii-keys"))).await
+    }
+
+    /// `POST /v1/features/pii-keys/rotate`: a new current version; the previous one's
+    /// pseudonyms are still carried for `overlap_seconds`.
+    pub async fn rotate_pii_key(&self, overlap_seconds: u64) -> Result<Rotated, ClientError> {
+        let body = serde_json::json!({ "overlap_seconds": overlap_seconds });
+        self.call(self.http.post(self.url("/v1/features/pii-keys/rotate")).json(&body)).await
     }
 
     /// `GET /v1/features/views`.

@@ -92,7 +92,7 @@ impl Store {
                 c,
                 "pumps",
                 options,
-                &[7; 32],
+                &falaj_common::features::Keyring::new(1, &[7; 32]),
                 micros("2030-01-01T00:00:00Z"),
                 Vec::new(),
             ))

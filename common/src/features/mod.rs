@@ -19,7 +19,7 @@ pub mod value;
 pub mod view;
 
 pub use filter::{Filter, FilterError};
-pub use pii::{PiiError, Pseudonymiser, Treatment};
+pub use pii::{Keyring, PiiError, Pseudonymiser, Treatment, companion_name};
 pub use rows::{HeaderError, Report, Row, RowError, RowSchema};
 pub use snapshot::{SnapshotFeature, SnapshotFormat, SnapshotSpec};
 #[cfg(feature = "snapshots")]

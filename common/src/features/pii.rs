@@ -1,6 +1,11 @@
 //! What a snapshot carries of each feature: personal data is pseudonymised with a keyed
 //! hash (the region's key) or dropped, by policy, and a snapshot that would carry it raw is
 //! refused.
+//!
+//! The region's key has versions ([`Keyring`]): after a rotation, snapshots hash with the
+//! new version and, for a stated overlap, also carry each pseudonym under the versions
+//! before it, in a column of its own ([`companion_name`]), so data pseudonymised before
+//! the rotation can still be joined with data after it.
 
 use ring::hmac;
 use thiserror::Error;
@@ -62,6 +67,7 @@ pub fn plan(view: &FeatureView, fallback: Option<PiiPolicy>) -> Result<Vec<Treat
 }
 
 /// Keyed hashing of personal data with one region's key.
+#[derive(Clone)]
 pub struct Pseudonymiser {
     key: hmac::Key,
 }
@@ -90,5 +96,56 @@ impl Pseudonymiser {
 impl std::fmt::Debug for Pseudonymiser {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Pseudonymiser(..)")
+    }
+}
+
+/// What marks a companion column's name; views may not use it in feature names.
+pub const COMPANION_MARK: &str = "__pii_v";
+/// The longest name of a personal-data feature: its companions' names (up to ten digits
+/// of version after [`COMPANION_MARK`]) must still be column names.
+pub const MAX_PII_NAME_LEN: usize = super::view::MAX_FEATURE_NAME_LEN - COMPANION_MARK.len() - 10;
+
+/// The name of the column that carries feature `feature` pseudonymised with key version
+/// `version`, beside the current one, during that version's overlap
+/// (`technician__pii_v1`): a column name every agent accepts, and one no feature of a
+/// view may have.
+pub fn companion_name(feature: &str, version: u32) -> String {
+    format!("{feature}{COMPANION_MARK}{version}")
+}
+
+/// The region's pseudonymisation keys: the current version, and older versions still in
+/// their overlap, newest first.
+#[derive(Debug, Clone)]
+pub struct Keyring {
+    current: (u32, Pseudonymiser),
+    overlapping: Vec<(u32, Pseudonymiser)>,
+}
+
+impl Keyring {
+    /// A keyring whose current key is version `version` with `secret`.
+    pub fn new(version: u32, secret: &[u8]) -> Self {
+        Self { current: (version, Pseudonymiser::new(secret)), overlapping: Vec::new() }
+    }
+
+    /// Adds an older version still in its overlap (give them newest first).
+    #[must_use]
+    pub fn with_overlapping(mut self, version: u32, secret: &[u8]) -> Self {
+        self.overlapping.push((version, Pseudonymiser::new(secret)));
+        self
+    }
+
+    /// The current version.
+    pub fn current_version(&self) -> u32 {
+        self.current.0
+    }
+
+    /// The older versions still in their overlap, newest first.
+    pub fn overlapping_versions(&self) -> Vec<u32> {
+        self.overlapping.iter().map(|(v, _)| *v).collect()
+    }
+
+    /// Every version's pseudonymiser, the current one first.
+    pub fn pseudonymisers(&self) -> impl Iterator<Item = &Pseudonymiser> {
+        std::iter::once(&self.current.1).chain(self.overlapping.iter().map(|(_, p)| p))
     }
 }

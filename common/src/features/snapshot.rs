@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::pii::Treatment;
+use super::pii::{Keyring, Treatment, companion_name};
 use super::view::{Entity, FeatureType, FeatureView};
 use crate::time::Timestamp;
 
@@ -56,6 +56,10 @@ pub struct SnapshotFeature {
     /// Whether the values are keyed hashes of personal data.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub pseudonymised: bool,
+    /// The version of the region's key that made them, for a pseudonymised feature of a
+    /// snapshot that names it (snapshots made before keys had versions do not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pii_key: Option<u32>,
 }
 
 impl SnapshotSpec {
@@ -80,6 +84,7 @@ impl SnapshotSpec {
                     nullable: f.nullable,
                     default: if hashed { None } else { f.default.clone() },
                     pseudonymised: hashed,
+                    pii_key: None,
                 }
             })
             .collect();
@@ -94,6 +99,35 @@ impl SnapshotSpec {
             entities: 0,
             scope: scope.to_owned(),
         }
+    }
+
+    /// The spec with its pseudonymised features naming `keyring`'s current version, each
+    /// followed by one column per older version still in its overlap
+    /// ([`companion_name`](super::pii::companion_name)), in the order
+    /// [`SnapshotWriter::with_keyring`](super::SnapshotWriter) writes them.
+    #[must_use]
+    pub fn with_keyring(mut self, keyring: &Keyring) -> Self {
+        let mut features = Vec::with_capacity(self.features.len());
+        for mut feature in self.features {
+            if !feature.pseudonymised {
+                features.push(feature);
+                continue;
+            }
+            feature.pii_key = Some(keyring.current_version());
+            let companions: Vec<SnapshotFeature> = keyring
+                .overlapping_versions()
+                .into_iter()
+                .map(|version| SnapshotFeature {
+                    name: companion_name(&feature.name, version),
+                    pii_key: Some(version),
+                    ..feature.clone()
+                })
+                .collect();
+            features.push(feature);
+            features.extend(companions);
+        }
+        self.features = features;
+        self
     }
 
     /// The index of feature `name`.

@@ -22,7 +22,7 @@ use arrow_array::{Array, ArrayRef, cast::AsArray};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::pii::{Pseudonymiser, Treatment};
+use super::pii::{Keyring, Pseudonymiser, Treatment};
 use super::snapshot::SnapshotSpec;
 use super::value::{self, Key, Rule, Value};
 use super::view::{FeatureType, FeatureView, KeyType};
@@ -132,7 +132,8 @@ pub struct SnapshotWriter<W: Write> {
     spec: SnapshotSpec,
     treatments: Vec<Treatment>,
     names: Vec<String>,
-    pseudonymiser: Option<Pseudonymiser>,
+    /// The current key's pseudonymiser first, then those of older versions in overlap.
+    pseudonymisers: Vec<Pseudonymiser>,
     out: W,
     last: Option<Key>,
 }
@@ -145,8 +146,54 @@ impl<W: Write> SnapshotWriter<W> {
         spec: SnapshotSpec,
         treatments: Vec<Treatment>,
         pseudonymiser: Option<Pseudonymiser>,
+        out: W,
+    ) -> Result<Self, SnapshotError> {
+        Self::start(view, spec, treatments, pseudonymiser.into_iter().collect(), out)
+    }
+
+    /// [`Self::new`] hashing with every version of `keyring`: the current one in the
+    /// feature's column, older ones in overlap in their companion columns; `spec` is made
+    /// with [`SnapshotSpec::with_keyring`] of the same keyring.
+    pub fn with_keyring(
+        view: &FeatureView,
+        spec: SnapshotSpec,
+        treatments: Vec<Treatment>,
+        keyring: &Keyring,
+        out: W,
+    ) -> Result<Self, SnapshotError> {
+        Self::start(view, spec, treatments, keyring.pseudonymisers().cloned().collect(), out)
+    }
+
+    fn start(
+        view: &FeatureView,
+        spec: SnapshotSpec,
+        treatments: Vec<Treatment>,
+        pseudonymisers: Vec<Pseudonymiser>,
         mut out: W,
     ) -> Result<Self, SnapshotError> {
+        if treatments.contains(&Treatment::Hash) && pseudonymisers.is_empty() {
+            return Err(SnapshotError::Write {
+                view: spec.view.clone(),
+                message: "personal data to pseudonymise and no key to do it with".into(),
+            });
+        }
+        let carried: usize = treatments
+            .iter()
+            .map(|t| match t {
+                Treatment::Raw => 1,
+                Treatment::Drop => 0,
+                Treatment::Hash => pseudonymisers.len(),
+            })
+            .sum();
+        if carried != spec.features.len() {
+            return Err(SnapshotError::Write {
+                view: spec.view.clone(),
+                message: format!(
+                    "the spec lists {} features but the plan carries {carried}",
+                    spec.features.len()
+                ),
+            });
+        }
         postcard::to_io(&Header::of(&spec), &mut out).map_err(|e| SnapshotError::Write {
             view: spec.view.clone(),
             message: e.to_string(),
@@ -155,7 +202,7 @@ impl<W: Write> SnapshotWriter<W> {
             spec,
             treatments,
             names: view.features.iter().map(|f| f.name.clone()).collect(),
-            pseudonymiser,
+            pseudonymisers,
             out,
             last: None,
         })
@@ -177,8 +224,8 @@ impl<W: Write> SnapshotWriter<W> {
                 Treatment::Raw => carried.push(value),
                 Treatment::Drop => {}
                 Treatment::Hash => {
-                    let p = self.pseudonymiser.as_ref().expect("a hash plan has a key");
-                    carried.push(p.pseudonym(feature, &value));
+                    carried
+                        .extend(self.pseudonymisers.iter().map(|p| p.pseudonym(feature, &value)));
                 }
             }
         }

@@ -272,6 +272,21 @@ fn personal_data_needs_a_policy_before_it_leaves() {
 }
 
 #[test]
+fn names_of_older_pii_key_columns_are_reserved() {
+    let mut v = view();
+    v.features[0].name = "temperature__pii_v1".into();
+    let err = v.check().unwrap_err();
+    assert!(err.to_string().contains("kept for pseudonyms under older PII keys"), "{err}");
+    let mut v = view();
+    v.features[4].name = "o".repeat(pii::MAX_PII_NAME_LEN + 1);
+    let err = v.check().unwrap_err();
+    assert!(err.to_string().contains("personal data needs a name of at most 47"), "{err}");
+    v.features[4].name = "o".repeat(pii::MAX_PII_NAME_LEN);
+    v.check().unwrap();
+    assert!(view::is_column_name(&companion_name(&v.features[4].name, u32::MAX)));
+}
+
+#[test]
 fn pseudonyms_are_keyed_stable_and_per_feature() {
     let a = Pseudonymiser::new(b"region key one");
     let b = Pseudonymiser::new(b"region key two");
@@ -330,6 +345,65 @@ mod payload {
         assert_eq!(table.get("b").unwrap().unwrap().values[1], Value::Null);
         // "zz" is not held and "starts" has no default: no answer.
         assert_eq!(table.get("zz").unwrap(), None);
+    }
+
+    #[test]
+    fn after_a_key_rotation_the_overlap_carries_pseudonyms_under_both_versions() {
+        let v = view();
+        let plan = pii::plan(&v, Some(PiiPolicy::Hash)).unwrap();
+        let keyring = Keyring::new(3, b"key three").with_overlapping(2, b"key two");
+        let spec =
+            SnapshotSpec::new(&v, 1, &plan, Timestamp::from_unix(0), "all").with_keyring(&keyring);
+        let names: Vec<&str> = spec.features.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["temperature", "starts", "running", "mode", "operator", "operator__pii_v2"]
+        );
+        assert_eq!(spec.features[4].pii_key, Some(3));
+        assert_eq!(spec.features[5].pii_key, Some(2));
+        assert_eq!(spec.features[3].pii_key, None, "not personal data");
+
+        let mut writer =
+            SnapshotWriter::with_keyring(&v, spec.clone(), plan.clone(), &keyring, Vec::new())
+                .unwrap();
+        let operator = Value::Str("operator 0".into());
+        let values = vec![
+            Value::F32(1.0),
+            Value::Null,
+            Value::Bool(true),
+            Value::Str("auto".into()),
+            operator.clone(),
+        ];
+        writer.push(Key::Str("a".into()), 0, values).unwrap();
+        let (spec, bytes) = writer.finish();
+        let row = OnlineTable::load(spec, &bytes).unwrap().get("a").unwrap().unwrap();
+        // The new pseudonym in the feature's column, the old one (as snapshots before the
+        // rotation carried it) beside it.
+        assert_eq!(
+            row.values[4],
+            Pseudonymiser::new(b"key three").pseudonym("operator", &operator)
+        );
+        assert_eq!(row.values[5], Pseudonymiser::new(b"key two").pseudonym("operator", &operator));
+        assert_ne!(row.values[4], row.values[5]);
+
+        // A spec that does not match the keyring is refused before anything is written.
+        let err = SnapshotWriter::with_keyring(
+            &v,
+            spec_of(&v, &plan),
+            plan.clone(),
+            &keyring,
+            Vec::new(),
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("lists 5 features but the plan carries 6"), "{err}");
+        let err =
+            SnapshotWriter::new(&v, spec_of(&v, &plan), plan, None, Vec::new()).err().unwrap();
+        assert!(err.to_string().contains("no key"), "{err}");
+    }
+
+    fn spec_of(v: &FeatureView, plan: &[Treatment]) -> SnapshotSpec {
+        SnapshotSpec::new(v, 1, plan, Timestamp::from_unix(0), "all")
     }
 
     #[test]

@@ -331,6 +331,18 @@ impl FeatureView {
                     });
                 }
             }
+            if feature.name.contains(super::pii::COMPANION_MARK) {
+                return Err(bad(
+                    "names containing \"__pii_v\" are kept for pseudonyms under older PII keys",
+                ));
+            }
+            if feature.pii && feature.name.len() > super::pii::MAX_PII_NAME_LEN {
+                return Err(bad(&format!(
+                    "personal data needs a name of at most {} characters, to leave room for \
+                     the columns of older PII key versions",
+                    super::pii::MAX_PII_NAME_LEN
+                )));
+            }
             if feature.pii_policy.is_some() && !feature.pii {
                 return Err(bad("pii_policy is set but pii is not"));
             }

@@ -43,11 +43,13 @@ pub enum Permission {
     ManageUsers,
     /// Read, export and verify the audit log.
     ReadAudit,
+    /// Rotate the region's keys held by the running control plane (the PII key).
+    RotateKeys,
 }
 
 impl Permission {
     /// Every permission.
-    pub const ALL: [Permission; 15] = [
+    pub const ALL: [Permission; 16] = [
         Permission::ReadFleet,
         Permission::OwnSession,
         Permission::ManageBundles,
@@ -63,6 +65,7 @@ impl Permission {
         Permission::ManageApiTokens,
         Permission::ManageUsers,
         Permission::ReadAudit,
+        Permission::RotateKeys,
     ];
 
     /// Its name, as 403 messages and audit entries give it (`deploy`, `read_audit`).
@@ -83,6 +86,7 @@ impl Permission {
             Permission::ManageApiTokens => "manage_api_tokens",
             Permission::ManageUsers => "manage_users",
             Permission::ReadAudit => "read_audit",
+            Permission::RotateKeys => "rotate_keys",
         }
     }
 }
@@ -96,7 +100,7 @@ impl fmt::Display for Permission {
 /// A role: a fixed set of permissions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Role {
-    /// Everything: users, API tokens of any role, revocation, the audit log.
+    /// Everything: users, API tokens of any role, revocation, the audit log, key rotation.
     Admin,
     /// Runs the fleet: bundles, deployments, rollouts, enrollment tokens, feature ingest,
     /// snapshots and exports, fine-tune orders, API tokens up to `operator`.
@@ -126,9 +130,10 @@ impl Role {
         use Permission as P;
         match self {
             Role::Admin => true,
-            Role::Operator => {
-                !matches!(permission, P::RevokeAgents | P::ManageUsers | P::ReadAudit)
-            }
+            Role::Operator => !matches!(
+                permission,
+                P::RevokeAgents | P::ManageUsers | P::ReadAudit | P::RotateKeys
+            ),
             Role::Viewer => matches!(permission, P::ReadFleet | P::OwnSession),
             Role::Auditor => matches!(permission, P::ReadFleet | P::OwnSession | P::ReadAudit),
         }

@@ -41,6 +41,43 @@ pub fn routes() -> Routes {
         .post("/v1/features/views/{name}/ingest", P::IngestFeatures, ingest_file)
         .post("/v1/features/views/{name}/snapshots", P::BuildSnapshots, build_snapshot)
         .post("/v1/features/views/{name}/export", P::ExportTrainingData, export_file)
+        .get("/v1/features/pii-keys", P::ReadFleet, list_pii_keys)
+        .post("/v1/features/pii-keys/rotate", P::RotateKeys, rotate_pii_key)
+}
+
+/// How long the previous PII key's pseudonyms are still carried after a rotation, unless
+/// the request says otherwise.
+const PII_OVERLAP: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The body of `POST /v1/features/pii-keys/rotate`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotatePiiKeyRequest {
+    /// Seconds the previous version's pseudonyms are still carried (default 30 days).
+    #[serde(default)]
+    pub overlap_seconds: Option<u64>,
+}
+
+async fn rotate_pii_key(
+    State(api): State<Api>,
+    axum::Json(request): axum::Json<RotatePiiKeyRequest>,
+) -> ApiResult<Response> {
+    let overlap = request.overlap_seconds.map_or(PII_OVERLAP, Duration::from_secs);
+    let now = Timestamp::from_system(SystemTime::now());
+    let rotated = api.features.rotate_pii_key(overlap, now).await.map_err(ApiError::internal)?;
+    event(
+        &api,
+        "features.pii_key.rotate",
+        format!("pii key v{}", rotated.version),
+        json!({"previous": rotated.previous, "overlap_until": rotated.overlap_until}),
+    )
+    .await?;
+    Ok(json_response(StatusCode::CREATED, &rotated))
+}
+
+async fn list_pii_keys(State(api): State<Api>) -> ApiResult<Response> {
+    let versions = api.features.db.call(|c| super::pii_keys::list(c)).await?;
+    Ok(json_response(StatusCode::OK, &versions))
 }
 
 fn refused(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -278,11 +315,11 @@ async fn build_snapshot(
         pii: request.pii,
     };
     let now_micros = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-    let (view, key) = (name.clone(), api.features.pii_key().to_vec());
+    let (view, keyring) = (name.clone(), api.features.keyring(Timestamp::from_system(now)));
     let built = api
         .features
         .db
-        .call(move |c| Ok(snapshot::build(c, &view, &options, &key, now_micros, Vec::new())))
+        .call(move |c| Ok(snapshot::build(c, &view, &options, &keyring, now_micros, Vec::new())))
         .await?;
     let (spec, payload) = built.map_err(|e| match e {
         BuildError::UnknownView(_) => ApiError::not_found(e.to_string()),
@@ -382,6 +419,7 @@ fn carried(spec: &SnapshotSpec) -> serde_json::Value {
         "as_of": spec.as_of,
         "features": spec.features.iter().map(|f| &f.name).collect::<Vec<_>>(),
         "pseudonymised": spec.features.iter().filter(|f| f.pseudonymised).map(|f| &f.name).collect::<Vec<_>>(),
+        "pii_keys": spec.features.iter().filter_map(|f| f.pii_key).collect::<std::collections::BTreeSet<_>>(),
     })
 }
 

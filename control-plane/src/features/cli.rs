@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
+use falaj_common::time::Timestamp;
 use falaj_tables::Format;
 
 /// `features` subcommands.
@@ -28,6 +29,22 @@ pub enum FeaturesCommand {
     /// Join labels (entity, time, label) to the features as they were at each label's
     /// time, for training.
     Export(ExportArgs),
+    /// Make a new version of the region's key for pseudonymising personal data; for the
+    /// overlap, snapshots still carry each pseudonym under the previous version too, in
+    /// a column `FEATURE__pii_vN`, so data from before stays joinable.
+    RotatePiiKey(RotatePiiKeyArgs),
+    /// List the versions of the PII key: current, in overlap (until when), retired.
+    PiiKeys(ApiArgs),
+}
+
+/// Arguments of `features rotate-pii-key`.
+#[derive(Debug, Args)]
+pub struct RotatePiiKeyArgs {
+    /// How long snapshots still carry pseudonyms under the previous version.
+    #[arg(long, default_value = "30d", value_parser = humantime::parse_duration)]
+    overlap: Duration,
+    #[command(flatten)]
+    api: ApiArgs,
 }
 
 /// A file and the API.
@@ -147,6 +164,23 @@ pub fn run(command: FeaturesCommand) -> Result<(), Failure> {
         }),
         FeaturesCommand::Snapshot(args) => snapshot(args),
         FeaturesCommand::Export(args) => export(args),
+        FeaturesCommand::RotatePiiKey(args) => online(&args.api, |c| async move {
+            let rotated = c.rotate_pii_key(args.overlap.as_secs()).await?;
+            println!(
+                "PII key version {} is current ({}); snapshots carry version {}'s pseudonyms \
+                 beside it until {}",
+                rotated.version,
+                rotated.file.display(),
+                rotated.previous,
+                rotated.overlap_until
+            );
+            Ok(())
+        }),
+        FeaturesCommand::PiiKeys(api) => online(&api, |c| async move {
+            let now = Timestamp::from_system(std::time::SystemTime::now());
+            print!("{}", render_pii_keys(&c.pii_keys().await?, now));
+            Ok(())
+        }),
     }
 }
 
@@ -353,6 +387,20 @@ fn render_view(shown: &Value) -> String {
                 }
             );
         }
+    }
+    out
+}
+
+/// The table of `features pii-keys`.
+pub fn render_pii_keys(versions: &[super::pii_keys::KeyVersion], now: Timestamp) -> String {
+    let mut out = format!("{:<8} {:<22} STATE\n", "VERSION", "CREATED");
+    for v in versions {
+        let state = match v.overlap_until {
+            None => "current".to_owned(),
+            Some(until) if until > now => format!("in overlap until {until}"),
+            Some(until) => format!("retired since {until}"),
+        };
+        let _ = writeln!(out, "{:<8} {:<22} {state}", v.version, v.created.to_string());
     }
     out
 }

@@ -6,25 +6,33 @@ pub mod api;
 pub mod cli;
 pub mod export;
 pub mod ingest;
+pub mod pii_keys;
 pub mod snapshot;
 pub mod store;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
-use ring::rand::{SecureRandom, SystemRandom};
+use arc_swap::ArcSwap;
+use falaj_common::features::Keyring;
+use falaj_common::time::Timestamp;
 
 use crate::db::{Db, DbError};
 use crate::vault::{Vault, VaultError};
+use pii_keys::PiiKeys;
 
-/// The offline store and the region's key for pseudonymising personal data.
+/// The offline store and the region's keys for pseudonymising personal data.
 #[derive(Debug, Clone)]
 pub struct FeatureStore {
     /// `features.db`.
     pub db: Db,
-    pii_key: std::sync::Arc<Vec<u8>>,
+    pii: Arc<ArcSwap<PiiKeys>>,
+    keys: Arc<Vault>,
+    region: Arc<str>,
     /// Held while a snapshot is built and registered: its version is the next free one,
     /// and its record (what was pseudonymised) must describe the bundle of that version.
-    building: std::sync::Arc<tokio::sync::Mutex<()>>,
+    building: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Why the feature store could not be opened.
@@ -71,40 +79,48 @@ fn sweep_staged_ingests(staging: &Path) {
 }
 
 impl FeatureStore {
-    /// Opens `DATA/features.db` and the region's PII key `keys/pii-REGION.key` (32 random
-    /// bytes, made on first use, mode 0600, sealed when the keys directory is; it never
-    /// leaves the control plane), and removes ingest uploads the last run left staged.
-    pub fn open(data_dir: &Path, keys: &Vault, region: &str) -> Result<Self, OpenError> {
+    /// Opens `DATA/features.db` and the region's PII keys (`pii_keys`: 32 random bytes
+    /// each, made on first use, mode 0600, sealed when the keys directory is; they never
+    /// leave the control plane), and removes ingest uploads the last run left staged.
+    pub fn open(data_dir: &Path, keys: Arc<Vault>, region: &str) -> Result<Self, OpenError> {
         let db = Db::open_with(&data_dir.join(store::FEATURES_DB_FILE), store::MIGRATIONS)?;
-        let name = format!("pii-{region}.key");
-        let path = keys.dir().join(&name);
-        let key_err = |source| OpenError::Key { path: path.clone(), source };
-        let key = match keys.read(&name) {
-            Ok(text) => hex::decode(text.trim_ascii())
-                .map_err(|e| key_err(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?,
-            Err(VaultError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                let mut key = vec![0u8; 32];
-                SystemRandom::new()
-                    .fill(&mut key)
-                    .map_err(|_| key_err(std::io::Error::other("no system randomness")))?;
-                keys.write(&name, hex::encode(&key).as_bytes())?;
-                key
-            }
-            Err(e) => return Err(e.into()),
-        };
+        let now = Timestamp::from_system(std::time::SystemTime::now());
+        let pii = PiiKeys::open(&db, &keys, region, now)?;
         sweep_staged_ingests(&data_dir.join(STAGING));
-        if key.len() < 32 {
-            return Err(key_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "the key must be at least 32 bytes (64 hex digits)",
-            )));
-        }
-        Ok(Self { db, pii_key: std::sync::Arc::new(key), building: std::sync::Arc::default() })
+        Ok(Self {
+            db,
+            pii: Arc::new(ArcSwap::from_pointee(pii)),
+            keys,
+            region: region.into(),
+            building: Arc::default(),
+        })
     }
 
-    /// The region's pseudonymisation key.
-    pub fn pii_key(&self) -> &[u8] {
-        &self.pii_key
+    /// The keys to pseudonymise with at `now`: the current version and those in overlap.
+    pub fn keyring(&self, now: Timestamp) -> Keyring {
+        self.pii.load().keyring(now)
+    }
+
+    /// Makes a new version of the PII key current; the previous one stays in overlap for
+    /// `overlap`. Waits for a snapshot being built, so each is made with one keyring.
+    pub async fn rotate_pii_key(
+        &self,
+        overlap: Duration,
+        now: Timestamp,
+    ) -> Result<pii_keys::Rotated, OpenError> {
+        let _building = self.building().await;
+        let (db, keys, region) =
+            (self.db.clone(), Arc::clone(&self.keys), Arc::clone(&self.region));
+        let (rotated, loaded) = tokio::task::spawn_blocking(move || {
+            pii_keys::rotate(&db, &keys, &region, overlap, now)
+        })
+        .await
+        .map_err(|e| OpenError::Key {
+            path: self.keys.dir().to_owned(),
+            source: std::io::Error::other(e),
+        })??;
+        self.pii.store(Arc::new(loaded));
+        Ok(rotated)
     }
 
     /// Waits for the right to build a snapshot; one is built at a time.

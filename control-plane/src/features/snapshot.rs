@@ -7,8 +7,7 @@ use std::io::Write;
 use falaj_common::features::value::{self, Key};
 use falaj_common::features::view::PiiPolicy;
 use falaj_common::features::{
-    Filter, FilterError, PiiError, Pseudonymiser, SnapshotError, SnapshotSpec, SnapshotWriter,
-    Treatment, Value, pii,
+    Filter, FilterError, Keyring, PiiError, SnapshotError, SnapshotSpec, SnapshotWriter, Value, pii,
 };
 use falaj_common::time::Timestamp;
 use rusqlite::{Connection, params};
@@ -60,13 +59,14 @@ pub enum BuildError {
     Sqlite(#[from] rusqlite::Error),
 }
 
-/// Writes the snapshot of `view` into `out`; hashes personal data with `pii_key`.
+/// Writes the snapshot of `view` into `out`; hashes personal data with `keyring` (each
+/// pseudonym under its current version, and under older versions still in overlap).
 /// Returns the manifest content (with the entity count) and the sink.
 pub fn build<W: Write>(
     conn: &Connection,
     view: &str,
     options: &SnapshotOptions,
-    pii_key: &[u8],
+    keyring: &Keyring,
     now: i64,
     out: W,
 ) -> Result<(SnapshotSpec, W), BuildError> {
@@ -84,10 +84,9 @@ pub fn build<W: Write>(
     }
     let scope = if scope.is_empty() { "all".to_owned() } else { scope.join(", ") };
     let as_of_secs = Timestamp::from_unix(u64::try_from(as_of / 1_000_000).unwrap_or(0));
-    let spec = SnapshotSpec::new(&stored.view, stored.version, &treatments, as_of_secs, &scope);
-    let hashing = treatments.contains(&Treatment::Hash);
-    let pseudonymiser = hashing.then(|| Pseudonymiser::new(pii_key));
-    let mut writer = SnapshotWriter::new(&stored.view, spec, treatments, pseudonymiser, out)?;
+    let spec = SnapshotSpec::new(&stored.view, stored.version, &treatments, as_of_secs, &scope)
+        .with_keyring(keyring);
+    let mut writer = SnapshotWriter::with_keyring(&stored.view, spec, treatments, keyring, out)?;
     let mut emit = |key: Key, time: i64, values: Vec<Value>| -> Result<(), BuildError> {
         if filter.as_ref().is_none_or(|f| f.matches(&key, &values)) {
             writer.push(key, time, values)?;

@@ -49,6 +49,13 @@ pub const MIGRATIONS: &[&str] = &[
         features     TEXT NOT NULL,
         PRIMARY KEY (view, version)
     ) STRICT;",
+    // 2: versions of the region's PII key (`pii_keys`), the newest current, older ones
+    // carried beside it until their overlap ends.
+    "CREATE TABLE pii_keys (
+        version       INTEGER PRIMARY KEY,
+        created       INTEGER NOT NULL,
+        overlap_until INTEGER
+    ) STRICT;",
 ];
 
 /// A view as stored: its definition at one revision of one version.
