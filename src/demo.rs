@@ -75,8 +75,9 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
 async fn demo(dir: &Path, http: SocketAddr) -> Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = falaj_shell::daemon::shutdown_signal();
     tokio::spawn(async move {
-        falaj_shell::daemon::shutdown_signal().await;
+        stop.await;
         let _ = stop_tx.send(true);
     });
     let stopped = |mut rx: watch::Receiver<bool>| async move {

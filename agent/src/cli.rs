@@ -467,6 +467,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
                 }
             })?;
         let scheme = if file.http.tls_certificate.is_some() { "https" } else { "http" };
+        let stop = shutdown_signal();
         println!("serving the Open Inference Protocol on {scheme}://{}", agent.local_addr());
         if let Some(grpc) = agent.grpc_addr() {
             println!("serving the Open Inference Protocol over gRPC on {scheme}://{grpc}");
@@ -480,7 +481,7 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         systemd::ready();
         let served = agent
             .run(async {
-                shutdown_signal().await;
+                stop.await;
                 systemd::stopping();
             })
             .await;

@@ -1116,6 +1116,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
                 other => Failure::new(EXIT_CONFIG, other),
             },
         )?;
+        let stop = shutdown_signal();
         println!(
             "admin API on http://{} (token in {})",
             control.admin_addr(),
@@ -1132,7 +1133,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         systemd::ready();
         let served = control
             .run(async {
-                shutdown_signal().await;
+                stop.await;
                 systemd::stopping();
             })
             .await;

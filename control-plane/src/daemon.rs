@@ -232,7 +232,7 @@ impl ControlPlane {
             .map_err(io("creating", config.data_dir.display()))?;
         let keys_dir = config.data_dir.join("keys");
         let trust = open_keys(&config, &keys_dir, now)?;
-        let vault = Vault::open_from(&keys_dir, config.unseal.as_ref())?;
+        let vault = Arc::new(Vault::open_from(&keys_dir, config.unseal.as_ref())?);
         if vault.is_sealed() {
             tracing::info!(dir = %keys_dir.display(), "opened the sealed keys");
         }
@@ -254,7 +254,7 @@ impl ControlPlane {
             )));
         }
         let token = admin_token(&config.data_dir)?;
-        let features = FeatureStore::open(&config.data_dir, &vault, &region)?;
+        let features = FeatureStore::open(&config.data_dir, Arc::clone(&vault), &region)?;
 
         let (chain, key) =
             ca.server_identity(&config.server_names, config.server_cert_lifetime, now)?;
