@@ -2,13 +2,18 @@
 //! control plane over QUIC (the second as a delta, its unchanged chunks read back out of
 //! the first version's sealed file), and afterwards no 64-byte window of either model's
 //! bytes is in any file under the agent's data directory (SQLite and its WAL included).
+//! Nor while a sync's import runs: an agent process stopped (aborted at a crash point)
+//! with the import staged holds no such window either.
 
 mod fleet;
+mod support;
 
+use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleet::{Control, eventually, layered_model};
+use support::{Process, s};
 
 const WINDOW: usize = 64;
 
@@ -78,5 +83,50 @@ async fn no_window_of_the_weights_is_on_the_agents_disk_after_a_sync() {
     assert!(searched.iter().any(|f| f == "agent.db"), "{searched:?}");
     assert!(searched.iter().any(|f| f.ends_with(".sealed")), "{searched:?}");
     agent.stop().await;
+    control.stop().await;
+}
+
+/// `falaj agent serve` on `dir` with `point` armed: waits for the abort there.
+fn serve_until(dir: &Path, point: &str) {
+    let armed = format!("{point}=return");
+    let args = ["agent", "serve", "--data-dir", s(dir), "--http", "127.0.0.1:0"];
+    let mut agent = Process::start_with_env(&args, &[("FAILPOINTS", &armed)]);
+    let status = tokio::task::block_in_place(|| agent.wait_exit(Duration::from_secs(120)));
+    assert_eq!(status.signal(), Some(6), "{point}: the agent did not stop there ({status})");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_window_of_the_weights_is_on_the_agents_disk_while_a_sync_imports() {
+    let work = tempfile::tempdir().unwrap();
+    let control = Control::start(&work.path().join("control")).await;
+    let dir = work.path().join("agent");
+    let token = control.token("edge").await;
+    let quic = control.quic.to_string();
+    let args =
+        ["agent", "enroll", "--control-plane", &quic, "--token", &token, "--data-dir", s(&dir)];
+    let out = support::falaj_async(args.iter().map(|a| (*a).to_owned()).collect()).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Version 1 installed and active (the agent stopped right after), then version 2, a
+    // delta reusing most of version 1's chunks, stopped with its import staged: the
+    // chunk files and the staging file are all there.
+    let v1 = layered_model(&work.path().join("v1.onnx"), 1, 1);
+    control.push_model(&v1, "layered", 1).await;
+    control.client.deploy("edge", "layered", 1).await.unwrap();
+    serve_until(&dir, "sync-activated");
+    let v2 = layered_model(&work.path().join("v2.onnx"), 1, 2);
+    control.push_model(&v2, "layered", 2).await;
+    control.client.deploy("edge", "layered", 2).await.unwrap();
+    serve_until(&dir, "import-staged");
+
+    let staged: Vec<PathBuf> =
+        files(&dir.join("staging")).into_iter().filter(|p| p.is_file()).collect();
+    assert!(!staged.is_empty(), "the import's staging file is there");
+    assert!(!files(&dir.join("chunks")).is_empty(), "the transfer's chunk files are there");
+    let models = [std::fs::read(&v1).unwrap(), std::fs::read(&v2).unwrap()];
+    let everywhere = holding_a_window(work.path(), &models);
+    assert!(everywhere.len() >= 2, "the search finds the models' own files: {everywhere:?}");
+    let found = holding_a_window(&dir, &models);
+    assert!(found.is_empty(), "plaintext weights on the agent's disk mid-import in {found:?}");
     control.stop().await;
 }

@@ -333,9 +333,24 @@ pub fn import_file(
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<ImportOutcome, ImportError> {
     let read_err = |source| ImportError::Read { path: path.to_owned(), source };
-    let refused = |source| ImportError::Refused { path: path.to_owned(), source };
     let file = File::open(path).map_err(read_err)?;
     let total = file.metadata().map_err(read_err)?.len();
+    let mut reader = BufReader::with_capacity(PIECE, file);
+    import_reader(store, path, &mut reader, total, options, progress)
+}
+
+/// Imports the `total` bytes of a bundle read from `reader`, named `path` in errors (a
+/// sync streams its chunks through here, so the assembled bundle never lies on disk). The
+/// bundle is verified to its last byte, `reader`'s end included, before it is installed.
+pub fn import_reader(
+    store: &mut Store,
+    path: &Path,
+    reader: &mut impl Read,
+    total: u64,
+    options: &ImportOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<ImportOutcome, ImportError> {
+    let refused = |source| ImportError::Refused { path: path.to_owned(), source };
     if total > options.max_bundle_bytes {
         return Err(refused(VerifyError::Oversized {
             what: "bundle",
@@ -343,8 +358,7 @@ pub fn import_file(
             limit: options.max_bundle_bytes,
         }));
     }
-    let mut reader = BufReader::with_capacity(PIECE, file);
-    let head = read_head(&mut reader, total).map_err(refused)?;
+    let head = read_head(reader, total).map_err(refused)?;
 
     let trust = store.trust_root()?;
     trust.check_expiry(options.now).map_err(ImportError::TrustExpired)?;
@@ -363,7 +377,7 @@ pub fn import_file(
     let existing = store.versions(&manifest.name)?;
     check_version(&manifest, manifest_sha, &existing, options.allow_downgrade)?;
 
-    let staged = stage(store, path, &mut reader, &head, &manifest, total, progress)?;
+    let staged = stage(store, path, reader, &head, &manifest, total, progress)?;
     crate::crash_point("import-staged");
     let Staged { file: staged_file, content_bytes, size: staged_size } = staged;
     check_content(&manifest, &content_bytes)?;

@@ -2,14 +2,14 @@
 //! asked for, each is checked against its SHA-256 as it arrives (a bad one is discarded and
 //! fetched again), and each is kept as a file until the bundle is installed, so a transfer
 //! broken at any point resumes where it stopped, across restarts of either side. Chunk
-//! files are sealed under the device key ([`ChunkSealer`]); the file assembled from them
-//! for the import is plaintext only until the import (which seals as it stages) ends.
+//! files are sealed under the device key ([`ChunkSealer`]); the bundle is never assembled
+//! on disk: the import reads it chunk by chunk from those files (each opened in memory)
+//! and seals it as it stages.
 //!
-//! The assembled file then goes through the ordinary import path, which verifies
-//! signatures and every payload hash before anything is installed.
+//! The bundle goes through the ordinary import path, which verifies signatures and every
+//! payload hash before anything is installed.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -200,9 +200,11 @@ impl Fetcher {
         let (recipe, stats) = self.download(want).await?;
         crate::crash_point("sync-downloaded");
 
-        // Assemble on the blocking pool, checking every chunk and the whole file again.
-        let (fetcher, recipe_for_assembly) = (self.clone(), recipe.clone());
-        let staged = tokio::task::spawn_blocking(move || fetcher.assemble(&recipe_for_assembly))
+        // Check every chunk and the whole file on the blocking pool; chunks reused from
+        // installed bundles are copied out as sealed chunk files, so that the import can
+        // stream the bundle from chunk files alone.
+        let (fetcher, recipe_for_check) = (self.clone(), recipe.clone());
+        let whole = tokio::task::spawn_blocking(move || fetcher.prepare(&recipe_for_check))
             .await
             .map_err(|e| TransferError::Connection(format!("assembly task: {e}")))??;
         let (name, version) = (want.name.clone(), want.version);
@@ -217,9 +219,8 @@ impl Fetcher {
                 })
             }
         };
-        check(staged.1 == want.bundle_sha256, "file hash")?;
+        check(whole == want.bundle_sha256, "file hash")?;
 
-        let path = staged.0.path().to_owned();
         let options = ImportOptions {
             allow_downgrade: true,
             mode: InstallMode { activate: false, managed: true },
@@ -234,10 +235,21 @@ impl Fetcher {
                 Some(item)
             })
             .collect();
+        let total = recipe.size();
+        let label = self.chunk_dir().join(format!("{}@{}", want.name, want.version));
+        let mut reader = ChunkReader {
+            chunks: recipe.chunks.iter().map(|c| (c.sha256, self.chunk_path(&c.sha256))).collect(),
+            next: 0,
+            current: Vec::new(),
+            at: 0,
+            whole: ring::digest::Context::new(&ring::digest::SHA256),
+            want: want.bundle_sha256,
+            sealer: self.store(|s| Ok(s.chunk_sealer())).await?,
+        };
         let (name, version) = (want.name.clone(), want.version);
         self.store(move |s| {
-            let outcome = import::import_file(s, &path, &options, &mut |_, _| {});
-            drop(staged);
+            let outcome =
+                import::import_reader(s, &label, &mut reader, total, &options, &mut |_, _| {});
             match outcome {
                 Ok(_) => s.index_chunks(&name, version, &offsets).map(|()| Ok(())),
                 Err(ImportError::Store(e)) => Err(e),
@@ -359,17 +371,11 @@ impl Fetcher {
         Ok(outcome)
     }
 
-    /// Writes the chunks in recipe order into a staging file; returns it and its hash.
-    fn assemble(
-        &self,
-        recipe: &Recipe,
-    ) -> Result<(tempfile::NamedTempFile, Sha256), TransferError> {
-        let staging = self.data_dir.join("staging");
-        std::fs::create_dir_all(&staging).map_err(io_err("creating", &staging))?;
-        let mut out = tempfile::Builder::new()
-            .prefix("fetch-")
-            .tempfile_in(&staging)
-            .map_err(io_err("writing in", &staging))?;
+    /// Opens every chunk of `recipe` in order, checking each against its hash, and returns
+    /// the hash of the whole file. A chunk held only inside an installed bundle is written
+    /// out as a sealed chunk file (removed with the others once the bundle is installed).
+    /// Nothing is written in plaintext.
+    fn prepare(&self, recipe: &Recipe) -> Result<Sha256, TransferError> {
         let mut whole = ring::digest::Context::new(&ring::digest::SHA256);
         let sealer = {
             let store = self.store.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -402,13 +408,70 @@ impl Fetcher {
                         chunk.sha256
                     )));
                 }
+                let chunk_file = sealer
+                    .seal(&chunk.sha256, &bytes)
+                    .map_err(|e| TransferError::Store(StoreError::DeviceKey(e.to_string())))?;
+                let temp = file.with_extension("part");
+                std::fs::write(&temp, &chunk_file).map_err(io_err("writing", &temp))?;
+                std::fs::rename(&temp, &file).map_err(io_err("renaming", &temp))?;
                 bytes
             };
             whole.update(&buf);
-            out.write_all(&buf).map_err(io_err("writing", &staging))?;
         }
-        out.as_file().sync_all().map_err(io_err("writing", &staging))?;
-        Ok((out, Sha256::from_digest(&whole.finish())))
+        Ok(Sha256::from_digest(&whole.finish()))
+    }
+}
+
+/// The bundle a recipe describes, read chunk by chunk from its sealed chunk files: each is
+/// opened in memory and checked against its hash, and the end is reported only when the
+/// whole file matches the desired state. The import reads it straight into its (sealed)
+/// staging file, so no plaintext copy of the bundle is written.
+struct ChunkReader {
+    /// Each chunk's hash and file, in order.
+    chunks: Vec<(Sha256, PathBuf)>,
+    /// The next chunk to open.
+    next: usize,
+    /// The chunk being read, and how far.
+    current: Vec<u8>,
+    at: usize,
+    /// The hash of what was read so far, and what it must come to.
+    whole: ring::digest::Context,
+    want: Sha256,
+    sealer: ChunkSealer,
+}
+
+impl std::io::Read for ChunkReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        use std::io::{Error, ErrorKind};
+        while self.at == self.current.len() {
+            let Some((sha, file)) = self.chunks.get(self.next) else {
+                let whole = Sha256::from_digest(&self.whole.clone().finish());
+                if whole != self.want {
+                    return Err(Error::new(
+                        ErrorKind::InvalidData,
+                        format!("the chunks come to {whole}, not {}", self.want),
+                    ));
+                }
+                return Ok(0);
+            };
+            let sealed = std::fs::read(file)?;
+            let Some(bytes) = self.sealer.open(sha, sealed) else {
+                // Checked a moment ago; gone bad since: fetch it again next time.
+                let _ = std::fs::remove_file(file);
+                return Err(Error::new(
+                    ErrorKind::InvalidData,
+                    format!("chunk file {} does not open", file.display()),
+                ));
+            };
+            self.whole.update(&bytes);
+            self.current = bytes;
+            self.at = 0;
+            self.next += 1;
+        }
+        let n = buf.len().min(self.current.len() - self.at);
+        buf[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
     }
 }
 
