@@ -10,7 +10,7 @@
 //!   (`benches/mlserver`, one worker, one thread), each sent the same JSON requests by the
 //!   same client, one at a time, at batch 1 and 64.
 //!
-//! `cargo bench --bench cpu_engine -- --corpus DIR [--seconds 3] [--only a,b] [--http]`;
+//! `cargo bench --bench cpu_engine -- --corpus DIR [--seconds 3] [--only a,b] [--batches 1,64] [--http]`;
 //! the anchor needs `FALAJ_PYTHON` (onnxruntime); `--http` needs `FALAJ_MLSERVER` (the
 //! `mlserver` executable of a virtualenv made from `benches/mlserver/requirements.txt`).
 //! Prints Markdown tables for BENCHMARKS.md, and JSON lines with `--json FILE`.
@@ -39,6 +39,7 @@ struct Args {
     corpus: PathBuf,
     seconds: f64,
     only: Option<Vec<String>>,
+    batches: Option<Vec<usize>>,
     http: bool,
     json: Option<PathBuf>,
 }
@@ -55,6 +56,10 @@ fn args() -> Result<Args> {
             .map_or(Ok(3.0), |s| s.parse())
             .context("--seconds takes a number")?,
         only: value("--only").map(|s| s.split(',').map(str::to_owned).collect()),
+        batches: value("--batches")
+            .map(|s| s.split(',').map(str::parse).collect::<Result<_, _>>())
+            .transpose()
+            .context("--batches takes sizes, comma-separated")?,
         http: argv.iter().any(|a| a == "--http"),
         json: value("--json").map(PathBuf::from),
     })
@@ -322,7 +327,10 @@ fn main() -> Result<()> {
     let engines = Engines::new(EngineConfig { runtime: Runtime::Cpu, ..EngineConfig::default() });
     let mut rows = Vec::new();
     for model in &models {
-        let batches = model.batches();
+        let mut batches = model.batches();
+        if let Some(only) = &args.batches {
+            batches.retain(|b| only.contains(b));
+        }
         let target = target(&store, &engines, model)?;
         let ours: Vec<(usize, f64)> = batches
             .iter()

@@ -57,6 +57,10 @@ pub fn register(registry: &mut OnnxOpRegister) {
         let _ = nn::TRACT_CONV.set(conv);
         registry.insert("Conv", nn::conv);
     }
+    if let Some(&matmul) = registry.0.get("MatMul") {
+        let _ = nn::TRACT_MATMUL.set(matmul);
+        registry.insert("MatMul", nn::matmul);
+    }
     if let Some(&softmax) = registry.0.get("Softmax") {
         let _ = nn::TRACT_SOFTMAX.set(softmax);
         registry.insert("Softmax", nn::softmax);
@@ -65,6 +69,8 @@ pub fn register(registry: &mut OnnxOpRegister) {
         let _ = neighbors::TRACT_SCAN.set(scan);
         registry.insert("Scan", neighbors::scan);
     }
+    registry.insert("ArgMax", nn::argmax::arg_extreme);
+    registry.insert("ArgMin", nn::argmax::arg_extreme);
     registry.insert("ArrayFeatureExtractor", prep::array_feature_extractor);
     registry.insert("Binarizer", prep::binarizer);
     registry.insert("CategoryMapper", encode::category_mapper);

@@ -325,8 +325,10 @@ impl OnnxModel {
         falaj_operators::register(&mut onnx.op_register);
         if let Some(graph) = &mut proto.graph {
             check_operators(graph, &onnx.op_register)?;
-            // What follows a convolution (batch norms, scales, activations) goes into it.
+            // What follows a convolution (batch norms, scales, activations) goes into it,
+            // and the bias and activation after a product by constant weights into that.
             falaj_operators::nn::fold::fold_convolutions(graph);
+            falaj_operators::nn::fold::fold_matmuls(graph);
         }
         let base = onnx.model_for_proto_model(&proto).map_err(|e| load_error(&e))?;
         let declared = declared_inputs(&base)?;

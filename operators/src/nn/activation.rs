@@ -19,7 +19,7 @@ pub enum Activation {
     /// The output as it is.
     #[default]
     Identity,
-    /// `max(y, 0)`.
+    /// `max(y, 0)`, NaN kept.
     Relu,
     /// `min(max(y, lo), hi)` (ONNX `Clip`; ReLU6 is `Clip(0, 6)`).
     Clip {
@@ -95,8 +95,11 @@ impl Activation {
         match self {
             Self::Identity => {}
             Self::Relu => {
+                // NaN stays NaN, as ONNX Runtime's Relu keeps it (`max` would give 0).
                 for x in v.iter_mut() {
-                    *x = x.max(0.0);
+                    if *x < 0.0 {
+                        *x = 0.0;
+                    }
                 }
             }
             Self::Clip { lo, hi } => {

@@ -48,20 +48,7 @@ pub fn fold_convolutions(graph: &mut GraphProto) -> usize {
         conv.input[1].clone_from(&weights);
         conv.input[2].clone_from(&bias);
         conv.output[0] = r.output;
-        if let Some((kind, params)) = r.activation.to_attributes() {
-            conv.attribute.push(AttributeProto {
-                name: activation::KIND.into(),
-                r#type: AttributeType::String as i32,
-                s: kind.as_bytes().to_vec(),
-                ..AttributeProto::default()
-            });
-            conv.attribute.push(AttributeProto {
-                name: activation::PARAMS.into(),
-                r#type: AttributeType::Floats as i32,
-                floats: params,
-                ..AttributeProto::default()
-            });
-        }
+        push_activation(conv, r.activation);
         let c = r.bias.len() as i64;
         graph.initializer.push(float_tensor(weights, r.dims, r.weights));
         graph.initializer.push(float_tensor(bias, vec![c], r.bias));
@@ -72,6 +59,82 @@ pub fn fold_convolutions(graph: &mut GraphProto) -> usize {
         !removed[index - 1]
     });
     removed.iter().filter(|&&r| r).count()
+}
+
+/// Folds the `Add` of a constant bias and the activation that follow each `MatMul` by
+/// constant 2-D float32 weights (of `graph`, not of its subgraphs) into it, as a third
+/// input and the activation's attributes, for [`super::dense`] to run. Returns how many
+/// nodes were absorbed.
+pub fn fold_matmuls(graph: &mut GraphProto) -> usize {
+    let view = View::new(graph);
+    let mut removed = vec![false; graph.node.len()];
+    let mut rewrites = Vec::new();
+    for i in 0..graph.node.len() {
+        let node = &graph.node[i];
+        if node.op_type != "MatMul"
+            || !matches!(node.domain.as_str(), "" | "ai.onnx")
+            || node.input.len() != 2
+            || node.output.len() != 1
+        {
+            continue;
+        }
+        let Some((dims, _)) = view.constant(graph, &node.input[1]) else { continue };
+        let &[_, n] = dims.as_slice() else { continue };
+        let mut output = node.output[0].clone();
+        let mut bias = None;
+        if let Some(next) = view.only_consumer(&output, &removed)
+            && let Some(b) = view.bias(graph, &graph.node[next], &output, n)
+        {
+            bias = Some(b);
+            removed[next] = true;
+            output.clone_from(&graph.node[next].output[0]);
+        }
+        let mut activation = Activation::Identity;
+        if let Some((act, out, nodes)) = view.activation(graph, &output, &removed) {
+            activation = act;
+            output = out;
+            for n in nodes {
+                removed[n] = true;
+            }
+        }
+        if bias.is_some() || activation != Activation::Identity {
+            rewrites.push((i, bias, output, activation));
+        }
+    }
+    for (i, bias, output, activation) in rewrites {
+        let node = &mut graph.node[i];
+        if let Some((dims, values)) = bias {
+            let name = format!("{output}::falaj_bias");
+            node.input.push(name.clone());
+            graph.initializer.push(float_tensor(name, dims, values));
+        }
+        node.output[0] = output;
+        push_activation(node, activation);
+    }
+    let mut index = 0;
+    graph.node.retain(|_| {
+        index += 1;
+        !removed[index - 1]
+    });
+    removed.iter().filter(|&&r| r).count()
+}
+
+/// Writes `activation` as the attributes [`Activation::of_node`] reads.
+fn push_activation(node: &mut NodeProto, activation: Activation) {
+    if let Some((kind, params)) = activation.to_attributes() {
+        node.attribute.push(AttributeProto {
+            name: activation::KIND.into(),
+            r#type: AttributeType::String as i32,
+            s: kind.as_bytes().to_vec(),
+            ..AttributeProto::default()
+        });
+        node.attribute.push(AttributeProto {
+            name: activation::PARAMS.into(),
+            r#type: AttributeType::Floats as i32,
+            floats: params,
+            ..AttributeProto::default()
+        });
+    }
 }
 
 fn float_tensor(name: String, dims: Vec<i64>, data: Vec<f32>) -> TensorProto {
@@ -214,6 +277,40 @@ impl View {
             output,
             activation,
         })
+    }
+
+    /// The bias `node` adds to `y`, a `[rows.., n]` product: its dimensions (`[n]` or
+    /// `[1, n]`, the rank the sum takes at least) and `n` values, a single value
+    /// repeated.
+    fn bias(
+        &self,
+        graph: &GraphProto,
+        node: &NodeProto,
+        y: &str,
+        n: usize,
+    ) -> Option<(Vec<i64>, Vec<f32>)> {
+        if node.op_type != "Add"
+            || !matches!(node.domain.as_str(), "" | "ai.onnx")
+            || node.output.len() != 1
+        {
+            return None;
+        }
+        let name = match node.input.as_slice() {
+            [a, b] if a == y && b != y => b,
+            [a, b] if b == y && a != y => a,
+            _ => return None,
+        };
+        let (dims, values) = self.constant(graph, name)?;
+        if dims.len() > 2 || dims.iter().rev().skip(1).any(|&d| d != 1) {
+            return None;
+        }
+        let values = match values.len() {
+            1 => vec![values[0]; n],
+            len if len == n => values,
+            _ => return None,
+        };
+        let dims = if dims.len() == 2 { vec![1, n as i64] } else { vec![n as i64] };
+        Some((dims, values))
     }
 
     /// `node` as `scale · y + shift` per channel, when it is an affine map of `y` that
@@ -517,6 +614,7 @@ mod tests {
             t("mean", &[C], values(C, 5)),
             t("var", &[C], values(C, 6).iter().map(|v| v + 1.2).collect()),
             t("k", &[C, 1, 1], values(C, 7)),
+            t("row", &[1, C], values(C, 8)),
             t("three", &[], vec![3.0]),
             t("zero", &[], vec![0.0]),
             t("six", &[], vec![6.0]),
@@ -563,6 +661,7 @@ mod tests {
     fn check(proto: &ModelProto, left: &[&str]) {
         let mut folded = proto.clone();
         fold_convolutions(folded.graph.as_mut().unwrap());
+        fold_matmuls(folded.graph.as_mut().unwrap());
         let ops: Vec<&str> =
             folded.graph.as_ref().unwrap().node.iter().map(|n| n.op_type.as_str()).collect();
         assert_eq!(ops, left);
@@ -656,5 +755,48 @@ mod tests {
             node("Mul", &["m", "x"], "out", vec![]),
         ];
         check(&model(nodes, &[C, 1, 3, 3], &["out", "a"]), &["Conv", "Add", "Clip", "Mul", "Mul"]);
+    }
+
+    #[test]
+    fn a_bias_and_an_activation_fold_into_a_product_by_constant_weights() {
+        // x [1, 4, 5, 6] · w [6, 4]: the bias as [C], [1, C] or one value, either side.
+        for (bias, act) in [("b", "Relu"), ("row", "HardSwish"), ("three", "Relu")] {
+            let nodes = vec![
+                node("MatMul", &["x", "w"], "y", vec![]),
+                node("Add", &[bias, "y"], "a", vec![]),
+                node(act, &["a"], "out", vec![]),
+            ];
+            check(&model(nodes, &[6, C], &["out"]), &["MatMul"]);
+        }
+        // The bias alone, the activation alone.
+        let nodes =
+            vec![node("MatMul", &["x", "w"], "y", vec![]), node("Add", &["y", "b"], "out", vec![])];
+        check(&model(nodes, &[6, C], &["out"]), &["MatMul"]);
+        let nodes = vec![
+            node("MatMul", &["x", "w"], "y", vec![]),
+            node("Clip", &["y", "zero", "six"], "out", vec![]),
+        ];
+        check(&model(nodes, &[6, C], &["out"]), &["MatMul"]);
+    }
+
+    #[test]
+    fn nothing_folds_into_a_product_that_is_read_elsewhere_or_not_by_constants() {
+        // A bias that varies along another axis ([C, 1, 1]) stays an Add.
+        let nodes =
+            vec![node("MatMul", &["x", "w"], "y", vec![]), node("Add", &["y", "k"], "out", vec![])];
+        check(&model(nodes, &[6, 6], &["out"]), &["MatMul", "Add"]);
+        // The product is also a graph output.
+        let nodes =
+            vec![node("MatMul", &["x", "w"], "y", vec![]), node("Relu", &["y"], "out", vec![])];
+        check(&model(nodes, &[6, C], &["y", "out"]), &["MatMul", "Relu"]);
+        // Weights that are not constant (x · xᵀ-like: x by itself is not 2-D constant).
+        let mut g = model(vec![], &[6, C], &["out"]);
+        let graph = g.graph.as_mut().unwrap();
+        graph.node = vec![
+            node("Transpose", &["x"], "t", vec![ints("perm", &[0, 1, 3, 2])]),
+            node("MatMul", &["x", "t"], "y", vec![]),
+            node("Relu", &["y"], "out", vec![]),
+        ];
+        check(&g, &["Transpose", "MatMul", "Relu"]);
     }
 }

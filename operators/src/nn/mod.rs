@@ -4,7 +4,9 @@
 //! - convolutions that are depthwise ([`depthwise`]) or pointwise, 1×1 ([`pointwise`]),
 //!   float32, NCHW, with constant weights, each with its bias and the activation that
 //!   follows it fused into its output loop ([`activation`]);
-//! - `Softmax` (opset 13) along an axis that is not the last ([`mod@softmax`]).
+//! - `Softmax` (opset 13) along an axis that is not the last ([`mod@softmax`]);
+//! - `MatMul` by constant 2-D float32 weights, with the bias and activation after it
+//!   ([`dense`]), and `ArgMax`/`ArgMin` ([`argmax`]), for small networks on tabular rows.
 //!
 //! Before tract parses a graph, [`fold`] rewrites it: the BatchNormalization, Mul and
 //! Add by constants that follow a convolution go into its weights and bias, and the
@@ -24,6 +26,8 @@ use tract_onnx::tract_hir::internal::*;
 use crate::expand::{Built, Out, Shape, expand};
 
 pub mod activation;
+pub mod argmax;
+pub mod dense;
 pub mod depthwise;
 pub mod fold;
 pub mod pointwise;
@@ -55,6 +59,7 @@ pub type Builder =
 /// tract's own builders, for the cases these operators leave to it.
 pub(crate) static TRACT_CONV: OnceLock<Builder> = OnceLock::new();
 pub(crate) static TRACT_SOFTMAX: OnceLock<Builder> = OnceLock::new();
+pub(crate) static TRACT_MATMUL: OnceLock<Builder> = OnceLock::new();
 
 fn delegate(builder: &OnceLock<Builder>, ctx: &ParsingContext, node: &NodeProto) -> Built {
     match builder.get() {
@@ -152,15 +157,48 @@ fn ours(ctx: &ParsingContext, node: &NodeProto, activation: Activation) -> Optio
     })
 }
 
-/// Softmax: opset 13's along-an-axis semantics for axes before the last; tract's
-/// otherwise (the last axis, and the flattening semantics of older opsets).
+/// MatMul: by constant float32 `[K, N]` weights here ([`dense`], with the bias and
+/// activation [`fold`] gave it), anything else tract's.
+pub fn matmul(ctx: &ParsingContext, node: &NodeProto) -> Built {
+    let activation = match Activation::of_node(node) {
+        Ok(a) => a,
+        Err(e) => return node.bail(&e),
+    };
+    let fused = activation != Activation::Identity || node.input.len() > 2;
+    let weights = node.input.get(1).and_then(|w| initializer(ctx, w));
+    match weights {
+        Some(w) if w.rank() == 2 => {
+            let (k, n) = (w.shape()[0], w.shape()[1]);
+            // The bias fold wrote: `n` values, shaped `[n]` or `[1, n]`.
+            let (bias, rank) = match node.input.get(2).filter(|b| !b.is_empty()) {
+                Some(name) => match initializer(ctx, name) {
+                    Some(b) if b.len() == n && b.rank() <= 2 => {
+                        (b.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(), b.rank())
+                    }
+                    _ => return node.bail("a fused bias that is not n float32 constants"),
+                },
+                None => (Vec::new(), 1),
+            };
+            let weights = w.try_as_plain_ram()?;
+            let op = dense::Dense::new(weights.as_slice::<f32>()?, (k, n), &bias, activation)
+                .at_least_rank(rank);
+            expand(op, vec![Out::new(f32::datum_type(), Shape::FromKernel)])
+        }
+        _ if fused => {
+            node.bail("a fused bias or activation on a MatMul without constant 2-D float32 weights")
+        }
+        _ => delegate(&TRACT_MATMUL, ctx, node),
+    }
+}
+
+/// Softmax: opset 13's along-an-axis semantics here ([`mod@softmax`], which hands long
+/// rows of the last axis to tract's kernel); tract's for the flattening semantics of
+/// older opsets.
 pub fn softmax(ctx: &ParsingContext, node: &NodeProto) -> Built {
     let axis: i64 = node.get_attr_opt("axis").ok().flatten().unwrap_or(-1);
-    if ctx.onnx_operator_set_version >= 13 && axis != -1 {
-        return expand(
-            softmax::AxisSoftmax { axis },
-            vec![Out::new(f32::datum_type(), Shape::Like)],
-        );
+    if ctx.onnx_operator_set_version >= 13 {
+        let op = softmax::Softmax13 { axis };
+        return Ok((tract_onnx::tract_hir::ops::expandable::expand(op), vec![]));
     }
     delegate(&TRACT_SOFTMAX, ctx, node)
 }
