@@ -222,22 +222,7 @@ impl DeviceKey {
         identity: &[u8],
         rng: &dyn SecureRandom,
     ) -> Result<Vec<u8>, KeyError> {
-        let mut nonce = [0u8; NONCE_LEN];
-        rng.fill(&mut nonce).map_err(|_| KeyError::Random)?;
-        let mut out = Vec::with_capacity(WRAPPED_LEN);
-        out.extend_from_slice(&nonce);
-        out.extend_from_slice(&data.bytes);
-        let aad = [WRAP_CONTEXT, identity].concat();
-        let tag = self
-            .key
-            .seal_in_place_separate_tag(
-                Nonce::assume_unique_for_key(nonce),
-                Aad::from(&aad),
-                &mut out[NONCE_LEN..],
-            )
-            .expect("sealing 32 bytes cannot exceed AES-GCM's limit");
-        out.extend_from_slice(tag.as_ref());
-        Ok(out)
+        self.seal_in(WRAP_CONTEXT, identity, &data.bytes, rng)
     }
 
     /// Unwraps the data key of the file named by `identity`.
@@ -245,25 +230,37 @@ impl DeviceKey {
         if wrapped.len() != WRAPPED_LEN {
             return Err(KeyError::WrappedLength(wrapped.len()));
         }
-        let nonce: [u8; NONCE_LEN] = wrapped[..NONCE_LEN].try_into().expect("length checked");
-        let mut in_out = wrapped[NONCE_LEN..].to_vec();
-        let aad = [WRAP_CONTEXT, identity].concat();
         let opened = self
-            .key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(&aad), &mut in_out)
-            .map_err(|_| KeyError::Unwrap { key_id: self.id.clone() })?;
-        let bytes: [u8; KEY_LEN] = (&*opened).try_into().expect("32 bytes under the tag");
+            .open_in(WRAP_CONTEXT, identity, wrapped.to_vec())
+            .ok_or_else(|| KeyError::Unwrap { key_id: self.id.clone() })?;
+        let bytes: [u8; KEY_LEN] = opened.as_slice().try_into().expect("32 bytes under the tag");
         Ok(DataKey { key: aead_key(&bytes), bytes })
     }
-}
 
-impl DeviceKey {
     /// Seals a small piece of data directly under the device key (AES-256-GCM, random
     /// nonce, `identity` as associated data): `nonce ‖ ciphertext ‖ tag`. For short-lived
     /// files such as the chunks of a transfer in progress, which a rotation may orphan
-    /// (they are then fetched again).
+    /// (they are then fetched again), and for small secrets such as key files.
     pub fn seal_blob(
         &self,
+        identity: &[u8],
+        plaintext: &[u8],
+        rng: &dyn SecureRandom,
+    ) -> Result<Vec<u8>, KeyError> {
+        self.seal_in(BLOB_CONTEXT, identity, plaintext, rng)
+    }
+
+    /// Opens what [`Self::seal_blob`] sealed for `identity`.
+    pub fn open_blob(&self, identity: &[u8], sealed: Vec<u8>) -> Result<Vec<u8>, KeyError> {
+        self.open_in(BLOB_CONTEXT, identity, sealed)
+            .ok_or_else(|| KeyError::Blob { key_id: self.id.clone() })
+    }
+
+    /// `nonce ‖ ciphertext ‖ tag` of `plaintext`, with `context ‖ identity` as associated
+    /// data, so a wrapped key and a blob can never stand in for each other.
+    fn seal_in(
+        &self,
+        context: &[u8],
         identity: &[u8],
         plaintext: &[u8],
         rng: &dyn SecureRandom,
@@ -273,7 +270,7 @@ impl DeviceKey {
         let mut out = Vec::with_capacity(NONCE_LEN + plaintext.len() + TAG_LEN);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(plaintext);
-        let aad = [BLOB_CONTEXT, identity].concat();
+        let aad = [context, identity].concat();
         let tag = self
             .key
             .seal_in_place_separate_tag(
@@ -281,18 +278,19 @@ impl DeviceKey {
                 Aad::from(&aad),
                 &mut out[NONCE_LEN..],
             )
-            .expect("a blob is far below AES-GCM's limit");
+            .expect("a key or blob is far below AES-GCM's limit");
         out.extend_from_slice(tag.as_ref());
         Ok(out)
     }
 
-    /// Opens what [`Self::seal_blob`] sealed for `identity`.
-    pub fn open_blob(&self, identity: &[u8], mut sealed: Vec<u8>) -> Result<Vec<u8>, KeyError> {
+    /// The plaintext of what [`Self::seal_in`] sealed under `context`, or `None` when it
+    /// does not open (too short, altered, another key or identity).
+    fn open_in(&self, context: &[u8], identity: &[u8], mut sealed: Vec<u8>) -> Option<Vec<u8>> {
         if sealed.len() < NONCE_LEN + TAG_LEN {
-            return Err(KeyError::Blob { key_id: self.id.clone() });
+            return None;
         }
         let nonce: [u8; NONCE_LEN] = sealed[..NONCE_LEN].try_into().expect("length checked");
-        let aad = [BLOB_CONTEXT, identity].concat();
+        let aad = [context, identity].concat();
         let len = self
             .key
             .open_within(
@@ -301,10 +299,10 @@ impl DeviceKey {
                 &mut sealed,
                 NONCE_LEN..,
             )
-            .map_err(|_| KeyError::Blob { key_id: self.id.clone() })?
+            .ok()?
             .len();
         sealed.truncate(len);
-        Ok(sealed)
+        Some(sealed)
     }
 }
 
