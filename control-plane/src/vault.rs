@@ -5,7 +5,7 @@
 //! AES-256-GCM under a key-encryption key derived with Argon2id from the operator's
 //! secret (a passphrase typed at start, or a systemd credential). Every private key file
 //! (`root-*`, `signing-*`, `audit-*`, `ca.key`, `pii-*`) keeps its name and holds
-//! `{"sealed": ..., "nonce": ..., "ciphertext": ...}`: the file's bytes sealed with
+//! `{"sealed": ..., "blob": ...}`: the file's bytes sealed with
 //! AES-256-GCM under the master key, the file's name as associated data, so a file copied
 //! over another is refused. Changing the secret (`keys seal --rekey`) rewraps the master
 //! key in `seal.json` alone: one atomic write.
@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use argon2::{Algorithm, Argon2, Params, Version};
-use ring::aead::{AES_256_GCM, Aad, LessSafeKey, NONCE_LEN, Nonce, UnboundKey};
+use falaj_common::at_rest::DeviceKey;
+use ring::rand::SystemRandom;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use zeroize::Zeroizing;
@@ -210,13 +211,13 @@ struct Kdf {
     salt: String,
 }
 
-/// One sealed value: AES-256-GCM, hex nonce and ciphertext (with its tag).
+/// One sealed value: AES-256-GCM through [`DeviceKey::seal_blob`]
+/// (`nonce ‖ ciphertext ‖ tag`), in hex.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Envelope {
     sealed: String,
-    nonce: String,
-    ciphertext: String,
+    blob: String,
 }
 
 impl Kdf {
@@ -231,7 +232,7 @@ impl Kdf {
     }
 
     /// The key-encryption key `secret` gives.
-    fn derive(&self, secret: &Secret) -> Result<LessSafeKey, String> {
+    fn derive(&self, secret: &Secret) -> Result<DeviceKey, String> {
         if self.algorithm != "argon2id" {
             return Err(format!("unknown key derivation {:?}", self.algorithm));
         }
@@ -246,45 +247,25 @@ impl Kdf {
     }
 }
 
-fn aes_key(bytes: &[u8]) -> LessSafeKey {
-    // A 32-byte key is always valid for AES-256-GCM.
-    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, bytes).expect("a 256-bit key"))
+fn aes_key(bytes: &[u8]) -> DeviceKey {
+    DeviceKey::from_material(bytes).expect("32 bytes are a key")
 }
 
 impl Envelope {
-    fn seal(key: &LessSafeKey, aad: &[u8], plaintext: &[u8]) -> Self {
-        let nonce = random::<NONCE_LEN>();
-        let mut buffer = plaintext.to_vec();
-        // Sealing fails only for inputs over 64 GiB.
-        key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce),
-            Aad::from(aad),
-            &mut buffer,
-        )
-        .expect("a key file is far below AES-GCM's limit");
-        Self {
-            sealed: SEALED_FORMAT.into(),
-            nonce: hex::encode(nonce),
-            ciphertext: hex::encode(buffer),
-        }
+    fn seal(key: &DeviceKey, aad: &[u8], plaintext: &[u8]) -> Self {
+        let blob = key
+            .seal_blob(aad, plaintext, &SystemRandom::new())
+            .expect("the system random source works");
+        Self { sealed: SEALED_FORMAT.into(), blob: hex::encode(blob) }
     }
 
     /// The plaintext, or `None` when the tag does not match (wrong key, tampered, moved).
-    fn open(&self, key: &LessSafeKey, aad: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
+    fn open(&self, key: &DeviceKey, aad: &[u8]) -> Result<Option<Zeroizing<Vec<u8>>>, String> {
         if self.sealed != SEALED_FORMAT {
             return Err(format!("unknown sealed format {:?}", self.sealed));
         }
-        let nonce: [u8; NONCE_LEN] = hex::decode(&self.nonce)
-            .ok()
-            .and_then(|n| n.try_into().ok())
-            .ok_or_else(|| "the nonce is not 12 bytes of hex".to_owned())?;
-        let mut buffer =
-            Zeroizing::new(hex::decode(&self.ciphertext).map_err(|e| format!("ciphertext: {e}"))?);
-        let opened = key
-            .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buffer)
-            .ok()
-            .map(|plain| Zeroizing::new(plain.to_vec()));
-        Ok(opened)
+        let blob = hex::decode(&self.blob).map_err(|e| format!("sealed bytes: {e}"))?;
+        Ok(key.open_blob(aad, blob).ok().map(Zeroizing::new))
     }
 }
 
@@ -306,7 +287,7 @@ pub fn is_private_key_file(name: &str) -> bool {
 /// Read and write access to one keys directory's private key files.
 pub struct Vault {
     dir: PathBuf,
-    master: Option<Arc<LessSafeKey>>,
+    master: Option<Arc<DeviceKey>>,
 }
 
 impl std::fmt::Debug for Vault {
@@ -410,7 +391,7 @@ fn file_aad(path: &Path) -> String {
     path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
 }
 
-fn open_master(path: &Path, bytes: &[u8], secret: &Secret) -> Result<LessSafeKey, VaultError> {
+fn open_master(path: &Path, bytes: &[u8], secret: &Secret) -> Result<DeviceKey, VaultError> {
     let damaged = |reason: String| VaultError::Damaged { path: path.to_owned(), reason };
     let descriptor: Descriptor = serde_json::from_slice(bytes)
         .map_err(|e| damaged(format!("not a seal descriptor: {e}")))?;
@@ -596,9 +577,9 @@ mod tests {
 
         let path = dir.path().join("signing-aaaa.key");
         let mut sealed: Envelope = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
-        let mut bytes = hex::decode(&sealed.ciphertext).unwrap();
-        bytes[0] ^= 1;
-        sealed.ciphertext = hex::encode(bytes);
+        let mut bytes = hex::decode(&sealed.blob).unwrap();
+        bytes[20] ^= 1;
+        sealed.blob = hex::encode(bytes);
         std::fs::write(&path, serde_json::to_vec(&sealed).unwrap()).unwrap();
         assert!(matches!(vault.read("signing-aaaa.key"), Err(VaultError::Damaged { .. })));
     }
