@@ -10,118 +10,21 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 use falaj_agent::grpc::proto::ModelInferRequest;
 use falaj_agent::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use falaj_agent::grpc::proto::model_infer_request::InferInputTensor;
-use falaj_agent::import::{self, ImportOptions};
 use falaj_agent::server::{ServeConfig, Server};
 use falaj_agent::store::Store;
-use falaj_common::bundle::RuntimeHint;
-use falaj_common::onnx::{Attr, GraphBuilder};
-use falaj_common::random::SeededRng;
-use falaj_common::tensor::{DataType, Dim};
-use falaj_control::bundle::{self, BuildOptions};
 use falaj_control::keys::{self, InitOptions};
 use falaj_control::sample::SampleOptions;
 
-/// A model under test: its name, input and the shape of one row.
-struct Subject {
-    name: &'static str,
-    input: &'static str,
-    row: Vec<i64>,
-}
+#[path = "support/inference.rs"]
+mod inference;
 
-impl Subject {
-    fn row_len(&self) -> usize {
-        self.row.iter().product::<i64>() as usize
-    }
-}
-
-/// A CNN over [N, 3, 32, 32] images: conv 3→16, ReLU, conv 16→16, ReLU, pool, dense → 10.
-fn image_model() -> Vec<u8> {
-    let mut rng = SeededRng::new(5);
-    let mut weights = |n: usize| (0..n).map(|_| rng.normal(0.0, 0.2) as f32).collect::<Vec<_>>();
-    let n = || Dim::Symbol("N".into());
-    let mut g = GraphBuilder::new("bench_cnn");
-    g.input("image", DataType::Fp32, &[n(), Dim::Fixed(3), Dim::Fixed(32), Dim::Fixed(32)])
-        .weights("c1.w", &[16, 3, 3, 3], &weights(432))
-        .weights("c1.b", &[16], &weights(16))
-        .node(
-            "Conv",
-            &["image", "c1.w", "c1.b"],
-            &["c1"],
-            vec![Attr::Ints("pads", vec![1, 1, 1, 1])],
-        )
-        .node("Relu", &["c1"], &["r1"], vec![])
-        .weights("c2.w", &[16, 16, 3, 3], &weights(2304))
-        .weights("c2.b", &[16], &weights(16))
-        .node("Conv", &["r1", "c2.w", "c2.b"], &["c2"], vec![Attr::Ints("pads", vec![1, 1, 1, 1])])
-        .node("Relu", &["c2"], &["r2"], vec![])
-        .node("GlobalAveragePool", &["r2"], &["pool"], vec![])
-        .node("Flatten", &["pool"], &["flat"], vec![Attr::Int("axis", 1)])
-        .weights("fc.w", &[10, 16], &weights(160))
-        .weights("fc.b", &[10], &weights(10))
-        .node("Gemm", &["flat", "fc.w", "fc.b"], &["logits"], vec![Attr::Int("transB", 1)])
-        .output("logits", DataType::Fp32, &[n(), Dim::Fixed(10)]);
-    g.encode("bench")
-}
-
-fn install(
-    agent: &Path,
-    keys: &Path,
-    model: &Path,
-    name: &str,
-    reference: Option<&Path>,
-) -> Result<()> {
-    let now = SystemTime::now();
-    let out = model.with_extension("falaj");
-    bundle::build(
-        &BuildOptions {
-            keys: keys.to_owned(),
-            model: model.to_owned(),
-            name: name.into(),
-            version: 1,
-            reference: reference.map(Path::to_owned),
-            runtime: RuntimeHint::Cpu,
-            lifetime: bundle::DEFAULT_LIFETIME,
-            out: out.clone(),
-            features: None,
-            shapes: std::collections::BTreeMap::new(),
-        },
-        now,
-    )?;
-    let mut store = Store::open(agent)?;
-    import::import_file(&mut store, &out, &ImportOptions::new(now), &mut |_, _| {})?;
-    Ok(())
-}
-
-/// Latencies of one client sending `batch`-row requests for `seconds`.
-struct Run {
-    latencies: Vec<Duration>,
-    wall: Duration,
-}
-
-impl Run {
-    fn p(&self, q: f64) -> f64 {
-        let mut l = self.latencies.clone();
-        l.sort_unstable();
-        l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
-    }
-    fn throughput(&self) -> f64 {
-        self.latencies.len() as f64 / self.wall.as_secs_f64()
-    }
-}
-
-fn inputs(subject: &Subject, batch: usize) -> Vec<u8> {
-    let mut rng = SeededRng::new(batch as u64);
-    (0..subject.row_len() * batch)
-        .flat_map(|_| (rng.normal(0.0, 1.0) as f32).to_le_bytes())
-        .collect()
-}
+use inference::{Run, Subject, arg, image_model, inputs, install, median};
 
 async fn rest(http: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -> Result<Run> {
     let raw = inputs(subject, batch);
@@ -184,20 +87,6 @@ async fn grpc(addr: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -
         latencies.push(t0.elapsed());
     }
     Ok(Run { latencies, wall: started.elapsed() })
-}
-
-/// The round whose p50 is the median of the rounds.
-fn median(mut runs: Vec<Run>) -> Run {
-    runs.sort_by(|a, b| a.p(0.5).total_cmp(&b.p(0.5)));
-    runs.swap_remove(runs.len() / 2)
-}
-
-fn arg(args: &[String], name: &str, default: f64) -> Result<f64> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(default), |s| s.parse::<f64>())
-        .with_context(|| format!("{name} takes a number"))
 }
 
 fn main() -> Result<()> {

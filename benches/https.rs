@@ -21,14 +21,8 @@ use falaj_agent::apikeys::{ApiKeys, AuthMode, Scope};
 use falaj_agent::grpc::proto::ModelInferRequest;
 use falaj_agent::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use falaj_agent::grpc::proto::model_infer_request::InferInputTensor;
-use falaj_agent::import::{self, ImportOptions};
 use falaj_agent::server::{ServeConfig, Server};
 use falaj_agent::store::Store;
-use falaj_common::bundle::RuntimeHint;
-use falaj_common::onnx::{Attr, GraphBuilder};
-use falaj_common::random::SeededRng;
-use falaj_common::tensor::{DataType, Dim};
-use falaj_control::bundle::{self, BuildOptions};
 use falaj_control::keys::{self, InitOptions};
 use falaj_control::sample::SampleOptions;
 use falaj_shell::tls::TlsFiles;
@@ -36,67 +30,10 @@ use http_body_util::{BodyExt, Full};
 use rustls::pki_types::pem::PemObject as _;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 
-/// A model under test: its name, input and the shape of one row.
-struct Subject {
-    name: &'static str,
-    input: &'static str,
-    row: Vec<i64>,
-}
+#[path = "support/inference.rs"]
+mod inference;
 
-impl Subject {
-    fn row_len(&self) -> usize {
-        self.row.iter().product::<i64>() as usize
-    }
-}
-
-/// A CNN over [N, 3, 32, 32] images: conv 3→16, ReLU, conv 16→16, ReLU, pool, dense → 10
-/// (the gRPC benchmark's).
-fn image_model() -> Vec<u8> {
-    let mut rng = SeededRng::new(5);
-    let mut weights = |n: usize| (0..n).map(|_| rng.normal(0.0, 0.2) as f32).collect::<Vec<_>>();
-    let n = || Dim::Symbol("N".into());
-    let pads = || vec![Attr::Ints("pads", vec![1, 1, 1, 1])];
-    let mut g = GraphBuilder::new("bench_cnn");
-    g.input("image", DataType::Fp32, &[n(), Dim::Fixed(3), Dim::Fixed(32), Dim::Fixed(32)])
-        .weights("c1.w", &[16, 3, 3, 3], &weights(432))
-        .weights("c1.b", &[16], &weights(16))
-        .node("Conv", &["image", "c1.w", "c1.b"], &["c1"], pads())
-        .node("Relu", &["c1"], &["r1"], vec![])
-        .weights("c2.w", &[16, 16, 3, 3], &weights(2304))
-        .weights("c2.b", &[16], &weights(16))
-        .node("Conv", &["r1", "c2.w", "c2.b"], &["c2"], pads())
-        .node("Relu", &["c2"], &["r2"], vec![])
-        .node("GlobalAveragePool", &["r2"], &["pool"], vec![])
-        .node("Flatten", &["pool"], &["flat"], vec![Attr::Int("axis", 1)])
-        .weights("fc.w", &[10, 16], &weights(160))
-        .weights("fc.b", &[10], &weights(10))
-        .node("Gemm", &["flat", "fc.w", "fc.b"], &["logits"], vec![Attr::Int("transB", 1)])
-        .output("logits", DataType::Fp32, &[n(), Dim::Fixed(10)]);
-    g.encode("bench")
-}
-
-fn install(agent: &Path, keys: &Path, model: &Path, name: &str) -> Result<()> {
-    let now = SystemTime::now();
-    let out = model.with_extension("falaj");
-    bundle::build(
-        &BuildOptions {
-            keys: keys.to_owned(),
-            model: model.to_owned(),
-            name: name.into(),
-            version: 1,
-            reference: None,
-            runtime: RuntimeHint::Cpu,
-            lifetime: bundle::DEFAULT_LIFETIME,
-            out: out.clone(),
-            features: None,
-            shapes: std::collections::BTreeMap::new(),
-        },
-        now,
-    )?;
-    let mut store = Store::open(agent)?;
-    import::import_file(&mut store, &out, &ImportOptions::new(now), &mut |_, _| {})?;
-    Ok(())
-}
+use inference::{Run, Subject, arg, image_model, inputs, install, median};
 
 /// A CA and a server certificate for 127.0.0.1 it signed: (CA PEM, files).
 fn certificate(dir: &Path) -> Result<(String, TlsFiles)> {
@@ -113,24 +50,6 @@ fn certificate(dir: &Path) -> Result<(String, TlsFiles)> {
     std::fs::write(&certificate, cert.pem())?;
     std::fs::write(&key_file, key.serialize_pem())?;
     Ok((ca_cert.pem(), TlsFiles { certificate, key: key_file, client_ca: None }))
-}
-
-/// Latencies of one client for `seconds`.
-struct Run {
-    latencies: Vec<Duration>,
-}
-
-impl Run {
-    fn p(&self, q: f64) -> f64 {
-        let mut l = self.latencies.clone();
-        l.sort_unstable();
-        l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6
-    }
-}
-
-fn inputs(subject: &Subject) -> Vec<u8> {
-    let mut rng = SeededRng::new(1);
-    (0..subject.row_len()).flat_map(|_| (rng.normal(0.0, 1.0) as f32).to_le_bytes()).collect()
 }
 
 type HttpClient = hyper_util::client::legacy::Client<
@@ -170,7 +89,7 @@ async fn rest(
     subject: &Subject,
     seconds: f64,
 ) -> Result<Run> {
-    let raw = inputs(subject);
+    let raw = inputs(subject, 1);
     let mut shape = vec![1i64];
     shape.extend(&subject.row);
     let header = serde_json::json!({
@@ -182,7 +101,8 @@ async fn rest(
     let mut body = header.clone().into_bytes();
     body.extend(&raw);
     let body = Bytes::from(body);
-    let stop = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let stop = started + Duration::from_secs_f64(seconds);
     let mut latencies = Vec::new();
     while Instant::now() < stop {
         let t0 = Instant::now();
@@ -197,7 +117,7 @@ async fn rest(
         std::hint::black_box(response.into_body().collect().await?.to_bytes());
         latencies.push(t0.elapsed());
     }
-    Ok(Run { latencies })
+    Ok(Run { latencies, wall: started.elapsed() })
 }
 
 async fn grpc(channel: Channel, key: Option<&str>, subject: &Subject, seconds: f64) -> Result<Run> {
@@ -213,12 +133,13 @@ async fn grpc(channel: Channel, key: Option<&str>, subject: &Subject, seconds: f
             parameters: HashMap::new(),
             contents: None,
         }],
-        raw_input_contents: vec![inputs(subject)],
+        raw_input_contents: vec![inputs(subject, 1)],
         ..Default::default()
     };
     let bearer: Option<tonic::metadata::MetadataValue<_>> =
         key.map(|k| format!("Bearer {k}").parse()).transpose()?;
-    let stop = Instant::now() + Duration::from_secs_f64(seconds);
+    let started = Instant::now();
+    let stop = started + Duration::from_secs_f64(seconds);
     let mut latencies = Vec::new();
     while Instant::now() < stop {
         let t0 = Instant::now();
@@ -229,21 +150,7 @@ async fn grpc(channel: Channel, key: Option<&str>, subject: &Subject, seconds: f
         std::hint::black_box(client.model_infer(request).await?.into_inner());
         latencies.push(t0.elapsed());
     }
-    Ok(Run { latencies })
-}
-
-/// The round whose p50 is the median of the rounds.
-fn median(mut runs: Vec<Run>) -> Run {
-    runs.sort_by(|a, b| a.p(0.5).total_cmp(&b.p(0.5)));
-    runs.swap_remove(runs.len() / 2)
-}
-
-fn arg(args: &[String], name: &str, default: f64) -> Result<f64> {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(default), |s| s.parse::<f64>())
-        .with_context(|| format!("{name} takes a number"))
+    Ok(Run { latencies, wall: started.elapsed() })
 }
 
 /// One endpoint pair under test: its REST and gRPC addresses.
@@ -265,10 +172,10 @@ fn main() -> Result<()> {
     keys::init(&keys_dir, &InitOptions::new("bench-1"), now)?;
     let agent = dir.path().join("agent");
     Store::init(&agent, "bench-1", &std::fs::read(keys_dir.join("root.json"))?, now)?;
-    install(&agent, &keys_dir, &made.model, "sensor-fault")?;
+    install(&agent, &keys_dir, &made.model, "sensor-fault", None)?;
     let cnn = dir.path().join("cnn.onnx");
     std::fs::write(&cnn, image_model())?;
-    install(&agent, &keys_dir, &cnn, "cnn")?;
+    install(&agent, &keys_dir, &cnn, "cnn", None)?;
     let key = ApiKeys::open(&agent)?.create("bench", Scope::All, None, now)?.secret;
     let (ca, files) = certificate(dir.path())?;
 
