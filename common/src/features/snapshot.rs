@@ -103,7 +103,7 @@ impl SnapshotSpec {
 
     /// The spec with its pseudonymised features naming `keyring`'s current version, each
     /// followed by one column per older version still in its overlap
-    /// ([`companion_name`](super::pii::companion_name)), in the order
+    /// ([`companion_name`]), in the order
     /// [`SnapshotWriter::with_keyring`](super::SnapshotWriter) writes them.
     #[must_use]
     pub fn with_keyring(mut self, keyring: &Keyring) -> Self {
