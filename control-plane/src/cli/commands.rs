@@ -1,0 +1,202 @@
+//! Dispatch, and the commands that act on a running control plane through its admin API.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::process::ExitCode;
+use std::time::SystemTime;
+
+use super::render::{render_agents, render_alerts, render_metrics_marked};
+use super::{
+    AgentCommand, ApiArgs, BundleCommand, Cli, Command, DeployArgs, EXIT_CONFIG, EXIT_USAGE,
+    Failure, PushArgs, TokenCommand,
+};
+use crate::client::{AdminClient, ClientError};
+
+impl ApiArgs {
+    pub(crate) fn client(&self) -> Result<AdminClient, Failure> {
+        let token = if let Some(token) = &self.token {
+            token.clone()
+        } else if let Some(token) = crate::auth::cli::session_token_for(&self.control_plane)? {
+            token
+        } else {
+            let path = self.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
+            std::fs::read_to_string(&path).map(|t| t.trim().to_owned()).map_err(|e| {
+                Failure::new(
+                    EXIT_CONFIG,
+                    anyhow::anyhow!(
+                        "no credentials: pass --token or FALAJ_TOKEN, log in (falaj-control login), or make {} readable ({e})",
+                        path.display()
+                    ),
+                )
+            })?
+        };
+        Ok(AdminClient::new(&self.control_plane, &token))
+    }
+}
+
+/// Runs a parsed command line; prints errors and returns the exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    let now = SystemTime::now();
+    let result = match cli.command {
+        Command::Keys(command) => super::keys::keys(command, now),
+        Command::Bundle(BundleCommand::Build(args)) => super::bundle::bundle_build(args, now),
+        Command::Bundle(BundleCommand::Inspect(args)) => super::bundle::bundle_inspect(&args, now),
+        Command::Sample(args) => super::bundle::sample(&args),
+        Command::Serve(args) => super::serve::serve(args),
+        Command::CheckConfig(args) => super::serve::check_config(&args.config),
+        Command::Bundle(BundleCommand::Push(args)) => bundle_push(&args),
+        Command::Bundle(BundleCommand::List(api)) => online(&api, |c| async move {
+            println!(
+                "{:<24} {:>8} {:>12} {:>7} {:<22}",
+                "NAME", "VERSION", "BYTES", "CHUNKS", "PUSHED"
+            );
+            for b in c.bundles().await? {
+                println!(
+                    "{:<24} {:>8} {:>12} {:>7} {:<22}",
+                    b["name"].as_str().unwrap_or("?"),
+                    b["version"],
+                    b["size"],
+                    b["chunks"],
+                    b["pushed_at"].as_str().unwrap_or("")
+                );
+            }
+            Ok(())
+        }),
+        Command::Token(TokenCommand::Create(args)) => online(&args.api, |c| async move {
+            let token = c.create_token(&args.group, args.ttl.as_secs().max(1)).await?;
+            eprintln!(
+                "enrollment token for group {} in region {}, valid until {}:",
+                token["group"].as_str().unwrap_or("?"),
+                token["region"].as_str().unwrap_or("?"),
+                token["expires"].as_str().unwrap_or("?")
+            );
+            println!("{}", token["token"].as_str().unwrap_or_default());
+            Ok(())
+        }),
+        Command::Agents(api) => online(&api, |c| async move {
+            print_agents(&c.agents().await?);
+            Ok(())
+        }),
+        Command::Agent(AgentCommand::Revoke(args)) => online(&args.api, |c| async move {
+            c.revoke(&args.agent).await?;
+            println!(
+                "revoked {}; its connection is closed and its certificate refused",
+                args.agent
+            );
+            Ok(())
+        }),
+        Command::Deploy(args) => deploy(args),
+        Command::Undeploy(args) => online(&args.api, |c| async move {
+            c.undeploy(&args.group, &args.name).await?;
+            println!("undeployed {} from group {}", args.name, args.group);
+            Ok(())
+        }),
+        Command::Metrics(args) => online(&args.api, |c| async move {
+            let view = c
+                .metrics(
+                    &args.model,
+                    args.version,
+                    args.group.as_deref(),
+                    args.agent.as_deref(),
+                    args.since,
+                )
+                .await?;
+            // Mark the versions of the latest rollout whose two versions are both shown.
+            let rollouts = c.rollouts(args.group.as_deref(), Some(&args.model)).await?;
+            let shown = |v: u64| view.versions.iter().any(|s| s.version == v);
+            let variants: BTreeMap<u64, &str> = rollouts
+                .iter()
+                .find(|r| shown(r.baseline) && shown(r.candidate))
+                .map(|r| [(r.baseline, "baseline"), (r.candidate, "candidate")].into())
+                .unwrap_or_default();
+            print!("{}", render_metrics_marked(&view, &variants));
+            Ok(())
+        }),
+        Command::Alerts(args) => online(&args.api, |c| async move {
+            print!("{}", render_alerts(&c.alerts(args.limit).await?));
+            Ok(())
+        }),
+        Command::Features(command) => crate::features::cli::run(command),
+        Command::Finetune(command) => crate::finetune::cli::run(command),
+        Command::Audit(command) => crate::audit::cli::run(command),
+        Command::Rollout(command) => crate::rollouts::cli::run(command),
+        Command::User(command) => crate::auth::cli::run_user(command),
+        Command::Login(args) => crate::auth::cli::run_login(&args),
+        Command::Logout => crate::auth::cli::run_logout(),
+        Command::Whoami(api) => crate::auth::cli::run_whoami(&api),
+        Command::Apitoken(command) => crate::auth::cli::run_api_token(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!(
+                "falaj-control: error: {}",
+                falaj_common::errors::describe(failure.error.as_ref())
+            );
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn bundle_push(args: &PushArgs) -> Result<(), Failure> {
+    online(&args.api, |c| async move {
+        let pushed = c.push_bundle(&args.file).await?;
+        let b = &pushed["bundle"];
+        let verb = if pushed["created"].as_bool() == Some(true) {
+            "registered"
+        } else {
+            "already registered:"
+        };
+        println!(
+            "{verb} {}@{} ({} bytes, {} chunks, {} new)",
+            b["name"].as_str().unwrap_or("?"),
+            b["version"],
+            b["size"],
+            b["chunks"],
+            pushed["new_chunks"]
+        );
+        Ok(())
+    })
+}
+
+/// Runs `f` against the admin API on a small runtime, mapping API errors to exit codes.
+pub(crate) fn online<F, Fut>(api: &ApiArgs, f: F) -> Result<(), Failure>
+where
+    F: FnOnce(AdminClient) -> Fut,
+    Fut: Future<Output = Result<(), ClientError>>,
+{
+    let client = api.client()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))?;
+    runtime.block_on(f(client)).map_err(|e| {
+        let code = match &e {
+            ClientError::Api { status: 400..=499, .. } => EXIT_CONFIG,
+            _ => 1,
+        };
+        Failure::new(code, e)
+    })
+}
+
+fn deploy(args: DeployArgs) -> Result<(), Failure> {
+    let (name, version) = args
+        .target
+        .split_once('@')
+        .and_then(|(n, v)| Some((n.to_owned(), v.parse::<u64>().ok()?)))
+        .ok_or_else(|| {
+            Failure::new(
+                EXIT_USAGE,
+                anyhow::anyhow!("expected NAME@VERSION, got {:?}", args.target),
+            )
+        })?;
+    online(&args.api, |c| async move {
+        c.deploy(&args.group, &name, version).await?;
+        println!("deployed {name}@{version} to group {}", args.group);
+        Ok(())
+    })
+}
+
+fn print_agents(agents: &[serde_json::Value]) {
+    print!("{}", render_agents(agents));
+}

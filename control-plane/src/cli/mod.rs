@@ -1,0 +1,57 @@
+//! The `falaj-control` command line. Offline: `keys init|rotate-root|rotate-signing|status`,
+//! `bundle build`, `bundle inspect`, `sample`. The daemon: `serve`. Against a running control plane,
+//! through its admin API: `bundle push|list`, `token create`, `agents`, `agent revoke`,
+//! `deploy`, `undeploy`, `metrics`, `alerts`, `features ...`, `finetune ...`,
+//! `rollout ...`, `audit ...`, and people and credentials: `user ...`, `login`, `logout`,
+//! `whoami`, `apitoken ...`.
+//!
+//! Exit codes: 0 success, 1 failure, 64 usage error, 65 a bundle that fails
+//! verification, 78 bad configuration or input.
+//!
+//! The clap definitions are in `args`, dispatch and the commands against the admin API
+//! in `commands`, the offline commands in `keys`, `bundle` and `serve`, and what every
+//! command prints in [`render`], which fetches nothing and is tested on its own.
+
+mod args;
+mod bundle;
+mod commands;
+mod keys;
+pub mod render;
+mod serve;
+
+pub use args::*;
+pub(crate) use commands::online;
+pub use commands::run;
+pub use render::{
+    render_agents, render_alerts, render_keys_status, render_metrics, render_metrics_marked,
+};
+
+/// Exit code for a usage error (`EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for a bundle that fails verification (`EX_DATAERR`).
+pub const EXIT_REFUSED: u8 = 65;
+/// Exit code for bad configuration or input (`EX_CONFIG`).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// A command's failure, with its exit code.
+#[derive(Debug)]
+pub struct Failure {
+    pub(super) code: u8,
+    pub(super) error: anyhow::Error,
+}
+
+impl Failure {
+    pub(crate) fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
+        Self { code, error: error.into() }
+    }
+
+    /// The exit code.
+    pub fn code(&self) -> u8 {
+        self.code
+    }
+
+    /// The error, on one line.
+    pub fn message(&self) -> String {
+        falaj_common::errors::describe(self.error.as_ref())
+    }
+}

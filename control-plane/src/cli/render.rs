@@ -1,0 +1,282 @@
+//! What the commands print: the tables and reports, as strings, apart from fetching them.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use falaj_common::drift::DriftScores;
+use falaj_common::metrics::ColumnDrift;
+use falaj_common::text::printable;
+use falaj_common::time::Timestamp;
+use falaj_common::trust::{Role, TrustRoot};
+
+use crate::admin::{AlertsView, MetricsView};
+
+/// The table of `keys status`: every version of the trust root, then warnings for what
+/// expires within 90 days.
+pub fn render_keys_status(versions: &[TrustRoot], held: &[String], now: Timestamp) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<8} {:<22} {:<10} {:<34} SIGNING KEYS",
+        "VERSION", "EXPIRES", "STATE", "ROOT KEYS"
+    );
+    let role = |role: &Role| {
+        let ids: Vec<String> = role
+            .keyids
+            .iter()
+            .map(|id| {
+                format!("{}{}", id.short(), if held.contains(&id.short()) { "*" } else { "" })
+            })
+            .collect();
+        format!("{} of {}", role.threshold, ids.join(","))
+    };
+    for (i, root) in versions.iter().enumerate() {
+        let state = if i + 1 < versions.len() {
+            "previous"
+        } else if root.expires() <= now {
+            "EXPIRED"
+        } else {
+            "current"
+        };
+        let roles = &root.metadata().roles;
+        let _ = writeln!(
+            out,
+            "{:<8} {:<22} {:<10} {:<34} {}",
+            root.version(),
+            root.expires().to_string(),
+            state,
+            role(&roles.root),
+            role(&roles.signing)
+        );
+    }
+    let _ = writeln!(out, "(* = private key in this directory)");
+    if let Some(current) = versions.last()
+        && let Some(days) = falaj_common::time::expiry_warning(now, current.expires())
+    {
+        let _ = writeln!(
+            out,
+            "WARNING: trust root version {} expires within {days} days ({}): rotate it with \
+                 `falaj-control keys rotate-root`",
+            current.version(),
+            current.expires()
+        );
+    }
+    out
+}
+
+/// The fleet table of `agents`. What agents report is printed escaped
+/// ([`printable`]): a hostile agent cannot drive the terminal of whoever reads it.
+pub fn render_agents(agents: &[serde_json::Value]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{:<20} {:<12} {:<10} {:<10} {:<6} {:<18} {:<22} {:<24} {:<24} ERRORS",
+        "AGENT", "GROUP", "REGION", "STATUS", "READY", "ENGINES", "LAST SEEN", "ACTIVE", "HELD"
+    );
+    let list = |v: &serde_json::Value| {
+        let items: Vec<&str> =
+            v.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+        if items.is_empty() { "-".to_owned() } else { printable(&items.join(",")).into_owned() }
+    };
+    let text = |v: &serde_json::Value, missing: &'static str| {
+        printable(v.as_str().unwrap_or(missing)).into_owned()
+    };
+    for a in agents {
+        let engines: serde_json::Value =
+            a["engines"].as_array().into_iter().flatten().map(|e| e["name"].clone()).collect();
+        let _ = writeln!(
+            out,
+            "{:<20} {:<12} {:<10} {:<10} {:<6} {:<18} {:<22} {:<24} {:<24} {}",
+            text(&a["id"], "?"),
+            text(&a["group"], "?"),
+            text(&a["region"], "?"),
+            text(&a["status"], "?"),
+            if a["ready"].as_bool() == Some(true) { "yes" } else { "no" },
+            list(&engines),
+            text(&a["last_seen"], "never"),
+            list(&a["active"]),
+            list(&a["held"]),
+            list(&a["errors"]),
+        );
+    }
+    out
+}
+
+/// The table `falaj-control metrics` prints: one row per version (rate, error rate,
+/// latency quantiles, the largest drift scores), then each version's top drifting
+/// features and its prediction drift.
+pub fn render_metrics(view: &MetricsView) -> String {
+    render_metrics_marked(view, &BTreeMap::new())
+}
+
+/// [`render_metrics`] with a VARIANT column naming each version's part in a rollout
+/// (`baseline`, `candidate`), when `variants` names any.
+pub fn render_metrics_marked(view: &MetricsView, variants: &BTreeMap<u64, &str>) -> String {
+    let mut out = format!("{} since {}\n", view.model, view.since);
+    if view.versions.is_empty() {
+        out.push_str("no metric windows in that range\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "{:<8} {:>6} {:>10} {:>9} {:>7} {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}{}",
+        "VERSION",
+        "AGENTS",
+        "REQUESTS",
+        "RATE/S",
+        "ERRORS",
+        "P50 ms",
+        "P95 ms",
+        "P99 ms",
+        "PSI max",
+        "KS max",
+        "JS max",
+        if variants.is_empty() { "" } else { " VARIANT" }
+    );
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.3}"));
+    for v in &view.versions {
+        let columns: Vec<_> =
+            v.drift.iter().flat_map(|d| d.inputs.iter().chain(&d.outputs)).collect();
+        let max = |pick: fn(&DriftScores) -> f64| {
+            columns
+                .iter()
+                .map(|c| pick(&c.scores))
+                .reduce(f64::max)
+                .map_or_else(|| "-".to_owned(), |m| format!("{m:.3}"))
+        };
+        let variant = if variants.is_empty() {
+            String::new()
+        } else {
+            format!(" {}", variants.get(&v.version).copied().unwrap_or("-"))
+        };
+        let _ = writeln!(
+            out,
+            "{:<8} {:>6} {:>10} {:>9.1} {:>6.2}% {:>8} {:>8} {:>8} {:>8} {:>7} {:>7}{variant}",
+            v.version,
+            v.agents,
+            v.requests,
+            v.rate,
+            v.error_rate * 100.0,
+            ms(v.p50_ms),
+            ms(v.p95_ms),
+            ms(v.p99_ms),
+            max(|s| s.psi),
+            max(|s| s.ks),
+            max(|s| s.js),
+        );
+    }
+    for v in &view.versions {
+        let Some(drift) = &v.drift else {
+            let _ = writeln!(
+                out,
+                "version {}: no reference profile in the bundle, so no drift",
+                v.version
+            );
+            continue;
+        };
+        let scores = |c: &ColumnDrift| {
+            format!(
+                "{} (psi {:.3}, ks {:.3}, js {:.3})",
+                c.column, c.scores.psi, c.scores.ks, c.scores.js
+            )
+        };
+        let top: Vec<String> = drift.top_inputs(3).into_iter().map(scores).collect();
+        if !top.is_empty() {
+            let _ =
+                writeln!(out, "version {} top drifting features: {}", v.version, top.join(", "));
+        }
+        let predictions: Vec<String> = drift.outputs.iter().map(scores).collect();
+        if !predictions.is_empty() {
+            let _ =
+                writeln!(out, "version {} prediction drift: {}", v.version, predictions.join(", "));
+        }
+        if v.dropped_windows > 0 {
+            let _ = writeln!(
+                out,
+                "version {}: agents dropped {} windows ({} requests) from full outboxes",
+                v.version, v.dropped_windows, v.dropped_requests
+            );
+        }
+    }
+    out
+}
+
+/// What `falaj-control alerts` prints.
+pub fn render_alerts(view: &AlertsView) -> String {
+    let mut out = String::new();
+    if view.firing.is_empty() {
+        out.push_str("no alerts firing\n");
+    } else {
+        let _ = writeln!(out, "{:<20} {:<40} {:<22} {:>10}", "FIRING", "SUBJECT", "SINCE", "VALUE");
+        for f in &view.firing {
+            let _ = writeln!(
+                out,
+                "{:<20} {:<40} {:<22} {:>10.4}",
+                f.rule,
+                f.subject,
+                f.since.to_string(),
+                f.value
+            );
+        }
+    }
+    if !view.events.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<22} {:<9} {:<20} {:<40} {:<14} {:>10} {:>10}",
+            "AT", "STATE", "RULE", "SUBJECT", "METRIC", "VALUE", "THRESHOLD"
+        );
+        for e in &view.events {
+            let _ = writeln!(
+                out,
+                "{:<22} {:<9} {:<20} {:<40} {:<14} {:>10.4} {:>10.4}",
+                e.at.to_string(),
+                e.state,
+                e.rule,
+                e.subject,
+                e.metric,
+                e.value,
+                e.threshold
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use falaj_common::metrics::Rollup;
+    use falaj_common::time::Timestamp;
+
+    use super::*;
+
+    #[test]
+    fn what_agents_report_cannot_drive_the_terminal() {
+        let agents = serde_json::json!([{
+            "id": "agent-1", "group": "edge", "region": "eu-west-1", "status": "connected",
+            "ready": true, "last_seen": "2026-12-04T10:00:00Z", "active": ["fault@1"],
+            "held": ["fault@1"], "errors": ["disk full\u{1b}[2J\u{1b}]0;pwned\u{7}"],
+            "engines": [{"name": "tract-cpu\u{1b}[2J", "device": "x86_64 CPU, 2 cores"}],
+        }]);
+        let table = render_agents(agents.as_array().unwrap());
+        assert!(!table.contains('\u{1b}') && !table.contains('\u{7}'), "{table:?}");
+        assert!(table.contains("tract-cpu\\u{1b}[2J"), "{table}");
+        assert!(table.contains("disk full\\u{1b}[2J"), "{table}");
+    }
+
+    #[test]
+    fn metrics_mark_the_variants_of_a_rollout_and_only_then() {
+        let summary = |v| Rollup::default().summary(v, 1, 60, None);
+        let view = MetricsView {
+            model: "pumps".into(),
+            since: Timestamp::from_unix(1_800_000_000),
+            versions: vec![summary(1), summary(2), summary(3)],
+        };
+        assert!(!render_metrics(&view).contains("VARIANT"));
+        let marked = render_metrics_marked(&view, &[(1, "baseline"), (2, "candidate")].into());
+        let lines: Vec<&str> = marked.lines().collect();
+        assert!(lines[1].ends_with(" VARIANT"), "{marked}");
+        assert!(lines[2].starts_with("1 ") && lines[2].ends_with(" baseline"), "{marked}");
+        assert!(lines[3].starts_with("2 ") && lines[3].ends_with(" candidate"), "{marked}");
+        assert!(lines[4].starts_with("3 ") && lines[4].ends_with(" -"), "{marked}");
+    }
+}
