@@ -138,10 +138,7 @@ async fn enrolled_session(
     control: &Control,
     dir: &Path,
 ) -> Result<(falaj_agent::sync::OpenSession, Option<DesiredBundle>)> {
-    let token = control.client.create_token(GROUP, 600).await?["token"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned();
+    let token = control.client.create_token(GROUP, 600).await?.token;
     let options = EnrollOptions {
         control_plane: control.quic.to_string(),
         token,
@@ -414,10 +411,7 @@ async fn footprint(agents: usize, seconds: u64) -> Result<()> {
         dirs.push(agent_dir.clone());
         let client = client.clone();
         tasks.spawn(async move {
-            let token = client.create_token(GROUP, 600).await?["token"]
-                .as_str()
-                .unwrap_or_default()
-                .to_owned();
+            let token = client.create_token(GROUP, 600).await?.token;
             let options = EnrollOptions {
                 control_plane: quic.to_string(),
                 token,
@@ -442,7 +436,7 @@ async fn footprint(agents: usize, seconds: u64) -> Result<()> {
     }
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let connected = client.status().await?["connected"].as_u64().unwrap_or(0) as usize;
+        let connected = client.status().await?.connected as usize;
         if connected >= agents {
             break;
         }

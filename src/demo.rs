@@ -186,7 +186,7 @@ async fn publish_sample(dir: &Path, client: &AdminClient) -> Result<(sample::Sam
         made.holdout_accuracy * 100.0,
         made.majority_share * 100.0
     );
-    let version = client.bundles().await?.iter().filter(|b| b["name"] == MODEL).count() as u64 + 1;
+    let version = client.bundles().await?.iter().filter(|b| b.name == MODEL).count() as u64 + 1;
     let bundle_path = dir.join(format!("{MODEL}-{version}.falaj"));
     bundle::build(
         &BuildOptions {
@@ -208,7 +208,7 @@ async fn publish_sample(dir: &Path, client: &AdminClient) -> Result<(sample::Sam
     client.deploy(GROUP, MODEL, version).await?;
     println!(
         "  3. bundle         {MODEL} v{version} signed with its reference profile, pushed ({} bytes, {} chunk(s)) and deployed to group {GROUP}",
-        pushed["bundle"]["size"], pushed["bundle"]["chunks"]
+        pushed.bundle.size, pushed.bundle.chunks
     );
 
     Ok((made, version))
@@ -224,8 +224,7 @@ async fn start_agent(
 ) -> Result<(String, SocketAddr, Agent)> {
     let agent_dir = dir.join(format!("agent-{}", i + 1));
     if !agent_dir.join(falaj_agent::store::DB_FILE).exists() {
-        let token =
-            client.create_token(GROUP, 600).await?["token"].as_str().unwrap_or_default().to_owned();
+        let token = client.create_token(GROUP, 600).await?.token;
         let options = EnrollOptions {
             control_plane: quic.to_string(),
             token,
@@ -410,7 +409,7 @@ async fn show_features(
     let built = client.snapshot(VIEW, &json!({})).await?;
     let snapshot = built["bundle"]["version"].as_u64().unwrap_or(1);
     let model_version =
-        client.bundles().await?.iter().filter(|b| b["name"] == FEATURE_MODEL).count() as u64 + 1;
+        client.bundles().await?.iter().filter(|b| b.name == FEATURE_MODEL).count() as u64 + 1;
     let bundle_path = dir.join(format!("{FEATURE_MODEL}-{model_version}.falaj"));
     bundle::build(
         &BuildOptions {
@@ -564,7 +563,7 @@ async fn show_finetune(
 
 /// Builds and pushes `model` as the next version of the sample model; returns the version.
 async fn push_version(dir: &Path, client: &AdminClient, model: &Path) -> Result<u64> {
-    let version = client.bundles().await?.iter().filter(|b| b["name"] == MODEL).count() as u64 + 1;
+    let version = client.bundles().await?.iter().filter(|b| b.name == MODEL).count() as u64 + 1;
     let out = dir.join(format!("{MODEL}-{version}.falaj"));
     bundle::build(
         &BuildOptions {

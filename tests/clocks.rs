@@ -98,12 +98,9 @@ async fn an_agent_days_ahead_refuses_documents_naming_its_clock_and_its_windows_
     // The control plane hears it too, in the agent's report.
     eventually(Duration::from_secs(60), "the agent reports its clock", || async {
         let agents = control.client.agents().await.unwrap();
-        agents.iter().any(|a| {
-            a["id"].as_str() == Some(id.as_str())
-                && a["errors"].as_array().is_some_and(|e| {
-                    e.iter().any(|e| e.as_str().unwrap_or("").contains("this agent's clock reads"))
-                })
-        })
+        agents
+            .iter()
+            .any(|a| a.id == id && a.errors.iter().any(|e| e.contains("this agent's clock reads")))
     })
     .await;
 
@@ -146,8 +143,8 @@ async fn an_agent_days_ahead_refuses_documents_naming_its_clock_and_its_windows_
     control.client.start_rollout(&start).await.unwrap();
     eventually(Duration::from_secs(60), "the rollout's document is refused", || async {
         let agents = control.client.agents().await.unwrap();
-        agents.iter().filter(|a| a["id"].as_str() == Some(id.as_str())).any(|a| {
-            a["errors"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).any(|e| {
+        agents.iter().filter(|a| a.id == id).any(|a| {
+            a.errors.iter().any(|e| {
                 e.contains("this agent's clock reads")
                     && document_version(e).is_some_and(|v| v > first_refused)
             })

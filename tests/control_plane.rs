@@ -44,18 +44,14 @@ async fn three_agents_enroll_deploy_and_converge_on_a_new_version() {
     }
     let fleet = control.client.agents().await.unwrap();
     assert_eq!(fleet.len(), 3);
-    assert!(
-        fleet.iter().all(|a| a["group"] == "edge" && a["region"] == fleet::REGION),
-        "{fleet:?}"
-    );
+    assert!(fleet.iter().all(|a| a.group == "edge" && a.region == fleet::REGION), "{fleet:?}");
     eventually(
         Duration::from_secs(30),
         "the fleet view shows version 2 active everywhere",
         || async {
             let fleet = control.client.agents().await.unwrap();
-            let done = fleet.iter().all(|a| {
-                a["status"] == "connected" && a["active"] == serde_json::json!(["sensor-fault@2"])
-            });
+            let done =
+                fleet.iter().all(|a| a.status == "connected" && a.active == ["sensor-fault@2"]);
             if !done {
                 eprintln!("fleet: {fleet:?}");
             }
@@ -116,7 +112,7 @@ async fn tokens_are_one_time_expiring_and_bound_to_their_region_and_ca() {
 
     // An expired token, written as the control plane would have stored it.
     let status = control.client.status().await.unwrap();
-    let ca: falaj_common::keys::Sha256 = status["ca_sha256"].as_str().unwrap().parse().unwrap();
+    let ca: falaj_common::keys::Sha256 = status.ca_sha256.parse().unwrap();
     let expired = falaj_common::enrollment::EnrollmentToken {
         id: [5; 16],
         secret: [6; 32],
@@ -194,8 +190,8 @@ async fn a_revoked_agent_is_dropped_and_refused_and_keeps_serving_what_it_has() 
         "the revoked agent got nothing new but still serves"
     );
     let fleet = control.client.agents().await.unwrap();
-    let revoked = fleet.iter().find(|a| a["id"] == drop_me.identity.agent_id.as_str()).unwrap();
-    assert_eq!(revoked["status"], "revoked");
+    let revoked = fleet.iter().find(|a| a.id == drop_me.identity.agent_id).unwrap();
+    assert_eq!(revoked.status, "revoked");
     keep.stop().await;
     drop_me.stop().await;
     control.stop().await;
@@ -254,9 +250,7 @@ async fn replayed_desired_state_is_refused() {
     control.client.deploy("edge", MODEL, 2).await.unwrap();
     eventually(Duration::from_secs(60), "the agent reports the refusal", || async {
         let fleet = control.client.agents().await.unwrap();
-        fleet[0]["errors"]
-            .as_array()
-            .is_some_and(|e| e.iter().any(|e| e.as_str().unwrap_or("").contains("not newer")))
+        fleet[0].errors.iter().any(|e| e.contains("not newer"))
     })
     .await;
     assert_eq!(agent.infer(MODEL).await.unwrap(), "1", "a replayed document changes nothing");
@@ -277,9 +271,7 @@ async fn expired_desired_state_is_refused() {
     let agent = control.agent(work.path(), "agent", "edge").await;
     eventually(Duration::from_secs(60), "the agent reports the expired document", || async {
         let fleet = control.client.agents().await.unwrap();
-        fleet[0]["errors"]
-            .as_array()
-            .is_some_and(|e| e.iter().any(|e| e.as_str().unwrap_or("").contains("expired")))
+        fleet[0].errors.iter().any(|e| e.contains("expired"))
     })
     .await;
     assert_eq!(agent.active_version(MODEL).await, None, "nothing was installed from it");
@@ -392,12 +384,10 @@ async fn undeploy_removes_the_model_and_a_silent_agent_shows_offline() {
     b.stop().await;
     eventually(Duration::from_secs(30), "the stopped agent shows offline", || async {
         let fleet = control.client.agents().await.unwrap();
-        fleet.iter().any(|x| x["id"] == silent.as_str() && x["status"] == "offline")
-            && fleet.iter().any(|x| {
-                x["id"] == a.identity.agent_id.as_str()
-                    && x["status"] == "connected"
-                    && x["ready"] == true
-            })
+        fleet.iter().any(|x| x.id == silent && x.status == "offline")
+            && fleet
+                .iter()
+                .any(|x| x.id == a.identity.agent_id && x.status == "connected" && x.ready)
     })
     .await;
     a.stop().await;
@@ -468,7 +458,7 @@ async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline()
     }
     eventually(Duration::from_secs(30), "the fleet view shows trust root 4", || async {
         let fleet = control.client.agents().await.unwrap();
-        fleet.iter().all(|a| a["trust_version"] == 4)
+        fleet.iter().all(|a| a.trust_version == 4)
     })
     .await;
     online.stop().await;

@@ -166,25 +166,42 @@ async fn health() -> Response {
     json_response(StatusCode::OK, &json!({"status": "ok"}))
 }
 
+/// What `GET /v1/status` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusView {
+    /// The control plane's region.
+    pub region: String,
+    /// Its software version.
+    pub version: String,
+    /// The agents' CA certificate's SHA-256 fingerprint.
+    pub ca_sha256: String,
+    /// Agents enrolled (revoked ones included).
+    pub agents: u64,
+    /// Agents with a session open now.
+    pub connected: u64,
+    /// Bundles registered.
+    pub bundles: u64,
+}
+
 async fn status(State(api): State<Api>) -> ApiResult<Response> {
     let (agents, bundles) = api.shared.db.call(|c| Ok((db::agents(c)?, db::bundles(c)?))).await?;
     let connected =
         api.shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
     Ok(json_response(
         StatusCode::OK,
-        &json!({
-            "region": api.shared.region,
-            "version": env!("CARGO_PKG_VERSION"),
-            "ca_sha256": api.shared.ca.fingerprint().to_string(),
-            "agents": agents.len(),
-            "connected": connected,
-            "bundles": bundles.len(),
-        }),
+        &StatusView {
+            region: api.shared.region.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            ca_sha256: api.shared.ca.fingerprint().to_string(),
+            agents: agents.len() as u64,
+            connected: connected as u64,
+            bundles: bundles.len() as u64,
+        },
     ))
 }
 
 /// A bundle as the API shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BundleView {
     /// Model name.
     pub name: String,
@@ -223,10 +240,18 @@ async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> 
     let staged = stage(&api, body, "push-", "bundle").await?;
     let (row, new_chunks, created) = register(&api, staged.path()).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
-    Ok(json_response(
-        status,
-        &json!({"bundle": BundleView::from(&row), "new_chunks": new_chunks, "created": created}),
-    ))
+    Ok(json_response(status, &PushedView { bundle: BundleView::from(&row), new_chunks, created }))
+}
+
+/// What `POST /v1/bundles` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushedView {
+    /// The bundle registered.
+    pub bundle: BundleView,
+    /// Chunks the control plane did not hold before.
+    pub new_chunks: u64,
+    /// Whether it was new (false: the same bundle was already registered).
+    pub created: bool,
 }
 
 /// Streams a request body to a file in the staging directory (removed when dropped),
@@ -380,19 +405,19 @@ struct CreateToken {
     ttl_seconds: u64,
 }
 
-/// A new enrollment token, shown once.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct NewEnrollmentToken {
+/// A new enrollment token, shown once: what `POST /v1/tokens` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewEnrollmentToken {
     /// The token as `falaj-agent enroll --token` takes it.
-    pub(crate) token: String,
+    pub token: String,
     /// Its public id.
-    pub(crate) id: String,
+    pub id: String,
     /// The group agents enrolled with it join.
-    pub(crate) group: String,
+    pub group: String,
     /// The region.
-    pub(crate) region: String,
+    pub region: String,
     /// When it expires.
-    pub(crate) expires: String,
+    pub expires: String,
 }
 
 async fn create_token(
@@ -442,7 +467,7 @@ pub(crate) async fn enrollment_token(
 }
 
 /// An agent as the fleet view shows it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AgentView {
     /// Id.
     pub id: String,
@@ -547,7 +572,16 @@ async fn revoke_agent(State(api): State<Api>, Path(id): Path<String>) -> ApiResu
     }
     api.shared.disconnect(&id, crate::quic::CLOSE_REFUSED, "agent revoked");
     tracing::warn!(agent = %id, "agent revoked");
-    Ok(json_response(StatusCode::OK, &json!({"id": id, "revoked": true})))
+    Ok(json_response(StatusCode::OK, &RevokedView { id, revoked: true }))
+}
+
+/// What `POST /v1/agents/{id}/revoke` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RevokedView {
+    /// The agent.
+    pub id: String,
+    /// Always true: a refusal is an error.
+    pub revoked: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -561,10 +595,19 @@ async fn deploy(
     body: axum::Json<Deploy>,
 ) -> ApiResult<Response> {
     deploy_version(&api, &group, &name, body.version).await?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"group": group, "name": name, "version": body.version}),
-    ))
+    Ok(json_response(StatusCode::OK, &DeploymentView { group, name, version: body.version }))
+}
+
+/// A model deployed to a group: what `PUT /v1/groups/{group}/deployments/{name}`
+/// answers, and each item of `GET /v1/deployments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentView {
+    /// The group.
+    pub group: String,
+    /// The model.
+    pub name: String,
+    /// The version the group runs.
+    pub version: u64,
 }
 
 /// Makes `name@version` the version group `group` runs and pushes the new desired state
@@ -648,7 +691,7 @@ async fn list_deployments(State(api): State<Api>) -> ApiResult<Response> {
     let rows = api.shared.db.call(|c| db::all_deployments(c)).await?;
     let views: Vec<_> = rows
         .into_iter()
-        .map(|(group, name, version)| json!({"group": group, "name": name, "version": version}))
+        .map(|(group, name, version)| DeploymentView { group, name, version })
         .collect();
     Ok(json_response(StatusCode::OK, &views))
 }

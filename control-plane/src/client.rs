@@ -9,7 +9,10 @@ use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use crate::admin::{AlertsView, MetricsView};
+use crate::admin::{
+    AgentView, AlertsView, BundleView, DeploymentView, MetricsView, NewEnrollmentToken, PushedView,
+    RevokedView, StatusView,
+};
 use crate::auth::WhoAmI;
 use crate::auth::api::{ApiTokenView, LoginView, UserView};
 use crate::auth::rules::Role;
@@ -116,12 +119,12 @@ impl AdminClient {
     }
 
     /// `GET /v1/status`.
-    pub async fn status(&self) -> Result<Value, ClientError> {
+    pub async fn status(&self) -> Result<StatusView, ClientError> {
         self.call(self.http.get(self.url("/v1/status"))).await
     }
 
     /// `POST /v1/bundles`, streaming the file.
-    pub async fn push_bundle(&self, path: &Path) -> Result<Value, ClientError> {
+    pub async fn push_bundle(&self, path: &Path) -> Result<PushedView, ClientError> {
         let file = tokio::fs::File::open(path)
             .await
             .map_err(|source| ClientError::File { path: path.display().to_string(), source })?;
@@ -134,12 +137,16 @@ impl AdminClient {
     }
 
     /// `GET /v1/bundles`.
-    pub async fn bundles(&self) -> Result<Vec<Value>, ClientError> {
+    pub async fn bundles(&self) -> Result<Vec<BundleView>, ClientError> {
         self.call(self.http.get(self.url("/v1/bundles"))).await
     }
 
     /// `POST /v1/tokens`.
-    pub async fn create_token(&self, group: &str, ttl_seconds: u64) -> Result<Value, ClientError> {
+    pub async fn create_token(
+        &self,
+        group: &str,
+        ttl_seconds: u64,
+    ) -> Result<NewEnrollmentToken, ClientError> {
         self.call(
             self.http
                 .post(self.url("/v1/tokens"))
@@ -149,12 +156,12 @@ impl AdminClient {
     }
 
     /// `GET /v1/agents`.
-    pub async fn agents(&self) -> Result<Vec<Value>, ClientError> {
+    pub async fn agents(&self) -> Result<Vec<AgentView>, ClientError> {
         self.call(self.http.get(self.url("/v1/agents"))).await
     }
 
     /// `POST /v1/agents/{id}/revoke`.
-    pub async fn revoke(&self, agent: &str) -> Result<Value, ClientError> {
+    pub async fn revoke(&self, agent: &str) -> Result<RevokedView, ClientError> {
         self.call(self.http.post(self.url(&format!("/v1/agents/{agent}/revoke")))).await
     }
 
@@ -164,7 +171,7 @@ impl AdminClient {
         group: &str,
         name: &str,
         version: u64,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<DeploymentView, ClientError> {
         self.call(
             self.http
                 .put(self.url(&format!("/v1/groups/{group}/deployments/{name}")))
@@ -408,7 +415,7 @@ impl AdminClient {
     }
 
     /// `GET /v1/deployments`.
-    pub async fn deployments(&self) -> Result<Vec<Value>, ClientError> {
+    pub async fn deployments(&self) -> Result<Vec<DeploymentView>, ClientError> {
         self.call(self.http.get(self.url("/v1/deployments"))).await
     }
 

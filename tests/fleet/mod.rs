@@ -109,7 +109,7 @@ impl Control {
     }
 
     pub async fn token(&self, group: &str) -> String {
-        self.client.create_token(group, 600).await.unwrap()["token"].as_str().unwrap().to_owned()
+        self.client.create_token(group, 600).await.unwrap().token
     }
 }
 

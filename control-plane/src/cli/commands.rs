@@ -5,7 +5,10 @@ use std::future::Future;
 use std::process::ExitCode;
 use std::time::SystemTime;
 
-use super::render::{render_agents, render_alerts, render_metrics_marked};
+use super::render::{
+    render_agents, render_alerts, render_bundles, render_metrics_marked, render_pushed,
+    render_token_header,
+};
 use super::{
     AgentCommand, ApiArgs, BundleCommand, Cli, Command, DeployArgs, EXIT_CONFIG, EXIT_USAGE,
     Failure, PushArgs, TokenCommand,
@@ -46,35 +49,17 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig(args) => super::serve::check_config(&args.config),
         Command::Bundle(BundleCommand::Push(args)) => bundle_push(&args),
         Command::Bundle(BundleCommand::List(api)) => online(&api, |c| async move {
-            println!(
-                "{:<24} {:>8} {:>12} {:>7} {:<22}",
-                "NAME", "VERSION", "BYTES", "CHUNKS", "PUSHED"
-            );
-            for b in c.bundles().await? {
-                println!(
-                    "{:<24} {:>8} {:>12} {:>7} {:<22}",
-                    b["name"].as_str().unwrap_or("?"),
-                    b["version"],
-                    b["size"],
-                    b["chunks"],
-                    b["pushed_at"].as_str().unwrap_or("")
-                );
-            }
+            print!("{}", render_bundles(&c.bundles().await?));
             Ok(())
         }),
         Command::Token(TokenCommand::Create(args)) => online(&args.api, |c| async move {
             let token = c.create_token(&args.group, args.ttl.as_secs().max(1)).await?;
-            eprintln!(
-                "enrollment token for group {} in region {}, valid until {}:",
-                token["group"].as_str().unwrap_or("?"),
-                token["region"].as_str().unwrap_or("?"),
-                token["expires"].as_str().unwrap_or("?")
-            );
-            println!("{}", token["token"].as_str().unwrap_or_default());
+            eprint!("{}", render_token_header(&token));
+            println!("{}", token.token);
             Ok(())
         }),
         Command::Agents(api) => online(&api, |c| async move {
-            print_agents(&c.agents().await?);
+            print!("{}", render_agents(&c.agents().await?));
             Ok(())
         }),
         Command::Agent(AgentCommand::Revoke(args)) => online(&args.api, |c| async move {
@@ -140,21 +125,7 @@ pub fn run(cli: Cli) -> ExitCode {
 
 fn bundle_push(args: &PushArgs) -> Result<(), Failure> {
     online(&args.api, |c| async move {
-        let pushed = c.push_bundle(&args.file).await?;
-        let b = &pushed["bundle"];
-        let verb = if pushed["created"].as_bool() == Some(true) {
-            "registered"
-        } else {
-            "already registered:"
-        };
-        println!(
-            "{verb} {}@{} ({} bytes, {} chunks, {} new)",
-            b["name"].as_str().unwrap_or("?"),
-            b["version"],
-            b["size"],
-            b["chunks"],
-            pushed["new_chunks"]
-        );
+        print!("{}", render_pushed(&c.push_bundle(&args.file).await?));
         Ok(())
     })
 }
@@ -195,8 +166,4 @@ fn deploy(args: DeployArgs) -> Result<(), Failure> {
         println!("deployed {name}@{version} to group {}", args.group);
         Ok(())
     })
-}
-
-fn print_agents(agents: &[serde_json::Value]) {
-    print!("{}", render_agents(agents));
 }

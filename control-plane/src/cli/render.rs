@@ -9,7 +9,9 @@ use falaj_common::text::printable;
 use falaj_common::time::Timestamp;
 use falaj_common::trust::{Role, TrustRoot};
 
-use crate::admin::{AlertsView, MetricsView};
+use crate::admin::{
+    AgentView, AlertsView, BundleView, MetricsView, NewEnrollmentToken, PushedView,
+};
 
 /// The table of `keys status`: every version of the trust root, then warnings for what
 /// expires within 90 days.
@@ -66,40 +68,78 @@ pub fn render_keys_status(versions: &[TrustRoot], held: &[String], now: Timestam
 
 /// The fleet table of `agents`. What agents report is printed escaped
 /// ([`printable`]): a hostile agent cannot drive the terminal of whoever reads it.
-pub fn render_agents(agents: &[serde_json::Value]) -> String {
+pub fn render_agents(agents: &[AgentView]) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
         "{:<20} {:<12} {:<10} {:<10} {:<6} {:<18} {:<22} {:<24} {:<24} ERRORS",
         "AGENT", "GROUP", "REGION", "STATUS", "READY", "ENGINES", "LAST SEEN", "ACTIVE", "HELD"
     );
-    let list = |v: &serde_json::Value| {
-        let items: Vec<&str> =
-            v.as_array().map(|a| a.iter().filter_map(|x| x.as_str()).collect()).unwrap_or_default();
+    let list = |items: &[String]| {
         if items.is_empty() { "-".to_owned() } else { printable(&items.join(",")).into_owned() }
     };
-    let text = |v: &serde_json::Value, missing: &'static str| {
-        printable(v.as_str().unwrap_or(missing)).into_owned()
-    };
     for a in agents {
-        let engines: serde_json::Value =
-            a["engines"].as_array().into_iter().flatten().map(|e| e["name"].clone()).collect();
+        let engines: Vec<String> = a.engines.iter().map(|e| e.name.clone()).collect();
         let _ = writeln!(
             out,
             "{:<20} {:<12} {:<10} {:<10} {:<6} {:<18} {:<22} {:<24} {:<24} {}",
-            text(&a["id"], "?"),
-            text(&a["group"], "?"),
-            text(&a["region"], "?"),
-            text(&a["status"], "?"),
-            if a["ready"].as_bool() == Some(true) { "yes" } else { "no" },
+            printable(&a.id),
+            printable(&a.group),
+            printable(&a.region),
+            printable(&a.status),
+            if a.ready { "yes" } else { "no" },
             list(&engines),
-            text(&a["last_seen"], "never"),
-            list(&a["active"]),
-            list(&a["held"]),
-            list(&a["errors"]),
+            printable(a.last_seen.as_deref().unwrap_or("never")),
+            list(&a.active),
+            list(&a.held),
+            list(&a.errors),
         );
     }
     out
+}
+
+/// The table of `bundle list`.
+pub fn render_bundles(bundles: &[BundleView]) -> String {
+    let mut out = format!(
+        "{:<24} {:>8} {:>12} {:>7} {:<22}\n",
+        "NAME", "VERSION", "BYTES", "CHUNKS", "PUSHED"
+    );
+    for b in bundles {
+        let _ = writeln!(
+            out,
+            "{:<24} {:>8} {:>12} {:>7} {:<22}",
+            printable(&b.name),
+            b.version,
+            b.size,
+            b.chunks,
+            printable(&b.pushed_at)
+        );
+    }
+    out
+}
+
+/// The line of `bundle push`: registered, or already registered, and how much was new.
+pub fn render_pushed(pushed: &PushedView) -> String {
+    let b = &pushed.bundle;
+    let verb = if pushed.created { "registered" } else { "already registered:" };
+    format!(
+        "{verb} {}@{} ({} bytes, {} chunks, {} new)\n",
+        printable(&b.name),
+        b.version,
+        b.size,
+        b.chunks,
+        pushed.new_chunks
+    )
+}
+
+/// What `token create` says of the token on stderr (the token alone goes to stdout).
+pub fn render_token_header(token: &NewEnrollmentToken) -> String {
+    format!(
+        "enrollment token for group {} in region {}, valid until {}:\n",
+        printable(&token.group),
+        printable(&token.region),
+        printable(&token.expires)
+    )
 }
 
 /// The table `falaj-control metrics` prints: one row per version (rate, error rate,
@@ -251,13 +291,15 @@ mod tests {
 
     #[test]
     fn what_agents_report_cannot_drive_the_terminal() {
-        let agents = serde_json::json!([{
-            "id": "agent-1", "group": "edge", "region": "eu-west-1", "status": "connected",
-            "ready": true, "last_seen": "2026-12-04T10:00:00Z", "active": ["fault@1"],
+        let agents: Vec<AgentView> = serde_json::from_value(serde_json::json!([{
+            "id": "agent-1", "hostname": "pump-7", "group": "edge", "region": "eu-west-1",
+            "status": "connected", "ready": true, "last_seen": "2026-12-04T10:00:00Z",
+            "agent_version": "0.1.0", "applied_version": 3, "active": ["fault@1"],
             "held": ["fault@1"], "errors": ["disk full\u{1b}[2J\u{1b}]0;pwned\u{7}"],
             "engines": [{"name": "tract-cpu\u{1b}[2J", "device": "x86_64 CPU, 2 cores"}],
-        }]);
-        let table = render_agents(agents.as_array().unwrap());
+        }]))
+        .unwrap();
+        let table = render_agents(&agents);
         assert!(!table.contains('\u{1b}') && !table.contains('\u{7}'), "{table:?}");
         assert!(table.contains("tract-cpu\\u{1b}[2J"), "{table}");
         assert!(table.contains("disk full\\u{1b}[2J"), "{table}");
