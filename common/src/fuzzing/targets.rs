@@ -49,7 +49,7 @@ pub fn signing_key() -> SigningKey {
     SigningKey::from_seed(&[2; 32])
 }
 
-/// The fixed trust root: the golden files' (`common/tests/golden/root-v1.json`).
+/// The fixed trust root: the golden files' (`common/tests/data/golden/root-v1.json`).
 pub fn trust() -> &'static TrustRoot {
     static TRUST: OnceLock<TrustRoot> = OnceLock::new();
     TRUST.get_or_init(|| {

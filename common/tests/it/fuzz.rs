@@ -35,7 +35,7 @@ fn campaign(
 }
 
 fn golden(name: &str) -> Vec<u8> {
-    std::fs::read(root().join("common/tests/golden").join(name)).unwrap()
+    std::fs::read(root().join("common/tests/data/golden").join(name)).unwrap()
 }
 
 #[test]

@@ -1,11 +1,11 @@
 //! Trust-root rotation, as fixture directories (the way tough keeps `rotated-root` and
-//! `expired-repository`): each case under `tests/rotation/` holds the root an agent
+//! `expired-repository`): each case under `tests/data/rotation/` holds the root an agent
 //! trusts (`trusted.json`), the roots it is offered in order (`offered-1.json`, ...), and
 //! optionally a document signed by the signing role (`signed.json`); `verdict.txt` says
 //! what must come of them. The verdicts are written here, by hand, beside the cases that
 //! make them; the test reads the committed files, so a change to rotation's rules or its
 //! messages shows as a failing case. Regenerate after a deliberate change with
-//! `FALAJ_BLESS=1 cargo test -p falaj-common --test rotation`.
+//! `FALAJ_BLESS=1 cargo test -p falaj-common --test it rotation`.
 
 use std::path::{Path, PathBuf};
 
@@ -174,7 +174,7 @@ fn cases() -> Vec<Case> {
 }
 
 fn dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/rotation")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/rotation")
 }
 
 fn signed(seed: u8) -> Signed {
