@@ -291,6 +291,13 @@ fn the_admin_api_serves_https_and_reloads_its_certificate_on_sighup() {
     let agents = format!("{url}/v1/agents");
     assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), token.trim()), 200);
     assert_eq!(curl_status(&agents, &tls.join("ca1.pem"), "wrong"), 401);
+    // The CLI speaks HTTPS too: trusting the CA it is given, and not without it.
+    let ca1 = tls.join("ca1.pem");
+    let cli = ["control", "agents", "--control-plane", &url, "--token", token.trim()];
+    let table = ok(&[&cli[..], &["--ca-cert", s(&ca1)]].concat());
+    assert!(table.starts_with("AGENT "), "{table}");
+    let err = fails(&cli, 1);
+    assert!(err.contains(&format!("cannot reach the control plane at {url}")), "{err}");
     let plain = agents.replace("https://", "http://");
     assert_ne!(curl_status(&plain, &tls.join("ca1.pem"), token.trim()), 200, "no plain HTTP");
     // The console's cookies are Secure over HTTPS, and only there.

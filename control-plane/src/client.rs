@@ -1,4 +1,9 @@
 //! A client of the admin API, for the CLI's commands that act on a running control plane.
+//!
+//! Requests are built with reqwest and sent by hyper over [`hyper_rustls`] with ring, so
+//! an `https://` URL works (the admin API's `[admin] tls_listen`) without a process-wide
+//! rustls provider: the workspace's reqwest has no TLS of its own, and its rustls feature
+//! without a provider would make every `reqwest::Client::new()` panic.
 
 use crate::features::pii_keys::{KeyVersion, Rotated};
 use std::path::Path;
@@ -27,7 +32,15 @@ pub enum ClientError {
         /// The API's base URL.
         url: String,
         /// The error.
-        source: reqwest::Error,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The TLS settings for an `https://` URL could not be made.
+    #[error("TLS for {url}: {message}")]
+    Tls {
+        /// The API's base URL.
+        url: String,
+        /// What is wrong.
+        message: String,
     },
     /// The control plane answered with an error.
     #[error("{message} ({code}, HTTP {status})")]
@@ -56,25 +69,100 @@ pub enum ClientError {
 pub struct AdminClient {
     base: String,
     token: String,
+    /// Builds requests (reqwest without TLS never sends one here).
     http: reqwest::Client,
+    /// Sends them: HTTP, or HTTPS with rustls and ring.
+    transport: Transport,
+}
+
+type Transport = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    reqwest::Body,
+>;
+
+/// The transport for `https://` (and `http://`) URLs: rustls with ring, trusting the CA
+/// certificates of `ca_pem` when given, else the system's roots.
+fn transport(base: &str, ca_pem: Option<&[u8]>) -> Result<Transport, ClientError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let tls_error = |message: String| ClientError::Tls { url: base.to_owned(), message };
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let tls = match ca_pem {
+        Some(pem) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| tls_error(format!("the CA certificate file: {e}")))?;
+                roots.add(cert).map_err(|e| tls_error(format!("a CA certificate: {e}")))?;
+            }
+            if roots.is_empty() {
+                return Err(tls_error("the CA certificate file holds no certificate".into()));
+            }
+            let config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .map_err(|e| tls_error(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            builder.with_tls_config(config)
+        }
+        None => match builder.with_provider_and_native_roots(std::sync::Arc::clone(&provider)) {
+            Ok(builder) => builder,
+            // Without system roots only a CA given with the URL can vouch for it; plain
+            // HTTP still works.
+            Err(_) => hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(
+                rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| tls_error(e.to_string()))?
+                    .with_root_certificates(rustls::RootCertStore::empty())
+                    .with_no_client_auth(),
+            ),
+        },
+    };
+    let connector = tls.https_or_http().enable_http1().build();
+    Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(connector))
 }
 
 impl AdminClient {
-    /// A client for the API at `base` (`http://127.0.0.1:7080`).
+    /// A client for the API at `base` (`http://127.0.0.1:7080`, or `https://...` checked
+    /// against the system's root certificates).
     pub fn new(base: &str, token: &str) -> Self {
-        Self {
-            base: base.trim_end_matches('/').to_owned(),
-            token: token.to_owned(),
-            http: reqwest::Client::new(),
-        }
+        let base = base.trim_end_matches('/').to_owned();
+        let transport = match transport(&base, None) {
+            Ok(transport) => transport,
+            Err(e) => unreachable!("TLS settings without a CA file are always made: {e}"),
+        };
+        Self { base, token: token.to_owned(), http: reqwest::Client::new(), transport }
+    }
+
+    /// A client for the API at `base` whose `https://` certificate must chain to one of
+    /// the CA certificates in `ca_pem` (PEM) instead of the system's roots.
+    pub fn with_ca(base: &str, token: &str, ca_pem: &[u8]) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/').to_owned();
+        let transport = transport(&base, Some(ca_pem))?;
+        Ok(Self { base, token: token.to_owned(), http: reqwest::Client::new(), transport })
+    }
+
+    /// Sends `request` with the bearer token; the response, whatever its status.
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, ClientError> {
+        let unreachable = |source: Box<dyn std::error::Error + Send + Sync>| {
+            ClientError::Unreachable { url: self.base.clone(), source }
+        };
+        let request =
+            request.bearer_auth(&self.token).build().map_err(|e| unreachable(e.into()))?;
+        let request = axum::http::Request::try_from(request).map_err(|e| unreachable(e.into()))?;
+        let response = self.transport.request(request).await.map_err(|e| unreachable(e.into()))?;
+        Ok(reqwest::Response::from(response.map(reqwest::Body::wrap)))
     }
 
     async fn call<T: DeserializeOwned>(
         &self,
         request: reqwest::RequestBuilder,
     ) -> Result<T, ClientError> {
-        let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
-        let response = request.bearer_auth(&self.token).send().await.map_err(unreachable)?;
+        let response = self.send(request).await?;
         self.decode(response).await
     }
 
@@ -82,7 +170,10 @@ impl AdminClient {
         &self,
         response: reqwest::Response,
     ) -> Result<T, ClientError> {
-        let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
+        let unreachable = |source: reqwest::Error| ClientError::Unreachable {
+            url: self.base.clone(),
+            source: source.into(),
+        };
         let status = response.status();
         if status == StatusCode::NO_CONTENT {
             return serde_json::from_value(Value::Null).map_err(|e| ClientError::Api {
@@ -233,9 +324,11 @@ impl AdminClient {
 
     /// `GET /v1/audit/export`: the audit log's lines (entries and signed checkpoints).
     pub async fn audit_export(&self) -> Result<String, ClientError> {
-        let unreachable = |source| ClientError::Unreachable { url: self.base.clone(), source };
-        let request = self.http.get(self.url("/v1/audit/export")).bearer_auth(&self.token);
-        let response = request.send().await.map_err(unreachable)?;
+        let unreachable = |source: reqwest::Error| ClientError::Unreachable {
+            url: self.base.clone(),
+            source: source.into(),
+        };
+        let response = self.send(self.http.get(self.url("/v1/audit/export"))).await?;
         if !response.status().is_success() {
             return Err(self.decode::<Value>(response).await.err().unwrap_or(ClientError::Api {
                 status: 0,
@@ -312,14 +405,12 @@ impl AdminClient {
         let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         params.push(("file", name));
         let url = self.url_with(api_path, &params)?;
-        self.http
+        let request = self
+            .http
             .post(url)
-            .bearer_auth(&self.token)
             .header("Content-Type", "application/octet-stream")
-            .body(reqwest::Body::from(file))
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })
+            .body(reqwest::Body::from(file));
+        self.send(request).await
     }
 
     /// `POST /v1/features/views/{name}/ingest`, streaming the file.
@@ -369,11 +460,9 @@ impl AdminClient {
         let dir = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         let staged = tempfile::NamedTempFile::new_in(dir).map_err(file_err)?;
         let mut file = tokio::fs::File::from_std(staged.reopen().map_err(file_err)?);
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?
-        {
+        while let Some(chunk) = response.chunk().await.map_err(|source| {
+            ClientError::Unreachable { url: self.base.clone(), source: source.into() }
+        })? {
             tokio::io::AsyncWriteExt::write_all(&mut file, &chunk).await.map_err(file_err)?;
         }
         file.sync_all().await.map_err(file_err)?;

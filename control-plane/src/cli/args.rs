@@ -126,6 +126,10 @@ pub struct ApiArgs {
     /// The control plane's data directory, to read the admin token from.
     #[arg(long, env = "FALAJ_CONTROL_DATA_DIR", default_value = "/var/lib/falaj-control")]
     pub(crate) data_dir: PathBuf,
+    /// For an `https://` URL: the CA certificate(s), PEM, its certificate must chain to
+    /// (default: the system's root certificates).
+    #[arg(long, env = "FALAJ_CONTROL_PLANE_CA")]
+    pub(crate) ca_cert: Option<PathBuf>,
 }
 
 /// Arguments of `serve`.

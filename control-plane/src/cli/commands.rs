@@ -33,7 +33,19 @@ impl ApiArgs {
                 )
             })?
         };
-        Ok(AdminClient::new(&self.control_plane, &token))
+        match &self.ca_cert {
+            None => Ok(AdminClient::new(&self.control_plane, &token)),
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Failure::new(
+                        EXIT_CONFIG,
+                        anyhow::anyhow!("reading the CA certificate {}: {e}", path.display()),
+                    )
+                })?;
+                AdminClient::with_ca(&self.control_plane, &token, &pem)
+                    .map_err(|e| Failure::new(EXIT_CONFIG, e))
+            }
+        }
     }
 }
 
