@@ -100,14 +100,12 @@ pub fn render_agents(agents: &[AgentView]) -> String {
 
 /// The table of `bundle list`.
 pub fn render_bundles(bundles: &[BundleView]) -> String {
-    let mut out = format!(
-        "{:<24} {:>8} {:>12} {:>7} {:<22}\n",
-        "NAME", "VERSION", "BYTES", "CHUNKS", "PUSHED"
-    );
+    let mut out =
+        format!("{:<24} {:>8} {:>12} {:>7} {}\n", "NAME", "VERSION", "BYTES", "CHUNKS", "PUSHED");
     for b in bundles {
         let _ = writeln!(
             out,
-            "{:<24} {:>8} {:>12} {:>7} {:<22}",
+            "{:<24} {:>8} {:>12} {:>7} {}",
             printable(&b.name),
             b.version,
             b.size,
@@ -320,5 +318,176 @@ mod tests {
         assert!(lines[2].starts_with("1 ") && lines[2].ends_with(" baseline"), "{marked}");
         assert!(lines[3].starts_with("2 ") && lines[3].ends_with(" candidate"), "{marked}");
         assert!(lines[4].starts_with("3 ") && lines[4].ends_with(" -"), "{marked}");
+    }
+
+    // Snapshots of what the commands print, as expect-test inline snapshots: after a
+    // deliberate change of a table, bless them with
+    // `UPDATE_EXPECT=1 cargo test -p falaj-control --lib cli::render` and review the diff.
+
+    fn fleet() -> Vec<AgentView> {
+        serde_json::from_value(serde_json::json!([
+            {
+                "id": "3f9a1c2e7b4d", "hostname": "pump-7", "group": "edge",
+                "region": "eu-west-1", "status": "connected", "ready": true,
+                "last_seen": "2026-12-04T10:00:00Z", "agent_version": "0.1.0",
+                "applied_version": 4, "active": ["fault@2"], "held": ["fault@1", "fault@2"],
+                "errors": [], "trust_version": 2,
+                "engines": [
+                    {"name": "tract-cpu", "device": "x86_64 CPU, 2 cores"},
+                    {"name": "wgpu-gpu", "device": "llvmpipe"}
+                ],
+                "serving": {"fault@2": "tract-cpu"}
+            },
+            {
+                "id": "8c01d5e6f2a9", "hostname": "pump-9", "group": "edge",
+                "region": "eu-west-1", "status": "offline", "ready": false,
+                "last_seen": null, "agent_version": "0.1.0", "applied_version": null,
+                "active": [], "held": [], "errors": ["fault@2: disk full", "not newer"]
+            }
+        ]))
+        .unwrap()
+    }
+
+    #[test]
+    fn agents_table() {
+        expect_test::expect![[r#"
+            AGENT                GROUP        REGION     STATUS     READY  ENGINES            LAST SEEN              ACTIVE                   HELD                     ERRORS
+            3f9a1c2e7b4d         edge         eu-west-1  connected  yes    tract-cpu,wgpu-gpu 2026-12-04T10:00:00Z   fault@2                  fault@1,fault@2          -
+            8c01d5e6f2a9         edge         eu-west-1  offline    no     -                  never                  -                        -                        fault@2: disk full,not newer
+        "#]].assert_eq(&render_agents(&fleet()));
+    }
+
+    #[test]
+    fn bundles_table_and_push_lines() {
+        let bundle = |version, size, chunks| BundleView {
+            name: "fault".into(),
+            version,
+            size,
+            chunks,
+            manifest_sha256: "ab".repeat(32),
+            pushed_at: format!("2026-12-0{version}T09:30:00Z"),
+        };
+        expect_test::expect![[r#"
+            NAME                      VERSION        BYTES  CHUNKS PUSHED
+            fault                           1        18204       1 2026-12-01T09:30:00Z
+            fault                           2      4194912       3 2026-12-02T09:30:00Z
+        "#]]
+        .assert_eq(&render_bundles(&[bundle(1, 18_204, 1), bundle(2, 4_194_912, 3)]));
+        let pushed = |created, new_chunks| PushedView {
+            bundle: bundle(2, 4_194_912, 3),
+            new_chunks,
+            created,
+        };
+        expect_test::expect![[r#"
+            registered fault@2 (4194912 bytes, 3 chunks, 2 new)
+            already registered: fault@2 (4194912 bytes, 3 chunks, 0 new)
+        "#]]
+        .assert_eq(&[render_pushed(&pushed(true, 2)), render_pushed(&pushed(false, 0))].concat());
+        expect_test::expect![[r#"
+            NAME                      VERSION        BYTES  CHUNKS PUSHED
+        "#]]
+        .assert_eq(&render_bundles(&[]));
+    }
+
+    #[test]
+    fn token_header() {
+        let token = NewEnrollmentToken {
+            token: "falaj-enroll-v1.secret".into(),
+            id: "0a1b2c".into(),
+            group: "edge".into(),
+            region: "eu-west-1".into(),
+            expires: "2026-12-04T11:00:00Z".into(),
+        };
+        expect_test::expect![[r#"
+            enrollment token for group edge in region eu-west-1, valid until 2026-12-04T11:00:00Z:
+        "#]]
+        .assert_eq(&render_token_header(&token));
+    }
+
+    fn metrics_view() -> MetricsView {
+        let scores = |column: &str, psi: f64| serde_json::json!({"column": column, "scores": {"psi": psi, "ks": psi / 2.0, "js": psi / 4.0}});
+        let version = |version: u64, drift: serde_json::Value| {
+            serde_json::json!({
+                "version": version, "agents": 3, "windows": 12, "requests": 7_200 * version,
+                "errors": 18, "rows": 7_200 * version, "span_seconds": 3_600,
+                "rate": 2.0 * version as f64, "error_rate": 0.0025, "p50_ms": 0.84,
+                "p95_ms": 2.31, "p99_ms": null, "dropped_windows": version - 1,
+                "dropped_requests": 40 * (version - 1), "drift": drift,
+            })
+        };
+        serde_json::from_value(serde_json::json!({
+            "model": "fault",
+            "since": Timestamp::from_unix(1_800_000_000),
+            "versions": [
+                version(1, serde_json::Value::Null),
+                version(2, serde_json::json!({
+                    "inputs": [scores("temperature", 0.42), scores("vibration", 0.08),
+                               scores("pressure", 0.15), scores("flow", 0.01)],
+                    "outputs": [scores("label", 0.11)],
+                })),
+            ],
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn metrics_table() {
+        expect_test::expect![[r#"
+            fault since 2027-01-15T08:00:00Z
+            VERSION  AGENTS   REQUESTS    RATE/S  ERRORS   P50 ms   P95 ms   P99 ms  PSI max  KS max  JS max
+            1             3       7200       2.0   0.25%    0.840    2.310        -        -       -       -
+            2             3      14400       4.0   0.25%    0.840    2.310        -    0.420   0.210   0.105
+            version 1: no reference profile in the bundle, so no drift
+            version 2 top drifting features: temperature (psi 0.420, ks 0.210, js 0.105), pressure (psi 0.150, ks 0.075, js 0.037), vibration (psi 0.080, ks 0.040, js 0.020)
+            version 2 prediction drift: label (psi 0.110, ks 0.055, js 0.028)
+            version 2: agents dropped 1 windows (40 requests) from full outboxes
+        "#]].assert_eq(&render_metrics(&metrics_view()));
+        expect_test::expect![[r#"
+            fault since 2027-01-15T08:00:00Z
+            VERSION  AGENTS   REQUESTS    RATE/S  ERRORS   P50 ms   P95 ms   P99 ms  PSI max  KS max  JS max VARIANT
+            1             3       7200       2.0   0.25%    0.840    2.310        -        -       -       - -
+            2             3      14400       4.0   0.25%    0.840    2.310        -    0.420   0.210   0.105 candidate
+            version 1: no reference profile in the bundle, so no drift
+            version 2 top drifting features: temperature (psi 0.420, ks 0.210, js 0.105), pressure (psi 0.150, ks 0.075, js 0.037), vibration (psi 0.080, ks 0.040, js 0.020)
+            version 2 prediction drift: label (psi 0.110, ks 0.055, js 0.028)
+            version 2: agents dropped 1 windows (40 requests) from full outboxes
+        "#]]
+            .assert_eq(&render_metrics_marked(&metrics_view(), &[(2, "candidate")].into()));
+        let empty = MetricsView { versions: Vec::new(), ..metrics_view() };
+        expect_test::expect![[r#"
+            fault since 2027-01-15T08:00:00Z
+            no metric windows in that range
+        "#]]
+        .assert_eq(&render_metrics(&empty));
+    }
+
+    #[test]
+    fn alerts_table() {
+        let view: AlertsView = serde_json::from_value(serde_json::json!({
+            "firing": [{"rule": "pump-drift", "subject": "fault@2 temperature",
+                        "since": Timestamp::from_unix(1_800_000_000), "value": 0.4213}],
+            "events": [
+                {"id": 2, "at": Timestamp::from_unix(1_800_000_000), "rule": "pump-drift",
+                 "subject": "fault@2 temperature", "state": "firing", "metric": "psi",
+                 "value": 0.4213, "threshold": 0.25},
+                {"id": 1, "at": Timestamp::from_unix(1_799_990_000), "rule": "errors",
+                 "subject": "fault@1", "state": "resolved", "metric": "error_rate",
+                 "value": 0.001, "threshold": 0.05}
+            ],
+        }))
+        .unwrap();
+        expect_test::expect![[r#"
+            FIRING               SUBJECT                                  SINCE                       VALUE
+            pump-drift           fault@2 temperature                      2027-01-15T08:00:00Z       0.4213
+
+            AT                     STATE     RULE                 SUBJECT                                  METRIC              VALUE  THRESHOLD
+            2027-01-15T08:00:00Z   firing    pump-drift           fault@2 temperature                      psi                0.4213     0.2500
+            2027-01-15T05:13:20Z   resolved  errors               fault@1                                  error_rate         0.0010     0.0500
+        "#]].assert_eq(&render_alerts(&view));
+        let quiet = AlertsView { firing: Vec::new(), events: Vec::new() };
+        expect_test::expect![[r#"
+            no alerts firing
+        "#]]
+        .assert_eq(&render_alerts(&quiet));
     }
 }
