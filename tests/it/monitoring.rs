@@ -3,8 +3,8 @@
 //! the control plane counts every request exactly once, scores drift against the bundle's
 //! reference profile and alerts a webhook.
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};

@@ -4,7 +4,7 @@
 //! at the enrollment deadline, refuse more than its per-address cap, and still enroll a
 //! well-behaved agent afterwards.
 
-mod fleet;
+use crate::fleet;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;

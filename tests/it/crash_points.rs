@@ -8,8 +8,8 @@
 //! `failpoints` features of falaj-agent and falaj-control (enabled for the tests by the
 //! root package's dev-dependencies) put them: `FAILPOINTS=NAME=return`.
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};

@@ -6,8 +6,8 @@
 //! file and the cause, loses and corrupts nothing, and works once space or write access
 //! returns.
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::process::Command;
 use std::sync::Arc;

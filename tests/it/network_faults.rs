@@ -4,7 +4,7 @@
 //! the middle of a transfer. Enrollment, bundle transfers and metric windows still
 //! complete, and every request served is counted exactly once.
 
-mod fleet;
+use crate::fleet;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! The control plane's CLI output is accepted by the agent's CLI, and the agent's CLI
 //! refuses what it must, with the exit codes operators script against.
 
-mod support;
+use crate::support;
 
 use support::{fails, init_agent, ok, s, sample_bundle};
 

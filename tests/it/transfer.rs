@@ -1,7 +1,7 @@
 //! Chunked transfers: delta between versions, resumption across a control plane restart,
 //! corrupted chunks refetched, and fetches limited to what the agent's document names.
 
-mod fleet;
+use crate::fleet;
 
 use std::collections::HashSet;
 use std::io;

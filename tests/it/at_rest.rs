@@ -5,8 +5,8 @@
 //! Nor while a sync's import runs: an agent process stopped (aborted at a crash point)
 //! with the import staged holds no such window either.
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};

@@ -1,7 +1,7 @@
 //! The control plane and agents over QUIC: enrollment, deployment, convergence, and
 //! every refusal the trust model promises.
 
-mod fleet;
+use crate::fleet;
 
 use std::time::Duration;
 

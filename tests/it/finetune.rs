@@ -7,8 +7,8 @@
 // One story, told in order.
 #![allow(clippy::too_many_lines)]
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -6,8 +6,8 @@
 // One story, told in order; the values must round-trip exactly.
 #![allow(clippy::too_many_lines, clippy::float_cmp)]
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::time::{Duration, SystemTime};
 

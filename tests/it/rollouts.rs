@@ -14,8 +14,8 @@
 // Stories from start to end read better than the same steps spread over helpers.
 #![allow(clippy::too_many_lines)]
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

@@ -11,8 +11,8 @@
 //! behind: the control plane's certificate is not yet valid to it, so it cannot connect,
 //! and its log says so with its own time; it serves what it holds meanwhile.
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

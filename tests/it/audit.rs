@@ -5,8 +5,8 @@
 // One story from start to end reads better than the same steps spread over helpers.
 #![allow(clippy::too_many_lines)]
 
-mod fleet;
-mod support;
+use crate::fleet;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! answers equal to tract called directly, a new version imported while serving, and a
 //! clean exit on SIGTERM.
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! agents, 500 requests a second, 10 minutes) is `cargo bench --bench soak`, with its
 //! memory and latency over time in BENCHMARKS.md.
 
-mod fleet;
+use crate::fleet;
 
 use std::time::Duration;
 
