@@ -1,8 +1,9 @@
 //! The Falaj control plane: signing keys and trust root ([`keys`]), signed bundles with
 //! their reference data profiles ([`bundle`], [`reference`](mod@reference)), the sample
 //! model ([`sample`]), and the daemon ([`daemon`]): agent sessions over QUIC ([`quic`]),
-//! the admin API ([`admin`]), state in SQLite ([`db`]), metric windows and drift
-//! ([`monitoring`]), alerts ([`alerts`], sent by [`webhook`]) and the Prometheus endpoint ([`exporter`]).
+//! the admin API ([`admin`]) over the services it shares with the console ([`service`]),
+//! state in SQLite ([`db`]), metric windows and drift ([`monitoring`]), alerts
+//! ([`alerts`], sent by [`webhook`]) and the Prometheus endpoint ([`exporter`]).
 //! Beside them, the feature store ([`features`]), fine-tune jobs ordered for agents
 //! ([`finetune`]), rollouts of new versions, judged here and on agents ([`rollouts`]), and
 //! the audit log of every change ([`audit`]), and users, roles, sessions and API tokens
@@ -35,6 +36,7 @@ pub mod reference;
 pub mod rollouts;
 pub mod sample;
 pub mod secrets;
+pub mod service;
 pub mod state;
 pub mod vault;
 pub mod webhook;

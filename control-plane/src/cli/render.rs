@@ -281,6 +281,8 @@ pub fn render_alerts(view: &AlertsView) -> String {
 }
 
 #[cfg(test)]
+// expect-test writes its snapshots as `r#"..."#` whether or not they need the hashes.
+#[allow(clippy::needless_raw_string_hashes)]
 mod tests {
     use falaj_common::metrics::Rollup;
     use falaj_common::time::Timestamp;

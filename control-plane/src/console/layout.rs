@@ -205,6 +205,12 @@ impl From<ApiError> for PageError {
     }
 }
 
+impl From<crate::service::ServiceError> for PageError {
+    fn from(e: crate::service::ServiceError) -> Self {
+        Self(e.into())
+    }
+}
+
 impl From<crate::db::DbError> for PageError {
     fn from(e: crate::db::DbError) -> Self {
         Self(e.into())

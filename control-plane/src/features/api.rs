@@ -24,9 +24,10 @@ use super::export::{self, ExportError};
 use super::ingest::{self, IngestError};
 use super::snapshot::{self, BuildError, SnapshotOptions};
 use super::store;
-use crate::admin::{Api, ApiError, ApiResult, BundleView, json_response, register, stage};
+use crate::admin::{Api, ApiError, ApiResult, BundleView, json_response, stage};
 use crate::auth::{Permission as P, Routes};
 use crate::db;
+use crate::service::bundles::register;
 use falaj_tables::Format;
 
 /// Default lifetime of a snapshot bundle.
@@ -360,7 +361,7 @@ async fn build_snapshot(
     // snapshot (a record whose bundle failed to register is replaced by the next one).
     let recorded = spec.clone();
     api.features.db.call(move |c| snapshot::record(c, &recorded, version, created)).await?;
-    let (row, new_chunks, _) = register(&api, staged.path()).await?;
+    let (row, new_chunks, _) = register(&api.shared, staged.path()).await?;
     drop(staged);
     let carried = carried(&spec);
     event(&api, "features.snapshot", format!("{name}@{version}"), carried.clone()).await?;

@@ -1,6 +1,6 @@
 //! The overview (`/`), the fleet (`/fleet?group=&status=`) and one agent
 //! (`/fleet/{id}`): the agents as `GET /v1/agents` shows them (the same
-//! `admin::agent_views`), with their recent metrics and, for those who may read
+//! `service::fleet::agent_views`), with their recent metrics and, for those who may read
 //! it, their audit trail.
 
 use std::collections::BTreeSet;
@@ -14,12 +14,13 @@ use maud::{Markup, html};
 use serde::Deserialize;
 
 use super::given;
-use crate::admin::{AgentView, Api, ApiError, agent_views};
+use crate::admin::{AgentView, Api, ApiError};
 use crate::auth::Permission as P;
 use crate::console::gate::Ctx;
 use crate::console::layout::{self, PageResult, badge, empty, page, time_text};
 use crate::db;
 use crate::monitoring::{self, MetricsQuery};
+use crate::service::fleet::agent_views;
 
 /// The statuses an agent can have, in the order filters offer them.
 const STATUSES: [&str; 3] = ["connected", "offline", "revoked"];
@@ -43,7 +44,7 @@ pub struct Overview {
 
 /// `GET /`.
 pub(crate) async fn overview(State(api): State<Api>, Extension(ctx): Extension<Ctx>) -> PageResult {
-    let agents = agent_views(&api).await?;
+    let agents = agent_views(&api.shared).await?;
     let features = api.features.clone();
     let views = features.db.call(|c| crate::features::store::list(c)).await?.len();
     let (bundles, rollouts, alerts) = api
@@ -121,7 +122,7 @@ pub(crate) async fn list(
         ))
         .into());
     }
-    let agents = agent_views(&api).await?;
+    let agents = agent_views(&api.shared).await?;
     Ok(render_list(&ctx, &agents, &filter))
 }
 
@@ -223,7 +224,7 @@ pub(crate) async fn agent(
     Extension(ctx): Extension<Ctx>,
     Path(id): Path<String>,
 ) -> PageResult {
-    let Some(view) = agent_views(&api).await?.into_iter().find(|a| a.id == id) else {
+    let Some(view) = agent_views(&api.shared).await?.into_iter().find(|a| a.id == id) else {
         return Err(ApiError::not_found(format!("no agent {id:?}")).into());
     };
     let since = Timestamp::from_system(SystemTime::now() - Duration::from_secs(3600));

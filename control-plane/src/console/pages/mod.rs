@@ -1,5 +1,5 @@
 //! The console's pages, one module per area. Each handler reads through the same
-//! services the JSON handlers use (`admin::agent_views`, `monitoring::rollups_between`,
+//! services the JSON handlers use (`service::fleet::agent_views`, `monitoring::rollups_between`,
 //! `rollouts::view::build`, ...) and renders with a pure `render_*` function of the data,
 //! which the benchmark and the unit tests call without a server.
 

@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use super::given;
 use super::series::{self, Buckets};
-use crate::admin::{Api, ApiError, deploy_version};
+use crate::admin::{Api, ApiError};
 use crate::auth::Permission as P;
 use crate::console::charts::{self, Series};
 use crate::console::gate::Ctx;
@@ -28,6 +28,7 @@ use crate::console::layout::{self, PageError, PageResult, badge, csrf, empty, nu
 use crate::db;
 use crate::monitoring::{self, MetricsQuery};
 use crate::rollouts::{Action, Rollout, RolloutView, StartRequest, api as service};
+use crate::service::deploy::deploy_version;
 
 /// Buckets in a rollout's charts.
 const BUCKETS: usize = 30;
@@ -166,11 +167,13 @@ pub(crate) async fn deploy(
         Ok(None) => {
             Err((StatusCode::UNPROCESSABLE_ENTITY, "version: enter the version to deploy".into()))
         }
-        Ok(Some(version)) => match deploy_version(&api, group, model, version).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.status().is_client_error() => Err((e.status(), e.message().to_owned())),
-            Err(e) => return Err(e.into()),
-        },
+        Ok(Some(version)) => {
+            match deploy_version(&api.shared, group, model, version).await.map_err(ApiError::from) {
+                Ok(()) => Ok(()),
+                Err(e) if e.status().is_client_error() => Err((e.status(), e.message().to_owned())),
+                Err(e) => return Err(e.into()),
+            }
+        }
     };
     match outcome {
         Ok(()) => {

@@ -15,11 +15,12 @@ use axum::response::{IntoResponse, Response};
 use maud::{Markup, html};
 use serde::Deserialize;
 
-use crate::admin::{Api, ApiError, NewEnrollmentToken, enrollment_token};
+use crate::admin::{Api, ApiError, NewEnrollmentToken};
 use crate::auth::store::{self, UserRow};
 use crate::auth::{Permission as P, Role, api as service};
 use crate::console::gate::Ctx;
 use crate::console::layout::{self, PageError, PageResult, badge, csrf, page, time};
+use crate::service::fleet::enrollment_token;
 
 /// What a change on the users page leaves to show above it.
 #[derive(Debug, Default)]
@@ -241,7 +242,7 @@ pub(crate) async fn create_token(
     let Ok(ttl) = form.ttl_seconds.trim().parse::<u64>() else {
         return Ok(refuse(StatusCode::UNPROCESSABLE_ENTITY, "valid for: choose a lifetime"));
     };
-    match enrollment_token(&api, form.group.trim(), ttl).await {
+    match enrollment_token(&api.shared, form.group.trim(), ttl).await.map_err(ApiError::from) {
         Ok(token) => {
             let line = format!(
                 "falaj-agent enroll --control-plane {} --token {} --data-dir /var/lib/falaj-agent",
