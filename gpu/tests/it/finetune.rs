@@ -3,7 +3,7 @@
 //! weights and the same loss curve up to float32 summation order; and `evaluate` on a tiny
 //! head gives the sums worked out by hand.
 
-mod support;
+use crate::support;
 
 use falaj_common::finetune::{
     CpuKernel, Dense, Examples, HeadKernel, Hyperparameters, Objective, Optimizer, Outcome, Sums,
@@ -132,29 +132,24 @@ fn check_parity(objective: Objective, optimizer: Optimizer, batch_size: u32, lea
     eprintln!("{what}: largest relative train-loss difference {worst_loss:.2e}");
 }
 
-#[test]
-fn cross_entropy_with_adam_matches_the_cpu() {
+pub fn cross_entropy_with_adam_matches_the_cpu() {
     check_parity(Objective::CrossEntropy, Optimizer::Adam, 64, 0.01);
 }
 
-#[test]
-fn cross_entropy_with_sgd_matches_the_cpu() {
+pub fn cross_entropy_with_sgd_matches_the_cpu() {
     check_parity(Objective::CrossEntropy, Optimizer::Sgd, 50, 0.1);
 }
 
-#[test]
-fn squared_error_with_adam_matches_the_cpu() {
+pub fn squared_error_with_adam_matches_the_cpu() {
     check_parity(Objective::MeanSquaredError, Optimizer::Adam, 37, 0.01);
 }
 
-#[test]
-fn squared_error_with_sgd_matches_the_cpu() {
+pub fn squared_error_with_sgd_matches_the_cpu() {
     check_parity(Objective::MeanSquaredError, Optimizer::Sgd, 128, 0.02);
 }
 
 /// More rows than one evaluation dispatch covers (4096), in a shuffled order with repeats.
-#[test]
-fn evaluation_over_many_chunks_matches_the_cpu() {
+pub fn evaluation_over_many_chunks_matches_the_cpu() {
     let Some(gpu) = open_gpu() else { return };
     let (features, targets, start) = task(10_000, 16, 7, Objective::CrossEntropy, 3);
     let examples = Examples {
@@ -176,8 +171,7 @@ fn evaluation_over_many_chunks_matches_the_cpu() {
 
 /// A 2-input, 3-class head on three rows, the sums worked out by hand; the second row's
 /// logits tie for the top, and the first of them is not its label.
-#[test]
-fn evaluation_of_a_tiny_head_gives_the_hand_computed_sums() {
+pub fn evaluation_of_a_tiny_head_gives_the_hand_computed_sums() {
     let Some(gpu) = open_gpu() else { return };
     let head = Dense {
         inputs: 2,
@@ -227,8 +221,7 @@ fn evaluation_of_a_tiny_head_gives_the_hand_computed_sums() {
 }
 
 /// One SGD step on one row, worked out by hand: `W -= lr (dz ⊗ x + l2 W)`, `b -= lr dz`.
-#[test]
-fn one_sgd_step_moves_the_weights_as_worked_out_by_hand() {
+pub fn one_sgd_step_moves_the_weights_as_worked_out_by_hand() {
     let Some(gpu) = open_gpu() else { return };
     let head =
         Dense { inputs: 2, outputs: 2, weights: vec![1.0, 0.0, 0.0, 2.0], bias: vec![0.5, 0.0] };
@@ -261,8 +254,7 @@ fn one_sgd_step_moves_the_weights_as_worked_out_by_hand() {
     assert!((got.bias[0] - 0.45).abs() < 1e-6 && (got.bias[1] - 0.05).abs() < 1e-6, "{got:?}");
 }
 
-#[test]
-fn bad_input_is_an_error_not_a_panic() {
+pub fn bad_input_is_an_error_not_a_panic() {
     let Some(gpu) = open_gpu() else { return };
     let head = Dense { inputs: 2, outputs: 2, weights: vec![1.0; 4], bias: vec![0.0; 2] };
     let features = [1.0, 1.0, 0.0, -1.0];

@@ -2,7 +2,7 @@
 //! classifier and a small residual CNN (BatchNormalization folded, activations fused,
 //! a grouped convolution, a residual Add), and dynamic batching.
 
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 
@@ -41,8 +41,7 @@ fn random(len: usize, seed: u64) -> Vec<f32> {
     (0..len).map(|_| rng.normal(0.0, 1.0) as f32).collect()
 }
 
-#[test]
-fn sample_classifier_agrees_with_tract() {
+pub fn sample_classifier_agrees_with_tract() {
     let Some(gpu) = open_gpu() else { return };
     let data = sample::generate(2_000, 3, &[]);
     let config = TrainConfig { max_epochs: 5, ..TrainConfig::default() };
@@ -60,8 +59,7 @@ fn sample_classifier_agrees_with_tract() {
     }
 }
 
-#[test]
-fn residual_cnn_agrees_with_tract() {
+pub fn residual_cnn_agrees_with_tract() {
     let Some(gpu) = open_gpu() else { return };
     let model = zoo::cnn(10, 5);
     let engine = GpuModel::load(gpu, &model).unwrap();
@@ -79,8 +77,7 @@ fn residual_cnn_agrees_with_tract() {
 
 /// Batch normalization after a Gemm with alpha, beta and a transposed B is folded into
 /// the Gemm's weights and bias; the answers stay tract's.
-#[test]
-fn batch_norm_folds_into_a_scaled_gemm() {
+pub fn batch_norm_folds_into_a_scaled_gemm() {
     use falaj_common::onnx::{Attr, GraphBuilder};
     use falaj_common::tensor::{DataType, Dim};
     let Some(gpu) = open_gpu() else { return };
@@ -108,8 +105,7 @@ fn batch_norm_folds_into_a_scaled_gemm() {
     assert_close(&got[0].1, &floats(&tract(&model, &[7, k], &x)[0]), "Gemm + BN + Sigmoid");
 }
 
-#[test]
-fn concurrent_requests_run_as_one_batch_with_their_own_answers() {
+pub fn concurrent_requests_run_as_one_batch_with_their_own_answers() {
     let Some(gpu) = open_gpu() else { return };
     let model = zoo::mlp(&[16, 64, 4], 2);
     let engine = Arc::new(GpuModel::load(gpu, &model).unwrap());
@@ -136,8 +132,7 @@ fn concurrent_requests_run_as_one_batch_with_their_own_answers() {
     assert_eq!(batcher.stats(), (1, 8), "one batch of eight rows");
 }
 
-#[test]
-fn models_without_a_batch_axis_are_not_batched_and_unknown_operators_are_refused() {
+pub fn models_without_a_batch_axis_are_not_batched_and_unknown_operators_are_refused() {
     let Some(gpu) = open_gpu() else { return };
     // A fixed batch of 2: stacking requests would change its shape.
     let mut g = falaj_common::onnx::GraphBuilder::new("fixed");

@@ -7,7 +7,7 @@
 //! Inputs that decide shapes (a Reshape's target, Squeeze's axes) are baked into the model
 //! as initializers, as exported models carry them: the engine plans shapes at load.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -158,8 +158,7 @@ fn run_case(gpu: &std::sync::Arc<falaj_gpu::Gpu>, dir: &Path, rtol: f32) -> Outc
     Outcome::Passed
 }
 
-#[test]
-fn onnx_node_tests_pass_or_are_refused_as_listed() {
+pub fn onnx_node_tests_pass_or_are_refused_as_listed() {
     let Some(gpu) = open_gpu() else { return };
     let Some(python) = python() else { return };
     let cases = tempfile::tempdir().unwrap();
@@ -209,18 +208,15 @@ fn onnx_node_tests_pass_or_are_refused_as_listed() {
     assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
 }
 
-/// The Python with the `onnx` package (FALAJ_PYTHON), as for the interop test.
+/// The Python with the `onnx` package (FALAJ_PYTHON), as for the interop test; without it
+/// the test is skipped (reported as ignored), unless `FALAJ_REQUIRE_INTEROP` is set.
 pub fn python() -> Option<PathBuf> {
-    match std::env::var_os("FALAJ_PYTHON") {
-        Some(p) => Some(PathBuf::from(p)),
-        None if std::env::var_os("FALAJ_REQUIRE_INTEROP").is_some() => {
-            panic!("FALAJ_REQUIRE_INTEROP is set but FALAJ_PYTHON is not")
-        }
-        None => {
-            eprintln!(
-                "\n*** SKIPPED: FALAJ_PYTHON is not set (a Python with the onnx package). ***\n"
-            );
-            None
-        }
+    let python = std::env::var_os("FALAJ_PYTHON").map(PathBuf::from);
+    if python.is_none() {
+        support::skip(
+            "FALAJ_REQUIRE_INTEROP",
+            "FALAJ_PYTHON is not set (a Python with the onnx package)",
+        );
     }
+    python
 }
