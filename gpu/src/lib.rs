@@ -102,13 +102,53 @@ pub struct Gpu {
     large_tile: OnceLock<Tile>,
 }
 
+/// The window-system surface extensions that wgpu enables whenever the Vulkan driver offers
+/// them.
+const WINDOW_SYSTEMS: [&std::ffi::CStr; 3] =
+    [c"VK_KHR_xlib_surface", c"VK_KHR_xcb_surface", c"VK_KHR_wayland_surface"];
+
+/// A Vulkan instance for computing only: wgpu's, less the window-system surface extensions.
+///
+/// With `VK_KHR_wayland_surface` enabled, Mesa's device-select layer (an implicit layer that
+/// mesa-vulkan-drivers installs) connects to a Wayland display while listing adapters, to
+/// prefer the one showing it; on a headless machine libwayland then prints `error:
+/// XDG_RUNTIME_DIR is invalid or not set in the environment.` once per instance. The engine
+/// never presents to a window, so it asks for none of those extensions and nothing probes
+/// for a display.
+#[expect(
+    unsafe_code,
+    reason = "wgpu creates an instance with chosen extensions only through its HAL"
+)]
+fn compute_instance() -> Result<wgpu::Instance, GpuError> {
+    use wgpu::hal::vulkan;
+    let settings = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    let descriptor = wgpu::hal::InstanceDescriptor {
+        name: "falaj",
+        flags: settings.flags,
+        memory_budget_thresholds: settings.memory_budget_thresholds,
+        backend_options: settings.backend_options,
+        telemetry: None,
+        display: None,
+    };
+    let without_window_systems: Box<vulkan::CreateInstanceCallback> = Box::new(|args| {
+        args.extensions.retain(|name| !WINDOW_SYSTEMS.contains(name));
+    });
+    // SAFETY: the callback only leaves out extensions for creating surfaces from Xlib, XCB
+    // and Wayland windows, which this crate never creates; wgpu-hal checks that an extension
+    // was enabled (`shared.extensions`) before any use of it, so without them creating such
+    // a surface is an error, and nothing else depends on them.
+    let hal =
+        unsafe { vulkan::Instance::init_with_callback(&descriptor, Some(without_window_systems)) }
+            .map_err(|e| GpuError::NoAdapter(format!("no Vulkan instance: {e}")))?;
+    // SAFETY: `hal` is a Vulkan instance just created by wgpu-hal's Vulkan backend, and
+    // nothing else holds it: wgpu owns it from here.
+    Ok(unsafe { wgpu::Instance::from_hal::<wgpu::hal::api::Vulkan>(hal) })
+}
+
 impl Gpu {
     /// Opens the first high-performance Vulkan adapter, or says why there is none.
     pub fn open(options: GpuOptions) -> Result<Arc<Self>, GpuError> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor {
-            backends: wgpu::Backends::VULKAN,
-            ..wgpu::InstanceDescriptor::new_without_display_handle_from_env()
-        });
+        let instance = compute_instance()?;
         let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
             power_preference: wgpu::PowerPreference::HighPerformance,
             ..Default::default()
