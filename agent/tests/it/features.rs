@@ -3,7 +3,7 @@
 //! replacing the old, inference by entity equal to the same inference with the features
 //! given, every refusal with its status, and import refusals leaving the state untouched.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;

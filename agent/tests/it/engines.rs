@@ -3,7 +3,7 @@
 //! engine with tract's answers; a model with integer tensors and one with an operator the
 //! GPU engine lacks are served by tract, each fallback counted in Prometheus.
 
-mod support;
+use crate::support;
 
 use falaj_agent::engine::EngineConfig;
 use falaj_agent::server::ServeConfig;

@@ -5,7 +5,7 @@
 //! refused; a plaintext file an older agent left is sealed on open; the key can come from
 //! a systemd credential.
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! request in flight is finished), connections past the cap wait, and request bodies are
 //! admitted a bounded number at a time (503 when no slot frees in time).
 
-mod support;
+use crate::support;
 
 use std::future::Future;
 use std::net::SocketAddr;

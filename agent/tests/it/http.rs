@@ -1,7 +1,7 @@
 //! The Open Inference Protocol server over real HTTP on 127.0.0.1:0: answers equal to
 //! tract's, every data type, symbolic sizes, versions, hot import, and every bad input.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};

@@ -4,7 +4,7 @@
 //! parent's, the gate keeps the parent; bad jobs are refused with the reason and change
 //! nothing.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

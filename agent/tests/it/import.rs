@@ -1,6 +1,6 @@
 //! Importing bundles: what is installed, and every refusal leaving the state untouched.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::Path;
