@@ -21,6 +21,7 @@ use falaj_agent::server::ServeConfig as AgentConfig;
 use falaj_agent::sync::SyncConfig;
 use falaj_common::alerting::{AlertMetric, AlertRule, DriftScope};
 use falaj_common::bundle::{FeatureInput, RuntimeHint};
+use falaj_common::finetune::{JobReport, JobState, Metrics};
 use falaj_common::rollout::Strategy;
 use falaj_common::sample::{CLASSES, FEATURES, Shift, generate};
 use falaj_control::admin::{AlertsView, MetricsView};
@@ -512,7 +513,7 @@ async fn show_finetune(
     let order = json!({"agent": agent, "job": {"model": MODEL, "version": version,
         "data": {"file": data, "label": "label"}, "hyperparameters": {"max_epochs": 20}}});
     let placed = client.order_finetune(&order).await?;
-    let id = placed["id"].as_str().unwrap_or_default().to_owned();
+    let id = placed.id;
     println!(
         " 10. fine-tune      job {id} ordered for {agent}, whose vibration sensors read 3 mm/s high: \
          retrain {MODEL}'s head on its {} labelled rows, which stay there",
@@ -521,26 +522,27 @@ async fn show_finetune(
     let deadline = Instant::now() + Duration::from_secs(180);
     let job = loop {
         let job = client.finetune_job(&id).await?;
-        if matches!(job["state"].as_str(), Some("succeeded" | "failed")) {
+        if matches!(job.state.as_str(), "succeeded" | "failed") {
             break job;
         }
         anyhow::ensure!(Instant::now() < deadline, "the agent did not report job {id} in time");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    let report = &job["report"];
-    let lineage = &report["lineage"];
-    let accuracy = |m: &Value| m["accuracy"].as_f64().unwrap_or_default() * 100.0;
-    anyhow::ensure!(job["state"] == "succeeded", "job {id} failed: {}", report["detail"]);
+    let report = job.report.unwrap_or_else(|| JobReport::state(&id, JobState::Failed));
+    let detail = report.detail.as_deref().unwrap_or("no report");
+    anyhow::ensure!(job.state == "succeeded", "job {id} failed: {detail}");
+    let lineage = report.lineage.context("a succeeded job reports its lineage")?;
+    let accuracy = |m: &Metrics| m.accuracy.unwrap_or_default() * 100.0;
     println!(
         "     reported       held-out accuracy {:.1}% -> {:.1}% after {} epochs ({} rows, on the {})",
-        accuracy(&lineage["before"]),
-        accuracy(&lineage["after"]),
-        lineage["epochs"].as_array().map_or(0, Vec::len),
-        lineage["train_rows"],
-        lineage["engine"].as_str().unwrap_or("?")
+        accuracy(&lineage.before),
+        accuracy(&lineage.after),
+        lineage.epochs.len(),
+        lineage.train_rows,
+        lineage.engine
     );
-    let derived = report["derived"].as_str().unwrap_or("?");
-    if lineage["gate"]["activate"] == true {
+    let derived = report.derived.as_deref().unwrap_or("?");
+    if lineage.gate.activate {
         let meta = format!("http://{addr}/v2/models/{MODEL}");
         let deadline = Instant::now() + Duration::from_secs(30);
         while http.get(&meta).send().await?.json::<Value>().await?["parameters"]["served_by"]
@@ -553,10 +555,7 @@ async fn show_finetune(
             "     gate           passed: {derived} now answers requests for {MODEL} on {agent}"
         );
     } else {
-        println!(
-            "     gate           kept {MODEL}: {}",
-            lineage["gate"]["reason"].as_str().unwrap_or("?")
-        );
+        println!("     gate           kept {MODEL}: {}", lineage.gate.reason);
     }
     Ok(())
 }

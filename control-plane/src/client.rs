@@ -21,6 +21,7 @@ use crate::admin::{
 use crate::auth::WhoAmI;
 use crate::auth::api::{ApiTokenView, LoginView, UserView};
 use crate::auth::rules::Role;
+use crate::finetune::JobRow;
 use crate::rollouts::{Action, Rollout, RolloutView, StartRequest};
 
 /// Why a call failed.
@@ -346,17 +347,17 @@ impl AdminClient {
     }
 
     /// `POST /v1/finetune`: orders a fine-tune job (`{agent, id?, share_weights, job}`).
-    pub async fn order_finetune(&self, order: &Value) -> Result<Value, ClientError> {
+    pub async fn order_finetune(&self, order: &Value) -> Result<JobRow, ClientError> {
         self.call(self.http.post(self.url("/v1/finetune")).json(order)).await
     }
 
     /// `GET /v1/finetune`, newest first.
-    pub async fn finetune_jobs(&self) -> Result<Vec<Value>, ClientError> {
+    pub async fn finetune_jobs(&self) -> Result<Vec<JobRow>, ClientError> {
         self.call(self.http.get(self.url("/v1/finetune"))).await
     }
 
     /// `GET /v1/finetune/{id}`: the order and the agent's report.
-    pub async fn finetune_job(&self, id: &str) -> Result<Value, ClientError> {
+    pub async fn finetune_job(&self, id: &str) -> Result<JobRow, ClientError> {
         self.call(self.http.get(self.url(&format!("/v1/finetune/{id}")))).await
     }
 

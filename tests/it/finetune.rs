@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use falaj_common::onnx::head;
 use falaj_common::sample::{self, Shift};
+use falaj_control::finetune::JobRow;
 use fleet::{Control, RunningAgent, eventually};
 use serde_json::{Value, json};
 
@@ -40,10 +41,10 @@ async fn served_by(agent: &RunningAgent, model: &str) -> Option<String> {
     body["model_name"].as_str().map(str::to_owned)
 }
 
-async fn finished(control: &Control, id: &str) -> Value {
+async fn finished(control: &Control, id: &str) -> JobRow {
     eventually(Duration::from_secs(120), &format!("the agent reports {id} finished"), || async {
         let job = control.client.finetune_job(id).await.unwrap();
-        matches!(job["state"].as_str(), Some("succeeded" | "failed"))
+        matches!(job.state.as_str(), "succeeded" | "failed")
     })
     .await;
     control.client.finetune_job(id).await.unwrap()
@@ -104,18 +105,15 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     assert!(stdout.contains(&format!("ordered tune-1 for agent {agent_id}")), "{stdout}");
 
     let job = finished(&control, "tune-1").await;
-    let report = &job["report"];
-    assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(report["derived"], "pumps.ft1");
-    let lineage = &report["lineage"];
-    let (before, after) = (
-        lineage["before"]["accuracy"].as_f64().unwrap(),
-        lineage["after"]["accuracy"].as_f64().unwrap(),
-    );
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    let report = job.report.unwrap();
+    assert_eq!(report.derived.as_deref(), Some("pumps.ft1"));
+    let lineage = report.lineage.unwrap();
+    let (before, after) = (lineage.before.accuracy.unwrap(), lineage.after.accuracy.unwrap());
     assert!(after > before + 0.01, "held out on the site: {before:.3} -> {after:.3}");
-    assert_eq!(lineage["gate"]["activate"], true);
-    assert!(!lineage["epochs"].as_array().unwrap().is_empty(), "the loss curve");
-    assert!(report["weights"].is_null(), "the order kept the weights on the site");
+    assert!(lineage.gate.activate);
+    assert!(!lineage.epochs.is_empty(), "the loss curve");
+    assert!(report.weights.is_none(), "the order kept the weights on the site");
     eventually(Duration::from_secs(30), "the derived model serves pumps", || async {
         served_by(&agent, "pumps").await.as_deref() == Some("pumps.ft1")
     })
@@ -131,16 +129,13 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
                 "hyperparameters": {"max_epochs": 3}}});
     control.client.order_finetune(&order).await.unwrap();
     let job = finished(&control, "tune-2").await;
-    assert_eq!(job["state"], "succeeded", "{job}");
-    let weights = &job["report"]["weights"];
+    assert_eq!(job.state, "succeeded", "{job:?}");
+    let weights = job.report.and_then(|r| r.weights).unwrap();
     let store = falaj_agent::store::Store::open(&agent.dir).unwrap();
     let derived = store.installed().unwrap().into_iter().find(|i| i.manifest.name == "pumps.ft2");
     let trained = head::find(&store.read_content(&derived.unwrap()).unwrap()).unwrap();
-    let floats = |v: &Value| -> Vec<f32> {
-        v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
-    };
-    assert_eq!(floats(&weights["weights"]), trained.weights);
-    assert_eq!(floats(&weights["bias"]), trained.bias);
+    assert_eq!(weights.weights, trained.weights);
+    assert_eq!(weights.bias, trained.bias);
     // Kept with the job only, not again in the agent's last reported state (listing the
     // agents writes the pending reports first).
     control.client.agents().await.unwrap();
@@ -201,8 +196,8 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     }
     for (id, file) in &hostile {
         let job = finished(&control, id).await;
-        assert_eq!(job["state"], "failed", "{job}");
-        let detail = job["report"]["detail"].as_str().unwrap_or_default();
+        assert_eq!(job.state, "failed", "{job:?}");
+        let detail = job.report.and_then(|r| r.detail).unwrap_or_default();
         assert!(!detail.contains("root:") && !detail.contains("TOP-SECRET"), "{id}: {detail}");
         if *id == "tune-7" {
             assert!(detail.contains("no column \"label\""), "{detail}");

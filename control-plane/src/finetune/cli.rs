@@ -7,8 +7,11 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 use falaj_common::finetune::Job;
-use serde_json::{Value, json};
+use falaj_common::finetune::Metrics;
+use falaj_common::text::printable;
+use serde_json::json;
 
+use super::JobRow;
 use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
 
 /// `finetune` subcommands.
@@ -67,28 +70,13 @@ pub fn run(command: FinetuneCommand) -> Result<(), Failure> {
                 let placed = c.order_finetune(&order).await?;
                 println!(
                     "ordered {} for agent {}: fine-tune {}",
-                    placed["id"].as_str().unwrap_or("?"),
-                    placed["agent"].as_str().unwrap_or("?"),
-                    placed["order"]["job"]["model"].as_str().unwrap_or("?")
+                    placed.id, placed.agent, placed.order.job.model
                 );
                 Ok(())
             })
         }
         FinetuneCommand::List(api) => online(&api, |c| async move {
-            println!(
-                "{:<16} {:<24} {:<24} {:<10} {:<20}",
-                "JOB", "AGENT", "MODEL", "STATE", "UPDATED"
-            );
-            for j in c.finetune_jobs().await? {
-                println!(
-                    "{:<16} {:<24} {:<24} {:<10} {:<20}",
-                    j["id"].as_str().unwrap_or("?"),
-                    j["agent"].as_str().unwrap_or("?"),
-                    j["order"]["job"]["model"].as_str().unwrap_or("?"),
-                    j["state"].as_str().unwrap_or("?"),
-                    j["updated_at"].as_str().unwrap_or("")
-                );
-            }
+            print!("{}", render_jobs(&c.finetune_jobs().await?));
             Ok(())
         }),
         FinetuneCommand::Show(args) => online(&args.api, |c| async move {
@@ -98,72 +86,128 @@ pub fn run(command: FinetuneCommand) -> Result<(), Failure> {
     }
 }
 
-fn metrics(m: &Value) -> String {
-    match m["accuracy"].as_f64() {
-        Some(a) => format!("accuracy {a:.4}, loss {:.6}", m["loss"].as_f64().unwrap_or(f64::NAN)),
-        None => format!("mean squared error {:.6}", m["loss"].as_f64().unwrap_or(f64::NAN)),
+fn metrics(m: &Metrics) -> String {
+    match m.accuracy {
+        Some(a) => format!("accuracy {a:.4}, loss {:.6}", m.loss),
+        None => format!("mean squared error {:.6}", m.loss),
     }
 }
 
-/// A job as `finetune show` prints it.
-pub fn render_job(job: &Value) -> String {
+/// The table of `finetune list`.
+pub fn render_jobs(jobs: &[JobRow]) -> String {
+    let mut out =
+        format!("{:<16} {:<24} {:<24} {:<10} {}\n", "JOB", "AGENT", "MODEL", "STATE", "UPDATED");
+    for j in jobs {
+        let _ = writeln!(
+            out,
+            "{:<16} {:<24} {:<24} {:<10} {}",
+            printable(&j.id),
+            printable(&j.agent),
+            printable(&j.order.job.model),
+            printable(&j.state),
+            j.updated_at
+        );
+    }
+    out
+}
+
+/// A job as `finetune show` prints it. The agent's words are escaped ([`printable`]):
+/// they reach an operator's terminal.
+pub fn render_job(job: &JobRow) -> String {
     let mut out = String::new();
-    let order = &job["order"];
+    let order = &job.order;
     let _ = writeln!(
         out,
         "job {} for agent {}: {} ({})",
-        job["id"].as_str().unwrap_or("?"),
-        job["agent"].as_str().unwrap_or("?"),
-        order["job"]["model"].as_str().unwrap_or("?"),
-        job["state"].as_str().unwrap_or("?")
+        printable(&job.id),
+        printable(&job.agent),
+        printable(&order.job.model),
+        printable(&job.state)
     );
     let _ = writeln!(
         out,
         "  data {} (label {}), weights {}",
-        order["job"]["data"]["file"].as_str().unwrap_or("?"),
-        order["job"]["data"]["label"].as_str().unwrap_or("?"),
-        if order["share_weights"].as_bool() == Some(true) {
-            "may leave the site"
-        } else {
-            "stay on the site"
-        }
+        printable(&order.job.data.file.display().to_string()),
+        printable(&order.job.data.label),
+        if order.share_weights { "may leave the site" } else { "stay on the site" }
     );
-    let report = &job["report"];
-    if let Some(detail) = report["detail"].as_str() {
-        // The agent's words, escaped: they reach an operator's terminal.
-        let _ = writeln!(out, "  {}", falaj_common::text::printable(detail));
+    let Some(report) = &job.report else { return out };
+    if let Some(detail) = &report.detail {
+        let _ = writeln!(out, "  {}", printable(detail));
     }
-    let lineage = &report["lineage"];
-    if lineage.is_object() {
+    if let Some(lineage) = &report.lineage {
         let _ = writeln!(
             out,
             "  {}: {} -> {}: {}",
-            lineage["parent"].as_str().unwrap_or("?"),
-            metrics(&lineage["before"]),
-            report["derived"].as_str().unwrap_or("?"),
-            metrics(&lineage["after"])
+            printable(&lineage.parent),
+            metrics(&lineage.before),
+            printable(report.derived.as_deref().unwrap_or("?")),
+            metrics(&lineage.after)
         );
         let _ = writeln!(
             out,
             "  {} rows trained, {} held out, on the {}; epoch {} kept",
-            lineage["train_rows"],
-            lineage["held_out_rows"],
-            lineage["engine"].as_str().unwrap_or("?"),
-            lineage["best_epoch"]
+            lineage.train_rows,
+            lineage.held_out_rows,
+            printable(&lineage.engine),
+            lineage.best_epoch
         );
         let _ = writeln!(out, "  {:>5}  {:>12}  {:>12}", "EPOCH", "TRAIN LOSS", "HELD-OUT");
-        for e in lineage["epochs"].as_array().into_iter().flatten() {
+        for e in &lineage.epochs {
             let _ = writeln!(
                 out,
                 "  {:>5}  {:>12.6}  {:>12.6}",
-                e["epoch"],
-                e["train_loss"].as_f64().unwrap_or(f64::NAN),
-                e["validation"]["loss"].as_f64().unwrap_or(f64::NAN)
+                e.epoch, e.train_loss, e.validation.loss
             );
         }
     }
-    if let Some(w) = report["weights"].as_object() {
-        let _ = writeln!(out, "  head weights received: {} x {}", w["outputs"], w["inputs"]);
+    if let Some(w) = &report.weights {
+        let _ = writeln!(out, "  head weights received: {} x {}", w.outputs, w.inputs);
     }
     out
+}
+
+#[cfg(test)]
+// expect-test writes its snapshots as `r#"..."#` whether or not they need the hashes.
+#[allow(clippy::needless_raw_string_hashes)]
+mod tests {
+    use super::*;
+
+    // Snapshots: bless a deliberate change with
+    // `UPDATE_EXPECT=1 cargo test -p falaj-control --lib finetune::cli` and review the diff.
+
+    fn job(id: &str, state: &str, report: serde_json::Value) -> JobRow {
+        serde_json::from_value(json!({
+            "id": id, "agent": "3f9a1c2e7b4d", "state": state, "report": report,
+            "order": {"id": id, "share_weights": false,
+                      "job": {"model": "pumps", "data": {"file": "/srv/site.csv", "label": "label"}}},
+            "created_at": "2026-12-04T09:00:00Z", "updated_at": "2026-12-04T09:05:00Z",
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn jobs_table_and_a_failed_job() {
+        let failed = job(
+            "tune-7",
+            "failed",
+            json!({"id": "tune-7", "state": "failed", "derived": null, "lineage": null,
+                   "weights": null, "detail": "no column \"label\"\u{1b}[2J in /srv/site.csv"}),
+        );
+        let ordered = job("tune-8", "ordered", serde_json::Value::Null);
+        expect_test::expect![[r#"
+            JOB              AGENT                    MODEL                    STATE      UPDATED
+            tune-8           3f9a1c2e7b4d             pumps                    ordered    2026-12-04T09:05:00Z
+            tune-7           3f9a1c2e7b4d             pumps                    failed     2026-12-04T09:05:00Z
+        "#]].assert_eq(&render_jobs(&[ordered.clone(), failed.clone()]));
+        expect_test::expect![[r#"
+            job tune-7 for agent 3f9a1c2e7b4d: pumps (failed)
+              data /srv/site.csv (label label), weights stay on the site
+              no column "label"\u{1b}[2J in /srv/site.csv
+        "#]].assert_eq(&render_job(&failed));
+        expect_test::expect![[r#"
+            job tune-8 for agent 3f9a1c2e7b4d: pumps (ordered)
+              data /srv/site.csv (label label), weights stay on the site
+        "#]].assert_eq(&render_job(&ordered));
+    }
 }

@@ -11,7 +11,7 @@ pub mod cli;
 use falaj_common::finetune::{DesiredJob, JobReport, JobState};
 use falaj_common::time::Timestamp;
 use rusqlite::{Connection, OptionalExtension, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::db::{self, ts};
@@ -19,8 +19,8 @@ use crate::db::{self, ts};
 /// The state of a job the agent has not reported yet.
 const ORDERED: &str = "ordered";
 
-/// A job as the control plane holds it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// A job as the control plane holds it, and as `GET /v1/finetune[/{id}]` answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRow {
     /// The job's id.
     pub id: String,
