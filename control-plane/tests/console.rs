@@ -9,8 +9,9 @@
 //! `target/console-screenshots/`). One test needs no browser: the HTTP-level promises
 //! (redirects, cookies, CSRF, CSP) checked with plain requests.
 //!
-//! Without chromium and chromedriver the browser tests say so on one line and pass,
-//! unless `FALAJ_REQUIRE_BROWSER` is set (as `.ci/run` does): then they fail.
+//! The binary has its own harness (libtest-mimic, `main` at the end): without chromium and
+//! chromedriver the browser tests are reported as ignored, with the reason, unless
+//! `FALAJ_REQUIRE_BROWSER` is set (as `.ci/run` does): then they fail.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -280,18 +281,16 @@ fn find(candidates: &[&str]) -> Option<PathBuf> {
     candidates.iter().map(PathBuf::from).find(|p| p.is_file())
 }
 
-/// The browser, or `None` (after one line saying why) when Chromium or chromedriver is
-/// missing and `FALAJ_REQUIRE_BROWSER` is not set.
+/// The browser, or `None` (the test then reported as ignored, with the reason) when
+/// Chromium or chromedriver is missing and `FALAJ_REQUIRE_BROWSER` is not set.
 async fn browser() -> Option<Browser> {
     let driver = find(&["/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver"]);
     let chromium = find(&["/usr/bin/chromium", "/usr/lib/chromium/chromium"]);
     let (Some(driver), Some(chromium)) = (driver, chromium) else {
-        let why = "chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)";
-        assert!(
-            std::env::var_os("FALAJ_REQUIRE_BROWSER").is_none(),
-            "FALAJ_REQUIRE_BROWSER is set but {why}"
+        skip(
+            "FALAJ_REQUIRE_BROWSER",
+            "chromium and chromium-driver are not installed (apt-get install -y chromium chromium-driver)",
         );
-        eprintln!("SKIPPED: the console's browser test: {why}");
         return None;
     };
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -489,7 +488,6 @@ fn actions(entries: &[Value]) -> Vec<String> {
 /// line, with which a real agent enrolls and appears connected in the fleet; an auditor
 /// then finds each of those actions in the audit log, under the operator's name (and
 /// the enrollment), and the chain verifies.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_action() {
     let Some(b) = browser().await else { return };
     let plane = plane().await;
@@ -569,7 +567,6 @@ async fn an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_acti
 /// A viewer reads the rollout but finds no button to change it and no form to start
 /// one; posting the abort anyway with its own session is refused with the permission
 /// named, audited, and the rollout runs on.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_finds_no_controls_and_is_refused_when_posting_anyway() {
     let Some(b) = browser().await else { return };
     let plane = plane().await;
@@ -666,7 +663,6 @@ type Forged = (&'static str, Vec<(&'static str, &'static str)>, &'static str);
 /// changes its role and removes it; creates an API token, shown once, that opens the JSON API until the
 /// admin revokes it from the console; each of those actions is in the audit log under
 /// the admin's name, and an operator manages API tokens but not users.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_manages_users_and_api_tokens_and_each_action_is_audited() {
     let Some(b) = browser().await else { return };
     let plane = plane().await;
@@ -758,7 +754,6 @@ async fn an_admin_manages_users_and_api_tokens_and_each_action_is_audited() {
 
 /// An admin opens every page; each has its data (the drift chart ranks the shifted
 /// feature first) and a screenshot of each is kept for review.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_admin_opens_every_page_with_its_data() {
     let Some(b) = browser().await else { return };
     let plane = plane().await;
@@ -880,7 +875,6 @@ fn csrf_in(html: &str) -> String {
 /// with the page to return to; a wrong password is refused; the session cookie is
 /// HttpOnly and SameSite=Strict (and Secure behind TLS); pages carry the strict CSP and
 /// no inline script, style or handler; the script is served from the binary.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logging_in_sets_a_strict_cookie_and_pages_carry_a_strict_csp() {
     let plane = plane().await;
     plane.start_rollout().await;
@@ -931,7 +925,6 @@ async fn logging_in_sets_a_strict_cookie_and_pages_carry_a_strict_csp() {
 /// another origin, is refused and changes nothing, while the same form with the token
 /// from this origin works; an API token is no console session; logout ends the session
 /// and clears the cookie.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forms_need_the_sessions_token_from_this_origin_and_logout_ends_the_session() {
     let plane = plane().await;
     plane.start_rollout().await;
@@ -980,4 +973,65 @@ async fn forms_need_the_sessions_token_from_this_origin_and_logout_ends_the_sess
     assert_eq!(after.status(), 303, "the ended session opens nothing");
     let location = after.headers()["location"].to_str().unwrap().to_owned();
     assert!(location.contains("session+was+ended"), "{location}");
+}
+
+// ---- the harness ----
+
+thread_local! {
+    /// Why the test running on this thread skipped itself, if it did.
+    static SKIPPED: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Records that the running test cannot run here, and why; the test then returns. With
+/// `require` set in the environment it fails instead.
+fn skip(require: &str, why: &str) {
+    assert!(std::env::var_os(require).is_none(), "{require} is set but {why}");
+    SKIPPED.with(|s| *s.borrow_mut() = Some(why.to_owned()));
+}
+
+/// A test of the harness: `test` runs on a two-worker runtime whose main future is polled
+/// on the trial's thread (where [`skip`] records); ignored (with the reason) when it called
+/// [`skip`], failed when it panicked (libtest-mimic catches the panic).
+fn trial<F: Future<Output = ()> + 'static>(name: &str, test: fn() -> F) -> libtest_mimic::Trial {
+    libtest_mimic::Trial::ignorable_test(name, move || {
+        SKIPPED.with(|s| s.borrow_mut().take());
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("the test's runtime starts")
+            .block_on(test());
+        Ok(match SKIPPED.with(|s| s.borrow_mut().take()) {
+            Some(why) => libtest_mimic::Completion::ignored_with(why),
+            None => libtest_mimic::Completion::Completed,
+        })
+    })
+}
+
+fn main() {
+    let arguments = libtest_mimic::Arguments::from_args();
+    let trials = vec![
+        trial(
+            "an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_action",
+            an_operator_rolls_out_aborts_and_enrolls_and_the_auditor_sees_each_action,
+        ),
+        trial(
+            "a_viewer_finds_no_controls_and_is_refused_when_posting_anyway",
+            a_viewer_finds_no_controls_and_is_refused_when_posting_anyway,
+        ),
+        trial(
+            "an_admin_manages_users_and_api_tokens_and_each_action_is_audited",
+            an_admin_manages_users_and_api_tokens_and_each_action_is_audited,
+        ),
+        trial("an_admin_opens_every_page_with_its_data", an_admin_opens_every_page_with_its_data),
+        trial(
+            "logging_in_sets_a_strict_cookie_and_pages_carry_a_strict_csp",
+            logging_in_sets_a_strict_cookie_and_pages_carry_a_strict_csp,
+        ),
+        trial(
+            "forms_need_the_sessions_token_from_this_origin_and_logout_ends_the_session",
+            forms_need_the_sessions_token_from_this_origin_and_logout_ends_the_session,
+        ),
+    ];
+    libtest_mimic::run(&arguments, trials).exit();
 }
