@@ -176,9 +176,9 @@ mod tests {
     // Snapshots: bless a deliberate change with
     // `UPDATE_EXPECT=1 cargo test -p falaj-control --lib finetune::cli` and review the diff.
 
-    fn job(id: &str, state: &str, report: serde_json::Value) -> JobRow {
+    fn job(id: &str, state: &str, report: &serde_json::Value) -> JobRow {
         serde_json::from_value(json!({
-            "id": id, "agent": "3f9a1c2e7b4d", "state": state, "report": report,
+            "id": id, "agent": "3f9a1c2e7b4d", "state": state, "report": report.clone(),
             "order": {"id": id, "share_weights": false,
                       "job": {"model": "pumps", "data": {"file": "/srv/site.csv", "label": "label"}}},
             "created_at": "2026-12-04T09:00:00Z", "updated_at": "2026-12-04T09:05:00Z",
@@ -191,10 +191,10 @@ mod tests {
         let failed = job(
             "tune-7",
             "failed",
-            json!({"id": "tune-7", "state": "failed", "derived": null, "lineage": null,
+            &json!({"id": "tune-7", "state": "failed", "derived": null, "lineage": null,
                    "weights": null, "detail": "no column \"label\"\u{1b}[2J in /srv/site.csv"}),
         );
-        let ordered = job("tune-8", "ordered", serde_json::Value::Null);
+        let ordered = job("tune-8", "ordered", &serde_json::Value::Null);
         expect_test::expect![[r#"
             JOB              AGENT                    MODEL                    STATE      UPDATED
             tune-8           3f9a1c2e7b4d             pumps                    ordered    2026-12-04T09:05:00Z
@@ -204,10 +204,12 @@ mod tests {
             job tune-7 for agent 3f9a1c2e7b4d: pumps (failed)
               data /srv/site.csv (label label), weights stay on the site
               no column "label"\u{1b}[2J in /srv/site.csv
-        "#]].assert_eq(&render_job(&failed));
+        "#]]
+        .assert_eq(&render_job(&failed));
         expect_test::expect![[r#"
             job tune-8 for agent 3f9a1c2e7b4d: pumps (ordered)
               data /srv/site.csv (label label), weights stay on the site
-        "#]].assert_eq(&render_job(&ordered));
+        "#]]
+        .assert_eq(&render_job(&ordered));
     }
 }
