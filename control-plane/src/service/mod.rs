@@ -44,7 +44,8 @@ pub enum ServiceError {
 }
 
 impl ServiceError {
-    /// An internal error, logged in full here.
+    /// An internal error; the transport that reports it logs it in full and tells the
+    /// caller only that it happened.
     pub(crate) fn internal(err: impl std::fmt::Display) -> Self {
         Self::Internal(err.to_string())
     }
