@@ -9,9 +9,10 @@
 //! Needs Python with `tests/interop/requirements.txt` (`FALAJ_PYTHON`) and the wheels of
 //! `tests/corpus/wheels.txt` in `FALAJ_CORPUS_WHEELS` (`pip download --no-deps`);
 //! `.ci/run` provides both. `FALAJ_CORPUS` may name a corpus already made. Without them
-//! the test says so loudly and passes, unless `FALAJ_REQUIRE_INTEROP=1` (as in CI).
+//! the test is reported as ignored with the reason, unless `FALAJ_REQUIRE_INTEROP=1` (as
+//! in CI) makes that a failure.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -27,13 +28,8 @@ const REFUSED: &[(&str, &str)] = &[];
 
 const REGION: &str = "eu-west-1";
 
-fn required() -> bool {
-    std::env::var_os("FALAJ_REQUIRE_INTEROP").is_some()
-}
-
 fn skip(why: &str) {
-    assert!(!required(), "corpus test required but {why}");
-    eprintln!("SKIPPING the corpus conformance test: {why}");
+    crate::harness::skip("FALAJ_REQUIRE_INTEROP", why);
 }
 
 /// The corpus: `FALAJ_CORPUS`, or made now in `dir` with `FALAJ_PYTHON`.
@@ -263,8 +259,7 @@ fn lossy(v: &[Vec<u8>]) -> Vec<String> {
     v.iter().take(8).map(|b| String::from_utf8_lossy(b).into_owned()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_corpus_model_bundles_serves_and_matches_onnx_runtime() {
+pub async fn every_corpus_model_bundles_serves_and_matches_onnx_runtime() {
     let dir = tempfile::tempdir().unwrap();
     let Some(corpus) = corpus(dir.path()) else { return };
     let names: Vec<String> = serde_json::from_value(read_json(&corpus.join("index.json"))).unwrap();

@@ -6,10 +6,10 @@
 //! UNAUTHENTICATED/PERMISSION_DENIED with the same messages).
 //!
 //! Needs Python with the packages of `tests/interop/requirements.txt`; `.ci/run` installs
-//! them and sets `FALAJ_PYTHON`. Without them the test says so loudly and passes, unless
-//! `FALAJ_REQUIRE_INTEROP=1` (as in CI) makes that a failure.
+//! them and sets `FALAJ_PYTHON`. Without them the tests are reported as ignored with the
+//! reason, unless `FALAJ_REQUIRE_INTEROP=1` (as in CI) makes that a failure.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::process::Command;
@@ -28,8 +28,7 @@ fn python() -> Option<String> {
         "{python} lacks onnxruntime/tritonclient/skl2onnx/scikit-learn \
          (pip install -r tests/interop/requirements.txt, or set FALAJ_PYTHON)"
     );
-    assert!(std::env::var_os("FALAJ_REQUIRE_INTEROP").is_none(), "interop test required but {why}");
-    eprintln!("SKIPPING the interoperability test: {why}");
+    crate::harness::skip("FALAJ_REQUIRE_INTEROP", &why);
     None
 }
 
@@ -69,8 +68,7 @@ fn agent_with_the_model(python: &str, dir: &Path) -> (std::path::PathBuf, std::p
     (work, agent)
 }
 
-#[test]
-fn skl2onnx_model_served_to_tritons_client_matches_onnx_runtime() {
+pub fn skl2onnx_model_served_to_tritons_client_matches_onnx_runtime() {
     let Some(python) = python() else { return };
     let script = script();
     let dir = tempfile::tempdir().unwrap();
@@ -163,8 +161,7 @@ fn https_addr(line: &str) -> String {
 /// Triton's HTTP and gRPC clients over TLS, with API keys in their headers: the same
 /// outputs as ONNX Runtime, and the refusals with their status codes; then with client
 /// certificates too (mutual TLS), and refused without one.
-#[test]
-fn tritons_clients_over_tls_with_api_keys() {
+pub fn tritons_clients_over_tls_with_api_keys() {
     let Some(python) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let (work, agent) = agent_with_the_model(&python, dir.path());

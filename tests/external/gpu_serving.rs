@@ -2,7 +2,7 @@
 //! engine where a Vulkan adapter exists (lavapipe in CI), and by tract on a machine
 //! without any Vulkan driver, through the same API with the same answers to 1e-4.
 
-mod support;
+use crate::support;
 
 use falaj_common::onnx::{OnnxModel, zoo};
 use falaj_common::random::SeededRng;
@@ -62,8 +62,7 @@ fn assert_close(got: &[f32], want: &[f32], what: &str) {
     assert!(worst < 1e-4, "{what}: largest difference {worst}");
 }
 
-#[tokio::test]
-async fn gpu_bundle_runs_on_the_gpu_engine_and_on_tract_without_one() {
+pub async fn gpu_bundle_runs_on_the_gpu_engine_and_on_tract_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys");
     ok(&["control", "keys", "init", "--dir", s(&keys), "--region", "eu-west-1"]);
@@ -120,14 +119,11 @@ async fn gpu_bundle_runs_on_the_gpu_engine_and_on_tract_without_one() {
     );
     assert_eq!(metric(&cpu.metrics, "falaj_models_on_gpu"), Some(0.0));
 
-    let gpu = serve_once(&agent, &config, &x, &[("XDG_RUNTIME_DIR", "/tmp")]).await;
+    let gpu = serve_once(&agent, &config, &x, &[]).await;
     if gpu.engine != "wgpu-gpu" {
-        assert!(
-            std::env::var_os("FALAJ_REQUIRE_GPU").is_none(),
-            "FALAJ_REQUIRE_GPU is set but the agent found no GPU"
-        );
-        eprintln!(
-            "\n*** SKIPPED the GPU half: no Vulkan adapter here (install mesa-vulkan-drivers). ***\n"
+        crate::harness::skip(
+            "FALAJ_REQUIRE_GPU",
+            "the GPU half (the tract half passed): the agent found no Vulkan adapter (install mesa-vulkan-drivers)",
         );
         return;
     }

@@ -1,0 +1,48 @@
+//! The root package's tests that need parts from outside Rust, in one binary with its own
+//! harness (libtest-mimic, [`harness`]): a Python with ONNX Runtime and the packages of
+//! `tests/interop/requirements.txt` (`corpus`, `interop`, `onnx_ml`) and a Vulkan adapter
+//! (lavapipe where there is no GPU) for `gpu_serving`. Where a part is missing the test is
+//! reported as ignored, with the reason, not as passed; with `FALAJ_REQUIRE_INTEROP` or
+//! `FALAJ_REQUIRE_GPU` set it fails instead. The harness takes
+//! libtest's arguments (filters, `--list`, `--ignored`), so `cargo test` and `cargo nextest`
+//! run it as usual.
+
+#[path = "../support/mod.rs"]
+mod support;
+
+mod corpus;
+mod gpu_serving;
+mod harness;
+mod interop;
+mod onnx_ml;
+
+fn main() {
+    let arguments = libtest_mimic::Arguments::from_args();
+    let trials = vec![
+        harness::trial_async(
+            "corpus::every_corpus_model_bundles_serves_and_matches_onnx_runtime",
+            corpus::every_corpus_model_bundles_serves_and_matches_onnx_runtime,
+        ),
+        harness::trial_async(
+            "gpu_serving::gpu_bundle_runs_on_the_gpu_engine_and_on_tract_without_one",
+            gpu_serving::gpu_bundle_runs_on_the_gpu_engine_and_on_tract_without_one,
+        ),
+        harness::trial(
+            "interop::skl2onnx_model_served_to_tritons_client_matches_onnx_runtime",
+            interop::skl2onnx_model_served_to_tritons_client_matches_onnx_runtime,
+        ),
+        harness::trial(
+            "interop::tritons_clients_over_tls_with_api_keys",
+            interop::tritons_clients_over_tls_with_api_keys,
+        ),
+        harness::trial(
+            "onnx_ml::onnx_node_tests_of_the_added_operators_pass",
+            onnx_ml::onnx_node_tests_of_the_added_operators_pass,
+        ),
+        harness::trial(
+            "onnx_ml::the_readme_lists_every_supported_operator_and_no_other",
+            onnx_ml::the_readme_lists_every_supported_operator_and_no_other,
+        ),
+    ];
+    libtest_mimic::run(&arguments, trials).exit();
+}
