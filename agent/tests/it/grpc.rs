@@ -4,7 +4,7 @@
 //! their status codes and REST's messages, admission shared with REST, and metrics that a
 //! REST and a gRPC client see alike.
 
-mod support;
+use crate::support;
 
 use std::collections::HashMap;
 use std::io::Write;

@@ -6,7 +6,7 @@
 //! a certificate replaced on SIGHUP, and settings that must not start. Certificates are made
 //! here with rcgen.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
