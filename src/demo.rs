@@ -748,19 +748,16 @@ const DEMO_API_TOKEN: &str = "demo-ci";
 /// demo runs again in the same directory (the user is kept, its password reset).
 async fn console_admin(client: &AdminClient) -> Result<String> {
     use falaj_control::auth::Role;
-    let answer = match client.add_user(CONSOLE_ADMIN, Role::Admin, None).await {
-        Ok(answer) => answer,
-        Err(_) => client.reset_password(CONSOLE_ADMIN, None).await?,
+    let password = match client.add_user(CONSOLE_ADMIN, Role::Admin, None).await {
+        Ok(added) => added.password,
+        Err(_) => client.reset_password(CONSOLE_ADMIN, None).await?.password,
     };
     // The API-tokens page shows one: a read-only token for automation, as CI would hold.
     if !client.api_tokens().await?.iter().any(|t| t.name == DEMO_API_TOKEN) {
         let month = Duration::from_secs(30 * 86_400);
         client.create_api_token(DEMO_API_TOKEN, Role::Viewer, month).await?;
     }
-    answer["password"]
-        .as_str()
-        .map(str::to_owned)
-        .context("the control plane gave the console's admin no password")
+    password.context("the control plane gave the console's admin no password")
 }
 
 fn print_indented(text: &str) {

@@ -19,7 +19,9 @@ use crate::admin::{
     RevokedView, StatusView,
 };
 use crate::auth::WhoAmI;
-use crate::auth::api::{ApiTokenView, LoginView, UserView};
+use crate::auth::api::{
+    AddedUser, ApiTokenView, LoginView, NewApiToken, PasswordReset, RoleChanged, UserView,
+};
 use crate::auth::rules::Role;
 use crate::finetune::JobRow;
 use crate::rollouts::{Action, Rollout, RolloutView, StartRequest};
@@ -543,13 +545,13 @@ impl AdminClient {
         name: &str,
         role: Role,
         password: Option<&str>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<AddedUser, ClientError> {
         let body = json!({"name": name, "role": role.name(), "password": password});
         self.call(self.http.post(self.url("/v1/users")).json(&body)).await
     }
 
     /// `PUT /v1/users/{name}/role`.
-    pub async fn set_role(&self, name: &str, role: Role) -> Result<Value, ClientError> {
+    pub async fn set_role(&self, name: &str, role: Role) -> Result<RoleChanged, ClientError> {
         let url = self.url(&format!("/v1/users/{name}/role"));
         self.call(self.http.put(url).json(&json!({"role": role.name()}))).await
     }
@@ -570,7 +572,7 @@ impl AdminClient {
         &self,
         name: &str,
         password: Option<&str>,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<PasswordReset, ClientError> {
         let url = self.url(&format!("/v1/users/{name}/password"));
         self.call(self.http.post(url).json(&json!({"password": password}))).await
     }
@@ -586,7 +588,7 @@ impl AdminClient {
         name: &str,
         role: Role,
         ttl: Duration,
-    ) -> Result<Value, ClientError> {
+    ) -> Result<NewApiToken, ClientError> {
         let body = json!({"name": name, "role": role.name(), "ttl_seconds": ttl.as_secs()});
         self.call(self.http.post(self.url("/v1/apitokens")).json(&body)).await
     }

@@ -280,8 +280,39 @@ async fn add_user(State(api): State<Api>, body: String) -> ApiResult<Response> {
         add_user_as(&api, &request.name, &request.role, request.password).await?;
     Ok(json_response(
         StatusCode::CREATED,
-        &json!({"name": request.name, "role": role.name(), "password": generated}),
+        &AddedUser { name: request.name, role: role.name().to_owned(), password: generated },
     ))
+}
+
+/// What `POST /v1/users` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AddedUser {
+    /// The user.
+    pub name: String,
+    /// Its role.
+    pub role: String,
+    /// The generated password, shown once (none when the request gave one).
+    pub password: Option<String>,
+}
+
+/// What `PUT /v1/users/{name}/role` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoleChanged {
+    /// The user.
+    pub name: String,
+    /// Its role now.
+    pub role: String,
+    /// Its role before.
+    pub previous: String,
+}
+
+/// What `POST /v1/users/{name}/password` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PasswordReset {
+    /// The user.
+    pub name: String,
+    /// The generated password, shown once (none when the request gave one).
+    pub password: Option<String>,
 }
 
 /// Adds user `name` with role `role` and `password` (None: one is generated and
@@ -321,7 +352,7 @@ async fn set_role(
     let before = set_role_as(&api, &name, role).await?;
     Ok(json_response(
         StatusCode::OK,
-        &json!({"name": name, "role": role.name(), "previous": before.name()}),
+        &RoleChanged { name, role: role.name().to_owned(), previous: before.name().to_owned() },
     ))
 }
 
@@ -386,7 +417,7 @@ async fn reset_password(
         .call(move |c| store::set_password(c, &n, &phc, at))
         .await?
         .map_err(|r| refusal(&r))?;
-    Ok(json_response(StatusCode::OK, &json!({"name": name, "password": generated})))
+    Ok(json_response(StatusCode::OK, &PasswordReset { name, password: generated }))
 }
 
 // ---- API tokens ----
@@ -455,17 +486,17 @@ async fn create_token(
     Ok(json_response(StatusCode::CREATED, &created))
 }
 
-/// A new API token, its secret shown once.
-#[derive(Debug, Clone, Serialize)]
-pub(crate) struct NewApiToken {
+/// A new API token, its secret shown once: what `POST /v1/apitokens` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewApiToken {
     /// Its name.
-    pub(crate) name: String,
+    pub name: String,
     /// Its role.
-    pub(crate) role: String,
+    pub role: String,
     /// The bearer secret.
-    pub(crate) token: String,
+    pub token: String,
     /// When it expires.
-    pub(crate) expires_at: Timestamp,
+    pub expires_at: Timestamp,
 }
 
 /// Creates API token `name` of `role` for `ttl_seconds` on behalf of `principal`, by the

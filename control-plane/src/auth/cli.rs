@@ -190,7 +190,7 @@ pub fn run_user(command: UserCommand) -> Result<(), Failure> {
             online(&args.api, |c| async move {
                 let added = c.add_user(&args.name, args.role, password.as_deref()).await?;
                 eprintln!("added user {} with role {}", args.name, args.role);
-                if let Some(p) = added["password"].as_str() {
+                if let Some(p) = added.password {
                     eprintln!("one-time password (shown once; the user may log in with it):");
                     println!("{p}");
                 }
@@ -216,12 +216,7 @@ pub fn run_user(command: UserCommand) -> Result<(), Failure> {
         }),
         UserCommand::SetRole(args) => online(&args.api, |c| async move {
             let changed = c.set_role(&args.name, args.role).await?;
-            println!(
-                "user {} now has role {} (was {})",
-                args.name,
-                args.role,
-                changed["previous"].as_str().unwrap_or("?")
-            );
+            println!("user {} now has role {} (was {})", args.name, args.role, changed.previous);
             Ok(())
         }),
         UserCommand::Disable(args) => online(&args.api, |c| async move {
@@ -245,7 +240,7 @@ pub fn run_user(command: UserCommand) -> Result<(), Failure> {
             online(&args.api, |c| async move {
                 let reset = c.reset_password(&args.name, password.as_deref()).await?;
                 eprintln!("password of {} reset; its sessions have ended", args.name);
-                if let Some(p) = reset["password"].as_str() {
+                if let Some(p) = reset.password {
                     eprintln!("one-time password (shown once):");
                     println!("{p}");
                 }
@@ -262,11 +257,9 @@ pub fn run_api_token(command: ApiTokenCommand) -> Result<(), Failure> {
             let created = c.create_api_token(&args.name, args.role, args.ttl).await?;
             eprintln!(
                 "API token {} with role {}, valid until {} (shown once; pass it as --token or FALAJ_TOKEN):",
-                args.name,
-                args.role,
-                created["expires_at"].as_str().unwrap_or("?")
+                args.name, args.role, created.expires_at
             );
-            println!("{}", created["token"].as_str().unwrap_or_default());
+            println!("{}", created.token);
             Ok(())
         }),
         ApiTokenCommand::List(api) => online(&api, |c| async move {
