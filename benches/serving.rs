@@ -339,7 +339,7 @@ fn print_tables(
     println!("| threads | ns per request, each thread | allocations |");
     println!("|---:|---:|---:|");
     for (threads, ns) in recording {
-        println!("| {threads} | {ns:.0} | 0 (agent/tests/hot_path.rs) |");
+        println!("| {threads} | {ns:.0} | 0 (agent/tests/it/hot_path.rs) |");
     }
 }
 

@@ -17,11 +17,11 @@ for b in .devbin/*.xz; do xz -d -k -f "$b"; chmod +x "${b%.xz}"; done
 echo "== wgpu benchmark"
 .devbin/gpu-bench 2>&1 | tee "$OUT/wgpu.md"
 echo "== ONNX node tests and parity on this GPU"
-.devbin/conformance --nocapture > "$OUT/conformance.txt" 2>&1
+.devbin/gpu-tests conformance --nocapture > "$OUT/conformance.txt" 2>&1
 grep -E "passed on|refused as listed|problems|WRONG|not listed|test result" "$OUT/conformance.txt" | cut -c1-300
-.devbin/parity 2>&1 | tail -3 | tee "$OUT/parity.txt"
+.devbin/gpu-tests parity 2>&1 | tail -3 | tee "$OUT/parity.txt"
 echo "== fine-tuning a head: the GPU kernel against the CPU one, then throughput"
-.devbin/finetune --nocapture 2>&1 | grep -E "difference|test result|panicked" | tee "$OUT/finetune.txt"
+.devbin/gpu-tests finetune --nocapture 2>&1 | grep -E "difference|test result|panicked" | tee "$OUT/finetune.txt"
 .devbin/finetune-bench 2>&1 | tee "$OUT/finetune.md"
 echo "== the agent serving a bundle hinted gpu"
 bash gpu/benches/serve_check.sh 2>&1 | tee "$OUT/serve.txt"

@@ -1,7 +1,7 @@
 //! A soak: agents enrolled into one control plane, each serving the sample model, take
 //! requests at a fixed rate, spread over them, for a while; the process's memory, the
 //! latency and the errors are sampled as it runs, and at the end every request served
-//! must be counted once by the control plane. Run short by `tests/soak.rs` and in full
+//! must be counted once by the control plane. Run short by `tests/it/soak.rs` and in full
 //! by `cargo bench --bench soak` (BENCHMARKS.md).
 
 use std::path::Path;

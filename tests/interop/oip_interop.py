@@ -21,7 +21,7 @@
                  CERT/KEY (and API_KEY) get ONNX Runtime's outputs; without a certificate
                  neither gets an answer; prints a summary
 
-Run by tests/interop.rs; the packages come from tests/interop/requirements.txt.
+Run by tests/external/interop.rs; the packages come from tests/interop/requirements.txt.
 """
 
 import json
