@@ -5,7 +5,7 @@
 //! is stored), metric windows and chunk recipes, under `protocol-v1/`.
 //!
 //! The agent side's files are also what the root package's compatibility test
-//! (`tests/compat.rs`) replays, byte for byte, against a running control plane: they are
+//! (`tests/it/compat.rs`) replays, byte for byte, against a running control plane: they are
 //! what an agent of this protocol version sends.
 
 use std::fmt::Debug;
