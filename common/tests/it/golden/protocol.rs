@@ -228,7 +228,7 @@ where
 }
 
 #[test]
-fn the_version_is_the_alpn_s() {
+fn the_directory_is_named_by_the_alpn_version() {
     // Agents and the control plane agree on the protocol by ALPN alone: a change that
     // breaks these files needs new names (`/2`), and a `protocol-v2/` beside this one.
     assert_eq!(ALPN_AGENT, b"falaj-agent/1");
