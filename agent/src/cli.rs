@@ -1,8 +1,8 @@
 //! The `falaj-agent` command line: `init` (air-gapped) or `enroll` (with a control
 //! plane), `import`, `serve`, `apikey`, `list`, `finetune` and `bench`.
 //!
-//! Exit codes: 0 success, 1 failure, 64 usage error, 65 a refused bundle, 78 bad
-//! configuration (so that systemd does not restart-loop on it).
+//! Exit codes ([`falaj_shell::exit`]): 0 success, 1 failure, 64 usage error, 65 a refused
+//! bundle, 78 bad configuration (so that systemd does not restart-loop on it).
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -20,12 +20,7 @@ use crate::store::{Store, StoreError};
 use falaj_common::config::Checked as _;
 use falaj_shell::daemon::{self as systemd, shutdown_signal};
 
-/// Exit code for a usage error (`EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code for a refused bundle (`EX_DATAERR`).
-pub const EXIT_REFUSED: u8 = 65;
-/// Exit code for a configuration error (`EX_CONFIG`).
-pub const EXIT_CONFIG: u8 = 78;
+pub use falaj_shell::exit::{EXIT_CONFIG, EXIT_REFUSED, EXIT_USAGE, Failure};
 
 /// Falaj agent: serves signed models locally over the Open Inference Protocol.
 #[derive(Debug, Parser)]
@@ -251,38 +246,6 @@ pub struct CheckConfigArgs {
     config: PathBuf,
 }
 
-/// A command's failure, with the exit code it maps to.
-#[derive(Debug)]
-pub enum Failure {
-    /// A command line that does not say something meaningful (exit 64).
-    Usage(anyhow::Error),
-    /// Configuration or setup (exit 78).
-    Config(anyhow::Error),
-    /// A refused bundle (exit 65).
-    Refused(anyhow::Error),
-    /// Anything else (exit 1).
-    Other(anyhow::Error),
-}
-
-impl Failure {
-    /// The process exit code.
-    pub fn exit_code(&self) -> ExitCode {
-        ExitCode::from(match self {
-            Self::Usage(_) => EXIT_USAGE,
-            Self::Config(_) => EXIT_CONFIG,
-            Self::Refused(_) => EXIT_REFUSED,
-            Self::Other(_) => 1,
-        })
-    }
-
-    /// The error.
-    pub fn error(&self) -> &anyhow::Error {
-        match self {
-            Self::Usage(e) | Self::Config(e) | Self::Refused(e) | Self::Other(e) => e,
-        }
-    }
-}
-
 pub(crate) fn store_failure(err: StoreError) -> Failure {
     match err {
         StoreError::NotInitialised(_)
@@ -321,13 +284,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => {
-            eprintln!(
-                "falaj-agent: error: {}",
-                falaj_common::errors::describe(failure.error().as_ref())
-            );
-            failure.exit_code()
-        }
+        Err(failure) => failure.report("falaj-agent"),
     }
 }
 

@@ -2,6 +2,7 @@
 //! (`falaj-common`) stays free of it and neither daemon depends on the other.
 //!
 //! - [`daemon`]: systemd's notify protocol and the signals that stop a daemon.
+//! - [`exit`]: one [`exit::Failure`] type and the sysexits codes both command lines use.
 //! - [`fs`]: durable file writes (temporary file, fsync, rename, fsync of the directory).
 //! - [`http`]: serving an axum router to slow or hostile clients: a deadline on each
 //!   request head, a cap on open connections, a bounded graceful stop; plain or TLS.
@@ -9,6 +10,7 @@
 //!   reloadable while it serves.
 
 pub mod daemon;
+pub mod exit;
 pub mod fs;
 pub mod http;
 pub mod tls;
