@@ -27,7 +27,9 @@ pub mod tree;
 use tract_onnx::model::OnnxOpRegister;
 
 /// The operators this crate provides (ONNX type names; domain `ai.onnx.ml`, and `If`
-/// from the default domain, which tract has but analyses both branches of).
+/// from the default domain, which tract has but analyses both branches of). The
+/// standard operators whose kernels this crate puts in front of tract's are
+/// [`NATIVE_STANDARD`].
 pub const OPERATORS: &[&str] = &[
     "ArrayFeatureExtractor",
     "Binarizer",
@@ -49,8 +51,15 @@ pub const OPERATORS: &[&str] = &[
     "ZipMap",
 ];
 
-/// Registers every operator of [`OPERATORS`] into `registry`, replacing tract's own
-/// where it has one.
+/// The standard (`ai.onnx`) operators this crate registers in place of tract's own:
+/// ArgMax/ArgMin always natively; Conv (depthwise and 1×1), MatMul (by constant 2-D
+/// weights, with the bias Add and activation after it folded in), Softmax (along the last
+/// axis of short rows, or a middle axis) and Scan (skl2onnx's nearest-neighbour distance
+/// scan) natively where they suit, by tract's builder otherwise.
+pub const NATIVE_STANDARD: &[&str] = &["ArgMax", "ArgMin", "Conv", "MatMul", "Scan", "Softmax"];
+
+/// Registers every operator of [`OPERATORS`] and [`NATIVE_STANDARD`] into `registry`,
+/// replacing tract's own where it has one.
 pub fn register(registry: &mut OnnxOpRegister) {
     // tract's own builders stay behind ours, for the cases ours leave to them.
     if let Some(&conv) = registry.0.get("Conv") {
