@@ -13,6 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // channel, so the library does not pull tonic's client transport.
         .build_client(true)
         .build_transport(false)
+        // Raw tensor contents decode as `Bytes` slices of the received message rather than
+        // copies into fresh `Vec`s, and a request or response clones without copying them.
+        .bytes(".inference.ModelInferRequest.raw_input_contents")
+        .bytes(".inference.ModelInferResponse.raw_output_contents")
         .compile_fds(descriptors)?;
     Ok(())
 }

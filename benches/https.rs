@@ -133,7 +133,7 @@ async fn grpc(channel: Channel, key: Option<&str>, subject: &Subject, seconds: f
             parameters: HashMap::new(),
             contents: None,
         }],
-        raw_input_contents: vec![inputs(subject, 1)],
+        raw_input_contents: vec![inputs(subject, 1).into()],
         ..Default::default()
     };
     let bearer: Option<tonic::metadata::MetadataValue<_>> =

@@ -202,7 +202,7 @@ pub(crate) fn response(answer: &Answer<'_>, raw: bool) -> ModelInferResponse {
         let contents = if raw {
             let mut bytes = Vec::new();
             oip::encode_binary(data, &mut bytes);
-            response.raw_output_contents.push(bytes);
+            response.raw_output_contents.push(bytes.into());
             None
         } else {
             contents(data)
@@ -282,7 +282,7 @@ mod tests {
             oip::encode_binary(&data, &mut bytes);
             let raw = ModelInferRequest {
                 inputs: vec![input("x", dt, &[2], None)],
-                raw_input_contents: vec![bytes],
+                raw_input_contents: vec![bytes.into()],
                 ..Default::default()
             };
             assert_eq!(one(raw).unwrap(), data, "{dt} raw");
@@ -292,7 +292,7 @@ mod tests {
         oip::encode_binary(&half, &mut bytes);
         let raw = ModelInferRequest {
             inputs: vec![input("h", "FP16", &[1], None)],
-            raw_input_contents: vec![bytes],
+            raw_input_contents: vec![bytes.into()],
             ..Default::default()
         };
         assert_eq!(one(raw).unwrap(), half);
@@ -363,7 +363,7 @@ mod tests {
         check(
             ModelInferRequest {
                 inputs: vec![input("x", "FP32", &[2], None)],
-                raw_input_contents: vec![vec![0; 4]],
+                raw_input_contents: vec![vec![0; 4].into()],
                 ..Default::default()
             },
             "raw_input_contents is 4 bytes; 2 FP32 elements need 8",
@@ -371,7 +371,7 @@ mod tests {
         check(
             ModelInferRequest {
                 inputs: vec![input("x", "FP32", &[1], None), input("y", "FP32", &[1], None)],
-                raw_input_contents: vec![vec![0; 4]],
+                raw_input_contents: vec![vec![0; 4].into()],
                 ..Default::default()
             },
             "raw_input_contents has 1 entries for 2 inputs",
@@ -379,7 +379,7 @@ mod tests {
         check(
             ModelInferRequest {
                 inputs: vec![input("x", "FP32", &[1], fp32(vec![1.0]))],
-                raw_input_contents: vec![vec![0; 4]],
+                raw_input_contents: vec![vec![0; 4].into()],
                 ..Default::default()
             },
             "both contents and raw_input_contents",
@@ -434,6 +434,9 @@ mod tests {
         assert_eq!(
             mixed.raw_output_contents,
             vec![vec![0, 0, 0x80, 0x3e, 0, 0, 0x40, 0x3f], vec![0x00, 0x38]]
+                .into_iter()
+                .map(bytes::Bytes::from)
+                .collect::<Vec<_>>()
         );
         assert!(mixed.outputs.iter().all(|o| o.contents.is_none()));
         assert_eq!(mixed.outputs[1].datatype, "FP16");

@@ -16,6 +16,7 @@
 //! REST's messages. ServerLive, ServerReady and `grpc.health.v1` stay open.
 
 mod convert;
+mod deadline;
 mod service;
 
 use std::sync::Arc;
@@ -41,6 +42,12 @@ use crate::server::{ApiError, AppState, ServeError};
 pub mod proto {
     tonic::include_proto!("inference");
 }
+
+/// The HTTP/2 flow-control window of each call, bytes (the server's; clients set their own).
+pub const STREAM_WINDOW: u32 = 4 << 20;
+
+/// The HTTP/2 flow-control window of each connection, bytes.
+pub const CONNECTION_WINDOW: u32 = 8 << 20;
 
 /// The service name health checks and reflection know the endpoint by.
 pub const SERVICE_NAME: &str = "inference.GRPCInferenceService";
@@ -93,11 +100,14 @@ pub(crate) async fn serve(
         .max_decoding_message_size(limit);
     let mut stop = down.clone();
     // Without TCP_NODELAY a response written in two segments waited for the client's
-    // delayed ACK (about 40 ms a call at batch 64, benches/grpc.rs); the adaptive window
-    // (BDP probing) lets a large message arrive without a round trip per 64 KiB.
+    // delayed ACK (about 40 ms a call at batch 64, benches/grpc.rs). Fixed flow-control
+    // windows of a few MiB let a large message arrive without a round trip per 64 KiB,
+    // without the adaptive window's BDP pings on every busy connection.
     let router = tonic::transport::Server::builder()
-        .http2_adaptive_window(Some(true))
+        .initial_stream_window_size(Some(STREAM_WINDOW))
+        .initial_connection_window_size(Some(CONNECTION_WINDOW))
         .layer(tower::util::MapResponseLayer::new(move |response| over_limit(response, limit)))
+        .layer(deadline::DeadlineLayer)
         .add_service(health)
         .add_service(inference);
     let tls_down = down.clone();

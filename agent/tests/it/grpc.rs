@@ -102,7 +102,7 @@ fn sensors_raw(model: &str, x: &[f32], n: i64) -> ModelInferRequest {
     ModelInferRequest {
         model_name: model.into(),
         inputs: vec![input("sensors", "FP32", &[n, 8], None)],
-        raw_input_contents: vec![raw_fp32(x)],
+        raw_input_contents: vec![raw_fp32(x).into()],
         ..Default::default()
     }
 }
@@ -236,14 +236,17 @@ async fn every_datatype_round_trips_typed_and_raw() {
                 21i32.to_le_bytes().to_vec(),
                 9i64.to_le_bytes().to_vec(),
                 vec![1],
-            ],
+            ]
+            .into_iter()
+            .map(Into::into)
+            .collect(),
             ..Default::default()
         })
         .await
         .unwrap()
         .into_inner();
     let position = |name: &str| raw.outputs.iter().position(|o| o.name == name).unwrap();
-    let bytes = |name: &str| raw.raw_output_contents[position(name)].clone();
+    let bytes = |name: &str| raw.raw_output_contents[position(name)].to_vec();
     assert_eq!(bytes("f64_twice"), [1.0f64.to_le_bytes(), 3.0f64.to_le_bytes()].concat());
     assert_eq!(bytes("i32_twice"), 42i32.to_le_bytes());
     assert_eq!(bytes("i64_negated"), (-9i64).to_le_bytes());
@@ -503,7 +506,7 @@ async fn grpc_waits_in_the_same_request_slots_as_rest() {
 }
 
 #[tokio::test]
-async fn a_deadline_ends_a_call_waiting_for_a_slot() {
+async fn a_deadline_ends_a_call_waiting_for_a_slot_with_deadline_exceeded() {
     let site = Site::new();
     site.install("fault", 1, &classifier());
     // The queue would wait a minute; the client's deadline is what ends the wait.
@@ -511,15 +514,38 @@ async fn a_deadline_ends_a_call_waiting_for_a_slot() {
         ServeConfig { workers: 1, queue_timeout: Duration::from_secs(60), ..test_config() };
     let mut server = Both::start(&site, config).await;
     let held = hold_slots(&mut server).await;
-    let mut client = server.client().await;
+    // The generated client over a bare HTTP/2 connection (hyper's): tonic's channel would
+    // end a call past its `grpc-timeout` itself, as CANCELLED, before the server's answer
+    // arrived; this one leaves the deadline to the server, as Triton's clients' servers do.
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let bare =
+        tower::service_fn(move |request: tonic::codegen::http::Request<tonic::body::Body>| {
+            let mut sender = sender.clone();
+            async move { sender.send_request(request).await }
+        });
+    let origin = format!("http://{}", server.grpc).parse().unwrap();
+    let mut client = GrpcInferenceServiceClient::with_origin(bare, origin);
     let mut request = tonic::Request::new(sensors_raw("fault", &rows(1), 1));
     request.set_timeout(Duration::from_millis(200));
     let err = client.model_infer(request).await.unwrap_err();
-    // tonic's client ends a call past its deadline itself, as CANCELLED ("Timeout
-    // expired"); the server gave up the wait for a slot too (below).
-    assert_eq!(err.code(), Code::Cancelled, "{err:?}");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("deadline (200ms) passed"), "{err:?}");
+    // The server gave up the wait for a slot too.
     server.slots.wait_for(|g| g.waiting == 0).await.unwrap();
     drop(held);
+    server.slots.wait_for(|g| g.admitted == 0).await.unwrap();
+    // A deadline the call meets changes nothing.
+    let mut request = tonic::Request::new(sensors_raw("fault", &rows(1), 1));
+    request.set_timeout(Duration::from_secs(60));
+    let ok = client.model_infer(request).await.unwrap().into_inner();
+    assert_eq!(ok.outputs.len(), 2);
     server.stop().await;
 }
 
