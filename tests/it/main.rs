@@ -18,6 +18,7 @@ mod at_rest;
 mod audit;
 mod cli;
 mod clocks;
+mod compat;
 mod control_plane;
 mod crash_points;
 mod disk_full;
