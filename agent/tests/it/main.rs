@@ -9,7 +9,6 @@
 mod support;
 
 mod at_rest;
-mod engines;
 mod features;
 mod finetune;
 mod fuzz;
