@@ -398,17 +398,17 @@ async fn show_features(
     const PUMPS: usize = 1000;
     println!();
     let applied = client.apply_view(sample::pump_view()).await?;
-    let view_version = applied["stored"]["version"].as_u64().unwrap_or(1);
+    let view_version = applied.stored.version;
     let readings = dir.join("pump-readings.csv");
     let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_micros() as i64;
     sample::write_pump_readings(&readings, PUMPS, 3, now - 3 * 3_600_000_000, 99)?;
     let ingested = client.ingest(VIEW, &readings).await?;
     println!(
         "  9. features       view {VIEW} v{view_version} applied; {} hourly readings of {PUMPS} pumps ingested, every row checked",
-        ingested["rows"]
+        ingested.rows
     );
     let built = client.snapshot(VIEW, &json!({})).await?;
-    let snapshot = built["bundle"]["version"].as_u64().unwrap_or(1);
+    let snapshot = built.bundle.version;
     let model_version =
         client.bundles().await?.iter().filter(|b| b.name == FEATURE_MODEL).count() as u64 + 1;
     let bundle_path = dir.join(format!("{FEATURE_MODEL}-{model_version}.falaj"));
@@ -437,7 +437,7 @@ async fn show_features(
     client.deploy(GROUP, FEATURE_MODEL, model_version).await?;
     println!(
         "     snapshot       {VIEW} v{snapshot}: {} pumps, {} bytes, technician names hashed with the region's key; deployed with {FEATURE_MODEL} v{model_version}",
-        built["snapshot"]["entities"], built["bundle"]["size"]
+        built.snapshot.entities, built.bundle.size
     );
     let (_, addr) = agents[0];
     let ready = format!("http://{addr}/v2/models/{FEATURE_MODEL}/versions/{model_version}/ready");

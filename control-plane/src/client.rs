@@ -5,7 +5,10 @@
 //! rustls provider: the workspace's reqwest has no TLS of its own, and its rustls feature
 //! without a provider would make every `reqwest::Client::new()` panic.
 
+use crate::features::api::SnapshotBuilt;
+use crate::features::ingest::Ingested;
 use crate::features::pii_keys::{KeyVersion, Rotated};
+use crate::features::store::Applied;
 use std::path::Path;
 use std::time::Duration;
 
@@ -344,7 +347,7 @@ impl AdminClient {
     }
 
     /// `PUT /v1/features/views`: registers or updates a view from its TOML text.
-    pub async fn apply_view(&self, toml: String) -> Result<Value, ClientError> {
+    pub async fn apply_view(&self, toml: String) -> Result<Applied, ClientError> {
         self.call(self.http.put(self.url("/v1/features/views")).body(toml)).await
     }
 
@@ -417,14 +420,18 @@ impl AdminClient {
     }
 
     /// `POST /v1/features/views/{name}/ingest`, streaming the file.
-    pub async fn ingest(&self, view: &str, path: &Path) -> Result<Value, ClientError> {
+    pub async fn ingest(&self, view: &str, path: &Path) -> Result<Ingested, ClientError> {
         let response =
             self.upload(path, &format!("/v1/features/views/{view}/ingest"), Vec::new()).await?;
         self.decode(response).await
     }
 
     /// `POST /v1/features/views/{name}/snapshots`.
-    pub async fn snapshot(&self, view: &str, request: &Value) -> Result<Value, ClientError> {
+    pub async fn snapshot(
+        &self,
+        view: &str,
+        request: &Value,
+    ) -> Result<SnapshotBuilt, ClientError> {
         self.call(
             self.http.post(self.url(&format!("/v1/features/views/{view}/snapshots"))).json(request),
         )

@@ -87,9 +87,9 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
 
     // Snapshot 1: the technician is hashed by the view's policy.
     let built = control.client.snapshot(VIEW, &json!({})).await.unwrap();
-    assert_eq!(built["bundle"]["version"], 1);
-    assert_eq!(built["snapshot"]["entities"], PUMPS);
-    assert_eq!(built["snapshot"]["pseudonymised"], json!(["technician"]));
+    assert_eq!(built.bundle.version, 1);
+    assert_eq!(built.snapshot.entities, PUMPS as u64);
+    assert_eq!(built.snapshot.pseudonymised, ["technician"]);
 
     // The sample model, fed from the view's sensor features.
     let model = fleet::sample_model(work);
@@ -173,8 +173,7 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     write_pump_readings(&update, PUMPS / 10, 1, START + 3 * 3_600_000_000, 12).unwrap();
     control.client.ingest(VIEW, &update).await.unwrap();
     let second = control.client.snapshot(VIEW, &json!({})).await.unwrap();
-    let (chunks, new) =
-        (second["bundle"]["chunks"].as_u64().unwrap(), second["new_chunks"].as_u64().unwrap());
+    let (chunks, new) = (second.bundle.chunks, second.new_chunks);
     assert!(new < chunks, "every chunk of the snapshot is new ({new} of {chunks})");
     control.client.deploy(GROUP, VIEW, 2).await.unwrap();
     let updated = falaj_common::sample::generate(PUMPS / 10, 12, &[]).row(7).to_vec();
@@ -247,36 +246,30 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     let (every, some) =
         tokio::join!(control.client.snapshot(VIEW, &all), control.client.snapshot(VIEW, &two));
     let (every, some) = (every.unwrap(), some.unwrap());
-    let mut versions = [&every, &some].map(|b| b["bundle"]["version"].as_u64().unwrap()).to_vec();
+    let mut versions = [&every, &some].map(|b| b.bundle.version).to_vec();
     versions.sort_unstable();
-    assert_eq!(versions, [3, 4], "{every} {some}");
-    assert_eq!(
-        (every["snapshot"]["entities"].as_u64(), some["snapshot"]["entities"].as_u64()),
-        (Some(PUMPS as u64), Some(2))
-    );
+    assert_eq!(versions, [3, 4], "{every:?} {some:?}");
+    assert_eq!((every.snapshot.entities, some.snapshot.entities), (PUMPS as u64, 2));
     let shown = control.client.view(VIEW).await.unwrap();
     for built in [&every, &some] {
-        let version = &built["bundle"]["version"];
+        let version = built.bundle.version;
+        let carried = serde_json::to_value(&built.snapshot).unwrap();
         let record = shown["snapshots"]
             .as_array()
             .unwrap()
             .iter()
-            .find(|r| r["version"] == *version)
+            .find(|r| r["version"] == version)
             .unwrap_or_else(|| panic!("no record of snapshot {version}: {shown}"));
         for field in ["entities", "scope", "pseudonymised"] {
-            assert_eq!(record[field], built["snapshot"][field], "{field}: {shown}");
+            assert_eq!(record[field], carried[field], "{field}: {shown}");
         }
     }
 
     // Both were made after the rotation: each pseudonym under the new key, and under the
     // old one beside it, so data pseudonymised before still joins.
-    assert_eq!(
-        every["snapshot"]["pseudonymised"],
-        json!(["technician", "technician__pii_v1"]),
-        "{every}"
-    );
-    assert_eq!(every["snapshot"]["pii_keys"], json!([1, 2]), "{every}");
-    let version = every["bundle"]["version"].as_u64().unwrap();
+    assert_eq!(every.snapshot.pseudonymised, ["technician", "technician__pii_v1"], "{every:?}");
+    assert_eq!(every.snapshot.pii_keys, [1, 2].into(), "{every:?}");
+    let version = every.bundle.version;
     control.client.deploy(GROUP, VIEW, version).await.unwrap();
     eventually(Duration::from_secs(60), "the snapshot after the rotation is served", || async {
         lookup(quiet.clone()).await.is_some_and(|f| f["version"] == version)

@@ -17,7 +17,7 @@ use falaj_common::features::value::parse_time;
 use falaj_common::features::view::PiiPolicy;
 use falaj_common::features::{FeatureView, SnapshotSpec};
 use falaj_common::time::Timestamp;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::export::{self, ExportError};
@@ -364,11 +364,44 @@ async fn build_snapshot(
     let (row, new_chunks, _) = register(&api.shared, staged.path()).await?;
     drop(staged);
     let carried = carried(&spec);
-    event(&api, "features.snapshot", format!("{name}@{version}"), carried.clone()).await?;
+    let detail = serde_json::to_value(&carried).map_err(ApiError::internal)?;
+    event(&api, "features.snapshot", format!("{name}@{version}"), detail).await?;
     Ok(json_response(
         StatusCode::CREATED,
-        &json!({"bundle": BundleView::from(&row), "new_chunks": new_chunks, "snapshot": carried}),
+        &SnapshotBuilt { bundle: BundleView::from(&row), new_chunks, snapshot: carried },
     ))
+}
+
+/// What `POST /v1/features/views/{name}/snapshots` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotBuilt {
+    /// The snapshot's bundle, registered.
+    pub bundle: BundleView,
+    /// Chunks the control plane did not hold before.
+    pub new_chunks: u64,
+    /// What it carries.
+    pub snapshot: Carried,
+}
+
+/// What a snapshot carries (also the detail of its `features.snapshot` event).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Carried {
+    /// The view.
+    pub view: String,
+    /// Its version.
+    pub view_version: u64,
+    /// Entities in it.
+    pub entities: u64,
+    /// `all`, or the entities or filter asked for.
+    pub scope: String,
+    /// Feature values at or before this time.
+    pub as_of: Timestamp,
+    /// Its features.
+    pub features: Vec<String>,
+    /// Those carried as keyed hashes.
+    pub pseudonymised: Vec<String>,
+    /// The versions of the region's PII key that made them.
+    pub pii_keys: std::collections::BTreeSet<u32>,
 }
 
 /// The next snapshot version of view `name`: the bundle takes the view's name and its
@@ -411,17 +444,22 @@ async fn next_version(api: &Api, name: &str) -> ApiResult<u64> {
 
 /// What a snapshot carries, for the record: entities, scope, time, and which features
 /// were pseudonymised.
-fn carried(spec: &SnapshotSpec) -> serde_json::Value {
-    json!({
-        "view": spec.view,
-        "view_version": spec.view_version,
-        "entities": spec.entities,
-        "scope": spec.scope,
-        "as_of": spec.as_of,
-        "features": spec.features.iter().map(|f| &f.name).collect::<Vec<_>>(),
-        "pseudonymised": spec.features.iter().filter(|f| f.pseudonymised).map(|f| &f.name).collect::<Vec<_>>(),
-        "pii_keys": spec.features.iter().filter_map(|f| f.pii_key).collect::<std::collections::BTreeSet<_>>(),
-    })
+fn carried(spec: &SnapshotSpec) -> Carried {
+    Carried {
+        view: spec.view.clone(),
+        view_version: spec.view_version,
+        entities: spec.entities,
+        scope: spec.scope.clone(),
+        as_of: spec.as_of,
+        features: spec.features.iter().map(|f| f.name.clone()).collect(),
+        pseudonymised: spec
+            .features
+            .iter()
+            .filter(|f| f.pseudonymised)
+            .map(|f| f.name.clone())
+            .collect(),
+        pii_keys: spec.features.iter().filter_map(|f| f.pii_key).collect(),
+    }
 }
 
 async fn export_file(

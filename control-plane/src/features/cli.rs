@@ -150,7 +150,7 @@ pub fn run(command: FeaturesCommand) -> Result<(), Failure> {
                 Ok(done) => {
                     println!(
                         "ingested {} rows into {}@{} (ingest {})",
-                        done["rows"], args.view, done["version"], done["id"]
+                        done.rows, args.view, done.version, done.id
                     );
                     Ok(())
                 }
@@ -189,16 +189,13 @@ fn apply(args: &FileArgs) -> Result<(), Failure> {
         .map_err(|e| Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
     online(&args.api, |c| async move {
         let applied = c.apply_view(text).await?;
-        let stored = &applied["stored"];
+        let stored = &applied.stored;
         println!(
             "{} {}: version {}, revision {}",
-            applied["outcome"].as_str().unwrap_or("?"),
-            stored["view"]["name"].as_str().unwrap_or("?"),
-            stored["version"],
-            stored["revision"]
+            applied.outcome, stored.view.name, stored.version, stored.revision
         );
-        for change in stored["changes"].as_array().into_iter().flatten() {
-            println!("  {}", change.as_str().unwrap_or_default());
+        for change in &stored.changes {
+            println!("  {change}");
         }
         Ok(())
     })
@@ -221,26 +218,15 @@ fn snapshot(args: SnapshotArgs) -> Result<(), Failure> {
     });
     online(&args.api, |c| async move {
         let built = c.snapshot(&args.view, &request).await?;
-        let (b, s) = (&built["bundle"], &built["snapshot"]);
+        let (b, s) = (&built.bundle, &built.snapshot);
         println!(
             "built {}@{}: {} entities ({}), as of {}, {} bytes, {} new chunks",
-            b["name"].as_str().unwrap_or("?"),
-            b["version"],
-            s["entities"],
-            s["scope"].as_str().unwrap_or("?"),
-            s["as_of"].as_str().unwrap_or("?"),
-            b["size"],
-            built["new_chunks"]
+            b.name, b.version, s.entities, s.scope, s.as_of, b.size, built.new_chunks
         );
-        let hashed = s["pseudonymised"].as_array().map_or(0, Vec::len);
-        if hashed > 0 {
-            println!("pseudonymised: {}", s["pseudonymised"]);
+        if !s.pseudonymised.is_empty() {
+            println!("pseudonymised: {:?}", s.pseudonymised);
         }
-        println!(
-            "deploy it with: falaj-control deploy {}@{} --group GROUP",
-            b["name"].as_str().unwrap_or("?"),
-            b["version"]
-        );
+        println!("deploy it with: falaj-control deploy {}@{} --group GROUP", b.name, b.version);
         Ok(())
     })
 }

@@ -8,7 +8,7 @@ use falaj_common::features::rows::RowError;
 use falaj_common::features::{Cell, HeaderError, Report, RowSchema};
 use falaj_common::time::Timestamp;
 use rusqlite::{Connection, TransactionBehavior, params, params_from_iter};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::store::{self, StoredView};
@@ -61,7 +61,7 @@ fn first(report: &Report) -> String {
 }
 
 /// What an ingest wrote.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Ingested {
     /// The ingest's id (stored with each row).
     pub id: i64,

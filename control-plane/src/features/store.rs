@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use falaj_common::features::view::{self, Change, FeatureType, FeatureView, KeyType};
 use falaj_common::time::Timestamp;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Database file name inside the data directory.
 pub const FEATURES_DB_FILE: &str = "features.db";
@@ -59,7 +59,7 @@ pub const MIGRATIONS: &[&str] = &[
 ];
 
 /// A view as stored: its definition at one revision of one version.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredView {
     /// The definition.
     pub view: FeatureView,
@@ -163,13 +163,13 @@ pub fn counts(conn: &Connection, stored: &StoredView) -> rusqlite::Result<(u64, 
     Ok((rows as u64, entities as u64))
 }
 
-/// What applying a declaration did.
-#[derive(Debug, Clone, Serialize)]
+/// What applying a declaration did: what `PUT /v1/features/views` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Applied {
     /// The view as now stored.
     pub stored: StoredView,
     /// `created`, `unchanged`, `compatible` (new revision) or `breaking` (new version).
-    pub outcome: &'static str,
+    pub outcome: String,
 }
 
 /// Registers `view`, or updates it: a compatible change makes a new revision (adding the
@@ -185,7 +185,9 @@ pub fn apply(
     let (version, revision, changes, outcome) = match &previous {
         None => (1, 1, vec!["created".to_owned()], "created"),
         Some(old) => match view::compare(&old.view, view) {
-            Change::Same => return Ok(Applied { stored: old.clone(), outcome: "unchanged" }),
+            Change::Same => {
+                return Ok(Applied { stored: old.clone(), outcome: "unchanged".into() });
+            }
             Change::Compatible(changes) => (old.version, old.revision + 1, changes, "compatible"),
             Change::Breaking(changes) => (old.version + 1, 1, changes, "breaking"),
         },
@@ -216,7 +218,7 @@ pub fn apply(
         ],
     )?;
     tx.commit()?;
-    Ok(Applied { stored, outcome })
+    Ok(Applied { stored, outcome: outcome.into() })
 }
 
 fn create_table(conn: &Connection, stored: &StoredView) -> rusqlite::Result<()> {

@@ -370,7 +370,7 @@ fn views_version_on_breaking_changes_and_keep_their_rows_on_compatible_ones() {
     );
     let applied = store.with(|c| store::apply(c, &FeatureView::from_toml(&added).unwrap(), NOW));
     assert_eq!(
-        (applied.outcome, applied.stored.version, applied.stored.revision),
+        (applied.outcome.as_str(), applied.stored.version, applied.stored.revision),
         ("compatible", 1, 2)
     );
     assert_eq!(store.rows(), 4, "a compatible change keeps the rows");
@@ -386,7 +386,7 @@ fn views_version_on_breaking_changes_and_keep_their_rows_on_compatible_ones() {
     let retyped = added.replace("type = \"f32\"", "type = \"f64\"");
     let applied = store.with(|c| store::apply(c, &FeatureView::from_toml(&retyped).unwrap(), NOW));
     assert_eq!(
-        (applied.outcome, applied.stored.version, applied.stored.revision),
+        (applied.outcome.as_str(), applied.stored.version, applied.stored.revision),
         ("breaking", 2, 1)
     );
     assert_eq!(applied.stored.changes, ["feature temperature: type f32 became f64"]);
