@@ -260,9 +260,8 @@ impl ApiKeys {
     pub fn open(data_dir: &Path) -> Result<Self, ApiKeyError> {
         let store = Store::open(data_dir)?;
         let path = data_dir.join(DB_FILE);
-        let db = |source| ApiKeyError::Db { path: path.clone(), source };
-        let conn = Connection::open(&path).map_err(db)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
+        // The store's own opening: the same pragmas, and the migrations it has just applied.
+        let conn = crate::store::open_db(&path)?;
         Ok(Self { path, conn, store })
     }
 

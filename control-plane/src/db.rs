@@ -8,12 +8,12 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use falaj_common::audit::Outcome;
 use falaj_common::keys::Sha256;
 use falaj_common::protocol::ActualState;
 use falaj_common::time::Timestamp;
+use falaj_shell::sqlite::OpenError;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
@@ -274,34 +274,19 @@ impl Db {
     /// Opens the database at `path` with its own schema history: `migrations[i]` takes
     /// `PRAGMA user_version` from `i` to `i + 1`.
     pub fn open_with(path: &Path, migrations: &[&str]) -> Result<Self, DbError> {
-        let err = |source| DbError::Sqlite { path: path.to_owned(), source };
-        let mut conn = Connection::open(path).map_err(err)?;
-        // Tokens, agents and documents: owner only, whatever the umask (SQLite gives its
-        // -wal and -shm files the same mode).
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            let mode = std::fs::Permissions::from_mode(0o600);
-            std::fs::set_permissions(path, mode).map_err(|e| {
-                err(rusqlite::Error::InvalidPath(format!("{}: {e}", path.display()).into()))
-            })?;
-        }
-        conn.busy_timeout(Duration::from_secs(10)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "FULL").map_err(err)?;
-        conn.pragma_update(None, "foreign_keys", "ON").map_err(err)?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
-        let current: u32 =
-            tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
-        let supported = migrations.len() as u32;
-        if current > supported {
-            return Err(DbError::SchemaTooNew { path: path.to_owned(), found: current, supported });
-        }
-        for (i, sql) in migrations.iter().enumerate().skip(current as usize) {
-            tx.execute_batch(sql).map_err(err)?;
-            tx.pragma_update(None, "user_version", i as u32 + 1).map_err(err)?;
-        }
-        tx.commit().map_err(err)?;
+        // Tokens, agents and documents: owner only.
+        let conn = falaj_shell::sqlite::open(path, migrations).map_err(|e| match e {
+            OpenError::Sqlite { path, source } => DbError::Sqlite { path, source },
+            OpenError::Permissions { path, source } => DbError::Sqlite {
+                source: rusqlite::Error::InvalidPath(
+                    format!("{}: {source}", path.display()).into(),
+                ),
+                path,
+            },
+            OpenError::TooNew { path, found, supported } => {
+                DbError::SchemaTooNew { path, found, supported }
+            }
+        })?;
         Ok(Self { path: path.to_owned(), conn: Arc::new(Mutex::new(conn)) })
     }
 

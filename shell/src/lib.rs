@@ -6,6 +6,7 @@
 //! - [`fs`]: durable file writes (temporary file, fsync, rename, fsync of the directory).
 //! - [`http`]: serving an axum router to slow or hostile clients: a deadline on each
 //!   request head, a cap on open connections, a bounded graceful stop; plain or TLS.
+//! - [`sqlite`]: opening a database: owner-only file, pragmas, versioned migrations.
 //! - [`tls`]: a listener's certificate, key and optional client CA from PEM files,
 //!   reloadable while it serves.
 
@@ -13,4 +14,5 @@ pub mod daemon;
 pub mod exit;
 pub mod fs;
 pub mod http;
+pub mod sqlite;
 pub mod tls;

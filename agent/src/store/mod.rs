@@ -25,6 +25,7 @@ use falaj_common::keys::Sha256;
 use falaj_common::names;
 use falaj_common::time::Timestamp;
 use falaj_common::trust::{TrustError, TrustRoot};
+use falaj_shell::sqlite::OpenError;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use thiserror::Error;
 
@@ -743,38 +744,19 @@ fn is_older_than(path: &Path, age: Duration) -> bool {
         .is_some_and(|elapsed| elapsed > age)
 }
 
-fn open_db(path: &Path) -> Result<Connection> {
-    let db = |source| StoreError::Db { path: path.to_owned(), source };
-    let mut conn = Connection::open(path).map_err(db)?;
-    // The database holds the trust root and the bundles' manifests: owner only, whatever
-    // the umask (SQLite gives its -wal and -shm files the same mode).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(path, fs::Permissions::from_mode(0o600))
-            .map_err(io_err("restricting permissions of", path))?;
-    }
-    conn.busy_timeout(Duration::from_secs(10)).map_err(db)?;
-    conn.pragma_update(None, "journal_mode", "WAL").map_err(db)?;
-    conn.pragma_update(None, "synchronous", "FULL").map_err(db)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(db)?;
-    migrate(&mut conn, path)?;
-    Ok(conn)
-}
-
-fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
-    let db = |source| StoreError::Db { path: path.to_owned(), source };
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(db)?;
-    let current: u32 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(db)?;
-    let supported = MIGRATIONS.len() as u32;
-    if current > supported {
-        return Err(StoreError::SchemaTooNew { path: path.to_owned(), found: current, supported });
-    }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.execute_batch(sql).map_err(db)?;
-        tx.pragma_update(None, "user_version", i as u32 + 1).map_err(db)?;
-    }
-    tx.commit().map_err(db)
+/// Opens the agent's database at `path` ([`falaj_shell::sqlite::open`] with the store's
+/// migrations).
+pub(crate) fn open_db(path: &Path) -> Result<Connection> {
+    // The database holds the trust root and the bundles' manifests: owner only.
+    falaj_shell::sqlite::open(path, MIGRATIONS).map_err(|e| match e {
+        OpenError::Sqlite { path, source } => StoreError::Db { path, source },
+        OpenError::Permissions { path, source } => {
+            io_err("restricting permissions of", &path)(source)
+        }
+        OpenError::TooNew { path, found, supported } => {
+            StoreError::SchemaTooNew { path, found, supported }
+        }
+    })
 }
 
 /// Reads exactly `len` bytes of `reader`; used to read a bundle's sections.
