@@ -58,19 +58,92 @@ async fn rest(http: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -
     Ok(Run { latencies, wall: started.elapsed() })
 }
 
-async fn grpc(addr: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -> Result<Run> {
-    // A well-configured client: TCP_NODELAY (tonic's default, set here to say so) and the
-    // server's fixed flow-control windows, so a 768 KiB request is not held back by
-    // HTTP/2's 64 KiB default window, and no adaptive-window BDP pings.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
-        .tcp_nodelay(true)
-        .initial_stream_window_size(falaj_agent::grpc::STREAM_WINDOW)
-        .initial_connection_window_size(falaj_agent::grpc::CONNECTION_WINDOW)
-        .connect()
-        .await?;
-    let mut client = GrpcInferenceServiceClient::new(channel)
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
+/// How the gRPC client reaches the server.
+#[derive(Clone, Copy)]
+enum Client {
+    /// tonic's `Channel`, as a tonic user would connect.
+    Channel,
+    /// The same generated client over hyper's bare HTTP/2 connection: no `Channel` (whose
+    /// buffer hands every call to a background task), to tell its cost from the rest.
+    Bare,
+}
+
+async fn grpc(
+    addr: SocketAddr,
+    how: Client,
+    subject: &Subject,
+    batch: usize,
+    seconds: f64,
+) -> Result<Run> {
+    match how {
+        Client::Channel => {
+            // A well-configured client: TCP_NODELAY (tonic's default, set here to say so)
+            // and the server's fixed flow-control windows, so a 768 KiB request is not held
+            // back by HTTP/2's 64 KiB default window, and no adaptive-window BDP pings.
+            let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+                .tcp_nodelay(true)
+                .initial_stream_window_size(falaj_agent::grpc::STREAM_WINDOW)
+                .initial_connection_window_size(falaj_agent::grpc::CONNECTION_WINDOW)
+                .connect()
+                .await?;
+            calls(GrpcInferenceServiceClient::new(channel), subject, batch, seconds).await
+        }
+        Client::Bare => {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let (sender, connection) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .initial_stream_window_size(falaj_agent::grpc::STREAM_WINDOW)
+                    .initial_connection_window_size(falaj_agent::grpc::CONNECTION_WINDOW)
+                    .handshake(hyper_util::rt::TokioIo::new(tcp))
+                    .await?;
+            tokio::spawn(connection);
+            let bare = Bare(sender);
+            let origin = format!("http://{addr}").parse()?;
+            calls(GrpcInferenceServiceClient::with_origin(bare, origin), subject, batch, seconds)
+                .await
+        }
+    }
+}
+
+/// hyper's HTTP/2 connection as the service the generated client calls.
+#[derive(Clone)]
+struct Bare(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
+
+type Answer = tonic::codegen::http::Response<hyper::body::Incoming>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Bare {
+    type Response = Answer;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Answer, hyper::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.0.send_request(request))
+    }
+}
+
+/// ModelInfer calls one after another on `client` for `seconds`.
+async fn calls<T>(
+    client: GrpcInferenceServiceClient<T>,
+    subject: &Subject,
+    batch: usize,
+    seconds: f64,
+) -> Result<Run>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: tonic::codegen::Body<Data = bytes::Bytes> + Send + 'static,
+    <T::ResponseBody as tonic::codegen::Body>::Error: Into<tonic::codegen::StdError> + Send,
+{
+    let mut client =
+        client.max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
     let mut shape = vec![batch as i64];
     shape.extend(&subject.row);
     let request = ModelInferRequest {
@@ -137,14 +210,20 @@ fn main() -> Result<()> {
             for subject in &subjects {
                 for batch in [1usize, 64] {
                     rest(http, subject, batch, 0.3).await?; // warm up
-                    grpc(grpc_addr, subject, batch, 0.3).await?;
-                    let (mut r, mut g) = (Vec::new(), Vec::new());
+                    grpc(grpc_addr, Client::Channel, subject, batch, 0.3).await?;
+                    grpc(grpc_addr, Client::Bare, subject, batch, 0.3).await?;
+                    let (mut r, mut g, mut b) = (Vec::new(), Vec::new(), Vec::new());
                     for _ in 0..rounds.max(1) {
                         r.push(rest(http, subject, batch, seconds).await?);
-                        g.push(grpc(grpc_addr, subject, batch, seconds).await?);
+                        g.push(grpc(grpc_addr, Client::Channel, subject, batch, seconds).await?);
+                        b.push(grpc(grpc_addr, Client::Bare, subject, batch, seconds).await?);
                     }
-                    let (r, g) = (median(r), median(g));
-                    for (mode, run) in [("REST, binary tensors", &r), ("gRPC, raw contents", &g)] {
+                    let (r, g, b) = (median(r), median(g), median(b));
+                    for (mode, run) in [
+                        ("REST, binary tensors", &r),
+                        ("gRPC, raw contents", &g),
+                        ("gRPC, raw, bare HTTP/2 client", &b),
+                    ] {
                         lines.push(format!(
                             "| {} | {batch} | {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
                             subject.name,
