@@ -204,9 +204,7 @@ pub enum ApiKeyError {
     /// SQLite failed.
     #[error("API keys in {path}: {source}")]
     Db {
-        /// The database.
         path: PathBuf,
-        /// The error.
         source: rusqlite::Error,
     },
     /// A name, scope or expiry that is refused.

@@ -27,9 +27,7 @@ pub enum BenchError {
         "input {input:?}: axis {axis} has no fixed size; give --input-data, or bundle the model with --input-shape"
     )]
     FreeAxis {
-        /// The input.
         input: String,
-        /// The axis.
         axis: usize,
     },
     /// The rows given do not fit the model.
@@ -48,7 +46,6 @@ pub enum BenchError {
 /// One batch size's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct Measurement {
-    /// The model.
     pub model: String,
     /// Its version.
     pub version: u64,

@@ -123,7 +123,6 @@ pub struct AuditExportArgs {
 /// Arguments of `audit verify`.
 #[derive(Debug, Args)]
 pub struct AuditVerifyArgs {
-    /// The export.
     file: PathBuf,
     /// The public key file (`audit.pub`).
     #[arg(long)]

@@ -50,7 +50,6 @@ pub enum EnrollError {
     /// The control plane could not be reached or was not the one the token names.
     #[error("cannot enroll with {address}: {reason}")]
     Connect {
-        /// The address.
         address: String,
         /// Why.
         reason: String,

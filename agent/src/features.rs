@@ -60,21 +60,17 @@ pub enum FeatureError {
     /// `GET /v1/features/{view}/...` for a view the agent holds no snapshot of.
     #[error("unknown feature view {view:?}")]
     UnknownView {
-        /// The view.
         view: String,
     },
     /// An inference by entity for a model whose view has no snapshot here.
     #[error("this agent holds no snapshot of feature view {view:?}, which model {model:?} reads")]
     NoSnapshot {
-        /// The model.
         model: String,
-        /// The view.
         view: String,
     },
     /// The active snapshot is installed but could not be loaded.
     #[error("feature view {view:?} snapshot version {version} is not loaded: {reason}")]
     NotLoaded {
-        /// The view.
         view: String,
         /// The snapshot version.
         version: u64,
@@ -84,7 +80,6 @@ pub enum FeatureError {
     /// The entity is not in the snapshot, and some feature has no default.
     #[error("entity {entity:?} is not in the snapshot of feature view {view:?}")]
     NotHeld {
-        /// The view.
         view: String,
         /// The entity id.
         entity: String,
@@ -92,7 +87,6 @@ pub enum FeatureError {
     /// The entity id is not of the view's key type.
     #[error("entity id {entity:?} of feature view {view:?}: {rule}")]
     BadKey {
-        /// The view.
         view: String,
         /// The entity id.
         entity: String,
@@ -104,7 +98,6 @@ pub enum FeatureError {
         "model {model:?} does not take its input from a feature view; send inputs, not entity ids"
     )]
     NoFeatureInput {
-        /// The model.
         model: String,
     },
     /// The request gave both inputs and entity ids.
@@ -115,9 +108,7 @@ pub enum FeatureError {
         "model {model:?} was trained on feature view {view:?} version {trained}, but the snapshot held is of version {held} (training/serving skew)"
     )]
     Skew {
-        /// The model.
         model: String,
-        /// The view.
         view: String,
         /// The view version the model was trained on.
         trained: u64,
@@ -130,19 +121,14 @@ pub enum FeatureError {
         "feature {feature:?} that model {model:?} reads is not in the snapshot of feature view {view:?}"
     )]
     MissingFeature {
-        /// The model.
         model: String,
-        /// The view.
         view: String,
-        /// The feature.
         feature: String,
     },
     /// A feature the model reads is text in the snapshot (a pseudonym, a category).
     #[error("feature {feature:?} of feature view {view:?} is text and cannot be a model input")]
     NotNumeric {
-        /// The view.
         view: String,
-        /// The feature.
         feature: String,
     },
     /// A feature is null for the entity and has no default.
@@ -150,11 +136,9 @@ pub enum FeatureError {
         "feature {feature:?} of entity {entity:?} in feature view {view:?} is null and has no default"
     )]
     Null {
-        /// The view.
         view: String,
         /// The entity id.
         entity: String,
-        /// The feature.
         feature: String,
     },
 }

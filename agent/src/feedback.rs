@@ -86,7 +86,6 @@ pub enum FeedbackError {
     /// The labels do not match the request's rows.
     #[error("feedback for request {id:?}: {labels} labels for {rows} rows")]
     Rows {
-        /// The request.
         id: String,
         /// Labels given.
         labels: usize,
@@ -96,7 +95,6 @@ pub enum FeedbackError {
     /// A label that cannot judge the answer.
     #[error("feedback for request {id:?}: {source}")]
     Unscorable {
-        /// The request.
         id: String,
         /// Why.
         source: outcomes::Unscorable,

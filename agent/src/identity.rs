@@ -36,7 +36,6 @@ pub enum IdentityError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: std::io::Error,
     },
     /// A key, certificate or CSR could not be made or read.

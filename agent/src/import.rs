@@ -56,7 +56,6 @@ impl ImportOptions {
 pub enum ImportOutcome {
     /// The bundle was installed and activated.
     Installed {
-        /// The model.
         name: String,
         /// The version installed.
         version: u64,
@@ -67,7 +66,6 @@ pub enum ImportOutcome {
     },
     /// This exact bundle was already installed; nothing changed.
     AlreadyInstalled {
-        /// The model.
         name: String,
         /// Its version.
         version: u64,
@@ -80,15 +78,12 @@ pub enum ImportError {
     /// Reading the bundle file failed.
     #[error("reading {path}: {source}")]
     Read {
-        /// The file.
         path: PathBuf,
-        /// The error.
         source: io::Error,
     },
     /// The bundle failed verification.
     #[error("{path}: refused: {source}")]
     Refused {
-        /// The file.
         path: PathBuf,
         /// Why.
         source: VerifyError,
@@ -101,7 +96,6 @@ pub enum ImportError {
         "refused: {name} version {version} is not newer than installed version {latest} (use --allow-downgrade for a deliberate rollback)"
     )]
     NotNewer {
-        /// The model.
         name: String,
         /// The version offered.
         version: u64,
@@ -113,9 +107,7 @@ pub enum ImportError {
         "refused: {name} version {version} is already installed with different content (manifest {installed}, offered {offered})"
     )]
     Conflict {
-        /// The model.
         name: String,
-        /// The version.
         version: u64,
         /// The installed manifest's hash.
         installed: Sha256,
@@ -125,9 +117,7 @@ pub enum ImportError {
     /// The model does not load, or its I/O differs from what the manifest declares.
     #[error("refused: {name} version {version}: {problem}")]
     BadModel {
-        /// The model.
         name: String,
-        /// The version.
         version: u64,
         /// What is wrong.
         problem: String,
@@ -135,7 +125,6 @@ pub enum ImportError {
     /// The feature snapshot's payload does not load as the table its manifest describes.
     #[error("refused: feature snapshot {name} version {version}: {problem}")]
     BadSnapshot {
-        /// The view.
         name: String,
         /// The snapshot's version.
         version: u64,
@@ -147,7 +136,6 @@ pub enum ImportError {
         "refused: {name} version {version} is a {offered} bundle, but the installed versions of {name} are {installed} bundles (a name holds one kind)"
     )]
     KindChange {
-        /// The name.
         name: String,
         /// The version offered.
         version: u64,

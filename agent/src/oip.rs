@@ -658,7 +658,6 @@ pub struct OutputToSend<'a> {
 /// An encoded response body.
 #[derive(Debug)]
 pub struct EncodedResponse {
-    /// The body.
     pub body: Vec<u8>,
     /// With binary outputs: the length of the JSON part, for `Inference-Header-Content-Length`.
     pub json_len: Option<usize>,

@@ -176,7 +176,6 @@ impl Default for RandomKeys {
 /// A mirrored request: the candidate runs it after the baseline answered.
 #[derive(Debug)]
 pub struct ShadowJob {
-    /// The candidate.
     pub candidate: Arc<LoadedVersion>,
     /// The request's inputs, in the candidate's signature order.
     pub inputs: Vec<Tensor>,

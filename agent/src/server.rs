@@ -124,15 +124,12 @@ pub enum ServeError {
     /// Binding or serving on the socket failed.
     #[error("HTTP server on {addr}: {source}")]
     Http {
-        /// The address.
         addr: SocketAddr,
-        /// The error.
         source: std::io::Error,
     },
     /// Binding or serving the gRPC endpoint failed.
     #[error("gRPC server on {addr}: {message}")]
     Grpc {
-        /// The address.
         addr: SocketAddr,
         /// What failed.
         message: String,

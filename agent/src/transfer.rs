@@ -73,7 +73,6 @@ pub enum TransferError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: std::io::Error,
     },
 }

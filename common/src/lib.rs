@@ -40,6 +40,8 @@
 //! - [`sample`] and [`train`]: the synthetic dataset and the small MLP trainer that make
 //!   the project's own sample model, so that nothing is downloaded.
 
+#![warn(missing_docs)]
+
 pub mod alerting;
 pub mod at_rest;
 pub mod audit;

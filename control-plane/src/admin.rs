@@ -334,7 +334,6 @@ struct MetricsParams {
 /// What `GET /v1/metrics` answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct MetricsView {
-    /// The model.
     pub model: String,
     /// Windows starting at or after this time were rolled up.
     pub since: Timestamp,
@@ -372,7 +371,6 @@ struct AlertsParams {
 /// An alert firing now.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct FiringView {
-    /// The rule.
     pub rule: String,
     /// What it is about.
     pub subject: String,

@@ -31,7 +31,6 @@ pub struct AlertsConfig {
     pub evaluate_every: Duration,
     /// URLs every firing and resolution is POSTed to.
     pub webhooks: Vec<String>,
-    /// The rules.
     pub rules: Vec<AlertRule>,
 }
 
@@ -51,7 +50,6 @@ pub struct AlertEvent {
     pub id: u64,
     /// When.
     pub at: Timestamp,
-    /// The rule.
     pub rule: String,
     /// What it is about: `model@version` or `model@version/column`.
     pub subject: String,
@@ -68,12 +66,9 @@ pub struct AlertEvent {
 /// What a webhook receives.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
-    /// The event.
     #[serde(flatten)]
     pub event: AlertEvent,
-    /// The model.
     pub model: String,
-    /// The version.
     pub version: u64,
     /// The column, for drift rules.
     pub column: Option<String>,

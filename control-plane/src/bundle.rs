@@ -37,7 +37,6 @@ pub enum BundleError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: std::io::Error,
     },
     /// The keys directory is unusable.
@@ -81,7 +80,6 @@ pub struct BuildOptions {
     pub model: PathBuf,
     /// The model's name.
     pub name: String,
-    /// The version.
     pub version: u64,
     /// Reference data (CSV), profiled into the bundle.
     pub reference: Option<PathBuf>,
@@ -176,7 +174,6 @@ pub struct Inspection {
     pub size: u64,
     /// The manifest (not necessarily authentic: see `verified`).
     pub manifest: Manifest,
-    /// The signatures.
     pub signatures: Vec<SignatureEntry>,
     /// The verdict against a trust root, if one was given.
     pub verified: Option<Result<u64, VerifyError>>,

@@ -50,7 +50,6 @@ pub enum CaError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: std::io::Error,
     },
     /// The key file is sealed and could not be opened.
@@ -61,7 +60,6 @@ pub enum CaError {
     Certificate {
         /// What was being done.
         what: &'static str,
-        /// The error.
         source: rcgen::Error,
     },
 }

@@ -37,7 +37,6 @@ pub enum ClientError {
     Unreachable {
         /// The API's base URL.
         url: String,
-        /// The error.
         source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The TLS settings for an `https://` URL could not be made.
@@ -63,9 +62,7 @@ pub enum ClientError {
     /// A local file could not be read.
     #[error("reading {path}: {source}")]
     File {
-        /// The file.
         path: String,
-        /// The error.
         source: std::io::Error,
     },
 }

@@ -106,7 +106,6 @@ pub enum ServeError {
         op: &'static str,
         /// On what (a path or an address).
         path: String,
-        /// The error.
         source: std::io::Error,
     },
     /// Keys are missing or unusable.

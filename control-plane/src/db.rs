@@ -238,7 +238,6 @@ pub enum DbError {
     Sqlite {
         /// The database file.
         path: PathBuf,
-        /// The error.
         source: rusqlite::Error,
     },
     /// The database was written by a newer control plane.
@@ -246,7 +245,6 @@ pub enum DbError {
         "control-plane database {path} has schema version {found}; this build supports up to {supported}"
     )]
     SchemaTooNew {
-        /// The file.
         path: PathBuf,
         /// Its version.
         found: u32,

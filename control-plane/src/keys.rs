@@ -47,7 +47,6 @@ pub enum KeysError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: std::io::Error,
     },
     /// The directory already holds a trust root.
@@ -56,23 +55,18 @@ pub enum KeysError {
     /// A key file is not a valid key.
     #[error("key file {path}: {source}")]
     BadKey {
-        /// The file.
         path: PathBuf,
-        /// The error.
         source: KeyError,
     },
     /// The trust root is refused.
     #[error("trust root {path}: {source}")]
     Trust {
-        /// The file.
         path: PathBuf,
-        /// The error.
         source: TrustError,
     },
     /// Too few signing keys are present to meet the threshold.
     #[error("{dir} holds {found} of the trust root's signing keys; {threshold} are needed to sign")]
     TooFewSigningKeys {
-        /// The directory.
         dir: PathBuf,
         /// Keys found.
         found: usize,
@@ -85,7 +79,6 @@ pub enum KeysError {
          successor"
     )]
     TooFewRootKeys {
-        /// The directory.
         dir: PathBuf,
         /// Keys found.
         found: usize,

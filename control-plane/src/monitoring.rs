@@ -188,7 +188,6 @@ fn refusal(w: &MetricsWindow, held: &Held, now: Timestamp) -> Option<String> {
 /// Which windows to roll up.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MetricsQuery {
-    /// The model.
     pub model: String,
     /// Only this version.
     pub version: Option<u64>,

@@ -30,7 +30,6 @@ pub enum PushError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: io::Error,
     },
     /// The bundle does not verify against this control plane's trust root.

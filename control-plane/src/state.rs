@@ -167,7 +167,6 @@ impl EnrollmentGate {
         }
     }
 
-    /// The limits.
     pub fn limits(&self) -> EnrollmentLimits {
         self.limits
     }
@@ -194,7 +193,6 @@ pub struct Session {
 /// State shared by the daemon's tasks.
 #[derive(Debug)]
 pub struct Shared {
-    /// The database.
     pub db: Db,
     /// Chunks and recipes.
     pub blobs: Arc<dyn BlobStore>,

@@ -51,7 +51,6 @@ pub enum VaultError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: std::io::Error,
     },
     /// The directory is sealed and no secret was given.
@@ -66,7 +65,6 @@ pub enum VaultError {
     /// A sealed file or the seal descriptor is damaged, or was copied from elsewhere.
     #[error("{path}: {reason}")]
     Damaged {
-        /// The file.
         path: PathBuf,
         /// What is wrong.
         reason: String,
@@ -324,7 +322,6 @@ impl Vault {
         Self::open(dir, secret.as_ref())
     }
 
-    /// The directory.
     pub fn dir(&self) -> &Path {
         &self.dir
     }

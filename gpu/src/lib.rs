@@ -51,15 +51,12 @@ pub enum GpuError {
     /// An input decides shapes (a Reshape's target, Squeeze's axes) and must be a constant.
     #[error("{node}: input {input:?} must be a constant for the GPU engine")]
     NeedsConstant {
-        /// The node.
         node: String,
-        /// The input.
         input: String,
     },
     /// Shapes that the graph cannot combine.
     #[error("{node}: {problem}")]
     Shape {
-        /// The node.
         node: String,
         /// What does not fit.
         problem: String,

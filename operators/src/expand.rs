@@ -83,7 +83,6 @@ impl Out {
 /// A kernel wired as one node with `outputs`.
 #[derive(Clone, Debug)]
 pub struct Expand<K> {
-    /// The kernel.
     pub kernel: K,
     /// Its outputs.
     pub outputs: Vec<Out>,

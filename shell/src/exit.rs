@@ -74,7 +74,6 @@ impl Failure {
         ExitCode::from(self.code())
     }
 
-    /// The error.
     pub fn error(&self) -> &anyhow::Error {
         match self {
             Self::Usage(e) | Self::Config(e) | Self::Refused(e) | Self::Other(e) => e,

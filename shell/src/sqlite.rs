@@ -24,7 +24,6 @@ pub enum OpenError {
     Sqlite {
         /// The database file.
         path: PathBuf,
-        /// The error.
         source: rusqlite::Error,
     },
     /// The database file's permissions could not be restricted to its owner.
@@ -32,7 +31,6 @@ pub enum OpenError {
     Permissions {
         /// The database file.
         path: PathBuf,
-        /// The error.
         source: std::io::Error,
     },
     /// The database was written by a newer build.

@@ -67,15 +67,12 @@ pub enum SourceError {
     /// Opening or reading failed.
     #[error("reading {path}: {source}")]
     Io {
-        /// The file.
         path: PathBuf,
-        /// The error.
         source: io::Error,
     },
     /// Not CSV of the expected shape (a row of another width, bad UTF-8).
     #[error("{path}: {message}")]
     Csv {
-        /// The file.
         path: PathBuf,
         /// What the CSV reader said, with the position.
         message: String,
@@ -83,7 +80,6 @@ pub enum SourceError {
     /// Not readable Parquet.
     #[error("{path}: not readable Parquet: {message}")]
     Parquet {
-        /// The file.
         path: PathBuf,
         /// What the reader said.
         message: String,
@@ -91,9 +87,7 @@ pub enum SourceError {
     /// A Parquet column of a type no feature can hold.
     #[error("{path}: column {column:?} has Parquet type {kind}, which no feature holds")]
     ColumnType {
-        /// The file.
         path: PathBuf,
-        /// The column.
         column: String,
         /// Its type.
         kind: String,
@@ -119,7 +113,6 @@ pub trait RowSink {
 /// A failure of the file or of the sink.
 #[derive(Debug)]
 pub enum ReadError<E> {
-    /// The file.
     Source(SourceError),
     /// The sink refused.
     Sink(E),

@@ -227,7 +227,6 @@ pub fn s(path: &Path) -> &str {
 
 /// `falaj control serve` as a process, and how to reach it.
 pub struct ControlProcess {
-    /// The process.
     pub process: Process,
     /// Its data directory.
     pub data: std::path::PathBuf,

@@ -46,7 +46,6 @@ pub enum FinetuneError {
     /// The model cannot be fine-tuned as asked.
     #[error("model {model}: {problem}")]
     Model {
-        /// The model.
         model: String,
         /// What is wrong.
         problem: String,
@@ -54,7 +53,6 @@ pub enum FinetuneError {
     /// The model has no head that can be retrained.
     #[error("model {model}: {source}")]
     Head {
-        /// The model.
         model: String,
         /// Why.
         source: HeadError,
@@ -65,7 +63,6 @@ pub enum FinetuneError {
     /// The data does not fit the model.
     #[error("training data {path}: {problem}")]
     Data {
-        /// The file.
         path: PathBuf,
         /// What is wrong, with the row, column and value where it helps.
         problem: String,
@@ -76,7 +73,6 @@ pub enum FinetuneError {
     /// The backbone could not compute the features.
     #[error("model {model}: computing the backbone's features: {problem}")]
     Backbone {
-        /// The model.
         model: String,
         /// What failed.
         problem: String,

@@ -189,7 +189,6 @@ pub enum StoreError {
         op: &'static str,
         /// On what.
         path: PathBuf,
-        /// The error.
         source: io::Error,
     },
     /// SQLite failed.
@@ -197,7 +196,6 @@ pub enum StoreError {
     Db {
         /// The database file.
         path: PathBuf,
-        /// The error.
         source: rusqlite::Error,
     },
     /// No agent was initialised in this directory.
@@ -243,9 +241,7 @@ pub enum StoreError {
     /// An installed bundle file no longer matches what was verified at import.
     #[error("installed bundle {name}@{version} ({path}) is damaged: {problem}")]
     Damaged {
-        /// The model.
         name: String,
-        /// The version.
         version: u64,
         /// Its file.
         path: PathBuf,
@@ -278,7 +274,6 @@ pub struct Installed {
 /// One installed version of a name, as the version rules see it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InstalledVersion {
-    /// The version.
     pub version: u64,
     /// SHA-256 of its manifest bytes.
     pub manifest_sha256: Sha256,

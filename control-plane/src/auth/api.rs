@@ -21,7 +21,6 @@ use super::{Principal, Routes, Via, WhoAmI, password};
 use crate::admin::{Api, ApiError, ApiResult, json_response};
 use crate::audit::{self, Actor};
 
-/// The routes.
 pub fn routes() -> Routes {
     Routes::new()
         .post("/v1/login", Access::Public, login)
@@ -87,7 +86,6 @@ struct LoginRequest {
 pub struct LoginView {
     /// The session's bearer token (shown once).
     pub token: String,
-    /// The user.
     pub user: String,
     /// Its role.
     pub role: String,
@@ -287,7 +285,6 @@ async fn add_user(State(api): State<Api>, body: String) -> ApiResult<Response> {
 /// What `POST /v1/users` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AddedUser {
-    /// The user.
     pub name: String,
     /// Its role.
     pub role: String,
@@ -298,7 +295,6 @@ pub struct AddedUser {
 /// What `PUT /v1/users/{name}/role` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RoleChanged {
-    /// The user.
     pub name: String,
     /// Its role now.
     pub role: String,
@@ -309,7 +305,6 @@ pub struct RoleChanged {
 /// What `POST /v1/users/{name}/password` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PasswordReset {
-    /// The user.
     pub name: String,
     /// The generated password, shown once (none when the request gave one).
     pub password: Option<String>,

@@ -53,7 +53,6 @@ pub struct UserAddArgs {
 /// Arguments of `user set-role`.
 #[derive(Debug, Args)]
 pub struct SetRoleArgs {
-    /// The user.
     name: String,
     /// admin, operator, viewer or auditor.
     #[arg(value_parser = parse_role)]
@@ -65,7 +64,6 @@ pub struct SetRoleArgs {
 /// Arguments naming one user.
 #[derive(Debug, Args)]
 pub struct UserNameArgs {
-    /// The user.
     name: String,
     #[command(flatten)]
     api: ApiArgs,
@@ -74,7 +72,6 @@ pub struct UserNameArgs {
 /// Arguments of `user reset-password`.
 #[derive(Debug, Args)]
 pub struct ResetPasswordArgs {
-    /// The user.
     name: String,
     /// Read the new password from the first line of standard input.
     #[arg(long)]
@@ -89,7 +86,6 @@ pub struct LoginArgs {
     /// The admin API's URL.
     #[arg(long, env = "FALAJ_CONTROL_PLANE", default_value = "http://127.0.0.1:7080")]
     control_plane: String,
-    /// The user.
     #[arg(long)]
     user: String,
     /// Read the password from the first line of standard input instead of a prompt.
@@ -369,7 +365,6 @@ pub fn run_logout() -> Result<(), Failure> {
 pub struct StoredSession {
     /// The admin API it is for.
     pub control_plane: String,
-    /// The user.
     pub user: String,
     /// The bearer token.
     pub token: String,

@@ -47,7 +47,6 @@ fn unauthorized(message: impl Into<String>) -> Response {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", message).into_response()
 }
 
-/// The middleware.
 pub(crate) async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     let source = Source(request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()));
     request.extensions_mut().insert(source);

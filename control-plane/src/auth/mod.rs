@@ -81,7 +81,6 @@ pub struct AuthConfig {
 pub struct WhoAmI {
     /// The actor name.
     pub actor: String,
-    /// The role.
     pub role: String,
     /// Its permissions.
     pub permissions: Vec<String>,

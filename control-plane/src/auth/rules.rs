@@ -207,7 +207,6 @@ pub enum NameError {
     Invalid {
         /// `user name` or `token name`.
         what: &'static str,
-        /// The name.
         name: String,
     },
 }

@@ -44,7 +44,6 @@ pub enum Refusal {
     /// Someone other than its creator (or an admin) tried to revoke a token.
     #[error("API token {name:?} was created by {creator}; only it or an admin may revoke it")]
     NotYours {
-        /// The token.
         name: String,
         /// Who created it.
         creator: String,
@@ -69,9 +68,7 @@ fn role(text: &str) -> rusqlite::Result<Role> {
 /// A user as listed (never the hash).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UserRow {
-    /// The name.
     pub name: String,
-    /// The role.
     pub role: Role,
     /// When added.
     pub created_at: Timestamp,
@@ -103,7 +100,6 @@ pub fn users(conn: &Connection) -> rusqlite::Result<Vec<UserRow>> {
 /// What a login needs of a user: role, stored hash, whether disabled.
 #[derive(Debug, Clone)]
 pub struct Stored {
-    /// The role.
     pub role: Role,
     /// The PHC string.
     pub password: String,

@@ -83,7 +83,6 @@ pub enum Command {
 /// Arguments of `metrics`.
 #[derive(Debug, Args)]
 pub struct MetricsArgs {
-    /// The model.
     pub(crate) model: String,
     /// Only this version.
     #[arg(long)]
@@ -219,7 +218,6 @@ pub struct RevokeArgs {
 pub struct DeployArgs {
     /// What to deploy, as NAME@VERSION.
     pub(crate) target: String,
-    /// The group.
     #[arg(long)]
     pub(crate) group: String,
     #[command(flatten)]
@@ -229,9 +227,7 @@ pub struct DeployArgs {
 /// Arguments of `undeploy`.
 #[derive(Debug, Args)]
 pub struct UndeployArgs {
-    /// The model.
     pub(crate) name: String,
-    /// The group.
     #[arg(long)]
     pub(crate) group: String,
     #[command(flatten)]

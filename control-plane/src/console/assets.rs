@@ -5,7 +5,6 @@
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 
-/// The stylesheet.
 pub const CSS: &str = include_str!("assets/console.css");
 /// The script (progressive enhancement only: times, live refresh, copy buttons).
 pub const JS: &str = include_str!("assets/console.js");

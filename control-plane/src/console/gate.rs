@@ -107,7 +107,6 @@ pub(crate) fn form_field(body: &[u8], name: &str) -> Option<String> {
     pairs.into_iter().find(|(k, _)| k == name).map(|(_, v)| v)
 }
 
-/// The middleware.
 pub(crate) async fn check(State(gate): State<Gate>, mut request: Request, next: Next) -> Response {
     let source = Source(request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()));
     request.extensions_mut().insert(source);

@@ -386,7 +386,6 @@ pub struct SnapshotBuilt {
 /// What a snapshot carries (also the detail of its `features.snapshot` event).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Carried {
-    /// The view.
     pub view: String,
     /// Its version.
     pub view_version: u64,

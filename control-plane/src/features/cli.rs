@@ -50,7 +50,6 @@ pub struct RotatePiiKeyArgs {
 /// A file and the API.
 #[derive(Debug, Args)]
 pub struct FileArgs {
-    /// The file.
     file: PathBuf,
     #[command(flatten)]
     api: ApiArgs,
@@ -59,7 +58,6 @@ pub struct FileArgs {
 /// A view and the API.
 #[derive(Debug, Args)]
 pub struct ViewArgs {
-    /// The view.
     view: String,
     #[command(flatten)]
     api: ApiArgs,
@@ -68,7 +66,6 @@ pub struct ViewArgs {
 /// Arguments of `features ingest`.
 #[derive(Debug, Args)]
 pub struct IngestArgs {
-    /// The view.
     view: String,
     /// The CSV (with a header) or Parquet file.
     file: PathBuf,
@@ -79,7 +76,6 @@ pub struct IngestArgs {
 /// Arguments of `features snapshot`.
 #[derive(Debug, Args)]
 pub struct SnapshotArgs {
-    /// The view.
     view: String,
     /// Only the entities listed in this file (one id per line, or a CSV whose header names
     /// the entity column).
@@ -105,7 +101,6 @@ pub struct SnapshotArgs {
 /// Arguments of `features export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The view.
     view: String,
     /// The labels: CSV or Parquet with the entity column, the view's timestamp column and
     /// label columns.

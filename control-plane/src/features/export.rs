@@ -39,7 +39,6 @@ pub enum ExportError {
     /// The labels file's columns are not (entity, time, labels…).
     #[error("labels {file}: {message}")]
     Header {
-        /// The file.
         file: String,
         /// What is wrong.
         message: String,
@@ -47,9 +46,7 @@ pub enum ExportError {
     /// Label rows with a bad entity id or time.
     #[error("labels {file}: {} of {} rows are invalid (first: {})", report.bad_rows, report.rows, report.first.first().map(RowError::to_string).unwrap_or_default())]
     Rows {
-        /// The file.
         file: String,
-        /// The errors.
         report: Report,
     },
     /// Writing the output failed.

@@ -28,9 +28,7 @@ pub enum IngestError {
     Header {
         /// The file's name as given.
         file: String,
-        /// The view.
         view: String,
-        /// The mismatch.
         error: HeaderError,
     },
     /// Rows broke rules: nothing was written.
@@ -38,7 +36,6 @@ pub enum IngestError {
     Rows {
         /// The file's name as given.
         file: String,
-        /// The view.
         view: String,
         /// The first errors and the counts.
         report: Report,
@@ -65,7 +62,6 @@ fn first(report: &Report) -> String {
 pub struct Ingested {
     /// The ingest's id (stored with each row).
     pub id: i64,
-    /// The view.
     pub view: String,
     /// The view version the rows were written to.
     pub version: u64,

@@ -38,15 +38,12 @@ pub struct FeatureStore {
 /// Why the feature store could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// The database.
     #[error(transparent)]
     Db(#[from] DbError),
     /// The key file.
     #[error("PII key {path}: {source}")]
     Key {
-        /// The file.
         path: std::path::PathBuf,
-        /// The error.
         source: std::io::Error,
     },
     /// The key file is sealed and could not be opened.

@@ -43,7 +43,6 @@ pub enum BuildError {
     /// An entity id of the wrong type.
     #[error("entity {id:?}: {rule}")]
     Entity {
-        /// The id.
         id: String,
         /// The rule it breaks.
         rule: value::Rule,

@@ -61,7 +61,6 @@ pub const MIGRATIONS: &[&str] = &[
 /// A view as stored: its definition at one revision of one version.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredView {
-    /// The definition.
     pub view: FeatureView,
     /// Its version: bumped by breaking changes.
     pub version: u64,

@@ -26,7 +26,6 @@ pub struct JobRow {
     pub id: String,
     /// The agent it is for.
     pub agent: String,
-    /// The order.
     pub order: DesiredJob,
     /// `ordered` until the agent reports, then the agent's state.
     pub state: String,

@@ -39,7 +39,6 @@ pub enum RolloutCommand {
 pub struct StartArgs {
     /// The candidate, as NAME@VERSION (pushed already).
     pub target: String,
-    /// The group.
     #[arg(long)]
     pub group: String,
     /// canary (a share that grows by steps; the last promotes), ab (a split held until
@@ -73,9 +72,7 @@ pub struct StartArgs {
 /// Arguments of `rollout status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
-    /// The model.
     pub model: String,
-    /// The group.
     #[arg(long)]
     pub group: String,
     /// Print the status as JSON.
@@ -88,9 +85,7 @@ pub struct StatusArgs {
 /// Arguments of `rollout promote|abort|pause|resume`.
 #[derive(Debug, Args)]
 pub struct TargetArgs {
-    /// The model.
     pub model: String,
-    /// The group.
     #[arg(long)]
     pub group: String,
     #[command(flatten)]

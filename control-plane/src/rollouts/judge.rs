@@ -56,15 +56,12 @@ pub struct Notification {
     pub kind: String,
     /// The rollout's id.
     pub rollout: String,
-    /// The group.
     pub group: String,
-    /// The model.
     pub model: String,
     /// The version serving again.
     pub baseline: u64,
     /// The version rolled back.
     pub candidate: u64,
-    /// The strategy.
     pub strategy: Strategy,
     /// Why.
     pub reason: String,

@@ -101,9 +101,7 @@ impl RolloutState {
 pub struct Rollout {
     /// `ro-N`.
     pub id: String,
-    /// The group.
     pub group: String,
-    /// The model.
     pub model: String,
     /// The version the group ran when it started.
     pub baseline: u64,
@@ -402,15 +400,12 @@ pub enum ActError {
     /// The model never had a rollout in the group.
     #[error("no rollout of {model} in group {group}")]
     NoRollout {
-        /// The group.
         group: String,
-        /// The model.
         model: String,
     },
     /// The rollout's state does not allow it.
     #[error("rollout {id} is {state}; it cannot {action}", state = state.name(), action = action.name())]
     NotAllowed {
-        /// The rollout.
         id: String,
         /// Its state.
         state: RolloutState,

@@ -41,9 +41,7 @@ pub struct Plan {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StartRequest {
-    /// The group.
     pub group: String,
-    /// The model.
     pub model: String,
     /// The version to try; the baseline is the group's deployed version.
     pub candidate: u64,
@@ -72,19 +70,15 @@ pub struct StartRequest {
 /// A start request checked on its own (before the database is asked anything).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Planned {
-    /// The group.
     pub group: String,
-    /// The model.
     pub model: String,
     /// The candidate version.
     pub candidate: u64,
     /// How.
     pub strategy: Strategy,
-    /// The plan.
     pub plan: Plan,
     /// The mirrored share.
     pub mirror: Share,
-    /// The guards.
     pub guards: Vec<Guard>,
     /// Observations before judgement.
     pub min_requests: u64,
@@ -133,27 +127,20 @@ pub enum StartError {
     /// The candidate was never pushed.
     #[error("no bundle {model}@{version}; push it first")]
     NoBundle {
-        /// The model.
         model: String,
-        /// The version.
         version: u64,
     },
     /// The group does not run the model, so there is no baseline.
     #[error("{model} is not deployed to group {group}: deploy a baseline first")]
     NoDeployment {
-        /// The group.
         group: String,
-        /// The model.
         model: String,
     },
     /// The candidate is what the group runs.
     #[error("{model}@{version} is already what group {group} runs (the baseline)")]
     CandidateIsBaseline {
-        /// The group.
         group: String,
-        /// The model.
         model: String,
-        /// The version.
         version: u64,
     },
     /// Another rollout of the model is under way in the group.
@@ -161,9 +148,7 @@ pub enum StartError {
     Exists {
         /// The rollout under way.
         id: String,
-        /// The group.
         group: String,
-        /// The model.
         model: String,
         /// Its state.
         state: RolloutState,

@@ -47,7 +47,6 @@ pub struct Variants {
 /// One variant's figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VariantView {
-    /// The version.
     pub version: u64,
     /// Requests, errors, latency, PSI, shadow comparisons and feedback.
     #[serde(flatten)]
@@ -78,7 +77,6 @@ impl VariantView {
 /// One agent of the group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AgentRollout {
-    /// The agent.
     pub id: String,
     /// Whether it has a live session.
     pub connected: bool,

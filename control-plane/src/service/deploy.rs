@@ -16,9 +16,7 @@ use crate::state::Shared;
 /// answers, and each item of `GET /v1/deployments`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeploymentView {
-    /// The group.
     pub group: String,
-    /// The model.
     pub name: String,
     /// The version the group runs.
     pub version: u64,

@@ -54,7 +54,6 @@ pub struct NewEnrollmentToken {
     pub id: String,
     /// The group agents enrolled with it join.
     pub group: String,
-    /// The region.
     pub region: String,
     /// When it expires.
     pub expires: String,
@@ -196,7 +195,6 @@ pub(crate) async fn agent_views(shared: &Shared) -> ServiceResult<Vec<AgentView>
 /// What `POST /v1/agents/{id}/revoke` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevokedView {
-    /// The agent.
     pub id: String,
     /// Always true: a refusal is an error.
     pub revoked: bool,

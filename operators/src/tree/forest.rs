@@ -41,11 +41,9 @@ pub enum Cmp {
 /// One node of a tree as the model declares it, children by index into [`Spec::nodes`].
 #[derive(Clone, Debug, PartialEq)]
 pub enum SpecNode {
-    /// A comparison.
     Branch {
         /// Input column compared.
         feature: usize,
-        /// The comparison.
         cmp: Cmp,
         /// The threshold (unused by `Member`).
         value: f32,
@@ -65,13 +63,10 @@ pub enum SpecNode {
 /// How the trees' contributions to one target combine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Aggregate {
-    /// The sum.
     Sum,
     /// The mean over all trees.
     Average,
-    /// The least.
     Min,
-    /// The greatest.
     Max,
 }
 
@@ -94,7 +89,6 @@ pub enum ForestError {
     /// A child index outside the node list.
     #[error("tree {tree}: node {node} points to node {child}, which does not exist")]
     MissingChild {
-        /// The tree.
         tree: usize,
         /// The node, as declared.
         node: usize,
@@ -104,15 +98,12 @@ pub enum ForestError {
     /// A node reached twice: a cycle, or nodes shared between branches.
     #[error("tree {tree}: node {node} is reached twice (a cycle or a shared subtree)")]
     Cycle {
-        /// The tree.
         tree: usize,
-        /// The node.
         node: usize,
     },
     /// A leaf weight for a target past `n_targets`.
     #[error("tree {tree}: a leaf adds to target {target}, but there are {n_targets}")]
     Target {
-        /// The tree.
         tree: usize,
         /// The target id.
         target: usize,

@@ -11,7 +11,6 @@ use crate::post::{Post, Second, binary_pair};
 pub struct Regression {
     /// `base_values`, added per target (or, one value for one target).
     pub base: Vec<f32>,
-    /// The post-transform.
     pub post: Post,
     /// How trees combine (averaging divides by `trees`).
     pub aggregate: Aggregate,
@@ -61,7 +60,6 @@ impl Regression {
 pub struct Classification {
     /// `base_values`.
     pub base: Vec<f32>,
-    /// The post-transform.
     pub post: Post,
     /// Classes (labels declared).
     pub classes: usize,

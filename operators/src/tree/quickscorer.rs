@@ -50,7 +50,6 @@ pub struct QuickScorer {
 /// One branch, as the forest's layout gives it.
 #[derive(Clone, Debug)]
 pub struct Test {
-    /// The tree.
     pub tree: u32,
     /// Feature read.
     pub feature: u32,

@@ -27,7 +27,6 @@ use crate::monitoring;
 /// One version as the page shows it.
 #[derive(Debug, Clone)]
 pub struct ModelVersion {
-    /// The bundle.
     pub bundle: BundleRow,
     /// Groups it is deployed to.
     pub groups: Vec<String>,
