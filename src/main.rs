@@ -36,14 +36,7 @@ fn main() -> ExitCode {
         .init();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
-        Err(err) => {
-            let _ = err.print();
-            return if err.use_stderr() {
-                ExitCode::from(falaj_agent::cli::EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            };
-        }
+        Err(err) => return falaj_shell::exit::clap_exit(&err),
     };
     match cli.command {
         Command::Demo(args) => match demo::run(&args) {

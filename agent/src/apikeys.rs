@@ -203,10 +203,7 @@ pub enum ApiKeyError {
     Store(#[from] StoreError),
     /// SQLite failed.
     #[error("API keys in {path}: {source}")]
-    Db {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
+    Db { path: PathBuf, source: rusqlite::Error },
     /// A name, scope or expiry that is refused.
     #[error("{0}")]
     Invalid(String),

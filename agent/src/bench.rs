@@ -26,10 +26,7 @@ pub enum BenchError {
     #[error(
         "input {input:?}: axis {axis} has no fixed size; give --input-data, or bundle the model with --input-shape"
     )]
-    FreeAxis {
-        input: String,
-        axis: usize,
-    },
+    FreeAxis { input: String, axis: usize },
     /// The rows given do not fit the model.
     #[error("--input-data: {0}")]
     Pool(String),

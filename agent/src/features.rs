@@ -59,15 +59,10 @@ pub fn load(store: &Store, installed: &Installed) -> Result<OnlineTable, String>
 pub enum FeatureError {
     /// `GET /v1/features/{view}/...` for a view the agent holds no snapshot of.
     #[error("unknown feature view {view:?}")]
-    UnknownView {
-        view: String,
-    },
+    UnknownView { view: String },
     /// An inference by entity for a model whose view has no snapshot here.
     #[error("this agent holds no snapshot of feature view {view:?}, which model {model:?} reads")]
-    NoSnapshot {
-        model: String,
-        view: String,
-    },
+    NoSnapshot { model: String, view: String },
     /// The active snapshot is installed but could not be loaded.
     #[error("feature view {view:?} snapshot version {version} is not loaded: {reason}")]
     NotLoaded {
@@ -97,9 +92,7 @@ pub enum FeatureError {
     #[error(
         "model {model:?} does not take its input from a feature view; send inputs, not entity ids"
     )]
-    NoFeatureInput {
-        model: String,
-    },
+    NoFeatureInput { model: String },
     /// The request gave both inputs and entity ids.
     #[error("give either inputs or parameters.entity_id(s), not both")]
     InputsAndEntities,
@@ -120,17 +113,10 @@ pub enum FeatureError {
     #[error(
         "feature {feature:?} that model {model:?} reads is not in the snapshot of feature view {view:?}"
     )]
-    MissingFeature {
-        model: String,
-        view: String,
-        feature: String,
-    },
+    MissingFeature { model: String, view: String, feature: String },
     /// A feature the model reads is text in the snapshot (a pseudonym, a category).
     #[error("feature {feature:?} of feature view {view:?} is text and cannot be a model input")]
-    NotNumeric {
-        view: String,
-        feature: String,
-    },
+    NotNumeric { view: String, feature: String },
     /// A feature is null for the entity and has no default.
     #[error(
         "feature {feature:?} of entity {entity:?} in feature view {view:?} is null and has no default"

@@ -77,10 +77,7 @@ pub enum ImportOutcome {
 pub enum ImportError {
     /// Reading the bundle file failed.
     #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: io::Error,
-    },
+    Read { path: PathBuf, source: io::Error },
     /// The bundle failed verification.
     #[error("{path}: refused: {source}")]
     Refused {

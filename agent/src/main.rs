@@ -14,13 +14,6 @@ fn main() -> ExitCode {
         .init();
     match falaj_agent::cli::Cli::try_parse() {
         Ok(cli) => falaj_agent::cli::run(cli),
-        Err(err) => {
-            let _ = err.print();
-            if err.use_stderr() {
-                ExitCode::from(falaj_agent::cli::EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+        Err(err) => falaj_shell::exit::clap_exit(&err),
     }
 }

@@ -123,10 +123,7 @@ pub enum ServeError {
     Store(#[from] StoreError),
     /// Binding or serving on the socket failed.
     #[error("HTTP server on {addr}: {source}")]
-    Http {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Http { addr: SocketAddr, source: std::io::Error },
     /// Binding or serving the gRPC endpoint failed.
     #[error("gRPC server on {addr}: {message}")]
     Grpc {

@@ -61,10 +61,7 @@ pub enum ClientError {
     },
     /// A local file could not be read.
     #[error("reading {path}: {source}")]
-    File {
-        path: String,
-        source: std::io::Error,
-    },
+    File { path: String, source: std::io::Error },
 }
 
 /// The admin API at a base URL, with a bearer token.

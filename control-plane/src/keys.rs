@@ -54,16 +54,10 @@ pub enum KeysError {
     Exists(PathBuf),
     /// A key file is not a valid key.
     #[error("key file {path}: {source}")]
-    BadKey {
-        path: PathBuf,
-        source: KeyError,
-    },
+    BadKey { path: PathBuf, source: KeyError },
     /// The trust root is refused.
     #[error("trust root {path}: {source}")]
-    Trust {
-        path: PathBuf,
-        source: TrustError,
-    },
+    Trust { path: PathBuf, source: TrustError },
     /// Too few signing keys are present to meet the threshold.
     #[error("{dir} holds {found} of the trust root's signing keys; {threshold} are needed to sign")]
     TooFewSigningKeys {

@@ -14,13 +14,6 @@ fn main() -> ExitCode {
         .init();
     match falaj_control::cli::Cli::try_parse() {
         Ok(cli) => falaj_control::cli::run(cli),
-        Err(err) => {
-            let _ = err.print();
-            if err.use_stderr() {
-                ExitCode::from(falaj_control::cli::EXIT_USAGE)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
+        Err(err) => falaj_shell::exit::clap_exit(&err),
     }
 }

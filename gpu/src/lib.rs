@@ -50,10 +50,7 @@ pub enum GpuError {
     },
     /// An input decides shapes (a Reshape's target, Squeeze's axes) and must be a constant.
     #[error("{node}: input {input:?} must be a constant for the GPU engine")]
-    NeedsConstant {
-        node: String,
-        input: String,
-    },
+    NeedsConstant { node: String, input: String },
     /// Shapes that the graph cannot combine.
     #[error("{node}: {problem}")]
     Shape {

@@ -66,10 +66,7 @@ impl Format {
 pub enum SourceError {
     /// Opening or reading failed.
     #[error("reading {path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { path: PathBuf, source: io::Error },
     /// Not CSV of the expected shape (a row of another width, bad UTF-8).
     #[error("{path}: {message}")]
     Csv {

@@ -12,10 +12,7 @@ use falaj_common::text::printable;
 use falaj_common::time::Timestamp;
 
 use super::AuditQuery;
-use crate::cli::{ApiArgs, EXIT_CONFIG, Failure, online};
-
-/// Exit code of a verification that fails (`EX_DATAERR`).
-pub const EXIT_TAMPERED: u8 = 65;
+use crate::cli::{ApiArgs, Failure, online};
 
 /// `audit` subcommands.
 #[derive(Debug, Subcommand)]
@@ -108,19 +105,17 @@ pub fn run(command: AuditCommand) -> Result<(), Failure> {
 }
 
 fn verify(args: &VerifyArgs) -> Result<(), Failure> {
-    let key: PublicKey =
-        super::key::read_public(&args.key).map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+    let key: PublicKey = super::key::read_public(&args.key).map_err(|e| Failure::config(e))?;
     let text = std::fs::read_to_string(&args.file)
-        .map_err(|e| Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
+        .map_err(|e| Failure::other(anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
     match audit::verify(text.lines(), &[key]) {
         Ok(v) => {
             println!("{}: {v} against audit key {}", args.file.display(), key.id().short());
             Ok(())
         }
-        Err(e) => Err(Failure::new(
-            EXIT_TAMPERED,
-            anyhow::anyhow!("{} does not verify: {e}", args.file.display()),
-        )),
+        Err(e) => {
+            Err(Failure::refused(anyhow::anyhow!("{} does not verify: {e}", args.file.display())))
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use falaj_common::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use super::rules::Role;
-use crate::cli::{ApiArgs, EXIT_CONFIG, EXIT_USAGE, Failure, online};
+use crate::cli::{ApiArgs, Failure, online};
 use crate::client::AdminClient;
 
 /// `user` subcommands (admins only).
@@ -134,7 +134,7 @@ fn parse_role(text: &str) -> Result<Role, String> {
 }
 
 fn io_failure(what: &str, e: &std::io::Error) -> Failure {
-    Failure::new(1, anyhow::anyhow!("{what}: {e}"))
+    Failure::other(anyhow::anyhow!("{what}: {e}"))
 }
 
 /// The first line of standard input, without its line ending.
@@ -146,7 +146,7 @@ fn read_stdin_line() -> Result<String, Failure> {
         .map_err(|e| io_failure("reading the password from standard input", &e))?;
     let line = line.trim_end_matches(['\r', '\n']).to_owned();
     if line.is_empty() {
-        return Err(Failure::new(EXIT_USAGE, anyhow::anyhow!("no password on standard input")));
+        return Err(Failure::usage(anyhow::anyhow!("no password on standard input")));
     }
     Ok(line)
 }
@@ -157,10 +157,9 @@ fn read_password(prompt: &str, from_stdin: bool) -> Result<String, Failure> {
         return read_stdin_line();
     }
     if !std::io::stdin().is_terminal() {
-        return Err(Failure::new(
-            EXIT_USAGE,
-            anyhow::anyhow!("no terminal to prompt for the password on: pass --password-stdin"),
-        ));
+        return Err(Failure::usage(anyhow::anyhow!(
+            "no terminal to prompt for the password on: pass --password-stdin"
+        )));
     }
     eprint!("{prompt}");
     let _ = std::io::stderr().flush();
@@ -303,18 +302,18 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))
+        .map_err(|e| Failure::other(anyhow::anyhow!("starting the async runtime: {e}")))
 }
 
 /// `login`: asks for the password, opens a session and stores it.
 pub fn run_login(args: &LoginArgs) -> Result<(), Failure> {
     let path = session_path().ok_or_else(|| {
-        Failure::new(EXIT_CONFIG, anyhow::anyhow!("neither XDG_CONFIG_HOME nor HOME is set"))
+        Failure::config(anyhow::anyhow!("neither XDG_CONFIG_HOME nor HOME is set"))
     })?;
     let password = read_password(&format!("password for {}: ", args.user), args.password_stdin)?;
     let client = AdminClient::new(&args.control_plane, "");
     let view =
-        runtime()?.block_on(client.login(&args.user, &password)).map_err(|e| Failure::new(1, e))?;
+        runtime()?.block_on(client.login(&args.user, &password)).map_err(|e| Failure::other(e))?;
     let stored = StoredSession {
         control_plane: client.base().to_owned(),
         user: view.user.clone(),
@@ -338,7 +337,7 @@ pub fn run_login(args: &LoginArgs) -> Result<(), Failure> {
 /// `logout`: ends the stored session on its control plane and forgets it.
 pub fn run_logout() -> Result<(), Failure> {
     let path = session_path().ok_or_else(|| {
-        Failure::new(EXIT_CONFIG, anyhow::anyhow!("neither XDG_CONFIG_HOME nor HOME is set"))
+        Failure::config(anyhow::anyhow!("neither XDG_CONFIG_HOME nor HOME is set"))
     })?;
     let Some(stored) = load_session(&path)? else {
         println!("not logged in ({} does not exist)", path.display());
@@ -390,10 +389,7 @@ pub fn load_session(path: &Path) -> Result<Option<StoredSession>, Failure> {
         Err(e) => return Err(io_failure(&format!("reading {}", path.display()), &e)),
     };
     serde_json::from_str(&text).map(Some).map_err(|e| {
-        Failure::new(
-            EXIT_CONFIG,
-            anyhow::anyhow!("{}: {e} (remove it, or log in again)", path.display()),
-        )
+        Failure::config(anyhow::anyhow!("{}: {e} (remove it, or log in again)", path.display()))
     })
 }
 

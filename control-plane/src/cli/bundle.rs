@@ -8,15 +8,15 @@ use falaj_common::tensor::InputShape;
 use falaj_common::trust::TrustRoot;
 
 use super::keys::keys_failure;
-use super::{BuildArgs, EXIT_CONFIG, EXIT_REFUSED, EXIT_USAGE, Failure, InspectArgs, SampleArgs};
+use super::{BuildArgs, Failure, InspectArgs, SampleArgs};
 use crate::bundle::{self, BuildOptions, BundleError};
 use crate::sample::{self, SampleOptions};
 
 pub(super) fn bundle_failure(err: BundleError) -> Failure {
     match err {
         BundleError::Keys(e) => keys_failure(e),
-        BundleError::Io { .. } => Failure::new(1, err),
-        other => Failure::new(EXIT_CONFIG, other),
+        BundleError::Io { .. } => Failure::other(err),
+        other => Failure::config(other),
     }
 }
 
@@ -68,7 +68,7 @@ pub(super) fn bundle_build(args: BuildArgs, now: SystemTime) -> Result<(), Failu
 
 /// `--input-shape NAME=SHAPE` arguments, by input name.
 fn input_shapes(args: &[String]) -> Result<BTreeMap<String, InputShape>, Failure> {
-    let usage = |msg: String| Failure::new(EXIT_USAGE, anyhow::anyhow!(msg));
+    let usage = |msg: String| Failure::usage(anyhow::anyhow!(msg));
     let mut out = BTreeMap::new();
     for arg in args {
         let (name, shape) = arg
@@ -84,15 +84,10 @@ fn input_shapes(args: &[String]) -> Result<BTreeMap<String, InputShape>, Failure
 
 fn feature_input(view: Option<&str>, names: Option<&str>) -> Result<Option<FeatureInput>, Failure> {
     let (Some(view), Some(names)) = (view, names) else { return Ok(None) };
-    let (view, version) = view
-        .split_once('@')
-        .and_then(|(v, n)| Some((v.to_owned(), n.parse().ok()?)))
-        .ok_or_else(|| {
-            Failure::new(
-                EXIT_USAGE,
-                anyhow::anyhow!("--feature-view must be VIEW@VERSION, not {view:?}"),
-            )
-        })?;
+    let (view, version) =
+        view.split_once('@').and_then(|(v, n)| Some((v.to_owned(), n.parse().ok()?))).ok_or_else(
+            || Failure::usage(anyhow::anyhow!("--feature-view must be VIEW@VERSION, not {view:?}")),
+        )?;
     let names = names.split(',').map(|n| n.trim().to_owned()).collect();
     Ok(Some(FeatureInput { view, version, names }))
 }
@@ -103,11 +98,10 @@ pub(super) fn bundle_inspect(args: &InspectArgs, now: SystemTime) -> Result<(), 
         .as_ref()
         .map(|path| {
             let bytes = std::fs::read(path).map_err(|e| {
-                Failure::new(1, anyhow::anyhow!("reading trust root {}: {e}", path.display()))
+                Failure::other(anyhow::anyhow!("reading trust root {}: {e}", path.display()))
             })?;
-            TrustRoot::from_json(&bytes, now).map_err(|e| {
-                Failure::new(EXIT_CONFIG, anyhow::anyhow!("trust root {}: {e}", path.display()))
-            })
+            TrustRoot::from_json(&bytes, now)
+                .map_err(|e| Failure::config(anyhow::anyhow!("trust root {}: {e}", path.display())))
         })
         .transpose()?;
     let inspection = bundle::inspect(&args.file, trust.as_ref(), now).map_err(bundle_failure)?;
@@ -120,10 +114,9 @@ pub(super) fn bundle_inspect(args: &InspectArgs, now: SystemTime) -> Result<(), 
         print!("{}", inspection.report(&args.file));
     }
     match inspection.verified {
-        Some(Err(e)) => Err(Failure::new(
-            EXIT_REFUSED,
-            anyhow::anyhow!("{}: does not verify: {e}", args.file.display()),
-        )),
+        Some(Err(e)) => {
+            Err(Failure::refused(anyhow::anyhow!("{}: does not verify: {e}", args.file.display())))
+        }
         _ => Ok(()),
     }
 }
@@ -131,7 +124,7 @@ pub(super) fn bundle_inspect(args: &InspectArgs, now: SystemTime) -> Result<(), 
 pub(super) fn sample(args: &SampleArgs) -> Result<(), Failure> {
     let options = SampleOptions { rows: args.rows, seed: args.seed };
     let made = sample::write(&args.out, &options).map_err(|e| {
-        Failure::new(1, anyhow::anyhow!("writing the sample into {}: {e}", args.out.display()))
+        Failure::other(anyhow::anyhow!("writing the sample into {}: {e}", args.out.display()))
     })?;
     println!(
         "trained the sample pump-fault classifier on {} rows: hold-out accuracy {:.1}% (majority class {:.1}%), {} epochs",

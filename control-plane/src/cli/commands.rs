@@ -10,8 +10,7 @@ use super::render::{
     render_token_header,
 };
 use super::{
-    AgentCommand, ApiArgs, BundleCommand, Cli, Command, DeployArgs, EXIT_CONFIG, EXIT_USAGE,
-    Failure, PushArgs, TokenCommand,
+    AgentCommand, ApiArgs, BundleCommand, Cli, Command, DeployArgs, Failure, PushArgs, TokenCommand,
 };
 use crate::client::{AdminClient, ClientError};
 
@@ -24,9 +23,7 @@ impl ApiArgs {
         } else {
             let path = self.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
             std::fs::read_to_string(&path).map(|t| t.trim().to_owned()).map_err(|e| {
-                Failure::new(
-                    EXIT_CONFIG,
-                    anyhow::anyhow!(
+                Failure::config(anyhow::anyhow!(
                         "no credentials: pass --token or FALAJ_TOKEN, log in (falaj-control login), or make {} readable ({e})",
                         path.display()
                     ),
@@ -37,13 +34,13 @@ impl ApiArgs {
             None => Ok(AdminClient::new(&self.control_plane, &token)),
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    Failure::new(
-                        EXIT_CONFIG,
-                        anyhow::anyhow!("reading the CA certificate {}: {e}", path.display()),
-                    )
+                    Failure::config(anyhow::anyhow!(
+                        "reading the CA certificate {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 AdminClient::with_ca(&self.control_plane, &token, &pem)
-                    .map_err(|e| Failure::new(EXIT_CONFIG, e))
+                    .map_err(|e| Failure::config(e))
             }
         }
     }
@@ -125,13 +122,7 @@ pub fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => {
-            eprintln!(
-                "falaj-control: error: {}",
-                falaj_common::errors::describe(failure.error.as_ref())
-            );
-            ExitCode::from(failure.code)
-        }
+        Err(failure) => failure.report("falaj-control"),
     }
 }
 
@@ -152,13 +143,10 @@ where
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))?;
-    runtime.block_on(f(client)).map_err(|e| {
-        let code = match &e {
-            ClientError::Api { status: 400..=499, .. } => EXIT_CONFIG,
-            _ => 1,
-        };
-        Failure::new(code, e)
+        .map_err(|e| Failure::other(anyhow::anyhow!("starting the async runtime: {e}")))?;
+    runtime.block_on(f(client)).map_err(|e| match &e {
+        ClientError::Api { status: 400..=499, .. } => Failure::config(e),
+        _ => Failure::other(e),
     })
 }
 
@@ -168,10 +156,7 @@ fn deploy(args: DeployArgs) -> Result<(), Failure> {
         .split_once('@')
         .and_then(|(n, v)| Some((n.to_owned(), v.parse::<u64>().ok()?)))
         .ok_or_else(|| {
-            Failure::new(
-                EXIT_USAGE,
-                anyhow::anyhow!("expected NAME@VERSION, got {:?}", args.target),
-            )
+            Failure::usage(anyhow::anyhow!("expected NAME@VERSION, got {:?}", args.target))
         })?;
     online(&args.api, |c| async move {
         c.deploy(&args.group, &name, version).await?;

@@ -7,18 +7,17 @@ use falaj_common::time::Timestamp;
 
 use super::render::render_keys_status;
 use super::{
-    EXIT_CONFIG, Failure, KeysCommand, KeysDirArgs, KeysInitArgs, KeysSealArgs, RotateRootArgs,
+    Failure, KeysCommand, KeysDirArgs, KeysInitArgs, KeysSealArgs, RotateRootArgs,
     RotateSigningArgs,
 };
 use crate::keys::{self, InitOptions, KeysError, RotateOptions};
 use crate::vault::{self, Secret, UnsealFrom, VaultError};
 
 pub(super) fn keys_failure(err: KeysError) -> Failure {
-    let code = match err {
-        KeysError::Io { .. } => 1,
-        _ => EXIT_CONFIG,
-    };
-    Failure::new(code, err)
+    match err {
+        KeysError::Io { .. } => Failure::other(err),
+        _ => Failure::config(err),
+    }
 }
 
 fn keys_init(args: &KeysInitArgs, now: SystemTime) -> Result<(), Failure> {
@@ -179,8 +178,7 @@ fn keys_status(args: &KeysDirArgs, now: SystemTime) -> Result<(), Failure> {
     }
     // The CA is made on the daemon's first start; a directory from `keys init` alone has none.
     if args.keys.join(crate::ca::CA_CERT_FILE).exists() {
-        let expires =
-            crate::ca::Ca::expiry_in(&args.keys).map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+        let expires = crate::ca::Ca::expiry_in(&args.keys).map_err(|e| Failure::config(e))?;
         println!("agents' CA certificate expires {expires}");
         if let Some(days) = falaj_common::time::expiry_warning(now, expires) {
             println!("WARNING: the agents' CA certificate expires within {days} days");

@@ -26,32 +26,4 @@ pub use render::{
     render_agents, render_alerts, render_keys_status, render_metrics, render_metrics_marked,
 };
 
-/// Exit code for a usage error (`EX_USAGE`).
-pub const EXIT_USAGE: u8 = 64;
-/// Exit code for a bundle that fails verification (`EX_DATAERR`).
-pub const EXIT_REFUSED: u8 = 65;
-/// Exit code for bad configuration or input (`EX_CONFIG`).
-pub const EXIT_CONFIG: u8 = 78;
-
-/// A command's failure, with its exit code.
-#[derive(Debug)]
-pub struct Failure {
-    pub(super) code: u8,
-    pub(super) error: anyhow::Error,
-}
-
-impl Failure {
-    pub(crate) fn new(code: u8, error: impl Into<anyhow::Error>) -> Self {
-        Self { code, error: error.into() }
-    }
-
-    /// The exit code.
-    pub fn code(&self) -> u8 {
-        self.code
-    }
-
-    /// The error, on one line.
-    pub fn message(&self) -> String {
-        falaj_common::errors::describe(self.error.as_ref())
-    }
-}
+pub use falaj_shell::exit::{EXIT_CONFIG, EXIT_REFUSED, EXIT_USAGE, Failure};

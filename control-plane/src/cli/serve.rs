@@ -5,12 +5,12 @@ use std::path::Path;
 use falaj_common::config::Checked as _;
 use falaj_shell::daemon::{self as systemd, shutdown_signal};
 
-use super::{EXIT_CONFIG, Failure, ServeArgs};
+use super::{Failure, ServeArgs};
 use crate::config::{self, ControlConfig};
 use crate::daemon::{ControlPlane, ServeConfig, ServeError};
 
 pub(super) fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let config_error = |e: config::ConfigError| Failure::new(EXIT_CONFIG, e);
+    let config_error = |e: config::ConfigError| Failure::config(e);
     let mut file = match &args.config {
         Some(path) => ControlConfig::load(path).map_err(config_error)?,
         None if Path::new(config::DEFAULT_PATH).exists() => {
@@ -46,12 +46,12 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), Failure> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| Failure::new(1, anyhow::anyhow!("starting the async runtime: {e}")))?;
+        .map_err(|e| Failure::other(anyhow::anyhow!("starting the async runtime: {e}")))?;
     runtime.block_on(async move {
         let control = ControlPlane::start(ServeConfig { unseal, ..file.serve() }).await.map_err(
             |e| match e {
-                ServeError::Io { .. } | ServeError::Db(_) => Failure::new(1, e),
-                other => Failure::new(EXIT_CONFIG, other),
+                ServeError::Io { .. } | ServeError::Db(_) => Failure::other(e),
+                other => Failure::config(other),
             },
         )?;
         let stop = shutdown_signal();
@@ -75,12 +75,12 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), Failure> {
                 systemd::stopping();
             })
             .await;
-        served.map_err(|e| Failure::new(1, e))
+        served.map_err(|e| Failure::other(e))
     })
 }
 
 pub(super) fn check_config(path: &Path) -> Result<(), Failure> {
-    let config = ControlConfig::load(path).map_err(|e| Failure::new(EXIT_CONFIG, e))?;
+    let config = ControlConfig::load(path).map_err(|e| Failure::config(e))?;
     println!("{}: OK", path.display());
     println!("data_dir      {}", config.data_dir.display());
     println!("region        {}", config.region.as_deref().unwrap_or("(from the keys)"));

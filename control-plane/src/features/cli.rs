@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
+use crate::cli::{ApiArgs, Failure, online};
 use falaj_common::time::Timestamp;
 use falaj_tables::Format;
 
@@ -181,7 +181,7 @@ pub fn run(command: FeaturesCommand) -> Result<(), Failure> {
 
 fn apply(args: &FileArgs) -> Result<(), Failure> {
     let text = std::fs::read_to_string(&args.file)
-        .map_err(|e| Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
+        .map_err(|e| Failure::other(anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
     online(&args.api, |c| async move {
         let applied = c.apply_view(text).await?;
         let stored = &applied.stored;
@@ -199,10 +199,7 @@ fn apply(args: &FileArgs) -> Result<(), Failure> {
 fn snapshot(args: SnapshotArgs) -> Result<(), Failure> {
     let entities = args.entities.as_deref().map(read_entities).transpose()?;
     if let Some(p) = args.pii.as_deref().filter(|p| !matches!(*p, "hash" | "drop")) {
-        return Err(Failure::new(
-            EXIT_USAGE,
-            anyhow::anyhow!("--pii must be hash or drop, not {p:?}"),
-        ));
+        return Err(Failure::usage(anyhow::anyhow!("--pii must be hash or drop, not {p:?}")));
     }
     let request = json!({
         "entities": entities,
@@ -228,10 +225,10 @@ fn snapshot(args: SnapshotArgs) -> Result<(), Failure> {
 
 fn export(args: ExportArgs) -> Result<(), Failure> {
     let format = Format::of_output(&args.out).map(Format::name).ok_or_else(|| {
-        Failure::new(
-            EXIT_USAGE,
-            anyhow::anyhow!("--out must end in .parquet or .csv: {}", args.out.display()),
-        )
+        Failure::usage(anyhow::anyhow!(
+            "--out must end in .parquet or .csv: {}",
+            args.out.display()
+        ))
     })?;
     online(&args.api, |c| async move {
         let (rows, matched) = c.export(&args.view, &args.labels, format, &args.out).await?;
@@ -248,7 +245,7 @@ fn export(args: ExportArgs) -> Result<(), Failure> {
 /// (the first column is taken).
 fn read_entities(path: &Path) -> Result<Vec<String>, Failure> {
     let text = std::fs::read_to_string(path)
-        .map_err(|e| Failure::new(1, anyhow::anyhow!("reading {}: {e}", path.display())))?;
+        .map_err(|e| Failure::other(anyhow::anyhow!("reading {}: {e}", path.display())))?;
     let mut lines = text.lines().map(|l| l.split(',').next().unwrap_or_default().trim());
     let first = lines.next().unwrap_or_default();
     let mut ids: Vec<String> = lines.filter(|l| !l.is_empty()).map(str::to_owned).collect();

@@ -45,10 +45,7 @@ pub enum ExportError {
     },
     /// Label rows with a bad entity id or time.
     #[error("labels {file}: {} of {} rows are invalid (first: {})", report.bad_rows, report.rows, report.first.first().map(RowError::to_string).unwrap_or_default())]
-    Rows {
-        file: String,
-        report: Report,
-    },
+    Rows { file: String, report: Report },
     /// Writing the output failed.
     #[error("writing {path}: {message}")]
     Output {

@@ -42,10 +42,7 @@ pub enum OpenError {
     Db(#[from] DbError),
     /// The key file.
     #[error("PII key {path}: {source}")]
-    Key {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
+    Key { path: std::path::PathBuf, source: std::io::Error },
     /// The key file is sealed and could not be opened.
     #[error(transparent)]
     Vault(#[from] VaultError),

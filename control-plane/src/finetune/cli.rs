@@ -12,7 +12,7 @@ use falaj_common::text::printable;
 use serde_json::json;
 
 use super::JobRow;
-use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
+use crate::cli::{ApiArgs, Failure, online};
 
 /// `finetune` subcommands.
 #[derive(Debug, Subcommand)]
@@ -58,11 +58,10 @@ pub fn run(command: FinetuneCommand) -> Result<(), Failure> {
     match command {
         FinetuneCommand::Order(args) => {
             let text = std::fs::read_to_string(&args.job).map_err(|e| {
-                Failure::new(1, anyhow::anyhow!("reading {}: {e}", args.job.display()))
+                Failure::other(anyhow::anyhow!("reading {}: {e}", args.job.display()))
             })?;
-            let job = Job::from_toml(&text).map_err(|e| {
-                Failure::new(EXIT_USAGE, anyhow::anyhow!("{}: {e}", args.job.display()))
-            })?;
+            let job = Job::from_toml(&text)
+                .map_err(|e| Failure::usage(anyhow::anyhow!("{}: {e}", args.job.display())))?;
             let order = json!({
                 "agent": args.agent, "id": args.id, "share_weights": args.share_weights, "job": job,
             });

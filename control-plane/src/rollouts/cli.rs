@@ -11,7 +11,7 @@ use falaj_common::rollout::{Share, Strategy, Verdict};
 use falaj_common::time::Timestamp;
 
 use super::{Action, Rollout, RolloutView, StartRequest, VariantView};
-use crate::cli::{ApiArgs, EXIT_USAGE, Failure, online};
+use crate::cli::{ApiArgs, Failure, online};
 
 /// `rollout` subcommands.
 #[derive(Debug, Subcommand)]
@@ -110,7 +110,7 @@ fn parse_strategy(text: &str) -> Result<Strategy, String> {
 }
 
 fn usage(message: String) -> Failure {
-    Failure::new(EXIT_USAGE, anyhow::anyhow!(message))
+    Failure::usage(anyhow::anyhow!(message))
 }
 
 /// A percentage as written on the command line (`12.5`, `12.5%`).
@@ -465,7 +465,7 @@ mod tests {
         ];
         for (extra, needle) in cases {
             let failure = start_request(&args(extra)).unwrap_err();
-            assert_eq!(failure.code(), EXIT_USAGE, "{extra:?}");
+            assert_eq!(failure.code(), crate::cli::EXIT_USAGE, "{extra:?}");
             assert!(failure.message().contains(needle), "{extra:?}: {}", failure.message());
         }
         let mut bad = args(&["--strategy", "ab"]);

@@ -399,10 +399,7 @@ impl Action {
 pub enum ActError {
     /// The model never had a rollout in the group.
     #[error("no rollout of {model} in group {group}")]
-    NoRollout {
-        group: String,
-        model: String,
-    },
+    NoRollout { group: String, model: String },
     /// The rollout's state does not allow it.
     #[error("rollout {id} is {state}; it cannot {action}", state = state.name(), action = action.name())]
     NotAllowed {

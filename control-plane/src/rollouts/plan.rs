@@ -126,23 +126,13 @@ pub enum StartError {
     Invalid(String),
     /// The candidate was never pushed.
     #[error("no bundle {model}@{version}; push it first")]
-    NoBundle {
-        model: String,
-        version: u64,
-    },
+    NoBundle { model: String, version: u64 },
     /// The group does not run the model, so there is no baseline.
     #[error("{model} is not deployed to group {group}: deploy a baseline first")]
-    NoDeployment {
-        group: String,
-        model: String,
-    },
+    NoDeployment { group: String, model: String },
     /// The candidate is what the group runs.
     #[error("{model}@{version} is already what group {group} runs (the baseline)")]
-    CandidateIsBaseline {
-        group: String,
-        model: String,
-        version: u64,
-    },
+    CandidateIsBaseline { group: String, model: String, version: u64 },
     /// Another rollout of the model is under way in the group.
     #[error("rollout {id} of {model} in group {group} is {state}; promote or abort it first", state = state.name())]
     Exists {

@@ -97,10 +97,7 @@ pub enum ForestError {
     },
     /// A node reached twice: a cycle, or nodes shared between branches.
     #[error("tree {tree}: node {node} is reached twice (a cycle or a shared subtree)")]
-    Cycle {
-        tree: usize,
-        node: usize,
-    },
+    Cycle { tree: usize, node: usize },
     /// A leaf weight for a target past `n_targets`.
     #[error("tree {tree}: a leaf adds to target {target}, but there are {n_targets}")]
     Target {
