@@ -105,7 +105,7 @@ pub fn run(command: AuditCommand) -> Result<(), Failure> {
 }
 
 fn verify(args: &VerifyArgs) -> Result<(), Failure> {
-    let key: PublicKey = super::key::read_public(&args.key).map_err(|e| Failure::config(e))?;
+    let key: PublicKey = super::key::read_public(&args.key).map_err(Failure::config)?;
     let text = std::fs::read_to_string(&args.file)
         .map_err(|e| Failure::other(anyhow::anyhow!("reading {}: {e}", args.file.display())))?;
     match audit::verify(text.lines(), &[key]) {

@@ -312,8 +312,7 @@ pub fn run_login(args: &LoginArgs) -> Result<(), Failure> {
     })?;
     let password = read_password(&format!("password for {}: ", args.user), args.password_stdin)?;
     let client = AdminClient::new(&args.control_plane, "");
-    let view =
-        runtime()?.block_on(client.login(&args.user, &password)).map_err(|e| Failure::other(e))?;
+    let view = runtime()?.block_on(client.login(&args.user, &password)).map_err(Failure::other)?;
     let stored = StoredSession {
         control_plane: client.base().to_owned(),
         user: view.user.clone(),

@@ -39,8 +39,7 @@ impl ApiArgs {
                         path.display()
                     ))
                 })?;
-                AdminClient::with_ca(&self.control_plane, &token, &pem)
-                    .map_err(|e| Failure::config(e))
+                AdminClient::with_ca(&self.control_plane, &token, &pem).map_err(Failure::config)
             }
         }
     }

@@ -178,7 +178,7 @@ fn keys_status(args: &KeysDirArgs, now: SystemTime) -> Result<(), Failure> {
     }
     // The CA is made on the daemon's first start; a directory from `keys init` alone has none.
     if args.keys.join(crate::ca::CA_CERT_FILE).exists() {
-        let expires = crate::ca::Ca::expiry_in(&args.keys).map_err(|e| Failure::config(e))?;
+        let expires = crate::ca::Ca::expiry_in(&args.keys).map_err(Failure::config)?;
         println!("agents' CA certificate expires {expires}");
         if let Some(days) = falaj_common::time::expiry_warning(now, expires) {
             println!("WARNING: the agents' CA certificate expires within {days} days");

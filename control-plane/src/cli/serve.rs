@@ -75,12 +75,12 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), Failure> {
                 systemd::stopping();
             })
             .await;
-        served.map_err(|e| Failure::other(e))
+        served.map_err(Failure::other)
     })
 }
 
 pub(super) fn check_config(path: &Path) -> Result<(), Failure> {
-    let config = ControlConfig::load(path).map_err(|e| Failure::config(e))?;
+    let config = ControlConfig::load(path).map_err(Failure::config)?;
     println!("{}: OK", path.display());
     println!("data_dir      {}", config.data_dir.display());
     println!("region        {}", config.region.as_deref().unwrap_or("(from the keys)"));
