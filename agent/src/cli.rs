@@ -135,7 +135,7 @@ pub struct AuditVerifyArgs {
 pub struct DataDir {
     /// The agent's data directory (a relative path is taken from the current directory,
     /// the same for every command).
-    #[arg(long, env = "FALAJ_AGENT_DATA_DIR", value_parser = absolute_path)]
+    #[arg(long, env = "FALAJ_AGENT_DATA_DIR", value_parser = falaj_shell::config::absolute_path)]
     pub data_dir: Option<PathBuf>,
     /// The configuration file (default: /etc/falaj/agent.toml if it exists).
     #[arg(long, env = "FALAJ_AGENT_CONFIG")]
@@ -146,12 +146,11 @@ impl DataDir {
     /// The configuration: the file given, else the default file if it exists, else the
     /// built-in defaults.
     pub fn config(&self) -> Result<AgentConfig, Failure> {
-        let path = match &self.config {
-            Some(path) => path.clone(),
-            None if Path::new(config::DEFAULT_PATH).exists() => PathBuf::from(config::DEFAULT_PATH),
-            None => return Ok(AgentConfig::default()),
-        };
-        AgentConfig::load(&path).map_err(|e| Failure::Config(e.into()))
+        falaj_shell::config::load_or_default(
+            self.config.as_deref(),
+            Path::new(config::DEFAULT_PATH),
+        )
+        .map_err(Failure::config)
     }
 
     /// The data directory.
@@ -161,11 +160,6 @@ impl DataDir {
             None => Ok(self.config()?.data_dir),
         }
     }
-}
-
-/// `path` made absolute against the current directory.
-fn absolute_path(path: &str) -> Result<PathBuf, String> {
-    std::path::absolute(path).map_err(|e| format!("{path}: {e}"))
 }
 
 /// Arguments of `init`.

@@ -240,9 +240,7 @@ impl Default for ControlPlaneConfig {
 impl AgentConfig {
     /// Reads and checks the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        Self::parse(&text, path)
+        falaj_shell::config::load(path)
     }
 
     /// Parses and checks `text` (read from `path`).

@@ -1,6 +1,7 @@
 //! What the agent's and the control plane's shells share and that does I/O, so the core
 //! (`falaj-common`) stays free of it and neither daemon depends on the other.
 //!
+//! - [`config`]: finding and reading a configuration file; absolute command-line paths.
 //! - [`daemon`]: systemd's notify protocol and the signals that stop a daemon.
 //! - [`exit`]: one [`exit::Failure`] type and the sysexits codes both command lines use.
 //! - [`fs`]: durable file writes (temporary file, fsync, rename, fsync of the directory).
@@ -10,6 +11,7 @@
 //! - [`tls`]: a listener's certificate, key and optional client CA from PEM files,
 //!   reloadable while it serves.
 
+pub mod config;
 pub mod daemon;
 pub mod exit;
 pub mod fs;

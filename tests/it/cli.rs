@@ -378,6 +378,34 @@ fn a_relative_data_dir_is_the_same_for_every_command() {
         "{first}{}",
         String::from_utf8_lossy(&ended.stderr)
     );
+
+    // The control plane: its daemon and a command against it, both from the same
+    // directory, find the same data (the command reads the admin token the daemon wrote).
+    let mut control = std::process::Command::new(support::FALAJ)
+        .args(["control", "serve", "--data-dir", "site/control", "--region", "eu-west-1"])
+        .args(["--quic", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Kept open until the end: the daemon goes on printing, and a closed pipe would stop it.
+    let mut out = std::io::BufReader::new(control.stdout.take().unwrap());
+    let (mut admin, mut quic) = (String::new(), String::new());
+    out.read_line(&mut admin).unwrap();
+    out.read_line(&mut quic).unwrap();
+    let url = admin.split_whitespace().find(|w| w.starts_with("http://")).map(str::to_owned);
+    let agents = url.as_deref().map(|url| {
+        run(&["control", "agents", "--control-plane", url, "--data-dir", "site/control"])
+    });
+    let _ = control.kill();
+    let ended = control.wait_with_output().unwrap();
+    drop(out);
+    let log = String::from_utf8_lossy(&ended.stderr);
+    let agents = agents.unwrap_or_else(|| panic!("no admin address in {admin:?}: {log}"));
+    assert!(agents.status.success(), "{}", String::from_utf8_lossy(&agents.stderr));
+    assert!(dir.path().join("site/control/admin.token").is_file(), "{log}");
 }
 
 /// Runs `falaj ARGS...` with `input` on standard input and extra environment variables.

@@ -122,8 +122,14 @@ pub struct ApiArgs {
     /// session for this URL, else DATA_DIR/admin.token).
     #[arg(long, env = "FALAJ_TOKEN", hide_env_values = true)]
     pub(crate) token: Option<String>,
-    /// The control plane's data directory, to read the admin token from.
-    #[arg(long, env = "FALAJ_CONTROL_DATA_DIR", default_value = "/var/lib/falaj-control")]
+    /// The control plane's data directory, to read the admin token from (a relative path
+    /// is taken from the current directory, as by `serve`).
+    #[arg(
+        long,
+        env = "FALAJ_CONTROL_DATA_DIR",
+        default_value = "/var/lib/falaj-control",
+        value_parser = falaj_shell::config::absolute_path
+    )]
     pub(crate) data_dir: PathBuf,
     /// For an `https://` URL: the CA certificate(s), PEM, its certificate must chain to
     /// (default: the system's root certificates).
@@ -137,8 +143,9 @@ pub struct ServeArgs {
     /// The configuration file (default: /etc/falaj/control.toml if it exists).
     #[arg(long, env = "FALAJ_CONTROL_CONFIG")]
     pub(crate) config: Option<PathBuf>,
-    /// The data directory (state, keys, blobs, admin token) [config: data_dir].
-    #[arg(long, env = "FALAJ_CONTROL_DATA_DIR")]
+    /// The data directory (state, keys, blobs, admin token) [config: data_dir]; a relative
+    /// path is taken from the current directory.
+    #[arg(long, env = "FALAJ_CONTROL_DATA_DIR", value_parser = falaj_shell::config::absolute_path)]
     pub(crate) data_dir: Option<PathBuf>,
     /// UDP address for agents (QUIC) [config: quic.listen].
     #[arg(long)]

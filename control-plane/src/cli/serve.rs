@@ -10,14 +10,11 @@ use crate::config::{self, ControlConfig};
 use crate::daemon::{ControlPlane, ServeConfig, ServeError};
 
 pub(super) fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let config_error = |e: config::ConfigError| Failure::config(e);
-    let mut file = match &args.config {
-        Some(path) => ControlConfig::load(path).map_err(config_error)?,
-        None if Path::new(config::DEFAULT_PATH).exists() => {
-            ControlConfig::load(Path::new(config::DEFAULT_PATH)).map_err(config_error)?
-        }
-        None => ControlConfig::default(),
-    };
+    let mut file: ControlConfig = falaj_shell::config::load_or_default(
+        args.config.as_deref(),
+        Path::new(config::DEFAULT_PATH),
+    )
+    .map_err(Failure::config)?;
     if let Some(dir) = args.data_dir {
         file.data_dir = dir;
     }
@@ -41,7 +38,7 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), Failure> {
         file.policy.heartbeat = every;
     }
     let unseal = args.unseal_from;
-    file.check(Path::new("the command line")).map_err(config_error)?;
+    file.check(Path::new("the command line")).map_err(Failure::config)?;
     let token_file = file.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
