@@ -1,7 +1,7 @@
 //! The fuzz targets of the agent's decoders of outside bytes (feature `fuzzing`, test
 //! support): inference request bodies (JSON, and JSON followed by binary tensors),
 //! feedback bodies, and the configuration file. One body per target, called by the
-//! cargo-fuzz binaries in `fuzz/` and by the stable campaigns in `tests/fuzz.rs`; each
+//! cargo-fuzz binaries in `fuzz/` and by the stable campaigns in `tests/it/fuzz.rs`; each
 //! panics only on a bug and returns whether the decoder accepted the input.
 
 use std::path::Path;

@@ -3,7 +3,7 @@
 //! cargo-fuzz binary in `fuzz/` runs), from the committed corpus in
 //! `fuzz/seeds/feature_rows/` and files written here, then a fixed number of seeded
 //! mutants. `FALAJ_FUZZ_ITERATIONS`, `FALAJ_FUZZ_SEED` and `FALAJ_BLESS` act as in
-//! `common/tests/fuzz.rs`.
+//! `common/tests/it/fuzz.rs`.
 
 use std::path::PathBuf;
 use std::sync::Arc;

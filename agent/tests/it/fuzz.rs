@@ -3,7 +3,7 @@
 //! `falaj_agent::fuzzing` (the bodies the cargo-fuzz binaries in `fuzz/` run) fed its
 //! seeds (the committed corpus in `fuzz/seeds/TARGET/` and valid inputs made here) and a
 //! fixed number of seeded mutants. `FALAJ_FUZZ_ITERATIONS`, `FALAJ_FUZZ_SEED` and
-//! `FALAJ_BLESS` act as in `common/tests/fuzz.rs`.
+//! `FALAJ_BLESS` act as in `common/tests/it/fuzz.rs`.
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! Fuzzing on stable Rust: a seeded, deterministic mutator over a seed corpus, and a runner
 //! that feeds a fixed number of mutated inputs to a fuzz target's body. Test support,
-//! compiled only with the `fuzzing` feature (the crates' `tests/fuzz.rs` and the cargo-fuzz
+//! compiled only with the `fuzzing` feature (the crates' fuzz tests and the cargo-fuzz
 //! binaries in `fuzz/` turn it on); no daemon links it.
 //!
 //! The bodies in [`targets`] are shared: the cargo-fuzz binaries call them with

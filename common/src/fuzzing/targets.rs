@@ -1,5 +1,5 @@
 //! The fuzz targets of `common`'s decoders: one body per target, called by the cargo-fuzz
-//! binaries in `fuzz/` and by the stable campaigns in `tests/fuzz.rs`. Each takes any
+//! binaries in `fuzz/` and by the stable campaign in `common/tests/it/fuzz.rs`. Each takes any
 //! bytes, panics only on a bug (a decoder's panic, or a broken round trip), and returns
 //! whether the decoder accepted the input.
 //!

@@ -5,7 +5,7 @@
 //! outside bytes (protocol frames, metric windows, audit lines, feature views and rows,
 //! bundles, trust roots) are fuzzed where they live, in `common` and `tables`.
 //! `FALAJ_FUZZ_ITERATIONS`, `FALAJ_FUZZ_SEED` and `FALAJ_BLESS` act as in
-//! `common/tests/fuzz.rs`.
+//! `common/tests/it/fuzz.rs`.
 
 use std::path::{Path, PathBuf};
 
