@@ -5,7 +5,7 @@
 //! rustls provider: the workspace's reqwest has no TLS of its own, and its rustls feature
 //! without a provider would make every `reqwest::Client::new()` panic.
 
-use crate::features::api::SnapshotBuilt;
+use crate::features::api::{SnapshotBuilt, ViewDetail, ViewSummary};
 use crate::features::ingest::Ingested;
 use crate::features::pii_keys::{KeyVersion, Rotated};
 use crate::features::store::Applied;
@@ -23,7 +23,8 @@ use crate::admin::{
 };
 use crate::auth::WhoAmI;
 use crate::auth::api::{
-    AddedUser, ApiTokenView, LoginView, NewApiToken, PasswordReset, RoleChanged, UserView,
+    AddedUser, ApiTokenView, LoggedOut, LoginView, NewApiToken, PasswordReset, RoleChanged,
+    TokenRevoked, UserDisabled, UserRemoved, UserView,
 };
 use crate::auth::rules::Role;
 use crate::finetune::JobRow;
@@ -373,12 +374,12 @@ impl AdminClient {
     }
 
     /// `GET /v1/features/views`.
-    pub async fn views(&self) -> Result<Vec<Value>, ClientError> {
+    pub async fn views(&self) -> Result<Vec<ViewSummary>, ClientError> {
         self.call(self.http.get(self.url("/v1/features/views"))).await
     }
 
     /// `GET /v1/features/views/{name}`: the view, its history, ingests and snapshots.
-    pub async fn view(&self, name: &str) -> Result<Value, ClientError> {
+    pub async fn view(&self, name: &str) -> Result<ViewDetail, ClientError> {
         self.call(self.http.get(self.url(&format!("/v1/features/views/{name}")))).await
     }
 
@@ -525,7 +526,7 @@ impl AdminClient {
     }
 
     /// `POST /v1/logout`: ends the session this client's token is.
-    pub async fn logout(&self) -> Result<Value, ClientError> {
+    pub async fn logout(&self) -> Result<LoggedOut, ClientError> {
         self.call(self.http.post(self.url("/v1/logout"))).await
     }
 
@@ -558,13 +559,17 @@ impl AdminClient {
     }
 
     /// `POST /v1/users/{name}/disable` (or `enable`).
-    pub async fn set_disabled(&self, name: &str, disabled: bool) -> Result<Value, ClientError> {
+    pub async fn set_disabled(
+        &self,
+        name: &str,
+        disabled: bool,
+    ) -> Result<UserDisabled, ClientError> {
         let verb = if disabled { "disable" } else { "enable" };
         self.call(self.http.post(self.url(&format!("/v1/users/{name}/{verb}")))).await
     }
 
     /// `DELETE /v1/users/{name}`.
-    pub async fn remove_user(&self, name: &str) -> Result<Value, ClientError> {
+    pub async fn remove_user(&self, name: &str) -> Result<UserRemoved, ClientError> {
         self.call(self.http.delete(self.url(&format!("/v1/users/{name}")))).await
     }
 
@@ -595,7 +600,7 @@ impl AdminClient {
     }
 
     /// `DELETE /v1/apitokens/{name}`.
-    pub async fn revoke_api_token(&self, name: &str) -> Result<Value, ClientError> {
+    pub async fn revoke_api_token(&self, name: &str) -> Result<TokenRevoked, ClientError> {
         self.call(self.http.delete(self.url(&format!("/v1/apitokens/{name}")))).await
     }
 }

@@ -83,7 +83,7 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     assert!(stderr.contains(&format!("1 of {} rows are invalid", 3 * PUMPS + 1)), "{stderr}");
     assert!(stderr.contains("site") && stderr.contains("\"plant-z\""), "{stderr}");
     let shown = control.client.view(VIEW).await.unwrap();
-    assert_eq!(shown["rows"], 3 * PUMPS, "the refused file added nothing");
+    assert_eq!(shown.rows, 3 * PUMPS as u64, "the refused file added nothing");
 
     // Snapshot 1: the technician is hashed by the view's policy.
     let built = control.client.snapshot(VIEW, &json!({})).await.unwrap();
@@ -212,7 +212,7 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
 
     // The record of what left: both snapshots, with what was pseudonymised.
     let shown = control.client.view(VIEW).await.unwrap();
-    assert_eq!(shown["snapshots"].as_array().unwrap().len(), 2);
+    assert_eq!(shown.snapshots.len(), 2);
     let out = support::falaj_async(args(&["control", "features", "show", VIEW])).await;
     let (stdout, stderr) = text(&out);
     assert!(out.status.success(), "{stderr}");
@@ -253,16 +253,17 @@ async fn snapshots_reach_agents_and_serve_predictions_by_entity() {
     let shown = control.client.view(VIEW).await.unwrap();
     for built in [&every, &some] {
         let version = built.bundle.version;
-        let carried = serde_json::to_value(&built.snapshot).unwrap();
-        let record = shown["snapshots"]
-            .as_array()
-            .unwrap()
+        let carried = &built.snapshot;
+        let record = shown
+            .snapshots
             .iter()
-            .find(|r| r["version"] == version)
-            .unwrap_or_else(|| panic!("no record of snapshot {version}: {shown}"));
-        for field in ["entities", "scope", "pseudonymised"] {
-            assert_eq!(record[field], carried[field], "{field}: {shown}");
-        }
+            .find(|r| r.version == version)
+            .unwrap_or_else(|| panic!("no record of snapshot {version}: {shown:?}"));
+        assert_eq!(
+            (record.entities, &record.scope, &record.pseudonymised),
+            (carried.entities, &carried.scope, &carried.pseudonymised),
+            "{shown:?}"
+        );
     }
 
     // Both were made after the rotation: each pseudonym under the new key, and under the

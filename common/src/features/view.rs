@@ -214,6 +214,15 @@ pub enum PiiPolicy {
     Drop,
 }
 
+impl fmt::Display for PiiPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Hash => "hash",
+            Self::Drop => "drop",
+        })
+    }
+}
+
 impl std::str::FromStr for PiiPolicy {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

@@ -12,7 +12,6 @@ use axum::response::Response;
 use falaj_common::time::Timestamp;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use super::gate::{self, Source};
 use super::rules::{self, Access, Permission as P, Role, TOKEN_TTL};
@@ -205,7 +204,7 @@ async fn logout(
     let at = now();
     let session = id.clone();
     api.shared.db.call(move |c| store::end_session(c, &session, at)).await?;
-    Ok(json_response(StatusCode::OK, &json!({"ended": id})))
+    Ok(json_response(StatusCode::OK, &LoggedOut { ended: id }))
 }
 
 async fn whoami(Extension(principal): Extension<Principal>) -> Response {
@@ -302,6 +301,37 @@ pub struct RoleChanged {
     pub previous: String,
 }
 
+/// What `POST /v1/users/{name}/disable` and `.../enable` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserDisabled {
+    pub name: String,
+    /// Whether it is disabled now.
+    pub disabled: bool,
+}
+
+/// What `DELETE /v1/users/{name}` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UserRemoved {
+    pub name: String,
+    /// Always true: a user that was not there is a 404.
+    pub removed: bool,
+}
+
+/// What `DELETE /v1/apitokens/{name}` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub name: String,
+    /// Always true: a token that was not there is a 404.
+    pub revoked: bool,
+}
+
+/// What `POST /v1/logout` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LoggedOut {
+    /// The session's id.
+    pub ended: String,
+}
+
 /// What `POST /v1/users/{name}/password` answers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PasswordReset {
@@ -371,12 +401,12 @@ pub(crate) async fn set_disabled(api: &Api, name: &str, disabled: bool) -> ApiRe
 
 async fn disable_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
     set_disabled(&api, &name, true).await?;
-    Ok(json_response(StatusCode::OK, &json!({"name": name, "disabled": true})))
+    Ok(json_response(StatusCode::OK, &UserDisabled { name, disabled: true }))
 }
 
 async fn enable_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
     set_disabled(&api, &name, false).await?;
-    Ok(json_response(StatusCode::OK, &json!({"name": name, "disabled": false})))
+    Ok(json_response(StatusCode::OK, &UserDisabled { name, disabled: false }))
 }
 
 /// Removes user `name`, audited as the current actor (the API's and the console's service).
@@ -387,7 +417,7 @@ pub(crate) async fn remove(api: &Api, name: &str) -> ApiResult<()> {
 
 async fn remove_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
     remove(&api, &name).await?;
-    Ok(json_response(StatusCode::OK, &json!({"name": name, "removed": true})))
+    Ok(json_response(StatusCode::OK, &UserRemoved { name, removed: true }))
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -549,7 +579,7 @@ async fn revoke_token(
     Path(name): Path<String>,
 ) -> ApiResult<Response> {
     revoke_token_as(&api, &principal, &name).await?;
-    Ok(json_response(StatusCode::OK, &json!({"name": name, "revoked": true})))
+    Ok(json_response(StatusCode::OK, &TokenRevoked { name, revoked: true }))
 }
 
 /// Revokes API token `name` on behalf of `principal` (a token revokes only itself),

@@ -127,9 +127,79 @@ async fn list(State(api): State<Api>) -> ApiResult<Response> {
     Ok(json_response(StatusCode::OK, &views(&api).await?))
 }
 
+/// A view in the list `GET /v1/features/views` answers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ViewSummary {
+    pub name: String,
+    /// Its current version: bumped by breaking changes.
+    pub version: u64,
+    /// Its revision within the version: bumped by compatible changes.
+    pub revision: u64,
+    /// The entity its features describe.
+    pub entity: falaj_common::features::view::Entity,
+    /// How many features it declares.
+    pub features: usize,
+    /// Rows held for the current version.
+    pub rows: u64,
+    /// Distinct entities among them.
+    pub entities: u64,
+    /// When the current revision was applied.
+    pub applied_at: Timestamp,
+}
+
+/// One view as `GET /v1/features/views/{name}` answers: its definition, history, counts,
+/// last ten ingests and last ten snapshots.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ViewDetail {
+    /// The current revision.
+    pub current: store::StoredView,
+    /// Every revision, oldest first.
+    pub history: Vec<store::StoredView>,
+    /// Rows held for the current version.
+    pub rows: u64,
+    /// Distinct entities among them.
+    pub entities: u64,
+    /// The last ten ingests that wrote rows, newest first.
+    pub ingests: Vec<IngestRecord>,
+    /// The last ten snapshots built, newest first.
+    pub snapshots: Vec<SnapshotRecord>,
+}
+
+/// An ingest as a view's detail lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IngestRecord {
+    pub id: i64,
+    /// The view version it wrote to.
+    pub version: u64,
+    pub at: Timestamp,
+    /// The file's name, or `stdin`.
+    pub source: String,
+    /// `csv` or `parquet`.
+    pub format: String,
+    /// Rows written.
+    pub rows: u64,
+}
+
+/// A snapshot as a view's detail lists it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// The snapshot bundle's version.
+    pub version: u64,
+    pub view_version: u64,
+    pub built_at: Timestamp,
+    /// Feature values at or before this time.
+    pub as_of: Timestamp,
+    /// `all`, or the entities or filter asked for.
+    pub scope: String,
+    /// Entities in it.
+    pub entities: u64,
+    /// Features carried as keyed hashes.
+    pub pseudonymised: Vec<String>,
+}
+
 /// Every view with its counts, as `GET /v1/features/views` answers (the API's and the
 /// console's service).
-pub(crate) async fn views(api: &Api) -> ApiResult<Vec<serde_json::Value>> {
+pub(crate) async fn views(api: &Api) -> ApiResult<Vec<ViewSummary>> {
     let views = api
         .features
         .db
@@ -138,16 +208,16 @@ pub(crate) async fn views(api: &Api) -> ApiResult<Vec<serde_json::Value>> {
                 .into_iter()
                 .map(|s| {
                     let (rows, entities) = store::counts(c, &s)?;
-                    Ok(json!({
-                        "name": s.view.name,
-                        "version": s.version,
-                        "revision": s.revision,
-                        "entity": s.view.entity,
-                        "features": s.view.features.len(),
-                        "rows": rows,
-                        "entities": entities,
-                        "applied_at": s.applied_at,
-                    }))
+                    Ok(ViewSummary {
+                        features: s.view.features.len(),
+                        name: s.view.name,
+                        version: s.version,
+                        revision: s.revision,
+                        entity: s.view.entity,
+                        rows,
+                        entities,
+                        applied_at: s.applied_at,
+                    })
                 })
                 .collect::<rusqlite::Result<Vec<_>>>()
         })
@@ -161,7 +231,7 @@ async fn show(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Res
 
 /// One view with its history, ingests and snapshots, as `GET /v1/features/views/{name}`
 /// answers (the API's and the console's service).
-pub(crate) async fn view_detail(api: &Api, name: String) -> ApiResult<serde_json::Value> {
+pub(crate) async fn view_detail(api: &Api, name: String) -> ApiResult<ViewDetail> {
     let lookup = name.clone();
     let found = api
         .features
@@ -176,9 +246,14 @@ pub(crate) async fn view_detail(api: &Api, name: String) -> ApiResult<serde_json
             )?;
             let ingests = stmt
                 .query_map([&lookup], |r| {
-                    Ok(json!({"id": r.get::<_, i64>(0)?, "version": r.get::<_, i64>(1)?,
-                        "at": db::from_ts(r.get(2)?), "source": r.get::<_, String>(3)?,
-                        "format": r.get::<_, String>(4)?, "rows": r.get::<_, i64>(5)?}))
+                    Ok(IngestRecord {
+                        id: r.get(0)?,
+                        version: r.get::<_, i64>(1)? as u64,
+                        at: db::from_ts(r.get(2)?),
+                        source: r.get(3)?,
+                        format: r.get(4)?,
+                        rows: r.get::<_, i64>(5)? as u64,
+                    })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
             let mut stmt = c.prepare(
@@ -187,20 +262,25 @@ pub(crate) async fn view_detail(api: &Api, name: String) -> ApiResult<serde_json
             )?;
             let snapshots = stmt
                 .query_map([&lookup], |r| {
-                    Ok(json!({"version": r.get::<_, i64>(0)?, "view_version": r.get::<_, i64>(1)?,
-                        "built_at": db::from_ts(r.get(2)?), "as_of": db::from_ts(r.get(3)?),
-                        "scope": r.get::<_, String>(4)?, "entities": r.get::<_, i64>(5)?,
-                        "pseudonymised": pseudonymised(&r.get::<_, String>(6)?)}))
+                    Ok(SnapshotRecord {
+                        version: r.get::<_, i64>(0)? as u64,
+                        view_version: r.get::<_, i64>(1)? as u64,
+                        built_at: db::from_ts(r.get(2)?),
+                        as_of: db::from_ts(r.get(3)?),
+                        scope: r.get(4)?,
+                        entities: r.get::<_, i64>(5)? as u64,
+                        pseudonymised: pseudonymised(&r.get::<_, String>(6)?),
+                    })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
-            Ok(Some(json!({
-                "current": current,
-                "history": history,
-                "rows": rows,
-                "entities": entities,
-                "ingests": ingests,
-                "snapshots": snapshots,
-            })))
+            Ok(Some(ViewDetail {
+                current: current.clone(),
+                history,
+                rows,
+                entities,
+                ingests,
+                snapshots,
+            }))
         })
         .await?
         .ok_or_else(|| ApiError::not_found(format!("no feature view {name:?}")))?;

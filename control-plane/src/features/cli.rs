@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
+use super::api::ViewDetail;
 use crate::cli::{ApiArgs, Failure, online};
 use falaj_common::time::Timestamp;
 use falaj_tables::Format;
@@ -125,13 +126,13 @@ pub fn run(command: FeaturesCommand) -> Result<(), Failure> {
             for v in c.views().await? {
                 println!(
                     "{:<24} {:>7} {:>8} {:>8} {:>10} {:>10}  {:<20}",
-                    v["name"].as_str().unwrap_or("?"),
-                    v["version"],
-                    v["revision"],
-                    v["features"],
-                    v["rows"],
-                    v["entities"],
-                    v["applied_at"].as_str().unwrap_or("")
+                    v.name,
+                    v.version,
+                    v.revision,
+                    v.features,
+                    v.rows,
+                    v.entities,
+                    v.applied_at.to_string()
                 );
             }
             Ok(())
@@ -276,92 +277,80 @@ fn render_report(report: &Value) -> String {
     out
 }
 
-fn render_view(shown: &Value) -> String {
-    let current = &shown["current"];
-    let view = &current["view"];
+fn render_view(shown: &ViewDetail) -> String {
+    let current = &shown.current;
+    let view = &current.view;
     let mut out = format!(
         "view {} version {} revision {} ({} rows, {} entities)\n{}\nentity: {} ({})  time: {}\n\n",
-        view["name"].as_str().unwrap_or("?"),
-        current["version"],
-        current["revision"],
-        shown["rows"],
-        shown["entities"],
-        view["description"].as_str().unwrap_or(""),
-        view["entity"]["name"].as_str().unwrap_or("?"),
-        view["entity"]["type"].as_str().unwrap_or("?"),
-        view["timestamp"].as_str().unwrap_or("?"),
+        view.name,
+        current.version,
+        current.revision,
+        shown.rows,
+        shown.entities,
+        view.description,
+        view.entity.name,
+        view.entity.kind,
+        view.timestamp,
     );
     let _ = writeln!(
         out,
         "{:<20} {:<9} {:<8} {:<5} {:<14} DESCRIPTION",
         "FEATURE", "TYPE", "NULLABLE", "PII", "OWNER"
     );
-    for f in view["features"].as_array().into_iter().flatten() {
-        let pii = match (f["pii"].as_bool(), f["pii_policy"].as_str()) {
-            (Some(true), Some(policy)) => policy.to_owned(),
-            (Some(true), None) => "yes".to_owned(),
-            _ => "-".to_owned(),
+    for f in &view.features {
+        let pii = match (f.pii, f.pii_policy) {
+            (true, Some(policy)) => policy.to_string(),
+            (true, None) => "yes".to_owned(),
+            (false, _) => "-".to_owned(),
         };
         let _ = writeln!(
             out,
             "{:<20} {:<9} {:<8} {:<5} {:<14} {}",
-            f["name"].as_str().unwrap_or("?"),
-            f["type"].as_str().unwrap_or("?"),
-            if f["nullable"].as_bool() == Some(true) { "yes" } else { "no" },
+            f.name,
+            f.kind.to_string(),
+            if f.nullable { "yes" } else { "no" },
             pii,
-            f["owner"].as_str().unwrap_or(""),
-            f["description"].as_str().unwrap_or("")
+            f.owner,
+            f.description
         );
     }
     out += "\nhistory:\n";
-    for h in shown["history"].as_array().into_iter().flatten() {
-        let changes: Vec<&str> =
-            h["changes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+    for h in &shown.history {
         let _ = writeln!(
             out,
             "  {}.{}  {}  {}",
-            h["version"],
-            h["revision"],
-            h["applied_at"].as_str().unwrap_or(""),
-            changes.join("; ")
+            h.version,
+            h.revision,
+            h.applied_at,
+            h.changes.join("; ")
         );
     }
-    let text = |v: &Value| v.as_str().unwrap_or("?").to_owned();
-    let ingests = shown["ingests"].as_array().cloned().unwrap_or_default();
-    if !ingests.is_empty() {
+    if !shown.ingests.is_empty() {
         let _ = writeln!(out, "\ningests (latest first):");
-        for i in ingests {
+        for i in &shown.ingests {
             let _ = writeln!(
                 out,
                 "  #{:<5} {}  {:>10} rows  into v{}  from {} ({})",
-                i["id"],
-                text(&i["at"]),
-                i["rows"],
-                i["version"],
-                text(&i["source"]),
-                text(&i["format"])
+                i.id, i.at, i.rows, i.version, i.source, i.format
             );
         }
     }
-    let snapshots = shown["snapshots"].as_array().cloned().unwrap_or_default();
-    if !snapshots.is_empty() {
+    if !shown.snapshots.is_empty() {
         let _ = writeln!(out, "\nsnapshots (latest first; what left the control plane):");
-        for s in snapshots {
-            let hashed: Vec<String> =
-                s["pseudonymised"].as_array().into_iter().flatten().map(text).collect();
+        for s in &shown.snapshots {
             let _ = writeln!(
                 out,
                 "  v{:<4} built {}  as of {}  {:>9} entities  view v{}  {}{}",
-                s["version"],
-                text(&s["built_at"]),
-                text(&s["as_of"]),
-                s["entities"],
-                s["view_version"],
-                text(&s["scope"]),
-                if hashed.is_empty() {
+                s.version,
+                s.built_at,
+                s.as_of,
+                s.entities,
+                s.view_version,
+                s.scope,
+                if s.pseudonymised.is_empty() {
                     String::new()
                 } else {
-                    format!("  pseudonymised: {}", hashed.join(", "))
+                    format!("  pseudonymised: {}", s.pseudonymised.join(", "))
                 }
             );
         }
