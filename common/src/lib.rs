@@ -40,7 +40,7 @@
 //! - [`sample`] and [`train`]: the synthetic dataset and the small MLP trainer that make
 //!   the project's own sample model, so that nothing is downloaded.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
 pub mod alerting;
 pub mod at_rest;

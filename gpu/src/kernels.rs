@@ -16,7 +16,7 @@ const ELEMENT_ENTRY: &str = include_str!("shaders/element.wgsl");
 
 /// A kernel and its specialisation: one compiled pipeline each.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Kernel {
+pub(crate) enum Kernel {
     /// Broadcasting arithmetic.
     Arith(ArithKey, ActKey),
     /// An activation alone.
@@ -38,15 +38,15 @@ pub enum Kernel {
 }
 
 /// [`Arith`] as a hashable key.
-pub type ArithKey = u8;
+pub(crate) type ArithKey = u8;
 
 /// An activation as a hashable key: the WGSL expression.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct ActKey(String);
+pub(crate) struct ActKey(String);
 
 impl ActKey {
     /// The key for an optional fused activation.
-    pub fn new(activation: Option<Activation>) -> Self {
+    pub(crate) fn new(activation: Option<Activation>) -> Self {
         Self(match activation {
             None => "x".into(),
             Some(Activation::Relu) => "max(x, 0.0)".into(),
@@ -61,13 +61,13 @@ impl ActKey {
 }
 
 /// The arithmetic operator's key.
-pub fn arith_key(op: Arith) -> ArithKey {
+pub(crate) fn arith_key(op: Arith) -> ArithKey {
     op as u8
 }
 
 /// Where the GEMM's B operand comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GemmInput {
+pub(crate) enum GemmInput {
     /// Strided matrices (MatMul, Gemm).
     Matrices,
     /// A convolution's input, read as its im2col matrix.
@@ -154,37 +154,37 @@ fn source(kernel: &Kernel) -> String {
 }
 
 /// The GEMM parameter block (indices into `p`), shared with the plan builder.
-pub mod gemm_params {
+pub(crate) mod gemm_params {
     /// M, N, K.
-    pub const M: usize = 0;
+    pub(crate) const M: usize = 0;
     /// Columns.
-    pub const N: usize = 1;
+    pub(crate) const N: usize = 1;
     /// Depth.
-    pub const K: usize = 2;
+    pub(crate) const K: usize = 2;
     /// Output batch dimensions (4, innermost last).
-    pub const BATCH_DIMS: usize = 3;
+    pub(crate) const BATCH_DIMS: usize = 3;
     /// A's strides per batch dimension.
-    pub const A_BATCH: usize = 7;
+    pub(crate) const A_BATCH: usize = 7;
     /// B's strides per batch dimension.
-    pub const B_BATCH: usize = 11;
+    pub(crate) const B_BATCH: usize = 11;
     /// The bias's strides per batch dimension.
-    pub const C_BATCH: usize = 15;
+    pub(crate) const C_BATCH: usize = 15;
     /// A's row and depth strides.
-    pub const A_STRIDES: usize = 19;
+    pub(crate) const A_STRIDES: usize = 19;
     /// B's depth and column strides.
-    pub const B_STRIDES: usize = 21;
+    pub(crate) const B_STRIDES: usize = 21;
     /// The bias's row and column strides.
-    pub const C_STRIDES: usize = 23;
+    pub(crate) const C_STRIDES: usize = 23;
     /// 1 when there is a bias.
-    pub const HAS_BIAS: usize = 25;
+    pub(crate) const HAS_BIAS: usize = 25;
     /// alpha (f32 bits).
-    pub const ALPHA: usize = 26;
+    pub(crate) const ALPHA: usize = 26;
     /// beta (f32 bits).
-    pub const BETA: usize = 27;
+    pub(crate) const BETA: usize = 27;
     /// Convolution geometry: C_in, H, W, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, C_out, ICg, OCg.
-    pub const CONV: usize = 28;
+    pub(crate) const CONV: usize = 28;
     /// Length of the block.
-    pub const LEN: usize = CONV + 16;
+    pub(crate) const LEN: usize = CONV + 16;
 }
 
 const GEMM_MATRICES: &str = r"
@@ -404,13 +404,13 @@ fn main(@builtin(workgroup_id) wid: vec3<u32>, @builtin(local_invocation_index) 
 
 /// Compiled pipelines, one per kernel specialisation, shared by every model on a device.
 #[derive(Debug, Default)]
-pub struct Pipelines {
+pub(crate) struct Pipelines {
     compiled: Mutex<HashMap<Kernel, Arc<wgpu::ComputePipeline>>>,
 }
 
 impl Pipelines {
     /// The pipeline for `kernel`, compiled on first use.
-    pub fn get(&self, device: &wgpu::Device, kernel: &Kernel) -> Arc<wgpu::ComputePipeline> {
+    pub(crate) fn get(&self, device: &wgpu::Device, kernel: &Kernel) -> Arc<wgpu::ComputePipeline> {
         let mut compiled = self.compiled.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(p) = compiled.get(kernel) {
             return p.clone();

@@ -9,6 +9,7 @@
 //! It also fine-tunes a model's head on the GPU: [`GpuHeadKernel`] is the
 //! `falaj_common::finetune::HeadKernel` the trainer's loop drives there.
 
+#![warn(unreachable_pub)]
 // Matrix code names its operands as the mathematics does: a, b, m, n, k.
 #![allow(clippy::many_single_char_names)]
 

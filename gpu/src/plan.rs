@@ -28,7 +28,7 @@ struct Value {
 
 /// The graph planned for one set of input shapes.
 #[derive(Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     steps: Vec<Step>,
     inputs: Vec<(Arc<wgpu::Buffer>, usize)>,
     outputs: Vec<(Arc<wgpu::Buffer>, Vec<usize>)>,
@@ -850,7 +850,7 @@ fn view_shape(kind: &ViewKind, input: &[usize]) -> Result<Vec<usize>, String> {
 
 impl Plan {
     /// Plans `graph` for inputs of `shapes`, reading constants from `constants`.
-    pub fn build(
+    pub(crate) fn build(
         gpu: &Gpu,
         graph: &Graph,
         constants: &HashMap<String, (Arc<wgpu::Buffer>, Vec<usize>)>,
@@ -935,7 +935,7 @@ impl Plan {
 
     /// Runs the plan on `inputs` (one slice per graph input, of the planned sizes) and
     /// returns each output's values.
-    pub fn run(&self, gpu: &Gpu, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
+    pub(crate) fn run(&self, gpu: &Gpu, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
         for ((buffer, len), data) in self.inputs.iter().zip(inputs) {
             debug_assert_eq!(*len, data.len());
             if !data.is_empty() {
@@ -966,7 +966,7 @@ impl Plan {
     }
 
     /// Each output's shape.
-    pub fn output_shapes(&self) -> impl Iterator<Item = &[usize]> {
+    pub(crate) fn output_shapes(&self) -> impl Iterator<Item = &[usize]> {
         self.outputs.iter().map(|(_, s)| s.as_slice())
     }
 }

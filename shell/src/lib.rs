@@ -11,6 +11,8 @@
 //! - [`tls`]: a listener's certificate, key and optional client CA from PEM files,
 //!   reloadable while it serves.
 
+#![warn(unreachable_pub)]
+
 pub mod config;
 pub mod daemon;
 pub mod exit;

@@ -2,6 +2,8 @@
 //! in bounded memory: one CSV record or one Parquet batch at a time. The control plane
 //! ingests feature data and label files through it; agents read fine-tuning data.
 
+#![warn(unreachable_pub)]
+
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};

@@ -5,7 +5,7 @@ use super::verify::VerifyError;
 /// The first eight bytes of every bundle.
 pub const MAGIC: [u8; 8] = *b"\x89FLJ\r\n\x1a\n";
 /// The container version this build reads and writes.
-pub const CONTAINER_VERSION: u32 = 1;
+pub(crate) const CONTAINER_VERSION: u32 = 1;
 /// Length of the fixed header.
 pub const HEADER_LEN: usize = 20;
 /// Largest manifest accepted (a reference profile can be sizeable).

@@ -148,7 +148,7 @@ impl HeadKernel for CpuKernel<'_> {
 /// The row's loss; `z` (the logits) is overwritten with the loss's gradient by them.
 /// Cross-entropy: `logsumexp(z) - z[label]`, gradient `softmax(z) - onehot`. Squared
 /// error: `mean((z - t)²)`, gradient `2 (z - t) / outputs`.
-pub fn loss_and_gradient(objective: Objective, z: &mut [f32], target: &[f32]) -> f64 {
+pub(crate) fn loss_and_gradient(objective: Objective, z: &mut [f32], target: &[f32]) -> f64 {
     match objective {
         Objective::CrossEntropy => {
             let label = target[0] as usize;
@@ -180,7 +180,7 @@ pub fn loss_and_gradient(objective: Objective, z: &mut [f32], target: &[f32]) ->
 }
 
 /// The index of the largest value (the first, on ties).
-pub fn argmax(values: &[f32]) -> usize {
+pub(crate) fn argmax(values: &[f32]) -> usize {
     let mut best = 0;
     for (i, v) in values.iter().enumerate() {
         if *v > values[best] {

@@ -12,7 +12,7 @@ use crate::tensor::{DataType, Dim};
 use crate::train::Mlp;
 
 /// The opset models are written for.
-pub const OPSET: i64 = 17;
+pub(crate) const OPSET: i64 = 17;
 /// The ONNX IR version matching [`OPSET`].
 const IR_VERSION: i64 = 8;
 
