@@ -17,6 +17,7 @@ mod batch;
 pub mod graph;
 mod kernels;
 mod plan;
+mod tiles;
 mod train;
 
 use std::collections::{HashMap, VecDeque};

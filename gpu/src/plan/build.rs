@@ -1,135 +1,35 @@
-//! A graph bound to concrete input shapes: every value's shape resolved, every buffer
-//! allocated (intermediates share buffers once their values are dead), every dispatch's
-//! parameters written and bind group made. Built once per input shape, run many times.
+//! The builder behind [`Plan::build`](super::Plan::build): each graph node lowered to its
+//! kernel dispatches, values tracked to their last use so that dead buffers are reused.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use wgpu::util::DeviceExt as _;
 
-use crate::graph::{Graph, Node, Op, Padding, PoolKind, ViewKind, Window};
+use crate::Gpu;
+use crate::graph::{Node, Op, Padding, PoolKind, Window};
 use crate::kernels::{ActKey, GemmInput, Kernel, Tile, arith_key, gemm_params as gp};
-use crate::{Gpu, GpuError};
 
-/// One kernel dispatch.
-#[derive(Debug)]
-struct Step {
-    pipeline: Arc<wgpu::ComputePipeline>,
-    bind_group: wgpu::BindGroup,
-    groups: [u32; 3],
-}
-
-/// A value during planning: its buffer (an index into the plan's buffers) and shape.
-#[derive(Debug, Clone)]
-struct Value {
-    buffer: usize,
-    shape: Vec<usize>,
-}
-
-/// The graph planned for one set of input shapes.
-#[derive(Debug)]
-pub(crate) struct Plan {
-    steps: Vec<Step>,
-    inputs: Vec<(Arc<wgpu::Buffer>, usize)>,
-    outputs: Vec<(Arc<wgpu::Buffer>, Vec<usize>)>,
-    staging: wgpu::Buffer,
-}
-
-fn elements(shape: &[usize]) -> usize {
-    shape.iter().product()
-}
-
-fn contiguous_strides(shape: &[usize]) -> Vec<usize> {
-    let mut strides = vec![1; shape.len()];
-    for i in (0..shape.len().saturating_sub(1)).rev() {
-        strides[i] = strides[i + 1] * shape[i + 1];
-    }
-    strides
-}
-
-/// numpy broadcasting of two shapes.
-fn broadcast(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
-    let rank = a.len().max(b.len());
-    (0..rank)
-        .map(|i| {
-            let da = if i + a.len() >= rank { a[i + a.len() - rank] } else { 1 };
-            let db = if i + b.len() >= rank { b[i + b.len() - rank] } else { 1 };
-            match (da, db) {
-                (x, y) if x == y => Some(x),
-                (1, y) => Some(y),
-                (x, 1) => Some(x),
-                _ => None,
-            }
-        })
-        .collect()
-}
-
-/// Strides for reading `shape` as if broadcast to `out` (0 on broadcast axes), padded on
-/// the left to `out`'s rank.
-fn broadcast_strides(shape: &[usize], out: &[usize]) -> Vec<usize> {
-    let strides = contiguous_strides(shape);
-    let pad = out.len() - shape.len();
-    (0..out.len())
-        .map(|i| if i < pad || shape[i - pad] == 1 { 0 } else { strides[i - pad] })
-        .collect()
-}
-
-/// Pads a list on the left to six entries with `fill`.
-fn six(values: &[usize], fill: usize) -> Result<Vec<u32>, String> {
-    if values.len() > 6 {
-        return Err(format!("rank {} (at most 6)", values.len()));
-    }
-    let mut out = vec![fill; 6 - values.len()];
-    out.extend_from_slice(values);
-    out.into_iter().map(|v| u32::try_from(v).map_err(|_| "a size over 2^32".to_owned())).collect()
-}
-
-fn axis(axis: i64, rank: usize) -> Option<usize> {
-    let a = if axis < 0 { axis + rank as i64 } else { axis };
-    usize::try_from(a).ok().filter(|&a| a < rank)
-}
-
-/// Output size and begin/end pads of one spatial axis.
-fn spatial(input: usize, window: &Window, i: usize) -> Option<(usize, usize, usize)> {
-    if input == 0 {
-        return None; // an empty axis: no window fits
-    }
-    let spatial = window.kernel.len();
-    let effective = (window.kernel[i] - 1) * window.dilations[i] + 1;
-    let stride = window.strides[i];
-    let (begin, end) = match &window.padding {
-        Padding::Explicit(pads) => (pads[i], pads[i + spatial]),
-        Padding::Valid => (0, 0),
-        Padding::Same { upper } => {
-            let out = input.div_ceil(stride);
-            let total = ((out - 1) * stride + effective).saturating_sub(input);
-            let small = total / 2;
-            if *upper { (small, total - small) } else { (total - small, small) }
-        }
-    };
-    let span = (input + begin + end).checked_sub(effective)?;
-    let mut out = if window.ceil_mode { span.div_ceil(stride) + 1 } else { span / stride + 1 };
-    // A last window that would start in the end padding is dropped (as ONNX and PyTorch do).
-    if window.ceil_mode && (out - 1) * stride >= input + begin {
-        out -= 1;
-    }
-    Some((out, begin, end))
-}
+use super::shapes::{
+    axis, batch_strides, broadcast, broadcast_strides, contiguous_strides, elements, six, spatial,
+    spatial_view, view_shape,
+};
+use super::{Step, Value};
 
 /// Builds plans: tracks values, hands out buffers and records dispatches.
-struct Builder<'a> {
-    gpu: &'a Gpu,
-    buffers: Vec<Arc<wgpu::Buffer>>,
-    live: Vec<usize>,
-    pinned: Vec<bool>,
-    free: Vec<usize>,
-    values: HashMap<String, Value>,
-    steps: Vec<Step>,
-    empty: Arc<wgpu::Buffer>,
+pub(super) struct Builder<'a> {
+    pub(super) gpu: &'a Gpu,
+    pub(super) buffers: Vec<Arc<wgpu::Buffer>>,
+    pub(super) live: Vec<usize>,
+    pub(super) pinned: Vec<bool>,
+    pub(super) free: Vec<usize>,
+    pub(super) values: HashMap<String, Value>,
+    pub(super) steps: Vec<Step>,
+    pub(super) empty: Arc<wgpu::Buffer>,
 }
 
 impl Builder<'_> {
-    fn add_buffer(&mut self, buffer: Arc<wgpu::Buffer>, pinned: bool) -> usize {
+    pub(super) fn add_buffer(&mut self, buffer: Arc<wgpu::Buffer>, pinned: bool) -> usize {
         self.buffers.push(buffer);
         self.live.push(0);
         self.pinned.push(pinned);
@@ -137,7 +37,7 @@ impl Builder<'_> {
     }
 
     /// A buffer of at least `bytes` for a node's output: a dead one if one is large enough.
-    fn output(&mut self, bytes: u64) -> usize {
+    pub(super) fn output(&mut self, bytes: u64) -> usize {
         let bytes = bytes.max(4);
         let best = self
             .free
@@ -158,12 +58,12 @@ impl Builder<'_> {
         self.add_buffer(Arc::new(buffer), false)
     }
 
-    fn define(&mut self, name: &str, buffer: usize, shape: Vec<usize>) {
+    pub(super) fn define(&mut self, name: &str, buffer: usize, shape: Vec<usize>) {
         self.live[buffer] += 1;
         self.values.insert(name.to_owned(), Value { buffer, shape });
     }
 
-    fn release(&mut self, name: &str) {
+    pub(super) fn release(&mut self, name: &str) {
         if let Some(v) = self.values.get(name) {
             let b = v.buffer;
             self.live[b] -= 1;
@@ -173,7 +73,7 @@ impl Builder<'_> {
         }
     }
 
-    fn value(&self, node: &Node, index: usize) -> Result<&Value, String> {
+    pub(super) fn value(&self, node: &Node, index: usize) -> Result<&Value, String> {
         node.inputs
             .get(index)
             .and_then(Option::as_deref)
@@ -181,13 +81,19 @@ impl Builder<'_> {
             .ok_or_else(|| format!("input {index} is missing"))
     }
 
-    fn dispatch(&mut self, kernel: &Kernel, params: &[u32], buffers: &[usize], groups: [u32; 3]) {
+    pub(super) fn dispatch(
+        &mut self,
+        kernel: &Kernel,
+        params: &[u32],
+        buffers: &[usize],
+        groups: [u32; 3],
+    ) {
         let refs: Vec<Arc<wgpu::Buffer>> =
             buffers.iter().map(|&b| self.buffers[b].clone()).collect();
         self.dispatch_buffers(kernel, params, &refs, groups);
     }
 
-    fn dispatch_buffers(
+    pub(super) fn dispatch_buffers(
         &mut self,
         kernel: &Kernel,
         params: &[u32],
@@ -220,12 +126,12 @@ impl Builder<'_> {
     }
 
     /// Workgroups for `n` invocations of 256, folded into two dimensions past 65535.
-    fn linear_groups(n: usize) -> [u32; 3] {
+    pub(super) fn linear_groups(n: usize) -> [u32; 3] {
         let groups = n.div_ceil(256) as u32;
         if groups <= 65_535 { [groups, 1, 1] } else { [65_535, groups.div_ceil(65_535), 1] }
     }
 
-    fn plan_node(&mut self, node: &Node) -> Result<(), String> {
+    pub(super) fn plan_node(&mut self, node: &Node) -> Result<(), String> {
         let act = ActKey::new(node.activation);
         let x = self.value(node, 0)?.clone();
         match &node.op {
@@ -291,7 +197,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn softmax(
+    pub(super) fn softmax(
         &mut self,
         node: &Node,
         x: &Value,
@@ -315,7 +221,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn argmax(
+    pub(super) fn argmax(
         &mut self,
         node: &Node,
         x: &Value,
@@ -343,7 +249,12 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn transpose(&mut self, node: &Node, x: &Value, perm: Option<&[usize]>) -> Result<(), String> {
+    pub(super) fn transpose(
+        &mut self,
+        node: &Node,
+        x: &Value,
+        perm: Option<&[usize]>,
+    ) -> Result<(), String> {
         let rank = x.shape.len();
         let perm = perm.map_or_else(|| (0..rank).rev().collect(), <[usize]>::to_vec);
         let mut seen = vec![false; rank];
@@ -361,7 +272,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn concat(&mut self, node: &Node, x: &Value, a: i64) -> Result<(), String> {
+    pub(super) fn concat(&mut self, node: &Node, x: &Value, a: i64) -> Result<(), String> {
         let parts: Vec<Value> = (0..node.inputs.len())
             .map(|i| self.value(node, i).cloned())
             .collect::<Result<_, _>>()?;
@@ -389,7 +300,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn global_average_pool(&mut self, node: &Node, x: &Value) -> Result<(), String> {
+    pub(super) fn global_average_pool(&mut self, node: &Node, x: &Value) -> Result<(), String> {
         let spatial = x.shape.len().saturating_sub(2);
         if !(1..=2).contains(&spatial) {
             return Err(format!("input of rank {} (one or two spatial axes)", x.shape.len()));
@@ -404,7 +315,7 @@ impl Builder<'_> {
         self.pool(node, x, &window, 1)
     }
 
-    fn batch_norm(
+    pub(super) fn batch_norm(
         &mut self,
         node: &Node,
         x: &Value,
@@ -432,7 +343,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn copy(
+    pub(super) fn copy(
         &mut self,
         src: usize,
         dst: usize,
@@ -450,7 +361,13 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn pool(&mut self, node: &Node, x: &Value, window: &Window, kind: u32) -> Result<(), String> {
+    pub(super) fn pool(
+        &mut self,
+        node: &Node,
+        x: &Value,
+        window: &Window,
+        kind: u32,
+    ) -> Result<(), String> {
         let (planes, h, w, window) = spatial_view(&x.shape, window)?;
         let (oh, pt, pb) = spatial(h, &window, 0).ok_or("window larger than its input")?;
         let (ow, pl, pr) = spatial(w, &window, 1).ok_or("window larger than its input")?;
@@ -486,7 +403,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn gemm_dispatch(
+    pub(super) fn gemm_dispatch(
         &mut self,
         input: GemmInput,
         act: ActKey,
@@ -508,7 +425,7 @@ impl Builder<'_> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn product(
+    pub(super) fn product(
         &mut self,
         node: &Node,
         a: &Value,
@@ -566,7 +483,7 @@ impl Builder<'_> {
         Ok(())
     }
 
-    fn matmul(&mut self, node: &Node, a: &Value, act: ActKey) -> Result<(), String> {
+    pub(super) fn matmul(&mut self, node: &Node, a: &Value, act: ActKey) -> Result<(), String> {
         let b = self.value(node, 1)?.clone();
         let (ra, rb) = (a.shape.len(), b.shape.len());
         if ra == 0 || rb == 0 {
@@ -606,7 +523,7 @@ impl Builder<'_> {
         )
     }
 
-    fn gemm(
+    pub(super) fn gemm(
         &mut self,
         node: &Node,
         a: &Value,
@@ -653,7 +570,7 @@ impl Builder<'_> {
         )
     }
 
-    fn conv(
+    pub(super) fn conv(
         &mut self,
         node: &Node,
         x: &Value,
@@ -747,390 +664,5 @@ impl Builder<'_> {
         self.gemm_dispatch(GemmInput::Convolution, act, &p, &buffers, groups);
         self.define(&node.output, out, shape);
         Ok(())
-    }
-}
-
-/// Per-dimension batch strides of an operand broadcast to `batch`.
-fn batch_strides(operand: &[usize], batch: &[usize], matrix: usize) -> Vec<usize> {
-    broadcast_strides(operand, batch).into_iter().map(|s| s * matrix).collect::<Vec<_>>()
-}
-
-/// A 1-D or 2-D window input seen as (images × channels, H, W), with 1-D as H = 1.
-fn spatial_view(shape: &[usize], window: &Window) -> Result<(usize, usize, usize, Window), String> {
-    match (shape.len(), window.kernel.len()) {
-        (4, 2) => Ok((shape[0] * shape[1], shape[2], shape[3], window.clone())),
-        (3, 1) => {
-            let padding = match &window.padding {
-                Padding::Explicit(p) => Padding::Explicit(vec![0, p[0], 0, p[1]]),
-                other => other.clone(),
-            };
-            Ok((
-                shape[0] * shape[1],
-                1,
-                shape[2],
-                Window {
-                    kernel: vec![1, window.kernel[0]],
-                    strides: vec![1, window.strides[0]],
-                    dilations: vec![1, window.dilations[0]],
-                    padding,
-                    ceil_mode: window.ceil_mode,
-                },
-            ))
-        }
-        (rank, spatial) => Err(format!("input of rank {rank} for a {spatial}-D window")),
-    }
-}
-
-fn view_shape(kind: &ViewKind, input: &[usize]) -> Result<Vec<usize>, String> {
-    let rank = input.len();
-    Ok(match kind {
-        ViewKind::Identity => input.to_vec(),
-        ViewKind::Flatten(a) => {
-            let a = if *a < 0 { *a + rank as i64 } else { *a };
-            let a = usize::try_from(a).ok().filter(|&a| a <= rank).ok_or("axis out of range")?;
-            vec![input[..a].iter().product(), input[a..].iter().product()]
-        }
-        ViewKind::Reshape { shape, allowzero } => {
-            let mut out = Vec::with_capacity(shape.len());
-            let mut infer = None;
-            for (i, &d) in shape.iter().enumerate() {
-                match d {
-                    -1 if infer.is_none() => {
-                        infer = Some(i);
-                        out.push(1);
-                    }
-                    0 if !allowzero => out.push(*input.get(i).ok_or("0 past the input's rank")?),
-                    d if d >= 0 => out.push(d as usize),
-                    _ => return Err(format!("target shape {shape:?}")),
-                }
-            }
-            if let Some(i) = infer {
-                let known: usize = out.iter().product();
-                if known == 0 || !elements(input).is_multiple_of(known) {
-                    return Err(format!("cannot infer -1 in {shape:?} from {input:?}"));
-                }
-                out[i] = elements(input) / known;
-            }
-            out
-        }
-        ViewKind::Squeeze(axes) => match axes {
-            None => input.iter().copied().filter(|&d| d != 1).collect(),
-            Some(axes) => {
-                let axes: Vec<usize> = axes
-                    .iter()
-                    .map(|&a| axis(a, rank))
-                    .collect::<Option<_>>()
-                    .ok_or("axis out of range")?;
-                if axes.iter().any(|&a| input[a] != 1) {
-                    return Err(format!("squeezing an axis of size other than 1 in {input:?}"));
-                }
-                input
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| !axes.contains(i))
-                    .map(|(_, &d)| d)
-                    .collect()
-            }
-        },
-        ViewKind::Unsqueeze(axes) => {
-            let out_rank = rank + axes.len();
-            let axes: Vec<usize> = axes
-                .iter()
-                .map(|&a| axis(a, out_rank))
-                .collect::<Option<_>>()
-                .ok_or("axis out of range")?;
-            let mut rest = input.iter();
-            (0..out_rank)
-                .map(|i| if axes.contains(&i) { Some(1) } else { rest.next().copied() })
-                .collect::<Option<_>>()
-                .ok_or("repeated axes")?
-        }
-    })
-}
-
-impl Plan {
-    /// Plans `graph` for inputs of `shapes`, reading constants from `constants`.
-    pub(crate) fn build(
-        gpu: &Gpu,
-        graph: &Graph,
-        constants: &HashMap<String, (Arc<wgpu::Buffer>, Vec<usize>)>,
-        shapes: &[Vec<usize>],
-    ) -> Result<Self, GpuError> {
-        let empty = Arc::new(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("empty"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        }));
-        let mut b = Builder {
-            gpu,
-            buffers: Vec::new(),
-            live: Vec::new(),
-            pinned: Vec::new(),
-            free: Vec::new(),
-            values: HashMap::new(),
-            steps: Vec::new(),
-            empty,
-        };
-        for (name, (buffer, dims)) in constants {
-            let index = b.add_buffer(buffer.clone(), true);
-            b.define(name, index, dims.clone());
-        }
-        let mut inputs = Vec::new();
-        for (input, shape) in graph.inputs.iter().zip(shapes) {
-            let bytes = (4 * elements(shape) as u64).max(4);
-            let buffer = Arc::new(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some(&input.name),
-                size: bytes,
-                usage: wgpu::BufferUsages::STORAGE
-                    | wgpu::BufferUsages::COPY_DST
-                    | wgpu::BufferUsages::COPY_SRC,
-                mapped_at_creation: false,
-            }));
-            let index = b.add_buffer(buffer.clone(), true);
-            b.define(&input.name, index, shape.clone());
-            inputs.push((buffer, elements(shape)));
-        }
-        // Where each value is last read, so its buffer can serve a later node.
-        let mut last_use: HashMap<&str, usize> = HashMap::new();
-        for (i, node) in graph.nodes.iter().enumerate() {
-            for name in node.inputs.iter().flatten() {
-                last_use.insert(name, i);
-            }
-        }
-        for name in &graph.outputs {
-            last_use.insert(name, usize::MAX);
-        }
-        for (i, node) in graph.nodes.iter().enumerate() {
-            b.plan_node(node)
-                .map_err(|problem| GpuError::Shape { node: node.name.clone(), problem })?;
-            let dead: Vec<&String> = node
-                .inputs
-                .iter()
-                .flatten()
-                .filter(|n| last_use.get(n.as_str()) == Some(&i))
-                .collect();
-            for name in dead {
-                b.release(name);
-            }
-            if !last_use.contains_key(node.output.as_str()) {
-                b.release(&node.output); // computed but never read
-            }
-        }
-        let mut outputs = Vec::new();
-        let mut staging_size = 0;
-        for name in &graph.outputs {
-            let v = &b.values[name];
-            staging_size += 4 * elements(&v.shape) as u64;
-            outputs.push((b.buffers[v.buffer].clone(), v.shape.clone()));
-        }
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("staging"),
-            size: staging_size.max(4),
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        Ok(Self { steps: b.steps, inputs, outputs, staging })
-    }
-
-    /// Runs the plan on `inputs` (one slice per graph input, of the planned sizes) and
-    /// returns each output's values.
-    pub(crate) fn run(&self, gpu: &Gpu, inputs: &[&[f32]]) -> Result<Vec<Vec<f32>>, GpuError> {
-        for ((buffer, len), data) in self.inputs.iter().zip(inputs) {
-            debug_assert_eq!(*len, data.len());
-            if !data.is_empty() {
-                gpu.queue.write_buffer(buffer, 0, bytemuck::cast_slice(data));
-            }
-        }
-        let mut encoder =
-            gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-            for step in &self.steps {
-                pass.set_pipeline(&step.pipeline);
-                pass.set_bind_group(0, &step.bind_group, &[]);
-                pass.dispatch_workgroups(step.groups[0], step.groups[1], step.groups[2]);
-            }
-        }
-        let mut offset = 0;
-        for (buffer, shape) in &self.outputs {
-            let bytes = 4 * elements(shape) as u64;
-            if bytes > 0 {
-                encoder.copy_buffer_to_buffer(buffer, 0, &self.staging, offset, bytes);
-            }
-            offset += bytes;
-        }
-        gpu.queue.submit([encoder.finish()]);
-        let lengths: Vec<usize> = self.outputs.iter().map(|(_, shape)| elements(shape)).collect();
-        read_back(gpu, &self.staging, &lengths)
-    }
-
-    /// Each output's shape.
-    pub(crate) fn output_shapes(&self) -> impl Iterator<Item = &[usize]> {
-        self.outputs.iter().map(|(_, s)| s.as_slice())
-    }
-}
-
-impl Gpu {
-    /// Multiplies row-major `a` (m × k) by `b` (k × n) with the given tile, for benchmarks
-    /// and tile timing: `runs` dispatches in one submission after a warm-up. Returns the
-    /// product and the seconds each dispatch took on average.
-    pub fn matmul_benchmark(
-        &self,
-        a: &[f32],
-        b: &[f32],
-        (m, n, k): (usize, usize, usize),
-        tile: Tile,
-        runs: u32,
-    ) -> Result<(Vec<f32>, f64), GpuError> {
-        let gpu = self;
-        let upload = |data: &[f32]| {
-            Arc::new(gpu.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("operand"),
-                contents: bytemuck::cast_slice(data),
-                usage: wgpu::BufferUsages::STORAGE,
-            }))
-        };
-        let out = Arc::new(gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("product"),
-            size: 4 * (m * n) as u64,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        }));
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("staging"),
-            size: 4 * (m * n) as u64,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut p = vec![0u32; gp::LEN];
-        p[gp::M] = m as u32;
-        p[gp::N] = n as u32;
-        p[gp::K] = k as u32;
-        p[gp::BATCH_DIMS..gp::BATCH_DIMS + 4].copy_from_slice(&[1; 4]);
-        p[gp::A_STRIDES] = k as u32;
-        p[gp::A_STRIDES + 1] = 1;
-        p[gp::B_STRIDES] = n as u32;
-        p[gp::B_STRIDES + 1] = 1;
-        p[gp::ALPHA] = 1f32.to_bits();
-        let kernel = Kernel::Gemm(tile, GemmInput::Matrices, ActKey::new(None));
-        let pipeline = gpu.pipelines.get(&gpu.device, &kernel);
-        let params = upload(bytemuck::cast_slice(&p));
-        let (a, b, empty) = (upload(a), upload(b), upload(&[0.0; 4]));
-        let buffers = [&params, &a, &b, &empty, &out];
-        let entries: Vec<wgpu::BindGroupEntry<'_>> = buffers
-            .iter()
-            .enumerate()
-            .map(|(i, buffer)| wgpu::BindGroupEntry {
-                binding: i as u32,
-                resource: buffer.as_entire_binding(),
-            })
-            .collect();
-        let bind_group = gpu.device.create_bind_group(&wgpu::BindGroupDescriptor {
-            label: None,
-            layout: &pipeline.get_bind_group_layout(0),
-            entries: &entries,
-        });
-        let groups = [n.div_ceil(tile.bn as usize) as u32, m.div_ceil(tile.bm as usize) as u32, 1];
-        let submit = |count: u32| -> Result<f64, GpuError> {
-            let mut encoder =
-                gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor::default());
-                pass.set_pipeline(&pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
-                for _ in 0..count {
-                    pass.dispatch_workgroups(groups[0], groups[1], groups[2]);
-                }
-            }
-            let start = std::time::Instant::now();
-            gpu.queue.submit([encoder.finish()]);
-            gpu.device
-                .poll(wgpu::PollType::wait_indefinitely())
-                .map_err(|e| GpuError::Device(e.to_string()))?;
-            Ok(start.elapsed().as_secs_f64() / f64::from(count))
-        };
-        submit(1)?;
-        let seconds = submit(runs.max(1))?;
-        let mut encoder =
-            gpu.device.create_command_encoder(&wgpu::CommandEncoderDescriptor::default());
-        encoder.copy_buffer_to_buffer(&out, 0, &staging, 0, 4 * (m * n) as u64);
-        gpu.queue.submit([encoder.finish()]);
-        let values = read_back(gpu, &staging, &[m * n])?.swap_remove(0);
-        Ok((values, seconds))
-    }
-}
-
-/// Maps `staging` after the work queued so far and copies its floats out, split into
-/// consecutive pieces of `lengths`.
-pub(crate) fn read_back(
-    gpu: &Gpu,
-    staging: &wgpu::Buffer,
-    lengths: &[usize],
-) -> Result<Vec<Vec<f32>>, GpuError> {
-    let device_error = |e: &dyn std::fmt::Display| GpuError::Device(e.to_string());
-    let (sender, receiver) = std::sync::mpsc::channel();
-    staging.map_async(wgpu::MapMode::Read, .., move |result| {
-        let _ = sender.send(result);
-    });
-    gpu.device.poll(wgpu::PollType::wait_indefinitely()).map_err(|e| device_error(&e))?;
-    receiver.recv().map_err(|e| device_error(&e))?.map_err(|e| device_error(&e))?;
-    let values = {
-        let view = staging.get_mapped_range(..).map_err(|e| device_error(&e))?;
-        let mut rest: &[f32] = bytemuck::cast_slice(&view);
-        lengths
-            .iter()
-            .map(|&n| {
-                let (head, tail) = rest.split_at(n);
-                rest = tail;
-                head.to_vec()
-            })
-            .collect()
-    };
-    staging.unmap();
-    Ok(values)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn broadcasting_follows_numpy() {
-        assert_eq!(broadcast(&[2, 3, 4], &[4]), Some(vec![2, 3, 4]));
-        assert_eq!(broadcast(&[2, 1, 4], &[3, 1]), Some(vec![2, 3, 4]));
-        assert_eq!(broadcast(&[2, 3], &[4]), None);
-        assert_eq!(broadcast_strides(&[3, 1], &[2, 3, 4]), vec![0, 1, 0]);
-    }
-
-    #[test]
-    fn spatial_sizes_follow_the_onnx_formulas() {
-        let w = |padding, ceil_mode| Window {
-            kernel: vec![3],
-            strides: vec![2],
-            dilations: vec![1],
-            padding,
-            ceil_mode,
-        };
-        assert_eq!(spatial(32, &w(Padding::Explicit(vec![1, 1]), false), 0), Some((16, 1, 1)));
-        assert_eq!(spatial(32, &w(Padding::Same { upper: true }, false), 0), Some((16, 0, 1)));
-        assert_eq!(spatial(32, &w(Padding::Same { upper: false }, false), 0), Some((16, 1, 0)));
-        assert_eq!(spatial(32, &w(Padding::Valid, false), 0), Some((15, 0, 0)));
-        assert_eq!(spatial(4, &w(Padding::Valid, true), 0), Some((2, 0, 0)));
-        assert_eq!(spatial(2, &w(Padding::Valid, false), 0), None);
-        assert_eq!(spatial(0, &w(Padding::Same { upper: true }, false), 0), None, "empty axis");
-    }
-
-    #[test]
-    fn views_resolve_their_shapes() {
-        let reshape = |shape: &[i64]| ViewKind::Reshape { shape: shape.to_vec(), allowzero: false };
-        assert_eq!(view_shape(&reshape(&[0, -1]), &[2, 3, 4]).unwrap(), vec![2, 12]);
-        assert!(view_shape(&reshape(&[5, -1]), &[2, 3, 4]).is_err());
-        assert_eq!(view_shape(&ViewKind::Flatten(0), &[2, 3]).unwrap(), vec![1, 6]);
-        assert_eq!(view_shape(&ViewKind::Squeeze(Some(vec![-1])), &[2, 1]).unwrap(), vec![2]);
-        assert_eq!(
-            view_shape(&ViewKind::Unsqueeze(vec![0, 3]), &[2, 3]).unwrap(),
-            vec![1, 2, 3, 1]
-        );
     }
 }
