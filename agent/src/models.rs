@@ -70,6 +70,10 @@ pub enum VersionState {
         manifest_sha256: Sha256,
         /// Why it failed.
         reason: String,
+        /// Whether its file did not open (damaged or tampered with on disk) rather than
+        /// the model failing to load: such a version is read again at every reload, and a
+        /// managed one is fetched again at the next sync.
+        unreadable: bool,
     },
 }
 
@@ -124,6 +128,43 @@ impl Catalog {
                 m.active.is_some_and(|v| matches!(m.versions.get(&v), Some(VersionState::Ready(_))))
             })
             && self.features.values().all(|v| matches!(v.state, SnapshotState::Ready(_)))
+    }
+
+    /// The model versions whose files did not open (damaged or tampered with on disk),
+    /// with why.
+    pub fn unreadable(&self) -> Vec<(String, u64, String)> {
+        self.models
+            .iter()
+            .flat_map(|(name, entry)| {
+                entry.versions.iter().filter_map(move |(version, state)| match state {
+                    VersionState::Failed { unreadable: true, reason, .. } => {
+                        Some((name.clone(), *version, reason.clone()))
+                    }
+                    _ => None,
+                })
+            })
+            .collect()
+    }
+
+    /// Every installed version (models, and active snapshots) that failed to load, as
+    /// `NAME@VERSION failed to load: REASON`: reported to the control plane with the
+    /// agent's state, so a file tampered with on disk shows in the fleet view even while
+    /// the previous version keeps serving.
+    pub fn load_failures(&self) -> Vec<String> {
+        let models = self.models.iter().flat_map(|(name, entry)| {
+            entry.versions.iter().filter_map(move |(version, state)| match state {
+                VersionState::Failed { reason, .. } => Some((name, *version, reason)),
+                VersionState::Ready(_) => None,
+            })
+        });
+        let snapshots = self.features.iter().filter_map(|(name, entry)| match &entry.state {
+            SnapshotState::Failed(reason) => Some((name, entry.version, reason)),
+            SnapshotState::Ready(_) => None,
+        });
+        models
+            .chain(snapshots)
+            .map(|(name, version, reason)| format!("{name}@{version} failed to load: {reason}"))
+            .collect()
     }
 }
 
@@ -201,27 +242,27 @@ impl Registry {
                 Some(VersionState::Ready(v)) if v.manifest_sha256 == installed.manifest_sha256 => {
                     VersionState::Ready(Arc::clone(v))
                 }
-                Some(failed @ VersionState::Failed { manifest_sha256, .. })
+                Some(failed @ VersionState::Failed { manifest_sha256, unreadable: false, .. })
                     if *manifest_sha256 == installed.manifest_sha256 =>
                 {
                     failed.clone()
                 }
                 _ => {
                     let started = Instant::now();
-                    let loaded = store
-                        .read_content(&installed)
-                        .map_err(|e| e.to_string())
-                        .and_then(|bytes| {
-                            let spec = installed.manifest.model().ok_or("not a model bundle")?;
-                            let engine = self
-                                .engines
-                                .load(&name, version, spec, &bytes)
-                                .map_err(|e| e.to_string())?;
-                            if let Some(input) = &spec.features {
-                                input.fits(engine.signature())?;
-                            }
-                            Ok(engine)
-                        });
+                    // A file that does not open is not the model's fault: read again later.
+                    let read = store.read_content(&installed);
+                    let unreadable = read.is_err();
+                    let loaded = read.map_err(|e| e.to_string()).and_then(|bytes| {
+                        let spec = installed.manifest.model().ok_or("not a model bundle")?;
+                        let engine = self
+                            .engines
+                            .load(&name, version, spec, &bytes)
+                            .map_err(|e| e.to_string())?;
+                        if let Some(input) = &spec.features {
+                            input.fits(engine.signature())?;
+                        }
+                        Ok(engine)
+                    });
                     match loaded {
                         Ok(engine) => {
                             tracing::info!(
@@ -252,6 +293,7 @@ impl Registry {
                             VersionState::Failed {
                                 manifest_sha256: installed.manifest_sha256,
                                 reason,
+                                unreadable,
                             }
                         }
                     }

@@ -211,10 +211,14 @@ impl Syncer {
         }
         let ids = known.jobs.clone();
         let jobs = self.with_store(move |s| s.job_reports(&ids)).await.unwrap_or_default();
+        let mut errors = known.errors.clone();
+        if let Some(registry) = &self.registry {
+            errors.extend(registry.catalog().load_failures());
+        }
         ActualState {
             desired_version: known.applied,
             bundles,
-            errors: known.errors.clone(),
+            errors,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             ready: self.registry.as_ref().is_some_and(|r| r.catalog().ready()),
             jobs,

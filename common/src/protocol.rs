@@ -119,7 +119,8 @@ pub struct ActualState {
     pub desired_version: Option<u64>,
     /// What it holds.
     pub bundles: Vec<HeldBundle>,
-    /// Reconciliation problems, newest last.
+    /// Reconciliation problems, newest last, then the installed versions that failed to
+    /// load (a sealed file that fails its tags, say), one line each.
     pub errors: Vec<String>,
     /// Whether every active model is loaded and serving (the agent's health).
     pub ready: bool,

@@ -3,7 +3,9 @@
 //! the first version's sealed file), and afterwards no 64-byte window of either model's
 //! bytes is in any file under the agent's data directory (SQLite and its WAL included).
 //! Nor while a sync's import runs: an agent process stopped (aborted at a crash point)
-//! with the import staged holds no such window either.
+//! with the import staged holds no such window either. A sealed file tampered with on the
+//! agent's disk is refused at load and reported to the control plane; a managed one is
+//! fetched again and serves.
 
 use crate::fleet;
 use crate::support;
@@ -12,7 +14,7 @@ use std::os::unix::process::ExitStatusExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fleet::{Control, eventually, layered_model};
+use fleet::{Control, RunningAgent, eventually, layered_model};
 use support::{Process, s};
 
 const WINDOW: usize = 64;
@@ -128,5 +130,61 @@ async fn no_window_of_the_weights_is_on_the_agents_disk_while_a_sync_imports() {
     assert!(everywhere.len() >= 2, "the search finds the models' own files: {everywhere:?}");
     let found = holding_a_window(&dir, &models);
     assert!(found.is_empty(), "plaintext weights on the agent's disk mid-import in {found:?}");
+    control.stop().await;
+}
+
+/// Flips one bit in the middle of `path`, as someone with the disk might.
+fn tamper(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_tampered_file_is_refused_reported_and_a_managed_one_fetched_again() {
+    const MODEL: &str = "sensor-fault";
+    let work = tempfile::tempdir().unwrap();
+    let control = Control::start(&work.path().join("control")).await;
+    control.push_sample(work.path(), MODEL, 1).await;
+    control.client.deploy("edge", MODEL, 1).await.unwrap();
+    let agent = control.agent(work.path(), "agent", "edge").await;
+    eventually(Duration::from_secs(60), "version 1 is served", || async {
+        agent.infer(MODEL).await.as_deref() == Ok("1")
+    })
+    .await;
+    let (dir, id) = (agent.dir.clone(), agent.identity.agent_id.clone());
+    agent.stop().await;
+    // Beside the managed model, one imported by hand, which nothing can fetch again.
+    let imported = control.push_sample(work.path(), "imported", 1).await;
+    let args = ["agent", "import", s(&imported), "--data-dir", s(&dir)];
+    let out = support::falaj_async(args.iter().map(|a| (*a).to_owned()).collect()).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let bundles = dir.join("bundles");
+    tamper(&bundles.join(MODEL).join("1.sealed"));
+    tamper(&bundles.join("imported").join("1.sealed"));
+    let agent = RunningAgent::start(&dir).await;
+    // The managed version is refused at load, reported, fetched again and served; the
+    // imported one stays refused and reported.
+    eventually(Duration::from_secs(60), "both failures are in the fleet view", || async {
+        let fleet = control.client.agents().await.unwrap();
+        let Some(view) = fleet.iter().find(|a| a.id == id) else { return false };
+        let has = |prefix: &str, then: &str| {
+            view.errors.iter().any(|e| {
+                e.starts_with(prefix) && e.contains("failed authentication") && e.contains(then)
+            })
+        };
+        has(&format!("{MODEL}@1: the installed file did not open"), "fetched again")
+            && has("imported@1 failed to load", "")
+    })
+    .await;
+    eventually(Duration::from_secs(60), "the fetched copy serves", || async {
+        agent.infer(MODEL).await.as_deref() == Ok("1")
+    })
+    .await;
+    let refused = agent.infer("imported").await.unwrap_err();
+    assert!(refused.contains("failed authentication"), "{refused}");
+    agent.stop().await;
     control.stop().await;
 }

@@ -2,6 +2,7 @@
 //! the session machine: reconciling to a document, running a fine-tune job, deleting
 //! acknowledged windows, installing a renewed certificate, taking new trust roots.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
@@ -28,8 +29,9 @@ impl Syncer {
     ) {
         // Logged by the driver when the machine notes it.
         let problem = |p: String| send(Event::Problem(p));
+        // Reported until the next document applies in full, not only until this one does.
+        let mut problems = self.drop_unreadable().await;
         let ok = self.steps(&fetcher, &doc, &problem).await;
-        let mut problems = Vec::new();
         // Rollouts take effect whether or not every install succeeded: a candidate not
         // loaded leaves its requests with the baseline.
         let rollouts = doc.rollouts.clone();
@@ -47,6 +49,48 @@ impl Syncer {
             };
         self.reload.notify_one();
         send(Event::Applied { ok, new_jobs, problems });
+    }
+
+    /// Removes the managed versions whose files no longer open (damaged or tampered with
+    /// on disk, refused at load by their GCM tags or hashes), so that the plan fetches
+    /// them again from the control plane and verifies them anew; returns a note for each.
+    /// Imported versions are left as they are (their failure is reported with the
+    /// agent's state): nothing here could fetch them again.
+    async fn drop_unreadable(&self) -> Vec<String> {
+        let Some(registry) = &self.registry else { return Vec::new() };
+        let unreadable = registry.catalog().unreadable();
+        if unreadable.is_empty() {
+            return Vec::new();
+        }
+        let dropped = self
+            .with_store(move |s| {
+                let managed: BTreeSet<(String, u64)> = s
+                    .held()?
+                    .into_iter()
+                    .filter(|h| h.managed)
+                    .map(|h| (h.name, h.version))
+                    .collect();
+                let mut dropped = Vec::new();
+                for (name, version, reason) in unreadable {
+                    if managed.contains(&(name.clone(), version))
+                        && s.remove(&name, version, SystemTime::now())?
+                    {
+                        dropped.push((name, version, reason));
+                    }
+                }
+                Ok(dropped)
+            })
+            .await;
+        match dropped {
+            Ok(dropped) => dropped
+                .into_iter()
+                .map(|(name, version, reason)| {
+                    tracing::warn!(model = %name, version, error = %reason, "the installed file does not open: fetching the bundle again");
+                    format!("{name}@{version}: the installed file did not open ({reason}); removed to be fetched again")
+                })
+                .collect(),
+            Err(e) => vec![format!("removing bundles whose files do not open: {e}")],
+        }
     }
 
     /// Plans and runs the installs, activations and removals for `doc`; true when
