@@ -27,13 +27,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    falaj_shell::daemon::log_to_stderr("warn");
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(err) => return falaj_shell::exit::clap_exit(&err),

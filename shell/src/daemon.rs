@@ -1,9 +1,21 @@
 //! What a daemon tells its supervisor and hears from it: systemd's notify protocol
 //! (`Type=notify`: ready once the daemon serves, a watchdog ping while its runtime is
 //! responsive, stopping on shutdown; every call does nothing without `NOTIFY_SOCKET`),
-//! and the signals that stop it.
+//! and the signals that stop it; and where its log goes.
 
 use sd_notify::NotifyState;
+
+/// Sends the log to standard error (the journal, under systemd), filtered by `RUST_LOG`,
+/// else at `default` (`info` for the daemons, `warn` for `falaj`'s one-shot commands).
+pub fn log_to_stderr(default: &str) {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+}
 
 /// Reports readiness, and starts the watchdog pings if the unit asks for them.
 pub fn ready() {

@@ -8,6 +8,9 @@
 mod support;
 
 mod engines;
+// The root package's harness, shared by path; its synchronous `trial` is not used here.
+#[allow(dead_code)]
+#[path = "../../../tests/external/harness.rs"]
 mod harness;
 
 fn main() {
