@@ -20,6 +20,7 @@ use crate::blobs::{BlobStore, FsBlobStore};
 use crate::ca::{Ca, CaError};
 use crate::db::{self, Db, DbError};
 use crate::features::{self as feature_store, FeatureStore};
+use crate::keyring::Keyring;
 use crate::keys::{self, KeysError};
 use crate::rollouts::RolloutsConfig;
 use crate::state::{Policy, Shared};
@@ -235,8 +236,8 @@ impl ControlPlane {
         if vault.is_sealed() {
             tracing::info!(dir = %keys_dir.display(), "opened the sealed keys");
         }
-        let signers = keys::load_signing_keys(&vault, &trust)?;
         let ca = Ca::load_or_create(&vault, trust.region(), now)?;
+        let keyring = Keyring::load(&vault, now)?;
         let db = Db::open(&config.data_dir.join(db::DB_FILE))?;
         let region = trust.region().to_owned();
         let stored = db.call_sync(|c| {
@@ -281,11 +282,14 @@ impl ControlPlane {
             admin.local_addr().map_err(io("binding the admin API on", config.admin))?;
 
         let audit_key = crate::audit::key::load_or_create(&vault)?;
-        let chain = keys::chain_after(&keys_dir, 1)?;
-        let shared = Arc::new(
-            Shared::new(db, blobs, ca, trust, signers, audit_key, config.policy.clone())
-                .with_trust_chain(chain),
-        );
+        let shared = Arc::new(Shared::new(
+            db,
+            blobs,
+            ca,
+            (keyring, Arc::clone(&vault)),
+            audit_key,
+            config.policy.clone(),
+        ));
         shared.server_cert_expires.store(server_cert_expires.unix(), Ordering::Relaxed);
         let api = admin::Api {
             shared: Arc::clone(&shared),
@@ -398,8 +402,10 @@ impl ControlPlane {
         ));
         let mut admin_stop = stop_rx.clone();
         let admin_stop_tls = stop_rx.clone();
-        let reloads =
-            tokio::spawn(reload_on_hangup(admin_tls.as_ref().map(|(_, tls)| Arc::clone(tls))));
+        let reloads = tokio::spawn(reload_on_hangup(
+            Arc::clone(&shared),
+            admin_tls.as_ref().map(|(_, tls)| Arc::clone(tls)),
+        ));
         let admin_server = tokio::spawn(async move {
             // Requests carry the peer's address (`ConnectInfo`) for the gate: audit entries
             // and login lockouts.
@@ -440,15 +446,26 @@ impl ControlPlane {
     }
 }
 
-/// Reads the admin API's TLS files again on each SIGHUP (`systemctl reload`: a renewed
-/// certificate), keeping the ones in force when the new ones do not load. Without TLS a
-/// SIGHUP is logged, not fatal.
-async fn reload_on_hangup(tls: Option<Arc<ReloadableTls>>) {
+/// On each SIGHUP (`systemctl reload`): takes a key rotation made in the keys directory
+/// ([`Shared::reload_keys`]), and reads the admin API's TLS files again (a renewed
+/// certificate). What does not load is logged and the keys or files in force stay.
+async fn reload_on_hangup(shared: Arc<Shared>, tls: Option<Arc<ReloadableTls>>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
         while hangups.recv().await.is_some() {
+            match shared.reload_keys(SystemTime::now()).await {
+                Ok(Some(version)) => tracing::info!(version, "took trust root version {version}"),
+                Ok(None) => tracing::info!(
+                    version = shared.keyring().trust.version(),
+                    "SIGHUP: the trust root in force is the newest"
+                ),
+                Err(err) => tracing::error!(
+                    error = %err,
+                    "the keys directory's trust root is refused; the keys in force stay"
+                ),
+            }
             let Some(tls) = &tls else {
                 tracing::info!("SIGHUP: no TLS certificate to reload");
                 continue;
@@ -464,7 +481,7 @@ async fn reload_on_hangup(tls: Option<Arc<ReloadableTls>>) {
         }
     }
     #[cfg(not(unix))]
-    let _ = tls;
+    let _ = (shared, tls);
 }
 
 /// Renews the QUIC server certificate in place when half its lifetime has passed, and
@@ -506,7 +523,7 @@ async fn certificates(
         }
         let server = Timestamp::from_unix(shared.server_cert_expires.load(Ordering::Relaxed));
         for (what, expires) in [
-            ("trust root", shared.trust.expires()),
+            ("trust root", shared.keyring().trust.expires()),
             ("CA certificate", shared.ca.expires()),
             ("TLS server certificate", server),
         ] {

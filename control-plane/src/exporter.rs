@@ -48,6 +48,7 @@ impl Collector for Exporter {
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let now = Timestamp::from_system(SystemTime::now());
         let left = |expires: Timestamp| expires.unix().saturating_sub(now.unix());
+        let keyring = self.shared.keyring();
         let connected =
             self.shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
         exposition::encode_scalars(
@@ -96,7 +97,13 @@ impl Collector for Exporter {
                     "falaj_trust_root_expiry_seconds",
                     "Seconds until the trust root expires (0 once it has)",
                     false,
-                    left(self.shared.trust.expires()),
+                    left(keyring.trust.expires()),
+                ),
+                (
+                    "falaj_trust_root_version",
+                    "The version of the trust root in force (a rotation is taken on SIGHUP)",
+                    false,
+                    keyring.trust.version(),
                 ),
                 (
                     "falaj_ca_certificate_expiry_seconds",

@@ -1,4 +1,5 @@
-//! The Falaj control plane: signing keys and trust root ([`keys`]), signed bundles with
+//! The Falaj control plane: signing keys and trust root ([`keys`]; those in force on the
+//! daemon, taken again after a rotation: [`keyring`]), signed bundles with
 //! their reference data profiles ([`bundle`], [`reference`](mod@reference)), the sample
 //! model ([`sample`]), and the daemon ([`daemon`]): agent sessions over QUIC ([`quic`]),
 //! the admin API ([`admin`]) over the services it shares with the console ([`service`]),
@@ -28,6 +29,7 @@ pub mod exporter;
 pub mod features;
 pub mod files;
 pub mod finetune;
+pub mod keyring;
 pub mod keys;
 pub mod monitoring;
 pub mod push;

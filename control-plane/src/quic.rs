@@ -33,7 +33,9 @@ pub const CLOSE_REFUSED: u32 = 1;
 pub const CLOSE_REPLACED: u32 = 2;
 /// Connection close code: the control plane is shutting down.
 pub const CLOSE_SHUTDOWN: u32 = 3;
-/// Connection close code: too many enrollment connections, in all or from this address.
+/// Connection close code: too many enrollment connections, in all or from this address;
+/// or a session too far behind to be queued a new trust root (the agent reconnects and
+/// gets it first).
 pub const CLOSE_BUSY: u32 = 4;
 /// Connection close code: the enrollment request or its answer took too long.
 pub const CLOSE_TIMEOUT: u32 = 5;
@@ -278,7 +280,7 @@ async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, S
         certificate_der: issued.der,
         certificate_expires: issued.expires,
         ca_der: shared.ca.cert_der().to_vec(),
-        trust_root: shared.trust.to_json(),
+        trust_root: shared.keyring().trust.to_json(),
     })
 }
 
@@ -344,8 +346,9 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     let now = SystemTime::now();
     shared.saw(&agent, now, None);
     // Newer trust roots first: the documents that follow may be signed under them.
-    if !shared.trust_chain.is_empty() {
-        shared.send(&agent, ControlMessage::TrustRoots(shared.trust_chain.clone())).await;
+    let chain = shared.keyring().chain.clone();
+    if !chain.is_empty() {
+        shared.send(&agent, ControlMessage::TrustRoots(chain)).await;
     }
     match shared.desired_for(&agent, now).await {
         Ok(signed) => shared.send_if_newer(&agent, signed),

@@ -1,5 +1,5 @@
-//! What the daemon's tasks share: the database, blobs, keys, the CA, live agent sessions,
-//! and the issuing of desired-state documents.
+//! What the daemon's tasks share: the database, blobs, keys (taken again after a
+//! rotation), the CA, live agent sessions, and the issuing of desired-state documents.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -7,19 +7,22 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use arc_swap::ArcSwap;
 use falaj_common::desired::{DesiredBundle, DesiredState, SignedDesired};
 use falaj_common::finetune::DesiredJob;
 use falaj_common::keys::{Sha256, SigningKey};
 use falaj_common::protocol::{ActualState, ControlMessage};
 use falaj_common::rollout::RolloutSpec;
 use falaj_common::time::Timestamp;
-use falaj_common::trust::TrustRoot;
 use tokio::sync::mpsc;
 
 use crate::blobs::BlobStore;
 use crate::ca::Ca;
 use crate::db::{self, Db, DbError, IssuedDesired};
+use crate::keyring::Keyring;
+use crate::keys::KeysError;
 use crate::monitoring::IngestStats;
+use crate::vault::Vault;
 
 /// How the daemon behaves.
 #[derive(Debug, Clone)]
@@ -198,16 +201,14 @@ pub struct Shared {
     pub blobs: Arc<dyn BlobStore>,
     /// The certificate authority.
     pub ca: Ca,
-    /// The trust root given to agents.
-    pub trust: TrustRoot,
-    /// Every version of the trust root after the first, oldest first: sent to each agent
-    /// as its session starts, so that agents enrolled under an older version follow.
-    pub trust_chain: Vec<String>,
+    /// The trust root in force, its chain and the signing keys: swapped whole when a
+    /// rotation is taken (SIGHUP, [`Shared::reload_keys`]).
+    keyring: ArcSwap<Keyring>,
+    /// The keys directory, opened (unsealed) once at start: a reload reads it again.
+    vault: Arc<Vault>,
     /// When the QUIC server certificate in use expires (Unix seconds); it is renewed
     /// in place before then.
     pub server_cert_expires: AtomicU64,
-    /// Keys that sign desired-state documents.
-    pub signers: Arc<Vec<SigningKey>>,
     /// This control plane's region.
     pub region: String,
     /// Timings.
@@ -249,20 +250,12 @@ fn content_sha256(
 }
 
 impl Shared {
-    /// Gives agents `chain`, the trust root's versions after the first, oldest first.
-    #[must_use]
-    pub fn with_trust_chain(mut self, chain: Vec<String>) -> Self {
-        self.trust_chain = chain;
-        self
-    }
-
-    /// Assembles the shared state.
+    /// Assembles the shared state; `keyring` was read from `vault`'s directory.
     pub fn new(
         db: Db,
         blobs: Arc<dyn BlobStore>,
         ca: Ca,
-        trust: TrustRoot,
-        signers: Vec<SigningKey>,
+        (keyring, vault): (Keyring, Arc<Vault>),
         audit_key: SigningKey,
         policy: Policy,
     ) -> Self {
@@ -270,11 +263,10 @@ impl Shared {
             db,
             blobs,
             ca,
-            region: trust.region().to_owned(),
-            trust,
-            trust_chain: Vec::new(),
+            region: keyring.trust.region().to_owned(),
+            keyring: ArcSwap::from_pointee(keyring),
+            vault,
             server_cert_expires: AtomicU64::new(0),
-            signers: Arc::new(signers),
             audit_key: Arc::new(audit_key),
             enrollments: EnrollmentGate::new(policy.enrollment),
             handshakes: AddressGate::new(
@@ -290,6 +282,41 @@ impl Shared {
             rollback_reported: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(1),
         }
+    }
+
+    /// The trust root, chain and signing keys in force.
+    pub fn keyring(&self) -> Arc<Keyring> {
+        self.keyring.load_full()
+    }
+
+    /// Takes a rotation made in the keys directory while running: if its trust root is
+    /// newer and follows the one in force, it and its signing keys replace them, every
+    /// connected agent is sent the chain, and documents signed under keys the new root no
+    /// longer lists are issued again. Returns the version now in force when it changed.
+    /// A directory that still holds the root in force changes nothing; one whose root
+    /// does not follow it is refused and the keys in force stay.
+    pub async fn reload_keys(&self, now: SystemTime) -> Result<Option<u64>, KeysError> {
+        let current = self.keyring();
+        let Some(next) = current.successor(&self.vault, now)? else { return Ok(None) };
+        let version = next.trust.version();
+        let chain = next.chain.clone();
+        {
+            // Swapped and announced under the sessions' lock: a document queued after
+            // the chain is checked against the new keys (`send_if_newer`), one queued
+            // before it was signed under the root the agent still holds.
+            let sessions = self.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            self.keyring.store(Arc::new(next));
+            for (agent, session) in sessions.iter() {
+                if session.tx.try_send(ControlMessage::TrustRoots(chain.clone())).is_err() {
+                    tracing::warn!(%agent, "session queue full; the trust root follows at its next session");
+                    session.connection.close(crate::quic::CLOSE_BUSY.into(), b"trust root changed");
+                }
+            }
+        }
+        if let Err(err) = self.push_desired(None, now).await {
+            tracing::error!(error = %err, "issuing documents under the new keys failed");
+        }
+        Ok(Some(version))
     }
 
     /// Queues `message` on `agent`'s session, if it has one.
@@ -320,7 +347,7 @@ impl Shared {
         now: SystemTime,
     ) -> Result<SignedDesired, DbError> {
         let (agent_id, region) = (agent_id.to_owned(), self.region.clone());
-        let signers = Arc::clone(&self.signers);
+        let keyring = self.keyring();
         let ttl = self.policy.desired_ttl;
         self.db
             .call(move |conn| {
@@ -369,6 +396,7 @@ impl Shared {
                     if p.content_sha256 == content
                         && fresh
                         && let Ok(signed) = postcard::from_bytes::<SignedDesired>(&p.signed)
+                        && keyring.signed_now(&signed.document, &signed.signatures)
                     {
                         return Ok(signed);
                     }
@@ -383,7 +411,7 @@ impl Shared {
                     jobs,
                     rollouts,
                 };
-                let keys: Vec<&SigningKey> = signers.iter().collect();
+                let keys: Vec<&SigningKey> = keyring.signers.iter().collect();
                 let signed = document.sign(&keys);
                 let issued = IssuedDesired {
                     version: document.version,
@@ -436,6 +464,7 @@ impl Shared {
         if let Some(session) = sessions.get_mut(agent)
             && version.is_some()
             && version > session.sent_version
+            && self.keyring.load().signed_now(&signed.document, &signed.signatures)
         {
             if session.tx.try_send(ControlMessage::Desired(signed)).is_ok() {
                 session.sent_version = version;

@@ -335,6 +335,62 @@ fn the_admin_api_serves_https_and_reloads_its_certificate_on_sighup() {
     assert!(ca.is_some() && !status.contains("WARNING"), "{status}");
 }
 
+/// The value of `name` on `url`'s `/metrics`.
+fn metric(url: &str, name: &str) -> String {
+    let out = std::process::Command::new("curl")
+        .args(["-s", &format!("{url}/metrics")])
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let value = text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' '));
+    value.unwrap_or_else(|| panic!("{name} missing:\n{text}")).to_owned()
+}
+
+/// A control plane whose keys are sealed starts with its passphrase typed on standard
+/// input, and takes a rotation made while it runs on SIGHUP (`systemctl reload`), reading
+/// the new sealed keys without asking again; a trust root that does not follow the one in
+/// force (here, an older one put back) is refused on the next SIGHUP and changes nothing.
+#[test]
+fn a_running_control_plane_takes_a_rotation_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let keys = data.join("keys");
+    ok(&["control", "keys", "init", "--dir", s(&keys), "--region", "eu-west-1"]);
+    let passphrase = "a long and unguessable passphrase\n";
+    let sealed = falaj_with(&["control", "keys", "seal", "--keys", s(&keys)], passphrase, &[]);
+    assert!(sealed.status.success(), "{}", String::from_utf8_lossy(&sealed.stderr));
+
+    let serve = ["control", "serve", "--data-dir", s(&data), "--quic", "127.0.0.1:0"];
+    let serve = [&serve[..], &["--admin", "127.0.0.1:0", "--unseal-from", "stdin"]].concat();
+    let mut control =
+        support::Process::start_logging_with_input(&serve, &[("RUST_LOG", "info")], passphrase);
+    control.wait_for("opened the sealed keys");
+    let line = control.wait_for("admin API on http://");
+    let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().to_owned();
+    assert_eq!(metric(&url, "falaj_trust_root_version"), "1");
+
+    let rotate =
+        ["control", "keys", "rotate-signing", "--keys", s(&keys), "--unseal-from", "stdin"];
+    let rotated = falaj_with(&rotate, passphrase, &[]);
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+    let hangup = |pid: u32| {
+        let pid = pid.to_string();
+        assert!(
+            std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success()
+        );
+    };
+    hangup(control.pid());
+    control.wait_for("took trust root version 2");
+    assert_eq!(metric(&url, "falaj_trust_root_version"), "2");
+
+    std::fs::copy(keys.join("root.1.json"), keys.join("root.json")).unwrap();
+    hangup(control.pid());
+    let refused = control.wait_for("trust root is refused");
+    assert!(refused.contains("cannot follow version 2"), "{refused}");
+    assert_eq!(metric(&url, "falaj_trust_root_version"), "2", "the keys in force stay");
+    assert_eq!(control.terminate(), Some(0));
+}
+
 /// A relative `--data-dir` means the same directory to every command, `serve` included.
 #[test]
 fn a_relative_data_dir_is_the_same_for_every_command() {

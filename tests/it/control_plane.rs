@@ -412,6 +412,14 @@ async fn rotate_and_restart(
     Control::start_with(fleet::config(&dir, quic), None).await
 }
 
+/// Rotates `control`'s keys as `falaj-control keys rotate-*` does while it runs, and has
+/// it take them as it does on SIGHUP: no restart, its sessions stay open.
+async fn rotate_live(control: &Control, options: &falaj_control::keys::RotateOptions) -> u64 {
+    let now = std::time::SystemTime::now();
+    falaj_control::keys::rotate(&control.dir.join("keys"), options, None, now).unwrap();
+    control.shared.reload_keys(now).await.unwrap().expect("a newer root is taken")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline() {
     use falaj_control::keys::RotateOptions;
@@ -419,9 +427,10 @@ async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline()
     let control = Control::start(&work.path().join("control")).await;
     control.push_sample(work.path(), MODEL, 1).await;
     control.client.deploy("edge", MODEL, 1).await.unwrap();
-    let online = control.agent(work.path(), "online", "edge").await;
+    let a = control.agent(work.path(), "a", "edge").await;
+    let b = control.agent(work.path(), "b", "edge").await;
     let offline = control.agent(work.path(), "offline", "edge").await;
-    for agent in [&online, &offline] {
+    for agent in [&a, &b, &offline] {
         eventually(Duration::from_secs(60), "version 1 is served", || async {
             agent.active_version(MODEL).await.as_deref() == Some("1")
         })
@@ -430,26 +439,31 @@ async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline()
     let offline_dir = offline.dir.clone();
     offline.stop().await;
 
-    // New root keys, then new signing keys: version 2 is signed by a key that the trust
-    // root the agents enrolled under does not list.
+    // New root keys, then new signing keys, taken by the running control plane while two
+    // agents are connected: version 2 is signed by a key that the trust root the agents
+    // enrolled under does not list, and the documents signed before are issued again.
     let new_root = RotateOptions { root_keys: Some(2), ..RotateOptions::default() };
-    let control = rotate_and_restart(control, &new_root).await;
+    assert_eq!(rotate_live(&control, &new_root).await, 2);
     let new_signer = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
-    let control = rotate_and_restart(control, &new_signer).await;
+    assert_eq!(rotate_live(&control, &new_signer).await, 3);
+    assert_eq!(control.shared.reload_keys(std::time::SystemTime::now()).await.unwrap(), None);
     control.push_sample(work.path(), MODEL, 2).await;
     control.client.deploy("edge", MODEL, 2).await.unwrap();
-    eventually(Duration::from_secs(60), "the online agent serves version 2", || async {
-        online.active_version(MODEL).await.as_deref() == Some("2")
-    })
-    .await;
-    assert_eq!(trust_version(&online.dir), 3);
+    for agent in [&a, &b] {
+        eventually(Duration::from_secs(60), "both connected agents serve version 2", || async {
+            agent.active_version(MODEL).await.as_deref() == Some("2")
+        })
+        .await;
+        assert_eq!(trust_version(&agent.dir), 3);
+    }
 
-    // A third rotation; the agent that was away through all three catches up at once.
+    // A third rotation, taken at a restart; the agent that was away through all three
+    // catches up at once.
     let control = rotate_and_restart(control, &new_signer).await;
     control.push_sample(work.path(), MODEL, 3).await;
     control.client.deploy("edge", MODEL, 3).await.unwrap();
     let offline = RunningAgent::start(&offline_dir).await;
-    for agent in [&online, &offline] {
+    for agent in [&a, &b, &offline] {
         eventually(Duration::from_secs(60), "version 3 is served", || async {
             agent.active_version(MODEL).await.as_deref() == Some("3")
         })
@@ -458,11 +472,12 @@ async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline()
     }
     eventually(Duration::from_secs(30), "the fleet view shows trust root 4", || async {
         let fleet = control.client.agents().await.unwrap();
-        fleet.iter().all(|a| a.trust_version == 4)
+        fleet.len() == 3 && fleet.iter().all(|a| a.trust_version == 4 && a.errors.is_empty())
     })
     .await;
-    online.stop().await;
-    offline.stop().await;
+    for agent in [a, b, offline] {
+        agent.stop().await;
+    }
     control.stop().await;
 }
 

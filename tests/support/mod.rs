@@ -66,24 +66,35 @@ impl Process {
 
     /// Starts `falaj ARGS...` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::spawn(args, env, false)
+        Self::spawn(args, env, false, None)
     }
 
     /// [`Self::start_with_env`], with the lines of stderr (its log) arriving among those
     /// of stdout, for [`Self::wait_for`].
     pub fn start_logging(args: &[&str], env: &[(&str, &str)]) -> Self {
-        Self::spawn(args, env, true)
+        Self::spawn(args, env, true, None)
     }
 
-    fn spawn(args: &[&str], env: &[(&str, &str)], log: bool) -> Self {
+    /// [`Self::start_logging`], with `input` written to its standard input, then closed
+    /// (a passphrase typed at start).
+    pub fn start_logging_with_input(args: &[&str], env: &[(&str, &str)], input: &str) -> Self {
+        Self::spawn(args, env, true, Some(input))
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], log: bool, input: Option<&str>) -> Self {
         let mut child = Command::new(FALAJ)
             .args(args)
             .env("RUST_LOG", "warn")
             .envs(env.iter().copied())
+            .stdin(if input.is_some() { Stdio::piped() } else { Stdio::inherit() })
             .stdout(Stdio::piped())
             .stderr(if log { Stdio::piped() } else { Stdio::inherit() })
             .spawn()
             .expect("falaj starts");
+        if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+            use std::io::Write as _;
+            stdin.write_all(input.as_bytes()).expect("falaj reads its standard input");
+        }
         let (tx, lines) = mpsc::channel();
         let forward = |out: Box<dyn std::io::Read + Send>, tx: mpsc::Sender<String>| {
             std::thread::spawn(move || {

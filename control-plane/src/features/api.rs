@@ -415,7 +415,8 @@ async fn build_snapshot(
         (Arc::clone(&api.shared), Arc::clone(&api.staging), Content::Features(spec.clone()));
     let (file, bundle_name) = (spec.file.clone(), name.clone());
     let staged = tokio::task::spawn_blocking(move || {
-        let signers: Vec<_> = shared.signers.iter().collect();
+        let keyring = shared.keyring();
+        let signers: Vec<_> = keyring.signers.iter().collect();
         let (_, bytes) = BundleBuilder::new(
             &bundle_name,
             version,

@@ -73,7 +73,7 @@ pub(crate) async fn register(
     let pushed = tokio::task::spawn_blocking(move || {
         push::push_file(
             &path,
-            &shared.trust,
+            &shared.keyring().trust,
             &shared.region,
             shared.blobs.as_ref(),
             SystemTime::now(),

@@ -399,7 +399,7 @@ async fn document(shared: &Shared, agent: &str) -> DesiredState {
     let now = SystemTime::now();
     let signed = shared.desired_for(agent, now).await.unwrap();
     let expect = Expectation { agent, region: REGION, accepted: None, now };
-    signed.verify(&shared.trust, &expect).expect("agents accept the document")
+    signed.verify(&shared.keyring().trust, &expect).expect("agents accept the document")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
