@@ -247,57 +247,7 @@ impl Registry {
                 {
                     failed.clone()
                 }
-                _ => {
-                    let started = Instant::now();
-                    // A file that does not open is not the model's fault: read again later.
-                    let read = store.read_content(&installed);
-                    let unreadable = read.is_err();
-                    let loaded = read.map_err(|e| e.to_string()).and_then(|bytes| {
-                        let spec = installed.manifest.model().ok_or("not a model bundle")?;
-                        let engine = self
-                            .engines
-                            .load(&name, version, spec, &bytes)
-                            .map_err(|e| e.to_string())?;
-                        if let Some(input) = &spec.features {
-                            input.fits(engine.signature())?;
-                        }
-                        Ok(engine)
-                    });
-                    match loaded {
-                        Ok(engine) => {
-                            tracing::info!(
-                                model = %name,
-                                version,
-                                engine = engine.name(),
-                                elapsed_ms = started.elapsed().as_millis() as u64,
-                                "model loaded"
-                            );
-                            summary.loaded.push((name.clone(), version));
-                            VersionState::Ready(Arc::new(LoadedVersion {
-                                manifest: installed.manifest.clone(),
-                                manifest_sha256: installed.manifest_sha256,
-                                metrics: Arc::new(ModelMetrics::new(
-                                    &name,
-                                    version,
-                                    engine.signature(),
-                                    installed.manifest.model().and_then(|m| m.reference.as_ref()),
-                                    std::time::SystemTime::now(),
-                                )),
-                                engine,
-                                cost: RunCost::default(),
-                            }))
-                        }
-                        Err(reason) => {
-                            tracing::error!(model = %name, version, error = %reason, "model failed to load");
-                            summary.failed.push((name.clone(), version));
-                            VersionState::Failed {
-                                manifest_sha256: installed.manifest_sha256,
-                                reason,
-                                unreadable,
-                            }
-                        }
-                    }
-                }
+                _ => self.load_version(store, &installed, &mut summary),
             };
             let entry = next.models.entry(name).or_default();
             if installed.active {
@@ -321,6 +271,63 @@ impl Registry {
         self.catalog.store(Arc::new(next));
         self.reloads.send_modify(|n| *n += 1);
         Ok(summary)
+    }
+
+    /// Reads, opens and loads one installed model version: ready, or failed with why.
+    fn load_version(
+        &self,
+        store: &Store,
+        installed: &Installed,
+        summary: &mut ReloadSummary,
+    ) -> VersionState {
+        let (name, version) = (installed.manifest.name.clone(), installed.manifest.version);
+        let started = Instant::now();
+        // A file that does not open is not the model's fault: read again later.
+        let read = store.read_content(installed);
+        let unreadable = read.is_err();
+        let loaded = read.map_err(|e| e.to_string()).and_then(|bytes| {
+            let spec = installed.manifest.model().ok_or("not a model bundle")?;
+            let engine =
+                self.engines.load(&name, version, spec, &bytes).map_err(|e| e.to_string())?;
+            if let Some(input) = &spec.features {
+                input.fits(engine.signature())?;
+            }
+            Ok(engine)
+        });
+        match loaded {
+            Ok(engine) => {
+                tracing::info!(
+                    model = %name,
+                    version,
+                    engine = engine.name(),
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "model loaded"
+                );
+                summary.loaded.push((name.clone(), version));
+                VersionState::Ready(Arc::new(LoadedVersion {
+                    manifest: installed.manifest.clone(),
+                    manifest_sha256: installed.manifest_sha256,
+                    metrics: Arc::new(ModelMetrics::new(
+                        &name,
+                        version,
+                        engine.signature(),
+                        installed.manifest.model().and_then(|m| m.reference.as_ref()),
+                        std::time::SystemTime::now(),
+                    )),
+                    engine,
+                    cost: RunCost::default(),
+                }))
+            }
+            Err(reason) => {
+                tracing::error!(model = %name, version, error = %reason, "model failed to load");
+                summary.failed.push((name.clone(), version));
+                VersionState::Failed {
+                    manifest_sha256: installed.manifest_sha256,
+                    reason,
+                    unreadable,
+                }
+            }
+        }
     }
 }
 
