@@ -7,8 +7,8 @@
 
 use crate::support;
 
-use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::process::Command;
 
 use falaj_agent::import::ImportOptions;
@@ -18,9 +18,7 @@ use falaj_common::onnx::mlp_classifier;
 use falaj_common::sample::{self, FEATURE_COUNT};
 use falaj_common::train::{TrainConfig, train_classifier};
 use serde_json::{Value, json};
-use support::{Site, now, serve, test_config};
-
-const WINDOW: usize = 64;
+use support::{Site, holding_a_window, now, serve, test_config};
 
 /// A classifier with a few thousand weights.
 fn model(seed: u64) -> Vec<u8> {
@@ -30,34 +28,8 @@ fn model(seed: u64) -> Vec<u8> {
     mlp_classifier(&mlp, "sensors", "test")
 }
 
-/// Every file under `dir`, recursively.
-fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            out.extend(files(&path));
-        } else {
-            out.push(path);
-        }
-    }
-    out
-}
-
-/// The files under `dir` that hold some 64-byte window of `secret`.
-fn holding_a_window(dir: &Path, secret: &[u8]) -> Vec<PathBuf> {
-    let windows: HashSet<&[u8]> = secret.windows(WINDOW).collect();
-    files(dir)
-        .into_iter()
-        .filter(|path| {
-            let bytes = std::fs::read(path).unwrap();
-            bytes.windows(WINDOW).any(|w| windows.contains(w))
-        })
-        .collect()
-}
-
 fn bundle_files(site: &Site) -> BTreeMap<PathBuf, Vec<u8>> {
-    files(&site.data_dir().join("bundles"))
+    support::files_under(&site.data_dir().join("bundles"))
         .into_iter()
         .map(|p| {
             let bytes = std::fs::read(&p).unwrap();
@@ -103,7 +75,7 @@ fn no_window_of_the_weights_is_on_disk_after_import() {
     drop(store);
     let found = holding_a_window(&site.data_dir(), &weights);
     assert!(found.is_empty(), "plaintext weights on disk in {found:?}");
-    let listed: Vec<String> = files(&site.data_dir())
+    let listed: Vec<String> = support::files_under(&site.data_dir())
         .iter()
         .map(|p| p.strip_prefix(site.data_dir()).unwrap().display().to_string())
         .collect();

@@ -264,6 +264,14 @@ async fn a_snapshot_is_imported_and_looked_up() {
     let site = Site::new();
     install(&site, &pumps_bundle(&site, 1, 2, &pump_rows()));
     install(&site, &sites_bundle(&site));
+    // Encryption at rest: the snapshots' tables lie on disk only sealed.
+    let store = site.store();
+    for installed in store.installed().unwrap() {
+        let table = store.read_content(&installed).unwrap();
+        let found = support::holding_a_window(&site.data_dir(), &table);
+        assert!(found.is_empty(), "{} in plaintext in {found:?}", installed.manifest.name);
+    }
+    drop(store);
     let server = serve(&site, test_config()).await;
     let client = reqwest::Client::new();
 

@@ -117,6 +117,10 @@ async fn a_shifted_site_gets_a_derived_model_that_beats_its_parent_and_serves_in
     let bytes = store.open_bundle(derived).unwrap();
     let refused = verify(&bytes, &site.trust, &Policy::new(support::REGION, now())).unwrap_err();
     assert!(refused.to_string().contains("signature"), "{refused}");
+    // Encryption at rest: the derived model lies on disk only sealed.
+    let weights = store.read_content(derived).unwrap();
+    let found = support::holding_a_window(&site.data_dir(), &weights);
+    assert!(found.is_empty(), "the derived model in plaintext in {found:?}");
     assert!(staging_is_empty(&site));
     let list = Command::new(env!("CARGO_BIN_EXE_falaj-agent"))
         .args(["list", "--data-dir"])

@@ -3,8 +3,9 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use falaj_agent::import::{self, ImportError, ImportOptions, ImportOutcome};
@@ -32,6 +33,37 @@ pub struct Site {
 
 pub fn now() -> SystemTime {
     SystemTime::now()
+}
+
+/// Every file under `dir`, recursively.
+pub fn files_under(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The files under `dir` that hold some 64-byte window of `secret` carrying information
+/// (16 distinct byte values or more: runs of zeros and padding are in any SQLite page and
+/// prove nothing). The search for plaintext that encryption at rest must leave none of.
+pub fn holding_a_window(dir: &Path, secret: &[u8]) -> Vec<PathBuf> {
+    const WINDOW: usize = 64;
+    let informative = |w: &&[u8]| w.iter().copied().collect::<HashSet<u8>>().len() >= 16;
+    let windows: HashSet<&[u8]> = secret.windows(WINDOW).filter(informative).collect();
+    assert!(!windows.is_empty(), "nothing informative to search for");
+    files_under(dir)
+        .into_iter()
+        .filter(|path| {
+            let bytes = std::fs::read(path).unwrap_or_default();
+            bytes.windows(WINDOW).any(|w| windows.contains(w))
+        })
+        .collect()
 }
 
 impl Site {
