@@ -27,12 +27,14 @@ use crate::auth::{Access, Permission as P, Routes};
 use crate::db;
 use crate::exporter::{Exporter, Stored};
 use crate::monitoring::{self, MetricsQuery};
+use crate::service::resign::{self, ReSignRequest};
 use crate::service::{ServiceError, bundles, deploy, fleet};
 use crate::state::Shared;
 
 pub use crate::service::bundles::{BundleView, PushedView};
 pub use crate::service::deploy::DeploymentView;
 pub use crate::service::fleet::{AgentView, NewEnrollmentToken, RevokedView, StatusView};
+pub use crate::service::resign::ReSignedView;
 
 /// The API's state: shared daemon state, the admin token, where pushes are staged.
 #[derive(Debug, Clone)]
@@ -156,6 +158,7 @@ pub fn routes() -> Routes {
         .get("/v1/status", P::ReadFleet, status)
         .post("/v1/bundles", P::ManageBundles, push_bundle)
         .get("/v1/bundles", P::ReadFleet, list_bundles)
+        .post("/v1/bundles/re-sign", P::RotateKeys, re_sign_bundles)
         .post("/v1/tokens", P::CreateEnrollmentTokens, create_token)
         .get("/v1/agents", P::ReadFleet, list_agents)
         .post("/v1/agents/{id}/revoke", P::RevokeAgents, revoke_agent)
@@ -199,6 +202,14 @@ async fn push_bundle(State(api): State<Api>, body: Body) -> ApiResult<Response> 
     let (row, new_chunks, created) = bundles::register(&api.shared, staged.path()).await?;
     let status = if created { StatusCode::CREATED } else { StatusCode::OK };
     Ok(json_response(status, &PushedView { bundle: BundleView::from(&row), new_chunks, created }))
+}
+
+async fn re_sign_bundles(
+    State(api): State<Api>,
+    body: axum::Json<ReSignRequest>,
+) -> ApiResult<Response> {
+    let views = resign::re_sign(&api.shared, &body, &api.staging).await?;
+    Ok(json_response(StatusCode::OK, &views))
 }
 
 /// Streams a request body to a file in the staging directory (removed when dropped),

@@ -19,7 +19,7 @@ use thiserror::Error;
 
 use crate::admin::{
     AgentView, AlertsView, BundleView, DeploymentView, MetricsView, NewEnrollmentToken, PushedView,
-    RevokedView, StatusView,
+    ReSignedView, RevokedView, StatusView,
 };
 use crate::auth::WhoAmI;
 use crate::auth::api::{
@@ -231,6 +231,13 @@ impl AdminClient {
     /// `GET /v1/bundles`.
     pub async fn bundles(&self) -> Result<Vec<BundleView>, ClientError> {
         self.call(self.http.get(self.url("/v1/bundles"))).await
+    }
+
+    /// `POST /v1/bundles/re-sign`: `bundle` (`NAME@VERSION`), or every bundle, signed
+    /// again under the keys in force where a retired key had signed it.
+    pub async fn re_sign(&self, bundle: Option<&str>) -> Result<Vec<ReSignedView>, ClientError> {
+        let body = serde_json::json!({ "bundle": bundle });
+        self.call(self.http.post(self.url("/v1/bundles/re-sign")).json(&body)).await
     }
 
     /// `POST /v1/tokens`.

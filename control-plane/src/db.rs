@@ -745,6 +745,25 @@ pub fn insert_bundle(conn: &Connection, b: &BundleRow) -> rusqlite::Result<()> {
     )
 }
 
+/// Points `old`'s row at the re-signed file `new` (same name, version and manifest: the
+/// signatures alone differ). The caller records it in the audit log, with the keys.
+pub fn re_sign_bundle(conn: &Connection, old: &BundleRow, new: &BundleRow) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE bundles SET bundle_sha256 = ?4, recipe_sha256 = ?5, size = ?6, chunks = ?7
+         WHERE name = ?1 AND version = ?2 AND manifest_sha256 = ?3",
+        params![
+            old.name,
+            old.version as i64,
+            old.manifest_sha256.to_string(),
+            new.bundle_sha256.to_string(),
+            new.recipe_sha256.to_string(),
+            new.size as i64,
+            new.chunks as i64,
+        ],
+    )?;
+    Ok(())
+}
+
 /// What a group should run: its deployed bundles.
 pub fn deployments(conn: &Connection, group: &str) -> rusqlite::Result<Vec<BundleRow>> {
     let mut stmt = conn.prepare(&format!(

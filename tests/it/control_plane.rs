@@ -2,6 +2,7 @@
 //! every refusal the trust model promises.
 
 use crate::fleet;
+use crate::support;
 
 use std::time::Duration;
 
@@ -478,6 +479,71 @@ async fn agents_follow_root_and_signing_key_rotations_even_after_being_offline()
     for agent in [a, b, offline] {
         agent.stop().await;
     }
+    control.stop().await;
+}
+
+/// After a signing-key rotation, a bundle registered before it is refused by an agent that
+/// took the new root, until `bundle re-sign` signs it again with the keys in force; then
+/// that agent installs it, and one that already held it keeps it as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bundles_signed_by_a_retired_key_install_again_once_re_signed() {
+    use falaj_control::keys::RotateOptions;
+    let work = tempfile::tempdir().unwrap();
+    let control = Control::start(&work.path().join("control")).await;
+    control.push_sample(work.path(), MODEL, 1).await;
+    control.client.deploy("edge", MODEL, 1).await.unwrap();
+    let before = control.agent(work.path(), "before", "edge").await;
+    eventually(Duration::from_secs(60), "version 1 is served", || async {
+        before.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
+    let held = std::fs::read(before.dir.join("bundles").join(MODEL).join("1.sealed")).unwrap();
+
+    let new_signer = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
+    assert_eq!(rotate_live(&control, &new_signer).await, 2);
+    let after = control.agent(work.path(), "after", "edge").await;
+    let id = after.identity.agent_id.clone();
+    eventually(Duration::from_secs(60), "the new agent refuses version 1", || async {
+        let fleet = control.client.agents().await.unwrap();
+        fleet
+            .iter()
+            .filter(|a| a.id == id)
+            .any(|a| a.errors.iter().any(|e| e.contains("not a signing key of the trust root")))
+    })
+    .await;
+
+    let cli = |extra: &[&str]| {
+        let mut args: Vec<String> = ["control", "bundle", "re-sign"].map(String::from).to_vec();
+        args.extend(extra.iter().map(|a| (*a).to_owned()));
+        args.extend(["--control-plane".into(), control.client.base().to_owned()]);
+        args.extend(["--data-dir".into(), control.dir.display().to_string()]);
+        args
+    };
+    let out = support::falaj_async(cli(&["--all"])).await;
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.starts_with(&format!("{MODEL}@1: re-signed by ")), "{stdout}");
+    let again = support::falaj_async(cli(&[&format!("{MODEL}@1")])).await;
+    let again = String::from_utf8_lossy(&again.stdout).into_owned();
+    assert!(again.starts_with(&format!("{MODEL}@1: already signed by ")), "{again}");
+
+    eventually(Duration::from_secs(60), "the new agent serves version 1", || async {
+        after.active_version(MODEL).await.as_deref() == Some("1")
+    })
+    .await;
+    assert_eq!(trust_version(&after.dir), 2);
+    let still = std::fs::read(before.dir.join("bundles").join(MODEL).join("1.sealed")).unwrap();
+    assert!(still == held, "the agent that held it was not made to fetch it again");
+    assert_eq!(before.active_version(MODEL).await.as_deref(), Some("1"));
+    let query =
+        falaj_control::audit::AuditQuery { action: Some("re-sign".into()), ..Default::default() };
+    let audit = control.client.audit(&query).await.unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0].target, format!("{MODEL}@1"));
+    assert!(audit[0].details["retired"].is_array(), "{:?}", audit[0].details);
+    assert!(audit[0].actor.starts_with("admin"), "{}", audit[0].actor);
+    before.stop().await;
+    after.stop().await;
     control.stop().await;
 }
 

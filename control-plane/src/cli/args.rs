@@ -368,6 +368,22 @@ pub enum BundleCommand {
     Push(PushArgs),
     /// List the bundles registered with the running control plane.
     List(ApiArgs),
+    /// After a signing-key rotation, sign registered bundles again with the keys in force
+    /// (those a retired key signed; their manifests and what agents hold are unchanged).
+    ReSign(ReSignArgs),
+}
+
+/// Arguments of `bundle re-sign`.
+#[derive(Debug, Args)]
+pub struct ReSignArgs {
+    /// The bundle, NAME@VERSION.
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub(crate) bundle: Option<String>,
+    /// Every registered bundle.
+    #[arg(long)]
+    pub(crate) all: bool,
+    #[command(flatten)]
+    pub(crate) api: ApiArgs,
 }
 
 /// Arguments of `bundle push`.

@@ -7,7 +7,7 @@ use std::time::SystemTime;
 
 use super::render::{
     render_agents, render_alerts, render_bundles, render_metrics_marked, render_pushed,
-    render_token_header,
+    render_re_signed, render_token_header,
 };
 use super::{
     AgentCommand, ApiArgs, BundleCommand, Cli, Command, DeployArgs, Failure, PushArgs, TokenCommand,
@@ -58,6 +58,10 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Bundle(BundleCommand::Push(args)) => bundle_push(&args),
         Command::Bundle(BundleCommand::List(api)) => online(&api, |c| async move {
             print!("{}", render_bundles(&c.bundles().await?));
+            Ok(())
+        }),
+        Command::Bundle(BundleCommand::ReSign(args)) => online(&args.api, |c| async move {
+            print!("{}", render_re_signed(&c.re_sign(args.bundle.as_deref()).await?));
             Ok(())
         }),
         Command::Token(TokenCommand::Create(args)) => online(&args.api, |c| async move {

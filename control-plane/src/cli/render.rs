@@ -10,7 +10,7 @@ use falaj_common::time::Timestamp;
 use falaj_common::trust::{Role, TrustRoot};
 
 use crate::admin::{
-    AgentView, AlertsView, BundleView, MetricsView, NewEnrollmentToken, PushedView,
+    AgentView, AlertsView, BundleView, MetricsView, NewEnrollmentToken, PushedView, ReSignedView,
 };
 
 /// The table of `keys status`: every version of the trust root, then warnings for what
@@ -112,6 +112,16 @@ pub fn render_bundles(bundles: &[BundleView]) -> String {
             b.chunks,
             printable(&b.pushed_at)
         );
+    }
+    out
+}
+
+/// The lines of `bundle re-sign`: each bundle, whether it was signed again, and by whom.
+pub fn render_re_signed(views: &[ReSignedView]) -> String {
+    let mut out = String::new();
+    for v in views {
+        let what = if v.re_signed { "re-signed by" } else { "already signed by" };
+        let _ = writeln!(out, "{}: {what} {}", printable(&v.bundle), v.signed_by.join(", "));
     }
     out
 }

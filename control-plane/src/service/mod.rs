@@ -8,12 +8,14 @@
 //! - [`bundles`]: verifying and registering a bundle (a push or a built snapshot).
 //! - [`fleet`]: the fleet view, enrollment tokens, revocation, the daemon's status.
 //! - [`deploy`]: which version of a model each group runs.
+//! - [`resign`]: re-signing stored bundles under the keys in force after a rotation.
 //!
 //! Services take the daemon's state ([`Shared`](crate::state::Shared)), not a request.
 
 pub mod bundles;
 pub mod deploy;
 pub mod fleet;
+pub mod resign;
 
 use thiserror::Error;
 
