@@ -391,6 +391,54 @@ fn a_running_control_plane_takes_a_rotation_on_sighup() {
     assert_eq!(control.terminate(), Some(0));
 }
 
+/// Root keys kept offline from the start: the daemon never holds them (no warning that it
+/// does), warns in its log, `keys status` and `/metrics` while the trust root comes within
+/// 30 days of its end, and takes its renewal (same root keys, brought from the offline
+/// directory) on SIGHUP; the warning goes from `keys status`.
+#[test]
+fn an_expiring_root_warns_and_is_renewed_with_offline_root_keys_while_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let (data, offline) = (dir.path().join("data"), dir.path().join("usb"));
+    let keys = data.join("keys");
+    let init = ["control", "keys", "init", "--dir", s(&keys), "--region", "eu-west-1"];
+    ok(&[&init[..], &["--expires-in", "20d", "--offline-root", s(&offline)]].concat());
+    let root_key = |dir: &std::path::Path| {
+        let names = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name());
+        names.filter(|n| n.to_string_lossy().starts_with("root-")).count()
+    };
+    assert_eq!((root_key(&keys), root_key(&offline)), (0, 1), "the root key went offline");
+    let status = ok(&["control", "keys", "status", "--keys", s(&keys)]);
+    assert!(status.contains("WARNING: trust root version 1 expires within 30 days"), "{status}");
+
+    let serve = ["control", "serve", "--data-dir", s(&data), "--quic", "127.0.0.1:0"];
+    let serve = [&serve[..], &["--admin", "127.0.0.1:0"]].concat();
+    let mut control = support::Process::start_logging(&serve, &[("RUST_LOG", "info")]);
+    let line = control.wait_for("admin API on http://");
+    let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().to_owned();
+    control.wait_for("trust root expires within 30 days");
+    let left: u64 = metric(&url, "falaj_trust_root_expiry_seconds").parse().unwrap();
+    assert!(left <= 20 * 86_400 && left > 19 * 86_400, "{left}");
+    assert!(
+        !control.seen.iter().any(|l| l.contains("root keys are on the control plane's host")),
+        "{:?}",
+        control.seen
+    );
+
+    let rotate = ["control", "keys", "rotate-root", "--keys", s(&keys), "--keep-keys"];
+    let rotate = [&rotate[..], &["--root-keys-dir", s(&offline), "--expires-in", "2y"]].concat();
+    let renewed = ok(&rotate);
+    assert!(renewed.contains("trust root version 2 written"), "{renewed}");
+    assert_eq!(root_key(&keys), 0, "still none on the host");
+    let pid = control.pid().to_string();
+    assert!(std::process::Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+    control.wait_for("took trust root version 2");
+    let left: u64 = metric(&url, "falaj_trust_root_expiry_seconds").parse().unwrap();
+    assert!(left > 700 * 86_400, "{left}");
+    assert_eq!(control.terminate(), Some(0));
+    let status = ok(&["control", "keys", "status", "--keys", s(&keys)]);
+    assert!(!status.contains("WARNING: trust root"), "{status}");
+}
+
 /// A relative `--data-dir` means the same directory to every command, `serve` included.
 #[test]
 fn a_relative_data_dir_is_the_same_for_every_command() {
