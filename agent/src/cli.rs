@@ -524,6 +524,14 @@ fn trust_show(data_dir: &Path) -> Result<(), Failure> {
         role(&roles.root),
         role(&roles.signing)
     );
+    let now = falaj_common::time::Timestamp::from_system(SystemTime::now());
+    if let Some(days) = falaj_common::time::expiry_warning(now, root.expires()) {
+        println!(
+            "WARNING: trust root version {} expires within {days} days: take its successor \
+             (it comes from the control plane; air-gapped: falaj-agent trust update)",
+            root.version()
+        );
+    }
     Ok(())
 }
 

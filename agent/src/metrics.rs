@@ -336,6 +336,7 @@ impl Collector for Exporter {
             .collect();
         exposition::encode_versions(&mut encoder, "measured by the agent", &figures)?;
         encode_outcomes(&mut encoder, &catalog, &self.stats)?;
+        encode_trust(&mut encoder, &catalog)?;
         let s = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         exposition::encode_scalars(
@@ -347,6 +348,7 @@ impl Collector for Exporter {
                     false,
                     u64::from(catalog.ready()),
                 ),
+
                 (
                     "falaj_models_on_gpu",
                     "Model versions served by the GPU engine",
@@ -415,6 +417,31 @@ impl Collector for Exporter {
             ],
         )
     }
+}
+
+/// Writes the trust root's version and the seconds until it expires (an agent past it
+/// refuses every bundle and document), as of the last reload.
+fn encode_trust(encoder: &mut DescriptorEncoder, catalog: &Catalog) -> std::fmt::Result {
+    let now = Timestamp::from_system(SystemTime::now());
+    exposition::encode_scalars(
+        encoder,
+        &[
+            (
+                "falaj_trust_root_version",
+                "The version of the trust root this agent verifies against",
+                false,
+                catalog.trust_root.map_or(0, |(version, _)| version),
+            ),
+            (
+                "falaj_trust_root_expiry_seconds",
+                "Seconds until the trust root held expires (0 once it has)",
+                false,
+                catalog
+                    .trust_root
+                    .map_or(0, |(_, expires)| expires.unix().saturating_sub(now.unix())),
+            ),
+        ],
+    )
 }
 
 /// Writes each version's shadow comparisons and feedback, the feedback joined and not,

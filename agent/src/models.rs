@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use falaj_common::bundle::Manifest;
 use falaj_common::keys::Sha256;
+use falaj_common::time::Timestamp;
 
 use crate::engine::{Engine, Engines};
 use crate::features::{self, SnapshotState, ViewEntry};
@@ -101,6 +102,8 @@ pub struct Catalog {
     pub rollouts: BTreeMap<String, Arc<LiveRollout>>,
     /// Whether the first load has completed.
     pub loaded: bool,
+    /// The version of the trust root held and when it ends, as of the last reload.
+    pub trust_root: Option<(u64, Timestamp)>,
 }
 
 impl Catalog {
@@ -226,7 +229,12 @@ impl Registry {
         let overlays =
             store.overlays()?.into_iter().map(|o| (o.name, (o.derived, o.version))).collect();
         let rollouts = live_rollouts(store, &current)?;
-        let mut next = Catalog { overlays, rollouts, loaded: true, ..Catalog::default() };
+        let trust_root = store.trust_root().ok().map(|root| (root.version(), root.expires()));
+        if let Some((version, expires)) = trust_root {
+            warn_of_expiry(version, expires, Timestamp::from_system(std::time::SystemTime::now()));
+        }
+        let mut next =
+            Catalog { overlays, rollouts, loaded: true, trust_root, ..Catalog::default() };
         let mut summary = ReloadSummary::default();
         for installed in store.installed()? {
             let (name, version) = (installed.manifest.name.clone(), installed.manifest.version);
@@ -328,6 +336,21 @@ impl Registry {
                 }
             }
         }
+    }
+}
+
+/// Warns in the log while the trust root held is within 90, 30 or 7 days of its end (an
+/// agent past it refuses every bundle and document): at each reload, so at start and
+/// after each install.
+fn warn_of_expiry(version: u64, expires: Timestamp, now: Timestamp) {
+    if let Some(days) = falaj_common::time::expiry_warning(now, expires) {
+        tracing::warn!(
+            version,
+            %expires,
+            days,
+            "trust root version {version} expires within {days} days: take its successor \
+             (from the control plane, or `falaj-agent trust update` on an air-gapped site)"
+        );
     }
 }
 

@@ -271,3 +271,30 @@ fn an_uninitialised_directory_is_named_in_the_error() {
     .unwrap_err();
     assert!(err.to_string().contains("trust root is for region"), "{err}");
 }
+
+/// A trust root within days of its end (the test site's lasts one day) is warned of where
+/// an air-gapped site's operator looks: `trust show` and the agent's `/metrics`.
+#[tokio::test]
+async fn a_trust_root_near_its_end_is_warned_of() {
+    let site = Site::new();
+    let shown = std::process::Command::new(env!("CARGO_BIN_EXE_falaj-agent"))
+        .args(["trust", "show", "--data-dir"])
+        .arg(site.data_dir())
+        .output()
+        .unwrap();
+    let shown = String::from_utf8_lossy(&shown.stdout).into_owned();
+    assert!(shown.contains("WARNING: trust root version 1 expires within 7 days"), "{shown}");
+
+    let server = support::serve(&site, support::test_config()).await;
+    let metrics = reqwest::get(server.url("/metrics")).await.unwrap().text().await.unwrap();
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing:\n{metrics}"))
+    };
+    assert_eq!(value("falaj_trust_root_version"), 1);
+    let left = value("falaj_trust_root_expiry_seconds");
+    assert!(left > 0 && left <= 86_400, "{left}");
+    server.stop().await;
+}
