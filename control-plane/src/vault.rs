@@ -136,11 +136,8 @@ impl Secret {
         };
         let secret = match from {
             UnsealFrom::Stdin => {
-                let mut line = Zeroizing::new(String::new());
-                std::io::stdin()
-                    .lock()
-                    .read_line(&mut line)
-                    .map_err(|e| fail("standard input", e.to_string()))?;
+                let line =
+                    read_line_quietly().map_err(|e| fail("standard input", e.to_string()))?;
                 Self::new(line.as_bytes())
             }
             UnsealFrom::Credential => {
@@ -280,6 +277,59 @@ pub fn is_private_key_file(name: &str) -> bool {
         || name.starts_with("audit-")
         || name.starts_with("pii-")
         || name == crate::ca::CA_KEY_FILE)
+}
+
+/// The first line of standard input. At a terminal it is asked for on standard error and
+/// read without echo, the terminal's settings restored after, so a typed passphrase is
+/// not shown; piped in (`systemd-ask-password | ...`), it is read as it comes.
+fn read_line_quietly() -> std::io::Result<Zeroizing<String>> {
+    use std::io::{IsTerminal as _, Write as _};
+    let stdin = std::io::stdin();
+    let mut line = Zeroizing::new(String::new());
+    if !stdin.is_terminal() {
+        stdin.lock().read_line(&mut line)?;
+        return Ok(line);
+    }
+    // Echo off before the prompt: a line typed as soon as it shows is not echoed.
+    let quiet = NoEcho::on(&stdin);
+    eprint!("secret of the sealed keys (not shown): ");
+    std::io::stderr().flush()?;
+    let read = stdin.lock().read_line(&mut line);
+    drop(quiet);
+    eprintln!();
+    read.map(|_| line)
+}
+
+/// Echo turned off on a terminal until dropped.
+struct NoEcho {
+    saved: Option<rustix::termios::Termios>,
+}
+
+impl NoEcho {
+    fn on(stdin: &std::io::Stdin) -> Self {
+        use rustix::termios::{LocalModes, OptionalActions, tcgetattr, tcsetattr};
+        let saved = tcgetattr(stdin).ok();
+        if let Some(saved) = &saved {
+            let mut quiet = saved.clone();
+            quiet.local_modes.remove(LocalModes::ECHO);
+            if let Err(err) = tcsetattr(stdin, OptionalActions::Now, &quiet) {
+                tracing::warn!(error = %err, "cannot turn the terminal's echo off");
+            }
+        }
+        Self { saved }
+    }
+}
+
+impl Drop for NoEcho {
+    fn drop(&mut self) {
+        if let Some(saved) = &self.saved {
+            let _ = rustix::termios::tcsetattr(
+                std::io::stdin(),
+                rustix::termios::OptionalActions::Now,
+                saved,
+            );
+        }
+    }
 }
 
 /// Read and write access to one keys directory's private key files.

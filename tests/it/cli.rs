@@ -439,6 +439,76 @@ fn an_expiring_root_warns_and_is_renewed_with_offline_root_keys_while_running() 
     assert!(!status.contains("WARNING: trust root"), "{status}");
 }
 
+/// A passphrase typed at a terminal is asked for and not shown: `keys seal` run with its
+/// standard input on a pseudo-terminal prompts on standard error, turns the terminal's
+/// echo off while the line is typed (nothing comes back on the terminal) and on again,
+/// and seals under what was typed.
+#[test]
+fn a_passphrase_typed_at_a_terminal_is_not_shown() {
+    use rustix::pty::{OpenptFlags, grantpt, openpt, ptsname, unlockpt};
+    use std::io::{BufRead as _, Read as _, Write as _};
+    use std::os::unix::ffi::OsStrExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    ok(&["control", "keys", "init", "--dir", s(&keys), "--region", "eu-west-1"]);
+
+    let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY).unwrap();
+    grantpt(&master).unwrap();
+    unlockpt(&master).unwrap();
+    let name = ptsname(&master, Vec::new()).unwrap();
+    let terminal = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(std::ffi::OsStr::from_bytes(name.as_bytes()))
+        .unwrap();
+    let mut child = std::process::Command::new(support::FALAJ)
+        .args(["control", "keys", "seal", "--keys", s(&keys)])
+        .env("RUST_LOG", "warn")
+        .stdin(terminal)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Without a prompt the child would wait for its line for ever: stopped after a minute,
+    // its standard error ends and the test fails below.
+    let (done, watched) = std::sync::mpsc::channel::<()>();
+    let pid = child.id().to_string();
+    let watchdog = std::thread::spawn(move || {
+        if watched.recv_timeout(std::time::Duration::from_secs(60)).is_err() {
+            let _ = std::process::Command::new("kill").args(["-KILL", &pid]).status();
+        }
+    });
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut prompt = Vec::new();
+    while !prompt.ends_with(b"(not shown): ") {
+        let mut byte = [0u8];
+        assert_eq!(stderr.read(&mut byte).unwrap(), 1, "no prompt: {prompt:?}");
+        prompt.push(byte[0]);
+    }
+    let passphrase = "typed where no one may read it";
+    let mut master = std::fs::File::from(master);
+    master.write_all(format!("{passphrase}\n").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    // What the terminal shows: read once the child is gone (and its side closed).
+    let mut shown = Vec::new();
+    let nonblocking = rustix::fs::OFlags::NONBLOCK;
+    rustix::fs::fcntl_setfl(&master, nonblocking).unwrap();
+    let _ = master.read_to_end(&mut shown);
+    let shown = String::from_utf8_lossy(&shown);
+    assert!(!shown.contains(passphrase), "the terminal echoed it: {shown:?}");
+    let mut rest = String::new();
+    let _ = stderr.read_line(&mut rest);
+
+    // Sealed under exactly what was typed.
+    let rotate =
+        ["control", "keys", "rotate-signing", "--keys", s(&keys), "--unseal-from", "stdin"];
+    let rotated = falaj_with(&rotate, &format!("{passphrase}\n"), &[]);
+    assert!(rotated.status.success(), "{}", String::from_utf8_lossy(&rotated.stderr));
+}
+
 /// A relative `--data-dir` means the same directory to every command, `serve` included.
 #[test]
 fn a_relative_data_dir_is_the_same_for_every_command() {
