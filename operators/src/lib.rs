@@ -58,21 +58,54 @@ pub const OPERATORS: &[&str] = &[
 /// scan) natively where they suit, by tract's builder otherwise.
 pub const NATIVE_STANDARD: &[&str] = &["ArgMax", "ArgMin", "Conv", "MatMul", "Scan", "Softmax"];
 
+/// Which of the standard operators Conv, MatMul and Softmax [`register_with`] puts in
+/// front of tract's builders (the others of [`NATIVE_STANDARD`] always are). The engine
+/// uses [`Native::ALL`]; the others are for comparing against tract's kernels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Native {
+    /// Depthwise and 1×1 convolutions ([`nn::depthwise`], [`nn::pointwise`]).
+    pub conv: bool,
+    /// Products by constant 2-D weights ([`nn::dense`]).
+    pub matmul: bool,
+    /// Opset-13 Softmax ([`nn::softmax`]).
+    pub softmax: bool,
+}
+
+impl Native {
+    /// All three natively where they suit: what the engine registers.
+    pub const ALL: Self = Self { conv: true, matmul: true, softmax: true };
+    /// All three by tract's builders.
+    pub const NONE: Self = Self { conv: false, matmul: false, softmax: false };
+}
+
 /// Registers every operator of [`OPERATORS`] and [`NATIVE_STANDARD`] into `registry`,
 /// replacing tract's own where it has one.
 pub fn register(registry: &mut OnnxOpRegister) {
+    register_with(registry, Native::ALL);
+}
+
+/// [`register`], with Conv, MatMul and Softmax left to tract where `native` says so
+/// (then fold with [`nn::fold::fold_convolutions_for`] the same `native`, and skip
+/// [`nn::fold::fold_matmuls`] without native MatMul).
+pub fn register_with(registry: &mut OnnxOpRegister, native: Native) {
     // tract's own builders stay behind ours, for the cases ours leave to them.
     if let Some(&conv) = registry.0.get("Conv") {
         let _ = nn::TRACT_CONV.set(conv);
-        registry.insert("Conv", nn::conv);
+        if native.conv {
+            registry.insert("Conv", nn::conv);
+        }
     }
     if let Some(&matmul) = registry.0.get("MatMul") {
         let _ = nn::TRACT_MATMUL.set(matmul);
-        registry.insert("MatMul", nn::matmul);
+        if native.matmul {
+            registry.insert("MatMul", nn::matmul);
+        }
     }
     if let Some(&softmax) = registry.0.get("Softmax") {
         let _ = nn::TRACT_SOFTMAX.set(softmax);
-        registry.insert("Softmax", nn::softmax);
+        if native.softmax {
+            registry.insert("Softmax", nn::softmax);
+        }
     }
     if let Some(&scan) = registry.0.get("Scan") {
         let _ = neighbors::TRACT_SCAN.set(scan);

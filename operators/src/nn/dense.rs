@@ -124,31 +124,48 @@ fn tile<const R: usize, const NV: usize>(
     }
 }
 
-/// The rows of `input` through the panels of `16 · NV` columns: per block of `MR` rows
-/// (then single rows), the block's values laid out step by step, then every panel.
+/// Tiles of rows per group: a group's rows are laid out once, then each panel of
+/// weights goes through all of the group's tiles while it is in L1 (a layer's weights
+/// can be megabytes: an output layer over thousands of classes).
+const GROUP: usize = 8;
+
+/// The rows of `input` through the panels of `16 · NV` columns: per group of up to
+/// `GROUP` tiles of `MR` rows (the last tile of the input shorter), the group's values
+/// laid out step by step, then every panel through every tile of the group.
 #[inline(always)]
 fn panels<const NV: usize>(op: &Dense, input: &[f32], rows: usize, out: &mut [f32]) {
     let (depth, width, n) = (op.k, 16 * NV, op.n);
-    let mut packed = vec![0.0f32; depth * MR];
+    let mut packed = vec![0.0f32; depth * MR * GROUP];
     let mut row = 0;
     while row < rows {
-        let block = if row + MR <= rows { MR } else { 1 };
-        for (r, line) in input[row * depth..][..block * depth].chunks_exact(depth).enumerate() {
-            for (step, &v) in line.iter().enumerate() {
-                packed[step * block + r] = v;
+        let group = (rows - row).min(MR * GROUP);
+        for (t, tile_rows) in input[row * depth..][..group * depth].chunks(MR * depth).enumerate() {
+            let r = tile_rows.len() / depth;
+            let packed = &mut packed[t * MR * depth..][..r * depth];
+            for (i, line) in tile_rows.chunks_exact(depth).enumerate() {
+                for (step, &v) in line.iter().enumerate() {
+                    packed[step * r + i] = v;
+                }
             }
         }
         let panels = op.packed.chunks_exact(depth * width).zip(op.bias.chunks_exact(width));
         for (p, (panel, bias)) in panels.enumerate() {
             let first = p * width;
-            let target = (&mut out[row * n + first..], n, width.min(n - first));
-            if block == MR {
-                tile::<MR, NV>(&packed[..depth * MR], panel, bias, op.activation, target);
-            } else {
-                tile::<1, NV>(&packed[..depth], panel, bias, op.activation, target);
+            for t in 0..group.div_ceil(MR) {
+                let r = MR.min(group - t * MR);
+                let values = &packed[t * MR * depth..][..r * depth];
+                let target = (&mut out[(row + t * MR) * n + first..], n, width.min(n - first));
+                match r {
+                    MR => tile::<MR, NV>(values, panel, bias, op.activation, target),
+                    5 => tile::<5, NV>(values, panel, bias, op.activation, target),
+                    4 => tile::<4, NV>(values, panel, bias, op.activation, target),
+                    3 => tile::<3, NV>(values, panel, bias, op.activation, target),
+                    2 => tile::<2, NV>(values, panel, bias, op.activation, target),
+                    _ => tile::<1, NV>(values, panel, bias, op.activation, target),
+                }
             }
         }
-        row += block;
+        row += group;
     }
 }
 
@@ -264,7 +281,7 @@ mod tests {
         // Widths of one vector, one partial vector, two panels and a partial one; rows
         // below, at and past a tile; depths of 1 and odd ones.
         for (k, n) in [(1, 1), (20, 64), (64, 32), (32, 3), (7, 17), (5, 33), (3, 16), (16, 100)] {
-            for rows in [1, 5, 6, 7, 13, 64] {
+            for rows in [1, 5, 6, 7, 13, 47, 48, 49, 64, 100] {
                 for (i, &act) in acts.iter().enumerate() {
                     let w = values(k * n, 1 + i as u32);
                     let bias = if i % 2 == 0 { values(n, 9) } else { Vec::new() };

@@ -66,14 +66,18 @@ impl DepthwiseConv {
     }
 }
 
-/// Output pixels of a row computed at once: four vectors of sixteen.
+/// Outputs computed at once: four vectors of sixteen.
 const CHUNK: usize = 64;
 
-/// One image, channel by channel: each plane copied once into a zero-padded buffer,
-/// its columns split by phase of the horizontal stride (for stride 2, even columns then
-/// odd ones), so that every tap of a run of output pixels reads contiguous inputs and
-/// is one vector multiply-add per sixteen pixels, the run's sums kept in registers over
-/// all taps. Compiled for AVX-512 and AVX2 as well, chosen at run time.
+/// One image, channel by channel: each plane copied once into a zero-padded buffer
+/// split by phase of the strides (for strides of 2, four planes: even rows' even
+/// columns, even rows' odd columns, ...), so that for every tap the inputs of all the
+/// outputs, read row after row, are one contiguous line at a fixed offset. The outputs
+/// are then computed as one line too, of whole phase rows (the few columns past the
+/// output's width computed and dropped), sixty-four at a time with the sums in
+/// registers over all taps, so that a plane of 7×7 outputs is five vectors and not
+/// seven vectors under half full. Compiled for AVX-512 and AVX2 as well, chosen at run
+/// time.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
 fn image(
     op: &DepthwiseConv,
@@ -89,153 +93,113 @@ fn image(
     // Padded extent: enough for every tap of every output.
     let ph = ((oh - 1) * sh + (kh - 1) * dh + 1).max(pt + h);
     let pw = ((ow - 1) * sw + (kw - 1) * dw + 1).max(pl + w);
-    let phase = pw.div_ceil(sw);
-    // Where each column of taps starts in a padded row.
-    let columns = (0..kw).map(|kx| (kx * dw % sw) * phase + kx * dw / sw).collect();
-    let geometry = Plane {
-        row: sw * phase,
-        columns,
-        kernel: op.kernel,
-        strides: op.strides,
-        dilations: [dh, dw],
-    };
+    // A phase plane: the padded rows r, r + sh, ... by the columns c, c + sw, ...
+    let row = pw.div_ceil(sw);
+    let plane = ph.div_ceil(sh) * row;
+    // Where each tap's line starts: the phase plane, row and column of the tap's input
+    // for the first output.
+    let taps: Vec<usize> = (0..kh)
+        .flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)))
+        .map(|(dy, dx)| ((dy % sh) * sw + dx % sw) * plane + (dy / sh) * row + dx / sw)
+        .collect();
+    // The outputs as one line of whole phase rows.
+    let line = oh * row;
     // The border stays zero; each channel rewrites the interior. The slack at the end
-    // lets the last run read whole vectors (the surplus outputs are dropped).
-    let mut phased = vec![0.0f32; ph * geometry.row + CHUNK];
-    for (c, (plane, out)) in x.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)).enumerate() {
-        for (y, src) in plane.chunks_exact(w).enumerate() {
-            let dst = &mut phased[(y + pt) * geometry.row..][..geometry.row];
+    // lets the last vectors read past the last row (their surplus outputs are dropped).
+    let mut phased = vec![0.0f32; sh * sw * plane + row + CHUNK];
+    let mut sums = vec![0.0f32; line.next_multiple_of(CHUNK)];
+    for (c, (src_plane, out)) in
+        x.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)).enumerate()
+    {
+        for (y, src) in src_plane.chunks_exact(w).enumerate() {
+            let (py, px) = (y + pt, pl);
+            let start = (py % sh) * sw * plane + (py / sh) * row;
             if sw == 1 {
-                copy(src, &mut dst[pl..pl + w]);
+                copy(src, &mut phased[start + px..][..w]);
             } else if sw == 2 {
-                // Even padded columns, then odd ones, pair by pair.
-                let first = (pl % 2) * phase + pl / 2;
-                let second = ((pl + 1) % 2) * phase + pl.div_ceil(2);
+                // Even padded columns into the first column phase, odd ones into the
+                // second, pair by pair.
+                let even = start + (px % 2) * plane + px / 2;
+                let odd = start + ((px + 1) % 2) * plane + px.div_ceil(2);
                 let pairs = src.chunks_exact(2);
                 if let &[last] = pairs.remainder() {
-                    dst[first + w / 2] = last;
+                    phased[even + w / 2] = last;
                 }
-                for (i, pair) in pairs.enumerate() {
-                    dst[first + i] = pair[0];
-                    dst[second + i] = pair[1];
+                let (evens, odds) = if even < odd {
+                    let (a, b) = phased.split_at_mut(odd);
+                    (&mut a[even..even + w / 2], &mut b[..w / 2])
+                } else {
+                    let (a, b) = phased.split_at_mut(even);
+                    (&mut b[..w / 2], &mut a[odd..odd + w / 2])
+                };
+                for ((e, o), pair) in evens.iter_mut().zip(odds.iter_mut()).zip(pairs) {
+                    *e = pair[0];
+                    *o = pair[1];
                 }
             } else {
-                // Phase q holds the padded columns q, q + sw, q + 2·sw, ...
+                // Column phase q holds the padded columns q, q + sw, q + 2·sw, ...
                 for q in 0..sw {
-                    let first = pl + (q + sw - pl % sw) % sw;
-                    if first >= pl + w {
+                    let first = px + (q + sw - px % sw) % sw;
+                    if first >= px + w {
                         continue;
                     }
-                    let to = &mut dst[q * phase + first / sw..];
-                    for (d, &v) in to.iter_mut().zip(src[first - pl..].iter().step_by(sw)) {
+                    let to = &mut phased[start + q * plane + first / sw..];
+                    for (d, &v) in to.iter_mut().zip(src[first - px..].iter().step_by(sw)) {
                         *d = v;
                     }
                 }
             }
         }
-        let weights = &op.weights[c * kh * kw..][..kh * kw];
-        let bias = op.bias.get(c).copied().unwrap_or(0.0);
-        for c0 in (0..ow).step_by(CHUNK) {
-            let len = CHUNK.min(ow - c0);
-            let run = Run { weights, bias, c0, len, ow, activation: op.activation };
-            // Several output rows at once: their sums are independent chains of
-            // multiply-adds, which the CPU overlaps.
-            match len.div_ceil(16) {
-                1 => geometry.rows::<1, 8>(&phased, &run, out),
-                2 => geometry.rows::<2, 4>(&phased, &run, out),
-                3 => geometry.rows::<3, 2>(&phased, &run, out),
-                _ => geometry.rows::<4, 2>(&phased, &run, out),
-            }
+        let run = Run {
+            phased: &phased,
+            taps: &taps,
+            weights: &op.weights[c * kh * kw..][..kh * kw],
+            bias: op.bias.get(c).copied().unwrap_or(0.0),
+            activation: op.activation,
+        };
+        let whole = line - line % CHUNK;
+        for (q0, chunk) in (0..whole).step_by(CHUNK).zip(sums.chunks_exact_mut(CHUNK)) {
+            run.vectors::<{ CHUNK / 16 }>(q0, chunk);
+        }
+        let rest = &mut sums[whole..];
+        match (line - whole).div_ceil(16) {
+            0 => {}
+            1 => run.vectors::<1>(whole, rest),
+            2 => run.vectors::<2>(whole, rest),
+            3 => run.vectors::<3>(whole, rest),
+            _ => run.vectors::<{ CHUNK / 16 }>(whole, rest),
+        }
+        for (dst, src) in out.chunks_exact_mut(ow).zip(sums.chunks(row)) {
+            copy(&src[..ow], dst);
         }
     }
 }
 
-/// A channel's padded, phase-split plane.
-struct Plane {
-    /// Floats per padded row (all phases).
-    row: usize,
-    /// Per column of taps, its offset in a padded row.
-    columns: Vec<usize>,
-    kernel: [usize; 2],
-    strides: [usize; 2],
-    dilations: [usize; 2],
-}
-
-/// A run of output pixels: `len` of every row from column `c0`.
+/// One channel's padded phase planes and what to compute from them.
 struct Run<'a> {
+    phased: &'a [f32],
+    /// Per tap, where its line starts in `phased`.
+    taps: &'a [usize],
     weights: &'a [f32],
     bias: f32,
-    c0: usize,
-    len: usize,
-    /// Pixels per output row.
-    ow: usize,
     activation: Activation,
 }
 
-impl Plane {
-    /// The run in every output row of a channel's plane `out`, `R` rows at a time, the
-    /// rows left over fewer at a time.
+impl Run<'_> {
+    /// `N` vectors of outputs from `q0` of the line, activated, into `to`.
     #[inline(always)]
-    fn rows<const N: usize, const R: usize>(&self, phased: &[f32], run: &Run<'_>, out: &mut [f32]) {
-        let mut oy = self.blocks::<N, R>(phased, run, out, 0);
-        oy = self.blocks::<N, 4>(phased, run, out, oy);
-        oy = self.blocks::<N, 2>(phased, run, out, oy);
-        self.blocks::<N, 1>(phased, run, out, oy);
-    }
-
-    /// As many blocks of `R` rows as fit from `oy`; returns the next row.
-    #[inline(always)]
-    fn blocks<const N: usize, const R: usize>(
-        &self,
-        phased: &[f32],
-        run: &Run<'_>,
-        out: &mut [f32],
-        mut oy: usize,
-    ) -> usize {
-        let oh = out.len() / run.ow;
-        while oh - oy >= R {
-            let acc = self.taps::<N, R>(phased, run, oy);
-            for (r, a) in acc.into_iter().enumerate() {
-                store(a, run, &mut out[(oy + r) * run.ow..]);
-            }
-            oy += R;
-        }
-        oy
-    }
-
-    /// The sums of `N` vectors of outputs in `R` rows from `oy`, over every tap.
-    #[inline(always)]
-    fn taps<const N: usize, const R: usize>(
-        &self,
-        phased: &[f32],
-        run: &Run<'_>,
-        oy: usize,
-    ) -> [[V; N]; R] {
-        let [kh, kw] = self.kernel;
-        let sh = self.strides[0];
-        let dh = self.dilations[0];
-        let mut acc = [[[run.bias; 16]; N]; R];
-        for ky in 0..kh {
-            for (&column, &wt) in self.columns.iter().zip(&run.weights[ky * kw..][..kw]) {
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let row = ((oy + r) * sh + ky * dh) * self.row + run.c0 + column;
-                    let xs = &phased[row..][..N * 16];
-                    for (a, x) in acc.iter_mut().zip(xs.chunks_exact(16)) {
-                        *a = fma(*a, wt, x.try_into().expect("sixteen floats"));
-                    }
-                }
+    fn vectors<const N: usize>(&self, q0: usize, to: &mut [f32]) {
+        let mut acc = [[self.bias; 16]; N];
+        for (&tap, &wt) in self.taps.iter().zip(self.weights) {
+            let xs = &self.phased[tap + q0..][..N * 16];
+            for (a, x) in acc.iter_mut().zip(xs.chunks_exact(16)) {
+                *a = fma(*a, wt, x.try_into().expect("sixteen floats"));
             }
         }
-        acc
+        let acc = acc.as_flattened_mut();
+        self.activation.apply(acc);
+        copy(acc, to);
     }
-}
-
-/// The run's outputs of one row, activated, into `row`.
-#[inline(always)]
-fn store<const N: usize>(mut acc: [V; N], run: &Run<'_>, row: &mut [f32]) {
-    let acc = &mut acc.as_flattened_mut()[..run.len];
-    run.activation.apply(acc);
-    copy(acc, &mut row[run.c0..run.c0 + run.len]);
 }
 
 /// `to.copy_from_slice(from)` in vectors of sixteen: rows here are short, and the
@@ -397,6 +361,9 @@ mod tests {
         // padding before the stride-split columns; an activation or none.
         for ((h, w), activation) in [
             ((7, 9), Activation::Identity),
+            ((7, 7), Activation::Relu),
+            ((14, 14), Activation::HardSigmoid { alpha: 0.2, beta: 0.5 }),
+            ((1, 1), Activation::Identity),
             ((9, 70), Activation::Identity),
             ((10, 135), Activation::Clip { lo: -2.0, hi: 3.0 }),
         ] {

@@ -21,6 +21,7 @@ use tract_onnx::pb::{AttributeProto, GraphProto, NodeProto, TensorProto};
 
 use super::Taken;
 use super::activation::{self, Activation};
+use crate::Native;
 
 /// ONNX's `TensorProto.DataType.FLOAT`.
 const FLOAT: i32 = 1;
@@ -28,7 +29,15 @@ const FLOAT: i32 = 1;
 /// Folds what follows the convolutions of `graph` (not of its subgraphs) into them.
 /// Returns how many nodes were absorbed.
 pub fn fold_convolutions(graph: &mut GraphProto) -> usize {
+    fold_convolutions_for(graph, Native::ALL)
+}
+
+/// [`fold_convolutions`] for a registration made with `native`: without native
+/// convolutions, only the affine steps are folded (tract's convolution has no fused
+/// activation).
+pub fn fold_convolutions_for(graph: &mut GraphProto, native: Native) -> usize {
     let mut view = View::new(graph);
+    view.fuse_activations = native.conv;
     let mut removed = vec![false; graph.node.len()];
     let mut rewrites = Vec::new();
     for i in 0..graph.node.len() {
@@ -158,6 +167,8 @@ struct View {
     consumers: HashMap<String, Vec<usize>>,
     /// Graph outputs and names read inside subgraphs: never absorbed.
     kept: HashSet<String>,
+    /// Whether activations go into the convolutions this crate runs.
+    fuse_activations: bool,
 }
 
 impl View {
@@ -182,7 +193,7 @@ impl View {
                 }
             }
         }
-        Self { initializers, constant_nodes, consumers, kept }
+        Self { initializers, constant_nodes, consumers, kept, fuse_activations: true }
     }
 
     /// A float constant's dimensions and values.
@@ -259,7 +270,8 @@ impl View {
             absorbed = true;
         }
         let mut activation = Activation::Identity;
-        if Taken::of(node, &dims).is_some()
+        if self.fuse_activations
+            && Taken::of(node, &dims).is_some()
             && let Some((act, out, nodes)) = self.activation(graph, &output, removed)
         {
             activation = act;

@@ -106,13 +106,21 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
             row[width..].fill(0.0);
         }
         for (block, (weights, bias)) in op.packed.chunks_exact(ci).zip(&op.bias).enumerate() {
-            let mut acc = tile_product(weights, &tile, bias);
+            let acc = tile_product(weights, &tile, bias);
             let rows = ROWS.min(op.outputs - block * ROWS);
-            for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                let a = a.as_flattened_mut();
-                op.activation.apply(a);
+            for r in 0..rows {
+                // A copy of the row: the tile itself is only ever indexed by constants,
+                // so that it stays in registers through the product (indexed by `r`
+                // and `width`, it lived on the stack, stored after every multiply-add).
+                let mut line = [0.0f32; PIXELS];
+                for (r2, a) in acc.iter().enumerate() {
+                    if r2 == r {
+                        line = *a.as_flattened().first_chunk().expect("a tile row");
+                    }
+                }
+                op.activation.apply(&mut line);
                 let co = block * ROWS + r;
-                out[co * pixels + p0..][..width].copy_from_slice(&a[..width]);
+                out[co * pixels + p0..][..width].copy_from_slice(&line[..width]);
             }
         }
     }
