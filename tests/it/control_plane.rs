@@ -498,6 +498,24 @@ async fn bundles_signed_by_a_retired_key_install_again_once_re_signed() {
     })
     .await;
     let held = std::fs::read(before.dir.join("bundles").join(MODEL).join("1.sealed")).unwrap();
+    // Another bundle, signed by the same key, that expires in three seconds: it cannot be
+    // re-signed then, and does not stop the others from being.
+    let short = work.path().join("short-1.falaj");
+    let built = std::time::SystemTime::now();
+    let options = falaj_control::bundle::BuildOptions {
+        keys: control.dir.join("keys"),
+        model: fleet::sample_model(work.path()),
+        name: "short".into(),
+        version: 1,
+        reference: None,
+        runtime: falaj_common::bundle::RuntimeHint::Auto,
+        lifetime: Duration::from_secs(3),
+        out: short.clone(),
+        features: None,
+        shapes: std::collections::BTreeMap::new(),
+    };
+    falaj_control::bundle::build(&options, built).unwrap();
+    control.client.push_bundle(&short).await.unwrap();
 
     let new_signer = RotateOptions { signing_keys: Some(1), ..RotateOptions::default() };
     assert_eq!(rotate_live(&control, &new_signer).await, 2);
@@ -519,10 +537,19 @@ async fn bundles_signed_by_a_retired_key_install_again_once_re_signed() {
         args.extend(["--data-dir".into(), control.dir.display().to_string()]);
         args
     };
+    let expired = built + Duration::from_secs(4);
+    eventually(Duration::from_secs(30), "the short bundle expires", || async {
+        std::time::SystemTime::now() > expired
+    })
+    .await;
     let out = support::falaj_async(cli(&["--all"])).await;
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(stdout.starts_with(&format!("{MODEL}@1: re-signed by ")), "{stdout}");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines[0].starts_with(&format!("{MODEL}@1: re-signed by ")), "{stdout}");
+    assert!(lines[1].starts_with("short@1: not re-signed: ") && lines[1].contains("expired"));
+    let one = support::falaj_async(cli(&["short@1"])).await;
+    assert!(!one.status.success(), "asked for by name, it is refused");
     let again = support::falaj_async(cli(&[&format!("{MODEL}@1")])).await;
     let again = String::from_utf8_lossy(&again.stdout).into_owned();
     assert!(again.starts_with(&format!("{MODEL}@1: already signed by ")), "{again}");

@@ -120,8 +120,13 @@ pub fn render_bundles(bundles: &[BundleView]) -> String {
 pub fn render_re_signed(views: &[ReSignedView]) -> String {
     let mut out = String::new();
     for v in views {
+        let bundle = printable(&v.bundle);
+        if let Some(reason) = &v.refused {
+            let _ = writeln!(out, "{bundle}: not re-signed: {}", printable(reason));
+            continue;
+        }
         let what = if v.re_signed { "re-signed by" } else { "already signed by" };
-        let _ = writeln!(out, "{}: {what} {}", printable(&v.bundle), v.signed_by.join(", "));
+        let _ = writeln!(out, "{bundle}: {what} {}", v.signed_by.join(", "));
     }
     out
 }

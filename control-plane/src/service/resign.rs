@@ -36,6 +36,10 @@ pub struct ReSignedView {
     pub re_signed: bool,
     /// The keys that sign it now (their ids' first 12 digits).
     pub signed_by: Vec<String>,
+    /// Why it was not re-signed (it no longer verifies otherwise: expired, say), when every
+    /// bundle was asked for; one bundle asked for by name is refused as an error instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refused: Option<String>,
 }
 
 /// The body of `POST /v1/bundles/re-sign`: one bundle, or every one.
@@ -74,9 +78,27 @@ pub(crate) async fn re_sign(
     for row in rows {
         let (state, dir) = (Arc::clone(shared), staging.to_owned());
         let keyring = shared.keyring();
-        let (view, update) = tokio::task::spawn_blocking(move || one(&state, &keyring, row, &dir))
+        let label = format!("{}@{}", row.name, row.version);
+        let done = tokio::task::spawn_blocking(move || one(&state, &keyring, row, &dir))
             .await
-            .map_err(ServiceError::internal)??;
+            .map_err(ServiceError::internal)?;
+        let (view, update) = match done {
+            // Every bundle asked for: one that cannot be re-signed does not stop the others.
+            Err(ServiceError::Refused(reason)) if wanted.is_none() => {
+                tracing::warn!(bundle = %label, %reason, "not re-signed");
+                let refused = Some(reason);
+                (
+                    ReSignedView {
+                        bundle: label,
+                        re_signed: false,
+                        signed_by: Vec::new(),
+                        refused,
+                    },
+                    None,
+                )
+            }
+            done => done?,
+        };
         // Recorded here, not on the blocking pool: the audit entry names the caller.
         if let Some((old, new, details)) = update {
             let (at, target) = (Timestamp::from_system(SystemTime::now()), view.bundle.clone());
@@ -130,7 +152,10 @@ fn one(
         .map_err(|e| ServiceError::internal(format!("{label}'s stored signatures: {e}")))?;
     if keyring.trust.check_signing(Context::BundleManifest, manifest, &old).is_ok() {
         let signed_by = old.iter().map(short).collect();
-        return Ok((ReSignedView { bundle: label, re_signed: false, signed_by }, None));
+        return Ok((
+            ReSignedView { bundle: label, re_signed: false, signed_by, refused: None },
+            None,
+        ));
     }
     let signatures: Vec<SignatureEntry> = keyring
         .signers
@@ -184,7 +209,10 @@ fn one(
         "bundle_sha256": new.bundle_sha256.to_string(),
     });
     let signed_by = signatures.iter().map(short).collect();
-    Ok((ReSignedView { bundle: label, re_signed: true, signed_by }, Some((row, new, details))))
+    Ok((
+        ReSignedView { bundle: label, re_signed: true, signed_by, refused: None },
+        Some((row, new, details)),
+    ))
 }
 
 fn get(blobs: &dyn BlobStore, sha256: &Sha256, label: &str) -> ServiceResult<bytes::Bytes> {
