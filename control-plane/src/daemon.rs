@@ -178,6 +178,13 @@ fn open_keys(
             trust.region()
         )));
     }
+    warn_of_root_keys_here(keys_dir, &trust)?;
+    Ok(trust)
+}
+
+/// Warns while root keys of `trust` lie in `keys_dir` (at start and after each rotation
+/// taken): whoever takes the host could then replace the trust root.
+fn warn_of_root_keys_here(keys_dir: &Path, trust: &TrustRoot) -> Result<(), KeysError> {
     if keys::private_key_ids(keys_dir)?
         .iter()
         .any(|short| trust.metadata().roles.root.keyids.iter().any(|id| id.short() == *short))
@@ -189,7 +196,7 @@ fn open_keys(
              --root-keys-dir`)"
         );
     }
-    Ok(trust)
+    Ok(())
 }
 
 /// The admin token in `data_dir`, created (random, 0600) if missing.
@@ -456,7 +463,11 @@ async fn reload_on_hangup(shared: Arc<Shared>, tls: Option<Arc<ReloadableTls>>) 
         let Ok(mut hangups) = signal(SignalKind::hangup()) else { return };
         while hangups.recv().await.is_some() {
             match shared.reload_keys(SystemTime::now()).await {
-                Ok(Some(version)) => tracing::info!(version, "took trust root version {version}"),
+                Ok(Some(version)) => {
+                    tracing::info!(version, "took trust root version {version}");
+                    let keyring = shared.keyring();
+                    let _ = warn_of_root_keys_here(shared.vault().dir(), &keyring.trust);
+                }
                 Ok(None) => tracing::info!(
                     version = shared.keyring().trust.version(),
                     "SIGHUP: the trust root in force is the newest"

@@ -289,6 +289,11 @@ impl Shared {
         self.keyring.load_full()
     }
 
+    /// The keys directory, opened at start.
+    pub fn vault(&self) -> &Vault {
+        &self.vault
+    }
+
     /// Takes a rotation made in the keys directory while running: if its trust root is
     /// newer and follows the one in force, it and its signing keys replace them, every
     /// connected agent is sent the chain, and documents signed under keys the new root no

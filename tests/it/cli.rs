@@ -382,6 +382,10 @@ fn a_running_control_plane_takes_a_rotation_on_sighup() {
     hangup(control.pid());
     control.wait_for("took trust root version 2");
     assert_eq!(metric(&url, "falaj_trust_root_version"), "2");
+    // The root keys are still on this host: said at start, and again after the rotation.
+    control.wait_for("root keys are on the control plane's host");
+    let said = control.seen.iter().filter(|l| l.contains("root keys are on the control plane's"));
+    assert_eq!(said.count(), 2, "{:?}", control.seen);
 
     std::fs::copy(keys.join("root.1.json"), keys.join("root.json")).unwrap();
     hangup(control.pid());
