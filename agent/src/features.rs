@@ -30,6 +30,9 @@ pub struct ViewEntry {
     pub manifest_sha256: Sha256,
     /// The table, or why it could not be loaded.
     pub state: SnapshotState,
+    /// Whether its file did not open (damaged or tampered with on disk): read again at
+    /// every reload, and fetched again at the next sync when the control plane manages it.
+    pub unreadable: bool,
 }
 
 /// Whether a snapshot is served.
@@ -44,13 +47,19 @@ pub enum SnapshotState {
 /// Reads an installed snapshot bundle (checking it again against its hashes) and loads its
 /// table. Blocking.
 pub fn load(store: &Store, installed: &Installed) -> Result<OnlineTable, String> {
+    load_telling(store, installed).map_err(|(reason, _)| reason)
+}
+
+/// [`load`], its error telling whether the file did not open (`true`: damaged or tampered
+/// with on disk) rather than the table failing to load.
+pub fn load_telling(store: &Store, installed: &Installed) -> Result<OnlineTable, (String, bool)> {
     let spec = installed
         .manifest
         .snapshot()
-        .ok_or_else(|| "not a feature snapshot bundle".to_owned())?
+        .ok_or_else(|| ("not a feature snapshot bundle".to_owned(), false))?
         .clone();
-    let payload = store.read_content(installed).map_err(|e| e.to_string())?;
-    OnlineTable::load(spec, &payload).map_err(|e| e.to_string())
+    let payload = store.read_content(installed).map_err(|e| (e.to_string(), true))?;
+    OnlineTable::load(spec, &payload).map_err(|e| (e.to_string(), false))
 }
 
 /// Why a lookup or an assembly was refused. Each variant is the client's doing or the

@@ -133,20 +133,24 @@ impl Catalog {
             && self.features.values().all(|v| matches!(v.state, SnapshotState::Ready(_)))
     }
 
-    /// The model versions whose files did not open (damaged or tampered with on disk),
-    /// with why.
+    /// The model versions and active snapshots whose files did not open (damaged or
+    /// tampered with on disk), with why.
     pub fn unreadable(&self) -> Vec<(String, u64, String)> {
-        self.models
-            .iter()
-            .flat_map(|(name, entry)| {
-                entry.versions.iter().filter_map(move |(version, state)| match state {
-                    VersionState::Failed { unreadable: true, reason, .. } => {
-                        Some((name.clone(), *version, reason.clone()))
-                    }
-                    _ => None,
-                })
+        let models = self.models.iter().flat_map(|(name, entry)| {
+            entry.versions.iter().filter_map(move |(version, state)| match state {
+                VersionState::Failed { unreadable: true, reason, .. } => {
+                    Some((name.clone(), *version, reason.clone()))
+                }
+                _ => None,
             })
-            .collect()
+        });
+        let snapshots = self.features.iter().filter_map(|(name, entry)| match &entry.state {
+            SnapshotState::Failed(reason) if entry.unreadable => {
+                Some((name.clone(), entry.version, reason.clone()))
+            }
+            _ => None,
+        });
+        models.chain(snapshots).collect()
     }
 
     /// Every installed version (models, and active snapshots) that failed to load, as
@@ -399,8 +403,8 @@ fn live_rollouts(
         .collect())
 }
 
-/// The entry of an active snapshot: the table already loaded when the bundle is the same
-/// (by manifest hash), else loaded now.
+/// The entry of an active snapshot: the table already loaded (or refused) when the bundle
+/// is the same (by manifest hash) and its file opened, else loaded now.
 fn load_snapshot(
     store: &Store,
     installed: &Installed,
@@ -410,12 +414,13 @@ fn load_snapshot(
     let (name, version) = (&installed.manifest.name, installed.manifest.version);
     let manifest_sha256 = installed.manifest_sha256;
     if let Some(previous) =
-        current.features.get(name).filter(|p| p.manifest_sha256 == manifest_sha256)
+        current.features.get(name).filter(|p| p.manifest_sha256 == manifest_sha256 && !p.unreadable)
     {
         return previous.clone();
     }
     let started = Instant::now();
-    let state = match features::load(store, installed) {
+    let mut unreadable = false;
+    let state = match features::load_telling(store, installed) {
         Ok(table) => {
             tracing::info!(
                 view = %name,
@@ -427,13 +432,14 @@ fn load_snapshot(
             summary.loaded.push((name.clone(), version));
             SnapshotState::Ready(Arc::new(table))
         }
-        Err(reason) => {
+        Err((reason, did_not_open)) => {
             tracing::error!(view = %name, version, error = %reason, "feature snapshot failed to load");
             summary.failed.push((name.clone(), version));
+            unreadable = did_not_open;
             SnapshotState::Failed(reason)
         }
     };
-    ViewEntry { version, manifest_sha256, state }
+    ViewEntry { version, manifest_sha256, state, unreadable }
 }
 
 #[cfg(test)]

@@ -693,3 +693,33 @@ fn fine_tuning_data_by_entity_id_is_joined_to_the_snapshot() {
     }
     assert_eq!(store.installed().unwrap().len(), 4, "two models, a snapshot, no more");
 }
+
+/// A snapshot file tampered with on disk is refused at load by its GCM tags, reported as
+/// unreadable (so a managed one is fetched again at the next sync, as a model is), read
+/// again at the next reload rather than kept refused, and its lookups are refused.
+#[tokio::test]
+async fn a_tampered_snapshot_is_refused_and_marked_unreadable() {
+    let site = Site::new();
+    install(&site, &pumps_bundle(&site, 1, 2, &pump_rows()));
+    let store = site.store();
+    let path = store.installed().unwrap()[0].path.clone();
+    drop(store);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&path, bytes).unwrap();
+
+    let server = serve(&site, test_config()).await;
+    server
+        .reloaded("the snapshot marked unreadable", |c| {
+            c.unreadable().iter().any(|(name, version, reason)| {
+                name == "pumps" && *version == 1 && reason.contains("failed authentication")
+            })
+        })
+        .await;
+    let client = reqwest::Client::new();
+    let refused = get(&client, &server.url("/v1/features/pumps/pump-001")).await;
+    assert_ne!(refused.0, 200, "{}", refused.1);
+    assert!(refused.1.to_string().contains("failed authentication"), "{}", refused.1);
+    server.stop().await;
+}
