@@ -37,32 +37,22 @@ pub enum Pads {
 }
 
 impl DepthwiseConv {
-    /// Output size and leading padding of one spatial axis.
-    fn axis(&self, axis: usize, input: usize) -> (usize, usize) {
-        let span = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
-        let stride = self.strides[axis];
-        match self.pads {
-            Pads::Explicit(p) => {
-                let total = input + p[axis] + p[axis + 2];
-                (if total >= span { (total - span) / stride + 1 } else { 0 }, p[axis])
-            }
-            Pads::Same { upper } => {
-                let out = input.div_ceil(stride);
-                let total = ((out - 1) * stride + span).saturating_sub(input);
-                (out, if upper { total / 2 } else { total.div_ceil(2) })
-            }
+    fn geometry(&self) -> Geometry {
+        Geometry {
+            channels: self.channels,
+            kernel: self.kernel,
+            strides: self.strides,
+            dilations: self.dilations,
+            pads: self.pads,
         }
     }
 
+    fn axis(&self, axis: usize, input: usize) -> (usize, usize) {
+        self.geometry().axis(axis, input)
+    }
+
     fn axis_dim(&self, axis: usize, input: &TDim) -> TDim {
-        let span = (self.dilations[axis] * (self.kernel[axis] - 1) + 1) as i64;
-        let stride = self.strides[axis] as u64;
-        match self.pads {
-            Pads::Explicit(p) => {
-                (input.clone() + (p[axis] + p[axis + 2]) as i64 - span) / stride + 1
-            }
-            Pads::Same { .. } => input.clone().divceil(stride as usize),
-        }
+        self.geometry().axis_dim(axis, input)
     }
 }
 
@@ -86,73 +76,22 @@ fn image(
     out: &mut [f32],
     (oh, ow): (usize, usize),
 ) {
-    let ((_, pt), (_, pl)) = (op.axis(0, h), op.axis(1, w));
+    let phases = op.geometry().phases((h, w), (oh, ow));
+    let (row, taps) = (phases.row, &phases.taps);
     let [kh, kw] = op.kernel;
-    let [sh, sw] = op.strides;
-    let [dh, dw] = op.dilations;
-    // Padded extent: enough for every tap of every output.
-    let ph = ((oh - 1) * sh + (kh - 1) * dh + 1).max(pt + h);
-    let pw = ((ow - 1) * sw + (kw - 1) * dw + 1).max(pl + w);
-    // A phase plane: the padded rows r, r + sh, ... by the columns c, c + sw, ...
-    let row = pw.div_ceil(sw);
-    let plane = ph.div_ceil(sh) * row;
-    // Where each tap's line starts: the phase plane, row and column of the tap's input
-    // for the first output.
-    let taps: Vec<usize> = (0..kh)
-        .flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)))
-        .map(|(dy, dx)| ((dy % sh) * sw + dx % sw) * plane + (dy / sh) * row + dx / sw)
-        .collect();
     // The outputs as one line of whole phase rows.
     let line = oh * row;
     // The border stays zero; each channel rewrites the interior. The slack at the end
     // lets the last vectors read past the last row (their surplus outputs are dropped).
-    let mut phased = vec![0.0f32; sh * sw * plane + row + CHUNK];
+    let mut phased = vec![0.0f32; phases.channel() + row + CHUNK];
     let mut sums = vec![0.0f32; line.next_multiple_of(CHUNK)];
     for (c, (src_plane, out)) in
         x.chunks_exact(h * w).zip(out.chunks_exact_mut(oh * ow)).enumerate()
     {
-        for (y, src) in src_plane.chunks_exact(w).enumerate() {
-            let (py, px) = (y + pt, pl);
-            let start = (py % sh) * sw * plane + (py / sh) * row;
-            if sw == 1 {
-                copy(src, &mut phased[start + px..][..w]);
-            } else if sw == 2 {
-                // Even padded columns into the first column phase, odd ones into the
-                // second, pair by pair.
-                let even = start + (px % 2) * plane + px / 2;
-                let odd = start + ((px + 1) % 2) * plane + px.div_ceil(2);
-                let pairs = src.chunks_exact(2);
-                if let &[last] = pairs.remainder() {
-                    phased[even + w / 2] = last;
-                }
-                let (evens, odds) = if even < odd {
-                    let (a, b) = phased.split_at_mut(odd);
-                    (&mut a[even..even + w / 2], &mut b[..w / 2])
-                } else {
-                    let (a, b) = phased.split_at_mut(even);
-                    (&mut b[..w / 2], &mut a[odd..odd + w / 2])
-                };
-                for ((e, o), pair) in evens.iter_mut().zip(odds.iter_mut()).zip(pairs) {
-                    *e = pair[0];
-                    *o = pair[1];
-                }
-            } else {
-                // Column phase q holds the padded columns q, q + sw, q + 2·sw, ...
-                for q in 0..sw {
-                    let first = px + (q + sw - px % sw) % sw;
-                    if first >= px + w {
-                        continue;
-                    }
-                    let to = &mut phased[start + q * plane + first / sw..];
-                    for (d, &v) in to.iter_mut().zip(src[first - px..].iter().step_by(sw)) {
-                        *d = v;
-                    }
-                }
-            }
-        }
+        phases.fill(src_plane, &mut phased);
         let run = Run {
             phased: &phased,
-            taps: &taps,
+            taps,
             weights: &op.weights[c * kh * kw..][..kh * kw],
             bias: op.bias.get(c).copied().unwrap_or(0.0),
             activation: op.activation,
@@ -205,7 +144,7 @@ impl Run<'_> {
 /// `to.copy_from_slice(from)` in vectors of sixteen: rows here are short, and the
 /// library's copy is a call whose cost was a sixth of a small plane's time.
 #[inline(always)]
-fn copy(from: &[f32], to: &mut [f32]) {
+pub(crate) fn copy(from: &[f32], to: &mut [f32]) {
     let mut to = to.chunks_exact_mut(16);
     let mut from = from.chunks_exact(16);
     for (t, f) in to.by_ref().zip(from.by_ref()) {
@@ -293,6 +232,16 @@ impl Geometry {
         if group != channels || one != 1 || group < 2 {
             return None;
         }
+        Self::read(node, channels, [kh, kw])
+    }
+
+    /// The strides, dilations and padding of a 2-D `Conv` node, for `channels` and a
+    /// kernel of `kernel`.
+    pub(crate) fn read(
+        node: &tract_onnx::pb::NodeProto,
+        channels: usize,
+        kernel: [usize; 2],
+    ) -> Option<Self> {
         let pair = |name: &str| -> Option<[usize; 2]> {
             match node.get_attr_opt_vec::<usize>(name).ok()? {
                 None => Some([1, 1]),
@@ -311,13 +260,137 @@ impl Geometry {
             "SAME_LOWER" => Pads::Same { upper: false },
             _ => return None,
         };
+        if kernel.contains(&0) {
+            return None;
+        }
         Some(Self {
             channels,
-            kernel: [kh, kw],
+            kernel,
             strides: pair("strides")?,
             dilations: pair("dilations")?,
             pads,
         })
+    }
+
+    /// Output size and leading padding of one spatial axis.
+    pub(crate) fn axis(&self, axis: usize, input: usize) -> (usize, usize) {
+        let span = self.dilations[axis] * (self.kernel[axis] - 1) + 1;
+        let stride = self.strides[axis];
+        match self.pads {
+            Pads::Explicit(p) => {
+                let total = input + p[axis] + p[axis + 2];
+                (if total >= span { (total - span) / stride + 1 } else { 0 }, p[axis])
+            }
+            Pads::Same { upper } => {
+                let out = input.div_ceil(stride);
+                let total = ((out - 1) * stride + span).saturating_sub(input);
+                (out, if upper { total / 2 } else { total.div_ceil(2) })
+            }
+        }
+    }
+
+    /// Output size of one spatial axis, for a symbolic input size.
+    pub(crate) fn axis_dim(&self, axis: usize, input: &TDim) -> TDim {
+        let span = (self.dilations[axis] * (self.kernel[axis] - 1) + 1) as i64;
+        let stride = self.strides[axis] as u64;
+        match self.pads {
+            Pads::Explicit(p) => {
+                (input.clone() + (p[axis] + p[axis + 2]) as i64 - span) / stride + 1
+            }
+            Pads::Same { .. } => input.clone().divceil(stride as usize),
+        }
+    }
+
+    /// The stride-phase layout of this geometry's padded planes for an input of
+    /// `(h, w)` and an output of `(oh, ow)`.
+    pub(crate) fn phases(&self, (h, w): (usize, usize), (oh, ow): (usize, usize)) -> Phases {
+        let ((_, pt), (_, pl)) = (self.axis(0, h), self.axis(1, w));
+        let [kh, kw] = self.kernel;
+        let [sh, sw] = self.strides;
+        let [dh, dw] = self.dilations;
+        // Padded extent: enough for every tap of every output.
+        let ph = ((oh - 1) * sh + (kh - 1) * dh + 1).max(pt + h);
+        let pw = ((ow - 1) * sw + (kw - 1) * dw + 1).max(pl + w);
+        // A phase plane: the padded rows r, r + sh, ... by the columns c, c + sw, ...
+        let row = pw.div_ceil(sw);
+        let plane = ph.div_ceil(sh) * row;
+        // Where each tap's line starts: the phase plane, row and column of the tap's
+        // input for the first output.
+        let taps = (0..kh)
+            .flat_map(|ky| (0..kw).map(move |kx| (ky * dh, kx * dw)))
+            .map(|(dy, dx)| ((dy % sh) * sw + dx % sw) * plane + (dy / sh) * row + dx / sw)
+            .collect();
+        Phases { pads: [pt, pl], strides: self.strides, row, plane, taps, input: [h, w] }
+    }
+}
+
+/// How a channel's padded input is laid out in stride-phase planes: for every tap, the
+/// inputs of all the outputs, row after row, are one contiguous line at a fixed offset,
+/// `oy · row + ox` past the tap's start (columns past the output width read the next
+/// row's inputs, and are dropped).
+pub(crate) struct Phases {
+    pads: [usize; 2],
+    strides: [usize; 2],
+    input: [usize; 2],
+    /// Floats per row of a phase plane.
+    pub(crate) row: usize,
+    /// Floats per phase plane.
+    pub(crate) plane: usize,
+    /// Per tap (row-major over the kernel), where its line starts.
+    pub(crate) taps: Vec<usize>,
+}
+
+impl Phases {
+    /// Floats of one channel's phase planes.
+    pub(crate) fn channel(&self) -> usize {
+        self.strides[0] * self.strides[1] * self.plane
+    }
+
+    /// Copies the interior of one channel's plane `src` into its phase planes `dst`
+    /// (the border is left as it is: zero once, for every channel).
+    #[inline(always)]
+    pub(crate) fn fill(&self, src: &[f32], dst: &mut [f32]) {
+        let ([pt, pl], [sh, sw], [_, w]) = (self.pads, self.strides, self.input);
+        let (row, plane) = (self.row, self.plane);
+        for (y, src) in src.chunks_exact(w).enumerate() {
+            let (py, px) = (y + pt, pl);
+            let start = (py % sh) * sw * plane + (py / sh) * row;
+            if sw == 1 {
+                copy(src, &mut dst[start + px..][..w]);
+            } else if sw == 2 {
+                // Even padded columns into the first column phase, odd ones into the
+                // second, pair by pair.
+                let even = start + (px % 2) * plane + px / 2;
+                let odd = start + ((px + 1) % 2) * plane + px.div_ceil(2);
+                let pairs = src.chunks_exact(2);
+                if let &[last] = pairs.remainder() {
+                    dst[even + w / 2] = last;
+                }
+                let (evens, odds) = if even < odd {
+                    let (a, b) = dst.split_at_mut(odd);
+                    (&mut a[even..even + w / 2], &mut b[..w / 2])
+                } else {
+                    let (a, b) = dst.split_at_mut(even);
+                    (&mut b[..w / 2], &mut a[odd..odd + w / 2])
+                };
+                for ((e, o), pair) in evens.iter_mut().zip(odds.iter_mut()).zip(pairs) {
+                    *e = pair[0];
+                    *o = pair[1];
+                }
+            } else {
+                // Column phase q holds the padded columns q, q + sw, q + 2·sw, ...
+                for q in 0..sw {
+                    let first = px + (q + sw - px % sw) % sw;
+                    if first >= px + w {
+                        continue;
+                    }
+                    let to = &mut dst[start + q * plane + first / sw..];
+                    for (d, &v) in to.iter_mut().zip(src[first - px..].iter().step_by(sw)) {
+                        *d = v;
+                    }
+                }
+            }
+        }
     }
 }
 

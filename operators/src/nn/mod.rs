@@ -1,9 +1,10 @@
 //! Standard operators where tract's kernels are slow for the vision models of the
 //! corpus, taken over for exactly those cases and left to tract otherwise:
 //!
-//! - convolutions that are depthwise ([`depthwise`]) or pointwise, 1×1 ([`pointwise`]),
-//!   float32, NCHW, with constant weights, each with its bias and the activation that
-//!   follows it fused into its output loop ([`activation`]);
+//! - 2-D convolutions, float32, NCHW, with constant weights: depthwise ([`depthwise`]),
+//!   pointwise, 1×1 ([`pointwise`]), and any other of one group ([`direct`]), each with
+//!   its bias and the activation that follows it fused into its output loop
+//!   ([`activation`]);
 //! - `Softmax` (opset 13) along an axis that is not the last ([`mod@softmax`]);
 //! - `MatMul` by constant 2-D float32 weights, with the bias and activation after it
 //!   ([`dense`]), and `ArgMax`/`ArgMin` ([`argmax`]), for small networks on tabular rows.
@@ -29,12 +30,14 @@ pub mod activation;
 pub mod argmax;
 pub mod dense;
 pub mod depthwise;
+pub mod direct;
 pub mod fold;
 pub mod pointwise;
 pub mod softmax;
 
 use activation::Activation;
 use depthwise::{DepthwiseConv, Geometry};
+use direct::DirectConv;
 use pointwise::PointwiseConv;
 
 /// One 512-bit vector of floats (two 256-bit ones): the unit the kernels of this
@@ -90,10 +93,17 @@ pub(crate) enum Taken {
     Depthwise(Geometry),
     /// 1×1, stride 1, no padding, one group: `[outputs, inputs]`.
     Pointwise(usize, usize),
+    /// Any other 2-D convolution of one group: the output channels and the geometry.
+    Direct(usize, Geometry),
 }
 
 impl Taken {
+    /// Which of this module's convolutions runs `node`, with weights of `dims`.
     pub(crate) fn of(node: &NodeProto, dims: &[usize]) -> Option<Self> {
+        Self::any(node, dims)
+    }
+
+    fn of_simple(node: &NodeProto, dims: &[usize]) -> Option<Self> {
         if let Some(g) = Geometry::of(node, dims) {
             return Some(Self::Depthwise(g));
         }
@@ -113,8 +123,23 @@ impl Taken {
             node.get_attr_opt::<&str>("auto_pad").ok().flatten().unwrap_or("NOTSET"),
             "NOTSET" | "VALID" | "SAME_UPPER" | "SAME_LOWER"
         );
-        (group == 1 && ones("strides") && unpadded && auto_pad_known)
-            .then_some(Self::Pointwise(outputs, inputs))
+        if group == 1 && ones("strides") && unpadded && auto_pad_known {
+            return Some(Self::Pointwise(outputs, inputs));
+        }
+        None
+    }
+
+    /// [`Taken::of`], and for any other 2-D convolution of one group, [`Taken::Direct`].
+    fn any(node: &NodeProto, dims: &[usize]) -> Option<Self> {
+        if let Some(taken) = Self::of_simple(node, dims) {
+            return Some(taken);
+        }
+        let &[outputs, inputs, kh, kw] = dims else { return None };
+        let group: usize = node.get_attr_opt("group").ok().flatten().unwrap_or(1);
+        if group != 1 || outputs == 0 || inputs == 0 {
+            return None;
+        }
+        Some(Self::Direct(outputs, Geometry::read(node, inputs, [kh, kw])?))
     }
 }
 
@@ -129,6 +154,7 @@ pub fn conv(ctx: &ParsingContext, node: &NodeProto) -> Built {
     match ours(ctx, node, activation) {
         Some(Ours::Depthwise(op)) => expand(op, out()),
         Some(Ours::Pointwise(op)) => expand(op, out()),
+        Some(Ours::Direct(op)) => expand(op, out()),
         None if activation == Activation::Identity => delegate(&TRACT_CONV, ctx, node),
         None => node.bail("a fused activation on a convolution this engine does not run itself"),
     }
@@ -137,6 +163,7 @@ pub fn conv(ctx: &ParsingContext, node: &NodeProto) -> Built {
 enum Ours {
     Depthwise(DepthwiseConv),
     Pointwise(PointwiseConv),
+    Direct(DirectConv),
 }
 
 fn ours(ctx: &ParsingContext, node: &NodeProto, activation: Activation) -> Option<Ours> {
@@ -154,6 +181,7 @@ fn ours(ctx: &ParsingContext, node: &NodeProto, activation: Activation) -> Optio
         Taken::Pointwise(o, i) => {
             Ours::Pointwise(PointwiseConv::new(&weights, (o, i), &bias, activation))
         }
+        Taken::Direct(o, g) => Ours::Direct(DirectConv::new(&weights, o, &bias, g, activation)),
     })
 }
 

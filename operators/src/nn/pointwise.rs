@@ -15,9 +15,9 @@ use super::{V, fma};
 use crate::expand::Kernel;
 
 /// Output channels per tile.
-const ROWS: usize = 6;
+pub(super) const ROWS: usize = 6;
 /// Pixels per tile: two 512-bit vectors (four 256-bit ones).
-const PIXELS: usize = 32;
+pub(super) const PIXELS: usize = 32;
 
 /// A 1×1 convolution with its bias and activation.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,7 +86,7 @@ fn few_pixels(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
 }
 
 /// Vectors per tile row.
-const VECS: usize = PIXELS / 16;
+pub(super) const VECS: usize = PIXELS / 16;
 
 /// One image: `x` `[inputs, pixels]` into `out` `[outputs, pixels]`. Compiled for
 /// AVX-512 and AVX2 as well, chosen at run time.
@@ -130,7 +130,7 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
 /// tile in registers (written as loops over floats, it did not).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
-fn tile_product(
+pub(super) fn tile_product(
     weights: &[[f32; ROWS]],
     tile: &[[V; VECS]],
     bias: &[f32; ROWS],
