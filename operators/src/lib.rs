@@ -52,7 +52,7 @@ pub const OPERATORS: &[&str] = &[
 ];
 
 /// The standard (`ai.onnx`) operators this crate registers in place of tract's own:
-/// ArgMax/ArgMin always natively; Conv (depthwise and 1×1), MatMul (by constant 2-D
+/// ArgMax/ArgMin always natively; Conv (2-D float32, one group or depthwise), MatMul (by constant 2-D
 /// weights, with the bias Add and activation after it folded in), Softmax (along the last
 /// axis of short rows, or a middle axis) and Scan (skl2onnx's nearest-neighbour distance
 /// scan) natively where they suit, by tract's builder otherwise.
@@ -63,7 +63,8 @@ pub const NATIVE_STANDARD: &[&str] = &["ArgMax", "ArgMin", "Conv", "MatMul", "Sc
 /// uses [`Native::ALL`]; the others are for comparing against tract's kernels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Native {
-    /// Depthwise and 1×1 convolutions ([`nn::depthwise`], [`nn::pointwise`]).
+    /// 2-D convolutions of one group and depthwise ones ([`nn::direct`],
+    /// [`nn::pointwise`], [`nn::depthwise`]).
     pub conv: bool,
     /// Products by constant 2-D weights ([`nn::dense`]).
     pub matmul: bool,
