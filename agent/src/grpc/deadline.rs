@@ -2,11 +2,8 @@
 //! DEADLINE_EXCEEDED, as Triton (and gRPC's own servers) answer, where tonic's server would
 //! say CANCELLED ("Timeout expired").
 //!
-//! The layer sits inside tonic's own timeout layer, which reads the same header: its timer
-//! starts in `call`, before tonic's (tonic makes its timer after calling the service it
-//! wraps), and tonic polls the service before its timer, so when both fire on the same
-//! tick the call still ends here with DEADLINE_EXCEEDED. Dropping the inner future ends the
-//! call's work (a wait for a request slot, the decoding) as tonic's timeout would.
+//! The wrapper's timer starts in `call`, when the call's headers have arrived. Dropping the
+//! inner future ends the call's work (a wait for a request slot, the decoding).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,27 +13,23 @@ use std::time::Duration;
 use tonic::Status;
 use tonic::codegen::http;
 
-/// Wraps a service in [`Deadline`].
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct DeadlineLayer;
-
-impl<S> tower::Layer<S> for DeadlineLayer {
-    type Service = Deadline<S>;
-
-    fn layer(&self, inner: S) -> Deadline<S> {
-        Deadline { inner }
-    }
-}
-
 /// Ends a call past its `grpc-timeout` with DEADLINE_EXCEEDED.
 #[derive(Debug, Clone)]
 pub(crate) struct Deadline<S> {
     inner: S,
 }
 
+impl<S> Deadline<S> {
+    /// Wraps `inner`.
+    pub(crate) fn new(inner: S) -> Self {
+        Deadline { inner }
+    }
+}
+
 impl<S, B> tower::Service<http::Request<B>> for Deadline<S>
 where
     S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Unpin,
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
@@ -49,25 +42,26 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let timeout = request.headers().get("grpc-timeout").and_then(|v| parse(v.as_bytes()));
         let sleep = timeout.map(|t| (t, Box::pin(tokio::time::sleep(t))));
-        Answer { inner: Box::pin(self.inner.call(request)), sleep }
+        Answer { inner: self.inner.call(request), sleep }
     }
 }
 
-/// The answer of the wrapped service, or DEADLINE_EXCEEDED once the deadline passes.
+/// The answer of the wrapped service, or DEADLINE_EXCEEDED once the deadline passes. The
+/// timer is only allocated for a call that has a deadline.
 pub(crate) struct Answer<F> {
-    inner: Pin<Box<F>>,
+    inner: F,
     sleep: Option<(Duration, Pin<Box<tokio::time::Sleep>>)>,
 }
 
 impl<F, E> Future for Answer<F>
 where
-    F: Future<Output = Result<http::Response<tonic::body::Body>, E>>,
+    F: Future<Output = Result<http::Response<tonic::body::Body>, E>> + Unpin,
 {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        if let ready @ Poll::Ready(_) = this.inner.as_mut().poll(cx) {
+        if let ready @ Poll::Ready(_) = Pin::new(&mut this.inner).poll(cx) {
             return ready;
         }
         if let Some((timeout, sleep)) = &mut this.sleep

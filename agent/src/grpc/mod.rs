@@ -18,6 +18,7 @@
 mod convert;
 mod deadline;
 mod service;
+mod transport;
 
 use std::sync::Arc;
 
@@ -98,49 +99,35 @@ pub(crate) async fn serve(
             state,
         })
         .max_decoding_message_size(limit);
-    let mut stop = down.clone();
-    // Without TCP_NODELAY a response written in two segments waited for the client's
-    // delayed ACK (about 40 ms a call at batch 64, benches/grpc.rs). Fixed flow-control
-    // windows of a few MiB let a large message arrive without a round trip per 64 KiB,
-    // without the adaptive window's BDP pings on every busy connection.
-    let router = tonic::transport::Server::builder()
-        .initial_stream_window_size(Some(STREAM_WINDOW))
-        .initial_connection_window_size(Some(CONNECTION_WINDOW))
-        .layer(tower::util::MapResponseLayer::new(move |response| over_limit(response, limit)))
-        .layer(deadline::DeadlineLayer)
-        .add_service(health)
-        .add_service(inference);
-    let tls_down = down.clone();
-    let served = async {
+    let routes = transport::Routes { inference, health, limit };
+    let stop = down.clone();
+    let served = async move {
         match tls {
-            None => {
-                let incoming =
-                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-                router.serve_with_incoming_shutdown(incoming, wait_down(&mut stop)).await
-            }
+            None => transport::serve(transport::plain_incoming(listener), routes, stop).await,
             Some(tls) => {
-                let incoming = tls_incoming(listener, tls, handshake_limit, tls_down);
-                router.serve_with_incoming_shutdown(incoming, wait_down(&mut stop)).await
+                let incoming = tls_incoming(listener, tls, handshake_limit, stop.clone());
+                transport::serve(incoming, routes, stop).await;
             }
         }
     };
-    let result = tokio::select! {
-        served = served => served.map_err(|e| ServeError::Grpc { addr, message: e.to_string() }),
+    tokio::select! {
+        () = served => {}
         () = async { wait_down(&mut down).await; tokio::time::sleep(grace).await } => {
             tracing::warn!(%addr, ?grace, "gRPC calls still open after the shutdown grace were dropped");
-            Ok(())
         }
-    };
+    }
     health_task.abort();
-    result
+    Ok(())
 }
 
-/// tonic refuses a message over the decoding limit with OUT_OF_RANGE in the trailers; gRPC's
-/// own servers (Triton's among them) say RESOURCE_EXHAUSTED, and REST says 413 with the
-/// message given here.
+/// tonic refuses a message over the decoding limit with OUT_OF_RANGE (in the headers of a
+/// unary call, in the trailers of a stream's); gRPC's own servers (Triton's among them) say
+/// RESOURCE_EXHAUSTED, and REST says 413 with the message given here. The body is only
+/// watched when `trailers` (a stream), as that costs an allocation.
 fn over_limit(
     response: http::Response<tonic::body::Body>,
     limit: usize,
+    trailers: bool,
 ) -> http::Response<tonic::body::Body> {
     use http_body_util::BodyExt as _;
     let rewrite = move |headers: &mut http::HeaderMap| {
@@ -158,6 +145,9 @@ fn over_limit(
     };
     let (mut parts, body) = response.into_parts();
     rewrite(&mut parts.headers);
+    if !trailers {
+        return http::Response::from_parts(parts, body);
+    }
     let body = body.map_frame(move |frame| match frame.into_trailers() {
         Ok(mut trailers) => {
             rewrite(&mut trailers);
@@ -177,9 +167,8 @@ fn tls_incoming(
     tls: Arc<ReloadableTls>,
     limit: std::time::Duration,
     mut down: watch::Receiver<bool>,
-) -> tokio_stream::wrappers::ReceiverStream<
-    Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, std::io::Error>,
-> {
+) -> tokio_stream::wrappers::ReceiverStream<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>
+{
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let mut h2: Option<(Arc<rustls::ServerConfig>, Arc<rustls::ServerConfig>)> = None;
@@ -213,7 +202,7 @@ fn tls_incoming(
             tokio::spawn(async move {
                 match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
+                        let _ = tx.send(stream).await;
                     }
                     Ok(Err(err)) => {
                         tracing::debug!(%peer, error = %err, "gRPC TLS handshake failed");

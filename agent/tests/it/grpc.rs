@@ -466,6 +466,15 @@ async fn a_message_over_the_body_limit_is_resource_exhausted() {
     let err = client.model_infer(sensors_raw("fault", &big, 4096)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert_eq!(err.message(), "request exceeds the limit of 65536 bytes");
+    // On a stream the refusal comes in the trailers, after an answer already sent.
+    let requests = vec![sensors_raw("fault", &rows(1), 1), sensors_raw("fault", &big, 4096)];
+    let mut replies =
+        client.model_stream_infer(tokio_stream::iter(requests)).await.unwrap().into_inner();
+    let first = replies.message().await.unwrap().expect("the first message is answered");
+    assert!(first.infer_response.is_some(), "{first:?}");
+    let err = replies.message().await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(err.message(), "request exceeds the limit of 65536 bytes");
     server.stop().await;
 }
 
