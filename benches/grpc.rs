@@ -1,12 +1,16 @@
 //! gRPC against REST with binary tensors, on one agent in one run: the sample model (8
 //! features, a small MLP) and a larger one (a CNN over 3×32×32 images, 12 KiB a row), at
-//! batch 1 and 64, one client at a time with a kept-alive connection. REST binary is the
-//! anchor; each gRPC row gives its p50 as a ratio of REST's (target: at most 1.0). The two
-//! transports run in alternating rounds and each figure is the median round, so drift on a
-//! shared machine lands on both.
+//! batch 1 and 64, one client at a time with one kept-alive connection. Two pairs of
+//! clients: the usual ones (reqwest for REST, tonic's `Channel` for gRPC) and bare ones
+//! (hyper's HTTP/1.1 and HTTP/2 connections, the gRPC one under the same generated client),
+//! so that the bare pair measures the servers. Each gRPC row gives its p50 as a ratio of
+//! the REST row of its pair (target: at most 1.0). The modes run in rounds, each round
+//! starting with the next mode, and each figure is the median round, so drift on a shared
+//! machine lands on all of them.
 //!
 //! `cargo bench --bench grpc -- [--seconds N] [--rounds R]`; prints a Markdown table for
-//! BENCHMARKS.md.
+//! BENCHMARKS.md. `--only rest|rest-bare|grpc|bare`, `--model NAME` and `--batch N` run
+//! one case of one mode, for a profiler (`perf record`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,18 +31,7 @@ mod inference;
 use inference::{Run, Subject, arg, image_model, inputs, install, median};
 
 async fn rest(http: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -> Result<Run> {
-    let raw = inputs(subject, batch);
-    let mut shape = vec![batch as i64];
-    shape.extend(&subject.row);
-    let header = serde_json::json!({
-        "inputs": [{"name": subject.input, "shape": shape, "datatype": "FP32",
-                    "parameters": {"binary_data_size": raw.len()}}],
-        "parameters": {"binary_data_output": true},
-    })
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    body.extend(&raw);
-    let body = bytes::Bytes::from(body);
+    let (header, body) = rest_body(subject, batch);
     let url = format!("http://{http}/v2/models/{}/infer", subject.name);
     let client = reqwest::Client::builder().pool_max_idle_per_host(1).build()?;
     let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
@@ -58,13 +51,59 @@ async fn rest(http: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -
     Ok(Run { latencies, wall: started.elapsed() })
 }
 
+/// REST with binary tensors over hyper's bare HTTP/1.1 connection: the same request as
+/// [`rest`] without reqwest's URL parsing and pool, as lean as the bare gRPC client.
+async fn rest_bare(http: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -> Result<Run> {
+    use http_body_util::BodyExt as _;
+    let (header, body) = rest_body(subject, batch);
+    let tcp = tokio::net::TcpStream::connect(http).await?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+    tokio::spawn(connection);
+    let uri = format!("/v2/models/{}/infer", subject.name);
+    let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
+    let mut latencies = Vec::new();
+    while Instant::now() < stop {
+        let t0 = Instant::now();
+        let request = hyper::Request::post(&uri)
+            .header("host", http.to_string())
+            .header("content-type", "application/octet-stream")
+            .header("Inference-Header-Content-Length", header.len())
+            .body(http_body_util::Full::new(body.clone()))?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        anyhow::ensure!(response.status().is_success(), "REST answered {}", response.status());
+        std::hint::black_box(response.into_body().collect().await?.to_bytes());
+        latencies.push(t0.elapsed());
+    }
+    Ok(Run { latencies, wall: started.elapsed() })
+}
+
+/// The JSON header of a binary REST request and the whole body (header, then the tensor).
+fn rest_body(subject: &Subject, batch: usize) -> (String, bytes::Bytes) {
+    let raw = inputs(subject, batch);
+    let mut shape = vec![batch as i64];
+    shape.extend(&subject.row);
+    let header = serde_json::json!({
+        "inputs": [{"name": subject.input, "shape": shape, "datatype": "FP32",
+                    "parameters": {"binary_data_size": raw.len()}}],
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(&raw);
+    (header, bytes::Bytes::from(body))
+}
+
 /// How the gRPC client reaches the server.
 #[derive(Clone, Copy)]
 enum Client {
-    /// tonic's `Channel`, as a tonic user would connect.
+    /// The generated client over tonic's `Channel`, as a tonic user would connect.
     Channel,
-    /// The same generated client over hyper's bare HTTP/2 connection: no `Channel` (whose
-    /// buffer hands every call to a background task), to tell its cost from the rest.
+    /// hyper's bare HTTP/2 connection sending the request message encoded once, reading
+    /// the answer's bytes and checking its `grpc-status` without decoding it: what the
+    /// bare REST client does with its body, so the pair measures the servers.
     Bare,
 }
 
@@ -88,45 +127,73 @@ async fn grpc(
                 .await?;
             calls(GrpcInferenceServiceClient::new(channel), subject, batch, seconds).await
         }
-        Client::Bare => {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let (sender, connection) =
-                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .initial_stream_window_size(falaj_agent::grpc::STREAM_WINDOW)
-                    .initial_connection_window_size(falaj_agent::grpc::CONNECTION_WINDOW)
-                    .handshake(hyper_util::rt::TokioIo::new(tcp))
-                    .await?;
-            tokio::spawn(connection);
-            let bare = Bare(sender);
-            let origin = format!("http://{addr}").parse()?;
-            calls(GrpcInferenceServiceClient::with_origin(bare, origin), subject, batch, seconds)
-                .await
-        }
+        Client::Bare => bare_calls(addr, subject, batch, seconds).await,
     }
 }
 
-/// hyper's HTTP/2 connection as the service the generated client calls.
-#[derive(Clone)]
-struct Bare(hyper::client::conn::http2::SendRequest<tonic::body::Body>);
-
-type Answer = tonic::codegen::http::Response<hyper::body::Incoming>;
-
-impl tonic::codegen::Service<tonic::codegen::http::Request<tonic::body::Body>> for Bare {
-    type Response = Answer;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Answer, hyper::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.0.poll_ready(cx)
+/// The ModelInfer request of `batch` rows, raw contents.
+fn infer_request(subject: &Subject, batch: usize) -> ModelInferRequest {
+    let mut shape = vec![batch as i64];
+    shape.extend(&subject.row);
+    ModelInferRequest {
+        model_name: subject.name.into(),
+        inputs: vec![InferInputTensor {
+            name: subject.input.into(),
+            datatype: "FP32".into(),
+            shape,
+            parameters: HashMap::new(),
+            contents: None,
+        }],
+        raw_input_contents: vec![inputs(subject, batch).into()],
+        ..Default::default()
     }
+}
 
-    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.0.send_request(request))
+/// ModelInfer calls over hyper's bare HTTP/2 connection for `seconds` (see [`Client::Bare`]).
+async fn bare_calls(
+    addr: SocketAddr,
+    subject: &Subject,
+    batch: usize,
+    seconds: f64,
+) -> Result<Run> {
+    use http_body_util::BodyExt as _;
+    use prost::Message as _;
+    let message = infer_request(subject, batch).encode_to_vec();
+    // A gRPC message: not compressed, its length, the message.
+    let mut framed = vec![0u8];
+    framed.extend(u32::try_from(message.len())?.to_be_bytes());
+    framed.extend(message);
+    let framed = bytes::Bytes::from(framed);
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(falaj_agent::grpc::STREAM_WINDOW)
+            .initial_connection_window_size(falaj_agent::grpc::CONNECTION_WINDOW)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await?;
+    tokio::spawn(connection);
+    let uri = format!("http://{addr}/inference.GRPCInferenceService/ModelInfer");
+    let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
+    let mut latencies = Vec::new();
+    while Instant::now() < stop {
+        let t0 = Instant::now();
+        let request = hyper::Request::post(&uri)
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(http_body_util::Full::new(framed.clone()))?;
+        sender.ready().await?;
+        let response = sender.send_request(request).await?;
+        let answer = response.into_body().collect().await?;
+        let status = answer.trailers().and_then(|t| t.get("grpc-status"));
+        anyhow::ensure!(
+            status.is_some_and(|s| s == "0"),
+            "ModelInfer answered grpc-status {status:?}"
+        );
+        std::hint::black_box(answer.to_bytes());
+        latencies.push(t0.elapsed());
     }
+    Ok(Run { latencies, wall: started.elapsed() })
 }
 
 /// ModelInfer calls one after another on `client` for `seconds`.
@@ -144,20 +211,7 @@ where
 {
     let mut client =
         client.max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    let mut shape = vec![batch as i64];
-    shape.extend(&subject.row);
-    let request = ModelInferRequest {
-        model_name: subject.name.into(),
-        inputs: vec![InferInputTensor {
-            name: subject.input.into(),
-            datatype: "FP32".into(),
-            shape,
-            parameters: HashMap::new(),
-            contents: None,
-        }],
-        raw_input_contents: vec![inputs(subject, batch).into()],
-        ..Default::default()
-    };
+    let request = infer_request(subject, batch);
     let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
     let mut latencies = Vec::new();
     while Instant::now() < stop {
@@ -169,7 +223,71 @@ where
     Ok(Run { latencies, wall: started.elapsed() })
 }
 
+/// What one round measures.
+#[derive(Clone, Copy)]
+enum Mode {
+    /// reqwest, as a REST user would connect.
+    Rest,
+    /// hyper's bare HTTP/1.1 connection.
+    RestBare,
+    Grpc(Client),
+}
+
+impl Mode {
+    const ALL: [Mode; 4] =
+        [Mode::Rest, Mode::RestBare, Mode::Grpc(Client::Channel), Mode::Grpc(Client::Bare)];
+
+    /// The REST mode a mode's p50 is compared with: the bare clients with each other,
+    /// the usual clients (reqwest, tonic's `Channel`) with each other.
+    fn anchor(self) -> Mode {
+        match self {
+            Mode::Rest | Mode::Grpc(Client::Channel) => Mode::Rest,
+            Mode::RestBare | Mode::Grpc(Client::Bare) => Mode::RestBare,
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Mode::Rest => "rest",
+            Mode::RestBare => "rest-bare",
+            Mode::Grpc(Client::Channel) => "grpc",
+            Mode::Grpc(Client::Bare) => "bare",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Mode::Rest => "REST, binary tensors",
+            Mode::RestBare => "REST, binary, bare HTTP/1.1 client",
+            Mode::Grpc(Client::Channel) => "gRPC, raw contents",
+            Mode::Grpc(Client::Bare) => "gRPC, raw, bare HTTP/2 client",
+        }
+    }
+
+    async fn run(
+        self,
+        (http, grpc_addr): (SocketAddr, SocketAddr),
+        subject: &Subject,
+        batch: usize,
+        seconds: f64,
+    ) -> Result<Run> {
+        match self {
+            Mode::Rest => rest(http, subject, batch, seconds).await,
+            Mode::RestBare => rest_bare(http, subject, batch, seconds).await,
+            Mode::Grpc(how) => grpc(grpc_addr, how, subject, batch, seconds).await,
+        }
+    }
+}
+
+/// The text after `name` in `args`.
+fn text_arg(args: &[String], name: &str) -> Option<String> {
+    args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
+}
+
 fn main() -> Result<()> {
+    // The daemon's log setup: without a subscriber, h2's and tonic's trace-level spans were
+    // built on every call (about 1.5 µs a call in a profile), which no agent does.
+    falaj_shell::daemon::log_to_stderr("info");
     let args: Vec<String> = std::env::args().collect();
     let seconds = arg(&args, "--seconds", 2.0)?;
     let rounds = arg(&args, "--rounds", 3.0)? as usize;
@@ -203,36 +321,53 @@ fn main() -> Result<()> {
         Subject { name: "sensor-fault", input: falaj_control::sample::INPUT, row: vec![8] },
         Subject { name: "cnn", input: "image", row: vec![3, 32, 32] },
     ];
+    // `--only MODE --model NAME --batch N` runs one mode of one case (for a profiler).
+    let only = text_arg(&args, "--only");
+    let only_model = text_arg(&args, "--model");
+    let only_batch = text_arg(&args, "--batch").map(|b| b.parse::<usize>()).transpose()?;
+    let modes: Vec<Mode> =
+        Mode::ALL.into_iter().filter(|m| only.as_deref().is_none_or(|o| o == m.flag())).collect();
+    anyhow::ensure!(!modes.is_empty(), "--only takes rest, rest-bare, grpc or bare");
     let table = std::thread::spawn(move || -> Result<Vec<String>> {
         let client = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         client.block_on(async move {
             let mut lines = Vec::new();
             for subject in &subjects {
+                if only_model.as_deref().is_some_and(|m| m != subject.name) {
+                    continue;
+                }
                 for batch in [1usize, 64] {
-                    rest(http, subject, batch, 0.3).await?; // warm up
-                    grpc(grpc_addr, Client::Channel, subject, batch, 0.3).await?;
-                    grpc(grpc_addr, Client::Bare, subject, batch, 0.3).await?;
-                    let (mut r, mut g, mut b) = (Vec::new(), Vec::new(), Vec::new());
-                    for _ in 0..rounds.max(1) {
-                        r.push(rest(http, subject, batch, seconds).await?);
-                        g.push(grpc(grpc_addr, Client::Channel, subject, batch, seconds).await?);
-                        b.push(grpc(grpc_addr, Client::Bare, subject, batch, seconds).await?);
+                    if only_batch.is_some_and(|b| b != batch) {
+                        continue;
                     }
-                    let (r, g, b) = (median(r), median(g), median(b));
-                    for (mode, run) in [
-                        ("REST, binary tensors", &r),
-                        ("gRPC, raw contents", &g),
-                        ("gRPC, raw, bare HTTP/2 client", &b),
-                    ] {
+                    let addrs = (http, grpc_addr);
+                    for &mode in &modes {
+                        mode.run(addrs, subject, batch, 0.3).await?; // warm up
+                    }
+                    let mut runs: Vec<Vec<Run>> = modes.iter().map(|_| Vec::new()).collect();
+                    for round in 0..rounds.max(1) {
+                        // Each round starts with the next mode, so none is always first.
+                        for k in 0..modes.len() {
+                            let i = (round + k) % modes.len();
+                            runs[i].push(modes[i].run(addrs, subject, batch, seconds).await?);
+                        }
+                    }
+                    let runs: Vec<Run> = runs.into_iter().map(median).collect();
+                    for (mode, run) in modes.iter().zip(&runs) {
+                        let anchor = modes
+                            .iter()
+                            .position(|m| m.flag() == mode.anchor().flag())
+                            .map_or(f64::NAN, |i| runs[i].p(0.5));
                         lines.push(format!(
-                            "| {} | {batch} | {mode} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
+                            "| {} | {batch} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
                             subject.name,
+                            mode.label(),
                             run.latencies.len(),
                             run.p(0.5),
                             run.p(0.99),
                             run.throughput(),
                             run.throughput() * batch as f64,
-                            run.p(0.5) / r.p(0.5),
+                            run.p(0.5) / anchor,
                         ));
                     }
                 }
