@@ -68,7 +68,7 @@ pub struct Native {
     pub conv: bool,
     /// Products by constant 2-D weights ([`nn::dense`]).
     pub matmul: bool,
-    /// Opset-13 Softmax ([`nn::softmax`]).
+    /// Opset-13 Softmax ([`mod@nn::softmax`]).
     pub softmax: bool,
 }
 

@@ -1,10 +1,10 @@
 //! Regular 2-D convolution (one group, a kernel larger than 1×1 or strided or padded,
 //! float32, NCHW, constant weights), with its bias and fused activation, as a matrix
 //! product whose columns are gathered as whole lines: each input channel is padded once
-//! into stride-phase planes ([`Phases`]), where every tap's inputs for a run of outputs
-//! are contiguous, so a tile of 32 outputs takes one 32-float copy per input channel and
-//! tap (im2col without a pass of its own), and the product is [`pointwise`]'s 6×32
-//! register tile over the weights packed at load.
+//! into stride-phase planes (`depthwise::Phases`), where every tap's inputs for a run of
+//! outputs are contiguous, so a tile of 32 outputs takes one 32-float copy per input
+//! channel and tap (im2col without a pass of its own), and the product is
+//! [`pointwise`]'s 6×32 register tile over the weights packed at load.
 //!
 //! tract runs these through its lazy im2col, whose per-element gather inside the
 //! product cost about as much as the product on the YOLO and PaddleOCR detectors.
