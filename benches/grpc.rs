@@ -2,8 +2,8 @@
 //! features, a small MLP) and a larger one (a CNN over 3×32×32 images, 12 KiB a row), at
 //! batch 1 and 64, one client at a time with one kept-alive connection. Two pairs of
 //! clients: the usual ones (reqwest for REST, tonic's `Channel` for gRPC) and bare ones
-//! (hyper's HTTP/1.1 and HTTP/2 connections, the gRPC one under the same generated client),
-//! so that the bare pair measures the servers. Each gRPC row gives its p50 as a ratio of
+//! (hyper's HTTP/1.1 connection, h2's HTTP/2 connection with the message encoded once), so
+//! that the bare pair measures the servers. Each gRPC row gives its p50 as a ratio of
 //! the REST row of its pair (target: at most 1.0). The modes run in rounds, each round
 //! starting with the next mode, and each figure is the median round, so drift on a shared
 //! machine lands on all of them.
@@ -101,7 +101,7 @@ fn rest_body(subject: &Subject, batch: usize) -> (String, bytes::Bytes) {
 enum Client {
     /// The generated client over tonic's `Channel`, as a tonic user would connect.
     Channel,
-    /// hyper's bare HTTP/2 connection sending the request message encoded once, reading
+    /// A bare HTTP/2 connection (h2) sending the request message encoded once, reading
     /// the answer's bytes and checking its `grpc-status` without decoding it: what the
     /// bare REST client does with its body, so the pair measures the servers.
     Bare,
@@ -149,14 +149,16 @@ fn infer_request(subject: &Subject, batch: usize) -> ModelInferRequest {
     }
 }
 
-/// ModelInfer calls over hyper's bare HTTP/2 connection for `seconds` (see [`Client::Bare`]).
+/// ModelInfer calls over h2's bare HTTP/2 connection for `seconds` (see [`Client::Bare`]).
+/// h2 directly rather than hyper's client, which wrote a request's HEADERS and DATA
+/// frames in two writes (so the server often read and woke twice a call, strace); this
+/// client writes a call once, as the bare HTTP/1.1 client does.
 async fn bare_calls(
     addr: SocketAddr,
     subject: &Subject,
     batch: usize,
     seconds: f64,
 ) -> Result<Run> {
-    use http_body_util::BodyExt as _;
     use prost::Message as _;
     let message = infer_request(subject, batch).encode_to_vec();
     // A gRPC message: not compressed, its length, the message.
@@ -166,31 +168,39 @@ async fn bare_calls(
     let framed = bytes::Bytes::from(framed);
     let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
-    let (mut sender, connection) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .initial_stream_window_size(falaj_agent::grpc::STREAM_WINDOW)
-            .initial_connection_window_size(falaj_agent::grpc::CONNECTION_WINDOW)
-            .handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await?;
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(falaj_agent::grpc::STREAM_WINDOW)
+        .initial_connection_window_size(falaj_agent::grpc::CONNECTION_WINDOW)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await?;
     tokio::spawn(connection);
-    let uri = format!("http://{addr}/inference.GRPCInferenceService/ModelInfer");
+    let uri: hyper::Uri =
+        format!("http://{addr}/inference.GRPCInferenceService/ModelInfer").parse()?;
     let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
     let mut latencies = Vec::new();
     while Instant::now() < stop {
         let t0 = Instant::now();
-        let request = hyper::Request::post(&uri)
+        let request = hyper::Request::post(uri.clone())
             .header("content-type", "application/grpc")
             .header("te", "trailers")
-            .body(http_body_util::Full::new(framed.clone()))?;
-        sender.ready().await?;
-        let response = sender.send_request(request).await?;
-        let answer = response.into_body().collect().await?;
-        let status = answer.trailers().and_then(|t| t.get("grpc-status"));
+            .body(())?;
+        client = client.ready().await?;
+        let (response, mut stream) = client.send_request(request, false)?;
+        stream.send_data(framed.clone(), true)?;
+        let mut body = response.await?.into_body();
+        let mut answer = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk?;
+            body.flow_control().release_capacity(chunk.len())?;
+            answer.push(chunk);
+        }
+        let trailers = body.trailers().await?;
+        let status = trailers.as_ref().and_then(|t| t.get("grpc-status"));
         anyhow::ensure!(
             status.is_some_and(|s| s == "0"),
             "ModelInfer answered grpc-status {status:?}"
         );
-        std::hint::black_box(answer.to_bytes());
+        std::hint::black_box(answer);
         latencies.push(t0.elapsed());
     }
     Ok(Run { latencies, wall: started.elapsed() })
