@@ -15,7 +15,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::activation::Activation;
 use super::depthwise::{Geometry, Phases};
-use super::pointwise::{PIXELS, ROWS, VECS, tile_product};
+use super::pointwise::{PIXELS, ROWS, VECS, tile_product, tile_row};
 use crate::expand::Kernel;
 
 /// A regular convolution with its bias and activation.
@@ -92,14 +92,7 @@ fn image(
             let acc = tile_product(weights, &tile, bias);
             let rows = ROWS.min(op.outputs - block * ROWS);
             for r in 0..rows {
-                // A copy of the row: the tile is only ever indexed by constants, so that
-                // it stays in registers through the product.
-                let mut values = [0.0f32; PIXELS];
-                for (r2, a) in acc.iter().enumerate() {
-                    if r2 == r {
-                        values = *a.as_flattened().first_chunk().expect("a tile row");
-                    }
-                }
+                let mut values = tile_row(&acc, r);
                 op.activation.apply(&mut values);
                 let co = block * ROWS + r;
                 sums[co * line + q0..][..PIXELS].copy_from_slice(&values);

@@ -109,15 +109,7 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
             let acc = tile_product(weights, &tile, bias);
             let rows = ROWS.min(op.outputs - block * ROWS);
             for r in 0..rows {
-                // A copy of the row: the tile itself is only ever indexed by constants,
-                // so that it stays in registers through the product (indexed by `r`
-                // and `width`, it lived on the stack, stored after every multiply-add).
-                let mut line = [0.0f32; PIXELS];
-                for (r2, a) in acc.iter().enumerate() {
-                    if r2 == r {
-                        line = *a.as_flattened().first_chunk().expect("a tile row");
-                    }
-                }
+                let mut line = tile_row(&acc, r);
                 op.activation.apply(&mut line);
                 let co = block * ROWS + r;
                 out[co * pixels + p0..][..width].copy_from_slice(&line[..width]);
@@ -147,6 +139,20 @@ pub(super) fn tile_product(
         }
     }
     a
+}
+
+/// Row `r` of a product tile, copied out. The tile itself is only ever indexed by
+/// constants, so that it stays in registers through the product (indexed by `r` and a
+/// width, it lived on the stack, stored after every multiply-add).
+#[inline(always)]
+pub(super) fn tile_row(acc: &[[V; VECS]; ROWS], r: usize) -> [f32; PIXELS] {
+    let mut line = [0.0f32; PIXELS];
+    for (r2, a) in acc.iter().enumerate() {
+        if r2 == r {
+            line = *a.as_flattened().first_chunk().expect("a tile row");
+        }
+    }
+    line
 }
 
 impl Kernel for PointwiseConv {
