@@ -162,25 +162,10 @@ impl Kernel for DepthwiseConv {
     }
 
     fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
-        let input = inputs[0].cast_to::<f32>()?;
-        let &[batch, channels, height, width] = input.shape() else {
-            bail!("expected an NCHW input, got {:?}", input.shape())
-        };
-        if channels != self.channels {
-            bail!("the input has {channels} channels, the kernel {}", self.channels);
-        }
-        let (oh, ow) = (self.axis(0, height).0, self.axis(1, width).0);
-        let pixels = input.try_as_plain_ram()?.as_slice::<f32>()?;
-        let mut out = vec![0.0f32; batch * channels * oh * ow];
-        if oh > 0 && ow > 0 {
-            let images =
-                out.chunks_mut(channels * oh * ow).zip(pixels.chunks(channels * height * width));
-            for (image_out, image_in) in images {
-                image(self, image_in, (height, width), image_out, (oh, ow));
-            }
-        }
-        let shape = vec![batch, channels, oh, ow];
-        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor()])
+        let plane = |h, w| (self.axis(0, h).0, self.axis(1, w).0);
+        super::per_image(inputs, self.channels, self.channels, plane, |i, hw, o, out_hw| {
+            image(self, i, hw, o, out_hw);
+        })
     }
 
     fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {

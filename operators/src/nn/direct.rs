@@ -112,25 +112,10 @@ impl Kernel for DirectConv {
     }
 
     fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
-        let input = inputs[0].cast_to::<f32>()?;
-        let &[batch, channels, height, width] = input.shape() else {
-            bail!("expected an NCHW input, got {:?}", input.shape())
-        };
-        if channels != self.inputs {
-            bail!("the input has {channels} channels, the kernel {}", self.inputs);
-        }
-        let (oh, ow) = (self.geometry.axis(0, height).0, self.geometry.axis(1, width).0);
-        let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
-        let mut out = vec![0.0f32; batch * self.outputs * oh * ow];
-        if oh > 0 && ow > 0 && height > 0 && width > 0 {
-            let images =
-                out.chunks_mut(self.outputs * oh * ow).zip(x.chunks(channels * height * width));
-            for (o, i) in images {
-                image(self, i, (height, width), o, (oh, ow));
-            }
-        }
-        let shape = vec![batch, self.outputs, oh, ow];
-        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor()])
+        let plane = |h, w| (self.geometry.axis(0, h).0, self.geometry.axis(1, w).0);
+        super::per_image(inputs, self.inputs, self.outputs, plane, |i, hw, o, out_hw| {
+            image(self, i, hw, o, out_hw);
+        })
     }
 
     fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {

@@ -44,6 +44,37 @@ use pointwise::PointwiseConv;
 /// module are written in, so that the compiler keeps their sums in vector registers.
 pub(crate) type V = [f32; 16];
 
+/// A 2-D convolution's evaluation around its kernel: the input checked as NCHW float32
+/// with `channels` channels, each image's output planes (`outputs` channels of the size
+/// `plane` gives for the input's height and width) filled by `image(input, (h, w), output,
+/// (oh, ow))`, and the output tensor made. Empty planes give an empty output.
+fn per_image(
+    inputs: &[TValue],
+    channels: usize,
+    outputs: usize,
+    plane: impl Fn(usize, usize) -> (usize, usize),
+    mut image: impl FnMut(&[f32], (usize, usize), &mut [f32], (usize, usize)),
+) -> TractResult<TVec<Tensor>> {
+    let input = inputs[0].cast_to::<f32>()?;
+    let &[batch, got, height, width] = input.shape() else {
+        bail!("expected an NCHW input, got {:?}", input.shape())
+    };
+    if got != channels {
+        bail!("the input has {got} channels, the kernel {channels}");
+    }
+    let (oh, ow) = plane(height, width);
+    let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
+    let mut out = vec![0.0f32; batch * outputs * oh * ow];
+    if oh * ow > 0 && height * width > 0 {
+        let images = out.chunks_mut(outputs * oh * ow).zip(x.chunks(channels * height * width));
+        for (o, i) in images {
+            image(i, (height, width), o, (oh, ow));
+        }
+    }
+    let shape = vec![batch, outputs, oh, ow];
+    Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor()])
+}
+
 /// `w · x + a`, lane by lane (one fused multiply-add instruction where the CPU has it).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]

@@ -161,23 +161,15 @@ impl Kernel for PointwiseConv {
     }
 
     fn eval(&self, inputs: &[TValue]) -> TractResult<TVec<Tensor>> {
-        let input = inputs[0].cast_to::<f32>()?;
-        let &[batch, channels, height, width] = input.shape() else {
-            bail!("expected an NCHW input, got {:?}", input.shape())
-        };
-        if channels != self.inputs {
-            bail!("the input has {channels} channels, the kernel {}", self.inputs);
-        }
-        let pixels = height * width;
-        let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
-        let mut out = vec![0.0f32; batch * self.outputs * pixels];
-        if pixels > 0 {
-            for (o, i) in out.chunks_mut(self.outputs * pixels).zip(x.chunks(channels * pixels)) {
-                image(self, i, pixels, o);
-            }
-        }
-        let shape = vec![batch, self.outputs, height, width];
-        Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor()])
+        super::per_image(
+            inputs,
+            self.inputs,
+            self.outputs,
+            |h, w| (h, w),
+            |i, (h, w), o, _| {
+                image(self, i, h * w, o);
+            },
+        )
     }
 
     fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
