@@ -28,7 +28,7 @@ use falaj_control::sample::SampleOptions;
 #[path = "support/inference.rs"]
 mod inference;
 
-use inference::{Run, Subject, arg, image_model, inputs, install, median};
+use inference::{Run, Subject, arg, image_model, inputs, install, median, rest_body};
 
 async fn rest(http: SocketAddr, subject: &Subject, batch: usize, seconds: f64) -> Result<Run> {
     let (header, body) = rest_body(subject, batch);
@@ -78,22 +78,6 @@ async fn rest_bare(http: SocketAddr, subject: &Subject, batch: usize, seconds: f
         latencies.push(t0.elapsed());
     }
     Ok(Run { latencies, wall: started.elapsed() })
-}
-
-/// The JSON header of a binary REST request and the whole body (header, then the tensor).
-fn rest_body(subject: &Subject, batch: usize) -> (String, bytes::Bytes) {
-    let raw = inputs(subject, batch);
-    let mut shape = vec![batch as i64];
-    shape.extend(&subject.row);
-    let header = serde_json::json!({
-        "inputs": [{"name": subject.input, "shape": shape, "datatype": "FP32",
-                    "parameters": {"binary_data_size": raw.len()}}],
-        "parameters": {"binary_data_output": true},
-    })
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    body.extend(&raw);
-    (header, bytes::Bytes::from(body))
 }
 
 /// How the gRPC client reaches the server.

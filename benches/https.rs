@@ -33,7 +33,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 #[path = "support/inference.rs"]
 mod inference;
 
-use inference::{Run, Subject, arg, image_model, inputs, install, median};
+use inference::{Run, Subject, arg, image_model, inputs, install, median, rest_body};
 
 /// A CA and a server certificate for 127.0.0.1 it signed: (CA PEM, files).
 fn certificate(dir: &Path) -> Result<(String, TlsFiles)> {
@@ -89,18 +89,7 @@ async fn rest(
     subject: &Subject,
     seconds: f64,
 ) -> Result<Run> {
-    let raw = inputs(subject, 1);
-    let mut shape = vec![1i64];
-    shape.extend(&subject.row);
-    let header = serde_json::json!({
-        "inputs": [{"name": subject.input, "shape": shape, "datatype": "FP32",
-                    "parameters": {"binary_data_size": raw.len()}}],
-        "parameters": {"binary_data_output": true},
-    })
-    .to_string();
-    let mut body = header.clone().into_bytes();
-    body.extend(&raw);
-    let body = Bytes::from(body);
+    let (header, body) = rest_body(subject, 1);
     let started = Instant::now();
     let stop = started + Duration::from_secs_f64(seconds);
     let mut latencies = Vec::new();

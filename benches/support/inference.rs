@@ -91,6 +91,22 @@ pub fn inputs(subject: &Subject, batch: usize) -> Vec<u8> {
         .collect()
 }
 
+/// The JSON header of a binary REST request and the whole body (header, then the tensor).
+pub fn rest_body(subject: &Subject, batch: usize) -> (String, bytes::Bytes) {
+    let raw = inputs(subject, batch);
+    let mut shape = vec![batch as i64];
+    shape.extend(&subject.row);
+    let header = serde_json::json!({
+        "inputs": [{"name": subject.input, "shape": shape, "datatype": "FP32",
+                    "parameters": {"binary_data_size": raw.len()}}],
+        "parameters": {"binary_data_output": true},
+    })
+    .to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend(&raw);
+    (header, bytes::Bytes::from(body))
+}
+
 /// Latencies of one client for a while, and how long it ran.
 pub struct Run {
     pub latencies: Vec<Duration>,
