@@ -35,6 +35,9 @@ step "build"
 # these packages are thrown away: xz at its default level took 1m43s for each .deb, zstd
 # about 2 minutes for each .rpm; the whole test now takes about 3 minutes here.
 profile="${FALAJ_PACKAGE_PROFILE:-release}"
+# Cargo writes the dev profile's binaries under target/debug, every other under its name.
+bin_dir="target/$profile"
+[ "$profile" = dev ] && bin_dir=target/debug
 cargo build --profile "$profile" --workspace --bins
 cargo deb -p falaj-agent --profile "$profile" --no-build --fast --output "$out/"
 cargo deb -p falaj-control --profile "$profile" --no-build --fast --output "$out/"
@@ -83,9 +86,9 @@ grep -q 'lisen' /tmp/broken.txt || fail "the error does not name the key: $(cat 
 step "state: keys, a trust root and a bundle installed as the service user"
 work="$(mktemp -d)"
 chmod 755 "$work"
-target/release/falaj control keys init --dir "$work/keys" --region pkg-test-1
-target/release/falaj control sample --out "$work/sample" --rows 1000
-target/release/falaj control bundle build --keys "$work/keys" --model "$work/sample/model.onnx" \
+"$bin_dir/falaj" control keys init --dir "$work/keys" --region pkg-test-1
+"$bin_dir/falaj" control sample --out "$work/sample" --rows 1000
+"$bin_dir/falaj" control bundle build --keys "$work/keys" --model "$work/sample/model.onnx" \
     --name sensor-fault --version 1 --out "$work/sensor-fault-1.falaj"
 chmod -R a+rX "$work"
 runuser -u falaj-agent -- falaj-agent init --region pkg-test-1 --trust "$work/keys/root.json"
