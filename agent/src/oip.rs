@@ -260,8 +260,9 @@ fn decode_input(input: RawInput<'_>, binary: &mut &[u8]) -> Result<NamedTensor, 
             decode_binary(datatype, bytes, count)
                 .map_err(|e| bad(format!("input {name:?}: {e}")))?
         }
-        (None, Some(raw)) => decode_json(datatype, raw.get(), count)
-            .map_err(|e| bad(format!("input {name:?}: {e}")))?,
+        (None, Some(raw)) => {
+            decode_json(datatype, raw, count).map_err(|e| bad(format!("input {name:?}: {e}")))?
+        }
         (None, None) => return Err(bad(format!("input {name:?} has no data"))),
     };
     if data.len() != count {
@@ -464,10 +465,17 @@ impl<T> Flatten<'_, T> {
     }
 }
 
-fn flatten<T: Element>(json: &str, datatype: DataType, count: usize) -> Result<Vec<T>, String> {
+fn flatten<T: Element>(raw: &RawValue, datatype: DataType, count: usize) -> Result<Vec<T>, String> {
+    let json = raw.get();
     // Every element takes at least a byte of the JSON: reserving for the declared shape
     // alone let `"shape": [16777216], "data": []` reserve 400 MB (found by fuzzing).
     let mut out = Vec::with_capacity(count.min(json.len()));
+    if flatten_numbers(json, &mut out).is_some() {
+        return Ok(out);
+    }
+    // Anything else (strings, booleans, `null`, a value the type cannot hold) takes serde's
+    // path, which also words the errors.
+    out.clear();
     let mut de = serde_json::Deserializer::from_str(json);
     Flatten { out: &mut out, datatype, depth: 0 }
         .deserialize(&mut de)
@@ -475,7 +483,61 @@ fn flatten<T: Element>(json: &str, datatype: DataType, count: usize) -> Result<V
     Ok(out)
 }
 
-fn decode_json(datatype: DataType, json: &str, count: usize) -> Result<TensorData, String> {
+/// The fast path of [`flatten`] for data made only of numbers and arrays, the usual
+/// request: numbers are parsed straight from the text by `fast-float2`, about a quarter
+/// faster than through serde's visitor on long float arrays (an image of 150,528 floats of
+/// 16–17 digits: 4.0 ms there, 3.0 here).
+///
+/// `json` was already checked as well-formed JSON when the request was parsed (it is a
+/// [`RawValue`]), so this only has to tell tokens apart, and a JSON number is the longest
+/// number `fast-float2` reads where it starts. The values are those serde's path gives, bit
+/// for bit: integers through `from_i64`/`from_u64`, other numbers correctly rounded to
+/// `f64` (as serde_json's `float_roundtrip` does) through `from_f64`.
+///
+/// `None` when it meets anything else, a number out of range for 64-bit integers, a value
+/// `T` refuses or nesting deeper than the serde path allows: the caller then takes that path.
+fn flatten_numbers<T: Element>(json: &str, out: &mut Vec<T>) -> Option<()> {
+    let bytes = json.as_bytes();
+    let mut depth = 0;
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        match byte {
+            b' ' | b'\t' | b'\n' | b'\r' | b',' => at += 1,
+            b'[' => {
+                if depth >= MAX_DEPTH {
+                    return None;
+                }
+                depth += 1;
+                at += 1;
+            }
+            b']' => {
+                depth = depth.checked_sub(1)?;
+                at += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let (number, len) = fast_float2::parse_partial::<f64, _>(&bytes[at..]).ok()?;
+                let token = &json[at..at + len];
+                let value = if token.bytes().any(|b| matches!(b, b'.' | b'e' | b'E')) {
+                    T::from_f64(number)
+                } else if byte == b'-' {
+                    match token.parse().ok()? {
+                        // serde_json reads `-0` as a float, negative zero.
+                        0 => T::from_f64(-0.0),
+                        negative => T::from_i64(negative),
+                    }
+                } else {
+                    T::from_u64(token.parse().ok()?)
+                };
+                out.push(value?);
+                at += len;
+            }
+            _ => return None,
+        }
+    }
+    Some(())
+}
+
+fn decode_json(datatype: DataType, json: &RawValue, count: usize) -> Result<TensorData, String> {
     Ok(match datatype {
         DataType::Bool => TensorData::Bool(flatten(json, datatype, count)?),
         DataType::Uint8 => TensorData::Uint8(flatten(json, datatype, count)?),
@@ -729,6 +791,57 @@ mod tests {
             assert_eq!(one(&req).data, TensorData::Fp32(vec![1.0, 2.0, 3.5, 4.0]));
             assert_eq!(one(&req).shape, vec![2, 2]);
         }
+    }
+
+    /// The numbers' fast path gives serde's values bit for bit, and leaves to serde what it
+    /// does not take (with serde's wording of the error).
+    #[test]
+    fn numbers_parse_as_serde_parses_them() {
+        fn serde_path<T: Element>(json: &str, datatype: DataType) -> Result<Vec<T>, String> {
+            let mut out = Vec::new();
+            let mut de = serde_json::Deserializer::from_str(json);
+            Flatten { out: &mut out, datatype, depth: 0 }
+                .deserialize(&mut de)
+                .map(|()| out)
+                .map_err(|e| format!("data: {e}"))
+        }
+        fn both<T: Element + fmt::Debug + PartialEq>(
+            json: &str,
+            datatype: DataType,
+        ) -> (Result<Vec<T>, String>, bool) {
+            let raw: Box<RawValue> = serde_json::from_str(json).unwrap();
+            let fast = flatten_numbers(raw.get(), &mut Vec::<T>::new()).is_some();
+            let got = flatten(&raw, datatype, 16);
+            assert_eq!(got, serde_path(json, datatype), "{json}");
+            (got, fast)
+        }
+        let bits = |v: Vec<f32>| v.into_iter().map(f32::to_bits).collect::<Vec<_>>();
+        let tricky = "[0.9449049234390259, -0, -0.0, 1e-45, 3.4028235677973366e38, 1E+2, \
+            -7, 18446744073709551615, 2.2250738585072011e-308, 1.00000005960464477550, \
+            [[0.1], [-1e-7]], 123456789012345678901.5]";
+        let (got, fast) = both::<f32>(tricky, DataType::Fp32);
+        assert!(fast, "the fast path takes plain numbers");
+        let serde = serde_path::<f32>(tricky, DataType::Fp32).unwrap();
+        assert_eq!(bits(got.unwrap()), bits(serde));
+        let (got, _) = both::<f64>(tricky, DataType::Fp64);
+        assert_eq!(got.unwrap().len(), 13);
+        assert_eq!(
+            both::<i64>("[-9223372036854775808, 5]", DataType::Int64).0.unwrap()[0],
+            i64::MIN
+        );
+        // Left to serde: what the fast path does not read, or a value the type refuses.
+        assert!(!both::<f32>(r#"[1, "2"]"#, DataType::Fp32).1);
+        assert!(!both::<f32>("[-9223372036854775809]", DataType::Fp32).1);
+        assert!(!both::<f64>("[123456789012345678901234567890]", DataType::Fp64).1);
+        assert!(!both::<i32>("[1.5]", DataType::Int32).1);
+        assert!(!both::<bool>("[true]", DataType::Bool).1);
+        let (got, fast) = both::<u8>("[1, 300]", DataType::Uint8);
+        assert!(!fast);
+        assert!(got.unwrap_err().contains("300 is not a valid UINT8 value"));
+        let deep = format!("{}1{}", "[".repeat(MAX_DEPTH + 1), "]".repeat(MAX_DEPTH + 1));
+        let (got, fast) = both::<f32>(&deep, DataType::Fp32);
+        assert!(!fast);
+        assert!(got.unwrap_err().contains("nested too deeply"));
     }
 
     #[test]
