@@ -1,6 +1,7 @@
 //! The wait between connection attempts: exponential backoff with full jitter, drawn from
 //! a seeded generator so that a test (or a fleet reproducing an incident) sees the same
-//! waits for the same seed.
+//! waits for the same seed. It grows per failed *round* over the control plane's
+//! addresses (`addresses.rs`); within a round the next address waits only a short jitter.
 
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use crate::random::SeededRng;
 /// How long the first wait may be at most, before doubling.
 pub const BASE: Duration = Duration::from_millis(500);
 
-/// Consecutive failed sessions and the jitter source.
+/// Consecutive failed rounds and the jitter source.
 #[derive(Debug, Clone)]
 pub struct Backoff {
     max: Duration,
@@ -29,11 +30,18 @@ impl Backoff {
         BASE.saturating_mul(1 << failures.min(16)).min(self.max)
     }
 
-    /// Counts a failure and draws the wait before the next attempt, uniform in
+    /// Counts a failed round and draws the wait before the next attempt, uniform in
     /// `[0, ceiling]`.
     pub fn failed(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
         self.ceiling(self.failures).mul_f64(self.rng.uniform())
+    }
+
+    /// The wait before trying the next address of a round that is not over: uniform in
+    /// `[0, ceiling(0)]` (at most [`BASE`]), so that agents leaving a dead replica do not
+    /// all arrive at the next one at once. Counts nothing.
+    pub fn quick(&mut self) -> Duration {
+        self.ceiling(0).mul_f64(self.rng.uniform())
     }
 
     /// A session came up: the next failure waits as little as the first.
@@ -41,7 +49,7 @@ impl Backoff {
         self.failures = 0;
     }
 
-    /// Consecutive failures since the last session that came up.
+    /// Consecutive failed rounds since the last session that came up.
     pub fn failures(&self) -> u32 {
         self.failures
     }

@@ -4,8 +4,10 @@
 //! ([`Session::poll`]), feeds their results back as events, and calls
 //! [`Session::handle_timeout`] when [`Session::poll_timeout`] says.
 //!
-//! The machine decides; the driver performs. It decides when to connect and how long to
-//! back off (exponential, full jitter from a seed), when to report, which desired-state
+//! The machine decides; the driver performs. It decides when to connect, to which of the
+//! control plane's addresses (one per replica: a seeded-random one first, the next one
+//! after a failure; `addresses.rs`) and how long to back off (exponential per failed
+//! round over the addresses, full jitter from a seed), when to report, which desired-state
 //! documents are accepted and which is applied next, when to send metric windows and audit
 //! lines and what their acknowledgements settle, when to ask for a new certificate, and
 //! when to take the next fine-tune job. The driver opens connections, reads and writes
@@ -15,6 +17,7 @@
 //! for the two rules that are about calendar time (document expiry, certificate
 //! lifetime). Tests step it in microseconds of their own time (`tests.rs`).
 
+pub mod addresses;
 pub mod backoff;
 pub mod batches;
 pub mod documents;
@@ -30,6 +33,7 @@ use crate::desired::{DesiredState, SignedDesired};
 use crate::time::Timestamp;
 use crate::trust::TrustRoot;
 
+use self::addresses::Addresses;
 use self::backoff::Backoff;
 use self::batches::{Audit, Windows};
 use self::documents::{Documents, Verdict};
@@ -52,6 +56,11 @@ pub struct Config {
     pub ack_timeout: Duration,
     /// How long an unanswered renewal request waits before it is asked again.
     pub renew_retry: Duration,
+    /// How long one connection attempt may take when there is one address.
+    pub connect_timeout: Duration,
+    /// How long one connection attempt may take when there are several addresses: what
+    /// a dead (silent) replica costs before the next one is tried.
+    pub failover_timeout: Duration,
 }
 
 impl Default for Config {
@@ -61,6 +70,8 @@ impl Default for Config {
             max_backoff: Duration::from_secs(60),
             ack_timeout: Duration::from_secs(30),
             renew_retry: Duration::from_secs(60),
+            connect_timeout: Duration::from_secs(15),
+            failover_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -93,7 +104,10 @@ pub struct Restored {
     pub accepted: Option<(u64, Vec<u8>)>,
     /// The certificate in use (`None`: unreadable, nothing is renewed).
     pub certificate: Option<Validity>,
-    /// Seed of the backoff jitter.
+    /// The control plane's addresses (`host:port`), one per replica; names already
+    /// resolved by the driver where it could.
+    pub addresses: Vec<String>,
+    /// Seed of the backoff jitter and of the first address chosen.
     pub seed: u64,
 }
 
@@ -119,6 +133,8 @@ pub enum State {
 pub enum Event {
     /// The session is up: hello sent and the control plane's first message read.
     Connected,
+    /// The addresses to dial are now these ([`Action::Resolve`]).
+    Addresses(Vec<String>),
     /// The attempt failed or the session ended, with the reason.
     Lost(String),
     /// A desired-state document arrived; `trust` is the trust root it must verify
@@ -183,10 +199,19 @@ pub enum Event {
 /// What the driver should do, in the order yielded.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Connect, send hello, read the first message; answer [`Event::Connected`] (then
-    /// the message) or [`Event::Lost`].
-    Connect,
-    /// The session ended or the attempt failed; the next one starts after `wait`.
+    /// Connect to `address` within `timeout`, send hello, read the first message;
+    /// answer [`Event::Connected`] (then the message) or [`Event::Lost`].
+    Connect {
+        /// The address to dial (`host:port`).
+        address: String,
+        /// How long the handshake may take.
+        timeout: Duration,
+    },
+    /// A round over every address failed: resolve the enrolled names again, in the
+    /// background, and answer [`Event::Addresses`] if the list changed.
+    Resolve,
+    /// The session ended or the attempt failed; the next one starts after `wait`, on
+    /// [`Session::address`].
     Disconnected {
         /// Why.
         reason: String,
@@ -245,6 +270,7 @@ pub enum Action {
 pub struct Session {
     config: Config,
     state: State,
+    addresses: Addresses,
     backoff: Backoff,
     renewal: Renewal,
     windows: Windows,
@@ -265,6 +291,7 @@ impl Session {
         Self {
             config,
             state: State::Connecting,
+            addresses: Addresses::new(restored.addresses, restored.seed),
             backoff: Backoff::new(config.max_backoff, restored.seed),
             renewal,
             windows: Windows::default(),
@@ -274,8 +301,27 @@ impl Session {
             jobs: Jobs::default(),
             applied: None,
             errors: VecDeque::new(),
-            actions: VecDeque::from([Action::RecoverJobs, Action::Connect]),
+            actions: VecDeque::from([Action::RecoverJobs]),
         }
+        .connecting()
+    }
+
+    /// `self` with an attempt on the current address yielded.
+    fn connecting(mut self) -> Self {
+        self.connect();
+        self
+    }
+
+    /// Yields an attempt on the current address.
+    fn connect(&mut self) {
+        self.state = State::Connecting;
+        let timeout = if self.addresses.list().len() > 1 {
+            self.config.failover_timeout.min(self.config.connect_timeout)
+        } else {
+            self.config.connect_timeout
+        };
+        let address = self.addresses.current().to_owned();
+        self.actions.push_back(Action::Connect { address, timeout });
     }
 
     /// The next action to perform.
@@ -327,9 +373,20 @@ impl Session {
         self.jobs.running()
     }
 
-    /// Consecutive failed attempts since the last session that came up.
+    /// Consecutive failed rounds over the addresses since the last session that came up
+    /// (with one address, failed attempts).
     pub fn failures(&self) -> u32 {
         self.backoff.failures()
+    }
+
+    /// The address dialled now, or the one the session is up on (or the next to dial).
+    pub fn address(&self) -> &str {
+        self.addresses.current()
+    }
+
+    /// Every address, in the enrolled order.
+    pub fn addresses(&self) -> &[String] {
+        self.addresses.list()
     }
 
     /// The metric windows in flight.
@@ -345,10 +402,7 @@ impl Session {
     /// Timers that have come due by `now`.
     pub fn handle_timeout(&mut self, now: Now) {
         match self.state {
-            State::BackingOff { until } if now.elapsed >= until => {
-                self.state = State::Connecting;
-                self.actions.push_back(Action::Connect);
-            }
+            State::BackingOff { until } if now.elapsed >= until => self.connect(),
             State::Established { heartbeat } if now.elapsed >= heartbeat => {
                 let mut next = heartbeat + self.config.heartbeat;
                 if next <= now.elapsed {
@@ -382,6 +436,7 @@ impl Session {
         match event {
             Event::Connected => {
                 self.backoff.reset();
+                self.addresses.connected();
                 self.windows.reset();
                 self.audit.reset();
                 self.state = State::Established { heartbeat: now.elapsed + self.config.heartbeat };
@@ -390,13 +445,19 @@ impl Session {
                 if matches!(self.state, State::BackingOff { .. }) {
                     return;
                 }
-                let wait = self.backoff.failed();
+                // The next address; a longer wait only once every address failed.
+                let round = self.addresses.failed();
+                let wait = if round { self.backoff.failed() } else { self.backoff.quick() };
                 self.state = State::BackingOff { until: now.elapsed + wait };
                 self.documents.reset();
                 self.windows.reset();
                 self.audit.reset();
                 self.actions.push_back(Action::Disconnected { reason, wait });
+                if round {
+                    self.actions.push_back(Action::Resolve);
+                }
             }
+            Event::Addresses(list) => self.addresses.replace(list),
             Event::Desired { signed, trust } => {
                 if self.documents.recording() {
                     self.documents.hold(signed, trust);

@@ -26,8 +26,13 @@ fn restored(certificate: Option<Validity>) -> Restored {
         region: "eu-west-1".into(),
         accepted: None,
         certificate,
+        addresses: vec!["control.test:7443".into()],
         seed: 7,
     }
+}
+
+fn connect(address: &str, timeout_s: u64) -> Action {
+    Action::Connect { address: address.into(), timeout: Duration::from_secs(timeout_s) }
 }
 
 fn validity(from: u64, lifetime: u64) -> Validity {
@@ -67,6 +72,8 @@ struct Sim {
     late: Vec<Vec<u64>>,
     fates: VecDeque<Fate>,
     drop_connection: bool,
+    /// Addresses where nothing answers, whatever `reachable` says.
+    dead: BTreeSet<String>,
 }
 
 impl Sim {
@@ -85,6 +92,7 @@ impl Sim {
             late: Vec::new(),
             fates: VecDeque::new(),
             drop_connection: false,
+            dead: BTreeSet::new(),
         };
         sim.perform();
         sim
@@ -118,8 +126,12 @@ impl Sim {
         while let Some(action) = self.session.poll() {
             self.log.push(action.clone());
             let event = match action {
-                Action::Connect if self.reachable => Some(Event::Connected),
-                Action::Connect => Some(Event::Lost("unreachable".into())),
+                Action::Connect { address, .. }
+                    if self.reachable && !self.dead.contains(&address) =>
+                {
+                    Some(Event::Connected)
+                }
+                Action::Connect { .. } => Some(Event::Lost("unreachable".into())),
                 Action::Record { .. } if self.record_fails => {
                     Some(Event::RecordFailed("disk full".into()))
                 }
@@ -268,7 +280,11 @@ fn backoff_grows_to_its_ceiling_with_jitter_and_resets_when_a_session_comes_up()
     assert!(sim.session.established());
     assert_eq!(sim.session.failures(), 0);
     sim.handle(Event::Lost("again".into()));
-    let Some(Action::Disconnected { wait, .. }) = sim.log.last() else { panic!() };
+    let Some(Action::Disconnected { wait, .. }) =
+        sim.log.iter().rev().find(|a| matches!(a, Action::Disconnected { .. }))
+    else {
+        panic!()
+    };
     assert!(*wait <= Duration::from_secs(1), "a fresh failure waits at most 1 s: {wait:?}");
 }
 
@@ -517,7 +533,7 @@ fn jobs_run_one_at_a_time_after_recovery_and_go_on_while_disconnected() {
     let signer = Signer::new();
     let starts = |sim: &Sim| sim.count(|a| matches!(a, Action::StartNextJob));
     let mut sim = Sim::new(config(), restored(None));
-    assert_eq!(sim.log[..2], [Action::RecoverJobs, Action::Connect]);
+    assert_eq!(sim.log[..2], [Action::RecoverJobs, connect("control.test:7443", 15)]);
     // Recovery answered, the store had nothing pending.
     assert_eq!(starts(&sim), 1);
     sim.handle(Event::JobStarted(None));
@@ -553,7 +569,7 @@ fn jobs_wait_for_the_recovery_of_interrupted_ones() {
     let mut session = Session::new(config(), restored(None));
     let now = Now { elapsed: Duration::ZERO, wall: Timestamp::from_unix(START).to_system() };
     assert_eq!(session.poll(), Some(Action::RecoverJobs));
-    assert_eq!(session.poll(), Some(Action::Connect));
+    assert_eq!(session.poll(), Some(connect("control.test:7443", 15)));
     session.handle(Event::Applied { ok: true, new_jobs: 3, problems: vec![] }, now);
     session.handle(Event::JobFinished("x".into()), now);
     assert_eq!(session.poll(), None, "nothing starts before recovery");
@@ -616,4 +632,150 @@ fn a_document_arriving_while_another_is_recorded_is_judged_after_it() {
     session.handle(Event::Applied { ok: true, new_jobs: 0, problems: vec![] }, now);
     assert_eq!(session.poll(), Some(Action::SendReport));
     assert!(matches!(session.poll(), Some(Action::Apply(doc)) if doc.version == 2));
+}
+
+/// A session on `addresses` with `seed`.
+fn with_addresses(addresses: &[&str], seed: u64) -> Sim {
+    let restored = Restored {
+        addresses: addresses.iter().map(|a| (*a).to_owned()).collect(),
+        seed,
+        ..restored(None)
+    };
+    Sim::new(config(), restored)
+}
+
+/// The addresses dialled, in order, and the waits drawn after each failure.
+fn dialled(sim: &Sim) -> (Vec<String>, Vec<Duration>) {
+    let mut addresses = Vec::new();
+    let mut waits = Vec::new();
+    for action in &sim.log {
+        match action {
+            Action::Connect { address, .. } => addresses.push(address.clone()),
+            Action::Disconnected { wait, .. } => waits.push(*wait),
+            _ => {}
+        }
+    }
+    (addresses, waits)
+}
+
+#[test]
+fn a_dead_first_address_costs_one_quick_try_and_the_next_one_is_dialled() {
+    // Whichever address the seed starts at, that one is dead.
+    for seed in 0..20 {
+        let mut sim = with_addresses(&["a:7443", "b:7443", "c:7443"], seed);
+        let Some(Action::Connect { address, timeout }) = sim.log.get(1).cloned() else {
+            panic!("{:?}", sim.log)
+        };
+        assert_eq!(timeout, Duration::from_secs(5), "several addresses: the failover timeout");
+        let dead = address;
+        sim.dead.insert(dead.clone());
+        sim.handle(Event::Lost("handshake timed out".into()));
+        let (_, waits) = dialled(&sim);
+        assert_eq!(waits.len(), 1);
+        assert!(waits[0] <= BASE, "seed {seed}: within a round at most {BASE:?}: {waits:?}");
+        assert_eq!(sim.session.failures(), 0, "no round has failed");
+        assert!(sim.advance());
+        assert!(sim.session.established(), "seed {seed}: {:?}", sim.log);
+        let (addresses, _) = dialled(&sim);
+        assert_eq!(addresses.len(), 2);
+        assert_ne!(addresses[1], dead, "the next address, not the dead one again");
+        assert_eq!(sim.session.address(), addresses[1]);
+        assert_eq!(sim.count(|a| matches!(a, Action::Resolve)), 0, "no round ended");
+    }
+}
+
+#[test]
+fn a_session_lost_moves_on_to_the_next_address() {
+    let mut sim = with_addresses(&["a:7443", "b:7443"], 11);
+    assert!(sim.session.established());
+    let first = sim.session.address().to_owned();
+    // The replica goes away: the next attempt goes to the other one, soon.
+    sim.dead.insert(first.clone());
+    sim.handle(Event::Lost("control plane shutting down".into()));
+    assert!(sim.advance());
+    assert!(sim.session.established());
+    assert_ne!(sim.session.address(), first);
+    let (addresses, waits) = dialled(&sim);
+    assert_eq!(addresses.len(), 2);
+    assert!(waits[0] <= BASE, "{waits:?}");
+}
+
+#[test]
+fn all_addresses_dead_backoff_grows_per_round_up_to_its_ceiling() {
+    let max = Duration::from_secs(60);
+    let mut sim = with_addresses(&["a:7443", "b:7443", "c:7443"], 5);
+    sim.reachable = false;
+    sim.handle(Event::Lost("reset by peer".into()));
+    for _ in 0..59 {
+        assert!(sim.advance());
+    }
+    let (addresses, waits) = dialled(&sim);
+    // The session that was up, then 59 attempts: 60 failures, 20 rounds.
+    assert_eq!(addresses.len(), 60);
+    assert_eq!(waits.len(), 60);
+    assert_eq!(sim.session.failures(), 20, "20 rounds of 3 failed");
+    assert_eq!(sim.count(|a| matches!(a, Action::Resolve)), 20, "names resolved once a round");
+    // Each round tries every address once, in the list's order from where it started.
+    for round in addresses.chunks(3) {
+        let mut sorted = round.to_vec();
+        sorted.sort();
+        assert_eq!(sorted, ["a:7443", "b:7443", "c:7443"], "{addresses:?}");
+    }
+    for (n, wait) in waits.iter().enumerate() {
+        // The first two failures of a round wait a quick jitter; the third, the round's
+        // backoff, whose ceiling doubles per round up to max_backoff.
+        let ceiling =
+            if n % 3 == 2 { BASE.saturating_mul(1 << (n / 3 + 1).min(16)).min(max) } else { BASE };
+        assert!(*wait <= ceiling, "wait {n}: {wait:?} above {ceiling:?}");
+    }
+    let round_waits: Vec<Duration> = waits.iter().skip(2).step_by(3).copied().collect();
+    assert!(round_waits[10..].iter().any(|w| *w > Duration::from_secs(8)), "grew: {waits:?}");
+    assert!(round_waits.iter().all(|w| *w <= max), "bounded: {round_waits:?}");
+    assert!(waits.windows(2).any(|w| w[0] != w[1]), "jittered: {waits:?}");
+
+    // One address back: the session comes up and the next failure is a quick one again.
+    sim.reachable = true;
+    sim.dead = ["a:7443", "c:7443"].iter().map(|a| (*a).to_owned()).collect();
+    while !sim.session.established() {
+        assert!(sim.advance());
+    }
+    assert_eq!(sim.session.address(), "b:7443");
+    assert_eq!(sim.session.failures(), 0);
+    sim.handle(Event::Lost("again".into()));
+    let Some(Action::Disconnected { wait, .. }) =
+        sim.log.iter().rev().find(|a| matches!(a, Action::Disconnected { .. }))
+    else {
+        panic!()
+    };
+    assert!(*wait <= BASE, "{wait:?}");
+}
+
+#[test]
+fn agents_with_different_seeds_spread_over_the_addresses() {
+    let replicas = ["a:7443", "b:7443", "c:7443"];
+    let mut per_replica = [0usize; 3];
+    for seed in 0..300 {
+        let sim = with_addresses(&replicas, seed);
+        assert!(sim.session.established());
+        let at = replicas.iter().position(|r| *r == sim.session.address()).unwrap();
+        per_replica[at] += 1;
+    }
+    // 300 draws over three: each gets far more than a few (expected 100 each).
+    assert!(per_replica.iter().all(|n| *n >= 60), "{per_replica:?}");
+    // The same seed, the same choice.
+    assert_eq!(
+        with_addresses(&replicas, 42).session.address(),
+        with_addresses(&replicas, 42).session.address()
+    );
+}
+
+#[test]
+fn one_address_keeps_the_long_connect_timeout_and_new_lists_keep_the_current_address() {
+    let sim = with_addresses(&["only:7443"], 1);
+    assert_eq!(sim.log[1], connect("only:7443", 15));
+    let mut sim = with_addresses(&["a:7443", "b:7443"], 9);
+    let current = sim.session.address().to_owned();
+    sim.handle(Event::Addresses(vec!["z:7443".into(), current.clone()]));
+    assert_eq!(sim.session.address(), current);
+    assert_eq!(sim.session.addresses(), ["z:7443".to_owned(), current]);
 }
