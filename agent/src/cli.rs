@@ -178,7 +178,9 @@ pub struct InitArgs {
 /// Arguments of `enroll`.
 #[derive(Debug, Args)]
 pub struct EnrollArgs {
-    /// The control plane's QUIC address (`host:port`).
+    /// The control plane's QUIC address (`host:port`), or the addresses of its replicas
+    /// separated by commas (`a:7443,b:7443`); a name with several records counts as
+    /// several. The agent starts at a random one and moves on to the next when one fails.
     #[arg(long)]
     control_plane: String,
     /// The enrollment token (`falaj-control token create`).
@@ -320,11 +322,14 @@ fn enroll(args: &EnrollArgs) -> Result<(), Failure> {
         .map_err(|e| match e {
             EnrollError::Connect { .. } | EnrollError::Identity(_) => Failure::Other(e.into()),
             EnrollError::Refused(_) => Failure::Refused(e.into()),
+            EnrollError::Address(_) => Failure::Usage(e.into()),
             _ => Failure::Config(e.into()),
         })?;
     println!(
         "enrolled as {} in group {} with the control plane at {}",
-        identity.agent_id, identity.group, identity.control_plane
+        identity.agent_id,
+        identity.group,
+        identity.control_planes().join(", ")
     );
     Ok(())
 }
@@ -425,7 +430,8 @@ fn serve(args: &ServeArgs) -> Result<(), Failure> {
         if let Some(identity) = agent.identity() {
             println!(
                 "syncing with the control plane at {} as {}",
-                identity.control_plane, identity.agent_id
+                identity.control_planes().join(", "),
+                identity.agent_id
             );
         }
         systemd::ready();

@@ -3,7 +3,8 @@
 //!
 //! The key pair is generated here and only a certificate signing request is sent. The
 //! control plane is authenticated on this first contact by the CA hash in the token, so
-//! nothing is trusted on first use.
+//! nothing is trusted on first use. The CA is the region's: every replica of the control
+//! plane presents a certificate it issued, so any of the addresses given may answer.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -12,6 +13,7 @@ use std::time::{Duration, SystemTime};
 use falaj_common::enrollment::{EnrollmentToken, TokenError};
 use falaj_common::protocol::io::{FrameIoError, read_frame, write_frame};
 use falaj_common::protocol::{EnrollRequest, EnrollResponse, SERVER_NAME};
+use falaj_common::session::addresses::{self, AddressError};
 use thiserror::Error;
 
 use crate::identity::{IdentityError, IdentityFiles, enroll_config};
@@ -20,7 +22,8 @@ use crate::store::{Identity, Store, StoreError};
 /// What to enroll with.
 #[derive(Debug, Clone)]
 pub struct EnrollOptions {
-    /// The control plane's QUIC address (`host:port`).
+    /// The control plane's QUIC addresses: `host:port`, several (one per replica)
+    /// separated by commas; a name may resolve to several.
     pub control_plane: String,
     /// The token's text.
     pub token: String,
@@ -36,6 +39,9 @@ pub enum EnrollError {
     /// The token's text is not a token.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The list of control-plane addresses is not one.
+    #[error(transparent)]
+    Address(#[from] AddressError),
     /// The token is for another region than the one asked for.
     #[error("the token is for region {token:?}, this agent is for {expected:?}")]
     WrongRegion {
@@ -65,13 +71,27 @@ pub enum EnrollError {
     Store(#[from] StoreError),
 }
 
-async fn resolve(address: &str) -> Result<SocketAddr, EnrollError> {
-    tokio::net::lookup_host(address).await.ok().and_then(|mut addrs| addrs.next()).ok_or_else(
-        || EnrollError::Connect {
-            address: address.into(),
-            reason: "the address does not resolve".into(),
-        },
-    )
+/// Every address `entries` stand for, in order, each once: a name stands for each of
+/// its records. An entry that does not resolve is named in `failures`.
+async fn resolve(entries: &[String], failures: &mut Vec<String>) -> Vec<SocketAddr> {
+    let mut remotes = Vec::new();
+    for entry in entries {
+        match tokio::net::lookup_host(entry.as_str()).await {
+            Ok(found) => {
+                let found: Vec<SocketAddr> = found.collect();
+                if found.is_empty() {
+                    failures.push(format!("{entry}: the address does not resolve"));
+                }
+                for remote in found {
+                    if !remotes.contains(&remote) {
+                        remotes.push(remote);
+                    }
+                }
+            }
+            Err(e) => failures.push(format!("{entry}: {e}")),
+        }
+    }
+    remotes
 }
 
 /// A client endpoint on an ephemeral UDP port of the right address family.
@@ -98,39 +118,35 @@ pub async fn enroll(
     if store_exists && !files.enrollment_pending() {
         return Err(EnrollError::AlreadyInitialised(data_dir.display().to_string()));
     }
+    let entries = addresses::parse_list(&options.control_plane)?;
     let request = files.enrollment_request()?;
-    let connect =
-        |reason: String| EnrollError::Connect { address: options.control_plane.clone(), reason };
-    let remote = resolve(&options.control_plane).await?;
-    let endpoint = client_endpoint(remote).map_err(|e| connect(e.to_string()))?;
-    let config = enroll_config(token.ca_sha256)?;
-    let response = async {
-        let conn = endpoint
-            .connect_with(config, remote, SERVER_NAME)
-            .map_err(|e| connect(e.to_string()))?
-            .await
-            .map_err(|e| connect(e.to_string()))?;
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| connect(e.to_string()))?;
-        let message = EnrollRequest {
-            token: options.token.trim().to_owned(),
-            csr_der: request.csr_der.clone(),
-            hostname: options.hostname.clone(),
-            agent_version: env!("CARGO_PKG_VERSION").into(),
-        };
-        let io = |e: FrameIoError| connect(e.to_string());
-        write_frame(&mut send, &message).await.map_err(io)?;
-        let _ = send.finish();
-        let response =
-            read_frame::<EnrollResponse>(&mut recv).await.map_err(io)?.ok_or_else(|| {
-                connect("the control plane closed the stream without answering".into())
-            })?;
-        conn.close(0u32.into(), b"enrolled");
-        Ok::<_, EnrollError>(response)
+    let message = EnrollRequest {
+        token: options.token.trim().to_owned(),
+        csr_der: request.csr_der.clone(),
+        hostname: options.hostname.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").into(),
     };
-    let response = tokio::time::timeout(Duration::from_secs(30), response)
-        .await
-        .map_err(|_| connect("timed out".into()))??;
-    endpoint.wait_idle().await;
+    // The addresses in the order given: the first that answers enrolls; one that cannot be
+    // reached (or is not the region's control plane) costs one attempt.
+    let mut failures = Vec::new();
+    let remotes = resolve(&entries, &mut failures).await;
+    let handshake = if remotes.len() > 1 { FAILOVER_HANDSHAKE } else { HANDSHAKE };
+    let mut answer = None;
+    for remote in remotes {
+        match ask(remote, token.ca_sha256, &message, handshake).await {
+            Ok(response) => {
+                answer = Some(response);
+                break;
+            }
+            Err(reason) => failures.push(format!("{remote}: {reason}")),
+        }
+    }
+    let Some(response) = answer else {
+        return Err(EnrollError::Connect {
+            address: addresses::join(&entries),
+            reason: failures.join("; "),
+        });
+    };
     let enrollment = match response {
         EnrollResponse::Enrolled(e) => e,
         EnrollResponse::Refused(reason) => return Err(EnrollError::Refused(reason)),
@@ -158,9 +174,50 @@ pub async fn enroll(
     let identity = Identity {
         agent_id: enrollment.agent_id,
         group: enrollment.group,
-        control_plane: options.control_plane.clone(),
+        control_plane: addresses::join(&entries),
     };
     store.set_identity(&identity, now)?;
     files.enrollment_done()?;
     Ok(identity)
+}
+
+/// How long the handshake with the only address given may take.
+const HANDSHAKE: Duration = Duration::from_secs(30);
+/// How long the handshake with one of several addresses may take before the next is
+/// tried (an address where nothing answers costs this).
+const FAILOVER_HANDSHAKE: Duration = Duration::from_secs(5);
+/// How long the control plane may take to answer once connected.
+const ANSWER: Duration = Duration::from_secs(30);
+
+/// Sends the enrollment request to `remote`, which must prove a chain to the CA whose
+/// SHA-256 the token pins; the answer, or why there is none.
+async fn ask(
+    remote: SocketAddr,
+    ca_sha256: falaj_common::keys::Sha256,
+    message: &EnrollRequest,
+    handshake: Duration,
+) -> Result<EnrollResponse, String> {
+    let endpoint = client_endpoint(remote).map_err(|e| e.to_string())?;
+    let config = enroll_config(ca_sha256).map_err(|e| e.to_string())?;
+    let connecting =
+        endpoint.connect_with(config, remote, SERVER_NAME).map_err(|e| e.to_string())?;
+    let conn = tokio::time::timeout(handshake, connecting)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        let io = |e: FrameIoError| e.to_string();
+        write_frame(&mut send, message).await.map_err(io)?;
+        let _ = send.finish();
+        read_frame::<EnrollResponse>(&mut recv)
+            .await
+            .map_err(io)?
+            .ok_or_else(|| "the control plane closed the stream without answering".to_owned())
+    };
+    let response =
+        tokio::time::timeout(ANSWER, exchange).await.map_err(|_| "timed out".to_owned())?;
+    conn.close(0u32.into(), b"enrolled");
+    endpoint.wait_idle().await;
+    response
 }

@@ -5,7 +5,8 @@
 //! and writes frames, reads and writes the store, installs bundles and runs jobs, and
 //! feeds each outcome back as an event. One loop owns the machine, so nothing here is
 //! shared behind a lock but the store. On any failure the agent keeps serving what is
-//! installed and retries with exponential backoff and jitter.
+//! installed and retries with exponential backoff and jitter, moving on to the next of
+//! the control plane's addresses (its replicas, or the records of its name).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use std::time::{Duration, SystemTime};
 
 use falaj_common::protocol::io::{read_frame, write_frame};
 use falaj_common::protocol::{ActualState, AgentMessage, ControlMessage, SERVER_NAME};
-use falaj_common::session::{Restored, Session, Validity};
+use falaj_common::session::{self, Restored, Session, Validity};
 use falaj_common::time::Timestamp;
 use falaj_gpu::GpuOptions;
 use thiserror::Error;
@@ -245,6 +246,7 @@ impl Syncer {
     /// store is read until it answers (or shutdown): without the accepted version, a
     /// replayed document could not be told from a new one.
     async fn restored(&self, shutdown: &mut watch::Receiver<bool>) -> Option<Restored> {
+        let addresses = resolve_all(&self.identity.control_planes()).await;
         loop {
             let read = self
                 .with_store(|s| {
@@ -262,6 +264,7 @@ impl Syncer {
                         region,
                         accepted,
                         certificate: self.validity(),
+                        addresses,
                         seed: Timestamp::from_system(SystemTime::now()).unix()
                             ^ u64::from(std::process::id()),
                     });
@@ -280,9 +283,15 @@ impl Syncer {
         Some(Validity { not_before, not_after })
     }
 
-    async fn connect(&self) -> Result<quinn::Connection, SyncError> {
-        let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(e.to_string());
-        let address = &self.identity.control_plane;
+    /// A QUIC connection to `address` within `timeout`. Whatever the address, the server
+    /// must prove the name [`SERVER_NAME`] with a chain to the pinned CA: the region's
+    /// CA, which issues every replica's certificate for that name.
+    async fn connect(
+        &self,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<quinn::Connection, SyncError> {
+        let conn_err = |e: &dyn std::fmt::Display| SyncError::Connection(format!("{address}: {e}"));
         let remote: SocketAddr = tokio::net::lookup_host(address)
             .await
             .map_err(|e| conn_err(&e))?
@@ -292,16 +301,22 @@ impl Syncer {
         let endpoint = crate::enroll::client_endpoint(remote).map_err(|e| conn_err(&e))?;
         let connecting =
             endpoint.connect_with(config, remote, SERVER_NAME).map_err(|e| conn_err(&e))?;
-        tokio::time::timeout(Duration::from_secs(15), connecting)
+        tokio::time::timeout(timeout, connecting)
             .await
             .map_err(|_| SyncError::Connection(format!("connecting to {address} timed out")))?
             .map_err(|e| conn_err(&e))
     }
 
-    /// Connects, says hello and waits for the control plane's first message: the session
-    /// is up only then, since with TLS 1.3 a refused client certificate shows no earlier.
-    async fn open_session(&self, known: &Known) -> Result<Opened, SyncError> {
-        let conn = self.connect().await?;
+    /// Connects to `address`, says hello and waits for the control plane's first message:
+    /// the session is up only then, since with TLS 1.3 a refused client certificate shows
+    /// no earlier.
+    async fn open_session(
+        &self,
+        known: &Known,
+        address: &str,
+        timeout: Duration,
+    ) -> Result<Opened, SyncError> {
+        let conn = self.connect(address, timeout).await?;
         // A refused peer shows as a lost stream; the close reason says why.
         let failed = |e: &dyn std::fmt::Display| {
             conn.close_reason().map_or_else(
@@ -323,17 +338,34 @@ impl Syncer {
         }
     }
 
+    /// A session on the first of the control plane's addresses that opens one, in the
+    /// enrolled order; the last failure if none does.
+    async fn open_any(&self) -> Result<Opened, SyncError> {
+        let addresses = resolve_all(&self.identity.control_planes()).await;
+        let defaults = session::Config::default();
+        let timeout =
+            if addresses.len() > 1 { defaults.failover_timeout } else { defaults.connect_timeout };
+        let mut failed = SyncError::Connection("no control-plane address".into());
+        for address in &addresses {
+            match self.open_session(&Known::default(), address, timeout).await {
+                Ok(opened) => return Ok(opened),
+                Err(e) => failed = e,
+            }
+        }
+        Err(failed)
+    }
+
     /// Opens a session and hands back a [`Fetcher`] on it, for tools that drive transfers
     /// themselves (the fan-out benchmark). The session stays open while the value lives.
     pub async fn open_fetcher(&self) -> Result<OpenSession, SyncError> {
-        let (connection, send, recv, first) = *self.open_session(&Known::default()).await?;
+        let (connection, send, recv, first) = *self.open_any().await?;
         let fetcher = self.fetcher(connection);
         Ok(OpenSession { fetcher, first, _send: send, _recv: recv })
     }
 
     /// Checks that a session with the control plane can be opened (and closes it).
     pub async fn probe(&self) -> Result<(), SyncError> {
-        let (conn, ..) = *self.open_session(&Known::default()).await?;
+        let (conn, ..) = *self.open_any().await?;
         conn.close(0u32.into(), b"probe");
         Ok(())
     }
@@ -359,5 +391,84 @@ fn with_clock(error: &str, now: SystemTime) -> String {
         )
     } else {
         error.to_owned()
+    }
+}
+
+/// How long resolving one name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `entries` with each name replaced by every address it resolves to (so a name with
+/// several records counts as several replicas), in order, each once. A name that does not
+/// resolve now stays as it is: dialling it resolves it again, or fails and says why.
+pub(crate) async fn resolve_all(entries: &[String]) -> Vec<String> {
+    let mut addresses: Vec<String> = Vec::new();
+    for entry in entries {
+        let resolved: Vec<String> = if entry.parse::<SocketAddr>().is_ok() {
+            vec![entry.clone()]
+        } else {
+            match tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(entry)).await {
+                Ok(Ok(found)) => found.map(|a| a.to_string()).collect(),
+                Ok(Err(e)) => {
+                    tracing::warn!(control_plane = %entry, error = %e, "resolving a control-plane address");
+                    Vec::new()
+                }
+                Err(_) => {
+                    tracing::warn!(control_plane = %entry, "resolving a control-plane address timed out");
+                    Vec::new()
+                }
+            }
+        };
+        let resolved = if resolved.is_empty() { vec![entry.clone()] } else { resolved };
+        for address in resolved {
+            if !addresses.contains(&address) {
+                addresses.push(address);
+            }
+        }
+    }
+    addresses
+}
+
+/// Whether any of `entries` is a name (not an address), so resolving again may change
+/// the list.
+fn has_names(entries: &[String]) -> bool {
+    entries.iter().any(|e| e.parse::<SocketAddr>().is_err())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(control_plane: &str) -> Identity {
+        Identity { agent_id: "a".into(), group: "g".into(), control_plane: control_plane.into() }
+    }
+
+    #[test]
+    fn a_stored_address_is_a_list_of_one_and_a_stored_list_is_read_in_order() {
+        // What an agent enrolled before lists were stored holds.
+        assert_eq!(identity("10.0.0.1:7443").control_planes(), ["10.0.0.1:7443"]);
+        assert_eq!(
+            identity("cp-a.example:7443,cp-b.example:7443").control_planes(),
+            ["cp-a.example:7443", "cp-b.example:7443"]
+        );
+        // Not a list: handed on as it is, so that dialling it says what is wrong.
+        assert_eq!(identity("nonsense").control_planes(), ["nonsense"]);
+    }
+
+    #[tokio::test]
+    async fn names_resolve_to_each_of_their_addresses_and_addresses_stay() {
+        let entries = vec!["127.0.0.1:7443".to_owned(), "localhost:7444".to_owned()];
+        let resolved = resolve_all(&entries).await;
+        assert_eq!(resolved[0], "127.0.0.1:7443");
+        let rest = &resolved[1..];
+        assert!(!rest.is_empty(), "{resolved:?}");
+        for address in rest {
+            let address: SocketAddr = address.parse().unwrap();
+            assert!(address.ip().is_loopback() && address.port() == 7444, "{resolved:?}");
+        }
+        assert!(has_names(&entries));
+        assert!(!has_names(&entries[..1]));
+        // An address listed twice is dialled once.
+        let twice = vec!["127.0.0.1:1".to_owned(), "127.0.0.1:1".to_owned()];
+        assert_eq!(resolve_all(&twice).await, ["127.0.0.1:1"]);
     }
 }

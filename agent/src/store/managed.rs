@@ -45,8 +45,20 @@ pub struct Identity {
     pub agent_id: String,
     /// Its group.
     pub group: String,
-    /// The control plane's QUIC address, as given at enrollment.
+    /// The control plane's QUIC addresses as given at enrollment: `host:port`, several
+    /// (one per replica) separated by commas. A store written by an agent that knew one
+    /// address holds that one, which reads as a list of one.
     pub control_plane: String,
+}
+
+impl Identity {
+    /// The control plane's addresses, in the enrolled order (each `host:port`; a name may
+    /// stand for several). Text that is not a list is handed on as one address, whose
+    /// dialling then fails and says why.
+    pub fn control_planes(&self) -> Vec<String> {
+        falaj_common::session::addresses::parse_list(&self.control_plane)
+            .unwrap_or_else(|_| vec![self.control_plane.clone()])
+    }
 }
 
 impl Store {

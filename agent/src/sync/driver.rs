@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::{Known, Opened, SyncError, Syncer, with_clock};
+use super::{Known, Opened, SyncError, Syncer, has_names, resolve_all, with_clock};
 use crate::identity::KeyRequest;
 use crate::reporting::Reporter;
 
@@ -48,6 +48,8 @@ enum Done {
     Apply { generation: u64, event: Event },
     /// A job ended.
     Job(Event),
+    /// The enrolled names resolved again to these addresses.
+    Resolved(Vec<String>),
 }
 
 /// Why the loop woke.
@@ -78,6 +80,7 @@ impl Syncer {
             live: None,
             generation: 0,
             connecting: None,
+            resolving: None,
             job: None,
             queued: VecDeque::new(),
         };
@@ -130,6 +133,9 @@ impl Syncer {
         if let Some(connecting) = driver.connecting.take() {
             connecting.abort();
         }
+        if let Some(resolving) = driver.resolving.take() {
+            resolving.abort();
+        }
         self.stats.connected.store(false, Ordering::Relaxed);
     }
 }
@@ -142,6 +148,7 @@ struct Driver {
     live: Option<Live>,
     generation: u64,
     connecting: Option<JoinHandle<()>>,
+    resolving: Option<JoinHandle<()>>,
     job: Option<JoinHandle<()>>,
     queued: VecDeque<Event>,
 }
@@ -157,7 +164,7 @@ impl Driver {
                     Ok(opened) => {
                         let (conn, send, recv, first) = *opened;
                         let this = &self.syncer;
-                        tracing::info!(control_plane = %this.identity.control_plane, agent = %this.identity.agent_id, "connected to the control plane");
+                        tracing::info!(control_plane = %conn.remote_address(), agent = %this.identity.agent_id, "connected to the control plane");
                         let reader = tokio::spawn(read_frames(
                             conn.clone(),
                             recv,
@@ -180,6 +187,10 @@ impl Driver {
             Done::Job(event) => {
                 self.job = None;
                 Some(event)
+            }
+            Done::Resolved(addresses) => {
+                self.resolving = None;
+                Some(Event::Addresses(addresses))
             }
             Done::Connected { .. } | Done::Frame { .. } | Done::Apply { .. } => None,
         }
@@ -215,12 +226,13 @@ impl Driver {
     async fn perform(&mut self, action: Action, machine: &Session) -> Option<Event> {
         let this = Arc::clone(&self.syncer);
         match action {
-            Action::Connect => {
+            Action::Connect { address, timeout } => {
                 self.generation += 1;
                 let (generation, tx, known) =
                     (self.generation, self.tx.clone(), Known::of(machine));
+                tracing::debug!(control_plane = %address, "connecting to the control plane");
                 self.connecting = Some(tokio::spawn(async move {
-                    let session = this.open_session(&known).await;
+                    let session = this.open_session(&known, &address, timeout).await;
                     let _ = tx.send(Done::Connected { generation, session });
                 }));
                 None
@@ -228,7 +240,17 @@ impl Driver {
             Action::Disconnected { reason, wait } => {
                 self.live = None;
                 let error = with_clock(&reason, SystemTime::now());
-                tracing::warn!(control_plane = %this.identity.control_plane, error = %error, retry_in = ?wait, "control plane session ended");
+                tracing::warn!(error = %error, retry_in = ?wait, next = %machine.address(), "control plane session ended");
+                None
+            }
+            Action::Resolve => {
+                let entries = this.identity.control_planes();
+                if has_names(&entries) && self.resolving.is_none() {
+                    let tx = self.tx.clone();
+                    self.resolving = Some(tokio::spawn(async move {
+                        let _ = tx.send(Done::Resolved(resolve_all(&entries).await));
+                    }));
+                }
                 None
             }
             Action::Record { doc, document } => {
