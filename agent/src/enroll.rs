@@ -107,6 +107,7 @@ pub async fn enroll(
     options: &EnrollOptions,
     now: SystemTime,
 ) -> Result<Identity, EnrollError> {
+    let entries = addresses::parse_list(&options.control_plane)?;
     let token: EnrollmentToken = options.token.parse()?;
     if let Some(expected) = options.region.as_ref().filter(|r| **r != token.region) {
         return Err(EnrollError::WrongRegion { token: token.region, expected: expected.clone() });
@@ -118,7 +119,6 @@ pub async fn enroll(
     if store_exists && !files.enrollment_pending() {
         return Err(EnrollError::AlreadyInitialised(data_dir.display().to_string()));
     }
-    let entries = addresses::parse_list(&options.control_plane)?;
     let request = files.enrollment_request()?;
     let message = EnrollRequest {
         token: options.token.trim().to_owned(),

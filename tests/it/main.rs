@@ -22,6 +22,7 @@ mod compat;
 mod control_plane;
 mod crash_points;
 mod disk_full;
+mod failover;
 mod features;
 mod finetune;
 mod fleet_processes;
