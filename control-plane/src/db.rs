@@ -1,10 +1,14 @@
-//! The control plane's state in SQLite: tokens, agents and their certificates, bundles,
+//! The control plane's state: tokens, agents and their certificates, bundles,
 //! deployments, the desired-state documents issued, and an event log (metric windows,
 //! alerts, fine-tune jobs and rollouts have their tables here too, and their functions in
-//! their own modules).
+//! their own modules). SQLite by default; PostgreSQL through the same queries
+//! ([`crate::sql`]) for the functions ported to it.
 //!
 //! Every function here takes a connection and does one transaction; the daemon runs them
-//! on the blocking pool through [`Db::call`], so async tasks never wait on a disk sync.
+//! on the blocking pool through [`Db::run`] (either database) or [`Db::call`] (SQLite
+//! only, for modules not yet ported), so async tasks never wait on a disk sync. The
+//! functions here take any [`AsSql`]: a rusqlite connection (their error then a
+//! `rusqlite::Error`, as modules not yet ported expect) or an [`Sql`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -14,8 +18,11 @@ use falaj_common::keys::Sha256;
 use falaj_common::protocol::ActualState;
 use falaj_common::time::Timestamp;
 use falaj_shell::sqlite::OpenError;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::Connection;
 use thiserror::Error;
+
+use crate::sql::postgres::{MigrateError, Pool};
+use crate::sql::{AsSql, OptionalExt, PgOptions, Row, Sql, SqlError, params};
 
 /// Database file name inside the data directory.
 pub const DB_FILE: &str = "control.db";
@@ -240,16 +247,33 @@ pub enum DbError {
         path: PathBuf,
         source: rusqlite::Error,
     },
+    /// A query through [`Db::run`] failed (on either database).
+    #[error("control-plane database {target}: {source}")]
+    Sql {
+        /// The database file, or `postgres://host:port/db`.
+        target: String,
+        source: SqlError,
+    },
     /// The database was written by a newer control plane.
     #[error(
         "control-plane database {path} has schema version {found}; this build supports up to {supported}"
     )]
     SchemaTooNew {
+        /// The database file, or `postgres://host:port/db`.
         path: PathBuf,
         /// Its version.
         found: u32,
         /// The newest known here.
         supported: u32,
+    },
+    /// Code not yet ported to the facade asked a PostgreSQL database for a rusqlite
+    /// connection ([`Db::call`]).
+    #[error(
+        "control-plane database {target}: this part of the control plane runs on SQLite only; it is not yet ported to PostgreSQL (issue 21)"
+    )]
+    SqliteOnly {
+        /// `postgres://host:port/db`.
+        target: String,
     },
     /// The blocking task running the query failed.
     #[error("database task failed: {0}")]
@@ -259,8 +283,17 @@ pub enum DbError {
 /// The database, shared by the daemon's tasks.
 #[derive(Debug, Clone)]
 pub struct Db {
+    /// The database file, or `postgres://host:port/db` (never a password).
     path: PathBuf,
-    conn: Arc<Mutex<Connection>>,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    /// One connection, used by one thread at a time.
+    Sqlite(Arc<Mutex<Connection>>),
+    /// A pool of connections.
+    Postgres(Arc<Pool>),
 }
 
 impl Db {
@@ -285,15 +318,83 @@ impl Db {
                 DbError::SchemaTooNew { path, found, supported }
             }
         })?;
-        Ok(Self { path: path.to_owned(), conn: Arc::new(Mutex::new(conn)) })
+        Ok(Self { path: path.to_owned(), backend: Backend::Sqlite(Arc::new(Mutex::new(conn))) })
     }
 
-    /// Runs `f` on the connection, on the blocking pool.
+    /// Connects to PostgreSQL and brings its schema up to date (each migration in one
+    /// transaction; a newer schema is refused). Blocks: call it before the runtime starts
+    /// or on the blocking pool. Only the functions ported to [`crate::sql`] work on it:
+    /// [`Db::call`] fails with [`DbError::SqliteOnly`].
+    pub fn open_postgres(options: &PgOptions) -> Result<Self, DbError> {
+        Self::open_postgres_with(options, crate::sql::schema::CONTROL)
+    }
+
+    /// [`Db::open_postgres`] with its own schema history: `migrations[i]` takes
+    /// `schema_version` from `i` to `i + 1`.
+    pub fn open_postgres_with(options: &PgOptions, migrations: &[&str]) -> Result<Self, DbError> {
+        let pool = Pool::new(options).map_err(|source| DbError::Sql {
+            target: crate::sql::postgres::redacted(&options.url),
+            source,
+        })?;
+        let path = PathBuf::from(pool.target());
+        let pool = Arc::new(pool);
+        crate::sql::postgres::migrate(&pool, migrations).map_err(|e| match e {
+            MigrateError::Sql(source) => DbError::Sql { target: pool.target().to_owned(), source },
+            MigrateError::TooNew { found, supported } => {
+                DbError::SchemaTooNew { path: path.clone(), found, supported }
+            }
+        })?;
+        Ok(Self { path, backend: Backend::Postgres(pool) })
+    }
+
+    /// Which database this is.
+    pub fn backend(&self) -> crate::sql::Backend {
+        match self.backend {
+            Backend::Sqlite(_) => crate::sql::Backend::Sqlite,
+            Backend::Postgres(_) => crate::sql::Backend::Postgres,
+        }
+    }
+
+    /// Runs `f` on either database, on the blocking pool, with the task's actor (for the
+    /// audit entries it records). On PostgreSQL `f` is one transaction, committed when it
+    /// returns `Ok`; on SQLite its statements commit as they run unless `f` opens a
+    /// transaction ([`Sql::transaction`]).
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(Sql<'_>) -> Result<R, SqlError> + Send + 'static,
+    ) -> Result<R, DbError> {
+        let db = self.clone();
+        let actor = crate::audit::task_actor();
+        tokio::task::spawn_blocking(move || crate::audit::on_thread(actor, || db.run_sync(f)))
+            .await
+            .map_err(|e| DbError::Task(e.to_string()))?
+    }
+
+    /// [`Db::run`] on this thread (for start-up, the CLI and tests).
+    pub fn run_sync<R>(
+        &self,
+        f: impl FnOnce(Sql<'_>) -> Result<R, SqlError>,
+    ) -> Result<R, DbError> {
+        let out = match &self.backend {
+            Backend::Sqlite(conn) => {
+                let conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                f(Sql::sqlite(&conn))
+            }
+            Backend::Postgres(pool) => {
+                pool.session().and_then(|session| session.in_transaction(|s| f(Sql::postgres(s))))
+            }
+        };
+        out.map_err(|source| DbError::Sql { target: self.path.display().to_string(), source })
+    }
+
+    /// Runs `f` on the SQLite connection, on the blocking pool: for modules not yet ported
+    /// to [`crate::sql`] ([`DbError::SqliteOnly`] on PostgreSQL).
     pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> Result<R, DbError> {
-        let (conn, path) = (Arc::clone(&self.conn), self.path.clone());
+        let conn = self.sqlite()?;
+        let path = self.path.clone();
         // The request's actor goes along, for the events the transaction records.
         let actor = crate::audit::task_actor();
         tokio::task::spawn_blocking(move || {
@@ -305,13 +406,24 @@ impl Db {
         .map_err(|e| DbError::Task(e.to_string()))?
     }
 
-    /// Runs `f` on the connection on this thread (for start-up and CLI use).
+    /// Runs `f` on the SQLite connection on this thread (for start-up and CLI use);
+    /// [`DbError::SqliteOnly`] on PostgreSQL.
     pub fn call_sync<R>(
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<R>,
     ) -> Result<R, DbError> {
-        let mut conn = self.conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let conn = self.sqlite()?;
+        let mut conn = conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut conn).map_err(|source| DbError::Sqlite { path: self.path.clone(), source })
+    }
+
+    fn sqlite(&self) -> Result<Arc<Mutex<Connection>>, DbError> {
+        match &self.backend {
+            Backend::Sqlite(conn) => Ok(Arc::clone(conn)),
+            Backend::Postgres(_) => {
+                Err(DbError::SqliteOnly { target: self.path.display().to_string() })
+            }
+        }
     }
 }
 
@@ -329,35 +441,49 @@ pub(crate) fn sha(text: &str) -> rusqlite::Result<Sha256> {
     })
 }
 
+/// Column `idx` of `r`, a SHA-256 in hex.
+pub(crate) fn sha_at(r: &Row<'_>, idx: usize) -> Result<Sha256, SqlError> {
+    let text: String = r.get(idx)?;
+    text.parse().map_err(|e: falaj_common::keys::KeyError| SqlError::Conversion {
+        column: idx,
+        message: e.to_string(),
+    })
+}
+
 /// Records an event.
-pub fn event(
-    conn: &Connection,
+pub fn event<C: AsSql + ?Sized>(
+    conn: &C,
     at: Timestamp,
     kind: &str,
     subject: &str,
     detail: &str,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO events (at, kind, subject, detail) VALUES (?1, ?2, ?3, ?4)",
+) -> Result<(), C::Error> {
+    let sql = conn.sql();
+    sql.execute(
+        "INSERT INTO events (at, kind, subject, detail) VALUES ($1, $2, $3, $4)",
         params![ts(at), kind, subject, detail],
     )?;
     let details = serde_json::from_str(detail).unwrap_or_else(|_| serde_json::json!(detail));
-    crate::audit::record(conn, at, kind, subject, Outcome::Success, details).map(drop)
+    crate::audit::record(&sql, at, kind, subject, Outcome::Success, details)?;
+    Ok(())
 }
 
 /// A setting's value.
-pub fn setting(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
-    conn.query_row("SELECT value FROM settings WHERE key = ?1", [key], |r| r.get(0)).optional()
+pub fn setting<C: AsSql + ?Sized>(conn: &C, key: &str) -> Result<Option<String>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row("SELECT value FROM settings WHERE key = $1", params![key], |r| r.get(0))
+        .optional()?)
 }
 
 /// Sets a setting.
-pub fn set_setting(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO settings (key, value) VALUES (?1, ?2)
+pub fn set_setting<C: AsSql + ?Sized>(conn: &C, key: &str, value: &str) -> Result<(), C::Error> {
+    conn.sql().execute(
+        "INSERT INTO settings (key, value) VALUES ($1, $2)
          ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         params![key, value],
-    )
-    .map(drop)
+    )?;
+    Ok(())
 }
 
 // ---- tokens ----
@@ -376,14 +502,14 @@ pub struct TokenRow {
 }
 
 /// Stores a new token.
-pub fn insert_token(
-    conn: &Connection,
+pub fn insert_token<C: AsSql + ?Sized>(
+    conn: &C,
     token: &TokenRow,
     secret_sha256: Sha256,
     now: Timestamp,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO tokens (id, secret_sha256, grp, region, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+) -> Result<(), C::Error> {
+    conn.sql().execute(
+        "INSERT INTO tokens (id, secret_sha256, grp, region, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6)",
         params![token.id, secret_sha256.to_string(), token.group, token.region, ts(now), ts(token.expires)],
     )?;
     let detail =
@@ -441,14 +567,19 @@ pub struct TokenUse {
 
 /// The agent that `token` already enrolled with this very CSR, if it did and is not
 /// revoked: an enrollment interrupted after its answer, asking again.
-pub fn enrolled_by(conn: &Connection, token: &TokenUse) -> rusqlite::Result<Option<String>> {
-    conn.query_row(
-        "SELECT t.used_by FROM tokens t JOIN agents a ON a.id = t.used_by
-         WHERE t.id = ?1 AND t.secret_sha256 = ?2 AND t.used_csr_sha256 = ?3 AND a.revoked_at IS NULL",
-        params![token.token_id, token.secret_sha256.to_string(), token.csr_sha256.to_string()],
-        |r| r.get(0),
-    )
-    .optional()
+pub fn enrolled_by<C: AsSql + ?Sized>(
+    conn: &C,
+    token: &TokenUse,
+) -> Result<Option<String>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row(
+            "SELECT t.used_by FROM tokens t JOIN agents a ON a.id = t.used_by
+             WHERE t.id = $1 AND t.secret_sha256 = $2 AND t.used_csr_sha256 = $3 AND a.revoked_at IS NULL",
+            params![token.token_id, token.secret_sha256.to_string(), token.csr_sha256.to_string()],
+            |r| r.get(0),
+        )
+        .optional()?)
 }
 
 /// A token as enrollment reads it: (secret, group, region, expiry), and who used it with
@@ -459,18 +590,23 @@ type TokenUseRow = ((String, String, String, i64), (Option<String>, Option<Strin
 /// one transaction: a token enrolls exactly one agent. The agent it enrolled with the
 /// same CSR (see [`enrolled_by`]) gets the new certificate instead, while the token has
 /// not expired.
-pub fn enroll(
-    conn: &mut Connection,
+pub fn enroll<C: AsSql + ?Sized>(
+    conn: &mut C,
     token: &TokenUse,
     region: &str,
     agent: &NewAgent,
     now: Timestamp,
-) -> rusqlite::Result<Result<String, TokenRefusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+) -> Result<Result<String, TokenRefusal>, C::Error> {
+    let tx = conn.sql().transaction_immediate()?;
+    // The token's row stays locked until the end (PostgreSQL), so that two enrollments
+    // with one token are one after the other, as SQLite's write lock makes them.
     let row: Option<TokenUseRow> = tx
         .query_row(
-            "SELECT secret_sha256, grp, region, expires_at, used_by, used_csr_sha256 FROM tokens WHERE id = ?1",
-            [&token.token_id],
+            &format!(
+                "SELECT secret_sha256, grp, region, expires_at, used_by, used_csr_sha256 FROM tokens WHERE id = $1{}",
+                tx.for_update()
+            ),
+            params![token.token_id],
             |r| Ok(((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?), (r.get(4)?, r.get(5)?))),
         )
         .optional()?;
@@ -494,16 +630,16 @@ pub fn enroll(
     }
     if !again {
         tx.execute(
-            "UPDATE tokens SET used_at = ?1, used_by = ?2, used_csr_sha256 = ?3 WHERE id = ?4",
+            "UPDATE tokens SET used_at = $1, used_by = $2, used_csr_sha256 = $3 WHERE id = $4",
             params![ts(now), agent.id, token.csr_sha256.to_string(), token.token_id],
         )?;
         tx.execute(
-            "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO agents (id, hostname, grp, region, enrolled_at, agent_version) VALUES ($1, $2, $3, $4, $5, $6)",
             params![agent.id, agent.hostname, group, region, ts(now), agent.agent_version],
         )?;
     }
     tx.execute(
-        "INSERT INTO certificates (serial, agent_id, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT INTO certificates (serial, agent_id, issued_at, expires_at) VALUES ($1, $2, $3, $4)",
         params![agent.serial, agent.id, ts(now), ts(agent.cert_expires)],
     )?;
     let (kind, detail) = if again {
@@ -517,7 +653,7 @@ pub fn enroll(
     } else {
         ("enroll", format!("group {group}, host {}, token {}", agent.hostname, token.token_id))
     };
-    event(&tx, now, kind, &agent.id, &detail)?;
+    event(&*tx, now, kind, &agent.id, &detail)?;
     tx.commit()?;
     Ok(Ok(group))
 }
@@ -547,7 +683,7 @@ pub struct AgentRow {
     pub revoked_at: Option<Timestamp>,
 }
 
-fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
+fn agent_row(r: &Row<'_>) -> Result<AgentRow, SqlError> {
     let actual: Option<String> = r.get(7)?;
     Ok(AgentRow {
         id: r.get(0)?,
@@ -555,10 +691,10 @@ fn agent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AgentRow> {
         group: r.get(2)?,
         region: r.get(3)?,
         enrolled_at: from_ts(r.get(4)?),
-        last_seen: r.get::<_, Option<i64>>(5)?.map(from_ts),
+        last_seen: r.get::<Option<i64>>(5)?.map(from_ts),
         agent_version: r.get(6)?,
         actual: actual.and_then(|a| serde_json::from_str(&a).ok()),
-        revoked_at: r.get::<_, Option<i64>>(8)?.map(from_ts),
+        revoked_at: r.get::<Option<i64>>(8)?.map(from_ts),
     })
 }
 
@@ -566,76 +702,100 @@ const AGENT_COLUMNS: &str =
     "id, hostname, grp, region, enrolled_at, last_seen, agent_version, actual, revoked_at";
 
 /// One agent.
-pub fn agent(conn: &Connection, id: &str) -> rusqlite::Result<Option<AgentRow>> {
-    conn.query_row(&format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = ?1"), [id], agent_row)
-        .optional()
+pub fn agent<C: AsSql + ?Sized>(conn: &C, id: &str) -> Result<Option<AgentRow>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row(
+            &format!("SELECT {AGENT_COLUMNS} FROM agents WHERE id = $1"),
+            params![id],
+            agent_row,
+        )
+        .optional()?)
 }
 
 /// Every agent, by group then id.
-pub fn agents(conn: &Connection) -> rusqlite::Result<Vec<AgentRow>> {
-    let mut stmt = conn.prepare(&format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY grp, id"))?;
-    stmt.query_map([], agent_row)?.collect()
+pub fn agents<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<AgentRow>, C::Error> {
+    Ok(conn.sql().query_map(
+        &format!("SELECT {AGENT_COLUMNS} FROM agents ORDER BY grp, id"),
+        params![],
+        agent_row,
+    )?)
 }
 
 /// The agents of a group (not revoked).
-pub fn group_agents(conn: &Connection, group: &str) -> rusqlite::Result<Vec<String>> {
-    let mut stmt =
-        conn.prepare("SELECT id FROM agents WHERE grp = ?1 AND revoked_at IS NULL ORDER BY id")?;
-    stmt.query_map([group], |r| r.get(0))?.collect()
+pub fn group_agents<C: AsSql + ?Sized>(conn: &C, group: &str) -> Result<Vec<String>, C::Error> {
+    Ok(conn.sql().query_map(
+        "SELECT id FROM agents WHERE grp = $1 AND revoked_at IS NULL ORDER BY id",
+        params![group],
+        |r| r.get(0),
+    )?)
 }
 
 /// Whether `serial` is a certificate issued to `agent_id`, which is not revoked.
-pub fn certificate_valid(
-    conn: &Connection,
+pub fn certificate_valid<C: AsSql + ?Sized>(
+    conn: &C,
     agent_id: &str,
     serial: &str,
-) -> rusqlite::Result<bool> {
-    conn.query_row(
+) -> Result<bool, C::Error> {
+    let n: i64 = conn.sql().query_row(
         "SELECT COUNT(*) FROM certificates c JOIN agents a ON a.id = c.agent_id
-         WHERE c.serial = ?1 AND c.agent_id = ?2 AND a.revoked_at IS NULL",
+         WHERE c.serial = $1 AND c.agent_id = $2 AND a.revoked_at IS NULL",
         params![serial, agent_id],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n > 0)
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
 }
 
 /// Records a renewed certificate.
-pub fn add_certificate(
-    conn: &Connection,
+pub fn add_certificate<C: AsSql + ?Sized>(
+    conn: &C,
     agent_id: &str,
     serial: &str,
     expires: Timestamp,
     now: Timestamp,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO certificates (serial, agent_id, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+) -> Result<(), C::Error> {
+    let sql = conn.sql();
+    sql.execute(
+        "INSERT INTO certificates (serial, agent_id, issued_at, expires_at) VALUES ($1, $2, $3, $4)",
         params![serial, agent_id, ts(now), ts(expires)],
     )?;
-    event(conn, now, "renew", agent_id, &format!("certificate {serial}, expires {expires}"))
+    event(&sql, now, "renew", agent_id, &format!("certificate {serial}, expires {expires}"))?;
+    Ok(())
 }
 
 /// Revokes an agent; returns false if there is no such agent.
-pub fn revoke(conn: &Connection, agent_id: &str, now: Timestamp) -> rusqlite::Result<bool> {
-    let n = conn.execute(
-        "UPDATE agents SET revoked_at = COALESCE(revoked_at, ?1) WHERE id = ?2",
+pub fn revoke<C: AsSql + ?Sized>(
+    conn: &C,
+    agent_id: &str,
+    now: Timestamp,
+) -> Result<bool, C::Error> {
+    let sql = conn.sql();
+    let n = sql.execute(
+        "UPDATE agents SET revoked_at = COALESCE(revoked_at, $1) WHERE id = $2",
         params![ts(now), agent_id],
     )?;
     if n > 0 {
-        event(conn, now, "revoke", agent_id, "agent revoked")?;
+        event(&sql, now, "revoke", agent_id, "agent revoked")?;
     }
     Ok(n > 0)
 }
 
-/// Records what agents reported and when they were last seen, in one transaction.
-pub fn record_seen(
-    conn: &mut Connection,
+/// Records what agents reported and when they were last seen, in one transaction. The
+/// fine-tune jobs' reports among them are recorded by [`crate::finetune`], which runs on
+/// SQLite only for now ([`SqlError::NotPorted`] on PostgreSQL when a report carries jobs).
+pub fn record_seen<C: AsSql + ?Sized>(
+    conn: &mut C,
     seen: &[(String, Timestamp, Option<ActualState>)],
-) -> rusqlite::Result<()> {
-    let tx = conn.transaction()?;
+) -> Result<(), C::Error> {
+    let tx = conn.sql().transaction()?;
     for (id, at, actual) in seen {
         match actual {
             Some(actual) => {
-                crate::finetune::record_reports(&tx, id, &actual.jobs, *at)?;
+                if !actual.jobs.is_empty() {
+                    let conn = tx.as_sqlite().ok_or(SqlError::NotPorted("finetune"))?;
+                    crate::finetune::record_reports(conn, id, &actual.jobs, *at)
+                        .map_err(SqlError::from)?;
+                }
                 // A job's weights are kept with the job (when its order allowed them), not
                 // again in the agent's last state.
                 let json = if actual.jobs.iter().any(|j| j.weights.is_some()) {
@@ -648,7 +808,7 @@ pub fn record_seen(
                     serde_json::to_string(actual)
                 };
                 tx.execute(
-                    "UPDATE agents SET last_seen = ?1, actual = ?2, agent_version = ?3 WHERE id = ?4",
+                    "UPDATE agents SET last_seen = $1, actual = $2, agent_version = $3 WHERE id = $4",
                     params![
                         ts(*at),
                         json.unwrap_or_default(),
@@ -658,11 +818,11 @@ pub fn record_seen(
                 )?
             }
             None => {
-                tx.execute("UPDATE agents SET last_seen = ?1 WHERE id = ?2", params![ts(*at), id])?
+                tx.execute("UPDATE agents SET last_seen = $1 WHERE id = $2", params![ts(*at), id])?
             }
         };
     }
-    tx.commit()
+    Ok(tx.commit()?)
 }
 
 // ---- bundles and deployments ----
@@ -688,15 +848,15 @@ pub struct BundleRow {
     pub pushed_at: Timestamp,
 }
 
-fn bundle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
+fn bundle_row(r: &Row<'_>) -> Result<BundleRow, SqlError> {
     Ok(BundleRow {
         name: r.get(0)?,
-        version: r.get::<_, i64>(1)? as u64,
-        manifest_sha256: sha(&r.get::<_, String>(2)?)?,
-        bundle_sha256: sha(&r.get::<_, String>(3)?)?,
-        recipe_sha256: sha(&r.get::<_, String>(4)?)?,
-        size: r.get::<_, i64>(5)? as u64,
-        chunks: r.get::<_, i64>(6)? as u64,
+        version: r.get::<i64>(1)? as u64,
+        manifest_sha256: sha_at(r, 2)?,
+        bundle_sha256: sha_at(r, 3)?,
+        recipe_sha256: sha_at(r, 4)?,
+        size: r.get::<i64>(5)? as u64,
+        chunks: r.get::<i64>(6)? as u64,
         pushed_at: from_ts(r.get(7)?),
     })
 }
@@ -704,27 +864,36 @@ fn bundle_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BundleRow> {
 const BUNDLE_COLUMNS: &str = "b.name, b.version, b.manifest_sha256, b.bundle_sha256, b.recipe_sha256, b.size, b.chunks, b.pushed_at";
 
 /// A bundle by name and version.
-pub fn bundle(conn: &Connection, name: &str, version: u64) -> rusqlite::Result<Option<BundleRow>> {
-    conn.query_row(
-        &format!("SELECT {BUNDLE_COLUMNS} FROM bundles b WHERE b.name = ?1 AND b.version = ?2"),
-        params![name, version as i64],
-        bundle_row,
-    )
-    .optional()
+pub fn bundle<C: AsSql + ?Sized>(
+    conn: &C,
+    name: &str,
+    version: u64,
+) -> Result<Option<BundleRow>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row(
+            &format!("SELECT {BUNDLE_COLUMNS} FROM bundles b WHERE b.name = $1 AND b.version = $2"),
+            params![name, version as i64],
+            bundle_row,
+        )
+        .optional()?)
 }
 
 /// Every bundle.
-pub fn bundles(conn: &Connection) -> rusqlite::Result<Vec<BundleRow>> {
-    let mut stmt = conn
-        .prepare(&format!("SELECT {BUNDLE_COLUMNS} FROM bundles b ORDER BY b.name, b.version"))?;
-    stmt.query_map([], bundle_row)?.collect()
+pub fn bundles<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<BundleRow>, C::Error> {
+    Ok(conn.sql().query_map(
+        &format!("SELECT {BUNDLE_COLUMNS} FROM bundles b ORDER BY b.name, b.version"),
+        params![],
+        bundle_row,
+    )?)
 }
 
 /// Registers a bundle (its blobs already stored).
-pub fn insert_bundle(conn: &Connection, b: &BundleRow) -> rusqlite::Result<()> {
-    conn.execute(
+pub fn insert_bundle<C: AsSql + ?Sized>(conn: &C, b: &BundleRow) -> Result<(), C::Error> {
+    let sql = conn.sql();
+    sql.execute(
         "INSERT INTO bundles (name, version, manifest_sha256, bundle_sha256, recipe_sha256, size, chunks, pushed_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         params![
             b.name,
             b.version as i64,
@@ -737,20 +906,25 @@ pub fn insert_bundle(conn: &Connection, b: &BundleRow) -> rusqlite::Result<()> {
         ],
     )?;
     event(
-        conn,
+        &sql,
         b.pushed_at,
         "push",
         &format!("{}@{}", b.name, b.version),
         &format!("{} bytes, {} chunks", b.size, b.chunks),
-    )
+    )?;
+    Ok(())
 }
 
 /// Points `old`'s row at the re-signed file `new` (same name, version and manifest: the
 /// signatures alone differ). The caller records it in the audit log, with the keys.
-pub fn re_sign_bundle(conn: &Connection, old: &BundleRow, new: &BundleRow) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE bundles SET bundle_sha256 = ?4, recipe_sha256 = ?5, size = ?6, chunks = ?7
-         WHERE name = ?1 AND version = ?2 AND manifest_sha256 = ?3",
+pub fn re_sign_bundle<C: AsSql + ?Sized>(
+    conn: &C,
+    old: &BundleRow,
+    new: &BundleRow,
+) -> Result<(), C::Error> {
+    conn.sql().execute(
+        "UPDATE bundles SET bundle_sha256 = $4, recipe_sha256 = $5, size = $6, chunks = $7
+         WHERE name = $1 AND version = $2 AND manifest_sha256 = $3",
         params![
             old.name,
             old.version as i64,
@@ -765,58 +939,75 @@ pub fn re_sign_bundle(conn: &Connection, old: &BundleRow, new: &BundleRow) -> ru
 }
 
 /// What a group should run: its deployed bundles.
-pub fn deployments(conn: &Connection, group: &str) -> rusqlite::Result<Vec<BundleRow>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {BUNDLE_COLUMNS} FROM deployments d JOIN bundles b ON b.name = d.name AND b.version = d.version
-         WHERE d.grp = ?1 ORDER BY b.name"
-    ))?;
-    stmt.query_map([group], bundle_row)?.collect()
+pub fn deployments<C: AsSql + ?Sized>(conn: &C, group: &str) -> Result<Vec<BundleRow>, C::Error> {
+    Ok(conn.sql().query_map(
+        &format!(
+            "SELECT {BUNDLE_COLUMNS} FROM deployments d JOIN bundles b ON b.name = d.name AND b.version = d.version
+             WHERE d.grp = $1 ORDER BY b.name"
+        ),
+        params![group],
+        bundle_row,
+    )?)
 }
 
 /// Every deployment: (group, name, version).
-pub fn all_deployments(conn: &Connection) -> rusqlite::Result<Vec<(String, String, u64)>> {
-    let mut stmt = conn.prepare("SELECT grp, name, version FROM deployments ORDER BY grp, name")?;
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))?.collect()
+pub fn all_deployments<C: AsSql + ?Sized>(
+    conn: &C,
+) -> Result<Vec<(String, String, u64)>, C::Error> {
+    Ok(conn.sql().query_map(
+        "SELECT grp, name, version FROM deployments ORDER BY grp, name",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get::<i64>(2)? as u64)),
+    )?)
 }
 
 /// The version `group` runs of `name`, if it is deployed there.
-pub fn deployment(conn: &Connection, group: &str, name: &str) -> rusqlite::Result<Option<u64>> {
-    conn.query_row(
-        "SELECT version FROM deployments WHERE grp = ?1 AND name = ?2",
-        params![group, name],
-        |r| r.get::<_, i64>(0),
-    )
-    .optional()
-    .map(|v| v.map(|v| v as u64))
+pub fn deployment<C: AsSql + ?Sized>(
+    conn: &C,
+    group: &str,
+    name: &str,
+) -> Result<Option<u64>, C::Error> {
+    let version: Option<i64> = conn
+        .sql()
+        .query_row(
+            "SELECT version FROM deployments WHERE grp = $1 AND name = $2",
+            params![group, name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(version.map(|v| v as u64))
 }
 
 /// Sets what `group` runs for `name`.
-pub fn deploy(
-    conn: &Connection,
+pub fn deploy<C: AsSql + ?Sized>(
+    conn: &C,
     group: &str,
     name: &str,
     version: u64,
     now: Timestamp,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO deployments (grp, name, version, updated_at) VALUES (?1, ?2, ?3, ?4)
+) -> Result<(), C::Error> {
+    let sql = conn.sql();
+    sql.execute(
+        "INSERT INTO deployments (grp, name, version, updated_at) VALUES ($1, $2, $3, $4)
          ON CONFLICT (grp, name) DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
         params![group, name, version as i64, ts(now)],
     )?;
-    event(conn, now, "deploy", group, &format!("{name}@{version}"))
+    event(&sql, now, "deploy", group, &format!("{name}@{version}"))?;
+    Ok(())
 }
 
 /// Removes `name` from `group`; returns false if it was not deployed there.
-pub fn undeploy(
-    conn: &Connection,
+pub fn undeploy<C: AsSql + ?Sized>(
+    conn: &C,
     group: &str,
     name: &str,
     now: Timestamp,
-) -> rusqlite::Result<bool> {
+) -> Result<bool, C::Error> {
+    let sql = conn.sql();
     let n =
-        conn.execute("DELETE FROM deployments WHERE grp = ?1 AND name = ?2", params![group, name])?;
+        sql.execute("DELETE FROM deployments WHERE grp = $1 AND name = $2", params![group, name])?;
     if n > 0 {
-        event(conn, now, "undeploy", group, name)?;
+        event(&sql, now, "undeploy", group, name)?;
     }
     Ok(n > 0)
 }
@@ -837,36 +1028,62 @@ pub struct IssuedDesired {
 }
 
 /// The last document issued to `agent_id`.
-pub fn desired(conn: &Connection, agent_id: &str) -> rusqlite::Result<Option<IssuedDesired>> {
-    conn.query_row(
-        "SELECT version, content_sha256, expires_at, signed FROM desired WHERE agent_id = ?1",
-        [agent_id],
-        |r| {
-            Ok(IssuedDesired {
-                version: r.get::<_, i64>(0)? as u64,
-                content_sha256: sha(&r.get::<_, String>(1)?)?,
-                expires: from_ts(r.get(2)?),
-                signed: r.get(3)?,
-            })
-        },
-    )
-    .optional()
+pub fn desired<C: AsSql + ?Sized>(
+    conn: &C,
+    agent_id: &str,
+) -> Result<Option<IssuedDesired>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row(
+            "SELECT version, content_sha256, expires_at, signed FROM desired WHERE agent_id = $1",
+            params![agent_id],
+            issued_row,
+        )
+        .optional()?)
 }
 
-/// Stores a newly issued document; its version must be above the stored one.
-pub fn put_desired(
-    conn: &Connection,
+fn issued_row(r: &Row<'_>) -> Result<IssuedDesired, SqlError> {
+    Ok(IssuedDesired {
+        version: r.get::<i64>(0)? as u64,
+        content_sha256: sha_at(r, 1)?,
+        expires: from_ts(r.get(2)?),
+        signed: r.get(3)?,
+    })
+}
+
+/// [`desired`] for a transaction that will issue the next document: the agent's row is
+/// locked until it ends (PostgreSQL; on SQLite the transaction must be
+/// [`Sql::transaction_immediate`], or the one connection of [`Db`]), so that two writers
+/// issue one after the other and versions stay strictly increasing per agent.
+pub fn desired_for_update<C: AsSql + ?Sized>(
+    conn: &C,
+    agent_id: &str,
+) -> Result<Option<IssuedDesired>, C::Error> {
+    let sql = conn.sql();
+    // The agent's row, not the document's, which may not exist yet.
+    sql.query_map(
+        &format!("SELECT id FROM agents WHERE id = $1{}", sql.for_update()),
+        params![agent_id],
+        |r| r.get::<String>(0),
+    )?;
+    desired(&sql, agent_id).map_err(C::Error::from)
+}
+
+/// Stores a newly issued document if its version is above the stored one; returns whether
+/// it did.
+pub fn put_desired<C: AsSql + ?Sized>(
+    conn: &C,
     agent_id: &str,
     issued: &IssuedDesired,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT INTO desired (agent_id, version, content_sha256, expires_at, signed) VALUES (?1, ?2, ?3, ?4, ?5)
+) -> Result<bool, C::Error> {
+    let n = conn.sql().execute(
+        "INSERT INTO desired (agent_id, version, content_sha256, expires_at, signed) VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (agent_id) DO UPDATE SET version = excluded.version, content_sha256 = excluded.content_sha256,
              expires_at = excluded.expires_at, signed = excluded.signed
          WHERE excluded.version > desired.version",
         params![agent_id, issued.version as i64, issued.content_sha256.to_string(), ts(issued.expires), issued.signed],
-    )
-    .map(drop)
+    )?;
+    Ok(n > 0)
 }
 
 #[cfg(test)]

@@ -39,6 +39,7 @@ pub mod rollouts;
 pub mod sample;
 pub mod secrets;
 pub mod service;
+pub mod sql;
 pub mod state;
 pub mod vault;
 pub mod webhook;

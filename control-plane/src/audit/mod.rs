@@ -30,6 +30,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{sha, ts};
+use crate::sql::{self, AsSql, OptionalExt};
 use crate::state::Shared;
 
 /// `[audit]` of the configuration.
@@ -111,36 +112,46 @@ pub fn current() -> Actor {
 }
 
 /// The chain's last entry (its sequence number and hash), or the start.
-pub fn head(conn: &Connection) -> rusqlite::Result<Chain> {
-    let last: Option<(i64, String)> = conn
-        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
+pub fn head<C: AsSql + ?Sized>(conn: &C) -> Result<Chain, C::Error> {
+    let last = conn
+        .sql()
+        .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", sql::params![], |r| {
+            Ok((r.get::<i64>(0)?, crate::db::sha_at(r, 1)?))
         })
         .optional()?;
     match last {
         None => Ok(Chain::at(0, GENESIS)),
-        Some((seq, hash)) => Ok(Chain::at(seq as u64, sha(&hash)?)),
+        Some((seq, hash)) => Ok(Chain::at(seq as u64, hash)),
     }
 }
 
+/// The PostgreSQL advisory lock that makes appends to the chain one at a time across
+/// connections (SQLite's one connection and write lock do that there).
+const CHAIN_LOCK: i64 = 0x4661_6c61_6a00_0002;
+
 /// Appends an entry by the current actor, in the caller's transaction; returns its
 /// sequence number.
-pub fn record(
-    conn: &Connection,
+pub fn record<C: AsSql + ?Sized>(
+    conn: &C,
     at: Timestamp,
     action: &str,
     target: &str,
     outcome: Outcome,
     details: serde_json::Value,
-) -> rusqlite::Result<u64> {
+) -> Result<u64, C::Error> {
+    let conn = conn.sql();
+    if conn.backend() == sql::Backend::Postgres {
+        // Held until the transaction ends (every `Db::run` is one there).
+        conn.execute("SELECT pg_advisory_xact_lock($1)", sql::params![CHAIN_LOCK])?;
+    }
     let actor = current();
-    let mut chain = head(conn)?;
+    let mut chain = head(&conn)?;
     let (entry, line) =
         chain.append(at, &actor.name, actor.source.as_deref(), action, target, outcome, details);
     conn.execute(
         "INSERT INTO audit (seq, at, actor, action, target, outcome, line, hash)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        sql::params![
             entry.seq as i64,
             ts(at),
             entry.actor,

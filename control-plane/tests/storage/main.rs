@@ -1,0 +1,594 @@
+//! The control plane's storage (`falaj_control::db` through `falaj_control::sql`) on both
+//! databases: each test body runs once on SQLite and once on a real PostgreSQL (a cluster
+//! made for this run by [`postgres::Cluster`], one database per test), as `NAME::sqlite`
+//! and `NAME::postgres`.
+//!
+//! The binary has its own harness (libtest-mimic, `main` at the end): without PostgreSQL's
+//! server programs the PostgreSQL cases are reported as ignored, with the reason, unless
+//! `FALAJ_REQUIRE_POSTGRES` is set (as `.ci/run` does): then they fail.
+
+mod postgres;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, OnceLock};
+
+use falaj_common::keys::{Sha256, SigningKey};
+use falaj_common::protocol::ActualState;
+use falaj_common::time::Timestamp;
+use falaj_control::db::{
+    self, BundleRow, Db, DbError, IssuedDesired, NewAgent, TokenRefusal, TokenRow, TokenUse,
+};
+use falaj_control::sql::{PgOptions, Sql, SqlError, params};
+use libtest_mimic::{Completion, Trial};
+
+const REGION: &str = "eu-west-1";
+
+fn at(secs: u64) -> Timestamp {
+    Timestamp::from_unix(1_800_000_000 + secs)
+}
+
+/// Stores token `id` (group `edge`) and enrolls agent `agent` with it.
+fn enrolled(sql: Sql<'_>, id: &str, agent: &str) -> Result<(), SqlError> {
+    let secret = Sha256::of(id.as_bytes());
+    let token =
+        TokenRow { id: id.into(), group: "edge".into(), region: REGION.into(), expires: at(3600) };
+    db::insert_token(&sql, &token, secret, at(0))?;
+    let used = TokenUse { token_id: id.into(), secret_sha256: secret, csr_sha256: secret };
+    let new = new_agent(agent, &format!("serial-{agent}"));
+    db::enroll(&mut { sql }, &used, REGION, &new, at(1))?.expect("the token enrolls");
+    Ok(())
+}
+
+fn new_agent(id: &str, serial: &str) -> NewAgent {
+    NewAgent {
+        id: id.into(),
+        hostname: format!("host-{id}"),
+        agent_version: "1.0.0".into(),
+        serial: serial.into(),
+        cert_expires: at(86_400),
+    }
+}
+
+fn bundle(name: &str, version: u64) -> BundleRow {
+    let hash = |what: &str| Sha256::of(format!("{what} {name} {version}").as_bytes());
+    BundleRow {
+        name: name.into(),
+        version,
+        manifest_sha256: hash("manifest"),
+        bundle_sha256: hash("bundle"),
+        recipe_sha256: hash("recipe"),
+        size: 1 << 40,
+        chunks: 3,
+        pushed_at: at(version),
+    }
+}
+
+fn issued(version: u64) -> IssuedDesired {
+    IssuedDesired {
+        version,
+        content_sha256: Sha256::of(&version.to_be_bytes()),
+        expires: at(version + 600),
+        // Not text: bytes as they are.
+        signed: vec![0, 0xff, 0xfe, version as u8, 0x80],
+    }
+}
+
+fn count(db: &Db, table: &'static str) -> i64 {
+    db.run_sync(|sql| {
+        sql.query_row(&format!("SELECT COUNT(*) FROM {table}"), params![], |r| r.get(0))
+    })
+    .unwrap()
+}
+
+fn a_token_enrolls_exactly_one_agent(db: &Db) {
+    let secret = Sha256::of(b"secret");
+    let token = |id: &str, region: &str, expires| TokenRow {
+        id: id.into(),
+        group: "edge".into(),
+        region: region.into(),
+        expires,
+    };
+    let used = |id: &str, secret, csr: &str| TokenUse {
+        token_id: id.into(),
+        secret_sha256: secret,
+        csr_sha256: Sha256::of(csr.as_bytes()),
+    };
+    db.run_sync(|sql| {
+        db::insert_token(&sql, &token("t1", REGION, at(100)), secret, at(0))?;
+        db::insert_token(&sql, &token("t2", "us-east-1", at(100)), secret, at(0))?;
+        db::insert_token(&sql, &token("t3", REGION, at(10)), secret, at(0))
+    })
+    .unwrap();
+    let enroll = |token: TokenUse, agent: &str, serial: &str, now| {
+        let new = new_agent(agent, serial);
+        db.run_sync(move |mut sql| db::enroll(&mut sql, &token, REGION, &new, now)).unwrap()
+    };
+    assert_eq!(
+        enroll(used("t1", Sha256::of(b"wrong"), "csr-a"), "a", "s0", at(5)),
+        Err(TokenRefusal::Unknown)
+    );
+    assert_eq!(enroll(used("nope", secret, "csr-a"), "a", "s0", at(5)), Err(TokenRefusal::Unknown));
+    assert_eq!(enroll(used("t1", secret, "csr-a"), "a", "s1", at(5)), Ok("edge".to_owned()));
+    assert_eq!(enroll(used("t1", secret, "csr-b"), "b", "s2", at(6)), Err(TokenRefusal::Used));
+    // The same agent with the same request: an interrupted enrollment, finished again.
+    assert_eq!(enroll(used("t1", secret, "csr-a"), "a", "s3", at(7)), Ok("edge".to_owned()));
+    assert!(matches!(
+        enroll(used("t2", secret, "csr-c"), "c", "s4", at(5)),
+        Err(TokenRefusal::WrongRegion { .. })
+    ));
+    assert_eq!(
+        enroll(used("t3", secret, "csr-d"), "d", "s5", at(10)),
+        Err(TokenRefusal::Expired(at(10)))
+    );
+
+    let (by, agents, valid, stale) = db
+        .run_sync(|sql| {
+            Ok((
+                db::enrolled_by(&sql, &used("t1", secret, "csr-a"))?,
+                db::agents(&sql)?,
+                db::certificate_valid(&sql, "a", "s3")?,
+                db::certificate_valid(&sql, "a", "s2")?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(by.as_deref(), Some("a"));
+    assert_eq!(agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a"]);
+    let a = &agents[0];
+    assert_eq!(
+        (a.hostname.as_str(), a.group.as_str(), a.region.as_str()),
+        ("host-a", "edge", REGION)
+    );
+    assert_eq!((a.enrolled_at, a.last_seen, a.revoked_at), (at(5), None, None));
+    assert!(valid && !stale);
+    assert_eq!(count(db, "certificates"), 2);
+
+    assert!(db.run_sync(|sql| db::revoke(&sql, "a", at(20))).unwrap());
+    assert!(!db.run_sync(|sql| db::revoke(&sql, "nobody", at(20))).unwrap());
+    let (agent, valid, by, group) = db
+        .run_sync(|sql| {
+            Ok((
+                db::agent(&sql, "a")?.unwrap(),
+                db::certificate_valid(&sql, "a", "s3")?,
+                db::enrolled_by(&sql, &used("t1", secret, "csr-a"))?,
+                db::group_agents(&sql, "edge")?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(agent.revoked_at, Some(at(20)));
+    assert!(!valid);
+    assert_eq!(by, None);
+    assert!(group.is_empty());
+}
+
+fn concurrent_enrollments_with_one_token_enroll_one_agent(db: &Db) {
+    let secret = Sha256::of(b"secret");
+    let token =
+        TokenRow { id: "t".into(), group: "edge".into(), region: REGION.into(), expires: at(100) };
+    db.run_sync(|sql| db::insert_token(&sql, &token, secret, at(0))).unwrap();
+    let outcomes: Vec<Result<String, TokenRefusal>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|i| {
+                s.spawn(move || {
+                    let used = TokenUse {
+                        token_id: "t".into(),
+                        secret_sha256: secret,
+                        csr_sha256: Sha256::of(format!("csr {i}").as_bytes()),
+                    };
+                    let new = new_agent(&format!("agent-{i}"), &format!("serial-{i}"));
+                    db.run_sync(move |mut sql| db::enroll(&mut sql, &used, REGION, &new, at(1)))
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(outcomes.iter().filter(|o| o.is_ok()).count(), 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| matches!(o, Ok(_) | Err(TokenRefusal::Used))), "{outcomes:?}");
+    assert_eq!(count(db, "agents"), 1);
+}
+
+fn bundles_and_deployments_round_trip(db: &Db) {
+    let (one, two, other) = (bundle("fraud", 1), bundle("fraud", 2), bundle("churn", 7));
+    db.run_sync(|sql| {
+        for b in [&one, &two, &other] {
+            db::insert_bundle(&sql, b)?;
+        }
+        db::deploy(&sql, "edge", "fraud", 1, at(10))?;
+        db::deploy(&sql, "edge", "churn", 7, at(10))?;
+        db::deploy(&sql, "core", "fraud", 1, at(10))?;
+        // Deploying again replaces the version.
+        db::deploy(&sql, "edge", "fraud", 2, at(11))
+    })
+    .unwrap();
+    let (fetched, missing, all, edge, every, version) = db
+        .run_sync(|sql| {
+            Ok((
+                db::bundle(&sql, "fraud", 2)?,
+                db::bundle(&sql, "fraud", 3)?,
+                db::bundles(&sql)?,
+                db::deployments(&sql, "edge")?,
+                db::all_deployments(&sql)?,
+                db::deployment(&sql, "edge", "fraud")?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(fetched.as_ref(), Some(&two));
+    assert_eq!(missing, None);
+    assert_eq!(all, [other.clone(), one.clone(), two.clone()]);
+    assert_eq!(edge, [other.clone(), two.clone()]);
+    assert_eq!(
+        every,
+        [
+            ("core".to_owned(), "fraud".to_owned(), 1),
+            ("edge".to_owned(), "churn".to_owned(), 7),
+            ("edge".to_owned(), "fraud".to_owned(), 2),
+        ]
+    );
+    assert_eq!(version, Some(2));
+
+    let resigned = BundleRow { bundle_sha256: Sha256::of(b"re-signed"), size: 99, ..two.clone() };
+    let (removed, again, left, stored) = db
+        .run_sync(|sql| {
+            db::re_sign_bundle(&sql, &two, &resigned)?;
+            Ok((
+                db::undeploy(&sql, "edge", "fraud", at(12))?,
+                db::undeploy(&sql, "edge", "fraud", at(13))?,
+                db::deployment(&sql, "edge", "fraud")?,
+                db::bundle(&sql, "fraud", 2)?,
+            ))
+        })
+        .unwrap();
+    assert!(removed && !again);
+    assert_eq!(left, None);
+    assert_eq!(stored, Some(resigned));
+    // A deployment names a bundle that exists.
+    let err = db.run_sync(|sql| db::deploy(&sql, "edge", "fraud", 9, at(14))).unwrap_err();
+    assert!(matches!(err, DbError::Sql { .. }), "{err}");
+}
+
+fn desired_versions_only_go_up(db: &Db) {
+    db.run_sync(|sql| enrolled(sql, "t", "a")).unwrap();
+    let put = |v| db.run_sync(move |sql| db::put_desired(&sql, "a", &issued(v))).unwrap();
+    assert_eq!(db.run_sync(|sql| db::desired(&sql, "a")).unwrap().map(|d| d.version), None);
+    assert!(put(1));
+    assert!(!put(1));
+    assert!(put(3));
+    assert!(!put(2));
+    let stored = db.run_sync(|sql| db::desired(&sql, "a")).unwrap().unwrap();
+    let want = issued(3);
+    assert_eq!(
+        (stored.version, stored.content_sha256, stored.expires, stored.signed),
+        (want.version, want.content_sha256, want.expires, want.signed)
+    );
+}
+
+fn concurrent_issuers_never_reuse_a_desired_version(db: &Db) {
+    db.run_sync(|sql| enrolled(sql, "t", "a")).unwrap();
+    let issue = || {
+        db.run_sync(|sql| {
+            let tx = sql.transaction_immediate()?;
+            let previous = db::desired_for_update(&*tx, "a")?;
+            let version = previous.map_or(1, |p| p.version + 1);
+            let stored = db::put_desired(&*tx, "a", &issued(version))?;
+            tx.commit()?;
+            Ok((version, stored))
+        })
+        .unwrap()
+    };
+    let issued: Vec<(u64, bool)> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            (0..4).map(|_| s.spawn(move || (0..10).map(|_| issue()).collect::<Vec<_>>())).collect();
+        handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    assert!(issued.iter().all(|(_, stored)| *stored), "a document was not stored: {issued:?}");
+    let versions: BTreeSet<u64> = issued.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, (1..=40).collect(), "a version was issued twice");
+    assert_eq!(db.run_sync(|sql| db::desired(&sql, "a")).unwrap().unwrap().version, 40);
+}
+
+fn settings_and_what_agents_report_are_kept(db: &Db) {
+    db.run_sync(|sql| {
+        db::set_setting(&sql, "ca", "one")?;
+        db::set_setting(&sql, "ca", "two")?;
+        enrolled(sql, "t1", "a")?;
+        enrolled(sql, "t2", "b")
+    })
+    .unwrap();
+    let actual = ActualState {
+        desired_version: Some(4),
+        agent_version: "1.2.3".into(),
+        ready: true,
+        ..ActualState::default()
+    };
+    let seen = vec![("a".to_owned(), at(50), Some(actual.clone())), ("b".to_owned(), at(60), None)];
+    db.run_sync(move |mut sql| db::record_seen(&mut sql, &seen)).unwrap();
+    let (setting, none, a, b) = db
+        .run_sync(|sql| {
+            Ok((
+                db::setting(&sql, "ca")?,
+                db::setting(&sql, "nope")?,
+                db::agent(&sql, "a")?.unwrap(),
+                db::agent(&sql, "b")?.unwrap(),
+            ))
+        })
+        .unwrap();
+    assert_eq!((setting.as_deref(), none), (Some("two"), None));
+    assert_eq!(
+        (a.last_seen, a.agent_version.as_str(), a.actual),
+        (Some(at(50)), "1.2.3", Some(actual))
+    );
+    assert_eq!((b.last_seen, b.agent_version.as_str(), b.actual), (Some(at(60)), "1.0.0", None));
+}
+
+fn a_transaction_not_committed_leaves_nothing(db: &Db) {
+    let token = |id: &str| TokenRow {
+        id: id.into(),
+        group: "g".into(),
+        region: REGION.into(),
+        expires: at(9),
+    };
+    let secret = Sha256::of(b"s");
+    db.run_sync(|sql| {
+        let outer = sql.transaction()?;
+        db::insert_token(&*outer, &token("kept"), secret, at(0))?;
+        {
+            let inner = outer.transaction()?;
+            db::insert_token(&*inner, &token("inner, rolled back"), secret, at(0))?;
+        }
+        let inner = outer.transaction()?;
+        db::insert_token(&*inner, &token("inner, committed"), secret, at(0))?;
+        inner.commit()?;
+        outer.commit()?;
+        let dropped = sql.transaction()?;
+        db::insert_token(&*dropped, &token("dropped"), secret, at(0))?;
+        Ok(())
+    })
+    .unwrap();
+    let ids = db
+        .run_sync(|sql| {
+            sql.query_map("SELECT id FROM tokens ORDER BY id", params![], |r| r.get::<String>(0))
+        })
+        .unwrap();
+    assert_eq!(ids, ["inner, committed", "kept"]);
+    // Each change and its audit entry commit together.
+    assert_eq!(count(db, "events"), 2);
+    assert_eq!(count(db, "audit"), 2);
+}
+
+fn every_change_lands_in_one_unbroken_audit_chain(db: &Db) {
+    for b in 1..=3 {
+        db.run_sync(move |sql| db::insert_bundle(&sql, &bundle("m", b))).unwrap();
+    }
+    // Writers at once: the chain stays one line of entries.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            s.spawn(move || {
+                for i in 0..5 {
+                    let group = format!("g{t}");
+                    db.run_sync(move |sql| db::deploy(&sql, &group, "m", 1 + (i % 3), at(i)))
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let rows: Vec<(i64, String)> = db
+        .run_sync(|sql| {
+            sql.query_map("SELECT seq, line FROM audit ORDER BY seq", params![], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+        })
+        .unwrap();
+    assert_eq!(rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=23).collect::<Vec<_>>());
+    let head = db.run_sync(|sql| falaj_control::audit::head(&sql)).unwrap();
+    let (key, _) = SigningKey::generate(&ring::rand::SystemRandom::new()).unwrap();
+    let checkpoint = falaj_common::audit::Checkpoint::sign(head.seq, head.head, at(99), &key);
+    let mut lines: Vec<String> = rows.into_iter().map(|(_, line)| line).collect();
+    lines.push(checkpoint.line());
+    let verified =
+        falaj_common::audit::verify(lines.iter().map(String::as_str), &[key.public()]).unwrap();
+    assert_eq!(verified.entries, 23);
+    assert_eq!(count(db, "events"), 23);
+}
+
+// ---- PostgreSQL only ----
+
+fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = Db::open(&dir.path().join(db::DB_FILE)).unwrap();
+    let sqlite_columns: BTreeSet<(String, String)> = sqlite
+        .run_sync(|sql| {
+            sql.query_map(
+                "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap()
+        .into_iter()
+        .collect();
+    let pg_columns: BTreeSet<(String, String)> = pg
+        .run_sync(|sql| {
+            sql.query_map(
+                "SELECT table_name::TEXT, column_name::TEXT FROM information_schema.columns
+                 WHERE table_schema = 'public' AND table_name <> 'schema_version'",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert!(sqlite_columns.len() > 100, "{sqlite_columns:?}");
+    assert_eq!(
+        sqlite_columns.symmetric_difference(&pg_columns).collect::<Vec<_>>(),
+        Vec::<&(String, String)>::new(),
+        "columns only on one side"
+    );
+}
+
+fn migrations_are_versioned_and_a_newer_schema_is_refused(url: &str) {
+    let options = PgOptions::new(url);
+    let two = ["CREATE TABLE a (x BIGINT)", "CREATE TABLE b (x BIGINT)"];
+    Db::open_postgres_with(&options, &two).unwrap();
+    // Again: nothing to do.
+    let db = Db::open_postgres_with(&options, &two).unwrap();
+    let version = |db: &Db| {
+        db.run_sync(|sql| {
+            sql.query_row("SELECT version FROM schema_version", params![], |r| r.get::<i64>(0))
+        })
+        .unwrap()
+    };
+    assert_eq!(version(&db), 2);
+    let err = Db::open_postgres_with(&options, &two[..1]).unwrap_err();
+    assert!(matches!(err, DbError::SchemaTooNew { found: 2, supported: 1, .. }), "{err}");
+    // A migration that fails leaves the schema as it was.
+    let broken = [two[0], two[1], "CREATE TABLE c (x BIGINT); SELECT no_such_function()"];
+    let err = Db::open_postgres_with(&options, &broken).unwrap_err();
+    assert!(err.to_string().contains("no_such_function"), "{err}");
+    assert_eq!(version(&db), 2);
+    let c = db
+        .run_sync(|sql| {
+            sql.query_row("SELECT to_regclass('c')::TEXT", params![], |r| {
+                r.get::<Option<String>>(0)
+            })
+        })
+        .unwrap();
+    assert_eq!(c, None);
+}
+
+fn sqlite_only_code_is_refused_on_postgres(db: &Db) {
+    let err = db.call_sync(|c| db::agents(c)).unwrap_err();
+    assert!(matches!(err, DbError::SqliteOnly { .. }));
+    assert!(err.to_string().contains("not yet ported to PostgreSQL"), "{err}");
+    assert!(!err.to_string().contains('@'), "no credentials in errors: {err}");
+}
+
+fn the_database_is_reached_over_verified_tls(cluster: &postgres::Cluster) {
+    let ssl = |db: &Db| {
+        db.run_sync(|sql| {
+            sql.query_row(
+                "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                params![],
+                |r| r.get::<bool>(0),
+            )
+        })
+        .unwrap()
+    };
+    let ca = cluster.ca_file().display().to_string();
+    let url = cluster.database(&format!("sslmode=verify-full&sslrootcert={ca}"));
+    assert!(ssl(&Db::open_postgres(&PgOptions::new(&url)).unwrap()));
+    let plain = url.replace(&format!("sslmode=verify-full&sslrootcert={ca}"), "sslmode=disable");
+    assert!(!ssl(&Db::open_postgres(&PgOptions::new(&plain)).unwrap()));
+    // Another CA: the server is not trusted.
+    let other = tempfile::NamedTempFile::new().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    std::fs::write(other.path(), params.self_signed(&key).unwrap().pem()).unwrap();
+    let untrusted = url.replace(&ca, &other.path().display().to_string());
+    let err = Db::open_postgres(&PgOptions::new(&untrusted)).unwrap_err();
+    assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
+}
+
+// ---- the harness ----
+
+type Body = fn(&Db);
+
+/// The cluster, made by the first PostgreSQL case that needs it, stopped when the last
+/// holder (`main`) drops it.
+#[derive(Default)]
+struct Shared {
+    cluster: OnceLock<Result<Arc<postgres::Cluster>, String>>,
+}
+
+impl Shared {
+    fn cluster(&self, bin: &std::path::Path) -> Arc<postgres::Cluster> {
+        let cluster = self.cluster.get_or_init(|| postgres::Cluster::start(bin).map(Arc::new));
+        match cluster {
+            Ok(c) => Arc::clone(c),
+            Err(e) => panic!("the test PostgreSQL did not start: {e}"),
+        }
+    }
+}
+
+/// How a PostgreSQL case ends without PostgreSQL: ignored, or failed when it is required.
+fn without_postgres(why: &str) -> Result<Completion, libtest_mimic::Failed> {
+    if std::env::var_os("FALAJ_REQUIRE_POSTGRES").is_some() {
+        return Err(format!("FALAJ_REQUIRE_POSTGRES is set, but {why}").into());
+    }
+    eprintln!("skipped: {why}");
+    Ok(Completion::ignored_with(why))
+}
+
+fn main() {
+    let arguments = libtest_mimic::Arguments::from_args();
+    let both: &[(&str, Body)] = &[
+        ("a_token_enrolls_exactly_one_agent", a_token_enrolls_exactly_one_agent),
+        (
+            "concurrent_enrollments_with_one_token_enroll_one_agent",
+            concurrent_enrollments_with_one_token_enroll_one_agent,
+        ),
+        ("bundles_and_deployments_round_trip", bundles_and_deployments_round_trip),
+        ("desired_versions_only_go_up", desired_versions_only_go_up),
+        (
+            "concurrent_issuers_never_reuse_a_desired_version",
+            concurrent_issuers_never_reuse_a_desired_version,
+        ),
+        ("settings_and_what_agents_report_are_kept", settings_and_what_agents_report_are_kept),
+        ("a_transaction_not_committed_leaves_nothing", a_transaction_not_committed_leaves_nothing),
+        (
+            "every_change_lands_in_one_unbroken_audit_chain",
+            every_change_lands_in_one_unbroken_audit_chain,
+        ),
+    ];
+    let postgres_only: &[(&str, Body)] = &[
+        (
+            "both_backends_have_the_same_tables_and_columns",
+            both_backends_have_the_same_tables_and_columns,
+        ),
+        ("sqlite_only_code_is_refused_on_postgres", sqlite_only_code_is_refused_on_postgres),
+    ];
+    let shared = Arc::new(Shared::default());
+    let bin = postgres::binaries();
+    let mut trials = Vec::new();
+    for &(name, body) in both {
+        trials.push(Trial::test(format!("{name}::sqlite"), move || {
+            let dir = tempfile::tempdir().unwrap();
+            body(&Db::open(&dir.path().join(db::DB_FILE)).unwrap());
+            Ok(())
+        }));
+    }
+    let on_postgres = |name: String, f: Box<dyn FnOnce(&postgres::Cluster) + Send>| {
+        let (shared, bin) = (Arc::clone(&shared), bin.clone());
+        Trial::ignorable_test(name, move || match &bin {
+            Err(why) => without_postgres(why),
+            Ok(bin) => {
+                f(&shared.cluster(bin));
+                Ok(Completion::Completed)
+            }
+        })
+    };
+    for &(name, body) in both.iter().chain(postgres_only) {
+        trials.push(on_postgres(
+            format!("{name}::postgres"),
+            Box::new(move |cluster| {
+                body(&Db::open_postgres(&PgOptions::new(cluster.database(""))).unwrap());
+            }),
+        ));
+    }
+    trials.push(on_postgres(
+        "migrations_are_versioned_and_a_newer_schema_is_refused::postgres".into(),
+        Box::new(|cluster| {
+            migrations_are_versioned_and_a_newer_schema_is_refused(&cluster.database(""));
+        }),
+    ));
+    trials.push(on_postgres(
+        "the_database_is_reached_over_verified_tls::postgres".into(),
+        Box::new(the_database_is_reached_over_verified_tls),
+    ));
+    let conclusion = libtest_mimic::run(&arguments, trials);
+    // Stop the cluster before exiting (the trials, which held it too, are gone).
+    drop(shared);
+    conclusion.exit();
+}
