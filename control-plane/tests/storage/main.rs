@@ -15,6 +15,7 @@ use std::sync::{Arc, OnceLock};
 use falaj_common::keys::{Sha256, SigningKey};
 use falaj_common::protocol::ActualState;
 use falaj_common::time::Timestamp;
+use falaj_control::audit::Actor;
 use falaj_control::db::{
     self, BundleRow, Db, DbError, IssuedDesired, NewAgent, TokenRefusal, TokenRow, TokenUse,
 };
@@ -390,6 +391,35 @@ fn every_change_lands_in_one_unbroken_audit_chain(db: &Db) {
     assert_eq!(count(db, "events"), 23);
 }
 
+fn a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry(db: &Db) {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let actor = Actor::new("user:alice", Some("192.0.2.7:4711".into()));
+    let (db, also) = (db.clone(), db.clone());
+    let set = async move {
+        db.run(|sql| db::set_setting(&sql, "k", "v")).await?;
+        db.run(|sql| db::insert_bundle(&sql, &bundle("m", 1))).await
+    };
+    runtime.block_on(falaj_control::audit::acting(actor, set)).unwrap();
+    // Without an actor: the control plane itself.
+    runtime.block_on(also.run(|sql| db::deploy(&sql, "edge", "m", 1, at(5)))).unwrap();
+    let actors = also
+        .run_sync(|sql| {
+            sql.query_map("SELECT actor, action FROM audit ORDER BY seq", params![], |r| {
+                Ok((r.get::<String>(0)?, r.get::<String>(1)?))
+            })
+        })
+        .unwrap();
+    assert_eq!(
+        actors,
+        [("user:alice".to_owned(), "push".to_owned()), ("system".to_owned(), "deploy".to_owned())]
+    );
+    assert_eq!(
+        runtime.block_on(also.run(|sql| db::setting(&sql, "k"))).unwrap().as_deref(),
+        Some("v")
+    );
+}
+
 // ---- PostgreSQL only ----
 
 fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
@@ -540,6 +570,10 @@ fn main() {
         (
             "every_change_lands_in_one_unbroken_audit_chain",
             every_change_lands_in_one_unbroken_audit_chain,
+        ),
+        (
+            "a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry",
+            a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry,
         ),
     ];
     let postgres_only: &[(&str, Body)] = &[
