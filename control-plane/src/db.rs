@@ -370,7 +370,8 @@ impl Db {
             .map_err(|e| DbError::Task(e.to_string()))?
     }
 
-    /// [`Db::run`] on this thread (for start-up, the CLI and tests).
+    /// [`Db::run`] on this thread (for start-up, the CLI and tests). Not from an async task:
+    /// the PostgreSQL client runs its own small runtime, which tokio refuses inside another.
     pub fn run_sync<R>(
         &self,
         f: impl FnOnce(Sql<'_>) -> Result<R, SqlError>,
