@@ -1,8 +1,10 @@
-//! Agents with several control-plane addresses (issue 21, part 3), as real processes on
-//! loopback: an agent enrolled with a dead address first enrolls and installs through the
-//! live one; an agent whose control plane moves from one address of its list to the other
-//! (same data directory, so the same region CA and trust root) follows it and receives
-//! the next deployment.
+//! Agents with several control-plane addresses (issue 21, part 3), on loopback: an agent
+//! enrolled with a dead address first enrolls and installs through the live one; an agent
+//! whose control plane moves from one address of its list to the other (same data
+//! directory, so the same region CA and trust root) follows it and receives the next
+//! deployment (both as real processes); and a host started on a copy of the region's keys
+//! passes the agent's TLS check at an address it never saw, where a host on keys of its
+//! own does not (real QUIC in this process).
 
 use crate::fleet;
 use crate::support;
@@ -11,6 +13,9 @@ use std::net::UdpSocket;
 use std::path::Path;
 use std::time::Duration;
 
+use falaj_agent::enroll::{EnrollOptions, enroll};
+use falaj_agent::sync::{SyncError, Syncer};
+use fleet::Control;
 use support::{ControlProcess, Process, fails, ok, s};
 
 const MODEL: &str = "sensor-fault";
@@ -161,4 +166,69 @@ async fn an_agent_follows_its_control_plane_to_the_other_address_of_its_list() {
     );
     assert_eq!(agent.terminate(), Some(0));
     assert_eq!(moved.terminate(), Some(0));
+}
+
+/// Copies the directory `from` to `to`, modes included (key files are 0600).
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// What a session attempt with every address of the agent in `dir` ends with.
+async fn probe(dir: &Path) -> Result<(), SyncError> {
+    Syncer::open(dir.to_owned(), std::sync::Arc::default(), fleet::sync_config())
+        .unwrap()
+        .expect("enrolled")
+        .probe()
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_on_the_regions_keys_passes_tls_at_any_address_and_one_on_its_own_keys_does_not() {
+    let work = tempfile::tempdir().unwrap();
+    let first = Control::start(&work.path().join("first")).await;
+    let second_addr: std::net::SocketAddr = free_port().parse().unwrap();
+    let agent = work.path().join("agent");
+    let options = EnrollOptions {
+        control_plane: format!("{},{second_addr}", first.quic),
+        token: first.token("edge").await,
+        hostname: "test-host".into(),
+        region: None,
+    };
+    let identity = enroll(&agent, &options, std::time::SystemTime::now()).await.unwrap();
+    assert_eq!(identity.control_planes(), [first.quic.to_string(), second_addr.to_string()]);
+    probe(&agent).await.unwrap();
+    let keys = first.dir.join("keys");
+    first.stop().await;
+
+    // A second host given a copy of the region's keys directory (its CA among them) and a
+    // data directory of its own: its certificate, made at its start, passes the agent's
+    // check at the second address. Its database does not know the agent (sharing one is
+    // the PostgreSQL part of issue 21), so it is that database, after the handshake, that
+    // turns the agent away, not TLS.
+    let second_dir = work.path().join("second");
+    copy_dir(&keys, &second_dir.join("keys"));
+    let second = Control::start_with(fleet::config(&second_dir, second_addr), None).await;
+    let err = probe(&agent).await.unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Closed(reason) if reason.contains("revoked or unknown")),
+        "TLS passed, the agent is unknown there: {err}"
+    );
+    second.stop().await;
+
+    // A host on keys of its own at the same address fails the handshake itself.
+    let impostor =
+        Control::start_with(fleet::config(&work.path().join("impostor"), second_addr), None).await;
+    let err = probe(&agent).await.unwrap_err().to_string();
+    assert!(err.to_lowercase().contains("certificate") || err.contains("issuer"), "{err}");
+    impostor.stop().await;
 }
