@@ -60,8 +60,143 @@ fn affine_into(
                 }
             }
         }
+        _ if (1..=GROUPED_TARGETS).contains(&targets) => {
+            dot_groups(x, width, weights, targets, bias, out);
+        }
         _ => dot_rows(x, width, weights, targets, bias, out),
     }
+}
+
+/// Up to how many targets [`dot_groups`] takes: its groups of (row, target) sums hold at
+/// most twelve partial sums.
+const GROUPED_TARGETS: usize = 4;
+
+/// [`dot_rows`] for 1 to [`GROUPED_TARGETS`] targets: the rows in groups whose
+/// `rows × targets` sums are a multiple of four (four rows of one or three targets, two
+/// of two, one of four), each sum folded to four lanes by [`quads`], then four sums at a
+/// time finished together ([`reduce4`]: a transpose and two additions instead of four
+/// separate reductions across lanes), in the output's order. The rows past the last
+/// whole group go through [`dot_rows`].
+#[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
+fn dot_groups(
+    x: &[f32],
+    width: usize,
+    weights: &[f32],
+    targets: usize,
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    match targets {
+        1 => grouped::<1, 4>(x, width, weights, bias, out),
+        2 => grouped::<2, 2>(x, width, weights, bias, out),
+        3 => grouped::<3, 4>(x, width, weights, bias, out),
+        _ => grouped::<4, 1>(x, width, weights, bias, out),
+    }
+}
+
+/// [`dot_groups`] for `T` targets in groups of `R` rows (`R × T` a multiple of four, at
+/// most twelve).
+#[allow(clippy::inline_always)] // inlined into each target's compilation of its caller
+#[inline(always)]
+fn grouped<const T: usize, const R: usize>(
+    x: &[f32],
+    width: usize,
+    weights: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [f32],
+) {
+    let width = width.max(1);
+    let Some(weights) = weights.get(..T * width) else { return };
+    let w: [&[f32]; T] = std::array::from_fn(|t| &weights[t * width..(t + 1) * width]);
+    let b: [f32; T] = std::array::from_fn(|t| bias.and_then(|b| b.get(t)).copied().unwrap_or(0.0));
+    let x_groups = x.chunks_exact(R * width);
+    let out_groups = out.chunks_exact_mut(R * T);
+    let whole = x_groups.len().min(out_groups.len());
+    for (rows, outs) in x_groups.zip(out_groups) {
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &rows[r * width..(r + 1) * width]);
+        let quads = quads::<T, R>(&rows, &w, width);
+        for g in 0..(R * T) / 4 {
+            let sums =
+                reduce4([quads[4 * g], quads[4 * g + 1], quads[4 * g + 2], quads[4 * g + 3]]);
+            for j in 0..4 {
+                outs[4 * g + j] = sums[j] + b[(4 * g + j) % T];
+            }
+        }
+    }
+    let done = whole * R;
+    let x_rest = &x[(done * width).min(x.len())..];
+    let out_start = (done * T).min(out.len());
+    let out_rest = &mut out[out_start..];
+    for (row, o) in x_rest.chunks_exact(width).zip(out_rest.chunks_exact_mut(T)) {
+        let quads = quads::<T, 1>(&[row], &w, width);
+        for t in 0..T {
+            o[t] = reduce4([quads[t], [0.0; 4], [0.0; 4], [0.0; 4]])[0] + b[t];
+        }
+    }
+}
+
+/// The products of each of `R` rows with each of `T` weight rows (all `width` long),
+/// summed into four lanes, in `(row, target)` order: eight running sums per pair over the
+/// features eight at a time (the pairs innermost, so that every sum stays in a register
+/// and each eight features of a row are loaded once), folded to four, then the remaining
+/// four features, then the last one to three into the first lanes.
+#[allow(clippy::inline_always)] // inlined into each target's compilation of its caller
+#[inline(always)]
+#[allow(clippy::needless_range_loop)] // constant counts, indexed so that they unroll
+fn quads<const T: usize, const R: usize>(
+    rows: &[&[f32]; R],
+    w: &[&[f32]; T],
+    width: usize,
+) -> [[f32; 4]; 12] {
+    let mut acc = [[[0.0f32; 8]; T]; R];
+    let eights = width / 8;
+    for c in 0..eights {
+        let lanes: [[f32; 8]; T] = std::array::from_fn(|t| {
+            let mut v = [0.0; 8];
+            v.copy_from_slice(&w[t][8 * c..8 * c + 8]);
+            v
+        });
+        for r in 0..R {
+            let mut xs = [0.0f32; 8];
+            xs.copy_from_slice(&rows[r][8 * c..8 * c + 8]);
+            for t in 0..T {
+                for j in 0..8 {
+                    acc[r][t][j] = xs[j].mul_add(lanes[t][j], acc[r][t][j]);
+                }
+            }
+        }
+    }
+    let mut out = [[0.0f32; 4]; 12];
+    let start = 8 * eights;
+    for r in 0..R {
+        for t in 0..T {
+            let a = &acc[r][t];
+            let mut q = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+            let (xr, wr) = (&rows[r][start..], &w[t][start..]);
+            let (qa, qb) = (xr.chunks_exact(4), wr.chunks_exact(4));
+            let (ta, tb) = (qa.remainder(), qb.remainder());
+            for (xq, wq) in qa.zip(qb) {
+                for j in 0..4 {
+                    q[j] = xq[j].mul_add(wq[j], q[j]);
+                }
+            }
+            for (qj, (xv, wv)) in q.iter_mut().zip(ta.iter().zip(tb)) {
+                *qj = xv.mul_add(*wv, *qj);
+            }
+            out[r * T + t] = q;
+        }
+    }
+    out
+}
+
+/// The lane sums of four sums of [`quads`], `(q[0] + q[2]) + (q[1] + q[3])` each, computed
+/// across the four at once.
+#[allow(clippy::inline_always)] // inlined into each target's compilation of its caller
+#[inline(always)]
+fn reduce4(q: [[f32; 4]; 4]) -> [f32; 4] {
+    let even: [f32; 4] = std::array::from_fn(|i| q[i][0] + q[i][2]);
+    let odd: [f32; 4] = std::array::from_fn(|i| q[i][1] + q[i][3]);
+    std::array::from_fn(|i| even[i] + odd[i])
 }
 
 /// From how many rows and targets [`affine`] packs its operands for a matrix product:
@@ -269,28 +404,22 @@ impl Kernel for LinearClassifier {
         let mut view = out.try_as_plain_ram_mut()?;
         let scores = view.as_slice_mut::<f32>()?;
         affine_into(&x, rows, features, &self.coefficients, self.targets, b, scores);
-        let picks: Vec<Result<usize, i64>> = scores
-            .chunks(self.targets)
-            .map(|row| {
-                if self.targets == 1 {
-                    let positive = row[0] > 0.0;
-                    if self.labels.len() == 2 {
-                        Ok(usize::from(positive))
-                    } else {
-                        Err(i64::from(positive))
-                    }
-                } else {
-                    Ok(first_max(row))
-                }
-            })
-            .collect();
+        // The labels straight from the scores, before any post-transform changes them.
+        let labels = if self.targets == 1 {
+            let two = self.labels.len() == 2;
+            self.labels.tensor(scores.iter().map(|&s| {
+                let positive = s > 0.0;
+                if two { Ok(usize::from(positive)) } else { Err(i64::from(positive)) }
+            }))?
+        } else {
+            self.labels.tensor(scores.chunks_exact(self.targets).map(|row| Ok(first_max(row))))?
+        };
         if self.second_class() {
             let pairs: Vec<f32> = scores
                 .iter()
                 .flat_map(|&s| binary_pair(s, self.post, Second::Complement))
                 .collect();
-            let picks = self.labels.tensor(picks.into_iter())?;
-            return Ok(tvec![picks, Tensor::from_shape(&[rows, 2], &pairs)?]);
+            return Ok(tvec![labels, Tensor::from_shape(&[rows, 2], &pairs)?]);
         } else if self.targets == 1 {
             if self.post == Post::Probit {
                 for s in scores.iter_mut() {
@@ -302,7 +431,7 @@ impl Kernel for LinearClassifier {
                 self.post.apply(row);
             }
         }
-        Ok(tvec![self.labels.tensor(picks.into_iter())?, out])
+        Ok(tvec![labels, out])
     }
 
     fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
@@ -313,13 +442,15 @@ impl Kernel for LinearClassifier {
     }
 }
 
-/// The first index of the greatest value.
+/// The first index of the greatest value (0 when the first is NaN), by selects rather
+/// than branches: on scores of rows whose labels vary, a branch per comparison is
+/// mispredicted often enough to cost as much as the row's dot products.
 fn first_max(row: &[f32]) -> usize {
-    let mut best = 0;
+    let (mut best, mut top) = (0, row.first().copied().unwrap_or(0.0));
     for (j, &v) in row.iter().enumerate().skip(1) {
-        if v > row[best] {
-            best = j;
-        }
+        let better = v > top;
+        best = if better { j } else { best };
+        top = if better { v } else { top };
     }
     best
 }
@@ -862,18 +993,29 @@ mod tests {
         assert!(p.iter().all(|v| (v - 1.0 / 3.0).abs() < 1e-4), "{p:?}");
     }
 
-    /// The matrix product (many rows and targets) and the dot loop (a few) agree with a
-    /// plain sum, with and without a bias, for widths that leave every kind of remainder
-    /// (none, four, a few, four and a few) and a single row.
+    /// The matrix product (many rows and targets), the grouped dot loop (up to four
+    /// targets) and the row-by-row one (a few more) agree with a plain sum, with and
+    /// without a bias, for widths that leave every kind of remainder (none, four, a few,
+    /// four and a few), row counts that leave part of a group and a single row.
     #[test]
     fn affine_by_either_path_is_the_plain_sum() {
         let value = |i: usize| ((i * 7919) % 23) as f32 / 7.0 - 1.5;
-        for (width, targets) in
-            [(13, 3), (20, 1), (8, 2), (4, 1), (3, 1), (1, 1), (29, GEMM_TARGETS)]
-        {
+        for (width, targets) in [
+            (13, 3),
+            (20, 3),
+            (20, 1),
+            (8, 2),
+            (11, 2),
+            (11, 4),
+            (4, 1),
+            (3, 1),
+            (1, 1),
+            (6, 5),
+            (29, GEMM_TARGETS),
+        ] {
             let weights: Vec<f32> = (0..width * targets).map(|i| value(i + 5)).collect();
             let bias: Vec<f32> = (0..targets).map(|j| j as f32 * 0.75 - 1.0).collect();
-            for rows in [1, GEMM_ROWS - 1, GEMM_ROWS, 40] {
+            for rows in [1, 2, 3, 5, GEMM_ROWS - 1, GEMM_ROWS, 40] {
                 let x: Vec<f32> = (0..rows * width).map(value).collect();
                 for b in [Some(bias.as_slice()), None] {
                     let got = affine(&x, rows, width, &weights, targets, b);
@@ -895,10 +1037,26 @@ mod tests {
         }
     }
 
-    /// A NaN feature makes its row's scores NaN and no other row's, by either path.
+    /// The first greatest score wins; a NaN never does, and a NaN first score keeps the
+    /// first label (as the comparisons of ONNX Runtime's loop give).
+    #[test]
+    fn first_max_takes_the_first_of_the_greatest() {
+        for (row, want) in [
+            (vec![1.0, 3.0, 3.0], 1),
+            (vec![-1.0, -2.0, -3.0], 0),
+            (vec![0.0, 1.0, f32::NAN, 2.0], 3),
+            (vec![f32::NAN, 5.0, 6.0], 0),
+            (vec![2.0, 2.0], 0),
+            (vec![4.0], 0),
+        ] {
+            assert_eq!(first_max(&row), want, "{row:?}");
+        }
+    }
+
+    /// A NaN feature makes its row's scores NaN and no other row's, by every path.
     #[test]
     fn a_nan_feature_spoils_only_its_row() {
-        for targets in [1, GEMM_TARGETS] {
+        for targets in [1, 3, GEMM_TARGETS] {
             let width = 11;
             let weights = vec![0.5; width * targets];
             let mut x = vec![1.0; GEMM_ROWS * 2 * width];
