@@ -370,7 +370,7 @@ async fn metrics(
     };
     let view_since = query.since;
     let model = query.model.clone();
-    let versions = api.shared.db.call(move |c| monitoring::summaries(c, &query)).await?;
+    let versions = api.shared.db.run(move |sql| monitoring::summaries(&sql, &query)).await?;
     Ok(json_response(StatusCode::OK, &MetricsView { model, since: view_since, versions }))
 }
 

@@ -576,7 +576,7 @@ async fn periodic(
             }
             _ = prune.tick() => {
                 let before = Timestamp::from_system(SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH));
-                match shared.db.call(move |c| monitoring::prune(c, before)).await {
+                match shared.db.run(move |sql| monitoring::prune(&sql, before)).await {
                     Ok(0) => {}
                     Ok(deleted) => tracing::info!(deleted, %before, "deleted metric windows past retention"),
                     Err(err) => tracing::error!(error = %err, "deleting old metric windows failed"),

@@ -2,8 +2,9 @@
 //! agent resends, queried as rollups per version by model, version, group, agent and time
 //! range, and summarised with drift against each bundle's reference profile.
 //!
-//! Like [`crate::db`], every function takes a connection and runs one statement or one
-//! transaction; the daemon calls them through [`crate::db::Db::call`].
+//! Like [`crate::db`], every function takes a connection (`C: AsSql`, either database)
+//! and runs one statement or one transaction; the daemon calls them through
+//! [`crate::db::Db::run`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -14,10 +15,10 @@ use falaj_common::metrics::{MetricsWindow, Rollup, VersionSummary};
 use falaj_common::profile::DataProfile;
 use falaj_common::protocol::SequencedWindow;
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use crate::db::{from_ts, ts};
+use crate::sql::{AsSql, OptionalExt, SqlError, params};
 
 /// Ingest figures since start, for `/metrics`.
 #[derive(Debug, Default)]
@@ -101,68 +102,79 @@ pub type Held = BTreeSet<(String, u64)>;
 /// Windows already stored are skipped; windows that fail their check, concern a version
 /// not in `held`, end more than [`MAX_CLOCK_SKEW`] ahead of `now`, or exceed
 /// [`MAX_WINDOWS_PER_HOUR`] are refused (counted, and acknowledged all the same).
-pub fn insert_windows(
-    conn: &mut Connection,
+///
+/// On PostgreSQL a window another replica stored meanwhile (the agent reconnected there
+/// and resent it) is skipped by the insert itself (`ON CONFLICT DO NOTHING`) and counted
+/// as a duplicate.
+pub fn insert_windows<C: AsSql + ?Sized>(
+    conn: &C,
     agent: &str,
     held: &Held,
     batch: &[SequencedWindow],
     now: Timestamp,
-) -> rusqlite::Result<Ingested> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+) -> Result<Ingested, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
     let mut ingested = Ingested::default();
-    {
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO windows
-                 (agent_id, seq, model, version, start, seconds, requests, errors, window, received_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-        )?;
-        let mut stored_seq =
-            tx.prepare_cached("SELECT 1 FROM windows WHERE agent_id = ?1 AND seq = ?2")?;
-        let mut in_hour = tx.prepare_cached(
-            "SELECT COUNT(*) FROM windows
-             WHERE agent_id = ?1 AND model = ?2 AND version = ?3 AND start >= ?4 AND start < ?5",
-        )?;
-        for (i, SequencedWindow { seq, window: w }) in batch.iter().enumerate() {
-            if stored_seq.exists(params![agent, *seq as i64])? {
-                ingested.duplicates += 1;
-                continue;
+    for (i, SequencedWindow { seq, window: w }) in batch.iter().enumerate() {
+        let stored = tx
+            .query_row(
+                "SELECT seq FROM windows WHERE agent_id = $1 AND seq = $2",
+                params![agent, *seq as i64],
+                |_| Ok(()),
+            )
+            .optional()?;
+        if stored.is_some() {
+            ingested.duplicates += 1;
+            continue;
+        }
+        let mut refusal = refusal(w, held, now);
+        if refusal.is_none() {
+            let hour = w.start.unix() - w.start.unix() % 3600;
+            let count: i64 = tx.query_row(
+                "SELECT COUNT(*) FROM windows
+                 WHERE agent_id = $1 AND model = $2 AND version = $3 AND start >= $4 AND start < $5",
+                params![
+                    agent,
+                    w.model,
+                    w.version as i64,
+                    ts(Timestamp::from_unix(hour)),
+                    ts(Timestamp::from_unix(hour + 3600))
+                ],
+                |r| r.get(0),
+            )?;
+            if u64::try_from(count).unwrap_or(0) >= MAX_WINDOWS_PER_HOUR {
+                refusal = Some(format!("over {MAX_WINDOWS_PER_HOUR} windows in one hour"));
             }
-            let mut refusal = refusal(w, held, now);
-            if refusal.is_none() {
-                let hour = w.start.unix() - w.start.unix() % 3600;
-                let count: i64 = in_hour.query_row(
-                    params![
-                        agent,
-                        w.model,
-                        w.version as i64,
-                        ts(Timestamp::from_unix(hour)),
-                        ts(Timestamp::from_unix(hour + 3600))
-                    ],
-                    |r| r.get(0),
-                )?;
-                if u64::try_from(count).unwrap_or(0) >= MAX_WINDOWS_PER_HOUR {
-                    refusal = Some(format!("over {MAX_WINDOWS_PER_HOUR} windows in one hour"));
-                }
-            }
-            if let Some(reason) = refusal {
-                tracing::warn!(agent, seq, model = %w.model, version = w.version, start = %w.start, reason, "refused a metric window");
-                ingested.rejected += 1;
-                continue;
-            }
-            let bytes = postcard::to_stdvec(w)
-                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-            insert.execute(params![
+        }
+        if let Some(reason) = refusal {
+            tracing::warn!(agent, seq, model = %w.model, version = w.version, start = %w.start, reason, "refused a metric window");
+            ingested.rejected += 1;
+            continue;
+        }
+        let bytes = postcard::to_stdvec(w)
+            .map_err(|e| SqlError::Encode { what: "a metric window", message: e.to_string() })?;
+        let inserted = tx.execute(
+            r#"INSERT INTO windows
+                 (agent_id, seq, model, version, start, seconds, requests, errors, "window", received_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+             ON CONFLICT (agent_id, seq) DO NOTHING"#,
+            params![
                 agent,
                 *seq as i64,
                 w.model,
                 w.version as i64,
                 ts(w.start),
-                w.seconds,
+                i64::from(w.seconds),
                 w.counts.requests as i64,
                 w.counts.errors as i64,
                 bytes,
                 ts(now),
-            ])?;
+            ],
+        )?;
+        if inserted == 0 {
+            ingested.duplicates += 1;
+        } else {
             ingested.stored.push(i);
         }
     }
@@ -220,27 +232,25 @@ impl VersionRollup {
 }
 
 /// The rollup of each version matching `query`, by version.
-pub fn rollups(
-    conn: &Connection,
+pub fn rollups<C: AsSql + ?Sized>(
+    conn: &C,
     query: &MetricsQuery,
-) -> rusqlite::Result<BTreeMap<u64, VersionRollup>> {
+) -> Result<BTreeMap<u64, VersionRollup>, C::Error> {
     rollups_between(conn, query, None)
 }
 
 /// [`rollups`] of the windows that also started at or before `until`, when given (a
 /// finished rollout's figures stop at its end).
-pub fn rollups_between(
-    conn: &Connection,
+pub fn rollups_between<C: AsSql + ?Sized>(
+    conn: &C,
     query: &MetricsQuery,
     until: Option<Timestamp>,
-) -> rusqlite::Result<BTreeMap<u64, VersionRollup>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT w.version, w.agent_id, w.window FROM windows w JOIN agents a ON a.id = w.agent_id
-         WHERE w.model = ?1 AND w.start >= ?2 AND (?3 IS NULL OR w.version = ?3)
-           AND (?4 IS NULL OR a.grp = ?4) AND (?5 IS NULL OR w.agent_id = ?5)
-           AND (?6 IS NULL OR w.start <= ?6)",
-    )?;
-    let rows = stmt.query_map(
+) -> Result<BTreeMap<u64, VersionRollup>, C::Error> {
+    let rows = conn.sql().query_map(
+        r#"SELECT w.version, w.agent_id, w."window" FROM windows w JOIN agents a ON a.id = w.agent_id
+         WHERE w.model = $1 AND w.start >= $2 AND (CAST($3 AS BIGINT) IS NULL OR w.version = $3)
+           AND (CAST($4 AS TEXT) IS NULL OR a.grp = $4) AND (CAST($5 AS TEXT) IS NULL OR w.agent_id = $5)
+           AND (CAST($6 AS BIGINT) IS NULL OR w.start <= $6)"#,
         params![
             query.model,
             ts(query.since),
@@ -249,14 +259,12 @@ pub fn rollups_between(
             query.agent,
             until.map(ts)
         ],
-        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)),
+        |r| Ok((r.get::<i64>(0)? as u64, r.get::<String>(1)?, r.get::<Vec<u8>>(2)?)),
     )?;
     let mut out: BTreeMap<u64, VersionRollup> = BTreeMap::new();
-    for row in rows {
-        let (version, agent, bytes) = row?;
-        let window: MetricsWindow = postcard::from_bytes(&bytes).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, Box::new(e))
-        })?;
+    for (version, agent, bytes) in rows {
+        let window: MetricsWindow = postcard::from_bytes(&bytes)
+            .map_err(|e| SqlError::Conversion { column: 2, message: e.to_string() })?;
         let entry = out.entry(version).or_default();
         let (start, end) = (window.start.unix(), window.start.unix() + u64::from(window.seconds));
         entry.first = if entry.rollup.windows == 0 { start } else { entry.first.min(start) };
@@ -269,7 +277,10 @@ pub fn rollups_between(
 
 /// The summary of each version matching `query`, with drift where the bundle has a
 /// reference profile.
-pub fn summaries(conn: &Connection, query: &MetricsQuery) -> rusqlite::Result<Vec<VersionSummary>> {
+pub fn summaries<C: AsSql + ?Sized>(
+    conn: &C,
+    query: &MetricsQuery,
+) -> Result<Vec<VersionSummary>, C::Error> {
     rollups(conn, query)?
         .into_iter()
         .map(|(version, v)| {
@@ -285,53 +296,54 @@ pub fn summaries(conn: &Connection, query: &MetricsQuery) -> rusqlite::Result<Ve
 }
 
 /// Records the reference profile of a pushed bundle.
-pub fn set_reference(
-    conn: &Connection,
+pub fn set_reference<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     version: u64,
     profile: &DataProfile,
-) -> rusqlite::Result<()> {
+) -> Result<(), C::Error> {
     let json = serde_json::to_string(profile)
-        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-    conn.execute(
-        "UPDATE bundles SET reference = ?3 WHERE name = ?1 AND version = ?2",
+        .map_err(|e| SqlError::Encode { what: "a reference profile", message: e.to_string() })?;
+    conn.sql().execute(
+        "UPDATE bundles SET reference = $3 WHERE name = $1 AND version = $2",
         params![name, version as i64, json],
     )?;
     Ok(())
 }
 
 /// The reference profile of a bundle, if it has one.
-pub fn reference(
-    conn: &Connection,
+pub fn reference<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     version: u64,
-) -> rusqlite::Result<Option<DataProfile>> {
+) -> Result<Option<DataProfile>, C::Error> {
     let json: Option<String> = conn
+        .sql()
         .query_row(
-            "SELECT reference FROM bundles WHERE name = ?1 AND version = ?2",
+            "SELECT reference FROM bundles WHERE name = $1 AND version = $2",
             params![name, version as i64],
             |r| r.get(0),
         )
         .optional()?
         .flatten();
-    json.map(|j| {
-        serde_json::from_str(&j).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    Ok(json
+        .map(|j| {
+            serde_json::from_str(&j)
+                .map_err(|e| SqlError::Conversion { column: 0, message: e.to_string() })
         })
-    })
-    .transpose()
+        .transpose()?)
 }
 
 /// Deletes windows that started before `before`; returns how many.
-pub fn prune(conn: &Connection, before: Timestamp) -> rusqlite::Result<usize> {
-    conn.execute("DELETE FROM windows WHERE start < ?1", [ts(before)])
+pub fn prune<C: AsSql + ?Sized>(conn: &C, before: Timestamp) -> Result<usize, C::Error> {
+    Ok(conn.sql().execute("DELETE FROM windows WHERE start < $1", params![ts(before)])?)
 }
 
 /// Windows stored, and the time of the last one received.
-pub fn stored(conn: &Connection) -> rusqlite::Result<(u64, Option<Timestamp>)> {
-    conn.query_row("SELECT COUNT(*), MAX(received_at) FROM windows", [], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Option<i64>>(1)?.map(from_ts)))
-    })
+pub fn stored<C: AsSql + ?Sized>(conn: &C) -> Result<(u64, Option<Timestamp>), C::Error> {
+    Ok(conn.sql().query_row("SELECT COUNT(*), MAX(received_at) FROM windows", params![], |r| {
+        Ok((r.get::<i64>(0)? as u64, r.get::<Option<i64>>(1)?.map(from_ts)))
+    })?)
 }
 
 #[cfg(test)]

@@ -427,7 +427,7 @@ async fn ingest(
     let windows = Arc::clone(&batch);
     let held = held.clone();
     let stored =
-        shared.db.call(move |c| monitoring::insert_windows(c, &id, &held, &windows, now)).await;
+        shared.db.run(move |sql| monitoring::insert_windows(&sql, &id, &held, &windows, now)).await;
     let ingested = match stored {
         Ok(ingested) => ingested,
         Err(err) => {

@@ -51,6 +51,14 @@ pub enum SqlError {
         /// What was wrong.
         message: String,
     },
+    /// A value could not be encoded for storage.
+    #[error("encoding {what}: {message}")]
+    Encode {
+        /// What was being encoded.
+        what: &'static str,
+        /// What was wrong.
+        message: String,
+    },
     /// The code asked for runs on SQLite only, for now.
     #[error("{0} is not yet ported to PostgreSQL (issue 21): use SQLite")]
     NotPorted(&'static str),

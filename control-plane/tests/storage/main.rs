@@ -13,12 +13,15 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
 use falaj_common::keys::{Sha256, SigningKey};
-use falaj_common::protocol::ActualState;
+use falaj_common::metrics::{Counts, MetricsWindow};
+use falaj_common::profile::{ColumnProfile, DataProfile};
+use falaj_common::protocol::{ActualState, SequencedWindow};
 use falaj_common::time::Timestamp;
 use falaj_control::audit::Actor;
 use falaj_control::db::{
     self, BundleRow, Db, DbError, IssuedDesired, NewAgent, TokenRefusal, TokenRow, TokenUse,
 };
+use falaj_control::monitoring::{self, Held, Ingested, MetricsQuery};
 use falaj_control::sql::{PgOptions, Sql, SqlError, params};
 use libtest_mimic::{Completion, Trial};
 
@@ -420,6 +423,148 @@ fn a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry(db: &Db
     );
 }
 
+// ---- monitoring ----
+
+fn profile() -> DataProfile {
+    let values: Vec<f64> = (0..100).map(f64::from).collect();
+    DataProfile {
+        rows: 100,
+        inputs: vec![ColumnProfile::of("x", 0, "temperature", &values, 4)],
+        outputs: vec![],
+    }
+}
+
+fn window(seq: u64, model: &str, version: u64, start: Timestamp, requests: u64) -> SequencedWindow {
+    SequencedWindow {
+        seq,
+        window: MetricsWindow {
+            model: model.into(),
+            version,
+            start,
+            seconds: 60,
+            counts: Counts { requests, errors: 1, ..Counts::default() },
+        },
+    }
+}
+
+fn held(versions: &[(&str, u64)]) -> Held {
+    versions.iter().map(|&(m, v)| (m.to_owned(), v)).collect()
+}
+
+fn metric_windows_are_stored_once_and_rolled_up_by_version(db: &Db) {
+    let now = at(10_000);
+    db.run_sync(|sql| {
+        enrolled(sql, "t1", "a")?;
+        enrolled(sql, "t2", "b")?;
+        for b in [bundle("fraud", 1), bundle("fraud", 2)] {
+            db::insert_bundle(&sql, &b)?;
+        }
+        monitoring::set_reference(&sql, "fraud", 1, &profile())
+    })
+    .unwrap();
+    let batch = [
+        window(1, "fraud", 1, at(1000), 10),
+        window(2, "fraud", 2, at(1060), 20),
+        // Not held.
+        window(3, "fraud", 3, at(1060), 30),
+        // An hour ahead of the control plane's clock.
+        window(4, "fraud", 1, at(13_600), 40),
+    ];
+    let held = held(&[("fraud", 1), ("fraud", 2)]);
+    let (a, again, b) = db
+        .run_sync(|sql| {
+            Ok((
+                monitoring::insert_windows(&sql, "a", &held, &batch, now)?,
+                // Resent after a lost acknowledgement.
+                monitoring::insert_windows(&sql, "a", &held, &batch[..2], now)?,
+                // Another agent's sequence numbers are its own.
+                monitoring::insert_windows(&sql, "b", &held, &batch[..1], at(10_001))?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(a, Ingested { stored: vec![0, 1], duplicates: 0, rejected: 2 });
+    assert_eq!(again, Ingested { stored: vec![], duplicates: 2, rejected: 0 });
+    assert_eq!(b, Ingested { stored: vec![0], duplicates: 0, rejected: 0 });
+    assert_eq!(db.run_sync(|sql| monitoring::stored(&sql)).unwrap(), (3, Some(at(10_001))));
+
+    let query = |version, group: Option<&str>, agent: Option<&str>| MetricsQuery {
+        model: "fraud".into(),
+        version,
+        group: group.map(str::to_owned),
+        agent: agent.map(str::to_owned),
+        since: at(0),
+    };
+    let all = db.run_sync(move |sql| monitoring::rollups(&sql, &query(None, None, None))).unwrap();
+    assert_eq!(all.keys().copied().collect::<Vec<_>>(), [1, 2]);
+    let one = &all[&1];
+    assert_eq!(one.agents.iter().map(String::as_str).collect::<Vec<_>>(), ["a", "b"]);
+    assert_eq!((one.rollup.windows, one.rollup.counts.requests), (2, 20));
+    assert_eq!((one.first, one.last, one.span_seconds()), (at(1000).unix(), at(1060).unix(), 60));
+    assert_eq!(all[&2].rollup.counts.requests, 20);
+    let versions = |q: MetricsQuery, until: Option<Timestamp>| {
+        db.run_sync(move |sql| monitoring::rollups_between(&sql, &q, until))
+            .unwrap()
+            .into_iter()
+            .map(|(v, r)| (v, r.rollup.windows))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(versions(query(Some(2), None, None), None), [(2, 1)]);
+    assert_eq!(versions(query(None, None, Some("b")), None), [(1, 1)]);
+    assert_eq!(versions(query(None, Some("edge"), None), None), [(1, 2), (2, 1)]);
+    assert_eq!(versions(query(None, Some("core"), None), None), []);
+    assert_eq!(versions(query(None, None, None), Some(at(1059))), [(1, 2)]);
+    assert_eq!(
+        versions(MetricsQuery { since: at(1001), ..query(None, None, None) }, None),
+        [(2, 1)]
+    );
+
+    let (summaries, reference, none) = db
+        .run_sync(move |sql| {
+            Ok((
+                monitoring::summaries(&sql, &query(None, None, None))?,
+                monitoring::reference(&sql, "fraud", 1)?,
+                monitoring::reference(&sql, "fraud", 2)?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(reference, Some(profile()));
+    assert_eq!(none, None);
+    let brief: Vec<_> =
+        summaries.iter().map(|s| (s.version, s.agents, s.requests, s.drift.is_some())).collect();
+    assert_eq!(brief, [(1, 2, 20, true), (2, 1, 20, false)]);
+
+    assert_eq!(db.run_sync(|sql| monitoring::prune(&sql, at(1060))).unwrap(), 2);
+    assert_eq!(db.run_sync(|sql| monitoring::stored(&sql)).unwrap(), (1, Some(at(10_000))));
+}
+
+fn a_batch_sent_twice_at_once_is_stored_once(db: &Db) {
+    db.run_sync(|sql| {
+        enrolled(sql, "t1", "a")?;
+        db::insert_bundle(&sql, &bundle("fraud", 1))
+    })
+    .unwrap();
+    let batch: Vec<_> = (1..=20).map(|i| window(i, "fraud", 1, at(i * 60), 1)).collect();
+    let held = held(&[("fraud", 1)]);
+    // As from an agent that reconnected to another replica and resent its outbox.
+    let outcomes: Vec<Ingested> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                s.spawn(|| {
+                    db.run_sync(|sql| {
+                        monitoring::insert_windows(&sql, "a", &held, &batch, at(2000))
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let stored: usize = outcomes.iter().map(|o| o.stored.len()).sum();
+    let duplicates: u64 = outcomes.iter().map(|o| o.duplicates).sum();
+    assert_eq!((stored, duplicates), (20, 60), "{outcomes:?}");
+    assert_eq!(count(db, "windows"), 20);
+}
+
 // ---- PostgreSQL only ----
 
 fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
@@ -575,6 +720,11 @@ fn main() {
             "a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry",
             a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry,
         ),
+        (
+            "metric_windows_are_stored_once_and_rolled_up_by_version",
+            metric_windows_are_stored_once_and_rolled_up_by_version,
+        ),
+        ("a_batch_sent_twice_at_once_is_stored_once", a_batch_sent_twice_at_once_is_stored_once),
     ];
     let postgres_only: &[(&str, Body)] = &[
         (
