@@ -405,7 +405,7 @@ async fn alerts(State(api): State<Api>, Query(params): Query<AlertsParams>) -> A
     let (firing, events) = api
         .shared
         .db
-        .call(move |c| Ok((crate::alerts::firing(c)?, crate::alerts::events(c, limit)?)))
+        .run(move |sql| Ok((crate::alerts::firing(&sql)?, crate::alerts::events(&sql, limit)?)))
         .await?;
     let firing = firing
         .into_iter()

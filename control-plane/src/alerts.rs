@@ -4,7 +4,7 @@
 //! handed to that hook when it fires.
 //!
 //! What fires is decided by [`falaj_common::alerting`]; this module reads the windows,
-//! keeps the firing set in SQLite (so a restart neither repeats nor forgets an alert) and
+//! keeps the firing set in the database (so a restart neither repeats nor forgets an alert) and
 //! delivers the notifications.
 
 use std::collections::BTreeMap;
@@ -13,12 +13,12 @@ use std::time::{Duration, SystemTime};
 
 use falaj_common::alerting::{AlertRule, RetrainHook, Transition, VersionWindow, transitions};
 use falaj_common::time::{Timestamp, human_duration};
-use rusqlite::{Connection, params};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
 use crate::db::{DbError, from_ts, ts};
 use crate::monitoring::{self, MetricsQuery};
+use crate::sql::{AsSql, Sql, SqlError, params};
 use crate::state::Shared;
 use crate::webhook::{WebhookClient, deliver};
 
@@ -89,11 +89,11 @@ fn metric_name(rule: &AlertRule) -> String {
 
 /// Evaluates `rule` at `now` and records its transitions, in one transaction.
 fn evaluate_rule(
-    conn: &mut Connection,
+    sql: Sql<'_>,
     rule: &AlertRule,
     region: &str,
     now: Timestamp,
-) -> rusqlite::Result<Vec<Notification>> {
+) -> Result<Vec<Notification>, SqlError> {
     let query = MetricsQuery {
         model: rule.model.clone(),
         version: None,
@@ -101,7 +101,7 @@ fn evaluate_rule(
         agent: None,
         since: Timestamp::from_unix(now.unix().saturating_sub(rule.window.as_secs())),
     };
-    let tx = conn.transaction()?;
+    let tx = sql.transaction()?;
     let mut observations = Vec::new();
     for (version, v) in monitoring::rollups(&tx, &query)? {
         let reference = if rule.metric.is_drift() {
@@ -116,36 +116,39 @@ fn evaluate_rule(
             reference: reference.as_ref(),
         }));
     }
-    let firing: BTreeMap<String, f64> = {
-        let mut stmt =
-            tx.prepare_cached("SELECT subject, value FROM alerts_firing WHERE rule = ?1")?;
-        stmt.query_map([&rule.name], |r| Ok((r.get(0)?, r.get(1)?)))?
-            .collect::<rusqlite::Result<_>>()?
-    };
+    let firing: BTreeMap<String, f64> = tx
+        .query_map(
+            "SELECT subject, value FROM alerts_firing WHERE rule = $1",
+            params![rule.name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .into_iter()
+        .collect();
     let mut notifications = Vec::new();
     for Transition { observation: o, firing } in transitions(&firing, &observations, rule.threshold)
     {
         if firing {
             tx.execute(
-                "INSERT INTO alerts_firing (rule, subject, since, value) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO alerts_firing (rule, subject, since, value) VALUES ($1, $2, $3, $4)",
                 params![rule.name, o.subject, ts(now), o.value],
             )?;
         } else {
             tx.execute(
-                "DELETE FROM alerts_firing WHERE rule = ?1 AND subject = ?2",
+                "DELETE FROM alerts_firing WHERE rule = $1 AND subject = $2",
                 params![rule.name, o.subject],
             )?;
         }
         let state = if firing { "firing" } else { "resolved" };
         let metric = metric_name(rule);
-        tx.execute(
+        let id: i64 = tx.query_row(
             "INSERT INTO alert_events (at, rule, subject, state, metric, value, threshold)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             params![ts(now), rule.name, o.subject, state, metric, o.value, rule.threshold],
+            |r| r.get(0),
         )?;
         notifications.push(Notification {
             event: AlertEvent {
-                id: tx.last_insert_rowid() as u64,
+                id: id as u64,
                 at: now,
                 rule: rule.name.clone(),
                 subject: o.subject,
@@ -166,6 +169,23 @@ fn evaluate_rule(
     Ok(notifications)
 }
 
+/// Evaluates every rule once at `now`, each in its own transaction; returns what changed,
+/// with the rule that changed it.
+pub fn evaluate_rules<C: AsSql + ?Sized>(
+    conn: &C,
+    rules: &[AlertRule],
+    region: &str,
+    now: Timestamp,
+) -> Result<Vec<(AlertRule, Notification)>, C::Error> {
+    let mut out = Vec::new();
+    for rule in rules {
+        for n in evaluate_rule(conn.sql(), rule, region, now)? {
+            out.push((rule.clone(), n));
+        }
+    }
+    Ok(out)
+}
+
 /// Evaluates every rule once; returns what changed, with the rule that changed it.
 pub async fn evaluate(
     shared: &Shared,
@@ -174,46 +194,40 @@ pub async fn evaluate(
 ) -> Result<Vec<(AlertRule, Notification)>, DbError> {
     let (rules, region) = (rules.to_vec(), shared.region.clone());
     let now = Timestamp::from_system(now);
-    shared
-        .db
-        .call(move |conn| {
-            let mut out = Vec::new();
-            for rule in rules {
-                for n in evaluate_rule(conn, &rule, &region, now)? {
-                    out.push((rule.clone(), n));
-                }
-            }
-            Ok(out)
-        })
-        .await
+    shared.db.run(move |sql| evaluate_rules(&sql, &rules, &region, now)).await
 }
 
 /// The latest `limit` events, newest first.
-pub fn events(conn: &Connection, limit: u64) -> rusqlite::Result<Vec<AlertEvent>> {
-    let mut stmt = conn.prepare(
+pub fn events<C: AsSql + ?Sized>(conn: &C, limit: u64) -> Result<Vec<AlertEvent>, C::Error> {
+    Ok(conn.sql().query_map(
         "SELECT id, at, rule, subject, state, metric, value, threshold FROM alert_events
-         ORDER BY id DESC LIMIT ?1",
-    )?;
-    stmt.query_map([limit as i64], |r| {
-        Ok(AlertEvent {
-            id: r.get::<_, i64>(0)? as u64,
-            at: from_ts(r.get(1)?),
-            rule: r.get(2)?,
-            subject: r.get(3)?,
-            state: r.get(4)?,
-            metric: r.get(5)?,
-            value: r.get(6)?,
-            threshold: r.get(7)?,
-        })
-    })?
-    .collect()
+         ORDER BY id DESC LIMIT $1",
+        params![limit.min(i64::MAX as u64) as i64],
+        |r| {
+            Ok(AlertEvent {
+                id: r.get::<i64>(0)? as u64,
+                at: from_ts(r.get(1)?),
+                rule: r.get(2)?,
+                subject: r.get(3)?,
+                state: r.get(4)?,
+                metric: r.get(5)?,
+                value: r.get(6)?,
+                threshold: r.get(7)?,
+            })
+        },
+    )?)
 }
 
-/// Alerts firing now: `(rule, subject, since, value)`.
-pub fn firing(conn: &Connection) -> rusqlite::Result<Vec<(String, String, Timestamp, f64)>> {
-    let mut stmt = conn
-        .prepare("SELECT rule, subject, since, value FROM alerts_firing ORDER BY rule, subject")?;
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, from_ts(r.get(2)?), r.get(3)?)))?.collect()
+/// An alert firing: `(rule, subject, since, value)`.
+pub type Firing = (String, String, Timestamp, f64);
+
+/// Alerts firing now.
+pub fn firing<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<Firing>, C::Error> {
+    Ok(conn.sql().query_map(
+        "SELECT rule, subject, since, value FROM alerts_firing ORDER BY rule, subject",
+        params![],
+        |r| Ok((r.get(0)?, r.get(1)?, from_ts(r.get(2)?), r.get(3)?)),
+    )?)
 }
 
 /// Evaluates the rules every `config.evaluate_every` and sends what changed, until `stop`.

@@ -12,11 +12,13 @@ mod postgres;
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
+use falaj_common::alerting::{AlertMetric, AlertRule, DriftScope};
 use falaj_common::keys::{Sha256, SigningKey};
 use falaj_common::metrics::{Counts, MetricsWindow};
 use falaj_common::profile::{ColumnProfile, DataProfile};
 use falaj_common::protocol::{ActualState, SequencedWindow};
 use falaj_common::time::Timestamp;
+use falaj_control::alerts;
 use falaj_control::audit::Actor;
 use falaj_control::db::{
     self, BundleRow, Db, DbError, IssuedDesired, NewAgent, TokenRefusal, TokenRow, TokenUse,
@@ -565,6 +567,78 @@ fn a_batch_sent_twice_at_once_is_stored_once(db: &Db) {
     assert_eq!(count(db, "windows"), 20);
 }
 
+// ---- alerts ----
+
+fn rule(name: &str, metric: AlertMetric, threshold: f64) -> AlertRule {
+    AlertRule {
+        name: name.into(),
+        model: "fraud".into(),
+        metric,
+        column: None,
+        scope: DriftScope::All,
+        group: Some("edge".into()),
+        threshold,
+        window: std::time::Duration::from_secs(600),
+        min_count: 1,
+        retrain: None,
+    }
+}
+
+fn an_alert_fires_once_and_resolves_with_its_events_recorded(db: &Db) {
+    db.run_sync(|sql| {
+        enrolled(sql, "t1", "a")?;
+        db::insert_bundle(&sql, &bundle("fraud", 1))?;
+        monitoring::set_reference(&sql, "fraud", 1, &profile())
+    })
+    .unwrap();
+    let held = held(&[("fraud", 1)]);
+    // Half the requests fail.
+    let failing = [window(1, "fraud", 1, at(1000), 2)];
+    db.run_sync(|sql| monitoring::insert_windows(&sql, "a", &held, &failing, at(1060))).unwrap();
+    let rules = [
+        rule("errors", AlertMetric::ErrorRate, 0.1),
+        // Reads the reference profile; never fires.
+        rule("drift", AlertMetric::Psi, 1e12),
+    ];
+    let evaluate = |now| {
+        db.run_sync(|sql| alerts::evaluate_rules(&sql, &rules, REGION, now))
+            .unwrap()
+            .into_iter()
+            .map(|(rule, n)| (rule.name, n.event.id, n.event.subject, n.event.state, n.region))
+            .collect::<Vec<_>>()
+    };
+    let fired = evaluate(at(1100));
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    let (name, fired_id, subject, state, region) = fired[0].clone();
+    assert_eq!((name.as_str(), subject.as_str(), state.as_str()), ("errors", "fraud@1", "firing"));
+    assert_eq!(region, REGION);
+    let firing = db.run_sync(|sql| alerts::firing(&sql)).unwrap();
+    assert_eq!(firing, [("errors".to_owned(), "fraud@1".to_owned(), at(1100), 0.5)]);
+    // Still failing: nothing new.
+    assert_eq!(evaluate(at(1200)), []);
+
+    // Later, one failure in a hundred, and the failing window out of the rule's window.
+    let better = [window(2, "fraud", 1, at(2000), 100)];
+    db.run_sync(|sql| monitoring::insert_windows(&sql, "a", &held, &better, at(2060))).unwrap();
+    let resolved = evaluate(at(2100));
+    assert_eq!(resolved.len(), 1, "{resolved:?}");
+    assert_eq!(resolved[0].3, "resolved");
+    assert!(resolved[0].1 > fired_id);
+    let (firing, events) =
+        db.run_sync(|sql| Ok((alerts::firing(&sql)?, alerts::events(&sql, 10)?))).unwrap();
+    assert_eq!(firing, []);
+    let brief: Vec<_> =
+        events.iter().map(|e| (e.id, e.at, e.state.as_str(), e.metric.as_str(), e.value)).collect();
+    assert_eq!(
+        brief,
+        [
+            (resolved[0].1, at(2100), "resolved", "error_rate", 0.01),
+            (fired_id, at(1100), "firing", "error_rate", 0.5)
+        ]
+    );
+    assert_eq!(db.run_sync(|sql| alerts::events(&sql, 1)).unwrap().len(), 1);
+}
+
 // ---- PostgreSQL only ----
 
 fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
@@ -725,6 +799,10 @@ fn main() {
             metric_windows_are_stored_once_and_rolled_up_by_version,
         ),
         ("a_batch_sent_twice_at_once_is_stored_once", a_batch_sent_twice_at_once_is_stored_once),
+        (
+            "an_alert_fires_once_and_resolves_with_its_events_recorded",
+            an_alert_fires_once_and_resolves_with_its_events_recorded,
+        ),
     ];
     let postgres_only: &[(&str, Body)] = &[
         (

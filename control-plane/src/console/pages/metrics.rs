@@ -298,7 +298,7 @@ pub(crate) async fn alerts(
     let (firing, events) = api
         .shared
         .db
-        .call(move |c| Ok((crate::alerts::firing(c)?, crate::alerts::events(c, limit)?)))
+        .run(move |sql| Ok((crate::alerts::firing(&sql)?, crate::alerts::events(&sql, limit)?)))
         .await?;
     Ok(render_alerts(&ctx, &firing, &events, &api.console.alert_rules))
 }
