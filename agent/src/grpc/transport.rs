@@ -8,13 +8,31 @@
 //! sample model at batch 1 that stack was about 3 µs of the server's time a call against
 //! REST (a `perf` profile of `benches/grpc.rs`); here a call is one path comparison, the
 //! deadline ([`super::deadline`]) and the generated service.
+//!
+//! **A connection's calls run in the connection's own task.** hyper's HTTP/2 server hands
+//! each call (an `H2Stream` future: the service's future, then the response piped to h2)
+//! to its executor; with tokio's, that is a task per call, so a call cost a spawn, and
+//! its answer a wake across tasks (the call's task wrote into h2's buffers, then woke the
+//! connection's task to flush them), where hyper's HTTP/1.1 server (REST) reads, runs and
+//! writes in the connection's one task. Here the executor ([`Inline`]) only queues the
+//! future; the connection's task ([`drive`]) moves it into a `FuturesUnordered` and polls
+//! the calls alongside the connection, polling the connection again after a call ended so
+//! that its answer is flushed in the same turn, in one write. Inference itself still runs
+//! on the blocking pool, so calls multiplexed on one connection still run in parallel;
+//! only their (short) protocol work shares the connection's task. Streams
+//! (ModelStreamInfer) keep their own task for their messages (`service`).
+//!
+//! Serving calls on the `h2` crate directly (gRPC's framing and flow control by hand)
+//! would take hyper's and tonic's layers off the unary path as well; this keeps every
+//! service (health, streaming, the deadline and over-limit wrappers) as it is.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use futures_util::stream::FuturesUnordered;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt as _};
@@ -99,9 +117,68 @@ impl Future for Routed {
     }
 }
 
-/// Settings of every connection.
-fn builder() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+/// A call's future as hyper hands it to the executor.
+type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The executor of one connection: it queues the calls hyper starts, for the connection's
+/// own task to poll ([`drive`]). hyper only starts calls while that task polls the
+/// connection, so the queue is drained right after, without a wake.
+#[derive(Clone, Default)]
+struct Inline {
+    queue: std::sync::Arc<std::sync::Mutex<Vec<Call>>>,
+}
+
+impl<F> hyper::rt::Executor<F> for Inline
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, call: F) {
+        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Box::pin(call));
+    }
+}
+
+impl Inline {
+    /// Moves the queued calls into `calls`; true when there were any.
+    fn drain_into(&self, calls: &mut FuturesUnordered<Call>) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let started = !queue.is_empty();
+        calls.extend(queue.drain(..));
+        started
+    }
+}
+
+/// Polls a connection and its calls in one task: the connection (which reads new calls
+/// and flushes what calls wrote), then the calls it started, again until neither a call
+/// was started nor one ended. Ready when the connection is; calls still pending then have
+/// lost their stream and are dropped.
+fn drive<C>(
+    mut connection: Pin<&mut C>,
+    executor: &Inline,
+    calls: &mut FuturesUnordered<Call>,
+    cx: &mut Context<'_>,
+) -> Poll<C::Output>
+where
+    C: Future,
+{
+    use futures_util::StreamExt as _;
+    loop {
+        if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
+            return Poll::Ready(ended);
+        }
+        let started = executor.drain_into(calls);
+        let mut ended = false;
+        while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
+            ended = true;
+        }
+        if !started && !ended {
+            return Poll::Pending;
+        }
+    }
+}
+
+/// Settings of every connection, with the connection's executor.
+fn builder(executor: Inline) -> hyper::server::conn::http2::Builder<Inline> {
+    let mut builder = hyper::server::conn::http2::Builder::new(executor);
     // Fixed flow-control windows of a few MiB let a large message arrive without a round
     // trip per 64 KiB, without the adaptive window's BDP pings on every busy connection.
     builder
@@ -128,7 +205,6 @@ where
         + Send
         + 'static,
 {
-    let builder = builder();
     let service = hyper_util::service::TowerToHyperService::new(deadline::Deadline::new(routes));
     // Each connection's task holds a sender; the receiver's `recv` ends when all are gone.
     let (open, mut closed) = mpsc::channel::<()>(1);
@@ -141,20 +217,24 @@ where
                 None => break,
             },
         };
-        let connection = builder.serve_connection(TokioIo::new(io), service.clone());
+        let executor = Inline::default();
+        let connection =
+            builder(executor.clone()).serve_connection(TokioIo::new(io), service.clone());
         let (open, mut down) = (open.clone(), down.clone());
         tokio::spawn(async move {
             let mut connection = std::pin::pin!(connection);
-            tokio::select! {
-                served = connection.as_mut() => {
-                    if let Err(err) = served {
-                        tracing::debug!(error = %err, "gRPC connection ended");
-                    }
-                    return;
+            let mut calls = FuturesUnordered::new();
+            let mut stopping = std::pin::pin!(wait_down(&mut down));
+            let mut asked = false;
+            let served = std::future::poll_fn(|cx| {
+                if !asked && stopping.as_mut().poll(cx).is_ready() {
+                    connection.as_mut().graceful_shutdown();
+                    asked = true;
                 }
-                () = wait_down(&mut down) => connection.as_mut().graceful_shutdown(),
-            }
-            if let Err(err) = connection.await {
+                drive(connection.as_mut(), &executor, &mut calls, cx)
+            })
+            .await;
+            if let Err(err) = served {
                 tracing::debug!(error = %err, "gRPC connection ended");
             }
             drop(open);

@@ -514,6 +514,47 @@ async fn grpc_waits_in_the_same_request_slots_as_rest() {
     server.stop().await;
 }
 
+/// The calls of one connection are polled in the connection's task: one waiting (for a
+/// request slot) must not hold up the others on the same connection, and it is answered
+/// when a slot frees.
+#[tokio::test]
+async fn calls_multiplexed_on_one_connection_do_not_wait_for_each_other() {
+    let site = Site::new();
+    site.install("fault", 1, &classifier());
+    let config =
+        ServeConfig { workers: 1, queue_timeout: Duration::from_secs(60), ..test_config() };
+    let mut server = Both::start(&site, config).await;
+    let held = hold_slots(&mut server).await;
+    // Clones of a channel share its one HTTP/2 connection.
+    let client = server.client().await;
+    let waiting = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.model_infer(sensors_raw("fault", &rows(3), 3)).await }
+    });
+    server.slots.wait_for(|g| g.waiting == 1).await.unwrap();
+    let mut other = client.clone();
+    assert!(other.server_live(ServerLiveRequest {}).await.unwrap().into_inner().live);
+    let ready = other
+        .model_ready(ModelReadyRequest { name: "fault".into(), version: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ready.ready);
+    // A second inference call queues behind the first on the same connection.
+    let second = tokio::spawn({
+        let mut client = client.clone();
+        async move { client.model_infer(sensors_raw("fault", &rows(1), 1)).await }
+    });
+    server.slots.wait_for(|g| g.waiting == 2).await.unwrap();
+    assert!(!waiting.is_finished());
+    drop(held);
+    let first = waiting.await.unwrap().unwrap().into_inner();
+    assert_eq!(first.outputs[0].shape[0], 3);
+    let second = second.await.unwrap().unwrap().into_inner();
+    assert_eq!(second.outputs[0].shape[0], 1);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_deadline_ends_a_call_waiting_for_a_slot_with_deadline_exceeded() {
     let site = Site::new();
