@@ -781,9 +781,8 @@ pub fn revoke<C: AsSql + ?Sized>(
     Ok(n > 0)
 }
 
-/// Records what agents reported and when they were last seen, in one transaction. The
-/// fine-tune jobs' reports among them are recorded by [`crate::finetune`], which runs on
-/// SQLite only for now ([`SqlError::NotPorted`] on PostgreSQL when a report carries jobs).
+/// Records what agents reported and when they were last seen, in one transaction, with
+/// the fine-tune jobs' reports among them ([`crate::finetune::record_reports`]).
 pub fn record_seen<C: AsSql + ?Sized>(
     conn: &mut C,
     seen: &[(String, Timestamp, Option<ActualState>)],
@@ -792,11 +791,7 @@ pub fn record_seen<C: AsSql + ?Sized>(
     for (id, at, actual) in seen {
         match actual {
             Some(actual) => {
-                if !actual.jobs.is_empty() {
-                    let conn = tx.as_sqlite().ok_or(SqlError::NotPorted("finetune"))?;
-                    crate::finetune::record_reports(conn, id, &actual.jobs, *at)
-                        .map_err(SqlError::from)?;
-                }
+                crate::finetune::record_reports(&tx, id, &actual.jobs, *at)?;
                 // A job's weights are kept with the job (when its order allowed them), not
                 // again in the agent's last state.
                 let json = if actual.jobs.iter().any(|j| j.weights.is_some()) {

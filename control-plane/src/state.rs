@@ -501,7 +501,7 @@ impl Shared {
         if pending.is_empty() {
             return Ok(());
         }
-        self.db.call(move |conn| db::record_seen(conn, &pending)).await
+        self.db.run(move |mut sql| db::record_seen(&mut sql, &pending)).await
     }
 
     /// Whether `agent` has a live session.

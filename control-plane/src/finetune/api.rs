@@ -56,8 +56,8 @@ async fn order(State(api): State<Api>, body: String) -> ApiResult<Response> {
     let placed = api
         .shared
         .db
-        .call(move |c| {
-            let tx = c.transaction()?;
+        .run(move |sql| {
+            let tx = sql.transaction()?;
             let Some(row) = db::agent(&tx, &order.agent)? else { return Ok(Err(None)) };
             let id = match order.id {
                 Some(id) => id,
@@ -84,18 +84,18 @@ async fn order(State(api): State<Api>, body: String) -> ApiResult<Response> {
     };
     api.shared.push_desired(Some(&group), now).await?;
     tracing::info!(job = %id, %agent, "fine-tune job ordered");
-    let row = api.shared.db.call(move |c| super::get(c, &id)).await?;
+    let row = api.shared.db.run(move |sql| super::get(&sql, &id)).await?;
     Ok(json_response(StatusCode::CREATED, &row))
 }
 
 async fn list(State(api): State<Api>) -> ApiResult<Response> {
-    let rows = api.shared.db.call(|c| super::list(c)).await?;
+    let rows = api.shared.db.run(|sql| super::list(&sql)).await?;
     Ok(json_response(StatusCode::OK, &rows))
 }
 
 async fn show(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<Response> {
     let wanted = id.clone();
-    match api.shared.db.call(move |c| super::get(c, &wanted)).await? {
+    match api.shared.db.run(move |sql| super::get(&sql, &wanted)).await? {
         Some(row) => Ok(json_response(StatusCode::OK, &row)),
         None => Err(ApiError::not_found(format!("no fine-tune job {id:?}"))),
     }

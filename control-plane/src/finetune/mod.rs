@@ -10,11 +10,11 @@ pub mod cli;
 
 use falaj_common::finetune::{DesiredJob, JobReport, JobState};
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::db::{self, ts};
+use crate::db::{self, from_ts, ts};
+use crate::sql::{AsSql, OptionalExt, Row, SqlError, params};
 
 /// The state of a job the agent has not reported yet.
 const ORDERED: &str = "ordered";
@@ -38,16 +38,17 @@ pub struct JobRow {
 }
 
 /// Records an order; false if its id is taken.
-pub fn order(
-    conn: &Connection,
+pub fn order<C: AsSql + ?Sized>(
+    conn: &C,
     agent: &str,
     job: &DesiredJob,
     at: Timestamp,
-) -> rusqlite::Result<bool> {
+) -> Result<bool, C::Error> {
+    let sql = conn.sql();
     let spec = serde_json::to_string(job).expect("jobs serialise");
-    let added = conn.execute(
+    let added = sql.execute(
         "INSERT INTO finetune_jobs (id, agent_id, spec, state, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5) ON CONFLICT (id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5, $5) ON CONFLICT (id) DO NOTHING",
         params![job.id, agent, spec, ORDERED, ts(at)],
     )?;
     if added == 1 {
@@ -55,14 +56,15 @@ pub fn order(
             "agent": agent, "model": job.job.model, "version": job.job.version,
             "data": job.job.data.file, "share_weights": job.share_weights,
         });
-        db::event(conn, at, "finetune.order", &job.id, &detail.to_string())?;
+        db::event(&sql, at, "finetune.order", &job.id, &detail.to_string())?;
     }
     Ok(added == 1)
 }
 
 /// An id for a new job: `ft-N`, one above the jobs held.
-pub fn next_id(conn: &Connection) -> rusqlite::Result<String> {
-    let n: i64 = conn.query_row("SELECT COUNT(*) FROM finetune_jobs", [], |r| r.get(0))?;
+pub fn next_id<C: AsSql + ?Sized>(conn: &C) -> Result<String, C::Error> {
+    let n: i64 =
+        conn.sql().query_row("SELECT COUNT(*) FROM finetune_jobs", params![], |r| r.get(0))?;
     let mut n = n + 1;
     loop {
         let id = format!("ft-{n}");
@@ -74,32 +76,43 @@ pub fn next_id(conn: &Connection) -> rusqlite::Result<String> {
 }
 
 /// The jobs `agent`'s document carries: those it has not reported finished.
-pub fn open_jobs(conn: &Connection, agent: &str) -> rusqlite::Result<Vec<DesiredJob>> {
-    let mut stmt = conn.prepare(
-        "SELECT spec FROM finetune_jobs WHERE agent_id = ?1 AND state NOT IN ('succeeded', 'failed')
+pub fn open_jobs<C: AsSql + ?Sized>(conn: &C, agent: &str) -> Result<Vec<DesiredJob>, C::Error> {
+    let specs: Vec<String> = conn.sql().query_map(
+        "SELECT spec FROM finetune_jobs WHERE agent_id = $1 AND state NOT IN ('succeeded', 'failed')
          ORDER BY created_at, id",
+        params![agent],
+        |r| r.get(0),
     )?;
-    let specs = stmt.query_map([agent], |r| r.get::<_, String>(0))?;
-    specs.map(|spec| spec.and_then(|s| parse(&s))).collect()
+    Ok(specs.iter().map(|s| parse(s, 0)).collect::<Result<_, _>>()?)
 }
 
-fn parse<T: serde::de::DeserializeOwned>(json: &str) -> rusqlite::Result<T> {
-    serde_json::from_str(json).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+fn parse<T: serde::de::DeserializeOwned>(json: &str, column: usize) -> Result<T, SqlError> {
+    serde_json::from_str(json).map_err(|e| SqlError::Conversion { column, message: e.to_string() })
 }
 
 /// Records what `agent` reported of its jobs: a job's first report of an end is an event,
 /// and so are weights received. Weights the order did not allow are not kept. A finished
-/// job's record no longer changes.
-pub fn record_reports(
-    conn: &Connection,
+/// job's record no longer changes (on PostgreSQL the job's row is locked while deciding,
+/// so two connections recording the same end record one event).
+pub fn record_reports<C: AsSql + ?Sized>(
+    conn: &C,
     agent: &str,
     reports: &[JobReport],
     at: Timestamp,
-) -> rusqlite::Result<()> {
+) -> Result<(), C::Error> {
+    let sql = conn.sql();
     for report in reports {
-        let Some(row) = get(conn, &report.id)?.filter(|row| row.agent == agent) else { continue };
+        let Some(row) = sql
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM finetune_jobs WHERE id = $1{}", sql.for_update()),
+                params![report.id],
+                row,
+            )
+            .optional()?
+            .filter(|row| row.agent == agent)
+        else {
+            continue;
+        };
         if matches!(row.state.as_str(), "succeeded" | "failed") {
             continue;
         }
@@ -107,8 +120,8 @@ pub fn record_reports(
         if !row.order.share_weights && report.weights.take().is_some() {
             tracing::warn!(job = %report.id, agent, "weights the order did not allow were dropped");
         }
-        conn.execute(
-            "UPDATE finetune_jobs SET state = ?2, report = ?3, updated_at = ?4 WHERE id = ?1",
+        sql.execute(
+            "UPDATE finetune_jobs SET state = $2, report = $3, updated_at = $4 WHERE id = $1",
             params![
                 report.id,
                 report.state.name(),
@@ -121,44 +134,47 @@ pub fn record_reports(
                 "agent": agent, "state": report.state.name(), "derived": report.derived,
                 "detail": report.detail,
             });
-            db::event(conn, at, "finetune.finished", &report.id, &detail.to_string())?;
+            db::event(&sql, at, "finetune.finished", &report.id, &detail.to_string())?;
         }
         if let Some(w) = &report.weights {
             let detail = json!({
                 "agent": agent, "derived": report.derived,
                 "parameters": w.weights.len() + w.bias.len(),
             });
-            db::event(conn, at, "finetune.weights", &report.id, &detail.to_string())?;
+            db::event(&sql, at, "finetune.weights", &report.id, &detail.to_string())?;
         }
     }
     Ok(())
 }
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<JobRow> {
+fn row(r: &Row<'_>) -> Result<JobRow, SqlError> {
     let report: Option<String> = r.get(4)?;
     Ok(JobRow {
         id: r.get(0)?,
         agent: r.get(1)?,
-        order: parse(&r.get::<_, String>(2)?)?,
+        order: parse(&r.get::<String>(2)?, 2)?,
         state: r.get(3)?,
-        report: report.as_deref().map(parse).transpose()?,
-        created_at: Timestamp::from_unix(r.get::<_, i64>(5)? as u64),
-        updated_at: Timestamp::from_unix(r.get::<_, i64>(6)? as u64),
+        report: report.as_deref().map(|j| parse(j, 4)).transpose()?,
+        created_at: from_ts(r.get(5)?),
+        updated_at: from_ts(r.get(6)?),
     })
 }
 
 const COLUMNS: &str = "id, agent_id, spec, state, report, created_at, updated_at";
 
 /// One job.
-pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<JobRow>> {
-    conn.query_row(&format!("SELECT {COLUMNS} FROM finetune_jobs WHERE id = ?1"), [id], row)
-        .optional()
+pub fn get<C: AsSql + ?Sized>(conn: &C, id: &str) -> Result<Option<JobRow>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row(&format!("SELECT {COLUMNS} FROM finetune_jobs WHERE id = $1"), params![id], row)
+        .optional()?)
 }
 
 /// Every job, newest first.
-pub fn list(conn: &Connection) -> rusqlite::Result<Vec<JobRow>> {
-    let mut stmt =
-        conn.prepare(&format!("SELECT {COLUMNS} FROM finetune_jobs ORDER BY created_at DESC, id"))?;
-    let rows = stmt.query_map([], row)?;
-    rows.collect()
+pub fn list<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<JobRow>, C::Error> {
+    Ok(conn.sql().query_map(
+        &format!("SELECT {COLUMNS} FROM finetune_jobs ORDER BY created_at DESC, id"),
+        params![],
+        row,
+    )?)
 }

@@ -13,6 +13,10 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
 use falaj_common::alerting::{AlertMetric, AlertRule, DriftScope};
+use falaj_common::finetune::{
+    DataSource, DesiredJob, Gate, HeadWeights, Hyperparameters, Job, JobReport, JobState,
+    TrainEngine,
+};
 use falaj_common::keys::{Sha256, SigningKey};
 use falaj_common::metrics::{Counts, MetricsWindow};
 use falaj_common::profile::{ColumnProfile, DataProfile};
@@ -23,6 +27,7 @@ use falaj_control::audit::Actor;
 use falaj_control::db::{
     self, BundleRow, Db, DbError, IssuedDesired, NewAgent, TokenRefusal, TokenRow, TokenUse,
 };
+use falaj_control::finetune;
 use falaj_control::monitoring::{self, Held, Ingested, MetricsQuery};
 use falaj_control::sql::{PgOptions, Sql, SqlError, params};
 use libtest_mimic::{Completion, Trial};
@@ -639,6 +644,133 @@ fn an_alert_fires_once_and_resolves_with_its_events_recorded(db: &Db) {
     assert_eq!(db.run_sync(|sql| alerts::events(&sql, 1)).unwrap().len(), 1);
 }
 
+// ---- fine-tune jobs ----
+
+fn job(id: &str, share_weights: bool) -> DesiredJob {
+    DesiredJob {
+        id: id.into(),
+        job: Job {
+            model: "fraud".into(),
+            version: Some(1),
+            data: DataSource {
+                file: "/var/lib/site/rows.csv".into(),
+                label: "fraud".into(),
+                features: None,
+                entity: None,
+            },
+            hyperparameters: Hyperparameters::default(),
+            gate: Gate::default(),
+            engine: TrainEngine::Cpu,
+        },
+        share_weights,
+    }
+}
+
+fn report(id: &str, state: JobState, weights: bool) -> JobReport {
+    JobReport {
+        weights: weights.then(|| HeadWeights {
+            inputs: 2,
+            outputs: 1,
+            weights: vec![0.5, -0.25],
+            bias: vec![0.125],
+        }),
+        ..JobReport::state(id, state)
+    }
+}
+
+fn finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights(db: &Db) {
+    let (first, placed_again, second, next) = db
+        .run_sync(|sql| {
+            enrolled(sql, "t1", "a")?;
+            enrolled(sql, "t2", "b")?;
+            let id = finetune::next_id(&sql)?;
+            let first = finetune::order(&sql, "a", &job(&id, false), at(10))?;
+            let again = finetune::order(&sql, "b", &job(&id, true), at(11))?;
+            let second = finetune::order(&sql, "a", &job("ft-2", true), at(20))?;
+            Ok(((id, first), again, second, finetune::next_id(&sql)?))
+        })
+        .unwrap();
+    assert_eq!((first, placed_again, second), (("ft-1".to_owned(), true), false, true));
+    assert_eq!(next, "ft-3");
+    let open = |agent: &'static str| {
+        db.run_sync(move |sql| finetune::open_jobs(&sql, agent))
+            .unwrap()
+            .into_iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(open("a"), ["ft-1", "ft-2"]);
+    assert_eq!(open("b"), Vec::<String>::new());
+
+    // Reports ride on what agents say of themselves; another agent's report of a job is
+    // not taken.
+    let state =
+        |jobs| ActualState { agent_version: "1.0.0".into(), jobs, ..ActualState::default() };
+    let seen = vec![
+        (
+            "a".to_owned(),
+            at(30),
+            Some(state(vec![
+                report("ft-1", JobState::Running, false),
+                report("ft-2", JobState::Succeeded, true),
+            ])),
+        ),
+        ("b".to_owned(), at(30), Some(state(vec![report("ft-1", JobState::Failed, false)]))),
+    ];
+    db.run_sync(move |mut sql| db::record_seen(&mut sql, &seen)).unwrap();
+    let (one, two, agent) = db
+        .run_sync(|sql| {
+            Ok((
+                finetune::get(&sql, "ft-1")?.unwrap(),
+                finetune::get(&sql, "ft-2")?.unwrap(),
+                db::agent(&sql, "a")?.unwrap(),
+            ))
+        })
+        .unwrap();
+    assert_eq!((one.state.as_str(), one.updated_at, one.created_at), ("running", at(30), at(10)));
+    assert_eq!(two.state, "succeeded");
+    assert!(two.report.unwrap().weights.is_some(), "its order allowed the weights");
+    // Not again in the agent's last state.
+    assert!(agent.actual.unwrap().jobs.iter().all(|j| j.weights.is_none()));
+    assert_eq!(open("a"), ["ft-1"]);
+
+    db.run_sync(|sql| {
+        finetune::record_reports(&sql, "a", &[report("ft-1", JobState::Succeeded, true)], at(40))?;
+        // Finished: no longer changes.
+        finetune::record_reports(&sql, "a", &[report("ft-1", JobState::Failed, false)], at(50))
+    })
+    .unwrap();
+    let (one, list, kinds) = db
+        .run_sync(|sql| {
+            Ok((
+                finetune::get(&sql, "ft-1")?.unwrap(),
+                finetune::list(&sql)?,
+                sql.query_map(
+                    "SELECT kind, subject FROM events WHERE kind LIKE 'finetune.%' ORDER BY id",
+                    params![],
+                    |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+                )?,
+            ))
+        })
+        .unwrap();
+    assert_eq!((one.state.as_str(), one.updated_at), ("succeeded", at(40)));
+    assert_eq!(one.report.unwrap().weights, None, "weights its order did not allow");
+    assert_eq!(open("a"), Vec::<String>::new());
+    assert_eq!(list.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["ft-2", "ft-1"]);
+    assert_eq!(list[1].order, job("ft-1", false));
+    let kinds: Vec<_> = kinds.iter().map(|(k, s)| format!("{k} {s}")).collect();
+    assert_eq!(
+        kinds,
+        [
+            "finetune.order ft-1",
+            "finetune.order ft-2",
+            "finetune.finished ft-2",
+            "finetune.weights ft-2",
+            "finetune.finished ft-1"
+        ]
+    );
+}
+
 // ---- PostgreSQL only ----
 
 fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
@@ -802,6 +934,10 @@ fn main() {
         (
             "an_alert_fires_once_and_resolves_with_its_events_recorded",
             an_alert_fires_once_and_resolves_with_its_events_recorded,
+        ),
+        (
+            "finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights",
+            finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights,
         ),
     ];
     let postgres_only: &[(&str, Body)] = &[

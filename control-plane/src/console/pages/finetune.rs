@@ -17,7 +17,7 @@ use crate::finetune::JobRow;
 
 /// `GET /finetune`.
 pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>) -> PageResult {
-    let jobs = api.shared.db.call(|c| crate::finetune::list(c)).await?;
+    let jobs = api.shared.db.run(|sql| crate::finetune::list(&sql)).await?;
     let body = html! {
         @if jobs.is_empty() {
             (empty("No fine-tune job has been ordered.", &html! {
@@ -53,7 +53,7 @@ pub(crate) async fn show(
     Path(id): Path<String>,
 ) -> PageResult {
     let wanted = id.clone();
-    let Some(job) = api.shared.db.call(move |c| crate::finetune::get(c, &wanted)).await? else {
+    let Some(job) = api.shared.db.run(move |sql| crate::finetune::get(&sql, &wanted)).await? else {
         return Err(ApiError::not_found(format!("no fine-tune job {id:?}")).into());
     };
     Ok(render_show(&ctx, &job))
