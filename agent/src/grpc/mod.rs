@@ -14,11 +14,18 @@
 //! reloadable certificate and client CA as REST; API keys come in the `authorization`
 //! metadata (`Bearer KEY`) and are refused UNAUTHENTICATED or PERMISSION_DENIED with
 //! REST's messages. ServerLive, ServerReady and `grpc.health.v1` stay open.
+//!
+//! The parts: `transport` serves the HTTP/2 connections (hyper's), each connection's calls
+//! polled within the connection's own task, and routes a call by its path; `unary` frames
+//! ModelInfer, the hot path, by hand; `service` is the generated service's implementation
+//! (everything else, ModelStreamInfer included, goes through tonic's generated code);
+//! `deadline` ends a call past its `grpc-timeout`; `convert` translates the messages.
 
 mod convert;
 mod deadline;
 mod service;
 mod transport;
+mod unary;
 
 use std::sync::Arc;
 
@@ -94,12 +101,12 @@ pub(crate) async fn serve(
     let handshake_limit = state.config.header_timeout;
     let (reporter, health) = tonic_health::server::health_reporter();
     let health_task = tokio::spawn(report_health(reporter, state.clone(), down.clone()));
-    let inference =
-        proto::grpc_inference_service_server::GrpcInferenceServiceServer::new(service::Inference {
-            state,
-        })
-        .max_decoding_message_size(limit);
-    let routes = transport::Routes { inference, health, limit };
+    let unary = Arc::new(service::Inference { state });
+    let inference = proto::grpc_inference_service_server::GrpcInferenceServiceServer::from_arc(
+        Arc::clone(&unary),
+    )
+    .max_decoding_message_size(limit);
+    let routes = transport::Routes { unary, inference, health, limit };
     let stop = down.clone();
     let served = async move {
         match tls {

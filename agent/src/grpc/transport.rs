@@ -7,7 +7,8 @@
 //! request's extensions, a tracing span, its own timeout layer and error recovery. On the
 //! sample model at batch 1 that stack was about 3 µs of the server's time a call against
 //! REST (a `perf` profile of `benches/grpc.rs`); here a call is one path comparison, the
-//! deadline ([`super::deadline`]) and the generated service.
+//! deadline ([`super::deadline`]) and the generated service, or for ModelInfer, the hot
+//! path, the service's method with the call's message framed by hand ([`super::unary`]).
 //!
 //! **A connection's calls run in the connection's own task.** hyper's HTTP/2 server hands
 //! each call (an `H2Stream` future: the service's future, then the response piped to h2)
@@ -22,9 +23,9 @@
 //! only their (short) protocol work shares the connection's task. Streams
 //! (ModelStreamInfer) keep their own task for their messages (`service`).
 //!
-//! Serving calls on the `h2` crate directly (gRPC's framing and flow control by hand)
-//! would take hyper's and tonic's layers off the unary path as well; this keeps every
-//! service (health, streaming, the deadline and over-limit wrappers) as it is.
+//! Serving calls on the `h2` crate directly (flow control by hand as well) would take
+//! hyper's layer off the unary path too; this keeps every service (health, streaming, the
+//! deadline and over-limit wrappers) as it is.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -40,7 +41,7 @@ use tonic::codegen::{BoxFuture, http};
 
 use super::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use super::service::Inference;
-use super::{CONNECTION_WINDOW, STREAM_WINDOW, deadline, over_limit, wait_down};
+use super::{CONNECTION_WINDOW, STREAM_WINDOW, deadline, over_limit, unary, wait_down};
 
 /// The health service's path prefix.
 const HEALTH: &str = "/grpc.health.v1.Health/";
@@ -54,6 +55,8 @@ const STREAM_INFER: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 /// UNIMPLEMENTED, as tonic's router answers.
 #[derive(Clone)]
 pub(super) struct Routes<H> {
+    /// The service ModelInfer calls are served by ([`super::unary`]).
+    pub(super) unary: std::sync::Arc<Inference>,
     pub(super) inference: GrpcInferenceServiceServer<Inference>,
     pub(super) health: H,
     /// `[http] max_body_bytes`, named in the over-limit message.
@@ -64,6 +67,8 @@ type Answer = http::Response<tonic::body::Body>;
 
 impl<H, B> tower::Service<http::Request<B>> for Routes<H>
 where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display,
     H: tower::Service<
             http::Request<B>,
             Response = Answer,
@@ -88,6 +93,11 @@ where
     // The generated services are always ready (their `poll_ready` returns `Ready`), so
     // they are called without polling them first.
     fn call(&mut self, request: http::Request<B>) -> Routed {
+        if unary::takes(&request) {
+            let (inference, limit) = (std::sync::Arc::clone(&self.unary), self.limit);
+            let answer = async move { Ok(unary::model_infer(&inference, request, limit).await) };
+            return Routed { inner: Box::pin(answer), limit: None, trailers: false };
+        }
         let path = request.uri().path();
         if path.starts_with(HEALTH) {
             return Routed { inner: self.health.call(request), limit: None, trailers: false };

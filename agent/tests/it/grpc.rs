@@ -478,6 +478,113 @@ async fn a_message_over_the_body_limit_is_resource_exhausted() {
     server.stop().await;
 }
 
+/// A body whose DATA frames the test sends one at a time.
+type Frames = http_body_util::StreamBody<
+    tokio_stream::wrappers::ReceiverStream<
+        Result<http_body::Frame<bytes::Bytes>, std::convert::Infallible>,
+    >,
+>;
+
+/// Starts a ModelInfer call over hyper's bare HTTP/2 connection `sender`, its body fed by
+/// the returned sender, and gives back the answer's `grpc-status`, `grpc-message` (headers
+/// or trailers) and data once the answer has arrived.
+async fn bare_infer(
+    sender: &mut hyper::client::conn::http2::SendRequest<Frames>,
+    addr: SocketAddr,
+    frames: Vec<Vec<u8>>,
+    end: bool,
+) -> (String, String, bytes::Bytes) {
+    use http_body_util::BodyExt as _;
+    let (tx, rx) = tokio::sync::mpsc::channel(frames.len().max(1));
+    for frame in frames {
+        tx.send(Ok(http_body::Frame::data(frame.into()))).await.unwrap();
+    }
+    // Left open (the sender kept until the answer is read) unless `end`.
+    let open = (!end).then_some(tx);
+    let request = tonic::codegen::http::Request::post(format!(
+        "http://{addr}/inference.GRPCInferenceService/ModelInfer"
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let (parts, body) = response.into_parts();
+    let field = |headers: &tonic::codegen::http::HeaderMap, name: &str| {
+        headers.get(name).map(|v| v.to_str().unwrap().replace("%20", " "))
+    };
+    let answer = if let Some(status) = field(&parts.headers, "grpc-status") {
+        (status, field(&parts.headers, "grpc-message").unwrap_or_default(), bytes::Bytes::new())
+    } else {
+        let collected = body.collect().await.unwrap();
+        let trailers = collected.trailers().cloned().expect("trailers");
+        let status = field(&trailers, "grpc-status").expect("grpc-status");
+        (status, field(&trailers, "grpc-message").unwrap_or_default(), collected.to_bytes())
+    };
+    drop(open);
+    answer
+}
+
+/// ModelInfer's message is framed by hand (`grpc/unary.rs`): one split over several DATA
+/// frames, its 5-byte prefix among them, is put back together; a length over the limit is
+/// refused RESOURCE_EXHAUSTED from the prefix, before the rest is sent; a compressed
+/// message without `grpc-encoding`, a body cut short and a second message are INTERNAL
+/// (as tonic answers them).
+#[tokio::test]
+async fn model_infer_messages_framed_by_hand() {
+    use prost::Message as _;
+    let site = Site::new();
+    site.install("fault", 1, &classifier());
+    let config = ServeConfig { max_body_bytes: 64 << 10, ..test_config() };
+    let server = Both::start(&site, config).await;
+    let tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let message = sensors_raw("fault", &rows(2), 2).encode_to_vec();
+    let framed = |flag: u8, message: &[u8]| {
+        let mut framed = vec![flag];
+        framed.extend(u32::try_from(message.len()).unwrap().to_be_bytes());
+        framed.extend(message);
+        framed
+    };
+    let whole = framed(0, &message);
+    let split = vec![whole[..3].to_vec(), whole[3..10].to_vec(), whole[10..].to_vec()];
+    let (status, text, data) = bare_infer(&mut sender, server.grpc, split, true).await;
+    assert_eq!((status.as_str(), text.as_str()), ("0", ""));
+    assert_eq!(u32::from_be_bytes(data[1..5].try_into().unwrap()) as usize, data.len() - 5);
+    let answer = falaj_agent::grpc::proto::ModelInferResponse::decode(&data[5..]).unwrap();
+    assert_eq!(answer.outputs.len(), 2);
+    assert_eq!(answer.outputs[0].shape[0], 2);
+    // The same call in one frame answers the same bytes.
+    let (_, _, again) = bare_infer(&mut sender, server.grpc, vec![whole.clone()], true).await;
+    assert_eq!(again, data);
+
+    // 1 MiB announced, 5 bytes sent, the body left open: refused from the prefix.
+    let prefix = vec![0, 0, 0x10, 0, 0];
+    let (status, text, _) = bare_infer(&mut sender, server.grpc, vec![prefix], false).await;
+    assert_eq!(status, "8", "{text}");
+    assert_eq!(text, "request exceeds the limit of 65536 bytes");
+
+    let compressed = vec![framed(1, &message)];
+    let (status, text, _) = bare_infer(&mut sender, server.grpc, compressed, true).await;
+    assert_eq!(status, (Code::Internal as i32).to_string(), "{text}");
+    let cut = vec![whole[..whole.len() - 1].to_vec()];
+    let (status, text, _) = bare_infer(&mut sender, server.grpc, cut, true).await;
+    assert_eq!(status, (Code::Internal as i32).to_string(), "{text}");
+    let two = vec![whole.clone(), whole.clone()];
+    let (status, text, _) = bare_infer(&mut sender, server.grpc, two, true).await;
+    assert_eq!(status, (Code::Internal as i32).to_string(), "{text}");
+    // The connection still serves calls.
+    let (status, _, _) = bare_infer(&mut sender, server.grpc, vec![whole], true).await;
+    assert_eq!(status, "0");
+    server.stop().await;
+}
+
 /// Takes both request slots of a one-worker server with two REST requests that announce
 /// bodies they never send; the slots are free again when the sockets are dropped.
 async fn hold_slots(server: &mut Both) -> Vec<std::net::TcpStream> {
