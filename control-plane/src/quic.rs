@@ -460,7 +460,7 @@ async fn store_audit(shared: &Shared, agent: &str, lines: Vec<String>) -> Contro
         return ControlMessage::Refused(format!("{} audit lines in one batch", lines.len()));
     }
     let (id, now) = (agent.to_owned(), Timestamp::from_system(SystemTime::now()));
-    match shared.db.call(move |c| audit::agents::store(c, &id, &lines, now)).await {
+    match shared.db.run(move |sql| audit::agents::store(&sql, &id, &lines, now)).await {
         Ok(Ok(seq)) => ControlMessage::AuditAck { seq },
         Ok(Err(reason)) => {
             tracing::warn!(%agent, %reason, "refused an agent's audit entries");

@@ -4,21 +4,28 @@
 //! sent again. A batch that breaks the chain is refused whole and the refusal recorded
 //! in the control plane's own log.
 
+use crate::sql::{AsSql, Backend, OptionalExt, Sql, SqlError, params};
 use falaj_common::audit::{self, Entry, GENESIS, Outcome};
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::db::{sha, ts};
+use crate::db::ts;
 
 /// Stores `lines` of `agent`'s chain; the last entry now stored, or why the batch was
-/// refused (recorded as a refused `agent.audit` entry).
-pub fn store(
-    conn: &mut Connection,
+/// refused (recorded as a refused `agent.audit` entry). On PostgreSQL the agent's row is
+/// locked first, so batches of one chain stored at once through several connections
+/// (replicas) are appended one after the other.
+pub fn store<C: AsSql + ?Sized>(
+    conn: &C,
     agent: &str,
     lines: &[String],
     now: Timestamp,
-) -> rusqlite::Result<Result<u64, String>> {
-    let tx = conn.transaction()?;
+) -> Result<Result<u64, String>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction()?;
+    if sql.backend() == Backend::Postgres {
+        tx.query_row("SELECT id FROM agents WHERE id = $1 FOR UPDATE", params![agent], |_| Ok(()))
+            .optional()?;
+    }
     let stored = append(&tx, agent, lines, now)?;
     match stored {
         Ok(last) => {
@@ -26,29 +33,35 @@ pub fn store(
             Ok(Ok(last))
         }
         Err(reason) => {
-            drop(tx);
+            tx.rollback()?;
             let details = serde_json::json!({ "reason": reason });
-            super::record(conn, now, "agent.audit", agent, Outcome::Refused, details)?;
+            super::record(&sql, now, "agent.audit", agent, Outcome::Refused, details)?;
             Ok(Err(reason))
         }
     }
 }
 
 fn append(
-    conn: &Connection,
+    sql: &Sql<'_>,
     agent: &str,
     lines: &[String],
     now: Timestamp,
-) -> rusqlite::Result<Result<u64, String>> {
-    let last: Option<(i64, String)> = conn
+) -> Result<Result<u64, String>, SqlError> {
+    let last: Option<(i64, String)> = sql
         .query_row(
-            "SELECT seq, hash FROM agent_audit WHERE agent_id = ?1 ORDER BY seq DESC LIMIT 1",
-            [agent],
+            "SELECT seq, hash FROM agent_audit WHERE agent_id = $1 ORDER BY seq DESC LIMIT 1",
+            params![agent],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
     let (mut seq, mut head) = match last {
-        Some((seq, hash)) => (seq as u64, sha(&hash)?),
+        Some((seq, hash)) => (
+            seq as u64,
+            hash.parse().map_err(|e: falaj_common::keys::KeyError| SqlError::Conversion {
+                column: 1,
+                message: e.to_string(),
+            })?,
+        ),
         None => (0, GENESIS),
     };
     for line in lines {
@@ -59,9 +72,9 @@ fn append(
         let hash = audit::hash(line);
         if entry.seq <= seq {
             // Sent again: it must be the entry already held.
-            let stored_hash: Option<String> = conn
+            let stored_hash: Option<String> = sql
                 .query_row(
-                    "SELECT hash FROM agent_audit WHERE agent_id = ?1 AND seq = ?2",
+                    "SELECT hash FROM agent_audit WHERE agent_id = $1 AND seq = $2",
                     params![agent, entry.seq as i64],
                     |r| r.get(0),
                 )
@@ -86,8 +99,8 @@ fn append(
                 entry.seq
             )));
         }
-        conn.execute(
-            "INSERT INTO agent_audit (agent_id, seq, line, hash, received_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+        sql.execute(
+            "INSERT INTO agent_audit (agent_id, seq, line, hash, received_at) VALUES ($1, $2, $3, $4, $5)",
             params![agent, entry.seq as i64, line, hash.to_string(), ts(now)],
         )?;
         (seq, head) = (entry.seq, hash);
@@ -96,10 +109,12 @@ fn append(
 }
 
 /// `agent`'s chain as stored, in order.
-pub fn lines(conn: &Connection, agent: &str) -> rusqlite::Result<Vec<String>> {
-    let mut stmt = conn.prepare("SELECT line FROM agent_audit WHERE agent_id = ?1 ORDER BY seq")?;
-    let rows = stmt.query_map([agent], |r| r.get(0))?;
-    rows.collect()
+pub fn lines<C: AsSql + ?Sized>(conn: &C, agent: &str) -> Result<Vec<String>, C::Error> {
+    Ok(conn.sql().query_map(
+        "SELECT line FROM agent_audit WHERE agent_id = $1 ORDER BY seq",
+        params![agent],
+        |r| r.get(0),
+    )?)
 }
 
 #[cfg(test)]

@@ -44,8 +44,8 @@ pub async fn agent(State(api): State<Api>, Path(id): Path<String>) -> ApiResult<
     let (known, lines) = api
         .shared
         .db
-        .call(move |c| {
-            Ok((crate::db::agent(c, &agent)?.is_some(), super::agents::lines(c, &agent)?))
+        .run(move |sql| {
+            Ok((crate::db::agent(&sql, &agent)?.is_some(), super::agents::lines(&sql, &agent)?))
         })
         .await?;
     if !known {

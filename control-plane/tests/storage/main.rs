@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
 
 use falaj_common::alerting::{AlertMetric, AlertRule, DriftScope};
+use falaj_common::audit::{Chain, GENESIS, Outcome};
 use falaj_common::finetune::{
     DataSource, DesiredJob, Gate, HeadWeights, Hyperparameters, Job, JobReport, JobState,
     TrainEngine,
@@ -23,7 +24,7 @@ use falaj_common::profile::{ColumnProfile, DataProfile};
 use falaj_common::protocol::{ActualState, SequencedWindow};
 use falaj_common::time::Timestamp;
 use falaj_control::alerts;
-use falaj_control::audit::Actor;
+use falaj_control::audit::{self, Actor};
 use falaj_control::db::{
     self, BundleRow, Db, DbError, IssuedDesired, NewAgent, TokenRefusal, TokenRow, TokenUse,
 };
@@ -390,7 +391,7 @@ fn every_change_lands_in_one_unbroken_audit_chain(db: &Db) {
         })
         .unwrap();
     assert_eq!(rows.iter().map(|(s, _)| *s).collect::<Vec<_>>(), (1..=23).collect::<Vec<_>>());
-    let head = db.run_sync(|sql| falaj_control::audit::head(&sql)).unwrap();
+    let head = db.run_sync(|sql| audit::head(&sql)).unwrap();
     let (key, _) = SigningKey::generate(&ring::rand::SystemRandom::new()).unwrap();
     let checkpoint = falaj_common::audit::Checkpoint::sign(head.seq, head.head, at(99), &key);
     let mut lines: Vec<String> = rows.into_iter().map(|(_, line)| line).collect();
@@ -410,7 +411,7 @@ fn a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry(db: &Db
         db.run(|sql| db::set_setting(&sql, "k", "v")).await?;
         db.run(|sql| db::insert_bundle(&sql, &bundle("m", 1))).await
     };
-    runtime.block_on(falaj_control::audit::acting(actor, set)).unwrap();
+    runtime.block_on(audit::acting(actor, set)).unwrap();
     // Without an actor: the control plane itself.
     runtime.block_on(also.run(|sql| db::deploy(&sql, "edge", "m", 1, at(5)))).unwrap();
     let actors = also
@@ -771,6 +772,87 @@ fn finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights(db
     );
 }
 
+// ---- agents' audit chains ----
+
+fn agent_chain(n: u64) -> Vec<String> {
+    let mut chain = Chain::at(0, GENESIS);
+    (0..n)
+        .map(|i| {
+            chain
+                .append(
+                    at(i),
+                    "agent",
+                    None,
+                    "install",
+                    "fault@1",
+                    Outcome::Success,
+                    serde_json::Value::Null,
+                )
+                .1
+        })
+        .collect()
+}
+
+fn an_agents_chain_is_stored_in_order_once_and_breaks_are_refused_and_recorded(db: &Db) {
+    db.run_sync(|sql| enrolled(sql, "t1", "a")).unwrap();
+    let lines = agent_chain(6);
+    let put = |batch: &[String]| {
+        let batch = batch.to_vec();
+        db.run_sync(move |sql| audit::agents::store(&sql, "a", &batch, at(100))).unwrap()
+    };
+    assert_eq!(put(&lines[..3]), Ok(3));
+    assert_eq!(put(&lines[1..5]), Ok(5), "a batch sent again overlaps");
+    assert_eq!(put(&lines[..1]), Ok(5));
+    let changed = put(&[lines[2].replace("fault", "fauLt")]).unwrap_err();
+    assert!(changed.contains("entry 3 of agent a differs"), "{changed}");
+    // Another entry 6, new and stored... until entry 7 does not chain to it: the batch is
+    // refused whole (the real entry 6 is taken below).
+    let seven = agent_chain(7);
+    let forked = [seven[5].replace("install", "remove"), seven[6].clone()];
+    let refused = put(&forked).unwrap_err();
+    assert!(refused.contains("entry 7 of agent a does not chain to entry 6"), "{refused}");
+    let gap = put(&agent_chain(9)[7..]).unwrap_err();
+    assert!(gap.contains("entry 8 of agent a follows entry 5"), "{gap}");
+    assert_eq!(put(&lines[5..]), Ok(6));
+    let (stored, refusals) = db
+        .run_sync(|sql| {
+            Ok((
+                audit::agents::lines(&sql, "a")?,
+                sql.query_map(
+                    "SELECT target, outcome FROM audit WHERE action = 'agent.audit' ORDER BY seq",
+                    params![],
+                    |r| Ok((r.get::<String>(0)?, r.get::<String>(1)?)),
+                )?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(stored, lines);
+    assert_eq!(refusals, vec![("a".to_owned(), "refused".to_owned()); 3]);
+    assert_eq!(
+        db.run_sync(|sql| audit::agents::lines(&sql, "nobody")).unwrap(),
+        Vec::<String>::new()
+    );
+}
+
+fn one_chain_sent_at_once_through_several_connections_is_stored_once(db: &Db) {
+    db.run_sync(|sql| enrolled(sql, "t1", "a")).unwrap();
+    let lines = agent_chain(30);
+    let outcomes: Vec<Result<u64, String>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|i| {
+                let batch = lines[..10 * (i % 3 + 1)].to_vec();
+                s.spawn(move || {
+                    db.run_sync(move |sql| audit::agents::store(&sql, "a", &batch, at(100)))
+                        .unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    assert_eq!(db.run_sync(|sql| audit::agents::lines(&sql, "a")).unwrap(), lines);
+}
+
 // ---- PostgreSQL only ----
 
 fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
@@ -938,6 +1020,14 @@ fn main() {
         (
             "finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights",
             finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights,
+        ),
+        (
+            "an_agents_chain_is_stored_in_order_once_and_breaks_are_refused_and_recorded",
+            an_agents_chain_is_stored_in_order_once_and_breaks_are_refused_and_recorded,
+        ),
+        (
+            "one_chain_sent_at_once_through_several_connections_is_stored_once",
+            one_chain_sent_at_once_through_several_connections_is_stored_once,
         ),
     ];
     let postgres_only: &[(&str, Body)] = &[
