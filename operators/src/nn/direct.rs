@@ -15,7 +15,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use super::activation::Activation;
 use super::depthwise::{Geometry, Phases};
-use super::pointwise::{PIXELS, ROWS, VECS, tile_product, tile_row};
+use super::pointwise::{PIXELS, ROWS, VECS, tile_accumulate, tile_product, tile_row};
 use crate::expand::Kernel;
 
 /// A regular convolution with its bias and activation.
@@ -58,6 +58,10 @@ impl DirectConv {
     }
 }
 
+/// Taps (input channel and kernel offset) per block of the product: a tile's gathered
+/// lines, `TAPS × PIXELS` floats (16 KiB), stay in L1.
+const TAPS: usize = 128;
+
 /// One image: `x` `[inputs, h, w]` into `out` `[outputs, oh, ow]`. Compiled for AVX-512
 /// and AVX2 as well, chosen at run time.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
@@ -81,21 +85,41 @@ fn image(
     let line = (oh * row).next_multiple_of(PIXELS);
     let mut sums = vec![0.0f32; op.outputs * line];
     let k = op.inputs * taps.len();
-    let mut tile = vec![[[0.0f32; 16]; VECS]; k];
-    for q0 in (0..line).step_by(PIXELS) {
-        for (c, lines) in tile.chunks_exact_mut(taps.len()).enumerate() {
-            for (t, &tap) in lines.iter_mut().zip(taps) {
+    // The taps (input channel and kernel offset) in blocks of `TAPS`, so that a tile's
+    // gathered lines stay in L1 and a block's weights for every output channel in L2
+    // while the tile goes through all blocks of output channels; the sums of a block of
+    // taps are added to those of the blocks before it.
+    let mut tile = vec![[[0.0f32; 16]; VECS]; TAPS.min(k)];
+    for k0 in (0..k).step_by(TAPS) {
+        let k1 = k.min(k0 + TAPS);
+        let (first, last) = (k0 == 0, k1 == k);
+        let tile = &mut tile[..k1 - k0];
+        for q0 in (0..line).step_by(PIXELS) {
+            for (j, t) in (k0..k1).zip(tile.iter_mut()) {
+                let (c, tap) = (j / taps.len(), taps[j % taps.len()]);
                 t.as_flattened_mut().copy_from_slice(&phased[c * channel + tap + q0..][..PIXELS]);
             }
-        }
-        for (block, (weights, bias)) in op.packed.chunks_exact(k).zip(&op.bias).enumerate() {
-            let acc = tile_product(weights, &tile, bias);
-            let rows = ROWS.min(op.outputs - block * ROWS);
-            for r in 0..rows {
-                let mut values = tile_row(&acc, r);
-                op.activation.apply(&mut values);
-                let co = block * ROWS + r;
-                sums[co * line + q0..][..PIXELS].copy_from_slice(&values);
+            for (block, (weights, bias)) in op.packed.chunks_exact(k).zip(&op.bias).enumerate() {
+                let rows = ROWS.min(op.outputs - block * ROWS);
+                let weights = &weights[k0..k1];
+                let acc = if first {
+                    tile_product(weights, tile, bias)
+                } else {
+                    let mut acc = [[[0.0f32; 16]; VECS]; ROWS];
+                    for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                        let co = block * ROWS + r;
+                        a.as_flattened_mut().copy_from_slice(&sums[co * line + q0..][..PIXELS]);
+                    }
+                    tile_accumulate(weights, tile, acc)
+                };
+                for r in 0..rows {
+                    let mut values = tile_row(&acc, r);
+                    if last {
+                        op.activation.apply(&mut values);
+                    }
+                    let co = block * ROWS + r;
+                    sums[co * line + q0..][..PIXELS].copy_from_slice(&values);
+                }
             }
         }
     }
@@ -146,6 +170,8 @@ mod tests {
             ((3, 16, 9, 11), Activation::Identity),
             ((5, 7, 20, 35), Activation::Relu),
             ((2, 13, 7, 7), Activation::Clip { lo: -2.0, hi: 3.0 }),
+            // More taps than a block of them (`TAPS`), and not a multiple of it.
+            ((37, 8, 6, 9), Activation::Relu),
         ] {
             let x: Vec<f32> = (0..2 * ci * h * w).map(|i| ((i * 37 % 11) as f32) - 5.0).collect();
             for (kernel, strides, dilations, pads) in [

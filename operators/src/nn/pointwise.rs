@@ -96,27 +96,53 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
     if pixels < FEW {
         return few_pixels(op, x, pixels, out);
     }
-    // The input tile, its channels contiguous; zero past the last pixel.
-    let mut tile = vec![[[0.0f32; 16]; VECS]; ci];
-    for p0 in (0..pixels).step_by(PIXELS) {
-        let width = PIXELS.min(pixels - p0);
-        for (k, row) in tile.iter_mut().enumerate() {
-            let row = row.as_flattened_mut();
-            row[..width].copy_from_slice(&x[k * pixels + p0..][..width]);
-            row[width..].fill(0.0);
-        }
-        for (block, (weights, bias)) in op.packed.chunks_exact(ci).zip(&op.bias).enumerate() {
-            let acc = tile_product(weights, &tile, bias);
-            let rows = ROWS.min(op.outputs - block * ROWS);
-            for r in 0..rows {
-                let mut line = tile_row(&acc, r);
-                op.activation.apply(&mut line);
-                let co = block * ROWS + r;
-                out[co * pixels + p0..][..width].copy_from_slice(&line[..width]);
+    // The input channels in blocks of `DEPTH`, so that a tile stays in L1 while it goes
+    // through all blocks of output channels (512 channels of a 7×7 plane, a 64 KiB tile,
+    // streamed from L2 once per block); the sums of a block of channels are added to
+    // those of the blocks before it, kept in `out`.
+    let mut tile = vec![[[0.0f32; 16]; VECS]; DEPTH.min(ci)];
+    for k0 in (0..ci).step_by(DEPTH) {
+        let k1 = ci.min(k0 + DEPTH);
+        let (first, last) = (k0 == 0, k1 == ci);
+        let tile = &mut tile[..k1 - k0];
+        for p0 in (0..pixels).step_by(PIXELS) {
+            // The tile, its channels contiguous; zero past the last pixel.
+            let width = PIXELS.min(pixels - p0);
+            for (k, row) in (k0..k1).zip(tile.iter_mut()) {
+                let row = row.as_flattened_mut();
+                row[..width].copy_from_slice(&x[k * pixels + p0..][..width]);
+                row[width..].fill(0.0);
+            }
+            for (block, (weights, bias)) in op.packed.chunks_exact(ci).zip(&op.bias).enumerate() {
+                let rows = ROWS.min(op.outputs - block * ROWS);
+                let weights = &weights[k0..k1];
+                let acc = if first {
+                    tile_product(weights, tile, bias)
+                } else {
+                    let mut acc = [[[0.0f32; 16]; VECS]; ROWS];
+                    for (r, a) in acc.iter_mut().enumerate().take(rows) {
+                        let co = block * ROWS + r;
+                        a.as_flattened_mut()[..width]
+                            .copy_from_slice(&out[co * pixels + p0..][..width]);
+                    }
+                    tile_accumulate(weights, tile, acc)
+                };
+                for r in 0..rows {
+                    let mut line = tile_row(&acc, r);
+                    if last {
+                        op.activation.apply(&mut line);
+                    }
+                    let co = block * ROWS + r;
+                    out[co * pixels + p0..][..width].copy_from_slice(&line[..width]);
+                }
             }
         }
     }
 }
+
+/// Input channels per block of the product: a tile, `DEPTH × PIXELS` floats (16 KiB),
+/// stays in L1.
+const DEPTH: usize = 128;
 
 /// One tile: `bias + weights · tile`, over whole vectors so that the compiler keeps the
 /// tile in registers (written as loops over floats, it did not).
@@ -131,6 +157,18 @@ pub(super) fn tile_product(
     for r in 0..ROWS {
         a[r] = [[bias[r]; 16]; VECS];
     }
+    tile_accumulate(weights, tile, a)
+}
+
+/// One tile: `a + weights · tile`, the sums `a` carried in registers (for products
+/// whose input channels come in blocks, `nn::direct`).
+#[inline(always)]
+#[allow(clippy::needless_range_loop)]
+pub(super) fn tile_accumulate(
+    weights: &[[f32; ROWS]],
+    tile: &[[V; VECS]],
+    mut a: [[V; VECS]; ROWS],
+) -> [[V; VECS]; ROWS] {
     for (w, xs) in weights.iter().zip(tile) {
         for r in 0..ROWS {
             for v in 0..VECS {
@@ -191,6 +229,8 @@ mod tests {
         for (ci, co, h, w, activation) in [
             (3, 5, 4, 9, Activation::Identity),
             (16, 13, 7, 7, Activation::Relu),
+            // More input channels than a block of them (`DEPTH`), and not a multiple.
+            (300, 7, 5, 9, Activation::Relu),
             (8, 6, 1, 32, Activation::Clip { lo: -1.0, hi: 1.0 }),
             (
                 5,
