@@ -6,7 +6,7 @@
 //!   into the convolution's weights and bias (what ONNX Runtime's Conv+BN fusion does);
 //! - then, on a convolution [`super::conv`] runs itself (depthwise or pointwise), the
 //!   activation that follows (Relu, Clip, HardSigmoid, HardSwish, `y · HardSigmoid(y)`,
-//!   PaddlePaddle's `y · Clip(y + 3, 0, 6) / 6`) becomes two attributes of the `Conv`
+//!   PaddlePaddle's `y · Clip(y + 3, 0, 6) / 6`, SiLU's `y · Sigmoid(y)`) becomes two attributes of the `Conv`
 //!   node ([`super::activation`]) and is applied in the convolution's output loop.
 //!
 //! A node is absorbed only when the convolution's output (and each intermediate of a
@@ -425,19 +425,17 @@ impl View {
         };
         let g = &nodes[gate];
         match g.op_type.as_str() {
-            // y · HardSigmoid(y)
-            "HardSigmoid" if g.input.first().is_some_and(|i| i == y) => {
+            // y · HardSigmoid(y), and y · Sigmoid(y) (SiLU)
+            "HardSigmoid" | "Sigmoid" if g.input.first().is_some_and(|i| i == y) => {
                 if self.only_consumer(&g.output[0], removed)? != mul
                     || !takes(mul_node, y, &g.output[0])
                 {
                     return None;
                 }
-                let act = Activation::Gated {
-                    alpha: attr(g, "alpha", 0.2),
-                    beta: attr(g, "beta", 0.5),
-                    lo: 0.0,
-                    hi: 1.0,
-                    scale: 1.0,
+                let (alpha, beta) = (attr(g, "alpha", 0.2), attr(g, "beta", 0.5));
+                let act = match g.op_type.as_str() {
+                    "Sigmoid" => Activation::Silu,
+                    _ => Activation::Gated { alpha, beta, lo: 0.0, hi: 1.0, scale: 1.0 },
                 };
                 Some((act, mul_node.output[0].clone(), vec![gate, mul]))
             }
@@ -755,6 +753,15 @@ mod tests {
             node("Relu", &["n"], "out", vec![]),
         ];
         check(&model(nodes, &[C, C, 3, 3], &["out"]), &["Conv"]);
+        // SiLU, as YOLOv8 exports it: y · Sigmoid(y), either order of the product.
+        for (a, b) in [("y", "s"), ("s", "y")] {
+            let nodes = vec![
+                node("Conv", &["x", "w", "b"], "y", vec![ints("pads", &[1, 1, 1, 1])]),
+                node("Sigmoid", &["y"], "s", vec![]),
+                node("Mul", &[a, b], "out", vec![]),
+            ];
+            check(&model(nodes, &[C, C, 3, 3], &["out"]), &["Conv"]);
+        }
     }
 
     #[test]
