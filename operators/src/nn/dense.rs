@@ -113,8 +113,16 @@ fn tile<const R: usize, const NV: usize>(
     for (row, sums) in acc.iter_mut().enumerate() {
         let line = &mut out[row * stride..][..cols];
         for (v, s) in sums.iter_mut().enumerate() {
-            // Whole vectors through the activation, then the columns that exist.
-            activation.apply(s);
+            // Whole vectors through the activation, then the columns that exist. ReLU
+            // as a select (NaN kept, as `Activation::apply` keeps it), which compiles to
+            // a compare and a masked move per vector rather than a branch per value.
+            if activation == Activation::Relu {
+                for x in s.iter_mut() {
+                    *x = if *x < 0.0 { 0.0 } else { *x };
+                }
+            } else {
+                activation.apply(s);
+            }
             let start = 16 * v;
             if start < cols {
                 let end = cols.min(start + 16);
@@ -206,11 +214,13 @@ impl Kernel for Dense {
         }
         let rows = shape[..shape.len() - 1].iter().product::<usize>();
         let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
-        let mut out = vec![0.0f32; rows * self.n];
+        // Computed in the output tensor itself: no copy of a layer's output per call.
+        let mut out = Tensor::zero::<f32>(&self.output_shape(shape, self.n, 1))?;
         if self.n > 0 {
-            run(self, x, rows, &mut out);
+            let mut view = out.try_as_plain_ram_mut()?;
+            run(self, x, rows, view.as_slice_mut::<f32>()?);
         }
-        Ok(tvec![Tensor::from_shape(&self.output_shape(shape, self.n, 1), &out)?])
+        Ok(tvec![out])
     }
 
     fn facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
