@@ -158,8 +158,8 @@ impl Inline {
 }
 
 /// Polls a connection and its calls in one task: the connection (which reads new calls
-/// and flushes what calls wrote), then the calls it started, again until neither a call
-/// was started nor one ended. Ready when the connection is; calls still pending then have
+/// and flushes what calls wrote), then its calls, again until no call was started and
+/// none ended. Ready when the connection is; calls still pending then have
 /// lost their stream and are dropped.
 fn drive<C>(
     mut connection: Pin<&mut C>,
@@ -175,12 +175,12 @@ where
         if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
             return Poll::Ready(ended);
         }
-        let started = executor.drain_into(calls);
-        let mut ended = false;
+        let mut progressed = executor.drain_into(calls);
         while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
-            ended = true;
+            progressed = true;
         }
-        if !started && !ended {
+        // A call may start another (hyper's upgrades do): queued, it is polled next turn.
+        if !executor.drain_into(calls) && !progressed {
             return Poll::Pending;
         }
     }
