@@ -7,7 +7,10 @@
 //! server programs the PostgreSQL cases are reported as ignored, with the reason, unless
 //! `FALAJ_REQUIRE_POSTGRES` is set (as `.ci/run` does): then they fail.
 
+mod auth;
+mod features;
 mod postgres;
+mod rollouts;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
@@ -1040,7 +1043,8 @@ fn main() {
     let shared = Arc::new(Shared::default());
     let bin = postgres::binaries();
     let mut trials = Vec::new();
-    for &(name, body) in both {
+    let both: Vec<(&str, Body)> = [both, auth::CASES, features::CASES, rollouts::CASES].concat();
+    for &(name, body) in &both {
         trials.push(Trial::test(format!("{name}::sqlite"), move || {
             let dir = tempfile::tempdir().unwrap();
             body(&Db::open(&dir.path().join(db::DB_FILE)).unwrap());
