@@ -64,15 +64,18 @@ fn per_image(
     }
     let (oh, ow) = plane(height, width);
     let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
-    let mut out = vec![0.0f32; batch * outputs * oh * ow];
+    // The kernels write into the output tensor itself (an array turned into a tensor
+    // afterwards is copied once more: a pass over every convolution's output).
+    let mut tensor = Tensor::zero::<f32>(&[batch, outputs, oh, ow])?;
+    let mut view = tensor.try_as_plain_ram_mut()?;
+    let out = view.as_slice_mut::<f32>()?;
     if oh * ow > 0 && height * width > 0 {
         let images = out.chunks_mut(outputs * oh * ow).zip(x.chunks(channels * height * width));
         for (o, i) in images {
             image(i, (height, width), o, (oh, ow));
         }
     }
-    let shape = vec![batch, outputs, oh, ow];
-    Ok(tvec![tract_ndarray::ArrayD::from_shape_vec(shape, out)?.into_tensor()])
+    Ok(tvec![tensor])
 }
 
 /// `w · x + a`, lane by lane (one fused multiply-add instruction where the CPU has it).
