@@ -235,6 +235,12 @@ const MIGRATIONS: &[&str] = &[
     // 9: the CSR each token enrolled, so that an agent interrupted after the answer can
     // ask again with the same request and finish (`enroll`).
     "ALTER TABLE tokens ADD COLUMN used_csr_sha256 TEXT;",
+    // 10: rollouts in their order of creation (`seq`), which "latest" orders by on both
+    // databases (PostgreSQL has no `rowid`); rows already stored keep their `rowid`'s
+    // order. A new rollout's `seq` is one above the highest (`rollouts::start`).
+    "ALTER TABLE rollouts ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
+    UPDATE rollouts SET seq = rowid;
+    CREATE UNIQUE INDEX rollouts_by_seq ON rollouts (seq);",
 ];
 
 /// Errors of the control plane's database.

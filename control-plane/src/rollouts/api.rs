@@ -9,7 +9,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::Response;
 use falaj_common::time::Timestamp;
-use rusqlite::TransactionBehavior;
 use serde::Deserialize;
 
 use super::{ActError, Action, OPERATOR, Rollout, RolloutView, StartError, StartRequest};
@@ -42,7 +41,7 @@ fn start_error(e: &StartError) -> ApiError {
 pub(crate) async fn view(api: &Api, rollout: Rollout) -> ApiResult<RolloutView> {
     api.shared.flush_seen().await?;
     let now = Timestamp::from_system(SystemTime::now());
-    let mut view = api.shared.db.call(move |c| super::view::build(c, rollout, now)).await?;
+    let mut view = api.shared.db.run(move |sql| super::view::build(&sql, rollout, now)).await?;
     for agent in &mut view.agents {
         agent.connected = api.shared.connected(&agent.id);
     }
@@ -65,8 +64,8 @@ pub(crate) async fn start_rollout(api: &Api, request: &StartRequest) -> ApiResul
     let started = api
         .shared
         .db
-        .call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        .run(move |sql| {
+            let tx = sql.transaction_immediate()?;
             let started = super::start(&tx, &planned, at)?;
             if started.is_ok() {
                 tx.commit()?;
@@ -94,7 +93,7 @@ async fn list(State(api): State<Api>, Query(params): Query<ListParams>) -> ApiRe
     let rollouts = api
         .shared
         .db
-        .call(move |c| super::list(c, params.group.as_deref(), params.model.as_deref()))
+        .run(move |sql| super::list(&sql, params.group.as_deref(), params.model.as_deref()))
         .await?;
     Ok(json_response(StatusCode::OK, &rollouts))
 }
@@ -104,7 +103,7 @@ async fn status(
     Path((group, model)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     let (g, m) = (group.clone(), model.clone());
-    let Some(rollout) = api.shared.db.call(move |c| super::latest(c, &g, &m)).await? else {
+    let Some(rollout) = api.shared.db.run(move |sql| super::latest(&sql, &g, &m)).await? else {
         return Err(ApiError::not_found(format!("no rollout of {model} in group {group}")));
     };
     Ok(json_response(StatusCode::OK, &view(&api, rollout).await?))
@@ -136,8 +135,8 @@ pub(crate) async fn act_on(
     let done = api
         .shared
         .db
-        .call(move |c| {
-            let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        .run(move |sql| {
+            let tx = sql.transaction_immediate()?;
             let done = super::act(&tx, &g, &m, action, OPERATOR, at)?;
             if done.is_ok() {
                 tx.commit()?;

@@ -13,12 +13,12 @@ use std::time::{Duration, SystemTime};
 
 use falaj_common::rollout::{Figures, GuardResult, Strategy, Verdict, failure, judge};
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 
 use super::{CONTROL_PLANE, Rollout, RolloutState, RolloutsConfig};
 use crate::db::{self, DbError};
 use crate::monitoring::{self, MetricsQuery};
+use crate::sql::{AsSql, Sql, SqlError};
 use crate::state::Shared;
 use crate::webhook::WebhookClient;
 
@@ -96,7 +96,10 @@ impl Notification {
 /// The baseline's and the candidate's figures over the group's windows that started
 /// within the rollout (since it began; before it ended, when it has), PSI against each
 /// version's reference profile.
-pub fn measure(conn: &Connection, rollout: &Rollout) -> rusqlite::Result<(Figures, Figures)> {
+pub fn measure<C: AsSql + ?Sized>(
+    conn: &C,
+    rollout: &Rollout,
+) -> Result<(Figures, Figures), C::Error> {
     let query = MetricsQuery {
         model: rollout.model.clone(),
         version: None,
@@ -105,7 +108,7 @@ pub fn measure(conn: &Connection, rollout: &Rollout) -> rusqlite::Result<(Figure
         since: rollout.created_at,
     };
     let rollups = monitoring::rollups_between(conn, &query, rollout.ended_at)?;
-    let figures = |version: u64| -> rusqlite::Result<Figures> {
+    let figures = |version: u64| -> Result<Figures, C::Error> {
         let Some(v) = rollups.get(&version) else { return Ok(Figures::default()) };
         let reference = monitoring::reference(conn, &rollout.model, version)?;
         Ok(Figures::of(&v.rollup.counts, reference.as_ref()))
@@ -114,11 +117,8 @@ pub fn measure(conn: &Connection, rollout: &Rollout) -> rusqlite::Result<(Figure
 }
 
 /// The first agent of the group (by id) that reports `rollout` rolled back, and its reason.
-fn agent_rollback(
-    conn: &Connection,
-    rollout: &Rollout,
-) -> rusqlite::Result<Option<(String, String)>> {
-    Ok(db::agents(conn)?
+fn agent_rollback(sql: &Sql<'_>, rollout: &Rollout) -> Result<Option<(String, String)>, SqlError> {
+    Ok(db::agents(sql)?
         .into_iter()
         .filter(|a| a.group == rollout.group && a.revoked_at.is_none())
         .find_map(|a| {
@@ -129,15 +129,19 @@ fn agent_rollback(
         }))
 }
 
-/// Judges one rollout under way at `now` and applies the decision, in one transaction.
-fn judge_one(
-    conn: &mut Connection,
+/// Judges one rollout under way at `now` and applies the decision, in one transaction
+/// (a savepoint, inside one). The rollout's row is locked while it is judged (on
+/// PostgreSQL; SQLite's immediate transaction takes the write lock), so that two
+/// replicas judging at once decide one after the other and a rollout ends once.
+pub fn judge_one<C: AsSql + ?Sized>(
+    conn: &C,
     id: &str,
     now: Timestamp,
-) -> rusqlite::Result<Option<(Judgement, Option<Change>)>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+) -> Result<Option<(Judgement, Option<Change>)>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
     // Read again inside the transaction: a person may have acted since the list was read.
-    let Some(rollout) = super::get(&tx, id)?.filter(|r| r.state.under_way()) else {
+    let Some(rollout) = super::get_for_update(&tx, id)?.filter(|r| r.state.under_way()) else {
         return Ok(None);
     };
     let (baseline, candidate) = measure(&tx, &rollout)?;
@@ -165,12 +169,13 @@ fn judge_one(
     Ok(Some((Judgement { rollout, baseline, candidate, guards, at: now }, change)))
 }
 
-/// Judges every rollout under way at `now`, each in its own transaction; returns the
-/// judgements and the rollouts it ended.
-pub fn evaluate_all(
-    conn: &mut Connection,
+/// Judges every rollout under way at `now`, each in its own transaction (a savepoint
+/// inside one: the daemon judges each through its own [`crate::db::Db::run`] instead, in
+/// [`evaluate`]); returns the judgements and the rollouts it ended.
+pub fn evaluate_all<C: AsSql + ?Sized>(
+    conn: &C,
     now: Timestamp,
-) -> rusqlite::Result<(Vec<Judgement>, Vec<Change>)> {
+) -> Result<(Vec<Judgement>, Vec<Change>), C::Error> {
     let ids: Vec<String> = super::all_under_way(conn, None)?.into_iter().map(|r| r.id).collect();
     let (mut judgements, mut changes) = (Vec::new(), Vec::new());
     for id in ids {
@@ -190,7 +195,19 @@ pub type Judged = std::sync::Mutex<BTreeMap<(String, String), Judgement>>;
 pub async fn evaluate(shared: &Shared, now: SystemTime) -> Result<Vec<Change>, DbError> {
     shared.flush_seen().await?;
     let at = Timestamp::from_system(now);
-    let (judgements, changes) = shared.db.call(move |c| evaluate_all(c, at)).await?;
+    let ids: Vec<String> = shared
+        .db
+        .run(|sql| Ok(super::all_under_way(&sql, None)?.into_iter().map(|r| r.id).collect()))
+        .await?;
+    let (mut judgements, mut changes) = (Vec::new(), Vec::new());
+    for id in ids {
+        if let Some((judgement, change)) =
+            shared.db.run(move |sql| judge_one(&sql, &id, at)).await?
+        {
+            judgements.push(judgement);
+            changes.extend(change);
+        }
+    }
     {
         let mut judged = shared.judged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         for j in judgements {

@@ -1,9 +1,12 @@
 //! Rollouts of a model in a group: a canary whose share grows step by step, an A/B split
 //! held until a person decides, or a shadow that runs the candidate on mirrored requests.
-//! Each is stored in `control.db` with its plan and the steps as issued (absolute times, so
-//! agents cut off from the control plane keep stepping), travels in every group agent's
-//! desired-state document while it is under way, and ends promoted, rolled back or aborted.
-//! Every change of state is an event.
+//! Each is stored in the control plane's database (SQLite or PostgreSQL, through
+//! [`crate::sql`]) with its plan and the steps as issued (absolute times, so agents cut off
+//! from the control plane keep stepping), travels in every group agent's desired-state
+//! document while it is under way, and ends promoted, rolled back or aborted. Every change
+//! of state is an event. Rows are ordered by `seq` (their order of creation), not by
+//! SQLite's `rowid`; a step is decided with the rollout's row locked ([`act`]) and starts
+//! are one at a time ([`lock_starts`]), so replicas on one PostgreSQL step a rollout once.
 //!
 //! The rules of a rollout (shares, steps, guards, their judgement) are
 //! [`falaj_common::rollout`]'s; this module stores rollouts and moves them between states,
@@ -21,7 +24,6 @@ use std::time::Duration;
 
 use falaj_common::rollout::{Guard, RolloutSpec, Share, Step, Strategy};
 use falaj_common::time::{Timestamp, human_duration};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use thiserror::Error;
@@ -29,6 +31,7 @@ use thiserror::Error;
 use plan::spec_problem;
 
 use crate::db::{self, from_ts, ts};
+use crate::sql::{AsSql, Backend, OptionalExt, Row, Sql, SqlError, params};
 
 pub use judge::{Change, Judgement, evaluate, evaluate_all, run};
 pub use plan::{Plan, Planned, StartError, StartRequest};
@@ -154,10 +157,8 @@ impl Rollout {
     }
 }
 
-fn parse<T: serde::de::DeserializeOwned>(json: &str) -> rusqlite::Result<T> {
-    serde_json::from_str(json).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+fn parse<T: serde::de::DeserializeOwned>(json: &str, column: usize) -> Result<T, SqlError> {
+    serde_json::from_str(json).map_err(|e| SqlError::Conversion { column, message: e.to_string() })
 }
 
 fn to_json(value: &impl Serialize) -> String {
@@ -167,10 +168,8 @@ fn to_json(value: &impl Serialize) -> String {
 const COLUMNS: &str = "id, grp, model, baseline, candidate, strategy, plan, steps, mirror, guards,
     min_requests, state, reason, created_at, updated_at, ended_at";
 
-fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
-    let bad = |i: usize, what: String| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
-    };
+fn row(r: &Row<'_>) -> Result<Rollout, SqlError> {
+    let bad = |column: usize, message: String| SqlError::Conversion { column, message };
     let strategy: String = r.get(5)?;
     let state: String = r.get(11)?;
     let mirror: f64 = r.get(8)?;
@@ -178,36 +177,74 @@ fn row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Rollout> {
         id: r.get(0)?,
         group: r.get(1)?,
         model: r.get(2)?,
-        baseline: r.get::<_, i64>(3)? as u64,
-        candidate: r.get::<_, i64>(4)? as u64,
+        baseline: r.get::<i64>(3)? as u64,
+        candidate: r.get::<i64>(4)? as u64,
         strategy: [Strategy::Canary, Strategy::Ab, Strategy::Shadow]
             .into_iter()
             .find(|s| s.name() == strategy)
             .ok_or_else(|| bad(5, format!("strategy {strategy}")))?,
-        plan: parse(&r.get::<_, String>(6)?)?,
-        steps: parse(&r.get::<_, String>(7)?)?,
+        plan: parse(&r.get::<String>(6)?, 6)?,
+        steps: parse(&r.get::<String>(7)?, 7)?,
         mirror: Share::from_percent(mirror).ok_or_else(|| bad(8, format!("mirror {mirror}")))?,
-        guards: parse(&r.get::<_, String>(9)?)?,
-        min_requests: r.get::<_, i64>(10)? as u64,
+        guards: parse(&r.get::<String>(9)?, 9)?,
+        min_requests: r.get::<i64>(10)? as u64,
         state: RolloutState::from_name(&state).ok_or_else(|| bad(11, format!("state {state}")))?,
         reason: r.get(12)?,
         created_at: from_ts(r.get(13)?),
         updated_at: from_ts(r.get(14)?),
-        ended_at: r.get::<_, Option<i64>>(15)?.map(from_ts),
+        ended_at: r.get::<Option<i64>>(15)?.map(from_ts),
     })
 }
 
-/// One rollout.
-pub fn get(conn: &Connection, id: &str) -> rusqlite::Result<Option<Rollout>> {
-    conn.query_row(&format!("SELECT {COLUMNS} FROM rollouts WHERE id = ?1"), [id], row).optional()
+/// Rollouts by group, then model, compared byte by byte (as SQLite orders text; a
+/// PostgreSQL database's collation may not).
+fn by_group_and_model(mut rollouts: Vec<Rollout>) -> Vec<Rollout> {
+    rollouts.sort_by(|a, b| (&a.group, &a.model).cmp(&(&b.group, &b.model)));
+    rollouts
 }
 
-/// The latest rollout of `model` in `group`, whatever its state.
-pub fn latest(conn: &Connection, group: &str, model: &str) -> rusqlite::Result<Option<Rollout>> {
-    conn.query_row(
+/// One rollout.
+pub fn get<C: AsSql + ?Sized>(conn: &C, id: &str) -> Result<Option<Rollout>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row(&format!("SELECT {COLUMNS} FROM rollouts WHERE id = $1"), params![id], row)
+        .optional()?)
+}
+
+/// [`get`] for a step about to be decided: on PostgreSQL the rollout's row stays locked
+/// until the transaction ends, so that two replicas stepping it at once step it one
+/// after the other (the second sees what the first did); on SQLite the caller's
+/// transaction takes the write lock ([`Sql::transaction_immediate`]).
+fn get_for_update(sql: &Sql<'_>, id: &str) -> Result<Option<Rollout>, SqlError> {
+    sql.query_row(
+        &format!("SELECT {COLUMNS} FROM rollouts WHERE id = $1{}", sql.for_update()),
+        params![id],
+        row,
+    )
+    .optional()
+}
+
+/// The latest rollout of `model` in `group`, whatever its state (latest by creation, then
+/// by `seq`, the order rows were stored in).
+pub fn latest<C: AsSql + ?Sized>(
+    conn: &C,
+    group: &str,
+    model: &str,
+) -> Result<Option<Rollout>, C::Error> {
+    let sql = conn.sql();
+    Ok(latest_with(&sql, group, model, "")?)
+}
+
+fn latest_with(
+    sql: &Sql<'_>,
+    group: &str,
+    model: &str,
+    lock: &str,
+) -> Result<Option<Rollout>, SqlError> {
+    sql.query_row(
         &format!(
-            "SELECT {COLUMNS} FROM rollouts WHERE grp = ?1 AND model = ?2
-             ORDER BY created_at DESC, rowid DESC LIMIT 1"
+            "SELECT {COLUMNS} FROM rollouts WHERE grp = $1 AND model = $2
+             ORDER BY created_at DESC, seq DESC LIMIT 1{lock}"
         ),
         params![group, model],
         row,
@@ -216,59 +253,100 @@ pub fn latest(conn: &Connection, group: &str, model: &str) -> rusqlite::Result<O
 }
 
 /// The rollout of `model` under way in `group`, if any.
-pub fn under_way(conn: &Connection, group: &str, model: &str) -> rusqlite::Result<Option<Rollout>> {
-    conn.query_row(
-        &format!(
-            "SELECT {COLUMNS} FROM rollouts
-             WHERE grp = ?1 AND model = ?2 AND state IN ('running', 'paused')"
-        ),
-        params![group, model],
-        row,
-    )
-    .optional()
+pub fn under_way<C: AsSql + ?Sized>(
+    conn: &C,
+    group: &str,
+    model: &str,
+) -> Result<Option<Rollout>, C::Error> {
+    Ok(conn
+        .sql()
+        .query_row(
+            &format!(
+                "SELECT {COLUMNS} FROM rollouts
+                 WHERE grp = $1 AND model = $2 AND state IN ('running', 'paused')"
+            ),
+            params![group, model],
+            row,
+        )
+        .optional()?)
 }
 
-/// The rollouts under way in `group` (every group if `None`), by model.
-pub fn all_under_way(conn: &Connection, group: Option<&str>) -> rusqlite::Result<Vec<Rollout>> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM rollouts
-         WHERE state IN ('running', 'paused') AND (?1 IS NULL OR grp = ?1) ORDER BY grp, model"
-    ))?;
-    stmt.query_map([group], row)?.collect()
+/// The rollouts under way in `group` (every group if `None`), by group and model.
+pub fn all_under_way<C: AsSql + ?Sized>(
+    conn: &C,
+    group: Option<&str>,
+) -> Result<Vec<Rollout>, C::Error> {
+    let rollouts = conn.sql().query_map(
+        &format!(
+            "SELECT {COLUMNS} FROM rollouts
+             WHERE state IN ('running', 'paused') AND (CAST($1 AS TEXT) IS NULL OR grp = $1)"
+        ),
+        params![group],
+        row,
+    )?;
+    Ok(by_group_and_model(rollouts))
 }
 
 /// Rollouts newest first, of one group and one model when given.
-pub fn list(
-    conn: &Connection,
+pub fn list<C: AsSql + ?Sized>(
+    conn: &C,
     group: Option<&str>,
     model: Option<&str>,
-) -> rusqlite::Result<Vec<Rollout>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {COLUMNS} FROM rollouts WHERE (?1 IS NULL OR grp = ?1) AND (?2 IS NULL OR model = ?2)
-         ORDER BY created_at DESC, rowid DESC"
-    ))?;
-    stmt.query_map(params![group, model], row)?.collect()
+) -> Result<Vec<Rollout>, C::Error> {
+    Ok(conn.sql().query_map(
+        &format!(
+            "SELECT {COLUMNS} FROM rollouts
+             WHERE (CAST($1 AS TEXT) IS NULL OR grp = $1) AND (CAST($2 AS TEXT) IS NULL OR model = $2)
+             ORDER BY created_at DESC, seq DESC"
+        ),
+        params![group, model],
+        row,
+    )?)
 }
 
 /// The latest rollout of each (group, model), by group and model.
-pub fn latest_each(conn: &Connection) -> rusqlite::Result<Vec<Rollout>> {
-    let mut stmt = conn.prepare(&format!(
-        "SELECT {COLUMNS} FROM rollouts r WHERE r.rowid = (
-             SELECT l.rowid FROM rollouts l WHERE l.grp = r.grp AND l.model = r.model
-             ORDER BY l.created_at DESC, l.rowid DESC LIMIT 1)
-         ORDER BY grp, model"
-    ))?;
-    stmt.query_map([], row)?.collect()
+pub fn latest_each<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<Rollout>, C::Error> {
+    let rollouts = conn.sql().query_map(
+        &format!(
+            "SELECT {COLUMNS} FROM rollouts r WHERE r.seq = (
+                 SELECT l.seq FROM rollouts l WHERE l.grp = r.grp AND l.model = r.model
+                 ORDER BY l.created_at DESC, l.seq DESC LIMIT 1)"
+        ),
+        params![],
+        row,
+    )?;
+    Ok(by_group_and_model(rollouts))
 }
 
-/// An id for a new rollout: `ro-N`, one above the rollouts held.
-fn next_id(conn: &Connection) -> rusqlite::Result<String> {
-    let n: i64 = conn.query_row("SELECT COUNT(*) FROM rollouts", [], |r| r.get(0))?;
+/// The PostgreSQL advisory lock that makes starts of rollouts, and changes of the
+/// deployments a rollout freezes, one at a time across connections (a start numbers the
+/// rollout from what is stored, and reads the deployment it takes as its baseline).
+/// SQLite's write lock does that there.
+const ROLLOUTS_LOCK: i64 = 0x4661_6c61_6a00_0003;
+
+/// Takes [`ROLLOUTS_LOCK`] until the transaction ends, on PostgreSQL (every
+/// [`crate::db::Db::run`] is one transaction there); nothing on SQLite. A deployment
+/// change that checks for a rollout under way takes it before checking.
+pub fn lock_starts<C: AsSql + ?Sized>(conn: &C) -> Result<(), C::Error> {
+    let sql = conn.sql();
+    if sql.backend() == Backend::Postgres {
+        sql.execute("SELECT pg_advisory_xact_lock($1)", params![ROLLOUTS_LOCK])?;
+    }
+    Ok(())
+}
+
+/// An id for a new rollout, `ro-N` one above the rollouts held, and its `seq`, one above
+/// the highest stored. Under [`lock_starts`].
+fn next_id(sql: &Sql<'_>) -> Result<(String, i64), SqlError> {
+    let (n, seq): (i64, i64) =
+        sql.query_row("SELECT COUNT(*), COALESCE(MAX(seq), 0) FROM rollouts", params![], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
     let mut n = n + 1;
     loop {
         let id = format!("ro-{n}");
-        if get(conn, &id)?.is_none() {
-            return Ok(id);
+        if get(sql, &id)?.is_none() {
+            return Ok((id, seq + 1));
         }
         n += 1;
     }
@@ -283,11 +361,21 @@ fn detail(r: &Rollout, by: &str) -> serde_json::Value {
 
 /// Starts a rollout of `planned` at `now`: the baseline is the group's deployed version.
 /// Call it inside a transaction, committed only on `Ok(Ok(_))`: a refusal writes nothing.
-pub fn start(
-    conn: &Connection,
+/// On PostgreSQL starts are one at a time ([`lock_starts`]).
+pub fn start<C: AsSql + ?Sized>(
+    conn: &C,
     planned: &Planned,
     now: Timestamp,
-) -> rusqlite::Result<Result<Rollout, StartError>> {
+) -> Result<Result<Rollout, StartError>, C::Error> {
+    Ok(start_on(&conn.sql(), planned, now)?)
+}
+
+fn start_on(
+    conn: &Sql<'_>,
+    planned: &Planned,
+    now: Timestamp,
+) -> Result<Result<Rollout, StartError>, SqlError> {
+    lock_starts(conn)?;
     let (group, model, candidate) = (&planned.group, &planned.model, planned.candidate);
     if db::bundle(conn, model, candidate)?.is_none() {
         return Ok(Err(StartError::NoBundle { model: model.clone(), version: candidate }));
@@ -310,7 +398,7 @@ pub fn start(
             version: candidate,
         }));
     }
-    let id = next_id(conn)?;
+    let (id, seq) = next_id(conn)?;
     let spec = planned.spec(&id, baseline, now);
     if let Err(e) = spec.check() {
         return Ok(Err(spec_problem(e)));
@@ -334,7 +422,7 @@ pub fn start(
         ended_at: None,
     };
     conn.execute(
-        &format!("INSERT INTO rollouts ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, NULL)"),
+        &format!("INSERT INTO rollouts ({COLUMNS}, seq) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $14, NULL, $15)"),
         params![
             rollout.id,
             rollout.group,
@@ -350,6 +438,7 @@ pub fn start(
             rollout.state.name(),
             rollout.reason,
             ts(now),
+            seq,
         ],
     )?;
     let mut detail = detail(&rollout, OPERATOR);
@@ -412,16 +501,29 @@ pub enum ActError {
 }
 
 /// Applies `action` to the rollout of `model` under way in `group`, decided by `by`, at
-/// `now`. Call it inside a transaction.
-pub fn act(
-    conn: &Connection,
+/// `now`. Call it inside a transaction (on SQLite an immediate one): on PostgreSQL the
+/// rollout's row is locked while the action is decided, so that of two steps decided at
+/// once (an operator's and the judgement's, on two replicas) the second sees the first.
+pub fn act<C: AsSql + ?Sized>(
+    conn: &C,
     group: &str,
     model: &str,
     action: Action,
     by: &str,
     now: Timestamp,
-) -> rusqlite::Result<Result<Rollout, ActError>> {
-    let Some(rollout) = latest(conn, group, model)? else {
+) -> Result<Result<Rollout, ActError>, C::Error> {
+    Ok(act_on(&conn.sql(), group, model, action, by, now)?)
+}
+
+fn act_on(
+    conn: &Sql<'_>,
+    group: &str,
+    model: &str,
+    action: Action,
+    by: &str,
+    now: Timestamp,
+) -> Result<Result<Rollout, ActError>, SqlError> {
+    let Some(rollout) = latest_with(conn, group, model, conn.for_update())? else {
         return Ok(Err(ActError::NoRollout { group: group.into(), model: model.into() }));
     };
     let refused =
@@ -460,36 +562,36 @@ pub fn act(
 
 /// Makes the candidate the group's deployment and marks the rollout promoted.
 pub(crate) fn promote(
-    conn: &Connection,
+    conn: &Sql<'_>,
     rollout: &Rollout,
     by: &str,
     now: Timestamp,
-) -> rusqlite::Result<Rollout> {
+) -> Result<Rollout, SqlError> {
     db::deploy(conn, &rollout.group, &rollout.model, rollout.candidate, now)?;
     transition(conn, rollout, RolloutState::Promoted, None, None, by, now)
 }
 
 /// Marks the rollout rolled back because of `reason`: the deployment stays the baseline.
 pub(crate) fn roll_back(
-    conn: &Connection,
+    conn: &Sql<'_>,
     rollout: &Rollout,
     reason: &str,
     by: &str,
     now: Timestamp,
-) -> rusqlite::Result<Rollout> {
+) -> Result<Rollout, SqlError> {
     transition(conn, rollout, RolloutState::RolledBack, Some(reason), None, by, now)
 }
 
 /// Moves `rollout` to `state` (with new steps, when given) and records the event.
 fn transition(
-    conn: &Connection,
+    conn: &Sql<'_>,
     rollout: &Rollout,
     state: RolloutState,
     reason: Option<&str>,
     steps: Option<&[Step]>,
     by: &str,
     now: Timestamp,
-) -> rusqlite::Result<Rollout> {
+) -> Result<Rollout, SqlError> {
     let mut next = rollout.clone();
     next.state = state;
     next.updated_at = now;
@@ -503,8 +605,8 @@ fn transition(
         next.ended_at = Some(now);
     }
     conn.execute(
-        "UPDATE rollouts SET state = ?2, reason = ?3, steps = ?4, updated_at = ?5, ended_at = ?6
-         WHERE id = ?1",
+        "UPDATE rollouts SET state = $2, reason = $3, steps = $4, updated_at = $5, ended_at = $6
+         WHERE id = $1",
         params![
             next.id,
             state.name(),
@@ -528,4 +630,97 @@ fn transition(
     }
     db::event(conn, now, kind, &next.id, &detail.to_string())?;
     Ok(next)
+}
+
+#[cfg(test)]
+mod tests {
+    use falaj_common::keys::Sha256;
+
+    use super::*;
+    use crate::db::{BundleRow, DB_FILE, Db};
+
+    fn request(candidate: u64) -> StartRequest {
+        StartRequest {
+            group: "edge".into(),
+            model: "fraud".into(),
+            candidate,
+            strategy: Strategy::Ab,
+            steps: None,
+            step_interval_seconds: None,
+            split: None,
+            mirror: None,
+            guards: Vec::new(),
+            min_requests: None,
+        }
+    }
+
+    fn start_at(sql: Sql<'_>, candidate: u64, now: Timestamp) -> Result<Rollout, SqlError> {
+        let tx = sql.transaction_immediate()?;
+        let started = start(&*tx, &request(candidate).plan().unwrap(), now)?.unwrap();
+        tx.commit()?;
+        Ok(started)
+    }
+
+    /// A control plane upgraded from before `seq` keeps what "latest" meant: the rows it
+    /// held are numbered by their `rowid`, and new ones come after them.
+    #[test]
+    fn an_upgraded_database_keeps_its_rollouts_in_the_order_they_were_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(DB_FILE);
+        let t = Timestamp::from_unix(1_800_000_000);
+        let db = Db::open(&path).unwrap();
+        db.run_sync(|sql| {
+            for version in 1..=3 {
+                let hash = |what: &str| Sha256::of(format!("{what} {version}").as_bytes());
+                let row = BundleRow {
+                    name: "fraud".into(),
+                    version,
+                    manifest_sha256: hash("manifest"),
+                    bundle_sha256: hash("bundle"),
+                    recipe_sha256: hash("recipe"),
+                    size: 1,
+                    chunks: 1,
+                    pushed_at: t,
+                };
+                db::insert_bundle(&sql, &row)?;
+            }
+            db::deploy(&sql, "edge", "fraud", 1, t)?;
+            // Two rollouts in the same second, the first ended.
+            start_at(sql, 2, t)?;
+            act(&sql, "edge", "fraud", Action::Abort, OPERATOR, t)?.unwrap();
+            start_at(sql, 3, t)?;
+            // As a database before migration 10 held them, the first stored last (its
+            // `rowid` above the second's): it was the latest then.
+            sql.execute_batch(
+                "DROP INDEX rollouts_by_seq; ALTER TABLE rollouts DROP COLUMN seq;
+                 UPDATE rollouts SET rowid = 10 WHERE id = 'ro-1'; PRAGMA user_version = 9;",
+            )
+        })
+        .unwrap();
+        drop(db);
+
+        let db = Db::open(&path).unwrap();
+        let (numbered, first) = db
+            .run_sync(|sql| {
+                let numbered: Vec<(String, i64)> =
+                    sql.query_map("SELECT id, seq FROM rollouts ORDER BY id", params![], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })?;
+                Ok((numbered, latest(&sql, "edge", "fraud")?.map(|r| r.id)))
+            })
+            .unwrap();
+        assert_eq!(numbered, [("ro-1".to_owned(), 10), ("ro-2".to_owned(), 2)]);
+        assert_eq!(first.as_deref(), Some("ro-1"));
+        let (third, now_latest) = db
+            .run_sync(|sql| {
+                // The second ends (not through `act`, which takes the latest: the first).
+                let second = get(&sql, "ro-2")?.unwrap();
+                transition(&sql, &second, RolloutState::Aborted, None, None, OPERATOR, t)?;
+                let third = start_at(sql, 2, t)?;
+                Ok((third, latest(&sql, "edge", "fraud")?))
+            })
+            .unwrap();
+        assert_eq!(third.id, "ro-3");
+        assert_eq!(now_latest, Some(third));
+    }
 }

@@ -6,11 +6,11 @@ use falaj_common::rollout::{
     Figures, GuardResult, RolloutReport, Share, judge, two_proportion_p_value,
 };
 use falaj_common::time::Timestamp;
-use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::Rollout;
 use crate::db;
+use crate::sql::AsSql;
 
 /// A rollout's status.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -90,7 +90,11 @@ pub struct AgentRollout {
 
 /// The status of `rollout` at `now`, agents shown as not connected (the caller knows
 /// the sessions).
-pub fn build(conn: &Connection, rollout: Rollout, now: Timestamp) -> rusqlite::Result<RolloutView> {
+pub fn build<C: AsSql + ?Sized>(
+    conn: &C,
+    rollout: Rollout,
+    now: Timestamp,
+) -> Result<RolloutView, C::Error> {
     let (baseline, candidate) = super::judge::measure(conn, &rollout)?;
     let guard_results = judge(&rollout.guards, rollout.min_requests, &baseline, &candidate);
     let classes = |f: &Figures| f.labelled > 0 && f.abs_error == 0.0;

@@ -1,5 +1,6 @@
 //! The control plane's schema on PostgreSQL: the same tables and columns as SQLite's
-//! (`crate::db`'s migrations 1 to 9, as they stand after them), with the types that hold
+//! (`CONTROL[0]` is `crate::db`'s migrations 1 to 9 as they stand after them, each later
+//! one SQLite's next: `CONTROL[1]` its 10, and so on), with the types that hold
 //! what SQLite holds: `BIGINT` for its integers, `TEXT`, `BYTEA` for blobs and
 //! `DOUBLE PRECISION` for reals; SQLite's `INTEGER PRIMARY KEY` row ids become identity
 //! columns. `user` and `window` are reserved words here, so they are quoted (SQLite
@@ -202,4 +203,11 @@ pub(crate) const CONTROL: &[&str] = &[
         received_at BIGINT NOT NULL,
         PRIMARY KEY (agent_id, seq)
     );"#,
+    // 2: SQLite's 10, rollouts in their order of creation (`seq`). Rows already stored
+    // are numbered by creation time, then id.
+    "ALTER TABLE rollouts ADD COLUMN seq BIGINT NOT NULL DEFAULT 0;
+    UPDATE rollouts r SET seq = o.n FROM (
+        SELECT id, ROW_NUMBER() OVER (ORDER BY created_at, id) AS n FROM rollouts
+    ) o WHERE o.id = r.id;
+    CREATE UNIQUE INDEX rollouts_by_seq ON rollouts (seq);",
 ];

@@ -1,7 +1,265 @@
 //! The rollouts module's storage on both databases (cases listed in [`CASES`], run by
-//! `main` as `NAME::sqlite` and `NAME::postgres`).
+//! `main` as `NAME::sqlite` and `NAME::postgres`): starts refused and numbered, "latest"
+//! by order of creation (no `rowid` on PostgreSQL), every step and its event, and
+//! replicas stepping or starting at once (one step wins, ids stay apart).
 
-use crate::Body;
+use std::collections::BTreeSet;
+
+use falaj_common::rollout::Strategy;
+use falaj_common::time::Timestamp;
+use falaj_control::db::{self, Db};
+use falaj_control::rollouts::{
+    self, ActError, Action, Rollout, RolloutState, StartError, StartRequest,
+};
+use falaj_control::sql::params;
+
+use crate::{Body, at, bundle};
 
 /// This module's cases: each body runs once on SQLite and once on PostgreSQL.
-pub(crate) const CASES: &[(&str, Body)] = &[];
+pub(crate) const CASES: &[(&str, Body)] = &[
+    (
+        "rollouts_are_refused_numbered_stepped_and_latest_by_creation",
+        rollouts_are_refused_numbered_stepped_and_latest_by_creation,
+    ),
+    ("concurrent_steps_of_one_rollout_end_it_once", concurrent_steps_of_one_rollout_end_it_once),
+    (
+        "concurrent_starts_get_their_own_ids_and_one_per_group",
+        concurrent_starts_get_their_own_ids_and_one_per_group,
+    ),
+];
+
+const MODEL: &str = "fraud";
+
+/// Versions 1 to 3 of the model, version 1 deployed to each of `groups`.
+fn seed(db: &Db, groups: &[&str]) {
+    let groups: Vec<String> = groups.iter().map(|g| (*g).to_owned()).collect();
+    db.run_sync(move |sql| {
+        for v in 1..=3 {
+            db::insert_bundle(&sql, &bundle(MODEL, v))?;
+        }
+        for g in &groups {
+            db::deploy(&sql, g, MODEL, 1, at(0))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+}
+
+fn request(group: &str, strategy: Strategy, candidate: u64) -> StartRequest {
+    StartRequest {
+        group: group.into(),
+        model: MODEL.into(),
+        candidate,
+        strategy,
+        steps: None,
+        step_interval_seconds: None,
+        split: None,
+        mirror: None,
+        guards: Vec::new(),
+        min_requests: None,
+    }
+}
+
+/// Starts a rollout as the API does: one immediate transaction, committed if started.
+fn start(db: &Db, request: &StartRequest, now: Timestamp) -> Result<Rollout, StartError> {
+    let planned = request.plan().unwrap();
+    db.run_sync(move |sql| {
+        let tx = sql.transaction_immediate()?;
+        let started = rollouts::start(&*tx, &planned, now)?;
+        if started.is_ok() {
+            tx.commit()?;
+        }
+        Ok(started)
+    })
+    .unwrap()
+}
+
+/// Acts on `group`'s rollout as the API does.
+fn act(db: &Db, group: &str, action: Action, now: Timestamp) -> Result<Rollout, ActError> {
+    let group = group.to_owned();
+    db.run_sync(move |sql| {
+        let tx = sql.transaction_immediate()?;
+        let done = rollouts::act(&*tx, &group, MODEL, action, rollouts::OPERATOR, now)?;
+        if done.is_ok() {
+            tx.commit()?;
+        }
+        Ok(done)
+    })
+    .unwrap()
+}
+
+fn ids(rollouts: &[Rollout]) -> Vec<&str> {
+    rollouts.iter().map(|r| r.id.as_str()).collect()
+}
+
+/// The kinds of the events about `subject`, in order.
+fn events(db: &Db, subject: &str) -> Vec<String> {
+    let subject = subject.to_owned();
+    db.run_sync(move |sql| {
+        sql.query_map(
+            "SELECT kind FROM events WHERE subject = $1 ORDER BY id",
+            params![subject],
+            |r| r.get(0),
+        )
+    })
+    .unwrap()
+}
+
+fn rollouts_are_refused_numbered_stepped_and_latest_by_creation(db: &Db) {
+    seed(db, &["edge", "lab"]);
+    let first = start(db, &request("edge", Strategy::Ab, 2), at(10)).unwrap();
+    assert_eq!(
+        (first.id.as_str(), first.baseline, first.state),
+        ("ro-1", 1, RolloutState::Running)
+    );
+    assert_eq!(
+        start(db, &request("edge", Strategy::Canary, 3), at(11)),
+        Err(StartError::Exists {
+            id: "ro-1".into(),
+            group: "edge".into(),
+            model: MODEL.into(),
+            state: RolloutState::Running
+        })
+    );
+    assert!(matches!(
+        start(db, &request("lab", Strategy::Ab, 1), at(11)),
+        Err(StartError::CandidateIsBaseline { version: 1, .. })
+    ));
+    assert!(matches!(
+        start(db, &request("nowhere", Strategy::Ab, 2), at(11)),
+        Err(StartError::NoDeployment { .. })
+    ));
+    assert!(matches!(
+        start(db, &request("lab", Strategy::Ab, 9), at(11)),
+        Err(StartError::NoBundle { version: 9, .. })
+    ));
+    let shadow = start(db, &request("lab", Strategy::Shadow, 3), at(10)).unwrap();
+    assert_eq!(shadow.id, "ro-2", "refusals wrote nothing");
+
+    let paused = act(db, "edge", Action::Pause, at(20)).unwrap();
+    assert_eq!(paused.state, RolloutState::Paused);
+    assert_eq!(
+        act(db, "edge", Action::Pause, at(21)),
+        Err(ActError::NotAllowed {
+            id: "ro-1".into(),
+            state: RolloutState::Paused,
+            action: Action::Pause
+        })
+    );
+    let aborted = act(db, "edge", Action::Abort, at(30)).unwrap();
+    assert_eq!((aborted.state, aborted.ended_at), (RolloutState::Aborted, Some(at(30))));
+    // Created in the same second as the first: "latest" is still the one stored last.
+    let third = start(db, &request("edge", Strategy::Canary, 3), at(10)).unwrap();
+    assert_eq!(third.id, "ro-3");
+
+    let (latest, under_way, all, edge, lab, none, each) = db
+        .run_sync(|sql| {
+            Ok((
+                rollouts::latest(&sql, "edge", MODEL)?,
+                rollouts::under_way(&sql, "edge", MODEL)?,
+                rollouts::list(&sql, None, None)?,
+                rollouts::list(&sql, Some("edge"), None)?,
+                rollouts::all_under_way(&sql, Some("lab"))?,
+                rollouts::list(&sql, None, Some("other"))?,
+                rollouts::latest_each(&sql)?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(latest.as_ref(), Some(&third));
+    assert_eq!(under_way.as_ref(), Some(&third));
+    assert_eq!(ids(&all), ["ro-3", "ro-2", "ro-1"]);
+    assert_eq!(ids(&edge), ["ro-3", "ro-1"]);
+    assert_eq!(ids(&lab), ["ro-2"]);
+    assert!(none.is_empty());
+    assert_eq!(ids(&each), ["ro-3", "ro-2"]);
+    // Everything round trips: plan, steps, mirror, guards, times.
+    assert_eq!(all[2], aborted);
+    assert_eq!(all[1], shadow);
+
+    let promoted = act(db, "lab", Action::Promote, at(40)).unwrap();
+    assert_eq!(promoted.state, RolloutState::Promoted);
+    let (deployed, under_way) = db
+        .run_sync(|sql| {
+            Ok((db::deployment(&sql, "lab", MODEL)?, rollouts::all_under_way(&sql, None)?))
+        })
+        .unwrap();
+    assert_eq!(deployed, Some(3));
+    assert_eq!(ids(&under_way), ["ro-3"]);
+    assert!(matches!(act(db, "edge", Action::Resume, at(41)), Err(ActError::NotAllowed { .. })));
+    assert!(matches!(act(db, "nowhere", Action::Abort, at(41)), Err(ActError::NoRollout { .. })));
+    assert_eq!(events(db, "ro-1"), ["rollout.start", "rollout.pause", "rollout.abort"]);
+    assert_eq!(events(db, "ro-2"), ["rollout.start", "rollout.promote"]);
+}
+
+/// Operators' actions and the control plane's judgement, on several connections at once
+/// (replicas), all deciding to end one rollout: it ends once, with one event. Ten rounds,
+/// the deciders let go together each time.
+fn concurrent_steps_of_one_rollout_end_it_once(db: &Db) {
+    let groups: Vec<String> = (0..10).map(|i| format!("g{i}")).collect();
+    seed(db, &groups.iter().map(String::as_str).collect::<Vec<_>>());
+    for group in &groups {
+        let started = start(db, &request(group, Strategy::Canary, 2), at(0)).unwrap();
+        // Past the last step (a canary of 4 steps 10 minutes apart), no guards: the
+        // judgement promotes it, as an operator's promote or abort would end it.
+        let now = at(4000);
+        let together = std::sync::Barrier::new(8);
+        let ended: Vec<Option<RolloutState>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..8)
+                .map(|i| {
+                    let (together, id) = (&together, started.id.as_str());
+                    s.spawn(move || {
+                        together.wait();
+                        match i % 3 {
+                            0 => db
+                                .run_sync(|sql| rollouts::judge::judge_one(&sql, id, now))
+                                .unwrap()
+                                .and_then(|(_, change)| change)
+                                .map(|c| c.rollout.state),
+                            1 => act(db, group, Action::Promote, now).ok().map(|r| r.state),
+                            _ => act(db, group, Action::Abort, now).ok().map(|r| r.state),
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let winners: Vec<RolloutState> = ended.iter().flatten().copied().collect();
+        assert_eq!(winners.len(), 1, "one step ends it: {ended:?}");
+        let stored = db.run_sync(|sql| rollouts::get(&sql, &started.id)).unwrap().unwrap();
+        assert_eq!(stored.state, winners[0]);
+        let kinds = events(db, &started.id);
+        assert_eq!(kinds.len(), 2, "one start, one end: {kinds:?}");
+        let deployed = db.run_sync(|sql| db::deployment(&sql, group, MODEL)).unwrap();
+        assert_eq!(deployed, Some(if winners[0] == RolloutState::Promoted { 2 } else { 1 }));
+    }
+}
+
+/// Starts on several connections at once: two for each group, each pair racing for one
+/// group. Every group gets one rollout, each with its own id and place in the order.
+fn concurrent_starts_get_their_own_ids_and_one_per_group(db: &Db) {
+    let groups = ["g0", "g1", "g2", "g3", "g4", "g5"];
+    seed(db, &groups);
+    let outcomes: Vec<Result<Rollout, StartError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..12)
+            .map(|i| s.spawn(move || start(db, &request(groups[i / 2], Strategy::Ab, 2), at(5))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let started: BTreeSet<(String, String)> =
+        outcomes.iter().flatten().map(|r| (r.group.clone(), r.id.clone())).collect();
+    assert_eq!(started.len(), groups.len(), "{outcomes:?}");
+    let refused = outcomes.iter().filter(|o| matches!(o, Err(StartError::Exists { .. }))).count();
+    assert_eq!(refused, groups.len(), "{outcomes:?}");
+    let stored: Vec<(String, i64)> = db
+        .run_sync(|sql| {
+            sql.query_map("SELECT id, seq FROM rollouts ORDER BY seq", params![], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+        })
+        .unwrap();
+    assert_eq!(stored.iter().map(|(_, seq)| *seq).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    let ids: BTreeSet<&str> = stored.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["ro-1", "ro-2", "ro-3", "ro-4", "ro-5", "ro-6"].into_iter().collect());
+    let each = db.run_sync(|sql| rollouts::latest_each(&sql)).unwrap();
+    assert_eq!(each.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), groups);
+}
