@@ -14,7 +14,7 @@
 use tract_onnx::tract_hir::internal::*;
 
 use super::activation::Activation;
-use super::depthwise::{Geometry, Phases};
+use super::depthwise::{Geometry, Phases, copy};
 use super::pointwise::{PIXELS, ROWS, VECS, tile_accumulate, tile_product, tile_row};
 use crate::expand::Kernel;
 
@@ -58,10 +58,6 @@ impl DirectConv {
     }
 }
 
-/// Taps (input channel and kernel offset) per block of the product: a tile's gathered
-/// lines, `TAPS × PIXELS` floats (16 KiB), stay in L1.
-const TAPS: usize = 128;
-
 /// One image: `x` `[inputs, h, w]` into `out` `[outputs, oh, ow]`. Compiled for AVX-512
 /// and AVX2 as well, chosen at run time.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
@@ -81,54 +77,66 @@ fn image(
     for (src, dst) in x.chunks_exact(h * w).zip(phased.chunks_exact_mut(channel)) {
         phases.fill(src, dst);
     }
-    // The outputs of each channel as one line of whole phase rows, in whole tiles.
-    let line = (oh * row).next_multiple_of(PIXELS);
-    let mut sums = vec![0.0f32; op.outputs * line];
+    // The outputs of each channel as one line of whole phase rows, `PIXELS` at a time;
+    // each tile's finished rows go straight into the output's rows (the columns past
+    // the output's width dropped), through `runs`: per output row the tile touches,
+    // where its part starts in the tile and in the output plane, and its length.
+    let line = oh * row;
     let k = op.inputs * taps.len();
-    // The taps (input channel and kernel offset) in blocks of `TAPS`, so that a tile's
-    // gathered lines stay in L1 and a block's weights for every output channel in L2
-    // while the tile goes through all blocks of output channels; the sums of a block of
-    // taps are added to those of the blocks before it.
-    let mut tile = vec![[[0.0f32; 16]; VECS]; TAPS.min(k)];
-    for k0 in (0..k).step_by(TAPS) {
-        let k1 = k.min(k0 + TAPS);
-        let (first, last) = (k0 == 0, k1 == k);
-        let tile = &mut tile[..k1 - k0];
-        for q0 in (0..line).step_by(PIXELS) {
+    // The taps (input channel and kernel offset) in blocks of up to `TAPS`, so that the
+    // tile's gathered lines stay in L1 while they go through every block of output
+    // channels; a block's sums wait in `partial` for the next block of taps. The blocks
+    // are of equal size: 144 taps are two blocks of 72, not 128 and 16.
+    let depth = k.div_ceil(k.div_ceil(TAPS));
+    let mut tile = vec![[[0.0f32; 16]; VECS]; depth];
+    let mut partial = vec![[[[0.0f32; 16]; VECS]; ROWS]; op.bias.len()];
+    let mut runs = Vec::with_capacity(PIXELS / row + 2);
+    for q0 in (0..line).step_by(PIXELS) {
+        runs.clear();
+        let end = line.min(q0 + PIXELS);
+        let mut q = q0;
+        while q < end {
+            let (oy, ox) = (q / row, q % row);
+            if ox < ow {
+                runs.push((q - q0, oy * ow + ox, (ow - ox).min(end - q)));
+            }
+            q = (oy + 1) * row;
+        }
+        for k0 in (0..k).step_by(depth) {
+            let k1 = k.min(k0 + depth);
+            let tile = &mut tile[..k1 - k0];
             for (j, t) in (k0..k1).zip(tile.iter_mut()) {
                 let (c, tap) = (j / taps.len(), taps[j % taps.len()]);
                 t.as_flattened_mut().copy_from_slice(&phased[c * channel + tap + q0..][..PIXELS]);
             }
-            for (block, (weights, bias)) in op.packed.chunks_exact(k).zip(&op.bias).enumerate() {
-                let rows = ROWS.min(op.outputs - block * ROWS);
+            let blocks = op.packed.chunks_exact(k).zip(&op.bias).zip(partial.iter_mut());
+            for (block, ((weights, bias), sums)) in blocks.enumerate() {
                 let weights = &weights[k0..k1];
-                let acc = if first {
+                let acc = if k0 == 0 {
                     tile_product(weights, tile, bias)
                 } else {
-                    let mut acc = [[[0.0f32; 16]; VECS]; ROWS];
-                    for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                        let co = block * ROWS + r;
-                        a.as_flattened_mut().copy_from_slice(&sums[co * line + q0..][..PIXELS]);
-                    }
-                    tile_accumulate(weights, tile, acc)
+                    tile_accumulate(weights, tile, *sums)
                 };
-                for r in 0..rows {
+                if k1 < k {
+                    *sums = acc;
+                    continue;
+                }
+                for r in 0..ROWS.min(op.outputs - block * ROWS) {
                     let mut values = tile_row(&acc, r);
-                    if last {
-                        op.activation.apply(&mut values);
+                    op.activation.apply(&mut values);
+                    let plane = &mut out[(block * ROWS + r) * oh * ow..][..oh * ow];
+                    for &(from, to, len) in &runs {
+                        copy(&values[from..][..len], &mut plane[to..][..len]);
                     }
-                    let co = block * ROWS + r;
-                    sums[co * line + q0..][..PIXELS].copy_from_slice(&values);
                 }
             }
         }
     }
-    for (dst, src) in out.chunks_exact_mut(oh * ow).zip(sums.chunks_exact(line)) {
-        for (d, s) in dst.chunks_exact_mut(ow).zip(src.chunks(row)) {
-            d.copy_from_slice(&s[..ow]);
-        }
-    }
 }
+
+/// Taps (input channel and kernel offset) per block of the product: a tile's gathered
+/// lines, `TAPS × PIXELS` floats (16 KiB), stay in L1.
+const TAPS: usize = 128;
 
 impl Kernel for DirectConv {
     fn name(&self) -> &'static str {
