@@ -35,6 +35,9 @@ pub enum Command {
     Serve(ServeArgs),
     /// Check a configuration file without starting anything.
     CheckConfig(CheckConfigArgs),
+    /// Bring the databases to this version's schema, or copy a stopped SQLite control
+    /// plane into an empty PostgreSQL database (--from-sqlite DIR --to URL).
+    Migrate(MigrateArgs),
     /// Enrollment tokens.
     #[command(subcommand)]
     Token(TokenCommand),
@@ -174,6 +177,24 @@ pub struct ServeArgs {
     /// provides it].
     #[arg(long)]
     pub(crate) unseal_from: Option<UnsealFrom>,
+}
+
+/// Arguments of `migrate`: one of `--data-dir`, `--database`, or `--from-sqlite` with `--to`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// A data directory whose SQLite databases to bring to this version's schema.
+    #[arg(long, value_parser = falaj_shell::config::absolute_path)]
+    pub(crate) data_dir: Option<PathBuf>,
+    /// A PostgreSQL database (postgres://user@host:port/db?sslmode=...) to bring to this
+    /// version's schema.
+    #[arg(long)]
+    pub(crate) database: Option<String>,
+    /// The data directory of a stopped SQLite control plane to copy into --to.
+    #[arg(long, value_parser = falaj_shell::config::absolute_path, requires = "to")]
+    pub(crate) from_sqlite: Option<PathBuf>,
+    /// The empty PostgreSQL database to copy --from-sqlite into.
+    #[arg(long, requires = "from_sqlite")]
+    pub(crate) to: Option<String>,
 }
 
 /// Arguments of `check-config`.

@@ -55,6 +55,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Sample(args) => super::bundle::sample(&args),
         Command::Serve(args) => super::serve::serve(args),
         Command::CheckConfig(args) => super::serve::check_config(&args.config),
+        Command::Migrate(args) => super::migrate::migrate(args),
         Command::Bundle(BundleCommand::Push(args)) => bundle_push(&args),
         Command::Bundle(BundleCommand::List(api)) => online(&api, |c| async move {
             print!("{}", render_bundles(&c.bundles().await?));

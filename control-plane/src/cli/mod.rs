@@ -1,5 +1,5 @@
 //! The `falaj-control` command line. Offline: `keys init|rotate-root|rotate-signing|status`,
-//! `bundle build`, `bundle inspect`, `sample`. The daemon: `serve`. Against a running control plane,
+//! `bundle build`, `bundle inspect`, `sample`, `migrate`. The daemon: `serve`. Against a running control plane,
 //! through its admin API: `bundle push|list`, `token create`, `agents`, `agent revoke`,
 //! `deploy`, `undeploy`, `metrics`, `alerts`, `features ...`, `finetune ...`,
 //! `rollout ...`, `audit ...`, and people and credentials: `user ...`, `login`, `logout`,
@@ -9,13 +9,14 @@
 //! verification, 78 bad configuration or input.
 //!
 //! The clap definitions are in `args`, dispatch and the commands against the admin API
-//! in `commands`, the offline commands in `keys`, `bundle` and `serve`, and what every
+//! in `commands`, the offline commands in `keys`, `bundle`, `migrate` and `serve`, and what every
 //! command prints in [`render`], which fetches nothing and is tested on its own.
 
 mod args;
 mod bundle;
 mod commands;
 mod keys;
+mod migrate;
 pub mod render;
 mod serve;
 

@@ -12,6 +12,7 @@ use falaj_common::trust::{Role, TrustRoot};
 use crate::admin::{
     AgentView, AlertsView, BundleView, MetricsView, NewEnrollmentToken, PushedView, ReSignedView,
 };
+use crate::sql::copy::TableCopy;
 
 /// The table of `keys status`: every version of the trust root, then warnings for what
 /// expires within 90 days.
@@ -128,6 +129,24 @@ pub fn render_re_signed(views: &[ReSignedView]) -> String {
         let what = if v.re_signed { "re-signed by" } else { "already signed by" };
         let _ = writeln!(out, "{bundle}: {what} {}", v.signed_by.join(", "));
     }
+    out
+}
+
+/// The report of `migrate --from-sqlite`: each table's rows and digest (the same on both
+/// sides, or nothing was committed), then the totals.
+pub fn render_copied(copied: &[TableCopy], from: &str, to: &str) -> String {
+    let mut out = format!("{:<20} {:>10}  {}\n", "TABLE", "ROWS", "DIGEST (SQLITE = POSTGRESQL)");
+    for t in copied {
+        let _ = writeln!(out, "{:<20} {:>10}  {}", t.table, t.rows, t.digest);
+    }
+    let rows: u64 = copied.iter().map(|t| t.rows).sum();
+    let _ = writeln!(
+        out,
+        "copied {rows} rows in {} tables from {} into {}; every table's count and digest match",
+        copied.len(),
+        printable(from),
+        printable(to)
+    );
     out
 }
 

@@ -21,6 +21,7 @@
 //! needs several statements to commit together says so with [`Sql::transaction`], which
 //! holds on both.
 
+pub mod copy;
 pub mod postgres;
 pub(crate) mod schema;
 

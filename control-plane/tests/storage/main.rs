@@ -9,6 +9,7 @@
 
 mod auth;
 mod features;
+mod migrate;
 mod postgres;
 mod rollouts;
 
@@ -1075,6 +1076,23 @@ fn main() {
             migrations_are_versioned_and_a_newer_schema_is_refused(&cluster.database(""));
         }),
     ));
+    let copies: &[(&str, fn(&postgres::Cluster))] = &[
+        (
+            "a_sqlite_control_plane_copies_into_postgres",
+            migrate::a_sqlite_control_plane_copies_into_postgres,
+        ),
+        (
+            "a_value_postgres_cannot_hold_refuses_the_whole_copy",
+            migrate::a_value_postgres_cannot_hold_refuses_the_whole_copy,
+        ),
+        (
+            "the_migrate_command_copies_and_then_refuses",
+            migrate::the_migrate_command_copies_and_then_refuses,
+        ),
+    ];
+    for &(name, body) in copies {
+        trials.push(on_postgres(format!("{name}::postgres"), Box::new(body)));
+    }
     trials.push(on_postgres(
         "the_database_is_reached_over_verified_tls::postgres".into(),
         Box::new(the_database_is_reached_over_verified_tls),
