@@ -11,6 +11,7 @@
 use tract_onnx::tract_hir::internal::*;
 
 use super::activation::Activation;
+use super::depthwise::copy;
 use super::{V, fma};
 use crate::expand::Kernel;
 
@@ -96,44 +97,51 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
     if pixels < FEW {
         return few_pixels(op, x, pixels, out);
     }
-    // The input channels in blocks of `DEPTH`, so that a tile stays in L1 while it goes
-    // through all blocks of output channels (512 channels of a 7×7 plane, a 64 KiB tile,
-    // streamed from L2 once per block); the sums of a block of channels are added to
-    // those of the blocks before it, kept in `out`.
-    let mut tile = vec![[[0.0f32; 16]; VECS]; DEPTH.min(ci)];
-    for k0 in (0..ci).step_by(DEPTH) {
-        let k1 = ci.min(k0 + DEPTH);
-        let (first, last) = (k0 == 0, k1 == ci);
-        let tile = &mut tile[..k1 - k0];
-        for p0 in (0..pixels).step_by(PIXELS) {
-            // The tile, its channels contiguous; zero past the last pixel.
-            let width = PIXELS.min(pixels - p0);
+    // The input channels in blocks of up to `DEPTH`, so that a tile stays in L1 while it
+    // goes through all blocks of output channels (512 channels of a 7×7 plane, a 64 KiB
+    // tile, streamed from L2 once per block); a block's sums wait in `partial` for the
+    // next block of channels. The blocks are of equal size (300 channels: three of 100).
+    let depth = ci.div_ceil(ci.div_ceil(DEPTH));
+    let mut tile = vec![[[0.0f32; 16]; VECS]; depth];
+    let mut partial = vec![[[[0.0f32; 16]; VECS]; ROWS]; op.bias.len()];
+    for p0 in (0..pixels).step_by(PIXELS) {
+        let width = PIXELS.min(pixels - p0);
+        for k0 in (0..ci).step_by(depth) {
+            let k1 = ci.min(k0 + depth);
+            let tile = &mut tile[..k1 - k0];
+            // The tile, its channels contiguous; zero past the last pixel. Whole tiles
+            // are copied at a constant size (a copy of a variable size is a call).
             for (k, row) in (k0..k1).zip(tile.iter_mut()) {
                 let row = row.as_flattened_mut();
-                row[..width].copy_from_slice(&x[k * pixels + p0..][..width]);
-                row[width..].fill(0.0);
+                let from = &x[k * pixels + p0..];
+                if width == PIXELS {
+                    row.copy_from_slice(&from[..PIXELS]);
+                } else {
+                    copy(&from[..width], &mut row[..width]);
+                    row[width..].fill(0.0);
+                }
             }
-            for (block, (weights, bias)) in op.packed.chunks_exact(ci).zip(&op.bias).enumerate() {
-                let rows = ROWS.min(op.outputs - block * ROWS);
+            let blocks = op.packed.chunks_exact(ci).zip(&op.bias).zip(partial.iter_mut());
+            for (block, ((weights, bias), sums)) in blocks.enumerate() {
                 let weights = &weights[k0..k1];
-                let acc = if first {
+                let acc = if k0 == 0 {
                     tile_product(weights, tile, bias)
                 } else {
-                    let mut acc = [[[0.0f32; 16]; VECS]; ROWS];
-                    for (r, a) in acc.iter_mut().enumerate().take(rows) {
-                        let co = block * ROWS + r;
-                        a.as_flattened_mut()[..width]
-                            .copy_from_slice(&out[co * pixels + p0..][..width]);
-                    }
-                    tile_accumulate(weights, tile, acc)
+                    tile_accumulate(weights, tile, *sums)
                 };
-                for r in 0..rows {
+                if k1 < ci {
+                    *sums = acc;
+                    continue;
+                }
+                for r in 0..ROWS.min(op.outputs - block * ROWS) {
                     let mut line = tile_row(&acc, r);
-                    if last {
-                        op.activation.apply(&mut line);
+                    op.activation.apply(&mut line);
+                    let to = &mut out[(block * ROWS + r) * pixels + p0..];
+                    if width == PIXELS {
+                        to[..PIXELS].copy_from_slice(&line);
+                    } else {
+                        copy(&line[..width], &mut to[..width]);
                     }
-                    let co = block * ROWS + r;
-                    out[co * pixels + p0..][..width].copy_from_slice(&line[..width]);
                 }
             }
         }
@@ -161,7 +169,7 @@ pub(super) fn tile_product(
 }
 
 /// One tile: `a + weights · tile`, the sums `a` carried in registers (for products
-/// whose input channels come in blocks, `nn::direct`).
+/// whose input channels come in blocks).
 #[inline(always)]
 #[allow(clippy::needless_range_loop)]
 pub(super) fn tile_accumulate(
