@@ -14,7 +14,7 @@ use crate::admin::{Api, ApiError, ApiResult, json_response};
 
 /// `GET /v1/audit?since=&actor=&action=&limit=`: entries, oldest first.
 pub async fn list(State(api): State<Api>, Query(query): Query<AuditQuery>) -> ApiResult<Response> {
-    let entries = api.shared.db.call(move |c| super::list(c, &query)).await?;
+    let entries = api.shared.db.run(move |sql| super::list(&sql, &query)).await?;
     Ok(json_response(StatusCode::OK, &entries))
 }
 
@@ -22,7 +22,7 @@ pub async fn list(State(api): State<Api>, Query(query): Query<AuditQuery>) -> Ap
 pub async fn export(State(api): State<Api>) -> ApiResult<Response> {
     let key = std::sync::Arc::clone(&api.shared.audit_key);
     let at = Timestamp::from_system(SystemTime::now());
-    let lines = api.shared.db.call(move |c| super::export(c, &key, at)).await?;
+    let lines = api.shared.db.run(move |sql| super::export(&sql, &key, at)).await?;
     let mut body = lines.join("\n");
     body.push('\n');
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response())

@@ -1,10 +1,16 @@
 //! The control plane's audit log: every state change and security event appended to a
-//! hash chain ([`falaj_common::audit`]) in the same SQLite transaction as the change it
-//! records, with the actor that caused it, and signed checkpoints of the chain's head.
+//! hash chain ([`falaj_common::audit`]) in the same transaction as the change it records
+//! (on SQLite or PostgreSQL, through [`crate::sql`]), with the actor that caused it, and
+//! signed checkpoints of the chain's head.
 //!
 //! Who acts is carried implicitly: the admin API's authentication runs each request
-//! inside [`acting`], [`crate::db::Db::call`] carries that actor onto the blocking thread
+//! inside [`acting`], [`crate::db::Db::run`] carries that actor onto the blocking thread
 //! that runs the transaction, and [`record`] (called by [`crate::db::event`]) reads it.
+//!
+//! On PostgreSQL, where several connections (replicas) write at once, appending an entry,
+//! signing a checkpoint and pruning take one advisory lock until their transaction ends,
+//! so the chain grows one entry at a time and two checkpoints or prunes at once sign and
+//! delete once; SQLite's single writer does the same there.
 //! Work that no request caused (agents' sessions, periodic judgements) is `system` unless
 //! it says otherwise.
 //!
@@ -26,11 +32,10 @@ use std::time::{Duration, SystemTime};
 use falaj_common::audit::{Chain, Checkpoint, Entry, GENESIS, Outcome};
 use falaj_common::keys::SigningKey;
 use falaj_common::time::{Timestamp, human_duration};
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-use crate::db::{sha, ts};
-use crate::sql::{self, AsSql, OptionalExt};
+use crate::db::{sha, sha_at, ts};
+use crate::sql::{self, AsSql, OptionalExt, Sql, SqlError};
 use crate::state::Shared;
 
 /// `[audit]` of the configuration.
@@ -97,7 +102,7 @@ pub(crate) fn task_actor() -> Option<Actor> {
     ACTOR.try_with(Clone::clone).ok()
 }
 
-/// Runs `f` on this thread with `actor` acting (how [`crate::db::Db::call`] carries a
+/// Runs `f` on this thread with `actor` acting (how [`crate::db::Db::run`] carries a
 /// request's actor onto the blocking pool).
 pub(crate) fn on_thread<R>(actor: Option<Actor>, f: impl FnOnce() -> R) -> R {
     let previous = ON_THREAD.with(|a| a.replace(actor));
@@ -116,7 +121,7 @@ pub fn head<C: AsSql + ?Sized>(conn: &C) -> Result<Chain, C::Error> {
     let last = conn
         .sql()
         .query_row("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1", sql::params![], |r| {
-            Ok((r.get::<i64>(0)?, crate::db::sha_at(r, 1)?))
+            Ok((r.get::<i64>(0)?, sha_at(r, 1)?))
         })
         .optional()?;
     match last {
@@ -129,6 +134,15 @@ pub fn head<C: AsSql + ?Sized>(conn: &C) -> Result<Chain, C::Error> {
 /// connections (SQLite's one connection and write lock do that there).
 const CHAIN_LOCK: i64 = 0x4661_6c61_6a00_0002;
 
+/// Takes [`CHAIN_LOCK`] until the transaction ends, on PostgreSQL (every `Db::run` is one
+/// there); nothing on SQLite.
+fn lock_chain(sql: &Sql<'_>) -> Result<(), SqlError> {
+    if sql.backend() == sql::Backend::Postgres {
+        sql.execute("SELECT pg_advisory_xact_lock($1)", sql::params![CHAIN_LOCK])?;
+    }
+    Ok(())
+}
+
 /// Appends an entry by the current actor, in the caller's transaction; returns its
 /// sequence number.
 pub fn record<C: AsSql + ?Sized>(
@@ -140,10 +154,7 @@ pub fn record<C: AsSql + ?Sized>(
     details: serde_json::Value,
 ) -> Result<u64, C::Error> {
     let conn = conn.sql();
-    if conn.backend() == sql::Backend::Postgres {
-        // Held until the transaction ends (every `Db::run` is one there).
-        conn.execute("SELECT pg_advisory_xact_lock($1)", sql::params![CHAIN_LOCK])?;
-    }
+    lock_chain(&conn)?;
     let actor = current();
     let mut chain = head(&conn)?;
     let (entry, line) =
@@ -175,99 +186,115 @@ pub fn outcome_name(outcome: Outcome) -> &'static str {
 }
 
 /// The last checkpoint signed, if any.
-pub fn last_checkpoint(conn: &Connection) -> rusqlite::Result<Option<Checkpoint>> {
+pub fn last_checkpoint<C: AsSql + ?Sized>(conn: &C) -> Result<Option<Checkpoint>, C::Error> {
     let line: Option<String> = conn
-        .query_row("SELECT line FROM audit_checkpoints ORDER BY seq DESC LIMIT 1", [], |r| r.get(0))
+        .sql()
+        .query_row(
+            "SELECT line FROM audit_checkpoints ORDER BY seq DESC LIMIT 1",
+            sql::params![],
+            |r| r.get(0),
+        )
         .optional()?;
-    line.map(|l| parse_checkpoint(&l)).transpose()
+    Ok(line.map(|l| parse_checkpoint(&l)).transpose()?)
 }
 
-fn parse_checkpoint(line: &str) -> rusqlite::Result<Checkpoint> {
+fn parse_checkpoint(line: &str) -> Result<Checkpoint, SqlError> {
     #[derive(Deserialize)]
     struct Line {
         checkpoint: Checkpoint,
     }
-    serde_json::from_str::<Line>(line).map(|l| l.checkpoint).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+    serde_json::from_str::<Line>(line)
+        .map(|l| l.checkpoint)
+        .map_err(|e| SqlError::Conversion { column: 0, message: format!("a checkpoint: {e}") })
 }
 
 /// Signs a checkpoint of the head with `key` if the head moved since the last one;
-/// returns it.
-pub fn checkpoint(
-    conn: &Connection,
+/// returns it. On PostgreSQL the chain's lock is held from the head's read on, so that
+/// the head does not move meanwhile and of two checkpoints at once the second finds
+/// nothing new.
+pub fn checkpoint<C: AsSql + ?Sized>(
+    conn: &C,
     key: &SigningKey,
     at: Timestamp,
-) -> rusqlite::Result<Option<Checkpoint>> {
-    let chain = head(conn)?;
-    let last = last_checkpoint(conn)?.map_or(0, |c| c.seq);
+) -> Result<Option<Checkpoint>, C::Error> {
+    let sql = conn.sql();
+    lock_chain(&sql)?;
+    let chain = head(&sql)?;
+    let last = last_checkpoint(&sql)?.map_or(0, |c| c.seq);
     if chain.seq == 0 || chain.seq == last {
         return Ok(None);
     }
     let signed = Checkpoint::sign(chain.seq, chain.head, at, key);
-    conn.execute(
-        "INSERT INTO audit_checkpoints (seq, at, line) VALUES (?1, ?2, ?3)",
-        params![signed.seq as i64, ts(at), signed.line()],
+    sql.execute(
+        "INSERT INTO audit_checkpoints (seq, at, line) VALUES ($1, $2, $3)",
+        sql::params![signed.seq as i64, ts(at), signed.line()],
     )?;
     Ok(Some(signed))
+}
+
+/// A query's rows of sequence number and line.
+fn lines(sql: &Sql<'_>, query: &str) -> Result<Vec<(u64, String)>, SqlError> {
+    sql.query_map(query, sql::params![], |r| Ok((r.get::<i64>(0)?.max(0) as u64, r.get(1)?)))
 }
 
 /// The export, itself recorded (`audit.export`): a fresh checkpoint of the head is
 /// signed, then every entry's line with each checkpoint after the entry it covers,
 /// preceded by the checkpoint of the last entry pruned (the anchor) when the chain no
-/// longer starts at 1.
-pub fn export(
-    conn: &mut Connection,
+/// longer starts at 1. On PostgreSQL the chain's lock, taken by the export's own entry,
+/// holds until the lines are read, so they are one consistent chain.
+pub fn export<C: AsSql + ?Sized>(
+    conn: &C,
     key: &SigningKey,
     at: Timestamp,
-) -> rusqlite::Result<Vec<String>> {
-    let tx = conn.transaction()?;
+) -> Result<Vec<String>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction()?;
     record(&tx, at, "audit.export", "audit", Outcome::Success, serde_json::Value::Null)?;
     checkpoint(&tx, key, at)?;
-    let lines = {
-        let mut stmt = tx.prepare("SELECT seq, line FROM audit_checkpoints")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
-        let checkpoints = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut stmt = tx.prepare("SELECT seq, line FROM audit ORDER BY seq")?;
-        let rows = stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?;
-        falaj_common::audit::assemble(rows.collect::<rusqlite::Result<Vec<_>>>()?, checkpoints)
-    };
+    let checkpoints = lines(&tx, "SELECT seq, line FROM audit_checkpoints")?;
+    let entries = lines(&tx, "SELECT seq, line FROM audit ORDER BY seq")?;
     tx.commit()?;
-    Ok(lines)
+    Ok(falaj_common::audit::assemble(entries, checkpoints))
 }
 
 /// Deletes the entries recorded before `before`, keeping what remains verifiable: the
 /// last entry deleted gets a signed checkpoint (unless it has one), kept as the anchor an
-/// export starts with. Recorded as `audit.prune`; returns how many entries went.
-pub fn prune(
-    conn: &mut Connection,
+/// export starts with. Recorded as `audit.prune`; returns how many entries went. On
+/// PostgreSQL the chain's lock is taken first, so two prunes at once (two replicas) are
+/// one after the other: the second finds nothing left to delete.
+pub fn prune<C: AsSql + ?Sized>(
+    conn: &C,
     key: &SigningKey,
     before: Timestamp,
     now: Timestamp,
-) -> rusqlite::Result<u64> {
-    let tx = conn.transaction()?;
+) -> Result<u64, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction()?;
+    lock_chain(&tx)?;
     let last: Option<(i64, String)> = tx
         .query_row(
-            "SELECT seq, hash FROM audit WHERE at < ?1 ORDER BY seq DESC LIMIT 1",
-            [ts(before)],
+            "SELECT seq, hash FROM audit WHERE at < $1 ORDER BY seq DESC LIMIT 1",
+            sql::params![ts(before)],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .optional()?;
     let Some((last, hash)) = last else { return Ok(0) };
-    let anchored: bool = tx.query_row(
-        "SELECT EXISTS (SELECT 1 FROM audit_checkpoints WHERE seq = ?1)",
-        [last],
+    let hash = sha(&hash)
+        .map_err(|e| SqlError::Conversion { column: 1, message: format!("entry {last}: {e}") })?;
+    let anchored: i64 = tx.query_row(
+        "SELECT COUNT(*) FROM audit_checkpoints WHERE seq = $1",
+        sql::params![last],
         |r| r.get(0),
     )?;
-    if !anchored {
-        let anchor = Checkpoint::sign(last as u64, sha(&hash)?, now, key);
+    if anchored == 0 {
+        let anchor = Checkpoint::sign(last as u64, hash, now, key);
         tx.execute(
-            "INSERT INTO audit_checkpoints (seq, at, line) VALUES (?1, ?2, ?3)",
-            params![last, ts(now), anchor.line()],
+            "INSERT INTO audit_checkpoints (seq, at, line) VALUES ($1, $2, $3)",
+            sql::params![last, ts(now), anchor.line()],
         )?;
     }
-    let deleted = tx.execute("DELETE FROM audit WHERE seq <= ?1", [last])? as u64;
-    tx.execute("DELETE FROM audit_checkpoints WHERE seq < ?1", [last])?;
+    let deleted = tx.execute("DELETE FROM audit WHERE seq <= $1", sql::params![last])? as u64;
+    tx.execute("DELETE FROM audit_checkpoints WHERE seq < $1", sql::params![last])?;
     let details = serde_json::json!({ "before": before, "entries": deleted, "anchor": last });
     record(&tx, now, "audit.prune", "audit", Outcome::Success, details)?;
     tx.commit()?;
@@ -287,36 +314,41 @@ pub struct AuditQuery {
     pub limit: Option<u64>,
 }
 
-/// The entries `query` selects, oldest first.
-pub fn list(conn: &Connection, query: &AuditQuery) -> rusqlite::Result<Vec<Entry>> {
-    let mut stmt = conn.prepare(
-        "SELECT line FROM (
-             SELECT seq, line FROM audit
-             WHERE at >= ?1 AND (?2 IS NULL OR actor = ?2) AND (?3 IS NULL OR action LIKE ?3 || '%')
-             ORDER BY seq DESC LIMIT ?4
-         ) ORDER BY seq",
-    )?;
-    let rows = stmt.query_map(
-        params![
+/// The entries `query` selects, oldest first. The action's prefix is matched without
+/// regard to ASCII case on both databases (SQLite's `LIKE`, PostgreSQL's `ILIKE`).
+pub fn list<C: AsSql + ?Sized>(conn: &C, query: &AuditQuery) -> Result<Vec<Entry>, C::Error> {
+    let sql = conn.sql();
+    let like = match sql.backend() {
+        sql::Backend::Sqlite => "LIKE",
+        sql::Backend::Postgres => "ILIKE",
+    };
+    let lines = sql.query_map(
+        &format!(
+            "SELECT line FROM (
+                 SELECT seq, line FROM audit
+                 WHERE at >= $1 AND (CAST($2 AS TEXT) IS NULL OR actor = CAST($2 AS TEXT))
+                     AND (CAST($3 AS TEXT) IS NULL OR action {like} CAST($3 AS TEXT) || '%')
+                 ORDER BY seq DESC LIMIT $4
+             ) AS latest ORDER BY seq"
+        ),
+        sql::params![
             query.since.map_or(0, ts),
             query.actor,
             query.action,
             query.limit.unwrap_or(100).min(100_000) as i64
         ],
-        |r| r.get::<_, String>(0),
+        |r| r.get::<String>(0),
     )?;
-    rows.map(|line| {
-        line.and_then(|l| {
-            serde_json::from_str(&l).map_err(|e| {
-                rusqlite::Error::FromSqlConversionFailure(
-                    0,
-                    rusqlite::types::Type::Text,
-                    Box::new(e),
-                )
+    let entries = lines
+        .iter()
+        .map(|line| {
+            serde_json::from_str(line).map_err(|e| SqlError::Conversion {
+                column: 0,
+                message: format!("an audit entry: {e}"),
             })
         })
-    })
-    .collect()
+        .collect::<Result<Vec<Entry>, SqlError>>()?;
+    Ok(entries)
 }
 
 /// How often entries past retention are pruned.
@@ -351,7 +383,10 @@ pub async fn run(
             let before = Timestamp::from_system(
                 now.checked_sub(config.retention).unwrap_or(SystemTime::UNIX_EPOCH),
             );
-            match shared.db.call(move |c| prune(c, &key, before, Timestamp::from_system(now))).await
+            match shared
+                .db
+                .run(move |sql| prune(&sql, &key, before, Timestamp::from_system(now)))
+                .await
             {
                 Ok(0) => {}
                 Ok(deleted) => {
@@ -362,12 +397,13 @@ pub async fn run(
         }
         let signed = shared
             .db
-            .call(move |conn| {
-                let pending = head(conn)?.seq - last_checkpoint(conn)?.map_or(0, |c| c.seq);
+            .run(move |sql| {
+                let pending =
+                    head(&sql)?.seq.saturating_sub(last_checkpoint(&sql)?.map_or(0, |c| c.seq));
                 if pending == 0 || (!due && pending < entries) {
                     return Ok(None);
                 }
-                checkpoint(conn, &key, Timestamp::from_system(SystemTime::now()))
+                checkpoint(&sql, &key, Timestamp::from_system(SystemTime::now()))
             })
             .await;
         match signed {

@@ -129,15 +129,15 @@ pub(crate) async fn login_as(
     let at = now();
     let attempt = {
         let (u, a) = (user.clone(), address.clone());
-        api.shared.db.call(move |c| store::attempt(c, &u, a.as_deref(), &policy, at)).await?
+        api.shared.db.run(move |sql| store::attempt(&sql, &u, a.as_deref(), &policy, at)).await?
     };
     let failed = |reason: String, counts: bool| {
         let (api, u, a) = (api.clone(), user.clone(), address.clone());
         async move {
             api.shared
                 .db
-                .call(move |c| {
-                    store::login_failed(c, &u, a.as_deref(), &reason, counts, &policy, at)
+                .run(move |sql| {
+                    store::login_failed(&sql, &u, a.as_deref(), &reason, counts, &policy, at)
                 })
                 .await
         }
@@ -177,7 +177,7 @@ pub(crate) async fn login_as(
     let opened = api
         .shared
         .db
-        .call(move |c| store::login_succeeded(c, &u, a.as_deref(), &policy, at))
+        .run(move |sql| store::login_succeeded(&sql, &u, a.as_deref(), &policy, at))
         .await?
         .map_err(locked)?;
     tracing::info!(%user, session = %opened.id, "logged in");
@@ -203,7 +203,7 @@ async fn logout(
     };
     let at = now();
     let session = id.clone();
-    api.shared.db.call(move |c| store::end_session(c, &session, at)).await?;
+    api.shared.db.run(move |sql| store::end_session(&sql, &session, at)).await?;
     Ok(json_response(StatusCode::OK, &LoggedOut { ended: id }))
 }
 
@@ -236,7 +236,7 @@ pub struct UserView {
 }
 
 async fn list_users(State(api): State<Api>) -> ApiResult<Response> {
-    let users = api.shared.db.call(|c| store::users(c)).await?;
+    let users = api.shared.db.run(|sql| store::users(&sql)).await?;
     let views: Vec<UserView> = users
         .into_iter()
         .map(|u| UserView {
@@ -355,7 +355,7 @@ pub(crate) async fn add_user_as(
     let (n, at) = (name.to_owned(), now());
     api.shared
         .db
-        .call(move |c| store::add_user(c, &n, role, &phc, at))
+        .run(move |sql| store::add_user(&sql, &n, role, &phc, at))
         .await?
         .map_err(|r| refusal(&r))?;
     tracing::info!(user = %name, %role, "user added");
@@ -385,7 +385,11 @@ async fn set_role(
 /// actor (the API's and the console's service).
 pub(crate) async fn set_role_as(api: &Api, name: &str, role: Role) -> ApiResult<Role> {
     let (n, at) = (name.to_owned(), now());
-    api.shared.db.call(move |c| store::set_role(c, &n, role, at)).await?.map_err(|r| refusal(&r))
+    api.shared
+        .db
+        .run(move |sql| store::set_role(&sql, &n, role, at))
+        .await?
+        .map_err(|r| refusal(&r))
 }
 
 /// Disables (or enables again) user `name`, audited as the current actor (the API's and
@@ -394,7 +398,7 @@ pub(crate) async fn set_disabled(api: &Api, name: &str, disabled: bool) -> ApiRe
     let (n, at) = (name.to_owned(), now());
     api.shared
         .db
-        .call(move |c| store::set_disabled(c, &n, disabled, at))
+        .run(move |sql| store::set_disabled(&sql, &n, disabled, at))
         .await?
         .map_err(|r| refusal(&r))
 }
@@ -412,7 +416,7 @@ async fn enable_user(State(api): State<Api>, Path(name): Path<String>) -> ApiRes
 /// Removes user `name`, audited as the current actor (the API's and the console's service).
 pub(crate) async fn remove(api: &Api, name: &str) -> ApiResult<()> {
     let (n, at) = (name.to_owned(), now());
-    api.shared.db.call(move |c| store::remove_user(c, &n, at)).await?.map_err(|r| refusal(&r))
+    api.shared.db.run(move |sql| store::remove_user(&sql, &n, at)).await?.map_err(|r| refusal(&r))
 }
 
 async fn remove_user(State(api): State<Api>, Path(name): Path<String>) -> ApiResult<Response> {
@@ -439,7 +443,7 @@ async fn reset_password(
     let (n, at) = (name.clone(), now());
     api.shared
         .db
-        .call(move |c| store::set_password(c, &n, &phc, at))
+        .run(move |sql| store::set_password(&sql, &n, &phc, at))
         .await?
         .map_err(|r| refusal(&r))?;
     Ok(json_response(StatusCode::OK, &PasswordReset { name, password: generated }))
@@ -467,7 +471,7 @@ pub struct ApiTokenView {
 }
 
 async fn list_tokens(State(api): State<Api>) -> ApiResult<Response> {
-    let rows = api.shared.db.call(|c| store::api_tokens(c)).await?;
+    let rows = api.shared.db.run(|sql| store::api_tokens(&sql)).await?;
     let views: Vec<ApiTokenView> = rows
         .into_iter()
         .map(|t| ApiTokenView {
@@ -561,7 +565,7 @@ pub(crate) async fn create_token_as(
     let expires = api
         .shared
         .db
-        .call(move |c| store::create_api_token(c, &n, role, &creator, sha, ttl, at))
+        .run(move |sql| store::create_api_token(&sql, &n, role, &creator, sha, ttl, at))
         .await?
         .map_err(|r| refusal(&r))?;
     tracing::info!(token = %name, %role, by = %principal.actor, "API token created");
@@ -586,7 +590,7 @@ async fn revoke_token(
 /// audited as the current actor (the API's and the console's service).
 pub(crate) async fn revoke_token_as(api: &Api, principal: &Principal, name: &str) -> ApiResult<()> {
     let (n, by, at) = (name.to_owned(), principal.clone(), now());
-    match api.shared.db.call(move |c| store::revoke_api_token(c, &n, &by, at)).await? {
+    match api.shared.db.run(move |sql| store::revoke_api_token(&sql, &n, &by, at)).await? {
         Ok(()) => Ok(()),
         Err(r @ Refusal::NotYours { .. }) => {
             Err(forbidden(api, principal, &format!("/v1/apitokens/{name}"), r.to_string()).await)

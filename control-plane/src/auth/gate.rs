@@ -129,7 +129,7 @@ async fn authenticate(api: &Api, headers: &HeaderMap) -> Result<Principal, Unaut
     let resolved = api
         .shared
         .db
-        .call(move |c| store::resolve(c, &presented, &policy, now))
+        .run(move |sql| store::resolve(&sql, &presented, &policy, now))
         .await
         .map_err(|e| Unauthenticated::Failed(ApiError::from(e).into_response()))?;
     match resolved {
@@ -156,8 +156,8 @@ pub(crate) async fn refuse(
     let now = Timestamp::from_system(SystemTime::now());
     let recorded = audit::acting(
         actor,
-        api.shared.db.call(move |c| {
-            let tx = c.transaction()?;
+        api.shared.db.run(move |sql| {
+            let tx = sql.transaction()?;
             audit::record(&tx, now, permission.name(), &path, Outcome::Refused, details)?;
             tx.commit()
         }),

@@ -1,14 +1,19 @@
-//! Users, sessions, API tokens and failed logins in SQLite (migration 6 of
-//! [`crate::db`]). Secrets are kept only as SHA-256 (tokens) or Argon2id (passwords);
-//! every change appends its audit entry in the same transaction, by the actor the caller
-//! runs as ([`crate::audit::acting`]).
+//! Users, sessions, API tokens and failed logins, on SQLite (migration 6 of
+//! [`crate::db`]) or PostgreSQL through [`crate::sql`]. Secrets are kept only as SHA-256
+//! (tokens) or Argon2id (passwords); every change appends its audit entry in the same
+//! transaction, by the actor the caller runs as ([`crate::audit::acting`]).
+//!
+//! On PostgreSQL, where connections write at once, a change that reads before it writes
+//! locks the row it read (`FOR UPDATE`: a user, a session, a token), a name taken twice at
+//! once is settled by the primary key (`ON CONFLICT`), and failed and successful logins
+//! take an advisory lock per user and per address, so that failures counted at once
+//! start exactly one lockout, as SQLite's single writer makes them.
 
 use std::time::Duration;
 
 use falaj_common::audit::Outcome;
 use falaj_common::keys::Sha256;
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::json;
 use thiserror::Error;
 
@@ -16,6 +21,7 @@ use super::rules::{self, LoginPolicy, Role, SessionPolicy};
 use super::{Principal, Via};
 use crate::audit;
 use crate::db::{from_ts, ts};
+use crate::sql::{AsSql, Backend, OptionalExt, Row, Sql, SqlError, params};
 
 /// What a session token starts with.
 pub const SESSION_PREFIX: &str = "falaj_s_";
@@ -57,9 +63,12 @@ pub fn new_secret(prefix: &str) -> (String, Sha256) {
     (secret, sha)
 }
 
-fn role(text: &str) -> rusqlite::Result<Role> {
-    text.parse().map_err(|e: rules::UnknownRole| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+/// Column `idx` of `r`, a role's name.
+fn role(r: &Row<'_>, idx: usize) -> Result<Role, SqlError> {
+    let text: String = r.get(idx)?;
+    text.parse().map_err(|e: rules::UnknownRole| SqlError::Conversion {
+        column: idx,
+        message: e.to_string(),
     })
 }
 
@@ -78,23 +87,25 @@ pub struct UserRow {
     pub sessions: u64,
 }
 
-/// Every user, by name.
-pub fn users(conn: &Connection) -> rusqlite::Result<Vec<UserRow>> {
-    let mut stmt = conn.prepare(
-        "SELECT u.name, u.role, u.created_at, u.disabled_at,
-                (SELECT COUNT(*) FROM sessions s WHERE s.user = u.name AND s.revoked_at IS NULL)
-         FROM users u ORDER BY u.name",
+/// Every user, by name (ordered by its bytes here, not by the database's collation).
+pub fn users<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<UserRow>, C::Error> {
+    let mut users = conn.sql().query_map(
+        r#"SELECT u.name, u.role, u.created_at, u.disabled_at,
+                (SELECT COUNT(*) FROM sessions s WHERE s."user" = u.name AND s.revoked_at IS NULL)
+         FROM users u"#,
+        params![],
+        |r| {
+            Ok(UserRow {
+                name: r.get(0)?,
+                role: role(r, 1)?,
+                created_at: from_ts(r.get(2)?),
+                disabled_at: r.get::<Option<i64>>(3)?.map(from_ts),
+                sessions: r.get::<i64>(4)?.max(0) as u64,
+            })
+        },
     )?;
-    stmt.query_map([], |r| {
-        Ok(UserRow {
-            name: r.get(0)?,
-            role: role(&r.get::<_, String>(1)?)?,
-            created_at: from_ts(r.get(2)?),
-            disabled_at: r.get::<_, Option<i64>>(3)?.map(from_ts),
-            sessions: r.get::<_, i64>(4)? as u64,
-        })
-    })?
-    .collect()
+    users.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(users)
 }
 
 /// What a login needs of a user: role, stored hash, whether disabled.
@@ -107,48 +118,58 @@ pub struct Stored {
     pub disabled: bool,
 }
 
-fn stored(conn: &Connection, name: &str) -> rusqlite::Result<Option<Stored>> {
-    conn.query_row("SELECT role, password, disabled_at FROM users WHERE name = ?1", [name], |r| {
-        Ok(Stored {
-            role: role(&r.get::<_, String>(0)?)?,
-            password: r.get(1)?,
-            disabled: r.get::<_, Option<i64>>(2)?.is_some(),
-        })
-    })
+/// User `name`; with `lock`, its row stays locked until the transaction ends
+/// (PostgreSQL), for a change decided by what was read.
+fn stored(sql: &Sql<'_>, name: &str, lock: bool) -> Result<Option<Stored>, SqlError> {
+    let for_update = if lock { sql.for_update() } else { "" };
+    sql.query_row(
+        &format!("SELECT role, password, disabled_at FROM users WHERE name = $1{for_update}"),
+        params![name],
+        |r| {
+            Ok(Stored {
+                role: role(r, 0)?,
+                password: r.get(1)?,
+                disabled: r.get::<Option<i64>>(2)?.is_some(),
+            })
+        },
+    )
     .optional()
 }
 
 fn record(
-    conn: &Connection,
+    sql: &Sql<'_>,
     now: Timestamp,
     action: &str,
     target: &str,
     outcome: Outcome,
     details: serde_json::Value,
-) -> rusqlite::Result<()> {
-    audit::record(conn, now, action, target, outcome, details).map(drop)
+) -> Result<(), SqlError> {
+    audit::record(sql, now, action, target, outcome, details).map(drop)
 }
 
 fn user_target(name: &str) -> String {
     format!("user:{name}")
 }
 
-/// Adds a user with the hash `password` (a PHC string).
-pub fn add_user(
-    conn: &mut Connection,
+/// Adds a user with the hash `password` (a PHC string). Of two adds of one name at once,
+/// the primary key lets one through and the other is refused.
+pub fn add_user<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     role: Role,
     password: &str,
     now: Timestamp,
-) -> rusqlite::Result<Result<(), Refusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if stored(&tx, name)?.is_some() {
-        return Ok(Err(Refusal::UserExists(name.to_owned())));
-    }
-    tx.execute(
-        "INSERT INTO users (name, role, password, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+) -> Result<Result<(), Refusal>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    let added = tx.execute(
+        "INSERT INTO users (name, role, password, created_at, updated_at) VALUES ($1, $2, $3, $4, $4)
+         ON CONFLICT (name) DO NOTHING",
         params![name, role.name(), password, ts(now)],
     )?;
+    if added == 0 {
+        return Ok(Err(Refusal::UserExists(name.to_owned())));
+    }
     record(
         &tx,
         now,
@@ -162,27 +183,28 @@ pub fn add_user(
 }
 
 /// Ends every live session of `name`; how many.
-fn end_sessions(conn: &Connection, name: &str, now: Timestamp) -> rusqlite::Result<usize> {
-    conn.execute(
-        "UPDATE sessions SET revoked_at = ?1 WHERE user = ?2 AND revoked_at IS NULL",
+fn end_sessions(sql: &Sql<'_>, name: &str, now: Timestamp) -> Result<usize, SqlError> {
+    sql.execute(
+        r#"UPDATE sessions SET revoked_at = $1 WHERE "user" = $2 AND revoked_at IS NULL"#,
         params![ts(now), name],
     )
 }
 
 /// Changes a user's role (its sessions carry the new one from their next request); the
 /// role it had.
-pub fn set_role(
-    conn: &mut Connection,
+pub fn set_role<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     role: Role,
     now: Timestamp,
-) -> rusqlite::Result<Result<Role, Refusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let Some(before) = stored(&tx, name)? else {
+) -> Result<Result<Role, Refusal>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    let Some(before) = stored(&tx, name, true)? else {
         return Ok(Err(Refusal::NoUser(name.to_owned())));
     };
     tx.execute(
-        "UPDATE users SET role = ?1, updated_at = ?2 WHERE name = ?3",
+        "UPDATE users SET role = $1, updated_at = $2 WHERE name = $3",
         params![role.name(), ts(now), name],
     )?;
     record(
@@ -198,25 +220,26 @@ pub fn set_role(
 }
 
 /// Disables (ending its sessions) or enables a user.
-pub fn set_disabled(
-    conn: &mut Connection,
+pub fn set_disabled<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     disabled: bool,
     now: Timestamp,
-) -> rusqlite::Result<Result<(), Refusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if stored(&tx, name)?.is_none() {
+) -> Result<Result<(), Refusal>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    if stored(&tx, name, true)?.is_none() {
         return Ok(Err(Refusal::NoUser(name.to_owned())));
     }
     let (action, details) = if disabled {
         tx.execute(
-            "UPDATE users SET disabled_at = COALESCE(disabled_at, ?1), updated_at = ?1 WHERE name = ?2",
+            "UPDATE users SET disabled_at = COALESCE(disabled_at, $1), updated_at = $1 WHERE name = $2",
             params![ts(now), name],
         )?;
         ("user.disable", json!({"sessions_ended": end_sessions(&tx, name, now)?}))
     } else {
         tx.execute(
-            "UPDATE users SET disabled_at = NULL, updated_at = ?1 WHERE name = ?2",
+            "UPDATE users SET disabled_at = NULL, updated_at = $1 WHERE name = $2",
             params![ts(now), name],
         )?;
         ("user.enable", json!({}))
@@ -228,21 +251,22 @@ pub fn set_disabled(
 
 /// Removes a user, its sessions, and the API tokens it created (revoked, so a later
 /// user of the same name does not inherit them).
-pub fn remove_user(
-    conn: &mut Connection,
+pub fn remove_user<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     now: Timestamp,
-) -> rusqlite::Result<Result<(), Refusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if stored(&tx, name)?.is_none() {
+) -> Result<Result<(), Refusal>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    if stored(&tx, name, true)?.is_none() {
         return Ok(Err(Refusal::NoUser(name.to_owned())));
     }
     let tokens = tx.execute(
-        "UPDATE api_tokens SET revoked_at = ?1 WHERE created_by = ?2 AND revoked_at IS NULL",
+        "UPDATE api_tokens SET revoked_at = $1 WHERE created_by = $2 AND revoked_at IS NULL",
         params![ts(now), user_target(name)],
     )?;
-    let sessions = tx.execute("DELETE FROM sessions WHERE user = ?1", [name])?;
-    tx.execute("DELETE FROM users WHERE name = ?1", [name])?;
+    let sessions = tx.execute(r#"DELETE FROM sessions WHERE "user" = $1"#, params![name])?;
+    tx.execute("DELETE FROM users WHERE name = $1", params![name])?;
     record(
         &tx,
         now,
@@ -256,18 +280,19 @@ pub fn remove_user(
 }
 
 /// Sets a new password hash and ends the user's sessions.
-pub fn set_password(
-    conn: &mut Connection,
+pub fn set_password<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     password: &str,
     now: Timestamp,
-) -> rusqlite::Result<Result<(), Refusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if stored(&tx, name)?.is_none() {
+) -> Result<Result<(), Refusal>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    if stored(&tx, name, true)?.is_none() {
         return Ok(Err(Refusal::NoUser(name.to_owned())));
     }
     tx.execute(
-        "UPDATE users SET password = ?1, updated_at = ?2 WHERE name = ?3",
+        "UPDATE users SET password = $1, updated_at = $2 WHERE name = $3",
         params![password, ts(now), name],
     )?;
     let ended = end_sessions(&tx, name, now)?;
@@ -295,39 +320,75 @@ pub struct Lock {
 }
 
 fn failures_of(
-    conn: &Connection,
+    sql: &Sql<'_>,
     column: &str,
     value: &str,
     since: Timestamp,
-) -> rusqlite::Result<Vec<Timestamp>> {
-    let mut stmt =
-        conn.prepare(&format!("SELECT at FROM login_failures WHERE {column} = ?1 AND at >= ?2"))?;
-    stmt.query_map(params![value, ts(since)], |r| Ok(from_ts(r.get(0)?)))?.collect()
+) -> Result<Vec<Timestamp>, SqlError> {
+    sql.query_map(
+        &format!(r#"SELECT at FROM login_failures WHERE "{column}" = $1 AND at >= $2"#),
+        params![value, ts(since)],
+        |r| Ok(from_ts(r.get(0)?)),
+    )
+}
+
+/// The PostgreSQL advisory lock of the logins of one user or from one address: a key
+/// from the SHA-256 of its scope and name.
+fn login_key(scope: &str, name: &str) -> i64 {
+    let digest = Sha256::of(format!("falaj login {scope} {name}").as_bytes());
+    let mut key = [0; 8];
+    key.copy_from_slice(&digest.0[..8]);
+    i64::from_be_bytes(key)
+}
+
+/// Takes the logins' locks of `user` and `address` until the transaction ends, on
+/// PostgreSQL (the user's first, always, so that two takers never wait on each other);
+/// nothing on SQLite, whose writer is one connection.
+fn lock_logins(sql: &Sql<'_>, user: &str, address: Option<&str>) -> Result<(), SqlError> {
+    if sql.backend() != Backend::Postgres {
+        return Ok(());
+    }
+    sql.execute("SELECT pg_advisory_xact_lock($1)", params![login_key("user", user)])?;
+    if let Some(address) = address {
+        sql.execute("SELECT pg_advisory_xact_lock($1)", params![login_key("address", address)])?;
+    }
+    Ok(())
 }
 
 /// The lock on `user` or on `address` at `now`, if either is locked.
-pub fn lock(
-    conn: &Connection,
+pub fn lock<C: AsSql + ?Sized>(
+    conn: &C,
     user: &str,
     address: Option<&str>,
     policy: &LoginPolicy,
     now: Timestamp,
-) -> rusqlite::Result<Option<Lock>> {
+) -> Result<Option<Lock>, C::Error> {
+    Ok(lock_at(&conn.sql(), user, address, policy, now)?)
+}
+
+fn lock_at(
+    sql: &Sql<'_>,
+    user: &str,
+    address: Option<&str>,
+    policy: &LoginPolicy,
+    now: Timestamp,
+) -> Result<Option<Lock>, SqlError> {
     let since = Timestamp::from_unix(now.unix().saturating_sub(policy.horizon().as_secs()));
     // A user's failures count from its last successful login on; an address's all do.
-    let last_login: Option<i64> =
-        conn.query_row("SELECT MAX(created_at) FROM sessions WHERE user = ?1", [user], |r| {
-            r.get(0)
-        })?;
+    let last_login: Option<i64> = sql.query_row(
+        r#"SELECT MAX(created_at) FROM sessions WHERE "user" = $1"#,
+        params![user],
+        |r| r.get(0),
+    )?;
     let user_since = last_login.map_or(since, |t| since.max(from_ts(t)));
-    let by_user = failures_of(conn, "user", user, user_since)?;
+    let by_user = failures_of(sql, "user", user, user_since)?;
     if let Some(until) =
         rules::locked_until(&by_user, policy.failures, policy.window, policy.lockout, now)
     {
         return Ok(Some(Lock { scope: "user", until }));
     }
     let Some(address) = address else { return Ok(None) };
-    let by_address = failures_of(conn, "address", address, since)?;
+    let by_address = failures_of(sql, "address", address, since)?;
     Ok(rules::locked_until(
         &by_address,
         policy.address_failures,
@@ -348,37 +409,44 @@ pub struct Attempt {
 }
 
 /// Reads what a login of `user` from `address` needs.
-pub fn attempt(
-    conn: &Connection,
+pub fn attempt<C: AsSql + ?Sized>(
+    conn: &C,
     user: &str,
     address: Option<&str>,
     policy: &LoginPolicy,
     now: Timestamp,
-) -> rusqlite::Result<Attempt> {
-    Ok(Attempt { user: stored(conn, user)?, lock: lock(conn, user, address, policy, now)? })
+) -> Result<Attempt, C::Error> {
+    let sql = conn.sql();
+    Ok(Attempt {
+        user: stored(&sql, user, false)?,
+        lock: lock_at(&sql, user, address, policy, now)?,
+    })
 }
 
 /// Records a failed login (`counts`: whether it counts towards a lockout; a refusal
 /// while locked does not, or a lock would never end) and, when it starts a lockout,
-/// the lockout; the lock in force after it.
-pub fn login_failed(
-    conn: &mut Connection,
+/// the lockout; the lock in force after it. Failures of one user or from one address
+/// at once are counted one after the other, so exactly one of them starts a lockout.
+pub fn login_failed<C: AsSql + ?Sized>(
+    conn: &C,
     user: &str,
     address: Option<&str>,
     reason: &str,
     counts: bool,
     policy: &LoginPolicy,
     now: Timestamp,
-) -> rusqlite::Result<Option<Lock>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let before = lock(&tx, user, address, policy, now)?;
+) -> Result<Option<Lock>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    lock_logins(&tx, user, address)?;
+    let before = lock_at(&tx, user, address, policy, now)?;
     if counts {
         tx.execute(
-            "INSERT INTO login_failures (at, user, address) VALUES (?1, ?2, ?3)",
+            r#"INSERT INTO login_failures (at, "user", address) VALUES ($1, $2, $3)"#,
             params![ts(now), user, address],
         )?;
         let forgotten = now.unix().saturating_sub(policy.horizon().as_secs());
-        tx.execute("DELETE FROM login_failures WHERE at < ?1", [forgotten as i64])?;
+        tx.execute("DELETE FROM login_failures WHERE at < $1", params![forgotten as i64])?;
     }
     record(
         &tx,
@@ -388,7 +456,7 @@ pub fn login_failed(
         Outcome::Failure,
         json!({"reason": reason}),
     )?;
-    let after = lock(&tx, user, address, policy, now)?;
+    let after = lock_at(&tx, user, address, policy, now)?;
     if let (None, Some(lock)) = (before, after) {
         let target = match lock.scope {
             "address" => format!("address:{}", address.unwrap_or_default()),
@@ -419,21 +487,23 @@ pub struct NewSession {
 /// Opens a session for `user` after a correct password, unless a lock started
 /// meanwhile. The user's earlier failures no longer count towards its lockout (they
 /// still count for the address).
-pub fn login_succeeded(
-    conn: &mut Connection,
+pub fn login_succeeded<C: AsSql + ?Sized>(
+    conn: &C,
     user: &str,
     address: Option<&str>,
     policy: &LoginPolicy,
     now: Timestamp,
-) -> rusqlite::Result<Result<NewSession, Lock>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if let Some(lock) = lock(&tx, user, address, policy, now)? {
+) -> Result<Result<NewSession, Lock>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    lock_logins(&tx, user, address)?;
+    if let Some(lock) = lock_at(&tx, user, address, policy, now)? {
         return Ok(Err(lock));
     }
     let (token, sha) = new_secret(SESSION_PREFIX);
     let id = crate::secrets::random_hex::<8>();
     tx.execute(
-        "INSERT INTO sessions (id, token_sha256, user, source, created_at, last_used) VALUES (?1, ?2, ?3, ?4, ?5, ?5)",
+        r#"INSERT INTO sessions (id, token_sha256, "user", source, created_at, last_used) VALUES ($1, $2, $3, $4, $5, $5)"#,
         params![id, sha.to_string(), user, address, ts(now)],
     )?;
     record(&tx, now, "auth.login", &user_target(user), Outcome::Success, json!({"session": id}))?;
@@ -441,16 +511,27 @@ pub fn login_succeeded(
     Ok(Ok(NewSession { token, id }))
 }
 
-/// Ends session `id` (logout); false if it was not live.
-pub fn end_session(conn: &mut Connection, id: &str, now: Timestamp) -> rusqlite::Result<bool> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+/// Ends session `id` (logout); false if it was not live (or another logout ended it
+/// first).
+pub fn end_session<C: AsSql + ?Sized>(
+    conn: &C,
+    id: &str,
+    now: Timestamp,
+) -> Result<bool, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
     let user: Option<String> = tx
-        .query_row("SELECT user FROM sessions WHERE id = ?1 AND revoked_at IS NULL", [id], |r| {
-            r.get(0)
-        })
+        .query_row(
+            &format!(
+                r#"SELECT "user" FROM sessions WHERE id = $1 AND revoked_at IS NULL{}"#,
+                tx.for_update()
+            ),
+            params![id],
+            |r| r.get(0),
+        )
         .optional()?;
     let Some(user) = user else { return Ok(false) };
-    tx.execute("UPDATE sessions SET revoked_at = ?1 WHERE id = ?2", params![ts(now), id])?;
+    tx.execute("UPDATE sessions SET revoked_at = $1 WHERE id = $2", params![ts(now), id])?;
     record(&tx, now, "auth.logout", &user_target(&user), Outcome::Success, json!({"session": id}))?;
     tx.commit()?;
     Ok(true)
@@ -476,27 +557,38 @@ pub enum Resolved {
 
 /// Resolves a bearer token presented at `now` (sessions and API tokens; the admin token
 /// is checked before, without the database).
-pub fn resolve(
-    conn: &Connection,
+pub fn resolve<C: AsSql + ?Sized>(
+    conn: &C,
     presented: &str,
     sessions: &SessionPolicy,
     now: Timestamp,
-) -> rusqlite::Result<Resolved> {
+) -> Result<Resolved, C::Error> {
+    let sql = conn.sql();
     let sha = Sha256::of(presented.as_bytes()).to_string();
     if presented.starts_with(SESSION_PREFIX) {
-        resolve_session(conn, &sha, sessions, now)
+        Ok(resolve_session(&sql, &sha, sessions, now)?)
     } else if presented.starts_with(TOKEN_PREFIX) {
-        resolve_token(conn, &sha, now)
+        Ok(resolve_token(&sql, &sha, now)?)
     } else {
         Ok(Resolved::Unknown)
     }
 }
 
-fn touch(conn: &Connection, table: &str, key: &str, last: Option<Timestamp>, now: Timestamp) {
+/// Records a credential's use at `now` when its last one is older than [`TOUCH_EVERY`].
+/// Never backwards: of two requests that touch it at once, the later time stays.
+fn touch(sql: &Sql<'_>, table: &str, key: &str, last: Option<Timestamp>, now: Timestamp) {
     if last.is_none_or(|l| now.unix() >= l.unix() + TOUCH_EVERY) {
-        // Best effort: a failed write of the last use must not refuse the request.
-        let sql = format!("UPDATE {table} SET last_used = ?1 WHERE token_sha256 = ?2");
-        if let Err(err) = conn.execute(&sql, params![ts(now), key]) {
+        // Best effort: a failed write of the last use must not refuse the request. In a
+        // savepoint, so that on PostgreSQL the failure does not abort the transaction.
+        let statement = format!(
+            "UPDATE {table} SET last_used = $1
+             WHERE token_sha256 = $2 AND (last_used IS NULL OR last_used < $1)"
+        );
+        let touched = sql.transaction().and_then(|tx| {
+            tx.execute(&statement, params![ts(now), key])?;
+            tx.commit()
+        });
+        if let Err(err) = touched {
             tracing::warn!(error = %err, table, "recording a credential's last use failed");
         }
     }
@@ -524,25 +616,25 @@ struct TokenLookup {
 }
 
 fn resolve_session(
-    conn: &Connection,
+    conn: &Sql<'_>,
     sha: &str,
     policy: &SessionPolicy,
     now: Timestamp,
-) -> rusqlite::Result<Resolved> {
+) -> Result<Resolved, SqlError> {
     let row = conn
         .query_row(
-            "SELECT s.id, s.user, s.created_at, s.last_used, s.revoked_at, u.role, u.disabled_at
-             FROM sessions s JOIN users u ON u.name = s.user WHERE s.token_sha256 = ?1",
-            [sha],
+            r#"SELECT s.id, s."user", s.created_at, s.last_used, s.revoked_at, u.role, u.disabled_at
+             FROM sessions s JOIN users u ON u.name = s."user" WHERE s.token_sha256 = $1"#,
+            params![sha],
             |r| {
                 Ok(SessionLookup {
                     id: r.get(0)?,
                     user: r.get(1)?,
                     created: from_ts(r.get(2)?),
                     last_used: from_ts(r.get(3)?),
-                    revoked: r.get::<_, Option<i64>>(4)?.map(from_ts),
-                    role: role(&r.get::<_, String>(5)?)?,
-                    disabled: r.get::<_, Option<i64>>(6)?.is_some(),
+                    revoked: r.get::<Option<i64>>(4)?.map(from_ts),
+                    role: role(r, 5)?,
+                    disabled: r.get::<Option<i64>>(6)?.is_some(),
                 })
             },
         )
@@ -567,20 +659,20 @@ fn resolve_session(
     Ok(Resolved::Valid(Principal { actor, role, via: Via::Session { id, user } }))
 }
 
-fn resolve_token(conn: &Connection, sha: &str, now: Timestamp) -> rusqlite::Result<Resolved> {
+fn resolve_token(conn: &Sql<'_>, sha: &str, now: Timestamp) -> Result<Resolved, SqlError> {
     let row = conn
         .query_row(
             "SELECT name, role, created_by, expires_at, last_used, revoked_at FROM api_tokens
-             WHERE token_sha256 = ?1",
-            [sha],
+             WHERE token_sha256 = $1",
+            params![sha],
             |r| {
                 Ok(TokenLookup {
                     name: r.get(0)?,
-                    role: role(&r.get::<_, String>(1)?)?,
+                    role: role(r, 1)?,
                     creator: r.get(2)?,
                     expires: from_ts(r.get(3)?),
-                    last_used: r.get::<_, Option<i64>>(4)?.map(from_ts),
-                    revoked: r.get::<_, Option<i64>>(5)?.map(from_ts),
+                    last_used: r.get::<Option<i64>>(4)?.map(from_ts),
+                    revoked: r.get::<Option<i64>>(5)?.map(from_ts),
                 })
             },
         )
@@ -599,7 +691,7 @@ fn resolve_token(conn: &Connection, sha: &str, now: Timestamp) -> rusqlite::Resu
     }
     // Never more than its creator, then or now.
     if let Some(user) = creator.strip_prefix("user:") {
-        match stored(conn, user)? {
+        match stored(conn, user, false)? {
             None => return refused(format!("API token {name}: its creator {user} was removed")),
             Some(s) if s.disabled => {
                 return refused(format!("API token {name}: its creator {user} is disabled"));
@@ -638,55 +730,57 @@ pub struct ApiTokenRow {
     pub revoked_at: Option<Timestamp>,
 }
 
-/// Every API token, by name.
-pub fn api_tokens(conn: &Connection) -> rusqlite::Result<Vec<ApiTokenRow>> {
-    let mut stmt = conn.prepare(
+/// Every API token, by name (ordered by its bytes here, not by the database's collation).
+pub fn api_tokens<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<ApiTokenRow>, C::Error> {
+    let mut tokens = conn.sql().query_map(
         "SELECT name, role, created_by, created_at, expires_at, last_used, revoked_at
-         FROM api_tokens ORDER BY name",
+         FROM api_tokens",
+        params![],
+        |r| {
+            Ok(ApiTokenRow {
+                name: r.get(0)?,
+                role: role(r, 1)?,
+                created_by: r.get(2)?,
+                created_at: from_ts(r.get(3)?),
+                expires_at: from_ts(r.get(4)?),
+                last_used: r.get::<Option<i64>>(5)?.map(from_ts),
+                revoked_at: r.get::<Option<i64>>(6)?.map(from_ts),
+            })
+        },
     )?;
-    stmt.query_map([], |r| {
-        Ok(ApiTokenRow {
-            name: r.get(0)?,
-            role: role(&r.get::<_, String>(1)?)?,
-            created_by: r.get(2)?,
-            created_at: from_ts(r.get(3)?),
-            expires_at: from_ts(r.get(4)?),
-            last_used: r.get::<_, Option<i64>>(5)?.map(from_ts),
-            revoked_at: r.get::<_, Option<i64>>(6)?.map(from_ts),
-        })
-    })?
-    .collect()
+    tokens.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(tokens)
 }
 
 /// Stores a new API token (its secret's hash) created by `creator` (an actor name);
-/// the name of a revoked or expired token may be taken again.
-pub fn create_api_token(
-    conn: &mut Connection,
+/// the name of a revoked or expired token may be taken again (its row replaced). One
+/// statement decides and writes, so that of two creations of one name at once one is
+/// stored and the other refused.
+pub fn create_api_token<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     role: Role,
     creator: &str,
     secret: Sha256,
     ttl: Duration,
     now: Timestamp,
-) -> rusqlite::Result<Result<Timestamp, Refusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let live: Option<i64> = tx
-        .query_row(
-            "SELECT expires_at FROM api_tokens WHERE name = ?1 AND revoked_at IS NULL AND expires_at > ?2",
-            params![name, ts(now)],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if live.is_some() {
-        return Ok(Err(Refusal::TokenExists(name.to_owned())));
-    }
-    tx.execute("DELETE FROM api_tokens WHERE name = ?1", [name])?;
+) -> Result<Result<Timestamp, Refusal>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
     let expires = now.saturating_add(ttl);
-    tx.execute(
+    let stored = tx.execute(
         "INSERT INTO api_tokens (name, token_sha256, role, created_by, created_at, expires_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (name) DO UPDATE SET
+             token_sha256 = excluded.token_sha256, role = excluded.role,
+             created_by = excluded.created_by, created_at = excluded.created_at,
+             expires_at = excluded.expires_at, last_used = NULL, revoked_at = NULL
+         WHERE api_tokens.revoked_at IS NOT NULL OR api_tokens.expires_at <= $5",
         params![name, secret.to_string(), role.name(), creator, ts(now), ts(expires)],
     )?;
+    if stored == 0 {
+        return Ok(Err(Refusal::TokenExists(name.to_owned())));
+    }
     record(
         &tx,
         now,
@@ -700,17 +794,21 @@ pub fn create_api_token(
 }
 
 /// Revokes API token `name` for `by`: its creator, or an admin.
-pub fn revoke_api_token(
-    conn: &mut Connection,
+pub fn revoke_api_token<C: AsSql + ?Sized>(
+    conn: &C,
     name: &str,
     by: &Principal,
     now: Timestamp,
-) -> rusqlite::Result<Result<(), Refusal>> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+) -> Result<Result<(), Refusal>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
     let creator: Option<String> = tx
         .query_row(
-            "SELECT created_by FROM api_tokens WHERE name = ?1 AND revoked_at IS NULL",
-            [name],
+            &format!(
+                "SELECT created_by FROM api_tokens WHERE name = $1 AND revoked_at IS NULL{}",
+                tx.for_update()
+            ),
+            params![name],
             |r| r.get(0),
         )
         .optional()?;
@@ -718,7 +816,7 @@ pub fn revoke_api_token(
     if by.role != Role::Admin && creator != by.actor {
         return Ok(Err(Refusal::NotYours { name: name.to_owned(), creator }));
     }
-    tx.execute("UPDATE api_tokens SET revoked_at = ?1 WHERE name = ?2", params![ts(now), name])?;
+    tx.execute("UPDATE api_tokens SET revoked_at = $1 WHERE name = $2", params![ts(now), name])?;
     record(&tx, now, "apitoken.revoke", &format!("token:{name}"), Outcome::Success, json!({}))?;
     tx.commit()?;
     Ok(Ok(()))

@@ -203,7 +203,7 @@ async fn authenticate(
     let resolved = api
         .shared
         .db
-        .call(move |c| store::resolve(c, &token, &policy, now))
+        .run(move |sql| store::resolve(&sql, &token, &policy, now))
         .await
         .map_err(|e| Unauthenticated::Failed(e.into()))?;
     match resolved {

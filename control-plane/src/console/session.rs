@@ -159,7 +159,7 @@ pub(crate) async fn logout(
 ) -> Response {
     if let Via::Session { id, .. } = ctx.principal.via {
         let now = Timestamp::from_system(SystemTime::now());
-        if let Err(e) = api.shared.db.call(move |c| store::end_session(c, &id, now)).await {
+        if let Err(e) = api.shared.db.run(move |sql| store::end_session(&sql, &id, now)).await {
             return layout::api_error_page(&e.into());
         }
     }

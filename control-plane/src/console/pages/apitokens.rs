@@ -45,7 +45,7 @@ async fn tokens_page(
     created: Option<&NewApiToken>,
     notice: Option<&str>,
 ) -> PageResult {
-    let tokens = api.shared.db.call(|c| store::api_tokens(c)).await?;
+    let tokens = api.shared.db.run(|sql| store::api_tokens(&sql)).await?;
     let now = Timestamp::from_system(SystemTime::now());
     let body = render(ctx, &tokens, created, notice, now);
     Ok(page(ctx, "API tokens", "/apitokens", None, &body))

@@ -12,7 +12,6 @@ use falaj_common::audit::{Entry, Verified, VerifyError, assemble, verify};
 use falaj_common::keys::PublicKey;
 use falaj_common::time::Timestamp;
 use maud::{Markup, html};
-use rusqlite::Connection;
 use serde::Deserialize;
 
 use super::given;
@@ -20,6 +19,7 @@ use crate::admin::{Api, ApiError};
 use crate::audit::{AuditQuery, outcome_name};
 use crate::console::gate::Ctx;
 use crate::console::layout::{PageError, PageResult, badge, empty, page, time};
+use crate::sql::{AsSql, params};
 
 /// The page's query string.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -35,17 +35,19 @@ pub struct AuditFilter {
 }
 
 /// Verifies the stored chain and its checkpoints against `key`, as an export would be
-/// verified offline, without signing a new checkpoint.
-pub fn chain_status(
-    conn: &Connection,
+/// verified offline, without signing a new checkpoint. The entries are read before the
+/// checkpoints, so that whatever is appended, signed or pruned in between (on PostgreSQL,
+/// by another connection) still assembles into a chain that verifies.
+pub fn chain_status<C: AsSql + ?Sized>(
+    conn: &C,
     key: &PublicKey,
-) -> rusqlite::Result<Result<Verified, VerifyError>> {
-    let read = |sql: &str| -> rusqlite::Result<Vec<(u64, String)>> {
-        let mut stmt = conn.prepare(sql)?;
-        stmt.query_map([], |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)))?.collect()
+) -> Result<Result<Verified, VerifyError>, C::Error> {
+    let sql = conn.sql();
+    let read = |query: &str| {
+        sql.query_map(query, params![], |r| Ok((r.get::<i64>(0)?.max(0) as u64, r.get(1)?)))
     };
-    let checkpoints = read("SELECT seq, line FROM audit_checkpoints")?;
     let entries = read("SELECT seq, line FROM audit ORDER BY seq")?;
+    let checkpoints = read("SELECT seq, line FROM audit_checkpoints")?;
     let lines = assemble(entries, checkpoints);
     Ok(verify(lines.iter().map(String::as_str), std::slice::from_ref(key)))
 }
@@ -72,7 +74,7 @@ pub(crate) async fn log(
     let (entries, status) = api
         .shared
         .db
-        .call(move |c| Ok((crate::audit::list(c, &query)?, chain_status(c, &key)?)))
+        .run(move |sql| Ok((crate::audit::list(&sql, &query)?, chain_status(&sql, &key)?)))
         .await?;
     Ok(render(&ctx, &filter, &entries, &status))
 }

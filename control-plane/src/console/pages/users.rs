@@ -37,7 +37,7 @@ pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>)
 }
 
 async fn users_page(api: &Api, ctx: &Ctx, outcome: &Outcome) -> PageResult {
-    let users = api.shared.db.call(|c| store::users(c)).await?;
+    let users = api.shared.db.run(|sql| store::users(&sql)).await?;
     Ok(page(ctx, "Users", "/users", None, &render_users(ctx, &users, outcome)))
 }
 
