@@ -28,6 +28,7 @@ use crate::admin::{Api, ApiError, ApiResult, BundleView, json_response, stage};
 use crate::auth::{Permission as P, Routes};
 use crate::db;
 use crate::service::bundles::register;
+use crate::sql::{SqlError, params};
 use falaj_tables::Format;
 
 /// Default lifetime of a snapshot bundle.
@@ -77,7 +78,7 @@ async fn rotate_pii_key(
 }
 
 async fn list_pii_keys(State(api): State<Api>) -> ApiResult<Response> {
-    let versions = api.features.db.call(|c| super::pii_keys::list(c)).await?;
+    let versions = api.features.db.run(|c| super::pii_keys::list(&c)).await?;
     Ok(json_response(StatusCode::OK, &versions))
 }
 
@@ -101,14 +102,14 @@ async fn event(
     detail: serde_json::Value,
 ) -> ApiResult<()> {
     let now = Timestamp::from_system(SystemTime::now());
-    api.shared.db.call(move |c| db::event(c, now, kind, &subject, &detail.to_string())).await?;
+    api.shared.db.run(move |c| db::event(&c, now, kind, &subject, &detail.to_string())).await?;
     Ok(())
 }
 
 async fn apply(State(api): State<Api>, body: String) -> ApiResult<Response> {
     let view = FeatureView::from_toml(&body).map_err(|e| refused("invalid_view", e.to_string()))?;
     let now = Timestamp::from_system(SystemTime::now());
-    let applied = api.features.db.call(move |c| store::apply(c, &view, now)).await?;
+    let applied = api.features.db.run(move |c| store::apply(&c, &view, now)).await?;
     if applied.outcome != "unchanged" {
         let s = &applied.stored;
         event(
@@ -203,11 +204,11 @@ pub(crate) async fn views(api: &Api) -> ApiResult<Vec<ViewSummary>> {
     let views = api
         .features
         .db
-        .call(|c| {
-            store::list(c)?
+        .run(|c| {
+            store::list(&c)?
                 .into_iter()
                 .map(|s| {
-                    let (rows, entities) = store::counts(c, &s)?;
+                    let (rows, entities) = store::counts(&c, &s)?;
                     Ok(ViewSummary {
                         features: s.view.features.len(),
                         name: s.view.name,
@@ -219,7 +220,7 @@ pub(crate) async fn views(api: &Api) -> ApiResult<Vec<ViewSummary>> {
                         applied_at: s.applied_at,
                     })
                 })
-                .collect::<rusqlite::Result<Vec<_>>>()
+                .collect::<Result<Vec<_>, SqlError>>()
         })
         .await?;
     Ok(views)
@@ -236,43 +237,41 @@ pub(crate) async fn view_detail(api: &Api, name: String) -> ApiResult<ViewDetail
     let found = api
         .features
         .db
-        .call(move |c| {
-            let history = store::history(c, &lookup)?;
+        .run(move |c| {
+            let history = store::history(&c, &lookup)?;
             let Some(current) = history.last() else { return Ok(None) };
-            let (rows, entities) = store::counts(c, current)?;
-            let mut stmt = c.prepare(
+            let (rows, entities) = store::counts(&c, current)?;
+            let ingests = c.query_map(
                 "SELECT id, version, at, source, format, rows FROM ingests
-                 WHERE view = ?1 AND rows > 0 ORDER BY id DESC LIMIT 10",
-            )?;
-            let ingests = stmt
-                .query_map([&lookup], |r| {
+                 WHERE view = $1 AND rows > 0 ORDER BY id DESC LIMIT 10",
+                params![lookup],
+                |r| {
                     Ok(IngestRecord {
                         id: r.get(0)?,
-                        version: r.get::<_, i64>(1)? as u64,
+                        version: r.get::<i64>(1)? as u64,
                         at: db::from_ts(r.get(2)?),
                         source: r.get(3)?,
                         format: r.get(4)?,
-                        rows: r.get::<_, i64>(5)? as u64,
+                        rows: r.get::<i64>(5)? as u64,
                     })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
-            let mut stmt = c.prepare(
-                "SELECT version, view_version, built_at, as_of, scope, entities, features
-                 FROM snapshots WHERE view = ?1 ORDER BY version DESC LIMIT 10",
+                },
             )?;
-            let snapshots = stmt
-                .query_map([&lookup], |r| {
+            let snapshots = c.query_map(
+                "SELECT version, view_version, built_at, as_of, scope, entities, features
+                 FROM snapshots WHERE view = $1 ORDER BY version DESC LIMIT 10",
+                params![lookup],
+                |r| {
                     Ok(SnapshotRecord {
-                        version: r.get::<_, i64>(0)? as u64,
-                        view_version: r.get::<_, i64>(1)? as u64,
+                        version: r.get::<i64>(0)? as u64,
+                        view_version: r.get::<i64>(1)? as u64,
                         built_at: db::from_ts(r.get(2)?),
                         as_of: db::from_ts(r.get(3)?),
                         scope: r.get(4)?,
-                        entities: r.get::<_, i64>(5)? as u64,
-                        pseudonymised: pseudonymised(&r.get::<_, String>(6)?),
+                        entities: r.get::<i64>(5)? as u64,
+                        pseudonymised: pseudonymised(&r.get::<String>(6)?),
                     })
-                })?
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                },
+            )?;
             Ok(Some(ViewDetail {
                 current: current.clone(),
                 history,
@@ -307,7 +306,7 @@ async fn ingest_file(
     let (view, source) = (name.clone(), file.clone());
     let path = staged.path().to_owned();
     let result =
-        api.features.db.call(move |c| Ok(ingest::ingest(c, &view, &path, &source, now))).await?;
+        api.features.db.run(move |c| Ok(ingest::ingest(&c, &view, &path, &source, now))).await?;
     drop(staged);
     let ingested = result.map_err(|e| match e {
         IngestError::UnknownView(_) => ApiError::not_found(e.to_string()),
@@ -316,7 +315,7 @@ async fn ingest_file(
             refused("invalid_file", e.to_string())
         }
         // The operator must act, so the answer says what is full (nothing was written).
-        IngestError::Sqlite(_) if e.is_storage_full() => {
+        IngestError::Store(_) if e.is_storage_full() => {
             tracing::error!(error = %e, file = store::FEATURES_DB_FILE, "feature ingest refused: the disk is full");
             ApiError::new(
                 StatusCode::INSUFFICIENT_STORAGE,
@@ -327,7 +326,7 @@ async fn ingest_file(
                 ),
             )
         }
-        IngestError::Sqlite(_) => ApiError::internal(e),
+        IngestError::Store(_) => ApiError::internal(e),
     })?;
     event(
         &api,
@@ -400,11 +399,11 @@ async fn build_snapshot(
     let built = api
         .features
         .db
-        .call(move |c| Ok(snapshot::build(c, &view, &options, &keyring, now_micros, Vec::new())))
+        .run(move |c| Ok(snapshot::build(&c, &view, &options, &keyring, now_micros, Vec::new())))
         .await?;
     let (spec, payload) = built.map_err(|e| match e {
         BuildError::UnknownView(_) => ApiError::not_found(e.to_string()),
-        BuildError::Sqlite(_) | BuildError::Payload(_) => ApiError::internal(e),
+        BuildError::Store(_) | BuildError::Payload(_) => ApiError::internal(e),
         BuildError::Pii(_) => refused("raw_pii", e.to_string()),
         _ => refused("invalid_snapshot", e.to_string()),
     })?;
@@ -441,7 +440,7 @@ async fn build_snapshot(
     // Recorded first: a bundle of this name is registered only if it is known as a
     // snapshot (a record whose bundle failed to register is replaced by the next one).
     let recorded = spec.clone();
-    api.features.db.call(move |c| snapshot::record(c, &recorded, version, created)).await?;
+    api.features.db.run(move |c| snapshot::record(&c, &recorded, version, created)).await?;
     let (row, new_chunks, _) = register(&api.shared, staged.path()).await?;
     drop(staged);
     let carried = carried(&spec);
@@ -492,8 +491,8 @@ async fn next_version(api: &Api, name: &str) -> ApiResult<u64> {
     let bundles = api
         .shared
         .db
-        .call(move |c| {
-            Ok(db::bundles(c)?
+        .run(move |c| {
+            Ok(db::bundles(&c)?
                 .into_iter()
                 .filter(|b| b.name == lookup)
                 .map(|b| b.version)
@@ -504,10 +503,10 @@ async fn next_version(api: &Api, name: &str) -> ApiResult<u64> {
     let ours = api
         .features
         .db
-        .call(move |c| {
-            let mut stmt = c.prepare("SELECT version FROM snapshots WHERE view = ?1")?;
-            stmt.query_map([&lookup], |r| r.get::<_, i64>(0).map(|v| v as u64))?
-                .collect::<rusqlite::Result<Vec<_>>>()
+        .run(move |c| {
+            c.query_map("SELECT version FROM snapshots WHERE view = $1", params![lookup], |r| {
+                r.get::<i64>(0).map(|v| v as u64)
+            })
         })
         .await?;
     if let Some(other) = bundles.iter().find(|v| !ours.contains(v)) {
@@ -568,7 +567,7 @@ async fn export_file(
     let result = api
         .features
         .db
-        .call(move |c| Ok(export::export(c, &view, &labels_path, &file, &out_path, format)))
+        .run(move |c| Ok(export::export(&c, &view, &labels_path, &file, &out_path, format)))
         .await?;
     let exported = result.map_err(|e| match e {
         ExportError::UnknownView(_) => ApiError::not_found(e.to_string()),
@@ -576,7 +575,7 @@ async fn export_file(
         ExportError::Header { .. } | ExportError::Source(_) => {
             refused("invalid_file", e.to_string())
         }
-        ExportError::Output { .. } | ExportError::Sqlite(_) => ApiError::internal(e),
+        ExportError::Output { .. } | ExportError::Store(_) => ApiError::internal(e),
     })?;
     event(
         &api,

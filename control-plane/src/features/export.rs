@@ -1,7 +1,8 @@
 //! Point-in-time correct training export: each label row (entity, time, labels) joined to
 //! the entity's latest feature values at or before the label's own time, never after, as
 //! Feast's historical retrieval does. A naive join on the latest values would hand a model
-//! facts from after the moment it is asked to predict.
+//! facts from after the moment it is asked to predict. On PostgreSQL an export holds the
+//! view's lock shared ([`store::lock_view`]), so every label is joined to the same rows.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -16,12 +17,12 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use falaj_common::features::value::{self, format_time};
 use falaj_common::features::{Cell, FeatureType, Key, KeyType, Report, RowError, Value};
 use parquet::arrow::ArrowWriter;
-use rusqlite::{Connection, params};
 use serde::Serialize;
 use thiserror::Error;
 
 use super::snapshot::point_query;
 use super::store::{self, StoredView};
+use crate::sql::{AsSql, OptionalExt, Sql, SqlError};
 use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 
 /// Rows per Parquet batch written.
@@ -56,7 +57,7 @@ pub enum ExportError {
     },
     /// The offline store failed.
     #[error("offline store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Store(#[from] SqlError),
 }
 
 /// What an export wrote.
@@ -75,16 +76,20 @@ pub const FEATURE_TIME: &str = "feature_time";
 
 /// Joins the labels at `labels` (named `file` in errors) to view `view` point in time, and
 /// writes the result to `out` as `format`.
-pub fn export(
-    conn: &Connection,
+pub fn export<C: AsSql + ?Sized>(
+    conn: &C,
     view: &str,
     labels: &Path,
     file: &str,
     out: &Path,
     format: Format,
 ) -> Result<Exported, ExportError> {
+    let sql = conn.sql();
+    // The lock (PostgreSQL) and the lookups in one transaction, so they see one state.
+    let tx = sql.transaction()?;
+    store::lock_view(&tx, view, false)?;
     let stored =
-        store::current(conn, view)?.ok_or_else(|| ExportError::UnknownView(view.to_owned()))?;
+        store::current(&*tx, view)?.ok_or_else(|| ExportError::UnknownView(view.to_owned()))?;
     let labels_format = Format::detect(labels)?;
     // First pass: check every row and learn which label columns are numeric.
     let mut scan =
@@ -110,7 +115,8 @@ pub fn export(
         stored: &stored,
         layout: &layout,
         label_kinds: &label_kinds,
-        lookup: conn.prepare(&point_query(&stored))?,
+        sql: *tx,
+        lookup: point_query(&stored, tx.backend()),
         output,
         rows: 0,
         matched: 0,
@@ -122,6 +128,7 @@ pub fn export(
     }
     let (rows, matched) = (join.rows, join.matched);
     join.output.finish(out)?;
+    tx.commit()?;
     Ok(Exported { rows, matched, version: stored.version })
 }
 
@@ -211,7 +218,8 @@ struct Join<'a> {
     stored: &'a StoredView,
     layout: &'a Layout,
     label_kinds: &'a [FeatureType],
-    lookup: rusqlite::Statement<'a>,
+    sql: Sql<'a>,
+    lookup: String,
     output: Output,
     rows: u64,
     matched: u64,
@@ -241,20 +249,18 @@ impl RowSink for Join<'_> {
             .map(|((i, _), k)| label(cell(*i), k))
             .collect();
         let features = &self.stored.view.features;
+        let bound = store::sql_key(&key);
         let found = self
-            .lookup
-            .query_row(params![store::sql_key(&key), time], |row| {
+            .sql
+            .query_row(&self.lookup, &[bound.param(), &time], |row| {
                 let values = features
                     .iter()
                     .enumerate()
                     .map(|(i, f)| store::read_value(row, i + 2, &f.kind))
-                    .collect::<rusqlite::Result<Vec<_>>>()?;
-                Ok((row.get::<_, i64>(1)?, values))
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok((row.get::<i64>(1)?, values))
             })
-            .map(Some)
-            .or_else(
-                |e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) },
-            )?;
+            .optional()?;
         self.rows += 1;
         self.matched += u64::from(found.is_some());
         let (feature_time, values) = match found {

@@ -1,17 +1,20 @@
 //! Ingest: every row of a CSV or Parquet file checked against the view's current
 //! definition and written in one transaction, or, if any row breaks a rule, nothing written
-//! and a report of the first errors. The file streams; memory does not grow with it.
+//! and a report of the first errors. The file streams; memory does not grow with it. Rows
+//! go through one prepared statement (cached by the connection) in that transaction, on
+//! SQLite and on PostgreSQL alike; on PostgreSQL the ingest holds the view's lock
+//! ([`store::lock_view`]), so ingests into one view follow each other as on SQLite.
 
 use std::path::Path;
 
 use falaj_common::features::rows::RowError;
 use falaj_common::features::{Cell, HeaderError, Report, RowSchema};
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, TransactionBehavior, params, params_from_iter};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use super::store::{self, StoredView};
+use super::store::{self, Bound, StoredView};
+use crate::sql::{AsSql, Param, Sql, SqlError, params};
 use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 
 /// Why an ingest wrote nothing.
@@ -42,14 +45,22 @@ pub enum IngestError {
     },
     /// The offline store failed.
     #[error("offline store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Store(#[from] SqlError),
 }
 
 impl IngestError {
     /// Whether the offline store's disk is full (nothing was written; the same file
-    /// ingests once space returns).
+    /// ingests once space returns): SQLite's `SQLITE_FULL`, PostgreSQL's `53100`.
     pub fn is_storage_full(&self) -> bool {
-        matches!(self, Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::DiskFull)
+        match self {
+            Self::Store(SqlError::Sqlite(rusqlite::Error::SqliteFailure(e, _))) => {
+                e.code == rusqlite::ErrorCode::DiskFull
+            }
+            Self::Store(SqlError::Postgres(e)) => {
+                e.code() == Some(&postgres::error::SqlState::DISK_FULL)
+            }
+            _ => false,
+        }
     }
 }
 
@@ -72,15 +83,16 @@ pub struct Ingested {
 struct Writer<'c> {
     schema: Option<RowSchema>,
     stored: &'c StoredView,
-    insert: rusqlite::Statement<'c>,
+    sql: Sql<'c>,
+    insert: String,
     id: i64,
     report: Report,
-    values: Vec<rusqlite::types::Value>,
+    values: Vec<Bound>,
 }
 
 enum Refusal {
     Header(HeaderError),
-    Sqlite(rusqlite::Error),
+    Store(SqlError),
 }
 
 impl RowSink for Writer<'_> {
@@ -99,14 +111,16 @@ impl RowSink for Writer<'_> {
             // After the first bad row nothing more is written: the transaction is rolled
             // back, and the rest of the file is only checked, for the report.
             Ok(row) if self.report.bad_rows == 0 => {
+                let features = &self.stored.view.features;
                 self.values.clear();
                 self.values.push(store::sql_key(&row.key));
-                self.values.push(row.time.into());
-                self.values.push(self.id.into());
-                self.values.extend(row.values.iter().map(store::sql_value));
-                self.insert
-                    .execute(params_from_iter(self.values.iter()))
-                    .map_err(Refusal::Sqlite)?;
+                self.values.push(Bound::Int(Some(row.time)));
+                self.values.push(Bound::Int(Some(self.id)));
+                self.values.extend(
+                    row.values.iter().zip(features).map(|(v, f)| store::sql_value(v, &f.kind)),
+                );
+                let params: Vec<&dyn Param> = self.values.iter().map(Bound::param).collect();
+                self.sql.execute(&self.insert, &params).map_err(Refusal::Store)?;
             }
             Ok(_) => {}
         }
@@ -114,9 +128,10 @@ impl RowSink for Writer<'_> {
     }
 }
 
-/// Ingests `path` (named `file` in reports) into the current version of view `view`.
-pub fn ingest(
-    conn: &mut Connection,
+/// Ingests `path` (named `file` in reports) into the current version of view `view`: one
+/// transaction (a savepoint inside one), rolled back whole when any row is refused.
+pub fn ingest<C: AsSql + ?Sized>(
+    conn: &C,
     view: &str,
     path: &Path,
     file: &str,
@@ -124,25 +139,37 @@ pub fn ingest(
 ) -> Result<Ingested, IngestError> {
     let format = Format::detect(path)?;
     crate::crash_point("ingest-staged");
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    store::lock_view(&tx, view, true)?;
     let stored =
-        store::current(&tx, view)?.ok_or_else(|| IngestError::UnknownView(view.to_owned()))?;
-    tx.execute(
-        "INSERT INTO ingests (view, version, at, source, format, rows) VALUES (?1, ?2, ?3, ?4, ?5, 0)",
+        store::current(&*tx, view)?.ok_or_else(|| IngestError::UnknownView(view.to_owned()))?;
+    let id: i64 = tx.query_row(
+        "INSERT INTO ingests (view, version, at, source, format, rows)
+         VALUES ($1, $2, $3, $4, $5, 0) RETURNING id",
         params![view, stored.version as i64, crate::db::ts(now), file, format.name()],
+        |r| r.get(0),
     )?;
-    let id = tx.last_insert_rowid();
     let columns = store::feature_columns(&stored.view);
-    let marks = vec!["?"; stored.view.features.len() + 3].join(", ");
-    let sql = format!(
-        "INSERT OR REPLACE INTO {} (entity, event_time, ingest, {columns}) VALUES ({marks})",
-        stored.table()
+    let marks = (1..=stored.view.features.len() + 3).map(|i| format!("${i}")).collect::<Vec<_>>();
+    // A row for an (entity, time) already stored replaces it.
+    let updates = std::iter::once("ingest".to_owned())
+        .chain(stored.view.features.iter().map(|f| format!("\"{}\"", f.name)))
+        .map(|c| format!("{c} = excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let insert = format!(
+        "INSERT INTO {} (entity, event_time, ingest, {columns}) VALUES ({})
+         ON CONFLICT (entity, event_time) DO UPDATE SET {updates}",
+        stored.table(tx.backend()),
+        marks.join(", ")
     );
     let rows = {
         let mut writer = Writer {
             schema: None,
             stored: &stored,
-            insert: tx.prepare(&sql)?,
+            sql: *tx,
+            insert,
             id,
             report: Report::default(),
             values: Vec::new(),
@@ -154,7 +181,7 @@ pub fn ingest(
             Err(ReadError::Sink(Refusal::Header(error))) => {
                 return Err(IngestError::Header { file: name(), view: view.to_owned(), error });
             }
-            Err(ReadError::Sink(Refusal::Sqlite(e))) => return Err(e.into()),
+            Err(ReadError::Sink(Refusal::Store(e))) => return Err(e.into()),
             Ok(_) if writer.report.bad_rows > 0 => {
                 return Err(IngestError::Rows {
                     file: name(),
@@ -165,7 +192,7 @@ pub fn ingest(
             Ok(rows) => rows,
         }
     };
-    tx.execute("UPDATE ingests SET rows = ?1 WHERE id = ?2", params![rows as i64, id])?;
+    tx.execute("UPDATE ingests SET rows = $1 WHERE id = $2", params![rows as i64, id])?;
     crate::crash_point("ingest-rows-written");
     tx.commit()?;
     crate::crash_point("ingest-committed");

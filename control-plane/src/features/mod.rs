@@ -1,6 +1,7 @@
 //! The feature store on the control plane: feature views and their history, the offline
-//! store in SQLite (`features.db`), validated ingest, snapshots for agents, point-in-time
-//! training exports, and the admin API routes that drive them.
+//! store (SQLite's `features.db`, or tables in the control plane's PostgreSQL database),
+//! validated ingest, snapshots for agents, point-in-time training exports, and the admin
+//! API routes that drive them.
 
 pub mod api;
 pub mod cli;
@@ -25,7 +26,7 @@ use pii_keys::PiiKeys;
 /// The offline store and the region's keys for pseudonymising personal data.
 #[derive(Debug, Clone)]
 pub struct FeatureStore {
-    /// `features.db`.
+    /// `features.db`, or the control plane's PostgreSQL database.
     pub db: Db,
     pii: Arc<ArcSwap<PiiKeys>>,
     keys: Arc<Vault>,
@@ -40,6 +41,9 @@ pub struct FeatureStore {
 pub enum OpenError {
     #[error(transparent)]
     Db(#[from] DbError),
+    /// The feature schema on PostgreSQL could not be brought up to date.
+    #[error(transparent)]
+    Migrate(#[from] store::MigrateError),
     /// The key file.
     #[error("PII key {path}: {source}")]
     Key { path: std::path::PathBuf, source: std::io::Error },
@@ -78,6 +82,24 @@ impl FeatureStore {
     /// leave the control plane), and removes ingest uploads the last run left staged.
     pub fn open(data_dir: &Path, keys: Arc<Vault>, region: &str) -> Result<Self, OpenError> {
         let db = Db::open_with(&data_dir.join(store::FEATURES_DB_FILE), store::MIGRATIONS)?;
+        Self::open_on(db, data_dir, keys, region)
+    }
+
+    /// The feature store in the control plane's PostgreSQL database `db` (its tables
+    /// beside the control plane's, with their own schema history, brought up to date
+    /// here); the PII keys and staged uploads as [`FeatureStore::open`]. Blocks: call it
+    /// before the runtime starts or on the blocking pool.
+    pub fn open_postgres(
+        db: Db,
+        data_dir: &Path,
+        keys: Arc<Vault>,
+        region: &str,
+    ) -> Result<Self, OpenError> {
+        store::migrate_postgres(&db)?;
+        Self::open_on(db, data_dir, keys, region)
+    }
+
+    fn open_on(db: Db, data_dir: &Path, keys: Arc<Vault>, region: &str) -> Result<Self, OpenError> {
         let now = Timestamp::from_system(std::time::SystemTime::now());
         let pii = PiiKeys::open(&db, &keys, region, now)?;
         sweep_staged_ingests(&data_dir.join(STAGING));

@@ -7,19 +7,25 @@
 //! took over, until when it stays in overlap: snapshots built in that time carry each
 //! pseudonym under both versions ([`Keyring`]). After the overlap a version is no longer
 //! used; destroying its file makes its pseudonyms unlinkable to anything new.
+//!
+//! Making a version (the first, or by rotation) is one transaction that holds the key
+//! versions' lock (SQLite's write lock, or an advisory lock on PostgreSQL) from reading
+//! the newest version to recording the next, with its file written in between: two
+//! rotations at once, from two processes or two replicas, make two versions one after the
+//! other, never the same one twice.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use falaj_common::features::Keyring;
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 use super::OpenError;
 use crate::db::{Db, from_ts, ts};
 use crate::secrets::random;
+use crate::sql::{AsSql, Backend, Sql, SqlError, Tx, params};
 use crate::vault::{Vault, VaultError};
 
 /// One version of the key, as recorded.
@@ -58,17 +64,32 @@ pub fn file_name(region: &str, version: u32) -> String {
     if version == 1 { format!("pii-{region}.key") } else { format!("pii-{region}.v{version}.key") }
 }
 
-fn versions(conn: &Connection) -> rusqlite::Result<Vec<KeyVersion>> {
-    let mut statement =
-        conn.prepare("SELECT version, created, overlap_until FROM pii_keys ORDER BY version DESC")?;
-    let rows = statement.query_map([], |row| {
-        Ok(KeyVersion {
-            version: row.get(0)?,
-            created: from_ts(row.get(1)?),
-            overlap_until: row.get::<_, Option<i64>>(2)?.map(from_ts),
-        })
-    })?;
-    rows.collect()
+fn versions<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<KeyVersion>, C::Error> {
+    Ok(conn.sql().query_map(
+        "SELECT version, created, overlap_until FROM pii_keys ORDER BY version DESC",
+        params![],
+        |row| {
+            Ok(KeyVersion {
+                version: u32::try_from(row.get::<i64>(0)?)
+                    .map_err(|e| SqlError::Conversion { column: 0, message: e.to_string() })?,
+                created: from_ts(row.get(1)?),
+                overlap_until: row.get::<Option<i64>>(2)?.map(from_ts),
+            })
+        },
+    )?)
+}
+
+/// The advisory lock that makes key versions one at a time on PostgreSQL.
+const VERSIONS_LOCK: i64 = 0x4661_6c61_6a00_0102;
+
+/// A transaction holding the key versions' lock: SQLite's write lock (`BEGIN IMMEDIATE`),
+/// or on PostgreSQL an advisory lock until the end of the transaction.
+fn locked<'c>(sql: &Sql<'c>) -> Result<Tx<'c>, SqlError> {
+    let tx = sql.transaction_immediate()?;
+    if tx.backend() == Backend::Postgres {
+        tx.execute("SELECT pg_advisory_xact_lock($1)", params![VERSIONS_LOCK])?;
+    }
+    Ok(tx)
 }
 
 fn read_secret(keys: &Vault, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, OpenError> {
@@ -110,20 +131,34 @@ impl PiiKeys {
     /// Loads the versions in use at `now`; on the first open, makes version 1 (or adopts
     /// the key file made before keys had versions).
     pub fn open(db: &Db, keys: &Vault, region: &str, now: Timestamp) -> Result<Self, OpenError> {
-        let mut recorded = db.call_sync(|c| versions(c))?;
+        let mut recorded = db.run_sync(|sql| versions(&sql))?;
         if recorded.is_empty() {
-            let name = file_name(region, 1);
-            if read_secret(keys, &name)?.is_none() {
-                keys.write(&name, hex::encode(random::<32>()).as_bytes())?;
-            }
-            db.call_sync(|c| {
-                c.execute(
-                    "INSERT INTO pii_keys (version, created, overlap_until) VALUES (1, ?1, NULL)",
-                    [ts(now)],
+            // Under the lock, so that two first opens make one version 1 with one file.
+            recorded = db.run_sync(|sql| {
+                let tx = locked(&sql)?;
+                let found = versions(&tx)?;
+                if !found.is_empty() {
+                    return Ok(Ok(found));
+                }
+                let name = file_name(region, 1);
+                let made = read_secret(keys, &name).and_then(|secret| match secret {
+                    Some(_) => Ok(()),
+                    None => keys
+                        .write(&name, hex::encode(random::<32>()).as_bytes())
+                        .map(drop)
+                        .map_err(OpenError::from),
+                });
+                if let Err(e) = made {
+                    return Ok(Err(e));
+                }
+                tx.execute(
+                    "INSERT INTO pii_keys (version, created, overlap_until) VALUES (1, $1, NULL)",
+                    params![ts(now)],
                 )?;
-                versions(c)
-            })
-            .map(|v| recorded = v)?;
+                let made = versions(&tx)?;
+                tx.commit()?;
+                Ok(Ok(made))
+            })??;
         }
         let mut loaded = Vec::new();
         for (i, version) in recorded.into_iter().enumerate() {
@@ -179,34 +214,43 @@ pub fn rotate(
     overlap: Duration,
     now: Timestamp,
 ) -> Result<(Rotated, PiiKeys), OpenError> {
-    let previous = db
-        .call_sync(|c| {
-            c.query_row("SELECT MAX(version) FROM pii_keys", [], |r| r.get::<_, Option<u32>>(0))
-                .optional()
-        })?
-        .flatten()
-        .unwrap_or(1);
-    let version = previous + 1;
-    let name = file_name(region, version);
-    let file = keys.write(&name, hex::encode(random::<32>()).as_bytes())?;
     let overlap_until = now.saturating_add(overlap);
-    db.call_sync(|c| {
-        let tx = c.transaction()?;
+    let (version, previous, file) = db.run_sync(|sql| {
+        let tx = locked(&sql)?;
+        let previous: Option<i64> =
+            tx.query_row("SELECT MAX(version) FROM pii_keys", params![], |r| r.get(0))?;
+        let previous = match previous.map(u32::try_from) {
+            None => 1,
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                return Err(SqlError::Conversion { column: 0, message: e.to_string() });
+            }
+        };
+        let version = previous + 1;
+        // Written while the lock is held: a rotation beside this one waits, then takes
+        // the next version; one cut short left a file no record names, which the next
+        // rotation overwrites.
+        let file =
+            match keys.write(&file_name(region, version), hex::encode(random::<32>()).as_bytes()) {
+                Ok(file) => file,
+                Err(e) => return Ok(Err(e)),
+            };
         tx.execute(
-            "UPDATE pii_keys SET overlap_until = ?1 WHERE version = ?2",
-            params![ts(overlap_until), previous],
+            "UPDATE pii_keys SET overlap_until = $1 WHERE version = $2",
+            params![ts(overlap_until), i64::from(previous)],
         )?;
         tx.execute(
-            "INSERT INTO pii_keys (version, created, overlap_until) VALUES (?1, ?2, NULL)",
-            params![version, ts(now)],
+            "INSERT INTO pii_keys (version, created, overlap_until) VALUES ($1, $2, NULL)",
+            params![i64::from(version), ts(now)],
         )?;
-        tx.commit()
-    })?;
+        tx.commit()?;
+        Ok(Ok((version, previous, file)))
+    })??;
     let loaded = PiiKeys::open(db, keys, region, now)?;
     Ok((Rotated { version, file, previous, overlap_until }, loaded))
 }
 
 /// Every version recorded, newest first.
-pub fn list(conn: &Connection) -> rusqlite::Result<Vec<KeyVersion>> {
+pub fn list<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<KeyVersion>, C::Error> {
     versions(conn)
 }

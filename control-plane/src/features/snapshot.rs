@@ -1,6 +1,8 @@
 //! Materialising a snapshot: the latest row at or before a time for each entity of a view
 //! (all of them, a list, or those a filter keeps), personal data treated by policy, written
-//! as the payload of a snapshot bundle.
+//! as the payload of a snapshot bundle. On PostgreSQL a build holds the view's lock
+//! shared ([`store::lock_view`]), so it reads the rows as whole ingests left them, never
+//! half of one still arriving.
 
 use std::io::Write;
 
@@ -10,10 +12,10 @@ use falaj_common::features::{
     Filter, FilterError, Keyring, PiiError, SnapshotError, SnapshotSpec, SnapshotWriter, Value, pii,
 };
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, params};
 use thiserror::Error;
 
 use super::store::{self, StoredView};
+use crate::sql::{AsSql, OptionalExt, Row, Sql, SqlError, params};
 
 /// Which entities and values a snapshot carries.
 #[derive(Debug, Clone, Default)]
@@ -55,20 +57,25 @@ pub enum BuildError {
     Payload(#[from] SnapshotError),
     /// The offline store failed.
     #[error("offline store: {0}")]
-    Sqlite(#[from] rusqlite::Error),
+    Store(#[from] SqlError),
 }
 
 /// Writes the snapshot of `view` into `out`; hashes personal data with `keyring` (each
 /// pseudonym under its current version, and under older versions still in overlap).
 /// Returns the manifest content (with the entity count) and the sink.
-pub fn build<W: Write>(
-    conn: &Connection,
+pub fn build<C: AsSql + ?Sized, W: Write>(
+    conn: &C,
     view: &str,
     options: &SnapshotOptions,
     keyring: &Keyring,
     now: i64,
     out: W,
 ) -> Result<(SnapshotSpec, W), BuildError> {
+    let sql = conn.sql();
+    // The lock (PostgreSQL) and the reads in one transaction, so they see one state.
+    let tx = sql.transaction()?;
+    store::lock_view(&tx, view, false)?;
+    let conn = &*tx;
     let stored =
         store::current(conn, view)?.ok_or_else(|| BuildError::UnknownView(view.to_owned()))?;
     let treatments = pii::plan(&stored.view, options.pii)?;
@@ -97,6 +104,7 @@ pub fn build<W: Write>(
         None => scan(conn, &stored, as_of, &mut emit)?,
     }
     let (spec, out) = writer.finish();
+    tx.commit()?;
     if spec.entities == 0 {
         return Err(BuildError::Empty(view.to_owned()));
     }
@@ -105,7 +113,7 @@ pub fn build<W: Write>(
 
 type Emit<'a> = dyn FnMut(Key, i64, Vec<Value>) -> Result<(), BuildError> + 'a;
 
-fn row_values(stored: &StoredView, row: &rusqlite::Row<'_>) -> rusqlite::Result<Vec<Value>> {
+fn row_values(stored: &StoredView, row: &Row<'_>) -> Result<Vec<Value>, SqlError> {
     stored
         .view
         .features
@@ -118,25 +126,36 @@ fn row_values(stored: &StoredView, row: &rusqlite::Row<'_>) -> rusqlite::Result<
 /// Every entity: one pass over the table in key order, keeping each entity's last row
 /// at or before `as_of`.
 fn scan(
-    conn: &Connection,
+    conn: &Sql<'_>,
     stored: &StoredView,
     as_of: i64,
     emit: &mut Emit<'_>,
 ) -> Result<(), BuildError> {
-    let sql = format!(
-        "SELECT entity, event_time, {} FROM {} WHERE event_time <= ?1 ORDER BY entity, event_time",
+    let query = format!(
+        "SELECT entity, event_time, {} FROM {} WHERE event_time <= $1 ORDER BY entity, event_time",
         store::feature_columns(&stored.view),
-        stored.table()
+        stored.table(conn.backend())
     );
-    let mut stmt = conn.prepare(&sql)?;
-    let mut rows = stmt.query([as_of])?;
+    let kind = stored.view.entity.kind;
     let mut pending: Option<(Key, i64, Vec<Value>)> = None;
-    while let Some(row) = rows.next()? {
-        let key = store::read_key(row, 0)?;
-        if let Some(last) = pending.take_if(|(k, _, _)| *k != key) {
-            emit(last.0, last.1, last.2)?;
+    let mut failed = None;
+    // Rows are read as they come; `emit`'s own errors stop the reading and are kept.
+    conn.query_map(&query, params![as_of], |row| {
+        if failed.is_some() {
+            return Ok(());
+        }
+        let key = store::read_key(row, 0, kind)?;
+        if let Some(last) = pending.take_if(|(k, _, _)| *k != key)
+            && let Err(e) = emit(last.0, last.1, last.2)
+        {
+            failed = Some(e);
+            return Ok(());
         }
         pending = Some((key, row.get(1)?, row_values(stored, row)?));
+        Ok(())
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
     }
     if let Some(last) = pending {
         emit(last.0, last.1, last.2)?;
@@ -146,7 +165,7 @@ fn scan(
 
 /// Listed entities: one point lookup each, in key order; ids not stored are skipped.
 fn listed(
-    conn: &Connection,
+    conn: &Sql<'_>,
     stored: &StoredView,
     ids: &[String],
     as_of: i64,
@@ -161,16 +180,14 @@ fn listed(
         .collect::<Result<Vec<_>, _>>()?;
     keys.sort();
     keys.dedup();
-    let mut stmt = conn.prepare(&point_query(stored))?;
+    let query = point_query(stored, conn.backend());
     for key in keys {
-        let found = stmt
-            .query_row(params![store::sql_key(&key), as_of], |row| {
-                Ok((row.get::<_, i64>(1)?, row_values(stored, row)?))
+        let bound = store::sql_key(&key);
+        let found = conn
+            .query_row(&query, &[bound.param(), &as_of], |row| {
+                Ok((row.get::<i64>(1)?, row_values(stored, row)?))
             })
-            .map(Some)
-            .or_else(
-                |e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) },
-            )?;
+            .optional()?;
         if let Some((time, values)) = found {
             emit(key, time, values)?;
         }
@@ -178,26 +195,31 @@ fn listed(
     Ok(())
 }
 
-/// The query for one entity's latest row at or before a time: `?1` the key, `?2` the time.
-pub fn point_query(stored: &StoredView) -> String {
+/// The query for one entity's latest row at or before a time on `backend`: `$1` the key,
+/// `$2` the time.
+pub fn point_query(stored: &StoredView, backend: crate::sql::Backend) -> String {
     format!(
-        "SELECT entity, event_time, {} FROM {} WHERE entity = ?1 AND event_time <= ?2
+        "SELECT entity, event_time, {} FROM {} WHERE entity = $1 AND event_time <= $2
          ORDER BY event_time DESC LIMIT 1",
         store::feature_columns(&stored.view),
-        stored.table()
+        stored.table(backend)
     )
 }
 
-/// Records a snapshot bundle made from the offline store.
-pub fn record(
-    conn: &Connection,
+/// Records a snapshot bundle made from the offline store (replacing the record of a
+/// version whose bundle was never registered).
+pub fn record<C: AsSql + ?Sized>(
+    conn: &C,
     spec: &SnapshotSpec,
     version: u64,
     now: Timestamp,
-) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT OR REPLACE INTO snapshots (view, version, view_version, built_at, as_of, scope, entities, features)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+) -> Result<(), C::Error> {
+    conn.sql().execute(
+        "INSERT INTO snapshots (view, version, view_version, built_at, as_of, scope, entities, features)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+         ON CONFLICT (view, version) DO UPDATE SET view_version = excluded.view_version,
+             built_at = excluded.built_at, as_of = excluded.as_of, scope = excluded.scope,
+             entities = excluded.entities, features = excluded.features",
         params![
             spec.view,
             version as i64,
@@ -208,6 +230,6 @@ pub fn record(
             spec.entities as i64,
             serde_json::to_string(&spec.features).expect("features serialise"),
         ],
-    )
-    .map(drop)
+    )?;
+    Ok(())
 }

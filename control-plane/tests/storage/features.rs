@@ -1,7 +1,635 @@
 //! The features module's storage on both databases (cases listed in [`CASES`], run by
-//! `main` as `NAME::sqlite` and `NAME::postgres`).
+//! `main` as `NAME::sqlite` and `NAME::postgres`): views and their versions, ingest (all
+//! or nothing, every type stored exactly), point-in-time snapshots and exports, snapshot
+//! records, PII key versions, the feature schema; and the races SQLite's single writer
+//! hid: two ingests into one view at once, a snapshot built while rows arrive, PII keys
+//! made and rotated by several at once.
+//!
+//! On SQLite the offline store is its own file (`features.db`, made here beside the test's
+//! `control.db`); on PostgreSQL its tables go into the test's database, as
+//! `FeatureStore::open_postgres` puts them into the control plane's.
 
-use crate::Body;
+// Stored values must come back exactly.
+#![allow(clippy::float_cmp)]
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use falaj_common::features::value::parse_time;
+use falaj_common::features::{FeatureView, Keyring, OnlineTable, Value};
+use falaj_control::db::Db;
+use falaj_control::features::export;
+use falaj_control::features::ingest::{self, IngestError};
+use falaj_control::features::pii_keys::{self, PiiKeys};
+use falaj_control::features::snapshot::{self, SnapshotOptions};
+use falaj_control::features::store::{self, MigrateError};
+use falaj_control::sql::{Backend, params};
+use falaj_control::vault::Vault;
+use falaj_tables::Format;
+
+use crate::{Body, REGION, at};
 
 /// This module's cases: each body runs once on SQLite and once on PostgreSQL.
-pub(crate) const CASES: &[(&str, Body)] = &[];
+pub(crate) const CASES: &[(&str, Body)] = &[
+    (
+        "feature_views_version_on_breaking_changes_and_list_by_name",
+        feature_views_version_on_breaking_changes_and_list_by_name,
+    ),
+    (
+        "an_ingest_stores_every_type_exactly_or_nothing_at_all",
+        an_ingest_stores_every_type_exactly_or_nothing_at_all,
+    ),
+    (
+        "snapshots_and_exports_never_see_values_from_after_their_time",
+        snapshots_and_exports_never_see_values_from_after_their_time,
+    ),
+    (
+        "two_ingests_into_one_view_at_once_both_land_one_after_the_other",
+        two_ingests_into_one_view_at_once_both_land_one_after_the_other,
+    ),
+    (
+        "a_snapshot_built_while_rows_arrive_sees_whole_ingests",
+        a_snapshot_built_while_rows_arrive_sees_whole_ingests,
+    ),
+    (
+        "pii_keys_made_and_rotated_at_once_take_one_version_each",
+        pii_keys_made_and_rotated_at_once_take_one_version_each,
+    ),
+    (
+        "the_feature_schema_is_the_same_on_both_and_migrates_once",
+        the_feature_schema_is_the_same_on_both_and_migrates_once,
+    ),
+];
+
+const VIEW: &str = r#"
+name = "pumps"
+timestamp = "event_time"
+entity = { name = "pump_id", type = "string" }
+
+[[features]]
+name = "temperature"
+type = "f32"
+description = "Bearing temperature, degrees C"
+owner = "reliability"
+
+[[features]]
+name = "pressure"
+type = "f64"
+nullable = true
+description = "Outlet pressure"
+owner = "reliability"
+
+[[features]]
+name = "starts"
+type = "i64"
+nullable = true
+description = "Starts since installed"
+owner = "ops"
+
+[[features]]
+name = "running"
+type = "bool"
+nullable = true
+description = "Running"
+owner = "ops"
+
+[[features]]
+name = "mode"
+type = "category"
+values = ["auto", "manual"]
+description = "Control mode"
+owner = "ops"
+
+[[features]]
+name = "operator"
+type = "string"
+nullable = true
+description = "Operator on shift"
+owner = "ops"
+"#;
+
+const HEADER: &str = "pump_id,event_time,temperature,pressure,starts,running,mode,operator";
+
+/// The offline store of a test: `features.db` beside the test's files on SQLite, the
+/// test's own database on PostgreSQL; and a directory for files (and PII keys).
+struct Features {
+    db: Db,
+    dir: tempfile::TempDir,
+}
+
+impl Features {
+    fn new(control: &Db) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = match control.backend() {
+            Backend::Sqlite => {
+                Db::open_with(&dir.path().join(store::FEATURES_DB_FILE), store::MIGRATIONS).unwrap()
+            }
+            Backend::Postgres => {
+                store::migrate_postgres(control).unwrap();
+                control.clone()
+            }
+        };
+        Self { db, dir }
+    }
+
+    /// `Self::new` with the view `pumps` applied.
+    fn with_pumps(control: &Db) -> Self {
+        let f = Self::new(control);
+        f.apply(VIEW);
+        f
+    }
+
+    fn apply(&self, toml: &str) -> store::Applied {
+        let view = FeatureView::from_toml(toml).unwrap();
+        self.db.run_sync(|sql| store::apply(&sql, &view, at(0))).unwrap()
+    }
+
+    fn file(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn ingest(&self, view: &str, path: &Path) -> Result<ingest::Ingested, IngestError> {
+        self.db.run_sync(|sql| Ok(ingest::ingest(&sql, view, path, "file.csv", at(1)))).unwrap()
+    }
+
+    fn current(&self, view: &str) -> store::StoredView {
+        self.db.run_sync(|sql| store::current(&sql, view)).unwrap().unwrap()
+    }
+
+    fn counts(&self, view: &str) -> (u64, u64) {
+        let stored = self.current(view);
+        self.db.run_sync(|sql| store::counts(&sql, &stored)).unwrap()
+    }
+
+    fn snapshot(&self, view: &str, options: &SnapshotOptions) -> OnlineTable {
+        let keyring = Keyring::new(1, &[7; 32]);
+        let (spec, bytes) = self
+            .db
+            .run_sync(|sql| {
+                Ok(snapshot::build(
+                    &sql,
+                    view,
+                    options,
+                    &keyring,
+                    micros("2030-01-01T00:00:00Z"),
+                    Vec::new(),
+                ))
+            })
+            .unwrap()
+            .unwrap();
+        OnlineTable::load(spec, &bytes).unwrap()
+    }
+}
+
+fn micros(t: &str) -> i64 {
+    parse_time(t).unwrap()
+}
+
+fn feature_views_version_on_breaking_changes_and_list_by_name(db: &Db) {
+    let f = Features::new(db);
+    let created = f.apply(VIEW);
+    assert_eq!((created.outcome.as_str(), created.stored.version), ("created", 1));
+    assert_eq!(f.apply(VIEW).outcome, "unchanged");
+    f.ingest("pumps", &f.file("a.csv", &format!("{HEADER}\np1,2026-01-01T00:00:00Z,1,,,,auto,\n")))
+        .unwrap();
+    let added = format!(
+        "{VIEW}\n[[features]]\nname = \"vibration\"\ntype = \"f64\"\nnullable = true\ndescription = \"mm/s\"\nowner = \"ops\"\n"
+    );
+    let compatible = f.apply(&added);
+    assert_eq!(
+        (compatible.outcome.as_str(), compatible.stored.version, compatible.stored.revision),
+        ("compatible", 1, 2)
+    );
+    assert_eq!(f.counts("pumps"), (1, 1), "a compatible change keeps the rows");
+    // The new column takes rows at once.
+    let with_vibration = format!("{HEADER},vibration\np2,2026-01-01T00:00:00Z,2,,,,manual,,0.25\n");
+    f.ingest("pumps", &f.file("b.csv", &with_vibration)).unwrap();
+    let retyped = added.replace("type = \"f32\"", "type = \"f64\"");
+    let breaking = f.apply(&retyped);
+    assert_eq!(
+        (breaking.outcome.as_str(), breaking.stored.version, breaking.stored.revision),
+        ("breaking", 2, 1)
+    );
+    assert_eq!(breaking.stored.changes, ["feature temperature: type f32 became f64"]);
+    assert_eq!(f.counts("pumps"), (0, 0), "version 2 starts empty");
+    let v1 = f.db.run_sync(|sql| store::at_version(&sql, "pumps", 1)).unwrap().unwrap();
+    assert_eq!((v1.revision, f.db.run_sync(|sql| store::counts(&sql, &v1)).unwrap()), (2, (2, 2)));
+    let history = f.db.run_sync(|sql| store::history(&sql, "pumps")).unwrap();
+    let versions: Vec<_> = history.iter().map(|h| (h.version, h.revision)).collect();
+    assert_eq!(versions, [(1, 1), (1, 2), (2, 1)]);
+    assert_eq!(history[0].applied_at, at(0));
+
+    // A name of 64 bytes: its tables stay apart across versions (PostgreSQL cuts names
+    // past 63 bytes, so the store names such tables itself).
+    let long = format!("a{}", "-b".repeat(31) + "c");
+    assert_eq!(long.len(), 64);
+    let long_view = VIEW.replace("\"pumps\"", &format!("{long:?}"));
+    f.apply(&long_view);
+    let one = format!("{HEADER}\np1,2026-01-01T00:00:00Z,1,,,,auto,\n");
+    f.ingest(&long, &f.file("l.csv", &one)).unwrap();
+    let long_v2 = f.apply(&long_view.replace("type = \"f32\"", "type = \"f64\""));
+    assert_eq!(long_v2.stored.version, 2);
+    assert_eq!(f.counts(&long), (0, 0));
+    f.ingest(&long, &f.file("l2.csv", &one.replace(",1,", ",2,"))).unwrap();
+    f.ingest(&long, &f.file("l3.csv", &one.replace("p1", "p2"))).unwrap();
+    assert_eq!(f.counts(&long), (2, 2));
+    let long_v1 = f.db.run_sync(|sql| store::at_version(&sql, &long, 1)).unwrap().unwrap();
+    assert_eq!(f.db.run_sync(|sql| store::counts(&sql, &long_v1)).unwrap(), (1, 1));
+
+    // Listed by name, byte by byte ('-' < '.' < '0' < 'a' < 'p'), whatever the locale.
+    for name in ["z.1", "z-1", "z0"] {
+        f.apply(&VIEW.replace("\"pumps\"", &format!("{name:?}")));
+    }
+    let names: Vec<_> =
+        f.db.run_sync(|sql| store::list(&sql))
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.view.name, s.version, s.revision))
+            .collect();
+    assert_eq!(
+        names,
+        [
+            (long.clone(), 2, 1),
+            ("pumps".to_owned(), 2, 1),
+            ("z-1".to_owned(), 1, 1),
+            ("z.1".to_owned(), 1, 1),
+            ("z0".to_owned(), 1, 1),
+        ]
+    );
+}
+
+fn an_ingest_stores_every_type_exactly_or_nothing_at_all(db: &Db) {
+    let f = Features::with_pumps(db);
+    let text = format!(
+        "{HEADER}
+p1,2026-01-01T00:00:00Z,49.5,3.141592653589793,9007199254740993,true,auto,ann
+p1,2026-01-03T00:00:00.123456Z,-0.1,-2.5e-300,-9223372036854775808,false,manual,
+p2,2026-01-02T00:00:00Z,1e30,,,,auto,\u{e9}l\u{e8}ve \u{1f600}
+"
+    );
+    let first = f.ingest("pumps", &f.file("a.csv", &text)).unwrap();
+    assert_eq!((first.rows, first.version), (3, 1));
+    assert_eq!(f.counts("pumps"), (3, 2));
+    let table = f.snapshot("pumps", &SnapshotOptions::default());
+    let p1 = table.get("p1").unwrap().unwrap();
+    assert_eq!(p1.time, Some(micros("2026-01-03T00:00:00.123456Z")));
+    assert_eq!(
+        p1.values,
+        [
+            Value::F32(-0.1),
+            Value::F64(-2.5e-300),
+            Value::I64(i64::MIN),
+            Value::Bool(false),
+            Value::Str("manual".into()),
+            Value::Null,
+        ]
+    );
+    let p2 = table.get("p2").unwrap().unwrap();
+    assert_eq!(
+        p2.values,
+        [
+            Value::F32(1e30),
+            Value::Null,
+            Value::Null,
+            Value::Null,
+            Value::Str("auto".into()),
+            Value::Str("\u{e9}l\u{e8}ve \u{1f600}".into()),
+        ]
+    );
+    // Jan 1's row, as of Jan 2: every type of the first row.
+    let then =
+        SnapshotOptions { as_of: Some(micros("2026-01-02T00:00:00Z")), ..Default::default() };
+    let p1 = f.snapshot("pumps", &then).get("p1").unwrap().unwrap();
+    assert_eq!(
+        p1.values,
+        [
+            Value::F32(49.5),
+            Value::F64(std::f64::consts::PI),
+            Value::I64(9_007_199_254_740_993),
+            Value::Bool(true),
+            Value::Str("auto".into()),
+            Value::Str("ann".into()),
+        ]
+    );
+
+    // A row for an (entity, time) already stored replaces it, by the later ingest.
+    let again = f
+        .ingest(
+            "pumps",
+            &f.file("b.csv", &format!("{HEADER}\np2,2026-01-02T00:00:00Z,7,,,,manual,\n")),
+        )
+        .unwrap();
+    assert!(again.id > first.id, "{} then {}", first.id, again.id);
+    assert_eq!(f.counts("pumps"), (3, 2));
+    let p2 = f.snapshot("pumps", &SnapshotOptions::default()).get("p2").unwrap().unwrap();
+    assert_eq!((p2.values[0].clone(), p2.values[5].clone()), (Value::F32(7.0), Value::Null));
+
+    // One bad row at the end: nothing of the file is kept, and no ingest is recorded.
+    let mut bad = format!("{HEADER}\n");
+    for i in 0..500 {
+        let _ = writeln!(bad, "q{i},2026-02-01T00:00:00Z,{i}.5,,,,auto,");
+    }
+    bad += "q500,2026-02-01T00:00:00Z,hot,,,,auto,\n";
+    let err = f.ingest("pumps", &f.file("bad.csv", &bad)).unwrap_err();
+    let IngestError::Rows { report, .. } = &err else { panic!("{err}") };
+    assert_eq!((report.rows, report.bad_rows), (501, 1));
+    assert_eq!(f.counts("pumps"), (3, 2), "the refused file left rows behind");
+    let err = f.ingest("pumps", &f.file("h.csv", "pump_id,event_time\np1,2026-01-01T00:00:00Z\n"));
+    assert!(matches!(err, Err(IngestError::Header { .. })), "{err:?}");
+    let err = f.ingest("nope", &f.file("n.csv", &text)).unwrap_err();
+    assert!(matches!(err, IngestError::UnknownView(_)), "{err}");
+    let ingests: Vec<(i64, i64)> =
+        f.db.run_sync(|sql| {
+            sql.query_map("SELECT id, rows FROM ingests ORDER BY id", params![], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+        })
+        .unwrap();
+    assert_eq!(ingests, [(first.id, 3), (again.id, 1)]);
+}
+
+fn snapshots_and_exports_never_see_values_from_after_their_time(db: &Db) {
+    let f = Features::with_pumps(db);
+    let history = format!(
+        "{HEADER}
+p1,2026-01-01T00:00:00Z,50,,,,auto,ann
+p1,2026-01-03T00:00:00Z,70,,,,manual,bob
+p2,2026-01-02T00:00:00Z,40,,,,auto,
+p3,2026-01-05T00:00:00Z,90,,,,auto,cyd
+"
+    );
+    f.ingest("pumps", &f.file("h.csv", &history)).unwrap();
+    let jan2 =
+        SnapshotOptions { as_of: Some(micros("2026-01-02T00:00:00Z")), ..Default::default() };
+    let table = f.snapshot("pumps", &jan2);
+    assert_eq!(table.spec().entities, 2, "p3 has no row by then");
+    assert_eq!(table.get("p1").unwrap().unwrap().values[0], Value::F32(50.0));
+    assert_eq!(table.get("p2").unwrap().unwrap().time, Some(micros("2026-01-02T00:00:00Z")));
+    let listed = SnapshotOptions {
+        entities: Some(vec!["p3".into(), "p1".into(), "p9".into(), "p1".into()]),
+        ..Default::default()
+    };
+    let table = f.snapshot("pumps", &listed);
+    assert_eq!(table.spec().entities, 2);
+    assert_eq!(table.get("p1").unwrap().unwrap().values[0], Value::F32(70.0));
+    assert!(table.get("p2").unwrap().is_none());
+    let filtered =
+        SnapshotOptions { filter: Some("temperature > 60".into()), ..Default::default() };
+    let table = f.snapshot("pumps", &filtered);
+    assert_eq!(table.spec().entities, 2, "p1 (70) and p3 (90)");
+
+    // Labels joined to the latest values at or before their own time, never after.
+    let labels = f.file(
+        "labels.csv",
+        "pump_id,event_time,failed\np1,2026-01-02T00:00:00Z,0\np1,2026-01-04T00:00:00Z,1\np3,2026-01-01T00:00:00Z,0\np2,2026-01-02T00:00:00Z,1\n",
+    );
+    let out = f.dir.path().join("train.csv");
+    let exported = f
+        .db
+        .run_sync(|sql| Ok(export::export(&sql, "pumps", &labels, "labels.csv", &out, Format::Csv)))
+        .unwrap()
+        .unwrap();
+    assert_eq!((exported.rows, exported.matched, exported.version), (4, 3, 1));
+    let text = std::fs::read_to_string(&out).unwrap();
+    let lines: Vec<_> = text.lines().collect();
+    assert_eq!(
+        lines,
+        [
+            "pump_id,event_time,failed,feature_time,temperature,pressure,starts,running,mode,operator",
+            "p1,2026-01-02T00:00:00Z,0,2026-01-01T00:00:00Z,50,,,,auto,ann",
+            "p1,2026-01-04T00:00:00Z,1,2026-01-03T00:00:00Z,70,,,,manual,bob",
+            "p3,2026-01-01T00:00:00Z,0,,,,,,,",
+            "p2,2026-01-02T00:00:00Z,1,2026-01-02T00:00:00Z,40,,,,auto,",
+        ]
+    );
+
+    // A snapshot's record, and its replacement when the same version is built again.
+    let keyring = Keyring::new(1, &[7; 32]);
+    let (spec, _) =
+        f.db.run_sync(|sql| Ok(snapshot::build(&sql, "pumps", &jan2, &keyring, 0, Vec::new())))
+            .unwrap()
+            .unwrap();
+    f.db.run_sync(|sql| snapshot::record(&sql, &spec, 1, at(5))).unwrap();
+    f.db.run_sync(|sql| snapshot::record(&sql, &spec, 2, at(6))).unwrap();
+    f.db.run_sync(|sql| snapshot::record(&sql, &spec, 2, at(7))).unwrap();
+    let records: Vec<(i64, i64, i64, String)> = f
+        .db
+        .run_sync(|sql| {
+            sql.query_map(
+                "SELECT version, built_at, entities, scope FROM snapshots WHERE view = $1 ORDER BY version",
+                params!["pumps"],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+        })
+        .unwrap();
+    let t = |n| at(n).unix() as i64;
+    assert_eq!(records, [(1, t(5), 2, "all".into()), (2, t(7), 2, "all".into())]);
+}
+
+/// A file giving each of `entities` pumps the temperature `value` at `time`, in
+/// ascending or descending order of entity.
+fn pumps_file(entities: usize, time: &str, value: u32, descending: bool) -> String {
+    let mut text = format!("{HEADER}\n");
+    let mut ids: Vec<usize> = (0..entities).collect();
+    if descending {
+        ids.reverse();
+    }
+    for i in ids {
+        let _ = writeln!(text, "p{i:04},{time},{value},,,,auto,");
+    }
+    text
+}
+
+fn two_ingests_into_one_view_at_once_both_land_one_after_the_other(db: &Db) {
+    const N: usize = 300;
+    let f = Features::with_pumps(db);
+    // The same rows in opposite orders: written at once, row by row, each would wait on
+    // the other's rows (a deadlock on PostgreSQL without the view's lock).
+    let up = f.file("up.csv", &pumps_file(N, "2026-01-01T00:00:00Z", 1, false));
+    let down = f.file("down.csv", &pumps_file(N, "2026-01-01T00:00:00Z", 2, true));
+    for _ in 0..3 {
+        let (a, b) = std::thread::scope(|s| {
+            let a = s.spawn(|| f.ingest("pumps", &up));
+            let b = s.spawn(|| f.ingest("pumps", &down));
+            (a.join().unwrap().unwrap(), b.join().unwrap().unwrap())
+        });
+        assert_eq!((a.rows, b.rows), (N as u64, N as u64));
+        assert_eq!(f.counts("pumps"), (N as u64, N as u64));
+        // Every row is the later ingest's, whole.
+        let last = if a.id > b.id { 1 } else { 2 };
+        let rows: Vec<(i64, f64)> =
+            f.db.run_sync(|sql| {
+                sql.query_map("SELECT ingest, temperature FROM \"fv_pumps_1\"", params![], |r| {
+                    Ok((r.get(0)?, r.get(1)?))
+                })
+            })
+            .unwrap();
+        assert!(
+            rows.iter().all(|&(id, t)| id == a.id.max(b.id) && t == f64::from(last)),
+            "ingests {} and {}: {:?}",
+            a.id,
+            b.id,
+            &rows[..5]
+        );
+    }
+}
+
+fn a_snapshot_built_while_rows_arrive_sees_whole_ingests(db: &Db) {
+    const N: usize = 200;
+    const ROUNDS: u32 = 12;
+    let f = Features::with_pumps(db);
+    f.ingest("pumps", &f.file("0.csv", &pumps_file(N, "2026-01-01T00:00:00Z", 0, false))).unwrap();
+    let files: Vec<PathBuf> = (1..=ROUNDS)
+        .map(|round| {
+            let time = format!("2026-01-01T00:{round:02}:00Z");
+            f.file(&format!("{round}.csv"), &pumps_file(N, &time, round, round % 2 == 0))
+        })
+        .collect();
+    let ids: Vec<String> = (0..N).map(|i| format!("p{i:04}")).collect();
+    let done = AtomicBool::new(false);
+    let seen = std::thread::scope(|s| {
+        let writer = s.spawn(|| {
+            for file in &files {
+                f.ingest("pumps", file).unwrap();
+            }
+            done.store(true, Ordering::Release);
+        });
+        // Snapshots keep being built until the last ingest is in (one more after it).
+        let mut seen = BTreeSet::new();
+        loop {
+            let last = done.load(Ordering::Acquire);
+            for options in [
+                SnapshotOptions { entities: Some(ids.clone()), ..Default::default() },
+                SnapshotOptions::default(),
+            ] {
+                let table = f.snapshot("pumps", &options);
+                let values: BTreeSet<String> = ids
+                    .iter()
+                    .map(|id| format!("{:?}", table.get(id).unwrap().unwrap().values[0]))
+                    .collect();
+                assert_eq!(values.len(), 1, "a snapshot saw part of an ingest: {values:?}");
+                seen.extend(values);
+            }
+            if last {
+                break;
+            }
+        }
+        writer.join().unwrap();
+        seen
+    });
+    assert!(seen.contains(&format!("{:?}", Value::F32(ROUNDS as f32))), "{seen:?}");
+}
+
+fn pii_keys_made_and_rotated_at_once_take_one_version_each(db: &Db) {
+    let f = Features::new(db);
+    let keys = f.dir.path().join("keys");
+    std::fs::create_dir(&keys).unwrap();
+    let vault = Vault::open(&keys, None).unwrap();
+    // Four replicas opening the store for the first time at once: one version 1.
+    let current: Vec<u32> = std::thread::scope(|s| {
+        let opens: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| PiiKeys::open(&f.db, &vault, REGION, at(0)).map(|k| k.current())))
+            .collect();
+        opens.into_iter().map(|o| o.join().unwrap().unwrap()).collect()
+    });
+    assert_eq!(current, [1, 1, 1, 1]);
+    let secret = std::fs::read(keys.join(pii_keys::file_name(REGION, 1))).unwrap();
+    // Four rotations at once: versions 2 to 5, one each, each with its own file.
+    let overlap = Duration::from_secs(3600);
+    let mut rotated: Vec<(u32, u32)> = std::thread::scope(|s| {
+        let rotations: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| pii_keys::rotate(&f.db, &vault, REGION, overlap, at(10))))
+            .collect();
+        rotations
+            .into_iter()
+            .map(|r| {
+                let (rotated, _) = r.join().unwrap().unwrap();
+                assert!(rotated.file.is_file(), "{}", rotated.file.display());
+                (rotated.previous, rotated.version)
+            })
+            .collect()
+    });
+    rotated.sort_unstable();
+    assert_eq!(rotated, [(1, 2), (2, 3), (3, 4), (4, 5)]);
+    let versions = f.db.run_sync(|sql| pii_keys::list(&sql)).unwrap();
+    let listed: Vec<_> = versions.iter().map(|v| (v.version, v.overlap_until)).collect();
+    let until = Some(at(10).saturating_add(overlap));
+    assert_eq!(listed, [(5, None), (4, until), (3, until), (2, until), (1, until)]);
+    assert_eq!(std::fs::read(keys.join(pii_keys::file_name(REGION, 1))).unwrap(), secret);
+    let loaded = PiiKeys::open(&f.db, &vault, REGION, at(20)).unwrap();
+    assert_eq!(loaded.current(), 5);
+    // After the overlap only the current version is used.
+    let later = PiiKeys::open(&f.db, &vault, REGION, at(10_000)).unwrap();
+    assert_eq!(format!("{later:?}"), format!("PiiKeys({REGION}, versions [5])"));
+}
+
+fn the_feature_schema_is_the_same_on_both_and_migrates_once(db: &Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite =
+        Db::open_with(&dir.path().join(store::FEATURES_DB_FILE), store::MIGRATIONS).unwrap();
+    let sqlite_columns: BTreeSet<(String, String)> = sqlite
+        .run_sync(|sql| {
+            sql.query_map(
+                "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
+                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap()
+        .into_iter()
+        .collect();
+    assert_eq!(sqlite_columns.len(), 24, "{sqlite_columns:?}");
+    if db.backend() == Backend::Sqlite {
+        // Nothing to do there: `features.db` is migrated when opened.
+        store::migrate_postgres(db).unwrap();
+        return;
+    }
+    // Replicas starting together migrate once.
+    std::thread::scope(|s| {
+        let runs: Vec<_> = (0..3).map(|_| s.spawn(|| store::migrate_postgres(db))).collect();
+        for run in runs {
+            run.join().unwrap().unwrap();
+        }
+    });
+    let tables: Vec<String> = sqlite_columns.iter().map(|(t, _)| t.clone()).collect();
+    let pg_columns: BTreeSet<(String, String)> = db
+        .run_sync(|sql| {
+            sql.query_map(
+                "SELECT table_name::TEXT, column_name::TEXT FROM information_schema.columns
+                 WHERE table_schema = 'public'",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap()
+        .into_iter()
+        .filter(|(t, _): &(String, String)| tables.contains(t))
+        .collect();
+    assert_eq!(sqlite_columns, pg_columns);
+    // The control plane's schema history is its own, untouched.
+    let versions = db
+        .run_sync(|sql| {
+            Ok((
+                sql.query_row("SELECT version FROM feature_schema_version", params![], |r| {
+                    r.get::<i64>(0)
+                })?,
+                sql.query_row("SELECT version FROM schema_version", params![], |r| {
+                    r.get::<i64>(0)
+                })?,
+            ))
+        })
+        .unwrap();
+    assert_eq!(versions.0, store::PG_MIGRATIONS.len() as i64);
+    assert!(versions.1 >= 1);
+    db.run_sync(|sql| sql.execute("UPDATE feature_schema_version SET version = 99", params![]))
+        .unwrap();
+    let err = store::migrate_postgres(db).unwrap_err();
+    assert!(matches!(err, MigrateError::TooNew { found: 99, .. }), "{err}");
+    assert!(err.to_string().contains("supports up to"), "{err}");
+}
