@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::gate::{self, Source};
 use super::rules::{self, Access, Permission as P, Role, TOKEN_TTL};
-use super::store::{self, Lock, Refusal};
+use super::store::{self, Lock, NotOpened, Refusal};
 use super::{Principal, Routes, Via, WhoAmI, password};
 use crate::admin::{Api, ApiError, ApiResult, json_response};
 use crate::audit::{self, Actor};
@@ -173,13 +173,26 @@ pub(crate) async fn login_as(
             format!("user {user} is disabled"),
         ));
     }
-    let (u, a) = (user.clone(), address.clone());
-    let opened = api
+    let (u, a, checked) = (user.clone(), address.clone(), found.password.clone());
+    let opened = match api
         .shared
         .db
-        .run(move |sql| store::login_succeeded(&sql, &u, a.as_deref(), &policy, at))
+        .run(move |sql| store::login_succeeded(&sql, &u, &checked, a.as_deref(), &policy, at))
         .await?
-        .map_err(locked)?;
+    {
+        Ok(opened) => opened,
+        Err(NotOpened::Locked(lock)) => return Err(locked(lock)),
+        Err(NotOpened::Changed) => {
+            failed("user changed during the login".into(), false).await?;
+            return Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!(
+                    "user {user} was removed, disabled or given another password while logging in; try again"
+                ),
+            ));
+        }
+    };
     tracing::info!(%user, session = %opened.id, "logged in");
     let sessions = api.auth.sessions;
     Ok(LoginView {

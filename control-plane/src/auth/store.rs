@@ -484,21 +484,38 @@ pub struct NewSession {
     pub id: String,
 }
 
-/// Opens a session for `user` after a correct password, unless a lock started
-/// meanwhile. The user's earlier failures no longer count towards its lockout (they
-/// still count for the address).
+/// Why a session was not opened after a correct password.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotOpened {
+    /// A lock started meanwhile.
+    Locked(Lock),
+    /// The user was removed or disabled, or its password changed, since the password
+    /// was checked.
+    Changed,
+}
+
+/// Opens a session for `user`, whose password was checked against the hash `checked`,
+/// unless a lock started meanwhile or the user changed (removed, disabled, another
+/// password): its row is locked, so that a removal or a disabling at once either comes
+/// first and refuses the login or comes after and ends the session. The user's earlier
+/// failures no longer count towards its lockout (they still count for the address).
 pub fn login_succeeded<C: AsSql + ?Sized>(
     conn: &C,
     user: &str,
+    checked: &str,
     address: Option<&str>,
     policy: &LoginPolicy,
     now: Timestamp,
-) -> Result<Result<NewSession, Lock>, C::Error> {
+) -> Result<Result<NewSession, NotOpened>, C::Error> {
     let sql = conn.sql();
     let tx = sql.transaction_immediate()?;
     lock_logins(&tx, user, address)?;
     if let Some(lock) = lock_at(&tx, user, address, policy, now)? {
-        return Ok(Err(lock));
+        return Ok(Err(NotOpened::Locked(lock)));
+    }
+    match stored(&tx, user, true)? {
+        Some(s) if !s.disabled && s.password == checked => {}
+        _ => return Ok(Err(NotOpened::Changed)),
     }
     let (token, sha) = new_secret(SESSION_PREFIX);
     let id = crate::secrets::random_hex::<8>();

@@ -9,7 +9,7 @@ use falaj_common::audit::{Entry, verify};
 use falaj_common::keys::SigningKey;
 use falaj_common::time::Timestamp;
 use falaj_control::audit::{self, Actor, AuditQuery};
-use falaj_control::auth::store::{self, Lock, Refusal, Resolved};
+use falaj_control::auth::store::{self, Lock, NotOpened, Refusal, Resolved};
 use falaj_control::auth::{LoginPolicy, Principal, Role, SessionPolicy, Via};
 use falaj_control::console::pages::audit::chain_status;
 use falaj_control::db::{self, Db};
@@ -32,6 +32,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
     ("a_name_taken_at_once_is_taken_once", a_name_taken_at_once_is_taken_once),
     ("a_session_used_at_once_keeps_its_latest_use", a_session_used_at_once_keeps_its_latest_use),
     ("the_audit_log_lists_exports_and_prunes", the_audit_log_lists_exports_and_prunes),
+    (
+        "a_user_disabled_or_removed_while_logging_in_keeps_no_session",
+        a_user_disabled_or_removed_while_logging_in_keeps_no_session,
+    ),
     (
         "checkpoints_and_prunes_at_once_sign_and_delete_once",
         checkpoints_and_prunes_at_once_sign_and_delete_once,
@@ -58,9 +62,17 @@ fn add(db: &Db, name: &str, role: Role) {
 }
 
 fn login(db: &Db, user: &str, now: Timestamp) -> store::NewSession {
-    db.run_sync(|sql| store::login_succeeded(&sql, user, Some("192.0.2.1"), &policy(), now))
+    let checked = db
+        .run_sync(|sql| store::attempt(&sql, user, None, &policy(), now))
         .unwrap()
-        .expect("not locked")
+        .user
+        .expect("the user exists")
+        .password;
+    db.run_sync(|sql| {
+        store::login_succeeded(&sql, user, &checked, Some("192.0.2.1"), &policy(), now)
+    })
+    .unwrap()
+    .expect("not locked")
 }
 
 fn resolve(db: &Db, token: &str, now: Timestamp) -> Resolved {
@@ -136,6 +148,11 @@ fn users_and_their_sessions_round_trip(db: &Db) {
         .unwrap()
         .unwrap();
     refused(&resolve(db, &second.token, at(42)), "ended");
+    // Changed since its password was checked: another password, disabled.
+    let stale = |now| {
+        db.run_sync(|sql| store::login_succeeded(&sql, "bob", PHC, None, &policy(), now)).unwrap()
+    };
+    assert_eq!(stale(at(43)).unwrap_err(), NotOpened::Changed);
     let third = login(db, "bob", at(50));
     assert!(db.run_sync(|sql| store::end_session(&sql, &third.id, at(51))).unwrap());
     assert!(!db.run_sync(|sql| store::end_session(&sql, &third.id, at(52))).unwrap());
@@ -144,6 +161,10 @@ fn users_and_their_sessions_round_trip(db: &Db) {
     let fourth = login(db, "bob", at(60));
     db.run_sync(|sql| store::remove_user(&sql, "bob", at(61))).unwrap().unwrap();
     assert_eq!(resolve(db, &fourth.token, at(62)), Resolved::Unknown);
+    let removed = db.run_sync(|sql| {
+        store::login_succeeded(&sql, "bob", "$argon2id$other", None, &policy(), at(62))
+    });
+    assert_eq!(removed.unwrap().unwrap_err(), NotOpened::Changed);
     let gone = db.run_sync(|sql| store::remove_user(&sql, "bob", at(63))).unwrap();
     assert_eq!(gone, Err(Refusal::NoUser("bob".into())));
     assert_eq!(count(db, "sessions"), 0);
@@ -250,8 +271,8 @@ fn failed_logins_lock_the_user_then_the_address(db: &Db) {
     let attempt = db.run_sync(|sql| store::attempt(&sql, "dave", address, &policy, at(4))).unwrap();
     assert_eq!(attempt.lock, Some(lock));
     let opened =
-        db.run_sync(|sql| store::login_succeeded(&sql, "dave", address, &policy, at(4))).unwrap();
-    assert_eq!(opened.unwrap_err(), lock);
+        db.run_sync(|sql| store::login_succeeded(&sql, "dave", PHC, address, &policy, at(4)));
+    assert_eq!(opened.unwrap().unwrap_err(), NotOpened::Locked(lock));
 
     // Two more from the address, for unknown users: the address is locked for everyone.
     assert_eq!(fail("x", true, at(5)), None);
@@ -265,7 +286,8 @@ fn failed_logins_lock_the_user_then_the_address(db: &Db) {
     assert_eq!(lock_of("dave", Some("10.0.0.2"), at(303)), None, "the lock ended");
 
     // A successful login: the user's earlier failures no longer count.
-    let opened = db.run_sync(|sql| store::login_succeeded(&sql, "dave", None, &policy, at(400)));
+    let opened =
+        db.run_sync(|sql| store::login_succeeded(&sql, "dave", PHC, None, &policy, at(400)));
     assert!(opened.unwrap().is_ok());
     for i in 0..2 {
         let failed = db.run_sync(|sql| {
@@ -388,6 +410,54 @@ fn a_name_taken_at_once_is_taken_once(db: &Db) {
     assert_eq!(actions(db, "user.add").len(), 1);
     assert_eq!(actions(db, "apitoken").len(), 2);
     assert_eq!(actions(db, "auth.logout").len(), 1);
+}
+
+fn a_user_disabled_or_removed_while_logging_in_keeps_no_session(db: &Db) {
+    add(db, "kim", Role::Viewer);
+    add(db, "lee", Role::Viewer);
+    // Logins whose password was checked, at once with the user's disabling or removal:
+    // each comes before (and its session is ended) or after (and is refused), none fails.
+    for (user, change) in [("kim", "disable"), ("lee", "remove")] {
+        let opened: Vec<Result<store::NewSession, NotOpened>> = std::thread::scope(|s| {
+            let logins: Vec<_> = (0..6)
+                .map(|i| {
+                    s.spawn(move || {
+                        let address = format!("10.3.0.{i}");
+                        db.run_sync(|sql| {
+                            let a = Some(address.as_str());
+                            store::login_succeeded(&sql, user, PHC, a, &policy(), at(10))
+                        })
+                        .unwrap()
+                    })
+                })
+                .collect();
+            s.spawn(move || {
+                if change == "disable" {
+                    db.run_sync(|sql| store::set_disabled(&sql, user, true, at(10)))
+                } else {
+                    db.run_sync(|sql| store::remove_user(&sql, user, at(10)))
+                }
+                .unwrap()
+                .unwrap();
+            });
+            logins.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(opened.iter().all(|o| o.is_ok() || matches!(o, Err(NotOpened::Changed))));
+        let live: i64 = db
+            .run_sync(|sql| {
+                sql.query_row(
+                    r#"SELECT COUNT(*) FROM sessions WHERE "user" = $1 AND revoked_at IS NULL"#,
+                    params![user],
+                    |r| r.get(0),
+                )
+            })
+            .unwrap();
+        assert_eq!(live, 0, "{user} after its {change}: {opened:?}");
+        for session in opened.iter().flatten() {
+            let resolved = resolve(db, &session.token, at(11));
+            assert!(!matches!(resolved, Resolved::Valid(_)), "{user} after its {change}");
+        }
+    }
 }
 
 fn a_session_used_at_once_keeps_its_latest_use(db: &Db) {
