@@ -421,8 +421,8 @@ async fn prometheus(State(api): State<Api>) -> ApiResult<Response> {
     let stored = api
         .shared
         .db
-        .call(|c| {
-            let agents = db::agents(c)?;
+        .run(|sql| {
+            let agents = db::agents(&sql)?;
             Ok(Stored {
                 agents: agents.iter().filter(|a| a.revoked_at.is_none()).count() as u64,
                 agents_with_errors: agents
@@ -432,8 +432,8 @@ async fn prometheus(State(api): State<Api>) -> ApiResult<Response> {
                             && a.actual.as_ref().is_some_and(|s| !s.errors.is_empty())
                     })
                     .count() as u64,
-                alerts_firing: crate::alerts::firing(c)?.len() as u64,
-                rollouts: crate::rollouts::latest_each(c)?,
+                alerts_firing: crate::alerts::firing(&sql)?.len() as u64,
+                rollouts: crate::rollouts::latest_each(&sql)?,
             })
         })
         .await?;

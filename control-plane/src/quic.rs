@@ -203,9 +203,9 @@ async fn enroll_connection(shared: &Shared, conn: quinn::Connection) {
                 let (at, detail) = (Timestamp::from_system(SystemTime::now()), reason.clone());
                 let recorded = shared
                     .db
-                    .call(move |c| {
+                    .run(move |sql| {
                         let details = serde_json::json!({ "reason": detail });
-                        audit::record(c, at, "enroll", "enrollment", Outcome::Refused, details)
+                        audit::record(&sql, at, "enroll", "enrollment", Outcome::Refused, details)
                     })
                     .await;
                 if let Err(e) = recorded {
@@ -251,7 +251,7 @@ async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, S
     };
     // The same token and CSR again: an agent interrupted after the answer, asking again.
     let asked = token_use.clone();
-    let again = shared.db.call(move |c| db::enrolled_by(c, &asked)).await.map_err(internal)?;
+    let again = shared.db.run(move |sql| db::enrolled_by(&sql, &asked)).await.map_err(internal)?;
     let agent_id = again.unwrap_or_else(|| format!("agent-{}", crate::secrets::random_hex::<6>()));
     let issued = shared
         .ca
@@ -267,8 +267,8 @@ async fn enroll(shared: &Shared, request: EnrollRequest) -> Result<Enrollment, S
     let region = shared.region.clone();
     let group = shared
         .db
-        .call(move |conn| {
-            db::enroll(conn, &token_use, &region, &agent, Timestamp::from_system(now))
+        .run(move |mut sql| {
+            db::enroll(&mut sql, &token_use, &region, &agent, Timestamp::from_system(now))
         })
         .await
         .map_err(internal)?
@@ -297,7 +297,7 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     };
     let valid = {
         let (agent, serial) = (agent.clone(), serial.clone());
-        shared.db.call(move |c| db::certificate_valid(c, &agent, &serial)).await
+        shared.db.run(move |sql| db::certificate_valid(&sql, &agent, &serial)).await
     };
     if !matches!(valid, Ok(true)) {
         tracing::warn!(%agent, %serial, remote = %conn.remote_address(), "refused a revoked or unknown agent certificate");
@@ -326,7 +326,7 @@ async fn agent_connection(shared: Arc<Shared>, conn: quinn::Connection) {
     // commits after this check finds the session registered and closes it.
     let still_valid = {
         let (agent, serial) = (agent.clone(), serial.clone());
-        shared.db.call(move |c| db::certificate_valid(c, &agent, &serial)).await
+        shared.db.run(move |sql| db::certificate_valid(&sql, &agent, &serial)).await
     };
     if !matches!(still_valid, Ok(true)) {
         tracing::warn!(%agent, %serial, "agent revoked while connecting; session closed");
@@ -484,8 +484,15 @@ async fn renew(shared: &Shared, agent: &str, current: &str, csr_der: &[u8]) {
             let current = current.to_owned();
             let recorded = shared
                 .db
-                .call(move |c| {
-                    let tx = c.transaction()?;
+                .run(move |sql| {
+                    let tx = sql.transaction()?;
+                    // The agent's row locked while deciding (PostgreSQL), so that a
+                    // revocation committing meanwhile is seen, or waits for this.
+                    tx.query_map(
+                        &format!("SELECT id FROM agents WHERE id = $1{}", tx.for_update()),
+                        crate::sql::params![id],
+                        |r| r.get::<String>(0),
+                    )?;
                     if !db::certificate_valid(&tx, &id, &current)? {
                         return Ok(false);
                     }
@@ -539,7 +546,8 @@ async fn fetchable(
     cache: &Fetchable,
 ) -> Result<Arc<HashSet<Sha256>>, String> {
     let id = agent.to_owned();
-    let issued = shared.db.call(move |c| db::desired(c, &id)).await.map_err(|e| e.to_string())?;
+    let issued =
+        shared.db.run(move |sql| db::desired(&sql, &id)).await.map_err(|e| e.to_string())?;
     let Some(issued) = issued else { return Ok(Arc::default()) };
     let mut cache = cache.lock().await;
     if let Some((version, set)) = cache.as_ref().filter(|(v, _)| *v == issued.version) {

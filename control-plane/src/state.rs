@@ -355,8 +355,11 @@ impl Shared {
         let keyring = self.keyring();
         let ttl = self.policy.desired_ttl;
         self.db
-            .call(move |conn| {
-                let tx = conn.transaction()?;
+            .run(move |sql| {
+                let tx = sql.transaction()?;
+                // The agent's row first, locked until the end on PostgreSQL (see
+                // `db::desired_for_update`): replicas issue its documents one at a time.
+                let previous = db::desired_for_update(&tx, &agent_id)?;
                 let group = db::agent(&tx, &agent_id)?.map(|a| a.group).unwrap_or_default();
                 let mut bundles: Vec<DesiredBundle> = db::deployments(&tx, &group)?
                     .into_iter()
@@ -395,7 +398,6 @@ impl Shared {
                 }
                 let content = content_sha256(&bundles, &jobs, &rollouts);
                 let now = Timestamp::from_system(now);
-                let previous = db::desired(&tx, &agent_id)?;
                 if let Some(p) = &previous {
                     let fresh = now.saturating_add(ttl / 2) < p.expires;
                     if p.content_sha256 == content
@@ -437,7 +439,7 @@ impl Shared {
         let agents: Vec<String> = match group {
             Some(group) => {
                 let group = group.to_owned();
-                self.db.call(move |conn| db::group_agents(conn, &group)).await?
+                self.db.run(move |sql| db::group_agents(&sql, &group)).await?
             }
             None => self
                 .sessions

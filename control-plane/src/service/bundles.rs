@@ -12,7 +12,11 @@ use super::{ServiceError, ServiceResult};
 use crate::db::{self, BundleRow};
 use crate::monitoring;
 use crate::push;
+use crate::sql::{Backend, params};
 use crate::state::Shared;
+
+/// The PostgreSQL advisory lock held while a bundle is registered (see [`register`]).
+const REGISTER_LOCK: i64 = 0x4661_6c61_6a00_0202;
 
 /// A bundle as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -57,7 +61,7 @@ pub struct PushedView {
 
 /// Every registered bundle.
 pub(crate) async fn bundles(shared: &Shared) -> ServiceResult<Vec<BundleView>> {
-    let rows = shared.db.call(|c| db::bundles(c)).await?;
+    let rows = shared.db.run(|sql| db::bundles(&sql)).await?;
     Ok(rows.iter().map(BundleView::from).collect())
 }
 
@@ -89,8 +93,8 @@ pub(crate) async fn register(
             let details = json!({ "reason": reason });
             state
                 .db
-                .call(move |c| {
-                    crate::audit::record(c, at, "push", "bundle", Outcome::Refused, details)
+                .run(move |sql| {
+                    crate::audit::record(&sql, at, "push", "bundle", Outcome::Refused, details)
                 })
                 .await?;
             return Err(ServiceError::Refused(e.to_string()));
@@ -103,8 +107,13 @@ pub(crate) async fn register(
         let reference = pushed.manifest.model().and_then(|m| m.reference.clone());
         state
             .db
-            .call(move |c| {
-                let tx = c.transaction()?;
+            .run(move |sql| {
+                let tx = sql.transaction()?;
+                // Two pushes of one bundle at once register it once: the second waits and
+                // finds it (PostgreSQL; SQLite's write lock does that there).
+                if tx.backend() == Backend::Postgres {
+                    tx.execute("SELECT pg_advisory_xact_lock($1)", params![REGISTER_LOCK])?;
+                }
                 let existing = db::bundle(&tx, &row.name, row.version)?;
                 if existing.is_none() {
                     db::insert_bundle(&tx, &row)?;

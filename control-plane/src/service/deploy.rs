@@ -24,7 +24,7 @@ pub struct DeploymentView {
 
 /// Every deployment, by group and model.
 pub(crate) async fn deployments(shared: &Shared) -> ServiceResult<Vec<DeploymentView>> {
-    let rows = shared.db.call(|c| db::all_deployments(c)).await?;
+    let rows = shared.db.run(|sql| db::all_deployments(&sql)).await?;
     Ok(rows
         .into_iter()
         .map(|(group, name, version)| DeploymentView { group, name, version })
@@ -44,8 +44,11 @@ pub(crate) async fn deploy_version(
     let (g, n) = (group.to_owned(), name.to_owned());
     let deployed = shared
         .db
-        .call(move |c| {
-            let tx = c.transaction()?;
+        .run(move |sql| {
+            let tx = sql.transaction()?;
+            // Not while a rollout of it starts elsewhere (PostgreSQL: under the lock a
+            // start takes; SQLite's write lock, there).
+            crate::rollouts::lock_starts(&tx)?;
             if db::bundle(&tx, &n, version)?.is_none() {
                 return Ok(Err(ServiceError::NotFound(format!(
                     "no bundle {n}@{version}; push it first"
@@ -71,8 +74,9 @@ pub(crate) async fn undeploy(shared: &Shared, group: &str, name: &str) -> Servic
     let (g, n) = (group.to_owned(), name.to_owned());
     let undeployed = shared
         .db
-        .call(move |c| {
-            let tx = c.transaction()?;
+        .run(move |sql| {
+            let tx = sql.transaction()?;
+            crate::rollouts::lock_starts(&tx)?;
             if let Some(r) = crate::rollouts::under_way(&tx, &g, &n)? {
                 return Ok(Err(rollout_under_way(&r)));
             }

@@ -33,7 +33,8 @@ pub struct StatusView {
 
 /// The daemon's status: its region and CA, how many agents and bundles it has.
 pub(crate) async fn status(shared: &Shared) -> ServiceResult<StatusView> {
-    let (agents, bundles) = shared.db.call(|c| Ok((db::agents(c)?, db::bundles(c)?))).await?;
+    let (agents, bundles) =
+        shared.db.run(|sql| Ok((db::agents(&sql)?, db::bundles(&sql)?))).await?;
     let connected = shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
     Ok(StatusView {
         region: shared.region.clone(),
@@ -88,7 +89,7 @@ pub(crate) async fn enrollment_token(
         expires: token.expires,
     };
     let secret_sha = token.secret_sha256();
-    shared.db.call(move |c| db::insert_token(c, &row, secret_sha, now)).await?;
+    shared.db.run(move |sql| db::insert_token(&sql, &row, secret_sha, now)).await?;
     Ok(NewEnrollmentToken {
         token: token.to_string(),
         id: token.id_hex(),
@@ -181,7 +182,7 @@ fn agent_view(row: AgentRow, connected: bool, now: Timestamp, heartbeat: Duratio
 /// Every agent as the fleet view shows it.
 pub(crate) async fn agent_views(shared: &Shared) -> ServiceResult<Vec<AgentView>> {
     shared.flush_seen().await?;
-    let rows = shared.db.call(|c| db::agents(c)).await?;
+    let rows = shared.db.run(|sql| db::agents(&sql)).await?;
     let now = Timestamp::from_system(SystemTime::now());
     Ok(rows
         .into_iter()
@@ -204,7 +205,7 @@ pub struct RevokedView {
 pub(crate) async fn revoke(shared: &Shared, id: &str) -> ServiceResult<RevokedView> {
     let now = Timestamp::from_system(SystemTime::now());
     let agent = id.to_owned();
-    if !shared.db.call(move |c| db::revoke(c, &agent, now)).await? {
+    if !shared.db.run(move |sql| db::revoke(&sql, &agent, now)).await? {
         return Err(ServiceError::NotFound(format!("no agent {id:?}")));
     }
     shared.disconnect(id, crate::quic::CLOSE_REFUSED, "agent revoked");

@@ -65,7 +65,7 @@ pub(crate) async fn re_sign(
     };
     let rows: Vec<BundleRow> = shared
         .db
-        .call(|c| db::bundles(c))
+        .run(|sql| db::bundles(&sql))
         .await?
         .into_iter()
         .filter(|r| wanted.as_ref().is_none_or(|(n, v)| r.name == *n && r.version == *v))
@@ -104,8 +104,8 @@ pub(crate) async fn re_sign(
             let (at, target) = (Timestamp::from_system(SystemTime::now()), view.bundle.clone());
             shared
                 .db
-                .call(move |c| {
-                    let tx = c.transaction()?;
+                .run(move |sql| {
+                    let tx = sql.transaction()?;
                     db::re_sign_bundle(&tx, &old, &new)?;
                     crate::audit::record(&tx, at, "re-sign", &target, Outcome::Success, details)?;
                     tx.commit()

@@ -1,10 +1,15 @@
 //! The rollouts module's storage on both databases (cases listed in [`CASES`], run by
 //! `main` as `NAME::sqlite` and `NAME::postgres`): starts refused and numbered, "latest"
 //! by order of creation (no `rowid` on PostgreSQL), every step and its event, and
-//! replicas stepping or starting at once (one step wins, ids stay apart).
+//! replicas stepping or starting at once (one step wins, ids stay apart); and the
+//! desired-state documents that carry rollouts (`Shared::desired_for`), issued at once
+//! through several connections without a version given to two documents.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
 
+use falaj_common::desired::DesiredState;
 use falaj_common::rollout::Strategy;
 use falaj_common::time::Timestamp;
 use falaj_control::db::{self, Db};
@@ -12,8 +17,10 @@ use falaj_control::rollouts::{
     self, ActError, Action, Rollout, RolloutState, StartError, StartRequest,
 };
 use falaj_control::sql::params;
+use falaj_control::state::{Policy, Shared};
+use falaj_control::{audit, blobs, ca, keyring, keys, vault};
 
-use crate::{Body, at, bundle};
+use crate::{Body, REGION, at, bundle, enrolled};
 
 /// This module's cases: each body runs once on SQLite and once on PostgreSQL.
 pub(crate) const CASES: &[(&str, Body)] = &[
@@ -25,6 +32,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
     (
         "concurrent_starts_get_their_own_ids_and_one_per_group",
         concurrent_starts_get_their_own_ids_and_one_per_group,
+    ),
+    (
+        "documents_issued_at_once_through_several_connections_never_share_a_version",
+        documents_issued_at_once_through_several_connections_never_share_a_version,
     ),
 ];
 
@@ -262,4 +273,60 @@ fn concurrent_starts_get_their_own_ids_and_one_per_group(db: &Db) {
     assert_eq!(ids, ["ro-1", "ro-2", "ro-3", "ro-4", "ro-5", "ro-6"].into_iter().collect());
     let each = db.run_sync(|sql| rollouts::latest_each(&sql)).unwrap();
     assert_eq!(each.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), groups);
+}
+
+/// The daemon's shared state over `db`, with keys, CA and blobs made in `dir`.
+fn shared(db: &Db, dir: &std::path::Path) -> Arc<Shared> {
+    let now = SystemTime::now();
+    let keys_dir = dir.join("keys");
+    keys::init(&keys_dir, &keys::InitOptions::new(REGION), now).unwrap();
+    let vault = Arc::new(vault::Vault::open_from(&keys_dir, None).unwrap());
+    let ca = ca::Ca::load_or_create(&vault, REGION, now).unwrap();
+    let keyring = keyring::Keyring::load(&vault, now).unwrap();
+    let audit_key = audit::key::load_or_create(&vault).unwrap();
+    let blobs = Arc::new(blobs::FsBlobStore::open(&dir.join("blobs")).unwrap());
+    Arc::new(Shared::new(db.clone(), blobs, ca, (keyring, vault), audit_key, Policy::default()))
+}
+
+/// Documents for one agent (whose group has a rollout under way) asked for at once, as
+/// replicas would, each at a time past the last one's half-life, so that each may issue
+/// a new version: a version is never given to two different documents, and the stored
+/// one is the highest.
+fn documents_issued_at_once_through_several_connections_never_share_a_version(db: &Db) {
+    seed(db, &["edge"]);
+    db.run_sync(|sql| enrolled(sql, "t", "a")).unwrap();
+    start(db, &request("edge", Strategy::Canary, 2), at(0)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let shared = shared(db, dir.path());
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(4).enable_all().build().unwrap();
+    let base = SystemTime::now();
+    let ttl = Policy::default().desired_ttl;
+    let documents: Vec<(u64, Vec<u8>)> = runtime.block_on(async {
+        let tasks: Vec<_> = (0..24u32)
+            .map(|i| {
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    let signed = shared.desired_for("a", base + ttl * i).await.unwrap();
+                    let document: DesiredState = serde_json::from_slice(&signed.document).unwrap();
+                    assert_eq!(document.rollouts.len(), 1, "the rollout travels");
+                    (document.version, signed.document)
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for task in tasks {
+            out.push(task.await.unwrap());
+        }
+        out
+    });
+    let mut by_version: BTreeMap<u64, BTreeSet<Vec<u8>>> = BTreeMap::new();
+    for (version, document) in documents {
+        by_version.entry(version).or_default().insert(document);
+    }
+    let shared_versions: Vec<u64> =
+        by_version.iter().filter(|(_, d)| d.len() > 1).map(|(v, _)| *v).collect();
+    assert_eq!(shared_versions, Vec::<u64>::new(), "versions given to two documents");
+    let stored = db.run_sync(|sql| db::desired(&sql, "a")).unwrap().unwrap();
+    assert_eq!(Some(&stored.version), by_version.keys().last());
 }

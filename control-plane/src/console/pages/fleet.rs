@@ -50,11 +50,11 @@ pub(crate) async fn overview(State(api): State<Api>, Extension(ctx): Extension<C
     let (bundles, rollouts, alerts) = api
         .shared
         .db
-        .call(|c| {
+        .run(|sql| {
             Ok((
-                db::bundles(c)?.len(),
-                crate::rollouts::all_under_way(c, None)?.len(),
-                crate::alerts::firing(c)?.len(),
+                db::bundles(&sql)?.len(),
+                crate::rollouts::all_under_way(&sql, None)?.len(),
+                crate::alerts::firing(&sql)?.len(),
             ))
         })
         .await?;

@@ -25,6 +25,7 @@ use crate::console::gate::Ctx;
 use crate::console::layout::{self, PageResult, badge, empty, num, page, time};
 use crate::db;
 use crate::monitoring::{self, MetricsQuery};
+use crate::sql::AsSql;
 
 /// Buckets in each chart.
 const BUCKETS: usize = 48;
@@ -86,19 +87,19 @@ pub(crate) async fn show(
     let data = api
         .shared
         .db
-        .call(move |c| read(c, &f, version, span, Timestamp::from_system(now)))
+        .run(move |sql| read(&sql, &f, version, span, Timestamp::from_system(now)))
         .await?;
     Ok(render(&ctx, &filter, &data))
 }
 
 /// Reads what the page shows: `span` back from `now`.
-pub fn read(
-    conn: &rusqlite::Connection,
+pub fn read<C: AsSql + ?Sized>(
+    conn: &C,
     filter: &MetricsFilter,
     version: Option<u64>,
     span: Duration,
     now: Timestamp,
-) -> rusqlite::Result<MetricsData> {
+) -> Result<MetricsData, C::Error> {
     let mut models: Vec<String> = db::bundles(conn)?.into_iter().map(|b| b.name).collect();
     models.dedup();
     let mut groups: Vec<String> = db::agents(conn)?.into_iter().map(|a| a.group).collect();

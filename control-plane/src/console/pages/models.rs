@@ -23,6 +23,7 @@ use crate::console::layout::{PageResult, badge, empty, num, page, size, time};
 use crate::db::{self, BundleRow};
 use crate::finetune::JobRow;
 use crate::monitoring;
+use crate::sql::SqlError;
 
 /// One version as the page shows it.
 #[derive(Debug, Clone)]
@@ -87,10 +88,10 @@ pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>)
     let (mut versions, jobs) = api
         .shared
         .db
-        .call(|c| {
-            let deployments = db::all_deployments(c)?;
-            let jobs = crate::finetune::list(c)?;
-            let versions = db::bundles(c)?
+        .run(|sql| {
+            let deployments = db::all_deployments(&sql)?;
+            let jobs = crate::finetune::list(&sql)?;
+            let versions = db::bundles(&sql)?
                 .into_iter()
                 .map(|bundle| {
                     let groups = deployments
@@ -98,10 +99,10 @@ pub(crate) async fn list(State(api): State<Api>, Extension(ctx): Extension<Ctx>)
                         .filter(|(_, n, v)| *n == bundle.name && *v == bundle.version)
                         .map(|(g, _, _)| g.clone())
                         .collect();
-                    let reference = monitoring::reference(c, &bundle.name, bundle.version)?;
+                    let reference = monitoring::reference(&sql, &bundle.name, bundle.version)?;
                     Ok(ModelVersion { bundle, groups, reference, manifest: None })
                 })
-                .collect::<rusqlite::Result<Vec<_>>>()?;
+                .collect::<Result<Vec<_>, SqlError>>()?;
             Ok((versions, jobs))
         })
         .await?;

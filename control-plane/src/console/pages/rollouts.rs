@@ -64,14 +64,14 @@ async fn list_with(
     let (deployments, rollouts) = api
         .shared
         .db
-        .call(move |c| {
-            let deployments: Vec<_> = db::all_deployments(c)?
+        .run(move |sql| {
+            let deployments: Vec<_> = db::all_deployments(&sql)?
                 .into_iter()
                 .filter(|(grp, name, _)| {
                     g.as_deref().is_none_or(|x| x == grp) && m.as_deref().is_none_or(|x| x == name)
                 })
                 .collect();
-            Ok((deployments, crate::rollouts::list(c, g.as_deref(), m.as_deref())?))
+            Ok((deployments, crate::rollouts::list(&sql, g.as_deref(), m.as_deref())?))
         })
         .await?;
     Ok(render_list(ctx, &deployments, &rollouts, notice))
@@ -336,7 +336,7 @@ pub(crate) async fn show(
     Path((group, model)): Path<(String, String)>,
 ) -> PageResult {
     let (g, m) = (group.clone(), model.clone());
-    let Some(rollout) = api.shared.db.call(move |c| crate::rollouts::latest(c, &g, &m)).await?
+    let Some(rollout) = api.shared.db.run(move |sql| crate::rollouts::latest(&sql, &g, &m)).await?
     else {
         return Err(ApiError::not_found(format!("no rollout of {model} in group {group}")).into());
     };
@@ -346,7 +346,7 @@ pub(crate) async fn show(
     let (buckets, references) = api
         .shared
         .db
-        .call(move |c| {
+        .run(move |sql| {
             let query = MetricsQuery {
                 model: r.model.clone(),
                 version: None,
@@ -354,10 +354,10 @@ pub(crate) async fn show(
                 agent: None,
                 since: r.created_at,
             };
-            let buckets = series::buckets(c, &query, r.ended_at.unwrap_or(now), BUCKETS)?;
+            let buckets = series::buckets(&sql, &query, r.ended_at.unwrap_or(now), BUCKETS)?;
             let references = (
-                monitoring::reference(c, &r.model, r.baseline)?,
-                monitoring::reference(c, &r.model, r.candidate)?,
+                monitoring::reference(&sql, &r.model, r.baseline)?,
+                monitoring::reference(&sql, &r.model, r.candidate)?,
             );
             Ok((buckets, references))
         })

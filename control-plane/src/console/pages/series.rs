@@ -9,11 +9,11 @@ use std::collections::BTreeMap;
 
 use falaj_common::metrics::{MetricsWindow, VersionSummary};
 use falaj_common::time::Timestamp;
-use rusqlite::{Connection, params};
 
 use super::super::charts::Series;
 use crate::db::ts;
 use crate::monitoring::{self, MetricsQuery, VersionRollup};
+use crate::sql::{AsSql, SqlError, params};
 
 /// One version's rollups per bucket.
 #[derive(Debug, Clone, Default)]
@@ -28,12 +28,12 @@ pub struct Buckets {
 
 /// The windows `query` selects that started from `query.since` to `until`, cut into at
 /// most `count` buckets of whole minutes.
-pub fn buckets(
-    conn: &Connection,
+pub fn buckets<C: AsSql + ?Sized>(
+    conn: &C,
     query: &MetricsQuery,
     until: Timestamp,
     count: usize,
-) -> rusqlite::Result<Buckets> {
+) -> Result<Buckets, C::Error> {
     let (from, to) = (query.since.unix(), until.unix().max(query.since.unix() + 1));
     // Whole minutes per bucket (agents' windows are about a minute), so no bucket holds
     // one window more than its neighbour and rates do not saw-tooth.
@@ -44,12 +44,12 @@ pub fn buckets(
         starts: (0..n as u64).map(|i| from + i * step).collect(),
         ..Buckets::default()
     };
-    let mut stmt = conn.prepare_cached(
-        "SELECT w.version, w.agent_id, w.window FROM windows w JOIN agents a ON a.id = w.agent_id
-         WHERE w.model = ?1 AND w.start >= ?2 AND w.start <= ?3 AND (?4 IS NULL OR w.version = ?4)
-           AND (?5 IS NULL OR a.grp = ?5) AND (?6 IS NULL OR w.agent_id = ?6)",
-    )?;
-    let rows = stmt.query_map(
+    // Each row goes into its bucket as it is read (nothing is collected).
+    conn.sql().query_map(
+        r#"SELECT w.version, w.agent_id, w."window" FROM windows w JOIN agents a ON a.id = w.agent_id
+         WHERE w.model = $1 AND w.start >= $2 AND w.start <= $3
+           AND (CAST($4 AS BIGINT) IS NULL OR w.version = $4)
+           AND (CAST($5 AS TEXT) IS NULL OR a.grp = $5) AND (CAST($6 AS TEXT) IS NULL OR w.agent_id = $6)"#,
         params![
             query.model,
             ts(query.since),
@@ -58,24 +58,24 @@ pub fn buckets(
             query.group,
             query.agent
         ],
-        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?)),
+        |r| {
+            let (version, agent) = (r.get::<i64>(0)? as u64, r.get::<String>(1)?);
+            let window: MetricsWindow = postcard::from_bytes(&r.get::<Vec<u8>>(2)?)
+                .map_err(|e| SqlError::Conversion { column: 2, message: e.to_string() })?;
+            let start = window.start.unix();
+            let index =
+                (start.saturating_sub(from) / step).min(n.saturating_sub(1) as u64) as usize;
+            let slots = out.versions.entry(version).or_insert_with(|| vec![None; n]);
+            let Some(slot) = slots.get_mut(index) else { return Ok(()) };
+            let entry = slot.get_or_insert_with(VersionRollup::default);
+            let end = start + u64::from(window.seconds);
+            entry.first = if entry.rollup.windows == 0 { start } else { entry.first.min(start) };
+            entry.last = entry.last.max(end);
+            entry.rollup.add(&window);
+            entry.agents.insert(agent);
+            Ok(())
+        },
     )?;
-    for row in rows {
-        let (version, agent, bytes) = row?;
-        let window: MetricsWindow = postcard::from_bytes(&bytes).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Blob, Box::new(e))
-        })?;
-        let start = window.start.unix();
-        let index = (start.saturating_sub(from) / step).min(n.saturating_sub(1) as u64) as usize;
-        let slots = out.versions.entry(version).or_insert_with(|| vec![None; n]);
-        let Some(slot) = slots.get_mut(index) else { continue };
-        let entry = slot.get_or_insert_with(VersionRollup::default);
-        let end = start + u64::from(window.seconds);
-        entry.first = if entry.rollup.windows == 0 { start } else { entry.first.min(start) };
-        entry.last = entry.last.max(end);
-        entry.rollup.add(&window);
-        entry.agents.insert(agent);
-    }
     Ok(out)
 }
 
@@ -108,11 +108,11 @@ impl Buckets {
 
     /// The summary of each version over the span, with drift against its reference (as
     /// [`monitoring::summaries`] computes it).
-    pub fn summaries(
+    pub fn summaries<C: AsSql + ?Sized>(
         &self,
-        conn: &Connection,
+        conn: &C,
         model: &str,
-    ) -> rusqlite::Result<Vec<VersionSummary>> {
+    ) -> Result<Vec<VersionSummary>, C::Error> {
         self.merged()
             .into_iter()
             .map(|(version, v)| {
@@ -167,6 +167,7 @@ mod tests {
     use falaj_common::metrics::Counts;
     use falaj_common::protocol::SequencedWindow;
     use falaj_common::sketch::LatencySketch;
+    use rusqlite::Connection;
 
     use super::*;
     use crate::db::{self, Db, NewAgent, TokenRow, TokenUse};
