@@ -3,8 +3,9 @@
 //!
 //! - [`rules`]: roles, permissions, lockouts and expiry, without I/O;
 //! - [`password`]: Argon2id hashes (OWASP parameters), run on the blocking pool;
-//! - [`store`]: users, sessions, API tokens and failed logins in SQLite, each change with
-//!   its audit entry in the same transaction;
+//! - [`store`]: users, sessions, API tokens and failed logins in the control plane's
+//!   database (SQLite or PostgreSQL), each change with its audit entry in the same
+//!   transaction;
 //! - [`routes`]: [`routes::Routes`], the only way routes are added, each with its
 //!   [`rules::Access`], and the table the middleware ([`gate`]) and the tests read;
 //! - [`api`]: `/v1/login`, `/v1/logout`, `/v1/whoami`, `/v1/users`, `/v1/apitokens`;
