@@ -424,6 +424,18 @@ impl Db {
         f(&mut conn).map_err(|source| DbError::Sqlite { path: self.path.clone(), source })
     }
 
+    /// A PostgreSQL connection of its own, outside the pool, for a lock held as long as it
+    /// lives ([`crate::lease`]); `None` on SQLite. Blocks: from the blocking pool.
+    pub(crate) fn own_postgres_connection(&self) -> Option<Result<::postgres::Client, DbError>> {
+        match &self.backend {
+            Backend::Sqlite(_) => None,
+            Backend::Postgres(pool) => Some(pool.connect_own().map_err(|source| DbError::Sql {
+                target: pool.target().to_owned(),
+                source,
+            })),
+        }
+    }
+
     fn sqlite(&self) -> Result<Arc<Mutex<Connection>>, DbError> {
         match &self.backend {
             Backend::Sqlite(conn) => Ok(Arc::clone(conn)),

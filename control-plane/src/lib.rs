@@ -31,6 +31,7 @@ pub mod files;
 pub mod finetune;
 pub mod keyring;
 pub mod keys;
+pub mod lease;
 pub mod monitoring;
 pub mod push;
 pub mod quic;

@@ -145,6 +145,12 @@ impl Pool {
         }
     }
 
+    /// A connection of its own, outside the pool and its limit: for a session-level lock
+    /// held for as long as the connection lives ([`crate::lease`]).
+    pub(crate) fn connect_own(&self) -> Result<Client, SqlError> {
+        self.config.connect(self.tls.clone()).map_err(|e| SqlError::Connect(describe(&e)))
+    }
+
     fn wrap(self: &Arc<Self>, conn: PgConn) -> PgSession {
         PgSession { conn: RefCell::new(Some(conn)), depth: Cell::new(0), pool: Arc::clone(self) }
     }

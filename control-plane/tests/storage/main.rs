@@ -9,6 +9,7 @@
 
 mod auth;
 mod features;
+mod lease;
 mod migrate;
 mod postgres;
 mod rollouts;
@@ -988,63 +989,94 @@ fn without_postgres(why: &str) -> Result<Completion, libtest_mimic::Failed> {
     Ok(Completion::ignored_with(why))
 }
 
+/// The cases run on both databases.
+const BOTH: &[(&str, Body)] = &[
+    ("a_token_enrolls_exactly_one_agent", a_token_enrolls_exactly_one_agent),
+    (
+        "concurrent_enrollments_with_one_token_enroll_one_agent",
+        concurrent_enrollments_with_one_token_enroll_one_agent,
+    ),
+    ("bundles_and_deployments_round_trip", bundles_and_deployments_round_trip),
+    ("desired_versions_only_go_up", desired_versions_only_go_up),
+    (
+        "concurrent_issuers_never_reuse_a_desired_version",
+        concurrent_issuers_never_reuse_a_desired_version,
+    ),
+    ("settings_and_what_agents_report_are_kept", settings_and_what_agents_report_are_kept),
+    ("a_transaction_not_committed_leaves_nothing", a_transaction_not_committed_leaves_nothing),
+    (
+        "every_change_lands_in_one_unbroken_audit_chain",
+        every_change_lands_in_one_unbroken_audit_chain,
+    ),
+    (
+        "a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry",
+        a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry,
+    ),
+    (
+        "metric_windows_are_stored_once_and_rolled_up_by_version",
+        metric_windows_are_stored_once_and_rolled_up_by_version,
+    ),
+    ("a_batch_sent_twice_at_once_is_stored_once", a_batch_sent_twice_at_once_is_stored_once),
+    (
+        "an_alert_fires_once_and_resolves_with_its_events_recorded",
+        an_alert_fires_once_and_resolves_with_its_events_recorded,
+    ),
+    (
+        "finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights",
+        finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights,
+    ),
+    (
+        "an_agents_chain_is_stored_in_order_once_and_breaks_are_refused_and_recorded",
+        an_agents_chain_is_stored_in_order_once_and_breaks_are_refused_and_recorded,
+    ),
+    (
+        "one_chain_sent_at_once_through_several_connections_is_stored_once",
+        one_chain_sent_at_once_through_several_connections_is_stored_once,
+    ),
+];
+
+/// The cases run on PostgreSQL only, on a database of their own.
+const POSTGRES_ONLY: &[(&str, Body)] = &[
+    (
+        "both_backends_have_the_same_tables_and_columns",
+        both_backends_have_the_same_tables_and_columns,
+    ),
+    ("sqlite_only_code_is_refused_on_postgres", sqlite_only_code_is_refused_on_postgres),
+];
+
+/// A case given the cluster itself.
+type WithCluster = fn(&postgres::Cluster);
+
+/// The cases run on PostgreSQL only, given the cluster.
+const WITH_CLUSTER: &[(&str, WithCluster)] = &[
+    (
+        "a_sqlite_control_plane_copies_into_postgres",
+        migrate::a_sqlite_control_plane_copies_into_postgres,
+    ),
+    (
+        "a_value_postgres_cannot_hold_refuses_the_whole_copy",
+        migrate::a_value_postgres_cannot_hold_refuses_the_whole_copy,
+    ),
+    (
+        "the_migrate_command_copies_and_then_refuses",
+        migrate::the_migrate_command_copies_and_then_refuses,
+    ),
+    (
+        "replicas_hold_the_region_lease_one_at_a_time",
+        lease::replicas_hold_the_region_lease_one_at_a_time,
+    ),
+    ("migrations_are_versioned_and_a_newer_schema_is_refused", |cluster| {
+        migrations_are_versioned_and_a_newer_schema_is_refused(&cluster.database(""));
+    }),
+    ("the_database_is_reached_over_verified_tls", the_database_is_reached_over_verified_tls),
+];
+
 fn main() {
     let arguments = libtest_mimic::Arguments::from_args();
-    let both: &[(&str, Body)] = &[
-        ("a_token_enrolls_exactly_one_agent", a_token_enrolls_exactly_one_agent),
-        (
-            "concurrent_enrollments_with_one_token_enroll_one_agent",
-            concurrent_enrollments_with_one_token_enroll_one_agent,
-        ),
-        ("bundles_and_deployments_round_trip", bundles_and_deployments_round_trip),
-        ("desired_versions_only_go_up", desired_versions_only_go_up),
-        (
-            "concurrent_issuers_never_reuse_a_desired_version",
-            concurrent_issuers_never_reuse_a_desired_version,
-        ),
-        ("settings_and_what_agents_report_are_kept", settings_and_what_agents_report_are_kept),
-        ("a_transaction_not_committed_leaves_nothing", a_transaction_not_committed_leaves_nothing),
-        (
-            "every_change_lands_in_one_unbroken_audit_chain",
-            every_change_lands_in_one_unbroken_audit_chain,
-        ),
-        (
-            "a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry",
-            a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry,
-        ),
-        (
-            "metric_windows_are_stored_once_and_rolled_up_by_version",
-            metric_windows_are_stored_once_and_rolled_up_by_version,
-        ),
-        ("a_batch_sent_twice_at_once_is_stored_once", a_batch_sent_twice_at_once_is_stored_once),
-        (
-            "an_alert_fires_once_and_resolves_with_its_events_recorded",
-            an_alert_fires_once_and_resolves_with_its_events_recorded,
-        ),
-        (
-            "finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights",
-            finetune_jobs_travel_until_reported_finished_and_keep_only_allowed_weights,
-        ),
-        (
-            "an_agents_chain_is_stored_in_order_once_and_breaks_are_refused_and_recorded",
-            an_agents_chain_is_stored_in_order_once_and_breaks_are_refused_and_recorded,
-        ),
-        (
-            "one_chain_sent_at_once_through_several_connections_is_stored_once",
-            one_chain_sent_at_once_through_several_connections_is_stored_once,
-        ),
-    ];
-    let postgres_only: &[(&str, Body)] = &[
-        (
-            "both_backends_have_the_same_tables_and_columns",
-            both_backends_have_the_same_tables_and_columns,
-        ),
-        ("sqlite_only_code_is_refused_on_postgres", sqlite_only_code_is_refused_on_postgres),
-    ];
     let shared = Arc::new(Shared::default());
     let bin = postgres::binaries();
     let mut trials = Vec::new();
-    let both: Vec<(&str, Body)> = [both, auth::CASES, features::CASES, rollouts::CASES].concat();
+    let both: Vec<(&str, Body)> = [BOTH, auth::CASES, features::CASES, rollouts::CASES].concat();
     for &(name, body) in &both {
         trials.push(Trial::test(format!("{name}::sqlite"), move || {
             let dir = tempfile::tempdir().unwrap();
@@ -1062,7 +1094,7 @@ fn main() {
             }
         })
     };
-    for &(name, body) in both.iter().chain(postgres_only) {
+    for &(name, body) in both.iter().chain(POSTGRES_ONLY) {
         trials.push(on_postgres(
             format!("{name}::postgres"),
             Box::new(move |cluster| {
@@ -1070,33 +1102,9 @@ fn main() {
             }),
         ));
     }
-    trials.push(on_postgres(
-        "migrations_are_versioned_and_a_newer_schema_is_refused::postgres".into(),
-        Box::new(|cluster| {
-            migrations_are_versioned_and_a_newer_schema_is_refused(&cluster.database(""));
-        }),
-    ));
-    let copies: &[(&str, fn(&postgres::Cluster))] = &[
-        (
-            "a_sqlite_control_plane_copies_into_postgres",
-            migrate::a_sqlite_control_plane_copies_into_postgres,
-        ),
-        (
-            "a_value_postgres_cannot_hold_refuses_the_whole_copy",
-            migrate::a_value_postgres_cannot_hold_refuses_the_whole_copy,
-        ),
-        (
-            "the_migrate_command_copies_and_then_refuses",
-            migrate::the_migrate_command_copies_and_then_refuses,
-        ),
-    ];
-    for &(name, body) in copies {
+    for &(name, body) in WITH_CLUSTER {
         trials.push(on_postgres(format!("{name}::postgres"), Box::new(body)));
     }
-    trials.push(on_postgres(
-        "the_database_is_reached_over_verified_tls::postgres".into(),
-        Box::new(the_database_is_reached_over_verified_tls),
-    ));
     let conclusion = libtest_mimic::run(&arguments, trials);
     // Stop the cluster before exiting (the trials, which held it too, are gone).
     drop(shared);
