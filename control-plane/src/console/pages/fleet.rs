@@ -46,7 +46,7 @@ pub struct Overview {
 pub(crate) async fn overview(State(api): State<Api>, Extension(ctx): Extension<Ctx>) -> PageResult {
     let agents = agent_views(&api.shared).await?;
     let features = api.features.clone();
-    let views = features.db.call(|c| crate::features::store::list(c)).await?.len();
+    let views = features.db.run(|sql| crate::features::store::list(&sql)).await?.len();
     let (bundles, rollouts, alerts) = api
         .shared
         .db
@@ -238,7 +238,7 @@ pub(crate) async fn agent(
     let (metrics, trail) = api
         .shared
         .db
-        .call(move |c| {
+        .run(move |sql| {
             let mut metrics = Vec::new();
             for model in models {
                 let q = MetricsQuery {
@@ -248,7 +248,7 @@ pub(crate) async fn agent(
                     agent: Some(agent.clone()),
                     since,
                 };
-                metrics.push((model, monitoring::summaries(c, &q)?));
+                metrics.push((model, monitoring::summaries(&sql, &q)?));
             }
             let trail = if audit_allowed {
                 let q = crate::audit::AuditQuery {
@@ -256,7 +256,7 @@ pub(crate) async fn agent(
                     limit: Some(20),
                     ..Default::default()
                 };
-                crate::audit::list(c, &q)?
+                crate::audit::list(&sql, &q)?
             } else {
                 Vec::new()
             };
