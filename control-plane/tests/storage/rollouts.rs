@@ -7,12 +7,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use falaj_common::desired::DesiredState;
 use falaj_common::rollout::Strategy;
 use falaj_common::time::Timestamp;
+use falaj_control::console::pages::{metrics, series};
 use falaj_control::db::{self, Db};
+use falaj_control::monitoring::{self, MetricsQuery};
 use falaj_control::rollouts::{
     self, ActError, Action, Rollout, RolloutState, StartError, StartRequest,
 };
@@ -20,7 +22,7 @@ use falaj_control::sql::params;
 use falaj_control::state::{Policy, Shared};
 use falaj_control::{audit, blobs, ca, keyring, keys, vault};
 
-use crate::{Body, REGION, at, bundle, enrolled};
+use crate::{Body, REGION, at, bundle, enrolled, held, window};
 
 /// This module's cases: each body runs once on SQLite and once on PostgreSQL.
 pub(crate) const CASES: &[(&str, Body)] = &[
@@ -32,6 +34,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
     (
         "concurrent_starts_get_their_own_ids_and_one_per_group",
         concurrent_starts_get_their_own_ids_and_one_per_group,
+    ),
+    (
+        "a_rollouts_figures_and_the_consoles_charts_count_the_same_windows",
+        a_rollouts_figures_and_the_consoles_charts_count_the_same_windows,
     ),
     (
         "documents_issued_at_once_through_several_connections_never_share_a_version",
@@ -273,6 +279,63 @@ fn concurrent_starts_get_their_own_ids_and_one_per_group(db: &Db) {
     assert_eq!(ids, ["ro-1", "ro-2", "ro-3", "ro-4", "ro-5", "ro-6"].into_iter().collect());
     let each = db.run_sync(|sql| rollouts::latest_each(&sql)).unwrap();
     assert_eq!(each.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), groups);
+}
+
+/// A rollout's status (`rollouts::view::build`), the console's buckets
+/// (`series::buckets`) and its monitoring page (`metrics::read`) over the same windows,
+/// with their filters, count the same requests per version.
+fn a_rollouts_figures_and_the_consoles_charts_count_the_same_windows(db: &Db) {
+    seed(db, &["edge"]);
+    let started = start(db, &request("edge", Strategy::Ab, 2), at(0)).unwrap();
+    db.run_sync(|sql| {
+        enrolled(sql, "t", "a")?;
+        // Three windows of version 1 (10 requests each), two of version 2 (7 each).
+        let batch: Vec<_> = (1..=5u64)
+            .map(|seq| {
+                let (version, requests) = if seq <= 3 { (1, 10) } else { (2, 7) };
+                window(seq, MODEL, version, at(60 * seq), requests)
+            })
+            .collect();
+        monitoring::insert_windows(&sql, "a", &held(&[(MODEL, 1), (MODEL, 2)]), &batch, at(400))
+    })
+    .unwrap();
+    let query = |group: &str, agent: Option<&str>| MetricsQuery {
+        model: MODEL.into(),
+        version: None,
+        group: Some(group.into()),
+        agent: agent.map(str::to_owned),
+        since: at(0),
+    };
+    let (view, edge, of_a, elsewhere, page) = db
+        .run_sync(|sql| {
+            let filter = metrics::MetricsFilter {
+                model: Some(MODEL.into()),
+                group: Some("edge".into()),
+                ..Default::default()
+            };
+            Ok((
+                rollouts::view::build(&sql, started.clone(), at(600))?,
+                series::buckets(&sql, &query("edge", None), at(600), 10)?,
+                series::buckets(&sql, &query("edge", Some("a")), at(600), 10)?,
+                series::buckets(&sql, &query("other", None), at(600), 10)?,
+                metrics::read(&sql, &filter, None, Duration::from_secs(3600), at(600))?,
+            ))
+        })
+        .unwrap();
+    let variants = &view.variants;
+    assert_eq!((variants.baseline.figures.requests, variants.candidate.figures.requests), (30, 14));
+    assert_eq!(view.agents.iter().map(|a| a.id.as_str()).collect::<Vec<_>>(), ["a"]);
+    for buckets in [&edge, &of_a] {
+        let merged = buckets.merged();
+        let requests: Vec<(u64, u64)> =
+            merged.iter().map(|(v, r)| (*v, r.rollup.counts.requests)).collect();
+        assert_eq!(requests, [(1, 30), (2, 14)]);
+    }
+    assert!(elsewhere.versions.is_empty());
+    let summaries: Vec<(u64, u64)> =
+        page.summaries.iter().map(|s| (s.version, s.requests)).collect();
+    assert_eq!(summaries, [(1, 30), (2, 14)]);
+    assert_eq!((page.models, page.groups), (vec![MODEL.to_owned()], vec!["edge".to_owned()]));
 }
 
 /// The daemon's shared state over `db`, with keys, CA and blobs made in `dir`.
