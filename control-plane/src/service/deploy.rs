@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{ServiceError, ServiceResult};
 use crate::db;
+use crate::sql::AsSql;
 use crate::state::Shared;
 
 /// A model deployed to a group: what `PUT /v1/groups/{group}/deployments/{name}`
@@ -42,27 +43,8 @@ pub(crate) async fn deploy_version(
     names::check_model_name(group).map_err(|e| ServiceError::Invalid(format!("group: {e}")))?;
     let now = SystemTime::now();
     let (g, n) = (group.to_owned(), name.to_owned());
-    let deployed = shared
-        .db
-        .run(move |sql| {
-            let tx = sql.transaction()?;
-            // Not while a rollout of it starts elsewhere (PostgreSQL: under the lock a
-            // start takes; SQLite's write lock, there).
-            crate::rollouts::lock_starts(&tx)?;
-            if db::bundle(&tx, &n, version)?.is_none() {
-                return Ok(Err(ServiceError::NotFound(format!(
-                    "no bundle {n}@{version}; push it first"
-                ))));
-            }
-            if let Some(r) = crate::rollouts::under_way(&tx, &g, &n)? {
-                return Ok(Err(rollout_under_way(&r)));
-            }
-            db::deploy(&tx, &g, &n, version, Timestamp::from_system(now))?;
-            tx.commit()?;
-            Ok(Ok(()))
-        })
-        .await?;
-    deployed?;
+    let at = Timestamp::from_system(now);
+    shared.db.run(move |sql| change(&sql, &g, &n, Some(version), at)).await??;
     shared.push_desired(Some(group), now).await?;
     tracing::info!(%group, %name, version, "deployed");
     Ok(())
@@ -72,27 +54,51 @@ pub(crate) async fn deploy_version(
 pub(crate) async fn undeploy(shared: &Shared, group: &str, name: &str) -> ServiceResult<()> {
     let now = SystemTime::now();
     let (g, n) = (group.to_owned(), name.to_owned());
-    let undeployed = shared
-        .db
-        .run(move |sql| {
-            let tx = sql.transaction()?;
-            crate::rollouts::lock_starts(&tx)?;
-            if let Some(r) = crate::rollouts::under_way(&tx, &g, &n)? {
-                return Ok(Err(rollout_under_way(&r)));
-            }
-            if !db::undeploy(&tx, &g, &n, Timestamp::from_system(now))? {
-                return Ok(Err(ServiceError::NotFound(format!(
-                    "{n} is not deployed to group {g}"
-                ))));
-            }
-            tx.commit()?;
-            Ok(Ok(()))
-        })
-        .await?;
-    undeployed?;
+    let at = Timestamp::from_system(now);
+    shared.db.run(move |sql| change(&sql, &g, &n, None, at)).await??;
     shared.push_desired(Some(group), now).await?;
     tracing::info!(%group, %name, "undeployed");
     Ok(())
+}
+
+/// Makes `name@version` group `group`'s deployment (`Some`) or removes it (`None`), in
+/// one transaction, refused while a rollout of the model is under way in the group. The
+/// rollouts' start lock is taken first ([`crate::rollouts::lock_starts`], PostgreSQL;
+/// SQLite's one writer there), so a rollout starting at once on another replica either
+/// comes first and refuses this, or comes after and takes the new version as its
+/// baseline.
+pub fn change<C: AsSql + ?Sized>(
+    conn: &C,
+    group: &str,
+    name: &str,
+    version: Option<u64>,
+    now: Timestamp,
+) -> Result<ServiceResult<()>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction()?;
+    crate::rollouts::lock_starts(&tx)?;
+    if let Some(version) = version
+        && db::bundle(&tx, name, version)?.is_none()
+    {
+        return Ok(Err(ServiceError::NotFound(format!(
+            "no bundle {name}@{version}; push it first"
+        ))));
+    }
+    if let Some(r) = crate::rollouts::under_way(&tx, group, name)? {
+        return Ok(Err(rollout_under_way(&r)));
+    }
+    match version {
+        Some(version) => db::deploy(&tx, group, name, version, now)?,
+        None => {
+            if !db::undeploy(&tx, group, name, now)? {
+                return Ok(Err(ServiceError::NotFound(format!(
+                    "{name} is not deployed to group {group}"
+                ))));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(Ok(()))
 }
 
 /// The refusal of a deployment change while a rollout of the model is under way.

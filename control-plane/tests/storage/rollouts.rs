@@ -18,6 +18,8 @@ use falaj_control::monitoring::{self, MetricsQuery};
 use falaj_control::rollouts::{
     self, ActError, Action, Rollout, RolloutState, StartError, StartRequest,
 };
+use falaj_control::service::ServiceError;
+use falaj_control::service::deploy;
 use falaj_control::sql::params;
 use falaj_control::state::{Policy, Shared};
 use falaj_control::{audit, blobs, ca, keyring, keys, vault};
@@ -34,6 +36,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
     (
         "concurrent_starts_get_their_own_ids_and_one_per_group",
         concurrent_starts_get_their_own_ids_and_one_per_group,
+    ),
+    (
+        "a_deployment_changed_as_a_rollout_starts_is_its_baseline_or_refused",
+        a_deployment_changed_as_a_rollout_starts_is_its_baseline_or_refused,
     ),
     (
         "a_rollouts_figures_and_the_consoles_charts_count_the_same_windows",
@@ -279,6 +285,42 @@ fn concurrent_starts_get_their_own_ids_and_one_per_group(db: &Db) {
     assert_eq!(ids, ["ro-1", "ro-2", "ro-3", "ro-4", "ro-5", "ro-6"].into_iter().collect());
     let each = db.run_sync(|sql| rollouts::latest_each(&sql)).unwrap();
     assert_eq!(each.iter().map(|r| r.group.as_str()).collect::<Vec<_>>(), groups);
+}
+
+/// A deployment changed on one connection while a rollout of the model starts on another
+/// (two replicas), eight times, both let go together: either the start comes first and
+/// the change is refused (the rollout owns the deployment), or the change comes first and
+/// the rollout takes the new version as its baseline. Never a rollout under way whose
+/// baseline is not what the group runs.
+fn a_deployment_changed_as_a_rollout_starts_is_its_baseline_or_refused(db: &Db) {
+    let groups: Vec<String> = (0..8).map(|i| format!("g{i}")).collect();
+    seed(db, &groups.iter().map(String::as_str).collect::<Vec<_>>());
+    for group in &groups {
+        let together = std::sync::Barrier::new(2);
+        let (started, changed) = std::thread::scope(|s| {
+            let starting = s.spawn(|| {
+                together.wait();
+                start(db, &request(group, Strategy::Ab, 2), at(5))
+            });
+            let changing = s.spawn(|| {
+                together.wait();
+                db.run_sync(|sql| deploy::change(&sql, group, MODEL, Some(3), at(5))).unwrap()
+            });
+            (starting.join().unwrap(), changing.join().unwrap())
+        });
+        let rollout = started.unwrap();
+        let deployed = db.run_sync(|sql| db::deployment(&sql, group, MODEL)).unwrap();
+        match changed {
+            Ok(()) => assert_eq!((rollout.baseline, deployed), (3, Some(3)), "{group}"),
+            Err(ServiceError::Conflict { code: "rollout_under_way", .. }) => {
+                assert_eq!((rollout.baseline, deployed), (1, Some(1)), "{group}");
+            }
+            Err(e) => panic!("{group}: {e}"),
+        }
+    }
+    // Undeploying is refused while the rollout is under way, as deploying is.
+    let refused = db.run_sync(|sql| deploy::change(&sql, "g0", MODEL, None, at(6))).unwrap();
+    assert!(matches!(refused, Err(ServiceError::Conflict { code: "rollout_under_way", .. })));
 }
 
 /// A rollout's status (`rollouts::view::build`), the console's buckets
