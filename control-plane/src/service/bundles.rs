@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use falaj_common::audit::Outcome;
+use falaj_common::profile::DataProfile;
 use falaj_common::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -12,10 +13,10 @@ use super::{ServiceError, ServiceResult};
 use crate::db::{self, BundleRow};
 use crate::monitoring;
 use crate::push;
-use crate::sql::{Backend, params};
+use crate::sql::{AsSql, Backend, params};
 use crate::state::Shared;
 
-/// The PostgreSQL advisory lock held while a bundle is registered (see [`register`]).
+/// The PostgreSQL advisory lock held while a bundle is registered (see [`record`]).
 const REGISTER_LOCK: i64 = 0x4661_6c61_6a00_0202;
 
 /// A bundle as the API shows it.
@@ -65,6 +66,32 @@ pub(crate) async fn bundles(shared: &Shared) -> ServiceResult<Vec<BundleView>> {
     Ok(rows.iter().map(BundleView::from).collect())
 }
 
+/// Registers `row` (its blobs stored) with its reference profile, unless a bundle of
+/// that name and version is registered: then that one, and nothing is written. One
+/// transaction; two registrations at once (replicas) register it once, the second waiting
+/// for the first under an advisory lock on PostgreSQL (SQLite's write lock does that
+/// there).
+pub fn record<C: AsSql + ?Sized>(
+    conn: &C,
+    row: &BundleRow,
+    reference: Option<&DataProfile>,
+) -> Result<Option<BundleRow>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction()?;
+    if tx.backend() == Backend::Postgres {
+        tx.execute("SELECT pg_advisory_xact_lock($1)", params![REGISTER_LOCK])?;
+    }
+    let existing = db::bundle(&tx, &row.name, row.version)?;
+    if existing.is_none() {
+        db::insert_bundle(&tx, row)?;
+        if let Some(profile) = reference {
+            monitoring::set_reference(&tx, &row.name, row.version, profile)?;
+        }
+    }
+    tx.commit()?;
+    Ok(existing)
+}
+
 /// Verifies, chunks and records the bundle file at `path` (a push, or a snapshot the
 /// control plane built): the row, the chunks that were new, and whether it was new.
 pub(crate) async fn register(
@@ -105,26 +132,7 @@ pub(crate) async fn register(
     let existing = {
         let row = row.clone();
         let reference = pushed.manifest.model().and_then(|m| m.reference.clone());
-        state
-            .db
-            .run(move |sql| {
-                let tx = sql.transaction()?;
-                // Two pushes of one bundle at once register it once: the second waits and
-                // finds it (PostgreSQL; SQLite's write lock does that there).
-                if tx.backend() == Backend::Postgres {
-                    tx.execute("SELECT pg_advisory_xact_lock($1)", params![REGISTER_LOCK])?;
-                }
-                let existing = db::bundle(&tx, &row.name, row.version)?;
-                if existing.is_none() {
-                    db::insert_bundle(&tx, &row)?;
-                    if let Some(profile) = reference.as_ref() {
-                        monitoring::set_reference(&tx, &row.name, row.version, profile)?;
-                    }
-                }
-                tx.commit()?;
-                Ok(existing)
-            })
-            .await?
+        state.db.run(move |sql| record(&sql, &row, reference.as_ref())).await?
     };
     let created = match existing {
         Some(e) if e.manifest_sha256 != row.manifest_sha256 => {

@@ -19,7 +19,7 @@ use falaj_control::rollouts::{
     self, ActError, Action, Rollout, RolloutState, StartError, StartRequest,
 };
 use falaj_control::service::ServiceError;
-use falaj_control::service::deploy;
+use falaj_control::service::{bundles, deploy};
 use falaj_control::sql::params;
 use falaj_control::state::{Policy, Shared};
 use falaj_control::{audit, blobs, ca, keyring, keys, vault};
@@ -40,6 +40,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
     (
         "a_deployment_changed_as_a_rollout_starts_is_its_baseline_or_refused",
         a_deployment_changed_as_a_rollout_starts_is_its_baseline_or_refused,
+    ),
+    (
+        "a_bundle_pushed_through_several_connections_at_once_is_registered_once",
+        a_bundle_pushed_through_several_connections_at_once_is_registered_once,
     ),
     (
         "a_rollouts_figures_and_the_consoles_charts_count_the_same_windows",
@@ -321,6 +325,35 @@ fn a_deployment_changed_as_a_rollout_starts_is_its_baseline_or_refused(db: &Db) 
     // Undeploying is refused while the rollout is under way, as deploying is.
     let refused = db.run_sync(|sql| deploy::change(&sql, "g0", MODEL, None, at(6))).unwrap();
     assert!(matches!(refused, Err(ServiceError::Conflict { code: "rollout_under_way", .. })));
+}
+
+/// One bundle pushed through six connections at once (replicas): it is registered once
+/// with its reference profile, the others find it, and no push fails.
+fn a_bundle_pushed_through_several_connections_at_once_is_registered_once(db: &Db) {
+    let row = bundle(MODEL, 7);
+    let profile = crate::profile();
+    let together = std::sync::Barrier::new(6);
+    let found: Vec<Option<db::BundleRow>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..6)
+            .map(|_| {
+                s.spawn(|| {
+                    together.wait();
+                    db.run_sync(|sql| bundles::record(&sql, &row, Some(&profile))).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(found.iter().filter(|f| f.is_none()).count(), 1, "registered once");
+    for existing in found.iter().flatten() {
+        assert_eq!(existing.manifest_sha256, row.manifest_sha256);
+    }
+    let (stored, reference) = db
+        .run_sync(|sql| {
+            Ok((db::bundles(&sql)?.len(), monitoring::reference(&sql, MODEL, 7)?.is_some()))
+        })
+        .unwrap();
+    assert_eq!((stored, reference), (1, true));
 }
 
 /// A rollout's status (`rollouts::view::build`), the console's buckets
