@@ -1,9 +1,11 @@
 //! The rollouts module's storage on both databases (cases listed in [`CASES`], run by
 //! `main` as `NAME::sqlite` and `NAME::postgres`): starts refused and numbered, "latest"
 //! by order of creation (no `rowid` on PostgreSQL), every step and its event, and
-//! replicas stepping or starting at once (one step wins, ids stay apart); and the
-//! desired-state documents that carry rollouts (`Shared::desired_for`), issued at once
-//! through several connections without a version given to two documents.
+//! replicas stepping or starting at once (one step wins, ids stay apart); and what was
+//! ported with them, on several connections at once where it decides a write from a
+//! read: a deployment changed as a rollout starts, a bundle pushed twice, the
+//! desired-state documents that carry rollouts (`Shared::desired_for`, never one version
+//! for two documents), and the figures the console reads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
