@@ -314,20 +314,22 @@ pub struct AuditQuery {
     pub limit: Option<u64>,
 }
 
-/// The entries `query` selects, oldest first. The action's prefix is matched without
-/// regard to ASCII case on both databases (SQLite's `LIKE`, PostgreSQL's `ILIKE`).
+/// The entries `query` selects, oldest first. The action's prefix is matched alike on
+/// both databases: without regard to ASCII case (SQLite's `LIKE`, PostgreSQL's `ILIKE`),
+/// `%` and `_` as wildcards, a backslash as itself (PostgreSQL's escape character is
+/// turned off, SQLite has none).
 pub fn list<C: AsSql + ?Sized>(conn: &C, query: &AuditQuery) -> Result<Vec<Entry>, C::Error> {
     let sql = conn.sql();
-    let like = match sql.backend() {
-        sql::Backend::Sqlite => "LIKE",
-        sql::Backend::Postgres => "ILIKE",
+    let (like, escape) = match sql.backend() {
+        sql::Backend::Sqlite => ("LIKE", ""),
+        sql::Backend::Postgres => ("ILIKE", " ESCAPE ''"),
     };
     let lines = sql.query_map(
         &format!(
             "SELECT line FROM (
                  SELECT seq, line FROM audit
                  WHERE at >= $1 AND (CAST($2 AS TEXT) IS NULL OR actor = CAST($2 AS TEXT))
-                     AND (CAST($3 AS TEXT) IS NULL OR action {like} CAST($3 AS TEXT) || '%')
+                     AND (CAST($3 AS TEXT) IS NULL OR action {like} CAST($3 AS TEXT) || '%'{escape})
                  ORDER BY seq DESC LIMIT $4
              ) AS latest ORDER BY seq"
         ),

@@ -512,6 +512,8 @@ fn the_audit_log_lists_exports_and_prunes(db: &Db) {
     assert_eq!(list(doing("rollout")), [4, 5]);
     assert_eq!(list(doing("ROLLOUT.")), [4, 5], "ASCII case aside, on both");
     assert_eq!(list(doing("deploy")), [1, 3]);
+    assert_eq!(list(doing("rollout_")), [4, 5], "a wildcard");
+    assert_eq!(list(doing("rollout\\.")), [0u64; 0], "a backslash is itself");
     assert_eq!(list(AuditQuery { since: Some(at(2)), ..AuditQuery::default() }), [3, 4, 5]);
     assert_eq!(list(AuditQuery { limit: Some(2), ..AuditQuery::default() }), [4, 5]);
 
