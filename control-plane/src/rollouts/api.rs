@@ -3,7 +3,7 @@
 //! `POST /v1/groups/{group}/rollouts/{model}/{promote|abort|pause|resume}`. Every change
 //! sends the group's connected agents their new documents at once.
 
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -14,6 +14,7 @@ use serde::Deserialize;
 use super::{ActError, Action, OPERATOR, Rollout, RolloutView, StartError, StartRequest};
 use crate::admin::{Api, ApiError, ApiResult, json_response};
 use crate::auth::{Permission as P, Routes};
+use crate::sql::Backend;
 
 /// The routes, each with the permission it needs.
 pub fn routes() -> Routes {
@@ -42,8 +43,14 @@ pub(crate) async fn view(api: &Api, rollout: Rollout) -> ApiResult<RolloutView> 
     api.shared.flush_seen().await?;
     let now = Timestamp::from_system(SystemTime::now());
     let mut view = api.shared.db.run(move |sql| super::view::build(&sql, rollout, now)).await?;
+    // On PostgreSQL an agent may hold its session with another replica: one heard from
+    // within three heartbeats counts as connected too, as in the fleet view.
+    let replicas = api.shared.db.backend() == Backend::Postgres;
+    let window =
+        (api.shared.policy.heartbeat * 3).max(Duration::from_secs(2)) + Duration::from_millis(999);
     for agent in &mut view.agents {
-        agent.connected = api.shared.connected(&agent.id);
+        let elsewhere = replicas && agent.last_seen.is_some_and(|t| t.saturating_add(window) > now);
+        agent.connected = api.shared.connected(&agent.id) || elsewhere;
     }
     Ok(view)
 }
