@@ -48,6 +48,26 @@ pub struct ControlConfig {
     pub rollouts: RolloutsConfig,
     /// When the audit log's checkpoints are signed.
     pub audit: crate::audit::AuditConfig,
+    /// Where the control plane's state lives: SQLite in the data directory, or PostgreSQL.
+    pub database: DatabaseConfig,
+}
+
+/// `[database]`: SQLite in the data directory (no `url`, the default) or PostgreSQL, which
+/// any number of replicas of one region share.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// libpq's URL, `postgres://USER[:PASSWORD]@HOST[:PORT]/DB[?sslmode=...&sslrootcert=...]`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The most connections one replica opens at once.
+    pub pool_size: usize,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self { url: None, pool_size: 16 }
+    }
 }
 
 /// `[metrics]`.
@@ -145,6 +165,11 @@ pub struct PolicyConfig {
 pub struct BundlesConfig {
     /// Largest bundle accepted by push, in bytes.
     pub max_bytes: u64,
+    /// Where bundle chunks and recipes are kept (default: `DATA_DIR/blobs`); replicas of
+    /// one region share one directory (a network file system), since any of them serves
+    /// any agent's fetch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub blobs_dir: Option<PathBuf>,
 }
 
 impl Default for ControlConfig {
@@ -160,6 +185,7 @@ impl Default for ControlConfig {
             alerts: AlertsConfig::default(),
             rollouts: RolloutsConfig::default(),
             audit: crate::audit::AuditConfig::default(),
+            database: DatabaseConfig::default(),
         }
     }
 }
@@ -211,7 +237,7 @@ impl Default for PolicyConfig {
 
 impl Default for BundlesConfig {
     fn default() -> Self {
-        Self { max_bytes: defaults().max_bundle_bytes }
+        Self { max_bytes: defaults().max_bundle_bytes, blobs_dir: None }
     }
 }
 
@@ -378,11 +404,47 @@ impl ControlConfig {
             deadline: self.quic.enrollment_deadline,
         };
         serve.max_bundle_bytes = self.bundles.max_bytes;
+        serve.blobs_dir.clone_from(&self.bundles.blobs_dir);
         serve.metrics_retention = self.metrics.retention;
         serve.alerts = self.alerts.clone();
         serve.rollouts = self.rollouts.clone();
         serve.audit = self.audit.clone();
+        serve.database = self.database.url.as_ref().map(|url| crate::sql::PgOptions {
+            url: url.clone(),
+            pool_size: self.database.pool_size,
+        });
         serve
+    }
+}
+
+impl ControlConfig {
+    /// Checks `[bundles] blobs_dir` and `[database]`.
+    fn check_storage(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid =
+            |key, message: String| ConfigError::Invalid { path: path.to_owned(), key, message };
+        if let Some(dir) = &self.bundles.blobs_dir
+            && !dir.is_absolute()
+        {
+            return Err(invalid(
+                "bundles.blobs_dir",
+                format!("must be an absolute path, got {}", dir.display()),
+            ));
+        }
+        if let Some(url) = &self.database.url
+            && !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            return Err(invalid(
+                "database.url",
+                format!("must be a postgres:// URL, got {}", crate::sql::postgres::redacted(url)),
+            ));
+        }
+        if !(1..=1024).contains(&self.database.pool_size) {
+            return Err(invalid(
+                "database.pool_size",
+                format!("must be between 1 and 1024, got {}", self.database.pool_size),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -401,6 +463,7 @@ impl Checked for ControlConfig {
             falaj_common::names::check_region(region)
                 .map_err(|e| invalid("region", e.to_string()))?;
         }
+        self.check_storage(path)?;
         within(
             path,
             "policy.desired_ttl",
@@ -518,6 +581,16 @@ mod tests {
         check("[quic]\nenrollment_deadline = \"0s\"\n", "quic.enrollment_deadline: must be");
         check("[quic]\nenrollment_deadline = \"1h\"\n", "quic.enrollment_deadline: must be");
         check("[admn]\n", "unknown field `admn`");
+        check(
+            "[database]\nurl = \"mysql://u:secret@h/db\"\n",
+            "database.url: must be a postgres:// URL",
+        );
+        check("[database]\npool_size = 0\n", "database.pool_size: must be between 1 and 1024");
+        let err =
+            ControlConfig::parse("[database]\nurl = \"mysql://u:secret@h/db\"\n", Path::new("c"))
+                .unwrap_err()
+                .to_string();
+        assert!(!err.contains("secret"), "{err}");
         check("[metrics]\nretention = \"1s\"\n", "metrics.retention: must be between");
         check(
             "[alerts]\nwebhooks = [\"ftp://x\"]\n",

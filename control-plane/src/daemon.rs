@@ -22,6 +22,7 @@ use crate::db::{self, Db, DbError};
 use crate::features::{self as feature_store, FeatureStore};
 use crate::keyring::Keyring;
 use crate::keys::{self, KeysError};
+use crate::lease::Lease;
 use crate::rollouts::RolloutsConfig;
 use crate::state::{Policy, Shared};
 use crate::vault::Vault;
@@ -70,6 +71,10 @@ pub struct ServeConfig {
     /// Where the secret that opens sealed keys comes from (`--unseal-from`); without it,
     /// sealed keys are opened with systemd's `falaj-keys` credential when there is one.
     pub unseal: Option<crate::vault::UnsealFrom>,
+    /// PostgreSQL, shared by the region's replicas; `None`: SQLite in `data_dir`.
+    pub database: Option<crate::sql::PgOptions>,
+    /// Where chunks and recipes are kept; `None`: `data_dir/blobs`.
+    pub blobs_dir: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -93,6 +98,8 @@ impl ServeConfig {
             audit: crate::audit::AuditConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             unseal: None,
+            database: None,
+            blobs_dir: None,
         }
     }
 }
@@ -224,8 +231,9 @@ fn admin_token(data_dir: &Path) -> Result<String, ServeError> {
 impl ControlPlane {
     /// Loads (or on first start creates) keys and state, and binds both sockets.
     pub async fn start(config: ServeConfig) -> Result<Self, ServeError> {
-        let blobs = FsBlobStore::open(&config.data_dir.join("blobs"))
-            .map_err(io("opening the blob store in", config.data_dir.display()))?;
+        let dir = config.blobs_dir.clone().unwrap_or_else(|| config.data_dir.join("blobs"));
+        let blobs =
+            FsBlobStore::open(&dir).map_err(io("opening the blob store in", dir.display()))?;
         Self::start_with_blobs(config, Arc::new(blobs)).await
     }
 
@@ -245,23 +253,9 @@ impl ControlPlane {
         }
         let ca = Ca::load_or_create(&vault, trust.region(), now)?;
         let keyring = Keyring::load(&vault, now)?;
-        let db = Db::open(&config.data_dir.join(db::DB_FILE))?;
         let region = trust.region().to_owned();
-        let stored = db.call_sync(|c| {
-            let stored = db::setting(c, "region")?;
-            if stored.is_none() {
-                db::set_setting(c, "region", &region)?;
-            }
-            Ok(stored)
-        })?;
-        if stored.as_ref().is_some_and(|s| *s != region) {
-            return Err(ServeError::Config(format!(
-                "the database belongs to region {}, the keys to {region}",
-                stored.unwrap_or_default()
-            )));
-        }
+        let (db, features) = open_database(&config, &vault, &region).await?;
         let token = admin_token(&config.data_dir)?;
-        let features = FeatureStore::open(&config.data_dir, Arc::clone(&vault), &region)?;
 
         let (chain, key) =
             ca.server_identity(&config.server_names, config.server_cert_lifetime, now)?;
@@ -389,17 +383,28 @@ impl ControlPlane {
         tracing::info!(%quic_addr, %admin_addr, region = %shared.region, "control plane serving");
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(quic::accept_loop(Arc::clone(&shared), endpoint.clone()));
-        let periodic = tokio::spawn(periodic(Arc::clone(&shared), retention, stop_rx.clone()));
-        let judging = tokio::spawn(crate::rollouts::run(
-            Arc::clone(&shared),
-            rollouts,
-            alerts.webhooks.clone(),
-            stop_rx.clone(),
-        ));
-        let alerting =
-            tokio::spawn(crate::alerts::run(Arc::clone(&shared), alerts, stop_rx.clone()));
-        let checkpoints =
-            tokio::spawn(crate::audit::run(Arc::clone(&shared), audit, stop_rx.clone()));
+        let periodic = tokio::spawn(periodic(Arc::clone(&shared), stop_rx.clone()));
+        // The region's work, by whichever replica holds the lease (always this one on
+        // SQLite).
+        let lease = crate::lease::keep(&shared.db, LEASE_CHECK, stop_rx.clone());
+        let pruning = tokio::spawn(while_leading(lease.clone(), stop_rx.clone(), {
+            let shared = Arc::clone(&shared);
+            move |stop| prune_windows(Arc::clone(&shared), retention, stop)
+        }));
+        let judging = tokio::spawn(while_leading(lease.clone(), stop_rx.clone(), {
+            let (shared, webhooks) = (Arc::clone(&shared), alerts.webhooks.clone());
+            move |stop| {
+                crate::rollouts::run(Arc::clone(&shared), rollouts.clone(), webhooks.clone(), stop)
+            }
+        }));
+        let alerting = tokio::spawn(while_leading(lease.clone(), stop_rx.clone(), {
+            let shared = Arc::clone(&shared);
+            move |stop| crate::alerts::run(Arc::clone(&shared), alerts.clone(), stop)
+        }));
+        let checkpoints = tokio::spawn(while_leading(lease, stop_rx.clone(), {
+            let shared = Arc::clone(&shared);
+            move |stop| crate::audit::run(Arc::clone(&shared), audit.clone(), stop)
+        }));
         let certificates = tokio::spawn(certificates(
             Arc::clone(&shared),
             endpoint.clone(),
@@ -440,6 +445,7 @@ impl ControlPlane {
         shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         let _ = accept.await;
         let _ = periodic.await;
+        let _ = pruning.await;
         let _ = alerting.await;
         let _ = judging.await;
         let _ = checkpoints.await;
@@ -552,15 +558,15 @@ async fn certificates(
 
 /// Writes batched reports, refreshes documents nearing expiry and deletes metric windows
 /// past `retention`, until told to stop.
-async fn periodic(
-    shared: Arc<Shared>,
-    retention: Duration,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let mut prune = tokio::time::interval(Duration::from_secs(600));
+async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut flush = tokio::time::interval(shared.policy.heartbeat.max(Duration::from_millis(100)));
     let mut refresh =
         tokio::time::interval((shared.policy.desired_ttl / 8).max(Duration::from_millis(100)));
+    // On PostgreSQL, the newest event this replica has seen: when another replica records
+    // a newer one (a deployment, a rollout's step...), this one's agents get their
+    // documents again within a heartbeat.
+    let replicas = shared.db.backend() == crate::sql::Backend::Postgres;
+    let mut seen_event = None;
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -568,21 +574,138 @@ async fn periodic(
                 if let Err(err) = shared.flush_seen().await {
                     tracing::error!(error = %err, "writing agent reports failed");
                 }
+                if replicas {
+                    match shared.db.run(|sql| db::latest_event(&sql)).await {
+                        Ok(latest) if seen_event.is_some_and(|seen| latest > seen) => {
+                            seen_event = Some(latest);
+                            if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
+                                tracing::error!(error = %err, "sending changed desired state failed");
+                            }
+                        }
+                        Ok(latest) => seen_event = Some(latest),
+                        Err(err) => tracing::error!(error = %err, "reading the latest event failed"),
+                    }
+                }
             }
             _ = refresh.tick() => {
                 if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
                     tracing::error!(error = %err, "refreshing desired state failed");
                 }
             }
-            _ = prune.tick() => {
-                let before = Timestamp::from_system(SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH));
-                match shared.db.run(move |sql| monitoring::prune(&sql, before)).await {
-                    Ok(0) => {}
-                    Ok(deleted) => tracing::info!(deleted, %before, "deleted metric windows past retention"),
-                    Err(err) => tracing::error!(error = %err, "deleting old metric windows failed"),
-                }
-            }
         }
+    }
+}
+
+/// Deletes metric windows past `retention` every ten minutes, until told to stop: the
+/// region's work, run by the lease's holder.
+async fn prune_windows(
+    shared: Arc<Shared>,
+    retention: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut prune = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = prune.tick() => {}
+        }
+        let before = Timestamp::from_system(
+            SystemTime::now().checked_sub(retention).unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        match shared.db.run(move |sql| monitoring::prune(&sql, before)).await {
+            Ok(0) => {}
+            Ok(deleted) => {
+                tracing::info!(deleted, %before, "deleted metric windows past retention");
+            }
+            Err(err) => tracing::error!(error = %err, "deleting old metric windows failed"),
+        }
+    }
+}
+
+/// Opens the control plane's database (SQLite in the data directory, or PostgreSQL) and
+/// the feature store in it, and checks it belongs to the keys' region (recording the
+/// region on the first start).
+async fn open_database(
+    config: &ServeConfig,
+    vault: &Arc<Vault>,
+    region: &str,
+) -> Result<(Db, FeatureStore), ServeError> {
+    let (db, features) = match &config.database {
+        None => {
+            let db = Db::open(&config.data_dir.join(db::DB_FILE))?;
+            let features = FeatureStore::open(&config.data_dir, Arc::clone(vault), region)?;
+            (db, features)
+        }
+        // The synchronous PostgreSQL client (and the migrations) run off the runtime.
+        Some(options) => {
+            let (options, dir, vault, region) =
+                (options.clone(), config.data_dir.clone(), Arc::clone(vault), region.to_owned());
+            tokio::task::spawn_blocking(move || -> Result<_, ServeError> {
+                let db = Db::open_postgres(&options)?;
+                let features = FeatureStore::open_postgres(db.clone(), &dir, vault, &region)?;
+                Ok((db, features))
+            })
+            .await
+            .map_err(|e| ServeError::Config(format!("opening the database: {e}")))??
+        }
+    };
+    let stored = db
+        .run({
+            let region = region.to_owned();
+            move |sql| {
+                let tx = sql.transaction()?;
+                let stored = db::setting(&*tx, "region")?;
+                if stored.is_none() {
+                    db::set_setting(&*tx, "region", &region)?;
+                }
+                tx.commit()?;
+                Ok(stored)
+            }
+        })
+        .await?;
+    if stored.as_ref().is_some_and(|s| *s != region) {
+        return Err(ServeError::Config(format!(
+            "the database belongs to region {}, the keys to {region}",
+            stored.unwrap_or_default()
+        )));
+    }
+    Ok((db, features))
+}
+
+/// How often a replica confirms or tries the region's lease ([`crate::lease`]): the time
+/// another takes to take over the region's work from a replica that died.
+const LEASE_CHECK: Duration = Duration::from_secs(2);
+
+/// Runs the task `start` makes while this replica holds `lease`: started when the lease
+/// is taken, told to stop (through the receiver it is given) when the lease is lost or
+/// the daemon stops, and started afresh if the lease comes back.
+async fn while_leading<F, T>(
+    lease: Lease,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    mut start: F,
+) where
+    F: FnMut(tokio::sync::watch::Receiver<bool>) -> T,
+    T: Future<Output = ()> + Send + 'static,
+{
+    let mut held = lease.watch();
+    loop {
+        tokio::select! {
+            taken = held.wait_for(|held| *held) => if taken.is_err() { return },
+            _ = stop.wait_for(|stop| *stop) => return,
+        }
+        let (end, ended) = tokio::sync::watch::channel(false);
+        let mut task = tokio::spawn(start(ended));
+        let finished = tokio::select! {
+            _ = held.wait_for(|held| !*held) => false,
+            _ = stop.wait_for(|stop| *stop) => false,
+            _ = &mut task => true,
+        };
+        if finished {
+            // The task ends on its own only when it has nothing to do (no alert rules).
+            return;
+        }
+        end.send_replace(true);
+        let _ = task.await;
     }
 }
 

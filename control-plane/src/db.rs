@@ -429,10 +429,10 @@ impl Db {
     pub(crate) fn own_postgres_connection(&self) -> Option<Result<::postgres::Client, DbError>> {
         match &self.backend {
             Backend::Sqlite(_) => None,
-            Backend::Postgres(pool) => Some(pool.connect_own().map_err(|source| DbError::Sql {
-                target: pool.target().to_owned(),
-                source,
-            })),
+            Backend::Postgres(pool) => Some(
+                pool.connect_own()
+                    .map_err(|source| DbError::Sql { target: pool.target().to_owned(), source }),
+            ),
         }
     }
 
@@ -467,6 +467,13 @@ pub(crate) fn sha_at(r: &Row<'_>, idx: usize) -> Result<Sha256, SqlError> {
         column: idx,
         message: e.to_string(),
     })
+}
+
+/// The newest event's id (0 before the first). Every change to what agents should hold
+/// (deployments, rollouts, snapshots, fine-tune orders) records an event, so a replica
+/// that sees this move knows another replica changed something its agents may need.
+pub fn latest_event<C: AsSql + ?Sized>(conn: &C) -> Result<i64, C::Error> {
+    Ok(conn.sql().query_row("SELECT COALESCE(MAX(id), 0) FROM events", &[], |r| r.get(0))?)
 }
 
 /// Records an event.

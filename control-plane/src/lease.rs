@@ -28,12 +28,15 @@ pub const LEASE_KEY: i64 = 0x4661_6c61_6a00_004c;
 #[derive(Debug, Clone)]
 pub struct Lease {
     held: watch::Receiver<bool>,
+    /// [`Lease::always`]'s sender, kept so that its receivers never see it closed.
+    _always: Option<std::sync::Arc<watch::Sender<bool>>>,
 }
 
 impl Lease {
     /// A lease always held: one control plane on SQLite.
     pub fn always() -> Self {
-        Self { held: watch::channel(true).1 }
+        let (tx, held) = watch::channel(true);
+        Self { held, _always: Some(std::sync::Arc::new(tx)) }
     }
 
     /// Whether the region's work is this replica's now.
@@ -41,7 +44,8 @@ impl Lease {
         *self.held.borrow()
     }
 
-    /// A receiver that changes when the lease is taken or lost.
+    /// A receiver that changes when the lease is taken or lost (closed, after a last
+    /// `false`, when the task keeping it stops).
     pub fn watch(&self) -> watch::Receiver<bool> {
         self.held.clone()
     }
@@ -82,7 +86,7 @@ pub fn keep(db: &Db, every: Duration, mut stop: watch::Receiver<bool>) -> Lease 
         // The synchronous client closes its connection (and the lock) on the blocking pool.
         let _ = tokio::task::spawn_blocking(move || drop(holder)).await;
     });
-    Lease { held }
+    Lease { held, _always: None }
 }
 
 /// The lease's connection and what it last found.

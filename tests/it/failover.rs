@@ -16,7 +16,7 @@ use std::time::Duration;
 use falaj_agent::enroll::{EnrollOptions, enroll};
 use falaj_agent::sync::{SyncError, Syncer};
 use fleet::Control;
-use support::{ControlProcess, Process, fails, ok, s};
+use support::{ControlProcess, copy_dir, enroll_and_serve, fails, push_sample, s};
 
 const MODEL: &str = "sensor-fault";
 
@@ -31,67 +31,6 @@ fn black_hole() -> (UdpSocket, String) {
 /// A loopback UDP port free now (bound, then released), for a control plane to come.
 fn free_port() -> String {
     UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string()
-}
-
-/// Builds the sample model as `MODEL@version` with `control`'s keys and pushes it.
-fn push(control: &ControlProcess, work: &Path, version: u64) {
-    let sample = work.join("sample");
-    if !sample.join("model.onnx").exists() {
-        ok(&["control", "sample", "--out", s(&sample), "--rows", "2000"]);
-    }
-    let out = work.join(format!("{MODEL}-{version}.falaj"));
-    ok(&[
-        "control",
-        "bundle",
-        "build",
-        "--keys",
-        s(&control.data.join("keys")),
-        "--model",
-        s(&sample.join("model.onnx")),
-        "--name",
-        MODEL,
-        "--version",
-        &version.to_string(),
-        "--out",
-        s(&out),
-    ]);
-    let pushed = control.ok(&["control", "bundle", "push", s(&out)]);
-    assert!(pushed.contains(&format!("registered {MODEL}@{version}")), "{pushed}");
-}
-
-/// Enrolls an agent in `dir` with `addresses` and starts it; returns it and its HTTP address.
-fn enroll_and_serve(
-    control: &ControlProcess,
-    dir: &Path,
-    addresses: &str,
-) -> (Process, std::net::SocketAddr) {
-    let token = control.ok(&["control", "token", "create", "--group", "edge", "--ttl", "10m"]);
-    let enrolled = ok(&[
-        "agent",
-        "enroll",
-        "--control-plane",
-        addresses,
-        "--token",
-        token.trim(),
-        "--data-dir",
-        s(dir),
-    ]);
-    let shown = addresses.replace(',', ", ");
-    assert!(enrolled.contains(&format!("with the control plane at {shown}")), "{enrolled}");
-    let mut agent = Process::start(&[
-        "agent",
-        "serve",
-        "--data-dir",
-        s(dir),
-        "--http",
-        "127.0.0.1:0",
-        "--heartbeat",
-        "500ms",
-    ]);
-    let http = agent.wait_for_addr("serving the Open Inference Protocol");
-    let line = agent.wait_for("syncing with the control plane at");
-    assert!(line.contains(&shown), "the stored list: {line}");
-    (agent, http)
 }
 
 async fn serves(http: std::net::SocketAddr, version: u64) -> bool {
@@ -119,7 +58,7 @@ async fn an_agent_with_a_dead_address_first_enrolls_and_installs_through_the_liv
     assert!(!work.path().join("refused").join("agent.db").exists());
 
     let control = ControlProcess::start(&work.path().join("control"), "127.0.0.1:0", &[]);
-    push(&control, work.path(), 1);
+    push_sample(&control, work.path(), MODEL, 1);
     control.ok(&["control", "deploy", &format!("{MODEL}@1"), "--group", "edge"]);
     let (_dead, dead) = black_hole();
     // Enrollment tries the addresses in the order given: the dead one first.
@@ -143,7 +82,7 @@ async fn an_agent_follows_its_control_plane_to_the_other_address_of_its_list() {
     let second = free_port();
     let first = ControlProcess::start(&data, "127.0.0.1:0", &["--heartbeat", "1s"]);
     for version in [1, 2] {
-        push(&first, work.path(), version);
+        push_sample(&first, work.path(), MODEL, version);
     }
     first.ok(&["control", "deploy", &format!("{MODEL}@1"), "--group", "edge"]);
     let list = format!("{},{second}", first.quic);
@@ -166,21 +105,6 @@ async fn an_agent_follows_its_control_plane_to_the_other_address_of_its_list() {
     );
     assert_eq!(agent.terminate(), Some(0));
     assert_eq!(moved.terminate(), Some(0));
-}
-
-/// Copies the directory `from` to `to`, modes included (key files are 0600).
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        let target = to.join(entry.file_name());
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &target);
-        } else {
-            std::fs::copy(entry.path(), &target).unwrap();
-        }
-    }
 }
 
 /// What a session attempt with every address of the agent in `dir` ends with.

@@ -325,3 +325,81 @@ pub async fn infer(http: SocketAddr, model: &str) -> Option<u64> {
     let body: serde_json::Value = response.json().await.ok()?;
     body["model_version"].as_str()?.parse().ok()
 }
+
+/// Copies the directory `from` to `to`, modes included (key files are 0600).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    std::fs::set_permissions(to, std::fs::metadata(from).unwrap().permissions()).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+/// Builds the sample model (in `work`) as `model@version` with `control`'s keys and pushes
+/// it.
+pub fn push_sample(control: &ControlProcess, work: &Path, model: &str, version: u64) {
+    let sample = work.join("sample");
+    if !sample.join("model.onnx").exists() {
+        ok(&["control", "sample", "--out", s(&sample), "--rows", "2000"]);
+    }
+    let out = work.join(format!("{model}-{version}.falaj"));
+    ok(&[
+        "control",
+        "bundle",
+        "build",
+        "--keys",
+        s(&control.data.join("keys")),
+        "--model",
+        s(&sample.join("model.onnx")),
+        "--name",
+        model,
+        "--version",
+        &version.to_string(),
+        "--out",
+        s(&out),
+    ]);
+    let pushed = control.ok(&["control", "bundle", "push", s(&out)]);
+    assert!(pushed.contains(&format!("registered {model}@{version}")), "{pushed}");
+}
+
+/// Enrolls an agent of group `edge` in `dir` with `addresses` (a token from `control`) and
+/// starts it, reporting every 500 ms; returns it and its HTTP address.
+pub fn enroll_and_serve(
+    control: &ControlProcess,
+    dir: &Path,
+    addresses: &str,
+) -> (Process, SocketAddr) {
+    let token = control.ok(&["control", "token", "create", "--group", "edge", "--ttl", "10m"]);
+    let enrolled = ok(&[
+        "agent",
+        "enroll",
+        "--control-plane",
+        addresses,
+        "--token",
+        token.trim(),
+        "--data-dir",
+        s(dir),
+    ]);
+    let shown = addresses.replace(',', ", ");
+    assert!(enrolled.contains(&format!("with the control plane at {shown}")), "{enrolled}");
+    let mut agent = Process::start(&[
+        "agent",
+        "serve",
+        "--data-dir",
+        s(dir),
+        "--http",
+        "127.0.0.1:0",
+        "--heartbeat",
+        "500ms",
+    ]);
+    let http = agent.wait_for_addr("serving the Open Inference Protocol");
+    let line = agent.wait_for("syncing with the control plane at");
+    assert!(line.contains(&shown), "the stored list: {line}");
+    (agent, http)
+}

@@ -177,6 +177,10 @@ pub struct ServeArgs {
     /// provides it].
     #[arg(long)]
     pub(crate) unseal_from: Option<UnsealFrom>,
+    /// PostgreSQL shared by the region's replicas (postgres://...) instead of SQLite in the
+    /// data directory [config: database.url].
+    #[arg(long, env = "FALAJ_CONTROL_DATABASE", hide_env_values = true)]
+    pub(crate) database: Option<String>,
 }
 
 /// Arguments of `migrate`: one of `--data-dir`, `--database`, or `--from-sqlite` with `--to`.

@@ -37,6 +37,9 @@ pub(super) fn serve(args: ServeArgs) -> Result<(), Failure> {
     if let Some(every) = args.heartbeat {
         file.policy.heartbeat = every;
     }
+    if args.database.is_some() {
+        file.database.url = args.database;
+    }
     let unseal = args.unseal_from;
     file.check(Path::new("the command line")).map_err(Failure::config)?;
     let token_file = file.data_dir.join(crate::daemon::ADMIN_TOKEN_FILE);
@@ -83,5 +86,10 @@ pub(super) fn check_config(path: &Path) -> Result<(), Failure> {
     println!("region        {}", config.region.as_deref().unwrap_or("(from the keys)"));
     println!("quic.listen   {}", config.quic.listen);
     println!("admin.listen  {}", config.admin.listen);
+    let database = config.database.url.as_deref().map_or_else(
+        || format!("SQLite in {}", config.data_dir.display()),
+        crate::sql::postgres::redacted,
+    );
+    println!("database      {database}");
     Ok(())
 }

@@ -184,10 +184,13 @@ pub(crate) async fn agent_views(shared: &Shared) -> ServiceResult<Vec<AgentView>
     shared.flush_seen().await?;
     let rows = shared.db.run(|sql| db::agents(&sql)).await?;
     let now = Timestamp::from_system(SystemTime::now());
+    // On PostgreSQL an agent may hold its session with another replica, whose reports
+    // keep its last contact fresh: that counts as connected here too.
+    let replicas = shared.db.backend() == crate::sql::Backend::Postgres;
     Ok(rows
         .into_iter()
         .map(|row| {
-            let connected = shared.connected(&row.id);
+            let connected = replicas || shared.connected(&row.id);
             agent_view(row, connected, now, shared.policy.heartbeat)
         })
         .collect())

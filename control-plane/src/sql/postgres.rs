@@ -96,6 +96,23 @@ impl std::fmt::Debug for Pool {
     }
 }
 
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let idle =
+            std::mem::take(&mut self.state.get_mut().unwrap_or_else(PoisonError::into_inner).idle);
+        // Closing a connection blocks on the client's own runtime, which tokio refuses
+        // within another (the daemon drops its last `Db` there): the connections then
+        // close on a thread of their own.
+        if !idle.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
+            let closing =
+                std::thread::Builder::new().name("falaj-pg-close".into()).spawn(move || drop(idle));
+            if let Err(e) = closing {
+                tracing::warn!(error = %e, "PostgreSQL connections left to the server to close");
+            }
+        }
+    }
+}
+
 impl Pool {
     /// Parses `options` and prepares TLS; connects nothing yet.
     pub(crate) fn new(options: &PgOptions) -> Result<Self, SqlError> {
