@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use falaj_common::audit::{Entry, verify};
+use falaj_common::audit::{Entry, VerifyError, verify};
 use falaj_common::keys::SigningKey;
 use falaj_common::time::Timestamp;
 use falaj_control::audit::{self, Actor, AuditQuery};
@@ -583,6 +583,13 @@ fn checkpoints_and_prunes_at_once_sign_and_delete_once(db: &Db) {
                 db.run_sync(|sql| db::event(&sql, at(50 + i), "deploy", "edge", "later")).unwrap();
             }
         });
+        // The console's status meanwhile: whole, or with a tail not yet signed.
+        for _ in 0..3 {
+            s.spawn(|| {
+                let status = db.run_sync(|sql| chain_status(&sql, &key.public())).unwrap();
+                assert!(matches!(status, Ok(_) | Err(VerifyError::Unsigned { .. })), "{status:?}");
+            });
+        }
         (
             prunes.into_iter().map(|h| h.join().unwrap()).collect(),
             exports.into_iter().map(|h| h.join().unwrap()).collect(),
