@@ -25,6 +25,7 @@ use crate::audit::{self, Actor};
 use crate::ca::{self, CaError};
 use crate::db::{self, NewAgent};
 use crate::monitoring;
+use crate::sql::{AsSql, params};
 use crate::state::{Session, Shared};
 
 /// Connection close code: the peer is refused (revoked, unknown, bad request).
@@ -482,24 +483,10 @@ async fn renew(shared: &Shared, agent: &str, current: &str, csr_der: &[u8]) {
         Ok(issued) => {
             let (id, serial, expires) = (agent.to_owned(), issued.serial.clone(), issued.expires);
             let current = current.to_owned();
+            let at = Timestamp::from_system(now);
             let recorded = shared
                 .db
-                .run(move |sql| {
-                    let tx = sql.transaction()?;
-                    // The agent's row locked while deciding (PostgreSQL), so that a
-                    // revocation committing meanwhile is seen, or waits for this.
-                    tx.query_map(
-                        &format!("SELECT id FROM agents WHERE id = $1{}", tx.for_update()),
-                        crate::sql::params![id],
-                        |r| r.get::<String>(0),
-                    )?;
-                    if !db::certificate_valid(&tx, &id, &current)? {
-                        return Ok(false);
-                    }
-                    db::add_certificate(&tx, &id, &serial, expires, Timestamp::from_system(now))?;
-                    tx.commit()?;
-                    Ok(true)
-                })
+                .run(move |sql| record_renewal(&sql, &id, &current, &serial, expires, at))
                 .await;
             match recorded {
                 Ok(false) => {
@@ -519,6 +506,34 @@ async fn renew(shared: &Shared, agent: &str, current: &str, csr_der: &[u8]) {
         Err(err) => ControlMessage::Refused(format!("renewal refused: {err}")),
     };
     shared.send(agent, message).await;
+}
+
+/// Records certificate `serial` (expiring at `expires`) renewed for `agent` if the one
+/// its session was opened with (`current`) is still valid; whether it did. One
+/// transaction, with the agent's row locked while deciding (PostgreSQL; SQLite's one
+/// writer there): a revocation at once comes wholly before (the renewal is refused) or
+/// after (it revokes the renewed certificate too).
+pub fn record_renewal<C: AsSql + ?Sized>(
+    conn: &C,
+    agent: &str,
+    current: &str,
+    serial: &str,
+    expires: Timestamp,
+    now: Timestamp,
+) -> Result<bool, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction()?;
+    tx.query_map(
+        &format!("SELECT id FROM agents WHERE id = $1{}", tx.for_update()),
+        params![agent],
+        |r| r.get::<String>(0),
+    )?;
+    if !db::certificate_valid(&tx, agent, current)? {
+        return Ok(false);
+    }
+    db::add_certificate(&tx, agent, serial, expires, now)?;
+    tx.commit()?;
+    Ok(true)
 }
 
 /// The blobs a connection's agent may fetch, as of a document version.

@@ -24,7 +24,7 @@ use falaj_control::service::ServiceError;
 use falaj_control::service::{bundles, deploy};
 use falaj_control::sql::params;
 use falaj_control::state::{Policy, Shared};
-use falaj_control::{audit, blobs, ca, keyring, keys, vault};
+use falaj_control::{audit, blobs, ca, keyring, keys, quic, vault};
 
 use crate::{Body, REGION, at, bundle, enrolled, held, window};
 
@@ -46,6 +46,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
     (
         "a_bundle_pushed_through_several_connections_at_once_is_registered_once",
         a_bundle_pushed_through_several_connections_at_once_is_registered_once,
+    ),
+    (
+        "a_renewal_and_a_revocation_at_once_never_leave_a_renewal_after_the_revocation",
+        a_renewal_and_a_revocation_at_once_never_leave_a_renewal_after_the_revocation,
     ),
     (
         "a_rollouts_figures_and_the_consoles_charts_count_the_same_windows",
@@ -356,6 +360,37 @@ fn a_bundle_pushed_through_several_connections_at_once_is_registered_once(db: &D
         })
         .unwrap();
     assert_eq!((stored, reference), (1, true));
+}
+
+/// An agent's certificate renewed on one connection while the agent is revoked on another
+/// (two replicas), eight times, both let go together: the renewal is refused, or it is
+/// recorded before the revocation, never after it.
+fn a_renewal_and_a_revocation_at_once_never_leave_a_renewal_after_the_revocation(db: &Db) {
+    for i in 0..8 {
+        let agent = format!("agent-{i}");
+        db.run_sync(|sql| enrolled(sql, &format!("t{i}"), &agent)).unwrap();
+        let together = std::sync::Barrier::new(2);
+        let (renewed, revoked) = std::thread::scope(|s| {
+            let renewing = s.spawn(|| {
+                together.wait();
+                let (current, serial) = (format!("serial-{agent}"), format!("renewed-{agent}"));
+                db.run_sync(|sql| {
+                    quic::record_renewal(&sql, &agent, &current, &serial, at(9000), at(20))
+                })
+                .unwrap()
+            });
+            let revoking = s.spawn(|| {
+                together.wait();
+                db.run_sync(|sql| db::revoke(&sql, &agent, at(20))).unwrap()
+            });
+            (renewing.join().unwrap(), revoking.join().unwrap())
+        });
+        assert!(revoked);
+        let kinds = events(db, &agent);
+        let after = kinds.iter().skip_while(|k| *k != "revoke").any(|k| k == "renew");
+        assert!(!after, "{agent}: a renewal recorded after the revocation: {kinds:?}");
+        assert_eq!(renewed, kinds.iter().any(|k| k == "renew"), "{agent}: {kinds:?}");
+    }
 }
 
 /// A rollout's status (`rollouts::view::build`), the console's buckets
