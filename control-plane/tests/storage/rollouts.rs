@@ -4,9 +4,9 @@
 //! replicas stepping or starting at once (one step wins, ids stay apart); and what was
 //! ported with them, on several connections at once where it decides a write from a
 //! read: a deployment changed as a rollout starts, a bundle pushed twice, a certificate
-//! renewed as its agent is revoked, the
-//! desired-state documents that carry rollouts (`Shared::desired_for`, never one version
-//! for two documents), and the figures the console reads.
+//! renewed as its agent is revoked, the desired-state documents that carry rollouts
+//! (`Shared::desired_for`, never one version for two documents); and the figures the
+//! console reads.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
