@@ -7,8 +7,9 @@ use std::path::Path;
 use super::render::render_copied;
 use super::{Failure, MigrateArgs};
 use crate::db::{self, Db};
+use crate::features::store;
 use crate::sql::PgOptions;
-use crate::sql::copy::{CopyError, copy_database};
+use crate::sql::copy::{CopyError, Prepare, copy_databases};
 use crate::sql::postgres::redacted;
 
 pub(super) fn migrate(args: MigrateArgs) -> Result<(), Failure> {
@@ -17,9 +18,8 @@ pub(super) fn migrate(args: MigrateArgs) -> Result<(), Failure> {
         (None, None, Some(dir), None) => {
             let path = dir.join(db::DB_FILE);
             Db::open(&path).map_err(Failure::config)?;
-            let features = dir.join(crate::features::store::FEATURES_DB_FILE);
-            falaj_shell::sqlite::open(&features, crate::features::store::MIGRATIONS)
-                .map_err(|e| Failure::config(anyhow::anyhow!("{}: {e}", features.display())))?;
+            Db::open_with(&dir.join(store::FEATURES_DB_FILE), store::MIGRATIONS)
+                .map_err(Failure::config)?;
             println!(
                 "{}: the control plane's databases are at this version's schema",
                 dir.display()
@@ -27,8 +27,9 @@ pub(super) fn migrate(args: MigrateArgs) -> Result<(), Failure> {
             Ok(())
         }
         (None, None, None, Some(url)) => {
-            Db::open_postgres(&PgOptions::new(url.clone())).map_err(Failure::config)?;
-            println!("{}: the control plane's schema is at this version's", redacted(&url));
+            let db = Db::open_postgres(&PgOptions::new(url.clone())).map_err(Failure::config)?;
+            store::migrate_postgres(&db).map_err(Failure::config)?;
+            println!("{}: the control plane's schemas are at this version's", redacted(&url));
             Ok(())
         }
         _ => Err(Failure::usage(anyhow::anyhow!(
@@ -37,7 +38,8 @@ pub(super) fn migrate(args: MigrateArgs) -> Result<(), Failure> {
     }
 }
 
-/// Copies `from`'s `control.db` into the PostgreSQL database at `url`.
+/// Copies `from`'s `control.db` and, when there is one, its `features.db` into the
+/// PostgreSQL database at `url`, in one transaction.
 fn copy(from: &Path, url: &str) -> Result<(), Failure> {
     let path = from.join(db::DB_FILE);
     if !path.is_file() {
@@ -47,16 +49,27 @@ fn copy(from: &Path, url: &str) -> Result<(), Failure> {
             from.display()
         )));
     }
-    let source = Db::open(&path).map_err(Failure::config)?;
+    let control = Db::open(&path).map_err(Failure::config)?;
+    let features_path = from.join(store::FEATURES_DB_FILE);
+    let features = if features_path.is_file() {
+        Some(Db::open_with(&features_path, store::MIGRATIONS).map_err(Failure::config)?)
+    } else {
+        None
+    };
     let target = Db::open_postgres(&PgOptions::new(url)).map_err(Failure::config)?;
-    let copied = copy_database(&source, &target).map_err(|e| match e {
+    store::migrate_postgres(&target).map_err(Failure::config)?;
+    let mut sources: Vec<(&Db, Option<Prepare>)> = vec![(&control, None)];
+    if let Some(features) = &features {
+        sources.push((features, Some(store::make_view_tables)));
+    }
+    let copied = copy_databases(&sources, &target).map_err(|e| match e {
         CopyError::Database(e) => Failure::other(e),
         refused => Failure::refused(anyhow::anyhow!(
             "copying {} into {}: {refused}",
-            path.display(),
+            from.display(),
             redacted(url)
         )),
     })?;
-    print!("{}", render_copied(&copied, &path.display().to_string(), &redacted(url)));
+    print!("{}", render_copied(&copied, &from.display().to_string(), &redacted(url)));
     Ok(())
 }

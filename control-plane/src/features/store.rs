@@ -430,6 +430,31 @@ fn create_table(sql: &Sql<'_>, stored: &StoredView) -> Result<(), SqlError> {
     ))
 }
 
+/// For `falaj-control migrate --from-sqlite` ([`crate::sql::copy::Prepare`]): makes on
+/// `target` the table of every view version `source` stores, with the columns of its
+/// latest revision (the earlier ones' columns among them), and returns each table's name
+/// on the source with its name on the target (unquoted; they differ past PostgreSQL's 63
+/// bytes).
+pub fn make_view_tables(
+    source: &Sql<'_>,
+    target: &Sql<'_>,
+) -> Result<Vec<(String, String)>, SqlError> {
+    let mut latest = std::collections::BTreeMap::new();
+    for view in
+        source.query_map(&format!("{SELECT} ORDER BY name, version, revision"), &[], stored)?
+    {
+        latest.insert((view.view.name.clone(), view.version), view);
+    }
+    let mut tables = Vec::with_capacity(latest.len());
+    for view in latest.values() {
+        create_table(target, view)?;
+        let unquoted = |name: String| name.trim_matches('"').to_owned();
+        tables
+            .push((unquoted(view.table(source.backend())), unquoted(view.table(target.backend()))));
+    }
+    Ok(tables)
+}
+
 /// The feature columns of a stored view, quoted, in the view's order.
 pub fn feature_columns(view: &FeatureView) -> String {
     view.features.iter().map(|f| format!("\"{}\"", f.name)).collect::<Vec<_>>().join(", ")

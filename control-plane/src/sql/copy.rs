@@ -242,9 +242,11 @@ impl Cell {
     }
 }
 
-/// A table to copy: its columns (in the source's order) with their target types.
+/// A table to copy: its name in the source and in the target, its columns (in the
+/// source's order) with their target types, and the target's identity columns.
 struct Table {
     name: String,
+    target: String,
     columns: Vec<(String, Kind)>,
     identity: Vec<String>,
 }
@@ -255,21 +257,35 @@ impl Table {
     }
 }
 
-/// Copies every table of the SQLite database `source` into the PostgreSQL database
+/// Makes, on the target, tables its schema does not make itself (the feature store's, one
+/// per view version, made as views are applied) from what the source holds; returns each
+/// such table's name in the source with its name in the target.
+pub type Prepare =
+    fn(source: &Sql<'_>, target: &Sql<'_>) -> Result<Vec<(String, String)>, SqlError>;
+
+/// Copies every table of the SQLite databases `sources` (each with its [`Prepare`], if it
+/// needs one) into the PostgreSQL database
 /// `target` in one transaction, committed only when what PostgreSQL holds afterwards
 /// matches; returns each table's count and digest, in the order copied.
-pub fn copy_database(source: &Db, target: &Db) -> Result<Vec<TableCopy>, CopyError> {
-    source.call_sync(|conn| {
-        Ok(target.run_sync(|sql| {
-            // A savepoint: a refused copy rolls back to it, and the (empty) transaction
-            // around it commits, so the refusal reaches the caller as itself.
-            let tx = sql.transaction()?;
-            Ok(match copy_sqlite_into(conn, &tx) {
-                Ok(copied) => tx.commit().map(|()| copied).map_err(CopyError::from),
-                Err(refused) => Err(refused),
-            })
-        }))
-    })??
+pub fn copy_databases(
+    sources: &[(&Db, Option<Prepare>)],
+    target: &Db,
+) -> Result<Vec<TableCopy>, CopyError> {
+    target.run_sync(|sql| {
+        // A savepoint: a refused copy rolls back to it, and the (empty) transaction around
+        // it commits, so the refusal reaches the caller as itself.
+        let tx = sql.transaction()?;
+        let mut copied = Vec::new();
+        for &(source, prepare) in sources {
+            match source.call_sync(|conn| Ok(copy_sqlite_into(conn, &tx, prepare))) {
+                Ok(Ok(tables)) => copied.extend(tables),
+                Ok(Err(refused)) => return Ok(Err(refused)),
+                Err(failed) => return Ok(Err(failed.into())),
+            }
+        }
+        tx.commit()?;
+        Ok(Ok(copied))
+    })?
 }
 
 /// Copies every table of `source` into `target` (within a transaction the caller commits)
@@ -277,20 +293,40 @@ pub fn copy_database(source: &Db, target: &Db) -> Result<Vec<TableCopy>, CopyErr
 fn copy_sqlite_into(
     source: &mut rusqlite::Connection,
     target: &Sql<'_>,
+    prepare: Option<Prepare>,
 ) -> Result<Vec<TableCopy>, CopyError> {
     // One read transaction: a consistent view of the source for the whole copy.
     let source = source.transaction()?;
-    let tables = tables_in_order(&source, target)?;
-    for table in &tables {
-        let rows: i64 = target.query_row(
-            &format!("SELECT COUNT(*) FROM {}", quoted(&table.name)),
-            &[],
+    let names: Vec<String> = source
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    // Every table the target's schema has must be empty (before anything is made there).
+    // Names are compared as text: one past 63 bytes is no identifier, and refused as one.
+    for name in &names {
+        let exists: i64 = target.query_row(
+            "SELECT COUNT(*) FROM information_schema.tables
+             WHERE table_schema = current_schema() AND table_name = CAST($1 AS TEXT)",
+            super::params![name.clone()],
             |r| r.get(0),
         )?;
+        if exists == 0 {
+            continue;
+        }
+        let rows: i64 =
+            target
+                .query_row(&format!("SELECT COUNT(*) FROM {}", quoted(name)), &[], |r| r.get(0))?;
         if rows > 0 {
-            return Err(CopyError::NotEmpty { table: table.name.clone(), rows });
+            return Err(CopyError::NotEmpty { table: name.clone(), rows });
         }
     }
+    let renames: BTreeMap<String, String> = match prepare {
+        Some(prepare) => prepare(&Sql::sqlite(&source), target)?.into_iter().collect(),
+        None => BTreeMap::new(),
+    };
+    let tables = tables_in_order(&source, target, &names, &renames)?;
     let mut copied = Vec::with_capacity(tables.len());
     for table in &tables {
         let (rows, digest) = copy_table(&source, target, table)?;
@@ -300,9 +336,9 @@ fn copy_sqlite_into(
                 &format!(
                     "SELECT setval(pg_get_serial_sequence($1, $2), COALESCE(MAX({c}), 0) + 1, false) FROM {t}",
                     c = quoted(column),
-                    t = quoted(&table.name),
+                    t = quoted(&table.target),
                 ),
-                super::params![quoted(&table.name), column.clone()],
+                super::params![quoted(&table.target), column.clone()],
                 |r| r.get::<i64>(0),
             )?;
         }
@@ -326,21 +362,19 @@ fn copy_sqlite_into(
 fn tables_in_order(
     source: &rusqlite::Connection,
     target: &Sql<'_>,
+    names: &[String],
+    renames: &BTreeMap<String, String>,
 ) -> Result<Vec<Table>, CopyError> {
-    let names: Vec<String> = source
-        .prepare(
-            "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name",
-        )?
-        .query_map([], |r| r.get(0))?
-        .collect::<Result<_, _>>()?;
     let mut parents: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut tables = BTreeMap::new();
     for name in names {
+        let name = name.clone();
+        let target_name = renames.get(&name).cloned().unwrap_or_else(|| name.clone());
         let target_columns: BTreeMap<String, (String, bool)> = target
             .query_map(
                 "SELECT column_name, data_type, is_identity FROM information_schema.columns
-                 WHERE table_schema = current_schema() AND table_name = $1",
-                super::params![name.clone()],
+                 WHERE table_schema = current_schema() AND table_name = CAST($1 AS TEXT)",
+                super::params![target_name.clone()],
                 |r| Ok((r.get::<String>(0)?, (r.get::<String>(1)?, r.get::<String>(2)? == "YES"))),
             )?
             .into_iter()
@@ -373,7 +407,7 @@ fn tables_in_order(
             .query_map([&name], |r| r.get(0))?
             .collect::<Result<_, _>>()?;
         parents.insert(name.clone(), referenced);
-        tables.insert(name.clone(), Table { name, columns, identity });
+        tables.insert(name.clone(), Table { name, target: target_name, columns, identity });
     }
     // Kahn's order over the foreign keys (a table naming itself is no constraint here:
     // its rows go in one statement per batch, and PostgreSQL checks at each statement).
@@ -447,7 +481,7 @@ fn insert(target: &Sql<'_>, table: &Table, cells: &[Cell]) -> Result<(), SqlErro
         .collect();
     let sql = format!(
         "INSERT INTO {} ({}) VALUES {}",
-        quoted(&table.name),
+        quoted(&table.target),
         table.column_list(),
         rows.join(", ")
     );
@@ -459,13 +493,14 @@ fn insert(target: &Sql<'_>, table: &Table, cells: &[Cell]) -> Result<(), SqlErro
 /// The table's rows as PostgreSQL now holds them (within the copy's transaction): their
 /// count and digest, read through a cursor so that a large table is not held in memory.
 fn read_back(target: &Sql<'_>, table: &Table) -> Result<(u64, TableDigest), SqlError> {
-    // A cursor of the table's own name: a FETCH is a prepared statement, kept per
-    // statement text, whose row description is the cursor's.
-    let cursor = quoted(&format!("falaj_copy_{}", table.name));
+    // A cursor named after the table (a hash: names are long): a FETCH is a prepared
+    // statement, kept per statement text, whose row description is its cursor's.
+    let hash = ring::digest::digest(&ring::digest::SHA256, table.target.as_bytes());
+    let cursor = format!("falaj_copy_{}", hex::encode(&hash.as_ref()[..8]));
     target.execute_batch(&format!(
         "DECLARE {cursor} NO SCROLL CURSOR FOR SELECT {} FROM {}",
         table.column_list(),
-        quoted(&table.name)
+        quoted(&table.target)
     ))?;
     let (mut count, mut digest) = (0u64, TableDigest::default());
     let mut encoded = Vec::new();

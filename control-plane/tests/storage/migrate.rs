@@ -3,12 +3,16 @@
 //! PostgreSQL database and reads the same there; a second copy, and a value PostgreSQL
 //! cannot hold, are refused with the target left as it was.
 
+use std::path::Path;
 use std::process::Command;
+
+use falaj_common::features::FeatureView;
+use falaj_control::features::{ingest, store};
 
 use falaj_control::audit;
 use falaj_control::db::{self, Db};
 use falaj_control::monitoring;
-use falaj_control::sql::copy::{CopyError, copy_database};
+use falaj_control::sql::copy::{CopyError, copy_databases};
 use falaj_control::sql::{PgOptions, Sql, SqlError, params};
 
 use crate::postgres::Cluster;
@@ -63,7 +67,7 @@ pub(crate) fn a_sqlite_control_plane_copies_into_postgres(cluster: &Cluster) {
     let sqlite = filled_sqlite(dir.path());
     let pg = Db::open_postgres(&PgOptions::new(cluster.database(""))).unwrap();
 
-    let copied = copy_database(&sqlite, &pg).unwrap();
+    let copied = copy_databases(&[(&sqlite, None)], &pg).unwrap();
     let source_counts = counts(&sqlite);
     assert!(source_counts.iter().all(|&n| n > 0), "{source_counts:?}");
     assert_eq!(counts(&pg), source_counts);
@@ -108,7 +112,7 @@ pub(crate) fn a_sqlite_control_plane_copies_into_postgres(cluster: &Cluster) {
 
     // A second copy into the same database is refused, and changes nothing there.
     let before = counts(&pg);
-    let err = copy_database(&sqlite, &pg).unwrap_err();
+    let err = copy_databases(&[(&sqlite, None)], &pg).unwrap_err();
     assert!(matches!(err, CopyError::NotEmpty { .. }), "{err}");
     assert!(err.to_string().contains("migrate into an empty database"), "{err}");
     assert_eq!(counts(&pg), before);
@@ -128,7 +132,7 @@ pub(crate) fn a_value_postgres_cannot_hold_refuses_the_whole_copy(cluster: &Clus
         })
         .unwrap();
     let pg = Db::open_postgres(&PgOptions::new(cluster.database(""))).unwrap();
-    let err = copy_database(&sqlite, &pg).unwrap_err();
+    let err = copy_databases(&[(&sqlite, None)], &pg).unwrap_err();
     let CopyError::Value { table, column, .. } = &err else { panic!("{err}") };
     assert_eq!((table.as_str(), column.as_str()), ("agents", "hostname"));
     assert!(err.to_string().contains("UTF-8"), "{err}");
@@ -137,11 +141,55 @@ pub(crate) fn a_value_postgres_cannot_hold_refuses_the_whole_copy(cluster: &Clus
     assert_eq!(count(&pg, "settings"), 0);
 }
 
+/// A feature view of one entity and one number, named `name`.
+fn view(name: &str, kind: &str) -> FeatureView {
+    FeatureView::from_toml(&format!(
+        "name = {name:?}\ntimestamp = \"t\"\nentity = {{ name = \"pump\", type = \"string\" }}\n\n\
+         [[features]]\nname = \"temperature\"\ntype = {kind:?}\ndescription = \"C\"\nowner = \"ops\"\n"
+    ))
+    .unwrap()
+}
+
+/// `features.db` in `dir` with two views, one named past PostgreSQL's 63-byte table names
+/// and in two versions, and rows in each.
+fn fill_features(dir: &Path) -> Db {
+    let db = Db::open_with(&dir.join(store::FEATURES_DB_FILE), store::MIGRATIONS).unwrap();
+    let long = format!("a{}", "-b".repeat(31) + "c");
+    let rows = dir.join("rows.csv");
+    std::fs::write(
+        &rows,
+        "pump,t,temperature\np1,2026-01-01T00:00:00Z,1.5\np2,2026-01-01T00:01:00Z,2.5\n",
+    )
+    .unwrap();
+    for (name, kind) in [("pumps", "f64"), (long.as_str(), "f32"), (long.as_str(), "f64")] {
+        db.run_sync(|sql| store::apply(&sql, &view(name, kind), at(0))).unwrap();
+        db.run_sync(|sql| Ok(ingest::ingest(&sql, name, &rows, "rows.csv", at(1))))
+            .unwrap()
+            .unwrap();
+    }
+    db
+}
+
+/// Each view's current version and its (rows, entities), as `db` holds them.
+fn feature_counts(db: &Db) -> Vec<(String, u64, (u64, u64))> {
+    db.run_sync(|sql| {
+        let mut out = Vec::new();
+        for stored in store::list(&sql)? {
+            let counts = store::counts(&sql, &stored)?;
+            out.push((stored.view.name.clone(), stored.version, counts));
+        }
+        Ok(out)
+    })
+    .unwrap()
+}
+
 pub(crate) fn the_migrate_command_copies_and_then_refuses(cluster: &Cluster) {
     let dir = tempfile::tempdir().unwrap();
     let sqlite = filled_sqlite(dir.path());
     let rows: i64 = counts(&sqlite).iter().sum::<i64>() + count(&sqlite, "settings");
     drop(sqlite);
+    let features = feature_counts(&fill_features(dir.path()));
+    assert_eq!(features.len(), 2, "{features:?}");
     let url = cluster.database("");
     let migrate = || {
         Command::new(env!("CARGO_BIN_EXE_falaj-control"))
@@ -161,6 +209,9 @@ pub(crate) fn the_migrate_command_copies_and_then_refuses(cluster: &Cluster) {
         .unwrap_or_else(|| panic!("no total in {stdout}"));
     assert!(total >= rows, "{total} < {rows}: {stdout}");
     assert!(stdout.contains("every table's count and digest match"), "{stdout}");
+    // The feature store came along: its views, versions and rows read the same there.
+    let pg = Db::open_postgres(&PgOptions::new(url.clone())).unwrap();
+    assert_eq!(feature_counts(&pg), features);
 
     let second = migrate();
     let stderr = String::from_utf8_lossy(&second.stderr);
