@@ -91,44 +91,80 @@ impl Activation {
         }
     }
 
-    /// Applies the activation to `v` in place; the loops vectorise. `max` then `min`
-    /// rather than `clamp`, which panics on bounds out of order (a model's Clip may have
-    /// them) and treats NaN differently from ONNX Runtime.
-    #[allow(clippy::manual_clamp)]
+    /// Applies the activation to `v` in place; see [`Activation::apply_to`].
     #[inline(always)]
     pub fn apply(self, v: &mut [f32]) {
-        match self {
-            Self::Identity => {}
-            Self::Relu => {
-                // NaN stays NaN, as ONNX Runtime's Relu keeps it (`max` would give 0).
-                for x in v.iter_mut() {
-                    if *x < 0.0 {
-                        *x = 0.0;
-                    }
-                }
+        per_activation!(self, f => {
+            for x in v.iter_mut() {
+                *x = f(*x);
             }
-            Self::Clip { lo, hi } => {
-                for x in v.iter_mut() {
-                    *x = x.max(lo).min(hi);
-                }
+        });
+    }
+
+    /// Writes the activation of `src` into `dst` (as many values as the shorter has).
+    /// The loops vectorise, every bound a select (`at_least`, `at_most`) and no
+    /// branch. Reading one buffer and writing another matters: in place, a select
+    /// that leaves some values as they are (ReLU) compiles to a masked store, and a
+    /// kernel reading that row back stalls on it.
+    #[inline(always)]
+    pub fn apply_to(self, src: &[f32], dst: &mut [f32]) {
+        per_activation!(self, f => {
+            for (d, &x) in dst.iter_mut().zip(src) {
+                *d = f(x);
             }
-            Self::HardSigmoid { alpha, beta } => {
-                for x in v.iter_mut() {
-                    *x = (alpha * *x + beta).max(0.0).min(1.0);
-                }
+        });
+    }
+}
+
+/// Runs `$body` with `$f` bound to the activation `$act` as a closure of one value: one
+/// `match` arm per activation, each with its own copy of `$body` (so each loop
+/// vectorises). Bounds are applied lower then upper rather than by `clamp`, which
+/// panics on bounds out of order (a model's Clip may have them) and treats NaN
+/// differently from ONNX Runtime.
+macro_rules! per_activation {
+    ($act:expr, $f:ident => $body:block) => {
+        match $act {
+            Activation::Identity => {
+                let $f = |x: f32| x;
+                $body
             }
-            Self::Gated { alpha, beta, lo, hi, scale } => {
-                for x in v.iter_mut() {
-                    *x = *x * (alpha * *x + beta).max(lo).min(hi) * scale;
-                }
+            // NaN stays NaN, as ONNX Runtime's Relu keeps it (`max` would give 0).
+            Activation::Relu => {
+                let $f = |x: f32| if x < 0.0 { 0.0 } else { x };
+                $body
             }
-            Self::Silu => {
-                for x in v.iter_mut() {
-                    *x /= 1.0 + exp(-*x);
-                }
+            Activation::Clip { lo, hi } => {
+                let $f = |x: f32| at_most(at_least(x, lo), hi);
+                $body
+            }
+            Activation::HardSigmoid { alpha, beta } => {
+                let $f = |x: f32| at_most(at_least(alpha * x + beta, 0.0), 1.0);
+                $body
+            }
+            Activation::Gated { alpha, beta, lo, hi, scale } => {
+                let $f = |x: f32| x * at_most(at_least(alpha * x + beta, lo), hi) * scale;
+                $body
+            }
+            Activation::Silu => {
+                let $f = |x: f32| x / (1.0 + exp(-x));
+                $body
             }
         }
-    }
+    };
+}
+use per_activation;
+
+/// `x.max(lo)` for a bound that is not NaN (a NaN `x` gives `lo`), as a comparison
+/// that compiles to one instruction; `f32::max` takes three for its handling of NaN.
+#[inline(always)]
+fn at_least(x: f32, lo: f32) -> f32 {
+    if x >= lo { x } else { lo }
+}
+
+/// `x.min(hi)` for a bound that is not NaN (a NaN `x` gives `hi`), as [`at_least`].
+#[inline(always)]
+fn at_most(x: f32, hi: f32) -> f32 {
+    if x <= hi { x } else { hi }
 }
 
 /// `e^x` for `x` in -87..88 (clamped to it: 0 and infinity are not reached),
@@ -197,6 +233,17 @@ mod tests {
             assert_eq!(Activation::of_node(&node), Ok(act));
         }
         assert_eq!(Activation::of_node(&NodeProto::default()), Ok(Activation::Identity));
+        // NaN: kept by ReLU; taken to a bound by the bounded ones, as `f32::max` and
+        // `f32::min` take it (the selects stand in for them).
+        let mut v = [f32::NAN];
+        Activation::Relu.apply(&mut v);
+        assert!(v[0].is_nan());
+        let mut v = [f32::NAN];
+        Activation::Clip { lo: -1.0, hi: 6.0 }.apply(&mut v);
+        assert_eq!(v[0].to_bits(), (-1.0f32).to_bits(), "NaN.max(-1).min(6)");
+        let mut v = [f32::NAN];
+        Activation::HardSigmoid { alpha: 0.2, beta: 0.5 }.apply(&mut v);
+        assert_eq!(v[0].to_bits(), 0.0f32.to_bits(), "NaN.max(0).min(1)");
     }
 
     #[test]

@@ -134,13 +134,12 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
                     continue;
                 }
                 for r in 0..ROWS.min(op.outputs - block * ROWS) {
-                    let mut line = tile_row(&acc, r);
-                    op.activation.apply(&mut line);
+                    let line = tile_row(&acc, r);
                     let to = &mut out[(block * ROWS + r) * pixels + p0..];
                     if width == PIXELS {
-                        to[..PIXELS].copy_from_slice(&line);
+                        op.activation.apply_to(&line, &mut to[..PIXELS]);
                     } else {
-                        copy(&line[..width], &mut to[..width]);
+                        op.activation.apply_to(&line[..width], &mut to[..width]);
                     }
                 }
             }
@@ -236,6 +235,9 @@ mod tests {
         // Channel and pixel counts around the tile sizes, an activation or none.
         for (ci, co, h, w, activation) in [
             (3, 5, 4, 9, Activation::Identity),
+            // Fewer pixels than a tile's worth (`FEW`): each output a dot product.
+            (37, 11, 1, 1, Activation::Relu),
+            (40, 9, 2, 3, Activation::Identity),
             (16, 13, 7, 7, Activation::Relu),
             // More input channels than a block of them (`DEPTH`), and not a multiple.
             (300, 7, 5, 9, Activation::Relu),
