@@ -772,7 +772,8 @@ pub fn api_tokens<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<ApiTokenRow>, C::Er
 /// Stores a new API token (its secret's hash) created by `creator` (an actor name);
 /// the name of a revoked or expired token may be taken again (its row replaced). One
 /// statement decides and writes, so that of two creations of one name at once one is
-/// stored and the other refused.
+/// stored and the other refused. A user creating one has its row locked and must still
+/// exist, so that its removal at once either comes first or revokes the new token.
 pub fn create_api_token<C: AsSql + ?Sized>(
     conn: &C,
     name: &str,
@@ -784,6 +785,11 @@ pub fn create_api_token<C: AsSql + ?Sized>(
 ) -> Result<Result<Timestamp, Refusal>, C::Error> {
     let sql = conn.sql();
     let tx = sql.transaction_immediate()?;
+    if let Some(user) = creator.strip_prefix("user:")
+        && stored(&tx, user, true)?.is_none()
+    {
+        return Ok(Err(Refusal::NoUser(user.to_owned())));
+    }
     let expires = now.saturating_add(ttl);
     let stored = tx.execute(
         "INSERT INTO api_tokens (name, token_sha256, role, created_by, created_at, expires_at)

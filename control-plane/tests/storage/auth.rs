@@ -37,6 +37,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
         a_user_disabled_or_removed_while_logging_in_keeps_no_session,
     ),
     (
+        "a_user_removed_while_creating_api_tokens_leaves_none_live",
+        a_user_removed_while_creating_api_tokens_leaves_none_live,
+    ),
+    (
         "checkpoints_and_prunes_at_once_sign_and_delete_once",
         checkpoints_and_prunes_at_once_sign_and_delete_once,
     ),
@@ -458,6 +462,42 @@ fn a_user_disabled_or_removed_while_logging_in_keeps_no_session(db: &Db) {
             assert!(!matches!(resolved, Resolved::Valid(_)), "{user} after its {change}");
         }
     }
+}
+
+fn a_user_removed_while_creating_api_tokens_leaves_none_live(db: &Db) {
+    add(db, "mia", Role::Operator);
+    let created: Vec<Result<Timestamp, Refusal>> = std::thread::scope(|s| {
+        let creations: Vec<_> = (0..6)
+            .map(|i| {
+                s.spawn(move || {
+                    let (_, sha) = store::new_secret(store::TOKEN_PREFIX);
+                    let (name, ttl) = (format!("mia-{i}"), Duration::from_secs(3600));
+                    db.run_sync(|sql| {
+                        store::create_api_token(
+                            &sql,
+                            &name,
+                            Role::Viewer,
+                            "user:mia",
+                            sha,
+                            ttl,
+                            at(1),
+                        )
+                    })
+                    .unwrap()
+                })
+            })
+            .collect();
+        s.spawn(|| db.run_sync(|sql| store::remove_user(&sql, "mia", at(1))).unwrap().unwrap());
+        creations.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert!(
+        created.iter().all(|c| c.is_ok() || *c == Err(Refusal::NoUser("mia".into()))),
+        "{created:?}"
+    );
+    let tokens = db.run_sync(|sql| store::api_tokens(&sql)).unwrap();
+    assert_eq!(tokens.len(), created.iter().filter(|c| c.is_ok()).count());
+    // None live, so a later user of the same name inherits none.
+    assert!(tokens.iter().all(|t| t.revoked_at.is_some()), "{tokens:?}");
 }
 
 fn a_session_used_at_once_keeps_its_latest_use(db: &Db) {
