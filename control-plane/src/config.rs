@@ -62,11 +62,15 @@ pub struct DatabaseConfig {
     pub url: Option<String>,
     /// The most connections one replica opens at once.
     pub pool_size: usize,
+    /// A file (readable by the service only) whose first line is the database password,
+    /// so that the URL here need not carry it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        Self { url: None, pool_size: 16 }
+        Self { url: None, pool_size: 16, password_file: None }
     }
 }
 
@@ -412,6 +416,7 @@ impl ControlConfig {
         serve.database = self.database.url.as_ref().map(|url| crate::sql::PgOptions {
             url: url.clone(),
             pool_size: self.database.pool_size,
+            password_file: self.database.password_file.clone(),
         });
         serve
     }

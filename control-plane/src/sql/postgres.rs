@@ -31,12 +31,15 @@ pub struct PgOptions {
     pub url: String,
     /// The most connections open at once.
     pub pool_size: usize,
+    /// A file holding the password (its first line), read at connection set-up, so that
+    /// the URL in a readable configuration file need not carry it.
+    pub password_file: Option<PathBuf>,
 }
 
 impl PgOptions {
-    /// `url` with the default pool (8 connections).
+    /// `url` with the default pool (8 connections) and no password file.
     pub fn new(url: impl Into<String>) -> Self {
-        Self { url: url.into(), pool_size: 8 }
+        Self { url: url.into(), pool_size: 8, password_file: None }
     }
 }
 
@@ -117,8 +120,14 @@ impl Pool {
     /// Parses `options` and prepares TLS; connects nothing yet.
     pub(crate) fn new(options: &PgOptions) -> Result<Self, SqlError> {
         let (url, root) = split_url(&options.url);
-        let config: postgres::Config =
+        let mut config: postgres::Config =
             url.parse().map_err(|e: postgres::Error| SqlError::Connect(describe(&e)))?;
+        if let Some(file) = &options.password_file {
+            let text = std::fs::read_to_string(file).map_err(|e| {
+                SqlError::Connect(format!("reading the password file {}: {e}", file.display()))
+            })?;
+            config.password(text.lines().next().unwrap_or_default());
+        }
         let target = target(&config);
         let tls = tls(&config, root.as_ref()).map_err(SqlError::Connect)?;
         Ok(Self {

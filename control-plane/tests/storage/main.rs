@@ -959,6 +959,41 @@ fn the_database_is_reached_over_verified_tls(cluster: &postgres::Cluster) {
     assert!(err.to_string().to_lowercase().contains("certificate"), "{err}");
 }
 
+fn a_password_is_read_from_its_file(cluster: &postgres::Cluster) {
+    let admin = Db::open_postgres(&PgOptions::new(cluster.database(""))).unwrap();
+    let role = postgres::PASSWORD_ROLE;
+    admin
+        .run_sync(|sql| {
+            sql.execute_batch(&format!("CREATE ROLE {role} LOGIN PASSWORD 'correct horse'"))
+        })
+        .unwrap();
+    // CREATE DATABASE cannot run in a transaction, which every Db::run is.
+    let owned = format!("owned_by_{role}");
+    cluster.create_database(&owned, role);
+    let url =
+        cluster.url(&owned, "").replace("postgres://postgres@", &format!("postgres://{role}@"));
+    let dir = tempfile::tempdir().unwrap();
+    let with = |text: Option<&str>| {
+        let file = dir.path().join("password");
+        if let Some(text) = text {
+            std::fs::write(&file, text).unwrap();
+        }
+        Db::open_postgres(&PgOptions { password_file: Some(file), ..PgOptions::new(&url) })
+    };
+    // The first line is the password; the connection works and the schema is made.
+    let db = with(Some("correct horse\n")).unwrap();
+    let user: String =
+        db.run_sync(|sql| sql.query_row("SELECT current_user", params![], |r| r.get(0))).unwrap();
+    assert_eq!(user, role);
+    let err = with(Some("wrong horse")).unwrap_err().to_string();
+    assert!(err.contains("password"), "{err}");
+    std::fs::remove_file(dir.path().join("password")).unwrap();
+    let err = with(None).unwrap_err().to_string();
+    assert!(err.contains("reading the password file") && err.contains("password"), "{err}");
+    // Without a password the role is refused.
+    assert!(Db::open_postgres(&PgOptions::new(&url)).is_err());
+}
+
 // ---- the harness ----
 
 type Body = fn(&Db);
@@ -1069,6 +1104,7 @@ const WITH_CLUSTER: &[(&str, WithCluster)] = &[
         migrations_are_versioned_and_a_newer_schema_is_refused(&cluster.database(""));
     }),
     ("the_database_is_reached_over_verified_tls", the_database_is_reached_over_verified_tls),
+    ("a_password_is_read_from_its_file", a_password_is_read_from_its_file),
 ];
 
 fn main() {

@@ -45,6 +45,9 @@ pub fn binaries() -> Result<PathBuf, String> {
         })
 }
 
+/// The role whose logins need a password; the cluster trusts every other.
+pub const PASSWORD_ROLE: &str = "with_password";
+
 /// A running cluster.
 pub struct Cluster {
     dir: tempfile::TempDir,
@@ -92,6 +95,14 @@ impl Cluster {
                 "--no-sync",
             ],
         )?;
+        // One role must give its password (the rest are trusted): the first line matches it.
+        let hba = data.join("pg_hba.conf");
+        let trusted = std::fs::read_to_string(&hba).map_err(|e| e.to_string())?;
+        std::fs::write(
+            &hba,
+            format!("host all {PASSWORD_ROLE} 127.0.0.1/32 scram-sha-256\n{trusted}"),
+        )
+        .map_err(|e| e.to_string())?;
         cluster.port = free_port()?;
         let socket_dir = cluster.dir.path().display().to_string();
         let options = format!(
@@ -129,16 +140,27 @@ impl Cluster {
     /// A URL for a new, empty database of its own (`extra`: more query parameters).
     pub fn database(&self, extra: &str) -> String {
         let name = format!("test_{}", self.databases.fetch_add(1, Ordering::Relaxed));
-        let mut admin = postgres::Client::connect(
+        self.create_database(&name, "postgres");
+        self.url(&name, extra)
+    }
+
+    /// The superuser's connection to the `postgres` database.
+    fn admin(&self) -> postgres::Client {
+        postgres::Client::connect(
             &format!(
                 "host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=disable",
                 self.port
             ),
             postgres::NoTls,
         )
-        .expect("the test cluster accepts its superuser");
-        admin.batch_execute(&format!("CREATE DATABASE {name}")).expect("a database is created");
-        self.url(&name, extra)
+        .expect("the test cluster accepts its superuser")
+    }
+
+    /// Makes database `name` owned by `owner`.
+    pub fn create_database(&self, name: &str, owner: &str) {
+        self.admin()
+            .batch_execute(&format!("CREATE DATABASE {name} OWNER {owner}"))
+            .expect("a database is created");
     }
 
     /// The URL of database `name` over TCP (`extra`: query parameters, `sslmode=disable`
