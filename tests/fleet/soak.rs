@@ -15,6 +15,7 @@ use falaj_agent::sync::SyncConfig;
 use falaj_common::sample::{self, FEATURE_COUNT};
 
 use super::{Control, RunningAgent, eventually};
+use falaj_control::sql::params;
 
 const GROUP: &str = "soak";
 const MODEL: &str = "pump";
@@ -191,10 +192,14 @@ pub async fn soak(work: &Path, options: &SoakOptions) -> SoakReport {
             .unwrap()
             .unwrap();
     }
-    let sql = "SELECT COALESCE(SUM(requests), 0) FROM windows WHERE model = 'pump'";
+    let sql = "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM windows WHERE model = 'pump'";
     let counted = || async {
-        let n: i64 =
-            control.shared.db.call(move |c| c.query_row(sql, [], |r| r.get(0))).await.unwrap();
+        let n: i64 = control
+            .shared
+            .db
+            .run(move |s| s.query_row(sql, params![], |r| r.get(0)))
+            .await
+            .unwrap();
         n as u64
     };
     eventually(Duration::from_secs(120), "every window is delivered", || async {

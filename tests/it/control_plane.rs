@@ -6,6 +6,7 @@ use crate::support;
 
 use std::time::Duration;
 
+use falaj_control::sql::params;
 use fleet::{Control, RunningAgent, eventually};
 
 const MODEL: &str = "sensor-fault";
@@ -122,7 +123,7 @@ async fn tokens_are_one_time_expiring_and_bound_to_their_region_and_ca() {
         ca_sha256: ca,
         expires: falaj_common::time::Timestamp::from_unix(1_000_000),
     };
-    let db = falaj_control::db::Db::open(&control.dir.join(falaj_control::db::DB_FILE)).unwrap();
+    let db = fleet::open_db(&control.dir).await;
     let row = falaj_control::db::TokenRow {
         id: expired.id_hex(),
         group: "edge".into(),
@@ -130,14 +131,15 @@ async fn tokens_are_one_time_expiring_and_bound_to_their_region_and_ca() {
         expires: expired.expires,
     };
     let secret = expired.secret_sha256();
-    db.call_sync(|c| {
+    db.run(move |sql| {
         falaj_control::db::insert_token(
-            c,
+            &sql,
             &row,
             secret,
             falaj_common::time::Timestamp::from_unix(999_000),
         )
     })
+    .await
     .unwrap();
     let err =
         try_enroll(&work.path().join("d"), control.quic, &expired.to_string()).await.unwrap_err();
@@ -244,8 +246,8 @@ async fn replayed_desired_state_is_refused() {
 
     // The control plane's state goes back in time (a restored backup): it forgets the
     // documents it issued and numbers them from 1 again. The agent refuses the replays.
-    let db = falaj_control::db::Db::open(&control_dir.join(falaj_control::db::DB_FILE)).unwrap();
-    db.call_sync(|c| c.execute("DELETE FROM desired", []).map(drop)).unwrap();
+    let db = fleet::open_db(&control_dir).await;
+    db.run(|sql| sql.execute("DELETE FROM desired", params![])).await.unwrap();
     drop(db);
     let control = Control::start_with(fleet::config(&control_dir, addr), None).await;
     control.client.deploy("edge", MODEL, 2).await.unwrap();
@@ -323,7 +325,7 @@ async fn a_revoked_agent_whose_session_is_still_open_gets_no_new_certificate() {
     // racing a renewal would leave.
     let revoked = id.clone();
     let now = falaj_common::time::Timestamp::from_system(std::time::SystemTime::now());
-    control.shared.db.call(move |c| falaj_control::db::revoke(c, &revoked, now)).await.unwrap();
+    control.shared.db.run(move |sql| falaj_control::db::revoke(&sql, &revoked, now)).await.unwrap();
     let files = falaj_agent::identity::IdentityFiles::new(&agent.dir);
     let (_, first_expiry) = files.validity().unwrap();
     eventually(Duration::from_secs(30), "the renewal is refused", || {
@@ -332,8 +334,10 @@ async fn a_revoked_agent_whose_session_is_still_open_gets_no_new_certificate() {
         async move {
             let actual: Option<String> = shared
                 .db
-                .call(move |c| {
-                    c.query_row("SELECT actual FROM agents WHERE id = ?1", [id], |r| r.get(0))
+                .run(move |sql| {
+                    sql.query_row("SELECT actual FROM agents WHERE id = $1", params![id], |r| {
+                        r.get(0)
+                    })
                 })
                 .await
                 .unwrap();
@@ -346,10 +350,12 @@ async fn a_revoked_agent_whose_session_is_still_open_gets_no_new_certificate() {
         control
             .shared
             .db
-            .call(move |c| {
-                c.query_row("SELECT COUNT(*) FROM certificates WHERE agent_id = ?1", [id], |r| {
-                    r.get(0)
-                })
+            .run(move |sql| {
+                sql.query_row(
+                    "SELECT COUNT(*) FROM certificates WHERE agent_id = $1",
+                    params![id],
+                    |r| r.get(0),
+                )
             })
             .await
             .unwrap()

@@ -16,6 +16,7 @@ use std::time::Duration;
 use falaj_common::onnx::head;
 use falaj_common::sample::{self, Shift};
 use falaj_control::finetune::JobRow;
+use falaj_control::sql::params;
 use fleet::{Control, RunningAgent, eventually};
 use serde_json::{Value, json};
 
@@ -139,9 +140,14 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     // Kept with the job only, not again in the agent's last reported state (listing the
     // agents writes the pending reports first).
     control.client.agents().await.unwrap();
-    let conn = rusqlite::Connection::open(control.dir.join("control.db")).unwrap();
-    let actual: String = conn
-        .query_row("SELECT actual FROM agents WHERE id = ?1", [&agent_id], |r| r.get(0))
+    let id = agent_id.clone();
+    let actual: String = control
+        .shared
+        .db
+        .run(move |sql| {
+            sql.query_row("SELECT actual FROM agents WHERE id = $1", params![id], |r| r.get(0))
+        })
+        .await
         .unwrap();
     assert!(actual.contains("\"jobs\":["), "{actual}");
     assert!(!actual.contains("\"weights\":{"), "{actual}");
@@ -161,12 +167,17 @@ async fn a_job_ordered_in_the_desired_state_trains_on_site_and_reports_back() {
     assert!(refused(order.clone()).await.contains("job tune-2 exists"));
 
     // What was asked of the site and what left it is on record.
-    let events: Vec<(String, String)> = conn
-        .prepare("SELECT kind, subject FROM events WHERE kind LIKE 'finetune.%' ORDER BY id")
-        .unwrap()
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .unwrap()
-        .collect::<Result<_, _>>()
+    let events: Vec<(String, String)> = control
+        .shared
+        .db
+        .run(|sql| {
+            sql.query_map(
+                "SELECT kind, subject FROM events WHERE kind LIKE 'finetune.%' ORDER BY id",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .await
         .unwrap();
     let expected = [
         ("finetune.order", "tune-1"),

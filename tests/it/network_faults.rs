@@ -9,6 +9,7 @@ use crate::fleet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use falaj_control::sql::params;
 use fleet::faults::{Faults, LossyProxy};
 use fleet::{Control, RunningAgent, eventually};
 
@@ -16,9 +17,8 @@ const GROUP: &str = "edge";
 
 /// Requests for version 2 the control plane has stored windows for.
 async fn requests_counted(control: &Control) -> i64 {
-    let sql =
-        "SELECT COALESCE(SUM(requests), 0) FROM windows WHERE model = 'layered' AND version = 2";
-    control.shared.db.call(move |c| c.query_row(sql, [], |r| r.get(0))).await.unwrap()
+    let sql = "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM windows WHERE model = 'layered' AND version = 2";
+    control.shared.db.run(move |s| s.query_row(sql, params![], |r| r.get(0))).await.unwrap()
 }
 
 /// The sum of every sample of `metric` the agent exposes.

@@ -205,7 +205,7 @@ async fn desired_bundle(control: &Control, name: &str, version: u64) -> DesiredB
     let row = control
         .shared
         .db
-        .call(move |c| falaj_control::db::bundle(c, &name, version))
+        .run(move |sql| falaj_control::db::bundle(&sql, &name, version))
         .await
         .unwrap()
         .unwrap();
