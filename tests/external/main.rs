@@ -2,7 +2,7 @@
 //! harness (libtest-mimic, [`harness`]): a Python with ONNX Runtime and the packages of
 //! `tests/interop/requirements.txt` (`corpus`, `interop`, `onnx_ml`) and a Vulkan adapter
 //! (lavapipe where there is no GPU) for `gpu_serving`, PostgreSQL's server programs for
-//! `replicas`. Where a part is missing the test is
+//! `replicas` and `postgres_pass`. Where a part is missing the test is
 //! reported as ignored, with the reason, not as passed; with `FALAJ_REQUIRE_INTEROP`,
 //! `FALAJ_REQUIRE_GPU` or `FALAJ_REQUIRE_POSTGRES` set it fails instead. The harness takes
 //! libtest's arguments (filters, `--list`, `--ignored`), so `cargo test` and `cargo nextest`
@@ -16,6 +16,7 @@ mod gpu_serving;
 mod harness;
 mod interop;
 mod onnx_ml;
+mod postgres_pass;
 mod replicas;
 
 fn main() {
@@ -44,6 +45,10 @@ fn main() {
         harness::trial(
             "onnx_ml::the_readme_lists_every_supported_operator_and_no_other",
             onnx_ml::the_readme_lists_every_supported_operator_and_no_other,
+        ),
+        harness::trial(
+            "postgres_pass::the_fleet_tests_pass_with_the_control_plane_on_postgresql",
+            postgres_pass::the_fleet_tests_pass_with_the_control_plane_on_postgresql,
         ),
         harness::trial_async(
             "replicas::two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one",

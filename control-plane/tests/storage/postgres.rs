@@ -107,7 +107,7 @@ impl Cluster {
         let socket_dir = cluster.dir.path().display().to_string();
         let options = format!(
             "-p {} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c ssl=on \
+             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c ssl=on \
              -c ssl_cert_file={socket_dir}/server.crt -c ssl_key_file={socket_dir}/server.key",
             cluster.port
         );
@@ -161,6 +161,11 @@ impl Cluster {
         self.admin()
             .batch_execute(&format!("CREATE DATABASE {name} OWNER {owner}"))
             .expect("a database is created");
+    }
+
+    /// The superuser's URL of the server, without a database (`postgres://postgres@HOST:PORT`).
+    pub fn server_url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}", self.port)
     }
 
     /// The URL of database `name` over TCP (`extra`: query parameters, `sslmode=disable`
