@@ -15,7 +15,7 @@ use falaj_common::time::Timestamp;
 use thiserror::Error;
 
 use super::store::{self, StoredView};
-use crate::sql::{AsSql, OptionalExt, Row, Sql, SqlError, params};
+use crate::sql::{AsSql, Backend, OptionalExt, Row, Sql, SqlError, params};
 
 /// Which entities and values a snapshot carries.
 #[derive(Debug, Clone, Default)]
@@ -123,6 +123,11 @@ fn row_values(stored: &StoredView, row: &Row<'_>) -> Result<Vec<Value>, SqlError
         .collect()
 }
 
+/// Rows of a scan read at once on PostgreSQL, whose client holds a query's whole result:
+/// the scan goes on after the last row of each page, so memory stays bounded by a page
+/// (SQLite streams its rows, in one query).
+const PAGE_ROWS: usize = 10_000;
+
 /// Every entity: one pass over the table in key order, keeping each entity's last row
 /// at or before `as_of`.
 fn scan(
@@ -131,31 +136,58 @@ fn scan(
     as_of: i64,
     emit: &mut Emit<'_>,
 ) -> Result<(), BuildError> {
-    let query = format!(
-        "SELECT entity, event_time, {} FROM {} WHERE event_time <= $1 ORDER BY entity, event_time",
+    let select = format!(
+        "SELECT entity, event_time, {} FROM {} WHERE event_time <= $1",
         store::feature_columns(&stored.view),
         stored.table(conn.backend())
     );
+    let order = "ORDER BY entity, event_time";
+    let page = match conn.backend() {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(PAGE_ROWS),
+    };
+    let (first, next) = match page {
+        None => (format!("{select} {order}"), String::new()),
+        Some(n) => (
+            format!("{select} {order} LIMIT {n}"),
+            format!("{select} AND (entity, event_time) > ($2, $3) {order} LIMIT {n}"),
+        ),
+    };
     let kind = stored.view.entity.kind;
     let mut pending: Option<(Key, i64, Vec<Value>)> = None;
     let mut failed = None;
-    // Rows are read as they come; `emit`'s own errors stop the reading and are kept.
-    conn.query_map(&query, params![as_of], |row| {
-        if failed.is_some() {
-            return Ok(());
+    let mut after: Option<(store::Bound, i64)> = None;
+    loop {
+        let mut read = 0;
+        // Rows are read as they come; `emit`'s own errors stop the reading and are kept.
+        let mut each = |row: &Row<'_>| {
+            read += 1;
+            if failed.is_some() {
+                return Ok(());
+            }
+            let key = store::read_key(row, 0, kind)?;
+            if let Some(last) = pending.take_if(|(k, _, _)| *k != key)
+                && let Err(e) = emit(last.0, last.1, last.2)
+            {
+                failed = Some(e);
+                return Ok(());
+            }
+            pending = Some((key, row.get(1)?, row_values(stored, row)?));
+            Ok(())
+        };
+        match &after {
+            None => conn.query_map(&first, params![as_of], &mut each)?,
+            Some((key, time)) => conn.query_map(&next, &[&as_of, key.param(), time], &mut each)?,
+        };
+        if let Some(e) = failed {
+            return Err(e);
         }
-        let key = store::read_key(row, 0, kind)?;
-        if let Some(last) = pending.take_if(|(k, _, _)| *k != key)
-            && let Err(e) = emit(last.0, last.1, last.2)
-        {
-            failed = Some(e);
-            return Ok(());
+        match (page, &pending) {
+            (Some(n), Some((key, time, _))) if read == n => {
+                after = Some((store::sql_key(key), *time));
+            }
+            _ => break,
         }
-        pending = Some((key, row.get(1)?, row_values(stored, row)?));
-        Ok(())
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
     }
     if let Some(last) = pending {
         emit(last.0, last.1, last.2)?;
@@ -197,7 +229,7 @@ fn listed(
 
 /// The query for one entity's latest row at or before a time on `backend`: `$1` the key,
 /// `$2` the time.
-pub fn point_query(stored: &StoredView, backend: crate::sql::Backend) -> String {
+pub fn point_query(stored: &StoredView, backend: Backend) -> String {
     format!(
         "SELECT entity, event_time, {} FROM {} WHERE entity = $1 AND event_time <= $2
          ORDER BY event_time DESC LIMIT 1",

@@ -47,6 +47,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
         snapshots_and_exports_never_see_values_from_after_their_time,
     ),
     (
+        "a_snapshot_of_more_rows_than_a_page_holds_each_entity_once",
+        a_snapshot_of_more_rows_than_a_page_holds_each_entity_once,
+    ),
+    (
         "two_ingests_into_one_view_at_once_both_land_one_after_the_other",
         two_ingests_into_one_view_at_once_both_land_one_after_the_other,
     ),
@@ -429,6 +433,28 @@ p3,2026-01-05T00:00:00Z,90,,,,auto,cyd
         .unwrap();
     let t = |n| at(n).unix() as i64;
     assert_eq!(records, [(1, t(5), 2, "all".into()), (2, t(7), 2, "all".into())]);
+}
+
+fn a_snapshot_of_more_rows_than_a_page_holds_each_entity_once(db: &Db) {
+    // 3,400 entities of three rows each: 10,200 rows, past PostgreSQL's page of 10,000
+    // rows, which ends inside entity 3,333's rows.
+    const ENTITIES: usize = 3_400;
+    let f = Features::with_pumps(db);
+    let mut text = format!("{HEADER}\n");
+    for i in 0..ENTITIES {
+        for day in 1..=3 {
+            let _ = writeln!(text, "p{i:04},2026-01-0{day}T00:00:00Z,{},,,,auto,", i * 10 + day);
+        }
+    }
+    assert_eq!(f.ingest("pumps", &f.file("many.csv", &text)).unwrap().rows, 10_200);
+    for (as_of, day) in [(None, 3), (Some(micros("2026-01-02T12:00:00Z")), 2)] {
+        let table = f.snapshot("pumps", &SnapshotOptions { as_of, ..Default::default() });
+        assert_eq!(table.spec().entities, ENTITIES as u64);
+        for i in [0, 3_332, 3_333, 3_334, ENTITIES - 1] {
+            let row = table.get(&format!("p{i:04}")).unwrap().unwrap();
+            assert_eq!(row.values[0], Value::F32((i * 10 + day) as f32), "p{i:04}");
+        }
+    }
 }
 
 /// A file giving each of `entities` pumps the temperature `value` at `time`, in
