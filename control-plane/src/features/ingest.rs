@@ -194,6 +194,7 @@ pub fn ingest<C: AsSql + ?Sized>(
     };
     tx.execute("UPDATE ingests SET rows = $1 WHERE id = $2", params![rows as i64, id])?;
     crate::crash_point("ingest-rows-written");
+    // On PostgreSQL this releases a savepoint: the caller's `Db::run` commits after.
     tx.commit()?;
     crate::crash_point("ingest-committed");
     Ok(Ingested { id, view: view.to_owned(), version: stored.version, rows })
