@@ -16,6 +16,10 @@ mod gpu_serving;
 mod harness;
 mod interop;
 mod onnx_ml;
+// The storage tests' PostgreSQL cluster, for `replicas` and `postgres_pass`.
+#[path = "../../control-plane/tests/storage/postgres.rs"]
+#[expect(dead_code, reason = "the storage tests' harness: these tests need no TLS to the database")]
+mod postgres;
 mod postgres_pass;
 mod replicas;
 

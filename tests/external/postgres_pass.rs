@@ -11,10 +11,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use crate::harness;
-
-#[path = "../../control-plane/tests/storage/postgres.rs"]
-#[expect(dead_code, reason = "the storage tests' harness: this test needs no TLS to the database")]
-mod postgres;
+use crate::postgres;
 
 /// The newest `it-HASH` test binary beside this one (`target/*/deps`).
 fn fleet_tests() -> Option<PathBuf> {

@@ -2,10 +2,11 @@
 //! started with the same `[database] url` and `[bundles] blobs_dir`, the region's keys
 //! directory copied to the second. A bundle pushed through one is deployed through the
 //! other; three agents enrolled with both addresses (tokens from either) serve it; the
-//! first replica is killed (SIGKILL), the next version is deployed through the second, and
-//! every agent serves it, those of the dead replica having failed over, and shows as
-//! connected with it in the live replica's fleet view. The audit chain both replicas
-//! appended to exports as one and verifies.
+//! first replica is killed (SIGKILL), and every request the agents served is counted once
+//! in the metric windows both replicas stored; the next version is deployed through the
+//! second, and every agent serves it, those of the dead replica having failed over, and
+//! shows as connected with it in the live replica's fleet view. The audit chain both
+//! replicas appended to exports as one and verifies.
 //!
 //! Needs PostgreSQL's server programs (Debian's `postgresql`): without them the test is
 //! reported as ignored, and with `FALAJ_REQUIRE_POSTGRES` set it fails.
@@ -13,11 +14,8 @@
 use std::time::{Duration, Instant};
 
 use crate::harness;
+use crate::postgres;
 use crate::support::{self, ControlProcess, copy_dir, enroll_and_serve, push_sample, s};
-
-#[path = "../../control-plane/tests/storage/postgres.rs"]
-#[expect(dead_code, reason = "the storage tests' harness: this test needs no TLS to the database")]
-mod postgres;
 
 const MODEL: &str = "sensor-fault";
 
@@ -32,6 +30,23 @@ where
         assert!(Instant::now() < deadline, "timed out waiting until {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The requests at `version` the metric windows stored in the database at `url` count.
+async fn stored_requests(url: String, version: i64) -> i64 {
+    tokio::task::spawn_blocking(move || {
+        let mut client = ::postgres::Client::connect(&url, ::postgres::NoTls).unwrap();
+        client
+            .query_one(
+                "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM windows
+                 WHERE model = $1 AND version = $2",
+                &[&MODEL, &version],
+            )
+            .unwrap()
+            .get(0)
+    })
+    .await
+    .unwrap()
 }
 
 pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one() {
@@ -54,7 +69,7 @@ pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_o
         &config,
         format!(
             "[database]\nurl = \"{}\"\n\n[bundles]\nblobs_dir = \"{}\"\n",
-            url,
+            url.clone(),
             blobs.display()
         ),
     )
@@ -89,8 +104,31 @@ pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_o
         .await;
     }
 
-    // The first replica dies without a word; the next version goes out through the other.
+    for (_, http) in &agents {
+        for _ in 0..20 {
+            assert_eq!(support::infer(*http, MODEL).await, Some(1));
+        }
+    }
+
+    // The first replica dies without a word.
     drop(a);
+    // Every request the agents served is counted once in the metric windows: those the
+    // first replica stored, and those in flight or not yet sent, which go to the second.
+    let metric = format!(r#"falaj_inference_requests_total{{model="{MODEL}",version="1"}}"#);
+    let mut served = 0;
+    for (_, http) in &agents {
+        served += support::prometheus_sum(&format!("http://{http}/metrics"), &metric).await as i64;
+    }
+    assert!(served >= 60, "{served}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stored = stored_requests(url.clone(), 1).await;
+    while stored != served && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stored = stored_requests(url.clone(), 1).await;
+    }
+    assert_eq!(stored, served, "requests stored against requests served");
+
+    // The next version goes out through the second.
     b.ok(&["control", "deploy", &format!("{MODEL}@2"), "--group", "edge"]);
     for (_, http) in &agents {
         let http = *http;

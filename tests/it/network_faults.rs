@@ -5,6 +5,7 @@
 //! complete, and every request served is counted exactly once.
 
 use crate::fleet;
+use crate::support;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -19,15 +20,6 @@ const GROUP: &str = "edge";
 async fn requests_counted(control: &Control) -> i64 {
     let sql = "SELECT CAST(COALESCE(SUM(requests), 0) AS BIGINT) FROM windows WHERE model = 'layered' AND version = 2";
     control.shared.db.run(move |s| s.query_row(sql, params![], |r| r.get(0))).await.unwrap()
-}
-
-/// The sum of every sample of `metric` the agent exposes.
-async fn prometheus_sum(url: &str, metric: &str) -> f64 {
-    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-    text.lines()
-        .filter(|l| l.strip_prefix(metric).is_some_and(|rest| rest.starts_with([' ', '{'])))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -81,12 +73,14 @@ async fn transfers_and_windows_complete_over_a_lossy_network_and_count_once() {
         .unwrap();
     let metrics = agent.url("/metrics");
     eventually(Duration::from_secs(60), "the windows are delivered", || async {
-        prometheus_sum(&metrics, "falaj_outbox_windows").await == 0.0
+        support::prometheus_sum(&metrics, "falaj_outbox_windows").await == 0.0
     })
     .await;
-    let total =
-        prometheus_sum(&metrics, r#"falaj_inference_requests_total{model="layered",version="2"}"#)
-            .await;
+    let total = support::prometheus_sum(
+        &metrics,
+        r#"falaj_inference_requests_total{model="layered",version="2"}"#,
+    )
+    .await;
     assert!(total >= f64::from(served), "{total} requests served");
     // Prometheus writes counters as floats; these hold whole numbers exactly.
     assert_eq!(requests_counted(&control).await, total as i64, "each request counted once");

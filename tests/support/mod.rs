@@ -403,3 +403,12 @@ pub fn enroll_and_serve(
     assert!(line.contains(&shown), "the stored list: {line}");
     (agent, http)
 }
+
+/// The sum of every sample of `metric` the agent exposes.
+pub async fn prometheus_sum(url: &str, metric: &str) -> f64 {
+    let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+    text.lines()
+        .filter(|l| l.strip_prefix(metric).is_some_and(|rest| rest.starts_with([' ', '{'])))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

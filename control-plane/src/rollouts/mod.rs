@@ -324,7 +324,7 @@ pub fn latest_each<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<Rollout>, C::Error
 /// SQLite's write lock does that there.
 const ROLLOUTS_LOCK: i64 = 0x4661_6c61_6a00_0201;
 
-/// Takes [`ROLLOUTS_LOCK`] until the transaction ends, on PostgreSQL (every
+/// Takes `ROLLOUTS_LOCK` until the transaction ends, on PostgreSQL (every
 /// [`crate::db::Db::run`] is one transaction there); nothing on SQLite. A deployment
 /// change that checks for a rollout under way takes it before checking.
 pub fn lock_starts<C: AsSql + ?Sized>(conn: &C) -> Result<(), C::Error> {

@@ -51,7 +51,7 @@ fn fill(sql: Sql<'_>) -> Result<(), SqlError> {
 }
 
 /// A SQLite control plane filled by [`fill`], in `dir`.
-fn filled_sqlite(dir: &std::path::Path) -> Db {
+fn filled_sqlite(dir: &Path) -> Db {
     let db = Db::open(&dir.join(db::DB_FILE)).unwrap();
     db.run_sync(fill).unwrap();
     db

@@ -164,6 +164,7 @@ impl Cluster {
     }
 
     /// The superuser's URL of the server, without a database (`postgres://postgres@HOST:PORT`).
+    #[allow(dead_code, reason = "tests/external's PostgreSQL pass uses it, these tests do not")]
     pub fn server_url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}", self.port)
     }
