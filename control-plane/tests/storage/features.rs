@@ -598,18 +598,7 @@ fn the_feature_schema_is_the_same_on_both_and_migrates_once(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
     let sqlite =
         Db::open_with(&dir.path().join(store::FEATURES_DB_FILE), store::MIGRATIONS).unwrap();
-    let sqlite_columns: BTreeSet<(String, String)> = sqlite
-        .run_sync(|sql| {
-            sql.query_map(
-                "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
-                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
-                params![],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-        })
-        .unwrap()
-        .into_iter()
-        .collect();
+    let sqlite_columns = crate::sqlite_columns(&sqlite);
     assert_eq!(sqlite_columns.len(), 24, "{sqlite_columns:?}");
     if db.backend() == Backend::Sqlite {
         // Nothing to do there: `features.db` is migrated when opened.

@@ -860,10 +860,9 @@ fn one_chain_sent_at_once_through_several_connections_is_stored_once(db: &Db) {
 
 // ---- PostgreSQL only ----
 
-fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
-    let dir = tempfile::tempdir().unwrap();
-    let sqlite = Db::open(&dir.path().join(db::DB_FILE)).unwrap();
-    let sqlite_columns: BTreeSet<(String, String)> = sqlite
+/// Every (table, column) of a SQLite database.
+fn sqlite_columns(sqlite: &Db) -> BTreeSet<(String, String)> {
+    sqlite
         .run_sync(|sql| {
             sql.query_map(
                 "SELECT m.name, p.name FROM sqlite_master m, pragma_table_info(m.name) p
@@ -874,7 +873,12 @@ fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
         })
         .unwrap()
         .into_iter()
-        .collect();
+        .collect()
+}
+
+fn both_backends_have_the_same_tables_and_columns(pg: &Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite_columns = sqlite_columns(&Db::open(&dir.path().join(db::DB_FILE)).unwrap());
     let pg_columns: BTreeSet<(String, String)> = pg
         .run_sync(|sql| {
             sql.query_map(
