@@ -387,6 +387,7 @@ impl ControlPlane {
         // The region's work, by whichever replica holds the lease (always this one on
         // SQLite).
         let lease = crate::lease::keep(&shared.db, LEASE_CHECK, stop_rx.clone());
+        tokio::spawn(show_lease(Arc::clone(&shared), lease.watch()));
         let pruning = tokio::spawn(while_leading(lease.clone(), stop_rx.clone(), {
             let shared = Arc::clone(&shared);
             move |stop| prune_windows(Arc::clone(&shared), retention, stop)
@@ -670,6 +671,18 @@ async fn open_database(
         )));
     }
     Ok((db, features))
+}
+
+/// Keeps `Shared::region_lease` (`/metrics`) as the lease is taken and lost.
+async fn show_lease(shared: Arc<Shared>, mut held: tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let now = u64::from(*held.borrow_and_update());
+        shared.region_lease.store(now, Ordering::Relaxed);
+        if held.changed().await.is_err() {
+            shared.region_lease.store(0, Ordering::Relaxed);
+            return;
+        }
+    }
 }
 
 /// How often a replica confirms or tries the region's lease ([`crate::lease`]): the time

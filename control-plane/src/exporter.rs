@@ -1,6 +1,7 @@
 //! The control plane's Prometheus endpoint, `/metrics` on the admin listener: fleet-wide
 //! request figures per model version (from the metric windows stored since start), agents
 //! connected, enrolled and with reconciliation errors, windows ingested, bytes sent,
+//! whether this replica holds the region's lease,
 //! alerts firing, and the latest rollout of each model in each group: its state, the
 //! candidate's share, and (from the last judgement) each variant's requests, shadow
 //! agreement and drops, and each guard's value and whether it fails.
@@ -104,6 +105,12 @@ impl Collector for Exporter {
                     "The version of the trust root in force (a rotation is taken on SIGHUP)",
                     false,
                     keyring.trust.version(),
+                ),
+                (
+                    "falaj_region_lease_held",
+                    "1 while this replica holds the region's lease and does the region's work",
+                    false,
+                    load(&self.shared.region_lease),
                 ),
                 (
                     "falaj_ca_certificate_expiry_seconds",

@@ -83,8 +83,8 @@ pub fn keep(db: &Db, every: Duration, mut stop: watch::Receiver<bool>) -> Lease 
             tx.send_if_modified(|held| std::mem::replace(held, holder.held) != holder.held);
         }
         tx.send_replace(false);
-        // The synchronous client closes its connection (and the lock) on the blocking pool.
-        let _ = tokio::task::spawn_blocking(move || drop(holder)).await;
+        // Its connection, and with it the lock, closes here ([`Holder`]'s drop).
+        drop(holder);
     });
     Lease { held, _always: None }
 }
@@ -93,6 +93,23 @@ pub fn keep(db: &Db, every: Duration, mut stop: watch::Receiver<bool>) -> Lease 
 struct Holder {
     conn: Option<::postgres::Client>,
     held: bool,
+}
+
+impl Drop for Holder {
+    /// Closes the connection: on a thread of its own when within the runtime, where the
+    /// synchronous client's close (which blocks on a runtime of its own) is refused, as
+    /// when the runtime itself shuts down with the task.
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let closing = std::thread::Builder::new()
+                .name("falaj-lease-close".into())
+                .spawn(move || drop(conn));
+            if let Err(e) = closing {
+                tracing::warn!(error = %e, "the region lease's connection left to the server to close");
+            }
+        }
+    }
 }
 
 impl Holder {

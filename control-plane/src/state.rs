@@ -209,6 +209,9 @@ pub struct Shared {
     /// When the QUIC server certificate in use expires (Unix seconds); it is renewed
     /// in place before then.
     pub server_cert_expires: AtomicU64,
+    /// Whether this replica holds the region's lease (1) or not (0), as the task keeping
+    /// it last found ([`crate::lease`]; always 1 on SQLite once serving).
+    pub region_lease: AtomicU64,
     /// This control plane's region.
     pub region: String,
     /// Timings.
@@ -267,6 +270,7 @@ impl Shared {
             keyring: ArcSwap::from_pointee(keyring),
             vault,
             server_cert_expires: AtomicU64::new(0),
+            region_lease: AtomicU64::new(0),
             audit_key: Arc::new(audit_key),
             enrollments: EnrollmentGate::new(policy.enrollment),
             handshakes: AddressGate::new(

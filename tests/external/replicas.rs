@@ -2,7 +2,8 @@
 //! started with the same `[database] url` and `[bundles] blobs_dir`, the region's keys
 //! directory copied to the second. A bundle pushed through one is deployed through the
 //! other; three agents enrolled with both addresses (tokens from either) serve it; the
-//! first replica is killed (SIGKILL), and every request the agents served is counted once
+//! first replica is killed (SIGKILL), the second holds the region's lease (one of them did
+//! before), and every request the agents served is counted once
 //! in the metric windows both replicas stored; the next version is deployed through the
 //! second, and every agent serves it, those of the dead replica having failed over, and
 //! shows as connected with it in the live replica's fleet view. The audit chain both
@@ -11,6 +12,7 @@
 //! Needs PostgreSQL's server programs (Debian's `postgresql`): without them the test is
 //! reported as ignored, and with `FALAJ_REQUIRE_POSTGRES` set it fails.
 
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::harness;
@@ -47,6 +49,25 @@ async fn stored_requests(url: String, version: i64) -> i64 {
     })
     .await
     .unwrap()
+}
+
+/// Every request the `agents` served at version 1 is counted once in the metric
+/// windows stored at `url`: those the first replica stored, and those in flight or not yet
+/// sent when it died, which go to the second.
+async fn every_request_is_counted_once(agents: &[(support::Process, SocketAddr)], url: &str) {
+    let metric = format!(r#"falaj_inference_requests_total{{model="{MODEL}",version="1"}}"#);
+    let mut served = 0;
+    for (_, http) in agents {
+        served += support::prometheus_sum(&format!("http://{http}/metrics"), &metric).await as i64;
+    }
+    assert!(served >= 60, "{served}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut stored = stored_requests(url.to_owned(), 1).await;
+    while stored != served && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        stored = stored_requests(url.to_owned(), 1).await;
+    }
+    assert_eq!(stored, served, "requests stored against requests served");
 }
 
 pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one() {
@@ -110,23 +131,24 @@ pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_o
         }
     }
 
+    // One replica holds the region's lease (and does the region's work).
+    let lease = |url: String| async move {
+        support::prometheus_sum(&format!("{url}/metrics"), "falaj_region_lease_held").await as i64
+    };
+    eventually(Duration::from_secs(30), "one replica holds the lease", || async {
+        lease(a.url.clone()).await + lease(b.url.clone()).await == 1
+    })
+    .await;
+
     // The first replica dies without a word.
     drop(a);
-    // Every request the agents served is counted once in the metric windows: those the
-    // first replica stored, and those in flight or not yet sent, which go to the second.
-    let metric = format!(r#"falaj_inference_requests_total{{model="{MODEL}",version="1"}}"#);
-    let mut served = 0;
-    for (_, http) in &agents {
-        served += support::prometheus_sum(&format!("http://{http}/metrics"), &metric).await as i64;
-    }
-    assert!(served >= 60, "{served}");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut stored = stored_requests(url.clone(), 1).await;
-    while stored != served && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        stored = stored_requests(url.clone(), 1).await;
-    }
-    assert_eq!(stored, served, "requests stored against requests served");
+    every_request_is_counted_once(&agents, &url).await;
+
+    // The second holds the lease now, whichever held it before.
+    eventually(Duration::from_secs(30), "the second replica takes the lease", || async {
+        lease(b.url.clone()).await == 1
+    })
+    .await;
 
     // The next version goes out through the second.
     b.ok(&["control", "deploy", &format!("{MODEL}@2"), "--group", "edge"]);
