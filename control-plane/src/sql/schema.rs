@@ -6,6 +6,9 @@
 //! columns. `user` and `window` are reserved words here, so they are quoted (SQLite
 //! accepts the quotes too).
 //!
+//! Text compares byte by byte, as in SQLite: migration 3 gives every text column the
+//! collation "C", and a text column added later says `COLLATE "C"` itself.
+//!
 //! A migration is added here whenever one is added to SQLite's list; the test
 //! `both_backends_have_the_same_tables_and_columns` (control-plane/tests/storage.rs)
 //! compares the two.
@@ -210,4 +213,18 @@ pub(crate) const CONTROL: &[&str] = &[
         SELECT id, ROW_NUMBER() OVER (ORDER BY created_at, id) AS n FROM rollouts
     ) o WHERE o.id = r.id;
     CREATE UNIQUE INDEX rollouts_by_seq ON rollouts (seq);",
+    // 3: PostgreSQL only: every text column compares byte by byte (collation "C"), as
+    // SQLite's do, whatever the database's own collation, so lists come in one order on
+    // both and keys sort alike. A text column added later says `COLLATE "C"` itself.
+    r#"DO $$
+    DECLARE c record;
+    BEGIN
+        FOR c IN SELECT table_name, column_name FROM information_schema.columns
+                 WHERE table_schema = current_schema() AND data_type = 'text'
+                   AND table_name <> 'schema_version'
+        LOOP
+            EXECUTE format('ALTER TABLE %I ALTER COLUMN %I TYPE TEXT COLLATE "C"',
+                           c.table_name, c.column_name);
+        END LOOP;
+    END $$;"#,
 ];

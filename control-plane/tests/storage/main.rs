@@ -998,6 +998,31 @@ fn a_password_is_read_from_its_file(cluster: &postgres::Cluster) {
     assert!(Db::open_postgres(&PgOptions::new(&url)).is_err());
 }
 
+fn text_sorts_byte_by_byte_whatever_the_databases_collation(cluster: &postgres::Cluster) {
+    // A database whose own collation sorts as English does ('a1' before 'B1').
+    cluster.create_database_with(
+        "english",
+        "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C'",
+    );
+    let db = Db::open_postgres(&PgOptions::new(cluster.url("english", ""))).unwrap();
+    db.run_sync(|sql| {
+        for (token, agent) in [("t1", "a1"), ("t2", "B1"), ("t3", "a-2")] {
+            enrolled(sql, token, agent)?;
+        }
+        for name in ["fraud", "Churn", "fraud-2"] {
+            db::insert_bundle(&sql, &bundle(name, 1))?;
+        }
+        Ok(())
+    })
+    .unwrap();
+    let (agents, bundles) =
+        db.run_sync(|sql| Ok((db::group_agents(&sql, "edge")?, db::bundles(&sql)?))).unwrap();
+    // As SQLite orders them: by bytes.
+    assert_eq!(agents, ["B1", "a-2", "a1"]);
+    let names: Vec<&str> = bundles.iter().map(|b| b.name.as_str()).collect();
+    assert_eq!(names, ["Churn", "fraud", "fraud-2"]);
+}
+
 // ---- the harness ----
 
 type Body = fn(&Db);
@@ -1109,6 +1134,10 @@ const WITH_CLUSTER: &[(&str, WithCluster)] = &[
     }),
     ("the_database_is_reached_over_verified_tls", the_database_is_reached_over_verified_tls),
     ("a_password_is_read_from_its_file", a_password_is_read_from_its_file),
+    (
+        "text_sorts_byte_by_byte_whatever_the_databases_collation",
+        text_sorts_byte_by_byte_whatever_the_databases_collation,
+    ),
 ];
 
 fn main() {

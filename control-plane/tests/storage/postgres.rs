@@ -158,8 +158,13 @@ impl Cluster {
 
     /// Makes database `name` owned by `owner`.
     pub fn create_database(&self, name: &str, owner: &str) {
+        self.create_database_with(name, &format!("OWNER {owner}"));
+    }
+
+    /// Makes database `name` with `options` (`CREATE DATABASE`'s own).
+    pub fn create_database_with(&self, name: &str, options: &str) {
         self.admin()
-            .batch_execute(&format!("CREATE DATABASE {name} OWNER {owner}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .expect("a database is created");
     }
 
