@@ -22,6 +22,8 @@ mod onnx_ml;
 mod postgres;
 mod postgres_pass;
 mod replicas;
+#[path = "../fleet/wait.rs"]
+mod wait;
 
 fn main() {
     let arguments = libtest_mimic::Arguments::from_args();

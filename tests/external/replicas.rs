@@ -18,21 +18,9 @@ use std::time::{Duration, Instant};
 use crate::harness;
 use crate::postgres;
 use crate::support::{self, ControlProcess, copy_dir, enroll_and_serve, push_sample, s};
+use crate::wait::eventually;
 
 const MODEL: &str = "sensor-fault";
-
-/// Polls `check` every 100 ms until it holds; fails the test past `limit`.
-async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// The requests at `version` the metric windows stored in the database at `url` count.
 async fn stored_requests(url: String, version: i64) -> i64 {

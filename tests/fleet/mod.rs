@@ -5,8 +5,10 @@
 
 pub mod faults;
 pub mod soak;
+mod wait;
 
-use std::future::Future;
+pub use wait::eventually;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -289,19 +291,6 @@ impl RunningAgent {
 impl Drop for RunningAgent {
     fn drop(&mut self) {
         let _ = self.stop.take().map(|s| s.send(()));
-    }
-}
-
-/// Polls `check` until it is true, or fails after `limit` with `what`.
-pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + limit;
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
