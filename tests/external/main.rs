@@ -2,7 +2,7 @@
 //! harness (libtest-mimic, [`harness`]): a Python with ONNX Runtime and the packages of
 //! `tests/interop/requirements.txt` (`corpus`, `interop`, `onnx_ml`) and a Vulkan adapter
 //! (lavapipe where there is no GPU) for `gpu_serving`, PostgreSQL's server programs for
-//! `replicas` and `postgres_pass`. Where a part is missing the test is
+//! `replicas`, `replica_kills` and `postgres_pass`. Where a part is missing the test is
 //! reported as ignored, with the reason, not as passed; with `FALAJ_REQUIRE_INTEROP`,
 //! `FALAJ_REQUIRE_GPU` or `FALAJ_REQUIRE_POSTGRES` set it fails instead. The harness takes
 //! libtest's arguments (filters, `--list`, `--ignored`), so `cargo test` and `cargo nextest`
@@ -16,11 +16,12 @@ mod gpu_serving;
 mod harness;
 mod interop;
 mod onnx_ml;
-// The storage tests' PostgreSQL cluster, for `replicas` and `postgres_pass`.
+// The storage tests' PostgreSQL cluster, for `replicas`, `replica_kills` and `postgres_pass`.
 #[path = "../../control-plane/tests/storage/postgres.rs"]
 #[expect(dead_code, reason = "the storage tests' harness: these tests need no TLS to the database")]
 mod postgres;
 mod postgres_pass;
+mod replica_kills;
 mod replicas;
 #[path = "../fleet/wait.rs"]
 mod wait;
@@ -59,6 +60,14 @@ fn main() {
         harness::trial_async(
             "replicas::two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one",
             replicas::two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one,
+        ),
+        harness::trial_async(
+            "replica_kills::a_replica_killed_during_a_transfer_leaves_agents_to_resume_it_on_the_other",
+            replica_kills::a_replica_killed_during_a_transfer_leaves_agents_to_resume_it_on_the_other,
+        ),
+        harness::trial_async(
+            "replica_kills::a_replica_killed_during_a_rollout_leaves_the_other_to_finish_it",
+            replica_kills::a_replica_killed_during_a_rollout_leaves_the_other_to_finish_it,
         ),
     ];
     libtest_mimic::run(&arguments, trials).exit();
