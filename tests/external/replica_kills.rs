@@ -8,13 +8,14 @@
 //!   writer, so the first replica's read of it blocks and every agent's transfer stops
 //!   part way, with its fetch stream open. Once each agent holds every chunk before that
 //!   one, the first replica is killed (SIGKILL) and the real chunk put back: every agent
-//!   fails over, fetches only what it did not hold (its `falaj_transfer_bytes` counts
+//!   fails over, fetches only what it did not hold (its `falaj_transfer_bytes_total` counts
 //!   the rest of the bundle, no more), installs and serves the model with the outputs
 //!   computed here from its weights, and leaves no chunk file behind.
 //! - **During a rollout**: a canary (30 %, 60 %, 100 % every 5 s) is started through the
-//!   first replica, which judges it; it is killed once every agent runs the first step.
-//!   The second takes the lease, judges the steps that follow and promotes the candidate
-//!   once the agents' windows reach it; every agent converges on the candidate alone.
+//!   first replica, which judges it; it is killed while every agent runs a step before
+//!   the last. The second takes the lease, judges the steps that follow and promotes the
+//!   candidate once the agents' windows reach it; every agent converges on the candidate
+//!   alone.
 //!
 //! Both check that every request is counted once in the windows the two replicas stored
 //! and that no desired-state version is reused: every document either replica writes is
@@ -101,9 +102,10 @@ async fn agent_metric(http: SocketAddr, metric: &str) -> i64 {
     support::prometheus_sum(&format!("http://{http}/metrics"), metric).await as i64
 }
 
-/// Adds a log of every desired-state document written (agent, version, content), in the
-/// order written, to the region's database: a table in a schema of the test's own and a
-/// trigger on the control plane's `desired`, which keeps only each agent's latest.
+/// Adds a log of every desired-state document written (agent, version), in the order
+/// written, to the region's database: a table in a schema of the test's own and a trigger
+/// on the control plane's `desired`, which keeps only each agent's latest. Writes for one
+/// agent hold its row locked (`db::desired_for_update`), so its rows log in commit order.
 async fn log_desired_documents(region: &Region) {
     region
         .query(|client| {
@@ -113,13 +115,12 @@ async fn log_desired_documents(region: &Region) {
                      CREATE TABLE falaj_test.desired_log (
                          id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                          agent_id TEXT NOT NULL,
-                         version BIGINT NOT NULL,
-                         content_sha256 TEXT NOT NULL);
+                         version BIGINT NOT NULL);
                      CREATE FUNCTION falaj_test.log_desired() RETURNS trigger
                      LANGUAGE plpgsql AS $$
                      BEGIN
-                         INSERT INTO falaj_test.desired_log (agent_id, version, content_sha256)
-                         VALUES (NEW.agent_id, NEW.version, NEW.content_sha256);
+                         INSERT INTO falaj_test.desired_log (agent_id, version)
+                         VALUES (NEW.agent_id, NEW.version);
                          RETURN NEW;
                      END $$;
                      CREATE TRIGGER falaj_test_log AFTER INSERT OR UPDATE ON desired
