@@ -3,8 +3,11 @@
 //! million entities, and what a new snapshot moves after a few entities changed (the
 //! transfer's FastCDC chunks); point-in-time export rate.
 //!
-//! `cargo bench --bench feature_store -- [--rows N]`; prints a Markdown table for
-//! BENCHMARKS.md.
+//! `cargo bench --bench feature_store -- [--rows N] [--postgres]`; prints a Markdown table
+//! for BENCHMARKS.md. With `--postgres` the offline store is a throwaway PostgreSQL cluster
+//! (the storage tests' harness, `control-plane/tests/storage/postgres.rs`: Debian's server
+//! programs, a cluster in a temporary directory, stopped when the bench ends), one database
+//! per measurement, instead of SQLite files.
 
 use std::collections::HashSet;
 use std::fmt::Write as _;
@@ -26,16 +29,38 @@ use falaj_control::features::ingest;
 use falaj_control::features::snapshot::{self, SnapshotOptions};
 use falaj_control::features::store;
 use falaj_control::sample::{pump_id, pump_view, write_pump_readings};
+use falaj_control::sql::PgOptions;
 use falaj_tables::Format;
+
+// The storage tests' PostgreSQL cluster, for `--postgres`.
+#[path = "../control-plane/tests/storage/postgres.rs"]
+#[expect(dead_code, reason = "the storage tests' harness: the bench needs no TLS or roles")]
+mod postgres;
 
 const START: i64 = 1_790_000_000_000_000;
 const HOUR: i64 = 3_600_000_000;
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn open(dir: &Path, name: &str) -> Result<Db> {
-    let db = Db::open_with(&dir.join(name), store::MIGRATIONS)?;
+/// Where the offline stores of the bench live.
+enum Target<'a> {
+    /// SQLite files in this directory.
+    Sqlite(&'a Path),
+    /// A database of its own on this cluster for each.
+    Postgres(&'a postgres::Cluster),
+}
+
+/// A new offline store named `name` holding the view `pump-sensors`.
+fn open(target: &Target<'_>, name: &str) -> Result<Db> {
+    let db = match target {
+        Target::Sqlite(dir) => Db::open_with(&dir.join(name), store::MIGRATIONS)?,
+        Target::Postgres(cluster) => {
+            let db = Db::open_postgres(&PgOptions::new(cluster.database("")))?;
+            store::migrate_postgres(&db)?;
+            db
+        }
+    };
     let view = FeatureView::from_toml(&pump_view())?;
-    db.call_sync(|c| store::apply(c, &view, Timestamp::from_unix(0)).map(drop))?;
+    db.run_sync(|sql| store::apply(&sql, &view, Timestamp::from_unix(0)).map(drop))?;
     Ok(db)
 }
 
@@ -59,8 +84,8 @@ fn ingest_file(db: &Db, path: &Path) -> Result<(u64, f64, f64)> {
     let before = peak_mib();
     let started = Instant::now();
     let path = path.to_owned();
-    let done = db.call_sync(move |c| {
-        Ok(ingest::ingest(c, "pump-sensors", &path, "bench", Timestamp::from_unix(0)))
+    let done = db.run_sync(move |sql| {
+        Ok(ingest::ingest(&sql, "pump-sensors", &path, "bench", Timestamp::from_unix(0)))
     })??;
     Ok((done.rows, started.elapsed().as_secs_f64(), peak_mib() - before))
 }
@@ -124,9 +149,9 @@ fn chunk_set(bytes: &[u8]) -> Vec<(Sha256, usize)> {
 
 fn snapshot_of(db: &Db, as_of: i64) -> Result<(Vec<u8>, u64, f64)> {
     let started = Instant::now();
-    let built = db.call_sync(move |c| {
+    let built = db.run_sync(move |sql| {
         Ok(snapshot::build(
-            c,
+            &sql,
             "pump-sensors",
             &SnapshotOptions::default(),
             &falaj_common::features::Keyring::new(1, &[9; 32]),
@@ -150,6 +175,16 @@ fn main() -> Result<()> {
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir()?;
     let dir = dir.path();
+    let cluster = if args.iter().any(|a| a == "--postgres") {
+        let bin = postgres::binaries().map_err(anyhow::Error::msg)?;
+        Some(postgres::Cluster::start(&bin).map_err(anyhow::Error::msg)?)
+    } else {
+        None
+    };
+    let target = match &cluster {
+        Some(cluster) => Target::Postgres(cluster),
+        None => Target::Sqlite(dir),
+    };
     let mut table = Vec::new();
 
     // Ingest: rows/10 pumps, 10 hourly readings each.
@@ -165,7 +200,7 @@ fn main() -> Result<()> {
         ("Parquet (snappy)", &parquet, "parquet.db"),
         ("CSV, a tenth of the rows", &small, "small.db"),
     ] {
-        let db = open(dir, db)?;
+        let db = open(&target, db)?;
         let size = std::fs::metadata(file)?.len() as f64 / MIB;
         let (n, seconds, peak) = ingest_file(&db, file)?;
         table.push(format!(
@@ -175,7 +210,7 @@ fn main() -> Result<()> {
     }
 
     // Point-in-time export: 100k labels at random times over the 10 hours.
-    let db = open(dir, "csv-export.db")?;
+    let db = open(&target, "csv-export.db")?;
     ingest_file(&db, &csv)?;
     let labels = dir.join("labels.csv");
     let mut text = String::from("pump_id,event_time,failed\n");
@@ -192,8 +227,8 @@ fn main() -> Result<()> {
         let out = dir.join(name);
         let started = Instant::now();
         let labels = labels.clone();
-        let done = db.call_sync(move |c| {
-            Ok(export::export(c, "pump-sensors", &labels, "labels.csv", &out, format))
+        let done = db.run_sync(move |sql| {
+            Ok(export::export(&sql, "pump-sensors", &labels, "labels.csv", &out, format))
         })??;
         let seconds = started.elapsed().as_secs_f64();
         table.push(format!(
@@ -206,7 +241,7 @@ fn main() -> Result<()> {
     }
 
     // Snapshots of `rows` entities, one reading each; then 1% of them report again.
-    let db = open(dir, "entities.db")?;
+    let db = open(&target, "entities.db")?;
     let one = dir.join("one.csv");
     write_pump_readings(&one, rows, 1, START, 2)?;
     ingest_file(&db, &one)?;
