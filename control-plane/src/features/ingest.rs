@@ -1,9 +1,11 @@
 //! Ingest: every row of a CSV or Parquet file checked against the view's current
 //! definition and written in one transaction, or, if any row breaks a rule, nothing written
-//! and a report of the first errors. The file streams; memory does not grow with it. Rows
-//! go through one prepared statement (cached by the connection) in that transaction, on
-//! SQLite and on PostgreSQL alike; on PostgreSQL the ingest holds the view's lock
-//! ([`store::lock_view`]), so ingests into one view follow each other as on SQLite.
+//! and a report of the first errors. The file streams; memory does not grow with it. On
+//! SQLite rows go through one prepared statement (cached by the connection) each; on
+//! PostgreSQL, where a statement is a round trip, a few thousand at a time
+//! ([`super::batch`]), with the same outcome: the last row for an (entity, time) wins. On
+//! PostgreSQL the ingest holds the view's lock ([`store::lock_view`]), so ingests into one
+//! view follow each other as on SQLite.
 
 use std::path::Path;
 
@@ -13,8 +15,9 @@ use falaj_common::time::Timestamp;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::batch::Batch;
 use super::store::{self, Bound, StoredView};
-use crate::sql::{AsSql, Param, Sql, SqlError, params};
+use crate::sql::{AsSql, Backend, Param, Sql, SqlError, params};
 use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 
 /// Why an ingest wrote nothing.
@@ -88,6 +91,8 @@ struct Writer<'c> {
     id: i64,
     report: Report,
     values: Vec<Bound>,
+    /// On PostgreSQL, the rows not yet written.
+    batch: Option<Batch>,
 }
 
 enum Refusal {
@@ -112,6 +117,13 @@ impl RowSink for Writer<'_> {
             // back, and the rest of the file is only checked, for the report.
             Ok(row) if self.report.bad_rows == 0 => {
                 let features = &self.stored.view.features;
+                if let Some(batch) = &mut self.batch {
+                    let values =
+                        row.values.iter().zip(features).map(|(v, f)| store::sql_value(v, &f.kind));
+                    return batch
+                        .push(&self.sql, &row.key, row.time, values)
+                        .map_err(Refusal::Store);
+                }
                 self.values.clear();
                 self.values.push(store::sql_key(&row.key));
                 self.values.push(Bound::Int(Some(row.time)));
@@ -173,6 +185,7 @@ pub fn ingest<C: AsSql + ?Sized>(
             id,
             report: Report::default(),
             values: Vec::new(),
+            batch: (tx.backend() == Backend::Postgres).then(|| Batch::new(&stored, id)),
         };
         let read = source::read(path, format, &mut writer);
         let name = || file.to_owned();
@@ -189,7 +202,12 @@ pub fn ingest<C: AsSql + ?Sized>(
                     report: writer.report,
                 });
             }
-            Ok(rows) => rows,
+            Ok(rows) => {
+                if let Some(batch) = &mut writer.batch {
+                    batch.flush(&tx)?;
+                }
+                rows
+            }
         }
     };
     tx.execute("UPDATE ingests SET rows = $1 WHERE id = $2", params![rows as i64, id])?;

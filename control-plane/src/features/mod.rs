@@ -4,6 +4,7 @@
 //! API routes that drive them.
 
 pub mod api;
+pub mod batch;
 pub mod cli;
 pub mod export;
 pub mod ingest;
