@@ -385,8 +385,14 @@ async fn build_snapshot(
         })
         .transpose()?;
     // Two snapshots built at once would take the same version, and the second's record
-    // could describe the first one's bundle.
+    // could describe the first one's bundle: one at a time in this process, and one at a
+    // time across replicas, until the bundle is registered.
     let _building = api.features.building().await;
+    let (db, view) = (api.features.db.clone(), name.clone());
+    let versions = tokio::task::spawn_blocking(move || snapshot::VersionLock::acquire(&db, &view))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
     let version = next_version(&api, &name).await?;
     let options = SnapshotOptions {
         entities: request.entities,
@@ -443,6 +449,8 @@ async fn build_snapshot(
     api.features.db.run(move |c| snapshot::record(&c, &recorded, version, created)).await?;
     let (row, new_chunks, _) = register(&api.shared, staged.path()).await?;
     drop(staged);
+    // Its connection closes on the blocking pool (dropped here, on a thread of its own).
+    tokio::task::spawn_blocking(move || versions.release()).await.map_err(ApiError::internal)?;
     let carried = carried(&spec);
     let detail = serde_json::to_value(&carried).map_err(ApiError::internal)?;
     event(&api, "features.snapshot", format!("{name}@{version}"), detail).await?;
@@ -483,9 +491,10 @@ pub struct Carried {
     pub pii_keys: std::collections::BTreeSet<u32>,
 }
 
-/// The next snapshot version of view `name`: the bundle takes the view's name and its
-/// versions count the view's snapshots, so a bundle of that name that is not one of them
-/// (a model) is a conflict.
+/// The next snapshot version of view `name` ([`snapshot::next_version`]): the bundle takes
+/// the view's name and its versions count the view's snapshots, so a bundle of that name
+/// that is not one of them (a model) is a conflict. Under the view's
+/// [`snapshot::VersionLock`].
 async fn next_version(api: &Api, name: &str) -> ApiResult<u64> {
     let lookup = name.to_owned();
     let bundles = api
@@ -500,25 +509,9 @@ async fn next_version(api: &Api, name: &str) -> ApiResult<u64> {
         })
         .await?;
     let lookup = name.to_owned();
-    let ours = api
-        .features
-        .db
-        .run(move |c| {
-            c.query_map("SELECT version FROM snapshots WHERE view = $1", params![lookup], |r| {
-                r.get::<i64>(0).map(|v| v as u64)
-            })
-        })
-        .await?;
-    if let Some(other) = bundles.iter().find(|v| !ours.contains(v)) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "conflict",
-            format!(
-                "bundle {name}@{other} is not a snapshot of view {name:?}: a snapshot's bundle takes the view's name"
-            ),
-        ));
-    }
-    Ok(bundles.iter().max().map_or(1, |v| v + 1))
+    let ours = api.features.db.run(move |c| snapshot::recorded(&c, &lookup)).await?;
+    snapshot::next_version(name, &bundles, &ours)
+        .map_err(|e| ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()))
 }
 
 /// What a snapshot carries, for the record: entities, scope, time, and which features

@@ -3,6 +3,12 @@
 //! as the payload of a snapshot bundle. On PostgreSQL a build holds the view's lock
 //! shared ([`store::lock_view`]), so it reads the rows as whole ingests left them, never
 //! half of one still arriving.
+//!
+//! A snapshot's version is the next after the highest bundle of the view's name
+//! ([`next_version`]), and its record must describe the bundle of that version, so from
+//! choosing the version to registering the bundle one snapshot of a view is made at a
+//! time: within a process under [`super::FeatureStore::building`], and across replicas on
+//! one PostgreSQL database under the view's [`VersionLock`].
 
 use std::io::Write;
 
@@ -15,7 +21,110 @@ use falaj_common::time::Timestamp;
 use thiserror::Error;
 
 use super::store::{self, StoredView};
+use crate::db::{Db, DbError};
 use crate::sql::{AsSql, Backend, OptionalExt, Row, Sql, SqlError, params};
+
+/// Held by the replica making a snapshot of a view, from choosing its version to
+/// registering its bundle, so that two replicas on one PostgreSQL database never take one
+/// version: a session-level advisory lock on a connection of its own (outside the pool,
+/// so the build's queries go on beside it), freed when dropped, and by the server when
+/// the process holding it dies. Nothing on SQLite, where one process owns the database
+/// and [`super::FeatureStore::building`] makes its snapshots one at a time.
+pub struct VersionLock {
+    /// The connection holding the lock (PostgreSQL).
+    held: Option<postgres::Client>,
+}
+
+impl std::fmt::Debug for VersionLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VersionLock").field("held", &self.held.is_some()).finish()
+    }
+}
+
+impl VersionLock {
+    /// Waits until no other connection holds view `view`'s snapshot lock, and takes it.
+    /// Blocks: call it on the blocking pool.
+    pub fn acquire(db: &Db, view: &str) -> Result<Self, LockError> {
+        let Some(client) = db.own_postgres_connection() else {
+            return Ok(Self { held: None });
+        };
+        let mut client = client?;
+        let key = store::lock_key("snapshot", view);
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&key])
+            .map_err(|e| LockError::Lock { view: view.to_owned(), source: e.into() })?;
+        Ok(Self { held: Some(client) })
+    }
+
+    /// Frees the lock now, closing its connection on this thread (blocks: not on the
+    /// runtime's own threads, where dropping it closes it on a thread of its own).
+    pub fn release(mut self) {
+        drop(self.held.take());
+    }
+}
+
+/// Why a snapshot's [`VersionLock`] could not be taken.
+#[derive(Debug, Error)]
+pub enum LockError {
+    /// No connection of its own to the database.
+    #[error(transparent)]
+    Connect(#[from] DbError),
+    /// The lock's query failed.
+    #[error("the snapshot lock of view {view:?}: {source}")]
+    Lock { view: String, source: SqlError },
+}
+
+impl Drop for VersionLock {
+    /// Closes the connection, which frees the lock: on a thread of its own when within
+    /// the runtime, where the client's own runtime may not block.
+    fn drop(&mut self) {
+        let Some(client) = self.held.take() else { return };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let closing = std::thread::Builder::new()
+                .name("falaj-pg-close".into())
+                .spawn(move || drop(client));
+            if let Err(e) = closing {
+                // The client is gone with the failed spawn: the server notices the closed
+                // socket and frees the lock.
+                tracing::warn!(error = %e, "a snapshot's version lock left to the server to free");
+            }
+        }
+    }
+}
+
+/// A bundle of a view's name that is not one of its snapshots (a model pushed under that
+/// name): a snapshot cannot take the name.
+#[derive(Debug, Error)]
+#[error(
+    "bundle {view}@{version} is not a snapshot of view {view:?}: a snapshot's bundle takes the view's name"
+)]
+pub struct NotASnapshot {
+    pub view: String,
+    /// The bundle's version.
+    pub version: u64,
+}
+
+/// The next snapshot version of view `view`, given the versions of the bundles of its
+/// name and those its snapshot records hold ([`recorded`]): one past the highest bundle
+/// (so a record whose bundle was never registered is taken again, and replaced).
+pub fn next_version(view: &str, bundles: &[u64], recorded: &[u64]) -> Result<u64, NotASnapshot> {
+    if let Some(&version) = bundles.iter().find(|v| !recorded.contains(v)) {
+        return Err(NotASnapshot { view: view.to_owned(), version });
+    }
+    Ok(bundles.iter().max().map_or(1, |v| v + 1))
+}
+
+/// The versions of view `view`'s snapshot records.
+pub fn recorded<C: AsSql + ?Sized>(conn: &C, view: &str) -> Result<Vec<u64>, C::Error> {
+    Ok(conn.sql().query_map(
+        "SELECT version FROM snapshots WHERE view = $1 ORDER BY version",
+        params![view],
+        |r| {
+            u64::try_from(r.get::<i64>(0)?)
+                .map_err(|e| SqlError::Conversion { column: 0, message: e.to_string() })
+        },
+    )?)
+}
 
 /// Which entities and values a snapshot carries.
 #[derive(Debug, Clone, Default)]

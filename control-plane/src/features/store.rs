@@ -181,7 +181,7 @@ pub fn migrate_postgres(db: &Db) -> Result<(), MigrateError> {
 
 /// The advisory lock key of `what` named `name` on PostgreSQL: the first 8 bytes of a
 /// SHA-256 of both, under a prefix of the feature store's own.
-fn lock_key(what: &str, name: &str) -> i64 {
+pub(crate) fn lock_key(what: &str, name: &str) -> i64 {
     let digest = Sha256::of(format!("falaj.features.{what}\0{name}").as_bytes());
     i64::from_be_bytes(digest.0[..8].try_into().expect("8 of 32 bytes"))
 }

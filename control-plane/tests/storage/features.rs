@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use falaj_common::features::value::parse_time;
 use falaj_common::features::{FeatureView, Keyring, OnlineTable, Value};
-use falaj_control::db::Db;
+use falaj_control::db::{self, Db};
+use falaj_control::features::batch;
 use falaj_control::features::export;
 use falaj_control::features::ingest::{self, IngestError};
 use falaj_control::features::pii_keys::{self, PiiKeys};
@@ -30,7 +31,7 @@ use falaj_control::sql::{Backend, params};
 use falaj_control::vault::Vault;
 use falaj_tables::Format;
 
-use crate::{Body, REGION, at};
+use crate::{Body, REGION, at, bundle};
 
 /// This module's cases: each body runs once on SQLite and once on PostgreSQL.
 pub(crate) const CASES: &[(&str, Body)] = &[
@@ -51,12 +52,20 @@ pub(crate) const CASES: &[(&str, Body)] = &[
         a_snapshot_of_more_rows_than_a_page_holds_each_entity_once,
     ),
     (
+        "an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across",
+        an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across,
+    ),
+    (
         "two_ingests_into_one_view_at_once_both_land_one_after_the_other",
         two_ingests_into_one_view_at_once_both_land_one_after_the_other,
     ),
     (
         "a_snapshot_built_while_rows_arrive_sees_whole_ingests",
         a_snapshot_built_while_rows_arrive_sees_whole_ingests,
+    ),
+    (
+        "snapshots_made_at_once_by_two_replicas_take_distinct_consecutive_versions",
+        snapshots_made_at_once_by_two_replicas_take_distinct_consecutive_versions,
     ),
     (
         "pii_keys_made_and_rotated_at_once_take_one_version_each",
@@ -471,6 +480,53 @@ fn pumps_file(entities: usize, time: &str, value: u32, descending: bool) -> Stri
     text
 }
 
+fn an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across(db: &Db) {
+    // More rows than PostgreSQL's ingest writes in one statement, so that they go in
+    // several; SQLite writes them one by one, with the same outcome.
+    let n = batch::ROWS + 100;
+    let f = Features::with_pumps(db);
+    let time = "2026-01-01T00:00:00Z";
+    let mut text = pumps_file(n, time, 1, false);
+    // p0001 again at once, in the same batch; p0000 again in the last batch; p0002 at
+    // another time, a row of its own.
+    for (id, at, value) in [
+        ("p0001", time, 2),
+        ("p0001", time, 3),
+        ("p0000", time, 4),
+        ("p0002", "2026-01-02T00:00:00Z", 5),
+    ] {
+        let _ = writeln!(text, "{id},{at},{value},,,,manual,");
+    }
+    let ingested = f.ingest("pumps", &f.file("dupes.csv", &text)).unwrap();
+    assert_eq!(ingested.rows, n as u64 + 4);
+    assert_eq!(f.counts("pumps"), (n as u64 + 1, n as u64));
+    let stored = |id: &str, at: &str| -> (f64, String) {
+        f.db.run_sync(|sql| {
+            sql.query_row(
+                "SELECT temperature, mode FROM \"fv_pumps_1\" WHERE entity = $1 AND event_time = $2",
+                params![id, micros(at)],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap()
+    };
+    assert_eq!(stored("p0000", time), (4.0, "manual".into()));
+    assert_eq!(stored("p0001", time), (3.0, "manual".into()));
+    assert_eq!(stored("p0002", time), (1.0, "auto".into()));
+    assert_eq!(stored("p0002", "2026-01-02T00:00:00Z"), (5.0, "manual".into()));
+    assert_eq!(stored(&format!("p{:04}", n - 1), time), (1.0, "auto".into()));
+    // Again, whole: every row replaced by the same values, written by the second ingest.
+    let again = f.ingest("pumps", &f.file("dupes.csv", &text)).unwrap();
+    assert_eq!(f.counts("pumps"), (n as u64 + 1, n as u64));
+    let ingests: Vec<i64> =
+        f.db.run_sync(|sql| {
+            sql.query_map("SELECT DISTINCT ingest FROM \"fv_pumps_1\"", params![], |r| r.get(0))
+        })
+        .unwrap();
+    assert_eq!(ingests, [again.id]);
+    assert_eq!(stored("p0001", time), (3.0, "manual".into()));
+}
+
 fn two_ingests_into_one_view_at_once_both_land_one_after_the_other(db: &Db) {
     const N: usize = 300;
     let f = Features::with_pumps(db);
@@ -549,6 +605,79 @@ fn a_snapshot_built_while_rows_arrive_sees_whole_ingests(db: &Db) {
         seen
     });
     assert!(seen.contains(&format!("{:?}", Value::F32(ROUNDS as f32))), "{seen:?}");
+}
+
+fn snapshots_made_at_once_by_two_replicas_take_distinct_consecutive_versions(db: &Db) {
+    const EACH: u64 = 6;
+    let f = Features::with_pumps(db);
+    f.ingest("pumps", &f.file("rows.csv", &pumps_file(20, "2026-01-01T00:00:00Z", 1, false)))
+        .unwrap();
+    let (keyring, later) = (Keyring::new(1, &[7; 32]), micros("2030-01-01T00:00:00Z"));
+    // A replica making snapshots as the admin API does: under the view's version lock,
+    // the version from the bundles and records, the build, its record, its bundle. Each
+    // replica's snapshots have a scope of their own, so a record tells whose it is.
+    let replica = |entities: Option<Vec<String>>| {
+        let options = SnapshotOptions { entities, ..Default::default() };
+        let mut taken = Vec::new();
+        for _ in 0..EACH {
+            let lock = snapshot::VersionLock::acquire(&f.db, "pumps").unwrap();
+            let bundles: Vec<u64> = db
+                .run_sync(|sql| db::bundles(&sql))
+                .unwrap()
+                .into_iter()
+                .filter(|b| b.name == "pumps")
+                .map(|b| b.version)
+                .collect();
+            let recorded = f.db.run_sync(|sql| snapshot::recorded(&sql, "pumps")).unwrap();
+            let version = snapshot::next_version("pumps", &bundles, &recorded).unwrap();
+            let (spec, _) =
+                f.db.run_sync(|sql| {
+                    Ok(snapshot::build(&sql, "pumps", &options, &keyring, later, Vec::new()))
+                })
+                .unwrap()
+                .unwrap();
+            f.db.run_sync(|sql| snapshot::record(&sql, &spec, version, at(version))).unwrap();
+            db.run_sync(|sql| db::insert_bundle(&sql, &bundle("pumps", version))).unwrap();
+            lock.release();
+            taken.push((version, spec.scope));
+        }
+        taken
+    };
+    let listed = Some(vec!["p0001".to_owned(), "p0002".to_owned()]);
+    let mut taken = match db.backend() {
+        // Two replicas at once, each on connections of its own.
+        Backend::Postgres => {
+            let barrier = std::sync::Barrier::new(2);
+            let run = |entities: Option<Vec<String>>| {
+                barrier.wait();
+                replica(entities)
+            };
+            std::thread::scope(|s| {
+                let (a, b) = (s.spawn(|| run(None)), s.spawn(|| run(listed.clone())));
+                [a.join().unwrap(), b.join().unwrap()].concat()
+            })
+        }
+        // One process owns a SQLite store, and `FeatureStore::building` makes its
+        // snapshots one at a time: one after the other here.
+        Backend::Sqlite => [replica(None), replica(listed.clone())].concat(),
+    };
+    taken.sort();
+    let versions: Vec<u64> = taken.iter().map(|(v, _)| *v).collect();
+    assert_eq!(versions, (1..=2 * EACH).collect::<Vec<_>>(), "{taken:?}");
+    // Each record is the snapshot of the replica that took its version.
+    let records: Vec<(u64, String)> =
+        f.db.run_sync(|sql| {
+            sql.query_map(
+                "SELECT version, scope FROM snapshots WHERE view = $1 ORDER BY version",
+                params!["pumps"],
+                |r| Ok((r.get::<i64>(0)? as u64, r.get(1)?)),
+            )
+        })
+        .unwrap();
+    assert_eq!(records, taken);
+    // A bundle of the view's name that is not a snapshot of it is refused.
+    let err = snapshot::next_version("pumps", &[1, 2, 3], &[1, 3]).unwrap_err();
+    assert_eq!(err.version, 2, "{err}");
 }
 
 fn pii_keys_made_and_rotated_at_once_take_one_version_each(db: &Db) {
