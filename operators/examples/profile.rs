@@ -3,8 +3,10 @@
 //! by node, summed by node and by operator, the slowest first.
 //!
 //! `cargo run --release -p falaj-operators --example profile -- MODEL.onnx NAME=1,3,224,224
-//! [--runs 20] [--tract conv,matmul,softmax] [--top 30]`; `--tract` leaves those standard
-//! operators to tract's own kernels (see [`falaj_operators::Native`]), for A/B runs.
+//! [--runs 20] [--tract conv,matmul,softmax] [--top 30] [--quantile 0.5]`; `--tract` leaves
+//! those standard operators to tract's own kernels (see [`falaj_operators::Native`]), for
+//! A/B runs; `--quantile 0` takes each node's fastest call instead of its median (steadier
+//! than the median on a machine other processes load).
 
 #![allow(clippy::wildcard_imports)]
 
@@ -22,6 +24,10 @@ fn main() -> TractResult<()> {
     let path = argv.first().context("MODEL.onnx NAME=d0,d1,... [--runs N] [--tract ops]")?;
     let runs: usize = flag("--runs").map_or(Ok(20), |r| r.parse())?;
     let top: usize = flag("--top").map_or(Ok(30), |r| r.parse())?;
+    let quantile: f64 = flag("--quantile").map_or(Ok(0.5), |r| r.parse())?;
+    if !(0.0..=1.0).contains(&quantile) {
+        tract_onnx::tract_hir::internal::bail!("--quantile takes a number from 0 to 1");
+    }
     let mut native = Native::ALL;
     for op in flag("--tract").map(|s| s.split(',').collect::<Vec<_>>()).unwrap_or_default() {
         match op {
@@ -84,18 +90,18 @@ fn main() -> TractResult<()> {
         })?;
         whole.push(start.elapsed());
     }
-    report(&plan, samples, whole, (path, top, native))
+    report(&plan, samples, whole, (path, top, native, quantile))
 }
 
 type Plan = TypedSimplePlan;
 
-/// Prints the whole call's p50, then the nodes' medians summed by operator, then the
-/// slowest nodes.
+/// Prints the whole call's p50, then the nodes' medians (or other quantile) summed by
+/// operator, then the slowest nodes.
 fn report(
     plan: &Plan,
     samples: HashMap<usize, Vec<Duration>>,
     mut whole: Vec<Duration>,
-    (path, top, native): (&str, usize, Native),
+    (path, top, native, quantile): (&str, usize, Native, f64),
 ) -> TractResult<()> {
     let runs = whole.len();
     whole.sort();
@@ -105,7 +111,8 @@ fn report(
         .into_iter()
         .map(|(id, mut d)| {
             d.sort();
-            (id, d[d.len() / 2] * runs as u32)
+            let at = ((d.len() - 1) as f64 * quantile).round() as usize;
+            (id, d[at] * runs as u32)
         })
         .collect();
     let graph = plan.model();
