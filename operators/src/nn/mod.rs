@@ -28,6 +28,7 @@ use crate::expand::{Built, Out, Shape, expand};
 
 pub mod activation;
 pub mod argmax;
+mod columns;
 pub mod dense;
 pub mod depthwise;
 pub mod direct;
@@ -69,10 +70,11 @@ fn per_image(
     let mut tensor = Tensor::zero::<f32>(&[batch, outputs, oh, ow])?;
     let mut view = tensor.try_as_plain_ram_mut()?;
     let out = view.as_slice_mut::<f32>()?;
-    if oh * ow > 0 && height * width > 0 {
-        let images = out.chunks_mut(outputs * oh * ow).zip(x.chunks(channels * height * width));
-        for (o, i) in images {
-            image(i, (height, width), o, (oh, ow));
+    if oh * ow > 0 && height * width > 0 && outputs > 0 {
+        // Indexed rather than chunked: a kernel of no input channels has empty images.
+        let size = channels * height * width;
+        for (n, o) in out.chunks_mut(outputs * oh * ow).enumerate() {
+            image(&x[n * size..][..size], (height, width), o, (oh, ow));
         }
     }
     Ok(tvec![tensor])

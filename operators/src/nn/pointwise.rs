@@ -11,6 +11,7 @@
 use tract_onnx::tract_hir::internal::*;
 
 use super::activation::Activation;
+use super::columns::{self, Columns};
 use super::depthwise::copy;
 use super::{V, fma};
 use crate::expand::Kernel;
@@ -25,14 +26,29 @@ pub(super) const PIXELS: usize = 32;
 pub struct PointwiseConv {
     inputs: usize,
     outputs: usize,
-    /// Per block of `ROWS` output channels, per input channel, the block's weights.
-    packed: Vec<[f32; ROWS]>,
-    /// Per block, the bias of its channels (zero past the last).
-    bias: Vec<[f32; ROWS]>,
+    /// The weights, packed once for one of the two kernels (and not kept as given).
+    weights: Packed,
     activation: Activation,
-    /// The weights as given, `[outputs, inputs]`, for images of a few pixels.
-    rows: Vec<f32>,
 }
+
+/// The weights of a 1×1 convolution, packed for the kernel that runs it.
+#[derive(Clone, Debug, PartialEq)]
+enum Packed {
+    /// For this module's tiles of `ROWS` output channels by `PIXELS` pixels.
+    Rows {
+        /// Per block of `ROWS` output channels, per input channel, the block's weights.
+        packed: Vec<[f32; ROWS]>,
+        /// Per block, the bias of its channels (zero past the last).
+        bias: Vec<[f32; ROWS]>,
+    },
+    /// For [`columns`]' tiles of pixels by 32 output channels.
+    Columns(Columns),
+}
+
+/// From this many input channels, the product runs with the output channels along the
+/// vectors ([`columns`]): its store per output value costs little against the
+/// `inputs / 16` vector multiply-adds behind it, and its tiles fit planes of any size.
+const COLUMNS_FROM: usize = 256;
 
 impl PointwiseConv {
     /// From `weights` `[outputs, inputs]` (row-major) and an optional bias.
@@ -42,46 +58,71 @@ impl PointwiseConv {
         bias: &[f32],
         activation: Activation,
     ) -> Self {
-        let blocks = outputs.div_ceil(ROWS);
-        let mut packed = vec![[0.0f32; ROWS]; blocks * inputs];
-        let mut packed_bias = vec![[0.0f32; ROWS]; blocks];
-        for co in 0..outputs {
-            let (block, r) = (co / ROWS, co % ROWS);
-            for ci in 0..inputs {
-                packed[block * inputs + ci][r] = weights[co * inputs + ci];
+        let weights = if inputs >= COLUMNS_FROM {
+            Packed::Columns(Columns::new(weights, (outputs, inputs), bias))
+        } else {
+            let blocks = outputs.div_ceil(ROWS);
+            let mut packed = vec![[0.0f32; ROWS]; blocks * inputs];
+            let mut packed_bias = vec![[0.0f32; ROWS]; blocks];
+            for co in 0..outputs {
+                let (block, r) = (co / ROWS, co % ROWS);
+                for ci in 0..inputs {
+                    packed[block * inputs + ci][r] = weights[co * inputs + ci];
+                }
+                packed_bias[block][r] = bias.get(co).copied().unwrap_or(0.0);
             }
-            packed_bias[block][r] = bias.get(co).copied().unwrap_or(0.0);
-        }
-        Self { inputs, outputs, packed, bias: packed_bias, activation, rows: weights.to_vec() }
+            Packed::Rows { packed, bias: packed_bias }
+        };
+        Self { inputs, outputs, weights, activation }
     }
 }
 
-/// Below this many pixels, tiles would be mostly padding: each output is a dot product.
+/// Below this many pixels, tiles would be mostly padding: each block of output channels
+/// is a run of multiply-adds over the input channels, pixel by pixel.
 const FEW: usize = 8;
 
-#[allow(clippy::needless_range_loop)]
-/// Each output a dot product of a weight row and a pixel's channels, in sixteen
-/// running sums.
+/// Each pixel's outputs, a block of `ROWS` sums at a time, the input channels taken four
+/// at a time into four sets of sums (one set's multiply-adds would each wait on the one
+/// before), added at the end.
 #[inline(always)]
-fn few_pixels(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
+#[allow(clippy::needless_range_loop)]
+fn few_pixels(
+    op: &PointwiseConv,
+    (packed, bias): (&[[f32; ROWS]], &[[f32; ROWS]]),
+    x: &[f32],
+    pixels: usize,
+    out: &mut [f32],
+) {
     let ci = op.inputs;
-    let mut column = vec![0.0f32; ci.next_multiple_of(16)];
+    let mut column = vec![0.0f32; ci];
+    let whole = ci - ci % 4;
     for p in 0..pixels {
-        for (k, c) in column.iter_mut().take(ci).enumerate() {
+        for (k, c) in column.iter_mut().enumerate() {
             *c = x[k * pixels + p];
         }
-        for (co, row) in op.rows.chunks_exact(ci).enumerate() {
-            let mut acc = [0.0f32; 16];
-            let (whole, rest) = row.split_at(ci - ci % 16);
-            for (w, c) in whole.chunks_exact(16).zip(column.chunks_exact(16)) {
-                for j in 0..16 {
-                    acc[j] = w[j].mul_add(c[j], acc[j]);
+        for (block, bias) in bias.iter().enumerate() {
+            let weights = &packed[block * ci..][..ci];
+            let mut acc = [*bias, [0.0; ROWS], [0.0; ROWS], [0.0; ROWS]];
+            for (w, c) in weights[..whole].chunks_exact(4).zip(column[..whole].chunks_exact(4)) {
+                for s in 0..4 {
+                    for r in 0..ROWS {
+                        acc[s][r] = w[s][r].mul_add(c[s], acc[s][r]);
+                    }
                 }
             }
-            let tail: f32 = rest.iter().zip(&column[whole.len()..]).map(|(w, c)| w * c).sum();
-            let mut y = [op.bias[co / ROWS][co % ROWS] + acc.iter().sum::<f32>() + tail];
-            op.activation.apply(&mut y);
-            out[co * pixels + p] = y[0];
+            for (w, &c) in weights[whole..].iter().zip(&column[whole..]) {
+                for r in 0..ROWS {
+                    acc[0][r] = w[r].mul_add(c, acc[0][r]);
+                }
+            }
+            let mut sums = acc[0];
+            for r in 0..ROWS {
+                sums[r] += (acc[1][r] + acc[2][r]) + acc[3][r];
+            }
+            op.activation.apply(&mut sums);
+            for (r, &y) in sums.iter().enumerate().take(op.outputs - block * ROWS) {
+                out[(block * ROWS + r) * pixels + p] = y;
+            }
         }
     }
 }
@@ -89,13 +130,20 @@ fn few_pixels(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
 /// Vectors per tile row.
 pub(super) const VECS: usize = PIXELS / 16;
 
-/// One image: `x` `[inputs, pixels]` into `out` `[outputs, pixels]`. Compiled for
-/// AVX-512 and AVX2 as well, chosen at run time.
+/// One image: `x` `[inputs, pixels]` into `out` `[outputs, pixels]`, with the weights
+/// packed in rows (`packed`, `bias`). Compiled for AVX-512 and AVX2 as well, chosen at
+/// run time.
 #[multiversion::multiversion(targets("x86_64+avx512f+avx2+fma", "x86_64+avx2+fma"))]
-fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
+fn image(
+    op: &PointwiseConv,
+    (packed, bias): (&[[f32; ROWS]], &[[f32; ROWS]]),
+    x: &[f32],
+    pixels: usize,
+    out: &mut [f32],
+) {
     let ci = op.inputs;
-    if pixels < FEW {
-        return few_pixels(op, x, pixels, out);
+    if pixels < FEW || ci == 0 {
+        return few_pixels(op, (packed, bias), x, pixels, out);
     }
     // The input channels in blocks of up to `DEPTH`, so that a tile stays in L1 while it
     // goes through all blocks of output channels (512 channels of a 7×7 plane, a 64 KiB
@@ -103,7 +151,7 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
     // next block of channels. The blocks are of equal size (300 channels: three of 100).
     let depth = ci.div_ceil(ci.div_ceil(DEPTH));
     let mut tile = vec![[[0.0f32; 16]; VECS]; depth];
-    let mut partial = vec![[[[0.0f32; 16]; VECS]; ROWS]; op.bias.len()];
+    let mut partial = vec![[[[0.0f32; 16]; VECS]; ROWS]; bias.len()];
     for p0 in (0..pixels).step_by(PIXELS) {
         let width = PIXELS.min(pixels - p0);
         for k0 in (0..ci).step_by(depth) {
@@ -121,7 +169,7 @@ fn image(op: &PointwiseConv, x: &[f32], pixels: usize, out: &mut [f32]) {
                     row[width..].fill(0.0);
                 }
             }
-            let blocks = op.packed.chunks_exact(ci).zip(&op.bias).zip(partial.iter_mut());
+            let blocks = packed.chunks_exact(ci).zip(bias).zip(partial.iter_mut());
             for (block, ((weights, bias), sums)) in blocks.enumerate() {
                 let weights = &weights[k0..k1];
                 let acc = if k0 == 0 {
@@ -211,8 +259,9 @@ impl Kernel for PointwiseConv {
             self.inputs,
             self.outputs,
             |h, w| (h, w),
-            |i, (h, w), o, _| {
-                image(self, i, h * w, o);
+            |i, (h, w), o, _| match &self.weights {
+                Packed::Rows { packed, bias } => image(self, (packed, bias), i, h * w, o),
+                Packed::Columns(c) => columns::image(c, self.activation, i, h * w, o),
             },
         )
     }
@@ -242,6 +291,15 @@ mod tests {
             // More input channels than a block of them (`DEPTH`), and not a multiple.
             (300, 7, 5, 9, Activation::Relu),
             (8, 6, 1, 32, Activation::Clip { lo: -1.0, hi: 1.0 }),
+            // Either side of `COLUMNS_FROM`, on planes of one pixel, of a few, 7×7 and
+            // 14×14; input channels not a multiple of four (the one-pixel sums).
+            (255, 13, 1, 1, Activation::Relu),
+            (131, 20, 1, 3, Activation::Identity),
+            (256, 40, 7, 7, Activation::Relu),
+            (256, 33, 14, 14, Activation::Identity),
+            (512, 35, 1, 1, Activation::HardSigmoid { alpha: 0.2, beta: 0.5 }),
+            // No input channels: the bias, activated.
+            (0, 5, 2, 2, Activation::Relu),
             (
                 5,
                 1,
@@ -273,7 +331,10 @@ mod tests {
                     activation.apply(&mut row);
                     let g = &got[n * co * p + o * p..][..p];
                     for (a, b) in g.iter().zip(&row) {
-                        assert!((a - b).abs() < 1e-4, "{ci} {co} {h} {w}: {g:?} against {row:?}");
+                        assert!(
+                            (a - b).abs() < 1e-4 * b.abs().max(1.0),
+                            "{ci} {co} {h} {w}: {g:?} against {row:?}"
+                        );
                     }
                 }
             }
