@@ -34,6 +34,7 @@ pub struct FeatureStore {
     region: Arc<str>,
     /// Held while a snapshot is built and registered: its version is the next free one,
     /// and its record (what was pseudonymised) must describe the bundle of that version.
+    /// Across replicas on one PostgreSQL database, [`snapshot::VersionLock`] does the same.
     building: Arc<tokio::sync::Mutex<()>>,
 }
 
