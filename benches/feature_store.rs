@@ -49,6 +49,12 @@ enum Target<'a> {
     Postgres(&'a postgres::Cluster),
 }
 
+/// A PostgreSQL cluster of its own, stopped when dropped.
+fn start_cluster() -> Result<postgres::Cluster> {
+    let bin = postgres::binaries().map_err(anyhow::Error::msg)?;
+    postgres::Cluster::start(&bin).map_err(anyhow::Error::msg)
+}
+
 /// A new offline store named `name` holding the view `pump-sensors`.
 fn open(target: &Target<'_>, name: &str) -> Result<Db> {
     let db = match target {
@@ -175,16 +181,8 @@ fn main() -> Result<()> {
         .unwrap_or(1_000_000);
     let dir = tempfile::tempdir()?;
     let dir = dir.path();
-    let cluster = if args.iter().any(|a| a == "--postgres") {
-        let bin = postgres::binaries().map_err(anyhow::Error::msg)?;
-        Some(postgres::Cluster::start(&bin).map_err(anyhow::Error::msg)?)
-    } else {
-        None
-    };
-    let target = match &cluster {
-        Some(cluster) => Target::Postgres(cluster),
-        None => Target::Sqlite(dir),
-    };
+    let cluster = args.iter().any(|a| a == "--postgres").then(start_cluster).transpose()?;
+    let target = cluster.as_ref().map_or(Target::Sqlite(dir), Target::Postgres);
     let mut table = Vec::new();
 
     // Ingest: rows/10 pumps, 10 hourly readings each.
