@@ -3,7 +3,8 @@
 //! say CANCELLED ("Timeout expired").
 //!
 //! The wrapper's timer starts in `call`, when the call's headers have arrived. Dropping the
-//! inner future ends the call's work (a wait for a request slot, the decoding).
+//! inner future ends the call's work (a wait for a request slot, the decoding). ModelInfer's
+//! own path ([`super::unary`]) reads the same header with [`of`] and answers [`exceeded`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -40,7 +41,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let timeout = request.headers().get("grpc-timeout").and_then(|v| parse(v.as_bytes()));
+        let timeout = of(request.headers());
         let sleep = timeout.map(|t| (t, Box::pin(tokio::time::sleep(t))));
         Answer { inner: self.inner.call(request), sleep }
     }
@@ -67,11 +68,20 @@ where
         if let Some((timeout, sleep)) = &mut this.sleep
             && sleep.as_mut().poll(cx).is_ready()
         {
-            let message = format!("the call's deadline ({timeout:?}) passed before its answer");
-            return Poll::Ready(Ok(Status::deadline_exceeded(message).into_http()));
+            return Poll::Ready(Ok(exceeded(*timeout).into_http()));
         }
         Poll::Pending
     }
+}
+
+/// The deadline a call's `grpc-timeout` header sets, if any (and well formed).
+pub(super) fn of(headers: &http::HeaderMap) -> Option<Duration> {
+    headers.get("grpc-timeout").and_then(|v| parse(v.as_bytes()))
+}
+
+/// The status of a call whose deadline `timeout` passed before its answer.
+pub(super) fn exceeded(timeout: Duration) -> Status {
+    Status::deadline_exceeded(format!("the call's deadline ({timeout:?}) passed before its answer"))
 }
 
 /// A `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n); `None` when

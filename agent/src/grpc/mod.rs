@@ -15,14 +15,17 @@
 //! metadata (`Bearer KEY`) and are refused UNAUTHENTICATED or PERMISSION_DENIED with
 //! REST's messages. ServerLive, ServerReady and `grpc.health.v1` stay open.
 //!
-//! The parts: `transport` serves the HTTP/2 connections (hyper's), each connection's calls
-//! polled within the connection's own task, and routes a call by its path; `unary` frames
-//! ModelInfer, the hot path, by hand; `service` is the generated service's implementation
-//! (everything else, ModelStreamInfer included, goes through tonic's generated code);
-//! `deadline` ends a call past its `grpc-timeout`; `convert` translates the messages.
+//! The parts: `transport` serves the HTTP/2 connections (on h2 directly), each connection's
+//! calls polled within the connection's own task, and routes a call by its path; `unary`
+//! serves ModelInfer, the hot path, on its h2 stream, framing the messages by hand;
+//! `exchange` carries every other call between its h2 stream and the generated services;
+//! `service` is the generated service's implementation (everything but ModelInfer's own
+//! path, ModelStreamInfer included, goes through tonic's generated code); `deadline` ends a
+//! call past its `grpc-timeout`; `convert` translates the messages.
 
 mod convert;
 mod deadline;
+mod exchange;
 mod service;
 mod transport;
 mod unary;

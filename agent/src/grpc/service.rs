@@ -76,6 +76,19 @@ async fn authorized_infer(
     infer(state, request, header_key).await
 }
 
+impl Inference {
+    /// ModelInfer: the generated route's method and [`super::unary`]'s path both serve a
+    /// call with this (the latter without the trait's boxed future).
+    pub(super) async fn model_infer_call(
+        &self,
+        request: Request<ModelInferRequest>,
+    ) -> Result<ModelInferResponse, Status> {
+        authorize(&self.state, &request, Access::Model(&request.get_ref().model_name))?;
+        let key = header_key(&request);
+        infer(&self.state, request.into_inner(), key.as_deref()).await.map_err(status)
+    }
+}
+
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<ModelStreamInferResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -142,12 +155,7 @@ impl GrpcInferenceService for Inference {
         &self,
         request: Request<ModelInferRequest>,
     ) -> Result<Response<ModelInferResponse>, Status> {
-        authorize(&self.state, &request, Access::Model(&request.get_ref().model_name))?;
-        let key = header_key(&request);
-        infer(&self.state, request.into_inner(), key.as_deref())
-            .await
-            .map(Response::new)
-            .map_err(status)
+        self.model_infer_call(request).await.map(Response::new)
     }
 
     type ModelStreamInferStream = ResponseStream;

@@ -1,44 +1,50 @@
-//! The endpoint's HTTP/2 server: hyper's HTTP/2 connections over the accepted sockets (or
-//! the TLS accept loop's streams), each call routed by its path to the inference or the
-//! health service, and the connections asked to finish (GOAWAY) at shutdown.
+//! The endpoint's HTTP/2 server, on the `h2` crate directly: each accepted socket (or TLS
+//! stream) is one HTTP/2 connection whose calls are all served within the connection's own
+//! task; a call is routed by its path to ModelInfer's own path ([`super::unary`]), the
+//! health service, or the generated inference service; the connections are asked to finish
+//! (GOAWAY) at shutdown.
 //!
 //! tonic's own server (`tonic::transport::Server`) put a stack in front of every call: an
 //! axum router matching the path, a boxed service clone, connection info stored in the
-//! request's extensions, a tracing span, its own timeout layer and error recovery. On the
-//! sample model at batch 1 that stack was about 3 µs of the server's time a call against
-//! REST (a `perf` profile of `benches/grpc.rs`); here a call is one path comparison, the
-//! deadline ([`super::deadline`]) and the generated service, or for ModelInfer, the hot
-//! path, the service's method with the call's message framed by hand ([`super::unary`]).
+//! request's extensions, a tracing span, its own timeout layer and error recovery. hyper's
+//! HTTP/2 server, which served the endpoint next, hands each call to an executor (a task
+//! per call with tokio's: a spawn, and a wake across tasks for the answer; an executor
+//! that queued the calls for the connection's task took that off), wraps the h2 stream in
+//! a request body and pipes a boxed answer body back through a state machine of its own,
+//! and adds a `date` header to every answer (gRPC has no use for it; grpc-go's server
+//! sends none, nor does this one). Here the connection's task ([`drive`]) accepts the h2
+//! streams and polls their calls in a `FuturesUnordered` beside the connection, polling
+//! the connection again after a call ended so that its answer is flushed in the same turn,
+//! in one write. ModelInfer ([`super::unary`]) reads its message from the stream and
+//! queues HEADERS, DATA and trailers itself; every other call goes through
+//! [`super::exchange`] (hyper's adaptors, rewritten with its rules) to the generated
+//! services, wrapped as before in the deadline ([`super::deadline`]) and the over-limit
+//! rewrite.
 //!
-//! **A connection's calls run in the connection's own task.** hyper's HTTP/2 server hands
-//! each call (an `H2Stream` future: the service's future, then the response piped to h2)
-//! to its executor; with tokio's, that is a task per call, so a call cost a spawn, and
-//! its answer a wake across tasks (the call's task wrote into h2's buffers, then woke the
-//! connection's task to flush them), where hyper's HTTP/1.1 server (REST) reads, runs and
-//! writes in the connection's one task. Here the executor ([`Inline`]) only queues the
-//! future; the connection's task ([`drive`]) moves it into a `FuturesUnordered` and polls
-//! the calls alongside the connection, polling the connection again after a call ended so
-//! that its answer is flushed in the same turn, in one write. Inference itself still runs
-//! on the blocking pool, so calls multiplexed on one connection still run in parallel;
-//! only their (short) protocol work shares the connection's task. Streams
-//! (ModelStreamInfer) keep their own task for their messages (`service`).
+//! Inference runs in the call's future, so on the connection's task when the run is short
+//! (`server::INLINE_BUDGET`), else on the blocking pool: calls multiplexed on one
+//! connection run in parallel unless they are short. Streams (ModelStreamInfer) keep a
+//! task of their own for their messages (`service`).
 //!
-//! Serving calls on the `h2` crate directly (flow control by hand as well) would take
-//! hyper's layer off the unary path too; this keeps every service (health, streaming, the
-//! deadline and over-limit wrappers) as it is.
+//! The connection's settings are hyper's defaults (200 concurrent streams, a 16 KiB header
+//! list, 400 KiB of buffered answer a stream, 1024 streams reset for the client's errors)
+//! with the endpoint's fixed flow-control windows.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use futures_util::stream::FuturesUnordered;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use h2::RecvStream;
+use h2::server::SendResponse;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::{Stream, StreamExt as _};
 use tonic::codegen::{BoxFuture, http};
 
+use super::exchange::{self, Incoming};
 use super::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use super::service::Inference;
 use super::{CONNECTION_WINDOW, STREAM_WINDOW, deadline, over_limit, unary, wait_down};
@@ -52,14 +58,15 @@ const HEALTH: &str = "/grpc.health.v1.Health/";
 const STREAM_INFER: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 
 /// Both services, routed by path; a path of neither is the inference service's
-/// UNIMPLEMENTED, as tonic's router answers.
+/// UNIMPLEMENTED, as tonic's router answers. ModelInfer's own path is taken before these
+/// ([`start`]); a compressed ModelInfer call comes here.
 #[derive(Clone)]
 pub(super) struct Routes<H> {
-    /// The service ModelInfer calls are served by ([`super::unary`]).
+    /// The service ModelInfer's own path serves calls with ([`super::unary`]).
     pub(super) unary: std::sync::Arc<Inference>,
     pub(super) inference: GrpcInferenceServiceServer<Inference>,
     pub(super) health: H,
-    /// `[http] max_body_bytes`, named in the over-limit message.
+    /// `[http] max_body_bytes`: ModelInfer's own limit, named in the over-limit message.
     pub(super) limit: usize,
 }
 
@@ -67,7 +74,7 @@ type Answer = http::Response<tonic::body::Body>;
 
 impl<H, B> tower::Service<http::Request<B>> for Routes<H>
 where
-    B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     B::Error: std::fmt::Display,
     H: tower::Service<
             http::Request<B>,
@@ -93,11 +100,6 @@ where
     // The generated services are always ready (their `poll_ready` returns `Ready`), so
     // they are called without polling them first.
     fn call(&mut self, request: http::Request<B>) -> Routed {
-        if unary::takes(&request) {
-            let (inference, limit) = (std::sync::Arc::clone(&self.unary), self.limit);
-            let answer = async move { Ok(unary::model_infer(&inference, request, limit).await) };
-            return Routed { inner: Box::pin(answer), limit: None, trailers: false };
-        }
         let path = request.uri().path();
         if path.starts_with(HEALTH) {
             return Routed { inner: self.health.call(request), limit: None, trailers: false };
@@ -127,76 +129,144 @@ impl Future for Routed {
     }
 }
 
-/// A call's future as hyper hands it to the executor.
-type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The executor of one connection: it queues the calls hyper starts, for the connection's
-/// own task to poll ([`drive`]). hyper only starts calls while that task polls the
-/// connection, so the queue is drained right after, without a wake.
-#[derive(Clone, Default)]
-struct Inline {
-    queue: std::sync::Arc<std::sync::Mutex<Vec<Call>>>,
+/// A call's future, polled by its connection's task: ModelInfer's own (not boxed: the
+/// set's node holds it), or any other.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "ModelInfer, the hot path, is held in the set's node without a box of its own"
+)]
+enum Call {
+    Infer(unary::Call),
+    Other(Pin<Box<dyn Future<Output = ()> + Send>>),
 }
 
-impl<F> hyper::rt::Executor<F> for Inline
+impl Future for Call {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        match self.get_mut() {
+            Call::Infer(call) => Pin::new(call).poll(cx),
+            Call::Other(call) => call.as_mut().poll(cx),
+        }
+    }
+}
+
+/// Starts the call of an accepted stream.
+fn start<H>(
+    routes: &Routes<H>,
+    service: &mut deadline::Deadline<Routes<H>>,
+    request: http::Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+) -> Call
 where
-    F: Future<Output = ()> + Send + 'static,
+    deadline::Deadline<Routes<H>>: tower::Service<
+            http::Request<Incoming>,
+            Response = Answer,
+            Error = Infallible,
+            Future = deadline::Answer<Routed>,
+        >,
 {
-    fn execute(&self, call: F) {
-        self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(Box::pin(call));
+    use tower::Service as _;
+    if unary::takes(&request) {
+        let inference = std::sync::Arc::clone(&routes.unary);
+        return Call::Infer(unary::Call::new(inference, request, respond, routes.limit));
     }
+    let answer = service.call(request.map(Incoming::new));
+    Call::Other(Box::pin(exchange::respond(answer, respond)))
 }
 
-impl Inline {
-    /// Moves the queued calls into `calls`; true when there were any.
-    fn drain_into(&self, calls: &mut FuturesUnordered<Call>) -> bool {
-        let mut queue = self.queue.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let started = !queue.is_empty();
-        calls.extend(queue.drain(..));
-        started
-    }
-}
-
-/// Polls a connection and its calls in one task: the connection (which reads new calls
-/// and flushes what calls wrote), then its calls, again until no call was started and
-/// none ended. Ready when the connection is; calls still pending then have
-/// lost their stream and are dropped.
-fn drive<C>(
-    mut connection: Pin<&mut C>,
-    executor: &Inline,
+/// Polls a connection and its calls in one task: the connection (which reads frames,
+/// yields new calls and writes what calls queued), then its calls, again until no call was
+/// started and none ended. Ready when the connection has closed; calls still pending then
+/// have lost their stream and are dropped.
+fn drive<IO, H>(
+    connection: &mut h2::server::Connection<IO, Bytes>,
+    routes: &Routes<H>,
+    service: &mut deadline::Deadline<Routes<H>>,
     calls: &mut FuturesUnordered<Call>,
     cx: &mut Context<'_>,
-) -> Poll<C::Output>
+) -> Poll<Result<(), h2::Error>>
 where
-    C: Future,
+    IO: AsyncRead + AsyncWrite + Unpin,
+    deadline::Deadline<Routes<H>>: tower::Service<
+            http::Request<Incoming>,
+            Response = Answer,
+            Error = Infallible,
+            Future = deadline::Answer<Routed>,
+        >,
 {
     use futures_util::StreamExt as _;
     loop {
-        if let Poll::Ready(ended) = connection.as_mut().poll(cx) {
-            return Poll::Ready(ended);
+        let mut progressed = false;
+        loop {
+            match connection.poll_accept(cx) {
+                Poll::Ready(Some(Ok((request, respond)))) => {
+                    calls.push(start(routes, service, request, respond));
+                    progressed = true;
+                }
+                Poll::Ready(Some(Err(err))) => return Poll::Ready(Err(err)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => break,
+            }
         }
-        let mut progressed = executor.drain_into(calls);
         while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {
             progressed = true;
         }
-        // A call may start another (hyper's upgrades do): queued, it is polled next turn.
-        if !executor.drain_into(calls) && !progressed {
+        if !progressed {
             return Poll::Pending;
         }
     }
 }
 
-/// Settings of every connection, with the connection's executor.
-fn builder(executor: Inline) -> hyper::server::conn::http2::Builder<Inline> {
-    let mut builder = hyper::server::conn::http2::Builder::new(executor);
+/// Settings of every connection: hyper's defaults, the endpoint's windows.
+fn builder() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
     // Fixed flow-control windows of a few MiB let a large message arrive without a round
     // trip per 64 KiB, without the adaptive window's BDP pings on every busy connection.
     builder
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .adaptive_window(false);
+        .max_frame_size(16 << 10)
+        .max_header_list_size(16 << 10)
+        .max_concurrent_streams(200)
+        .max_send_buffer_size(400 << 10)
+        .max_local_error_reset_streams(Some(1024));
     builder
+}
+
+/// Serves one connection until it closes; asked to finish (GOAWAY, then the calls in
+/// flight) when `down` turns true.
+async fn connection<IO, H>(
+    io: IO,
+    routes: Routes<H>,
+    mut down: watch::Receiver<bool>,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    Routes<H>: Clone,
+    deadline::Deadline<Routes<H>>: tower::Service<
+            http::Request<Incoming>,
+            Response = Answer,
+            Error = Infallible,
+            Future = deadline::Answer<Routed>,
+        >,
+{
+    let mut connection = tokio::select! {
+        connection = builder().handshake::<_, Bytes>(io) => connection?,
+        () = wait_down(&mut down) => return Ok(()),
+    };
+    let mut service = deadline::Deadline::new(routes.clone());
+    let mut calls = FuturesUnordered::new();
+    let mut stopping = std::pin::pin!(wait_down(&mut down));
+    let mut asked = false;
+    std::future::poll_fn(|cx| {
+        if !asked && stopping.as_mut().poll(cx).is_ready() {
+            connection.graceful_shutdown();
+            asked = true;
+        }
+        drive(&mut connection, &routes, &mut service, &mut calls, cx)
+    })
+    .await
 }
 
 /// Serves every connection `incoming` yields with `routes` until `down` turns true, then
@@ -206,16 +276,14 @@ pub(super) async fn serve<I, IO, H>(incoming: I, routes: Routes<H>, mut down: wa
 where
     I: Stream<Item = IO>,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    Routes<H>: tower::Service<
-            http::Request<hyper::body::Incoming>,
+    Routes<H>: Clone + Send + Sync + 'static,
+    deadline::Deadline<Routes<H>>: tower::Service<
+            http::Request<Incoming>,
             Response = Answer,
             Error = Infallible,
-            Future = Routed,
-        > + Clone
-        + Send
-        + 'static,
+            Future = deadline::Answer<Routed>,
+        > + Send,
 {
-    let service = hyper_util::service::TowerToHyperService::new(deadline::Deadline::new(routes));
     // Each connection's task holds a sender; the receiver's `recv` ends when all are gone.
     let (open, mut closed) = mpsc::channel::<()>(1);
     let mut incoming = std::pin::pin!(incoming);
@@ -227,24 +295,9 @@ where
                 None => break,
             },
         };
-        let executor = Inline::default();
-        let connection =
-            builder(executor.clone()).serve_connection(TokioIo::new(io), service.clone());
-        let (open, mut down) = (open.clone(), down.clone());
+        let (open, down, routes) = (open.clone(), down.clone(), routes.clone());
         tokio::spawn(async move {
-            let mut connection = std::pin::pin!(connection);
-            let mut calls = FuturesUnordered::new();
-            let mut stopping = std::pin::pin!(wait_down(&mut down));
-            let mut asked = false;
-            let served = std::future::poll_fn(|cx| {
-                if !asked && stopping.as_mut().poll(cx).is_ready() {
-                    connection.as_mut().graceful_shutdown();
-                    asked = true;
-                }
-                drive(connection.as_mut(), &executor, &mut calls, cx)
-            })
-            .await;
-            if let Err(err) = served {
+            if let Err(err) = connection(io, routes, down).await {
                 tracing::debug!(error = %err, "gRPC connection ended");
             }
             drop(open);
