@@ -27,16 +27,16 @@ use tonic::transport::Channel;
 type Client = GrpcInferenceServiceClient<Channel>;
 
 /// A running server with both endpoints; stops when `stop` is sent or it is dropped.
-struct Both {
+pub(crate) struct Both {
     http: SocketAddr,
-    grpc: SocketAddr,
-    slots: tokio::sync::watch::Receiver<falaj_agent::admission::SlotGauge>,
+    pub(crate) grpc: SocketAddr,
+    pub(crate) slots: tokio::sync::watch::Receiver<falaj_agent::admission::SlotGauge>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Both {
-    async fn start(site: &Site, config: ServeConfig) -> Self {
+    pub(crate) async fn start(site: &Site, config: ServeConfig) -> Self {
         let config = ServeConfig { grpc: Some("127.0.0.1:0".parse().unwrap()), ..config };
         let server = Server::bind(site.data_dir(), config).await.unwrap();
         let (http, grpc) = (server.local_addr(), server.grpc_addr().unwrap());
@@ -52,7 +52,7 @@ impl Both {
         connect(self.grpc).await
     }
 
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         let _ = self.stop.take().map(|s| s.send(()));
         (&mut self.task).await.unwrap();
     }
@@ -75,7 +75,7 @@ fn install_damaged(site: &Site, name: &str) {
     std::fs::write(path, bytes).unwrap();
 }
 
-fn rows(n: usize) -> Vec<f32> {
+pub(crate) fn rows(n: usize) -> Vec<f32> {
     falaj_common::sample::generate(n, 77, &[]).features
 }
 
@@ -98,7 +98,7 @@ fn input(
     }
 }
 
-fn sensors_raw(model: &str, x: &[f32], n: i64) -> ModelInferRequest {
+pub(crate) fn sensors_raw(model: &str, x: &[f32], n: i64) -> ModelInferRequest {
     ModelInferRequest {
         model_name: model.into(),
         inputs: vec![input("sensors", "FP32", &[n, 8], None)],
@@ -587,7 +587,7 @@ async fn model_infer_messages_framed_by_hand() {
 
 /// Takes both request slots of a one-worker server with two REST requests that announce
 /// bodies they never send; the slots are free again when the sockets are dropped.
-async fn hold_slots(server: &mut Both) -> Vec<std::net::TcpStream> {
+pub(crate) async fn hold_slots(server: &mut Both) -> Vec<std::net::TcpStream> {
     let mut held = Vec::new();
     for _ in 0..2 {
         let mut socket = std::net::TcpStream::connect(server.http).unwrap();

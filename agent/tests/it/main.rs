@@ -13,6 +13,7 @@ mod features;
 mod finetune;
 mod fuzz;
 mod grpc;
+mod grpc_h2;
 mod hot_path;
 mod http;
 mod https;
