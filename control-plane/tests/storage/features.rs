@@ -1,9 +1,10 @@
 //! The features module's storage on both databases (cases listed in [`CASES`], run by
-//! `main` as `NAME::sqlite` and `NAME::postgres`): views and their versions, ingest (all
-//! or nothing, every type stored exactly), point-in-time snapshots and exports, snapshot
-//! records, PII key versions, the feature schema; and the races SQLite's single writer
-//! hid: two ingests into one view at once, a snapshot built while rows arrive, PII keys
-//! made and rotated by several at once.
+//! `main` as `features::NAME::sqlite` and `features::NAME::postgres`, so that `-- features`
+//! picks them): views and their versions, ingest (all or nothing, every type stored
+//! exactly, the last row of a key and time kept), point-in-time snapshots and exports,
+//! snapshot records, PII key versions, the feature schema; and the races SQLite's single
+//! writer hid: two ingests into one view at once, a snapshot built while rows arrive,
+//! snapshots made by two replicas at once, PII keys made and rotated by several at once.
 //!
 //! On SQLite the offline store is its own file (`features.db`, made here beside the test's
 //! `control.db`); on PostgreSQL its tables go into the test's database, as
@@ -36,43 +37,43 @@ use crate::{Body, REGION, at, bundle};
 /// This module's cases: each body runs once on SQLite and once on PostgreSQL.
 pub(crate) const CASES: &[(&str, Body)] = &[
     (
-        "feature_views_version_on_breaking_changes_and_list_by_name",
+        "features::feature_views_version_on_breaking_changes_and_list_by_name",
         feature_views_version_on_breaking_changes_and_list_by_name,
     ),
     (
-        "an_ingest_stores_every_type_exactly_or_nothing_at_all",
+        "features::an_ingest_stores_every_type_exactly_or_nothing_at_all",
         an_ingest_stores_every_type_exactly_or_nothing_at_all,
     ),
     (
-        "snapshots_and_exports_never_see_values_from_after_their_time",
+        "features::snapshots_and_exports_never_see_values_from_after_their_time",
         snapshots_and_exports_never_see_values_from_after_their_time,
     ),
     (
-        "a_snapshot_of_more_rows_than_a_page_holds_each_entity_once",
+        "features::a_snapshot_of_more_rows_than_a_page_holds_each_entity_once",
         a_snapshot_of_more_rows_than_a_page_holds_each_entity_once,
     ),
     (
-        "an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across",
+        "features::an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across",
         an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across,
     ),
     (
-        "two_ingests_into_one_view_at_once_both_land_one_after_the_other",
+        "features::two_ingests_into_one_view_at_once_both_land_one_after_the_other",
         two_ingests_into_one_view_at_once_both_land_one_after_the_other,
     ),
     (
-        "a_snapshot_built_while_rows_arrive_sees_whole_ingests",
+        "features::a_snapshot_built_while_rows_arrive_sees_whole_ingests",
         a_snapshot_built_while_rows_arrive_sees_whole_ingests,
     ),
     (
-        "snapshots_made_at_once_by_two_replicas_take_distinct_consecutive_versions",
+        "features::snapshots_made_at_once_by_two_replicas_take_distinct_consecutive_versions",
         snapshots_made_at_once_by_two_replicas_take_distinct_consecutive_versions,
     ),
     (
-        "pii_keys_made_and_rotated_at_once_take_one_version_each",
+        "features::pii_keys_made_and_rotated_at_once_take_one_version_each",
         pii_keys_made_and_rotated_at_once_take_one_version_each,
     ),
     (
-        "the_feature_schema_is_the_same_on_both_and_migrates_once",
+        "features::the_feature_schema_is_the_same_on_both_and_migrates_once",
         the_feature_schema_is_the_same_on_both_and_migrates_once,
     ),
 ];
