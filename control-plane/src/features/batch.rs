@@ -13,6 +13,7 @@ use std::error::Error;
 use std::fmt::Write as _;
 
 use bytes::BytesMut;
+use falaj_common::features::view::KeyType;
 use falaj_common::features::{Key, Value};
 use postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 
@@ -137,10 +138,10 @@ impl Batch {
     /// PostgreSQL.
     pub fn new(stored: &StoredView, ingest: i64) -> Self {
         let view = &stored.view;
-        let entity = Column::like(&store::sql_key(&match view.entity.kind {
-            falaj_common::features::view::KeyType::I64 => Key::Int(0),
-            falaj_common::features::view::KeyType::String => Key::Str(String::new()),
-        }));
+        let entity = match view.entity.kind {
+            KeyType::I64 => Column::Int(Vec::with_capacity(ROWS)),
+            KeyType::String => Column::Text(Vec::with_capacity(ROWS)),
+        };
         let features: Vec<Column> = view
             .features
             .iter()

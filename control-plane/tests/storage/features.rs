@@ -526,6 +526,40 @@ fn an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across(db: 
         .unwrap();
     assert_eq!(ingests, [again.id]);
     assert_eq!(stored("p0001", time), (3.0, "manual".into()));
+
+    // A bad row after a batch was written: nothing of the file stays.
+    let mut bad = pumps_file(n, "2026-02-01T00:00:00Z", 9, false);
+    bad.push_str("p0000,2026-02-01T00:00:00Z,9,,,,sideways,\n");
+    let err = f.ingest("pumps", &f.file("bad.csv", &bad)).unwrap_err();
+    assert!(matches!(err, IngestError::Rows { .. }), "{err}");
+    assert_eq!(f.counts("pumps"), (n as u64 + 1, n as u64));
+
+    // Integer keys too (a column of BIGINT on PostgreSQL).
+    f.apply(
+        r#"
+name = "meters"
+timestamp = "event_time"
+entity = { name = "meter", type = "i64" }
+
+[[features]]
+name = "kwh"
+type = "f64"
+description = "Energy"
+owner = "ops"
+"#,
+    );
+    let meters = "meter,event_time,kwh\n7,2026-01-01T00:00:00Z,1.5\n-9,2026-01-01T00:00:00Z,2\n7,2026-01-01T00:00:00Z,3.25\n";
+    assert_eq!(f.ingest("meters", &f.file("meters.csv", meters)).unwrap().rows, 3);
+    let rows: Vec<(i64, f64)> =
+        f.db.run_sync(|sql| {
+            sql.query_map(
+                "SELECT entity, kwh FROM \"fv_meters_1\" ORDER BY entity",
+                params![],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+        })
+        .unwrap();
+    assert_eq!(rows, [(-9, 2.0), (7, 3.25)]);
 }
 
 fn two_ingests_into_one_view_at_once_both_land_one_after_the_other(db: &Db) {
