@@ -73,7 +73,7 @@ pub(super) fn image(
         }
         return;
     }
-    let tiles = pixels.div_ceil(TILE);
+    let tiles = pixels.div_ceil(widest());
     let mut tile = vec![[0.0f32; TILE]; ci];
     for t in 0..tiles {
         let (p0, p1) = (t * pixels / tiles, (t + 1) * pixels / tiles);
@@ -105,6 +105,18 @@ pub(super) fn image(
             _ => product::<TILE>(op, &tile, to),
         }
     }
+}
+
+/// The widest tile whose sums fit this CPU's vector registers: [`TILE`] pixels (24
+/// 512-bit sums) with AVX-512; 3 (12 pairs of 256-bit or 128-bit sums) where there are 16
+/// 256-bit registers (AVX2) or 32 of 128 bits (NEON), since sums that spill to the stack
+/// cost a store after every multiply-add.
+fn widest() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        return TILE;
+    }
+    3
 }
 
 /// Where a tile's outputs go: `out` `[outputs, pixels]`, the tile's first pixel `p0`.
@@ -248,7 +260,7 @@ mod tests {
         // of two widths.
         for ci in [0, 1, 3, 17, 256, 301] {
             for co in [1, 31, 32, 33, 70] {
-                for pixels in [1, 2, 5, 11, 12, 13, 25, 49, 196] {
+                for pixels in [1, 2, 3, 4, 5, 11, 12, 13, 25, 49, 196] {
                     let activation = activations[(ci + co + pixels) % activations.len()];
                     let w = random(co * ci, &mut seed);
                     let bias = if co % 2 == 1 { random(co, &mut seed) } else { Vec::new() };
