@@ -120,7 +120,12 @@ fn transport(base: &str, ca_pem: Option<&[u8]>) -> Result<Transport, ClientError
         },
     };
     let connector = tls.https_or_http().enable_http1().build();
+    // The admin API closes a kept-alive connection idle for its header timeout (10 s): a
+    // client taking such a connection from its pool just as it closes fails the request
+    // unsent ("SendRequest"). Idle connections are dropped well before.
     Ok(hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_timer(hyper_util::rt::TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(4))
         .build(connector))
 }
 

@@ -384,6 +384,10 @@ impl ControlPlane {
         let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
         let accept = tokio::spawn(quic::accept_loop(Arc::clone(&shared), endpoint.clone()));
         let periodic = tokio::spawn(periodic(Arc::clone(&shared), stop_rx.clone()));
+        let windows = tokio::spawn({
+            let (shared, stop) = (Arc::clone(&shared), stop_rx.clone());
+            async move { shared.windows.run(shared.db.clone(), stop).await }
+        });
         // The region's work, by whichever replica holds the lease (always this one on
         // SQLite).
         let lease = crate::lease::keep(&shared.db, LEASE_CHECK, stop_rx.clone());
@@ -446,6 +450,7 @@ impl ControlPlane {
         shared.sessions.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
         let _ = accept.await;
         let _ = periodic.await;
+        let _ = windows.await;
         let _ = pruning.await;
         let _ = alerting.await;
         let _ = judging.await;
@@ -557,6 +562,10 @@ async fn certificates(
     }
 }
 
+/// How often a replica on PostgreSQL looks for events other replicas recorded (one indexed
+/// read of the newest event's number).
+const EVENT_POLL: Duration = Duration::from_secs(1);
+
 /// Writes batched reports, refreshes documents nearing expiry and deletes metric windows
 /// past `retention`, until told to stop.
 async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -565,8 +574,9 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
         tokio::time::interval((shared.policy.desired_ttl / 8).max(Duration::from_millis(100)));
     // On PostgreSQL, the newest event this replica has seen: when another replica records
     // a newer one (a deployment, a rollout's step...), this one's agents get their
-    // documents again within a heartbeat.
+    // documents again within `EVENT_POLL`.
     let replicas = shared.db.backend() == crate::sql::Backend::Postgres;
+    let mut events = tokio::time::interval(EVENT_POLL);
     let mut seen_event = None;
     loop {
         tokio::select! {
@@ -575,17 +585,17 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
                 if let Err(err) = shared.flush_seen().await {
                     tracing::error!(error = %err, "writing agent reports failed");
                 }
-                if replicas {
-                    match shared.db.run(|sql| db::latest_event(&sql)).await {
-                        Ok(latest) if seen_event.is_some_and(|seen| latest > seen) => {
-                            seen_event = Some(latest);
-                            if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
-                                tracing::error!(error = %err, "sending changed desired state failed");
-                            }
+            }
+            _ = events.tick(), if replicas => {
+                match shared.db.run(|sql| db::latest_event(&sql)).await {
+                    Ok(latest) if seen_event.is_some_and(|seen| latest > seen) => {
+                        seen_event = Some(latest);
+                        if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
+                            tracing::error!(error = %err, "sending changed desired state failed");
                         }
-                        Ok(latest) => seen_event = Some(latest),
-                        Err(err) => tracing::error!(error = %err, "reading the latest event failed"),
                     }
+                    Ok(latest) => seen_event = Some(latest),
+                    Err(err) => tracing::error!(error = %err, "reading the latest event failed"),
                 }
             }
             _ = refresh.tick() => {

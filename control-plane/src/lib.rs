@@ -44,6 +44,7 @@ pub mod sql;
 pub mod state;
 pub mod vault;
 pub mod webhook;
+pub mod window_queue;
 
 /// A point where the crash tests kill the process: built with the `failpoints` feature
 /// (the tests' builds only), `FAILPOINTS=NAME=return` aborts the process there, as a

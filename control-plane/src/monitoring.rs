@@ -18,7 +18,7 @@ use falaj_common::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::db::{from_ts, ts};
-use crate::sql::{AsSql, OptionalExt, SqlError, params};
+use crate::sql::{AsSql, OptionalExt, Sql, SqlError, params};
 
 /// Ingest figures since start, for `/metrics`.
 #[derive(Debug, Default)]
@@ -115,6 +115,47 @@ pub fn insert_windows<C: AsSql + ?Sized>(
 ) -> Result<Ingested, C::Error> {
     let sql = conn.sql();
     let tx = sql.transaction_immediate()?;
+    let ingested = store_batch(&tx, agent, held, batch, now)?;
+    tx.commit()?;
+    Ok(ingested)
+}
+
+/// One agent's batch of windows, as [`insert_deliveries`] takes them.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The agent that sent it.
+    pub agent: String,
+    /// The versions it reported holding in its session.
+    pub held: Held,
+    /// The windows.
+    pub windows: Vec<SequencedWindow>,
+}
+
+/// Stores the batches of several agents in one transaction, each as [`insert_windows`]
+/// would: one commit, and one sync to disk, for all of them.
+pub fn insert_deliveries<C: AsSql + ?Sized>(
+    conn: &C,
+    deliveries: &[Delivery],
+    now: Timestamp,
+) -> Result<Vec<Ingested>, C::Error> {
+    let sql = conn.sql();
+    let tx = sql.transaction_immediate()?;
+    let mut out = Vec::with_capacity(deliveries.len());
+    for d in deliveries {
+        out.push(store_batch(&tx, &d.agent, &d.held, &d.windows, now)?);
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+/// The body of [`insert_windows`], within the caller's transaction.
+fn store_batch(
+    tx: &Sql<'_>,
+    agent: &str,
+    held: &Held,
+    batch: &[SequencedWindow],
+    now: Timestamp,
+) -> Result<Ingested, SqlError> {
     let mut ingested = Ingested::default();
     for (i, SequencedWindow { seq, window: w }) in batch.iter().enumerate() {
         let stored = tx
@@ -178,7 +219,6 @@ pub fn insert_windows<C: AsSql + ?Sized>(
             ingested.stored.push(i);
         }
     }
-    tx.commit()?;
     Ok(ingested)
 }
 

@@ -423,12 +423,12 @@ async fn ingest(
         return false;
     }
     let seqs: Vec<u64> = batch.iter().map(|w| w.seq).collect();
-    let (id, now) = (agent.to_owned(), Timestamp::from_system(SystemTime::now()));
-    let batch = Arc::new(batch);
-    let windows = Arc::clone(&batch);
-    let held = held.clone();
-    let stored =
-        shared.db.run(move |sql| monitoring::insert_windows(&sql, &id, &held, &windows, now)).await;
+    let delivery = monitoring::Delivery {
+        agent: agent.to_owned(),
+        held: held.clone(),
+        windows: batch.clone(),
+    };
+    let stored = shared.windows.store(delivery).await;
     let ingested = match stored {
         Ok(ingested) => ingested,
         Err(err) => {

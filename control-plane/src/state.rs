@@ -222,6 +222,8 @@ pub struct Shared {
     pub seen: Mutex<HashMap<String, (Timestamp, Option<ActualState>)>>,
     /// Metric windows and transfers, for `/metrics`.
     pub ingest: IngestStats,
+    /// Metric windows on their way to the database, stored in groups.
+    pub windows: crate::window_queue::WindowQueue,
     /// The last judgement of each rollout's (group, model), for `/metrics`.
     pub judged: crate::rollouts::judge::Judged,
     /// The key that signs the audit log's checkpoints.
@@ -282,6 +284,7 @@ impl Shared {
             sessions: Mutex::new(HashMap::new()),
             seen: Mutex::new(HashMap::new()),
             ingest: IngestStats::default(),
+            windows: crate::window_queue::WindowQueue::default(),
             judged: Mutex::default(),
             rollback_reported: tokio::sync::Notify::new(),
             next_session: AtomicU64::new(1),

@@ -464,6 +464,51 @@ fn held(versions: &[(&str, u64)]) -> Held {
     versions.iter().map(|&(m, v)| (m.to_owned(), v)).collect()
 }
 
+/// Several agents' batches in one transaction (the daemon's group commit): each is answered
+/// as it would be on its own, and a failure stores none of them.
+fn batches_of_several_agents_commit_together_each_answered_as_alone(db: &Db) {
+    let now = at(10_000);
+    db.run_sync(|sql| {
+        enrolled(sql, "t1", "a")?;
+        enrolled(sql, "t2", "b")?;
+        db::insert_bundle(&sql, &bundle("fraud", 1))
+    })
+    .unwrap();
+    let held = held(&[("fraud", 1)]);
+    let delivery = |agent: &str, windows: &[SequencedWindow]| monitoring::Delivery {
+        agent: agent.into(),
+        held: held.clone(),
+        windows: windows.to_vec(),
+    };
+    let first = [window(1, "fraud", 1, at(1000), 10), window(2, "fraud", 1, at(1060), 20)];
+    db.run_sync(|sql| monitoring::insert_windows(&sql, "a", &held, &first[..1], now)).unwrap();
+    let grouped = [
+        // One stored before, one new.
+        delivery("a", &first),
+        // Not held: refused; then one stored.
+        delivery("b", &[window(1, "fraud", 2, at(1000), 5), window(2, "fraud", 1, at(1000), 7)]),
+    ];
+    let answers = db.run_sync(|sql| monitoring::insert_deliveries(&sql, &grouped, now)).unwrap();
+    assert_eq!(
+        answers,
+        vec![
+            Ingested { stored: vec![1], duplicates: 1, rejected: 0 },
+            Ingested { stored: vec![1], duplicates: 0, rejected: 1 },
+        ]
+    );
+    assert_eq!(db.run_sync(|sql| monitoring::stored(&sql)).unwrap().0, 3);
+
+    // A batch of an agent the database does not know fails the transaction (its foreign
+    // key): nothing of the group stays.
+    let failing = [
+        delivery("b", &[window(3, "fraud", 1, at(1120), 9)]),
+        delivery("ghost", &[window(1, "fraud", 1, at(1120), 1)]),
+    ];
+    let failed = db.run_sync(|sql| monitoring::insert_deliveries(&sql, &failing, now));
+    assert!(failed.is_err(), "{failed:?}");
+    assert_eq!(db.run_sync(|sql| monitoring::stored(&sql)).unwrap().0, 3);
+}
+
 fn metric_windows_are_stored_once_and_rolled_up_by_version(db: &Db) {
     let now = at(10_000);
     db.run_sync(|sql| {
@@ -1055,6 +1100,10 @@ fn without_postgres(why: &str) -> Result<Completion, libtest_mimic::Failed> {
 
 /// The cases run on both databases.
 const BOTH: &[(&str, Body)] = &[
+    (
+        "batches_of_several_agents_commit_together_each_answered_as_alone",
+        batches_of_several_agents_commit_together_each_answered_as_alone,
+    ),
     ("a_token_enrolls_exactly_one_agent", a_token_enrolls_exactly_one_agent),
     (
         "concurrent_enrollments_with_one_token_enroll_one_agent",
