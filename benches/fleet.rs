@@ -5,9 +5,6 @@
 //!   N curl clients in the same run.
 //! - `delta [--mib 200]`: bytes moved for a version that changes only the last layer of a
 //!   model, as a fraction of the bundle.
-//! - `footprint [--agents 1000] [--seconds 30]`: the control plane (its release binary, as
-//!   its own process) with N simulated agents in this process, each with its own QUIC
-//!   connection and certificate, reporting every 10 s: RSS and CPU at idle.
 //!
 //! `cargo bench --bench fleet -- fanout` (and so on); prints Markdown for BENCHMARKS.md.
 
@@ -19,17 +16,18 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result, bail};
 use falaj_agent::enroll::{self, EnrollOptions};
-use falaj_agent::identity::IdentityFiles;
 use falaj_agent::sync::{SyncConfig, Syncer};
-use falaj_common::bundle::{BundleBuilder, Content, ModelFormat, ModelSpec, RuntimeHint};
+use falaj_common::bundle::RuntimeHint;
 use falaj_common::desired::{DesiredBundle, DesiredState};
-use falaj_common::protocol::io::{read_frame, write_frame};
-use falaj_common::protocol::{ActualState, AgentMessage, ControlMessage, SERVER_NAME};
+use falaj_common::protocol::ControlMessage;
 use falaj_common::random::SeededRng;
-use falaj_common::tensor::{DataType, Dim, Signature, TensorSpec};
-use falaj_common::time::Timestamp;
+use falaj_common::tensor::{DataType, Dim};
 use falaj_control::client::AdminClient;
 use falaj_control::daemon::{ControlPlane, ServeConfig};
+
+#[path = "support/fleet.rs"]
+#[expect(dead_code, reason = "the control plane as a process is for the scale bench")]
+mod fleet;
 
 const GROUP: &str = "bench";
 const REGION: &str = "bench-1";
@@ -52,10 +50,7 @@ fn main() -> Result<()> {
             runtime.block_on(fanout(arg(&args, "--agents", 20), arg(&args, "--mib", 200)))
         }
         Some("delta") => runtime.block_on(delta(arg(&args, "--mib", 200))),
-        Some("footprint") => {
-            runtime.block_on(footprint(arg(&args, "--agents", 1000), arg(&args, "--seconds", 30)))
-        }
-        _ => bail!("usage: cargo bench --bench fleet -- fanout|delta|footprint [options]"),
+        _ => bail!("usage: cargo bench --bench fleet -- fanout|delta [options]"),
     }
 }
 
@@ -76,51 +71,6 @@ async fn start_control(dir: &Path) -> Result<Control> {
     let quic = cp.quic_addr();
     tokio::spawn(cp.run(std::future::pending()));
     Ok(Control { client, quic, keys: dir.join("control/keys") })
-}
-
-/// A signed bundle whose payload is `mib` MiB of `payload` bytes (the transfer does not
-/// look inside; a fake model file keeps the benchmark about moving bytes).
-fn write_bundle(
-    keys: &Path,
-    out: &Path,
-    name: &str,
-    version: u64,
-    payload: Vec<u8>,
-) -> Result<u64> {
-    let trust = falaj_control::keys::load_trust(keys, SystemTime::now())?;
-    let signers = falaj_control::keys::load_signing_keys(
-        &falaj_control::vault::Vault::open(keys, None)?,
-        &trust,
-    )?;
-    let now = Timestamp::from_system(SystemTime::now());
-    let spec = TensorSpec {
-        name: "x".into(),
-        datatype: DataType::Fp32,
-        shape: vec![Dim::Symbol("N".into())],
-    };
-    let content = Content::Model(ModelSpec {
-        file: "model.onnx".into(),
-        format: ModelFormat::Onnx,
-        runtime: RuntimeHint::Auto,
-        signature: Signature { inputs: vec![spec.clone()], outputs: vec![spec] },
-        reference: None,
-        features: None,
-        lineage: None,
-        shapes: std::collections::BTreeMap::new(),
-    });
-    let refs: Vec<_> = signers.iter().collect();
-    let (_, bytes) = BundleBuilder::new(
-        name,
-        version,
-        REGION,
-        now,
-        now.saturating_add(Duration::from_secs(3600)),
-        content,
-    )
-    .file("model.onnx", payload)
-    .build(&refs)?;
-    std::fs::write(out, &bytes)?;
-    Ok(bytes.len() as u64)
 }
 
 fn noise(len: usize, seed: u64) -> Vec<u8> {
@@ -158,7 +108,8 @@ async fn fanout(agents: usize, mib: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let control = start_control(dir.path()).await?;
     let bundle = dir.path().join("bundle.falaj");
-    let size = write_bundle(&control.keys, &bundle, "fanout", 1, noise(mib << 20, 7))?;
+    let size =
+        fleet::write_bundle(&control.keys, &bundle, ("fanout", 1), REGION, noise(mib << 20, 7))?;
     control.client.push_bundle(&bundle).await?;
     control.client.deploy(GROUP, "fanout", 1).await?;
     let mut sessions = Vec::new();
@@ -331,139 +282,5 @@ async fn delta(mib: usize) -> Result<()> {
             stats.fetched_bytes as f64 * 100.0 / size as f64
         );
     }
-    Ok(())
-}
-
-fn proc_rss_kib(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
-}
-
-fn proc_cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let after = &stat[stat.rfind(')').context("stat")? + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    Ok(fields[11].parse::<u64>()? + fields[12].parse::<u64>()?)
-}
-
-/// A simulated agent: its own certificate and QUIC connection (on a shared UDP socket),
-/// a hello, then a report every `heartbeat`, as an idle agent sends.
-async fn simulated_agent(
-    endpoint: quinn::Endpoint,
-    control: SocketAddr,
-    dir: PathBuf,
-    heartbeat: Duration,
-) -> Result<()> {
-    let config = IdentityFiles::new(&dir).session_config()?;
-    let conn = endpoint.connect_with(config, control, SERVER_NAME)?.await?;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, &AgentMessage::Hello(ActualState::default())).await?;
-    let _first: Option<ControlMessage> = read_frame(&mut recv).await?;
-    let mut tick = tokio::time::interval(heartbeat);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => write_frame(&mut send, &AgentMessage::Report(ActualState::default())).await?,
-            message = read_frame::<ControlMessage>(&mut recv) => if message?.is_none() { return Ok(()) },
-        }
-    }
-}
-
-async fn footprint(agents: usize, seconds: u64) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let data = dir.path().join("control");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_falaj"))
-        .args([
-            "control",
-            "serve",
-            "--data-dir",
-            &data.display().to_string(),
-            "--quic",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
-        .args(["--region", REGION, "--heartbeat", "10s"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let pid = child.id();
-    let mut lines =
-        std::io::BufRead::lines(std::io::BufReader::new(child.stdout.take().context("stdout")?));
-    let admin_line = lines.next().context("admin line")??;
-    let quic_line = lines.next().context("quic line")??;
-    let admin = admin_line
-        .split_whitespace()
-        .find(|w| w.starts_with("http://"))
-        .context("admin url")?
-        .to_owned();
-    let quic: SocketAddr = quic_line.split_whitespace().nth(3).context("quic addr")?.parse()?;
-    let token = std::fs::read_to_string(data.join("admin.token"))?.trim().to_owned();
-    let client = AdminClient::new(&admin, &token);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let empty_rss = proc_rss_kib(pid)?;
-
-    let enroll_started = Instant::now();
-    let mut dirs = Vec::new();
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..agents {
-        let agent_dir = dir.path().join(format!("a{i}"));
-        dirs.push(agent_dir.clone());
-        let client = client.clone();
-        tasks.spawn(async move {
-            let token = client.create_token(GROUP, 600).await?.token;
-            let options = EnrollOptions {
-                control_plane: quic.to_string(),
-                token,
-                hostname: format!("sim-{i}"),
-                region: None,
-            };
-            enroll::enroll(&agent_dir, &options, SystemTime::now()).await?;
-            Ok::<_, anyhow::Error>(())
-        });
-        while tasks.len() >= 16 {
-            tasks.join_next().await.context("task")???;
-        }
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
-    }
-    let enroll_secs = enroll_started.elapsed().as_secs_f64();
-
-    let endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    for agent_dir in dirs {
-        tokio::spawn(simulated_agent(endpoint.clone(), quic, agent_dir, Duration::from_secs(10)));
-    }
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let connected = client.status().await?.connected as usize;
-        if connected >= agents {
-            break;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "only {connected} of {agents} agents connected");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let ticks_per_sec = 100.0; // USER_HZ on Linux
-    let (cpu0, t0) = (proc_cpu_ticks(pid)?, Instant::now());
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let (cpu1, wall) = (proc_cpu_ticks(pid)?, t0.elapsed().as_secs_f64());
-    let rss = proc_rss_kib(pid)?;
-    let _ = child.kill();
-    println!("Control plane footprint with {agents} connected agents (heartbeat 10 s)");
-    println!();
-    println!("| measure | value |");
-    println!("|---|---:|");
-    println!("| RSS, no agents | {:.1} MiB |", empty_rss as f64 / 1024.0);
-    println!("| RSS, {agents} agents connected | {:.1} MiB |", rss as f64 / 1024.0);
-    println!(
-        "| RSS per agent | {:.1} KiB |",
-        (rss.saturating_sub(empty_rss)) as f64 / agents as f64
-    );
-    println!(
-        "| CPU at idle heartbeat (over {seconds} s) | {:.2}% of one core |",
-        (cpu1 - cpu0) as f64 / ticks_per_sec / wall * 100.0
-    );
-    println!("| enrollment of {agents} agents (16 at a time) | {enroll_secs:.1} s |");
     Ok(())
 }

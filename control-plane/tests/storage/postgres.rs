@@ -45,6 +45,9 @@ pub fn binaries() -> Result<PathBuf, String> {
         })
 }
 
+/// What tests run with: nothing is synced to disk (a test's database lives as long as it).
+const TEST_SETTINGS: &str = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off";
+
 /// The role whose logins need a password; the cluster trusts every other.
 pub const PASSWORD_ROLE: &str = "with_password";
 
@@ -61,6 +64,19 @@ pub struct Cluster {
 impl Cluster {
     /// Makes and starts a cluster with the programs in `bin`.
     pub fn start(bin: &Path) -> Result<Self, String> {
+        Self::start_with(bin, TEST_SETTINGS)
+    }
+
+    /// A cluster that syncs its commits to disk as PostgreSQL does by default, for
+    /// benchmarks (`benches/scale.rs`, which includes this file) that set it beside SQLite
+    /// with `synchronous = FULL`.
+    #[allow(dead_code, reason = "used by the scale benchmark, not by the tests")]
+    pub fn start_durable(bin: &Path) -> Result<Self, String> {
+        Self::start_with(bin, "")
+    }
+
+    /// Starts a cluster with `settings` (`-c name=value ...`) added to the server's own.
+    fn start_with(bin: &Path, settings: &str) -> Result<Self, String> {
         let dir =
             tempfile::Builder::new().prefix("falaj-pg").tempdir().map_err(|e| e.to_string())?;
         let root = output(Command::new("id").arg("-u"))?.trim() == "0";
@@ -106,8 +122,8 @@ impl Cluster {
         cluster.port = free_port()?;
         let socket_dir = cluster.dir.path().display().to_string();
         let options = format!(
-            "-p {} -k {socket_dir} -c listen_addresses=127.0.0.1 -c fsync=off \
-             -c synchronous_commit=off -c full_page_writes=off -c max_connections=300 -c ssl=on \
+            "-p {} -k {socket_dir} -c listen_addresses=127.0.0.1 {settings} \
+             -c max_connections=300 -c ssl=on \
              -c ssl_cert_file={socket_dir}/server.crt -c ssl_key_file={socket_dir}/server.key",
             cluster.port
         );

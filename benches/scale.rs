@@ -1,0 +1,496 @@
+//! Scale-out (issue 21): N simulated agents against one control plane on SQLite, then the
+//! same agents against two replicas on one PostgreSQL, side by side.
+//!
+//! The agents are enrolled once, with the SQLite control plane; `falaj control migrate
+//! --from-sqlite` then copies its state into an empty PostgreSQL database (a cluster made
+//! here with Debian's server programs, syncing its commits as PostgreSQL does by default),
+//! and both replicas get copies of the region's keys, as an operator moving to replicas
+//! would do. Each control plane runs as its own process (the `falaj` binary, release
+//! profile); the agents run in this process, each with its own certificate and QUIC
+//! connection, spread over 100 UDP sockets on as many loopback addresses (the control
+//! plane caps handshakes in progress per address, as it would for agents behind one NAT),
+//! and on PostgreSQL agent `i` connects to replica `i % 2`. For each backend:
+//!
+//! - **connect storm**: every agent connects at once; the time until each has its first
+//!   desired-state document (refused handshakes are retried with backoff and jitter, as
+//!   agents do);
+//! - **heartbeat CPU**: each control-plane process's CPU over `--seconds` while every agent
+//!   sends a report every 10 s;
+//! - **memory per agent**: each process's resident set with its agents connected, less
+//!   before they came, over its agents;
+//! - **fan-out**: a new version deployed through the first control plane; the time until
+//!   every agent has a document naming it (on PostgreSQL the second replica learns of it
+//!   from the database's newest event, which it polls every second);
+//! - **window ingest**: every agent sends one metric window at once (as agents do every
+//!   10 s per model); windows a second until every one is acknowledged (stored).
+//!
+//! `cargo bench --bench scale -- [--agents 10000] [--seconds 30]`; prints Markdown for
+//! BENCHMARKS.md. Needs PostgreSQL's server programs (`apt-get install postgresql`).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, bail, ensure};
+use falaj_agent::enroll::{self, EnrollOptions};
+use falaj_agent::identity::IdentityFiles;
+use falaj_common::desired::DesiredState;
+use falaj_common::keys::Sha256;
+use falaj_common::metrics::{Counts, MetricsWindow};
+use falaj_common::protocol::io::{read_frame, write_frame};
+use falaj_common::protocol::{
+    ActualState, AgentMessage, ControlMessage, HeldBundle, SERVER_NAME, SequencedWindow,
+};
+use falaj_common::random::SeededRng;
+use falaj_common::sketch::LatencySketch;
+use falaj_common::time::Timestamp;
+use tokio::sync::{mpsc, watch};
+
+#[path = "support/fleet.rs"]
+mod fleet;
+#[path = "../control-plane/tests/storage/postgres.rs"]
+#[expect(dead_code, reason = "the storage tests' harness: the bench uses one cluster")]
+mod postgres;
+
+use fleet::ControlServer;
+
+const GROUP: &str = "bench";
+const REGION: &str = "bench-1";
+const MODEL: &str = "scale";
+const HEARTBEAT: Duration = Duration::from_secs(10);
+/// UDP sockets (and loopback addresses) the simulated agents connect from.
+const SOURCES: usize = 100;
+/// How long any one phase may take before the bench gives up.
+const PHASE_LIMIT: Duration = Duration::from_secs(600);
+
+fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let agents = arg(&args, "--agents", 10_000);
+    let seconds = arg(&args, "--seconds", 30);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(agents, seconds))
+}
+
+/// What an agent tells the bench.
+enum Event {
+    /// Its first desired-state document came.
+    Connected,
+    /// A document naming this version of the model came.
+    Desired(u64),
+    /// Its metric window is stored.
+    Acked,
+    /// It gave up, and why.
+    Failed(String),
+}
+
+/// What the bench tells every agent.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Order {
+    Idle,
+    /// One window, with this sequence number.
+    SendWindow(u64),
+    Stop,
+}
+
+/// One backend's figures.
+struct Figures {
+    backend: &'static str,
+    /// Per control-plane process: agents, RSS before (KiB), RSS with agents (KiB), CPU
+    /// ticks over the heartbeat phase.
+    processes: Vec<(usize, u64, u64, u64)>,
+    heartbeat_secs: f64,
+    connect_secs: f64,
+    fanout_secs: f64,
+    ingest_secs: f64,
+    agents: usize,
+}
+
+async fn run(agents: usize, seconds: u64) -> Result<()> {
+    let bin = postgres::binaries().map_err(anyhow::Error::msg)?;
+    let work = tempfile::tempdir()?;
+    let sqlite = work.path().join("sqlite");
+
+    // SQLite, one control plane: enrolls every agent.
+    // Every enrollment comes from one address here: allow 16 at a time from it (4 by default).
+    let provisioning = work.path().join("sqlite.toml");
+    std::fs::write(&provisioning, "[quic]\nmax_enrollments_per_address = 16\n")?;
+    let provisioning = provisioning.display().to_string();
+    let server =
+        ControlServer::start(&sqlite, REGION, &["--config", &provisioning, "--heartbeat", "10s"])?;
+    let enroll_started = Instant::now();
+    let identities = enroll_all(&server, work.path(), agents).await?;
+    let enroll_secs = enroll_started.elapsed().as_secs_f64();
+    for version in [1, 2, 3] {
+        let path = work.path().join(format!("{MODEL}-{version}.falaj"));
+        let payload = noise(64 << 10, version);
+        fleet::write_bundle(&sqlite.join("keys"), &path, (MODEL, version), REGION, payload)?;
+        server.client.push_bundle(&path).await?;
+    }
+    server.client.deploy(GROUP, MODEL, 1).await?;
+    let phase = Phase { backend: "SQLite, one control plane", deploys: 2, seconds };
+    let on_sqlite = measure(&phase, &[&server], &identities).await?;
+    drop(server);
+
+    // PostgreSQL: the same state, migrated; two replicas sharing the chunks directory.
+    let (cluster, url) = tokio::task::spawn_blocking(move || {
+        let cluster = postgres::Cluster::start_durable(&bin).map_err(anyhow::Error::msg)?;
+        let url = cluster.database("");
+        Ok::<_, anyhow::Error>((cluster, url))
+    })
+    .await??;
+    let migrated = Command::new(env!("CARGO_BIN_EXE_falaj"))
+        .args(["control", "migrate", "--from-sqlite"])
+        .arg(&sqlite)
+        .args(["--to", &url])
+        .output()?;
+    ensure!(migrated.status.success(), "migrate: {}", String::from_utf8_lossy(&migrated.stderr));
+    let config = work.path().join("replicas.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[database]\nurl = \"{url}\"\n\n[bundles]\nblobs_dir = \"{}\"\n",
+            sqlite.join("blobs").display()
+        ),
+    )?;
+    let mut replicas = Vec::new();
+    for name in ["a", "b"] {
+        let data = work.path().join(name);
+        copy_dir(&sqlite.join("keys"), &data.join("keys"))?;
+        let config = config.display().to_string();
+        replicas.push(ControlServer::start(
+            &data,
+            REGION,
+            &["--config", &config, "--heartbeat", "10s"],
+        )?);
+    }
+    let servers: Vec<&ControlServer> = replicas.iter().collect();
+    let phase = Phase { backend: "PostgreSQL, two replicas", deploys: 3, seconds };
+    let on_postgres = measure(&phase, &servers, &identities).await?;
+    drop(replicas);
+    drop(cluster);
+
+    print_figures(agents, seconds, enroll_secs, &[on_sqlite, on_postgres]);
+    Ok(())
+}
+
+/// Enrolls `agents` agents with `server` (16 at a time); their directories.
+async fn enroll_all(server: &ControlServer, work: &Path, agents: usize) -> Result<Vec<PathBuf>> {
+    let mut dirs = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..agents {
+        let dir = work.join(format!("agent-{i}"));
+        dirs.push(dir.clone());
+        let (client, quic) = (server.client.clone(), server.quic);
+        tasks.spawn(async move {
+            let token = client.create_token(GROUP, 3600).await?.token;
+            let options = EnrollOptions {
+                control_plane: quic.to_string(),
+                token,
+                hostname: format!("sim-{i}"),
+                region: None,
+            };
+            enroll::enroll(&dir, &options, SystemTime::now()).await?;
+            Ok::<_, anyhow::Error>(())
+        });
+        while tasks.len() >= 16 {
+            tasks.join_next().await.context("task")???;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(dirs)
+}
+
+/// One backend's run.
+struct Phase {
+    backend: &'static str,
+    /// The version the fan-out deploys (also the sequence number of each agent's window:
+    /// the windows of an earlier run are in the migrated database).
+    deploys: u64,
+    /// How long the heartbeat CPU is measured over.
+    seconds: u64,
+}
+
+/// Runs every phase against `servers` (agent `i` on server `i % servers.len()`).
+async fn measure(
+    phase: &Phase,
+    servers: &[&ControlServer],
+    identities: &[PathBuf],
+) -> Result<Figures> {
+    let Phase { backend, deploys, seconds } = *phase;
+    let agents = identities.len();
+    // Settled before the first reading.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let empty: Vec<u64> = servers.iter().map(|s| fleet::rss_kib(s.pid)).collect::<Result<_>>()?;
+    let sources: Vec<quinn::Endpoint> = (0..SOURCES)
+        .map(|i| {
+            let ip = IpAddr::V4(Ipv4Addr::new(127, 0, 1, u8::try_from(i + 1).unwrap_or(1)));
+            quinn::Endpoint::client(SocketAddr::new(ip, 0))
+        })
+        .collect::<std::io::Result<_>>()?;
+    let window = Arc::new(window());
+    let manifest = servers[0]
+        .client
+        .bundles()
+        .await?
+        .into_iter()
+        .find(|b| b.name == MODEL && b.version == 1)
+        .context("version 1 is pushed")?
+        .manifest_sha256
+        .parse()?;
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let (orders, order) = watch::channel(Order::Idle);
+
+    let started = Instant::now();
+    for (i, dir) in identities.iter().enumerate() {
+        let agent = SimulatedAgent {
+            endpoint: sources[i % SOURCES].clone(),
+            control: servers[i % servers.len()].quic,
+            config: IdentityFiles::new(dir).session_config()?,
+            manifest,
+            window: Arc::clone(&window),
+            events: events_tx.clone(),
+            orders: order.clone(),
+            seed: i as u64,
+        };
+        tokio::spawn(agent.run());
+    }
+    count(&mut events, agents, |e| matches!(e, Event::Connected), "connected").await?;
+    let connect_secs = started.elapsed().as_secs_f64();
+
+    // Idle: reports every heartbeat.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let before: Vec<u64> =
+        servers.iter().map(|s| fleet::cpu_ticks(s.pid)).collect::<Result<_>>()?;
+    let idle = Instant::now();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let heartbeat_secs = idle.elapsed().as_secs_f64();
+    let mut processes = Vec::new();
+    for (k, server) in servers.iter().enumerate() {
+        let ticks = fleet::cpu_ticks(server.pid)? - before[k];
+        let on_it = (0..agents).filter(|i| i % servers.len() == k).count();
+        processes.push((on_it, empty[k], fleet::rss_kib(server.pid)?, ticks));
+    }
+
+    let started = Instant::now();
+    servers[0].client.deploy(GROUP, MODEL, deploys).await?;
+    count(&mut events, agents, |e| matches!(e, Event::Desired(v) if *v == deploys), "deployed")
+        .await?;
+    let fanout_secs = started.elapsed().as_secs_f64();
+
+    let started = Instant::now();
+    orders.send(Order::SendWindow(deploys))?;
+    count(&mut events, agents, |e| matches!(e, Event::Acked), "window acknowledged").await?;
+    let ingest_secs = started.elapsed().as_secs_f64();
+
+    orders.send(Order::Stop)?;
+    for source in &sources {
+        source.close(0u32.into(), b"done");
+    }
+    Ok(Figures {
+        backend,
+        processes,
+        heartbeat_secs,
+        connect_secs,
+        fanout_secs,
+        ingest_secs,
+        agents,
+    })
+}
+
+/// Waits until `want` agents sent an event matching `wanted`; a failed agent fails the bench.
+async fn count(
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    want: usize,
+    wanted: impl Fn(&Event) -> bool,
+    what: &str,
+) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + PHASE_LIMIT;
+    let mut seen = 0;
+    while seen < want {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .with_context(|| format!("only {seen} of {want} agents: {what}"))?
+            .context("every agent stopped")?;
+        if let Event::Failed(why) = &event {
+            bail!("an agent failed: {why}");
+        }
+        if wanted(&event) {
+            seen += 1;
+        }
+    }
+    Ok(())
+}
+
+/// An agent as the control plane sees one: its own certificate and connection, a hello
+/// naming the version it holds, a report every heartbeat, and the documents it is sent.
+struct SimulatedAgent {
+    endpoint: quinn::Endpoint,
+    control: SocketAddr,
+    config: quinn::ClientConfig,
+    manifest: Sha256,
+    window: Arc<MetricsWindow>,
+    events: mpsc::UnboundedSender<Event>,
+    orders: watch::Receiver<Order>,
+    seed: u64,
+}
+
+impl SimulatedAgent {
+    async fn run(self) {
+        let events = self.events.clone();
+        if let Err(err) = self.session().await {
+            let _ = events.send(Event::Failed(format!("{err:#}")));
+        }
+    }
+
+    async fn session(mut self) -> Result<()> {
+        let mut rng = SeededRng::new(self.seed);
+        let mut backoff = Duration::from_millis(200);
+        let conn = loop {
+            match self.endpoint.connect_with(self.config.clone(), self.control, SERVER_NAME)?.await
+            {
+                Ok(conn) => break conn,
+                Err(_) => {
+                    // Refused while the control plane had too many handshakes in progress.
+                    let jitter = 0.5 + rng.uniform();
+                    tokio::time::sleep(backoff.mul_f64(jitter)).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        let (mut send, mut recv) = conn.open_bi().await?;
+        let state = ActualState {
+            desired_version: None,
+            bundles: vec![HeldBundle {
+                name: MODEL.into(),
+                version: 1,
+                manifest_sha256: self.manifest,
+                active: true,
+                managed: true,
+                engine: None,
+            }],
+            ready: true,
+            ..ActualState::default()
+        };
+        write_frame(&mut send, &AgentMessage::Hello(state.clone())).await?;
+        let mut first = true;
+        let mut tick = tokio::time::interval(HEARTBEAT);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => write_frame(&mut send, &AgentMessage::Report(state.clone())).await?,
+                changed = self.orders.changed() => {
+                    changed?;
+                    let order = *self.orders.borrow_and_update();
+                    match order {
+                        Order::SendWindow(seq) => {
+                            let batch = vec![SequencedWindow { seq, window: (*self.window).clone() }];
+                            write_frame(&mut send, &AgentMessage::Windows(batch)).await?;
+                        }
+                        Order::Stop => return Ok(()),
+                        Order::Idle => {}
+                    }
+                }
+                message = read_frame::<ControlMessage>(&mut recv) => match message? {
+                    None => bail!("the control plane closed the session"),
+                    Some(ControlMessage::Desired(signed)) => {
+                        let doc: DesiredState = serde_json::from_slice(&signed.document)?;
+                        if std::mem::take(&mut first) {
+                            self.events.send(Event::Connected)?;
+                        }
+                        if let Some(v) = doc.bundles.iter().filter(|b| b.name == MODEL).map(|b| b.version).max() {
+                            self.events.send(Event::Desired(v))?;
+                        }
+                    }
+                    Some(ControlMessage::Ack { .. }) => self.events.send(Event::Acked)?,
+                    Some(ControlMessage::Refused(why)) => bail!("refused: {why}"),
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+}
+
+/// A window of the model as an agent sends one every 10 s: 200 requests, latencies, and
+/// 10-bin histograms of one input and one output.
+fn window() -> MetricsWindow {
+    let mut latency = LatencySketch::default();
+    for i in 0..200 {
+        latency.record(40.0 + f64::from(i % 17));
+    }
+    let bins: Vec<u64> = (0..10).map(|b| (b * 7 % 13) as u64).collect();
+    let now = Timestamp::from_system(SystemTime::now()).unix();
+    MetricsWindow {
+        model: MODEL.into(),
+        version: 1,
+        start: Timestamp::from_unix(now - now % 10 - 60),
+        seconds: 10,
+        counts: Counts {
+            requests: 200,
+            rows: 200,
+            latency,
+            inputs: vec![bins.clone()],
+            outputs: vec![bins],
+            ..Counts::default()
+        },
+    }
+}
+
+fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SeededRng::new(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        out.extend_from_slice(&rng.uniform().to_bits().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Copies directory `from` (files only, one level) to `to`.
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        if entry.file_type()?.is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+fn print_figures(agents: usize, seconds: u64, enroll_secs: f64, figures: &[Figures]) {
+    println!("Scale-out: {agents} simulated agents (heartbeat 10 s)");
+    println!();
+    println!("Enrollment of {agents} agents, 16 at a time (SQLite): {enroll_secs:.1} s");
+    println!();
+    println!(
+        "| backend | process | agents | connect storm s | heartbeat CPU (% of a core, {seconds} s) | RSS before MiB | RSS with agents MiB | KiB per agent | fan-out s | window ingest /s |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for f in figures {
+        for (k, (on_it, empty, rss, ticks)) in f.processes.iter().enumerate() {
+            println!(
+                "| {} | {} | {on_it} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+                f.backend,
+                k + 1,
+                f.connect_secs,
+                *ticks as f64 / fleet::TICKS_PER_SECOND / f.heartbeat_secs * 100.0,
+                *empty as f64 / 1024.0,
+                *rss as f64 / 1024.0,
+                rss.saturating_sub(*empty) as f64 / *on_it as f64,
+                f.fanout_secs,
+                f.agents as f64 / f.ingest_secs,
+            );
+        }
+    }
+}
