@@ -6,7 +6,10 @@
 //! any activation but ReLU to separate passes over the tensor. Here the weights are
 //! packed once at load, `ROWS` output channels side by side, and each tile of
 //! `ROWS × PIXELS` outputs is a run of multiply-adds over the input channels, written
-//! so that the compiler keeps the tile in vector registers.
+//! so that the compiler keeps the tile in vector registers. Layers of many input
+//! channels (the small planes of a network's last stages) are packed instead for
+//! the tiles of `nn::columns`, with the output channels along the vectors; either way
+//! the weights are kept once, packed.
 
 use tract_onnx::tract_hir::internal::*;
 
