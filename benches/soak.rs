@@ -6,6 +6,8 @@
 //! `cargo bench --bench soak -- [--agents 200] [--rate 500] [--minutes 10] [--window 10]`
 //! (window and heartbeat in seconds); prints Markdown for BENCHMARKS.md.
 
+#[path = "../tests/fleet/database.rs"]
+mod database;
 #[path = "../tests/fleet/mod.rs"]
 mod fleet;
 

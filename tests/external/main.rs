@@ -8,6 +8,8 @@
 //! libtest's arguments (filters, `--list`, `--ignored`), so `cargo test` and `cargo nextest`
 //! run it as usual.
 
+#[path = "../fleet/database.rs"]
+mod database;
 #[path = "../support/mod.rs"]
 mod support;
 

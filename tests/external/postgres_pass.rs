@@ -13,11 +13,13 @@ use std::process::Command;
 use crate::harness;
 use crate::postgres;
 
-/// The newest `it-HASH` test binary beside this one (`target/*/deps`).
+/// The root package's `it-HASH` test binary beside this one (`target/*/deps`): the newest
+/// of those whose tests include the fleet's processes (every crate's integration tests
+/// are an `it` binary).
 fn fleet_tests() -> Option<PathBuf> {
     let here = std::env::current_exe().ok()?;
     let deps = here.parent()?;
-    std::fs::read_dir(deps)
+    let mut candidates: Vec<_> = std::fs::read_dir(deps)
         .ok()?
         .flatten()
         .filter(|e| {
@@ -25,8 +27,14 @@ fn fleet_tests() -> Option<PathBuf> {
             name.strip_prefix("it-").is_some_and(|hash| hash.chars().all(|c| c.is_ascii_hexdigit()))
         })
         .filter_map(|e| Some((e.metadata().ok()?.modified().ok()?, e.path())))
-        .max()
-        .map(|(_, path)| path)
+        .collect();
+    candidates.sort();
+    candidates.into_iter().rev().map(|(_, path)| path).find(|path| {
+        Command::new(path).args(["--list", "fleet_processes::"]).output().is_ok_and(|out| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("fleet_processes::")
+        })
+    })
 }
 
 pub fn the_fleet_tests_pass_with_the_control_plane_on_postgresql() {

@@ -354,7 +354,7 @@ fn an_ingest_killed_at_any_step_leaves_each_row_once() {
         (count("SELECT COUNT(*) FROM \"fv_pump-sensors_1\""), count("SELECT COUNT(*) FROM ingests"))
     };
     let staged = || std::fs::read_dir(data.join("staging")).map_or(0, Iterator::count);
-    let control = ControlProcess::start(&data, "127.0.0.1:0", &[]);
+    let control = ControlProcess::start_on_sqlite(&data, "127.0.0.1:0", &[]);
     control.ok(&["control", "features", "apply", s(&view)]);
     // Stopped (a SIGTERM before its handler is set ends it at once: fine here).
     control.terminate();
@@ -371,7 +371,7 @@ fn an_ingest_killed_at_any_step_leaves_each_row_once() {
 
         let armed = format!("{point}=return");
         let mut control =
-            ControlProcess::start_with_env(&data, "127.0.0.1:0", &[], &[("FAILPOINTS", &armed)]);
+            ControlProcess::start_on_sqlite(&data, "127.0.0.1:0", &[("FAILPOINTS", &armed)]);
         let args = control.args(&ingest);
         let out = support::falaj(&args.iter().map(String::as_str).collect::<Vec<_>>());
         assert!(!out.status.success(), "{point}: the ingest had no answer");
@@ -382,7 +382,7 @@ fn an_ingest_killed_at_any_step_leaves_each_row_once() {
         assert_eq!(staged(), 1, "{point}: the upload is left staged");
 
         // Run again: the upload is removed, and the file sent again is stored once.
-        let control = ControlProcess::start(&data, "127.0.0.1:0", &[]);
+        let control = ControlProcess::start_on_sqlite(&data, "127.0.0.1:0", &[]);
         assert_eq!(staged(), 0, "{point}: the upload left staged is removed");
         let out = control.ok(&ingest);
         assert!(out.contains(&format!("ingested {ROWS} rows")), "{point}: {out}");

@@ -101,7 +101,7 @@ fn an_ingest_that_fills_the_disk_fails_naming_the_store_and_runs_once_space_retu
             count("PRAGMA integrity_check"),
         )
     };
-    let control = ControlProcess::start(&data, "127.0.0.1:0", &[]);
+    let control = ControlProcess::start_on_sqlite(&data, "127.0.0.1:0", &[]);
     control.ok(&["control", "features", "apply", s(&view)]);
 
     // No room for the upload itself: refused while staging, naming the directory.
@@ -221,7 +221,7 @@ fn a_read_only_data_directory_is_refused_naming_the_file_and_works_once_writable
     init_agent(&agent, "eu-west-1", &work.path().join("keys/root.json"));
     ok(&["agent", "import", s(&first), "--data-dir", s(&agent)]);
     let control_disk = SmallDisk::mount(&work.path().join("control"), 32);
-    let control = ControlProcess::start(&control_disk.dir, "127.0.0.1:0", &[]);
+    let control = ControlProcess::start_on_sqlite(&control_disk.dir, "127.0.0.1:0", &[]);
     // Stopped (a SIGTERM before its handler is set ends it at once: fine here).
     control.terminate();
 
@@ -257,7 +257,7 @@ fn a_read_only_data_directory_is_refused_naming_the_file_and_works_once_writable
     ok(&["agent", "import", s(&second), "--data-dir", s(&agent)]);
     let list = ok(&["agent", "list", "--data-dir", s(&agent)]);
     assert!(list.lines().any(|l| l.starts_with("sensor-fault") && l.contains(" 2 ")), "{list}");
-    let control = ControlProcess::start(&control_disk.dir, "127.0.0.1:0", &[]);
+    let control = ControlProcess::start_on_sqlite(&control_disk.dir, "127.0.0.1:0", &[]);
     // Stopped (a SIGTERM before its handler is set ends it at once: fine here).
     control.terminate();
 }

@@ -9,6 +9,8 @@
 //! Tests that need parts from outside Rust (Python with ONNX Runtime, a Vulkan adapter) are
 //! in `tests/external/`, where a missing part is reported as an ignored test.
 
+#[path = "../fleet/database.rs"]
+mod database;
 #[path = "../fleet/mod.rs"]
 mod fleet;
 #[path = "../support/mod.rs"]

@@ -256,6 +256,26 @@ impl ControlProcess {
 
     /// [`Self::start`] with extra environment variables.
     pub fn start_with_env(data: &Path, quic: &str, extra: &[&str], env: &[(&str, &str)]) -> Self {
+        // In the PostgreSQL pass, a database of its own unless the test chose one.
+        let chose = extra.iter().any(|a| *a == "--config" || *a == "--database");
+        let database = crate::database::postgres_for(data).filter(|_| !chose);
+        Self::launch(data, quic, extra, env, database.as_deref())
+    }
+
+    /// [`Self::start_with_env`] on SQLite in `data` in every pass: for the tests of the
+    /// data directory's own files (its database on a full or read-only disk, a feature
+    /// ingest killed between its writes to `features.db`).
+    pub fn start_on_sqlite(data: &Path, quic: &str, env: &[(&str, &str)]) -> Self {
+        Self::launch(data, quic, &[], env, None)
+    }
+
+    fn launch(
+        data: &Path,
+        quic: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        database: Option<&str>,
+    ) -> Self {
         let mut args = vec![
             "control",
             "serve",
@@ -269,6 +289,9 @@ impl ControlProcess {
             "eu-west-1",
         ];
         args.extend_from_slice(extra);
+        if let Some(url) = database {
+            args.extend(["--database", url]);
+        }
         let mut process = Process::start_with_env(&args, env);
         let line = process.wait_for("admin API on");
         let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().into();
