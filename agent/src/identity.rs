@@ -279,9 +279,12 @@ fn quic_client(
         .stream_receive_window((16u32 << 20).into())
         .receive_window((64u32 << 20).into())
         .send_window(16 << 20)
+        // Three keep-alives unanswered end the connection: a control-plane replica that
+        // died without a word is left for another within 15 s (the shorter of the two
+        // sides' idle timeouts holds).
         .keep_alive_interval(Some(Duration::from_secs(5)))
         .max_idle_timeout(Some(
-            Duration::from_secs(30).try_into().expect("30 s is a valid idle timeout"),
+            Duration::from_secs(15).try_into().expect("15 s is a valid idle timeout"),
         ));
     config.transport_config(Arc::new(transport));
     Ok(config)
