@@ -32,24 +32,15 @@ mod fleet;
 const GROUP: &str = "bench";
 const REGION: &str = "bench-1";
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let which =
         args.iter().skip(1).find(|a| !a.starts_with('-') && a.as_str() != "--bench").cloned();
     match which.as_deref() {
-        Some("fanout") => {
-            runtime.block_on(fanout(arg(&args, "--agents", 20), arg(&args, "--mib", 200)))
-        }
-        Some("delta") => runtime.block_on(delta(arg(&args, "--mib", 200))),
+        Some("fanout") => runtime
+            .block_on(fanout(fleet::arg(&args, "--agents", 20), fleet::arg(&args, "--mib", 200))),
+        Some("delta") => runtime.block_on(delta(fleet::arg(&args, "--mib", 200))),
         _ => bail!("usage: cargo bench --bench fleet -- fanout|delta [options]"),
     }
 }
@@ -71,16 +62,6 @@ async fn start_control(dir: &Path) -> Result<Control> {
     let quic = cp.quic_addr();
     tokio::spawn(cp.run(std::future::pending()));
     Ok(Control { client, quic, keys: dir.join("control/keys") })
-}
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = SeededRng::new(seed);
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        out.extend_from_slice(&rng.uniform().to_bits().to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Enrolls an agent in `dir` and opens a session; returns it with the desired bundle.
@@ -108,8 +89,13 @@ async fn fanout(agents: usize, mib: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let control = start_control(dir.path()).await?;
     let bundle = dir.path().join("bundle.falaj");
-    let size =
-        fleet::write_bundle(&control.keys, &bundle, ("fanout", 1), REGION, noise(mib << 20, 7))?;
+    let size = fleet::write_bundle(
+        &control.keys,
+        &bundle,
+        ("fanout", 1),
+        REGION,
+        fleet::noise(mib << 20, 7),
+    )?;
     control.client.push_bundle(&bundle).await?;
     control.client.deploy(GROUP, "fanout", 1).await?;
     let mut sessions = Vec::new();

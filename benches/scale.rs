@@ -66,18 +66,10 @@ const SOURCES: usize = 100;
 /// How long any one phase may take before the bench gives up.
 const PHASE_LIMIT: Duration = Duration::from_secs(600);
 
-fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let agents = arg(&args, "--agents", 10_000);
-    let seconds = arg(&args, "--seconds", 30);
+    let agents = fleet::arg(&args, "--agents", 10_000);
+    let seconds = fleet::arg(&args, "--seconds", 30);
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(agents, seconds))
 }
 
@@ -132,7 +124,7 @@ async fn run(agents: usize, seconds: u64) -> Result<()> {
     let enroll_secs = enroll_started.elapsed().as_secs_f64();
     for version in [1, 2, 3] {
         let path = work.path().join(format!("{MODEL}-{version}.falaj"));
-        let payload = noise(64 << 10, version);
+        let payload = fleet::noise(64 << 10, version);
         fleet::write_bundle(&sqlite.join("keys"), &path, (MODEL, version), REGION, payload)?;
         server.client.push_bundle(&path).await?;
     }
@@ -471,16 +463,6 @@ fn window() -> MetricsWindow {
             ..Counts::default()
         },
     }
-}
-
-fn noise(len: usize, seed: u64) -> Vec<u8> {
-    let mut rng = SeededRng::new(seed);
-    let mut out = Vec::with_capacity(len);
-    while out.len() < len {
-        out.extend_from_slice(&rng.uniform().to_bits().to_le_bytes());
-    }
-    out.truncate(len);
-    out
 }
 
 /// Copies directory `from` (files only, one level) to `to`.

@@ -1,5 +1,5 @@
-//! What the fleet benchmarks (`fleet`, `replicas`) share: a signed bundle with a payload of
-//! the bench's choosing, the control plane as its own process (the `falaj` binary the bench
+//! What the fleet benchmarks (`fleet`, `scale`) share: their arguments, seeded noise, a
+//! signed bundle with a payload of the bench's choosing, the control plane as its own process (the `falaj` binary the bench
 //! was built with), and the process figures read from `/proc`.
 
 use std::path::Path;
@@ -8,9 +8,30 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
 use falaj_common::bundle::{BundleBuilder, Content, ModelFormat, ModelSpec, RuntimeHint};
+use falaj_common::random::SeededRng;
 use falaj_common::tensor::{DataType, Dim, Signature, TensorSpec};
 use falaj_common::time::Timestamp;
 use falaj_control::client::AdminClient;
+
+/// The value after `--name` in `args`, else `default`.
+pub fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `len` bytes of seeded noise (nothing in it repeats, so nothing deduplicates).
+pub fn noise(len: usize, seed: u64) -> Vec<u8> {
+    let mut rng = SeededRng::new(seed);
+    let mut out = Vec::with_capacity(len);
+    while out.len() < len {
+        out.extend_from_slice(&rng.uniform().to_bits().to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
 
 /// A signed bundle of `region` whose payload is `payload` (the transfer does not look
 /// inside; a fake model file keeps the benchmarks about moving bytes and documents).
