@@ -6,8 +6,11 @@
 //! second.
 //!
 //! On SQLite one transaction runs at a time (the database has one writer); on PostgreSQL a
-//! few run at once, on connections of the pool. An agent has one batch in flight at a time
-//! (it waits for the acknowledgement), so no two transactions hold the same agent's windows.
+//! few run at once, on connections of the pool. An agent has one batch in flight in a
+//! session (it waits for the acknowledgement); a batch it sends again after reconnecting
+//! may meet its first copy, in one transaction or in two at once, and is stored once all
+//! the same: the insert skips a stored (agent, sequence), and on PostgreSQL its
+//! `ON CONFLICT DO NOTHING` settles two transactions inserting the same one.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
