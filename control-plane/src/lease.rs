@@ -20,9 +20,8 @@ use tokio::sync::watch;
 
 use crate::db::Db;
 
-/// The advisory lock that is the lease (`"Falaj"`, then 0x4c for lease): one database
-/// serves one region, so one key serves every replica of it.
-pub const LEASE_KEY: i64 = 0x4661_6c61_6a00_004c;
+/// The advisory lock that is the lease ([`crate::sql::locks::LEASE`]).
+pub const LEASE_KEY: i64 = crate::sql::locks::LEASE;
 
 /// Whether this replica holds the region's lease, as the task that keeps it last found.
 #[derive(Debug, Clone)]

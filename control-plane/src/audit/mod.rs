@@ -132,7 +132,7 @@ pub fn head<C: AsSql + ?Sized>(conn: &C) -> Result<Chain, C::Error> {
 
 /// The PostgreSQL advisory lock that makes appends to the chain one at a time across
 /// connections (SQLite's one connection and write lock do that there).
-const CHAIN_LOCK: i64 = 0x4661_6c61_6a00_0002;
+const CHAIN_LOCK: i64 = sql::locks::AUDIT_CHAIN;
 
 /// Takes [`CHAIN_LOCK`] until the transaction ends, on PostgreSQL (every `Db::run` is one
 /// there); nothing on SQLite.

@@ -21,7 +21,7 @@ use super::rules::{self, LoginPolicy, Role, SessionPolicy};
 use super::{Principal, Via};
 use crate::audit;
 use crate::db::{from_ts, ts};
-use crate::sql::{AsSql, Backend, OptionalExt, Row, Sql, SqlError, params};
+use crate::sql::{AsSql, Backend, OptionalExt, Row, Sql, SqlError, locks, params};
 
 /// What a session token starts with.
 pub const SESSION_PREFIX: &str = "falaj_s_";
@@ -332,15 +332,6 @@ fn failures_of(
     )
 }
 
-/// The PostgreSQL advisory lock of the logins of one user or from one address: a key
-/// from the SHA-256 of its scope and name.
-fn login_key(scope: &str, name: &str) -> i64 {
-    let digest = Sha256::of(format!("falaj login {scope} {name}").as_bytes());
-    let mut key = [0; 8];
-    key.copy_from_slice(&digest.0[..8]);
-    i64::from_be_bytes(key)
-}
-
 /// Takes the logins' locks of `user` and `address` until the transaction ends, on
 /// PostgreSQL (the user's first, always, so that two takers never wait on each other);
 /// nothing on SQLite, whose writer is one connection.
@@ -348,9 +339,12 @@ fn lock_logins(sql: &Sql<'_>, user: &str, address: Option<&str>) -> Result<(), S
     if sql.backend() != Backend::Postgres {
         return Ok(());
     }
-    sql.execute("SELECT pg_advisory_xact_lock($1)", params![login_key("user", user)])?;
+    sql.execute("SELECT pg_advisory_xact_lock($1)", params![locks::logins("user", user)])?;
     if let Some(address) = address {
-        sql.execute("SELECT pg_advisory_xact_lock($1)", params![login_key("address", address)])?;
+        sql.execute(
+            "SELECT pg_advisory_xact_lock($1)",
+            params![locks::logins("address", address)],
+        )?;
     }
     Ok(())
 }

@@ -80,7 +80,7 @@ fn versions<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<KeyVersion>, C::Error> {
 }
 
 /// The advisory lock that makes key versions one at a time on PostgreSQL.
-const VERSIONS_LOCK: i64 = 0x4661_6c61_6a00_0102;
+const VERSIONS_LOCK: i64 = crate::sql::locks::PII_KEY_VERSIONS;
 
 /// A transaction holding the key versions' lock: SQLite's write lock (`BEGIN IMMEDIATE`),
 /// or on PostgreSQL an advisory lock until the end of the transaction.

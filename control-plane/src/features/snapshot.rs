@@ -49,7 +49,7 @@ impl VersionLock {
             return Ok(Self { held: None });
         };
         let mut client = client?;
-        let key = store::lock_key("snapshot", view);
+        let key = crate::sql::locks::feature_view("snapshot", view);
         client
             .execute("SELECT pg_advisory_lock($1)", &[&key])
             .map_err(|e| LockError::Lock { view: view.to_owned(), source: e.into() })?;

@@ -117,7 +117,7 @@ pub const PG_MIGRATIONS: &[&str] = &[
 /// The advisory lock held while the feature schema is migrated on PostgreSQL, so that
 /// replicas starting together migrate once (not the control schema's lock: the two
 /// histories are apart).
-const SCHEMA_LOCK: i64 = 0x4661_6c61_6a00_0101;
+const SCHEMA_LOCK: i64 = crate::sql::locks::FEATURE_SCHEMA;
 
 /// Why the feature schema on PostgreSQL could not be brought up to date.
 #[derive(Debug, thiserror::Error)]
@@ -179,13 +179,6 @@ pub fn migrate_postgres(db: &Db) -> Result<(), MigrateError> {
     }
 }
 
-/// The advisory lock key of `what` named `name` on PostgreSQL: the first 8 bytes of a
-/// SHA-256 of both, under a prefix of the feature store's own.
-pub(crate) fn lock_key(what: &str, name: &str) -> i64 {
-    let digest = Sha256::of(format!("falaj.features.{what}\0{name}").as_bytes());
-    i64::from_be_bytes(digest.0[..8].try_into().expect("8 of 32 bytes"))
-}
-
 /// Takes view `name`'s lock until the end of the transaction, on PostgreSQL: `exclusive`
 /// for what writes the view or its rows (apply, ingest), shared for what reads them as one
 /// whole (snapshots, exports), so a read never sees half of an ingest and two ingests of
@@ -199,7 +192,7 @@ pub fn lock_view(sql: &Sql<'_>, name: &str, exclusive: bool) -> Result<(), SqlEr
         } else {
             "SELECT pg_advisory_xact_lock_shared($1)"
         };
-        sql.execute(lock, params![lock_key("view", name)])?;
+        sql.execute(lock, params![crate::sql::locks::feature_view("view", name)])?;
     }
     Ok(())
 }

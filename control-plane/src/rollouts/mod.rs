@@ -322,7 +322,7 @@ pub fn latest_each<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<Rollout>, C::Error
 /// deployments a rollout freezes, one at a time across connections (a start numbers the
 /// rollout from what is stored, and reads the deployment it takes as its baseline).
 /// SQLite's write lock does that there.
-const ROLLOUTS_LOCK: i64 = 0x4661_6c61_6a00_0201;
+const ROLLOUTS_LOCK: i64 = crate::sql::locks::ROLLOUTS;
 
 /// Takes `ROLLOUTS_LOCK` until the transaction ends, on PostgreSQL (every
 /// [`crate::db::Db::run`] is one transaction there); nothing on SQLite. A deployment

@@ -17,7 +17,7 @@ use crate::sql::{AsSql, Backend, params};
 use crate::state::Shared;
 
 /// The PostgreSQL advisory lock held while a bundle is registered (see [`record`]).
-const REGISTER_LOCK: i64 = 0x4661_6c61_6a00_0202;
+const REGISTER_LOCK: i64 = crate::sql::locks::BUNDLE_REGISTER;
 
 /// A bundle as the API shows it.
 #[derive(Debug, Clone, Serialize, Deserialize)]

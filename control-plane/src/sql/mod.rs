@@ -22,6 +22,7 @@
 //! holds on both.
 
 pub mod copy;
+pub mod locks;
 pub mod postgres;
 pub(crate) mod schema;
 

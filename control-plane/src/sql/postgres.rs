@@ -22,7 +22,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use super::{Param, SqlError};
 
 /// The advisory lock held while migrating, so that replicas starting together migrate once.
-const MIGRATION_LOCK: i64 = 0x4661_6c61_6a00_0001;
+const MIGRATION_LOCK: i64 = super::locks::MIGRATIONS;
 
 /// How to reach the database.
 #[derive(Debug, Clone)]
