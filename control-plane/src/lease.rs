@@ -95,18 +95,10 @@ struct Holder {
 }
 
 impl Drop for Holder {
-    /// Closes the connection: on a thread of its own when within the runtime, where the
-    /// synchronous client's close (which blocks on a runtime of its own) is refused, as
-    /// when the runtime itself shuts down with the task.
+    /// Closes the connection, also when the runtime itself shuts down with the task.
     fn drop(&mut self) {
-        let Some(conn) = self.conn.take() else { return };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            let closing = std::thread::Builder::new()
-                .name("falaj-lease-close".into())
-                .spawn(move || drop(conn));
-            if let Err(e) = closing {
-                tracing::warn!(error = %e, "the region lease's connection left to the server to close");
-            }
+        if let Some(conn) = self.conn.take() {
+            crate::sql::postgres::close(conn, "the region lease's connection");
         }
     }
 }

@@ -75,19 +75,10 @@ pub enum LockError {
 }
 
 impl Drop for VersionLock {
-    /// Closes the connection, which frees the lock: on a thread of its own when within
-    /// the runtime, where the client's own runtime may not block.
+    /// Closes the connection, which frees the lock.
     fn drop(&mut self) {
-        let Some(client) = self.held.take() else { return };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            let closing = std::thread::Builder::new()
-                .name("falaj-pg-close".into())
-                .spawn(move || drop(client));
-            if let Err(e) = closing {
-                // The client is gone with the failed spawn: the server notices the closed
-                // socket and frees the lock.
-                tracing::warn!(error = %e, "a snapshot's version lock left to the server to free");
-            }
+        if let Some(client) = self.held.take() {
+            crate::sql::postgres::close(client, "a snapshot's version lock");
         }
     }
 }

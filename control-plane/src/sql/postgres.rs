@@ -103,16 +103,26 @@ impl Drop for Pool {
     fn drop(&mut self) {
         let idle =
             std::mem::take(&mut self.state.get_mut().unwrap_or_else(PoisonError::into_inner).idle);
-        // Closing a connection blocks on the client's own runtime, which tokio refuses
-        // within another (the daemon drops its last `Db` there): the connections then
-        // close on a thread of their own.
-        if !idle.is_empty() && tokio::runtime::Handle::try_current().is_ok() {
-            let closing =
-                std::thread::Builder::new().name("falaj-pg-close".into()).spawn(move || drop(idle));
-            if let Err(e) = closing {
-                tracing::warn!(error = %e, "PostgreSQL connections left to the server to close");
-            }
+        // The daemon drops its last `Db` within the runtime.
+        if !idle.is_empty() {
+            close(idle, "the pool's idle connections");
         }
+    }
+}
+
+/// Drops `connections` (PostgreSQL clients, or what holds them), which closes them: on a
+/// thread of its own when called within a tokio runtime, where the synchronous client's
+/// close (which blocks on a runtime of its own) is refused. Where that thread cannot
+/// start, the server notices the closed sockets and frees what they held.
+pub(crate) fn close<T: Send + 'static>(connections: T, what: &str) {
+    if tokio::runtime::Handle::try_current().is_err() {
+        drop(connections);
+        return;
+    }
+    let closing =
+        std::thread::Builder::new().name("falaj-pg-close".into()).spawn(move || drop(connections));
+    if let Err(e) = closing {
+        tracing::warn!(error = %e, what, "PostgreSQL connections left to the server to close");
     }
 }
 
