@@ -423,21 +423,17 @@ async fn ingest(
         return false;
     }
     let seqs: Vec<u64> = batch.iter().map(|w| w.seq).collect();
-    let delivery = monitoring::Delivery {
-        agent: agent.to_owned(),
-        held: held.clone(),
-        windows: batch.clone(),
-    };
-    let stored = shared.windows.store(delivery).await;
-    let ingested = match stored {
-        Ok(ingested) => ingested,
+    let delivery =
+        monitoring::Delivery { agent: agent.to_owned(), held: held.clone(), windows: batch };
+    let (delivery, ingested) = match shared.windows.store(delivery).await {
+        Ok(stored) => stored,
         Err(err) => {
             // Not acknowledged: the agent keeps the windows and sends them again.
             tracing::error!(agent, error = %err, "storing metric windows failed");
             return true;
         }
     };
-    shared.ingest.record(&batch, &ingested);
+    shared.ingest.record(&delivery.windows, &ingested);
     tracing::debug!(
         agent,
         stored = ingested.stored.len(),

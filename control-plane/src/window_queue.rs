@@ -30,9 +30,9 @@ const MAX_GROUP_WINDOWS: usize = 2048;
 /// Transactions at once on PostgreSQL (of the pool's connections).
 const POSTGRES_FLUSHES: usize = 4;
 
-/// The answer to one batch: what it did, or why it was not stored (shared by every batch
-/// of the failed transaction).
-pub type Stored = Result<Ingested, Arc<DbError>>;
+/// The answer to one batch: the batch back with what storing it did, or why it was not
+/// stored (shared by every batch of the failed transaction).
+pub type Stored = Result<(Delivery, Ingested), Arc<DbError>>;
 
 #[derive(Debug)]
 struct Pending {
@@ -55,8 +55,9 @@ impl Default for WindowQueue {
 }
 
 impl WindowQueue {
-    /// Stores `delivery` with whatever else is queued; returns once its transaction ended.
-    /// An error means nothing of it was stored (the agent sends it again).
+    /// Stores `delivery` with whatever else is queued; returns once its transaction ended,
+    /// with the delivery back. An error means nothing of it was stored (the agent sends it
+    /// again).
     pub async fn store(&self, delivery: Delivery) -> Stored {
         let stopped = || Arc::new(DbError::Task("the metric window queue stopped".into()));
         let (reply, answer) = oneshot::channel();
@@ -105,12 +106,17 @@ async fn flush(db: &Db, group: Vec<Pending>) {
     let (deliveries, replies): (Vec<Delivery>, Vec<_>) =
         group.into_iter().map(|p| (p.delivery, p.reply)).unzip();
     let now = Timestamp::from_system(SystemTime::now());
-    let stored = db.run(move |sql| monitoring::insert_deliveries(&sql, &deliveries, now)).await;
+    let stored = db
+        .run(move |sql| {
+            let ingested = monitoring::insert_deliveries(&sql, &deliveries, now)?;
+            Ok((deliveries, ingested))
+        })
+        .await;
     match stored {
-        Ok(ingested) => {
-            for (reply, ingested) in replies.into_iter().zip(ingested) {
+        Ok((deliveries, ingested)) => {
+            for ((reply, delivery), ingested) in replies.into_iter().zip(deliveries).zip(ingested) {
                 // A session that ended meanwhile no longer waits.
-                let _ = reply.send(Ok(ingested));
+                let _ = reply.send(Ok((delivery, ingested)));
             }
         }
         Err(err) => {
