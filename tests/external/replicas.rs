@@ -17,7 +17,7 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::harness;
 use crate::postgres;
@@ -160,13 +160,11 @@ pub async fn every_request_is_counted_once(
     version: i64,
     served: i64,
 ) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut stored = stored_requests(region, model, version).await;
-    while stored != served && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        stored = stored_requests(region, model, version).await;
-    }
-    assert_eq!(stored, served, "requests at {model}@{version} stored against requests served");
+    let what = format!("the {served} requests served at {model}@{version} are stored, once");
+    eventually(Duration::from_secs(60), &what, || async {
+        stored_requests(region, model, version).await == served
+    })
+    .await;
 }
 
 pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one() {
