@@ -10,6 +10,8 @@
 
 #[path = "../fleet/database.rs"]
 mod database;
+#[path = "../fleet/layered.rs"]
+mod layered;
 #[path = "../support/mod.rs"]
 mod support;
 

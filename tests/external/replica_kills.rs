@@ -204,29 +204,15 @@ async fn applied_versions(agents: &Agents) -> Vec<i64> {
     versions
 }
 
-/// Writes a model of about `BIG_MIB` MiB to `path` (`[N, 256]` → Gemm → Relu → Gemm, 10
-/// outputs, as `tests/fleet`'s layered model) and returns its outputs for the input of
-/// [`BIG_INPUT`]s, computed here from its weights.
+/// Writes the layered model ([`crate::layered`]) of about `BIG_MIB` MiB to `path` and
+/// returns its outputs for the input of [`BIG_INPUT`]s, computed here from its weights.
 fn big_model(path: &Path) -> Vec<f32> {
-    use falaj_common::onnx::{Attr, GraphBuilder};
     use falaj_common::random::SeededRng;
-    use falaj_common::tensor::{DataType, Dim};
     let hidden = BIG_MIB * 1024 * 1024 / 4 / 256;
     let mut rng = SeededRng::new(21);
     let w1: Vec<f32> = (0..256 * hidden).map(|_| rng.normal(0.0, 0.05) as f32).collect();
     let w2: Vec<f32> = (0..hidden * 10).map(|_| rng.normal(0.0, 0.05) as f32).collect();
-    let n = || Dim::Symbol("N".into());
-    let mut g = GraphBuilder::new(BIG);
-    g.input("sensors", DataType::Fp32, &[n(), Dim::Fixed(256)])
-        .weights("w1", &[hidden, 256], &w1)
-        .weights("b1", &[hidden], &vec![0.0; hidden])
-        .node("Gemm", &["sensors", "w1", "b1"], &["h"], vec![Attr::Int("transB", 1)])
-        .node("Relu", &["h"], &["r"], vec![])
-        .weights("w2", &[10, hidden], &w2)
-        .weights("b2", &[10], &[0.0; 10])
-        .node("Gemm", &["r", "w2", "b2"], &["logits"], vec![Attr::Int("transB", 1)])
-        .output("logits", DataType::Fp32, &[n(), Dim::Fixed(10)]);
-    std::fs::write(path, g.encode("test")).unwrap();
+    std::fs::write(path, crate::layered::layered_graph(BIG, &w1, &w2)).unwrap();
     let relu: Vec<f64> = w1
         .chunks(256)
         .map(|row| row.iter().map(|w| f64::from(*w) * f64::from(BIG_INPUT)).sum::<f64>().max(0.0))

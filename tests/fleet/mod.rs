@@ -4,6 +4,7 @@
 #![allow(dead_code)] // each test file uses a different part
 
 pub mod faults;
+mod layered;
 pub mod soak;
 mod wait;
 
@@ -276,26 +277,13 @@ pub fn layered_model(path: &Path, mib: usize, head_seed: u64) -> PathBuf {
 
 /// [`layered_model`] with the body's weights seeded too.
 pub fn layered_model_with(path: &Path, mib: usize, body_seed: u64, head_seed: u64) -> PathBuf {
-    use falaj_common::onnx::{Attr, GraphBuilder};
     use falaj_common::random::SeededRng;
-    use falaj_common::tensor::{DataType, Dim};
     let hidden = mib * 1024 * 1024 / 4 / 256;
     let mut body = SeededRng::new(body_seed);
     let mut head = SeededRng::new(head_seed);
     let w1: Vec<f32> = (0..256 * hidden).map(|_| body.normal(0.0, 0.05) as f32).collect();
     let w2: Vec<f32> = (0..hidden * 10).map(|_| head.normal(0.0, 0.05) as f32).collect();
-    let n = || Dim::Symbol("N".into());
-    let mut g = GraphBuilder::new("layered");
-    g.input("sensors", DataType::Fp32, &[n(), Dim::Fixed(256)])
-        .weights("w1", &[hidden, 256], &w1)
-        .weights("b1", &[hidden], &vec![0.0; hidden])
-        .node("Gemm", &["sensors", "w1", "b1"], &["h"], vec![Attr::Int("transB", 1)])
-        .node("Relu", &["h"], &["r"], vec![])
-        .weights("w2", &[10, hidden], &w2)
-        .weights("b2", &[10], &[0.0; 10])
-        .node("Gemm", &["r", "w2", "b2"], &["logits"], vec![Attr::Int("transB", 1)])
-        .output("logits", DataType::Fp32, &[n(), Dim::Fixed(10)]);
-    std::fs::write(path, g.encode("test")).unwrap();
+    std::fs::write(path, layered::layered_graph("layered", &w1, &w2)).unwrap();
     path.to_owned()
 }
 
