@@ -6,7 +6,7 @@
 //! and runs one statement or one transaction; the daemon calls them through
 //! [`crate::db::Db::run`].
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -18,7 +18,7 @@ use falaj_common::time::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::db::{from_ts, ts};
-use crate::sql::{AsSql, OptionalExt, Sql, SqlError, params};
+use crate::sql::{Array, AsSql, Backend, OptionalExt, Sql, SqlError, params};
 
 /// Ingest figures since start, for `/metrics`.
 #[derive(Debug, Default)]
@@ -113,11 +113,9 @@ pub fn insert_windows<C: AsSql + ?Sized>(
     batch: &[SequencedWindow],
     now: Timestamp,
 ) -> Result<Ingested, C::Error> {
-    let sql = conn.sql();
-    let tx = sql.transaction_immediate()?;
-    let ingested = store_batch(&tx, agent, held, batch, now)?;
-    tx.commit()?;
-    Ok(ingested)
+    let one = Batch { agent, held, windows: batch };
+    let mut ingested = store(conn.sql(), &[one], now)?;
+    Ok(ingested.pop().unwrap_or_default())
 }
 
 /// One agent's batch of windows, as [`insert_deliveries`] takes them.
@@ -131,33 +129,46 @@ pub struct Delivery {
     pub windows: Vec<SequencedWindow>,
 }
 
-/// Stores the batches of several agents in one transaction, each as [`insert_windows`]
-/// would: one commit, and one sync to disk, for all of them.
+/// Stores the batches of several agents in one transaction, each answered as
+/// [`insert_windows`] would answer it alone, the batches taken in order: one commit, and
+/// one sync to disk, for all of them.
 pub fn insert_deliveries<C: AsSql + ?Sized>(
     conn: &C,
     deliveries: &[Delivery],
     now: Timestamp,
 ) -> Result<Vec<Ingested>, C::Error> {
-    let sql = conn.sql();
-    let tx = sql.transaction_immediate()?;
-    let mut out = Vec::with_capacity(deliveries.len());
-    for d in deliveries {
-        out.push(store_batch(&tx, &d.agent, &d.held, &d.windows, now)?);
-    }
-    tx.commit()?;
-    Ok(out)
+    let batches: Vec<Batch<'_>> = deliveries
+        .iter()
+        .map(|d| Batch { agent: &d.agent, held: &d.held, windows: &d.windows })
+        .collect();
+    Ok(store(conn.sql(), &batches, now)?)
 }
 
-/// The body of [`insert_windows`], within the caller's transaction.
-fn store_batch(
-    tx: &Sql<'_>,
-    agent: &str,
-    held: &Held,
-    batch: &[SequencedWindow],
-    now: Timestamp,
-) -> Result<Ingested, SqlError> {
+/// One agent's windows, borrowed.
+struct Batch<'a> {
+    agent: &'a str,
+    held: &'a Held,
+    windows: &'a [SequencedWindow],
+}
+
+/// Stores `batches` in one transaction. On SQLite each window is its own statements (a
+/// function call each); on PostgreSQL, where each is a round trip, the whole group is three
+/// statements over arrays ([`store_group`]).
+fn store(sql: Sql<'_>, batches: &[Batch<'_>], now: Timestamp) -> Result<Vec<Ingested>, SqlError> {
+    let tx = sql.transaction_immediate()?;
+    let ingested = match sql.backend() {
+        Backend::Sqlite => batches.iter().map(|b| store_batch(&tx, b, now)).collect(),
+        Backend::Postgres => store_group(&tx, batches, now),
+    }?;
+    tx.commit()?;
+    Ok(ingested)
+}
+
+/// One batch within the caller's transaction, a window at a time.
+fn store_batch(tx: &Sql<'_>, batch: &Batch<'_>, now: Timestamp) -> Result<Ingested, SqlError> {
+    let agent = batch.agent;
     let mut ingested = Ingested::default();
-    for (i, SequencedWindow { seq, window: w }) in batch.iter().enumerate() {
+    for (i, SequencedWindow { seq, window: w }) in batch.windows.iter().enumerate() {
         let stored = tx
             .query_row(
                 "SELECT seq FROM windows WHERE agent_id = $1 AND seq = $2",
@@ -169,32 +180,24 @@ fn store_batch(
             ingested.duplicates += 1;
             continue;
         }
-        let mut refusal = refusal(w, held, now);
+        let mut refusal = refusal(w, batch.held, now);
         if refusal.is_none() {
-            let hour = w.start.unix() - w.start.unix() % 3600;
+            let (from, to) = hour_of(w);
             let count: i64 = tx.query_row(
                 "SELECT COUNT(*) FROM windows
                  WHERE agent_id = $1 AND model = $2 AND version = $3 AND start >= $4 AND start < $5",
-                params![
-                    agent,
-                    w.model,
-                    w.version as i64,
-                    ts(Timestamp::from_unix(hour)),
-                    ts(Timestamp::from_unix(hour + 3600))
-                ],
+                params![agent, w.model, w.version as i64, from, to],
                 |r| r.get(0),
             )?;
             if u64::try_from(count).unwrap_or(0) >= MAX_WINDOWS_PER_HOUR {
-                refusal = Some(format!("over {MAX_WINDOWS_PER_HOUR} windows in one hour"));
+                refusal = Some(over_the_hour());
             }
         }
         if let Some(reason) = refusal {
-            tracing::warn!(agent, seq, model = %w.model, version = w.version, start = %w.start, reason, "refused a metric window");
+            refused(agent, *seq, w, &reason);
             ingested.rejected += 1;
             continue;
         }
-        let bytes = postcard::to_stdvec(w)
-            .map_err(|e| SqlError::Encode { what: "a metric window", message: e.to_string() })?;
         let inserted = tx.execute(
             r#"INSERT INTO windows
                  (agent_id, seq, model, version, start, seconds, requests, errors, "window", received_at)
@@ -209,7 +212,7 @@ fn store_batch(
                 i64::from(w.seconds),
                 w.counts.requests as i64,
                 w.counts.errors as i64,
-                bytes,
+                encode(w)?,
                 ts(now),
             ],
         )?;
@@ -220,6 +223,198 @@ fn store_batch(
         }
     }
     Ok(ingested)
+}
+
+/// Several batches within the caller's transaction on PostgreSQL, in three statements
+/// whatever their number of windows: which of them are stored already, how many windows
+/// each (agent, model, version, hour) they touch holds, and one insert of those kept,
+/// which returns the ones it stored. The answers are those of [`store_batch`] run batch
+/// after batch: a window seen earlier in the group is a duplicate, and the hourly counts
+/// run on through the group.
+fn store_group(
+    tx: &Sql<'_>,
+    batches: &[Batch<'_>],
+    now: Timestamp,
+) -> Result<Vec<Ingested>, SqlError> {
+    let windows = || {
+        batches.iter().enumerate().flat_map(|(b, batch)| {
+            batch.windows.iter().enumerate().map(move |(i, w)| (b, i, batch, w))
+        })
+    };
+    let stored: HashSet<(String, i64)> = tx
+        .query_map(
+            "SELECT w.agent_id, w.seq FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(agent, seq)
+             JOIN windows w ON w.agent_id = k.agent AND w.seq = k.seq",
+            params![
+                Array(windows().map(|(_, _, batch, _)| batch.agent).collect()),
+                Array(windows().map(|(.., w)| w.seq as i64).collect())
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?
+        .into_iter()
+        .collect();
+
+    // The windows that pass every check but the hourly one, each with its hour's key.
+    let mut out = vec![Ingested::default(); batches.len()];
+    let mut seen = HashSet::new();
+    let mut hours: HashMap<(&str, &str, u64, i64), usize> = HashMap::new();
+    let mut candidates = Vec::new();
+    for (b, i, batch, SequencedWindow { seq, window: w }) in windows() {
+        let key = (batch.agent, *seq as i64);
+        if stored.contains(&(key.0.to_owned(), key.1)) || seen.contains(&key) {
+            out[b].duplicates += 1;
+        } else if let Some(reason) = refusal(w, batch.held, now) {
+            refused(batch.agent, *seq, w, &reason);
+            out[b].rejected += 1;
+        } else {
+            seen.insert(key);
+            let next = hours.len();
+            let hour =
+                *hours.entry((batch.agent, &w.model, w.version, hour_of(w).0)).or_insert(next);
+            candidates.push((b, i, hour));
+        }
+    }
+
+    let mut counts = hourly_counts(tx, hours)?;
+
+    let mut rows = Rows::default();
+    let mut kept = Vec::new();
+    for (b, i, hour) in candidates {
+        let batch = &batches[b];
+        let SequencedWindow { seq, window: w } = &batch.windows[i];
+        if u64::try_from(counts[hour]).unwrap_or(0) >= MAX_WINDOWS_PER_HOUR {
+            refused(batch.agent, *seq, w, &over_the_hour());
+            out[b].rejected += 1;
+            continue;
+        }
+        counts[hour] += 1;
+        rows.push(batch.agent, *seq, w)?;
+        kept.push((batch.agent, *seq as i64, b, i));
+    }
+    if !kept.is_empty() {
+        let inserted = rows.insert(tx, now)?;
+        for (agent, seq, b, i) in kept {
+            if inserted.contains(&(agent.to_owned(), seq)) {
+                out[b].stored.push(i);
+            } else {
+                // Stored by another replica since the first statement (the agent resent
+                // it there).
+                out[b].duplicates += 1;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The columns of the windows one [`store_group`] inserts, as PostgreSQL arrays.
+#[derive(Default)]
+struct Rows<'a> {
+    agents: Array<&'a str>,
+    seqs: Array<i64>,
+    models: Array<&'a str>,
+    versions: Array<i64>,
+    starts: Array<i64>,
+    seconds: Array<i64>,
+    requests: Array<i64>,
+    errors: Array<i64>,
+    windows: Array<Vec<u8>>,
+}
+
+impl<'a> Rows<'a> {
+    fn push(&mut self, agent: &'a str, seq: u64, w: &'a MetricsWindow) -> Result<(), SqlError> {
+        self.agents.0.push(agent);
+        self.seqs.0.push(seq as i64);
+        self.models.0.push(&w.model);
+        self.versions.0.push(w.version as i64);
+        self.starts.0.push(ts(w.start));
+        self.seconds.0.push(i64::from(w.seconds));
+        self.requests.0.push(w.counts.requests as i64);
+        self.errors.0.push(w.counts.errors as i64);
+        self.windows.0.push(encode(w)?);
+        Ok(())
+    }
+
+    /// Inserts the rows in one statement; returns the (agent, sequence) of those stored
+    /// (not stored by another replica meanwhile).
+    fn insert(&self, tx: &Sql<'_>, now: Timestamp) -> Result<HashSet<(String, i64)>, SqlError> {
+        tx.query_map(
+            r#"INSERT INTO windows (agent_id, seq, model, version, start, seconds, requests,
+               errors, "window", received_at)
+             SELECT *, CAST($10 AS BIGINT) FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[],
+               $4::BIGINT[], $5::BIGINT[], $6::BIGINT[], $7::BIGINT[], $8::BIGINT[],
+               $9::BYTEA[])
+             ON CONFLICT (agent_id, seq) DO NOTHING
+             RETURNING agent_id, seq"#,
+            params![
+                self.agents,
+                self.seqs,
+                self.models,
+                self.versions,
+                self.starts,
+                self.seconds,
+                self.requests,
+                self.errors,
+                self.windows,
+                ts(now)
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map(|stored| stored.into_iter().collect())
+    }
+}
+
+/// How many windows are stored for each (agent, model, version, hour start) of `hours`,
+/// in the order of their indices, in one statement.
+fn hourly_counts(
+    tx: &Sql<'_>,
+    hours: HashMap<(&str, &str, u64, i64), usize>,
+) -> Result<Vec<i64>, SqlError> {
+    let mut keys: Vec<_> = hours.into_iter().collect();
+    keys.sort_unstable_by_key(|&(_, i)| i);
+    let counts: Vec<i64> = tx.query_map(
+        "SELECT (SELECT COUNT(*) FROM windows w
+                 WHERE w.agent_id = k.agent AND w.model = k.model AND w.version = k.version
+                   AND w.start >= k.hour AND w.start < k.hour + 3600)
+         FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[]) WITH ORDINALITY
+           AS k(agent, model, version, hour, i)
+         ORDER BY k.i",
+        params![
+            Array(keys.iter().map(|((agent, ..), _)| *agent).collect()),
+            Array(keys.iter().map(|((_, model, ..), _)| *model).collect()),
+            Array(keys.iter().map(|((.., version, _), _)| *version as i64).collect()),
+            Array(keys.iter().map(|((.., hour), _)| *hour).collect())
+        ],
+        |r| r.get(0),
+    )?;
+    if counts.len() != keys.len() {
+        return Err(SqlError::Conversion {
+            column: 0,
+            message: format!("{} hourly counts for {} hours", counts.len(), keys.len()),
+        });
+    }
+    Ok(counts)
+}
+
+/// The bounds of the hour `w` starts in, as stored.
+fn hour_of(w: &MetricsWindow) -> (i64, i64) {
+    let hour = w.start.unix() - w.start.unix() % 3600;
+    (ts(Timestamp::from_unix(hour)), ts(Timestamp::from_unix(hour + 3600)))
+}
+
+/// Why a window over [`MAX_WINDOWS_PER_HOUR`] is refused.
+fn over_the_hour() -> String {
+    format!("over {MAX_WINDOWS_PER_HOUR} windows in one hour")
+}
+
+/// Logs a refused window.
+fn refused(agent: &str, seq: u64, w: &MetricsWindow, reason: &str) {
+    tracing::warn!(agent, seq, model = %w.model, version = w.version, start = %w.start, reason, "refused a metric window");
+}
+
+/// A window as its column holds it.
+fn encode(w: &MetricsWindow) -> Result<Vec<u8>, SqlError> {
+    postcard::to_stdvec(w)
+        .map_err(|e| SqlError::Encode { what: "a metric window", message: e.to_string() })
 }
 
 /// Why a window an agent sent is refused, if it is, before the store is asked.
@@ -451,28 +646,5 @@ mod tests {
             })
             .unwrap();
         assert_eq!(stored, (1, 1));
-    }
-
-    #[test]
-    fn an_agent_stores_at_most_an_hour_of_windows_per_hour_and_resends_are_duplicates() {
-        let (_dir, db) = store();
-        let hour = 1_800_000_000; // on the hour
-        let now = Timestamp::from_unix(hour + 7200);
-        let held = held(&[("fault", 1), ("churn", 1)]);
-        // One window a second fills the hour; the next one in it is refused, while the
-        // next hour, and another model in the same hour, are not limited by it.
-        let limit = MAX_WINDOWS_PER_HOUR;
-        let full: Vec<SequencedWindow> =
-            (0..limit).map(|i| window(i + 1, "fault", 1, hour + i % 3600)).collect();
-        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &held, &full, now)).unwrap();
-        assert_eq!((ingested.stored.len() as u64, ingested.rejected), (limit, 0));
-        let more = [
-            window(limit + 1, "fault", 1, hour + 10),
-            window(limit + 2, "fault", 1, hour + 3600),
-            window(limit + 3, "churn", 1, hour + 10),
-            window(1, "fault", 1, hour),
-        ];
-        let ingested = db.call_sync(|c| insert_windows(c, "agent-1", &held, &more, now)).unwrap();
-        assert_eq!((ingested.stored, ingested.rejected, ingested.duplicates), (vec![1, 2], 1, 1));
     }
 }

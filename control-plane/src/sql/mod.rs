@@ -127,6 +127,34 @@ impl<T: rusqlite::ToSql + ::postgres::types::ToSql + Sync> Param for T {
     }
 }
 
+/// An array parameter (`$1::BIGINT[]`), for the statements that run on PostgreSQL only,
+/// where one statement over arrays (`unnest`) replaces a round trip per row. SQLite has no
+/// arrays: binding one there is an error.
+#[derive(Debug, Clone, Default)]
+pub struct Array<T>(pub Vec<T>);
+
+impl<T: ::postgres::types::ToSql + Sync> ::postgres::types::ToSql for Array<T> {
+    fn to_sql(
+        &self,
+        ty: &::postgres::types::Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<::postgres::types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        self.0.to_sql(ty, out)
+    }
+
+    fn accepts(ty: &::postgres::types::Type) -> bool {
+        <Vec<T> as ::postgres::types::ToSql>::accepts(ty)
+    }
+
+    ::postgres::types::to_sql_checked!();
+}
+
+impl<T> rusqlite::ToSql for Array<T> {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Err(rusqlite::Error::ToSqlConversionFailure("an array binds on PostgreSQL only".into()))
+    }
+}
+
 /// The parameters of a statement, `$1` first: `params![id, ts(now)]`.
 #[macro_export]
 macro_rules! params {

@@ -34,7 +34,7 @@ use falaj_control::db::{
     self, BundleRow, Db, DbError, IssuedDesired, NewAgent, TokenRefusal, TokenRow, TokenUse,
 };
 use falaj_control::finetune;
-use falaj_control::monitoring::{self, Held, Ingested, MetricsQuery};
+use falaj_control::monitoring::{self, Held, Ingested, MAX_WINDOWS_PER_HOUR, MetricsQuery};
 use falaj_control::sql::{PgOptions, Sql, SqlError, params};
 use libtest_mimic::{Completion, Trial};
 
@@ -507,6 +507,64 @@ fn batches_of_several_agents_commit_together_each_answered_as_alone(db: &Db) {
     let failed = db.run_sync(|sql| monitoring::insert_deliveries(&sql, &failing, now));
     assert!(failed.is_err(), "{failed:?}");
     assert_eq!(db.run_sync(|sql| monitoring::stored(&sql)).unwrap().0, 3);
+}
+
+/// An agent stores at most [`MAX_WINDOWS_PER_HOUR`] windows per model, version and hour;
+/// within a group commit the counts run on from batch to batch, and a window sent twice
+/// is stored once.
+fn an_agent_stores_at_most_an_hour_of_windows_per_hour_and_resends_are_duplicates(db: &Db) {
+    let now = at(7200);
+    db.run_sync(|sql| enrolled(sql, "t1", "a")).unwrap();
+    let held = held(&[("fault", 1), ("churn", 1)]);
+    let limit = MAX_WINDOWS_PER_HOUR;
+    // The first hour full; the second one window short of full.
+    let first: Vec<_> = (0..limit).map(|i| window(i + 1, "fault", 1, at(i), 1)).collect();
+    let second: Vec<_> =
+        (0..limit - 1).map(|i| window(10_001 + i, "fault", 1, at(3600 + i), 1)).collect();
+    let (first, second) = db
+        .run_sync(|sql| {
+            Ok((
+                monitoring::insert_windows(&sql, "a", &held, &first, now)?,
+                monitoring::insert_windows(&sql, "a", &held, &second, now)?,
+            ))
+        })
+        .unwrap();
+    assert_eq!((first.stored.len() as u64, first.rejected), (limit, 0));
+    assert_eq!((second.stored.len() as u64, second.rejected), (limit - 1, 0));
+
+    let delivery = |windows: Vec<SequencedWindow>| monitoring::Delivery {
+        agent: "a".into(),
+        held: held.clone(),
+        windows,
+    };
+    let group = [
+        delivery(vec![
+            // The first hour is full.
+            window(20_001, "fault", 1, at(10), 1),
+            // The second hour's last place.
+            window(20_002, "fault", 1, at(3600), 1),
+            // Another model's hour is its own.
+            window(20_003, "churn", 1, at(10), 1),
+            // Stored before.
+            window(1, "fault", 1, at(0), 1),
+        ]),
+        delivery(vec![
+            // Sent again in the same group.
+            window(20_002, "fault", 1, at(3600), 1),
+            // The second hour is now full.
+            window(20_004, "fault", 1, at(3601), 1),
+            window(20_005, "churn", 1, at(11), 1),
+        ]),
+    ];
+    let answers = db.run_sync(|sql| monitoring::insert_deliveries(&sql, &group, now)).unwrap();
+    assert_eq!(
+        answers,
+        vec![
+            Ingested { stored: vec![1, 2], duplicates: 1, rejected: 1 },
+            Ingested { stored: vec![2], duplicates: 1, rejected: 1 },
+        ]
+    );
+    assert_eq!(db.run_sync(|sql| monitoring::stored(&sql)).unwrap().0, 2 * limit + 2);
 }
 
 fn metric_windows_are_stored_once_and_rolled_up_by_version(db: &Db) {
@@ -1124,6 +1182,10 @@ const BOTH: &[(&str, Body)] = &[
     (
         "a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry",
         a_request_runs_on_the_blocking_pool_with_its_actor_in_the_audit_entry,
+    ),
+    (
+        "an_agent_stores_at_most_an_hour_of_windows_per_hour_and_resends_are_duplicates",
+        an_agent_stores_at_most_an_hour_of_windows_per_hour_and_resends_are_duplicates,
     ),
     (
         "metric_windows_are_stored_once_and_rolled_up_by_version",
