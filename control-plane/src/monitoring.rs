@@ -152,16 +152,21 @@ struct Batch<'a> {
 }
 
 /// Stores `batches` in one transaction. On SQLite each window is its own statements (a
-/// function call each); on PostgreSQL, where each is a round trip, the whole group is three
-/// statements over arrays ([`store_group`]).
+/// function call each), in a transaction that takes the write lock first. On PostgreSQL,
+/// where each statement is a round trip, the whole group is two ([`store_group`]), and
+/// the caller's transaction (every [`crate::db::Db::run`] is one) is enough: only the
+/// last of them writes.
 fn store(sql: Sql<'_>, batches: &[Batch<'_>], now: Timestamp) -> Result<Vec<Ingested>, SqlError> {
-    let tx = sql.transaction_immediate()?;
-    let ingested = match sql.backend() {
-        Backend::Sqlite => batches.iter().map(|b| store_batch(&tx, b, now)).collect(),
-        Backend::Postgres => store_group(&tx, batches, now),
-    }?;
-    tx.commit()?;
-    Ok(ingested)
+    match sql.backend() {
+        Backend::Sqlite => {
+            let tx = sql.transaction_immediate()?;
+            let ingested =
+                batches.iter().map(|b| store_batch(&tx, b, now)).collect::<Result<_, _>>()?;
+            tx.commit()?;
+            Ok(ingested)
+        }
+        Backend::Postgres => store_group(&sql, batches, now),
+    }
 }
 
 /// One batch within the caller's transaction, a window at a time.
@@ -225,69 +230,65 @@ fn store_batch(tx: &Sql<'_>, batch: &Batch<'_>, now: Timestamp) -> Result<Ingest
     Ok(ingested)
 }
 
-/// Several batches within the caller's transaction on PostgreSQL, in three statements
-/// whatever their number of windows: which of them are stored already, how many windows
-/// each (agent, model, version, hour) they touch holds, and one insert of those kept,
-/// which returns the ones it stored. The answers are those of [`store_batch`] run batch
-/// after batch: a window seen earlier in the group is a duplicate, and the hourly counts
-/// run on through the group.
+/// Several batches within the caller's transaction on PostgreSQL, in two statements
+/// whatever their number of windows: one read of which windows are stored already and of
+/// how many windows each (agent, model, version, hour) they fall in holds
+/// ([`Stored::read`]), and one insert of those kept, which returns the ones it stored.
+/// The answers are those of [`store_batch`] run batch after batch: a window seen earlier
+/// in the group is a duplicate, and the hourly counts run on through the group.
 fn store_group(
     tx: &Sql<'_>,
     batches: &[Batch<'_>],
     now: Timestamp,
 ) -> Result<Vec<Ingested>, SqlError> {
-    let windows = || {
-        batches.iter().enumerate().flat_map(|(b, batch)| {
-            batch.windows.iter().enumerate().map(move |(i, w)| (b, i, batch, w))
-        })
-    };
-    let stored: HashSet<(String, i64)> = tx
-        .query_map(
-            "SELECT w.agent_id, w.seq FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(agent, seq)
-             JOIN windows w ON w.agent_id = k.agent AND w.seq = k.seq",
-            params![
-                Array(windows().map(|(_, _, batch, _)| batch.agent).collect()),
-                Array(windows().map(|(.., w)| w.seq as i64).collect())
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?
-        .into_iter()
+    let windows: Vec<(usize, usize, &Batch<'_>, &SequencedWindow)> = batches
+        .iter()
+        .enumerate()
+        .flat_map(|(b, batch)| batch.windows.iter().enumerate().map(move |(i, w)| (b, i, batch, w)))
         .collect();
+    // Each window's refusal, if any, and the hour of each one not refused.
+    let mut hours: HashMap<(&str, &str, u64, i64), usize> = HashMap::new();
+    let checked: Vec<Result<usize, String>> = windows
+        .iter()
+        .map(|&(_, _, batch, SequencedWindow { window: w, .. })| {
+            refusal(w, batch.held, now).map_or_else(
+                || {
+                    let next = hours.len();
+                    Ok(*hours
+                        .entry((batch.agent, &w.model, w.version, hour_of(w).0))
+                        .or_insert(next))
+                },
+                Err,
+            )
+        })
+        .collect();
+    let mut stored = Stored::read(tx, &windows, hours)?;
 
-    // The windows that pass every check but the hourly one, each with its hour's key.
     let mut out = vec![Ingested::default(); batches.len()];
     let mut seen = HashSet::new();
-    let mut hours: HashMap<(&str, &str, u64, i64), usize> = HashMap::new();
-    let mut candidates = Vec::new();
-    for (b, i, batch, SequencedWindow { seq, window: w }) in windows() {
-        let key = (batch.agent, *seq as i64);
-        if stored.contains(&(key.0.to_owned(), key.1)) || seen.contains(&key) {
-            out[b].duplicates += 1;
-        } else if let Some(reason) = refusal(w, batch.held, now) {
-            refused(batch.agent, *seq, w, &reason);
-            out[b].rejected += 1;
-        } else {
-            seen.insert(key);
-            let next = hours.len();
-            let hour =
-                *hours.entry((batch.agent, &w.model, w.version, hour_of(w).0)).or_insert(next);
-            candidates.push((b, i, hour));
-        }
-    }
-
-    let mut counts = hourly_counts(tx, hours)?;
-
     let mut rows = Rows::default();
     let mut kept = Vec::new();
-    for (b, i, hour) in candidates {
-        let batch = &batches[b];
-        let SequencedWindow { seq, window: w } = &batch.windows[i];
-        if u64::try_from(counts[hour]).unwrap_or(0) >= MAX_WINDOWS_PER_HOUR {
-            refused(batch.agent, *seq, w, &over_the_hour());
+    for (n, (&(b, i, batch, SequencedWindow { seq, window: w }), checked)) in
+        windows.iter().zip(checked).enumerate()
+    {
+        if stored.windows.contains(&n) || !seen.insert((batch.agent, *seq)) {
+            out[b].duplicates += 1;
+            continue;
+        }
+        let refusal = checked.and_then(|hour| match stored.hours.get_mut(hour) {
+            Some(count) if *count < MAX_WINDOWS_PER_HOUR => {
+                *count += 1;
+                Ok(())
+            }
+            _ => Err(over_the_hour()),
+        });
+        if let Err(reason) = refusal {
+            // Sent again later in the group, it is refused again, not a duplicate.
+            seen.remove(&(batch.agent, *seq));
+            refused(batch.agent, *seq, w, &reason);
             out[b].rejected += 1;
             continue;
         }
-        counts[hour] += 1;
         rows.push(batch.agent, *seq, w)?;
         kept.push((batch.agent, *seq as i64, b, i));
     }
@@ -297,13 +298,65 @@ fn store_group(
             if inserted.contains(&(agent.to_owned(), seq)) {
                 out[b].stored.push(i);
             } else {
-                // Stored by another replica since the first statement (the agent resent
-                // it there).
+                // Stored by another replica since the read (the agent resent it there).
                 out[b].duplicates += 1;
             }
         }
     }
     Ok(out)
+}
+
+/// What the store holds already for a group of windows.
+struct Stored {
+    /// The indices of the windows stored already.
+    windows: HashSet<usize>,
+    /// The windows stored in each hour, by the hour's index.
+    hours: Vec<u64>,
+}
+
+impl Stored {
+    /// Reads, in one statement, which of `windows` are stored already and how many
+    /// windows each of `hours` (agent, model, version and the hour's start, each with its
+    /// index) holds.
+    fn read(
+        tx: &Sql<'_>,
+        windows: &[(usize, usize, &Batch<'_>, &SequencedWindow)],
+        hours: HashMap<(&str, &str, u64, i64), usize>,
+    ) -> Result<Self, SqlError> {
+        let mut keys: Vec<_> = hours.into_iter().collect();
+        keys.sort_unstable_by_key(|&(_, i)| i);
+        let mut stored = Self { windows: HashSet::new(), hours: vec![0; keys.len()] };
+        let rows: Vec<(bool, i64, i64)> = tx.query_map(
+            "SELECT TRUE, k.i, 0 FROM unnest($1::TEXT[], $2::BIGINT[]) WITH ORDINALITY
+               AS k(agent, seq, i)
+             WHERE EXISTS (SELECT 1 FROM windows w WHERE w.agent_id = k.agent AND w.seq = k.seq)
+             UNION ALL
+             SELECT FALSE, h.i, (SELECT COUNT(*) FROM windows w
+                 WHERE w.agent_id = h.agent AND w.model = h.model AND w.version = h.version
+                   AND w.start >= h.hour AND w.start < h.hour + 3600)
+             FROM unnest($3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[]) WITH ORDINALITY
+               AS h(agent, model, version, hour, i)",
+            params![
+                Array(windows.iter().map(|(.., batch, _)| batch.agent).collect()),
+                Array(windows.iter().map(|(.., w)| w.seq as i64).collect()),
+                Array(keys.iter().map(|((agent, ..), _)| *agent).collect()),
+                Array(keys.iter().map(|((_, model, ..), _)| *model).collect()),
+                Array(keys.iter().map(|((.., version, _), _)| *version as i64).collect()),
+                Array(keys.iter().map(|((.., hour), _)| *hour).collect())
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?;
+        for (window, i, count) in rows {
+            // Ordinalities count from 1.
+            let i = usize::try_from(i - 1).unwrap_or(usize::MAX);
+            if window {
+                stored.windows.insert(i);
+            } else if let Some(slot) = stored.hours.get_mut(i) {
+                *slot = u64::try_from(count).unwrap_or(0);
+            }
+        }
+        Ok(stored)
+    }
 }
 
 /// The columns of the windows one [`store_group`] inserts, as PostgreSQL arrays.
@@ -361,38 +414,6 @@ impl<'a> Rows<'a> {
         )
         .map(|stored| stored.into_iter().collect())
     }
-}
-
-/// How many windows are stored for each (agent, model, version, hour start) of `hours`,
-/// in the order of their indices, in one statement.
-fn hourly_counts(
-    tx: &Sql<'_>,
-    hours: HashMap<(&str, &str, u64, i64), usize>,
-) -> Result<Vec<i64>, SqlError> {
-    let mut keys: Vec<_> = hours.into_iter().collect();
-    keys.sort_unstable_by_key(|&(_, i)| i);
-    let counts: Vec<i64> = tx.query_map(
-        "SELECT (SELECT COUNT(*) FROM windows w
-                 WHERE w.agent_id = k.agent AND w.model = k.model AND w.version = k.version
-                   AND w.start >= k.hour AND w.start < k.hour + 3600)
-         FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[]) WITH ORDINALITY
-           AS k(agent, model, version, hour, i)
-         ORDER BY k.i",
-        params![
-            Array(keys.iter().map(|((agent, ..), _)| *agent).collect()),
-            Array(keys.iter().map(|((_, model, ..), _)| *model).collect()),
-            Array(keys.iter().map(|((.., version, _), _)| *version as i64).collect()),
-            Array(keys.iter().map(|((.., hour), _)| *hour).collect())
-        ],
-        |r| r.get(0),
-    )?;
-    if counts.len() != keys.len() {
-        return Err(SqlError::Conversion {
-            column: 0,
-            message: format!("{} hourly counts for {} hours", counts.len(), keys.len()),
-        });
-    }
-    Ok(counts)
 }
 
 /// The bounds of the hour `w` starts in, as stored.
