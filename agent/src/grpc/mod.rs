@@ -16,13 +16,15 @@
 //! REST's messages. ServerLive, ServerReady and `grpc.health.v1` stay open.
 //!
 //! The parts: `transport` serves the HTTP/2 connections (on h2 directly), each connection's
-//! calls polled within the connection's own task, and routes a call by its path; `unary`
+//! calls polled within the connection's own task, and routes a call by its path;
+//! `coalesce` holds what h2 writes in a turn of that task for one write; `unary`
 //! serves ModelInfer, the hot path, on its h2 stream, framing the messages by hand;
 //! `exchange` carries every other call between its h2 stream and the generated services;
 //! `service` is the generated service's implementation (everything but ModelInfer's own
 //! path, ModelStreamInfer included, goes through tonic's generated code); `deadline` ends a
 //! call past its `grpc-timeout`; `convert` translates the messages.
 
+mod coalesce;
 mod convert;
 mod deadline;
 mod exchange;

@@ -14,8 +14,9 @@
 //! and adds a `date` header to every answer (gRPC has no use for it; grpc-go's server
 //! sends none, nor does this one). Here the connection's task ([`drive`]) accepts the h2
 //! streams and polls their calls in a `FuturesUnordered` beside the connection, polling
-//! the connection again after a call ended so that its answer is flushed in the same turn,
-//! in one write. ModelInfer ([`super::unary`]) reads its message from the stream and
+//! the connection again after a call ended so that its answer is queued in the same turn;
+//! what h2 wrote in the turn goes to the socket in one write when the turn ends
+//! ([`super::coalesce`]: h2 alone wrote an answer of 256 bytes or more in two). ModelInfer ([`super::unary`]) reads its message from the stream and
 //! queues HEADERS, DATA and trailers itself; every other call goes through
 //! [`super::exchange`] (hyper's adaptors, rewritten with its rules) to the generated
 //! services, wrapped as before in the deadline ([`super::deadline`]) and the over-limit
@@ -32,6 +33,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -47,7 +49,7 @@ use tonic::codegen::{BoxFuture, http};
 use super::exchange::{self, Incoming};
 use super::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use super::service::Inference;
-use super::{CONNECTION_WINDOW, STREAM_WINDOW, deadline, over_limit, unary, wait_down};
+use super::{CONNECTION_WINDOW, STREAM_WINDOW, coalesce, deadline, over_limit, unary, wait_down};
 
 /// The health service's path prefix.
 const HEALTH: &str = "/grpc.health.v1.Health/";
@@ -234,13 +236,28 @@ fn builder() -> h2::server::Builder {
     builder
 }
 
+/// `done`, a poll of the connection, once what it wrote has been written; an error writing
+/// it ends the connection. A connection that has ended wrote its last frames as it shut
+/// down, so its end is not held up by a full socket.
+fn flushed<T, IO: AsyncWrite + Unpin>(
+    done: Poll<Result<T, h2::Error>>,
+    flush: &coalesce::Flush<IO>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<T>> {
+    match (flush.poll_flush(cx), done) {
+        (_, Poll::Ready(done)) => Poll::Ready(done.map_err(io::Error::other)),
+        (Poll::Ready(Err(err)), Poll::Pending) => Poll::Ready(Err(err)),
+        (_, Poll::Pending) => Poll::Pending,
+    }
+}
+
 /// Serves one connection until it closes; asked to finish (GOAWAY, then the calls in
 /// flight) when `down` turns true.
 async fn connection<IO, H>(
     io: IO,
     routes: Routes<H>,
     mut down: watch::Receiver<bool>,
-) -> Result<(), h2::Error>
+) -> io::Result<()>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     Routes<H>: Clone,
@@ -251,8 +268,12 @@ where
             Future = deadline::Answer<Routed>,
         >,
 {
+    // What h2 writes in a turn of this task leaves in one write, after the turn.
+    let (io, flush) = coalesce::pair(io);
+    let mut handshake = std::pin::pin!(builder().handshake::<_, Bytes>(io));
+    let handshake = std::future::poll_fn(|cx| flushed(handshake.as_mut().poll(cx), &flush, cx));
     let mut connection = tokio::select! {
-        connection = builder().handshake::<_, Bytes>(io) => connection?,
+        connection = handshake => connection?,
         () = wait_down(&mut down) => return Ok(()),
     };
     let mut service = deadline::Deadline::new(routes.clone());
@@ -264,7 +285,7 @@ where
             connection.graceful_shutdown();
             asked = true;
         }
-        drive(&mut connection, &routes, &mut service, &mut calls, cx)
+        flushed(drive(&mut connection, &routes, &mut service, &mut calls, cx), &flush, cx)
     })
     .await
 }
