@@ -284,6 +284,9 @@ pub fn copy_databases(
             }
         }
         tx.commit()?;
+        // Statistics for the planner now, not at autovacuum's next pass: a plan made for
+        // tables it takes to be empty scans them whole.
+        sql.execute_batch("ANALYZE")?;
         Ok(Ok(copied))
     })?
 }
