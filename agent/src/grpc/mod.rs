@@ -17,7 +17,8 @@
 //!
 //! The parts: `transport` serves the HTTP/2 connections (on h2 directly), each connection's
 //! calls polled within the connection's own task, and routes a call by its path;
-//! `coalesce` holds what h2 writes in a turn of that task for one write; `unary`
+//! `coalesce` holds what h2 writes in a turn of that task for one write, and `turn` keeps
+//! the wakes of a turn within it; `unary`
 //! serves ModelInfer, the hot path, on its h2 stream, framing the messages by hand;
 //! `exchange` carries every other call between its h2 stream and the generated services;
 //! `service` is the generated service's implementation (everything but ModelInfer's own
@@ -30,6 +31,7 @@ mod deadline;
 mod exchange;
 mod service;
 mod transport;
+mod turn;
 mod unary;
 
 use std::sync::Arc;

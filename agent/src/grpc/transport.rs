@@ -16,7 +16,11 @@
 //! streams and polls their calls in a `FuturesUnordered` beside the connection, polling
 //! the connection again after a call ended so that its answer is queued in the same turn;
 //! what h2 wrote in the turn goes to the socket in one write when the turn ends
-//! ([`super::coalesce`]: h2 alone wrote an answer of 256 bytes or more in two). ModelInfer ([`super::unary`]) reads its message from the stream and
+//! ([`super::coalesce`]: h2 alone wrote an answer of 256 bytes or more in two). The
+//! connection and calls are polled with [`super::turn`]'s waker, so that h2 waking the
+//! connection as a call queues its answer is served within the turn rather than by the
+//! runtime (which took a self-wake for a yield and woke a parked worker, a `futex` a
+//! call). ModelInfer ([`super::unary`]) reads its message from the stream and
 //! queues HEADERS, DATA and trailers itself; every other call goes through
 //! [`super::exchange`] (hyper's adaptors, rewritten with its rules) to the generated
 //! services, wrapped as before in the deadline ([`super::deadline`]) and the over-limit
@@ -49,7 +53,9 @@ use tonic::codegen::{BoxFuture, http};
 use super::exchange::{self, Incoming};
 use super::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use super::service::Inference;
-use super::{CONNECTION_WINDOW, STREAM_WINDOW, coalesce, deadline, over_limit, unary, wait_down};
+use super::{
+    CONNECTION_WINDOW, STREAM_WINDOW, coalesce, deadline, over_limit, turn, unary, wait_down,
+};
 
 /// The health service's path prefix.
 const HEALTH: &str = "/grpc.health.v1.Health/";
@@ -280,12 +286,21 @@ where
     let mut calls = FuturesUnordered::new();
     let mut stopping = std::pin::pin!(wait_down(&mut down));
     let mut asked = false;
+    let turn = turn::Turn::new();
     std::future::poll_fn(|cx| {
         if !asked && stopping.as_mut().poll(cx).is_ready() {
             connection.graceful_shutdown();
             asked = true;
         }
-        flushed(drive(&mut connection, &routes, &mut service, &mut calls, cx), &flush, cx)
+        turn.enter(cx);
+        let mut inner = Context::from_waker(turn.waker());
+        let done = loop {
+            let done = drive(&mut connection, &routes, &mut service, &mut calls, &mut inner);
+            if done.is_ready() || !turn.leave() {
+                break done;
+            }
+        };
+        flushed(done, &flush, cx)
     })
     .await
 }
