@@ -22,7 +22,8 @@
 //!   every agent has a document naming it (on PostgreSQL the second replica learns of it
 //!   from the database's newest event, which it polls every second);
 //! - **window ingest**: every agent sends one metric window at once (as agents do every
-//!   10 s per model); windows a second until every one is acknowledged (stored).
+//!   10 s per model); windows a second until every one is acknowledged (stored), and the
+//!   CPU each control plane (and PostgreSQL's processes) used per window meanwhile.
 //!
 //! `cargo bench --bench scale -- [--agents 10000] [--seconds 30]`; prints Markdown for
 //! BENCHMARKS.md. Needs PostgreSQL's server programs (`apt-get install postgresql`).
@@ -73,6 +74,20 @@ fn main() -> Result<()> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(agents, seconds))
 }
 
+/// One control-plane process's figures.
+struct Process {
+    /// Agents connected to it.
+    agents: usize,
+    /// RSS before they connect, KiB.
+    rss_empty: u64,
+    /// RSS with them, KiB.
+    rss: u64,
+    /// CPU ticks over the heartbeat phase.
+    heartbeat_ticks: u64,
+    /// CPU ticks from the windows' sending until the last acknowledgement.
+    ingest_ticks: u64,
+}
+
 /// What an agent tells the bench.
 enum Event {
     /// Its first desired-state document came.
@@ -95,13 +110,14 @@ enum Order {
 /// One backend's figures.
 struct Figures {
     backend: &'static str,
-    /// Per control-plane process: agents, RSS before (KiB), RSS with agents (KiB), CPU
-    /// ticks over the heartbeat phase.
-    processes: Vec<(usize, u64, u64, u64)>,
+    /// Per control-plane process.
+    processes: Vec<Process>,
     heartbeat_secs: f64,
     connect_secs: f64,
     fanout_secs: f64,
     ingest_secs: f64,
+    /// CPU ticks PostgreSQL's processes used over the ingest (none on SQLite).
+    database_ingest_ticks: u64,
     agents: usize,
     /// Sessions opened again during the storm, and after it.
     reconnects: (usize, usize),
@@ -278,7 +294,13 @@ async fn measure(
     for (k, server) in servers.iter().enumerate() {
         let ticks = fleet::cpu_ticks(server.pid)? - before[k];
         let on_it = (0..agents).filter(|i| i % servers.len() == k).count();
-        processes.push((on_it, empty[k], fleet::rss_kib(server.pid)?, ticks));
+        processes.push(Process {
+            agents: on_it,
+            rss_empty: empty[k],
+            rss: fleet::rss_kib(server.pid)?,
+            heartbeat_ticks: ticks,
+            ingest_ticks: 0,
+        });
     }
 
     let started = Instant::now();
@@ -287,10 +309,17 @@ async fn measure(
         .await?;
     let fanout_secs = started.elapsed().as_secs_f64();
 
+    let before: Vec<u64> =
+        servers.iter().map(|s| fleet::cpu_ticks(s.pid)).collect::<Result<_>>()?;
+    let database_before = postgres_ticks()?;
     let started = Instant::now();
     orders.send(Order::SendWindow(deploys))?;
     count(&mut events, agents, |e| matches!(e, Event::Acked), "window acknowledged").await?;
     let ingest_secs = started.elapsed().as_secs_f64();
+    for ((process, server), before) in processes.iter_mut().zip(servers).zip(before) {
+        process.ingest_ticks = fleet::cpu_ticks(server.pid)? - before;
+    }
+    let database_ingest_ticks = postgres_ticks()?.saturating_sub(database_before);
 
     orders.send(Order::Stop)?;
     for source in &sources {
@@ -303,9 +332,27 @@ async fn measure(
         connect_secs,
         fanout_secs,
         ingest_secs,
+        database_ingest_ticks,
         agents,
         reconnects: (storm_reconnects, reconnects.load(Ordering::Relaxed) - storm_reconnects),
     })
+}
+
+/// The CPU time of every `postgres` process on the machine (the bench's cluster: its
+/// server and a backend per connection), in clock ticks.
+fn postgres_ticks() -> Result<u64> {
+    let mut ticks = 0;
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() == "postgres" {
+            // A backend that ended meanwhile is no longer counted.
+            ticks += fleet::cpu_ticks(pid).unwrap_or(0);
+        }
+    }
+    Ok(ticks)
 }
 
 /// Waits until `want` agents sent an event matching `wanted`.
@@ -483,22 +530,25 @@ fn print_figures(agents: usize, seconds: u64, enroll_secs: f64, figures: &[Figur
     println!("Enrollment of {agents} agents, 16 at a time (SQLite): {enroll_secs:.1} s");
     println!();
     println!(
-        "| backend | process | agents | connect storm s | heartbeat CPU (% of a core, {seconds} s) | RSS before MiB | RSS with agents MiB | KiB per agent | fan-out s | window ingest /s |"
+        "| backend | process | agents | connect storm s | heartbeat CPU (% of a core, {seconds} s) | RSS before MiB | RSS with agents MiB | KiB per agent | fan-out s | window ingest /s | ingest CPU µs per window |"
     );
-    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for f in figures {
-        for (k, (on_it, empty, rss, ticks)) in f.processes.iter().enumerate() {
+        for (k, p) in f.processes.iter().enumerate() {
+            let seconds = |ticks: u64| ticks as f64 / fleet::TICKS_PER_SECOND;
             println!(
-                "| {} | {} | {on_it} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} |",
+                "| {} | {} | {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.2} | {:.0} | {:.0} |",
                 f.backend,
                 k + 1,
+                p.agents,
                 f.connect_secs,
-                *ticks as f64 / fleet::TICKS_PER_SECOND / f.heartbeat_secs * 100.0,
-                *empty as f64 / 1024.0,
-                *rss as f64 / 1024.0,
-                rss.saturating_sub(*empty) as f64 / *on_it as f64,
+                seconds(p.heartbeat_ticks) / f.heartbeat_secs * 100.0,
+                p.rss_empty as f64 / 1024.0,
+                p.rss as f64 / 1024.0,
+                p.rss.saturating_sub(p.rss_empty) as f64 / p.agents as f64,
                 f.fanout_secs,
                 f.agents as f64 / f.ingest_secs,
+                seconds(p.ingest_ticks) * 1e6 / p.agents as f64,
             );
         }
     }
@@ -506,5 +556,12 @@ fn print_figures(agents: usize, seconds: u64, enroll_secs: f64, figures: &[Figur
     for f in figures {
         let (storm, after) = f.reconnects;
         println!("{}: {storm} sessions opened again during the storm, {after} after it", f.backend);
+        if f.database_ingest_ticks > 0 {
+            println!(
+                "{}: PostgreSQL's processes used {:.0} µs of CPU per window over the ingest",
+                f.backend,
+                f.database_ingest_ticks as f64 / fleet::TICKS_PER_SECOND * 1e6 / f.agents as f64
+            );
+        }
     }
 }
