@@ -294,10 +294,16 @@ where
         }
         turn.enter(cx);
         let mut inner = Context::from_waker(turn.waker());
+        let mut rounds = 0;
         let done = loop {
             let done = drive(&mut connection, &routes, &mut service, &mut calls, &mut inner);
             if done.is_ready() || !turn.leave() {
                 break done;
+            }
+            rounds += 1;
+            if rounds == turn::AGAIN {
+                turn.yield_now(cx);
+                break Poll::Pending;
             }
         };
         flushed(done, &flush, cx)

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Wake, Waker};
 
+/// The most rounds a turn polls again for its own wakes before it yields to the runtime.
+pub(super) const AGAIN: usize = 4;
+
 /// One connection's turns ([`Turn::enter`], [`Turn::leave`]) and the waker to poll with.
 pub(super) struct Turn {
     shared: Arc<Shared>,
@@ -72,6 +75,15 @@ impl Turn {
         false
     }
 
+    /// Ends the turn and has the runtime poll the task again: for a turn woken in every
+    /// round ([`AGAIN`]), as when the runtime's cooperative budget is spent (its resources
+    /// then answer pending and wake the task, until the runtime polls it anew).
+    pub(super) fn yield_now(&self, cx: &Context<'_>) {
+        self.shared.inside.store(false, Ordering::SeqCst);
+        self.shared.woken.store(false, Ordering::SeqCst);
+        cx.waker().wake_by_ref();
+    }
+
     /// The waker to poll with during a turn.
     pub(super) fn waker(&self) -> &Waker {
         &self.waker
@@ -108,5 +120,19 @@ mod tests {
         assert_eq!(task.0.load(Ordering::SeqCst), 1, "outside a turn the task is woken");
         turn.enter(&Context::from_waker(&waker));
         assert!(!turn.leave(), "a wake before the turn began does not extend it");
+    }
+
+    #[test]
+    fn a_turn_that_yields_has_the_runtime_poll_it_again() {
+        let task = Arc::new(Task::default());
+        let waker = Waker::from(Arc::clone(&task));
+        let turn = Turn::new();
+        let cx = Context::from_waker(&waker);
+        turn.enter(&cx);
+        turn.waker().wake_by_ref();
+        turn.yield_now(&cx);
+        assert_eq!(task.0.load(Ordering::SeqCst), 1);
+        turn.waker().wake_by_ref();
+        assert_eq!(task.0.load(Ordering::SeqCst), 2, "out of the turn once it yielded");
     }
 }
