@@ -14,6 +14,7 @@ use falaj_common::keys::{Sha256, SigningKey};
 use falaj_common::protocol::{ActualState, ControlMessage};
 use falaj_common::rollout::RolloutSpec;
 use falaj_common::time::Timestamp;
+use futures_util::StreamExt as _;
 use tokio::sync::mpsc;
 
 use crate::blobs::BlobStore;
@@ -192,6 +193,10 @@ pub struct Session {
     /// The version of the last document sent.
     pub sent_version: Option<u64>,
 }
+
+/// Documents issued at once on PostgreSQL when many agents need one (a deployment's
+/// fan-out): each takes a pooled connection for a few round trips.
+const ISSUERS: usize = 4;
 
 /// State shared by the daemon's tasks.
 #[derive(Debug)]
@@ -456,16 +461,28 @@ impl Shared {
                 .cloned()
                 .collect(),
         };
-        for agent in agents {
-            let connected = self
-                .sessions
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains_key(&agent);
-            if connected {
-                let signed = self.desired_for(&agent, now).await?;
-                self.send_if_newer(&agent, signed);
-            }
+        // One document at a time on SQLite, whose one connection serialises them anyway;
+        // a few at once on PostgreSQL, where each is several round trips.
+        let at_once = match self.db.backend() {
+            crate::sql::Backend::Sqlite => 1,
+            crate::sql::Backend::Postgres => ISSUERS,
+        };
+        let mut issued = futures_util::stream::iter(agents)
+            .map(|agent| async move {
+                let connected = self
+                    .sessions
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .contains_key(&agent);
+                if connected {
+                    let signed = self.desired_for(&agent, now).await?;
+                    self.send_if_newer(&agent, signed);
+                }
+                Ok::<_, DbError>(())
+            })
+            .buffer_unordered(at_once);
+        while let Some(done) = issued.next().await {
+            done?;
         }
         Ok(())
     }
