@@ -174,20 +174,19 @@ fn group_commit_table(agents: usize, templates: &[MetricsWindow], now: Timestamp
     Ok(())
 }
 
+/// The number after `flag` in `args`, else `default`.
+fn number(args: &[String], flag: &str, default: usize) -> Result<usize> {
+    args.iter()
+        .position(|a| a == flag)
+        .and_then(|i| args.get(i + 1))
+        .map_or(Ok(default), |s| s.parse())
+        .with_context(|| format!("{flag} takes a number"))
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let total = args
-        .iter()
-        .position(|a| a == "--windows")
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(20_000), |s| s.parse::<usize>())
-        .context("--windows takes a number")?;
-    let group_agents = args
-        .iter()
-        .position(|a| a == "--agents")
-        .and_then(|i| args.get(i + 1))
-        .map_or(Ok(2_000), |s| s.parse::<usize>())
-        .context("--agents takes a number")?;
+    let total = number(&args, "--windows", 20_000)?;
+    let group_agents = number(&args, "--agents", 2_000)?;
     let now = Timestamp::from_system(SystemTime::now());
     let templates: Vec<MetricsWindow> = (0..64).map(|i| window(now.unix() - 1800, i)).collect();
     let bytes = postcard::to_stdvec(&templates[0])?.len();
