@@ -63,6 +63,20 @@ async fn open(
     client.send_request(request.body(()).unwrap(), false).unwrap()
 }
 
+/// Sends `message` whole on a new stream; the rows of its answer, which must be a success.
+async fn rows_answered(
+    client: &mut h2::client::SendRequest<Bytes>,
+    addr: SocketAddr,
+    timeout: Option<&str>,
+    message: Bytes,
+) -> i64 {
+    let (response, mut body) = open(client, addr, timeout).await;
+    body.send_data(message, true).unwrap();
+    let (status, text, answer) = answer(response).await;
+    assert_eq!(status, "0", "{text}");
+    answer.unwrap().outputs[0].shape[0]
+}
+
 /// The answer's `grpc-status`, `grpc-message` and message (releasing the window as the
 /// data is read).
 async fn answer(
@@ -132,11 +146,7 @@ async fn a_deadline_passes_while_the_message_is_still_arriving() {
     assert_eq!(status, (tonic::Code::DeadlineExceeded as i32).to_string(), "{text}");
     assert!(text.contains("deadline (200ms) passed"), "{text}");
     drop(body);
-    let (response, mut body) = open(&mut client, server.grpc, Some("60S")).await;
-    body.send_data(message, true).unwrap();
-    let (status, _, answer) = answer(response).await;
-    assert_eq!(status, "0");
-    assert_eq!(answer.unwrap().outputs[0].shape[0], 2);
+    assert_eq!(rows_answered(&mut client, server.grpc, Some("60S"), message).await, 2);
     server.stop().await;
 }
 
@@ -177,11 +187,7 @@ async fn a_stream_reset_by_the_client_ends_its_call() {
     body.send_reset(h2::Reason::CANCEL);
     assert!(halfway.await.is_err(), "a reset stream has no answer");
 
-    let (response, mut body) = open(&mut client, server.grpc, None).await;
-    body.send_data(message, true).unwrap();
-    let (status, _, answer) = answer(response).await;
-    assert_eq!(status, "0");
-    assert_eq!(answer.unwrap().outputs[0].shape[0], 3);
+    assert_eq!(rows_answered(&mut client, server.grpc, None, message).await, 3);
     server.stop().await;
 }
 
