@@ -33,7 +33,9 @@ use std::time::Duration;
 use falaj_common::chunking::Recipe;
 use serde_json::{Value, json};
 
-use crate::replicas::{MODEL, Region, every_request_is_counted_once, lease, served_requests};
+use crate::replicas::{
+    MODEL, Region, every_agent_runs, every_request_is_counted_once, lease, served_requests,
+};
 use crate::support::{self, ControlProcess, Process, enroll_and_serve, ok, push_sample, s};
 use crate::wait::eventually;
 
@@ -88,13 +90,6 @@ async fn first_replica_and_fleet(region: &Region, second: &str) -> (ControlProce
 async fn connected(replica: &ControlProcess) -> i64 {
     support::prometheus_sum(&format!("{}/metrics", replica.url), "falaj_agents_connected").await
         as i64
-}
-
-/// The fleet view of `replica` shows three agents connected, running `target`.
-fn every_agent_runs(replica: &ControlProcess, target: &str) {
-    let fleet = replica.ok(&["control", "agents"]);
-    let running = fleet.lines().filter(|l| l.contains("connected") && l.contains(target)).count();
-    assert_eq!(running, 3, "{fleet}");
 }
 
 /// The sum of `metric` on the agent at `http`.
@@ -390,7 +385,7 @@ pub async fn a_replica_killed_during_a_transfer_leaves_agents_to_resume_it_on_th
         connected(&b).await == 3
     })
     .await;
-    every_agent_runs(&b, &format!("{BIG}@1"));
+    every_agent_runs(&b, &format!("{BIG}@1")).await;
 
     let served = served_requests(&agents, MODEL, 1).await;
     assert!(served >= 60, "{served}");
@@ -566,7 +561,7 @@ pub async fn a_replica_killed_during_a_rollout_leaves_the_other_to_finish_it() {
         connected(&b).await == 3
     })
     .await;
-    every_agent_runs(&b, &format!("{MODEL}@2"));
+    every_agent_runs(&b, &format!("{MODEL}@2")).await;
 
     // The candidate's counters stay: they agree with the test's count of its answers.
     assert_eq!(served_requests(&agents, MODEL, 2).await, tally.get(2));

@@ -167,6 +167,18 @@ pub async fn every_request_is_counted_once(
     .await;
 }
 
+/// The fleet view of `replica` comes to show three agents connected, running `target`.
+/// An agent serves a version before its report of it reaches the control plane, so the
+/// view is waited for, not read once.
+pub async fn every_agent_runs(replica: &ControlProcess, target: &str) {
+    let what = format!("the fleet view shows three agents connected, running {target}");
+    eventually(Duration::from_secs(30), &what, || async {
+        let fleet = replica.ok(&["control", "agents"]);
+        fleet.lines().filter(|l| l.contains("connected") && l.contains(target)).count() == 3
+    })
+    .await;
+}
+
 pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one() {
     let Some(region) = Region::start("").await else { return };
     let work = region.path();
@@ -230,12 +242,7 @@ pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_o
         })
         .await;
     }
-    let fleet = b.ok(&["control", "agents"]);
-    let current = fleet
-        .lines()
-        .filter(|l| l.contains("connected") && l.contains(&format!("{MODEL}@2")))
-        .count();
-    assert_eq!(current, 3, "{fleet}");
+    every_agent_runs(&b, &format!("{MODEL}@2")).await;
 
     // One audit chain, appended to by both replicas, that verifies as one.
     let export = work.join("audit.jsonl");
