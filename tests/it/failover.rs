@@ -37,6 +37,18 @@ async fn serves(http: std::net::SocketAddr, version: u64) -> bool {
     support::infer(http, MODEL).await == Some(version)
 }
 
+/// Waits until the fleet view of `control` shows an agent connected, running `version`:
+/// an agent serves a version before its report of it reaches the control plane.
+async fn listed_running(control: &ControlProcess, version: u64) {
+    let target = format!("{MODEL}@{version}");
+    let what = format!("the fleet view shows an agent connected, running {target}");
+    fleet::eventually(Duration::from_secs(30), &what, || async {
+        let fleet_view = control.ok(&["control", "agents"]);
+        fleet_view.lines().any(|l| l.contains("connected") && l.contains(&target))
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_with_a_dead_address_first_enrolls_and_installs_through_the_live_one() {
     let work = tempfile::tempdir().unwrap();
@@ -66,11 +78,7 @@ async fn an_agent_with_a_dead_address_first_enrolls_and_installs_through_the_liv
     let (agent, http) = enroll_and_serve(&control, &work.path().join("agent"), &list);
     fleet::eventually(Duration::from_secs(120), "version 1 is served", || serves(http, 1)).await;
 
-    let fleet_view = control.ok(&["control", "agents"]);
-    assert!(
-        fleet_view.lines().any(|l| l.contains("connected") && l.contains(&format!("{MODEL}@1"))),
-        "{fleet_view}"
-    );
+    listed_running(&control, 1).await;
     assert_eq!(agent.terminate(), Some(0));
     assert_eq!(control.terminate(), Some(0));
 }
@@ -98,11 +106,7 @@ async fn an_agent_follows_its_control_plane_to_the_other_address_of_its_list() {
     // Nothing listens at the first address any more: only the second can bring version 2.
     fleet::eventually(Duration::from_secs(120), "version 2 is served", || serves(http, 2)).await;
 
-    let fleet_view = moved.ok(&["control", "agents"]);
-    assert!(
-        fleet_view.lines().any(|l| l.contains("connected") && l.contains(&format!("{MODEL}@2"))),
-        "{fleet_view}"
-    );
+    listed_running(&moved, 2).await;
     assert_eq!(agent.terminate(), Some(0));
     assert_eq!(moved.terminate(), Some(0));
 }

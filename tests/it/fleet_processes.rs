@@ -150,6 +150,11 @@ async fn cli_fleet_survives_an_agent_killed_mid_install() {
     })
     .await;
 
+    // The agent serves version 2 before its report of it reaches the control plane.
+    fleet::eventually(Duration::from_secs(30), "the fleet view shows layered@2", || async {
+        run(api(&["control", "agents"])).contains("layered@2")
+    })
+    .await;
     let fleet_view = run(api(&["control", "agents"]));
     let line = fleet_view
         .lines()
