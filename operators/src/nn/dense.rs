@@ -215,7 +215,7 @@ impl Kernel for Dense {
         let rows = shape[..shape.len() - 1].iter().product::<usize>();
         let x = input.try_as_plain_ram()?.as_slice::<f32>()?;
         // Computed in the output tensor itself: no copy of a layer's output per call.
-        let mut out = Tensor::zero::<f32>(&self.output_shape(shape, self.n, 1))?;
+        let mut out = super::to_fill(&self.output_shape(shape, self.n, 1))?;
         if self.n > 0 {
             let mut view = out.try_as_plain_ram_mut()?;
             run(self, x, rows, view.as_slice_mut::<f32>()?);
