@@ -114,8 +114,23 @@ fn image(
             7 => run.vectors::<7>(whole, rest),
             _ => run.vectors::<{ CHUNK / 16 }>(whole, rest),
         }
-        for (dst, src) in out.chunks_exact_mut(ow).zip(sums.chunks(row)) {
-            copy(&src[..ow], dst);
+        rows_out(&sums, row, out, ow);
+    }
+}
+
+/// The first `ow` values of each `row`-long line of `sums` into the rows of `out`, in
+/// order. A row is written as whole vectors where they fit before the end of `out`: their
+/// surplus lands on the rows after it, which are written next (a 14-wide row is one
+/// vector, not three moves).
+#[inline(always)]
+fn rows_out(sums: &[f32], row: usize, out: &mut [f32], ow: usize) {
+    let wide = ow.next_multiple_of(16);
+    for (y, start) in (0..out.len()).step_by(ow).enumerate() {
+        let from = &sums[y * row..];
+        if start + wide <= out.len() && from.len() >= wide {
+            copy(&from[..wide], &mut out[start..start + wide]);
+        } else {
+            copy(&from[..ow], &mut out[start..start + ow]);
         }
     }
 }
@@ -147,8 +162,9 @@ impl Run<'_> {
     }
 }
 
-/// `to.copy_from_slice(from)` in vectors of sixteen: rows here are short, and the
-/// library's copy is a call whose cost was a sixth of a small plane's time.
+/// `to.copy_from_slice(from)` in vectors of sixteen, then of eight and four: rows here
+/// are short (a 14-wide row is three moves, not fourteen), and the library's copy is a
+/// call whose cost was a sixth of a small plane's time.
 #[inline(always)]
 pub(crate) fn copy(from: &[f32], to: &mut [f32]) {
     let mut to = to.chunks_exact_mut(16);
@@ -157,8 +173,43 @@ pub(crate) fn copy(from: &[f32], to: &mut [f32]) {
         let v: V = f.try_into().expect("sixteen floats");
         t.copy_from_slice(&v);
     }
-    for (t, f) in to.into_remainder().iter_mut().zip(from.remainder()) {
+    let (mut to, mut from) = (to.into_remainder(), from.remainder());
+    if to.len() >= 8 && from.len() >= 8 {
+        let v: [f32; 8] = from[..8].try_into().expect("eight floats");
+        to[..8].copy_from_slice(&v);
+        (to, from) = (&mut to[8..], &from[8..]);
+    }
+    if to.len() >= 4 && from.len() >= 4 {
+        let v: [f32; 4] = from[..4].try_into().expect("four floats");
+        to[..4].copy_from_slice(&v);
+        (to, from) = (&mut to[4..], &from[4..]);
+    }
+    for (t, f) in to.iter_mut().zip(from) {
         *t = *f;
+    }
+}
+
+/// The even values of `src` into `evens` and the odd ones into `odds`, sixteen pairs at
+/// a time (two vectors in, two out), then pair by pair.
+#[inline(always)]
+fn deinterleave(src: &[f32], evens: &mut [f32], odds: &mut [f32]) {
+    let mut pairs = src.chunks_exact(32);
+    let mut e = evens.chunks_exact_mut(16);
+    let mut o = odds.chunks_exact_mut(16);
+    for ((e, o), s) in e.by_ref().zip(o.by_ref()).zip(pairs.by_ref()) {
+        let s: &[f32; 32] = s.try_into().expect("sixteen pairs");
+        let (mut ev, mut od) = ([0.0f32; 16], [0.0f32; 16]);
+        for j in 0..16 {
+            ev[j] = s[2 * j];
+            od[j] = s[2 * j + 1];
+        }
+        e.copy_from_slice(&ev);
+        o.copy_from_slice(&od);
+    }
+    let (e, o) = (e.into_remainder(), o.into_remainder());
+    for ((e, o), pair) in e.iter_mut().zip(o.iter_mut()).zip(pairs.remainder().chunks_exact(2)) {
+        *e = pair[0];
+        *o = pair[1];
     }
 }
 
@@ -353,9 +404,8 @@ impl Phases {
                 // second, pair by pair.
                 let even = start + (px % 2) * plane + px / 2;
                 let odd = start + ((px + 1) % 2) * plane + px.div_ceil(2);
-                let pairs = src.chunks_exact(2);
-                if let &[last] = pairs.remainder() {
-                    dst[even + w / 2] = last;
+                if w % 2 == 1 {
+                    dst[even + w / 2] = src[w - 1];
                 }
                 let (evens, odds) = if even < odd {
                     let (a, b) = dst.split_at_mut(odd);
@@ -364,10 +414,7 @@ impl Phases {
                     let (a, b) = dst.split_at_mut(even);
                     (&mut b[..w / 2], &mut a[odd..odd + w / 2])
                 };
-                for ((e, o), pair) in evens.iter_mut().zip(odds.iter_mut()).zip(pairs) {
-                    *e = pair[0];
-                    *o = pair[1];
-                }
+                deinterleave(src, evens, odds);
             } else {
                 // Column phase q holds the padded columns q, q + sw, q + 2·sw, ...
                 for q in 0..sw {
