@@ -1,5 +1,6 @@
 //! Scale-out (issue 21): N simulated agents against one control plane on SQLite, then the
-//! same agents against two replicas on one PostgreSQL, side by side.
+//! same agents against one replica on PostgreSQL, then against two replicas on it, side
+//! by side.
 //!
 //! The agents are enrolled once, with the SQLite control plane; `falaj control migrate
 //! --from-sqlite` then copies its state into an empty PostgreSQL database (a cluster made
@@ -9,7 +10,7 @@
 //! profile); the agents run in this process, each with its own certificate and QUIC
 //! connection, spread over 100 UDP sockets on as many loopback addresses (the control
 //! plane caps handshakes in progress per address, as it would for agents behind one NAT),
-//! and on PostgreSQL agent `i` connects to replica `i % 2`. For each backend:
+//! and with two replicas agent `i` connects to replica `i % 2`. For each backend:
 //!
 //! - **connect storm**: every agent connects at once; the time until each has its first
 //!   desired-state document (refused handshakes are retried with backoff and jitter, as
@@ -138,7 +139,7 @@ async fn run(agents: usize, seconds: u64) -> Result<()> {
     let enroll_started = Instant::now();
     let identities = enroll_all(&server, work.path(), agents).await?;
     let enroll_secs = enroll_started.elapsed().as_secs_f64();
-    for version in [1, 2, 3] {
+    for version in [1, 2, 3, 4] {
         let path = work.path().join(format!("{MODEL}-{version}.falaj"));
         let payload = fleet::noise(64 << 10, version);
         fleet::write_bundle(&sqlite.join("keys"), &path, (MODEL, version), REGION, payload)?;
@@ -170,24 +171,24 @@ async fn run(agents: usize, seconds: u64) -> Result<()> {
             sqlite.join("blobs").display()
         ),
     )?;
-    let mut replicas = Vec::new();
-    for name in ["a", "b"] {
+    let replica = |name: &str| -> Result<ControlServer> {
         let data = work.path().join(name);
         copy_dir(&sqlite.join("keys"), &data.join("keys"))?;
         let config = config.display().to_string();
-        replicas.push(ControlServer::start(
-            &data,
-            REGION,
-            &["--config", &config, "--heartbeat", "10s"],
-        )?);
-    }
-    let servers: Vec<&ControlServer> = replicas.iter().collect();
-    let phase = Phase { backend: "PostgreSQL, two replicas", deploys: 3, seconds };
-    let on_postgres = measure(&phase, &servers, &identities).await?;
-    drop(replicas);
+        ControlServer::start(&data, REGION, &["--config", &config, "--heartbeat", "10s"])
+    };
+    // One replica first, with every agent: a replica against SQLite's one process on the
+    // same cores. Then a second beside it, the agents spread over both.
+    let a = replica("a")?;
+    let phase = Phase { backend: "PostgreSQL, one replica", deploys: 3, seconds };
+    let on_one = measure(&phase, &[&a], &identities).await?;
+    let b = replica("b")?;
+    let phase = Phase { backend: "PostgreSQL, two replicas", deploys: 4, seconds };
+    let on_two = measure(&phase, &[&a, &b], &identities).await?;
+    drop((a, b));
     drop(cluster);
 
-    print_figures(agents, seconds, enroll_secs, &[on_sqlite, on_postgres]);
+    print_figures(agents, seconds, enroll_secs, &[on_sqlite, on_one, on_two]);
     Ok(())
 }
 
