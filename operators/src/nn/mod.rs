@@ -85,10 +85,11 @@ fn per_image(
 /// A float tensor of `shape` for a kernel that writes every element of it: left
 /// uninitialized, since zeroing it first was a twelfth of a MobileNet's call. In this
 /// crate's tests it starts as NaN instead, so that an output a kernel leaves unwritten
-/// fails the test that compares the kernel with its definition. The project's one
-/// `unsafe` block: tract offers no safe way to an unzeroed tensor, and its own kernels
-/// take this one.
-#[allow(unsafe_code)]
+/// fails the test that compares the kernel with its definition.
+#[expect(
+    unsafe_code,
+    reason = "tract makes a tensor without zeroing it only through `unsafe`, as its own kernels do"
+)]
 fn to_fill(shape: &[usize]) -> TractResult<Tensor> {
     if cfg!(test) {
         let mut tensor = Tensor::zero::<f32>(shape)?;
