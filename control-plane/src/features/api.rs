@@ -401,7 +401,11 @@ async fn build_snapshot(
         pii: request.pii,
     };
     let now_micros = now.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
-    let (view, keyring) = (name.clone(), api.features.keyring(Timestamp::from_system(now)));
+    // The region's keys as recorded: one another replica rotated in is loaded (and its file
+    // checked) first; a file missing or different here refuses the snapshot (logged).
+    let keyring =
+        api.features.keyring(Timestamp::from_system(now)).await.map_err(ApiError::internal)?;
+    let view = name.clone();
     let built = api
         .features
         .db

@@ -49,6 +49,20 @@ pub enum OpenError {
     /// The key file.
     #[error("PII key {path}: {source}")]
     Key { path: std::path::PathBuf, source: std::io::Error },
+    /// The region's database records a key version in use whose file this replica lacks.
+    #[error(
+        "PII key {path} is missing: the region's database records version {version} in use; \
+         copy the region's pii-*.key files into this replica's keys directory (INSTALL.md)"
+    )]
+    KeyMissing { path: std::path::PathBuf, version: u32 },
+    /// A key file differs from the one the region recorded for its version: this replica
+    /// would pseudonymise with a key other than the region's.
+    #[error(
+        "PII key {path} is not the region's version {version}: its fingerprint is {found}, \
+         the region's database records {recorded}; copy the region's pii-*.key files into \
+         this replica's keys directory (INSTALL.md) rather than pseudonymise with another key"
+    )]
+    KeyMismatch { path: std::path::PathBuf, version: u32, recorded: String, found: String },
     /// The key file is sealed and could not be opened.
     #[error(transparent)]
     Vault(#[from] VaultError),
@@ -114,9 +128,33 @@ impl FeatureStore {
         })
     }
 
-    /// The keys to pseudonymise with at `now`: the current version and those in overlap.
-    pub fn keyring(&self, now: Timestamp) -> Keyring {
-        self.pii.load().keyring(now)
+    /// The keys to pseudonymise with at `now`: the current version and those in overlap,
+    /// as the region's database records them. When another replica rotated the key since
+    /// they were loaded, or an overlap ended, they are opened again first, which refuses a
+    /// key file this replica lacks or holds different from the region's. Call it under
+    /// [`FeatureStore::building`], as rotations here are.
+    pub async fn keyring(&self, now: Timestamp) -> Result<Keyring, OpenError> {
+        let (db, keys, region, loaded) = (
+            self.db.clone(),
+            Arc::clone(&self.keys),
+            Arc::clone(&self.region),
+            self.pii.load_full(),
+        );
+        let fresh = tokio::task::spawn_blocking(move || {
+            if loaded.is_current(&db, now)? {
+                return Ok(None);
+            }
+            PiiKeys::open(&db, &keys, &region, now).map(Some)
+        })
+        .await
+        .map_err(|e| OpenError::Key {
+            path: self.keys.dir().to_owned(),
+            source: std::io::Error::other(e),
+        })??;
+        if let Some(fresh) = fresh {
+            self.pii.store(Arc::new(fresh));
+        }
+        Ok(self.pii.load().keyring(now))
     }
 
     /// Makes a new version of the PII key current; the previous one stays in overlap for

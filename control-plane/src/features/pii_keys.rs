@@ -13,6 +13,16 @@
 //! the newest version to recording the next, with its file written in between: two
 //! rotations at once, from two processes or two replicas, make two versions one after the
 //! other, never the same one twice.
+//!
+//! Every replica of a region must hold the same key files (they are copied like the rest
+//! of the keys directory). So each version is recorded with its [`fingerprint`] (an HMAC
+//! of a fixed text under the key, which does not reveal the key), by whoever made it, and
+//! every open compares each file it loads against the record: a file missing or
+//! different is refused ([`OpenError::KeyMissing`], [`OpenError::KeyMismatch`]), so a
+//! replica never pseudonymises with keys other than the region's. A version recorded
+//! before fingerprints were (feature schema 3) takes the fingerprint of the first file
+//! opened for it. [`PiiKeys::is_current`] tells the store when another replica rotated,
+//! so that it loads (and checks) the new version before using it.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -40,10 +50,30 @@ pub struct KeyVersion {
     pub overlap_until: Option<Timestamp>,
 }
 
+/// A version as recorded, with the fingerprint of its key (`None` if recorded before
+/// fingerprints were).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Recorded {
+    version: KeyVersion,
+    fingerprint: Option<String>,
+}
+
 /// The loaded versions still in use: the current one and those in overlap.
 struct Loaded {
     version: KeyVersion,
+    fingerprint: String,
     secret: Zeroizing<Vec<u8>>,
+}
+
+/// The text whose HMAC under a key is its fingerprint.
+const FINGERPRINT_TEXT: &[u8] = b"falaj pii key fingerprint v1";
+
+/// A key's fingerprint: the first 16 bytes, in hex, of HMAC-SHA256 under the key of a
+/// fixed text. Equal keys give equal fingerprints; the fingerprint tells nothing of the
+/// key (nor of the pseudonyms made with it).
+pub fn fingerprint(secret: &[u8]) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    hex::encode(&ring::hmac::sign(&key, FINGERPRINT_TEXT).as_ref()[..16])
 }
 
 /// The region's PII keys, loaded.
@@ -64,19 +94,32 @@ pub fn file_name(region: &str, version: u32) -> String {
     if version == 1 { format!("pii-{region}.key") } else { format!("pii-{region}.v{version}.key") }
 }
 
-fn versions<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<KeyVersion>, C::Error> {
+fn recorded<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<Recorded>, C::Error> {
     Ok(conn.sql().query_map(
-        "SELECT version, created, overlap_until FROM pii_keys ORDER BY version DESC",
+        "SELECT version, created, overlap_until, fingerprint FROM pii_keys ORDER BY version DESC",
         params![],
         |row| {
-            Ok(KeyVersion {
-                version: u32::try_from(row.get::<i64>(0)?)
-                    .map_err(|e| SqlError::Conversion { column: 0, message: e.to_string() })?,
-                created: from_ts(row.get(1)?),
-                overlap_until: row.get::<Option<i64>>(2)?.map(from_ts),
+            Ok(Recorded {
+                version: KeyVersion {
+                    version: u32::try_from(row.get::<i64>(0)?)
+                        .map_err(|e| SqlError::Conversion { column: 0, message: e.to_string() })?,
+                    created: from_ts(row.get(1)?),
+                    overlap_until: row.get::<Option<i64>>(2)?.map(from_ts),
+                },
+                fingerprint: row.get(3)?,
             })
         },
     )?)
+}
+
+/// The recorded versions in use at `now`: the newest, and older ones still in overlap.
+fn in_use(recorded: Vec<Recorded>, now: Timestamp) -> Vec<Recorded> {
+    recorded
+        .into_iter()
+        .enumerate()
+        .filter(|(i, r)| *i == 0 || r.version.overlap_until.is_some_and(|until| until > now))
+        .map(|(_, r)| r)
+        .collect()
 }
 
 /// The advisory lock that makes key versions one at a time on PostgreSQL.
@@ -117,60 +160,102 @@ fn read_secret(keys: &Vault, name: &str) -> Result<Option<Zeroizing<Vec<u8>>>, O
     Ok(Some(bytes))
 }
 
-fn missing(keys: &Vault, name: &str) -> OpenError {
-    OpenError::Key {
-        path: keys.dir().join(name),
-        source: std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "features.db records this PII key version but its file is gone",
-        ),
+/// Version `version`'s key from its file, checked against the fingerprint recorded.
+fn load(keys: &Vault, region: &str, recorded: &Recorded) -> Result<Loaded, OpenError> {
+    let version = recorded.version.version;
+    let name = file_name(region, version);
+    let path = keys.dir().join(&name);
+    let secret = read_secret(keys, &name)?
+        .ok_or_else(|| OpenError::KeyMissing { path: path.clone(), version })?;
+    let found = fingerprint(&secret);
+    match &recorded.fingerprint {
+        Some(expected) if *expected != found => {
+            Err(OpenError::KeyMismatch { path, version, recorded: expected.clone(), found })
+        }
+        _ => Ok(Loaded { version: recorded.version.clone(), fingerprint: found, secret }),
     }
 }
 
+/// Records the fingerprints of `loaded` versions recorded without one (made before
+/// fingerprints were); returns the versions as recorded afterwards, so that one recorded
+/// meanwhile by another replica is compared like any other.
+fn adopt(db: &Db, loaded: &[Loaded]) -> Result<Vec<Recorded>, OpenError> {
+    let adopting: Vec<(i64, String)> =
+        loaded.iter().map(|l| (i64::from(l.version.version), l.fingerprint.clone())).collect();
+    Ok(db.run_sync(move |sql| {
+        let tx = sql.transaction()?;
+        for (version, fingerprint) in &adopting {
+            tx.execute(
+                "UPDATE pii_keys SET fingerprint = $1 WHERE version = $2 AND fingerprint IS NULL",
+                params![fingerprint.as_str(), *version],
+            )?;
+        }
+        let after = recorded(&tx)?;
+        tx.commit()?;
+        Ok(after)
+    })?)
+}
+
 impl PiiKeys {
-    /// Loads the versions in use at `now`; on the first open, makes version 1 (or adopts
-    /// the key file made before keys had versions).
+    /// Loads the versions in use at `now`, each file checked against the fingerprint the
+    /// region recorded for it; on the first open, makes version 1 (or adopts the key file
+    /// made before keys had versions).
     pub fn open(db: &Db, keys: &Vault, region: &str, now: Timestamp) -> Result<Self, OpenError> {
-        let mut recorded = db.run_sync(|sql| versions(&sql))?;
-        if recorded.is_empty() {
+        let mut found = db.run_sync(|sql| recorded(&sql))?;
+        if found.is_empty() {
             // Under the lock, so that two first opens make one version 1 with one file.
-            recorded = db.run_sync(|sql| {
+            found = db.run_sync(|sql| {
                 let tx = locked(&sql)?;
-                let found = versions(&tx)?;
+                let found = recorded(&tx)?;
                 if !found.is_empty() {
                     return Ok(Ok(found));
                 }
                 let name = file_name(region, 1);
-                let made = read_secret(keys, &name).and_then(|secret| match secret {
-                    Some(_) => Ok(()),
-                    None => keys
-                        .write(&name, hex::encode(random::<32>()).as_bytes())
-                        .map(drop)
-                        .map_err(OpenError::from),
-                });
-                if let Err(e) = made {
-                    return Ok(Err(e));
-                }
+                // The file made before keys had versions is adopted; else one is made.
+                let made = match read_secret(keys, &name) {
+                    Ok(Some(secret)) => fingerprint(&secret),
+                    Ok(None) => {
+                        let secret = Zeroizing::new(random::<32>());
+                        if let Err(e) = keys.write(&name, hex::encode(secret.as_slice()).as_bytes())
+                        {
+                            return Ok(Err(e.into()));
+                        }
+                        fingerprint(secret.as_slice())
+                    }
+                    Err(e) => return Ok(Err(e)),
+                };
                 tx.execute(
-                    "INSERT INTO pii_keys (version, created, overlap_until) VALUES (1, $1, NULL)",
-                    params![ts(now)],
+                    "INSERT INTO pii_keys (version, created, overlap_until, fingerprint)
+                     VALUES (1, $1, NULL, $2)",
+                    params![ts(now), made.as_str()],
                 )?;
-                let made = versions(&tx)?;
+                let made = recorded(&tx)?;
                 tx.commit()?;
                 Ok(Ok(made))
             })??;
         }
-        let mut loaded = Vec::new();
-        for (i, version) in recorded.into_iter().enumerate() {
-            let in_use = i == 0 || version.overlap_until.is_some_and(|until| until > now);
-            if !in_use {
-                continue;
-            }
-            let name = file_name(region, version.version);
-            let secret = read_secret(keys, &name)?.ok_or_else(|| missing(keys, &name))?;
-            loaded.push(Loaded { version, secret });
+        let using = in_use(found, now);
+        let loaded = using.iter().map(|r| load(keys, region, r)).collect::<Result<Vec<_>, _>>()?;
+        if using.iter().all(|r| r.fingerprint.is_some()) {
+            return Ok(Self { region: region.to_owned(), versions: loaded });
         }
+        // Versions recorded before fingerprints were: this replica's files become the
+        // record, unless another replica's were recorded first, which these must match.
+        let after = in_use(adopt(db, &loaded)?, now);
+        let loaded = after.iter().map(|r| load(keys, region, r)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self { region: region.to_owned(), versions: loaded })
+    }
+
+    /// Whether these are still the versions the region uses at `now`, as recorded in
+    /// `db` (one small read): false once another replica rotated the key, or an overlap
+    /// ended, and the store should open them again ([`PiiKeys::open`], which checks the
+    /// new files) before pseudonymising.
+    pub fn is_current(&self, db: &Db, now: Timestamp) -> Result<bool, OpenError> {
+        let using = in_use(db.run_sync(|sql| recorded(&sql))?, now);
+        Ok(using.len() == self.versions.len()
+            && using.iter().zip(&self.versions).all(|(r, l)| {
+                r.version == l.version && r.fingerprint.as_deref() == Some(l.fingerprint.as_str())
+            }))
     }
 
     /// The keys to pseudonymise with at `now`: the current version and those whose
@@ -230,18 +315,21 @@ pub fn rotate(
         // Written while the lock is held: a rotation beside this one waits, then takes
         // the next version; one cut short left a file no record names, which the next
         // rotation overwrites.
-        let file =
-            match keys.write(&file_name(region, version), hex::encode(random::<32>()).as_bytes()) {
-                Ok(file) => file,
-                Err(e) => return Ok(Err(e)),
-            };
+        let secret = Zeroizing::new(random::<32>());
+        let file = match keys
+            .write(&file_name(region, version), hex::encode(secret.as_slice()).as_bytes())
+        {
+            Ok(file) => file,
+            Err(e) => return Ok(Err(e)),
+        };
         tx.execute(
             "UPDATE pii_keys SET overlap_until = $1 WHERE version = $2",
             params![ts(overlap_until), i64::from(previous)],
         )?;
         tx.execute(
-            "INSERT INTO pii_keys (version, created, overlap_until) VALUES ($1, $2, NULL)",
-            params![i64::from(version), ts(now)],
+            "INSERT INTO pii_keys (version, created, overlap_until, fingerprint)
+             VALUES ($1, $2, NULL, $3)",
+            params![i64::from(version), ts(now), fingerprint(secret.as_slice()).as_str()],
         )?;
         tx.commit()?;
         Ok(Ok((version, previous, file)))
@@ -252,5 +340,5 @@ pub fn rotate(
 
 /// Every version recorded, newest first.
 pub fn list<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<KeyVersion>, C::Error> {
-    versions(conn)
+    Ok(recorded(conn)?.into_iter().map(|r| r.version).collect())
 }

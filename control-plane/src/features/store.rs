@@ -67,6 +67,9 @@ pub const MIGRATIONS: &[&str] = &[
         created       INTEGER NOT NULL,
         overlap_until INTEGER
     ) STRICT;",
+    // 3: each PII key version's fingerprint, which every replica's file must match
+    // (`pii_keys::fingerprint`); NULL for versions recorded before, until first opened.
+    "ALTER TABLE pii_keys ADD COLUMN fingerprint TEXT;",
 ];
 
 /// The offline store's schema history on PostgreSQL, the same tables and columns as
@@ -112,6 +115,8 @@ pub const PG_MIGRATIONS: &[&str] = &[
         created       BIGINT NOT NULL,
         overlap_until BIGINT
     );",
+    // 3: each PII key version's fingerprint.
+    "ALTER TABLE pii_keys ADD COLUMN fingerprint TEXT;",
 ];
 
 /// The advisory lock held while the feature schema is migrated on PostgreSQL, so that

@@ -4,7 +4,9 @@
 //! exactly, the last row of a key and time kept), point-in-time snapshots and exports,
 //! snapshot records, PII key versions, the feature schema; and the races SQLite's single
 //! writer hid: two ingests into one view at once, a snapshot built while rows arrive,
-//! snapshots made by two replicas at once, PII keys made and rotated by several at once.
+//! snapshots made by two replicas at once, PII keys made and rotated by several at once,
+//! and PII key files other than the region's (missing, different, or not yet copied after
+//! another replica's rotation) refused.
 //!
 //! On SQLite the offline store is its own file (`features.db`, made here beside the test's
 //! `control.db`); on PostgreSQL its tables go into the test's database, as
@@ -16,18 +18,20 @@
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use falaj_common::features::value::parse_time;
 use falaj_common::features::{FeatureView, Keyring, OnlineTable, Value};
+use falaj_common::time::Timestamp;
 use falaj_control::db::{self, Db};
-use falaj_control::features::batch;
 use falaj_control::features::export;
 use falaj_control::features::ingest::{self, IngestError};
 use falaj_control::features::pii_keys::{self, PiiKeys};
 use falaj_control::features::snapshot::{self, SnapshotOptions};
 use falaj_control::features::store::{self, MigrateError};
+use falaj_control::features::{FeatureStore, OpenError, batch};
 use falaj_control::sql::{Backend, params};
 use falaj_control::vault::Vault;
 use falaj_tables::Format;
@@ -71,6 +75,14 @@ pub(crate) const CASES: &[(&str, Body)] = &[
     (
         "features::pii_keys_made_and_rotated_at_once_take_one_version_each",
         pii_keys_made_and_rotated_at_once_take_one_version_each,
+    ),
+    (
+        "features::pii_key_files_other_than_the_regions_are_refused",
+        pii_key_files_other_than_the_regions_are_refused,
+    ),
+    (
+        "features::a_replica_takes_another_ones_pii_key_rotation_only_with_its_file",
+        a_replica_takes_another_ones_pii_key_rotation_only_with_its_file,
     ),
     (
         "features::the_feature_schema_is_the_same_on_both_and_migrates_once",
@@ -758,12 +770,122 @@ fn pii_keys_made_and_rotated_at_once_take_one_version_each(db: &Db) {
     assert_eq!(format!("{later:?}"), format!("PiiKeys({REGION}, versions [5])"));
 }
 
+/// A keys directory of its own (a replica's), in `f`'s directory.
+fn replica_keys(f: &Features, name: &str) -> (PathBuf, Arc<Vault>) {
+    let keys = f.dir.path().join(name);
+    std::fs::create_dir(&keys).unwrap();
+    let vault = Arc::new(Vault::open(&keys, None).unwrap());
+    (keys, vault)
+}
+
+/// The PII key versions as recorded, with their fingerprints.
+fn recorded_pii_keys(f: &Features) -> Vec<(i64, Option<i64>, Option<String>)> {
+    f.db.run_sync(|sql| {
+        sql.query_map(
+            "SELECT version, overlap_until, fingerprint FROM pii_keys ORDER BY version",
+            params![],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+    })
+    .unwrap()
+}
+
+fn pii_key_files_other_than_the_regions_are_refused(db: &Db) {
+    let f = Features::new(db);
+    let v1 = pii_keys::file_name(REGION, 1);
+    // The first replica makes version 1 and records its fingerprint; opening it again (or
+    // its one process on SQLite, restarted) is never in the way.
+    let (a_dir, a) = replica_keys(&f, "a");
+    let made = PiiKeys::open(&f.db, &a, REGION, at(0)).unwrap();
+    assert!(made.is_current(&f.db, at(1)).unwrap());
+    PiiKeys::open(&f.db, &a, REGION, at(1)).unwrap();
+    let secret = hex::decode(std::fs::read_to_string(a_dir.join(&v1)).unwrap().trim()).unwrap();
+    let record = recorded_pii_keys(&f);
+    assert_eq!(record, [(1, None, Some(pii_keys::fingerprint(&secret)))]);
+    // A replica given a copy of the region's files opens them.
+    let (b_dir, b) = replica_keys(&f, "b");
+    std::fs::copy(a_dir.join(&v1), b_dir.join(&v1)).unwrap();
+    PiiKeys::open(&f.db, &b, REGION, at(2)).unwrap();
+    // One without the file is refused, naming it, and makes none of its own.
+    let (c_dir, c) = replica_keys(&f, "c");
+    let err = PiiKeys::open(&f.db, &c, REGION, at(2)).unwrap_err();
+    assert!(
+        matches!(&err, OpenError::KeyMissing { path, version: 1 } if *path == c_dir.join(&v1)),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&*c_dir.join(&v1).to_string_lossy()), "{err}");
+    assert!(!c_dir.join(&v1).exists());
+    // One with another key in the file is refused, naming the file and the problem.
+    std::fs::write(c_dir.join(&v1), hex::encode([9u8; 32])).unwrap();
+    let err = PiiKeys::open(&f.db, &c, REGION, at(2)).unwrap_err();
+    assert!(
+        matches!(&err, OpenError::KeyMismatch { path, version: 1, .. } if *path == c_dir.join(&v1)),
+        "{err:?}"
+    );
+    let text = err.to_string();
+    assert!(text.contains(&*c_dir.join(&v1).to_string_lossy()), "{text}");
+    assert!(text.contains("is not the region's version 1"), "{text}");
+    assert!(text.contains(&pii_keys::fingerprint(&[9u8; 32])), "{text}");
+    // The refusals changed nothing.
+    assert_eq!(recorded_pii_keys(&f), record);
+    // A version recorded before fingerprints were takes the first file opened for it,
+    // and from then on a different one is refused.
+    f.db.run_sync(|sql| sql.execute("UPDATE pii_keys SET fingerprint = NULL", params![])).unwrap();
+    PiiKeys::open(&f.db, &b, REGION, at(3)).unwrap();
+    assert_eq!(recorded_pii_keys(&f), record);
+    let err = PiiKeys::open(&f.db, &c, REGION, at(3)).unwrap_err();
+    assert!(matches!(err, OpenError::KeyMismatch { version: 1, .. }), "{err:?}");
+}
+
+fn a_replica_takes_another_ones_pii_key_rotation_only_with_its_file(db: &Db) {
+    let f = Features::new(db);
+    let (a_dir, a) = replica_keys(&f, "a");
+    let (b_dir, b) = replica_keys(&f, "b");
+    // Two replicas' stores on the region's database (on SQLite, two stores on one
+    // `features.db`, as one daemon after another would open it).
+    let open = |dir: &str, keys: &Arc<Vault>| {
+        let data = f.dir.path().join(dir);
+        std::fs::create_dir(&data).unwrap();
+        match db.backend() {
+            Backend::Sqlite => FeatureStore::open(f.dir.path(), Arc::clone(keys), REGION),
+            Backend::Postgres => {
+                FeatureStore::open_postgres(db.clone(), &data, Arc::clone(keys), REGION)
+            }
+        }
+    };
+    let first = open("data-a", &a).unwrap();
+    let v1 = pii_keys::file_name(REGION, 1);
+    std::fs::copy(a_dir.join(&v1), b_dir.join(&v1)).unwrap();
+    let second = open("data-b", &b).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let now = Timestamp::from_system(std::time::SystemTime::now());
+    let current = |store: &FeatureStore| {
+        runtime.block_on(store.keyring(now)).map(|ring| ring.current_version())
+    };
+    assert_eq!(current(&second).unwrap(), 1);
+    // The first rotates: the second, which lacks the new file, refuses to pseudonymise
+    // rather than go on with version 1 alone.
+    let rotated = runtime.block_on(first.rotate_pii_key(Duration::from_secs(3600), now)).unwrap();
+    assert_eq!(rotated.version, 2);
+    assert_eq!(current(&first).unwrap(), 2);
+    let v2 = pii_keys::file_name(REGION, 2);
+    let err = current(&second).unwrap_err();
+    assert!(
+        matches!(&err, OpenError::KeyMissing { path, version: 2 } if *path == b_dir.join(&v2)),
+        "{err:?}"
+    );
+    // Given the file, it takes version 2, and carries version 1 beside it in the overlap.
+    std::fs::copy(a_dir.join(&v2), b_dir.join(&v2)).unwrap();
+    let ring = runtime.block_on(second.keyring(now)).unwrap();
+    assert_eq!((ring.current_version(), ring.overlapping_versions()), (2, vec![1]));
+}
+
 fn the_feature_schema_is_the_same_on_both_and_migrates_once(db: &Db) {
     let dir = tempfile::tempdir().unwrap();
     let sqlite =
         Db::open_with(&dir.path().join(store::FEATURES_DB_FILE), store::MIGRATIONS).unwrap();
     let sqlite_columns = crate::sqlite_columns(&sqlite);
-    assert_eq!(sqlite_columns.len(), 24, "{sqlite_columns:?}");
+    assert_eq!(sqlite_columns.len(), 25, "{sqlite_columns:?}");
     if db.backend() == Backend::Sqlite {
         // Nothing to do there: `features.db` is migrated when opened.
         store::migrate_postgres(db).unwrap();

@@ -13,6 +13,7 @@ mod lease;
 mod migrate;
 mod postgres;
 mod rollouts;
+mod starts;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, OnceLock};
@@ -1222,6 +1223,14 @@ const POSTGRES_ONLY: &[(&str, Body)] = &[
 /// A case given the cluster itself.
 type WithCluster = fn(&postgres::Cluster);
 
+/// Cases that start a control plane: on SQLite (`None`) and on a database of the cluster.
+type Start = fn(Option<&postgres::Cluster>);
+
+const STARTS: &[(&str, Start)] = &[(
+    "starts::a_control_plane_on_other_pii_key_files_does_not_start",
+    starts::a_control_plane_on_other_pii_key_files_does_not_start,
+)];
+
 /// The cases run on PostgreSQL only, given the cluster.
 const WITH_CLUSTER: &[(&str, WithCluster)] = &[
     (
@@ -1284,6 +1293,13 @@ fn main() {
     }
     for &(name, body) in WITH_CLUSTER {
         trials.push(on_postgres(format!("{name}::postgres"), Box::new(body)));
+    }
+    for &(name, body) in STARTS {
+        trials.push(Trial::test(format!("{name}::sqlite"), move || {
+            body(None);
+            Ok(())
+        }));
+        trials.push(on_postgres(format!("{name}::postgres"), Box::new(move |c| body(Some(c)))));
     }
     let conclusion = libtest_mimic::run(&arguments, trials);
     // Stop the cluster before exiting (the trials, which held it too, are gone).
