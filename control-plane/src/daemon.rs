@@ -573,8 +573,9 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
     let mut refresh =
         tokio::time::interval((shared.policy.desired_ttl / 8).max(Duration::from_millis(100)));
     // On PostgreSQL, the newest event this replica has seen: when another replica records
-    // a newer one (a deployment, a rollout's step...), this one's agents get their
-    // documents again within `EVENT_POLL`.
+    // newer ones (a deployment, a rollout's step...), this one's agents get their
+    // documents again within `EVENT_POLL`. Its own it skips: it sent those when it made
+    // each change.
     let replicas = shared.db.backend() == crate::sql::Backend::Postgres;
     let mut events = tokio::time::interval(EVENT_POLL);
     let mut seen_event = None;
@@ -587,15 +588,24 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
                 }
             }
             _ = events.tick(), if replicas => {
-                match shared.db.run(|sql| db::latest_event(&sql)).await {
-                    Ok(latest) if seen_event.is_some_and(|seen| latest > seen) => {
-                        seen_event = Some(latest);
-                        if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
-                            tracing::error!(error = %err, "sending changed desired state failed");
+                let found = match seen_event {
+                    None => shared.db.run(|sql| db::latest_event(&sql)).await.map(|latest| {
+                        db::EventsSince { latest, others: 0, own: 0 }
+                    }),
+                    Some(seen) => shared.db.events_since(seen).await,
+                };
+                match found {
+                    Ok(found) => {
+                        seen_event = Some(found.latest);
+                        shared.events_seen.store(found.latest.max(0) as u64, Ordering::Relaxed);
+                        if found.others > 0 {
+                            shared.event_pushes.fetch_add(1, Ordering::Relaxed);
+                            if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
+                                tracing::error!(error = %err, "sending changed desired state failed");
+                            }
                         }
                     }
-                    Ok(latest) => seen_event = Some(latest),
-                    Err(err) => tracing::error!(error = %err, "reading the latest event failed"),
+                    Err(err) => tracing::error!(error = %err, "reading the latest events failed"),
                 }
             }
             _ = refresh.tick() => {

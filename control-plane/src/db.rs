@@ -424,6 +424,31 @@ impl Db {
         f(&mut conn).map_err(|source| DbError::Sqlite { path: self.path.clone(), source })
     }
 
+    /// The events recorded after event `seen`, told apart by who recorded them: this
+    /// process (through this `Db`'s pool) or another replica. A replica's event poll sends
+    /// its agents their documents again for the latter only. Ids up to the newest are
+    /// forgotten here, so call it with the `latest` it last returned. On SQLite, where
+    /// one process writes, every event counts as its own.
+    pub async fn events_since(&self, seen: i64) -> Result<EventsSince, DbError> {
+        let ids: Vec<i64> = self
+            .run(move |sql| {
+                sql.query_map(
+                    "SELECT id FROM events WHERE id > $1 ORDER BY id",
+                    params![seen],
+                    |r| r.get(0),
+                )
+            })
+            .await?;
+        let latest = ids.last().copied().unwrap_or(seen);
+        // Read after the query: an event it returned was committed, so its id was noted
+        // (at its insert) before.
+        let own = match &self.backend {
+            Backend::Sqlite(_) => ids.len(),
+            Backend::Postgres(pool) => pool.own_events(&ids, latest).len(),
+        };
+        Ok(EventsSince { latest, others: ids.len() - own, own })
+    }
+
     /// A PostgreSQL connection of its own, outside the pool, for a lock held as long as it
     /// lives ([`crate::lease`]); `None` on SQLite. Blocks: from the blocking pool.
     pub(crate) fn own_postgres_connection(&self) -> Option<Result<::postgres::Client, DbError>> {
@@ -471,9 +496,21 @@ pub(crate) fn sha_at(r: &Row<'_>, idx: usize) -> Result<Sha256, SqlError> {
 
 /// The newest event's id (0 before the first). Every change to what agents should hold
 /// (deployments, rollouts, snapshots, fine-tune orders) records an event, so a replica
-/// that sees this move knows another replica changed something its agents may need.
+/// that sees this move knows something its agents may need changed.
 pub fn latest_event<C: AsSql + ?Sized>(conn: &C) -> Result<i64, C::Error> {
     Ok(conn.sql().query_row("SELECT COALESCE(MAX(id), 0) FROM events", &[], |r| r.get(0))?)
+}
+
+/// What the event poll found after the newest event it had seen ([`Db::events_since`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventsSince {
+    /// The newest event now (the one seen before, if none followed).
+    pub latest: i64,
+    /// Events recorded by another replica (or process) among those that followed.
+    pub others: usize,
+    /// Events this process recorded among them: it sent its agents their documents itself
+    /// when it made each change, so they call for nothing more.
+    pub own: usize,
 }
 
 /// Records an event.
@@ -485,10 +522,12 @@ pub fn event<C: AsSql + ?Sized>(
     detail: &str,
 ) -> Result<(), C::Error> {
     let sql = conn.sql();
-    sql.execute(
-        "INSERT INTO events (at, kind, subject, detail) VALUES ($1, $2, $3, $4)",
+    let id: i64 = sql.query_row(
+        "INSERT INTO events (at, kind, subject, detail) VALUES ($1, $2, $3, $4) RETURNING id",
         params![ts(at), kind, subject, detail],
+        |r| r.get(0),
     )?;
+    sql.note_own_event(id);
     let details = serde_json::from_str(detail).unwrap_or_else(|_| serde_json::json!(detail));
     crate::audit::record(&sql, at, kind, subject, Outcome::Success, details)?;
     Ok(())

@@ -126,6 +126,7 @@ impl Collector for Exporter {
                 ),
             ],
         )?;
+        encode_event_poll(&mut encoder, &self.shared)?;
         let judged: Vec<Judgement> = {
             let judged =
                 self.shared.judged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -241,4 +242,28 @@ fn encode_rollouts(
         }
     }
     Ok(())
+}
+
+/// The event poll's figures (PostgreSQL replicas): the newest event read, and how often
+/// another replica's events made this one send its agents their documents.
+fn encode_event_poll(encoder: &mut DescriptorEncoder, shared: &Shared) -> std::fmt::Result {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    exposition::encode_scalars(
+        encoder,
+        &[
+            (
+                "falaj_events_seen",
+                "The newest event this replica's event poll has read (PostgreSQL only)",
+                false,
+                load(&shared.events_seen),
+            ),
+            (
+                "falaj_event_poll_pushes",
+                "Times this replica sent its agents their documents again for events \
+                     another replica recorded",
+                true,
+                load(&shared.event_pushes),
+            ),
+        ],
+    )
 }

@@ -217,6 +217,12 @@ pub struct Shared {
     /// Whether this replica holds the region's lease (1) or not (0), as the task keeping
     /// it last found ([`crate::lease`]; always 1 on SQLite once serving).
     pub region_lease: AtomicU64,
+    /// On PostgreSQL, the newest event this replica's event poll has read (0 before its
+    /// first read), for `/metrics`.
+    pub events_seen: AtomicU64,
+    /// Times the event poll sent agents their documents again because another replica
+    /// recorded events (a replica's own events never count: it sent them itself).
+    pub event_pushes: AtomicU64,
     /// This control plane's region.
     pub region: String,
     /// Timings.
@@ -278,6 +284,8 @@ impl Shared {
             vault,
             server_cert_expires: AtomicU64::new(0),
             region_lease: AtomicU64::new(0),
+            events_seen: AtomicU64::new(0),
+            event_pushes: AtomicU64::new(0),
             audit_key: Arc::new(audit_key),
             enrollments: EnrollmentGate::new(policy.enrollment),
             handshakes: AddressGate::new(

@@ -210,6 +210,14 @@ impl<'c> Sql<'c> {
         Self { inner: Inner::Postgres(session) }
     }
 
+    /// Notes that event `id` was recorded by this process, so that its event poll skips
+    /// it (`Db::events_since`); nothing on SQLite, where no other replica writes.
+    pub(crate) fn note_own_event(&self, id: i64) {
+        if let Inner::Postgres(session) = self.inner {
+            session.note_own_event(id);
+        }
+    }
+
     /// Which database this is.
     pub fn backend(&self) -> Backend {
         match self.inner {

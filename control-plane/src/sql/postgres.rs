@@ -9,7 +9,7 @@
 //! the CA file named by `sslrootcert` or else the system's roots.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 
@@ -65,6 +65,9 @@ pub(crate) struct Pool {
     max: usize,
     state: Mutex<PoolState>,
     freed: Condvar,
+    /// Ids of the events this process recorded through the pool ([`PgSession::note_own_event`]),
+    /// so its event poll can tell them from other replicas' ([`Pool::own_events`]).
+    own_events: Mutex<BTreeSet<i64>>,
 }
 
 struct PoolState {
@@ -147,7 +150,17 @@ impl Pool {
             max: options.pool_size.max(1),
             state: Mutex::new(PoolState { idle: Vec::new(), open: 0 }),
             freed: Condvar::new(),
+            own_events: Mutex::default(),
         })
+    }
+
+    /// Which of `ids` (events read back from the database) this process recorded, and
+    /// forgets every id up to `upto`: the poll never asks about those again.
+    pub(crate) fn own_events(&self, ids: &[i64], upto: i64) -> BTreeSet<i64> {
+        let mut own = self.own_events.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = ids.iter().copied().filter(|id| own.contains(id)).collect();
+        *own = own.split_off(&(upto.saturating_add(1)));
+        mine
     }
 
     /// The database as errors name it: `postgres://host:port/db`, never the password.
@@ -211,6 +224,12 @@ pub struct PgSession {
 }
 
 impl PgSession {
+    /// Notes that event `id` was recorded in this session: by this process, whichever way
+    /// its transaction ends (an id rolled back is never read back).
+    pub(crate) fn note_own_event(&self, id: i64) {
+        self.pool.own_events.lock().unwrap_or_else(PoisonError::into_inner).insert(id);
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut PgConn) -> Result<R, SqlError>) -> Result<R, SqlError> {
         let mut conn = self.conn.borrow_mut();
         let conn = conn.as_mut().expect("a session holds its connection until dropped");

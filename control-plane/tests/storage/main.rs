@@ -8,6 +8,7 @@
 //! `FALAJ_REQUIRE_POSTGRES` is set (as `.ci/run` does): then they fail.
 
 mod auth;
+mod events;
 mod features;
 mod lease;
 mod migrate;
@@ -1233,6 +1234,11 @@ const STARTS: &[(&str, Start)] = &[(
 
 /// The cases run on PostgreSQL only, given the cluster.
 const WITH_CLUSTER: &[(&str, WithCluster)] = &[
+    (
+        "events::a_replica_tells_its_own_events_from_another_ones",
+        events::a_replica_tells_its_own_events_from_another_ones,
+    ),
+    ("events::a_replica_sends_its_own_changes_once", events::a_replica_sends_its_own_changes_once),
     (
         "a_sqlite_control_plane_copies_into_postgres",
         migrate::a_sqlite_control_plane_copies_into_postgres,

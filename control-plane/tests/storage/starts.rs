@@ -27,7 +27,8 @@ fn start(data: &Path, url: Option<&str>) -> Result<(), ServeError> {
     runtime.block_on(async move { ControlPlane::start(config).await.map(drop) })
 }
 
-fn copy_dir(from: &Path, to: &Path) {
+/// Copies directory `from` (a keys directory) to `to`.
+pub(crate) fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
         let entry = entry.unwrap();

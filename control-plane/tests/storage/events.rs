@@ -1,0 +1,103 @@
+//! The event poll of replicas on one PostgreSQL database (`Db::events_since`, and the
+//! daemon's poll over it): a replica tells the events it recorded itself, whose changes it
+//! sent its agents when it made them, from another replica's, which it must send them;
+//! so its own changes are sent once, not again when its poll reads them back.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use falaj_control::daemon::{ControlPlane, ServeConfig};
+use falaj_control::db::{self, Db, EventsSince};
+use falaj_control::sql::PgOptions;
+use falaj_control::state::Shared;
+
+use crate::postgres::Cluster;
+use crate::{REGION, at};
+
+fn record(db: &Db, subject: &str) -> i64 {
+    db.run_sync(|sql| {
+        db::event(&sql, at(0), "deploy", subject, "fraud@2")?;
+        db::latest_event(&sql)
+    })
+    .unwrap()
+}
+
+fn since(db: &Db, seen: i64) -> EventsSince {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    runtime.block_on(db.events_since(seen)).unwrap()
+}
+
+/// Two `Db`s on one database, as two replicas' pools.
+pub(crate) fn a_replica_tells_its_own_events_from_another_ones(cluster: &Cluster) {
+    let url = cluster.database("");
+    let a = Db::open_postgres(&PgOptions::new(&url)).unwrap();
+    let b = Db::open_postgres(&PgOptions::new(&url)).unwrap();
+    let first = record(&a, "edge");
+    assert_eq!(since(&a, 0), EventsSince { latest: first, others: 0, own: 1 });
+    assert_eq!(since(&b, 0), EventsSince { latest: first, others: 1, own: 0 });
+    // A transaction rolled back leaves no event to read; both record one after.
+    a.run_sync(|sql| {
+        let tx = sql.transaction()?;
+        db::event(&*tx, at(1), "undeploy", "edge", "fraud")
+    })
+    .unwrap();
+    let (from_b, from_a) = (record(&b, "edge"), record(&a, "lab"));
+    assert!(first < from_b && from_b < from_a);
+    assert_eq!(since(&a, first), EventsSince { latest: from_a, others: 1, own: 1 });
+    assert_eq!(since(&b, first), EventsSince { latest: from_a, others: 1, own: 1 });
+    // Nothing new: nothing to send.
+    assert_eq!(since(&a, from_a), EventsSince { latest: from_a, others: 0, own: 0 });
+}
+
+/// Waits (up to a minute) for `shared`'s event poll to have read event `id`.
+fn polled(shared: &Shared, id: i64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while shared.events_seen.load(Ordering::Relaxed) < id as u64 {
+        assert!(Instant::now() < deadline, "the event poll never read event {id}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two running replicas: a change made through one (its event, then its own push) makes
+/// the other's poll push once, and its own poll none.
+pub(crate) fn a_replica_sends_its_own_changes_once(cluster: &Cluster) {
+    let url = cluster.database("");
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let start = |name: &str| {
+        let data = dir.path().join(name);
+        if name != "a" {
+            // The region's keys directory, copied from the first replica.
+            crate::starts::copy_dir(&dir.path().join("a").join("keys"), &data.join("keys"));
+        }
+        let mut config = ServeConfig::new(&data);
+        config.quic = "127.0.0.1:0".parse().unwrap();
+        config.admin = "127.0.0.1:0".parse().unwrap();
+        config.region = Some(REGION.into());
+        config.database = Some(PgOptions::new(&url));
+        let control = runtime.block_on(ControlPlane::start(config)).unwrap();
+        let shared = control.shared();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = runtime.spawn(control.run(async move {
+            let _ = stopped.await;
+        }));
+        (shared, stop, running)
+    };
+    // An event from before, which each poll's first read takes as its starting point.
+    let before = record(&Db::open_postgres(&PgOptions::new(&url)).unwrap(), "before");
+    let (a, stop_a, running_a) = start("a");
+    let (b, stop_b, running_b) = start("b");
+    polled(&a, before);
+    polled(&b, before);
+    // A change through `a`, as its deploy makes one: the event, then its own push.
+    let id = record(&a.db, "edge");
+    runtime.block_on(a.push_desired(None, SystemTime::now())).unwrap();
+    polled(&a, id);
+    polled(&b, id);
+    assert_eq!(b.event_pushes.load(Ordering::Relaxed), 1, "the other replica sends it");
+    assert_eq!(a.event_pushes.load(Ordering::Relaxed), 0, "its maker sent it already");
+    for (stop, running) in [(stop_a, running_a), (stop_b, running_b)] {
+        stop.send(()).unwrap();
+        runtime.block_on(running).unwrap().unwrap();
+    }
+}
