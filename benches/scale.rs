@@ -178,11 +178,12 @@ async fn run(agents: usize, seconds: u64) -> Result<()> {
         ControlServer::start(&data, REGION, &["--config", &config, "--heartbeat", "10s"])
     };
     // One replica first, with every agent: a replica against SQLite's one process on the
-    // same cores. Then a second beside it, the agents spread over both.
-    let a = replica("a")?;
+    // same cores. Then two fresh ones, the agents spread over both.
+    let solo = replica("solo")?;
     let phase = Phase { backend: "PostgreSQL, one replica", deploys: 3, seconds };
-    let on_one = measure(&phase, &[&a], &identities).await?;
-    let b = replica("b")?;
+    let on_one = measure(&phase, &[&solo], &identities).await?;
+    drop(solo);
+    let (a, b) = (replica("a")?, replica("b")?);
     let phase = Phase { backend: "PostgreSQL, two replicas", deploys: 4, seconds };
     let on_two = measure(&phase, &[&a, &b], &identities).await?;
     drop((a, b));
