@@ -3,6 +3,12 @@
 //! Feast's historical retrieval does. A naive join on the latest values would hand a model
 //! facts from after the moment it is asked to predict. On PostgreSQL an export holds the
 //! view's lock shared ([`store::lock_view`]), so every label is joined to the same rows.
+//!
+//! On SQLite each label is one point query (in process, an index seek). On PostgreSQL,
+//! where each query is a round trip, labels go [`LOOKUP_BATCH`] at a time as two arrays
+//! (keys and times) into one query, `unnest ... WITH ORDINALITY` joined `LATERAL` to the
+//! same point query, and come back in the file's order: the same answers, a round trip per
+//! batch instead of per label.
 
 use std::fs::File;
 use std::io::BufWriter;
@@ -22,11 +28,14 @@ use thiserror::Error;
 
 use super::snapshot::point_query;
 use super::store::{self, StoredView};
-use crate::sql::{AsSql, OptionalExt, Sql, SqlError};
+use crate::sql::{Array, AsSql, Backend, OptionalExt, Sql, SqlError, params};
 use falaj_tables::{self as source, Format, ReadError, RowSink, SourceError};
 
 /// Rows per Parquet batch written.
 const BATCH_ROWS: usize = 8192;
+
+/// Labels looked up in one query on PostgreSQL.
+pub const LOOKUP_BATCH: usize = 2048;
 
 /// Why an export was not made.
 #[derive(Debug, Error)]
@@ -111,12 +120,17 @@ pub fn export<C: AsSql + ?Sized>(
         .map(|&n| if n { FeatureType::F64 } else { FeatureType::String })
         .collect();
     let output = Output::create(out, format, &stored, &layout, &label_kinds)?;
+    let lookup = match tx.backend() {
+        Backend::Sqlite => point_query(&stored, Backend::Sqlite),
+        Backend::Postgres => batch_query(&stored),
+    };
     let mut join = Join {
         stored: &stored,
         layout: &layout,
         label_kinds: &label_kinds,
         sql: *tx,
-        lookup: point_query(&stored, tx.backend()),
+        lookup,
+        pending: Vec::new(),
         output,
         rows: 0,
         matched: 0,
@@ -126,6 +140,7 @@ pub fn export<C: AsSql + ?Sized>(
         Err(ReadError::Sink(e)) => return Err(e),
         Ok(_) => {}
     }
+    join.flush()?;
     let (rows, matched) = (join.rows, join.matched);
     join.output.finish(out)?;
     tx.commit()?;
@@ -214,15 +229,116 @@ fn label(cell: Cell<'_>, kind: &FeatureType) -> Value {
     }
 }
 
+/// The point query of [`point_query`] for a batch of labels on PostgreSQL: `$1` the keys,
+/// `$2` the times, each answer with its label's place in the batch (from 1) first, then
+/// the feature row's time and its values, as `point_query`'s columns from the second on.
+/// Labels that find no row have no answer.
+fn batch_query(stored: &StoredView) -> String {
+    let keys = match stored.view.entity.kind {
+        KeyType::I64 => "BIGINT[]",
+        KeyType::String => "TEXT[]",
+    };
+    format!(
+        "SELECT l.n, f.* FROM unnest($1::{keys}, $2::BIGINT[]) WITH ORDINALITY AS l(k, t, n)
+         CROSS JOIN LATERAL (
+             SELECT event_time, {} FROM {} WHERE entity = l.k AND event_time <= l.t
+             ORDER BY event_time DESC LIMIT 1
+         ) AS f",
+        store::feature_columns(&stored.view),
+        stored.table(Backend::Postgres)
+    )
+}
+
+/// A label row waiting for its batch's lookup (PostgreSQL).
+struct Pending {
+    key: Key,
+    time: i64,
+    labels: Vec<Value>,
+}
+
 struct Join<'a> {
     stored: &'a StoredView,
     layout: &'a Layout,
     label_kinds: &'a [FeatureType],
     sql: Sql<'a>,
+    /// [`point_query`] on SQLite, [`batch_query`] on PostgreSQL.
     lookup: String,
+    /// On PostgreSQL, the labels read since the last batch was looked up.
+    pending: Vec<Pending>,
     output: Output,
     rows: u64,
     matched: u64,
+}
+
+impl Join<'_> {
+    /// Writes `row`'s output: its labels and the feature row found (time and values), or
+    /// nulls.
+    fn write(&mut self, row: Pending, found: Option<(i64, Vec<Value>)>) -> Result<(), ExportError> {
+        let features = &self.stored.view.features;
+        self.rows += 1;
+        self.matched += u64::from(found.is_some());
+        let (feature_time, values) = match found {
+            Some((t, v)) => (Some(t), v),
+            None => (None, vec![Value::Null; features.len()]),
+        };
+        let Pending { key, time, labels } = row;
+        self.output.push(OutRow { key, time, labels, feature_time, values })
+    }
+
+    /// Looks up the pending labels in one query and writes them, in the file's order.
+    fn flush(&mut self) -> Result<(), ExportError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let times = Array(pending.iter().map(|p| p.time).collect::<Vec<i64>>());
+        let features = &self.stored.view.features;
+        let read = |row: &crate::sql::Row<'_>| {
+            let values = features
+                .iter()
+                .enumerate()
+                .map(|(i, f)| store::read_value(row, i + 2, &f.kind))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((row.get::<i64>(0)?, row.get::<i64>(1)?, values))
+        };
+        // The keys as their column's type: every one is, having passed `accept_key`.
+        let mismatch = || SqlError::Conversion {
+            column: 0,
+            message: "a label's key is not of the view's entity type".to_owned(),
+        };
+        let answers = match self.stored.view.entity.kind {
+            KeyType::I64 => {
+                let keys = pending
+                    .iter()
+                    .map(|p| if let Key::Int(k) = p.key { Ok(k) } else { Err(mismatch()) })
+                    .collect::<Result<Vec<i64>, _>>()?;
+                self.sql.query_map(&self.lookup, params![Array(keys), times], read)?
+            }
+            KeyType::String => {
+                let keys = pending
+                    .iter()
+                    .map(|p| match &p.key {
+                        Key::Str(k) => Ok(k.clone()),
+                        Key::Int(_) => Err(mismatch()),
+                    })
+                    .collect::<Result<Vec<String>, _>>()?;
+                self.sql.query_map(&self.lookup, params![Array(keys), times], read)?
+            }
+        };
+        let mut found: Vec<Option<(i64, Vec<Value>)>> = vec![None; pending.len()];
+        for (n, time, values) in answers {
+            let slot = usize::try_from(n - 1).ok().and_then(|i| found.get_mut(i));
+            let slot = slot.ok_or_else(|| SqlError::Conversion {
+                column: 0,
+                message: format!("no label {n} in the batch"),
+            })?;
+            *slot = Some((time, values));
+        }
+        for (row, found) in pending.into_iter().zip(found) {
+            self.write(row, found)?;
+        }
+        Ok(())
+    }
 }
 
 impl RowSink for Join<'_> {
@@ -248,26 +364,28 @@ impl RowSink for Join<'_> {
             .zip(self.label_kinds)
             .map(|((i, _), k)| label(cell(*i), k))
             .collect();
+        let row = Pending { key, time, labels };
+        if self.sql.backend() == Backend::Postgres {
+            self.pending.push(row);
+            if self.pending.len() >= LOOKUP_BATCH {
+                self.flush()?;
+            }
+            return Ok(());
+        }
         let features = &self.stored.view.features;
-        let bound = store::sql_key(&key);
+        let bound = store::sql_key(&row.key);
         let found = self
             .sql
-            .query_row(&self.lookup, &[bound.param(), &time], |row| {
+            .query_row(&self.lookup, &[bound.param(), &row.time], |r| {
                 let values = features
                     .iter()
                     .enumerate()
-                    .map(|(i, f)| store::read_value(row, i + 2, &f.kind))
+                    .map(|(i, f)| store::read_value(r, i + 2, &f.kind))
                     .collect::<Result<Vec<_>, _>>()?;
-                Ok((row.get::<i64>(1)?, values))
+                Ok((r.get::<i64>(1)?, values))
             })
             .optional()?;
-        self.rows += 1;
-        self.matched += u64::from(found.is_some());
-        let (feature_time, values) = match found {
-            Some((t, v)) => (Some(t), v),
-            None => (None, vec![Value::Null; features.len()]),
-        };
-        self.output.push(OutRow { key, time, labels, feature_time, values })
+        self.write(row, found)
     }
 }
 

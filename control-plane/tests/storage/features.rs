@@ -57,6 +57,10 @@ pub(crate) const CASES: &[(&str, Body)] = &[
         a_snapshot_of_more_rows_than_a_page_holds_each_entity_once,
     ),
     (
+        "features::an_export_of_more_labels_than_a_batch_answers_each_in_the_files_order",
+        an_export_of_more_labels_than_a_batch_answers_each_in_the_files_order,
+    ),
+    (
         "features::an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across",
         an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across,
     ),
@@ -481,6 +485,102 @@ fn a_snapshot_of_more_rows_than_a_page_holds_each_entity_once(db: &Db) {
 
 /// A file giving each of `entities` pumps the temperature `value` at `time`, in
 /// ascending or descending order of entity.
+fn an_export_of_more_labels_than_a_batch_answers_each_in_the_files_order(db: &Db) {
+    // 1,000 pumps of three daily readings; 5,000 labels (past two of PostgreSQL's batches
+    // of `export::LOOKUP_BATCH`, the last one short) over 1,200 pumps, so some have no
+    // rows, at times before the first reading, between readings, on one and after the
+    // last; then meters keyed by integers.
+    const PUMPS: usize = 1_000;
+    const LABELS: usize = 5_000;
+    const _: () =
+        assert!(LABELS > 2 * export::LOOKUP_BATCH && !LABELS.is_multiple_of(export::LOOKUP_BATCH));
+    let f = Features::with_pumps(db);
+    let mut text = format!("{HEADER}\n");
+    for i in 0..PUMPS {
+        for day in 1..=3 {
+            let _ = writeln!(text, "p{i:04},2026-01-0{day}T00:00:00Z,{},,,,auto,", i * 10 + day);
+        }
+    }
+    f.ingest("pumps", &f.file("pumps.csv", &text)).unwrap();
+    let mut labels = String::from("pump_id,event_time,failed\n");
+    let mut expected = vec![
+        "pump_id,event_time,failed,feature_time,temperature,pressure,starts,running,mode,operator"
+            .to_owned(),
+    ];
+    let mut matched = 0;
+    for n in 0..LABELS {
+        let pump = (n * 7) % 1_200;
+        let (time, day) = match n % 4 {
+            0 => ("2025-12-31T00:00:00Z", None),
+            1 => ("2026-01-01T12:00:00Z", Some(1)),
+            2 => ("2026-01-02T00:00:00Z", Some(2)),
+            _ => ("2026-01-09T00:00:00Z", Some(3)),
+        };
+        let _ = writeln!(labels, "p{pump:04},{time},{}", n % 2);
+        expected.push(match day.filter(|_| pump < PUMPS) {
+            Some(day) => {
+                matched += 1;
+                format!(
+                    "p{pump:04},{time},{},2026-01-0{day}T00:00:00Z,{},,,,auto,",
+                    n % 2,
+                    pump * 10 + day
+                )
+            }
+            None => format!("p{pump:04},{time},{},,,,,,,", n % 2),
+        });
+    }
+    let labels = f.file("labels.csv", &labels);
+    let export = |view: &str, labels: &Path, name: &str| {
+        let out = f.dir.path().join(name);
+        let done = f
+            .db
+            .run_sync(|sql| Ok(export::export(&sql, view, labels, "labels.csv", &out, Format::Csv)))
+            .unwrap()
+            .unwrap();
+        (done, std::fs::read_to_string(&out).unwrap())
+    };
+    let (done, text) = export("pumps", &labels, "train.csv");
+    assert_eq!((done.rows, done.matched), (LABELS as u64, matched));
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), expected.len());
+    for (n, (line, expected)) in lines.iter().zip(&expected).enumerate() {
+        assert_eq!(line, expected, "line {n}");
+    }
+
+    // Integer keys.
+    f.apply(
+        r#"
+name = "meters"
+timestamp = "event_time"
+entity = { name = "meter", type = "i64" }
+
+[[features]]
+name = "kwh"
+type = "f64"
+description = "Energy"
+owner = "ops"
+"#,
+    );
+    let meters = "meter,event_time,kwh\n7,2026-01-01T00:00:00Z,1.5\n-9,2026-01-01T00:00:00Z,2\n7,2026-01-03T00:00:00Z,3.25\n";
+    f.ingest("meters", &f.file("meters.csv", meters)).unwrap();
+    let labels = f.file(
+        "meter-labels.csv",
+        "meter,event_time,bill\n7,2026-01-02T00:00:00Z,10\n-9,2026-01-05T00:00:00Z,20\n8,2026-01-05T00:00:00Z,30\n7,2026-01-04T00:00:00Z,40\n",
+    );
+    let (done, text) = export("meters", &labels, "meters.csv");
+    assert_eq!((done.rows, done.matched), (4, 3));
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        [
+            "meter,event_time,bill,feature_time,kwh",
+            "7,2026-01-02T00:00:00Z,10,2026-01-01T00:00:00Z,1.5",
+            "-9,2026-01-05T00:00:00Z,20,2026-01-01T00:00:00Z,2",
+            "8,2026-01-05T00:00:00Z,30,,",
+            "7,2026-01-04T00:00:00Z,40,2026-01-03T00:00:00Z,3.25",
+        ]
+    );
+}
+
 fn pumps_file(entities: usize, time: &str, value: u32, descending: bool) -> String {
     let mut text = format!("{HEADER}\n");
     let mut ids: Vec<usize> = (0..entities).collect();
