@@ -22,11 +22,13 @@
 //! - **fan-out**: a new version deployed through the first control plane; the time until
 //!   every agent has a document naming it (on PostgreSQL the second replica learns of it
 //!   from the database's newest event, which it polls every second);
-//! - **window ingest**: every agent sends one metric window at once (as agents do every
-//!   10 s per model); windows a second until every one is acknowledged (stored), and the
+//! - **window ingest**: every agent sends a metric window at once (as agents do every
+//!   10 s per model), and `--windows` in all, each as soon as the one before is
+//!   acknowledged (stored; several, so that the rate is read over seconds, not over one
+//!   burst of a busy machine); windows a second until every one is acknowledged, and the
 //!   CPU each control plane (and PostgreSQL's processes) used per window meanwhile.
 //!
-//! `cargo bench --bench scale -- [--agents 10000] [--seconds 30]`; prints Markdown for
+//! `cargo bench --bench scale -- [--agents 10000] [--seconds 30] [--windows 5]`; prints Markdown for
 //! BENCHMARKS.md. Needs PostgreSQL's server programs (`apt-get install postgresql`).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -72,7 +74,10 @@ fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let agents = fleet::arg(&args, "--agents", 10_000);
     let seconds = fleet::arg(&args, "--seconds", 30);
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(agents, seconds))
+    let windows = fleet::arg(&args, "--windows", 5);
+    ensure!(windows > 0, "--windows takes a number above 0");
+    let run = run(agents, seconds, windows as u64);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run)
 }
 
 /// One control-plane process's figures.
@@ -100,11 +105,11 @@ enum Event {
 }
 
 /// What the bench tells every agent.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 enum Order {
     Idle,
-    /// One window, with this sequence number.
-    SendWindow(u64),
+    /// Windows with these sequence numbers, each sent once the one before is stored.
+    SendWindows(std::ops::Range<u64>),
     Stop,
 }
 
@@ -120,11 +125,13 @@ struct Figures {
     /// CPU ticks PostgreSQL's processes used over the ingest (none on SQLite).
     database_ingest_ticks: u64,
     agents: usize,
+    /// Windows each agent sent in the ingest.
+    windows: u64,
     /// Sessions opened again during the storm, and after it.
     reconnects: (usize, usize),
 }
 
-async fn run(agents: usize, seconds: u64) -> Result<()> {
+async fn run(agents: usize, seconds: u64, windows: u64) -> Result<()> {
     let bin = postgres::binaries().map_err(anyhow::Error::msg)?;
     let work = tempfile::tempdir()?;
     let sqlite = work.path().join("sqlite");
@@ -146,7 +153,7 @@ async fn run(agents: usize, seconds: u64) -> Result<()> {
         server.client.push_bundle(&path).await?;
     }
     server.client.deploy(GROUP, MODEL, 1).await?;
-    let phase = Phase { backend: "SQLite, one control plane", deploys: 2, seconds };
+    let phase = Phase { backend: "SQLite, one control plane", deploys: 2, seconds, windows };
     let on_sqlite = measure(&phase, &[&server], &identities).await?;
     drop(server);
 
@@ -180,11 +187,11 @@ async fn run(agents: usize, seconds: u64) -> Result<()> {
     // One replica first, with every agent: a replica against SQLite's one process on the
     // same cores. Then two fresh ones, the agents spread over both.
     let solo = replica("solo")?;
-    let phase = Phase { backend: "PostgreSQL, one replica", deploys: 3, seconds };
+    let phase = Phase { backend: "PostgreSQL, one replica", deploys: 3, seconds, windows };
     let on_one = measure(&phase, &[&solo], &identities).await?;
     drop(solo);
     let (a, b) = (replica("a")?, replica("b")?);
-    let phase = Phase { backend: "PostgreSQL, two replicas", deploys: 4, seconds };
+    let phase = Phase { backend: "PostgreSQL, two replicas", deploys: 4, seconds, windows };
     let on_two = measure(&phase, &[&a, &b], &identities).await?;
     drop((a, b));
     drop(cluster);
@@ -225,11 +232,13 @@ async fn enroll_all(server: &ControlServer, work: &Path, agents: usize) -> Resul
 /// One backend's run.
 struct Phase {
     backend: &'static str,
-    /// The version the fan-out deploys (also the sequence number of each agent's window:
-    /// the windows of an earlier run are in the migrated database).
+    /// The version the fan-out deploys (also, times 1000, the first sequence number of each
+    /// agent's windows).
     deploys: u64,
     /// How long the heartbeat CPU is measured over.
     seconds: u64,
+    /// Windows each agent sends in the ingest, one after the other's acknowledgement.
+    windows: u64,
 }
 
 /// Runs every phase against `servers` (agent `i` on server `i % servers.len()`).
@@ -238,7 +247,7 @@ async fn measure(
     servers: &[&ControlServer],
     identities: &[PathBuf],
 ) -> Result<Figures> {
-    let Phase { backend, deploys, seconds } = *phase;
+    let Phase { backend, deploys, seconds, windows } = *phase;
     let agents = identities.len();
     // Settled before the first reading.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -278,6 +287,7 @@ async fn measure(
             connected: false,
             newest: 0,
             unacknowledged: None,
+            next: 0..0,
         };
         tokio::spawn(agent.run());
     }
@@ -315,8 +325,11 @@ async fn measure(
         servers.iter().map(|s| fleet::cpu_ticks(s.pid)).collect::<Result<_>>()?;
     let database_before = postgres_ticks()?;
     let started = Instant::now();
-    orders.send(Order::SendWindow(deploys))?;
-    count(&mut events, agents, |e| matches!(e, Event::Acked), "window acknowledged").await?;
+    // Sequence numbers of this phase's own: the earlier phases' windows are in the
+    // migrated database.
+    let first = deploys * 1000;
+    orders.send(Order::SendWindows(first..first + windows))?;
+    count(&mut events, agents, |e| matches!(e, Event::Acked), "windows acknowledged").await?;
     let ingest_secs = started.elapsed().as_secs_f64();
     for ((process, server), before) in processes.iter_mut().zip(servers).zip(before) {
         process.ingest_ticks = fleet::cpu_ticks(server.pid)? - before;
@@ -336,6 +349,7 @@ async fn measure(
         ingest_secs,
         database_ingest_ticks,
         agents,
+        windows,
         reconnects: (storm_reconnects, reconnects.load(Ordering::Relaxed) - storm_reconnects),
     })
 }
@@ -400,6 +414,8 @@ struct SimulatedAgent {
     newest: u64,
     /// The window sent and not yet acknowledged (sent again on a new session).
     unacknowledged: Option<u64>,
+    /// The sequence numbers still to send after it.
+    next: std::ops::Range<u64>,
 }
 
 impl SimulatedAgent {
@@ -448,11 +464,14 @@ impl SimulatedAgent {
                 _ = tick.tick() => write_frame(&mut send, &AgentMessage::Report(state.clone())).await?,
                 changed = self.orders.changed() => {
                     changed?;
-                    let order = *self.orders.borrow_and_update();
+                    let order = self.orders.borrow_and_update().clone();
                     match order {
-                        Order::SendWindow(seq) => {
-                            self.unacknowledged = Some(seq);
-                            self.send_window(&mut send, seq).await?;
+                        Order::SendWindows(mut seqs) => {
+                            if let Some(seq) = seqs.next() {
+                                self.next = seqs;
+                                self.unacknowledged = Some(seq);
+                                self.send_window(&mut send, seq).await?;
+                            }
                         }
                         Order::Stop => return Ok(()),
                         Order::Idle => {}
@@ -473,7 +492,12 @@ impl SimulatedAgent {
                     }
                     Some(ControlMessage::Ack { .. }) => {
                         if self.unacknowledged.take().is_some() {
-                            self.events.send(Event::Acked)?;
+                            if let Some(seq) = self.next.next() {
+                                self.unacknowledged = Some(seq);
+                                self.send_window(&mut send, seq).await?;
+                            } else {
+                                self.events.send(Event::Acked)?;
+                            }
                         }
                     }
                     Some(_) => {}
@@ -549,8 +573,8 @@ fn print_figures(agents: usize, seconds: u64, enroll_secs: f64, figures: &[Figur
                 p.rss as f64 / 1024.0,
                 p.rss.saturating_sub(p.rss_empty) as f64 / p.agents as f64,
                 f.fanout_secs,
-                f.agents as f64 / f.ingest_secs,
-                seconds(p.ingest_ticks) * 1e6 / p.agents as f64,
+                (f.agents as u64 * f.windows) as f64 / f.ingest_secs,
+                seconds(p.ingest_ticks) * 1e6 / (p.agents as u64 * f.windows) as f64,
             );
         }
     }
@@ -562,7 +586,8 @@ fn print_figures(agents: usize, seconds: u64, enroll_secs: f64, figures: &[Figur
             println!(
                 "{}: PostgreSQL's processes used {:.0} µs of CPU per window over the ingest",
                 f.backend,
-                f.database_ingest_ticks as f64 / fleet::TICKS_PER_SECOND * 1e6 / f.agents as f64
+                f.database_ingest_ticks as f64 / fleet::TICKS_PER_SECOND * 1e6
+                    / (f.agents as u64 * f.windows) as f64
             );
         }
     }
