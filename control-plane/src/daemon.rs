@@ -578,7 +578,7 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
     // each change.
     let replicas = shared.db.backend() == crate::sql::Backend::Postgres;
     let mut events = tokio::time::interval(EVENT_POLL);
-    let mut seen_event = None;
+    let mut poll = crate::event_poll::EventPoll::default();
     loop {
         tokio::select! {
             _ = stop.changed() => return,
@@ -588,15 +588,9 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
                 }
             }
             _ = events.tick(), if replicas => {
-                let found = match seen_event {
-                    None => shared.db.run(|sql| db::latest_event(&sql)).await.map(|latest| {
-                        db::EventsSince { latest, others: 0, own: 0 }
-                    }),
-                    Some(seen) => shared.db.events_since(seen).await,
-                };
+                let found = poll.poll(&shared.db, std::time::Instant::now()).await;
                 match found {
                     Ok(found) => {
-                        seen_event = Some(found.latest);
                         shared.events_seen.store(found.latest.max(0) as u64, Ordering::Relaxed);
                         if found.others > 0 {
                             shared.event_pushes.fetch_add(1, Ordering::Relaxed);

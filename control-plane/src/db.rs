@@ -424,29 +424,29 @@ impl Db {
         f(&mut conn).map_err(|source| DbError::Sqlite { path: self.path.clone(), source })
     }
 
-    /// The events recorded after event `seen`, told apart by who recorded them: this
-    /// process (through this `Db`'s pool) or another replica. A replica's event poll sends
-    /// its agents their documents again for the latter only. Ids up to the newest are
-    /// forgotten here, so call it with the `latest` it last returned. On SQLite, where
-    /// one process writes, every event counts as its own.
-    pub async fn events_since(&self, seen: i64) -> Result<EventsSince, DbError> {
+    /// The ids of the events after event `low`, ascending, each with whether this
+    /// process recorded it (through this `Db`'s pool; on SQLite, where one process writes,
+    /// every one) rather than another replica: for [`crate::event_poll`]. Own ids up to
+    /// `low` are forgotten here: the poll never reads them again.
+    pub async fn events_after(&self, low: i64) -> Result<Vec<(i64, bool)>, DbError> {
         let ids: Vec<i64> = self
             .run(move |sql| {
                 sql.query_map(
                     "SELECT id FROM events WHERE id > $1 ORDER BY id",
-                    params![seen],
+                    params![low],
                     |r| r.get(0),
                 )
             })
             .await?;
-        let latest = ids.last().copied().unwrap_or(seen);
         // Read after the query: an event it returned was committed, so its id was noted
         // (at its insert) before.
-        let own = match &self.backend {
-            Backend::Sqlite(_) => ids.len(),
-            Backend::Postgres(pool) => pool.own_events(&ids, latest).len(),
-        };
-        Ok(EventsSince { latest, others: ids.len() - own, own })
+        Ok(match &self.backend {
+            Backend::Sqlite(_) => ids.into_iter().map(|id| (id, true)).collect(),
+            Backend::Postgres(pool) => {
+                let own = pool.own_events(&ids, low);
+                ids.into_iter().map(|id| (id, own.contains(&id))).collect()
+            }
+        })
     }
 
     /// A PostgreSQL connection of its own, outside the pool, for a lock held as long as it
@@ -499,18 +499,6 @@ pub(crate) fn sha_at(r: &Row<'_>, idx: usize) -> Result<Sha256, SqlError> {
 /// that sees this move knows something its agents may need changed.
 pub fn latest_event<C: AsSql + ?Sized>(conn: &C) -> Result<i64, C::Error> {
     Ok(conn.sql().query_row("SELECT COALESCE(MAX(id), 0) FROM events", &[], |r| r.get(0))?)
-}
-
-/// What the event poll found after the newest event it had seen ([`Db::events_since`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct EventsSince {
-    /// The newest event now (the one seen before, if none followed).
-    pub latest: i64,
-    /// Events recorded by another replica (or process) among those that followed.
-    pub others: usize,
-    /// Events this process recorded among them: it sent its agents their documents itself
-    /// when it made each change, so they call for nothing more.
-    pub own: usize,
 }
 
 /// Records an event.

@@ -25,6 +25,7 @@ pub mod config;
 pub mod console;
 pub mod daemon;
 pub mod db;
+pub mod event_poll;
 pub mod exporter;
 pub mod features;
 pub mod files;

@@ -211,7 +211,7 @@ impl<'c> Sql<'c> {
     }
 
     /// Notes that event `id` was recorded by this process, so that its event poll skips
-    /// it (`Db::events_since`); nothing on SQLite, where no other replica writes.
+    /// it (`Db::events_after`); nothing on SQLite, where no other replica writes.
     pub(crate) fn note_own_event(&self, id: i64) {
         if let Inner::Postgres(session) = self.inner {
             session.note_own_event(id);

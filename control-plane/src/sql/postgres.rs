@@ -155,7 +155,7 @@ impl Pool {
     }
 
     /// Which of `ids` (events read back from the database) this process recorded, and
-    /// forgets every id up to `upto`: the poll never asks about those again.
+    /// forgets every id up to `upto`: the poll never reads those again.
     pub(crate) fn own_events(&self, ids: &[i64], upto: i64) -> BTreeSet<i64> {
         let mut own = self.own_events.lock().unwrap_or_else(PoisonError::into_inner);
         let mine = ids.iter().copied().filter(|id| own.contains(id)).collect();

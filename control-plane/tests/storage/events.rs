@@ -1,14 +1,16 @@
-//! The event poll of replicas on one PostgreSQL database (`Db::events_since`, and the
-//! daemon's poll over it): a replica tells the events it recorded itself, whose changes it
-//! sent its agents when it made them, from another replica's, which it must send them;
-//! so its own changes are sent once, not again when its poll reads them back.
+//! The event poll of replicas on one PostgreSQL database (`falaj_control::event_poll`,
+//! and the daemon's poll over it): a replica tells the events it recorded itself, whose
+//! changes it sent its agents when it made them, from another replica's, which it must
+//! send them; so its own changes are sent once, not again when its poll reads them back.
+//! And an event whose transaction commits after a newer event was read is still found.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use falaj_control::daemon::{ControlPlane, ServeConfig};
-use falaj_control::db::{self, Db, EventsSince};
-use falaj_control::sql::PgOptions;
+use falaj_control::db::{self, Db};
+use falaj_control::event_poll::{EventPoll, EventsSince};
+use falaj_control::sql::{PgOptions, params};
 use falaj_control::state::Shared;
 
 use crate::postgres::Cluster;
@@ -22,9 +24,16 @@ fn record(db: &Db, subject: &str) -> i64 {
     .unwrap()
 }
 
-fn since(db: &Db, seen: i64) -> EventsSince {
+/// A poll of `db` starting after event `seen`.
+fn poll_from(seen: i64) -> EventPoll {
+    let mut poll = EventPoll::default();
+    poll.start(seen);
+    poll
+}
+
+fn since(db: &Db, poll: &mut EventPoll) -> EventsSince {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    runtime.block_on(db.events_since(seen)).unwrap()
+    runtime.block_on(poll.poll(db, Instant::now())).unwrap()
 }
 
 /// Two `Db`s on one database, as two replicas' pools.
@@ -32,9 +41,10 @@ pub(crate) fn a_replica_tells_its_own_events_from_another_ones(cluster: &Cluster
     let url = cluster.database("");
     let a = Db::open_postgres(&PgOptions::new(&url)).unwrap();
     let b = Db::open_postgres(&PgOptions::new(&url)).unwrap();
+    let (mut poll_a, mut poll_b) = (poll_from(0), poll_from(0));
     let first = record(&a, "edge");
-    assert_eq!(since(&a, 0), EventsSince { latest: first, others: 0, own: 1 });
-    assert_eq!(since(&b, 0), EventsSince { latest: first, others: 1, own: 0 });
+    assert_eq!(since(&a, &mut poll_a), EventsSince { latest: first, others: 0, own: 1 });
+    assert_eq!(since(&b, &mut poll_b), EventsSince { latest: first, others: 1, own: 0 });
     // A transaction rolled back leaves no event to read; both record one after.
     a.run_sync(|sql| {
         let tx = sql.transaction()?;
@@ -43,10 +53,47 @@ pub(crate) fn a_replica_tells_its_own_events_from_another_ones(cluster: &Cluster
     .unwrap();
     let (from_b, from_a) = (record(&b, "edge"), record(&a, "lab"));
     assert!(first < from_b && from_b < from_a);
-    assert_eq!(since(&a, first), EventsSince { latest: from_a, others: 1, own: 1 });
-    assert_eq!(since(&b, first), EventsSince { latest: from_a, others: 1, own: 1 });
+    assert_eq!(since(&a, &mut poll_a), EventsSince { latest: from_a, others: 1, own: 1 });
+    assert_eq!(since(&b, &mut poll_b), EventsSince { latest: from_a, others: 1, own: 1 });
     // Nothing new: nothing to send.
-    assert_eq!(since(&a, from_a), EventsSince { latest: from_a, others: 0, own: 0 });
+    assert_eq!(since(&a, &mut poll_a), EventsSince { latest: from_a, others: 0, own: 0 });
+}
+
+/// An event whose transaction took its id first but commits after a newer event was
+/// read: the next poll finds it.
+pub(crate) fn an_event_committed_after_a_newer_one_is_not_skipped(cluster: &Cluster) {
+    let url = cluster.database("");
+    let open = || Db::open_postgres(&PgOptions::new(&url)).unwrap();
+    let (a, b, c) = (open(), open(), open());
+    let mut poll = poll_from(record(&c, "before"));
+    let (inserted, was_inserted) = std::sync::mpsc::channel();
+    let (go, to_go) = std::sync::mpsc::channel::<()>();
+    std::thread::scope(|s| {
+        let a = &a;
+        let slow = s.spawn(move || {
+            a.run_sync(|sql| {
+                let tx = sql.transaction()?;
+                // The event's row alone: `db::event` would then take the audit chain's
+                // lock, which `b`'s event below would wait for. Between the two, a real
+                // change is in the same place: its id taken, not yet committed.
+                tx.execute(
+                    "INSERT INTO events (at, kind, subject, detail) VALUES (1, 'deploy', 'edge', '')",
+                    params![],
+                )?;
+                inserted.send(()).unwrap();
+                to_go.recv().unwrap();
+                tx.commit()
+            })
+            .unwrap();
+        });
+        was_inserted.recv().unwrap();
+        let newer = record(&b, "edge");
+        assert_eq!(since(&c, &mut poll), EventsSince { latest: newer, others: 1, own: 0 });
+        go.send(()).unwrap();
+        slow.join().unwrap();
+        assert_eq!(since(&c, &mut poll), EventsSince { latest: newer, others: 1, own: 0 });
+    });
+    assert_eq!(since(&c, &mut poll).others, 0);
 }
 
 /// Waits (up to a minute) for `shared`'s event poll to have read event `id`.

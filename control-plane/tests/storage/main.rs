@@ -1240,6 +1240,10 @@ const WITH_CLUSTER: &[(&str, WithCluster)] = &[
     ),
     ("events::a_replica_sends_its_own_changes_once", events::a_replica_sends_its_own_changes_once),
     (
+        "events::an_event_committed_after_a_newer_one_is_not_skipped",
+        events::an_event_committed_after_a_newer_one_is_not_skipped,
+    ),
+    (
         "a_sqlite_control_plane_copies_into_postgres",
         migrate::a_sqlite_control_plane_copies_into_postgres,
     ),
