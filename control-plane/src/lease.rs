@@ -10,7 +10,10 @@
 //! frees the lock, and a follower takes it at its next try: within `every` after that.
 //! A holder whose connection fails steps down at its next check, so two replicas may both
 //! believe they hold the lease for at most `every`; the work it guards stays correct then,
-//! because each step of it locks the rows it decides from.
+//! because each step of it locks the rows it decides from. It then stands aside for
+//! [`STAND_ASIDE`] checks before it tries the lock again, so that a replica whose
+//! connection held takes the region's work over, rather than whichever of the two tries
+//! first (the one whose connection just failed may be on a flapping network).
 //!
 //! On SQLite there is one control plane per database: it always holds the lease.
 
@@ -22,6 +25,10 @@ use crate::db::Db;
 
 /// The advisory lock that is the lease ([`crate::sql::locks::LEASE`]).
 pub const LEASE_KEY: i64 = crate::sql::locks::LEASE;
+
+/// Checks a holder that lost the lease with its connection skips before trying the lock
+/// again.
+pub const STAND_ASIDE: u32 = 3;
 
 /// Whether this replica holds the region's lease, as the task that keeps it last found.
 #[derive(Debug, Clone)]
@@ -61,7 +68,7 @@ pub fn keep(db: &Db, every: Duration, mut stop: watch::Receiver<bool>) -> Lease 
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut holder = Holder { conn: None, held: false };
+        let mut holder = Holder { conn: None, held: false, aside: 0 };
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -76,7 +83,7 @@ pub fn keep(db: &Db, every: Duration, mut stop: watch::Receiver<bool>) -> Lease 
                 // The check panicked: its connection is gone with it, and so is the lock.
                 Err(e) => {
                     tracing::error!(error = %e, "the region lease's check failed");
-                    Holder { conn: None, held: false }
+                    Holder { conn: None, held: false, aside: STAND_ASIDE }
                 }
             };
             tx.send_if_modified(|held| std::mem::replace(held, holder.held) != holder.held);
@@ -92,6 +99,8 @@ pub fn keep(db: &Db, every: Duration, mut stop: watch::Receiver<bool>) -> Lease 
 struct Holder {
     conn: Option<::postgres::Client>,
     held: bool,
+    /// Checks left to skip before trying the lock again ([`STAND_ASIDE`]).
+    aside: u32,
 }
 
 impl Drop for Holder {
@@ -106,6 +115,9 @@ impl Drop for Holder {
 impl Holder {
     /// One check: connects if needed, then confirms the lock (held) or tries it (not held).
     fn step(mut self, db: &Db) -> Self {
+        if self.aside > 0 {
+            return Self { conn: None, held: false, aside: self.aside - 1 };
+        }
         let was = self.held;
         let mut conn = match self.conn.take() {
             Some(conn) => conn,
@@ -113,9 +125,9 @@ impl Holder {
                 Some(Ok(conn)) => conn,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "the region lease cannot reach the database");
-                    return Self { conn: None, held: false };
+                    return Self { conn: None, held: false, aside: 0 };
                 }
-                None => return Self { conn: None, held: true },
+                None => return Self { conn: None, held: true, aside: 0 },
             },
         };
         let checked = if was {
@@ -134,13 +146,13 @@ impl Holder {
                         tracing::warn!("lost the region's lease");
                     }
                 }
-                Self { conn: Some(conn), held }
+                Self { conn: Some(conn), held, aside: 0 }
             }
             Err(e) => {
                 if was {
                     tracing::warn!(error = %e, "lost the region's lease with its connection");
                 }
-                Self { conn: None, held: false }
+                Self { conn: None, held: false, aside: if was { STAND_ASIDE } else { 0 } }
             }
         }
     }

@@ -74,7 +74,8 @@ pub(crate) fn replicas_hold_the_region_lease_one_at_a_time(cluster: &Cluster) {
     assert_eq!(first.len(), 1, "{first:?}");
 
     // The holder's connection is cut (as when its host's network goes): it steps down at
-    // its next check, and the other replica takes the lease over.
+    // its next check and stands aside (`lease::STAND_ASIDE` checks), and the other replica
+    // takes the lease over (before the stand-aside, the one cut could win it back first).
     let cut: bool = admin
         .run_sync(|sql| {
             sql.query_row(
