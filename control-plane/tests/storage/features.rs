@@ -38,6 +38,19 @@ use falaj_tables::Format;
 
 use crate::{Body, REGION, at, bundle};
 
+/// A view keyed by integers (a column of BIGINT on PostgreSQL), one feature.
+const METERS: &str = r#"
+name = "meters"
+timestamp = "event_time"
+entity = { name = "meter", type = "i64" }
+
+[[features]]
+name = "kwh"
+type = "f64"
+description = "Energy"
+owner = "ops"
+"#;
+
 /// This module's cases: each body runs once on SQLite and once on PostgreSQL.
 pub(crate) const CASES: &[(&str, Body)] = &[
     (
@@ -548,19 +561,7 @@ fn an_export_of_more_labels_than_a_batch_answers_each_in_the_files_order(db: &Db
     }
 
     // Integer keys.
-    f.apply(
-        r#"
-name = "meters"
-timestamp = "event_time"
-entity = { name = "meter", type = "i64" }
-
-[[features]]
-name = "kwh"
-type = "f64"
-description = "Energy"
-owner = "ops"
-"#,
-    );
+    f.apply(METERS);
     let meters = "meter,event_time,kwh\n7,2026-01-01T00:00:00Z,1.5\n-9,2026-01-01T00:00:00Z,2\n7,2026-01-03T00:00:00Z,3.25\n";
     f.ingest("meters", &f.file("meters.csv", meters)).unwrap();
     let labels = f.file(
@@ -647,19 +648,7 @@ fn an_ingest_keeps_the_last_row_of_a_key_and_time_within_a_batch_and_across(db: 
     assert_eq!(f.counts("pumps"), (n as u64 + 1, n as u64));
 
     // Integer keys too (a column of BIGINT on PostgreSQL).
-    f.apply(
-        r#"
-name = "meters"
-timestamp = "event_time"
-entity = { name = "meter", type = "i64" }
-
-[[features]]
-name = "kwh"
-type = "f64"
-description = "Energy"
-owner = "ops"
-"#,
-    );
+    f.apply(METERS);
     let meters = "meter,event_time,kwh\n7,2026-01-01T00:00:00Z,1.5\n-9,2026-01-01T00:00:00Z,2\n7,2026-01-01T00:00:00Z,3.25\n";
     assert_eq!(f.ingest("meters", &f.file("meters.csv", meters)).unwrap().rows, 3);
     let rows: Vec<(i64, f64)> =
