@@ -591,12 +591,14 @@ async fn periodic(shared: Arc<Shared>, mut stop: tokio::sync::watch::Receiver<bo
                 let found = poll.poll(&shared.db, std::time::Instant::now()).await;
                 match found {
                     Ok(found) => {
-                        shared.events_seen.store(found.latest.max(0) as u64, Ordering::Relaxed);
                         if found.others > 0 {
                             shared.event_pushes.fetch_add(1, Ordering::Relaxed);
-                            if let Err(err) = shared.push_desired(None, SystemTime::now()).await {
-                                tracing::error!(error = %err, "sending changed desired state failed");
-                            }
+                        }
+                        shared.events_seen.send_replace(found.latest.max(0) as u64);
+                        if found.others > 0
+                            && let Err(err) = shared.push_desired(None, SystemTime::now()).await
+                        {
+                            tracing::error!(error = %err, "sending changed desired state failed");
                         }
                     }
                     Err(err) => tracing::error!(error = %err, "reading the latest events failed"),

@@ -255,7 +255,7 @@ fn encode_event_poll(encoder: &mut DescriptorEncoder, shared: &Shared) -> std::f
                 "falaj_events_seen",
                 "The newest event this replica's event poll has read (PostgreSQL only)",
                 false,
-                load(&shared.events_seen),
+                *shared.events_seen.borrow(),
             ),
             (
                 "falaj_event_poll_pushes",

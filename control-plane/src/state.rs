@@ -218,8 +218,9 @@ pub struct Shared {
     /// it last found ([`crate::lease`]; always 1 on SQLite once serving).
     pub region_lease: AtomicU64,
     /// On PostgreSQL, the newest event this replica's event poll has read (0 before its
-    /// first read), for `/metrics`.
-    pub events_seen: AtomicU64,
+    /// first read), for `/metrics`; sent after the poll has counted its push, so a
+    /// receiver that sees an event read sees the push it made.
+    pub events_seen: tokio::sync::watch::Sender<u64>,
     /// Times the event poll sent agents their documents again because another replica
     /// recorded events (a replica's own events never count: it sent them itself).
     pub event_pushes: AtomicU64,
@@ -284,7 +285,7 @@ impl Shared {
             vault,
             server_cert_expires: AtomicU64::new(0),
             region_lease: AtomicU64::new(0),
-            events_seen: AtomicU64::new(0),
+            events_seen: tokio::sync::watch::Sender::new(0),
             event_pushes: AtomicU64::new(0),
             audit_key: Arc::new(audit_key),
             enrollments: EnrollmentGate::new(policy.enrollment),

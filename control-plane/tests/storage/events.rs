@@ -97,12 +97,15 @@ pub(crate) fn an_event_committed_after_a_newer_one_is_not_skipped(cluster: &Clus
 }
 
 /// Waits (up to a minute) for `shared`'s event poll to have read event `id`.
-fn polled(shared: &Shared, id: i64) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while shared.events_seen.load(Ordering::Relaxed) < id as u64 {
-        assert!(Instant::now() < deadline, "the event poll never read event {id}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn polled(runtime: &tokio::runtime::Runtime, shared: &Shared, id: i64) {
+    let mut seen = shared.events_seen.subscribe();
+    runtime.block_on(async {
+        tokio::time::timeout(Duration::from_secs(60), seen.wait_for(|s| *s >= id as u64))
+            .await
+            .unwrap_or_else(|_| panic!("the event poll never read event {id}"))
+            .map(|_| ())
+            .expect("the replica keeps its event poll's figures");
+    });
 }
 
 /// Two running replicas: a change made through one (its event, then its own push) makes
@@ -134,13 +137,13 @@ pub(crate) fn a_replica_sends_its_own_changes_once(cluster: &Cluster) {
     let before = record(&Db::open_postgres(&PgOptions::new(&url)).unwrap(), "before");
     let (a, stop_a, running_a) = start("a");
     let (b, stop_b, running_b) = start("b");
-    polled(&a, before);
-    polled(&b, before);
+    polled(&runtime, &a, before);
+    polled(&runtime, &b, before);
     // A change through `a`, as its deploy makes one: the event, then its own push.
     let id = record(&a.db, "edge");
     runtime.block_on(a.push_desired(None, SystemTime::now())).unwrap();
-    polled(&a, id);
-    polled(&b, id);
+    polled(&runtime, &a, id);
+    polled(&runtime, &b, id);
     assert_eq!(b.event_pushes.load(Ordering::Relaxed), 1, "the other replica sends it");
     assert_eq!(a.event_pushes.load(Ordering::Relaxed), 0, "its maker sent it already");
     for (stop, running) in [(stop_a, running_a), (stop_b, running_b)] {
