@@ -172,11 +172,8 @@ pub async fn every_request_is_counted_once(
 /// view is waited for, not read once.
 pub async fn every_agent_runs(replica: &ControlProcess, target: &str) {
     let what = format!("the fleet view shows three agents connected, running {target}");
-    eventually(Duration::from_secs(30), &what, || async {
-        let fleet = replica.ok(&["control", "agents"]);
-        fleet.lines().filter(|l| l.contains("connected") && l.contains(target)).count() == 3
-    })
-    .await;
+    eventually(Duration::from_secs(30), &what, || async { replica.agents_running(target) == 3 })
+        .await;
 }
 
 pub async fn two_replicas_on_one_postgres_serve_one_fleet_and_survive_the_loss_of_one() {

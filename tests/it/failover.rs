@@ -43,8 +43,7 @@ async fn listed_running(control: &ControlProcess, version: u64) {
     let target = format!("{MODEL}@{version}");
     let what = format!("the fleet view shows an agent connected, running {target}");
     fleet::eventually(Duration::from_secs(30), &what, || async {
-        let fleet_view = control.ok(&["control", "agents"]);
-        fleet_view.lines().any(|l| l.contains("connected") && l.contains(&target))
+        control.agents_running(&target) == 1
     })
     .await;
 }

@@ -318,6 +318,14 @@ impl ControlProcess {
         fails(&self.args(args).iter().map(String::as_str).collect::<Vec<_>>(), code)
     }
 
+    /// The agents its fleet view (`control agents`) shows connected and running
+    /// `target` (`MODEL@VERSION`). An agent serves a version before its report of it
+    /// reaches the control plane: wait for this rather than read it once.
+    pub fn agents_running(&self, target: &str) -> usize {
+        let fleet = self.ok(&["control", "agents"]);
+        fleet.lines().filter(|l| l.contains("connected") && l.contains(target)).count()
+    }
+
     /// Sends SIGTERM and waits for the exit; returns the exit code.
     pub fn terminate(self) -> Option<i32> {
         self.process.terminate()
