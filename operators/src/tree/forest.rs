@@ -1113,7 +1113,7 @@ mod tests {
     /// values and both flags: every walk agrees with the plain one at every batch size
     /// from 1 to 40 (every remainder of QuickScorer's blocks and the walks' lanes), with
     /// weights whose sums depend on their order. Some rounds have enough trees for
-    /// QuickScorer to split them into several chunks, of 32- and of 64-bit leaf words.
+    /// QuickScorer to split them into several chunks, of one and of two leaf words a tree.
     #[test]
     fn random_forests_agree_with_a_plain_walk() {
         let mut rng = Lcg(7);
@@ -1137,8 +1137,8 @@ mod tests {
                 _ => Aggregate::Sum,
             };
             let (trees, max_depth) = match round % 10 {
-                4 => (140, 7), // wide words (up to 128 leaves... capped at 64 by QuickScorer)
-                9 => (300, 5), // narrow words, two chunks
+                4 => (140, 7), // two words a tree (up to 128 leaves, 64 in QuickScorer)
+                9 => (300, 5), // one word a tree, two chunks
                 _ => (1 + rng.below(12), if round % 2 == 0 { 6 } else { 7 }),
             };
             let mut nodes = Vec::new();

@@ -11,8 +11,11 @@
 //! [`BLOCK`] rows share one pass over the thresholds, each tree holding one leaf word per
 //! row side by side, so that a test is one compare of a threshold against the block's
 //! values and one masked AND of the tree's words, which the compiler turns into vector
-//! instructions. A feature's scan stops at the block's largest value. Trees of at most 32
-//! leaves use 32-bit words, twice as many to a register.
+//! instructions. A feature's scan stops at the block's largest value. The block scan
+//! works on 32-bit words, sixteen to a 512-bit register: a tree of more than 32 leaves
+//! keeps two (its leaves 0–31 and 32–63), and a test touches only the word its true
+//! subtree lies in (both, listed twice, for a subtree across the middle), half the
+//! memory traffic of one 64-bit word per tree.
 //!
 //! Used for forests whose branches all test `x <= t` (or all `x < t`), the layout of
 //! gradient-boosted ensembles (XGBoost, LightGBM, scikit-learn's boosters).
@@ -34,11 +37,11 @@ pub struct QuickScorer {
     thresholds: Vec<f32>,
     trees: Vec<u32>,
     masks: Vec<u64>,
-    /// `masks` in 32 bits, when every tree has at most 32 leaves; else empty.
-    narrow: Vec<u32>,
     /// Per group: the tests a missing value makes false (`missing[missing_starts[g]..]`).
     missing_starts: Vec<u32>,
     missing: Vec<(u32, u64)>,
+    /// The same tests, in the same groups, as the block scan takes them.
+    block: BlockTests,
     /// Per tree: where its leaves start in `leaves`, in true-first order.
     tree_leaves: Vec<u32>,
     /// A leaf's node index in the flat layout.
@@ -61,11 +64,74 @@ pub struct Test {
     pub true_leaves: std::ops::Range<u32>,
 }
 
+/// The tests on 32-bit leaf words: one word per tree when every tree has at most 32
+/// leaves, else two (`halves`), a tree's word `2 × tree` holding its leaves 0–31 and
+/// word `2 × tree + 1` its leaves 32–63. Each test is listed once per word its true
+/// subtree touches, with that word's mask.
+#[derive(Clone, Debug, PartialEq)]
+struct BlockTests {
+    halves: bool,
+    starts: Vec<u32>,
+    thresholds: Vec<f32>,
+    words: Vec<u32>,
+    masks: Vec<u32>,
+    missing_starts: Vec<u32>,
+    missing: Vec<(u32, u32)>,
+}
+
+impl BlockTests {
+    fn new(halves: bool, groups: usize) -> Self {
+        Self {
+            halves,
+            starts: Vec::with_capacity(groups + 1),
+            thresholds: Vec::new(),
+            words: Vec::new(),
+            masks: Vec::new(),
+            missing_starts: Vec::with_capacity(groups + 1),
+            missing: Vec::new(),
+        }
+    }
+
+    /// Tree `tree`'s words and their masks from its 64-bit `mask`, leaving out a word
+    /// the mask does not touch.
+    fn split(halves: bool, tree: u32, mask: u64) -> impl Iterator<Item = (u32, u32)> {
+        let words: [(u32, u32); 2] = if halves {
+            [(2 * tree, mask as u32), (2 * tree + 1, (mask >> 32) as u32)]
+        } else {
+            // A narrow tree's mask has every bit past its 32nd set: truncating drops only those.
+            [(tree, mask as u32), (tree, u32::MAX)]
+        };
+        words.into_iter().filter(|&(_, m)| m != u32::MAX)
+    }
+
+    /// Starts the next group's lists (called once more after the last, it ends them).
+    fn open(&mut self) {
+        self.starts.push(self.thresholds.len() as u32);
+        self.missing_starts.push(self.missing.len() as u32);
+    }
+
+    /// `test`, clearing the leaves `mask` leaves out, into the open group.
+    fn push(&mut self, test: &Test, mask: u64) {
+        for (word, m) in Self::split(self.halves, test.tree, mask) {
+            self.thresholds.push(test.threshold);
+            self.words.push(word);
+            self.masks.push(m);
+            if !test.missing_true {
+                self.missing.push((word, m));
+            }
+        }
+    }
+
+    /// Words per tree.
+    fn per_tree(&self) -> usize {
+        if self.halves { 2 } else { 1 }
+    }
+}
+
 /// Scratch for [`QuickScorer::block`]: the leaf words of every tree for one block.
 #[derive(Default)]
 pub struct Scratch {
-    narrow: Vec<[u32; BLOCK]>,
-    wide: Vec<[u64; BLOCK]>,
+    words: Vec<[u32; BLOCK]>,
     columns: Vec<[f32; BLOCK]>,
 }
 
@@ -107,10 +173,12 @@ impl QuickScorer {
         let mut starts = vec![0u32; groups + 1];
         let mut missing_starts = vec![0u32; groups + 1];
         let (mut thresholds, mut trees, mut masks, mut missing) = (vec![], vec![], vec![], vec![]);
+        let mut block = BlockTests::new(!narrow, groups);
         let mut at = 0;
         for g in 0..groups {
             starts[g] = thresholds.len() as u32;
             missing_starts[g] = missing.len() as u32;
+            block.open();
             while at < sorted.len() && group(sorted[at]) == g {
                 let t = sorted[at];
                 thresholds.push(t.threshold);
@@ -119,11 +187,13 @@ impl QuickScorer {
                 if !t.missing_true {
                     missing.push((t.tree, mask(t)));
                 }
+                block.push(t, mask(t));
                 at += 1;
             }
         }
         starts[groups] = thresholds.len() as u32;
         missing_starts[groups] = missing.len() as u32;
+        block.open();
         let mut tree_leaves = Vec::with_capacity(leaves_per_tree.len() + 1);
         let mut leaves = Vec::new();
         for l in leaves_per_tree {
@@ -131,16 +201,15 @@ impl QuickScorer {
             leaves.extend(l);
         }
         tree_leaves.push(leaves.len() as u32);
-        let narrow = if narrow { masks.iter().map(|&m| m as u32).collect() } else { Vec::new() };
         Some(Self {
             features,
             starts,
             thresholds,
             trees,
             masks,
-            narrow,
             missing_starts,
             missing,
+            block,
             tree_leaves,
             leaves,
             strict,
@@ -210,56 +279,16 @@ impl QuickScorer {
         out: &mut Vec<[u32; BLOCK]>,
     ) {
         out.resize(self.trees(), [0; BLOCK]);
-        match (self.narrow.is_empty(), self.strict) {
-            (false, false) => {
-                block_narrow_leq(self, rows, &mut scratch.narrow, &mut scratch.columns, out);
-            }
-            (false, true) => {
-                block_narrow_lt(self, rows, &mut scratch.narrow, &mut scratch.columns, out);
-            }
-            (true, false) => {
-                block_wide_leq(self, rows, &mut scratch.wide, &mut scratch.columns, out);
-            }
-            (true, true) => block_wide_lt(self, rows, &mut scratch.wide, &mut scratch.columns, out),
+        if self.strict {
+            block_lt(self, rows, &mut scratch.words, &mut scratch.columns, out);
+        } else {
+            block_leq(self, rows, &mut scratch.words, &mut scratch.columns, out);
         }
     }
 }
 
-/// A tree's leaf word: `u32` when every tree has at most 32 leaves, else `u64`. Its
-/// methods are inlined into each target's compilation of the block kernels.
-trait Word: Copy + std::ops::BitAndAssign + 'static {
-    const ONES: Self;
-    fn from_mask(mask: u64) -> Self;
-    fn zeros(self) -> u32;
-}
-
-impl Word for u32 {
-    const ONES: Self = u32::MAX;
-    #[inline]
-    fn from_mask(mask: u64) -> Self {
-        // A narrow tree's mask has every bit past its 32nd set: truncating drops only those.
-        mask as u32
-    }
-    #[inline]
-    fn zeros(self) -> u32 {
-        self.trailing_zeros()
-    }
-}
-
-impl Word for u64 {
-    const ONES: Self = u64::MAX;
-    #[inline]
-    fn from_mask(mask: u64) -> Self {
-        mask
-    }
-    #[inline]
-    fn zeros(self) -> u32 {
-        self.trailing_zeros()
-    }
-}
-
 macro_rules! block_kernel {
-    ($name:ident, $word:ty, $masks:ident, $strict:literal) => {
+    ($name:ident, $strict:literal) => {
         #[multiversion::multiversion(targets(
             "x86_64+avx512f+avx512bw+avx512vl+avx2+fma",
             "x86_64+avx2+fma"
@@ -267,33 +296,31 @@ macro_rules! block_kernel {
         fn $name(
             qs: &QuickScorer,
             rows: &[&[f32]; BLOCK],
-            bits: &mut Vec<[$word; BLOCK]>,
+            words: &mut Vec<[u32; BLOCK]>,
             columns: &mut Vec<[f32; BLOCK]>,
             out: &mut [[u32; BLOCK]],
         ) {
-            scan::<$word, $strict>(qs, &qs.$masks, rows, bits, columns, out);
+            scan::<$strict>(qs, rows, words, columns, out);
         }
     };
 }
 
-block_kernel!(block_narrow_leq, u32, narrow, false);
-block_kernel!(block_narrow_lt, u32, narrow, true);
-block_kernel!(block_wide_leq, u64, masks, false);
-block_kernel!(block_wide_lt, u64, masks, true);
+block_kernel!(block_leq, false);
+block_kernel!(block_lt, true);
 
 /// The block scan, inlined into each target's compilation of the kernels above.
 #[allow(clippy::inline_always)]
 #[inline(always)]
-fn scan<W: Word, const STRICT: bool>(
+fn scan<const STRICT: bool>(
     qs: &QuickScorer,
-    masks: &[W],
     rows: &[&[f32]; BLOCK],
-    bits: &mut Vec<[W; BLOCK]>,
+    words: &mut Vec<[u32; BLOCK]>,
     columns: &mut Vec<[f32; BLOCK]>,
     out: &mut [[u32; BLOCK]],
 ) {
-    bits.clear();
-    bits.resize(qs.trees(), [W::ONES; BLOCK]);
+    let tests = &qs.block;
+    words.clear();
+    words.resize(qs.trees() * tests.per_tree(), [u32::MAX; BLOCK]);
     // The block's columns, a missing value standing in as -inf: under either test, no
     // threshold is below it, and the missing list applies its tests apart.
     let features = qs.features;
@@ -305,41 +332,51 @@ fn scan<W: Word, const STRICT: bool>(
             column[lane] = if v.is_nan() { f32::NEG_INFINITY } else { v };
         }
     }
-    for (g, w) in qs.starts.windows(2).enumerate() {
+    for (g, w) in tests.starts.windows(2).enumerate() {
         let (a, b) = (w[0] as usize, w[1] as usize);
         let f = g % features;
-        // A copy on the stack: the compiler then knows no store to `bits` changes it.
+        // A copy on the stack: the compiler then knows no store to `words` changes it.
         let xs: [f32; BLOCK] = columns[f];
         let top = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let thresholds = &qs.thresholds[a..b];
+        let thresholds = &tests.thresholds[a..b];
         let end = if STRICT {
             thresholds.partition_point(|&t| t <= top)
         } else {
             thresholds.partition_point(|&t| t < top)
         };
-        for ((&t, &tree), &mask) in
-            thresholds[..end].iter().zip(&qs.trees[a..a + end]).zip(&masks[a..a + end])
+        for ((&t, &word), &mask) in
+            thresholds[..end].iter().zip(&tests.words[a..a + end]).zip(&tests.masks[a..a + end])
         {
-            let words = &mut bits[tree as usize];
-            for (word, &x) in words.iter_mut().zip(&xs) {
+            let lanes = &mut words[word as usize];
+            for (lane, &x) in lanes.iter_mut().zip(&xs) {
                 let fails = if STRICT { t <= x } else { t < x };
-                *word &= if fails { mask } else { W::ONES };
+                *lane &= if fails { mask } else { u32::MAX };
             }
         }
         if any_missing && xs.contains(&f32::NEG_INFINITY) {
-            let (a, b) = (qs.missing_starts[g] as usize, qs.missing_starts[g + 1] as usize);
+            let (a, b) = (tests.missing_starts[g] as usize, tests.missing_starts[g + 1] as usize);
             for (lane, row) in rows.iter().enumerate() {
                 if row[f].is_nan() {
-                    for &(tree, mask) in &qs.missing[a..b] {
-                        bits[tree as usize][lane] &= W::from_mask(mask);
+                    for &(word, mask) in &tests.missing[a..b] {
+                        words[word as usize][lane] &= mask;
                     }
                 }
             }
         }
     }
-    for ((o, words), &first) in out.iter_mut().zip(bits.iter()).zip(&qs.tree_leaves) {
-        for (o, &word) in o.iter_mut().zip(words) {
-            *o = first + word.zeros();
+    // The leaf reached is the first left, of the tree's one word or two.
+    if tests.halves {
+        for ((o, pair), &first) in out.iter_mut().zip(words.chunks_exact(2)).zip(&qs.tree_leaves) {
+            for (lane, o) in o.iter_mut().enumerate() {
+                let word = u64::from(pair[1][lane]) << 32 | u64::from(pair[0][lane]);
+                *o = first + word.trailing_zeros();
+            }
+        }
+    } else {
+        for ((o, lanes), &first) in out.iter_mut().zip(words.iter()).zip(&qs.tree_leaves) {
+            for (o, &word) in o.iter_mut().zip(lanes) {
+                *o = first + word.trailing_zeros();
+            }
         }
     }
 }
