@@ -148,6 +148,9 @@ fn image(
     if pixels < FEW || ci == 0 {
         return few_pixels(op, (packed, bias), x, pixels, out);
     }
+    if ci <= DEPTH {
+        return in_runs(op, (packed, bias), x, pixels, out);
+    }
     // The input channels in blocks of up to `DEPTH`, so that a tile stays in L1 while it
     // goes through all blocks of output channels (512 channels of a 7×7 plane, a 64 KiB
     // tile, streamed from L2 once per block); a block's sums wait in `partial` for the
@@ -184,16 +187,80 @@ fn image(
                     *sums = acc;
                     continue;
                 }
-                for r in 0..ROWS.min(op.outputs - block * ROWS) {
-                    let line = tile_row(&acc, r);
-                    let to = &mut out[(block * ROWS + r) * pixels + p0..];
-                    if width == PIXELS {
-                        op.activation.apply_to(&line, &mut to[..PIXELS]);
-                    } else {
-                        op.activation.apply_to(&line[..width], &mut to[..width]);
-                    }
+                store(op, &acc, block, (p0, width), pixels, out);
+            }
+        }
+    }
+}
+
+/// Bytes of input a run of tiles copies for [`in_runs`]: the run stays in a 32 KiB L1
+/// data cache while every block of output channels goes through it.
+const RUN_BYTES: usize = 32 * 1024;
+/// Tiles per run at most: 256 pixels, a kilobyte of each channel's row.
+const RUN_TILES: usize = 8;
+
+/// [`image`] for at most [`DEPTH`] input channels (the large planes of a network's first
+/// stages), a run of up to [`RUN_TILES`] tiles at a time: the run's inputs are copied
+/// channel by channel (each a kilobyte read in order), then each block of output
+/// channels goes through the run's tiles, writing a kilobyte of each of its rows in
+/// order. Tile by tile instead, a tile of 16 input and 32 output channels reads 16 rows
+/// and writes 32, 128 bytes of each: 48 streams of memory, more than the prefetchers
+/// follow.
+#[inline(always)]
+fn in_runs(
+    op: &PointwiseConv,
+    (packed, bias): (&[[f32; ROWS]], &[[f32; ROWS]]),
+    x: &[f32],
+    pixels: usize,
+    out: &mut [f32],
+) {
+    let ci = op.inputs;
+    let tiles = (RUN_BYTES / (ci * PIXELS * size_of::<f32>())).clamp(1, RUN_TILES);
+    // Tile `t`'s channel `k` at `run[t * ci + k]`.
+    let mut run = vec![[[0.0f32; 16]; VECS]; tiles * ci];
+    for r0 in (0..pixels).step_by(tiles * PIXELS) {
+        let count = (pixels - r0).div_ceil(PIXELS).min(tiles);
+        for k in 0..ci {
+            let from = &x[k * pixels..][..pixels];
+            for t in 0..count {
+                let (p0, row) = (r0 + t * PIXELS, run[t * ci + k].as_flattened_mut());
+                let width = PIXELS.min(pixels - p0);
+                if width == PIXELS {
+                    row.copy_from_slice(&from[p0..p0 + PIXELS]);
+                } else {
+                    copy(&from[p0..], &mut row[..width]);
+                    row[width..].fill(0.0);
                 }
             }
+        }
+        for (block, (weights, bias)) in packed.chunks_exact(ci).zip(bias).enumerate() {
+            for t in 0..count {
+                let acc = tile_product(weights, &run[t * ci..][..ci], bias);
+                let p0 = r0 + t * PIXELS;
+                store(op, &acc, block, (p0, PIXELS.min(pixels - p0)), pixels, out);
+            }
+        }
+    }
+}
+
+/// A product tile's rows, activated, into their output rows at pixel `p0` (`width` of
+/// them, up to a tile's).
+#[inline(always)]
+fn store(
+    op: &PointwiseConv,
+    acc: &[[V; VECS]; ROWS],
+    block: usize,
+    (p0, width): (usize, usize),
+    pixels: usize,
+    out: &mut [f32],
+) {
+    for r in 0..ROWS.min(op.outputs - block * ROWS) {
+        let line = tile_row(acc, r);
+        let to = &mut out[(block * ROWS + r) * pixels + p0..];
+        if width == PIXELS {
+            op.activation.apply_to(&line, &mut to[..PIXELS]);
+        } else {
+            op.activation.apply_to(&line[..width], &mut to[..width]);
         }
     }
 }
@@ -293,6 +360,10 @@ mod tests {
             (16, 13, 7, 7, Activation::Relu),
             // More input channels than a block of them (`DEPTH`), and not a multiple.
             (300, 7, 5, 9, Activation::Relu),
+            // Planes of more than one run of tiles (`in_runs`): 323 pixels, a run of eight
+            // tiles then one of three, the last 3 pixels wide; 40 channels, runs of six.
+            (16, 7, 17, 19, Activation::Relu),
+            (40, 9, 15, 15, Activation::Identity),
             (8, 6, 1, 32, Activation::Clip { lo: -1.0, hi: 1.0 }),
             // Either side of `COLUMNS_FROM`, on planes of one pixel, of a few, 7×7 and
             // 14×14; input channels not a multiple of four (the one-pixel sums).
