@@ -163,17 +163,9 @@ fn image(
         for k0 in (0..ci).step_by(depth) {
             let k1 = ci.min(k0 + depth);
             let tile = &mut tile[..k1 - k0];
-            // The tile, its channels contiguous; zero past the last pixel. Whole tiles
-            // are copied at a constant size (a copy of a variable size is a call).
+            // The tile, its channels contiguous.
             for (k, row) in (k0..k1).zip(tile.iter_mut()) {
-                let row = row.as_flattened_mut();
-                let from = &x[k * pixels + p0..];
-                if width == PIXELS {
-                    row.copy_from_slice(&from[..PIXELS]);
-                } else {
-                    copy(&from[..width], &mut row[..width]);
-                    row[width..].fill(0.0);
-                }
+                tile_line(&x[k * pixels + p0..], width, row);
             }
             let blocks = packed.chunks_exact(ci).zip(bias).zip(partial.iter_mut());
             for (block, ((weights, bias), sums)) in blocks.enumerate() {
@@ -223,14 +215,8 @@ fn in_runs(
         for k in 0..ci {
             let from = &x[k * pixels..][..pixels];
             for t in 0..count {
-                let (p0, row) = (r0 + t * PIXELS, run[t * ci + k].as_flattened_mut());
-                let width = PIXELS.min(pixels - p0);
-                if width == PIXELS {
-                    row.copy_from_slice(&from[p0..p0 + PIXELS]);
-                } else {
-                    copy(&from[p0..], &mut row[..width]);
-                    row[width..].fill(0.0);
-                }
+                let p0 = r0 + t * PIXELS;
+                tile_line(&from[p0..], PIXELS.min(pixels - p0), &mut run[t * ci + k]);
             }
         }
         for (block, (weights, bias)) in packed.chunks_exact(ci).zip(bias).enumerate() {
@@ -240,6 +226,19 @@ fn in_runs(
                 store(op, &acc, block, (p0, PIXELS.min(pixels - p0)), pixels, out);
             }
         }
+    }
+}
+
+/// One channel's line of a tile: `width` pixels from `from` (up to a tile's), zero past
+/// them. A whole line is copied at a constant size (a copy of a variable size is a call).
+#[inline(always)]
+fn tile_line(from: &[f32], width: usize, line: &mut [V; VECS]) {
+    let line = line.as_flattened_mut();
+    if width == PIXELS {
+        line.copy_from_slice(&from[..PIXELS]);
+    } else {
+        copy(&from[..width], &mut line[..width]);
+        line[width..].fill(0.0);
     }
 }
 
