@@ -16,7 +16,7 @@
 
 use std::fmt;
 
-use super::quickscorer::{BLOCK, QuickScorer, Scratch, Test};
+use super::quickscorer::{BLOCK, QuickScorer, SHORT_BLOCK, Scratch, Test};
 
 /// How a branch compares the feature with its threshold; NaN features compare false
 /// (true for `Neq`) unless the node sends missing values to its true branch.
@@ -137,6 +137,17 @@ const ROW_LANES: usize = 16;
 /// Rows from which QuickScorer takes a block rather than rows one by one (a short block
 /// repeats its last row).
 const QUICK_BLOCK_ROWS: usize = 2;
+/// What [`Forest::quick_block`] keeps from one block of `B` rows to the next.
+#[derive(Default)]
+struct QuickBlocks<const B: usize> {
+    scratch: Scratch<B>,
+    /// Per tree, each row's leaf position.
+    out: Vec<[u32; B]>,
+    /// Per row and target, the weights summed and whether any was.
+    sums: Vec<f32>,
+    touched: Vec<bool>,
+}
+
 /// Bytes of rows a lockstep walk takes through each tree before the next tree (from 8 to
 /// 256 rows): the tree's upper nodes stay in L1 while they go through it.
 const CHUNK_BYTES: usize = 16 * 1024;
@@ -454,7 +465,8 @@ impl Forest {
         }
     }
 
-    /// QuickScorer: [`BLOCK`] rows at a time, then the rows left one by one.
+    /// QuickScorer: [`BLOCK`] rows at a time while more than [`SHORT_BLOCK`] are left,
+    /// then a block of those, then a last row alone.
     fn run_quick(
         &self,
         quick: &QuickScorer,
@@ -464,63 +476,13 @@ impl Forest {
         scores: &mut Scores,
     ) {
         let mut first = 0;
-        let mut scratch = Scratch::default();
-        let mut out = Vec::new();
-        let (mut sums, mut touched) = (Vec::new(), Vec::new());
-        while rows - first >= QUICK_BLOCK_ROWS {
-            let lanes = BLOCK.min(rows - first);
-            // A short block repeats its last row.
-            let block: [&[f32]; BLOCK] = std::array::from_fn(|lane| {
-                let r = first + lane.min(lanes - 1);
-                &x[r * columns..(r + 1) * columns]
-            });
-            quick.block(&block, &mut scratch, &mut out);
-            if self.quick_values.is_empty() {
-                for lane in 0..lanes {
-                    for leaves in &out {
-                        self.add(quick.leaf_node(leaves[lane]), first + lane, scores);
-                    }
-                }
-            } else if self.single.is_some() {
-                // Each row's trees summed in their order, as a plain walk sums them.
-                let mut sums = [0.0f32; BLOCK];
-                for leaves in &out {
-                    for (s, &p) in sums.iter_mut().zip(leaves) {
-                        *s += self.quick_values[p as usize];
-                    }
-                }
-                for (lane, &s) in sums.iter().enumerate().take(lanes) {
-                    let i = (first + lane) * self.n_targets + self.single_target;
-                    scores.values[i] += s;
-                    scores.has[i] = true;
-                }
-            } else {
-                let n = self.n_targets;
-                sums.clear();
-                sums.resize(BLOCK * n, 0.0);
-                touched.clear();
-                touched.resize(BLOCK * n, false);
-                for leaves in &out {
-                    for (lane, &p) in leaves.iter().enumerate() {
-                        let i = lane * n + self.quick_targets[p as usize] as usize;
-                        sums[i] += self.quick_values[p as usize];
-                        touched[i] = true;
-                    }
-                }
-                let rows_out = first * n..(first + lanes) * n;
-                for (((v, h), &s), &t) in scores.values[rows_out.clone()]
-                    .iter_mut()
-                    .zip(&mut scores.has[rows_out])
-                    .zip(&sums)
-                    .zip(&touched)
-                {
-                    if t {
-                        *v += s;
-                        *h = true;
-                    }
-                }
-            }
-            first += lanes;
+        let mut blocks = QuickBlocks::<BLOCK>::default();
+        while rows - first > SHORT_BLOCK {
+            first += self.quick_block(quick, &mut blocks, x, (first, rows), columns, scores);
+        }
+        if rows - first >= QUICK_BLOCK_ROWS {
+            let mut short = QuickBlocks::<SHORT_BLOCK>::default();
+            first += self.quick_block(quick, &mut short, x, (first, rows), columns, scores);
         }
         if first < rows {
             let mut bits = vec![0u64; self.roots.len()];
@@ -532,6 +494,73 @@ impl Forest {
                 }
             }
         }
+    }
+
+    /// One QuickScorer block of up to `B` rows from row `first` (of `rows`), their leaves'
+    /// weights added to `scores`; returns the rows scored.
+    fn quick_block<const B: usize>(
+        &self,
+        quick: &QuickScorer,
+        blocks: &mut QuickBlocks<B>,
+        x: &[f32],
+        (first, rows): (usize, usize),
+        columns: usize,
+        scores: &mut Scores,
+    ) -> usize {
+        let lanes = B.min(rows - first);
+        // A short block repeats its last row.
+        let block: [&[f32]; B] = std::array::from_fn(|lane| {
+            let r = first + lane.min(lanes - 1);
+            &x[r * columns..(r + 1) * columns]
+        });
+        let QuickBlocks { scratch, out, sums, touched } = blocks;
+        quick.block(&block, scratch, out);
+        if self.quick_values.is_empty() {
+            for lane in 0..lanes {
+                for leaves in out.iter() {
+                    self.add(quick.leaf_node(leaves[lane]), first + lane, scores);
+                }
+            }
+        } else if self.single.is_some() {
+            // Each row's trees summed in their order, as a plain walk sums them.
+            let mut sums = [0.0f32; B];
+            for leaves in out.iter() {
+                for (s, &p) in sums.iter_mut().zip(leaves) {
+                    *s += self.quick_values[p as usize];
+                }
+            }
+            for (lane, &s) in sums.iter().enumerate().take(lanes) {
+                let i = (first + lane) * self.n_targets + self.single_target;
+                scores.values[i] += s;
+                scores.has[i] = true;
+            }
+        } else {
+            let n = self.n_targets;
+            sums.clear();
+            sums.resize(B * n, 0.0);
+            touched.clear();
+            touched.resize(B * n, false);
+            for leaves in out.iter() {
+                for (lane, &p) in leaves.iter().enumerate() {
+                    let i = lane * n + self.quick_targets[p as usize] as usize;
+                    sums[i] += self.quick_values[p as usize];
+                    touched[i] = true;
+                }
+            }
+            let rows_out = first * n..(first + lanes) * n;
+            for (((v, h), &s), &t) in scores.values[rows_out.clone()]
+                .iter_mut()
+                .zip(&mut scores.has[rows_out])
+                .zip(sums.iter())
+                .zip(touched.iter())
+            {
+                if t {
+                    *v += s;
+                    *h = true;
+                }
+            }
+        }
+        lanes
     }
 
     fn one_row<C: Compare, const MISSING: bool>(&self, row: &[f32], scores: &mut Scores) {
