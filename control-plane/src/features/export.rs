@@ -292,14 +292,9 @@ impl Join<'_> {
         }
         let pending = std::mem::take(&mut self.pending);
         let times = Array(pending.iter().map(|p| p.time).collect::<Vec<i64>>());
-        let features = &self.stored.view.features;
+        let stored = self.stored;
         let read = |row: &crate::sql::Row<'_>| {
-            let values = features
-                .iter()
-                .enumerate()
-                .map(|(i, f)| store::read_value(row, i + 2, &f.kind))
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok((row.get::<i64>(0)?, row.get::<i64>(1)?, values))
+            Ok((row.get::<i64>(0)?, row.get::<i64>(1)?, store::row_values(stored, row)?))
         };
         // The keys as their column's type: every one is, having passed `accept_key`.
         let mismatch = || SqlError::Conversion {
@@ -372,17 +367,11 @@ impl RowSink for Join<'_> {
             }
             return Ok(());
         }
-        let features = &self.stored.view.features;
         let bound = store::sql_key(&row.key);
         let found = self
             .sql
             .query_row(&self.lookup, &[bound.param(), &row.time], |r| {
-                let values = features
-                    .iter()
-                    .enumerate()
-                    .map(|(i, f)| store::read_value(r, i + 2, &f.kind))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok((r.get::<i64>(1)?, values))
+                Ok((r.get::<i64>(1)?, store::row_values(self.stored, r)?))
             })
             .optional()?;
         self.write(row, found)

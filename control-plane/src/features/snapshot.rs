@@ -213,16 +213,6 @@ pub fn build<C: AsSql + ?Sized, W: Write>(
 
 type Emit<'a> = dyn FnMut(Key, i64, Vec<Value>) -> Result<(), BuildError> + 'a;
 
-fn row_values(stored: &StoredView, row: &Row<'_>) -> Result<Vec<Value>, SqlError> {
-    stored
-        .view
-        .features
-        .iter()
-        .enumerate()
-        .map(|(i, f)| store::read_value(row, i + 2, &f.kind))
-        .collect()
-}
-
 /// Rows of a scan read at once on PostgreSQL, whose client holds a query's whole result:
 /// the scan goes on after the last row of each page, so memory stays bounded by a page
 /// (SQLite streams its rows, in one query).
@@ -272,7 +262,7 @@ fn scan(
                 failed = Some(e);
                 return Ok(());
             }
-            pending = Some((key, row.get(1)?, row_values(stored, row)?));
+            pending = Some((key, row.get(1)?, store::row_values(stored, row)?));
             Ok(())
         };
         match &after {
@@ -317,7 +307,7 @@ fn listed(
         let bound = store::sql_key(&key);
         let found = conn
             .query_row(&query, &[bound.param(), &as_of], |row| {
-                Ok((row.get::<i64>(1)?, row_values(stored, row)?))
+                Ok((row.get::<i64>(1)?, store::row_values(stored, row)?))
             })
             .optional()?;
         if let Some((time, values)) = found {

@@ -458,6 +458,15 @@ pub fn feature_columns(view: &FeatureView) -> String {
     view.features.iter().map(|f| format!("\"{}\"", f.name)).collect::<Vec<_>>().join(", ")
 }
 
+/// A feature row's values as the view's types, from column 2 on (after the entity, or a
+/// label's place in a batch, and the event time).
+pub fn row_values(
+    stored: &StoredView,
+    row: &Row<'_>,
+) -> Result<Vec<falaj_common::features::Value>, SqlError> {
+    stored.view.features.iter().enumerate().map(|(i, f)| read_value(row, i + 2, &f.kind)).collect()
+}
+
 /// Reads a stored value back as the view's type (column `index`).
 pub fn read_value(
     row: &Row<'_>,
