@@ -137,6 +137,12 @@ const ROW_LANES: usize = 16;
 /// Rows from which QuickScorer takes a block rather than rows one by one (a short block
 /// repeats its last row).
 const QUICK_BLOCK_ROWS: usize = 2;
+/// Bytes of rows a lockstep walk takes through each tree before the next tree (from 8 to
+/// 256 rows): the tree's upper nodes stay in L1 while they go through it.
+const CHUNK_BYTES: usize = 16 * 1024;
+/// Bytes of nodes per block of trees: most of a typical 512 KiB L2 cache.
+const BLOCK_BYTES: usize = 384 * 1024;
+
 /// What [`Forest::quick_block`] keeps from one block of `B` rows to the next.
 #[derive(Default)]
 struct QuickBlocks<const B: usize> {
@@ -147,12 +153,6 @@ struct QuickBlocks<const B: usize> {
     sums: Vec<f32>,
     touched: Vec<bool>,
 }
-
-/// Bytes of rows a lockstep walk takes through each tree before the next tree (from 8 to
-/// 256 rows): the tree's upper nodes stay in L1 while they go through it.
-const CHUNK_BYTES: usize = 16 * 1024;
-/// Bytes of nodes per block of trees: most of a typical 512 KiB L2 cache.
-const BLOCK_BYTES: usize = 384 * 1024;
 
 /// The compiled ensemble.
 #[derive(Clone, PartialEq)]
