@@ -3,10 +3,11 @@
 //! batch 1 and 64, one client at a time with one kept-alive connection. Two pairs of
 //! clients: the usual ones (reqwest for REST, tonic's `Channel` for gRPC) and bare ones
 //! (hyper's HTTP/1.1 connection, h2's HTTP/2 connection with the message encoded once), so
-//! that the bare pair measures the servers. Each gRPC row gives its p50 as a ratio of
-//! the REST row of its pair (target: at most 1.0). The modes run in rounds, each round
-//! starting with the next mode, and each figure is the median round, so drift on a shared
-//! machine lands on all of them.
+//! that the bare pair measures the servers. The modes run in rounds, each round starting
+//! with the next mode, and each figure is the median round, so drift on a shared machine
+//! lands on all of them. A gRPC row's last column is the median (and range) of its rounds'
+//! p50 over the p50 of its pair's REST round in the same round, so that drift between
+//! rounds cancels (target: at most 1.0).
 //!
 //! `cargo bench --bench grpc -- [--seconds N] [--rounds R]`; prints a Markdown table for
 //! BENCHMARKS.md. `--only rest|rest-bare|grpc|bare`, `--model NAME` and `--batch N` run
@@ -61,16 +62,26 @@ async fn rest_bare(http: SocketAddr, subject: &Subject, batch: usize, seconds: f
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
     tokio::spawn(connection);
-    let uri = format!("/v2/models/{}/infer", subject.name);
+    let uri: hyper::Uri = format!("/v2/models/{}/infer", subject.name).parse()?;
+    // The headers made once, as the gRPC client's are: what a call costs the client is
+    // then the protocol's, not the parsing of header names written as text.
+    let mut headers = hyper::HeaderMap::new();
+    headers.insert(hyper::header::HOST, http.to_string().try_into()?);
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/octet-stream"),
+    );
+    headers.insert(
+        hyper::header::HeaderName::from_static("inference-header-content-length"),
+        header.len().into(),
+    );
     let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
     let mut latencies = Vec::new();
     while Instant::now() < stop {
         let t0 = Instant::now();
-        let request = hyper::Request::post(&uri)
-            .header("host", http.to_string())
-            .header("content-type", "application/octet-stream")
-            .header("Inference-Header-Content-Length", header.len())
-            .body(http_body_util::Full::new(body.clone()))?;
+        let mut request =
+            hyper::Request::post(uri.clone()).body(http_body_util::Full::new(body.clone()))?;
+        *request.headers_mut() = headers.clone();
         sender.ready().await?;
         let response = sender.send_request(request).await?;
         anyhow::ensure!(response.status().is_success(), "REST answered {}", response.status());
@@ -160,14 +171,17 @@ async fn bare_calls(
     tokio::spawn(connection);
     let uri: hyper::Uri =
         format!("http://{addr}/inference.GRPCInferenceService/ModelInfer").parse()?;
+    let mut headers = hyper::HeaderMap::new();
+    let value = hyper::header::HeaderValue::from_static;
+    headers.insert(hyper::header::CONTENT_TYPE, value("application/grpc"));
+    headers.insert(hyper::header::TE, value("trailers"));
+    let grpc_status = hyper::header::HeaderName::from_static("grpc-status");
     let (stop, started) = (Instant::now() + Duration::from_secs_f64(seconds), Instant::now());
     let mut latencies = Vec::new();
     while Instant::now() < stop {
         let t0 = Instant::now();
-        let request = hyper::Request::post(uri.clone())
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())?;
+        let mut request = hyper::Request::post(uri.clone()).body(())?;
+        *request.headers_mut() = headers.clone();
         client = client.ready().await?;
         let (response, mut stream) = client.send_request(request, false)?;
         stream.send_data(framed.clone(), true)?;
@@ -179,7 +193,7 @@ async fn bare_calls(
             answer.push(chunk);
         }
         let trailers = body.trailers().await?;
-        let status = trailers.as_ref().and_then(|t| t.get("grpc-status"));
+        let status = trailers.as_ref().and_then(|t| t.get(&grpc_status));
         anyhow::ensure!(
             status.is_some_and(|s| s == "0"),
             "ModelInfer answered grpc-status {status:?}"
@@ -273,6 +287,45 @@ impl Mode {
     }
 }
 
+/// The table's lines of one case: each mode's median round, and a gRPC mode's ratios to
+/// its pair's REST mode, round by round.
+fn table_lines(name: &str, batch: usize, modes: &[Mode], runs: Vec<Vec<Run>>) -> Vec<String> {
+    let ratios: Vec<Option<Vec<f64>>> =
+        modes.iter().map(|mode| paired(modes, &runs, *mode)).collect();
+    let runs: Vec<Run> = runs.into_iter().map(median).collect();
+    let mut lines = Vec::new();
+    for ((mode, run), ratios) in modes.iter().zip(&runs).zip(&ratios) {
+        let ratio = ratios.as_deref().map_or(String::new(), |r| {
+            format!("{:.2} ({:.2}–{:.2})", r[r.len() / 2], r[0], r[r.len() - 1])
+        });
+        lines.push(format!(
+            "| {name} | {batch} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {ratio} |",
+            mode.label(),
+            run.latencies.len(),
+            run.p(0.5),
+            run.p(0.99),
+            run.throughput(),
+            run.throughput() * batch as f64,
+        ));
+    }
+    lines
+}
+
+/// The rounds' ratios of `mode`'s p50 to its anchor's p50 in the same round, sorted (each
+/// round's pair ran seconds apart, so drift of the machine between rounds cancels); `None`
+/// for a REST mode or when its anchor did not run.
+fn paired(modes: &[Mode], runs: &[Vec<Run>], mode: Mode) -> Option<Vec<f64>> {
+    let find = |m: Mode| modes.iter().position(|x| x.flag() == m.flag());
+    let (i, anchor) = (find(mode)?, find(mode.anchor())?);
+    if i == anchor {
+        return None;
+    }
+    let mut ratios: Vec<f64> =
+        runs[i].iter().zip(&runs[anchor]).map(|(run, rest)| run.p(0.5) / rest.p(0.5)).collect();
+    ratios.sort_by(f64::total_cmp);
+    Some(ratios)
+}
+
 /// The text after `name` in `args`.
 fn text_arg(args: &[String], name: &str) -> Option<String> {
     args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned()
@@ -346,24 +399,7 @@ fn main() -> Result<()> {
                             runs[i].push(modes[i].run(addrs, subject, batch, seconds).await?);
                         }
                     }
-                    let runs: Vec<Run> = runs.into_iter().map(median).collect();
-                    for (mode, run) in modes.iter().zip(&runs) {
-                        let anchor = modes
-                            .iter()
-                            .position(|m| m.flag() == mode.anchor().flag())
-                            .map_or(f64::NAN, |i| runs[i].p(0.5));
-                        lines.push(format!(
-                            "| {} | {batch} | {} | {} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} |",
-                            subject.name,
-                            mode.label(),
-                            run.latencies.len(),
-                            run.p(0.5),
-                            run.p(0.99),
-                            run.throughput(),
-                            run.throughput() * batch as f64,
-                            run.p(0.5) / anchor,
-                        ));
-                    }
+                    lines.extend(table_lines(subject.name, batch, &modes, runs));
                 }
             }
             Ok(lines)
@@ -376,11 +412,12 @@ fn main() -> Result<()> {
 
     println!(
         "gRPC vs REST (binary tensors), one client, kept-alive connection; median of {rounds} \
-         alternating rounds of {seconds} s each"
+         alternating rounds of {seconds} s each; p50 / REST: the median (and range) of the \
+         rounds' ratios, each gRPC round against the REST round of its pair in the same round"
     );
     println!();
     println!(
-        "| model | batch | transport | requests | p50 µs | p99 µs | req/s | rows/s | p50 / REST |"
+        "| model | batch | transport | requests | p50 µs | p99 µs | req/s | rows/s | p50 / REST, by round |"
     );
     println!("|---|---|---|---|---|---|---|---|---|");
     for line in table {

@@ -76,7 +76,7 @@ where
 
 /// The deadline a call's `grpc-timeout` header sets, if any (and well formed).
 pub(super) fn of(headers: &http::HeaderMap) -> Option<Duration> {
-    headers.get("grpc-timeout").and_then(|v| parse(v.as_bytes()))
+    headers.get(&super::GRPC_TIMEOUT).and_then(|v| parse(v.as_bytes()))
 }
 
 /// The status of a call whose deadline `timeout` passed before its answer.

@@ -45,6 +45,13 @@ use tonic_health::ServingStatus;
 
 use crate::server::{ApiError, AppState, ServeError};
 
+/// gRPC's own headers, named once: a header named by a string is parsed (its case checked,
+/// the standard names searched) on every lookup and insert.
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+const GRPC_MESSAGE: http::HeaderName = http::HeaderName::from_static("grpc-message");
+const GRPC_ENCODING: http::HeaderName = http::HeaderName::from_static("grpc-encoding");
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// The messages and services generated from `agent/proto/grpc_predict_v2.proto` at build
 /// time; the client is for tests and benchmarks.
 #[allow(
@@ -145,15 +152,15 @@ fn over_limit(
 ) -> http::Response<tonic::body::Body> {
     use http_body_util::BodyExt as _;
     let rewrite = move |headers: &mut http::HeaderMap| {
-        let too_large = headers.get("grpc-status").is_some_and(|s| s == "11")
-            && headers.get("grpc-message").is_some_and(|m| {
+        let too_large = headers.get(&GRPC_STATUS).is_some_and(|s| s == "11")
+            && headers.get(&GRPC_MESSAGE).is_some_and(|m| {
                 m.to_str().is_ok_and(|m| m.replace("%20", " ").contains("message length too large"))
             });
         if too_large {
-            headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+            headers.insert(GRPC_STATUS, http::HeaderValue::from_static("8"));
             let message = format!("request exceeds the limit of {limit} bytes");
             if let Ok(value) = http::HeaderValue::from_str(&message.replace(' ', "%20")) {
-                headers.insert("grpc-message", value);
+                headers.insert(GRPC_MESSAGE, value);
             }
         }
     };

@@ -44,7 +44,7 @@ const PREFIX: usize = 5;
 /// Whether `request` takes this path: a ModelInfer call whose messages are not compressed.
 pub(super) fn takes<B>(request: &http::Request<B>) -> bool {
     request.uri().path() == MODEL_INFER
-        && request.headers().get("grpc-encoding").is_none_or(|e| e == "identity")
+        && request.headers().get(&super::GRPC_ENCODING).is_none_or(|e| e == "identity")
 }
 
 /// The service's answer to a decoded call.
@@ -248,6 +248,6 @@ fn answer(
     let mut send = respond.send_response(head, false)?;
     send.send_data(data.freeze(), false)?;
     let mut trailers = http::HeaderMap::with_capacity(1);
-    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    trailers.insert(super::GRPC_STATUS, http::HeaderValue::from_static("0"));
     send.send_trailers(trailers)
 }
