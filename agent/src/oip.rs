@@ -631,19 +631,32 @@ pub(crate) fn encode_binary(data: &TensorData, out: &mut Vec<u8>) {
         TensorData::Bool(v) => out.extend(v.iter().map(|&b| u8::from(b))),
         TensorData::Uint8(v) => out.extend_from_slice(v),
         TensorData::Int8(v) => out.extend(v.iter().map(|&b| b as u8)),
-        TensorData::Uint16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Uint32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Uint64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Int16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Int32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Int64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Fp16(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Fp32(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Fp64(v) => v.iter().for_each(|x| out.extend_from_slice(&x.to_le_bytes())),
-        TensorData::Bytes(v) => v.iter().for_each(|b| {
-            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
-            out.extend_from_slice(b);
-        }),
+        TensorData::Uint16(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Uint32(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Uint64(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Int16(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Int32(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Int64(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Fp16(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Fp32(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Fp64(v) => extend_le(out, v, |x| x.to_le_bytes()),
+        TensorData::Bytes(v) => {
+            out.reserve(v.iter().map(|b| 4 + b.len()).sum());
+            for b in v {
+                out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+                out.extend_from_slice(b);
+            }
+        }
+    }
+}
+
+/// Appends `values` as `N` bytes each: sized once and written in place, rather than grown
+/// element by element (a batch's output reallocated its buffer about ten times).
+fn extend_le<T, const N: usize>(out: &mut Vec<u8>, values: &[T], bytes: impl Fn(&T) -> [u8; N]) {
+    let start = out.len();
+    out.resize(start + values.len() * N, 0);
+    for (to, value) in out[start..].chunks_exact_mut(N).zip(values) {
+        to.copy_from_slice(&bytes(value));
     }
 }
 
@@ -990,6 +1003,21 @@ mod tests {
             r#"{"inputs":[{"name":"x","shape":[1],"datatype":"FP32","data":[1]}],"outputs":[{"name":"y","parameters":{"classification":2}}]}"#,
             "classification",
         );
+    }
+
+    #[test]
+    fn binary_encoding_appends_after_what_the_buffer_holds() {
+        let mut out = b"head".to_vec();
+        encode_binary(&TensorData::Fp32(vec![1.5, -2.0]), &mut out);
+        encode_binary(&TensorData::Int64(vec![-3]), &mut out);
+        encode_binary(&TensorData::Bytes(vec![b"ab".to_vec()]), &mut out);
+        let mut expected = b"head".to_vec();
+        expected.extend(1.5f32.to_le_bytes());
+        expected.extend((-2.0f32).to_le_bytes());
+        expected.extend((-3i64).to_le_bytes());
+        expected.extend(2u32.to_le_bytes());
+        expected.extend(b"ab");
+        assert_eq!(out, expected);
     }
 
     #[test]
