@@ -33,7 +33,7 @@
 //!
 //! The connection's settings are hyper's defaults (200 concurrent streams, a 16 KiB header
 //! list, 400 KiB of buffered answer a stream, 1024 streams reset for the client's errors)
-//! with the endpoint's fixed flow-control windows.
+//! with the endpoint's fixed flow-control windows and frames of up to [`MAX_FRAME`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -54,7 +54,8 @@ use super::exchange::{self, Incoming};
 use super::proto::grpc_inference_service_server::GrpcInferenceServiceServer;
 use super::service::Inference;
 use super::{
-    CONNECTION_WINDOW, STREAM_WINDOW, coalesce, deadline, over_limit, turn, unary, wait_down,
+    CONNECTION_WINDOW, MAX_FRAME, STREAM_WINDOW, coalesce, deadline, over_limit, turn, unary,
+    wait_down,
 };
 
 /// The health service's path prefix.
@@ -226,7 +227,7 @@ where
     }
 }
 
-/// Settings of every connection: hyper's defaults, the endpoint's windows.
+/// Settings of every connection: hyper's defaults, the endpoint's windows and frame size.
 fn builder() -> h2::server::Builder {
     let mut builder = h2::server::Builder::new();
     // Fixed flow-control windows of a few MiB let a large message arrive without a round
@@ -234,7 +235,7 @@ fn builder() -> h2::server::Builder {
     builder
         .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(16 << 10)
+        .max_frame_size(MAX_FRAME)
         .max_header_list_size(16 << 10)
         .max_concurrent_streams(200)
         .max_send_buffer_size(400 << 10)

@@ -1,7 +1,7 @@
 //! The gRPC endpoint's HTTP/2 server (`grpc/transport.rs`, on h2 directly) against a bare h2
 //! client: flow control both ways with a message larger than every window, a deadline that
 //! passes while the message is still arriving, streams reset by the client while their call
-//! reads or waits, and many calls at once on one connection.
+//! reads or waits, many calls at once on one connection, and the frame size it allows.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -128,6 +128,33 @@ async fn a_message_larger_than_every_window_goes_both_ways() {
         let raw: usize = answer.raw_output_contents.iter().map(Bytes::len).sum();
         assert!(raw > 64 << 10, "the answer ({raw} bytes) exceeds the client's window");
     }
+    server.stop().await;
+}
+
+/// The server's first SETTINGS, read off the socket after a client's preface, let a client
+/// send frames of up to [`MAX_FRAME`](falaj_agent::grpc::MAX_FRAME) (HTTP/2's default is
+/// 16 KiB), so that a large message leaves a client's h2 in few writes.
+#[tokio::test]
+async fn the_server_lets_clients_send_large_frames() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let site = Site::new();
+    site.install("fault", 1, &classifier());
+    let server = Both::start(&site, test_config()).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.grpc).await.unwrap();
+    // The client's preface and an empty SETTINGS frame.
+    tcp.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    let mut head = [0u8; 9];
+    tokio::time::timeout(GUARD, tcp.read_exact(&mut head)).await.unwrap().unwrap();
+    assert_eq!((head[3], head[4]), (0x4, 0), "the server's first frame is its SETTINGS");
+    let mut payload = vec![0u8; u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize];
+    tcp.read_exact(&mut payload).await.unwrap();
+    let settings: Vec<(u16, u32)> = payload
+        .chunks_exact(6)
+        .map(|p| (u16::from_be_bytes([p[0], p[1]]), u32::from_be_bytes([p[2], p[3], p[4], p[5]])))
+        .collect();
+    // SETTINGS_MAX_FRAME_SIZE is 0x5.
+    let max_frame = settings.iter().find(|(id, _)| *id == 0x5).map(|&(_, v)| v);
+    assert_eq!(max_frame, Some(falaj_agent::grpc::MAX_FRAME), "{settings:?}");
     server.stop().await;
 }
 
