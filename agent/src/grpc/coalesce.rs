@@ -32,8 +32,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// goes out at once rather than copied.
 pub(super) const HOLD: usize = 16 << 10;
 
-/// The bytes a read from the socket asks for when h2 asks for fewer: a frame of the
-/// default 16 KiB frame size, with its head.
+/// The bytes a read from the socket asks for when h2 asks for fewer: 16 KiB and a frame
+/// head, so a small call (its HEADERS and a DATA frame) comes in one read. h2 asks for
+/// more once it knows a larger frame is coming, and then reads straight into its buffer.
 pub(super) const READ: usize = (16 << 10) + 9;
 
 /// The connection's I/O as h2 sees it ([`pair`]).
