@@ -365,7 +365,8 @@ fn a_running_control_plane_takes_a_rotation_on_sighup() {
     let mut control =
         support::Process::start_logging_with_input(&serve, &[("RUST_LOG", "info")], passphrase);
     control.wait_for("opened the sealed keys");
-    let line = control.wait_for("admin API on http://");
+    // The address goes to stdout, the log to stderr: either is read first.
+    let line = control.saw_or_wait_for("admin API on http://");
     let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().to_owned();
     assert_eq!(metric(&url, "falaj_trust_root_version"), "1");
 
@@ -419,7 +420,8 @@ fn an_expiring_root_warns_and_is_renewed_with_offline_root_keys_while_running() 
     let mut control = support::Process::start_logging(&serve, &[("RUST_LOG", "info")]);
     let line = control.wait_for("admin API on http://");
     let url = line[line.find("http://").unwrap()..].split_whitespace().next().unwrap().to_owned();
-    control.wait_for("trust root expires within 30 days");
+    // The warning goes to the log (stderr), the address to stdout: either is read first.
+    control.saw_or_wait_for("trust root expires within 30 days");
     let left: u64 = metric(&url, "falaj_trust_root_expiry_seconds").parse().unwrap();
     assert!(left <= 20 * 86_400 && left > 19 * 86_400, "{left}");
     assert!(

@@ -131,6 +131,16 @@ impl Process {
         }
     }
 
+    /// A line containing `needle`, among those already read or else waited for: for a
+    /// line on one stream while another stream's line was waited for first (the two are
+    /// read by threads of their own, so either may be read first).
+    pub fn saw_or_wait_for(&mut self, needle: &str) -> String {
+        match self.seen.iter().find(|l| l.contains(needle)) {
+            Some(line) => line.clone(),
+            None => self.wait_for(needle),
+        }
+    }
+
     /// Waits for the `http://ADDR` that the process prints when serving.
     pub fn wait_for_addr(&mut self, needle: &str) -> SocketAddr {
         let line = self.wait_for(needle);
