@@ -90,7 +90,7 @@ async fn an_agent_days_ahead_refuses_documents_naming_its_clock_and_its_windows_
     // 25 days ahead: the 30-day certificate has less than a third of its life left.
     let mut agent = serve_at(&dir, "+25d");
     let http = agent.wait_for_addr("serving the Open Inference Protocol");
-    let refused = tokio::task::block_in_place(|| agent.wait_for("desired state refused"));
+    let refused = tokio::task::block_in_place(|| agent.saw_or_wait_for("desired state refused"));
     assert!(
         refused.contains("expired") && refused.contains("this agent's clock reads"),
         "{refused}"
@@ -175,7 +175,8 @@ async fn an_agent_days_behind_cannot_connect_says_why_with_its_clock_and_serves_
 
     let mut agent = serve_at(&dir, "-3d");
     let http = agent.wait_for_addr("serving the Open Inference Protocol");
-    let ended = tokio::task::block_in_place(|| agent.wait_for("control plane session ended"));
+    let ended =
+        tokio::task::block_in_place(|| agent.saw_or_wait_for("control plane session ended"));
     assert!(ended.contains("this agent's clock reads"), "{ended}");
     assert!(!control.shared.connected(&id), "no session");
     assert_eq!(infer(http, MODEL).await, Some(1), "it serves what it holds");
