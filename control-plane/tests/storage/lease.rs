@@ -29,13 +29,17 @@ fn until(rt: &Runtime, lease: &Lease, held: bool) {
     });
 }
 
-/// The backends holding the lease's lock, as PostgreSQL sees them.
+/// The backends holding the lease's lock in `admin`'s database, as PostgreSQL sees them.
+/// An advisory lock belongs to one database, and `pg_locks` shows the whole cluster's:
+/// tests running beside this one hold their own regions' leases, under the same key, in
+/// their own databases.
 fn holders(admin: &Db) -> Vec<i64> {
     admin
         .run_sync(|sql| {
             sql.query_map(
                 "SELECT CAST(pid AS BIGINT) FROM pg_locks
                  WHERE locktype = 'advisory' AND granted AND objsubid = 1
+                   AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
                    AND CAST(classid AS BIGINT) = $1 AND CAST(objid AS BIGINT) = $2",
                 params![LEASE_KEY >> 32, LEASE_KEY & 0xffff_ffff],
                 |r| r.get(0),
