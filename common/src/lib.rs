@@ -16,6 +16,7 @@
 //! - [`metrics`], [`sketch`], [`drift`]: metric windows (counts, a mergeable latency
 //!   sketch, histograms over the reference bins), and drift scores (PSI, KS, JS).
 //! - [`alerting`]: alert rules over rollups of metric windows, and when they fire.
+//! - [`delivery`]: when a webhook notification that failed is tried again, and given up.
 //! - [`rollout`]: canary, A/B and shadow rollouts: sticky assignment, steps, guards.
 //! - [`outcomes`]: answers compared between versions (agreement) and with ground truth.
 //! - [`exposition`] (feature `prometheus`): the Prometheus text both shells serve.
@@ -48,6 +49,7 @@ pub mod audit;
 pub mod bundle;
 pub mod chunking;
 pub mod config;
+pub mod delivery;
 pub mod desired;
 pub mod drift;
 pub mod enrollment;
