@@ -433,6 +433,7 @@ async fn prometheus(State(api): State<Api>) -> ApiResult<Response> {
                     })
                     .count() as u64,
                 alerts_firing: crate::alerts::firing(&sql)?.len() as u64,
+                notifications: crate::outbox::backlog(&sql)?,
                 rollouts: crate::rollouts::latest_each(&sql)?,
             })
         })

@@ -1,11 +1,13 @@
 //! Alerts: the rules of the configuration evaluated against the stored metric windows,
 //! each firing or resolution recorded as an event (`falaj-control alerts`), POSTed as
-//! JSON to the configured webhooks with retries, and, for a rule with a retraining hook,
-//! handed to that hook when it fires.
+//! JSON to the configured webhooks, and, for a rule with a retraining hook, handed to
+//! that hook when it fires.
 //!
 //! What fires is decided by [`falaj_common::alerting`]; this module reads the windows,
-//! keeps the firing set in the database (so a restart neither repeats nor forgets an alert) and
-//! delivers the notifications.
+//! keeps the firing set in the database (so a restart neither repeats nor forgets an
+//! alert) and records each webhook notification in the outbox in the same transaction as
+//! its event ([`crate::outbox`] sends them, through restarts). A retraining command runs
+//! once, when the alert fires.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -18,9 +20,9 @@ use tokio::io::AsyncWriteExt;
 
 use crate::db::{DbError, from_ts, ts};
 use crate::monitoring::{self, MetricsQuery};
+use crate::outbox::{self, Webhooks};
 use crate::sql::{AsSql, Sql, SqlError, params};
 use crate::state::Shared;
-use crate::webhook::{WebhookClient, deliver};
 
 /// `[alerts]` of the configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,9 +41,6 @@ impl Default for AlertsConfig {
         Self { evaluate_every: Duration::from_secs(30), webhooks: Vec::new(), rules: Vec::new() }
     }
 }
-
-/// How long one webhook call may take.
-const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A recorded firing or resolution.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,11 +86,12 @@ fn metric_name(rule: &AlertRule) -> String {
         .unwrap_or_default()
 }
 
-/// Evaluates `rule` at `now` and records its transitions, in one transaction.
+/// Evaluates `rule` at `now` and records its transitions and their notifications to
+/// `webhooks` (and to the rule's retraining webhook, for a firing), in one transaction.
 fn evaluate_rule(
     sql: Sql<'_>,
     rule: &AlertRule,
-    region: &str,
+    webhooks: Webhooks<'_>,
     now: Timestamp,
 ) -> Result<Vec<Notification>, SqlError> {
     let query = MetricsQuery {
@@ -146,7 +146,7 @@ fn evaluate_rule(
             params![ts(now), rule.name, o.subject, state, metric, o.value, rule.threshold],
             |r| r.get(0),
         )?;
-        notifications.push(Notification {
+        let notification = Notification {
             event: AlertEvent {
                 id: id as u64,
                 at: now,
@@ -162,39 +162,64 @@ fn evaluate_rule(
             column: o.column,
             group: rule.group.clone(),
             window_seconds: rule.window.as_secs(),
-            region: region.to_owned(),
-        });
+            region: webhooks.region.to_owned(),
+        };
+        let body = serde_json::to_vec(&notification).map_err(|e| SqlError::Encode {
+            what: "an alert notification",
+            message: e.to_string(),
+        })?;
+        let retrain = match &rule.retrain {
+            Some(RetrainHook::Webhook(url)) if firing => Some(url.as_str()),
+            _ => None,
+        };
+        let urls = webhooks.urls.iter().map(String::as_str).chain(retrain);
+        let e = &notification.event;
+        let what = format!("alert {} {} {}", e.rule, e.subject, e.state);
+        outbox::enqueue(&tx, urls, &body, &what, now)?;
+        notifications.push(notification);
     }
     tx.commit()?;
     Ok(notifications)
 }
 
-/// Evaluates every rule once at `now`, each in its own transaction; returns what changed,
-/// with the rule that changed it.
+/// Evaluates every rule once at `now`, each in its own transaction with the notifications
+/// to `webhooks` it records; returns what changed, with the rule that changed it.
 pub fn evaluate_rules<C: AsSql + ?Sized>(
     conn: &C,
     rules: &[AlertRule],
-    region: &str,
+    webhooks: Webhooks<'_>,
     now: Timestamp,
 ) -> Result<Vec<(AlertRule, Notification)>, C::Error> {
     let mut out = Vec::new();
     for rule in rules {
-        for n in evaluate_rule(conn.sql(), rule, region, now)? {
+        for n in evaluate_rule(conn.sql(), rule, webhooks, now)? {
             out.push((rule.clone(), n));
         }
     }
     Ok(out)
 }
 
-/// Evaluates every rule once; returns what changed, with the rule that changed it.
+/// Evaluates every rule once, recording notifications to `webhooks`; returns what
+/// changed, with the rule that changed it.
 pub async fn evaluate(
     shared: &Shared,
     rules: &[AlertRule],
+    webhooks: &[String],
     now: SystemTime,
 ) -> Result<Vec<(AlertRule, Notification)>, DbError> {
-    let (rules, region) = (rules.to_vec(), shared.region.clone());
+    let (rules, urls, region) = (rules.to_vec(), webhooks.to_vec(), shared.region.clone());
     let now = Timestamp::from_system(now);
-    shared.db.run(move |sql| evaluate_rules(&sql, &rules, &region, now)).await
+    let changed = shared
+        .db
+        .run(move |sql| {
+            let webhooks = Webhooks { urls: &urls, region: &region };
+            evaluate_rules(&sql, &rules, webhooks, now)
+        })
+        .await?;
+    if !changed.is_empty() {
+        shared.outbox.queued.notify_one();
+    }
+    Ok(changed)
 }
 
 /// The latest `limit` events, newest first.
@@ -230,7 +255,8 @@ pub fn firing<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<Firing>, C::Error> {
     )?)
 }
 
-/// Evaluates the rules every `config.evaluate_every` and sends what changed, until `stop`.
+/// Evaluates the rules every `config.evaluate_every`, and runs the retraining commands of
+/// those that fire, until `stop`.
 pub async fn run(
     shared: Arc<Shared>,
     config: AlertsConfig,
@@ -239,7 +265,6 @@ pub async fn run(
     if config.rules.is_empty() {
         return;
     }
-    let client = WebhookClient::new(WEBHOOK_TIMEOUT);
     let mut ticks = tokio::time::interval(config.evaluate_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -247,30 +272,21 @@ pub async fn run(
             _ = stop.wait_for(|s| *s) => return,
             _ = ticks.tick() => {}
         }
-        let changed = match evaluate(&shared, &config.rules, SystemTime::now()).await {
-            Ok(changed) => changed,
-            Err(err) => {
-                tracing::error!(error = %err, "evaluating alert rules failed");
-                continue;
-            }
-        };
+        let changed =
+            match evaluate(&shared, &config.rules, &config.webhooks, SystemTime::now()).await {
+                Ok(changed) => changed,
+                Err(err) => {
+                    tracing::error!(error = %err, "evaluating alert rules failed");
+                    continue;
+                }
+            };
         for (rule, notification) in changed {
             let e = &notification.event;
             tracing::warn!(rule = %e.rule, subject = %e.subject, state = %e.state, value = e.value, threshold = e.threshold, "alert");
-            let body = Arc::new(notification);
-            let retrain = rule.retrain.filter(|_| body.event.state == "firing");
-            let hook = match &retrain {
-                Some(RetrainHook::Webhook(url)) => Some(url),
-                _ => None,
-            };
-            let json = serde_json::to_vec(&*body).unwrap_or_default();
-            let what =
-                format!("alert {} {} {}", body.event.rule, body.event.subject, body.event.state);
-            for url in config.webhooks.iter().chain(hook) {
-                tokio::spawn(deliver(client.clone(), url.clone(), json.clone(), what.clone()));
-            }
-            if let Some(RetrainHook::Command(argv)) = retrain {
-                tokio::spawn(run_command(argv, body));
+            if let Some(RetrainHook::Command(argv)) = rule.retrain
+                && e.state == "firing"
+            {
+                tokio::spawn(run_command(argv, Arc::new(notification)));
             }
         }
     }

@@ -388,28 +388,7 @@ impl ControlPlane {
             let (shared, stop) = (Arc::clone(&shared), stop_rx.clone());
             async move { shared.windows.run(shared.db.clone(), stop).await }
         });
-        // The region's work, by whichever replica holds the lease (always this one on
-        // SQLite).
-        let lease = crate::lease::keep(&shared.db, LEASE_CHECK, stop_rx.clone());
-        tokio::spawn(show_lease(Arc::clone(&shared), lease.watch()));
-        let pruning = tokio::spawn(while_leading(lease.clone(), stop_rx.clone(), {
-            let shared = Arc::clone(&shared);
-            move |stop| prune_windows(Arc::clone(&shared), retention, stop)
-        }));
-        let judging = tokio::spawn(while_leading(lease.clone(), stop_rx.clone(), {
-            let (shared, webhooks) = (Arc::clone(&shared), alerts.webhooks.clone());
-            move |stop| {
-                crate::rollouts::run(Arc::clone(&shared), rollouts.clone(), webhooks.clone(), stop)
-            }
-        }));
-        let alerting = tokio::spawn(while_leading(lease.clone(), stop_rx.clone(), {
-            let shared = Arc::clone(&shared);
-            move |stop| crate::alerts::run(Arc::clone(&shared), alerts.clone(), stop)
-        }));
-        let checkpoints = tokio::spawn(while_leading(lease, stop_rx.clone(), {
-            let shared = Arc::clone(&shared);
-            move |stop| crate::audit::run(Arc::clone(&shared), audit.clone(), stop)
-        }));
+        let region = region_work(&shared, &stop_rx, retention, alerts, rollouts, audit);
         let certificates = tokio::spawn(certificates(
             Arc::clone(&shared),
             endpoint.clone(),
@@ -451,10 +430,9 @@ impl ControlPlane {
         let _ = accept.await;
         let _ = periodic.await;
         let _ = windows.await;
-        let _ = pruning.await;
-        let _ = alerting.await;
-        let _ = judging.await;
-        let _ = checkpoints.await;
+        for task in region {
+            let _ = task.await;
+        }
         let _ = certificates.await;
         reloads.abort();
         admin_server.await.map_err(|e| ServeError::Config(format!("admin task: {e}")))?;
@@ -690,6 +668,44 @@ async fn open_database(
 }
 
 /// Keeps `Shared::region_lease` (`/metrics`) as the lease is taken and lost.
+/// Starts the region's work, done by whichever replica holds the lease (always this one
+/// on SQLite), each task while it does: pruning windows, judging rollouts, evaluating
+/// alerts, sending webhook notifications, audit checkpoints. The tasks end with `stop`.
+fn region_work(
+    shared: &Arc<Shared>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    retention: Duration,
+    alerts: AlertsConfig,
+    rollouts: RolloutsConfig,
+    audit: crate::audit::AuditConfig,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let lease = crate::lease::keep(&shared.db, LEASE_CHECK, stop.clone());
+    tokio::spawn(show_lease(Arc::clone(shared), lease.watch()));
+    let pruning = tokio::spawn(while_leading(lease.clone(), stop.clone(), {
+        let shared = Arc::clone(shared);
+        move |stop| prune_windows(Arc::clone(&shared), retention, stop)
+    }));
+    let judging = tokio::spawn(while_leading(lease.clone(), stop.clone(), {
+        let (shared, webhooks) = (Arc::clone(shared), alerts.webhooks.clone());
+        move |stop| {
+            crate::rollouts::run(Arc::clone(&shared), rollouts.clone(), webhooks.clone(), stop)
+        }
+    }));
+    let alerting = tokio::spawn(while_leading(lease.clone(), stop.clone(), {
+        let shared = Arc::clone(shared);
+        move |stop| crate::alerts::run(Arc::clone(&shared), alerts.clone(), stop)
+    }));
+    let sending = tokio::spawn(while_leading(lease.clone(), stop.clone(), {
+        let shared = Arc::clone(shared);
+        move |stop| crate::outbox::run(Arc::clone(&shared), stop)
+    }));
+    let checkpoints = tokio::spawn(while_leading(lease, stop.clone(), {
+        let shared = Arc::clone(shared);
+        move |stop| crate::audit::run(Arc::clone(&shared), audit.clone(), stop)
+    }));
+    vec![pruning, judging, alerting, sending, checkpoints]
+}
+
 async fn show_lease(shared: Arc<Shared>, mut held: tokio::sync::watch::Receiver<bool>) {
     loop {
         let now = u64::from(*held.borrow_and_update());

@@ -241,6 +241,20 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE rollouts ADD COLUMN seq INTEGER NOT NULL DEFAULT 0;
     UPDATE rollouts SET seq = rowid;
     CREATE UNIQUE INDEX rollouts_by_seq ON rollouts (seq);",
+    // 11: webhook notifications not yet delivered (`outbox`), written in the transaction
+    // that records what they tell and deleted once delivered or given up.
+    "CREATE TABLE outbox (
+        id          INTEGER PRIMARY KEY,
+        delivery    TEXT NOT NULL,
+        url         TEXT NOT NULL,
+        body        BLOB NOT NULL,
+        what        TEXT NOT NULL,
+        recorded_at INTEGER NOT NULL,
+        attempts    INTEGER NOT NULL,
+        next_at     INTEGER NOT NULL,
+        last_error  TEXT
+    ) STRICT;
+    CREATE INDEX outbox_by_next ON outbox (next_at);",
 ];
 
 /// Errors of the control plane's database.

@@ -2,7 +2,8 @@
 //! request figures per model version (from the metric windows stored since start), agents
 //! connected, enrolled and with reconciliation errors, windows ingested, bytes sent,
 //! whether this replica holds the region's lease,
-//! alerts firing, and the latest rollout of each model in each group: its state, the
+//! alerts firing, webhook notifications waiting and what the attempts to send them came
+//! to, and the latest rollout of each model in each group: its state, the
 //! candidate's share, and (from the last judgement) each variant's requests, shadow
 //! agreement and drops, and each guard's value and whether it fails.
 
@@ -29,6 +30,8 @@ pub struct Stored {
     pub agents_with_errors: u64,
     /// Alerts firing.
     pub alerts_firing: u64,
+    /// Webhook notifications waiting, and when the oldest was recorded.
+    pub notifications: (u64, Option<Timestamp>),
     /// The latest rollout of each (group, model).
     pub rollouts: Vec<Rollout>,
 }
@@ -127,6 +130,7 @@ impl Collector for Exporter {
             ],
         )?;
         encode_event_poll(&mut encoder, &self.shared)?;
+        encode_outbox(&mut encoder, &self.shared, self.stored.notifications, now)?;
         let judged: Vec<Judgement> = {
             let judged =
                 self.shared.judged.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -263,6 +267,52 @@ fn encode_event_poll(encoder: &mut DescriptorEncoder, shared: &Shared) -> std::f
                      another replica recorded",
                 true,
                 load(&shared.event_pushes),
+            ),
+        ],
+    )
+}
+
+/// The webhook outbox's figures: notifications waiting (`waiting`, the oldest recorded at
+/// `oldest`), and what this replica's attempts to send them came to.
+fn encode_outbox(
+    encoder: &mut DescriptorEncoder,
+    shared: &Shared,
+    (waiting, oldest): (u64, Option<Timestamp>),
+    now: Timestamp,
+) -> std::fmt::Result {
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    exposition::encode_scalars(
+        encoder,
+        &[
+            (
+                "falaj_webhook_notifications_pending",
+                "Webhook notifications recorded and not yet delivered or given up",
+                false,
+                waiting,
+            ),
+            (
+                "falaj_webhook_oldest_pending_seconds",
+                "Seconds since the oldest webhook notification waiting was recorded",
+                false,
+                oldest.map_or(0, |t| now.unix().saturating_sub(t.unix())),
+            ),
+            (
+                "falaj_webhook_notifications_delivered",
+                "Webhook notifications this replica delivered",
+                true,
+                load(&shared.outbox.delivered),
+            ),
+            (
+                "falaj_webhook_attempts_failed",
+                "Attempts to send a webhook notification that failed (each retried or given up)",
+                true,
+                load(&shared.outbox.failed),
+            ),
+            (
+                "falaj_webhook_notifications_given_up",
+                "Webhook notifications this replica gave up, undelivered an hour after they were recorded",
+                true,
+                load(&shared.outbox.given_up),
             ),
         ],
     )

@@ -34,6 +34,7 @@ pub mod keyring;
 pub mod keys;
 pub mod lease;
 pub mod monitoring;
+pub mod outbox;
 pub mod push;
 pub mod quic;
 pub mod reference;

@@ -242,6 +242,8 @@ pub struct Shared {
     pub audit_key: Arc<SigningKey>,
     /// Wakes the rollout judge at once: an agent reported a rollback.
     pub rollback_reported: tokio::sync::Notify,
+    /// The webhook sender's wake-up and counts ([`crate::outbox`]).
+    pub outbox: crate::outbox::Sender,
     /// Open enrollment connections and what they hold.
     pub enrollments: EnrollmentGate,
     /// QUIC handshakes in progress.
@@ -301,6 +303,7 @@ impl Shared {
             windows: crate::window_queue::WindowQueue::default(),
             judged: Mutex::default(),
             rollback_reported: tokio::sync::Notify::new(),
+            outbox: crate::outbox::Sender::default(),
             next_session: AtomicU64::new(1),
         }
     }

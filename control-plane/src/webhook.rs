@@ -1,6 +1,6 @@
-//! Webhook calls: a JSON body POSTed over HTTP or HTTPS, retried with backoff. HTTPS is
-//! rustls with ring and the system's root certificates, so alerts and rollbacks reach chat
-//! and paging services directly.
+//! Webhook calls: a JSON body POSTed over HTTP or HTTPS (retries are the outbox's,
+//! [`crate::outbox`]). HTTPS is rustls with ring and the system's root certificates, so
+//! alerts and rollbacks reach chat and paging services directly.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,14 +39,17 @@ impl WebhookClient {
         Self { client: Client::builder(TokioExecutor::new()).build(connector), timeout }
     }
 
-    /// POSTs `json` to `url`; the response status, or why there is none.
+    /// POSTs `json` to `url`, naming it `delivery` ([`crate::outbox::DELIVERY_HEADER`]);
+    /// the response status, or why there is none.
     pub async fn post_json(
         &self,
         url: &str,
         json: Vec<u8>,
+        delivery: &str,
     ) -> Result<axum::http::StatusCode, String> {
         let request = axum::http::Request::post(url)
             .header(axum::http::header::CONTENT_TYPE, "application/json")
+            .header(crate::outbox::DELIVERY_HEADER, delivery)
             .header(
                 axum::http::header::USER_AGENT,
                 concat!("falaj-control/", env!("CARGO_PKG_VERSION")),
@@ -59,26 +62,4 @@ impl WebhookClient {
             Err(_) => Err(format!("no answer within {:?}", self.timeout)),
         }
     }
-}
-
-/// How many times a notification is attempted.
-pub const ATTEMPTS: u32 = 6;
-
-/// POSTs `json` to `url`, retrying with exponential backoff (1 s, 2 s, 4 s...) until a
-/// 2xx or [`ATTEMPTS`] tries; `what` names the notification in the log.
-pub async fn deliver(client: WebhookClient, url: String, json: Vec<u8>, what: String) {
-    for attempt in 1..=ATTEMPTS {
-        match client.post_json(&url, json.clone()).await {
-            Ok(status) if status.is_success() => {
-                tracing::info!(%url, %what, attempt, "notification delivered");
-                return;
-            }
-            Ok(status) => tracing::warn!(%url, %what, %status, attempt, "webhook refused"),
-            Err(err) => tracing::warn!(%url, %what, error = %err, attempt, "webhook failed"),
-        }
-        if attempt < ATTEMPTS {
-            tokio::time::sleep(Duration::from_secs(1 << (attempt - 1))).await;
-        }
-    }
-    tracing::error!(%url, %what, "notification not delivered after {ATTEMPTS} attempts");
 }

@@ -357,6 +357,7 @@ async fn a_shifted_feature_and_only_it_fires_a_drift_alert_that_reaches_the_webh
     let changed = falaj_control::alerts::evaluate(
         &control.shared,
         std::slice::from_ref(&rule),
+        &[],
         SystemTime::now(),
     )
     .await
@@ -375,8 +376,9 @@ async fn a_shifted_feature_and_only_it_fires_a_drift_alert_that_reaches_the_webh
         summary(&control).await.is_some_and(|s| s.rows == 2000)
     })
     .await;
-    let changed =
-        falaj_control::alerts::evaluate(&control.shared, &[rule], SystemTime::now()).await.unwrap();
+    let changed = falaj_control::alerts::evaluate(&control.shared, &[rule], &[], SystemTime::now())
+        .await
+        .unwrap();
     assert!(changed.is_empty(), "with all the data in, nothing else fires: {changed:?}");
     for body in receiver.bodies("alerts").iter().chain(&receiver.bodies("retrain")) {
         assert_eq!(body["rule"], "pump-drift");

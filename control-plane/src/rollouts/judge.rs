@@ -2,14 +2,15 @@
 //! an agent that reports the rollout rolled back rolls it back for the whole group; else
 //! the guards are judged over the group's windows since the rollout began (one rollup per
 //! variant) and a failing one rolls it back; else a canary whose last step has begun is
-//! promoted once every guard holds. Rollbacks are POSTed to the alert webhooks.
+//! promoted once every guard holds. A rollback's notification to the alert webhooks is
+//! recorded in the outbox in the rollback's own transaction ([`crate::outbox`] sends it).
 //!
 //! The decision itself is [`falaj_common::rollout::judge`]'s, the same one agents make
 //! over their own windows.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use falaj_common::rollout::{Figures, GuardResult, Strategy, Verdict, failure, judge};
 use falaj_common::time::Timestamp;
@@ -18,12 +19,9 @@ use serde::{Deserialize, Serialize};
 use super::{CONTROL_PLANE, Rollout, RolloutState, RolloutsConfig};
 use crate::db::{self, DbError};
 use crate::monitoring::{self, MetricsQuery};
+use crate::outbox::{self, Webhooks};
 use crate::sql::{AsSql, Sql, SqlError};
 use crate::state::Shared;
-use crate::webhook::WebhookClient;
-
-/// How long one webhook call may take.
-const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A rollout judged: each variant's figures since it began and each guard's verdict.
 #[derive(Debug, Clone, PartialEq)]
@@ -130,12 +128,14 @@ fn agent_rollback(sql: &Sql<'_>, rollout: &Rollout) -> Result<Option<(String, St
 }
 
 /// Judges one rollout under way at `now` and applies the decision, in one transaction
-/// (a savepoint, inside one). The rollout's row is locked while it is judged (on
-/// PostgreSQL; SQLite's immediate transaction takes the write lock), so that two
-/// replicas judging at once decide one after the other and a rollout ends once.
+/// (a savepoint, inside one) with the notification of a rollback to `webhooks`. The
+/// rollout's row is locked while it is judged (on PostgreSQL; SQLite's immediate
+/// transaction takes the write lock), so that two replicas judging at once decide one
+/// after the other and a rollout ends once.
 pub fn judge_one<C: AsSql + ?Sized>(
     conn: &C,
     id: &str,
+    webhooks: Webhooks<'_>,
     now: Timestamp,
 ) -> Result<Option<(Judgement, Option<Change>)>, C::Error> {
     let sql = conn.sql();
@@ -164,6 +164,13 @@ pub fn judge_one<C: AsSql + ?Sized>(
     } else {
         None
     };
+    if let Some(change) = change.as_ref().filter(|c| c.rollout.state == RolloutState::RolledBack) {
+        let body = serde_json::to_vec(&Notification::of(change, webhooks.region)).map_err(|e| {
+            SqlError::Encode { what: "a rollback notification", message: e.to_string() }
+        })?;
+        let what = format!("rollout {} rolled back", change.rollout.id);
+        outbox::enqueue(&tx, webhooks.urls.iter().map(String::as_str), &body, &what, now)?;
+    }
     tx.commit()?;
     let rollout = change.as_ref().map_or(rollout, |c| c.rollout.clone());
     Ok(Some((Judgement { rollout, baseline, candidate, guards, at: now }, change)))
@@ -174,12 +181,13 @@ pub fn judge_one<C: AsSql + ?Sized>(
 /// [`evaluate`]); returns the judgements and the rollouts it ended.
 pub fn evaluate_all<C: AsSql + ?Sized>(
     conn: &C,
+    webhooks: Webhooks<'_>,
     now: Timestamp,
 ) -> Result<(Vec<Judgement>, Vec<Change>), C::Error> {
     let ids: Vec<String> = super::all_under_way(conn, None)?.into_iter().map(|r| r.id).collect();
     let (mut judgements, mut changes) = (Vec::new(), Vec::new());
     for id in ids {
-        if let Some((judgement, change)) = judge_one(conn, &id, now)? {
+        if let Some((judgement, change)) = judge_one(conn, &id, webhooks, now)? {
             judgements.push(judgement);
             changes.extend(change);
         }
@@ -190,9 +198,14 @@ pub fn evaluate_all<C: AsSql + ?Sized>(
 /// The last judgement of each (group, model), for `/metrics`.
 pub type Judged = std::sync::Mutex<BTreeMap<(String, String), Judgement>>;
 
-/// Writes pending agent reports, judges every rollout under way at `now`, keeps the
-/// judgements for `/metrics`, and sends the groups of rollouts it ended new documents.
-pub async fn evaluate(shared: &Shared, now: SystemTime) -> Result<Vec<Change>, DbError> {
+/// Writes pending agent reports, judges every rollout under way at `now` (recording
+/// rollbacks' notifications to `webhooks`), keeps the judgements for `/metrics`, and
+/// sends the groups of rollouts it ended new documents.
+pub async fn evaluate(
+    shared: &Shared,
+    webhooks: &[String],
+    now: SystemTime,
+) -> Result<Vec<Change>, DbError> {
     shared.flush_seen().await?;
     let at = Timestamp::from_system(now);
     let ids: Vec<String> = shared
@@ -201,9 +214,12 @@ pub async fn evaluate(shared: &Shared, now: SystemTime) -> Result<Vec<Change>, D
         .await?;
     let (mut judgements, mut changes) = (Vec::new(), Vec::new());
     for id in ids {
-        if let Some((judgement, change)) =
-            shared.db.run(move |sql| judge_one(&sql, &id, at)).await?
-        {
+        let (urls, region) = (webhooks.to_vec(), shared.region.clone());
+        let judged = shared
+            .db
+            .run(move |sql| judge_one(&sql, &id, Webhooks { urls: &urls, region: &region }, at))
+            .await?;
+        if let Some((judgement, change)) = judged {
             judgements.push(judgement);
             changes.extend(change);
         }
@@ -213,6 +229,9 @@ pub async fn evaluate(shared: &Shared, now: SystemTime) -> Result<Vec<Change>, D
         for j in judgements {
             judged.insert((j.rollout.group.clone(), j.rollout.model.clone()), j);
         }
+    }
+    if changes.iter().any(|c| c.rollout.state == RolloutState::RolledBack) {
+        shared.outbox.queued.notify_one();
     }
     for change in &changes {
         let r = &change.rollout;
@@ -232,15 +251,14 @@ pub async fn evaluate(shared: &Shared, now: SystemTime) -> Result<Vec<Change>, D
     Ok(changes)
 }
 
-/// Judges rollouts every `config.evaluate_every` and POSTs each rollback to `webhooks`,
-/// until `stop`.
+/// Judges rollouts every `config.evaluate_every`, recording each rollback's notification
+/// to `webhooks`, until `stop`.
 pub async fn run(
     shared: Arc<Shared>,
     config: RolloutsConfig,
     webhooks: Vec<String>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let client = WebhookClient::new(WEBHOOK_TIMEOUT);
     let mut ticks = tokio::time::interval(config.evaluate_every);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -249,25 +267,8 @@ pub async fn run(
             _ = ticks.tick() => {}
             () = shared.rollback_reported.notified() => {}
         }
-        let changes = match evaluate(&shared, SystemTime::now()).await {
-            Ok(changes) => changes,
-            Err(err) => {
-                tracing::error!(error = %err, "judging rollouts failed");
-                continue;
-            }
-        };
-        for change in changes.iter().filter(|c| c.rollout.state == RolloutState::RolledBack) {
-            let notification = Notification::of(change, &shared.region);
-            let json = serde_json::to_vec(&notification).unwrap_or_default();
-            for url in &webhooks {
-                let what = format!("rollout {} rolled back", change.rollout.id);
-                tokio::spawn(crate::webhook::deliver(
-                    client.clone(),
-                    url.clone(),
-                    json.clone(),
-                    what,
-                ));
-            }
+        if let Err(err) = evaluate(&shared, &webhooks, SystemTime::now()).await {
+            tracing::error!(error = %err, "judging rollouts failed");
         }
     }
 }

@@ -2,12 +2,15 @@
 //! which stores nothing), the documents agents get, pause and resume re-timing the steps,
 //! promote and abort, deployments frozen while one is under way, and the judgement over
 //! the group's windows and the agents' reports: rollbacks with their reason (and a
-//! webhook), a canary promoted at its last step only when every guard holds.
+//! webhook, whose notification outlives a refusal and a restart), a canary promoted at
+//! its last step only when every guard holds.
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
+use axum::http::StatusCode;
 use falaj_common::desired::{DesiredState, Expectation};
 use falaj_common::keys::Sha256;
 use falaj_common::metrics::{Counts, Feedback, MetricsWindow};
@@ -16,9 +19,10 @@ use falaj_common::rollout::{RolloutReport, Share, Strategy};
 use falaj_common::sketch::LatencySketch;
 use falaj_common::time::Timestamp;
 use falaj_control::client::{AdminClient, ClientError};
-use falaj_control::daemon::{ControlPlane, ServeConfig};
+use falaj_control::daemon::{ControlPlane, ServeConfig, ServeError};
 use falaj_control::db::{self, BundleRow, Db, NewAgent, TokenRow};
 use falaj_control::monitoring;
+use falaj_control::outbox::{self, Webhooks};
 use falaj_control::rollouts::{self, Action, RolloutState, StartRequest};
 use falaj_control::state::Shared;
 use rusqlite::Connection;
@@ -217,7 +221,8 @@ fn promote_deploys_the_candidate_and_abort_keeps_the_baseline() {
 
 /// Judges at `offset` seconds after T0.
 fn judge(db: &Db, offset: u64) -> Vec<rollouts::Change> {
-    db.call_sync(|c| rollouts::evaluate_all(c, at(offset))).unwrap().1
+    let webhooks = Webhooks { urls: &[], region: REGION };
+    db.call_sync(|c| rollouts::evaluate_all(c, webhooks, at(offset))).unwrap().1
 }
 
 fn state(db: &Db, id: &str) -> rollouts::Rollout {
@@ -370,7 +375,17 @@ struct Daemon {
     shared: Arc<Shared>,
     client: AdminClient,
     admin: String,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    /// Dropped, it stops the control plane.
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<Result<(), ServeError>>,
+}
+
+impl Daemon {
+    /// Stops the control plane, as SIGTERM would, and waits until it has.
+    async fn stop(self) {
+        drop(self.stop);
+        self.running.await.expect("the control plane's task").expect("it stops cleanly");
+    }
 }
 
 async fn daemon(dir: &Path, configure: impl FnOnce(&mut ServeConfig)) -> Daemon {
@@ -384,8 +399,8 @@ async fn daemon(dir: &Path, configure: impl FnOnce(&mut ServeConfig)) -> Daemon 
     let client = AdminClient::new(&admin, control.admin_token());
     let shared = control.shared();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(control.run(async { drop(stopped.await) }));
-    Daemon { shared, client, admin, _stop: stop }
+    let running = tokio::spawn(control.run(async { drop(stopped.await) }));
+    Daemon { shared, client, admin, stop, running }
 }
 
 fn refused(result: Result<rollouts::RolloutView, ClientError>) -> (u16, String) {
@@ -506,6 +521,108 @@ async fn started_rollouts_reach_documents_and_refusals_store_nothing() {
     assert_eq!(list.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["ro-1"]);
     let (status, message) = refused(d.client.rollout("plant-b", MODEL).await);
     assert_eq!((status, message.as_str()), (404, "no rollout of pumps in group plant-b"));
+}
+
+/// A webhook receiver that answers 503 until `accept` is set, and reports every request:
+/// its delivery header, whether it was taken, and its body.
+async fn flaky_hook(
+    accept: Arc<AtomicBool>,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<(String, bool, String)>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| async move {
+            let delivery = headers.get(outbox::DELIVERY_HEADER).and_then(|v| v.to_str().ok());
+            let taken = accept.load(Ordering::SeqCst);
+            let _ = tx.send((delivery.unwrap_or("").to_owned(), taken, body));
+            if taken { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+    (url, rx)
+}
+
+/// A rollback's notification outlives a webhook that refuses it and the control plane's
+/// restart: the control plane started again on the same data sends it, under the same
+/// delivery id, until the webhook takes it, and then no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_notification_refused_until_a_restart_is_delivered_after_it() {
+    let accept = Arc::new(AtomicBool::new(false));
+    let (url, mut heard) = flaky_hook(Arc::clone(&accept)).await;
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(30), heard.recv())
+            .await
+            .expect("the webhook is called")
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let configure = |c: &mut ServeConfig| {
+        c.alerts.webhooks = vec![url.clone()];
+        c.rollouts.evaluate_every = Duration::from_millis(100);
+    };
+    let d = daemon(dir.path(), configure).await;
+    let now = Timestamp::from_system(SystemTime::now());
+    d.shared.db.call_sync(|c| seed(c, &["agent-a"], now)).unwrap();
+    let view =
+        d.client.start_rollout(&request(Strategy::Ab, 2, &["error_rate<0.02"])).await.unwrap();
+    let start = view.rollout.created_at;
+    d.shared
+        .db
+        .call_sync(|c| {
+            store(c, "agent-a", 1, window(1, start, 400, 0, 3.0, labels(0, 0)));
+            store(c, "agent-a", 2, window(2, start, 400, 40, 3.0, labels(0, 0)));
+            Ok(())
+        })
+        .unwrap();
+
+    // Refused, then refused again a second later, under one delivery id.
+    let (delivery, taken, body) = next().await;
+    assert!(!taken && delivery.len() == 32, "{delivery:?}");
+    let again = next().await;
+    assert_eq!(again, (delivery.clone(), false, body.clone()));
+    // The first refusal was recorded before the second attempt was made.
+    let figures = metrics(&d.admin).await;
+    assert_eq!(figures("falaj_webhook_notifications_pending"), Some(1.0));
+    assert!(figures("falaj_webhook_attempts_failed_total") >= Some(1.0));
+    d.stop().await;
+
+    accept.store(true, Ordering::SeqCst);
+    let d = daemon(dir.path(), configure).await;
+    let mut after = next().await;
+    while !after.1 {
+        // A refusal the first control plane did not get to record is made again.
+        assert_eq!(after, (delivery.clone(), false, body.clone()));
+        after = next().await;
+    }
+    assert_eq!(after, (delivery, true, body.clone()));
+    let body: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (body["kind"].as_str(), body["rollout"].as_str()),
+        (Some("rollout.rolled_back"), Some("ro-1"))
+    );
+
+    // Taken, it leaves the outbox and is not sent again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !d.shared.db.run(|sql| outbox::pending(&sql)).await.unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the delivered notification stays");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(heard.try_recv().is_err(), "sent again after it was taken");
+    let figures = metrics(&d.admin).await;
+    assert_eq!(figures("falaj_webhook_notifications_pending"), Some(0.0));
+    assert_eq!(figures("falaj_webhook_notifications_delivered_total"), Some(1.0));
+    assert_eq!(figures("falaj_webhook_notifications_given_up_total"), Some(0.0));
+    d.stop().await;
+}
+
+/// The control plane's `/metrics` at `admin`, as a lookup of unlabelled figures by name.
+async fn metrics(admin: &str) -> impl Fn(&str) -> Option<f64> + use<> {
+    let text = reqwest::get(format!("{admin}/metrics")).await.unwrap().text().await.unwrap();
+    move |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

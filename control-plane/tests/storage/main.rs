@@ -12,6 +12,7 @@ mod events;
 mod features;
 mod lease;
 mod migrate;
+mod outbox;
 mod postgres;
 mod rollouts;
 mod starts;
@@ -37,10 +38,14 @@ use falaj_control::db::{
 };
 use falaj_control::finetune;
 use falaj_control::monitoring::{self, Held, Ingested, MAX_WINDOWS_PER_HOUR, MetricsQuery};
+use falaj_control::outbox::{self as notifications, Webhooks};
 use falaj_control::sql::{PgOptions, Sql, SqlError, params};
 use libtest_mimic::{Completion, Trial};
 
 const REGION: &str = "eu-west-1";
+
+/// Notifications recorded nowhere.
+const NO_WEBHOOKS: Webhooks<'static> = Webhooks { urls: &[], region: REGION };
 
 fn at(secs: u64) -> Timestamp {
     Timestamp::from_unix(1_800_000_000 + secs)
@@ -716,8 +721,10 @@ fn an_alert_fires_once_and_resolves_with_its_events_recorded(db: &Db) {
         // Reads the reference profile; never fires.
         rule("drift", AlertMetric::Psi, 1e12),
     ];
+    let hooks = ["https://chat.example/hook".to_owned(), "http://pager.example/".to_owned()];
+    let webhooks = Webhooks { urls: &hooks, region: REGION };
     let evaluate = |now| {
-        db.run_sync(|sql| alerts::evaluate_rules(&sql, &rules, REGION, now))
+        db.run_sync(|sql| alerts::evaluate_rules(&sql, &rules, webhooks, now))
             .unwrap()
             .into_iter()
             .map(|(rule, n)| (rule.name, n.event.id, n.event.subject, n.event.state, n.region))
@@ -728,6 +735,17 @@ fn an_alert_fires_once_and_resolves_with_its_events_recorded(db: &Db) {
     let (name, fired_id, subject, state, region) = fired[0].clone();
     assert_eq!((name.as_str(), subject.as_str(), state.as_str()), ("errors", "fraud@1", "firing"));
     assert_eq!(region, REGION);
+    // Its notification waits in the outbox for each webhook, due at once.
+    let pending = db.run_sync(|sql| notifications::pending(&sql)).unwrap();
+    let told = |p: &notifications::Pending| {
+        let body: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
+        (p.url.clone(), body["id"].as_u64().unwrap(), body["state"].as_str().unwrap().to_owned())
+    };
+    let fired_told = |url: &str| (url.to_owned(), fired_id, "firing".to_owned());
+    let expected: Vec<_> = hooks.iter().map(|h| fired_told(h)).collect();
+    assert_eq!(pending.iter().map(told).collect::<Vec<_>>(), expected);
+    assert!(pending.iter().all(|p| (p.next_at, p.attempts) == (at(1100), 0)), "{pending:?}");
+    assert_ne!(pending[0].delivery, pending[1].delivery);
     let firing = db.run_sync(|sql| alerts::firing(&sql)).unwrap();
     assert_eq!(firing, [("errors".to_owned(), "fraud@1".to_owned(), at(1100), 0.5)]);
     // Still failing: nothing new.
@@ -740,6 +758,11 @@ fn an_alert_fires_once_and_resolves_with_its_events_recorded(db: &Db) {
     assert_eq!(resolved.len(), 1, "{resolved:?}");
     assert_eq!(resolved[0].3, "resolved");
     assert!(resolved[0].1 > fired_id);
+    let pending = db.run_sync(|sql| notifications::pending(&sql)).unwrap();
+    let resolved_told = |url: &str| (url.to_owned(), resolved[0].1, "resolved".to_owned());
+    let expected: Vec<_> =
+        hooks.iter().map(|h| fired_told(h)).chain(hooks.iter().map(|h| resolved_told(h))).collect();
+    assert_eq!(pending.iter().map(told).collect::<Vec<_>>(), expected);
     let (firing, events) =
         db.run_sync(|sql| Ok((alerts::firing(&sql)?, alerts::events(&sql, 10)?))).unwrap();
     assert_eq!(firing, []);
@@ -1275,7 +1298,8 @@ fn main() {
     let shared = Arc::new(Shared::default());
     let bin = postgres::binaries();
     let mut trials = Vec::new();
-    let both: Vec<(&str, Body)> = [BOTH, auth::CASES, features::CASES, rollouts::CASES].concat();
+    let both: Vec<(&str, Body)> =
+        [BOTH, auth::CASES, features::CASES, outbox::CASES, rollouts::CASES].concat();
     for &(name, body) in &both {
         trials.push(Trial::test(format!("{name}::sqlite"), move || {
             let dir = tempfile::tempdir().unwrap();
