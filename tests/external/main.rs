@@ -73,6 +73,10 @@ fn main() {
             "replica_kills::a_replica_killed_during_a_rollout_leaves_the_other_to_finish_it",
             replica_kills::a_replica_killed_during_a_rollout_leaves_the_other_to_finish_it,
         ),
+        harness::trial_async(
+            "replica_kills::a_replica_killed_with_a_notification_pending_leaves_it_to_the_other",
+            replica_kills::a_replica_killed_with_a_notification_pending_leaves_it_to_the_other,
+        ),
     ];
     libtest_mimic::run(&arguments, trials).exit();
 }

@@ -16,8 +16,12 @@
 //!   the last. The second takes the lease, judges the steps that follow and promotes the
 //!   candidate once the agents' windows reach it; every agent converges on the candidate
 //!   alone.
+//! - **With a webhook notification pending**: a notification in the outbox (as a
+//!   replica records one with its alert event or rollback), refused by its webhook when
+//!   the lease holder sends it; that replica is killed, and the second, taking the lease,
+//!   delivers it under the same delivery id, once.
 //!
-//! Both check that every request is counted once in the windows the two replicas stored
+//! The first two check that every request is counted once in the windows the two replicas stored
 //! and that no desired-state version is reused: every document either replica writes is
 //! logged by a trigger the test adds to the database (the control plane keeps only each
 //! agent's latest), and each agent's versions strictly rise across the replicas, the
@@ -583,4 +587,93 @@ pub async fn a_replica_killed_during_a_rollout_leaves_the_other_to_finish_it() {
     }
     assert_eq!(b.terminate(), Some(0));
     drop(region);
+}
+
+/// The pending notification's delivery id, as a replica would draw it.
+const DELIVERY: &str = "0123456789abcdef0123456789abcdef";
+
+/// A webhook receiver answering 503 until `accept` is set; each request's delivery header
+/// and whether it was taken arrive on the channel.
+async fn webhook(
+    accept: Arc<AtomicBool>,
+) -> (String, tokio::sync::mpsc::UnboundedReceiver<(String, bool)>) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let hook = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap| async move {
+            let delivery = headers.get("falaj-delivery").and_then(|v| v.to_str().ok());
+            let taken = accept.load(Ordering::SeqCst);
+            let _ = tx.send((delivery.unwrap_or("").to_owned(), taken));
+            if taken {
+                axum::http::StatusCode::OK
+            } else {
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, hook).await });
+    (url, rx)
+}
+
+pub async fn a_replica_killed_with_a_notification_pending_leaves_it_to_the_other() {
+    let accept = Arc::new(AtomicBool::new(false));
+    let (url, mut heard) = webhook(Arc::clone(&accept)).await;
+    let Some(region) = Region::start(&format!("[alerts]\nwebhooks = [\"{url}\"]\n")).await else {
+        return;
+    };
+    let a = region.replica("a", "127.0.0.1:0", None);
+    eventually(Duration::from_secs(30), "the first replica takes the lease", || async {
+        lease(&a).await == 1
+    })
+    .await;
+    let b = region.replica("b", "127.0.0.1:0", Some(&a));
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    let now = i64::try_from(now.as_secs()).unwrap();
+    let inserted = region
+        .query(move |c| {
+            c.execute(
+                "INSERT INTO outbox (delivery, url, body, what, recorded_at, attempts, next_at)
+                 VALUES ($1, $2, $3, 'a test notification', $4, 0, $4)",
+                &[&DELIVERY, &url, &b"{\"kind\":\"test\"}".to_vec(), &now],
+            )
+            .unwrap()
+        })
+        .await;
+    assert_eq!(inserted, 1);
+    let mut next = async || {
+        tokio::time::timeout(Duration::from_secs(60), heard.recv())
+            .await
+            .expect("the webhook is called")
+            .unwrap()
+    };
+
+    // The lease holder sends it, and is refused.
+    assert_eq!(next().await, (DELIVERY.to_owned(), false));
+    assert_eq!(lease(&b).await, 0);
+    drop(a);
+    accept.store(true, Ordering::SeqCst);
+
+    // The second replica takes the lease and delivers it (after any refusal the first
+    // made before it died).
+    let mut after = next().await;
+    while !after.1 {
+        assert_eq!(after.0, DELIVERY);
+        after = next().await;
+    }
+    assert_eq!(after.0, DELIVERY);
+    assert_eq!(lease(&b).await, 1);
+    eventually(Duration::from_secs(30), "the outbox is empty", || async {
+        region
+            .query(|c| c.query_one("SELECT COUNT(*) FROM outbox", &[]).unwrap().get::<_, i64>(0))
+            .await
+            == 0
+    })
+    .await;
+    let delivered = format!("{}/metrics", b.url);
+    let delivered =
+        support::prometheus_sum(&delivered, "falaj_webhook_notifications_delivered_total");
+    assert_eq!(delivered.await as i64, 1);
+    assert!(heard.try_recv().is_err(), "sent again after it was taken");
 }
