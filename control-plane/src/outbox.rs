@@ -102,8 +102,10 @@ pub fn enqueue<'u>(
     Ok(())
 }
 
+/// The columns [`pending_rows`] reads, in its order.
 const COLUMNS: &str = "id, delivery, url, body, what, recorded_at, attempts, next_at, last_error";
 
+/// The rows of `outbox` that `filter` (a `WHERE` and `ORDER BY` over `params`) selects.
 fn pending_rows(
     sql: &Sql<'_>,
     filter: &str,
