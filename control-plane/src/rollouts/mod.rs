@@ -690,10 +690,12 @@ mod tests {
             act(&sql, "edge", "fraud", Action::Abort, OPERATOR, t)?.unwrap();
             start_at(sql, 3, t)?;
             // As a database before migration 10 held them, the first stored last (its
-            // `rowid` above the second's): it was the latest then.
+            // `rowid` above the second's): it was the latest then. (Nor had it the
+            // outbox of migration 11.)
             sql.execute_batch(
                 "DROP INDEX rollouts_by_seq; ALTER TABLE rollouts DROP COLUMN seq;
-                 UPDATE rollouts SET rowid = 10 WHERE id = 'ro-1'; PRAGMA user_version = 9;",
+                 UPDATE rollouts SET rowid = 10 WHERE id = 'ro-1'; DROP TABLE outbox;
+                 PRAGMA user_version = 9;",
             )
         })
         .unwrap();
