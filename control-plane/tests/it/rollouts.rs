@@ -523,6 +523,25 @@ async fn started_rollouts_reach_documents_and_refusals_store_nothing() {
     assert_eq!((status, message.as_str()), (404, "no rollout of pumps in group plant-b"));
 }
 
+/// Starts, through `d`, an A/B rollout guarded by `error_rate<0.02` in a group of one
+/// agent, and stores windows where the candidate fails one request in ten: the next
+/// judgement rolls it back.
+async fn failing_rollout(d: &Daemon) {
+    let now = Timestamp::from_system(SystemTime::now());
+    d.shared.db.call_sync(|c| seed(c, &["agent-a"], now)).unwrap();
+    let view =
+        d.client.start_rollout(&request(Strategy::Ab, 2, &["error_rate<0.02"])).await.unwrap();
+    let start = view.rollout.created_at;
+    d.shared
+        .db
+        .call_sync(|c| {
+            store(c, "agent-a", 1, window(1, start, 400, 0, 3.0, labels(0, 0)));
+            store(c, "agent-a", 2, window(2, start, 400, 40, 3.0, labels(0, 0)));
+            Ok(())
+        })
+        .unwrap();
+}
+
 /// A webhook receiver that answers 503 until `accept` is set, and reports every request:
 /// its delivery header, whether it was taken, and its body.
 async fn flaky_hook(
@@ -563,19 +582,7 @@ async fn a_rollback_notification_refused_until_a_restart_is_delivered_after_it()
         c.rollouts.evaluate_every = Duration::from_millis(100);
     };
     let d = daemon(dir.path(), configure).await;
-    let now = Timestamp::from_system(SystemTime::now());
-    d.shared.db.call_sync(|c| seed(c, &["agent-a"], now)).unwrap();
-    let view =
-        d.client.start_rollout(&request(Strategy::Ab, 2, &["error_rate<0.02"])).await.unwrap();
-    let start = view.rollout.created_at;
-    d.shared
-        .db
-        .call_sync(|c| {
-            store(c, "agent-a", 1, window(1, start, 400, 0, 3.0, labels(0, 0)));
-            store(c, "agent-a", 2, window(2, start, 400, 40, 3.0, labels(0, 0)));
-            Ok(())
-        })
-        .unwrap();
+    failing_rollout(&d).await;
 
     // Refused, then refused again a second later, under one delivery id.
     let (delivery, taken, body) = next().await;
@@ -648,19 +655,7 @@ async fn a_rollback_reaches_the_webhook_the_status_and_metrics() {
         c.rollouts.evaluate_every = Duration::from_millis(100);
     })
     .await;
-    let now = Timestamp::from_system(SystemTime::now());
-    d.shared.db.call_sync(|c| seed(c, &["agent-a"], now)).unwrap();
-    let view =
-        d.client.start_rollout(&request(Strategy::Ab, 2, &["error_rate<0.02"])).await.unwrap();
-    let start = view.rollout.created_at;
-    d.shared
-        .db
-        .call_sync(|c| {
-            store(c, "agent-a", 1, window(1, start, 400, 0, 3.0, labels(0, 0)));
-            store(c, "agent-a", 2, window(2, start, 400, 40, 3.0, labels(0, 0)));
-            Ok(())
-        })
-        .unwrap();
+    failing_rollout(&d).await;
 
     let body = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.unwrap().unwrap();
     let body: serde_json::Value = serde_json::from_str(&body).unwrap();
