@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 
-use crate::store::{DB_FILE, Store, StoreError};
+use crate::store::{DB_FILE, Store, StoreError, audit};
 
 /// What every key's secret starts with, so a leaked one is recognisable (secret scanners).
 pub const PREFIX: &str = "falaj_";
@@ -224,13 +224,12 @@ pub struct NewKey {
     pub secret: String,
 }
 
-/// The API keys in an agent's database.
+/// The API keys in an agent's database. Each key made or revoked is an event of the
+/// agent's audit log, recorded in the same transaction as the change.
 #[derive(Debug)]
 pub struct ApiKeys {
     path: PathBuf,
     conn: Connection,
-    /// For the audit log: each key made or revoked is an event there.
-    store: Store,
 }
 
 fn check_name(name: &str) -> Result<(), ApiKeyError> {
@@ -253,11 +252,12 @@ fn check_name(name: &str) -> Result<(), ApiKeyError> {
 impl ApiKeys {
     /// Opens the keys of the agent in `data_dir` (applying the store's migrations).
     pub fn open(data_dir: &Path) -> Result<Self, ApiKeyError> {
-        let store = Store::open(data_dir)?;
+        // Refused unless the agent is initialised there, as any opening of its store.
+        drop(Store::open(data_dir)?);
         let path = data_dir.join(DB_FILE);
         // The store's own opening: the same pragmas, and the migrations it has just applied.
         let conn = crate::store::open_db(&path)?;
-        Ok(Self { path, conn, store })
+        Ok(Self { path, conn })
     }
 
     fn db(&self) -> impl Fn(rusqlite::Error) -> ApiKeyError + '_ {
@@ -316,9 +316,10 @@ impl ApiKeys {
             ],
         )
         .map_err(self.db())?;
-        tx.commit().map_err(self.db())?;
         let detail = format!("API key {name} for {scope}");
-        self.store.record_event(now, "apikey-create", &detail)?;
+        audit::event(&tx, created.unix() as i64, "apikey-create", None, &detail)
+            .map_err(self.db())?;
+        tx.commit().map_err(self.db())?;
         let info = KeyInfo { name: name.to_owned(), scope, created, expires, revoked: None };
         Ok(NewKey { info, secret })
     }
@@ -326,16 +327,18 @@ impl ApiKeys {
     /// Revokes key `name` at `now`; requests presenting it are refused from then on.
     pub fn revoke(&self, name: &str, now: SystemTime) -> Result<KeyInfo, ApiKeyError> {
         let at = Timestamp::from_system(now).unix() as i64;
-        let changed = self
-            .conn
+        let tx = self.conn.unchecked_transaction().map_err(self.db())?;
+        let changed = tx
             .execute(
                 "UPDATE api_keys SET revoked_at = ?2 WHERE name = ?1 AND revoked_at IS NULL",
                 params![name, at],
             )
             .map_err(self.db())?;
         if changed == 1 {
-            self.store.record_event(now, "apikey-revoke", &format!("API key {name}"))?;
+            audit::event(&tx, at, "apikey-revoke", None, &format!("API key {name}"))
+                .map_err(self.db())?;
         }
+        tx.commit().map_err(self.db())?;
         let key = self.list()?.into_iter().find(|k| k.name == name);
         match key {
             Some(key) if changed == 1 || key.revoked.is_some() => Ok(key),
@@ -743,5 +746,38 @@ mod tests {
         // A revoked key's name may be used again, with a new secret.
         let again = keys.create("app", Scope::All, None, now).unwrap();
         assert_ne!(again.secret, made.secret);
+    }
+
+    #[test]
+    fn a_key_is_made_or_revoked_only_with_its_audit_entry() {
+        let (_tmp, store) = crate::store::tests::store();
+        let dir = store.dir().to_owned();
+        drop(store);
+        let keys = ApiKeys::open(&dir).unwrap();
+        let now = SystemTime::now();
+        let other = Connection::open(dir.join(DB_FILE)).unwrap();
+        let actions = || -> Vec<String> {
+            let mut stmt = other.prepare("SELECT action FROM audit ORDER BY seq").unwrap();
+            stmt.query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect()
+        };
+        let before = actions();
+        let refuse = "CREATE TRIGGER refuse BEFORE INSERT ON audit
+                      BEGIN SELECT RAISE(ABORT, 'the audit log is full'); END;";
+
+        // The audit entry cannot be written: no key is made.
+        other.execute_batch(refuse).unwrap();
+        let err = keys.create("app", Scope::All, None, now).unwrap_err().to_string();
+        assert!(err.contains("the audit log is full"), "{err}");
+        assert!(keys.list().unwrap().is_empty());
+        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        keys.create("app", Scope::All, None, now).unwrap();
+
+        // Nor is one revoked.
+        other.execute_batch(refuse).unwrap();
+        assert!(keys.revoke("app", now).is_err());
+        assert_eq!(keys.list().unwrap()[0].revoked, None);
+        other.execute_batch("DROP TRIGGER refuse").unwrap();
+        assert!(keys.revoke("app", now).unwrap().revoked.is_some());
+        assert_eq!(actions()[before.len()..], ["apikey-create", "apikey-revoke"]);
     }
 }

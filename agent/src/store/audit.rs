@@ -19,7 +19,7 @@ pub const KEY_FILE: &str = "audit.key";
 pub const PUBLIC_FILE: &str = "audit.pub";
 
 /// Records an event: its `events` row and its audit entry, in the caller's transaction.
-pub(super) fn event(
+pub(crate) fn event(
     conn: &Connection,
     at: i64,
     kind: &str,
