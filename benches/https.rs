@@ -165,7 +165,7 @@ fn main() -> Result<()> {
     let cnn = dir.path().join("cnn.onnx");
     std::fs::write(&cnn, image_model())?;
     install(&agent, &keys_dir, &cnn, "cnn", None)?;
-    let key = ApiKeys::open(&agent)?.create("bench", Scope::All, None, now)?.secret;
+    let key = ApiKeys::open(&agent)?.create("bench", Scope::All, None, None, now)?.secret;
     let (ca, files) = certificate(dir.path())?;
 
     // Three agents over one store: plain, TLS, TLS with API keys.

@@ -320,6 +320,8 @@ pub struct Exporter {
     pub registry: Arc<Registry>,
     /// Agent-wide figures.
     pub stats: Arc<AgentStats>,
+    /// Each API key's requests by outcome (`apikeys`; none without API keys).
+    pub(crate) api_keys: Vec<(String, crate::apikeys::Counts)>,
 }
 
 impl Collector for Exporter {
@@ -337,6 +339,7 @@ impl Collector for Exporter {
         exposition::encode_versions(&mut encoder, "measured by the agent", &figures)?;
         encode_outcomes(&mut encoder, &catalog, &self.stats)?;
         encode_trust(&mut encoder, &catalog)?;
+        encode_api_keys(&mut encoder, &self.api_keys)?;
         let s = &self.stats;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         exposition::encode_scalars(
@@ -545,4 +548,31 @@ fn encode_outcomes(
         exposition::encode_labelled(encoder, name, help, false, &rows)?;
     }
     Ok(())
+}
+
+/// Each API key's requests since start, by outcome: admitted, refused over the key's rate
+/// (`throttled`), refused as not covered (`forbidden`).
+fn encode_api_keys(
+    encoder: &mut DescriptorEncoder,
+    keys: &[(String, crate::apikeys::Counts)],
+) -> std::fmt::Result {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<exposition::Labelled> = keys
+        .iter()
+        .flat_map(|(key, c)| {
+            [("admitted", c.admitted), ("throttled", c.throttled), ("forbidden", c.forbidden)].map(
+                |(outcome, n)| (vec![("key", key.clone()), ("outcome", outcome.into())], n as f64),
+            )
+        })
+        .collect();
+    exposition::encode_labelled(
+        encoder,
+        "falaj_api_key_requests",
+        "Requests presenting each API key, by outcome: admitted, throttled (over its rate), \
+         forbidden (not covered)",
+        true,
+        &rows,
+    )
 }

@@ -523,6 +523,11 @@ pub(crate) enum ApiError {
     Unauthenticated(String),
     /// Valid credentials that do not cover the request (403, PERMISSION_DENIED).
     Forbidden(String),
+    /// A key over its rate (429 with `Retry-After` over REST, RESOURCE_EXHAUSTED over gRPC).
+    Throttled {
+        message: String,
+        retry_after: Duration,
+    },
     Internal(String),
 }
 
@@ -531,6 +536,7 @@ impl From<Denied> for ApiError {
         match denied {
             Denied::Unauthenticated(m) => Self::Unauthenticated(m),
             Denied::Forbidden(m) => Self::Forbidden(m),
+            Denied::Throttled { message, retry_after } => Self::Throttled { message, retry_after },
         }
     }
 }
@@ -559,6 +565,17 @@ impl IntoResponse for ApiError {
                 return (StatusCode::UNAUTHORIZED, headers, body).into_response();
             }
             Self::Forbidden(m) => (StatusCode::FORBIDDEN, m),
+            Self::Throttled { message, retry_after } => {
+                let body = serde_json::json!({ "error": message }).to_string();
+                // Whole seconds (RFC 9110), rounded up: a client that waits that long is
+                // admitted.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let headers = [
+                    (header::CONTENT_TYPE, "application/json".to_owned()),
+                    (header::RETRY_AFTER, seconds.to_string()),
+                ];
+                return (StatusCode::TOO_MANY_REQUESTS, headers, body).into_response();
+            }
             Self::Internal(detail) => {
                 tracing::error!(error = %detail, "internal error");
                 (StatusCode::INTERNAL_SERVER_ERROR, "internal error".to_owned())
@@ -605,6 +622,7 @@ async fn prometheus(State(state): State<AppState>) -> Response {
     let text = falaj_common::exposition::render(crate::metrics::Exporter {
         registry: Arc::clone(&state.registry),
         stats: Arc::clone(&state.stats),
+        api_keys: state.gate.counts(),
     });
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -96,7 +96,7 @@ pub(crate) fn status(error: ApiError) -> Status {
             Status::resource_exhausted(format!("request exceeds the limit of {limit} bytes"))
         }
         ApiError::Unavailable(m) => Status::unavailable(m),
-        ApiError::Busy(m) => Status::resource_exhausted(m),
+        ApiError::Busy(m) | ApiError::Throttled { message: m, .. } => Status::resource_exhausted(m),
         ApiError::Unauthenticated(m) => Status::unauthenticated(m),
         ApiError::Forbidden(m) => Status::permission_denied(m),
         ApiError::Internal(detail) => {

@@ -177,6 +177,9 @@ const MIGRATIONS: &[&str] = &[
         expires_at    INTEGER,
         revoked_at    INTEGER
     ) STRICT;",
+    // 9: the rate an API key's requests may not exceed (`apikeys::Rate` as text, `100/s`;
+    // NULL: none).
+    "ALTER TABLE api_keys ADD COLUMN rate TEXT;",
 ];
 
 /// Errors of the agent's store.

@@ -142,9 +142,11 @@ async fn https_and_api_keys_as_curl_sees_them() {
     let ops = apikey(&site, &["create", "--name", "ops"]);
     let app = apikey(&site, &["create", "--name", "app", "--models", "sensor"]);
     let old = apikey(&site, &["create", "--name", "old", "--expires-in", "0s"]);
+    let metered = apikey(&site, &["create", "--name", "metered", "--rate", "2/h"]);
     assert!(ops.starts_with("falaj_") && app.starts_with("falaj_"), "{ops} {app}");
     let listed = apikey(&site, &["list"]);
     assert!(listed.contains("app") && listed.contains("sensor"), "{listed}");
+    assert!(listed.lines().any(|l| l.starts_with("metered ") && l.contains(" 2/h ")), "{listed}");
     assert!(listed.lines().any(|l| l.starts_with("old ") && l.contains("expired")), "{listed}");
     assert!(!listed.contains(&ops), "list never shows a secret: {listed}");
 
@@ -196,6 +198,34 @@ async fn https_and_api_keys_as_curl_sees_them() {
     assert_eq!(status, 200);
     assert!(metrics.contains("sensor"), "{metrics}");
     assert_eq!(infer("other", Some(&ops)).0, 200);
+
+    // A key held to two requests an hour, both at once: the third is refused 429 with
+    // when to come back (in half an hour), and other keys are not held back by it.
+    assert_eq!(infer("sensor", Some(&metered)).0, 200);
+    assert_eq!(infer("other", Some(&metered)).0, 200);
+    let mut with_head = vec!["-D", "-"];
+    with_head.extend(post_json());
+    let url = format!("{base}/v2/models/sensor/infer");
+    let (status, text) = curl_key(&url, &ca, Some(&metered), &with_head);
+    assert_eq!(status, 429, "{text}");
+    assert!(text.contains("API key metered is over its rate of 2/h"), "{text}");
+    let retry_after: u64 = text
+        .lines()
+        .find_map(|l| l.to_lowercase().strip_prefix("retry-after:").map(|v| v.trim().parse()))
+        .expect("a Retry-After header")
+        .unwrap();
+    assert!((29 * 60..=30 * 60).contains(&retry_after), "{text}");
+    assert_eq!(infer("sensor", Some(&ops)).0, 200);
+    // Each key's requests by outcome.
+    let metrics = curl_key(&format!("{base}/metrics"), &ca, Some(&ops), &[]).1;
+    let count = |key: &str, outcome: &str| -> f64 {
+        let labels =
+            format!("falaj_api_key_requests_total{{key=\"{key}\",outcome=\"{outcome}\"}} ");
+        let line = metrics.lines().find_map(|l| l.strip_prefix(&labels));
+        line.unwrap_or_else(|| panic!("{labels} in {metrics}")).parse().unwrap()
+    };
+    assert_eq!((count("metered", "admitted"), count("metered", "throttled")), (2.0, 1.0));
+    assert_eq!((count("app", "forbidden"), count("app", "throttled")), (3.0, 0.0));
 
     // TLS only: plain HTTP on the port is no answer, and an untrusted CA fails.
     let plain = format!("http://127.0.0.1:{}/v2/health/live", running.addr.port());
@@ -333,6 +363,7 @@ async fn grpc_over_tls_with_api_keys() {
     let pki = Pki::make(&site.dir.path().join("tls"), "server", false);
     let ops = apikey(&site, &["create", "--name", "ops"]);
     let app = apikey(&site, &["create", "--name", "app", "--models", "sensor"]);
+    let metered = apikey(&site, &["create", "--name", "metered", "--rate", "1/h"]);
     let config = ServeConfig {
         tls: Some(TlsFiles {
             certificate: pki.path("server.pem"),
@@ -380,6 +411,13 @@ async fn grpc_over_tls_with_api_keys() {
         Code::PermissionDenied
     );
     assert_eq!(code(client.repository_index(keyed(index(), Some(&ops))).await).0, Code::Ok);
+
+    // A key over its rate (one call an hour): RESOURCE_EXHAUSTED, saying so.
+    let infer_metered = || keyed(infer_request("sensor"), Some(&metered));
+    assert_eq!(code(client.model_infer(infer_metered()).await).0, Code::Ok);
+    let (c, m) = code(client.model_infer(infer_metered()).await);
+    assert_eq!(c, Code::ResourceExhausted, "{m}");
+    assert!(m.contains("API key metered is over its rate of 1/h"), "{m}");
 
     // A stream opens with a valid key; each message is held to its scope.
     let messages = tokio_stream::iter(vec![infer_request("sensor"), infer_request("other")]);

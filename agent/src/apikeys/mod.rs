@@ -17,6 +17,11 @@
 //! balancers and orchestrators probe them without credentials); a model's endpoints need a
 //! key for that model; server metadata and `/metrics` need any valid key; feature lookups
 //! and the repository index, which span every model, need a key for every model.
+//!
+//! A key may also carry a rate its requests may not exceed, and each key's requests are
+//! counted by outcome ([`limits`]).
+
+mod limits;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
@@ -32,6 +37,8 @@ use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 
+pub(crate) use self::limits::Counts;
+pub use self::limits::{Per, Rate};
 use crate::store::{DB_FILE, Store, StoreError, audit};
 
 /// What every key's secret starts with, so a leaked one is recognisable (secret scanners).
@@ -102,6 +109,8 @@ pub struct KeyInfo {
     pub expires: Option<Timestamp>,
     /// When it was revoked.
     pub revoked: Option<Timestamp>,
+    /// The rate its requests may not exceed, if any.
+    pub rate: Option<Rate>,
 }
 
 #[derive(Debug, Clone)]
@@ -121,7 +130,8 @@ pub(crate) enum Access<'a> {
     EveryModel,
 }
 
-/// Why a request was refused: 401 / UNAUTHENTICATED or 403 / PERMISSION_DENIED.
+/// Why a request was refused: 401 / UNAUTHENTICATED, 403 / PERMISSION_DENIED or 429 /
+/// RESOURCE_EXHAUSTED.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub(crate) enum Denied {
     /// No key, or one that is unknown, revoked or expired.
@@ -130,6 +140,14 @@ pub(crate) enum Denied {
     /// A valid key that does not cover what was asked.
     #[error("{0}")]
     Forbidden(String),
+    /// A valid key over its rate: no request of it is admitted for `retry_after`.
+    #[error("{message}")]
+    Throttled {
+        /// Which key, its rate and when to come back.
+        message: String,
+        /// How long until the key's next request would be admitted.
+        retry_after: Duration,
+    },
 }
 
 /// The keys in force: checks presented secrets. No I/O.
@@ -139,13 +157,8 @@ pub(crate) struct Keyring {
 }
 
 impl Keyring {
-    /// Whether `authorization` (the header's value) may reach `access` at `now`.
-    pub(crate) fn check(
-        &self,
-        authorization: Option<&[u8]>,
-        access: Access<'_>,
-        now: Timestamp,
-    ) -> Result<(), Denied> {
+    /// The live, unexpired key that `authorization` (the header's value) presents at `now`.
+    fn find(&self, authorization: Option<&[u8]>, now: Timestamp) -> Result<&KeyInfo, Denied> {
         let Some(value) = authorization else {
             return Err(Denied::Unauthenticated(
                 "an API key is required: send it as `Authorization: Bearer KEY`".into(),
@@ -179,6 +192,11 @@ impl Keyring {
         if let Some(at) = key.expires.filter(|at| *at <= now) {
             return Err(Denied::Unauthenticated(format!("API key {} expired at {at}", key.name)));
         }
+        Ok(key)
+    }
+
+    /// Whether `key` covers `access`.
+    fn allows(key: &KeyInfo, access: Access<'_>) -> Result<(), Denied> {
         match access {
             Access::AnyKey => Ok(()),
             Access::Model(model) if key.scope.allows(model) => Ok(()),
@@ -264,13 +282,14 @@ impl ApiKeys {
         |source| ApiKeyError::Db { path: self.path.clone(), source }
     }
 
-    /// Makes a key `name` for `scope`, expiring `expires_in` from `now` if given. A revoked
-    /// key's name may be used again; a live one's may not.
+    /// Makes a key `name` for `scope`, expiring `expires_in` from `now` if given, held to
+    /// `rate` if given. A revoked key's name may be used again; a live one's may not.
     pub fn create(
         &self,
         name: &str,
         scope: Scope,
         expires_in: Option<Duration>,
+        rate: Option<Rate>,
         now: SystemTime,
     ) -> Result<NewKey, ApiKeyError> {
         check_name(name)?;
@@ -305,22 +324,26 @@ impl ApiKeys {
         }
         tx.execute("DELETE FROM api_keys WHERE name = ?1", [name]).map_err(self.db())?;
         tx.execute(
-            "INSERT INTO api_keys (name, secret_sha256, models, created_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
+            "INSERT INTO api_keys (name, secret_sha256, models, created_at, expires_at, rate)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
                 name,
                 sha256.as_ref(),
                 models,
                 created.unix() as i64,
-                expires.map(|e| e.unix() as i64)
+                expires.map(|e| e.unix() as i64),
+                rate.map(|r| r.to_string())
             ],
         )
         .map_err(self.db())?;
-        let detail = format!("API key {name} for {scope}");
+        let detail = match rate {
+            Some(rate) => format!("API key {name} for {scope} at {rate}"),
+            None => format!("API key {name} for {scope}"),
+        };
         audit::event(&tx, created.unix() as i64, "apikey-create", None, &detail)
             .map_err(self.db())?;
         tx.commit().map_err(self.db())?;
-        let info = KeyInfo { name: name.to_owned(), scope, created, expires, revoked: None };
+        let info = KeyInfo { name: name.to_owned(), scope, created, expires, revoked: None, rate };
         Ok(NewKey { info, secret })
     }
 
@@ -355,7 +378,7 @@ impl ApiKeys {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT name, secret_sha256, models, created_at, expires_at, revoked_at
+                "SELECT name, secret_sha256, models, created_at, expires_at, revoked_at, rate
                  FROM api_keys ORDER BY name",
             )
             .map_err(self.db())?;
@@ -368,12 +391,13 @@ impl ApiKeys {
                     r.get::<_, i64>(3)?,
                     r.get::<_, Option<i64>>(4)?,
                     r.get::<_, Option<i64>>(5)?,
+                    r.get::<_, Option<String>>(6)?,
                 ))
             })
             .map_err(self.db())?;
         let mut keys = Vec::new();
         for row in rows {
-            let (name, hash, models, created, expires, revoked) = row.map_err(self.db())?;
+            let (name, hash, models, created, expires, revoked, rate) = row.map_err(self.db())?;
             let damaged = |what: &str| {
                 ApiKeyError::Invalid(format!("API key {name:?} in {}: {what}", self.path.display()))
             };
@@ -386,6 +410,9 @@ impl ApiKeys {
                         .map_err(|_| damaged("its stored models are not a list of names"))?,
                 ),
             };
+            let rate = rate
+                .map(|r| r.parse().map_err(|e: String| damaged(&format!("its stored {e}"))))
+                .transpose()?;
             let at = |secs: i64| Timestamp::from_unix(secs.max(0) as u64);
             let info = KeyInfo {
                 name,
@@ -393,6 +420,7 @@ impl ApiKeys {
                 created: at(created),
                 expires: expires.map(at),
                 revoked: revoked.map(at),
+                rate,
             };
             keys.push(Stored { info, sha256 });
         }
@@ -412,6 +440,7 @@ struct LiveKeys {
     keys: ApiKeys,
     version: Option<i64>,
     ring: Keyring,
+    per_key: limits::PerKey,
 }
 
 /// What a server checks each request against: its authentication mode and, for API keys,
@@ -433,7 +462,12 @@ impl Gate {
         let keys = match mode {
             AuthMode::ApiKey => {
                 let keys = ApiKeys::open(data_dir)?;
-                let mut live = LiveKeys { keys, version: None, ring: Keyring::default() };
+                let mut live = LiveKeys {
+                    keys,
+                    version: None,
+                    ring: Keyring::default(),
+                    per_key: limits::PerKey::default(),
+                };
                 refresh(&mut live)?;
                 if live.ring.keys.iter().all(|k| k.info.revoked.is_some()) {
                     tracing::warn!(
@@ -448,8 +482,9 @@ impl Gate {
         Ok(Self { mode, keys })
     }
 
-    /// Whether a request with `authorization` may reach `access`. With mutual TLS the
-    /// handshake has already checked the client; without authentication all may pass.
+    /// Whether a request with `authorization` may reach `access` now, within its key's
+    /// rate; counted for the key. With mutual TLS the handshake has already checked the
+    /// client; without authentication all may pass.
     pub(crate) fn check(
         &self,
         authorization: Option<&[u8]>,
@@ -461,7 +496,26 @@ impl Gate {
             // The keys last read stay in force (a revoked key read before stays revoked).
             tracing::error!(error = %err, "reading the API keys failed");
         }
-        live.ring.check(authorization, access, Timestamp::from_system(SystemTime::now()))
+        let LiveKeys { ring, per_key, .. } = &mut *live;
+        let key = ring.find(authorization, Timestamp::from_system(SystemTime::now()))?;
+        if let Err(denied) = Keyring::allows(key, access) {
+            per_key.forbidden(&key.name);
+            return Err(denied);
+        }
+        per_key.admit(&key.name).map_err(|(rate, retry_after)| Denied::Throttled {
+            message: format!(
+                "API key {} is over its rate of {rate}: try again in {:.1} s",
+                key.name,
+                retry_after.as_secs_f64()
+            ),
+            retry_after,
+        })
+    }
+
+    /// Each key's requests since the server started, by outcome (none without API keys).
+    pub(crate) fn counts(&self) -> Vec<(String, Counts)> {
+        let Some(keys) = &self.keys else { return Vec::new() };
+        keys.lock().unwrap_or_else(std::sync::PoisonError::into_inner).per_key.counts()
     }
 
     /// Whether requests are checked at all (for the log).
@@ -475,6 +529,7 @@ fn refresh(live: &mut LiveKeys) -> Result<(), ApiKeyError> {
     let version = live.keys.data_version()?;
     if live.version != Some(version) {
         let keys = live.keys.stored()?;
+        live.per_key.update(keys.iter().map(|k| &k.info));
         live.ring = Keyring { keys };
         live.version = Some(version);
     }
@@ -519,7 +574,7 @@ pub mod cli {
     use clap::{Args, Subcommand};
     use falaj_common::time::Timestamp;
 
-    use super::{ApiKeyError, ApiKeys, Scope};
+    use super::{ApiKeyError, ApiKeys, Rate, Scope};
     use crate::cli::{DataDir, Failure, store_failure};
 
     /// `apikey` subcommands.
@@ -545,6 +600,11 @@ pub mod cli {
         /// How long it works, e.g. `90d` (default: until revoked).
         #[arg(long, value_parser = humantime::parse_duration)]
         expires_in: Option<Duration>,
+        /// The most requests it may make: `COUNT/s`, `COUNT/min` or `COUNT/h` on average,
+        /// up to COUNT at once (default: no limit). Over it, requests are answered 429
+        /// (REST) or RESOURCE_EXHAUSTED (gRPC).
+        #[arg(long)]
+        rate: Option<Rate>,
         #[command(flatten)]
         data: DataDir,
     }
@@ -578,12 +638,18 @@ pub mod cli {
                         Scope::Models(models.iter().map(|m| m.trim().to_owned()).collect())
                     }
                 };
-                let made = keys.create(&args.name, scope, args.expires_in, now).map_err(failure)?;
+                let made = keys
+                    .create(&args.name, scope, args.expires_in, args.rate, now)
+                    .map_err(failure)?;
                 let expires =
                     made.info.expires.map_or_else(|| "never".to_owned(), |e| e.to_string());
+                let rate = made
+                    .info
+                    .rate
+                    .map_or_else(|| "no rate limit".into(), |r| format!("at most {r}"));
                 eprintln!(
-                    "created API key {} for {}, expires {expires}; its secret follows, shown \
-                     this once (send it as `Authorization: Bearer KEY`)",
+                    "created API key {} for {}, expires {expires}, {rate}; its secret follows, \
+                     shown this once (send it as `Authorization: Bearer KEY`)",
                     made.info.name, made.info.scope
                 );
                 println!("{}", made.secret);
@@ -598,8 +664,8 @@ pub mod cli {
                 }
                 let at = Timestamp::from_system(now);
                 println!(
-                    "{:<24} {:<10} {:<22} {:<22} MODELS",
-                    "NAME", "STATUS", "CREATED", "EXPIRES"
+                    "{:<24} {:<10} {:<22} {:<22} {:<12} MODELS",
+                    "NAME", "STATUS", "CREATED", "EXPIRES", "RATE"
                 );
                 for key in listed {
                     let status = match (key.revoked, key.expires) {
@@ -608,12 +674,14 @@ pub mod cli {
                         _ => "active",
                     };
                     let expires = key.expires.map_or_else(|| "never".to_owned(), |e| e.to_string());
+                    let rate = key.rate.map_or_else(|| "-".to_owned(), |r| r.to_string());
                     println!(
-                        "{:<24} {:<10} {:<22} {:<22} {}",
+                        "{:<24} {:<10} {:<22} {:<22} {:<12} {}",
                         key.name,
                         status,
                         key.created.to_string(),
                         expires,
+                        rate,
                         key.scope
                     );
                 }
@@ -651,6 +719,7 @@ mod tests {
                         created: Timestamp::from_unix(0),
                         expires: expires.map(Timestamp::from_unix),
                         revoked: revoked.map(Timestamp::from_unix),
+                        rate: None,
                     },
                     sha256: digest(&SHA256, secret.as_bytes()).as_ref().try_into().unwrap(),
                 })
@@ -671,7 +740,7 @@ mod tests {
         ]);
         let now = Timestamp::from_unix(50);
         let check = |auth: Option<&str>, access, at: Timestamp| {
-            ring.check(auth.map(str::as_bytes), access, at)
+            Keyring::allows(ring.find(auth.map(str::as_bytes), at)?, access)
         };
         let unauthenticated = |r: Result<(), Denied>, needle: &str| match r {
             Err(Denied::Unauthenticated(m)) => assert!(m.contains(needle), "{m}"),
@@ -719,16 +788,17 @@ mod tests {
         drop(store);
         let keys = ApiKeys::open(&dir).unwrap();
         let now = SystemTime::now();
-        let made = keys.create("app", models(&["m"]), Some(Duration::from_secs(60)), now).unwrap();
+        let made =
+            keys.create("app", models(&["m"]), Some(Duration::from_secs(60)), None, now).unwrap();
         assert!(made.secret.starts_with(PREFIX) && made.secret.len() == PREFIX.len() + 64);
         for file in std::fs::read_dir(&dir).unwrap() {
             let raw = std::fs::read(file.unwrap().path()).unwrap_or_default();
             assert!(!raw.windows(made.secret.len()).any(|w| w == made.secret.as_bytes()));
         }
-        let err = keys.create("app", Scope::All, None, now).unwrap_err().to_string();
+        let err = keys.create("app", Scope::All, None, None, now).unwrap_err().to_string();
         assert!(err.contains("exists"), "{err}");
-        assert!(keys.create("Bad Name", Scope::All, None, now).is_err());
-        assert!(keys.create("x", models(&["NOPE"]), None, now).is_err());
+        assert!(keys.create("Bad Name", Scope::All, None, None, now).is_err());
+        assert!(keys.create("x", models(&["NOPE"]), None, None, now).is_err());
         let listed = keys.list().unwrap();
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].expires.unwrap().unix() - listed[0].created.unix(), 60);
@@ -744,7 +814,7 @@ mod tests {
         ));
         assert!(matches!(keys.revoke("ghost", now), Err(ApiKeyError::Unknown(_))));
         // A revoked key's name may be used again, with a new secret.
-        let again = keys.create("app", Scope::All, None, now).unwrap();
+        let again = keys.create("app", Scope::All, None, None, now).unwrap();
         assert_ne!(again.secret, made.secret);
     }
 
@@ -766,11 +836,11 @@ mod tests {
 
         // The audit entry cannot be written: no key is made.
         other.execute_batch(refuse).unwrap();
-        let err = keys.create("app", Scope::All, None, now).unwrap_err().to_string();
+        let err = keys.create("app", Scope::All, None, None, now).unwrap_err().to_string();
         assert!(err.contains("the audit log is full"), "{err}");
         assert!(keys.list().unwrap().is_empty());
         other.execute_batch("DROP TRIGGER refuse").unwrap();
-        keys.create("app", Scope::All, None, now).unwrap();
+        keys.create("app", Scope::All, None, None, now).unwrap();
 
         // Nor is one revoked.
         other.execute_batch(refuse).unwrap();
