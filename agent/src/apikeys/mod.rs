@@ -19,7 +19,7 @@
 //! and the repository index, which span every model, need a key for every model.
 //!
 //! A key may also carry a rate its requests may not exceed, and each key's requests are
-//! counted by outcome ([`limits`]).
+//! counted by outcome ([`Rate`]; `limits`).
 
 mod limits;
 
