@@ -781,12 +781,18 @@ mod tests {
         assert_eq!(check_settings(&lo, Some(AuthMode::ApiKey), true, true), Ok(()));
     }
 
-    #[test]
-    fn keys_are_stored_hashed_listed_and_revoked() {
-        let (_tmp, store) = crate::store::tests::store();
+    /// A new agent's data directory (kept while the first value lives) and its keys.
+    fn agent_keys() -> (tempfile::TempDir, PathBuf, ApiKeys) {
+        let (tmp, store) = crate::store::tests::store();
         let dir = store.dir().to_owned();
         drop(store);
         let keys = ApiKeys::open(&dir).unwrap();
+        (tmp, dir, keys)
+    }
+
+    #[test]
+    fn keys_are_stored_hashed_listed_and_revoked() {
+        let (_tmp, dir, keys) = agent_keys();
         let now = SystemTime::now();
         let made =
             keys.create("app", models(&["m"]), Some(Duration::from_secs(60)), None, now).unwrap();
@@ -820,10 +826,7 @@ mod tests {
 
     #[test]
     fn a_key_is_made_or_revoked_only_with_its_audit_entry() {
-        let (_tmp, store) = crate::store::tests::store();
-        let dir = store.dir().to_owned();
-        drop(store);
-        let keys = ApiKeys::open(&dir).unwrap();
+        let (_tmp, dir, keys) = agent_keys();
         let now = SystemTime::now();
         let other = Connection::open(dir.join(DB_FILE)).unwrap();
         let actions = || -> Vec<String> {
