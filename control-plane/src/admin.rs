@@ -391,6 +391,47 @@ pub struct FiringView {
     pub value: f64,
 }
 
+/// A webhook notification not yet delivered ([`crate::outbox`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NotificationView {
+    /// What it tells: `alert RULE SUBJECT STATE` or `rollout ID rolled back`.
+    pub what: String,
+    /// Where it goes: the webhook's scheme, host and port only, as its path (or user
+    /// part) often holds a token.
+    pub to: String,
+    /// When it was recorded.
+    pub recorded: Timestamp,
+    /// Attempts made, all failed.
+    pub attempts: u32,
+    /// When the next is due.
+    pub next_at: Timestamp,
+    /// Why the last attempt failed.
+    pub last_error: Option<String>,
+}
+
+impl From<crate::outbox::Pending> for NotificationView {
+    fn from(p: crate::outbox::Pending) -> Self {
+        let to = match p.url.parse::<axum::http::Uri>() {
+            Ok(uri) => match (uri.scheme_str(), uri.authority()) {
+                (Some(scheme), Some(authority)) => match authority.port_u16() {
+                    Some(port) => format!("{scheme}://{}:{port}", authority.host()),
+                    None => format!("{scheme}://{}", authority.host()),
+                },
+                _ => "(a URL without a host)".into(),
+            },
+            Err(_) => "(not a URL)".into(),
+        };
+        Self {
+            what: p.what,
+            to,
+            recorded: p.recorded,
+            attempts: p.attempts,
+            next_at: p.next_at,
+            last_error: p.last_error,
+        }
+    }
+}
+
 /// What `GET /v1/alerts` answers.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct AlertsView {
@@ -398,20 +439,28 @@ pub struct AlertsView {
     pub firing: Vec<FiringView>,
     /// The latest events, newest first.
     pub events: Vec<AlertEvent>,
+    /// Webhook notifications waiting (alerts' and rollbacks'), the oldest first, at most
+    /// as many as events asked for.
+    #[serde(default)]
+    pub notifications: Vec<NotificationView>,
 }
 
 async fn alerts(State(api): State<Api>, Query(params): Query<AlertsParams>) -> ApiResult<Response> {
     let limit = params.limit.unwrap_or(50).clamp(1, 10_000);
-    let (firing, events) = api
+    let (firing, events, waiting) = api
         .shared
         .db
-        .run(move |sql| Ok((crate::alerts::firing(&sql)?, crate::alerts::events(&sql, limit)?)))
+        .run(move |sql| {
+            let waiting = crate::outbox::pending(&sql, usize::try_from(limit).unwrap_or(10_000))?;
+            Ok((crate::alerts::firing(&sql)?, crate::alerts::events(&sql, limit)?, waiting))
+        })
         .await?;
     let firing = firing
         .into_iter()
         .map(|(rule, subject, since, value)| FiringView { rule, subject, since, value })
         .collect();
-    Ok(json_response(StatusCode::OK, &AlertsView { firing, events }))
+    let notifications = waiting.into_iter().map(NotificationView::from).collect();
+    Ok(json_response(StatusCode::OK, &AlertsView { firing, events, notifications }))
 }
 
 /// The Prometheus exposition. Unauthenticated, like most exporters: it carries counts,

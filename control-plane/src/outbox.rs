@@ -140,9 +140,10 @@ pub fn due<C: AsSql + ?Sized>(
     )?)
 }
 
-/// Every notification waiting, in the order they were recorded.
-pub fn pending<C: AsSql + ?Sized>(conn: &C) -> Result<Vec<Pending>, C::Error> {
-    Ok(pending_rows(&conn.sql(), "ORDER BY id", params![])?)
+/// The first `limit` notifications waiting, in the order they were recorded.
+pub fn pending<C: AsSql + ?Sized>(conn: &C, limit: usize) -> Result<Vec<Pending>, C::Error> {
+    let limit = limit.min(i64::MAX as usize) as i64;
+    Ok(pending_rows(&conn.sql(), "ORDER BY id LIMIT $1", params![limit])?)
 }
 
 /// How many notifications are waiting, and when the oldest was recorded.

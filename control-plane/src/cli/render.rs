@@ -311,6 +311,25 @@ pub fn render_alerts(view: &AlertsView) -> String {
             );
         }
     }
+    if !view.notifications.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<44} {:<32} {:<22} {:>8} {:<22} LAST ERROR",
+            "NOTIFICATION WAITING", "TO", "RECORDED", "ATTEMPTS", "NEXT"
+        );
+        for n in &view.notifications {
+            let _ = writeln!(
+                out,
+                "{:<44} {:<32} {:<22} {:>8} {:<22} {}",
+                printable(&n.what),
+                printable(&n.to),
+                n.recorded.to_string(),
+                n.attempts,
+                n.next_at.to_string(),
+                printable(n.last_error.as_deref().unwrap_or("-"))
+            );
+        }
+    }
     out
 }
 
@@ -510,6 +529,12 @@ mod tests {
                  "subject": "fault@1", "state": "resolved", "metric": "error_rate",
                  "value": 0.001, "threshold": 0.05}
             ],
+            "notifications": [
+                {"what": "alert pump-drift fault@2 temperature firing",
+                 "to": "https://hooks.example.com", "recorded": Timestamp::from_unix(1_800_000_000),
+                 "attempts": 3, "next_at": Timestamp::from_unix(1_800_000_007),
+                 "last_error": "answered 503 Service Unavailable"}
+            ],
         }))
         .unwrap();
         expect_test::expect![[r#"
@@ -519,8 +544,12 @@ mod tests {
             AT                     STATE     RULE                 SUBJECT                                  METRIC              VALUE  THRESHOLD
             2027-01-15T08:00:00Z   firing    pump-drift           fault@2 temperature                      psi                0.4213     0.2500
             2027-01-15T05:13:20Z   resolved  errors               fault@1                                  error_rate         0.0010     0.0500
+
+            NOTIFICATION WAITING                         TO                               RECORDED               ATTEMPTS NEXT                   LAST ERROR
+            alert pump-drift fault@2 temperature firing  https://hooks.example.com        2027-01-15T08:00:00Z          3 2027-01-15T08:00:07Z   answered 503 Service Unavailable
         "#]].assert_eq(&render_alerts(&view));
-        let quiet = AlertsView { firing: Vec::new(), events: Vec::new() };
+        let quiet =
+            AlertsView { firing: Vec::new(), events: Vec::new(), notifications: Vec::new() };
         expect_test::expect![[r#"
             no alerts firing
         "#]]

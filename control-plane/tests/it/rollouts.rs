@@ -589,10 +589,20 @@ async fn a_rollback_notification_refused_until_a_restart_is_delivered_after_it()
     assert!(!taken && delivery.len() == 32, "{delivery:?}");
     let again = next().await;
     assert_eq!(again, (delivery.clone(), false, body.clone()));
-    // The first refusal was recorded before the second attempt was made.
+    // The first refusal was recorded before the second attempt was made; `alerts` shows
+    // it waiting, and where it goes without the URL's path.
     let figures = metrics(&d.admin).await;
     assert_eq!(figures("falaj_webhook_notifications_pending"), Some(1.0));
     assert!(figures("falaj_webhook_attempts_failed_total") >= Some(1.0));
+    let waiting = d.client.alerts(10).await.unwrap().notifications;
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    let to = url.trim_end_matches("/hook");
+    assert_eq!(
+        (waiting[0].what.as_str(), waiting[0].to.as_str()),
+        ("rollout ro-1 rolled back", to)
+    );
+    assert!(waiting[0].attempts >= 1, "{waiting:?}");
+    assert_eq!(waiting[0].last_error.as_deref(), Some("answered 503 Service Unavailable"));
     d.stop().await;
 
     accept.store(true, Ordering::SeqCst);
@@ -612,7 +622,7 @@ async fn a_rollback_notification_refused_until_a_restart_is_delivered_after_it()
 
     // Taken, it leaves the outbox and is not sent again.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !d.shared.db.run(|sql| outbox::pending(&sql)).await.unwrap().is_empty() {
+    while !d.shared.db.run(|sql| outbox::pending(&sql, 100)).await.unwrap().is_empty() {
         assert!(tokio::time::Instant::now() < deadline, "the delivered notification stays");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -736,7 +736,7 @@ fn an_alert_fires_once_and_resolves_with_its_events_recorded(db: &Db) {
     assert_eq!((name.as_str(), subject.as_str(), state.as_str()), ("errors", "fraud@1", "firing"));
     assert_eq!(region, REGION);
     // Its notification waits in the outbox for each webhook, due at once.
-    let pending = db.run_sync(|sql| notifications::pending(&sql)).unwrap();
+    let pending = db.run_sync(|sql| notifications::pending(&sql, 100)).unwrap();
     let told = |p: &notifications::Pending| {
         let body: serde_json::Value = serde_json::from_slice(&p.body).unwrap();
         (p.url.clone(), body["id"].as_u64().unwrap(), body["state"].as_str().unwrap().to_owned())
@@ -758,7 +758,7 @@ fn an_alert_fires_once_and_resolves_with_its_events_recorded(db: &Db) {
     assert_eq!(resolved.len(), 1, "{resolved:?}");
     assert_eq!(resolved[0].3, "resolved");
     assert!(resolved[0].1 > fired_id);
-    let pending = db.run_sync(|sql| notifications::pending(&sql)).unwrap();
+    let pending = db.run_sync(|sql| notifications::pending(&sql, 100)).unwrap();
     let resolved_told = |url: &str| (url.to_owned(), resolved[0].1, "resolved".to_owned());
     let expected: Vec<_> =
         hooks.iter().map(|h| fired_told(h)).chain(hooks.iter().map(|h| resolved_told(h))).collect();

@@ -29,7 +29,7 @@ fn notifications_are_due_in_order_retried_on_schedule_and_removed_when_done(db: 
         Ok::<_, SqlError>(())
     });
     undone.unwrap();
-    assert_eq!(db.run_sync(|sql| outbox::pending(&sql)).unwrap(), []);
+    assert_eq!(db.run_sync(|sql| outbox::pending(&sql, 100)).unwrap(), []);
 
     // Two notifications, each to both webhooks; the second recorded later.
     db.run_sync(|sql| {
@@ -44,6 +44,8 @@ fn notifications_are_due_in_order_retried_on_schedule_and_removed_when_done(db: 
     let first = due(at(100));
     assert_eq!(urls(&first), [(HOOKS[0], &b"{\"n\":1}"[..]), (HOOKS[1], b"{\"n\":1}")]);
     assert_eq!(db.run_sync(|sql| outbox::due(&sql, at(200), 1)).unwrap(), first[..1]);
+    let oldest = db.run_sync(|sql| outbox::pending(&sql, 1)).unwrap();
+    assert_eq!(oldest, first[..1], "the first recorded");
 
     // The first webhook fails: it is due again a second later, its error kept.
     let attempted = |p: &Pending, error: Option<&str>, now| {
@@ -71,7 +73,7 @@ fn notifications_are_due_in_order_retried_on_schedule_and_removed_when_done(db: 
     let again = due(at(104));
     assert_eq!(again[0].attempts, 2);
     assert_eq!(attempted(&again[0], Some("no answer"), late), Outcome::GivenUp);
-    let left = db.run_sync(|sql| outbox::pending(&sql)).unwrap();
+    let left = db.run_sync(|sql| outbox::pending(&sql, 100)).unwrap();
     assert_eq!(urls(&left), [(HOOKS[0], &b"{\"n\":2}"[..])]);
     assert_eq!(left[0].what, "second");
 }
