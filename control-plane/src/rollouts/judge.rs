@@ -2,8 +2,9 @@
 //! an agent that reports the rollout rolled back rolls it back for the whole group; else
 //! the guards are judged over the group's windows since the rollout began (one rollup per
 //! variant) and a failing one rolls it back; else a canary whose last step has begun is
-//! promoted once every guard holds. A rollback's notification to the alert webhooks is
-//! recorded in the outbox in the rollback's own transaction ([`crate::outbox`] sends it).
+//! promoted once every guard holds. Each of these decisions is notified to the alert
+//! webhooks (`rollout.rolled_back`, `rollout.promoted`): recorded in the outbox in the
+//! decision's own transaction ([`crate::outbox`] sends it).
 //!
 //! The decision itself is [`falaj_common::rollout::judge`]'s, the same one agents make
 //! over their own windows.
@@ -47,21 +48,21 @@ pub struct Change {
     pub by: String,
 }
 
-/// What a webhook receives when a rollout is rolled back.
+/// What a webhook receives when the judgement rolls a rollout back or promotes it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
-    /// `rollout.rolled_back`.
+    /// `rollout.rolled_back` or `rollout.promoted`.
     pub kind: String,
     /// The rollout's id.
     pub rollout: String,
     pub group: String,
     pub model: String,
-    /// The version serving again.
+    /// The version serving before (and again, after a rollback).
     pub baseline: u64,
-    /// The version rolled back.
+    /// The version rolled back, or promoted.
     pub candidate: u64,
     pub strategy: Strategy,
-    /// Why.
+    /// Why it was rolled back (empty for a promotion).
     pub reason: String,
     /// Who decided.
     pub by: String,
@@ -72,11 +73,15 @@ pub struct Notification {
 }
 
 impl Notification {
-    /// The notification of a rollback.
+    /// The notification of a rollback or a promotion.
     pub fn of(change: &Change, region: &str) -> Self {
         let r = &change.rollout;
+        let kind = match r.state {
+            RolloutState::Promoted => "rollout.promoted",
+            _ => "rollout.rolled_back",
+        };
         Self {
-            kind: "rollout.rolled_back".into(),
+            kind: kind.into(),
             rollout: r.id.clone(),
             group: r.group.clone(),
             model: r.model.clone(),
@@ -128,10 +133,10 @@ fn agent_rollback(sql: &Sql<'_>, rollout: &Rollout) -> Result<Option<(String, St
 }
 
 /// Judges one rollout under way at `now` and applies the decision, in one transaction
-/// (a savepoint, inside one) with the notification of a rollback to `webhooks`. The
-/// rollout's row is locked while it is judged (on PostgreSQL; SQLite's immediate
-/// transaction takes the write lock), so that two replicas judging at once decide one
-/// after the other and a rollout ends once.
+/// (a savepoint, inside one) with the notification of a rollback or promotion to
+/// `webhooks`. The rollout's row is locked while it is judged (on PostgreSQL; SQLite's
+/// immediate transaction takes the write lock), so that two replicas judging at once
+/// decide one after the other and a rollout ends once.
 pub fn judge_one<C: AsSql + ?Sized>(
     conn: &C,
     id: &str,
@@ -164,11 +169,15 @@ pub fn judge_one<C: AsSql + ?Sized>(
     } else {
         None
     };
-    if let Some(change) = change.as_ref().filter(|c| c.rollout.state == RolloutState::RolledBack) {
+    if let Some(change) = &change {
         let body = serde_json::to_vec(&Notification::of(change, webhooks.region)).map_err(|e| {
-            SqlError::Encode { what: "a rollback notification", message: e.to_string() }
+            SqlError::Encode { what: "a rollout notification", message: e.to_string() }
         })?;
-        let what = format!("rollout {} rolled back", change.rollout.id);
+        let r = &change.rollout;
+        let what = match r.state {
+            RolloutState::Promoted => format!("rollout {} promoted", r.id),
+            _ => format!("rollout {} rolled back", r.id),
+        };
         outbox::enqueue(&tx, webhooks.urls.iter().map(String::as_str), &body, &what, now)?;
     }
     tx.commit()?;
@@ -199,7 +208,7 @@ pub fn evaluate_all<C: AsSql + ?Sized>(
 pub type Judged = std::sync::Mutex<BTreeMap<(String, String), Judgement>>;
 
 /// Writes pending agent reports, judges every rollout under way at `now` (recording
-/// rollbacks' notifications to `webhooks`), keeps the judgements for `/metrics`, and
+/// the notifications of the rollbacks and promotions it makes to `webhooks`), keeps the judgements for `/metrics`, and
 /// sends the groups of rollouts it ended new documents.
 pub async fn evaluate(
     shared: &Shared,
@@ -230,7 +239,7 @@ pub async fn evaluate(
             judged.insert((j.rollout.group.clone(), j.rollout.model.clone()), j);
         }
     }
-    if changes.iter().any(|c| c.rollout.state == RolloutState::RolledBack) {
+    if !changes.is_empty() {
         shared.outbox.queued.notify_one();
     }
     for change in &changes {
@@ -251,8 +260,8 @@ pub async fn evaluate(
     Ok(changes)
 }
 
-/// Judges rollouts every `config.evaluate_every`, recording each rollback's notification
-/// to `webhooks`, until `stop`.
+/// Judges rollouts every `config.evaluate_every`, recording each rollback's or promotion's
+/// notification to `webhooks`, until `stop`.
 pub async fn run(
     shared: Arc<Shared>,
     config: RolloutsConfig,

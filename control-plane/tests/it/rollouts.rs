@@ -219,9 +219,19 @@ fn promote_deploys_the_candidate_and_abort_keeps_the_baseline() {
     assert_eq!(err.to_string(), "rollout ro-2 is aborted; it cannot resume");
 }
 
-/// Judges at `offset` seconds after T0.
+/// Where [`judge`] records its notifications.
+const HOOK: &str = "https://hooks.example.com/rollouts";
+
+/// The notifications waiting in `db`'s outbox: (URL, body).
+fn notified(db: &Db) -> Vec<(String, serde_json::Value)> {
+    let waiting = db.call_sync(|c| outbox::pending(c, 100)).unwrap();
+    waiting.into_iter().map(|p| (p.url, serde_json::from_slice(&p.body).unwrap())).collect()
+}
+
+/// Judges at `offset` seconds after T0, recording notifications to [`HOOK`].
 fn judge(db: &Db, offset: u64) -> Vec<rollouts::Change> {
-    let webhooks = Webhooks { urls: &[], region: REGION };
+    let urls = [HOOK.to_owned()];
+    let webhooks = Webhooks { urls: &urls, region: REGION };
     db.call_sync(|c| rollouts::evaluate_all(c, webhooks, at(offset))).unwrap().1
 }
 
@@ -343,9 +353,20 @@ fn a_canary_is_promoted_at_its_last_step_only_when_every_guard_holds() {
     // Every guard holds, but the last step has not begun.
     assert!(judge(&db, 100).is_empty());
     assert_eq!(state(&db, &r.id).state, RolloutState::Running);
+    assert_eq!(notified(&db), []);
     let changes = judge(&db, 121);
     assert_eq!(changes.len(), 1);
     assert_eq!(state(&db, &r.id).state, RolloutState::Promoted);
+    // The promotion's notification, recorded with it.
+    let told = notified(&db);
+    assert_eq!(told.len(), 1, "{told:?}");
+    let (url, body) = &told[0];
+    assert_eq!((url.as_str(), body["kind"].as_str()), (HOOK, Some("rollout.promoted")));
+    assert_eq!(
+        (body["rollout"].as_str(), body["candidate"].as_u64()),
+        (Some(r.id.as_str()), Some(2))
+    );
+    assert_eq!((body["by"].as_str(), body["reason"].as_str()), (Some("control plane"), Some("")));
     assert_eq!(db.call_sync(|c| db::deployment(c, GROUP, MODEL)).unwrap(), Some(2));
     let promoted = state(&db, &r.id);
     let view = db.call_sync(|c| rollouts::view::build(c, promoted, at(200))).unwrap();
