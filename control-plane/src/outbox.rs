@@ -207,18 +207,23 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
             sent = send_due(&shared, &client) => sent,
         };
-        if sent == Some(BATCH) {
-            continue;
-        }
-        let wait = match shared.db.run(|sql| next_due(&sql)).await {
-            Ok(Some(next)) => {
-                next.to_system().duration_since(SystemTime::now()).unwrap_or_default().min(POLL)
-            }
-            Ok(None) => POLL,
-            Err(e) => {
-                tracing::error!(error = %e, "reading the webhook outbox failed");
-                POLL
-            }
+        let wait = match sent {
+            Some(BATCH) => continue,
+            // The outbox could not be read or written: look again later, not at once (a
+            // database refusing writes would otherwise have the same notification sent
+            // again and again).
+            None => POLL,
+            Some(_) => match shared.db.run(|sql| next_due(&sql)).await {
+                Ok(Some(next)) => {
+                    let now = SystemTime::now();
+                    next.to_system().duration_since(now).unwrap_or_default().min(POLL)
+                }
+                Ok(None) => POLL,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the webhook outbox failed");
+                    POLL
+                }
+            },
         };
         tokio::select! {
             _ = stop.wait_for(|s| *s) => return,
@@ -229,7 +234,7 @@ pub async fn run(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
 }
 
 /// One attempt at each notification due (at most [`BATCH`], all at once); how many were
-/// due, `None` when the outbox could not be read.
+/// due, `None` when the outbox could not be read or an attempt not recorded.
 async fn send_due(shared: &Shared, client: &WebhookClient) -> Option<usize> {
     let now = Timestamp::from_system(SystemTime::now());
     let due = match shared.db.run(move |sql| due(&sql, now, BATCH)).await {
@@ -239,7 +244,7 @@ async fn send_due(shared: &Shared, client: &WebhookClient) -> Option<usize> {
             return None;
         }
     };
-    let count = due.len();
+    let mut count = Some(due.len());
     let mut sends = JoinSet::new();
     for p in due {
         let client = client.clone();
@@ -281,8 +286,9 @@ async fn send_due(shared: &Shared, client: &WebhookClient) -> Option<usize> {
             }
             (Err(e), _) => {
                 tracing::error!(%url, %what, error = %e, "recording a webhook attempt failed");
+                count = None;
             }
         }
     }
-    Some(count)
+    count
 }
