@@ -300,7 +300,7 @@ fn encode_outbox(
                 "falaj_webhook_notifications_delivered",
                 "Webhook notifications this replica delivered",
                 true,
-                load(&shared.outbox.delivered),
+                *shared.outbox.delivered.borrow(),
             ),
             (
                 "falaj_webhook_attempts_failed",

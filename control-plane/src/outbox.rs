@@ -43,8 +43,9 @@ const POLL: Duration = Duration::from_secs(10);
 pub struct Sender {
     /// Notified when notifications are recorded, to send them at once.
     pub queued: Notify,
-    /// Notifications a receiver took.
-    pub delivered: AtomicU64,
+    /// Notifications a receiver took, sent once each has left the outbox (so a receiver
+    /// that sees a count sees the rows gone).
+    pub delivered: watch::Sender<u64>,
     /// Attempts that failed (each retried or given up).
     pub failed: AtomicU64,
     /// Notifications given up.
@@ -269,7 +270,7 @@ async fn send_due(shared: &Shared, client: &WebhookClient) -> Option<usize> {
         let counts = &shared.outbox;
         match (recorded, error.as_deref().unwrap_or("")) {
             (Ok(Outcome::Delivered), _) => {
-                counts.delivered.fetch_add(1, Ordering::Relaxed);
+                counts.delivered.send_modify(|n| *n += 1);
                 tracing::info!(%url, %what, attempt, "notification delivered");
             }
             (Ok(Outcome::Retry(next)), error) => {

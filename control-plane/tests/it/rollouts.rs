@@ -642,11 +642,12 @@ async fn a_rollback_notification_refused_until_a_restart_is_delivered_after_it()
     );
 
     // Taken, it leaves the outbox and is not sent again.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while !d.shared.db.run(|sql| outbox::pending(&sql, 100)).await.unwrap().is_empty() {
-        assert!(tokio::time::Instant::now() < deadline, "the delivered notification stays");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut delivered = d.shared.outbox.delivered.subscribe();
+    tokio::time::timeout(Duration::from_secs(30), delivered.wait_for(|n| *n == 1))
+        .await
+        .expect("the delivery is recorded")
+        .unwrap();
+    assert_eq!(d.shared.db.run(|sql| outbox::pending(&sql, 100)).await.unwrap(), []);
     assert!(heard.try_recv().is_err(), "sent again after it was taken");
     let figures = metrics(&d.admin).await;
     assert_eq!(figures("falaj_webhook_notifications_pending"), Some(0.0));
