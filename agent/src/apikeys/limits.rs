@@ -129,7 +129,9 @@ impl PerKey {
     pub(crate) fn update<'k>(&mut self, keys: impl IntoIterator<Item = &'k KeyInfo>) {
         let mut limiters = std::mem::take(&mut self.limiters);
         for key in keys {
-            self.counts.entry(key.name.clone()).or_default();
+            if !self.counts.contains_key(&key.name) {
+                self.counts.insert(key.name.clone(), Counts::default());
+            }
             let Some(rate) = key.rate else { continue };
             let kept = limiters
                 .remove(&key.name)
